@@ -1,0 +1,795 @@
+//! [`AioContext`], the event loop, and [`ContextHandle`], its thread-safe face. This file owns
+//! the order of one loop iteration and the `notify_me`/`notified` wake-up protocol.
+//!
+//! C original: `util/async.c` (context lifetime, `aio_notify`, `aio_notify_accept`,
+//! `aio_compute_timeout`, the `GSource` functions) and `util/aio-posix.c` (`aio_poll`,
+//! `aio_dispatch_handler`).
+//!
+//! # Who touches what
+//!
+//! The state is split by thread. [`Shared`] holds what other threads may touch: the wake-up
+//! protocol's two atomics, the event notifier and the list of pending bottom halves; it lives in
+//! an `Arc` that [`ContextHandle`]s and [`BottomHalf`]s share. [`Inner`] holds everything else
+//! (the monitor, the handler table, the BH slices) and lives in an `Rc` that only
+//! [`AioContext`] clones share. `AioContext` is neither `Send` nor `Sync`, so only the thread
+//! that created it (its *home thread*) can poll it or register handlers: a second concurrent
+//! poller is impossible by construction.
+//!
+//! # The wake-up protocol (spec §2)
+//!
+//! `notify` (any thread): store `notified = true`, full fence, and write the eventfd only if
+//! `notify_me` is non-zero. A blocking iteration: compute its timeout, add 2 to `notify_me`,
+//! full fence, and re-read `notified`, using a zero timeout if it is set; after the wait, lower
+//! `notify_me` with release ordering and *accept* (clear `notified`, full fence) before
+//! dispatching anything. The two full fences make a store-buffering (Dekker) pair: either the
+//! notifier sees `notify_me != 0` and writes the eventfd, or the loop sees `notified` and does
+//! not block. A notify to a loop that is not about to sleep therefore costs no system call.
+//! The eventfd write is never conditioned on `notified` (QEMU's BUG2, modelled in
+//! `tests/loom_notify.rs`).
+
+use crate::bh::{self, BhList, BhTimeout, BottomHalf, IDLE_BH_TIMEOUT, Slice};
+use crate::event_notifier::EventNotifier;
+use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList, Readiness};
+use crate::handler::{
+    HandlerBuilder, HandlerNode, NodeKind, NodeParts, PollCallbacks, Registry, raw_fd_of,
+};
+use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering, fence, thread_local};
+use crate::{FdHandler, sys};
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::io;
+use std::os::fd::AsFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// `notify_me` bit 0: an outer loop is between [`AioContext::prepare`] and
+/// [`AioContext::check`] (QEMU's GSource bit).
+const NOTIFY_ME_OUTER: u32 = 1;
+/// `notify_me` step for each `poll` in its wait phase.
+const NOTIFY_ME_POLL: u32 = 2;
+
+/// The part of a context that any thread may touch.
+pub(crate) struct Shared {
+    /// Non-zero while the home thread may be blocked (or is about to block) without
+    /// re-checking for work: bit 0 for an outer loop, +2 per blocking `poll`. Written only by
+    /// the home thread (plain load + store), read by `notify` on any thread.
+    notify_me: AtomicU32,
+    /// Set by every `notify`, cleared by the home thread before it dispatches.
+    notified: AtomicBool,
+    /// The fd a sleeping loop is woken through.
+    event: EventNotifier,
+    /// Pending bottom halves.
+    pub(crate) bh_list: BhList,
+}
+
+impl Shared {
+    /// Wakes the loop if it sleeps or is about to (QEMU `aio_notify`). Any thread.
+    pub(crate) fn notify(&self) {
+        // Release publishes the caller's earlier writes (a BH's flags, a timer) to the home
+        // thread's read of `notified` (QEMU's smp_wmb before the store).
+        self.notified.store(true, Ordering::Release);
+        // Full fence: orders the store above before the load of `notify_me` below. It pairs
+        // with the fence in `begin_blocking` (store notify_me; fence; load notified); SeqCst
+        // fences are the only way to forbid both sides reading the old value.
+        fence(Ordering::SeqCst);
+        if self.notify_me.load(Ordering::Relaxed) != 0 {
+            self.write_event();
+        }
+    }
+
+    /// QEMU's BUG2, kept only for the loom model that shows it loses wake-ups: the eventfd
+    /// write is skipped when `notified` was already set.
+    #[cfg(aio_loom)]
+    pub(crate) fn notify_bug2(&self) {
+        if self.notified.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        fence(Ordering::SeqCst);
+        if self.notify_me.load(Ordering::Relaxed) != 0 {
+            self.write_event();
+        }
+    }
+
+    fn write_event(&self) {
+        if let Err(e) = self.event.set() {
+            // Only EBADF-like failures reach here (EAGAIN means "already set"); the loop would
+            // then not wake, so say so loudly.
+            tracing::error!("aio: cannot write the context's event notifier: {e}");
+        }
+    }
+
+    /// Raises `notify_me` before a blocking wait and reports whether a notify has already
+    /// arrived, in which case the wait must not block. Home thread only.
+    fn begin_blocking(&self, step: u32) -> bool {
+        // Single writer (the home thread), so a load and a store stand in for an RMW.
+        let old = self.notify_me.load(Ordering::Relaxed);
+        self.notify_me.store(old + step, Ordering::Relaxed);
+        // Full fence: pairs with the one in `notify` (see there).
+        fence(Ordering::SeqCst);
+        self.notified.load(Ordering::Relaxed)
+    }
+
+    /// Lowers `notify_me` after the wait. Home thread only.
+    fn end_blocking(&self, step: u32) {
+        let old = self.notify_me.load(Ordering::Relaxed);
+        // Release: the wait is finished before a notifier can see `notify_me == 0` and skip the
+        // eventfd write (QEMU: "finish the poll before clearing").
+        self.notify_me.store(old - step, Ordering::Release);
+    }
+
+    /// Consumes the pending notification before dispatching (QEMU `aio_notify_accept`). Home
+    /// thread only.
+    fn accept(&self) {
+        self.notified.store(false, Ordering::Relaxed);
+        // Full fence: the clear is ordered before the reads of BH flags, lists and timers that
+        // follow, so a notify whose store lands after the clear is seen by the next iteration
+        // and one before it has its work visible to this one.
+        fence(Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("notify_me", &self.notify_me.load(Ordering::Relaxed))
+            .field("notified", &self.notified.load(Ordering::Relaxed))
+            .field("event", &self.event)
+            .finish()
+    }
+}
+
+/// The part of a context that only its home thread touches.
+pub(crate) struct Inner {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) monitor: RefCell<Box<dyn FdMonitor>>,
+    pub(crate) registry: RefCell<Registry>,
+    /// Active BH slices, front first (one per BH pass on the stack).
+    slices: RefCell<VecDeque<Slice>>,
+    /// Spare ready lists, so that polls (nested ones too) allocate nothing in steady state.
+    spare_ready: RefCell<Vec<ReadyList>>,
+    /// Id of the latest wait; see `HandlerNode::epoch`.
+    epoch: Cell<u64>,
+    /// How many `disable_external` calls are in force.
+    external_disabled: Cell<u32>,
+    /// Readiness collected by `check` for `dispatch` when an outer loop drives the context.
+    outer_ready: RefCell<ReadyList>,
+}
+
+impl Inner {
+    fn next_ready_list(&self) -> ReadyList {
+        self.spare_ready.borrow_mut().pop().unwrap_or_default()
+    }
+
+    fn recycle_ready_list(&self, mut list: ReadyList) {
+        list.clear();
+        self.spare_ready.borrow_mut().push(list);
+    }
+
+    /// The timeout the BHs allow (QEMU `aio_compute_timeout`, without timers yet).
+    fn compute_timeout(&self) -> Option<Duration> {
+        let mut t = self.shared.bh_list.timeout();
+        if t != BhTimeout::Now {
+            for slice in self.slices.borrow().iter() {
+                t = match (t, slice.timeout()) {
+                    (_, BhTimeout::Now) => BhTimeout::Now,
+                    (BhTimeout::None, other) => other,
+                    (keep, _) => keep,
+                };
+                if t == BhTimeout::Now {
+                    break;
+                }
+            }
+        }
+        match t {
+            BhTimeout::Now => Some(Duration::ZERO),
+            BhTimeout::Idle => Some(IDLE_BH_TIMEOUT),
+            BhTimeout::None => None,
+        }
+    }
+
+    /// Runs the pending BHs (QEMU `aio_bh_poll`), draining outer slices first.
+    fn bh_poll(&self) -> bool {
+        let slice = self.shared.bh_list.take();
+        if slice.is_empty() && self.slices.borrow().is_empty() {
+            return false;
+        }
+        if !slice.is_empty() {
+            self.slices.borrow_mut().push_back(slice);
+        }
+        let mut progress = false;
+        loop {
+            // Hold the queue's borrow only while unlinking one node: its callback may poll
+            // again, and the nested pass must see (and drain) what is left of ours.
+            let node = {
+                let mut slices = self.slices.borrow_mut();
+                loop {
+                    let Some(front) = slices.front_mut() else { break None };
+                    match front.pop() {
+                        Some(node) => break Some(node),
+                        None => drop(slices.pop_front()),
+                    }
+                }
+            };
+            let Some(node) = node else { break };
+            progress |= bh::dispatch(&node, &self.shared.bh_list);
+        }
+        progress
+    }
+
+    /// Marks `node` deleted, forgets its key and tells the monitor.
+    pub(crate) fn remove_node(&self, key: HandlerKey) {
+        let Some(node) = self.registry.borrow_mut().remove(key) else { return };
+        if node.in_monitor.replace(false) {
+            let change = Change::Remove { key, fd: node.fd };
+            if let Err(e) = self.monitor.borrow_mut().update(change) {
+                tracing::warn!("aio: backend failed to forget fd {}: {e}", node.fd);
+            }
+        }
+        self.shared.notify();
+    }
+
+    fn external_disabled(&self) -> bool {
+        self.external_disabled.get() > 0
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Runs no callback: drop the BHs still queued (one-shots and deleted ones are freed,
+        // scheduled ones simply stop being pending), then every handler.
+        self.slices.get_mut().clear();
+        drop(self.shared.bh_list.take());
+        self.registry.get_mut().clear();
+    }
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Inner")
+            .field("shared", &self.shared)
+            .field("monitor", &self.monitor)
+            .field("external_disabled", &self.external_disabled.get())
+            .finish_non_exhaustive()
+    }
+}
+
+thread_local! {
+    /// The context this thread is polling, innermost first (QEMU
+    /// `qemu_get_current_aio_context`). Null when none.
+    static CURRENT: Cell<*const Inner> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Makes a context current for the duration of a poll, restoring the previous one after.
+struct CurrentGuard {
+    previous: *const Inner,
+}
+
+impl CurrentGuard {
+    fn enter(inner: *const Inner) -> CurrentGuard {
+        CurrentGuard { previous: CURRENT.with(|c| c.replace(inner)) }
+    }
+}
+
+impl Drop for CurrentGuard {
+    fn drop(&mut self) {
+        let previous = self.previous;
+        CURRENT.with(|c| c.set(previous));
+    }
+}
+
+/// An event loop: QEMU's `AioContext`.
+///
+/// It runs bottom halves ([`bh`](Self::bh), [`schedule_oneshot`](Self::schedule_oneshot)),
+/// level-triggered fd handlers ([`fd_handler`](Self::fd_handler),
+/// [`set_event_notifier`](Self::set_event_notifier)) and, through an [`FdMonitor`], waits for
+/// fds with poll, epoll or io_uring. Applications usually create one with the `aio` facade,
+/// which picks the backend.
+///
+/// An `AioContext` is a cheap, reference-counted handle (`Clone` is an `Rc` clone) that stays on
+/// the thread that created it, its *home thread*: only that thread can poll it or register
+/// handlers, so only one thread can ever poll it. Other threads use a [`ContextHandle`] from
+/// [`handle`](Self::handle) to schedule work and wake it. When the last `AioContext` clone is
+/// dropped, pending BHs and registered handlers are freed without running any callback.
+///
+/// # Examples
+///
+/// ```
+/// # fn ctx() -> std::io::Result<aio_core::AioContext> {
+/// #     aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))
+/// # }
+/// use std::sync::mpsc;
+///
+/// let ctx = ctx()?;
+/// let remote = ctx.handle();
+/// let (tx, rx) = mpsc::channel();
+/// std::thread::spawn(move || remote.schedule_oneshot(move || tx.send("hello").unwrap()));
+/// let msg = loop {
+///     ctx.poll(); // sleeps until the other thread's BH arrives
+///     if let Ok(msg) = rx.try_recv() { break msg; }
+/// };
+/// assert_eq!(msg, "hello");
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct AioContext {
+    pub(crate) inner: Rc<Inner>,
+}
+
+impl AioContext {
+    /// Creates a context that waits for fds with `monitor` (QEMU `aio_context_new`).
+    ///
+    /// # Errors
+    ///
+    /// Creating the context's event notifier can fail (`EMFILE` when the process is out of
+    /// fds), and so can registering it with the monitor.
+    pub fn new(monitor: Box<dyn FdMonitor>) -> io::Result<AioContext> {
+        let event = EventNotifier::new()?;
+        let fd = event.raw_fd();
+        let shared = Arc::new(Shared {
+            notify_me: AtomicU32::new(0),
+            notified: AtomicBool::new(false),
+            event,
+            bh_list: BhList::new(),
+        });
+        let ctx = AioContext {
+            inner: Rc::new(Inner {
+                shared,
+                monitor: RefCell::new(monitor),
+                registry: RefCell::new(Registry::default()),
+                slices: RefCell::new(VecDeque::new()),
+                spare_ready: RefCell::new(Vec::new()),
+                epoch: Cell::new(0),
+                external_disabled: Cell::new(0),
+                outer_ready: RefCell::new(ReadyList::new()),
+            }),
+        };
+        // The context's own notifier is an ordinary handler whose read callback drains the
+        // eventfd; its activity never counts as progress. Its "poll" is a read of `notified`,
+        // which is why a context with only BHs never needs a system call to poll.
+        let parts = NodeParts {
+            fd,
+            read: None,
+            write: None,
+            poll: PollCallbacks::default(),
+            external: false,
+            kind: NodeKind::Notifier,
+        };
+        ctx.add_node(parts, Interest::READ, None)?;
+        Ok(ctx)
+    }
+
+    /// A thread-safe handle for scheduling work on this context and waking it.
+    pub fn handle(&self) -> ContextHandle {
+        ContextHandle { shared: self.inner.shared.clone() }
+    }
+
+    /// The context this thread is polling right now, if any (QEMU
+    /// `qemu_get_current_aio_context`). Inside a callback, this is the context running it.
+    pub fn current() -> Option<AioContext> {
+        let ptr = CURRENT.with(|c| c.get());
+        if ptr.is_null() {
+            return None;
+        }
+        // SAFETY: `ptr` was set by `CurrentGuard::enter` from `Rc::as_ptr` of a context whose
+        // `poll` frame is still on this thread's stack (the guard restores the previous value
+        // when that frame ends, unwinding included), and that frame holds an `AioContext`, so
+        // the `Rc` has a strong count of at least one and we may add one.
+        unsafe {
+            Rc::increment_strong_count(ptr);
+            Some(AioContext { inner: Rc::from_raw(ptr) })
+        }
+    }
+
+    /// The name of the backend that watches fds (`"poll"`, `"epoll"`, `"io_uring"`).
+    pub fn backend(&self) -> &'static str {
+        self.inner.monitor.borrow().name()
+    }
+
+    /// Runs one loop iteration, sleeping until there is something to do (QEMU
+    /// `aio_poll(ctx, true)`). Returns whether progress was made: whether a user callback ran.
+    ///
+    /// It sleeps until an fd handler is ready, a BH is scheduled or [`notify`](Self::notify)
+    /// is called, and does not sleep at all if a BH is already scheduled. Being woken by a bare
+    /// notify is not progress, so this returns false then. It may be called from inside any
+    /// callback (a nested iteration), as QEMU's `AIO_WAIT_WHILE` does.
+    ///
+    /// # Panics
+    ///
+    /// A panic in a callback propagates out of `poll`. The loop's state stays consistent: BHs
+    /// that had not run yet in that pass stay scheduled and run in the next pass, the panicking
+    /// callback stays registered, and the context can be polled again.
+    pub fn poll(&self) -> bool {
+        self.run_iteration(true)
+    }
+
+    /// Runs one loop iteration without sleeping (QEMU `aio_poll(ctx, false)`). Returns whether
+    /// a user callback ran.
+    ///
+    /// When every registered handler can be served by userspace polling (the default state of
+    /// a context with only BHs), this makes no system call at all.
+    pub fn poll_nonblocking(&self) -> bool {
+        self.run_iteration(false)
+    }
+
+    /// Runs one iteration, blocking or not: QEMU's `aio_poll` signature, for ports.
+    pub fn poll_with(&self, blocking: bool) -> bool {
+        self.run_iteration(blocking)
+    }
+
+    fn run_iteration(&self, blocking: bool) -> bool {
+        let inner = &*self.inner;
+        let _current = CurrentGuard::enter(Rc::as_ptr(&self.inner));
+        let shared = &*inner.shared;
+
+        let mut timeout = if blocking { inner.compute_timeout() } else { Some(Duration::ZERO) };
+        let use_notify_me = timeout != Some(Duration::ZERO);
+        if use_notify_me && shared.begin_blocking(NOTIFY_ME_POLL) {
+            timeout = Some(Duration::ZERO);
+        }
+
+        let mut ready = inner.next_ready_list();
+        let epoch = inner.epoch.get() + 1;
+        inner.epoch.set(epoch);
+        let polling_disabled = inner.registry.borrow().polling_disabled();
+        if timeout != Some(Duration::ZERO)
+            || inner.monitor.borrow().need_wait(polling_disabled)
+        {
+            if let Err(e) = inner.monitor.borrow_mut().wait(&mut ready, timeout) {
+                tracing::warn!("aio: {} backend wait failed: {e}", self.backend());
+                ready.clear();
+            }
+        }
+        if use_notify_me {
+            shared.end_blocking(NOTIFY_ME_POLL);
+        }
+        shared.accept();
+
+        let mut progress = inner.bh_poll();
+        progress |= self.dispatch_ready(&ready, epoch);
+        inner.recycle_ready_list(ready);
+        progress
+    }
+
+    /// Dispatches the handlers in `ready` (QEMU `aio_dispatch_ready_handlers`).
+    fn dispatch_ready(&self, ready: &ReadyList, epoch: u64) -> bool {
+        let mut progress = false;
+        for (key, readiness) in ready.iter() {
+            // Clone the node and release the table before calling anything: callbacks may add
+            // or remove handlers. A stale key (removed or replaced since the wait) finds nothing.
+            let node = match self.inner.registry.borrow().get(key) {
+                Some(node) => node.clone(),
+                None => continue,
+            };
+            progress |= self.dispatch_handler(&node, readiness, epoch);
+        }
+        progress
+    }
+
+    fn dispatch_handler(&self, node: &HandlerNode, readiness: Readiness, epoch: u64) -> bool {
+        if node.epoch.get() > epoch {
+            // A nested iteration dispatched this handler after our wait reported it; what we
+            // saw is stale.
+            return false;
+        }
+        node.epoch.set(epoch);
+        let revents = readiness & Readiness::mask_for(node.interest);
+        if node.kind == NodeKind::Notifier {
+            if !revents.is_empty() {
+                self.inner.shared.event.test_and_clear();
+            }
+            return false;
+        }
+        if node.external && self.inner.external_disabled() {
+            return false;
+        }
+        let mut progress = false;
+        if !node.deleted.get()
+            && revents.intersects(Readiness::READABLE | Readiness::HANGUP | Readiness::ERROR)
+        {
+            progress |= node.call_read(self);
+        }
+        // Re-check: the read callback may have removed this handler.
+        if !node.deleted.get() && revents.intersects(Readiness::WRITABLE | Readiness::ERROR) {
+            progress |= node.call_write(self);
+        }
+        progress
+    }
+
+    /// Wakes the loop if it is sleeping, or makes its next sleep return at once (QEMU
+    /// `aio_notify`). Callable from any thread through [`ContextHandle::notify`].
+    pub fn notify(&self) {
+        self.inner.shared.notify();
+    }
+
+    /// Creates a bottom half running `f` (QEMU `aio_bh_new`). See [`BottomHalf`].
+    pub fn bh(&self, f: impl FnMut() + Send + 'static) -> BottomHalf {
+        BottomHalf::new(self.inner.shared.clone(), Box::new(f))
+    }
+
+    /// Runs `f` once on the next iteration (QEMU `aio_bh_schedule_oneshot`).
+    pub fn schedule_oneshot(&self, f: impl FnOnce() + Send + 'static) {
+        bh::schedule_oneshot(&self.inner.shared, bh::oneshot_callback(f));
+    }
+
+    /// Starts registering a handler for `fd`. See [`HandlerBuilder`].
+    ///
+    /// The context stores the fd's number, not the fd: keep the fd open while the handler is
+    /// registered (an fd closed while registered is reported as an error by the poll backend
+    /// and dropped by epoll; either way the handler should remove itself).
+    pub fn fd_handler(&self, fd: &impl AsFd) -> HandlerBuilder<'_> {
+        HandlerBuilder::new(self, raw_fd_of(fd))
+    }
+
+    /// Registers `read` for an [`EventNotifier`] (QEMU `aio_set_event_notifier`). The callback
+    /// gets the notifier and should call [`EventNotifier::test_and_clear`].
+    ///
+    /// # Errors
+    ///
+    /// As [`HandlerBuilder::register`]; `AlreadyExists` if the notifier is already registered.
+    pub fn set_event_notifier(
+        &self,
+        notifier: &Arc<EventNotifier>,
+        mut read: impl FnMut(&EventNotifier) + 'static,
+    ) -> io::Result<FdHandler> {
+        let e = notifier.clone();
+        self.fd_handler(notifier.as_ref()).on_read(move |_| read(&e)).register()
+    }
+
+    /// Registers a node built from `parts`, replacing `old` if given. Returns the new key.
+    pub(crate) fn add_node(
+        &self,
+        parts: NodeParts,
+        interest: Interest,
+        old: Option<HandlerKey>,
+    ) -> io::Result<HandlerKey> {
+        let inner = &*self.inner;
+        let fd = parts.fd;
+        sys::check_fd_open(fd)?;
+        let mut registry = inner.registry.borrow_mut();
+        let old_node = match old {
+            Some(old) => Some(registry.get(old).cloned().ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "the handler was already removed")
+            })?),
+            None => {
+                if registry.key_of_fd(fd).is_some() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("fd {fd} already has a handler in this context"),
+                    ));
+                }
+                None
+            }
+        };
+        let key = registry.next_key();
+        let node = Rc::new(parts.build(key, interest));
+        let watch = !(node.external && inner.external_disabled());
+        let change = match &old_node {
+            Some(old) if old.in_monitor.get() && watch => {
+                Some(Change::Modify { old: old.key, new: key, fd, interest })
+            }
+            Some(old) if old.in_monitor.get() => Some(Change::Remove { key: old.key, fd }),
+            _ if watch => Some(Change::Add { key, fd, interest }),
+            _ => None,
+        };
+        if let Some(change) = change {
+            inner.monitor.borrow_mut().update(change)?;
+        }
+        if let Some(old) = &old_node {
+            old.in_monitor.set(false);
+            let removed = registry.remove(old.key);
+            debug_assert!(removed.is_some());
+        }
+        node.in_monitor.set(watch);
+        registry.insert(node);
+        drop(registry);
+        // QEMU notifies after every change so that a sleeping loop re-evaluates its fd set; a
+        // registration from inside a callback makes the next blocking iteration not block once.
+        inner.shared.notify();
+        Ok(key)
+    }
+
+    /// Stops watching and dispatching handlers registered as external (QEMU
+    /// `aio_disable_external`). Calls nest: each needs a matching
+    /// [`enable_external`](Self::enable_external).
+    pub fn disable_external(&self) {
+        let inner = &*self.inner;
+        let n = inner.external_disabled.get();
+        inner.external_disabled.set(n + 1);
+        if n == 0 {
+            self.set_external_watched(false);
+        }
+    }
+
+    /// Undoes one [`disable_external`](Self::disable_external); the last one resumes external
+    /// handlers and wakes the loop (QEMU `aio_enable_external`).
+    ///
+    /// # Errors
+    ///
+    /// [`NotDisabledError`] if external handlers are not disabled; nothing changes then.
+    pub fn enable_external(&self) -> Result<(), NotDisabledError> {
+        let inner = &*self.inner;
+        let n = inner.external_disabled.get();
+        if n == 0 {
+            return Err(NotDisabledError);
+        }
+        inner.external_disabled.set(n - 1);
+        if n == 1 {
+            self.set_external_watched(true);
+            inner.shared.notify();
+        }
+        Ok(())
+    }
+
+    /// Whether external handlers are disabled.
+    pub fn is_external_disabled(&self) -> bool {
+        self.inner.external_disabled()
+    }
+
+    /// Removes external handlers from the monitor, or puts them back. Backends cannot filter
+    /// fds by themselves (epoll and io_uring report whatever is armed), and leaving a
+    /// level-triggered fd armed but undispatched would make every wait return at once.
+    fn set_external_watched(&self, watched: bool) {
+        let inner = &*self.inner;
+        let registry = inner.registry.borrow();
+        let mut monitor = inner.monitor.borrow_mut();
+        for node in registry.nodes().filter(|n| n.external && n.in_monitor.get() != watched) {
+            let change = if watched {
+                Change::Add { key: node.key, fd: node.fd, interest: node.interest }
+            } else {
+                Change::Remove { key: node.key, fd: node.fd }
+            };
+            match monitor.update(change) {
+                Ok(()) => node.in_monitor.set(watched),
+                Err(e) => tracing::warn!("aio: cannot re-arm external fd {}: {e}", node.fd),
+            }
+        }
+    }
+
+    /// First step of driving the context from an outer loop (QEMU's GSource `prepare`).
+    ///
+    /// Returns how long the outer loop may sleep (`None`: until an fd is ready). The outer loop
+    /// then waits for the fds from [`outer_fds`](Self::outer_fds), calls
+    /// [`check`](Self::check), and calls [`dispatch`](Self::dispatch) if `check` said so.
+    /// Between `prepare` and `check`, a [`notify`](Self::notify) writes the eventfd, which is
+    /// among the outer fds, so the outer loop wakes.
+    pub fn prepare(&self) -> Option<Duration> {
+        let inner = &*self.inner;
+        let old = inner.shared.notify_me.load(Ordering::Relaxed);
+        // Bit, not count: an outer loop need not pair every prepare with a check. Single
+        // writer, so load + store; the fence pairs with `notify`'s as in `begin_blocking`.
+        inner.shared.notify_me.store(old | NOTIFY_ME_OUTER, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if inner.shared.notified.load(Ordering::Relaxed) {
+            return Some(Duration::ZERO);
+        }
+        inner.compute_timeout()
+    }
+
+    /// The fds an outer loop must watch for this context (QEMU: the GSource's poll fds).
+    pub fn outer_fds(&self, out: &mut Vec<OuterFd>) {
+        self.inner.monitor.borrow().outer_fds(out);
+    }
+
+    /// Second step of driving the context from an outer loop (QEMU's GSource `check`): returns
+    /// whether [`dispatch`](Self::dispatch) has work to do.
+    pub fn check(&self) -> bool {
+        let inner = &*self.inner;
+        let shared = &*inner.shared;
+        let old = shared.notify_me.load(Ordering::Relaxed);
+        // Release: as in `end_blocking`.
+        shared.notify_me.store(old & !NOTIFY_ME_OUTER, Ordering::Release);
+        shared.accept();
+        let mut ready = inner.outer_ready.borrow_mut();
+        ready.clear();
+        if let Err(e) = inner.monitor.borrow_mut().wait(&mut ready, Some(Duration::ZERO)) {
+            tracing::warn!("aio: {} backend check failed: {e}", self.backend());
+            ready.clear();
+        }
+        let fd_pending = ready.iter().any(|(key, _)| {
+            inner.registry.borrow().get(key).is_some_and(|n| n.kind == NodeKind::User)
+        });
+        fd_pending || inner.compute_timeout() == Some(Duration::ZERO)
+    }
+
+    /// Last step of driving the context from an outer loop (QEMU `aio_dispatch`): runs BHs and
+    /// the handlers `check` found ready. Returns whether a user callback ran.
+    pub fn dispatch(&self) -> bool {
+        let inner = &*self.inner;
+        let _current = CurrentGuard::enter(Rc::as_ptr(&self.inner));
+        let ready = std::mem::take(&mut *inner.outer_ready.borrow_mut());
+        let epoch = inner.epoch.get() + 1;
+        inner.epoch.set(epoch);
+        let mut progress = inner.bh_poll();
+        progress |= self.dispatch_ready(&ready, epoch);
+        let mut slot = inner.outer_ready.borrow_mut();
+        if slot.is_empty() {
+            *slot = ready;
+            slot.clear();
+        }
+        progress
+    }
+}
+
+impl fmt::Debug for AioContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AioContext")
+            .field("backend", &self.backend())
+            .field("external_disabled", &self.inner.external_disabled.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The error of [`AioContext::enable_external`] when external handlers were not disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotDisabledError;
+
+impl fmt::Display for NotDisabledError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("enable_external called more times than disable_external")
+    }
+}
+
+impl std::error::Error for NotDisabledError {}
+
+/// A thread-safe handle to a context: schedules work on it and wakes it from any thread.
+///
+/// It keeps the shared part of the context (its BH list and wake-up state) alive but not the
+/// loop itself: after the last [`AioContext`] is dropped, BHs scheduled through a handle never
+/// run, and are freed when the last handle goes. See [`is_alive`](Self::is_alive).
+#[derive(Clone)]
+pub struct ContextHandle {
+    shared: Arc<Shared>,
+}
+
+impl ContextHandle {
+    /// Wakes the context (QEMU `aio_notify`): a sleeping `poll` returns (without progress),
+    /// and a `poll` about to sleep does not. Costs no system call unless the loop is asleep or
+    /// about to be.
+    pub fn notify(&self) {
+        self.shared.notify();
+    }
+
+    /// Runs `f` once on the context's thread, on its next iteration, waking it if needed
+    /// (QEMU `aio_bh_schedule_oneshot`).
+    pub fn schedule_oneshot(&self, f: impl FnOnce() + Send + 'static) {
+        bh::schedule_oneshot(&self.shared, bh::oneshot_callback(f));
+    }
+
+    /// Creates a bottom half on the context from any thread (QEMU `aio_bh_new`).
+    pub fn bh(&self, f: impl FnMut() + Send + 'static) -> BottomHalf {
+        BottomHalf::new(self.shared.clone(), Box::new(f))
+    }
+
+    /// Whether `other` refers to the same context.
+    pub fn same_context(&self, other: &ContextHandle) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Whether this is the handle of `ctx`.
+    pub fn is_handle_of(&self, ctx: &AioContext) -> bool {
+        Arc::ptr_eq(&self.shared, &ctx.inner.shared)
+    }
+
+    #[cfg(aio_loom)]
+    #[doc(hidden)]
+    /// Loom only: QEMU's BUG2 notify, for the model that must catch it.
+    pub fn notify_bug2(&self) {
+        self.shared.notify_bug2();
+    }
+
+    #[cfg(aio_loom)]
+    #[doc(hidden)]
+    /// Loom only: schedules a one-shot BH but notifies with BUG2.
+    pub fn schedule_oneshot_bug2(&self, f: impl FnOnce() + Send + 'static) {
+        let node = bh::BhNode::new(bh::oneshot_callback(f), 0);
+        self.shared.bh_list.enqueue(&node, bh::SCHEDULED | bh::ONESHOT);
+        self.shared.notify_bug2();
+    }
+}
+
+impl fmt::Debug for ContextHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ContextHandle").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,67 @@
+//! QEMU's `AioContext` event loop, in Rust: the context, bottom halves, level-triggered fd
+//! handlers and event notifiers, the `notify_me`/`notified` wake-up protocol, and the
+//! [`FdMonitor`] contract that the poll, epoll and io_uring backends implement.
+//!
+//! Applications normally depend on the `aio` facade, which picks a backend; this crate is what
+//! the backends and the facade build on. Behaviour follows QEMU's `util/async.c` and
+//! `util/aio-posix.c` (see `ARCHITECTURE.md` for the QEMU ↔ Rust name table).
+//!
+//! # One iteration of [`AioContext::poll`]
+//!
+//! 1. Compute the timeout: zero if a bottom half is scheduled, at most 10 ms if only idle BHs
+//!    are, otherwise unlimited. A non-blocking iteration uses zero.
+//! 2. For a blocking wait, raise `notify_me`, full fence, and re-check `notified`: a notify that
+//!    raced with step 1 turns the timeout into zero.
+//! 3. Ask the [`FdMonitor`] to wait, unless the timeout is zero and the monitor says there is
+//!    nothing it must look at (then the iteration makes no system call).
+//! 4. Lower `notify_me`, and *accept* the notification (clear `notified`, full fence) before
+//!    dispatching anything, so that no wake-up is lost.
+//! 5. Run bottom halves (draining outer nested passes first), then the fd handlers the monitor
+//!    reported, re-checking before each callback that the handler was not removed meanwhile.
+//! 6. Return whether a user callback ran ("progress"); the context's own wake-ups never count.
+//!
+//! Any callback may poll the context again (a nested iteration); only the home thread can, as
+//! [`AioContext`] is `!Send`.
+//!
+//! # Example
+//!
+//! ```
+//! use aio_core::AioContext;
+//! use std::sync::atomic::{AtomicU32, Ordering};
+//! use std::sync::Arc;
+//!
+//! let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+//! let hits = Arc::new(AtomicU32::new(0));
+//! let h = hits.clone();
+//! let bh = ctx.bh(move || { h.fetch_add(1, Ordering::Relaxed); });
+//!
+//! // Another thread schedules the BH; the loop sleeps until it arrives.
+//! let remote = ctx.handle();
+//! std::thread::spawn(move || remote.schedule_oneshot(|| ()));
+//! bh.schedule();
+//! assert!(ctx.poll());
+//! assert_eq!(hits.load(Ordering::Relaxed), 1);
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+#![deny(missing_docs)]
+#![doc(test(attr(deny(warnings))))]
+
+mod bh;
+mod context;
+mod event_notifier;
+#[cfg(aio_loom)]
+#[doc(hidden)]
+pub mod fake;
+mod fdmon;
+mod handler;
+mod sync;
+mod sys;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use bh::BottomHalf;
+pub use context::{AioContext, ContextHandle, NotDisabledError};
+pub use event_notifier::EventNotifier;
+pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList, Readiness};
+pub use handler::{FdHandler, HandlerBuilder};

@@ -1,0 +1,41 @@
+//! The one place that names concurrency primitives: std's, or loom's under `--cfg aio_loom`.
+//!
+//! Every atomic, fence, shared pointer, lock and thread-local that the loop's cross-thread
+//! protocols use comes from here, so that the loom models in `tests/loom_*.rs` check the real
+//! code rather than a copy of it. Single-threaded state (`Cell`, `RefCell`, `Rc`) is not
+//! re-exported: loom has nothing to check there.
+
+#[cfg(not(aio_loom))]
+mod imp {
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering, fence};
+    pub(crate) use std::sync::Arc;
+    pub(crate) use std::thread_local;
+
+    /// An `UnsafeCell` with loom's closure-based accessor, so that call sites read the same
+    /// whether or not loom is tracking the accesses.
+    #[derive(Debug)]
+    pub(crate) struct UnsafeCell<T: ?Sized>(std::cell::UnsafeCell<T>);
+
+    impl<T> UnsafeCell<T> {
+        pub(crate) const fn new(value: T) -> Self {
+            Self(std::cell::UnsafeCell::new(value))
+        }
+    }
+
+    impl<T: ?Sized> UnsafeCell<T> {
+        /// Runs `f` with a raw pointer for writing.
+        pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+            f(self.0.get())
+        }
+    }
+}
+
+#[cfg(aio_loom)]
+mod imp {
+    pub(crate) use loom::cell::UnsafeCell;
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering, fence};
+    pub(crate) use loom::sync::Arc;
+    pub(crate) use loom::thread_local;
+}
+
+pub(crate) use imp::*;

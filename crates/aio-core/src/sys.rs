@@ -1,0 +1,31 @@
+//! The system-call helpers that core needs outside the event notifier: error conversion and the
+//! "is this fd open?" check done when a handler is registered.
+//!
+//! Backends have their own system-call files; core's only other system calls are in
+//! `event_notifier.rs`.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// Turns a libc return value of `-1` into the thread's `errno` as an `io::Error`.
+pub(crate) fn cvt<T: PartialEq + From<i8>>(ret: T) -> io::Result<T> {
+    if ret == T::from(-1) { Err(io::Error::last_os_error()) } else { Ok(ret) }
+}
+
+/// Checks that `fd` names an open file description, so that registering a closed or invalid
+/// fd fails at once with `EBADF` instead of surfacing later as a `POLLNVAL` storm.
+#[cfg(not(aio_loom))]
+pub(crate) fn check_fd_open(fd: RawFd) -> io::Result<()> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD reads the descriptor flags of `fd` and touches no memory of ours; an
+    // invalid `fd` makes it fail with EBADF, which is exactly what we want to learn.
+    cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) }).map(drop)
+}
+
+/// Under loom, fds are fake numbers handed out by the fake event notifier; nothing to check.
+#[cfg(aio_loom)]
+pub(crate) fn check_fd_open(_fd: RawFd) -> io::Result<()> {
+    Ok(())
+}

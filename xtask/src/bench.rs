@@ -1,0 +1,38 @@
+//! `cargo xtask bench [filter]`: runs the `aio-benches` benchmarks and points at the report they
+//! write under `target/bench-report/`.
+//!
+//! The bench crate owns the measurements and the report (a Markdown table plus SVG charts, see
+//! DESIGN.md §7); xtask only chooses where the report goes, through `AIO_BENCH_REPORT_DIR`, and
+//! forwards the filter to the harness (criterion-style: benchmarks whose name contains it).
+
+use std::process::ExitCode;
+
+use crate::cmd::{Cmd, Context, Result, project_root};
+
+/// The environment variable the bench crate reads to find its report directory.
+const REPORT_DIR_ENV: &str = "AIO_BENCH_REPORT_DIR";
+
+pub fn run(filter: Option<&str>) -> Result<ExitCode> {
+    let report_dir = project_root().join("target").join("bench-report");
+    std::fs::create_dir_all(&report_dir)
+        .with_context(|| format!("creating {}", report_dir.display()))?;
+
+    let mut cmd = Cmd::cargo()
+        .env(REPORT_DIR_ENV, report_dir.display().to_string())
+        .args(["bench", "-p", "aio-benches"]);
+    if let Some(filter) = filter {
+        cmd = cmd.arg("--").arg(filter);
+    }
+    cmd.run()?;
+
+    let report = report_dir.join("report.md");
+    if report.is_file() {
+        eprintln!("bench: report at {}", report.display());
+    } else {
+        eprintln!(
+            "bench: no report written ({} does not exist)",
+            report.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

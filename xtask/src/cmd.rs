@@ -1,0 +1,278 @@
+//! Running external programs: echo each command, time it, and turn failure into an [`Error`] with
+//! context; also owns the workspace root and xtask's small std-only error type.
+//!
+//! Every command runs from the workspace root, so paths in arguments and in output are the same
+//! whichever directory `cargo xtask` was started from. Cargo is found through the `CARGO`
+//! environment variable that `cargo run` sets (falling back to `cargo` on `PATH`), so the
+//! toolchain that built xtask is also the one that runs the checks.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// xtask's error: a human-readable message, built up with context as it travels up.
+///
+/// A `String` is all a build script needs; nobody matches on the kind of failure.
+#[derive(Debug)]
+pub struct Error {
+    msg: String,
+}
+
+impl Error {
+    pub fn new(msg: impl Into<String>) -> Self {
+        Error { msg: msg.into() }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.msg)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Adds "what we were doing" to any displayable error, in the style of `anyhow::Context`.
+pub trait Context<T> {
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: fmt::Display> Context<T> for std::result::Result<T, E> {
+    fn with_context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|err| Error::new(format!("{}: {err}", what())))
+    }
+}
+
+/// The workspace root: the parent of this crate's manifest directory.
+///
+/// `CARGO_MANIFEST_DIR` is read at compile time, so the answer does not depend on the current
+/// directory or on how the binary was started.
+pub fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ always has a parent directory: the workspace root")
+        .to_path_buf()
+}
+
+/// Formats a duration the way every xtask message does: seconds with one decimal.
+pub fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+/// A command line to run from the workspace root, with extra environment variables.
+#[derive(Debug, Clone)]
+pub struct Cmd {
+    /// What is executed: `$CARGO` may be a long toolchain path.
+    program: String,
+    /// What is echoed: `cargo` rather than that long path, so logs read like what a person types.
+    display: String,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    /// Variables removed from the child's environment.
+    removed: Vec<String>,
+}
+
+impl Cmd {
+    /// `$CARGO` (set by `cargo run`), or `cargo` from `PATH` when xtask is run some other way.
+    pub fn cargo() -> Self {
+        let program = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        Cmd {
+            program,
+            display: "cargo".to_owned(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    /// Any other program, looked up on `PATH`.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "runner API; every step runs cargo today")
+    )]
+    pub fn new(program: &str) -> Self {
+        Cmd {
+            program: program.to_owned(),
+            display: program.to_owned(),
+            args: Vec::new(),
+            envs: Vec::new(),
+            removed: Vec::new(),
+        }
+    }
+
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    /// Sets an environment variable for the child only; xtask's own environment is untouched.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
+    /// Removes an environment variable from the child's environment.
+    pub fn env_remove(mut self, key: impl Into<String>) -> Self {
+        self.removed.push(key.into());
+        self
+    }
+
+    /// Echoes, runs and times the command; a non-zero exit becomes an error naming the command.
+    pub fn run(&self) -> Result<()> {
+        let started = Instant::now();
+        let status = self.status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(Error::new(format!(
+                "`{self}` failed ({status}) after {}",
+                secs(started.elapsed())
+            )))
+        }
+    }
+
+    /// Echoes, runs and times the command, and returns its exit status whatever it is.
+    ///
+    /// Only failing to start the program is an error here; use this to pass an exit code through.
+    pub fn status(&self) -> Result<ExitStatus> {
+        eprintln!("==> {self}");
+        let started = Instant::now();
+        let status = self.command().status().with_context(|| {
+            format!(
+                "could not start `{self}` (is `{}` installed?)",
+                self.program
+            )
+        })?;
+        eprintln!("    ({status}, took {})", secs(started.elapsed()));
+        Ok(status)
+    }
+
+    /// Echoes, runs and times the command, capturing its stdout (stderr still goes to the
+    /// terminal); a non-zero exit or non-UTF-8 output is an error.
+    pub fn stdout(&self) -> Result<String> {
+        eprintln!("==> {self}");
+        let started = Instant::now();
+        let output = self
+            .command()
+            .stderr(Stdio::inherit())
+            .output()
+            .with_context(|| {
+                format!(
+                    "could not start `{self}` (is `{}` installed?)",
+                    self.program
+                )
+            })?;
+        let took = secs(started.elapsed());
+        eprintln!("    ({}, took {took})", output.status);
+        if !output.status.success() {
+            return Err(Error::new(format!(
+                "`{self}` failed ({}) after {took}",
+                output.status
+            )));
+        }
+        String::from_utf8(output.stdout).with_context(|| format!("`{self}` printed non-UTF-8"))
+    }
+
+    /// Runs the command silently and says whether it succeeded: for probes such as "is
+    /// cargo-nextest installed?", where failure is an answer, not an error.
+    pub fn probe(&self) -> bool {
+        self.command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.program);
+        command.args(&self.args).current_dir(project_root());
+        for key in &self.removed {
+            command.env_remove(key);
+        }
+        for (key, value) in &self.envs {
+            command.env(key, value);
+        }
+        command
+    }
+}
+
+/// Shows the command the way it could be pasted into a shell:
+/// `[env -u UNSET ...] KEY=value ... cargo args ...`.
+impl fmt::Display for Cmd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if !self.removed.is_empty() {
+            f.write_str("env ")?;
+            for key in &self.removed {
+                write!(f, "-u {key} ")?;
+            }
+        }
+        for (key, value) in &self.envs {
+            write!(f, "{key}={} ", shell_quote(value))?;
+        }
+        f.write_str(&self.display)?;
+        for arg in &self.args {
+            write!(f, " {}", shell_quote(arg))?;
+        }
+        Ok(())
+    }
+}
+
+/// Quotes a word for a POSIX shell, leaving plain words (the common case) alone.
+fn shell_quote(word: &str) -> Cow<'_, str> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        Cow::Borrowed(word)
+    } else {
+        Cow::Owned(format!("'{}'", word.replace('\'', r"'\''")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn echo_is_pasteable_into_a_shell() {
+        let cmd = Cmd::cargo()
+            .env("RUSTFLAGS", "--cfg aio_loom")
+            .env("LOOM_MAX_PREEMPTIONS", "2")
+            .args(["test", "-p", "aio-core", "--test", "loom_notify"]);
+        assert_eq!(
+            cmd.to_string(),
+            "RUSTFLAGS='--cfg aio_loom' LOOM_MAX_PREEMPTIONS=2 cargo test -p aio-core --test loom_notify"
+        );
+    }
+
+    #[test]
+    fn shell_quote_escapes_quotes_and_empty_words() {
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("loom_*"), "'loom_*'");
+    }
+
+    #[test]
+    fn probe_reports_success_and_failure() {
+        assert!(Cmd::cargo().arg("--version").probe());
+        assert!(!Cmd::cargo().arg("no-such-subcommand-xtask-probe").probe());
+        assert!(!Cmd::new("/nonexistent/program").probe());
+    }
+
+    #[test]
+    fn project_root_is_the_workspace() {
+        assert!(project_root().join("xtask").join("Cargo.toml").is_file());
+    }
+}

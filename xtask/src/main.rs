@@ -1,0 +1,75 @@
+//! `cargo xtask`: the project's automation entry point; owns argument parsing, usage and dispatch.
+//!
+//! See <https://github.com/matklad/cargo-xtask/>. The `xtask` alias in `.cargo/config.toml` runs
+//! this binary from anywhere in the workspace. Each subcommand lives in its own file:
+//!
+//! | command                   | file        | what it does                                             |
+//! |---------------------------|-------------|----------------------------------------------------------|
+//! | `cargo xtask ci [--quick]`| `ci.rs`     | everything CI checks; `.ci/run` calls it                 |
+//! | `cargo xtask demo`        | `demo.rs`   | runs the `aio` demo example in release mode              |
+//! | `cargo xtask bench [f]`   | `bench.rs`  | runs the benchmarks and points at the generated report   |
+//! | `cargo xtask tidy`        | `tidy.rs`   | house-style checks alone (also the last step of `ci`)    |
+//!
+//! `cmd.rs` holds the shared process runner and error type. The crate is std-only on purpose:
+//! `cargo xtask` should start in seconds on a cold cache.
+//!
+//! Exit codes: 0 on success, 1 when a step fails, 2 on a usage error. `demo` passes through the
+//! demo's own exit code.
+
+mod bench;
+mod ci;
+mod cmd;
+mod demo;
+mod tidy;
+
+use std::process::ExitCode;
+
+/// Printed for no arguments and `--help`, and (to stderr) for usage errors. `tidy` is left out on
+/// purpose: it is a building block of `ci`, kept runnable alone for quick local checks.
+const USAGE: &str = "\
+Usage: cargo xtask <command> [args]
+
+Commands:
+  ci [--quick]    run every CI check: fmt, clippy, tests, feature matrix, loom, docs, tidy
+                  (--quick skips loom and the feature matrix, for local iteration)
+  demo            run the aio demo example (release build) and pass through its exit code
+  bench [filter]  run the benchmarks (optionally only those matching <filter>) and
+                  write a report under target/bench-report/
+
+Options:
+  -h, --help      print this help
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    let result = match args.as_slice() {
+        [] | ["-h" | "--help" | "help", ..] => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        ["ci"] => ci::run(ci::Mode::Full),
+        ["ci", "--quick"] => ci::run(ci::Mode::Quick),
+        ["demo"] => demo::run(),
+        ["bench"] => bench::run(None),
+        ["bench", filter] if !filter.starts_with('-') => bench::run(Some(filter)),
+        ["tidy"] => tidy::run(),
+        _ => return usage_error(&args),
+    };
+
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reports an unknown command or unexpected arguments and exits with 2, like most CLI tools.
+fn usage_error(args: &[&str]) -> ExitCode {
+    eprintln!("error: unrecognized arguments: {}\n", args.join(" "));
+    eprint!("{USAGE}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,391 @@
+//! `cargo xtask tidy` (also the last step of `ci`): house-style checks over every Rust source
+//! file in the workspace, run in process.
+//!
+//! Checked in every `.rs` file under `crates/`, `tests/`, `benches/` and `xtask/` (tracked or not;
+//! `target/` and hidden directories are skipped):
+//!
+//! - the first line is a `//!` comment saying what the file owns (style guideline 9);
+//! - no `dbg!`, `todo!` or `unimplemented!` calls outside test files (files under a `tests/`
+//!   directory or named `*tests*.rs`); comment lines are not code and are ignored;
+//! - in `crates/`, every `unsafe {` block and `unsafe impl` has a comment containing `SAFETY` on
+//!   the same line or within the 3 non-blank lines above it; a longer block of comments (and
+//!   attributes) directly above also counts, so a `// SAFETY:` paragraph may run past 3 lines;
+//! - no trailing whitespace.
+//!
+//! Each violation is printed as `path:line: message`, and any violation fails the check. The
+//! checks are pure functions of `(path, text)` so the unit tests below feed them small strings.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::cmd::{Context, Error, Result, project_root};
+
+/// Top-level directories that hold the workspace's Rust sources.
+const ROOTS: &[&str] = &["crates", "tests", "benches", "xtask"];
+
+/// Macros that mark unfinished or debugging code. Spelled in two halves so that this file does
+/// not trip its own check.
+const FORBIDDEN_MACROS: &[&str] = &[
+    concat!("db", "g!"),
+    concat!("to", "do!"),
+    concat!("unimpl", "emented!"),
+];
+
+/// How many non-blank lines above an `unsafe` line may hold its `SAFETY` comment.
+const SAFETY_WINDOW: usize = 3;
+
+/// One broken rule at one place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// Relative to the workspace root, with `/` separators.
+    pub path: String,
+    /// 1-based.
+    pub line: usize,
+    pub msg: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.path, self.line, self.msg)
+    }
+}
+
+/// The `cargo xtask tidy` subcommand.
+pub fn run() -> Result<ExitCode> {
+    check(&project_root())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Checks every Rust file under `root`'s source directories, prints the violations and fails if
+/// there are any.
+pub fn check(root: &Path) -> Result<()> {
+    let mut files = Vec::new();
+    for dir in ROOTS {
+        collect_rust_files(&root.join(dir), &mut files)?;
+    }
+
+    let mut violations = Vec::new();
+    for file in &files {
+        let rel = relative_path(root, file);
+        let bytes = std::fs::read(file).with_context(|| format!("reading {rel}"))?;
+        match String::from_utf8(bytes) {
+            Ok(text) => violations.extend(check_file(&rel, &text)),
+            Err(_) => violations.push(Violation {
+                path: rel,
+                line: 1,
+                msg: "not UTF-8".into(),
+            }),
+        }
+    }
+
+    for violation in &violations {
+        eprintln!("{violation}");
+    }
+    if violations.is_empty() {
+        eprintln!("tidy: {} files checked, no violations", files.len());
+        Ok(())
+    } else {
+        Err(Error::new(format!(
+            "tidy: {} violation(s) in {} files checked (listed above)",
+            violations.len(),
+            files.len()
+        )))
+    }
+}
+
+/// Appends every `.rs` file under `dir` to `out`, in sorted order, skipping `target/` and hidden
+/// directories. A missing `dir` contributes nothing.
+fn collect_rust_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(Error::new(format!("reading {}: {err}", dir.display()))),
+    };
+    let mut entries = entries
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("reading {}", dir.display()))?;
+    entries.sort_by_key(|entry| entry.file_name());
+
+    for entry in entries {
+        let path = entry.path();
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        // `file_type` does not follow symlinks, so a link cannot make the walk loop.
+        let file_type = entry
+            .file_type()
+            .with_context(|| format!("reading {}", path.display()))?;
+        if file_type.is_dir() {
+            if name != "target" && !name.starts_with('.') {
+                collect_rust_files(&path, out)?;
+            }
+        } else if file_type.is_file() && name.ends_with(".rs") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn relative_path(root: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(root).unwrap_or(file);
+    rel.components()
+        .map(|c| c.as_os_str().to_string_lossy())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// All checks for one file. `path` is relative to the workspace root with `/` separators; it
+/// decides which rules apply.
+pub fn check_file(path: &str, text: &str) -> Vec<Violation> {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let mut out = Vec::new();
+    let mut report = |line: usize, msg: String| {
+        out.push(Violation {
+            path: path.to_owned(),
+            line,
+            msg,
+        });
+    };
+
+    if !lines[0].starts_with("//!") {
+        report(
+            1,
+            "file must start with a `//!` comment saying what it owns".into(),
+        );
+    }
+
+    let test_file = is_test_file(path);
+    let in_crates = path.starts_with("crates/");
+    for (idx, line) in lines.iter().enumerate() {
+        let lineno = idx + 1;
+        let is_comment = line.trim_start().starts_with("//");
+
+        if !test_file
+            && !is_comment
+            && let Some(name) = FORBIDDEN_MACROS.iter().find(|m| calls_macro(line, m))
+        {
+            report(lineno, format!("`{name}` outside test code"));
+        }
+
+        if in_crates
+            && !is_comment
+            && (line.contains("unsafe {") || line.contains("unsafe impl"))
+            && !has_safety_comment(&lines, idx)
+        {
+            report(
+                lineno,
+                "`unsafe` without a `// SAFETY:` comment just above".into(),
+            );
+        }
+
+        if line.ends_with(char::is_whitespace) {
+            report(lineno, "trailing whitespace".into());
+        }
+    }
+    out
+}
+
+/// Test code may use the forbidden macros: files under a `tests` directory, or named `*tests*.rs`.
+fn is_test_file(path: &str) -> bool {
+    let mut components = path.split('/').rev();
+    let file_name = components.next().unwrap_or_default();
+    file_name.contains("tests") || components.any(|dir| dir == "tests")
+}
+
+/// Whether `line` invokes `mac` (spelled with its `!`) as a macro: `name!(`, `name![` or
+/// `name!{`, not preceded by an identifier character (so `my_dbg!(` is someone else's macro).
+fn calls_macro(line: &str, mac: &str) -> bool {
+    line.match_indices(mac).any(|(at, _)| {
+        let before = line[..at].chars().next_back();
+        let after = line[at + mac.len()..].trim_start().chars().next();
+        !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            && matches!(after, Some('(' | '[' | '{'))
+    })
+}
+
+/// Whether the `unsafe` on line `idx` is explained by a `SAFETY` comment: on the same line, within
+/// [`SAFETY_WINDOW`] non-blank lines above, or anywhere in an unbroken block of comments (and
+/// attributes) directly above it.
+fn has_safety_comment(lines: &[&str], idx: usize) -> bool {
+    if lines[idx].contains("SAFETY") {
+        return true;
+    }
+    let mut seen = 0;
+    let mut only_comments = true;
+    for line in lines[..idx].iter().rev() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        if line.contains("SAFETY") {
+            return true;
+        }
+        seen += 1;
+        // Attributes such as `#[allow(..)]` may sit between a comment and its item.
+        only_comments &= line.starts_with("//") || line.starts_with("#[");
+        if seen >= SAFETY_WINDOW && !only_comments {
+            return false;
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Assembled at run time so this file's own text stays clean for tidy.
+    fn dbg_call() -> String {
+        format!("{}(x)", FORBIDDEN_MACROS[0])
+    }
+
+    fn lines_of(violations: &[Violation]) -> Vec<usize> {
+        violations.iter().map(|v| v.line).collect()
+    }
+
+    #[test]
+    fn clean_file_passes() {
+        let src = "//! Owns nothing.\n\nfn main() {}\n";
+        assert_eq!(check_file("crates/a/src/lib.rs", src), []);
+    }
+
+    #[test]
+    fn first_line_must_be_module_doc() {
+        for src in [
+            "",
+            "\n//! late\n",
+            "/// item doc\nfn f() {}\n",
+            "#![cfg(aio_loom)]\n//! x\n",
+        ] {
+            let v = check_file("crates/a/src/lib.rs", src);
+            assert_eq!(lines_of(&v), [1], "{src:?}: {v:?}");
+            assert!(v[0].msg.contains("//!"));
+        }
+    }
+
+    #[test]
+    fn violation_prints_as_path_line_message() {
+        let v = check_file("xtask/src/x.rs", "fn f() {}\n");
+        assert_eq!(
+            v[0].to_string(),
+            "xtask/src/x.rs:1: file must start with a `//!` comment saying what it owns"
+        );
+    }
+
+    #[test]
+    fn forbidden_macros_flagged_in_library_code() {
+        for mac in FORBIDDEN_MACROS {
+            let src = format!("//! x\nfn f() {{\n    {mac}();\n}}\n");
+            let v = check_file("crates/a/src/lib.rs", &src);
+            assert_eq!(lines_of(&v), [3], "{mac}: {v:?}");
+            assert!(v[0].msg.contains(mac));
+        }
+        let braces = format!("//! x\nfn f() {{ {}{{}} }}\n", FORBIDDEN_MACROS[1]);
+        assert_eq!(lines_of(&check_file("xtask/src/x.rs", &braces)), [2]);
+    }
+
+    #[test]
+    fn forbidden_macros_allowed_in_tests_and_comments() {
+        let src = format!("//! x\nfn f() {{ {} }}\n", dbg_call());
+        assert_eq!(check_file("crates/a/tests/context.rs", &src), []);
+        assert_eq!(check_file("tests/src/lib.rs", &src), []);
+        assert_eq!(check_file("crates/a/src/unit_tests.rs", &src), []);
+        let comment = format!("//! x\n/// Never call `{}` here.\n", dbg_call());
+        assert_eq!(check_file("crates/a/src/lib.rs", &comment), []);
+    }
+
+    #[test]
+    fn other_macros_with_similar_names_pass() {
+        let src = format!(
+            "//! x\nmy_{}\nlet {} = 1;\n",
+            dbg_call(),
+            &FORBIDDEN_MACROS[0][..3]
+        );
+        assert_eq!(check_file("crates/a/src/lib.rs", &src), []);
+    }
+
+    #[test]
+    fn unsafe_needs_safety_within_three_lines() {
+        let ok = "//! x\n// SAFETY: fd is open.\nlet a = 1;\n\nlet b = 2;\nunsafe { f() };\n";
+        assert_eq!(check_file("crates/a/src/sys.rs", ok), []);
+
+        let too_far =
+            "//! x\n// SAFETY: fd is open.\nlet a = 1;\nlet b = 2;\nlet c = 3;\nunsafe { f() };\n";
+        assert_eq!(lines_of(&check_file("crates/a/src/sys.rs", too_far)), [6]);
+
+        let missing = "//! x\nunsafe impl Send for X {}\n";
+        assert_eq!(lines_of(&check_file("crates/a/src/sys.rs", missing)), [2]);
+
+        let same_line = "//! x\nlet n = unsafe { f() }; // SAFETY: f has no preconditions.\n";
+        assert_eq!(check_file("crates/a/src/sys.rs", same_line), []);
+    }
+
+    #[test]
+    fn long_safety_comment_block_counts() {
+        let src = "//! x\n// SAFETY: one\n// two\n// three\n// four\n#[allow(x)]\nunsafe impl Sync for X {}\n";
+        assert_eq!(check_file("crates/a/src/sys.rs", src), []);
+        // A SAFETY comment that belongs to earlier code does not count.
+        let broken =
+            "//! x\n// SAFETY: old\n// two\nlet a = 1;\n// three\n// four\nunsafe { f() };\n";
+        assert_eq!(lines_of(&check_file("crates/a/src/sys.rs", broken)), [7]);
+    }
+
+    #[test]
+    fn unsafe_rule_only_applies_to_crates_and_code() {
+        let src = "//! x\nunsafe { f() };\n";
+        assert_eq!(check_file("xtask/src/x.rs", src), []);
+        assert_eq!(check_file("benches/src/lib.rs", src), []);
+        let doc = "//! x\n/// Callers write `unsafe { f() }`.\n";
+        assert_eq!(check_file("crates/a/src/lib.rs", doc), []);
+        let unsafe_fn = "//! x\n/// # Safety\n/// None.\npub unsafe fn f() {}\n";
+        assert_eq!(check_file("crates/a/src/lib.rs", unsafe_fn), []);
+    }
+
+    #[test]
+    fn trailing_whitespace_flagged() {
+        let src = "//! x\nlet a = 1; \nlet b = 2;\t\nlet c = 3;\r\nlet d = 4;\n";
+        assert_eq!(lines_of(&check_file("xtask/src/x.rs", src)), [2, 3, 4]);
+    }
+
+    #[test]
+    fn test_file_detection() {
+        assert!(is_test_file("crates/aio-core/tests/loom_notify.rs"));
+        assert!(is_test_file("tests/tests/backend_matrix.rs"));
+        assert!(is_test_file("crates/a/src/tests.rs"));
+        assert!(!is_test_file("crates/a/src/lib.rs"));
+        assert!(!is_test_file("crates/testsuite-free/src/lib.rs"));
+    }
+
+    #[test]
+    fn walk_finds_rs_files_and_skips_target_and_hidden() {
+        let root = std::env::temp_dir().join(format!("xtask-tidy-walk-{}", std::process::id()));
+        for dir in [
+            "crates/a/src",
+            "crates/a/target/debug",
+            "xtask/.hidden",
+            "other",
+        ] {
+            std::fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        for file in [
+            "crates/a/src/lib.rs",
+            "crates/a/src/notes.md",
+            "crates/a/target/debug/build.rs",
+            "xtask/.hidden/x.rs",
+            "other/outside.rs",
+        ] {
+            std::fs::write(root.join(file), "fn f() {}\n").unwrap();
+        }
+        let mut files = Vec::new();
+        for dir in ROOTS {
+            collect_rust_files(&root.join(dir), &mut files).unwrap();
+        }
+        let rel: Vec<_> = files.iter().map(|f| relative_path(&root, f)).collect();
+        let result = check(&root);
+        std::fs::remove_dir_all(&root).unwrap();
+
+        assert_eq!(rel, ["crates/a/src/lib.rs"]);
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("1 violation(s) in 1 files"), "{err}");
+    }
+}
