@@ -119,7 +119,9 @@ impl BhNode {
 
 impl fmt::Debug for BhNode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BhNode").field("flags", &self.flags.load(Ordering::Relaxed)).finish()
+        f.debug_struct("BhNode")
+            .field("flags", &self.flags.load(Ordering::Relaxed))
+            .finish()
     }
 }
 
@@ -162,7 +164,9 @@ pub(crate) struct BhList {
 
 impl BhList {
     pub(crate) fn new() -> Self {
-        BhList { head: AtomicPtr::new(ptr::null_mut()) }
+        BhList {
+            head: AtomicPtr::new(ptr::null_mut()),
+        }
     }
 
     /// Sets `new_flags | PENDING` on `node` and links it if it was not pending. Returns
@@ -180,7 +184,9 @@ impl BhList {
         loop {
             node.next.store(head, Ordering::Relaxed);
             // Release publishes `next` and the flags to the home thread's `swap` in `take`.
-            match self.head.compare_exchange_weak(head, raw, Ordering::Release, Ordering::Relaxed)
+            match self
+                .head
+                .compare_exchange_weak(head, raw, Ordering::Release, Ordering::Relaxed)
             {
                 Ok(_) => return,
                 Err(current) => head = current,
@@ -261,7 +267,9 @@ pub(crate) struct Slice {
 
 impl Slice {
     pub(crate) fn empty() -> Slice {
-        Slice { head: ptr::null_mut() }
+        Slice {
+            head: ptr::null_mut(),
+        }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -291,7 +299,9 @@ impl Slice {
 pub(crate) fn dispatch(node: &Arc<BhNode>, list: &BhList) -> bool {
     // Synchronizes with the `fetch_or` in `enqueue` (see there). Clearing PENDING only after
     // the node was unlinked lets a concurrent schedule re-link it onto the shared list.
-    let flags = node.flags.fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
+    let flags = node
+        .flags
+        .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
     let mut progress = false;
     if flags & (SCHEDULED | DELETED) == SCHEDULED {
         if node.invoke() {
@@ -315,7 +325,9 @@ impl Drop for Slice {
     /// the slice queued in the context, to be finished by the next pass).
     fn drop(&mut self) {
         while let Some(node) = self.pop() {
-            let flags = node.flags.fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
+            let flags = node
+                .flags
+                .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
             if flags & (DELETED | ONESHOT) != 0 {
                 node.drop_callback();
             }
@@ -325,7 +337,9 @@ impl Drop for Slice {
 
 impl fmt::Debug for Slice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Slice").field("empty", &self.is_empty()).finish()
+        f.debug_struct("Slice")
+            .field("empty", &self.is_empty())
+            .finish()
     }
 }
 
@@ -368,7 +382,10 @@ pub struct BottomHalf {
 
 impl BottomHalf {
     pub(crate) fn new(shared: Arc<Shared>, callback: Callback) -> BottomHalf {
-        BottomHalf { node: BhNode::new(callback, 0), shared }
+        BottomHalf {
+            node: BhNode::new(callback, 0),
+            shared,
+        }
     }
 
     /// Schedules the callback to run on the next loop iteration (QEMU `qemu_bh_schedule`).
@@ -411,7 +428,9 @@ impl Drop for BottomHalf {
 
 impl fmt::Debug for BottomHalf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BottomHalf").field("scheduled", &self.is_scheduled()).finish()
+        f.debug_struct("BottomHalf")
+            .field("scheduled", &self.is_scheduled())
+            .finish()
     }
 }
 

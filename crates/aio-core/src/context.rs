@@ -29,11 +29,11 @@
 
 use crate::bh::{self, BhList, BhTimeout, BottomHalf, IDLE_BH_TIMEOUT, Slice};
 use crate::event_notifier::EventNotifier;
-use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList, Readiness};
+use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use crate::handler::{
     HandlerBuilder, HandlerNode, NodeKind, NodeParts, PollCallbacks, Registry, raw_fd_of,
 };
-use crate::sync::{Arc, AtomicBool, AtomicU32, Ordering, fence, thread_local};
+use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, thread_local};
 use crate::{FdHandler, sys};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -61,6 +61,9 @@ pub(crate) struct Shared {
     event: EventNotifier,
     /// Pending bottom halves.
     pub(crate) bh_list: BhList,
+    /// How many times `notify` wrote the eventfd (a system call). Only counted on the write
+    /// path, which already costs a system call, so counting is free where it matters.
+    event_writes: AtomicU64,
 }
 
 impl Shared {
@@ -92,6 +95,8 @@ impl Shared {
     }
 
     fn write_event(&self) {
+        // Relaxed: a statistic; nothing is ordered by it.
+        self.event_writes.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.event.set() {
             // Only EBADF-like failures reach here (EAGAIN means "already set"); the loop would
             // then not wake, so say so loudly.
@@ -154,6 +159,9 @@ pub(crate) struct Inner {
     external_disabled: Cell<u32>,
     /// Readiness collected by `check` for `dispatch` when an outer loop drives the context.
     outer_ready: RefCell<ReadyList>,
+    /// Home-thread counters for [`Stats`].
+    waits: Cell<u64>,
+    event_drains: Cell<u64>,
 }
 
 impl Inner {
@@ -204,7 +212,9 @@ impl Inner {
             let node = {
                 let mut slices = self.slices.borrow_mut();
                 loop {
-                    let Some(front) = slices.front_mut() else { break None };
+                    let Some(front) = slices.front_mut() else {
+                        break None;
+                    };
                     match front.pop() {
                         Some(node) => break Some(node),
                         None => drop(slices.pop_front()),
@@ -219,7 +229,9 @@ impl Inner {
 
     /// Marks `node` deleted, forgets its key and tells the monitor.
     pub(crate) fn remove_node(&self, key: HandlerKey) {
-        let Some(node) = self.registry.borrow_mut().remove(key) else { return };
+        let Some(node) = self.registry.borrow_mut().remove(key) else {
+            return;
+        };
         if node.in_monitor.replace(false) {
             let change = Change::Remove { key, fd: node.fd };
             if let Err(e) = self.monitor.borrow_mut().update(change) {
@@ -267,7 +279,9 @@ struct CurrentGuard {
 
 impl CurrentGuard {
     fn enter(inner: *const Inner) -> CurrentGuard {
-        CurrentGuard { previous: CURRENT.with(|c| c.replace(inner)) }
+        CurrentGuard {
+            previous: CURRENT.with(|c| c.replace(inner)),
+        }
     }
 }
 
@@ -331,6 +345,7 @@ impl AioContext {
             notified: AtomicBool::new(false),
             event,
             bh_list: BhList::new(),
+            event_writes: AtomicU64::new(0),
         });
         let ctx = AioContext {
             inner: Rc::new(Inner {
@@ -342,6 +357,8 @@ impl AioContext {
                 epoch: Cell::new(0),
                 external_disabled: Cell::new(0),
                 outer_ready: RefCell::new(ReadyList::new()),
+                waits: Cell::new(0),
+                event_drains: Cell::new(0),
             }),
         };
         // The context's own notifier is an ordinary handler whose read callback drains the
@@ -361,7 +378,9 @@ impl AioContext {
 
     /// A thread-safe handle for scheduling work on this context and waking it.
     pub fn handle(&self) -> ContextHandle {
-        ContextHandle { shared: self.inner.shared.clone() }
+        ContextHandle {
+            shared: self.inner.shared.clone(),
+        }
     }
 
     /// The context this thread is polling right now, if any (QEMU
@@ -377,7 +396,20 @@ impl AioContext {
         // the `Rc` has a strong count of at least one and we may add one.
         unsafe {
             Rc::increment_strong_count(ptr);
-            Some(AioContext { inner: Rc::from_raw(ptr) })
+            Some(AioContext {
+                inner: Rc::from_raw(ptr),
+            })
+        }
+    }
+
+    /// Counters of the system calls the loop itself makes, for benchmarks and tests that check
+    /// "no system call" claims.
+    pub fn stats(&self) -> Stats {
+        let inner = &*self.inner;
+        Stats {
+            waits: inner.waits.get(),
+            event_writes: inner.shared.event_writes.load(Ordering::Relaxed),
+            event_drains: inner.event_drains.get(),
         }
     }
 
@@ -422,7 +454,11 @@ impl AioContext {
         let _current = CurrentGuard::enter(Rc::as_ptr(&self.inner));
         let shared = &*inner.shared;
 
-        let mut timeout = if blocking { inner.compute_timeout() } else { Some(Duration::ZERO) };
+        let mut timeout = if blocking {
+            inner.compute_timeout()
+        } else {
+            Some(Duration::ZERO)
+        };
         let use_notify_me = timeout != Some(Duration::ZERO);
         if use_notify_me && shared.begin_blocking(NOTIFY_ME_POLL) {
             timeout = Some(Duration::ZERO);
@@ -432,9 +468,8 @@ impl AioContext {
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
         let polling_disabled = inner.registry.borrow().polling_disabled();
-        if timeout != Some(Duration::ZERO)
-            || inner.monitor.borrow().need_wait(polling_disabled)
-        {
+        if timeout != Some(Duration::ZERO) || inner.monitor.borrow().need_wait(polling_disabled) {
+            inner.waits.set(inner.waits.get() + 1);
             if let Err(e) = inner.monitor.borrow_mut().wait(&mut ready, timeout) {
                 tracing::warn!("aio: {} backend wait failed: {e}", self.backend());
                 ready.clear();
@@ -476,7 +511,9 @@ impl AioContext {
         let revents = readiness & Readiness::mask_for(node.interest);
         if node.kind == NodeKind::Notifier {
             if !revents.is_empty() {
-                self.inner.shared.event.test_and_clear();
+                let inner = &*self.inner;
+                inner.event_drains.set(inner.event_drains.get() + 1);
+                inner.shared.event.test_and_clear();
             }
             return false;
         }
@@ -533,7 +570,9 @@ impl AioContext {
         mut read: impl FnMut(&EventNotifier) + 'static,
     ) -> io::Result<FdHandler> {
         let e = notifier.clone();
-        self.fd_handler(notifier.as_ref()).on_read(move |_| read(&e)).register()
+        self.fd_handler(notifier.as_ref())
+            .on_read(move |_| read(&e))
+            .register()
     }
 
     /// Registers a node built from `parts`, replacing `old` if given. Returns the new key.
@@ -565,9 +604,12 @@ impl AioContext {
         let node = Rc::new(parts.build(key, interest));
         let watch = !(node.external && inner.external_disabled());
         let change = match &old_node {
-            Some(old) if old.in_monitor.get() && watch => {
-                Some(Change::Modify { old: old.key, new: key, fd, interest })
-            }
+            Some(old) if old.in_monitor.get() && watch => Some(Change::Modify {
+                old: old.key,
+                new: key,
+                fd,
+                interest,
+            }),
             Some(old) if old.in_monitor.get() => Some(Change::Remove { key: old.key, fd }),
             _ if watch => Some(Change::Add { key, fd, interest }),
             _ => None,
@@ -633,11 +675,21 @@ impl AioContext {
         let inner = &*self.inner;
         let registry = inner.registry.borrow();
         let mut monitor = inner.monitor.borrow_mut();
-        for node in registry.nodes().filter(|n| n.external && n.in_monitor.get() != watched) {
+        for node in registry
+            .nodes()
+            .filter(|n| n.external && n.in_monitor.get() != watched)
+        {
             let change = if watched {
-                Change::Add { key: node.key, fd: node.fd, interest: node.interest }
+                Change::Add {
+                    key: node.key,
+                    fd: node.fd,
+                    interest: node.interest,
+                }
             } else {
-                Change::Remove { key: node.key, fd: node.fd }
+                Change::Remove {
+                    key: node.key,
+                    fd: node.fd,
+                }
             };
             match monitor.update(change) {
                 Ok(()) => node.in_monitor.set(watched),
@@ -658,7 +710,10 @@ impl AioContext {
         let old = inner.shared.notify_me.load(Ordering::Relaxed);
         // Bit, not count: an outer loop need not pair every prepare with a check. Single
         // writer, so load + store; the fence pairs with `notify`'s as in `begin_blocking`.
-        inner.shared.notify_me.store(old | NOTIFY_ME_OUTER, Ordering::Relaxed);
+        inner
+            .shared
+            .notify_me
+            .store(old | NOTIFY_ME_OUTER, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         if inner.shared.notified.load(Ordering::Relaxed) {
             return Some(Duration::ZERO);
@@ -678,16 +733,26 @@ impl AioContext {
         let shared = &*inner.shared;
         let old = shared.notify_me.load(Ordering::Relaxed);
         // Release: as in `end_blocking`.
-        shared.notify_me.store(old & !NOTIFY_ME_OUTER, Ordering::Release);
+        shared
+            .notify_me
+            .store(old & !NOTIFY_ME_OUTER, Ordering::Release);
         shared.accept();
         let mut ready = inner.outer_ready.borrow_mut();
         ready.clear();
-        if let Err(e) = inner.monitor.borrow_mut().wait(&mut ready, Some(Duration::ZERO)) {
+        if let Err(e) = inner
+            .monitor
+            .borrow_mut()
+            .wait(&mut ready, Some(Duration::ZERO))
+        {
             tracing::warn!("aio: {} backend check failed: {e}", self.backend());
             ready.clear();
         }
         let fd_pending = ready.iter().any(|(key, _)| {
-            inner.registry.borrow().get(key).is_some_and(|n| n.kind == NodeKind::User)
+            inner
+                .registry
+                .borrow()
+                .get(key)
+                .is_some_and(|n| n.kind == NodeKind::User)
         });
         fd_pending || inner.compute_timeout() == Some(Duration::ZERO)
     }
@@ -718,6 +783,19 @@ impl fmt::Debug for AioContext {
             .field("external_disabled", &self.inner.external_disabled.get())
             .finish_non_exhaustive()
     }
+}
+
+/// System calls made by a context's loop machinery, from [`AioContext::stats`] and
+/// [`ContextHandle::event_writes`]. User callbacks' own system calls are not counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Calls of the backend's `wait` (one `ppoll`/`epoll_wait`/`io_uring_enter` or so each).
+    pub waits: u64,
+    /// Writes of the context's eventfd by `notify`, from any thread.
+    pub event_writes: u64,
+    /// Drains (reads) of the context's eventfd.
+    pub event_drains: u64,
 }
 
 /// The error of [`AioContext::enable_external`] when external handlers were not disabled.
@@ -761,6 +839,12 @@ impl ContextHandle {
         BottomHalf::new(self.shared.clone(), Box::new(f))
     }
 
+    /// How many times `notify` has written the context's eventfd, from any thread: the only
+    /// system call a remote wake-up can cost.
+    pub fn event_writes(&self) -> u64 {
+        self.shared.event_writes.load(Ordering::Relaxed)
+    }
+
     /// Whether `other` refers to the same context.
     pub fn same_context(&self, other: &ContextHandle) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
@@ -783,7 +867,9 @@ impl ContextHandle {
     /// Loom only: schedules a one-shot BH but notifies with BUG2.
     pub fn schedule_oneshot_bug2(&self, f: impl FnOnce() + Send + 'static) {
         let node = bh::BhNode::new(bh::oneshot_callback(f), 0);
-        self.shared.bh_list.enqueue(&node, bh::SCHEDULED | bh::ONESHOT);
+        self.shared
+            .bh_list
+            .enqueue(&node, bh::SCHEDULED | bh::ONESHOT);
         self.shared.notify_bug2();
     }
 }

@@ -89,11 +89,15 @@ mod real {
             // SAFETY: `fds` is a valid array of two ints for pipe() to fill.
             cvt(unsafe { libc::pipe(fds.as_mut_ptr()) })?;
             // SAFETY: pipe() succeeded, so both fds are new and owned by no one else.
-            let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            let (read, write) =
+                unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
             for fd in [read.as_raw_fd(), write.as_raw_fd()] {
                 set_nonblocking_cloexec(fd)?;
             }
-            Ok(EventNotifier { read, write: Some(write) })
+            Ok(EventNotifier {
+                read,
+                write: Some(write),
+            })
         }
 
         /// Sets the notifier. Never blocks; may be called from any thread.
@@ -162,7 +166,14 @@ mod real {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("EventNotifier")
                 .field("fd", &self.read.as_raw_fd())
-                .field("kind", &if self.write.is_some() { "pipe" } else { "eventfd" })
+                .field(
+                    "kind",
+                    &if self.write.is_some() {
+                        "pipe"
+                    } else {
+                        "eventfd"
+                    },
+                )
                 .finish()
         }
     }
@@ -193,7 +204,9 @@ mod fake {
     impl EventNotifier {
         /// Allocates a flag in the fake fd table.
         pub fn new() -> io::Result<Self> {
-            Ok(EventNotifier { fd: FAKE_FDS.alloc() })
+            Ok(EventNotifier {
+                fd: FAKE_FDS.alloc(),
+            })
         }
 
         /// Sets the flag and wakes fake waiters.

@@ -7,7 +7,7 @@
 //! `FakeMonitor::wait` that nobody wakes is reported by loom as a deadlock, which is how the
 //! models detect a lost wake-up.
 
-use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList, Readiness};
+use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use loom::sync::{Condvar, Mutex};
 use std::io;
 use std::os::fd::RawFd;
@@ -98,6 +98,9 @@ impl FdMonitor for FakeMonitor {
     }
 
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
-        out.extend(self.watched.iter().map(|&(_, fd)| OuterFd { fd, interest: Interest::READ }));
+        out.extend(self.watched.iter().map(|&(_, fd)| OuterFd {
+            fd,
+            interest: Interest::READ,
+        }));
     }
 }

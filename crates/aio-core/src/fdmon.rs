@@ -323,6 +323,9 @@ mod tests {
             Readiness::mask_for(Interest::READ),
             Readiness::READABLE | Readiness::HANGUP | Readiness::ERROR
         );
-        assert_eq!(Readiness::mask_for(Interest::WRITE), Readiness::WRITABLE | Readiness::ERROR);
+        assert_eq!(
+            Readiness::mask_for(Interest::WRITE),
+            Readiness::WRITABLE | Readiness::ERROR
+        );
     }
 }

@@ -127,7 +127,11 @@ fn call(slot: &Cell<Option<IoCallback>>, deleted: &Cell<bool>, ctx: &AioContext)
             }
         }
     }
-    let mut guard = PutBack { slot, deleted, cb: Some(cb) };
+    let mut guard = PutBack {
+        slot,
+        deleted,
+        cb: Some(cb),
+    };
     if let Some(cb) = guard.cb.as_mut() {
         cb(ctx);
     }
@@ -368,7 +372,11 @@ impl<'c> HandlerBuilder<'c> {
         let (ctx, fd) = (self.ctx, self.fd);
         let (interest, node_parts) = self.into_parts()?;
         let key = ctx.add_node(node_parts, interest, None)?;
-        Ok(FdHandler { ctx: Rc::downgrade(&ctx.inner), key, fd })
+        Ok(FdHandler {
+            ctx: Rc::downgrade(&ctx.inner),
+            key,
+            fd,
+        })
     }
 
     /// Replaces the callbacks of an existing handler for the same fd, atomically with respect
@@ -383,7 +391,10 @@ impl<'c> HandlerBuilder<'c> {
     /// `AlreadyExists`. On error the old handler stays in place.
     pub fn replace(self, handler: &mut FdHandler) -> io::Result<()> {
         let ctx = self.ctx;
-        let same_ctx = handler.ctx.upgrade().is_some_and(|c| Rc::ptr_eq(&c, &ctx.inner));
+        let same_ctx = handler
+            .ctx
+            .upgrade()
+            .is_some_and(|c| Rc::ptr_eq(&c, &ctx.inner));
         if !same_ctx || handler.fd != self.fd {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -487,7 +498,9 @@ impl FdHandler {
 
     /// Whether the handler is still registered (false once the context is gone).
     pub fn is_registered(&self) -> bool {
-        self.ctx.upgrade().is_some_and(|inner| inner.registry.borrow().get(self.key).is_some())
+        self.ctx
+            .upgrade()
+            .is_some_and(|inner| inner.registry.borrow().get(self.key).is_some())
     }
 
     /// Unregisters the handler now; the same as dropping it.
@@ -504,7 +517,10 @@ impl Drop for FdHandler {
 
 impl fmt::Debug for FdHandler {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FdHandler").field("fd", &self.fd).field("key", &self.key).finish()
+        f.debug_struct("FdHandler")
+            .field("fd", &self.fd)
+            .field("key", &self.key)
+            .finish()
     }
 }
 

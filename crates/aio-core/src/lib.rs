@@ -61,7 +61,7 @@ mod sys;
 pub mod testing;
 
 pub use bh::BottomHalf;
-pub use context::{AioContext, ContextHandle, NotDisabledError};
+pub use context::{AioContext, ContextHandle, NotDisabledError, Stats};
 pub use event_notifier::EventNotifier;
-pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList, Readiness};
+pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 pub use handler::{FdHandler, HandlerBuilder};

@@ -7,8 +7,10 @@
 
 #[cfg(not(aio_loom))]
 mod imp {
-    pub(crate) use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering, fence};
     pub(crate) use std::sync::Arc;
+    pub(crate) use std::sync::atomic::{
+        AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence,
+    };
     pub(crate) use std::thread_local;
 
     /// An `UnsafeCell` with loom's closure-based accessor, so that call sites read the same
@@ -33,8 +35,10 @@ mod imp {
 #[cfg(aio_loom)]
 mod imp {
     pub(crate) use loom::cell::UnsafeCell;
-    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, Ordering, fence};
     pub(crate) use loom::sync::Arc;
+    pub(crate) use loom::sync::atomic::{
+        AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence,
+    };
     pub(crate) use loom::thread_local;
 }
 

@@ -9,7 +9,11 @@ use std::os::fd::RawFd;
 
 /// Turns a libc return value of `-1` into the thread's `errno` as an `io::Error`.
 pub(crate) fn cvt<T: PartialEq + From<i8>>(ret: T) -> io::Result<T> {
-    if ret == T::from(-1) { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    if ret == T::from(-1) {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 /// Checks that `fd` names an open file description, so that registering a closed or invalid
