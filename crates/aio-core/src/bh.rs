@@ -194,7 +194,9 @@ impl BhList {
         }
     }
 
-    /// Unlinks every pending node at once and returns them in scheduling order.
+    /// Unlinks every pending node at once and returns them in scheduling order. The home thread
+    /// calls it each pass; other threads only once the loop is gone (see `Shared::notify`).
+    /// Taking the whole list with one `swap` keeps concurrent takers disjoint.
     pub(crate) fn take(&self) -> Slice {
         if self.head.load(Ordering::Relaxed).is_null() {
             return Slice::empty();
@@ -242,9 +244,10 @@ impl fmt::Debug for BhList {
 fn walk_timeout(mut node: *mut BhNode) -> BhTimeout {
     let mut timeout = BhTimeout::None;
     while !node.is_null() {
-        // SAFETY: only the home thread calls this, and only it unlinks nodes, so every node
-        // reachable from a list head it can see stays linked (and its `Arc` reference alive)
-        // for the whole walk. Pushers only change the head, never a linked node's `next`.
+        // SAFETY: only the home thread calls this, and while it exists only it unlinks nodes
+        // (other threads take the list only once the loop is gone), so every node reachable
+        // from a list head it can see stays linked, with its `Arc` reference alive, for the
+        // whole walk. Pushers only change the head, never a linked node's `next`.
         let n = unsafe { &*node };
         timeout = timeout.merge(n.flags.load(Ordering::Relaxed));
         if timeout == BhTimeout::Now {

@@ -26,6 +26,11 @@
 //! not block. A notify to a loop that is not about to sleep therefore costs no system call.
 //! The eventfd write is never conditioned on `notified` (QEMU's BUG2, modelled in
 //! `tests/loom_notify.rs`).
+//!
+//! Both writes of `notified` are read-modify-writes (QEMU uses plain stores). Under the C++/Rust
+//! memory model, which is weaker than the Linux kernel's that QEMU reasons in, a plain-store
+//! accept can erase a notification without synchronizing with its notifier; the RMWs make the
+//! accept synchronize with every notification it consumes. See `Shared::notify`.
 
 use crate::bh::{self, BhList, BhTimeout, BottomHalf, IDLE_BH_TIMEOUT, Slice};
 use crate::event_notifier::EventNotifier;
@@ -61,6 +66,12 @@ pub(crate) struct Shared {
     event: EventNotifier,
     /// Pending bottom halves.
     pub(crate) bh_list: BhList,
+    /// False once the loop side ([`Inner`]) is gone: nothing will ever run BHs again, so
+    /// whoever schedules one frees it at once. Paired with the fence in `notify` (see there).
+    alive: AtomicBool,
+    /// Which protocol to run: the real one, or a deliberately broken one for a loom model.
+    #[cfg(aio_loom)]
+    variant: LoomVariant,
     /// How many times `notify` wrote the eventfd (a system call). Only counted on the write
     /// path, which already costs a system call, so counting is free where it matters.
     event_writes: AtomicU64,
@@ -69,28 +80,32 @@ pub(crate) struct Shared {
 impl Shared {
     /// Wakes the loop if it sleeps or is about to (QEMU `aio_notify`). Any thread.
     pub(crate) fn notify(&self) {
-        // Release publishes the caller's earlier writes (a BH's flags, a timer) to the home
-        // thread's read of `notified` (QEMU's smp_wmb before the store).
-        self.notified.store(true, Ordering::Release);
-        // Full fence: orders the store above before the load of `notify_me` below. It pairs
-        // with the fence in `begin_blocking` (store notify_me; fence; load notified); SeqCst
-        // fences are the only way to forbid both sides reading the old value.
-        fence(Ordering::SeqCst);
-        if self.notify_me.load(Ordering::Relaxed) != 0 {
-            self.write_event();
-        }
-    }
-
-    /// QEMU's BUG2, kept only for the loom model that shows it loses wake-ups: the eventfd
-    /// write is skipped when `notified` was already set.
-    #[cfg(aio_loom)]
-    pub(crate) fn notify_bug2(&self) {
-        if self.notified.swap(true, Ordering::AcqRel) {
+        #[cfg(aio_loom)]
+        if self.variant == LoomVariant::Bug2 && self.notified.load(Ordering::Relaxed) {
+            // Deliberately broken (loom only): QEMU's BUG2, "already notified, skip it".
             return;
         }
+        // An RMW, not a plain store, so that every write of `notified` is part of one release
+        // sequence: the home thread's acquire `swap` in `accept` then synchronizes with every
+        // notify whose `true` it consumes, making that notifier's earlier writes (a BH push, a
+        // request flag) visible to the dispatch that follows. With QEMU's plain store, the
+        // accept's `false` could be ordered after our `true` without synchronizing with it,
+        // erasing the notification while our push stayed invisible: the loom model
+        // `plain_store_accept_loses_a_wakeup` shows that lost wake-up.
+        self.notified.swap(true, Ordering::Release);
+        // Full fence: orders the write above before the load of `notify_me` below. It pairs
+        // with the fence in `begin_blocking` (raise notify_me; fence; load notified); SeqCst
+        // fences are what forbid both sides reading the other's old value.
         fence(Ordering::SeqCst);
         if self.notify_me.load(Ordering::Relaxed) != 0 {
             self.write_event();
+        }
+        // The same fence orders a caller's BH push before this load; `Inner::drop` stores
+        // `alive = false` and fences before it drains the list. So either that drain sees the
+        // push, or this load sees `false` and the BHs are freed here, never run, never leaked
+        // (a closure holding a `BottomHalf` of its own context would otherwise be a cycle).
+        if !self.alive.load(Ordering::Relaxed) {
+            drop(self.bh_list.take());
         }
     }
 
@@ -126,7 +141,16 @@ impl Shared {
     /// Consumes the pending notification before dispatching (QEMU `aio_notify_accept`). Home
     /// thread only.
     fn accept(&self) {
-        self.notified.store(false, Ordering::Relaxed);
+        #[cfg(aio_loom)]
+        if self.variant == LoomVariant::PlainStoreAccept {
+            // Deliberately broken (loom only): QEMU's literal `notified = false`.
+            self.notified.store(false, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            return;
+        }
+        // Acquire RMW: reads the latest `true`, and through the release sequence of RMWs (see
+        // `notify`) synchronizes with every notifier it consumes.
+        self.notified.swap(false, Ordering::Acquire);
         // Full fence: the clear is ordered before the reads of BH flags, lists and timers that
         // follow, so a notify whose store lands after the clear is seen by the next iteration
         // and one before it has its work visible to this one.
@@ -249,7 +273,10 @@ impl Inner {
 impl Drop for Inner {
     fn drop(&mut self) {
         // Runs no callback: drop the BHs still queued (one-shots and deleted ones are freed,
-        // scheduled ones simply stop being pending), then every handler.
+        // scheduled ones simply stop being pending), then every handler. From here on,
+        // schedulers free what they queue (see `Shared::notify`); the fence pairs with theirs.
+        self.shared.alive.store(false, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
         self.slices.get_mut().clear();
         drop(self.shared.bh_list.take());
         self.registry.get_mut().clear();
@@ -268,8 +295,10 @@ impl fmt::Debug for Inner {
 
 thread_local! {
     /// The context this thread is polling, innermost first (QEMU
-    /// `qemu_get_current_aio_context`). Null when none.
-    static CURRENT: Cell<*const Inner> = const { Cell::new(std::ptr::null()) };
+    /// `qemu_get_current_aio_context`). Null when none. (Not a `const` initializer: loom's
+    /// `thread_local!` does not accept one.)
+    #[allow(clippy::missing_const_for_thread_local)]
+    static CURRENT: Cell<*const Inner> = Cell::new(std::ptr::null());
 }
 
 /// Makes a context current for the duration of a poll, restoring the previous one after.
@@ -338,6 +367,28 @@ impl AioContext {
     /// Creating the context's event notifier can fail (`EMFILE` when the process is out of
     /// fds), and so can registering it with the monitor.
     pub fn new(monitor: Box<dyn FdMonitor>) -> io::Result<AioContext> {
+        Self::build(
+            monitor,
+            #[cfg(aio_loom)]
+            LoomVariant::Correct,
+        )
+    }
+
+    /// Loom only: a context running a deliberately broken variant of the wake-up protocol, for
+    /// the models that must catch it.
+    #[cfg(aio_loom)]
+    #[doc(hidden)]
+    pub fn new_loom_variant(
+        monitor: Box<dyn FdMonitor>,
+        variant: LoomVariant,
+    ) -> io::Result<AioContext> {
+        Self::build(monitor, variant)
+    }
+
+    fn build(
+        monitor: Box<dyn FdMonitor>,
+        #[cfg(aio_loom)] variant: LoomVariant,
+    ) -> io::Result<AioContext> {
         let event = EventNotifier::new()?;
         let fd = event.raw_fd();
         let shared = Arc::new(Shared {
@@ -345,6 +396,9 @@ impl AioContext {
             notified: AtomicBool::new(false),
             event,
             bh_list: BhList::new(),
+            alive: AtomicBool::new(true),
+            #[cfg(aio_loom)]
+            variant,
             event_writes: AtomicU64::new(0),
         });
         let ctx = AioContext {
@@ -570,7 +624,7 @@ impl AioContext {
         mut read: impl FnMut(&EventNotifier) + 'static,
     ) -> io::Result<FdHandler> {
         let e = notifier.clone();
-        self.fd_handler(notifier.as_ref())
+        HandlerBuilder::new(self, notifier.raw_fd())
             .on_read(move |_| read(&e))
             .register()
     }
@@ -798,6 +852,20 @@ pub struct Stats {
     pub event_drains: u64,
 }
 
+/// Loom only: which variant of the wake-up protocol a context runs.
+#[cfg(aio_loom)]
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoomVariant {
+    /// The real protocol.
+    Correct,
+    /// QEMU's BUG2 against today's protocol: `notify` returns early when `notified` already
+    /// reads true, skipping its RMW and the eventfd write.
+    Bug2,
+    /// QEMU's accept written literally in C11 terms: a plain store of `false` and a fence.
+    PlainStoreAccept,
+}
+
 /// The error of [`AioContext::enable_external`] when external handlers were not disabled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotDisabledError;
@@ -845,6 +913,12 @@ impl ContextHandle {
         self.shared.event_writes.load(Ordering::Relaxed)
     }
 
+    /// Whether the context's loop still exists (some [`AioContext`] clone is alive). Once it
+    /// is gone, scheduled BHs are freed without running.
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Relaxed)
+    }
+
     /// Whether `other` refers to the same context.
     pub fn same_context(&self, other: &ContextHandle) -> bool {
         Arc::ptr_eq(&self.shared, &other.shared)
@@ -853,24 +927,6 @@ impl ContextHandle {
     /// Whether this is the handle of `ctx`.
     pub fn is_handle_of(&self, ctx: &AioContext) -> bool {
         Arc::ptr_eq(&self.shared, &ctx.inner.shared)
-    }
-
-    #[cfg(aio_loom)]
-    #[doc(hidden)]
-    /// Loom only: QEMU's BUG2 notify, for the model that must catch it.
-    pub fn notify_bug2(&self) {
-        self.shared.notify_bug2();
-    }
-
-    #[cfg(aio_loom)]
-    #[doc(hidden)]
-    /// Loom only: schedules a one-shot BH but notifies with BUG2.
-    pub fn schedule_oneshot_bug2(&self, f: impl FnOnce() + Send + 'static) {
-        let node = bh::BhNode::new(bh::oneshot_callback(f), 0);
-        self.shared
-            .bh_list
-            .enqueue(&node, bh::SCHEDULED | bh::ONESHOT);
-        self.shared.notify_bug2();
     }
 }
 

@@ -61,6 +61,9 @@ mod sys;
 pub mod testing;
 
 pub use bh::BottomHalf;
+#[cfg(aio_loom)]
+#[doc(hidden)]
+pub use context::LoomVariant;
 pub use context::{AioContext, ContextHandle, NotDisabledError, Stats};
 pub use event_notifier::EventNotifier;
 pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};

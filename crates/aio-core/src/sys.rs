@@ -7,6 +7,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
+#[cfg(not(aio_loom))]
 /// Turns a libc return value of `-1` into the thread's `errno` as an `io::Error`.
 pub(crate) fn cvt<T: PartialEq + From<i8>>(ret: T) -> io::Result<T> {
     if ret == T::from(-1) {

@@ -1,0 +1,142 @@
+//! Loom models of the wake-up protocol (spec §2): `notify` against a blocking `poll`, on the
+//! real `AioContext` with only the kernel faked (`aio_core::fake::FakeMonitor`).
+//!
+//! The models are the Rust counterparts of QEMU's `docs/spin/aio_notify_accept.promela`: a
+//! notifier posts a request (a relaxed flag, like the model's `req`) and notifies; the loop polls,
+//! blocking, until it has seen every request. A lost wake-up leaves the loop blocked on the fake
+//! eventfd with every other thread finished, which loom reports as a deadlock. The last model
+//! two run deliberately broken variants of the protocol and must fail: QEMU's BUG2 (a notify
+//! that is skipped because `notified` already reads true) and QEMU's accept transcribed
+//! literally into C11 atomics (a plain store of `false`), which is why ours is an RMW.
+#![cfg(aio_loom)]
+
+use aio_core::fake::FakeMonitor;
+use aio_core::{AioContext, LoomVariant};
+use loom::sync::Arc;
+use loom::sync::atomic::{AtomicBool, Ordering};
+use loom::thread;
+
+fn context() -> AioContext {
+    AioContext::new(Box::new(FakeMonitor::new())).expect("fake context")
+}
+
+/// Runs the two-notifier model on a context running `variant`.
+fn two_notifiers(variant: LoomVariant) {
+    let ctx = AioContext::new_loom_variant(Box::new(FakeMonitor::new()), variant).unwrap();
+    let reqs = [
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    ];
+    let threads: Vec<_> = reqs
+        .iter()
+        .map(|req| {
+            let (handle, r) = (ctx.handle(), req.clone());
+            thread::spawn(move || {
+                r.store(true, Ordering::Relaxed);
+                handle.notify();
+            })
+        })
+        .collect();
+    poll_until_all(&ctx, &reqs);
+    for t in threads {
+        t.join().unwrap();
+    }
+}
+
+/// Asserts that loom finds a lost wake-up in `model`, run as the test named `test`.
+///
+/// A model that loom catches cannot be run in-process: after loom reports the deadlock, the
+/// unwinding drops loom objects outside an execution, which aborts the process. So the test
+/// re-executes its own binary to run just that model, and checks that the child failed with
+/// loom's deadlock report.
+fn expect_loom_failure(test: &str, model: fn()) {
+    if std::env::var("AIO_LOOM_EXPECT_FAILURE").as_deref() == Ok(test) {
+        loom::model(model);
+        return; // Not reached when loom catches the bug: the child fails.
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("AIO_LOOM_EXPECT_FAILURE", test)
+        .output()
+        .expect("re-run the test binary");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "loom accepted {test}: the model no longer detects it"
+    );
+    assert!(
+        stderr.contains("deadlock"),
+        "{test} failed, but not with a lost wake-up:\n{stderr}"
+    );
+}
+
+/// Polls, blocking, until every flag is set.
+fn poll_until_all(ctx: &AioContext, reqs: &[Arc<AtomicBool>]) {
+    // Relaxed on purpose: the protocol itself (not the flag) must make the request visible.
+    while !reqs.iter().all(|r| r.load(Ordering::Relaxed)) {
+        ctx.poll();
+    }
+}
+
+/// One notifier against a blocking poll: the request is never missed.
+#[test]
+fn notify_wakes_a_blocking_poll() {
+    loom::model(|| {
+        let ctx = context();
+        let req = Arc::new(AtomicBool::new(false));
+        let (handle, r) = (ctx.handle(), req.clone());
+        let notifier = thread::spawn(move || {
+            r.store(true, Ordering::Relaxed);
+            handle.notify();
+        });
+        poll_until_all(&ctx, &[req]);
+        notifier.join().unwrap();
+    });
+}
+
+/// Two notifiers racing with the loop's accept: still no lost wake-up.
+#[test]
+fn two_notifiers_never_lose_a_wakeup() {
+    loom::model(|| two_notifiers(LoomVariant::Correct));
+}
+
+/// A BH scheduled from another thread always runs: the schedule's notify wakes the loop.
+#[test]
+fn remote_oneshot_wakes_a_blocking_poll() {
+    loom::model(|| {
+        let ctx = context();
+        let ran = Arc::new(AtomicBool::new(false));
+        let (handle, r) = (ctx.handle(), ran.clone());
+        let t = thread::spawn(move || {
+            handle.schedule_oneshot(move || r.store(true, Ordering::Relaxed))
+        });
+        let mut progress = false;
+        while !ran.load(Ordering::Relaxed) {
+            progress |= ctx.poll();
+        }
+        assert!(progress, "the iteration that ran the BH reports progress");
+        t.join().unwrap();
+    });
+}
+
+/// QEMU's BUG2 against today's protocol: the second notifier sees `notified` already set and
+/// skips its notification. It then neither writes the eventfd nor synchronizes with the loop's
+/// accept, so its request need not be visible when the loop re-checks before sleeping, and
+/// nobody wakes the loop. Loom must find that execution.
+#[test]
+fn bug2_variant_loses_a_wakeup() {
+    expect_loom_failure("bug2_variant_loses_a_wakeup", || {
+        two_notifiers(LoomVariant::Bug2)
+    });
+}
+
+/// QEMU's accept written literally (`notified = false; smp_mb()` as a relaxed store and a SeqCst
+/// fence): under the C11 model the `false` can be ordered after a notifier's `true` without
+/// synchronizing with it, so the notification is erased while the request stays invisible.
+/// This is why `accept` is a `swap`.
+#[test]
+fn plain_store_accept_loses_a_wakeup() {
+    expect_loom_failure("plain_store_accept_loses_a_wakeup", || {
+        two_notifiers(LoomVariant::PlainStoreAccept)
+    });
+}
