@@ -49,7 +49,7 @@ pub(crate) const IDLE: u32 = 1 << 4;
 /// How long an idle BH may wait for the loop to wake up (QEMU: 10 ms).
 pub(crate) const IDLE_BH_TIMEOUT: Duration = Duration::from_millis(10);
 
-type Callback = Box<dyn FnMut() + Send>;
+pub(crate) type Callback = Box<dyn FnMut(&RunningBh<'_>) + Send>;
 
 /// One bottom half. Shared between its handle, the list that links it, and the home thread.
 pub(crate) struct BhNode {
@@ -88,7 +88,7 @@ impl BhNode {
     ///
     /// A panic in the callback unwinds through here; the callback is put back first, so the
     /// BH stays usable.
-    fn invoke(&self) -> bool {
+    fn invoke(self: &Arc<Self>, shared: &Shared) -> bool {
         // SAFETY: home thread only (invariant of `callback`); the access ends before the call.
         let taken = self.callback.with_mut(|cb| unsafe { (*cb).take() });
         let Some(callback) = taken else { return false };
@@ -102,7 +102,7 @@ impl BhNode {
         }
         let mut guard = PutBack(self, Some(callback));
         if let Some(cb) = guard.1.as_mut() {
-            cb();
+            cb(&RunningBh { node: self, shared });
         }
         true
     }
@@ -299,7 +299,7 @@ impl Slice {
 }
 
 /// Clears the node's pending state and runs or frees it as its flags say.
-pub(crate) fn dispatch(node: &Arc<BhNode>, list: &BhList) -> bool {
+pub(crate) fn dispatch(node: &Arc<BhNode>, shared: &Shared) -> bool {
     // Synchronizes with the `fetch_or` in `enqueue` (see there). Clearing PENDING only after
     // the node was unlinked lets a concurrent schedule re-link it onto the shared list.
     let flags = node
@@ -307,13 +307,13 @@ pub(crate) fn dispatch(node: &Arc<BhNode>, list: &BhList) -> bool {
         .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
     let mut progress = false;
     if flags & (SCHEDULED | DELETED) == SCHEDULED {
-        if node.invoke() {
+        if node.invoke(shared) {
             progress = flags & IDLE == 0;
         } else if flags & ONESHOT == 0 {
             // The callback is running further up this thread's stack (a nested poll met its BH
             // again). Rust cannot re-enter an `FnMut`, so keep the schedule for the next pass
             // instead of losing it; QEMU would call it recursively.
-            list.enqueue(node, SCHEDULED | (flags & IDLE));
+            shared.bh_list.enqueue(node, SCHEDULED | (flags & IDLE));
         }
     }
     if flags & (DELETED | ONESHOT) != 0 {
@@ -437,10 +437,73 @@ impl fmt::Debug for BottomHalf {
     }
 }
 
+/// The bottom half whose callback is running, as that callback sees it: it can schedule or
+/// cancel itself without owning its [`BottomHalf`] (which would be a reference cycle).
+///
+/// Made by [`AioContext::bh_with_self`](crate::AioContext::bh_with_self).
+///
+/// # Examples
+///
+/// ```
+/// # fn ctx() -> aio_core::AioContext {
+/// #     aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
+/// # }
+/// let ctx = ctx();
+/// let mut left = 3;
+/// // Runs once per iteration until it has run three times.
+/// let bh = ctx.bh_with_self(move |this| {
+///     left -= 1;
+///     if left > 0 {
+///         this.schedule();
+///     }
+/// });
+/// bh.schedule();
+/// let mut runs = 0;
+/// while ctx.poll_nonblocking() {
+///     runs += 1;
+/// }
+/// assert_eq!(runs, 3);
+/// ```
+pub struct RunningBh<'a> {
+    node: &'a Arc<BhNode>,
+    shared: &'a Shared,
+}
+
+impl RunningBh<'_> {
+    /// Schedules this BH again; it runs in the next pass, not this one.
+    pub fn schedule(&self) {
+        self.shared.bh_list.enqueue(self.node, SCHEDULED);
+        self.shared.notify();
+    }
+
+    /// Schedules this BH again as idle (see [`BottomHalf::schedule_idle`]).
+    pub fn schedule_idle(&self) {
+        self.shared.bh_list.enqueue(self.node, SCHEDULED | IDLE);
+        self.shared.notify();
+    }
+
+    /// Unschedules this BH if something scheduled it again meanwhile.
+    pub fn cancel(&self) {
+        // Release pairs with the AcqRel `fetch_and` of the next pass.
+        self.node.flags.fetch_and(!SCHEDULED, Ordering::Release);
+    }
+}
+
+impl fmt::Debug for RunningBh<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RunningBh").finish_non_exhaustive()
+    }
+}
+
+/// Wraps a plain closure as a BH callback.
+pub(crate) fn plain_callback(mut f: impl FnMut() + Send + 'static) -> Callback {
+    Box::new(move |_| f())
+}
+
 /// Wraps a one-shot closure as a BH callback that runs it once.
 pub(crate) fn oneshot_callback(f: impl FnOnce() + Send + 'static) -> Callback {
     let mut f = Some(f);
-    Box::new(move || {
+    Box::new(move |_| {
         if let Some(f) = f.take() {
             f();
         }

@@ -32,7 +32,7 @@
 //! accept can erase a notification without synchronizing with its notifier; the RMWs make the
 //! accept synchronize with every notification it consumes. See `Shared::notify`.
 
-use crate::bh::{self, BhList, BhTimeout, BottomHalf, IDLE_BH_TIMEOUT, Slice};
+use crate::bh::{self, BhList, BhTimeout, BottomHalf, IDLE_BH_TIMEOUT, RunningBh, Slice};
 use crate::event_notifier::EventNotifier;
 use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use crate::handler::{
@@ -246,7 +246,7 @@ impl Inner {
                 }
             };
             let Some(node) = node else { break };
-            progress |= bh::dispatch(&node, &self.shared.bh_list);
+            progress |= bh::dispatch(&node, &self.shared);
         }
         progress
     }
@@ -595,6 +595,13 @@ impl AioContext {
 
     /// Creates a bottom half running `f` (QEMU `aio_bh_new`). See [`BottomHalf`].
     pub fn bh(&self, f: impl FnMut() + Send + 'static) -> BottomHalf {
+        BottomHalf::new(self.inner.shared.clone(), bh::plain_callback(f))
+    }
+
+    /// Creates a bottom half whose callback gets a [`RunningBh`], through which it can schedule
+    /// or cancel itself (QEMU callbacks do that through the `QEMUBH *` they keep). Capturing
+    /// the BH's own handle instead would be a reference cycle.
+    pub fn bh_with_self(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
         BottomHalf::new(self.inner.shared.clone(), Box::new(f))
     }
 
@@ -904,6 +911,11 @@ impl ContextHandle {
 
     /// Creates a bottom half on the context from any thread (QEMU `aio_bh_new`).
     pub fn bh(&self, f: impl FnMut() + Send + 'static) -> BottomHalf {
+        BottomHalf::new(self.shared.clone(), bh::plain_callback(f))
+    }
+
+    /// As [`AioContext::bh_with_self`], from any thread.
+    pub fn bh_with_self(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
         BottomHalf::new(self.shared.clone(), Box::new(f))
     }
 

@@ -60,7 +60,7 @@ mod sys;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use bh::BottomHalf;
+pub use bh::{BottomHalf, RunningBh};
 #[cfg(aio_loom)]
 #[doc(hidden)]
 pub use context::LoomVariant;

@@ -30,12 +30,16 @@
 //!
 //! // Another thread wakes the loop with a one-shot bottom half.
 //! let remote = ctx.handle();
-//! std::thread::spawn(move || remote.schedule_oneshot(|| println!("hello from a BH")));
+//! let (tx, rx) = std::sync::mpsc::channel();
+//! std::thread::spawn(move || remote.schedule_oneshot(move || tx.send("hello").unwrap()));
 //!
 //! client.write_all(b"ping")?;
-//! while echoed.get() < 4 {
-//!     ctx.poll();
+//! let mut greeting = None;
+//! while echoed.get() < 4 || greeting.is_none() {
+//!     ctx.poll(); // sleeps until the socket is readable or the BH arrives
+//!     greeting = greeting.or(rx.try_recv().ok());
 //! }
+//! assert_eq!(greeting, Some("hello"));
 //! let mut reply = [0u8; 4];
 //! client.read_exact(&mut reply)?;
 //! assert_eq!(&reply, b"ping");
@@ -57,6 +61,7 @@
 pub use aio_core::{
     AioContext, BottomHalf, Change, ContextHandle, EventNotifier, FdHandler, FdMonitor,
     HandlerBuilder, HandlerKey, Interest, NotDisabledError, OuterFd, Readiness, ReadyList,
+    RunningBh, Stats,
 };
 #[cfg(feature = "poll")]
 pub use fdmon_poll::PollMonitor;
@@ -132,3 +137,9 @@ fn poll_context() -> io::Result<AioContext> {
         "aio was built without the `poll` feature",
     ))
 }
+
+/// Compiles and runs the Rust examples in README.md as doctests, so the README cannot drift
+/// from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
