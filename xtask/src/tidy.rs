@@ -10,6 +10,9 @@
 //! - in `crates/`, every `unsafe {` block and `unsafe impl` has a comment containing `SAFETY` on
 //!   the same line or within the 3 non-blank lines above it; a longer block of comments (and
 //!   attributes) directly above also counts, so a `// SAFETY:` paragraph may run past 3 lines;
+//! - in `crates/aio-core/src/`, only `sync.rs` names `std::sync` (and `testing.rs`, which is test
+//!   code): every atomic, fence and shared pointer of the loop's protocols goes through the
+//!   `sync` module, so that the loom models check the real code;
 //! - no trailing whitespace.
 //!
 //! Each violation is printed as `path:line: message`, and any violation fails the check. The
@@ -178,11 +181,25 @@ pub fn check_file(path: &str, text: &str) -> Vec<Violation> {
             );
         }
 
+        if !is_comment && line.contains("std::sync") && must_use_sync_module(path) {
+            report(
+                lineno,
+                "concurrency primitives in aio-core come from `crate::sync` (loom switch)".into(),
+            );
+        }
+
         if line.ends_with(char::is_whitespace) {
             report(lineno, "trailing whitespace".into());
         }
     }
     out
+}
+
+/// Library files of aio-core other than the `sync` facade itself and the test-only suite.
+fn must_use_sync_module(path: &str) -> bool {
+    path.starts_with("crates/aio-core/src/")
+        && !path.ends_with("/sync.rs")
+        && !path.ends_with("/testing.rs")
 }
 
 /// Test code may use the forbidden macros: files under a `tests` directory, or named `*tests*.rs`.
@@ -339,6 +356,21 @@ mod tests {
         assert_eq!(check_file("crates/a/src/lib.rs", doc), []);
         let unsafe_fn = "//! x\n/// # Safety\n/// None.\npub unsafe fn f() {}\n";
         assert_eq!(check_file("crates/a/src/lib.rs", unsafe_fn), []);
+    }
+
+    #[test]
+    fn std_sync_only_through_the_sync_module_in_core() {
+        let src = "//! x\nuse std::sync::Arc;\n";
+        assert_eq!(
+            lines_of(&check_file("crates/aio-core/src/bh.rs", src)),
+            vec![2]
+        );
+        assert!(check_file("crates/aio-core/src/sync.rs", src).is_empty());
+        assert!(check_file("crates/aio-core/src/testing.rs", src).is_empty());
+        assert!(check_file("crates/aio-core/tests/loom_bh.rs", src).is_empty());
+        assert!(check_file("crates/fdmon-poll/src/lib.rs", src).is_empty());
+        let comment = "//! x\n// std::sync is not used here\n";
+        assert!(check_file("crates/aio-core/src/bh.rs", comment).is_empty());
     }
 
     #[test]
