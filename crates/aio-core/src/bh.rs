@@ -88,9 +88,9 @@ impl BhNode {
     ///
     /// A panic in the callback unwinds through here; the callback is put back first, so the
     /// BH stays usable.
-    fn invoke(self: &Arc<Self>, shared: &Shared) -> bool {
+    fn invoke(node: &Arc<BhNode>, shared: &Shared) -> bool {
         // SAFETY: home thread only (invariant of `callback`); the access ends before the call.
-        let taken = self.callback.with_mut(|cb| unsafe { (*cb).take() });
+        let taken = node.callback.with_mut(|cb| unsafe { (*cb).take() });
         let Some(callback) = taken else { return false };
         struct PutBack<'a>(&'a BhNode, Option<Callback>);
         impl Drop for PutBack<'_> {
@@ -100,9 +100,9 @@ impl BhNode {
                 self.0.callback.with_mut(|slot| unsafe { *slot = cb });
             }
         }
-        let mut guard = PutBack(self, Some(callback));
+        let mut guard = PutBack(node, Some(callback));
         if let Some(cb) = guard.1.as_mut() {
-            cb(&RunningBh { node: self, shared });
+            cb(&RunningBh { node, shared });
         }
         true
     }
@@ -307,7 +307,7 @@ pub(crate) fn dispatch(node: &Arc<BhNode>, shared: &Shared) -> bool {
         .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
     let mut progress = false;
     if flags & (SCHEDULED | DELETED) == SCHEDULED {
-        if node.invoke(shared) {
+        if BhNode::invoke(node, shared) {
             progress = flags & IDLE == 0;
         } else if flags & ONESHOT == 0 {
             // The callback is running further up this thread's stack (a nested poll met its BH
