@@ -395,7 +395,7 @@ impl BottomHalf {
     /// Callable from any thread; wakes the loop if it is asleep.
     pub fn schedule(&self) {
         self.shared.bh_list.enqueue(&self.node, SCHEDULED);
-        self.shared.notify();
+        self.shared.notify_scheduled();
     }
 
     /// Schedules the callback as idle (QEMU `qemu_bh_schedule_idle`): it runs on the next
@@ -403,7 +403,7 @@ impl BottomHalf {
     /// progress.
     pub fn schedule_idle(&self) {
         self.shared.bh_list.enqueue(&self.node, SCHEDULED | IDLE);
-        self.shared.notify();
+        self.shared.notify_scheduled();
     }
 
     /// Unschedules the callback (QEMU `qemu_bh_cancel`). The handle stays usable.
@@ -425,7 +425,7 @@ impl Drop for BottomHalf {
     fn drop(&mut self) {
         // QEMU qemu_bh_delete: enqueue with DELETED and notify, so the loop frees the callback.
         self.shared.bh_list.enqueue(&self.node, DELETED);
-        self.shared.notify();
+        self.shared.notify_scheduled();
     }
 }
 
@@ -473,13 +473,13 @@ impl RunningBh<'_> {
     /// Schedules this BH again; it runs in the next pass, not this one.
     pub fn schedule(&self) {
         self.shared.bh_list.enqueue(self.node, SCHEDULED);
-        self.shared.notify();
+        self.shared.notify_scheduled();
     }
 
     /// Schedules this BH again as idle (see [`BottomHalf::schedule_idle`]).
     pub fn schedule_idle(&self) {
         self.shared.bh_list.enqueue(self.node, SCHEDULED | IDLE);
-        self.shared.notify();
+        self.shared.notify_scheduled();
     }
 
     /// Unschedules this BH if something scheduled it again meanwhile.
@@ -514,5 +514,5 @@ pub(crate) fn oneshot_callback(f: impl FnOnce() + Send + 'static) -> Callback {
 pub(crate) fn schedule_oneshot(shared: &Shared, callback: Callback) {
     let node = BhNode::new(callback, 0);
     shared.bh_list.enqueue(&node, SCHEDULED | ONESHOT);
-    shared.notify();
+    shared.notify_scheduled();
 }

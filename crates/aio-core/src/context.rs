@@ -38,7 +38,10 @@ use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, 
 use crate::handler::{
     HandlerBuilder, HandlerNode, NodeKind, NodeParts, PollCallbacks, Registry, raw_fd_of,
 };
-use crate::sync::{Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, thread_local};
+use crate::sync::{
+    Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, signal_fence, thread_local,
+    thread_marker,
+};
 use crate::{FdHandler, sys};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -66,6 +69,12 @@ pub(crate) struct Shared {
     event: EventNotifier,
     /// Pending bottom halves.
     pub(crate) bh_list: BhList,
+    /// [`thread_marker`] of the home thread.
+    home: usize,
+    /// True from the moment a blocking iteration starts computing its timeout until its wait
+    /// is over (and between an outer loop's `prepare` and `check`). Written and read only by
+    /// the home thread, signal handlers included; see `notify_scheduled`.
+    window: AtomicBool,
     /// False once the loop side ([`Inner`]) is gone: nothing will ever run BHs again, so
     /// whoever schedules one frees it at once. Paired with the fence in `notify` (see there).
     alive: AtomicBool,
@@ -107,6 +116,35 @@ impl Shared {
         if !self.alive.load(Ordering::Relaxed) {
             drop(self.bh_list.take());
         }
+    }
+
+    /// Notify after scheduling work (a BH, a handler change): as [`notify`](Self::notify), but
+    /// free when called on the home thread outside a blocking window.
+    ///
+    /// There the loop is not asleep (we are running on its thread) and has not yet computed
+    /// the timeout of its next wait, which it does after this call in program order, so it
+    /// will see the work and not sleep: the notification would only make one later blocking
+    /// iteration return early for nothing. Inside the window (a signal handler interrupting
+    /// the home thread between computing the timeout and the fenced re-check, or in the wait)
+    /// it is needed, and done. This is tokio's "no self-wake" (tokio#7570); QEMU always
+    /// notifies. An explicit `notify()` keeps QEMU's semantics.
+    pub(crate) fn notify_scheduled(&self) {
+        if !self.window.load(Ordering::Relaxed)
+            && self.alive.load(Ordering::Relaxed)
+            && thread_marker() == self.home
+        {
+            return;
+        }
+        self.notify();
+    }
+
+    /// Opens or closes the blocking window (home thread only).
+    fn set_window(&self, open: bool) {
+        // Relaxed: only this thread (and its signal handlers) read it; the signal fence keeps
+        // the compiler from moving it across the timeout computation or the wait.
+        signal_fence();
+        self.window.store(open, Ordering::Relaxed);
+        signal_fence();
     }
 
     fn write_event(&self) {
@@ -272,7 +310,21 @@ impl Inner {
                 tracing::warn!("aio: backend failed to forget fd {}: {e}", node.fd);
             }
         }
-        self.shared.notify();
+        self.shared.notify_scheduled();
+    }
+
+    /// Runs the monitor's wait, counting it for [`Stats`]. A failure is logged and treated as
+    /// an iteration in which nothing was ready (the backend contract allows only non-`EINTR`
+    /// errors here, such as `ENOMEM`).
+    fn wait(&self, ready: &mut ReadyList, timeout: Option<Duration>) {
+        self.waits.set(self.waits.get() + 1);
+        // End the mutable borrow before logging, which borrows the monitor again for its name.
+        let result = self.monitor.borrow_mut().wait(ready, timeout);
+        if let Err(e) = result {
+            let backend = self.monitor.borrow().name();
+            tracing::warn!("aio: {backend} backend wait failed: {e}");
+            ready.clear();
+        }
     }
 
     fn external_disabled(&self) -> bool {
@@ -406,6 +458,8 @@ impl AioContext {
             notified: AtomicBool::new(false),
             event,
             bh_list: BhList::new(),
+            home: thread_marker(),
+            window: AtomicBool::new(false),
             alive: AtomicBool::new(true),
             #[cfg(aio_loom)]
             variant,
@@ -518,6 +572,9 @@ impl AioContext {
         let _current = CurrentGuard::enter(Rc::as_ptr(&self.inner));
         let shared = &*inner.shared;
 
+        if blocking {
+            shared.set_window(true);
+        }
         let mut timeout = if blocking {
             inner.compute_timeout()
         } else {
@@ -533,14 +590,13 @@ impl AioContext {
         inner.epoch.set(epoch);
         let polling_disabled = inner.registry.borrow().polling_disabled();
         if timeout != Some(Duration::ZERO) || inner.monitor.borrow().need_wait(polling_disabled) {
-            inner.waits.set(inner.waits.get() + 1);
-            if let Err(e) = inner.monitor.borrow_mut().wait(&mut ready, timeout) {
-                tracing::warn!("aio: {} backend wait failed: {e}", self.backend());
-                ready.clear();
-            }
+            inner.wait(&mut ready, timeout);
         }
         if use_notify_me {
             shared.end_blocking(NOTIFY_ME_POLL);
+        }
+        if blocking {
+            shared.set_window(false);
         }
         shared.accept();
 
@@ -688,17 +744,21 @@ impl AioContext {
         if let Some(change) = change {
             inner.monitor.borrow_mut().update(change)?;
         }
+        // Insert before removing the old node: `insert` claims the index `next_key` reserved,
+        // and `remove` frees the old one (and leaves `by_fd`, now the new key's, alone).
+        node.in_monitor.set(watch);
+        registry.insert(node);
         if let Some(old) = &old_node {
             old.in_monitor.set(false);
             let removed = registry.remove(old.key);
             debug_assert!(removed.is_some());
         }
-        node.in_monitor.set(watch);
-        registry.insert(node);
         drop(registry);
         // QEMU notifies after every change so that a sleeping loop re-evaluates its fd set; a
         // registration from inside a callback makes the next blocking iteration not block once.
-        inner.shared.notify();
+        // Here the change is made on the home thread itself, so that is only needed inside a
+        // blocking window (see `notify_scheduled`).
+        inner.shared.notify_scheduled();
         Ok(key)
     }
 
@@ -729,7 +789,7 @@ impl AioContext {
         inner.external_disabled.set(n - 1);
         if n == 1 {
             self.set_external_watched(true);
-            inner.shared.notify();
+            inner.shared.notify_scheduled();
         }
         Ok(())
     }
@@ -778,6 +838,7 @@ impl AioContext {
     /// among the outer fds, so the outer loop wakes.
     pub fn prepare(&self) -> Option<Duration> {
         let inner = &*self.inner;
+        inner.shared.set_window(true);
         let old = inner.shared.notify_me.load(Ordering::Relaxed);
         // Bit, not count: an outer loop need not pair every prepare with a check. Single
         // writer, so load + store; the fence pairs with `notify`'s as in `begin_blocking`.
@@ -807,24 +868,28 @@ impl AioContext {
         shared
             .notify_me
             .store(old & !NOTIFY_ME_OUTER, Ordering::Release);
+        shared.set_window(false);
         shared.accept();
-        let mut ready = inner.outer_ready.borrow_mut();
+        let mut ready = std::mem::take(&mut *inner.outer_ready.borrow_mut());
         ready.clear();
-        if let Err(e) = inner
-            .monitor
-            .borrow_mut()
-            .wait(&mut ready, Some(Duration::ZERO))
-        {
-            tracing::warn!("aio: {} backend check failed: {e}", self.backend());
-            ready.clear();
+        inner.wait(&mut ready, Some(Duration::ZERO));
+        let mut fd_pending = false;
+        for (key, _) in ready.iter() {
+            let kind = inner.registry.borrow().get(key).map(|n| n.kind);
+            match kind {
+                Some(NodeKind::User) => fd_pending = true,
+                Some(NodeKind::Notifier) => {
+                    // Drain our own eventfd here: it is not work for `dispatch`, and an outer
+                    // loop told "nothing pending" would otherwise find it readable forever and
+                    // spin. Draining after `accept` loses nothing: a notify that lands in
+                    // between leaves `notified` set, so the next `prepare` returns zero.
+                    inner.event_drains.set(inner.event_drains.get() + 1);
+                    shared.event.test_and_clear();
+                }
+                None => {}
+            }
         }
-        let fd_pending = ready.iter().any(|(key, _)| {
-            inner
-                .registry
-                .borrow()
-                .get(key)
-                .is_some_and(|n| n.kind == NodeKind::User)
-        });
+        *inner.outer_ready.borrow_mut() = ready;
         fd_pending || inner.compute_timeout() == Some(Duration::ZERO)
     }
 
@@ -899,7 +964,7 @@ impl std::error::Error for NotDisabledError {}
 ///
 /// It keeps the shared part of the context (its BH list and wake-up state) alive but not the
 /// loop itself: after the last [`AioContext`] is dropped, BHs scheduled through a handle never
-/// run, and are freed when the last handle goes. See [`is_alive`](Self::is_alive).
+/// run and are freed at once. See [`is_alive`](Self::is_alive).
 #[derive(Clone)]
 pub struct ContextHandle {
     shared: Arc<Shared>,

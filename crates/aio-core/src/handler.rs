@@ -183,8 +183,11 @@ impl Registry {
 
     pub(crate) fn insert(&mut self, node: Rc<HandlerNode>) {
         let key = node.key;
-        let popped = self.free.pop();
-        debug_assert_eq!(popped, Some(key.index()), "insert must follow next_key");
+        // Claim the index `next_key` reserved. It is normally the last free one, but look it up
+        // by value so that no order of insert and remove can hand one index out twice.
+        let at = self.free.iter().rposition(|&i| i == key.index());
+        let claimed = at.map(|at| self.free.swap_remove(at));
+        debug_assert_eq!(claimed, Some(key.index()), "insert must follow next_key");
         let slot = &mut self.slots[key.index() as usize];
         debug_assert_eq!(slot.generation, key.generation());
         if !node.has_poll() {

@@ -43,3 +43,24 @@ mod imp {
 }
 
 pub(crate) use imp::*;
+
+/// An address that identifies the calling thread among live threads: that of a thread-local.
+/// Used to recognise a context's home thread without a system call.
+pub(crate) fn thread_marker() -> usize {
+    #[cfg(not(aio_loom))]
+    std::thread_local! {
+        static MARKER: u8 = const { 0 };
+    }
+    #[cfg(aio_loom)]
+    loom::thread_local! {
+        static MARKER: u8 = 0;
+    }
+    MARKER.with(|m| std::ptr::from_ref(m) as usize)
+}
+
+/// Orders the home thread's own memory accesses as a signal handler on that thread sees them
+/// (a signal fence); nothing to model under loom.
+pub(crate) fn signal_fence() {
+    #[cfg(not(aio_loom))]
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+}

@@ -11,7 +11,7 @@
 //! callbacks assert that their notifier really was set, so a spurious dispatch fails the case.
 //! No case asserts a wall-clock upper bound tighter than 5 s, and cross-thread cases never rely
 //! on one thread winning a race: a blocking poll that a bug would hang is guarded by a
-//! [`Watchdog`] that turns the hang into a failed assertion.
+//! watchdog that turns the hang into a failed assertion.
 
 use crate::{AioContext, BottomHalf, ContextHandle, EventNotifier, FdHandler, NotDisabledError};
 use crate::{Interest, OuterFd};
@@ -1158,6 +1158,185 @@ pub fn handlers_remove_each_other(make: MakeContext) {
     assert!(!ctx.poll_nonblocking());
 }
 
+/// Spec §4.4 (a nested poll steals ready handlers from its parent): two handlers are ready; the
+/// first to run polls again, which dispatches the other; the outer iteration then does not
+/// dispatch it a second time with its stale report (each handler asserts its notifier was
+/// set, so a second call would fail).
+pub fn handler_nested_poll_steals_ready_handler(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let es = [
+        Arc::new(EventNotifier::new().unwrap()),
+        Arc::new(EventNotifier::new().unwrap()),
+    ];
+    let ran = [Rc::new(Cell::new(0u32)), Rc::new(Cell::new(0u32))];
+    let nested = Rc::new(Cell::new(None::<bool>));
+    let mut handlers = Vec::new();
+    for i in 0..2 {
+        let (e, ran, nested) = (es[i].clone(), ran.clone(), nested.clone());
+        let h = ctx
+            .fd_handler(&*es[i])
+            .on_read(move |ctx| {
+                assert!(e.test_and_clear(), "handler {i} called with a stale report");
+                ran[i].set(ran[i].get() + 1);
+                if nested.get().is_none() {
+                    nested.set(Some(false));
+                    let progress = ctx.poll_nonblocking();
+                    nested.set(Some(progress));
+                    assert_eq!(ran[1 - i].get(), 1, "the nested poll ran the other handler");
+                }
+            })
+            .register()
+            .unwrap();
+        handlers.push(h);
+    }
+    drain(&ctx);
+    es[0].set().unwrap();
+    es[1].set().unwrap();
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(nested.get(), Some(true));
+    assert_eq!((ran[0].get(), ran[1].get()), (1, 1));
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!((ran[0].get(), ran[1].get()), (1, 1));
+}
+
+/// DESIGN §3 (handler keys carry a generation): a callback removes another ready handler and
+/// registers a new one for the same fd. The removed handler's readiness report, still in
+/// flight, is not delivered to the new handler; the new one runs on the next iteration.
+pub fn handler_reregistered_in_callback_gets_no_stale_report(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let es = [
+        Arc::new(EventNotifier::new().unwrap()),
+        Arc::new(EventNotifier::new().unwrap()),
+    ];
+    let slots: [Rc<RefCell<Option<FdHandler>>>; 2] = Default::default();
+    let ran = [Rc::new(Cell::new(0u32)), Rc::new(Cell::new(0u32))];
+    let replacement_ran = Rc::new(Cell::new(0u32));
+    let replacement: Rc<RefCell<Option<FdHandler>>> = Rc::new(RefCell::new(None));
+    for i in 0..2 {
+        let (e, other_e) = (es[i].clone(), es[1 - i].clone());
+        let (other, r) = (slots[1 - i].clone(), ran[i].clone());
+        let (rep, rep_ran) = (replacement.clone(), replacement_ran.clone());
+        let h = ctx
+            .fd_handler(&*es[i])
+            .on_read(move |ctx| {
+                assert!(e.test_and_clear());
+                r.set(r.get() + 1);
+                let victim = other.borrow_mut().take();
+                if victim.is_none() {
+                    return;
+                }
+                drop(victim);
+                let (e2, rr) = (other_e.clone(), rep_ran.clone());
+                let h = ctx
+                    .fd_handler(&*other_e)
+                    .on_read(move |_| {
+                        assert!(e2.test_and_clear(), "the new handler got a stale report");
+                        rr.set(rr.get() + 1);
+                    })
+                    .register()
+                    .expect("the fd is free again once its handler is removed");
+                *rep.borrow_mut() = Some(h);
+            })
+            .register()
+            .unwrap();
+        *slots[i].borrow_mut() = Some(h);
+    }
+    drain(&ctx);
+    es[0].set().unwrap();
+    es[1].set().unwrap();
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(ran[0].get() + ran[1].get(), 1);
+    assert_eq!(
+        replacement_ran.get(),
+        0,
+        "not dispatched with the removed handler's report"
+    );
+    assert!(
+        ctx.poll_nonblocking(),
+        "the new handler sees its fd ready on the next iteration"
+    );
+    assert_eq!(replacement_ran.get(), 1);
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(ran[0].get() + ran[1].get(), 1);
+    drop(replacement.borrow_mut().take());
+    for slot in &slots {
+        drop(slot.borrow_mut().take());
+    }
+}
+
+/// Derived (spec §3.3 "each BH runs at most once per scheduling even under nesting"): a BH
+/// reschedules itself and then polls again; the nested poll cannot re-enter the running
+/// callback, and the schedule is not lost: it runs in the next outer poll.
+pub fn bh_nested_poll_defers_running_bh(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let n = counter();
+    let nested_progress = Arc::new(AtomicBool::new(true));
+    let (c, np) = (n.clone(), nested_progress.clone());
+    let bh = ctx.bh_with_self(move |this| {
+        if c.fetch_add(1, SeqCst) == 0 {
+            this.schedule();
+            let cur = AioContext::current().unwrap();
+            np.store(cur.poll_nonblocking(), SeqCst);
+            assert_eq!(
+                get(&c),
+                1,
+                "the nested poll did not re-enter the running callback"
+            );
+        }
+    });
+    bh.schedule();
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(get(&n), 1);
+    assert!(!nested_progress.load(SeqCst), "the nested poll ran nothing");
+    assert!(
+        bh.is_scheduled(),
+        "the schedule made during the callback is kept"
+    );
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(get(&n), 2);
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(get(&n), 2);
+}
+
+/// Derived (R4): a handler registered from inside a callback is dispatched from the next
+/// iteration on, not in the one that registered it.
+pub fn handler_registered_in_callback_runs_next_iteration(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let (ea, eb) = (
+        Arc::new(EventNotifier::new().unwrap()),
+        Arc::new(EventNotifier::new().unwrap()),
+    );
+    let b_ran = Rc::new(Cell::new(0u32));
+    let b_slot: Rc<RefCell<Option<FdHandler>>> = Rc::new(RefCell::new(None));
+    let (ea2, eb2, br, slot) = (ea.clone(), eb.clone(), b_ran.clone(), b_slot.clone());
+    let a = ctx
+        .fd_handler(&*ea)
+        .on_read(move |ctx| {
+            assert!(ea2.test_and_clear());
+            let (e, r) = (eb2.clone(), br.clone());
+            let h = ctx
+                .set_event_notifier(&eb2, move |_| {
+                    assert!(e.test_and_clear());
+                    r.set(r.get() + 1);
+                })
+                .unwrap();
+            *slot.borrow_mut() = Some(h);
+        })
+        .register()
+        .unwrap();
+    drain(&ctx);
+    eb.set().unwrap();
+    ea.set().unwrap();
+    assert!(ctx.poll_nonblocking());
+    assert!(b_slot.borrow().is_some());
+    assert_eq!(b_ran.get(), 0);
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(b_ran.get(), 1);
+    assert!(!ctx.poll_nonblocking());
+    drop(a);
+    drop(b_slot.borrow_mut().take());
+}
+
 // ---------------------------------------------------------------------------------------------
 // fd handlers on sockets
 // ---------------------------------------------------------------------------------------------
@@ -1433,4 +1612,676 @@ pub fn fd_register_without_callbacks_invalid_input(make: MakeContext) {
         .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     assert!(!ctx.poll_nonblocking());
+}
+/// DESIGN §2 / spec §10.3 (`AIO_WAIT_WHILE`): a read callback runs a nested blocking poll
+/// until a BH scheduled by another thread has run.
+pub fn fd_nested_blocking_poll_waits_for_remote_bh(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let e = Arc::new(EventNotifier::new().unwrap());
+    let done = Arc::new(AtomicBool::new(false));
+    let (outer_calls, nested_polls) = (Rc::new(Cell::new(0u32)), Rc::new(Cell::new(0u32)));
+    let (handle, d, e2) = (ctx.handle(), done.clone(), e.clone());
+    let (oc, np) = (outer_calls.clone(), nested_polls.clone());
+    let h = ctx
+        .fd_handler(&*e)
+        .on_read(move |ctx| {
+            assert!(e2.test_and_clear());
+            oc.set(oc.get() + 1);
+            let (handle, flag) = (handle.clone(), d.clone());
+            let remote = thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                handle.schedule_oneshot(move || flag.store(true, SeqCst));
+            });
+            while !d.load(SeqCst) {
+                ctx.poll();
+                np.set(np.get() + 1);
+            }
+            remote.join().unwrap();
+        })
+        .register()
+        .unwrap();
+    drain(&ctx);
+    e.set().unwrap();
+    let wd = Watchdog::new(ctx.handle());
+    assert!(ctx.poll());
+    assert!(!wd.fired());
+    assert_eq!(outer_calls.get(), 1);
+    assert!(done.load(SeqCst));
+    assert!(nested_polls.get() >= 1);
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(outer_calls.get(), 1);
+    drop(h);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driving the context from an outer loop (QEMU's GSource)
+// ---------------------------------------------------------------------------------------------
+
+/// §13 case 30 (QEMU `/aio-gsource/bh/schedule`), on the hooks and through a glib-like
+/// iteration: a scheduled BH makes `prepare` return zero, `check` true and `dispatch` run it;
+/// afterwards the context has nothing to do.
+pub fn outer_loop_bh_schedule(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let data = BhRecord::counting(&ctx, 0);
+    data.schedule();
+    assert_eq!(ctx.prepare(), Some(Duration::ZERO));
+    assert!(ctx.check());
+    assert!(ctx.dispatch(), "a BH ran: progress");
+    assert_eq!(data.n(), 1);
+    let t = ctx.prepare();
+    assert!(
+        t.is_none_or(|t| t > Duration::ZERO),
+        "idle, yet prepare said {t:?}"
+    );
+    assert!(!ctx.check());
+    assert_eq!(data.n(), 1);
+
+    data.schedule();
+    assert!(outer_iteration(&ctx, true));
+    assert_eq!(data.n(), 2);
+    assert!(!outer_iteration(&ctx, false));
+    assert_eq!(data.n(), 2);
+}
+
+/// §13 case 31 (QEMU `/aio-gsource/bh/callback-delete/one`, 2025): after a BH deletes itself,
+/// at most one extra outer iteration reports a dispatch, then none.
+pub fn outer_loop_bh_delete_self(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let data = BhRecord::deleting(&ctx, 1);
+    data.schedule();
+    assert!(outer_iteration(&ctx, true));
+    assert_eq!(data.n(), 1);
+    assert!(data.is_deleted());
+    let mut extra = 0;
+    while outer_iteration(&ctx, false) {
+        extra += 1;
+        assert!(
+            extra <= 1,
+            "more than one extra dispatch after the BH deleted itself"
+        );
+    }
+    assert_eq!(data.n(), 1);
+}
+
+/// `/aio-gsource/notify` (§1.17, adapted) and spec §4.6: a notify between `prepare` and
+/// `check` makes one of the outer fds (the context's eventfd) readable, and is not progress.
+pub fn outer_loop_notify_wakes_outer_fds(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let t = ctx.prepare();
+    assert!(
+        t.is_none_or(|t| t > Duration::ZERO),
+        "idle, yet prepare said {t:?}"
+    );
+    let mut fds = Vec::new();
+    ctx.outer_fds(&mut fds);
+    assert!(!fds.is_empty(), "the context's eventfd is an outer fd");
+    ctx.notify();
+    assert!(
+        poll_outer_fds(&fds, Some(Duration::from_secs(1))) >= 1,
+        "the notify made an outer fd readable"
+    );
+    let progress = ctx.check() && ctx.dispatch();
+    assert!(!progress, "a notify is not progress");
+}
+
+/// Spec §2.4 / §4.6 ("at most one extra iteration"): once an outer loop has run the iteration
+/// a notify woke, plus at most one more, the wake-up is consumed: the outer fds are quiet
+/// again, so an idle outer loop sleeps instead of spinning.
+pub fn outer_loop_notify_is_consumed(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    ctx.prepare();
+    let mut fds = Vec::new();
+    ctx.outer_fds(&mut fds);
+    ctx.notify();
+    assert!(poll_outer_fds(&fds, Some(Duration::from_secs(1))) >= 1);
+    if ctx.check() {
+        assert!(!ctx.dispatch());
+    }
+    outer_iteration(&ctx, false);
+    outer_iteration(&ctx, false);
+    ctx.prepare();
+    let ready = poll_outer_fds(&fds, Some(Duration::ZERO));
+    ctx.check();
+    assert_eq!(
+        ready, 0,
+        "the eventfd is still readable after the notify was handled: an outer loop would spin"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The current context
+// ---------------------------------------------------------------------------------------------
+
+/// QEMU `qemu_get_current_aio_context`: no context is current outside a poll; inside a BH or
+/// handler callback (and an outer loop's `dispatch`) the polling context is.
+pub fn current_context_in_callbacks(make: MakeContext) {
+    let ctx = new_ctx(make);
+    assert!(AioContext::current().is_none());
+    let in_bh = counter();
+    let (h, s) = (ctx.handle(), in_bh.clone());
+    let bh = ctx.bh(move || {
+        let cur = AioContext::current().expect("a BH runs with its context current");
+        assert!(h.is_handle_of(&cur));
+        s.fetch_add(1, SeqCst);
+    });
+    bh.schedule();
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(get(&in_bh), 1);
+    assert!(AioContext::current().is_none());
+
+    let e = Arc::new(EventNotifier::new().unwrap());
+    let in_handler = Rc::new(Cell::new(0u32));
+    let (e2, c) = (e.clone(), in_handler.clone());
+    let handler = ctx
+        .fd_handler(&*e)
+        .on_read(move |ctx| {
+            assert!(e2.test_and_clear());
+            let cur = AioContext::current().expect("a handler runs with its context current");
+            assert!(ctx.handle().is_handle_of(&cur));
+            c.set(c.get() + 1);
+        })
+        .register()
+        .unwrap();
+    e.set().unwrap();
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(in_handler.get(), 1);
+    assert!(AioContext::current().is_none());
+
+    bh.schedule();
+    ctx.prepare();
+    assert!(ctx.check());
+    assert!(ctx.dispatch());
+    assert_eq!(get(&in_bh), 2);
+    assert!(AioContext::current().is_none());
+    drop(handler);
+}
+
+/// QEMU nested contexts (a callback of one context polls another): the inner context is
+/// current during its poll, and the outer one is current again afterwards.
+pub fn current_context_nested(make: MakeContext) {
+    let ctx1 = new_ctx(make);
+    let ctx2 = new_ctx(make);
+    let in_ctx2 = counter();
+    let (h2, s) = (ctx2.handle(), in_ctx2.clone());
+    let bh2 = ctx2.bh(move || {
+        let cur = AioContext::current().expect("current inside ctx2's BH");
+        assert!(h2.is_handle_of(&cur));
+        s.fetch_add(1, SeqCst);
+    });
+    let e = Arc::new(EventNotifier::new().unwrap());
+    let calls = Rc::new(Cell::new(0u32));
+    let (e2, c, inner) = (e.clone(), calls.clone(), ctx2.clone());
+    let handler = ctx1
+        .fd_handler(&*e)
+        .on_read(move |ctx| {
+            assert!(e2.test_and_clear());
+            let cur = AioContext::current().unwrap();
+            assert!(ctx.handle().is_handle_of(&cur));
+            bh2.schedule();
+            assert!(inner.poll_nonblocking());
+            let cur = AioContext::current().expect("ctx1 is current again");
+            assert!(ctx.handle().is_handle_of(&cur), "ctx1 is current again");
+            assert!(!inner.handle().is_handle_of(&cur));
+            c.set(c.get() + 1);
+        })
+        .register()
+        .unwrap();
+    drain(&ctx1);
+    e.set().unwrap();
+    assert!(ctx1.poll_nonblocking());
+    assert_eq!(calls.get(), 1);
+    assert_eq!(get(&in_ctx2), 1);
+    assert!(AioContext::current().is_none());
+    drop(handler);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Panics in callbacks
+// ---------------------------------------------------------------------------------------------
+
+/// DESIGN §6 (a callback that panics): the panic propagates out of `poll`; a BH scheduled in the
+/// same pass still runs on the next poll; the panicking BH can be scheduled again; no context
+/// stays current.
+pub fn panic_in_bh_keeps_context_usable(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let (p_runs, q_runs) = (counter(), counter());
+    let (p, q) = (p_runs.clone(), q_runs.clone());
+    let panicky = ctx.bh(move || {
+        if p.fetch_add(1, SeqCst) == 0 {
+            panic!("deliberate panic in a BH (conformance test)");
+        }
+    });
+    let quiet = ctx.bh(move || {
+        q.fetch_add(1, SeqCst);
+    });
+    panicky.schedule();
+    quiet.schedule();
+    let result = catch_unwind(AssertUnwindSafe(|| ctx.poll()));
+    assert!(result.is_err(), "the panic propagates out of poll");
+    assert_eq!(get(&p_runs), 1);
+    assert!(
+        AioContext::current().is_none(),
+        "the current context was restored"
+    );
+    let quiet_before = get(&q_runs);
+    let progress = ctx.poll_nonblocking();
+    assert_eq!(get(&q_runs), 1, "the other BH of the pass still ran, once");
+    if quiet_before == 0 {
+        assert!(progress);
+    }
+    assert!(!ctx.poll_nonblocking());
+    panicky.schedule();
+    assert!(ctx.poll());
+    assert_eq!((get(&p_runs), get(&q_runs)), (2, 1));
+    assert!(!ctx.poll_nonblocking());
+}
+
+/// DESIGN §6 (a callback that panics): a read callback that panics leaves its handler
+/// registered and working, and the context usable.
+pub fn panic_in_fd_handler_keeps_context_usable(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let e = Arc::new(EventNotifier::new().unwrap());
+    let calls = Rc::new(Cell::new(0u32));
+    let c = calls.clone();
+    let h = ctx
+        .set_event_notifier(&e, move |e| {
+            assert!(e.test_and_clear());
+            c.set(c.get() + 1);
+            if c.get() == 1 {
+                panic!("deliberate panic in a handler (conformance test)");
+            }
+        })
+        .unwrap();
+    drain(&ctx);
+    e.set().unwrap();
+    let result = catch_unwind(AssertUnwindSafe(|| ctx.poll_nonblocking()));
+    assert!(result.is_err());
+    assert_eq!(calls.get(), 1);
+    assert!(AioContext::current().is_none());
+    assert!(h.is_registered());
+    assert!(!ctx.poll_nonblocking());
+    e.set().unwrap();
+    assert!(ctx.poll());
+    assert_eq!(calls.get(), 2);
+    assert!(!ctx.poll_nonblocking());
+    drop(h);
+}
+
+// ---------------------------------------------------------------------------------------------
+// System calls
+// ---------------------------------------------------------------------------------------------
+
+/// DESIGN §8 B1 / spec §2.3 (the notifier's poll callback reads `notified`): with only BHs, a
+/// schedule plus a poll makes no system call: no wait, no eventfd write, no drain.
+pub fn stats_bh_only_makes_no_syscalls(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let data = BhRecord::counting(&ctx, 0);
+    let before = ctx.stats();
+    for _ in 0..1000 {
+        data.schedule();
+        assert!(ctx.poll_nonblocking());
+    }
+    let after = ctx.stats();
+    assert_eq!(data.n(), 1000);
+    assert_eq!(after.waits, before.waits, "no wait system call");
+    assert_eq!(after.event_writes, before.event_writes, "no eventfd write");
+    assert_eq!(after.event_drains, before.event_drains, "no eventfd read");
+    for _ in 0..1000 {
+        data.schedule();
+        assert!(
+            ctx.poll(),
+            "a blocking poll with a BH pending does not sleep"
+        );
+    }
+    let last = ctx.stats();
+    assert_eq!(data.n(), 2000);
+    assert_eq!(
+        last, after,
+        "blocking polls with a BH pending make no system call either"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dropping the context
+// ---------------------------------------------------------------------------------------------
+
+/// DESIGN §6 (a context dropped with pending work): dropping the context runs nothing; it
+/// frees the pending one-shot and the handler's closure, and a BH's closure goes with its
+/// handle. Handles outliving the context are harmless.
+pub fn drop_context_frees_pending_work(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let runs = counter();
+    let (bh_freed, oneshot_freed, handler_freed) = (drops(), drops(), drops());
+    let (r, g) = (runs.clone(), DropCount::new(&bh_freed));
+    let bh = ctx.bh(move || {
+        g.keep();
+        r.fetch_add(1, SeqCst);
+    });
+    bh.schedule();
+    let (r, g) = (runs.clone(), DropCount::new(&oneshot_freed));
+    ctx.schedule_oneshot(move || {
+        g.keep();
+        r.fetch_add(1, SeqCst);
+    });
+    let e = Arc::new(EventNotifier::new().unwrap());
+    e.set().unwrap();
+    let (r, g) = (runs.clone(), DropCount::new(&handler_freed));
+    let h = ctx
+        .set_event_notifier(&e, move |_| {
+            g.keep();
+            r.fetch_add(1, SeqCst);
+        })
+        .unwrap();
+    drop(ctx);
+    assert_eq!(get(&runs), 0, "dropping a context runs no callback");
+    assert_eq!(
+        oneshot_freed.load(SeqCst),
+        1,
+        "the pending one-shot was freed"
+    );
+    assert_eq!(
+        handler_freed.load(SeqCst),
+        1,
+        "the handler's closure was freed"
+    );
+    assert_eq!(
+        bh_freed.load(SeqCst),
+        0,
+        "the BH's closure lives as long as its handle"
+    );
+    assert!(!h.is_registered());
+    drop(h);
+    // Scheduling a BH of a dead context is harmless (it is freed, never run).
+    bh.schedule();
+    bh.cancel();
+    bh.schedule_idle();
+    drop(bh);
+    assert_eq!(
+        bh_freed.load(SeqCst),
+        1,
+        "dropping the handle freed the BH's closure"
+    );
+    assert_eq!(get(&runs), 0);
+}
+
+/// DESIGN §6 (a context dropped with pending work): a `ContextHandle` that outlives the
+/// context can still schedule and notify without panicking; what it schedules never runs and
+/// is freed when the last handle goes.
+pub fn drop_context_with_live_handle(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let handle = ctx.handle();
+    let runs = counter();
+    let (bh_freed, oneshot_freed, late_freed, late_bh_freed) = (drops(), drops(), drops(), drops());
+    let (r, g) = (runs.clone(), DropCount::new(&bh_freed));
+    let bh = ctx.bh(move || {
+        g.keep();
+        r.fetch_add(1, SeqCst);
+    });
+    bh.schedule();
+    let (r, g) = (runs.clone(), DropCount::new(&oneshot_freed));
+    handle.schedule_oneshot(move || {
+        g.keep();
+        r.fetch_add(1, SeqCst);
+    });
+    assert!(handle.is_alive());
+    drop(ctx);
+    assert!(!handle.is_alive());
+    assert_eq!(get(&runs), 0);
+    assert_eq!(oneshot_freed.load(SeqCst), 1);
+    assert!(!handle.is_handle_of(&new_ctx(make)));
+
+    let (r, g) = (runs.clone(), DropCount::new(&late_freed));
+    handle.schedule_oneshot(move || {
+        g.keep();
+        r.fetch_add(1, SeqCst);
+    });
+    handle.notify();
+    let (r, g) = (runs.clone(), DropCount::new(&late_bh_freed));
+    let late_bh = handle.bh(move || {
+        g.keep();
+        r.fetch_add(1, SeqCst);
+    });
+    late_bh.schedule();
+    let other = handle.clone();
+    assert!(other.same_context(&handle));
+    drop(late_bh);
+    drop(bh);
+    drop(handle);
+    drop(other);
+    assert_eq!(late_freed.load(SeqCst), 1, "freed with the last handle");
+    assert_eq!(late_bh_freed.load(SeqCst), 1);
+    assert_eq!(bh_freed.load(SeqCst), 1);
+    assert_eq!(get(&runs), 0, "nothing ever ran");
+}
+
+/// Generates one `#[test]` per conformance case, each calling the case with `$make`.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        #[test]
+        fn poll_fresh_context_is_idle() {
+            $crate::testing::poll_fresh_context_is_idle($make)
+        }
+        #[test]
+        fn bh_schedule() {
+            $crate::testing::bh_schedule($make)
+        }
+        #[test]
+        fn bh_schedule10() {
+            $crate::testing::bh_schedule10($make)
+        }
+        #[test]
+        fn bh_cancel() {
+            $crate::testing::bh_cancel($make)
+        }
+        #[test]
+        fn bh_cancel_then_reschedule() {
+            $crate::testing::bh_cancel_then_reschedule($make)
+        }
+        #[test]
+        fn bh_delete() {
+            $crate::testing::bh_delete($make)
+        }
+        #[test]
+        fn bh_callback_delete_one() {
+            $crate::testing::bh_callback_delete_one($make)
+        }
+        #[test]
+        fn bh_callback_delete_many() {
+            $crate::testing::bh_callback_delete_many($make)
+        }
+        #[test]
+        fn bh_flush() {
+            $crate::testing::bh_flush($make)
+        }
+        #[test]
+        fn bh_double_schedule_runs_once() {
+            $crate::testing::bh_double_schedule_runs_once($make)
+        }
+        #[test]
+        fn bh_scheduled_from_bh_runs_next_pass() {
+            $crate::testing::bh_scheduled_from_bh_runs_next_pass($make)
+        }
+        #[test]
+        fn bh_nested_poll_runs_outer_pass() {
+            $crate::testing::bh_nested_poll_runs_outer_pass($make)
+        }
+        #[test]
+        fn bh_oneshot_from_other_thread_wakes_poll() {
+            $crate::testing::bh_oneshot_from_other_thread_wakes_poll($make)
+        }
+        #[test]
+        fn bh_idle_runs_but_is_not_progress() {
+            $crate::testing::bh_idle_runs_but_is_not_progress($make)
+        }
+        #[test]
+        fn bh_idle_blocking_poll_returns() {
+            $crate::testing::bh_idle_blocking_poll_returns($make)
+        }
+        #[test]
+        fn event_add_remove() {
+            $crate::testing::event_add_remove($make)
+        }
+        #[test]
+        fn event_wait() {
+            $crate::testing::event_wait($make)
+        }
+        #[test]
+        fn event_wait_no_flush_cb() {
+            $crate::testing::event_wait_no_flush_cb($make)
+        }
+        #[test]
+        fn event_flush() {
+            $crate::testing::event_flush($make)
+        }
+        #[test]
+        fn event_level_triggered_uncleared() {
+            $crate::testing::event_level_triggered_uncleared($make)
+        }
+        #[test]
+        fn event_unregistered_set_is_not_progress() {
+            $crate::testing::event_unregistered_set_is_not_progress($make)
+        }
+        #[test]
+        fn event_register_twice_already_exists() {
+            $crate::testing::event_register_twice_already_exists($make)
+        }
+        #[test]
+        fn event_set_from_other_thread_wakes_poll() {
+            $crate::testing::event_set_from_other_thread_wakes_poll($make)
+        }
+        #[test]
+        fn notify_is_not_progress() {
+            $crate::testing::notify_is_not_progress($make)
+        }
+        #[test]
+        fn notify_wakes_blocked_poll() {
+            $crate::testing::notify_wakes_blocked_poll($make)
+        }
+        #[test]
+        fn external_client_depth1() {
+            $crate::testing::external_client_depth1($make)
+        }
+        #[test]
+        fn external_client_depth2() {
+            $crate::testing::external_client_depth2($make)
+        }
+        #[test]
+        fn external_enable_without_disable_errors() {
+            $crate::testing::external_enable_without_disable_errors($make)
+        }
+        #[test]
+        fn handler_removes_itself() {
+            $crate::testing::handler_removes_itself($make)
+        }
+        #[test]
+        fn handlers_remove_each_other() {
+            $crate::testing::handlers_remove_each_other($make)
+        }
+        #[test]
+        fn handler_nested_poll_steals_ready_handler() {
+            $crate::testing::handler_nested_poll_steals_ready_handler($make)
+        }
+        #[test]
+        fn handler_reregistered_in_callback_gets_no_stale_report() {
+            $crate::testing::handler_reregistered_in_callback_gets_no_stale_report($make)
+        }
+        #[test]
+        fn bh_nested_poll_defers_running_bh() {
+            $crate::testing::bh_nested_poll_defers_running_bh($make)
+        }
+        #[test]
+        fn handler_registered_in_callback_runs_next_iteration() {
+            $crate::testing::handler_registered_in_callback_runs_next_iteration($make)
+        }
+        #[test]
+        fn fd_read_and_write_callbacks() {
+            $crate::testing::fd_read_and_write_callbacks($make)
+        }
+        #[test]
+        fn fd_level_triggered_unread_data() {
+            $crate::testing::fd_level_triggered_unread_data($make)
+        }
+        #[test]
+        fn fd_write_readiness() {
+            $crate::testing::fd_write_readiness($make)
+        }
+        #[test]
+        fn fd_hangup_calls_read() {
+            $crate::testing::fd_hangup_calls_read($make)
+        }
+        #[test]
+        fn fd_replace_handler() {
+            $crate::testing::fd_replace_handler($make)
+        }
+        #[test]
+        fn fd_replace_wrong_fd_rejected() {
+            $crate::testing::fd_replace_wrong_fd_rejected($make)
+        }
+        #[test]
+        fn fd_register_twice_already_exists() {
+            $crate::testing::fd_register_twice_already_exists($make)
+        }
+        #[test]
+        fn fd_register_closed_fd_ebadf() {
+            $crate::testing::fd_register_closed_fd_ebadf($make)
+        }
+        #[test]
+        fn fd_register_without_callbacks_invalid_input() {
+            $crate::testing::fd_register_without_callbacks_invalid_input($make)
+        }
+        #[test]
+        fn fd_nested_blocking_poll_waits_for_remote_bh() {
+            $crate::testing::fd_nested_blocking_poll_waits_for_remote_bh($make)
+        }
+        #[test]
+        fn outer_loop_bh_schedule() {
+            $crate::testing::outer_loop_bh_schedule($make)
+        }
+        #[test]
+        fn outer_loop_bh_delete_self() {
+            $crate::testing::outer_loop_bh_delete_self($make)
+        }
+        #[test]
+        fn outer_loop_notify_wakes_outer_fds() {
+            $crate::testing::outer_loop_notify_wakes_outer_fds($make)
+        }
+        #[test]
+        fn outer_loop_notify_is_consumed() {
+            $crate::testing::outer_loop_notify_is_consumed($make)
+        }
+        #[test]
+        fn current_context_in_callbacks() {
+            $crate::testing::current_context_in_callbacks($make)
+        }
+        #[test]
+        fn current_context_nested() {
+            $crate::testing::current_context_nested($make)
+        }
+        #[test]
+        fn panic_in_bh_keeps_context_usable() {
+            $crate::testing::panic_in_bh_keeps_context_usable($make)
+        }
+        #[test]
+        fn panic_in_fd_handler_keeps_context_usable() {
+            $crate::testing::panic_in_fd_handler_keeps_context_usable($make)
+        }
+        #[test]
+        fn stats_bh_only_makes_no_syscalls() {
+            $crate::testing::stats_bh_only_makes_no_syscalls($make)
+        }
+        #[test]
+        fn drop_context_frees_pending_work() {
+            $crate::testing::drop_context_frees_pending_work($make)
+        }
+        #[test]
+        fn drop_context_with_live_handle() {
+            $crate::testing::drop_context_with_live_handle($make)
+        }
+    };
 }

@@ -21,8 +21,12 @@ fn context() -> AioContext {
 }
 
 /// Runs the two-notifier model on a context running `variant`.
+///
+/// The race starts with a notification already pending (as after any earlier `notify`), so
+/// that the loop's first iteration does not sleep and its accept races with the notifiers.
 fn two_notifiers(variant: LoomVariant) {
     let ctx = AioContext::new_loom_variant(Box::new(FakeMonitor::new()), variant).unwrap();
+    ctx.notify();
     let reqs = [
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicBool::new(false)),

@@ -587,14 +587,14 @@ fn churn_of_1000_fds_keeps_the_index_consistent() {
     // Slot i is the read end of pipe i/2 for even i, its write end for odd i.
     let fd_of = |slot: u32| {
         let (r, w) = &pipes[(slot / 2) as usize];
-        if slot % 2 == 0 {
+        if slot.is_multiple_of(2) {
             r.as_raw_fd()
         } else {
             w.as_raw_fd()
         }
     };
     let interest_of = |slot: u32| {
-        if slot % 2 == 0 {
+        if slot.is_multiple_of(2) {
             Interest::READ
         } else {
             Interest::WRITE
