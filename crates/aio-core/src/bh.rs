@@ -13,7 +13,7 @@
 //! schedules before a poll run the callback once. The home thread takes the whole shared list
 //! with one `swap` into a private *slice*, unlinks each node, and only then clears `PENDING`
 //! with a `fetch_and` whose result says what to do: run the callback (`SCHEDULED` without
-//! `DELETED`), free it (`DELETED` or `ONESHOT`), or both.
+//! `DELETED`), free the node (`DELETED` or `ONESHOT`), or both.
 //!
 //! # Slices and nested polls
 //!
@@ -22,26 +22,38 @@
 //! pass's remaining BHs, then its own; when it returns, every slice is drained and the outer
 //! pass ends. BHs scheduled during a pass go to the shared list and run in the next pass.
 //!
-//! # Memory
+//! # Memory: who owns a node
 //!
-//! Nodes are reference-counted. The user's [`BottomHalf`] handle holds one reference, and the
-//! list (or slice) that links a node holds another, taken when `PENDING` goes on and released
-//! when the home thread has dealt with the node. Only the home thread ever unlinks nodes, and it
-//! unlinks whole lists at once, so the Treiber-stack ABA problem cannot arise.
+//! Nodes are allocated as `Arc`s, but the hot path touches no reference count:
+//!
+//! * A [`BottomHalf`] handle owns one reference while it lives. Scheduling through it links the
+//!   node *without* a reference: the handle keeps it alive.
+//! * Deleting (dropping the handle) *transfers* the handle's reference to the link, and a
+//!   one-shot BH is created with its only reference owned by its link. The flag word records it:
+//!   a link carries a reference exactly when the node is `DELETED` or `ONESHOT`.
+//! * Only the home thread frees nodes (or, once the loop is gone, whoever takes the list): after
+//!   unlinking a node whose `fetch_and` shows `DELETED` or `ONESHOT`, it takes the reference
+//!   back and drops it. A node whose callback is still running further up the stack (a nested
+//!   pass met it again) is left to that running frame, which frees it when the callback returns.
+//!
+//! So a linked node is always alive (a handle holds it, or its link does), and a node being
+//! dispatched stays alive until its dispatch ends. Only the home thread unlinks nodes while the
+//! loop exists, and it unlinks whole lists at once, so the Treiber-stack ABA problem cannot arise.
 
 use crate::context::Shared;
 use crate::sync::{Arc, AtomicPtr, AtomicU32, Ordering, UnsafeCell};
 use std::fmt;
-use std::ptr;
+use std::mem::ManuallyDrop;
+use std::ptr::{self, NonNull};
 use std::time::Duration;
 
 /// Linked on a list or slice, waiting for the home thread.
 pub(crate) const PENDING: u32 = 1 << 0;
 /// The callback should run.
 pub(crate) const SCHEDULED: u32 = 1 << 1;
-/// Free the node without running it; wins over `SCHEDULED`.
+/// Free the node without running it; wins over `SCHEDULED`. The link owns a reference.
 pub(crate) const DELETED: u32 = 1 << 2;
-/// Free the node after running it once.
+/// Free the node after running it once. The link owns the only reference.
 pub(crate) const ONESHOT: u32 = 1 << 3;
 /// Scheduled as idle: does not force a zero timeout and does not count as progress.
 pub(crate) const IDLE: u32 = 1 << 4;
@@ -59,61 +71,94 @@ pub(crate) struct BhNode {
     /// `PENDING` on (before it publishes the node) and read only by the home thread while the
     /// node is pending, so `Relaxed` suffices: the list head's release/acquire orders it.
     next: AtomicPtr<BhNode>,
-    /// The user's callback. `None` while it runs (so that a nested pass cannot re-enter it) and
-    /// once the BH has been deleted or has run as a one-shot.
+    /// State only the home thread touches.
     ///
     /// # Invariant
     ///
-    /// Only the context's home thread accesses it, one access at a time, except in `Drop`,
-    /// which has exclusive access anyway.
-    callback: UnsafeCell<Option<Callback>>,
+    /// Only the home thread of the node's context accesses it, one access at a time (no
+    /// reference to it is held across a callback), except when the node is dropped, which is
+    /// exclusive anyway.
+    local: UnsafeCell<Local>,
 }
 
-// SAFETY: every field but `callback` is an atomic. `callback` holds a `Send` closure and, by its
-// invariant, is only touched by the home thread of the context the node belongs to (or by
-// `Drop`, exclusively), so sharing `&BhNode` between threads never lets two of them touch it.
+/// The home thread's part of a node.
+struct Local {
+    /// The user's callback. `None` while it runs, so that a nested pass cannot re-enter it.
+    callback: Option<Callback>,
+    /// The callback is running further up the home thread's stack.
+    running: bool,
+    /// A nested pass unlinked this node as deleted while its callback was running, and handed
+    /// the link's reference to the running frame, which frees the node when the callback returns.
+    free_after_run: bool,
+}
+
+// SAFETY: `flags` and `next` are atomics. `local` holds a `Send` closure and two flags and, by
+// its invariant, is only touched by the home thread of the node's context (or by `Drop`,
+// exclusively), so sharing `&BhNode` between threads never lets two of them touch it.
 unsafe impl Sync for BhNode {}
 
+/// What became of a request to run a node's callback.
+enum Invoked {
+    /// The callback ran (or started running and panicked).
+    Ran,
+    /// The callback is already running further up the stack.
+    AlreadyRunning,
+}
+
 impl BhNode {
-    pub(crate) fn new(callback: Callback, flags: u32) -> Arc<BhNode> {
+    fn new(callback: Callback, flags: u32) -> Arc<BhNode> {
         Arc::new(BhNode {
             flags: AtomicU32::new(flags),
             next: AtomicPtr::new(ptr::null_mut()),
-            callback: UnsafeCell::new(Some(callback)),
+            local: UnsafeCell::new(Local {
+                callback: Some(callback),
+                running: false,
+                free_after_run: false,
+            }),
         })
     }
 
-    /// Runs the callback on the home thread. Returns false when the callback is not there: it
-    /// is running further up the stack (a nested pass met it again) or was freed.
+    /// Runs `f` on the home-thread state. Never call it while another such access is live.
+    fn with_local<R>(&self, f: impl FnOnce(&mut Local) -> R) -> R {
+        // SAFETY: by the invariant of `local`, only the home thread calls this, and each call's
+        // `&mut` ends before the next one starts: none is held across a callback.
+        self.local.with_mut(|local| f(unsafe { &mut *local }))
+    }
+
+    /// Runs the callback on the home thread, taking it out of the node while it runs.
     ///
-    /// A panic in the callback unwinds through here; the callback is put back first, so the
-    /// BH stays usable.
-    fn invoke(node: &Arc<BhNode>, shared: &Shared) -> bool {
-        // SAFETY: home thread only (invariant of `callback`); the access ends before the call.
-        let taken = node.callback.with_mut(|cb| unsafe { (*cb).take() });
-        let Some(callback) = taken else { return false };
+    /// A panic in the callback unwinds through here; the callback is put back first, so the BH
+    /// stays usable (unless it was deleted meanwhile).
+    fn invoke(&self, shared: &Shared) -> Invoked {
+        let Some(callback) = self.with_local(|l| {
+            let cb = l.callback.take();
+            l.running = cb.is_some();
+            cb
+        }) else {
+            return Invoked::AlreadyRunning;
+        };
         struct PutBack<'a>(&'a BhNode, Option<Callback>);
         impl Drop for PutBack<'_> {
             fn drop(&mut self) {
                 let cb = self.1.take();
-                // SAFETY: home thread only; no other access is live (the callback returned).
-                self.0.callback.with_mut(|slot| unsafe { *slot = cb });
+                self.0.with_local(|l| {
+                    l.running = false;
+                    // A node that is about to be freed keeps no callback: drop it below, after
+                    // the access ends, since dropping user state may do anything.
+                    if !l.free_after_run {
+                        l.callback = cb;
+                        None
+                    } else {
+                        cb
+                    }
+                });
             }
         }
-        let mut guard = PutBack(node, Some(callback));
+        let mut guard = PutBack(self, Some(callback));
         if let Some(cb) = guard.1.as_mut() {
-            cb(&RunningBh { node, shared });
+            cb(&RunningBh { node: self, shared });
         }
-        true
-    }
-
-    /// Drops the callback (and what it captured) now, on the home thread.
-    fn drop_callback(&self) {
-        // SAFETY: home thread only; the callback is not running (it would have been taken out,
-        // in which case this finds `None` and the running frame puts it back, to be freed with
-        // the node).
-        let cb = self.callback.with_mut(|slot| unsafe { (*slot).take() });
-        drop(cb);
+        Invoked::Ran
     }
 }
 
@@ -123,6 +168,19 @@ impl fmt::Debug for BhNode {
             .field("flags", &self.flags.load(Ordering::Relaxed))
             .finish()
     }
+}
+
+/// Drops a node's reference that the caller owns (one a delete or a one-shot's creation put on
+/// its link).
+///
+/// # Safety
+///
+/// `node` must come from `Arc::into_raw` (directly or through `Arc::as_ptr` of a handle whose
+/// reference was then transferred), the caller must own that reference, and nobody may use the
+/// node through this reference afterwards.
+unsafe fn release(node: NonNull<BhNode>) {
+    // SAFETY: the caller owns one reference made by `Arc::into_raw`; we give it back to `Arc`.
+    drop(unsafe { Arc::from_raw(node.as_ptr().cast_const()) });
 }
 
 /// What the scheduled BHs ask of the next wait.
@@ -158,7 +216,7 @@ impl BhTimeout {
 
 /// The shared, lock-free LIFO of pending BHs (QEMU `ctx->bh_list`).
 pub(crate) struct BhList {
-    /// Head of a singly linked list of nodes, each owning one `Arc` reference.
+    /// Head of a singly linked list of pending nodes (see the module docs for who owns them).
     head: AtomicPtr<BhNode>,
 }
 
@@ -169,17 +227,21 @@ impl BhList {
         }
     }
 
-    /// Sets `new_flags | PENDING` on `node` and links it if it was not pending. Returns
-    /// nothing: the caller notifies the loop. Wait-free apart from the push's CAS loop.
-    pub(crate) fn enqueue(&self, node: &Arc<BhNode>, new_flags: u32) {
-        // Synchronizes with the `fetch_and` in `Slice::run_next` (AcqRel both ways): if we see
-        // PENDING clear, the home thread has finished reading `next`, so we may overwrite it;
-        // and our SCHEDULED, with the writes before it, is visible to the pass that clears it.
+    /// Sets `new_flags | PENDING` on `node` and links it if it was not pending. The caller
+    /// notifies the loop. Wait-free apart from the push's CAS loop.
+    ///
+    /// With `DELETED` or `ONESHOT` in `new_flags`, the caller transfers one reference to the
+    /// node's link (whether this call links it or it was linked already) and must not touch the
+    /// node afterwards: the home thread may free it at once.
+    pub(crate) fn enqueue(&self, node: &BhNode, new_flags: u32) {
+        // Synchronizes with the `fetch_and` in `dispatch` (AcqRel both ways): if we see PENDING
+        // clear, the home thread has finished reading `next`, so we may overwrite it; and our
+        // flags, with the writes before them, are visible to the pass that clears them.
         let old = node.flags.fetch_or(PENDING | new_flags, Ordering::AcqRel);
         if old & PENDING != 0 {
             return;
         }
-        let raw = Arc::into_raw(node.clone()).cast_mut();
+        let raw = ptr::from_ref(node).cast_mut();
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
             node.next.store(head, Ordering::Relaxed);
@@ -208,9 +270,9 @@ impl BhList {
         // users expect; QEMU runs them newest first and promises nothing.
         let mut fifo = ptr::null_mut();
         while !lifo.is_null() {
-            // SAFETY: `lifo` was linked by `enqueue`, which gave the list an `Arc` reference; the
-            // `swap` above made this thread the list's owner, so the node is alive and no other
-            // thread reads or writes its `next` until PENDING is cleared.
+            // SAFETY: linked nodes are alive (module docs: a handle or the link holds them), and
+            // the `swap` made this thread the only one that reads or writes their `next` until
+            // PENDING is cleared.
             let node = unsafe { &*lifo };
             let next = node.next.load(Ordering::Relaxed);
             node.next.store(fifo, Ordering::Relaxed);
@@ -245,9 +307,9 @@ fn walk_timeout(mut node: *mut BhNode) -> BhTimeout {
     let mut timeout = BhTimeout::None;
     while !node.is_null() {
         // SAFETY: only the home thread calls this, and while it exists only it unlinks nodes
-        // (other threads take the list only once the loop is gone), so every node reachable
-        // from a list head it can see stays linked, with its `Arc` reference alive, for the
-        // whole walk. Pushers only change the head, never a linked node's `next`.
+        // (other threads take the list only once the loop is gone). A linked node is alive (a
+        // handle or its link holds it) and stays linked for the whole walk. Pushers only
+        // change the head, never a linked node's `next`.
         let n = unsafe { &*node };
         timeout = timeout.merge(n.flags.load(Ordering::Relaxed));
         if timeout == BhTimeout::Now {
@@ -262,8 +324,7 @@ fn walk_timeout(mut node: *mut BhNode) -> BhTimeout {
 ///
 /// # Invariant
 ///
-/// Every node on it is pending, owned by the home thread, and carries one `Arc` reference that
-/// the slice owns.
+/// Every node on it is pending, alive, and owned by the thread that took it.
 pub(crate) struct Slice {
     head: *mut BhNode,
 }
@@ -283,56 +344,100 @@ impl Slice {
         walk_timeout(self.head)
     }
 
-    /// Unlinks the first node, taking over the slice's reference to it.
-    pub(crate) fn pop(&mut self) -> Option<Arc<BhNode>> {
-        if self.head.is_null() {
-            return None;
-        }
-        let raw = self.head;
+    /// Unlinks the first node.
+    pub(crate) fn pop(&mut self) -> Option<NonNull<BhNode>> {
+        let node = NonNull::new(self.head)?;
         // SAFETY: by the invariant the node is alive and owned by this slice; we read its
         // `next` before clearing PENDING, so no pusher can be writing it.
-        self.head = unsafe { &*raw }.next.load(Ordering::Relaxed);
-        // SAFETY: `raw` came from `Arc::into_raw` in `enqueue`; the slice owned that reference
-        // and gives it to the caller.
-        Some(unsafe { Arc::from_raw(raw) })
+        self.head = unsafe { node.as_ref() }.next.load(Ordering::Relaxed);
+        Some(node)
     }
 }
 
-/// Clears the node's pending state and runs or frees it as its flags say.
-pub(crate) fn dispatch(node: &Arc<BhNode>, shared: &Shared) -> bool {
+/// Handles a node just popped from a slice on the home thread: clears its pending state, then
+/// runs it, frees it, or both, as its flags say. Returns whether a callback ran that counts as
+/// progress (a non-idle, non-deleted BH).
+pub(crate) fn dispatch(ptr: NonNull<BhNode>, shared: &Shared) -> bool {
+    // SAFETY: popped nodes are alive (slice invariant), and stay alive until this function
+    // releases a reference it owns, which it does last.
+    let node = unsafe { ptr.as_ref() };
     // Synchronizes with the `fetch_or` in `enqueue` (see there). Clearing PENDING only after
     // the node was unlinked lets a concurrent schedule re-link it onto the shared list.
     let flags = node
         .flags
         .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
-    let mut progress = false;
-    if flags & (SCHEDULED | DELETED) == SCHEDULED {
-        if BhNode::invoke(node, shared) {
-            progress = flags & IDLE == 0;
-        } else if flags & ONESHOT == 0 {
-            // The callback is running further up this thread's stack (a nested poll met its BH
-            // again). Rust cannot re-enter an `FnMut`, so keep the schedule for the next pass
-            // instead of losing it; QEMU would call it recursively.
-            shared.bh_list.enqueue(node, SCHEDULED | (flags & IDLE));
+
+    /// Releases the node's link reference, if the dispatch owns it, when the dispatch ends,
+    /// unwinding from a panicking callback included.
+    struct Release<'a> {
+        ptr: NonNull<BhNode>,
+        node: &'a BhNode,
+        owned: bool,
+    }
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            let deferred = self
+                .node
+                .with_local(|l| std::mem::take(&mut l.free_after_run));
+            if self.owned || deferred {
+                // SAFETY: we own the link's reference (the flags said DELETED or ONESHOT, or a
+                // nested pass handed it to us through `free_after_run`), and nothing uses the
+                // node after this.
+                unsafe { release(self.ptr) };
+            }
         }
     }
-    if flags & (DELETED | ONESHOT) != 0 {
-        node.drop_callback();
+
+    if flags & DELETED != 0 {
+        let running = node.with_local(|l| l.running);
+        if running {
+            // The callback is on the stack above us (it dropped its own handle, then polled):
+            // its frame frees the node when it returns.
+            node.with_local(|l| l.free_after_run = true);
+            return false;
+        }
+        let _release = Release {
+            ptr,
+            node,
+            owned: true,
+        };
+        return false;
     }
-    progress
+    let _release = Release {
+        ptr,
+        node,
+        owned: flags & ONESHOT != 0,
+    };
+    if flags & SCHEDULED == 0 {
+        return false; // cancelled
+    }
+    match node.invoke(shared) {
+        Invoked::Ran => flags & IDLE == 0,
+        Invoked::AlreadyRunning => {
+            // A nested poll met the BH whose callback is running up the stack. Rust cannot
+            // re-enter an `FnMut`, so keep the schedule for the next pass instead of losing it;
+            // QEMU would call it recursively. (One-shots cannot be re-linked, see `RunningBh`.)
+            shared.bh_list.enqueue(node, SCHEDULED | (flags & IDLE));
+            false
+        }
+    }
 }
 
 impl Drop for Slice {
-    /// Releases the remaining nodes without running any callback (the context is going away, or
-    /// a pass is being abandoned while unwinding from a panic is *not* a case: unwinding leaves
-    /// the slice queued in the context, to be finished by the next pass).
+    /// Releases the remaining nodes without running any callback (the context is going away;
+    /// a pass abandoned by a panic does not come here: its slice stays queued in the context
+    /// and the next pass finishes it).
     fn drop(&mut self) {
-        while let Some(node) = self.pop() {
+        while let Some(ptr) = self.pop() {
+            // SAFETY: popped nodes are alive (slice invariant).
+            let node = unsafe { ptr.as_ref() };
             let flags = node
                 .flags
                 .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
             if flags & (DELETED | ONESHOT) != 0 {
-                node.drop_callback();
+                // SAFETY: the link owned a reference (DELETED or ONESHOT), now ours; no callback
+                // is running (the loop is gone), and nothing uses the node after this.
+                unsafe { release(ptr) };
             }
         }
     }
@@ -379,14 +484,15 @@ impl fmt::Debug for Slice {
 /// assert!(!ctx.poll_nonblocking());
 /// ```
 pub struct BottomHalf {
-    node: Arc<BhNode>,
+    /// The handle's reference; given to the node's link when the handle is dropped.
+    node: ManuallyDrop<Arc<BhNode>>,
     shared: Arc<Shared>,
 }
 
 impl BottomHalf {
     pub(crate) fn new(shared: Arc<Shared>, callback: Callback) -> BottomHalf {
         BottomHalf {
-            node: BhNode::new(callback, 0),
+            node: ManuallyDrop::new(BhNode::new(callback, 0)),
             shared,
         }
     }
@@ -423,8 +529,14 @@ impl BottomHalf {
 
 impl Drop for BottomHalf {
     fn drop(&mut self) {
-        // QEMU qemu_bh_delete: enqueue with DELETED and notify, so the loop frees the callback.
-        self.shared.bh_list.enqueue(&self.node, DELETED);
+        // QEMU qemu_bh_delete: enqueue with DELETED and notify, so the loop frees the node and
+        // its callback. Our reference goes to the node's link.
+        // SAFETY: `self.node` is not used again: this is the handle's drop.
+        let node = unsafe { ManuallyDrop::take(&mut self.node) };
+        let raw = Arc::into_raw(node);
+        // SAFETY: `raw` is alive: we hold its reference until `enqueue` hands it to the link,
+        // and we do not touch the node after `enqueue` returns.
+        self.shared.bh_list.enqueue(unsafe { &*raw }, DELETED);
         self.shared.notify_scheduled();
     }
 }
@@ -465,20 +577,32 @@ impl fmt::Debug for BottomHalf {
 /// assert_eq!(runs, 3);
 /// ```
 pub struct RunningBh<'a> {
-    node: &'a Arc<BhNode>,
+    node: &'a BhNode,
     shared: &'a Shared,
 }
 
 impl RunningBh<'_> {
-    /// Schedules this BH again; it runs in the next pass, not this one.
+    /// Schedules this BH again; it runs in the next pass, not this one. Does nothing for a
+    /// one-shot BH, which runs once by definition.
     pub fn schedule(&self) {
-        self.shared.bh_list.enqueue(self.node, SCHEDULED);
-        self.shared.notify_scheduled();
+        self.schedule_with(SCHEDULED);
     }
 
     /// Schedules this BH again as idle (see [`BottomHalf::schedule_idle`]).
     pub fn schedule_idle(&self) {
-        self.shared.bh_list.enqueue(self.node, SCHEDULED | IDLE);
+        self.schedule_with(SCHEDULED | IDLE);
+    }
+
+    fn schedule_with(&self, flags: u32) {
+        // A one-shot's only reference belongs to the dispatch running it, which frees it when
+        // the callback returns: it must never be linked again. ONESHOT never changes, so a
+        // relaxed load is exact.
+        if self.node.flags.load(Ordering::Relaxed) & ONESHOT != 0 {
+            return;
+        }
+        // The node is alive while its callback runs (the dispatch holds it), and a concurrent
+        // delete of its handle transfers the handle's reference to whichever link exists.
+        self.shared.bh_list.enqueue(self.node, flags);
         self.shared.notify_scheduled();
     }
 
@@ -512,7 +636,11 @@ pub(crate) fn oneshot_callback(f: impl FnOnce() + Send + 'static) -> Callback {
 
 /// Creates and schedules a one-shot BH on `shared` (QEMU `aio_bh_schedule_oneshot`).
 pub(crate) fn schedule_oneshot(shared: &Shared, callback: Callback) {
-    let node = BhNode::new(callback, 0);
-    shared.bh_list.enqueue(&node, SCHEDULED | ONESHOT);
+    let raw = Arc::into_raw(BhNode::new(callback, 0));
+    // SAFETY: `raw` is alive: its only reference goes to the link in `enqueue`, and we do not
+    // touch the node afterwards.
+    shared
+        .bh_list
+        .enqueue(unsafe { &*raw }, SCHEDULED | ONESHOT);
     shared.notify_scheduled();
 }

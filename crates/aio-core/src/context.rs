@@ -294,7 +294,7 @@ impl Inner {
                 }
             };
             let Some(node) = node else { break };
-            progress |= bh::dispatch(&node, &self.shared);
+            progress |= bh::dispatch(node, &self.shared);
         }
         progress
     }
