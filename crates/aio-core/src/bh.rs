@@ -639,8 +639,7 @@ pub(crate) fn schedule_oneshot(shared: &Shared, callback: Callback) {
     let raw = Arc::into_raw(BhNode::new(callback, 0));
     // SAFETY: `raw` is alive: its only reference goes to the link in `enqueue`, and we do not
     // touch the node afterwards.
-    shared
-        .bh_list
-        .enqueue(unsafe { &*raw }, SCHEDULED | ONESHOT);
+    let node = unsafe { &*raw };
+    shared.bh_list.enqueue(node, SCHEDULED | ONESHOT);
     shared.notify_scheduled();
 }
