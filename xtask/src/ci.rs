@@ -10,10 +10,14 @@
 //! 4. `test-matrix`: `aio` alone with each feature set in [`FEATURE_SETS`], then `aio-tests`.
 //! 5. `loom`: every `crates/<crate>/tests/loom_*.rs` model under `--cfg aio_loom`, release mode,
 //!    `LOOM_MAX_PREEMPTIONS=2`, in its own target directory.
-//! 6. `doc`: `cargo doc` with `RUSTDOCFLAGS=-D warnings`.
-//! 7. `tidy`: house-style checks, in process (see `tidy.rs`).
+//! 6. `memcheck`: the test binaries in [`MEMCHECK`] under valgrind memcheck, which must report no
+//!    invalid access and no definite leak (the bottom-half list frees nodes by hand). Valgrind is
+//!    installed with apt-get when it is missing.
+//! 7. `doc`: `cargo doc` with `RUSTDOCFLAGS=-D warnings`.
+//! 8. `tidy`: house-style checks, in process (see `tidy.rs`).
 //!
-//! `--quick` skips `test-matrix` and `loom`, the two slowest steps, for local iteration. The exit code is 0 only if every step that ran passed. `.ci/run` calls this, so
+//! `--quick` skips `test-matrix`, `loom` and `memcheck`, the slowest steps, for local iteration.
+//! The exit code is 0 only if every step that ran passed. `.ci/run` calls this, so
 //! "`cargo xtask ci` passes locally" means "CI is green".
 
 use std::path::Path;
@@ -43,6 +47,10 @@ const LOOM_MAX_PREEMPTIONS: &str = "2";
 /// The loom models' cfg; namespaced (not bare `loom`) so dependencies that test for `cfg(loom)`
 /// are not switched into their own loom mode (style guideline 12).
 const LOOM_CFG: &str = "--cfg aio_loom";
+
+/// Test binaries run under valgrind memcheck, as (package, integration test target): the
+/// ownership paths of bottom-half nodes, and the whole conformance suite on the poll backend.
+const MEMCHECK: &[(&str, &str)] = &[("aio-core", "bh_memory"), ("aio-tests", "conformance_poll")];
 
 /// Whether to run every step or skip the slow ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +95,7 @@ const STEPS: &[Step] = &[
     Step::always("test", test),
     Step::full_only("test-matrix", test_matrix),
     Step::full_only("loom", loom),
+    Step::full_only("memcheck", memcheck),
     Step::always("doc", doc),
     Step::always("tidy", tidy),
 ];
@@ -106,7 +115,7 @@ pub fn run(mode: Mode) -> Result<ExitCode> {
     let root = project_root();
     let mode_name = match mode {
         Mode::Full => "full",
-        Mode::Quick => "quick (skipping test-matrix and loom)",
+        Mode::Quick => "quick (skipping test-matrix, loom and memcheck)",
     };
     // Nothing depends on CI today; printing it makes logs say where they came from.
     let ci_env = std::env::var("CI").unwrap_or_else(|_| "<unset>".to_owned());
@@ -286,6 +295,63 @@ fn loom(root: &Path) -> Result<()> {
     Ok(())
 }
 
+fn memcheck(_root: &Path) -> Result<()> {
+    ensure_valgrind()?;
+    for (package, test) in MEMCHECK {
+        let messages = Cmd::cargo()
+            .args(["test", "-p", package, "--test", test, "--no-run"])
+            .args(["--message-format", "json"])
+            .stdout()?;
+        let exe = test_executable(&messages, test).ok_or_else(|| {
+            Error::new(format!(
+                "cargo built no executable for `-p {package} --test {test}`"
+            ))
+        })?;
+        Cmd::new("valgrind")
+            .args([
+                "--error-exitcode=9",
+                "--leak-check=full",
+                "--errors-for-leak-kinds=definite",
+            ])
+            .args(["-q", exe.as_str(), "--test-threads=1"])
+            .run()?;
+    }
+    Ok(())
+}
+
+/// Installs valgrind through apt-get when it is missing (CI machines are Debian, as root), so that
+/// `cargo xtask ci` alone sets up a fresh machine.
+fn ensure_valgrind() -> Result<()> {
+    if Cmd::new("valgrind").arg("--version").probe() {
+        return Ok(());
+    }
+    eprintln!("valgrind not found; installing it with apt-get");
+    Cmd::new("apt-get").args(["update", "-qq"]).run()?;
+    Cmd::new("apt-get")
+        .args(["install", "-y", "-qq", "valgrind"])
+        .run()?;
+    if Cmd::new("valgrind").arg("--version").probe() {
+        Ok(())
+    } else {
+        Err(Error::new(
+            "valgrind is still missing after apt-get install",
+        ))
+    }
+}
+
+/// The `executable` of the test target named `test` in cargo's JSON messages.
+fn test_executable(messages: &str, test: &str) -> Option<String> {
+    let name = format!("\"name\":\"{test}\"");
+    messages
+        .lines()
+        .filter(|line| line.contains(&name) && line.contains("\"test\":true"))
+        .find_map(|line| {
+            let start = line.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let len = line[start..].find('"')?;
+            Some(line[start..start + len].to_owned())
+        })
+}
+
 /// `cargo` set up for loom: the cfg, the preemption bound, and a separate target directory so that
 /// switching RUSTFLAGS does not throw away the normal build cache (and vice versa).
 fn loom_cargo() -> Cmd {
@@ -406,13 +472,29 @@ mod tests {
     }
 
     #[test]
+    fn test_executable_is_found_in_cargo_json() {
+        let json = concat!(
+            r#"{"reason":"compiler-artifact","target":{"name":"other"},"profile":{"test":true},"#,
+            r#""executable":"/t/other-1"}"#,
+            "\n",
+            r#"{"reason":"compiler-artifact","target":{"name":"bh_memory"},"profile":{"test":true},"#,
+            r#""executable":"/t/bh_memory-2"}"#,
+        );
+        assert_eq!(
+            test_executable(json, "bh_memory").as_deref(),
+            Some("/t/bh_memory-2")
+        );
+        assert_eq!(test_executable(json, "missing"), None);
+    }
+
+    #[test]
     fn quick_mode_skips_only_the_slow_steps() {
         let skipped: Vec<_> = STEPS
             .iter()
             .filter(|s| s.full_only)
             .map(|s| s.name)
             .collect();
-        assert_eq!(skipped, ["test-matrix", "loom"]);
+        assert_eq!(skipped, ["test-matrix", "loom", "memcheck"]);
     }
 
     #[test]
@@ -421,6 +503,7 @@ mod tests {
             Outcome::Passed(Duration::from_millis(1200)),
             Outcome::Passed(Duration::from_secs(40)),
             Outcome::Failed(Duration::from_secs(3)),
+            Outcome::NotRun,
             Outcome::NotRun,
             Outcome::NotRun,
             Outcome::NotRun,

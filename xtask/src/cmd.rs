@@ -90,10 +90,6 @@ impl Cmd {
     }
 
     /// Any other program, looked up on `PATH`.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "runner API; every step runs cargo today")
-    )]
     pub fn new(program: &str) -> Self {
         Cmd {
             program: program.to_owned(),
