@@ -1,1 +1,536 @@
-//! Benchmark helpers (bootstrap stub).
+//! Workloads shared by the side-by-side benchmarks: aio and its peer (tokio `current_thread`)
+//! for B1, B2 and B4 of DESIGN.md §8.
+//!
+//! Each workload takes an iteration count and returns the time of exactly that many iterations,
+//! so the criterion benches (`iter_custom`) and the quick report (`benches/report.rs`, median of
+//! runs) measure the same code. Every iteration finishes its own work before the next one
+//! starts (tokio#3904: spawned tasks that are never awaited leak work into later iterations).
+//!
+//! The aio workloads also count the loop's own system calls ([`loop_syscalls`]) so that the
+//! "0 syscalls" targets are checked, not assumed.
+
+use std::cell::Cell;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use aio::{AioContext, BottomHalf, ContextHandle};
+
+thread_local! {
+    static RAN: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts one callback run on this thread. A thread-local add, not an atomic read-modify-write,
+/// so that the check "every callback ran" puts no locked instruction on the measured path.
+#[inline]
+pub fn bump() {
+    RAN.with(|c| c.set(c.get() + 1));
+}
+
+/// How many callbacks have [`bump`]ed on this thread so far.
+pub fn ran() -> u64 {
+    RAN.with(Cell::get)
+}
+
+/// The system calls `ctx`'s loop machinery has made so far: backend waits, eventfd writes by
+/// `notify` and eventfd drains (`AioContext::stats`).
+pub fn loop_syscalls(ctx: &AioContext) -> u64 {
+    let s = ctx.stats();
+    s.waits + s.event_writes + s.event_drains
+}
+
+/// A context on the default backend (`aio::Builder::new().build()`).
+///
+/// # Panics
+///
+/// If the context cannot be created (out of fds).
+pub fn new_context() -> AioContext {
+    aio::Builder::new()
+        .build()
+        .expect("aio-benches: cannot create an AioContext")
+}
+
+/// The peer: a tokio `current_thread` runtime with every driver this crate's tokio features
+/// provide (the timer; no I/O driver, so tokio's idle ticks make no `epoll_wait`).
+///
+/// # Panics
+///
+/// If the runtime cannot be built.
+pub fn tokio_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("aio-benches: cannot build a tokio runtime")
+}
+
+/// B1 (and its batch variant): `k` bottom halves created once on one context. One iteration
+/// schedules each of them once and runs one `poll_nonblocking`, which dispatches all `k`.
+#[derive(Debug)]
+pub struct AioBhBatch {
+    ctx: AioContext,
+    bhs: Vec<BottomHalf>,
+    ops: u64,
+    syscalls: u64,
+}
+
+impl AioBhBatch {
+    /// `k` BHs whose callbacks only [`bump`].
+    pub fn new(k: usize) -> Self {
+        assert!(k > 0);
+        let ctx = new_context();
+        let bhs = (0..k).map(|_| ctx.bh(bump)).collect();
+        AioBhBatch {
+            ctx,
+            bhs,
+            ops: 0,
+            syscalls: 0,
+        }
+    }
+
+    /// How many BHs one iteration dispatches.
+    pub fn k(&self) -> u64 {
+        self.bhs.len() as u64
+    }
+
+    /// Runs `iters` iterations (`iters * k` BH runs) and returns their time.
+    ///
+    /// # Panics
+    ///
+    /// If some BH run is missing after the last iteration.
+    pub fn run(&mut self, iters: u64) -> Duration {
+        let ran_before = ran();
+        let sys_before = loop_syscalls(&self.ctx);
+        let start = Instant::now();
+        if let [bh] = self.bhs.as_slice() {
+            for _ in 0..iters {
+                bh.schedule();
+                self.ctx.poll_nonblocking();
+            }
+        } else {
+            for _ in 0..iters {
+                for bh in &self.bhs {
+                    bh.schedule();
+                }
+                self.ctx.poll_nonblocking();
+            }
+        }
+        let elapsed = start.elapsed();
+        assert_eq!(ran() - ran_before, iters * self.k(), "a BH run is missing");
+        self.ops += iters * self.k();
+        self.syscalls += loop_syscalls(&self.ctx) - sys_before;
+        elapsed
+    }
+
+    /// Loop system calls per BH run over every `run` so far.
+    pub fn syscalls_per_op(&self) -> f64 {
+        per_op(self.syscalls, self.ops)
+    }
+}
+
+/// B2: one-shot BHs. One iteration schedules `n` of them with `schedule_oneshot` and polls
+/// (non-blocking) until all `n` have run.
+#[derive(Debug)]
+pub struct AioOneshot {
+    ctx: AioContext,
+    n: u64,
+    ops: u64,
+    syscalls: u64,
+}
+
+impl AioOneshot {
+    /// `n` one-shot BHs per iteration.
+    pub fn new(n: u64) -> Self {
+        AioOneshot {
+            ctx: new_context(),
+            n,
+            ops: 0,
+            syscalls: 0,
+        }
+    }
+
+    /// How many one-shot BHs one iteration runs.
+    pub fn n(&self) -> u64 {
+        self.n
+    }
+
+    /// Runs `iters` iterations (`iters * n` one-shot BHs) and returns their time.
+    pub fn run(&mut self, iters: u64) -> Duration {
+        let sys_before = loop_syscalls(&self.ctx);
+        let start = Instant::now();
+        for _ in 0..iters {
+            let target = ran() + self.n;
+            for _ in 0..self.n {
+                self.ctx.schedule_oneshot(bump);
+            }
+            // Every iteration finishes its own work: all `n` callbacks have run.
+            while ran() < target {
+                self.ctx.poll_nonblocking();
+            }
+        }
+        let elapsed = start.elapsed();
+        self.ops += iters * self.n;
+        self.syscalls += loop_syscalls(&self.ctx) - sys_before;
+        elapsed
+    }
+
+    /// Loop system calls per one-shot BH over every `run` so far.
+    pub fn syscalls_per_op(&self) -> f64 {
+        per_op(self.syscalls, self.ops)
+    }
+}
+
+/// B1 peer: `iters` × `tokio::task::yield_now().await` inside one `block_on` (self-wake and
+/// re-poll of the running task), timed inside the `block_on`.
+pub fn tokio_yield(rt: &tokio::runtime::Runtime, iters: u64) -> Duration {
+    rt.block_on(async move {
+        let start = Instant::now();
+        for _ in 0..iters {
+            tokio::task::yield_now().await;
+        }
+        start.elapsed()
+    })
+}
+
+/// B1-batch and B2 peer: one iteration spawns `k` tasks that only [`bump`] on a tokio
+/// `current_thread` runtime and awaits every `JoinHandle`.
+#[derive(Debug)]
+pub struct TokioSpawnBatch {
+    rt: tokio::runtime::Runtime,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+    k: u64,
+}
+
+impl TokioSpawnBatch {
+    /// `k` tasks per iteration.
+    pub fn new(k: u64) -> Self {
+        TokioSpawnBatch {
+            rt: tokio_runtime(),
+            handles: Vec::with_capacity(k as usize),
+            k,
+        }
+    }
+
+    /// Runs `iters` iterations (`iters * k` tasks) and returns their time.
+    ///
+    /// # Panics
+    ///
+    /// If a task panicked or some task run is missing.
+    pub fn run(&mut self, iters: u64) -> Duration {
+        let k = self.k;
+        let handles = &mut self.handles;
+        let ran_before = ran();
+        let elapsed = self.rt.block_on(async {
+            let start = Instant::now();
+            for _ in 0..iters {
+                for _ in 0..k {
+                    handles.push(tokio::spawn(async { bump() }));
+                }
+                for h in handles.drain(..) {
+                    h.await.expect("an empty task panicked");
+                }
+            }
+            start.elapsed()
+        });
+        assert_eq!(ran() - ran_before, iters * k, "a task run is missing");
+        elapsed
+    }
+}
+
+/// What a busy loop did while it ran (B4), for the system-call count per notify.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BusyReport {
+    /// Iterations of the busy loop (`poll_nonblocking` calls, or `yield_now`s for tokio).
+    pub loop_iterations: u64,
+    /// Backend waits the busy loop made.
+    pub waits: u64,
+    /// Eventfd writes made by `notify` while the loop ran.
+    pub event_writes: u64,
+    /// Eventfd drains the busy loop made.
+    pub event_drains: u64,
+    /// Operations (notifies or remote spawns) timed against this loop.
+    pub ops: u64,
+}
+
+impl BusyReport {
+    /// Adds another run's counts to these.
+    pub fn add(&mut self, other: &BusyReport) {
+        self.loop_iterations += other.loop_iterations;
+        self.waits += other.waits;
+        self.event_writes += other.event_writes;
+        self.event_drains += other.event_drains;
+        self.ops += other.ops;
+    }
+
+    /// Loop system calls (waits + eventfd writes + eventfd drains) per timed operation.
+    pub fn syscalls_per_op(&self) -> f64 {
+        per_op(self.waits + self.event_writes + self.event_drains, self.ops)
+    }
+
+    /// Eventfd writes per timed operation (the only syscall `notify` itself can make).
+    pub fn event_writes_per_op(&self) -> f64 {
+        per_op(self.event_writes, self.ops)
+    }
+
+    /// Backend waits per busy-loop iteration.
+    pub fn waits_per_loop_iteration(&self) -> f64 {
+        per_op(self.waits, self.loop_iterations)
+    }
+}
+
+/// B4: a context whose home thread spins `poll_nonblocking` (busy, never blocks) until stopped;
+/// the caller's thread notifies it.
+#[derive(Debug)]
+pub struct AioBusyLoop {
+    handle: ContextHandle,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<BusyReport>>,
+    writes_before: u64,
+    ops: u64,
+}
+
+impl AioBusyLoop {
+    /// Starts the loop thread, pinned to `cpu` if given (and if the machine has it).
+    ///
+    /// # Panics
+    ///
+    /// If the thread cannot be spawned or the context cannot be created.
+    pub fn start(cpu: Option<usize>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let stop_flag = stop.clone();
+        let thread = thread::Builder::new()
+            .name("aio-busy-loop".into())
+            .spawn(move || {
+                let _pin = cpu.and_then(pin_current_thread);
+                let ctx = new_context();
+                let before = ctx.stats();
+                tx.send(ctx.handle()).expect("bench thread gone");
+                let mut loop_iterations = 0u64;
+                while !stop_flag.load(Ordering::Relaxed) {
+                    ctx.poll_nonblocking();
+                    loop_iterations += 1;
+                }
+                let after = ctx.stats();
+                BusyReport {
+                    loop_iterations,
+                    waits: after.waits - before.waits,
+                    event_writes: 0,
+                    event_drains: after.event_drains - before.event_drains,
+                    ops: 0,
+                }
+            })
+            .expect("cannot spawn the busy loop thread");
+        let handle = rx.recv().expect("the busy loop thread died");
+        let writes_before = handle.event_writes();
+        AioBusyLoop {
+            handle,
+            stop,
+            thread: Some(thread),
+            writes_before,
+            ops: 0,
+        }
+    }
+
+    /// Calls `notify` `iters` times from this thread and returns the time.
+    pub fn notify(&mut self, iters: u64) -> Duration {
+        let handle = &self.handle;
+        let start = Instant::now();
+        for _ in 0..iters {
+            handle.notify();
+        }
+        let elapsed = start.elapsed();
+        self.ops += iters;
+        elapsed
+    }
+
+    /// Stops the loop and returns what it did.
+    ///
+    /// # Panics
+    ///
+    /// If the loop thread panicked.
+    pub fn stop(mut self) -> BusyReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut report = self
+            .thread
+            .take()
+            .expect("stopped twice")
+            .join()
+            .expect("the busy loop thread panicked");
+        report.event_writes = self.handle.event_writes() - self.writes_before;
+        report.ops = self.ops;
+        report
+    }
+}
+
+impl Drop for AioBusyLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// B4 peer: a tokio `current_thread` runtime whose thread is busy in `block_on` of a
+/// `yield_now` loop; the caller's thread spawns empty tasks onto it through its `Handle`.
+#[derive(Debug)]
+pub struct TokioBusyLoop {
+    handle: tokio::runtime::Handle,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<u64>>,
+    ops: u64,
+}
+
+impl TokioBusyLoop {
+    /// Starts the runtime thread, pinned to `cpu` if given (and if the machine has it).
+    ///
+    /// # Panics
+    ///
+    /// If the thread cannot be spawned or the runtime cannot be built.
+    pub fn start(cpu: Option<usize>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = mpsc::channel();
+        let stop_flag = stop.clone();
+        let thread = thread::Builder::new()
+            .name("tokio-busy-loop".into())
+            .spawn(move || {
+                let _pin = cpu.and_then(pin_current_thread);
+                let rt = tokio_runtime();
+                tx.send(rt.handle().clone()).expect("bench thread gone");
+                rt.block_on(async move {
+                    let mut yields = 0u64;
+                    while !stop_flag.load(Ordering::Relaxed) {
+                        tokio::task::yield_now().await;
+                        yields += 1;
+                    }
+                    yields
+                })
+            })
+            .expect("cannot spawn the tokio busy loop thread");
+        let handle = rx.recv().expect("the tokio busy loop thread died");
+        TokioBusyLoop {
+            handle,
+            stop,
+            thread: Some(thread),
+            ops: 0,
+        }
+    }
+
+    /// Spawns `iters` empty tasks onto the busy runtime from this thread (dropping each
+    /// `JoinHandle`) and returns the time of the spawns. Then, untimed, waits until the runtime
+    /// has run them all, so that no work leaks into the next iteration.
+    ///
+    /// # Panics
+    ///
+    /// If the runtime thread died.
+    pub fn spawn(&mut self, iters: u64) -> Duration {
+        let handle = &self.handle;
+        let start = Instant::now();
+        for _ in 0..iters {
+            drop(handle.spawn(async {}));
+        }
+        let elapsed = start.elapsed();
+        // Remote spawns go through one FIFO injection queue: once this marker has run, so have
+        // all the tasks above.
+        let (tx, rx) = mpsc::sync_channel(1);
+        drop(handle.spawn(async move {
+            let _ = tx.send(());
+        }));
+        rx.recv().expect("the tokio busy loop thread died");
+        self.ops += iters;
+        elapsed
+    }
+
+    /// Stops the runtime thread; returns its busy-loop iterations and the spawns timed.
+    ///
+    /// # Panics
+    ///
+    /// If the runtime thread panicked.
+    pub fn stop(mut self) -> BusyReport {
+        self.stop.store(true, Ordering::Relaxed);
+        let yields = self
+            .thread
+            .take()
+            .expect("stopped twice")
+            .join()
+            .expect("the tokio busy loop thread panicked");
+        BusyReport {
+            loop_iterations: yields,
+            ops: self.ops,
+            ..BusyReport::default()
+        }
+    }
+}
+
+impl Drop for TokioBusyLoop {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The calling thread's CPU affinity before [`pin_current_thread`]; restored when dropped.
+pub struct Pinned {
+    previous: libc::cpu_set_t,
+}
+
+impl fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pinned").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: pid 0 is the calling thread; the pointer and size describe `self.previous`,
+        // a valid `cpu_set_t` that outlives the call.
+        unsafe {
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &self.previous);
+        }
+    }
+}
+
+/// Pins the calling thread to `cpu` (B4: loop thread on cpu0, remote thread on cpu1). Returns
+/// `None`, leaving the thread as it was, when the machine has fewer than 2 CPUs, the thread may
+/// not run on `cpu`, or the kernel refuses.
+pub fn pin_current_thread(cpu: usize) -> Option<Pinned> {
+    if thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return None;
+    }
+    let size = size_of::<libc::cpu_set_t>();
+    if cpu >= 8 * size {
+        return None;
+    }
+    // SAFETY: `cpu_set_t` is a plain bit array, for which all zeroes is a valid (empty) set.
+    let mut previous: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; the pointer and size describe `previous`, which
+    // outlives the call.
+    if unsafe { libc::sched_getaffinity(0, size, &mut previous) } != 0 {
+        return None;
+    }
+    // SAFETY: `previous` is an initialized `cpu_set_t` and `cpu` is below its bit count.
+    if !unsafe { libc::CPU_ISSET(cpu, &previous) } {
+        return None;
+    }
+    // SAFETY: as for `previous` above.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is an initialized `cpu_set_t` and `cpu` is below its bit count.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: pid 0 is the calling thread; the pointer and size describe `set`.
+    if unsafe { libc::sched_setaffinity(0, size, &set) } != 0 {
+        return None;
+    }
+    Some(Pinned { previous })
+}
+
+fn per_op(count: u64, ops: u64) -> f64 {
+    if ops == 0 {
+        0.0
+    } else {
+        count as f64 / ops as f64
+    }
+}

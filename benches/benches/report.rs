@@ -1,0 +1,493 @@
+//! Quick side-by-side report of B1, B2 and B4 (DESIGN.md §8), without criterion: plain
+//! `Instant` timing, the median of 11 runs of 10⁶ operations after a warm-up, aio and tokio
+//! interleaved run by run. Prints a Markdown table; with `AIO_BENCH_REPORT_DIR` set it also
+//! writes `report.md` and a bar chart `report.svg` there (`cargo xtask bench` sets it).
+//!
+//! It is a `harness = false` bench target, so `cargo bench -p aio-benches [-- FILTER]` runs it
+//! after the criterion benches; a FILTER runs the rows whose key contains it (the keys are the
+//! criterion group names), and `report` runs them all. Without `--bench` (as under
+//! `cargo test --benches`) it does a short smoke run and writes nothing.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aio_benches::{
+    AioBhBatch, AioBusyLoop, AioOneshot, BusyReport, TokioBusyLoop, TokioSpawnBatch,
+    pin_current_thread, tokio_runtime, tokio_yield,
+};
+
+/// Criterion options that take a value, so that the value is not taken for a filter.
+const OPTIONS_WITH_VALUE: &[&str] = &[
+    "--save-baseline",
+    "--baseline",
+    "--baseline-lenient",
+    "--load-baseline",
+    "--sample-size",
+    "--warm-up-time",
+    "--measurement-time",
+    "--nresamples",
+    "--noise-threshold",
+    "--confidence-level",
+    "--significance-level",
+    "--profile-time",
+    "--output-format",
+    "--color",
+    "--plotting-backend",
+    "--format",
+    "--logfile",
+];
+
+/// How much to measure.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Measured runs per side; the median is reported.
+    runs: usize,
+    /// Operations per run.
+    ops: u64,
+}
+
+/// One line of the table.
+#[derive(Debug)]
+struct Row {
+    /// Matched against the filter; the criterion group name (and K for batches).
+    key: String,
+    /// What the line compares.
+    bench: String,
+    /// Median ns per operation, aio.
+    aio_ns: f64,
+    /// Median ns per operation, tokio.
+    tokio_ns: f64,
+    /// aio loop system calls per operation.
+    syscalls: f64,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        self.tokio_ns / self.aio_ns
+    }
+}
+
+/// The command line: bench mode or smoke run, and the filter.
+#[derive(Debug)]
+struct Args {
+    bench: bool,
+    list: bool,
+    filter: Option<String>,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        bench: false,
+        list: false,
+        filter: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--bench" => args.bench = true,
+            "--list" => args.list = true,
+            s if OPTIONS_WITH_VALUE.contains(&s) => {
+                it.next();
+            }
+            s if s.starts_with('-') => {}
+            s => {
+                if args.filter.is_none() {
+                    args.filter = Some(s.to_owned());
+                }
+            }
+        }
+    }
+    args
+}
+
+fn wanted(filter: Option<&str>, key: &str) -> bool {
+    match filter {
+        None => true,
+        Some(f) => f == "report" || key.contains(f),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn ns_per_op(d: Duration, ops: u64) -> f64 {
+    d.as_nanos() as f64 / ops as f64
+}
+
+/// Runs `aio` and `tokio` alternately, `plan.runs` times each after one warm-up run each, every
+/// run covering about `plan.ops` operations in iterations of `per_iter` operations. Returns the
+/// median ns per operation of each side.
+fn measure_pair(
+    plan: Plan,
+    per_iter: u64,
+    mut aio: impl FnMut(u64) -> Duration,
+    mut tokio: impl FnMut(u64) -> Duration,
+) -> (f64, f64) {
+    let iters = (plan.ops / per_iter).max(1);
+    let ops = iters * per_iter;
+    let warm = (iters / 4).max(1);
+    aio(warm);
+    tokio(warm);
+    let (mut a, mut t) = (Vec::with_capacity(plan.runs), Vec::with_capacity(plan.runs));
+    for _ in 0..plan.runs {
+        a.push(ns_per_op(aio(iters), ops));
+        t.push(ns_per_op(tokio(iters), ops));
+    }
+    (median(a), median(t))
+}
+
+fn b1_single(plan: Plan) -> Row {
+    let mut ours = AioBhBatch::new(1);
+    let rt = tokio_runtime();
+    let (aio_ns, tokio_ns) = measure_pair(plan, 1, |n| ours.run(n), |n| tokio_yield(&rt, n));
+    Row {
+        key: "B1_bh_schedule_dispatch".into(),
+        bench: "B1 BH schedule + poll_nonblocking (1 BH) vs tokio `yield_now`".into(),
+        aio_ns,
+        tokio_ns,
+        syscalls: ours.syscalls_per_op(),
+    }
+}
+
+fn b1_batch(plan: Plan, k: u64) -> Row {
+    let mut ours = AioBhBatch::new(k as usize);
+    let mut peer = TokioSpawnBatch::new(k);
+    let (aio_ns, tokio_ns) = measure_pair(plan, k, |n| ours.run(n), |n| peer.run(n));
+    Row {
+        key: format!("B1_bh_batch/{k}"),
+        bench: format!(
+            "B1 batch: {k} BH{} + 1 poll, per BH, vs tokio spawn+await ×{k}",
+            if k == 1 { "" } else { "s" }
+        ),
+        aio_ns,
+        tokio_ns,
+        syscalls: ours.syscalls_per_op(),
+    }
+}
+
+fn b2(plan: Plan) -> Row {
+    let mut ours = AioOneshot::new(1000);
+    let mut peer = TokioSpawnBatch::new(1000);
+    let (aio_ns, tokio_ns) = measure_pair(plan, 1000, |n| ours.run(n), |n| peer.run(n));
+    Row {
+        key: "B2_oneshot_x1000".into(),
+        bench: "B2 one-shot BH ×1000 + poll vs tokio spawn+await ×1000".into(),
+        aio_ns,
+        tokio_ns,
+        syscalls: ours.syscalls_per_op(),
+    }
+}
+
+fn b4(plan: Plan) -> Row {
+    // This thread is the remote one (cpu1); each run starts a fresh busy loop on cpu0, warms it
+    // up, measures, and stops it, so that only two threads are ever busy.
+    let pin = pin_current_thread(1);
+    let warm = (plan.ops / 10).max(1);
+    let mut ours = BusyReport::default();
+    let (aio_ns, tokio_ns) = measure_pair(
+        plan,
+        1,
+        |n| {
+            let mut l = AioBusyLoop::start(Some(0));
+            l.notify(warm);
+            let d = l.notify(n);
+            ours.add(&l.stop());
+            d
+        },
+        |n| {
+            let mut l = TokioBusyLoop::start(Some(0));
+            l.spawn(warm);
+            let d = l.spawn(n);
+            l.stop();
+            d
+        },
+    );
+    drop(pin);
+    println!(
+        "B4 aio: {} notifies, eventfd writes/notify = {:.6}, loop syscalls/notify = {:.6}, \
+         busy-loop waits/iteration = {:.6} over {} iterations",
+        ours.ops,
+        ours.event_writes_per_op(),
+        ours.syscalls_per_op(),
+        ours.waits_per_loop_iteration(),
+        ours.loop_iterations
+    );
+    Row {
+        key: "B4_notify_busy_loop".into(),
+        bench: "B4 `notify` to a busy loop vs tokio remote `Handle::spawn` to a busy rt".into(),
+        aio_ns,
+        tokio_ns,
+        syscalls: ours.syscalls_per_op(),
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str("| bench | aio ns/op | tokio ns/op | ratio (tokio/aio) | aio syscalls/op |\n");
+    s.push_str("|---|---:|---:|---:|---:|\n");
+    for r in rows {
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} | {:.1} | {:.1}× | {} |",
+            r.bench,
+            r.aio_ns,
+            r.tokio_ns,
+            r.ratio(),
+            fmt_syscalls(r.syscalls)
+        );
+    }
+    s
+}
+
+fn fmt_syscalls(x: f64) -> String {
+    if x == 0.0 {
+        "0".into()
+    } else {
+        format!("{x:.6}")
+    }
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "**missed**" }
+}
+
+/// The DESIGN.md §8 targets that the rows measured, each with its verdict.
+fn targets(rows: &[Row]) -> String {
+    let mut s = String::new();
+    let find = |key: &str| rows.iter().find(|r| r.key == key);
+    if let Some(r) = find("B1_bh_schedule_dispatch") {
+        let _ = writeln!(
+            s,
+            "- B1 ≤ 30 ns/op: {} ({:.1} ns); 0 syscalls: {} ({}); ≥ 10× tokio `yield_now`: {} \
+             ({:.1}×)",
+            verdict(r.aio_ns <= 30.0),
+            r.aio_ns,
+            verdict(r.syscalls == 0.0),
+            fmt_syscalls(r.syscalls),
+            verdict(r.ratio() >= 10.0),
+            r.ratio()
+        );
+    }
+    if let Some(r) = find("B2_oneshot_x1000") {
+        let _ = writeln!(
+            s,
+            "- B2 ≥ 3× tokio spawn + await: {} ({:.1}×)",
+            verdict(r.ratio() >= 3.0),
+            r.ratio()
+        );
+    }
+    if let Some(r) = find("B4_notify_busy_loop") {
+        let _ = writeln!(
+            s,
+            "- B4 0 syscalls: {} ({}); ≤ 20 ns: {} ({:.1} ns)",
+            verdict(r.syscalls == 0.0),
+            fmt_syscalls(r.syscalls),
+            verdict(r.aio_ns <= 20.0),
+            r.aio_ns
+        );
+    }
+    s
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{cpu}, {cpus} CPUs, Linux {kernel}")
+}
+
+/// Today's UTC date as `YYYY-MM-DD` (civil-from-days, H. Hinnant's algorithm).
+fn today() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+fn markdown(rows: &[Row], plan: Plan) -> String {
+    format!(
+        "# aio side-by-side benchmark report\n\n\
+         Generated {} on {} by `benches/report.rs` (median of {} runs of ~{} ops each, after a \
+         warm-up; aio and tokio interleaved in the same process).\n\n{}\n\
+         Targets (DESIGN.md §8):\n\n{}",
+        today(),
+        machine(),
+        plan.runs,
+        plan.ops,
+        table(rows),
+        targets(rows)
+    )
+}
+
+fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('`', "")
+}
+
+fn fmt_ns(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{:.2} µs", v / 1000.0)
+    } else {
+        format!("{v:.1} ns")
+    }
+}
+
+/// A horizontal grouped bar chart (aio vs tokio per row) on a log-scale ns axis.
+fn svg(rows: &[Row]) -> String {
+    const LABEL_W: f64 = 470.0;
+    const PLOT_W: f64 = 440.0;
+    const ROW_H: f64 = 46.0;
+    const TOP: f64 = 56.0;
+    let width = LABEL_W + PLOT_W + 90.0;
+    let height = TOP + ROW_H * rows.len() as f64 + 40.0;
+    let values = rows.iter().flat_map(|r| [r.aio_ns, r.tokio_ns]);
+    let min = values.clone().fold(f64::INFINITY, f64::min).max(0.1);
+    let max = values.fold(0.0, f64::max).max(min * 10.0);
+    let lo = min.log10().floor();
+    let hi = max.log10().ceil();
+    let x = |v: f64| LABEL_W + (v.max(0.1).log10() - lo) / (hi - lo) * PLOT_W;
+
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         font-family=\"sans-serif\" font-size=\"12\">"
+    );
+    let _ = writeln!(
+        s,
+        "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"10\" y=\"20\" font-size=\"15\" font-weight=\"bold\">aio vs tokio current_thread: \
+         ns per operation (log scale, shorter is better)</text>\n\
+         <rect x=\"10\" y=\"32\" width=\"12\" height=\"12\" fill=\"#1f77b4\"/>\
+         <text x=\"27\" y=\"43\">aio</text>\n\
+         <rect x=\"70\" y=\"32\" width=\"12\" height=\"12\" fill=\"#ff7f0e\"/>\
+         <text x=\"87\" y=\"43\">tokio</text>"
+    );
+    let bottom = TOP + ROW_H * rows.len() as f64;
+    let mut decade = lo;
+    while decade <= hi {
+        let v = 10f64.powf(decade);
+        let gx = x(v);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{gx:.1}\" y1=\"{TOP}\" x2=\"{gx:.1}\" y2=\"{bottom}\" stroke=\"#ccc\"/>\
+             <text x=\"{gx:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
+            bottom + 16.0,
+            fmt_ns(v).replace(".0 ", " ").replace(".00 ", " ")
+        );
+        decade += 1.0;
+    }
+    for (i, r) in rows.iter().enumerate() {
+        let y = TOP + ROW_H * i as f64;
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>\
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\" fill=\"#555\">tokio/aio = {:.1}×, \
+             aio syscalls/op = {}</text>",
+            LABEL_W - 8.0,
+            y + 20.0,
+            xml_escape(&r.bench),
+            LABEL_W - 8.0,
+            y + 35.0,
+            r.ratio(),
+            fmt_syscalls(r.syscalls)
+        );
+        for (j, (v, color)) in [(r.aio_ns, "#1f77b4"), (r.tokio_ns, "#ff7f0e")]
+            .into_iter()
+            .enumerate()
+        {
+            let by = y + 8.0 + 16.0 * j as f64;
+            let w = (x(v) - LABEL_W).max(1.0);
+            let _ = writeln!(
+                s,
+                "<rect x=\"{LABEL_W}\" y=\"{by:.1}\" width=\"{w:.1}\" height=\"14\" \
+                 fill=\"{color}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+                LABEL_W + w + 4.0,
+                by + 11.0,
+                fmt_ns(v)
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn write_report(dir: &Path, rows: &[Row], plan: Plan) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("report.md"), markdown(rows, plan))?;
+    std::fs::write(dir.join("report.svg"), svg(rows))?;
+    Ok(())
+}
+
+fn main() {
+    let args = parse_args();
+    if args.list {
+        return;
+    }
+    let plan = if args.bench {
+        Plan {
+            runs: 11,
+            ops: 1_000_000,
+        }
+    } else {
+        Plan { runs: 1, ops: 4096 }
+    };
+    let filter = args.filter.as_deref();
+    let mut rows = Vec::new();
+    if wanted(filter, "B1_bh_schedule_dispatch") {
+        rows.push(b1_single(plan));
+    }
+    for k in [1, 16, 256] {
+        if wanted(filter, &format!("B1_bh_batch/{k}")) {
+            rows.push(b1_batch(plan, k));
+        }
+    }
+    if wanted(filter, "B2_oneshot_x1000") {
+        rows.push(b2(plan));
+    }
+    if wanted(filter, "B4_notify_busy_loop") {
+        rows.push(b4(plan));
+    }
+    if rows.is_empty() {
+        return;
+    }
+    println!("\n{}", markdown(&rows, plan));
+    if !args.bench {
+        println!("(smoke run: no --bench flag, nothing written)");
+        return;
+    }
+    if let Some(dir) = std::env::var_os("AIO_BENCH_REPORT_DIR") {
+        let dir = Path::new(&dir);
+        match write_report(dir, &rows, plan) {
+            Ok(()) => println!("report written to {}", dir.join("report.md").display()),
+            Err(e) => {
+                eprintln!("report: cannot write to {}: {e}", dir.display());
+                std::process::exit(1);
+            }
+        }
+    }
+}
