@@ -41,7 +41,9 @@
 //! loop exists, and it unlinks whole lists at once, so the Treiber-stack ABA problem cannot arise.
 
 use crate::context::Shared;
-use crate::sync::{Arc, AtomicPtr, AtomicU32, Ordering, UnsafeCell};
+use crate::sync::{
+    Arc, AtomicBool, AtomicPtr, AtomicU32, Ordering, UnsafeCell, signal_fence, thread_marker,
+};
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
@@ -227,20 +229,8 @@ impl BhList {
         }
     }
 
-    /// Sets `new_flags | PENDING` on `node` and links it if it was not pending. The caller
-    /// notifies the loop. Wait-free apart from the push's CAS loop.
-    ///
-    /// With `DELETED` or `ONESHOT` in `new_flags`, the caller transfers one reference to the
-    /// node's link (whether this call links it or it was linked already) and must not touch the
-    /// node afterwards: the home thread may free it at once.
-    pub(crate) fn enqueue(&self, node: &BhNode, new_flags: u32) {
-        // Synchronizes with the `fetch_and` in `dispatch` (AcqRel both ways): if we see PENDING
-        // clear, the home thread has finished reading `next`, so we may overwrite it; and our
-        // flags, with the writes before them, are visible to the pass that clears them.
-        let old = node.flags.fetch_or(PENDING | new_flags, Ordering::AcqRel);
-        if old & PENDING != 0 {
-            return;
-        }
+    /// Links `node`, whose PENDING flag the caller has just turned on. Lock-free (a CAS loop).
+    fn push(&self, node: &BhNode) {
         let raw = ptr::from_ref(node).cast_mut();
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
@@ -259,31 +249,17 @@ impl BhList {
     /// Unlinks every pending node at once and returns them in scheduling order. The home thread
     /// calls it each pass; other threads only once the loop is gone (see `Shared::notify`).
     /// Taking the whole list with one `swap` keeps concurrent takers disjoint.
-    pub(crate) fn take(&self) -> Slice {
+    fn take(&self) -> Slice {
         if self.head.load(Ordering::Relaxed).is_null() {
             return Slice::empty();
         }
         // Acquire synchronizes with the Release CAS of every push, making each node's `next`
         // and flags visible.
-        let mut lifo = self.head.swap(ptr::null_mut(), Ordering::Acquire);
-        // Reverse in place so that BHs run in the order they were first scheduled, which is what
-        // users expect; QEMU runs them newest first and promises nothing.
-        let mut fifo = ptr::null_mut();
-        while !lifo.is_null() {
-            // SAFETY: linked nodes are alive (module docs: a handle or the link holds them), and
-            // the `swap` made this thread the only one that reads or writes their `next` until
-            // PENDING is cleared.
-            let node = unsafe { &*lifo };
-            let next = node.next.load(Ordering::Relaxed);
-            node.next.store(fifo, Ordering::Relaxed);
-            fifo = lifo;
-            lifo = next;
-        }
-        Slice { head: fifo }
+        Slice::from_lifo(self.head.swap(ptr::null_mut(), Ordering::Acquire))
     }
 
     /// The timeout contribution of the BHs pending on the shared list. Home thread only.
-    pub(crate) fn timeout(&self) -> BhTimeout {
+    fn timeout(&self) -> BhTimeout {
         // Acquire pairs with the Release CAS in `enqueue`, so the walk sees each node's `next`.
         walk_timeout(self.head.load(Ordering::Acquire))
     }
@@ -300,6 +276,158 @@ impl Drop for BhList {
 impl fmt::Debug for BhList {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("BhList").finish_non_exhaustive()
+    }
+}
+
+/// The home thread's own list of pending BHs: schedules made on the home thread are linked here
+/// with plain loads and stores instead of the shared list's CAS, and taken without its `swap`.
+///
+/// # Invariant
+///
+/// `head` is touched only by the home thread, including signal handlers that interrupt it, and
+/// only between raising and lowering `busy`. A signal handler that finds `busy` raised has
+/// interrupted a list operation and uses the shared list instead, which is what makes
+/// scheduling async-signal-safe, as QEMU's is.
+struct LocalList {
+    head: UnsafeCell<*mut BhNode>,
+    /// A home-thread operation on `head` is in progress. Relaxed: only the home thread and its
+    /// signal handlers read it; signal fences order it against `head`.
+    busy: AtomicBool,
+    /// False once the loop is gone (`close`): later home-thread schedules use the shared list,
+    /// whose dead-context path frees them at once.
+    open: AtomicBool,
+}
+
+// SAFETY: `head` is only ever accessed by the home thread of the context that owns the list
+// (invariant above), so sharing or sending the list between threads never lets two threads touch
+// it; the nodes it links are themselves `Send + Sync`. Everything else is atomic.
+unsafe impl Send for LocalList {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for LocalList {}
+
+impl LocalList {
+    /// Runs `f` on the head if no other home-thread operation is in progress.
+    fn with_head<R>(&self, f: impl FnOnce(&mut *mut BhNode) -> R) -> Option<R> {
+        if self.busy.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.busy.store(true, Ordering::Relaxed);
+        signal_fence();
+        // SAFETY: only the home thread gets here (invariant), and `busy` was clear: no other
+        // access is in progress, not even in the code a signal handler interrupted.
+        let result = self.head.with_mut(|head| f(unsafe { &mut *head }));
+        signal_fence();
+        self.busy.store(false, Ordering::Relaxed);
+        Some(result)
+    }
+}
+
+/// Every pending BH of a context: a shared lock-free list for schedules made on other threads,
+/// and a plain one for schedules made on the home thread (QEMU has only the shared one).
+pub(crate) struct PendingBhs {
+    remote: BhList,
+    local: LocalList,
+    /// `thread_marker()` of the home thread.
+    home: usize,
+}
+
+impl PendingBhs {
+    pub(crate) fn new(home: usize) -> Self {
+        PendingBhs {
+            remote: BhList::new(),
+            local: LocalList {
+                head: UnsafeCell::new(ptr::null_mut()),
+                busy: AtomicBool::new(false),
+                open: AtomicBool::new(true),
+            },
+            home,
+        }
+    }
+
+    /// Sets `new_flags | PENDING` on `node` and links it if it was not pending. The caller
+    /// notifies the loop. Wait-free apart from the shared list's CAS loop.
+    ///
+    /// With `DELETED` or `ONESHOT` in `new_flags`, the caller transfers one reference to the
+    /// node's link (whether this call links it or it was linked already) and must not touch the
+    /// node afterwards: the home thread may free it at once.
+    pub(crate) fn enqueue(&self, node: &BhNode, new_flags: u32) {
+        // Synchronizes with the `fetch_and` in `dispatch` (AcqRel both ways): if we see PENDING
+        // clear, the home thread has finished reading `next`, so we may overwrite it; and our
+        // flags, with the writes before them, are visible to the pass that clears them.
+        let old = node.flags.fetch_or(PENDING | new_flags, Ordering::AcqRel);
+        if old & PENDING == 0 {
+            self.link(node);
+        }
+    }
+
+    /// Links a node whose PENDING flag the caller has just set (or created it with).
+    fn link(&self, node: &BhNode) {
+        if thread_marker() == self.home && self.local.open.load(Ordering::Relaxed) {
+            let raw = ptr::from_ref(node).cast_mut();
+            let linked = self.local.with_head(|head| {
+                node.next.store(*head, Ordering::Relaxed);
+                *head = raw;
+            });
+            if linked.is_some() {
+                return;
+            }
+        }
+        self.remote.push(node);
+    }
+
+    /// Takes both lists, each in scheduling order: other threads' BHs first. Home thread only.
+    pub(crate) fn take(&self) -> (Slice, Slice) {
+        let local = self
+            .local
+            .with_head(|head| std::mem::replace(head, ptr::null_mut()));
+        (
+            self.remote.take(),
+            Slice::from_lifo(local.unwrap_or(ptr::null_mut())),
+        )
+    }
+
+    /// Takes the shared list only: for threads other than the home thread, once the loop is gone.
+    pub(crate) fn take_remote(&self) -> Slice {
+        self.remote.take()
+    }
+
+    /// Stops linking home-thread schedules locally and takes what is there (the loop is going
+    /// away). Home thread only.
+    pub(crate) fn close_local(&self) -> Slice {
+        self.local.open.store(false, Ordering::Relaxed);
+        let local = self
+            .local
+            .with_head(|head| std::mem::replace(head, ptr::null_mut()));
+        Slice::from_lifo(local.unwrap_or(ptr::null_mut()))
+    }
+
+    /// The timeout contribution of the BHs pending on both lists. Home thread only.
+    pub(crate) fn timeout(&self) -> BhTimeout {
+        let remote = self.remote.timeout();
+        if remote == BhTimeout::Now {
+            return remote;
+        }
+        // If a signal handler holds the local list (it cannot: it would have to interrupt this
+        // very function), count it as "now" rather than guess.
+        let local = self
+            .local
+            .with_head(|head| walk_timeout(*head))
+            .unwrap_or(BhTimeout::Now);
+        remote.max(local)
+    }
+}
+
+impl Drop for PendingBhs {
+    fn drop(&mut self) {
+        // Exclusive access: release whatever is still linked locally (the shared list releases
+        // its own nodes when it drops).
+        drop(self.close_local());
+    }
+}
+
+impl fmt::Debug for PendingBhs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingBhs").finish_non_exhaustive()
     }
 }
 
@@ -334,6 +462,24 @@ impl Slice {
         Slice {
             head: ptr::null_mut(),
         }
+    }
+
+    /// Turns a just-unlinked LIFO chain into a slice in scheduling order. Reversing makes BHs
+    /// run in the order they were first scheduled, which is what users expect; QEMU runs them
+    /// newest first and promises nothing.
+    fn from_lifo(mut lifo: *mut BhNode) -> Slice {
+        let mut fifo = ptr::null_mut();
+        while !lifo.is_null() {
+            // SAFETY: linked nodes are alive (module docs: a handle or the link holds them), and
+            // the caller unlinked the chain, so this thread is the only one that reads or writes
+            // their `next` until PENDING is cleared.
+            let node = unsafe { &*lifo };
+            let next = node.next.load(Ordering::Relaxed);
+            node.next.store(fifo, Ordering::Relaxed);
+            fifo = lifo;
+            lifo = next;
+        }
+        Slice { head: fifo }
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -417,7 +563,7 @@ pub(crate) fn dispatch(ptr: NonNull<BhNode>, shared: &Shared) -> bool {
             // A nested poll met the BH whose callback is running up the stack. Rust cannot
             // re-enter an `FnMut`, so keep the schedule for the next pass instead of losing it;
             // QEMU would call it recursively. (One-shots cannot be re-linked, see `RunningBh`.)
-            shared.bh_list.enqueue(node, SCHEDULED | (flags & IDLE));
+            shared.bhs.enqueue(node, SCHEDULED | (flags & IDLE));
             false
         }
     }
@@ -500,7 +646,7 @@ impl BottomHalf {
     /// Schedules the callback to run on the next loop iteration (QEMU `qemu_bh_schedule`).
     /// Callable from any thread; wakes the loop if it is asleep.
     pub fn schedule(&self) {
-        self.shared.bh_list.enqueue(&self.node, SCHEDULED);
+        self.shared.bhs.enqueue(&self.node, SCHEDULED);
         self.shared.notify_scheduled();
     }
 
@@ -508,7 +654,7 @@ impl BottomHalf {
     /// iteration that happens anyway, and at the latest 10 ms from now; it does not count as
     /// progress.
     pub fn schedule_idle(&self) {
-        self.shared.bh_list.enqueue(&self.node, SCHEDULED | IDLE);
+        self.shared.bhs.enqueue(&self.node, SCHEDULED | IDLE);
         self.shared.notify_scheduled();
     }
 
@@ -536,7 +682,7 @@ impl Drop for BottomHalf {
         let raw = Arc::into_raw(node);
         // SAFETY: `raw` is alive: we hold its reference until `enqueue` hands it to the link,
         // and we do not touch the node after `enqueue` returns.
-        self.shared.bh_list.enqueue(unsafe { &*raw }, DELETED);
+        self.shared.bhs.enqueue(unsafe { &*raw }, DELETED);
         self.shared.notify_scheduled();
     }
 }
@@ -602,7 +748,7 @@ impl RunningBh<'_> {
         }
         // The node is alive while its callback runs (the dispatch holds it), and a concurrent
         // delete of its handle transfers the handle's reference to whichever link exists.
-        self.shared.bh_list.enqueue(self.node, flags);
+        self.shared.bhs.enqueue(self.node, flags);
         self.shared.notify_scheduled();
     }
 
@@ -636,10 +782,12 @@ pub(crate) fn oneshot_callback(f: impl FnOnce() + Send + 'static) -> Callback {
 
 /// Creates and schedules a one-shot BH on `shared` (QEMU `aio_bh_schedule_oneshot`).
 pub(crate) fn schedule_oneshot(shared: &Shared, callback: Callback) {
-    let raw = Arc::into_raw(BhNode::new(callback, 0));
-    // SAFETY: `raw` is alive: its only reference goes to the link in `enqueue`, and we do not
+    // Born pending: nobody else can see the node yet, so there is no flag race to settle with a
+    // `fetch_or`; linking publishes it.
+    let raw = Arc::into_raw(BhNode::new(callback, PENDING | SCHEDULED | ONESHOT));
+    // SAFETY: `raw` is alive: its only reference goes to the link made below, and we do not
     // touch the node afterwards.
     let node = unsafe { &*raw };
-    shared.bh_list.enqueue(node, SCHEDULED | ONESHOT);
+    shared.bhs.link(node);
     shared.notify_scheduled();
 }

@@ -32,7 +32,7 @@
 //! accept can erase a notification without synchronizing with its notifier; the RMWs make the
 //! accept synchronize with every notification it consumes. See `Shared::notify`.
 
-use crate::bh::{self, BhList, BhTimeout, BottomHalf, IDLE_BH_TIMEOUT, RunningBh, Slice};
+use crate::bh::{self, BhTimeout, BottomHalf, IDLE_BH_TIMEOUT, PendingBhs, RunningBh, Slice};
 use crate::event_notifier::EventNotifier;
 use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use crate::handler::{
@@ -68,7 +68,7 @@ pub(crate) struct Shared {
     /// The fd a sleeping loop is woken through.
     event: EventNotifier,
     /// Pending bottom halves.
-    pub(crate) bh_list: BhList,
+    pub(crate) bhs: PendingBhs,
     /// [`thread_marker`] of the home thread.
     home: usize,
     /// True from the moment a blocking iteration starts computing its timeout until its wait
@@ -114,7 +114,7 @@ impl Shared {
         // push, or this load sees `false` and the BHs are freed here, never run, never leaked
         // (a closure holding a `BottomHalf` of its own context would otherwise be a cycle).
         if !self.alive.load(Ordering::Relaxed) {
-            drop(self.bh_list.take());
+            drop(self.bhs.take_remote());
         }
     }
 
@@ -248,7 +248,7 @@ impl Inner {
 
     /// The timeout the BHs allow (QEMU `aio_compute_timeout`, without timers yet).
     fn compute_timeout(&self) -> Option<Duration> {
-        let mut t = self.shared.bh_list.timeout();
+        let mut t = self.shared.bhs.timeout();
         if t != BhTimeout::Now {
             for slice in self.slices.borrow().iter() {
                 t = match (t, slice.timeout()) {
@@ -270,12 +270,17 @@ impl Inner {
 
     /// Runs the pending BHs (QEMU `aio_bh_poll`), draining outer slices first.
     fn bh_poll(&self) -> bool {
-        let slice = self.shared.bh_list.take();
-        if slice.is_empty() && self.slices.borrow().is_empty() {
+        let (remote, local) = self.shared.bhs.take();
+        if remote.is_empty() && local.is_empty() && self.slices.borrow().is_empty() {
             return false;
         }
-        if !slice.is_empty() {
-            self.slices.borrow_mut().push_back(slice);
+        {
+            let mut slices = self.slices.borrow_mut();
+            for slice in [remote, local] {
+                if !slice.is_empty() {
+                    slices.push_back(slice);
+                }
+            }
         }
         let mut progress = false;
         loop {
@@ -340,7 +345,8 @@ impl Drop for Inner {
         self.shared.alive.store(false, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         self.slices.get_mut().clear();
-        drop(self.shared.bh_list.take());
+        drop(self.shared.bhs.close_local());
+        drop(self.shared.bhs.take_remote());
         self.registry.get_mut().clear();
     }
 }
@@ -457,7 +463,7 @@ impl AioContext {
             notify_me: AtomicU32::new(0),
             notified: AtomicBool::new(false),
             event,
-            bh_list: BhList::new(),
+            bhs: PendingBhs::new(thread_marker()),
             home: thread_marker(),
             window: AtomicBool::new(false),
             alive: AtomicBool::new(true),
@@ -585,13 +591,21 @@ impl AioContext {
             timeout = Some(Duration::ZERO);
         }
 
-        let mut ready = inner.next_ready_list();
-        let epoch = inner.epoch.get() + 1;
-        inner.epoch.set(epoch);
+        // A ready list (and a wait id) only for an iteration that waits: one that does not (a
+        // non-blocking poll of a context whose handlers can all be polled from userspace, as
+        // with only BHs) has no fd to dispatch.
         let polling_disabled = inner.registry.borrow().polling_disabled();
-        if timeout != Some(Duration::ZERO) || inner.monitor.borrow().need_wait(polling_disabled) {
+        let waited = if timeout != Some(Duration::ZERO)
+            || inner.monitor.borrow().need_wait(polling_disabled)
+        {
+            let mut ready = inner.next_ready_list();
+            let epoch = inner.epoch.get() + 1;
+            inner.epoch.set(epoch);
             inner.wait(&mut ready, timeout);
-        }
+            Some((ready, epoch))
+        } else {
+            None
+        };
         if use_notify_me {
             shared.end_blocking(NOTIFY_ME_POLL);
         }
@@ -601,8 +615,10 @@ impl AioContext {
         shared.accept();
 
         let mut progress = inner.bh_poll();
-        progress |= self.dispatch_ready(&ready, epoch);
-        inner.recycle_ready_list(ready);
+        if let Some((ready, epoch)) = waited {
+            progress |= self.dispatch_ready(&ready, epoch);
+            inner.recycle_ready_list(ready);
+        }
         progress
     }
 
