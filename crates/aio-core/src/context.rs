@@ -43,6 +43,7 @@ use crate::sync::{
     thread_marker,
 };
 use crate::{FdHandler, sys};
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
@@ -231,6 +232,10 @@ pub(crate) struct Inner {
     external_disabled: Cell<u32>,
     /// Readiness collected by `check` for `dispatch` when an outer loop drives the context.
     outer_ready: RefCell<ReadyList>,
+    /// Per-context singletons of crates built on the loop (QEMU keeps such things, like the
+    /// thread pool, as fields of `AioContext`; core cannot name their types). See
+    /// [`AioContext::local`].
+    locals: RefCell<Vec<Rc<dyn Any>>>,
     /// Home-thread counters for [`Stats`].
     waits: Cell<u64>,
     event_drains: Cell<u64>,
@@ -348,6 +353,10 @@ impl Drop for Inner {
         drop(self.shared.bhs.close_local());
         drop(self.shared.bhs.take_remote());
         self.registry.get_mut().clear();
+        // Last, in reverse order of creation: a later singleton may depend on an earlier one.
+        while let Some(local) = self.locals.get_mut().pop() {
+            drop(local);
+        }
     }
 }
 
@@ -481,6 +490,7 @@ impl AioContext {
                 epoch: Cell::new(0),
                 external_disabled: Cell::new(0),
                 outer_ready: RefCell::new(ReadyList::new()),
+                locals: RefCell::new(Vec::new()),
                 waits: Cell::new(0),
                 event_drains: Cell::new(0),
             }),
@@ -535,6 +545,37 @@ impl AioContext {
             event_writes: inner.shared.event_writes.load(Ordering::Relaxed),
             event_drains: inner.event_drains.get(),
         }
+    }
+
+    /// The context's single value of type `T`, created by `init` on first use: per-context
+    /// state of crates built on the loop, as QEMU keeps the thread pool in `AioContext`
+    /// (`aio_get_thread_pool`). Values are dropped with the context, after its BHs and handlers,
+    /// in reverse order of creation.
+    ///
+    /// `init` runs on the home thread and may itself call `local` for other types; it must not
+    /// ask for `T` again (that returns a second value).
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use std::cell::Cell;
+    /// let hits = ctx.local(|_| Cell::new(0u32));
+    /// hits.set(hits.get() + 1);
+    /// assert_eq!(ctx.local(|_| Cell::new(100u32)).get(), 1); // the same value
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn local<T: Any>(&self, init: impl FnOnce(&AioContext) -> T) -> Rc<T> {
+        let found = self
+            .inner
+            .locals
+            .borrow()
+            .iter()
+            .find_map(|l| l.clone().downcast::<T>().ok());
+        if let Some(value) = found {
+            return value;
+        }
+        let value = Rc::new(init(self));
+        self.inner.locals.borrow_mut().push(value.clone());
+        value
     }
 
     /// The name of the backend that watches fds (`"poll"`, `"epoll"`, `"io_uring"`).

@@ -1,0 +1,57 @@
+//! `AioContext::local`: one value per type and context, created on first use, dropped with the
+//! context after its bottom halves, in reverse order of creation.
+
+use aio_core::AioContext;
+use std::cell::RefCell;
+use std::rc::Rc;
+
+fn ctx() -> AioContext {
+    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
+}
+
+struct Logged(&'static str, Rc<RefCell<Vec<&'static str>>>);
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.1.borrow_mut().push(self.0);
+    }
+}
+
+struct First(Logged);
+struct Second(Logged);
+
+#[test]
+fn one_value_per_type_and_context() {
+    let (a, b) = (ctx(), ctx());
+    let x = a.local(|_| RefCell::new(1u32));
+    *x.borrow_mut() += 1;
+    assert_eq!(*a.local(|_| RefCell::new(100u32)).borrow(), 2);
+    assert_eq!(
+        *b.local(|_| RefCell::new(100u32)).borrow(),
+        100,
+        "another context has its own"
+    );
+    assert_eq!(
+        *a.local(|_| RefCell::new(7u64)).borrow(),
+        7,
+        "another type is another value"
+    );
+}
+
+#[test]
+fn init_may_use_other_locals_and_values_drop_with_the_context_in_reverse() {
+    let log = Rc::new(RefCell::new(Vec::new()));
+    let ctx = ctx();
+    let l = log.clone();
+    let second = ctx.local(move |ctx| {
+        // An init that depends on another local creates it first.
+        ctx.local(|_| First(Logged("first", l.clone())));
+        Second(Logged("second", l))
+    });
+    drop(second);
+    assert!(
+        log.borrow().is_empty(),
+        "the context still holds its values"
+    );
+    drop(ctx);
+    assert_eq!(*log.borrow(), ["second", "first"]);
+}
