@@ -2060,226 +2060,292 @@ pub fn drop_context_with_live_handle(make: MakeContext) {
 }
 
 /// Generates one `#[test]` per conformance case, each calling the case with `$make`.
+///
+/// Attributes written before `$make` are put on every generated test. A backend that the
+/// machine may lack uses this to have its suite reported as *ignored*, with the reason, rather
+/// than failing or passing vacuously:
+///
+/// ```ignore
+/// aio_core::conformance_tests!(
+///     #[cfg_attr(aio_no_uring, ignore = "io_uring is not available on this machine")]
+///     make_uring_context
+/// );
+/// ```
 #[macro_export]
 macro_rules! conformance_tests {
-    ($make:expr) => {
+    ($(#[$meta:meta])* $make:expr) => {
         #[test]
+        $(#[$meta])*
         fn poll_fresh_context_is_idle() {
             $crate::testing::poll_fresh_context_is_idle($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_schedule() {
             $crate::testing::bh_schedule($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_schedule10() {
             $crate::testing::bh_schedule10($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_cancel() {
             $crate::testing::bh_cancel($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_cancel_then_reschedule() {
             $crate::testing::bh_cancel_then_reschedule($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_delete() {
             $crate::testing::bh_delete($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_callback_delete_one() {
             $crate::testing::bh_callback_delete_one($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_callback_delete_many() {
             $crate::testing::bh_callback_delete_many($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_flush() {
             $crate::testing::bh_flush($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_double_schedule_runs_once() {
             $crate::testing::bh_double_schedule_runs_once($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_scheduled_from_bh_runs_next_pass() {
             $crate::testing::bh_scheduled_from_bh_runs_next_pass($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_nested_poll_runs_outer_pass() {
             $crate::testing::bh_nested_poll_runs_outer_pass($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_oneshot_from_other_thread_wakes_poll() {
             $crate::testing::bh_oneshot_from_other_thread_wakes_poll($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_idle_runs_but_is_not_progress() {
             $crate::testing::bh_idle_runs_but_is_not_progress($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_idle_blocking_poll_returns() {
             $crate::testing::bh_idle_blocking_poll_returns($make)
         }
         #[test]
+        $(#[$meta])*
         fn event_add_remove() {
             $crate::testing::event_add_remove($make)
         }
         #[test]
+        $(#[$meta])*
         fn event_wait() {
             $crate::testing::event_wait($make)
         }
         #[test]
+        $(#[$meta])*
         fn event_wait_no_flush_cb() {
             $crate::testing::event_wait_no_flush_cb($make)
         }
         #[test]
+        $(#[$meta])*
         fn event_flush() {
             $crate::testing::event_flush($make)
         }
         #[test]
+        $(#[$meta])*
         fn event_level_triggered_uncleared() {
             $crate::testing::event_level_triggered_uncleared($make)
         }
         #[test]
+        $(#[$meta])*
         fn event_unregistered_set_is_not_progress() {
             $crate::testing::event_unregistered_set_is_not_progress($make)
         }
         #[test]
+        $(#[$meta])*
         fn event_register_twice_already_exists() {
             $crate::testing::event_register_twice_already_exists($make)
         }
         #[test]
+        $(#[$meta])*
         fn event_set_from_other_thread_wakes_poll() {
             $crate::testing::event_set_from_other_thread_wakes_poll($make)
         }
         #[test]
+        $(#[$meta])*
         fn notify_is_not_progress() {
             $crate::testing::notify_is_not_progress($make)
         }
         #[test]
+        $(#[$meta])*
         fn notify_wakes_blocked_poll() {
             $crate::testing::notify_wakes_blocked_poll($make)
         }
         #[test]
+        $(#[$meta])*
         fn external_client_depth1() {
             $crate::testing::external_client_depth1($make)
         }
         #[test]
+        $(#[$meta])*
         fn external_client_depth2() {
             $crate::testing::external_client_depth2($make)
         }
         #[test]
+        $(#[$meta])*
         fn external_enable_without_disable_errors() {
             $crate::testing::external_enable_without_disable_errors($make)
         }
         #[test]
+        $(#[$meta])*
         fn handler_removes_itself() {
             $crate::testing::handler_removes_itself($make)
         }
         #[test]
+        $(#[$meta])*
         fn handlers_remove_each_other() {
             $crate::testing::handlers_remove_each_other($make)
         }
         #[test]
+        $(#[$meta])*
         fn handler_nested_poll_steals_ready_handler() {
             $crate::testing::handler_nested_poll_steals_ready_handler($make)
         }
         #[test]
+        $(#[$meta])*
         fn handler_reregistered_in_callback_gets_no_stale_report() {
             $crate::testing::handler_reregistered_in_callback_gets_no_stale_report($make)
         }
         #[test]
+        $(#[$meta])*
         fn bh_nested_poll_defers_running_bh() {
             $crate::testing::bh_nested_poll_defers_running_bh($make)
         }
         #[test]
+        $(#[$meta])*
         fn handler_registered_in_callback_runs_next_iteration() {
             $crate::testing::handler_registered_in_callback_runs_next_iteration($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_read_and_write_callbacks() {
             $crate::testing::fd_read_and_write_callbacks($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_level_triggered_unread_data() {
             $crate::testing::fd_level_triggered_unread_data($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_write_readiness() {
             $crate::testing::fd_write_readiness($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_hangup_calls_read() {
             $crate::testing::fd_hangup_calls_read($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_replace_handler() {
             $crate::testing::fd_replace_handler($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_replace_wrong_fd_rejected() {
             $crate::testing::fd_replace_wrong_fd_rejected($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_register_twice_already_exists() {
             $crate::testing::fd_register_twice_already_exists($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_register_closed_fd_ebadf() {
             $crate::testing::fd_register_closed_fd_ebadf($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_register_without_callbacks_invalid_input() {
             $crate::testing::fd_register_without_callbacks_invalid_input($make)
         }
         #[test]
+        $(#[$meta])*
         fn fd_nested_blocking_poll_waits_for_remote_bh() {
             $crate::testing::fd_nested_blocking_poll_waits_for_remote_bh($make)
         }
         #[test]
+        $(#[$meta])*
         fn outer_loop_bh_schedule() {
             $crate::testing::outer_loop_bh_schedule($make)
         }
         #[test]
+        $(#[$meta])*
         fn outer_loop_bh_delete_self() {
             $crate::testing::outer_loop_bh_delete_self($make)
         }
         #[test]
+        $(#[$meta])*
         fn outer_loop_notify_wakes_outer_fds() {
             $crate::testing::outer_loop_notify_wakes_outer_fds($make)
         }
         #[test]
+        $(#[$meta])*
         fn outer_loop_notify_is_consumed() {
             $crate::testing::outer_loop_notify_is_consumed($make)
         }
         #[test]
+        $(#[$meta])*
         fn current_context_in_callbacks() {
             $crate::testing::current_context_in_callbacks($make)
         }
         #[test]
+        $(#[$meta])*
         fn current_context_nested() {
             $crate::testing::current_context_nested($make)
         }
         #[test]
+        $(#[$meta])*
         fn panic_in_bh_keeps_context_usable() {
             $crate::testing::panic_in_bh_keeps_context_usable($make)
         }
         #[test]
+        $(#[$meta])*
         fn panic_in_fd_handler_keeps_context_usable() {
             $crate::testing::panic_in_fd_handler_keeps_context_usable($make)
         }
         #[test]
+        $(#[$meta])*
         fn stats_bh_only_makes_no_syscalls() {
             $crate::testing::stats_bh_only_makes_no_syscalls($make)
         }
         #[test]
+        $(#[$meta])*
         fn drop_context_frees_pending_work() {
             $crate::testing::drop_context_frees_pending_work($make)
         }
         #[test]
+        $(#[$meta])*
         fn drop_context_with_live_handle() {
             $crate::testing::drop_context_with_live_handle($make)
         }
