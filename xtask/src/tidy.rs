@@ -210,7 +210,8 @@ fn is_test_file(path: &str) -> bool {
 }
 
 /// Whether `line` invokes `mac` (spelled with its `!`) as a macro: `name!(`, `name![` or
-/// `name!{`, not preceded by an identifier character (so `my_dbg!(` is someone else's macro).
+/// `name!{`, not preceded by an identifier character (a longer name ending in the same letters
+/// is someone else's macro).
 fn calls_macro(line: &str, mac: &str) -> bool {
     line.match_indices(mac).any(|(at, _)| {
         let before = line[..at].chars().next_back();

@@ -122,8 +122,9 @@ impl BhNode {
 
     /// Runs `f` on the home-thread state. Never call it while another such access is live.
     fn with_local<R>(&self, f: impl FnOnce(&mut Local) -> R) -> R {
-        // SAFETY: by the invariant of `local`, only the home thread calls this, and each call's
-        // `&mut` ends before the next one starts: none is held across a callback.
+        // By the invariant of `local`, only the home thread calls this, and each call's `&mut`
+        // ends before the next one starts: none is held across a callback.
+        // SAFETY: so this `&mut` is the only live access to `local`.
         self.local.with_mut(|local| f(unsafe { &mut *local }))
     }
 
@@ -313,8 +314,9 @@ impl LocalList {
         }
         self.busy.store(true, Ordering::Relaxed);
         signal_fence();
-        // SAFETY: only the home thread gets here (invariant), and `busy` was clear: no other
-        // access is in progress, not even in the code a signal handler interrupted.
+        // Only the home thread gets here (invariant), and `busy` was clear: no other access is
+        // in progress, not even in the code a signal handler interrupted.
+        // SAFETY: so this `&mut` is the only live access to `head`.
         let result = self.head.with_mut(|head| f(unsafe { &mut *head }));
         signal_fence();
         self.busy.store(false, Ordering::Relaxed);
@@ -434,10 +436,11 @@ impl fmt::Debug for PendingBhs {
 fn walk_timeout(mut node: *mut BhNode) -> BhTimeout {
     let mut timeout = BhTimeout::None;
     while !node.is_null() {
-        // SAFETY: only the home thread calls this, and while it exists only it unlinks nodes
-        // (other threads take the list only once the loop is gone). A linked node is alive (a
-        // handle or its link holds it) and stays linked for the whole walk. Pushers only
-        // change the head, never a linked node's `next`.
+        // Only the home thread calls this, and while it exists only it unlinks nodes (other
+        // threads take the list only once the loop is gone). A linked node is alive (a handle
+        // or its link holds it) and stays linked for the whole walk. Pushers only change the
+        // head, never a linked node's `next`.
+        // SAFETY: so `node` points to a live node for as long as we read it.
         let n = unsafe { &*node };
         timeout = timeout.merge(n.flags.load(Ordering::Relaxed));
         if timeout == BhTimeout::Now {
@@ -470,9 +473,10 @@ impl Slice {
     fn from_lifo(mut lifo: *mut BhNode) -> Slice {
         let mut fifo = ptr::null_mut();
         while !lifo.is_null() {
-            // SAFETY: linked nodes are alive (module docs: a handle or the link holds them), and
-            // the caller unlinked the chain, so this thread is the only one that reads or writes
+            // Linked nodes are alive (module docs: a handle or the link holds them), and the
+            // caller unlinked the chain, so this thread is the only one that reads or writes
             // their `next` until PENDING is cleared.
+            // SAFETY: so `lifo` points to a live node that only we touch.
             let node = unsafe { &*lifo };
             let next = node.next.load(Ordering::Relaxed);
             node.next.store(fifo, Ordering::Relaxed);
@@ -493,8 +497,9 @@ impl Slice {
     /// Unlinks the first node.
     pub(crate) fn pop(&mut self) -> Option<NonNull<BhNode>> {
         let node = NonNull::new(self.head)?;
-        // SAFETY: by the invariant the node is alive and owned by this slice; we read its
-        // `next` before clearing PENDING, so no pusher can be writing it.
+        // By the invariant the node is alive and owned by this slice; we read its `next` before
+        // clearing PENDING, so no pusher can be writing it.
+        // SAFETY: so the node is live and its `next` ours to read.
         self.head = unsafe { node.as_ref() }.next.load(Ordering::Relaxed);
         Some(node)
     }
@@ -504,8 +509,9 @@ impl Slice {
 /// runs it, frees it, or both, as its flags say. Returns whether a callback ran that counts as
 /// progress (a non-idle, non-deleted BH).
 pub(crate) fn dispatch(ptr: NonNull<BhNode>, shared: &Shared) -> bool {
-    // SAFETY: popped nodes are alive (slice invariant), and stay alive until this function
-    // releases a reference it owns, which it does last.
+    // Popped nodes are alive (slice invariant), and stay alive until this function releases a
+    // reference it owns, which it does last.
+    // SAFETY: so `ptr` points to a live node for the whole function.
     let node = unsafe { ptr.as_ref() };
     // Synchronizes with the `fetch_or` in `enqueue` (see there). Clearing PENDING only after
     // the node was unlinked lets a concurrent schedule re-link it onto the shared list.
@@ -526,9 +532,10 @@ pub(crate) fn dispatch(ptr: NonNull<BhNode>, shared: &Shared) -> bool {
                 .node
                 .with_local(|l| std::mem::take(&mut l.free_after_run));
             if self.owned || deferred {
-                // SAFETY: we own the link's reference (the flags said DELETED or ONESHOT, or a
-                // nested pass handed it to us through `free_after_run`), and nothing uses the
-                // node after this.
+                // We own the link's reference (the flags said DELETED or ONESHOT, or a nested
+                // pass handed it to us through `free_after_run`), and nothing uses the node after
+                // this.
+                // SAFETY: so this is the release of a reference we own, the last use.
                 unsafe { release(self.ptr) };
             }
         }
@@ -581,8 +588,9 @@ impl Drop for Slice {
                 .flags
                 .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
             if flags & (DELETED | ONESHOT) != 0 {
-                // SAFETY: the link owned a reference (DELETED or ONESHOT), now ours; no callback
-                // is running (the loop is gone), and nothing uses the node after this.
+                // The link owned a reference (DELETED or ONESHOT), now ours; no callback is
+                // running (the loop is gone), and nothing uses the node after this.
+                // SAFETY: so this is the release of a reference we own, the last use.
                 unsafe { release(ptr) };
             }
         }
@@ -680,8 +688,9 @@ impl Drop for BottomHalf {
         // SAFETY: `self.node` is not used again: this is the handle's drop.
         let node = unsafe { ManuallyDrop::take(&mut self.node) };
         let raw = Arc::into_raw(node);
-        // SAFETY: `raw` is alive: we hold its reference until `enqueue` hands it to the link,
+        // `raw` is alive: we hold its reference until `enqueue` hands it to the link,
         // and we do not touch the node after `enqueue` returns.
+        // SAFETY: justified in the comment just above.
         self.shared.bhs.enqueue(unsafe { &*raw }, DELETED);
         self.shared.notify_scheduled();
     }
@@ -785,8 +794,9 @@ pub(crate) fn schedule_oneshot(shared: &Shared, callback: Callback) {
     // Born pending: nobody else can see the node yet, so there is no flag race to settle with a
     // `fetch_or`; linking publishes it.
     let raw = Arc::into_raw(BhNode::new(callback, PENDING | SCHEDULED | ONESHOT));
-    // SAFETY: `raw` is alive: its only reference goes to the link made below, and we do not
+    // `raw` is alive: its only reference goes to the link made below, and we do not
     // touch the node afterwards.
+    // SAFETY: justified in the comment just above.
     let node = unsafe { &*raw };
     shared.bhs.link(node);
     shared.notify_scheduled();

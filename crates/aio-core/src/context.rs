@@ -524,10 +524,11 @@ impl AioContext {
         if ptr.is_null() {
             return None;
         }
-        // SAFETY: `ptr` was set by `CurrentGuard::enter` from `Rc::as_ptr` of a context whose
+        // `ptr` was set by `CurrentGuard::enter` from `Rc::as_ptr` of a context whose
         // `poll` frame is still on this thread's stack (the guard restores the previous value
         // when that frame ends, unwinding included), and that frame holds an `AioContext`, so
         // the `Rc` has a strong count of at least one and we may add one.
+        // SAFETY: justified in the comment just above.
         unsafe {
             Rc::increment_strong_count(ptr);
             Some(AioContext {

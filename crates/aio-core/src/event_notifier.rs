@@ -88,9 +88,10 @@ mod real {
             let mut fds = [0; 2];
             // SAFETY: `fds` is a valid array of two ints for pipe() to fill.
             cvt(unsafe { libc::pipe(fds.as_mut_ptr()) })?;
-            // SAFETY: pipe() succeeded, so both fds are new and owned by no one else.
-            let (read, write) =
-                unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            // SAFETY: pipe() succeeded, so the read end is a new fd owned by no one else.
+            let read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+            // SAFETY: likewise for the write end.
+            let write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
             for fd in [read.as_raw_fd(), write.as_raw_fd()] {
                 set_nonblocking_cloexec(fd)?;
             }

@@ -24,8 +24,9 @@ pub(crate) fn check_fd_open(fd: RawFd) -> io::Result<()> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
-    // SAFETY: F_GETFD reads the descriptor flags of `fd` and touches no memory of ours; an
+    // F_GETFD reads the descriptor flags of `fd` and touches no memory of ours; an
     // invalid `fd` makes it fail with EBADF, which is exactly what we want to learn.
+    // SAFETY: justified in the comment just above.
     cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) }).map(drop)
 }
 

@@ -374,8 +374,9 @@ fn poll_outer_fds(fds: &[OuterFd], timeout: Option<Duration>) -> usize {
         ms = 1;
     }
     loop {
-        // SAFETY: `pfds` is a valid, writable array of `pfds.len()` pollfd structs that lives
+        // `pfds` is a valid, writable array of `pfds.len()` pollfd structs that lives
         // across the call.
+        // SAFETY: justified in the comment just above.
         let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
         if rc >= 0 {
             return rc as usize;
@@ -1577,10 +1578,11 @@ pub fn fd_register_twice_already_exists(make: MakeContext) {
 pub fn fd_register_closed_fd_ebadf(make: MakeContext) {
     let ctx = new_ctx(make);
     let fd = closed_fd_number();
-    // SAFETY: this deliberately breaks `BorrowedFd`'s promise that the fd is open: `fd` was
+    // This deliberately breaks `BorrowedFd`'s promise that the fd is open: `fd` was
     // closed above, and the point of the case is that registration detects it (EBADF). The
     // borrowed value is only handed to `fd_handler`, which reads its number; nothing reads,
     // writes or closes through it, and the number is high enough not to be reused meanwhile.
+    // SAFETY: justified in the comment just above.
     let bad = unsafe { BorrowedFd::borrow_raw(fd) };
     let err = ctx
         .fd_handler(&bad)

@@ -16,8 +16,13 @@ impl Drop for Logged {
     }
 }
 
-struct First(Logged);
-struct Second(Logged);
+/// Two distinct types, each holding a drop logger.
+struct First {
+    _logged: Logged,
+}
+struct Second {
+    _logged: Logged,
+}
 
 #[test]
 fn one_value_per_type_and_context() {
@@ -44,8 +49,12 @@ fn init_may_use_other_locals_and_values_drop_with_the_context_in_reverse() {
     let l = log.clone();
     let second = ctx.local(move |ctx| {
         // An init that depends on another local creates it first.
-        ctx.local(|_| First(Logged("first", l.clone())));
-        Second(Logged("second", l))
+        ctx.local(|_| First {
+            _logged: Logged("first", l.clone()),
+        });
+        Second {
+            _logged: Logged("second", l),
+        }
     });
     drop(second);
     assert!(

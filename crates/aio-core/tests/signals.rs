@@ -46,8 +46,9 @@ extern "C" fn schedule_from_handler(_: libc::c_int) {
 }
 
 fn install(signal: libc::c_int) {
-    // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; we then set a handler
+    // A zeroed sigaction is a valid "no flags, empty mask" value; we then set a handler
     // that only touches atomics and schedules a BH, both async-signal-safe.
+    // SAFETY: justified in the comment just above.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = schedule_from_handler as *const () as usize;
@@ -57,8 +58,9 @@ fn install(signal: libc::c_int) {
 }
 
 fn signal_thread(thread: libc::pthread_t, signal: libc::c_int) {
-    // SAFETY: `thread` is the home thread's id, which is alive (it joins this sender before it
+    // `thread` is the home thread's id, which is alive (it joins this sender before it
     // exits).
+    // SAFETY: justified in the comment just above.
     assert_eq!(unsafe { libc::pthread_kill(thread, signal) }, 0);
 }
 

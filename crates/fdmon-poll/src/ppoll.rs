@@ -38,11 +38,12 @@ pub(crate) fn ppoll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::
     let timespec_ptr = timespec
         .as_ref()
         .map_or(ptr::null(), |ts| ts as *const libc::timespec);
-    // SAFETY: `fds` is an exclusively borrowed slice of exactly `nfds` initialised pollfds, which
+    // `fds` is an exclusively borrowed slice of exactly `nfds` initialised pollfds, which
     // the kernel reads and whose `revents` it writes, and nothing else aliases it during the call.
     // `timespec_ptr` is either null (infinite wait) or points to `timespec`, a local that outlives
     // the call and holds a valid timespec (nanoseconds below one second, seconds non-negative).
     // A null sigmask asks the kernel not to touch the signal mask.
+    // SAFETY: justified in the comment just above.
     let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), nfds, timespec_ptr, ptr::null()) };
     if rc < 0 {
         Err(io::Error::last_os_error())
