@@ -1,0 +1,9 @@
+//! The conformance suite of `aio_core::testing` on the epoll backend.
+
+#![cfg(target_os = "linux")]
+
+fn make() -> std::io::Result<aio::AioContext> {
+    aio_core::AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new()?))
+}
+
+aio_core::conformance_tests!(make);
