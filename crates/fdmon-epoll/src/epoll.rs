@@ -68,8 +68,9 @@ impl Epoll {
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
         let mut event = libc::epoll_event { events, u64: data };
-        // SAFETY: `self.fd` is an open epoll fd (type invariant) and `event` is a valid, live
+        // `self.fd` is an open epoll fd (type invariant) and `event` is a valid, live
         // epoll_event that the kernel only reads during the call; it keeps no pointer to it.
+        // SAFETY: justified in the comment just above.
         let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut event) };
         if rc < 0 {
             Err(io::Error::last_os_error())
@@ -95,9 +96,10 @@ impl Epoll {
     fn epoll_wait(&self, events: &mut Events, timeout_ms: libc::c_int) -> io::Result<usize> {
         events.filled = 0;
         let max = events.max_events();
-        // SAFETY: `self.fd` is an open epoll fd (type invariant). `events.buf` is an
+        // `self.fd` is an open epoll fd (type invariant). `events.buf` is an
         // exclusively borrowed, initialised buffer of at least `max` epoll_events, and the
         // kernel writes at most `max` entries into it; nothing else aliases it during the call.
+        // SAFETY: justified in the comment just above.
         let rc = unsafe {
             libc::epoll_wait(
                 self.fd.as_raw_fd(),
@@ -121,12 +123,13 @@ impl Epoll {
         // the kernel.
         let epfd = libc::c_long::from(self.fd.as_raw_fd());
         let max = libc::c_long::from(events.max_events());
-        // SAFETY: `epfd` is an open epoll fd (type invariant). `events.buf` is an exclusively
+        // `epfd` is an open epoll fd (type invariant). `events.buf` is an exclusively
         // borrowed, initialised buffer of at least `max` epoll_events, and the kernel writes at
         // most `max` entries into it. `timespec` is a live `struct __kernel_timespec` (two
         // 64-bit fields on every architecture, which is what this call takes, unlike
         // `libc::timespec` on 32-bit targets) that the kernel only reads. A null sigmask asks
         // the kernel not to touch the signal mask; its size argument is then ignored.
+        // SAFETY: justified in the comment just above.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_epoll_pwait2,
@@ -168,10 +171,11 @@ impl Epoll {
             revents: 0,
         };
         let timespec = duration_to_timespec(timeout);
-        // SAFETY: `pfd` is one live, exclusively borrowed pollfd, matching nfds = 1; the kernel
+        // `pfd` is one live, exclusively borrowed pollfd, matching nfds = 1; the kernel
         // writes its `revents`. `timespec` is a live, valid timespec (seconds non-negative,
         // nanoseconds below one second) that the kernel only reads. A null sigmask asks the
         // kernel not to touch the signal mask.
+        // SAFETY: justified in the comment just above.
         let rc = unsafe { libc::ppoll(&mut pfd, 1, &timespec, ptr::null()) };
         if rc < 0 {
             Err(io::Error::last_os_error())

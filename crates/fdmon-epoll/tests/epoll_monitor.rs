@@ -63,8 +63,9 @@ fn move_to(fd: OwnedFd, target: RawFd) -> OwnedFd {
     if fd.as_raw_fd() == target {
         return fd;
     }
-    // SAFETY: dup3 takes no pointers; `fd` is open, and `target` is a number this test chose
+    // Dup3 takes no pointers; `fd` is open, and `target` is a number this test chose
     // and owns (it was closed just before, under the serial lock). `fd` is closed on return.
+    // SAFETY: justified in the comment just above.
     let rc = unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) };
     assert_eq!(rc, target, "dup3: {}", io::Error::last_os_error());
     // SAFETY: dup3 succeeded, so `target` is an open fd that nothing else owns.
@@ -794,16 +795,18 @@ extern "C" fn count_signal(_: libc::c_int) {
 /// Installs `count_signal` for SIGUSR1 without `SA_RESTART`, so a blocked wait fails with
 /// `EINTR` (it would anyway: epoll and poll calls are never restarted).
 fn install_sigusr1_handler() {
-    // SAFETY: `sigaction` is a plain C struct; all zeroes is a valid value (no flags, no handler)
+    // `sigaction` is a plain C struct; all zeroes is a valid value (no flags, no handler)
     // that is filled in below before use.
+    // SAFETY: justified in the comment just above.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = count_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     action.sa_flags = 0;
     // SAFETY: `action.sa_mask` is a valid, exclusively borrowed sigset_t.
     let rc = unsafe { libc::sigemptyset(&mut action.sa_mask) };
     assert_eq!(rc, 0);
-    // SAFETY: `action` is fully initialised, its handler is an `extern "C" fn(c_int)` that only
+    // `action` is fully initialised, its handler is an `extern "C" fn(c_int)` that only
     // does async-signal-safe work, and a null old-action pointer is allowed.
+    // SAFETY: justified in the comment just above.
     let rc = unsafe { libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "sigaction: {}", io::Error::last_os_error());
 }
@@ -812,8 +815,9 @@ fn install_sigusr1_handler() {
 fn signal_after<T>(thread: &thread::JoinHandle<T>, delays: &[u64]) {
     for &delay in delays {
         thread::sleep(Duration::from_millis(delay));
-        // SAFETY: the thread has not been joined, so its pthread_t still names a live (or
+        // The thread has not been joined, so its pthread_t still names a live (or
         // finished but unjoined) thread, and SIGUSR1 has a handler installed.
+        // SAFETY: justified in the comment just above.
         let rc = unsafe { libc::pthread_kill(thread.as_pthread_t(), libc::SIGUSR1) };
         assert_eq!(rc, 0);
     }
@@ -912,8 +916,9 @@ fn ensure_fd_limit(needed: u64) {
         limit.rlim_max
     );
     limit.rlim_cur = needed;
-    // SAFETY: `limit` is a valid rlimit read above, with the soft limit raised within the hard
+    // `limit` is a valid rlimit read above, with the soft limit raised within the hard
     // limit.
+    // SAFETY: justified in the comment just above.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     assert_eq!(rc, 0, "setrlimit: {}", io::Error::last_os_error());
 }
@@ -1295,14 +1300,16 @@ unsafe impl GlobalAlloc for CountingAllocator {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count_allocation();
-        // SAFETY: forwarded unchanged; `ptr` was allocated by `System` through this allocator
+        // Forwarded unchanged; `ptr` was allocated by `System` through this allocator
         // with `layout`, as the caller guarantees.
+        // SAFETY: justified in the comment just above.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged; `ptr` was allocated by `System` through this allocator
+        // Forwarded unchanged; `ptr` was allocated by `System` through this allocator
         // with `layout`, as the caller guarantees.
+        // SAFETY: justified in the comment just above.
         unsafe { System.dealloc(ptr, layout) }
     }
 }
