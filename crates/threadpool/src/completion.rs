@@ -1,0 +1,317 @@
+//! Delivering completions on the context's thread: the completion bottom halves, the pass that
+//! drains the completion queue and runs callbacks one at a time, the table of callbacks kept on
+//! the context's thread, and the registry by which a bottom half finds its pool.
+//!
+//! C original: `thread_pool_completion_bh` in `util/thread-pool.c`.
+//!
+//! # One wake per batch
+//!
+//! Workers append finished requests to the pool's completion queue; only the one that finds
+//! it empty schedules a bottom half, so a batch of completions costs one schedule, and at most
+//! one wake of a sleeping loop. The pass moves the whole queue to the context's side in one
+//! swap under the lock, then delivers from there without the lock.
+//!
+//! # Nested polls
+//!
+//! A callback may poll the context to wait for another request (QEMU's `AIO_WAIT_WHILE`
+//! pattern). QEMU reschedules its completion BH around each callback so that the nested poll
+//! runs it again. An `aio-core` bottom half cannot be re-entered while its callback runs (a
+//! Rust `FnMut` cannot call itself), so the pool has a small stack of completion BHs instead:
+//! while a pass runs a callback, its BH is marked busy and the workers schedule the first BH
+//! that is not (the *target*); the pass also schedules it before the callback if completions
+//! are already waiting. A nested poll thus always finds a runnable completion BH, however deep
+//! the nesting. The stack grows only when callbacks nest, and BHs are never removed.
+//!
+//! # Finding the pool
+//!
+//! A BH callback must be `Send`, and the pool's context side is not, so a completion BH holds
+//! only its pool's identity and its index. When it runs, it asks `AioContext::current()` for
+//! the context running it and looks the pool up in that context's [`Registry`] (a context-local
+//! value). The registry also shuts down every pool of the context when the context is dropped.
+
+use crate::pool::ThreadPool;
+use crate::request::{Completion, Job};
+use aio_core::{AioContext, BottomHalf, ContextHandle, RunningBh};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::fmt;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+
+/// The pool's completion bottom halves (behind the pool lock).
+pub(crate) struct CompletionBhs {
+    ctx: ContextHandle,
+    pool_id: u64,
+    bhs: Vec<Arc<BottomHalf>>,
+    /// `busy[i]`: BH `i` is running a callback further up the context's stack.
+    busy: Vec<bool>,
+    /// The first BH that is not busy: the one to schedule.
+    target: usize,
+}
+
+impl CompletionBhs {
+    pub(crate) fn new(ctx: &ContextHandle, pool_id: u64) -> Self {
+        let mut bhs = CompletionBhs {
+            ctx: ctx.clone(),
+            pool_id,
+            bhs: Vec::new(),
+            busy: Vec::new(),
+            target: 0,
+        };
+        bhs.grow();
+        bhs
+    }
+
+    fn grow(&mut self) {
+        let (pool_id, index) = (self.pool_id, self.bhs.len());
+        let bh = self
+            .ctx
+            .bh_with_self(move |this| deliver(pool_id, index, this));
+        self.bhs.push(Arc::new(bh));
+        self.busy.push(false);
+    }
+
+    /// The BH to schedule for new completions; `None` once the pool has shut down.
+    pub(crate) fn target(&self) -> Option<Arc<BottomHalf>> {
+        self.bhs.get(self.target).cloned()
+    }
+
+    /// BH `index` is about to run a callback.
+    fn enter(&mut self, index: usize) {
+        self.set_busy(index, true);
+    }
+
+    /// BH `index` has finished running a callback.
+    fn leave(&mut self, index: usize) {
+        self.set_busy(index, false);
+    }
+
+    fn set_busy(&mut self, index: usize, busy: bool) {
+        // After shutdown the BHs are gone and nothing needs a target any more.
+        if let Some(slot) = self.busy.get_mut(index) {
+            *slot = busy;
+            self.retarget();
+        }
+    }
+
+    fn retarget(&mut self) {
+        self.target = match self.busy.iter().position(|busy| !busy) {
+            Some(free) => free,
+            None => {
+                self.grow();
+                self.bhs.len() - 1
+            }
+        };
+    }
+
+    /// Takes the BHs away (at shutdown), to be dropped without the lock.
+    pub(crate) fn take(&mut self) -> Vec<Arc<BottomHalf>> {
+        self.busy.clear();
+        std::mem::take(&mut self.bhs)
+    }
+}
+
+/// The body of completion BH `index` of pool `pool_id`.
+fn deliver(pool_id: u64, index: usize, this: &RunningBh<'_>) {
+    let Some(ctx) = AioContext::current() else {
+        return;
+    };
+    // Holding an `Rc` keeps the pool alive while callbacks run, even one that drops the last
+    // other reference to it.
+    if let Some(pool) = Registry::of(&ctx).find(pool_id) {
+        pool.drain(index, this);
+    }
+}
+
+/// The context side of the pool's completion path.
+#[derive(Default)]
+pub(crate) struct Home {
+    /// Completions moved out of the shared queue and not yet delivered.
+    pending: RefCell<VecDeque<Arc<dyn Job>>>,
+    /// Completion callbacks of requests submitted on the context's thread, which need not be
+    /// `Send` and so cannot travel with the request.
+    callbacks: RefCell<Callbacks>,
+}
+
+/// A slab of callbacks: slots are reused through a free list, so a request costs no search.
+#[derive(Default)]
+struct Callbacks {
+    slots: Vec<Option<Box<dyn FnOnce()>>>,
+    free: Vec<usize>,
+}
+
+impl Home {
+    pub(crate) fn reserve_callback(&self) -> usize {
+        let mut cbs = self.callbacks.borrow_mut();
+        match cbs.free.pop() {
+            Some(index) => index,
+            None => {
+                cbs.slots.push(None);
+                cbs.slots.len() - 1
+            }
+        }
+    }
+
+    pub(crate) fn set_callback(&self, index: usize, callback: Box<dyn FnOnce()>) {
+        self.callbacks.borrow_mut().slots[index] = Some(callback);
+    }
+
+    pub(crate) fn take_callback(&self, index: usize) -> Option<Box<dyn FnOnce()>> {
+        let mut cbs = self.callbacks.borrow_mut();
+        let callback = cbs.slots.get_mut(index)?.take();
+        if callback.is_some() {
+            cbs.free.push(index);
+        }
+        callback
+    }
+
+    /// All callbacks (at shutdown), to be dropped by the caller: not while borrowed.
+    pub(crate) fn take_callbacks(&self) -> Vec<Box<dyn FnOnce()>> {
+        let mut cbs = self.callbacks.borrow_mut();
+        cbs.free.clear();
+        std::mem::take(&mut cbs.slots)
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    pub(crate) fn take_pending(&self) -> VecDeque<Arc<dyn Job>> {
+        std::mem::take(&mut *self.pending.borrow_mut())
+    }
+}
+
+impl ThreadPool {
+    /// One completion pass, run by completion BH `index`: delivers every finished request,
+    /// including those that finish while it runs.
+    fn drain(&self, index: usize, this: &RunningBh<'_>) {
+        loop {
+            let next = self.home.pending.borrow_mut().pop_front();
+            let job = match next {
+                Some(job) => job,
+                None => {
+                    let mut st = self.shared().state.lock();
+                    if st.done.is_empty() {
+                        return;
+                    }
+                    // The whole batch in O(1); the emptied queue keeps our old allocation.
+                    std::mem::swap(&mut *self.home.pending.borrow_mut(), &mut st.done);
+                    continue;
+                }
+            };
+            match job.complete() {
+                Completion::Quiet => {}
+                Completion::Home(slot) => {
+                    if let Some(callback) = self.home.take_callback(slot) {
+                        self.run_callback(index, this, callback);
+                    }
+                }
+                Completion::Remote => self.run_callback(index, this, || job.call_remote()),
+            }
+        }
+    }
+
+    /// Runs one user callback so that a nested poll inside it can deliver other completions
+    /// (see the module docs).
+    fn run_callback(&self, index: usize, this: &RunningBh<'_>, callback: impl FnOnce()) {
+        // A worker may have scheduled this BH meanwhile; this pass picks up whatever it was
+        // scheduled for after the callback anyway (QEMU cancels for the same reason).
+        this.cancel();
+        let (bh, waiting) = {
+            let mut st = self.shared().state.lock();
+            st.completion.enter(index);
+            (st.completion.target(), !st.done.is_empty())
+        };
+        if (waiting || !self.home.pending.borrow().is_empty())
+            && let Some(bh) = bh
+        {
+            bh.schedule();
+        }
+        let _leave = Leave { pool: self, index };
+        callback();
+    }
+}
+
+/// Ends a callback's busy mark, also when the callback panics.
+struct Leave<'a> {
+    pool: &'a ThreadPool,
+    index: usize,
+}
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        let bh = {
+            let mut st = self.pool.shared().state.lock();
+            st.completion.leave(self.index);
+            st.completion.target()
+        };
+        if std::thread::panicking() {
+            // The panic leaves this pass; the rest of the batch waits for the next one.
+            if let Some(bh) = bh {
+                bh.schedule();
+            }
+        }
+    }
+}
+
+/// The pools of one context, by identity (a context-local value).
+#[derive(Default)]
+pub(crate) struct Registry {
+    pools: RefCell<Vec<(u64, Weak<ThreadPool>)>>,
+}
+
+impl Registry {
+    pub(crate) fn of(ctx: &AioContext) -> Rc<Registry> {
+        ctx.local(|_| Registry::default())
+    }
+
+    pub(crate) fn register(&self, id: u64, pool: &Rc<ThreadPool>) {
+        let mut pools = self.pools.borrow_mut();
+        pools.retain(|(_, weak)| weak.strong_count() > 0);
+        pools.push((id, Rc::downgrade(pool)));
+    }
+
+    fn find(&self, id: u64) -> Option<Rc<ThreadPool>> {
+        let pools = self.pools.borrow();
+        pools
+            .iter()
+            .find(|(pool_id, _)| *pool_id == id)
+            .and_then(|(_, weak)| weak.upgrade())
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // The context is going away: shut down its pools that something else still holds (the
+        // context's own pool has been dropped just before, as a later context-local value).
+        for (_, weak) in self.pools.get_mut().drain(..) {
+            if let Some(pool) = weak.upgrade() {
+                pool.shut_down();
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("pools", &self.pools.borrow().len())
+            .finish()
+    }
+}
+
+impl fmt::Debug for Home {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Home")
+            .field("pending", &self.pending.borrow().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for CompletionBhs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CompletionBhs")
+            .field("bhs", &self.bhs.len())
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,119 @@
+//! Worker threads: how one is created, what it does (take a request, run it, hand it to the
+//! completion queue, repeat), how it waits when idle, and when it exits.
+//!
+//! C original: `worker_thread` and `do_spawn_thread` in `util/thread-pool.c`.
+//!
+//! Workers are detached: nothing ever joins one, so neither a shutdown nor a lower maximum
+//! waits for a request that runs for a long time. A worker holds the pool's shared state (an
+//! `Arc`), never the context's loop, and exits when it sees the pool closed or too many
+//! threads; an idle one above the minimum exits after the idle timeout.
+
+use crate::pool::PoolShared;
+use parking_lot::Condvar;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+
+/// Where one idle worker sleeps. Each worker has its own, so that a waker picks which worker
+/// to wake (the most recently idle) and knows that it woke exactly that one.
+#[derive(Debug, Default)]
+pub(crate) struct Parker {
+    cond: Condvar,
+    /// Set (under the pool lock) by whoever took this worker off the idle list to wake it.
+    /// Only read and written under the pool lock; an atomic only because `Parker` is shared.
+    woken: AtomicBool,
+}
+
+impl Parker {
+    pub(crate) fn set_woken(&self) {
+        self.woken.store(true, Ordering::Relaxed);
+    }
+
+    /// Wakes the worker; called after the pool lock is released, so that the worker does not
+    /// wake up only to block on it.
+    pub(crate) fn wake(&self) {
+        self.cond.notify_one();
+    }
+}
+
+/// Creates one worker thread. The caller has counted it in `cur` and `pending_threads`.
+pub(crate) fn spawn(shared: &Arc<PoolShared>) {
+    let s = shared.clone();
+    let spawned = thread::Builder::new()
+        .name(format!("aio-pool-{}", shared.id))
+        .spawn(move || run(s));
+    match spawned {
+        // Dropping the JoinHandle detaches the thread.
+        Ok(_) => {
+            shared.created.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            // Give up on this thread and on the chain it would have continued; the next
+            // request that finds no worker asks again. Requests already queued wait until then
+            // (or run on workers that exist).
+            let mut st = shared.state.lock();
+            st.pending_threads -= 1;
+            st.cur -= 1 + st.new_threads;
+            st.new_threads = 0;
+            drop(st);
+            tracing::warn!("threadpool: cannot create a worker thread: {e}");
+        }
+    }
+}
+
+/// The body of a worker thread.
+fn run(shared: Arc<PoolShared>) {
+    let me = Arc::new(Parker::default());
+    let mut st = shared.state.lock();
+    st.pending_threads -= 1;
+    // Continue the creation chain before looking for work, as QEMU does: the context's thread
+    // only ever creates one thread at a time.
+    if st.take_spawn() {
+        drop(st);
+        spawn(&shared);
+        st = shared.state.lock();
+    }
+    tracing::debug!("threadpool: worker started ({} threads)", st.cur);
+    loop {
+        if st.must_exit() {
+            break;
+        }
+        if let Some(job) = st.pop_started() {
+            // More requests behind this one: make sure someone comes for them.
+            let kick = st.kick();
+            drop(st);
+            kick.perform();
+            job.run();
+            st = shared.state.lock();
+            if let Some(bh) = shared.finish_locked(&mut st, job) {
+                drop(st);
+                bh.schedule();
+                st = shared.state.lock();
+            }
+            continue;
+        }
+        me.woken.store(false, Ordering::Relaxed);
+        st.idle.push(me.clone());
+        let timeout = st.idle_timeout;
+        let timed_out = me.cond.wait_for(&mut st, timeout).timed_out();
+        if me.woken.load(Ordering::Relaxed) {
+            // Taken off the idle list by whoever woke us; we are no longer on our way.
+            st.searching -= 1;
+            continue;
+        }
+        // A timeout (or a spurious wake-up): still on the idle list.
+        st.idle.retain(|p| !Arc::ptr_eq(p, &me));
+        if timed_out && st.queue.is_empty() && st.cur > st.min {
+            break;
+        }
+    }
+    st.cur -= 1;
+    // We may have been woken for a request and be leaving instead (more threads than the
+    // maximum): pass the wake-up on, as QEMU does.
+    let kick = st.kick();
+    let left = st.cur;
+    drop(st);
+    kick.perform();
+    shared.exited.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!("threadpool: worker exited ({left} threads left)");
+}
