@@ -228,6 +228,7 @@ impl PoolShared {
         st: &mut MutexGuard<'_, State>,
         job: Arc<dyn Job>,
     ) -> Option<Arc<BottomHalf>> {
+        job.publish();
         if st.sync_waiters > 0 {
             self.finished.notify_all();
         }

@@ -6,10 +6,12 @@
 //! # States
 //!
 //! ```text
-//!   Queued ──start (worker, under the pool lock)──▶ Running ──work returns or panics──▶ Finished
+//!   Queued ──start (worker, under the pool lock)──▶ Running ──work returns or panics──▶ Returned
 //!     │                                                                                   │
-//!     └──cancel (any thread) ──▶ Finished(Err(Cancelled)) ──────────────────────────────▶ │
-//!                                                                                         ▼
+//!     └──cancel (any thread) ──▶ Returned(Err(Cancelled)) ──────────────────────────────▶ │
+//!                                                                                         │
+//!                  publish: queued for the completion BH, under the pool lock ──▶ Finished
+//!                                                                                         │
 //!                               completion BH, in the context's thread ──────────▶ Completed
 //!
 //!   shutdown: Queued → result Err(ShutDown); Finished → result kept; Running → when it finishes.
@@ -18,9 +20,11 @@
 //!
 //! Every transition happens under the request's own mutex, so each one happens once: a queued
 //! request is either started by a worker or cancelled, never both, and only the thread that
-//! moved it to Finished hands it to the completion queue, which delivers it once. Leaving
+//! moved it to Returned hands it to the completion queue, which delivers it once. Leaving
 //! Queued happens under the pool lock for workers (as in QEMU), so a request a worker has
-//! popped is already Running and shutdown never misses it.
+//! popped is already Running and shutdown never misses it. Returned becomes Finished in the
+//! same critical section that queues the request for delivery, so "Finished" always means
+//! "the next completion pass delivers it" (Returned is reported as Running).
 //!
 //! User code (the work, the callback, the waker, and the drop of any of them or of a result)
 //! never runs while this mutex or the pool's is held: everything is moved out first.
@@ -86,6 +90,8 @@ enum Phase<F, T> {
     Queued(F),
     /// The work moves out of the option when the worker calls it.
     Running(Option<F>),
+    /// The work returned (or was cancelled); not yet queued for delivery.
+    Returned(Result<T, Error>),
     Finished(Result<T, Error>),
     /// Delivered; the result waits here until its consumer takes it.
     Completed(Option<Result<T, Error>>),
@@ -119,10 +125,12 @@ pub(crate) trait Job: Send + Sync {
     /// Queued → Running, by a worker that has just popped it (pool lock held). False if the
     /// request was cancelled meanwhile (it stays in the queue until popped, then is skipped).
     fn start(&self) -> bool;
-    /// Runs the work of a started request, catching a panic, and stores the result (Finished).
+    /// Runs the work of a started request, catching a panic, and stores the result (Returned).
     fn run(&self);
-    /// Queued → Finished(Err(Cancelled)); the work is dropped unrun. False if not queued.
+    /// Queued → Returned(Err(Cancelled)); the work is dropped unrun. False if not queued.
     fn cancel(&self) -> bool;
+    /// Returned → Finished, as the request is queued for delivery (pool lock held).
+    fn publish(&self);
     /// Finished → Completed, on the context's thread: hands the result to a waiting future, or
     /// says which callback to run.
     fn complete(&self) -> Completion;
@@ -199,13 +207,13 @@ where
                 Err(Error::Panicked(msg))
             }
         };
-        self.inner.lock().phase = Phase::Finished(result);
+        self.inner.lock().phase = Phase::Returned(result);
     }
 
     fn cancel(&self) -> bool {
         let work = {
             let mut g = self.inner.lock();
-            match std::mem::replace(&mut g.phase, Phase::Finished(Err(Error::Cancelled))) {
+            match std::mem::replace(&mut g.phase, Phase::Returned(Err(Error::Cancelled))) {
                 Phase::Queued(work) => Some(work),
                 other => {
                     g.phase = other;
@@ -215,6 +223,14 @@ where
         };
         // Dropped outside the lock: it is user code.
         work.is_some()
+    }
+
+    fn publish(&self) {
+        let mut g = self.inner.lock();
+        match std::mem::replace(&mut g.phase, Phase::Abandoned) {
+            Phase::Returned(result) => g.phase = Phase::Finished(result),
+            other => g.phase = other,
+        }
     }
 
     fn complete(&self) -> Completion {
@@ -277,7 +293,11 @@ where
         let (result, work) = match std::mem::replace(&mut g.phase, Phase::Abandoned) {
             Phase::Queued(work) => (Err(Error::ShutDown), Some(work)),
             Phase::Finished(result) => (result, None),
-            other @ (Phase::Running(_) | Phase::Completed(_) | Phase::Abandoned) => {
+            // Running or Returned: whoever finishes it abandons it once it is published.
+            other @ (Phase::Running(_)
+            | Phase::Returned(_)
+            | Phase::Completed(_)
+            | Phase::Abandoned) => {
                 g.phase = other;
                 return;
             }
@@ -308,7 +328,7 @@ where
     fn status(&self) -> Status {
         match &self.inner.lock().phase {
             Phase::Queued(_) => Status::Queued,
-            Phase::Running(_) => Status::Running,
+            Phase::Running(_) | Phase::Returned(_) => Status::Running,
             Phase::Finished(_) => Status::Finished,
             Phase::Completed(_) => Status::Completed,
             Phase::Abandoned => Status::Abandoned,

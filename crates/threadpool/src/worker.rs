@@ -65,7 +65,6 @@ pub(crate) fn spawn(shared: &Arc<PoolShared>) {
 fn run(shared: Arc<PoolShared>) {
     let me = Arc::new(Parker::default());
     let mut st = shared.state.lock();
-    st.pending_threads -= 1;
     // Continue the creation chain before looking for work, as QEMU does: the context's thread
     // only ever creates one thread at a time.
     if st.take_spawn() {
@@ -73,6 +72,9 @@ fn run(shared: Arc<PoolShared>) {
         spawn(&shared);
         st = shared.state.lock();
     }
+    // Only now do we look at the queue: until here we counted as a thread on its way to it
+    // (QEMU creates the next thread under the lock, so it needs no such care).
+    st.pending_threads -= 1;
     tracing::debug!("threadpool: worker started ({} threads)", st.cur);
     loop {
         if st.must_exit() {
