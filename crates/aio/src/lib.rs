@@ -65,6 +65,8 @@ pub use aio_core::{
 };
 #[cfg(feature = "poll")]
 pub use fdmon_poll::PollMonitor;
+/// The context's worker thread pool (QEMU `aio_get_thread_pool`): [`ThreadPool::of`].
+pub use threadpool::{self, PoolHandle, ThreadPool};
 
 use std::io;
 
