@@ -68,7 +68,8 @@ pub(crate) struct State {
     pub(crate) cur: usize,
     /// Idle workers, most recently idle last.
     pub(crate) idle: Vec<Arc<Parker>>,
-    /// Workers woken from idle that have not yet looked at the queue.
+    /// Workers that will look at the queue without needing a wake: woken from idle and not
+    /// there yet, or between two requests (scheduling a completion BH outside the lock).
     pub(crate) searching: usize,
     /// Threads still to create (QEMU `new_threads`), and created but not yet running
     /// (`pending_threads`). Creation is chained: the context's spawn BH creates one, and each

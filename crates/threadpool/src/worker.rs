@@ -88,9 +88,15 @@ fn run(shared: Arc<PoolShared>) {
             job.run();
             st = shared.state.lock();
             if let Some(bh) = shared.finish_locked(&mut st, job) {
+                // Schedule outside the lock (it may write the context's eventfd), but count as
+                // on our way to the queue meanwhile: a request submitted now needs neither a
+                // wake nor a new thread. (The completion we schedule may well be what makes the
+                // submitter send the next request.)
+                st.searching += 1;
                 drop(st);
                 bh.schedule();
                 st = shared.state.lock();
+                st.searching -= 1;
             }
             continue;
         }
