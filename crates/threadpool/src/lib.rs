@@ -89,5 +89,7 @@ mod request;
 mod worker;
 
 pub use error::{Error, LimitsError};
-pub use pool::{DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS, PoolHandle, PoolStats, ThreadPool};
+pub use pool::{
+    DEFAULT_IDLE_SPIN, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS, PoolHandle, PoolStats, ThreadPool,
+};
 pub use request::{Request, Status, Ticket};

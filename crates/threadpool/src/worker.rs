@@ -13,6 +13,7 @@ use parking_lot::Condvar;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
+use std::time::{Duration, Instant};
 
 /// Where one idle worker sleeps. Each worker has its own, so that a waker picks which worker
 /// to wake (the most recently idle) and knows that it woke exactly that one.
@@ -61,6 +62,14 @@ pub(crate) fn spawn(shared: &Arc<PoolShared>) {
     }
 }
 
+/// Spins until a request is queued or `spin` has passed.
+fn spin_for_work(shared: &PoolShared, spin: Duration) {
+    let deadline = Instant::now() + spin;
+    while shared.queued.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        std::hint::spin_loop();
+    }
+}
+
 /// The body of a worker thread.
 fn run(shared: Arc<PoolShared>) {
     let me = Arc::new(Parker::default());
@@ -76,16 +85,21 @@ fn run(shared: Arc<PoolShared>) {
     // (QEMU creates the next thread under the lock, so it needs no such care).
     st.pending_threads -= 1;
     tracing::debug!("threadpool: worker started ({} threads)", st.cur);
+    // Whether we ran a request since we last slept.
+    let mut ran = false;
     loop {
         if st.must_exit() {
             break;
         }
-        if let Some(job) = st.pop_started() {
+        let popped = st.pop_started();
+        shared.queued.store(st.queue.len(), Ordering::Relaxed);
+        if let Some(job) = popped {
             // More requests behind this one: make sure someone comes for them.
             let kick = st.kick();
             drop(st);
             kick.perform();
             job.run();
+            ran = true;
             st = shared.state.lock();
             if let Some(bh) = shared.finish_locked(&mut st, job) {
                 // Schedule outside the lock (it may write the context's eventfd), but count as
@@ -100,6 +114,23 @@ fn run(shared: Arc<PoolShared>) {
             }
             continue;
         }
+        if ran && !st.spinning && !st.idle_spin.is_zero() {
+            // We just ran out of requests: watch the queue for a moment before sleeping (see
+            // the pool's module docs). Counted as on our way: a submitter meanwhile neither
+            // wakes nor creates a thread.
+            let spin = st.idle_spin;
+            st.spinning = true;
+            st.searching += 1;
+            drop(st);
+            spin_for_work(&shared, spin);
+            st = shared.state.lock();
+            st.spinning = false;
+            st.searching -= 1;
+            if !st.queue.is_empty() {
+                continue;
+            }
+        }
+        ran = false;
         me.woken.store(false, Ordering::Relaxed);
         st.idle.push(me.clone());
         let timeout = st.idle_timeout;
