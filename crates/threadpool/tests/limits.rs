@@ -213,3 +213,19 @@ fn a_warm_pool_creates_no_threads() {
         "no thread after warm-up"
     );
 }
+
+/// One request at a time, each after the previous completion: the worker that served the last
+/// one is always there for the next (watching the queue, or asleep on the idle list), so the
+/// pool never needs a second thread; also with the idle spin turned off.
+#[test]
+fn sequential_requests_need_one_thread() {
+    for spin in [threadpool::DEFAULT_IDLE_SPIN, Duration::ZERO] {
+        let ctx = ctx();
+        let pool = ThreadPool::of(&ctx);
+        pool.set_idle_spin(spin);
+        for i in 0..200u32 {
+            assert_eq!(common::block_on(&ctx, pool.submit(move || i)), Ok(i));
+        }
+        assert_eq!(pool.stats().threads_created, 1, "spin {spin:?}");
+    }
+}
