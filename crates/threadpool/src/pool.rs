@@ -656,6 +656,18 @@ impl ThreadPool {
     /// `aio_context_set_thread_pool_params`), effective at once: threads are created up to the
     /// new minimum, and threads above the new maximum exit (idle ones now, busy ones after
     /// their request). Requires `min <= max` and `max > 0`; defaults are 0 and 64.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// let pool = threadpool::ThreadPool::of(&ctx);
+    /// pool.set_limits(2, 8).unwrap(); // keep two threads warm, never more than eight
+    /// while pool.stats().idle < 2 {
+    ///     ctx.poll_nonblocking(); // the context's thread starts creating them
+    ///     std::thread::yield_now();
+    /// }
+    /// assert_eq!(pool.stats().threads, 2);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn set_limits(&self, min: usize, max: usize) -> Result<(), LimitsError> {
         self.shared.set_limits(min, max)
     }
@@ -667,6 +679,21 @@ impl ThreadPool {
 
     /// Sets how long an idle worker above the minimum waits for work before exiting (default
     /// 10 s, as in QEMU). Applies to idle workers at once.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use std::time::Duration;
+    /// let pool = threadpool::ThreadPool::of(&ctx);
+    /// pool.set_idle_timeout(Duration::from_millis(10));
+    /// let req = pool.submit(|| ());
+    /// while req.try_take().is_none() {
+    ///     ctx.poll();
+    /// }
+    /// while pool.stats().threads > 0 {
+    ///     std::thread::sleep(Duration::from_millis(1)); // the idle worker times out and exits
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn set_idle_timeout(&self, timeout: Duration) {
         self.shared.set_idle_timeout(timeout);
     }
@@ -675,6 +702,13 @@ impl ThreadPool {
     /// sleeps (default 50 µs; zero disables it). At most one worker spins at a time. Spinning
     /// saves a thread wake-up (tens of microseconds on a virtual machine) when requests come
     /// one after the other, at the price of that much CPU time each time the queue empties.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// // Never burn CPU waiting for work (QEMU's behaviour).
+    /// threadpool::ThreadPool::of(&ctx).set_idle_spin(std::time::Duration::ZERO);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn set_idle_spin(&self, spin: Duration) {
         self.shared.state.lock().idle_spin = spin;
     }
@@ -758,6 +792,18 @@ impl PoolHandle {
     /// # Errors
     ///
     /// [`Error::ShutDown`] if the pool has shut down; `work` is dropped unrun.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// let handle = threadpool::ThreadPool::of(&ctx).handle();
+    /// let req = std::thread::spawn(move || handle.submit(|| 40 + 2).unwrap()).join().unwrap();
+    /// while req.status() != threadpool::Status::Completed {
+    ///     ctx.poll(); // the context delivers the completion
+    /// }
+    /// assert_eq!(req.try_take(), Some(Ok(42)));
+    /// drop(ctx);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn submit<T, F>(&self, work: F) -> Result<Request<T>, Error>
     where
         F: FnOnce() -> T + Send + 'static,

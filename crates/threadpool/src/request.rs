@@ -478,6 +478,30 @@ impl<T: Send + 'static> Request<T> {
     ///
     /// Blocking is the point, so never call it from inside the request's own work (it would
     /// wait for itself), nor on a thread the work is waiting for.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use std::sync::mpsc;
+    /// use threadpool::Status;
+    ///
+    /// let pool = threadpool::ThreadPool::of(&ctx);
+    /// let (started, is_started) = mpsc::channel();
+    /// let req = pool.submit(move || {
+    ///     started.send(()).unwrap();
+    ///     std::thread::sleep(std::time::Duration::from_millis(20));
+    ///     "done"
+    /// });
+    /// while is_started.try_recv().is_err() {
+    ///     ctx.poll_nonblocking(); // lets the context create the worker
+    /// }
+    /// assert!(!req.cancel_sync(), "it was running: we waited for it instead");
+    /// assert_eq!(req.status(), Status::Finished);
+    /// while req.status() != Status::Completed {
+    ///     ctx.poll();
+    /// }
+    /// assert_eq!(req.try_take(), Some(Ok("done")));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn cancel_sync(&self) -> bool {
         cancel_sync(&self.pool, &self.job())
     }
