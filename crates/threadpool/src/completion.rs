@@ -184,6 +184,7 @@ impl ThreadPool {
     /// One completion pass, run by completion BH `index`: delivers every finished request,
     /// including those that finish while it runs.
     fn drain(&self, index: usize, this: &RunningBh<'_>) {
+        let _resume = ResumeOnPanic { pool: self };
         loop {
             let next = self.home.pending.borrow_mut().pop_front();
             let job = match next {
@@ -235,6 +236,23 @@ impl ThreadPool {
     }
 }
 
+/// If a callback (or a waker, or the drop of a result) panics, the panic leaves the pass, and
+/// the rest of the batch waits for the next one: schedule it.
+struct ResumeOnPanic<'a> {
+    pool: &'a ThreadPool,
+}
+
+impl Drop for ResumeOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let bh = self.pool.shared().state.lock().completion.target();
+            if let Some(bh) = bh {
+                bh.schedule();
+            }
+        }
+    }
+}
+
 /// Ends a callback's busy mark, also when the callback panics.
 struct Leave<'a> {
     pool: &'a ThreadPool,
@@ -245,20 +263,14 @@ struct Leave<'a> {
 
 impl Drop for Leave<'_> {
     fn drop(&mut self) {
-        let bh = {
-            let mut st = self.pool.shared().state.lock();
-            st.completion.leave(self.index);
-            st.completion.target()
-        };
-        if std::thread::panicking() {
-            // The panic leaves this pass; the rest of the batch waits for the next one.
-            if let Some(bh) = bh {
-                bh.schedule();
-            }
-        } else if let Some(nested) = &self.nested {
-            // No nested poll ran it (or it has run): whatever it was scheduled for, this pass
-            // picks up now, so spare the loop an empty pass. (Reliable: we are on the home
-            // thread, between passes of that BH.)
+        self.pool.shared().state.lock().completion.leave(self.index);
+        // When unwinding, `ResumeOnPanic` schedules the next pass. Otherwise: no nested poll ran
+        // the nested BH (or it has run), and whatever it was scheduled for, this pass picks up
+        // now, so spare the loop an empty pass. (Reliable: we are on the home thread, between
+        // passes of that BH.)
+        if !std::thread::panicking()
+            && let Some(nested) = &self.nested
+        {
             nested.cancel();
         }
     }

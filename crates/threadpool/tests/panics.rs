@@ -93,3 +93,61 @@ fn a_callback_that_panics_leaves_the_rest_of_its_batch_for_the_next_poll() {
     assert_eq!(calls.get(), 3, "each callback ran once");
     assert!(tickets.iter().all(|t| t.status() == Status::Completed));
 }
+
+/// Wakes by panicking.
+struct PanickingWaker;
+
+impl std::task::Wake for PanickingWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        panic!("waker panics");
+    }
+}
+
+#[test]
+fn a_waker_that_panics_leaves_the_rest_of_its_batch_for_the_next_poll() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    let ctx = ctx();
+    let pool = ThreadPool::of(&ctx);
+    pool.set_limits(1, 1).unwrap();
+    common::eventually_polling(&ctx, "the worker is idle", || pool.stats().idle == 1);
+    let (tx, rx) = mpsc::channel::<()>();
+    let gate = pool.submit(move || rx.recv().unwrap());
+    let mut first = std::pin::pin!(pool.submit(|| 1));
+    let waker = Waker::from(std::sync::Arc::new(PanickingWaker));
+    assert!(
+        first
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending()
+    );
+    let second_done = Rc::new(Cell::new(false));
+    let d = second_done.clone();
+    let second = pool.submit_with(
+        || 2,
+        move |r| {
+            assert_eq!(r, Ok(2));
+            d.set(true);
+        },
+    );
+    tx.send(()).unwrap();
+    common::eventually("the batch has finished", || {
+        first.status() == Status::Finished && second.status() == Status::Finished
+    });
+    drop(gate);
+
+    let panicked = catch_unwind(AssertUnwindSafe(|| {
+        while !second_done.get() {
+            ctx.poll();
+        }
+    }));
+    assert!(panicked.is_err(), "the waker panicked out of poll");
+    assert!(!second_done.get());
+    poll_until(&ctx, || second_done.get());
+    assert_eq!(
+        first.try_take(),
+        Some(Ok(1)),
+        "the result was delivered before the wake"
+    );
+}
