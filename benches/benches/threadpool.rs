@@ -10,8 +10,11 @@
 //!
 //! Criterion measures all of it; then a plain-`Instant` summary prints p50/p99 latency, ns per
 //! job in batches, the aio/tokio ratios, and how many threads each pool created during the
-//! measured runs, after a warm-up (aio: `PoolStats::threads_created`; tokio: its
-//! `on_thread_start` hook, which blocking-pool threads also call). It also prints what creating
+//! measured runs, after a warm-up that lasts until neither pool creates threads any more (aio:
+//! `PoolStats::threads_created`; tokio: its `on_thread_start` hook, which blocking-pool threads
+//! also call). Both pools keep their default limits (aio 0..64 threads, tokio up to 512), so
+//! idle threads exit after 10 s and are created again later: the total printed at the end
+//! counts that churn over the whole run. It also prints what creating
 //! (and joining) one thread costs here. Nothing is pinned: workers inherit their creator's
 //! affinity (aio creates them from the context's thread, as QEMU does).
 //!
@@ -291,6 +294,8 @@ fn criterion_benches(c: &mut Criterion, aio: &Aio, tokio: &Tokio) {
 /// Sizes of the plain-`Instant` summary.
 struct Plan {
     latency_samples: usize,
+    /// Most warm-up batches per throughput row.
+    warm_up_max: usize,
     batches: usize,
     rounds: usize,
 }
@@ -370,9 +375,20 @@ fn summary(aio: &Aio, tokio: &Tokio, plan: &Plan) {
                     tokio.batch2(job)
                 }
             };
-            // Warm-up, then count the threads created during the measured runs.
-            run_aio();
-            run_tokio();
+            // Warm up until neither pool has created a thread for three batches in a row (a
+            // pool creates threads one after the other, which can outlast a batch, and idle
+            // ones exit after 10 s), then count the threads created during the measured runs.
+            let mut quiet = 0;
+            for _ in 0..plan.warm_up_max {
+                let (a, t) = (aio.threads_created(), tokio.threads_created());
+                run_aio();
+                run_tokio();
+                let unchanged = (a, t) == (aio.threads_created(), tokio.threads_created());
+                quiet = if unchanged { quiet + 1 } else { 0 };
+                if quiet == 3 {
+                    break;
+                }
+            }
             let (a0, t0) = (aio.threads_created(), tokio.threads_created());
             let (mut ours, mut peer) = (Vec::new(), Vec::new());
             for _ in 0..plan.rounds {
@@ -415,12 +431,14 @@ fn main() {
     let plan = if bench {
         Plan {
             latency_samples: 500,
+            warm_up_max: 50,
             batches: 10,
             rounds: 5,
         }
     } else {
         Plan {
             latency_samples: 5,
+            warm_up_max: 1,
             batches: 1,
             rounds: 1,
         }
