@@ -33,7 +33,12 @@ use crate::tidy;
 /// One entry per backend combination worth proving in isolation. Today only the poll backend
 /// exists; as the other backends land, add `"epoll"` and `"io-uring"` here (and combinations such
 /// as `"poll,epoll"` if `AutoMonitor`'s fallback between them needs its own run).
-pub const FEATURE_SETS: &[&str] = &["poll"];
+pub const FEATURE_SETS: &[&str] = &["poll", "epoll", "poll,epoll"];
+
+/// Values of `AIO_BACKEND` under which the conformance suite runs on the facade's default
+/// context (`tests/tests/conformance_auto.rs`), proving the backend choice as well as each
+/// backend. Add `"io_uring"` with that backend.
+pub const BACKENDS: &[&str] = &["poll", "epoll"];
 
 /// Crates that carry loom models as `crates/<crate>/tests/loom_*.rs` (directory name = package
 /// name). Listing a crate here asserts that it has models: finding none fails the step, since a
@@ -50,7 +55,11 @@ const LOOM_CFG: &str = "--cfg aio_loom";
 
 /// Test binaries run under valgrind memcheck, as (package, integration test target): the
 /// ownership paths of bottom-half nodes, and the whole conformance suite on the poll backend.
-const MEMCHECK: &[(&str, &str)] = &[("aio-core", "bh_memory"), ("aio-tests", "conformance_poll")];
+const MEMCHECK: &[(&str, &str)] = &[
+    ("aio-core", "bh_memory"),
+    ("aio-tests", "conformance_poll"),
+    ("aio-tests", "conformance_epoll"),
+];
 
 /// Whether to run every step or skip the slow ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,7 +267,14 @@ fn test_matrix(_root: &Path) -> Result<()> {
             .run()?;
     }
     // The conformance and cross-crate scenarios, once, with the features aio-tests asks for.
-    Cmd::cargo().args(["test", "-p", "aio-tests"]).run()
+    Cmd::cargo().args(["test", "-p", "aio-tests"]).run()?;
+    for backend in BACKENDS {
+        Cmd::cargo()
+            .args(["test", "-p", "aio-tests", "--test", "conformance_auto"])
+            .env("AIO_BACKEND", *backend)
+            .run()?;
+    }
+    Ok(())
 }
 
 fn loom(root: &Path) -> Result<()> {

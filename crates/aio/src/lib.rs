@@ -51,9 +51,13 @@
 //! | feature | default | backend |
 //! |---|---|---|
 //! | `poll` | yes | `ppoll(2)`, portable to any Unix ([`PollMonitor`]) |
+//! | `epoll` | yes | Linux epoll, level-triggered (`EpollMonitor`); ignored elsewhere |
 //!
-//! The epoll and io_uring backends, and the automatic choice and upgrade between them, arrive
-//! with their own features; `Backend::Auto` then prefers io_uring, then epoll, then poll.
+//! [`Backend::Auto`] (the default) starts on poll and moves to epoll once
+//! [`EPOLL_UPGRADE_THRESHOLD`] fds are registered, and falls back from epoll to poll, keeping
+//! every handler, if epoll refuses an fd; see [`AutoMonitor`]. The `AIO_BACKEND` environment
+//! variable overrides the choice, and [`AioContext::backend`] says which backend is active.
+//! `--no-default-features --features poll` builds on any Unix.
 
 #![deny(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
@@ -68,39 +72,65 @@ pub use fdmon_poll::PollMonitor;
 
 use std::io;
 
-/// Which backend watches the context's fds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Backend {
-    /// The best backend compiled in and accepted by the kernel.
-    #[default]
-    Auto,
-    /// `ppoll(2)` (feature `poll`).
-    Poll,
-}
+mod auto;
+
+pub use auto::{AutoMonitor, Backend, EPOLL_UPGRADE_THRESHOLD};
+#[cfg(all(feature = "epoll", target_os = "linux"))]
+pub use fdmon_epoll::EpollMonitor;
+
+/// The environment variable that overrides the backend a [`Builder`] asks for: `poll`,
+/// `epoll`, `io_uring` or `auto`. An unknown value is logged and ignored.
+pub const BACKEND_ENV: &str = "AIO_BACKEND";
 
 /// Creates contexts with a chosen backend.
 ///
 /// ```
-/// let ctx = aio::Builder::new().backend(aio::Backend::Poll).build()?;
-/// assert_eq!(ctx.backend(), "poll");
+/// // The best backend compiled in and accepted by the kernel, whatever AIO_BACKEND says.
+/// let ctx = aio::Builder::new().backend(aio::Backend::Auto).ignore_env().build()?;
+/// assert!(["poll", "epoll", "io_uring"].contains(&ctx.backend()));
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Builder {
     backend: Backend,
+    ignore_env: bool,
 }
 
 impl Builder {
-    /// A builder with the default settings ([`Backend::Auto`]).
+    /// A builder with the default settings ([`Backend::Auto`], `AIO_BACKEND` honoured).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Picks the backend.
+    /// Picks the backend. The `AIO_BACKEND` environment variable, when set, still overrides it
+    /// (so that a deployment or a test run can force a backend without a rebuild); see
+    /// [`ignore_env`](Self::ignore_env).
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
         self
+    }
+
+    /// Ignores `AIO_BACKEND`: the backend is exactly the one given to
+    /// [`backend`](Self::backend).
+    pub fn ignore_env(mut self) -> Self {
+        self.ignore_env = true;
+        self
+    }
+
+    /// The backend this builder will ask for, after the environment override.
+    pub fn requested_backend(&self) -> Backend {
+        if self.ignore_env {
+            return self.backend;
+        }
+        match std::env::var(BACKEND_ENV) {
+            Ok(value) => Backend::from_name(&value).unwrap_or_else(|| {
+                tracing::warn!(
+                    "aio: ignoring {BACKEND_ENV}={value:?}: expected poll, epoll, io_uring or auto"
+                );
+                self.backend
+            }),
+            Err(_) => self.backend,
+        }
     }
 
     /// Creates the context.
@@ -108,11 +138,11 @@ impl Builder {
     /// # Errors
     ///
     /// `Unsupported` when the requested backend is not compiled in (no backend feature is
-    /// enabled at all, for `Auto`); otherwise the errors of [`AioContext::new`] (out of fds).
+    /// enabled at all, for [`Backend::Auto`]); the kernel's error when an explicitly requested
+    /// backend is refused; otherwise the errors of [`AioContext::new`] (out of fds).
     pub fn build(&self) -> io::Result<AioContext> {
-        match self.backend {
-            Backend::Auto | Backend::Poll => poll_context(),
-        }
+        let monitor = AutoMonitor::new(self.requested_backend())?;
+        AioContext::new(Box::new(monitor))
     }
 }
 
@@ -123,19 +153,6 @@ impl Builder {
 /// As [`Builder::build`].
 pub fn new_context() -> io::Result<AioContext> {
     Builder::new().build()
-}
-
-#[cfg(feature = "poll")]
-fn poll_context() -> io::Result<AioContext> {
-    AioContext::new(Box::new(PollMonitor::new()?))
-}
-
-#[cfg(not(feature = "poll"))]
-fn poll_context() -> io::Result<AioContext> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "aio was built without the `poll` feature",
-    ))
 }
 
 /// Compiles and runs the Rust examples in README.md as doctests, so the README cannot drift
