@@ -107,11 +107,24 @@
 //!
 //! # Outer loops
 //!
-//! An outer event loop watches the ring fd ([`outer_fds`](FdMonitor::outer_fds)), which is
-//! readable when completions are posted. Requests the kernel has not been given cannot complete,
-//! so once `outer_fds` has been called the monitor submits the re-arms a wait queued before that
-//! wait returns (one extra `io_uring_enter` for a wait that reported something), instead of
-//! leaving them for the next wait as it does for a context that only runs its own loop.
+//! An outer event loop (glib, or another context) watches the ring fd
+//! ([`outer_fds`](FdMonitor::outer_fds)), which is readable while completions are waiting, and
+//! calls `wait` with a zero timeout when it is. A poll the kernel has not been given cannot make
+//! the ring fd readable, yet the re-arms a wait queues are only submitted by the next wait. A
+//! context that runs its own loop always comes back to `wait`; an outer loop comes back only
+//! when the ring fd is readable or its own timeout expires. So once `outer_fds` has been
+//! called, a wait that leaves submissions queued ends by submitting a `NOP`: its completion
+//! makes the ring fd readable at once, the outer loop runs one more iteration, and that
+//! iteration's `wait` submits the re-arms. They are deliberately not submitted at the end of
+//! the reporting wait itself: the handlers have not run yet at that point, and a re-arm would
+//! capture readiness that the handler is about to consume, to be reported again as a spurious
+//! event. The price is one extra iteration (and `io_uring_enter`) per reporting iteration of an
+//! outer loop; QEMU pays it in its GSource `prepare`, which submits after dispatch.
+//!
+//! Changes made by callbacks that an outer loop dispatches (a handler registered from a
+//! callback) are not covered by this: they happen after the last `wait` and no monitor method
+//! runs before the outer loop sleeps. Only the context can close that gap, by asking
+//! [`need_wait`](FdMonitor::need_wait) before it lets an outer loop sleep.
 //!
 //! # Platforms
 //!
@@ -136,7 +149,7 @@ use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList};
 
 use crate::pending::{Outcome, Polls, Submission};
 use crate::ring::{Ring, SqFull, deadline_after, monotonic_now};
-use crate::user_data::{REMOVE_TAG, Tag, next_timeout_seq, timeout_tag};
+use crate::user_data::{REMOVE_TAG, Tag, WAKE_TAG, next_timeout_seq, timeout_tag};
 
 /// Submission queue size: QEMU's `FDMON_IO_URING_ENTRIES`. It bounds how many requests one
 /// `io_uring_enter` hands over, not how many fds can be watched: when a batch of changes
@@ -348,10 +361,18 @@ impl UringMonitor {
     }
 
     /// How many `POLL_ADD` requests are queued or in the kernel, including stale ones whose
-    /// completion has not been reaped yet. For tests; not part of the stable API.
+    /// completion has not been reaped yet. A handler whose poll completed and whose re-arm
+    /// waits for the next `wait` is not counted. For tests; not part of the stable API.
     #[doc(hidden)]
     pub fn polls_in_flight(&self) -> usize {
         self.polls.in_flight()
+    }
+
+    /// How many `POLL_ADD` requests of removed or replaced handlers are queued or in the kernel.
+    /// For tests; not part of the stable API.
+    #[doc(hidden)]
+    pub fn stale_polls(&self) -> usize {
+        self.polls.stale()
     }
 
     /// Turns queued submissions into SQEs until the queue is empty or the SQ is full. Returns
@@ -424,6 +445,8 @@ impl UringMonitor {
                         *expired |= res == -libc::ETIME;
                     }
                 }
+                // Only there to make the ring fd readable; its job is done.
+                Tag::Wake => {}
                 Tag::Remove => {
                     // 0: cancelled; ENOENT: its poll had completed already; EALREADY: it is
                     // completing. In every case the poll's own completion follows (or came).
@@ -510,14 +533,14 @@ impl FdMonitor for UringMonitor {
         let mut reported = 0;
         // Whether this wait's own TIMEOUT reported that the deadline passed.
         let mut expired = false;
-        // Set for the last round of an outer loop's wait: submit the re-arms, reap nothing.
-        let mut flushing = false;
+        // Set for the last round of an outer loop's wait: submit the wake-up NOP, reap nothing.
+        let mut waking = false;
         loop {
             let sq_full = self.fill();
             // Sleep only when everything is submitted, nothing has been reported yet, and no
             // completion is already waiting to be reaped.
             let mut want = 0;
-            if !sq_full && !flushing && reported == 0 && !self.ring.has_completions() {
+            if !sq_full && !waking && reported == 0 && !self.ring.has_completions() {
                 match deadline {
                     Deadline::Now => {}
                     Deadline::Never => want = 1,
@@ -540,15 +563,16 @@ impl FdMonitor for UringMonitor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
-            if flushing {
-                if sq_full {
-                    continue;
-                }
+            if waking {
                 break;
             }
             reported += self.reap(ready, &mut expired);
-            if sq_full || self.ring.cq_overflowed() {
-                // More to submit, or completions the kernel kept aside: another round.
+            if sq_full || self.ring.cq_overflowed() || self.polls.has_urgent() {
+                // More to submit, completions the kernel kept aside, or polls that reaping
+                // released for this very wait (a registration re-added under the key of a
+                // stale poll that just ended, or a live poll the kernel cancelled): another
+                // round. None of those keys was reported by this wait, so submitting them now
+                // cannot report a key twice.
                 continue;
             }
             let done = reported > 0
@@ -560,13 +584,15 @@ impl FdMonitor for UringMonitor {
             if !done {
                 continue;
             }
-            if self.outer_loop.get() && self.polls.has_deferred() {
-                // An outer loop sleeps on the ring fd outside `wait`; a re-arm it has not
-                // submitted could never wake it. Submit them now, without reaping, so that
-                // this wait still reports each key at most once.
-                self.polls.undefer();
-                flushing = true;
-                continue;
+            if self.outer_loop.get() && self.polls.has_work() {
+                // An outer loop sleeps on the ring fd, outside `wait`, and the re-arms this
+                // wait queued are not in the kernel yet: post a NOP so that the ring fd is
+                // readable and the outer loop comes back to submit them (see "Outer loops").
+                // The SQ is empty here, everything having just been submitted.
+                if self.ring.push_nop(WAKE_TAG).is_ok() {
+                    waking = true;
+                    continue;
+                }
             }
             break;
         }
@@ -588,7 +614,8 @@ impl FdMonitor for UringMonitor {
     /// Appends the ring fd, for read interest: it is readable while completions are waiting.
     ///
     /// Calling this tells the monitor that an outer loop may sleep on the ring fd, so from then
-    /// on every [`wait`](FdMonitor::wait) submits its re-arms before it returns (see the crate
+    /// on a [`wait`](FdMonitor::wait) that leaves re-arms queued makes the ring fd readable
+    /// before it returns, so that the outer loop comes back to submit them (see the crate
     /// documentation, "Outer loops").
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
         self.outer_loop.set(true);

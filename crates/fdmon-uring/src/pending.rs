@@ -354,15 +354,9 @@ impl Polls {
         !self.now.is_empty() || !self.next.is_empty()
     }
 
-    /// Whether re-arms of keys reported by the current wait are waiting for the next one.
-    pub(crate) fn has_deferred(&self) -> bool {
-        !self.next.is_empty()
-    }
-
-    /// Moves the deferred re-arms to the `now` queue before the current wait ends, for an
-    /// outer loop that must see them submitted (see `lib.rs`, "Outer loops").
-    pub(crate) fn undefer(&mut self) {
-        self.begin_wait();
+    /// Whether submissions are waiting for the current wait (the `now` queue).
+    pub(crate) fn has_urgent(&self) -> bool {
+        !self.now.is_empty()
     }
 
     /// Every live registration: key, fd, interest.
@@ -383,6 +377,15 @@ impl Polls {
         self.slots
             .values()
             .filter(|s| s.flight != Flight::Idle)
+            .count()
+    }
+
+    /// How many `POLL_ADD`s of removed or replaced registrations are still queued or in the
+    /// kernel, waiting for their completion to be reaped.
+    pub(crate) fn stale(&self) -> usize {
+        self.slots
+            .values()
+            .filter(|s| s.flight == Flight::Stale)
             .count()
     }
 
@@ -479,7 +482,7 @@ mod tests {
         );
         // Not in this wait...
         assert_eq!(drain(&mut polls), []);
-        assert!(polls.has_deferred());
+        assert!(polls.has_work() && !polls.has_urgent());
         // ...but in the next.
         polls.begin_wait();
         assert_eq!(drain(&mut polls), [poll_add(key(1), 5)]);

@@ -1,18 +1,18 @@
 //! The ring: a thin wrapper over the `io-uring` crate that owns every `unsafe` of this crate, the
 //! `io_uring_enter` calls, and the translation between aio-core's flag types and poll bits.
 //!
-//! The rest of the crate sees a [`Ring`] that can queue three kinds of submission (`POLL_ADD`,
-//! `POLL_REMOVE`, `TIMEOUT`), submit them (optionally waiting for completions), and hand over
+//! The rest of the crate sees a [`Ring`] that can queue four kinds of submission (`POLL_ADD`,
+//! `POLL_REMOVE`, `TIMEOUT`, `NOP`), submit them (optionally waiting for completions), and hand over
 //! the completions as `(user_data, result)` pairs. What those mean is decided elsewhere
 //! (`pending.rs`, `lib.rs`); this file only knows the kernel ABI.
 //!
 //! # Memory the kernel reads
 //!
 //! Pushing a submission is `unsafe` in the `io-uring` crate because an entry may point at
-//! memory the kernel reads or writes later. Of our three opcodes only `TIMEOUT` points at
+//! memory the kernel reads or writes later. Of our four opcodes only `TIMEOUT` points at
 //! anything: its `timespec`, which the kernel copies while it *prepares* the entry, inside the
 //! `io_uring_enter` that submits it. The ring therefore keeps one boxed [`Timespec`] for as long
-//! as it lives; `POLL_ADD` and `POLL_REMOVE` carry only numbers (an fd, a poll mask, a
+//! as it lives; `POLL_ADD`, `POLL_REMOVE` and `NOP` carry only numbers (an fd, a poll mask, a
 //! `user_data`). No memory is involved in identifying a handler, so no completion can ever
 //! refer to freed memory, whenever it arrives.
 //!
@@ -193,6 +193,13 @@ impl Ring {
         // as the ring and its address never changes (see the `timespec` field's invariant), so
         // the memory is valid until then, however many calls later that submission happens, and
         // nothing refers to it afterwards.
+        unsafe { self.ring.submission().push(&entry) }.map_err(|_| SqFull)
+    }
+
+    /// Queues a `NOP`, completing with `user_data` as soon as it is submitted.
+    pub(crate) fn push_nop(&mut self, user_data: u64) -> Result<(), SqFull> {
+        let entry = opcode::Nop::new().build().user_data(user_data);
+        // SAFETY: a NOP points at no memory, so nothing has to outlive it.
         unsafe { self.ring.submission().push(&entry) }.map_err(|_| SqFull)
     }
 
