@@ -205,7 +205,8 @@ impl Ring {
 
     /// Submits every queued entry and, if `want` is 1, sleeps until at least one completion is
     /// posted. One `io_uring_enter`, or none at all when there is nothing to submit, nothing to
-    /// wait for and no overflowed completion to fetch.
+    /// wait for and no overflowed completion that could be fetched (there is no room for one
+    /// while the completion queue is full).
     ///
     /// Returns the kernel's error unchanged, `EINTR` included: the caller retries, in one place,
     /// because only it knows the deadline. An interrupted wait whose entries were submitted
@@ -214,8 +215,13 @@ impl Ring {
     /// way.
     pub(crate) fn submit_and_wait(&mut self, want: usize) -> io::Result<()> {
         let sq = self.ring.submission();
-        let idle = want == 0 && sq.is_empty() && !sq.cq_overflow() && !sq.taskrun();
+        let (nothing_to_submit, overflowed, taskrun) =
+            (sq.is_empty(), sq.cq_overflow(), sq.taskrun());
         drop(sq);
+        // Overflowed completions can only be fetched into free slots: with the queue still
+        // full, an enter would fetch nothing, so it waits until the caller has reaped.
+        let fetch = overflowed && !self.ring.completion().is_full();
+        let idle = want == 0 && nothing_to_submit && !fetch && !taskrun;
         if idle {
             return Ok(());
         }
