@@ -33,6 +33,9 @@
 //! * `IORING_OP_TIMEOUT`: added to a blocking wait that has a finite, nonzero timeout, as an
 //!   absolute `CLOCK_MONOTONIC` deadline with a completion count of 1: it completes at the
 //!   deadline, or as soon as any other completion is posted, so it rarely outlives its wait.
+//!   The absolute deadline lets a wait that must sleep again (after a signal, or after a
+//!   completion that was not a report) keep the same request and the same deadline.
+//! * `IORING_OP_NOP`: only for outer loops, to make the ring fd readable (see "Outer loops").
 //!
 //! # Glossary
 //!
@@ -50,7 +53,7 @@
 //! The queues are only touched by methods that take `&mut self`: [`update`](FdMonitor::update)
 //! only records the change (no system call, no queue access), and [`wait`](FdMonitor::wait)
 //! turns recorded changes into SQEs, submits, and reaps. [`need_wait`](FdMonitor::need_wait) and
-//! [`outer_fds`](FdMonitor::outer_fds) only read. `UringMonitor` is `Send` but not `Sync`, so
+//! [`outer_fds`](FdMonitor::outer_fds) only read the rings. `UringMonitor` is `Send` but not `Sync`, so
 //! the compiler enforces what QEMU states as a rule ("sq/cq rings are only modified within
 //! `fdmon_io_uring_wait()`"). It needs no lock-free list either, because every change comes
 //! from the context's home thread.
@@ -84,9 +87,11 @@
 //! the stale poll's completion says (cancelled, or readiness that raced with the removal), it
 //! is recognised and dropped. A replacement ([`Change::Modify`]) is a removal of the old key
 //! plus an add under the new key, so a completion still in flight for the old key can never be
-//! reported under the new one. (QEMU's `POLL_UPDATE`-free approach; `IORING_POLL_UPDATE_EVENTS`
-//! would change the mask in place but keep the old `user_data`, which is exactly what must not
-//! happen.) The context never reuses a key, but if a caller does (removes a key and adds it
+//! reported under the new one; QEMU does the same. A `POLL_REMOVE` with the update flags
+//! (Linux 5.13) could retarget the in-flight poll to the new key and mask in one request, but
+//! when the old poll has already completed the update fails, and the new `POLL_ADD` could only
+//! go out after that failure is seen: a second round trip, and a second code path, to save one
+//! SQE on replacements, which are rare. The context never reuses a key, but if a caller does (removes a key and adds it
 //! again while the old poll is still in flight), the new `POLL_ADD` is held back until the old
 //! one's completion has been reaped, so even then two requests never share a `user_data`.
 //!
@@ -121,16 +126,19 @@
 //! event. The price is one extra iteration (and `io_uring_enter`) per reporting iteration of an
 //! outer loop; QEMU pays it in its GSource `prepare`, which submits after dispatch.
 //!
-//! Changes made by callbacks that an outer loop dispatches (a handler registered from a
-//! callback) are not covered by this: they happen after the last `wait` and no monitor method
-//! runs before the outer loop sleeps. Only the context can close that gap, by asking
-//! [`need_wait`](FdMonitor::need_wait) before it lets an outer loop sleep.
+//! Changes made by the callbacks of an outer-loop iteration whose `wait` reported nothing (a
+//! bottom half that registers a handler, say) are not covered: no monitor method runs between
+//! them and the outer loop's sleep, so the new poll reaches the kernel only when the outer loop
+//! wakes for another reason. Only the context can close that gap, by asking
+//! [`need_wait`](FdMonitor::need_wait) before it lets an outer loop sleep (QEMU's GSource
+//! `prepare` submits at that point).
 //!
 //! # Platforms
 //!
 //! Linux 5.6 or later (`IORING_REGISTER_PROBE`, `IORING_FEAT_NODROP`), with io_uring not
 //! disabled by `kernel.io_uring_disabled` or a seccomp filter. [`UringMonitor::probe`] says
-//! whether that holds; the `aio` facade falls back to epoll or poll when it does not.
+//! whether that holds; falling back to epoll or poll when it does not is the facade's job, not
+//! this crate's.
 
 #![cfg(target_os = "linux")]
 #![deny(missing_docs)]
@@ -561,7 +569,14 @@ impl FdMonitor for UringMonitor {
                 // deadline and the same TIMEOUT request, so a signal neither ends nor extends
                 // the wait.
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // Drain the completion queue before giving up: older kernels refuse new
+                    // submissions (EBUSY) until overflowed completions fit in the queue again.
+                    // The context drops the reports of a failed wait, but every reported key's
+                    // re-arm is queued, so a still-ready fd is reported again next time.
+                    self.reap(ready, &mut expired);
+                    return Err(e);
+                }
             }
             if waking {
                 break;
