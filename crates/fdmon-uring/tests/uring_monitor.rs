@@ -741,16 +741,26 @@ fn a_timeout_ended_early_by_a_report_leaves_nothing_behind() {
     let Some(_serial) = setup("a_timeout_ended_early_by_a_report_leaves_nothing_behind") else {
         return;
     };
-    let efd = eventfd();
+    let efd = Arc::new(eventfd());
     let mut monitor = UringMonitor::new().unwrap();
     let mut ready = ReadyList::new();
     add(&mut monitor, key(1), efd.as_raw_fd(), Interest::READ);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
-    signal_eventfd(&efd);
+    let writer = {
+        let efd = Arc::clone(&efd);
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            signal_eventfd(&efd);
+        })
+    };
+    // Blocked with a 10 s TIMEOUT in flight when the report arrives.
+    let enters = monitor.enter_calls();
     assert_eq!(
         wait_for(&mut monitor, &mut ready, Some(Duration::from_secs(10))),
         [(key(1), Readiness::READABLE)]
     );
+    assert_eq!(monitor.enter_calls() - enters, 1);
+    writer.join().unwrap();
     read_bytes(&efd, 8);
     // The re-arm is pending; once it is submitted nothing else is: the TIMEOUT (count 1) ended
     // together with the report instead of lingering for 10 s.
@@ -946,7 +956,7 @@ fn ten_thousand_idle_fds_and_one_active() {
         let writer = {
             let fd = active.try_clone().unwrap();
             thread::spawn(move || {
-                thread::sleep(Duration::from_millis(2));
+                thread::sleep(Duration::from_millis(20));
                 signal_eventfd(&fd);
             })
         };
@@ -1119,6 +1129,40 @@ fn a_batch_of_300_adds_is_submitted_by_one_wait() {
         assert!(reports.iter().all(|&(_, r)| r == Readiness::WRITABLE));
         assert_eq!(monitor.enter_calls(), 3 * round);
     }
+}
+
+#[test]
+fn completions_beyond_the_queue_size_are_all_reported() {
+    let Some(_serial) = setup("completions_beyond_the_queue_size_are_all_reported") else {
+        return;
+    };
+    let fds: Vec<OwnedFd> = (0..300).map(|_| eventfd()).collect();
+    let mut monitor = UringMonitor::new().unwrap();
+    let mut ready = ReadyList::new();
+    for (i, fd) in fds.iter().enumerate() {
+        add(&mut monitor, key(i as u32), fd.as_raw_fd(), Interest::READ);
+    }
+    assert_eq!(wait_now(&mut monitor, &mut ready), []);
+    let enters = monitor.enter_calls();
+
+    // 300 polls complete between two waits: 256 fill the completion queue, the kernel keeps
+    // the other 44 aside (IORING_FEAT_NODROP). One wait reaps the 256, fetches the rest with
+    // one io_uring_enter, and reports all 300, each once.
+    for fd in &fds {
+        signal_eventfd(fd);
+    }
+    let reports = wait_now(&mut monitor, &mut ready);
+    assert_eq!(reports.len(), 300);
+    assert!(reports.iter().all(|&(_, r)| r == Readiness::READABLE));
+    assert_eq!(monitor.enter_calls() - enters, 1);
+
+    // Level-triggered still: the re-arms report all 300 again.
+    assert_eq!(wait_now(&mut monitor, &mut ready).len(), 300);
+    for fd in &fds {
+        read_bytes(fd, 8);
+    }
+    assert_eq!(wait_now(&mut monitor, &mut ready), []);
+    assert_eq!(monitor.polls_in_flight(), 300);
 }
 
 #[test]
