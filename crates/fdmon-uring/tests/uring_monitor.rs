@@ -790,14 +790,17 @@ fn a_removal_during_a_blocking_wait_does_not_end_it_early() {
     add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     remove(&mut monitor, key(1), r.as_raw_fd());
-    // The POLL_REMOVE and the cancelled poll post two completions at once; they are not
-    // reports, so the wait goes back to sleep until its deadline.
+    // The POLL_REMOVE and the cancelled poll post two completions at once (which also end the
+    // count-1 TIMEOUT); they are not reports, so the wait re-arms its TIMEOUT for the same
+    // absolute deadline and goes back to sleep: two io_uring_enter calls in all.
+    let enters = monitor.enter_calls();
     let start = Instant::now();
     assert_eq!(
         wait_for(&mut monitor, &mut ready, Some(Duration::from_millis(30))),
         []
     );
     assert!(start.elapsed() >= Duration::from_millis(30));
+    assert_eq!(monitor.enter_calls() - enters, 2);
     assert_eq!(monitor.polls_in_flight(), 0);
 }
 
