@@ -65,6 +65,10 @@ fn backend_names_parse() {
     assert_eq!(Backend::from_name("io_uring"), Some(Backend::IoUring));
     assert_eq!(Backend::from_name("io-uring"), Some(Backend::IoUring));
     assert_eq!(Backend::from_name("auto"), Some(Backend::Auto));
+    assert_eq!(
+        Backend::from_name("poll+epoll"),
+        Some(Backend::PollThenEpoll)
+    );
     assert_eq!(Backend::from_name("kqueue"), None);
 }
 
@@ -75,13 +79,9 @@ fn explicit_backends_are_what_was_asked_for() {
 }
 
 #[test]
-fn auto_moves_from_poll_to_epoll_at_64_fds_and_keeps_every_handler() {
-    let ctx = context(Backend::Auto);
-    if ctx.backend() != "poll" {
-        // Auto picked io_uring: no upgrade to observe.
-        eprintln!("SKIP upgrade: Auto chose {}", ctx.backend());
-        return;
-    }
+fn poll_then_epoll_moves_at_64_fds_and_keeps_every_handler() {
+    let ctx = context(Backend::PollThenEpoll);
+    assert_eq!(ctx.backend(), "poll");
     // The context's own notifier is one registration; 62 more keep us below the threshold.
     let mut all: Vec<Counted> = (0..62).map(|_| counted(&ctx)).collect();
     assert_eq!(ctx.backend(), "poll", "63 fds stay on poll");
@@ -152,27 +152,39 @@ fn epoll_refusing_an_fd_falls_back_to_poll_without_losing_handlers() {
 
 #[test]
 fn an_upgraded_context_falls_back_too() {
-    let ctx = context(Backend::Auto);
-    if ctx.backend() != "poll" {
-        eprintln!("SKIP: Auto chose {}", ctx.backend());
-        return;
-    }
+    let ctx = context(Backend::PollThenEpoll);
     let mut pad: Vec<Counted> = (0..63).map(|_| counted(&ctx)).collect();
     assert_eq!(ctx.backend(), "epoll");
     pad.truncate(0);
     falls_back(ctx);
 }
 
-/// io_uring is not compiled into this build of the facade (yet): asking for it is an error,
-/// not a silent fallback.
+/// Auto takes io_uring where the kernel gives a ring, and poll (with the epoll upgrade)
+/// otherwise; an explicit io_uring request is io_uring or the kernel's error, never a silent
+/// fallback.
 #[test]
-fn a_backend_that_is_not_compiled_in_is_an_error() {
-    let err = Builder::new()
+fn auto_prefers_io_uring_and_explicit_io_uring_never_falls_back() {
+    let auto = context(Backend::Auto);
+    let explicit = Builder::new()
         .backend(Backend::IoUring)
         .ignore_env()
-        .build()
-        .unwrap_err();
-    assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+        .build();
+    match aio::UringMonitor::probe() {
+        Ok(()) => {
+            assert_eq!(auto.backend(), "io_uring");
+            assert_eq!(explicit.unwrap().backend(), "io_uring");
+        }
+        Err(probe) => {
+            eprintln!("io_uring unavailable here ({probe}): checking the fallback instead");
+            assert_eq!(auto.backend(), "poll");
+            let err = explicit.unwrap_err();
+            assert_ne!(
+                err.kind(),
+                io::ErrorKind::Unsupported,
+                "compiled in, refused by the kernel"
+            );
+        }
+    }
 }
 
 /// Runs `body` in a child process with `AIO_BACKEND=value`.

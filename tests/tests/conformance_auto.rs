@@ -5,10 +5,15 @@
 fn make() -> std::io::Result<aio::AioContext> {
     let ctx = aio::Builder::new().build()?;
     if let Ok(wanted) = std::env::var(aio::BACKEND_ENV) {
-        // A forced backend that was silently replaced would test the wrong thing.
+        // A forced backend that was silently replaced would test the wrong thing. poll+epoll
+        // starts on poll (it moves to epoll only at 64 fds).
+        let expected = match wanted.trim() {
+            "poll+epoll" => "poll",
+            other => other,
+        };
         assert_eq!(
             ctx.backend(),
-            wanted.trim(),
+            expected,
             "{} was not honoured",
             aio::BACKEND_ENV
         );
@@ -16,4 +21,10 @@ fn make() -> std::io::Result<aio::AioContext> {
     Ok(ctx)
 }
 
-aio_core::conformance_tests!(make);
+aio_core::conformance_tests!(
+    make,
+    #[cfg_attr(
+        aio_forced_backend_unavailable,
+        ignore = "AIO_BACKEND asks for a backend this machine lacks (see the build warning)"
+    )]
+);

@@ -908,6 +908,13 @@ impl AioContext {
         if inner.shared.notified.load(Ordering::Relaxed) {
             return Some(Duration::ZERO);
         }
+        // A backend with work of its own that only its `wait` does (io_uring: changes made by
+        // the callbacks just dispatched are queued, not yet submitted to the kernel) would
+        // leave the outer loop asleep on fds the kernel does not watch yet. Ask it, as QEMU's
+        // 2025 GSource `prepare` hook does, and let `check` run that wait.
+        if inner.monitor.borrow().need_wait(false) {
+            return Some(Duration::ZERO);
+        }
         inner.compute_timeout()
     }
 

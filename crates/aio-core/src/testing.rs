@@ -1729,6 +1729,69 @@ pub fn outer_loop_notify_wakes_outer_fds(make: MakeContext) {
     assert!(!progress, "a notify is not progress");
 }
 
+/// Outer loop (derived, found on io_uring): a handler registered by a callback that an outer
+/// loop dispatched must be watched by the outer loop's next wait, so that its fd, set from
+/// another thread, wakes the outer loop instead of leaving it asleep until its timeout.
+pub fn outer_loop_watches_handlers_registered_in_dispatch(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let notifier = Arc::new(EventNotifier::new().expect("notifier"));
+    let slot: Rc<RefCell<Option<FdHandler>>> = Rc::default();
+    let hits = Rc::new(Cell::new(0u32));
+    // A BH registers the handler from inside the outer loop's dispatch.
+    let (tx, rx) = mpsc::channel::<()>();
+    let bh = ctx.bh(move || tx.send(()).unwrap());
+    bh.schedule();
+    assert_eq!(
+        ctx.prepare(),
+        Some(Duration::ZERO),
+        "a scheduled BH means no sleep"
+    );
+    assert!(ctx.check());
+    assert!(ctx.dispatch());
+    rx.try_recv().expect("the BH ran");
+    {
+        let (n, h) = (notifier.clone(), hits.clone());
+        let handler = ctx
+            .set_event_notifier(&notifier, move |e| {
+                assert!(e.test_and_clear());
+                h.set(h.get() + 1);
+                let _ = &n;
+            })
+            .expect("register");
+        *slot.borrow_mut() = Some(handler);
+    }
+    // Now the outer loop goes to sleep for as long as `prepare` allows, and another thread
+    // sets the notifier. The wait must wake for it.
+    let remote = notifier.clone();
+    let setter = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(50));
+        remote.set().unwrap();
+    });
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(5);
+    while hits.get() == 0 && Instant::now() < deadline {
+        let timeout = ctx.prepare();
+        let mut fds = Vec::new();
+        ctx.outer_fds(&mut fds);
+        let cap = deadline.saturating_duration_since(Instant::now());
+        poll_outer_fds(&fds, Some(timeout.map_or(cap, |t| t.min(cap))));
+        if ctx.check() {
+            ctx.dispatch();
+        }
+    }
+    setter.join().unwrap();
+    assert_eq!(
+        hits.get(),
+        1,
+        "the outer loop never dispatched the new handler"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "the outer loop slept through the fd"
+    );
+}
+
 /// Spec §2.4 / §4.6 ("at most one extra iteration"): once an outer loop has run the iteration
 /// a notify woke, plus at most one more, the wake-up is consumed: the outer fds are quiet
 /// again, so an idle outer loop sleeps instead of spinning.
@@ -2063,19 +2126,19 @@ pub fn drop_context_with_live_handle(make: MakeContext) {
 
 /// Generates one `#[test]` per conformance case, each calling the case with `$make`.
 ///
-/// Attributes written before `$make` are put on every generated test. A backend that the
+/// Attributes written after `$make` are put on every generated test. A backend that the
 /// machine may lack uses this to have its suite reported as *ignored*, with the reason, rather
 /// than failing or passing vacuously:
 ///
 /// ```ignore
 /// aio_core::conformance_tests!(
+///     make_uring_context,
 ///     #[cfg_attr(aio_no_uring, ignore = "io_uring is not available on this machine")]
-///     make_uring_context
 /// );
 /// ```
 #[macro_export]
 macro_rules! conformance_tests {
-    ($(#[$meta:meta])* $make:expr) => {
+    ($make:expr $(, #[$meta:meta])* $(,)?) => {
         #[test]
         $(#[$meta])*
         fn poll_fresh_context_is_idle() {
@@ -2315,6 +2378,11 @@ macro_rules! conformance_tests {
         $(#[$meta])*
         fn outer_loop_notify_is_consumed() {
             $crate::testing::outer_loop_notify_is_consumed($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn outer_loop_watches_handlers_registered_in_dispatch() {
+            $crate::testing::outer_loop_watches_handlers_registered_in_dispatch($make)
         }
         #[test]
         $(#[$meta])*

@@ -28,6 +28,8 @@ use std::time::Duration;
 use fdmon_epoll::EpollMonitor;
 #[cfg(feature = "poll")]
 use fdmon_poll::PollMonitor;
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+use fdmon_uring::UringMonitor;
 
 /// From this many registered fds on, a poll-based context moves to epoll: poll(2) costs about
 /// 40 ns per fd per wait on these machines while epoll_wait is flat (QEMU uses 64 too).
@@ -44,6 +46,10 @@ pub enum Backend {
     Auto,
     /// `ppoll(2)` only (feature `poll`): no upgrade.
     Poll,
+    /// poll, moving to epoll at [`EPOLL_UPGRADE_THRESHOLD`] fds (features `poll` and `epoll`):
+    /// what [`Auto`](Backend::Auto) falls back to where io_uring is unavailable, and QEMU's
+    /// choice when it has no io_uring.
+    PollThenEpoll,
     /// epoll from the start (feature `epoll`, Linux).
     Epoll,
     /// io_uring (feature `io-uring`, Linux); an error if the kernel refuses it.
@@ -51,12 +57,13 @@ pub enum Backend {
 }
 
 impl Backend {
-    /// Parses `AIO_BACKEND`'s values: `auto`, `poll`, `epoll`, `io_uring` (or `io-uring`,
-    /// `uring`), case-insensitive.
+    /// Parses `AIO_BACKEND`'s values: `auto`, `poll`, `poll+epoll`, `epoll`, `io_uring` (or
+    /// `io-uring`, `uring`), case-insensitive.
     pub fn from_name(name: &str) -> Option<Backend> {
         match name.trim().to_ascii_lowercase().as_str() {
             "auto" => Some(Backend::Auto),
             "poll" => Some(Backend::Poll),
+            "poll+epoll" | "poll-then-epoll" => Some(Backend::PollThenEpoll),
             "epoll" => Some(Backend::Epoll),
             "io_uring" | "io-uring" | "uring" | "iouring" => Some(Backend::IoUring),
             _ => None,
@@ -70,9 +77,16 @@ enum Active {
     Poll(PollMonitor),
     #[cfg(all(feature = "epoll", target_os = "linux"))]
     Epoll(EpollMonitor),
+    /// Boxed: a ring's state is far larger than the other backends'.
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    Uring(Box<UringMonitor>),
     /// With no backend compiled in, no `AutoMonitor` can be built; this uninhabited variant
     /// keeps the type (and every `match`) well-formed.
-    #[cfg(not(any(feature = "poll", all(feature = "epoll", target_os = "linux"))))]
+    #[cfg(not(any(
+        feature = "poll",
+        all(feature = "epoll", target_os = "linux"),
+        all(feature = "io-uring", target_os = "linux")
+    )))]
     #[allow(dead_code)]
     Unavailable(std::convert::Infallible),
 }
@@ -85,7 +99,13 @@ macro_rules! each {
             Active::Poll($m) => $body,
             #[cfg(all(feature = "epoll", target_os = "linux"))]
             Active::Epoll($m) => $body,
-            #[cfg(not(any(feature = "poll", all(feature = "epoll", target_os = "linux"))))]
+            #[cfg(all(feature = "io-uring", target_os = "linux"))]
+            Active::Uring($m) => $body,
+            #[cfg(not(any(
+                feature = "poll",
+                all(feature = "epoll", target_os = "linux"),
+                all(feature = "io-uring", target_os = "linux")
+            )))]
             Active::Unavailable(never) => match *never {},
         }
     };
@@ -111,6 +131,7 @@ impl AutoMonitor {
     pub fn new(backend: Backend) -> io::Result<AutoMonitor> {
         match backend {
             Backend::Poll => Self::poll(false),
+            Backend::PollThenEpoll => Self::poll(true),
             Backend::Epoll => Self::epoll(),
             Backend::IoUring => Self::uring(),
             Backend::Auto => {
@@ -154,6 +175,15 @@ impl AutoMonitor {
         Err(not_compiled("epoll"))
     }
 
+    #[cfg(all(feature = "io-uring", target_os = "linux"))]
+    fn uring() -> io::Result<AutoMonitor> {
+        Ok(AutoMonitor {
+            active: Active::Uring(Box::new(UringMonitor::new()?)),
+            upgrade: false,
+        })
+    }
+
+    #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
     fn uring() -> io::Result<AutoMonitor> {
         Err(not_compiled("io-uring"))
     }
@@ -226,7 +256,11 @@ impl AutoMonitor {
 
 // With no backend compiled in, every method body is an empty match and ignores its arguments.
 #[cfg_attr(
-    not(any(feature = "poll", all(feature = "epoll", target_os = "linux"))),
+    not(any(
+        feature = "poll",
+        all(feature = "epoll", target_os = "linux"),
+        all(feature = "io-uring", target_os = "linux")
+    )),
     allow(unused_variables)
 )]
 impl FdMonitor for AutoMonitor {
@@ -254,7 +288,13 @@ impl FdMonitor for AutoMonitor {
                 }
                 Err(e) => self.fall_back_to_poll(change, e),
             },
-            #[cfg(not(any(feature = "poll", all(feature = "epoll", target_os = "linux"))))]
+            #[cfg(all(feature = "io-uring", target_os = "linux"))]
+            Active::Uring(m) => m.update(change),
+            #[cfg(not(any(
+                feature = "poll",
+                all(feature = "epoll", target_os = "linux"),
+                all(feature = "io-uring", target_os = "linux")
+            )))]
             Active::Unavailable(never) => match *never {},
         }
     }
@@ -287,4 +327,27 @@ fn not_compiled(feature: &str) -> io::Error {
         io::ErrorKind::Unsupported,
         format!("aio was built without the `{feature}` feature"),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A backend left out of the build is `Unsupported`, never silently replaced. Run by
+    /// `xtask ci` once per feature set, so each absence is checked in some build.
+    #[test]
+    fn backends_not_compiled_in_are_unsupported() {
+        let linux = cfg!(target_os = "linux");
+        for (backend, compiled) in [
+            (Backend::Poll, cfg!(feature = "poll")),
+            (Backend::PollThenEpoll, cfg!(feature = "poll")),
+            (Backend::Epoll, cfg!(feature = "epoll") && linux),
+            (Backend::IoUring, cfg!(feature = "io-uring") && linux),
+        ] {
+            if !compiled {
+                let err = AutoMonitor::new(backend).unwrap_err();
+                assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{backend:?}");
+            }
+        }
+    }
 }

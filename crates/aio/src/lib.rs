@@ -52,10 +52,12 @@
 //! |---|---|---|
 //! | `poll` | yes | `ppoll(2)`, portable to any Unix ([`PollMonitor`]) |
 //! | `epoll` | yes | Linux epoll, level-triggered (`EpollMonitor`); ignored elsewhere |
+//! | `io-uring` | yes | Linux io_uring, `POLL_ADD` re-armed per completion (`UringMonitor`) |
 //!
-//! [`Backend::Auto`] (the default) starts on poll and moves to epoll once
-//! [`EPOLL_UPGRADE_THRESHOLD`] fds are registered, and falls back from epoll to poll, keeping
-//! every handler, if epoll refuses an fd; see [`AutoMonitor`]. The `AIO_BACKEND` environment
+//! [`Backend::Auto`] (the default) uses io_uring where the kernel accepts a ring; otherwise it
+//! starts on poll and moves to epoll once [`EPOLL_UPGRADE_THRESHOLD`] fds are registered, and
+//! falls back from epoll to poll, keeping every handler, if epoll refuses an fd; see
+//! [`AutoMonitor`]. Each fallback is logged with `tracing`, with its reason. The `AIO_BACKEND` environment
 //! variable overrides the choice, and [`AioContext::backend`] says which backend is active.
 //! `--no-default-features --features poll` builds on any Unix.
 
@@ -77,9 +79,11 @@ mod auto;
 pub use auto::{AutoMonitor, Backend, EPOLL_UPGRADE_THRESHOLD};
 #[cfg(all(feature = "epoll", target_os = "linux"))]
 pub use fdmon_epoll::EpollMonitor;
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+pub use fdmon_uring::UringMonitor;
 
 /// The environment variable that overrides the backend a [`Builder`] asks for: `poll`,
-/// `epoll`, `io_uring` or `auto`. An unknown value is logged and ignored.
+/// `poll+epoll`, `epoll`, `io_uring` or `auto`. An unknown value is logged and ignored.
 pub const BACKEND_ENV: &str = "AIO_BACKEND";
 
 /// Creates contexts with a chosen backend.
