@@ -2,13 +2,15 @@
 //! position table, so that arm, re-arm and cancel of any timer are O(log n) and the earliest
 //! deadline is O(1).
 //!
-//! Why this structure (measured by benchmark B7, see the crate docs): QEMU keeps a sorted linked
-//! list, O(n) per arm; async-io and glommio use a `BTreeMap<(deadline, id), _>`, O(log n) but with
-//! one allocation per insert and a cache miss per tree level; tokio uses a hashed wheel with 1 ms
-//! slots, O(1) but not exact. A d-ary heap over a flat `Vec` is exact, allocation-free in steady
-//! state, and a random deadline lands near the bottom, so a typical insert moves one or two
-//! entries. Four children per node halve the depth of a binary heap and keep the children of a
-//! node within two cache lines.
+//! Why this structure (measured; figures in the crate docs): QEMU keeps a sorted linked list,
+//! O(n) per arm; async-io and glommio use a `BTreeMap<(deadline, id), _>`, O(log n) but with
+//! node allocations and a cache miss per tree level (610 ns per insert + remove with a million
+//! keys, against 14 ns here); tokio uses a hashed wheel with 1 ms slots, O(1) but not exact. A
+//! d-ary heap over a flat `Vec` is exact, allocation-free in steady state, and a random deadline
+//! lands near the bottom, so a typical insert moves one or two entries. Four children per node
+//! halve the depth of a binary heap (which measured 25–30 % slower) and keep the children of a
+//! node within two cache lines; eight were 10–20 % faster at a million timers but 25 % slower
+//! to pop at 100 000.
 //!
 //! Entries are addressed by *slot*, the timer's index in the list's slab. `pos[slot]` is where the
 //! slot's entry sits in `entries` ([`NOT_QUEUED`] when it has none). Every move of an entry

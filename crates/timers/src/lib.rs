@@ -48,9 +48,26 @@
 //!
 //! Each list is an indexed 4-ary min-heap keyed by `(deadline, arming sequence)` over a slab of
 //! timers, with a position table (see `heap.rs`): arm, re-arm and cancel are O(log n) and
-//! allocation-free, the earliest deadline is O(1) and read without a lock. Measured by benchmark
-//! B7 (`benches/benches/timers.rs`, BENCHMARKS.md) against tokio's timer wheel and async-io's
-//! `BTreeMap`.
+//! allocation-free, the earliest deadline is O(1) and read without a lock. Benchmark B7
+//! (`benches/benches/timers.rs`, criterion medians on the 2-vCPU dev VM, release build), with
+//! N = 0 / 1 000 / 100 000 / 1 000 000 timers already pending:
+//!
+//! | operation | ns per operation |
+//! |---|---|
+//! | `arm_after` + `cancel` of an existing timer | 60 / 75 / 61 / 73 |
+//! | create + `arm_after` + drop | 82 / 91 / 87 / 97 |
+//! | re-arm an armed timer | 46 / 46 / 48 / 58 |
+//! | [`TimerListGroup::deadline`] | 3 / 30 / 32 / 33 (a monotonic clock read is ~25) |
+//! | arm + fire, per timer, batches of 1 000 | 46 / 49 / 61 / 70 |
+//!
+//! Side by side in the same process, tokio's `sleep` polled once and dropped costs 113–133 ns
+//! (time driver only) and 420–525 ns on an `enable_all` runtime inside a task (the shape of the
+//! project's 620–690 ns reference anchor; each registration then also writes tokio's eventfd);
+//! async-io's `Timer` costs 116 ns at N = 0 and 1.06 µs at N = 1 000 000. The raw structure,
+//! without lock or clock, measured at N = 1 000 000: 14 ns per insert + remove (`BTreeMap`:
+//! 610 ns), 145 ns to move a random pending timer, 415 ns to pop the head and re-insert it a
+//! minute later (the cache misses of a sift through a 24 MB heap; a binary heap is 25–30 %
+//! slower; an 8-ary one was 10–20 % faster at 1 000 000 but 25 % slower to pop at 100 000).
 //!
 //! # QEMU names
 //!
