@@ -165,8 +165,9 @@ impl TimerListGroup {
     /// can ever fire: the loop may then sleep until notified (QEMU `timerlistgroup_deadline_ns`,
     /// with `None` for its -1).
     ///
-    /// Lock-free and allocation-free: one atomic load per clock, plus a clock reading per clock
-    /// that has a timer armed.
+    /// Allocation-free and without taking any timer-list lock: one atomic load per clock, plus a
+    /// reading of each clock that has a timer armed (a [`VirtualClock`] reading takes that
+    /// clock's own small lock).
     #[inline]
     pub fn deadline(&self) -> Option<Duration> {
         self.deadline_ns().map(Duration::from_nanos)
