@@ -1,5 +1,6 @@
 //! Workloads shared by the side-by-side benchmarks: aio and its peer (tokio `current_thread`)
-//! for B1, B2 and B4 of DESIGN.md §8.
+//! for B1, B2 and B4 of DESIGN.md §8, and in [`b7`] the timers of B7 (with async-io as a second
+//! peer).
 //!
 //! Each workload takes an iteration count and returns the time of exactly that many iterations,
 //! so the criterion benches (`iter_custom`) and the quick report (`benches/report.rs`, median of
@@ -17,6 +18,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use aio::{AioContext, BottomHalf, ContextHandle};
+
+pub mod b7;
 
 thread_local! {
     static RAN: Cell<u64> = const { Cell::new(0) };

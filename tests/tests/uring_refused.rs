@@ -65,19 +65,12 @@ fn refuse_io_uring_setup() {
     };
     // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only; it is required before an
     // unprivileged process may install a seccomp filter.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        0
-    );
+    let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    assert_eq!(rc, 0, "no_new_privs: {}", io::Error::last_os_error());
+    let mode = libc::SECCOMP_MODE_FILTER as libc::c_ulong;
     // SAFETY: `prog` points to `filter`, a valid BPF program that lives across the call (the
     // kernel copies it); the filter only makes io_uring_setup fail.
-    let rc = unsafe {
-        libc::prctl(
-            libc::PR_SET_SECCOMP,
-            libc::SECCOMP_MODE_FILTER as libc::c_ulong,
-            &prog,
-        )
-    };
+    let rc = unsafe { libc::prctl(libc::PR_SET_SECCOMP, mode, &prog) };
     assert_eq!(rc, 0, "seccomp: {}", io::Error::last_os_error());
 }
 

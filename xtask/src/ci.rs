@@ -11,7 +11,8 @@
 //! 5. `loom`: every `crates/<crate>/tests/loom_*.rs` model under `--cfg aio_loom`, release mode,
 //!    `LOOM_MAX_PREEMPTIONS=2`, in its own target directory.
 //! 6. `memcheck`: the test binaries in [`MEMCHECK`] under valgrind memcheck, which must report no
-//!    invalid access and no definite leak (the bottom-half list frees nodes by hand). Valgrind is
+//!    invalid access and no definite leak (the bottom-half list frees nodes by hand; the timer
+//!    tests prove that dropped groups and timers free every callback). Valgrind is
 //!    installed with apt-get when it is missing.
 //! 7. `doc`: `cargo doc` with `RUSTDOCFLAGS=-D warnings`.
 //! 8. `tidy`: house-style checks, in process (see `tidy.rs`).
@@ -66,6 +67,10 @@ const MEMCHECK: &[(&str, &str)] = &[
     ("aio-core", "bh_memory"),
     ("aio-tests", "conformance_poll"),
     ("aio-tests", "conformance_epoll"),
+    // Timer lifetimes: group drop with armed timers, callbacks that own or drop their timer,
+    // nested runs and a panicking callback.
+    ("timers", "lifecycle"),
+    ("timers", "callbacks"),
 ];
 
 /// Whether to run every step or skip the slow ones.
