@@ -69,6 +69,10 @@ pub use aio_core::{
     HandlerBuilder, HandlerKey, Interest, NotDisabledError, OuterFd, Readiness, ReadyList,
     RunningBh, Stats,
 };
+pub use aio_core::{
+    ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef, VirtualClock,
+    set_timer_slack,
+};
 #[cfg(feature = "poll")]
 pub use fdmon_poll::PollMonitor;
 
@@ -94,10 +98,12 @@ pub const BACKEND_ENV: &str = "AIO_BACKEND";
 /// assert!(["poll", "epoll", "io_uring"].contains(&ctx.backend()));
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Builder {
     backend: Backend,
     ignore_env: bool,
+    timer_slack: Option<std::time::Duration>,
+    clocks: Option<GroupBuilder>,
 }
 
 impl Builder {
@@ -118,6 +124,20 @@ impl Builder {
     /// [`backend`](Self::backend).
     pub fn ignore_env(mut self) -> Self {
         self.ignore_env = true;
+        self
+    }
+
+    /// Sets the building thread's timer slack (see [`set_timer_slack`]) when the context is
+    /// built; build on the thread that will poll it. QEMU uses 1 ns on its loop threads.
+    pub fn timer_slack(mut self, slack: std::time::Duration) -> Self {
+        self.timer_slack = Some(slack);
+        self
+    }
+
+    /// The clocks the context's timers read, for example a [`VirtualClock`] in place of real
+    /// time for deterministic tests.
+    pub fn clocks(mut self, clocks: GroupBuilder) -> Self {
+        self.clocks = Some(clocks);
         self
     }
 
@@ -143,10 +163,14 @@ impl Builder {
     ///
     /// `Unsupported` when the requested backend is not compiled in (no backend feature is
     /// enabled at all, for [`Backend::Auto`]); the kernel's error when an explicitly requested
-    /// backend is refused; otherwise the errors of [`AioContext::new`] (out of fds).
-    pub fn build(&self) -> io::Result<AioContext> {
+    /// backend is refused; the error of [`set_timer_slack`]; otherwise the errors of
+    /// [`AioContext::new`] (out of fds).
+    pub fn build(self) -> io::Result<AioContext> {
         let monitor = AutoMonitor::new(self.requested_backend())?;
-        AioContext::new(Box::new(monitor))
+        if let Some(slack) = self.timer_slack {
+            set_timer_slack(slack)?;
+        }
+        AioContext::with_clocks(Box::new(monitor), self.clocks.unwrap_or_default())
     }
 }
 
