@@ -338,6 +338,17 @@ fn fmt_ns(v: f64) -> String {
     }
 }
 
+/// An axis label for a power of ten of nanoseconds: `100 ns`, `10 µs`, `1 ms`.
+fn decade_label(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{} ms", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{} µs", v / 1e3)
+    } else {
+        format!("{v} ns")
+    }
+}
+
 fn cell(r: Option<&Row>) -> String {
     r.map_or_else(|| "–".into(), |r| fmt_ns(r.ns))
 }
@@ -692,7 +703,7 @@ fn svg(rows: &[Row], counts: &[usize]) -> String {
             LEFT + W,
             LEFT - 6.0,
             gy + 4.0,
-            fmt_ns(v)
+            decade_label(v)
         );
         d += 1.0;
     }
