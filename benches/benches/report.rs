@@ -16,12 +16,12 @@
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aio_benches::b7::{AsyncIoArm, FIRE_BATCH, OursArm, OursFire, PENDING, TokioArm, TokioFire};
 use aio_benches::{
-    AioBhBatch, AioBusyLoop, AioOneshot, BusyReport, TokioBusyLoop, TokioSpawnBatch,
-    pin_current_thread, tokio_runtime, tokio_yield,
+    AioBhBatch, AioBusyLoop, AioOneshot, BusyReport, TokioBusyLoop, TokioSpawnBatch, machine,
+    pin_current_thread, today, tokio_runtime, tokio_yield,
 };
 
 /// Criterion options that take a value, so that the value is not taken for a filter.
@@ -493,40 +493,6 @@ fn targets(rows: &[Row]) -> String {
         );
     }
     s
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into());
-    format!("{cpu}, {cpus} CPUs, Linux {kernel}")
-}
-
-/// Today's UTC date as `YYYY-MM-DD` (civil-from-days, H. Hinnant's algorithm).
-fn today() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let z = (secs / 86_400) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
 }
 
 fn markdown(rows: &[Row], b7: &[B7Row], plan: Plan) -> String {
