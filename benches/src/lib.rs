@@ -1,5 +1,7 @@
 //! Workloads shared by the side-by-side benchmarks: aio and its peer (tokio `current_thread`)
-//! for B1, B2 and B4 of DESIGN.md §8.
+//! for B1, B2 and B4 of DESIGN.md §8 here, aio's fd backends next to mio, polling and the raw
+//! system-call floors for B5 and B6 in [`fd`], and in [`b7`] the timers of B7 (with async-io as
+//! a second peer).
 //!
 //! Each workload takes an iteration count and returns the time of exactly that many iterations,
 //! so the criterion benches (`iter_custom`) and the quick report (`benches/report.rs`, median of
@@ -14,9 +16,12 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aio::{AioContext, BottomHalf, ContextHandle};
+
+pub mod b7;
+pub mod fd;
 
 thread_local! {
     static RAN: Cell<u64> = const { Cell::new(0) };
@@ -41,13 +46,16 @@ pub fn loop_syscalls(ctx: &AioContext) -> u64 {
     s.waits + s.event_writes + s.event_drains
 }
 
-/// A context on the default backend (`aio::Builder::new().build()`).
+/// A context for the B1/B2/B4 workloads: on the poll backend, which is what `Backend::Auto` gave
+/// when this crate compiled in only aio's `poll` feature, so that those figures stay comparable
+/// now that the fd benches compile in every backend. `AIO_BACKEND` still overrides it.
 ///
 /// # Panics
 ///
-/// If the context cannot be created (out of fds).
+/// If the context cannot be created (out of fds, or a backend forced by `AIO_BACKEND` refused).
 pub fn new_context() -> AioContext {
     aio::Builder::new()
+        .backend(aio::Backend::Poll)
         .build()
         .expect("aio-benches: cannot create an AioContext")
 }
@@ -525,6 +533,41 @@ pub fn pin_current_thread(cpu: usize) -> Option<Pinned> {
         return None;
     }
     Some(Pinned { previous })
+}
+
+/// The machine, for report headers: CPU model name, CPU count and kernel release.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".into());
+    format!("{cpu}, {cpus} CPUs, Linux {kernel}")
+}
+
+/// Today's UTC date as `YYYY-MM-DD` (civil-from-days, H. Hinnant's algorithm).
+pub fn today() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
 }
 
 fn per_op(count: u64, ops: u64) -> f64 {

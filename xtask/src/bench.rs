@@ -1,9 +1,10 @@
 //! `cargo xtask bench [filter]`: runs the `aio-benches` benchmarks and points at the report they
 //! write under `target/bench-report/`.
 //!
-//! The bench crate owns the measurements and the report (a Markdown table plus SVG charts, see
-//! DESIGN.md §7); xtask only chooses where the report goes, through `AIO_BENCH_REPORT_DIR`, and
-//! forwards the filter to the harness (criterion-style: benchmarks whose name contains it).
+//! The bench crate owns the measurements and the reports (Markdown tables plus SVG charts, see
+//! DESIGN.md §7: `report.md` from `report.rs`, `fd-report.md` from `fd.rs`); xtask only chooses
+//! where they go, through `AIO_BENCH_REPORT_DIR`, and forwards the filter to the harness
+//! (criterion-style: benchmarks whose name contains it).
 
 use std::process::ExitCode;
 
@@ -33,6 +34,11 @@ pub fn run(filter: Option<&str>) -> Result<ExitCode> {
             "bench: no report written ({} does not exist)",
             report.display()
         );
+    }
+    // The fd benches (B5, B6) write their own report next to it.
+    let fd_report = report_dir.join("fd-report.md");
+    if fd_report.is_file() {
+        eprintln!("bench: fd backends report at {}", fd_report.display());
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,7 +11,8 @@
 //! 5. `loom`: every `crates/<crate>/tests/loom_*.rs` model under `--cfg aio_loom`, release mode,
 //!    `LOOM_MAX_PREEMPTIONS=2`, in its own target directory.
 //! 6. `memcheck`: the test binaries in [`MEMCHECK`] under valgrind memcheck, which must report no
-//!    invalid access and no definite leak (the bottom-half list frees nodes by hand). Valgrind is
+//!    invalid access and no definite leak (the bottom-half list frees nodes by hand; the timer
+//!    tests prove that dropped groups and timers free every callback). Valgrind is
 //!    installed with apt-get when it is missing.
 //! 7. `doc`: `cargo doc` with `RUSTDOCFLAGS=-D warnings`.
 //! 8. `tidy`: house-style checks, in process (see `tidy.rs`).
@@ -33,7 +34,19 @@ use crate::tidy;
 /// One entry per backend combination worth proving in isolation. Today only the poll backend
 /// exists; as the other backends land, add `"epoll"` and `"io-uring"` here (and combinations such
 /// as `"poll,epoll"` if `AutoMonitor`'s fallback between them needs its own run).
-pub const FEATURE_SETS: &[&str] = &["poll"];
+pub const FEATURE_SETS: &[&str] = &[
+    "poll",
+    "epoll",
+    "io-uring",
+    "poll,epoll",
+    "poll,epoll,io-uring",
+];
+
+/// Values of `AIO_BACKEND` under which the conformance suite runs on the facade's default
+/// context (`tests/tests/conformance_auto.rs`), proving the backend choice as well as each
+/// backend. On a machine without io_uring the `io_uring` run reports its cases as ignored (the
+/// test crate's build script probes for it).
+pub const BACKENDS: &[&str] = &["poll", "poll+epoll", "epoll", "io_uring"];
 
 /// Crates that carry loom models as `crates/<crate>/tests/loom_*.rs` (directory name = package
 /// name). Listing a crate here asserts that it has models: finding none fails the step, since a
@@ -50,7 +63,15 @@ const LOOM_CFG: &str = "--cfg aio_loom";
 
 /// Test binaries run under valgrind memcheck, as (package, integration test target): the
 /// ownership paths of bottom-half nodes, and the whole conformance suite on the poll backend.
-const MEMCHECK: &[(&str, &str)] = &[("aio-core", "bh_memory"), ("aio-tests", "conformance_poll")];
+const MEMCHECK: &[(&str, &str)] = &[
+    ("aio-core", "bh_memory"),
+    ("aio-tests", "conformance_poll"),
+    ("aio-tests", "conformance_epoll"),
+    // Timer lifetimes: group drop with armed timers, callbacks that own or drop their timer,
+    // nested runs and a panicking callback.
+    ("timers", "lifecycle"),
+    ("timers", "callbacks"),
+];
 
 /// Whether to run every step or skip the slow ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,7 +279,14 @@ fn test_matrix(_root: &Path) -> Result<()> {
             .run()?;
     }
     // The conformance and cross-crate scenarios, once, with the features aio-tests asks for.
-    Cmd::cargo().args(["test", "-p", "aio-tests"]).run()
+    Cmd::cargo().args(["test", "-p", "aio-tests"]).run()?;
+    for backend in BACKENDS {
+        Cmd::cargo()
+            .args(["test", "-p", "aio-tests", "--test", "conformance_auto"])
+            .env("AIO_BACKEND", *backend)
+            .run()?;
+    }
+    Ok(())
 }
 
 fn loom(root: &Path) -> Result<()> {

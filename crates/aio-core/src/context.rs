@@ -40,7 +40,7 @@ use crate::handler::{
 };
 use crate::sync::{
     Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, signal_fence, thread_local,
-    thread_marker,
+    thread_marker, timer_notify,
 };
 use crate::{FdHandler, sys};
 use std::any::Any;
@@ -51,6 +51,7 @@ use std::io;
 use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::time::Duration;
+use timers::{ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup};
 
 /// `notify_me` bit 0: an outer loop is between [`AioContext::prepare`] and
 /// [`AioContext::check`] (QEMU's GSource bit).
@@ -232,6 +233,8 @@ pub(crate) struct Inner {
     external_disabled: Cell<u32>,
     /// Readiness collected by `check` for `dispatch` when an outer loop drives the context.
     outer_ready: RefCell<ReadyList>,
+    /// The context's timers, one list per clock (QEMU `ctx->tlg`).
+    pub(crate) timers: TimerListGroup,
     /// Per-context singletons of crates built on the loop (QEMU keeps such things, like the
     /// thread pool, as fields of `AioContext`; core cannot name their types). See
     /// [`AioContext::local`].
@@ -266,10 +269,17 @@ impl Inner {
                 }
             }
         }
-        match t {
-            BhTimeout::Now => Some(Duration::ZERO),
+        let bhs = match t {
+            BhTimeout::Now => return Some(Duration::ZERO),
             BhTimeout::Idle => Some(IDLE_BH_TIMEOUT),
             BhTimeout::None => None,
+        };
+        // The earliest deadline of the enabled clocks, in nanoseconds: passed to the backend
+        // unrounded (QEMU rounds up to milliseconds only for epoll_wait and glib).
+        match (bhs, self.timers.deadline()) {
+            (None, timer) => timer,
+            (bhs, None) => bhs,
+            (Some(a), Some(b)) => Some(a.min(b)),
         }
     }
 
@@ -444,8 +454,23 @@ impl AioContext {
     /// Creating the context's event notifier can fail (`EMFILE` when the process is out of
     /// fds), and so can registering it with the monitor.
     pub fn new(monitor: Box<dyn FdMonitor>) -> io::Result<AioContext> {
+        Self::with_clocks(monitor, GroupBuilder::new())
+    }
+
+    /// Creates a context whose timers read the clocks chosen by `clocks` (for example a
+    /// [`VirtualClock`](timers::VirtualClock) standing in for real time in deterministic
+    /// tests).
+    ///
+    /// # Errors
+    ///
+    /// As [`new`](Self::new).
+    pub fn with_clocks(
+        monitor: Box<dyn FdMonitor>,
+        clocks: GroupBuilder,
+    ) -> io::Result<AioContext> {
         Self::build(
             monitor,
+            clocks,
             #[cfg(aio_loom)]
             LoomVariant::Correct,
         )
@@ -459,11 +484,12 @@ impl AioContext {
         monitor: Box<dyn FdMonitor>,
         variant: LoomVariant,
     ) -> io::Result<AioContext> {
-        Self::build(monitor, variant)
+        Self::build(monitor, GroupBuilder::new(), variant)
     }
 
     fn build(
         monitor: Box<dyn FdMonitor>,
+        clocks: GroupBuilder,
         #[cfg(aio_loom)] variant: LoomVariant,
     ) -> io::Result<AioContext> {
         let event = EventNotifier::new()?;
@@ -480,6 +506,13 @@ impl AioContext {
             variant,
             event_writes: AtomicU64::new(0),
         });
+        // Arming a timer that becomes the earliest of its clock wakes the loop, like a BH
+        // schedule (and, like it, for free on the home thread outside a blocking wait). No
+        // cycle: the group belongs to `Inner`, not to `Shared`.
+        let timers = {
+            let shared = shared.clone();
+            clocks.build(timer_notify(move || shared.notify_scheduled()))
+        };
         let ctx = AioContext {
             inner: Rc::new(Inner {
                 shared,
@@ -490,6 +523,7 @@ impl AioContext {
                 epoch: Cell::new(0),
                 external_disabled: Cell::new(0),
                 outer_ready: RefCell::new(ReadyList::new()),
+                timers,
                 locals: RefCell::new(Vec::new()),
                 waits: Cell::new(0),
                 event_drains: Cell::new(0),
@@ -579,6 +613,55 @@ impl AioContext {
         value
     }
 
+    /// Creates a timer on this context (QEMU `aio_timer_new`): `callback` runs on the home
+    /// thread, from [`poll`](Self::poll), once the timer's deadline on `clock` has passed.
+    /// Arm it with [`Timer::arm`] (in `scale` units), [`Timer::arm_ns`] or
+    /// [`Timer::arm_after`], from any thread; arming it earlier than every other timer of its
+    /// clock wakes a sleeping loop. Dropping the handle cancels the timer and frees `callback`.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use aio_core::{ClockType, Scale};
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    ///
+    /// let fired = Arc::new(AtomicBool::new(false));
+    /// let f = fired.clone();
+    /// let timer = ctx.timer(ClockType::Realtime, Scale::NS, move || f.store(true, Ordering::SeqCst));
+    /// timer.arm_after(Duration::from_millis(1));
+    /// while !fired.load(Ordering::SeqCst) {
+    ///     ctx.poll(); // sleeps until the deadline, to the nanosecond the backend allows
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn timer(
+        &self,
+        clock: ClockType,
+        scale: Scale,
+        callback: impl FnMut() + Send + 'static,
+    ) -> Timer {
+        self.inner.timers.timer(clock, scale, callback)
+    }
+
+    /// As [`timer`](Self::timer), with attributes (QEMU `aio_timer_new_with_attrs`).
+    pub fn timer_with_attrs(
+        &self,
+        clock: ClockType,
+        scale: Scale,
+        attrs: TimerAttrs,
+        callback: impl FnMut() + Send + 'static,
+    ) -> Timer {
+        self.inner
+            .timers
+            .timer_with_attrs(clock, scale, attrs, callback)
+    }
+
+    /// The context's timer lists (QEMU `ctx->tlg`): clocks, the earliest deadline, counts.
+    pub fn timers(&self) -> &TimerListGroup {
+        &self.inner.timers
+    }
+
     /// The name of the backend that watches fds (`"poll"`, `"epoll"`, `"io_uring"`).
     pub fn backend(&self) -> &'static str {
         self.inner.monitor.borrow().name()
@@ -661,6 +744,8 @@ impl AioContext {
             progress |= self.dispatch_ready(&ready, epoch);
             inner.recycle_ready_list(ready);
         }
+        // Timers last, as QEMU's `aio_poll` runs them after the handlers.
+        progress |= inner.timers.run_expired();
         progress
     }
 
@@ -908,6 +993,13 @@ impl AioContext {
         if inner.shared.notified.load(Ordering::Relaxed) {
             return Some(Duration::ZERO);
         }
+        // A backend with work of its own that only its `wait` does (io_uring: changes made by
+        // the callbacks just dispatched are queued, not yet submitted to the kernel) would
+        // leave the outer loop asleep on fds the kernel does not watch yet. Ask it, as QEMU's
+        // 2025 GSource `prepare` hook does, and let `check` run that wait.
+        if inner.monitor.borrow().need_wait(false) {
+            return Some(Duration::ZERO);
+        }
         inner.compute_timeout()
     }
 
@@ -961,11 +1053,14 @@ impl AioContext {
         inner.epoch.set(epoch);
         let mut progress = inner.bh_poll();
         progress |= self.dispatch_ready(&ready, epoch);
-        let mut slot = inner.outer_ready.borrow_mut();
-        if slot.is_empty() {
-            *slot = ready;
-            slot.clear();
+        {
+            let mut slot = inner.outer_ready.borrow_mut();
+            if slot.is_empty() {
+                *slot = ready;
+                slot.clear();
+            }
         }
+        progress |= inner.timers.run_expired();
         progress
     }
 }

@@ -68,3 +68,7 @@ pub use context::{AioContext, ContextHandle, NotDisabledError, Stats};
 pub use event_notifier::EventNotifier;
 pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 pub use handler::{FdHandler, HandlerBuilder};
+pub use sys::set_timer_slack;
+pub use timers::{
+    ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef, VirtualClock,
+};

@@ -64,3 +64,9 @@ pub(crate) fn signal_fence() {
     #[cfg(not(aio_loom))]
     std::sync::atomic::compiler_fence(Ordering::SeqCst);
 }
+
+/// Wraps `f` as the `timers` crate's notify callback (a std `Arc`, whatever `Arc` is here: the
+/// timers crate is not modelled by loom, only the notify it calls).
+pub(crate) fn timer_notify(f: impl Fn() + Send + Sync + 'static) -> timers::Notify {
+    std::sync::Arc::new(f)
+}

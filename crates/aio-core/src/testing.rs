@@ -1457,6 +1457,146 @@ pub fn fd_hangup_calls_read(make: MakeContext) {
     assert_eq!(results.borrow().len(), 1);
 }
 
+/// A pipe as two non-blocking `OwnedFd`s (read end, write end).
+fn nonblocking_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", io::Error::last_os_error());
+    // SAFETY: pipe2 succeeded: both fds are new and owned by no one else.
+    unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    }
+}
+
+/// Issue 3 (error readiness reaches the handler): a full pipe's write end is not writable, so
+/// its write callback stays quiet; once the read end is closed the kernel reports an error
+/// (`POLLERR`/`EPOLLERR`), which must reach the write callback.
+pub fn fd_error_readiness_reaches_the_write_callback(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let (read_end, write_end) = nonblocking_pipe();
+    let mut w = std::fs::File::from(write_end.try_clone().unwrap());
+    let chunk = [0u8; 4096];
+    while w.write(&chunk).is_ok() {}
+    let calls = Rc::new(Cell::new(0u32));
+    let c = calls.clone();
+    let handler = ctx
+        .fd_handler(&write_end)
+        .on_write(move |_| c.set(c.get() + 1))
+        .register()
+        .unwrap();
+    drain(&ctx);
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(calls.get(), 0, "a full pipe is not writable");
+    drop(read_end);
+    let wd = Watchdog::new(ctx.handle());
+    assert!(
+        ctx.poll(),
+        "the error wakes the loop and reaches the write callback"
+    );
+    assert!(!wd.fired());
+    assert_eq!(calls.get(), 1);
+    drop(handler);
+}
+
+/// Issue 3: removing a handler and registering a new one for the same fd within one
+/// iteration (from a callback) works: the new handler gets the fd's next events, the removed one
+/// never runs again.
+pub fn fd_removed_and_readded_in_one_iteration(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let notifier = Arc::new(EventNotifier::new().unwrap());
+    let old_runs = Rc::new(Cell::new(0u32));
+    let new_runs = Rc::new(Cell::new(0u32));
+    let slot: Rc<RefCell<Option<FdHandler>>> = Rc::default();
+    let (o, n, sl, e) = (
+        old_runs.clone(),
+        new_runs.clone(),
+        slot.clone(),
+        notifier.clone(),
+    );
+    let first = ctx
+        .set_event_notifier(&notifier, move |_| {
+            o.set(o.get() + 1);
+            // Swap ourselves for a new handler of the same fd, without clearing it: the new one
+            // must see the still-pending event on the next iteration.
+            drop(sl.borrow_mut().take());
+            let ctx = AioContext::current().expect("inside poll");
+            let n = n.clone();
+            let replacement = ctx
+                .set_event_notifier(&e, move |e| {
+                    assert!(e.test_and_clear());
+                    n.set(n.get() + 1);
+                })
+                .expect("the fd is free again");
+            *sl.borrow_mut() = Some(replacement);
+        })
+        .unwrap();
+    *slot.borrow_mut() = Some(first);
+    drain(&ctx);
+    notifier.set().unwrap();
+    assert!(ctx.poll_nonblocking());
+    assert_eq!((old_runs.get(), new_runs.get()), (1, 0));
+    assert!(ctx.poll_nonblocking());
+    assert_eq!((old_runs.get(), new_runs.get()), (1, 1));
+    assert!(!ctx.poll_nonblocking());
+    notifier.set().unwrap();
+    assert!(ctx.poll_nonblocking());
+    assert_eq!((old_runs.get(), new_runs.get()), (1, 2));
+}
+
+/// Issue 3: 10 000 registered fds with one active: only that one dispatches, once per event.
+pub fn fd_ten_thousand_idle_one_active(make: MakeContext) {
+    raise_nofile_limit(10_100);
+    let ctx = new_ctx(make);
+    let hits = Rc::new(Cell::new(0u32));
+    let idle: Vec<(Arc<EventNotifier>, FdHandler)> = (0..10_000)
+        .map(|_| {
+            let e = Arc::new(EventNotifier::new().expect("raise RLIMIT_NOFILE to 10 100"));
+            let h = ctx
+                .set_event_notifier(&e, |_| panic!("an idle handler ran"))
+                .unwrap();
+            (e, h)
+        })
+        .collect();
+    let active = Arc::new(EventNotifier::new().unwrap());
+    let h = hits.clone();
+    let _active = ctx
+        .set_event_notifier(&active, move |e| {
+            assert!(e.test_and_clear());
+            h.set(h.get() + 1);
+        })
+        .unwrap();
+    drain(&ctx);
+    for round in 1..=3 {
+        active.set().unwrap();
+        assert!(ctx.poll());
+        assert_eq!(hits.get(), round);
+        assert!(!ctx.poll_nonblocking());
+    }
+    drop(idle);
+}
+
+/// Raises the soft RLIMIT_NOFILE to at least `want` (up to the hard limit).
+fn raise_nofile_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the valid `lim` we pass.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+    if lim.rlim_cur < want {
+        lim.rlim_cur = want.min(lim.rlim_max);
+        // Setrlimit reads the valid `lim` we pass; raising the soft limit up to the hard
+        // limit is always allowed and harmless to the other tests of this process.
+        // SAFETY: justified in the comment just above.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
+    }
+}
+
 /// Spec §6 (re-registering replaces): `replace` installs new callbacks under a new key; the
 /// old ones never run again and are freed.
 pub fn fd_replace_handler(make: MakeContext) {
@@ -1727,6 +1867,69 @@ pub fn outer_loop_notify_wakes_outer_fds(make: MakeContext) {
     );
     let progress = ctx.check() && ctx.dispatch();
     assert!(!progress, "a notify is not progress");
+}
+
+/// Outer loop (derived, found on io_uring): a handler registered by a callback that an outer
+/// loop dispatched must be watched by the outer loop's next wait, so that its fd, set from
+/// another thread, wakes the outer loop instead of leaving it asleep until its timeout.
+pub fn outer_loop_watches_handlers_registered_in_dispatch(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let notifier = Arc::new(EventNotifier::new().expect("notifier"));
+    let slot: Rc<RefCell<Option<FdHandler>>> = Rc::default();
+    let hits = Rc::new(Cell::new(0u32));
+    // A BH registers the handler from inside the outer loop's dispatch.
+    let (tx, rx) = mpsc::channel::<()>();
+    let bh = ctx.bh(move || tx.send(()).unwrap());
+    bh.schedule();
+    assert_eq!(
+        ctx.prepare(),
+        Some(Duration::ZERO),
+        "a scheduled BH means no sleep"
+    );
+    assert!(ctx.check());
+    assert!(ctx.dispatch());
+    rx.try_recv().expect("the BH ran");
+    {
+        let (n, h) = (notifier.clone(), hits.clone());
+        let handler = ctx
+            .set_event_notifier(&notifier, move |e| {
+                assert!(e.test_and_clear());
+                h.set(h.get() + 1);
+                let _ = &n;
+            })
+            .expect("register");
+        *slot.borrow_mut() = Some(handler);
+    }
+    // Now the outer loop goes to sleep for as long as `prepare` allows, and another thread
+    // sets the notifier. The wait must wake for it.
+    let remote = notifier.clone();
+    let setter = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(50));
+        remote.set().unwrap();
+    });
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(5);
+    while hits.get() == 0 && Instant::now() < deadline {
+        let timeout = ctx.prepare();
+        let mut fds = Vec::new();
+        ctx.outer_fds(&mut fds);
+        let cap = deadline.saturating_duration_since(Instant::now());
+        poll_outer_fds(&fds, Some(timeout.map_or(cap, |t| t.min(cap))));
+        if ctx.check() {
+            ctx.dispatch();
+        }
+    }
+    setter.join().unwrap();
+    assert_eq!(
+        hits.get(),
+        1,
+        "the outer loop never dispatched the new handler"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "the outer loop slept through the fd"
+    );
 }
 
 /// Spec §2.4 / §4.6 ("at most one extra iteration"): once an outer loop has run the iteration
@@ -2061,21 +2264,167 @@ pub fn drop_context_with_live_handle(make: MakeContext) {
     assert_eq!(get(&runs), 0, "nothing ever ran");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Timers (real time: each case runs on the backend under test, waiting in its `wait`)
+// ---------------------------------------------------------------------------------------------
+
+/// QEMU's 750 ms, scaled down so that the suite stays quick on every backend.
+const TIMER_PERIOD: Duration = Duration::from_millis(150);
+
+/// A REALTIME timer whose callback counts and re-arms itself `TIMER_PERIOD` later while the
+/// count is below `max`. Returns the timer (keep it alive) and the counter.
+fn periodic_timer(ctx: &AioContext, max: u32) -> (crate::Timer, Arc<AtomicU32>) {
+    let n = Arc::new(AtomicU32::new(0));
+    let me: Arc<std::sync::OnceLock<crate::TimerRef>> = Arc::default();
+    let (count, this) = (n.clone(), me.clone());
+    let timer = ctx.timer(crate::ClockType::Realtime, crate::Scale::NS, move || {
+        if count.fetch_add(1, SeqCst) + 1 < max {
+            this.get().expect("set below").arm_after(TIMER_PERIOD);
+        }
+    });
+    assert!(me.set(timer.handle()).is_ok(), "set once");
+    (timer, n)
+}
+
+/// `/aio/timer/schedule` (§1.13, §13 case 25), with 750 ms scaled to 150 ms: timers run only
+/// inside `poll`; a due timer runs on a non-blocking poll; a blocking poll sleeps until the
+/// next deadline and returns true.
+pub fn timer_schedule(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let (timer, n) = periodic_timer(&ctx, 2);
+    timer.arm_after(TIMER_PERIOD);
+    drain(&ctx);
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(n.load(SeqCst), 0);
+    thread::sleep(TIMER_PERIOD + Duration::from_millis(100));
+    assert_eq!(n.load(SeqCst), 0, "timers only run inside poll");
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(n.load(SeqCst), 1);
+    drain(&ctx);
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(n.load(SeqCst), 1);
+    let wd = Watchdog::new(ctx.handle());
+    let t0 = Instant::now();
+    assert!(
+        ctx.poll(),
+        "the blocking poll sleeps until the re-armed deadline, then runs it"
+    );
+    assert!(!wd.fired(), "the blocking poll hung");
+    assert_eq!(n.load(SeqCst), 2);
+    assert!(t0.elapsed() < TIMER_PERIOD + WAKE_BOUND);
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(n.load(SeqCst), 2);
+}
+
+/// §13 case 26: with only a timer pending (no user fd), a blocking poll sleeps until the
+/// deadline and no longer, and never returns before it.
+pub fn timer_blocking_poll_sleeps_until_the_deadline(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let fired = Arc::new(AtomicBool::new(false));
+    let f = fired.clone();
+    let timer = ctx.timer(crate::ClockType::Realtime, crate::Scale::NS, move || {
+        f.store(true, SeqCst)
+    });
+    let wd = Watchdog::new(ctx.handle());
+    let t0 = Instant::now();
+    timer.arm_after(TIMER_PERIOD);
+    let mut polls = 0;
+    while !fired.load(SeqCst) {
+        ctx.poll();
+        polls += 1;
+        assert!(polls < 10, "woke {polls} times without the timer firing");
+    }
+    let elapsed = t0.elapsed();
+    assert!(!wd.fired());
+    assert!(elapsed >= TIMER_PERIOD, "fired early, after {elapsed:?}");
+    assert!(elapsed < TIMER_PERIOD + WAKE_BOUND, "slept {elapsed:?}");
+}
+
+/// §13 case 27: another thread moves a timer's deadline earlier while the loop sleeps; the
+/// sleep ends and the timer fires near its new deadline, not the old one.
+pub fn timer_moved_earlier_from_another_thread_wakes_poll(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let fired = Arc::new(AtomicBool::new(false));
+    let f = fired.clone();
+    let timer = ctx.timer(crate::ClockType::Realtime, crate::Scale::NS, move || {
+        f.store(true, SeqCst)
+    });
+    timer.arm_after(Duration::from_secs(60));
+    let handle = timer.handle();
+    let mover = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(50));
+        handle.arm_after(Duration::from_millis(50));
+    });
+    let wd = Watchdog::new(ctx.handle());
+    let t0 = Instant::now();
+    while !fired.load(SeqCst) {
+        ctx.poll();
+        assert!(!wd.fired(), "the moved timer never woke the loop");
+    }
+    mover.join().unwrap();
+    assert!(t0.elapsed() >= Duration::from_millis(100));
+    assert!(t0.elapsed() < Duration::from_millis(100) + WAKE_BOUND);
+}
+
+/// §13 case 28: a cancelled (or dropped) timer never fires, even when cancelled after its
+/// deadline passed but before the next poll.
+pub fn timer_cancelled_after_its_deadline_never_fires(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let n = Arc::new(AtomicU32::new(0));
+    let (a, b) = (n.clone(), n.clone());
+    let cancelled = ctx.timer(crate::ClockType::Realtime, crate::Scale::MS, move || {
+        a.fetch_add(1, SeqCst);
+    });
+    let dropped = ctx.timer(crate::ClockType::Realtime, crate::Scale::MS, move || {
+        b.fetch_add(1, SeqCst);
+    });
+    cancelled.arm_after(Duration::from_millis(10));
+    dropped.arm_after(Duration::from_millis(10));
+    thread::sleep(Duration::from_millis(40));
+    cancelled.cancel();
+    drop(dropped);
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(n.load(SeqCst), 0);
+    assert!(!cancelled.is_pending());
+}
+
+/// §13 case 29 (`/aio-gsource/timer/schedule`): a periodic re-arm never fires early: after the
+/// second firing, the time is past the first deadline plus one period.
+pub fn timer_periodic_rearm_never_fires_early(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    let (timer, n) = periodic_timer(&ctx, 2);
+    let first_deadline = Instant::now() + TIMER_PERIOD;
+    timer.arm_after(TIMER_PERIOD);
+    let wd = Watchdog::new(ctx.handle());
+    while n.load(SeqCst) < 2 {
+        ctx.poll();
+        assert!(!wd.fired());
+    }
+    assert!(
+        Instant::now() >= first_deadline + TIMER_PERIOD,
+        "the second firing was early"
+    );
+}
+
 /// Generates one `#[test]` per conformance case, each calling the case with `$make`.
 ///
-/// Attributes written before `$make` are put on every generated test. A backend that the
+/// Attributes written after `$make` are put on every generated test. A backend that the
 /// machine may lack uses this to have its suite reported as *ignored*, with the reason, rather
 /// than failing or passing vacuously:
 ///
 /// ```ignore
 /// aio_core::conformance_tests!(
+///     make_uring_context,
 ///     #[cfg_attr(aio_no_uring, ignore = "io_uring is not available on this machine")]
-///     make_uring_context
 /// );
 /// ```
 #[macro_export]
 macro_rules! conformance_tests {
-    ($(#[$meta:meta])* $make:expr) => {
+    ($make:expr $(, #[$meta:meta])* $(,)?) => {
         #[test]
         $(#[$meta])*
         fn poll_fresh_context_is_idle() {
@@ -2315,6 +2664,51 @@ macro_rules! conformance_tests {
         $(#[$meta])*
         fn outer_loop_notify_is_consumed() {
             $crate::testing::outer_loop_notify_is_consumed($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn outer_loop_watches_handlers_registered_in_dispatch() {
+            $crate::testing::outer_loop_watches_handlers_registered_in_dispatch($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn fd_error_readiness_reaches_the_write_callback() {
+            $crate::testing::fd_error_readiness_reaches_the_write_callback($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn fd_removed_and_readded_in_one_iteration() {
+            $crate::testing::fd_removed_and_readded_in_one_iteration($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn fd_ten_thousand_idle_one_active() {
+            $crate::testing::fd_ten_thousand_idle_one_active($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn timer_schedule() {
+            $crate::testing::timer_schedule($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn timer_blocking_poll_sleeps_until_the_deadline() {
+            $crate::testing::timer_blocking_poll_sleeps_until_the_deadline($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn timer_moved_earlier_from_another_thread_wakes_poll() {
+            $crate::testing::timer_moved_earlier_from_another_thread_wakes_poll($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn timer_cancelled_after_its_deadline_never_fires() {
+            $crate::testing::timer_cancelled_after_its_deadline_never_fires($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn timer_periodic_rearm_never_fires_early() {
+            $crate::testing::timer_periodic_rearm_never_fires_early($make)
         }
         #[test]
         $(#[$meta])*

@@ -51,9 +51,15 @@
 //! | feature | default | backend |
 //! |---|---|---|
 //! | `poll` | yes | `ppoll(2)`, portable to any Unix ([`PollMonitor`]) |
+//! | `epoll` | yes | Linux epoll, level-triggered (`EpollMonitor`); ignored elsewhere |
+//! | `io-uring` | yes | Linux io_uring, `POLL_ADD` re-armed per completion (`UringMonitor`) |
 //!
-//! The epoll and io_uring backends, and the automatic choice and upgrade between them, arrive
-//! with their own features; `Backend::Auto` then prefers io_uring, then epoll, then poll.
+//! [`Backend::Auto`] (the default) uses io_uring where the kernel accepts a ring; otherwise it
+//! starts on poll and moves to epoll once [`EPOLL_UPGRADE_THRESHOLD`] fds are registered, and
+//! falls back from epoll to poll, keeping every handler, if epoll refuses an fd; see
+//! [`AutoMonitor`]. Each fallback is logged with `tracing`, with its reason. The `AIO_BACKEND` environment
+//! variable overrides the choice, and [`AioContext::backend`] says which backend is active.
+//! `--no-default-features --features poll` builds on any Unix.
 
 #![deny(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
@@ -63,6 +69,10 @@ pub use aio_core::{
     HandlerBuilder, HandlerKey, Interest, NotDisabledError, OuterFd, Readiness, ReadyList,
     RunningBh, Stats,
 };
+pub use aio_core::{
+    ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef, VirtualClock,
+    set_timer_slack,
+};
 #[cfg(feature = "poll")]
 pub use fdmon_poll::PollMonitor;
 /// The context's worker thread pool (QEMU `aio_get_thread_pool`): [`ThreadPool::of`].
@@ -70,39 +80,83 @@ pub use threadpool::{self, PoolHandle, ThreadPool};
 
 use std::io;
 
-/// Which backend watches the context's fds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub enum Backend {
-    /// The best backend compiled in and accepted by the kernel.
-    #[default]
-    Auto,
-    /// `ppoll(2)` (feature `poll`).
-    Poll,
-}
+mod auto;
+
+pub use auto::{AutoMonitor, Backend, EPOLL_UPGRADE_THRESHOLD};
+#[cfg(all(feature = "epoll", target_os = "linux"))]
+pub use fdmon_epoll::EpollMonitor;
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+pub use fdmon_uring::UringMonitor;
+
+/// The environment variable that overrides the backend a [`Builder`] asks for: `poll`,
+/// `poll+epoll`, `epoll`, `io_uring` or `auto`. An unknown value is logged and ignored.
+pub const BACKEND_ENV: &str = "AIO_BACKEND";
 
 /// Creates contexts with a chosen backend.
 ///
 /// ```
-/// let ctx = aio::Builder::new().backend(aio::Backend::Poll).build()?;
-/// assert_eq!(ctx.backend(), "poll");
+/// // The best backend compiled in and accepted by the kernel, whatever AIO_BACKEND says.
+/// let ctx = aio::Builder::new().backend(aio::Backend::Auto).ignore_env().build()?;
+/// assert!(["poll", "epoll", "io_uring"].contains(&ctx.backend()));
 /// # Ok::<(), std::io::Error>(())
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Builder {
     backend: Backend,
+    ignore_env: bool,
+    timer_slack: Option<std::time::Duration>,
+    clocks: Option<GroupBuilder>,
 }
 
 impl Builder {
-    /// A builder with the default settings ([`Backend::Auto`]).
+    /// A builder with the default settings ([`Backend::Auto`], `AIO_BACKEND` honoured).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Picks the backend.
+    /// Picks the backend. The `AIO_BACKEND` environment variable, when set, still overrides it
+    /// (so that a deployment or a test run can force a backend without a rebuild); see
+    /// [`ignore_env`](Self::ignore_env).
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
         self
+    }
+
+    /// Ignores `AIO_BACKEND`: the backend is exactly the one given to
+    /// [`backend`](Self::backend).
+    pub fn ignore_env(mut self) -> Self {
+        self.ignore_env = true;
+        self
+    }
+
+    /// Sets the building thread's timer slack (see [`set_timer_slack`]) when the context is
+    /// built; build on the thread that will poll it. QEMU uses 1 ns on its loop threads.
+    pub fn timer_slack(mut self, slack: std::time::Duration) -> Self {
+        self.timer_slack = Some(slack);
+        self
+    }
+
+    /// The clocks the context's timers read, for example a [`VirtualClock`] in place of real
+    /// time for deterministic tests.
+    pub fn clocks(mut self, clocks: GroupBuilder) -> Self {
+        self.clocks = Some(clocks);
+        self
+    }
+
+    /// The backend this builder will ask for, after the environment override.
+    pub fn requested_backend(&self) -> Backend {
+        if self.ignore_env {
+            return self.backend;
+        }
+        match std::env::var(BACKEND_ENV) {
+            Ok(value) => Backend::from_name(&value).unwrap_or_else(|| {
+                tracing::warn!(
+                    "aio: ignoring {BACKEND_ENV}={value:?}: expected poll, epoll, io_uring or auto"
+                );
+                self.backend
+            }),
+            Err(_) => self.backend,
+        }
     }
 
     /// Creates the context.
@@ -110,11 +164,15 @@ impl Builder {
     /// # Errors
     ///
     /// `Unsupported` when the requested backend is not compiled in (no backend feature is
-    /// enabled at all, for `Auto`); otherwise the errors of [`AioContext::new`] (out of fds).
-    pub fn build(&self) -> io::Result<AioContext> {
-        match self.backend {
-            Backend::Auto | Backend::Poll => poll_context(),
+    /// enabled at all, for [`Backend::Auto`]); the kernel's error when an explicitly requested
+    /// backend is refused; the error of [`set_timer_slack`]; otherwise the errors of
+    /// [`AioContext::new`] (out of fds).
+    pub fn build(self) -> io::Result<AioContext> {
+        let monitor = AutoMonitor::new(self.requested_backend())?;
+        if let Some(slack) = self.timer_slack {
+            set_timer_slack(slack)?;
         }
+        AioContext::with_clocks(Box::new(monitor), self.clocks.unwrap_or_default())
     }
 }
 
@@ -125,19 +183,6 @@ impl Builder {
 /// As [`Builder::build`].
 pub fn new_context() -> io::Result<AioContext> {
     Builder::new().build()
-}
-
-#[cfg(feature = "poll")]
-fn poll_context() -> io::Result<AioContext> {
-    AioContext::new(Box::new(PollMonitor::new()?))
-}
-
-#[cfg(not(feature = "poll"))]
-fn poll_context() -> io::Result<AioContext> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "aio was built without the `poll` feature",
-    ))
 }
 
 /// Compiles and runs the Rust examples in README.md as doctests, so the README cannot drift

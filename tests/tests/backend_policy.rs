@@ -1,0 +1,238 @@
+//! The facade's backend policy (`aio::AutoMonitor`): the choice at creation, the `AIO_BACKEND`
+//! override, the move from poll to epoll at 64 fds, and the fall back from epoll to poll when
+//! epoll refuses an fd, with no handler lost and every handler still dispatched exactly once
+//! per event.
+#![cfg(target_os = "linux")]
+
+use aio::{AioContext, Backend, Builder, EventNotifier, FdHandler};
+use std::cell::Cell;
+use std::fs::File;
+use std::io;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// A registered event notifier whose handler counts its dispatches.
+struct Counted {
+    notifier: Arc<EventNotifier>,
+    hits: Rc<Cell<u32>>,
+    _handler: FdHandler,
+}
+
+fn counted(ctx: &AioContext) -> Counted {
+    let notifier = Arc::new(EventNotifier::new().unwrap());
+    let hits = Rc::new(Cell::new(0));
+    let h = hits.clone();
+    let handler = ctx
+        .set_event_notifier(&notifier, move |e| {
+            assert!(e.test_and_clear(), "dispatched while clear");
+            h.set(h.get() + 1);
+        })
+        .unwrap();
+    Counted {
+        notifier,
+        hits,
+        _handler: handler,
+    }
+}
+
+fn context(backend: Backend) -> AioContext {
+    Builder::new()
+        .backend(backend)
+        .ignore_env()
+        .build()
+        .unwrap()
+}
+
+/// Sets one notifier, polls, and checks that exactly it ran, once.
+fn check_dispatch(ctx: &AioContext, all: &[Counted], which: usize) {
+    let before: Vec<u32> = all.iter().map(|c| c.hits.get()).collect();
+    all[which].notifier.set().unwrap();
+    assert!(ctx.poll_nonblocking());
+    for (i, c) in all.iter().enumerate() {
+        assert_eq!(
+            c.hits.get(),
+            before[i] + u32::from(i == which),
+            "handler {i}"
+        );
+    }
+    assert!(!ctx.poll_nonblocking());
+}
+
+#[test]
+fn backend_names_parse() {
+    assert_eq!(Backend::from_name("poll"), Some(Backend::Poll));
+    assert_eq!(Backend::from_name(" EPOLL "), Some(Backend::Epoll));
+    assert_eq!(Backend::from_name("io_uring"), Some(Backend::IoUring));
+    assert_eq!(Backend::from_name("io-uring"), Some(Backend::IoUring));
+    assert_eq!(Backend::from_name("auto"), Some(Backend::Auto));
+    assert_eq!(
+        Backend::from_name("poll+epoll"),
+        Some(Backend::PollThenEpoll)
+    );
+    assert_eq!(Backend::from_name("kqueue"), None);
+}
+
+#[test]
+fn explicit_backends_are_what_was_asked_for() {
+    assert_eq!(context(Backend::Poll).backend(), "poll");
+    assert_eq!(context(Backend::Epoll).backend(), "epoll");
+}
+
+#[test]
+fn poll_then_epoll_moves_at_64_fds_and_keeps_every_handler() {
+    let ctx = context(Backend::PollThenEpoll);
+    assert_eq!(ctx.backend(), "poll");
+    // The context's own notifier is one registration; 62 more keep us below the threshold.
+    let mut all: Vec<Counted> = (0..62).map(|_| counted(&ctx)).collect();
+    assert_eq!(ctx.backend(), "poll", "63 fds stay on poll");
+    check_dispatch(&ctx, &all, 10);
+    all.push(counted(&ctx));
+    assert_eq!(
+        ctx.backend(),
+        "epoll",
+        "the 64th fd moves the context to epoll"
+    );
+    for i in [0, 10, 62] {
+        check_dispatch(&ctx, &all, i);
+    }
+    // Never back down by count.
+    all.truncate(5);
+    assert_eq!(ctx.backend(), "epoll");
+    check_dispatch(&ctx, &all, 4);
+}
+
+#[test]
+fn explicit_poll_never_upgrades() {
+    let ctx = context(Backend::Poll);
+    let all: Vec<Counted> = (0..100).map(|_| counted(&ctx)).collect();
+    assert_eq!(ctx.backend(), "poll");
+    check_dispatch(&ctx, &all, 99);
+}
+
+/// epoll refuses regular files (`EPERM`); poll accepts them (always ready).
+fn regular_file() -> File {
+    let path = std::env::temp_dir().join(format!("aio-policy-{}", std::process::id()));
+    let file = File::create(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    file
+}
+
+fn falls_back(ctx: AioContext) {
+    let all: Vec<Counted> = (0..3).map(|_| counted(&ctx)).collect();
+    assert_eq!(ctx.backend(), "epoll");
+    let file = regular_file();
+    let reads = Rc::new(Cell::new(0u32));
+    let r = reads.clone();
+    let _file_handler = ctx
+        .fd_handler(&file)
+        .on_read(move |_| r.set(r.get() + 1))
+        .register()
+        .expect("the fall back to poll accepts the file");
+    assert_eq!(
+        ctx.backend(),
+        "poll",
+        "epoll refused a regular file: everything moved to poll"
+    );
+    // A regular file is always readable: its handler runs on every iteration.
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(reads.get(), 1);
+    for (i, c) in all.iter().enumerate() {
+        let before = reads.get();
+        c.notifier.set().unwrap();
+        assert!(ctx.poll_nonblocking());
+        assert_eq!(c.hits.get(), 1, "handler {i} survived the move");
+        assert_eq!(reads.get(), before + 1);
+    }
+}
+
+#[test]
+fn epoll_refusing_an_fd_falls_back_to_poll_without_losing_handlers() {
+    falls_back(context(Backend::Epoll));
+}
+
+#[test]
+fn an_upgraded_context_falls_back_too() {
+    let ctx = context(Backend::PollThenEpoll);
+    let mut pad: Vec<Counted> = (0..63).map(|_| counted(&ctx)).collect();
+    assert_eq!(ctx.backend(), "epoll");
+    pad.truncate(0);
+    falls_back(ctx);
+}
+
+/// Auto takes io_uring where the kernel gives a ring, and poll (with the epoll upgrade)
+/// otherwise; an explicit io_uring request is io_uring or the kernel's error, never a silent
+/// fallback.
+#[test]
+fn auto_prefers_io_uring_and_explicit_io_uring_never_falls_back() {
+    let auto = context(Backend::Auto);
+    let explicit = Builder::new()
+        .backend(Backend::IoUring)
+        .ignore_env()
+        .build();
+    match aio::UringMonitor::probe() {
+        Ok(()) => {
+            assert_eq!(auto.backend(), "io_uring");
+            assert_eq!(explicit.unwrap().backend(), "io_uring");
+        }
+        Err(probe) => {
+            eprintln!("io_uring unavailable here ({probe}): checking the fallback instead");
+            assert_eq!(auto.backend(), "poll");
+            let err = explicit.unwrap_err();
+            assert_ne!(
+                err.kind(),
+                io::ErrorKind::Unsupported,
+                "compiled in, refused by the kernel"
+            );
+        }
+    }
+}
+
+/// Runs `body` in a child process with `AIO_BACKEND=value`.
+fn with_env(test: &str, value: &str, body: fn()) {
+    if std::env::var("AIO_POLICY_CHILD").as_deref() == Ok(test) {
+        body();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env("AIO_POLICY_CHILD", test)
+        .env("AIO_BACKEND", value)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn env_overrides_the_builder() {
+    with_env("env_overrides_the_builder", "epoll", || {
+        assert_eq!(
+            Builder::new()
+                .backend(Backend::Poll)
+                .build()
+                .unwrap()
+                .backend(),
+            "epoll"
+        );
+        // ...unless the builder says to ignore it.
+        let ctx = Builder::new()
+            .backend(Backend::Poll)
+            .ignore_env()
+            .build()
+            .unwrap();
+        assert_eq!(ctx.backend(), "poll");
+    });
+}
+
+#[test]
+fn an_unknown_env_value_is_ignored() {
+    with_env("an_unknown_env_value_is_ignored", "kqueue", || {
+        let b = Builder::new().backend(Backend::Epoll);
+        assert_eq!(b.requested_backend(), Backend::Epoll);
+        assert_eq!(b.build().unwrap().backend(), "epoll");
+    });
+}
