@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::clock::{ClockType, Source, VirtualClock};
@@ -60,6 +61,9 @@ use crate::timer::{Scale, Timer, TimerAttrs};
 pub struct TimerListGroup {
     /// Indexed by [`ClockType::index`].
     lists: [Arc<TimerList>; 4],
+    /// One bit per list, set while that list has something queued: a loop iteration with no
+    /// timer armed anywhere (the common case) costs `run_expired` and `deadline_ns` one load.
+    armed: Arc<AtomicU32>,
     /// Lists registered with virtual clocks, to unregister on drop.
     registrations: Vec<(VirtualClock, u64)>,
 }
@@ -98,6 +102,7 @@ impl GroupBuilder {
     /// called from any thread, must not block, and must not call back into the group.
     pub fn build(self, notify: Notify) -> TimerListGroup {
         let mut registrations = Vec::new();
+        let armed = Arc::new(AtomicU32::new(0));
         let lists = ClockType::ALL.map(|ty| {
             let source = match &self.manual[ty.index()] {
                 Some(clock) => Source::Manual(clock.clone()),
@@ -109,7 +114,7 @@ impl GroupBuilder {
                     }
                 },
             };
-            let list = Arc::new(TimerList::new(ty, source, notify.clone()));
+            let list = Arc::new(TimerList::new(ty, source, notify.clone(), armed.clone()));
             if let Source::Manual(clock) = list.source() {
                 registrations.push((clock.clone(), clock.register(&list)));
             }
@@ -118,6 +123,7 @@ impl GroupBuilder {
         TimerListGroup {
             lists,
             registrations,
+            armed,
         }
     }
 }
@@ -176,6 +182,10 @@ impl TimerListGroup {
     /// [`deadline`](Self::deadline) in nanoseconds.
     #[inline]
     pub fn deadline_ns(&self) -> Option<u64> {
+        // Acquire pairs with the lists' Release updates of the mask (`publish_head`).
+        if self.armed.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         self.lists
             .iter()
             .filter_map(|list| list.deadline_ns())
@@ -206,7 +216,12 @@ impl TimerListGroup {
     /// is run by the outer call once that callback returns. Only one thread may run a group at a
     /// time. If a callback panics, the panic propagates out of `run_expired` after the group is
     /// put back in order: the panicking timer stays usable, disarmed unless it re-armed itself.
+    #[inline]
     pub fn run_expired(&self) -> bool {
+        // Acquire pairs with the lists' Release updates of the mask (`publish_head`).
+        if self.armed.load(Ordering::Acquire) == 0 {
+            return false;
+        }
         let mut progress = false;
         for list in &self.lists {
             progress |= list.run_expired();

@@ -29,7 +29,7 @@
 
 use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
@@ -69,6 +69,11 @@ pub(crate) struct TimerList {
     idle: Condvar,
     /// The head's deadline, or [`NEVER`] when nothing is queued. Written under `state`.
     head_ns: AtomicU64,
+    /// The group's mask of lists with something queued, and this list's bit in it: kept in
+    /// step with `head_ns` so that a loop iteration with no timer armed anywhere costs the group
+    /// one load (see `TimerListGroup::run_expired`).
+    armed: Arc<AtomicU32>,
+    bit: u32,
     clock: ClockType,
     source: Source,
     notify: Notify,
@@ -101,7 +106,12 @@ struct Slot {
 }
 
 impl TimerList {
-    pub(crate) fn new(clock: ClockType, source: Source, notify: Notify) -> Self {
+    pub(crate) fn new(
+        clock: ClockType,
+        source: Source,
+        notify: Notify,
+        armed: Arc<AtomicU32>,
+    ) -> Self {
         TimerList {
             state: Mutex::new(ListState {
                 heap: Heap::default(),
@@ -115,6 +125,8 @@ impl TimerList {
             }),
             idle: Condvar::new(),
             head_ns: AtomicU64::new(NEVER),
+            armed,
+            bit: 1 << clock.index(),
             clock,
             source,
             notify,
@@ -387,10 +399,18 @@ impl TimerList {
     #[inline]
     fn publish_head(&self, st: &ListState) {
         let head = st.heap.peek().map_or(NEVER, |e| e.deadline);
-        if self.head_ns.load(Ordering::Relaxed) != head {
+        let old = self.head_ns.load(Ordering::Relaxed);
+        if old != head {
             // Release pairs with the Acquire loads in `deadline_ns`/`run_expired`; the ordering
             // against the loop's sleep comes from the notify protocol (see the module docs).
             self.head_ns.store(head, Ordering::Release);
+            // The group's mask follows the empty/non-empty transitions, under the same lock and
+            // before any notify, with the same pairing (the group's Acquire load of the mask).
+            if old == NEVER {
+                self.armed.fetch_or(self.bit, Ordering::Release);
+            } else if head == NEVER {
+                self.armed.fetch_and(!self.bit, Ordering::Release);
+            }
         }
     }
 }

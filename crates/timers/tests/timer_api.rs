@@ -197,3 +197,38 @@ fn handles_are_send_and_sync() {
     send_sync::<timers::TimerListGroup>();
     send_sync::<timers::VirtualClock>();
 }
+
+/// The group's "anything armed?" shortcut follows every list going empty or non-empty: the
+/// deadline and the runs stay right as timers of two clocks come and go.
+#[test]
+fn deadline_and_runs_follow_lists_emptying_and_filling() {
+    let fx = Fixture::new();
+    let (virt, n) = fx.counting_timer();
+    let host = fx.group.timer(ClockType::Host, Scale::NS, || {});
+    assert_eq!(fx.group.deadline_ns(), None);
+    virt.arm_ns(fx.now() + 100);
+    host.arm_after(Duration::from_secs(3600));
+    assert_eq!(
+        fx.group.deadline_ns(),
+        Some(100),
+        "the virtual timer is the earliest"
+    );
+    virt.cancel();
+    let host_left = fx
+        .group
+        .deadline_ns()
+        .expect("the host timer is still armed");
+    assert!(host_left > 3_000_000_000_000, "{host_left}");
+    host.cancel();
+    assert_eq!(fx.group.deadline_ns(), None, "both lists are empty again");
+    assert!(!fx.group.run_expired());
+    virt.arm_ns(fx.now());
+    assert_eq!(fx.group.deadline_ns(), Some(0));
+    assert!(fx.group.run_expired(), "a list that filled again runs");
+    assert_eq!(n.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        fx.group.deadline_ns(),
+        None,
+        "and empties again once its timer fired"
+    );
+}
