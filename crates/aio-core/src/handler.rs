@@ -25,7 +25,6 @@
 use crate::AioContext;
 use crate::fdmon::{HandlerKey, Interest};
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -156,7 +155,9 @@ impl fmt::Debug for HandlerNode {
 pub(crate) struct Registry {
     slots: Vec<Slot>,
     free: Vec<u32>,
-    by_fd: HashMap<RawFd, HandlerKey>,
+    /// The live handler of each fd, indexed by fd number: fds are small, dense integers, so a
+    /// vector beats hashing on every registration and removal.
+    by_fd: Vec<Option<HandlerKey>>,
     /// How many live handlers lack usable polling callbacks (QEMU `poll_disable_cnt`).
     without_poll: usize,
 }
@@ -193,7 +194,11 @@ impl Registry {
         if !node.has_poll() {
             self.without_poll += 1;
         }
-        self.by_fd.insert(node.fd, key);
+        let fd = usize::try_from(node.fd).expect("registered fds are open, so non-negative");
+        if self.by_fd.len() <= fd {
+            self.by_fd.resize(fd + 1, None);
+        }
+        self.by_fd[fd] = Some(key);
         slot.node = Some(node);
     }
 
@@ -207,7 +212,8 @@ impl Registry {
 
     /// The live handler of `fd`, if any.
     pub(crate) fn key_of_fd(&self, fd: RawFd) -> Option<HandlerKey> {
-        self.by_fd.get(&fd).copied()
+        let fd = usize::try_from(fd).ok()?;
+        self.by_fd.get(fd).copied().flatten()
     }
 
     /// Takes the node out of the table and marks it deleted. Its key goes stale at once.
@@ -219,8 +225,11 @@ impl Registry {
         let node = slot.node.take()?;
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(key.index());
-        if self.by_fd.get(&node.fd) == Some(&key) {
-            self.by_fd.remove(&node.fd);
+        let entry = usize::try_from(node.fd)
+            .ok()
+            .and_then(|fd| self.by_fd.get_mut(fd));
+        if let Some(entry) = entry.filter(|e| **e == Some(key)) {
+            *entry = None;
         }
         if !node.has_poll() {
             self.without_poll -= 1;

@@ -218,11 +218,9 @@ impl AutoMonitor {
                 );
                 self.active = Active::Epoll(epoll);
             }
-            Err(e) => {
-                tracing::warn!("aio: cannot move to epoll ({e}); staying on poll");
-                self.upgrade = false;
-            }
+            Err(e) => tracing::warn!("aio: cannot move to epoll ({e}); staying on poll"),
         }
+        // Either way this is the one upgrade attempt: epoll is never tried again by count.
         self.upgrade = false;
     }
 
