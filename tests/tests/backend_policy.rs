@@ -189,22 +189,7 @@ fn auto_prefers_io_uring_and_explicit_io_uring_never_falls_back() {
 
 /// Runs `body` in a child process with `AIO_BACKEND=value`.
 fn with_env(test: &str, value: &str, body: fn()) {
-    if std::env::var("AIO_POLICY_CHILD").as_deref() == Ok(test) {
-        body();
-        return;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("AIO_POLICY_CHILD", test)
-        .env("AIO_BACKEND", value)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "child failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    aio_tests::in_child(test, &[("AIO_BACKEND", Some(value))], body);
 }
 
 #[test]

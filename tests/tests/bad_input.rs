@@ -3,12 +3,8 @@
 
 use std::fs::File;
 use std::io;
-use std::process::Command;
 
 use aio::EventNotifier;
-
-/// Set in the re-executed child of [`context_creation_out_of_fds_fails_with_emfile`].
-const CHILD_ENV: &str = "AIO_TEST_CHILD";
 
 /// The child's side: with every fd number below a small `RLIMIT_NOFILE` in use, creating a
 /// context (its eventfd) fails with `EMFILE` instead of aborting.
@@ -61,34 +57,14 @@ fn out_of_fds_child() {
 }
 
 /// DESIGN §6 (exceeding the fd limit): context creation fails with `EMFILE`. The limit is
-/// process-wide, so the test re-executes its own binary to run just this test in a child
-/// whose limit can be lowered without disturbing the tests running in parallel here.
+/// process-wide, so the test runs in a child process whose limit can be lowered without
+/// disturbing the tests running in parallel here.
 #[test]
 fn context_creation_out_of_fds_fails_with_emfile() {
-    if std::env::var_os(CHILD_ENV).is_some() {
-        out_of_fds_child();
-        return;
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    let out = Command::new(exe)
-        .args([
-            "--exact",
-            "context_creation_out_of_fds_fails_with_emfile",
-            "--nocapture",
-        ])
-        .env(CHILD_ENV, "1")
-        .output()
-        .expect("re-executing the test binary");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "child failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
-        out.status
-    );
-    assert!(
-        stdout.contains("1 passed"),
-        "the child did not run the test:\n{stdout}"
+    aio_tests::in_child(
+        "context_creation_out_of_fds_fails_with_emfile",
+        &[],
+        out_of_fds_child,
     );
 }
 

@@ -15,23 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Runs `body` in a child process of this test binary, with io_uring refused.
 fn with_io_uring_refused(test: &str, body: fn()) {
-    if std::env::var("AIO_REFUSED_CHILD").as_deref() == Ok(test) {
+    aio_tests::in_child(test, &[("AIO_BACKEND", None)], || {
         refuse_io_uring_setup();
         body();
-        return;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("AIO_REFUSED_CHILD", test)
-        .env_remove("AIO_BACKEND")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("1 passed"),
-        "child failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    });
 }
 
 /// Installs a seccomp filter on this thread: `io_uring_setup` fails with `EPERM`, every other
