@@ -8,8 +8,9 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// xtask's error: a human-readable message, built up with context as it travels up.
@@ -182,6 +183,80 @@ impl Cmd {
         String::from_utf8(output.stdout).with_context(|| format!("`{self}` printed non-UTF-8"))
     }
 
+    /// Echoes and runs the command with a time limit, capturing stdout and stderr; the child is
+    /// killed (and the call fails) if it is still running when `limit` has passed.
+    ///
+    /// A non-zero exit is not an error here: the caller reads the [`Output`] and decides, since
+    /// tools such as `qemu-io` explain their failures on stdout.
+    pub fn output_within(&self, limit: Duration) -> Result<Output> {
+        eprintln!("==> {self}");
+        let started = Instant::now();
+        let mut child = self
+            .command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "could not start `{self}` (is `{}` installed?)",
+                    self.program
+                )
+            })?;
+        // Each pipe gets its own reader thread so that a child filling one pipe never blocks
+        // while we wait on it or on the other one.
+        let stdout = child.stdout.take().map(drain);
+        let stderr = child.stderr.take().map(drain);
+        let status = loop {
+            if let Some(status) = child
+                .try_wait()
+                .with_context(|| format!("waiting for `{self}`"))?
+            {
+                break status;
+            }
+            if started.elapsed() >= limit {
+                // Killing closes the pipes, so the reader threads finish and nothing is leaked.
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::new(format!(
+                    "`{self}` did not finish within {}; killed it",
+                    secs(limit)
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        let took = secs(started.elapsed());
+        eprintln!("    ({status}, took {took})");
+        let join = |reader: Option<std::thread::JoinHandle<Vec<u8>>>| {
+            reader
+                .map(|r| r.join().unwrap_or_default())
+                .unwrap_or_default()
+        };
+        Ok(Output {
+            status,
+            stdout: join(stdout),
+            stderr: join(stderr),
+        })
+    }
+
+    /// Echoes and starts the command with stdin closed, stdout piped and stderr inherited, and
+    /// hands the child to the caller: for servers that run alongside xtask. The caller must kill
+    /// and reap it on every path (`nbd::Server` does so on drop).
+    pub fn spawn_piped(&self) -> Result<Child> {
+        eprintln!("==> {self} &");
+        self.command()
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "could not start `{self}` (is `{}` installed?)",
+                    self.program
+                )
+            })
+    }
+
     /// Runs the command silently and says whether it succeeded: for probes such as "is
     /// cargo-nextest installed?", where failure is an answer, not an error.
     pub fn probe(&self) -> bool {
@@ -204,6 +279,16 @@ impl Cmd {
         }
         command
     }
+}
+
+/// Reads a pipe to its end on a thread of its own; the thread yields everything read.
+fn drain(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        // A read error ends the capture early; what was read so far is still worth showing.
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
 }
 
 /// Shows the command the way it could be pasted into a shell:

@@ -3,15 +3,17 @@
 //! See <https://github.com/matklad/cargo-xtask/>. The `xtask` alias in `.cargo/config.toml` runs
 //! this binary from anywhere in the workspace. Each subcommand lives in its own file:
 //!
-//! | command                   | file        | what it does                                             |
-//! |---------------------------|-------------|----------------------------------------------------------|
-//! | `cargo xtask ci [--quick]`| `ci.rs`     | everything CI checks; `.ci/run` calls it                 |
-//! | `cargo xtask demo`        | `demo.rs`   | runs the `aio` demo example in release mode              |
-//! | `cargo xtask bench [f]`   | `bench.rs`  | runs the benchmarks and points at the generated report   |
-//! | `cargo xtask tidy`        | `tidy.rs`   | house-style checks alone (also the last step of `ci`)    |
+//! | command                   | file           | what it does                                          |
+//! |---------------------------|----------------|-------------------------------------------------------|
+//! | `cargo xtask ci [--quick]`| `ci.rs`        | everything CI checks; `.ci/run` calls it              |
+//! | `cargo xtask demo`        | `demo.rs`      | runs the `aio` demo example in release mode           |
+//! | `cargo xtask bench [f]`   | `bench.rs`     | runs the benchmarks and points at the generated report|
+//! | `cargo xtask bench nbd`   | `nbd_bench.rs` | the NBD server example against qemu-nbd               |
+//! | `cargo xtask tidy`        | `tidy.rs`      | house-style checks alone (also the last step of `ci`) |
 //!
-//! `cmd.rs` holds the shared process runner and error type. The crate is std-only on purpose:
-//! `cargo xtask` should start in seconds on a cold cache.
+//! `cmd.rs` holds the shared process runner and error type; `nbd.rs` the plumbing that `demo` and
+//! `bench nbd` share (building the server, scratch images, guarded server processes). The crate
+//! is std-only on purpose: `cargo xtask` should start in seconds on a cold cache.
 //!
 //! Exit codes: 0 on success, 1 when a step fails, 2 on a usage error. `demo` passes through the
 //! demo's own exit code.
@@ -20,6 +22,8 @@ mod bench;
 mod ci;
 mod cmd;
 mod demo;
+mod nbd;
+mod nbd_bench;
 mod tidy;
 
 use std::process::ExitCode;
@@ -35,6 +39,9 @@ Commands:
   demo            run the aio demo example (release build) and pass through its exit code
   bench [filter]  run the benchmarks (optionally only those matching <filter>) and
                   write a report under target/bench-report/
+  bench nbd       the NBD server example against qemu-nbd under qemu-img bench
+                  (AIO_NBD_BENCH_COUNT, AIO_NBD_BENCH_ROUNDS); report in
+                  target/bench-report/nbd.md
 
 Options:
   -h, --help      print this help
@@ -53,6 +60,8 @@ fn main() -> ExitCode {
         ["ci", "--quick"] => ci::run(ci::Mode::Quick),
         ["demo"] => demo::run(),
         ["bench"] => bench::run(None),
+        // The NBD comparison drives two external servers, not the criterion harness.
+        ["bench", "nbd"] => nbd_bench::run(),
         ["bench", filter] if !filter.starts_with('-') => bench::run(Some(filter)),
         ["tidy"] => tidy::run(),
         _ => return usage_error(&args),

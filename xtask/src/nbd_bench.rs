@@ -1,0 +1,505 @@
+//! `cargo xtask bench nbd`: our NBD server (`crates/aio/examples/nbd-server`) against `qemu-nbd`,
+//! both serving the same raw image over a Unix socket, measured by `qemu-img bench`; owns the
+//! cases, the alternating runs and the report (`target/bench-report/nbd.md`).
+//!
+//! Every run starts a fresh server process, lets `qemu-img bench` send its requests, and stops
+//! the server with SIGTERM; the runs of the two servers alternate (ours, qemu-nbd, ours, ...) so
+//! that slow drifts of the machine (page-cache writeback, frequency changes, neighbours) fall on
+//! both alike. The time is the one `qemu-img bench` prints ("Run completed in X seconds"), which
+//! covers the requests only: not the connection setup, nor the flush when the client closes.
+//!
+//! The two servers are configured alike: ours does `pread`/`pwrite` through the page cache and
+//! `fdatasync` on flush, which is `qemu-nbd --cache=writeback --aio=threads`; both run one I/O
+//! thread (ours `--contexts 1`, the default). The client side is identical for both.
+//!
+//! Environment knobs: `AIO_NBD_BENCH_COUNT` (requests per run, default 50 000) and
+//! `AIO_NBD_BENCH_ROUNDS` (runs per server and case, default 3). A ratio below 1.0 is a result,
+//! not a failure: the command fails only when a server or the client does.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::cmd::{Cmd, Context, Error, Result, project_root};
+use crate::nbd::{self, Deadline, Readiness, Scratch, Server};
+
+/// Size of the benchmark image. Large enough that 50 000 sequential 4 KiB requests (195 MiB) do
+/// not wrap around, small enough to create in a second and to stay in the page cache.
+const IMAGE_SIZE: u64 = 256 << 20;
+
+/// Seed of the image contents, fixed so that every run serves the same bytes.
+const IMAGE_SEED: u64 = 0x6e62_6462_656e_6368;
+
+/// Request size of every case.
+const REQUEST_SIZE: u32 = 4096;
+
+/// The byte `qemu-img bench -w` writes. Not zero, so that neither side can turn the writes into
+/// zero-writes or holes.
+const WRITE_PATTERN: &str = "0x5a";
+
+const DEFAULT_COUNT: u64 = 50_000;
+const DEFAULT_ROUNDS: usize = 3;
+
+/// How long a server may take to start listening.
+const START_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long a server may take to exit after SIGTERM.
+const STOP_LIMIT: Duration = Duration::from_secs(10);
+
+/// One measured workload.
+#[derive(Debug, Clone, Copy)]
+struct Case {
+    name: &'static str,
+    write: bool,
+    depth: u32,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        name: "4 KiB read, QD 1",
+        write: false,
+        depth: 1,
+    },
+    Case {
+        name: "4 KiB read, QD 32",
+        write: false,
+        depth: 32,
+    },
+    Case {
+        name: "4 KiB write, QD 1",
+        write: true,
+        depth: 1,
+    },
+    Case {
+        name: "4 KiB write, QD 32",
+        write: true,
+        depth: 32,
+    },
+];
+
+/// The two servers compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Ours,
+    QemuNbd,
+}
+
+/// Everything needed to start either server on the benchmark image.
+#[derive(Debug)]
+struct Servers {
+    ours: PathBuf,
+    image: PathBuf,
+    socket: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl Servers {
+    fn command(&self, which: Which) -> Cmd {
+        match which {
+            Which::Ours => Cmd::new(&self.ours.display().to_string())
+                .args(["--unix", &self.socket.display().to_string()])
+                .arg(self.image.display().to_string()),
+            // `-t` keeps it serving after the client leaves, as ours does, so both are stopped
+            // the same way (SIGTERM); `--pid-file` is how we learn that it listens.
+            Which::QemuNbd => Cmd::new("qemu-nbd")
+                .args(["-f", "raw", "--cache=writeback", "--aio=threads", "-t"])
+                .args(["-k", &self.socket.display().to_string()])
+                .arg(format!("--pid-file={}", self.pid_file.display()))
+                .arg(self.image.display().to_string()),
+        }
+    }
+
+    fn readiness(&self, which: Which) -> Readiness {
+        match which {
+            Which::Ours => Readiness::ReadyLine,
+            Which::QemuNbd => Readiness::PidFile(self.pid_file.clone()),
+        }
+    }
+
+    fn name(which: Which) -> &'static str {
+        match which {
+            Which::Ours => "nbd-server",
+            Which::QemuNbd => "qemu-nbd",
+        }
+    }
+}
+
+/// The client command of one run.
+fn client_command(case: Case, count: u64, socket: &Path) -> Cmd {
+    let mut cmd = Cmd::new("qemu-img")
+        .args(["bench", "-f", "raw", "-t", "writeback"])
+        .args(["-c", &count.to_string()])
+        .args(["-d", &case.depth.to_string()])
+        .args(["-s", &REQUEST_SIZE.to_string()]);
+    if case.write {
+        cmd = cmd.args(["-w", "--pattern", WRITE_PATTERN]);
+    }
+    cmd.arg(nbd::unix_url(socket))
+}
+
+pub fn run() -> Result<ExitCode> {
+    let count = env_number("AIO_NBD_BENCH_COUNT", DEFAULT_COUNT)?;
+    let rounds = env_number("AIO_NBD_BENCH_ROUNDS", DEFAULT_ROUNDS as u64)?;
+    let rounds = usize::try_from(rounds).context_msg("AIO_NBD_BENCH_ROUNDS is too large")?;
+
+    nbd::ensure_qemu_utils()?;
+    let ours = nbd::build_server()?;
+
+    let mut scratch = Scratch::create("nbd-bench")?;
+    let image = scratch.path().join("image.raw");
+    eprintln!(
+        "bench nbd: writing a {} MiB image at {}",
+        IMAGE_SIZE >> 20,
+        image.display()
+    );
+    nbd::write_random_file(&image, IMAGE_SIZE, IMAGE_SEED)?;
+    let servers = Servers {
+        ours,
+        socket: scratch.socket_path("nbd.sock"),
+        pid_file: scratch.path().join("qemu-nbd.pid"),
+        image,
+    };
+
+    // A run takes about count / IOPS; allow for a slow machine (1 000 IOPS) plus slack before
+    // declaring a hang.
+    let run_limit = Duration::from_secs(30) + Duration::from_millis(count);
+    let mut results = Vec::new();
+    let mut ready_line = None;
+    for &case in CASES {
+        let mut result = CaseResult {
+            case,
+            ours: Vec::new(),
+            qemu: Vec::new(),
+        };
+        for round in 1..=rounds {
+            for which in [Which::Ours, Which::QemuNbd] {
+                eprintln!(
+                    "bench nbd: {} round {round}/{rounds}: {}",
+                    case.name,
+                    Servers::name(which)
+                );
+                let (iops, ready) = run_once(&servers, which, case, count, run_limit)?;
+                if let Some(line) = ready {
+                    ready_line.get_or_insert(line);
+                }
+                match which {
+                    Which::Ours => result.ours.push(iops),
+                    Which::QemuNbd => result.qemu.push(iops),
+                }
+            }
+        }
+        results.push(result);
+    }
+
+    let setup = Setup {
+        count,
+        rounds,
+        ready_line: ready_line.unwrap_or_else(|| "(none)".to_owned()),
+        ours_cmd: servers.command(Which::Ours).to_string(),
+        qemu_cmd: servers.command(Which::QemuNbd).to_string(),
+        client_cmd: client_command(CASES[3], count, &servers.socket).to_string(),
+    };
+    println!("{}", text_table(&results));
+    let report_dir = project_root().join("target").join("bench-report");
+    std::fs::create_dir_all(&report_dir)
+        .with_context(|| format!("creating {}", report_dir.display()))?;
+    let report = report_dir.join("nbd.md");
+    std::fs::write(&report, markdown(&setup, &results))
+        .with_context(|| format!("writing {}", report.display()))?;
+    eprintln!("bench nbd: report at {}", report.display());
+    drop(scratch);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts one server, runs the client against it and stops the server; returns the IOPS and,
+/// for our server, its ready line (which names the backend).
+fn run_once(
+    servers: &Servers,
+    which: Which,
+    case: Case,
+    count: u64,
+    run_limit: Duration,
+) -> Result<(f64, Option<String>)> {
+    let name = Servers::name(which);
+    // A socket or pid file left by a killed server would confuse the next start.
+    for stale in [&servers.socket, &servers.pid_file] {
+        if stale.exists() {
+            std::fs::remove_file(stale).with_context(|| format!("removing {}", stale.display()))?;
+        }
+    }
+    let server = Server::start(
+        name,
+        &servers.command(which),
+        &servers.readiness(which),
+        Deadline::after(START_LIMIT),
+    )?;
+    let ready = server.ready_line().map(str::to_owned);
+
+    let output = client_command(case, count, &servers.socket).output_within(run_limit)?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        return Err(Error::new(format!(
+            "qemu-img bench against {name} failed ({}):\n{stdout}{stderr}",
+            output.status
+        )));
+    }
+    let elapsed = nbd::parse_bench_elapsed(&stdout).ok_or_else(|| {
+        Error::new(format!(
+            "no \"Run completed in X seconds\" in qemu-img's output:\n{stdout}{stderr}"
+        ))
+    })?;
+
+    let stopped = server.stop(Deadline::after(STOP_LIMIT))?;
+    // Both exit 0 on SIGTERM; ours must also say `stopped` (its shutdown contract).
+    let clean = stopped.status.success()
+        && (which == Which::QemuNbd || nbd::printed_stopped(&stopped.stdout));
+    if !clean {
+        return Err(Error::new(format!(
+            "{name} did not stop cleanly on SIGTERM ({}); its stdout: {:?}",
+            stopped.status, stopped.stdout
+        )));
+    }
+    let iops = count as f64 / elapsed;
+    eprintln!("    {name}: {elapsed:.3} s, {iops:.0} IOPS");
+    Ok((iops, ready))
+}
+
+/// A positive integer from the environment, or `default` when unset.
+fn env_number(key: &str, default: u64) -> Result<u64> {
+    match std::env::var(key) {
+        Err(std::env::VarError::NotPresent) => Ok(default),
+        Err(err) => Err(Error::new(format!("{key}: {err}"))),
+        Ok(value) => match value.trim().replace('_', "").parse::<u64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(Error::new(format!(
+                "{key}={value:?}: expected a positive integer"
+            ))),
+        },
+    }
+}
+
+/// `Context` for conversions whose error type says nothing useful.
+trait ContextMsg<T> {
+    fn context_msg(self, msg: &str) -> Result<T>;
+}
+
+impl<T, E> ContextMsg<T> for std::result::Result<T, E> {
+    fn context_msg(self, msg: &str) -> Result<T> {
+        self.map_err(|_| Error::new(msg))
+    }
+}
+
+/// The IOPS of every run of one case.
+#[derive(Debug)]
+struct CaseResult {
+    case: Case,
+    ours: Vec<f64>,
+    qemu: Vec<f64>,
+}
+
+/// Median, minimum and maximum of a non-empty sample.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn summarize(values: &[f64]) -> Summary {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    assert!(n > 0, "every case has at least one round");
+    let median = if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    };
+    Summary {
+        median,
+        min: sorted[0],
+        max: sorted[n - 1],
+    }
+}
+
+/// `12345.6` as `12 346`: IOPS read better with thousands separated and no decimals.
+fn group(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+fn cell(summary: Summary) -> String {
+    format!(
+        "{} ({}–{})",
+        group(summary.median),
+        group(summary.min),
+        group(summary.max)
+    )
+}
+
+/// The rows shared by the terminal table and the Markdown one.
+fn rows(results: &[CaseResult]) -> Vec<[String; 4]> {
+    results
+        .iter()
+        .map(|r| {
+            let (ours, qemu) = (summarize(&r.ours), summarize(&r.qemu));
+            [
+                r.case.name.to_owned(),
+                cell(ours),
+                cell(qemu),
+                format!("{:.2}", ours.median / qemu.median),
+            ]
+        })
+        .collect()
+}
+
+const HEADER: [&str; 4] = [
+    "case",
+    "nbd-server IOPS: median (min–max)",
+    "qemu-nbd IOPS: median (min–max)",
+    "ratio of medians",
+];
+
+fn text_table(results: &[CaseResult]) -> String {
+    let rows = rows(results);
+    let width = |col: usize| {
+        rows.iter()
+            .map(|row| row[col].chars().count())
+            .chain([HEADER[col].chars().count()])
+            .max()
+            .unwrap_or(0)
+    };
+    let widths: Vec<usize> = (0..4).map(width).collect();
+    let mut out = String::new();
+    let line = |out: &mut String, cells: [&str; 4]| {
+        for (i, cell) in cells.iter().enumerate() {
+            let pad = widths[i] - cell.chars().count();
+            // The case name reads best left-aligned, numbers right-aligned.
+            if i == 0 {
+                let _ = write!(out, "{cell}{}  ", " ".repeat(pad));
+            } else {
+                let _ = write!(out, "{}{cell}  ", " ".repeat(pad));
+            }
+        }
+        let trimmed = out.trim_end().len();
+        out.truncate(trimmed);
+        out.push('\n');
+    };
+    line(&mut out, HEADER);
+    for row in &rows {
+        line(&mut out, [&row[0], &row[1], &row[2], &row[3]]);
+    }
+    out
+}
+
+/// How the numbers were obtained, for the report.
+#[derive(Debug)]
+struct Setup {
+    count: u64,
+    rounds: usize,
+    ready_line: String,
+    ours_cmd: String,
+    qemu_cmd: String,
+    client_cmd: String,
+}
+
+fn markdown(setup: &Setup, results: &[CaseResult]) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# NBD server: nbd-server (aio) vs qemu-nbd\n");
+    let _ = writeln!(
+        md,
+        "Generated by `cargo xtask bench nbd`. {} requests of {} bytes per run, {} runs per \
+         server and case, alternating servers (a fresh server process per run); a {} MiB raw \
+         image of non-zero data, the same file for both servers. IOPS = requests / the time \
+         `qemu-img bench` reports.\n",
+        setup.count,
+        REQUEST_SIZE,
+        setup.rounds,
+        IMAGE_SIZE >> 20
+    );
+    let _ = writeln!(md, "| {} |", HEADER.join(" | "));
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for row in rows(results) {
+        let _ = writeln!(md, "| {} |", row.join(" | "));
+    }
+    let _ = writeln!(md, "\nRatio > 1 means nbd-server is faster.\n");
+    let _ = writeln!(md, "## Every run (IOPS, in run order)\n");
+    let _ = writeln!(md, "| case | nbd-server | qemu-nbd |");
+    let _ = writeln!(md, "|---|---|---|");
+    for r in results {
+        let join = |v: &[f64]| v.iter().map(|&x| group(x)).collect::<Vec<_>>().join(", ");
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} |",
+            r.case.name,
+            join(&r.ours),
+            join(&r.qemu)
+        );
+    }
+    let _ = writeln!(md, "\n## Setup\n");
+    let _ = writeln!(
+        md,
+        "- nbd-server: `{}` (`--contexts` 1, the default); it printed `{}`",
+        setup.ours_cmd, setup.ready_line
+    );
+    let _ = writeln!(
+        md,
+        "- qemu-nbd: `{}` (page cache, fdatasync on flush, worker threads: what nbd-server does)",
+        setup.qemu_cmd
+    );
+    let _ = writeln!(
+        md,
+        "- client, per run (reads without `-w --pattern {WRITE_PATTERN}`, depth 1 or 32): `{}`",
+        setup.client_cmd
+    );
+    let _ = writeln!(
+        md,
+        "- {}; {}",
+        nbd::tool_version("qemu-img"),
+        nbd::tool_version("qemu-nbd")
+    );
+    let _ = writeln!(
+        md,
+        "- machine: {} CPUs, kernel {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".to_owned())
+    );
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_use_the_median() {
+        let s = summarize(&[3.0, 1.0, 2.0]);
+        assert_eq!(
+            s,
+            Summary {
+                median: 2.0,
+                min: 1.0,
+                max: 3.0
+            }
+        );
+        assert_eq!(summarize(&[1.0, 2.0, 4.0, 3.0]).median, 2.5);
+    }
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(group(12345.6), "12 346");
+        assert_eq!(group(999.0), "999");
+        assert_eq!(group(1_000_000.0), "1 000 000");
+    }
+}
