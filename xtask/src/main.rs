@@ -6,7 +6,7 @@
 //! | command                   | file           | what it does                                          |
 //! |---------------------------|----------------|-------------------------------------------------------|
 //! | `cargo xtask ci [--quick]`| `ci.rs`        | everything CI checks; `.ci/run` calls it              |
-//! | `cargo xtask demo`        | `demo.rs`      | runs the `aio` demo example in release mode           |
+//! | `cargo xtask demo`        | `demo.rs`      | a tour of the NBD server example, driven by qemu-io   |
 //! | `cargo xtask bench [f]`   | `bench.rs`     | runs the benchmarks and points at the generated report|
 //! | `cargo xtask bench nbd`   | `nbd_bench.rs` | the NBD server example against qemu-nbd               |
 //! | `cargo xtask tidy`        | `tidy.rs`      | house-style checks alone (also the last step of `ci`) |
@@ -15,8 +15,7 @@
 //! `bench nbd` share (building the server, scratch images, guarded server processes). The crate
 //! is std-only on purpose: `cargo xtask` should start in seconds on a cold cache.
 //!
-//! Exit codes: 0 on success, 1 when a step fails, 2 on a usage error. `demo` passes through the
-//! demo's own exit code.
+//! Exit codes: 0 on success, 1 when a step fails, 2 on a usage error.
 
 mod bench;
 mod ci;
@@ -36,7 +35,8 @@ Usage: cargo xtask <command> [args]
 Commands:
   ci [--quick]    run every CI check: fmt, clippy, tests, feature matrix, loom, docs, tidy
                   (--quick skips loom and the feature matrix, for local iteration)
-  demo            run the aio demo example (release build) and pass through its exit code
+  demo            a tour of the NBD server example (release build): qemu-io and qemu-img
+                  write, read, verify, discard, convert and benchmark through it
   bench [filter]  run the benchmarks (optionally only those matching <filter>) and
                   write a report under target/bench-report/
   bench nbd       the NBD server example against qemu-nbd under qemu-img bench

@@ -267,7 +267,7 @@ pub struct Stopped {
 }
 
 /// A server running as a child process, killed and reaped when dropped, so that no failure path
-/// (an error, a panic) leaves it running.
+/// (an error, a panic, a watchdog) leaves it running.
 #[derive(Debug)]
 pub struct Server {
     name: String,
@@ -314,6 +314,18 @@ impl Server {
             .iter()
             .map(String::as_str)
             .find(|line| line.starts_with(READY_PREFIX))
+    }
+
+    /// The lines printed on stdout so far.
+    pub fn stdout(&self) -> &[String] {
+        &self.stdout
+    }
+
+    /// A handle that can kill the server from another thread (a watchdog).
+    pub fn killer(&self) -> Killer {
+        Killer {
+            child: Arc::clone(&self.child),
+        }
     }
 
     fn wait_ready(&mut self, ready: &Readiness, deadline: Deadline) -> Result<()> {
@@ -420,6 +432,23 @@ impl Drop for Server {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Kills a [`Server`] from another thread. Going through the shared `Child` (not the pid) means
+/// a server that has already been reaped is never confused with a new process given its pid.
+#[derive(Debug, Clone)]
+pub struct Killer {
+    child: Arc<Mutex<Child>>,
+}
+
+impl Killer {
+    pub fn kill(&self) {
+        let mut child = self
+            .child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _ = child.kill();
     }
 }
 
