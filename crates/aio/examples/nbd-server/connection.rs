@@ -588,10 +588,17 @@ impl Conn {
     /// Runs a valid request on the thread pool; its completion sends the reply.
     fn submit(&mut self, req: Request, data: Option<Vec<u8>>) {
         let export = self.export.clone();
-        let conn = self.weak.upgrade().expect("a connection being served is alive");
+        let conn = self
+            .weak
+            .upgrade()
+            .expect("a connection being served is alive");
         let len = req.length as usize;
         self.in_flight += 1;
-        self.pending_bytes += if matches!(req.kind, CMD_READ | CMD_WRITE) { len } else { 0 };
+        self.pending_bytes += if matches!(req.kind, CMD_READ | CMD_WRITE) {
+            len
+        } else {
+            0
+        };
         let fua = req.flags & CMD_FLAG_FUA != 0;
         if req.kind == CMD_READ {
             let prefix = self.framing.read_prefix();
@@ -772,7 +779,10 @@ impl Conn {
             Err(e) => {
                 // The backend refused the socket (out of memory, say): drop the client rather
                 // than leave it waiting for events that will never be watched.
-                eprintln!("nbd-server: connection {}: cannot watch the socket: {e}", self.id);
+                eprintln!(
+                    "nbd-server: connection {}: cannot watch the socket: {e}",
+                    self.id
+                );
                 self.abort();
                 if self.in_flight == 0 {
                     Shard::of(ctx).remove(self.id);
