@@ -124,6 +124,7 @@ impl Shard {
             sock: Some(sock),
             export,
             pool: ThreadPool::of(ctx),
+            shard: shard.clone(),
             handler: None,
             watching: (false, false),
             phase: Phase::ClientFlags,
@@ -234,6 +235,9 @@ pub struct Conn {
     sock: Option<Socket>,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
+    /// The context's shard, which holds this connection (a cycle, broken when the
+    /// connection leaves the shard).
+    shard: Rc<Shard>,
     handler: Option<FdHandler>,
     /// What `handler` watches: (readable, writable).
     watching: (bool, bool),
@@ -280,9 +284,16 @@ impl Conn {
                     self.closing = true;
                 }
                 Ok(n) => {
+                    let room = self.inbuf.len() - self.in_end;
                     self.in_end += n;
                     budget = budget.saturating_sub(n);
                     self.process();
+                    if n < room {
+                        // The socket is very likely empty now; if more arrived meanwhile, the
+                        // level-triggered handler runs again. Saves a read that would only
+                        // say EAGAIN.
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -338,6 +349,9 @@ impl Conn {
 
     /// How many more bytes the message at the head of the buffer needs, at least.
     fn bytes_wanted(&self) -> usize {
+        if self.discard > 0 {
+            return 0;
+        }
         let have = self.in_end - self.in_start;
         let head = &self.inbuf[self.in_start..self.in_end];
         let total = match self.phase {
@@ -557,6 +571,12 @@ impl Conn {
         if head.len() < total {
             return 0;
         }
+        if req.kind == CMD_READ && req.length == 0 {
+            // Nothing to read, and a structured reply may not carry an empty data chunk.
+            self.framing.status_reply(&mut self.out, req.cookie, 0);
+            self.shard.requests.set(self.shard.requests.get() + 1);
+            return REQUEST_LEN;
+        }
         let data = (req.kind == CMD_WRITE).then(|| head[REQUEST_LEN..total].to_vec());
         self.submit(req, data);
         total
@@ -588,10 +608,17 @@ impl Conn {
     /// Runs a valid request on the thread pool; its completion sends the reply.
     fn submit(&mut self, req: Request, data: Option<Vec<u8>>) {
         let export = self.export.clone();
-        let conn = self.weak.upgrade().expect("a connection being served is alive");
+        let conn = self
+            .weak
+            .upgrade()
+            .expect("a connection being served is alive");
         let len = req.length as usize;
         self.in_flight += 1;
-        self.pending_bytes += if matches!(req.kind, CMD_READ | CMD_WRITE) { len } else { 0 };
+        self.pending_bytes += if matches!(req.kind, CMD_READ | CMD_WRITE) {
+            len
+        } else {
+            0
+        };
         let fua = req.flags & CMD_FLAG_FUA != 0;
         if req.kind == CMD_READ {
             let prefix = self.framing.read_prefix();
@@ -643,7 +670,9 @@ impl Conn {
                     c.send(reply);
                 }
                 Err(e) => {
-                    c.log(&format!("request {req:?} failed: {e}"));
+                    // A failure of the image file is the server's problem, not the client's:
+                    // always worth a line.
+                    eprintln!("nbd-server: connection {}: {req:?} failed: {e}", c.id);
                     let mut reply = Vec::new();
                     c.framing.status_reply(&mut reply, req.cookie, errno_of(&e));
                     c.send(reply);
@@ -655,16 +684,9 @@ impl Conn {
                 c.flush();
             }
         }
+        c.shard.requests.set(c.shard.requests.get() + 1);
         if let Some(ctx) = AioContext::current() {
             c.update(&ctx);
-        }
-        c.requests_done();
-    }
-
-    fn requests_done(&self) {
-        if let Some(ctx) = AioContext::current() {
-            let shard = Shard::of(&ctx);
-            shard.requests.set(shard.requests.get() + 1);
         }
     }
 
@@ -696,8 +718,13 @@ impl Conn {
                 }
             }
         }
-        self.out.clear();
         self.out_pos = 0;
+        if self.out.capacity() > 1 << 20 {
+            // A big read reply went out; do not keep its buffer for the connection's life.
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
     }
 
     /// Closes the socket now, dropping unsent replies. Requests in flight still complete
@@ -727,7 +754,7 @@ impl Conn {
         }
         if self.sock.is_none() {
             if self.in_flight == 0 {
-                Shard::of(ctx).remove(self.id);
+                self.shard.remove(self.id);
             }
             return;
         }
@@ -772,10 +799,13 @@ impl Conn {
             Err(e) => {
                 // The backend refused the socket (out of memory, say): drop the client rather
                 // than leave it waiting for events that will never be watched.
-                eprintln!("nbd-server: connection {}: cannot watch the socket: {e}", self.id);
+                eprintln!(
+                    "nbd-server: connection {}: cannot watch the socket: {e}",
+                    self.id
+                );
                 self.abort();
                 if self.in_flight == 0 {
-                    Shard::of(ctx).remove(self.id);
+                    self.shard.remove(self.id);
                 }
             }
         }

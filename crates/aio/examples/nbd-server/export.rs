@@ -23,10 +23,7 @@ pub struct Export {
 impl Export {
     /// Opens `path` (read-write unless `read_only`) and takes its size.
     pub fn open(path: &Path, name: String, read_only: bool) -> io::Result<Export> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         let meta = file.metadata()?;
         if !meta.is_file() {
             return Err(io::Error::new(
@@ -80,7 +77,11 @@ impl Export {
     /// system without hole punching makes TRIM a no-op, which the protocol allows (a trim is
     /// advisory).
     pub fn trim(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
-        match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
             r => r?,
         }
@@ -125,6 +126,10 @@ impl Export {
         // SAFETY: fallocate only reads its integer arguments; the fd is owned by `self.file`,
         // open for the duration of the call.
         let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
-        if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 }

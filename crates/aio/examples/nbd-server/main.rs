@@ -185,7 +185,9 @@ fn run(cfg: &Config) -> io::Result<()> {
     let _signals = ctx
         .fd_handler(&signals.fd)
         .on_read(move |ctx| {
-            let Some(name) = Signals::read(&signal_fd) else { return };
+            let Some(name) = Signals::read(&signal_fd) else {
+                return;
+            };
             if stop.get().is_some() {
                 return;
             }
@@ -438,9 +440,8 @@ impl Signals {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: signalfd returned a new fd that nothing else owns.
-        Ok(Signals {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Signals { fd })
     }
 
     /// The name of a pending signal, if one is pending.
