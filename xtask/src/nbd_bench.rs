@@ -8,9 +8,10 @@
 //! both alike. The time is the one `qemu-img bench` prints ("Run completed in X seconds"), which
 //! covers the requests only: not the connection setup, nor the flush when the client closes.
 //!
-//! The two servers are configured alike: ours does `pread`/`pwrite` through the page cache and
-//! `fdatasync` on flush, which is `qemu-nbd --cache=writeback --aio=threads`; both run one I/O
-//! thread (ours `--contexts 1`, the default). The client side is identical for both.
+//! The two servers are configured alike: ours does `pread`/`pwrite` through the page cache, on
+//! a pool of worker threads, and `fdatasync` on flush, which is `qemu-nbd --cache=writeback
+//! --aio=threads`; both run a single event loop (ours `--contexts 1`, the default). The client
+//! side is identical for both.
 //!
 //! Environment knobs: `AIO_NBD_BENCH_COUNT` (requests per run, default 50 000) and
 //! `AIO_NBD_BENCH_ROUNDS` (runs per server and case, default 3). A ratio below 1.0 is a result,
@@ -448,12 +449,12 @@ fn markdown(setup: &Setup, results: &[CaseResult]) -> String {
     let _ = writeln!(md, "\n## Setup\n");
     let _ = writeln!(
         md,
-        "- nbd-server: `{}` (`--contexts` 1, the default); it printed `{}`",
+        "- nbd-server: `{}` (one event loop: `--contexts` 1, the default); it printed `{}`",
         setup.ours_cmd, setup.ready_line
     );
     let _ = writeln!(
         md,
-        "- qemu-nbd: `{}` (page cache, fdatasync on flush, worker threads: what nbd-server does)",
+        "- qemu-nbd: `{}` (one event loop; page cache, worker threads, fdatasync on flush: what nbd-server does)",
         setup.qemu_cmd
     );
     let _ = writeln!(
