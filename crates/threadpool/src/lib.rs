@@ -12,7 +12,8 @@
 //!   with [`set_limits`](ThreadPool::set_limits). Threads are created on demand, from the
 //!   context's thread and one at a time, never on the submitter's path; idle threads above the
 //!   minimum exit after 10 s. A worker that runs out of requests watches the queue for 50 µs
-//!   before it sleeps, so that requests sent one after the other pay no thread wake-up.
+//!   before it sleeps, yielding the CPU to any thread that wants it, so that requests sent one
+//!   after the other pay no thread wake-up.
 //! * **Completions.** Never before the context polls; exactly once per request; one at a time
 //!   on the context's thread. A batch of completions costs one bottom-half schedule and at
 //!   most one wake of a sleeping loop. A callback may poll the context (a nested loop) and wait

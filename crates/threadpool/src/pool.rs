@@ -23,7 +23,8 @@
 //! `min`, after the idle timeout, 10 s by default as in QEMU).
 //!
 //! Before it sleeps, a worker that ran out of requests watches the queue for a short while
-//! (50 µs by default; at most one worker at a time), counted as on its way meanwhile. A
+//! (50 µs by default; at most one worker at a time, calling `sched_yield` in the loop so that
+//! it never keeps a runnable thread off its CPU), counted as on its way meanwhile. A
 //! submitter that sends one request at a time, each after the previous completion, then never
 //! pays for waking a sleeping thread, which on a virtual machine costs tens of microseconds
 //! (QEMU does not do this; rayon's and Go's schedulers do).

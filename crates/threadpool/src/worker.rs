@@ -66,7 +66,11 @@ pub(crate) fn spawn(shared: &Arc<PoolShared>) {
 fn spin_for_work(shared: &PoolShared, spin: Duration) {
     let deadline = Instant::now() + spin;
     while shared.queued.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
-        std::hint::spin_loop();
+        // Yield rather than pause: a spinning worker must not take the CPU from a thread that
+        // has work, such as the context's own thread, or the client on the same machine. With
+        // a plain spin, an NBD server at queue depth 32 on two cores lost a third of its IOPS
+        // to the spinner; with the yield it keeps the spin's gain at queue depth 1.
+        std::thread::yield_now();
     }
 }
 

@@ -1,0 +1,824 @@
+//! One client connection: its socket as a non-blocking fd handler, the handshake, the
+//! transmission phase, the requests in flight on the thread pool, and the replies waiting to
+//! be sent. Also each context's table of its connections ([`Shard`]), which shutdown drains.
+//!
+//! Everything here runs on the thread of the context that owns the connection, so a
+//! connection is an `Rc<RefCell<Conn>>`: its fd handler holds a `Weak` to it, each request on
+//! the pool holds an `Rc` until its completion has run, and the shard holds an `Rc` until the
+//! connection is closed and idle.
+//!
+//! Flow control, so that one client can neither stall the others nor grow memory without
+//! bound:
+//! * The socket is read only while the connection has fewer than [`MAX_IN_FLIGHT`] requests
+//!   and less than [`MAX_PENDING_BYTES`] of payload in flight or waiting to be sent; a client
+//!   that does not read its replies soon stops being read.
+//! * A reply is written as soon as it is complete; whatever the socket does not take waits in
+//!   the connection's output buffer, and only then is the handler watching for writability.
+//! * A client gets [`HANDSHAKE_LIMIT`] to finish the handshake.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aio::{AioContext, ClockType, FdHandler, Scale, ThreadPool, Timer};
+
+use crate::export::Export;
+use crate::protocol::*;
+
+/// Requests a connection may have on the thread pool before its socket stops being read.
+pub const MAX_IN_FLIGHT: usize = 128;
+/// Bytes of read and write payload in flight plus replies not yet sent, above which the
+/// socket stops being read. One request of up to [`MAX_PAYLOAD`] is always admitted.
+pub const MAX_PENDING_BYTES: usize = 64 << 20;
+/// How long a client may take from connecting to entering the transmission phase.
+pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// How much a read callback takes from the socket before yielding to the other handlers
+/// (the handler is level-triggered, so the rest is read on the next iteration).
+const READ_BUDGET: usize = 1 << 20;
+/// The read buffer's usual size; it grows to hold one whole write request when needed.
+const READ_CHUNK: usize = 64 << 10;
+
+/// A client socket, TCP or Unix.
+#[derive(Debug)]
+pub enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Socket {
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => (&*s).read(buf),
+            Socket::Unix(s) => (&*s).read(buf),
+        }
+    }
+
+    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => (&*s).write(buf),
+            Socket::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    fn shutdown(&self) {
+        // The peer may be gone already; there is nothing to do about an error here.
+        let _ = match self {
+            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
+            Socket::Unix(s) => s.shutdown(Shutdown::Both),
+        };
+    }
+}
+
+impl AsFd for Socket {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Socket::Tcp(s) => s.as_fd(),
+            Socket::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
+/// Per-context server state, one per context (an [`AioContext::local`]): the connections the
+/// context serves, and whether the server is shutting down.
+#[derive(Default)]
+pub struct Shard {
+    conns: RefCell<HashMap<u64, Rc<RefCell<Conn>>>>,
+    next_id: Cell<u64>,
+    draining: Cell<bool>,
+    /// Closes whatever is still open when the shutdown grace period ends.
+    grace: RefCell<Option<Timer>>,
+    pub accepted: Cell<u64>,
+    pub requests: Cell<u64>,
+}
+
+impl Shard {
+    /// This context's shard.
+    pub fn of(ctx: &AioContext) -> Rc<Shard> {
+        ctx.local(|_| Shard::default())
+    }
+
+    /// True once shutdown has begun and every connection is closed and idle: the context's
+    /// thread may leave its loop.
+    pub fn finished(&self) -> bool {
+        self.draining.get() && self.conns.borrow().is_empty()
+    }
+
+    /// Starts serving `sock` on `ctx`, which must be the context polling on this thread.
+    pub fn start(ctx: &AioContext, sock: Socket, export: Arc<Export>, verbose: bool) {
+        let shard = Shard::of(ctx);
+        let id = shard.next_id.get();
+        shard.next_id.set(id + 1);
+        shard.accepted.set(shard.accepted.get() + 1);
+        if shard.draining.get() {
+            // Accepted just before the listener closed: the client gets a closed socket.
+            return;
+        }
+        let conn = Rc::new(RefCell::new(Conn {
+            id,
+            sock: Some(sock),
+            export,
+            pool: ThreadPool::of(ctx),
+            shard: shard.clone(),
+            handler: None,
+            watching: (false, false),
+            phase: Phase::ClientFlags,
+            inbuf: vec![0; READ_CHUNK],
+            in_start: 0,
+            in_end: 0,
+            discard: 0,
+            out: Vec::new(),
+            out_pos: 0,
+            in_flight: 0,
+            pending_bytes: 0,
+            framing: Framing::Simple,
+            no_zeroes: false,
+            closing: false,
+            handshake_timer: None,
+            weak: Weak::new(),
+            verbose,
+        }));
+        let mut c = conn.borrow_mut();
+        c.weak = Rc::downgrade(&conn);
+        c.out.extend_from_slice(&greeting());
+        // Send closures only: the timer finds the connection again through its context.
+        let timer = ctx.timer(ClockType::Realtime, Scale::NS, move || {
+            if let Some(ctx) = AioContext::current() {
+                Shard::of(&ctx).handshake_expired(&ctx, id);
+            }
+        });
+        timer.arm_after(HANDSHAKE_LIMIT);
+        c.handshake_timer = Some(timer);
+        if c.verbose {
+            eprintln!("nbd-server: connection {id}: accepted");
+        }
+        shard.conns.borrow_mut().insert(id, conn.clone());
+        c.flush();
+        c.update(ctx);
+    }
+
+    fn handshake_expired(&self, ctx: &AioContext, id: u64) {
+        let conn = self.conns.borrow().get(&id).cloned();
+        if let Some(conn) = conn {
+            let mut c = conn.borrow_mut();
+            if c.phase != Phase::Transmission {
+                eprintln!("nbd-server: connection {id}: handshake not finished in time, closing");
+                c.abort();
+                c.update(ctx);
+            }
+        }
+    }
+
+    /// Shutdown: no connection reads another request; each closes once its requests in
+    /// flight have completed and their replies are sent, or when `grace` runs out.
+    pub fn drain(ctx: &AioContext, grace: Duration) {
+        let shard = Shard::of(ctx);
+        shard.draining.set(true);
+        let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
+        for conn in conns {
+            let mut c = conn.borrow_mut();
+            c.closing = true;
+            c.update(ctx);
+        }
+        if !shard.conns.borrow().is_empty() {
+            let timer = ctx.timer(ClockType::Realtime, Scale::NS, move || {
+                if let Some(ctx) = AioContext::current() {
+                    Shard::of(&ctx).force_close(&ctx);
+                }
+            });
+            timer.arm_after(grace);
+            *shard.grace.borrow_mut() = Some(timer);
+        }
+    }
+
+    fn force_close(&self, ctx: &AioContext) {
+        let conns: Vec<_> = self.conns.borrow().values().cloned().collect();
+        for conn in conns {
+            let mut c = conn.borrow_mut();
+            if c.sock.is_some() {
+                eprintln!(
+                    "nbd-server: connection {}: closed at the end of the shutdown grace period",
+                    c.id
+                );
+            }
+            c.abort();
+            c.update(ctx);
+        }
+    }
+
+    fn remove(&self, id: u64) {
+        // The Rc taken out may be the last one; drop it after the borrow of the table ends,
+        // since dropping a connection can drop its handler and timer.
+        let conn = self.conns.borrow_mut().remove(&id);
+        drop(conn);
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the client's 32-bit flags after our greeting.
+    ClientFlags,
+    /// Options until NBD_OPT_EXPORT_NAME or NBD_OPT_GO.
+    Options,
+    /// Requests and replies.
+    Transmission,
+}
+
+pub struct Conn {
+    id: u64,
+    /// `None` once closed: the fd is released at once, even while requests are in flight.
+    sock: Option<Socket>,
+    export: Arc<Export>,
+    pool: Rc<ThreadPool>,
+    /// The context's shard, which holds this connection (a cycle, broken when the
+    /// connection leaves the shard).
+    shard: Rc<Shard>,
+    handler: Option<FdHandler>,
+    /// What `handler` watches: (readable, writable).
+    watching: (bool, bool),
+    phase: Phase,
+    /// Received bytes not yet parsed are `inbuf[in_start..in_end]`; the vector's length is
+    /// its usable size (it is kept initialized, so reads go straight into it).
+    inbuf: Vec<u8>,
+    in_start: usize,
+    in_end: usize,
+    /// Payload bytes of a refused request (or option) still to be read and dropped.
+    discard: u64,
+    /// Replies not yet taken by the socket: `out[out_pos..]`.
+    out: Vec<u8>,
+    out_pos: usize,
+    in_flight: usize,
+    /// Payload bytes of the requests in flight.
+    pending_bytes: usize,
+    framing: Framing,
+    no_zeroes: bool,
+    /// No more requests are read; the connection closes once idle (DISC, ABORT, end of
+    /// stream, shutdown).
+    closing: bool,
+    handshake_timer: Option<Timer>,
+    weak: Weak<RefCell<Conn>>,
+    verbose: bool,
+}
+
+impl Conn {
+    /// Reads whatever the socket has (up to a budget) and acts on every complete message.
+    fn on_readable(&mut self, ctx: &AioContext) {
+        let mut budget = READ_BUDGET;
+        while self.wants_read() && budget > 0 {
+            self.make_room();
+            let Some(sock) = &self.sock else { break };
+            match sock.read(&mut self.inbuf[self.in_end..]) {
+                Ok(0) => {
+                    // End of stream. Requests in flight still complete (their replies may
+                    // still be read if the client only shut down its sending side).
+                    if self.phase == Phase::Transmission && self.in_end > self.in_start {
+                        self.log("disconnected in the middle of a request");
+                    } else if self.phase != Phase::Transmission {
+                        self.log("disconnected during the handshake");
+                    }
+                    self.closing = true;
+                }
+                Ok(n) => {
+                    let room = self.inbuf.len() - self.in_end;
+                    self.in_end += n;
+                    budget = budget.saturating_sub(n);
+                    self.process();
+                    if n < room {
+                        // The socket is very likely empty now; if more arrived meanwhile, the
+                        // level-triggered handler runs again. Saves a read that would only
+                        // say EAGAIN.
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.log(&format!("read error: {e}"));
+                    self.abort();
+                }
+            }
+        }
+        self.flush();
+        self.update(ctx);
+    }
+
+    fn on_writable(&mut self, ctx: &AioContext) {
+        self.flush();
+        // Sending may have brought the backlog under the limit: buffered requests can go on.
+        self.process();
+        self.flush();
+        self.update(ctx);
+    }
+
+    /// Whether the socket should be read now.
+    fn wants_read(&self) -> bool {
+        self.sock.is_some() && !self.closing && !self.is_full()
+    }
+
+    fn is_full(&self) -> bool {
+        self.in_flight >= MAX_IN_FLIGHT
+            || (self.in_flight > 0
+                && self.pending_bytes + (self.out.len() - self.out_pos) >= MAX_PENDING_BYTES)
+    }
+
+    /// Makes sure at least some room follows `in_end`, and enough for the message being
+    /// assembled, moving the unparsed bytes to the front when that helps.
+    fn make_room(&mut self) {
+        let need = self.bytes_wanted().max(READ_CHUNK / 2);
+        let unparsed = self.in_end - self.in_start;
+        if self.in_start > 0 && self.inbuf.len() - self.in_end < need {
+            self.inbuf.copy_within(self.in_start..self.in_end, 0);
+            self.in_start = 0;
+            self.in_end = unparsed;
+        }
+        if self.inbuf.len() - self.in_end < need {
+            self.inbuf.resize(self.in_end + need, 0);
+        } else if self.inbuf.len() > 4 * READ_CHUNK && unparsed == 0 {
+            // A big write went through; give the memory back.
+            self.in_start = 0;
+            self.in_end = 0;
+            self.inbuf.truncate(READ_CHUNK);
+            self.inbuf.shrink_to_fit();
+        }
+    }
+
+    /// How many more bytes the message at the head of the buffer needs, at least.
+    fn bytes_wanted(&self) -> usize {
+        if self.discard > 0 {
+            return 0;
+        }
+        let have = self.in_end - self.in_start;
+        let head = &self.inbuf[self.in_start..self.in_end];
+        let total = match self.phase {
+            Phase::ClientFlags => 4,
+            Phase::Options if have >= OPTION_HEADER_LEN => match parse_option_header(head) {
+                Some((_, len)) if len <= MAX_OPTION_LEN => OPTION_HEADER_LEN + len as usize,
+                _ => OPTION_HEADER_LEN,
+            },
+            Phase::Options => OPTION_HEADER_LEN,
+            Phase::Transmission if have >= REQUEST_LEN => match parse_request(head) {
+                Some(r) if r.kind == CMD_WRITE && r.length <= MAX_PAYLOAD => {
+                    REQUEST_LEN + r.length as usize
+                }
+                _ => REQUEST_LEN,
+            },
+            Phase::Transmission => REQUEST_LEN,
+        };
+        total.saturating_sub(have)
+    }
+
+    /// Acts on every complete message in the read buffer, as far as flow control allows.
+    fn process(&mut self) {
+        while self.sock.is_some() && !self.closing {
+            if self.discard > 0 {
+                let n = (self.in_end - self.in_start).min(self.discard as usize);
+                self.in_start += n;
+                self.discard -= n as u64;
+                if self.discard > 0 {
+                    break;
+                }
+            }
+            let have = self.in_end - self.in_start;
+            let done = match self.phase {
+                Phase::ClientFlags => self.client_flags(),
+                Phase::Options => self.option(),
+                Phase::Transmission if self.is_full() => 0,
+                Phase::Transmission if have < REQUEST_LEN => 0,
+                Phase::Transmission => self.request(),
+            };
+            if done == 0 {
+                break;
+            }
+            self.in_start += done;
+        }
+        if self.in_start == self.in_end {
+            self.in_start = 0;
+            self.in_end = 0;
+        }
+    }
+
+    /// Handles the client flags; returns the bytes consumed (0: not complete yet).
+    fn client_flags(&mut self) -> usize {
+        let head = &self.inbuf[self.in_start..self.in_end];
+        if head.len() < 4 {
+            return 0;
+        }
+        let flags = be32(head);
+        if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
+            || flags & CLIENT_FIXED_NEWSTYLE == 0
+        {
+            // The protocol says to drop a client whose flags we do not understand; a client
+            // that does not speak the fixed newstyle could not understand our errors anyway.
+            self.log(&format!("unsupported client flags {flags:#x}, closing"));
+            self.abort();
+            return 0;
+        }
+        self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
+        self.phase = Phase::Options;
+        4
+    }
+
+    /// Handles one option; returns the bytes consumed (0: not complete yet).
+    fn option(&mut self) -> usize {
+        let head = &self.inbuf[self.in_start..self.in_end];
+        if head.len() < OPTION_HEADER_LEN {
+            return 0;
+        }
+        let Some((option, len)) = parse_option_header(head) else {
+            self.log("bad option magic, closing");
+            self.abort();
+            return 0;
+        };
+        if len > MAX_OPTION_LEN {
+            if option == OPT_EXPORT_NAME {
+                // NBD_OPT_EXPORT_NAME has no error reply: closing is the only answer.
+                self.abort();
+                return 0;
+            }
+            self.discard = u64::from(len);
+            let msg = b"option data too long";
+            option_reply(&mut self.out, option, REP_ERR_TOO_BIG, msg);
+            return OPTION_HEADER_LEN;
+        }
+        let total = OPTION_HEADER_LEN + len as usize;
+        if head.len() < total {
+            return 0;
+        }
+        // The data is copied out so that the reply can be built while it is looked at; options
+        // are rare and small.
+        let data = head[OPTION_HEADER_LEN..total].to_vec();
+        self.handle_option(option, &data);
+        total
+    }
+
+    fn handle_option(&mut self, option: u32, data: &[u8]) {
+        let export = self.export.clone();
+        let out = &mut self.out;
+        match option {
+            OPT_EXPORT_NAME => {
+                if data != export.name.as_bytes() {
+                    self.log("NBD_OPT_EXPORT_NAME for an unknown export, closing");
+                    self.abort();
+                    return;
+                }
+                out.extend_from_slice(&export.size.to_be_bytes());
+                out.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                if !self.no_zeroes {
+                    out.extend_from_slice(&[0; 124]);
+                }
+                self.enter_transmission();
+            }
+            OPT_ABORT => {
+                option_reply(out, option, REP_ACK, &[]);
+                self.closing = true;
+            }
+            OPT_LIST if !data.is_empty() => {
+                option_reply(out, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
+            }
+            OPT_LIST => {
+                let mut entry = (export.name.len() as u32).to_be_bytes().to_vec();
+                entry.extend_from_slice(export.name.as_bytes());
+                option_reply(out, option, REP_SERVER, &entry);
+                option_reply(out, option, REP_ACK, &[]);
+            }
+            OPT_INFO | OPT_GO => match parse_info_request(data) {
+                None => option_reply(out, option, REP_ERR_INVALID, b"malformed request"),
+                Some((name, _)) if name != export.name.as_bytes() => {
+                    option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+                }
+                Some((_, items)) => {
+                    let mut info = INFO_EXPORT.to_be_bytes().to_vec();
+                    info.extend_from_slice(&export.size.to_be_bytes());
+                    info.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                    option_reply(out, option, REP_INFO, &info);
+                    if items.contains(&INFO_BLOCK_SIZE) {
+                        let mut info = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                        for size in [MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD] {
+                            info.extend_from_slice(&size.to_be_bytes());
+                        }
+                        option_reply(out, option, REP_INFO, &info);
+                    }
+                    option_reply(out, option, REP_ACK, &[]);
+                    if option == OPT_GO {
+                        self.enter_transmission();
+                    }
+                }
+            },
+            OPT_STRUCTURED_REPLY if !data.is_empty() => {
+                let msg = b"NBD_OPT_STRUCTURED_REPLY takes no data";
+                option_reply(out, option, REP_ERR_INVALID, msg);
+            }
+            OPT_STRUCTURED_REPLY => {
+                self.framing = Framing::Structured;
+                option_reply(out, option, REP_ACK, &[]);
+            }
+            OPT_SET_META_CONTEXT if self.framing != Framing::Structured => {
+                let msg = b"meta contexts need structured replies";
+                option_reply(out, option, REP_ERR_INVALID, msg);
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                // We offer no metadata context (no block status), so whatever was asked
+                // for, the answer is the empty list.
+                option_reply(out, option, REP_ACK, &[]);
+            }
+            _ => option_reply(out, option, REP_ERR_UNSUP, b"option not supported"),
+        }
+    }
+
+    fn enter_transmission(&mut self) {
+        self.phase = Phase::Transmission;
+        self.handshake_timer = None;
+        self.log(&format!(
+            "transmission phase, {} replies",
+            match self.framing {
+                Framing::Simple => "simple",
+                Framing::Structured => "structured",
+            }
+        ));
+    }
+
+    /// Handles one request whose header is complete; returns the bytes consumed (0: a write
+    /// whose payload is not complete yet, or a bad header that closed the connection).
+    fn request(&mut self) -> usize {
+        let head = &self.inbuf[self.in_start..self.in_end];
+        let Some(req) = parse_request(head) else {
+            // Out of step or not NBD at all: nothing after this can be trusted.
+            self.log("bad request magic, closing");
+            self.abort();
+            return 0;
+        };
+        if req.kind == CMD_DISC {
+            self.log("NBD_CMD_DISC");
+            self.closing = true;
+            return REQUEST_LEN;
+        }
+        let payload = if req.kind == CMD_WRITE {
+            u64::from(req.length)
+        } else {
+            0
+        };
+        if let Err(errno) = self.check(&req) {
+            self.framing.status_reply(&mut self.out, req.cookie, errno);
+            self.discard = payload;
+            return REQUEST_LEN;
+        }
+        let total = REQUEST_LEN + payload as usize;
+        if head.len() < total {
+            return 0;
+        }
+        if req.kind == CMD_READ && req.length == 0 {
+            // Nothing to read, and a structured reply may not carry an empty data chunk.
+            self.framing.status_reply(&mut self.out, req.cookie, 0);
+            self.shard.requests.set(self.shard.requests.get() + 1);
+            return REQUEST_LEN;
+        }
+        let data = (req.kind == CMD_WRITE).then(|| head[REQUEST_LEN..total].to_vec());
+        self.submit(req, data);
+        total
+    }
+
+    /// Validates a request against the export; `Err` carries the NBD error to reply with.
+    fn check(&self, req: &Request) -> Result<(), u32> {
+        let export = &self.export;
+        if req.flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) != 0 {
+            return Err(EINVAL);
+        }
+        let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
+        if writes && export.read_only {
+            return Err(EPERM);
+        }
+        let in_range = req
+            .offset
+            .checked_add(u64::from(req.length))
+            .is_some_and(|end| end <= export.size);
+        match req.kind {
+            CMD_READ | CMD_WRITE if req.length > MAX_PAYLOAD => Err(EINVAL),
+            CMD_READ | CMD_TRIM if !in_range => Err(EINVAL),
+            CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err(ENOSPC),
+            CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH => Ok(()),
+            _ => Err(EINVAL),
+        }
+    }
+
+    /// Runs a valid request on the thread pool; its completion sends the reply.
+    fn submit(&mut self, req: Request, data: Option<Vec<u8>>) {
+        let export = self.export.clone();
+        let conn = self
+            .weak
+            .upgrade()
+            .expect("a connection being served is alive");
+        let len = req.length as usize;
+        self.in_flight += 1;
+        self.pending_bytes += if matches!(req.kind, CMD_READ | CMD_WRITE) {
+            len
+        } else {
+            0
+        };
+        let fua = req.flags & CMD_FLAG_FUA != 0;
+        if req.kind == CMD_READ {
+            let prefix = self.framing.read_prefix();
+            self.pool.submit_with(
+                move || {
+                    let mut buf = vec![0u8; prefix + len];
+                    export.read_into(&mut buf, prefix, req.offset).map(|()| buf)
+                },
+                move |r| {
+                    let r = r.unwrap_or_else(|_| Err(pool_failed()));
+                    Conn::completed(&conn, req, r);
+                },
+            );
+            return;
+        }
+        let work = move || match req.kind {
+            CMD_WRITE => export.write(&data.unwrap_or_default(), req.offset, fua),
+            CMD_FLUSH => export.flush(),
+            CMD_TRIM => export.trim(req.offset, req.length, fua),
+            CMD_WRITE_ZEROES => {
+                let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
+                export.write_zeroes(req.offset, req.length, no_hole, fua)
+            }
+            _ => unreachable!("check() admits only these commands"),
+        };
+        self.pool.submit_with(work, move |r| {
+            let r = r.unwrap_or_else(|_| Err(pool_failed()));
+            Conn::completed(&conn, req, r.map(|()| Vec::new()));
+        });
+    }
+
+    /// A request's completion, on the context's thread: queue its reply and send.
+    fn completed(conn: &Rc<RefCell<Conn>>, req: Request, result: io::Result<Vec<u8>>) {
+        let mut c = conn.borrow_mut();
+        c.in_flight -= 1;
+        if matches!(req.kind, CMD_READ | CMD_WRITE) {
+            c.pending_bytes -= req.length as usize;
+        }
+        if c.sock.is_some() {
+            match result {
+                Ok(mut buf) if req.kind == CMD_READ => {
+                    let framing = c.framing;
+                    framing.write_read_prefix(&mut buf, req.cookie, req.offset, req.length);
+                    c.send(buf);
+                }
+                Ok(_) => {
+                    let mut reply = Vec::with_capacity(STRUCTURED_HEADER_LEN);
+                    c.framing.status_reply(&mut reply, req.cookie, 0);
+                    c.send(reply);
+                }
+                Err(e) => {
+                    // A failure of the image file is the server's problem, not the client's:
+                    // always worth a line.
+                    eprintln!("nbd-server: connection {}: {req:?} failed: {e}", c.id);
+                    let mut reply = Vec::new();
+                    c.framing.status_reply(&mut reply, req.cookie, errno_of(&e));
+                    c.send(reply);
+                }
+            }
+            // Room may have opened up for requests that are already buffered.
+            if c.in_end > c.in_start {
+                c.process();
+                c.flush();
+            }
+        }
+        c.shard.requests.set(c.shard.requests.get() + 1);
+        if let Some(ctx) = AioContext::current() {
+            c.update(&ctx);
+        }
+    }
+
+    /// Sends one complete reply: straight from `reply` when nothing is queued before it (the
+    /// common case, no copy), else behind what is queued.
+    fn send(&mut self, reply: Vec<u8>) {
+        if self.out_pos == self.out.len() {
+            self.out = reply;
+            self.out_pos = 0;
+        } else {
+            self.out.extend_from_slice(&reply);
+        }
+        self.flush();
+    }
+
+    /// Writes as much of the output buffer as the socket takes.
+    fn flush(&mut self) {
+        while self.out_pos < self.out.len() {
+            let Some(sock) = &self.sock else { return };
+            match sock.write(&self.out[self.out_pos..]) {
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // The client is gone (EPIPE, ECONNRESET): its replies have no reader.
+                    self.log(&format!("write error: {e}"));
+                    self.abort();
+                    return;
+                }
+            }
+        }
+        self.out_pos = 0;
+        if self.out.capacity() > 1 << 20 {
+            // A big read reply went out; do not keep its buffer for the connection's life.
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+    }
+
+    /// Closes the socket now, dropping unsent replies. Requests in flight still complete
+    /// (their results are dropped), then the connection leaves its shard.
+    fn abort(&mut self) {
+        self.closing = true;
+        self.handler = None;
+        self.watching = (false, false);
+        self.handshake_timer = None;
+        if let Some(sock) = self.sock.take() {
+            sock.shutdown();
+            self.log("closed");
+        }
+        self.out = Vec::new();
+        self.out_pos = 0;
+        self.inbuf = Vec::new();
+        self.in_start = 0;
+        self.in_end = 0;
+    }
+
+    /// Brings the fd handler in line with what the connection wants (read, write, neither),
+    /// and closes a connection that is closing and has nothing left to do.
+    fn update(&mut self, ctx: &AioContext) {
+        let pending_out = self.out_pos < self.out.len();
+        if self.closing && self.sock.is_some() && self.in_flight == 0 && !pending_out {
+            self.abort();
+        }
+        if self.sock.is_none() {
+            if self.in_flight == 0 {
+                self.shard.remove(self.id);
+            }
+            return;
+        }
+        let want = (self.wants_read(), pending_out);
+        if want == self.watching {
+            return;
+        }
+        if want == (false, false) {
+            self.handler = None;
+            self.watching = want;
+            return;
+        }
+        let sock = self.sock.as_ref().expect("checked above");
+        let mut builder = ctx.fd_handler(sock);
+        if want.0 {
+            let weak = self.weak.clone();
+            builder = builder.on_read(move |ctx| {
+                if let Some(conn) = weak.upgrade() {
+                    conn.borrow_mut().on_readable(ctx);
+                }
+            });
+        }
+        if want.1 {
+            let weak = self.weak.clone();
+            builder = builder.on_write(move |ctx| {
+                if let Some(conn) = weak.upgrade() {
+                    conn.borrow_mut().on_writable(ctx);
+                }
+            });
+        }
+        let result = match self.handler.take() {
+            Some(mut handler) => {
+                // On error the old handler stays registered, and is dropped below.
+                let r = builder.replace(&mut handler);
+                self.handler = Some(handler);
+                r
+            }
+            None => builder.register().map(|h| self.handler = Some(h)),
+        };
+        match result {
+            Ok(()) => self.watching = want,
+            Err(e) => {
+                // The backend refused the socket (out of memory, say): drop the client rather
+                // than leave it waiting for events that will never be watched.
+                eprintln!(
+                    "nbd-server: connection {}: cannot watch the socket: {e}",
+                    self.id
+                );
+                self.abort();
+                if self.in_flight == 0 {
+                    self.shard.remove(self.id);
+                }
+            }
+        }
+    }
+
+    fn log(&self, what: &str) {
+        if self.verbose {
+            eprintln!("nbd-server: connection {}: {what}", self.id);
+        }
+    }
+}
+
+/// The error for a request the pool could not run (cancelled or panicked): an I/O error.
+fn pool_failed() -> io::Error {
+    io::Error::other("the thread pool did not run the request")
+}

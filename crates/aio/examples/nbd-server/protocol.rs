@@ -1,0 +1,273 @@
+//! The NBD wire protocol as this server speaks it: the fixed-newstyle handshake, the request
+//! header, and simple and structured replies. Numbers and layouts follow the protocol's
+//! specification (`doc/proto.md` of the NBD project); everything is big-endian.
+//!
+//! This module only encodes and decodes. What a message means for a connection is
+//! `connection.rs`'s business.
+
+/// `NBDMAGIC`: the first eight bytes the server sends.
+pub const INIT_MAGIC: u64 = 0x4e42_444d_4147_4943;
+/// `IHAVEOPT`: follows `NBDMAGIC` in the greeting and starts every option a client sends.
+pub const OPTS_MAGIC: u64 = 0x4948_4156_454f_5054;
+/// Starts every reply to an option.
+pub const REP_MAGIC: u64 = 0x0003_e889_0455_65a9;
+/// Starts every request in the transmission phase.
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+/// Starts a simple reply.
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+/// Starts a structured reply chunk.
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+
+/// Handshake flags (server → client): we speak the fixed newstyle and can omit the 124 zero
+/// bytes after `NBD_OPT_EXPORT_NAME`.
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+/// Client flags (client → server): the same two bits, as the client's answer.
+pub const CLIENT_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const CLIENT_NO_ZEROES: u32 = 1 << 1;
+
+/// Options.
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
+
+/// Option reply types; errors have the top bit set.
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+const REP_ERR: u32 = 1 << 31;
+pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
+pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
+pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
+pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
+
+/// Information items in an `NBD_REP_INFO` reply.
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+/// Transmission flags, sent with the export's size.
+pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const TFLAG_READ_ONLY: u16 = 1 << 1;
+pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+
+/// Command types.
+pub const CMD_READ: u16 = 0;
+pub const CMD_WRITE: u16 = 1;
+pub const CMD_DISC: u16 = 2;
+pub const CMD_FLUSH: u16 = 3;
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+
+/// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+
+/// Structured reply chunk flags and types.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+
+/// Error numbers on the wire. NBD fixes its own values (they happen to match Linux's).
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+
+/// The largest payload of a READ or WRITE this server accepts (advertised as the maximum block
+/// size). A longer request is refused with `EINVAL`; a write's payload is then read and
+/// dropped, so the connection stays in step.
+pub const MAX_PAYLOAD: u32 = 32 << 20;
+/// The largest option data accepted during the handshake; names are at most 4 KiB by the
+/// specification, so anything beyond this is refused with `NBD_REP_ERR_TOO_BIG`.
+pub const MAX_OPTION_LEN: u32 = 64 << 10;
+/// The block sizes advertised with `NBD_INFO_BLOCK_SIZE`: byte-granular, 4 KiB preferred.
+pub const MIN_BLOCK: u32 = 1;
+pub const PREFERRED_BLOCK: u32 = 4096;
+
+/// The server's greeting: magic, option magic, handshake flags.
+pub fn greeting() -> [u8; 18] {
+    let mut g = [0u8; 18];
+    g[..8].copy_from_slice(&INIT_MAGIC.to_be_bytes());
+    g[8..16].copy_from_slice(&OPTS_MAGIC.to_be_bytes());
+    g[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    g
+}
+
+/// Big-endian readers over a byte slice that is known to be long enough.
+pub fn be16(b: &[u8]) -> u16 {
+    u16::from_be_bytes([b[0], b[1]])
+}
+pub fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+pub fn be64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_be_bytes(a)
+}
+
+/// An option header: `IHAVEOPT`, the option, the length of its data.
+pub const OPTION_HEADER_LEN: usize = 16;
+
+/// A parsed option header, or `None` if the magic is wrong (the client is not speaking NBD).
+pub fn parse_option_header(b: &[u8]) -> Option<(u32, u32)> {
+    (be64(b) == OPTS_MAGIC).then(|| (be32(&b[8..]), be32(&b[12..])))
+}
+
+/// Appends an option reply with its data to `out`.
+pub fn option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
+    out.extend_from_slice(&REP_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&reply.to_be_bytes());
+    // Option data is bounded by MAX_OPTION_LEN and our replies are shorter still.
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// The data of `NBD_OPT_INFO` and `NBD_OPT_GO`: the export name and the information items the
+/// client asks for. `None` if the lengths inside do not add up.
+pub fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
+    let name_len = usize::try_from(be32(data.get(..4)?)).ok()?;
+    let name = data.get(4..4usize.checked_add(name_len)?)?;
+    let rest = &data[4 + name_len..];
+    let count = usize::from(be16(rest.get(..2)?));
+    let items = rest.get(2..)?;
+    if items.len() != 2 * count {
+        return None;
+    }
+    Some((name, items.chunks_exact(2).map(be16).collect()))
+}
+
+/// A request header in the transmission phase.
+pub const REQUEST_LEN: usize = 28;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u32,
+}
+
+/// Parses a request header, or `None` if the magic is wrong (the stream is out of step or
+/// not NBD; the only safe answer is to close).
+pub fn parse_request(b: &[u8]) -> Option<Request> {
+    (be32(b) == REQUEST_MAGIC).then(|| Request {
+        flags: be16(&b[4..]),
+        kind: be16(&b[6..]),
+        cookie: be64(&b[8..]),
+        offset: be64(&b[16..]),
+        length: be32(&b[24..]),
+    })
+}
+
+/// The length of a simple reply header.
+pub const SIMPLE_REPLY_LEN: usize = 16;
+/// The length of a structured reply chunk header.
+pub const STRUCTURED_HEADER_LEN: usize = 20;
+/// What precedes a read's data in a structured `OFFSET_DATA` chunk: the header and the offset.
+pub const STRUCTURED_READ_PREFIX: usize = STRUCTURED_HEADER_LEN + 8;
+
+/// How replies are framed on a connection: QEMU's client asks for structured replies, older
+/// clients get simple ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    Simple,
+    Structured,
+}
+
+impl Framing {
+    /// The bytes that precede a successful read's data.
+    pub fn read_prefix(self) -> usize {
+        match self {
+            Framing::Simple => SIMPLE_REPLY_LEN,
+            Framing::Structured => STRUCTURED_READ_PREFIX,
+        }
+    }
+
+    /// Fills in the first [`read_prefix`](Self::read_prefix) bytes of `buf` for a successful
+    /// read of `len` bytes at `offset`, whose data follows in `buf`.
+    pub fn write_read_prefix(self, buf: &mut [u8], cookie: u64, offset: u64, len: u32) {
+        match self {
+            Framing::Simple => simple_header(buf, 0, cookie),
+            Framing::Structured => {
+                let chunk_len = len + 8;
+                structured_header(
+                    buf,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    cookie,
+                    chunk_len,
+                );
+                buf[STRUCTURED_HEADER_LEN..STRUCTURED_READ_PREFIX]
+                    .copy_from_slice(&offset.to_be_bytes());
+            }
+        }
+    }
+
+    /// Appends the complete reply to a request that carries no data back: success when
+    /// `error` is 0, else the NBD error number.
+    pub fn status_reply(self, out: &mut Vec<u8>, cookie: u64, error: u32) {
+        let start = out.len();
+        match self {
+            Framing::Simple => {
+                out.resize(start + SIMPLE_REPLY_LEN, 0);
+                simple_header(&mut out[start..], error, cookie);
+            }
+            Framing::Structured if error == 0 => {
+                out.resize(start + STRUCTURED_HEADER_LEN, 0);
+                let h = &mut out[start..];
+                structured_header(h, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+            }
+            Framing::Structured => {
+                // An error chunk: the error and an empty message.
+                out.resize(start + STRUCTURED_HEADER_LEN, 0);
+                let h = &mut out[start..];
+                structured_header(h, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, 6);
+                out.extend_from_slice(&error.to_be_bytes());
+                out.extend_from_slice(&0u16.to_be_bytes());
+            }
+        }
+    }
+}
+
+fn simple_header(buf: &mut [u8], error: u32, cookie: u64) {
+    buf[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    buf[4..8].copy_from_slice(&error.to_be_bytes());
+    buf[8..16].copy_from_slice(&cookie.to_be_bytes());
+}
+
+fn structured_header(buf: &mut [u8], flags: u16, kind: u16, cookie: u64, len: u32) {
+    buf[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    buf[4..6].copy_from_slice(&flags.to_be_bytes());
+    buf[6..8].copy_from_slice(&kind.to_be_bytes());
+    buf[8..16].copy_from_slice(&cookie.to_be_bytes());
+    buf[16..20].copy_from_slice(&len.to_be_bytes());
+}
+
+/// The NBD error for an I/O error from the export's file.
+pub fn errno_of(e: &std::io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES | libc::EROFS) => EPERM,
+        Some(libc::ENOMEM) => ENOMEM,
+        Some(libc::ENOSPC | libc::EDQUOT | libc::EFBIG) => ENOSPC,
+        Some(libc::EINVAL) => EINVAL,
+        Some(libc::EOVERFLOW) => EOVERFLOW,
+        Some(libc::EOPNOTSUPP) => ENOTSUP,
+        _ => EIO,
+    }
+}
