@@ -186,6 +186,21 @@ fn export_name_option_enters_transmission() {
     assert_eq!(c.read(MIB as u64, 4096).unwrap(), f.disk(MIB, 4096));
     c.disconnect().unwrap();
 
+    // Structured replies negotiated before NBD_OPT_EXPORT_NAME hold in transmission.
+    let mut c = f
+        .srv
+        .handshake(
+            Handshake::new("disk0")
+                .structured_replies()
+                .export_name_option(),
+        )
+        .unwrap();
+    c.conn()
+        .send_request(&Request::new(cmd::READ, 5, 0, 100), &[])
+        .unwrap();
+    let ch = c.conn().read_chunk().unwrap();
+    assert_eq!((ch.kind, ch.cookie), (chunk::OFFSET_DATA, 5));
+
     // Without NO_ZEROES, 124 zero bytes follow, and then transmission works.
     let mut conn = f.srv.raw().unwrap();
     conn.read_greeting().unwrap();
@@ -386,6 +401,26 @@ fn block_size_is_sent_only_when_requested() {
         .handshake(Handshake::new("").without_block_size())
         .unwrap();
     assert_eq!(c.block_size(), None);
+}
+
+#[test]
+fn go_ignores_unknown_info_requests() {
+    // The spec: a server ignores information requests it does not understand.
+    let f = fixture("go-unknown-info", MIB, |c| c.name("disk0"));
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let (size, flags, bs) = go_or_info(
+        &mut conn,
+        opt::GO,
+        "disk0",
+        &[1, 2, 999, info::BLOCK_SIZE, u16::MAX],
+    )
+    .unwrap();
+    assert_eq!(size, MIB as u64);
+    assert_ne!(flags & tx_flag::HAS_FLAGS, 0);
+    assert!(bs.is_some(), "block size requested among unknown items");
+    conn.send_request(&Request::new(cmd::READ, 3, 0, 16), &[])
+        .unwrap();
+    assert_eq!(conn.read_simple_reply(16).unwrap(), (0, 3, vec![0; 16]));
 }
 
 #[test]
@@ -822,6 +857,55 @@ fn pipelined_64_requests_are_matched_by_cookie_structured() {
     pipeline_64(true);
 }
 
+#[test]
+fn pipelining_deeper_than_the_server_admits_at_once() {
+    // Far more requests than a server would run at once: the ones it does not admit yet must
+    // wait in the socket or its buffer, not be lost or answered out of thin air.
+    const N: u64 = 2000;
+    let f = fixture("pipeline-deep", 4 * MIB, |c| c);
+    std::fs::write(&f.image, pattern(21, 4 * MIB)).unwrap();
+    let mut c = f.srv.structured_client();
+    let ranges: Vec<(u64, u32)> = (0..N)
+        .map(|i| (i * 2001 % (4 * MIB as u64 - 1024), 1000))
+        .collect();
+    let cookies = c.send_reads_at_once(&ranges).unwrap();
+    let disk = f.disk_all();
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..N {
+        let r = c.receive().unwrap();
+        let i = cookies.iter().position(|&k| k == r.cookie).unwrap();
+        let (at, len) = (ranges[i].0 as usize, ranges[i].1 as usize);
+        assert!(r.result.unwrap() == disk[at..at + len], "read {i} at {at}");
+        assert!(answered.insert(i), "request {i} answered twice");
+    }
+    assert_eq!(answered.len(), N as usize);
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn half_closed_client_still_gets_its_replies() {
+    // More payload than a server holds in flight, so some requests are still waiting when the
+    // end of the client's stream comes.
+    const READS: u64 = 8;
+    const LEN: u32 = 16 << 20;
+    let f = fixture("half-close", (READS * u64::from(LEN)) as usize, |c| c);
+    let mut c = f.srv.client();
+    let ranges: Vec<(u64, u32)> = (0..READS).map(|i| (i * u64::from(LEN), LEN)).collect();
+    let cookies = c.send_reads_at_once(&ranges).unwrap();
+    c.conn().shutdown_write().unwrap();
+    let mut answered = Vec::new();
+    for _ in 0..READS {
+        let r = c.receive().unwrap();
+        assert_eq!(r.result.unwrap().len(), LEN as usize);
+        answered.push(r.cookie);
+    }
+    answered.sort_unstable();
+    let mut want = cookies;
+    want.sort_unstable();
+    assert_eq!(answered, want);
+    assert_closed(c.conn(), "the end of the client's stream");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bad input in transmission.
 // ---------------------------------------------------------------------------------------------
@@ -884,7 +968,8 @@ fn write_longer_than_the_maximum_is_einval_and_its_payload_discarded() {
 
 #[test]
 fn access_past_the_end_is_einval_or_enospc() {
-    let size = MIB + 512;
+    // An odd size, so that nothing lines up with a block.
+    let size = MIB + 3;
     let f = fixture("past-end", size, |c| c);
     let mut c = f.srv.client();
     let s = size as u64;
@@ -1361,6 +1446,10 @@ fn shutdown_with_requests_in_flight(sig: &str, structured: bool) {
         Handshake::new("")
     };
     let mut c = f.srv.handshake(hs).unwrap();
+    // Bystanders: one idle in transmission, one in the middle of the handshake. Both must be
+    // closed by the shutdown.
+    let mut idle = f.srv.client();
+    let mut handshaking = f.srv.raw_in_options().unwrap();
 
     // Writes first: their payloads must all be consumed before the server gets stuck sending
     // read replies nobody reads yet.
@@ -1396,6 +1485,12 @@ fn shutdown_with_requests_in_flight(sig: &str, structured: bool) {
             }
         }),
         "the server still greets new connections after SIG{sig}"
+    );
+
+    assert_closed(idle.conn(), &format!("SIG{sig} (an idle client)"));
+    assert_closed(
+        &mut handshaking,
+        &format!("SIG{sig} (a client in the handshake)"),
     );
 
     let mut answered = 0;
@@ -1451,6 +1546,58 @@ fn sigterm_answers_requests_in_flight_then_exits() {
 #[test]
 fn sigint_answers_requests_in_flight_then_exits() {
     shutdown_with_requests_in_flight("INT", true);
+}
+
+#[test]
+fn sigterm_answers_every_request_the_server_has_read() {
+    // Reads worth more than a server keeps in flight, sent in one write: once the socket is
+    // empty the server holds every one of them, admitted or buffered. Each must then get a
+    // reply, the data or NBD_ESHUTDOWN (which the spec names for exactly this), before the
+    // connection closes; none may vanish.
+    const READS: u64 = 8;
+    const LEN: u32 = 16 << 20;
+    let mut f = fixture("shutdown-read", (READS * u64::from(LEN)) as usize, |c| c);
+    std::fs::write(&f.image, pattern(800, (READS * u64::from(LEN)) as usize)).unwrap();
+    let mut c = f.srv.client();
+    let ranges: Vec<(u64, u32)> = (0..READS).map(|i| (i * u64::from(LEN), LEN)).collect();
+    let cookies = c.send_reads_at_once(&ranges).unwrap();
+    assert!(
+        eventually(IO_TIMEOUT, || unread_by_peer(c.conn()) == 0),
+        "the server did not read the requests"
+    );
+    f.srv.signal("TERM");
+    // Read nothing until the server has acted on the signal (its listener is gone), so that
+    // the replies not read yet keep it from admitting the buffered requests before that.
+    let socket = f.srv.unix_path().to_owned();
+    assert!(
+        eventually(CLOSE_TIMEOUT, || Conn::connect_unix(&socket).is_err()),
+        "the server still accepts connections after SIGTERM"
+    );
+    let disk = f.disk_all();
+    let mut outcomes = Vec::new();
+    while c.in_flight() > 0 {
+        let r = c.receive().unwrap_or_else(|e| {
+            panic!(
+                "after SIGTERM: {} of {READS} reads the server had read got no reply ({e}); \
+                 outcomes so far: {outcomes:?}",
+                c.in_flight()
+            )
+        });
+        let i = cookies.iter().position(|&k| k == r.cookie).unwrap();
+        match r.result {
+            Ok(data) => {
+                let at = ranges[i].0 as usize;
+                assert!(data == disk[at..at + LEN as usize], "read {i}");
+                outcomes.push("data");
+            }
+            Err(e) => {
+                assert_eq!(errno_of(&e), Some(errno::ESHUTDOWN), "read {i}: {e}");
+                outcomes.push("ESHUTDOWN");
+            }
+        }
+    }
+    assert_closed(c.conn(), "SIGTERM once the replies are out");
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
 }
 
 #[test]

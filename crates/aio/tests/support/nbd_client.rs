@@ -650,6 +650,14 @@ impl Conn {
         Ok(got)
     }
 
+    /// Half-closes the connection: the server sees end of file, the client can still read.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        match &self.stream {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        }
+    }
+
     /// Waits up to `within` for the server to close the connection and returns whatever it sent
     /// before closing. A reset counts as closed. Fails with `TimedOut` if the connection is
     /// still open after `within`.
@@ -931,19 +939,10 @@ impl Client {
         &mut self.conn
     }
 
-    /// Sends a request without waiting for its reply; returns its cookie.
-    pub fn send_command(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        offset: u64,
-        len: u32,
-        payload: &[u8],
-    ) -> io::Result<u64> {
+    /// Takes a cookie for a request and records it as in flight.
+    fn register(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> Request {
         let cookie = self.next_cookie;
         self.next_cookie = self.next_cookie.wrapping_add(COOKIE_STEP);
-        let req = Request::new(kind, cookie, offset, len).with_flags(flags);
-        self.conn.send_request(&req, payload)?;
         let data = if kind == cmd::READ {
             vec![0u8; len as usize]
         } else {
@@ -960,7 +959,35 @@ impl Client {
                 error: None,
             },
         );
-        Ok(cookie)
+        Request::new(kind, cookie, offset, len).with_flags(flags)
+    }
+
+    /// Sends a request without waiting for its reply; returns its cookie.
+    pub fn send_command(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<u64> {
+        let req = self.register(kind, flags, offset, len);
+        self.conn.send_request(&req, payload)?;
+        Ok(req.cookie)
+    }
+
+    /// Sends reads of `ranges` in a single write, so that the server finds all of them in its
+    /// socket at once; returns their cookies.
+    pub fn send_reads_at_once(&mut self, ranges: &[(u64, u32)]) -> io::Result<Vec<u64>> {
+        let mut bytes = Vec::with_capacity(ranges.len() * REQUEST_LEN);
+        let mut cookies = Vec::with_capacity(ranges.len());
+        for &(offset, len) in ranges {
+            let req = self.register(cmd::READ, 0, offset, len);
+            bytes.extend_from_slice(&req.encode());
+            cookies.push(req.cookie);
+        }
+        self.conn.send(&bytes)?;
+        Ok(cookies)
     }
 
     pub fn send_read(&mut self, offset: u64, len: u32) -> io::Result<u64> {
