@@ -1352,6 +1352,7 @@ fn a_thousand_connections_leak_no_fds_and_little_memory() {
         f.srv.fd_count()
     );
     let rss_after = f.srv.rss_kib();
+    eprintln!("leaks: {fds_idle} fds when idle; RSS {rss_before} KiB -> {rss_after} KiB");
     // 1000 connections leaking a 4 KiB buffer each would add 4000 KiB.
     assert!(
         rss_after <= rss_before + 2048,
@@ -1625,8 +1626,22 @@ fn idle_server_stops_on_sigterm_and_bad_command_lines_exit_2() {
             "127.0.0.1:0".into(),
             "--contexts".into(),
             "zero".into(),
-            image,
+            image.clone(),
         ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--contexts".into(),
+            "0".into(),
+            image.clone(),
+        ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            image.clone(),
+            "--name".into(),
+        ],
+        vec!["--tcp".into(), "127.0.0.1:0".into(), image.clone(), image],
     ] {
         let out = Command::new(bin).args(&args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
