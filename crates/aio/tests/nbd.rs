@@ -1430,38 +1430,24 @@ fn unread_by_peer(conn: &Conn) -> usize {
     n as usize
 }
 
-/// Sends writes and large reads, waits until the server has read every byte of them, signals
-/// it, then checks that every request is answered, the server exits 0 after printing
-/// `stopped`, its socket file is gone and the writes are on disk.
-fn shutdown_with_requests_in_flight(sig: &str, structured: bool) {
-    const READ_LEN: usize = 4 * MIB;
-    let dir = TempDir::new(&format!("shutdown-{sig}"));
-    let image = dir.join("disk.img");
-    let initial = pattern(300, 48 * MIB);
-    std::fs::write(&image, &initial).unwrap();
-    let mut f = fixture_on(dir, image, |c| c);
-    let socket = f.srv.unix_path().to_owned();
-    let hs = if structured {
-        Handshake::new("").structured_replies()
-    } else {
-        Handshake::new("")
-    };
-    let mut c = f.srv.handshake(hs).unwrap();
-    // Bystanders: one idle in transmission, one in the middle of the handshake. Both must be
-    // closed by the shutdown.
-    let mut idle = f.srv.client();
-    let mut handshaking = f.srv.raw_in_options().unwrap();
+/// Requests one client sent before the signal: cookie -> (offset, expected data, is a write).
+type Expected = std::collections::HashMap<u64, (usize, Vec<u8>, bool)>;
 
+/// Sends 8 writes of 1 MiB at `write_base`, 8 reads of 4 MiB and a flush through `c`, and waits
+/// until the server has read every byte of them.
+fn load_requests(c: &mut Client, write_base: usize, initial: &[u8], seed: u64) -> Expected {
+    const READ_LEN: usize = 4 * MIB;
     // Writes first: their payloads must all be consumed before the server gets stuck sending
     // read replies nobody reads yet.
-    let mut expect = std::collections::HashMap::new();
+    let mut expect = Expected::new();
     for i in 0..8 {
-        let data = pattern(400 + i as u64, MIB);
-        let cookie = c.send_write((i * MIB) as u64, &data).unwrap();
-        expect.insert(cookie, (i * MIB, data, true));
+        let at = write_base + i * MIB;
+        let data = pattern(seed + i as u64, MIB);
+        let cookie = c.send_write(at as u64, &data).unwrap();
+        expect.insert(cookie, (at, data, true));
     }
     for i in 0..8 {
-        let at = 16 * MIB + i * READ_LEN;
+        let at = initial.len() - 8 * READ_LEN + i * READ_LEN;
         let cookie = c.send_read(at as u64, READ_LEN as u32).unwrap();
         expect.insert(cookie, (at, initial[at..at + READ_LEN].to_vec(), false));
     }
@@ -1471,6 +1457,38 @@ fn shutdown_with_requests_in_flight(sig: &str, structured: bool) {
         eventually(IO_TIMEOUT, || unread_by_peer(c.conn()) == 0),
         "the server did not read the requests"
     );
+    expect
+}
+
+/// With `clients` clients (one per context) each having writes and large reads in flight,
+/// signals the server, then checks that every request is answered, idle and handshaking
+/// clients are closed, the server exits 0 after printing `stopped`, its socket file is gone
+/// and the writes are on disk.
+fn shutdown_with_requests_in_flight(sig: &str, structured: bool, clients: usize) {
+    let dir = TempDir::new(&format!("shutdown-{sig}"));
+    let image = dir.join("disk.img");
+    let writes_len = clients * 8 * MIB;
+    let initial = pattern(300, writes_len + 32 * MIB);
+    std::fs::write(&image, &initial).unwrap();
+    let mut f = fixture_on(dir, image, |c| c.contexts(clients));
+    let socket = f.srv.unix_path().to_owned();
+    // Bystanders: one idle in transmission, one in the middle of the handshake. Both must be
+    // closed by the shutdown.
+    let mut idle = f.srv.client();
+    let mut handshaking = f.srv.raw_in_options().unwrap();
+    let mut loaded: Vec<(Client, Expected)> = (0..clients)
+        .map(|k| {
+            let hs = Handshake::new("");
+            let hs = if structured {
+                hs.structured_replies()
+            } else {
+                hs
+            };
+            let mut c = f.srv.handshake(hs).unwrap();
+            let expect = load_requests(&mut c, k * 8 * MIB, &initial, 400 + 10 * k as u64);
+            (c, expect)
+        })
+        .collect();
 
     f.srv.signal(sig);
     // New connections get no greeting from now on (give the signal a moment to land): the
@@ -1487,43 +1505,53 @@ fn shutdown_with_requests_in_flight(sig: &str, structured: bool) {
         }),
         "the server still greets new connections after SIG{sig}"
     );
-
     assert_closed(idle.conn(), &format!("SIG{sig} (an idle client)"));
     assert_closed(
         &mut handshaking,
         &format!("SIG{sig} (a client in the handshake)"),
     );
 
-    let mut answered = 0;
-    while c.in_flight() > 0 {
-        let reply = c.receive().unwrap_or_else(|e| {
-            panic!("after SIG{sig}: {} requests unanswered: {e}", c.in_flight())
-        });
-        let got = reply
-            .result
-            .unwrap_or_else(|e| panic!("after SIG{sig}: a request in flight failed: {e}"));
-        let (at, data, is_write) = expect
-            .remove(&reply.cookie)
-            .expect("each cookie is answered exactly once");
-        if !is_write {
-            assert!(got == data, "read at {at} returned the wrong data");
+    for (k, (c, expect)) in loaded.iter_mut().enumerate() {
+        let mut answered = 0;
+        while c.in_flight() > 0 {
+            let reply = c.receive().unwrap_or_else(|e| {
+                panic!(
+                    "after SIG{sig}: client {k}: {} requests unanswered: {e}",
+                    c.in_flight()
+                )
+            });
+            let got = reply.result.unwrap_or_else(|e| {
+                panic!("after SIG{sig}: client {k}: a request in flight failed: {e}")
+            });
+            let (at, data, is_write) = expect
+                .remove(&reply.cookie)
+                .expect("each cookie is answered exactly once");
+            if !is_write {
+                assert!(
+                    got == data,
+                    "client {k}: read at {at} returned the wrong data"
+                );
+            }
+            answered += 1;
         }
-        answered += 1;
+        assert_eq!(answered, 17);
+        assert!(expect.is_empty());
+        assert_closed(
+            c.conn(),
+            &format!("SIG{sig} once client {k}'s replies are out"),
+        );
     }
-    assert_eq!(answered, 17);
-    assert!(expect.is_empty());
-    assert_closed(c.conn(), &format!("SIG{sig} once the replies are out"));
 
     let status = f.srv.wait_exit(IO_TIMEOUT);
     assert_eq!(status.code(), Some(0), "exit status after SIG{sig}");
-    let stdout = f.srv.stdout();
     assert!(
         eventually(CLOSE_TIMEOUT, || f
             .srv
             .stdout()
             .iter()
             .any(|l| l.starts_with("nbd-server: stopped"))),
-        "no `nbd-server: stopped` line: {stdout:?}"
+        "no `nbd-server: stopped` line: {:?}",
+        f.srv.stdout()
     );
     assert!(
         !socket.exists(),
@@ -1531,22 +1559,25 @@ fn shutdown_with_requests_in_flight(sig: &str, structured: bool) {
         socket.display()
     );
     let disk = f.disk_all();
-    for i in 0..8 {
-        assert!(
-            disk[i * MIB..(i + 1) * MIB] == pattern(400 + i as u64, MIB),
-            "write {i} in flight at SIG{sig} is not on disk"
-        );
+    for k in 0..clients {
+        for i in 0..8 {
+            let at = k * 8 * MIB + i * MIB;
+            assert!(
+                disk[at..at + MIB] == pattern(400 + 10 * k as u64 + i as u64, MIB),
+                "client {k}'s write {i}, in flight at SIG{sig}, is not on disk"
+            );
+        }
     }
 }
 
 #[test]
 fn sigterm_answers_requests_in_flight_then_exits() {
-    shutdown_with_requests_in_flight("TERM", false);
+    shutdown_with_requests_in_flight("TERM", false, 1);
 }
 
 #[test]
-fn sigint_answers_requests_in_flight_then_exits() {
-    shutdown_with_requests_in_flight("INT", true);
+fn sigint_answers_requests_in_flight_on_three_contexts_then_exits() {
+    shutdown_with_requests_in_flight("INT", true, 3);
 }
 
 #[test]
