@@ -1331,7 +1331,8 @@ fn connect_and_leave(srv: &Server, kind: usize) {
 
 #[test]
 fn a_thousand_connections_leak_no_fds_and_little_memory() {
-    let f = fixture("leaks", MIB, |c| c);
+    // Two contexts: half the connections are handed to the other thread.
+    let f = fixture("leaks", MIB, |c| c.contexts(2));
     let fds_idle = f.srv.fd_count();
     // Warm up allocator pools and lazily created state before measuring.
     for i in 0..100 {
