@@ -22,7 +22,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::nbd_client::{
-    BlockSize, Client, Conn, GREETING_LEN, Handshake, IO_TIMEOUT, OptionReply, REQUEST_LEN,
+    BlockSize, Client, Conn, GREETING_LEN, Handshake, IO_TIMEOUT, Info, OptionReply, REQUEST_LEN,
     Request, chunk, cmd, decode_error_chunk, decode_info, decode_server_reply, encode_info_request,
     errno, errno_of, go_or_info, handshake, info, opt, rep, tx_flag,
 };
@@ -103,6 +103,14 @@ impl Fixture {
         c.write(0, &on_disk).expect("write by a fresh client");
         assert_eq!(c.read(0, 4096).unwrap(), on_disk);
         c.disconnect().expect("clean disconnect");
+    }
+
+    /// [`Fixture::assert_serves`] for a server whose export name is not the default.
+    fn assert_serves_named(&self, name: &str) {
+        let mut c = self.srv.handshake(Handshake::new(name)).unwrap();
+        let on_disk = self.disk(0, 4096);
+        assert_eq!(c.read(0, 4096).unwrap(), on_disk);
+        c.disconnect().unwrap();
     }
 }
 
@@ -231,16 +239,6 @@ fn export_name_option_with_unknown_name_closes() {
     f.assert_serves_named("disk0");
 }
 
-impl Fixture {
-    /// [`Fixture::assert_serves`] for a server whose export name is not the default.
-    fn assert_serves_named(&self, name: &str) {
-        let mut c = self.srv.handshake(Handshake::new(name)).unwrap();
-        let on_disk = self.disk(0, 4096);
-        assert_eq!(c.read(0, 4096).unwrap(), on_disk);
-        c.disconnect().unwrap();
-    }
-}
-
 #[test]
 fn abort_is_acked_then_closed() {
     let f = fixture("abort", MIB, |c| c);
@@ -326,7 +324,7 @@ fn info_reports_export_and_block_size_then_go_works() {
     let exports: Vec<_> = infos
         .iter()
         .filter_map(|i| match i {
-            support::nbd_client::Info::Export { size, flags } => Some((*size, *flags)),
+            Info::Export { size, flags } => Some((*size, *flags)),
             _ => None,
         })
         .collect();
@@ -345,7 +343,7 @@ fn info_reports_export_and_block_size_then_go_works() {
     let block_sizes: Vec<_> = infos
         .iter()
         .filter_map(|i| match i {
-            support::nbd_client::Info::BlockSize(b) => Some(*b),
+            Info::BlockSize(b) => Some(*b),
             _ => None,
         })
         .collect();
@@ -1110,7 +1108,7 @@ fn disc_closes_after_answering_earlier_requests() {
             cookies.push(c.send_read(i * 4096, 4096).unwrap());
         }
         cookies.push(c.send_write(MIB as u64 - 4096, &[9; 4096]).unwrap());
-        // disconnect() sends DISC, collects the 9 answers, then requires the close.
+        // DISC right behind them, then the 9 answers must come before the close.
         let mut answered = Vec::new();
         c.conn()
             .send_request(&Request::new(cmd::DISC, 999, 0, 0), &[])
