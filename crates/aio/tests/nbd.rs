@@ -1,0 +1,1886 @@
+//! End-to-end tests of the `nbd-server` example: the server runs as a child process and an
+//! independent client (`support/nbd_client.rs`) drives it over Unix sockets and TCP.
+//!
+//! The groups: the handshake's options; data round trips with simple and structured replies,
+//! checked against an in-memory model and against the image file on disk; pipelining; bad input
+//! (each followed by a check that the server still serves a new client); isolation from stuck
+//! clients; fd and memory leaks over 1 000 connections; several I/O contexts; shutdown on
+//! SIGTERM/SIGINT with requests in flight; and interoperability with QEMU's own NBD client
+//! (`qemu-io`, `qemu-img`), skipped with a printed reason when they are not installed.
+//!
+//! Every test starts its own server on its own image in its own temp dir, so the tests run in
+//! parallel. Set `NBD_TEST_SERVER=qemu-nbd` to run the suite against `qemu-nbd` instead, which
+//! checks the client against a reference implementation (tests of our server's own command line,
+//! output and limits then fail, as expected).
+
+mod support;
+
+use std::io;
+use std::path::PathBuf;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::nbd_client::{
+    BlockSize, Client, Conn, GREETING_LEN, Handshake, IO_TIMEOUT, Info, OptionReply, REQUEST_LEN,
+    Request, chunk, cmd, decode_error_chunk, decode_info, decode_server_reply, encode_info_request,
+    errno, errno_of, go_or_info, handshake, info, opt, rep, tx_flag,
+};
+use support::server::{Config, Server, TempDir};
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+/// The server's largest READ/WRITE payload (and its advertised maximum block size).
+const MAX_PAYLOAD: usize = 32 << 20;
+/// The largest option data the server accepts.
+const MAX_OPTION_DATA: usize = 64 << 10;
+/// How long the server may take to close a connection it must close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures.
+// ---------------------------------------------------------------------------------------------
+
+/// Deterministic pseudo-random bytes (splitmix64), different for each seed.
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xd1b5_4a32_d192_ed03;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A server on a fresh image, with its temp dir. The server is declared first so that it is
+/// killed before the directory is removed.
+struct Fixture {
+    srv: Server,
+    image: PathBuf,
+    dir: TempDir,
+}
+
+/// Starts a server on a zeroed image of `size` bytes, with `configure` applied to the default
+/// configuration (Unix socket, empty export name).
+fn fixture(tag: &str, size: usize, configure: impl FnOnce(Config) -> Config) -> Fixture {
+    let dir = TempDir::new(tag);
+    let image = dir.image("disk.img", size as u64);
+    fixture_on(dir, image, configure)
+}
+
+/// Starts a server on an existing image.
+fn fixture_on(dir: TempDir, image: PathBuf, configure: impl FnOnce(Config) -> Config) -> Fixture {
+    let config = configure(Config::new(&image));
+    let srv = if std::env::var("NBD_TEST_SERVER").as_deref() == Ok("qemu-nbd") {
+        Server::start_qemu_nbd(&config).expect("qemu-nbd is not installed")
+    } else {
+        config.start()
+    };
+    Fixture { srv, image, dir }
+}
+
+impl Fixture {
+    /// The image file's bytes `[offset, offset + len)`.
+    fn disk(&self, offset: usize, len: usize) -> Vec<u8> {
+        let all = std::fs::read(&self.image).expect("reading the image");
+        all[offset..offset + len].to_vec()
+    }
+
+    fn disk_all(&self) -> Vec<u8> {
+        std::fs::read(&self.image).expect("reading the image")
+    }
+
+    /// Checks that a brand-new client can complete a handshake, read what is on disk, write,
+    /// read its write back and disconnect cleanly: the server survived whatever came before.
+    fn assert_serves(&self) {
+        let mut c = self.srv.client();
+        let on_disk = self.disk(0, 4096);
+        assert_eq!(c.read(0, 4096).expect("read by a fresh client"), on_disk);
+        c.write(0, &on_disk).expect("write by a fresh client");
+        assert_eq!(c.read(0, 4096).unwrap(), on_disk);
+        c.disconnect().expect("clean disconnect");
+    }
+
+    /// [`Fixture::assert_serves`] for a server whose export name is not the default.
+    fn assert_serves_named(&self, name: &str) {
+        let mut c = self.srv.handshake(Handshake::new(name)).unwrap();
+        let on_disk = self.disk(0, 4096);
+        assert_eq!(c.read(0, 4096).unwrap(), on_disk);
+        c.disconnect().unwrap();
+    }
+}
+
+/// Asserts that `r` failed with NBD error `want`.
+#[track_caller]
+fn assert_errno<T: std::fmt::Debug>(r: io::Result<T>, want: u32) {
+    match r {
+        Ok(v) => panic!("expected NBD error {want}, got success {v:?}"),
+        Err(e) => assert_eq!(
+            errno_of(&e),
+            Some(want),
+            "expected NBD error {want}, got {e}"
+        ),
+    }
+}
+
+/// Asserts that the server closes `conn` (sending nothing more) within [`CLOSE_TIMEOUT`].
+#[track_caller]
+fn assert_closed(conn: &mut Conn, after: &str) {
+    match conn.expect_closed(CLOSE_TIMEOUT) {
+        Ok(extra) => assert!(
+            extra.is_empty(),
+            "after {after}: server sent {} bytes before closing: {:x?}",
+            extra.len(),
+            &extra[..extra.len().min(64)]
+        ),
+        Err(e) => panic!("after {after}: server did not close the connection: {e}"),
+    }
+}
+
+/// Polls `f` until it returns true or `timeout` passes; returns the last answer.
+fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handshake and options.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn greeting_offers_fixed_newstyle_and_no_zeroes() {
+    let f = fixture("greeting", MIB, |c| c);
+    let mut conn = f.srv.raw().unwrap();
+    let flags = conn.read_greeting().unwrap();
+    assert_eq!(flags, handshake::FIXED_NEWSTYLE | handshake::NO_ZEROES);
+}
+
+#[test]
+fn unknown_client_flags_close_the_connection() {
+    let f = fixture("client-flags", MIB, |c| c);
+    for bad in [1 << 2, 1 << 31, 3 | 1 << 7] {
+        let mut conn = f.srv.raw().unwrap();
+        conn.read_greeting().unwrap();
+        conn.send_client_flags(bad).unwrap();
+        assert_closed(&mut conn, &format!("client flags {bad:#x}"));
+    }
+    f.assert_serves();
+}
+
+#[test]
+fn export_name_option_enters_transmission() {
+    let f = fixture("export-name", 3 * MIB, |c| c.name("disk0"));
+    std::fs::write(&f.image, pattern(1, 3 * MIB)).unwrap();
+
+    // With NO_ZEROES agreed the answer is just size and flags.
+    let mut c = f
+        .srv
+        .handshake(Handshake::new("disk0").export_name_option())
+        .unwrap();
+    assert_eq!(c.size(), 3 * MIB as u64);
+    assert_ne!(c.flags() & tx_flag::HAS_FLAGS, 0);
+    assert_eq!(c.read(MIB as u64, 4096).unwrap(), f.disk(MIB, 4096));
+    c.disconnect().unwrap();
+
+    // Structured replies negotiated before NBD_OPT_EXPORT_NAME hold in transmission.
+    let mut c = f
+        .srv
+        .handshake(
+            Handshake::new("disk0")
+                .structured_replies()
+                .export_name_option(),
+        )
+        .unwrap();
+    c.conn()
+        .send_request(&Request::new(cmd::READ, 5, 0, 100), &[])
+        .unwrap();
+    let ch = c.conn().read_chunk().unwrap();
+    assert_eq!((ch.kind, ch.cookie), (chunk::OFFSET_DATA, 5));
+
+    // Without NO_ZEROES, 124 zero bytes follow, and then transmission works.
+    let mut conn = f.srv.raw().unwrap();
+    conn.read_greeting().unwrap();
+    conn.send_client_flags(u32::from(handshake::FIXED_NEWSTYLE))
+        .unwrap();
+    conn.send_option(opt::EXPORT_NAME, b"disk0").unwrap();
+    let answer = conn.recv_exact(10 + 124).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(answer[..8].try_into().unwrap()),
+        3 * MIB as u64
+    );
+    assert!(answer[10..].iter().all(|&b| b == 0), "padding not zero");
+    conn.send_request(&Request::new(cmd::READ, 42, 0, 512), &[])
+        .unwrap();
+    let (error, cookie, data) = conn.read_simple_reply(512).unwrap();
+    assert_eq!((error, cookie), (0, 42));
+    assert_eq!(data, f.disk(0, 512));
+}
+
+#[test]
+fn export_name_option_with_unknown_name_closes() {
+    let f = fixture("export-name-unknown", MIB, |c| c.name("disk0"));
+    for name in ["", "disk1", "disk0x"] {
+        let mut conn = f.srv.raw_in_options().unwrap();
+        conn.send_option(opt::EXPORT_NAME, name.as_bytes()).unwrap();
+        assert_closed(&mut conn, &format!("NBD_OPT_EXPORT_NAME {name:?}"));
+    }
+    f.assert_serves_named("disk0");
+}
+
+#[test]
+fn abort_is_acked_then_closed() {
+    let f = fixture("abort", MIB, |c| c);
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let reply = conn.option(opt::ABORT, &[]).unwrap();
+    assert_eq!(reply.kind, rep::ACK);
+    assert!(reply.data.is_empty());
+    assert_closed(&mut conn, "NBD_OPT_ABORT");
+    f.assert_serves();
+}
+
+#[test]
+fn list_names_the_export_then_acks() {
+    let f = fixture("list", MIB, |c| c.name("disk0"));
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let first = conn.option(opt::LIST, &[]).unwrap();
+    assert_eq!(first.kind, rep::SERVER, "{first:?}");
+    assert_eq!(decode_server_reply(&first.data).unwrap(), "disk0");
+    assert_eq!(
+        first.data.len(),
+        4 + "disk0".len(),
+        "no description expected"
+    );
+    let second = conn.read_option_reply().unwrap();
+    assert_eq!(
+        second,
+        OptionReply {
+            option: opt::LIST,
+            kind: rep::ACK,
+            data: vec![]
+        }
+    );
+    // The session goes on: GO enters transmission on the same connection.
+    let (size, _, _) = go_or_info(&mut conn, opt::GO, "disk0", &[]).unwrap();
+    assert_eq!(size, MIB as u64);
+}
+
+#[test]
+fn list_with_data_is_err_invalid() {
+    // The spec: "If the client sends data [with NBD_OPT_LIST], the server MUST reply with
+    // NBD_REP_ERR_INVALID."
+    let f = fixture("list-data", MIB, |c| c);
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let reply = conn.option(opt::LIST, b"junk").unwrap();
+    assert_eq!(reply.kind, rep::ERR_INVALID, "{reply:?}");
+    go_or_info(&mut conn, opt::GO, "", &[]).unwrap();
+}
+
+/// Reads option replies up to and including the final one (`ACK` or an error).
+fn replies_until_final(conn: &mut Conn) -> Vec<OptionReply> {
+    let mut out = Vec::new();
+    loop {
+        let r = conn.read_option_reply().unwrap();
+        let last = r.kind == rep::ACK || r.kind & rep::ERR_BIT != 0;
+        out.push(r);
+        if last {
+            return out;
+        }
+    }
+}
+
+#[test]
+fn info_reports_export_and_block_size_then_go_works() {
+    let f = fixture("info", 5 * MIB + 512, |c| c.name("disk0"));
+    let mut conn = f.srv.raw_in_options().unwrap();
+    conn.send_option(
+        opt::INFO,
+        &encode_info_request("disk0", &[info::BLOCK_SIZE]),
+    )
+    .unwrap();
+    let replies = replies_until_final(&mut conn);
+    let (last, infos) = replies.split_last().unwrap();
+    assert_eq!(last.kind, rep::ACK, "{replies:?}");
+    assert!(last.data.is_empty());
+    assert!(replies.iter().all(|r| r.option == opt::INFO));
+    let infos: Vec<_> = infos
+        .iter()
+        .map(|r| {
+            assert_eq!(r.kind, rep::INFO, "{r:?}");
+            decode_info(&r.data).unwrap()
+        })
+        .collect();
+    let exports: Vec<_> = infos
+        .iter()
+        .filter_map(|i| match i {
+            Info::Export { size, flags } => Some((*size, *flags)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(exports.len(), 1, "{infos:?}");
+    let (size, flags) = exports[0];
+    assert_eq!(size, 5 * MIB as u64 + 512);
+    for bit in [
+        tx_flag::HAS_FLAGS,
+        tx_flag::SEND_FLUSH,
+        tx_flag::SEND_TRIM,
+        tx_flag::SEND_WRITE_ZEROES,
+    ] {
+        assert_ne!(flags & bit, 0, "flag {bit:#x} missing from {flags:#x}");
+    }
+    assert_eq!(flags & tx_flag::READ_ONLY, 0);
+    let block_sizes: Vec<_> = infos
+        .iter()
+        .filter_map(|i| match i {
+            Info::BlockSize(b) => Some(*b),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        block_sizes,
+        vec![BlockSize {
+            min: 1,
+            preferred: 4096,
+            max: MAX_PAYLOAD as u32
+        }]
+    );
+
+    // INFO does not end the handshake: GO on the same connection does.
+    let mut c = Handshake::new("disk0")
+        .run_after_greeting(conn)
+        .expect("GO after INFO");
+    assert_eq!(c.size(), size);
+    assert_eq!(c.flags(), flags);
+    assert_eq!(c.read(5 * MIB as u64, 512).unwrap(), f.disk(5 * MIB, 512));
+}
+
+#[test]
+fn block_size_is_sent_only_when_requested() {
+    let f = fixture("info-no-bs", MIB, |c| c);
+    let mut conn = f.srv.raw_in_options().unwrap();
+    for option in [opt::INFO, opt::GO] {
+        conn.send_option(option, &encode_info_request("", &[]))
+            .unwrap();
+        let replies = replies_until_final(&mut conn);
+        let kinds: Vec<_> = replies
+            .iter()
+            .map(|r| {
+                if r.kind == rep::INFO {
+                    u32::from(u16::from_be_bytes([r.data[0], r.data[1]]))
+                } else {
+                    r.kind
+                }
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![u32::from(info::EXPORT), rep::ACK],
+            "option {option}: {replies:?}"
+        );
+    }
+    // After GO's ACK the connection is in transmission.
+    conn.send_request(&Request::new(cmd::FLUSH, 7, 0, 0), &[])
+        .unwrap();
+    assert_eq!(conn.read_simple_reply(0).unwrap(), (0, 7, vec![]));
+
+    let c = f
+        .srv
+        .handshake(Handshake::new("").without_block_size())
+        .unwrap();
+    assert_eq!(c.block_size(), None);
+}
+
+#[test]
+fn go_ignores_unknown_info_requests() {
+    // The spec: a server ignores information requests it does not understand.
+    let f = fixture("go-unknown-info", MIB, |c| c.name("disk0"));
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let (size, flags, bs) = go_or_info(
+        &mut conn,
+        opt::GO,
+        "disk0",
+        &[1, 2, 999, info::BLOCK_SIZE, u16::MAX],
+    )
+    .unwrap();
+    assert_eq!(size, MIB as u64);
+    assert_ne!(flags & tx_flag::HAS_FLAGS, 0);
+    assert!(bs.is_some(), "block size requested among unknown items");
+    conn.send_request(&Request::new(cmd::READ, 3, 0, 16), &[])
+        .unwrap();
+    assert_eq!(conn.read_simple_reply(16).unwrap(), (0, 3, vec![0; 16]));
+}
+
+#[test]
+fn go_reports_block_sizes() {
+    let f = fixture("go-bs", MIB, |c| c);
+    let c = f.srv.client();
+    assert_eq!(
+        c.block_size(),
+        Some(BlockSize {
+            min: 1,
+            preferred: 4096,
+            max: MAX_PAYLOAD as u32
+        })
+    );
+}
+
+#[test]
+fn unknown_export_name_is_err_unknown_and_the_session_continues() {
+    let f = fixture("go-unknown", MIB, |c| c.name("disk0"));
+    let mut conn = f.srv.raw_in_options().unwrap();
+    for option in [opt::INFO, opt::GO] {
+        for name in ["", "disk", "disk00", "DISK0"] {
+            let r = conn
+                .option(option, &encode_info_request(name, &[info::BLOCK_SIZE]))
+                .unwrap();
+            assert_eq!(
+                r.kind,
+                rep::ERR_UNKNOWN,
+                "option {option} name {name:?}: {r:?}"
+            );
+        }
+    }
+    let mut c = Handshake::new("disk0").run_after_greeting(conn).unwrap();
+    c.flush().unwrap();
+}
+
+#[test]
+fn malformed_info_and_go_data_is_err_invalid() {
+    let f = fixture("go-malformed", MIB, |c| c.name("disk0"));
+    let good = encode_info_request("disk0", &[info::BLOCK_SIZE]);
+    let mut name_too_long = good.clone();
+    name_too_long[..4].copy_from_slice(&100u32.to_be_bytes());
+    let mut count_too_big = good.clone();
+    let at = 4 + 5;
+    count_too_big[at..at + 2].copy_from_slice(&2u16.to_be_bytes());
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut odd_request = good.clone();
+    odd_request.pop();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("3 bytes", vec![0, 0, 0]),
+        ("no request count", good[..9].to_vec()),
+        ("name length past the data", name_too_long),
+        ("request count past the data", count_too_big),
+        ("trailing byte", trailing),
+        ("half a request", odd_request),
+        ("name length u32::MAX", u32::MAX.to_be_bytes().to_vec()),
+    ];
+    let mut conn = f.srv.raw_in_options().unwrap();
+    for option in [opt::INFO, opt::GO] {
+        for (what, data) in &cases {
+            let r = conn.option(option, data).unwrap();
+            assert_eq!(r.kind, rep::ERR_INVALID, "option {option}, {what}: {r:?}");
+        }
+    }
+    let mut c = Handshake::new("disk0").run_after_greeting(conn).unwrap();
+    c.flush().unwrap();
+}
+
+#[test]
+fn unknown_option_is_err_unsup_and_the_session_continues() {
+    let f = fixture("opt-unknown", MIB, |c| c);
+    let mut conn = f.srv.raw_in_options().unwrap();
+    for (option, data) in [
+        (0u32, vec![]),
+        (99, b"some data".to_vec()),
+        (u32::MAX, vec![7; 100]),
+        // Exactly the limit is not too big.
+        (1000, vec![1; MAX_OPTION_DATA]),
+    ] {
+        let r = conn.option(option, &data).unwrap();
+        assert_eq!(r.kind, rep::ERR_UNSUP, "option {option}: {r:?}");
+    }
+    let mut c = Handshake::new("").run_after_greeting(conn).unwrap();
+    c.flush().unwrap();
+}
+
+#[test]
+fn oversized_option_is_err_too_big_and_the_session_continues() {
+    let f = fixture("opt-too-big", MIB, |c| c);
+    let mut conn = f.srv.raw_in_options().unwrap();
+    for option in [opt::INFO, opt::GO, opt::LIST, 99] {
+        // Data that would parse as a valid request if the server looked at it.
+        let mut data = encode_info_request("", &[]);
+        data.resize(MAX_OPTION_DATA + 1, 0);
+        let r = conn.option(option, &data).unwrap();
+        assert_eq!(r.kind, rep::ERR_TOO_BIG, "option {option}: {r:?}");
+    }
+    let mut c = Handshake::new("").run_after_greeting(conn).unwrap();
+    c.flush().unwrap();
+}
+
+#[test]
+fn bad_option_magic_closes() {
+    let f = fixture("opt-magic", MIB, |c| c);
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let mut msg = support::nbd_client::encode_option(opt::LIST, &[]);
+    msg[0] ^= 0x20;
+    conn.send(&msg).unwrap();
+    assert_closed(&mut conn, "an option with a bad magic");
+    f.assert_serves();
+}
+
+#[test]
+fn structured_reply_option_is_acked_and_rejects_data() {
+    let f = fixture("opt-structured", MIB, |c| c);
+    let mut conn = f.srv.raw_in_options().unwrap();
+    // The spec: data with NBD_OPT_STRUCTURED_REPLY is NBD_REP_ERR_INVALID.
+    let r = conn.option(opt::STRUCTURED_REPLY, b"x").unwrap();
+    assert_eq!(r.kind, rep::ERR_INVALID, "{r:?}");
+    let r = conn.option(opt::STRUCTURED_REPLY, &[]).unwrap();
+    assert_eq!((r.kind, r.data.len()), (rep::ACK, 0), "{r:?}");
+    go_or_info(&mut conn, opt::GO, "", &[]).unwrap();
+    // Now even a flush is answered with a structured chunk.
+    conn.send_request(&Request::new(cmd::FLUSH, 9, 0, 0), &[])
+        .unwrap();
+    let c = conn.read_chunk().unwrap();
+    assert_eq!(
+        (c.flags, c.kind, c.cookie),
+        (chunk::FLAG_DONE, chunk::NONE, 9)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transmission: data round trips.
+// ---------------------------------------------------------------------------------------------
+
+/// Writes, reads, write-zeroes, trims and flushes through `c`, checking every read against an
+/// in-memory model of the image, and the image file against the model after the flush.
+fn exercise(c: &mut Client, f: &Fixture) {
+    let size = c.size() as usize;
+    assert_eq!(size, f.disk_all().len());
+    let mut model = f.disk_all();
+    let write = |c: &mut Client, model: &mut Vec<u8>, offset: usize, data: &[u8]| {
+        c.write(offset as u64, data).unwrap();
+        model[offset..offset + data.len()].copy_from_slice(data);
+    };
+    write(c, &mut model, 0, &pattern(10, 64 * KIB));
+    write(c, &mut model, 4097, &pattern(11, 10_000));
+    write(c, &mut model, size - 777, &pattern(12, 777));
+    write(c, &mut model, MIB - 1, &pattern(13, 2));
+    if c.flags() & tx_flag::SEND_FUA != 0 {
+        c.write_fua(2 * MIB as u64 + 3, &pattern(14, 5000)).unwrap();
+        model[2 * MIB + 3..2 * MIB + 5003].copy_from_slice(&pattern(14, 5000));
+    }
+    for (offset, len) in [
+        (0, 64 * KIB),
+        (4000, 20_000),
+        (size - 4096, 4096),
+        (MIB - 3, 6),
+        (0, 1),
+        (size - 1, 1),
+        (0, 2 * MIB),
+    ] {
+        let got = c.read(offset as u64, len as u32).unwrap();
+        assert!(
+            got == model[offset..offset + len],
+            "read [{offset}, +{len}) differs from what was written"
+        );
+    }
+
+    c.write_zeroes(100, 5000, false).unwrap();
+    model[100..5100].fill(0);
+    c.write_zeroes(MIB as u64 - 10, 4096 * 3, true).unwrap();
+    model[MIB - 10..MIB - 10 + 4096 * 3].fill(0);
+    assert!(c.read(0, 64 * KIB as u32).unwrap() == model[..64 * KIB]);
+    assert!(c.read(MIB as u64 - 4096, 16384).unwrap() == model[MIB - 4096..MIB + 12288]);
+
+    // What a trimmed range reads back as is unspecified; everything else must be untouched.
+    let (trim_at, trim_len) = (3 * MIB, 64 * KIB);
+    c.trim(trim_at as u64, trim_len as u32).unwrap();
+    assert_eq!(
+        c.read(trim_at as u64, trim_len as u32).unwrap().len(),
+        trim_len
+    );
+
+    c.flush().unwrap();
+    let disk = f.disk_all();
+    assert_eq!(disk.len(), size, "the image changed size");
+    let differs = |range: std::ops::Range<usize>| disk[range.clone()] != model[range];
+    assert!(
+        !differs(0..trim_at) && !differs(trim_at + trim_len..size),
+        "the image on disk differs from what the client wrote"
+    );
+}
+
+fn round_trip(tag: &str, tcp: bool, structured: bool) {
+    let f = fixture(tag, 4 * MIB, |c| if tcp { c.tcp_only() } else { c });
+    std::fs::write(&f.image, pattern(3, 4 * MIB)).unwrap();
+    let hs = if structured {
+        Handshake::new("").structured_replies()
+    } else {
+        Handshake::new("")
+    };
+    let mut c = f.srv.handshake(hs).unwrap();
+    assert_eq!(c.structured(), structured);
+    exercise(&mut c, &f);
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn round_trip_unix_simple() {
+    round_trip("rt-unix-simple", false, false);
+}
+
+#[test]
+fn round_trip_unix_structured() {
+    round_trip("rt-unix-structured", false, true);
+}
+
+#[test]
+fn round_trip_tcp_simple() {
+    round_trip("rt-tcp-simple", true, false);
+}
+
+#[test]
+fn round_trip_tcp_structured() {
+    round_trip("rt-tcp-structured", true, true);
+}
+
+#[test]
+fn both_listeners_serve_the_same_export() {
+    let f = fixture("both", MIB, |c| c.tcp().verbose());
+    let tcp = f.srv.tcp.expect("tcp address");
+    assert!(tcp.ip().is_loopback() && tcp.port() != 0, "{tcp}");
+    let mut a = Client::connect_unix(f.srv.unix_path(), "").unwrap();
+    let mut b = Client::connect_tcp(tcp, "").unwrap();
+    let data = pattern(5, 8192);
+    a.write(12345, &data).unwrap();
+    assert_eq!(b.read(12345, 8192).unwrap(), data);
+    b.write(0, &data).unwrap();
+    assert_eq!(a.read(0, 8192).unwrap(), data);
+    a.disconnect().unwrap();
+    b.disconnect().unwrap();
+    // --verbose logs each connection on stderr.
+    assert!(
+        eventually(CLOSE_TIMEOUT, || f.srv.stderr().len() >= 2),
+        "--verbose logged {:?}",
+        f.srv.stderr()
+    );
+}
+
+#[test]
+fn simple_replies_carry_the_cookie_and_the_data() {
+    let f = fixture("simple-shape", MIB, |c| c);
+    std::fs::write(&f.image, pattern(6, MIB)).unwrap();
+    let mut c = f.srv.client();
+    let conn = c.conn();
+    let cookie = u64::MAX - 5;
+    conn.send_request(&Request::new(cmd::READ, cookie, 1000, 3000), &[])
+        .unwrap();
+    let (error, got_cookie, data) = conn.read_simple_reply(3000).unwrap();
+    assert_eq!((error, got_cookie), (0, cookie));
+    assert_eq!(data, f.disk(1000, 3000));
+    conn.send_request(&Request::new(cmd::WRITE, 1, 0, 4), b"abcd")
+        .unwrap();
+    assert_eq!(conn.read_simple_reply(0).unwrap(), (0, 1, vec![]));
+    // An error reply to a read carries no data: the next reply follows right after it.
+    conn.send_request(&Request::new(cmd::READ, 2, MIB as u64, 4096), &[])
+        .unwrap();
+    conn.send_request(&Request::new(cmd::FLUSH, 3, 0, 0), &[])
+        .unwrap();
+    assert_eq!(
+        conn.read_simple_reply(0).unwrap(),
+        (errno::EINVAL, 2, vec![])
+    );
+    assert_eq!(conn.read_simple_reply(0).unwrap(), (0, 3, vec![]));
+}
+
+#[test]
+fn structured_replies_have_the_specified_chunks() {
+    let f = fixture("structured-shape", 2 * MIB, |c| c);
+    std::fs::write(&f.image, pattern(7, 2 * MIB)).unwrap();
+    let mut c = f.srv.structured_client();
+    let conn = c.conn();
+
+    // A read: OFFSET_DATA chunks covering the range, DONE on the last only.
+    let (offset, len) = (12345u64, 300_000u32);
+    conn.send_request(&Request::new(cmd::READ, 77, offset, len), &[])
+        .unwrap();
+    let mut data = vec![0u8; len as usize];
+    let mut covered = 0u64;
+    loop {
+        let ch = conn.read_chunk().unwrap();
+        assert_eq!(ch.cookie, 77);
+        assert_eq!(ch.kind, chunk::OFFSET_DATA, "{:?}", (ch.flags, ch.kind));
+        let at = u64::from_be_bytes(ch.payload[..8].try_into().unwrap());
+        let bytes = &ch.payload[8..];
+        assert!(!bytes.is_empty(), "an empty OFFSET_DATA chunk");
+        let start = (at - offset) as usize;
+        data[start..start + bytes.len()].copy_from_slice(bytes);
+        covered += bytes.len() as u64;
+        if ch.is_done() {
+            break;
+        }
+    }
+    assert_eq!(covered, u64::from(len));
+    assert_eq!(data, f.disk(offset as usize, len as usize));
+
+    // Other successes: one NONE chunk with DONE.
+    for req in [
+        Request::new(cmd::WRITE, 78, 0, 3),
+        Request::new(cmd::FLUSH, 79, 0, 0),
+        Request::new(cmd::TRIM, 80, 4096, 4096),
+        Request::new(cmd::WRITE_ZEROES, 81, 8192, 4096),
+    ] {
+        conn.send_request(&req, if req.kind == cmd::WRITE { b"xyz" } else { &[] })
+            .unwrap();
+        let ch = conn.read_chunk().unwrap();
+        assert_eq!(
+            (ch.flags, ch.kind, ch.cookie, ch.payload.len()),
+            (chunk::FLAG_DONE, chunk::NONE, req.cookie, 0),
+            "reply to command {}",
+            req.kind
+        );
+    }
+
+    // Errors: an ERROR chunk, for reads as for the rest.
+    for req in [
+        Request::new(cmd::READ, 90, 2 * MIB as u64, 1),
+        Request::new(cmd::READ, 91, 0, MAX_PAYLOAD as u32 + 1),
+        Request::new(cmd::TRIM, 92, 2 * MIB as u64 - 1, 2),
+    ] {
+        conn.send_request(&req, &[]).unwrap();
+        let mut errors = Vec::new();
+        loop {
+            let ch = conn.read_chunk().unwrap();
+            assert_eq!(ch.cookie, req.cookie);
+            match ch.kind {
+                chunk::ERROR | chunk::ERROR_OFFSET => errors.push(
+                    decode_error_chunk(&ch.payload, ch.kind == chunk::ERROR_OFFSET)
+                        .unwrap()
+                        .errno,
+                ),
+                chunk::NONE => {}
+                other => panic!("chunk type {other} in an error reply to {req:?}"),
+            }
+            if ch.is_done() {
+                break;
+            }
+        }
+        assert_eq!(errors, vec![errno::EINVAL], "{req:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelining.
+// ---------------------------------------------------------------------------------------------
+
+fn pipeline_64(structured: bool) {
+    const N: usize = 64;
+    // Small transfers keep the requests and the replies of the whole pipeline within the socket
+    // buffers, so the client may send everything before reading anything.
+    const LEN: usize = 2 * KIB;
+    let f = fixture("pipeline", N * 2 * LEN, |c| c);
+    let initial = pattern(20, N * 2 * LEN);
+    std::fs::write(&f.image, &initial).unwrap();
+    let hs = if structured {
+        Handshake::new("").structured_replies()
+    } else {
+        Handshake::new("")
+    };
+    let mut c = f.srv.handshake(hs).unwrap();
+
+    // Even requests write slot i of the first half; odd ones read slot i of the second half,
+    // which holds the file's initial content. Unaligned offsets for good measure.
+    let mut expect = std::collections::HashMap::new();
+    for i in 0..N {
+        let offset = i * LEN + (i % 3);
+        let len = LEN - 3;
+        let cookie = if i % 2 == 0 {
+            let data = pattern(100 + i as u64, len);
+            let cookie = c.send_write(offset as u64, &data).unwrap();
+            expect.insert(cookie, (true, offset, data));
+            cookie
+        } else {
+            let offset = offset + N * LEN;
+            let cookie = c.send_read(offset as u64, len as u32).unwrap();
+            expect.insert(
+                cookie,
+                (false, offset, initial[offset..offset + len].to_vec()),
+            );
+            cookie
+        };
+        assert!(cookie != 0);
+    }
+    assert_eq!(expect.len(), N, "cookies are unique");
+    assert_eq!(c.in_flight(), N);
+
+    let mut order = Vec::new();
+    for _ in 0..N {
+        let reply = c.receive().unwrap();
+        let (is_write, offset, data) = expect
+            .remove(&reply.cookie)
+            .expect("each cookie is answered exactly once");
+        let got = reply.result.unwrap();
+        if is_write {
+            assert!(got.is_empty());
+        } else {
+            assert!(got == data, "read at {offset} returned the wrong data");
+        }
+        order.push(offset);
+    }
+    assert!(expect.is_empty());
+    assert_eq!(c.in_flight(), 0);
+
+    c.flush().unwrap();
+    let disk = f.disk_all();
+    for i in (0..N).step_by(2) {
+        let offset = i * LEN + (i % 3);
+        assert!(disk[offset..offset + LEN - 3] == pattern(100 + i as u64, LEN - 3));
+    }
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn pipelined_64_requests_are_matched_by_cookie_simple() {
+    pipeline_64(false);
+}
+
+#[test]
+fn pipelined_64_requests_are_matched_by_cookie_structured() {
+    pipeline_64(true);
+}
+
+#[test]
+fn pipelining_deeper_than_the_server_admits_at_once() {
+    // Far more requests than a server would run at once: the ones it does not admit yet must
+    // wait in the socket or its buffer, not be lost or answered out of thin air.
+    const N: u64 = 2000;
+    let f = fixture("pipeline-deep", 4 * MIB, |c| c);
+    std::fs::write(&f.image, pattern(21, 4 * MIB)).unwrap();
+    let mut c = f.srv.structured_client();
+    let ranges: Vec<(u64, u32)> = (0..N)
+        .map(|i| (i * 2001 % (4 * MIB as u64 - 1024), 1000))
+        .collect();
+    let cookies = c.send_reads_at_once(&ranges).unwrap();
+    let disk = f.disk_all();
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..N {
+        let r = c.receive().unwrap();
+        let i = cookies.iter().position(|&k| k == r.cookie).unwrap();
+        let (at, len) = (ranges[i].0 as usize, ranges[i].1 as usize);
+        assert!(r.result.unwrap() == disk[at..at + len], "read {i} at {at}");
+        assert!(answered.insert(i), "request {i} answered twice");
+    }
+    assert_eq!(answered.len(), N as usize);
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn half_closed_client_still_gets_its_replies() {
+    // More payload than a server holds in flight, so some requests are still waiting when the
+    // end of the client's stream comes.
+    const READS: u64 = 8;
+    const LEN: u32 = 16 << 20;
+    let f = fixture("half-close", (READS * u64::from(LEN)) as usize, |c| c);
+    let mut c = f.srv.client();
+    let ranges: Vec<(u64, u32)> = (0..READS).map(|i| (i * u64::from(LEN), LEN)).collect();
+    let cookies = c.send_reads_at_once(&ranges).unwrap();
+    c.conn().shutdown_write().unwrap();
+    let mut answered = Vec::new();
+    for _ in 0..READS {
+        let r = c.receive().unwrap();
+        assert_eq!(r.result.unwrap().len(), LEN as usize);
+        answered.push(r.cookie);
+    }
+    answered.sort_unstable();
+    let mut want = cookies;
+    want.sort_unstable();
+    assert_eq!(answered, want);
+    assert_closed(c.conn(), "the end of the client's stream");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input in transmission.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn read_longer_than_the_maximum_is_einval() {
+    let f = fixture("read-too-long", MAX_PAYLOAD + 8 * MIB, |c| c);
+    let mut c = f.srv.client();
+    assert_errno(c.read(0, MAX_PAYLOAD as u32 + 1), errno::EINVAL);
+    assert_errno(c.read(0, u32::MAX), errno::EINVAL);
+    // Exactly the maximum is fine.
+    assert_eq!(c.read(0, MAX_PAYLOAD as u32).unwrap().len(), MAX_PAYLOAD);
+    assert_eq!(c.read(0, 4096).unwrap(), f.disk(0, 4096));
+}
+
+#[test]
+fn trim_and_write_zeroes_are_not_limited_by_the_payload_maximum() {
+    // They carry no payload, so the 32 MiB maximum does not apply to their length.
+    let size = MAX_PAYLOAD + 8 * MIB;
+    let f = fixture("no-payload-long", size, |c| c);
+    std::fs::write(&f.image, vec![0x44; size]).unwrap();
+    let mut c = f.srv.client();
+    let len = MAX_PAYLOAD + 4 * MIB;
+    c.write_zeroes(MIB as u64, len as u32, false).unwrap();
+    c.trim(0, size as u32).unwrap();
+    c.write_zeroes(0, size as u32, true).unwrap();
+    c.flush().unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0; 4096]);
+    let disk = f.disk_all();
+    assert_eq!(disk.len(), size);
+    assert!(
+        disk.iter().all(|&b| b == 0),
+        "write_zeroes over the whole image left data"
+    );
+}
+
+#[test]
+fn write_longer_than_the_maximum_is_einval_and_its_payload_discarded() {
+    let f = fixture("write-too-long", MAX_PAYLOAD + 8 * MIB, |c| c);
+    let mut c = f.srv.client();
+    // The payload looks like request headers: a server that does not discard it would execute
+    // them.
+    let mut payload = Vec::with_capacity(MAX_PAYLOAD + 1);
+    while payload.len() < MAX_PAYLOAD + 1 {
+        let req = Request::new(cmd::WRITE, 0xbad, 0, 0);
+        payload.extend_from_slice(&req.encode());
+    }
+    payload.truncate(MAX_PAYLOAD + 1);
+    assert_errno(c.write(0, &payload), errno::EINVAL);
+    let data = pattern(30, 4096);
+    c.write(8192, &data).unwrap();
+    assert_eq!(c.read(8192, 4096).unwrap(), data);
+    c.flush().unwrap();
+    assert!(
+        f.disk(0, 8192).iter().all(|&b| b == 0),
+        "rejected write reached the disk"
+    );
+    assert_eq!(f.disk(8192, 4096), data);
+}
+
+#[test]
+fn access_past_the_end_is_einval_or_enospc() {
+    // An odd size, so that nothing lines up with a block.
+    let size = MIB + 3;
+    let f = fixture("past-end", size, |c| c);
+    let mut c = f.srv.client();
+    let s = size as u64;
+    let overflow = u64::MAX - 100;
+    for (offset, len) in [(s - 10, 20), (s, 1), (s + 4096, 4096), (overflow, 4096)] {
+        assert_errno(c.read(offset, len), errno::EINVAL);
+        assert_errno(c.trim(offset, len), errno::EINVAL);
+        assert_errno(c.write(offset, &vec![0x77; len as usize]), errno::ENOSPC);
+        assert_errno(c.write_zeroes(offset, len, false), errno::ENOSPC);
+    }
+    // Right up to the end is fine.
+    c.write(s - 10, &[0x66; 10]).unwrap();
+    assert_eq!(c.read(s - 10, 10).unwrap(), vec![0x66; 10]);
+    c.flush().unwrap();
+    let disk = f.disk_all();
+    assert_eq!(disk.len(), size, "a write past the end grew the image");
+    assert!(disk[size - 10..].iter().all(|&b| b == 0x66));
+    assert!(!disk.contains(&0x77), "a rejected write reached the disk");
+}
+
+#[test]
+fn read_only_export_refuses_writes_with_eperm() {
+    let f = fixture("read-only", MIB, |c| c.read_only());
+    let initial = pattern(40, MIB);
+    std::fs::write(&f.image, &initial).unwrap();
+    for structured in [false, true] {
+        let hs = if structured {
+            Handshake::new("").structured_replies()
+        } else {
+            Handshake::new("")
+        };
+        let mut c = f.srv.handshake(hs).unwrap();
+        assert_ne!(
+            c.flags() & tx_flag::READ_ONLY,
+            0,
+            "READ_ONLY not advertised"
+        );
+        assert_errno(c.write(0, &[1; 4096]), errno::EPERM);
+        assert_errno(c.write_fua(4096, &[1; 512]), errno::EPERM);
+        assert_errno(c.trim(0, 4096), errno::EPERM);
+        assert_errno(c.write_zeroes(0, 4096, false), errno::EPERM);
+        assert_errno(c.write_zeroes(0, 4096, true), errno::EPERM);
+        assert_eq!(c.read(0, 8192).unwrap(), initial[..8192]);
+        c.flush().unwrap();
+        c.disconnect().unwrap();
+    }
+    assert!(f.disk_all() == initial, "the read-only image changed");
+}
+
+#[test]
+fn unknown_command_types_are_einval() {
+    let f = fixture("cmd-unknown", MIB, |c| c);
+    let mut c = f.srv.client();
+    for (i, kind) in [5u16, 7, 8, 99, u16::MAX].into_iter().enumerate() {
+        let cookie = 1000 + i as u64;
+        c.conn()
+            .send_request(&Request::new(kind, cookie, 0, 512), &[])
+            .unwrap();
+        let (error, got, _) = c.conn().read_simple_reply(0).unwrap();
+        assert_eq!((error, got), (errno::EINVAL, cookie), "command type {kind}");
+    }
+    assert_eq!(c.read(0, 4096).unwrap(), f.disk(0, 4096));
+}
+
+#[test]
+fn unknown_command_flags_are_einval() {
+    let f = fixture("flags-unknown", MIB, |c| c);
+    let mut c = f.srv.client();
+    let conn = c.conn();
+    // DF (bit 2) is meaningless without structured replies; the others are unassigned or
+    // belong to extensions the server does not offer.
+    for (i, flags) in [1u16 << 15, 1 << 8, 1 << 5, 1 << 2].into_iter().enumerate() {
+        let cookie = 2000 + 10 * i as u64;
+        conn.send_request(
+            &Request::new(cmd::READ, cookie, 0, 512).with_flags(flags),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            conn.read_simple_reply(512).unwrap(),
+            (errno::EINVAL, cookie, vec![]),
+            "read with flags {flags:#x}"
+        );
+        conn.send_request(
+            &Request::new(cmd::FLUSH, cookie + 1, 0, 0).with_flags(flags),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            conn.read_simple_reply(0).unwrap(),
+            (errno::EINVAL, cookie + 1, vec![]),
+            "flush with flags {flags:#x}"
+        );
+        // A write's payload is still consumed: the next request is read correctly.
+        conn.send_request(
+            &Request::new(cmd::WRITE, cookie + 2, 0, 4096).with_flags(flags),
+            &[0x55; 4096],
+        )
+        .unwrap();
+        assert_eq!(
+            conn.read_simple_reply(0).unwrap(),
+            (errno::EINVAL, cookie + 2, vec![]),
+            "write with flags {flags:#x}"
+        );
+    }
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0; 4096]);
+    c.flush().unwrap();
+    assert!(
+        f.disk(0, 4096).iter().all(|&b| b == 0),
+        "a rejected write reached the disk"
+    );
+}
+
+#[test]
+fn bad_request_magic_closes() {
+    let f = fixture("req-magic", MIB, |c| c);
+    let mut c = f.srv.client();
+    let mut req = Request::new(cmd::READ, 1, 0, 512);
+    req.magic = 0x2560_9514;
+    c.conn().send_request(&req, &[]).unwrap();
+    assert_closed(c.conn(), "a request with a bad magic");
+    f.assert_serves();
+}
+
+#[test]
+fn disc_closes_after_answering_earlier_requests() {
+    let f = fixture("disc", MIB, |c| c);
+    std::fs::write(&f.image, pattern(50, MIB)).unwrap();
+    for structured in [false, true] {
+        let hs = if structured {
+            Handshake::new("").structured_replies()
+        } else {
+            Handshake::new("")
+        };
+        let mut c = f.srv.handshake(hs).unwrap();
+        let mut cookies = Vec::new();
+        for i in 0..8u64 {
+            cookies.push(c.send_read(i * 4096, 4096).unwrap());
+        }
+        cookies.push(c.send_write(MIB as u64 - 4096, &[9; 4096]).unwrap());
+        // DISC right behind them, then the 9 answers must come before the close.
+        let mut answered = Vec::new();
+        c.conn()
+            .send_request(&Request::new(cmd::DISC, 999, 0, 0), &[])
+            .unwrap();
+        for _ in 0..cookies.len() {
+            let reply = c.receive().unwrap();
+            reply.result.expect("requests before DISC succeed");
+            answered.push(reply.cookie);
+        }
+        answered.sort_unstable();
+        cookies.sort_unstable();
+        assert_eq!(answered, cookies);
+        assert_closed(c.conn(), "NBD_CMD_DISC");
+    }
+    assert_eq!(f.disk(MIB - 4096, 4096), vec![9; 4096]);
+    f.assert_serves();
+}
+
+#[test]
+fn abrupt_disconnects_leave_the_server_serving() {
+    let f = fixture("abrupt", MIB, |c| c);
+    let fds_idle = f.srv.fd_count();
+
+    type Step = fn(&Server) -> io::Result<()>;
+    let cases: Vec<(&str, Step)> = vec![
+        ("connect and close", |s| s.raw().map(drop)),
+        ("close after the greeting", |s| {
+            s.raw()?.read_greeting().map(drop)
+        }),
+        ("half the client flags", |s| {
+            let mut c = s.raw()?;
+            c.read_greeting()?;
+            c.send(&[0, 0])
+        }),
+        ("half an option header", |s| {
+            let mut c = s.raw_in_options()?;
+            c.send(&support::nbd_client::encode_option(opt::GO, &[])[..10])
+        }),
+        ("option data cut short", |s| {
+            let mut c = s.raw_in_options()?;
+            let mut msg = support::nbd_client::encode_option(opt::INFO, &[0; 1000]);
+            msg.truncate(16 + 10);
+            c.send(&msg)
+        }),
+        ("option reply never read", |s| {
+            let mut c = s.raw_in_options()?;
+            for _ in 0..100 {
+                c.send_option(opt::LIST, &[])?;
+            }
+            Ok(())
+        }),
+        ("half a request header", |s| {
+            let mut c = s.client();
+            c.conn()
+                .send(&Request::new(cmd::READ, 1, 0, 512).encode()[..REQUEST_LEN / 2])
+        }),
+        ("header and half a write payload", |s| {
+            let mut c = s.client();
+            c.conn()
+                .send_request(&Request::new(cmd::WRITE, 1, 0, 65536), &[0xee; 32768])
+        }),
+        ("replies never read", |s| {
+            let mut c = s.client();
+            for i in 0..64 {
+                c.send_read(i * 4096, 4096)?;
+            }
+            Ok(())
+        }),
+        ("garbage instead of client flags", |s| {
+            let mut c = s.raw()?;
+            c.read_greeting()?;
+            c.send(&pattern(60, 64))
+        }),
+        ("garbage instead of a request", |s| {
+            let mut c = s.client();
+            c.conn().send(&pattern(61, 1000))
+        }),
+    ];
+    for (what, step) in cases {
+        step(&f.srv).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(
+            eventually(CLOSE_TIMEOUT, || f.srv.fd_count() == fds_idle),
+            "{what}: the server still has {} fds open, {fds_idle} when idle",
+            f.srv.fd_count()
+        );
+        f.assert_serves();
+    }
+    assert!(
+        f.disk(0, 65536).iter().all(|&b| b != 0xee),
+        "half a write reached the disk"
+    );
+}
+
+#[test]
+fn garbage_is_closed_not_served() {
+    let f = fixture("garbage", MIB, |c| c);
+    // Garbage where the client flags go: unknown flag bits.
+    let mut conn = f.srv.raw().unwrap();
+    conn.read_greeting().unwrap();
+    conn.send(&[0xff; 64]).unwrap();
+    assert_closed(&mut conn, "garbage client flags");
+    // Garbage where an option goes: a bad option magic.
+    let mut conn = f.srv.raw_in_options().unwrap();
+    conn.send(&pattern(62, 64)).unwrap();
+    assert_closed(&mut conn, "garbage in the option phase");
+    // Garbage where a request goes: a bad request magic.
+    let mut c = f.srv.client();
+    c.conn().send(&pattern(63, 1000)).unwrap();
+    assert_closed(c.conn(), "garbage in transmission");
+    f.assert_serves();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Isolation, leaks, contexts.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn stuck_clients_do_not_block_others() {
+    let f = fixture("stuck", 8 * MIB, |c| c);
+    std::fs::write(&f.image, pattern(70, 8 * MIB)).unwrap();
+
+    // One never reads the greeting; one stops in the middle of an option; one in the middle of
+    // a request header; one floods reads and never reads the replies.
+    let silent = f.srv.raw().unwrap();
+    let mut mid_option = f.srv.raw_in_options().unwrap();
+    mid_option
+        .send(&support::nbd_client::encode_option(opt::GO, &[0; 20])[..20])
+        .unwrap();
+    let mut mid_header = f.srv.client();
+    mid_header
+        .conn()
+        .send(&Request::new(cmd::READ, 1, 0, 512).encode()[..14])
+        .unwrap();
+    let mut flooder = f.srv.client();
+    flooder.conn().set_nonblocking(true).unwrap();
+    let req = Request::new(cmd::READ, 5, 0, 64 * KIB as u32).encode();
+    let mut sent = 0usize;
+    // Stop when the socket is full (the server stopped reading because its replies cannot go
+    // out) or after 128 MiB of replies requested, whichever comes first.
+    while sent < 2048 * REQUEST_LEN {
+        match flooder.conn().send_some(&req[sent % REQUEST_LEN..]) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("flooding: {e}"),
+        }
+    }
+    assert!(sent > 0);
+
+    let image = f.image.clone();
+    let path = f.srv.unix_path().to_owned();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let path = path.clone();
+            let image = image.clone();
+            thread::spawn(move || {
+                let mut c = Client::connect_unix(&path, "").unwrap();
+                let base = (4 + w) * MIB;
+                for i in 0..50 {
+                    let data = pattern(1000 * w as u64 + i, 4096);
+                    let at = (base + i as usize * 4096) as u64;
+                    c.write(at, &data).unwrap();
+                    assert_eq!(c.read(at, 4096).unwrap(), data);
+                }
+                c.flush().unwrap();
+                let disk = std::fs::read(&image).unwrap();
+                for i in 0..50 {
+                    let at = base + i * 4096;
+                    assert!(disk[at..at + 4096] == pattern(1000 * w as u64 + i as u64, 4096));
+                }
+                c.disconnect().unwrap();
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().expect("a client next to the stuck ones failed");
+    }
+    // Generous: the point is that they finish at all while the others are stuck (a blocked
+    // server would make each of them hit the 10 s I/O timeout).
+    assert!(
+        started.elapsed() < 2 * IO_TIMEOUT,
+        "clients next to stuck ones took {:?}",
+        started.elapsed()
+    );
+    drop((silent, mid_option, mid_header, flooder));
+    f.assert_serves();
+}
+
+/// One connection of the leak test; `kind` picks how it ends.
+fn connect_and_leave(srv: &Server, kind: usize) {
+    match kind % 5 {
+        0 => {
+            let mut c = srv.client();
+            c.read(0, 512).unwrap();
+            c.disconnect().unwrap();
+        }
+        1 => {
+            let mut c = srv.structured_client();
+            c.write(4096, &[1; 512]).unwrap();
+        }
+        2 => {
+            let mut c = srv
+                .handshake(Handshake::new("").export_name_option())
+                .unwrap();
+            c.send_read(0, 4096).unwrap();
+        }
+        3 => {
+            srv.raw().unwrap().read_greeting().unwrap();
+        }
+        _ => {
+            let mut c = srv.raw_in_options().unwrap();
+            c.send_option(opt::LIST, &[]).unwrap();
+            c.send(&support::nbd_client::encode_option(opt::GO, &[0; 40])[..30])
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_thousand_connections_leak_no_fds_and_little_memory() {
+    // Two contexts: half the connections are handed to the other thread.
+    let f = fixture("leaks", MIB, |c| c.contexts(2));
+    let fds_idle = f.srv.fd_count();
+    // Warm up allocator pools and lazily created state before measuring.
+    for i in 0..100 {
+        connect_and_leave(&f.srv, i);
+    }
+    assert!(
+        eventually(CLOSE_TIMEOUT, || f.srv.fd_count() == fds_idle),
+        "warm-up: {} fds open, {fds_idle} when idle",
+        f.srv.fd_count()
+    );
+    let rss_before = f.srv.rss_kib();
+    for i in 0..1000 {
+        connect_and_leave(&f.srv, i);
+    }
+    assert!(
+        eventually(CLOSE_TIMEOUT, || f.srv.fd_count() == fds_idle),
+        "after 1000 connections: {} fds open, {fds_idle} when idle",
+        f.srv.fd_count()
+    );
+    let rss_after = f.srv.rss_kib();
+    eprintln!("leaks: {fds_idle} fds when idle; RSS {rss_before} KiB -> {rss_after} KiB");
+    // 1000 connections leaking a 4 KiB buffer each would add 4000 KiB.
+    assert!(
+        rss_after <= rss_before + 2048,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB over 1000 connections"
+    );
+    f.assert_serves();
+}
+
+#[test]
+fn three_contexts_serve_six_concurrent_clients() {
+    const REGION: usize = 2 * MIB;
+    let f = fixture("contexts", 6 * REGION, |c| c.contexts(3).tcp());
+    let unix = f.srv.unix_path().to_owned();
+    let tcp = f.srv.tcp.unwrap();
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let unix = unix.clone();
+            thread::spawn(move || {
+                let hs = Handshake::new("");
+                let hs = if w % 3 == 0 {
+                    hs.structured_replies()
+                } else {
+                    hs
+                };
+                let mut c = if w % 2 == 0 {
+                    hs.connect_unix(&unix).unwrap()
+                } else {
+                    hs.connect_tcp(tcp).unwrap()
+                };
+                let data = pattern(200 + w as u64, REGION);
+                let base = w * REGION;
+                // Pipelined 64 KiB writes (8 at a time), then reads back the whole region.
+                for batch in data.chunks(8 * 64 * KIB).enumerate() {
+                    let (b, bytes) = batch;
+                    for (i, piece) in bytes.chunks(64 * KIB).enumerate() {
+                        let at = base + b * 8 * 64 * KIB + i * 64 * KIB;
+                        c.send_write(at as u64, piece).unwrap();
+                    }
+                    while c.in_flight() > 0 {
+                        c.receive().unwrap().result.unwrap();
+                    }
+                }
+                c.flush().unwrap();
+                let back = c.read(base as u64, REGION as u32).unwrap();
+                assert!(back == data, "client {w} read back different data");
+                c.disconnect().unwrap();
+                data
+            })
+        })
+        .collect();
+    let written: Vec<Vec<u8>> = workers
+        .into_iter()
+        .map(|w| w.join().expect("a client failed"))
+        .collect();
+    let disk = f.disk_all();
+    for (w, data) in written.iter().enumerate() {
+        assert!(
+            disk[w * REGION..(w + 1) * REGION] == data[..],
+            "region {w} on disk differs"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown.
+// ---------------------------------------------------------------------------------------------
+
+/// Bytes the peer of a Unix socket has not read yet.
+fn unread_by_peer(conn: &Conn) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: `conn.raw_fd()` is an open socket owned by `conn` for the duration of the call,
+    // and TIOCOUTQ writes one `c_int` through the pointer, which points to `n`.
+    let rc = unsafe { libc::ioctl(conn.raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    assert_eq!(rc, 0, "ioctl(TIOCOUTQ): {}", io::Error::last_os_error());
+    n as usize
+}
+
+/// Requests one client sent before the signal: cookie -> (offset, expected data, is a write).
+type Expected = std::collections::HashMap<u64, (usize, Vec<u8>, bool)>;
+
+/// Sends 8 writes of 1 MiB at `write_base`, 8 reads of 4 MiB and a flush through `c`, and waits
+/// until the server has read every byte of them.
+fn load_requests(c: &mut Client, write_base: usize, initial: &[u8], seed: u64) -> Expected {
+    const READ_LEN: usize = 4 * MIB;
+    // Writes first: their payloads must all be consumed before the server gets stuck sending
+    // read replies nobody reads yet.
+    let mut expect = Expected::new();
+    for i in 0..8 {
+        let at = write_base + i * MIB;
+        let data = pattern(seed + i as u64, MIB);
+        let cookie = c.send_write(at as u64, &data).unwrap();
+        expect.insert(cookie, (at, data, true));
+    }
+    for i in 0..8 {
+        let at = initial.len() - 8 * READ_LEN + i * READ_LEN;
+        let cookie = c.send_read(at as u64, READ_LEN as u32).unwrap();
+        expect.insert(cookie, (at, initial[at..at + READ_LEN].to_vec(), false));
+    }
+    let flush = c.send_flush().unwrap();
+    expect.insert(flush, (0, Vec::new(), true));
+    assert!(
+        eventually(IO_TIMEOUT, || unread_by_peer(c.conn()) == 0),
+        "the server did not read the requests"
+    );
+    expect
+}
+
+/// With `clients` clients (one per context) each having writes and large reads in flight,
+/// signals the server, then checks that every request is answered, idle and handshaking
+/// clients are closed, the server exits 0 after printing `stopped`, its socket file is gone
+/// and the writes are on disk.
+fn shutdown_with_requests_in_flight(sig: &str, structured: bool, clients: usize) {
+    let dir = TempDir::new(&format!("shutdown-{sig}"));
+    let image = dir.join("disk.img");
+    let writes_len = clients * 8 * MIB;
+    let initial = pattern(300, writes_len + 32 * MIB);
+    std::fs::write(&image, &initial).unwrap();
+    let mut f = fixture_on(dir, image, |c| c.contexts(clients));
+    let socket = f.srv.unix_path().to_owned();
+    // Bystanders: one idle in transmission, one in the middle of the handshake. Both must be
+    // closed by the shutdown.
+    let mut idle = f.srv.client();
+    let mut handshaking = f.srv.raw_in_options().unwrap();
+    let mut loaded: Vec<(Client, Expected)> = (0..clients)
+        .map(|k| {
+            let hs = Handshake::new("");
+            let hs = if structured {
+                hs.structured_replies()
+            } else {
+                hs
+            };
+            let mut c = f.srv.handshake(hs).unwrap();
+            let expect = load_requests(&mut c, k * 8 * MIB, &initial, 400 + 10 * k as u64);
+            (c, expect)
+        })
+        .collect();
+
+    f.srv.signal(sig);
+    // New connections get no greeting from now on (give the signal a moment to land): the
+    // connect fails, or the connection is closed or left waiting without one.
+    assert!(
+        eventually(CLOSE_TIMEOUT, || match Conn::connect_unix(&socket) {
+            Err(_) => true,
+            Ok(mut conn) => {
+                let got = conn
+                    .recv_up_to(GREETING_LEN, Duration::from_millis(200))
+                    .unwrap_or_default();
+                got.len() < GREETING_LEN
+            }
+        }),
+        "the server still greets new connections after SIG{sig}"
+    );
+    assert_closed(idle.conn(), &format!("SIG{sig} (an idle client)"));
+    assert_closed(
+        &mut handshaking,
+        &format!("SIG{sig} (a client in the handshake)"),
+    );
+
+    for (k, (c, expect)) in loaded.iter_mut().enumerate() {
+        let mut answered = 0;
+        while c.in_flight() > 0 {
+            let reply = c.receive().unwrap_or_else(|e| {
+                panic!(
+                    "after SIG{sig}: client {k}: {} requests unanswered: {e}",
+                    c.in_flight()
+                )
+            });
+            let got = reply.result.unwrap_or_else(|e| {
+                panic!("after SIG{sig}: client {k}: a request in flight failed: {e}")
+            });
+            let (at, data, is_write) = expect
+                .remove(&reply.cookie)
+                .expect("each cookie is answered exactly once");
+            if !is_write {
+                assert!(
+                    got == data,
+                    "client {k}: read at {at} returned the wrong data"
+                );
+            }
+            answered += 1;
+        }
+        assert_eq!(answered, 17);
+        assert!(expect.is_empty());
+        assert_closed(
+            c.conn(),
+            &format!("SIG{sig} once client {k}'s replies are out"),
+        );
+    }
+
+    let status = f.srv.wait_exit(IO_TIMEOUT);
+    assert_eq!(status.code(), Some(0), "exit status after SIG{sig}");
+    assert!(
+        eventually(CLOSE_TIMEOUT, || f
+            .srv
+            .stdout()
+            .iter()
+            .any(|l| l.starts_with("nbd-server: stopped"))),
+        "no `nbd-server: stopped` line: {:?}",
+        f.srv.stdout()
+    );
+    assert!(
+        !socket.exists(),
+        "the socket file {} is left",
+        socket.display()
+    );
+    let disk = f.disk_all();
+    for k in 0..clients {
+        for i in 0..8 {
+            let at = k * 8 * MIB + i * MIB;
+            assert!(
+                disk[at..at + MIB] == pattern(400 + 10 * k as u64 + i as u64, MIB),
+                "client {k}'s write {i}, in flight at SIG{sig}, is not on disk"
+            );
+        }
+    }
+}
+
+#[test]
+fn sigterm_answers_requests_in_flight_then_exits() {
+    shutdown_with_requests_in_flight("TERM", false, 1);
+}
+
+#[test]
+fn sigint_answers_requests_in_flight_on_three_contexts_then_exits() {
+    shutdown_with_requests_in_flight("INT", true, 3);
+}
+
+#[test]
+fn sigterm_answers_every_request_the_server_has_read() {
+    // Reads worth more than a server keeps in flight, sent in one write: once the socket is
+    // empty the server holds every one of them, admitted or buffered. Each must then get a
+    // reply, the data or NBD_ESHUTDOWN (which the spec names for exactly this), before the
+    // connection closes; none may vanish.
+    const READS: u64 = 8;
+    const LEN: u32 = 16 << 20;
+    let mut f = fixture("shutdown-read", (READS * u64::from(LEN)) as usize, |c| c);
+    std::fs::write(&f.image, pattern(800, (READS * u64::from(LEN)) as usize)).unwrap();
+    let mut c = f.srv.client();
+    let ranges: Vec<(u64, u32)> = (0..READS).map(|i| (i * u64::from(LEN), LEN)).collect();
+    let cookies = c.send_reads_at_once(&ranges).unwrap();
+    assert!(
+        eventually(IO_TIMEOUT, || unread_by_peer(c.conn()) == 0),
+        "the server did not read the requests"
+    );
+    f.srv.signal("TERM");
+    // Read nothing until the server has acted on the signal (its listener is gone), so that
+    // the replies not read yet keep it from admitting the buffered requests before that.
+    let socket = f.srv.unix_path().to_owned();
+    assert!(
+        eventually(CLOSE_TIMEOUT, || Conn::connect_unix(&socket).is_err()),
+        "the server still accepts connections after SIGTERM"
+    );
+    let disk = f.disk_all();
+    let mut outcomes = Vec::new();
+    while c.in_flight() > 0 {
+        let r = c.receive().unwrap_or_else(|e| {
+            panic!(
+                "after SIGTERM: {} of {READS} reads the server had read got no reply ({e}); \
+                 outcomes so far: {outcomes:?}",
+                c.in_flight()
+            )
+        });
+        let i = cookies.iter().position(|&k| k == r.cookie).unwrap();
+        match r.result {
+            Ok(data) => {
+                let at = ranges[i].0 as usize;
+                assert!(data == disk[at..at + LEN as usize], "read {i}");
+                outcomes.push("data");
+            }
+            Err(e) => {
+                assert_eq!(errno_of(&e), Some(errno::ESHUTDOWN), "read {i}: {e}");
+                outcomes.push("ESHUTDOWN");
+            }
+        }
+    }
+    assert_closed(c.conn(), "SIGTERM once the replies are out");
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn idle_server_stops_on_sigterm_and_bad_command_lines_exit_2() {
+    let mut f = fixture("stop-idle", MIB, |c| c.tcp());
+    let socket = f.srv.unix_path().to_owned();
+    assert!(socket.exists());
+    f.srv.signal("TERM");
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    assert!(!socket.exists(), "the socket file is left");
+
+    let bin = support::server::server_binary();
+    let image = f.image.display().to_string();
+    for args in [
+        vec![image.clone()],
+        vec!["--unix".into(), f.dir.join("x.sock").display().to_string()],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--bogus".into(),
+            image.clone(),
+        ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--contexts".into(),
+            "zero".into(),
+            image.clone(),
+        ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--contexts".into(),
+            "0".into(),
+            image.clone(),
+        ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            image.clone(),
+            "--name".into(),
+        ],
+        vec!["--tcp".into(), "127.0.0.1:0".into(), image.clone(), image],
+    ] {
+        let out = Command::new(bin).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            !out.stderr.is_empty(),
+            "{args:?}: no usage message on stderr"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// QEMU's client against our server.
+// ---------------------------------------------------------------------------------------------
+
+/// Whether `tool` can be run; prints the skip reason if not.
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: {tool} not found");
+    }
+    ok
+}
+
+/// Runs `qemu-io -f raw` with `commands` on `url`; returns (success, combined output).
+fn qemu_io(url: &str, extra: &[&str], commands: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]).args(extra);
+    for c in commands {
+        cmd.args(["-c", c]);
+    }
+    let out = cmd.arg(url).output().expect("running qemu-io");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn qemu_io_round_trip(tcp: bool) {
+    if !have("qemu-io") {
+        return;
+    }
+    let f = fixture(
+        if tcp { "qemu-io-tcp" } else { "qemu-io-unix" },
+        4 * MIB,
+        |c| {
+            if tcp {
+                c.name("disk").tcp_only()
+            } else {
+                c.name("disk")
+            }
+        },
+    );
+    std::fs::write(&f.image, vec![0x11; 4 * MIB]).unwrap();
+    let url = if tcp {
+        format!("nbd://{}/disk", f.srv.tcp.unwrap())
+    } else {
+        format!("nbd+unix:///disk?socket={}", f.srv.unix_path().display())
+    };
+    let (ok, out) = qemu_io(
+        &url,
+        &[],
+        &[
+            "write -P 0xa5 0 1M",
+            "read -P 0xa5 0 1M",
+            "discard 1M 64k",
+            "write -z 2M 1M",
+            "read -P 0 2M 1M",
+            "read -P 0x11 3M 1M",
+            "flush",
+        ],
+    );
+    assert!(ok, "qemu-io failed:\n{out}");
+    assert!(!out.contains("Pattern verification failed"), "{out}");
+    assert!(!out.contains("failed"), "{out}");
+    assert!(
+        out.contains("wrote 1048576/1048576 bytes at offset 0"),
+        "{out}"
+    );
+    assert_eq!(
+        out.matches("read 1048576/1048576 bytes").count(),
+        3,
+        "{out}"
+    );
+    let disk = f.disk_all();
+    assert!(disk[..MIB].iter().all(|&b| b == 0xa5));
+    assert!(disk[2 * MIB..3 * MIB].iter().all(|&b| b == 0));
+    assert!(disk[3 * MIB..].iter().all(|&b| b == 0x11));
+}
+
+#[test]
+fn qemu_io_over_unix() {
+    qemu_io_round_trip(false);
+}
+
+#[test]
+fn qemu_io_over_tcp() {
+    qemu_io_round_trip(true);
+}
+
+#[test]
+fn qemu_io_cannot_write_a_read_only_export() {
+    if !have("qemu-io") {
+        return;
+    }
+    let f = fixture("qemu-io-ro", MIB, |c| c.name("disk").read_only());
+    let initial = pattern(500, MIB);
+    std::fs::write(&f.image, &initial).unwrap();
+    let url = format!("nbd+unix:///disk?socket={}", f.srv.unix_path().display());
+    let (ok, out) = qemu_io(&url, &[], &["write -P 0x5a 0 4k"]);
+    assert!(
+        !ok || out.contains("failed"),
+        "write to a read-only export: {out}"
+    );
+    // Reading works, opened read-only.
+    let (ok, out) = qemu_io(&url, &["-r"], &["read 0 4k"]);
+    assert!(ok && out.contains("read 4096/4096 bytes"), "{out}");
+    assert!(f.disk_all() == initial, "the read-only image changed");
+}
+
+#[test]
+fn qemu_img_converts_into_and_out_of_the_export() {
+    if !have("qemu-img") {
+        return;
+    }
+    const SIZE: usize = 8 * MIB;
+    let f = fixture("qemu-img", SIZE, |c| c.name("disk"));
+    std::fs::write(&f.image, vec![0x33; SIZE]).unwrap();
+    // Data with zero stretches, so that qemu-img also uses its zero-writing paths.
+    let mut source = pattern(600, SIZE);
+    source[MIB..3 * MIB].fill(0);
+    source[5 * MIB + 17..6 * MIB].fill(0);
+    let src = f.dir.join("source.img");
+    std::fs::write(&src, &source).unwrap();
+    let out_path = f.dir.join("out.img");
+    let url = format!("nbd+unix:///disk?socket={}", f.srv.unix_path().display());
+
+    let run = |args: &[&str]| {
+        let out = Command::new("qemu-img").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "qemu-img {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let src_s = src.display().to_string();
+    let out_s = out_path.display().to_string();
+    run(&["convert", "-n", "-f", "raw", "-O", "raw", &src_s, &url]);
+    run(&["convert", "-f", "raw", "-O", "raw", &url, &out_s]);
+    run(&["compare", "-f", "raw", "-F", "raw", &src_s, &url]);
+    assert!(
+        f.disk_all() == source,
+        "the image on disk differs from the source"
+    );
+    assert!(
+        std::fs::read(&out_path).unwrap() == source,
+        "the image converted out of the export differs from the source"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client against a reference server.
+// ---------------------------------------------------------------------------------------------
+
+/// The client's round trips and pipelining against `qemu-nbd`: if these pass and a test above
+/// fails, the server is the suspect, not the client.
+#[test]
+fn client_agrees_with_qemu_nbd() {
+    let dir = TempDir::new("qemu-nbd");
+    let image = dir.image("disk.img", 4 * MIB as u64);
+    std::fs::write(&image, pattern(700, 4 * MIB)).unwrap();
+    let config = Config::new(&image).name("disk");
+    let Some(srv) = Server::start_qemu_nbd(&config) else {
+        eprintln!("skipped: qemu-nbd not found");
+        return;
+    };
+    let f = Fixture { srv, image, dir };
+    for structured in [false, true] {
+        let hs = Handshake::new("disk");
+        let hs = if structured {
+            hs.structured_replies()
+        } else {
+            hs
+        };
+        let mut c = f.srv.handshake(hs).unwrap();
+        exercise(&mut c, &f);
+        assert_errno(c.read(4 * MIB as u64, 1), errno::EINVAL);
+        c.disconnect().unwrap();
+    }
+    let mut c = f
+        .srv
+        .handshake(Handshake::new("disk").structured_replies())
+        .unwrap();
+    let cookies: Vec<u64> = (0..64)
+        .map(|i| c.send_read(i * 4096, 4096).unwrap())
+        .collect();
+    let mut seen = Vec::new();
+    for _ in 0..64 {
+        let r = c.receive().unwrap();
+        let i = cookies.iter().position(|&k| k == r.cookie).unwrap();
+        assert_eq!(r.result.unwrap(), f.disk(i * 4096, 4096));
+        seen.push(i);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..64).collect::<Vec<_>>());
+    c.disconnect().unwrap();
+}

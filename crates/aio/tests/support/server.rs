@@ -1,0 +1,482 @@
+//! The server under test as a child process: finding (or building) the `nbd-server` example,
+//! starting it with a command line, waiting for its `ready` line, signalling it, reading its fd
+//! count and RSS from `/proc`, and killing it on drop so that a failing test leaves no process
+//! behind. Also [`TempDir`], a per-test scratch directory removed on drop, and a way to start
+//! `qemu-nbd` with the same settings so the client itself can be checked against a reference
+//! server.
+
+use std::io::{self, BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::nbd_client::{Client, Conn, Handshake};
+
+/// How long a server may take to print `ready` (a debug build starting on a loaded CI machine).
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A scratch directory unique to one test in this process, removed with everything in it on
+/// drop.
+#[derive(Debug)]
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("aio-nbd-{}-{n}-{tag}", std::process::id()));
+        // A leftover from an earlier process with the same pid would only confuse this test.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("creating the test's temp dir");
+        TempDir { path }
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Creates a sparse image file of `size` bytes (all zeros) and returns its path.
+    pub fn image(&self, name: &str, size: u64) -> PathBuf {
+        let path = self.join(name);
+        let f = std::fs::File::create(&path).expect("creating an image");
+        f.set_len(size).expect("sizing an image");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The `nbd-server` example binary, built if it is missing or older than its sources.
+///
+/// `cargo test`/`cargo nextest` build a package's examples only when they build all of its
+/// targets; with `--test nbd` they do not, and the binary may be missing or stale. The test
+/// binary lives in `target/<profile>/deps/`, the example in `target/<profile>/examples/`.
+pub fn server_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("current_exe");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test binary in target/<profile>/deps");
+        let bin = profile_dir.join("examples").join("nbd-server");
+        let why = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
+            Err(_) => Some("missing"),
+            Ok(built) if newest_source() > built => Some("older than its sources"),
+            Ok(_) => None,
+        };
+        if let Some(why) = why {
+            build_server(profile_dir, why);
+        }
+        assert!(
+            bin.exists(),
+            "{} still missing after the build",
+            bin.display()
+        );
+        bin
+    })
+}
+
+/// The newest modification time among the sources the example is built from in this crate.
+fn newest_source() -> SystemTime {
+    fn walk(dir: &Path, newest: &mut SystemTime) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, newest);
+            } else if let Ok(t) = entry.metadata().and_then(|m| m.modified()) {
+                *newest = (*newest).max(t);
+            }
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut newest = SystemTime::UNIX_EPOCH;
+    walk(&root.join("examples").join("nbd-server"), &mut newest);
+    walk(&root.join("src"), &mut newest);
+    newest
+}
+
+fn build_server(profile_dir: &Path, why: &str) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("profile dir name");
+    let mut cmd = Command::new(&cargo);
+    cmd.args(["build", "-p", "aio", "--example", "nbd-server"]);
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    if let Some(target_dir) = profile_dir.parent() {
+        cmd.arg("--target-dir").arg(target_dir);
+    }
+    eprintln!("nbd tests: the nbd-server example is {why}; building it: {cmd:?}");
+    let status = cmd.status().expect("running cargo build");
+    assert!(
+        status.success(),
+        "building the nbd-server example failed: {status}"
+    );
+}
+
+/// What to start the server with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    image: PathBuf,
+    name: String,
+    read_only: bool,
+    contexts: Option<usize>,
+    tcp: bool,
+    unix: Option<PathBuf>,
+    verbose: bool,
+}
+
+impl Config {
+    /// Serves `image` on a Unix socket `<image>.sock`, export name `""`.
+    pub fn new(image: &Path) -> Config {
+        Config {
+            image: image.to_owned(),
+            name: String::new(),
+            read_only: false,
+            contexts: None,
+            tcp: false,
+            unix: Some(image.with_extension("sock")),
+            verbose: false,
+        }
+    }
+
+    pub fn name(mut self, name: &str) -> Config {
+        self.name = name.to_owned();
+        self
+    }
+
+    pub fn read_only(mut self) -> Config {
+        self.read_only = true;
+        self
+    }
+
+    pub fn contexts(mut self, n: usize) -> Config {
+        self.contexts = Some(n);
+        self
+    }
+
+    /// Also listens on TCP, on a free port of 127.0.0.1.
+    pub fn tcp(mut self) -> Config {
+        self.tcp = true;
+        self
+    }
+
+    /// Listens on TCP only.
+    pub fn tcp_only(mut self) -> Config {
+        self.tcp = true;
+        self.unix = None;
+        self
+    }
+
+    pub fn verbose(mut self) -> Config {
+        self.verbose = true;
+        self
+    }
+
+    /// The command line of our server.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.tcp {
+            args.extend(["--tcp".to_owned(), "127.0.0.1:0".to_owned()]);
+        }
+        if let Some(p) = &self.unix {
+            args.extend(["--unix".to_owned(), p.display().to_string()]);
+        }
+        args.extend(["--name".to_owned(), self.name.clone()]);
+        if self.read_only {
+            args.push("--read-only".to_owned());
+        }
+        if let Some(n) = self.contexts {
+            args.extend(["--contexts".to_owned(), n.to_string()]);
+        }
+        if self.verbose {
+            args.push("--verbose".to_owned());
+        }
+        args.push(self.image.display().to_string());
+        args
+    }
+
+    pub fn start(&self) -> Server {
+        Server::start(self)
+    }
+}
+
+/// Lines a child printed, collected by a reader thread.
+type Lines = Arc<Mutex<Vec<String>>>;
+
+/// Collects `pipe`'s lines into the returned buffer and, if `tx` is given, forwards each.
+fn collect_lines(pipe: impl Read + Send + 'static, tx: Option<mpsc::Sender<String>>) -> Lines {
+    let lines: Lines = Arc::default();
+    let sink = Arc::clone(&lines);
+    thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line.clone());
+            if let Some(tx) = &tx {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    lines
+}
+
+/// A running server; killed (SIGKILL) on drop unless it has exited.
+#[derive(Debug)]
+pub struct Server {
+    child: Child,
+    /// The export name.
+    pub name: String,
+    pub tcp: Option<SocketAddr>,
+    pub unix: Option<PathBuf>,
+    stdout: Lines,
+    stderr: Lines,
+    exited: Option<ExitStatus>,
+}
+
+impl Server {
+    /// Starts our server and waits for its `ready` line.
+    pub fn start(config: &Config) -> Server {
+        let mut child = Command::new(server_binary())
+            .args(config.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning nbd-server");
+        let (tx, rx) = mpsc::channel();
+        let stdout = collect_lines(child.stdout.take().unwrap(), Some(tx));
+        let stderr = collect_lines(child.stderr.take().unwrap(), None);
+        let mut server = Server {
+            child,
+            name: config.name.clone(),
+            tcp: None,
+            unix: None,
+            stdout,
+            stderr,
+            exited: None,
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(e) => panic!(
+                    "nbd-server {:?} did not print `nbd-server: ready` ({e:?}); stderr:\n{}",
+                    config.args(),
+                    server.stderr().join("\n")
+                ),
+            };
+            if let Some(addr) = line.strip_prefix("nbd-server: listening on tcp ") {
+                server.tcp = Some(
+                    addr.trim()
+                        .parse()
+                        .expect("tcp address in the listening line"),
+                );
+            } else if let Some(path) = line.strip_prefix("nbd-server: listening on unix ") {
+                server.unix = Some(PathBuf::from(path.trim()));
+            } else if line.starts_with("nbd-server: ready") {
+                break;
+            }
+        }
+        assert_eq!(server.tcp.is_some(), config.tcp, "tcp listening line");
+        assert_eq!(server.unix, config.unix, "unix listening line");
+        server
+    }
+
+    /// Starts `qemu-nbd` on the same image and socket (TCP on `port` if asked), as a reference
+    /// server for the client; `None` if qemu-nbd is not installed.
+    pub fn start_qemu_nbd(config: &Config) -> Option<Server> {
+        assert!(
+            !(config.tcp && config.unix.is_some()),
+            "qemu-nbd listens on a Unix socket or on TCP, not both"
+        );
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["-f", "raw", "-t", "-e", "64", "-x", &config.name]);
+        if let Some(p) = &config.unix {
+            cmd.arg("-k").arg(p);
+        }
+        let tcp = config.tcp.then(|| {
+            // qemu-nbd cannot report a port it picked, so pick one here; the tiny window in
+            // which another process could take it is acceptable for a reference check.
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        });
+        if let Some(addr) = tcp {
+            cmd.args(["-b", "127.0.0.1", "-p", &addr.port().to_string()]);
+        }
+        if config.read_only {
+            cmd.arg("-r");
+        }
+        cmd.arg(&config.image);
+        let mut child = match cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+            Err(e) => panic!("spawning qemu-nbd: {e}"),
+        };
+        let stdout = collect_lines(child.stdout.take().unwrap(), None);
+        let stderr = collect_lines(child.stderr.take().unwrap(), None);
+        let server = Server {
+            child,
+            name: config.name.clone(),
+            tcp,
+            unix: config.unix.clone(),
+            stdout,
+            stderr,
+            exited: None,
+        };
+        // qemu-nbd prints nothing when ready: wait until it accepts a connection.
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while server.raw().is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "qemu-nbd did not start listening"
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+        Some(server)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn unix_path(&self) -> &Path {
+        self.unix.as_deref().expect("server has no unix socket")
+    }
+
+    /// A raw connection: Unix socket if the server has one, TCP otherwise.
+    pub fn raw(&self) -> io::Result<Conn> {
+        match (&self.unix, self.tcp) {
+            (Some(p), _) => Conn::connect_unix(p),
+            (None, Some(a)) => Conn::connect_tcp(a),
+            (None, None) => unreachable!("a server listens somewhere"),
+        }
+    }
+
+    /// A raw connection that has read the greeting and sent the usual client flags.
+    pub fn raw_in_options(&self) -> io::Result<Conn> {
+        let mut conn = self.raw()?;
+        conn.read_greeting()?;
+        conn.send_client_flags(3)?;
+        Ok(conn)
+    }
+
+    /// A client with the given handshake settings.
+    pub fn handshake(&self, hs: Handshake) -> io::Result<Client> {
+        hs.run(self.raw()?)
+    }
+
+    /// A client with the default handshake on the default export name.
+    pub fn client(&self) -> Client {
+        self.handshake(Handshake::new(&self.name))
+            .expect("handshake with the server")
+    }
+
+    /// A client with structured replies negotiated.
+    pub fn structured_client(&self) -> Client {
+        self.handshake(Handshake::new(&self.name).structured_replies())
+            .expect("handshake with structured replies")
+    }
+
+    /// Sends a signal (`TERM`, `INT`, `KILL`, ...) with kill(1), which keeps the tests free of
+    /// unsafe code.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -s {sig} failed");
+    }
+
+    /// Waits up to `timeout` for the server to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                self.exited = Some(status);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nbd-server still running {timeout:?} later; stdout:\n{}\nstderr:\n{}",
+                self.stdout().join("\n"),
+                self.stderr().join("\n")
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything printed on stdout so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Everything printed on stderr so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The number of open file descriptors of the server process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("reading /proc/<pid>/fd")
+            .count()
+    }
+
+    /// The resident set size of the server process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("reading /proc/<pid>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/<pid>/status")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            eprintln!(
+                "--- nbd-server (pid {}) stdout:\n{}\n--- stderr:\n{}",
+                self.child.id(),
+                self.stdout().join("\n"),
+                self.stderr().join("\n")
+            );
+        }
+    }
+}
