@@ -139,6 +139,7 @@ impl Shard {
             framing: Framing::Simple,
             no_zeroes: false,
             closing: false,
+            read_done: false,
             handshake_timer: None,
             weak: Weak::new(),
             verbose,
@@ -182,7 +183,8 @@ impl Shard {
         let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
         for conn in conns {
             let mut c = conn.borrow_mut();
-            c.closing = true;
+            // Requests already read are still served; the socket is not read again.
+            c.read_done = true;
             c.update(ctx);
         }
         if !shard.conns.borrow().is_empty() {
@@ -257,9 +259,12 @@ pub struct Conn {
     pending_bytes: usize,
     framing: Framing,
     no_zeroes: bool,
-    /// No more requests are read; the connection closes once idle (DISC, ABORT, end of
-    /// stream, shutdown).
+    /// Nothing more is acted on, not even what is buffered; the connection closes once its
+    /// requests in flight are answered (DISC, ABORT, a fatal error).
     closing: bool,
+    /// The socket is not read again (end of stream, shutdown), but every complete request
+    /// already read is still served before the connection closes.
+    read_done: bool,
     handshake_timer: Option<Timer>,
     weak: Weak<RefCell<Conn>>,
     verbose: bool,
@@ -281,7 +286,7 @@ impl Conn {
                     } else if self.phase != Phase::Transmission {
                         self.log("disconnected during the handshake");
                     }
-                    self.closing = true;
+                    self.read_done = true;
                 }
                 Ok(n) => {
                     let room = self.inbuf.len() - self.in_end;
@@ -317,7 +322,7 @@ impl Conn {
 
     /// Whether the socket should be read now.
     fn wants_read(&self) -> bool {
-        self.sock.is_some() && !self.closing && !self.is_full()
+        self.sock.is_some() && !self.closing && !self.read_done && !self.is_full()
     }
 
     fn is_full(&self) -> bool {
@@ -748,8 +753,15 @@ impl Conn {
     /// Brings the fd handler in line with what the connection wants (read, write, neither),
     /// and closes a connection that is closing and has nothing left to do.
     fn update(&mut self, ctx: &AioContext) {
+        if self.read_done && self.in_flight == 0 && self.in_end > self.in_start {
+            // Flow control may have held back requests that were read before the end: with
+            // nothing in flight, nothing holds them any more.
+            self.process();
+            self.flush();
+        }
         let pending_out = self.out_pos < self.out.len();
-        if self.closing && self.sock.is_some() && self.in_flight == 0 && !pending_out {
+        let finished = self.closing || (self.read_done && self.in_flight == 0);
+        if finished && self.sock.is_some() && self.in_flight == 0 && !pending_out {
             self.abort();
         }
         if self.sock.is_none() {
