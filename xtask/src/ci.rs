@@ -7,6 +7,8 @@
 //!    additive, so the union is a valid build), then once per backend feature set of `aio`.
 //! 3. `test`: the whole workspace with all features, under cargo-nextest when installed (plus
 //!    `cargo test --doc`, since nextest does not run doctests), else plain `cargo test`.
+//!    qemu-utils (qemu-img, qemu-io, qemu-nbd), which the NBD server's tests use, is installed
+//!    with apt-get first when it is missing.
 //! 4. `test-matrix`: `aio` alone with each feature set in [`FEATURE_SETS`], then `aio-tests`.
 //! 5. `loom`: every `crates/<crate>/tests/loom_*.rs` model under `--cfg aio_loom`, release mode,
 //!    `LOOM_MAX_PREEMPTIONS=2`, in its own target directory.
@@ -241,6 +243,11 @@ fn clippy(_root: &Path) -> Result<()> {
 }
 
 fn test(_root: &Path) -> Result<()> {
+    // The NBD server's tests drive it with qemu-io and qemu-img; without them those tests skip
+    // with a printed reason, so a failed install is a warning, not a failure.
+    if let Err(e) = crate::nbd::ensure_qemu_utils() {
+        eprintln!("warning: {e}; the qemu-utils NBD tests will be skipped");
+    }
     if Cmd::cargo().args(["nextest", "--version"]).probe() {
         eprintln!("test runner: cargo-nextest");
         Cmd::cargo()

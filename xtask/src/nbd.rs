@@ -75,7 +75,8 @@ pub fn qemu_utils_present() -> bool {
 }
 
 /// Installs `qemu-utils` through apt-get when a qemu tool is missing, like `ci.rs` does for
-/// valgrind, so that `cargo xtask bench nbd` alone sets up a fresh Debian machine.
+/// valgrind, so that `cargo xtask bench nbd` and `cargo xtask ci` alone set up a fresh Debian
+/// machine.
 pub fn ensure_qemu_utils() -> Result<()> {
     if qemu_utils_present() {
         return Ok(());
@@ -95,7 +96,7 @@ pub fn ensure_qemu_utils() -> Result<()> {
             "qemu-utils is installed but qemu-img, qemu-io or qemu-nbd still does not run",
         )),
         Err(err) => Err(Error::new(format!(
-            "the NBD benchmark needs qemu-img and qemu-nbd, and installing qemu-utils failed \
+            "qemu-img, qemu-io and qemu-nbd are missing, and installing qemu-utils failed \
              ({err}); install it by hand (Debian: apt-get install qemu-utils)"
         ))),
     }
