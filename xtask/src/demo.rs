@@ -1,5 +1,6 @@
 //! `cargo xtask demo`: a tour of the NBD server example (`crates/aio/examples/nbd-server`),
-//! driven from the outside by qemu's own tools; owns the tour's steps, checks and summary.
+//! driven from the outside by qemu's own tools, or by the built-in NBD client when they are
+//! absent; owns the choice of client, the tour's steps, checks and summary.
 //!
 //! The server is built in release mode and started on a scratch image under `target/`, on its
 //! default backend (`AIO_BACKEND` is left as the user has it; the server names the backend it
@@ -9,10 +10,18 @@
 //! exit 0. The image file on disk is checked as well, so what the server acknowledged is known to
 //! be where it belongs.
 //!
+//! The demo never installs anything. When qemu-io or qemu-img is not on `PATH`, or when
+//! `AIO_DEMO_CLIENT=builtin` asks for it, steps 4 to 7 are done instead by the client the
+//! server's tests use (`crates/aio/tests/support/nbd_client.rs`, see `demo/builtin.rs`), with the
+//! same checks; `AIO_DEMO_CLIENT=qemu` insists on qemu's tools. The demo prints which client it
+//! uses and why.
+//!
 //! A watchdog bounds everything after the build to 60 s: it kills the server and every tool still
-//! running, so a hang becomes an error. The demo never installs anything; without qemu-io and
-//! qemu-img it fails and says how to get them. The older `aio` example `demo` (a tour of the
-//! event loop itself) is still there: `cargo run --release -p aio --example demo`.
+//! running, so a hang becomes an error (the built-in client then sees its connection close). The
+//! older `aio` example `demo` (a tour of the event loop itself) is still there:
+//! `cargo run --release -p aio --example demo`.
+
+mod builtin;
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -35,22 +44,33 @@ const MIB: u64 = 1 << 20;
 /// Steps printed as `[k/STEPS]`.
 const STEPS: usize = 8;
 
-/// Requests of the closing `qemu-img bench`: a fraction of a second on any machine.
+/// Requests of the closing benchmark (`qemu-img bench`, or the built-in client's equivalent): a
+/// fraction of a second on any machine.
 const BENCH_REQUESTS: u32 = 20_000;
 const BENCH_DEPTH: u32 = 32;
 
+/// The environment variable that picks the client; see [`Driver::choose`].
+const CLIENT_VAR: &str = "AIO_DEMO_CLIENT";
+
+/// The qemu tools the qemu tour runs (it needs no `qemu-nbd`: our server takes its place).
+const QEMU_TOOLS: [&str; 2] = ["qemu-io", "qemu-img"];
+
+/// Where the built-in client lives, for messages.
+const BUILTIN_CLIENT: &str = "crates/aio/tests/support/nbd_client.rs";
+
 pub fn run() -> Result<ExitCode> {
+    // Chosen before the build so that a bad AIO_DEMO_CLIENT fails at once, and so that the
+    // first thing the demo says is which client will drive the server.
+    let driver = Driver::choose(
+        std::env::var(CLIENT_VAR).ok().as_deref(),
+        nbd::missing_tools,
+    )?;
+    println!("demo: {}", driver.describe());
     step(
         1,
         "building the NBD server (cargo build --release -p aio --example nbd-server)",
     );
     let exe = nbd::build_server()?;
-    if !nbd::qemu_utils_present() {
-        return Err(Error::new(
-            "the demo drives the server with qemu-io and qemu-img, which are not installed \
-             (Debian: apt-get install qemu-utils)",
-        ));
-    }
 
     let started = Instant::now();
     let deadline = Deadline::after(WATCHDOG);
@@ -61,7 +81,8 @@ pub fn run() -> Result<ExitCode> {
         copy: scratch.path().join("copy.raw"),
         socket: scratch.socket_path("nbd.sock"),
         deadline,
-        notes: Vec::new(),
+        notes: vec![driver.describe()],
+        driver,
     };
     let notes = tour.run(&exe)?;
 
@@ -81,6 +102,86 @@ fn step(k: usize, what: &str) {
     println!("[{k}/{STEPS}] {what}");
 }
 
+/// Which client drives the server in steps 4 to 7, and why that one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Driver {
+    /// qemu-io and qemu-img, the way a user of the server would drive it.
+    Qemu,
+    /// The built-in NBD client; `why` completes "because ...".
+    Builtin { why: String },
+}
+
+impl Driver {
+    /// Picks the client from the value of `AIO_DEMO_CLIENT` (`setting`) and, unless the setting
+    /// decides alone, from which of qemu-io and qemu-img `missing` says do not run.
+    ///
+    /// `builtin` forces the built-in client, which is how its path is exercised on a machine
+    /// that has qemu-utils; `qemu` insists on qemu's tools and fails without them; unset, empty
+    /// or `auto` prefers qemu's tools and falls back to the built-in client. `missing` is a
+    /// parameter so that the unit tests can play a machine without qemu.
+    fn choose(
+        setting: Option<&str>,
+        missing: impl FnOnce(&[&'static str]) -> Vec<&'static str>,
+    ) -> Result<Self> {
+        match setting.map(str::trim) {
+            Some("builtin") => Ok(Driver::Builtin {
+                why: format!("{CLIENT_VAR}=builtin asks for it"),
+            }),
+            Some("qemu") => {
+                let missing = missing(&QEMU_TOOLS);
+                if missing.is_empty() {
+                    Ok(Driver::Qemu)
+                } else {
+                    Err(Error::new(format!(
+                        "{CLIENT_VAR}=qemu, but {} not on PATH (Debian: apt-get install \
+                         qemu-utils; the demo installs nothing); unset {CLIENT_VAR} to use the \
+                         built-in client instead",
+                        are_missing(&missing)
+                    )))
+                }
+            }
+            None | Some("" | "auto") => {
+                let missing = missing(&QEMU_TOOLS);
+                if missing.is_empty() {
+                    Ok(Driver::Qemu)
+                } else {
+                    Ok(Driver::Builtin {
+                        why: format!(
+                            "{} not on PATH (the demo installs nothing; Debian: apt-get install \
+                             qemu-utils for the qemu tour)",
+                            are_missing(&missing)
+                        ),
+                    })
+                }
+            }
+            Some(other) => Err(Error::new(format!(
+                "{CLIENT_VAR} must be `builtin`, `qemu` or `auto` (the default), not `{other}`"
+            ))),
+        }
+    }
+
+    /// One line saying which client is used and why, printed first and repeated in the summary.
+    fn describe(&self) -> String {
+        match self {
+            Driver::Qemu => format!(
+                "client: qemu-io and qemu-img (found on PATH; {CLIENT_VAR}=builtin uses the \
+                 built-in client instead)"
+            ),
+            Driver::Builtin { why } => {
+                format!("client: the built-in NBD client ({BUILTIN_CLIENT}), because {why}")
+            }
+        }
+    }
+}
+
+/// "qemu-img is" or "qemu-io and qemu-img are", for messages about missing tools.
+fn are_missing(tools: &[&str]) -> String {
+    match tools {
+        [one] => format!("{one} is"),
+        _ => format!("{} are", tools.join(" and ")),
+    }
+}
+
 /// The files and the deadline of one tour, and what it found out along the way.
 #[derive(Debug)]
 struct Tour {
@@ -93,6 +194,7 @@ struct Tour {
     deadline: Deadline,
     /// One line per step for the closing summary.
     notes: Vec<String>,
+    driver: Driver,
 }
 
 impl Tour {
@@ -124,11 +226,16 @@ impl Tour {
         self.notes.push(format!("server started: {ready}"));
 
         // The server is killed on drop if any step fails, and the watchdog kills it (which
-        // makes the tool waiting on it fail) if a step hangs.
-        self.patterns()?;
-        self.discard_and_zeroes()?;
-        self.convert()?;
-        self.bench()?;
+        // makes the tool or the built-in client waiting on it fail) if a step hangs.
+        match self.driver {
+            Driver::Qemu => {
+                self.patterns()?;
+                self.discard_and_zeroes()?;
+                self.convert()?;
+                self.bench()?;
+            }
+            Driver::Builtin { .. } => builtin::steps(&mut self)?,
+        }
 
         step(8, "stopping the server with SIGTERM");
         let stopped = server.stop(self.deadline)?;
@@ -197,11 +304,21 @@ impl Tour {
             "kept its data (NBD allows ignoring a discard)"
         };
         println!("      zeros read back; the discarded range {discarded}");
+        self.check_image_after_zeroes()?;
+        self.notes.push(format!(
+            "discard + write zeroes: zeros read back over NBD and found on disk; the discarded \
+             range {discarded}"
+        ));
+        Ok(())
+    }
 
+    /// After step 5: the image file on disk must hold what the server acknowledged, whichever
+    /// client wrote it.
+    fn check_image_after_zeroes(&self) -> Result<()> {
         let disk = std::fs::read(&self.image)
             .with_context(|| format!("reading {}", self.image.display()))?;
         let at = |from: u64, to: u64| &disk[from as usize..to as usize];
-        let all = |bytes: &[u8], value: u8| bytes.iter().all(|&b| b == value);
+        let all = all_bytes;
         let holds = disk.len() as u64 == IMAGE_SIZE
             && all(at(0, 4 * MIB), 0xa5)
             && (all(at(4 * MIB, 8 * MIB), 0xa5) || all(at(4 * MIB, 8 * MIB), 0))
@@ -214,10 +331,6 @@ impl Tour {
             )));
         }
         println!("      the image file on disk holds the same bytes");
-        self.notes.push(format!(
-            "discard + write zeroes: zeros read back over NBD and found on disk; the discarded \
-             range {discarded}"
-        ));
         Ok(())
     }
 
@@ -246,6 +359,20 @@ impl Tour {
                 .args(["compare", "-f", "raw", "-F", "raw"])
                 .args([host.as_str(), url.as_str()]),
         )?;
+        self.check_copies()?;
+        println!(
+            "      qemu-img compare: identical; the copy and the image file match byte for byte"
+        );
+        self.notes.push(format!(
+            "qemu-img convert: {} MiB of random data in and back out, identical (qemu-img \
+             compare, the copy and the image file on disk)",
+            IMAGE_SIZE / MIB
+        ));
+        Ok(())
+    }
+
+    /// After step 6: the copy read back out and the image file must both equal the host file.
+    fn check_copies(&self) -> Result<()> {
         for (what, path) in [
             ("copy read back out", &self.copy),
             ("image file", &self.image),
@@ -258,14 +385,6 @@ impl Tour {
                 )));
             }
         }
-        println!(
-            "      qemu-img compare: identical; the copy and the image file match byte for byte"
-        );
-        self.notes.push(format!(
-            "qemu-img convert: {} MiB of random data in and back out, identical (qemu-img \
-             compare, the copy and the image file on disk)",
-            IMAGE_SIZE / MIB
-        ));
         Ok(())
     }
 
@@ -358,6 +477,18 @@ fn watchdog_error() -> Error {
     ))
 }
 
+/// Whether every byte of `bytes` is `value`.
+///
+/// Compared a block at a time against a block of `value`s, because slice equality becomes
+/// `memcmp` even in the unoptimized build `cargo xtask` runs, where a loop over the bytes would
+/// take seconds for the demo's 64 MiB.
+fn all_bytes(bytes: &[u8], value: u8) -> bool {
+    let block = [value; 4096];
+    bytes
+        .chunks(block.len())
+        .all(|chunk| chunk == &block[..chunk.len()])
+}
+
 /// Whether two files hold the same bytes, compared a chunk at a time.
 fn same_contents(a: &Path, b: &Path) -> Result<bool> {
     const CHUNK: usize = 1 << 20;
@@ -438,5 +569,86 @@ mod tests {
         assert!(same_contents(&a, &b).unwrap());
         assert!(!same_contents(&a, &shorter).unwrap());
         assert!(!same_contents(&a, &other).unwrap());
+    }
+
+    #[test]
+    fn all_bytes_checks_every_block_including_a_short_last_one() {
+        let mut bytes = vec![3u8; 4096 * 2 + 5];
+        assert!(all_bytes(&bytes, 3));
+        assert!(all_bytes(&[], 3));
+        bytes[4096 * 2 + 4] = 4;
+        assert!(!all_bytes(&bytes, 3));
+        bytes[4096 * 2 + 4] = 3;
+        bytes[0] = 0;
+        assert!(!all_bytes(&bytes, 3));
+    }
+
+    /// A stand-in for `nbd::missing_tools` on a machine where `absent` do not run.
+    fn machine(
+        absent: &'static [&'static str],
+    ) -> impl FnOnce(&[&'static str]) -> Vec<&'static str> {
+        move |tools| {
+            tools
+                .iter()
+                .copied()
+                .filter(|tool| absent.contains(tool))
+                .collect()
+        }
+    }
+
+    #[test]
+    fn qemu_tools_are_preferred_when_present() {
+        for setting in [None, Some(""), Some("auto"), Some("qemu")] {
+            assert_eq!(
+                Driver::choose(setting, machine(&[])).unwrap(),
+                Driver::Qemu,
+                "{setting:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn builtin_client_when_a_qemu_tool_is_missing_and_says_which() {
+        let Driver::Builtin { why } = Driver::choose(None, machine(&["qemu-img"])).unwrap() else {
+            panic!("qemu-img missing must select the built-in client");
+        };
+        assert!(why.starts_with("qemu-img is not on PATH"), "{why}");
+        let Driver::Builtin { why } =
+            Driver::choose(Some("auto"), machine(&["qemu-io", "qemu-img", "qemu-nbd"])).unwrap()
+        else {
+            panic!("no qemu at all must select the built-in client");
+        };
+        assert!(
+            why.starts_with("qemu-io and qemu-img are not on PATH"),
+            "{why}"
+        );
+        // qemu-nbd is not needed by the demo, so its absence alone changes nothing.
+        assert_eq!(
+            Driver::choose(None, machine(&["qemu-nbd"])).unwrap(),
+            Driver::Qemu
+        );
+    }
+
+    #[test]
+    fn builtin_is_forced_without_probing_and_qemu_insisted_on_fails_without_it() {
+        let forced = Driver::choose(Some("builtin"), |_: &[&'static str]| -> Vec<&'static str> {
+            panic!("AIO_DEMO_CLIENT=builtin must not need to look for qemu")
+        })
+        .unwrap();
+        assert!(forced.describe().contains("AIO_DEMO_CLIENT=builtin"));
+        let err = Driver::choose(Some("qemu"), machine(&["qemu-io"])).unwrap_err();
+        assert!(err.to_string().contains("qemu-io is not on PATH"), "{err}");
+        let err = Driver::choose(Some("qemu-io"), machine(&[])).unwrap_err();
+        assert!(err.to_string().contains("not `qemu-io`"), "{err}");
+    }
+
+    #[test]
+    fn the_real_probe_finds_no_program_that_does_not_exist() {
+        // `cargo` sets CARGO for the tests it runs; it names a program that certainly runs.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        assert_eq!(
+            nbd::missing_tools(&["/nonexistent/qemu-img", &cargo]),
+            ["/nonexistent/qemu-img"]
+        );
     }
 }

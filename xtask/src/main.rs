@@ -7,13 +7,16 @@
 //! |---------------------------|----------------|-------------------------------------------------------|
 //! | `cargo xtask ci [--quick]`| `ci.rs`        | everything CI checks; `.ci/run` calls it              |
 //! | `cargo xtask demo`        | `demo.rs`      | a tour of the NBD server example, driven by qemu-io   |
+//! |                           |                | (or the built-in client, `demo/builtin.rs`)           |
 //! | `cargo xtask bench [f]`   | `bench.rs`     | runs the benchmarks and points at the generated report|
 //! | `cargo xtask bench nbd`   | `nbd_bench.rs` | the NBD server example against qemu-nbd               |
 //! | `cargo xtask tidy`        | `tidy.rs`      | house-style checks alone (also the last step of `ci`) |
 //!
 //! `cmd.rs` holds the shared process runner and error type; `nbd.rs` the plumbing that `demo` and
-//! `bench nbd` share (building the server, scratch images, guarded server processes). The crate
-//! is std-only on purpose: `cargo xtask` should start in seconds on a cold cache.
+//! `bench nbd` share (building the server, scratch images, guarded server processes); `nbd_client`
+//! is the server tests' NBD client (`crates/aio/tests/support/nbd_client.rs`), included by path for
+//! the demo's fallback. The crate is std-only on purpose: `cargo xtask` should start in seconds on
+//! a cold cache.
 //!
 //! Exit codes: 0 on success, 1 when a step fails, 2 on a usage error.
 
@@ -23,6 +26,14 @@ mod cmd;
 mod demo;
 mod nbd;
 mod nbd_bench;
+// The NBD client of the server's integration tests, shared rather than copied, so that the demo's
+// fallback drives the server with the same independent reading of the protocol as the tests.
+// The demo needs only part of it (not the raw layer's probes for malformed input, nor the
+// handshake variants), and the rest would warn as dead code in this crate only; hence the allow,
+// on this module alone.
+#[allow(dead_code)]
+#[path = "../../crates/aio/tests/support/nbd_client.rs"]
+mod nbd_client;
 mod tidy;
 
 use std::process::ExitCode;
@@ -36,7 +47,8 @@ Commands:
   ci [--quick]    run every CI check: fmt, clippy, tests, feature matrix, loom, docs, tidy
                   (--quick skips loom and the feature matrix, for local iteration)
   demo            a tour of the NBD server example (release build): qemu-io and qemu-img
-                  write, read, verify, discard, convert and benchmark through it
+                  write, read, verify, discard, convert and benchmark through it (the
+                  built-in NBD client does when they are absent or AIO_DEMO_CLIENT=builtin)
   bench [filter]  run the benchmarks (optionally only those matching <filter>) and
                   write a report under target/bench-report/
   bench nbd       the NBD server example against qemu-nbd under qemu-img bench

@@ -69,9 +69,17 @@ fn example_executable(messages: &str, name: &str) -> Option<String> {
 
 /// Whether `qemu-img`, `qemu-io` and `qemu-nbd` (Debian's `qemu-utils`) all run.
 pub fn qemu_utils_present() -> bool {
-    ["qemu-img", "qemu-io", "qemu-nbd"]
+    missing_tools(&["qemu-img", "qemu-io", "qemu-nbd"]).is_empty()
+}
+
+/// The tools among `tools` that do not run (`<tool> --version` fails or is not found on `PATH`),
+/// in the order given.
+pub fn missing_tools<'a>(tools: &[&'a str]) -> Vec<&'a str> {
+    tools
         .iter()
-        .all(|tool| Cmd::new(tool).arg("--version").probe())
+        .copied()
+        .filter(|tool| !Cmd::new(tool).arg("--version").probe())
+        .collect()
 }
 
 /// Installs `qemu-utils` through apt-get when a qemu tool is missing, like `ci.rs` does for

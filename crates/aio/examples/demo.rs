@@ -1,7 +1,8 @@
 //! A tour of aio on the default backend: a cross-thread ping-pong between two iothreads, an
 //! echo over a socketpair driven by fd handlers, and what `poll()` returns and costs.
 //!
-//! Run it with `cargo xtask demo`. It exits 0 after a few seconds, or non-zero with a message.
+//! Run it with `cargo run --release -p aio --example demo` (`cargo xtask demo` is now the tour of
+//! the NBD server example). It exits 0 after a few seconds, or non-zero with a message.
 
 use std::cell::{Cell, RefCell};
 use std::error::Error;
