@@ -1360,6 +1360,95 @@ fn a_thousand_connections_leak_no_fds_and_little_memory() {
     f.assert_serves();
 }
 
+/// The server's RSS once it has settled: the largest of a few samples a little apart, so that a
+/// growth still in progress is seen.
+fn settled_rss_kib(srv: &Server) -> u64 {
+    (0..5)
+        .map(|_| {
+            thread::sleep(Duration::from_millis(100));
+            srv.rss_kib()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_client_that_never_reads_its_replies_cannot_grow_server_memory() {
+    // 64 MiB sparse image: every read below is 32 MiB (the maximum), from one of two offsets.
+    let f = fixture("backlog", 64 * MIB, |c| c);
+    let rss_before = f.srv.rss_kib();
+    let mut c = f.srv.client();
+    let max = u32::try_from(MAX_PAYLOAD).unwrap();
+    // 400 headers (11 KiB): answered in full they would be 12.5 GiB of replies. A server that
+    // admits another request whenever the last one completed, however much is still unsent,
+    // grows by a read each time (this grew at about 280 MiB/s before the fix).
+    let ranges: Vec<(u64, u32)> = (0..400)
+        .map(|i| ((i % 2) * MAX_PAYLOAD as u64, max))
+        .collect();
+    c.send_reads_at_once(&ranges).unwrap();
+    thread::sleep(Duration::from_secs(1));
+    let rss_after = settled_rss_kib(&f.srv);
+    eprintln!("backlog: RSS {rss_before} KiB -> {rss_after} KiB");
+    // The bound: 64 MiB of payload in flight, 16 MiB of unsent replies, one reply being sent,
+    // socket buffers. 160 MiB leaves room for the allocator and none for a second GiB.
+    assert!(
+        rss_after < rss_before + 160 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB for one client that reads nothing"
+    );
+    drop(c);
+    f.assert_serves();
+}
+
+#[test]
+fn write_headers_without_payload_do_not_reserve_memory() {
+    let f = fixture("payload", 64 * MIB, |c| c);
+    let rss_before = f.srv.rss_kib();
+    let max = u32::try_from(MAX_PAYLOAD).unwrap();
+    // Twenty clients announce a 32 MiB write and send one byte of it: 560 bytes of traffic
+    // that cost a server which sizes its buffer from the header 640 MiB.
+    let clients: Vec<Client> = (0..20)
+        .map(|_| {
+            let mut c = f.srv.client();
+            let req = Request::new(cmd::WRITE, 1, 0, max);
+            c.conn().send(&req.encode()).unwrap();
+            c.conn().send(&[0xa5]).unwrap();
+            c
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let rss_after = settled_rss_kib(&f.srv);
+    eprintln!("payload: RSS {rss_before} KiB -> {rss_after} KiB");
+    assert!(
+        rss_after < rss_before + 32 * 1024,
+        "RSS grew from {rss_before} KiB to {rss_after} KiB for 20 one-byte write payloads"
+    );
+    drop(clients);
+    f.assert_serves();
+}
+
+#[test]
+fn a_large_write_arriving_in_pieces_is_written_whole() {
+    let f = fixture("pieces", 8 * MIB, |c| c);
+    let mut c = f.srv.client();
+    let data = pattern(42, 3 * MIB + 123);
+    let req = Request::new(cmd::WRITE, 7, 4096, u32::try_from(data.len()).unwrap());
+    c.conn().send(&req.encode()).unwrap();
+    // Odd-sized pieces with pauses, so the server sees the payload in many reads.
+    for piece in data.chunks(200_003) {
+        c.conn().send(piece).unwrap();
+        thread::sleep(Duration::from_millis(2));
+    }
+    let (error, cookie, _) = c.conn().read_simple_reply(0).unwrap();
+    assert_eq!((error, cookie), (0, 7));
+    assert_eq!(
+        c.read(4096, u32::try_from(data.len()).unwrap()).unwrap(),
+        data
+    );
+    c.flush().unwrap();
+    assert_eq!(f.disk(4096, data.len()), data);
+    c.disconnect().unwrap();
+}
+
 #[test]
 fn three_contexts_serve_six_concurrent_clients() {
     const REGION: usize = 2 * MIB;
@@ -1435,7 +1524,11 @@ type Expected = std::collections::HashMap<u64, (usize, Vec<u8>, bool)>;
 /// Sends 8 writes of 1 MiB at `write_base`, 8 reads of 4 MiB and a flush through `c`, and waits
 /// until the server has read every byte of them.
 fn load_requests(c: &mut Client, write_base: usize, initial: &[u8], seed: u64) -> Expected {
-    const READ_LEN: usize = 4 * MIB;
+    // 8 MiB of read replies in all: far more than a socket buffer holds, so most of them are
+    // still unsent when the signal comes, and less than the 16 MiB of unsent replies at which
+    // the server stops reading requests (that flow control has its own tests), so the server
+    // reads every request here whatever the timing.
+    const READ_LEN: usize = MIB;
     // Writes first: their payloads must all be consumed before the server gets stuck sending
     // read replies nobody reads yet.
     let mut expect = Expected::new();

@@ -9,9 +9,12 @@
 //!
 //! Flow control, so that one client can neither stall the others nor grow memory without
 //! bound:
-//! * The socket is read only while the connection has fewer than [`MAX_IN_FLIGHT`] requests
-//!   and less than [`MAX_PENDING_BYTES`] of payload in flight or waiting to be sent; a client
-//!   that does not read its replies soon stops being read.
+//! * The socket is read only while the connection has fewer than [`MAX_IN_FLIGHT`] requests,
+//!   less than [`MAX_PENDING_BYTES`] of payload in flight or waiting to be sent, and less than
+//!   [`MAX_BACKLOG`] of replies waiting to be sent; a client that does not read its replies
+//!   soon stops being read, in the handshake too.
+//! * A write's payload goes straight into the request's own buffer as it arrives, so memory
+//!   grows only with the bytes a client actually sends, and is not copied again.
 //! * A reply is written as soon as it is complete; whatever the socket does not take waits in
 //!   the connection's output buffer, and only then is the handler watching for writability.
 //! * A client gets [`HANDSHAKE_LIMIT`] to finish the handshake.
@@ -24,6 +27,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use aio::{AioContext, ClockType, FdHandler, Scale, ThreadPool, Timer};
@@ -36,13 +40,17 @@ pub const MAX_IN_FLIGHT: usize = 128;
 /// Bytes of read and write payload in flight plus replies not yet sent, above which the
 /// socket stops being read. One request of up to [`MAX_PAYLOAD`] is always admitted.
 pub const MAX_PENDING_BYTES: usize = 64 << 20;
+/// Replies waiting to be sent, above which no further request or option is acted on.
+pub const MAX_BACKLOG: usize = 16 << 20;
 /// How long a client may take from connecting to entering the transmission phase.
 pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
 /// How much a read callback takes from the socket before yielding to the other handlers
 /// (the handler is level-triggered, so the rest is read on the next iteration).
 const READ_BUDGET: usize = 1 << 20;
-/// The read buffer's usual size; it grows to hold one whole write request when needed.
+/// The read buffer's size; it grows only to hold the largest option (64 KiB of data).
 const READ_CHUNK: usize = 64 << 10;
+/// Connection ids, unique in the process (for logs).
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 /// A client socket, TCP or Unix.
 #[derive(Debug)]
@@ -89,7 +97,6 @@ impl AsFd for Socket {
 #[derive(Default)]
 pub struct Shard {
     conns: RefCell<HashMap<u64, Rc<RefCell<Conn>>>>,
-    next_id: Cell<u64>,
     draining: Cell<bool>,
     /// Closes whatever is still open when the shutdown grace period ends.
     grace: RefCell<Option<Timer>>,
@@ -112,8 +119,8 @@ impl Shard {
     /// Starts serving `sock` on `ctx`, which must be the context polling on this thread.
     pub fn start(ctx: &AioContext, sock: Socket, export: Arc<Export>, verbose: bool) {
         let shard = Shard::of(ctx);
-        let id = shard.next_id.get();
-        shard.next_id.set(id + 1);
+        // Relaxed: the id only has to be unique; nothing is published with it.
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         shard.accepted.set(shard.accepted.get() + 1);
         if shard.draining.get() {
             // Accepted just before the listener closed: the client gets a closed socket.
@@ -132,6 +139,7 @@ impl Shard {
             in_start: 0,
             in_end: 0,
             discard: 0,
+            payload: None,
             out: Vec::new(),
             out_pos: 0,
             in_flight: 0,
@@ -251,6 +259,9 @@ pub struct Conn {
     in_end: usize,
     /// Payload bytes of a refused request (or option) still to be read and dropped.
     discard: u64,
+    /// A write whose payload is arriving: the request and the bytes received so far, in a
+    /// buffer with room for all of them, handed to the pool when complete.
+    payload: Option<(Request, Vec<u8>)>,
     /// Replies not yet taken by the socket: `out[out_pos..]`.
     out: Vec<u8>,
     out_pos: usize,
@@ -275,6 +286,13 @@ impl Conn {
     fn on_readable(&mut self, ctx: &AioContext) {
         let mut budget = READ_BUDGET;
         while self.wants_read() && budget > 0 {
+            if self.payload.is_some() {
+                match self.read_payload() {
+                    Some(n) => budget = budget.saturating_sub(n),
+                    None => break,
+                }
+                continue;
+            }
             self.make_room();
             let Some(sock) = &self.sock else { break };
             match sock.read(&mut self.inbuf[self.in_end..]) {
@@ -312,6 +330,43 @@ impl Conn {
         self.update(ctx);
     }
 
+    /// Reads more of the arriving write payload, straight into its buffer, and submits the
+    /// write once it is whole. `None` when reading should stop for now (the socket is empty or
+    /// closed); `Some(bytes read)` otherwise.
+    fn read_payload(&mut self) -> Option<usize> {
+        let (Some(sock), Some((req, data))) = (&self.sock, &mut self.payload) else {
+            return None;
+        };
+        let filled = data.len();
+        // Zero only what this read may fill: the buffer's pages are touched as data arrives.
+        let want = (req.length as usize - filled).min(READ_BUDGET);
+        data.resize(filled + want, 0);
+        let result = sock.read(&mut data[filled..]);
+        data.truncate(filled + *result.as_ref().unwrap_or(&0));
+        match result {
+            Ok(0) => {
+                self.log("disconnected in the middle of a write payload");
+                self.read_done = true;
+                None
+            }
+            Ok(n) => {
+                if data.len() == req.length as usize {
+                    let (req, data) = self.payload.take().expect("matched above");
+                    self.submit(req, Some(data));
+                }
+                // A short read very likely emptied the socket (see `on_readable`).
+                (n == want).then_some(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Some(0),
+            Err(e) => {
+                self.log(&format!("read error: {e}"));
+                self.abort();
+                None
+            }
+        }
+    }
+
     fn on_writable(&mut self, ctx: &AioContext) {
         self.flush();
         // Sending may have brought the backlog under the limit: buffered requests can go on.
@@ -325,10 +380,13 @@ impl Conn {
         self.sock.is_some() && !self.closing && !self.read_done && !self.is_full()
     }
 
+    /// Whether flow control holds back further requests (and options). One request is always
+    /// admitted when nothing is in flight and nothing waits to be sent.
     fn is_full(&self) -> bool {
+        let backlog = self.out.len() - self.out_pos;
         self.in_flight >= MAX_IN_FLIGHT
-            || (self.in_flight > 0
-                && self.pending_bytes + (self.out.len() - self.out_pos) >= MAX_PENDING_BYTES)
+            || backlog >= MAX_BACKLOG
+            || (self.in_flight > 0 && self.pending_bytes + backlog >= MAX_PENDING_BYTES)
     }
 
     /// Makes sure at least some room follows `in_end`, and enough for the message being
@@ -343,12 +401,6 @@ impl Conn {
         }
         if self.inbuf.len() - self.in_end < need {
             self.inbuf.resize(self.in_end + need, 0);
-        } else if self.inbuf.len() > 4 * READ_CHUNK && unparsed == 0 {
-            // A big write went through; give the memory back.
-            self.in_start = 0;
-            self.in_end = 0;
-            self.inbuf.truncate(READ_CHUNK);
-            self.inbuf.shrink_to_fit();
         }
     }
 
@@ -366,12 +418,7 @@ impl Conn {
                 _ => OPTION_HEADER_LEN,
             },
             Phase::Options => OPTION_HEADER_LEN,
-            Phase::Transmission if have >= REQUEST_LEN => match parse_request(head) {
-                Some(r) if r.kind == CMD_WRITE && r.length <= MAX_PAYLOAD => {
-                    REQUEST_LEN + r.length as usize
-                }
-                _ => REQUEST_LEN,
-            },
+            // A write's payload goes to its own buffer (`payload`), never here.
             Phase::Transmission => REQUEST_LEN,
         };
         total.saturating_sub(have)
@@ -388,11 +435,13 @@ impl Conn {
                     break;
                 }
             }
+            if self.payload.is_some() || self.is_full() {
+                break;
+            }
             let have = self.in_end - self.in_start;
             let done = match self.phase {
                 Phase::ClientFlags => self.client_flags(),
                 Phase::Options => self.option(),
-                Phase::Transmission if self.is_full() => 0,
                 Phase::Transmission if have < REQUEST_LEN => 0,
                 Phase::Transmission => self.request(),
             };
@@ -458,7 +507,8 @@ impl Conn {
         // are rare and small.
         let data = head[OPTION_HEADER_LEN..total].to_vec();
         self.handle_option(option, &data);
-        total
+        // An option that closed the connection also emptied the buffer: nothing to consume.
+        if self.sock.is_none() { 0 } else { total }
     }
 
     fn handle_option(&mut self, option: u32, data: &[u8]) {
@@ -526,11 +576,15 @@ impl Conn {
                 let msg = b"meta contexts need structured replies";
                 option_reply(out, option, REP_ERR_INVALID, msg);
             }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => match parse_meta_request(data) {
+                None => option_reply(out, option, REP_ERR_INVALID, b"malformed request"),
+                Some(name) if name != export.name.as_bytes() => {
+                    option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+                }
                 // We offer no metadata context (no block status), so whatever was asked
                 // for, the answer is the empty list.
-                option_reply(out, option, REP_ACK, &[]);
-            }
+                Some(_) => option_reply(out, option, REP_ACK, &[]),
+            },
             _ => option_reply(out, option, REP_ERR_UNSUP, b"option not supported"),
         }
     }
@@ -572,19 +626,30 @@ impl Conn {
             self.discard = payload;
             return REQUEST_LEN;
         }
-        let total = REQUEST_LEN + payload as usize;
-        if head.len() < total {
-            return 0;
-        }
         if req.kind == CMD_READ && req.length == 0 {
             // Nothing to read, and a structured reply may not carry an empty data chunk.
             self.framing.status_reply(&mut self.out, req.cookie, 0);
             self.shard.requests.set(self.shard.requests.get() + 1);
             return REQUEST_LEN;
         }
-        let data = (req.kind == CMD_WRITE).then(|| head[REQUEST_LEN..total].to_vec());
-        self.submit(req, data);
-        total
+        if req.kind != CMD_WRITE {
+            self.submit(req, None);
+            return REQUEST_LEN;
+        }
+        let total = REQUEST_LEN + payload as usize;
+        if head.len() >= total {
+            // The whole payload came with the header (small writes): one copy, into the
+            // buffer the pool's pwrite takes.
+            let data = head[REQUEST_LEN..total].to_vec();
+            self.submit(req, Some(data));
+            return total;
+        }
+        // The rest of the payload is read straight into the request's buffer. Reserving its
+        // capacity touches no page; memory is used only as the bytes arrive.
+        let mut data = Vec::with_capacity(payload as usize);
+        data.extend_from_slice(&head[REQUEST_LEN..]);
+        self.payload = Some((req, data));
+        head.len()
     }
 
     /// Validates a request against the export; `Err` carries the NBD error to reply with.
@@ -670,17 +735,17 @@ impl Conn {
                     c.send(buf);
                 }
                 Ok(_) => {
-                    let mut reply = Vec::with_capacity(STRUCTURED_HEADER_LEN);
-                    c.framing.status_reply(&mut reply, req.cookie, 0);
-                    c.send(reply);
+                    let c = &mut *c;
+                    c.framing.status_reply(&mut c.out, req.cookie, 0);
+                    c.flush();
                 }
                 Err(e) => {
                     // A failure of the image file is the server's problem, not the client's:
                     // always worth a line.
                     eprintln!("nbd-server: connection {}: {req:?} failed: {e}", c.id);
-                    let mut reply = Vec::new();
-                    c.framing.status_reply(&mut reply, req.cookie, errno_of(&e));
-                    c.send(reply);
+                    let c = &mut *c;
+                    c.framing.status_reply(&mut c.out, req.cookie, errno_of(&e));
+                    c.flush();
                 }
             }
             // Room may have opened up for requests that are already buffered.
@@ -745,6 +810,7 @@ impl Conn {
         }
         self.out = Vec::new();
         self.out_pos = 0;
+        self.payload = None;
         self.inbuf = Vec::new();
         self.in_start = 0;
         self.in_end = 0;

@@ -16,11 +16,13 @@
 //!   whole life. Each context has its own thread pool, which runs the file I/O.
 //! * **Shutdown.** SIGINT and SIGTERM are blocked in every thread and read from a signalfd that
 //!   is an fd handler of this thread's context, so a signal is an ordinary event of the loop.
-//!   The listeners close at once; each context then stops reading requests, lets the requests in
-//!   flight complete and their replies go out, and closes its connections, or closes them
-//!   anyway after [`GRACE`]. The process exits 0.
-//! * **Limits.** See `connection.rs`: at most 32 MiB per request, 128 requests and 64 MiB in
-//!   flight per connection, 10 s for the handshake.
+//!   The listeners close at once; each context then stops reading requests, serves those it
+//!   has read, lets the requests in flight complete and their replies go out, and closes its
+//!   connections, or closes them anyway after [`GRACE`]. The process exits 0. A second signal
+//!   exits at once, with status 1.
+//! * **Limits.** See `connection.rs`: at most 32 MiB per request; per connection, 128 requests
+//!   and 64 MiB in flight and 16 MiB of unsent replies before its socket stops being read; 10 s
+//!   for the handshake.
 
 mod connection;
 mod export;
@@ -188,8 +190,12 @@ fn run(cfg: &Config) -> io::Result<()> {
             let Some(name) = Signals::read(&signal_fd) else {
                 return;
             };
-            if stop.get().is_some() {
-                return;
+            if let Some(first) = stop.get() {
+                // A request stuck in the kernel (a hung disk) would hold the graceful
+                // shutdown for its whole grace period; a second signal is the way out.
+                println!("nbd-server: {name} after {first}, exiting at once");
+                let _ = io::stdout().flush();
+                std::process::exit(1);
             }
             println!("nbd-server: {name}, shutting down");
             stop.set(Some(name));
@@ -256,21 +262,23 @@ enum Listener {
 
 impl Listener {
     fn accept(&self) -> io::Result<Socket> {
-        match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
-                s.set_nonblocking(true)?;
-                // Replies are complete messages: waiting for more to fill a segment only adds
-                // latency (Nagle's delayed ACK interplay would cost 40 ms per small reply).
-                s.set_nodelay(true)?;
-                Ok(Socket::Tcp(s))
-            }
-            Listener::Unix(l) => {
-                let (s, _) = l.accept()?;
-                s.set_nonblocking(true)?;
-                Ok(Socket::Unix(s))
-            }
+        Ok(match self {
+            Listener::Tcp(l) => Socket::Tcp(l.accept()?.0),
+            Listener::Unix(l) => Socket::Unix(l.accept()?.0),
+        })
+    }
+}
+
+/// Makes an accepted socket ready for its fd handler.
+fn prepare(sock: &Socket) -> io::Result<()> {
+    match sock {
+        Socket::Tcp(s) => {
+            s.set_nonblocking(true)?;
+            // Replies are complete messages: waiting for more to fill a segment only adds
+            // latency (Nagle's delayed ACK interplay would cost 40 ms per small reply).
+            s.set_nodelay(true)
         }
+        Socket::Unix(s) => s.set_nonblocking(true),
     }
 }
 
@@ -341,6 +349,11 @@ impl Acceptor {
                     return;
                 }
             };
+            if let Err(e) = prepare(&sock) {
+                // This one socket is unusable; the listener is fine.
+                eprintln!("nbd-server: dropping an accepted connection: {e}");
+                continue;
+            }
             let n = self.next.get();
             self.next.set((n + 1) % self.targets.len());
             let (export, verbose) = (self.export.clone(), self.verbose);

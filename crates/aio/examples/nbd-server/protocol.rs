@@ -151,6 +151,22 @@ pub fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     Some((name, items.chunks_exact(2).map(be16).collect()))
 }
 
+/// The export name in the data of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`
+/// (an export name, then a count of queries, each a length and a string), or `None` if the
+/// lengths inside do not add up.
+pub fn parse_meta_request(data: &[u8]) -> Option<&[u8]> {
+    let name_len = usize::try_from(be32(data.get(..4)?)).ok()?;
+    let name = data.get(4..4usize.checked_add(name_len)?)?;
+    let mut rest = &data[4 + name_len..];
+    let count = be32(rest.get(..4)?);
+    rest = &rest[4..];
+    for _ in 0..count {
+        let len = usize::try_from(be32(rest.get(..4)?)).ok()?;
+        rest = rest.get(4usize.checked_add(len)?..)?;
+    }
+    rest.is_empty().then_some(name)
+}
+
 /// A request header in the transmission phase.
 pub const REQUEST_LEN: usize = 28;
 
