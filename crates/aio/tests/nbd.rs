@@ -489,6 +489,63 @@ fn malformed_info_and_go_data_is_err_invalid() {
     c.flush().unwrap();
 }
 
+/// The data of a meta-context option: export name, then each query as length and string.
+fn meta_request(export: &str, queries: &[&str]) -> Vec<u8> {
+    let mut d = (export.len() as u32).to_be_bytes().to_vec();
+    d.extend_from_slice(export.as_bytes());
+    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+    }
+    d
+}
+
+#[test]
+fn meta_context_options_are_validated_and_select_nothing() {
+    let f = fixture("opt-meta", MIB, |c| c.name("disk"));
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let good = meta_request("disk", &["base:allocation"]);
+    // SET needs structured replies first; LIST does not.
+    let r = conn.option(opt::SET_META_CONTEXT, &good).unwrap();
+    assert_eq!(r.kind, rep::ERR_INVALID, "{r:?}");
+    let r = conn.option(opt::LIST_META_CONTEXT, &good).unwrap();
+    assert_eq!((r.kind, r.data.len()), (rep::ACK, 0), "{r:?}");
+    assert_eq!(
+        conn.option(opt::STRUCTURED_REPLY, &[]).unwrap().kind,
+        rep::ACK
+    );
+    // No context is offered: a well-formed SET is acknowledged with none selected.
+    let r = conn.option(opt::SET_META_CONTEXT, &good).unwrap();
+    assert_eq!(
+        (r.option, r.kind, r.data.len()),
+        (opt::SET_META_CONTEXT, rep::ACK, 0)
+    );
+    let r = conn
+        .option(opt::SET_META_CONTEXT, &meta_request("other", &[]))
+        .unwrap();
+    assert_eq!(r.kind, rep::ERR_UNKNOWN, "{r:?}");
+    let mut truncated = good.clone();
+    truncated.pop();
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut huge_count = meta_request("disk", &[]);
+    huge_count[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
+    for (what, data) in [
+        ("truncated", truncated),
+        ("trailing", trailing),
+        ("count", huge_count),
+    ] {
+        let r = conn.option(opt::SET_META_CONTEXT, &data).unwrap();
+        assert_eq!(r.kind, rep::ERR_INVALID, "{what}: {r:?}");
+    }
+    let mut c = Handshake::new("disk")
+        .structured_replies()
+        .run_after_greeting(conn)
+        .unwrap();
+    c.flush().unwrap();
+}
+
 #[test]
 fn unknown_option_is_err_unsup_and_the_session_continues() {
     let f = fixture("opt-unknown", MIB, |c| c);
@@ -1722,6 +1779,32 @@ fn sigterm_answers_every_request_the_server_has_read() {
     }
     assert_closed(c.conn(), "SIGTERM once the replies are out");
     assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let mut f = fixture("stop-twice", 64 * MIB, |c| c);
+    // A client that never reads its replies holds the graceful shutdown for its grace period.
+    let mut c = f.srv.client();
+    let max = u32::try_from(MAX_PAYLOAD).unwrap();
+    c.send_reads_at_once(&[(0, max), (u64::from(max), max)])
+        .unwrap();
+    thread::sleep(Duration::from_millis(200));
+    f.srv.signal("TERM");
+    thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    f.srv.signal("INT");
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(1));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the second signal took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        f.srv.stdout().iter().any(|l| l.contains("exiting at once")),
+        "{:?}",
+        f.srv.stdout()
+    );
 }
 
 #[test]

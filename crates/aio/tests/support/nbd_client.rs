@@ -66,6 +66,8 @@ pub mod opt {
     pub const INFO: u32 = 6;
     pub const GO: u32 = 7;
     pub const STRUCTURED_REPLY: u32 = 8;
+    pub const LIST_META_CONTEXT: u32 = 9;
+    pub const SET_META_CONTEXT: u32 = 10;
 }
 
 /// Option reply types. Errors have bit 31 set. The whole table the tests need is here, even
