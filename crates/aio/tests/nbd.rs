@@ -1568,8 +1568,8 @@ fn three_contexts_serve_six_concurrent_clients() {
 /// Bytes the peer of a Unix socket has not read yet.
 fn unread_by_peer(conn: &Conn) -> usize {
     let mut n: libc::c_int = 0;
-    // SAFETY: `conn.raw_fd()` is an open socket owned by `conn` for the duration of the call,
-    // and TIOCOUTQ writes one `c_int` through the pointer, which points to `n`.
+    // `conn.raw_fd()` is an open socket owned by `conn` for the duration of the call.
+    // SAFETY: TIOCOUTQ writes one `c_int` through the pointer, which points to `n`.
     let rc = unsafe { libc::ioctl(conn.raw_fd(), libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
     assert_eq!(rc, 0, "ioctl(TIOCOUTQ): {}", io::Error::last_os_error());
     n as usize

@@ -123,8 +123,8 @@ impl Export {
             return Ok(());
         }
         let (off, len) = (offset as libc::off_t, libc::off_t::from(len));
-        // SAFETY: fallocate only reads its integer arguments; the fd is owned by `self.file`,
-        // open for the duration of the call.
+        // The fd is owned by `self.file`, open for the duration of the call.
+        // SAFETY: fallocate only reads its integer arguments and that fd.
         let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
         if r == 0 {
             Ok(())

@@ -436,8 +436,8 @@ struct Signals {
 
 impl Signals {
     fn new() -> io::Result<Signals> {
-        // SAFETY: sigset_t is plain data that sigemptyset initializes; every pointer passed
-        // points to a live local for the duration of its call.
+        // sigset_t is plain data that sigemptyset initializes before use.
+        // SAFETY: every pointer passed points to a live local for the duration of its call.
         let fd = unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
