@@ -27,7 +27,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use crate::cmd::{Cmd, Context, Error, Result, project_root, secs};
+use crate::cmd::{Cmd, Context, Error, Result, Target, artifact_executable, project_root, secs};
 use crate::tidy;
 
 /// Feature sets of the `aio` facade that are built, linted and tested on their own, as
@@ -331,13 +331,13 @@ fn loom(root: &Path) -> Result<()> {
 }
 
 fn memcheck(_root: &Path) -> Result<()> {
-    ensure_valgrind()?;
+    crate::cmd::ensure_apt_package("valgrind", &["valgrind"])?;
     for (package, test) in MEMCHECK {
         let messages = Cmd::cargo()
             .args(["test", "-p", package, "--test", test, "--no-run"])
             .args(["--message-format", "json"])
             .stdout()?;
-        let exe = test_executable(&messages, test).ok_or_else(|| {
+        let exe = artifact_executable(&messages, Target::Test, test).ok_or_else(|| {
             Error::new(format!(
                 "cargo built no executable for `-p {package} --test {test}`"
             ))
@@ -352,39 +352,6 @@ fn memcheck(_root: &Path) -> Result<()> {
             .run()?;
     }
     Ok(())
-}
-
-/// Installs valgrind through apt-get when it is missing (CI machines are Debian, as root), so that
-/// `cargo xtask ci` alone sets up a fresh machine.
-fn ensure_valgrind() -> Result<()> {
-    if Cmd::new("valgrind").arg("--version").probe() {
-        return Ok(());
-    }
-    eprintln!("valgrind not found; installing it with apt-get");
-    Cmd::new("apt-get").args(["update", "-qq"]).run()?;
-    Cmd::new("apt-get")
-        .args(["install", "-y", "-qq", "valgrind"])
-        .run()?;
-    if Cmd::new("valgrind").arg("--version").probe() {
-        Ok(())
-    } else {
-        Err(Error::new(
-            "valgrind is still missing after apt-get install",
-        ))
-    }
-}
-
-/// The `executable` of the test target named `test` in cargo's JSON messages.
-fn test_executable(messages: &str, test: &str) -> Option<String> {
-    let name = format!("\"name\":\"{test}\"");
-    messages
-        .lines()
-        .filter(|line| line.contains(&name) && line.contains("\"test\":true"))
-        .find_map(|line| {
-            let start = line.find("\"executable\":\"")? + "\"executable\":\"".len();
-            let len = line[start..].find('"')?;
-            Some(line[start..start + len].to_owned())
-        })
 }
 
 /// `cargo` set up for loom: the cfg, the preemption bound, and a separate target directory so that
@@ -516,10 +483,10 @@ mod tests {
             r#""executable":"/t/bh_memory-2"}"#,
         );
         assert_eq!(
-            test_executable(json, "bh_memory").as_deref(),
+            artifact_executable(json, Target::Test, "bh_memory").as_deref(),
             Some("/t/bh_memory-2")
         );
-        assert_eq!(test_executable(json, "missing"), None);
+        assert_eq!(artifact_executable(json, Target::Test, "missing"), None);
     }
 
     #[test]

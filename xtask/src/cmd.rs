@@ -322,6 +322,78 @@ fn shell_quote(word: &str) -> Cow<'_, str> {
     }
 }
 
+/// The tools among `tools` that do not run (`<tool> --version` fails or is not found on `PATH`),
+/// in the order given.
+pub fn missing_tools<'a>(tools: &[&'a str]) -> Vec<&'a str> {
+    tools
+        .iter()
+        .copied()
+        .filter(|tool| !Cmd::new(tool).arg("--version").probe())
+        .collect()
+}
+
+/// Installs the Debian `package` with apt-get when any of `tools` (which it provides) does not
+/// run, so that xtask alone sets up a fresh CI machine (Debian, as root). Checks the tools again
+/// afterwards.
+pub fn ensure_apt_package(package: &str, tools: &[&str]) -> Result<()> {
+    let missing = missing_tools(tools);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!(
+        "{} not found; installing {package} with apt-get",
+        missing.join(", ")
+    );
+    let installed = Cmd::new("apt-get")
+        .args(["update", "-qq"])
+        .run()
+        .and_then(|()| {
+            Cmd::new("apt-get")
+                .args(["install", "-y", "-qq", package])
+                .run()
+        });
+    let still_missing = missing_tools(tools);
+    match installed {
+        Ok(()) if still_missing.is_empty() => Ok(()),
+        Ok(()) => Err(Error::new(format!(
+            "{package} is installed but {} still does not run",
+            still_missing.join(", ")
+        ))),
+        Err(err) => Err(Error::new(format!(
+            "{} missing, and installing {package} failed ({err}); install it by hand \
+             (Debian: apt-get install {package})",
+            missing.join(", ")
+        ))),
+    }
+}
+
+/// What kind of cargo target an executable is looked up for in cargo's JSON messages.
+#[derive(Clone, Copy, Debug)]
+pub enum Target {
+    /// An integration test (`--test NAME`).
+    Test,
+    /// An example (`--example NAME`).
+    Example,
+}
+
+/// The `executable` of the `kind` target named `name` in cargo's JSON messages
+/// (`--message-format json`), so that `CARGO_TARGET_DIR` and profiles are honoured.
+pub fn artifact_executable(messages: &str, kind: Target, name: &str) -> Option<String> {
+    let name = format!("\"name\":\"{name}\"");
+    let kind = match kind {
+        Target::Test => "\"test\":true",
+        Target::Example => "\"kind\":[\"example\"]",
+    };
+    messages
+        .lines()
+        .filter(|line| line.contains(&name) && line.contains(kind))
+        .find_map(|line| {
+            let start = line.find("\"executable\":\"")? + "\"executable\":\"".len();
+            let len = line[start..].find('"')?;
+            Some(line[start..start + len].to_owned())
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

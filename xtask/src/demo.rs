@@ -63,7 +63,7 @@ pub fn run() -> Result<ExitCode> {
     // first thing the demo says is which client will drive the server.
     let driver = Driver::choose(
         std::env::var(CLIENT_VAR).ok().as_deref(),
-        nbd::missing_tools,
+        crate::cmd::missing_tools,
     )?;
     println!("demo: {}", driver.describe());
     step(
@@ -583,7 +583,7 @@ mod tests {
         assert!(!all_bytes(&bytes, 3));
     }
 
-    /// A stand-in for `nbd::missing_tools` on a machine where `absent` do not run.
+    /// A stand-in for `crate::cmd::missing_tools` on a machine where `absent` do not run.
     fn machine(
         absent: &'static [&'static str],
     ) -> impl FnOnce(&[&'static str]) -> Vec<&'static str> {
@@ -647,7 +647,7 @@ mod tests {
         // `cargo` sets CARGO for the tests it runs; it names a program that certainly runs.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
         assert_eq!(
-            nbd::missing_tools(&["/nonexistent/qemu-img", &cargo]),
+            crate::cmd::missing_tools(&["/nonexistent/qemu-img", &cargo]),
             ["/nonexistent/qemu-img"]
         );
     }

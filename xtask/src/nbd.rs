@@ -13,7 +13,10 @@ use std::process::{Child, ExitStatus};
 use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::cmd::{Cmd, Context, Error, Result, project_root, secs};
+use crate::cmd::{
+    Cmd, Context, Error, Result, Target, artifact_executable, ensure_apt_package, project_root,
+    secs,
+};
 
 /// The example's name, as in `cargo build -p aio --example nbd-server`.
 const SERVER_EXAMPLE: &str = "nbd-server";
@@ -45,7 +48,7 @@ pub fn build_server() -> Result<PathBuf> {
         // Diagnostics still reach the terminal, rendered; only artifact records go to stdout.
         .args(["--message-format", "json-render-diagnostics"])
         .stdout()?;
-    example_executable(&messages, SERVER_EXAMPLE)
+    artifact_executable(&messages, Target::Example, SERVER_EXAMPLE)
         .map(PathBuf::from)
         .ok_or_else(|| {
             Error::new(format!(
@@ -54,60 +57,10 @@ pub fn build_server() -> Result<PathBuf> {
         })
 }
 
-/// The `executable` of the example named `name` in cargo's JSON messages.
-fn example_executable(messages: &str, name: &str) -> Option<String> {
-    let name = format!("\"name\":\"{name}\"");
-    messages
-        .lines()
-        .filter(|line| line.contains(&name) && line.contains("\"kind\":[\"example\"]"))
-        .find_map(|line| {
-            let start = line.find("\"executable\":\"")? + "\"executable\":\"".len();
-            let len = line[start..].find('"')?;
-            Some(line[start..start + len].to_owned())
-        })
-}
-
-/// Whether `qemu-img`, `qemu-io` and `qemu-nbd` (Debian's `qemu-utils`) all run.
-pub fn qemu_utils_present() -> bool {
-    missing_tools(&["qemu-img", "qemu-io", "qemu-nbd"]).is_empty()
-}
-
-/// The tools among `tools` that do not run (`<tool> --version` fails or is not found on `PATH`),
-/// in the order given.
-pub fn missing_tools<'a>(tools: &[&'a str]) -> Vec<&'a str> {
-    tools
-        .iter()
-        .copied()
-        .filter(|tool| !Cmd::new(tool).arg("--version").probe())
-        .collect()
-}
-
-/// Installs `qemu-utils` through apt-get when a qemu tool is missing, like `ci.rs` does for
-/// valgrind, so that `cargo xtask bench nbd` and `cargo xtask ci` alone set up a fresh Debian
-/// machine.
+/// Installs Debian's `qemu-utils` (qemu-img, qemu-io, qemu-nbd) with apt-get when one of them
+/// is missing, so that `cargo xtask bench nbd` and `cargo xtask ci` alone set up a fresh machine.
 pub fn ensure_qemu_utils() -> Result<()> {
-    if qemu_utils_present() {
-        return Ok(());
-    }
-    eprintln!("qemu-img, qemu-io or qemu-nbd not found; installing qemu-utils with apt-get");
-    let installed = Cmd::new("apt-get")
-        .args(["update", "-qq"])
-        .run()
-        .and_then(|()| {
-            Cmd::new("apt-get")
-                .args(["install", "-y", "-qq", "qemu-utils"])
-                .run()
-        });
-    match installed {
-        Ok(()) if qemu_utils_present() => Ok(()),
-        Ok(()) => Err(Error::new(
-            "qemu-utils is installed but qemu-img, qemu-io or qemu-nbd still does not run",
-        )),
-        Err(err) => Err(Error::new(format!(
-            "qemu-img, qemu-io and qemu-nbd are missing, and installing qemu-utils failed \
-             ({err}); install it by hand (Debian: apt-get install qemu-utils)"
-        ))),
-    }
+    ensure_apt_package("qemu-utils", &["qemu-img", "qemu-io", "qemu-nbd"])
 }
 
 /// The first line of `<tool> --version`, for reports; `unknown` if the tool does not answer.
@@ -479,10 +432,10 @@ mod tests {
             "\n",
         );
         assert_eq!(
-            example_executable(messages, "nbd-server").as_deref(),
+            artifact_executable(messages, Target::Example, "nbd-server").as_deref(),
             Some("/t/release/examples/nbd-server")
         );
-        assert_eq!(example_executable(messages, "demo"), None);
+        assert_eq!(artifact_executable(messages, Target::Example, "demo"), None);
     }
 
     #[test]

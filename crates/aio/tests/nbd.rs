@@ -1417,16 +1417,21 @@ fn a_thousand_connections_leak_no_fds_and_little_memory() {
     f.assert_serves();
 }
 
-/// The server's RSS once it has settled: the largest of a few samples a little apart, so that a
-/// growth still in progress is seen.
-fn settled_rss_kib(srv: &Server) -> u64 {
-    (0..5)
+/// Checks that the server's RSS, once settled, is less than `limit_kib` above `before_kib`. The
+/// figure is the largest of a few samples a little apart, so a growth still in progress is seen.
+fn assert_rss_growth_below(srv: &Server, before_kib: u64, limit_kib: u64, what: &str) {
+    let after_kib = (0..5)
         .map(|_| {
             thread::sleep(Duration::from_millis(100));
             srv.rss_kib()
         })
         .max()
-        .unwrap_or(0)
+        .unwrap_or(0);
+    eprintln!("{what}: RSS {before_kib} KiB -> {after_kib} KiB");
+    assert!(
+        after_kib < before_kib + limit_kib,
+        "RSS grew from {before_kib} KiB to {after_kib} KiB for {what}"
+    );
 }
 
 #[test]
@@ -1444,14 +1449,10 @@ fn a_client_that_never_reads_its_replies_cannot_grow_server_memory() {
         .collect();
     c.send_reads_at_once(&ranges).unwrap();
     thread::sleep(Duration::from_secs(1));
-    let rss_after = settled_rss_kib(&f.srv);
-    eprintln!("backlog: RSS {rss_before} KiB -> {rss_after} KiB");
     // The bound: 64 MiB of payload in flight, 16 MiB of unsent replies, one reply being sent,
     // socket buffers. 160 MiB leaves room for the allocator and none for a second GiB.
-    assert!(
-        rss_after < rss_before + 160 * 1024,
-        "RSS grew from {rss_before} KiB to {rss_after} KiB for one client that reads nothing"
-    );
+    let what = "one client that reads nothing";
+    assert_rss_growth_below(&f.srv, rss_before, 160 * 1024, what);
     drop(c);
     f.assert_serves();
 }
@@ -1473,12 +1474,7 @@ fn write_headers_without_payload_do_not_reserve_memory() {
         })
         .collect();
     thread::sleep(Duration::from_millis(300));
-    let rss_after = settled_rss_kib(&f.srv);
-    eprintln!("payload: RSS {rss_before} KiB -> {rss_after} KiB");
-    assert!(
-        rss_after < rss_before + 32 * 1024,
-        "RSS grew from {rss_before} KiB to {rss_after} KiB for 20 one-byte write payloads"
-    );
+    assert_rss_growth_below(&f.srv, rss_before, 32 * 1024, "20 one-byte write payloads");
     drop(clients);
     f.assert_serves();
 }

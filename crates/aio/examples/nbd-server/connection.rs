@@ -286,31 +286,25 @@ impl Conn {
     fn on_readable(&mut self, ctx: &AioContext) {
         let mut budget = READ_BUDGET;
         while self.wants_read() && budget > 0 {
-            if self.payload.is_some() {
-                match self.read_payload() {
-                    Some(n) => budget = budget.saturating_sub(n),
-                    None => break,
-                }
-                continue;
-            }
-            self.make_room();
-            let Some(sock) = &self.sock else { break };
-            match sock.read(&mut self.inbuf[self.in_end..]) {
+            let Some((result, room)) = self.read_some() else {
+                break;
+            };
+            match result {
                 Ok(0) => {
                     // End of stream. Requests in flight still complete (their replies may
                     // still be read if the client only shut down its sending side).
-                    if self.phase == Phase::Transmission && self.in_end > self.in_start {
-                        self.log("disconnected in the middle of a request");
+                    if self.payload.is_some() {
+                        self.log("disconnected in the middle of a write payload");
                     } else if self.phase != Phase::Transmission {
                         self.log("disconnected during the handshake");
+                    } else if self.in_end > self.in_start {
+                        self.log("disconnected in the middle of a request");
                     }
                     self.read_done = true;
                 }
                 Ok(n) => {
-                    let room = self.inbuf.len() - self.in_end;
-                    self.in_end += n;
                     budget = budget.saturating_sub(n);
-                    self.process();
+                    self.received(n);
                     if n < room {
                         // The socket is very likely empty now; if more arrived meanwhile, the
                         // level-triggered handler runs again. Saves a read that would only
@@ -330,41 +324,37 @@ impl Conn {
         self.update(ctx);
     }
 
-    /// Reads more of the arriving write payload, straight into its buffer, and submits the
-    /// write once it is whole. `None` when reading should stop for now (the socket is empty or
-    /// closed); `Some(bytes read)` otherwise.
-    fn read_payload(&mut self) -> Option<usize> {
-        let (Some(sock), Some((req, data))) = (&self.sock, &mut self.payload) else {
-            return None;
-        };
-        let filled = data.len();
-        // Zero only what this read may fill: the buffer's pages are touched as data arrives.
-        let want = (req.length as usize - filled).min(READ_BUDGET);
-        data.resize(filled + want, 0);
-        let result = sock.read(&mut data[filled..]);
-        data.truncate(filled + *result.as_ref().unwrap_or(&0));
-        match result {
-            Ok(0) => {
-                self.log("disconnected in the middle of a write payload");
-                self.read_done = true;
-                None
-            }
-            Ok(n) => {
-                if data.len() == req.length as usize {
-                    let (req, data) = self.payload.take().expect("matched above");
-                    self.submit(req, Some(data));
-                }
-                // A short read very likely emptied the socket (see `on_readable`).
-                (n == want).then_some(n)
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => Some(0),
-            Err(e) => {
-                self.log(&format!("read error: {e}"));
-                self.abort();
-                None
-            }
+    /// One read from the socket: into the arriving write payload's own buffer if there is one,
+    /// else into the read buffer. Returns the result and how much room the read had (`None`
+    /// once the socket is closed).
+    fn read_some(&mut self) -> Option<(io::Result<usize>, usize)> {
+        if let (Some(sock), Some((req, data))) = (&self.sock, &mut self.payload) {
+            let filled = data.len();
+            // Zero only what this read may fill: the pages are touched as data arrives.
+            let room = (req.length as usize - filled).min(READ_BUDGET);
+            data.resize(filled + room, 0);
+            let result = sock.read(&mut data[filled..]);
+            data.truncate(filled + *result.as_ref().unwrap_or(&0));
+            return Some((result, room));
         }
+        self.make_room();
+        let sock = self.sock.as_ref()?;
+        let room = self.inbuf.len() - self.in_end;
+        Some((sock.read(&mut self.inbuf[self.in_end..]), room))
+    }
+
+    /// Acts on `n` bytes just read by [`read_some`](Self::read_some): a write whose payload
+    /// is now whole goes to the pool, and complete messages in the read buffer are handled.
+    fn received(&mut self, n: usize) {
+        match &self.payload {
+            Some((req, data)) if data.len() == req.length as usize => {
+                let (req, data) = self.payload.take().expect("matched above");
+                self.submit(req, Some(data));
+            }
+            Some(_) => return,
+            None => self.in_end += n,
+        }
+        self.process();
     }
 
     fn on_writable(&mut self, ctx: &AioContext) {
