@@ -39,8 +39,8 @@ use crate::handler::{
     HandlerBuilder, HandlerNode, NodeKind, NodeParts, PollCallbacks, Registry, raw_fd_of,
 };
 use crate::sync::{
-    Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, signal_fence, thread_local,
-    thread_marker, timer_notify,
+    Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, signal_fence, thread_id, thread_local,
+    timer_notify,
 };
 use crate::{FdHandler, sys};
 use std::any::Any;
@@ -71,8 +71,8 @@ pub(crate) struct Shared {
     event: EventNotifier,
     /// Pending bottom halves.
     pub(crate) bhs: PendingBhs,
-    /// [`thread_marker`] of the home thread.
-    home: usize,
+    /// [`thread_id`] of the home thread.
+    home: u64,
     /// True from the moment a blocking iteration starts computing its timeout until its wait
     /// is over (and between an outer loop's `prepare` and `check`). Written and read only by
     /// the home thread, signal handlers included; see `notify_scheduled`.
@@ -111,13 +111,6 @@ impl Shared {
         if self.notify_me.load(Ordering::Relaxed) != 0 {
             self.write_event();
         }
-        // The same fence orders a caller's BH push before this load; `Inner::drop` stores
-        // `alive = false` and fences before it drains the list. So either that drain sees the
-        // push, or this load sees `false` and the BHs are freed here, never run, never leaked
-        // (a closure holding a `BottomHalf` of its own context would otherwise be a cycle).
-        if !self.alive.load(Ordering::Relaxed) {
-            drop(self.bhs.take_remote());
-        }
     }
 
     /// Notify after scheduling work (a BH, a handler change): as [`notify`](Self::notify), but
@@ -130,14 +123,40 @@ impl Shared {
     /// the home thread between computing the timeout and the fenced re-check, or in the wait)
     /// it is needed, and done. This is tokio's "no self-wake" (tokio#7570); QEMU always
     /// notifies. An explicit `notify()` keeps QEMU's semantics.
+    ///
+    /// Never frees anything, so a plain schedule stays async-signal-safe.
     pub(crate) fn notify_scheduled(&self) {
-        if !self.window.load(Ordering::Relaxed)
-            && self.alive.load(Ordering::Relaxed)
-            && thread_marker() == self.home
-        {
-            return;
+        self.wake_after_link();
+    }
+
+    /// Notify after linking a BH whose link owns a reference (a delete, a one-shot): as
+    /// [`notify_scheduled`](Self::notify_scheduled), and if the loop is gone, free what is
+    /// linked. Otherwise nobody would: a deleted BH whose closure holds a `BottomHalf` of its
+    /// own context would be a reference cycle through this `Shared`.
+    pub(crate) fn notify_transferred(&self) {
+        if !self.wake_after_link() {
+            drop(self.bhs.take_remote());
+        }
+    }
+
+    /// Wakes the loop after a BH was linked, if needed, and returns whether the loop still
+    /// exists, as seen after the link.
+    ///
+    /// `notify`'s full fence orders the caller's push before the load of `alive` below;
+    /// `Inner::drop` stores `alive = false` and fences before it drains the lists. So either
+    /// that drain sees the push, or this load sees `false` and the caller drains. On the home
+    /// thread no fence is needed: `alive` changes only there (`Inner::drop`), in program order.
+    fn wake_after_link(&self) -> bool {
+        if thread_id() == self.home {
+            if !self.alive.load(Ordering::Relaxed) {
+                return false;
+            }
+            if !self.window.load(Ordering::Relaxed) {
+                return true;
+            }
         }
         self.notify();
+        self.alive.load(Ordering::Relaxed)
     }
 
     /// Opens or closes the blocking window (home thread only).
@@ -498,8 +517,8 @@ impl AioContext {
             notify_me: AtomicU32::new(0),
             notified: AtomicBool::new(false),
             event,
-            bhs: PendingBhs::new(thread_marker()),
-            home: thread_marker(),
+            bhs: PendingBhs::new(thread_id()),
+            home: thread_id(),
             window: AtomicBool::new(false),
             alive: AtomicBool::new(true),
             #[cfg(aio_loom)]
