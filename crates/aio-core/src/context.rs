@@ -321,16 +321,21 @@ impl Inner {
 
     /// Marks `node` deleted, forgets its key and tells the monitor.
     pub(crate) fn remove_node(&self, key: HandlerKey) {
-        let Some(node) = self.registry.borrow_mut().remove(key) else {
+        let removed = self.registry.borrow_mut().remove(key);
+        let Some(node) = removed else {
             return;
         };
         if node.in_monitor.replace(false) {
             let change = Change::Remove { key, fd: node.fd };
-            if let Err(e) = self.monitor.borrow_mut().update(change) {
+            let result = self.monitor.borrow_mut().update(change);
+            if let Err(e) = result {
                 tracing::warn!("aio: backend failed to forget fd {}: {e}", node.fd);
             }
         }
         self.shared.notify_scheduled();
+        // Last, with no borrow held: its callbacks may own other handlers, whose drop comes
+        // back here (QEMU frees the node outside the list lock for the same reason).
+        drop(node);
     }
 
     /// Runs the monitor's wait, counting it for [`Stats`]. A failure is logged and treated as
@@ -846,6 +851,11 @@ impl AioContext {
     }
 
     /// Registers a node built from `parts`, replacing `old` if given. Returns the new key.
+    ///
+    /// Nothing user-owned is dropped while a table is borrowed: a callback may own another
+    /// [`FdHandler`], whose drop unregisters it and so borrows the registry and the monitor
+    /// again. The new node is therefore built before any borrow, and both it (when the change
+    /// is refused) and the replaced node are dropped here, after every borrow is released.
     pub(crate) fn add_node(
         &self,
         parts: NodeParts,
@@ -853,13 +863,48 @@ impl AioContext {
         old: Option<HandlerKey>,
     ) -> io::Result<HandlerKey> {
         let inner = &*self.inner;
-        let fd = parts.fd;
-        sys::check_fd_open(fd)?;
+        sys::check_fd_open(parts.fd)?;
+        // `next_key` only reserves the index; nothing runs between here and `link_node`.
+        let key = inner.registry.borrow_mut().next_key();
+        let node = Rc::new(parts.build(key, interest));
+        let linked = self.link_node(&node, old);
+        // On success the registry holds the node too; on error this was the only reference and
+        // the refused callbacks are dropped now, with no borrow held.
+        drop(node);
+        let replaced = linked?;
+        // QEMU notifies after every change so that a sleeping loop re-evaluates its fd set; a
+        // registration from inside a callback makes the next blocking iteration not block once.
+        // Here the change is made on the home thread itself, so that is only needed inside a
+        // blocking window (see `notify_scheduled`).
+        inner.shared.notify_scheduled();
+        // The replaced node's callbacks go too (unless a dispatch still holds it), likewise
+        // with no borrow held.
+        drop(replaced);
+        Ok(key)
+    }
+
+    /// Tells the monitor about `node` and puts it in the registry in place of `old`. Returns
+    /// the replaced node, for the caller to drop once no table is borrowed.
+    fn link_node(
+        &self,
+        node: &Rc<HandlerNode>,
+        old: Option<HandlerKey>,
+    ) -> io::Result<Option<Rc<HandlerNode>>> {
+        let inner = &*self.inner;
+        let (key, fd, interest) = (node.key, node.fd, node.interest);
         let mut registry = inner.registry.borrow_mut();
-        let old_node = match old {
-            Some(old) => Some(registry.get(old).cloned().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, "the handler was already removed")
-            })?),
+        // Whether the old node is watched; read without cloning it, so that no reference to a
+        // user-owned node is dropped on the error paths below while the registry is borrowed.
+        let old_watched = match old {
+            Some(old) => Some(
+                registry
+                    .get(old)
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, "the handler was already removed")
+                    })?
+                    .in_monitor
+                    .get(),
+            ),
             None => {
                 if registry.key_of_fd(fd).is_some() {
                     return Err(io::Error::new(
@@ -870,17 +915,15 @@ impl AioContext {
                 None
             }
         };
-        let key = registry.next_key();
-        let node = Rc::new(parts.build(key, interest));
         let watch = !(node.external && inner.external_disabled());
-        let change = match &old_node {
-            Some(old) if old.in_monitor.get() && watch => Some(Change::Modify {
-                old: old.key,
+        let change = match (old, old_watched) {
+            (Some(old), Some(true)) if watch => Some(Change::Modify {
+                old,
                 new: key,
                 fd,
                 interest,
             }),
-            Some(old) if old.in_monitor.get() => Some(Change::Remove { key: old.key, fd }),
+            (Some(old), Some(true)) => Some(Change::Remove { key: old, fd }),
             _ if watch => Some(Change::Add { key, fd, interest }),
             _ => None,
         };
@@ -890,19 +933,13 @@ impl AioContext {
         // Insert before removing the old node: `insert` claims the index `next_key` reserved,
         // and `remove` frees the old one (and leaves `by_fd`, now the new key's, alone).
         node.in_monitor.set(watch);
-        registry.insert(node);
-        if let Some(old) = &old_node {
-            old.in_monitor.set(false);
-            let removed = registry.remove(old.key);
-            debug_assert!(removed.is_some());
+        registry.insert(node.clone());
+        let replaced = old.and_then(|old| registry.remove(old));
+        debug_assert_eq!(replaced.is_some(), old.is_some());
+        if let Some(replaced) = &replaced {
+            replaced.in_monitor.set(false);
         }
-        drop(registry);
-        // QEMU notifies after every change so that a sleeping loop re-evaluates its fd set; a
-        // registration from inside a callback makes the next blocking iteration not block once.
-        // Here the change is made on the home thread itself, so that is only needed inside a
-        // blocking window (see `notify_scheduled`).
-        inner.shared.notify_scheduled();
-        Ok(key)
+        Ok(replaced)
     }
 
     /// Stops watching and dispatching handlers registered as external (QEMU

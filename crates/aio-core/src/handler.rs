@@ -73,6 +73,11 @@ pub(crate) struct HandlerNode {
     pub(crate) external: bool,
     read: Cell<Option<IoCallback>>,
     write: Cell<Option<IoCallback>>,
+    /// Kept (and dropped with the node) but not read until adaptive polling lands.
+    #[expect(
+        dead_code,
+        reason = "reserved for adaptive polling: stored, never called yet"
+    )]
     pub(crate) poll: PollCallbacks,
     /// Set once, when the handler is removed or replaced.
     pub(crate) deleted: Cell<bool>,
