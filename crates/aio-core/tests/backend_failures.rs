@@ -9,7 +9,9 @@ use std::cell::Cell;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+use std::time::{Duration, Instant};
 
 /// What the test tells its monitor, and what the monitor saw.
 #[derive(Debug, Default)]
@@ -107,6 +109,79 @@ fn socket_pair() -> (UnixStream, UnixStream) {
     a.set_nonblocking(true).unwrap();
     b.set_nonblocking(true).unwrap();
     (a, b)
+}
+
+/// Defect 3: with every wait failing, a loop of blocking polls must back off instead of
+/// spinning. Counted, not timed: a spinning loop makes hundreds of thousands of waits in the
+/// period, the back-off (1 ms doubling to 100 ms) about ten, a slow machine fewer.
+#[test]
+fn failing_waits_do_not_spin() {
+    let (ctx, switches, _) = flaky_context();
+    switches.fail_waits.set(true);
+    let period = Duration::from_millis(300);
+    let start = Instant::now();
+    let mut polls = 0u64;
+    while start.elapsed() < period {
+        assert!(!ctx.poll(), "nothing is scheduled");
+        polls += 1;
+    }
+    let waits = switches.waits.get();
+    eprintln!("{waits} failing waits in {period:?}");
+    assert_eq!(waits, polls, "each blocking poll waits once");
+    assert!(
+        waits <= 20,
+        "{waits} failing waits in {period:?}: poll() spins on a failing backend"
+    );
+    assert_eq!(ctx.stats().waits, waits);
+}
+
+/// Defect 3: `try_poll` returns the wait's error, dispatches nothing, and `Stats` counts it;
+/// `poll()` on the same failure still runs BHs; a working wait resets everything.
+#[test]
+fn try_poll_returns_the_wait_error_and_stats_count_it() {
+    let (ctx, switches, _) = flaky_context();
+    let (mut a, b) = socket_pair();
+    // A handler without polling callbacks: non-blocking iterations must ask the backend too.
+    let reads = Rc::new(Cell::new(0u32));
+    let r = reads.clone();
+    let _h = ctx
+        .fd_handler(&b)
+        .on_read(move |_| r.set(r.get() + 1))
+        .register()
+        .unwrap();
+    assert!(!ctx.poll_nonblocking());
+    let before = ctx.stats();
+    assert_eq!(before.wait_errors, 0);
+
+    switches.fail_waits.set(true);
+    let ran = Arc::new(AtomicU32::new(0));
+    let r2 = ran.clone();
+    ctx.schedule_oneshot(move || {
+        r2.fetch_add(1, SeqCst);
+    });
+    a.write_all(b"x").unwrap();
+    let err = ctx.try_poll().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    assert_eq!(ran.load(SeqCst), 0, "Err: nothing was dispatched");
+    let err = ctx.try_poll_nonblocking().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPERM), "{err}");
+    assert_eq!((ran.load(SeqCst), reads.get()), (0, 0));
+    let stats = ctx.stats();
+    assert_eq!(stats.waits, before.waits + 2);
+    assert_eq!(stats.wait_errors, 2);
+
+    // poll() logs the failure, counts it, and still runs the BH (the timeout is zero, so it
+    // does not sleep); the fd cannot be seen while the backend fails.
+    assert!(ctx.poll());
+    assert_eq!((ran.load(SeqCst), reads.get()), (1, 0));
+    assert_eq!(ctx.stats().wait_errors, 3);
+    assert_eq!(ctx.stats().waits, before.waits + 3);
+
+    // The backend recovers: the handler runs, and errors stop counting.
+    switches.fail_waits.set(false);
+    assert!(ctx.try_poll_nonblocking().unwrap());
+    assert_eq!(reads.get(), 1);
+    assert_eq!(ctx.stats().wait_errors, 3);
 }
 
 /// Defect 5: a registration the backend refuses returns `Err`, also when the refused handler's
