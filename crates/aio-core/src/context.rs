@@ -385,9 +385,7 @@ impl Inner {
                 self.wait_errors.set(self.wait_errors.get() + 1);
                 if in_a_row.is_power_of_two() {
                     let backend = self.monitor.borrow().name();
-                    tracing::warn!(
-                        "aio: {backend} backend wait failed ({in_a_row} in a row; backing off): {e}"
-                    );
+                    tracing::warn!("aio: {backend} backend wait failed ({in_a_row} in a row): {e}");
                 }
                 Err(e)
             }
