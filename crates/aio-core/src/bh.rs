@@ -1198,6 +1198,66 @@ mod tests {
         drop(taken);
     }
 
+    /// After the context is gone, only a thread that transferred a reference to a link (a
+    /// delete, a one-shot) frees what is linked; a plain schedule, which may come from a signal
+    /// handler, never frees anything ([BH-8]).
+    #[test]
+    fn after_the_context_is_gone_only_a_transfer_frees() {
+        use std::sync::atomic::AtomicUsize;
+        struct Drops(std::sync::Arc<AtomicUsize>);
+        impl Drop for Drops {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        /// A monitor that watches nothing: this test never waits.
+        #[derive(Debug)]
+        struct NoFds;
+        impl crate::FdMonitor for NoFds {
+            fn name(&self) -> &'static str {
+                "none"
+            }
+            fn update(&mut self, _: crate::fdmon::Change) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn wait(
+                &mut self,
+                _: &mut crate::fdmon::ReadyList,
+                _: Option<Duration>,
+            ) -> std::io::Result<usize> {
+                Ok(0)
+            }
+            fn outer_fds(&self, _: &mut Vec<crate::fdmon::OuterFd>) {}
+        }
+        let ctx = crate::AioContext::new(Box::new(NoFds)).unwrap();
+        let drops = std::sync::Arc::new(AtomicUsize::new(0));
+        let guard = Drops(drops.clone());
+        let deleted = ctx.bh(move || {
+            let _keep = &guard;
+        });
+        let plain = ctx.bh(|| {});
+        let shared = ctx.inner.shared.clone();
+        drop(ctx);
+        // Link `deleted` as a delete would, but without the delete's own drain: the state a
+        // delete racing with the context's drop can leave.
+        let link = deleted.flags().set_pending(Flags::DELETED);
+        shared.bhs.apply(deleted.node, link);
+        std::mem::forget(deleted); // its reference now belongs to the link
+        plain.schedule(); // what a signal handler may do: frees nothing
+        shared.notify_scheduled();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            0,
+            "a plain schedule freed memory"
+        );
+        shared.notify_transferred();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "a transfer drains the dead list"
+        );
+    }
+
     #[test]
     fn flags_debug_names_each_bit() {
         let f = Flags::PENDING | Flags::DELETED;
