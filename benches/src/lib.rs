@@ -14,7 +14,7 @@
 use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -502,29 +502,43 @@ impl Drop for Pinned {
     }
 }
 
-/// Pins the calling thread to `cpu` (B4: loop thread on cpu0, remote thread on cpu1). Returns
-/// `None`, leaving the thread as it was, when the machine has fewer than 2 CPUs, the thread may
-/// not run on `cpu`, or the kernel refuses.
-pub fn pin_current_thread(cpu: usize) -> Option<Pinned> {
-    if thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+/// The CPUs the process may use, as the first [`pin_current_thread`] found them (read from the
+/// calling thread before it pinned anything). A thread spawned by a pinned thread inherits its
+/// one-CPU mask, so its own mask cannot say whether another CPU is allowed: B4's loop threads
+/// are spawned by the remote thread after it pinned itself to cpu1.
+static ALLOWED_CPUS: OnceLock<Option<libc::cpu_set_t>> = OnceLock::new();
+
+/// The calling thread's CPU affinity mask.
+fn current_affinity() -> Option<libc::cpu_set_t> {
+    // SAFETY: `cpu_set_t` is a plain bit array, for which all zeroes is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; the pointer and size describe `set`, which outlives
+    // the call.
+    if unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
         return None;
     }
+    Some(set)
+}
+
+/// Pins the calling thread to `cpu` (B4: loop thread on cpu0, remote thread on cpu1). Returns
+/// `None`, leaving the thread as it was, when the process may run on fewer than 2 CPUs or not on
+/// `cpu` (its mask at the first call, see [`ALLOWED_CPUS`]), or the kernel refuses.
+pub fn pin_current_thread(cpu: usize) -> Option<Pinned> {
     let size = size_of::<libc::cpu_set_t>();
     if cpu >= 8 * size {
         return None;
     }
+    // Not `available_parallelism`: it reads the calling thread's mask, which is one CPU in a
+    // thread spawned by a pinned one.
+    let allowed = ALLOWED_CPUS.get_or_init(current_affinity).as_ref()?;
+    // SAFETY: `allowed` is an initialized `cpu_set_t`.
+    let allowed_count = unsafe { libc::CPU_COUNT(allowed) };
+    // SAFETY: `allowed` is an initialized `cpu_set_t` and `cpu` is below its bit count.
+    if allowed_count < 2 || !unsafe { libc::CPU_ISSET(cpu, allowed) } {
+        return None;
+    }
+    let previous = current_affinity()?;
     // SAFETY: `cpu_set_t` is a plain bit array, for which all zeroes is a valid (empty) set.
-    let mut previous: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: pid 0 is the calling thread; the pointer and size describe `previous`, which
-    // outlives the call.
-    if unsafe { libc::sched_getaffinity(0, size, &mut previous) } != 0 {
-        return None;
-    }
-    // SAFETY: `previous` is an initialized `cpu_set_t` and `cpu` is below its bit count.
-    if !unsafe { libc::CPU_ISSET(cpu, &previous) } {
-        return None;
-    }
-    // SAFETY: as for `previous` above.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is an initialized `cpu_set_t` and `cpu` is below its bit count.
     unsafe { libc::CPU_SET(cpu, &mut set) };
@@ -575,5 +589,44 @@ fn per_op(count: u64, ops: u64) -> f64 {
         0.0
     } else {
         count as f64 / ops as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPUs in the calling thread's mask.
+    fn cpus_of_this_thread() -> Vec<usize> {
+        let set = current_affinity().expect("sched_getaffinity failed");
+        // SAFETY: `set` is an initialized `cpu_set_t` and every `c` is below its bit count.
+        (0..8 * size_of::<libc::cpu_set_t>())
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect()
+    }
+
+    /// The B4 layout: a thread pinned to cpu1 spawns the loop thread, which pins itself to cpu0
+    /// (its inherited mask is {1}); dropping the pins restores each thread's mask.
+    #[test]
+    fn a_thread_spawned_by_a_pinned_thread_pins_to_another_cpu() {
+        let before = cpus_of_this_thread();
+        if !(before.contains(&0) && before.contains(&1)) {
+            println!("skipped: this process may not run on both cpu0 and cpu1 ({before:?})");
+            return;
+        }
+        let remote = pin_current_thread(1).expect("pinning to cpu1 failed");
+        assert_eq!(cpus_of_this_thread(), [1]);
+        let in_loop_thread = thread::spawn(|| {
+            let inherited = cpus_of_this_thread();
+            let pin = pin_current_thread(0);
+            let pinned = cpus_of_this_thread();
+            drop(pin);
+            (inherited, pinned, cpus_of_this_thread())
+        })
+        .join()
+        .expect("the spawned thread panicked");
+        assert_eq!(in_loop_thread, (vec![1], vec![0], vec![1]));
+        drop(remote);
+        assert_eq!(cpus_of_this_thread(), before);
     }
 }
