@@ -52,8 +52,8 @@ pub const BACKENDS: &[&str] = &["poll", "poll+epoll", "epoll", "io_uring"];
 
 /// Crates that carry loom models as `crates/<crate>/tests/loom_*.rs` (directory name = package
 /// name). Listing a crate here asserts that it has models: finding none fails the step, since a
-/// check that cannot fail is a defect. Add `threadpool` when `loom_request.rs` exists.
-const LOOM_CRATES: &[&str] = &["aio-core"];
+/// check that cannot fail is a defect.
+const LOOM_CRATES: &[&str] = &["aio-core", "threadpool", "timers"];
 
 /// Loom's preemption bound. DESIGN.md §7 fixes it at 2: exhaustive beyond that, the models
 /// would not finish inside the CI budget on two cores.

@@ -10,9 +10,10 @@
 //! - in `crates/`, every `unsafe {` block and `unsafe impl` has a comment containing `SAFETY` on
 //!   the same line or within the 3 non-blank lines above it; a longer block of comments (and
 //!   attributes) directly above also counts, so a `// SAFETY:` paragraph may run past 3 lines;
-//! - in `crates/aio-core/src/`, only `sync.rs` names `std::sync` (and `testing.rs`, which is test
-//!   code): every atomic, fence and shared pointer of the loop's protocols goes through the
-//!   `sync` module, so that the loom models check the real code;
+//! - in the `src/` of `aio-core`, `timers` and `threadpool` ([`SYNC_CRATES`]), only `sync.rs`
+//!   names `std::sync` or `parking_lot` (and aio-core's `testing.rs`, which is test code): every
+//!   atomic, lock, fence and shared pointer of their cross-thread protocols goes through the
+//!   crate's `sync` module, so that the loom models check the real code;
 //! - no trailing whitespace.
 //!
 //! Each violation is printed as `path:line: message`, and any violation fails the check. The
@@ -34,6 +35,9 @@ const FORBIDDEN_MACROS: &[&str] = &[
     concat!("to", "do!"),
     concat!("unimpl", "emented!"),
 ];
+
+/// Crates whose concurrency primitives come from their own `src/sync.rs` (the loom switch).
+const SYNC_CRATES: &[&str] = &["aio-core", "timers", "threadpool"];
 
 /// How many non-blank lines above an `unsafe` line may hold its `SAFETY` comment.
 const SAFETY_WINDOW: usize = 3;
@@ -181,10 +185,13 @@ pub fn check_file(path: &str, text: &str) -> Vec<Violation> {
             );
         }
 
-        if !is_comment && line.contains("std::sync") && must_use_sync_module(path) {
+        if !is_comment
+            && (line.contains("std::sync") || line.contains("parking_lot"))
+            && must_use_sync_module(path)
+        {
             report(
                 lineno,
-                "concurrency primitives in aio-core come from `crate::sync` (loom switch)".into(),
+                "concurrency primitives come from the crate's `sync` module (loom switch)".into(),
             );
         }
 
@@ -195,9 +202,12 @@ pub fn check_file(path: &str, text: &str) -> Vec<Violation> {
     out
 }
 
-/// Library files of aio-core other than the `sync` facade itself and the test-only suite.
+/// Library files of the [`SYNC_CRATES`] other than the `sync` facade itself and aio-core's
+/// test-only suite.
 fn must_use_sync_module(path: &str) -> bool {
-    path.starts_with("crates/aio-core/src/")
+    SYNC_CRATES
+        .iter()
+        .any(|krate| path.starts_with(&format!("crates/{krate}/src/")))
         && !path.ends_with("/sync.rs")
         && !path.ends_with("/testing.rs")
 }
@@ -360,12 +370,19 @@ mod tests {
     }
 
     #[test]
-    fn std_sync_only_through_the_sync_module_in_core() {
+    fn std_sync_and_parking_lot_only_through_the_sync_module() {
         let src = "//! x\nuse std::sync::Arc;\n";
         assert_eq!(
             lines_of(&check_file("crates/aio-core/src/bh.rs", src)),
             vec![2]
         );
+        let lock = "//! x\nuse parking_lot::Mutex;\n";
+        for path in ["crates/timers/src/list.rs", "crates/threadpool/src/pool.rs"] {
+            assert_eq!(lines_of(&check_file(path, src)), vec![2], "{path}");
+            assert_eq!(lines_of(&check_file(path, lock)), vec![2], "{path}");
+        }
+        assert!(check_file("crates/timers/src/sync.rs", lock).is_empty());
+        assert!(check_file("crates/threadpool/tests/cancel.rs", src).is_empty());
         assert!(check_file("crates/aio-core/src/sync.rs", src).is_empty());
         assert!(check_file("crates/aio-core/src/testing.rs", src).is_empty());
         assert!(check_file("crates/aio-core/tests/loom_bh.rs", src).is_empty());

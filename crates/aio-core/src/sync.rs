@@ -80,7 +80,7 @@ pub(crate) fn signal_fence() {
 }
 
 /// Wraps `f` as the `timers` crate's notify callback (a std `Arc`, whatever `Arc` is here: the
-/// timers crate is not modelled by loom, only the notify it calls).
+/// timers crate's `Notify` is a std `Arc` in both builds).
 pub(crate) fn timer_notify(f: impl Fn() + Send + Sync + 'static) -> timers::Notify {
     std::sync::Arc::new(f)
 }

@@ -31,12 +31,12 @@
 
 use crate::pool::ThreadPool;
 use crate::request::{Completion, Job};
+use crate::sync::Arc;
 use aio_core::{AioContext, BottomHalf, ContextHandle, RunningBh};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::rc::{Rc, Weak};
-use std::sync::Arc;
 
 /// The pool's completion bottom halves (behind the pool lock).
 pub(crate) struct CompletionBhs {

@@ -18,8 +18,9 @@
 //!   on the context's thread. A batch of completions costs one bottom-half schedule and at
 //!   most one wake of a sleeping loop. A callback may poll the context (a nested loop) and wait
 //!   there for another request.
-//! * **Cancellation.** A queued request can be cancelled: its work never runs and it completes
-//!   with [`Error::Cancelled`] through the normal completion path. A running request runs to
+//! * **Cancellation.** A queued request can be cancelled: it leaves the queue at once (a thread
+//!   asked for it alone is not created), its work never runs, and it completes with
+//!   [`Error::Cancelled`] through the normal completion path. A running request runs to
 //!   the end and completes normally; [`Request::cancel_sync`] waits for that.
 //! * **Panics.** A work closure that panics completes with [`Error::Panicked`]; the worker
 //!   goes on.
@@ -86,12 +87,19 @@
 
 mod completion;
 mod error;
+#[cfg(aio_loom)]
+#[doc(hidden)]
+pub mod loom_api;
 mod pool;
 mod request;
+mod sync;
 mod worker;
 
 pub use error::{Error, LimitsError};
 pub use pool::{
     DEFAULT_IDLE_SPIN, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS, PoolHandle, PoolStats, ThreadPool,
 };
+#[cfg(aio_loom)]
+#[doc(hidden)]
+pub use request::LoomVariant;
 pub use request::{Request, Status, Ticket};

@@ -32,14 +32,14 @@
 use crate::completion::{CompletionBhs, Home, Registry};
 use crate::error::{Error, LimitsError};
 use crate::request::{Job, Req, Request, Sink, Status, Ticket};
+use crate::sync::{
+    Arc, AtomicU64, AtomicUsize, Condvar, IdCounter, MutexGuard, Ordering, PoolMutex,
+};
 use crate::worker::{self, Parker};
 use aio_core::{AioContext, BottomHalf};
-use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::collections::VecDeque;
 use std::fmt;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Default maximum number of worker threads per pool (QEMU `THREAD_POOL_MAX_THREADS_DEFAULT`).
@@ -53,11 +53,11 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_SPIN: Duration = Duration::from_micros(50);
 
 /// Source of pool identities, by which a completion bottom half finds its pool.
-static NEXT_POOL_ID: AtomicU64 = AtomicU64::new(1);
+static NEXT_POOL_ID: IdCounter = IdCounter::new(1);
 
 /// What the context's side, the handles and the workers share.
 pub(crate) struct PoolShared {
-    pub(crate) state: Mutex<State>,
+    pub(crate) state: PoolMutex<State>,
     /// Signalled when a worker finishes a request while someone waits in `cancel_sync`.
     finished: Condvar,
     pub(crate) id: u64,
@@ -71,8 +71,8 @@ pub(crate) struct PoolShared {
 
 /// Everything behind the pool lock.
 pub(crate) struct State {
-    /// Submitted requests, oldest first. A cancelled request stays here until a worker pops and
-    /// skips it: cancelling is then O(1) and needs no search.
+    /// Submitted requests, oldest first, all of them Queued: a worker pops one and starts it,
+    /// and a cancel takes one out, both under this lock.
     pub(crate) queue: VecDeque<Arc<dyn Job>>,
     /// Finished requests waiting for the completion bottom half, in finishing order.
     pub(crate) done: VecDeque<Arc<dyn Job>>,
@@ -185,14 +185,30 @@ impl State {
         true
     }
 
-    /// Pops the oldest request that is still queued and starts it; skips cancelled ones.
+    /// Pops the oldest request and starts it.
     pub(crate) fn pop_started(&mut self) -> Option<Arc<dyn Job>> {
         while let Some(job) = self.queue.pop_front() {
             if job.start() {
                 return Some(job);
             }
+            debug_assert!(false, "a request in the queue is Queued");
         }
         None
+    }
+
+    /// Takes a cancelled request out of the queue, and withdraws a thread still to be created
+    /// if the requests left no longer need it (it was asked for the cancelled one), unless it
+    /// is one of the minimum. A thread already being created is not stopped.
+    fn unqueue(&mut self, job: &Arc<dyn Job>) {
+        // A search, from the newest end: cancels are rare, and usually of recent requests.
+        if let Some(at) = self.queue.iter().rposition(|q| Arc::ptr_eq(q, job)) {
+            self.queue.remove(at);
+        }
+        let coming = self.searching + self.new_threads + self.pending_threads;
+        if self.new_threads > 0 && self.cur > self.min && self.queue.len() < coming {
+            self.new_threads -= 1;
+            self.cur -= 1;
+        }
     }
 
     /// Queues a finished request for delivery. Returns the bottom half to schedule if the queue
@@ -230,19 +246,35 @@ impl PoolShared {
         Ok(())
     }
 
-    /// Hands a finished request to the completion queue (from a worker, or from `cancel`), or,
-    /// once the pool is closed, straight to [`Job::abandon`].
-    pub(crate) fn finish(&self, job: Arc<dyn Job>) {
-        let mut st = self.state.lock();
-        let bh = self.finish_locked(&mut st, job);
-        drop(st);
+    /// Cancels `job` if it is still queued (QEMU `thread_pool_cancel`): it leaves the queue at
+    /// once, and its completion (`Err(Cancelled)`) is queued for delivery. Returns whether it
+    /// was cancelled.
+    ///
+    /// The transition happens under the pool lock, as a worker's start does, so a request is
+    /// in the queue exactly while it is Queued.
+    pub(crate) fn cancel(&self, job: &Arc<dyn Job>) -> bool {
+        let (work, bh) = {
+            let mut st = self.state.lock();
+            let Some(work) = job.cancel() else {
+                return false;
+            };
+            st.unqueue(job);
+            self.queued.store(st.queue.len(), Ordering::Relaxed);
+            let bh = self.finish_locked(&mut st, job.clone());
+            (work, bh)
+        };
+        // The work is user code: dropped unrun, with no lock held.
+        drop(work);
         if let Some(bh) = bh {
             bh.schedule();
         }
+        true
     }
 
-    /// As [`finish`](Self::finish) with the lock held; the caller schedules the returned BH
-    /// after unlocking. Also wakes `cancel_sync` waiters, whose request may be this one.
+    /// Hands a finished request to the completion queue (from a worker, or from `cancel`), or,
+    /// once the pool is closed, straight to [`Job::abandon`]. Called with the pool lock held;
+    /// the caller schedules the returned BH after unlocking. Also wakes `cancel_sync` waiters,
+    /// whose request may be this one.
     pub(crate) fn finish_locked(
         &self,
         st: &mut MutexGuard<'_, State>,
@@ -429,7 +461,7 @@ pub struct PoolStats {
     pub threads: usize,
     /// Of those, how many wait for work.
     pub idle: usize,
-    /// Requests in the queue (a cancelled request is counted until a worker skips it).
+    /// Requests waiting for a worker (a cancelled request leaves the queue at once).
     pub queued: usize,
     /// Threads created since the pool was made.
     pub threads_created: u64,
@@ -527,7 +559,7 @@ impl ThreadPool {
         let id = NEXT_POOL_ID.fetch_add(1, Ordering::Relaxed);
         let completion = CompletionBhs::new(&ctx.handle(), id);
         let shared = Arc::new(PoolShared {
-            state: Mutex::new(State {
+            state: PoolMutex::new(State {
                 queue: VecDeque::new(),
                 done: VecDeque::new(),
                 closed: false,

@@ -21,23 +21,28 @@
 //! Every transition happens under the request's own mutex, so each one happens once: a queued
 //! request is either started by a worker or cancelled, never both, and only the thread that
 //! moved it to Returned hands it to the completion queue, which delivers it once. Leaving
-//! Queued happens under the pool lock for workers (as in QEMU), so a request a worker has
-//! popped is already Running and shutdown never misses it. Returned becomes Finished in the
-//! same critical section that queues the request for delivery, so "Finished" always means
-//! "the next completion pass delivers it" (Returned is reported as Running).
+//! Queued happens under the pool lock, by a worker's start or by a cancel (as in QEMU), so the
+//! queue holds exactly the Queued requests, a request a worker has popped is already Running,
+//! and shutdown never misses it. Returned becomes Finished in the same critical section that
+//! queues the request for delivery, so "Finished" always means "the next completion pass
+//! delivers it" (Returned is reported as Running).
 //!
 //! User code (the work, the callback, the waker, and the drop of any of them or of a result)
-//! never runs while this mutex or the pool's is held: everything is moved out first.
+//! never runs while this mutex or the pool's is held: everything is moved out first. A poll
+//! takes the stored waker out, compares, clones or drops it unlocked, and stores the new one in
+//! a second critical section that first looks for a completion that came in between.
+//!
+//! `tests/loom_request.rs` runs this state machine under loom (cancel against a worker's start
+//! and run, against the completion, and against a polling future).
 
 use crate::error::Error;
 use crate::pool::PoolShared;
-use parking_lot::Mutex;
+use crate::sync::{Arc, Mutex};
 use std::any::Any;
 use std::fmt;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 /// Where a request is in its life, as [`Request::status`] and [`Ticket::status`] report it.
@@ -108,6 +113,23 @@ struct ReqInner<F, T> {
 /// the user's handle.
 pub(crate) struct Req<F, T> {
     inner: Mutex<ReqInner<F, T>>,
+    #[cfg(aio_loom)]
+    variant: LoomVariant,
+}
+
+/// Loom only: which variant of the request protocol a request runs.
+#[cfg(aio_loom)]
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoomVariant {
+    /// The real protocol.
+    Correct,
+    /// `cancel` checks for Queued under the lock, releases it, and cancels under a second
+    /// acquisition: a worker can start the request in between.
+    CancelCheckThenAct,
+    /// `poll_result` stores its waker in the second critical section without looking for a
+    /// completion that came after the first.
+    PollWithoutRecheck,
 }
 
 /// What the completion bottom half must still do after [`Job::complete`].
@@ -123,12 +145,14 @@ pub(crate) enum Completion {
 /// A request as the pool sees it, whatever its work and result types.
 pub(crate) trait Job: Send + Sync {
     /// Queued → Running, by a worker that has just popped it (pool lock held). False if the
-    /// request was cancelled meanwhile (it stays in the queue until popped, then is skipped).
+    /// request is not queued (which a request in the queue always is: cancelling one takes it
+    /// out of the queue under the pool lock).
     fn start(&self) -> bool;
     /// Runs the work of a started request, catching a panic, and stores the result (Returned).
     fn run(&self);
-    /// Queued → Returned(Err(Cancelled)); the work is dropped unrun. False if not queued.
-    fn cancel(&self) -> bool;
+    /// Queued → Returned(Err(Cancelled)), under the pool lock. Returns the work, which the
+    /// caller drops unrun once it holds no lock (it is user code); `None` if not queued.
+    fn cancel(&self) -> Option<Box<dyn Send>>;
     /// Returned → Finished, as the request is queued for delivery (pool lock held).
     fn publish(&self);
     /// Finished → Completed, on the context's thread: hands the result to a waiting future, or
@@ -162,6 +186,21 @@ where
                 sink,
                 waker: None,
             }),
+            #[cfg(aio_loom)]
+            variant: LoomVariant::Correct,
+        })
+    }
+
+    /// Loom only: a request whose result goes to a future, running `variant`.
+    #[cfg(aio_loom)]
+    pub(crate) fn new_loom_variant(work: F, variant: LoomVariant) -> Arc<Self> {
+        Arc::new(Req {
+            inner: Mutex::new(ReqInner {
+                phase: Phase::Queued(work),
+                sink: Sink::Future,
+                waker: None,
+            }),
+            variant,
         })
     }
 
@@ -210,19 +249,26 @@ where
         self.inner.lock().phase = Phase::Returned(result);
     }
 
-    fn cancel(&self) -> bool {
-        let work = {
-            let mut g = self.inner.lock();
-            match std::mem::replace(&mut g.phase, Phase::Returned(Err(Error::Cancelled))) {
-                Phase::Queued(work) => Some(work),
-                other => {
-                    g.phase = other;
-                    None
-                }
+    fn cancel(&self) -> Option<Box<dyn Send>> {
+        #[cfg(aio_loom)]
+        if self.variant == LoomVariant::CancelCheckThenAct {
+            // Deliberately broken (loom only): checks and acts under two critical sections.
+            if !matches!(self.inner.lock().phase, Phase::Queued(_)) {
+                return None;
             }
-        };
-        // Dropped outside the lock: it is user code.
-        work.is_some()
+            let mut g = self.inner.lock();
+            let old = std::mem::replace(&mut g.phase, Phase::Returned(Err(Error::Cancelled)));
+            drop(g);
+            return Some(Box::new(old));
+        }
+        let mut g = self.inner.lock();
+        match std::mem::replace(&mut g.phase, Phase::Returned(Err(Error::Cancelled))) {
+            Phase::Queued(work) => Some(Box::new(work)),
+            other => {
+                g.phase = other;
+                None
+            }
+        }
     }
 
     fn publish(&self) {
@@ -342,18 +388,41 @@ where
     T: Send + 'static,
 {
     fn poll_result(&self, waker: &Waker) -> Poll<Result<T, Error>> {
+        // Waker clones, comparisons and drops are user code: they happen between two critical
+        // sections. The first takes the stored waker out; the second stores the new one unless
+        // the request completed in between. A completion that falls between the two finds no
+        // waker to wake, so the second must look again: whoever stores a waker under the lock
+        // sees Completed under that same lock, or is there before `complete` takes it.
+        let old = {
+            let mut g = self.inner.lock();
+            if let Some(ready) = take_ready(&mut g.phase) {
+                drop(g);
+                return Poll::Ready(ready);
+            }
+            g.waker.take()
+        };
+        let new = match old {
+            Some(old) if old.will_wake(waker) => old,
+            old => {
+                drop(old);
+                waker.clone()
+            }
+        };
         let mut g = self.inner.lock();
-        if let Phase::Completed(result) = &mut g.phase {
-            let result = result.take();
+        #[cfg(aio_loom)]
+        let recheck = self.variant != LoomVariant::PollWithoutRecheck;
+        #[cfg(not(aio_loom))]
+        let recheck = true;
+        if recheck && let Some(ready) = take_ready(&mut g.phase) {
             drop(g);
-            return match result {
-                Some(result) => Poll::Ready(result),
-                None => panic!("threadpool::Request polled after it returned its result"),
-            };
+            drop(new);
+            return Poll::Ready(ready);
         }
-        if !g.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-            g.waker = Some(waker.clone());
-        }
+        // Only a poll stores a waker, and polls take `&mut` of the one `Request`: the slot is
+        // still empty, but whatever it held is dropped unlocked all the same.
+        let displaced = g.waker.replace(new);
+        drop(g);
+        drop(displaced);
         Poll::Pending
     }
 
@@ -381,6 +450,21 @@ where
     }
 }
 
+/// The result of a completed request, taken for the future that polls it.
+///
+/// # Panics
+///
+/// If the result was already taken: the future was polled after it returned `Ready`.
+fn take_ready<F, T>(phase: &mut Phase<F, T>) -> Option<Result<T, Error>> {
+    match phase {
+        Phase::Completed(result) => match result.take() {
+            Some(result) => Some(result),
+            None => panic!("threadpool::Request polled after it returned its result"),
+        },
+        _ => None,
+    }
+}
+
 /// The text of a panic payload (`panic!` gives a `&str` or a `String`).
 fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
@@ -394,11 +478,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 
 /// Cancels `job` if it is still queued, and queues its completion (QEMU `thread_pool_cancel`).
 pub(crate) fn cancel(pool: &PoolShared, job: &Arc<dyn Job>) -> bool {
-    if !job.cancel() {
-        return false;
-    }
-    pool.finish(job.clone());
-    true
+    pool.cancel(job)
 }
 
 /// Cancels `job` if it is still queued; otherwise waits until its work is no longer running.

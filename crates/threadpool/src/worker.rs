@@ -9,9 +9,8 @@
 //! threads; an idle one above the minimum exits after the idle timeout.
 
 use crate::pool::PoolShared;
-use parking_lot::Condvar;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::Arc;
+use crate::sync::{AtomicBool, Condvar, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 

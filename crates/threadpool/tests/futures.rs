@@ -9,9 +9,10 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
-use threadpool::{Error, Status, ThreadPool};
+use std::time::Duration;
+use threadpool::{Error, Status, ThreadPool, Ticket};
 
 #[test]
 fn block_on_polls_the_context_until_the_future_is_ready() {
@@ -180,4 +181,61 @@ fn a_dropped_request_still_runs_and_its_result_is_dropped() {
         1,
         "the result was dropped once"
     );
+}
+
+/// A waker whose drop asks its request for its status, which takes the request's lock.
+struct StatusOnDrop {
+    ticket: Ticket,
+    seen: mpsc::Sender<Status>,
+}
+
+impl Wake for StatusOnDrop {
+    fn wake(self: Arc<Self>) {}
+}
+
+impl Drop for StatusOnDrop {
+    fn drop(&mut self) {
+        let _ = self.seen.send(self.ticket.status());
+    }
+}
+
+#[test]
+fn a_replaced_waker_is_dropped_outside_the_request_lock() {
+    let ctx = ctx();
+    let pool = ThreadPool::of(&ctx);
+    let (release, gate) = mpsc::channel::<()>();
+    let req = pool.submit(move || gate.recv().unwrap());
+    let (seen, status_seen) = mpsc::channel();
+    let first = Waker::from(Arc::new(StatusOnDrop {
+        ticket: req.ticket(),
+        seen,
+    }));
+    // Polled on another thread, so that a deadlock in the waker's drop fails the test instead
+    // of hanging it.
+    let poller = thread::spawn(move || {
+        let mut req = Box::pin(req);
+        assert!(
+            req.as_mut()
+                .poll(&mut Context::from_waker(&first))
+                .is_pending()
+        );
+        drop(first); // the request holds the last reference
+        // Another waker replaces it, and the request drops the first one.
+        assert!(
+            req.as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+                .is_pending()
+        );
+        req
+    });
+    let Ok(status) = status_seen.recv_timeout(Duration::from_secs(20)) else {
+        // The poller holds the request's lock forever: tearing down the pool would block on it.
+        std::mem::forget(pool);
+        std::mem::forget(ctx);
+        panic!("the replaced waker's drop ran under the request's lock (deadlock)");
+    };
+    assert_eq!(status, Status::Queued, "the context has not polled yet");
+    let req = poller.join().unwrap();
+    release.send(()).unwrap();
+    assert_eq!(block_on(&ctx, req), Ok(()));
 }

@@ -19,13 +19,10 @@
 //! reads the same time but ignores the flag.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
-
 use crate::list::TimerList;
+use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, OnceLock, Ordering, Weak, process_global};
 
 /// Which clock a timer list measures time with (QEMU `QEMUClockType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -198,8 +195,7 @@ impl VirtualClock {
     /// Created on first use (stopped and disabled, like [`VirtualClock::new`]); every call
     /// returns a handle to the same clock.
     pub fn global() -> VirtualClock {
-        static GLOBAL: OnceLock<VirtualClock> = OnceLock::new();
-        GLOBAL.get_or_init(VirtualClock::new).clone()
+        global_clock()
     }
 
     /// The current reading in nanoseconds.
@@ -319,6 +315,8 @@ impl VirtualClock {
             .collect()
     }
 }
+
+process_global!(fn global_clock() -> VirtualClock = VirtualClock::new());
 
 impl Default for VirtualClock {
     fn default() -> Self {

@@ -6,12 +6,11 @@
 //! `AioContext` owns one group (`ctx->tlg`).
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use crate::clock::{ClockType, Source, VirtualClock};
 use crate::list::{Notify, TimerList};
+use crate::sync::{Arc, AtomicU32, Ordering};
 use crate::timer::{Scale, Timer, TimerAttrs};
 
 /// One timer list per [`ClockType`], owned by one event loop (QEMU `QEMUTimerListGroup`).
@@ -76,6 +75,8 @@ pub struct TimerListGroup {
 #[derive(Debug, Clone, Default)]
 pub struct GroupBuilder {
     manual: [Option<VirtualClock>; 4],
+    #[cfg(aio_loom)]
+    variant: crate::list::LoomVariant,
 }
 
 impl GroupBuilder {
@@ -98,6 +99,14 @@ impl GroupBuilder {
         self
     }
 
+    /// Loom only: the group's lists run `variant` of the arm protocol.
+    #[cfg(aio_loom)]
+    #[doc(hidden)]
+    pub fn loom_variant(mut self, variant: crate::list::LoomVariant) -> Self {
+        self.variant = variant;
+        self
+    }
+
     /// Builds the group. `notify` wakes the loop that owns it; see [`TimerListGroup`]. It may be
     /// called from any thread, must not block, and must not call back into the group.
     pub fn build(self, notify: Notify) -> TimerListGroup {
@@ -114,7 +123,10 @@ impl GroupBuilder {
                     }
                 },
             };
-            let list = Arc::new(TimerList::new(ty, source, notify.clone(), armed.clone()));
+            let list = TimerList::new(ty, source, notify.clone(), armed.clone());
+            #[cfg(aio_loom)]
+            let list = list.with_loom_variant(self.variant);
+            let list = Arc::new(list);
             if let Source::Manual(clock) = list.source() {
                 registrations.push((clock.clone(), clock.register(&list)));
             }

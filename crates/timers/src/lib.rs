@@ -127,9 +127,13 @@ mod clock;
 mod group;
 mod heap;
 mod list;
+mod sync;
 mod timer;
 
 pub use clock::{ClockType, VirtualClock, host_ns, realtime_ns};
 pub use group::{GroupBuilder, TimerListGroup};
+#[cfg(aio_loom)]
+#[doc(hidden)]
+pub use list::LoomVariant;
 pub use list::Notify;
 pub use timer::{Scale, Timer, TimerAttrs, TimerRef};

@@ -13,9 +13,10 @@
 //!
 //! # Locking
 //!
-//! One `parking_lot` mutex guards the slab and the heap; arming and cancelling from any thread
-//! take it for a few hundred instructions at most. It has no poisoning, so a panicking timer
-//! callback (which never runs under the lock anyway) leaves the list usable. No user code runs
+//! One mutex (`parking_lot`'s; loom's under `--cfg aio_loom`, see `sync.rs`) guards the slab
+//! and the heap; arming and cancelling from any thread take it for a few hundred instructions
+//! at most. It has no poisoning, so a panicking timer callback (which never runs under the
+//! lock anyway) leaves the list usable. No user code runs
 //! under the lock: callbacks run after it is released, and callbacks that must be dropped
 //! (freed timers, a dying group) are dropped after it is released, because dropping one may drop
 //! a [`Timer`](crate::Timer) of this very list.
@@ -25,13 +26,10 @@
 //! read is harmless for the same reason as in QEMU: whoever makes a timer the new head calls the
 //! group's notify callback after publishing it, and the loop's notify protocol orders that
 //! against its own read (the mirror store precedes the notifier's fence; the loop's read follows
-//! its own fence).
+//! its own fence). `tests/loom_arm.rs` checks this against an arm from another thread, and
+//! shows that a notify before the publish, or none, loses the wake-up.
 
-use std::cell::Cell;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use crate::sync::{Arc, AtomicU32, AtomicU64, Condvar, Mutex, MutexGuard, Ordering, thread_token};
 
 use crate::clock::{ClockType, Source};
 use crate::heap::{Entry, Heap, NOT_QUEUED};
@@ -62,6 +60,20 @@ pub(crate) enum ArmMode {
     IfEarlier,
 }
 
+/// Loom only: which variant of the arm protocol a group's lists run.
+#[cfg(aio_loom)]
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoomVariant {
+    /// The real protocol: publish the new head, unlock, then notify.
+    #[default]
+    Correct,
+    /// Notifies before publishing the new head (still under the lock).
+    NotifyBeforePublish,
+    /// Never notifies when an arm makes a new head.
+    SkipNotify,
+}
+
 /// The timers of one clock in one group.
 pub(crate) struct TimerList {
     state: Mutex<ListState>,
@@ -77,6 +89,8 @@ pub(crate) struct TimerList {
     clock: ClockType,
     source: Source,
     notify: Notify,
+    #[cfg(aio_loom)]
+    variant: LoomVariant,
 }
 
 struct ListState {
@@ -130,7 +144,15 @@ impl TimerList {
             clock,
             source,
             notify,
+            #[cfg(aio_loom)]
+            variant: LoomVariant::Correct,
         }
+    }
+
+    /// Loom only: runs `variant` of the arm protocol.
+    #[cfg(aio_loom)]
+    pub(crate) fn with_loom_variant(self, variant: LoomVariant) -> Self {
+        TimerList { variant, ..self }
     }
 
     pub(crate) fn clock(&self) -> ClockType {
@@ -242,6 +264,26 @@ impl TimerList {
                 st.undefer(key.slot);
                 st.heap.push(key.slot, deadline, st.seq)
             };
+            #[cfg(aio_loom)]
+            match self.variant {
+                LoomVariant::Correct => {}
+                // Deliberately broken (loom only): the loop may wake and read the old head.
+                LoomVariant::NotifyBeforePublish => {
+                    if at == 0 {
+                        self.notify();
+                    }
+                    self.publish_head(st);
+                    return;
+                }
+                // Deliberately broken (loom only): a loop asleep on the old head stays asleep.
+                LoomVariant::SkipNotify => {
+                    self.publish_head(st);
+                    return;
+                }
+            }
+            // The new head is published before the notify below, in program order: a loop
+            // woken by the notify (whose protocol makes this thread's earlier writes visible
+            // to it) reads the new deadline.
             self.publish_head(st);
             at == 0
         };
@@ -364,7 +406,7 @@ impl TimerList {
         let me = thread_token();
         let mut st = self.state.lock();
         while st.runs > 0 && st.runner != me {
-            self.idle.wait(&mut st);
+            st = self.idle.wait(st);
         }
     }
 
@@ -504,18 +546,4 @@ impl Drop for Call<'_> {
             drop(orphan);
         }
     }
-}
-
-/// A small number naming the calling thread (0 is nobody), cheaper than `thread::current()`.
-fn thread_token() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    thread_local! {
-        static TOKEN: Cell<u64> = const { Cell::new(0) };
-    }
-    TOKEN.with(|t| {
-        if t.get() == 0 {
-            t.set(NEXT.fetch_add(1, Ordering::Relaxed));
-        }
-        t.get()
-    })
 }

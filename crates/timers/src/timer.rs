@@ -10,13 +10,13 @@
 
 use std::fmt;
 use std::num::NonZeroU64;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bitflags::bitflags;
 
 use crate::clock::{ClockType, duration_to_ns};
 use crate::list::{ArmMode, Key, TimerList};
+use crate::sync::Arc;
 
 /// The unit of a timer's deadlines: how many nanoseconds one unit is (QEMU `SCALE_*`).
 ///
