@@ -152,8 +152,8 @@ fn remote_oneshot_races_the_context_drop() {
         let keep = ctx.handle();
         let probe = Probe::new();
         let handle = ctx.handle();
-        let mut f = probe.callback();
-        let t = thread::spawn(move || handle.schedule_oneshot(move || f()));
+        let f = probe.callback();
+        let t = thread::spawn(move || handle.schedule_oneshot(f));
         probe.kill(ctx);
         t.join().unwrap();
         assert_eq!(probe.drops(), 1);
