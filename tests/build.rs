@@ -1,6 +1,7 @@
-//! Probes whether this machine can create an io_uring, so that the io_uring conformance suite
-//! is reported as *ignored*, with the reason, where the kernel refuses io_uring (an old kernel,
-//! `kernel.io_uring_disabled`, a seccomp filter), instead of failing or passing vacuously.
+//! Probes whether this machine can create and enter an io_uring, so that the io_uring
+//! conformance suite is reported as *ignored*, with the reason, where the kernel refuses
+//! io_uring (an old kernel, `kernel.io_uring_disabled`, a seccomp filter, possibly one that
+//! allows setup but not enter), instead of failing or passing vacuously.
 //!
 //! Setting `AIO_TEST_NO_URING=1` forces the "unavailable" answer, to exercise that path.
 
@@ -45,8 +46,27 @@ fn probe() -> Result<(), String> {
             std::io::Error::last_os_error()
         ));
     }
+    // Some seccomp profiles allow io_uring_setup but refuse io_uring_enter, which makes every
+    // wait fail: enter the ring once, submitting and waiting for nothing.
+    // SAFETY: `fd` is the ring fd just returned; with nothing to submit or wait for and a null
+    // signal mask (size 0), io_uring_enter touches no memory of ours.
+    let entered = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_enter,
+            fd as libc::c_int,
+            0u32,
+            0u32,
+            0u32,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+        )
+    };
+    let enter_error = std::io::Error::last_os_error();
     // SAFETY: `fd` is the ring fd just returned, owned by us and closed once.
     unsafe { libc::close(fd as libc::c_int) };
+    if entered < 0 {
+        return Err(format!("io_uring_enter failed: {enter_error}"));
+    }
     Ok(())
 }
 

@@ -3,6 +3,12 @@
 //! interleaved run by run. Prints a Markdown table; with `AIO_BENCH_REPORT_DIR` set it also
 //! writes `report.md` and a bar chart `report.svg` there (`cargo xtask bench` sets it).
 //!
+//! B4 has like-for-like rows (keys `B4_like_*`) next to its historical `notify` vs remote
+//! `Handle::spawn` row: remote one-shot BHs against remote spawns (both allocate), round trips of
+//! an existing BH against remote spawn and against `Notify::notify_one` to a parked task, and
+//! `notify` against that `notify_one`. The notes under the table say what each B4 row measures
+//! and what its workloads counted.
+//!
 //! B7 (timers, key `B7_timers`) gets its own table in the same report: each operation at
 //! N = 0, 1 000, 100 000 and 1 000 000 pending timers, the median of 5 runs of 10⁵ operations,
 //! against tokio's `sleep` (twice: time driver only, and `enable_all` inside a task, the shape
@@ -20,8 +26,8 @@ use std::time::Duration;
 
 use aio_benches::b7::{AsyncIoArm, FIRE_BATCH, OursArm, OursFire, PENDING, TokioArm, TokioFire};
 use aio_benches::{
-    AioBhBatch, AioBusyLoop, AioOneshot, BusyReport, TokioBusyLoop, TokioSpawnBatch, machine,
-    pin_current_thread, today, tokio_runtime, tokio_yield,
+    AioBhBatch, AioBusyLoop, AioOneshot, BusyReport, REMOTE_BATCH, TokioBusyLoop, TokioSpawnBatch,
+    machine, pin_current_thread, today, tokio_runtime, tokio_yield,
 };
 
 /// Criterion options that take a value, so that the value is not taken for a filter.
@@ -67,6 +73,8 @@ struct Row {
     tokio_ns: f64,
     /// aio loop system calls per operation.
     syscalls: f64,
+    /// What the row's workloads counted (runs per operation), for the notes under the table.
+    counts: Option<String>,
 }
 
 impl Row {
@@ -156,6 +164,7 @@ fn b1_single(plan: Plan) -> Row {
         aio_ns,
         tokio_ns,
         syscalls: ours.syscalls_per_op(),
+        counts: None,
     }
 }
 
@@ -172,6 +181,7 @@ fn b1_batch(plan: Plan, k: u64) -> Row {
         aio_ns,
         tokio_ns,
         syscalls: ours.syscalls_per_op(),
+        counts: None,
     }
 }
 
@@ -185,6 +195,7 @@ fn b2(plan: Plan) -> Row {
         aio_ns,
         tokio_ns,
         syscalls: ours.syscalls_per_op(),
+        counts: None,
     }
 }
 
@@ -228,7 +239,230 @@ fn b4(plan: Plan) -> Row {
         aio_ns,
         tokio_ns,
         syscalls: ours.syscalls_per_op(),
+        counts: None,
     }
+}
+
+/// Counts for the notes: remote runs per operation of each side.
+fn runs_per_op(aio: &BusyReport, tokio: &[(&str, &BusyReport)]) -> String {
+    let mut s = format!(
+        "aio {:.6} runs/op over {} ops ({} loop iterations)",
+        aio.remote_runs_per_op(),
+        aio.ops,
+        aio.loop_iterations
+    );
+    for (name, r) in tokio {
+        let _ = write!(
+            s,
+            "; tokio {name} {:.6} runs/op over {} ops ({} busy-loop yields)",
+            r.remote_runs_per_op(),
+            r.ops,
+            r.loop_iterations
+        );
+    }
+    s
+}
+
+/// B4 like for like, allocating queued work: remote `schedule_oneshot` vs remote
+/// `Handle::spawn`, batches of [`REMOTE_BATCH`] waited for, timed until all have run.
+fn b4_like_oneshot(plan: Plan) -> Row {
+    let pin = pin_current_thread(1);
+    let warm = (plan.ops / 10).max(1);
+    let (mut ours, mut theirs) = (BusyReport::default(), BusyReport::default());
+    let (aio_ns, tokio_ns) = measure_pair(
+        plan,
+        1,
+        |n| {
+            let mut l = AioBusyLoop::start(Some(0));
+            l.remote_oneshot(warm);
+            let d = l.remote_oneshot(n);
+            ours.add(&l.stop());
+            d
+        },
+        |n| {
+            let mut l = TokioBusyLoop::start(Some(0));
+            l.spawn_batches(warm);
+            let d = l.spawn_batches(n);
+            theirs.add(&l.stop());
+            d
+        },
+    );
+    drop(pin);
+    let counts = runs_per_op(&ours, &[("spawn", &theirs)]);
+    println!("B4_like_oneshot_x1000: {counts}");
+    Row {
+        key: "B4_like_oneshot_x1000".into(),
+        bench: format!(
+            "B4 like: remote `schedule_oneshot` ×{REMOTE_BATCH} + wait vs tokio remote `spawn` \
+             ×{REMOTE_BATCH} + wait"
+        ),
+        aio_ns,
+        tokio_ns,
+        syscalls: ours.syscalls_per_op(),
+        counts: Some(counts),
+    }
+}
+
+/// B4 like for like, reused queued work: round trips (queue, spin until it ran) of one existing
+/// BH's `schedule`, against tokio remote `Handle::spawn` and `Notify::notify_one` to one parked
+/// task, all three interleaved. A tenth of the other rows' operations: a round trip costs
+/// about a cross-CPU wake-up.
+fn b4_like_bh_round_trip(plan: Plan) -> Vec<Row> {
+    let pin = pin_current_thread(1);
+    let ops = (plan.ops / 10).max(1);
+    let warm = (ops / 10).max(1);
+    let mut ours = BusyReport::default();
+    let mut spawn = BusyReport::default();
+    let mut notify = BusyReport::default();
+    let m = measure_all(
+        plan.runs,
+        ops,
+        1,
+        &mut [
+            &mut |n| {
+                let mut l = AioBusyLoop::start(Some(0));
+                l.bh_round_trip(warm);
+                let d = l.bh_round_trip(n);
+                ours.add(&l.stop());
+                d
+            },
+            &mut |n| {
+                let mut l = TokioBusyLoop::start(Some(0));
+                l.spawn_round_trip(warm);
+                let d = l.spawn_round_trip(n);
+                spawn.add(&l.stop());
+                d
+            },
+            &mut |n| {
+                let mut l = TokioBusyLoop::with_parked_task(Some(0));
+                l.notify_round_trip(warm);
+                let d = l.notify_round_trip(n);
+                notify.add(&l.stop());
+                d
+            },
+        ],
+    );
+    drop(pin);
+    let counts = runs_per_op(&ours, &[("spawn", &spawn), ("notify_one", &notify)]);
+    println!("B4_like_bh_round_trip: {counts}");
+    vec![
+        Row {
+            key: "B4_like_bh_round_trip/spawn".into(),
+            bench: "B4 like: remote BH `schedule` + wait vs tokio remote `spawn` + wait".into(),
+            aio_ns: m[0],
+            tokio_ns: m[1],
+            syscalls: ours.syscalls_per_op(),
+            counts: Some(counts.clone()),
+        },
+        Row {
+            key: "B4_like_bh_round_trip/notify".into(),
+            bench: "B4 like: remote BH `schedule` + wait vs tokio `notify_one` to a parked task \
+                    + wait"
+                .into(),
+            aio_ns: m[0],
+            tokio_ns: m[2],
+            syscalls: ours.syscalls_per_op(),
+            counts: Some(counts),
+        },
+    ]
+}
+
+/// B4 like for like, a bare wake-up: `notify` vs `Notify::notify_one` to a task parked in the
+/// busy runtime; only the calls are timed, as in the B4 row.
+fn b4_like_notify(plan: Plan) -> Row {
+    let pin = pin_current_thread(1);
+    let warm = (plan.ops / 10).max(1);
+    let (mut ours, mut theirs) = (BusyReport::default(), BusyReport::default());
+    let (aio_ns, tokio_ns) = measure_pair(
+        plan,
+        1,
+        |n| {
+            let mut l = AioBusyLoop::start(Some(0));
+            l.notify(warm);
+            let d = l.notify(n);
+            ours.add(&l.stop());
+            d
+        },
+        |n| {
+            let mut l = TokioBusyLoop::with_parked_task(Some(0));
+            l.notify_one(warm);
+            let d = l.notify_one(n);
+            theirs.add(&l.stop());
+            d
+        },
+    );
+    drop(pin);
+    let counts = format!(
+        "aio {} notifies, {} loop iterations (no work queued), eventfd writes/notify = {:.6}; \
+         tokio {} notify_one calls, task wakes/call = {:.6} (coalesced; includes the untimed \
+         check wake of each run), {} busy-loop yields",
+        ours.ops,
+        ours.loop_iterations,
+        ours.event_writes_per_op(),
+        theirs.ops,
+        theirs.remote_runs_per_op(),
+        theirs.loop_iterations
+    );
+    println!("B4_like_notify: {counts}");
+    Row {
+        key: "B4_like_notify".into(),
+        bench: "B4 like: `notify` vs tokio `Notify::notify_one` to a task parked in a busy rt"
+            .into(),
+        aio_ns,
+        tokio_ns,
+        syscalls: ours.syscalls_per_op(),
+        counts: Some(counts),
+    }
+}
+
+/// What each B4 row measures, for the notes under the table (only for the rows present).
+fn b4_notes(rows: &[Row]) -> String {
+    const NOTES: &[(&str, &str)] = &[
+        (
+            "B4_notify_busy_loop",
+            "aio `ContextHandle::notify` (queues no work; the loop only clears `notified`) \
+             against tokio `Handle::spawn(async {})` (allocates and queues a task): not like for \
+             like, kept as the DESIGN.md §8 row. Only the calls on the remote thread are timed; \
+             tokio's tasks are drained untimed.",
+        ),
+        (
+            "B4_like_oneshot_x1000",
+            "both queue work that allocates: aio `ContextHandle::schedule_oneshot` (node + boxed \
+             callback) against tokio `Handle::spawn` (task). Batches of 1 000 from the remote \
+             thread, which then spins until the busy loop has run the whole batch; the time runs \
+             from the first call until the last run, so it includes the loop's dispatch and free. \
+             Each callback or task counts its run on the loop's thread; exactly one run per \
+             operation is asserted.",
+        ),
+        (
+            "B4_like_bh_round_trip",
+            "round trips: the remote thread queues one unit of work and spins until it has run \
+             (counted, exactly once per operation, asserted) before the next. aio: \
+             `BottomHalf::schedule` of one BH created once (waiting is what stops schedules \
+             coalescing). tokio: `Handle::spawn` of a new task (`/spawn`), and \
+             `Notify::notify_one` to one task parked on `notified()` (`/notify`: an existing task, \
+             as the BH is existing). The aio figure is shared by both lines. 10× fewer \
+             operations per run than the other rows.",
+        ),
+        (
+            "B4_like_notify",
+            "a bare wake-up from another thread: aio `notify` against tokio \
+             `Notify::notify_one` to a task parked in the busy runtime, tokio's cheapest way to \
+             make it run something for another thread (it needs a task to wake). Only the calls \
+             are timed. Both coalesce: aio's loop clears one `notified` flag per iteration, \
+             tokio's task takes one wake or stored permit per run.",
+        ),
+    ];
+    let mut s = String::new();
+    for (key, note) in NOTES {
+        if let Some(r) = rows.iter().find(|r| r.key.starts_with(key)) {
+            let _ = writeln!(s, "- `{key}`: {note}");
+            if let Some(c) = &r.counts {
+                let _ = writeln!(s, "  Counted: {c}.");
+            }
+        }
+    }
+    s
 }
 
 /// One B7 line: an operation at one N, ours and each peer's equivalent (ns per operation).
@@ -512,6 +746,13 @@ fn markdown(rows: &[Row], b7: &[B7Row], plan: Plan) -> String {
             table(rows),
             targets(rows)
         );
+        let notes = b4_notes(rows);
+        if !notes.is_empty() {
+            let _ = write!(
+                s,
+                "\nB4 rows (a remote thread on cpu1, the busy loop on cpu0):\n\n{notes}"
+            );
+        }
     }
     if !b7.is_empty() {
         let _ = write!(
@@ -663,6 +904,15 @@ fn main() {
     }
     if wanted(filter, "B4_notify_busy_loop") {
         rows.push(b4(plan));
+    }
+    if wanted(filter, "B4_like_oneshot_x1000") {
+        rows.push(b4_like_oneshot(plan));
+    }
+    if wanted(filter, "B4_like_bh_round_trip") {
+        rows.extend(b4_like_bh_round_trip(plan));
+    }
+    if wanted(filter, "B4_like_notify") {
+        rows.push(b4_like_notify(plan));
     }
     // Last: its fire benchmark pauses a tokio clock, which slows tokio for the rest of the run.
     let b7_rows = if wanted(filter, "B7_timers") {

@@ -10,11 +10,16 @@
 //!
 //! The aio workloads also count the loop's own system calls ([`loop_syscalls`]) so that the
 //! "0 syscalls" targets are checked, not assumed.
+//!
+//! B4 has like-for-like rows next to its `notify` vs remote `Handle::spawn` row: work queued from
+//! another thread into a busy loop (a one-shot BH or an existing BH against a tokio task), each
+//! run counted on the loop's thread ([`remote_bump`]), and `notify` against tokio's cheapest
+//! remote wake-up, `Notify::notify_one` to a task parked in the busy runtime.
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -38,6 +43,75 @@ pub fn bump() {
 pub fn ran() -> u64 {
     RAN.with(Cell::get)
 }
+
+/// Runs of work queued from another thread into a busy loop (B4 like-for-like rows): bumped by
+/// the loop's thread, read by the remote thread that waits for its work to have run.
+static REMOTE_RAN: AtomicU64 = AtomicU64::new(0);
+
+/// Whether a busy loop (aio or tokio) exists: [`REMOTE_RAN`] has one writer, the thread of the
+/// one busy loop alive.
+static BUSY_LOOP_ALIVE: AtomicBool = AtomicBool::new(false);
+
+/// Counts one run of remotely queued work (a one-shot BH, a BH, a tokio task or a `Notify` wake)
+/// on a busy loop's thread. A load and a store, not a read-modify-write: that thread is the
+/// only writer while it lives (one busy loop at a time, which [`AioBusyLoop::start`] and
+/// [`TokioBusyLoop::start`] enforce), so the count costs both runtimes the same two plain
+/// instructions.
+#[inline]
+pub fn remote_bump() {
+    // Relaxed: a count, it publishes no other data. The single writer makes load + store exact.
+    REMOTE_RAN.store(REMOTE_RAN.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+}
+
+/// How many [`remote_bump`]s have happened so far, in any busy loop.
+pub fn remote_ran() -> u64 {
+    // Relaxed: the waiter only compares counts; no data rides on them.
+    REMOTE_RAN.load(Ordering::Relaxed)
+}
+
+/// Spins until [`remote_ran`] reaches `target`.
+///
+/// # Panics
+///
+/// If the busy loop's thread ends first (it panicked), instead of spinning for ever.
+fn wait_remote_ran<T>(target: u64, thread: &thread::JoinHandle<T>) {
+    while remote_ran() < target {
+        if thread.is_finished() {
+            panic!("the busy loop thread ended before its queued work ran");
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Held by a busy loop for its whole life, so that two never coexist (the single-writer rule of
+/// [`remote_bump`]). Released after the loop's thread is joined.
+#[derive(Debug)]
+struct BusyLoopClaim(());
+
+impl BusyLoopClaim {
+    fn take() -> Self {
+        // AcqRel: acquires the previous loop's release below (after its thread was joined), so
+        // its last store to REMOTE_RAN happens before the next loop thread's first load.
+        let taken = BUSY_LOOP_ALIVE.swap(true, Ordering::AcqRel);
+        assert!(
+            !taken,
+            "aio-benches: only one busy loop may exist at a time"
+        );
+        BusyLoopClaim(())
+    }
+}
+
+impl Drop for BusyLoopClaim {
+    fn drop(&mut self) {
+        // Release: pairs with the AcqRel swap in `take`.
+        BUSY_LOOP_ALIVE.store(false, Ordering::Release);
+    }
+}
+
+/// How many one-shot BHs or tokio tasks [`AioBusyLoop::remote_oneshot`] and
+/// [`TokioBusyLoop::spawn_batches`] queue before they wait for all of them to have run (B2's
+/// batch size; it also bounds the memory the queue can hold).
+pub const REMOTE_BATCH: u64 = 1000;
 
 /// The system calls `ctx`'s loop machinery has made so far: backend waits, eventfd writes by
 /// `notify` and eventfd drains (`AioContext::stats`).
@@ -257,8 +331,11 @@ pub struct BusyReport {
     pub event_writes: u64,
     /// Eventfd drains the busy loop made.
     pub event_drains: u64,
-    /// Operations (notifies or remote spawns) timed against this loop.
+    /// Operations (notifies, remote schedules, spawns or `notify_one`s) timed against this loop.
     pub ops: u64,
+    /// Runs of remotely queued work ([`remote_bump`]s) on the loop's thread: one-shot BHs, BH
+    /// callbacks, tokio tasks, or wakes of the task parked on `Notify`.
+    pub remote_runs: u64,
 }
 
 impl BusyReport {
@@ -269,6 +346,7 @@ impl BusyReport {
         self.event_writes += other.event_writes;
         self.event_drains += other.event_drains;
         self.ops += other.ops;
+        self.remote_runs += other.remote_runs;
     }
 
     /// Loop system calls (waits + eventfd writes + eventfd drains) per timed operation.
@@ -285,10 +363,16 @@ impl BusyReport {
     pub fn waits_per_loop_iteration(&self) -> f64 {
         per_op(self.waits, self.loop_iterations)
     }
+
+    /// Remote runs ([`remote_bump`]s) per timed operation: 1 when every operation queued work
+    /// that ran once; below 1 when wake-ups coalesced.
+    pub fn remote_runs_per_op(&self) -> f64 {
+        per_op(self.remote_runs, self.ops)
+    }
 }
 
 /// B4: a context whose home thread spins `poll_nonblocking` (busy, never blocks) until stopped;
-/// the caller's thread notifies it.
+/// the caller's thread notifies it, or queues work into it.
 #[derive(Debug)]
 pub struct AioBusyLoop {
     handle: ContextHandle,
@@ -296,6 +380,11 @@ pub struct AioBusyLoop {
     thread: Option<thread::JoinHandle<BusyReport>>,
     writes_before: u64,
     ops: u64,
+    /// The BH of [`bh_round_trip`](Self::bh_round_trip), created on its first call (so that the
+    /// other rows run on a loop with no BH).
+    bh: Option<BottomHalf>,
+    /// Dropped after `thread` is joined.
+    _claim: BusyLoopClaim,
 }
 
 impl AioBusyLoop {
@@ -303,8 +392,10 @@ impl AioBusyLoop {
     ///
     /// # Panics
     ///
-    /// If the thread cannot be spawned or the context cannot be created.
+    /// If the thread cannot be spawned or the context cannot be created, or if another busy
+    /// loop ([`AioBusyLoop`] or [`TokioBusyLoop`]) is alive.
     pub fn start(cpu: Option<usize>) -> Self {
+        let claim = BusyLoopClaim::take();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let stop_flag = stop.clone();
@@ -314,8 +405,11 @@ impl AioBusyLoop {
                 let _pin = cpu.and_then(pin_current_thread);
                 let ctx = new_context();
                 let before = ctx.stats();
+                let ran_before = remote_ran();
+                // The loop is running before `start` returns: its first iteration comes first.
+                ctx.poll_nonblocking();
                 tx.send(ctx.handle()).expect("bench thread gone");
-                let mut loop_iterations = 0u64;
+                let mut loop_iterations = 1u64;
                 while !stop_flag.load(Ordering::Relaxed) {
                     ctx.poll_nonblocking();
                     loop_iterations += 1;
@@ -327,6 +421,7 @@ impl AioBusyLoop {
                     event_writes: 0,
                     event_drains: after.event_drains - before.event_drains,
                     ops: 0,
+                    remote_runs: remote_ran() - ran_before,
                 }
             })
             .expect("cannot spawn the busy loop thread");
@@ -338,10 +433,13 @@ impl AioBusyLoop {
             thread: Some(thread),
             writes_before,
             ops: 0,
+            bh: None,
+            _claim: claim,
         }
     }
 
-    /// Calls `notify` `iters` times from this thread and returns the time.
+    /// Calls `notify` `iters` times from this thread and returns the time. Queues no work:
+    /// the loop only finds `notified` set (and clears it) on its next iteration.
     pub fn notify(&mut self, iters: u64) -> Duration {
         let handle = &self.handle;
         let start = Instant::now();
@@ -353,12 +451,68 @@ impl AioBusyLoop {
         elapsed
     }
 
+    /// B4 like-for-like, queued work: `ops` × `ContextHandle::schedule_oneshot(remote_bump)`
+    /// from this thread (each allocates its node and boxed callback, as a tokio spawn allocates
+    /// its task), in batches of [`REMOTE_BATCH`]: after each batch this thread spins until the
+    /// busy loop has run all of it. Returns the time from the first schedule until the last
+    /// callback has run, so it covers the loop's dispatch and free as well as the calls.
+    ///
+    /// # Panics
+    ///
+    /// If the loop thread died, or if the callbacks did not run exactly `ops` times.
+    pub fn remote_oneshot(&mut self, ops: u64) -> Duration {
+        let handle = &self.handle;
+        let thread = self.thread.as_ref().expect("stopped");
+        let before = remote_ran();
+        let start = Instant::now();
+        let mut queued = 0;
+        while queued < ops {
+            let batch = REMOTE_BATCH.min(ops - queued);
+            for _ in 0..batch {
+                handle.schedule_oneshot(remote_bump);
+            }
+            queued += batch;
+            wait_remote_ran(before + queued, thread);
+        }
+        let elapsed = start.elapsed();
+        assert_eq!(remote_ran() - before, ops, "a one-shot BH ran twice");
+        self.ops += ops;
+        elapsed
+    }
+
+    /// B4 like-for-like, queued work: `ops` round trips of `BottomHalf::schedule` on one BH
+    /// created once (its callback is [`remote_bump`]), each followed by a spin of this thread
+    /// until the callback has run. Waiting is what makes every schedule run the callback once:
+    /// without it, schedules of a BH that is already queued coalesce. Returns the time of all
+    /// round trips: the schedule, the loop noticing it, the callback, and this thread seeing the
+    /// count.
+    ///
+    /// # Panics
+    ///
+    /// If the loop thread died, or if the callback did not run exactly `ops` times.
+    pub fn bh_round_trip(&mut self, ops: u64) -> Duration {
+        let thread = self.thread.as_ref().expect("stopped");
+        let bh = self.bh.get_or_insert_with(|| self.handle.bh(remote_bump));
+        let before = remote_ran();
+        let start = Instant::now();
+        for i in 1..=ops {
+            bh.schedule();
+            wait_remote_ran(before + i, thread);
+        }
+        let elapsed = start.elapsed();
+        assert_eq!(remote_ran() - before, ops, "a BH schedule ran twice");
+        self.ops += ops;
+        elapsed
+    }
+
     /// Stops the loop and returns what it did.
     ///
     /// # Panics
     ///
     /// If the loop thread panicked.
     pub fn stop(mut self) -> BusyReport {
+        // Deleted by the loop if it is still running, else by the context's drop.
+        drop(self.bh.take());
         self.stop.store(true, Ordering::Relaxed);
         let mut report = self
             .thread
@@ -374,6 +528,7 @@ impl AioBusyLoop {
 
 impl Drop for AioBusyLoop {
     fn drop(&mut self) {
+        drop(self.bh.take());
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -382,13 +537,18 @@ impl Drop for AioBusyLoop {
 }
 
 /// B4 peer: a tokio `current_thread` runtime whose thread is busy in `block_on` of a
-/// `yield_now` loop; the caller's thread spawns empty tasks onto it through its `Handle`.
+/// `yield_now` loop; the caller's thread spawns tasks onto it through its `Handle`, or (with
+/// [`with_parked_task`](Self::with_parked_task)) wakes a task parked on a `tokio::sync::Notify`.
 #[derive(Debug)]
 pub struct TokioBusyLoop {
     handle: tokio::runtime::Handle,
     stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<u64>>,
+    thread: Option<thread::JoinHandle<(u64, u64)>>,
     ops: u64,
+    /// The `Notify` the parked task waits on, if it was started.
+    notify: Option<Arc<tokio::sync::Notify>>,
+    /// Dropped after `thread` is joined.
+    _claim: BusyLoopClaim,
 }
 
 impl TokioBusyLoop {
@@ -396,25 +556,59 @@ impl TokioBusyLoop {
     ///
     /// # Panics
     ///
-    /// If the thread cannot be spawned or the runtime cannot be built.
+    /// If the thread cannot be spawned or the runtime cannot be built, or if another busy loop
+    /// ([`AioBusyLoop`] or [`TokioBusyLoop`]) is alive.
     pub fn start(cpu: Option<usize>) -> Self {
+        Self::start_inner(cpu, None)
+    }
+
+    /// As [`start`](Self::start), plus one task spawned on the runtime before its busy loop
+    /// starts, which loops on `notify.notified().await` and counts each wake with
+    /// [`remote_bump`]. It is parked (not scheduled) until [`notify_one`](Self::notify_one) or
+    /// [`notify_round_trip`](Self::notify_round_trip) wakes it.
+    ///
+    /// # Panics
+    ///
+    /// As [`start`](Self::start).
+    pub fn with_parked_task(cpu: Option<usize>) -> Self {
+        Self::start_inner(cpu, Some(Arc::new(tokio::sync::Notify::new())))
+    }
+
+    fn start_inner(cpu: Option<usize>, notify: Option<Arc<tokio::sync::Notify>>) -> Self {
+        let claim = BusyLoopClaim::take();
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let stop_flag = stop.clone();
+        let parked = notify.clone();
         let thread = thread::Builder::new()
             .name("tokio-busy-loop".into())
             .spawn(move || {
                 let _pin = cpu.and_then(pin_current_thread);
                 let rt = tokio_runtime();
-                tx.send(rt.handle().clone()).expect("bench thread gone");
-                rt.block_on(async move {
-                    let mut yields = 0u64;
+                let ran_before = remote_ran();
+                let yields = rt.block_on(async move {
+                    if let Some(n) = parked {
+                        // Dropped, still parked, with the runtime.
+                        drop(tokio::spawn(async move {
+                            loop {
+                                n.notified().await;
+                                remote_bump();
+                            }
+                        }));
+                    }
+                    // The loop is running before `start` returns: its first yield comes first
+                    // (and lets the parked task run up to its first `notified().await`).
+                    tokio::task::yield_now().await;
+                    tx.send(tokio::runtime::Handle::current())
+                        .expect("bench thread gone");
+                    let mut yields = 1u64;
                     while !stop_flag.load(Ordering::Relaxed) {
                         tokio::task::yield_now().await;
                         yields += 1;
                     }
                     yields
-                })
+                });
+                (yields, remote_ran() - ran_before)
             })
             .expect("cannot spawn the tokio busy loop thread");
         let handle = rx.recv().expect("the tokio busy loop thread died");
@@ -423,6 +617,8 @@ impl TokioBusyLoop {
             stop,
             thread: Some(thread),
             ops: 0,
+            notify,
+            _claim: claim,
         }
     }
 
@@ -451,14 +647,120 @@ impl TokioBusyLoop {
         elapsed
     }
 
-    /// Stops the runtime thread; returns its busy-loop iterations and the spawns timed.
+    /// Peer of [`AioBusyLoop::remote_oneshot`]: `ops` × `Handle::spawn(async { remote_bump() })`
+    /// from this thread (each `JoinHandle` dropped), in batches of [`REMOTE_BATCH`], each
+    /// followed by a spin of this thread until the runtime has run all of it. Returns the time
+    /// from the first spawn until the last task has run.
+    ///
+    /// # Panics
+    ///
+    /// If the runtime thread died, or if the tasks did not run exactly `ops` times.
+    pub fn spawn_batches(&mut self, ops: u64) -> Duration {
+        let handle = &self.handle;
+        let thread = self.thread.as_ref().expect("stopped");
+        let before = remote_ran();
+        let start = Instant::now();
+        let mut queued = 0;
+        while queued < ops {
+            let batch = REMOTE_BATCH.min(ops - queued);
+            for _ in 0..batch {
+                drop(handle.spawn(async { remote_bump() }));
+            }
+            queued += batch;
+            wait_remote_ran(before + queued, thread);
+        }
+        let elapsed = start.elapsed();
+        assert_eq!(remote_ran() - before, ops, "a task ran twice");
+        self.ops += ops;
+        elapsed
+    }
+
+    /// Peer of [`AioBusyLoop::bh_round_trip`] that allocates: `ops` round trips of
+    /// `Handle::spawn(async { remote_bump() })`, each followed by a spin of this thread until
+    /// the task has run.
+    ///
+    /// # Panics
+    ///
+    /// If the runtime thread died, or if the tasks did not run exactly `ops` times.
+    pub fn spawn_round_trip(&mut self, ops: u64) -> Duration {
+        let handle = &self.handle;
+        let thread = self.thread.as_ref().expect("stopped");
+        let before = remote_ran();
+        let start = Instant::now();
+        for i in 1..=ops {
+            drop(handle.spawn(async { remote_bump() }));
+            wait_remote_ran(before + i, thread);
+        }
+        let elapsed = start.elapsed();
+        assert_eq!(remote_ran() - before, ops, "a task ran twice");
+        self.ops += ops;
+        elapsed
+    }
+
+    /// Peer of [`AioBusyLoop::bh_round_trip`] that reuses an existing task, as a BH is reused:
+    /// `ops` round trips of `Notify::notify_one` to the parked task, each followed by a spin of
+    /// this thread until the task has woken and counted. If the task has not parked again yet,
+    /// `notify_one` leaves a permit that its next `notified()` takes at once, so every round
+    /// trip still runs the task exactly once.
+    ///
+    /// # Panics
+    ///
+    /// If the runtime was started without [`with_parked_task`](Self::with_parked_task), its
+    /// thread died, or the task did not wake exactly `ops` times.
+    pub fn notify_round_trip(&mut self, ops: u64) -> Duration {
+        let notify = self.notify.as_deref().expect("no parked task");
+        let thread = self.thread.as_ref().expect("stopped");
+        let before = remote_ran();
+        let start = Instant::now();
+        for i in 1..=ops {
+            notify.notify_one();
+            wait_remote_ran(before + i, thread);
+        }
+        let elapsed = start.elapsed();
+        assert_eq!(
+            remote_ran() - before,
+            ops,
+            "a notify_one woke the task twice"
+        );
+        self.ops += ops;
+        elapsed
+    }
+
+    /// Peer of [`AioBusyLoop::notify`], tokio's cheapest remote wake-up: `iters` ×
+    /// `Notify::notify_one` from this thread to the task parked in the busy runtime, and the
+    /// time of those calls. Like aio's notifies they coalesce: while the task is woken but has
+    /// not run yet, `notify_one` only stores a permit. Then, untimed, one more `notify_one` and a
+    /// spin until the task has woken after it, which proves the wake-ups reach it; at most one
+    /// stored permit (one wake) can be left for the next call.
+    ///
+    /// # Panics
+    ///
+    /// If the runtime was started without [`with_parked_task`](Self::with_parked_task) or its
+    /// thread died.
+    pub fn notify_one(&mut self, iters: u64) -> Duration {
+        let notify = self.notify.as_deref().expect("no parked task");
+        let thread = self.thread.as_ref().expect("stopped");
+        let start = Instant::now();
+        for _ in 0..iters {
+            notify.notify_one();
+        }
+        let elapsed = start.elapsed();
+        let seen = remote_ran();
+        notify.notify_one();
+        wait_remote_ran(seen + 1, thread);
+        self.ops += iters;
+        elapsed
+    }
+
+    /// Stops the runtime thread; returns its busy-loop iterations, the operations timed and the
+    /// remote runs (tasks or wakes) it counted.
     ///
     /// # Panics
     ///
     /// If the runtime thread panicked.
     pub fn stop(mut self) -> BusyReport {
         self.stop.store(true, Ordering::Relaxed);
-        let yields = self
+        let (yields, remote_runs) = self
             .thread
             .take()
             .expect("stopped twice")
@@ -467,6 +769,7 @@ impl TokioBusyLoop {
         BusyReport {
             loop_iterations: yields,
             ops: self.ops,
+            remote_runs,
             ..BusyReport::default()
         }
     }
@@ -502,29 +805,43 @@ impl Drop for Pinned {
     }
 }
 
-/// Pins the calling thread to `cpu` (B4: loop thread on cpu0, remote thread on cpu1). Returns
-/// `None`, leaving the thread as it was, when the machine has fewer than 2 CPUs, the thread may
-/// not run on `cpu`, or the kernel refuses.
-pub fn pin_current_thread(cpu: usize) -> Option<Pinned> {
-    if thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+/// The CPUs the process may use, as the first [`pin_current_thread`] found them (read from the
+/// calling thread before it pinned anything). A thread spawned by a pinned thread inherits its
+/// one-CPU mask, so its own mask cannot say whether another CPU is allowed: B4's loop threads
+/// are spawned by the remote thread after it pinned itself to cpu1.
+static ALLOWED_CPUS: OnceLock<Option<libc::cpu_set_t>> = OnceLock::new();
+
+/// The calling thread's CPU affinity mask.
+fn current_affinity() -> Option<libc::cpu_set_t> {
+    // SAFETY: `cpu_set_t` is a plain bit array, for which all zeroes is a valid (empty) set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; the pointer and size describe `set`, which outlives
+    // the call.
+    if unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
         return None;
     }
+    Some(set)
+}
+
+/// Pins the calling thread to `cpu` (B4: loop thread on cpu0, remote thread on cpu1). Returns
+/// `None`, leaving the thread as it was, when the process may run on fewer than 2 CPUs or not on
+/// `cpu` (its mask at the first call, see `ALLOWED_CPUS`), or the kernel refuses.
+pub fn pin_current_thread(cpu: usize) -> Option<Pinned> {
     let size = size_of::<libc::cpu_set_t>();
     if cpu >= 8 * size {
         return None;
     }
+    // Not `available_parallelism`: it reads the calling thread's mask, which is one CPU in a
+    // thread spawned by a pinned one.
+    let allowed = ALLOWED_CPUS.get_or_init(current_affinity).as_ref()?;
+    // SAFETY: `allowed` is an initialized `cpu_set_t`.
+    let allowed_count = unsafe { libc::CPU_COUNT(allowed) };
+    // SAFETY: `allowed` is an initialized `cpu_set_t` and `cpu` is below its bit count.
+    if allowed_count < 2 || !unsafe { libc::CPU_ISSET(cpu, allowed) } {
+        return None;
+    }
+    let previous = current_affinity()?;
     // SAFETY: `cpu_set_t` is a plain bit array, for which all zeroes is a valid (empty) set.
-    let mut previous: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: pid 0 is the calling thread; the pointer and size describe `previous`, which
-    // outlives the call.
-    if unsafe { libc::sched_getaffinity(0, size, &mut previous) } != 0 {
-        return None;
-    }
-    // SAFETY: `previous` is an initialized `cpu_set_t` and `cpu` is below its bit count.
-    if !unsafe { libc::CPU_ISSET(cpu, &previous) } {
-        return None;
-    }
-    // SAFETY: as for `previous` above.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is an initialized `cpu_set_t` and `cpu` is below its bit count.
     unsafe { libc::CPU_SET(cpu, &mut set) };
@@ -575,5 +892,44 @@ fn per_op(count: u64, ops: u64) -> f64 {
         0.0
     } else {
         count as f64 / ops as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPUs in the calling thread's mask.
+    fn cpus_of_this_thread() -> Vec<usize> {
+        let set = current_affinity().expect("sched_getaffinity failed");
+        // SAFETY: `set` is an initialized `cpu_set_t` and every `c` is below its bit count.
+        (0..8 * size_of::<libc::cpu_set_t>())
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+            .collect()
+    }
+
+    /// The B4 layout: a thread pinned to cpu1 spawns the loop thread, which pins itself to cpu0
+    /// (its inherited mask is {1}); dropping the pins restores each thread's mask.
+    #[test]
+    fn a_thread_spawned_by_a_pinned_thread_pins_to_another_cpu() {
+        let before = cpus_of_this_thread();
+        if !(before.contains(&0) && before.contains(&1)) {
+            println!("skipped: this process may not run on both cpu0 and cpu1 ({before:?})");
+            return;
+        }
+        let remote = pin_current_thread(1).expect("pinning to cpu1 failed");
+        assert_eq!(cpus_of_this_thread(), [1]);
+        let in_loop_thread = thread::spawn(|| {
+            let inherited = cpus_of_this_thread();
+            let pin = pin_current_thread(0);
+            let pinned = cpus_of_this_thread();
+            drop(pin);
+            (inherited, pinned, cpus_of_this_thread())
+        })
+        .join()
+        .expect("the spawned thread panicked");
+        assert_eq!(in_loop_thread, (vec![1], vec![0], vec![1]));
+        drop(remote);
+        assert_eq!(cpus_of_this_thread(), before);
     }
 }

@@ -1,7 +1,8 @@
 //! io_uring refused by the kernel at run time, as container runtimes do with a seccomp filter:
 //! `Backend::Auto` falls back (logged) to a working poll/epoll context, an explicit io_uring
 //! request is a clear error, and `UringMonitor::probe` says why. Each case runs in a child
-//! process that installs a seccomp filter making `io_uring_setup` fail with `EPERM` (a filter
+//! process that installs a seccomp filter making `io_uring_setup`, or only `io_uring_enter`
+//! (a profile that allows creating a ring but not using it), fail with `EPERM` (a filter
 //! cannot be removed, so it must not touch the other tests).
 #![cfg(all(
     target_os = "linux",
@@ -16,14 +17,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Runs `body` in a child process of this test binary, with io_uring refused.
 fn with_io_uring_refused(test: &str, body: fn()) {
     aio_tests::in_child(test, &[("AIO_BACKEND", None)], || {
-        refuse_io_uring_setup();
+        refuse_syscall(libc::SYS_io_uring_setup);
         body();
     });
 }
 
-/// Installs a seccomp filter on this thread: `io_uring_setup` fails with `EPERM`, every other
+/// Runs `body` in a child process of this test binary, where a ring can be set up but
+/// `io_uring_enter` fails with `EPERM`. Skips, with the reason printed, where io_uring does
+/// not work in the first place.
+fn with_io_uring_enter_refused(test: &str, body: fn()) {
+    aio_tests::in_child(test, &[("AIO_BACKEND", None)], || {
+        if let Err(e) = aio::UringMonitor::probe() {
+            println!("skipped: io_uring is unavailable here even without a filter: {e}");
+            return;
+        }
+        refuse_syscall(libc::SYS_io_uring_enter);
+        body();
+    });
+}
+
+/// Installs a seccomp filter on this thread: system call `nr` fails with `EPERM`, every other
 /// system call is allowed.
-fn refuse_io_uring_setup() {
+fn refuse_syscall(nr: libc::c_long) {
     let stmt = |code: u32, k: u32| libc::sock_filter {
         code: code as u16,
         jt: 0,
@@ -39,7 +54,7 @@ fn refuse_io_uring_setup() {
     let mut filter = [
         // Load the system call number (offset 0 of struct seccomp_data).
         stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0),
-        jeq(libc::SYS_io_uring_setup as u32, 0, 1),
+        jeq(nr as u32, 0, 1),
         stmt(
             libc::BPF_RET | libc::BPF_K,
             libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
@@ -56,7 +71,7 @@ fn refuse_io_uring_setup() {
     assert_eq!(rc, 0, "no_new_privs: {}", io::Error::last_os_error());
     let mode = libc::SECCOMP_MODE_FILTER as libc::c_ulong;
     // SAFETY: `prog` points to `filter`, a valid BPF program that lives across the call (the
-    // kernel copies it); the filter only makes io_uring_setup fail.
+    // kernel copies it); the filter only makes system call `nr` fail.
     let rc = unsafe { libc::prctl(libc::PR_SET_SECCOMP, mode, &prog) };
     assert_eq!(rc, 0, "seccomp: {}", io::Error::last_os_error());
 }
@@ -109,4 +124,102 @@ fn explicit_io_uring_is_an_error_not_a_fallback() {
             .unwrap();
         assert_eq!(epoll.backend(), "epoll");
     });
+}
+
+/// The filter of the cases below: a ring can be created, but not entered.
+fn assert_setup_allowed_enter_refused() {
+    let monitor = aio::UringMonitor::new().expect("io_uring_setup is still allowed");
+    drop(monitor);
+    let err = aio::UringMonitor::probe().unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+    assert!(err.to_string().contains("io_uring_enter"), "{err}");
+}
+
+/// Issue 10, defect 3: with `io_uring_enter` refused, `Backend::Auto` used to keep the ring
+/// (setup works) and every wait failed. It must probe with a round trip and fall back.
+#[test]
+fn auto_falls_back_when_io_uring_enter_is_refused() {
+    with_io_uring_enter_refused("auto_falls_back_when_io_uring_enter_is_refused", || {
+        assert_setup_allowed_enter_refused();
+        let ctx = Builder::new()
+            .ignore_env()
+            .build()
+            .expect("Auto falls back");
+        assert_eq!(
+            ctx.backend(),
+            "poll",
+            "Auto must not keep a ring it cannot enter"
+        );
+        let ran = Arc::new(AtomicBool::new(false));
+        let r = ran.clone();
+        ctx.schedule_oneshot(move || r.store(true, Ordering::SeqCst));
+        assert!(ctx.poll());
+        assert!(ran.load(Ordering::SeqCst));
+        let notifier = Arc::new(aio::EventNotifier::new().unwrap());
+        let hits = std::rc::Rc::new(std::cell::Cell::new(0));
+        let h = hits.clone();
+        let _handler = ctx
+            .set_event_notifier(&notifier, move |e| {
+                assert!(e.test_and_clear());
+                h.set(h.get() + 1);
+            })
+            .unwrap();
+        notifier.set().unwrap();
+        assert!(ctx.poll());
+        assert_eq!(hits.get(), 1);
+        assert_eq!(ctx.stats().wait_errors, 0);
+    });
+}
+
+/// Issue 10, defect 3: an explicit io_uring request checks the round trip too, and fails
+/// clearly instead of handing out a context whose every wait fails.
+#[test]
+fn explicit_io_uring_with_enter_refused_is_an_error() {
+    with_io_uring_enter_refused("explicit_io_uring_with_enter_refused_is_an_error", || {
+        assert_setup_allowed_enter_refused();
+        let err = Builder::new()
+            .backend(Backend::IoUring)
+            .ignore_env()
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+    });
+}
+
+/// Issue 10, defect 3, the real failure behind the injected one of
+/// `aio-core/tests/backend_failures.rs`: a context on an unchecked ring whose
+/// `io_uring_enter` is refused. `try_poll` returns the `EPERM`, `Stats` counts it, and a loop
+/// of `poll()` backs off instead of spinning (counted, not timed: a spin makes hundreds of
+/// thousands of waits in the period, the back-off about ten).
+#[test]
+fn unchecked_ring_with_enter_refused_surfaces_and_backs_off() {
+    with_io_uring_enter_refused(
+        "unchecked_ring_with_enter_refused_surfaces_and_backs_off",
+        || {
+            assert_setup_allowed_enter_refused();
+            let monitor = aio::UringMonitor::new().unwrap();
+            let ctx = aio::AioContext::new(Box::new(monitor)).unwrap();
+            let err = ctx.try_poll().unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+            assert_eq!(ctx.stats().wait_errors, 1);
+            let before = ctx.stats().waits;
+            let period = std::time::Duration::from_millis(300);
+            let start = std::time::Instant::now();
+            while start.elapsed() < period {
+                assert!(!ctx.poll());
+            }
+            let stats = ctx.stats();
+            let waits = stats.waits - before;
+            println!("{waits} failing waits in {period:?}");
+            assert_eq!(
+                stats.wait_errors,
+                1 + waits,
+                "every wait failed and was counted"
+            );
+            assert!(
+                waits <= 20,
+                "{waits} failing waits in {period:?}: poll() spins"
+            );
+        },
+    );
 }

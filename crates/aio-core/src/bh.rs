@@ -1,5 +1,6 @@
 //! Bottom halves: callbacks that any thread can schedule, wait-free, to run once on the
-//! context's next loop iteration.
+//! context's next loop iteration. This file owns the BH node, its flag word and the transitions
+//! on it, the two pending lists, what one pass does with one node, and who frees a node.
 //!
 //! C original: `util/async.c` (`aio_bh_enqueue`, `aio_bh_dequeue`, `aio_bh_poll`,
 //! `aio_compute_bh_timeout`). Only scheduled or deleted BHs are linked anywhere, so an iteration
@@ -7,68 +8,322 @@
 //!
 //! # The state machine
 //!
-//! Each BH node has an atomic flag word ([`PENDING`], [`SCHEDULED`], [`DELETED`], [`ONESHOT`],
-//! [`IDLE`]). Scheduling sets `PENDING | SCHEDULED` with one `fetch_or`; only the caller that
-//! turned `PENDING` on links the node, so a node is on at most one list at a time and two
-//! schedules before a poll run the callback once. The home thread takes the whole shared list
-//! with one `swap` into a private *slice*, unlinks each node, and only then clears `PENDING`
-//! with a `fetch_and` whose result says what to do: run the callback (`SCHEDULED` without
-//! `DELETED`), free the node (`DELETED` or `ONESHOT`), or both.
+//! Each node has an atomic flag word ([`Flags`]: `PENDING`, `SCHEDULED`, `DELETED`, `ONESHOT`,
+//! `IDLE`) and a home-thread state ([`Local`]: the callback is idle in the node, or out of it
+//! and running further up the stack). Every change of the flag word is a method of
+//! [`AtomicFlags`] that returns a `#[must_use]` value saying what the caller must do next:
+//! link the node ([`Link::New`]), run it, or free it (a [`LinkRef`], the one strong reference a
+//! link can own, whose `Drop` frees). So who links and who frees is decided in one place and
+//! handed to the caller as a value, not recomputed from bits at each call site.
+//!
+//! ARCHITECTURE.md, "The BH state machine", has the full table: every state, who holds each
+//! reference, and every transition. The SAFETY comments below cite its rows as `[BH-n]`.
 //!
 //! # Slices and nested polls
 //!
 //! Each BH pass pushes its slice at the back of the context's slice queue and always works on
 //! the front one. A callback that polls the context again therefore first finishes the outer
 //! pass's remaining BHs, then its own; when it returns, every slice is drained and the outer
-//! pass ends. BHs scheduled during a pass go to the shared list and run in the next pass.
+//! pass ends. BHs scheduled during a pass go to the pending lists and run in the next pass.
+//!
+//! A nested pass that meets a node whose callback is running (it was scheduled again while it
+//! runs) does not re-enter it and does not re-link it either: it *parks* it (`SCHEDULED`
+//! without `PENDING`), and the running frame links it again when the callback returns. The
+//! callback then runs once more, in a later pass. A nested blocking wait therefore sleeps
+//! instead of spinning on a BH that cannot run until it returns.
 //!
 //! # Memory: who owns a node
 //!
-//! Nodes are allocated as `Arc`s, but the hot path touches no reference count:
+//! Nodes are `Arc` allocations, but the hot path touches no reference count:
 //!
 //! * A [`BottomHalf`] handle owns one reference while it lives. Scheduling through it links the
 //!   node *without* a reference: the handle keeps it alive.
-//! * Deleting (dropping the handle) *transfers* the handle's reference to the link, and a
-//!   one-shot BH is created with its only reference owned by its link. The flag word records it:
-//!   a link carries a reference exactly when the node is `DELETED` or `ONESHOT`.
-//! * Only the home thread frees nodes (or, once the loop is gone, whoever takes the list): after
-//!   unlinking a node whose `fetch_and` shows `DELETED` or `ONESHOT`, it takes the reference
-//!   back and drops it. A node whose callback is still running further up the stack (a nested
-//!   pass met it again) is left to that running frame, which frees it when the callback returns.
+//! * Deleting (dropping the handle) *transfers* the handle's reference to the node's link, and
+//!   a one-shot is created with its only reference owned by its link: a link carries a
+//!   reference exactly when the node is `DELETED` or `ONESHOT`. A node with either flag is
+//!   never linked again by anything but that transfer ([`AtomicFlags::reschedule`] refuses).
+//! * The home thread takes a link's reference back as a [`LinkRef`] when it unlinks the node
+//!   ([`AtomicFlags::take`]) and drops it, which frees the node, unless the node's callback is
+//!   running further up the stack: then the reference goes into the running state
+//!   ([`Local::Running`]) and the frame that runs the callback frees the node when it returns.
+//!   While a callback runs, nothing else frees its node.
+//! * Once the loop is gone, a thread that transferred a reference to a link (a delete or a
+//!   one-shot) frees whatever is linked (see `Shared::notify_scheduled`). A plain schedule never
+//!   frees anything, which keeps it async-signal-safe.
 //!
-//! So a linked node is always alive (a handle holds it, or its link does), and a node being
-//! dispatched stays alive until its dispatch ends. Only the home thread unlinks nodes while the
-//! loop exists, and it unlinks whole lists at once, so the Treiber-stack ABA problem cannot arise.
+//! Pointers to nodes keep the provenance of the whole `Arc` allocation ([`NodePtr`], made by
+//! `Arc::into_raw`), never that of a `&BhNode`: a reference would not cover the reference
+//! counts that freeing writes. No `&BhNode` is ever held by a thread other than the home thread
+//! across a point where the home thread may free the node.
 
 use crate::context::Shared;
-use crate::sync::{
-    Arc, AtomicBool, AtomicPtr, AtomicU32, Ordering, UnsafeCell, signal_fence, thread_marker,
-};
+use crate::sync::{Arc, AtomicBool, AtomicPtr, AtomicU32, Ordering, UnsafeCell, signal_fence};
 use std::fmt;
-use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 use std::time::Duration;
-
-/// Linked on a list or slice, waiting for the home thread.
-pub(crate) const PENDING: u32 = 1 << 0;
-/// The callback should run.
-pub(crate) const SCHEDULED: u32 = 1 << 1;
-/// Free the node without running it; wins over `SCHEDULED`. The link owns a reference.
-pub(crate) const DELETED: u32 = 1 << 2;
-/// Free the node after running it once. The link owns the only reference.
-pub(crate) const ONESHOT: u32 = 1 << 3;
-/// Scheduled as idle: does not force a zero timeout and does not count as progress.
-pub(crate) const IDLE: u32 = 1 << 4;
 
 /// How long an idle BH may wait for the loop to wake up (QEMU: 10 ms).
 pub(crate) const IDLE_BH_TIMEOUT: Duration = Duration::from_millis(10);
 
 pub(crate) type Callback = Box<dyn FnMut(&RunningBh<'_>) + Send>;
 
+/// A value of a node's flag word.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Flags(u32);
+
+impl Flags {
+    /// Linked on a list or slice, waiting for the home thread.
+    const PENDING: Flags = Flags(1 << 0);
+    /// The callback should run.
+    pub(crate) const SCHEDULED: Flags = Flags(1 << 1);
+    /// Free the node without running it; wins over `SCHEDULED`. The link owns a reference.
+    const DELETED: Flags = Flags(1 << 2);
+    /// Free the node after running it once. The link owns the only reference.
+    const ONESHOT: Flags = Flags(1 << 3);
+    /// Scheduled as idle: does not force a zero timeout and does not count as progress.
+    pub(crate) const IDLE: Flags = Flags(1 << 4);
+
+    const fn union(self, other: Flags) -> Flags {
+        Flags(self.0 | other.0)
+    }
+
+    const fn has(self, other: Flags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    const fn has_any(self, other: Flags) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    /// Whether a link of a node with these flags owns a reference ([BH-3], [BH-4]).
+    const fn link_owns_ref(self) -> bool {
+        self.has_any(Flags::DELETED.union(Flags::ONESHOT))
+    }
+
+    /// Whether the callback should run: scheduled and not deleted.
+    const fn runnable(self) -> bool {
+        self.has(Flags::SCHEDULED) && !self.has(Flags::DELETED)
+    }
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, other: Flags) -> Flags {
+        self.union(other)
+    }
+}
+
+impl fmt::Debug for Flags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = [
+            (Flags::PENDING, "PENDING"),
+            (Flags::SCHEDULED, "SCHEDULED"),
+            (Flags::DELETED, "DELETED"),
+            (Flags::ONESHOT, "ONESHOT"),
+            (Flags::IDLE, "IDLE"),
+        ];
+        let mut list = f.debug_set();
+        for (flag, name) in names {
+            if self.has(flag) {
+                list.entry(&format_args!("{name}"));
+            }
+        }
+        list.finish()
+    }
+}
+
+/// What a transition that may turn `PENDING` on asks of its caller.
+#[must_use = "a node whose PENDING flag this call turned on must be linked"]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// This call turned `PENDING` on: link the node now (and nobody else will).
+    New,
+    /// The node was already linked; the existing link covers this call.
+    Joined,
+}
+
+/// What unlinking a node on the home thread found, and so what the caller must do.
+#[must_use = "a taken node must be run, parked or freed"]
+enum Taken {
+    /// `DELETED`: never run it; the link's reference is now the caller's.
+    Delete(LinkRef),
+    /// Scheduled and not deleted: run the callback, then drop `oneshot` (a one-shot's only
+    /// reference, which frees it).
+    Run {
+        idle: bool,
+        oneshot: Option<LinkRef>,
+    },
+    /// Not scheduled (cancelled after it was linked): nothing to run. A one-shot cannot be
+    /// cancelled, so there is no reference to drop.
+    Cancelled,
+    /// Scheduled while its callback is running further up the stack: left `SCHEDULED` without
+    /// `PENDING`, for that frame to link again when the callback returns ([BH-6]).
+    Parked,
+}
+
+/// A node's atomic flag word, and every transition of it.
+struct AtomicFlags(AtomicU32);
+
+impl AtomicFlags {
+    fn new(flags: Flags) -> AtomicFlags {
+        AtomicFlags(AtomicU32::new(flags.0))
+    }
+
+    fn load(&self, order: Ordering) -> Flags {
+        Flags(self.0.load(order))
+    }
+
+    /// Sets `PENDING | add` ([BH-2] schedule, [BH-3] delete).
+    ///
+    /// AcqRel, both ways with the `fetch_and` of [`take`](Self::take): if we see `PENDING`
+    /// clear, the home thread has finished reading `next`, so the caller may overwrite it; and
+    /// our flags, with the writes before them, are visible to the pass that clears them.
+    fn set_pending(&self, add: Flags) -> Link {
+        let old = Flags(self.0.fetch_or((Flags::PENDING | add).0, Ordering::AcqRel));
+        if old.has(Flags::PENDING) {
+            Link::Joined
+        } else {
+            Link::New
+        }
+    }
+
+    /// Sets `PENDING | add` unless the node is `DELETED` or `ONESHOT`, whose links must own a
+    /// reference that the caller does not have to give ([BH-6]). `None`: refused, nothing
+    /// changed. Orderings as in [`set_pending`](Self::set_pending).
+    fn reschedule(&self, add: Flags) -> Option<Link> {
+        let mut old = self.load(Ordering::Relaxed);
+        loop {
+            if old.link_owns_ref() {
+                return None;
+            }
+            match self.0.compare_exchange_weak(
+                old.0,
+                (old | Flags::PENDING | add).0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) if old.has(Flags::PENDING) => return Some(Link::Joined),
+                Ok(_) => return Some(Link::New),
+                Err(now) => old = Flags(now),
+            }
+        }
+    }
+
+    /// Links a parked node again ([BH-6]): if it is still `SCHEDULED` (nobody cancelled it),
+    /// not linked, and not deleted. `None`: nothing to do. Orderings as in
+    /// [`set_pending`](Self::set_pending).
+    fn unpark(&self) -> Option<Link> {
+        let mut old = self.load(Ordering::Relaxed);
+        loop {
+            if !old.has(Flags::SCHEDULED) || old.has_any(Flags::PENDING) || old.link_owns_ref() {
+                return None;
+            }
+            match self.0.compare_exchange_weak(
+                old.0,
+                (old | Flags::PENDING).0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Some(Link::New),
+                Err(now) => old = Flags(now),
+            }
+        }
+    }
+
+    /// Clears `SCHEDULED` ([BH-2] cancel). Release pairs with the AcqRel `fetch_and` of the
+    /// next [`take`](Self::take), which then sees the cancel.
+    fn cancel(&self) {
+        self.0.fetch_and(!Flags::SCHEDULED.0, Ordering::Release);
+    }
+
+    /// Clears the pending state of a node that the caller has just unlinked, and says what to
+    /// do with it ([BH-5]). `running`: its callback is running further up the stack.
+    ///
+    /// Synchronizes with [`set_pending`](Self::set_pending) (see there). Clearing `PENDING`
+    /// only after the unlink lets a concurrent schedule link the node again.
+    ///
+    /// # Safety
+    ///
+    /// `node` is the node these flags belong to, the caller has unlinked it from a list it owns
+    /// (so a reference its link owned is now the caller's), and the node is alive.
+    unsafe fn take(&self, node: NodePtr, running: bool) -> Taken {
+        if running {
+            // Keep SCHEDULED and IDLE: the running frame links the node again (`unpark`).
+            let old = Flags(self.0.fetch_and(!Flags::PENDING.0, Ordering::AcqRel));
+            debug_assert!(!old.has(Flags::ONESHOT), "a one-shot is never linked again");
+            return if old.has(Flags::DELETED) {
+                // SAFETY: [BH-5]: the link of a DELETED node owned a reference, and the caller
+                // unlinked it, so that reference is ours.
+                Taken::Delete(unsafe { LinkRef::adopt(node) })
+            } else {
+                Taken::Parked
+            };
+        }
+        let cleared = Flags::PENDING | Flags::SCHEDULED | Flags::IDLE;
+        let old = Flags(self.0.fetch_and(!cleared.0, Ordering::AcqRel));
+        if old.has(Flags::DELETED) {
+            // SAFETY: as above.
+            return Taken::Delete(unsafe { LinkRef::adopt(node) });
+        }
+        let oneshot = old.has(Flags::ONESHOT).then(|| {
+            // SAFETY: [BH-4]: a one-shot's link owned its only reference; it is ours now.
+            unsafe { LinkRef::adopt(node) }
+        });
+        if old.has(Flags::SCHEDULED) {
+            Taken::Run {
+                idle: old.has(Flags::IDLE),
+                oneshot,
+            }
+        } else {
+            debug_assert!(oneshot.is_none(), "a one-shot cannot be cancelled");
+            drop(oneshot);
+            Taken::Cancelled
+        }
+    }
+}
+
+/// A pointer to a node with the provenance of its whole `Arc` allocation: it comes from
+/// `Arc::into_raw`, never from a `&BhNode`, so that a reference count can be given back through
+/// it. It says nothing about who owns a reference; see the state table.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) struct NodePtr(NonNull<BhNode>);
+
+impl NodePtr {
+    /// Allocates a node. The returned pointer carries the allocation's one strong reference,
+    /// which the caller places: in a handle ([BH-1]) or in a one-shot's link ([BH-4]).
+    fn alloc(callback: Callback, flags: Flags) -> NodePtr {
+        let arc = Arc::new(BhNode {
+            flags: AtomicFlags::new(flags),
+            next: AtomicPtr::new(ptr::null_mut()),
+            local: UnsafeCell::new(Local::Idle(callback)),
+        });
+        NodePtr(NonNull::new(Arc::into_raw(arc).cast_mut()).expect("Arc::into_raw is never null"))
+    }
+
+    /// The node, for one short access.
+    ///
+    /// # Safety
+    ///
+    /// The node must stay alive while the returned reference is used, and that use must not
+    /// span a point where another thread may free it (the reference would be left dangling
+    /// while still live, which Miri rightly rejects). Keep each use to one expression.
+    unsafe fn get<'a>(self) -> &'a BhNode {
+        // SAFETY: the caller keeps the node alive for 'a (above).
+        unsafe { self.0.as_ref() }
+    }
+
+    fn as_raw(self) -> *mut BhNode {
+        self.0.as_ptr()
+    }
+
+    fn from_raw(raw: *mut BhNode) -> Option<NodePtr> {
+        NonNull::new(raw).map(NodePtr)
+    }
+}
+
 /// One bottom half. Shared between its handle, the list that links it, and the home thread.
 pub(crate) struct BhNode {
-    /// `PENDING | SCHEDULED | DELETED | ONESHOT | IDLE`.
-    flags: AtomicU32,
+    flags: AtomicFlags,
     /// The next node on whatever list links this one. Written only by the thread that turned
     /// `PENDING` on (before it publishes the node) and read only by the home thread while the
     /// node is pending, so `Relaxed` suffices: the list head's release/acquire orders it.
@@ -78,90 +333,55 @@ pub(crate) struct BhNode {
     /// # Invariant
     ///
     /// Only the home thread of the node's context accesses it, one access at a time (no
-    /// reference to it is held across a callback), except when the node is dropped, which is
-    /// exclusive anyway.
+    /// reference to it is held across a callback or a drop of user state), except when the
+    /// node is dropped, which is exclusive anyway.
     local: UnsafeCell<Local>,
 }
 
 /// The home thread's part of a node.
-struct Local {
-    /// The user's callback. `None` while it runs, so that a nested pass cannot re-enter it.
-    callback: Option<Callback>,
-    /// The callback is running further up the home thread's stack.
-    running: bool,
-    /// A nested pass unlinked this node as deleted while its callback was running, and handed
-    /// the link's reference to the running frame, which frees the node when the callback returns.
-    free_after_run: bool,
+enum Local {
+    /// The callback is in the node: the node may run.
+    Idle(Callback),
+    /// The callback is out of the node, running further up the home thread's stack, so a
+    /// nested pass can neither run nor free the node.
+    Running {
+        /// The reference a nested pass took back from the link of this deleted node: the
+        /// running frame drops it when the callback returns, which frees the node ([BH-7]).
+        free_on_return: Option<LinkRef>,
+    },
 }
 
-// SAFETY: `flags` and `next` are atomics. `local` holds a `Send` closure and two flags and, by
-// its invariant, is only touched by the home thread of the node's context (or by `Drop`,
-// exclusively), so sharing `&BhNode` between threads never lets two of them touch it.
+// SAFETY: `flags` and `next` are atomics. `local` holds a `Send` closure and, by its invariant,
+// is only touched by the home thread of the node's context (or by `Drop`, exclusively), so
+// sharing `&BhNode` between threads never lets two of them touch it.
 unsafe impl Sync for BhNode {}
-
-/// What became of a request to run a node's callback.
-enum Invoked {
-    /// The callback ran (or started running and panicked).
-    Ran,
-    /// The callback is already running further up the stack.
-    AlreadyRunning,
-}
+// SAFETY: as for `Sync`; the `LinkRef` that `Local::Running` may hold points to this very node
+// and only the home thread touches it.
+unsafe impl Send for BhNode {}
 
 impl BhNode {
-    fn new(callback: Callback, flags: u32) -> Arc<BhNode> {
-        Arc::new(BhNode {
-            flags: AtomicU32::new(flags),
-            next: AtomicPtr::new(ptr::null_mut()),
-            local: UnsafeCell::new(Local {
-                callback: Some(callback),
-                running: false,
-                free_after_run: false,
-            }),
-        })
-    }
-
-    /// Runs `f` on the home-thread state. Never call it while another such access is live.
+    /// Runs `f` on the home-thread state. `f` must not run user code or drop user state (it
+    /// returns whatever must be dropped), and must not call `with_local` again.
     fn with_local<R>(&self, f: impl FnOnce(&mut Local) -> R) -> R {
         // By the invariant of `local`, only the home thread calls this, and each call's `&mut`
-        // ends before the next one starts: none is held across a callback.
+        // ends before the next one starts: none is held across a callback or a drop.
         // SAFETY: so this `&mut` is the only live access to `local`.
         self.local.with_mut(|local| f(unsafe { &mut *local }))
     }
 
-    /// Runs the callback on the home thread, taking it out of the node while it runs.
-    ///
-    /// A panic in the callback unwinds through here; the callback is put back first, so the BH
-    /// stays usable (unless it was deleted meanwhile).
-    fn invoke(&self, shared: &Shared) -> Invoked {
-        let Some(callback) = self.with_local(|l| {
-            let cb = l.callback.take();
-            l.running = cb.is_some();
-            cb
-        }) else {
-            return Invoked::AlreadyRunning;
-        };
-        struct PutBack<'a>(&'a BhNode, Option<Callback>);
-        impl Drop for PutBack<'_> {
-            fn drop(&mut self) {
-                let cb = self.1.take();
-                self.0.with_local(|l| {
-                    l.running = false;
-                    // A node that is about to be freed keeps no callback: drop it below, after
-                    // the access ends, since dropping user state may do anything.
-                    if !l.free_after_run {
-                        l.callback = cb;
-                        None
-                    } else {
-                        cb
-                    }
-                });
-            }
-        }
-        let mut guard = PutBack(self, Some(callback));
-        if let Some(cb) = guard.1.as_mut() {
-            cb(&RunningBh { node: self, shared });
-        }
-        Invoked::Ran
+    fn is_running(&self) -> bool {
+        self.with_local(|l| matches!(l, Local::Running { .. }))
+    }
+}
+
+impl Drop for BhNode {
+    fn drop(&mut self) {
+        // A node is freed only when its callback is not running ([BH-7]): the running frame
+        // takes `free_on_return` out before dropping it.
+        debug_assert!(
+            self.with_local(|l| matches!(l, Local::Idle(_))),
+            "a BH node freed while its callback runs"
+        );
     }
 }
 
@@ -173,17 +393,30 @@ impl fmt::Debug for BhNode {
     }
 }
 
-/// Drops a node's reference that the caller owns (one a delete or a one-shot's creation put on
-/// its link).
-///
-/// # Safety
-///
-/// `node` must come from `Arc::into_raw` (directly or through `Arc::as_ptr` of a handle whose
-/// reference was then transferred), the caller must own that reference, and nobody may use the
-/// node through this reference afterwards.
-unsafe fn release(node: NonNull<BhNode>) {
-    // SAFETY: the caller owns one reference made by `Arc::into_raw`; we give it back to `Arc`.
-    drop(unsafe { Arc::from_raw(node.as_ptr().cast_const()) });
+/// The one strong reference that a node's link owns while the node is `DELETED` or `ONESHOT`,
+/// once taken back by the thread that unlinked it. Dropping it frees the node (and its
+/// callback), so hold it only where nothing else uses the node.
+pub(crate) struct LinkRef(NodePtr);
+
+impl LinkRef {
+    /// Takes ownership of a reference that a link owned.
+    ///
+    /// # Safety
+    ///
+    /// The caller must own that reference: it unlinked the node, and the node's flags said
+    /// `DELETED` or `ONESHOT` when it cleared `PENDING` ([BH-5]).
+    unsafe fn adopt(node: NodePtr) -> LinkRef {
+        LinkRef(node)
+    }
+}
+
+impl Drop for LinkRef {
+    fn drop(&mut self) {
+        // SAFETY: [BH-5]/[BH-7]: we own this reference (`adopt`), which came from
+        // `Arc::into_raw` (`NodePtr::alloc`) with the allocation's provenance, and whoever
+        // drops us does not use the node afterwards.
+        drop(unsafe { Arc::from_raw(self.0.as_raw().cast_const()) });
+    }
 }
 
 /// What the scheduled BHs ask of the next wait.
@@ -198,10 +431,10 @@ pub(crate) enum BhTimeout {
 }
 
 impl BhTimeout {
-    fn merge(self, flags: u32) -> BhTimeout {
-        if flags & (SCHEDULED | DELETED) != SCHEDULED {
+    fn merge(self, flags: Flags) -> BhTimeout {
+        if !flags.runnable() {
             self
-        } else if flags & IDLE != 0 {
+        } else if flags.has(Flags::IDLE) {
             BhTimeout::Idle.max(self)
         } else {
             BhTimeout::Now
@@ -231,16 +464,23 @@ impl BhList {
     }
 
     /// Links `node`, whose PENDING flag the caller has just turned on. Lock-free (a CAS loop).
-    fn push(&self, node: &BhNode) {
-        let raw = ptr::from_ref(node).cast_mut();
+    /// The successful CAS is the last access to the node: from then on the home thread may
+    /// free it.
+    fn push(&self, node: NodePtr) {
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
-            node.next.store(head, Ordering::Relaxed);
+            // [BH-2]/[BH-3]/[BH-4]: until the CAS below publishes it, the node is kept alive
+            // by the caller (its handle, the reference it is transferring, or the running
+            // frame), and only we write its `next`.
+            // SAFETY: so it is alive for this one store.
+            unsafe { node.get() }.next.store(head, Ordering::Relaxed);
             // Release publishes `next` and the flags to the home thread's `swap` in `take`.
-            match self
-                .head
-                .compare_exchange_weak(head, raw, Ordering::Release, Ordering::Relaxed)
-            {
+            match self.head.compare_exchange_weak(
+                head,
+                node.as_raw(),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return,
                 Err(current) => head = current,
             }
@@ -248,8 +488,8 @@ impl BhList {
     }
 
     /// Unlinks every pending node at once and returns them in scheduling order. The home thread
-    /// calls it each pass; other threads only once the loop is gone (see `Shared::notify`).
-    /// Taking the whole list with one `swap` keeps concurrent takers disjoint.
+    /// calls it each pass; other threads only once the loop is gone (see `Shared`). Taking the
+    /// whole list with one `swap` keeps concurrent takers disjoint.
     fn take(&self) -> Slice {
         if self.head.load(Ordering::Relaxed).is_null() {
             return Slice::empty();
@@ -261,7 +501,7 @@ impl BhList {
 
     /// The timeout contribution of the BHs pending on the shared list. Home thread only.
     fn timeout(&self) -> BhTimeout {
-        // Acquire pairs with the Release CAS in `enqueue`, so the walk sees each node's `next`.
+        // Acquire pairs with the Release CAS in `push`, so the walk sees each node's `next`.
         walk_timeout(self.head.load(Ordering::Acquire))
     }
 }
@@ -295,7 +535,7 @@ struct LocalList {
     /// signal handlers read it; signal fences order it against `head`.
     busy: AtomicBool,
     /// False once the loop is gone (`close`): later home-thread schedules use the shared list,
-    /// whose dead-context path frees them at once.
+    /// whose dead-context path frees them.
     open: AtomicBool,
 }
 
@@ -329,12 +569,12 @@ impl LocalList {
 pub(crate) struct PendingBhs {
     remote: BhList,
     local: LocalList,
-    /// `thread_marker()` of the home thread.
-    home: usize,
+    /// [`thread_id`](crate::sync::thread_id) of the home thread.
+    home: u64,
 }
 
 impl PendingBhs {
-    pub(crate) fn new(home: usize) -> Self {
+    pub(crate) fn new(home: u64) -> Self {
         PendingBhs {
             remote: BhList::new(),
             local: LocalList {
@@ -346,35 +586,31 @@ impl PendingBhs {
         }
     }
 
-    /// Sets `new_flags | PENDING` on `node` and links it if it was not pending. The caller
-    /// notifies the loop. Wait-free apart from the shared list's CAS loop.
-    ///
-    /// With `DELETED` or `ONESHOT` in `new_flags`, the caller transfers one reference to the
-    /// node's link (whether this call links it or it was linked already) and must not touch the
-    /// node afterwards: the home thread may free it at once.
-    pub(crate) fn enqueue(&self, node: &BhNode, new_flags: u32) {
-        // Synchronizes with the `fetch_and` in `dispatch` (AcqRel both ways): if we see PENDING
-        // clear, the home thread has finished reading `next`, so we may overwrite it; and our
-        // flags, with the writes before them, are visible to the pass that clears them.
-        let old = node.flags.fetch_or(PENDING | new_flags, Ordering::AcqRel);
-        if old & PENDING == 0 {
-            self.link(node);
-        }
-    }
-
-    /// Links a node whose PENDING flag the caller has just set (or created it with).
-    fn link(&self, node: &BhNode) {
-        if thread_marker() == self.home && self.local.open.load(Ordering::Relaxed) {
-            let raw = ptr::from_ref(node).cast_mut();
+    /// Links a node whose PENDING flag the caller has just turned on ([`Link::New`]). Once
+    /// linked, the node may be freed by the home thread at any time unless the caller keeps it
+    /// alive otherwise: the caller must not touch it afterwards unless it does.
+    fn link(&self, node: NodePtr) {
+        if crate::sync::thread_id() == self.home && self.local.open.load(Ordering::Relaxed) {
             let linked = self.local.with_head(|head| {
-                node.next.store(*head, Ordering::Relaxed);
-                *head = raw;
+                // [BH-2]..[BH-4]: the caller keeps the node alive until it is linked, and on
+                // the home thread nothing frees it before this function returns.
+                // SAFETY: so it is alive for this one store.
+                unsafe { node.get() }.next.store(*head, Ordering::Relaxed);
+                *head = node.as_raw();
             });
             if linked.is_some() {
                 return;
             }
         }
         self.remote.push(node);
+    }
+
+    /// Acts on what a transition asked: links the node if it turned `PENDING` on.
+    fn apply(&self, node: NodePtr, link: Link) {
+        match link {
+            Link::New => self.link(node),
+            Link::Joined => {}
+        }
     }
 
     /// Takes both lists, each in scheduling order: other threads' BHs first. Home thread only.
@@ -435,13 +671,13 @@ impl fmt::Debug for PendingBhs {
 
 fn walk_timeout(mut node: *mut BhNode) -> BhTimeout {
     let mut timeout = BhTimeout::None;
-    while !node.is_null() {
+    while let Some(n) = NodePtr::from_raw(node) {
         // Only the home thread calls this, and while it exists only it unlinks nodes (other
-        // threads take the list only once the loop is gone). A linked node is alive (a handle
-        // or its link holds it) and stays linked for the whole walk. Pushers only change the
-        // head, never a linked node's `next`.
-        // SAFETY: so `node` points to a live node for as long as we read it.
-        let n = unsafe { &*node };
+        // threads take the list only once the loop is gone). [BH-2]..[BH-4]: a linked node is
+        // alive (a handle or its link holds it) and stays linked for the whole walk. Pushers
+        // only change the head, never a linked node's `next`.
+        // SAFETY: so `n` is alive for these two loads.
+        let n = unsafe { n.get() };
         timeout = timeout.merge(n.flags.load(Ordering::Relaxed));
         if timeout == BhTimeout::Now {
             break;
@@ -451,7 +687,7 @@ fn walk_timeout(mut node: *mut BhNode) -> BhTimeout {
     timeout
 }
 
-/// A private FIFO of BHs taken off the shared list by one BH pass (QEMU `BHListSlice`).
+/// A private FIFO of BHs taken off a pending list by one BH pass (QEMU `BHListSlice`).
 ///
 /// # Invariant
 ///
@@ -472,14 +708,14 @@ impl Slice {
     /// newest first and promises nothing.
     fn from_lifo(mut lifo: *mut BhNode) -> Slice {
         let mut fifo = ptr::null_mut();
-        while !lifo.is_null() {
-            // Linked nodes are alive (module docs: a handle or the link holds them), and the
-            // caller unlinked the chain, so this thread is the only one that reads or writes
-            // their `next` until PENDING is cleared.
-            // SAFETY: so `lifo` points to a live node that only we touch.
-            let node = unsafe { &*lifo };
-            let next = node.next.load(Ordering::Relaxed);
-            node.next.store(fifo, Ordering::Relaxed);
+        while let Some(node) = NodePtr::from_raw(lifo) {
+            // [BH-2]..[BH-4]: linked nodes are alive, and the caller unlinked the chain, so
+            // this thread is the only one that reads or writes their `next` until PENDING is
+            // cleared.
+            // SAFETY: so `node` is alive and its `next` ours, for these two accesses.
+            let n = unsafe { node.get() };
+            let next = n.next.load(Ordering::Relaxed);
+            n.next.store(fifo, Ordering::Relaxed);
             fifo = lifo;
             lifo = next;
         }
@@ -495,85 +731,111 @@ impl Slice {
     }
 
     /// Unlinks the first node.
-    pub(crate) fn pop(&mut self) -> Option<NonNull<BhNode>> {
-        let node = NonNull::new(self.head)?;
+    pub(crate) fn pop(&mut self) -> Option<NodePtr> {
+        let node = NodePtr::from_raw(self.head)?;
         // By the invariant the node is alive and owned by this slice; we read its `next` before
         // clearing PENDING, so no pusher can be writing it.
         // SAFETY: so the node is live and its `next` ours to read.
-        self.head = unsafe { node.as_ref() }.next.load(Ordering::Relaxed);
+        self.head = unsafe { node.get() }.next.load(Ordering::Relaxed);
         Some(node)
     }
 }
 
 /// Handles a node just popped from a slice on the home thread: clears its pending state, then
-/// runs it, frees it, or both, as its flags say. Returns whether a callback ran that counts as
-/// progress (a non-idle, non-deleted BH).
-pub(crate) fn dispatch(ptr: NonNull<BhNode>, shared: &Shared) -> bool {
-    // Popped nodes are alive (slice invariant), and stay alive until this function releases a
-    // reference it owns, which it does last.
-    // SAFETY: so `ptr` points to a live node for the whole function.
-    let node = unsafe { ptr.as_ref() };
-    // Synchronizes with the `fetch_or` in `enqueue` (see there). Clearing PENDING only after
-    // the node was unlinked lets a concurrent schedule re-link it onto the shared list.
-    let flags = node
-        .flags
-        .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
-
-    /// Releases the node's link reference, if the dispatch owns it, when the dispatch ends,
-    /// unwinding from a panicking callback included.
-    struct Release<'a> {
-        ptr: NonNull<BhNode>,
-        node: &'a BhNode,
-        owned: bool,
+/// runs it, parks it, frees it, or both, as [`AtomicFlags::take`] says. Returns whether a
+/// callback ran that counts as progress (a non-idle, non-deleted BH).
+pub(crate) fn dispatch(node: NodePtr, shared: &Shared) -> bool {
+    // [BH-5]: popped nodes are alive (slice invariant) and stay alive until a `LinkRef` we own
+    // is dropped, which is the last thing done with the node in each arm below.
+    // SAFETY: so the node is alive for this access, made on the home thread.
+    let running = unsafe { node.get() }.is_running();
+    // SAFETY: `node` came off a slice of ours (unlinked, alive), and these are its flags.
+    let taken = unsafe { node.get().flags.take(node, running) };
+    match taken {
+        Taken::Delete(link_ref) => {
+            if running {
+                // The callback is on the stack above us (its handle was dropped while it ran,
+                // then it polled): its frame frees the node when it returns ([BH-7]).
+                // SAFETY: alive (we hold its last-but-one or last reference in `link_ref`).
+                unsafe { node.get() }.with_local(|l| match l {
+                    Local::Running { free_on_return } => {
+                        debug_assert!(free_on_return.is_none(), "a node is deleted once");
+                        *free_on_return = Some(link_ref);
+                    }
+                    Local::Idle(_) => unreachable!("`running` was read just above"),
+                });
+            } else {
+                drop(link_ref); // [BH-5]: frees the node and its callback.
+            }
+            false
+        }
+        Taken::Cancelled | Taken::Parked => false,
+        Taken::Run { idle, oneshot } => {
+            invoke(node, shared);
+            // [BH-4]: a one-shot's only reference; freeing it is the last use of the node.
+            drop(oneshot);
+            !idle
+        }
     }
-    impl Drop for Release<'_> {
+}
+
+/// Runs a node's callback on the home thread, taking it out of the node while it runs
+/// ([BH-7]). The node must not be running already (`dispatch` checked).
+///
+/// A panic in the callback unwinds through here; the callback is put back first, so the BH
+/// stays usable (unless it was deleted meanwhile).
+fn invoke(node: NodePtr, shared: &Shared) {
+    /// The running frame: when the callback returns or unwinds, puts it back, links the node
+    /// again if it was parked, and frees the node if a nested pass deleted it meanwhile.
+    struct Frame<'a> {
+        node: NodePtr,
+        callback: Option<Callback>,
+        shared: &'a Shared,
+    }
+    impl Drop for Frame<'_> {
         fn drop(&mut self) {
-            let deferred = self
-                .node
-                .with_local(|l| std::mem::take(&mut l.free_after_run));
-            if self.owned || deferred {
-                // We own the link's reference (the flags said DELETED or ONESHOT, or a nested
-                // pass handed it to us through `free_after_run`), and nothing uses the node after
-                // this.
-                // SAFETY: so this is the release of a reference we own, the last use.
-                unsafe { release(self.ptr) };
+            let callback = self.callback.take().expect("the frame owns the callback");
+            // [BH-7]: nothing frees a running node but this frame, so it is alive here.
+            // SAFETY: so this access is to a live node, on the home thread.
+            let node = unsafe { self.node.get() };
+            let free = node.with_local(|l| match std::mem::replace(l, Local::Idle(callback)) {
+                Local::Running { free_on_return } => free_on_return,
+                Local::Idle(_) => unreachable!("the frame's node is running"),
+            });
+            match free {
+                // Deleted while running: dropping the link's reference frees the node and its
+                // callback; nothing touches the node after.
+                Some(link_ref) => drop(link_ref),
+                None => {
+                    // [BH-6]: a nested pass parked it; `unpark` refuses if it was cancelled,
+                    // deleted or linked again meanwhile.
+                    if let Some(link) = node.flags.unpark() {
+                        self.shared.bhs.apply(self.node, link);
+                        self.shared.notify_scheduled();
+                    }
+                }
             }
         }
     }
-
-    if flags & DELETED != 0 {
-        let running = node.with_local(|l| l.running);
-        if running {
-            // The callback is on the stack above us (it dropped its own handle, then polled):
-            // its frame frees the node when it returns.
-            node.with_local(|l| l.free_after_run = true);
-            return false;
+    // SAFETY: [BH-5]: alive (the dispatch frame keeps it), home thread.
+    let callback = unsafe { node.get() }.with_local(|l| {
+        match std::mem::replace(
+            l,
+            Local::Running {
+                free_on_return: None,
+            },
+        ) {
+            Local::Idle(callback) => callback,
+            Local::Running { .. } => unreachable!("`dispatch` never invokes a running node"),
         }
-        let _release = Release {
-            ptr,
-            node,
-            owned: true,
-        };
-        return false;
-    }
-    let _release = Release {
-        ptr,
+    });
+    let mut frame = Frame {
         node,
-        owned: flags & ONESHOT != 0,
+        callback: Some(callback),
+        shared,
     };
-    if flags & SCHEDULED == 0 {
-        return false; // cancelled
-    }
-    match node.invoke(shared) {
-        Invoked::Ran => flags & IDLE == 0,
-        Invoked::AlreadyRunning => {
-            // A nested poll met the BH whose callback is running up the stack. Rust cannot
-            // re-enter an `FnMut`, so keep the schedule for the next pass instead of losing it;
-            // QEMU would call it recursively. (One-shots cannot be re-linked, see `RunningBh`.)
-            shared.bhs.enqueue(node, SCHEDULED | (flags & IDLE));
-            false
-        }
-    }
+    let running = RunningBh { node, shared };
+    (frame.callback.as_mut().expect("just set"))(&running);
 }
 
 impl Drop for Slice {
@@ -581,18 +843,13 @@ impl Drop for Slice {
     /// a pass abandoned by a panic does not come here: its slice stays queued in the context
     /// and the next pass finishes it).
     fn drop(&mut self) {
-        while let Some(ptr) = self.pop() {
-            // SAFETY: popped nodes are alive (slice invariant).
-            let node = unsafe { ptr.as_ref() };
-            let flags = node
-                .flags
-                .fetch_and(!(PENDING | SCHEDULED | IDLE), Ordering::AcqRel);
-            if flags & (DELETED | ONESHOT) != 0 {
-                // The link owned a reference (DELETED or ONESHOT), now ours; no callback is
-                // running (the loop is gone), and nothing uses the node after this.
-                // SAFETY: so this is the release of a reference we own, the last use.
-                unsafe { release(ptr) };
-            }
+        while let Some(node) = self.pop() {
+            // SAFETY: popped nodes are alive and ours (slice invariant); no callback runs any
+            // more (the loop is gone, or this is another thread's dead-context drain), so
+            // `running` is false.
+            let taken = unsafe { node.get().flags.take(node, false) };
+            // Dropped at once: a `LinkRef` frees its node, a node to run stops being pending.
+            drop(taken);
         }
     }
 }
@@ -616,7 +873,12 @@ impl fmt::Debug for Slice {
 ///
 /// Dropping the handle deletes the BH (QEMU `qemu_bh_delete`): a scheduled run that has not
 /// happened yet never happens, and the callback is freed by the loop. Dropping it from inside its
-/// own callback is fine.
+/// own callback, or from another thread while the callback runs, is fine: the callback is freed
+/// when it returns.
+///
+/// [`schedule`](Self::schedule) and [`schedule_idle`](Self::schedule_idle) are
+/// async-signal-safe: they never allocate or free. Dropping the handle is not (once the
+/// context is gone it frees the callback), nor is creating a BH or a one-shot.
 ///
 /// # Examples
 ///
@@ -638,32 +900,51 @@ impl fmt::Debug for Slice {
 /// assert!(!ctx.poll_nonblocking());
 /// ```
 pub struct BottomHalf {
-    /// The handle's reference; given to the node's link when the handle is dropped.
-    node: ManuallyDrop<Arc<BhNode>>,
+    /// The node; the handle owns one strong reference to it ([BH-1]), which it gives to the
+    /// node's link when it is dropped ([BH-3]).
+    node: NodePtr,
     shared: Arc<Shared>,
 }
+
+// SAFETY: the handle owns a reference to a `Send + Sync` node (the `NodePtr` is what keeps the
+// type from being `Send`/`Sync` automatically) and an `Arc<Shared>`; every operation through
+// it is an atomic transition or a lock-free list push.
+unsafe impl Send for BottomHalf {}
+// SAFETY: as for `Send`: `&BottomHalf` allows only `schedule`, `schedule_idle`, `cancel` and
+// `is_scheduled`, all atomic.
+unsafe impl Sync for BottomHalf {}
 
 impl BottomHalf {
     pub(crate) fn new(shared: Arc<Shared>, callback: Callback) -> BottomHalf {
         BottomHalf {
-            node: ManuallyDrop::new(BhNode::new(callback, 0)),
+            node: NodePtr::alloc(callback, Flags(0)),
             shared,
         }
     }
 
-    /// Schedules the callback to run on the next loop iteration (QEMU `qemu_bh_schedule`).
-    /// Callable from any thread; wakes the loop if it is asleep.
-    pub fn schedule(&self) {
-        self.shared.bhs.enqueue(&self.node, SCHEDULED);
+    fn flags(&self) -> &AtomicFlags {
+        // SAFETY: [BH-1]: the handle's reference keeps the node alive while `self` lives.
+        &unsafe { self.node.get() }.flags
+    }
+
+    fn schedule_with(&self, add: Flags) {
+        // [BH-2]: the handle's reference keeps the node alive, so the link needs none.
+        let link = self.flags().set_pending(add);
+        self.shared.bhs.apply(self.node, link);
         self.shared.notify_scheduled();
+    }
+
+    /// Schedules the callback to run on the next loop iteration (QEMU `qemu_bh_schedule`).
+    /// Callable from any thread, and from a signal handler; wakes the loop if it is asleep.
+    pub fn schedule(&self) {
+        self.schedule_with(Flags::SCHEDULED);
     }
 
     /// Schedules the callback as idle (QEMU `qemu_bh_schedule_idle`): it runs on the next
     /// iteration that happens anyway, and at the latest 10 ms from now; it does not count as
     /// progress.
     pub fn schedule_idle(&self) {
-        self.shared.bhs.enqueue(&self.node, SCHEDULED | IDLE);
-        self.shared.notify_scheduled();
+        self.schedule_with(Flags::SCHEDULED | Flags::IDLE);
     }
 
     /// Unschedules the callback (QEMU `qemu_bh_cancel`). The handle stays usable.
@@ -671,28 +952,24 @@ impl BottomHalf {
     /// Reliable only on the home thread (or otherwise serialized with the loop): from another
     /// thread it can lose the race with a pass that is already about to run the callback.
     pub fn cancel(&self) {
-        // Release pairs with the AcqRel `fetch_and` in the pass, which then sees the cancel.
-        self.node.flags.fetch_and(!SCHEDULED, Ordering::Release);
+        self.flags().cancel();
     }
 
     /// Whether the callback is scheduled and has not run yet.
     pub fn is_scheduled(&self) -> bool {
-        self.node.flags.load(Ordering::Acquire) & (SCHEDULED | DELETED) == SCHEDULED
+        self.flags().load(Ordering::Acquire).runnable()
     }
 }
 
 impl Drop for BottomHalf {
     fn drop(&mut self) {
         // QEMU qemu_bh_delete: enqueue with DELETED and notify, so the loop frees the node and
-        // its callback. Our reference goes to the node's link.
-        // SAFETY: `self.node` is not used again: this is the handle's drop.
-        let node = unsafe { ManuallyDrop::take(&mut self.node) };
-        let raw = Arc::into_raw(node);
-        // `raw` is alive: we hold its reference until `enqueue` hands it to the link,
-        // and we do not touch the node after `enqueue` returns.
-        // SAFETY: justified in the comment just above.
-        self.shared.bhs.enqueue(unsafe { &*raw }, DELETED);
-        self.shared.notify_scheduled();
+        // its callback. [BH-3]: our reference goes to the node's link, whether this call links
+        // it or it was linked already; after `set_pending` we touch the node only to link it,
+        // which the transferred reference keeps alive until the link is published.
+        let link = self.flags().set_pending(Flags::DELETED);
+        self.shared.bhs.apply(self.node, link);
+        self.shared.notify_transferred();
     }
 }
 
@@ -707,7 +984,8 @@ impl fmt::Debug for BottomHalf {
 /// The bottom half whose callback is running, as that callback sees it: it can schedule or
 /// cancel itself without owning its [`BottomHalf`] (which would be a reference cycle).
 ///
-/// Made by [`AioContext::bh_with_self`](crate::AioContext::bh_with_self).
+/// Made by [`AioContext::bh_with_self`](crate::AioContext::bh_with_self). It lives on the home
+/// thread only (it is neither `Send` nor `Sync`).
 ///
 /// # Examples
 ///
@@ -732,39 +1010,38 @@ impl fmt::Debug for BottomHalf {
 /// assert_eq!(runs, 3);
 /// ```
 pub struct RunningBh<'a> {
-    node: &'a BhNode,
+    /// [BH-7]: alive while the callback that sees this runs.
+    node: NodePtr,
     shared: &'a Shared,
 }
 
 impl RunningBh<'_> {
-    /// Schedules this BH again; it runs in the next pass, not this one. Does nothing for a
-    /// one-shot BH, which runs once by definition.
+    /// Schedules this BH again; it runs in the next pass, not this one (if the callback polls
+    /// the context before returning, after it returns). Does nothing for a one-shot BH, which
+    /// runs once by definition, or for a BH whose handle was dropped.
     pub fn schedule(&self) {
-        self.schedule_with(SCHEDULED);
+        self.schedule_with(Flags::SCHEDULED);
     }
 
     /// Schedules this BH again as idle (see [`BottomHalf::schedule_idle`]).
     pub fn schedule_idle(&self) {
-        self.schedule_with(SCHEDULED | IDLE);
+        self.schedule_with(Flags::SCHEDULED | Flags::IDLE);
     }
 
-    fn schedule_with(&self, flags: u32) {
-        // A one-shot's only reference belongs to the dispatch running it, which frees it when
-        // the callback returns: it must never be linked again. ONESHOT never changes, so a
-        // relaxed load is exact.
-        if self.node.flags.load(Ordering::Relaxed) & ONESHOT != 0 {
-            return;
+    fn schedule_with(&self, add: Flags) {
+        // [BH-6]: without a handle we have no reference to give a link, so a deleted node or a
+        // one-shot (whose links must own one) is never linked from here.
+        // SAFETY: [BH-7]: alive while its callback runs.
+        if let Some(link) = unsafe { self.node.get() }.flags.reschedule(add) {
+            self.shared.bhs.apply(self.node, link);
+            self.shared.notify_scheduled();
         }
-        // The node is alive while its callback runs (the dispatch holds it), and a concurrent
-        // delete of its handle transfers the handle's reference to whichever link exists.
-        self.shared.bhs.enqueue(self.node, flags);
-        self.shared.notify_scheduled();
     }
 
     /// Unschedules this BH if something scheduled it again meanwhile.
     pub fn cancel(&self) {
-        // Release pairs with the AcqRel `fetch_and` of the next pass.
-        self.node.flags.fetch_and(!SCHEDULED, Ordering::Release);
+        // SAFETY: [BH-7]: alive while its callback runs.
+        unsafe { self.node.get() }.flags.cancel();
     }
 }
 
@@ -791,13 +1068,199 @@ pub(crate) fn oneshot_callback(f: impl FnOnce() + Send + 'static) -> Callback {
 
 /// Creates and schedules a one-shot BH on `shared` (QEMU `aio_bh_schedule_oneshot`).
 pub(crate) fn schedule_oneshot(shared: &Shared, callback: Callback) {
-    // Born pending: nobody else can see the node yet, so there is no flag race to settle with a
-    // `fetch_or`; linking publishes it.
-    let raw = Arc::into_raw(BhNode::new(callback, PENDING | SCHEDULED | ONESHOT));
-    // `raw` is alive: its only reference goes to the link made below, and we do not
-    // touch the node afterwards.
-    // SAFETY: justified in the comment just above.
-    let node = unsafe { &*raw };
+    // [BH-4]: born pending, its only reference going to the link made here (nobody else can
+    // see the node yet, so there is no flag race to settle with a `fetch_or`).
+    let node = NodePtr::alloc(callback, Flags::PENDING | Flags::SCHEDULED | Flags::ONESHOT);
     shared.bhs.link(node);
-    shared.notify_scheduled();
+    shared.notify_transferred();
+}
+
+#[cfg(all(test, not(aio_loom)))]
+mod tests {
+    //! The flag-word transitions alone, on real nodes that no context owns.
+    use super::*;
+
+    fn node(flags: Flags) -> NodePtr {
+        NodePtr::alloc(Box::new(|_| {}), flags)
+    }
+
+    fn flags(node: NodePtr) -> &'static AtomicFlags {
+        // SAFETY: test nodes are freed only by the `LinkRef` or `Arc` the test drops last.
+        &unsafe { node.get() }.flags
+    }
+
+    /// Plays the home thread that has just unlinked `node`.
+    fn take(node: NodePtr, running: bool) -> Taken {
+        // SAFETY: each test links a node only as its flags say and takes it once per link;
+        // a `LinkRef` it gets back owns the allocation's reference and frees the node when
+        // the test drops it, after its last use.
+        unsafe { flags(node).take(node, running) }
+    }
+
+    /// Frees a test node through the reference `alloc` made.
+    fn free(node: NodePtr) {
+        // SAFETY: the test owns the allocation's reference and does not use the node after.
+        drop(unsafe { LinkRef::adopt(node) });
+    }
+
+    #[test]
+    fn only_the_first_schedule_links() {
+        let n = node(Flags(0));
+        assert_eq!(flags(n).set_pending(Flags::SCHEDULED), Link::New);
+        assert_eq!(flags(n).set_pending(Flags::SCHEDULED), Link::Joined);
+        assert_eq!(flags(n).set_pending(Flags::DELETED), Link::Joined);
+        free(n);
+    }
+
+    #[test]
+    fn a_deleted_node_or_a_oneshot_is_never_rescheduled() {
+        for born in [Flags::DELETED, Flags::ONESHOT] {
+            let n = node(born);
+            assert_eq!(flags(n).reschedule(Flags::SCHEDULED), None);
+            assert_eq!(flags(n).load(Ordering::Relaxed), born, "refused: unchanged");
+            free(n);
+        }
+        let n = node(Flags(0));
+        assert_eq!(flags(n).reschedule(Flags::SCHEDULED), Some(Link::New));
+        assert_eq!(flags(n).reschedule(Flags::SCHEDULED), Some(Link::Joined));
+        free(n);
+    }
+
+    #[test]
+    fn take_says_who_frees() {
+        // A deleted node: the link's reference comes back.
+        let n = node(Flags::PENDING | Flags::SCHEDULED | Flags::DELETED);
+        let taken = take(n, false);
+        assert!(matches!(taken, Taken::Delete(_)));
+        drop(taken);
+
+        // A one-shot: run it, then free it.
+        let n = node(Flags::PENDING | Flags::SCHEDULED | Flags::ONESHOT);
+        let taken = take(n, false);
+        assert!(matches!(
+            taken,
+            Taken::Run {
+                idle: false,
+                oneshot: Some(_)
+            }
+        ));
+        drop(taken);
+
+        // A live handle's node: run, nothing to free; idle is reported.
+        let n = node(Flags::PENDING | Flags::SCHEDULED | Flags::IDLE);
+        let taken = take(n, false);
+        assert!(matches!(
+            taken,
+            Taken::Run {
+                idle: true,
+                oneshot: None
+            }
+        ));
+        assert_eq!(flags(n).load(Ordering::Relaxed), Flags(0));
+
+        // Cancelled after linking.
+        assert_eq!(flags(n).set_pending(Flags::SCHEDULED), Link::New);
+        flags(n).cancel();
+        assert!(matches!(take(n, false), Taken::Cancelled));
+        free(n);
+    }
+
+    #[test]
+    fn a_running_node_is_parked_then_unparked_once() {
+        let n = node(Flags(0));
+        assert_eq!(
+            flags(n).set_pending(Flags::SCHEDULED | Flags::IDLE),
+            Link::New
+        );
+        assert!(matches!(take(n, true), Taken::Parked));
+        assert_eq!(
+            flags(n).load(Ordering::Relaxed),
+            Flags::SCHEDULED | Flags::IDLE,
+            "parked: scheduled, not pending"
+        );
+        assert_eq!(flags(n).unpark(), Some(Link::New));
+        assert_eq!(flags(n).unpark(), None, "already linked");
+        assert!(matches!(take(n, false), Taken::Run { .. }));
+
+        // Cancelled while parked: stays unlinked.
+        assert_eq!(flags(n).set_pending(Flags::SCHEDULED), Link::New);
+        assert!(matches!(take(n, true), Taken::Parked));
+        flags(n).cancel();
+        assert_eq!(flags(n).unpark(), None);
+
+        // Deleted while parked: stays unlinked (the delete links it, with its reference).
+        assert_eq!(flags(n).set_pending(Flags::SCHEDULED), Link::New);
+        assert!(matches!(take(n, true), Taken::Parked));
+        assert_eq!(flags(n).set_pending(Flags::DELETED), Link::New);
+        assert_eq!(flags(n).unpark(), None);
+        let taken = take(n, true);
+        assert!(matches!(taken, Taken::Delete(_)));
+        drop(taken);
+    }
+
+    /// After the context is gone, only a thread that transferred a reference to a link (a
+    /// delete, a one-shot) frees what is linked; a plain schedule, which may come from a signal
+    /// handler, never frees anything ([BH-8]).
+    #[test]
+    fn after_the_context_is_gone_only_a_transfer_frees() {
+        use std::sync::atomic::AtomicUsize;
+        struct Drops(std::sync::Arc<AtomicUsize>);
+        impl Drop for Drops {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        /// A monitor that watches nothing: this test never waits.
+        #[derive(Debug)]
+        struct NoFds;
+        impl crate::FdMonitor for NoFds {
+            fn name(&self) -> &'static str {
+                "none"
+            }
+            fn update(&mut self, _: crate::fdmon::Change) -> std::io::Result<()> {
+                Ok(())
+            }
+            fn wait(
+                &mut self,
+                _: &mut crate::fdmon::ReadyList,
+                _: Option<Duration>,
+            ) -> std::io::Result<usize> {
+                Ok(0)
+            }
+            fn outer_fds(&self, _: &mut Vec<crate::fdmon::OuterFd>) {}
+        }
+        let ctx = crate::AioContext::new(Box::new(NoFds)).unwrap();
+        let drops = std::sync::Arc::new(AtomicUsize::new(0));
+        let guard = Drops(drops.clone());
+        let deleted = ctx.bh(move || {
+            let _keep = &guard;
+        });
+        let plain = ctx.bh(|| {});
+        let shared = ctx.inner.shared.clone();
+        drop(ctx);
+        // Link `deleted` as a delete would, but without the delete's own drain: the state a
+        // delete racing with the context's drop can leave.
+        let link = deleted.flags().set_pending(Flags::DELETED);
+        shared.bhs.apply(deleted.node, link);
+        std::mem::forget(deleted); // its reference now belongs to the link
+        plain.schedule(); // what a signal handler may do: frees nothing
+        shared.notify_scheduled();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            0,
+            "a plain schedule freed memory"
+        );
+        shared.notify_transferred();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "a transfer drains the dead list"
+        );
+    }
+
+    #[test]
+    fn flags_debug_names_each_bit() {
+        let f = Flags::PENDING | Flags::DELETED;
+        assert_eq!(format!("{f:?}"), "{PENDING, DELETED}");
+    }
 }

@@ -39,8 +39,8 @@ use crate::handler::{
     HandlerBuilder, HandlerNode, NodeKind, NodeParts, PollCallbacks, Registry, raw_fd_of,
 };
 use crate::sync::{
-    Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, signal_fence, thread_local,
-    thread_marker, timer_notify,
+    Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, signal_fence, thread_id, thread_local,
+    timer_notify,
 };
 use crate::{FdHandler, sys};
 use std::any::Any;
@@ -59,6 +59,22 @@ const NOTIFY_ME_OUTER: u32 = 1;
 /// `notify_me` step for each `poll` in its wait phase.
 const NOTIFY_ME_POLL: u32 = 2;
 
+/// The back-off after the first of a run of failed backend waits; it doubles with each
+/// consecutive failure, up to [`BACKOFF_MAX`]. See [`AioContext::poll`].
+const BACKOFF_FIRST: Duration = Duration::from_millis(1);
+/// The longest back-off: a backend whose wait keeps failing costs about ten wake-ups a second.
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// What an iteration does when the backend's wait fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnWaitError {
+    /// Count and log it, back off (blocking iterations), and go on as if nothing were ready:
+    /// [`AioContext::poll`].
+    BackOff,
+    /// Count and log it, and return it before dispatching anything: [`AioContext::try_poll`].
+    Return,
+}
+
 /// The part of a context that any thread may touch.
 pub(crate) struct Shared {
     /// Non-zero while the home thread may be blocked (or is about to block) without
@@ -71,8 +87,8 @@ pub(crate) struct Shared {
     event: EventNotifier,
     /// Pending bottom halves.
     pub(crate) bhs: PendingBhs,
-    /// [`thread_marker`] of the home thread.
-    home: usize,
+    /// [`thread_id`] of the home thread.
+    home: u64,
     /// True from the moment a blocking iteration starts computing its timeout until its wait
     /// is over (and between an outer loop's `prepare` and `check`). Written and read only by
     /// the home thread, signal handlers included; see `notify_scheduled`.
@@ -111,13 +127,6 @@ impl Shared {
         fence(Ordering::SeqCst);
         if self.notify_me.load(Ordering::Relaxed) != 0 && !self.loom_bug2_skip(checked, already) {
             self.write_event();
-        }
-        // The same fence orders a caller's BH push before this load; `Inner::drop` stores
-        // `alive = false` and fences before it drains the list. So either that drain sees the
-        // push, or this load sees `false` and the BHs are freed here, never run, never leaked
-        // (a closure holding a `BottomHalf` of its own context would otherwise be a cycle).
-        if !self.alive.load(Ordering::Relaxed) {
-            drop(self.bhs.take_remote());
         }
     }
 
@@ -160,14 +169,40 @@ impl Shared {
     /// the home thread between computing the timeout and the fenced re-check, or in the wait)
     /// it is needed, and done. This is tokio's "no self-wake" (tokio#7570); QEMU always
     /// notifies. An explicit `notify()` keeps QEMU's semantics.
+    ///
+    /// Never frees anything, so a plain schedule stays async-signal-safe.
     pub(crate) fn notify_scheduled(&self) {
-        if !self.window.load(Ordering::Relaxed)
-            && self.alive.load(Ordering::Relaxed)
-            && thread_marker() == self.home
-        {
-            return;
+        self.wake_after_link();
+    }
+
+    /// Notify after linking a BH whose link owns a reference (a delete, a one-shot): as
+    /// [`notify_scheduled`](Self::notify_scheduled), and if the loop is gone, free what is
+    /// linked. Otherwise nobody would: a deleted BH whose closure holds a `BottomHalf` of its
+    /// own context would be a reference cycle through this `Shared`.
+    pub(crate) fn notify_transferred(&self) {
+        if !self.wake_after_link() {
+            drop(self.bhs.take_remote());
+        }
+    }
+
+    /// Wakes the loop after a BH was linked, if needed, and returns whether the loop still
+    /// exists, as seen after the link.
+    ///
+    /// `notify`'s full fence orders the caller's push before the load of `alive` below;
+    /// `Inner::drop` stores `alive = false` and fences before it drains the lists. So either
+    /// that drain sees the push, or this load sees `false` and the caller drains. On the home
+    /// thread no fence is needed: `alive` changes only there (`Inner::drop`), in program order.
+    fn wake_after_link(&self) -> bool {
+        if thread_id() == self.home {
+            if !self.alive.load(Ordering::Relaxed) {
+                return false;
+            }
+            if !self.window.load(Ordering::Relaxed) {
+                return true;
+            }
         }
         self.notify();
+        self.alive.load(Ordering::Relaxed)
     }
 
     /// Opens or closes the blocking window (home thread only).
@@ -271,7 +306,11 @@ pub(crate) struct Inner {
     locals: RefCell<Vec<Rc<dyn Any>>>,
     /// Home-thread counters for [`Stats`].
     waits: Cell<u64>,
+    wait_errors: Cell<u64>,
     event_drains: Cell<u64>,
+    /// How many backend waits in a row have failed (0 after a successful one): sets the
+    /// back-off and keeps the log quiet.
+    failed_waits: Cell<u32>,
 }
 
 impl Inner {
@@ -351,29 +390,90 @@ impl Inner {
 
     /// Marks `node` deleted, forgets its key and tells the monitor.
     pub(crate) fn remove_node(&self, key: HandlerKey) {
-        let Some(node) = self.registry.borrow_mut().remove(key) else {
+        let removed = self.registry.borrow_mut().remove(key);
+        let Some(node) = removed else {
             return;
         };
         if node.in_monitor.replace(false) {
             let change = Change::Remove { key, fd: node.fd };
-            if let Err(e) = self.monitor.borrow_mut().update(change) {
+            let result = self.monitor.borrow_mut().update(change);
+            if let Err(e) = result {
                 tracing::warn!("aio: backend failed to forget fd {}: {e}", node.fd);
             }
         }
         self.shared.notify_scheduled();
+        // Last, with no borrow held: its callbacks may own other handlers, whose drop comes
+        // back here (QEMU frees the node outside the list lock for the same reason).
+        drop(node);
     }
 
-    /// Runs the monitor's wait, counting it for [`Stats`]. A failure is logged and treated as
-    /// an iteration in which nothing was ready (the backend contract allows only non-`EINTR`
-    /// errors here, such as `ENOMEM`).
-    fn wait(&self, ready: &mut ReadyList, timeout: Option<Duration>) {
+    /// Runs the monitor's wait, counting it for [`Stats`]. A failure (the backend contract
+    /// allows only non-`EINTR` errors here: `ENOMEM`, or `EPERM` from a seccomp filter) is
+    /// counted, logged (the first of a run, then at each power of two) and returned with
+    /// `ready` cleared; the caller decides between backing off and returning it.
+    fn wait(&self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<()> {
         self.waits.set(self.waits.get() + 1);
         // End the mutable borrow before logging, which borrows the monitor again for its name.
         let result = self.monitor.borrow_mut().wait(ready, timeout);
-        if let Err(e) = result {
-            let backend = self.monitor.borrow().name();
-            tracing::warn!("aio: {backend} backend wait failed: {e}");
-            ready.clear();
+        let in_a_row = self.failed_waits.get();
+        match result {
+            Ok(_) => {
+                if in_a_row > 0 {
+                    self.failed_waits.set(0);
+                    let backend = self.monitor.borrow().name();
+                    tracing::info!(
+                        "aio: {backend} backend wait works again after {in_a_row} failures"
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => {
+                ready.clear();
+                let in_a_row = in_a_row.saturating_add(1);
+                self.failed_waits.set(in_a_row);
+                self.wait_errors.set(self.wait_errors.get() + 1);
+                if in_a_row.is_power_of_two() {
+                    let backend = self.monitor.borrow().name();
+                    tracing::warn!("aio: {backend} backend wait failed ({in_a_row} in a row): {e}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// After a failed wait, sleeps in place of the wait that did not happen, so that a backend
+    /// whose wait keeps failing does not turn `poll` into a busy loop: [`BACKOFF_FIRST`],
+    /// doubling with each consecutive failure up to [`BACKOFF_MAX`], never past `timeout` (a
+    /// BH or timer that is due is not delayed). The sleep is a wait on the context's own
+    /// eventfd, so a [`notify`](AioContext::notify) (a remote BH, a timer armed from another
+    /// thread) still ends it. Called inside the blocking window, with `notify_me` raised.
+    fn back_off(&self, timeout: Option<Duration>) {
+        let in_a_row = self.failed_waits.get();
+        if in_a_row == 0 {
+            return;
+        }
+        let step = BACKOFF_FIRST
+            .saturating_mul(1 << (in_a_row - 1).min(16))
+            .min(BACKOFF_MAX);
+        let sleep = timeout.map_or(step, |t| t.min(step));
+        if sleep.is_zero() {
+            return;
+        }
+        let shared = &*self.shared;
+        // The failing backend never reports the eventfd, so nobody drains it: drain it here,
+        // or a stale wake-up would end every back-off at once.
+        if shared.event.test_and_clear() {
+            self.event_drains.set(self.event_drains.get() + 1);
+        }
+        // A notify whose eventfd write we just drained set `notified` before writing. Relaxed:
+        // this only decides whether to sleep; a `true` seen late costs one back-off step at
+        // most, never a wake-up, because the iteration accepts and runs BHs after sleeping.
+        if shared.notified.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = sys::wait_readable(shared.event.raw_fd(), sleep) {
+            tracing::debug!("aio: back-off wait on the eventfd failed ({e}); sleeping instead");
+            std::thread::sleep(sleep);
         }
     }
 
@@ -528,8 +628,8 @@ impl AioContext {
             notify_me: AtomicU32::new(0),
             notified: AtomicBool::new(false),
             event,
-            bhs: PendingBhs::new(thread_marker()),
-            home: thread_marker(),
+            bhs: PendingBhs::new(thread_id()),
+            home: thread_id(),
             window: AtomicBool::new(false),
             alive: AtomicBool::new(true),
             #[cfg(aio_loom)]
@@ -556,7 +656,9 @@ impl AioContext {
                 timers,
                 locals: RefCell::new(Vec::new()),
                 waits: Cell::new(0),
+                wait_errors: Cell::new(0),
                 event_drains: Cell::new(0),
+                failed_waits: Cell::new(0),
             }),
         };
         // The context's own notifier is an ordinary handler whose read callback drains the
@@ -607,6 +709,7 @@ impl AioContext {
         let inner = &*self.inner;
         Stats {
             waits: inner.waits.get(),
+            wait_errors: inner.wait_errors.get(),
             event_writes: inner.shared.event_writes.load(Ordering::Relaxed),
             event_drains: inner.event_drains.get(),
         }
@@ -705,13 +808,50 @@ impl AioContext {
     /// notify is not progress, so this returns false then. It may be called from inside any
     /// callback (a nested iteration), as QEMU's `AIO_WAIT_WHILE` does.
     ///
+    /// # Backend failures
+    ///
+    /// A backend wait that fails (an error other than `EINTR`: `ENOMEM`, or `io_uring_enter`
+    /// refused by a seccomp filter) is counted in [`Stats::wait_errors`], logged, and treated as
+    /// a wait in which no fd was ready: BHs and timers still run. The iteration then backs off
+    /// before dispatching: it sleeps 1 ms after the first failure of a run, doubling with each
+    /// consecutive failure up to 100 ms, never past its own timeout, and a
+    /// [`notify`](Self::notify) ends the sleep early. So a backend that keeps failing costs
+    /// about ten wake-ups a second, not a core. Use [`try_poll`](Self::try_poll) to get the
+    /// error instead.
+    ///
     /// # Panics
     ///
     /// A panic in a callback propagates out of `poll`. The loop's state stays consistent: BHs
     /// that had not run yet in that pass stay scheduled and run in the next pass, the panicking
     /// callback stays registered, and the context can be polled again.
     pub fn poll(&self) -> bool {
-        self.run_iteration(true)
+        // `BackOff` never returns an error.
+        self.run_iteration(true, OnWaitError::BackOff)
+            .unwrap_or(false)
+    }
+
+    /// As [`poll`](Self::poll), but a failing backend wait is returned, not logged away: the
+    /// caller learns that the backend is broken and decides what to do.
+    ///
+    /// # Errors
+    ///
+    /// The error of the backend's wait. The iteration then stops right after the wait:
+    /// nothing is dispatched (no BH, handler or timer runs; they run in a later iteration,
+    /// which does not block if one is due), and there is no back-off. The failure is counted
+    /// in [`Stats::wait_errors`] and logged, as for `poll`.
+    pub fn try_poll(&self) -> io::Result<bool> {
+        self.run_iteration(true, OnWaitError::Return)
+    }
+
+    /// As [`poll_nonblocking`](Self::poll_nonblocking), but a failing backend wait is returned
+    /// as in [`try_poll`](Self::try_poll). An iteration that makes no wait (nothing for the
+    /// backend to look at) cannot fail.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_poll`](Self::try_poll).
+    pub fn try_poll_nonblocking(&self) -> io::Result<bool> {
+        self.run_iteration(false, OnWaitError::Return)
     }
 
     /// Runs one loop iteration without sleeping (QEMU `aio_poll(ctx, false)`). Returns whether
@@ -719,16 +859,22 @@ impl AioContext {
     ///
     /// When every registered handler can be served by userspace polling (the default state of
     /// a context with only BHs), this makes no system call at all.
+    ///
+    /// A failed backend wait is handled as in [`poll`](Self::poll), except that a non-blocking
+    /// iteration never sleeps.
     pub fn poll_nonblocking(&self) -> bool {
-        self.run_iteration(false)
+        // `BackOff` never returns an error.
+        self.run_iteration(false, OnWaitError::BackOff)
+            .unwrap_or(false)
     }
 
     /// Runs one iteration, blocking or not: QEMU's `aio_poll` signature, for ports.
     pub fn poll_with(&self, blocking: bool) -> bool {
-        self.run_iteration(blocking)
+        self.run_iteration(blocking, OnWaitError::BackOff)
+            .unwrap_or(false)
     }
 
-    fn run_iteration(&self, blocking: bool) -> bool {
+    fn run_iteration(&self, blocking: bool, on_error: OnWaitError) -> io::Result<bool> {
         let inner = &*self.inner;
         let _current = CurrentGuard::enter(Rc::as_ptr(&self.inner));
         let shared = &*inner.shared;
@@ -750,14 +896,25 @@ impl AioContext {
         // non-blocking poll of a context whose handlers can all be polled from userspace, as
         // with only BHs) has no fd to dispatch.
         let polling_disabled = inner.registry.borrow().polling_disabled();
+        let mut failed = None;
         let waited = if timeout != Some(Duration::ZERO)
             || inner.monitor.borrow().need_wait(polling_disabled)
         {
             let mut ready = inner.next_ready_list();
             let epoch = inner.epoch.get() + 1;
             inner.epoch.set(epoch);
-            inner.wait(&mut ready, timeout);
-            Some((ready, epoch))
+            match inner.wait(&mut ready, timeout) {
+                Ok(()) => Some((ready, epoch)),
+                Err(e) => {
+                    inner.recycle_ready_list(ready);
+                    match on_error {
+                        // Inside the window, so that a notify ends the back-off.
+                        OnWaitError::BackOff => inner.back_off(timeout),
+                        OnWaitError::Return => failed = Some(e),
+                    }
+                    None
+                }
+            }
         } else {
             None
         };
@@ -766,6 +923,11 @@ impl AioContext {
         }
         if blocking {
             shared.set_window(false);
+        }
+        if let Some(e) = failed {
+            // Before `accept`: a pending notification stays pending, so the next iteration
+            // does not block while a BH it did not run here is due.
+            return Err(e);
         }
         shared.accept();
 
@@ -776,7 +938,7 @@ impl AioContext {
         }
         // Timers last, as QEMU's `aio_poll` runs them after the handlers.
         progress |= inner.timers.run_expired();
-        progress
+        Ok(progress)
     }
 
     /// Dispatches the handlers in `ready` (QEMU `aio_dispatch_ready_handlers`).
@@ -876,6 +1038,11 @@ impl AioContext {
     }
 
     /// Registers a node built from `parts`, replacing `old` if given. Returns the new key.
+    ///
+    /// Nothing user-owned is dropped while a table is borrowed: a callback may own another
+    /// [`FdHandler`], whose drop unregisters it and so borrows the registry and the monitor
+    /// again. The new node is therefore built before any borrow, and both it (when the change
+    /// is refused) and the replaced node are dropped here, after every borrow is released.
     pub(crate) fn add_node(
         &self,
         parts: NodeParts,
@@ -883,13 +1050,48 @@ impl AioContext {
         old: Option<HandlerKey>,
     ) -> io::Result<HandlerKey> {
         let inner = &*self.inner;
-        let fd = parts.fd;
-        sys::check_fd_open(fd)?;
+        sys::check_fd_open(parts.fd)?;
+        // `next_key` only reserves the index; nothing runs between here and `link_node`.
+        let key = inner.registry.borrow_mut().next_key();
+        let node = Rc::new(parts.build(key, interest));
+        let linked = self.link_node(&node, old);
+        // On success the registry holds the node too; on error this was the only reference and
+        // the refused callbacks are dropped now, with no borrow held.
+        drop(node);
+        let replaced = linked?;
+        // QEMU notifies after every change so that a sleeping loop re-evaluates its fd set; a
+        // registration from inside a callback makes the next blocking iteration not block once.
+        // Here the change is made on the home thread itself, so that is only needed inside a
+        // blocking window (see `notify_scheduled`).
+        inner.shared.notify_scheduled();
+        // The replaced node's callbacks go too (unless a dispatch still holds it), likewise
+        // with no borrow held.
+        drop(replaced);
+        Ok(key)
+    }
+
+    /// Tells the monitor about `node` and puts it in the registry in place of `old`. Returns
+    /// the replaced node, for the caller to drop once no table is borrowed.
+    fn link_node(
+        &self,
+        node: &Rc<HandlerNode>,
+        old: Option<HandlerKey>,
+    ) -> io::Result<Option<Rc<HandlerNode>>> {
+        let inner = &*self.inner;
+        let (key, fd, interest) = (node.key, node.fd, node.interest);
         let mut registry = inner.registry.borrow_mut();
-        let old_node = match old {
-            Some(old) => Some(registry.get(old).cloned().ok_or_else(|| {
-                io::Error::new(io::ErrorKind::NotFound, "the handler was already removed")
-            })?),
+        // Whether the old node is watched; read without cloning it, so that no reference to a
+        // user-owned node is dropped on the error paths below while the registry is borrowed.
+        let old_watched = match old {
+            Some(old) => Some(
+                registry
+                    .get(old)
+                    .ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::NotFound, "the handler was already removed")
+                    })?
+                    .in_monitor
+                    .get(),
+            ),
             None => {
                 if registry.key_of_fd(fd).is_some() {
                     return Err(io::Error::new(
@@ -900,17 +1102,15 @@ impl AioContext {
                 None
             }
         };
-        let key = registry.next_key();
-        let node = Rc::new(parts.build(key, interest));
         let watch = !(node.external && inner.external_disabled());
-        let change = match &old_node {
-            Some(old) if old.in_monitor.get() && watch => Some(Change::Modify {
-                old: old.key,
+        let change = match (old, old_watched) {
+            (Some(old), Some(true)) if watch => Some(Change::Modify {
+                old,
                 new: key,
                 fd,
                 interest,
             }),
-            Some(old) if old.in_monitor.get() => Some(Change::Remove { key: old.key, fd }),
+            (Some(old), Some(true)) => Some(Change::Remove { key: old, fd }),
             _ if watch => Some(Change::Add { key, fd, interest }),
             _ => None,
         };
@@ -920,19 +1120,13 @@ impl AioContext {
         // Insert before removing the old node: `insert` claims the index `next_key` reserved,
         // and `remove` frees the old one (and leaves `by_fd`, now the new key's, alone).
         node.in_monitor.set(watch);
-        registry.insert(node);
-        if let Some(old) = &old_node {
-            old.in_monitor.set(false);
-            let removed = registry.remove(old.key);
-            debug_assert!(removed.is_some());
+        registry.insert(node.clone());
+        let replaced = old.and_then(|old| registry.remove(old));
+        debug_assert_eq!(replaced.is_some(), old.is_some());
+        if let Some(replaced) = &replaced {
+            replaced.in_monitor.set(false);
         }
-        drop(registry);
-        // QEMU notifies after every change so that a sleeping loop re-evaluates its fd set; a
-        // registration from inside a callback makes the next blocking iteration not block once.
-        // Here the change is made on the home thread itself, so that is only needed inside a
-        // blocking window (see `notify_scheduled`).
-        inner.shared.notify_scheduled();
-        Ok(key)
+        Ok(replaced)
     }
 
     /// Stops watching and dispatching handlers registered as external (QEMU
@@ -1052,7 +1246,9 @@ impl AioContext {
         shared.accept();
         let mut ready = std::mem::take(&mut *inner.outer_ready.borrow_mut());
         ready.clear();
-        inner.wait(&mut ready, Some(Duration::ZERO));
+        // A failure is counted and logged there; the outer loop sleeps on its own fds, so there
+        // is nothing to back off from here, and `check` has no error to return.
+        let _ = inner.wait(&mut ready, Some(Duration::ZERO));
         let mut fd_pending = false;
         for (key, _) in ready.iter() {
             let kind = inner.registry.borrow().get(key).map(|n| n.kind);
@@ -1109,8 +1305,12 @@ impl fmt::Debug for AioContext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Calls of the backend's `wait` (one `ppoll`/`epoll_wait`/`io_uring_enter` or so each).
+    /// Calls of the backend's `wait` (one `ppoll`/`epoll_wait`/`io_uring_enter` or so each),
+    /// failed ones included.
     pub waits: u64,
+    /// Calls of the backend's `wait` that failed. [`AioContext::poll`] backs off after them;
+    /// [`AioContext::try_poll`] returns the error.
+    pub wait_errors: u64,
     /// Writes of the context's eventfd by `notify`, from any thread.
     pub event_writes: u64,
     /// Drains (reads) of the context's eventfd.

@@ -259,8 +259,11 @@ pub trait FdMonitor: fmt::Debug {
     ///
     /// # Errors
     ///
-    /// Only errors that are not `EINTR`. The context logs them and treats the iteration as one
-    /// in which nothing was ready.
+    /// Only errors that are not `EINTR`. The context counts them (`Stats::wait_errors`) and logs
+    /// them; [`AioContext::try_poll`](crate::AioContext::try_poll) returns them, while
+    /// [`AioContext::poll`](crate::AioContext::poll) treats the iteration as one in which
+    /// nothing was ready and backs off (a growing sleep, capped at 100 ms) so that a wait that
+    /// keeps failing is not a busy loop.
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize>;
 
     /// During userspace polling, whether the loop must stop polling and call [`wait`].

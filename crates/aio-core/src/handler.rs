@@ -50,24 +50,16 @@ pub(crate) enum NodeKind {
 
 /// The userspace-polling callbacks of a handler, reserved in the handler type so that adaptive
 /// polling can use them without a change to the registration API.
+///
+/// Until the loop polls from userspace they are only stored: they are never called and do not
+/// count as "serviceable by polling" (see `HandlerNode::has_poll`), so they change nothing
+/// about dispatch.
 #[derive(Default)]
 pub(crate) struct PollCallbacks {
     pub(crate) poll: Cell<Option<PollCallback>>,
     pub(crate) ready: Cell<Option<IoCallback>>,
     pub(crate) begin: Cell<Option<PollModeCallback>>,
     pub(crate) end: Cell<Option<PollModeCallback>>,
-}
-
-impl PollCallbacks {
-    /// QEMU ignores `io_poll` without `io_poll_ready`: polling needs somewhere to report to.
-    fn usable(&self) -> bool {
-        let poll = self.poll.take();
-        let ready = self.ready.take();
-        let usable = poll.is_some() && ready.is_some();
-        self.poll.set(poll);
-        self.ready.set(ready);
-        usable
-    }
 }
 
 /// One registered handler (QEMU `AioHandler`). Never changed after registration apart from its
@@ -81,6 +73,11 @@ pub(crate) struct HandlerNode {
     pub(crate) external: bool,
     read: Cell<Option<IoCallback>>,
     write: Cell<Option<IoCallback>>,
+    /// Kept (and dropped with the node) but not read until adaptive polling lands.
+    #[expect(
+        dead_code,
+        reason = "reserved for adaptive polling: stored, never called yet"
+    )]
     pub(crate) poll: PollCallbacks,
     /// Set once, when the handler is removed or replaced.
     pub(crate) deleted: Cell<bool>,
@@ -104,8 +101,14 @@ impl HandlerNode {
         call(&self.write, &self.deleted, ctx)
     }
 
+    /// Whether a zero-timeout iteration may skip the backend's wait as far as this handler is
+    /// concerned (QEMU: the handler has a usable `io_poll`). Only the context's own notifier
+    /// qualifies, its "poll" being a read of `notified`. A user handler's `on_poll` does not:
+    /// nothing calls it yet, so counting it would let non-blocking iterations skip the wait and
+    /// starve the handler on poll and epoll. Adaptive polling will make it count (QEMU ignores
+    /// `io_poll` without `io_poll_ready`, so it will need both).
     pub(crate) fn has_poll(&self) -> bool {
-        self.kind == NodeKind::Notifier || self.poll.usable()
+        self.kind == NodeKind::Notifier
     }
 }
 
@@ -333,10 +336,9 @@ impl<'c> HandlerBuilder<'c> {
 
     /// A userspace polling function: returns true when there is work (QEMU `io_poll`).
     ///
-    /// Reserved for adaptive polling: it is stored, and it takes part in the "can this context
-    /// be served by polling alone?" bookkeeping (together with
-    /// [`on_poll_ready`](Self::on_poll_ready); one without the other is ignored, as in QEMU),
-    /// but the loop does not busy-poll yet, so it is not called.
+    /// Reserved for adaptive polling: it is stored but never called, and it changes nothing
+    /// about dispatch. The loop does not poll from userspace yet, so the handler is served by
+    /// the backend's wait exactly as one without it.
     pub fn on_poll(self, f: impl FnMut() -> bool + 'static) -> Self {
         self.poll.poll.set(Some(Box::new(f)));
         self

@@ -44,18 +44,32 @@ mod imp {
 
 pub(crate) use imp::*;
 
-/// An address that identifies the calling thread among live threads: that of a thread-local.
-/// Used to recognise a context's home thread without a system call.
-pub(crate) fn thread_marker() -> usize {
+/// A number that identifies the calling thread and is never given to another thread, not even
+/// after this one exits (an address, such as a thread-local's, can be reused by a later
+/// thread). Used to recognise a context's home thread without a system call: after the first
+/// call on a thread, one thread-local load. Async-signal-safe: a thread-local `Cell` with a
+/// `const` initializer and no destructor, and one atomic add.
+pub(crate) fn thread_id() -> u64 {
+    // Not modelled by loom (an id allocator, not a protocol): std's atomic even under loom,
+    // so that ids stay unique across the model's iterations.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     #[cfg(not(aio_loom))]
     std::thread_local! {
-        static MARKER: u8 = const { 0 };
+        static ID: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     }
     #[cfg(aio_loom)]
     loom::thread_local! {
-        static MARKER: u8 = 0;
+        static ID: std::cell::Cell<u64> = std::cell::Cell::new(0);
     }
-    MARKER.with(|m| std::ptr::from_ref(m) as usize)
+    ID.with(|id| match id.get() {
+        0 => {
+            // Relaxed: uniqueness needs only the atomicity of the add.
+            let new = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            id.set(new);
+            new
+        }
+        known => known,
+    })
 }
 
 /// Orders the home thread's own memory accesses as a signal handler on that thread sees them
@@ -69,4 +83,21 @@ pub(crate) fn signal_fence() {
 /// timers crate is not modelled by loom, only the notify it calls).
 pub(crate) fn timer_notify(f: impl Fn() + Send + Sync + 'static) -> timers::Notify {
     std::sync::Arc::new(f)
+}
+
+#[cfg(all(test, not(aio_loom)))]
+mod tests {
+    #[test]
+    fn thread_ids_are_never_reused() {
+        let mine = super::thread_id();
+        assert_eq!(super::thread_id(), mine, "stable on one thread");
+        let mut seen = vec![mine];
+        // Threads that run one after another typically get the same thread-local addresses:
+        // the old address-based marker gave them equal markers.
+        for _ in 0..8 {
+            let id = std::thread::spawn(super::thread_id).join().unwrap();
+            assert!(!seen.contains(&id), "id {id} given twice");
+            seen.push(id);
+        }
+    }
 }

@@ -1,5 +1,6 @@
-//! The system-call helpers that core needs outside the event notifier: error conversion and the
-//! "is this fd open?" check done when a handler is registered.
+//! The system-call helpers that core needs outside the event notifier: error conversion, the
+//! "is this fd open?" check done when a handler is registered, and the back-off sleep after a
+//! failed backend wait.
 //!
 //! Backends have their own system-call files; core's only other system calls are in
 //! `event_notifier.rs`.
@@ -33,6 +34,35 @@ pub(crate) fn check_fd_open(fd: RawFd) -> io::Result<()> {
 /// Under loom, fds are fake numbers handed out by the fake event notifier; nothing to check.
 #[cfg(aio_loom)]
 pub(crate) fn check_fd_open(_fd: RawFd) -> io::Result<()> {
+    Ok(())
+}
+
+/// Sleeps until `fd` is readable or `timeout` has passed (rounded up to whole milliseconds):
+/// the loop's back-off after a failed backend wait, which a notify (a write of the context's
+/// eventfd) ends early. A signal ends it early too, which is not an error.
+///
+/// # Errors
+///
+/// The error of `poll(2)` other than `EINTR`.
+#[cfg(not(aio_loom))]
+pub(crate) fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid, writable pollfd that lives across the call, and we pass 1 as
+    // its count.
+    match cvt(unsafe { libc::poll(&mut pfd, 1, ms) }) {
+        Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Under loom there is nothing to sleep on, and a model must not sleep: return at once.
+#[cfg(aio_loom)]
+pub(crate) fn wait_readable(_fd: RawFd, _timeout: std::time::Duration) -> io::Result<()> {
     Ok(())
 }
 

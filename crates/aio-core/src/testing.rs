@@ -1396,6 +1396,60 @@ pub fn fd_level_triggered_unread_data(make: MakeContext) {
     drop(h);
 }
 
+/// Issue 10, defect 4: the userspace-polling callbacks (`on_poll` and `on_poll_ready`, with
+/// begin/end) are reserved and never called, so they must not change dispatch: a handler that
+/// has them is still dispatched by a non-blocking poll and by a blocking poll whose timeout is
+/// zero (a BH is pending). They used to count as "serviceable by polling", which let zero-timeout
+/// iterations skip the wait on poll and epoll and starve the handler.
+pub fn fd_handler_with_poll_callbacks_is_dispatched(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let (mut a, b) = socket_pair();
+    let reads = Rc::new(Cell::new(0u32));
+    let polls = Rc::new(Cell::new(0u32));
+    let (r, p, pr) = (reads.clone(), polls.clone(), polls.clone());
+    let mut reader = b.try_clone().unwrap();
+    let h = ctx
+        .fd_handler(&b)
+        .on_read(move |_| {
+            assert!(
+                read_all_available(&mut reader) > 0,
+                "spurious read callback"
+            );
+            r.set(r.get() + 1);
+        })
+        .on_poll(move || {
+            p.set(p.get() + 1);
+            false
+        })
+        .on_poll_ready(move |_| pr.set(pr.get() + 100))
+        .on_poll_begin(|| panic!("on_poll_begin is reserved"))
+        .on_poll_end(|| panic!("on_poll_end is reserved"))
+        .register()
+        .unwrap();
+    drain(&ctx);
+    assert_eq!(reads.get(), 0);
+    a.write_all(b"x").unwrap();
+    assert!(ctx.poll_nonblocking(), "a readable fd is dispatched");
+    assert_eq!(reads.get(), 1);
+    assert!(!ctx.poll_nonblocking());
+    a.write_all(b"y").unwrap();
+    let ran = counter();
+    let r2 = ran.clone();
+    ctx.schedule_oneshot(move || {
+        r2.fetch_add(1, SeqCst);
+    });
+    assert!(ctx.poll(), "BH and handler both run");
+    assert_eq!((get(&ran), reads.get()), (1, 2));
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(reads.get(), 2);
+    assert_eq!(
+        polls.get(),
+        0,
+        "the polling callbacks are reserved: never called"
+    );
+    drop(h);
+}
+
 /// Spec §4.4: a write callback runs only while the fd is writable: not while the socket's
 /// buffer is full, and again once the peer drained it.
 pub fn fd_write_readiness(make: MakeContext) {
@@ -2604,6 +2658,11 @@ macro_rules! conformance_tests {
         $(#[$meta])*
         fn fd_level_triggered_unread_data() {
             $crate::testing::fd_level_triggered_unread_data($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn fd_handler_with_poll_callbacks_is_dispatched() {
+            $crate::testing::fd_handler_with_poll_callbacks_is_dispatched($make)
         }
         #[test]
         $(#[$meta])*

@@ -204,3 +204,187 @@ fn delete_while_pending_from_many_threads() {
     }
     assert_eq!(drops.load(Ordering::SeqCst), 64);
 }
+
+/// Issue 10, defect 1: a callback reschedules itself and waits in a nested poll loop (the
+/// `AIO_WAIT_WHILE` pattern) while another thread drops its handle. The nested passes meet the
+/// node first scheduled (it must stay marked running), then deleted: its memory belongs to the
+/// running frame until the callback returns.
+#[test]
+fn rescheduled_then_deleted_by_another_thread_during_a_nested_wait() {
+    let ctx = ctx();
+    let (runs, drops) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let bh = {
+        let (runs, guard) = (runs.clone(), Drops(drops.clone()));
+        ctx.bh_with_self(move |this| {
+            let _keep = &guard;
+            runs.fetch_add(1, Ordering::SeqCst);
+            this.schedule();
+            let current = AioContext::current().unwrap();
+            // The nested pass meets us scheduled while we run.
+            current.poll_nonblocking();
+            go_tx.send(()).unwrap();
+            done_rx.recv().unwrap();
+            // The nested passes meet us deleted while we run.
+            while current.poll_nonblocking() {}
+            current.poll_nonblocking();
+            assert_eq!(
+                guard.0.load(Ordering::SeqCst),
+                0,
+                "freed while still running"
+            );
+        })
+    };
+    bh.schedule();
+    let t = std::thread::spawn(move || {
+        go_rx.recv().unwrap();
+        drop(bh);
+        done_tx.send(()).unwrap();
+    });
+    assert!(ctx.poll());
+    t.join().unwrap();
+    while ctx.poll_nonblocking() {}
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "never runs after its delete"
+    );
+    assert_eq!(drops.load(Ordering::SeqCst), 1, "freed exactly once");
+}
+
+/// Issue 10, defect 2: the callback drops its own handle, polls (the nested pass hands the
+/// free to this frame), then reschedules itself through `RunningBh`. A deleted node must never
+/// be linked again: the frame frees it when the callback returns.
+#[test]
+fn deleted_by_its_callback_then_rescheduled_after_a_nested_poll() {
+    let ctx = ctx();
+    let (runs, drops) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let slot: Arc<Mutex<Option<BottomHalf>>> = Arc::default();
+    let bh = {
+        let (runs, guard, slot) = (runs.clone(), Drops(drops.clone()), slot.clone());
+        ctx.bh_with_self(move |this| {
+            let _keep = &guard;
+            runs.fetch_add(1, Ordering::SeqCst);
+            drop(slot.lock().unwrap().take());
+            let current = AioContext::current().unwrap();
+            while current.poll_nonblocking() {}
+            this.schedule();
+            this.schedule_idle();
+        })
+    };
+    bh.schedule();
+    *slot.lock().unwrap() = Some(bh);
+    assert!(ctx.poll());
+    // Allocate BHs of the same size so that a node freed while still linked would be reused.
+    let others: Vec<BottomHalf> = (0..8).map(|_| ctx.bh(|| {})).collect();
+    for _ in 0..4 {
+        ctx.poll_nonblocking();
+    }
+    drop(others);
+    while ctx.poll_nonblocking() {}
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+}
+
+/// Issue 10, defect 6: a callback that is rescheduled (by itself or by another thread) and
+/// then waits in a nested *blocking* poll loop must sleep, not spin: the nested passes cannot
+/// run it, so they must not count it as pending work. It runs again after it returns.
+#[test]
+fn a_nested_blocking_wait_sleeps_while_its_own_bh_is_rescheduled() {
+    let ctx = ctx();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let nested_iterations = Arc::new(AtomicUsize::new(0));
+    let remote = ctx.handle();
+    let bh = {
+        let (runs, nested_iterations) = (runs.clone(), nested_iterations.clone());
+        ctx.bh_with_self(move |this| {
+            if runs.fetch_add(1, Ordering::SeqCst) > 0 {
+                return;
+            }
+            this.schedule();
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (d, remote) = (done.clone(), remote.clone());
+            let sender = std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                remote.schedule_oneshot(move || d.store(true, Ordering::SeqCst));
+            });
+            let current = AioContext::current().unwrap();
+            while !done.load(Ordering::SeqCst) {
+                current.poll();
+                // A spinning wait makes thousands of iterations in 50 ms; stop it early.
+                if nested_iterations.fetch_add(1, Ordering::SeqCst) > 1000 {
+                    break;
+                }
+            }
+            sender.join().unwrap();
+        })
+    };
+    bh.schedule();
+    assert!(ctx.poll());
+    let n = nested_iterations.load(Ordering::SeqCst);
+    assert!(n <= 3, "the nested wait spun: {n} iterations");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert!(
+        ctx.poll_nonblocking(),
+        "the reschedule runs after the callback returns"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert!(!ctx.poll_nonblocking());
+}
+
+/// Defect 6 again, with the schedules coming from another thread: each one wakes the nested
+/// wait at most once, and the BH runs once more after the callback returns.
+#[test]
+fn remote_schedules_during_a_nested_wait_wake_it_once_each() {
+    let ctx = ctx();
+    let runs = Arc::new(AtomicUsize::new(0));
+    let slot: Arc<Mutex<Option<Arc<BottomHalf>>>> = Arc::default();
+    let nested_iterations = Arc::new(AtomicUsize::new(0));
+    let bh = {
+        let (runs, slot, nested_iterations) =
+            (runs.clone(), slot.clone(), nested_iterations.clone());
+        let remote = ctx.handle();
+        Arc::new(ctx.bh(move || {
+            if runs.fetch_add(1, Ordering::SeqCst) > 0 {
+                return;
+            }
+            let me = slot.lock().unwrap().clone().unwrap();
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (d, remote) = (done.clone(), remote.clone());
+            let scheduler = std::thread::spawn(move || {
+                for _ in 0..5 {
+                    me.schedule();
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                remote.schedule_oneshot(move || d.store(true, Ordering::SeqCst));
+            });
+            let current = AioContext::current().unwrap();
+            while !done.load(Ordering::SeqCst) {
+                current.poll();
+                if nested_iterations.fetch_add(1, Ordering::SeqCst) > 1000 {
+                    break;
+                }
+            }
+            scheduler.join().unwrap();
+        }))
+    };
+    *slot.lock().unwrap() = Some(bh.clone());
+    bh.schedule();
+    assert!(ctx.poll());
+    let n = nested_iterations.load(Ordering::SeqCst);
+    assert!(
+        n <= 12,
+        "the nested wait spun: {n} iterations for 6 wake-ups"
+    );
+    assert!(
+        ctx.poll_nonblocking(),
+        "the reschedules run after the callback returns"
+    );
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "coalesced into one more run"
+    );
+    slot.lock().unwrap().take();
+}

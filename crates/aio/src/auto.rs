@@ -5,7 +5,9 @@
 //! `fdmon_epoll_disable`, in one place above the backends, which never know about each other:
 //!
 //! * **Choice at creation** ([`Backend`]): io_uring if compiled in and the kernel accepts a
-//!   ring, otherwise poll with the epoll upgrade, otherwise plain poll. Every fallback is logged
+//!   ring and a round trip through it (`UringMonitor::new_checked`: some seccomp profiles
+//!   allow `io_uring_setup` but refuse `io_uring_enter`, which would make every wait fail),
+//!   otherwise poll with the epoll upgrade, otherwise plain poll. Every fallback is logged
 //!   with its reason. The `AIO_BACKEND` environment variable (`poll`, `epoll`, `io_uring`,
 //!   `auto`) overrides the builder's choice.
 //! * **Upgrade** from poll to epoll once [`EPOLL_UPGRADE_THRESHOLD`] fds are registered (QEMU's
@@ -41,7 +43,9 @@ pub const EPOLL_UPGRADE_THRESHOLD: usize = 64;
 pub enum Backend {
     /// The best available: io_uring, else poll that upgrades itself to epoll at
     /// [`EPOLL_UPGRADE_THRESHOLD`] fds, else poll. Falls back, with a logged reason, when the
-    /// kernel refuses one.
+    /// kernel refuses one; io_uring counts as refused unless a no-op request makes the round
+    /// trip through the new ring (so a seccomp filter that allows `io_uring_setup` but not
+    /// `io_uring_enter` gets poll/epoll, not a ring whose every wait fails).
     #[default]
     Auto,
     /// `ppoll(2)` only (feature `poll`): no upgrade.
@@ -52,7 +56,8 @@ pub enum Backend {
     PollThenEpoll,
     /// epoll from the start (feature `epoll`, Linux).
     Epoll,
-    /// io_uring (feature `io-uring`, Linux); an error if the kernel refuses it.
+    /// io_uring (feature `io-uring`, Linux); an error if the kernel refuses it, setting up the
+    /// ring or the round trip through it.
     IoUring,
 }
 
@@ -178,7 +183,9 @@ impl AutoMonitor {
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
     fn uring() -> io::Result<AutoMonitor> {
         Ok(AutoMonitor {
-            active: Active::Uring(Box::new(UringMonitor::new()?)),
+            // Checked with a round trip: a ring whose `io_uring_enter` is refused would fail
+            // every wait.
+            active: Active::Uring(Box::new(UringMonitor::new_checked()?)),
             upgrade: false,
         })
     }

@@ -137,7 +137,8 @@
 //!
 //! Linux 5.6 or later (`IORING_REGISTER_PROBE`, `IORING_FEAT_NODROP`), with io_uring not
 //! disabled by `kernel.io_uring_disabled` or a seccomp filter. [`UringMonitor::probe`] says
-//! whether that holds; falling back to epoll or poll when it does not is the facade's job, not
+//! whether that holds, and [`UringMonitor::new_checked`] creates a monitor only if it does;
+//! falling back to epoll or poll when it does not is the facade's job, not
 //! this crate's.
 
 #![cfg(target_os = "linux")]
@@ -306,7 +307,35 @@ impl UringMonitor {
     /// }
     /// ```
     pub fn probe() -> io::Result<()> {
-        Ring::new(ENTRIES)?.round_trip()
+        Self::new_checked().map(drop)
+    }
+
+    /// As [`new`](Self::new), and then the [`probe`](Self::probe)'s round trip through the new
+    /// ring itself: a monitor whose `io_uring_enter` would be refused (so that every wait
+    /// fails) is never handed out. What a backend chooser uses; it costs one `io_uring_enter`
+    /// more than `new` and no second ring.
+    ///
+    /// # Errors
+    ///
+    /// As [`probe`](Self::probe).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use aio_core::FdMonitor;
+    /// use fdmon_uring::UringMonitor;
+    ///
+    /// match UringMonitor::new_checked() {
+    ///     Ok(monitor) => assert_eq!(monitor.name(), "io_uring"),
+    ///     Err(e) => eprintln!("io_uring unusable here: {e}"),
+    /// }
+    /// ```
+    pub fn new_checked() -> io::Result<Self> {
+        let mut monitor = Self::new()?;
+        // A fresh ring: nothing is queued yet, and the NOP's completion is reaped by the round
+        // trip, so the monitor's own bookkeeping never sees it.
+        monitor.ring.round_trip()?;
+        Ok(monitor)
     }
 
     /// Every registered handler: its key, its fd and what it is watched for, in no particular
