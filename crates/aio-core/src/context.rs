@@ -119,14 +119,44 @@ impl Shared {
         // accept's `false` could be ordered after our `true` without synchronizing with it,
         // erasing the notification while our push stayed invisible: the loom model
         // `plain_store_accept_loses_a_wakeup` shows that lost wake-up.
-        self.notified.swap(true, Ordering::Release);
+        let checked = self.loom_bug2_check();
+        let already = self.notified.swap(true, Ordering::Release);
         // Full fence: orders the write above before the load of `notify_me` below. It pairs
         // with the fence in `begin_blocking` (raise notify_me; fence; load notified); SeqCst
         // fences are what forbid both sides reading the other's old value.
         fence(Ordering::SeqCst);
-        if self.notify_me.load(Ordering::Relaxed) != 0 {
+        if self.notify_me.load(Ordering::Relaxed) != 0 && !self.loom_bug2_skip(checked, already) {
             self.write_event();
         }
+    }
+
+    /// Loom only: `Bug2SkipEventWrite` reads `notified` before setting it (false otherwise).
+    #[cfg(aio_loom)]
+    fn loom_bug2_check(&self) -> bool {
+        self.variant == LoomVariant::Bug2SkipEventWrite && self.notified.load(Ordering::Relaxed)
+    }
+
+    /// Loom only: whether a deliberately broken variant skips this eventfd write, given what
+    /// `loom_bug2_check` read and what the `swap` of `notified` returned.
+    #[cfg(aio_loom)]
+    fn loom_bug2_skip(&self, checked: bool, already: bool) -> bool {
+        match self.variant {
+            LoomVariant::Bug2SkipEventWrite => checked,
+            LoomVariant::Bug2SkipAfterSwap => already,
+            _ => false,
+        }
+    }
+
+    #[cfg(not(aio_loom))]
+    #[inline(always)]
+    fn loom_bug2_check(&self) -> bool {
+        false
+    }
+
+    #[cfg(not(aio_loom))]
+    #[inline(always)]
+    fn loom_bug2_skip(&self, _checked: bool, _already: bool) -> bool {
+        false
     }
 
     /// Notify after scheduling work (a BH, a handler change): as [`notify`](Self::notify), but
@@ -1299,6 +1329,14 @@ pub enum LoomVariant {
     Bug2,
     /// QEMU's accept written literally in C11 terms: a plain store of `false` and a fence.
     PlainStoreAccept,
+    /// QEMU's BUG2 as its Promela model (`docs/spin/aio_notify_accept.promela`) defines it:
+    /// `notify` reads `notified` first and, if it was already true, still sets it (our `swap`)
+    /// but skips the eventfd write. Loses wake-ups: the read can be stale.
+    Bug2SkipEventWrite,
+    /// The same optimisation decided by the `swap`'s result instead of a separate read: the
+    /// eventfd write is skipped when the `swap` returned true. Harmless in this protocol (the
+    /// notifier whose `true` came first does the write or is seen by the loop's re-check).
+    Bug2SkipAfterSwap,
 }
 
 /// The error of [`AioContext::enable_external`] when external handlers were not disabled.

@@ -4,10 +4,12 @@
 //! The models are the Rust counterparts of QEMU's `docs/spin/aio_notify_accept.promela`: a
 //! notifier posts a request (a relaxed flag, like the model's `req`) and notifies; the loop polls,
 //! blocking, until it has seen every request. A lost wake-up leaves the loop blocked on the fake
-//! eventfd with every other thread finished, which loom reports as a deadlock. The last model
-//! two run deliberately broken variants of the protocol and must fail: QEMU's BUG2 (a notify
-//! that is skipped because `notified` already reads true) and QEMU's accept transcribed
-//! literally into C11 atomics (a plain store of `false`), which is why ours is an RMW.
+//! eventfd with every other thread finished, which loom reports as a deadlock. Three models run
+//! deliberately broken variants of the protocol and must fail: a notify skipped whole because
+//! `notified` already reads true, QEMU's BUG2 as its Promela model has it (only the eventfd
+//! write is skipped, decided by a separate read of `notified`), and QEMU's accept transcribed
+//! literally into C11 atomics (a plain store of `false`), which is why ours is an RMW. One more
+//! shows that the BUG2 skip decided by the `swap`'s own result loses nothing.
 #![cfg(aio_loom)]
 
 use aio_core::fake::FakeMonitor;
@@ -143,4 +145,28 @@ fn plain_store_accept_loses_a_wakeup() {
     expect_loom_failure("plain_store_accept_loses_a_wakeup", || {
         two_notifiers(LoomVariant::PlainStoreAccept)
     });
+}
+
+/// QEMU's BUG2 as its Promela model defines it: the notifier reads `notified` and, finding it
+/// true, skips the eventfd write (it still sets `notified`, with the usual `swap`, and fences).
+/// The read can return a `true` that the loop's accept has already consumed: the loop then
+/// re-checks `notified` before sleeping, may still see its own `false`, and sleeps while the
+/// notifier, which saw the loop's raised `notify_me` too late to matter, writes nothing. Loom
+/// must find that execution.
+#[test]
+fn bug2_skipped_event_write_loses_a_wakeup() {
+    expect_loom_failure("bug2_skipped_event_write_loses_a_wakeup", || {
+        two_notifiers(LoomVariant::Bug2SkipEventWrite)
+    });
+}
+
+/// The same optimisation decided by the `swap`'s own result is harmless in this protocol: a
+/// `swap` that returns true follows another notifier's `true` with no accept in between, and
+/// that notifier either writes the eventfd or is seen by the loop's fenced re-check; the
+/// accept's acquire `swap` then reads the latest `true` and synchronizes with both. (So the
+/// RMW, not the unconditional write, is what rules BUG2 out here; the write stays
+/// unconditional because the separate-read form above is the one that is easy to write.)
+#[test]
+fn bug2_skip_decided_by_the_swap_keeps_every_wakeup() {
+    loom::model(|| two_notifiers(LoomVariant::Bug2SkipAfterSwap));
 }
