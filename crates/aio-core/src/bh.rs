@@ -1203,8 +1203,7 @@ mod tests {
     /// handler, never frees anything ([BH-8]).
     #[test]
     fn after_the_context_is_gone_only_a_transfer_frees() {
-        use std::sync::atomic::AtomicUsize;
-        struct Drops(std::sync::Arc<AtomicUsize>);
+        struct Drops(Arc<AtomicU32>);
         impl Drop for Drops {
             fn drop(&mut self) {
                 self.0.fetch_add(1, Ordering::SeqCst);
@@ -1230,7 +1229,7 @@ mod tests {
             fn outer_fds(&self, _: &mut Vec<crate::fdmon::OuterFd>) {}
         }
         let ctx = crate::AioContext::new(Box::new(NoFds)).unwrap();
-        let drops = std::sync::Arc::new(AtomicUsize::new(0));
+        let drops = Arc::new(AtomicU32::new(0));
         let guard = Drops(drops.clone());
         let deleted = ctx.bh(move || {
             let _keep = &guard;

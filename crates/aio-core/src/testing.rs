@@ -2407,12 +2407,14 @@ pub fn timer_moved_earlier_from_another_thread_wakes_poll(make: MakeContext) {
     });
     timer.arm_after(Duration::from_secs(60));
     let handle = timer.handle();
+    // Before the spawn: the new deadline is at least 100 ms after this, however late the
+    // thread starts (valgrind makes that tens of milliseconds).
+    let t0 = Instant::now();
     let mover = thread::spawn(move || {
         thread::sleep(Duration::from_millis(50));
         handle.arm_after(Duration::from_millis(50));
     });
     let wd = Watchdog::new(ctx.handle());
-    let t0 = Instant::now();
     while !fired.load(SeqCst) {
         ctx.poll();
         assert!(!wd.fired(), "the moved timer never woke the loop");
