@@ -287,6 +287,19 @@ fn deleted_by_its_callback_then_rescheduled_after_a_nested_poll() {
     assert_eq!(drops.load(Ordering::SeqCst), 1);
 }
 
+/// The `AIO_WAIT_WHILE` pattern from inside a callback: blocking polls of the current context
+/// until `done`, counting them in `iterations`. A spinning wait makes thousands of iterations
+/// in the tests' 50 ms; it is stopped after 1000.
+fn wait_nested(done: &std::sync::atomic::AtomicBool, iterations: &AtomicUsize) {
+    let current = AioContext::current().unwrap();
+    while !done.load(Ordering::SeqCst) {
+        current.poll();
+        if iterations.fetch_add(1, Ordering::SeqCst) > 1000 {
+            break;
+        }
+    }
+}
+
 /// Issue 10, defect 6: a callback that is rescheduled (by itself or by another thread) and
 /// then waits in a nested *blocking* poll loop must sleep, not spin: the nested passes cannot
 /// run it, so they must not count it as pending work. It runs again after it returns.
@@ -309,14 +322,7 @@ fn a_nested_blocking_wait_sleeps_while_its_own_bh_is_rescheduled() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
                 remote.schedule_oneshot(move || d.store(true, Ordering::SeqCst));
             });
-            let current = AioContext::current().unwrap();
-            while !done.load(Ordering::SeqCst) {
-                current.poll();
-                // A spinning wait makes thousands of iterations in 50 ms; stop it early.
-                if nested_iterations.fetch_add(1, Ordering::SeqCst) > 1000 {
-                    break;
-                }
-            }
+            wait_nested(&done, &nested_iterations);
             sender.join().unwrap();
         })
     };
@@ -359,13 +365,7 @@ fn remote_schedules_during_a_nested_wait_wake_it_once_each() {
                 }
                 remote.schedule_oneshot(move || d.store(true, Ordering::SeqCst));
             });
-            let current = AioContext::current().unwrap();
-            while !done.load(Ordering::SeqCst) {
-                current.poll();
-                if nested_iterations.fetch_add(1, Ordering::SeqCst) > 1000 {
-                    break;
-                }
-            }
+            wait_nested(&done, &nested_iterations);
             scheduler.join().unwrap();
         }))
     };

@@ -18,6 +18,10 @@ use loom::sync::Arc;
 use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::thread;
 
+#[path = "../../../tests/support/loom_expect.rs"]
+mod loom_expect;
+use loom_expect::expect_loom_failure;
+
 fn context() -> AioContext {
     AioContext::new(Box::new(FakeMonitor::new())).expect("fake context")
 }
@@ -47,33 +51,6 @@ fn two_notifiers(variant: LoomVariant) {
     for t in threads {
         t.join().unwrap();
     }
-}
-
-/// Asserts that loom finds a lost wake-up in `model`, run as the test named `test`.
-///
-/// A model that loom catches cannot be run in-process: after loom reports the deadlock, the
-/// unwinding drops loom objects outside an execution, which aborts the process. So the test
-/// re-executes its own binary to run just that model, and checks that the child failed with
-/// loom's deadlock report.
-fn expect_loom_failure(test: &str, model: fn()) {
-    if std::env::var("AIO_LOOM_EXPECT_FAILURE").as_deref() == Ok(test) {
-        loom::model(model);
-        return; // Not reached when loom catches the bug: the child fails.
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("AIO_LOOM_EXPECT_FAILURE", test)
-        .output()
-        .expect("re-run the test binary");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "loom accepted {test}: the model no longer detects it"
-    );
-    assert!(
-        stderr.contains("deadlock"),
-        "{test} failed, but not with a lost wake-up:\n{stderr}"
-    );
 }
 
 /// Polls, blocking, until every flag is set.
@@ -131,7 +108,7 @@ fn remote_oneshot_wakes_a_blocking_poll() {
 /// nobody wakes the loop. Loom must find that execution.
 #[test]
 fn bug2_variant_loses_a_wakeup() {
-    expect_loom_failure("bug2_variant_loses_a_wakeup", || {
+    expect_loom_failure("bug2_variant_loses_a_wakeup", "deadlock", || {
         two_notifiers(LoomVariant::Bug2)
     });
 }
@@ -142,7 +119,7 @@ fn bug2_variant_loses_a_wakeup() {
 /// This is why `accept` is a `swap`.
 #[test]
 fn plain_store_accept_loses_a_wakeup() {
-    expect_loom_failure("plain_store_accept_loses_a_wakeup", || {
+    expect_loom_failure("plain_store_accept_loses_a_wakeup", "deadlock", || {
         two_notifiers(LoomVariant::PlainStoreAccept)
     });
 }
@@ -155,9 +132,11 @@ fn plain_store_accept_loses_a_wakeup() {
 /// must find that execution.
 #[test]
 fn bug2_skipped_event_write_loses_a_wakeup() {
-    expect_loom_failure("bug2_skipped_event_write_loses_a_wakeup", || {
-        two_notifiers(LoomVariant::Bug2SkipEventWrite)
-    });
+    expect_loom_failure(
+        "bug2_skipped_event_write_loses_a_wakeup",
+        "deadlock",
+        || two_notifiers(LoomVariant::Bug2SkipEventWrite),
+    );
 }
 
 /// The same optimisation decided by the `swap`'s own result is harmless in this protocol: a

@@ -23,6 +23,10 @@ use std::task::{Poll, Wake, Waker};
 use threadpool::loom_api::LoomRequest;
 use threadpool::{Error, LoomVariant, Status};
 
+#[path = "../../../tests/support/loom_expect.rs"]
+mod loom_expect;
+use loom_expect::expect_loom_failure;
+
 /// A waker that sets a flag under a loom mutex and signals a condition variable, on which the
 /// future's thread sleeps until woken.
 #[derive(Default)]
@@ -140,33 +144,6 @@ fn a_late_cancel_loses_to_a_running_request() {
         worker.join().unwrap();
         canceller.join().unwrap();
     });
-}
-
-/// Asserts that loom finds a failure in `model`, run as the test named `test`, and that the
-/// failure report contains `expected`.
-///
-/// A model that loom catches cannot be run in-process: after loom reports the failure, the
-/// unwinding drops loom objects outside an execution, which aborts the process. So the test
-/// re-executes its own binary to run just that model, and checks the child's failure.
-fn expect_loom_failure(test: &str, expected: &str, model: fn()) {
-    if std::env::var("AIO_LOOM_EXPECT_FAILURE").as_deref() == Ok(test) {
-        loom::model(model);
-        return; // Not reached when loom catches the bug: the child fails.
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("AIO_LOOM_EXPECT_FAILURE", test)
-        .output()
-        .expect("re-run the test binary");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "loom accepted {test}: the model no longer detects it"
-    );
-    assert!(
-        stderr.contains(expected),
-        "{test} failed, but not with {expected:?}:\n{stderr}"
-    );
 }
 
 /// A cancel that checks and acts in two critical sections: a worker starts the request in

@@ -18,6 +18,10 @@ use loom::thread;
 use std::sync::Arc;
 use timers::{ClockType, LoomVariant, Scale, TimerListGroup, VirtualClock};
 
+#[path = "../../../tests/support/loom_expect.rs"]
+mod loom_expect;
+use loom_expect::expect_loom_failure;
+
 /// The loop's side of the wake-up: a flag and a notification.
 #[derive(Default)]
 struct Wakeup {
@@ -123,33 +127,6 @@ fn an_arm_racing_the_run_that_empties_the_list_is_seen_or_notified() {
         drop(armer.join().unwrap());
         drop(due);
     });
-}
-
-/// Asserts that loom finds a failure in `model`, run as the test named `test`, and that the
-/// failure report contains `expected`.
-///
-/// A model that loom catches cannot be run in-process: after loom reports the failure, the
-/// unwinding drops loom objects outside an execution, which aborts the process. So the test
-/// re-executes its own binary to run just that model, and checks the child's failure.
-fn expect_loom_failure(test: &str, expected: &str, model: fn()) {
-    if std::env::var("AIO_LOOM_EXPECT_FAILURE").as_deref() == Ok(test) {
-        loom::model(model);
-        return; // Not reached when loom catches the bug: the child fails.
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
-        .env("AIO_LOOM_EXPECT_FAILURE", test)
-        .output()
-        .expect("re-run the test binary");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "loom accepted {test}: the model no longer detects it"
-    );
-    assert!(
-        stderr.contains(expected),
-        "{test} failed, but not with {expected:?}:\n{stderr}"
-    );
 }
 
 /// Notifying before publishing: the loop wakes, reads the old head, and would sleep on it.
