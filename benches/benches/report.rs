@@ -199,6 +199,40 @@ fn b2(plan: Plan) -> Row {
     }
 }
 
+/// One timed run on a fresh busy loop, the same for every B4 workload: start the loop (its
+/// thread on cpu0), `warm` untimed operations, then `n` timed ones; the loop's counters go
+/// into `report`.
+fn busy_run<L: BusyLoop>(
+    start: fn(Option<usize>) -> L,
+    op: fn(&mut L, u64) -> Duration,
+    warm: u64,
+    n: u64,
+    report: &mut BusyReport,
+) -> Duration {
+    let mut l = start(Some(0));
+    op(&mut l, warm);
+    let d = op(&mut l, n);
+    report.add(&l.stop());
+    d
+}
+
+/// The busy loops of both sides, for [`busy_run`].
+trait BusyLoop {
+    fn stop(self) -> BusyReport;
+}
+
+impl BusyLoop for AioBusyLoop {
+    fn stop(self) -> BusyReport {
+        AioBusyLoop::stop(self)
+    }
+}
+
+impl BusyLoop for TokioBusyLoop {
+    fn stop(self) -> BusyReport {
+        TokioBusyLoop::stop(self)
+    }
+}
+
 fn b4(plan: Plan) -> Row {
     // This thread is the remote one (cpu1); each run starts a fresh busy loop on cpu0, warms it
     // up, measures, and stops it, so that only two threads are ever busy.
@@ -208,13 +242,7 @@ fn b4(plan: Plan) -> Row {
     let (aio_ns, tokio_ns) = measure_pair(
         plan,
         1,
-        |n| {
-            let mut l = AioBusyLoop::start(Some(0));
-            l.notify(warm);
-            let d = l.notify(n);
-            ours.add(&l.stop());
-            d
-        },
+        |n| busy_run(AioBusyLoop::start, AioBusyLoop::notify, warm, n, &mut ours),
         |n| {
             let mut l = TokioBusyLoop::start(Some(0));
             l.spawn(warm);
@@ -273,18 +301,22 @@ fn b4_like_oneshot(plan: Plan) -> Row {
         plan,
         1,
         |n| {
-            let mut l = AioBusyLoop::start(Some(0));
-            l.remote_oneshot(warm);
-            let d = l.remote_oneshot(n);
-            ours.add(&l.stop());
-            d
+            busy_run(
+                AioBusyLoop::start,
+                AioBusyLoop::remote_oneshot,
+                warm,
+                n,
+                &mut ours,
+            )
         },
         |n| {
-            let mut l = TokioBusyLoop::start(Some(0));
-            l.spawn_batches(warm);
-            let d = l.spawn_batches(n);
-            theirs.add(&l.stop());
-            d
+            busy_run(
+                TokioBusyLoop::start,
+                TokioBusyLoop::spawn_batches,
+                warm,
+                n,
+                &mut theirs,
+            )
         },
     );
     drop(pin);
@@ -320,25 +352,31 @@ fn b4_like_bh_round_trip(plan: Plan) -> Vec<Row> {
         1,
         &mut [
             &mut |n| {
-                let mut l = AioBusyLoop::start(Some(0));
-                l.bh_round_trip(warm);
-                let d = l.bh_round_trip(n);
-                ours.add(&l.stop());
-                d
+                busy_run(
+                    AioBusyLoop::start,
+                    AioBusyLoop::bh_round_trip,
+                    warm,
+                    n,
+                    &mut ours,
+                )
             },
             &mut |n| {
-                let mut l = TokioBusyLoop::start(Some(0));
-                l.spawn_round_trip(warm);
-                let d = l.spawn_round_trip(n);
-                spawn.add(&l.stop());
-                d
+                busy_run(
+                    TokioBusyLoop::start,
+                    TokioBusyLoop::spawn_round_trip,
+                    warm,
+                    n,
+                    &mut spawn,
+                )
             },
             &mut |n| {
-                let mut l = TokioBusyLoop::with_parked_task(Some(0));
-                l.notify_round_trip(warm);
-                let d = l.notify_round_trip(n);
-                notify.add(&l.stop());
-                d
+                busy_run(
+                    TokioBusyLoop::with_parked_task,
+                    TokioBusyLoop::notify_round_trip,
+                    warm,
+                    n,
+                    &mut notify,
+                )
             },
         ],
     );
@@ -376,19 +414,15 @@ fn b4_like_notify(plan: Plan) -> Row {
     let (aio_ns, tokio_ns) = measure_pair(
         plan,
         1,
+        |n| busy_run(AioBusyLoop::start, AioBusyLoop::notify, warm, n, &mut ours),
         |n| {
-            let mut l = AioBusyLoop::start(Some(0));
-            l.notify(warm);
-            let d = l.notify(n);
-            ours.add(&l.stop());
-            d
-        },
-        |n| {
-            let mut l = TokioBusyLoop::with_parked_task(Some(0));
-            l.notify_one(warm);
-            let d = l.notify_one(n);
-            theirs.add(&l.stop());
-            d
+            busy_run(
+                TokioBusyLoop::with_parked_task,
+                TokioBusyLoop::notify_one,
+                warm,
+                n,
+                &mut theirs,
+            )
         },
     );
     drop(pin);

@@ -83,6 +83,58 @@ fn wait_remote_ran<T>(target: u64, thread: &thread::JoinHandle<T>) {
     }
 }
 
+/// Times `ops` calls of `queue` (each queues one piece of work that runs [`remote_bump`] on the
+/// busy loop's `thread`), in batches of [`REMOTE_BATCH`]: after each batch, spins until the loop
+/// has run all of it. Returns the time from the first call until the last piece has run.
+///
+/// # Panics
+///
+/// If the loop's thread died, or the work did not run exactly `ops` times (`what` says which).
+fn timed_batches<T>(
+    ops: u64,
+    thread: &thread::JoinHandle<T>,
+    what: &str,
+    mut queue: impl FnMut(),
+) -> Duration {
+    let before = remote_ran();
+    let start = Instant::now();
+    let mut queued = 0;
+    while queued < ops {
+        let batch = REMOTE_BATCH.min(ops - queued);
+        for _ in 0..batch {
+            queue();
+        }
+        queued += batch;
+        wait_remote_ran(before + queued, thread);
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(remote_ran() - before, ops, "{what} ran twice");
+    elapsed
+}
+
+/// Times `ops` round trips: one call of `queue` (which makes the busy loop on `thread` run
+/// [`remote_bump`] once), then a spin until it has run. Returns the time of all round trips.
+///
+/// # Panics
+///
+/// As [`timed_batches`].
+fn timed_round_trips<T>(
+    ops: u64,
+    thread: &thread::JoinHandle<T>,
+    what: &str,
+    mut queue: impl FnMut(),
+) -> Duration {
+    let before = remote_ran();
+    let start = Instant::now();
+    for i in 1..=ops {
+        queue();
+        wait_remote_ran(before + i, thread);
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(remote_ran() - before, ops, "{what} ran twice");
+    elapsed
+}
+
 /// Held by a busy loop for its whole life, so that two never coexist (the single-writer rule of
 /// [`remote_bump`]). Released after the loop's thread is joined.
 #[derive(Debug)]
@@ -463,19 +515,9 @@ impl AioBusyLoop {
     pub fn remote_oneshot(&mut self, ops: u64) -> Duration {
         let handle = &self.handle;
         let thread = self.thread.as_ref().expect("stopped");
-        let before = remote_ran();
-        let start = Instant::now();
-        let mut queued = 0;
-        while queued < ops {
-            let batch = REMOTE_BATCH.min(ops - queued);
-            for _ in 0..batch {
-                handle.schedule_oneshot(remote_bump);
-            }
-            queued += batch;
-            wait_remote_ran(before + queued, thread);
-        }
-        let elapsed = start.elapsed();
-        assert_eq!(remote_ran() - before, ops, "a one-shot BH ran twice");
+        let elapsed = timed_batches(ops, thread, "a one-shot BH", || {
+            handle.schedule_oneshot(remote_bump);
+        });
         self.ops += ops;
         elapsed
     }
@@ -493,14 +535,7 @@ impl AioBusyLoop {
     pub fn bh_round_trip(&mut self, ops: u64) -> Duration {
         let thread = self.thread.as_ref().expect("stopped");
         let bh = self.bh.get_or_insert_with(|| self.handle.bh(remote_bump));
-        let before = remote_ran();
-        let start = Instant::now();
-        for i in 1..=ops {
-            bh.schedule();
-            wait_remote_ran(before + i, thread);
-        }
-        let elapsed = start.elapsed();
-        assert_eq!(remote_ran() - before, ops, "a BH schedule ran twice");
+        let elapsed = timed_round_trips(ops, thread, "a BH schedule", || bh.schedule());
         self.ops += ops;
         elapsed
     }
@@ -658,19 +693,9 @@ impl TokioBusyLoop {
     pub fn spawn_batches(&mut self, ops: u64) -> Duration {
         let handle = &self.handle;
         let thread = self.thread.as_ref().expect("stopped");
-        let before = remote_ran();
-        let start = Instant::now();
-        let mut queued = 0;
-        while queued < ops {
-            let batch = REMOTE_BATCH.min(ops - queued);
-            for _ in 0..batch {
-                drop(handle.spawn(async { remote_bump() }));
-            }
-            queued += batch;
-            wait_remote_ran(before + queued, thread);
-        }
-        let elapsed = start.elapsed();
-        assert_eq!(remote_ran() - before, ops, "a task ran twice");
+        let elapsed = timed_batches(ops, thread, "a task", || {
+            drop(handle.spawn(async { remote_bump() }));
+        });
         self.ops += ops;
         elapsed
     }
@@ -685,14 +710,9 @@ impl TokioBusyLoop {
     pub fn spawn_round_trip(&mut self, ops: u64) -> Duration {
         let handle = &self.handle;
         let thread = self.thread.as_ref().expect("stopped");
-        let before = remote_ran();
-        let start = Instant::now();
-        for i in 1..=ops {
+        let elapsed = timed_round_trips(ops, thread, "a task", || {
             drop(handle.spawn(async { remote_bump() }));
-            wait_remote_ran(before + i, thread);
-        }
-        let elapsed = start.elapsed();
-        assert_eq!(remote_ran() - before, ops, "a task ran twice");
+        });
         self.ops += ops;
         elapsed
     }
@@ -710,18 +730,9 @@ impl TokioBusyLoop {
     pub fn notify_round_trip(&mut self, ops: u64) -> Duration {
         let notify = self.notify.as_deref().expect("no parked task");
         let thread = self.thread.as_ref().expect("stopped");
-        let before = remote_ran();
-        let start = Instant::now();
-        for i in 1..=ops {
+        let elapsed = timed_round_trips(ops, thread, "the task woken by one notify_one", || {
             notify.notify_one();
-            wait_remote_ran(before + i, thread);
-        }
-        let elapsed = start.elapsed();
-        assert_eq!(
-            remote_ran() - before,
-            ops,
-            "a notify_one woke the task twice"
-        );
+        });
         self.ops += ops;
         elapsed
     }
