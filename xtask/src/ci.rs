@@ -522,9 +522,12 @@ fn ensure_nightly(
         return Ok(());
     }
     if !Cmd::new("rustup").arg("--version").probe() {
+        let with = match components {
+            [] => String::new(),
+            _ => format!(" with {}", components.join(", ")),
+        };
         return Err(format!(
-            "the {NIGHTLY} toolchain (with {}) is missing and rustup is not on PATH to install it",
-            components.join(", ")
+            "the {NIGHTLY} toolchain{with} is missing and rustup is not on PATH to install it"
         ));
     }
     if !Cmd::new("rustc")
@@ -592,7 +595,7 @@ fn miri(_root: &Path) -> Result<()> {
         };
         let cmd = nightly_cargo()
             .env("MIRIFLAGS", append_flags(user_flags.clone(), &flags))
-            .args(["miri", "test", "-p", run.package])
+            .args(["miri", "test", "--no-fail-fast", "-p", run.package])
             .args(run.targets.iter().copied());
         if let Err(err) = cmd.run() {
             eprintln!("miri: {err}");
