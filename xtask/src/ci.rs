@@ -94,9 +94,8 @@ const NIGHTLY: &str = "nightly";
 /// Flags for every Miri run.
 ///
 /// `-Zmiri-disable-isolation`: the timers' `ClockType::Host` reads the wall clock
-/// (`CLOCK_REALTIME`), which Miri refuses in isolation, and the context's watchdogs and the pool
-/// tests' deadlines measure real time; with isolation on, Miri's virtual clock would also make
-/// every blocking wait return at once or never.
+/// (`clock_gettime(CLOCK_REALTIME)`), which Miri refuses in isolation ("unsupported operation"),
+/// and every timer group has a host clock. The tests then see real time, as they do natively.
 ///
 /// `-Zmiri-permissive-provenance`: parking_lot (the pool's locks) keeps a pointer in an integer
 /// (`parking_lot_core`'s word lock); the flag accepts that, as Miri does by default, without a
