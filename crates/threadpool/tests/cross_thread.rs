@@ -11,7 +11,7 @@ use threadpool::{Error, ThreadPool};
 
 const SUBMITTERS: usize = 4;
 // Under Miri, fewer requests: the four submitters still race, only the count shrinks.
-const PER_SUBMITTER: usize = if cfg!(miri) { 100 } else { 25_000 };
+const PER_SUBMITTER: usize = if cfg!(miri) { 40 } else { 25_000 };
 const TOTAL: usize = SUBMITTERS * PER_SUBMITTER;
 
 #[test]
