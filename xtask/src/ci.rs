@@ -16,12 +16,24 @@
 //!    invalid access and no definite leak (the bottom-half list frees nodes by hand; the timer
 //!    tests prove that dropped groups and timers free every callback). Valgrind is
 //!    installed with apt-get when it is missing.
-//! 7. `doc`: `cargo doc` with `RUSTDOCFLAGS=-D warnings`.
-//! 8. `tidy`: house-style checks, in process (see `tidy.rs`).
+//! 7. `miri`: the tests in [`MIRI`] under Miri (nightly): the conformance suite (bottom halves,
+//!    handlers, the context) on `MiriMonitor`, the BH ownership and context-local tests, the
+//!    timers and the thread pool; the multi-threaded ones under several scheduler seeds.
+//! 8. `asan`: the test suites in [`ASAN`] built with AddressSanitizer (nightly,
+//!    `-Zsanitizer=address`, its own target directory); doctests are left out.
+//! 9. `doc`: `cargo doc` with `RUSTDOCFLAGS=-D warnings`.
+//! 10. `tidy`: house-style checks, in process (see `tidy.rs`).
 //!
-//! `--quick` skips `test-matrix`, `loom` and `memcheck`, the slowest steps, for local iteration.
-//! The exit code is 0 only if every step that ran passed. `.ci/run` calls this, so
-//! "`cargo xtask ci` passes locally" means "CI is green".
+//! `miri` and `asan` need a nightly toolchain, which they install with rustup when it is missing
+//! (`rustup toolchain install nightly --profile minimal`, then the `miri` and `rust-src`
+//! components and `cargo miri setup`). When that is impossible (no rustup, no network) the step
+//! prints why and is reported as SKIPPED in the summary, never as passed. ThreadSanitizer is not
+//! a step: see [`asan`] for why.
+//!
+//! `--quick` skips `test-matrix`, `loom`, `memcheck`, `miri` and `asan`, the slowest steps, for
+//! local iteration; `--only a,b` runs just the named steps. The exit code is 0 only if every step
+//! that ran passed. `.ci/run` calls this, so "`cargo xtask ci` passes locally" means "CI is
+//! green".
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -75,12 +87,91 @@ const MEMCHECK: &[(&str, &str)] = &[
     ("timers", "callbacks"),
 ];
 
-/// Whether to run every step or skip the slow ones.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The nightly toolchain that the `miri` and `asan` steps use, as rustup names it. Not pinned to
+/// a date: a dated nightly may lack miri, while rustup always finds a current one that has it.
+const NIGHTLY: &str = "nightly";
+
+/// Flags for every Miri run.
+///
+/// `-Zmiri-disable-isolation`: the timers' `ClockType::Host` reads the wall clock
+/// (`clock_gettime(CLOCK_REALTIME)`), which Miri refuses in isolation ("unsupported operation"),
+/// and every timer group has a host clock. The tests then see real time, as they do natively.
+///
+/// `-Zmiri-permissive-provenance`: parking_lot (the pool's locks) keeps a pointer in an integer
+/// (`parking_lot_core`'s word lock); the flag accepts that, as Miri does by default, without a
+/// warning per thread that would bury the report.
+const MIRI_FLAGS: &str = "-Zmiri-disable-isolation -Zmiri-permissive-provenance";
+
+/// Extra Miri flags for the tests that run several threads: the whole binary runs once per
+/// scheduler seed, so each seed explores a different interleaving. Four seeds keep the step
+/// within its five-minute budget on two cores.
+const MIRI_SEEDS: &str = "-Zmiri-many-seeds=0..4";
+
+/// One `cargo miri test` invocation of the `miri` step.
+struct MiriRun {
+    package: &'static str,
+    /// Test targets, as cargo arguments.
+    targets: &'static [&'static str],
+    /// Whether the tests start threads, and so run under [`MIRI_SEEDS`].
+    threaded: bool,
+}
+
+/// What the `miri` step runs. Under Miri the tests' helpers build their contexts on
+/// `MiriMonitor` (`crates/aio-core/tests/support/miri_monitor.rs`): Miri emulates neither
+/// `ppoll` nor level-triggered epoll. Tests that cannot run under Miri say why with
+/// `#[cfg_attr(miri, ignore = "...")]`.
+const MIRI: &[MiriRun] = &[
+    // Every path of BH node ownership, including deletes from other threads.
+    MiriRun {
+        package: "aio-core",
+        targets: &["--test", "bh_memory"],
+        threaded: true,
+    },
+    // The unit tests, the context-local values, and the signal tests (ignored: Miri has no
+    // signals, nor the child processes they run in).
+    MiriRun {
+        package: "aio-core",
+        targets: &["--lib", "--test", "locals", "--test", "signals"],
+        threaded: false,
+    },
+    // The conformance suite: bottom halves, fd handlers, nested polls, the context's
+    // lifetime, timers through the loop; several cases schedule from other threads.
+    MiriRun {
+        package: "aio-tests",
+        targets: &["--test", "conformance_miri"],
+        threaded: true,
+    },
+    MiriRun {
+        package: "timers",
+        targets: &["--lib", "--tests"],
+        threaded: false,
+    },
+    MiriRun {
+        package: "threadpool",
+        targets: &["--lib", "--tests"],
+        threaded: true,
+    },
+];
+
+/// Packages whose unit and integration tests the `asan` step runs under AddressSanitizer.
+const ASAN: &[&str] = &[
+    "aio-core",
+    "fdmon-poll",
+    "fdmon-epoll",
+    "fdmon-uring",
+    "timers",
+    "threadpool",
+    "aio-tests",
+];
+
+/// Which steps to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     Full,
     /// `--quick`: skips the steps with `full_only` set.
     Quick,
+    /// `--only a,b`: only the named steps, whatever their kind.
+    Only(Vec<String>),
 }
 
 /// One named CI step.
@@ -88,6 +179,9 @@ struct Step {
     name: &'static str,
     /// Skipped by `--quick`.
     full_only: bool,
+    /// Installs what the step needs first; `Err(reason)` when that is impossible, and then the
+    /// step is reported as SKIPPED with the reason rather than run.
+    prepare: Option<fn() -> std::result::Result<(), String>>,
     run: fn(&Path) -> Result<()>,
 }
 
@@ -97,6 +191,7 @@ impl Step {
         Step {
             name,
             full_only: false,
+            prepare: None,
             run,
         }
     }
@@ -106,9 +201,29 @@ impl Step {
         Step {
             name,
             full_only: true,
+            prepare: None,
             run,
         }
     }
+
+    /// A step that `--quick` skips and that needs a toolchain `prepare` installs.
+    const fn needs(
+        name: &'static str,
+        prepare: fn() -> std::result::Result<(), String>,
+        run: fn(&Path) -> Result<()>,
+    ) -> Self {
+        Step {
+            name,
+            full_only: true,
+            prepare: Some(prepare),
+            run,
+        }
+    }
+}
+
+/// The names of every step, in order, for usage messages.
+pub fn step_names() -> Vec<&'static str> {
+    STEPS.iter().map(|s| s.name).collect()
 }
 
 /// The steps, in the order they run.
@@ -119,6 +234,8 @@ const STEPS: &[Step] = &[
     Step::full_only("test-matrix", test_matrix),
     Step::full_only("loom", loom),
     Step::full_only("memcheck", memcheck),
+    Step::needs("miri", ensure_miri, miri),
+    Step::needs("asan", ensure_nightly_rustc, asan),
     Step::always("doc", doc),
     Step::always("tidy", tidy),
 ];
@@ -128,17 +245,28 @@ const STEPS: &[Step] = &[
 enum Outcome {
     Passed(Duration),
     Failed(Duration),
-    /// Skipped by `--quick`.
+    /// Skipped by `--quick` or left out by `--only`.
     Skipped,
+    /// Could not run: its toolchain could not be installed (the reason is printed).
+    Unavailable,
     /// Not reached because an earlier step failed.
     NotRun,
 }
 
 pub fn run(mode: Mode) -> Result<ExitCode> {
     let root = project_root();
-    let mode_name = match mode {
-        Mode::Full => "full",
-        Mode::Quick => "quick (skipping test-matrix, loom and memcheck)",
+    if let Mode::Only(names) = &mode
+        && let Some(unknown) = names.iter().find(|n| !STEPS.iter().any(|s| s.name == *n))
+    {
+        return Err(Error::new(format!(
+            "ci --only: no step named `{unknown}` (steps: {})",
+            step_names().join(", ")
+        )));
+    }
+    let mode_name = match &mode {
+        Mode::Full => "full".to_owned(),
+        Mode::Quick => "quick (skipping test-matrix, loom, memcheck, miri and asan)".to_owned(),
+        Mode::Only(names) => format!("only {}", names.join(", ")),
     };
     // Nothing depends on CI today; printing it makes logs say where they came from.
     let ci_env = std::env::var("CI").unwrap_or_else(|_| "<unset>".to_owned());
@@ -147,12 +275,19 @@ pub fn run(mode: Mode) -> Result<ExitCode> {
     let started = Instant::now();
     let mut outcomes = Vec::with_capacity(STEPS.len());
     let mut failure = None;
+    // Steps that could not run, with the reason, repeated after the summary.
+    let mut unavailable = Vec::new();
     for (i, step) in STEPS.iter().enumerate() {
+        let skip = match &mode {
+            Mode::Full => None,
+            Mode::Quick => step.full_only.then_some("--quick"),
+            Mode::Only(names) => (!names.iter().any(|n| n == step.name)).then_some("--only"),
+        };
         let outcome = if failure.is_some() {
             Outcome::NotRun
-        } else if mode == Mode::Quick && step.full_only {
+        } else if let Some(why) = skip {
             eprintln!(
-                "\n=== [{}/{}] {}: skipped (--quick)",
+                "\n=== [{}/{}] {}: skipped ({why})",
                 i + 1,
                 STEPS.len(),
                 step.name
@@ -161,7 +296,15 @@ pub fn run(mode: Mode) -> Result<ExitCode> {
         } else {
             eprintln!("\n=== [{}/{}] {}", i + 1, STEPS.len(), step.name);
             let step_started = Instant::now();
-            let result = (step.run)(&root);
+            let result = match step.prepare.map_or(Ok(()), |prepare| prepare()) {
+                Ok(()) => (step.run)(&root),
+                Err(reason) => {
+                    eprintln!("{}: SKIPPED: {reason}", step.name);
+                    unavailable.push((step.name, reason));
+                    outcomes.push(Outcome::Unavailable);
+                    continue;
+                }
+            };
             let took = step_started.elapsed();
             match result {
                 Ok(()) => Outcome::Passed(took),
@@ -175,6 +318,9 @@ pub fn run(mode: Mode) -> Result<ExitCode> {
     }
 
     eprintln!("\n{}", summary(&outcomes));
+    for (name, reason) in &unavailable {
+        eprintln!("ci: step `{name}` was SKIPPED, not passed: {reason}");
+    }
     let total = secs(started.elapsed());
     match failure {
         Some((name, err)) => Err(Error::new(format!(
@@ -191,9 +337,13 @@ pub fn run(mode: Mode) -> Result<ExitCode> {
                 .count();
             let skipped = match skipped {
                 0 => String::new(),
-                n => format!(", {n} skipped by --quick"),
+                n => format!(", {n} skipped by --quick or --only"),
             };
-            eprintln!("ci: {passed} steps passed{skipped} in {total}");
+            let unavailable = match unavailable.len() {
+                0 => String::new(),
+                n => format!(", {n} SKIPPED (toolchain unavailable)"),
+            };
+            eprintln!("ci: {passed} steps passed{skipped}{unavailable} in {total}");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -207,6 +357,7 @@ fn summary(outcomes: &[Outcome]) -> String {
             Outcome::Passed(d) => ("passed", secs(*d)),
             Outcome::Failed(d) => ("FAILED", secs(*d)),
             Outcome::Skipped => ("skipped", String::new()),
+            Outcome::Unavailable => ("SKIPPED", String::new()),
             Outcome::NotRun => ("not run", String::new()),
         };
         let row = format!("  {:<12} {:<8} {:>9}", step.name, result, took);
@@ -354,6 +505,160 @@ fn memcheck(_root: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `cargo +nightly`, through rustup's proxy on `PATH` (`$CARGO` is the stable cargo that runs
+/// xtask).
+fn nightly_cargo() -> Cmd {
+    Cmd::new("cargo").arg(format!("+{NIGHTLY}"))
+}
+
+/// Makes sure the nightly toolchain runs and has `components`, installing what is missing with
+/// rustup; `ready` says whether everything needed is there. `Err` explains why it is not.
+fn ensure_nightly(
+    components: &[&str],
+    ready: impl Fn() -> bool,
+) -> std::result::Result<(), String> {
+    if ready() {
+        return Ok(());
+    }
+    if !Cmd::new("rustup").arg("--version").probe() {
+        let with = match components {
+            [] => String::new(),
+            _ => format!(" with {}", components.join(", ")),
+        };
+        return Err(format!(
+            "the {NIGHTLY} toolchain{with} is missing and rustup is not on PATH to install it"
+        ));
+    }
+    if !Cmd::new("rustc")
+        .arg(format!("+{NIGHTLY}"))
+        .arg("--version")
+        .probe()
+    {
+        Cmd::new("rustup")
+            .args(["toolchain", "install", NIGHTLY, "--profile", "minimal"])
+            .run()
+            .map_err(|e| format!("installing the {NIGHTLY} toolchain failed: {e}"))?;
+    }
+    if !components.is_empty() {
+        Cmd::new("rustup")
+            .args(["component", "add", "--toolchain", NIGHTLY])
+            .args(components.iter().copied())
+            .run()
+            .map_err(|e| format!("adding {} to {NIGHTLY} failed: {e}", components.join(", ")))?;
+    }
+    if ready() {
+        Ok(())
+    } else {
+        Err(format!(
+            "rustup reported success, but the {NIGHTLY} toolchain still does not run what this \
+             step needs"
+        ))
+    }
+}
+
+/// The `miri` step's toolchain: nightly with miri and rust-src, and Miri's own sysroot
+/// (`cargo miri setup`, which builds std for Miri once and is quick afterwards).
+fn ensure_miri() -> std::result::Result<(), String> {
+    ensure_nightly(&["miri", "rust-src"], || {
+        nightly_cargo().args(["miri", "--version"]).probe()
+    })?;
+    nightly_cargo()
+        .args(["miri", "setup"])
+        .run()
+        .map_err(|e| format!("`cargo miri setup` failed: {e}"))
+}
+
+/// The `asan` step's toolchain: any nightly (`-Zsanitizer` is unstable). std is not rebuilt
+/// (no `-Zbuild-std`): AddressSanitizer, unlike the thread and memory sanitizers, works with an
+/// uninstrumented std, and our code (including the generic std code it instantiates, such as
+/// `Arc`'s drop) is instrumented.
+fn ensure_nightly_rustc() -> std::result::Result<(), String> {
+    ensure_nightly(&[], || {
+        Cmd::new("rustc")
+            .arg(format!("+{NIGHTLY}"))
+            .arg("--version")
+            .probe()
+    })
+}
+
+/// Runs each entry of [`MIRI`], all of them even when one fails, so that one run shows every
+/// failure; fails if any did.
+fn miri(_root: &Path) -> Result<()> {
+    let user_flags = std::env::var("MIRIFLAGS").ok();
+    let mut failed = Vec::new();
+    for run in MIRI {
+        let flags = if run.threaded {
+            format!("{MIRI_FLAGS} {MIRI_SEEDS}")
+        } else {
+            MIRI_FLAGS.to_owned()
+        };
+        let cmd = nightly_cargo()
+            .env("MIRIFLAGS", append_flags(user_flags.clone(), &flags))
+            .args(["miri", "test", "--no-fail-fast", "-p", run.package])
+            .args(run.targets.iter().copied());
+        if let Err(err) = cmd.run() {
+            eprintln!("miri: {err}");
+            failed.push(format!("{} {}", run.package, run.targets.join(" ")));
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::new(format!(
+            "Miri failed for: {} (Undefined Behavior or a failing test; see above)",
+            failed.join("; ")
+        )))
+    }
+}
+
+/// The `asan` step: every test binary (not the doctests) of [`ASAN`], built with
+/// AddressSanitizer into `target/asan`, for the host target given explicitly so that
+/// `RUSTFLAGS` reach only the target code, not build scripts and proc macros (which would then
+/// need an instrumented runtime to load). Leak detection is on, as it is by default.
+///
+/// ThreadSanitizer is not a step. It needs std rebuilt with it (`-Zbuild-std`, several minutes
+/// on two cores) to avoid false reports from std's own synchronisation, and it does not model
+/// standalone fences: the context's notify handshake (`context.rs`) is a pair of SeqCst fences,
+/// so TSan's verdict on exactly the cross-thread protocol that matters would not be meaningful.
+/// The loom models check that protocol instead; Miri's data-race detector checks the rest.
+fn asan(_root: &Path) -> Result<()> {
+    let version = Cmd::new("rustc")
+        .args([format!("+{NIGHTLY}"), "-vV".to_owned()])
+        .stdout()?;
+    let host = version
+        .lines()
+        .find_map(|line| line.strip_prefix("host: "))
+        .ok_or_else(|| Error::new("`rustc -vV` printed no `host:` line"))?
+        .trim()
+        .to_owned();
+    let mut cmd = nightly_cargo()
+        .env(
+            "RUSTFLAGS",
+            append_flags(std::env::var("RUSTFLAGS").ok(), "-Zsanitizer=address"),
+        )
+        .env(
+            "CARGO_TARGET_DIR",
+            project_root()
+                .join("target")
+                .join("asan")
+                .display()
+                .to_string(),
+        )
+        .args([
+            "test",
+            "--target",
+            host.as_str(),
+            "--tests",
+            "--no-fail-fast",
+        ])
+        .args(ASAN.iter().flat_map(|p| ["-p", p]));
+    // As in `loom_cargo`: the encoded form would win and drop the sanitizer flag.
+    if std::env::var_os("CARGO_ENCODED_RUSTFLAGS").is_some() {
+        cmd = cmd.env_remove("CARGO_ENCODED_RUSTFLAGS");
+    }
+    cmd.run()
+}
+
 /// `cargo` set up for loom: the cfg, the preemption bound, and a separate target directory so that
 /// switching RUSTFLAGS does not throw away the normal build cache (and vice versa).
 fn loom_cargo() -> Cmd {
@@ -496,7 +801,26 @@ mod tests {
             .filter(|s| s.full_only)
             .map(|s| s.name)
             .collect();
-        assert_eq!(skipped, ["test-matrix", "loom", "memcheck"]);
+        assert_eq!(skipped, ["test-matrix", "loom", "memcheck", "miri", "asan"]);
+    }
+
+    #[test]
+    fn only_the_toolchain_steps_have_a_prepare_step() {
+        let prepared: Vec<_> = STEPS
+            .iter()
+            .filter(|s| s.prepare.is_some())
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(prepared, ["miri", "asan"]);
+    }
+
+    #[test]
+    fn only_rejects_an_unknown_step() {
+        let err = run(Mode::Only(vec!["no-such-step".into()])).unwrap_err();
+        assert!(
+            err.to_string().contains("no step named `no-such-step`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -508,12 +832,15 @@ mod tests {
             Outcome::NotRun,
             Outcome::NotRun,
             Outcome::NotRun,
+            Outcome::Unavailable,
+            Outcome::NotRun,
             Outcome::NotRun,
             Outcome::Skipped,
         ];
         let table = summary(&outcomes);
         assert!(table.contains("fmt          passed        1.2s"), "{table}");
         assert!(table.contains("test         FAILED        3.0s"), "{table}");
+        assert!(table.contains("miri         SKIPPED"), "{table}");
         assert_eq!(table.lines().count(), STEPS.len() + 1);
     }
 }

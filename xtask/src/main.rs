@@ -6,6 +6,7 @@
 //! | command                   | file           | what it does                                          |
 //! |---------------------------|----------------|-------------------------------------------------------|
 //! | `cargo xtask ci [--quick]`| `ci.rs`        | everything CI checks; `.ci/run` calls it              |
+//! | `cargo xtask ci --only s` | `ci.rs`        | only the named steps (comma-separated), to iterate    |
 //! | `cargo xtask demo`        | `demo.rs`      | a tour of the NBD server example, driven by qemu-io   |
 //! |                           |                | (or the built-in client, `demo/builtin.rs`)           |
 //! | `cargo xtask bench [f]`   | `bench.rs`     | runs the benchmarks and points at the generated report|
@@ -44,8 +45,10 @@ const USAGE: &str = "\
 Usage: cargo xtask <command> [args]
 
 Commands:
-  ci [--quick]    run every CI check: fmt, clippy, tests, feature matrix, loom, docs, tidy
-                  (--quick skips loom and the feature matrix, for local iteration)
+  ci [--quick | --only <steps>]
+                  run every CI check: fmt, clippy, test, test-matrix, loom, memcheck,
+                  miri, asan, doc, tidy (--quick skips test-matrix, loom, memcheck, miri
+                  and asan, for local iteration; --only runs the comma-separated steps)
   demo            a tour of the NBD server example (release build): qemu-io and qemu-img
                   write, read, verify, discard, convert and benchmark through it (the
                   built-in NBD client does when they are absent or AIO_DEMO_CLIENT=builtin)
@@ -70,6 +73,9 @@ fn main() -> ExitCode {
         }
         ["ci"] => ci::run(ci::Mode::Full),
         ["ci", "--quick"] => ci::run(ci::Mode::Quick),
+        ["ci", "--only", steps] if !steps.is_empty() => ci::run(ci::Mode::Only(
+            steps.split(',').map(|s| s.trim().to_owned()).collect(),
+        )),
         ["demo"] => demo::run(),
         ["bench"] => bench::run(None),
         // The NBD comparison drives two external servers, not the criterion harness.

@@ -2622,6 +2622,7 @@ macro_rules! conformance_tests {
             $crate::testing::external_enable_without_disable_errors($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn handler_removes_itself() {
             $crate::testing::handler_removes_itself($make)
@@ -2652,16 +2653,19 @@ macro_rules! conformance_tests {
             $crate::testing::handler_registered_in_callback_runs_next_iteration($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn fd_read_and_write_callbacks() {
             $crate::testing::fd_read_and_write_callbacks($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn fd_level_triggered_unread_data() {
             $crate::testing::fd_level_triggered_unread_data($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn fd_handler_with_poll_callbacks_is_dispatched() {
             $crate::testing::fd_handler_with_poll_callbacks_is_dispatched($make)
@@ -2672,31 +2676,37 @@ macro_rules! conformance_tests {
             $crate::testing::fd_write_readiness($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn fd_hangup_calls_read() {
             $crate::testing::fd_hangup_calls_read($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn fd_replace_handler() {
             $crate::testing::fd_replace_handler($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn fd_replace_wrong_fd_rejected() {
             $crate::testing::fd_replace_wrong_fd_rejected($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn fd_register_twice_already_exists() {
             $crate::testing::fd_register_twice_already_exists($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "needs getrlimit, which Miri does not emulate")]
         $(#[$meta])*
         fn fd_register_closed_fd_ebadf() {
             $crate::testing::fd_register_closed_fd_ebadf($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn fd_register_without_callbacks_invalid_input() {
             $crate::testing::fd_register_without_callbacks_invalid_input($make)
@@ -2707,26 +2717,31 @@ macro_rules! conformance_tests {
             $crate::testing::fd_nested_blocking_poll_waits_for_remote_bh($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
         $(#[$meta])*
         fn outer_loop_bh_schedule() {
             $crate::testing::outer_loop_bh_schedule($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
         $(#[$meta])*
         fn outer_loop_bh_delete_self() {
             $crate::testing::outer_loop_bh_delete_self($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
         $(#[$meta])*
         fn outer_loop_notify_wakes_outer_fds() {
             $crate::testing::outer_loop_notify_wakes_outer_fds($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
         $(#[$meta])*
         fn outer_loop_notify_is_consumed() {
             $crate::testing::outer_loop_notify_is_consumed($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
         $(#[$meta])*
         fn outer_loop_watches_handlers_registered_in_dispatch() {
             $crate::testing::outer_loop_watches_handlers_registered_in_dispatch($make)
@@ -2742,6 +2757,7 @@ macro_rules! conformance_tests {
             $crate::testing::fd_removed_and_readded_in_one_iteration($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "needs getrlimit, which Miri does not emulate")]
         $(#[$meta])*
         fn fd_ten_thousand_idle_one_active() {
             $crate::testing::fd_ten_thousand_idle_one_active($make)

@@ -9,7 +9,15 @@ use aio_core::{AioContext, BottomHalf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
+// Under Miri, which has no ppoll, contexts run on the test-only `MiriMonitor`.
+#[cfg(miri)]
+#[path = "support/miri_monitor.rs"]
+mod miri_monitor;
+
 fn ctx() -> AioContext {
+    #[cfg(miri)]
+    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
+    #[cfg(not(miri))]
     AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
 }
 

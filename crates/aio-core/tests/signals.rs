@@ -65,6 +65,7 @@ fn signal_thread(thread: libc::pthread_t, signal: libc::c_int) {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "Miri cannot run child processes or deliver signals")]
 fn signal_handler_schedule_wakes_a_sleeping_poll() {
     in_child("signal_handler_schedule_wakes_a_sleeping_poll", || {
         let ctx = ctx();
@@ -99,6 +100,7 @@ fn signal_handler_schedule_wakes_a_sleeping_poll() {
 }
 
 #[test]
+#[cfg_attr(miri, ignore = "Miri cannot run child processes or deliver signals")]
 fn signal_storm_while_the_home_thread_schedules() {
     in_child("signal_storm_while_the_home_thread_schedules", || {
         let ctx = ctx();

@@ -145,7 +145,8 @@ fn deadline_is_the_minimum_over_clocks() {
 /// order of a reference sorted by (deadline, last arming).
 #[test]
 fn random_deadlines_fire_in_sorted_order() {
-    const N: usize = 10_000;
+    // Under Miri, fewer timers: the ties and re-arms are the same, only the count shrinks.
+    const N: usize = if cfg!(miri) { 200 } else { 10_000 };
     let fx = Fixture::new();
     let log = Log::default();
     let mut rng = XorShift::new(0x5eed_1234);

@@ -13,8 +13,16 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, Thread};
 use std::time::{Duration, Instant};
 
-/// A context on the poll backend.
+// Under Miri, which has no ppoll, contexts run on the core's test-only `MiriMonitor`.
+#[cfg(miri)]
+#[path = "../../../aio-core/tests/support/miri_monitor.rs"]
+mod miri_monitor;
+
+/// A context on the poll backend (on `MiriMonitor` under Miri).
 pub fn ctx() -> AioContext {
+    #[cfg(miri)]
+    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
+    #[cfg(not(miri))]
     AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
 }
 
