@@ -150,12 +150,14 @@ fn run(shared: Arc<PoolShared>) {
         }
     }
     st.cur -= 1;
+    // Counted under the lock, with `cur`: a reader of the stats never sees a thread gone from
+    // `threads` but not yet in `threads_exited`.
+    shared.exited.fetch_add(1, Ordering::Relaxed);
     // We may have been woken for a request and be leaving instead (more threads than the
     // maximum): pass the wake-up on, as QEMU does.
     let kick = st.kick();
     let left = st.cur;
     drop(st);
     kick.perform();
-    shared.exited.fetch_add(1, Ordering::Relaxed);
     tracing::debug!("threadpool: worker exited ({left} threads left)");
 }
