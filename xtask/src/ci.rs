@@ -7,8 +7,8 @@
 //!    additive, so the union is a valid build), then once per backend feature set of `aio`.
 //! 3. `test`: the whole workspace with all features, under cargo-nextest when installed (plus
 //!    `cargo test --doc`, since nextest does not run doctests), else plain `cargo test`.
-//!    qemu-utils (qemu-img, qemu-io, qemu-nbd), which the NBD server's tests use, is installed
-//!    with apt-get first when it is missing.
+//!    qemu-utils (qemu-img, qemu-io, qemu-nbd) and python3-libnbd (libnbd's Python bindings and
+//!    nbdsh), which the NBD server's tests use, are installed with apt-get first when missing.
 //! 4. `test-matrix`: `aio` alone with each feature set in [`FEATURE_SETS`], then `aio-tests`.
 //! 5. `loom`: every `crates/<crate>/tests/loom_*.rs` model under `--cfg aio_loom`, release mode,
 //!    `LOOM_MAX_PREEMPTIONS=2`, in its own target directory.
@@ -398,6 +398,15 @@ fn test(_root: &Path) -> Result<()> {
     // with a printed reason, so a failed install is a warning, not a failure.
     if let Err(e) = crate::nbd::ensure_qemu_utils() {
         eprintln!("warning: {e}; the qemu-utils NBD tests will be skipped");
+    }
+    // libnbd, through its Python bindings, is the second real client of those tests. They are
+    // probed as the test does (a Python on PATH, e.g. pyenv's, may lack them while the
+    // system's has them, and then nbdsh, which runs `env python3`, fails too).
+    let has_libnbd = ["python3", "/usr/bin/python3"]
+        .into_iter()
+        .any(|python| Cmd::new(python).args(["-c", "import nbd"]).probe());
+    if !has_libnbd && let Err(e) = crate::cmd::ensure_apt_package("python3-libnbd", &["nbdsh"]) {
+        eprintln!("warning: {e}; the libnbd NBD test will be skipped");
     }
     if Cmd::cargo().args(["nextest", "--version"]).probe() {
         eprintln!("test runner: cargo-nextest");

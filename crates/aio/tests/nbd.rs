@@ -5,8 +5,10 @@
 //! checked against an in-memory model and against the image file on disk; pipelining; bad input
 //! (each followed by a check that the server still serves a new client); isolation from stuck
 //! clients; fd and memory leaks over 1 000 connections; several I/O contexts; shutdown on
-//! SIGTERM/SIGINT with requests in flight; and interoperability with QEMU's own NBD client
-//! (`qemu-io`, `qemu-img`), skipped with a printed reason when they are not installed.
+//! SIGTERM/SIGINT with requests in flight; the operator options (`--help`, `--shared`, `--once`,
+//! `--pid-file`, socket activation, `--idle-timeout`); and interoperability with QEMU's own NBD
+//! client (`qemu-io`, `qemu-img`) and libnbd (its Python bindings), skipped with a printed reason when they
+//! are not installed.
 //!
 //! Every test starts its own server on its own image in its own temp dir, so the tests run in
 //! parallel. Set `NBD_TEST_SERVER=qemu-nbd` to run the suite against `qemu-nbd` instead, which
@@ -23,10 +25,11 @@ use std::time::{Duration, Instant};
 
 use support::nbd_client::{
     BlockSize, Client, Conn, GREETING_LEN, Handshake, IO_TIMEOUT, Info, OptionReply, REQUEST_LEN,
-    Request, chunk, cmd, decode_error_chunk, decode_info, decode_server_reply, encode_info_request,
-    errno, errno_of, go_or_info, handshake, info, opt, rep, tx_flag,
+    RawReply, Request, chunk, cmd, cmd_flag, decode_error_chunk, decode_info, decode_server_reply,
+    encode_info_request, encode_option, errno, errno_of, go_or_info, handshake, info, opt, rep,
+    tx_flag,
 };
-use support::server::{Config, Server, TempDir};
+use support::server::{Config, Server, TempDir, have_socket_activate};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -36,6 +39,8 @@ const MAX_PAYLOAD: usize = 32 << 20;
 const MAX_OPTION_DATA: usize = 64 << 10;
 /// How long the server may take to close a connection it must close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a test looks for a reply that must not have been sent yet.
+const NO_REPLY_WAIT: Duration = Duration::from_millis(100);
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures.
@@ -577,6 +582,48 @@ fn oversized_option_is_err_too_big_and_the_session_continues() {
     }
     let mut c = Handshake::new("").run_after_greeting(conn).unwrap();
     c.flush().unwrap();
+}
+
+#[test]
+fn abort_with_oversized_data_is_acked_then_closed() {
+    // The spec: the server MUST acknowledge NBD_OPT_ABORT and SHOULD ignore its data.
+    let f = fixture("abort-too-big", MIB, |c| c);
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let reply = conn
+        .option(opt::ABORT, &vec![0x55; 4 * MAX_OPTION_DATA])
+        .unwrap();
+    assert_eq!(reply.kind, rep::ACK, "{reply:?}");
+    assert!(reply.data.is_empty());
+    assert_closed(&mut conn, "NBD_OPT_ABORT with 256 KiB of data");
+    f.assert_serves();
+}
+
+#[test]
+fn replies_owed_before_a_bad_option_magic_are_sent_then_the_connection_closes() {
+    let f = fixture("owed-options", MIB, |c| c.name("disk"));
+    let mut conn = f.srv.raw().unwrap();
+    conn.read_greeting().unwrap();
+    // Client flags, two options and a bad one, in one send: the server reads them together.
+    let mut bytes = 3u32.to_be_bytes().to_vec();
+    bytes.extend(encode_option(opt::LIST, &[]));
+    bytes.extend(encode_option(opt::STRUCTURED_REPLY, &[]));
+    let mut bad = encode_option(opt::LIST, &[]);
+    bad[0] ^= 0x20;
+    bytes.extend(bad);
+    conn.send(&bytes).unwrap();
+    let r = conn.read_option_reply().unwrap();
+    assert_eq!((r.option, r.kind), (opt::LIST, rep::SERVER), "{r:?}");
+    assert_eq!(decode_server_reply(&r.data).unwrap(), "disk");
+    let r = conn.read_option_reply().unwrap();
+    assert_eq!((r.option, r.kind), (opt::LIST, rep::ACK), "{r:?}");
+    let r = conn.read_option_reply().unwrap();
+    assert_eq!(
+        (r.option, r.kind),
+        (opt::STRUCTURED_REPLY, rep::ACK),
+        "{r:?}"
+    );
+    assert_closed(&mut conn, "an option with a bad magic");
+    f.assert_serves_named("disk");
 }
 
 #[test]
@@ -1136,6 +1183,165 @@ fn unknown_command_flags_are_einval() {
         f.disk(0, 4096).iter().all(|&b| b == 0),
         "a rejected write reached the disk"
     );
+}
+
+/// Sends a WRITE of `len` bytes at `offset` with `flags`, which the server must refuse, its
+/// payload in pieces, and checks that no reply can be read before the payload's last byte is
+/// sent (after the header, after each of the first pieces, and just before the last byte);
+/// returns the NBD error of the reply that follows.
+fn refused_write_error(c: &mut Client, offset: u64, len: usize, flags: u16) -> u32 {
+    let what = format!("refused write of {len} bytes at {offset} with flags {flags:#x}");
+    let conn = c.conn();
+    let cookie = 0x5eed;
+    let req = Request::new(cmd::WRITE, cookie, offset, len as u32).with_flags(flags);
+    conn.send(&req.encode()).unwrap();
+    let assert_no_reply = |conn: &mut Conn, sent: usize| {
+        let early = conn.recv_up_to(1, NO_REPLY_WAIT).unwrap();
+        assert!(
+            early.is_empty(),
+            "{what}: a reply came when {sent} of the {len} payload bytes were sent"
+        );
+    };
+    assert_no_reply(conn, 0);
+    let piece = vec![0x77; 64 * KIB];
+    let mut sent = 0;
+    for k in 0.. {
+        let n = piece.len().min(len - 1 - sent);
+        if n == 0 {
+            break;
+        }
+        conn.send(&piece[..n]).unwrap();
+        sent += n;
+        if k < 3 || sent == len - 1 {
+            assert_no_reply(conn, sent);
+        }
+    }
+    conn.send(&piece[..1]).unwrap();
+    let (error, got, _) = conn.read_simple_reply(0).unwrap();
+    assert_eq!(got, cookie, "{what}: cookie");
+    error
+}
+
+#[test]
+fn a_refused_write_is_answered_only_after_its_whole_payload() {
+    let size = 4 * MIB;
+    let f = fixture("refused-write-order", size, |c| c);
+    let mut c = f.srv.client();
+    let cases = [
+        (size as u64 - 4096, MIB, 0, errno::ENOSPC),
+        (0, MIB, 1 << 5, errno::EINVAL),
+        // Over the maximum: refused too, its payload read and dropped all the same.
+        (0, MAX_PAYLOAD + 1, 0, errno::EINVAL),
+    ];
+    for (offset, len, flags, want) in cases {
+        assert_eq!(refused_write_error(&mut c, offset, len, flags), want);
+    }
+    // Still in step.
+    let data = pattern(31, 4096);
+    c.write(4096, &data).unwrap();
+    assert_eq!(c.read(4096, 4096).unwrap(), data);
+    c.disconnect().unwrap();
+    let disk = f.disk_all();
+    assert_eq!(disk[4096..8192], data);
+    disk[..4096]
+        .iter()
+        .chain(&disk[8192..])
+        .for_each(|&b| assert_eq!(b, 0, "a refused write reached the disk"));
+
+    let ro = fixture("refused-write-order-ro", MIB, |c| c.read_only());
+    let mut c = ro.srv.client();
+    assert_eq!(refused_write_error(&mut c, 0, MIB, 0), errno::EPERM);
+    assert_eq!(c.read(0, 4096).unwrap(), vec![0; 4096]);
+    c.disconnect().unwrap();
+}
+
+#[test]
+fn no_hole_is_einval_except_on_write_zeroes() {
+    let f = fixture("no-hole", MIB, |c| c);
+    let initial = pattern(32, MIB);
+    std::fs::write(&f.image, &initial).unwrap();
+    let (nh, fua) = (cmd_flag::NO_HOLE, cmd_flag::FUA);
+    for structured in [false, true] {
+        let hs = if structured {
+            Handshake::new("").structured_replies()
+        } else {
+            Handshake::new("")
+        };
+        let mut c = f.srv.handshake(hs).unwrap();
+        assert_errno(c.call(cmd::READ, nh, 0, 4096, &[]), errno::EINVAL);
+        assert_errno(
+            c.call(cmd::WRITE, nh, 0, 4096, &[0x77; 4096]),
+            errno::EINVAL,
+        );
+        assert_errno(
+            c.call(cmd::WRITE, nh | fua, 0, 4096, &[0x77; 4096]),
+            errno::EINVAL,
+        );
+        assert_errno(c.call(cmd::TRIM, nh, 0, 4096, &[]), errno::EINVAL);
+        assert_errno(c.call(cmd::FLUSH, nh, 0, 0, &[]), errno::EINVAL);
+        // Where it means something, it is accepted, with FUA too; FUA alone on a write is fine.
+        c.call(cmd::WRITE_ZEROES, nh | fua, 8192, 4096, &[])
+            .unwrap();
+        c.write_fua(16384, &[5; 4096]).unwrap();
+        c.disconnect().unwrap();
+    }
+    let disk = f.disk_all();
+    assert_eq!(
+        disk[..8192],
+        initial[..8192],
+        "a refused request changed the disk"
+    );
+    assert!(disk[8192..12288].iter().all(|&b| b == 0));
+    assert!(disk[16384..20480].iter().all(|&b| b == 5));
+}
+
+#[test]
+fn replies_owed_before_a_bad_request_magic_are_sent_then_the_connection_closes() {
+    let f = fixture("owed-requests", MIB, |c| c);
+    let initial = pattern(33, MIB);
+    std::fs::write(&f.image, &initial).unwrap();
+    let mut conn = f.srv.raw().unwrap();
+    conn.read_greeting().unwrap();
+    // The rest of the handshake (NBD_OPT_EXPORT_NAME), a write, a read and a request with a
+    // bad magic, in one send.
+    let mut bytes = 3u32.to_be_bytes().to_vec();
+    bytes.extend(encode_option(opt::EXPORT_NAME, b""));
+    bytes.extend(Request::new(cmd::WRITE, 1, 0, 4096).encode());
+    bytes.extend([0x77; 4096]);
+    bytes.extend(Request::new(cmd::READ, 2, 8192, 4096).encode());
+    let mut bad = Request::new(cmd::READ, 3, 0, 512);
+    bad.magic ^= 1;
+    bytes.extend(bad.encode());
+    conn.send(&bytes).unwrap();
+    let answer = conn.recv_exact(10).unwrap();
+    assert_eq!(
+        u64::from_be_bytes(answer[..8].try_into().unwrap()),
+        MIB as u64
+    );
+    let mut answered = Vec::new();
+    for _ in 0..2 {
+        let reply = conn
+            .read_reply(|cookie, error| Ok(if cookie == 2 && error == 0 { 4096 } else { 0 }))
+            .unwrap();
+        let RawReply::Simple {
+            error,
+            cookie,
+            data,
+        } = reply
+        else {
+            panic!("a structured reply without structured replies: {reply:?}");
+        };
+        assert_eq!(error, 0, "request {cookie}");
+        if cookie == 2 {
+            assert_eq!(data, initial[8192..12288]);
+        }
+        answered.push(cookie);
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, [1, 2]);
+    assert_closed(&mut conn, "a request with a bad magic");
+    assert_eq!(f.disk(0, 4096), vec![0x77; 4096], "the write before it");
+    f.assert_serves();
 }
 
 #[test]
@@ -1843,6 +2049,28 @@ fn idle_server_stops_on_sigterm_and_bad_command_lines_exit_2() {
             image.clone(),
             "--name".into(),
         ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--once".into(),
+            "--persistent".into(),
+            image.clone(),
+        ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--shared".into(),
+            "0".into(),
+            image.clone(),
+        ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--idle-timeout".into(),
+            "soon".into(),
+            image.clone(),
+        ],
+        vec!["--tcp".into(), "host:port".into(), image.clone()],
         vec!["--tcp".into(), "127.0.0.1:0".into(), image.clone(), image],
     ] {
         let out = Command::new(bin).args(&args).output().unwrap();
@@ -1852,6 +2080,215 @@ fn idle_server_stops_on_sigterm_and_bad_command_lines_exit_2() {
             "{args:?}: no usage message on stderr"
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator features: the command line, client limits, pid file, socket activation, idle timeout.
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn help_and_version_print_on_stdout_and_exit_0() {
+    let bin = support::server::server_binary();
+    for arg in ["--help", "-h"] {
+        let out = Command::new(bin).arg(arg).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{arg}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("usage: nbd-server"), "{arg}: {text}");
+        for option in [
+            "--shared",
+            "--once",
+            "--idle-timeout",
+            "--pid-file",
+            "LISTEN_FDS",
+        ] {
+            assert!(text.contains(option), "{arg}: {option} not in the usage");
+        }
+        assert!(out.stderr.is_empty(), "{arg}: stderr {:?}", out.stderr);
+    }
+    for arg in ["--version", "-V"] {
+        let out = Command::new(bin).arg(arg).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{arg}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            text.trim(),
+            format!("nbd-server {} (aio)", env!("CARGO_PKG_VERSION")),
+            "{arg}"
+        );
+    }
+}
+
+#[test]
+fn tcp_port_0_is_reported_in_the_ready_line() {
+    let f = fixture("tcp-ready", MIB, |c| c.tcp_only());
+    let addr = f.srv.tcp.expect("a tcp listening line");
+    assert_ne!(addr.port(), 0);
+    let ready = f
+        .srv
+        .stdout()
+        .into_iter()
+        .find(|l| l.starts_with("nbd-server: ready"))
+        .unwrap();
+    assert!(
+        ready.starts_with(&format!("nbd-server: ready on tcp {addr} (")),
+        "{ready}"
+    );
+    let mut c = f.srv.client();
+    assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
+}
+
+#[test]
+fn tcp_without_a_port_listens_on_10809() {
+    let dir = TempDir::new("tcp-default-port");
+    let image = dir.image("disk.img", MIB as u64);
+    // Whether the port is free here decides which way the default is checked.
+    let free = std::net::TcpListener::bind("127.0.0.1:10809").is_ok();
+    if free {
+        let srv = Config::new(&image).tcp_at("127.0.0.1").start();
+        assert_eq!(srv.tcp.unwrap().to_string(), "127.0.0.1:10809");
+        let mut c = srv.client();
+        assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
+    } else {
+        eprintln!("port 10809 is taken here: checking the bind error instead");
+        let out = Command::new(support::server::server_binary())
+            .args(["--tcp", "127.0.0.1", &image.display().to_string()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("127.0.0.1 port 10809"), "{err}");
+    }
+}
+
+#[test]
+fn shared_limits_the_clients_served_at_once() {
+    let f = fixture("shared", MIB, |c| c.args_extra(&["--shared", "2"]));
+    let mut a = f.srv.client();
+    let mut b = f.srv.client();
+    // A third is closed at once, before the greeting.
+    let mut third = f.srv.raw().unwrap();
+    assert_closed(&mut third, "a connection over --shared 2");
+    assert_eq!(a.read(0, 512).unwrap(), vec![0; 512]);
+    a.disconnect().unwrap();
+    // Once the server has let the first one go, a new client is served.
+    let mut c = None;
+    assert!(
+        eventually(CLOSE_TIMEOUT, || {
+            c = f.srv.handshake(Handshake::new("")).ok();
+            c.is_some()
+        }),
+        "no client served after one of two left"
+    );
+    let mut c = c.unwrap();
+    assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
+    assert_eq!(b.read(512, 512).unwrap(), vec![0; 512]);
+    let mut fourth = f.srv.raw().unwrap();
+    assert_closed(&mut fourth, "a connection over --shared 2, again");
+    c.disconnect().unwrap();
+    b.disconnect().unwrap();
+}
+
+#[test]
+fn once_exits_when_the_last_client_leaves_and_persistent_does_not() {
+    let mut f = fixture("once", MIB, |c| c.args_extra(&["--once"]));
+    let a = f.srv.client();
+    let mut b = f.srv.client();
+    a.disconnect().unwrap();
+    // One client is still connected: the server goes on.
+    thread::sleep(NO_REPLY_WAIT);
+    assert_eq!(b.read(0, 512).unwrap(), vec![0; 512]);
+    assert!(!f.srv.has_exited());
+    b.disconnect().unwrap();
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    assert!(
+        f.srv
+            .stdout()
+            .iter()
+            .any(|l| l.starts_with("nbd-server: stopped (the last client disconnected")),
+        "{:?}",
+        f.srv.stdout()
+    );
+    assert!(!f.srv.unix_path().exists(), "the socket file is left");
+
+    // The default and --persistent: clients come and go, the server stays.
+    for extra in [&[][..], &["--persistent"][..]] {
+        let mut f = fixture("persistent", MIB, |c| c.args_extra(extra));
+        for _ in 0..3 {
+            f.srv.client().disconnect().unwrap();
+        }
+        thread::sleep(NO_REPLY_WAIT);
+        assert!(!f.srv.has_exited(), "{extra:?}");
+        f.assert_serves();
+    }
+}
+
+#[test]
+fn pid_file_holds_the_pid_until_exit() {
+    let dir = TempDir::new("pid-file");
+    let image = dir.image("disk.img", MIB as u64);
+    let pid_file = dir.join("server.pid");
+    let mut srv = Config::new(&image)
+        .args_extra(&["--pid-file", &pid_file.display().to_string()])
+        .start();
+    let text = std::fs::read_to_string(&pid_file).expect("the pid file once ready");
+    assert_eq!(text, format!("{}\n", srv.pid()));
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    assert!(!pid_file.exists(), "the pid file is left");
+}
+
+#[test]
+fn systemd_socket_activation_serves_the_passed_socket() {
+    if !have_socket_activate() {
+        return;
+    }
+    let mut f = fixture("activation", MIB, |c| c.socket_activated());
+    assert!(
+        f.srv
+            .stdout()
+            .iter()
+            .any(|l| l == "nbd-server: 1 listening socket(s) from systemd (LISTEN_FDS)"),
+        "{:?}",
+        f.srv.stdout()
+    );
+    f.assert_serves();
+    let mut c = f.srv.structured_client();
+    c.write(0, &[3; 4096]).unwrap();
+    assert_eq!(c.read(0, 4096).unwrap(), vec![3; 4096]);
+    c.disconnect().unwrap();
+    f.srv.signal("TERM");
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    // The socket is systemd's: the server leaves its file alone.
+    assert!(f.srv.unix_path().exists());
+}
+
+#[test]
+fn idle_timeout_closes_silent_clients_only() {
+    let f = fixture("idle", MIB, |c| c.args_extra(&["--idle-timeout", "1"]));
+    let mut idle = f.srv.client();
+    let mut busy = f.srv.client();
+    // A client with a request every 300 ms is never idle for 1 s.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(busy.read(0, 512).unwrap(), vec![0; 512]);
+        thread::sleep(Duration::from_millis(300));
+    }
+    match idle.conn().expect_closed(CLOSE_TIMEOUT) {
+        Ok(extra) => assert!(extra.is_empty(), "{extra:?}"),
+        Err(e) => panic!("the idle client is still connected: {e}"),
+    }
+    assert_eq!(busy.read(0, 512).unwrap(), vec![0; 512]);
+    busy.disconnect().unwrap();
+    // The handshake has its own limit: a client idle there is not cut at 1 s.
+    let mut in_options = f.srv.raw_in_options().unwrap();
+    thread::sleep(Duration::from_millis(1500));
+    go_or_info(&mut in_options, opt::GO, "", &[]).unwrap();
+
+    // Without --idle-timeout, a silent client stays.
+    let f = fixture("no-idle", MIB, |c| c);
+    let mut c = f.srv.client();
+    thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
+    c.disconnect().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2007,6 +2444,84 @@ fn qemu_img_converts_into_and_out_of_the_export() {
         std::fs::read(&out_path).unwrap() == source,
         "the image converted out of the export differs from the source"
     );
+}
+
+/// A Python that has libnbd's bindings (`import nbd`): the one on `PATH`, else the system's
+/// (nbdsh's `#!/usr/bin/env python3` may find a Python without them); prints why not if none.
+fn python_with_libnbd() -> Option<&'static str> {
+    let found = ["python3", "/usr/bin/python3"].into_iter().find(|python| {
+        Command::new(python)
+            .args(["-c", "import nbd"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        eprintln!(
+            "skipped: no Python with libnbd's bindings (Debian: apt-get install python3-libnbd; \
+             `cargo xtask ci` installs it)"
+        );
+    }
+    found
+}
+
+/// libnbd (its Python bindings, as nbdsh uses them, with the client-side checks off) uploads a
+/// 1 MiB write that the server refuses; it fails the connection if the reply arrives before its
+/// upload is done.
+#[test]
+fn libnbd_gets_the_refusal_of_a_large_write_after_its_upload() {
+    let Some(python) = python_with_libnbd() else {
+        return;
+    };
+    let rw = fixture("nbdsh-refused", 4 * MIB, |c| c);
+    let ro = fixture("nbdsh-refused-ro", 4 * MIB, |c| c.read_only());
+    let uri = |f: &Fixture| format!("nbd+unix:///?socket={}", f.srv.unix_path().display());
+    let script = format!(
+        r#"
+import nbd
+for uri in ["{}", "{}"]:
+    h = nbd.NBD()
+    h.set_strict_mode(0)
+    h.connect_uri(uri)
+    size = h.get_size()
+    for off in (size - 4096, 0):
+        try:
+            h.pwrite(b"\x77" * (1 << 20), off)
+            print("accepted", off)
+        except nbd.Error as e:
+            print("refused", e.errno)
+    print("read", len(h.pread(4096, 0)))
+    h.shutdown()
+"#,
+        uri(&rw),
+        uri(&ro)
+    );
+    let out = Command::new(python).args(["-c", &script]).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the libnbd script failed:\n{text}");
+    let want = [
+        "refused ENOSPC",
+        "accepted 0",
+        "read 4096",
+        "refused EPERM",
+        "refused EPERM",
+        "read 4096",
+    ];
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .collect::<Vec<_>>(),
+        want,
+        "{text}"
+    );
+    assert!(
+        ro.disk_all().iter().all(|&b| b == 0),
+        "the read-only image changed"
+    );
+    assert!(rw.disk_all()[4 * MIB - 4096..].iter().all(|&b| b == 0));
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,7 +17,17 @@
 //!   grows only with the bytes a client actually sends, and is not copied again.
 //! * A reply is written as soon as it is complete; whatever the socket does not take waits in
 //!   the connection's output buffer, and only then is the handler watching for writability.
-//! * A client gets [`HANDSHAKE_LIMIT`] to finish the handshake.
+//! * A client gets [`HANDSHAKE_LIMIT`] to finish the handshake; with `--idle-timeout`, a
+//!   client in the transmission phase that moves no byte in either direction for that long,
+//!   with no request of its own on the pool, is closed.
+//!
+//! Replies keep the order the protocol needs:
+//! * A refused request that carries data (a WRITE, an over-long option) is answered only once
+//!   its data has been read and dropped, so the reply never overtakes the client's upload.
+//! * A protocol violation (bad magic, flags or export name) stops reading and acting on the
+//!   client's bytes, but the replies already owed (option replies, replies to requests that
+//!   were read before the violation and are on the pool) are still sent; then the connection
+//!   closes, or after [`LINGER`] if the client does not take them.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -28,10 +38,11 @@ use std::os::unix::net::UnixStream;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aio::{AioContext, ClockType, FdHandler, Scale, ThreadPool, Timer};
 
+use crate::ClientSlot;
 use crate::export::Export;
 use crate::protocol::*;
 
@@ -44,6 +55,9 @@ pub const MAX_PENDING_BYTES: usize = 64 << 20;
 pub const MAX_BACKLOG: usize = 16 << 20;
 /// How long a client may take from connecting to entering the transmission phase.
 pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
+/// How long a connection closing after a protocol violation waits for the client to take the
+/// replies it is owed.
+pub const LINGER: Duration = Duration::from_secs(10);
 /// How much a read callback takes from the socket before yielding to the other handlers
 /// (the handler is level-triggered, so the rest is read on the next iteration).
 const READ_BUDGET: usize = 1 << 20;
@@ -92,6 +106,15 @@ impl AsFd for Socket {
     }
 }
 
+/// What every connection of the process is served with, besides its export.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    /// Log each connection's life on stderr.
+    pub verbose: bool,
+    /// Close a client in the transmission phase after this long without traffic (`None`: never).
+    pub idle_timeout: Option<Duration>,
+}
+
 /// Per-context server state, one per context (an [`AioContext::local`]): the connections the
 /// context serves, and whether the server is shutting down.
 #[derive(Default)]
@@ -116,8 +139,15 @@ impl Shard {
         self.draining.get() && self.conns.borrow().is_empty()
     }
 
-    /// Starts serving `sock` on `ctx`, which must be the context polling on this thread.
-    pub fn start(ctx: &AioContext, sock: Socket, export: Arc<Export>, verbose: bool) {
+    /// Starts serving `sock` on `ctx`, which must be the context polling on this thread. The
+    /// connection holds `slot` until it is closed and its last request has completed.
+    pub fn start(
+        ctx: &AioContext,
+        sock: Socket,
+        export: Arc<Export>,
+        settings: Settings,
+        slot: ClientSlot,
+    ) {
         let shard = Shard::of(ctx);
         // Relaxed: the id only has to be unique; nothing is published with it.
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -139,6 +169,7 @@ impl Shard {
             in_start: 0,
             in_end: 0,
             discard: 0,
+            after_discard: None,
             payload: None,
             out: Vec::new(),
             out_pos: 0,
@@ -148,21 +179,26 @@ impl Shard {
             no_zeroes: false,
             closing: false,
             read_done: false,
-            handshake_timer: None,
+            timer: None,
+            idle_timeout: settings.idle_timeout,
+            last_active: Instant::now(),
             weak: Weak::new(),
-            verbose,
+            verbose: settings.verbose,
+            _slot: slot,
         }));
         let mut c = conn.borrow_mut();
         c.weak = Rc::downgrade(&conn);
         c.out.extend_from_slice(&greeting());
         // Send closures only: the timer finds the connection again through its context.
+        // One timer for the connection's whole life: the handshake limit, then the idle
+        // timeout, or the linger after a protocol violation (see `on_timer`).
         let timer = ctx.timer(ClockType::Realtime, Scale::NS, move || {
             if let Some(ctx) = AioContext::current() {
-                Shard::of(&ctx).handshake_expired(&ctx, id);
+                Shard::of(&ctx).timer_fired(&ctx, id);
             }
         });
         timer.arm_after(HANDSHAKE_LIMIT);
-        c.handshake_timer = Some(timer);
+        c.timer = Some(timer);
         if c.verbose {
             eprintln!("nbd-server: connection {id}: accepted");
         }
@@ -171,15 +207,10 @@ impl Shard {
         c.update(ctx);
     }
 
-    fn handshake_expired(&self, ctx: &AioContext, id: u64) {
+    fn timer_fired(&self, ctx: &AioContext, id: u64) {
         let conn = self.conns.borrow().get(&id).cloned();
         if let Some(conn) = conn {
-            let mut c = conn.borrow_mut();
-            if c.phase != Phase::Transmission {
-                eprintln!("nbd-server: connection {id}: handshake not finished in time, closing");
-                c.abort();
-                c.update(ctx);
-            }
+            conn.borrow_mut().on_timer(ctx);
         }
     }
 
@@ -259,6 +290,8 @@ pub struct Conn {
     in_end: usize,
     /// Payload bytes of a refused request (or option) still to be read and dropped.
     discard: u64,
+    /// What to do once `discard` reaches 0: the refusal's reply, and whether to close then.
+    after_discard: Option<(Vec<u8>, bool)>,
     /// A write whose payload is arriving: the request and the bytes received so far, in a
     /// buffer with room for all of them, handed to the pool when complete.
     payload: Option<(Request, Vec<u8>)>,
@@ -276,9 +309,15 @@ pub struct Conn {
     /// The socket is not read again (end of stream, shutdown), but every complete request
     /// already read is still served before the connection closes.
     read_done: bool,
-    handshake_timer: Option<Timer>,
+    /// The handshake limit, the idle timeout or the linger after a violation (`on_timer`).
+    timer: Option<Timer>,
+    idle_timeout: Option<Duration>,
+    /// When a byte last moved on the socket (kept only with an idle timeout).
+    last_active: Instant,
     weak: Weak<RefCell<Conn>>,
     verbose: bool,
+    /// This client's place in the process's count of clients (`--shared`, `--once`).
+    _slot: ClientSlot,
 }
 
 impl Conn {
@@ -304,6 +343,7 @@ impl Conn {
                 }
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
+                    self.touch();
                     self.received(n);
                     if n < room {
                         // The socket is very likely empty now; if more arrived meanwhile, the
@@ -424,6 +464,12 @@ impl Conn {
                 if self.discard > 0 {
                     break;
                 }
+                // The refused message's last byte is in: now its reply may go.
+                if let Some((reply, close)) = self.after_discard.take() {
+                    self.out.extend_from_slice(&reply);
+                    self.closing |= close;
+                    continue;
+                }
             }
             if self.payload.is_some() || self.is_full() {
                 break;
@@ -458,8 +504,7 @@ impl Conn {
         {
             // The protocol says to drop a client whose flags we do not understand; a client
             // that does not speak the fixed newstyle could not understand our errors anyway.
-            self.log(&format!("unsupported client flags {flags:#x}, closing"));
-            self.abort();
+            self.fail(&format!("unsupported client flags {flags:#x}, closing"));
             return 0;
         }
         self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
@@ -474,19 +519,24 @@ impl Conn {
             return 0;
         }
         let Some((option, len)) = parse_option_header(head) else {
-            self.log("bad option magic, closing");
-            self.abort();
+            self.fail("bad option magic, closing");
             return 0;
         };
         if len > MAX_OPTION_LEN {
             if option == OPT_EXPORT_NAME {
                 // NBD_OPT_EXPORT_NAME has no error reply: closing is the only answer.
-                self.abort();
+                self.fail("NBD_OPT_EXPORT_NAME with an over-long name, closing");
                 return 0;
             }
-            self.discard = u64::from(len);
-            let msg = b"option data too long";
-            option_reply(&mut self.out, option, REP_ERR_TOO_BIG, msg);
+            let mut reply = Vec::new();
+            if option == OPT_ABORT {
+                // The protocol: ABORT is always acknowledged, its data ignored; then the
+                // session ends.
+                option_reply(&mut reply, option, REP_ACK, &[]);
+            } else {
+                option_reply(&mut reply, option, REP_ERR_TOO_BIG, b"option data too long");
+            }
+            self.discard_then(u64::from(len), reply, option == OPT_ABORT);
             return OPTION_HEADER_LEN;
         }
         let total = OPTION_HEADER_LEN + len as usize;
@@ -497,8 +547,8 @@ impl Conn {
         // are rare and small.
         let data = head[OPTION_HEADER_LEN..total].to_vec();
         self.handle_option(option, &data);
-        // An option that closed the connection also emptied the buffer: nothing to consume.
-        if self.sock.is_none() { 0 } else { total }
+        // An option that ends the session leaves the rest unread.
+        if self.closing { 0 } else { total }
     }
 
     fn handle_option(&mut self, option: u32, data: &[u8]) {
@@ -507,8 +557,7 @@ impl Conn {
         match option {
             OPT_EXPORT_NAME => {
                 if data != export.name.as_bytes() {
-                    self.log("NBD_OPT_EXPORT_NAME for an unknown export, closing");
-                    self.abort();
+                    self.fail("NBD_OPT_EXPORT_NAME for an unknown export, closing");
                     return;
                 }
                 out.extend_from_slice(&export.size.to_be_bytes());
@@ -581,7 +630,13 @@ impl Conn {
 
     fn enter_transmission(&mut self) {
         self.phase = Phase::Transmission;
-        self.handshake_timer = None;
+        if let Some(timer) = &self.timer {
+            match self.idle_timeout {
+                Some(limit) => timer.arm_after(limit),
+                None => timer.cancel(),
+            }
+        }
+        self.touch();
         self.log(&format!(
             "transmission phase, {} replies",
             match self.framing {
@@ -597,13 +652,17 @@ impl Conn {
         let head = &self.inbuf[self.in_start..self.in_end];
         let Some(req) = parse_request(head) else {
             // Out of step or not NBD at all: nothing after this can be trusted.
-            self.log("bad request magic, closing");
-            self.abort();
+            self.fail("bad request magic, closing");
             return 0;
         };
         if req.kind == CMD_DISC {
             self.log("NBD_CMD_DISC");
             self.closing = true;
+            // The replies still owed go out; a client that never takes them is not waited
+            // for forever.
+            if let Some(timer) = &self.timer {
+                timer.arm_after(LINGER);
+            }
             return REQUEST_LEN;
         }
         let payload = if req.kind == CMD_WRITE {
@@ -612,8 +671,11 @@ impl Conn {
             0
         };
         if let Err(errno) = self.check(&req) {
-            self.framing.status_reply(&mut self.out, req.cookie, errno);
-            self.discard = payload;
+            // A refused write's payload is read and dropped first, whatever its length (even
+            // over MAX_PAYLOAD: it streams through the read buffer), then the error goes out.
+            let mut reply = Vec::new();
+            self.framing.status_reply(&mut reply, req.cookie, errno);
+            self.discard_then(payload, reply, false);
             return REQUEST_LEN;
         }
         if req.kind == CMD_READ && req.length == 0 {
@@ -645,7 +707,12 @@ impl Conn {
     /// Validates a request against the export; `Err` carries the NBD error to reply with.
     fn check(&self, req: &Request) -> Result<(), u32> {
         let export = &self.export;
-        if req.flags & !(CMD_FLAG_FUA | CMD_FLAG_NO_HOLE) != 0 {
+        // NO_HOLE means something only to WRITE_ZEROES; the protocol asks for EINVAL elsewhere.
+        let flags = match req.kind {
+            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
+            _ => CMD_FLAG_FUA,
+        };
+        if req.flags & !flags != 0 {
             return Err(EINVAL);
         }
         let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
@@ -662,6 +729,75 @@ impl Conn {
             CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err(ENOSPC),
             CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH => Ok(()),
             _ => Err(EINVAL),
+        }
+    }
+
+    /// Drops the next `n` bytes from the client, then queues `reply` (and closes if `close`);
+    /// at once if `n` is 0.
+    fn discard_then(&mut self, n: u64, reply: Vec<u8>, close: bool) {
+        if n == 0 {
+            self.out.extend_from_slice(&reply);
+            self.closing |= close;
+        } else {
+            self.discard = n;
+            self.after_discard = Some((reply, close));
+        }
+    }
+
+    /// A protocol violation: nothing more is read or acted on, but what the client is owed
+    /// still goes out (see the module docs); the connection closes once that is done, or after
+    /// [`LINGER`].
+    fn fail(&mut self, why: &str) {
+        self.log(why);
+        self.closing = true;
+        self.discard = 0;
+        self.after_discard = None;
+        self.payload = None;
+        if let Some(timer) = &self.timer {
+            timer.arm_after(LINGER);
+        }
+    }
+
+    /// The connection's timer fired: the handshake limit, the linger after a violation, or
+    /// the idle timeout.
+    fn on_timer(&mut self, ctx: &AioContext) {
+        if self.sock.is_none() {
+            return;
+        }
+        let id = self.id;
+        if self.closing {
+            eprintln!("nbd-server: connection {id}: last replies not taken in time, closing");
+        } else if self.phase != Phase::Transmission {
+            eprintln!("nbd-server: connection {id}: handshake not finished in time, closing");
+        } else if let Some(limit) = self.idle_timeout {
+            let idle = self.last_active.elapsed();
+            if self.in_flight > 0 || idle < limit {
+                // Requests on the pool are the server's own slowness, not the client's.
+                let left = if self.in_flight > 0 {
+                    limit
+                } else {
+                    limit - idle
+                };
+                if let Some(timer) = &self.timer {
+                    timer.arm_after(left);
+                }
+                return;
+            }
+            eprintln!(
+                "nbd-server: connection {id}: idle for {} s (--idle-timeout), closing",
+                limit.as_secs_f64()
+            );
+        } else {
+            return;
+        }
+        self.abort();
+        self.update(ctx);
+    }
+
+    /// Notes that a byte moved on the socket, for the idle timeout.
+    fn touch(&mut self) {
+        if self.idle_timeout.is_some() {
+            self.last_active = Instant::now();
         }
     }
 
@@ -767,7 +903,10 @@ impl Conn {
         while self.out_pos < self.out.len() {
             let Some(sock) = &self.sock else { return };
             match sock.write(&self.out[self.out_pos..]) {
-                Ok(n) => self.out_pos += n,
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.touch();
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -793,7 +932,8 @@ impl Conn {
         self.closing = true;
         self.handler = None;
         self.watching = (false, false);
-        self.handshake_timer = None;
+        self.timer = None;
+        self.after_discard = None;
         if let Some(sock) = self.sock.take() {
             sock.shutdown();
             self.log("closed");

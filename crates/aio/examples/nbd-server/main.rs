@@ -7,13 +7,18 @@
 //! ```
 //!
 //! This file owns the process: the command line, the contexts and their threads, the
-//! listeners, and shutdown on SIGINT/SIGTERM. The protocol is in `protocol.rs`, a client's
+//! listeners (bound here or passed by systemd), the count of clients, the pid file, and
+//! shutdown on SIGINT/SIGTERM or when the last client leaves. The protocol is in `protocol.rs`, a client's
 //! life in `connection.rs`, the image file in `export.rs`.
 //!
 //! * **Threads.** `--contexts N` runs N contexts: this thread's, which also owns the
 //!   listeners and the signals, and N-1 I/O threads, each polling its own context. Accepted
 //!   connections are dealt round-robin over all N; a connection lives on one context for its
 //!   whole life. Each context has its own thread pool, which runs the file I/O.
+//! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
+//!   request has completed. `--shared N` closes a connection accepted while N are held, at
+//!   once, before the greeting. `--once` shuts the server down, as a signal does, when the
+//!   count falls back to 0; the default (`--persistent`) serves until a signal.
 //! * **Shutdown.** SIGINT and SIGTERM are blocked in every thread and read from a signalfd that
 //!   is an fd handler of this thread's context, so a signal is an ordinary event of the loop.
 //!   The listeners close at once; each context then stops reading requests, serves those it
@@ -22,7 +27,10 @@
 //!   exits at once, with status 1.
 //! * **Limits.** See `connection.rs`: at most 32 MiB per request; per connection, 128 requests
 //!   and 64 MiB in flight and 16 MiB of unsent replies before its socket stops being read; 10 s
-//!   for the handshake.
+//!   for the handshake; `--idle-timeout` after it.
+//! * **Socket activation.** When `LISTEN_PID` is this process and `LISTEN_FDS` is N, fds 3 to
+//!   N+2 are listening sockets (TCP or Unix) to serve instead of `--tcp`/`--unix`, as systemd
+//!   passes them.
 
 mod connection;
 mod export;
@@ -31,21 +39,21 @@ mod protocol;
 use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
 use std::io::{self, Write};
-use std::net::TcpListener;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use aio::{AioContext, ClockType, ContextHandle, FdHandler, Scale};
 
-use connection::{Shard, Socket};
+use connection::{Settings, Shard, Socket};
 use export::Export;
 
 /// How long shutdown waits for connections to finish their requests before closing them.
@@ -54,28 +62,79 @@ const GRACE: Duration = Duration::from_secs(5);
 /// on a listener that stays readable.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The NBD port (IANA), for `--tcp HOST`.
+const NBD_PORT: u16 = 10809;
+
 const USAGE: &str = "\
 usage: nbd-server [OPTIONS] IMAGE
-  --tcp ADDR       listen on TCP (host:port; port 0 picks a free one)
-  --unix PATH      listen on a Unix socket (the socket file is removed at exit)
-  --name NAME      export name (default: the empty name)
-  --read-only      refuse writes
-  --contexts N     number of I/O contexts, one thread each (default 1)
-  --verbose        log each connection on stderr
-At least one of --tcp and --unix. The backend is the aio default (AIO_BACKEND overrides it).";
+  --tcp ADDR            listen on TCP: HOST:PORT, HOST (port 10809) or :PORT (all IPv4
+                        addresses); port 0 picks a free one; IPv6 as [::1]:PORT
+  --unix PATH           listen on a Unix socket (the socket file is removed at exit)
+  --name NAME           export name (default: the empty name)
+  --read-only           refuse writes
+  --contexts N          number of I/O contexts, one thread each (default 1)
+  --shared N            serve at most N clients at once; more are closed at once (default:
+                        no limit)
+  --once                exit when the last client disconnects (after the first one came)
+  --persistent          serve until SIGINT/SIGTERM, however clients come and go (the default)
+  --idle-timeout SECS   close a client that sends and takes nothing for SECS seconds after
+                        its handshake (default: never)
+  --pid-file PATH       write the process id to PATH once listening; removed at exit
+  --verbose             log each connection on stderr
+  -h, --help            print this and exit
+  -V, --version         print the version and exit
+At least one of --tcp and --unix, unless systemd passes the listening sockets (LISTEN_FDS,
+LISTEN_PID). The backend is the aio default (AIO_BACKEND overrides it).";
 
 #[derive(Debug)]
 struct Config {
     image: PathBuf,
-    tcp: Option<String>,
+    /// Host and port.
+    tcp: Option<(String, u16)>,
     unix: Option<PathBuf>,
     name: String,
     read_only: bool,
     contexts: usize,
+    /// At most this many clients at once.
+    shared: Option<usize>,
+    /// Exit when the last client leaves.
+    once: bool,
+    idle_timeout: Option<Duration>,
+    pid_file: Option<PathBuf>,
     verbose: bool,
 }
 
-fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Config, String> {
+/// What the command line asks for.
+#[derive(Debug)]
+enum Command {
+    Serve(Config),
+    Help,
+    Version,
+}
+
+/// `--tcp`'s argument as a host and a port: `HOST:PORT`, `HOST` alone (port [`NBD_PORT`]),
+/// `:PORT` (every IPv4 address); an IPv6 host is bracketed when a port follows.
+fn tcp_address(s: &str) -> Result<(String, u16), String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok((a.ip().to_string(), a.port()));
+    }
+    let bare = s.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+    if let Ok(ip) = bare.unwrap_or(s).parse::<IpAddr>() {
+        return Ok((ip.to_string(), NBD_PORT));
+    }
+    let bad = || format!("--tcp takes HOST:PORT, HOST or :PORT, not {s:?}");
+    match s.rsplit_once(':') {
+        Some(("", port)) => Ok(("0.0.0.0".to_owned(), port.parse().map_err(|_| bad())?)),
+        Some((host, port)) if !host.contains(':') => {
+            Ok((host.to_owned(), port.parse().map_err(|_| bad())?))
+        }
+        Some(_) => Err(bad()),
+        None if s.is_empty() => Err(bad()),
+        None => Ok((s.to_owned(), NBD_PORT)),
+    }
+}
+
+fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, String> {
     let mut cfg = Config {
         image: PathBuf::new(),
         tcp: None,
@@ -83,9 +142,14 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Config, String
         name: String::new(),
         read_only: false,
         contexts: 1,
+        shared: None,
+        once: false,
+        idle_timeout: None,
+        pid_file: None,
         verbose: false,
     };
     let mut image = None;
+    let mut persistent = false;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?;
         let mut value = |what: &str| {
@@ -94,7 +158,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Config, String
                 .and_then(|v| v.into_string().map_err(|v| format!("not UTF-8: {v:?}")))
         };
         match arg.as_str() {
-            "--tcp" => cfg.tcp = Some(value("an address")?),
+            "--tcp" => cfg.tcp = Some(tcp_address(&value("an address")?)?),
             "--unix" => cfg.unix = Some(value("a path")?.into()),
             "--name" => cfg.name = value("a name")?,
             "--read-only" => cfg.read_only = true,
@@ -105,32 +169,78 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Config, String
                     _ => return Err(format!("--contexts takes 1 to 1024, not {n:?}")),
                 };
             }
+            "--shared" => {
+                let n = value("a number")?;
+                cfg.shared = match n.parse() {
+                    Ok(n @ 1..) => Some(n),
+                    _ => return Err(format!("--shared takes a number from 1, not {n:?}")),
+                };
+            }
+            "--once" => cfg.once = true,
+            "--persistent" => persistent = true,
+            "--idle-timeout" => {
+                let n = value("a number of seconds")?;
+                cfg.idle_timeout = match n.parse::<u64>() {
+                    Ok(0) => None,
+                    Ok(secs @ 1..=86_400_000) => Some(Duration::from_secs(secs)),
+                    _ => {
+                        return Err(format!(
+                            "--idle-timeout takes seconds (0: never), not {n:?}"
+                        ));
+                    }
+                };
+            }
+            "--pid-file" => cfg.pid_file = Some(value("a path")?.into()),
             "--verbose" => cfg.verbose = true,
-            "-h" | "--help" => return Err(String::new()),
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
             a if a.starts_with('-') => return Err(format!("unknown option {a}")),
             _ if image.is_some() => return Err(format!("one image only (got {arg:?} too)")),
             _ => image = Some(PathBuf::from(arg)),
         }
     }
     cfg.image = image.ok_or("no image file given")?;
-    if cfg.tcp.is_none() && cfg.unix.is_none() {
-        return Err("give --tcp ADDR, --unix PATH or both".into());
+    if cfg.once && persistent {
+        return Err("--once and --persistent contradict each other".into());
     }
-    Ok(cfg)
+    Ok(Command::Serve(cfg))
 }
 
 fn main() -> ExitCode {
+    let usage_error = |msg: &str| {
+        eprintln!("nbd-server: {msg}");
+        eprintln!("{USAGE}");
+        ExitCode::from(2)
+    };
     let cfg = match parse_args(std::env::args_os().skip(1)) {
-        Ok(cfg) => cfg,
-        Err(msg) => {
-            if !msg.is_empty() {
-                eprintln!("nbd-server: {msg}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
+        Ok(Command::Serve(cfg)) => cfg,
+        Ok(Command::Help) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("nbd-server {} (aio)", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => return usage_error(&msg),
+    };
+    let activated = match activated_listeners() {
+        Ok(listeners) => listeners,
+        Err(e) => {
+            eprintln!("nbd-server: socket activation: {e}");
+            return ExitCode::FAILURE;
         }
     };
-    match run(&cfg) {
+    match (&activated, cfg.tcp.is_some() || cfg.unix.is_some()) {
+        (None, false) => return usage_error("give --tcp ADDR, --unix PATH or both"),
+        (Some(_), true) => {
+            return usage_error(
+                "systemd passed listening sockets (LISTEN_FDS): no --tcp or --unix",
+            );
+        }
+        _ => {}
+    }
+    match run(&cfg, activated) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("nbd-server: {e}");
@@ -139,7 +249,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cfg: &Config) -> io::Result<()> {
+fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     // First, before any thread exists, so that every thread (I/O threads, pool workers)
     // inherits the blocked mask and the signals reach only the signalfd.
     let signals = Signals::new()?;
@@ -152,20 +262,46 @@ fn run(cfg: &Config) -> io::Result<()> {
         .collect::<io::Result<Vec<_>>>()?;
 
     let mut listeners = Vec::new();
-    if let Some(addr) = &cfg.tcp {
-        let l = TcpListener::bind(addr).map_err(|e| with_what(e, addr))?;
-        l.set_nonblocking(true)?;
-        println!("nbd-server: listening on tcp {}", l.local_addr()?);
+    if let Some((host, port)) = &cfg.tcp {
+        let l = TcpListener::bind((host.as_str(), *port))
+            .map_err(|e| with_what(e, &format!("{host} port {port}")))?;
         listeners.push(Listener::Tcp(l));
     }
     if let Some(path) = &cfg.unix {
         remove_stale_socket(path)?;
         let l = UnixListener::bind(path).map_err(|e| with_what(e, &path.display()))?;
-        l.set_nonblocking(true)?;
-        println!("nbd-server: listening on unix {}", path.display());
         listeners.push(Listener::Unix(l));
     }
+    if let Some(passed) = activated {
+        println!(
+            "nbd-server: {} listening socket(s) from systemd (LISTEN_FDS)",
+            passed.len()
+        );
+        listeners.extend(passed);
+    }
+    let mut addresses = Vec::new();
+    for l in &listeners {
+        l.set_nonblocking()?;
+        let addr = l.describe()?;
+        println!("nbd-server: listening on {addr}");
+        addresses.push(addr);
+    }
+    if let Some(path) = &cfg.pid_file {
+        let text = format!("{}\n", std::process::id());
+        // Written whole under another name, then renamed: a reader never sees half a pid.
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| with_what(e, &path.display()))?;
+    }
+    let pid_file = PidFile(cfg.pid_file.clone());
 
+    let clients = Arc::new(Clients {
+        count: AtomicUsize::new(0),
+        last_left: AtomicBool::new(false),
+        main: ctx.handle(),
+        once: cfg.once,
+    });
     let mut targets = vec![None];
     targets.extend(iothreads.iter().map(|t| Some(t.handle.clone())));
     let acceptor = Rc::new(Acceptor {
@@ -174,7 +310,12 @@ fn run(cfg: &Config) -> io::Result<()> {
         targets,
         next: Cell::new(0),
         export,
-        verbose: cfg.verbose,
+        settings: Settings {
+            verbose: cfg.verbose,
+            idle_timeout: cfg.idle_timeout,
+        },
+        clients: clients.clone(),
+        shared: cfg.shared,
         unix_path: cfg.unix.clone(),
         resume: Arc::new(AtomicBool::new(false)),
         backoff: RefCell::new(None),
@@ -184,6 +325,7 @@ fn run(cfg: &Config) -> io::Result<()> {
     let stopping = Rc::new(Cell::new(None::<&'static str>));
     let (stop, acc) = (stopping.clone(), acceptor.clone());
     let signal_fd = signals.fd.try_clone()?;
+    let pid_path = cfg.pid_file.clone();
     let _signals = ctx
         .fd_handler(&signals.fd)
         .on_read(move |ctx| {
@@ -195,24 +337,20 @@ fn run(cfg: &Config) -> io::Result<()> {
                 // shutdown for its whole grace period; a second signal is the way out.
                 println!("nbd-server: {name} after {first}, exiting at once");
                 let _ = io::stdout().flush();
+                if let Some(path) = &pid_path {
+                    let _ = std::fs::remove_file(path);
+                }
                 std::process::exit(1);
             }
             println!("nbd-server: {name}, shutting down");
             stop.set(Some(name));
-            acc.close();
-            for target in acc.targets.iter().flatten() {
-                target.schedule_oneshot(|| {
-                    if let Some(ctx) = AioContext::current() {
-                        Shard::drain(&ctx, GRACE);
-                    }
-                });
-            }
-            Shard::drain(ctx, GRACE);
+            acc.shut_down(ctx);
         })
         .register()?;
 
     println!(
-        "nbd-server: ready (backend {}, {} context{}, export {:?}, {} bytes{})",
+        "nbd-server: ready on {} (backend {}, {} context{}, export {:?}, {} bytes{})",
+        addresses.join(", "),
         ctx.backend(),
         cfg.contexts,
         if cfg.contexts == 1 { "" } else { "s" },
@@ -228,6 +366,17 @@ fn run(cfg: &Config) -> io::Result<()> {
         if acceptor.resume.swap(false, Ordering::Relaxed) && stopping.get().is_none() {
             acceptor.watch(&ctx)?;
         }
+        // Relaxed: the flag and the count are read on this thread, the only one that adds
+        // clients; nothing else is published through them.
+        if clients.last_left.swap(false, Ordering::Relaxed)
+            && clients.count.load(Ordering::Relaxed) == 0
+            && stopping.get().is_none()
+        {
+            let why = "the last client disconnected (--once)";
+            println!("nbd-server: {why}, shutting down");
+            stopping.set(Some(why));
+            acceptor.shut_down(&ctx);
+        }
     }
     let (mut accepted, mut requests) = (shard.accepted.get(), shard.requests.get());
     for t in iothreads {
@@ -235,11 +384,147 @@ fn run(cfg: &Config) -> io::Result<()> {
         accepted += a;
         requests += r;
     }
+    drop(pid_file);
     println!(
         "nbd-server: stopped ({}): {accepted} connections, {requests} requests",
         stopping.get().unwrap_or("?")
     );
     io::stdout().flush()
+}
+
+/// The pid file, removed when the server stops.
+struct PidFile(Option<PathBuf>);
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The clients connected now, over all contexts: what `--shared` and `--once` look at.
+struct Clients {
+    count: AtomicUsize,
+    /// Set (with `--once`) when the count has fallen to 0; read by the main loop.
+    last_left: AtomicBool,
+    /// The main context, woken when the count falls to 0.
+    main: ContextHandle,
+    once: bool,
+}
+
+/// One client's place in [`Clients`]: taken when its connection is accepted, given back when
+/// the connection is dropped (closed, and its last request completed), on whichever context
+/// served it.
+pub struct ClientSlot(Arc<Clients>);
+
+impl std::fmt::Debug for ClientSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Relaxed: a snapshot for a log line.
+        let clients = self.0.count.load(Ordering::Relaxed);
+        write!(f, "ClientSlot({clients} clients)")
+    }
+}
+
+impl ClientSlot {
+    fn take(clients: &Arc<Clients>) -> ClientSlot {
+        // Relaxed: a plain count, with nothing published through it.
+        clients.count.fetch_add(1, Ordering::Relaxed);
+        ClientSlot(clients.clone())
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        // Relaxed: as in `take`; the main loop re-reads the count on its own thread.
+        if self.0.count.fetch_sub(1, Ordering::Relaxed) == 1 && self.0.once {
+            let clients = self.0.clone();
+            // Relaxed: the main loop reads the flag after running this, on its own thread.
+            self.0
+                .main
+                .schedule_oneshot(move || clients.last_left.store(true, Ordering::Relaxed));
+        }
+    }
+}
+
+/// The listening sockets systemd passes (`sd_listen_fds`): `None` unless `LISTEN_PID` names
+/// this process. Each must be a listening TCP or Unix stream socket (systemd's `Accept=no`).
+fn activated_listeners() -> io::Result<Option<Vec<Listener>>> {
+    let Ok(pid) = std::env::var("LISTEN_PID") else {
+        return Ok(None);
+    };
+    if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
+        // Meant for another process (a parent that did not clear it).
+        return Ok(None);
+    }
+    let fds = std::env::var("LISTEN_FDS").unwrap_or_default();
+    let n: RawFd = match fds.trim().parse() {
+        Ok(n @ 1..=1024) => n,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("LISTEN_FDS={fds:?} names no socket"),
+            ));
+        }
+    };
+    (3..3 + n)
+        .map(passed_listener)
+        .collect::<io::Result<_>>()
+        .map(Some)
+}
+
+/// Takes ownership of fd `fd`, passed by systemd, as a listener.
+fn passed_listener(fd: RawFd) -> io::Result<Listener> {
+    let fail = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, format!("fd {fd}: {what}"));
+    // SAFETY: fcntl with F_GETFD/F_SETFD reads and sets the fd's flags and touches no memory.
+    let ok = unsafe {
+        libc::fcntl(fd, libc::F_GETFD) >= 0 && libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) == 0
+    };
+    if !ok {
+        return Err(fail(&io::Error::last_os_error().to_string()));
+    }
+    let (mut listening, mut kind): (libc::c_int, libc::c_int) = (0, 0);
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: sockaddr_storage is plain data; all zeros is a valid value.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut addr_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: every pointer points to a live local of the size passed with it, for the
+    // duration of the calls; the fd is open (checked above).
+    let ok = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut listening).cast(),
+            &mut len,
+        ) == 0
+            && libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_TYPE,
+                (&raw mut kind).cast(),
+                &mut len,
+            ) == 0
+            && libc::getsockname(fd, (&raw mut addr).cast(), &mut addr_len) == 0
+    };
+    if !ok {
+        return Err(fail("not a socket"));
+    }
+    if kind != libc::SOCK_STREAM || listening == 0 {
+        return Err(fail(
+            "not a listening stream socket (systemd's Accept=yes is not supported)",
+        ));
+    }
+    // SAFETY: LISTEN_FDS hands fds 3 and up to this process, and nothing else in it owns them:
+    // this is the only place that takes them, once each.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    match libc::c_int::from(addr.ss_family) {
+        libc::AF_INET | libc::AF_INET6 => Ok(Listener::Tcp(TcpListener::from(owned))),
+        libc::AF_UNIX => Ok(Listener::Unix(UnixListener::from(owned))),
+        family => Err(fail(&format!(
+            "address family {family} is neither TCP nor Unix"
+        ))),
+    }
 }
 
 fn with_what(e: io::Error, what: &dyn std::fmt::Display) -> io::Error {
@@ -261,6 +546,24 @@ enum Listener {
 }
 
 impl Listener {
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l) => l.set_nonblocking(true),
+        }
+    }
+
+    /// `tcp ADDR:PORT` or `unix PATH`, with the port the kernel picked for port 0.
+    fn describe(&self) -> io::Result<String> {
+        Ok(match self {
+            Listener::Tcp(l) => format!("tcp {}", l.local_addr()?),
+            Listener::Unix(l) => match l.local_addr()?.as_pathname() {
+                Some(path) => format!("unix {}", path.display()),
+                None => "unix (unnamed)".to_owned(),
+            },
+        })
+    }
+
     fn accept(&self) -> io::Result<Socket> {
         Ok(match self {
             Listener::Tcp(l) => Socket::Tcp(l.accept()?.0),
@@ -300,7 +603,11 @@ struct Acceptor {
     targets: Vec<Option<ContextHandle>>,
     next: Cell<usize>,
     export: Arc<Export>,
-    verbose: bool,
+    settings: Settings,
+    clients: Arc<Clients>,
+    /// `--shared`: at most this many clients at once.
+    shared: Option<usize>,
+    /// The socket file to remove at exit (`--unix`; not a socket systemd made).
     unix_path: Option<PathBuf>,
     /// Set by the backoff timer (whose callback must be `Send`); the main loop then watches
     /// the listeners again.
@@ -349,6 +656,17 @@ impl Acceptor {
                     return;
                 }
             };
+            // Relaxed: this thread is the only one that adds clients, so the count cannot
+            // grow under us; a slot given back meanwhile only makes the check stricter.
+            let connected = self.clients.count.load(Ordering::Relaxed);
+            if self.shared.is_some_and(|limit| connected >= limit) {
+                // Closed before the greeting: the client sees the end of the stream at once,
+                // rather than waiting in the listen queue for a slot.
+                if self.settings.verbose {
+                    eprintln!("nbd-server: refusing a connection: {connected} clients (--shared)");
+                }
+                continue;
+            }
             if let Err(e) = prepare(&sock) {
                 // This one socket is unusable; the listener is fine.
                 eprintln!("nbd-server: dropping an accepted connection: {e}");
@@ -356,12 +674,13 @@ impl Acceptor {
             }
             let n = self.next.get();
             self.next.set((n + 1) % self.targets.len());
-            let (export, verbose) = (self.export.clone(), self.verbose);
+            let (export, settings) = (self.export.clone(), self.settings);
+            let slot = ClientSlot::take(&self.clients);
             match &self.targets[n] {
-                None => Shard::start(ctx, sock, export, verbose),
+                None => Shard::start(ctx, sock, export, settings, slot),
                 Some(handle) => handle.schedule_oneshot(move || {
                     if let Some(ctx) = AioContext::current() {
-                        Shard::start(&ctx, sock, export, verbose);
+                        Shard::start(&ctx, sock, export, settings, slot);
                     }
                 }),
             }
@@ -376,6 +695,19 @@ impl Acceptor {
         });
         timer.arm_after(ACCEPT_BACKOFF);
         *self.backoff.borrow_mut() = Some(timer);
+    }
+
+    /// Shutdown: stops listening and drains every context (see the module docs).
+    fn shut_down(&self, ctx: &AioContext) {
+        self.close();
+        for target in self.targets.iter().flatten() {
+            target.schedule_oneshot(|| {
+                if let Some(ctx) = AioContext::current() {
+                    Shard::drain(&ctx, GRACE);
+                }
+            });
+        }
+        Shard::drain(ctx, GRACE);
     }
 
     /// Stops listening for good: handlers, sockets and the Unix socket's file.

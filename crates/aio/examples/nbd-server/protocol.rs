@@ -87,11 +87,12 @@ pub const EOVERFLOW: u32 = 75;
 pub const ENOTSUP: u32 = 95;
 
 /// The largest payload of a READ or WRITE this server accepts (advertised as the maximum block
-/// size). A longer request is refused with `EINVAL`; a write's payload is then read and
-/// dropped, so the connection stays in step.
+/// size). A longer request is refused with `EINVAL`; a write's payload is first read and
+/// dropped (so the connection stays in step and the reply follows the upload), then answered.
 pub const MAX_PAYLOAD: u32 = 32 << 20;
 /// The largest option data accepted during the handshake; names are at most 4 KiB by the
-/// specification, so anything beyond this is refused with `NBD_REP_ERR_TOO_BIG`.
+/// specification, so anything beyond this is read and dropped, then refused with
+/// `NBD_REP_ERR_TOO_BIG` (or, for `NBD_OPT_ABORT`, acknowledged).
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// The block sizes advertised with `NBD_INFO_BLOCK_SIZE`: byte-granular, 4 KiB preferred.
 pub const MIN_BLOCK: u32 = 1;

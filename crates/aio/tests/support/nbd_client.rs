@@ -1142,8 +1142,9 @@ impl Client {
         }))
     }
 
-    /// Sends one request and waits for its answer (nothing else may be in flight).
-    fn call(
+    /// Sends one request, with any flags, and waits for its answer (nothing else may be in
+    /// flight).
+    pub fn call(
         &mut self,
         kind: u16,
         flags: u16,

@@ -1,7 +1,7 @@
 //! The server under test as a child process: finding (or building) the `nbd-server` example,
 //! starting it with a command line, waiting for its `ready` line, signalling it, reading its fd
 //! count and RSS from `/proc`, and killing it on drop so that a failing test leaves no process
-//! behind. Also [`TempDir`], a per-test scratch directory removed on drop, and a way to start
+//! behind; optionally started by `systemd-socket-activate` on its Unix socket. Also [`TempDir`], a per-test scratch directory removed on drop, and a way to start
 //! `qemu-nbd` with the same settings so the client itself can be checked against a reference
 //! server.
 
@@ -146,8 +146,14 @@ pub struct Config {
     read_only: bool,
     contexts: Option<usize>,
     tcp: bool,
+    /// What `--tcp` gets when `tcp` is set.
+    tcp_addr: String,
     unix: Option<PathBuf>,
     verbose: bool,
+    /// More options, put before the image.
+    extra: Vec<String>,
+    /// Started by `systemd-socket-activate`, which passes the Unix socket as fd 3.
+    activated: bool,
 }
 
 impl Config {
@@ -159,9 +165,35 @@ impl Config {
             read_only: false,
             contexts: None,
             tcp: false,
+            tcp_addr: "127.0.0.1:0".to_owned(),
             unix: Some(image.with_extension("sock")),
             verbose: false,
+            extra: Vec::new(),
+            activated: false,
         }
+    }
+
+    /// Adds options to the command line (before the image).
+    pub fn args_extra(mut self, args: &[&str]) -> Config {
+        self.extra.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Listens on TCP only, at `addr` as `--tcp` takes it.
+    pub fn tcp_at(mut self, addr: &str) -> Config {
+        self.tcp_addr = addr.to_owned();
+        self.tcp_only()
+    }
+
+    /// The server is started by `systemd-socket-activate -l <socket>` (which must be
+    /// installed: see [`have_socket_activate`]), without `--unix`.
+    pub fn socket_activated(mut self) -> Config {
+        assert!(
+            self.unix.is_some() && !self.tcp,
+            "socket activation on the Unix socket only"
+        );
+        self.activated = true;
+        self
     }
 
     pub fn name(mut self, name: &str) -> Config {
@@ -201,9 +233,9 @@ impl Config {
     pub fn args(&self) -> Vec<String> {
         let mut args = Vec::new();
         if self.tcp {
-            args.extend(["--tcp".to_owned(), "127.0.0.1:0".to_owned()]);
+            args.extend(["--tcp".to_owned(), self.tcp_addr.clone()]);
         }
-        if let Some(p) = &self.unix {
+        if let Some(p) = self.unix.as_ref().filter(|_| !self.activated) {
             args.extend(["--unix".to_owned(), p.display().to_string()]);
         }
         args.extend(["--name".to_owned(), self.name.clone()]);
@@ -216,6 +248,7 @@ impl Config {
         if self.verbose {
             args.push("--verbose".to_owned());
         }
+        args.extend(self.extra.iter().cloned());
         args.push(self.image.display().to_string());
         args
     }
@@ -223,6 +256,18 @@ impl Config {
     pub fn start(&self) -> Server {
         Server::start(self)
     }
+}
+
+/// Whether `systemd-socket-activate` runs here; prints the skip reason if not.
+pub fn have_socket_activate() -> bool {
+    let ok = Command::new("systemd-socket-activate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: systemd-socket-activate not found");
+    }
+    ok
 }
 
 /// Lines a child printed, collected by a reader thread.
@@ -260,7 +305,17 @@ pub struct Server {
 impl Server {
     /// Starts our server and waits for its `ready` line.
     pub fn start(config: &Config) -> Server {
-        let mut child = Command::new(server_binary())
+        let mut cmd = if config.activated {
+            // It binds the socket, waits for a first connection, then runs the server with the
+            // socket as fd 3 and LISTEN_FDS/LISTEN_PID set.
+            let mut cmd = Command::new("systemd-socket-activate");
+            cmd.arg("-l").arg(config.unix.as_ref().unwrap());
+            cmd.arg(server_binary());
+            cmd
+        } else {
+            Command::new(server_binary())
+        };
+        let mut child = cmd
             .args(config.args())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -280,6 +335,19 @@ impl Server {
             exited: None,
         };
         let deadline = Instant::now() + STARTUP_TIMEOUT;
+        if config.activated {
+            // The connection that makes systemd-socket-activate start the server; the server
+            // then finds it closed.
+            let path = config.unix.as_ref().unwrap();
+            while Conn::connect_unix(path).is_err() {
+                assert!(
+                    Instant::now() < deadline,
+                    "systemd-socket-activate did not listen on {}",
+                    path.display()
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+        }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -415,6 +483,14 @@ impl Server {
             .status()
             .expect("running kill");
         assert!(status.success(), "kill -s {sig} failed");
+    }
+
+    /// Whether the server has exited (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        if let Some(status) = self.child.try_wait().expect("try_wait") {
+            self.exited = Some(status);
+        }
+        self.exited.is_some()
     }
 
     /// Waits up to `timeout` for the server to exit.
