@@ -1231,17 +1231,21 @@ mod tests {
         let ctx = crate::AioContext::new(Box::new(NoFds)).unwrap();
         let drops = Arc::new(AtomicU32::new(0));
         let guard = Drops(drops.clone());
-        let deleted = ctx.bh(move || {
-            let _keep = &guard;
-        });
+        // A node whose handle was just dropped, as a raw allocation: its one reference is the
+        // one a delete transfers to the link.
+        let deleted = NodePtr::alloc(
+            Box::new(move |_| {
+                let _keep = &guard;
+            }),
+            Flags(0),
+        );
         let plain = ctx.bh(|| {});
         let shared = ctx.inner.shared.clone();
         drop(ctx);
-        // Link `deleted` as a delete would, but without the delete's own drain: the state a
-        // delete racing with the context's drop can leave.
-        let link = deleted.flags().set_pending(Flags::DELETED);
-        shared.bhs.apply(deleted.node, link);
-        std::mem::forget(deleted); // its reference now belongs to the link
+        // Link it as a delete would, but without the delete's own drain: the state a delete
+        // racing with the context's drop can leave.
+        let link = flags(deleted).set_pending(Flags::DELETED);
+        shared.bhs.apply(deleted, link);
         plain.schedule(); // what a signal handler may do: frees nothing
         shared.notify_scheduled();
         assert_eq!(
