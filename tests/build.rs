@@ -37,8 +37,9 @@ fn uring_available() -> Result<(), String> {
 fn probe() -> Result<(), String> {
     // struct io_uring_params is 120 bytes; zeroed means "no flags, kernel picks sizes".
     let mut params = [0u8; 120];
-    // SAFETY: io_uring_setup reads and writes `params` (120 bytes, the size of struct
+    // io_uring_setup reads and writes `params` (120 bytes, the size of struct
     // io_uring_params, alive across the call) and returns a new fd or -1; nothing else is touched.
+    // SAFETY: the conditions just stated hold for this call.
     let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
     if fd < 0 {
         return Err(format!(
@@ -48,8 +49,9 @@ fn probe() -> Result<(), String> {
     }
     // Some seccomp profiles allow io_uring_setup but refuse io_uring_enter, which makes every
     // wait fail: enter the ring once, submitting and waiting for nothing.
-    // SAFETY: `fd` is the ring fd just returned; with nothing to submit or wait for and a null
+    // `fd` is the ring fd just returned; with nothing to submit or wait for and a null
     // signal mask (size 0), io_uring_enter touches no memory of ours.
+    // SAFETY: the conditions just stated hold for this call.
     let entered = unsafe {
         libc::syscall(
             libc::SYS_io_uring_enter,

@@ -808,8 +808,9 @@ impl fmt::Debug for Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        // SAFETY: pid 0 is the calling thread; the pointer and size describe `self.previous`,
+        // pid 0 is the calling thread; the pointer and size describe `self.previous`,
         // a valid `cpu_set_t` that outlives the call.
+        // SAFETY: the conditions just stated hold for this call.
         unsafe {
             libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &self.previous);
         }
@@ -826,8 +827,9 @@ static ALLOWED_CPUS: OnceLock<Option<libc::cpu_set_t>> = OnceLock::new();
 fn current_affinity() -> Option<libc::cpu_set_t> {
     // SAFETY: `cpu_set_t` is a plain bit array, for which all zeroes is a valid (empty) set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: pid 0 is the calling thread; the pointer and size describe `set`, which outlives
+    // pid 0 is the calling thread; the pointer and size describe `set`, which outlives
     // the call.
+    // SAFETY: the conditions just stated hold for this call.
     if unsafe { libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) } != 0 {
         return None;
     }
@@ -913,8 +915,8 @@ mod tests {
     /// The CPUs in the calling thread's mask.
     fn cpus_of_this_thread() -> Vec<usize> {
         let set = current_affinity().expect("sched_getaffinity failed");
-        // SAFETY: `set` is an initialized `cpu_set_t` and every `c` is below its bit count.
         (0..8 * size_of::<libc::cpu_set_t>())
+            // SAFETY: `set` is an initialized `cpu_set_t` and every `c` is below its bit count.
             .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
             .collect()
     }

@@ -65,13 +65,15 @@ fn refuse_syscall(nr: libc::c_long) {
         len: filter.len() as u16,
         filter: filter.as_mut_ptr(),
     };
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only; it is required before an
+    // PR_SET_NO_NEW_PRIVS takes integer arguments only; it is required before an
     // unprivileged process may install a seccomp filter.
+    // SAFETY: the conditions just stated hold for this call.
     let rc = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     assert_eq!(rc, 0, "no_new_privs: {}", io::Error::last_os_error());
     let mode = libc::SECCOMP_MODE_FILTER as libc::c_ulong;
-    // SAFETY: `prog` points to `filter`, a valid BPF program that lives across the call (the
+    // `prog` points to `filter`, a valid BPF program that lives across the call (the
     // kernel copies it); the filter only makes system call `nr` fail.
+    // SAFETY: the conditions just stated hold for this call.
     let rc = unsafe { libc::prctl(libc::PR_SET_SECCOMP, mode, &prog) };
     assert_eq!(rc, 0, "seccomp: {}", io::Error::last_os_error());
 }

@@ -252,8 +252,9 @@ impl AtomicFlags {
             let old = Flags(self.0.fetch_and(!Flags::PENDING.0, Ordering::AcqRel));
             debug_assert!(!old.has(Flags::ONESHOT), "a one-shot is never linked again");
             return if old.has(Flags::DELETED) {
-                // SAFETY: [BH-5]: the link of a DELETED node owned a reference, and the caller
-                // unlinked it, so that reference is ours.
+                // [BH-5]: the link of a DELETED node owned a reference, and the caller
+                // unlinked it.
+                // SAFETY: so that reference is ours to adopt.
                 Taken::Delete(unsafe { LinkRef::adopt(node) })
             } else {
                 Taken::Parked
@@ -412,9 +413,10 @@ impl LinkRef {
 
 impl Drop for LinkRef {
     fn drop(&mut self) {
-        // SAFETY: [BH-5]/[BH-7]: we own this reference (`adopt`), which came from
-        // `Arc::into_raw` (`NodePtr::alloc`) with the allocation's provenance, and whoever
-        // drops us does not use the node afterwards.
+        // [BH-5]/[BH-7]: we own this reference (`adopt`), which came from `Arc::into_raw`
+        // (`NodePtr::alloc`) with the allocation's provenance, and whoever drops us does not
+        // use the node afterwards.
+        // SAFETY: so giving the reference back to `Arc` and dropping it is the last use.
         drop(unsafe { Arc::from_raw(self.0.as_raw().cast_const()) });
     }
 }
@@ -844,9 +846,9 @@ impl Drop for Slice {
     /// and the next pass finishes it).
     fn drop(&mut self) {
         while let Some(node) = self.pop() {
-            // SAFETY: popped nodes are alive and ours (slice invariant); no callback runs any
-            // more (the loop is gone, or this is another thread's dead-context drain), so
-            // `running` is false.
+            // Popped nodes are alive and ours (slice invariant); no callback runs any more (the
+            // loop is gone, or this is another thread's dead-context drain).
+            // SAFETY: so `take`'s contract holds, with `running` false.
             let taken = unsafe { node.get().flags.take(node, false) };
             // Dropped at once: a `LinkRef` frees its node, a node to run stops being pending.
             drop(taken);
@@ -1091,9 +1093,10 @@ mod tests {
 
     /// Plays the home thread that has just unlinked `node`.
     fn take(node: NodePtr, running: bool) -> Taken {
-        // SAFETY: each test links a node only as its flags say and takes it once per link;
-        // a `LinkRef` it gets back owns the allocation's reference and frees the node when
-        // the test drops it, after its last use.
+        // Each test links a node only as its flags say and takes it once per link; a
+        // `LinkRef` it gets back owns the allocation's reference and frees the node when the
+        // test drops it, after its last use.
+        // SAFETY: so `take`'s contract holds.
         unsafe { flags(node).take(node, running) }
     }
 

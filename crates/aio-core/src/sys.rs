@@ -52,8 +52,8 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Resu
         revents: 0,
     };
     let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is one valid, writable pollfd that lives across the call, and we pass 1 as
-    // its count.
+    // `pfd` lives across the call.
+    // SAFETY: one valid, writable pollfd, and we pass 1 as its count.
     match cvt(unsafe { libc::poll(&mut pfd, 1, ms) }) {
         Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
         _ => Ok(()),

@@ -1189,9 +1189,9 @@ mod crash_report {
                 b'a' + digit - 10
             };
         }
-        // SAFETY: write(2) and raise(3) are async-signal-safe; `msg` is a live stack buffer of
-        // the given length. The handler was installed with SA_RESETHAND, so raising the signal
-        // again runs the default action (the crash the test would have had anyway).
+        // The handler was installed with SA_RESETHAND, so raising the signal again runs the
+        // default action (the crash the test would have had anyway).
+        // SAFETY: write(2) and raise(3) are async-signal-safe; `msg` is a live stack buffer.
         unsafe {
             libc::write(2, msg.as_ptr().cast(), msg.len());
             libc::raise(sig);
@@ -1202,8 +1202,9 @@ mod crash_report {
         static ONCE: Once = Once::new();
         ONCE.call_once(|| {
             for sig in [libc::SIGSEGV, libc::SIGBUS, libc::SIGABRT, libc::SIGILL] {
-                // SAFETY: a zeroed `sigaction` is a valid empty one; we fill in a handler that
-                // only calls async-signal-safe functions, and pass valid pointers.
+                // A zeroed `sigaction` is a valid empty one; we fill in a handler that only
+                // calls async-signal-safe functions.
+                // SAFETY: so the struct is valid, and every pointer passed is live.
                 unsafe {
                     let mut sa: libc::sigaction = std::mem::zeroed();
                     sa.sa_sigaction = on_fatal as extern "C" fn(libc::c_int) as usize;

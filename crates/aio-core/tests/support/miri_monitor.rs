@@ -73,8 +73,8 @@ impl MiriMonitor {
             events,
             u64: key.as_u64(),
         };
-        // SAFETY: the epoll fd is open (owned by `self`); `ev` is a live epoll_event that the
-        // call only reads; a bad `fd` is reported as an error, not undefined behaviour.
+        // The epoll fd is open (owned by `self`); a bad `fd` is an error, not UB.
+        // SAFETY: `ev` is a live epoll_event that the call only reads.
         let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) };
         if rc < 0 {
             Err(io::Error::last_os_error())
@@ -136,9 +136,10 @@ impl FdMonitor for MiriMonitor {
         self.events
             .resize(max, libc::epoll_event { events: 0, u64: 0 });
         let max = libc::c_int::try_from(max).unwrap_or(libc::c_int::MAX);
-        // SAFETY: the epoll fd is open; `events` is an initialised buffer of at least `max`
+        // the epoll fd is open; `events` is an initialised buffer of at least `max`
         // entries that nothing else borrows during the call, and the kernel (or Miri) writes at
         // most `max` of them.
+        // SAFETY: the conditions just stated hold for this call.
         let n = unsafe {
             libc::epoll_wait(
                 self.epoll.as_raw_fd(),

@@ -488,8 +488,9 @@ fn passed_listener(fd: RawFd) -> io::Result<Listener> {
     // SAFETY: sockaddr_storage is plain data; all zeros is a valid value.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut addr_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: every pointer points to a live local of the size passed with it, for the
+    // every pointer points to a live local of the size passed with it, for the
     // duration of the calls; the fd is open (checked above).
+    // SAFETY: the conditions just stated hold for this call.
     let ok = unsafe {
         libc::getsockopt(
             fd,
@@ -515,8 +516,9 @@ fn passed_listener(fd: RawFd) -> io::Result<Listener> {
             "not a listening stream socket (systemd's Accept=yes is not supported)",
         ));
     }
-    // SAFETY: LISTEN_FDS hands fds 3 and up to this process, and nothing else in it owns them:
+    // LISTEN_FDS hands fds 3 and up to this process, and nothing else in it owns them:
     // this is the only place that takes them, once each.
+    // SAFETY: the conditions just stated hold for this call.
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
     match libc::c_int::from(addr.ss_family) {
         libc::AF_INET | libc::AF_INET6 => Ok(Listener::Tcp(TcpListener::from(owned))),
