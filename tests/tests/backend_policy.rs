@@ -1,7 +1,7 @@
 //! The facade's backend policy (`aio::AutoMonitor`): the choice at creation, the `AIO_BACKEND`
 //! override, the move from poll to epoll at 64 fds, and the fall back from epoll to poll when
 //! epoll refuses an fd, with no handler lost and every handler still dispatched exactly once
-//! per event.
+//! per event; and the `AIO_POLL_MAX_NS` override of the builder's polling parameters.
 #![cfg(target_os = "linux")]
 
 use aio::{AioContext, Backend, Builder, EventNotifier, FdHandler};
@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A registered event notifier whose handler counts its dispatches.
 struct Counted {
@@ -220,4 +221,57 @@ fn an_unknown_env_value_is_ignored() {
         assert_eq!(b.requested_backend(), Backend::Epoll);
         assert_eq!(b.build().unwrap().backend(), "epoll");
     });
+}
+
+#[test]
+fn poll_max_ns_env_overrides_the_builder_polling_maximum() {
+    aio_tests::in_child(
+        "poll_max_ns_env_overrides_the_builder_polling_maximum",
+        &[(aio::POLL_MAX_NS_ENV, Some("32768"))],
+        || {
+            let asked = aio::PollParams::new(Duration::from_micros(5))
+                .grow(4)
+                .policy(aio::PollPolicy::Weighted { weight: 3 });
+            let ctx = Builder::new().poll_params(asked).build().unwrap();
+            let got = ctx.poll_params();
+            assert_eq!(got.max(), Duration::from_nanos(32_768));
+            assert_eq!(got.get_grow(), 4, "the rest is kept");
+            assert_eq!(got.get_policy(), aio::PollPolicy::Weighted { weight: 3 });
+            // ...unless the builder says to ignore it.
+            let ctx = Builder::new()
+                .poll_params(asked)
+                .ignore_env()
+                .build()
+                .unwrap();
+            assert_eq!(ctx.poll_params(), asked);
+            // Without a builder setting, the variable alone turns polling on.
+            assert!(!Builder::new().build().unwrap().poll_params().is_disabled());
+        },
+    );
+}
+
+#[test]
+fn an_invalid_poll_max_ns_env_value_is_ignored() {
+    aio_tests::in_child(
+        "an_invalid_poll_max_ns_env_value_is_ignored",
+        &[(aio::POLL_MAX_NS_ENV, Some("lots"))],
+        || {
+            let ctx = Builder::new().build().unwrap();
+            assert!(
+                ctx.poll_params().is_disabled(),
+                "an invalid value is ignored"
+            );
+        },
+    );
+}
+
+#[test]
+fn invalid_builder_poll_params_are_refused() {
+    let huge = aio::PollParams::new(Duration::from_nanos(aio::MAX_POLL_NS + 1));
+    let err = Builder::new()
+        .poll_params(huge)
+        .ignore_env()
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
 }
