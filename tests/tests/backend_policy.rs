@@ -275,3 +275,74 @@ fn invalid_builder_poll_params_are_refused() {
         .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
 }
+
+/// Issue 11: polling mode survives the move from poll to epoll. A handler in polling mode when
+/// the 64th fd moves the context to epoll gets `on_poll_end` before the next sleep and
+/// `on_poll_begin` when polling resumes, strictly alternating, and is still dispatched both by
+/// polling and by its fd afterwards.
+#[test]
+fn poll_mode_callbacks_pair_across_the_epoll_upgrade() {
+    let ctx = context(Backend::PollThenEpoll);
+    ctx.set_poll_params(aio::PollParams::new(Duration::from_secs(1)))
+        .unwrap();
+    let e = Arc::new(EventNotifier::new().unwrap());
+    e.set().unwrap();
+    let counter = || Rc::new(Cell::new(0u32));
+    let (reads, readies, begins, ends) = (counter(), counter(), counter(), counter());
+    let work = Rc::new(Cell::new(false));
+    let (r, rd, w) = (reads.clone(), readies.clone(), work.clone());
+    let (b1, e1, b2, e2) = (begins.clone(), ends.clone(), begins.clone(), ends.clone());
+    let notifier = e.clone();
+    let _polled = ctx
+        .fd_handler(&*e)
+        .on_read(move |_| {
+            assert!(notifier.test_and_clear(), "spurious read");
+            r.set(r.get() + 1);
+        })
+        .on_poll(move || w.get())
+        .on_poll_ready(move |_| rd.set(rd.get() + 1))
+        .on_poll_begin(move || {
+            assert_eq!(b1.get(), e1.get(), "on_poll_begin twice in a row");
+            b1.set(b1.get() + 1);
+        })
+        .on_poll_end(move || {
+            assert_eq!(b2.get(), e2.get() + 1, "on_poll_end without on_poll_begin");
+            e2.set(e2.get() + 1);
+        })
+        .register()
+        .unwrap();
+    assert!(
+        ctx.poll_nonblocking(),
+        "dispatched by its fd: joins the poll set"
+    );
+    work.set(true);
+    assert!(ctx.poll(), "found by polling");
+    assert_eq!(
+        (reads.get(), readies.get(), begins.get(), ends.get()),
+        (1, 1, 1, 0)
+    );
+    assert_eq!(ctx.backend(), "poll");
+
+    // The context's notifier and the polled handler are two fds; 62 more make 64.
+    let all: Vec<Counted> = (0..62).map(|_| counted(&ctx)).collect();
+    assert_eq!(ctx.backend(), "epoll", "upgraded while in polling mode");
+    work.set(false);
+    all[7].notifier.set().unwrap();
+    assert!(
+        ctx.poll(),
+        "polling finds nothing, then the wait finds the fd"
+    );
+    assert_eq!(all[7].hits.get(), 1);
+    assert_eq!(
+        (begins.get(), ends.get()),
+        (1, 1),
+        "left polling mode before sleeping"
+    );
+    work.set(true);
+    assert!(ctx.poll());
+    assert_eq!((readies.get(), begins.get(), ends.get()), (2, 2, 1));
+    work.set(false);
+    e.set().unwrap();
+    assert!(ctx.poll());
+    assert_eq!(reads.get(), 2, "still dispatched by its fd on epoll");
+}
