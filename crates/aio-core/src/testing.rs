@@ -2931,6 +2931,41 @@ pub fn poll_remote_schedule_seen_while_polling(make: MakeContext) {
     assert!(!wd.fired(), "a blocking poll hung");
 }
 
+/// An outer loop driving a context that an earlier `poll` left in polling mode: `prepare`
+/// leaves it (`on_poll_end`, then one more poll) before the outer loop may sleep, and what
+/// that poll finds is dispatched by `dispatch` through the poll-ready callback.
+pub fn poll_outer_loop_leaves_polling_mode(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let wd = Watchdog::new(ctx.handle());
+    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
+        .unwrap();
+    let h = Polled::register(&ctx, true);
+    assert!(ctx.poll_nonblocking());
+    flush(&ctx);
+    h.work.set(true);
+    assert!(ctx.poll(), "found by polling");
+    assert_eq!((h.readies.get(), h.begins.get(), h.ends.get()), (1, 1, 0));
+    assert_eq!(
+        ctx.prepare(),
+        Some(Duration::ZERO),
+        "the last poll found work"
+    );
+    assert_eq!((h.begins.get(), h.ends.get()), (1, 1));
+    assert!(ctx.check());
+    assert!(ctx.dispatch());
+    assert_eq!((h.reads.get(), h.readies.get()), (1, 2));
+    h.work.set(false);
+    ctx.prepare();
+    assert!(!ctx.check(), "nothing left");
+    assert!(!ctx.dispatch());
+    assert_eq!(
+        (h.begins.get(), h.ends.get()),
+        (1, 1),
+        "an outer loop never busy-polls"
+    );
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
 /// Generates one `#[test]` per conformance case, each calling the case with `$make`.
 ///
 /// Attributes written after `$make` are put on every generated test. A backend that the
@@ -3300,6 +3335,11 @@ macro_rules! conformance_tests {
         $(#[$meta])*
         fn poll_remote_schedule_seen_while_polling() {
             $crate::testing::poll_remote_schedule_seen_while_polling($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn poll_outer_loop_leaves_polling_mode() {
+            $crate::testing::poll_outer_loop_leaves_polling_mode($make)
         }
     };
 }
