@@ -1,7 +1,7 @@
 //! The facade's backend policy (`aio::AutoMonitor`): the choice at creation, the `AIO_BACKEND`
 //! override, the move from poll to epoll at 64 fds, and the fall back from epoll to poll when
 //! epoll refuses an fd, with no handler lost and every handler still dispatched exactly once
-//! per event.
+//! per event; and the `AIO_POLL_MAX_NS` override of the builder's polling parameters.
 #![cfg(target_os = "linux")]
 
 use aio::{AioContext, Backend, Builder, EventNotifier, FdHandler};
@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A registered event notifier whose handler counts its dispatches.
 struct Counted {
@@ -220,4 +221,128 @@ fn an_unknown_env_value_is_ignored() {
         assert_eq!(b.requested_backend(), Backend::Epoll);
         assert_eq!(b.build().unwrap().backend(), "epoll");
     });
+}
+
+#[test]
+fn poll_max_ns_env_overrides_the_builder_polling_maximum() {
+    aio_tests::in_child(
+        "poll_max_ns_env_overrides_the_builder_polling_maximum",
+        &[(aio::POLL_MAX_NS_ENV, Some("32768"))],
+        || {
+            let asked = aio::PollParams::new(Duration::from_micros(5))
+                .grow(4)
+                .policy(aio::PollPolicy::Weighted { weight: 3 });
+            let ctx = Builder::new().poll_params(asked).build().unwrap();
+            let got = ctx.poll_params();
+            assert_eq!(got.max(), Duration::from_nanos(32_768));
+            assert_eq!(got.get_grow(), 4, "the rest is kept");
+            assert_eq!(got.get_policy(), aio::PollPolicy::Weighted { weight: 3 });
+            // ...unless the builder says to ignore it.
+            let ctx = Builder::new()
+                .poll_params(asked)
+                .ignore_env()
+                .build()
+                .unwrap();
+            assert_eq!(ctx.poll_params(), asked);
+            // Without a builder setting, the variable alone turns polling on.
+            assert!(!Builder::new().build().unwrap().poll_params().is_disabled());
+        },
+    );
+}
+
+#[test]
+fn an_invalid_poll_max_ns_env_value_is_ignored() {
+    aio_tests::in_child(
+        "an_invalid_poll_max_ns_env_value_is_ignored",
+        &[(aio::POLL_MAX_NS_ENV, Some("lots"))],
+        || {
+            let ctx = Builder::new().build().unwrap();
+            assert!(
+                ctx.poll_params().is_disabled(),
+                "an invalid value is ignored"
+            );
+        },
+    );
+}
+
+#[test]
+fn invalid_builder_poll_params_are_refused() {
+    let huge = aio::PollParams::new(Duration::from_nanos(aio::MAX_POLL_NS + 1));
+    let err = Builder::new()
+        .poll_params(huge)
+        .ignore_env()
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+}
+
+/// Issue 11: polling mode survives the move from poll to epoll. A handler in polling mode when
+/// the 64th fd moves the context to epoll gets `on_poll_end` before the next sleep and
+/// `on_poll_begin` when polling resumes, strictly alternating, and is still dispatched both by
+/// polling and by its fd afterwards.
+#[test]
+fn poll_mode_callbacks_pair_across_the_epoll_upgrade() {
+    let ctx = context(Backend::PollThenEpoll);
+    ctx.set_poll_params(aio::PollParams::new(Duration::from_secs(1)))
+        .unwrap();
+    let e = Arc::new(EventNotifier::new().unwrap());
+    e.set().unwrap();
+    let counter = || Rc::new(Cell::new(0u32));
+    let (reads, readies, begins, ends) = (counter(), counter(), counter(), counter());
+    let work = Rc::new(Cell::new(false));
+    let (r, rd, w) = (reads.clone(), readies.clone(), work.clone());
+    let (b1, e1, b2, e2) = (begins.clone(), ends.clone(), begins.clone(), ends.clone());
+    let notifier = e.clone();
+    let _polled = ctx
+        .fd_handler(&*e)
+        .on_read(move |_| {
+            assert!(notifier.test_and_clear(), "spurious read");
+            r.set(r.get() + 1);
+        })
+        .on_poll(move || w.get())
+        .on_poll_ready(move |_| rd.set(rd.get() + 1))
+        .on_poll_begin(move || {
+            assert_eq!(b1.get(), e1.get(), "on_poll_begin twice in a row");
+            b1.set(b1.get() + 1);
+        })
+        .on_poll_end(move || {
+            assert_eq!(b2.get(), e2.get() + 1, "on_poll_end without on_poll_begin");
+            e2.set(e2.get() + 1);
+        })
+        .register()
+        .unwrap();
+    assert!(
+        ctx.poll_nonblocking(),
+        "dispatched by its fd: joins the poll set"
+    );
+    work.set(true);
+    assert!(ctx.poll(), "found by polling");
+    assert_eq!(
+        (reads.get(), readies.get(), begins.get(), ends.get()),
+        (1, 1, 1, 0)
+    );
+    assert_eq!(ctx.backend(), "poll");
+
+    // The context's notifier and the polled handler are two fds; 62 more make 64.
+    let all: Vec<Counted> = (0..62).map(|_| counted(&ctx)).collect();
+    assert_eq!(ctx.backend(), "epoll", "upgraded while in polling mode");
+    work.set(false);
+    all[7].notifier.set().unwrap();
+    assert!(
+        ctx.poll(),
+        "polling finds nothing, then the wait finds the fd"
+    );
+    assert_eq!(all[7].hits.get(), 1);
+    assert_eq!(
+        (begins.get(), ends.get()),
+        (1, 1),
+        "left polling mode before sleeping"
+    );
+    work.set(true);
+    assert!(ctx.poll());
+    assert_eq!((readies.get(), begins.get(), ends.get()), (2, 2, 1));
+    work.set(false);
+    e.set().unwrap();
+    assert!(ctx.poll());
+    assert_eq!(reads.get(), 2, "still dispatched by its fd on epoll");
 }

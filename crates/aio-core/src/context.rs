@@ -31,6 +31,15 @@
 //! memory model, which is weaker than the Linux kernel's that QEMU reasons in, a plain-store
 //! accept can erase a notification without synchronizing with its notifier; the RMWs make the
 //! accept synchronize with every notification it consumes. See `Shared::notify`.
+//!
+//! # Adaptive polling (spec §4.3)
+//!
+//! Home-thread state in `Polling`: the poll set (handlers that joined when dispatched by fd
+//! readiness), whether the loop is in polling mode, the parameters in force. Other threads set
+//! parameters through `Shared::poll_params` (one packed word and a generation) and notify; the
+//! next iteration applies them. Busy polling happens before `notify_me` is raised, so a notify
+//! during it costs no eventfd write: the polling loop reads `notified` as the context
+//! notifier's poll function. The window arithmetic lives in `polling.rs`.
 
 use crate::bh::{self, BhTimeout, BottomHalf, IDLE_BH_TIMEOUT, PendingBhs, RunningBh, Slice};
 use crate::event_notifier::EventNotifier;
@@ -38,6 +47,7 @@ use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, 
 use crate::handler::{
     HandlerBuilder, HandlerNode, NodeKind, NodeParts, PollCallbacks, Registry, raw_fd_of,
 };
+use crate::polling::{self, IDLE_INTERVAL, PollParams, PollPolicy, SharedParams, Window};
 use crate::sync::{
     Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, signal_fence, thread_id, thread_local,
     timer_notify,
@@ -50,7 +60,7 @@ use std::fmt;
 use std::io;
 use std::os::fd::AsFd;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use timers::{ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup};
 
 /// `notify_me` bit 0: an outer loop is between [`AioContext::prepare`] and
@@ -102,6 +112,8 @@ pub(crate) struct Shared {
     /// How many times `notify` wrote the eventfd (a system call). Only counted on the write
     /// path, which already costs a system call, so counting is free where it matters.
     event_writes: AtomicU64,
+    /// The adaptive-polling parameters, settable from any thread.
+    poll_params: SharedParams,
 }
 
 impl Shared {
@@ -292,7 +304,7 @@ pub(crate) struct Inner {
     slices: RefCell<VecDeque<Slice>>,
     /// Spare ready lists, so that polls (nested ones too) allocate nothing in steady state.
     spare_ready: RefCell<Vec<ReadyList>>,
-    /// Id of the latest wait; see `HandlerNode::epoch`.
+    /// Id of the latest iteration (or outer-loop dispatch); see `HandlerNode::epoch`.
     epoch: Cell<u64>,
     /// How many `disable_external` calls are in force.
     external_disabled: Cell<u32>,
@@ -311,6 +323,54 @@ pub(crate) struct Inner {
     /// How many backend waits in a row have failed (0 after a successful one): sets the
     /// back-off and keeps the log quiet.
     failed_waits: Cell<u32>,
+    /// Adaptive polling, home-thread side.
+    polling: Polling,
+    /// How many iterations of this context are on the stack (1 in an outermost one).
+    depth: Cell<u32>,
+}
+
+/// The home thread's adaptive-polling state (spec §4.3).
+#[derive(Default)]
+struct Polling {
+    /// The parameters in force, and the generation of `Shared::poll_params` they came from.
+    params: Cell<PollParams>,
+    generation: Cell<u64>,
+    /// The handlers that polling looks at (QEMU `poll_aio_handlers`): each joined when it was
+    /// dispatched by fd readiness; removed ones are taken out at once.
+    set: RefCell<Vec<Rc<HandlerNode>>>,
+    /// Whether the loop is in polling mode: `on_poll_begin` was called on the members and
+    /// `on_poll_end` not yet (QEMU `poll_started`).
+    started: Cell<bool>,
+    /// The context's window under [`PollPolicy::Weighted`], in ns.
+    weighted_ns: Cell<u64>,
+    /// Poll hits found while an outer loop's `prepare` left polling mode, for its `dispatch`.
+    outer_hits: RefCell<Vec<Rc<HandlerNode>>>,
+    /// Spare hit lists, so that iterations allocate nothing in steady state.
+    spare_hits: RefCell<Vec<Vec<Rc<HandlerNode>>>>,
+    /// Scratch for the weighted adjustment.
+    scratch: RefCell<Vec<Window>>,
+    /// Statistics.
+    time_ns: Cell<u64>,
+    hits: Cell<u64>,
+    misses: Cell<u64>,
+}
+
+/// Decrements the iteration depth when an iteration ends, unwinding included.
+struct DepthGuard<'a>(&'a Cell<u32>);
+
+impl<'a> DepthGuard<'a> {
+    /// Enters an iteration; returns the guard and whether the iteration is nested.
+    fn enter(depth: &'a Cell<u32>) -> (DepthGuard<'a>, bool) {
+        let d = depth.get();
+        depth.set(d + 1);
+        (DepthGuard(depth), d > 0)
+    }
+}
+
+impl Drop for DepthGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
 }
 
 impl Inner {
@@ -394,6 +454,13 @@ impl Inner {
         let Some(node) = removed else {
             return;
         };
+        if node.in_poll_set.replace(false) {
+            // Drops a clone only: `node` keeps the last reference until the end.
+            self.polling
+                .set
+                .borrow_mut()
+                .retain(|n| !Rc::ptr_eq(n, &node));
+        }
         if node.in_monitor.replace(false) {
             let change = Change::Remove { key, fd: node.fd };
             let result = self.monitor.borrow_mut().update(change);
@@ -480,6 +547,285 @@ impl Inner {
     fn external_disabled(&self) -> bool {
         self.external_disabled.get() > 0
     }
+
+    /// Applies parameters set since the last iteration: every window goes back to 0 (QEMU
+    /// `aio_context_set_poll_params`).
+    fn refresh_poll_params(&self) -> PollParams {
+        let polling = &self.polling;
+        let generation = self.shared.poll_params.generation();
+        if generation != polling.generation.get() {
+            polling.generation.set(generation);
+            let params = self.shared.poll_params.get();
+            polling.params.set(params);
+            polling.weighted_ns.set(0);
+            for node in polling.set.borrow().iter() {
+                node.window.set(Window::default());
+            }
+            tracing::debug!(?params, "aio: polling parameters changed; windows reset");
+        }
+        polling.params.get()
+    }
+
+    /// How long the next blocking iteration may poll: the largest window of the poll set
+    /// (Qemu10) or the context's window (Weighted); 0 when polling is disabled.
+    fn poll_window_ns(&self, params: &PollParams) -> u64 {
+        if params.is_disabled() {
+            return 0;
+        }
+        match params.get_policy() {
+            PollPolicy::Weighted { .. } => self.polling.weighted_ns.get(),
+            _ => self
+                .polling
+                .set
+                .borrow()
+                .iter()
+                .map(|n| n.window.get().ns)
+                .max()
+                .unwrap_or(0),
+        }
+    }
+
+    /// The member at `i` of the poll set, cloned so that no borrow is held while user code
+    /// (which may add or remove handlers) runs.
+    fn poll_member(&self, i: usize) -> Option<Rc<HandlerNode>> {
+        self.polling.set.borrow().get(i).cloned()
+    }
+
+    /// Calls `node`'s poll function, or for the context's notifier reads `notified`. `None`
+    /// when the node is not polled now (removed, paused, external and disabled, or its poll
+    /// function is already running).
+    fn poll_node(&self, node: &HandlerNode) -> Option<bool> {
+        if node.deleted.get() || node.poll_paused.get() {
+            return None;
+        }
+        match node.kind {
+            // Relaxed: a hint; `accept` (an acquire RMW) synchronizes before BHs run.
+            NodeKind::Notifier => Some(self.shared.notified.load(Ordering::Relaxed)),
+            NodeKind::User if node.external && self.external_disabled() => None,
+            NodeKind::User => node.call_poll(),
+        }
+    }
+
+    /// One pass over the poll set (QEMU `run_poll_handlers_once`). Pushes the members that
+    /// have work to `hits`; returns how many user members were polled.
+    fn poll_round(&self, now: Instant, hits: &mut Vec<Rc<HandlerNode>>) -> usize {
+        let mut polled = 0;
+        let mut i = 0;
+        while let Some(node) = self.poll_member(i) {
+            i += 1;
+            let Some(found) = self.poll_node(&node) else {
+                continue;
+            };
+            if node.kind == NodeKind::User {
+                polled += 1;
+            }
+            if found {
+                node.idle_deadline.set(Some(now + IDLE_INTERVAL));
+                if !hits.iter().any(|h| Rc::ptr_eq(h, &node)) {
+                    hits.push(node);
+                }
+            }
+        }
+        polled
+    }
+
+    /// Enters polling mode: `on_poll_begin` on every member (QEMU `poll_set_started(true)`).
+    fn enter_poll_mode(&self) {
+        if self.polling.started.replace(true) {
+            return;
+        }
+        let mut i = 0;
+        while let Some(node) = self.poll_member(i) {
+            i += 1;
+            if !node.deleted.get() {
+                node.call_poll_mode(true);
+            }
+        }
+    }
+
+    /// Leaves polling mode before a wait that may sleep: `on_poll_end` on every member, then
+    /// one more poll of each, so that work which arrived while kicks were suppressed is not
+    /// slept through (QEMU `poll_set_started(false)`). Pushes what it finds to `hits` and
+    /// returns whether it found anything.
+    fn leave_poll_mode(&self, hits: &mut Vec<Rc<HandlerNode>>) -> bool {
+        if !self.polling.started.replace(false) {
+            return false;
+        }
+        let mut found = false;
+        let mut i = 0;
+        while let Some(node) = self.poll_member(i) {
+            i += 1;
+            if node.deleted.get() || node.poll_paused.get() {
+                continue;
+            }
+            node.call_poll_mode(false);
+            if self.poll_node(&node) == Some(true) {
+                found = true;
+                if !hits.iter().any(|h| Rc::ptr_eq(h, &node)) {
+                    hits.push(node);
+                }
+            }
+        }
+        found
+    }
+
+    /// Busy-polls for up to the polling window, before a blocking wait (QEMU `try_poll_mode`
+    /// and `run_poll_handlers`). Leaves early when a member has work or the backend has
+    /// something to reap (`need_wait`). On a hit the timeout becomes zero; otherwise the time
+    /// spent is taken off it, keeping the same deadline. Returns how many user members the last
+    /// round polled.
+    fn try_poll_mode(
+        &self,
+        params: &PollParams,
+        timeout: &mut Option<Duration>,
+        hits: &mut Vec<Rc<HandlerNode>>,
+    ) -> usize {
+        let window = Duration::from_nanos(self.poll_window_ns(params));
+        let window = timeout.map_or(window, |t| t.min(window));
+        if window.is_zero() || self.monitor.borrow().need_wait(false) {
+            return 0;
+        }
+        self.enter_poll_mode();
+        let start = Instant::now();
+        let (polled, elapsed) = loop {
+            let polled = self.poll_round(Instant::now(), hits);
+            let elapsed = start.elapsed();
+            if !hits.is_empty() || elapsed >= window || self.monitor.borrow().need_wait(false) {
+                break (polled, elapsed);
+            }
+        };
+        self.remove_idle_members(start + elapsed, hits);
+        let polling = &self.polling;
+        polling
+            .time_ns
+            .set(polling.time_ns.get() + elapsed.as_nanos() as u64);
+        if hits.is_empty() {
+            polling.misses.set(polling.misses.get() + 1);
+            *timeout = timeout.map(|t| t.saturating_sub(elapsed));
+        } else {
+            polling.hits.set(polling.hits.get() + 1);
+            *timeout = Some(Duration::ZERO);
+        }
+        polled
+    }
+
+    /// Takes out of the poll set the members that polling has not found ready for
+    /// [`IDLE_INTERVAL`] (QEMU `remove_idle_poll_handlers`). Such a handler is still watched
+    /// by the backend, and every zero-timeout iteration then waits for it, so leaving is safe
+    /// on every backend. In polling mode it gets `on_poll_end` and one last poll.
+    fn remove_idle_members(&self, now: Instant, hits: &mut Vec<Rc<HandlerNode>>) {
+        let mut idle = Vec::new();
+        for node in self.polling.set.borrow().iter() {
+            match node.idle_deadline.get() {
+                None => node.idle_deadline.set(Some(now + IDLE_INTERVAL)),
+                Some(deadline) if now >= deadline && !node.poll_paused.get() => {
+                    idle.push(node.clone());
+                }
+                Some(_) => {}
+            }
+        }
+        if idle.is_empty() {
+            return;
+        }
+        self.polling
+            .set
+            .borrow_mut()
+            .retain(|n| !idle.iter().any(|i| Rc::ptr_eq(i, n)));
+        for node in idle {
+            node.in_poll_set.set(false);
+            node.idle_deadline.set(None);
+            node.window.set(Window::default());
+            tracing::debug!(
+                fd = node.fd,
+                "aio: handler idle for 7 s leaves the poll set"
+            );
+            if self.polling.started.get() && !node.deleted.get() {
+                node.call_poll_mode(false);
+                if self.poll_node(&node) == Some(true) && !hits.iter().any(|h| Rc::ptr_eq(h, &node))
+                {
+                    hits.push(node);
+                }
+            }
+        }
+    }
+
+    /// A handler dispatched because its fd was ready joins the poll set, if it can be polled
+    /// ("activity is likely to continue").
+    fn join_poll_set(&self, node: &Rc<HandlerNode>) {
+        if node.deleted.get() || node.in_poll_set.get() || !node.can_poll() {
+            return;
+        }
+        node.in_poll_set.set(true);
+        node.idle_deadline.set(None);
+        self.polling.set.borrow_mut().push(node.clone());
+        tracing::debug!(fd = node.fd, "aio: handler joins the poll set");
+        if self.polling.started.get() {
+            node.call_poll_mode(true);
+        }
+    }
+
+    /// After dispatching a member: adjusts its window from the iteration's block time
+    /// (Qemu10), or marks that it had an event (Weighted).
+    fn note_dispatched(&self, node: &HandlerNode, block_ns: Option<u64>) {
+        let Some(block_ns) = block_ns else { return };
+        if !node.in_poll_set.get() {
+            return;
+        }
+        let params = self.polling.params.get();
+        let mut w = node.window.get();
+        match params.get_policy() {
+            PollPolicy::Weighted { .. } => w.has_event = true,
+            _ => {
+                if let Some((old, new)) = polling::adjust_qemu10(&params, &mut w.ns, block_ns) {
+                    tracing::debug!(
+                        fd = node.fd,
+                        old,
+                        new,
+                        block_ns,
+                        "aio: poll window adjusted"
+                    );
+                }
+            }
+        }
+        node.window.set(w);
+    }
+
+    /// Weighted: updates every member's estimate and the context window once per iteration.
+    fn adjust_weighted(&self, block_ns: Option<u64>) {
+        let Some(block_ns) = block_ns else { return };
+        let params = self.polling.params.get();
+        if !matches!(params.get_policy(), PollPolicy::Weighted { .. }) {
+            return;
+        }
+        let set = self.polling.set.borrow();
+        let mut scratch = self.polling.scratch.borrow_mut();
+        scratch.clear();
+        scratch.extend(set.iter().map(|n| n.window.get()));
+        let mut ctx_ns = self.polling.weighted_ns.get();
+        if let Some((old, new)) =
+            polling::adjust_weighted(&params, &mut ctx_ns, scratch.iter_mut(), block_ns)
+        {
+            tracing::debug!(old, new, block_ns, "aio: weighted poll window adjusted");
+        }
+        self.polling.weighted_ns.set(ctx_ns);
+        for (node, w) in set.iter().zip(scratch.iter()) {
+            node.window.set(*w);
+        }
+    }
+
+    fn take_hits(&self) -> Vec<Rc<HandlerNode>> {
+        self.polling
+            .spare_hits
+            .borrow_mut()
+            .pop()
+            .unwrap_or_default()
+    }
+
+    fn recycle_hits(&self, mut hits: Vec<Rc<HandlerNode>>) {
+        // Clear with no borrow held: this may drop the last reference to a removed node.
+        hits.clear();
+        self.polling.spare_hits.borrow_mut().push(hits);
+    }
 }
 
 impl Drop for Inner {
@@ -493,6 +839,8 @@ impl Drop for Inner {
         drop(self.shared.bhs.close_local());
         drop(self.shared.bhs.take_remote());
         self.registry.get_mut().clear();
+        self.polling.set.get_mut().clear();
+        self.polling.outer_hits.get_mut().clear();
         // Last, in reverse order of creation: a later singleton may depend on an earlier one.
         while let Some(local) = self.locals.get_mut().pop() {
             drop(local);
@@ -635,6 +983,7 @@ impl AioContext {
             #[cfg(aio_loom)]
             variant,
             event_writes: AtomicU64::new(0),
+            poll_params: SharedParams::new(),
         });
         // Arming a timer that becomes the earliest of its clock wakes the loop, like a BH
         // schedule (and, like it, for free on the home thread outside a blocking wait). No
@@ -659,6 +1008,8 @@ impl AioContext {
                 wait_errors: Cell::new(0),
                 event_drains: Cell::new(0),
                 failed_waits: Cell::new(0),
+                polling: Polling::default(),
+                depth: Cell::new(0),
             }),
         };
         // The context's own notifier is an ordinary handler whose read callback drains the
@@ -712,7 +1063,82 @@ impl AioContext {
             wait_errors: inner.wait_errors.get(),
             event_writes: inner.shared.event_writes.load(Ordering::Relaxed),
             event_drains: inner.event_drains.get(),
+            poll_time: Duration::from_nanos(inner.polling.time_ns.get()),
+            poll_hits: inner.polling.hits.get(),
+            poll_misses: inner.polling.misses.get(),
         }
+    }
+
+    /// Sets the adaptive-polling parameters (QEMU `aio_context_set_poll_params`); the same as
+    /// [`ContextHandle::set_poll_params`], which other threads use.
+    ///
+    /// Polling is off by default (a maximum of 0). With a maximum, each outermost blocking
+    /// iteration first calls the poll functions of the handlers in the poll set, over and over,
+    /// for up to the polling window, and sleeps in the backend only if they found nothing:
+    ///
+    /// * A handler joins the poll set the first time its fd is dispatched, if it has
+    ///   [`on_poll`](HandlerBuilder::on_poll) and [`on_poll_ready`](HandlerBuilder::on_poll_ready);
+    ///   so does the context's own notifier, whose poll function reads the notify flag: a BH
+    ///   scheduled from another thread while the loop polls is seen without an eventfd write.
+    ///   A handler that polling has not found ready for 7 s leaves the set.
+    /// * Each member has its own window, adapted after each iteration that dispatched it from
+    ///   the iteration's block time ([`PollPolicy`]); the context polls for the largest, or at
+    ///   most until its next timer or idle BH. A window that decayed to 0 means a plain
+    ///   blocking wait, with no wake-up at all.
+    /// * Polling stops at the first round that finds work, or when the backend says it must
+    ///   wait ([`FdMonitor::need_wait`]: io_uring has completions). Handlers without a poll
+    ///   function are never starved: after a polling phase that found nothing the loop waits
+    ///   for every fd, and after one that found work it still checks every fd without blocking
+    ///   unless polling covered every handler.
+    /// * Before a wait that may sleep, the loop leaves polling mode: `on_poll_end` on each
+    ///   member, then one more call of its poll function (work that arrived while kicks were
+    ///   suppressed), whose finds are dispatched. This is the only time a nested iteration
+    ///   calls a poll function; it never busy-polls, and a handler whose poll-ready callback
+    ///   is running is skipped.
+    /// * [`poll_nonblocking`](Self::poll_nonblocking) never busy-polls.
+    ///
+    /// The change applies from the next iteration: every window restarts from 0, and the loop
+    /// is notified, so a sleeping `poll` returns (without progress).
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use aio_core::{PollParams, PollPolicy};
+    /// use std::time::Duration;
+    ///
+    /// // QEMU's IOThread defaults: up to 32 µs, grow ×2, reset on a long block.
+    /// ctx.set_poll_params(PollParams::new(Duration::from_nanos(32_768)))?;
+    /// // The 2026 weighted policy, from another thread.
+    /// let remote = ctx.handle();
+    /// std::thread::spawn(move || {
+    ///     let p = PollParams::new(Duration::from_micros(50))
+    ///         .policy(PollPolicy::Weighted { weight: 2 });
+    ///     remote.set_poll_params(p).unwrap();
+    /// })
+    /// .join()
+    /// .unwrap();
+    /// assert_eq!(ctx.poll_params().max(), Duration::from_micros(50));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` from [`PollParams::validate`]; nothing changes then.
+    pub fn set_poll_params(&self, params: PollParams) -> io::Result<()> {
+        set_poll_params(&self.inner.shared, params)
+    }
+
+    /// The adaptive-polling parameters last set.
+    pub fn poll_params(&self) -> PollParams {
+        self.inner.shared.poll_params.get()
+    }
+
+    /// How long the next blocking iteration would poll before sleeping, before its timeout
+    /// caps it: the largest window of the poll set (or the weighted window), zero when polling
+    /// is disabled, the poll set is empty or the windows decayed. Parameters set since the last
+    /// iteration apply only from the next one.
+    pub fn poll_window(&self) -> Duration {
+        let inner = &*self.inner;
+        Duration::from_nanos(inner.poll_window_ns(&inner.polling.params.get()))
     }
 
     /// The context's single value of type `T`, created by `init` on first use: per-context
@@ -877,7 +1303,14 @@ impl AioContext {
     fn run_iteration(&self, blocking: bool, on_error: OnWaitError) -> io::Result<bool> {
         let inner = &*self.inner;
         let _current = CurrentGuard::enter(Rc::as_ptr(&self.inner));
+        let (_depth, nested) = DepthGuard::enter(&inner.depth);
         let shared = &*inner.shared;
+        let params = inner.refresh_poll_params();
+        // The block time that adapts the polling windows runs from here to the end of the
+        // wait, polling included (QEMU measures it only while polling is enabled).
+        let start = (!params.is_disabled()).then(Instant::now);
+        let epoch = inner.epoch.get() + 1;
+        inner.epoch.set(epoch);
 
         if blocking {
             shared.set_window(true);
@@ -887,24 +1320,38 @@ impl AioContext {
         } else {
             Some(Duration::ZERO)
         };
+        // Busy-poll before sleeping, in outermost blocking iterations only: a non-blocking
+        // iteration never polls (its timeout is zero), and a nested one never does either, so
+        // that a poll-ready callback that polls the context again cannot recurse (QEMU's
+        // test-nested-aio-poll).
+        let mut hits = inner.take_hits();
+        let mut polled = 0;
+        if !nested && timeout != Some(Duration::ZERO) && !params.is_disabled() {
+            polled = inner.try_poll_mode(&params, &mut timeout, &mut hits);
+        }
         let use_notify_me = timeout != Some(Duration::ZERO);
         if use_notify_me && shared.begin_blocking(NOTIFY_ME_POLL) {
             timeout = Some(Duration::ZERO);
         }
+        // About to sleep: leave polling mode first, so that producers kick again, and look
+        // once more for work that arrived meanwhile (QEMU `poll_set_started(false)`). A wait
+        // with a zero timeout does not sleep and stays in polling mode.
+        if timeout != Some(Duration::ZERO) && inner.leave_poll_mode(&mut hits) {
+            timeout = Some(Duration::ZERO);
+        }
 
-        // A ready list (and a wait id) only for an iteration that waits: one that does not (a
-        // non-blocking poll of a context whose handlers can all be polled from userspace, as
-        // with only BHs) has no fd to dispatch.
-        let polling_disabled = inner.registry.borrow().polling_disabled();
+        // A ready list only for an iteration that waits. A zero-timeout iteration skips the
+        // wait only if polling covered every user handler in this iteration (none of them
+        // depends on the backend alone) and the backend has nothing of its own to reap: so a
+        // handler without a poll function, or one not in the poll set, is never starved.
+        let polling_disabled = polled != inner.registry.borrow().users();
         let mut failed = None;
         let waited = if timeout != Some(Duration::ZERO)
             || inner.monitor.borrow().need_wait(polling_disabled)
         {
             let mut ready = inner.next_ready_list();
-            let epoch = inner.epoch.get() + 1;
-            inner.epoch.set(epoch);
             match inner.wait(&mut ready, timeout) {
-                Ok(()) => Some((ready, epoch)),
+                Ok(()) => Some(ready),
                 Err(e) => {
                     inner.recycle_ready_list(ready);
                     match on_error {
@@ -925,24 +1372,29 @@ impl AioContext {
             shared.set_window(false);
         }
         if let Some(e) = failed {
+            inner.recycle_hits(hits);
             // Before `accept`: a pending notification stays pending, so the next iteration
             // does not block while a BH it did not run here is due.
             return Err(e);
         }
         shared.accept();
+        let block_ns = start.map(|s| u64::try_from(s.elapsed().as_nanos()).unwrap_or(u64::MAX));
 
         let mut progress = inner.bh_poll();
-        if let Some((ready, epoch)) = waited {
-            progress |= self.dispatch_ready(&ready, epoch);
+        if let Some(ready) = waited {
+            progress |= self.dispatch_ready(&ready, epoch, block_ns);
             inner.recycle_ready_list(ready);
         }
+        progress |= self.dispatch_poll_hits(&hits, epoch, block_ns);
+        inner.recycle_hits(hits);
+        inner.adjust_weighted(block_ns);
         // Timers last, as QEMU's `aio_poll` runs them after the handlers.
         progress |= inner.timers.run_expired();
         Ok(progress)
     }
 
     /// Dispatches the handlers in `ready` (QEMU `aio_dispatch_ready_handlers`).
-    fn dispatch_ready(&self, ready: &ReadyList, epoch: u64) -> bool {
+    fn dispatch_ready(&self, ready: &ReadyList, epoch: u64, block_ns: Option<u64>) -> bool {
         let mut progress = false;
         for (key, readiness) in ready.iter() {
             // Clone the node and release the table before calling anything: callbacks may add
@@ -952,11 +1404,36 @@ impl AioContext {
                 None => continue,
             };
             progress |= self.dispatch_handler(&node, readiness, epoch);
+            self.inner.note_dispatched(&node, block_ns);
         }
         progress
     }
 
-    fn dispatch_handler(&self, node: &HandlerNode, readiness: Readiness, epoch: u64) -> bool {
+    /// Dispatches what polling found (QEMU: nodes with `poll_ready`): the poll-ready callback,
+    /// unless the fd was reported ready in this iteration too (fd readiness wins) or a nested
+    /// iteration dispatched the handler since.
+    fn dispatch_poll_hits(
+        &self,
+        hits: &[Rc<HandlerNode>],
+        epoch: u64,
+        block_ns: Option<u64>,
+    ) -> bool {
+        let inner = &*self.inner;
+        let mut progress = false;
+        for node in hits {
+            if node.epoch.get() >= epoch || node.deleted.get() {
+                continue;
+            }
+            node.epoch.set(epoch);
+            if node.kind == NodeKind::User && !(node.external && inner.external_disabled()) {
+                progress |= node.call_poll_ready(self);
+            }
+            inner.note_dispatched(node, block_ns);
+        }
+        progress
+    }
+
+    fn dispatch_handler(&self, node: &Rc<HandlerNode>, readiness: Readiness, epoch: u64) -> bool {
         if node.epoch.get() > epoch {
             // A nested iteration dispatched this handler after our wait reported it; what we
             // saw is stale.
@@ -969,11 +1446,15 @@ impl AioContext {
                 let inner = &*self.inner;
                 inner.event_drains.set(inner.event_drains.get() + 1);
                 inner.shared.event.test_and_clear();
+                inner.join_poll_set(node);
             }
             return false;
         }
         if node.external && self.inner.external_disabled() {
             return false;
+        }
+        if !revents.is_empty() {
+            self.inner.join_poll_set(node);
         }
         let mut progress = false;
         if !node.deleted.get()
@@ -1217,6 +1698,16 @@ impl AioContext {
         if inner.shared.notified.load(Ordering::Relaxed) {
             return Some(Duration::ZERO);
         }
+        // The outer loop may sleep: leave polling mode (an earlier `poll` may have entered it)
+        // and keep what the last look finds for `dispatch`. An outer loop never busy-polls.
+        {
+            let mut hits = std::mem::take(&mut *inner.polling.outer_hits.borrow_mut());
+            let found = inner.leave_poll_mode(&mut hits);
+            *inner.polling.outer_hits.borrow_mut() = hits;
+            if found {
+                return Some(Duration::ZERO);
+            }
+        }
         // A backend with work of its own that only its `wait` does (io_uring: changes made by
         // the callbacks just dispatched are queued, not yet submitted to the kernel) would
         // leave the outer loop asleep on fds the kernel does not watch yet. Ask it, as QEMU's
@@ -1266,7 +1757,9 @@ impl AioContext {
             }
         }
         *inner.outer_ready.borrow_mut() = ready;
-        fd_pending || inner.compute_timeout() == Some(Duration::ZERO)
+        fd_pending
+            || !inner.polling.outer_hits.borrow().is_empty()
+            || inner.compute_timeout() == Some(Duration::ZERO)
     }
 
     /// Last step of driving the context from an outer loop (QEMU `aio_dispatch`): runs BHs and
@@ -1278,7 +1771,10 @@ impl AioContext {
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
         let mut progress = inner.bh_poll();
-        progress |= self.dispatch_ready(&ready, epoch);
+        progress |= self.dispatch_ready(&ready, epoch, None);
+        let hits = std::mem::take(&mut *inner.polling.outer_hits.borrow_mut());
+        progress |= self.dispatch_poll_hits(&hits, epoch, None);
+        inner.recycle_hits(hits);
         {
             let mut slot = inner.outer_ready.borrow_mut();
             if slot.is_empty() {
@@ -1315,6 +1811,21 @@ pub struct Stats {
     pub event_writes: u64,
     /// Drains (reads) of the context's eventfd.
     pub event_drains: u64,
+    /// Time spent busy-polling (adaptive polling), in total.
+    pub poll_time: Duration,
+    /// Polling phases that found work (a poll function returned true, or a remote notify).
+    pub poll_hits: u64,
+    /// Polling phases that ran their whole window without finding work; the iteration then
+    /// waited in the backend.
+    pub poll_misses: u64,
+}
+
+/// Validates and stores new polling parameters, then wakes the loop so that it applies them.
+fn set_poll_params(shared: &Shared, params: PollParams) -> io::Result<()> {
+    params.validate()?;
+    shared.poll_params.set(params);
+    shared.notify_scheduled();
+    Ok(())
 }
 
 /// Loom only: which variant of the wake-up protocol a context runs.
@@ -1383,6 +1894,20 @@ impl ContextHandle {
     /// As [`AioContext::bh_with_self`], from any thread.
     pub fn bh_with_self(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
         BottomHalf::new(self.shared.clone(), Box::new(f))
+    }
+
+    /// As [`AioContext::set_poll_params`], from any thread.
+    ///
+    /// # Errors
+    ///
+    /// As [`AioContext::set_poll_params`].
+    pub fn set_poll_params(&self, params: PollParams) -> io::Result<()> {
+        set_poll_params(&self.shared, params)
+    }
+
+    /// The adaptive-polling parameters last set.
+    pub fn poll_params(&self) -> PollParams {
+        self.shared.poll_params.get()
     }
 
     /// How many times `notify` has written the context's eventfd, from any thread: the only

@@ -266,15 +266,16 @@ pub trait FdMonitor: fmt::Debug {
     /// keeps failing is not a busy loop.
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize>;
 
-    /// During userspace polling, whether the loop must stop polling and call [`wait`].
+    /// Whether the loop must call [`wait`] rather than rely on userspace polling.
     ///
-    /// `polling_disabled` is true when some registered handler has no userspace `poll`
-    /// callback, so polling alone would starve it. Backends that cannot observe fd readiness
-    /// from userspace (poll, epoll) return it unchanged, which is the default. A backend that
-    /// can (io_uring, whose completion ring is readable from userspace) returns true as soon as
-    /// it has something to reap or submit.
-    ///
-    /// The context also asks this before a non-blocking iteration: when it returns false, the
+    /// The context asks it with `polling_disabled = false` before and during busy polling (it
+    /// stops polling as soon as this says true), and before a zero-timeout iteration with
+    /// `polling_disabled` true unless polling covered every registered handler in that
+    /// iteration (a handler without a poll function, or not in the poll set, depends on the
+    /// backend alone). Backends that cannot observe fd readiness from userspace (poll, epoll)
+    /// return `polling_disabled` unchanged, which is the default. A backend that can (io_uring,
+    /// whose completion ring is readable from userspace) returns true as soon as it has
+    /// something to reap or submit. When it returns false for a zero-timeout iteration, that
     /// iteration makes no system call at all.
     ///
     /// [`wait`]: Self::wait

@@ -24,11 +24,13 @@
 
 use crate::AioContext;
 use crate::fdmon::{HandlerKey, Interest};
+use crate::polling::Window;
 use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::rc::{Rc, Weak};
+use std::time::Instant;
 
 /// A read or write callback. It gets the context, so that it can poll it again (a nested
 /// iteration) or register handlers without capturing a clone of it, which would be a reference
@@ -48,18 +50,28 @@ pub(crate) enum NodeKind {
     Notifier,
 }
 
-/// The userspace-polling callbacks of a handler, reserved in the handler type so that adaptive
-/// polling can use them without a change to the registration API.
-///
-/// Until the loop polls from userspace they are only stored: they are never called and do not
-/// count as "serviceable by polling" (see `HandlerNode::has_poll`), so they change nothing
-/// about dispatch.
+/// The userspace-polling callbacks of a handler (QEMU `io_poll`, `io_poll_ready`,
+/// `io_poll_begin`, `io_poll_end`). Each is taken out of its cell while it runs, like the read
+/// and write callbacks, so none can be re-entered by a nested poll.
 #[derive(Default)]
 pub(crate) struct PollCallbacks {
     pub(crate) poll: Cell<Option<PollCallback>>,
     pub(crate) ready: Cell<Option<IoCallback>>,
     pub(crate) begin: Cell<Option<PollModeCallback>>,
     pub(crate) end: Cell<Option<PollModeCallback>>,
+}
+
+impl PollCallbacks {
+    /// Whether the handler can be served by polling: it needs both a poll function and a
+    /// poll-ready callback (QEMU ignores an `io_poll` without `io_poll_ready`).
+    fn usable(&self) -> bool {
+        let poll = self.poll.take();
+        let ready = self.ready.take();
+        let usable = poll.is_some() && ready.is_some();
+        self.poll.set(poll);
+        self.ready.set(ready);
+        usable
+    }
 }
 
 /// One registered handler (QEMU `AioHandler`). Never changed after registration apart from its
@@ -73,19 +85,27 @@ pub(crate) struct HandlerNode {
     pub(crate) external: bool,
     read: Cell<Option<IoCallback>>,
     write: Cell<Option<IoCallback>>,
-    /// Kept (and dropped with the node) but not read until adaptive polling lands.
-    #[expect(
-        dead_code,
-        reason = "reserved for adaptive polling: stored, never called yet"
-    )]
     pub(crate) poll: PollCallbacks,
+    /// Whether the handler can be served by userspace polling (see [`Self::can_poll`]).
+    pollable: bool,
+    /// Its polling window or estimate (QEMU `AioPolledEvent`).
+    pub(crate) window: Cell<Window>,
+    /// Whether it is in the context's poll set (QEMU `node_poll` inserted).
+    pub(crate) in_poll_set: Cell<bool>,
+    /// When it leaves the poll set unless polling finds it ready before (QEMU
+    /// `poll_idle_timeout`; `None` until the first polling phase that sees it).
+    pub(crate) idle_deadline: Cell<Option<Instant>>,
+    /// Set while its poll-ready callback runs: polling skips it, so a nested poll cannot find
+    /// the same condition again and recurse (QEMU removes it from the poll list meanwhile).
+    pub(crate) poll_paused: Cell<bool>,
     /// Set once, when the handler is removed or replaced.
     pub(crate) deleted: Cell<bool>,
     /// Whether the monitor currently watches this node's fd under its key.
     pub(crate) in_monitor: Cell<bool>,
-    /// The id of the last wait whose report of this node was dispatched; a parent iteration
-    /// skips a report that a nested iteration has dispatched since (QEMU steals the node from
-    /// the parent's ready list).
+    /// The id of the last iteration that dispatched this node (for an fd report or a poll
+    /// hit); a parent iteration skips a report or hit that a nested iteration has dispatched
+    /// since (QEMU steals the node from the parent's ready list), and a poll hit is skipped
+    /// when the fd path dispatched the node in the same iteration.
     pub(crate) epoch: Cell<u64>,
 }
 
@@ -101,25 +121,63 @@ impl HandlerNode {
         call(&self.write, &self.deleted, ctx)
     }
 
-    /// Whether a zero-timeout iteration may skip the backend's wait as far as this handler is
-    /// concerned (QEMU: the handler has a usable `io_poll`). Only the context's own notifier
-    /// qualifies, its "poll" being a read of `notified`. A user handler's `on_poll` does not:
-    /// nothing calls it yet, so counting it would let non-blocking iterations skip the wait and
-    /// starve the handler on poll and epoll. Adaptive polling will make it count (QEMU ignores
-    /// `io_poll` without `io_poll_ready`, so it will need both).
-    pub(crate) fn has_poll(&self) -> bool {
-        self.kind == NodeKind::Notifier
+    /// Whether the handler can join the poll set: the context's own notifier (its poll is a
+    /// read of `notified`), or a user handler with both `on_poll` and `on_poll_ready`. Whether
+    /// a zero-timeout iteration may skip the backend's wait is decided per iteration by the
+    /// context (every user handler must be in the poll set and have been polled), so a
+    /// handler that is not polled is always waited for.
+    pub(crate) fn can_poll(&self) -> bool {
+        self.pollable
+    }
+
+    /// Runs the poll function (`None` if there is none or it is already running).
+    pub(crate) fn call_poll(&self) -> Option<bool> {
+        call_with(&self.poll.poll, &self.deleted, |f| f())
+    }
+
+    /// Runs the poll-ready callback, with polling of this handler paused meanwhile. Returns
+    /// whether it ran.
+    pub(crate) fn call_poll_ready(&self, ctx: &AioContext) -> bool {
+        self.poll_paused.set(true);
+        struct Unpause<'a>(&'a Cell<bool>);
+        impl Drop for Unpause<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let _unpause = Unpause(&self.poll_paused);
+        call_with(&self.poll.ready, &self.deleted, |f| f(ctx)).is_some()
+    }
+
+    /// Runs `on_poll_begin` (`begin`) or `on_poll_end`, if set.
+    pub(crate) fn call_poll_mode(&self, begin: bool) {
+        let slot = if begin {
+            &self.poll.begin
+        } else {
+            &self.poll.end
+        };
+        call_with(slot, &self.deleted, |f| f());
     }
 }
 
 fn call(slot: &Cell<Option<IoCallback>>, deleted: &Cell<bool>, ctx: &AioContext) -> bool {
-    let Some(cb) = slot.take() else { return false };
-    struct PutBack<'a> {
-        slot: &'a Cell<Option<IoCallback>>,
+    call_with(slot, deleted, |f| f(ctx)).is_some()
+}
+
+/// Takes the callback out of `slot`, runs `run` on it and puts it back, unless the handler was
+/// deleted meanwhile. Returns `None` if the slot was empty (no callback, or it is running).
+fn call_with<F: ?Sized, R>(
+    slot: &Cell<Option<Box<F>>>,
+    deleted: &Cell<bool>,
+    run: impl FnOnce(&mut Box<F>) -> R,
+) -> Option<R> {
+    let cb = slot.take()?;
+    struct PutBack<'a, F: ?Sized> {
+        slot: &'a Cell<Option<Box<F>>>,
         deleted: &'a Cell<bool>,
-        cb: Option<IoCallback>,
+        cb: Option<Box<F>>,
     }
-    impl Drop for PutBack<'_> {
+    impl<F: ?Sized> Drop for PutBack<'_, F> {
         fn drop(&mut self) {
             // A handler removed from inside its own callback is done: free the closure now
             // rather than keep it until the node goes. Otherwise put it back, also when
@@ -134,10 +192,7 @@ fn call(slot: &Cell<Option<IoCallback>>, deleted: &Cell<bool>, ctx: &AioContext)
         deleted,
         cb: Some(cb),
     };
-    if let Some(cb) = guard.cb.as_mut() {
-        cb(ctx);
-    }
-    true
+    guard.cb.as_mut().map(run)
 }
 
 impl fmt::Debug for HandlerNode {
@@ -161,8 +216,9 @@ pub(crate) struct Registry {
     /// The live handler of each fd, indexed by fd number: fds are small, dense integers, so a
     /// vector beats hashing on every registration and removal.
     by_fd: Vec<Option<HandlerKey>>,
-    /// How many live handlers lack usable polling callbacks (QEMU `poll_disable_cnt`).
-    without_poll: usize,
+    /// How many live user handlers there are (the context's notifier excluded): a zero-timeout
+    /// iteration skips the backend's wait only if polling covered that many.
+    users: usize,
 }
 
 #[derive(Debug, Default)]
@@ -194,8 +250,8 @@ impl Registry {
         debug_assert_eq!(claimed, Some(key.index()), "insert must follow next_key");
         let slot = &mut self.slots[key.index() as usize];
         debug_assert_eq!(slot.generation, key.generation());
-        if !node.has_poll() {
-            self.without_poll += 1;
+        if node.kind == NodeKind::User {
+            self.users += 1;
         }
         let fd = usize::try_from(node.fd).expect("registered fds are open, so non-negative");
         if self.by_fd.len() <= fd {
@@ -234,16 +290,16 @@ impl Registry {
         if let Some(entry) = entry.filter(|e| **e == Some(key)) {
             *entry = None;
         }
-        if !node.has_poll() {
-            self.without_poll -= 1;
+        if node.kind == NodeKind::User {
+            self.users -= 1;
         }
         node.deleted.set(true);
         Some(node)
     }
 
-    /// Whether some live handler cannot be served by userspace polling.
-    pub(crate) fn polling_disabled(&self) -> bool {
-        self.without_poll > 0
+    /// How many live user handlers there are.
+    pub(crate) fn users(&self) -> usize {
+        self.users
     }
 
     /// Every live node, for operations that touch them all (external disable/enable).
@@ -259,7 +315,7 @@ impl Registry {
             }
         }
         self.by_fd.clear();
-        self.without_poll = 0;
+        self.users = 0;
     }
 }
 
@@ -334,32 +390,63 @@ impl<'c> HandlerBuilder<'c> {
         self
     }
 
-    /// A userspace polling function: returns true when there is work (QEMU `io_poll`).
+    /// A userspace polling function: returns true when there is work (QEMU `io_poll`). It must
+    /// be cheap and make no system call (read a ring index, a flag, a counter).
     ///
-    /// Reserved for adaptive polling: it is stored but never called, and it changes nothing
-    /// about dispatch. The loop does not poll from userspace yet, so the handler is served by
-    /// the backend's wait exactly as one without it.
+    /// It is used only together with [`on_poll_ready`](Self::on_poll_ready), and only while
+    /// adaptive polling is enabled ([`AioContext::set_poll_params`]): a handler joins the
+    /// context's poll set the first time its fd is dispatched, and then, in each blocking
+    /// iteration, the loop calls this repeatedly for up to the polling window before it
+    /// sleeps. It is never called by a non-blocking or a nested iteration's polling (see
+    /// [`AioContext::set_poll_params`] for the one call made when a nested iteration leaves
+    /// polling mode). The handler is still watched by the backend, so fd readiness keeps
+    /// working whatever this returns.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use aio_core::{EventNotifier, PollParams};
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicBool, Ordering};
+    /// use std::time::Duration;
+    ///
+    /// ctx.set_poll_params(PollParams::new(Duration::from_micros(32)))?;
+    /// let kick = Arc::new(EventNotifier::new()?);
+    /// let work = Arc::new(AtomicBool::new(false)); // set by a producer thread
+    /// let (k, w1, w2) = (kick.clone(), work.clone(), work.clone());
+    /// let _h = ctx
+    ///     .fd_handler(&*kick)
+    ///     .on_read(move |_| { k.test_and_clear(); w1.store(false, Ordering::Relaxed); })
+    ///     .on_poll(move || w2.load(Ordering::Relaxed))
+    ///     .on_poll_ready(move |_| work.store(false, Ordering::Relaxed))
+    ///     .register()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn on_poll(self, f: impl FnMut() -> bool + 'static) -> Self {
         self.poll.poll.set(Some(Box::new(f)));
         self
     }
 
-    /// Called when polling found work (QEMU `io_poll_ready`). Reserved; see
-    /// [`on_poll`](Self::on_poll).
+    /// Called when polling found work (QEMU `io_poll_ready`), in place of the read callback.
+    /// If the fd is also reported ready in the same iteration, only the read (and write)
+    /// callbacks run: fd readiness wins, as in QEMU. While it runs, polling skips this handler,
+    /// so a nested poll cannot find the same condition and recurse.
     pub fn on_poll_ready(self, f: impl FnMut(&AioContext) + 'static) -> Self {
         self.poll.ready.set(Some(Box::new(f)));
         self
     }
 
-    /// Called when the loop enters polling mode (QEMU `io_poll_begin`). Reserved; see
-    /// [`on_poll`](Self::on_poll).
+    /// Called when the loop enters polling mode, or when the handler joins the poll set while
+    /// the loop is in it (QEMU `io_poll_begin`): for example, suppress the producer's kicks.
     pub fn on_poll_begin(self, f: impl FnMut() + 'static) -> Self {
         self.poll.begin.set(Some(Box::new(f)));
         self
     }
 
-    /// Called when the loop leaves polling mode (QEMU `io_poll_end`). Reserved; see
-    /// [`on_poll`](Self::on_poll).
+    /// Called when the loop leaves polling mode before it may sleep, or when the handler leaves
+    /// the poll set while the loop is in it (QEMU `io_poll_end`): re-enable the producer's
+    /// kicks. The loop then calls the poll function once more, so work that arrived while
+    /// kicks were off is not slept through. Calls alternate with `on_poll_begin`, starting
+    /// with `on_poll_begin`.
     pub fn on_poll_end(self, f: impl FnMut() + 'static) -> Self {
         self.poll.end.set(Some(Box::new(f)));
         self
@@ -472,6 +559,7 @@ pub(crate) struct NodeParts {
 
 impl NodeParts {
     pub(crate) fn build(self, key: HandlerKey, interest: Interest) -> HandlerNode {
+        let pollable = self.kind == NodeKind::Notifier || self.poll.usable();
         HandlerNode {
             key,
             fd: self.fd,
@@ -481,6 +569,11 @@ impl NodeParts {
             read: Cell::new(self.read),
             write: Cell::new(self.write),
             poll: self.poll,
+            pollable,
+            window: Cell::new(Window::default()),
+            in_poll_set: Cell::new(false),
+            idle_deadline: Cell::new(None),
+            poll_paused: Cell::new(false),
             deleted: Cell::new(false),
             in_monitor: Cell::new(false),
             epoch: Cell::new(0),

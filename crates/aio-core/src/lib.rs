@@ -9,16 +9,24 @@
 //! # One iteration of [`AioContext::poll`]
 //!
 //! 1. Compute the timeout: zero if a bottom half is scheduled, at most 10 ms if only idle BHs
-//!    are, otherwise unlimited. A non-blocking iteration uses zero.
-//! 2. For a blocking wait, raise `notify_me`, full fence, and re-check `notified`: a notify that
-//!    raced with step 1 turns the timeout into zero.
-//! 3. Ask the [`FdMonitor`] to wait, unless the timeout is zero and the monitor says there is
+//!    are, otherwise unlimited (or the next timer). A non-blocking iteration uses zero.
+//! 2. With adaptive polling enabled ([`AioContext::set_poll_params`]), an outermost iteration
+//!    with a non-zero timeout first busy-polls: it calls the poll functions of its poll set
+//!    (and reads its own notify flag) for up to the polling window, stopping at the first work
+//!    found (the timeout becomes zero) or when the monitor's `need_wait` says so.
+//! 3. For a blocking wait, raise `notify_me`, full fence, and re-check `notified`: a notify that
+//!    raced with step 1 turns the timeout into zero. If the wait may still sleep, leave polling
+//!    mode (`on_poll_end`, then one more poll).
+//! 4. Ask the [`FdMonitor`] to wait, unless the timeout is zero, polling covered every user
+//!    handler (none of them is left to the backend alone), and the monitor says there is
 //!    nothing it must look at (then the iteration makes no system call).
-//! 4. Lower `notify_me`, and *accept* the notification (clear `notified`, full fence) before
-//!    dispatching anything, so that no wake-up is lost.
-//! 5. Run bottom halves (draining outer nested passes first), then the fd handlers the monitor
-//!    reported, re-checking before each callback that the handler was not removed meanwhile.
-//! 6. Return whether a user callback ran ("progress"); the context's own wake-ups never count.
+//! 5. Lower `notify_me`, and *accept* the notification (clear `notified`) before dispatching
+//!    anything, so that no wake-up is lost.
+//! 6. Run bottom halves (draining outer nested passes first), then the fd handlers the monitor
+//!    reported, then the poll-ready callbacks of what polling found, re-checking before each
+//!    callback that the handler was not removed meanwhile; adapt the polling windows from the
+//!    time this iteration blocked; run expired timers.
+//! 7. Return whether a user callback ran ("progress"); the context's own wake-ups never count.
 //!
 //! Any callback may poll the context again (a nested iteration); only the home thread can, as
 //! [`AioContext`] is `!Send`.
@@ -55,6 +63,7 @@ mod event_notifier;
 pub mod fake;
 mod fdmon;
 mod handler;
+mod polling;
 mod sync;
 mod sys;
 #[cfg(feature = "testing")]
@@ -68,6 +77,7 @@ pub use context::{AioContext, ContextHandle, NotDisabledError, Stats};
 pub use event_notifier::EventNotifier;
 pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 pub use handler::{FdHandler, HandlerBuilder};
+pub use polling::{DEFAULT_WEIGHT, MAX_POLL_NS, MAX_WEIGHT, PollParams, PollPolicy};
 pub use sys::set_timer_slack;
 pub use timers::{
     ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef, VirtualClock,

@@ -44,6 +44,11 @@ mod imp {
 
 pub(crate) use imp::*;
 
+/// std's `AtomicU64` even under loom: for a setting that no cross-thread protocol depends on
+/// (the polling parameters, whose stale value used once is harmless), so that reading it once
+/// per iteration adds nothing for the models to explore.
+pub(crate) type SettingU64 = std::sync::atomic::AtomicU64;
+
 /// A number that identifies the calling thread and is never given to another thread, not even
 /// after this one exits (an address, such as a thread-local's, can be reused by a later
 /// thread). Used to recognise a context's home thread without a system call: after the first

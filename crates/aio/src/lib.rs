@@ -66,13 +66,14 @@
 
 pub use aio_core::{
     AioContext, BottomHalf, Change, ContextHandle, EventNotifier, FdHandler, FdMonitor,
-    HandlerBuilder, HandlerKey, Interest, NotDisabledError, OuterFd, Readiness, ReadyList,
-    RunningBh, Stats,
+    HandlerBuilder, HandlerKey, Interest, NotDisabledError, OuterFd, PollParams, PollPolicy,
+    Readiness, ReadyList, RunningBh, Stats,
 };
 pub use aio_core::{
     ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef, VirtualClock,
     set_timer_slack,
 };
+pub use aio_core::{DEFAULT_WEIGHT, MAX_POLL_NS, MAX_WEIGHT};
 #[cfg(feature = "poll")]
 pub use fdmon_poll::PollMonitor;
 /// The context's worker thread pool (QEMU `aio_get_thread_pool`): [`ThreadPool::of`].
@@ -92,6 +93,11 @@ pub use fdmon_uring::UringMonitor;
 /// `poll+epoll`, `epoll`, `io_uring` or `auto`. An unknown value is logged and ignored.
 pub const BACKEND_ENV: &str = "AIO_BACKEND";
 
+/// The environment variable that overrides the adaptive-polling maximum a [`Builder`] sets, in
+/// nanoseconds (QEMU's `poll-max-ns`; 0 disables polling). An invalid value is logged and
+/// ignored. See [`Builder::poll_params`].
+pub const POLL_MAX_NS_ENV: &str = "AIO_POLL_MAX_NS";
+
 /// Creates contexts with a chosen backend.
 ///
 /// ```
@@ -106,6 +112,7 @@ pub struct Builder {
     ignore_env: bool,
     timer_slack: Option<std::time::Duration>,
     clocks: Option<GroupBuilder>,
+    poll: PollParams,
 }
 
 impl Builder {
@@ -143,6 +150,52 @@ impl Builder {
         self
     }
 
+    /// The adaptive-polling parameters of the new context (disabled by default; see
+    /// [`AioContext::set_poll_params`]). The `AIO_POLL_MAX_NS` environment variable, when
+    /// set, overrides the maximum (keeping the rest), unless [`ignore_env`](Self::ignore_env)
+    /// was called.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let ctx = aio::Builder::new()
+    ///     .poll_params(aio::PollParams::new(Duration::from_nanos(32_768)))
+    ///     .ignore_env()
+    ///     .build()?;
+    /// assert_eq!(ctx.poll_params().max(), Duration::from_nanos(32_768));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn poll_params(mut self, params: PollParams) -> Self {
+        self.poll = params;
+        self
+    }
+
+    /// The polling parameters this builder will set, after the environment override.
+    pub fn requested_poll_params(&self) -> PollParams {
+        if self.ignore_env {
+            return self.poll;
+        }
+        let Ok(value) = std::env::var(POLL_MAX_NS_ENV) else {
+            return self.poll;
+        };
+        let parsed = value.trim().parse::<u64>().ok().map(|ns| {
+            let p = self.poll;
+            PollParams::new(std::time::Duration::from_nanos(ns))
+                .grow(p.get_grow())
+                .shrink(p.get_shrink())
+                .policy(p.get_policy())
+        });
+        match parsed {
+            Some(p) if p.validate().is_ok() => p,
+            _ => {
+                tracing::warn!(
+                    "aio: ignoring {POLL_MAX_NS_ENV}={value:?}: expected nanoseconds, at most {}",
+                    aio_core::MAX_POLL_NS
+                );
+                self.poll
+            }
+        }
+    }
+
     /// The backend this builder will ask for, after the environment override.
     pub fn requested_backend(&self) -> Backend {
         if self.ignore_env {
@@ -166,13 +219,20 @@ impl Builder {
     /// `Unsupported` when the requested backend is not compiled in (no backend feature is
     /// enabled at all, for [`Backend::Auto`]); the kernel's error when an explicitly requested
     /// backend is refused; the error of [`set_timer_slack`]; otherwise the errors of
-    /// [`AioContext::new`] (out of fds).
+    /// [`AioContext::new`] (out of fds); `InvalidInput` for polling parameters that
+    /// [`PollParams::validate`] refuses.
     pub fn build(self) -> io::Result<AioContext> {
+        let poll = self.requested_poll_params();
+        poll.validate()?;
         let monitor = AutoMonitor::new(self.requested_backend())?;
         if let Some(slack) = self.timer_slack {
             set_timer_slack(slack)?;
         }
-        AioContext::with_clocks(Box::new(monitor), self.clocks.unwrap_or_default())
+        let ctx = AioContext::with_clocks(Box::new(monitor), self.clocks.unwrap_or_default())?;
+        if !poll.is_disabled() {
+            ctx.set_poll_params(poll)?;
+        }
+        Ok(ctx)
     }
 }
 
