@@ -1252,7 +1252,7 @@ impl AioContext {
     /// callback stays registered, and the context can be polled again.
     pub fn poll(&self) -> bool {
         // `BackOff` never returns an error.
-        self.run_iteration(true, OnWaitError::BackOff)
+        self.run_iteration::<true>(OnWaitError::BackOff)
             .unwrap_or(false)
     }
 
@@ -1266,7 +1266,7 @@ impl AioContext {
     /// which does not block if one is due), and there is no back-off. The failure is counted
     /// in [`Stats::wait_errors`] and logged, as for `poll`.
     pub fn try_poll(&self) -> io::Result<bool> {
-        self.run_iteration(true, OnWaitError::Return)
+        self.run_iteration::<true>(OnWaitError::Return)
     }
 
     /// As [`poll_nonblocking`](Self::poll_nonblocking), but a failing backend wait is returned
@@ -1277,7 +1277,7 @@ impl AioContext {
     ///
     /// As [`try_poll`](Self::try_poll).
     pub fn try_poll_nonblocking(&self) -> io::Result<bool> {
-        self.run_iteration(false, OnWaitError::Return)
+        self.run_iteration::<false>(OnWaitError::Return)
     }
 
     /// Runs one loop iteration without sleeping (QEMU `aio_poll(ctx, false)`). Returns whether
@@ -1290,17 +1290,20 @@ impl AioContext {
     /// iteration never sleeps.
     pub fn poll_nonblocking(&self) -> bool {
         // `BackOff` never returns an error.
-        self.run_iteration(false, OnWaitError::BackOff)
+        self.run_iteration::<false>(OnWaitError::BackOff)
             .unwrap_or(false)
     }
 
     /// Runs one iteration, blocking or not: QEMU's `aio_poll` signature, for ports.
     pub fn poll_with(&self, blocking: bool) -> bool {
-        self.run_iteration(blocking, OnWaitError::BackOff)
-            .unwrap_or(false)
+        if blocking {
+            self.poll()
+        } else {
+            self.poll_nonblocking()
+        }
     }
 
-    fn run_iteration(&self, blocking: bool, on_error: OnWaitError) -> io::Result<bool> {
+    fn run_iteration<const BLOCKING: bool>(&self, on_error: OnWaitError) -> io::Result<bool> {
         let inner = &*self.inner;
         let _current = CurrentGuard::enter(Rc::as_ptr(&self.inner));
         let (_depth, nested) = DepthGuard::enter(&inner.depth);
@@ -1312,10 +1315,10 @@ impl AioContext {
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
 
-        if blocking {
+        if BLOCKING {
             shared.set_window(true);
         }
-        let mut timeout = if blocking {
+        let mut timeout = if BLOCKING {
             inner.compute_timeout()
         } else {
             Some(Duration::ZERO)
@@ -1324,10 +1327,13 @@ impl AioContext {
         // iteration never polls (its timeout is zero), and a nested one never does either, so
         // that a poll-ready callback that polls the context again cannot recurse (QEMU's
         // test-nested-aio-poll).
-        let mut hits = inner.take_hits();
+        // The hit list is taken only by an iteration that polls, so that the non-blocking path
+        // (B1) pays nothing for polling.
+        let mut hits = None;
         let mut polled = 0;
         if !nested && timeout != Some(Duration::ZERO) && !params.is_disabled() {
-            polled = inner.try_poll_mode(&params, &mut timeout, &mut hits);
+            let hits = hits.insert(inner.take_hits());
+            polled = inner.try_poll_mode(&params, &mut timeout, hits);
         }
         let use_notify_me = timeout != Some(Duration::ZERO);
         if use_notify_me && shared.begin_blocking(NOTIFY_ME_POLL) {
@@ -1336,7 +1342,10 @@ impl AioContext {
         // About to sleep: leave polling mode first, so that producers kick again, and look
         // once more for work that arrived meanwhile (QEMU `poll_set_started(false)`). A wait
         // with a zero timeout does not sleep and stays in polling mode.
-        if timeout != Some(Duration::ZERO) && inner.leave_poll_mode(&mut hits) {
+        if timeout != Some(Duration::ZERO)
+            && inner.polling.started.get()
+            && inner.leave_poll_mode(hits.get_or_insert_with(|| inner.take_hits()))
+        {
             timeout = Some(Duration::ZERO);
         }
 
@@ -1344,11 +1353,11 @@ impl AioContext {
         // wait only if polling covered every user handler in this iteration (none of them
         // depends on the backend alone) and the backend has nothing of its own to reap: so a
         // handler without a poll function, or one not in the poll set, is never starved.
-        let polling_disabled = polled != inner.registry.borrow().users();
         let mut failed = None;
-        let waited = if timeout != Some(Duration::ZERO)
-            || inner.monitor.borrow().need_wait(polling_disabled)
-        {
+        let waited = if timeout != Some(Duration::ZERO) || {
+            let polling_disabled = polled != inner.registry.borrow().users();
+            inner.monitor.borrow().need_wait(polling_disabled)
+        } {
             let mut ready = inner.next_ready_list();
             match inner.wait(&mut ready, timeout) {
                 Ok(()) => Some(ready),
@@ -1368,11 +1377,13 @@ impl AioContext {
         if use_notify_me {
             shared.end_blocking(NOTIFY_ME_POLL);
         }
-        if blocking {
+        if BLOCKING {
             shared.set_window(false);
         }
         if let Some(e) = failed {
-            inner.recycle_hits(hits);
+            if let Some(hits) = hits {
+                inner.recycle_hits(hits);
+            }
             // Before `accept`: a pending notification stays pending, so the next iteration
             // does not block while a BH it did not run here is due.
             return Err(e);
@@ -1385,9 +1396,13 @@ impl AioContext {
             progress |= self.dispatch_ready(&ready, epoch, block_ns);
             inner.recycle_ready_list(ready);
         }
-        progress |= self.dispatch_poll_hits(&hits, epoch, block_ns);
-        inner.recycle_hits(hits);
-        inner.adjust_weighted(block_ns);
+        if let Some(hits) = hits {
+            progress |= self.dispatch_poll_hits(&hits, epoch, block_ns);
+            inner.recycle_hits(hits);
+        }
+        if block_ns.is_some() {
+            inner.adjust_weighted(block_ns);
+        }
         // Timers last, as QEMU's `aio_poll` runs them after the handlers.
         progress |= inner.timers.run_expired();
         Ok(progress)
