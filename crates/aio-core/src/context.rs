@@ -1519,17 +1519,42 @@ impl AioContext {
     /// Registers `read` for an [`EventNotifier`] (QEMU `aio_set_event_notifier`). The callback
     /// gets the notifier and should call [`EventNotifier::test_and_clear`].
     ///
+    /// The handler comes with a built-in poll function, [`EventNotifier::is_set`]: with
+    /// adaptive polling on ([`set_poll_params`](Self::set_poll_params)), once the notifier has
+    /// been dispatched it joins the poll set, and a `set` from another thread while the loop
+    /// busy-polls is seen with one load and handled by `read` at once, without the loop going
+    /// to sleep and being woken through the fd. For other poll functions (a virtqueue, a
+    /// completion ring) and `on_poll_begin` / `on_poll_end` (QEMU
+    /// `aio_set_event_notifier_poll`), register the notifier's fd with
+    /// [`fd_handler`](Self::fd_handler) instead.
+    ///
     /// # Errors
     ///
     /// As [`HandlerBuilder::register`]; `AlreadyExists` if the notifier is already registered.
     pub fn set_event_notifier(
         &self,
         notifier: &Arc<EventNotifier>,
-        mut read: impl FnMut(&EventNotifier) + 'static,
+        read: impl FnMut(&EventNotifier) + 'static,
     ) -> io::Result<FdHandler> {
-        let e = notifier.clone();
+        // One callback behind two entry points (fd readiness and a poll hit). The node never
+        // runs a callback of its own re-entrantly, but these are two callbacks: a nested
+        // iteration inside one may dispatch the other, which then finds the callback busy and
+        // leaves the notifier set for a later iteration.
+        let read = Rc::new(RefCell::new(read));
+        let (on_fd, on_hit) = (read.clone(), read);
+        let (e_fd, e_hit, e_poll) = (notifier.clone(), notifier.clone(), notifier.clone());
         HandlerBuilder::new(self, notifier.raw_fd())
-            .on_read(move |_| read(&e))
+            .on_read(move |_| {
+                if let Ok(mut read) = on_fd.try_borrow_mut() {
+                    read(&e_fd);
+                }
+            })
+            .on_poll(move || e_poll.is_set())
+            .on_poll_ready(move |_| {
+                if let Ok(mut read) = on_hit.try_borrow_mut() {
+                    read(&e_hit);
+                }
+            })
             .register()
     }
 

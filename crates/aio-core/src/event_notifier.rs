@@ -6,6 +6,11 @@
 //! fd completely, so a pipe that was set many times reads as one event. The read side is what
 //! gets registered with a context.
 //!
+//! Beside the fd, a notifier keeps a flag that `set` raises before it writes the fd, so that a
+//! context busy-polling (adaptive polling, spec §4.3) sees a set notifier with one load, without
+//! reading the fd: [`EventNotifier::is_set`] is the built-in poll function of handlers
+//! registered through `AioContext::set_event_notifier`.
+//!
 //! Under `--cfg aio_loom` the notifier is a fake whose "fd" is an index into a table of flags
 //! that the fake monitor (`crate::fake`) waits on, so that the loom models run the real notify
 //! protocol without system calls.
@@ -18,6 +23,7 @@ pub use fake::EventNotifier;
 
 #[cfg(not(aio_loom))]
 mod real {
+    use crate::sync::{AtomicBool, Ordering};
     use crate::sys::cvt;
     use std::fmt;
     use std::io;
@@ -49,6 +55,9 @@ mod real {
         read: OwnedFd,
         /// The pipe's write end; `None` for an eventfd, which is written through `read`.
         write: Option<OwnedFd>,
+        /// Raised by `set` before it writes the fd, lowered by `test_and_clear` before it
+        /// drains it: what a busy-polling context reads instead of the fd.
+        flag: AtomicBool,
     }
 
     impl EventNotifier {
@@ -67,7 +76,11 @@ mod real {
                     Ok(fd) => {
                         // SAFETY: `fd` was just returned by eventfd and is owned by no one else.
                         let read = unsafe { OwnedFd::from_raw_fd(fd) };
-                        return Ok(EventNotifier { read, write: None });
+                        return Ok(EventNotifier {
+                            read,
+                            write: None,
+                            flag: AtomicBool::new(false),
+                        });
                     }
                     Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
                         tracing::debug!("eventfd unavailable (ENOSYS); using a pipe");
@@ -98,6 +111,7 @@ mod real {
             Ok(EventNotifier {
                 read,
                 write: Some(write),
+                flag: AtomicBool::new(false),
             })
         }
 
@@ -110,6 +124,9 @@ mod real {
         ///
         /// Only unexpected write errors (such as `EBADF` if the fd was closed behind our back).
         pub fn set(&self) -> io::Result<()> {
+            // Release: a poller whose acquire load in `is_set` sees the flag sees everything
+            // the setter wrote before `set`.
+            self.flag.store(true, Ordering::Release);
             let fd = self.write.as_ref().unwrap_or(&self.read).as_raw_fd();
             let value: u64 = 1;
             loop {
@@ -127,11 +144,16 @@ mod real {
         /// Clears the notifier and returns whether it was set.
         ///
         /// Reads until the fd is empty: an eventfd reads once, a pipe may need several reads of
-        /// the 512-byte buffer.
+        /// the 512-byte buffer. A `set` racing with this call is never lost: either this call
+        /// returns true, or the notifier stays set; at worst it reads as set once more, which a
+        /// level-triggered handler tolerates.
         pub fn test_and_clear(&self) -> bool {
+            // Acquire: pairs with the release store in `set` (the setter's writes are visible
+            // to the caller when this returns true). Lowered before the drain, so that a `set`
+            // between the two leaves the fd readable or is drained here, never neither.
+            let mut any = self.flag.swap(false, Ordering::AcqRel);
             let fd = self.read.as_raw_fd();
             let mut buf = [0u8; 512];
-            let mut any = false;
             loop {
                 // SAFETY: `buf` is a writable buffer of `buf.len()` bytes that lives across the call.
                 let ret = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
@@ -149,6 +171,24 @@ mod real {
                     Err(_) => return any,
                 }
             }
+        }
+
+        /// Whether the notifier is set, without a system call: `set` was called since the
+        /// last [`test_and_clear`](Self::test_and_clear). This is the poll function a context
+        /// uses for a notifier it busy-polls; it does not clear anything.
+        ///
+        /// ```
+        /// let e = aio_core::EventNotifier::new()?;
+        /// assert!(!e.is_set());
+        /// e.set()?;
+        /// assert!(e.is_set());
+        /// assert!(e.test_and_clear());
+        /// assert!(!e.is_set());
+        /// # Ok::<(), std::io::Error>(())
+        /// ```
+        pub fn is_set(&self) -> bool {
+            // Acquire: pairs with the release store in `set`.
+            self.flag.load(Ordering::Acquire)
         }
 
         /// The fd that becomes readable when the notifier is set.
@@ -219,6 +259,11 @@ mod fake {
         /// Clears the flag, returning whether it was set.
         pub fn test_and_clear(&self) -> bool {
             FAKE_FDS.test_and_clear(self.fd)
+        }
+
+        /// Whether the flag is set, without clearing it.
+        pub fn is_set(&self) -> bool {
+            FAKE_FDS.is_set(self.fd)
         }
 
         /// The fake fd number.

@@ -41,6 +41,10 @@ impl FakeFds {
         self.cond.notify_all();
     }
 
+    pub(crate) fn is_set(&self, fd: RawFd) -> bool {
+        self.flags.lock().unwrap()[(fd - FAKE_FD_BASE) as usize]
+    }
+
     pub(crate) fn test_and_clear(&self, fd: RawFd) -> bool {
         let mut flags = self.flags.lock().unwrap();
         std::mem::replace(&mut flags[(fd - FAKE_FD_BASE) as usize], false)

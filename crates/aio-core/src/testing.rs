@@ -2931,6 +2931,53 @@ pub fn poll_remote_schedule_seen_while_polling(make: MakeContext) {
     assert!(!wd.fired(), "a blocking poll hung");
 }
 
+/// An event notifier registered with `set_event_notifier` has a built-in poll function, its
+/// flag: once dispatched by its fd it joins the poll set, and a later `set` is found by the
+/// first round of the next polling phase and handled through the poll-ready path, with the
+/// same callback (which drains the fd, so the backend does not report it again). On io_uring,
+/// the completion ring already holds the fd's poll completion, and polling yields to it.
+pub fn poll_event_notifier_polled_through_its_flag(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let wd = Watchdog::new(ctx.handle());
+    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
+        .unwrap();
+    let e = Arc::new(EventNotifier::new().expect("event notifier"));
+    let reads = Rc::new(Cell::new(0u32));
+    let r = reads.clone();
+    let _h = ctx
+        .set_event_notifier(&e, move |e| {
+            assert!(e.test_and_clear(), "spurious read callback");
+            r.set(r.get() + 1);
+        })
+        .unwrap();
+    e.set().unwrap();
+    assert!(ctx.poll(), "dispatched by its fd");
+    assert_eq!(reads.get(), 1);
+    assert!(!e.is_set(), "the callback cleared the flag");
+    assert!(
+        ctx.poll_window() > Duration::ZERO,
+        "dispatched by its fd, the notifier joined the poll set and its window grew"
+    );
+    flush(&ctx);
+    let before = ctx.stats();
+    e.set().unwrap();
+    assert!(ctx.poll(), "found by polling");
+    assert_eq!(reads.get(), 2);
+    let after = ctx.stats();
+    if ctx.backend().contains("uring") {
+        // On io_uring the kernel posts the fd's poll completion as `set` writes it; the ring
+        // is then the poller (`need_wait`), and busy polling yields to it without a round.
+        assert_eq!(after.poll_hits, before.poll_hits, "io_uring: the ring wins");
+    } else {
+        assert_eq!(after.poll_hits, before.poll_hits + 1, "a polling hit");
+    }
+    assert_eq!(after.poll_misses, before.poll_misses);
+    // The read callback drained the fd: nothing left for the backend to report.
+    flush(&ctx);
+    assert_eq!(reads.get(), 2);
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
 /// An outer loop driving a context that an earlier `poll` left in polling mode: `prepare`
 /// leaves it (`on_poll_end`, then one more poll) before the outer loop may sleep, and what
 /// that poll finds is dispatched by `dispatch` through the poll-ready callback.
@@ -3357,6 +3404,11 @@ macro_rules! conformance_tests {
         $(#[$meta])*
         fn poll_outer_loop_leaves_polling_mode() {
             $crate::testing::poll_outer_loop_leaves_polling_mode($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn poll_event_notifier_polled_through_its_flag() {
+            $crate::testing::poll_event_notifier_polled_through_its_flag($make)
         }
     };
 }
