@@ -58,7 +58,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use timers::{ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup};
@@ -1066,6 +1066,17 @@ impl AioContext {
             poll_time: Duration::from_nanos(inner.polling.time_ns.get()),
             poll_hits: inner.polling.hits.get(),
             poll_misses: inner.polling.misses.get(),
+            poll_set: inner
+                .polling
+                .set
+                .borrow()
+                .iter()
+                .map(|n| PolledHandler {
+                    key: n.key,
+                    fd: if n.kind == NodeKind::Notifier { -1 } else { n.fd },
+                    window: Duration::from_nanos(n.window.get().ns),
+                })
+                .collect(),
         }
     }
 
@@ -1838,7 +1849,7 @@ impl fmt::Debug for AioContext {
 
 /// System calls made by a context's loop machinery, from [`AioContext::stats`] and
 /// [`ContextHandle::event_writes`]. User callbacks' own system calls are not counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Stats {
     /// Calls of the backend's `wait` (one `ppoll`/`epoll_wait`/`io_uring_enter` or so each),
@@ -1858,6 +1869,22 @@ pub struct Stats {
     /// Polling phases that ran their whole window without finding work; the iteration then
     /// waited in the backend.
     pub poll_misses: u64,
+    /// The poll set: each member's handler and its current window (under
+    /// [`PollPolicy::Weighted`], its weighted block-time estimate; the context's window is
+    /// [`AioContext::poll_window`]). The context's own notifier is listed with fd -1.
+    pub poll_set: Vec<PolledHandler>,
+}
+
+/// One member of a context's poll set, in [`Stats::poll_set`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PolledHandler {
+    /// The handler's key, as [`FdHandler::key`] returns it.
+    pub key: HandlerKey,
+    /// Its fd; -1 for the context's own notifier.
+    pub fd: RawFd,
+    /// Its window (Qemu10) or estimate (Weighted).
+    pub window: Duration,
 }
 
 /// Validates and stores new polling parameters, then wakes the loop so that it applies them.

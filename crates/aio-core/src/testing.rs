@@ -17,7 +17,7 @@ use crate::{AioContext, BottomHalf, ContextHandle, EventNotifier, FdHandler, Not
 use crate::{Interest, OuterFd};
 use std::cell::{Cell, RefCell};
 use std::io::{self, Read, Write};
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::rc::Rc;
@@ -2718,6 +2718,13 @@ pub fn poll_windows_are_per_handler(make: MakeContext) {
         fast_window,
         "the slow handler's long block time left the fast handler's window alone"
     );
+    // Both are in the poll set, each with its own window, as `Stats` lists them.
+    let set = ctx.stats().poll_set;
+    let entry = |h: &FdHandler| set.iter().find(|p| p.key == h.key()).copied();
+    let fast_entry = entry(&fast._handler).expect("the fast handler is in the poll set");
+    assert_eq!((fast_entry.fd, fast_entry.window), (fast.e.raw_fd(), fast_window));
+    let slow_entry = entry(&_slow).expect("the slow handler joined on its fd dispatch");
+    assert_eq!((slow_entry.fd, slow_entry.window), (b.as_raw_fd(), Duration::ZERO));
     // Its polling mode was left before each sleep.
     assert_eq!(fast.begins.get(), fast.ends.get());
     assert!(!wd.fired(), "a blocking poll hung");
