@@ -276,6 +276,37 @@ fn invalid_builder_poll_params_are_refused() {
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
 }
 
+/// QEMU's `aio-max-batch`: set by the builder, changed from another thread (which wakes a
+/// sleeping loop), read on both sides; a value above `INT_MAX` is refused and changes nothing.
+#[test]
+fn max_batch_is_set_from_the_builder_and_any_thread() {
+    let ctx = Builder::new().max_batch(16).ignore_env().build().unwrap();
+    assert_eq!(ctx.max_batch(), 16);
+    let remote = ctx.handle();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        remote.set_max_batch(64).unwrap();
+        let err = remote.set_max_batch(aio::MAX_BATCH_LIMIT + 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        remote.max_batch()
+    });
+    // No handler, no timer, no BH: only the change's notify can end this wait.
+    let start = std::time::Instant::now();
+    ctx.poll();
+    assert!(
+        start.elapsed() >= Duration::from_millis(20),
+        "the loop slept until the change"
+    );
+    assert_eq!(t.join().unwrap(), 64);
+    assert_eq!(ctx.max_batch(), 64, "the refused value changed nothing");
+    let err = Builder::new()
+        .max_batch(u32::MAX)
+        .ignore_env()
+        .build()
+        .unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+}
+
 /// Issue 11: polling mode survives the move from poll to epoll. A handler in polling mode when
 /// the 64th fd moves the context to epoll gets `on_poll_end` before the next sleep and
 /// `on_poll_begin` when polling resumes, strictly alternating, and is still dispatched both by

@@ -114,6 +114,8 @@ pub(crate) struct Shared {
     event_writes: AtomicU64,
     /// The adaptive-polling parameters, settable from any thread.
     poll_params: SharedParams,
+    /// QEMU's `aio-max-batch` (0: each request engine's own default), settable from any thread.
+    max_batch: AtomicU32,
 }
 
 impl Shared {
@@ -984,6 +986,7 @@ impl AioContext {
             variant,
             event_writes: AtomicU64::new(0),
             poll_params: SharedParams::new(),
+            max_batch: AtomicU32::new(0),
         });
         // Arming a timer that becomes the earliest of its clock wakes the loop, like a BH
         // schedule (and, like it, for free on the home thread outside a blocking wait). No
@@ -1073,7 +1076,11 @@ impl AioContext {
                 .iter()
                 .map(|n| PolledHandler {
                     key: n.key,
-                    fd: if n.kind == NodeKind::Notifier { -1 } else { n.fd },
+                    fd: if n.kind == NodeKind::Notifier {
+                        -1
+                    } else {
+                        n.fd
+                    },
                     window: Duration::from_nanos(n.window.get().ns),
                 })
                 .collect(),
@@ -1141,6 +1148,27 @@ impl AioContext {
     /// The adaptive-polling parameters last set.
     pub fn poll_params(&self) -> PollParams {
         self.inner.shared.poll_params.get()
+    }
+
+    /// Sets the most requests a block I/O engine on this context queues before it submits
+    /// them to the kernel in one call (QEMU's `aio-max-batch`, `aio_context_set_aio_params`);
+    /// the same as [`ContextHandle::set_max_batch`]. 0, the default, lets each engine use its
+    /// own (QEMU's Linux AIO: 32). Engines read [`max_batch`](Self::max_batch) when they
+    /// decide whether to submit; an engine's own, smaller limit (a device queue depth) still
+    /// wins. The loop is notified, so a change made while it sleeps is seen at once.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` above [`MAX_BATCH_LIMIT`] (QEMU refuses values above `INT_MAX`); nothing
+    /// changes then.
+    pub fn set_max_batch(&self, max_batch: u32) -> io::Result<()> {
+        set_max_batch(&self.inner.shared, max_batch)
+    }
+
+    /// The `aio-max-batch` last set (0: each engine's default).
+    pub fn max_batch(&self) -> u32 {
+        // Relaxed: a setting with nothing else to publish.
+        self.inner.shared.max_batch.load(Ordering::Relaxed)
     }
 
     /// How long the next blocking iteration would poll before sleeping, before its timeout
@@ -1895,6 +1923,23 @@ fn set_poll_params(shared: &Shared, params: PollParams) -> io::Result<()> {
     Ok(())
 }
 
+/// The largest `aio-max-batch` accepted: `i32::MAX`, as QEMU.
+pub const MAX_BATCH_LIMIT: u32 = i32::MAX as u32;
+
+/// Validates and stores a new `aio-max-batch`, then wakes the loop.
+fn set_max_batch(shared: &Shared, max_batch: u32) -> io::Result<()> {
+    if max_batch > MAX_BATCH_LIMIT {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("aio-max-batch {max_batch} is above {MAX_BATCH_LIMIT}"),
+        ));
+    }
+    // Relaxed: a setting; the notify that follows orders it before the loop's next iteration.
+    shared.max_batch.store(max_batch, Ordering::Relaxed);
+    shared.notify_scheduled();
+    Ok(())
+}
+
 /// Loom only: which variant of the wake-up protocol a context runs.
 #[cfg(aio_loom)]
 #[doc(hidden)]
@@ -1975,6 +2020,21 @@ impl ContextHandle {
     /// The adaptive-polling parameters last set.
     pub fn poll_params(&self) -> PollParams {
         self.shared.poll_params.get()
+    }
+
+    /// As [`AioContext::set_max_batch`], from any thread.
+    ///
+    /// # Errors
+    ///
+    /// As [`AioContext::set_max_batch`].
+    pub fn set_max_batch(&self, max_batch: u32) -> io::Result<()> {
+        set_max_batch(&self.shared, max_batch)
+    }
+
+    /// The `aio-max-batch` last set (0: each engine's default).
+    pub fn max_batch(&self) -> u32 {
+        // Relaxed: a setting with nothing else to publish.
+        self.shared.max_batch.load(Ordering::Relaxed)
     }
 
     /// How many times `notify` has written the context's eventfd, from any thread: the only

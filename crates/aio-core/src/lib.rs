@@ -73,7 +73,9 @@ pub use bh::{BottomHalf, RunningBh};
 #[cfg(aio_loom)]
 #[doc(hidden)]
 pub use context::LoomVariant;
-pub use context::{AioContext, ContextHandle, NotDisabledError, PolledHandler, Stats};
+pub use context::{
+    AioContext, ContextHandle, MAX_BATCH_LIMIT, NotDisabledError, PolledHandler, Stats,
+};
 pub use event_notifier::EventNotifier;
 pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 pub use handler::{FdHandler, HandlerBuilder};

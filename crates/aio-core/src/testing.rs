@@ -2722,9 +2722,15 @@ pub fn poll_windows_are_per_handler(make: MakeContext) {
     let set = ctx.stats().poll_set;
     let entry = |h: &FdHandler| set.iter().find(|p| p.key == h.key()).copied();
     let fast_entry = entry(&fast._handler).expect("the fast handler is in the poll set");
-    assert_eq!((fast_entry.fd, fast_entry.window), (fast.e.raw_fd(), fast_window));
+    assert_eq!(
+        (fast_entry.fd, fast_entry.window),
+        (fast.e.raw_fd(), fast_window)
+    );
     let slow_entry = entry(&_slow).expect("the slow handler joined on its fd dispatch");
-    assert_eq!((slow_entry.fd, slow_entry.window), (b.as_raw_fd(), Duration::ZERO));
+    assert_eq!(
+        (slow_entry.fd, slow_entry.window),
+        (b.as_raw_fd(), Duration::ZERO)
+    );
     // Its polling mode was left before each sleep.
     assert_eq!(fast.begins.get(), fast.ends.get());
     assert!(!wd.fired(), "a blocking poll hung");

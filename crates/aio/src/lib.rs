@@ -67,13 +67,13 @@
 pub use aio_core::{
     AioContext, BottomHalf, Change, ContextHandle, EventNotifier, FdHandler, FdMonitor,
     HandlerBuilder, HandlerKey, Interest, NotDisabledError, OuterFd, PollParams, PollPolicy,
-    Readiness, ReadyList, RunningBh, Stats,
+    PolledHandler, Readiness, ReadyList, RunningBh, Stats,
 };
 pub use aio_core::{
     ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef, VirtualClock,
     set_timer_slack,
 };
-pub use aio_core::{DEFAULT_WEIGHT, MAX_POLL_NS, MAX_WEIGHT};
+pub use aio_core::{DEFAULT_WEIGHT, MAX_BATCH_LIMIT, MAX_POLL_NS, MAX_WEIGHT};
 #[cfg(feature = "poll")]
 pub use fdmon_poll::PollMonitor;
 /// The context's worker thread pool (QEMU `aio_get_thread_pool`): [`ThreadPool::of`].
@@ -113,6 +113,7 @@ pub struct Builder {
     timer_slack: Option<std::time::Duration>,
     clocks: Option<GroupBuilder>,
     poll: PollParams,
+    max_batch: u32,
 }
 
 impl Builder {
@@ -169,6 +170,13 @@ impl Builder {
         self
     }
 
+    /// The new context's `aio-max-batch` (0, the default: each block I/O engine's own; see
+    /// [`AioContext::set_max_batch`]).
+    pub fn max_batch(mut self, max_batch: u32) -> Self {
+        self.max_batch = max_batch;
+        self
+    }
+
     /// The polling parameters this builder will set, after the environment override.
     pub fn requested_poll_params(&self) -> PollParams {
         if self.ignore_env {
@@ -220,7 +228,7 @@ impl Builder {
     /// enabled at all, for [`Backend::Auto`]); the kernel's error when an explicitly requested
     /// backend is refused; the error of [`set_timer_slack`]; otherwise the errors of
     /// [`AioContext::new`] (out of fds); `InvalidInput` for polling parameters that
-    /// [`PollParams::validate`] refuses.
+    /// [`PollParams::validate`] refuses or an `aio-max-batch` above [`MAX_BATCH_LIMIT`].
     pub fn build(self) -> io::Result<AioContext> {
         let poll = self.requested_poll_params();
         poll.validate()?;
@@ -231,6 +239,9 @@ impl Builder {
         let ctx = AioContext::with_clocks(Box::new(monitor), self.clocks.unwrap_or_default())?;
         if !poll.is_disabled() {
             ctx.set_poll_params(poll)?;
+        }
+        if self.max_batch != 0 {
+            ctx.set_max_batch(self.max_batch)?;
         }
         Ok(ctx)
     }
