@@ -47,7 +47,7 @@ use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, 
 use crate::handler::{
     HandlerBuilder, HandlerNode, NodeKind, NodeParts, PollCallbacks, Registry, raw_fd_of,
 };
-use crate::polling::{self, IDLE_INTERVAL, PollParams, PollPolicy, SharedParams, Window};
+use crate::polling::{self, IDLE_INTERVAL_NS, PollParams, PollPolicy, SharedParams, Window};
 use crate::sync::{
     Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, signal_fence, thread_id, thread_local,
     timer_notify,
@@ -608,9 +608,16 @@ impl Inner {
         }
     }
 
+    /// The time that adaptive polling measures block times and idle members on, in ns: the
+    /// context's [`ClockType::Realtime`] (QEMU `QEMU_CLOCK_REALTIME`). A test that gives the
+    /// context a manual realtime clock makes the adaptation deterministic.
+    fn clock_ns(&self) -> u64 {
+        self.timers.now_ns(ClockType::Realtime)
+    }
+
     /// One pass over the poll set (QEMU `run_poll_handlers_once`). Pushes the members that
     /// have work to `hits`; returns how many user members were polled.
-    fn poll_round(&self, now: Instant, hits: &mut Vec<Rc<HandlerNode>>) -> usize {
+    fn poll_round(&self, hits: &mut Vec<Rc<HandlerNode>>) -> usize {
         let mut polled = 0;
         let mut i = 0;
         while let Some(node) = self.poll_member(i) {
@@ -622,7 +629,8 @@ impl Inner {
                 polled += 1;
             }
             if found {
-                node.idle_deadline.set(Some(now + IDLE_INTERVAL));
+                node.idle_deadline
+                    .set(Some(self.clock_ns().saturating_add(IDLE_INTERVAL_NS)));
                 if !hits.iter().any(|h| Rc::ptr_eq(h, &node)) {
                     hits.push(node);
                 }
@@ -688,15 +696,17 @@ impl Inner {
             return 0;
         }
         self.enter_poll_mode();
+        // The busy loop is bounded in real time, whatever clock the context reads: a stopped
+        // manual clock cannot make it spin.
         let start = Instant::now();
         let (polled, elapsed) = loop {
-            let polled = self.poll_round(Instant::now(), hits);
+            let polled = self.poll_round(hits);
             let elapsed = start.elapsed();
             if !hits.is_empty() || elapsed >= window || self.monitor.borrow().need_wait(false) {
                 break (polled, elapsed);
             }
         };
-        self.remove_idle_members(start + elapsed, hits);
+        self.remove_idle_members(self.clock_ns(), hits);
         let polling = &self.polling;
         polling
             .time_ns
@@ -712,14 +722,16 @@ impl Inner {
     }
 
     /// Takes out of the poll set the members that polling has not found ready for
-    /// [`IDLE_INTERVAL`] (QEMU `remove_idle_poll_handlers`). Such a handler is still watched
+    /// [`IDLE_INTERVAL_NS`] (QEMU `remove_idle_poll_handlers`). Such a handler is still watched
     /// by the backend, and every zero-timeout iteration then waits for it, so leaving is safe
     /// on every backend. In polling mode it gets `on_poll_end` and one last poll.
-    fn remove_idle_members(&self, now: Instant, hits: &mut Vec<Rc<HandlerNode>>) {
+    fn remove_idle_members(&self, now: u64, hits: &mut Vec<Rc<HandlerNode>>) {
         let mut idle = Vec::new();
         for node in self.polling.set.borrow().iter() {
             match node.idle_deadline.get() {
-                None => node.idle_deadline.set(Some(now + IDLE_INTERVAL)),
+                None => node
+                    .idle_deadline
+                    .set(Some(now.saturating_add(IDLE_INTERVAL_NS))),
                 Some(deadline) if now >= deadline && !node.poll_paused.get() => {
                     idle.push(node.clone());
                 }
@@ -1350,7 +1362,7 @@ impl AioContext {
         let params = inner.refresh_poll_params();
         // The block time that adapts the polling windows runs from here to the end of the
         // wait, polling included (QEMU measures it only while polling is enabled).
-        let start = (!params.is_disabled()).then(Instant::now);
+        let start = (!params.is_disabled()).then(|| inner.clock_ns());
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
 
@@ -1428,7 +1440,7 @@ impl AioContext {
             return Err(e);
         }
         shared.accept();
-        let block_ns = start.map(|s| u64::try_from(s.elapsed().as_nanos()).unwrap_or(u64::MAX));
+        let block_ns = start.map(|s| inner.clock_ns().saturating_sub(s));
 
         let mut progress = inner.bh_poll();
         if let Some(ready) = waited {

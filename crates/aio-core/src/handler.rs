@@ -30,7 +30,6 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::rc::{Rc, Weak};
-use std::time::Instant;
 
 /// A read or write callback. It gets the context, so that it can poll it again (a nested
 /// iteration) or register handlers without capturing a clone of it, which would be a reference
@@ -92,9 +91,10 @@ pub(crate) struct HandlerNode {
     pub(crate) window: Cell<Window>,
     /// Whether it is in the context's poll set (QEMU `node_poll` inserted).
     pub(crate) in_poll_set: Cell<bool>,
-    /// When it leaves the poll set unless polling finds it ready before (QEMU
-    /// `poll_idle_timeout`; `None` until the first polling phase that sees it).
-    pub(crate) idle_deadline: Cell<Option<Instant>>,
+    /// When (in ns of the context's realtime clock) it leaves the poll set unless polling
+    /// finds it ready before (QEMU `poll_idle_timeout`; `None` until the first polling phase
+    /// that sees it).
+    pub(crate) idle_deadline: Cell<Option<u64>>,
     /// Set while its poll-ready callback runs: polling skips it, so a nested poll cannot find
     /// the same condition again and recurse (QEMU removes it from the poll list meanwhile).
     pub(crate) poll_paused: Cell<bool>,

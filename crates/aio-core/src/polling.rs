@@ -33,7 +33,7 @@ use std::time::Duration;
 pub(crate) const FIRST_WINDOW_NS: u64 = 4_000;
 /// A handler that has not been found ready by polling for this long leaves the poll set (QEMU
 /// `POLL_IDLE_INTERVAL_NS`).
-pub(crate) const IDLE_INTERVAL: Duration = Duration::from_secs(7);
+pub(crate) const IDLE_INTERVAL_NS: u64 = 7_000_000_000;
 /// QEMU's default weight (`POLL_WEIGHT_SHIFT`): the newest block time counts for 1/4.
 pub const DEFAULT_WEIGHT: u8 = 2;
 /// The largest `max` that [`PollParams`] accepts: 2^40 ns, about 18 minutes.
