@@ -396,3 +396,52 @@ fn remote_schedules_during_a_nested_wait_wake_it_once_each() {
     );
     slot.lock().unwrap().take();
 }
+
+/// A callback that deletes its own BH, runs a nested pass (which hands the free to the running
+/// frame), then panics: the frame's unwinding frees the node exactly once, the panic reaches
+/// the caller of `poll`, and the context keeps working, its other BHs included.
+#[test]
+fn deleted_by_its_callback_which_then_panics_is_freed_once_on_unwind() {
+    let ctx = ctx();
+    let (runs, drops) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let slot: Arc<Mutex<Option<BottomHalf>>> = Arc::default();
+    let bh = {
+        let (runs, guard, slot) = (runs.clone(), Drops(drops.clone()), slot.clone());
+        ctx.bh(move || {
+            let _keep = &guard;
+            runs.fetch_add(1, Ordering::SeqCst);
+            drop(slot.lock().unwrap().take());
+            let current = AioContext::current().unwrap();
+            while current.poll_nonblocking() {}
+            panic!("callback panics after deleting its own BH");
+        })
+    };
+    bh.schedule();
+    *slot.lock().unwrap() = Some(bh);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.poll()));
+    assert!(panicked.is_err(), "the panic reaches the caller of poll");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        drops.load(Ordering::SeqCst),
+        1,
+        "freed once, by the unwinding frame"
+    );
+    // Same-sized allocations would reuse a node freed too early; the context still runs BHs.
+    let ran = Arc::new(AtomicUsize::new(0));
+    let others: Vec<BottomHalf> = (0..8)
+        .map(|_| {
+            let ran = ran.clone();
+            let bh = ctx.bh(move || {
+                ran.fetch_add(1, Ordering::SeqCst);
+            });
+            bh.schedule();
+            bh
+        })
+        .collect();
+    while ctx.poll_nonblocking() {}
+    assert_eq!(ran.load(Ordering::SeqCst), 8);
+    drop(others);
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(drops.load(Ordering::SeqCst), 1);
+}
