@@ -5,6 +5,7 @@
 #![cfg(target_os = "linux")]
 
 use aio::{AioContext, Backend, Builder, EventNotifier, FdHandler};
+use aio_core::testing::Polled;
 use std::cell::Cell;
 use std::fs::File;
 use std::io;
@@ -283,6 +284,8 @@ fn max_batch_is_set_from_the_builder_and_any_thread() {
     let ctx = Builder::new().max_batch(16).ignore_env().build().unwrap();
     assert_eq!(ctx.max_batch(), 16);
     let remote = ctx.handle();
+    // Before the spawn: the change comes at least 20 ms after this.
+    let start = std::time::Instant::now();
     let t = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(20));
         remote.set_max_batch(64).unwrap();
@@ -291,7 +294,6 @@ fn max_batch_is_set_from_the_builder_and_any_thread() {
         remote.max_batch()
     });
     // No handler, no timer, no BH: only the change's notify can end this wait.
-    let start = std::time::Instant::now();
     ctx.poll();
     assert!(
         start.elapsed() >= Duration::from_millis(20),
@@ -316,32 +318,16 @@ fn poll_mode_callbacks_pair_across_the_epoll_upgrade() {
     let ctx = context(Backend::PollThenEpoll);
     ctx.set_poll_params(aio::PollParams::new(Duration::from_secs(1)))
         .unwrap();
-    let e = Arc::new(EventNotifier::new().unwrap());
-    e.set().unwrap();
-    let counter = || Rc::new(Cell::new(0u32));
-    let (reads, readies, begins, ends) = (counter(), counter(), counter(), counter());
-    let work = Rc::new(Cell::new(false));
-    let (r, rd, w) = (reads.clone(), readies.clone(), work.clone());
-    let (b1, e1, b2, e2) = (begins.clone(), ends.clone(), begins.clone(), ends.clone());
-    let notifier = e.clone();
-    let _polled = ctx
-        .fd_handler(&*e)
-        .on_read(move |_| {
-            assert!(notifier.test_and_clear(), "spurious read");
-            r.set(r.get() + 1);
-        })
-        .on_poll(move || w.get())
-        .on_poll_ready(move |_| rd.set(rd.get() + 1))
-        .on_poll_begin(move || {
-            assert_eq!(b1.get(), e1.get(), "on_poll_begin twice in a row");
-            b1.set(b1.get() + 1);
-        })
-        .on_poll_end(move || {
-            assert_eq!(b2.get(), e2.get() + 1, "on_poll_end without on_poll_begin");
-            e2.set(e2.get() + 1);
-        })
-        .register()
-        .unwrap();
+    let Polled {
+        e,
+        handler: _polled,
+        reads,
+        readies,
+        begins,
+        ends,
+        work,
+        ..
+    } = Polled::register(&ctx, true);
     assert!(
         ctx.poll_nonblocking(),
         "dispatched by its fd: joins the poll set"

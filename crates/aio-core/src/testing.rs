@@ -2470,24 +2470,38 @@ pub fn timer_periodic_rearm_never_fires_early(make: MakeContext) {
 // Adaptive polling (spec §4.3; QEMU's test-nested-aio-poll; conformance cases 45 and 46)
 // ---------------------------------------------------------------------------------------------
 
-/// Counters of an event notifier registered with every polling callback.
-struct Polled {
-    e: Arc<EventNotifier>,
-    _handler: FdHandler,
-    reads: Rc<Cell<u32>>,
-    polls: Rc<Cell<u32>>,
-    readies: Rc<Cell<u32>>,
-    begins: Rc<Cell<u32>>,
-    ends: Rc<Cell<u32>>,
+/// An event notifier registered with every polling callback, and what they have seen: the
+/// conformance suite's polled handler, shared with the other polling tests.
+#[derive(Debug)]
+pub struct Polled {
+    /// The notifier; its fd is the handler's.
+    pub e: Arc<EventNotifier>,
+    /// The registration.
+    pub handler: FdHandler,
+    /// Read callbacks run (dispatches by the fd).
+    pub reads: Rc<Cell<u32>>,
+    /// Poll function calls.
+    pub polls: Rc<Cell<u32>>,
+    /// Poll-ready callbacks run (dispatches by polling).
+    pub readies: Rc<Cell<u32>>,
+    /// `on_poll_begin` calls.
+    pub begins: Rc<Cell<u32>>,
+    /// `on_poll_end` calls.
+    pub ends: Rc<Cell<u32>>,
     /// What the poll function answers.
-    work: Rc<Cell<bool>>,
+    pub work: Rc<Cell<bool>>,
 }
 
 impl Polled {
     /// Registers a notifier (set at once if `set`) whose read callback clears it (and fails the
     /// case if it was not set), whose poll function counts and answers `work`, whose poll-ready
     /// callback counts, and whose begin/end callbacks check that they alternate.
-    fn register(ctx: &AioContext, set: bool) -> Polled {
+    ///
+    /// # Panics
+    ///
+    /// If the notifier or the registration fails, and (in the callbacks) on a spurious read
+    /// or begin/end callbacks out of order.
+    pub fn register(ctx: &AioContext, set: bool) -> Polled {
         let e = Arc::new(EventNotifier::new().expect("event notifier"));
         if set {
             e.set().unwrap();
@@ -2522,7 +2536,7 @@ impl Polled {
             .expect("register");
         Polled {
             e,
-            _handler: handler,
+            handler,
             reads,
             polls,
             readies,
@@ -2721,7 +2735,7 @@ pub fn poll_windows_are_per_handler(make: MakeContext) {
     // Both are in the poll set, each with its own window, as `Stats` lists them.
     let set = ctx.stats().poll_set;
     let entry = |h: &FdHandler| set.iter().find(|p| p.key == h.key()).copied();
-    let fast_entry = entry(&fast._handler).expect("the fast handler is in the poll set");
+    let fast_entry = entry(&fast.handler).expect("the fast handler is in the poll set");
     assert_eq!(
         (fast_entry.fd, fast_entry.window),
         (fast.e.raw_fd(), fast_window)

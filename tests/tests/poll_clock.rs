@@ -8,10 +8,11 @@
 //! The busy loop itself still runs in real time (it is bounded in real time), but with poll
 //! functions that never find work it changes nothing that is checked here.
 
-use aio_core::{
-    AioContext, ClockType, EventNotifier, FdHandler, FdMonitor, GroupBuilder, HandlerKey, OuterFd,
-    PollParams, PollPolicy, ReadyList, VirtualClock,
+use aio::{
+    AioContext, ClockType, FdMonitor, GroupBuilder, HandlerKey, OuterFd, PollMonitor, PollParams,
+    PollPolicy, ReadyList, VirtualClock,
 };
+use aio_core::testing::Polled;
 use std::cell::Cell;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;
@@ -23,7 +24,7 @@ use std::time::Duration;
 /// The poll backend, with a clock advanced by `block` ns at each wait.
 #[derive(Debug)]
 struct Scripted {
-    inner: fdmon_poll::PollMonitor,
+    inner: PollMonitor,
     clock: VirtualClock,
     block: Arc<AtomicU64>,
 }
@@ -32,7 +33,7 @@ impl FdMonitor for Scripted {
     fn name(&self) -> &'static str {
         "scripted-poll"
     }
-    fn update(&mut self, change: aio_core::Change) -> io::Result<()> {
+    fn update(&mut self, change: aio::Change) -> io::Result<()> {
         self.inner.update(change)
     }
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
@@ -54,7 +55,7 @@ impl Rig {
         let clock = VirtualClock::new();
         let block = Arc::new(AtomicU64::new(0));
         let monitor = Scripted {
-            inner: fdmon_poll::PollMonitor::new().unwrap(),
+            inner: PollMonitor::new().unwrap(),
             clock: clock.clone(),
             block: block.clone(),
         };
@@ -66,7 +67,7 @@ impl Rig {
 
     /// Sets `e`, runs one blocking iteration whose block time is `block_us`, and checks that
     /// it dispatched `e` through its fd (its poll function never finds work).
-    fn iterate(&self, e: &Notifier, block_us: u64) {
+    fn iterate(&self, e: &Polled, block_us: u64) {
         e.e.set().unwrap();
         self.block.store(block_us * 1_000, Ordering::Relaxed);
         let before = e.reads.get();
@@ -74,7 +75,7 @@ impl Rig {
         assert_eq!(e.reads.get(), before + 1, "dispatched by its fd");
     }
 
-    fn window_of(&self, h: &Notifier) -> Option<Duration> {
+    fn window_of(&self, h: &Polled) -> Option<Duration> {
         let key: HandlerKey = h.handler.key();
         self.ctx
             .stats()
@@ -85,46 +86,10 @@ impl Rig {
     }
 }
 
-/// An event notifier registered with a poll function that never finds work (so every
-/// dispatch is by its fd, and the windows move only with the scripted block times).
-struct Notifier {
-    e: Arc<EventNotifier>,
-    handler: FdHandler,
-    reads: Rc<Cell<u32>>,
-    begins: Rc<Cell<u32>>,
-    ends: Rc<Cell<u32>>,
-    polls: Rc<Cell<u32>>,
-}
-
-fn notifier(ctx: &AioContext) -> Notifier {
-    let e = Arc::new(EventNotifier::new().unwrap());
-    let counter = || Rc::new(Cell::new(0u32));
-    let (reads, begins, ends, polls) = (counter(), counter(), counter(), counter());
-    let (r, b, en, p) = (reads.clone(), begins.clone(), ends.clone(), polls.clone());
-    let n = e.clone();
-    let handler = ctx
-        .fd_handler(&*e)
-        .on_read(move |_| {
-            assert!(n.test_and_clear(), "spurious read");
-            r.set(r.get() + 1);
-        })
-        .on_poll(move || {
-            p.set(p.get() + 1);
-            false
-        })
-        .on_poll_ready(|_| panic!("its poll never finds work"))
-        .on_poll_begin(move || b.set(b.get() + 1))
-        .on_poll_end(move || en.set(en.get() + 1))
-        .register()
-        .unwrap();
-    Notifier {
-        e,
-        handler,
-        reads,
-        begins,
-        ends,
-        polls,
-    }
+/// A polled notifier whose poll function never finds work (so every dispatch is by its fd,
+/// and the windows move only with the scripted block times).
+fn notifier(ctx: &AioContext) -> Polled {
+    Polled::register(ctx, false)
 }
 
 const fn us(n: u64) -> Duration {
@@ -171,6 +136,7 @@ fn qemu10_window_grows_covers_caps_shrinks_and_resets() {
         );
     }
     assert!(h.polls.get() > 0, "the non-zero windows were polled");
+    assert_eq!(h.readies.get(), 0, "polling never found work");
     assert_eq!(
         h.begins.get(),
         h.ends.get(),
