@@ -29,18 +29,22 @@ impl Drop for Drops {
     }
 }
 
-#[test]
-fn delete_own_handle_then_nested_poll_frees_once_after_the_callback() {
-    let ctx = ctx();
-    let (runs, drops) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+/// Schedules a BH whose callback counts its run in `runs`, drops its own handle, polls (the
+/// nested pass meets the deleted node while the callback still runs, and must leave the free
+/// to this frame), checks that it was not freed meanwhile, then runs `rest`. Its closure's drop
+/// is counted in `drops`.
+fn self_deleting_bh(
+    ctx: &AioContext,
+    runs: &Arc<AtomicUsize>,
+    drops: &Arc<AtomicUsize>,
+    rest: impl Fn() + Send + 'static,
+) {
     let slot: Arc<Mutex<Option<BottomHalf>>> = Arc::default();
     let bh = {
         let (runs, guard, slot) = (runs.clone(), Drops(drops.clone()), slot.clone());
         ctx.bh(move || {
             let _keep = &guard;
             runs.fetch_add(1, Ordering::SeqCst);
-            // Delete ourselves, then poll: the nested pass meets our deleted node while this
-            // callback is still running, and must leave the free to this frame.
             drop(slot.lock().unwrap().take());
             let current = AioContext::current().unwrap();
             while current.poll_nonblocking() {}
@@ -49,10 +53,18 @@ fn delete_own_handle_then_nested_poll_frees_once_after_the_callback() {
                 0,
                 "freed while still running"
             );
+            rest();
         })
     };
     bh.schedule();
     *slot.lock().unwrap() = Some(bh);
+}
+
+#[test]
+fn delete_own_handle_then_nested_poll_frees_once_after_the_callback() {
+    let ctx = ctx();
+    let (runs, drops) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    self_deleting_bh(&ctx, &runs, &drops, || {});
     assert!(ctx.poll());
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     assert_eq!(
@@ -404,20 +416,9 @@ fn remote_schedules_during_a_nested_wait_wake_it_once_each() {
 fn deleted_by_its_callback_which_then_panics_is_freed_once_on_unwind() {
     let ctx = ctx();
     let (runs, drops) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let slot: Arc<Mutex<Option<BottomHalf>>> = Arc::default();
-    let bh = {
-        let (runs, guard, slot) = (runs.clone(), Drops(drops.clone()), slot.clone());
-        ctx.bh(move || {
-            let _keep = &guard;
-            runs.fetch_add(1, Ordering::SeqCst);
-            drop(slot.lock().unwrap().take());
-            let current = AioContext::current().unwrap();
-            while current.poll_nonblocking() {}
-            panic!("callback panics after deleting its own BH");
-        })
-    };
-    bh.schedule();
-    *slot.lock().unwrap() = Some(bh);
+    self_deleting_bh(&ctx, &runs, &drops, || {
+        panic!("callback panics after deleting its own BH")
+    });
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.poll()));
     assert!(panicked.is_err(), "the panic reaches the caller of poll");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
