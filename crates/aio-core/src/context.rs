@@ -665,9 +665,12 @@ impl Inner {
         let mut i = 0;
         while let Some(node) = self.poll_member(i) {
             i += 1;
-            if node.deleted.get() || node.poll_paused.get() {
+            if node.deleted.get() {
                 continue;
             }
+            // Every member got `on_poll_begin`, so every member gets `on_poll_end`, the one
+            // whose poll-ready callback is running (this is then a nested iteration) included;
+            // that one is not polled (`poll_node` skips it).
             node.call_poll_mode(false);
             if self.poll_node(&node) == Some(true) {
                 found = true;

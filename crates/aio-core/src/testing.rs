@@ -2656,6 +2656,88 @@ pub fn poll_nested_poll_does_not_poll(make: MakeContext) {
     assert!(!wd.fired(), "a blocking poll hung");
 }
 
+/// A nested blocking poll inside a poll-ready callback leaves polling mode before it sleeps,
+/// and the handler whose callback is running gets its `on_poll_end` too (every member got
+/// `on_poll_begin`), though it is not polled: begin and end keep alternating for it.
+pub fn poll_nested_poll_ends_polling_mode_for_the_running_handler(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let wd = Watchdog::new(ctx.handle());
+    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
+        .unwrap();
+    let dummy = Arc::new(EventNotifier::new().unwrap());
+    let dummy_reads = Rc::new(Cell::new(0u32));
+    let dr = dummy_reads.clone();
+    let _dummy = ctx
+        .set_event_notifier(&dummy, move |e| {
+            assert!(e.test_and_clear(), "spurious read");
+            dr.set(dr.get() + 1);
+        })
+        .unwrap();
+    let e = Arc::new(EventNotifier::new().unwrap());
+    e.set().unwrap();
+    let counter = || Rc::new(Cell::new(0u32));
+    let (begins, ends, readies) = (counter(), counter(), counter());
+    let work = Rc::new(Cell::new(false));
+    let ends_in_nested = Rc::new(Cell::new(None));
+    let (b1, e1, b2, e2, e3) = (
+        begins.clone(),
+        ends.clone(),
+        begins.clone(),
+        ends.clone(),
+        ends.clone(),
+    );
+    let (w1, w2, rd, d, ein) = (
+        work.clone(),
+        work.clone(),
+        readies.clone(),
+        dummy.clone(),
+        ends_in_nested.clone(),
+    );
+    let n = e.clone();
+    let _h = ctx
+        .fd_handler(&*e)
+        .on_read(move |_| assert!(n.test_and_clear(), "spurious read"))
+        .on_poll(move || w1.get())
+        .on_poll_ready(move |ctx| {
+            rd.set(rd.get() + 1);
+            w2.set(false);
+            let before = e3.get();
+            // The nested poll sleeps until the dummy is set: it must leave polling mode first.
+            d.set().unwrap();
+            assert!(ctx.poll(), "the nested poll dispatches the dummy");
+            ein.set(Some(e3.get() - before));
+        })
+        .on_poll_begin(move || {
+            assert_eq!(b1.get(), e1.get(), "on_poll_begin twice in a row");
+            b1.set(b1.get() + 1);
+        })
+        .on_poll_end(move || {
+            assert_eq!(b2.get(), e2.get() + 1, "on_poll_end without on_poll_begin");
+            e2.set(e2.get() + 1);
+        })
+        .register()
+        .unwrap();
+    assert!(
+        ctx.poll_nonblocking(),
+        "dispatched by its fd: joins the poll set"
+    );
+    flush(&ctx);
+    for round in 1..=2 {
+        work.set(true);
+        assert!(ctx.poll(), "round {round}: found by polling");
+        assert_eq!(readies.get(), round);
+        assert_eq!(dummy_reads.get(), round);
+        assert_eq!(
+            ends_in_nested.get(),
+            Some(1),
+            "round {round}: on_poll_end ran in the nested poll, for the running handler"
+        );
+        assert_eq!((begins.get(), ends.get()), (round, round));
+        flush(&ctx);
+    }
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
 /// Conformance case 46, on a real context: with a maximum of 0 no poll function is called;
 /// a handler's first dispatch by readiness gives it a 4 µs window; a window of 0 means no
 /// polling; a non-blocking poll never busy-polls; and a slow handler (its block time above the
@@ -3436,6 +3518,11 @@ macro_rules! conformance_tests {
         $(#[$meta])*
         fn poll_event_notifier_polled_through_its_flag() {
             $crate::testing::poll_event_notifier_polled_through_its_flag($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn poll_nested_poll_ends_polling_mode_for_the_running_handler() {
+            $crate::testing::poll_nested_poll_ends_polling_mode_for_the_running_handler($make)
         }
     };
 }
