@@ -695,7 +695,7 @@ impl Inner {
     ) -> usize {
         let window = Duration::from_nanos(self.poll_window_ns(params));
         let window = timeout.map_or(window, |t| t.min(window));
-        if window.is_zero() || self.monitor.borrow().need_wait(false) {
+        if window.is_zero() || !self.ready_to_poll() {
             return 0;
         }
         self.enter_poll_mode();
@@ -722,6 +722,20 @@ impl Inner {
             *timeout = Some(Duration::ZERO);
         }
         polled
+    }
+
+    /// Whether the backend lets the loop busy-poll now: `need_wait(false)` is false, at once or
+    /// after the backend submitted what it had queued (io_uring's re-arms after a dispatch).
+    fn ready_to_poll(&self) -> bool {
+        if !self.monitor.borrow().need_wait(false) {
+            return true;
+        }
+        let prepared = self.monitor.borrow_mut().prepare_polling();
+        if let Err(e) = prepared {
+            tracing::debug!("aio: the backend could not prepare for polling ({e}); waiting");
+            return false;
+        }
+        !self.monitor.borrow().need_wait(false)
     }
 
     /// Takes out of the poll set the members that polling has not found ready for

@@ -283,6 +283,21 @@ pub trait FdMonitor: fmt::Debug {
         polling_disabled
     }
 
+    /// Called before busy polling when [`need_wait`](Self::need_wait)`(false)` is true: a
+    /// backend that wants a wait only to hand queued work to the kernel (io_uring's re-armed
+    /// polls after a dispatch) submits it now, without waiting, so that the loop can poll
+    /// instead of going to sleep. The context asks `need_wait` again afterwards. It must not
+    /// block and must not report anything (completions stay for the next `wait`). The default
+    /// does nothing.
+    ///
+    /// # Errors
+    ///
+    /// A submission error; the context then skips polling for this iteration and leaves the
+    /// error to `wait`.
+    fn prepare_polling(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// The fds that an outer event loop (glib, tokio, another context) must watch for this
     /// monitor to have work, appended to `out`.
     ///
@@ -303,6 +318,9 @@ impl FdMonitor for Box<dyn FdMonitor> {
     }
     fn need_wait(&self, polling_disabled: bool) -> bool {
         (**self).need_wait(polling_disabled)
+    }
+    fn prepare_polling(&mut self) -> io::Result<()> {
+        (**self).prepare_polling()
     }
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
         (**self).outer_fds(out)

@@ -2547,9 +2547,10 @@ impl Polled {
     }
 }
 
-/// A non-blocking poll that finds nothing. The io_uring backend submits the polls it re-armed
-/// only in a wait, and reports `need_wait` until then, which keeps the next blocking poll from
-/// busy-polling; QEMU skips test-nested-aio-poll on io_uring for that reason. This flushes them.
+/// A non-blocking poll that finds nothing: it submits what the backend queued (io_uring's
+/// re-arms) in a wait, so that the next blocking poll starts from a quiet backend. (QEMU skips
+/// test-nested-aio-poll on io_uring because its `need_wait` stops polling while re-arms are
+/// queued; here `prepare_polling` submits them, see `poll_right_after_an_fd_dispatch`.)
 fn flush(ctx: &AioContext) {
     assert!(!ctx.poll_nonblocking(), "nothing to do");
 }
@@ -2734,6 +2735,28 @@ pub fn poll_nested_poll_ends_polling_mode_for_the_running_handler(make: MakeCont
         );
         assert_eq!((begins.get(), ends.get()), (round, round));
         flush(&ctx);
+    }
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
+/// Polling runs in the iteration right after a dispatch by fd readiness, on every backend:
+/// io_uring, whose `need_wait` asks for a wait while the dispatched handler's re-arm is queued,
+/// submits it in `prepare_polling` and polls. Here only polling can see the work (the fd is
+/// not readable), so a backend that slept instead would hang until the watchdog.
+pub fn poll_right_after_an_fd_dispatch(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let wd = Watchdog::new(ctx.handle());
+    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
+        .unwrap();
+    let h = Polled::register(&ctx, true);
+    for round in 1..=3 {
+        h.e.set().unwrap();
+        assert!(ctx.poll(), "round {round}: dispatched by its fd");
+        assert_eq!(h.reads.get(), round);
+        h.work.set(true);
+        assert!(ctx.poll(), "round {round}: found by polling");
+        assert_eq!(h.readies.get(), round, "round {round}: poll-ready ran");
+        h.work.set(false);
     }
     assert!(!wd.fired(), "a blocking poll hung");
 }
@@ -3518,6 +3541,11 @@ macro_rules! conformance_tests {
         $(#[$meta])*
         fn poll_event_notifier_polled_through_its_flag() {
             $crate::testing::poll_event_notifier_polled_through_its_flag($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn poll_right_after_an_fd_dispatch() {
+            $crate::testing::poll_right_after_an_fd_dispatch($make)
         }
         #[test]
         $(#[$meta])*

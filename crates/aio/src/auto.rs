@@ -312,6 +312,10 @@ impl FdMonitor for AutoMonitor {
         each!(&self.active, m => m.need_wait(polling_disabled))
     }
 
+    fn prepare_polling(&mut self) -> io::Result<()> {
+        each!(&mut self.active, m => m.prepare_polling())
+    }
+
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
         each!(&self.active, m => m.outer_fds(out))
     }

@@ -52,7 +52,8 @@
 //!
 //! The queues are only touched by methods that take `&mut self`: [`update`](FdMonitor::update)
 //! only records the change (no system call, no queue access), and [`wait`](FdMonitor::wait)
-//! turns recorded changes into SQEs, submits, and reaps. [`need_wait`](FdMonitor::need_wait) and
+//! turns recorded changes into SQEs, submits, and reaps; [`prepare_polling`](FdMonitor::prepare_polling)
+//! does the submission part early, before the context busy-polls. [`need_wait`](FdMonitor::need_wait) and
 //! [`outer_fds`](FdMonitor::outer_fds) only read the rings. `UringMonitor` is `Send` but not `Sync`, so
 //! the compiler enforces what QEMU states as a rule ("sq/cq rings are only modified within
 //! `fdmon_io_uring_wait()`"). It needs no lock-free list either, because every change comes
@@ -653,6 +654,25 @@ impl FdMonitor for UringMonitor {
     /// busy-polling loop that asks this question starves no handler.
     fn need_wait(&self, _polling_disabled: bool) -> bool {
         self.ring.has_completions() || self.ring.has_unsubmitted() || self.polls.has_work()
+    }
+
+    /// Submits the re-arms and changes queued since the last wait, without waiting, so that a
+    /// context can busy-poll right after a dispatch instead of going to sleep to submit them
+    /// (QEMU's `need_wait` says "wait" as long as SQEs are pending). Completions are left in
+    /// the ring for the next wait, which reports them: a key reported by the last wait can
+    /// only be reported again by the next one, as when that wait submits the re-arm itself.
+    /// Does nothing while completions are waiting (polling yields to them anyway).
+    fn prepare_polling(&mut self) -> io::Result<()> {
+        if self.ring.has_completions() {
+            return Ok(());
+        }
+        // The start of the next wait's submission, done early.
+        self.polls.begin_wait();
+        self.fill();
+        match self.ring.submit_and_wait(0) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Appends the ring fd, for read interest: it is readable while completions are waiting.
