@@ -1141,7 +1141,7 @@ impl AioContext {
     ///   member, then one more call of its poll function (work that arrived while kicks were
     ///   suppressed), whose finds are dispatched. This is the only time a nested iteration
     ///   calls a poll function; it never busy-polls, and a handler whose poll-ready callback
-    ///   is running is skipped.
+    ///   is running gets `on_poll_end` (begin and end always alternate) but is not polled.
     /// * [`poll_nonblocking`](Self::poll_nonblocking) never busy-polls.
     ///
     /// The change applies from the next iteration: every window restarts from 0, and the loop
