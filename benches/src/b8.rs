@@ -6,7 +6,7 @@
 //!
 //! * [`Aio`]: a context on the calling thread, its pool (`min = max = 64`, QEMU's
 //!   `thread-pool-min`, so that no thread is created on the hot path), and a second submitter
-//!   thread ([`Helper`]) whose completions also run on the context's thread;
+//!   thread whose completions also run on the context's thread;
 //! * [`Tokio`]: a `current_thread` runtime (its blocking pool runs `spawn_blocking`, with
 //!   tokio's defaults: up to 512 threads, 10 s keep-alive) and a second submitter thread;
 //! * [`Job`]: a no-op, or 10 µs of spinning (sleeping would measure timer slack instead).
