@@ -18,245 +18,17 @@
 //! (and joining) one thread costs here. Nothing is pinned: workers inherit their creator's
 //! affinity (aio creates them from the context's thread, as QEMU does).
 //!
+//! The workloads live in `aio_benches::b8`, shared with the polling bench (`benches/polling.rs`).
+//!
 //! Without `--bench` (as under `cargo test --benches`), everything runs once, briefly.
 
-use std::cell::Cell;
-use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use aio::{AioContext, ContextHandle};
-use aio_benches::new_context;
+use aio::PollParams;
+use aio_benches::b8::{Aio, BATCH, Job, Tokio, latency, time};
+use aio_benches::percentile;
 use criterion::{BenchmarkId, Criterion, Throughput};
-use threadpool::{DEFAULT_MAX_THREADS, PoolHandle, ThreadPool};
-
-/// Requests per batch in the throughput runs.
-const BATCH: usize = 1000;
-
-#[derive(Clone, Copy, Debug)]
-enum Job {
-    Noop,
-    Spin10us,
-}
-
-impl Job {
-    const ALL: [Job; 2] = [Job::Noop, Job::Spin10us];
-
-    fn name(self) -> &'static str {
-        match self {
-            Job::Noop => "noop",
-            Job::Spin10us => "10us",
-        }
-    }
-
-    fn run(self) {
-        match self {
-            Job::Noop => {}
-            Job::Spin10us => {
-                let start = Instant::now();
-                while start.elapsed() < Duration::from_micros(10) {
-                    std::hint::spin_loop();
-                }
-            }
-        }
-    }
-}
-
-/// Our side: a context on this thread, its pool, and a second submitter thread.
-struct Aio {
-    ctx: AioContext,
-    pool: Rc<ThreadPool>,
-    helper: Helper,
-}
-
-impl Aio {
-    fn new() -> Aio {
-        let ctx = new_context();
-        let pool = ThreadPool::of(&ctx);
-        // QEMU's answer to thread creation on the hot path (thread-pool-min): keep the threads.
-        // With the default minimum of 0, threads idle for 10 s exit and are created again by a
-        // later burst (see "threads created in total" at the end of a run without this line).
-        pool.set_limits(DEFAULT_MAX_THREADS, DEFAULT_MAX_THREADS)
-            .expect("B8: valid limits");
-        let helper = Helper::aio(pool.handle(), ctx.handle());
-        Aio { ctx, pool, helper }
-    }
-
-    fn round_trip(&self, job: Job) {
-        let done = Rc::new(Cell::new(false));
-        let d = done.clone();
-        self.pool
-            .submit_with(move || job.run(), move |_| d.set(true));
-        while !done.get() {
-            self.ctx.poll();
-        }
-    }
-
-    fn submit_batch(&self, job: Job, left: &Rc<Cell<usize>>) {
-        left.set(left.get() + BATCH);
-        for _ in 0..BATCH {
-            let l = left.clone();
-            self.pool
-                .submit_with(move || job.run(), move |_| l.set(l.get() - 1));
-        }
-    }
-
-    fn batch(&self, job: Job) {
-        let left = Rc::new(Cell::new(0));
-        self.submit_batch(job, &left);
-        while left.get() > 0 {
-            self.ctx.poll();
-        }
-    }
-
-    fn batch2(&self, job: Job) {
-        self.helper.start(job);
-        let left = Rc::new(Cell::new(0));
-        self.submit_batch(job, &left);
-        while left.get() > 0 || !self.helper.is_done() {
-            self.ctx.poll();
-        }
-    }
-
-    fn threads_created(&self) -> u64 {
-        self.pool.stats().threads_created
-    }
-}
-
-/// tokio's side: a `current_thread` runtime (its blocking pool runs `spawn_blocking`) and a
-/// second submitter thread.
-struct Tokio {
-    rt: tokio::runtime::Runtime,
-    started: Arc<AtomicU64>,
-    helper: Helper,
-}
-
-impl Tokio {
-    fn new() -> Tokio {
-        let started = Arc::new(AtomicU64::new(0));
-        let s = started.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .on_thread_start(move || {
-                s.fetch_add(1, Ordering::Relaxed);
-            })
-            .build()
-            .expect("B8: cannot build a tokio runtime");
-        let helper = Helper::tokio(rt.handle().clone());
-        Tokio {
-            rt,
-            started,
-            helper,
-        }
-    }
-
-    fn round_trip(&self, job: Job) {
-        self.rt
-            .block_on(async { tokio::task::spawn_blocking(move || job.run()).await })
-            .unwrap();
-    }
-
-    fn batch(&self, job: Job) {
-        self.rt.block_on(tokio_batch(job));
-    }
-
-    fn batch2(&self, job: Job) {
-        self.helper.start(job);
-        self.rt.block_on(tokio_batch(job));
-        self.helper.wait_done();
-    }
-
-    fn threads_created(&self) -> u64 {
-        self.started.load(Ordering::Relaxed)
-    }
-}
-
-async fn tokio_batch(job: Job) {
-    let handles: Vec<_> = (0..BATCH)
-        .map(|_| tokio::task::spawn_blocking(move || job.run()))
-        .collect();
-    for h in handles {
-        h.await.unwrap();
-    }
-}
-
-/// The second submitter: a thread that submits one batch per `start` and reports when done.
-struct Helper {
-    go: mpsc::Sender<Job>,
-    done: Arc<AtomicBool>,
-    finished: mpsc::Receiver<()>,
-}
-
-impl Helper {
-    /// Submits through `handle`; the completions run on the context's thread, and the last one
-    /// wakes it (`done` is read there).
-    fn aio(handle: PoolHandle, ctx: ContextHandle) -> Helper {
-        let (go, jobs) = mpsc::channel::<Job>();
-        let (_finished_tx, finished) = mpsc::channel();
-        let done = Arc::new(AtomicBool::new(true));
-        let d = done.clone();
-        thread::spawn(move || {
-            for job in jobs {
-                let left = Arc::new(AtomicU64::new(BATCH as u64));
-                for _ in 0..BATCH {
-                    let (l, d, ctx) = (left.clone(), d.clone(), ctx.clone());
-                    let _ = handle.submit_with(
-                        move || job.run(),
-                        move |_| {
-                            if l.fetch_sub(1, Ordering::Relaxed) == 1 {
-                                d.store(true, Ordering::Release);
-                                ctx.notify();
-                            }
-                        },
-                    );
-                }
-            }
-        });
-        Helper { go, done, finished }
-    }
-
-    /// Runs its batch in `Handle::block_on` and reports on `finished`.
-    fn tokio(rt: tokio::runtime::Handle) -> Helper {
-        let (go, jobs) = mpsc::channel::<Job>();
-        let (finished_tx, finished) = mpsc::channel();
-        thread::spawn(move || {
-            for job in jobs {
-                rt.block_on(tokio_batch(job));
-                if finished_tx.send(()).is_err() {
-                    break;
-                }
-            }
-        });
-        Helper {
-            go,
-            done: Arc::new(AtomicBool::new(true)),
-            finished,
-        }
-    }
-
-    fn start(&self, job: Job) {
-        self.done.store(false, Ordering::Relaxed);
-        self.go.send(job).expect("B8: helper thread gone");
-    }
-
-    fn is_done(&self) -> bool {
-        self.done.load(Ordering::Acquire)
-    }
-
-    fn wait_done(&self) {
-        self.finished.recv().expect("B8: helper thread gone");
-    }
-}
-
-fn time(iters: u64, mut f: impl FnMut()) -> Duration {
-    let start = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    start.elapsed()
-}
 
 fn criterion_benches(c: &mut Criterion, aio: &Aio, tokio: &Tokio) {
     let mut g = c.benchmark_group("B8_threadpool_latency");
@@ -303,21 +75,6 @@ struct Plan {
     warm_up_max: usize,
     batches: usize,
     rounds: usize,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i]
-}
-
-fn latency(mut f: impl FnMut(), n: usize) -> Vec<Duration> {
-    (0..n)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect()
 }
 
 fn summary(aio: &Aio, tokio: &Tokio, plan: &Plan) {
@@ -424,7 +181,7 @@ fn summary(aio: &Aio, tokio: &Tokio, plan: &Plan) {
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    let aio = Aio::new();
+    let aio = Aio::new(PollParams::disabled());
     let tokio = Tokio::new();
     let mut c = Criterion::default()
         .sample_size(20)

@@ -1,7 +1,8 @@
 //! Workloads shared by the side-by-side benchmarks: aio and its peer (tokio `current_thread`)
 //! for B1, B2 and B4 of DESIGN.md §8 here, aio's fd backends next to mio, polling and the raw
-//! system-call floors for B5 and B6 in [`fd`], and in [`b7`] the timers of B7 (with async-io as
-//! a second peer).
+//! system-call floors for B5 and B6 in [`fd`], in [`b7`] the timers of B7 (with async-io as
+//! a second peer), in [`b8`] the thread pool of B8, and for adaptive polling (issue 11) the
+//! cross-thread ping-pong of B3 in [`b3`] and the idle loop of B9 in [`b9`].
 //!
 //! Each workload takes an iteration count and returns the time of exactly that many iterations,
 //! so the criterion benches (`iter_custom`) and the quick report (`benches/report.rs`, median of
@@ -23,9 +24,12 @@ use std::sync::{Arc, OnceLock, mpsc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aio::{AioContext, BottomHalf, ContextHandle};
+use aio::{AioContext, BottomHalf, ContextHandle, PollParams};
 
+pub mod b3;
 pub mod b7;
+pub mod b8;
+pub mod b9;
 pub mod fd;
 
 thread_local! {
@@ -184,6 +188,36 @@ pub fn new_context() -> AioContext {
         .backend(aio::Backend::Poll)
         .build()
         .expect("aio-benches: cannot create an AioContext")
+}
+
+/// As [`new_context`] (the poll backend, `AIO_BACKEND` honoured), with exactly the adaptive
+/// polling parameters `params`: the builder's `poll_params`, and, if `AIO_POLL_MAX_NS` replaced
+/// the maximum, `params` set again, so that a row says what it measured.
+///
+/// # Panics
+///
+/// As [`new_context`], or if `params` is refused ([`PollParams::validate`]).
+pub fn new_polling_context(params: PollParams) -> AioContext {
+    let ctx = aio::Builder::new()
+        .backend(aio::Backend::Poll)
+        .poll_params(params)
+        .build()
+        .expect("aio-benches: cannot create an AioContext");
+    if ctx.poll_params() != params {
+        ctx.set_poll_params(params)
+            .expect("aio-benches: polling parameters refused");
+    }
+    ctx
+}
+
+/// The element at quantile `p` (0 ..= 1) of `sorted`, by rank (no interpolation).
+///
+/// # Panics
+///
+/// If `sorted` is empty.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
 }
 
 /// The peer: a tokio `current_thread` runtime with every driver this crate's tokio features
