@@ -6,7 +6,7 @@
 //! (each followed by a check that the server still serves a new client); isolation from stuck
 //! clients; fd and memory leaks over 1 000 connections; several I/O contexts; shutdown on
 //! SIGTERM/SIGINT with requests in flight; the operator options (`--help`, `--shared`, `--once`,
-//! `--pid-file`, socket activation, `--idle-timeout`); and interoperability with QEMU's own NBD
+//! `--pid-file`, socket activation, `--idle-timeout`, the polling options); and interoperability with QEMU's own NBD
 //! client (`qemu-io`, `qemu-img`) and libnbd (its Python bindings), skipped with a printed reason when they
 //! are not installed.
 //!
