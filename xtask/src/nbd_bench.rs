@@ -4,9 +4,11 @@
 //!
 //! Our server runs three ways ([`SERVERS`]): adaptive polling off (`--poll-max-ns 0`, its
 //! default), on with QEMU 10's policy (`--poll-max-ns 32768`, QEMU's IOThread default), and on
-//! with the weighted policy (`--poll-weight 2`, QEMU's default weight); qemu-nbd has no polling
-//! option, and its row is the reference. `AIO_POLL_MAX_NS` is removed from our server's
-//! environment so that it cannot change the rows.
+//! with the weighted policy (`--poll-weight 2`, QEMU's default weight); each on the default
+//! backend and again with `AIO_BACKEND=epoll`, because on io_uring the re-arm of every fired
+//! poll request makes `need_wait` true, which skips polling in most iterations (QEMU's rule).
+//! qemu-nbd has no polling option, and its row is the reference. `AIO_POLL_MAX_NS` is removed
+//! from our server's environment so that it cannot change the rows.
 //!
 //! Every run starts a fresh server process, lets `qemu-img bench` send its requests, and stops
 //! the server with SIGTERM; the runs of the servers alternate (each server once per round) so
@@ -94,8 +96,18 @@ const CASES: &[Case] = &[
 /// The servers compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Which {
-    Ours(Polling),
+    Ours(Backend, Polling),
     QemuNbd,
+}
+
+/// The backend of our server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// The aio default (`AIO_BACKEND` as the caller's environment has it): io_uring where the
+    /// kernel allows it. The ready line names it.
+    Default,
+    /// `AIO_BACKEND=epoll`.
+    Epoll,
 }
 
 /// How our server polls.
@@ -109,16 +121,28 @@ enum Polling {
     Weighted,
 }
 
-/// Every server, in the order of a round and of the table's rows. The first is the reference
-/// of the "vs polling off" column, the last that of "vs qemu-nbd".
-const SERVERS: [Which; 4] = [
-    Which::Ours(Polling::Off),
-    Which::Ours(Polling::Qemu10),
-    Which::Ours(Polling::Weighted),
+/// Every server, in the order of a round and of the table's rows. The last is the reference
+/// of the "vs qemu-nbd" column; `Polling::Off` on the same backend that of "vs polling off".
+const SERVERS: [Which; 7] = [
+    Which::Ours(Backend::Default, Polling::Off),
+    Which::Ours(Backend::Default, Polling::Qemu10),
+    Which::Ours(Backend::Default, Polling::Weighted),
+    Which::Ours(Backend::Epoll, Polling::Off),
+    Which::Ours(Backend::Epoll, Polling::Qemu10),
+    Which::Ours(Backend::Epoll, Polling::Weighted),
     Which::QemuNbd,
 ];
-const POLLING_OFF: usize = 0;
-const QEMU_NBD: usize = 3;
+const QEMU_NBD: usize = SERVERS.len() - 1;
+
+/// The index in [`SERVERS`] of the polling-off twin of `which`, if it has one.
+fn polling_off_of(which: Which) -> Option<usize> {
+    let Which::Ours(backend, _) = which else {
+        return None;
+    };
+    SERVERS
+        .iter()
+        .position(|&w| w == Which::Ours(backend, Polling::Off))
+}
 
 /// Everything needed to start either server on the benchmark image.
 #[derive(Debug)]
@@ -132,11 +156,16 @@ struct Servers {
 impl Servers {
     fn command(&self, which: Which) -> Cmd {
         match which {
-            Which::Ours(polling) => Cmd::new(&self.ours.display().to_string())
-                .env_remove("AIO_POLL_MAX_NS")
-                .args(["--unix", &self.socket.display().to_string()])
-                .args(poll_args(polling))
-                .arg(self.image.display().to_string()),
+            Which::Ours(backend, polling) => {
+                let cmd = Cmd::new(&self.ours.display().to_string()).env_remove("AIO_POLL_MAX_NS");
+                let cmd = match backend {
+                    Backend::Default => cmd,
+                    Backend::Epoll => cmd.env("AIO_BACKEND", "epoll"),
+                };
+                cmd.args(["--unix", &self.socket.display().to_string()])
+                    .args(poll_args(polling))
+                    .arg(self.image.display().to_string())
+            }
             // `-t` keeps it serving after the client leaves, as ours does, so both are stopped
             // the same way (SIGTERM); `--pid-file` is how we learn that it listens.
             Which::QemuNbd => Cmd::new("qemu-nbd")
@@ -149,14 +178,14 @@ impl Servers {
 
     fn readiness(&self, which: Which) -> Readiness {
         match which {
-            Which::Ours(_) => Readiness::ReadyLine,
+            Which::Ours(..) => Readiness::ReadyLine,
             Which::QemuNbd => Readiness::PidFile(self.pid_file.clone()),
         }
     }
 
     fn name(which: Which) -> &'static str {
         match which {
-            Which::Ours(_) => "nbd-server",
+            Which::Ours(..) => "nbd-server",
             Which::QemuNbd => "qemu-nbd",
         }
     }
@@ -164,8 +193,16 @@ impl Servers {
     /// The server's name and polling options, as the table's rows show it.
     fn label(which: Which) -> String {
         match which {
-            Which::Ours(Polling::Off) => "nbd-server (polling off)".to_owned(),
-            Which::Ours(polling) => format!("nbd-server {}", poll_args(polling).join(" ")),
+            Which::Ours(backend, polling) => {
+                let env = match backend {
+                    Backend::Default => "",
+                    Backend::Epoll => "AIO_BACKEND=epoll ",
+                };
+                match polling {
+                    Polling::Off => format!("{env}nbd-server (polling off)"),
+                    _ => format!("{env}nbd-server {}", poll_args(polling).join(" ")),
+                }
+            }
             Which::QemuNbd => "qemu-nbd".to_owned(),
         }
     }
@@ -258,7 +295,9 @@ pub fn run() -> Result<ExitCode> {
             .zip(ready_lines)
             .filter_map(|(&which, line)| Some((Servers::label(which), line?)))
             .collect(),
-        ours_cmd: servers.command(Which::Ours(Polling::Weighted)).to_string(),
+        ours_cmd: servers
+            .command(Which::Ours(Backend::Epoll, Polling::Weighted))
+            .to_string(),
         qemu_cmd: servers.command(Which::QemuNbd).to_string(),
         client_cmd: client_command(CASES[3], count, &servers.socket).to_string(),
         elapsed: started.elapsed(),
@@ -459,11 +498,7 @@ fn rows(results: &[CaseResult]) -> Vec<[String; 5]> {
                 Servers::label(which),
                 cell(summarize(&r.iops(i))),
                 ratio(QEMU_NBD),
-                if which == Which::QemuNbd {
-                    "—".to_owned()
-                } else {
-                    ratio(POLLING_OFF)
-                },
+                polling_off_of(which).map_or_else(|| "—".to_owned(), ratio),
             ]);
         }
     }
@@ -580,7 +615,7 @@ fn markdown(setup: &Setup, results: &[CaseResult]) -> String {
     let _ = writeln!(
         md,
         "- nbd-server: `{}` (one event loop: `--contexts` 1, the default; the polling options \
-         vary by row, `AIO_POLL_MAX_NS` removed from its environment)",
+         and `AIO_BACKEND` vary by row, `AIO_POLL_MAX_NS` removed from its environment)",
         setup.ours_cmd
     );
     for (label, line) in &setup.ready_lines {
@@ -632,7 +667,7 @@ mod tests {
     }
 
     #[test]
-    fn rows_compare_each_server_with_qemu_nbd_and_with_polling_off() {
+    fn rows_compare_each_server_with_qemu_nbd_and_with_polling_off_on_its_backend() {
         let run = |iops| Run {
             iops,
             ready: None,
@@ -644,12 +679,15 @@ mod tests {
                 vec![run(100.0), run(300.0), run(200.0)],
                 vec![run(300.0)],
                 vec![run(150.0)],
+                vec![run(500.0)],
+                vec![run(250.0)],
+                vec![run(1000.0)],
                 vec![run(400.0), run(100.0)],
             ],
         };
         let rows = rows(&[result]);
         let cells = |i: usize| rows[i][1..].to_vec();
-        assert_eq!(rows.len(), 4);
+        assert_eq!(rows.len(), 7);
         assert!(rows.iter().all(|r| r[0] == "4 KiB read, QD 1"));
         assert_eq!(
             cells(0),
@@ -673,7 +711,34 @@ mod tests {
                 "0.75"
             ]
         );
-        assert_eq!(cells(3), ["qemu-nbd", "250 (100–400)", "—", "—"]);
+        assert_eq!(
+            cells(3),
+            [
+                "AIO_BACKEND=epoll nbd-server (polling off)",
+                "500 (500–500)",
+                "2.00",
+                "—"
+            ]
+        );
+        assert_eq!(
+            cells(4),
+            [
+                "AIO_BACKEND=epoll nbd-server --poll-max-ns 32768",
+                "250 (250–250)",
+                "1.00",
+                "0.50"
+            ]
+        );
+        assert_eq!(
+            cells(5),
+            [
+                "AIO_BACKEND=epoll nbd-server --poll-max-ns 32768 --poll-weight 2",
+                "1 000 (1 000–1 000)",
+                "4.00",
+                "2.00"
+            ]
+        );
+        assert_eq!(cells(6), ["qemu-nbd", "250 (100–400)", "—", "—"]);
     }
 
     #[test]
