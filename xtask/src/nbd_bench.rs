@@ -2,10 +2,18 @@
 //! both serving the same raw image over a Unix socket, measured by `qemu-img bench`; owns the
 //! cases, the alternating runs and the report (`target/bench-report/nbd.md`).
 //!
+//! Our server runs three ways ([`SERVERS`]): adaptive polling off (`--poll-max-ns 0`, its
+//! default), on with QEMU 10's policy (`--poll-max-ns 32768`, QEMU's IOThread default), and on
+//! with the weighted policy (`--poll-weight 2`, QEMU's default weight); each on the default
+//! backend and again with `AIO_BACKEND=epoll`, because on io_uring the re-arm of every fired
+//! poll request makes `need_wait` true, which skips polling in most iterations (QEMU's rule).
+//! qemu-nbd has no polling option, and its row is the reference. `AIO_POLL_MAX_NS` is removed
+//! from our server's environment so that it cannot change the rows.
+//!
 //! Every run starts a fresh server process, lets `qemu-img bench` send its requests, and stops
-//! the server with SIGTERM; the runs of the two servers alternate (ours, qemu-nbd, ours, ...) so
+//! the server with SIGTERM; the runs of the servers alternate (each server once per round) so
 //! that slow drifts of the machine (page-cache writeback, frequency changes, neighbours) fall on
-//! both alike. The time is the one `qemu-img bench` prints ("Run completed in X seconds"), which
+//! all alike. The time is the one `qemu-img bench` prints ("Run completed in X seconds"), which
 //! covers the requests only: not the connection setup, nor the flush when the client closes.
 //!
 //! The two servers are configured alike: ours does `pread`/`pwrite` through the page cache, on
@@ -38,6 +46,12 @@ const REQUEST_SIZE: u32 = 4096;
 /// The byte `qemu-img bench -w` writes. Not zero, so that neither side can turn the writes into
 /// zero-writes or holes.
 const WRITE_PATTERN: &str = "0x5a";
+
+/// `--poll-max-ns` of the polling rows: QEMU's IOThread default.
+const POLL_MAX_NS: u64 = 32_768;
+
+/// `--poll-weight` of the weighted row: QEMU's default weight (aio's `DEFAULT_WEIGHT`).
+const POLL_WEIGHT: u8 = 2;
 
 const DEFAULT_COUNT: u64 = 50_000;
 const DEFAULT_ROUNDS: usize = 3;
@@ -79,11 +93,55 @@ const CASES: &[Case] = &[
     },
 ];
 
-/// The two servers compared.
+/// The servers compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Which {
-    Ours,
+    Ours(Backend, Polling),
     QemuNbd,
+}
+
+/// The backend of our server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// The aio default (`AIO_BACKEND` as the caller's environment has it): io_uring where the
+    /// kernel allows it. The ready line names it.
+    Default,
+    /// `AIO_BACKEND=epoll`.
+    Epoll,
+}
+
+/// How our server polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Polling {
+    /// `--poll-max-ns 0`: sleeps in the backend at once (the default).
+    Off,
+    /// `--poll-max-ns` [`POLL_MAX_NS`], QEMU 10's per-handler windows.
+    Qemu10,
+    /// As `Qemu10`, with `--poll-weight` [`POLL_WEIGHT`].
+    Weighted,
+}
+
+/// Every server, in the order of a round and of the table's rows. The last is the reference
+/// of the "vs qemu-nbd" column; `Polling::Off` on the same backend that of "vs polling off".
+const SERVERS: [Which; 7] = [
+    Which::Ours(Backend::Default, Polling::Off),
+    Which::Ours(Backend::Default, Polling::Qemu10),
+    Which::Ours(Backend::Default, Polling::Weighted),
+    Which::Ours(Backend::Epoll, Polling::Off),
+    Which::Ours(Backend::Epoll, Polling::Qemu10),
+    Which::Ours(Backend::Epoll, Polling::Weighted),
+    Which::QemuNbd,
+];
+const QEMU_NBD: usize = SERVERS.len() - 1;
+
+/// The index in [`SERVERS`] of the polling-off twin of `which`, if it has one.
+fn polling_off_of(which: Which) -> Option<usize> {
+    let Which::Ours(backend, _) = which else {
+        return None;
+    };
+    SERVERS
+        .iter()
+        .position(|&w| w == Which::Ours(backend, Polling::Off))
 }
 
 /// Everything needed to start either server on the benchmark image.
@@ -98,9 +156,16 @@ struct Servers {
 impl Servers {
     fn command(&self, which: Which) -> Cmd {
         match which {
-            Which::Ours => Cmd::new(&self.ours.display().to_string())
-                .args(["--unix", &self.socket.display().to_string()])
-                .arg(self.image.display().to_string()),
+            Which::Ours(backend, polling) => {
+                let cmd = Cmd::new(&self.ours.display().to_string()).env_remove("AIO_POLL_MAX_NS");
+                let cmd = match backend {
+                    Backend::Default => cmd,
+                    Backend::Epoll => cmd.env("AIO_BACKEND", "epoll"),
+                };
+                cmd.args(["--unix", &self.socket.display().to_string()])
+                    .args(poll_args(polling))
+                    .arg(self.image.display().to_string())
+            }
             // `-t` keeps it serving after the client leaves, as ours does, so both are stopped
             // the same way (SIGTERM); `--pid-file` is how we learn that it listens.
             Which::QemuNbd => Cmd::new("qemu-nbd")
@@ -113,16 +178,48 @@ impl Servers {
 
     fn readiness(&self, which: Which) -> Readiness {
         match which {
-            Which::Ours => Readiness::ReadyLine,
+            Which::Ours(..) => Readiness::ReadyLine,
             Which::QemuNbd => Readiness::PidFile(self.pid_file.clone()),
         }
     }
 
     fn name(which: Which) -> &'static str {
         match which {
-            Which::Ours => "nbd-server",
+            Which::Ours(..) => "nbd-server",
             Which::QemuNbd => "qemu-nbd",
         }
+    }
+
+    /// The server's name and polling options, as the table's rows show it.
+    fn label(which: Which) -> String {
+        match which {
+            Which::Ours(backend, polling) => {
+                let env = match backend {
+                    Backend::Default => "",
+                    Backend::Epoll => "AIO_BACKEND=epoll ",
+                };
+                match polling {
+                    Polling::Off => format!("{env}nbd-server (polling off)"),
+                    _ => format!("{env}nbd-server {}", poll_args(polling).join(" ")),
+                }
+            }
+            Which::QemuNbd => "qemu-nbd".to_owned(),
+        }
+    }
+}
+
+/// Our server's polling options for `polling`.
+fn poll_args(polling: Polling) -> Vec<String> {
+    let max = POLL_MAX_NS.to_string();
+    match polling {
+        Polling::Off => vec!["--poll-max-ns".into(), "0".into()],
+        Polling::Qemu10 => vec!["--poll-max-ns".into(), max],
+        Polling::Weighted => vec![
+            "--poll-max-ns".into(),
+            max,
+            "--poll-weight".into(),
+            POLL_WEIGHT.to_string(),
+        ],
     }
 }
 
@@ -165,29 +262,26 @@ pub fn run() -> Result<ExitCode> {
     // A run takes about count / IOPS; allow for a slow machine (1 000 IOPS) plus slack before
     // declaring a hang.
     let run_limit = Duration::from_secs(30) + Duration::from_millis(count);
+    let started = std::time::Instant::now();
     let mut results = Vec::new();
-    let mut ready_line = None;
+    let mut ready_lines: [Option<String>; SERVERS.len()] = Default::default();
     for &case in CASES {
         let mut result = CaseResult {
             case,
-            ours: Vec::new(),
-            qemu: Vec::new(),
+            runs: SERVERS.map(|_| Vec::new()),
         };
         for round in 1..=rounds {
-            for which in [Which::Ours, Which::QemuNbd] {
+            for (i, &which) in SERVERS.iter().enumerate() {
                 eprintln!(
                     "bench nbd: {} round {round}/{rounds}: {}",
                     case.name,
-                    Servers::name(which)
+                    Servers::label(which)
                 );
-                let (iops, ready) = run_once(&servers, which, case, count, run_limit)?;
-                if let Some(line) = ready {
-                    ready_line.get_or_insert(line);
+                let run = run_once(&servers, which, case, count, run_limit)?;
+                if let Some(line) = &run.ready {
+                    ready_lines[i].get_or_insert_with(|| line.clone());
                 }
-                match which {
-                    Which::Ours => result.ours.push(iops),
-                    Which::QemuNbd => result.qemu.push(iops),
-                }
+                result.runs[i].push(run);
             }
         }
         results.push(result);
@@ -196,10 +290,17 @@ pub fn run() -> Result<ExitCode> {
     let setup = Setup {
         count,
         rounds,
-        ready_line: ready_line.unwrap_or_else(|| "(none)".to_owned()),
-        ours_cmd: servers.command(Which::Ours).to_string(),
+        ready_lines: SERVERS
+            .iter()
+            .zip(ready_lines)
+            .filter_map(|(&which, line)| Some((Servers::label(which), line?)))
+            .collect(),
+        ours_cmd: servers
+            .command(Which::Ours(Backend::Epoll, Polling::Weighted))
+            .to_string(),
         qemu_cmd: servers.command(Which::QemuNbd).to_string(),
         client_cmd: client_command(CASES[3], count, &servers.socket).to_string(),
+        elapsed: started.elapsed(),
     };
     println!("{}", text_table(&results));
     let report_dir = project_root().join("target").join("bench-report");
@@ -213,15 +314,25 @@ pub fn run() -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts one server, runs the client against it and stops the server; returns the IOPS and,
-/// for our server, its ready line (which names the backend).
+/// One run of one server.
+#[derive(Debug)]
+struct Run {
+    iops: f64,
+    /// Our server's ready line (it names the backend and the polling parameters).
+    ready: Option<String>,
+    /// What our server's stopped line says polling did (`12 hits, 3 misses, 40 ms`), when it
+    /// polled.
+    polling: Option<String>,
+}
+
+/// Starts one server, runs the client against it and stops the server.
 fn run_once(
     servers: &Servers,
     which: Which,
     case: Case,
     count: u64,
     run_limit: Duration,
-) -> Result<(f64, Option<String>)> {
+) -> Result<Run> {
     let name = Servers::name(which);
     // A socket or pid file left by a killed server would confuse the next start.
     for stale in [&servers.socket, &servers.pid_file] {
@@ -263,8 +374,23 @@ fn run_once(
         )));
     }
     let iops = count as f64 / elapsed;
-    eprintln!("    {name}: {elapsed:.3} s, {iops:.0} IOPS");
-    Ok((iops, ready))
+    let polling = stopped
+        .stdout
+        .iter()
+        .find_map(|l| l.split_once("; polling: "))
+        .map(|(_, counters)| counters.to_owned());
+    eprintln!(
+        "    {name}: {elapsed:.3} s, {iops:.0} IOPS{}",
+        polling
+            .as_deref()
+            .map(|p| format!(" (polling: {p})"))
+            .unwrap_or_default()
+    );
+    Ok(Run {
+        iops,
+        ready,
+        polling,
+    })
 }
 
 /// A positive integer from the environment, or `default` when unset.
@@ -292,12 +418,17 @@ impl<T, E> ContextMsg<T> for std::result::Result<T, E> {
     }
 }
 
-/// The IOPS of every run of one case.
+/// Every run of one case, per server (in [`SERVERS`] order).
 #[derive(Debug)]
 struct CaseResult {
     case: Case,
-    ours: Vec<f64>,
-    qemu: Vec<f64>,
+    runs: [Vec<Run>; SERVERS.len()],
+}
+
+impl CaseResult {
+    fn iops(&self, server: usize) -> Vec<f64> {
+        self.runs[server].iter().map(|r| r.iops).collect()
+    }
 }
 
 /// Median, minimum and maximum of a non-empty sample.
@@ -347,27 +478,39 @@ fn cell(summary: Summary) -> String {
     )
 }
 
-/// The rows shared by the terminal table and the Markdown one.
-fn rows(results: &[CaseResult]) -> Vec<[String; 4]> {
-    results
-        .iter()
-        .map(|r| {
-            let (ours, qemu) = (summarize(&r.ours), summarize(&r.qemu));
-            [
+/// The rows shared by the terminal table and the Markdown one: one per case and server.
+fn rows(results: &[CaseResult]) -> Vec<[String; 5]> {
+    let mut rows = Vec::new();
+    for r in results {
+        let medians: Vec<f64> = (0..SERVERS.len())
+            .map(|i| summarize(&r.iops(i)).median)
+            .collect();
+        for (i, &which) in SERVERS.iter().enumerate() {
+            let ratio = |reference: usize| {
+                if i == reference {
+                    "—".to_owned()
+                } else {
+                    format!("{:.2}", medians[i] / medians[reference])
+                }
+            };
+            rows.push([
                 r.case.name.to_owned(),
-                cell(ours),
-                cell(qemu),
-                format!("{:.2}", ours.median / qemu.median),
-            ]
-        })
-        .collect()
+                Servers::label(which),
+                cell(summarize(&r.iops(i))),
+                ratio(QEMU_NBD),
+                polling_off_of(which).map_or_else(|| "—".to_owned(), ratio),
+            ]);
+        }
+    }
+    rows
 }
 
-const HEADER: [&str; 4] = [
+const HEADER: [&str; 5] = [
     "case",
-    "nbd-server IOPS: median (min–max)",
-    "qemu-nbd IOPS: median (min–max)",
-    "ratio of medians",
+    "server",
+    "IOPS: median (min–max)",
+    "vs qemu-nbd",
+    "vs polling off",
 ];
 
 fn text_table(results: &[CaseResult]) -> String {
@@ -379,13 +522,13 @@ fn text_table(results: &[CaseResult]) -> String {
             .max()
             .unwrap_or(0)
     };
-    let widths: Vec<usize> = (0..4).map(width).collect();
+    let widths: Vec<usize> = (0..HEADER.len()).map(width).collect();
     let mut out = String::new();
-    let line = |out: &mut String, cells: [&str; 4]| {
+    let line = |out: &mut String, cells: [&str; 5]| {
         for (i, cell) in cells.iter().enumerate() {
             let pad = widths[i] - cell.chars().count();
-            // The case name reads best left-aligned, numbers right-aligned.
-            if i == 0 {
+            // Names read best left-aligned, numbers right-aligned.
+            if i < 2 {
                 let _ = write!(out, "{cell}{}  ", " ".repeat(pad));
             } else {
                 let _ = write!(out, "{}{cell}  ", " ".repeat(pad));
@@ -397,7 +540,7 @@ fn text_table(results: &[CaseResult]) -> String {
     };
     line(&mut out, HEADER);
     for row in &rows {
-        line(&mut out, [&row[0], &row[1], &row[2], &row[3]]);
+        line(&mut out, [&row[0], &row[1], &row[2], &row[3], &row[4]]);
     }
     out
 }
@@ -407,10 +550,12 @@ fn text_table(results: &[CaseResult]) -> String {
 struct Setup {
     count: u64,
     rounds: usize,
-    ready_line: String,
+    /// Our server's ready line, per polling setting.
+    ready_lines: Vec<(String, String)>,
     ours_cmd: String,
     qemu_cmd: String,
     client_cmd: String,
+    elapsed: Duration,
 }
 
 fn markdown(setup: &Setup, results: &[CaseResult]) -> String {
@@ -418,40 +563,64 @@ fn markdown(setup: &Setup, results: &[CaseResult]) -> String {
     let _ = writeln!(md, "# NBD server: nbd-server (aio) vs qemu-nbd\n");
     let _ = writeln!(
         md,
-        "Generated by `cargo xtask bench nbd`. {} requests of {} bytes per run, {} runs per \
-         server and case, alternating servers (a fresh server process per run); a {} MiB raw \
-         image of non-zero data, the same file for both servers. IOPS = requests / the time \
-         `qemu-img bench` reports.\n",
+        "Generated by `cargo xtask bench nbd` in {:.0} s. {} requests of {} bytes per run, {} runs \
+         per server and case, the servers alternating within each round (a fresh server process \
+         per run); a {} MiB raw image of non-zero data, the same file for every server. IOPS = \
+         requests / the time `qemu-img bench` reports.\n",
+        setup.elapsed.as_secs_f64(),
         setup.count,
         REQUEST_SIZE,
         setup.rounds,
         IMAGE_SIZE >> 20
     );
     let _ = writeln!(md, "| {} |", HEADER.join(" | "));
-    let _ = writeln!(md, "|---|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|");
     for row in rows(results) {
         let _ = writeln!(md, "| {} |", row.join(" | "));
     }
-    let _ = writeln!(md, "\nRatio > 1 means nbd-server is faster.\n");
+    let _ = writeln!(
+        md,
+        "\nRatios are of medians; > 1 means faster than qemu-nbd, or than nbd-server with \
+         polling off.\n"
+    );
     let _ = writeln!(md, "## Every run (IOPS, in run order)\n");
-    let _ = writeln!(md, "| case | nbd-server | qemu-nbd |");
-    let _ = writeln!(md, "|---|---|---|");
+    let _ = writeln!(
+        md,
+        "| case | server | IOPS | polling (nbd-server's stopped line) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|");
     for r in results {
-        let join = |v: &[f64]| v.iter().map(|&x| group(x)).collect::<Vec<_>>().join(", ");
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} |",
-            r.case.name,
-            join(&r.ours),
-            join(&r.qemu)
-        );
+        for (i, &which) in SERVERS.iter().enumerate() {
+            let runs = &r.runs[i];
+            let iops = runs.iter().map(|x| group(x.iops)).collect::<Vec<_>>();
+            let polling = runs
+                .iter()
+                .filter_map(|x| x.polling.as_deref())
+                .collect::<Vec<_>>();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} |",
+                r.case.name,
+                Servers::label(which),
+                iops.join(", "),
+                if polling.is_empty() {
+                    "—".to_owned()
+                } else {
+                    polling.join("; ")
+                }
+            );
+        }
     }
     let _ = writeln!(md, "\n## Setup\n");
     let _ = writeln!(
         md,
-        "- nbd-server: `{}` (one event loop: `--contexts` 1, the default); it printed `{}`",
-        setup.ours_cmd, setup.ready_line
+        "- nbd-server: `{}` (one event loop: `--contexts` 1, the default; the polling options \
+         and `AIO_BACKEND` vary by row, `AIO_POLL_MAX_NS` removed from its environment)",
+        setup.ours_cmd
     );
+    for (label, line) in &setup.ready_lines {
+        let _ = writeln!(md, "  - {label} printed `{line}`");
+    }
     let _ = writeln!(
         md,
         "- qemu-nbd: `{}` (one event loop; page cache, worker threads, fdatasync on flush: what nbd-server does)",
@@ -495,6 +664,81 @@ mod tests {
             }
         );
         assert_eq!(summarize(&[1.0, 2.0, 4.0, 3.0]).median, 2.5);
+    }
+
+    #[test]
+    fn rows_compare_each_server_with_qemu_nbd_and_with_polling_off_on_its_backend() {
+        let run = |iops| Run {
+            iops,
+            ready: None,
+            polling: None,
+        };
+        let result = CaseResult {
+            case: CASES[0],
+            runs: [
+                vec![run(100.0), run(300.0), run(200.0)],
+                vec![run(300.0)],
+                vec![run(150.0)],
+                vec![run(500.0)],
+                vec![run(250.0)],
+                vec![run(1000.0)],
+                vec![run(400.0), run(100.0)],
+            ],
+        };
+        let rows = rows(&[result]);
+        let cells = |i: usize| rows[i][1..].to_vec();
+        assert_eq!(rows.len(), 7);
+        assert!(rows.iter().all(|r| r[0] == "4 KiB read, QD 1"));
+        assert_eq!(
+            cells(0),
+            ["nbd-server (polling off)", "200 (100–300)", "0.80", "—"]
+        );
+        assert_eq!(
+            cells(1),
+            [
+                "nbd-server --poll-max-ns 32768",
+                "300 (300–300)",
+                "1.20",
+                "1.50"
+            ]
+        );
+        assert_eq!(
+            cells(2),
+            [
+                "nbd-server --poll-max-ns 32768 --poll-weight 2",
+                "150 (150–150)",
+                "0.60",
+                "0.75"
+            ]
+        );
+        assert_eq!(
+            cells(3),
+            [
+                "AIO_BACKEND=epoll nbd-server (polling off)",
+                "500 (500–500)",
+                "2.00",
+                "—"
+            ]
+        );
+        assert_eq!(
+            cells(4),
+            [
+                "AIO_BACKEND=epoll nbd-server --poll-max-ns 32768",
+                "250 (250–250)",
+                "1.00",
+                "0.50"
+            ]
+        );
+        assert_eq!(
+            cells(5),
+            [
+                "AIO_BACKEND=epoll nbd-server --poll-max-ns 32768 --poll-weight 2",
+                "1 000 (1 000–1 000)",
+                "4.00",
+                "2.00"
+            ]
+        );
+        assert_eq!(cells(6), ["qemu-nbd", "250 (100–400)", "—", "—"]);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! (each followed by a check that the server still serves a new client); isolation from stuck
 //! clients; fd and memory leaks over 1 000 connections; several I/O contexts; shutdown on
 //! SIGTERM/SIGINT with requests in flight; the operator options (`--help`, `--shared`, `--once`,
-//! `--pid-file`, socket activation, `--idle-timeout`); and interoperability with QEMU's own NBD
+//! `--pid-file`, socket activation, `--idle-timeout`, the polling options); and interoperability with QEMU's own NBD
 //! client (`qemu-io`, `qemu-img`) and libnbd (its Python bindings), skipped with a printed reason when they
 //! are not installed.
 //!
@@ -2099,6 +2099,11 @@ fn help_and_version_print_on_stdout_and_exit_0() {
             "--once",
             "--idle-timeout",
             "--pid-file",
+            "--poll-max-ns",
+            "--poll-weight",
+            "--poll-grow",
+            "--poll-shrink",
+            "AIO_POLL_MAX_NS",
             "LISTEN_FDS",
         ] {
             assert!(text.contains(option), "{arg}: {option} not in the usage");
@@ -2291,6 +2296,169 @@ fn idle_timeout_closes_silent_clients_only() {
     c.disconnect().unwrap();
 }
 
+/// The environment variable that overrides `--poll-max-ns` (the facade's `POLL_MAX_NS_ENV`).
+const POLL_ENV: &str = "AIO_POLL_MAX_NS";
+
+/// The server's `ready` line.
+fn ready_line(srv: &Server) -> String {
+    srv.stdout()
+        .into_iter()
+        .find(|l| l.starts_with("nbd-server: ready"))
+        .expect("a ready line")
+}
+
+/// Stops the server with SIGTERM and returns its `stopped` line.
+fn stop_and_get_stopped_line(srv: &mut Server) -> String {
+    srv.signal("TERM");
+    assert_eq!(srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    srv.stdout()
+        .into_iter()
+        .find(|l| l.starts_with("nbd-server: stopped"))
+        .expect("a stopped line")
+}
+
+/// `(hits, misses)` from a stopped line's `; polling: H hits, M misses, T ms`.
+fn polling_counts(stopped: &str) -> Option<(u64, u64)> {
+    let rest = stopped.split_once("; polling: ")?.1;
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    match words.as_slice() {
+        [hits, "hits,", misses, "misses,", _ms, "ms"] => {
+            Some((hits.parse().ok()?, misses.parse().ok()?))
+        }
+        _ => None,
+    }
+}
+
+#[test]
+fn weighted_polling_options_are_applied_and_serve() {
+    let mut f = fixture("poll-weighted", MIB, |c| {
+        c.args_extra(&[
+            "--poll-max-ns",
+            "32768",
+            "--poll-weight",
+            "3",
+            "--poll-grow",
+            "4",
+            "--poll-shrink",
+            "8",
+        ])
+        .env(POLL_ENV, None)
+    });
+    let ready = ready_line(&f.srv);
+    assert!(
+        ready.contains(
+            ", 1 context, polling up to 32768 ns (weighted 3, grow 4, shrink 8), export \"\", "
+        ),
+        "{ready}"
+    );
+    f.assert_serves();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert!(polling_counts(&stopped).is_some(), "{stopped}");
+}
+
+#[test]
+fn polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option() {
+    let mut f = fixture("poll-default", MIB, |c| c.env(POLL_ENV, None));
+    let ready = ready_line(&f.srv);
+    assert!(
+        ready.contains(", 1 context, polling off, export "),
+        "{ready}"
+    );
+    f.assert_serves();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert!(!stopped.contains("polling"), "{stopped}");
+
+    // The operator's override wins over the command line, both ways, on every context.
+    let mut f = fixture("poll-env-off", MIB, |c| {
+        c.contexts(2)
+            .args_extra(&["--poll-max-ns", "32768"])
+            .env(POLL_ENV, Some("0"))
+    });
+    let ready = ready_line(&f.srv);
+    assert!(
+        ready.contains(", 2 contexts, polling off, export "),
+        "{ready}"
+    );
+    f.assert_serves();
+    stop_and_get_stopped_line(&mut f.srv);
+    let f = fixture("poll-env-on", MIB, |c| {
+        c.args_extra(&["--poll-weight", "1"])
+            .env(POLL_ENV, Some("5000"))
+    });
+    let ready = ready_line(&f.srv);
+    assert!(
+        ready.contains(", 1 context, polling up to 5000 ns (weighted 1), export "),
+        "{ready}"
+    );
+    f.assert_serves();
+}
+
+#[test]
+fn bad_poll_options_exit_2_with_a_message() {
+    let dir = TempDir::new("poll-bad");
+    let image = dir.image("disk.img", MIB as u64);
+    let image = image.display().to_string();
+    let socket = dir.join("x.sock").display().to_string();
+    for (option, value, message) in [
+        (
+            "--poll-max-ns",
+            "-1",
+            "--poll-max-ns takes nanoseconds from 0 (off) to 1099511627775, not \"-1\"",
+        ),
+        (
+            "--poll-max-ns",
+            "1099511627776",
+            "--poll-max-ns takes nanoseconds from 0 (off) to 1099511627775, not \"1099511627776\"",
+        ),
+        (
+            "--poll-max-ns",
+            "32us",
+            "--poll-max-ns takes nanoseconds from 0 (off) to 1099511627775, not \"32us\"",
+        ),
+        (
+            "--poll-weight",
+            "31",
+            "--poll-weight takes 0 to 30, not \"31\"",
+        ),
+        (
+            "--poll-grow",
+            "256",
+            "--poll-grow takes 0 to 255, not \"256\"",
+        ),
+        (
+            "--poll-shrink",
+            "",
+            "--poll-shrink takes 0 to 255, not \"\"",
+        ),
+    ] {
+        let out = Command::new(support::server::server_binary())
+            .args(["--unix", &socket, option, value, &image])
+            .env_remove(POLL_ENV)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{option} {value:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            err.lines().next(),
+            Some(format!("nbd-server: {message}").as_str()),
+            "{option} {value:?}"
+        );
+        assert!(err.contains("usage: nbd-server"), "{err}");
+        assert!(!dir.join("x.sock").exists(), "{option} {value:?} listened");
+    }
+    // An option with its value missing.
+    let out = Command::new(support::server::server_binary())
+        .args(["--unix", &socket, &image, "--poll-max-ns"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.starts_with("nbd-server: --poll-max-ns needs a number of nanoseconds\n"),
+        "{err}"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // QEMU's client against our server.
 // ---------------------------------------------------------------------------------------------
@@ -2383,6 +2551,57 @@ fn qemu_io_over_unix() {
 #[test]
 fn qemu_io_over_tcp() {
     qemu_io_round_trip(true);
+}
+
+/// qemu-io through both contexts of `--contexts 2 --poll-max-ns 32768`: connections are dealt
+/// round-robin, so the first is served by the main context and the second by the I/O thread.
+#[test]
+fn qemu_io_is_served_with_polling_on_every_context() {
+    if !have("qemu-io") {
+        return;
+    }
+    let mut f = fixture("qemu-io-poll", 4 * MIB, |c| {
+        c.name("disk")
+            .contexts(2)
+            .args_extra(&["--poll-max-ns", "32768"])
+            .env(POLL_ENV, None)
+    });
+    let ready = ready_line(&f.srv);
+    assert!(
+        ready.contains(", 2 contexts, polling up to 32768 ns (qemu10), export \"disk\", "),
+        "{ready}"
+    );
+    std::fs::write(&f.image, vec![0x11; 4 * MIB]).unwrap();
+    let url = format!("nbd+unix:///disk?socket={}", f.srv.unix_path().display());
+    for (mib, byte) in [(0, 0xa5), (1, 0x3c)] {
+        let write = format!("write -P {byte:#x} {mib}M 1M");
+        let read = format!("read -P {byte:#x} {mib}M 1M");
+        let (ok, out) = qemu_io(&url, &[], &[&write, &read, "read -P 0x11 3M 64k", "flush"]);
+        assert!(ok, "qemu-io failed:\n{out}");
+        assert!(!out.contains("failed"), "{out}");
+        assert!(
+            out.contains(&format!(
+                "wrote 1048576/1048576 bytes at offset {}",
+                mib * MIB
+            )),
+            "{out}"
+        );
+        assert!(out.contains("read 1048576/1048576 bytes"), "{out}");
+        assert!(
+            out.contains("read 65536/65536 bytes at offset 3145728"),
+            "{out}"
+        );
+    }
+    let disk = f.disk_all();
+    assert!(disk[..MIB].iter().all(|&b| b == 0xa5));
+    assert!(disk[MIB..2 * MIB].iter().all(|&b| b == 0x3c));
+    assert!(disk[2 * MIB..].iter().all(|&b| b == 0x11));
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert!(
+        stopped.starts_with("nbd-server: stopped (SIGTERM): 2 connections, "),
+        "{stopped}"
+    );
+    assert!(polling_counts(&stopped).is_some(), "{stopped}");
 }
 
 #[test]

@@ -15,6 +15,10 @@
 //!   listeners and the signals, and N-1 I/O threads, each polling its own context. Accepted
 //!   connections are dealt round-robin over all N; a connection lives on one context for its
 //!   whole life. Each context has its own thread pool, which runs the file I/O.
+//! * **Polling.** `--poll-max-ns` and its companions set the adaptive-polling parameters of
+//!   every context (QEMU's IOThread `poll-max-ns`, `poll-grow`, `poll-shrink`, `poll-weight`);
+//!   off by default, as in QEMU. The ready line says what each context got, the stopped line
+//!   what polling did.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
 //!   request has completed. `--shared N` closes a connection accepted while N are held, at
 //!   once, before the greeting. `--once` shuts the server down, as a signal does, when the
@@ -51,7 +55,7 @@ use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use aio::{AioContext, ClockType, ContextHandle, FdHandler, Scale};
+use aio::{AioContext, ClockType, ContextHandle, FdHandler, PollParams, PollPolicy, Scale};
 
 use connection::{Settings, Shard, Socket};
 use export::Export;
@@ -80,6 +84,15 @@ usage: nbd-server [OPTIONS] IMAGE
   --idle-timeout SECS   close a client that sends and takes nothing for SECS seconds after
                         its handshake (default: never)
   --pid-file PATH       write the process id to PATH once listening; removed at exit
+  --poll-max-ns N       busy-poll for up to N ns before sleeping, adapting the window to the
+                        load, on every context (QEMU's poll-max-ns; default 0: off);
+                        at most 1099511627775; AIO_POLL_MAX_NS overrides it
+  --poll-weight W       the weighted policy (QEMU's poll-weight): the newest wait counts for
+                        1/2^W of the estimate, W from 0 (the default weight, 2) to 30;
+                        without it, QEMU 10's per-handler windows
+  --poll-grow G         a growing window is multiplied by G, 0 to 255 (default 0: 2)
+  --poll-shrink S       a shrinking window is divided by S, 0 to 255 (default 0: reset to 0,
+                        or halved with --poll-weight)
   --verbose             log each connection on stderr
   -h, --help            print this and exit
   -V, --version         print the version and exit
@@ -101,6 +114,8 @@ struct Config {
     once: bool,
     idle_timeout: Option<Duration>,
     pid_file: Option<PathBuf>,
+    /// The adaptive-polling parameters of every context.
+    poll: PollParams,
     verbose: bool,
 }
 
@@ -146,9 +161,11 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         once: false,
         idle_timeout: None,
         pid_file: None,
+        poll: PollParams::disabled(),
         verbose: false,
     };
     let mut image = None;
+    let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) = (0, None, 0, 0);
     let mut persistent = false;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?;
@@ -191,6 +208,41 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                 };
             }
             "--pid-file" => cfg.pid_file = Some(value("a path")?.into()),
+            "--poll-max-ns" => {
+                let n = value("a number of nanoseconds")?;
+                poll_max_ns = match n.parse::<u64>() {
+                    Ok(ns @ 0..=aio::MAX_POLL_NS) => ns,
+                    _ => {
+                        return Err(format!(
+                            "--poll-max-ns takes nanoseconds from 0 (off) to {}, not {n:?}",
+                            aio::MAX_POLL_NS
+                        ));
+                    }
+                };
+            }
+            "--poll-weight" => {
+                let n = value("a number")?;
+                poll_weight = match n.parse::<u8>() {
+                    Ok(w @ 0..=aio::MAX_WEIGHT) => Some(w),
+                    _ => {
+                        return Err(format!(
+                            "--poll-weight takes 0 to {}, not {n:?}",
+                            aio::MAX_WEIGHT
+                        ));
+                    }
+                };
+            }
+            "--poll-grow" | "--poll-shrink" => {
+                let n = value("a number")?;
+                let factor = n
+                    .parse::<u8>()
+                    .map_err(|_| format!("{arg} takes 0 to 255, not {n:?}"))?;
+                if arg == "--poll-grow" {
+                    poll_grow = factor;
+                } else {
+                    poll_shrink = factor;
+                }
+            }
             "--verbose" => cfg.verbose = true,
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
@@ -203,6 +255,16 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
     if cfg.once && persistent {
         return Err("--once and --persistent contradict each other".into());
     }
+    let policy = match poll_weight {
+        Some(weight) => PollPolicy::Weighted { weight },
+        None => PollPolicy::Qemu10,
+    };
+    cfg.poll = PollParams::new(Duration::from_nanos(poll_max_ns))
+        .grow(poll_grow)
+        .shrink(poll_shrink)
+        .policy(policy);
+    // Every value was range-checked above; this is the library's own word on them.
+    cfg.poll.validate().map_err(|e| e.to_string())?;
     Ok(Command::Serve(cfg))
 }
 
@@ -256,9 +318,9 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     let export = Export::open(&cfg.image, cfg.name.clone(), cfg.read_only)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
     let export = Arc::new(export);
-    let ctx = aio::Builder::new().build()?;
+    let ctx = new_context(cfg.poll)?;
     let iothreads = (1..cfg.contexts)
-        .map(IoThread::spawn)
+        .map(|i| IoThread::spawn(i, cfg.poll))
         .collect::<io::Result<Vec<_>>>()?;
 
     let mut listeners = Vec::new();
@@ -348,12 +410,23 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         })
         .register()?;
 
+    // Read back from every context: what the loops really run with, after AIO_POLL_MAX_NS.
+    let mut polling: Vec<String> = Vec::new();
+    for p in std::iter::once(ctx.poll_params())
+        .chain(iothreads.iter().map(|t| t.handle.poll_params()))
+        .map(describe_polling)
+    {
+        if !polling.contains(&p) {
+            polling.push(p);
+        }
+    }
     println!(
-        "nbd-server: ready on {} (backend {}, {} context{}, export {:?}, {} bytes{})",
+        "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{})",
         addresses.join(", "),
         ctx.backend(),
         cfg.contexts,
         if cfg.contexts == 1 { "" } else { "s" },
+        polling.join(" / "),
         cfg.name,
         acceptor.export.size,
         if cfg.read_only { ", read-only" } else { "" }
@@ -378,18 +451,84 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             acceptor.shut_down(&ctx);
         }
     }
-    let (mut accepted, mut requests) = (shard.accepted.get(), shard.requests.get());
+    let mut total = Tally::of(&shard, &ctx);
     for t in iothreads {
-        let (a, r) = t.join()?;
-        accepted += a;
-        requests += r;
+        total.add(&t.join()?);
     }
     drop(pid_file);
+    // Every context has the same parameters; with polling off the counters stay 0.
+    let polled = if ctx.poll_params().is_disabled() {
+        String::new()
+    } else {
+        format!(
+            "; polling: {} hits, {} misses, {} ms",
+            total.poll_hits,
+            total.poll_misses,
+            total.poll_time.as_millis()
+        )
+    };
     println!(
-        "nbd-server: stopped ({}): {accepted} connections, {requests} requests",
-        stopping.get().unwrap_or("?")
+        "nbd-server: stopped ({}): {} connections, {} requests{polled}",
+        stopping.get().unwrap_or("?"),
+        total.accepted,
+        total.requests,
     );
     io::stdout().flush()
+}
+
+/// A context with the server's polling parameters (the `AIO_POLL_MAX_NS` override applies), on
+/// the default backend (`AIO_BACKEND` applies).
+fn new_context(poll: PollParams) -> io::Result<AioContext> {
+    aio::Builder::new().poll_params(poll).build()
+}
+
+/// `polling off`, `polling up to 32768 ns (qemu10)`, `polling up to 32768 ns (weighted 2,
+/// grow 4)`: the ready line's words for a context's parameters.
+fn describe_polling(p: PollParams) -> String {
+    if p.is_disabled() {
+        return "polling off".to_owned();
+    }
+    let mut how = match p.get_policy() {
+        PollPolicy::Weighted { weight } => format!("weighted {weight}"),
+        _ => "qemu10".to_owned(),
+    };
+    for (name, value) in [("grow", p.get_grow()), ("shrink", p.get_shrink())] {
+        if value != 0 {
+            how.push_str(&format!(", {name} {value}"));
+        }
+    }
+    format!("polling up to {} ns ({how})", p.max().as_nanos())
+}
+
+/// What one context did, for the stopped line.
+#[derive(Debug, Default)]
+struct Tally {
+    accepted: u64,
+    requests: u64,
+    poll_hits: u64,
+    poll_misses: u64,
+    poll_time: Duration,
+}
+
+impl Tally {
+    fn of(shard: &Shard, ctx: &AioContext) -> Tally {
+        let stats = ctx.stats();
+        Tally {
+            accepted: shard.accepted.get(),
+            requests: shard.requests.get(),
+            poll_hits: stats.poll_hits,
+            poll_misses: stats.poll_misses,
+            poll_time: stats.poll_time,
+        }
+    }
+
+    fn add(&mut self, other: &Tally) {
+        self.accepted += other.accepted;
+        self.requests += other.requests;
+        self.poll_hits += other.poll_hits;
+        self.poll_misses += other.poll_misses;
+        self.poll_time += other.poll_time;
+    }
 }
 
 /// The pid file, removed when the server stops.
@@ -726,17 +865,17 @@ impl Acceptor {
 /// An I/O thread: its own context, polled until shutdown has drained it.
 struct IoThread {
     handle: ContextHandle,
-    join: JoinHandle<io::Result<(u64, u64)>>,
+    join: JoinHandle<io::Result<Tally>>,
 }
 
 impl IoThread {
-    fn spawn(index: usize) -> io::Result<IoThread> {
+    fn spawn(index: usize, poll: PollParams) -> io::Result<IoThread> {
         let (tx, rx) = mpsc::channel();
         let join = thread::Builder::new()
             .name(format!("nbd-io{index}"))
             .spawn(move || {
                 // AioContext is !Send: the thread that polls a context creates it.
-                let ctx = match aio::Builder::new().build() {
+                let ctx = match new_context(poll) {
                     Ok(ctx) => ctx,
                     Err(e) => {
                         let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
@@ -748,7 +887,7 @@ impl IoThread {
                 while !shard.finished() {
                     ctx.poll();
                 }
-                Ok((shard.accepted.get(), shard.requests.get()))
+                Ok(Tally::of(&shard, &ctx))
             })?;
         let handle = rx
             .recv()
@@ -756,7 +895,7 @@ impl IoThread {
         Ok(IoThread { handle, join })
     }
 
-    fn join(self) -> io::Result<(u64, u64)> {
+    fn join(self) -> io::Result<Tally> {
         self.join
             .join()
             .map_err(|_| io::Error::other("an I/O thread panicked"))?

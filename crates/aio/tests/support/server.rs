@@ -154,6 +154,8 @@ pub struct Config {
     extra: Vec<String>,
     /// Started by `systemd-socket-activate`, which passes the Unix socket as fd 3.
     activated: bool,
+    /// Environment variables set (`Some`) or removed (`None`) for the server.
+    env: Vec<(String, Option<String>)>,
 }
 
 impl Config {
@@ -170,7 +172,14 @@ impl Config {
             verbose: false,
             extra: Vec::new(),
             activated: false,
+            env: Vec::new(),
         }
+    }
+
+    /// Sets (`Some`) or removes (`None`) an environment variable of the server.
+    pub fn env(mut self, key: &str, value: Option<&str>) -> Config {
+        self.env.push((key.to_owned(), value.map(str::to_owned)));
+        self
     }
 
     /// Adds options to the command line (before the image).
@@ -315,6 +324,12 @@ impl Server {
         } else {
             Command::new(server_binary())
         };
+        for (key, value) in &config.env {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
         let mut child = cmd
             .args(config.args())
             .stdin(Stdio::null())
