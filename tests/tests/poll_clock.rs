@@ -102,7 +102,7 @@ const fn us(n: u64) -> Duration {
 /// exceeds the maximum, and back to 0 when the parameters change.
 #[test]
 fn qemu10_window_grows_covers_caps_shrinks_and_resets() {
-    let rig = Rig::new(PollParams::new(us(100)));
+    let rig = Rig::new(PollParams::new(us(100)).policy(PollPolicy::Qemu10));
     let h = notifier(&rig.ctx);
     assert_eq!(
         rig.window_of(&h),
@@ -145,7 +145,11 @@ fn qemu10_window_grows_covers_caps_shrinks_and_resets() {
 
     // Shrink 2 divides instead; new parameters reset every window first.
     rig.ctx
-        .set_poll_params(PollParams::new(us(100)).shrink(2))
+        .set_poll_params(
+            PollParams::new(us(100))
+                .policy(PollPolicy::Qemu10)
+                .shrink(2),
+        )
         .unwrap();
     assert_eq!(
         rig.ctx.poll_window(),
@@ -159,7 +163,7 @@ fn qemu10_window_grows_covers_caps_shrinks_and_resets() {
     }
     // Grow 4.
     rig.ctx
-        .set_poll_params(PollParams::new(us(100)).grow(4))
+        .set_poll_params(PollParams::new(us(100)).policy(PollPolicy::Qemu10).grow(4))
         .unwrap();
     for (i, &(block, window)) in [(10, 4), (10, 16), (50, 64), (90, 100)].iter().enumerate() {
         rig.iterate(&h, block);
@@ -171,7 +175,7 @@ fn qemu10_window_grows_covers_caps_shrinks_and_resets() {
 /// fast handler's.
 #[test]
 fn qemu10_a_slow_handler_leaves_a_fast_ones_window_alone() {
-    let rig = Rig::new(PollParams::new(us(100)));
+    let rig = Rig::new(PollParams::new(us(100)).policy(PollPolicy::Qemu10));
     let fast = notifier(&rig.ctx);
     let slow = notifier(&rig.ctx);
     for _ in 0..3 {
@@ -240,7 +244,7 @@ fn weighted_window_follows_the_estimate_and_idle_members_decay() {
 /// again on its next fd dispatch, with a fresh window.
 #[test]
 fn an_idle_member_leaves_the_poll_set_after_7_s_and_rejoins_on_its_next_dispatch() {
-    let rig = Rig::new(PollParams::new(Duration::from_secs(60)));
+    let rig = Rig::new(PollParams::new(Duration::from_secs(60)).policy(PollPolicy::Qemu10));
     let h = notifier(&rig.ctx);
     // An fd-only handler whose readiness ends each blocking poll below.
     let (mut a, s) = UnixStream::pair().unwrap();

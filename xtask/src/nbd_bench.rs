@@ -115,7 +115,7 @@ enum Backend {
 enum Polling {
     /// `--poll-max-ns 0`: sleeps in the backend at once (the default).
     Off,
-    /// `--poll-max-ns` [`POLL_MAX_NS`], QEMU 10's per-handler windows.
+    /// `--poll-max-ns` [`POLL_MAX_NS`] `--poll-policy qemu10`: QEMU 10's per-handler windows.
     Qemu10,
     /// As `Qemu10`, with `--poll-weight` [`POLL_WEIGHT`].
     Weighted,
@@ -213,7 +213,12 @@ fn poll_args(polling: Polling) -> Vec<String> {
     let max = POLL_MAX_NS.to_string();
     match polling {
         Polling::Off => vec!["--poll-max-ns".into(), "0".into()],
-        Polling::Qemu10 => vec!["--poll-max-ns".into(), max],
+        Polling::Qemu10 => vec![
+            "--poll-max-ns".into(),
+            max,
+            "--poll-policy".into(),
+            "qemu10".into(),
+        ],
         Polling::Weighted => vec![
             "--poll-max-ns".into(),
             max,
@@ -696,7 +701,7 @@ mod tests {
         assert_eq!(
             cells(1),
             [
-                "nbd-server --poll-max-ns 32768",
+                "nbd-server --poll-max-ns 32768 --poll-policy qemu10",
                 "300 (300–300)",
                 "1.20",
                 "1.50"
@@ -723,7 +728,7 @@ mod tests {
         assert_eq!(
             cells(4),
             [
-                "AIO_BACKEND=epoll nbd-server --poll-max-ns 32768",
+                "AIO_BACKEND=epoll nbd-server --poll-max-ns 32768 --poll-policy qemu10",
                 "250 (250–250)",
                 "1.00",
                 "0.50"

@@ -1128,9 +1128,10 @@ impl AioContext {
     ///   so does the context's own notifier, whose poll function reads the notify flag: a BH
     ///   scheduled from another thread while the loop polls is seen without an eventfd write.
     ///   A handler that polling has not found ready for 7 s leaves the set.
-    /// * Each member has its own window, adapted after each iteration that dispatched it from
-    ///   the iteration's block time ([`PollPolicy`]); the context polls for the largest, or at
-    ///   most until its next timer or idle BH. A window that decayed to 0 means a plain
+    /// * Each member has its own window or block-time estimate, adapted after each iteration
+    ///   from the iteration's block time ([`PollPolicy`]: weighted by default, or QEMU 10's);
+    ///   the context polls for its window (weighted) or the largest member window (QEMU 10),
+    ///   at most until its next timer or idle BH. A window that decayed to 0 means a plain
     ///   blocking wait, with no wake-up at all.
     /// * Polling stops at the first round that finds work, or when the backend says it must
     ///   wait ([`FdMonitor::need_wait`]: io_uring has completions). Handlers without a poll
@@ -1152,7 +1153,7 @@ impl AioContext {
     /// use aio_core::{PollParams, PollPolicy};
     /// use std::time::Duration;
     ///
-    /// // QEMU's IOThread defaults: up to 32 µs, grow ×2, reset on a long block.
+    /// // QEMU's IOThread defaults: up to 32 µs, the weighted policy (weight 2), grow ×2.
     /// ctx.set_poll_params(PollParams::new(Duration::from_nanos(32_768)))?;
     /// // The 2026 weighted policy, from another thread.
     /// let remote = ctx.handle();

@@ -42,20 +42,31 @@ pub const MAX_POLL_NS: u64 = (1 << 40) - 1;
 pub const MAX_WEIGHT: u8 = 30;
 
 /// How the polling windows adapt to the measured block time; see [`PollParams`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+///
+/// The default is `Weighted { weight: DEFAULT_WEIGHT }`, as in QEMU since 2026: in B3 and B8
+/// (BENCHMARKS.md, "Adaptive polling") both policies give the same median latency, and the
+/// weighted one the shorter tails at QEMU's 32 µs maximum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PollPolicy {
     /// QEMU 10.0: one window per handler, grown and shrunk from the block time; the context
     /// polls for the largest (spec §4.3).
-    #[default]
     Qemu10,
-    /// QEMU 2026 (`poll-weight`): an exponentially weighted block time per handler, idle
-    /// handlers decaying to 0 past `max`, and one context window steered by the largest
-    /// estimate. `weight` is the shift of the average (0 means [`DEFAULT_WEIGHT`]).
+    /// QEMU 2026 (`poll-weight`), the default: an exponentially weighted block time per
+    /// handler, idle handlers decaying to 0 past `max`, and one context window steered by the
+    /// largest estimate. `weight` is the shift of the average (0 means [`DEFAULT_WEIGHT`]).
     Weighted {
         /// The newest block time counts for `1 / 2^weight` of the estimate.
         weight: u8,
     },
+}
+
+impl Default for PollPolicy {
+    fn default() -> Self {
+        PollPolicy::Weighted {
+            weight: DEFAULT_WEIGHT,
+        }
+    }
 }
 
 /// The adaptive-polling parameters of a context (QEMU `aio_context_set_poll_params`, the
@@ -93,12 +104,15 @@ impl PollParams {
         }
     }
 
-    /// Polls for at most `max` per iteration, with QEMU's defaults for the rest (grow 2,
-    /// shrink to 0, [`PollPolicy::Qemu10`]). A `max` of zero disables polling; one above
-    /// [`MAX_POLL_NS`] is refused when the parameters are set.
+    /// Polls for at most `max` per iteration, with QEMU's defaults for the rest (grow 2, the
+    /// policy's default shrink, [`PollPolicy::default`], the weighted one). A `max` of zero
+    /// disables polling; one above [`MAX_POLL_NS`] is refused when the parameters are set.
     pub fn new(max: Duration) -> Self {
         PollParams {
             max_ns: u64::try_from(max.as_nanos()).unwrap_or(u64::MAX),
+            policy: PollPolicy::Weighted {
+                weight: DEFAULT_WEIGHT,
+            },
             ..Self::disabled()
         }
     }

@@ -2566,6 +2566,7 @@ pub fn poll_nested_poll_does_not_poll(make: MakeContext) {
     let ctx = new_ctx(make);
     let wd = Watchdog::new(ctx.handle());
     let params = crate::PollParams::new(Duration::from_secs(1))
+        .policy(crate::PollPolicy::Qemu10)
         .grow(2)
         .shrink(2);
     ctx.set_poll_params(params).unwrap();
@@ -2780,8 +2781,12 @@ pub fn poll_windows_are_per_handler(make: MakeContext) {
 
     // 100 ms: the fast handler's block times stay far below it, the slow one's go above.
     let max = Duration::from_millis(100);
-    ctx.set_poll_params(crate::PollParams::new(max).shrink(2))
-        .unwrap();
+    ctx.set_poll_params(
+        crate::PollParams::new(max)
+            .policy(crate::PollPolicy::Qemu10)
+            .shrink(2),
+    )
+    .unwrap();
     fast.e.set().unwrap();
     assert!(ctx.poll());
     assert_eq!(fast.reads.get(), 2);
@@ -2962,7 +2967,7 @@ pub fn poll_callback_removes_its_own_handler(make: MakeContext) {
 pub fn poll_params_from_another_thread_take_effect(make: MakeContext) {
     let ctx = new_ctx(make);
     let wd = Watchdog::new(ctx.handle());
-    let on = crate::PollParams::new(Duration::from_secs(1));
+    let on = crate::PollParams::new(Duration::from_secs(1)).policy(crate::PollPolicy::Qemu10);
     ctx.set_poll_params(on).unwrap();
     let h = Polled::register(&ctx, true);
     assert!(ctx.poll());

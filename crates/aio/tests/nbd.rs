@@ -2100,6 +2100,7 @@ fn help_and_version_print_on_stdout_and_exit_0() {
             "--idle-timeout",
             "--pid-file",
             "--poll-max-ns",
+            "--poll-policy",
             "--poll-weight",
             "--poll-grow",
             "--poll-shrink",
@@ -2391,6 +2392,17 @@ fn polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option() {
         "{ready}"
     );
     f.assert_serves();
+    drop(f);
+    let f = fixture("poll-qemu10", MIB, |c| {
+        c.args_extra(&["--poll-max-ns", "32768", "--poll-policy", "qemu10"])
+            .env(POLL_ENV, None)
+    });
+    let ready = ready_line(&f.srv);
+    assert!(
+        ready.contains(", 1 context, polling up to 32768 ns (qemu10), export "),
+        "{ready}"
+    );
+    f.assert_serves();
 }
 
 #[test]
@@ -2419,6 +2431,11 @@ fn bad_poll_options_exit_2_with_a_message() {
             "--poll-weight",
             "31",
             "--poll-weight takes 0 to 30, not \"31\"",
+        ),
+        (
+            "--poll-policy",
+            "adaptive",
+            "--poll-policy takes weighted or qemu10, not \"adaptive\"",
         ),
         (
             "--poll-grow",
@@ -2568,7 +2585,7 @@ fn qemu_io_is_served_with_polling_on_every_context() {
     });
     let ready = ready_line(&f.srv);
     assert!(
-        ready.contains(", 2 contexts, polling up to 32768 ns (qemu10), export \"disk\", "),
+        ready.contains(", 2 contexts, polling up to 32768 ns (weighted 2), export \"disk\", "),
         "{ready}"
     );
     std::fs::write(&f.image, vec![0x11; 4 * MIB]).unwrap();

@@ -87,12 +87,14 @@ usage: nbd-server [OPTIONS] IMAGE
   --poll-max-ns N       busy-poll for up to N ns before sleeping, adapting the window to the
                         load, on every context (QEMU's poll-max-ns; default 0: off);
                         at most 1099511627775; AIO_POLL_MAX_NS overrides it
-  --poll-weight W       the weighted policy (QEMU's poll-weight): the newest wait counts for
-                        1/2^W of the estimate, W from 0 (the default weight, 2) to 30;
-                        without it, QEMU 10's per-handler windows
+  --poll-policy P       weighted (QEMU 2026, the default) or qemu10 (QEMU 10's per-handler
+                        windows)
+  --poll-weight W       the weighted policy's weight (QEMU's poll-weight): the newest wait
+                        counts for 1/2^W of the estimate, W from 0 (the default weight, 2)
+                        to 30
   --poll-grow G         a growing window is multiplied by G, 0 to 255 (default 0: 2)
-  --poll-shrink S       a shrinking window is divided by S, 0 to 255 (default 0: reset to 0,
-                        or halved with --poll-weight)
+  --poll-shrink S       a shrinking window is divided by S, 0 to 255 (default 0: halved, or
+                        reset to 0 with qemu10)
   --verbose             log each connection on stderr
   -h, --help            print this and exit
   -V, --version         print the version and exit
@@ -166,6 +168,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
     };
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) = (0, None, 0, 0);
+    let mut poll_qemu10 = false;
     let mut persistent = false;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?;
@@ -232,6 +235,16 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                     }
                 };
             }
+            "--poll-policy" => {
+                let p = value("weighted or qemu10")?;
+                poll_qemu10 = match p.as_str() {
+                    "weighted" => false,
+                    "qemu10" => true,
+                    _ => {
+                        return Err(format!("--poll-policy takes weighted or qemu10, not {p:?}"));
+                    }
+                };
+            }
             "--poll-grow" | "--poll-shrink" => {
                 let n = value("a number")?;
                 let factor = n
@@ -255,9 +268,13 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
     if cfg.once && persistent {
         return Err("--once and --persistent contradict each other".into());
     }
-    let policy = match poll_weight {
-        Some(weight) => PollPolicy::Weighted { weight },
-        None => PollPolicy::Qemu10,
+    let policy = match (poll_qemu10, poll_weight) {
+        (true, Some(_)) => {
+            return Err("--poll-weight is for the weighted policy, not qemu10".into());
+        }
+        (true, None) => PollPolicy::Qemu10,
+        (false, Some(weight)) => PollPolicy::Weighted { weight },
+        (false, None) => PollPolicy::default(),
     };
     cfg.poll = PollParams::new(Duration::from_nanos(poll_max_ns))
         .grow(poll_grow)
