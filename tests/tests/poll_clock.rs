@@ -237,6 +237,29 @@ fn weighted_window_follows_the_estimate_and_idle_members_decay() {
     rig.iterate(&b, 400);
     assert_eq!(rig.window_of(&b), Some(us(0)));
     assert_eq!(rig.ctx.poll_window(), us(20));
+    // Iterations in which no member has an event (here an fd-only handler's) halve the
+    // window: a loop woken only by such things decays to a plain blocking wait.
+    let (mut w, r) = UnixStream::pair().unwrap();
+    r.set_nonblocking(true).unwrap();
+    let mut reader = r.try_clone().unwrap();
+    let _plain = rig
+        .ctx
+        .fd_handler(&r)
+        .on_read(move |_| {
+            let mut buf = [0u8; 16];
+            assert!(std::io::Read::read(&mut reader, &mut buf).unwrap() > 0);
+        })
+        .register()
+        .unwrap();
+    for window in [10, 5] {
+        w.write_all(b"x").unwrap();
+        rig.block.store(1_000, Ordering::Relaxed);
+        assert!(rig.ctx.poll());
+        assert_eq!(rig.ctx.poll_window(), us(window));
+    }
+    // Without members, the window is 0 at once.
+    drop((a, b));
+    assert_eq!(rig.ctx.poll_window(), Duration::ZERO);
 }
 
 /// QEMU `POLL_IDLE_INTERVAL_NS`: a member that polling has not found ready for 7 s of the

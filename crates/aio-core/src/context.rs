@@ -349,6 +349,8 @@ struct Polling {
     outer_hits: RefCell<Vec<Rc<HandlerNode>>>,
     /// Spare hit lists, so that iterations allocate nothing in steady state.
     spare_hits: RefCell<Vec<Vec<Rc<HandlerNode>>>>,
+    /// A spare list for [`Inner::members`].
+    spare_members: RefCell<Vec<Rc<HandlerNode>>>,
     /// Scratch for the weighted adjustment.
     scratch: RefCell<Vec<Window>>,
     /// Statistics.
@@ -456,13 +458,6 @@ impl Inner {
         let Some(node) = removed else {
             return;
         };
-        if node.in_poll_set.replace(false) {
-            // Drops a clone only: `node` keeps the last reference until the end.
-            self.polling
-                .set
-                .borrow_mut()
-                .retain(|n| !Rc::ptr_eq(n, &node));
-        }
         if node.in_monitor.replace(false) {
             let change = Change::Remove { key, fd: node.fd };
             let result = self.monitor.borrow_mut().update(change);
@@ -471,6 +466,9 @@ impl Inner {
             }
         }
         self.shared.notify_scheduled();
+        // Out of the poll set, with `on_poll_end` if it is in polling mode: its producer's
+        // kicks come back. No borrow is held; `node` keeps the last reference until the end.
+        self.leave_poll_set(&node);
         // Last, with no borrow held: its callbacks may own other handlers, whose drop comes
         // back here (QEMU frees the node outside the list lock for the same reason).
         drop(node);
@@ -639,47 +637,75 @@ impl Inner {
         polled
     }
 
+    /// The poll set as it is now, cloned, so that callbacks run over it may add or remove
+    /// members (a removal shifts the set) without one being skipped. Hand it back with
+    /// [`recycle_members`](Self::recycle_members).
+    fn members(&self) -> Vec<Rc<HandlerNode>> {
+        let mut v = std::mem::take(&mut *self.polling.spare_members.borrow_mut());
+        v.extend(self.polling.set.borrow().iter().cloned());
+        v
+    }
+
+    fn recycle_members(&self, mut v: Vec<Rc<HandlerNode>>) {
+        // Clear with no borrow held: this may drop the last reference to a removed node.
+        v.clear();
+        *self.polling.spare_members.borrow_mut() = v;
+    }
+
     /// Enters polling mode: `on_poll_begin` on every member (QEMU `poll_set_started(true)`).
     fn enter_poll_mode(&self) {
         if self.polling.started.replace(true) {
             return;
         }
-        let mut i = 0;
-        while let Some(node) = self.poll_member(i) {
-            i += 1;
-            if !node.deleted.get() {
-                node.call_poll_mode(true);
+        let members = self.members();
+        for node in &members {
+            // A member removed by an earlier `on_poll_begin` has left the set.
+            if node.in_poll_set.get() && !node.deleted.get() {
+                node.begin_poll_mode();
             }
         }
+        self.recycle_members(members);
     }
 
-    /// Leaves polling mode before a wait that may sleep: `on_poll_end` on every member, then
-    /// one more poll of each, so that work which arrived while kicks were suppressed is not
-    /// slept through (QEMU `poll_set_started(false)`). Pushes what it finds to `hits` and
-    /// returns whether it found anything.
+    /// Leaves polling mode before a backend wait: `on_poll_end` on every member, then one more
+    /// poll of each, so that work which arrived while kicks were suppressed is not slept
+    /// through (QEMU `poll_set_started(false)`). The member whose poll-ready callback is
+    /// running (this is then a nested iteration) gets `on_poll_end` too but is not polled
+    /// (`poll_node` skips it). Pushes what it finds to `hits` and returns whether it found
+    /// anything.
     fn leave_poll_mode(&self, hits: &mut Vec<Rc<HandlerNode>>) -> bool {
         if !self.polling.started.replace(false) {
             return false;
         }
         let mut found = false;
-        let mut i = 0;
-        while let Some(node) = self.poll_member(i) {
-            i += 1;
-            if node.deleted.get() {
-                continue;
-            }
-            // Every member got `on_poll_begin`, so every member gets `on_poll_end`, the one
-            // whose poll-ready callback is running (this is then a nested iteration) included;
-            // that one is not polled (`poll_node` skips it).
-            node.call_poll_mode(false);
-            if self.poll_node(&node) == Some(true) {
+        let members = self.members();
+        for node in &members {
+            node.end_poll_mode();
+            if node.in_poll_set.get() && self.poll_node(node) == Some(true) {
                 found = true;
-                if !hits.iter().any(|h| Rc::ptr_eq(h, &node)) {
-                    hits.push(node);
+                if !hits.iter().any(|h| Rc::ptr_eq(h, node)) {
+                    hits.push(node.clone());
                 }
             }
         }
+        self.recycle_members(members);
         found
+    }
+
+    /// Takes `node` out of the poll set (removed, replaced): with `on_poll_end` if it is in
+    /// polling mode. Call with no borrow held.
+    fn leave_poll_set(&self, node: &Rc<HandlerNode>) {
+        if node.in_poll_set.replace(false) {
+            // Drops a clone only: the caller keeps a reference.
+            self.polling
+                .set
+                .borrow_mut()
+                .retain(|n| !Rc::ptr_eq(n, node));
+            if self.polling.set.borrow().is_empty() {
+                self.polling.weighted_ns.set(0);
+            }
+        }
+        node.end_poll_mode();
     }
 
     /// Busy-polls for up to the polling window, before a blocking wait (QEMU `try_poll_mode`
@@ -771,7 +797,7 @@ impl Inner {
                 "aio: handler idle for 7 s leaves the poll set"
             );
             if self.polling.started.get() && !node.deleted.get() {
-                node.call_poll_mode(false);
+                node.end_poll_mode();
                 if self.poll_node(&node) == Some(true) && !hits.iter().any(|h| Rc::ptr_eq(h, &node))
                 {
                     hits.push(node);
@@ -791,7 +817,7 @@ impl Inner {
         self.polling.set.borrow_mut().push(node.clone());
         tracing::debug!(fd = node.fd, "aio: handler joins the poll set");
         if self.polling.started.get() {
-            node.call_poll_mode(true);
+            node.begin_poll_mode();
         }
     }
 
@@ -1352,8 +1378,9 @@ impl AioContext {
     /// Runs one loop iteration without sleeping (QEMU `aio_poll(ctx, false)`). Returns whether
     /// a user callback ran.
     ///
-    /// When every registered handler can be served by userspace polling (the default state of
-    /// a context with only BHs), this makes no system call at all.
+    /// A context with no fd handler (only BHs and timers) makes no system call here at all.
+    /// A non-blocking iteration never busy-polls, so with fd handlers it checks them with a
+    /// zero-timeout backend wait.
     ///
     /// A failed backend wait is handled as in [`poll`](Self::poll), except that a non-blocking
     /// iteration never sleeps.
@@ -1408,25 +1435,28 @@ impl AioContext {
         if use_notify_me && shared.begin_blocking(NOTIFY_ME_POLL) {
             timeout = Some(Duration::ZERO);
         }
-        // About to sleep: leave polling mode first, so that producers kick again, and look
-        // once more for work that arrived meanwhile (QEMU `poll_set_started(false)`). A wait
-        // with a zero timeout does not sleep and stays in polling mode.
-        if timeout != Some(Duration::ZERO)
+        // A ready list only for an iteration that waits. A zero-timeout iteration skips the
+        // wait only if polling covered every user handler in this iteration (none of them
+        // depends on the backend alone) and the backend has nothing of its own to reap: so a
+        // handler without a poll function, or one not in the poll set, is never starved.
+        let will_wait = timeout != Some(Duration::ZERO) || {
+            let polling_disabled = polled != inner.registry.borrow().users();
+            inner.monitor.borrow().need_wait(polling_disabled)
+        };
+        // About to wait in the backend, or an iteration that did not poll (non-blocking,
+        // nested): leave polling mode first, so that producers kick again, and look once more
+        // for work that arrived meanwhile (QEMU `poll_set_started(false)`), whatever the
+        // timeout: a member's work must reach either its poll function or its fd. Only an
+        // iteration that polling served whole (it polled, and needs no wait) stays in
+        // polling mode.
+        if (will_wait || polled == 0)
             && inner.polling.started.get()
             && inner.leave_poll_mode(hits.get_or_insert_with(|| inner.take_hits()))
         {
             timeout = Some(Duration::ZERO);
         }
-
-        // A ready list only for an iteration that waits. A zero-timeout iteration skips the
-        // wait only if polling covered every user handler in this iteration (none of them
-        // depends on the backend alone) and the backend has nothing of its own to reap: so a
-        // handler without a poll function, or one not in the poll set, is never starved.
         let mut failed = None;
-        let waited = if timeout != Some(Duration::ZERO) || {
-            let polling_disabled = polled != inner.registry.borrow().users();
-            inner.monitor.borrow().need_wait(polling_disabled)
-        } {
+        let waited = if will_wait {
             let mut ready = inner.next_ready_list();
             match inner.wait(&mut ready, timeout) {
                 Ok(()) => Some(ready),
@@ -1487,8 +1517,13 @@ impl AioContext {
                 Some(node) => node.clone(),
                 None => continue,
             };
+            // A report that a nested iteration made stale adjusts nothing: that iteration
+            // dispatched the handler and adjusted its window.
+            let stale = node.epoch.get() > epoch;
             progress |= self.dispatch_handler(&node, readiness, epoch);
-            self.inner.note_dispatched(&node, block_ns);
+            if !stale {
+                self.inner.note_dispatched(&node, block_ns);
+            }
         }
         progress
     }
@@ -1654,8 +1689,12 @@ impl AioContext {
         // Here the change is made on the home thread itself, so that is only needed inside a
         // blocking window (see `notify_scheduled`).
         inner.shared.notify_scheduled();
-        // The replaced node's callbacks go too (unless a dispatch still holds it), likewise
-        // with no borrow held.
+        // The replaced node leaves the poll set (the new one joins on its first fd dispatch,
+        // which `on_poll_end` makes possible by turning kicks back on). Then its callbacks go
+        // too (unless a dispatch still holds it), likewise with no borrow held.
+        if let Some(replaced) = &replaced {
+            inner.leave_poll_set(replaced);
+        }
         drop(replaced);
         Ok(key)
     }
@@ -1809,7 +1848,9 @@ impl AioContext {
         }
         // The outer loop may sleep: leave polling mode (an earlier `poll` may have entered it)
         // and keep what the last look finds for `dispatch`. An outer loop never busy-polls.
+        // The callbacks this runs (`on_poll_end`, poll functions) see a nested context.
         {
+            let _depth = DepthGuard::enter(&inner.depth);
             let mut hits = std::mem::take(&mut *inner.polling.outer_hits.borrow_mut());
             let found = inner.leave_poll_mode(&mut hits);
             *inner.polling.outer_hits.borrow_mut() = hits;
@@ -1876,6 +1917,9 @@ impl AioContext {
     pub fn dispatch(&self) -> bool {
         let inner = &*self.inner;
         let _current = CurrentGuard::enter(Rc::as_ptr(&self.inner));
+        // An iteration of its own: a `poll` from one of its callbacks is nested, and so never
+        // busy-polls, as in `poll`.
+        let _depth = DepthGuard::enter(&inner.depth);
         let ready = std::mem::take(&mut *inner.outer_ready.borrow_mut());
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
@@ -1924,8 +1968,9 @@ pub struct Stats {
     pub poll_time: Duration,
     /// Polling phases that found work (a poll function returned true, or a remote notify).
     pub poll_hits: u64,
-    /// Polling phases that ran their whole window without finding work; the iteration then
-    /// waited in the backend.
+    /// Polling phases that found no work, having run their whole window or been cut short by
+    /// the backend (`need_wait`: io_uring completions); the iteration then waited in the
+    /// backend.
     pub poll_misses: u64,
     /// The poll set: each member's handler and its current window (under
     /// [`PollPolicy::Weighted`], its weighted block-time estimate; the context's window is

@@ -98,6 +98,8 @@ pub(crate) struct HandlerNode {
     /// Set while its poll-ready callback runs: polling skips it, so a nested poll cannot find
     /// the same condition again and recurse (QEMU removes it from the poll list meanwhile).
     pub(crate) poll_paused: Cell<bool>,
+    /// Whether `on_poll_begin` ran and `on_poll_end` has not run since.
+    begun: Cell<bool>,
     /// Set once, when the handler is removed or replaced.
     pub(crate) deleted: Cell<bool>,
     /// Whether the monitor currently watches this node's fd under its key.
@@ -149,14 +151,19 @@ impl HandlerNode {
         call_with(&self.poll.ready, &self.deleted, |f| f(ctx)).is_some()
     }
 
-    /// Runs `on_poll_begin` (`begin`) or `on_poll_end`, if set.
-    pub(crate) fn call_poll_mode(&self, begin: bool) {
-        let slot = if begin {
-            &self.poll.begin
-        } else {
-            &self.poll.end
-        };
-        call_with(slot, &self.deleted, |f| f());
+    /// Puts the handler in polling mode: `on_poll_begin`, unless it is in it already.
+    pub(crate) fn begin_poll_mode(&self) {
+        if !self.begun.replace(true) {
+            call_with(&self.poll.begin, &self.deleted, |f| f());
+        }
+    }
+
+    /// Takes the handler out of polling mode: `on_poll_end`, only if `on_poll_begin` ran
+    /// (so the two alternate whatever callbacks do meanwhile, removals and panics included).
+    pub(crate) fn end_poll_mode(&self) {
+        if self.begun.replace(false) {
+            call_with(&self.poll.end, &self.deleted, |f| f());
+        }
     }
 }
 
@@ -442,11 +449,12 @@ impl<'c> HandlerBuilder<'c> {
         self
     }
 
-    /// Called when the loop leaves polling mode before it may sleep, or when the handler leaves
-    /// the poll set while the loop is in it (QEMU `io_poll_end`): re-enable the producer's
-    /// kicks. The loop then calls the poll function once more, so work that arrived while
-    /// kicks were off is not slept through. Calls alternate with `on_poll_begin`, starting
-    /// with `on_poll_begin`.
+    /// Called when the loop leaves polling mode before it waits in the backend, or when the
+    /// handler leaves the poll set while the loop is in it: idle for 7 s, removed or replaced
+    /// (QEMU `io_poll_end`): re-enable the producer's kicks. The loop then calls the poll
+    /// function once more (unless the handler is gone), so work that arrived while kicks were
+    /// off is not slept through. Calls alternate with `on_poll_begin`, starting with
+    /// `on_poll_begin`.
     pub fn on_poll_end(self, f: impl FnMut() + 'static) -> Self {
         self.poll.end.set(Some(Box::new(f)));
         self
@@ -574,6 +582,7 @@ impl NodeParts {
             in_poll_set: Cell::new(false),
             idle_deadline: Cell::new(None),
             poll_paused: Cell::new(false),
+            begun: Cell::new(false),
             deleted: Cell::new(false),
             in_monitor: Cell::new(false),
             epoch: Cell::new(0),

@@ -22,7 +22,9 @@
 //!   when the largest estimate of the handlers that had an event exceeds it, the window grows
 //!   (to that estimate if it is more than `grow` times the window, else times `grow`, capped at
 //!   `max`); otherwise it is divided by `shrink` (0 means 2) if the estimate is below
-//!   `window / shrink`.
+//!   `window / shrink`. An iteration in which no member had an event divides the window by
+//!   `shrink` (so a loop woken only by timers or BHs decays to a plain blocking wait), and an
+//!   empty poll set has a window of 0.
 
 use crate::sync::{Ordering, SettingU64 as AtomicU64};
 use std::fmt;
@@ -321,7 +323,9 @@ pub(crate) fn adjust_weighted<'a>(
     let max = p.max_ns;
     let shift = p.weight_shift();
     let mut largest: Option<u64> = None;
+    let mut any = false;
     for w in members {
+        any = true;
         if w.has_event {
             w.ns = if w.ns == 0 {
                 block_ns
@@ -341,8 +345,19 @@ pub(crate) fn adjust_weighted<'a>(
             }
         }
     }
-    let est = largest?;
     let old = *ctx_ns;
+    let shrink = if p.shrink == 0 {
+        2
+    } else {
+        u64::from(p.shrink)
+    };
+    let Some(est) = largest else {
+        // No member had an event (a timer, a BH, a handler outside the set): the window
+        // decays, so that a loop woken only by such things stops polling; an empty set has
+        // nothing to poll at all.
+        *ctx_ns = if any { old / shrink } else { 0 };
+        return (old != *ctx_ns).then_some((old, *ctx_ns));
+    };
     if est > old {
         let grow = p.grow_factor();
         *ctx_ns = if est > old.saturating_mul(grow) {
@@ -351,15 +366,8 @@ pub(crate) fn adjust_weighted<'a>(
             old.saturating_mul(grow)
         }
         .min(max);
-    } else {
-        let shrink = if p.shrink == 0 {
-            2
-        } else {
-            u64::from(p.shrink)
-        };
-        if est < old / shrink {
-            *ctx_ns = old / shrink;
-        }
+    } else if est < old / shrink {
+        *ctx_ns = old / shrink;
     }
     (old != *ctx_ns).then_some((old, *ctx_ns))
 }
@@ -550,11 +558,43 @@ mod tests {
                 has_event: false,
             },
         ];
-        assert_eq!(adjust_weighted(&p, &mut ctx, w.iter_mut(), 60_000), None);
+        assert_eq!(
+            adjust_weighted(&p, &mut ctx, w.iter_mut(), 60_000),
+            Some((50_000, 25_000)),
+            "no event: the context window decays"
+        );
         assert_eq!((w[0].ns, w[1].ns), (90_000, 0), "idle time accumulates");
         adjust_weighted(&p, &mut ctx, w.iter_mut(), 10_000);
         assert_eq!(w[0].ns, 0, "past max: reset");
-        assert_eq!(ctx, 50_000, "no event: the context window is left alone");
+        assert_eq!(ctx, 12_500);
+    }
+
+    #[test]
+    fn weighted_window_decays_without_events_and_is_0_without_members() {
+        let p = PollParams::new(Duration::from_nanos(100_000))
+            .policy(PollPolicy::Weighted { weight: 2 });
+        let mut ctx = 20_000;
+        let mut members = [Window {
+            ns: 1_000,
+            has_event: false,
+        }];
+        let mut seen = Vec::new();
+        while ctx != 0 {
+            assert_eq!(
+                adjust_weighted(&p, &mut ctx, members.iter_mut(), 10).map(|(_, n)| n),
+                Some(ctx)
+            );
+            seen.push(ctx);
+            assert!(seen.len() < 20, "decays in a few iterations: {seen:?}");
+        }
+        assert_eq!(&seen[..3], &[10_000, 5_000, 2_500]);
+        // The idle member accumulated the block times meanwhile.
+        assert_eq!(members[0].ns, 1_000 + 10 * seen.len() as u64);
+        let mut ctx = 20_000;
+        assert_eq!(
+            adjust_weighted(&p, &mut ctx, [].iter_mut(), 10),
+            Some((20_000, 0))
+        );
     }
 
     #[test]

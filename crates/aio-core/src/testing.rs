@@ -2719,16 +2719,20 @@ pub fn poll_nested_poll_ends_polling_mode_for_the_running_handler(make: MakeCont
         })
         .register()
         .unwrap();
+    // Both join the poll set, so that polling covers every handler and the outer iteration
+    // that finds `h` needs no wait: it is still in polling mode when the callback runs.
+    dummy.set().unwrap();
     assert!(
         ctx.poll_nonblocking(),
-        "dispatched by its fd: joins the poll set"
+        "dispatched by their fds: both join the poll set"
     );
+    assert_eq!(dummy_reads.get(), 1);
     flush(&ctx);
     for round in 1..=2 {
         work.set(true);
         assert!(ctx.poll(), "round {round}: found by polling");
         assert_eq!(readies.get(), round);
-        assert_eq!(dummy_reads.get(), round);
+        assert_eq!(dummy_reads.get(), round + 1);
         assert_eq!(
             ends_in_nested.get(),
             Some(1),
@@ -2759,6 +2763,145 @@ pub fn poll_right_after_an_fd_dispatch(make: MakeContext) {
         assert_eq!(h.readies.get(), round, "round {round}: poll-ready ran");
         h.work.set(false);
     }
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
+/// Members that leave the poll set while the loop is in polling mode get `on_poll_end`, so that
+/// their producers kick again: one replaced, one removed, and one removed by its own
+/// `on_poll_end` while polling mode is being left (the members after it in the set still get
+/// theirs). And a non-blocking poll, which never polls, leaves polling mode.
+pub fn poll_members_that_leave_get_on_poll_end(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let wd = Watchdog::new(ctx.handle());
+    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
+        .unwrap();
+    let into_polling_mode = |h: &Polled| {
+        assert!(
+            ctx.poll_nonblocking(),
+            "dispatched by its fd: joins the poll set"
+        );
+        flush(&ctx);
+        h.work.set(true);
+        assert!(ctx.poll(), "found by polling");
+        h.work.set(false);
+        assert_eq!((h.begins.get(), h.ends.get()), (1, 0), "in polling mode");
+    };
+
+    // Replaced.
+    let mut a = Polled::register(&ctx, true);
+    into_polling_mode(&a);
+    let replacement_reads = Rc::new(Cell::new(0u32));
+    let (e, rr) = (a.e.clone(), replacement_reads.clone());
+    ctx.fd_handler(&*a.e)
+        .on_read(move |_| {
+            assert!(e.test_and_clear(), "spurious read");
+            rr.set(rr.get() + 1);
+        })
+        .replace(&mut a.handler)
+        .unwrap();
+    assert_eq!(
+        (a.begins.get(), a.ends.get()),
+        (1, 1),
+        "replaced: on_poll_end"
+    );
+    a.e.set().unwrap();
+    assert!(ctx.poll());
+    assert_eq!(replacement_reads.get(), 1, "the replacement runs");
+    drop(a);
+
+    // Removed.
+    let b = Polled::register(&ctx, true);
+    into_polling_mode(&b);
+    let Polled {
+        handler,
+        begins,
+        ends,
+        ..
+    } = b;
+    drop(handler);
+    assert_eq!((begins.get(), ends.get()), (1, 1), "removed: on_poll_end");
+
+    // Removed by its own on_poll_end, ahead of another member in the set.
+    let d_e = Arc::new(EventNotifier::new().unwrap());
+    d_e.set().unwrap();
+    let slot: Rc<RefCell<Option<FdHandler>>> = Rc::default();
+    let (d_begins, d_ends) = (Rc::new(Cell::new(0u32)), Rc::new(Cell::new(0u32)));
+    let (n, db, de, sl) = (d_e.clone(), d_begins.clone(), d_ends.clone(), slot.clone());
+    let d = ctx
+        .fd_handler(&*d_e)
+        .on_read(move |_| assert!(n.test_and_clear(), "spurious read"))
+        .on_poll(|| false)
+        .on_poll_ready(|_| panic!("never found by polling"))
+        .on_poll_begin(move || db.set(db.get() + 1))
+        .on_poll_end(move || {
+            de.set(de.get() + 1);
+            drop(sl.borrow_mut().take());
+        })
+        .register()
+        .unwrap();
+    *slot.borrow_mut() = Some(d);
+    assert!(ctx.poll_nonblocking(), "d joins the poll set first");
+    let c = Polled::register(&ctx, true);
+    into_polling_mode(&c);
+    assert_eq!(d_begins.get(), 1);
+    // A non-blocking poll does not poll, so it leaves polling mode (before its backend wait,
+    // if any): d removes itself, and c, after it, still gets its end.
+    assert!(!ctx.poll_nonblocking());
+    assert_eq!(d_ends.get(), 1);
+    assert!(slot.borrow().is_none(), "d removed itself");
+    assert_eq!((c.begins.get(), c.ends.get()), (1, 1), "c was not skipped");
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
+/// A blocking `poll` from a callback that an outer loop's `dispatch` runs is nested: it never
+/// busy-polls (QEMU's test-nested-aio-poll rule, for contexts driven by glib or tokio).
+pub fn poll_outer_dispatch_callback_polls_nested(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let wd = Watchdog::new(ctx.handle());
+    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
+        .unwrap();
+    let h = Polled::register(&ctx, true);
+    assert!(
+        ctx.poll_nonblocking(),
+        "dispatched by its fd: joins the poll set"
+    );
+    flush(&ctx);
+    assert!(ctx.poll_window() > Duration::ZERO);
+    let dummy = Arc::new(EventNotifier::new().unwrap());
+    let _dummy = ctx
+        .set_event_notifier(&dummy, |e| {
+            e.test_and_clear();
+        })
+        .unwrap();
+    let (mut a, b) = socket_pair();
+    let polls_in_nested = Rc::new(Cell::new(None));
+    let (pin, polls, d, mut reader) = (
+        polls_in_nested.clone(),
+        h.polls.clone(),
+        dummy.clone(),
+        b.try_clone().unwrap(),
+    );
+    let _plain = ctx
+        .fd_handler(&b)
+        .on_read(move |ctx| {
+            read_all_available(&mut reader);
+            let before = polls.get();
+            d.set().unwrap();
+            assert!(ctx.poll(), "the nested poll dispatches the dummy");
+            pin.set(Some(polls.get() - before));
+        })
+        .register()
+        .unwrap();
+    a.write_all(b"x").unwrap();
+    ctx.prepare();
+    assert!(ctx.check());
+    assert!(ctx.dispatch());
+    assert_eq!(
+        polls_in_nested.get(),
+        Some(0),
+        "no poll function ran in the nested poll"
+    );
+    assert_eq!(h.begins.get(), 0, "no polling mode");
     assert!(!wd.fired(), "a blocking poll hung");
 }
 
@@ -3551,6 +3694,16 @@ macro_rules! conformance_tests {
         $(#[$meta])*
         fn poll_right_after_an_fd_dispatch() {
             $crate::testing::poll_right_after_an_fd_dispatch($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn poll_members_that_leave_get_on_poll_end() {
+            $crate::testing::poll_members_that_leave_get_on_poll_end($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn poll_outer_dispatch_callback_polls_nested() {
+            $crate::testing::poll_outer_dispatch_callback_polls_nested($make)
         }
         #[test]
         $(#[$meta])*
