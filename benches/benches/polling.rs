@@ -83,8 +83,8 @@ const WEIGHTED: PollPolicy = PollPolicy::Weighted { weight: 2 };
 fn b3_configs() -> Vec<PollParams> {
     vec![
         PollParams::disabled(),
-        PollParams::new(QEMU_MAX),
-        PollParams::new(MAX_100US),
+        PollParams::new(QEMU_MAX).policy(PollPolicy::Qemu10),
+        PollParams::new(MAX_100US).policy(PollPolicy::Qemu10),
         PollParams::new(QEMU_MAX).policy(WEIGHTED),
         PollParams::new(MAX_100US).policy(WEIGHTED),
     ]
@@ -243,8 +243,8 @@ fn b8(plan: Plan) {
     let job = Job::Spin10us;
     let configs = [
         PollParams::disabled(),
-        PollParams::new(QEMU_MAX),
-        PollParams::new(MAX_100US),
+        PollParams::new(QEMU_MAX).policy(PollPolicy::Qemu10),
+        PollParams::new(MAX_100US).policy(PollPolicy::Qemu10),
         PollParams::new(QEMU_MAX).policy(WEIGHTED),
     ];
     let aio = Aio::new(PollParams::disabled());
@@ -297,7 +297,7 @@ fn b8(plan: Plan) {
 fn b9(plan: Plan) {
     let subjects = [
         Idle::Aio(PollParams::disabled()),
-        Idle::Aio(PollParams::new(QEMU_MAX)),
+        Idle::Aio(PollParams::new(QEMU_MAX).policy(PollPolicy::Qemu10)),
         Idle::Aio(PollParams::new(QEMU_MAX).policy(WEIGHTED)),
         Idle::Tokio,
     ];
