@@ -117,39 +117,6 @@ fn mechanism_label(m: Mechanism) -> String {
     }
 }
 
-/// The command line: bench mode or smoke run, and the filter.
-#[derive(Debug)]
-struct Args {
-    bench: bool,
-    filter: Option<String>,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        bench: false,
-        filter: None,
-    };
-    for a in std::env::args().skip(1) {
-        match a.as_str() {
-            "--bench" => args.bench = true,
-            s if s.starts_with('-') => {}
-            s => {
-                if args.filter.is_none() {
-                    args.filter = Some(s.to_owned());
-                }
-            }
-        }
-    }
-    args
-}
-
-fn wanted(filter: Option<&str>, key: &str) -> bool {
-    match filter {
-        None => true,
-        Some(f) => f == "polling" || key.contains(f),
-    }
-}
-
 fn verdict(met: bool) -> &'static str {
     if met { "met" } else { "**missed**" }
 }
@@ -338,21 +305,20 @@ fn b9(plan: Plan) {
 }
 
 fn main() {
-    let args = parse_args();
+    let args = aio_benches::BenchArgs::parse();
     let plan = if args.bench { FULL } else { SMOKE };
-    let filter = args.filter.as_deref();
     println!("# Adaptive polling: B3, B8, B9 ({})\n", today());
     println!("Machine: {}", machine());
     if !args.bench {
         println!("(smoke run: no --bench flag, tiny sizes; the figures mean nothing)");
     }
-    if wanted(filter, "B3_ping_pong") {
+    if args.wants("polling", "B3_ping_pong") {
         b3(plan);
     }
-    if wanted(filter, "B8_polling_latency") {
+    if args.wants("polling", "B8_polling_latency") {
         b8(plan);
     }
-    if wanted(filter, "B9_idle") {
+    if args.wants("polling", "B9_idle") {
         b9(plan);
     }
 }

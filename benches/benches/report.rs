@@ -30,27 +30,6 @@ use aio_benches::{
     machine, pin_current_thread, today, tokio_runtime, tokio_yield,
 };
 
-/// Criterion options that take a value, so that the value is not taken for a filter.
-const OPTIONS_WITH_VALUE: &[&str] = &[
-    "--save-baseline",
-    "--baseline",
-    "--baseline-lenient",
-    "--load-baseline",
-    "--sample-size",
-    "--warm-up-time",
-    "--measurement-time",
-    "--nresamples",
-    "--noise-threshold",
-    "--confidence-level",
-    "--significance-level",
-    "--profile-time",
-    "--output-format",
-    "--color",
-    "--plotting-backend",
-    "--format",
-    "--logfile",
-];
-
 /// How much to measure.
 #[derive(Debug, Clone, Copy)]
 struct Plan {
@@ -80,46 +59,6 @@ struct Row {
 impl Row {
     fn ratio(&self) -> f64 {
         self.tokio_ns / self.aio_ns
-    }
-}
-
-/// The command line: bench mode or smoke run, and the filter.
-#[derive(Debug)]
-struct Args {
-    bench: bool,
-    list: bool,
-    filter: Option<String>,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        bench: false,
-        list: false,
-        filter: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--bench" => args.bench = true,
-            "--list" => args.list = true,
-            s if OPTIONS_WITH_VALUE.contains(&s) => {
-                it.next();
-            }
-            s if s.starts_with('-') => {}
-            s => {
-                if args.filter.is_none() {
-                    args.filter = Some(s.to_owned());
-                }
-            }
-        }
-    }
-    args
-}
-
-fn wanted(filter: Option<&str>, key: &str) -> bool {
-    match filter {
-        None => true,
-        Some(f) => f == "report" || key.contains(f),
     }
 }
 
@@ -911,7 +850,7 @@ fn write_report(dir: &Path, rows: &[Row], b7: &[B7Row], plan: Plan) -> std::io::
 }
 
 fn main() {
-    let args = parse_args();
+    let args = aio_benches::BenchArgs::parse();
     if args.list {
         return;
     }
@@ -923,33 +862,32 @@ fn main() {
     } else {
         Plan { runs: 1, ops: 4096 }
     };
-    let filter = args.filter.as_deref();
     let mut rows = Vec::new();
-    if wanted(filter, "B1_bh_schedule_dispatch") {
+    if args.wants("report", "B1_bh_schedule_dispatch") {
         rows.push(b1_single(plan));
     }
     for k in [1, 16, 256] {
-        if wanted(filter, &format!("B1_bh_batch/{k}")) {
+        if args.wants("report", &format!("B1_bh_batch/{k}")) {
             rows.push(b1_batch(plan, k));
         }
     }
-    if wanted(filter, "B2_oneshot_x1000") {
+    if args.wants("report", "B2_oneshot_x1000") {
         rows.push(b2(plan));
     }
-    if wanted(filter, "B4_notify_busy_loop") {
+    if args.wants("report", "B4_notify_busy_loop") {
         rows.push(b4(plan));
     }
-    if wanted(filter, "B4_like_oneshot_x1000") {
+    if args.wants("report", "B4_like_oneshot_x1000") {
         rows.push(b4_like_oneshot(plan));
     }
-    if wanted(filter, "B4_like_bh_round_trip") {
+    if args.wants("report", "B4_like_bh_round_trip") {
         rows.extend(b4_like_bh_round_trip(plan));
     }
-    if wanted(filter, "B4_like_notify") {
+    if args.wants("report", "B4_like_notify") {
         rows.push(b4_like_notify(plan));
     }
     // Last: its fire benchmark pauses a tokio clock, which slows tokio for the rest of the run.
-    let b7_rows = if wanted(filter, "B7_timers") {
+    let b7_rows = if args.wants("report", "B7_timers") {
         b7(plan)
     } else {
         Vec::new()

@@ -980,3 +980,74 @@ mod tests {
         assert_eq!(cpus_of_this_thread(), before);
     }
 }
+
+/// Criterion options that take a value, so that the value is not taken for a filter.
+const OPTIONS_WITH_VALUE: &[&str] = &[
+    "--save-baseline",
+    "--baseline",
+    "--baseline-lenient",
+    "--load-baseline",
+    "--sample-size",
+    "--warm-up-time",
+    "--measurement-time",
+    "--nresamples",
+    "--noise-threshold",
+    "--confidence-level",
+    "--significance-level",
+    "--profile-time",
+    "--output-format",
+    "--color",
+    "--plotting-backend",
+    "--format",
+    "--logfile",
+];
+
+/// The command line of a plain-`Instant` bench target (`report`, `polling`): bench mode or smoke
+/// run (`cargo test --benches` passes no `--bench`), `--list`, and the first free argument as a
+/// filter. Criterion's own options are skipped, with their values.
+#[derive(Debug)]
+pub struct BenchArgs {
+    /// `--bench` was given: full sizes.
+    pub bench: bool,
+    /// `--list` was given.
+    pub list: bool,
+    /// The filter, if any.
+    pub filter: Option<String>,
+}
+
+impl BenchArgs {
+    /// Parses `std::env::args()`.
+    pub fn parse() -> BenchArgs {
+        let mut args = BenchArgs {
+            bench: false,
+            list: false,
+            filter: None,
+        };
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--bench" => args.bench = true,
+                "--list" => args.list = true,
+                s if OPTIONS_WITH_VALUE.contains(&s) => {
+                    it.next();
+                }
+                s if s.starts_with('-') => {}
+                s => {
+                    if args.filter.is_none() {
+                        args.filter = Some(s.to_owned());
+                    }
+                }
+            }
+        }
+        args
+    }
+
+    /// Whether the row `key` of the target `target` runs: no filter, the target's own name,
+    /// or a substring of the key.
+    pub fn wants(&self, target: &str, key: &str) -> bool {
+        match self.filter.as_deref() {
+            None => true,
+            Some(f) => f == target || key.contains(f),
+        }
+    }
+}

@@ -2470,6 +2470,15 @@ pub fn timer_periodic_rearm_never_fires_early(make: MakeContext) {
 // Adaptive polling (spec §4.3; QEMU's test-nested-aio-poll; conformance cases 45 and 46)
 // ---------------------------------------------------------------------------------------------
 
+/// A context polling for up to 1 s (the default policy), and its watchdog.
+fn polling_ctx(make: MakeContext) -> (AioContext, Watchdog) {
+    let ctx = new_ctx(make);
+    let wd = Watchdog::new(ctx.handle());
+    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
+        .unwrap();
+    (ctx, wd)
+}
+
 /// An event notifier registered with every polling callback, and what they have seen: the
 /// conformance suite's polled handler, shared with the other polling tests.
 #[derive(Debug)]
@@ -2662,10 +2671,7 @@ pub fn poll_nested_poll_does_not_poll(make: MakeContext) {
 /// and the handler whose callback is running gets its `on_poll_end` too (every member got
 /// `on_poll_begin`), though it is not polled: begin and end keep alternating for it.
 pub fn poll_nested_poll_ends_polling_mode_for_the_running_handler(make: MakeContext) {
-    let ctx = new_ctx(make);
-    let wd = Watchdog::new(ctx.handle());
-    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
-        .unwrap();
+    let (ctx, wd) = polling_ctx(make);
     let dummy = Arc::new(EventNotifier::new().unwrap());
     let dummy_reads = Rc::new(Cell::new(0u32));
     let dr = dummy_reads.clone();
@@ -2749,10 +2755,7 @@ pub fn poll_nested_poll_ends_polling_mode_for_the_running_handler(make: MakeCont
 /// submits it in `prepare_polling` and polls. Here only polling can see the work (the fd is
 /// not readable), so a backend that slept instead would hang until the watchdog.
 pub fn poll_right_after_an_fd_dispatch(make: MakeContext) {
-    let ctx = new_ctx(make);
-    let wd = Watchdog::new(ctx.handle());
-    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
-        .unwrap();
+    let (ctx, wd) = polling_ctx(make);
     let h = Polled::register(&ctx, true);
     for round in 1..=3 {
         h.e.set().unwrap();
@@ -2771,10 +2774,7 @@ pub fn poll_right_after_an_fd_dispatch(make: MakeContext) {
 /// `on_poll_end` while polling mode is being left (the members after it in the set still get
 /// theirs). And a non-blocking poll, which never polls, leaves polling mode.
 pub fn poll_members_that_leave_get_on_poll_end(make: MakeContext) {
-    let ctx = new_ctx(make);
-    let wd = Watchdog::new(ctx.handle());
-    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
-        .unwrap();
+    let (ctx, wd) = polling_ctx(make);
     let into_polling_mode = |h: &Polled| {
         assert!(
             ctx.poll_nonblocking(),
@@ -2856,10 +2856,7 @@ pub fn poll_members_that_leave_get_on_poll_end(make: MakeContext) {
 /// A blocking `poll` from a callback that an outer loop's `dispatch` runs is nested: it never
 /// busy-polls (QEMU's test-nested-aio-poll rule, for contexts driven by glib or tokio).
 pub fn poll_outer_dispatch_callback_polls_nested(make: MakeContext) {
-    let ctx = new_ctx(make);
-    let wd = Watchdog::new(ctx.handle());
-    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
-        .unwrap();
+    let (ctx, wd) = polling_ctx(make);
     let h = Polled::register(&ctx, true);
     assert!(
         ctx.poll_nonblocking(),
@@ -3007,10 +3004,7 @@ pub fn poll_windows_are_per_handler(make: MakeContext) {
 /// has work, so every blocking poll finds it by polling; an fd-only handler next to it is still
 /// dispatched in the iteration after its fd becomes readable, on every backend.
 pub fn poll_fd_only_handler_next_to_polled_one_runs(make: MakeContext) {
-    let ctx = new_ctx(make);
-    let wd = Watchdog::new(ctx.handle());
-    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
-        .unwrap();
+    let (ctx, wd) = polling_ctx(make);
     let busy = Polled::register(&ctx, true);
     busy.work.set(true);
     assert!(ctx.poll_nonblocking());
@@ -3217,10 +3211,7 @@ pub fn poll_remote_schedule_seen_while_polling(make: MakeContext) {
 /// same callback (which drains the fd, so the backend does not report it again). On io_uring,
 /// the completion ring already holds the fd's poll completion, and polling yields to it.
 pub fn poll_event_notifier_polled_through_its_flag(make: MakeContext) {
-    let ctx = new_ctx(make);
-    let wd = Watchdog::new(ctx.handle());
-    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
-        .unwrap();
+    let (ctx, wd) = polling_ctx(make);
     let e = Arc::new(EventNotifier::new().expect("event notifier"));
     let reads = Rc::new(Cell::new(0u32));
     let r = reads.clone();
@@ -3262,10 +3253,7 @@ pub fn poll_event_notifier_polled_through_its_flag(make: MakeContext) {
 /// leaves it (`on_poll_end`, then one more poll) before the outer loop may sleep, and what
 /// that poll finds is dispatched by `dispatch` through the poll-ready callback.
 pub fn poll_outer_loop_leaves_polling_mode(make: MakeContext) {
-    let ctx = new_ctx(make);
-    let wd = Watchdog::new(ctx.handle());
-    ctx.set_poll_params(crate::PollParams::new(Duration::from_secs(1)))
-        .unwrap();
+    let (ctx, wd) = polling_ctx(make);
     let h = Polled::register(&ctx, true);
     assert!(ctx.poll_nonblocking());
     flush(&ctx);
