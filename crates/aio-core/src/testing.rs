@@ -3644,11 +3644,13 @@ macro_rules! conformance_tests {
             $crate::testing::poll_nested_poll_does_not_poll($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn poll_windows_are_per_handler() {
             $crate::testing::poll_windows_are_per_handler($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn poll_fd_only_handler_next_to_polled_one_runs() {
             $crate::testing::poll_fd_only_handler_next_to_polled_one_runs($make)
@@ -3689,6 +3691,7 @@ macro_rules! conformance_tests {
             $crate::testing::poll_members_that_leave_get_on_poll_end($make)
         }
         #[test]
+        #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
         $(#[$meta])*
         fn poll_outer_dispatch_callback_polls_nested() {
             $crate::testing::poll_outer_dispatch_callback_polls_nested($make)
