@@ -4,38 +4,13 @@
 //! per event; and the `AIO_POLL_MAX_NS` override of the builder's polling parameters.
 #![cfg(target_os = "linux")]
 
-use aio::{AioContext, Backend, Builder, EventNotifier, FdHandler};
-use aio_core::testing::Polled;
+use aio::{AioContext, Backend, Builder};
+use aio_core::testing::{Counted, Polled, PolledCounts};
 use std::cell::Cell;
 use std::fs::File;
 use std::io;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
-
-/// A registered event notifier whose handler counts its dispatches.
-struct Counted {
-    notifier: Arc<EventNotifier>,
-    hits: Rc<Cell<u32>>,
-    _handler: FdHandler,
-}
-
-fn counted(ctx: &AioContext) -> Counted {
-    let notifier = Arc::new(EventNotifier::new().unwrap());
-    let hits = Rc::new(Cell::new(0));
-    let h = hits.clone();
-    let handler = ctx
-        .set_event_notifier(&notifier, move |e| {
-            assert!(e.test_and_clear(), "dispatched while clear");
-            h.set(h.get() + 1);
-        })
-        .unwrap();
-    Counted {
-        notifier,
-        hits,
-        _handler: handler,
-    }
-}
 
 fn context(backend: Backend) -> AioContext {
     Builder::new()
@@ -85,10 +60,10 @@ fn poll_then_epoll_moves_at_64_fds_and_keeps_every_handler() {
     let ctx = context(Backend::PollThenEpoll);
     assert_eq!(ctx.backend(), "poll");
     // The context's own notifier is one registration; 62 more keep us below the threshold.
-    let mut all: Vec<Counted> = (0..62).map(|_| counted(&ctx)).collect();
+    let mut all: Vec<Counted> = (0..62).map(|_| Counted::register(&ctx)).collect();
     assert_eq!(ctx.backend(), "poll", "63 fds stay on poll");
     check_dispatch(&ctx, &all, 10);
-    all.push(counted(&ctx));
+    all.push(Counted::register(&ctx));
     assert_eq!(
         ctx.backend(),
         "epoll",
@@ -106,7 +81,7 @@ fn poll_then_epoll_moves_at_64_fds_and_keeps_every_handler() {
 #[test]
 fn explicit_poll_never_upgrades() {
     let ctx = context(Backend::Poll);
-    let all: Vec<Counted> = (0..100).map(|_| counted(&ctx)).collect();
+    let all: Vec<Counted> = (0..100).map(|_| Counted::register(&ctx)).collect();
     assert_eq!(ctx.backend(), "poll");
     check_dispatch(&ctx, &all, 99);
 }
@@ -120,7 +95,7 @@ fn regular_file() -> File {
 }
 
 fn falls_back(ctx: AioContext) {
-    let all: Vec<Counted> = (0..3).map(|_| counted(&ctx)).collect();
+    let all: Vec<Counted> = (0..3).map(|_| Counted::register(&ctx)).collect();
     assert_eq!(ctx.backend(), "epoll");
     let file = regular_file();
     let reads = Rc::new(Cell::new(0u32));
@@ -155,7 +130,7 @@ fn epoll_refusing_an_fd_falls_back_to_poll_without_losing_handlers() {
 #[test]
 fn an_upgraded_context_falls_back_too() {
     let ctx = context(Backend::PollThenEpoll);
-    let mut pad: Vec<Counted> = (0..63).map(|_| counted(&ctx)).collect();
+    let mut pad: Vec<Counted> = (0..63).map(|_| Counted::register(&ctx)).collect();
     assert_eq!(ctx.backend(), "epoll");
     pad.truncate(0);
     falls_back(ctx);
@@ -321,12 +296,15 @@ fn poll_mode_callbacks_pair_across_the_epoll_upgrade() {
     let Polled {
         e,
         handler: _polled,
-        reads,
-        readies,
-        begins,
-        ends,
-        work,
-        ..
+        counts:
+            PolledCounts {
+                reads,
+                readies,
+                begins,
+                ends,
+                work,
+                ..
+            },
     } = Polled::register(&ctx, true);
     assert!(
         ctx.poll_nonblocking(),
@@ -341,7 +319,7 @@ fn poll_mode_callbacks_pair_across_the_epoll_upgrade() {
     assert_eq!(ctx.backend(), "poll");
 
     // The context's notifier and the polled handler are two fds; 62 more make 64.
-    let all: Vec<Counted> = (0..62).map(|_| counted(&ctx)).collect();
+    let all: Vec<Counted> = (0..62).map(|_| Counted::register(&ctx)).collect();
     assert_eq!(ctx.backend(), "epoll", "upgraded while in polling mode");
     work.set(false);
     all[7].notifier.set().unwrap();

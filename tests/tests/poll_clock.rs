@@ -45,6 +45,14 @@ impl FdMonitor for Scripted {
     }
 }
 
+/// An fd-only handler and the write end of its socket.
+struct Plain {
+    writer: UnixStream,
+    _reader: UnixStream,
+    _handler: aio::FdHandler,
+    reads: Rc<Cell<u32>>,
+}
+
 struct Rig {
     ctx: AioContext,
     block: Arc<AtomicU64>,
@@ -73,6 +81,41 @@ impl Rig {
         let before = e.reads.get();
         assert!(self.ctx.poll());
         assert_eq!(e.reads.get(), before + 1, "dispatched by its fd");
+    }
+
+    /// Registers an fd-only handler (no poll function, so never in the poll set) whose
+    /// readiness ends a blocking poll: see [`wake`](Self::wake).
+    fn plain(&self) -> Plain {
+        let (writer, s) = UnixStream::pair().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let reads = Rc::new(Cell::new(0u32));
+        let (r, mut reader) = (reads.clone(), s.try_clone().unwrap());
+        let handler = self
+            .ctx
+            .fd_handler(&s)
+            .on_read(move |_| {
+                let mut buf = [0u8; 16];
+                assert!(std::io::Read::read(&mut reader, &mut buf).unwrap() > 0);
+                r.set(r.get() + 1);
+            })
+            .register()
+            .unwrap();
+        Plain {
+            writer,
+            _reader: s,
+            _handler: handler,
+            reads,
+        }
+    }
+
+    /// Makes `p` readable and runs one blocking iteration whose block time is `block`, which
+    /// dispatches `p` (and no poll-set member).
+    fn wake(&self, p: &mut Plain, block: Duration) {
+        p.writer.write_all(b"x").unwrap();
+        self.block.store(block.as_nanos() as u64, Ordering::Relaxed);
+        let before = p.reads.get();
+        assert!(self.ctx.poll());
+        assert_eq!(p.reads.get(), before + 1);
     }
 
     fn window_of(&self, h: &Polled) -> Option<Duration> {
@@ -239,22 +282,9 @@ fn weighted_window_follows_the_estimate_and_idle_members_decay() {
     assert_eq!(rig.ctx.poll_window(), us(20));
     // Iterations in which no member has an event (here an fd-only handler's) halve the
     // window: a loop woken only by such things decays to a plain blocking wait.
-    let (mut w, r) = UnixStream::pair().unwrap();
-    r.set_nonblocking(true).unwrap();
-    let mut reader = r.try_clone().unwrap();
-    let _plain = rig
-        .ctx
-        .fd_handler(&r)
-        .on_read(move |_| {
-            let mut buf = [0u8; 16];
-            assert!(std::io::Read::read(&mut reader, &mut buf).unwrap() > 0);
-        })
-        .register()
-        .unwrap();
+    let mut plain = rig.plain();
     for window in [10, 5] {
-        w.write_all(b"x").unwrap();
-        rig.block.store(1_000, Ordering::Relaxed);
-        assert!(rig.ctx.poll());
+        rig.wake(&mut plain, us(1));
         assert_eq!(rig.ctx.poll_window(), us(window));
     }
     // Without members, the window is 0 at once.
@@ -270,27 +300,8 @@ fn an_idle_member_leaves_the_poll_set_after_7_s_and_rejoins_on_its_next_dispatch
     let rig = Rig::new(PollParams::new(Duration::from_secs(60)).policy(PollPolicy::Qemu10));
     let h = notifier(&rig.ctx);
     // An fd-only handler whose readiness ends each blocking poll below.
-    let (mut a, s) = UnixStream::pair().unwrap();
-    s.set_nonblocking(true).unwrap();
-    let plain = Rc::new(Cell::new(0u32));
-    let (pl, mut reader) = (plain.clone(), s.try_clone().unwrap());
-    let _plain = rig
-        .ctx
-        .fd_handler(&s)
-        .on_read(move |_| {
-            let mut buf = [0u8; 16];
-            assert!(std::io::Read::read(&mut reader, &mut buf).unwrap() > 0);
-            pl.set(pl.get() + 1);
-        })
-        .register()
-        .unwrap();
-    let mut wake = |block: Duration| {
-        a.write_all(b"x").unwrap();
-        rig.block.store(block.as_nanos() as u64, Ordering::Relaxed);
-        let before = plain.get();
-        assert!(rig.ctx.poll());
-        assert_eq!(plain.get(), before + 1);
-    };
+    let mut plain = rig.plain();
+    let mut wake = |block: Duration| rig.wake(&mut plain, block);
 
     rig.iterate(&h, 1);
     assert_eq!(rig.window_of(&h), Some(us(4)), "joined on its fd dispatch");

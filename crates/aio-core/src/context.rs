@@ -585,12 +585,6 @@ impl Inner {
         }
     }
 
-    /// The member at `i` of the poll set, cloned so that no borrow is held while user code
-    /// (which may add or remove handlers) runs.
-    fn poll_member(&self, i: usize) -> Option<Rc<HandlerNode>> {
-        self.polling.set.borrow().get(i).cloned()
-    }
-
     /// Calls `node`'s poll function, or for the context's notifier reads `notified`. `None`
     /// when the node is not polled now (removed, paused, external and disabled, or its poll
     /// function is already running).
@@ -615,12 +609,15 @@ impl Inner {
 
     /// One pass over the poll set (QEMU `run_poll_handlers_once`). Pushes the members that
     /// have work to `hits`; returns how many user members were polled.
-    fn poll_round(&self, hits: &mut Vec<Rc<HandlerNode>>) -> usize {
+    /// `members` is the set as the polling phase began ([`members`](Self::members)); one that
+    /// left it since (removed by a callback) is skipped.
+    fn poll_round(&self, members: &[Rc<HandlerNode>], hits: &mut Vec<Rc<HandlerNode>>) -> usize {
         let mut polled = 0;
-        let mut i = 0;
-        while let Some(node) = self.poll_member(i) {
-            i += 1;
-            let Some(found) = self.poll_node(&node) else {
+        for node in members {
+            if !node.in_poll_set.get() {
+                continue;
+            }
+            let Some(found) = self.poll_node(node) else {
                 continue;
             };
             if node.kind == NodeKind::User {
@@ -629,8 +626,8 @@ impl Inner {
             if found {
                 node.idle_deadline
                     .set(Some(self.clock_ns().saturating_add(IDLE_INTERVAL_NS)));
-                if !hits.iter().any(|h| Rc::ptr_eq(h, &node)) {
-                    hits.push(node);
+                if !hits.iter().any(|h| Rc::ptr_eq(h, node)) {
+                    hits.push(node.clone());
                 }
             }
         }
@@ -728,13 +725,16 @@ impl Inner {
         // The busy loop is bounded in real time, whatever clock the context reads: a stopped
         // manual clock cannot make it spin.
         let start = Instant::now();
+        // One snapshot for the whole phase: no borrow or clone per member per round.
+        let members = self.members();
         let (polled, elapsed) = loop {
-            let polled = self.poll_round(hits);
+            let polled = self.poll_round(&members, hits);
             let elapsed = start.elapsed();
             if !hits.is_empty() || elapsed >= window || self.monitor.borrow().need_wait(false) {
                 break (polled, elapsed);
             }
         };
+        self.recycle_members(members);
         self.remove_idle_members(self.clock_ns(), hits);
         let polling = &self.polling;
         polling

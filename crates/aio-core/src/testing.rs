@@ -2479,14 +2479,9 @@ fn polling_ctx(make: MakeContext) -> (AioContext, Watchdog) {
     (ctx, wd)
 }
 
-/// An event notifier registered with every polling callback, and what they have seen: the
-/// conformance suite's polled handler, shared with the other polling tests.
-#[derive(Debug)]
-pub struct Polled {
-    /// The notifier; its fd is the handler's.
-    pub e: Arc<EventNotifier>,
-    /// The registration.
-    pub handler: FdHandler,
+/// What the callbacks of a [`Polled`] handler have seen, and what its poll function answers.
+#[derive(Debug, Clone, Default)]
+pub struct PolledCounts {
     /// Read callbacks run (dispatches by the fd).
     pub reads: Rc<Cell<u32>>,
     /// Poll function calls.
@@ -2501,6 +2496,26 @@ pub struct Polled {
     pub work: Rc<Cell<bool>>,
 }
 
+/// An event notifier registered with every polling callback, and what they have seen (its
+/// [`PolledCounts`], reached through `Deref`): the conformance suite's polled handler, shared
+/// with the other polling tests.
+#[derive(Debug)]
+pub struct Polled {
+    /// The notifier; its fd is the handler's.
+    pub e: Arc<EventNotifier>,
+    /// The registration.
+    pub handler: FdHandler,
+    /// What its callbacks have seen.
+    pub counts: PolledCounts,
+}
+
+impl std::ops::Deref for Polled {
+    type Target = PolledCounts;
+    fn deref(&self) -> &PolledCounts {
+        &self.counts
+    }
+}
+
 impl Polled {
     /// Registers a notifier (set at once if `set`) whose read callback clears it (and fails the
     /// case if it was not set), whose poll function counts and answers `work`, whose poll-ready
@@ -2511,47 +2526,101 @@ impl Polled {
     /// If the notifier or the registration fails, and (in the callbacks) on a spurious read
     /// or begin/end callbacks out of order.
     pub fn register(ctx: &AioContext, set: bool) -> Polled {
+        Self::register_with(ctx, set, |_, _| {})
+    }
+
+    /// As [`register`](Self::register), with `ready` run by the poll-ready callback after it
+    /// counted, given the context and the counts.
+    ///
+    /// # Panics
+    ///
+    /// As [`register`](Self::register).
+    pub fn register_with(
+        ctx: &AioContext,
+        set: bool,
+        mut ready: impl FnMut(&AioContext, &PolledCounts) + 'static,
+    ) -> Polled {
         let e = Arc::new(EventNotifier::new().expect("event notifier"));
         if set {
             e.set().unwrap();
         }
-        let counter = || Rc::new(Cell::new(0u32));
-        let (reads, polls, readies, begins, ends) =
-            (counter(), counter(), counter(), counter(), counter());
-        let work = Rc::new(Cell::new(false));
-        let (r, p, rd, w) = (reads.clone(), polls.clone(), readies.clone(), work.clone());
-        let (b1, e1, b2, e2) = (begins.clone(), ends.clone(), begins.clone(), ends.clone());
+        let counts = PolledCounts::default();
+        let (c1, c2, c3, c4, c5) = (
+            counts.clone(),
+            counts.clone(),
+            counts.clone(),
+            counts.clone(),
+            counts.clone(),
+        );
         let notifier = e.clone();
         let handler = ctx
             .fd_handler(&*notifier)
             .on_read(move |_| {
                 assert!(notifier.test_and_clear(), "spurious read callback");
-                r.set(r.get() + 1);
+                c1.reads.set(c1.reads.get() + 1);
             })
             .on_poll(move || {
-                p.set(p.get() + 1);
-                w.get()
+                c2.polls.set(c2.polls.get() + 1);
+                c2.work.get()
             })
-            .on_poll_ready(move |_| rd.set(rd.get() + 1))
+            .on_poll_ready(move |ctx| {
+                c3.readies.set(c3.readies.get() + 1);
+                ready(ctx, &c3);
+            })
             .on_poll_begin(move || {
-                assert_eq!(b1.get(), e1.get(), "on_poll_begin twice in a row");
-                b1.set(b1.get() + 1);
+                assert_eq!(
+                    c4.begins.get(),
+                    c4.ends.get(),
+                    "on_poll_begin twice in a row"
+                );
+                c4.begins.set(c4.begins.get() + 1);
             })
             .on_poll_end(move || {
-                assert_eq!(b2.get(), e2.get() + 1, "on_poll_end without on_poll_begin");
-                e2.set(e2.get() + 1);
+                assert_eq!(
+                    c5.begins.get(),
+                    c5.ends.get() + 1,
+                    "on_poll_end without on_poll_begin"
+                );
+                c5.ends.set(c5.ends.get() + 1);
             })
             .register()
             .expect("register");
-        Polled {
-            e,
+        Polled { e, handler, counts }
+    }
+}
+
+/// A notifier registered with `set_event_notifier` whose callback clears it (failing the
+/// case if it was not set) and counts in `hits`: a handler without poll callbacks of its own.
+#[derive(Debug)]
+pub struct Counted {
+    /// The notifier.
+    pub notifier: Arc<EventNotifier>,
+    /// The registration.
+    pub handler: FdHandler,
+    /// Read callbacks run.
+    pub hits: Rc<Cell<u32>>,
+}
+
+impl Counted {
+    /// Registers one.
+    ///
+    /// # Panics
+    ///
+    /// If the notifier or the registration fails, and (in the callback) on a spurious read.
+    pub fn register(ctx: &AioContext) -> Counted {
+        let notifier = Arc::new(EventNotifier::new().expect("event notifier"));
+        let hits = Rc::new(Cell::new(0));
+        let h = hits.clone();
+        let handler = ctx
+            .set_event_notifier(&notifier, move |e| {
+                assert!(e.test_and_clear(), "spurious read callback");
+                h.set(h.get() + 1);
+            })
+            .expect("register");
+        Counted {
+            notifier,
             handler,
-            reads,
-            polls,
-            readies,
-            begins,
-            ends,
-            work,
+            hits,
         }
     }
 }
@@ -2672,79 +2741,37 @@ pub fn poll_nested_poll_does_not_poll(make: MakeContext) {
 /// `on_poll_begin`), though it is not polled: begin and end keep alternating for it.
 pub fn poll_nested_poll_ends_polling_mode_for_the_running_handler(make: MakeContext) {
     let (ctx, wd) = polling_ctx(make);
-    let dummy = Arc::new(EventNotifier::new().unwrap());
-    let dummy_reads = Rc::new(Cell::new(0u32));
-    let dr = dummy_reads.clone();
-    let _dummy = ctx
-        .set_event_notifier(&dummy, move |e| {
-            assert!(e.test_and_clear(), "spurious read");
-            dr.set(dr.get() + 1);
-        })
-        .unwrap();
-    let e = Arc::new(EventNotifier::new().unwrap());
-    e.set().unwrap();
-    let counter = || Rc::new(Cell::new(0u32));
-    let (begins, ends, readies) = (counter(), counter(), counter());
-    let work = Rc::new(Cell::new(false));
+    let dummy = Counted::register(&ctx);
     let ends_in_nested = Rc::new(Cell::new(None));
-    let (b1, e1, b2, e2, e3) = (
-        begins.clone(),
-        ends.clone(),
-        begins.clone(),
-        ends.clone(),
-        ends.clone(),
-    );
-    let (w1, w2, rd, d, ein) = (
-        work.clone(),
-        work.clone(),
-        readies.clone(),
-        dummy.clone(),
-        ends_in_nested.clone(),
-    );
-    let n = e.clone();
-    let _h = ctx
-        .fd_handler(&*e)
-        .on_read(move |_| assert!(n.test_and_clear(), "spurious read"))
-        .on_poll(move || w1.get())
-        .on_poll_ready(move |ctx| {
-            rd.set(rd.get() + 1);
-            w2.set(false);
-            let before = e3.get();
-            // The nested poll sleeps until the dummy is set: it must leave polling mode first.
-            d.set().unwrap();
-            assert!(ctx.poll(), "the nested poll dispatches the dummy");
-            ein.set(Some(e3.get() - before));
-        })
-        .on_poll_begin(move || {
-            assert_eq!(b1.get(), e1.get(), "on_poll_begin twice in a row");
-            b1.set(b1.get() + 1);
-        })
-        .on_poll_end(move || {
-            assert_eq!(b2.get(), e2.get() + 1, "on_poll_end without on_poll_begin");
-            e2.set(e2.get() + 1);
-        })
-        .register()
-        .unwrap();
+    let (d, ein) = (dummy.notifier.clone(), ends_in_nested.clone());
+    let h = Polled::register_with(&ctx, true, move |ctx, counts| {
+        counts.work.set(false);
+        let before = counts.ends.get();
+        // The nested poll sleeps until the dummy is set: it must leave polling mode first.
+        d.set().unwrap();
+        assert!(ctx.poll(), "the nested poll dispatches the dummy");
+        ein.set(Some(counts.ends.get() - before));
+    });
     // Both join the poll set, so that polling covers every handler and the outer iteration
     // that finds `h` needs no wait: it is still in polling mode when the callback runs.
-    dummy.set().unwrap();
+    dummy.notifier.set().unwrap();
     assert!(
         ctx.poll_nonblocking(),
         "dispatched by their fds: both join the poll set"
     );
-    assert_eq!(dummy_reads.get(), 1);
+    assert_eq!(dummy.hits.get(), 1);
     flush(&ctx);
     for round in 1..=2 {
-        work.set(true);
+        h.work.set(true);
         assert!(ctx.poll(), "round {round}: found by polling");
-        assert_eq!(readies.get(), round);
-        assert_eq!(dummy_reads.get(), round + 1);
+        assert_eq!(h.readies.get(), round);
+        assert_eq!(dummy.hits.get(), round + 1);
         assert_eq!(
             ends_in_nested.get(),
             Some(1),
             "round {round}: on_poll_end ran in the nested poll, for the running handler"
         );
-        assert_eq!((begins.get(), ends.get()), (round, round));
+        assert_eq!((h.begins.get(), h.ends.get()), (round, round));
         flush(&ctx);
     }
     assert!(!wd.fired(), "a blocking poll hung");
@@ -2813,13 +2840,14 @@ pub fn poll_members_that_leave_get_on_poll_end(make: MakeContext) {
     let b = Polled::register(&ctx, true);
     into_polling_mode(&b);
     let Polled {
-        handler,
-        begins,
-        ends,
-        ..
+        handler, counts, ..
     } = b;
     drop(handler);
-    assert_eq!((begins.get(), ends.get()), (1, 1), "removed: on_poll_end");
+    assert_eq!(
+        (counts.begins.get(), counts.ends.get()),
+        (1, 1),
+        "removed: on_poll_end"
+    );
 
     // Removed by its own on_poll_end, ahead of another member in the set.
     let d_e = Arc::new(EventNotifier::new().unwrap());
@@ -2864,18 +2892,13 @@ pub fn poll_outer_dispatch_callback_polls_nested(make: MakeContext) {
     );
     flush(&ctx);
     assert!(ctx.poll_window() > Duration::ZERO);
-    let dummy = Arc::new(EventNotifier::new().unwrap());
-    let _dummy = ctx
-        .set_event_notifier(&dummy, |e| {
-            e.test_and_clear();
-        })
-        .unwrap();
+    let dummy = Counted::register(&ctx);
     let (mut a, b) = socket_pair();
     let polls_in_nested = Rc::new(Cell::new(None));
     let (pin, polls, d, mut reader) = (
         polls_in_nested.clone(),
         h.polls.clone(),
-        dummy.clone(),
+        dummy.notifier.clone(),
         b.try_clone().unwrap(),
     );
     let _plain = ctx

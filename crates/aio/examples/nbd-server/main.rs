@@ -213,27 +213,19 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
             "--pid-file" => cfg.pid_file = Some(value("a path")?.into()),
             "--poll-max-ns" => {
                 let n = value("a number of nanoseconds")?;
-                poll_max_ns = match n.parse::<u64>() {
-                    Ok(ns @ 0..=aio::MAX_POLL_NS) => ns,
-                    _ => {
-                        return Err(format!(
-                            "--poll-max-ns takes nanoseconds from 0 (off) to {}, not {n:?}",
-                            aio::MAX_POLL_NS
-                        ));
-                    }
-                };
+                poll_max_ns = at_most(&n, aio::MAX_POLL_NS).ok_or_else(|| {
+                    format!(
+                        "--poll-max-ns takes nanoseconds from 0 (off) to {}, not {n:?}",
+                        aio::MAX_POLL_NS
+                    )
+                })?;
             }
             "--poll-weight" => {
                 let n = value("a number")?;
-                poll_weight = match n.parse::<u8>() {
-                    Ok(w @ 0..=aio::MAX_WEIGHT) => Some(w),
-                    _ => {
-                        return Err(format!(
-                            "--poll-weight takes 0 to {}, not {n:?}",
-                            aio::MAX_WEIGHT
-                        ));
-                    }
-                };
+                let max = aio::MAX_WEIGHT;
+                let w = at_most(&n, max.into())
+                    .ok_or_else(|| format!("--poll-weight takes 0 to {max}, not {n:?}"))?;
+                poll_weight = Some(w as u8);
             }
             "--poll-policy" => {
                 let p = value("weighted or qemu10")?;
@@ -247,9 +239,9 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
             }
             "--poll-grow" | "--poll-shrink" => {
                 let n = value("a number")?;
-                let factor = n
-                    .parse::<u8>()
-                    .map_err(|_| format!("{arg} takes 0 to 255, not {n:?}"))?;
+                let factor = at_most(&n, u8::MAX.into())
+                    .ok_or_else(|| format!("{arg} takes 0 to 255, not {n:?}"))?
+                    as u8;
                 if arg == "--poll-grow" {
                     poll_grow = factor;
                 } else {
@@ -497,6 +489,11 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
 /// the default backend (`AIO_BACKEND` applies).
 fn new_context(poll: PollParams) -> io::Result<AioContext> {
     aio::Builder::new().poll_params(poll).build()
+}
+
+/// `n` as a number from 0 to `max`, or `None`.
+fn at_most(n: &str, max: u64) -> Option<u64> {
+    n.parse::<u64>().ok().filter(|v| *v <= max)
 }
 
 /// `polling off`, `polling up to 32768 ns (qemu10)`, `polling up to 32768 ns (weighted 2,
