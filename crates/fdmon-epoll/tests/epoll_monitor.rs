@@ -875,11 +875,13 @@ fn signals_do_not_end_an_infinite_wait() {
     install_sigusr1_handler();
     SIGNALS.store(0, Ordering::SeqCst);
     let (r, w) = pipe();
+    // Before the spawn: the write below comes at least 150 ms after this (the waiter's own
+    // set-up time must not count against the bound).
+    let start = Instant::now();
     let waiter = thread::spawn(move || {
         let mut monitor = EpollMonitor::new().unwrap();
         let mut ready = ReadyList::new();
         add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
-        let start = Instant::now();
         let reports = wait_for(&mut monitor, &mut ready, None);
         (reports, start.elapsed())
     });
