@@ -279,8 +279,31 @@ pub fn have_socket_activate() -> bool {
     ok
 }
 
-/// Lines a child printed, collected by a reader thread.
-type Lines = Arc<Mutex<Vec<String>>>;
+/// Lines a child printed, collected by a reader thread; `ended` is set when the thread has
+/// read to end of file (the child, and everything holding the pipe, has closed it).
+#[derive(Debug, Default)]
+struct Collected {
+    lines: Mutex<(Vec<String>, bool)>,
+    ended: std::sync::Condvar,
+}
+
+type Lines = Arc<Collected>;
+
+impl Collected {
+    fn snapshot(&self) -> Vec<String> {
+        self.lines.lock().unwrap().0.clone()
+    }
+
+    /// Waits up to `timeout` for the reader to reach end of file, so that a child which has
+    /// exited has all its output collected.
+    fn wait_ended(&self, timeout: Duration) {
+        let guard = self.lines.lock().unwrap();
+        let _ = self
+            .ended
+            .wait_timeout_while(guard, timeout, |(_, ended)| !*ended)
+            .unwrap();
+    }
+}
 
 /// Collects `pipe`'s lines into the returned buffer and, if `tx` is given, forwards each.
 fn collect_lines(pipe: impl Read + Send + 'static, tx: Option<mpsc::Sender<String>>) -> Lines {
@@ -289,11 +312,13 @@ fn collect_lines(pipe: impl Read + Send + 'static, tx: Option<mpsc::Sender<Strin
     thread::spawn(move || {
         for line in BufReader::new(pipe).lines() {
             let Ok(line) = line else { break };
-            sink.lock().unwrap().push(line.clone());
+            sink.lines.lock().unwrap().0.push(line.clone());
             if let Some(tx) = &tx {
                 let _ = tx.send(line);
             }
         }
+        sink.lines.lock().unwrap().1 = true;
+        sink.ended.notify_all();
     });
     lines
 }
@@ -514,6 +539,10 @@ impl Server {
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
                 self.exited = Some(status);
+                // The pipes close with the process, but the readers may not have taken the
+                // last lines yet: wait for them, so stdout() after this sees everything.
+                self.stdout.wait_ended(Duration::from_secs(5));
+                self.stderr.wait_ended(Duration::from_secs(5));
                 return status;
             }
             assert!(
@@ -528,12 +557,12 @@ impl Server {
 
     /// Everything printed on stdout so far.
     pub fn stdout(&self) -> Vec<String> {
-        self.stdout.lock().unwrap().clone()
+        self.stdout.snapshot()
     }
 
     /// Everything printed on stderr so far.
     pub fn stderr(&self) -> Vec<String> {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.snapshot()
     }
 
     /// The number of open file descriptors of the server process.
