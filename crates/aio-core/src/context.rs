@@ -329,6 +329,8 @@ pub(crate) struct Inner {
     polling: Polling,
     /// How many iterations of this context are on the stack (1 in an outermost one).
     depth: Cell<u32>,
+    /// The context's tasks (see `task.rs`).
+    pub(crate) tasks: crate::task::Tasks,
 }
 
 /// The home thread's adaptive-polling state (spec §4.3).
@@ -887,6 +889,9 @@ impl Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
+        // Tasks first, without polling them: their futures may own BHs, timers and handler
+        // registrations of this context, whose drops are cheaper while it is still whole.
+        self.tasks.drop_all();
         // Runs no callback: drop the BHs still queued (one-shots and deleted ones are freed,
         // scheduled ones simply stop being pending), then every handler. From here on,
         // schedulers free what they queue (see `Shared::notify`); the fence pairs with theirs.
@@ -1068,6 +1073,7 @@ impl AioContext {
                 failed_waits: Cell::new(0),
                 polling: Polling::default(),
                 depth: Cell::new(0),
+                tasks: crate::task::Tasks::default(),
             }),
         };
         // The context's own notifier is an ordinary handler whose read callback drains the

@@ -66,6 +66,7 @@ mod handler;
 mod polling;
 mod sync;
 mod sys;
+pub mod task;
 #[cfg(feature = "testing")]
 pub mod testing;
 
@@ -81,6 +82,7 @@ pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, Rea
 pub use handler::{FdHandler, HandlerBuilder};
 pub use polling::{DEFAULT_WEIGHT, MAX_POLL_NS, MAX_WEIGHT, PollParams, PollPolicy};
 pub use sys::set_timer_slack;
+pub use task::{JoinError, JoinHandle};
 pub use timers::{
     ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef, VirtualClock,
 };

@@ -7,10 +7,10 @@
 
 #[cfg(not(aio_loom))]
 mod imp {
-    pub(crate) use std::sync::Arc;
     pub(crate) use std::sync::atomic::{
         AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence,
     };
+    pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
     pub(crate) use std::thread_local;
 
     /// An `UnsafeCell` with loom's closure-based accessor, so that call sites read the same
@@ -35,14 +35,22 @@ mod imp {
 #[cfg(aio_loom)]
 mod imp {
     pub(crate) use loom::cell::UnsafeCell;
-    pub(crate) use loom::sync::Arc;
     pub(crate) use loom::sync::atomic::{
         AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence,
     };
+    pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
     pub(crate) use loom::thread_local;
 }
 
 pub(crate) use imp::*;
+
+/// Locks `mutex`, ignoring poisoning: the loop's locks guard plain data whose every update is
+/// complete before anything that can panic runs, so a poisoned lock holds a consistent value.
+pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// std's `AtomicU64` even under loom: for a setting that no cross-thread protocol depends on
 /// (the polling parameters, whose stale value used once is harmless), so that reading it once
