@@ -44,6 +44,17 @@ mod imp {
 
 pub(crate) use imp::*;
 
+/// std's `Arc` even under loom, where one must be std's: a `Waker` is made from a std `Arc`
+/// (`Wake`). What such an `Arc` holds uses this module's primitives.
+pub(crate) use std::sync::Arc as StdArc;
+
+/// std's lock and atomics even under loom, for process-wide statics (loom's have no `const`
+/// constructor) that no model explores: the registry of `wait_kick`.
+pub(crate) mod global {
+    pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::{Mutex, MutexGuard, PoisonError};
+}
+
 /// Locks `mutex`, ignoring poisoning: the loop's locks guard plain data whose every update is
 /// complete before anything that can panic runs, so a poisoned lock holds a consistent value.
 pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

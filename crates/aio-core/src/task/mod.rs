@@ -19,7 +19,8 @@
 
 use crate::bh::{self, BottomHalf};
 use crate::context::{AioContext, ContextHandle};
-use crate::sync::{AtomicBool, AtomicU32, Mutex, Ordering, lock};
+use crate::sync::global::{self, AtomicU64, AtomicUsize};
+use crate::sync::{AtomicBool, AtomicU32, Mutex, Ordering, StdArc as Arc, lock};
 use std::any::Any;
 use std::cell::RefCell;
 use std::fmt;
@@ -27,8 +28,6 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::rc::Rc;
-// std's `Arc` even under loom: `Waker::from` takes one. The header's lock is a loom `Mutex`.
-use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 /// Header flag: the task must be dropped instead of polled ([`JoinHandle::abort`]).
@@ -664,11 +663,18 @@ impl Wake for BlockOnSignal {
 /// The contexts inside [`AioContext::wait_while`] or [`AioContext::block_on`], for
 /// [`wait_kick`] (QEMU `global_aio_wait`). A plain std lock even under loom: the kick is a
 /// notify of each, which the notify protocol's models cover.
-static WAITERS: std::sync::Mutex<Vec<(u64, ContextHandle)>> = std::sync::Mutex::new(Vec::new());
+static WAITERS: global::Mutex<Vec<(u64, ContextHandle)>> = global::Mutex::new(Vec::new());
 /// How many entries `WAITERS` has, so that a kick with no waiter takes no lock (QEMU
 /// `num_waiters`).
-static NUM_WAITERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-static NEXT_WAITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static NUM_WAITERS: AtomicUsize = AtomicUsize::new(0);
+static NEXT_WAITER: AtomicU64 = AtomicU64::new(0);
+
+/// Locks the registry of waiters.
+fn waiters() -> global::MutexGuard<'static, Vec<(u64, ContextHandle)>> {
+    WAITERS
+        .lock()
+        .unwrap_or_else(global::PoisonError::into_inner)
+}
 
 /// Registration of a waiting context for [`wait_kick`], removed on drop.
 struct Waiting(u64);
@@ -676,27 +682,23 @@ struct Waiting(u64);
 impl Waiting {
     fn register(ctx: &AioContext) -> Waiting {
         // Relaxed: an id allocator.
-        let id = NEXT_WAITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut waiters = WAITERS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let id = NEXT_WAITER.fetch_add(1, global::Ordering::Relaxed);
+        let mut waiters = waiters();
         waiters.push((id, ctx.handle()));
         // SeqCst, as QEMU's barrier between counting a waiter and evaluating the condition:
         // a kicker that changed the condition and then reads 0 here cannot have been missed
         // by a waiter that is about to evaluate it.
-        NUM_WAITERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        NUM_WAITERS.fetch_add(1, global::Ordering::SeqCst);
         Waiting(id)
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        let mut waiters = WAITERS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut waiters = waiters();
         if let Some(i) = waiters.iter().position(|(id, _)| *id == self.0) {
             waiters.swap_remove(i);
-            NUM_WAITERS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            NUM_WAITERS.fetch_sub(1, global::Ordering::SeqCst);
         }
     }
 }
@@ -707,12 +709,10 @@ impl Drop for Waiting {
 /// waits.
 pub fn wait_kick() {
     // SeqCst pairs with the registration's: see `Waiting::register`.
-    if NUM_WAITERS.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+    if NUM_WAITERS.load(global::Ordering::SeqCst) == 0 {
         return;
     }
-    let waiters = WAITERS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let waiters = waiters();
     for (_, ctx) in waiters.iter() {
         ctx.notify();
     }
