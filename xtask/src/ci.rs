@@ -79,6 +79,9 @@ const LOOM_CFG: &str = "--cfg aio_loom";
 /// ownership paths of bottom-half nodes, and the whole conformance suite on the poll backend.
 const MEMCHECK: &[(&str, &str)] = &[
     ("aio-core", "bh_memory"),
+    // Tasks: futures dropped by abort, by the context's drop and on a dead target; wakers
+    // outliving their task and context; tasks moving between contexts.
+    ("aio-core", "tasks"),
     ("aio-tests", "conformance_poll"),
     ("aio-tests", "conformance_epoll"),
     // Timer lifetimes: group drop with armed timers, callbacks that own or drop their timer,
@@ -125,6 +128,12 @@ const MIRI: &[MiriRun] = &[
     MiriRun {
         package: "aio-core",
         targets: &["--test", "bh_memory"],
+        threaded: true,
+    },
+    // Tasks: the executor's ownership of futures, headers and BHs, across threads.
+    MiriRun {
+        package: "aio-core",
+        targets: &["--test", "tasks"],
         threaded: true,
     },
     // The unit tests, the context-local values, and the signal tests (ignored: Miri has no

@@ -495,8 +495,8 @@ fn block_on_nests_three_deep_from_a_bh() {
 #[test]
 fn block_on_from_an_fd_handler_and_a_timer_callback() {
     let ctx = ctx();
-    let (r, w) = std::os::unix::net::UnixStream::pair().unwrap();
-    r.set_nonblocking(true).unwrap();
+    // Blocking: the handler reads only when the pipe is readable.
+    let (r, w) = std::io::pipe().unwrap();
     let got = Rc::new(Cell::new(0));
     let g = got.clone();
     let _h = ctx
@@ -713,7 +713,15 @@ fn multi_schedule_loses_and_doubles_no_wakeup() {
             parks
         }));
     }
-    thread::sleep(run_for);
+    // Run for a while, and at least until the tasks have woken each other a few times.
+    let start = Instant::now();
+    while start.elapsed() < run_for || other.load(Ordering::SeqCst) < N * 4 {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the tasks stopped waking each other"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
     for s in stop.iter() {
         s.store(true, Ordering::SeqCst);
     }
