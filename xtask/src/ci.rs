@@ -130,10 +130,11 @@ const MIRI: &[MiriRun] = &[
         targets: &["--test", "bh_memory"],
         threaded: true,
     },
-    // Tasks: the executor's ownership of futures, headers and BHs, across threads.
+    // Tasks: the executor's ownership of futures, headers and BHs, across threads, and the
+    // seeded task programs.
     MiriRun {
         package: "aio-core",
-        targets: &["--test", "tasks"],
+        targets: &["--test", "tasks", "--test", "task_model"],
         threaded: true,
     },
     // The unit tests, the context-local values, and the signal tests (ignored: Miri has no
