@@ -34,6 +34,9 @@ use std::task::{Context, Poll, Wake, Waker};
 const ABORT: u32 = 1;
 /// Header flag: the future is `Send` and may move to another context ([`reschedule`]).
 const SENDABLE: u32 = 2;
+/// Header flag: [`reschedule`] stored a target in `Sched::move_to` during the current poll
+/// (set and cleared on the home thread only; it saves a lock per poll).
+const MOVING: u32 = 4;
 
 /// What wakers and join handles share with a task: its flags and the BH that polls it on the
 /// context where it lives (none while it moves between contexts, or once it is gone).
@@ -200,15 +203,15 @@ impl Tasks {
 thread_local! {
     /// The task this thread is polling (innermost), for [`reschedule`]. `block_on` hides it
     /// from the future it polls, which is not that task.
-    static RUNNING: RefCell<Option<Arc<Header>>> = const { RefCell::new(None) };
+    static RUNNING: RefCell<Option<Rc<LocalTask>>> = const { RefCell::new(None) };
 }
 
 /// Makes a task (or no task) the running one, restoring the previous one on drop.
-struct RunningGuard(Option<Arc<Header>>);
+struct RunningGuard(Option<Rc<LocalTask>>);
 
 impl RunningGuard {
-    fn enter(header: Option<Arc<Header>>) -> RunningGuard {
-        RunningGuard(RUNNING.with(|r| r.replace(header)))
+    fn enter(task: Option<Rc<LocalTask>>) -> RunningGuard {
+        RunningGuard(RUNNING.with(|r| r.replace(task)))
     }
 }
 
@@ -262,7 +265,7 @@ fn run(ctx: &AioContext, key: TaskKey) {
         return;
     }
     let poll = {
-        let _running = RunningGuard::enter(Some(task.header.clone()));
+        let _running = RunningGuard::enter(Some(task.clone()));
         future.poll(&mut Context::from_waker(&task.waker))
     };
     match poll {
@@ -273,7 +276,13 @@ fn run(ctx: &AioContext, key: TaskKey) {
             drop(future);
         }
         Poll::Pending => {
-            let target = lock(&task.header.sched).move_to.take();
+            // Relaxed: MOVING is set and cleared on this thread only.
+            let target = if task.header.flags.load(Ordering::Relaxed) & MOVING != 0 {
+                task.header.flags.fetch_and(!MOVING, Ordering::Relaxed);
+                lock(&task.header.sched).move_to.take()
+            } else {
+                None
+            };
             if let Some(target) = target {
                 let future = slot.take();
                 drop(slot);
@@ -823,7 +832,7 @@ impl Future for Reschedule {
             // Polled again: on the target now.
             return Poll::Ready(Ok(()));
         };
-        let Some(header) = RUNNING.with(|r| r.borrow().clone()) else {
+        let Some(header) = RUNNING.with(|r| r.borrow().as_ref().map(|t| t.header.clone())) else {
             return Poll::Ready(Err(RescheduleError::NotInTask));
         };
         if !header.has(SENDABLE) {
@@ -836,6 +845,7 @@ impl Future for Reschedule {
             return Poll::Ready(Ok(()));
         }
         lock(&header.sched).move_to = Some(target);
+        header.flags.fetch_or(MOVING, Ordering::Relaxed);
         Poll::Pending
     }
 }
