@@ -928,15 +928,19 @@ thread_local! {
     static CURRENT: Cell<*const Inner> = Cell::new(std::ptr::null());
 }
 
-/// Makes a context current for the duration of a poll, restoring the previous one after.
+/// Makes a context current for the duration of a poll, restoring the previous one after. It
+/// also hides the task being polled, if any (an iteration nested in a task's poll runs other
+/// callbacks, which are not that task), until the iteration ends.
 struct CurrentGuard {
     previous: *const Inner,
+    _task: Option<crate::task::RunningGuard>,
 }
 
 impl CurrentGuard {
     fn enter(inner: *const Inner) -> CurrentGuard {
         CurrentGuard {
             previous: CURRENT.with(|c| c.replace(inner)),
+            _task: crate::task::hide_running(),
         }
     }
 }

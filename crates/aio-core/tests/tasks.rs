@@ -380,8 +380,10 @@ fn dropping_the_context_drops_its_tasks_without_running_them() {
             .join()
             .unwrap(),
         );
-        // Run only the pending task's first poll... which also runs the three others: start
-        // over with fresh ones to have never-polled tasks at drop time.
+        // Run the pending task's first poll, which also runs the three others and (one
+        // iteration after its arrival) the remote one; then spawn fresh ones, to have
+        // never-polled tasks at drop time.
+        ctx.poll_nonblocking();
         ctx.poll_nonblocking();
         assert_eq!(runs.load(Ordering::SeqCst), 4);
         for _ in 0..3 {

@@ -35,7 +35,8 @@ const ABORT: u32 = 1;
 /// Header flag: the future is `Send` and may move to another context ([`reschedule`]).
 const SENDABLE: u32 = 2;
 /// Header flag: [`reschedule`] stored a target in `Sched::move_to` during the current poll
-/// (set and cleared on the home thread only; it saves a lock per poll).
+/// (set by the task's own poll, cleared by `run` or by a withdrawn `Reschedule`; it saves a
+/// lock per poll).
 const MOVING: u32 = 4;
 
 /// What wakers and join handles share with a task: its flags and the BH that polls it on the
@@ -192,7 +193,7 @@ impl Tasks {
             for task in taken {
                 drop(task.header.take_bh());
                 let future = task.future.borrow_mut().take();
-                drop(future);
+                drop_future(future);
             }
         }
         self.slots.borrow_mut().clear();
@@ -207,7 +208,19 @@ thread_local! {
 }
 
 /// Makes a task (or no task) the running one, restoring the previous one on drop.
-struct RunningGuard(Option<Rc<LocalTask>>);
+pub(crate) struct RunningGuard(Option<Rc<LocalTask>>);
+
+/// Hides the running task, if there is one, until the guard is dropped: for a loop iteration
+/// nested in a task's poll (see `CurrentGuard`).
+pub(crate) fn hide_running() -> Option<RunningGuard> {
+    RUNNING.with(|r| {
+        if r.borrow().is_some() {
+            Some(RunningGuard(r.replace(None)))
+        } else {
+            None
+        }
+    })
+}
 
 impl RunningGuard {
     fn enter(task: Option<Rc<LocalTask>>) -> RunningGuard {
@@ -250,8 +263,9 @@ fn run(ctx: &AioContext, key: TaskKey) {
         return;
     };
     let Ok(mut slot) = task.future.try_borrow_mut() else {
-        // Being polled further up the stack; a BH is never re-entered, so this is only a
-        // defence.
+        // Being polled further up the stack. Only the task's BH polls it, and a BH is never
+        // re-entered, so this cannot happen; should it, the wake-up is kept, not lost.
+        task.header.wake_by_ref();
         return;
     };
     let Some(future) = slot.as_mut() else {
@@ -261,7 +275,7 @@ fn run(ctx: &AioContext, key: TaskKey) {
         let future = slot.take();
         drop(slot);
         finish(ctx, key, &task);
-        drop(future);
+        drop_future(future);
         return;
     }
     let poll = {
@@ -273,7 +287,7 @@ fn run(ctx: &AioContext, key: TaskKey) {
             let future = slot.take();
             drop(slot);
             finish(ctx, key, &task);
-            drop(future);
+            drop_future(future);
         }
         Poll::Pending => {
             // Relaxed: MOVING is set and cleared on this thread only.
@@ -293,10 +307,21 @@ fn run(ctx: &AioContext, key: TaskKey) {
                         target.schedule_oneshot(move || arrive(header, f));
                     }
                     // `reschedule` refuses to set a target for a local task.
-                    other => drop(other),
+                    other => drop_future(other),
                 }
             }
         }
+    }
+}
+
+/// Drops a task's future, catching a panic in its `Drop` (logged): the loop, and the rest of a
+/// context's drop, go on.
+fn drop_future(future: Option<TaskFuture>) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(future))) {
+        tracing::error!(
+            "a task's future panicked while being dropped: {}",
+            panic_message(panic.as_ref())
+        );
     }
 }
 
@@ -307,14 +332,16 @@ fn finish(ctx: &AioContext, key: TaskKey, task: &LocalTask) {
 }
 
 /// A `Send` task arriving on the context this runs on (a [`ContextHandle::spawn`] or a
-/// [`reschedule`]): install it and poll it at once.
+/// [`reschedule`]): install it and schedule its BH. It is polled by that BH, never from here:
+/// only a poll from the task's own BH is protected against re-entry (a nested loop inside it
+/// parks the BH instead of running it, so a wake-up from inside the poll is kept).
 fn arrive(header: Arc<Header>, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
     // A one-shot BH runs inside its context's poll, which makes the context current.
     let Some(ctx) = AioContext::current() else {
         return;
     };
-    let key = install(&ctx, header, TaskFuture::Send(future));
-    run(&ctx, key);
+    install(&ctx, header.clone(), TaskFuture::Send(future));
+    header.wake_by_ref();
 }
 
 /// Why a task produced no value.
@@ -420,24 +447,42 @@ impl<T> Drop for CancelOnDrop<T> {
     }
 }
 
-/// Wraps a user future as a task body: runs it, catching a panic, and hands the result to the
-/// join handle.
-fn task_body<F: Future>(future: F, cell: Arc<JoinCell<F::Output>>) -> impl Future<Output = ()> {
-    // Made outside the `async` block: a body dropped before its first poll (its context went
-    // away) still drops the guard, and so still cancels the join handle.
-    let guard = CancelOnDrop(cell);
-    async move {
-        let guard = guard;
-        let mut future = pin!(future);
-        let result = std::future::poll_fn(|cx| {
-            match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
-                Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
-                Ok(Poll::Pending) => Poll::Pending,
-                Err(panic) => Poll::Ready(Err(JoinError { panic: Some(panic) })),
-            }
-        })
-        .await;
-        guard.0.complete(result);
+pin_project_lite::pin_project! {
+    /// A user future as a task body: polls it, catching a panic, drops it, and only then hands
+    /// the result to the join handle, so that whoever joins sees everything the future owned
+    /// already released. Dropped unfinished (aborted, or with its context, polled or not), it
+    /// drops the future first, then the guard, which reports "cancelled": fields drop in
+    /// declaration order.
+    struct TaskBody<F: Future> {
+        #[pin]
+        future: Option<F>,
+        guard: CancelOnDrop<F::Output>,
+    }
+}
+
+impl<F: Future> Future for TaskBody<F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        let Some(future) = this.future.as_mut().as_pin_mut() else {
+            return Poll::Ready(());
+        };
+        let result = match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(v)) => Ok(v),
+            Err(panic) => Err(JoinError { panic: Some(panic) }),
+        };
+        // A panic in the future's `Drop` is the task's panic too. (If the drop unwinds, the
+        // assignment still stores `None`: the old value counts as dropped.)
+        let dropped = catch_unwind(AssertUnwindSafe(|| this.future.set(None)));
+        let result = match (result, dropped) {
+            (result, Ok(())) => result,
+            (Ok(_), Err(panic)) => Err(JoinError { panic: Some(panic) }),
+            (Err(first), Err(_)) => Err(first),
+        };
+        this.guard.0.complete(result);
+        Poll::Ready(())
     }
 }
 
@@ -456,7 +501,11 @@ fn new_task<F: Future>(
         header: header.clone(),
         cell: cell.clone(),
     };
-    (header, task_body(future, cell), join)
+    let body = TaskBody {
+        future: Some(future),
+        guard: CancelOnDrop(cell),
+    };
+    (header, body, join)
 }
 
 /// An owned permission to wait for a task, and to abort it (tokio's `JoinHandle`, QEMU has no
@@ -606,17 +655,26 @@ impl AioContext {
         let mut cx = Context::from_waker(&waker);
         let _waiting = Waiting::register(self);
         loop {
-            // Acquire pairs with the Release in `BlockOnSignal::wake_by_ref`.
-            if signal.woken.swap(false, Ordering::Acquire) {
+            // Consumed before the poll: a wake-up during it is seen below. Relaxed: the
+            // Acquire loads below order what matters.
+            signal.woken.store(false, Ordering::Relaxed);
+            {
                 let _not_a_task = RunningGuard::enter(None);
                 if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
                     return v;
                 }
-                continue;
             }
-            // A wake-up that lands after the check above notifies the context, so this
-            // iteration does not sleep through it (the notify protocol).
-            self.poll();
+            // Let the loop run at least once between two polls, without sleeping if the
+            // future woke itself (a `yield_now` lets the context's other work run).
+            // Acquire pairs with the Release in `BlockOnSignal::wake_by_ref`.
+            if signal.woken.load(Ordering::Acquire) {
+                self.poll_nonblocking();
+            }
+            // A wake-up that lands after this check notifies the context, so `poll` does not
+            // sleep through it (the notify protocol).
+            while !signal.woken.load(Ordering::Acquire) {
+                self.poll();
+            }
         }
     }
 
@@ -728,8 +786,8 @@ pub fn wait_kick() {
 }
 
 /// Gives other work on the context a turn: the calling task is woken at once and polled again
-/// on the next loop iteration (a BH schedule; no system call). Outside a task (in
-/// [`AioContext::block_on`]) it lets the loop run one iteration.
+/// on the next loop iteration (a BH schedule; no system call). In
+/// [`AioContext::block_on`] it lets the loop run one iteration (without sleeping).
 pub fn yield_now() -> YieldNow {
     YieldNow { yielded: false }
 }
@@ -813,23 +871,47 @@ impl std::error::Error for RescheduleError {}
 pub fn reschedule(target: &ContextHandle) -> Reschedule {
     Reschedule {
         target: Some(target.clone()),
+        requested: None,
     }
 }
 
-/// The future of [`reschedule`].
-#[derive(Debug)]
+/// The future of [`reschedule`]. Dropped after it returned `Pending` and before the task's
+/// poll ended (a `select` took another branch), it withdraws the move.
 #[must_use = "futures do nothing unless awaited"]
 pub struct Reschedule {
     /// `None` once the move was requested.
     target: Option<ContextHandle>,
+    /// The task whose move this future requested, until it completes.
+    requested: Option<Arc<Header>>,
+}
+
+impl fmt::Debug for Reschedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reschedule")
+            .field("requested", &self.requested.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Reschedule {
+    fn drop(&mut self) {
+        if let Some(header) = self.requested.take() {
+            // Withdraw a move the task has not made yet (after the move, `move_to` is empty
+            // already and this changes nothing).
+            lock(&header.sched).move_to = None;
+            header.flags.fetch_and(!MOVING, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Future for Reschedule {
     type Output = Result<(), RescheduleError>;
 
-    fn poll(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let Some(target) = self.target.take() else {
-            // Polled again: on the target now.
+            // Polled again: on the target now (the task moves right after the poll that
+            // requested it, and its next poll is there).
+            self.requested = None;
             return Poll::Ready(Ok(()));
         };
         let Some(header) = RUNNING.with(|r| r.borrow().as_ref().map(|t| t.header.clone())) else {
@@ -837,6 +919,14 @@ impl Future for Reschedule {
         };
         if !header.has(SENDABLE) {
             return Poll::Ready(Err(RescheduleError::NotSend));
+        }
+        // Relaxed: MOVING is this thread's. Another reschedule already asked for a move in
+        // this poll (two joined): this one asks on the next poll, from wherever the first one
+        // took the task, so that each completes on its own target.
+        if header.flags.load(Ordering::Relaxed) & MOVING != 0 {
+            self.target = Some(target);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         if !target.is_alive() {
             return Poll::Ready(Err(RescheduleError::ContextGone));
@@ -846,6 +936,11 @@ impl Future for Reschedule {
         }
         lock(&header.sched).move_to = Some(target);
         header.flags.fetch_or(MOVING, Ordering::Relaxed);
+        self.requested = Some(header);
+        // Wake our own waker: the task's BH is cancelled by the move and the arrival polls
+        // the task anyway, but a combinator with per-branch wakers polls this branch again
+        // only if its waker was woken.
+        cx.waker().wake_by_ref();
         Poll::Pending
     }
 }
