@@ -227,7 +227,7 @@ fn nested(d: usize) -> std::pin::Pin<Box<dyn Future<Output = usize>>> {
         let ctx = AioContext::current().unwrap();
         let child = ctx.spawn_local(nested(d - 1));
         // Half the levels block, half await: both must compose.
-        let v = if d % 2 == 0 {
+        let v = if d.is_multiple_of(2) {
             ctx.block_on(child).unwrap()
         } else {
             child.await.unwrap()
@@ -1059,15 +1059,15 @@ fn two_reschedules_joined_do_not_both_claim_success() {
         let (mut o1, mut o2) = (None, None);
         // join(r1, r2), recording on which thread each one completed.
         poll_fn(|cx| {
-            if o1.is_none() {
-                if let Poll::Ready(r) = r1.as_mut().poll(cx) {
-                    o1 = Some((r, thread::current().id()));
-                }
+            if o1.is_none()
+                && let Poll::Ready(r) = r1.as_mut().poll(cx)
+            {
+                o1 = Some((r, thread::current().id()));
             }
-            if o2.is_none() {
-                if let Poll::Ready(r) = r2.as_mut().poll(cx) {
-                    o2 = Some((r, thread::current().id()));
-                }
+            if o2.is_none()
+                && let Poll::Ready(r) = r2.as_mut().poll(cx)
+            {
+                o2 = Some((r, thread::current().id()));
             }
             if o1.is_some() && o2.is_some() {
                 Poll::Ready(())
@@ -1086,6 +1086,9 @@ fn two_reschedules_joined_do_not_both_claim_success() {
     );
 }
 
+/// What one poll of a `Reschedule` gave.
+type RescheduleOutcome = Poll<Result<(), aio_core::task::RescheduleError>>;
+
 #[test]
 #[ignore = "bug: the running task stays visible to reschedule inside plain callbacks of a \
             nested poll, so a hand-rolled executor in a BH moves the enclosing task"]
@@ -1093,8 +1096,7 @@ fn reschedule_in_a_bh_nested_in_a_task_does_not_move_that_task() {
     let b = worker();
     let target = b.handle.clone();
     let a = ctx();
-    let in_bh: Arc<Mutex<Option<Poll<Result<(), aio_core::task::RescheduleError>>>>> =
-        Arc::new(Mutex::new(None));
+    let in_bh: Arc<Mutex<Option<RescheduleOutcome>>> = Arc::new(Mutex::new(None));
     let ib = in_bh.clone();
     let bh = a.bh(move || {
         // A plain callback polls a reschedule future with its own (no-op) waker.
