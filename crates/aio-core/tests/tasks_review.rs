@@ -1119,3 +1119,28 @@ fn reschedule_in_a_bh_nested_in_a_task_does_not_move_that_task() {
     );
     assert!(stayed, "the enclosing task moved");
 }
+
+#[test]
+fn block_on_nests_from_an_fd_handler_through_tasks() {
+    let depth = size(8, 2);
+    let ctx = ctx();
+    let (r, w) = std::io::pipe().unwrap();
+    let got = Rc::new(Cell::new(0));
+    let g = got.clone();
+    let _h = ctx
+        .fd_handler(&r)
+        .on_read(move |ctx| {
+            let mut buf = [0u8; 8];
+            let _ = std::io::Read::read(&mut &r, &mut buf);
+            // The handler blocks on a task that itself blocks on deeper ones.
+            g.set(ctx.block_on(ctx.spawn_local(nested(depth))).unwrap());
+        })
+        .register()
+        .unwrap();
+    std::io::Write::write_all(&mut &w, b"x").unwrap();
+    while got.get() == 0 {
+        ctx.poll();
+    }
+    assert_eq!(got.get(), depth + 1);
+    assert_eq!(ctx.task_count(), 0);
+}
