@@ -931,7 +931,7 @@ thread_local! {
 /// Makes a context current for the duration of a poll, restoring the previous one after. It
 /// also hides the task being polled, if any (an iteration nested in a task's poll runs other
 /// callbacks, which are not that task), until the iteration ends.
-struct CurrentGuard {
+pub(crate) struct CurrentGuard {
     previous: *const Inner,
     _task: Option<crate::task::RunningGuard>,
 }
@@ -1095,6 +1095,12 @@ impl AioContext {
         Ok(ctx)
     }
 
+    /// Makes this context the current one (and hides the running task) until the guard drops:
+    /// for `block_on`'s polls of its future, which run outside any iteration.
+    pub(crate) fn enter_current(&self) -> CurrentGuard {
+        CurrentGuard::enter(Rc::as_ptr(&self.inner))
+    }
+
     /// A thread-safe handle for scheduling work on this context and waking it.
     pub fn handle(&self) -> ContextHandle {
         ContextHandle {
@@ -1110,9 +1116,10 @@ impl AioContext {
             return None;
         }
         // `ptr` was set by `CurrentGuard::enter` from `Rc::as_ptr` of a context whose
-        // `poll` frame is still on this thread's stack (the guard restores the previous value
-        // when that frame ends, unwinding included), and that frame holds an `AioContext`, so
-        // the `Rc` has a strong count of at least one and we may add one.
+        // iteration (`poll`, `dispatch`) or `block_on` frame is still on this thread's stack
+        // (the guard lives in that frame and restores the previous value when it ends,
+        // unwinding included), and that frame borrows an `AioContext`, so the `Rc` has a
+        // strong count of at least one and we may add one.
         // SAFETY: justified in the comment just above.
         unsafe {
             Rc::increment_strong_count(ptr);

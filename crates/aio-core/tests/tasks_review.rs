@@ -3,7 +3,7 @@
 //! BHs, timers and tasks, drops without leaks (futures whose `Drop` aborts, wakes or drops other
 //! contexts), wakes after a context died, join handles awaited across threads, which thread a
 //! `spawn_local` future is dropped on, abort races, tasks moving back and forth under a waker
-//! storm. Tests marked `#[ignore = "bug: ..."]` reproduce defects found in review.
+//! storm. The tests that reproduced defects found in review run as ordinary tests since the fixes.
 
 use aio_core::task::{reschedule, yield_now};
 use aio_core::{AioContext, ContextHandle};
@@ -708,7 +708,6 @@ fn control_a_self_wake_survives_a_nested_loop_in_a_spawned_task() {
 }
 
 #[test]
-#[ignore = "bug: a wake-up is lost when an arrived task's first poll runs a nested loop"]
 fn a_self_wake_survives_a_nested_loop_in_the_first_poll_after_arrival() {
     // `arrive` polls the task directly from the carrying one-shot, not from the task's own BH.
     // The nested pass therefore runs the task's freshly scheduled BH, whose `run` finds the
@@ -722,8 +721,6 @@ fn a_self_wake_survives_a_nested_loop_in_the_first_poll_after_arrival() {
 }
 
 #[test]
-#[ignore = "bug: block_on re-polls a self-woken future without running the loop: yield_now \
-            runs no iteration (contrary to its doc) and a yield-until-condition loop livelocks"]
 fn yield_now_in_block_on_lets_the_loop_run() {
     let ctx = ctx();
     let ran = Arc::new(AtomicBool::new(false));
@@ -787,8 +784,6 @@ fn gated<F: Future>(f: F) -> Gated<F> {
 }
 
 #[test]
-#[ignore = "bug: Reschedule returns Pending without waking its waker, so a combinator with \
-            per-child wakers never polls it again"]
 fn reschedule_inside_a_combinator_with_its_own_wakers_completes() {
     let b = worker();
     let target = b.handle.clone();
@@ -803,8 +798,6 @@ fn reschedule_inside_a_combinator_with_its_own_wakers_completes() {
 }
 
 #[test]
-#[ignore = "bug: a Reschedule future dropped after it returned Pending (select) still moves the \
-            task"]
 fn a_reschedule_dropped_by_a_select_does_not_move_the_task() {
     let b = worker();
     let target = b.handle.clone();
@@ -843,7 +836,6 @@ impl Drop for SlowDrop {
 
 #[test]
 #[cfg_attr(miri, ignore = "sleeps")]
-#[ignore = "bug: the join result is published before the task's future is dropped"]
 fn a_joined_task_has_dropped_its_future() {
     // `task_body` completes the join cell and only then drops the user future (a pinned local of
     // the async block). An awaiter on another thread sees `Ok` while the future's state (here a
@@ -873,8 +865,6 @@ impl Drop for PanicOnDrop {
 }
 
 #[test]
-#[ignore = "bug: a panic in a finished task's Drop escapes catch_unwind: it unwinds out of the \
-            loop and leaves a poisoned task in the table"]
 fn a_panic_in_the_drop_of_a_finished_task_is_reported_not_propagated() {
     let ctx = ctx();
     let p = PanicOnDrop;
@@ -889,7 +879,6 @@ fn a_panic_in_the_drop_of_a_finished_task_is_reported_not_propagated() {
 }
 
 #[test]
-#[ignore = "bug: a panic in an aborted task's Drop unwinds out of the loop's poll"]
 fn a_panic_in_the_drop_of_an_aborted_task_does_not_escape_the_loop() {
     let ctx = ctx();
     let j = ctx.spawn_local(forever(PanicOnDrop));
@@ -901,8 +890,6 @@ fn a_panic_in_the_drop_of_an_aborted_task_does_not_escape_the_loop() {
 }
 
 #[test]
-#[ignore = "bug: a panic in a task's Drop during the context's drop skips the rest of \
-            Inner::drop: the context stays `alive` and later one-shots leak"]
 fn a_panic_in_a_task_drop_during_context_drop_still_kills_the_context() {
     let ctx = ctx();
     let handle = ctx.handle();
@@ -982,15 +969,12 @@ fn an_aborted_task_is_dropped_before_its_handle_reports_it() {
 }
 
 #[test]
-#[ignore = "bug: a task aborted before its first poll reports cancelled before its future is \
-            dropped (the async block drops its `guard` upvar first)"]
 fn a_task_aborted_before_its_first_poll_is_dropped_before_its_handle_reports_it() {
     let seen = finished_at_drop(false, |_, j| j.abort());
     assert_eq!(seen, Some(false));
 }
 
 #[test]
-#[ignore = "bug: the join result is published before the task's future is dropped"]
 fn a_finished_task_is_dropped_before_its_handle_reports_it() {
     let seen = finished_at_drop(true, |_, _| {});
     assert_eq!(seen, Some(false));
@@ -1046,8 +1030,6 @@ fn ctx_block_on_cancelled(j: aio_core::task::JoinHandle<()>) -> bool {
 }
 
 #[test]
-#[ignore = "bug: a Reschedule polled twice in one task poll (join of two) retargets the move, \
-            and the overridden one still reports Ok"]
 fn two_reschedules_joined_do_not_both_claim_success() {
     let b = worker();
     let c = worker();
@@ -1090,8 +1072,6 @@ fn two_reschedules_joined_do_not_both_claim_success() {
 type RescheduleOutcome = Poll<Result<(), aio_core::task::RescheduleError>>;
 
 #[test]
-#[ignore = "bug: the running task stays visible to reschedule inside plain callbacks of a \
-            nested poll, so a hand-rolled executor in a BH moves the enclosing task"]
 fn reschedule_in_a_bh_nested_in_a_task_does_not_move_that_task() {
     let b = worker();
     let target = b.handle.clone();

@@ -17,6 +17,12 @@
 //! → [`reschedule`]; `AIO_WAIT_WHILE` → [`AioContext::wait_while`] / [`AioContext::block_on`];
 //! `aio_wait_kick` → [`wait_kick`].
 
+mod time;
+
+pub use time::{
+    Elapsed, Sleep, Timeout, now_ns, sleep, sleep_on, sleep_until, timeout, timeout_on,
+};
+
 use crate::bh::{self, BottomHalf};
 use crate::context::{AioContext, ContextHandle};
 use crate::sync::global::{self, AtomicU64, AtomicUsize};
@@ -513,7 +519,8 @@ fn new_task<F: Future>(
 ///
 /// It is a future: `handle.await` gives `Ok(output)`, or an [`JoinError`] if the task panicked
 /// or was cancelled. Dropping it *detaches* the task, which keeps running; a detached task's
-/// panic is logged. It is `Send` when the output is.
+/// panic is logged. It is `Send` when the output is. Like any future, it must not be polled
+/// again after it returned its result (that panics).
 pub struct JoinHandle<T> {
     header: Arc<Header>,
     cell: Arc<JoinCell<T>>,
@@ -521,7 +528,8 @@ pub struct JoinHandle<T> {
 
 impl<T> JoinHandle<T> {
     /// Aborts the task: it is dropped, on its context's thread, instead of being polled again
-    /// (at once if it is idle, after its current poll if it is running), and this handle then
+    /// (on the context's next iteration if it is idle, after its current poll if it is
+    /// running), and this handle then
     /// gives a cancelled [`JoinError`]. Does nothing if the task has finished. Callable from
     /// any thread, and from inside the task itself.
     pub fn abort(&self) {
@@ -659,7 +667,9 @@ impl AioContext {
             // Acquire loads below order what matters.
             signal.woken.store(false, Ordering::Relaxed);
             {
-                let _not_a_task = RunningGuard::enter(None);
+                // Current, as inside an iteration (timer futures find their context), and
+                // hiding the enclosing task, if any: the future polled here is not that task.
+                let _current = self.enter_current();
                 if let Poll::Ready(v) = future.as_mut().poll(&mut cx) {
                     return v;
                 }
@@ -848,24 +858,31 @@ impl std::error::Error for RescheduleError {}
 /// #     aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
 /// # }
 /// use aio_core::task::reschedule;
-/// use std::sync::mpsc;
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::{mpsc, Arc};
 ///
+/// // Another context, on its own thread, polling until told to stop.
 /// let (tx, rx) = mpsc::channel();
+/// let stop = Arc::new(AtomicBool::new(false));
+/// let s = stop.clone();
 /// let worker = std::thread::spawn(move || {
 ///     let ctx = ctx();
 ///     tx.send(ctx.handle()).unwrap();
-///     while ctx.handle().is_alive() && ctx.task_count() == 0 { ctx.poll(); }
-///     while ctx.task_count() > 0 { ctx.poll(); }
+///     while !s.load(Ordering::SeqCst) { ctx.poll(); }
 /// });
 /// let other = rx.recv().unwrap();
+///
 /// let ctx = ctx();
+/// let target = other.clone();
 /// let task = ctx.spawn(async move {
 ///     let here = std::thread::current().id();
-///     reschedule(&other).await.unwrap();
+///     reschedule(&target).await.unwrap();
 ///     (here, std::thread::current().id())
 /// });
 /// let (before, after) = ctx.block_on(task).unwrap();
 /// assert_ne!(before, after);
+/// stop.store(true, Ordering::SeqCst);
+/// other.notify();
 /// worker.join().unwrap();
 /// ```
 pub fn reschedule(target: &ContextHandle) -> Reschedule {
