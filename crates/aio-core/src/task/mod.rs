@@ -17,8 +17,13 @@
 //! → [`reschedule`]; `AIO_WAIT_WHILE` → [`AioContext::wait_while`] / [`AioContext::block_on`];
 //! `aio_wait_kick` → [`wait_kick`].
 
+mod co_sync;
 mod time;
 
+pub use co_sync::{
+    CoMutex, CoMutexGuard, CoQueue, CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard, Lock,
+    QueueWait, ReadLock, WriteLock,
+};
 pub use time::{
     Elapsed, Sleep, Timeout, now_ns, sleep, sleep_on, sleep_until, timeout, timeout_on,
 };
