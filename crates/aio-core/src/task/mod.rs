@@ -17,6 +17,9 @@
 //! → [`reschedule`]; `AIO_WAIT_WHILE` → [`AioContext::wait_while`] / [`AioContext::block_on`];
 //! `aio_wait_kick` → [`wait_kick`].
 
+pub mod fd;
+pub mod time;
+
 use crate::bh::{self, BottomHalf};
 use crate::context::{AioContext, ContextHandle};
 use crate::sync::{AtomicBool, AtomicU32, Mutex, Ordering, lock};
