@@ -481,7 +481,7 @@ impl<T: AsFd> AsyncFd<T> {
 
 impl<T: AsFd> AsyncFd<T>
 where
-    for<'a> &'a T: Read + Write,
+    for<'a> &'a T: Read,
 {
     /// Reads into `buf`, waiting for data: `Ok(0)` at end of file (or for an empty `buf`).
     ///
@@ -501,6 +501,42 @@ where
         self.io_with(Interest::READ, |mut fd| fd.read(buf)).await
     }
 
+    /// Fills `buf`, waiting for data as often as needed.
+    ///
+    /// # Errors
+    ///
+    /// `UnexpectedEof` if the file ends first (what was read is in `buf`); otherwise as
+    /// [`read`](Self::read).
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use std::io::Write;
+    /// let (a, mut b) = std::os::unix::net::UnixStream::pair()?;
+    /// let a = aio_core::task::fd::AsyncFd::with_context(&ctx, a)?;
+    /// b.write_all(b"12345")?;
+    /// let mut buf = [0; 5];
+    /// ctx.block_on(a.read_exact(&mut buf))?;
+    /// assert_eq!(&buf, b"12345");
+    /// drop(b);
+    /// let e = ctx.block_on(a.read_exact(&mut buf)).unwrap_err();
+    /// assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub async fn read_exact(&self, mut buf: &mut [u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read(buf).await? {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                n => buf = &mut buf[n..],
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<T: AsFd> AsyncFd<T>
+where
+    for<'a> &'a T: Write,
+{
     /// Writes some of `buf`, waiting for room; returns how much.
     ///
     /// # Errors
@@ -536,37 +572,6 @@ where
             match self.write(buf).await? {
                 0 => return Err(io::ErrorKind::WriteZero.into()),
                 n => buf = &buf[n..],
-            }
-        }
-        Ok(())
-    }
-
-    /// Fills `buf`, waiting for data as often as needed.
-    ///
-    /// # Errors
-    ///
-    /// `UnexpectedEof` if the file ends first (what was read is in `buf`); otherwise as
-    /// [`read`](Self::read).
-    ///
-    /// ```
-    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
-    /// use std::io::Write;
-    /// let (a, mut b) = std::os::unix::net::UnixStream::pair()?;
-    /// let a = aio_core::task::fd::AsyncFd::with_context(&ctx, a)?;
-    /// b.write_all(b"12345")?;
-    /// let mut buf = [0; 5];
-    /// ctx.block_on(a.read_exact(&mut buf))?;
-    /// assert_eq!(&buf, b"12345");
-    /// drop(b);
-    /// let e = ctx.block_on(a.read_exact(&mut buf)).unwrap_err();
-    /// assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof);
-    /// # Ok::<(), std::io::Error>(())
-    /// ```
-    pub async fn read_exact(&self, mut buf: &mut [u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            match self.read(buf).await? {
-                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                n => buf = &mut buf[n..],
             }
         }
         Ok(())
