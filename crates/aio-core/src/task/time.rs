@@ -28,13 +28,19 @@ use std::time::Duration;
 use timers::{ClockType, Scale, Timer};
 
 /// What a sleep shares with its timer's callback.
-#[derive(Default)]
 struct Fired {
     fired: AtomicBool,
     waker: Mutex<Option<Waker>>,
 }
 
 impl Fired {
+    fn new() -> Arc<Fired> {
+        Arc::new(Fired {
+            fired: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        })
+    }
+
     fn fire(&self) {
         // Release pairs with the Acquire in `Sleep::poll`: the sleep that sees the flag sees
         // the timer's run.
@@ -99,7 +105,7 @@ impl Sleep {
             when,
             follow_current: true,
             bound: None,
-            shared: Arc::default(),
+            shared: Fired::new(),
             done: false,
         };
         if let Some(ctx) = AioContext::current() {
@@ -114,7 +120,7 @@ impl Sleep {
             when,
             follow_current: false,
             bound: None,
-            shared: Arc::default(),
+            shared: Fired::new(),
             done: false,
         };
         sleep.bind(ctx);
@@ -349,21 +355,18 @@ impl From<Elapsed> for std::io::Error {
 /// Runs `future` until it completes or `sleep` does: `Err(Elapsed)` in the second case, and
 /// `future` is dropped. The future is polled first, so one that is ready when the deadline
 /// has also passed gives its output.
-fn race<F: Future>(future: F, sleep: Sleep) -> impl Future<Output = Result<F::Output, Elapsed>> {
-    async move {
-        let mut future = pin!(future);
-        let mut sleep = sleep;
-        poll_fn(|cx| {
-            if let Poll::Ready(v) = future.as_mut().poll(cx) {
-                return Poll::Ready(Ok(v));
-            }
-            match Pin::new(&mut sleep).poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(Elapsed(()))),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
-    }
+async fn race<F: Future>(future: F, mut sleep: Sleep) -> Result<F::Output, Elapsed> {
+    let mut future = pin!(future);
+    poll_fn(|cx| {
+        if let Poll::Ready(v) = future.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        match Pin::new(&mut sleep).poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed(()))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 /// Runs `future` for at most `limit` on the realtime clock: its output, or [`Elapsed`] (and
