@@ -16,13 +16,10 @@
 //! the first iteration after the clock is advanced to the deadline, and never before.
 
 use crate::context::{AioContext, ContextHandle};
-use crate::sync::{AtomicBool, Mutex, Ordering, lock};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, lock};
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
-// std's `Arc`: the timer callback is a std `Box<dyn FnMut + Send>`, and what it shares with the
-// sleep is a flag and a waker slot behind `crate::sync` primitives.
-use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use timers::{ClockType, Scale, Timer};
