@@ -1,6 +1,6 @@
 //! The system-call helpers that core needs outside the event notifier: error conversion, the
-//! "is this fd open?" check done when a handler is registered, and the back-off sleep after a
-//! failed backend wait.
+//! "is this fd open?" check done when a handler is registered, `O_NONBLOCK` for `AsyncFd`, and
+//! the back-off sleep after a failed backend wait.
 //!
 //! Backends have their own system-call files; core's only other system calls are in
 //! `event_notifier.rs`.
@@ -29,6 +29,27 @@ pub(crate) fn check_fd_open(fd: RawFd) -> io::Result<()> {
     // invalid `fd` makes it fail with EBADF, which is exactly what we want to learn.
     // SAFETY: justified in the comment just above.
     cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) }).map(drop)
+}
+
+/// Puts `fd` in non-blocking mode (`O_NONBLOCK`), for [`AsyncFd`](crate::task::fd::AsyncFd):
+/// a read or write on the home thread must never block the loop.
+#[cfg(not(aio_loom))]
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // F_GETFL / F_SETFL read and write the file status flags of `fd` and touch no memory of
+    // ours; an invalid `fd` makes them fail with EBADF.
+    // SAFETY: justified in the comment just above.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    if flags & libc::O_NONBLOCK == 0 {
+        // SAFETY: as above.
+        cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    }
+    Ok(())
+}
+
+/// Under loom there are no real fds to change.
+#[cfg(aio_loom)]
+pub(crate) fn set_nonblocking(_fd: RawFd) -> io::Result<()> {
+    Ok(())
 }
 
 /// Under loom, fds are fake numbers handed out by the fake event notifier; nothing to check.

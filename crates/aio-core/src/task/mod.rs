@@ -18,15 +18,15 @@
 //! `aio_wait_kick` → [`wait_kick`].
 
 mod co_sync;
-mod time;
+pub mod fd;
+pub mod time;
 
 pub use co_sync::{
     CoMutex, CoMutexGuard, CoQueue, CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard, Lock,
     QueueWait, ReadLock, WriteLock,
 };
-pub use time::{
-    Elapsed, Sleep, Timeout, now_ns, sleep, sleep_on, sleep_until, timeout, timeout_on,
-};
+pub use fd::AsyncFd;
+pub use time::{Elapsed, Sleep, now_ns, sleep, sleep_on, sleep_until, timeout, timeout_on};
 
 use crate::bh::{self, BottomHalf};
 use crate::context::{AioContext, ContextHandle};

@@ -1,140 +1,197 @@
-//! Timers as futures: [`sleep`], [`sleep_until`] and [`timeout`] (and their `_on` forms for
-//! any of the context's four clocks), built on the context's own timer lists (QEMU
-//! `qemu_co_sleep_ns` / `co_sleep_ns_wakeable` on an `aio_timer_new` timer).
+//! Timers as futures: [`Sleep`] (QEMU `qemu_co_sleep_ns`), [`timeout`] and the clock reading of
+//! the current context, on the context's own timer lists (one [`Timer`] per pending sleep).
 //!
-//! A sleep arms one context timer when it is first polled and cancels it when dropped; the
-//! timer's callback wakes the task, which is then polled again on the same iteration's BH pass
-//! or the next. Deadlines are nanoseconds on the chosen clock, so a sleep on
-//! [`ClockType::Virtual`] completes exactly when the test advances the virtual clock past it.
+//! A sleep has a clock ([`ClockType`]) and a nanosecond deadline on it. It is *bound* to a
+//! context when its deadline is resolved: at creation by the `AioContext` methods
+//! ([`AioContext::sleep`] and friends) and by the free functions called inside a context (in a
+//! task or callback), otherwise at its first poll. Binding arms one timer of that context whose
+//! callback wakes the last waker the sleep was polled with; dropping the sleep drops the timer,
+//! which cancels it (no wake-up, no progress). A sleep made by the free functions follows its
+//! task: polled on another context (after [`reschedule`](super::reschedule)), it re-arms there
+//! at the same deadline.
+//!
+//! A sleep completes when its timer fires, that is when the loop's reading of the clock reaches
+//! the deadline (a deadline already passed when the sleep is bound completes at once). On a
+//! [`VirtualClock`](crate::VirtualClock) this is exact and deterministic: the sleep completes in
+//! the first iteration after the clock is advanced to the deadline, and never before.
 
 use crate::context::{AioContext, ContextHandle};
-use crate::sync::{Mutex, StdArc as Arc, lock};
+use crate::sync::{Arc, AtomicBool, Mutex, Ordering, lock};
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use timers::{ClockType, Scale, Timer};
 
-/// The current context, for a timer future; panics with a clear message outside one.
-fn current(what: &str) -> AioContext {
-    AioContext::current().unwrap_or_else(|| {
-        panic!("{what} polled outside an aio context (poll it from a task or a block_on)")
-    })
+/// What a sleep shares with its timer's callback.
+struct Fired {
+    fired: AtomicBool,
+    waker: Mutex<Option<Waker>>,
 }
 
-/// Now on `clock` of the context this thread is running, in nanoseconds (QEMU
-/// `qemu_clock_get_ns`); `None` outside a context.
-pub fn now_ns(clock: ClockType) -> Option<u64> {
-    AioContext::current().map(|ctx| ctx.timers().now_ns(clock))
+impl Fired {
+    fn new() -> Arc<Fired> {
+        Arc::new(Fired {
+            fired: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        })
+    }
+
+    fn fire(&self) {
+        // Release pairs with the Acquire in `Sleep::poll`: the sleep that sees the flag sees
+        // the timer's run.
+        self.fired.store(true, Ordering::Release);
+        let waker = lock(&self.waker).take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    fn has_fired(&self) -> bool {
+        self.fired.load(Ordering::Acquire)
+    }
 }
 
-/// Waits for `duration` on the realtime clock (QEMU `qemu_co_sleep_ns(QEMU_CLOCK_REALTIME)`).
+/// When a sleep ends, before and after it is bound.
+#[derive(Debug, Clone, Copy)]
+enum When {
+    /// This long after the clock's reading at binding time.
+    After(Duration),
+    /// At this reading of the clock, in nanoseconds.
+    At(u64),
+}
+
+/// The context a sleep's timer lives on.
+struct Bound {
+    ctx: ContextHandle,
+    /// Armed at the deadline; dropping it cancels it.
+    _timer: Timer,
+}
+
+/// A future that completes once a clock reaches a deadline; made by [`sleep`], [`sleep_on`],
+/// [`sleep_until`], [`AioContext::sleep`], [`AioContext::sleep_on`] and
+/// [`AioContext::sleep_until`].
 ///
-/// The delay counts from the call if it is made on a context's thread inside its loop (a task,
-/// a callback, a `block_on`), otherwise from the first poll.
-///
-/// # Panics
-///
-/// When polled outside an aio context's loop (by another executor).
+/// It is `Send` and `Unpin`; it may be polled from any task or from [`AioContext::block_on`].
+/// Dropping it cancels its timer. Polled again after it completed, it is ready again.
 ///
 /// ```
 /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
 /// use std::time::{Duration, Instant};
 /// let start = Instant::now();
-/// ctx.block_on(aio_core::task::sleep(Duration::from_millis(5)));
-/// assert!(start.elapsed() >= Duration::from_millis(5));
+/// ctx.block_on(ctx.sleep(Duration::from_millis(2)));
+/// assert!(start.elapsed() >= Duration::from_millis(2));
 /// # Ok::<(), std::io::Error>(())
 /// ```
-pub fn sleep(duration: Duration) -> Sleep {
-    sleep_on(ClockType::Realtime, duration)
-}
-
-/// Waits for `duration` on `clock`.
-pub fn sleep_on(clock: ClockType, duration: Duration) -> Sleep {
-    let delay = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
-    Sleep {
-        clock,
-        deadline: match now_ns(clock) {
-            Some(now) => Deadline::At(now.saturating_add(delay)),
-            None => Deadline::After(delay),
-        },
-        armed: None,
-    }
-}
-
-/// Waits until `clock` reads `deadline_ns` or later; ready at once if it already does.
-///
-/// ```
-/// # use aio_core::{AioContext, ClockType, GroupBuilder, VirtualClock};
-/// # let vclock = VirtualClock::new();
-/// # let ctx = AioContext::with_clocks(
-/// #     Box::new(fdmon_poll::PollMonitor::new()?),
-/// #     GroupBuilder::new().virtual_clock(vclock.clone()),
-/// # )?;
-/// use aio_core::task::sleep_until;
-/// vclock.enable();
-/// let t = ctx.spawn_local(sleep_until(ClockType::Virtual, 1_000));
-/// ctx.poll_nonblocking();
-/// assert!(!t.is_finished());
-/// vclock.advance_ns(1_000);
-/// while !t.is_finished() { ctx.poll_nonblocking(); }
-/// # Ok::<(), std::io::Error>(())
-/// ```
-pub fn sleep_until(clock: ClockType, deadline_ns: u64) -> Sleep {
-    Sleep {
-        clock,
-        deadline: Deadline::At(deadline_ns),
-        armed: None,
-    }
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Deadline {
-    At(u64),
-    /// A delay whose start is the first poll.
-    After(u64),
-}
-
-/// The timer a sleep armed, on the context it was armed on.
-struct Armed {
-    /// Held for its `Drop`, which cancels the timer.
-    _timer: Timer,
-    ctx: ContextHandle,
-    waker: Arc<Mutex<Option<Waker>>>,
-}
-
-/// The future of [`sleep`], [`sleep_on`] and [`sleep_until`]. Dropping it cancels its timer.
 #[must_use = "futures do nothing unless awaited"]
 pub struct Sleep {
     clock: ClockType,
-    deadline: Deadline,
-    armed: Option<Armed>,
+    when: When,
+    /// Whether to bind to the context polling it (the free functions).
+    follow_current: bool,
+    bound: Option<Bound>,
+    shared: Arc<Fired>,
+    done: bool,
 }
 
 impl Sleep {
-    /// The deadline in nanoseconds on the sleep's clock, once known (at creation inside a
-    /// context, else at the first poll).
-    pub fn deadline_ns(&self) -> Option<u64> {
-        match self.deadline {
-            Deadline::At(d) => Some(d),
-            Deadline::After(_) => None,
+    fn unbound(clock: ClockType, when: When) -> Sleep {
+        let mut sleep = Sleep {
+            clock,
+            when,
+            follow_current: true,
+            bound: None,
+            shared: Fired::new(),
+            done: false,
+        };
+        if let Some(ctx) = AioContext::current() {
+            sleep.bind(&ctx);
         }
+        sleep
     }
 
-    /// The clock the sleep counts on.
+    fn bound_to(ctx: &AioContext, clock: ClockType, when: When) -> Sleep {
+        let mut sleep = Sleep {
+            clock,
+            when,
+            follow_current: false,
+            bound: None,
+            shared: Fired::new(),
+            done: false,
+        };
+        sleep.bind(ctx);
+        sleep
+    }
+
+    /// Resolves the deadline on `ctx`'s clock and arms a timer there (replacing any timer on
+    /// another context), or completes the sleep if the deadline has passed.
+    fn bind(&mut self, ctx: &AioContext) {
+        let timers = ctx.timers();
+        let now = timers.now_ns(self.clock);
+        let deadline = match self.when {
+            When::At(ns) => ns,
+            When::After(d) => now.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        };
+        self.when = When::At(deadline);
+        if deadline <= now && timers.is_enabled(self.clock) {
+            self.done = true;
+            self.bound = None;
+            return;
+        }
+        let shared = self.shared.clone();
+        let timer = ctx.timer(self.clock, Scale::NS, move || shared.fire());
+        timer.arm_ns(deadline);
+        // The old timer, if any, is cancelled by this drop.
+        self.bound = Some(Bound {
+            ctx: ctx.handle(),
+            _timer: timer,
+        });
+    }
+
+    /// The clock the sleep measures.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use aio_core::ClockType;
+    /// let s = ctx.sleep_on(ClockType::Host, std::time::Duration::from_secs(1));
+    /// assert_eq!(s.clock(), ClockType::Host);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn clock(&self) -> ClockType {
         self.clock
     }
-}
 
-impl fmt::Debug for Sleep {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sleep")
-            .field("clock", &self.clock)
-            .field("deadline", &self.deadline)
-            .field("armed", &self.armed.is_some())
-            .finish()
+    /// The deadline in nanoseconds on [`clock`](Self::clock), once known: `None` for a sleep
+    /// made by [`sleep`] or [`sleep_on`] outside any context and not polled yet.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use aio_core::ClockType;
+    /// let s = ctx.sleep_until(ClockType::Realtime, 123);
+    /// assert_eq!(s.deadline_ns(), Some(123));
+    /// let lazy = aio_core::task::time::sleep(std::time::Duration::from_secs(1));
+    /// assert_eq!(lazy.deadline_ns(), None); // no context is running here
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn deadline_ns(&self) -> Option<u64> {
+        match self.when {
+            When::At(ns) => Some(ns),
+            When::After(_) => None,
+        }
+    }
+
+    /// Whether the sleep has completed (its timer fired, or its deadline had passed when it
+    /// was bound).
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use aio_core::ClockType;
+    /// assert!(ctx.sleep_until(ClockType::Realtime, 0).is_elapsed());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn is_elapsed(&self) -> bool {
+        self.done || self.shared.has_fired()
     }
 }
 
@@ -142,111 +199,297 @@ impl Future for Sleep {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let ctx = current("a sleep");
-        let now = ctx.timers().now_ns(self.clock);
-        let deadline = match self.deadline {
-            Deadline::At(d) => d,
-            Deadline::After(delay) => {
-                let d = now.saturating_add(delay);
-                self.deadline = Deadline::At(d);
-                d
-            }
-        };
-        if now >= deadline {
-            self.armed = None;
+        let this = &mut *self;
+        if this.is_elapsed() {
+            this.done = true;
+            this.bound = None;
             return Poll::Ready(());
         }
-        // A task that moved to another context re-arms there.
-        if self
-            .armed
-            .as_ref()
-            .is_some_and(|a| !a.ctx.is_handle_of(&ctx))
-        {
-            self.armed = None;
+        if this.follow_current {
+            let current = AioContext::current();
+            match (&this.bound, current) {
+                (Some(b), Some(ctx)) if !b.ctx.is_handle_of(&ctx) => this.bind(&ctx),
+                (None, Some(ctx)) => this.bind(&ctx),
+                (None, None) => panic!(
+                    "aio_core::task::time: a sleep made outside any AioContext was polled \
+                     outside one too; use AioContext::sleep (or sleep_on, sleep_until) instead"
+                ),
+                _ => {}
+            }
+            if this.done {
+                this.bound = None;
+                return Poll::Ready(());
+            }
         }
-        match &self.armed {
-            Some(armed) => {
-                let mut w = lock(&armed.waker);
-                if !w.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-                    *w = Some(cx.waker().clone());
-                }
+        {
+            let mut slot = lock(&this.shared.waker);
+            match &*slot {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *slot = Some(cx.waker().clone()),
             }
-            None => {
-                let waker = Arc::new(Mutex::new(Some(cx.waker().clone())));
-                let w = waker.clone();
-                let timer = ctx.timer(self.clock, Scale::NS, move || {
-                    let waker = lock(&w).take();
-                    if let Some(waker) = waker {
-                        waker.wake();
-                    }
-                });
-                timer.arm_ns(deadline);
-                self.armed = Some(Armed {
-                    _timer: timer,
-                    ctx: ctx.handle(),
-                    waker,
-                });
-            }
+        }
+        // Checked after the waker is stored: a timer that fires in between finds it.
+        if this.shared.has_fired() {
+            this.done = true;
+            this.bound = None;
+            return Poll::Ready(());
         }
         Poll::Pending
     }
 }
 
-/// The error of a [`timeout`] whose time ran out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Elapsed;
+impl fmt::Debug for Sleep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sleep")
+            .field("clock", &self.clock)
+            .field("deadline_ns", &self.deadline_ns())
+            .field("elapsed", &self.is_elapsed())
+            .finish()
+    }
+}
+
+/// Sleeps for `delay` on the realtime clock of the context that runs the caller (QEMU
+/// `qemu_co_sleep_ns(QEMU_CLOCK_REALTIME, ns)`). The delay counts from this call when it is
+/// made inside a context (in a task or callback), otherwise from the first poll.
+///
+/// # Panics
+///
+/// The returned [`Sleep`] panics if it is made *and* first polled outside any context (by an
+/// executor that is not an aio loop): there is no timer list to arm. Use [`AioContext::sleep`]
+/// there. (A task and [`AioContext::block_on`] both poll inside their context.)
+///
+/// ```
+/// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+/// use aio_core::task::time::sleep;
+/// use std::time::{Duration, Instant};
+/// let task = ctx.spawn(async {
+///     let start = Instant::now();
+///     sleep(Duration::from_millis(1)).await;
+///     start.elapsed()
+/// });
+/// assert!(ctx.block_on(task).unwrap() >= Duration::from_millis(1));
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn sleep(delay: Duration) -> Sleep {
+    Sleep::unbound(ClockType::Realtime, When::After(delay))
+}
+
+/// Sleeps for `delay` on `clock` of the context that runs the caller; as [`sleep`] otherwise.
+///
+/// ```
+/// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+/// use aio_core::ClockType;
+/// use aio_core::task::time::sleep_on;
+/// use std::time::Duration;
+/// let task = ctx.spawn(async { sleep_on(ClockType::Host, Duration::from_micros(100)).await });
+/// ctx.block_on(task).unwrap();
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn sleep_on(clock: ClockType, delay: Duration) -> Sleep {
+    Sleep::unbound(clock, When::After(delay))
+}
+
+/// Sleeps until `clock` reads `deadline_ns` (nanoseconds) on the context that runs the caller;
+/// a deadline already passed completes at once. Panics as [`sleep`] does.
+///
+/// ```
+/// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+/// use aio_core::ClockType;
+/// use aio_core::task::time::{now_ns, sleep_until};
+/// let task = ctx.spawn(async {
+///     let t = now_ns(ClockType::Realtime).unwrap() + 50_000;
+///     sleep_until(ClockType::Realtime, t).await;
+///     now_ns(ClockType::Realtime).unwrap() >= t
+/// });
+/// assert!(ctx.block_on(task).unwrap());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn sleep_until(clock: ClockType, deadline_ns: u64) -> Sleep {
+    Sleep::unbound(clock, When::At(deadline_ns))
+}
+
+/// The reading of `clock`, in nanoseconds, of the context this thread is running (QEMU
+/// `qemu_clock_get_ns`), or `None` outside any context; outside, use
+/// `ctx.timers().now_ns(clock)`.
+///
+/// ```
+/// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+/// use aio_core::ClockType;
+/// use aio_core::task::time::now_ns;
+/// assert_eq!(now_ns(ClockType::Realtime), None);
+/// let inside = ctx.block_on(ctx.spawn(async { now_ns(ClockType::Realtime) }));
+/// assert!(inside.unwrap().is_some());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn now_ns(clock: ClockType) -> Option<u64> {
+    AioContext::current().map(|ctx| ctx.timers().now_ns(clock))
+}
+
+/// The error of a [`timeout`] whose deadline came first.
+///
+/// ```
+/// let e = aio_core::task::time::Elapsed::default();
+/// assert_eq!(e.to_string(), "deadline has elapsed");
+/// assert_eq!(std::io::Error::from(e).kind(), std::io::ErrorKind::TimedOut);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Elapsed(());
 
 impl fmt::Display for Elapsed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("deadline elapsed")
+        f.write_str("deadline has elapsed")
     }
 }
 
 impl std::error::Error for Elapsed {}
 
-/// Runs `future` for at most `duration` on the realtime clock: `Ok(output)`, or
-/// `Err(Elapsed)` (and `future` dropped) when the time runs out first.
+impl From<Elapsed> for std::io::Error {
+    fn from(e: Elapsed) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, e)
+    }
+}
+
+/// Runs `future` until it completes or `sleep` does: `Err(Elapsed)` in the second case, and
+/// `future` is dropped. The future is polled first, so one that is ready when the deadline
+/// has also passed gives its output.
+async fn race<F: Future>(future: F, mut sleep: Sleep) -> Result<F::Output, Elapsed> {
+    let mut future = pin!(future);
+    poll_fn(|cx| {
+        if let Poll::Ready(v) = future.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        match Pin::new(&mut sleep).poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed(()))),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// Runs `future` for at most `limit` on the realtime clock: its output, or [`Elapsed`] (and
+/// `future` is dropped, which cancels it). The limit is measured as [`sleep`]'s delay is, and
+/// it panics as [`sleep`] does. The result is `Send` when `future` is.
 ///
 /// ```
 /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
-/// use aio_core::task::{timeout, Elapsed};
+/// use aio_core::task::time::{sleep, timeout};
 /// use std::time::Duration;
-/// let never = std::future::pending::<()>();
-/// assert_eq!(ctx.block_on(timeout(Duration::from_millis(1), never)), Err(Elapsed));
-/// assert_eq!(ctx.block_on(timeout(Duration::from_secs(9), async { 3 })), Ok(3));
+/// let task = ctx.spawn(async {
+///     let slow = timeout(Duration::from_millis(1), sleep(Duration::from_secs(60))).await;
+///     let fast = timeout(Duration::from_secs(60), async { 5 }).await;
+///     (slow.is_err(), fast)
+/// });
+/// assert_eq!(ctx.block_on(task).unwrap(), (true, Ok(5)));
 /// # Ok::<(), std::io::Error>(())
 /// ```
-pub fn timeout<F: Future>(duration: Duration, future: F) -> Timeout<F> {
-    timeout_on(ClockType::Realtime, duration, future)
+pub fn timeout<F: Future>(
+    limit: Duration,
+    future: F,
+) -> impl Future<Output = Result<F::Output, Elapsed>> {
+    race(future, sleep(limit))
 }
 
-/// As [`timeout`], on `clock`.
-pub fn timeout_on<F: Future>(clock: ClockType, duration: Duration, future: F) -> Timeout<F> {
-    Timeout {
-        future,
-        sleep: sleep_on(clock, duration),
+/// [`timeout`] on `clock`.
+///
+/// ```
+/// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+/// use aio_core::ClockType;
+/// use aio_core::task::time::timeout_on;
+/// use std::time::Duration;
+/// let task = ctx.spawn(async {
+///     timeout_on(ClockType::Host, Duration::from_millis(1), std::future::pending::<()>()).await
+/// });
+/// assert!(ctx.block_on(task).unwrap().is_err());
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub fn timeout_on<F: Future>(
+    clock: ClockType,
+    limit: Duration,
+    future: F,
+) -> impl Future<Output = Result<F::Output, Elapsed>> {
+    race(future, sleep_on(clock, limit))
+}
+
+impl AioContext {
+    /// A [`Sleep`] of `delay` on this context's realtime clock, counted from now. It never
+    /// panics, wherever it is polled; its timer runs on this context.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// ctx.block_on(ctx.sleep(std::time::Duration::from_micros(10)));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn sleep(&self, delay: Duration) -> Sleep {
+        Sleep::bound_to(self, ClockType::Realtime, When::After(delay))
     }
-}
 
-pin_project_lite::pin_project! {
-    /// The future of [`timeout`] and [`timeout_on`].
-    #[must_use = "futures do nothing unless awaited"]
-    #[derive(Debug)]
-    pub struct Timeout<F> {
-        #[pin]
+    /// A [`Sleep`] of `delay` on this context's `clock`, counted from now.
+    ///
+    /// ```
+    /// # use aio_core::{AioContext, ClockType, GroupBuilder, VirtualClock};
+    /// use std::time::Duration;
+    /// let clock = VirtualClock::new();
+    /// clock.enable();
+    /// let monitor = Box::new(fdmon_poll::PollMonitor::new()?);
+    /// let ctx = AioContext::with_clocks(monitor, GroupBuilder::new().virtual_clock(clock.clone()))?;
+    /// let s = ctx.sleep_on(ClockType::Virtual, Duration::from_secs(3600));
+    /// assert!(!s.is_elapsed());
+    /// clock.advance(Duration::from_secs(3600)); // an hour, at once
+    /// ctx.block_on(s);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn sleep_on(&self, clock: ClockType, delay: Duration) -> Sleep {
+        Sleep::bound_to(self, clock, When::After(delay))
+    }
+
+    /// A [`Sleep`] until this context's `clock` reads `deadline_ns`; complete at once if it
+    /// already does.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use aio_core::ClockType;
+    /// let now = ctx.timers().now_ns(ClockType::Realtime);
+    /// ctx.block_on(ctx.sleep_until(ClockType::Realtime, now + 1_000));
+    /// assert!(ctx.timers().now_ns(ClockType::Realtime) >= now + 1_000);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn sleep_until(&self, clock: ClockType, deadline_ns: u64) -> Sleep {
+        Sleep::bound_to(self, clock, When::At(deadline_ns))
+    }
+
+    /// [`timeout`] with its timer on this context's realtime clock; never panics.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use std::time::Duration;
+    /// let r = ctx.block_on(ctx.timeout(Duration::from_millis(1), std::future::pending::<()>()));
+    /// assert!(r.is_err());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn timeout<F: Future>(
+        &self,
+        limit: Duration,
         future: F,
-        sleep: Sleep,
+    ) -> impl Future<Output = Result<F::Output, Elapsed>> + use<F> {
+        race(future, self.sleep(limit))
     }
-}
 
-impl<F: Future> Future for Timeout<F> {
-    type Output = Result<F::Output, Elapsed>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(v) = this.future.poll(cx) {
-            return Poll::Ready(Ok(v));
-        }
-        Pin::new(this.sleep).poll(cx).map(|()| Err(Elapsed))
+    /// [`timeout`] with its timer on this context's `clock`.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use aio_core::ClockType;
+    /// use std::time::Duration;
+    /// let r = ctx.block_on(ctx.timeout_on(ClockType::Realtime, Duration::from_secs(9), async { 1 }));
+    /// assert_eq!(r, Ok(1));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn timeout_on<F: Future>(
+        &self,
+        clock: ClockType,
+        limit: Duration,
+        future: F,
+    ) -> impl Future<Output = Result<F::Output, Elapsed>> + use<F> {
+        race(future, self.sleep_on(clock, limit))
     }
 }
