@@ -1,0 +1,394 @@
+//! B12 (DESIGN.md §8): the task executor side by side with tokio, in one process, plain
+//! `Instant` timing (no criterion). The workloads are in `aio_benches::b12`; this program owns
+//! the plan, the interleaving and the tables.
+//!
+//! * `B12_spawn`: spawn + await of an empty task inside one `block_on`, one at a time and in
+//!   batches of 1 000 (aio `spawn_local` and `spawn`; tokio `spawn` and `LocalSet` +
+//!   `spawn_local`, `current_thread`). Target: ≥ 3× tokio.
+//! * `B12_yield`: `yield_now` in a loop inside one task. Target: ≥ 3× tokio.
+//! * `B12_remote_wake`: a task parked on a waker, woken by another thread into a busy loop (a
+//!   second task yields for ever), round trip until the task has answered through an atomic;
+//!   aio vs tokio `current_thread` and `multi_thread` (one worker). Target: ≥ 2× tokio (p50).
+//! * `B12_ping_pong`: two tasks on two threads, each on its own context or runtime (and tokio's
+//!   `multi_thread` with two workers hosting both), hand a counter back and forth; the loops
+//!   sleep when idle. No §8 target: it shows what a wake-up of a sleeping loop costs each.
+//!
+//! Throughput rows run `rounds` rounds, each running every contender once, in the same order,
+//! so that they all see the same machine weather; the table gives the median, mean and minimum
+//! of the per-round ns/op. Round-trip rows do the same with fresh threads and loops per round,
+//! and pool every recorded round trip for the percentiles.
+//!
+//! `cargo bench -p aio-benches --bench tasks [-- FILTER] [--quick]`: a FILTER runs the parts
+//! whose key contains it (`tasks` runs them all); `--quick` runs smaller sizes. Without
+//! `--bench` (as under `cargo test --benches`) every part runs once, briefly. With
+//! `AIO_BENCH_REPORT_DIR` set, the tables are also written to `tasks.md` there.
+
+// CoMutex rows (B12, "CoMutex ≥ tokio::sync::Mutex") belong here, as a fifth part keyed
+// `B12_comutex`, once `aio_core::task::CoMutex` exists (it is being written on another branch):
+//   * contended: 5 contexts on 5 threads, each running a task that locks the CoMutex, bumps a
+//     shared counter and unlocks, in a loop for a fixed time; print iterations/s, as QEMU's
+//     tests/unit/test-aio-multithread.c (`test_multi_co_mutex_5`, "mutex" counter / seconds).
+//     Peers: tokio::sync::Mutex with 5 `current_thread` runtimes on 5 threads, and a
+//     parking_lot::Mutex baseline (blocking lock in the same task bodies).
+//   * handoff: the same with 2 contexts (QEMU's `test_multi_co_mutex_2_3` / `_2_30` shape),
+//     where each unlock hands the lock to the other side's parked task.
+//   Each peer's iterations/s next to ours, and the ratio ours / tokio::sync::Mutex.
+
+use std::fmt::Write as _;
+
+use aio_benches::b12::{self, Host, RoundTrips, Spawn, Spawner};
+use aio_benches::{machine, new_context, percentile, today, tokio_runtime};
+
+/// How much to measure.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    /// Throughput rows: rounds; each runs every contender once.
+    rounds: usize,
+    /// Spawn + await, one at a time: tasks per run.
+    spawn_ops: u64,
+    /// Spawn + await in batches: tasks per run.
+    batch_ops: u64,
+    /// Yields per run.
+    yield_ops: u64,
+    /// Round-trip rows: rounds; each runs every contender once, on fresh threads.
+    rt_rounds: usize,
+    /// Remote wake: unrecorded round trips per run.
+    wake_warm_up: u64,
+    /// Remote wake: recorded round trips per run.
+    wake_measured: u64,
+    /// Ping-pong: unrecorded round trips per run.
+    pp_warm_up: u64,
+    /// Ping-pong: recorded round trips per run.
+    pp_measured: u64,
+}
+
+const FULL: Plan = Plan {
+    rounds: 15,
+    spawn_ops: 100_000,
+    batch_ops: 100_000,
+    yield_ops: 200_000,
+    rt_rounds: 10,
+    wake_warm_up: 500,
+    wake_measured: 5000,
+    pp_warm_up: 100,
+    pp_measured: 1000,
+};
+
+const QUICK: Plan = Plan {
+    rounds: 5,
+    spawn_ops: 20_000,
+    batch_ops: 20_000,
+    yield_ops: 50_000,
+    rt_rounds: 3,
+    wake_warm_up: 200,
+    wake_measured: 2000,
+    pp_warm_up: 50,
+    pp_measured: 300,
+};
+
+const SMOKE: Plan = Plan {
+    rounds: 1,
+    spawn_ops: 100,
+    batch_ops: 2000,
+    yield_ops: 100,
+    rt_rounds: 1,
+    wake_warm_up: 5,
+    wake_measured: 20,
+    pp_warm_up: 5,
+    pp_measured: 20,
+};
+
+/// Tasks spawned before the first is awaited, in the batch rows (tokio's `spawn_many_local`).
+const BATCH: usize = 1000;
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+/// Median, mean and minimum of per-round ns/op.
+fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    (percentile(&v, 0.5), mean, v[0])
+}
+
+fn spawn_label(s: Spawner) -> &'static str {
+    match s {
+        Spawner::AioLocal => "aio `ctx.spawn_local(async {})`",
+        Spawner::AioSend => "aio `ctx.spawn(async {})` (Send)",
+        Spawner::Tokio => "tokio ct `tokio::spawn(async {})`",
+        Spawner::TokioLocal => "tokio ct `LocalSet` + `spawn_local(async {})`",
+    }
+}
+
+fn host_label(h: Host, part: &str) -> String {
+    match (h, part) {
+        (Host::Aio, _) => "aio contexts (poll backend), `spawn_local` tasks".into(),
+        (Host::TokioCurrentThread, _) => "tokio current_thread, `tokio::spawn` tasks".into(),
+        (Host::TokioMultiThread, "wake") => "tokio multi_thread, 1 worker (pinned)".into(),
+        (Host::TokioMultiThread, _) => "tokio multi_thread, 2 workers, both tasks".into(),
+    }
+}
+
+fn spawn(out: &mut String, plan: Plan) {
+    let spawners = [
+        Spawner::AioLocal,
+        Spawner::AioSend,
+        Spawner::Tokio,
+        Spawner::TokioLocal,
+    ];
+    for (batch, ops, title) in [
+        (
+            1,
+            plan.spawn_ops,
+            "one at a time (spawn, await, spawn, ...)",
+        ),
+        (
+            BATCH,
+            plan.batch_ops,
+            "batches of 1 000 (spawn 1 000, then await each)",
+        ),
+    ] {
+        let mut rows: Vec<Spawn> = spawners.iter().map(|&s| Spawn::new(s, batch)).collect();
+        // Warm-up: allocator, table and queue capacities.
+        for r in &mut rows {
+            r.run(ops / 10 + 1);
+        }
+        let mut ns: Vec<Vec<f64>> = vec![Vec::new(); rows.len()];
+        for _ in 0..plan.rounds {
+            for (r, v) in rows.iter_mut().zip(&mut ns) {
+                v.push(r.run(ops));
+            }
+        }
+        let stats: Vec<(f64, f64, f64)> = ns.into_iter().map(summary).collect();
+        let tokio = stats[2].0;
+        let tokio_local = stats[3].0;
+        writeln!(
+            out,
+            "\n### B12 spawn + await of an empty task, {title}\n\n{} rounds × {ops} tasks, inside \
+             one `block_on`.\n",
+            plan.rounds
+        )
+        .unwrap();
+        writeln!(
+            out,
+            "| contender | median ns/task | mean | min | tokio spawn / this | tokio LocalSet / \
+             this | loop syscalls/task |"
+        )
+        .unwrap();
+        writeln!(out, "|---|---:|---:|---:|---:|---:|---:|").unwrap();
+        for ((s, r), (med, mean, min)) in spawners.iter().zip(&rows).zip(&stats) {
+            writeln!(
+                out,
+                "| {} | {med:.1} | {mean:.1} | {min:.1} | {:.2}× | {:.2}× | {} |",
+                spawn_label(*s),
+                tokio / med,
+                tokio_local / med,
+                r.syscalls_per_op()
+                    .map_or_else(|| "–".into(), |v| format!("{v:.4}")),
+            )
+            .unwrap();
+        }
+        let best_tokio = tokio.min(tokio_local);
+        for (i, s) in spawners.iter().enumerate().take(2) {
+            let ratio = best_tokio / stats[i].0;
+            writeln!(
+                out,
+                "\nTarget ≥ 3× the faster tokio row: {} {ratio:.2}× — {}",
+                spawn_label(*s),
+                verdict(ratio >= 3.0)
+            )
+            .unwrap();
+        }
+    }
+}
+
+fn yields(out: &mut String, plan: Plan) {
+    let ctx = new_context();
+    let rt = tokio_runtime();
+    b12::aio_yield(&ctx, plan.yield_ops / 10 + 1);
+    b12::tokio_yield_in_task(&rt, plan.yield_ops / 10 + 1);
+    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    let mut syscalls = 0;
+    for _ in 0..plan.rounds {
+        let (ns, s) = b12::aio_yield(&ctx, plan.yield_ops);
+        ours.push(ns);
+        syscalls += s;
+        peer.push(b12::tokio_yield_in_task(&rt, plan.yield_ops));
+    }
+    let (om, omean, omin) = summary(ours);
+    let (pm, pmean, pmin) = summary(peer);
+    writeln!(
+        out,
+        "\n### B12 `yield_now` in a loop inside one task\n\n{} rounds × {} yields, timed inside \
+         the task.\n",
+        plan.rounds, plan.yield_ops
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| contender | median ns/yield | mean | min | tokio / this | loop syscalls/yield |"
+    )
+    .unwrap();
+    writeln!(out, "|---|---:|---:|---:|---:|---:|").unwrap();
+    writeln!(
+        out,
+        "| aio `aio_core::task::yield_now()` | {om:.1} | {omean:.1} | {omin:.1} | {:.2}× | {:.4} |",
+        pm / om,
+        syscalls as f64 / (plan.rounds as u64 * plan.yield_ops) as f64
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| tokio ct `tokio::task::yield_now()` | {pm:.1} | {pmean:.1} | {pmin:.1} | 1.00× | – |"
+    )
+    .unwrap();
+    let ratio = pm / om;
+    writeln!(
+        out,
+        "\nTarget ≥ 3× tokio: {ratio:.2}× — {}",
+        verdict(ratio >= 3.0)
+    )
+    .unwrap();
+}
+
+/// Runs `run` for each host, `rounds` times interleaved, and prints the round-trip table.
+fn round_trips(
+    out: &mut String,
+    part: &str,
+    rounds: usize,
+    run: impl Fn(Host) -> RoundTrips,
+) -> Vec<(Host, RoundTrips)> {
+    let hosts = [Host::Aio, Host::TokioCurrentThread, Host::TokioMultiThread];
+    let mut results: Vec<(Host, RoundTrips)> =
+        hosts.iter().map(|&h| (h, RoundTrips::default())).collect();
+    for _ in 0..rounds {
+        for (h, r) in &mut results {
+            r.extend(run(*h));
+        }
+    }
+    for (_, r) in &mut results {
+        r.samples.sort_unstable();
+    }
+    let aio_p50 = percentile(&results[0].1.samples, 0.5) as f64;
+    writeln!(
+        out,
+        "| contender | p50 ns | mean ns | p99 ns | p99.9 ns | this p50 / aio p50 | aio loop \
+         syscalls/round trip |"
+    )
+    .unwrap();
+    writeln!(out, "|---|---:|---:|---:|---:|---:|---:|").unwrap();
+    for (h, r) in &results {
+        let p50 = percentile(&r.samples, 0.5);
+        writeln!(
+            out,
+            "| {} | {p50} | {:.0} | {} | {} | {:.2}× | {} |",
+            host_label(*h, part),
+            r.mean(),
+            percentile(&r.samples, 0.99),
+            percentile(&r.samples, 0.999),
+            p50 as f64 / aio_p50,
+            r.syscalls_per_round_trip()
+                .map_or_else(|| "–".into(), |v| format!("{v:.3}")),
+        )
+        .unwrap();
+    }
+    results
+}
+
+fn remote_wake(out: &mut String, plan: Plan) {
+    writeln!(
+        out,
+        "\n### B12 remote wake of a task into a busy loop\n\nA task parked on a waker; another \
+         thread (cpu{}) stores a value and wakes it, then spins until the task has stored the \
+         value back in an atomic. The loop thread (cpu{}) also runs a task that yields for ever, \
+         so it never sleeps. {} rounds × ({} warm-up + {} recorded) round trips per contender, \
+         fresh threads each round, interleaved.\n",
+        b12::OTHER_CPU,
+        b12::LOOP_CPU,
+        plan.rt_rounds,
+        plan.wake_warm_up,
+        plan.wake_measured
+    )
+    .unwrap();
+    let results = round_trips(out, "wake", plan.rt_rounds, |h| {
+        b12::remote_wake(h, plan.wake_warm_up, plan.wake_measured)
+    });
+    let aio = percentile(&results[0].1.samples, 0.5) as f64;
+    for (h, r) in &results[1..] {
+        let ratio = percentile(&r.samples, 0.5) as f64 / aio;
+        writeln!(
+            out,
+            "\nTarget ≥ 2× tokio (p50): vs {} {ratio:.2}× — {}",
+            host_label(*h, "wake"),
+            verdict(ratio >= 2.0)
+        )
+        .unwrap();
+    }
+}
+
+fn ping_pong(out: &mut String, plan: Plan) {
+    writeln!(
+        out,
+        "\n### B12 cross-context ping-pong of two tasks on two threads\n\nEach thread runs its \
+         own context or runtime (cpu{} and cpu{}; the multi_thread row is not pinned and tokio \
+         may run both tasks on one worker), the loops sleep when idle; a round trip is two \
+         cross-thread wake-ups. {} rounds × ({} warm-up + {} recorded) round trips per \
+         contender, fresh threads each round, interleaved. No §8 target.\n",
+        b12::LOOP_CPU,
+        b12::OTHER_CPU,
+        plan.rt_rounds,
+        plan.pp_warm_up,
+        plan.pp_measured
+    )
+    .unwrap();
+    round_trips(out, "ping-pong", plan.rt_rounds, |h| {
+        b12::ping_pong(h, plan.pp_warm_up, plan.pp_measured)
+    });
+}
+
+fn main() {
+    let args = aio_benches::BenchArgs::parse();
+    if args.list {
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let plan = match (args.bench, quick) {
+        (false, _) => SMOKE,
+        (true, true) => QUICK,
+        (true, false) => FULL,
+    };
+    let mut out = String::new();
+    writeln!(out, "# B12: tasks, aio vs tokio ({})\n", today()).unwrap();
+    writeln!(out, "Machine: {}", machine()).unwrap();
+    if !args.bench {
+        writeln!(
+            out,
+            "(smoke run: no --bench flag, tiny sizes; the figures mean nothing)"
+        )
+        .unwrap();
+    } else if quick {
+        writeln!(out, "(--quick: reduced sizes)").unwrap();
+    }
+    let parts: [(&str, fn(&mut String, Plan)); 4] = [
+        ("B12_spawn", spawn),
+        ("B12_yield", yields),
+        ("B12_remote_wake", remote_wake),
+        ("B12_ping_pong", ping_pong),
+    ];
+    for (key, part) in parts {
+        if args.wants("tasks", key) {
+            part(&mut out, plan);
+        }
+    }
+    print!("{out}");
+    if !args.bench {
+        return;
+    }
+    if let Some(dir) = std::env::var_os("AIO_BENCH_REPORT_DIR") {
+        let path = std::path::Path::new(&dir).join("tasks.md");
+        std::fs::create_dir_all(&dir).ok();
+        std::fs::write(&path, &out).expect("write tasks.md");
+        println!("written to {}", path.display());
+    }
+}
