@@ -12,6 +12,9 @@
 //! * `B12_ping_pong`: two tasks on two threads, each on its own context or runtime (and tokio's
 //!   `multi_thread` with two workers hosting both), hand a counter back and forth; the loops
 //!   sleep when idle. No §8 target: it shows what a wake-up of a sleeping loop costs each.
+//!   tokio's `multi_thread` runtime tends to run both tasks on one worker (a task woken from a
+//!   worker goes to its LIFO slot), so an aio row with both tasks on one context sits next to
+//!   it, and the table says how often tokio's two tasks shared a worker.
 //!
 //! Throughput rows run `rounds` rounds, each running every contender once, in the same order,
 //! so that they all see the same machine weather; the table gives the median, mean and minimum
@@ -127,6 +130,7 @@ fn host_label(h: Host, part: &str) -> String {
         (Host::TokioCurrentThread, _) => "tokio current_thread, `tokio::spawn` tasks".into(),
         (Host::TokioMultiThread, "wake") => "tokio multi_thread, 1 worker (pinned)".into(),
         (Host::TokioMultiThread, _) => "tokio multi_thread, 2 workers, both tasks".into(),
+        (Host::AioOneContext, _) => "aio, both tasks on one context (one thread)".into(),
     }
 }
 
@@ -250,16 +254,24 @@ fn yields(out: &mut String, plan: Plan) {
         verdict(ratio >= 3.0)
     )
     .unwrap();
+    writeln!(
+        out,
+        "\n(tokio's `yield_now` defers the task's wake-up until the scheduler has polled its \
+         drivers, an `epoll_wait` with a zero timeout when the I/O driver is enabled; aio's \
+         re-schedules the task's BH, no system call.)"
+    )
+    .unwrap();
 }
 
-/// Runs `run` for each host, `rounds` times interleaved, and prints the round-trip table.
+/// Runs `run` for each of `hosts` (aio first), `rounds` times interleaved, and prints the
+/// round-trip table.
 fn round_trips(
     out: &mut String,
     part: &str,
+    hosts: &[Host],
     rounds: usize,
     run: impl Fn(Host) -> RoundTrips,
 ) -> Vec<(Host, RoundTrips)> {
-    let hosts = [Host::Aio, Host::TokioCurrentThread, Host::TokioMultiThread];
     let mut results: Vec<(Host, RoundTrips)> =
         hosts.iter().map(|&h| (h, RoundTrips::default())).collect();
     for _ in 0..rounds {
@@ -293,6 +305,16 @@ fn round_trips(
         )
         .unwrap();
     }
+    for (h, r) in &results {
+        if let Some((same, runs)) = r.same_worker {
+            writeln!(
+                out,
+                "\n{}: both tasks finished on the same worker thread in {same} of {runs} runs.",
+                host_label(*h, part)
+            )
+            .unwrap();
+        }
+    }
     results
 }
 
@@ -311,7 +333,8 @@ fn remote_wake(out: &mut String, plan: Plan) {
         plan.wake_measured
     )
     .unwrap();
-    let results = round_trips(out, "wake", plan.rt_rounds, |h| {
+    let hosts = [Host::Aio, Host::TokioCurrentThread, Host::TokioMultiThread];
+    let results = round_trips(out, "wake", &hosts, plan.rt_rounds, |h| {
         b12::remote_wake(h, plan.wake_warm_up, plan.wake_measured)
     });
     let aio = percentile(&results[0].1.samples, 0.5) as f64;
@@ -342,10 +365,29 @@ fn ping_pong(out: &mut String, plan: Plan) {
         plan.pp_measured
     )
     .unwrap();
-    round_trips(out, "ping-pong", plan.rt_rounds, |h| {
+    let hosts = [
+        Host::Aio,
+        Host::TokioCurrentThread,
+        Host::TokioMultiThread,
+        Host::AioOneContext,
+    ];
+    let results = round_trips(out, "ping-pong", &hosts, plan.rt_rounds, |h| {
         b12::ping_pong(h, plan.pp_warm_up, plan.pp_measured)
     });
+    let p50 = |i: usize| percentile(&results[i].1.samples, 0.5) as f64;
+    writeln!(
+        out,
+        "\nAcross threads: tokio current_thread p50 / aio p50 = {:.2}×. On one thread (what \
+         tokio multi_thread does when its LIFO slot keeps both tasks on one worker): tokio \
+         multi_thread p50 / aio one-context p50 = {:.2}×.",
+        p50(1) / p50(0),
+        p50(2) / p50(3)
+    )
+    .unwrap();
 }
+
+/// One part of the program: appends its section to the report.
+type Part = fn(&mut String, Plan);
 
 fn main() {
     let args = aio_benches::BenchArgs::parse();
@@ -370,7 +412,7 @@ fn main() {
     } else if quick {
         writeln!(out, "(--quick: reduced sizes)").unwrap();
     }
-    let parts: [(&str, fn(&mut String, Plan)); 4] = [
+    let parts: [(&str, Part); 4] = [
         ("B12_spawn", spawn),
         ("B12_yield", yields),
         ("B12_remote_wake", remote_wake),

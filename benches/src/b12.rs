@@ -337,6 +337,11 @@ pub enum Host {
     /// One tokio `multi_thread` runtime hosting every task: one worker in [`remote_wake`] (the
     /// busy loop's thread), two in [`ping_pong`].
     TokioMultiThread,
+    /// [`ping_pong`] only: both tasks on one aio context, on one thread, the like-for-like of
+    /// what tokio's `multi_thread` runtime does when it runs both tasks on one worker (a task
+    /// woken from a worker goes to that worker's LIFO slot). [`remote_wake`] treats it as
+    /// [`Host::Aio`].
+    AioOneContext,
 }
 
 /// The CPU of the loop (remote wake) or of the first side (ping-pong).
@@ -354,6 +359,9 @@ pub struct RoundTrips {
     /// aio only: the loops' system calls (backend waits, eventfd writes and drains) over the
     /// run, warm-up included.
     pub syscalls: Option<u64>,
+    /// [`ping_pong`] on tokio's `multi_thread` runtime: the runs whose two tasks finished on the
+    /// same worker thread, and all its runs.
+    pub same_worker: Option<(u64, u64)>,
 }
 
 impl RoundTrips {
@@ -363,6 +371,11 @@ impl RoundTrips {
         self.round_trips += run.round_trips;
         if let Some(s) = run.syscalls {
             *self.syscalls.get_or_insert(0) += s;
+        }
+        if let Some((same, runs)) = run.same_worker {
+            let mine = self.same_worker.get_or_insert((0, 0));
+            mine.0 += same;
+            mine.1 += runs;
         }
     }
 
@@ -435,7 +448,7 @@ pub fn remote_wake(host: Host, warm_up: u64, measured: u64) -> RoundTrips {
                 .then(|| pin_current_thread(LOOP_CPU))
                 .flatten();
             match host {
-                Host::Aio => {
+                Host::Aio | Host::AioOneContext => {
                     let ctx = new_context();
                     let before = loop_syscalls(&ctx);
                     let answerer = ctx.spawn_local(task);
@@ -486,6 +499,7 @@ pub fn remote_wake(host: Host, warm_up: u64, measured: u64) -> RoundTrips {
         samples,
         round_trips: warm_up + measured,
         syscalls,
+        same_worker: None,
     }
 }
 
@@ -543,15 +557,33 @@ pub fn ping_pong(host: Host, warm_up: u64, measured: u64) -> RoundTrips {
         let pong = pong.clone();
         answer(ping, move |v| pong.set(v))
     };
-    let (samples, answered, syscalls) = match host {
+    let (samples, answered, syscalls, same_worker) = match host {
         Host::TokioMultiThread => {
             let rt = tokio_multi_thread(2, None);
-            let a = rt.spawn(first);
-            let b = rt.spawn(second);
+            let a = rt.spawn(async move { (first.await, thread::current().id()) });
+            let b = rt.spawn(async move { (second.await, thread::current().id()) });
             rt.block_on(async {
-                let samples = a.await.expect("the first task failed");
-                (samples, b.await.expect("the second task failed"), None)
+                let (samples, a_thread) = a.await.expect("the first task failed");
+                let (answered, b_thread) = b.await.expect("the second task failed");
+                (
+                    samples,
+                    answered,
+                    None,
+                    Some((u64::from(a_thread == b_thread), 1)),
+                )
             })
+        }
+        Host::AioOneContext => {
+            let _pin = pin_current_thread(LOOP_CPU);
+            let ctx = new_context();
+            let before = loop_syscalls(&ctx);
+            let b = ctx.spawn_local(second);
+            let a = ctx.spawn_local(first);
+            let (samples, answered) = ctx.block_on(async {
+                let samples = a.await.expect("the first task failed");
+                (samples, b.await.expect("the second task failed"))
+            });
+            (samples, answered, Some(loop_syscalls(&ctx) - before), None)
         }
         Host::Aio | Host::TokioCurrentThread => {
             let other = thread::Builder::new()
@@ -564,11 +596,8 @@ pub fn ping_pong(host: Host, warm_up: u64, measured: u64) -> RoundTrips {
             let _pin = pin_current_thread(LOOP_CPU);
             let (samples, syscalls_a) = on_own_loop(host, first);
             let (answered, syscalls_b) = other.join().expect("the second side panicked");
-            (
-                samples,
-                answered,
-                syscalls_a.zip(syscalls_b).map(|(a, b)| a + b),
-            )
+            let syscalls = syscalls_a.zip(syscalls_b).map(|(a, b)| a + b);
+            (samples, answered, syscalls, None)
         }
     };
     assert_eq!(answered, warm_up + measured, "a value was lost or doubled");
@@ -576,6 +605,7 @@ pub fn ping_pong(host: Host, warm_up: u64, measured: u64) -> RoundTrips {
         samples,
         round_trips: warm_up + measured,
         syscalls,
+        same_worker,
     }
 }
 
@@ -601,7 +631,9 @@ fn on_own_loop<T: Send + 'static>(
                 .expect("a ping-pong task failed");
             (out, None)
         }
-        Host::TokioMultiThread => unreachable!("one runtime hosts both sides"),
+        Host::TokioMultiThread | Host::AioOneContext => {
+            unreachable!("one runtime or context hosts both sides")
+        }
     }
 }
 
@@ -636,12 +668,22 @@ mod tests {
 
     #[test]
     fn every_contender_answers_every_value() {
-        for host in [Host::Aio, Host::TokioCurrentThread, Host::TokioMultiThread] {
+        for host in [
+            Host::Aio,
+            Host::TokioCurrentThread,
+            Host::TokioMultiThread,
+            Host::AioOneContext,
+        ] {
             let r = remote_wake(host, 3, 20);
             assert_eq!((r.samples.len(), r.round_trips), (20, 23), "{host:?}");
             let r = ping_pong(host, 3, 20);
             assert_eq!((r.samples.len(), r.round_trips), (20, 23), "{host:?}");
-            assert_eq!(r.syscalls.is_some(), host == Host::Aio);
+            let aio = matches!(host, Host::Aio | Host::AioOneContext);
+            assert_eq!(r.syscalls.is_some(), aio, "{host:?}");
+            assert_eq!(
+                r.same_worker.map(|(_, runs)| runs),
+                (host == Host::TokioMultiThread).then_some(1)
+            );
         }
     }
 
