@@ -134,6 +134,13 @@ const MIRI: &[MiriRun] = &[
         targets: &["--lib", "--test", "locals", "--test", "signals"],
         threaded: false,
     },
+    // The coroutine locks (their guards reach the data through `UnsafeCell`), with tasks on
+    // several contexts and threads.
+    MiriRun {
+        package: "aio-core",
+        targets: &["--test", "co_sync"],
+        threaded: true,
+    },
     // The conformance suite: bottom halves, fd handlers, nested polls, the context's
     // lifetime, timers through the loop; several cases schedule from other threads.
     MiriRun {

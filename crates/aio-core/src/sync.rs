@@ -22,9 +22,19 @@ mod imp {
         pub(crate) const fn new(value: T) -> Self {
             Self(std::cell::UnsafeCell::new(value))
         }
+
+        /// The value, taking the cell apart.
+        pub(crate) fn into_inner(self) -> T {
+            self.0.into_inner()
+        }
     }
 
     impl<T: ?Sized> UnsafeCell<T> {
+        /// Runs `f` with a raw pointer for reading.
+        pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+            f(self.0.get())
+        }
+
         /// Runs `f` with a raw pointer for writing.
         pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
             f(self.0.get())

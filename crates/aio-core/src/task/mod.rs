@@ -17,6 +17,12 @@
 //! → [`reschedule`]; `AIO_WAIT_WHILE` → [`AioContext::wait_while`] / [`AioContext::block_on`];
 //! `aio_wait_kick` → [`wait_kick`].
 
+mod co_sync;
+pub use co_sync::{
+    CoMutex, CoMutexGuard, CoQueue, CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard, Lock,
+    QueueWait, ReadLock, WriteLock,
+};
+
 use crate::bh::{self, BottomHalf};
 use crate::context::{AioContext, ContextHandle};
 use crate::sync::{AtomicBool, AtomicU32, Mutex, Ordering, lock};
