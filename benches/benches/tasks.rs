@@ -15,6 +15,12 @@
 //!   tokio's `multi_thread` runtime tends to run both tasks on one worker (a task woken from a
 //!   worker goes to its LIFO slot), so an aio row with both tasks on one context sits next to
 //!   it, and the table says how often tokio's two tasks shared a worker.
+//! * `B12_comutex`: QEMU's test-aio-multithread `/aio/multi/mutex/contended` (5 threads) and
+//!   `/aio/multi/mutex/handoff` (2 threads) as a benchmark: one task per thread, each on its own
+//!   context or runtime, locks, increments a shared counter, unlocks, until stopped; iterations
+//!   per second for `aio_core::task::CoMutex` on aio contexts, `tokio::sync::Mutex` on
+//!   `current_thread` runtimes and a `parking_lot::Mutex` baseline (tasks on aio contexts; it
+//!   blocks the thread, as QEMU's pthread baseline). Target: CoMutex ≥ tokio::sync::Mutex.
 //!
 //! Throughput rows run `rounds` rounds, each running every contender once, in the same order,
 //! so that they all see the same machine weather; the table gives the median, mean and minimum
@@ -26,20 +32,10 @@
 //! `--bench` (as under `cargo test --benches`) every part runs once, briefly. With
 //! `AIO_BENCH_REPORT_DIR` set, the tables are also written to `tasks.md` there.
 
-// CoMutex rows (B12, "CoMutex ≥ tokio::sync::Mutex") belong here, as a fifth part keyed
-// `B12_comutex`, once `aio_core::task::CoMutex` exists (it is being written on another branch):
-//   * contended: 5 contexts on 5 threads, each running a task that locks the CoMutex, bumps a
-//     shared counter and unlocks, in a loop for a fixed time; print iterations/s, as QEMU's
-//     tests/unit/test-aio-multithread.c (`test_multi_co_mutex_5`, "mutex" counter / seconds).
-//     Peers: tokio::sync::Mutex with 5 `current_thread` runtimes on 5 threads, and a
-//     parking_lot::Mutex baseline (blocking lock in the same task bodies).
-//   * handoff: the same with 2 contexts (QEMU's `test_multi_co_mutex_2_3` / `_2_30` shape),
-//     where each unlock hands the lock to the other side's parked task.
-//   Each peer's iterations/s next to ours, and the ratio ours / tokio::sync::Mutex.
-
 use std::fmt::Write as _;
+use std::time::Duration;
 
-use aio_benches::b12::{self, Host, RoundTrips, Spawn, Spawner};
+use aio_benches::b12::{self, Host, LockKind, RoundTrips, Spawn, Spawner};
 use aio_benches::{machine, new_context, percentile, today, tokio_runtime};
 
 /// How much to measure.
@@ -63,6 +59,12 @@ struct Plan {
     pp_warm_up: u64,
     /// Ping-pong: recorded round trips per run.
     pp_measured: u64,
+    /// CoMutex: rounds; each runs every lock once.
+    mutex_rounds: usize,
+    /// CoMutex, contended (5 threads): the length of a run (QEMU: 1 s).
+    mutex_contended: Duration,
+    /// CoMutex, handoff (2 threads): the length of a run (QEMU: 3 s).
+    mutex_handoff: Duration,
 }
 
 const FULL: Plan = Plan {
@@ -75,6 +77,9 @@ const FULL: Plan = Plan {
     wake_measured: 5000,
     pp_warm_up: 100,
     pp_measured: 1000,
+    mutex_rounds: 3,
+    mutex_contended: Duration::from_secs(1),
+    mutex_handoff: Duration::from_secs(3),
 };
 
 const QUICK: Plan = Plan {
@@ -87,6 +92,9 @@ const QUICK: Plan = Plan {
     wake_measured: 2000,
     pp_warm_up: 50,
     pp_measured: 300,
+    mutex_rounds: 1,
+    mutex_contended: Duration::from_millis(300),
+    mutex_handoff: Duration::from_millis(500),
 };
 
 const SMOKE: Plan = Plan {
@@ -99,6 +107,9 @@ const SMOKE: Plan = Plan {
     wake_measured: 20,
     pp_warm_up: 5,
     pp_measured: 20,
+    mutex_rounds: 1,
+    mutex_contended: Duration::from_millis(20),
+    mutex_handoff: Duration::from_millis(20),
 };
 
 /// Tasks spawned before the first is awaited, in the batch rows (tokio's `spawn_many_local`).
@@ -386,6 +397,67 @@ fn ping_pong(out: &mut String, plan: Plan) {
     .unwrap();
 }
 
+fn comutex(out: &mut String, plan: Plan) {
+    let kinds = [LockKind::CoMutex, LockKind::Tokio, LockKind::ParkingLot];
+    writeln!(
+        out,
+        "\n### B12 CoMutex: QEMU test-aio-multithread's mutex tests\n\nOne task per thread, each \
+         thread with its own context or runtime: lock, increment the counter inside, unlock, \
+         increment an atomic counter, until stopped (the two counters must agree). {} rounds, \
+         each running every lock once; iterations per second, median of the rounds.\n",
+        plan.mutex_rounds
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| test | lock | threads | run | median iterations/s | min | max | CoMutex / this |"
+    )
+    .unwrap();
+    writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|").unwrap();
+    let mut verdicts = Vec::new();
+    for (test, threads, run) in [
+        ("contended", 5, plan.mutex_contended),
+        ("handoff", 2, plan.mutex_handoff),
+    ] {
+        let mut per_s: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
+        for _ in 0..plan.mutex_rounds {
+            for (k, v) in kinds.iter().zip(&mut per_s) {
+                v.push(b12::mutex_run(*k, threads, run).per_second());
+            }
+        }
+        let stats: Vec<(f64, f64, f64)> = per_s
+            .into_iter()
+            .map(|mut v| {
+                v.sort_by(f64::total_cmp);
+                (percentile(&v, 0.5), v[0], v[v.len() - 1])
+            })
+            .collect();
+        let ours = stats[0].0;
+        for (k, (med, min, max)) in kinds.iter().zip(&stats) {
+            let lock = match k {
+                LockKind::CoMutex => "aio `CoMutex` (aio contexts)",
+                LockKind::Tokio => "`tokio::sync::Mutex` (current_thread runtimes)",
+                LockKind::ParkingLot => "`parking_lot::Mutex` (aio contexts, blocks the thread)",
+            };
+            writeln!(
+                out,
+                "| {test} | {lock} | {threads} | {:.1} s | {med:.0} | {min:.0} | {max:.0} | {:.3}× |",
+                run.as_secs_f64(),
+                ours / med
+            )
+            .unwrap();
+        }
+        let ratio = ours / stats[1].0;
+        verdicts.push(format!(
+            "Target CoMutex ≥ tokio::sync::Mutex, {test} ({threads} threads): {ratio:.2}× — {}",
+            verdict(ratio >= 1.0)
+        ));
+    }
+    for v in verdicts {
+        writeln!(out, "\n{v}").unwrap();
+    }
+}
+
 /// One part of the program: appends its section to the report.
 type Part = fn(&mut String, Plan);
 
@@ -412,11 +484,12 @@ fn main() {
     } else if quick {
         writeln!(out, "(--quick: reduced sizes)").unwrap();
     }
-    let parts: [(&str, Part); 4] = [
+    let parts: [(&str, Part); 5] = [
         ("B12_spawn", spawn),
         ("B12_yield", yields),
         ("B12_remote_wake", remote_wake),
         ("B12_ping_pong", ping_pong),
+        ("B12_comutex", comutex),
     ];
     for (key, part) in parts {
         if args.wants("tasks", key) {

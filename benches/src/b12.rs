@@ -13,6 +13,9 @@
 //! * **Cross-context ping-pong** ([`ping_pong`]): two tasks on two threads, each on its own
 //!   context (or runtime), hand a counter back and forth through two [`Signal`]s; the loops
 //!   sleep when they have nothing to do. One sample per round trip, taken by the first task.
+//! * **CoMutex** ([`mutex_run`]): QEMU's test-aio-multithread mutex tests as a benchmark, one
+//!   task per thread incrementing a counter under the lock, iterations per second, with
+//!   `aio_core::task::CoMutex` against `tokio::sync::Mutex` and a `parking_lot::Mutex` baseline.
 //!
 //! Both runtimes use the same wake-up mechanism, [`Signal`]: an atomic value and one stored
 //! `Waker`, so the rows differ only in what the runtimes do with a wake-up. The tokio runtimes
@@ -22,7 +25,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Barrier, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -637,6 +640,126 @@ fn on_own_loop<T: Send + 'static>(
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// CoMutex: QEMU's test-aio-multithread mutex tests as a benchmark
+// ---------------------------------------------------------------------------------------------
+
+/// The lock of a [`mutex_run`], each on its own hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockKind {
+    /// `aio_core::task::CoMutex`, taken by tasks on aio contexts, one context per thread.
+    CoMutex,
+    /// `tokio::sync::Mutex`, taken by tasks on tokio `current_thread` runtimes, one per thread.
+    Tokio,
+    /// `parking_lot::Mutex`, taken by tasks on aio contexts: it blocks the whole thread, as
+    /// QEMU's pthread baseline does (`/aio/multi/mutex/pthread`).
+    ParkingLot,
+}
+
+/// What one [`mutex_run`] counted.
+#[derive(Debug, Clone, Copy)]
+pub struct MutexRun {
+    /// Increments of the counter inside the lock, by all tasks.
+    pub iterations: u64,
+    /// From the start signal until every thread had finished.
+    pub elapsed: Duration,
+}
+
+impl MutexRun {
+    /// Lock-protected increments per second (QEMU prints "%d iterations/second").
+    pub fn per_second(&self) -> f64 {
+        self.iterations as f64 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// QEMU's `test_multi_co_mutex` shape (`/aio/multi/mutex/contended` with 5 threads, `handoff`
+/// with 2): `threads` threads, each with its own context (or runtime) running one task that,
+/// until told to stop, locks the shared mutex, adds 1 to the counter inside it, unlocks, and
+/// then adds 1 to an atomic counter (after unlocking, as QEMU does). Runs for `duration`.
+///
+/// # Panics
+///
+/// If an increment inside the lock was lost (the counter differs from the atomic one), or a
+/// thread or task panics.
+pub fn mutex_run(kind: LockKind, threads: usize, duration: Duration) -> MutexRun {
+    let stop = Arc::new(AtomicBool::new(false));
+    let outside = Arc::new(AtomicU64::new(0));
+    let start = Arc::new(Barrier::new(threads + 1));
+    let co = Arc::new(aio_core::task::CoMutex::new(0u64));
+    let tk = Arc::new(tokio::sync::Mutex::new(0u64));
+    let pl = Arc::new(parking_lot::Mutex::new(0u64));
+    let workers: Vec<thread::JoinHandle<()>> = (0..threads)
+        .map(|i| {
+            let (stop, outside, start) = (stop.clone(), outside.clone(), start.clone());
+            let (co, tk, pl) = (co.clone(), tk.clone(), pl.clone());
+            thread::Builder::new()
+                .name(format!("b12-mutex-{i}"))
+                .spawn(move || {
+                    // Relaxed: the stop flag orders nothing; the counters are checked after
+                    // the threads are joined.
+                    let running = move || !stop.load(Ordering::Relaxed);
+                    let count = move || outside.fetch_add(1, Ordering::Relaxed);
+                    match kind {
+                        LockKind::CoMutex | LockKind::ParkingLot => {
+                            let ctx = new_context();
+                            let task = if kind == LockKind::CoMutex {
+                                ctx.spawn_local(async move {
+                                    while running() {
+                                        *co.lock().await += 1;
+                                        count();
+                                    }
+                                })
+                            } else {
+                                ctx.spawn_local(async move {
+                                    while running() {
+                                        *pl.lock() += 1;
+                                        count();
+                                    }
+                                })
+                            };
+                            start.wait();
+                            ctx.block_on(task).expect("a mutex task failed");
+                        }
+                        LockKind::Tokio => {
+                            let rt = tokio_runtime();
+                            let task = rt.spawn(async move {
+                                while running() {
+                                    *tk.lock().await += 1;
+                                    count();
+                                }
+                            });
+                            start.wait();
+                            rt.block_on(task).expect("a mutex task failed");
+                        }
+                    }
+                })
+                .expect("B12: cannot spawn a mutex thread")
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("a mutex thread panicked");
+    }
+    let elapsed = t0.elapsed();
+    let iterations = match kind {
+        LockKind::CoMutex => *co.try_lock().expect("the CoMutex is still locked"),
+        LockKind::Tokio => *tk.try_lock().expect("the tokio Mutex is still locked"),
+        LockKind::ParkingLot => *pl.lock(),
+    };
+    assert_eq!(
+        iterations,
+        outside.load(Ordering::Relaxed),
+        "{kind:?}: an increment inside the lock was lost"
+    );
+    MutexRun {
+        iterations,
+        elapsed,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -684,6 +807,19 @@ mod tests {
                 r.same_worker.map(|(_, runs)| runs),
                 (host == Host::TokioMultiThread).then_some(1)
             );
+        }
+    }
+
+    #[test]
+    fn every_lock_counts_every_iteration() {
+        for kind in [LockKind::CoMutex, LockKind::Tokio, LockKind::ParkingLot] {
+            for threads in [2, 5] {
+                let r = mutex_run(kind, threads, Duration::from_millis(20));
+                assert!(
+                    r.iterations > 0,
+                    "{kind:?} on {threads} threads made no progress"
+                );
+            }
         }
     }
 
