@@ -2,7 +2,8 @@
 //! for B1, B2 and B4 of DESIGN.md §8 here, aio's fd backends next to mio, polling and the raw
 //! system-call floors for B5 and B6 in [`fd`], in [`b7`] the timers of B7 (with async-io as
 //! a second peer), in [`b8`] the thread pool of B8, and for adaptive polling (issue 11) the
-//! cross-thread ping-pong of B3 in [`b3`] and the idle loop of B9 in [`b9`].
+//! cross-thread ping-pong of B3 in [`b3`] and the idle loop of B9 in [`b9`]; the task executor
+//! of B12 (spawn, yield, remote wake, cross-context ping-pong) in [`b12`].
 //!
 //! Each workload takes an iteration count and returns the time of exactly that many iterations,
 //! so the criterion benches (`iter_custom`) and the quick report (`benches/report.rs`, median of
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aio::{AioContext, BottomHalf, ContextHandle, PollParams};
 
+pub mod b12;
 pub mod b3;
 pub mod b7;
 pub mod b8;

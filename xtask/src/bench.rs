@@ -2,11 +2,11 @@
 //! write under `target/bench-report/`.
 //!
 //! The bench crate owns the measurements and the reports (Markdown tables plus SVG charts, see
-//! DESIGN.md §7: `report.md` from `report.rs`, `fd-report.md` from `fd.rs`); xtask only chooses
-//! where they go, through `AIO_BENCH_REPORT_DIR`, and forwards the filter to the harness
-//! (criterion-style: benchmarks whose name contains it). The filter `nbd` never gets here:
-//! `main.rs` sends `cargo xtask bench nbd` to `nbd_bench.rs`, which compares two NBD servers
-//! rather than running the harness.
+//! DESIGN.md §7: `report.md` from `report.rs`, `fd-report.md` from `fd.rs`, `tasks.md` from
+//! `tasks.rs`); xtask only chooses where they go, through `AIO_BENCH_REPORT_DIR`, and forwards
+//! the filter to the harness (criterion-style: benchmarks whose name contains it). The filter
+//! `nbd` never gets here: `main.rs` sends `cargo xtask bench nbd` to `nbd_bench.rs`, which
+//! compares two NBD servers rather than running the harness.
 
 use std::process::ExitCode;
 
@@ -41,6 +41,11 @@ pub fn run(filter: Option<&str>) -> Result<ExitCode> {
     let fd_report = report_dir.join("fd-report.md");
     if fd_report.is_file() {
         eprintln!("bench: fd backends report at {}", fd_report.display());
+    }
+    // So does the task executor bench (B12).
+    let tasks_report = report_dir.join("tasks.md");
+    if tasks_report.is_file() {
+        eprintln!("bench: tasks (B12) report at {}", tasks_report.display());
     }
     Ok(ExitCode::SUCCESS)
 }
