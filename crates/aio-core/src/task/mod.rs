@@ -59,8 +59,8 @@ pub(crate) struct Header {
 
 #[derive(Default)]
 struct Sched {
-    /// The BH that polls the task on its current context.
-    bh: Option<BottomHalf>,
+    /// The BH that polls the task on its current context (its slot's, see `Slot::bh`).
+    bh: Option<Arc<BottomHalf>>,
     /// Set by [`reschedule`] while the task is being polled: where it goes when the poll
     /// returns `Pending`.
     move_to: Option<ContextHandle>,
@@ -82,8 +82,17 @@ impl Header {
 
     /// Takes the task's BH out (the task is finishing, moving or being dropped): later
     /// wake-ups do nothing until a new BH is installed.
-    fn take_bh(&self) -> Option<BottomHalf> {
+    fn take_bh(&self) -> Option<Arc<BottomHalf>> {
         lock(&self.sched).bh.take()
+    }
+
+    /// Releases the task's BH: it belongs to the slot, which a later task reuses, so a run
+    /// still scheduled for this task is cancelled (on the home thread, where `cancel` is
+    /// reliable). A stale run would only poll the next task spuriously, which futures allow.
+    fn release_bh(&self) {
+        if let Some(bh) = self.take_bh() {
+            bh.cancel();
+        }
     }
 }
 
@@ -137,6 +146,10 @@ struct TaskKey {
 struct Slot {
     generation: u32,
     task: Option<Rc<LocalTask>>,
+    /// The slot's BH, made for its first task and reused by every later one: it polls
+    /// whichever task holds the slot when it runs. Saves a BH (two allocations and a delete
+    /// pass) per task.
+    bh: Option<Arc<BottomHalf>>,
 }
 
 /// The context's tasks (home thread only): a table with generations and a free list.
@@ -147,7 +160,8 @@ pub(crate) struct Tasks {
 }
 
 impl Tasks {
-    fn insert(&self, task: Rc<LocalTask>) -> TaskKey {
+    /// Puts `task` in a free slot; returns its key and the slot's BH (made on first use).
+    fn insert(&self, task: Rc<LocalTask>, ctx: &AioContext) -> (TaskKey, Arc<BottomHalf>) {
         let mut slots = self.slots.borrow_mut();
         let index = match self.free.borrow_mut().pop() {
             Some(i) => i,
@@ -158,19 +172,33 @@ impl Tasks {
         };
         let slot = &mut slots[index as usize];
         slot.task = Some(task);
-        TaskKey {
+        let bh = slot.bh.get_or_insert_with(|| {
+            Arc::new(BottomHalf::new(
+                ctx.inner.shared.clone(),
+                bh::plain_callback(move || {
+                    if let Some(ctx) = AioContext::current() {
+                        run(&ctx, index);
+                    }
+                }),
+            ))
+        });
+        let key = TaskKey {
             index,
             generation: slot.generation,
-        }
+        };
+        (key, bh.clone())
     }
 
-    fn get(&self, key: TaskKey) -> Option<Rc<LocalTask>> {
+    /// The task in slot `index` now, with its key.
+    fn current(&self, index: u32) -> Option<(TaskKey, Rc<LocalTask>)> {
         let slots = self.slots.borrow();
-        let slot = slots.get(key.index as usize)?;
-        if slot.generation != key.generation {
-            return None;
-        }
-        slot.task.clone()
+        let slot = slots.get(index as usize)?;
+        let task = slot.task.clone()?;
+        let key = TaskKey {
+            index,
+            generation: slot.generation,
+        };
+        Some((key, task))
     }
 
     fn remove(&self, key: TaskKey) -> Option<Rc<LocalTask>> {
@@ -254,23 +282,15 @@ fn install(ctx: &AioContext, header: Arc<Header>, future: TaskFuture) -> TaskKey
         header: header.clone(),
         future: RefCell::new(Some(future)),
     });
-    let key = ctx.inner.tasks.insert(task);
-    let bh = BottomHalf::new(
-        ctx.inner.shared.clone(),
-        bh::plain_callback(move || {
-            if let Some(ctx) = AioContext::current() {
-                run(&ctx, key);
-            }
-        }),
-    );
+    let (key, bh) = ctx.inner.tasks.insert(task, ctx);
     let old = lock(&header.sched).bh.replace(bh);
     drop(old);
     key
 }
 
-/// Polls the task at `key` once, from its BH (or on arrival from another context).
-fn run(ctx: &AioContext, key: TaskKey) {
-    let Some(task) = ctx.inner.tasks.get(key) else {
+/// Polls the task in slot `index` once, from the slot's BH.
+fn run(ctx: &AioContext, index: u32) {
+    let Some((key, task)) = ctx.inner.tasks.current(index) else {
         return;
     };
     let Ok(mut slot) = task.future.try_borrow_mut() else {
@@ -339,7 +359,7 @@ fn drop_future(future: Option<TaskFuture>) {
 /// Takes the task out of its context: its slot and its BH.
 fn finish(ctx: &AioContext, key: TaskKey, task: &LocalTask) {
     drop(ctx.inner.tasks.remove(key));
-    drop(task.header.take_bh());
+    task.header.release_bh();
 }
 
 /// A `Send` task arriving on the context this runs on (a [`ContextHandle::spawn`] or a
