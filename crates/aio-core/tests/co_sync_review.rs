@@ -952,3 +952,40 @@ fn send_sync_bounds() {
         (false, false)
     );
 }
+
+/// A waker that owns a lock future: dropping its last reference drops that future.
+struct OwningWaker(std::sync::Mutex<Option<Pin<Box<aio_core::task::Lock<'static, u32>>>>>);
+
+impl Wake for OwningWaker {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// A waiter's old waker is dropped while the mutex's queue lock is held (`update_waker`
+/// replacing it; the same holds for `WaitList::remove` and `CoRwLock`'s tickets). When that
+/// was the waker's last reference and dropping it drops another waiting lock future of the
+/// same mutex (a task whose only owner is its waker, with a lock future inside), that
+/// future's `Drop` takes the queue lock again on the same thread: a self-deadlock.
+#[test]
+#[ignore = "bug: a Waker dropped under the CoMutex queue lock may re-enter it (self-deadlock)"]
+fn dropping_an_old_waker_under_the_queue_lock_does_not_reenter() {
+    let m: &'static CoMutex<u32> = Box::leak(Box::new(CoMutex::new(0)));
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _g = m.try_lock().unwrap();
+        let (_c, w) = counting();
+        let mut inner = Box::pin(m.lock());
+        assert!(poll_once(inner.as_mut(), &w).is_pending());
+        let owning = Waker::from(Arc::new(OwningWaker(std::sync::Mutex::new(Some(inner)))));
+        let mut l = Box::pin(m.lock());
+        assert!(poll_once(l.as_mut(), &owning).is_pending());
+        drop(owning); // the queue entry holds the last reference
+        let (_c2, w2) = counting();
+        // Replaces (drops) the owning waker under the queue lock.
+        assert!(poll_once(l.as_mut(), &w2).is_pending());
+        tx.send(()).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok(),
+        "re-entered the queue lock from a waker's drop"
+    );
+}
