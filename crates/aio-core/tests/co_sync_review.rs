@@ -954,7 +954,9 @@ fn send_sync_bounds() {
 }
 
 /// A waker that owns a lock future: dropping its last reference drops that future.
-struct OwningWaker(std::sync::Mutex<Option<Pin<Box<aio_core::task::Lock<'static, u32>>>>>);
+struct OwningWaker {
+    _owned: std::sync::Mutex<Pin<Box<aio_core::task::Lock<'static, u32>>>>,
+}
 
 impl Wake for OwningWaker {
     fn wake(self: Arc<Self>) {}
@@ -975,7 +977,9 @@ fn dropping_an_old_waker_under_the_queue_lock_does_not_reenter() {
         let (_c, w) = counting();
         let mut inner = Box::pin(m.lock());
         assert!(poll_once(inner.as_mut(), &w).is_pending());
-        let owning = Waker::from(Arc::new(OwningWaker(std::sync::Mutex::new(Some(inner)))));
+        let owning = Waker::from(Arc::new(OwningWaker {
+            _owned: std::sync::Mutex::new(inner),
+        }));
         let mut l = Box::pin(m.lock());
         assert!(poll_once(l.as_mut(), &owning).is_pending());
         drop(owning); // the queue entry holds the last reference
