@@ -508,7 +508,6 @@ fn queue_wait_cancelled_before_its_wakeup_is_seen_passes_it_on() {
 /// a wake-up was issued while it was queued. A condition-variable user who cancels a waiter
 /// (a `timeout` around `wait`, an aborted task) loses the signal.
 #[test]
-#[ignore = "gap: CoQueue::wait cancelled while re-locking the mutex swallows the next() it consumed"]
 fn queue_wait_cancelled_while_relocking_loses_the_wakeup() {
     let (m, q) = (CoMutex::new(()), CoQueue::new());
     let (_c1, w1) = counting();
@@ -968,7 +967,6 @@ impl Wake for OwningWaker {
 /// same mutex (a task whose only owner is its waker, with a lock future inside), that
 /// future's `Drop` takes the queue lock again on the same thread: a self-deadlock.
 #[test]
-#[ignore = "bug: a Waker dropped under the CoMutex queue lock may re-enter it (self-deadlock)"]
 fn dropping_an_old_waker_under_the_queue_lock_does_not_reenter() {
     let m: &'static CoMutex<u32> = Box::leak(Box::new(CoMutex::new(0)));
     let (tx, rx) = mpsc::channel();

@@ -66,28 +66,25 @@ impl WaitList {
         self.entries.binary_search_by_key(&id, |e| e.id).ok()
     }
 
-    /// Stores `waker` in the entry `id`; false if the entry is no longer queued.
-    fn update_waker(&mut self, id: u64, waker: &Waker) -> bool {
+    /// Stores `waker` in the entry `id`: `Err(())` if the entry is no longer queued, else the
+    /// waker it replaced, which the caller drops *after* releasing the lock (dropping a waker
+    /// can drop a task, whose futures may take this lock again).
+    fn update_waker(&mut self, id: u64, waker: &Waker) -> Result<Option<Waker>, ()> {
         let Some(i) = self.find(id) else {
-            return false;
+            return Err(());
         };
         let entry = &mut self.entries[i];
-        match &entry.waker {
-            Some(w) if w.will_wake(waker) => {}
-            _ => entry.waker = Some(waker.clone()),
-        }
-        true
+        Ok(match &entry.waker {
+            Some(w) if w.will_wake(waker) => None,
+            _ => entry.waker.replace(waker.clone()),
+        })
     }
 
-    /// Takes the entry `id` out; false if it was no longer queued.
-    fn remove(&mut self, id: u64) -> bool {
-        match self.find(id) {
-            Some(i) => {
-                self.entries.remove(i);
-                true
-            }
-            None => false,
-        }
+    /// Takes the entry `id` out, for the caller to drop after releasing the lock (see
+    /// `update_waker`); `None` if it was no longer queued.
+    fn remove(&mut self, id: u64) -> Option<Entry> {
+        let i = self.find(id)?;
+        self.entries.remove(i)
     }
 }
 
@@ -393,7 +390,9 @@ impl<'a, T: ?Sized> Future for Lock<'a, T> {
                     self.state = LockState::Done;
                     return Poll::Ready(CoMutexGuard::new(mutex));
                 }
-                waiters.list.update_waker(id, cx.waker());
+                let old = waiters.list.update_waker(id, cx.waker());
+                drop(waiters);
+                drop(old);
                 Poll::Pending
             }
             LockState::Done => panic!("CoMutex lock future polled after it returned its guard"),
@@ -411,9 +410,16 @@ impl<T: ?Sized> Drop for Lock<'_, T> {
             // Handed the lock, never saw it: pass it on.
             waiters.granted = None;
             self.mutex.unlock_contended(waiters);
-        } else if waiters.list.remove(id) && waiters.list.entries.is_empty() {
-            // Relaxed: as in `unlock_contended`, `WAITERS` changes only under the queue's lock.
-            self.mutex.state.fetch_and(!WAITERS, Ordering::Relaxed);
+        } else {
+            let removed = waiters.list.remove(id);
+            if removed.is_some() && waiters.list.entries.is_empty() {
+                // Relaxed: as in `unlock_contended`, `WAITERS` changes only under the queue's
+                // lock.
+                self.mutex.state.fetch_and(!WAITERS, Ordering::Relaxed);
+            }
+            // The entry's waker is dropped after the lock (see `WaitList::update_waker`).
+            drop(waiters);
+            drop(removed);
         }
     }
 }
@@ -554,7 +560,8 @@ impl CoQueue {
     /// mutex next is never missed. (Until that poll the guard is held inside the future.)
     ///
     /// Dropping the future while it waits leaves the queue; dropping it after it was woken
-    /// (and before it saw it) passes the wake-up on to the next waiter. Like QEMU, the waiter
+    /// and before it has the mutex back passes the wake-up on to the next waiter (at worst a
+    /// spurious wake-up after `restart_all`). Like QEMU, the waiter
     /// competes for the mutex again in FIFO order after waking.
     ///
     /// ```
@@ -588,7 +595,13 @@ impl CoQueue {
         let waiting = self.wait_unlocked();
         drop(guard);
         waiting.await;
-        mutex.lock().await
+        // Woken: if this future is dropped before it has the mutex back, the wake-up passes
+        // to the next waiter (as a `QueueWait` dropped before it saw its wake-up does), so a
+        // `next()` is not lost to a cancelled waiter. At worst a spurious wake-up.
+        let mut pass_on = PassOn(Some(self));
+        let guard = mutex.lock().await;
+        pass_on.0 = None;
+        guard
     }
 
     /// Queues the caller now and returns a future that completes once
@@ -706,11 +719,24 @@ impl Future for QueueWait<'_> {
             return Poll::Ready(());
         }
         // Woken means taken out of the queue by `next` or `restart_all`.
-        if lock(&self.queue.waiters).update_waker(self.id, cx.waker()) {
+        let updated = lock(&self.queue.waiters).update_waker(self.id, cx.waker());
+        if updated.is_ok() {
+            // The old waker (if any) is dropped here, after the lock.
             return Poll::Pending;
         }
         self.done = true;
         Poll::Ready(())
+    }
+}
+
+/// Passes a wake-up on to the next waiter of a queue when dropped (see `CoQueue::wait`).
+struct PassOn<'a>(Option<&'a CoQueue>);
+
+impl Drop for PassOn<'_> {
+    fn drop(&mut self) {
+        if let Some(queue) = self.0.take() {
+            queue.next();
+        }
     }
 }
 
@@ -719,7 +745,9 @@ impl Drop for QueueWait<'_> {
         if self.done {
             return;
         }
-        let still_queued = lock(&self.queue.waiters).remove(self.id);
+        let removed = lock(&self.queue.waiters).remove(self.id);
+        let still_queued = removed.is_some();
+        drop(removed);
         if !still_queued {
             // Woken but never saw it: hand the wake-up to the next waiter, so that a `next()`
             // is not lost (after `restart_all` this is at worst a spurious wake-up).
@@ -1026,10 +1054,13 @@ impl<'a, T: ?Sized> Acquire<'a, T> {
                     return Poll::Ready(());
                 };
                 let entry = &mut state.tickets[i].entry;
-                match &entry.waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => entry.waker = Some(cx.waker().clone()),
-                }
+                let old = match &entry.waker {
+                    Some(w) if w.will_wake(cx.waker()) => None,
+                    _ => entry.waker.replace(cx.waker().clone()),
+                };
+                // Dropped after the lock (see `WaitList::update_waker`).
+                drop(state);
+                drop(old);
                 Poll::Pending
             }
             AcquireState::Held => {
@@ -1043,6 +1074,7 @@ impl<'a, T: ?Sized> Acquire<'a, T> {
 
 impl<T: ?Sized> Drop for Acquire<'_, T> {
     fn drop(&mut self) {
+        let mut removed = None;
         let wakers = match self.state {
             AcquireState::Start | AcquireState::Done => return,
             AcquireState::Held => lock(&self.lock.state).release(self.read),
@@ -1051,8 +1083,9 @@ impl<T: ?Sized> Drop for Acquire<'_, T> {
                 match state.find(id) {
                     Some(i) => {
                         // Leaving the queue may let the tickets behind it in (readers behind
-                        // a cancelled writer).
-                        state.tickets.remove(i);
+                        // a cancelled writer). The ticket (and its waker) is dropped after the
+                        // lock (see `WaitList::update_waker`).
+                        removed = state.tickets.remove(i);
                         state.grant()
                     }
                     // Granted, never seen: give it back, which grants the next in line.
@@ -1060,6 +1093,7 @@ impl<T: ?Sized> Drop for Acquire<'_, T> {
                 }
             }
         };
+        drop(removed);
         wake_all(wakers);
     }
 }
