@@ -645,9 +645,16 @@ fn rwlock_stress(seed: u64, contexts: usize, tasks: usize, iters: usize) {
                 for _ in 0..iters {
                     match r.below(5) {
                         0 | 1 => {
+                            // The unused `try_read` guard must be dropped before `read()`
+                            // waits: a match scrutinee lives to the end of the statement, and
+                            // waiting for a read while holding one deadlocks behind a writer
+                            // queued in between (the lock is fair).
                             let g = match s.lock.try_read() {
                                 Some(g) if r.below(2) == 0 => g,
-                                _ => s.lock.read().await,
+                                other => {
+                                    drop(other);
+                                    s.lock.read().await
+                                }
                             };
                             let h = s.enter_read();
                             let seen = *g;
