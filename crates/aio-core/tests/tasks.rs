@@ -464,6 +464,61 @@ fn a_wake_from_a_worker_thread_resumes_the_task_on_its_context() {
     assert!(ids.iter().all(|id| *id == home));
 }
 
+/// Conformance case 35 (QEMU `aio_co_wake` from another context's BH, as the bdrv-drain
+/// iothread tests do): a task of context A parks; a BH running on context B, on B's thread,
+/// wakes it; the task resumes on A's thread, never on B's.
+#[test]
+fn a_wake_from_a_bh_of_another_context_resumes_the_task_on_its_home_context() {
+    let rounds = if cfg!(miri) { 3 } else { 20 };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (other, other_thread) = context_thread(stop.clone());
+    let other_for_stop = other.clone();
+    let ctx = ctx();
+    let home = thread::current().id();
+    let bh_threads = Arc::new(Mutex::new(Vec::new()));
+    let b = bh_threads.clone();
+    let task = ctx.spawn(async move {
+        let mut resumed_on = Vec::new();
+        for _ in 0..rounds {
+            let done = Arc::new(AtomicBool::new(false));
+            let mut scheduled = false;
+            poll_fn(|cx| {
+                if done.load(Ordering::SeqCst) {
+                    return Poll::Ready(());
+                }
+                if !scheduled {
+                    scheduled = true;
+                    let (waker, d, b) = (cx.waker().clone(), done.clone(), b.clone());
+                    other.schedule_oneshot(move || {
+                        b.lock().unwrap().push(thread::current().id());
+                        d.store(true, Ordering::SeqCst);
+                        waker.wake();
+                    });
+                }
+                Poll::Pending
+            })
+            .await;
+            resumed_on.push(thread::current().id());
+        }
+        resumed_on
+    });
+    let resumed_on = ctx.block_on(task).unwrap();
+    stop.store(true, Ordering::SeqCst);
+    other_for_stop.notify();
+    other_thread.join().unwrap();
+    assert_eq!(resumed_on.len(), rounds);
+    assert!(
+        resumed_on.iter().all(|id| *id == home),
+        "resumed off its home thread"
+    );
+    let bh_threads = bh_threads.lock().unwrap();
+    assert_eq!(bh_threads.len(), rounds);
+    assert!(
+        bh_threads.iter().all(|id| *id != home),
+        "B's BHs ran on B's thread"
+    );
+}
+
 #[test]
 fn block_on_nests_three_deep_from_a_bh() {
     let ctx = ctx();
