@@ -39,6 +39,7 @@
 mod connection;
 mod export;
 mod protocol;
+mod session;
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
