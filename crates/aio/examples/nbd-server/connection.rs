@@ -43,10 +43,12 @@ use std::time::{Duration, Instant};
 use aio::{AioContext, ClockType, FdHandler, Scale, ThreadPool, Timer};
 
 use crate::ClientSlot;
+use crate::conn_task;
 use crate::export::Export;
 use crate::protocol::*;
 use crate::session::{
-    self, Action, Expired, HANDSHAKE_LIMIT, Handshake, LINGER, Opted, READ_BUDGET, READ_CHUNK, Timing,
+    self, Action, Expired, HANDSHAKE_LIMIT, Handshake, LINGER, Opted, READ_BUDGET, READ_CHUNK,
+    Timing,
 };
 
 /// Connection ids, unique in the process (for logs).
@@ -60,21 +62,21 @@ pub enum Socket {
 }
 
 impl Socket {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Socket::Tcp(s) => (&*s).read(buf),
             Socket::Unix(s) => (&*s).read(buf),
         }
     }
 
-    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+    pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Socket::Tcp(s) => (&*s).write(buf),
             Socket::Unix(s) => (&*s).write(buf),
         }
     }
 
-    fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         // The peer may be gone already; there is nothing to do about an error here.
         let _ = match self {
             Socket::Tcp(s) => s.shutdown(Shutdown::Both),
@@ -99,13 +101,60 @@ pub struct Settings {
     pub verbose: bool,
     /// Close a client in the transmission phase after this long without traffic (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// How connections are served.
+    pub engine: Engine,
+}
+
+/// How a connection is served (`--engine`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// A level-triggered fd handler and a state machine, completions as callbacks (this file).
+    #[default]
+    Callbacks,
+    /// One task per connection and one per request, as QEMU's coroutines (`conn_task.rs`).
+    Tasks,
+}
+
+/// A connection of either engine, as its [`Shard`] sees it.
+pub trait Served {
+    /// Shutdown: read no further request; serve those read, then close.
+    fn drain(&self, ctx: &AioContext);
+    /// The shutdown grace period is over: close now.
+    fn force_close(&self, ctx: &AioContext);
+    /// The connection's timer fired (the callback engine's; the task engine has its own).
+    fn on_timer(&self, _ctx: &AioContext) {}
+}
+
+impl Served for RefCell<Conn> {
+    fn drain(&self, ctx: &AioContext) {
+        let mut c = self.borrow_mut();
+        // Requests already read are still served; the socket is not read again.
+        c.read_done = true;
+        c.update(ctx);
+    }
+
+    fn force_close(&self, ctx: &AioContext) {
+        let mut c = self.borrow_mut();
+        if c.sock.is_some() {
+            eprintln!(
+                "nbd-server: connection {}: closed at the end of the shutdown grace period",
+                c.id
+            );
+        }
+        c.abort();
+        c.update(ctx);
+    }
+
+    fn on_timer(&self, ctx: &AioContext) {
+        self.borrow_mut().on_timer(ctx);
+    }
 }
 
 /// Per-context server state, one per context (an [`AioContext::local`]): the connections the
 /// context serves, and whether the server is shutting down.
 #[derive(Default)]
 pub struct Shard {
-    conns: RefCell<HashMap<u64, Rc<RefCell<Conn>>>>,
+    conns: RefCell<HashMap<u64, Rc<dyn Served>>>,
     draining: Cell<bool>,
     /// Closes whatever is still open when the shutdown grace period ends.
     grace: RefCell<Option<Timer>>,
@@ -140,6 +189,10 @@ impl Shard {
         shard.accepted.set(shard.accepted.get() + 1);
         if shard.draining.get() {
             // Accepted just before the listener closed: the client gets a closed socket.
+            return;
+        }
+        if settings.engine == Engine::Tasks {
+            conn_task::start(ctx, id, sock, export, settings, slot, &shard);
             return;
         }
         let conn = Rc::new(RefCell::new(Conn {
@@ -187,7 +240,7 @@ impl Shard {
         if c.verbose {
             eprintln!("nbd-server: connection {id}: accepted");
         }
-        shard.conns.borrow_mut().insert(id, conn.clone());
+        shard.insert(id, conn.clone());
         c.flush();
         c.update(ctx);
     }
@@ -195,7 +248,7 @@ impl Shard {
     fn timer_fired(&self, ctx: &AioContext, id: u64) {
         let conn = self.conns.borrow().get(&id).cloned();
         if let Some(conn) = conn {
-            conn.borrow_mut().on_timer(ctx);
+            conn.on_timer(ctx);
         }
     }
 
@@ -206,10 +259,7 @@ impl Shard {
         shard.draining.set(true);
         let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
         for conn in conns {
-            let mut c = conn.borrow_mut();
-            // Requests already read are still served; the socket is not read again.
-            c.read_done = true;
-            c.update(ctx);
+            conn.drain(ctx);
         }
         if !shard.conns.borrow().is_empty() {
             let timer = ctx.timer(ClockType::Realtime, Scale::NS, move || {
@@ -225,19 +275,17 @@ impl Shard {
     fn force_close(&self, ctx: &AioContext) {
         let conns: Vec<_> = self.conns.borrow().values().cloned().collect();
         for conn in conns {
-            let mut c = conn.borrow_mut();
-            if c.sock.is_some() {
-                eprintln!(
-                    "nbd-server: connection {}: closed at the end of the shutdown grace period",
-                    c.id
-                );
-            }
-            c.abort();
-            c.update(ctx);
+            conn.force_close(ctx);
         }
     }
 
-    fn remove(&self, id: u64) {
+    /// Adds connection `id`, which the shard holds until [`remove`](Self::remove).
+    pub fn insert(&self, id: u64, conn: Rc<dyn Served>) {
+        self.conns.borrow_mut().insert(id, conn);
+    }
+
+    /// Connection `id` has closed and has nothing in flight.
+    pub fn remove(&self, id: u64) {
         // The Rc taken out may be the last one; drop it after the borrow of the table ends,
         // since dropping a connection can drop its handler and timer.
         let conn = self.conns.borrow_mut().remove(&id);
@@ -668,7 +716,12 @@ impl Conn {
             .expect("a connection being served is alive");
         self.in_flight += 1;
         self.pending_bytes += session::payload_bytes(&req);
-        let work = session::work(self.export.clone(), req, data, self.hs.framing.read_prefix());
+        let work = session::work(
+            self.export.clone(),
+            req,
+            data,
+            self.hs.framing.read_prefix(),
+        );
         self.pool
             .submit_with(work, move |r| Conn::completed(&conn, req, r));
     }

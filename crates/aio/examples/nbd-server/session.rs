@@ -302,11 +302,8 @@ pub fn reply(
     req: &Request,
     result: Result<io::Result<Vec<u8>>, aio::threadpool::Error>,
 ) -> Vec<u8> {
-    let result = result.unwrap_or_else(|_| {
-        Err(io::Error::other(
-            "the thread pool did not run the request",
-        ))
-    });
+    let result =
+        result.unwrap_or_else(|_| Err(io::Error::other("the thread pool did not run the request")));
     match result {
         Ok(mut buf) if req.kind == CMD_READ => {
             framing.write_read_prefix(&mut buf, req.cookie, req.offset, req.length);
