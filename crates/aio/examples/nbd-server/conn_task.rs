@@ -275,6 +275,7 @@ impl Conn {
     /// running as a task of its own (QEMU's `nbd_trip`).
     async fn receive(self: &Rc<Self>, input: &mut Input) -> io::Result<()> {
         loop {
+            // (An aborted connection is `closing` too.)
             self.wait_reader(|| !self.is_full() || self.closing.get())
                 .await;
             if self.closing.get() || !self.got(input.fill(self, REQUEST_LEN).await?, input) {
@@ -436,11 +437,11 @@ impl Conn {
         }
     }
 
-    /// Waits until `ready()` holds, or the connection is closed; completions and sends wake
-    /// the reader to look again.
+    /// Waits until `ready()` holds; completions, sends and stops wake the reader to look
+    /// again.
     async fn wait_reader(&self, ready: impl Fn() -> bool) {
         poll_fn(|cx| {
-            if ready() || self.closed.get() {
+            if ready() {
                 return Poll::Ready(());
             }
             self.reader_waits.set(true);
@@ -592,10 +593,12 @@ impl Input {
             // Unparsed bytes move to the front only when the message would not fit behind
             // them; the buffer grows only for a message bigger than it (a long option).
             let room = need.max(READ_CHUNK / 2);
-            if self.buf.len() - self.end < room {
+            if self.start > 0 && self.buf.len() - self.end < room {
                 self.buf.copy_within(self.start..self.end, 0);
                 (self.start, self.end) = (0, self.end - self.start);
-                let size = self.buf.len().max(READ_CHUNK).max(self.end + room);
+            }
+            let size = self.buf.len().max(READ_CHUNK).max(self.end + room);
+            if size > self.buf.len() {
                 self.buf.resize(size, 0);
             }
             match conn.read(&mut self.buf[self.end..]).await? {
