@@ -80,6 +80,7 @@ pub fn start(
         read_done: Cell::new(false),
         closing: Cell::new(false),
         closed: Cell::new(false),
+        read_run: Cell::new(0),
         reader: RefCell::new(None),
         reader_waits: Cell::new(false),
         writer: RefCell::new(None),
@@ -134,6 +135,8 @@ pub struct Conn {
     closing: Cell<bool>,
     /// The socket is shut down; unsent replies are dropped.
     closed: Cell<bool>,
+    /// Bytes read since the reading task last yielded to the rest of the context.
+    read_run: Cell<usize>,
     /// The reading task's waker while it waits, and whether it waits for room or for its
     /// requests to finish (which completions then wake it for).
     reader: RefCell<Option<Waker>>,
@@ -431,6 +434,15 @@ impl Conn {
             None => Ok(None),
             Some(Ok(n)) => {
                 self.touch();
+                // A read that finds data does not yield; a client that keeps the socket full
+                // would keep the context's other tasks and handlers waiting.
+                let run = self.read_run.get() + n;
+                if run >= READ_BUDGET {
+                    self.read_run.set(0);
+                    aio::task::yield_now().await;
+                } else {
+                    self.read_run.set(run);
+                }
                 Ok(Some(n))
             }
             Some(Err(e)) => Err(io::Error::new(e.kind(), format!("read error: {e}"))),
