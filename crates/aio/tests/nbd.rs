@@ -2111,6 +2111,7 @@ fn help_and_version_print_on_stdout_and_exit_0() {
             "--poll-weight",
             "--poll-grow",
             "--poll-shrink",
+            "--engine",
             "AIO_POLL_MAX_NS",
             "LISTEN_FDS",
         ] {
@@ -2302,6 +2303,21 @@ fn idle_timeout_closes_silent_clients_only() {
     thread::sleep(Duration::from_millis(1500));
     assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
     c.disconnect().unwrap();
+}
+
+#[test]
+fn callbacks_is_the_default_engine_and_the_ready_line_names_the_engine() {
+    // (Every server a test starts is checked to name the engine it was given.)
+    let f = fixture("engine-default", MIB, |c| c.default_engine());
+    let ready = ready_line(&f.srv);
+    assert!(ready.ends_with(" bytes, engine callbacks)"), "{ready}");
+    f.assert_serves();
+    let f = fixture("engine-tasks", MIB, |c| {
+        c.default_engine().args_extra(&["--engine", "tasks"])
+    });
+    let ready = ready_line(&f.srv);
+    assert!(ready.ends_with(" bytes, engine tasks)"), "{ready}");
+    f.assert_serves();
 }
 
 /// The environment variable that overrides `--poll-max-ns` (the facade's `POLL_MAX_NS_ENV`).
@@ -2823,6 +2839,7 @@ fn client_agrees_with_qemu_nbd() {
 
 /// Tests that start no server that serves a client: nothing an engine changes.
 const ENGINE_INDEPENDENT: &[&str] = &[
+    "callbacks_is_the_default_engine_and_the_ready_line_names_the_engine",
     "bad_poll_options_exit_2_with_a_message",
     "help_and_version_print_on_stdout_and_exit_0",
 ];

@@ -454,7 +454,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         }
     }
     println!(
-        "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{})",
+        "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{}, engine {})",
         addresses.join(", "),
         ctx.backend(),
         cfg.contexts,
@@ -462,7 +462,11 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         polling.join(" / "),
         cfg.name,
         acceptor.export.size,
-        if cfg.read_only { ", read-only" } else { "" }
+        if cfg.read_only { ", read-only" } else { "" },
+        match cfg.engine {
+            Engine::Callbacks => "callbacks",
+            Engine::Tasks => "tasks",
+        }
     );
     io::stdout().flush()?;
 

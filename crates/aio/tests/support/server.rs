@@ -156,7 +156,8 @@ pub struct Config {
     activated: bool,
     /// Environment variables set (`Some`) or removed (`None`) for the server.
     env: Vec<(String, Option<String>)>,
-    /// `--engine`: the [`engine`] of the thread that made the configuration.
+    /// `--engine`: the [`engine`] of the thread that made the configuration (empty: no
+    /// `--engine`, the server's default).
     engine: &'static str,
 }
 
@@ -257,6 +258,12 @@ impl Config {
         self
     }
 
+    /// Starts the server without `--engine`, on its default engine.
+    pub fn default_engine(mut self) -> Config {
+        self.engine = "";
+        self
+    }
+
     pub fn verbose(mut self) -> Config {
         self.verbose = true;
         self
@@ -281,7 +288,9 @@ impl Config {
         if self.verbose {
             args.push("--verbose".to_owned());
         }
-        args.extend(["--engine".to_owned(), self.engine.to_owned()]);
+        if !self.engine.is_empty() {
+            args.extend(["--engine".to_owned(), self.engine.to_owned()]);
+        }
         args.extend(self.extra.iter().cloned());
         args.push(self.image.display().to_string());
         args
@@ -432,6 +441,10 @@ impl Server {
             } else if let Some(path) = line.strip_prefix("nbd-server: listening on unix ") {
                 server.unix = Some(PathBuf::from(path.trim()));
             } else if line.starts_with("nbd-server: ready") {
+                if !config.engine.is_empty() {
+                    let engine = format!(", engine {})", config.engine);
+                    assert!(line.ends_with(&engine), "not {engine}: {line}");
+                }
                 break;
             }
         }
