@@ -11,8 +11,9 @@
 //! bound:
 //! * The socket is read only while the connection has fewer than `MAX_IN_FLIGHT` requests,
 //!   less than `MAX_PENDING_BYTES` of payload in flight or waiting to be sent, and less than
-//!   `MAX_BACKLOG` of replies waiting to be sent (`session.rs`, which both engines share); a client that does not read its replies
-//!   soon stops being read, in the handshake too.
+//!   `MAX_BACKLOG` of replies waiting to be sent (the limits are in `session.rs`, which both
+//!   engines share); a client that does not read its replies soon stops being read, in the
+//!   handshake too.
 //! * A write's payload goes straight into the request's own buffer as it arrives, so memory
 //!   grows only with the bytes a client actually sends, and is not copied again.
 //! * A reply is written as soon as it is complete; whatever the socket does not take waits in

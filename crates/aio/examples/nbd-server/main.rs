@@ -36,9 +36,9 @@
 //!   runs each connection as a task that reads requests and spawns a task per request, which
 //!   awaits the pool and writes its reply under a send lock (QEMU's coroutines). Both behave
 //!   the same on the wire.
-//! * **Limits.** See `connection.rs` and `session.rs`: at most 32 MiB per request; per connection, 128 requests
-//!   and 64 MiB in flight and 16 MiB of unsent replies before its socket stops being read; 10 s
-//!   for the handshake; `--idle-timeout` after it.
+//! * **Limits.** See `session.rs` and `connection.rs`: at most 32 MiB per request; per
+//!   connection, 128 requests and 64 MiB in flight and 16 MiB of unsent replies before its
+//!   socket stops being read; 10 s for the handshake; `--idle-timeout` after it.
 //! * **Socket activation.** When `LISTEN_PID` is this process and `LISTEN_FDS` is N, fds 3 to
 //!   N+2 are listening sockets (TCP or Unix) to serve instead of `--tcp`/`--unix`, as systemd
 //!   passes them.
@@ -454,7 +454,8 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         }
     }
     println!(
-        "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{}, engine {})",
+        "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{}, \
+         engine {})",
         addresses.join(", "),
         ctx.backend(),
         cfg.contexts,
