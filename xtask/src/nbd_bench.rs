@@ -10,6 +10,13 @@
 //! qemu-nbd has no polling option, and its row is the reference. `AIO_POLL_MAX_NS` is removed
 //! from our server's environment so that it cannot change the rows.
 //!
+//! The race of our two connection engines: every row above runs `--engine callbacks` (an fd
+//! handler and a state machine per connection); on the default backend, with polling off and
+//! with the weighted policy, `--engine tasks` (a task per connection and per request, QEMU's
+//! coroutine model) runs too, in the same rounds, and its row's "tasks / callbacks" column is
+//! its median over that of its callback twin. The task engine becomes the default only if it
+//! is not slower.
+//!
 //! Every run starts a fresh server process, lets `qemu-img bench` send its requests, and stops
 //! the server with SIGTERM; the runs of the servers alternate (each server once per round) so
 //! that slow drifts of the machine (page-cache writeback, frequency changes, neighbours) fall on
@@ -96,8 +103,26 @@ const CASES: &[Case] = &[
 /// The servers compared.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Which {
-    Ours(Backend, Polling),
+    Ours(Backend, Polling, Engine),
     QemuNbd,
+}
+
+/// Our server's connection engine (`--engine`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    /// `--engine callbacks`: an fd handler and a state machine per connection.
+    Callbacks,
+    /// `--engine tasks`: a task per connection and per request.
+    Tasks,
+}
+
+impl Engine {
+    fn arg(self) -> &'static str {
+        match self {
+            Engine::Callbacks => "callbacks",
+            Engine::Tasks => "tasks",
+        }
+    }
 }
 
 /// The backend of our server.
@@ -121,27 +146,42 @@ enum Polling {
     Weighted,
 }
 
-/// Every server, in the order of a round and of the table's rows. The last is the reference
-/// of the "vs qemu-nbd" column; `Polling::Off` on the same backend that of "vs polling off".
-const SERVERS: [Which; 7] = [
-    Which::Ours(Backend::Default, Polling::Off),
-    Which::Ours(Backend::Default, Polling::Qemu10),
-    Which::Ours(Backend::Default, Polling::Weighted),
-    Which::Ours(Backend::Epoll, Polling::Off),
-    Which::Ours(Backend::Epoll, Polling::Qemu10),
-    Which::Ours(Backend::Epoll, Polling::Weighted),
+/// Every server, in the order of a round and of the table's rows (a task-engine row right
+/// after its callback twin). The last is the reference of the "vs qemu-nbd" column;
+/// `Polling::Off` on the same backend and engine that of "vs polling off"; the callback twin
+/// that of "tasks / callbacks".
+const SERVERS: [Which; 9] = [
+    Which::Ours(Backend::Default, Polling::Off, Engine::Callbacks),
+    Which::Ours(Backend::Default, Polling::Off, Engine::Tasks),
+    Which::Ours(Backend::Default, Polling::Qemu10, Engine::Callbacks),
+    Which::Ours(Backend::Default, Polling::Weighted, Engine::Callbacks),
+    Which::Ours(Backend::Default, Polling::Weighted, Engine::Tasks),
+    Which::Ours(Backend::Epoll, Polling::Off, Engine::Callbacks),
+    Which::Ours(Backend::Epoll, Polling::Qemu10, Engine::Callbacks),
+    Which::Ours(Backend::Epoll, Polling::Weighted, Engine::Callbacks),
     Which::QemuNbd,
 ];
 const QEMU_NBD: usize = SERVERS.len() - 1;
 
-/// The index in [`SERVERS`] of the polling-off twin of `which`, if it has one.
+/// The index in [`SERVERS`] of the polling-off twin of `which` (same backend and engine), if it
+/// has one.
 fn polling_off_of(which: Which) -> Option<usize> {
-    let Which::Ours(backend, _) = which else {
+    let Which::Ours(backend, _, engine) = which else {
         return None;
     };
     SERVERS
         .iter()
-        .position(|&w| w == Which::Ours(backend, Polling::Off))
+        .position(|&w| w == Which::Ours(backend, Polling::Off, engine))
+}
+
+/// The index in [`SERVERS`] of the callback-engine twin of a task-engine row.
+fn callbacks_of(which: Which) -> Option<usize> {
+    let Which::Ours(backend, polling, Engine::Tasks) = which else {
+        return None;
+    };
+    SERVERS
+        .iter()
+        .position(|&w| w == Which::Ours(backend, polling, Engine::Callbacks))
 }
 
 /// Everything needed to start either server on the benchmark image.
@@ -156,13 +196,14 @@ struct Servers {
 impl Servers {
     fn command(&self, which: Which) -> Cmd {
         match which {
-            Which::Ours(backend, polling) => {
+            Which::Ours(backend, polling, engine) => {
                 let cmd = Cmd::new(&self.ours.display().to_string()).env_remove("AIO_POLL_MAX_NS");
                 let cmd = match backend {
                     Backend::Default => cmd,
                     Backend::Epoll => cmd.env("AIO_BACKEND", "epoll"),
                 };
                 cmd.args(["--unix", &self.socket.display().to_string()])
+                    .args(["--engine", engine.arg()])
                     .args(poll_args(polling))
                     .arg(self.image.display().to_string())
             }
@@ -190,17 +231,22 @@ impl Servers {
         }
     }
 
-    /// The server's name and polling options, as the table's rows show it.
+    /// The server's name, engine (when not the callbacks) and polling options, as the table's
+    /// rows show it.
     fn label(which: Which) -> String {
         match which {
-            Which::Ours(backend, polling) => {
+            Which::Ours(backend, polling, engine) => {
                 let env = match backend {
                     Backend::Default => "",
                     Backend::Epoll => "AIO_BACKEND=epoll ",
                 };
+                let server = match engine {
+                    Engine::Callbacks => "nbd-server".to_owned(),
+                    Engine::Tasks => format!("nbd-server --engine {}", engine.arg()),
+                };
                 match polling {
-                    Polling::Off => format!("{env}nbd-server (polling off)"),
-                    _ => format!("{env}nbd-server {}", poll_args(polling).join(" ")),
+                    Polling::Off => format!("{env}{server} (polling off)"),
+                    _ => format!("{env}{server} {}", poll_args(polling).join(" ")),
                 }
             }
             Which::QemuNbd => "qemu-nbd".to_owned(),
@@ -301,7 +347,11 @@ pub fn run() -> Result<ExitCode> {
             .filter_map(|(&which, line)| Some((Servers::label(which), line?)))
             .collect(),
         ours_cmd: servers
-            .command(Which::Ours(Backend::Epoll, Polling::Weighted))
+            .command(Which::Ours(
+                Backend::Epoll,
+                Polling::Weighted,
+                Engine::Callbacks,
+            ))
             .to_string(),
         qemu_cmd: servers.command(Which::QemuNbd).to_string(),
         client_cmd: client_command(CASES[3], count, &servers.socket).to_string(),
@@ -484,7 +534,7 @@ fn cell(summary: Summary) -> String {
 }
 
 /// The rows shared by the terminal table and the Markdown one: one per case and server.
-fn rows(results: &[CaseResult]) -> Vec<[String; 5]> {
+fn rows(results: &[CaseResult]) -> Vec<[String; 6]> {
     let mut rows = Vec::new();
     for r in results {
         let medians: Vec<f64> = (0..SERVERS.len())
@@ -504,18 +554,20 @@ fn rows(results: &[CaseResult]) -> Vec<[String; 5]> {
                 cell(summarize(&r.iops(i))),
                 ratio(QEMU_NBD),
                 polling_off_of(which).map_or_else(|| "—".to_owned(), ratio),
+                callbacks_of(which).map_or_else(|| "—".to_owned(), ratio),
             ]);
         }
     }
     rows
 }
 
-const HEADER: [&str; 5] = [
+const HEADER: [&str; 6] = [
     "case",
     "server",
     "IOPS: median (min–max)",
     "vs qemu-nbd",
     "vs polling off",
+    "tasks / callbacks",
 ];
 
 fn text_table(results: &[CaseResult]) -> String {
@@ -529,7 +581,7 @@ fn text_table(results: &[CaseResult]) -> String {
     };
     let widths: Vec<usize> = (0..HEADER.len()).map(width).collect();
     let mut out = String::new();
-    let line = |out: &mut String, cells: [&str; 5]| {
+    let line = |out: &mut String, cells: [&str; 6]| {
         for (i, cell) in cells.iter().enumerate() {
             let pad = widths[i] - cell.chars().count();
             // Names read best left-aligned, numbers right-aligned.
@@ -545,7 +597,7 @@ fn text_table(results: &[CaseResult]) -> String {
     };
     line(&mut out, HEADER);
     for row in &rows {
-        line(&mut out, [&row[0], &row[1], &row[2], &row[3], &row[4]]);
+        line(&mut out, row.each_ref().map(String::as_str));
     }
     out
 }
@@ -579,14 +631,15 @@ fn markdown(setup: &Setup, results: &[CaseResult]) -> String {
         IMAGE_SIZE >> 20
     );
     let _ = writeln!(md, "| {} |", HEADER.join(" | "));
-    let _ = writeln!(md, "|---|---|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|");
     for row in rows(results) {
         let _ = writeln!(md, "| {} |", row.join(" | "));
     }
     let _ = writeln!(
         md,
-        "\nRatios are of medians; > 1 means faster than qemu-nbd, or than nbd-server with \
-         polling off.\n"
+        "\nRatios are of medians; > 1 means faster than qemu-nbd, than nbd-server with polling \
+         off (on the same backend and engine), or, for `--engine tasks`, than the callback \
+         engine with the same options.\n"
     );
     let _ = writeln!(md, "## Every run (IOPS, in run order)\n");
     let _ = writeln!(
@@ -619,8 +672,8 @@ fn markdown(setup: &Setup, results: &[CaseResult]) -> String {
     let _ = writeln!(md, "\n## Setup\n");
     let _ = writeln!(
         md,
-        "- nbd-server: `{}` (one event loop: `--contexts` 1, the default; the polling options \
-         and `AIO_BACKEND` vary by row, `AIO_POLL_MAX_NS` removed from its environment)",
+        "- nbd-server: `{}` (one event loop: `--contexts` 1, the default; `--engine`, the polling \
+         options and `AIO_BACKEND` vary by row, `AIO_POLL_MAX_NS` removed from its environment)",
         setup.ours_cmd
     );
     for (label, line) in &setup.ready_lines {
@@ -671,79 +724,168 @@ mod tests {
         assert_eq!(summarize(&[1.0, 2.0, 4.0, 3.0]).median, 2.5);
     }
 
-    #[test]
-    fn rows_compare_each_server_with_qemu_nbd_and_with_polling_off_on_its_backend() {
-        let run = |iops| Run {
+    fn run(iops: f64) -> Run {
+        Run {
             iops,
             ready: None,
             polling: None,
-        };
-        let result = CaseResult {
+        }
+    }
+
+    /// One case whose servers (in [`SERVERS`] order) ran at these IOPS.
+    fn result(runs: [Vec<f64>; SERVERS.len()]) -> CaseResult {
+        CaseResult {
             case: CASES[0],
-            runs: [
-                vec![run(100.0), run(300.0), run(200.0)],
-                vec![run(300.0)],
-                vec![run(150.0)],
-                vec![run(500.0)],
-                vec![run(250.0)],
-                vec![run(1000.0)],
-                vec![run(400.0), run(100.0)],
-            ],
-        };
+            runs: runs.map(|r| r.into_iter().map(run).collect()),
+        }
+    }
+
+    #[test]
+    fn rows_compare_each_server_with_qemu_nbd_and_with_polling_off_on_its_backend() {
+        let result = result([
+            vec![100.0, 300.0, 200.0],
+            vec![100.0],
+            vec![300.0],
+            vec![150.0],
+            vec![150.0],
+            vec![500.0],
+            vec![250.0],
+            vec![1000.0],
+            vec![400.0, 100.0],
+        ]);
         let rows = rows(&[result]);
         let cells = |i: usize| rows[i][1..].to_vec();
-        assert_eq!(rows.len(), 7);
+        assert_eq!(rows.len(), 9);
         assert!(rows.iter().all(|r| r[0] == "4 KiB read, QD 1"));
         assert_eq!(
             cells(0),
-            ["nbd-server (polling off)", "200 (100–300)", "0.80", "—"]
-        );
-        assert_eq!(
-            cells(1),
             [
-                "nbd-server --poll-max-ns 32768 --poll-policy qemu10",
-                "300 (300–300)",
-                "1.20",
-                "1.50"
+                "nbd-server (polling off)",
+                "200 (100–300)",
+                "0.80",
+                "—",
+                "—"
             ]
         );
         assert_eq!(
             cells(2),
             [
-                "nbd-server --poll-max-ns 32768 --poll-weight 2",
-                "150 (150–150)",
-                "0.60",
-                "0.75"
+                "nbd-server --poll-max-ns 32768 --poll-policy qemu10",
+                "300 (300–300)",
+                "1.20",
+                "1.50",
+                "—"
             ]
         );
         assert_eq!(
             cells(3),
             [
-                "AIO_BACKEND=epoll nbd-server (polling off)",
-                "500 (500–500)",
-                "2.00",
+                "nbd-server --poll-max-ns 32768 --poll-weight 2",
+                "150 (150–150)",
+                "0.60",
+                "0.75",
                 "—"
-            ]
-        );
-        assert_eq!(
-            cells(4),
-            [
-                "AIO_BACKEND=epoll nbd-server --poll-max-ns 32768 --poll-policy qemu10",
-                "250 (250–250)",
-                "1.00",
-                "0.50"
             ]
         );
         assert_eq!(
             cells(5),
             [
+                "AIO_BACKEND=epoll nbd-server (polling off)",
+                "500 (500–500)",
+                "2.00",
+                "—",
+                "—"
+            ]
+        );
+        assert_eq!(
+            cells(6),
+            [
+                "AIO_BACKEND=epoll nbd-server --poll-max-ns 32768 --poll-policy qemu10",
+                "250 (250–250)",
+                "1.00",
+                "0.50",
+                "—"
+            ]
+        );
+        assert_eq!(
+            cells(7),
+            [
                 "AIO_BACKEND=epoll nbd-server --poll-max-ns 32768 --poll-weight 2",
                 "1 000 (1 000–1 000)",
                 "4.00",
-                "2.00"
+                "2.00",
+                "—"
             ]
         );
-        assert_eq!(cells(6), ["qemu-nbd", "250 (100–400)", "—", "—"]);
+        assert_eq!(cells(8), ["qemu-nbd", "250 (100–400)", "—", "—", "—"]);
+    }
+
+    #[test]
+    fn task_engine_rows_race_their_callback_twins() {
+        let result = result([
+            vec![200.0],
+            vec![300.0, 100.0, 250.0],
+            vec![400.0],
+            vec![500.0],
+            vec![450.0],
+            vec![1.0],
+            vec![1.0],
+            vec![1.0],
+            vec![250.0],
+        ]);
+        let rows = rows(&[result]);
+        let cells = |i: usize| rows[i][1..].to_vec();
+        // Polling off: 250 / 200; vs polling off compares within the task engine (none).
+        assert_eq!(
+            cells(1),
+            [
+                "nbd-server --engine tasks (polling off)",
+                "250 (100–300)",
+                "1.00",
+                "—",
+                "1.25"
+            ]
+        );
+        // Weighted: 450 / 500; its polling-off twin is the task engine's (450 / 250).
+        assert_eq!(
+            cells(4),
+            [
+                "nbd-server --engine tasks --poll-max-ns 32768 --poll-weight 2",
+                "450 (450–450)",
+                "1.80",
+                "1.80",
+                "0.90"
+            ]
+        );
+        // Every server runs with an explicit engine; only the task rows name it.
+        let servers = Servers {
+            ours: PathBuf::from("nbd-server"),
+            image: PathBuf::from("image.raw"),
+            socket: PathBuf::from("nbd.sock"),
+            pid_file: PathBuf::from("qemu-nbd.pid"),
+        };
+        for (i, &which) in SERVERS.iter().enumerate() {
+            let cmd = servers.command(which).to_string();
+            let label = Servers::label(which);
+            match which {
+                Which::Ours(_, _, Engine::Tasks) => {
+                    assert!(cmd.contains("--engine tasks"), "{cmd}");
+                    assert!(label.contains("--engine tasks"), "{label}");
+                    assert_ne!(rows[i][5], "—", "{label}");
+                }
+                Which::Ours(_, _, Engine::Callbacks) => {
+                    assert!(cmd.contains("--engine callbacks"), "{cmd}");
+                    assert!(!label.contains("--engine"), "{label}");
+                    assert_eq!(rows[i][5], "—", "{label}");
+                }
+                Which::QemuNbd => assert!(!cmd.contains("--engine"), "{cmd}"),
+            }
+        }
+        let tasks = SERVERS
+            .iter()
+            .filter(|w| matches!(w, Which::Ours(Backend::Default, _, Engine::Tasks)))
+            .count();
+        assert_eq!(tasks, 2, "polling off and weighted, on the default backend");
     }
 
     #[test]

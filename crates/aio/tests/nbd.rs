@@ -2071,6 +2071,13 @@ fn idle_server_stops_on_sigterm_and_bad_command_lines_exit_2() {
             image.clone(),
         ],
         vec!["--tcp".into(), "host:port".into(), image.clone()],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--engine".into(),
+            "coroutines".into(),
+            image.clone(),
+        ],
         vec!["--tcp".into(), "127.0.0.1:0".into(), image.clone(), image],
     ] {
         let out = Command::new(bin).args(&args).output().unwrap();
@@ -2104,6 +2111,7 @@ fn help_and_version_print_on_stdout_and_exit_0() {
             "--poll-weight",
             "--poll-grow",
             "--poll-shrink",
+            "--engine",
             "AIO_POLL_MAX_NS",
             "LISTEN_FDS",
         ] {
@@ -2295,6 +2303,21 @@ fn idle_timeout_closes_silent_clients_only() {
     thread::sleep(Duration::from_millis(1500));
     assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
     c.disconnect().unwrap();
+}
+
+#[test]
+fn callbacks_is_the_default_engine_and_the_ready_line_names_the_engine() {
+    // (Every server a test starts is checked to name the engine it was given.)
+    let f = fixture("engine-default", MIB, |c| c.default_engine());
+    let ready = ready_line(&f.srv);
+    assert!(ready.ends_with(" bytes, engine callbacks)"), "{ready}");
+    f.assert_serves();
+    let f = fixture("engine-tasks", MIB, |c| {
+        c.default_engine().args_extra(&["--engine", "tasks"])
+    });
+    let ready = ready_line(&f.srv);
+    assert!(ready.ends_with(" bytes, engine tasks)"), "{ready}");
+    f.assert_serves();
 }
 
 /// The environment variable that overrides `--poll-max-ns` (the facade's `POLL_MAX_NS_ENV`).
@@ -2806,4 +2829,135 @@ fn client_agrees_with_qemu_nbd() {
     seen.sort_unstable();
     assert_eq!(seen, (0..64).collect::<Vec<_>>());
     c.disconnect().unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The task engine. Every test above runs the default engine (`--engine callbacks`); this module
+// runs each case again, under its own name, with `--engine tasks`. A new test belongs in the
+// list (`every_case_runs_under_both_engines` checks it), unless it serves no connection.
+// ---------------------------------------------------------------------------------------------
+
+/// Tests that start no server that serves a client: nothing an engine changes.
+const ENGINE_INDEPENDENT: &[&str] = &[
+    "callbacks_is_the_default_engine_and_the_ready_line_names_the_engine",
+    "bad_poll_options_exit_2_with_a_message",
+    "help_and_version_print_on_stdout_and_exit_0",
+];
+
+macro_rules! under_the_task_engine {
+    ($($case:ident),* $(,)?) => {
+        /// Every case of this file, with `--engine tasks`.
+        mod tasks_engine {
+            $(
+                #[test]
+                fn $case() {
+                    super::support::server::with_engine("tasks", super::$case);
+                }
+            )*
+        }
+
+        /// The cases [`tasks_engine`] runs.
+        const TASK_ENGINE_CASES: &[&str] = &[$(stringify!($case)),*];
+    };
+}
+
+under_the_task_engine! {
+    greeting_offers_fixed_newstyle_and_no_zeroes,
+    unknown_client_flags_close_the_connection,
+    export_name_option_enters_transmission,
+    export_name_option_with_unknown_name_closes,
+    abort_is_acked_then_closed,
+    list_names_the_export_then_acks,
+    list_with_data_is_err_invalid,
+    info_reports_export_and_block_size_then_go_works,
+    block_size_is_sent_only_when_requested,
+    go_ignores_unknown_info_requests,
+    go_reports_block_sizes,
+    unknown_export_name_is_err_unknown_and_the_session_continues,
+    malformed_info_and_go_data_is_err_invalid,
+    meta_context_options_are_validated_and_select_nothing,
+    unknown_option_is_err_unsup_and_the_session_continues,
+    oversized_option_is_err_too_big_and_the_session_continues,
+    abort_with_oversized_data_is_acked_then_closed,
+    replies_owed_before_a_bad_option_magic_are_sent_then_the_connection_closes,
+    bad_option_magic_closes,
+    structured_reply_option_is_acked_and_rejects_data,
+    round_trip_unix_simple,
+    round_trip_unix_structured,
+    round_trip_tcp_simple,
+    round_trip_tcp_structured,
+    both_listeners_serve_the_same_export,
+    simple_replies_carry_the_cookie_and_the_data,
+    structured_replies_have_the_specified_chunks,
+    pipelined_64_requests_are_matched_by_cookie_simple,
+    pipelined_64_requests_are_matched_by_cookie_structured,
+    pipelining_deeper_than_the_server_admits_at_once,
+    half_closed_client_still_gets_its_replies,
+    read_longer_than_the_maximum_is_einval,
+    trim_and_write_zeroes_are_not_limited_by_the_payload_maximum,
+    write_longer_than_the_maximum_is_einval_and_its_payload_discarded,
+    access_past_the_end_is_einval_or_enospc,
+    read_only_export_refuses_writes_with_eperm,
+    unknown_command_types_are_einval,
+    unknown_command_flags_are_einval,
+    a_refused_write_is_answered_only_after_its_whole_payload,
+    no_hole_is_einval_except_on_write_zeroes,
+    replies_owed_before_a_bad_request_magic_are_sent_then_the_connection_closes,
+    bad_request_magic_closes,
+    disc_closes_after_answering_earlier_requests,
+    abrupt_disconnects_leave_the_server_serving,
+    garbage_is_closed_not_served,
+    stuck_clients_do_not_block_others,
+    a_thousand_connections_leak_no_fds_and_little_memory,
+    a_client_that_never_reads_its_replies_cannot_grow_server_memory,
+    write_headers_without_payload_do_not_reserve_memory,
+    a_large_write_arriving_in_pieces_is_written_whole,
+    three_contexts_serve_six_concurrent_clients,
+    sigterm_answers_requests_in_flight_then_exits,
+    sigint_answers_requests_in_flight_on_three_contexts_then_exits,
+    sigterm_answers_every_request_the_server_has_read,
+    a_second_signal_exits_at_once,
+    idle_server_stops_on_sigterm_and_bad_command_lines_exit_2,
+    tcp_port_0_is_reported_in_the_ready_line,
+    tcp_without_a_port_listens_on_10809,
+    shared_limits_the_clients_served_at_once,
+    once_exits_when_the_last_client_leaves_and_persistent_does_not,
+    pid_file_holds_the_pid_until_exit,
+    systemd_socket_activation_serves_the_passed_socket,
+    idle_timeout_closes_silent_clients_only,
+    weighted_polling_options_are_applied_and_serve,
+    polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option,
+    qemu_io_over_unix,
+    qemu_io_over_tcp,
+    qemu_io_is_served_with_polling_on_every_context,
+    qemu_io_cannot_write_a_read_only_export,
+    qemu_img_converts_into_and_out_of_the_export,
+    libnbd_gets_the_refusal_of_a_large_write_after_its_upload,
+    client_agrees_with_qemu_nbd,
+}
+
+#[test]
+fn every_case_runs_under_both_engines() {
+    let source = include_str!("nbd.rs");
+    let mut missing = Vec::new();
+    let lines: Vec<&str> = source.lines().collect();
+    for pair in lines.windows(2).filter(|p| p[0] == "#[test]") {
+        let Some(name) = pair[1]
+            .strip_prefix("fn ")
+            .and_then(|l| l.strip_suffix("() {"))
+        else {
+            continue;
+        };
+        if name != "every_case_runs_under_both_engines"
+            && !TASK_ENGINE_CASES.contains(&name)
+            && !ENGINE_INDEPENDENT.contains(&name)
+        {
+            missing.push(name);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "tests not run under --engine tasks (add them to under_the_task_engine!): {missing:?}"
+    );
+    assert!(TASK_ENGINE_CASES.len() >= 70, "{}", TASK_ENGINE_CASES.len());
 }

@@ -9,15 +9,16 @@
 //!
 //! Flow control, so that one client can neither stall the others nor grow memory without
 //! bound:
-//! * The socket is read only while the connection has fewer than [`MAX_IN_FLIGHT`] requests,
-//!   less than [`MAX_PENDING_BYTES`] of payload in flight or waiting to be sent, and less than
-//!   [`MAX_BACKLOG`] of replies waiting to be sent; a client that does not read its replies
-//!   soon stops being read, in the handshake too.
+//! * The socket is read only while the connection has fewer than `MAX_IN_FLIGHT` requests,
+//!   less than `MAX_PENDING_BYTES` of payload in flight or waiting to be sent, and less than
+//!   `MAX_BACKLOG` of replies waiting to be sent (the limits are in `session.rs`, which both
+//!   engines share); a client that does not read its replies soon stops being read, in the
+//!   handshake too.
 //! * A write's payload goes straight into the request's own buffer as it arrives, so memory
 //!   grows only with the bytes a client actually sends, and is not copied again.
 //! * A reply is written as soon as it is complete; whatever the socket does not take waits in
 //!   the connection's output buffer, and only then is the handler watching for writability.
-//! * A client gets [`HANDSHAKE_LIMIT`] to finish the handshake; with `--idle-timeout`, a
+//! * A client gets `HANDSHAKE_LIMIT` to finish the handshake; with `--idle-timeout`, a
 //!   client in the transmission phase that moves no byte in either direction for that long,
 //!   with no request of its own on the pool, is closed.
 //!
@@ -27,7 +28,7 @@
 //! * A protocol violation (bad magic, flags or export name) stops reading and acting on the
 //!   client's bytes, but the replies already owed (option replies, replies to requests that
 //!   were read before the violation and are on the pool) are still sent; then the connection
-//!   closes, or after [`LINGER`] if the client does not take them.
+//!   closes, or after `LINGER` if the client does not take them.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -43,26 +44,14 @@ use std::time::{Duration, Instant};
 use aio::{AioContext, ClockType, FdHandler, Scale, ThreadPool, Timer};
 
 use crate::ClientSlot;
+use crate::conn_task;
 use crate::export::Export;
 use crate::protocol::*;
+use crate::session::{
+    self, Action, Expired, HANDSHAKE_LIMIT, Handshake, LINGER, Opted, READ_BUDGET, READ_CHUNK,
+    Timing,
+};
 
-/// Requests a connection may have on the thread pool before its socket stops being read.
-pub const MAX_IN_FLIGHT: usize = 128;
-/// Bytes of read and write payload in flight plus replies not yet sent, above which the
-/// socket stops being read. One request of up to [`MAX_PAYLOAD`] is always admitted.
-pub const MAX_PENDING_BYTES: usize = 64 << 20;
-/// Replies waiting to be sent, above which no further request or option is acted on.
-pub const MAX_BACKLOG: usize = 16 << 20;
-/// How long a client may take from connecting to entering the transmission phase.
-pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
-/// How long a connection closing after a protocol violation waits for the client to take the
-/// replies it is owed.
-pub const LINGER: Duration = Duration::from_secs(10);
-/// How much a read callback takes from the socket before yielding to the other handlers
-/// (the handler is level-triggered, so the rest is read on the next iteration).
-const READ_BUDGET: usize = 1 << 20;
-/// The read buffer's size; it grows only to hold the largest option (64 KiB of data).
-const READ_CHUNK: usize = 64 << 10;
 /// Connection ids, unique in the process (for logs).
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -74,21 +63,21 @@ pub enum Socket {
 }
 
 impl Socket {
-    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    pub(crate) fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Socket::Tcp(s) => (&*s).read(buf),
             Socket::Unix(s) => (&*s).read(buf),
         }
     }
 
-    fn write(&self, buf: &[u8]) -> io::Result<usize> {
+    pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Socket::Tcp(s) => (&*s).write(buf),
             Socket::Unix(s) => (&*s).write(buf),
         }
     }
 
-    fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         // The peer may be gone already; there is nothing to do about an error here.
         let _ = match self {
             Socket::Tcp(s) => s.shutdown(Shutdown::Both),
@@ -113,13 +102,60 @@ pub struct Settings {
     pub verbose: bool,
     /// Close a client in the transmission phase after this long without traffic (`None`: never).
     pub idle_timeout: Option<Duration>,
+    /// How connections are served.
+    pub engine: Engine,
+}
+
+/// How a connection is served (`--engine`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Engine {
+    /// A level-triggered fd handler and a state machine, completions as callbacks (this file).
+    #[default]
+    Callbacks,
+    /// One task per connection and one per request, as QEMU's coroutines (`conn_task.rs`).
+    Tasks,
+}
+
+/// A connection of either engine, as its [`Shard`] sees it.
+pub trait Served {
+    /// Shutdown: read no further request; serve those read, then close.
+    fn drain(&self, ctx: &AioContext);
+    /// The shutdown grace period is over: close now.
+    fn force_close(&self, ctx: &AioContext);
+    /// The connection's timer fired (the callback engine's; the task engine has its own).
+    fn on_timer(&self, _ctx: &AioContext) {}
+}
+
+impl Served for RefCell<Conn> {
+    fn drain(&self, ctx: &AioContext) {
+        let mut c = self.borrow_mut();
+        // Requests already read are still served; the socket is not read again.
+        c.read_done = true;
+        c.update(ctx);
+    }
+
+    fn force_close(&self, ctx: &AioContext) {
+        let mut c = self.borrow_mut();
+        if c.sock.is_some() {
+            eprintln!(
+                "nbd-server: connection {}: closed at the end of the shutdown grace period",
+                c.id
+            );
+        }
+        c.abort();
+        c.update(ctx);
+    }
+
+    fn on_timer(&self, ctx: &AioContext) {
+        self.borrow_mut().on_timer(ctx);
+    }
 }
 
 /// Per-context server state, one per context (an [`AioContext::local`]): the connections the
 /// context serves, and whether the server is shutting down.
 #[derive(Default)]
 pub struct Shard {
-    conns: RefCell<HashMap<u64, Rc<RefCell<Conn>>>>,
+    conns: RefCell<HashMap<u64, Rc<dyn Served>>>,
     draining: Cell<bool>,
     /// Closes whatever is still open when the shutdown grace period ends.
     grace: RefCell<Option<Timer>>,
@@ -156,6 +192,10 @@ impl Shard {
             // Accepted just before the listener closed: the client gets a closed socket.
             return;
         }
+        if settings.engine == Engine::Tasks {
+            conn_task::start(ctx, id, sock, export, settings, slot, &shard);
+            return;
+        }
         let conn = Rc::new(RefCell::new(Conn {
             id,
             sock: Some(sock),
@@ -175,8 +215,7 @@ impl Shard {
             out_pos: 0,
             in_flight: 0,
             pending_bytes: 0,
-            framing: Framing::Simple,
-            no_zeroes: false,
+            hs: Handshake::default(),
             closing: false,
             read_done: false,
             timer: None,
@@ -202,7 +241,7 @@ impl Shard {
         if c.verbose {
             eprintln!("nbd-server: connection {id}: accepted");
         }
-        shard.conns.borrow_mut().insert(id, conn.clone());
+        shard.insert(id, conn.clone());
         c.flush();
         c.update(ctx);
     }
@@ -210,7 +249,7 @@ impl Shard {
     fn timer_fired(&self, ctx: &AioContext, id: u64) {
         let conn = self.conns.borrow().get(&id).cloned();
         if let Some(conn) = conn {
-            conn.borrow_mut().on_timer(ctx);
+            conn.on_timer(ctx);
         }
     }
 
@@ -221,10 +260,7 @@ impl Shard {
         shard.draining.set(true);
         let conns: Vec<_> = shard.conns.borrow().values().cloned().collect();
         for conn in conns {
-            let mut c = conn.borrow_mut();
-            // Requests already read are still served; the socket is not read again.
-            c.read_done = true;
-            c.update(ctx);
+            conn.drain(ctx);
         }
         if !shard.conns.borrow().is_empty() {
             let timer = ctx.timer(ClockType::Realtime, Scale::NS, move || {
@@ -240,19 +276,17 @@ impl Shard {
     fn force_close(&self, ctx: &AioContext) {
         let conns: Vec<_> = self.conns.borrow().values().cloned().collect();
         for conn in conns {
-            let mut c = conn.borrow_mut();
-            if c.sock.is_some() {
-                eprintln!(
-                    "nbd-server: connection {}: closed at the end of the shutdown grace period",
-                    c.id
-                );
-            }
-            c.abort();
-            c.update(ctx);
+            conn.force_close(ctx);
         }
     }
 
-    fn remove(&self, id: u64) {
+    /// Adds connection `id`, which the shard holds until [`remove`](Self::remove).
+    pub fn insert(&self, id: u64, conn: Rc<dyn Served>) {
+        self.conns.borrow_mut().insert(id, conn);
+    }
+
+    /// Connection `id` has closed and has nothing in flight.
+    pub fn remove(&self, id: u64) {
         // The Rc taken out may be the last one; drop it after the borrow of the table ends,
         // since dropping a connection can drop its handler and timer.
         let conn = self.conns.borrow_mut().remove(&id);
@@ -301,8 +335,8 @@ pub struct Conn {
     in_flight: usize,
     /// Payload bytes of the requests in flight.
     pending_bytes: usize,
-    framing: Framing,
-    no_zeroes: bool,
+    /// Structured replies, no zeroes: what the handshake settled.
+    hs: Handshake,
     /// Nothing more is acted on, not even what is buffered; the connection closes once its
     /// requests in flight are answered (DISC, ABORT, a fatal error).
     closing: bool,
@@ -414,9 +448,7 @@ impl Conn {
     /// admitted when nothing is in flight and nothing waits to be sent.
     fn is_full(&self) -> bool {
         let backlog = self.out.len() - self.out_pos;
-        self.in_flight >= MAX_IN_FLIGHT
-            || backlog >= MAX_BACKLOG
-            || (self.in_flight > 0 && self.pending_bytes + backlog >= MAX_PENDING_BYTES)
+        session::is_full(self.in_flight, self.pending_bytes, backlog)
     }
 
     /// Makes sure at least some room follows `in_end`, and enough for the message being
@@ -498,16 +530,13 @@ impl Conn {
         if head.len() < 4 {
             return 0;
         }
-        let flags = be32(head);
-        if flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
-            || flags & CLIENT_FIXED_NEWSTYLE == 0
-        {
-            // The protocol says to drop a client whose flags we do not understand; a client
-            // that does not speak the fixed newstyle could not understand our errors anyway.
-            self.fail(&format!("unsupported client flags {flags:#x}, closing"));
-            return 0;
+        match session::client_flags(be32(head)) {
+            Ok(no_zeroes) => self.hs.no_zeroes = no_zeroes,
+            Err(why) => {
+                self.fail(&why);
+                return 0;
+            }
         }
-        self.no_zeroes = flags & CLIENT_NO_ZEROES != 0;
         self.phase = Phase::Options;
         4
     }
@@ -523,20 +552,13 @@ impl Conn {
             return 0;
         };
         if len > MAX_OPTION_LEN {
-            if option == OPT_EXPORT_NAME {
-                // NBD_OPT_EXPORT_NAME has no error reply: closing is the only answer.
-                self.fail("NBD_OPT_EXPORT_NAME with an over-long name, closing");
-                return 0;
+            match session::oversized_option(option) {
+                Ok((reply, close)) => self.discard_then(u64::from(len), reply, close),
+                Err(why) => {
+                    self.fail(why);
+                    return 0;
+                }
             }
-            let mut reply = Vec::new();
-            if option == OPT_ABORT {
-                // The protocol: ABORT is always acknowledged, its data ignored; then the
-                // session ends.
-                option_reply(&mut reply, option, REP_ACK, &[]);
-            } else {
-                option_reply(&mut reply, option, REP_ERR_TOO_BIG, b"option data too long");
-            }
-            self.discard_then(u64::from(len), reply, option == OPT_ABORT);
             return OPTION_HEADER_LEN;
         }
         let total = OPTION_HEADER_LEN + len as usize;
@@ -552,79 +574,11 @@ impl Conn {
     }
 
     fn handle_option(&mut self, option: u32, data: &[u8]) {
-        let export = self.export.clone();
-        let out = &mut self.out;
-        match option {
-            OPT_EXPORT_NAME => {
-                if data != export.name.as_bytes() {
-                    self.fail("NBD_OPT_EXPORT_NAME for an unknown export, closing");
-                    return;
-                }
-                out.extend_from_slice(&export.size.to_be_bytes());
-                out.extend_from_slice(&export.transmission_flags().to_be_bytes());
-                if !self.no_zeroes {
-                    out.extend_from_slice(&[0; 124]);
-                }
-                self.enter_transmission();
-            }
-            OPT_ABORT => {
-                option_reply(out, option, REP_ACK, &[]);
-                self.closing = true;
-            }
-            OPT_LIST if !data.is_empty() => {
-                option_reply(out, option, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data");
-            }
-            OPT_LIST => {
-                let mut entry = (export.name.len() as u32).to_be_bytes().to_vec();
-                entry.extend_from_slice(export.name.as_bytes());
-                option_reply(out, option, REP_SERVER, &entry);
-                option_reply(out, option, REP_ACK, &[]);
-            }
-            OPT_INFO | OPT_GO => match parse_info_request(data) {
-                None => option_reply(out, option, REP_ERR_INVALID, b"malformed request"),
-                Some((name, _)) if name != export.name.as_bytes() => {
-                    option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
-                }
-                Some((_, items)) => {
-                    let mut info = INFO_EXPORT.to_be_bytes().to_vec();
-                    info.extend_from_slice(&export.size.to_be_bytes());
-                    info.extend_from_slice(&export.transmission_flags().to_be_bytes());
-                    option_reply(out, option, REP_INFO, &info);
-                    if items.contains(&INFO_BLOCK_SIZE) {
-                        let mut info = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                        for size in [MIN_BLOCK, PREFERRED_BLOCK, MAX_PAYLOAD] {
-                            info.extend_from_slice(&size.to_be_bytes());
-                        }
-                        option_reply(out, option, REP_INFO, &info);
-                    }
-                    option_reply(out, option, REP_ACK, &[]);
-                    if option == OPT_GO {
-                        self.enter_transmission();
-                    }
-                }
-            },
-            OPT_STRUCTURED_REPLY if !data.is_empty() => {
-                let msg = b"NBD_OPT_STRUCTURED_REPLY takes no data";
-                option_reply(out, option, REP_ERR_INVALID, msg);
-            }
-            OPT_STRUCTURED_REPLY => {
-                self.framing = Framing::Structured;
-                option_reply(out, option, REP_ACK, &[]);
-            }
-            OPT_SET_META_CONTEXT if self.framing != Framing::Structured => {
-                let msg = b"meta contexts need structured replies";
-                option_reply(out, option, REP_ERR_INVALID, msg);
-            }
-            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => match parse_meta_request(data) {
-                None => option_reply(out, option, REP_ERR_INVALID, b"malformed request"),
-                Some(name) if name != export.name.as_bytes() => {
-                    option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
-                }
-                // We offer no metadata context (no block status), so whatever was asked
-                // for, the answer is the empty list.
-                Some(_) => option_reply(out, option, REP_ACK, &[]),
-            },
-            _ => option_reply(out, option, REP_ERR_UNSUP, b"option not supported"),
+        match session::handle_option(&self.export, &mut self.hs, option, data, &mut self.out) {
+            Opted::Continue => {}
+            Opted::Transmission => self.enter_transmission(),
+            Opted::Abort => self.closing = true,
+            Opted::Fail(why) => self.fail(why),
         }
     }
 
@@ -637,13 +591,7 @@ impl Conn {
             }
         }
         self.touch();
-        self.log(&format!(
-            "transmission phase, {} replies",
-            match self.framing {
-                Framing::Simple => "simple",
-                Framing::Structured => "structured",
-            }
-        ));
+        self.log(&session::transmission_log(self.hs.framing));
     }
 
     /// Handles one request whose header is complete; returns the bytes consumed (0: a write
@@ -655,80 +603,48 @@ impl Conn {
             self.fail("bad request magic, closing");
             return 0;
         };
-        if req.kind == CMD_DISC {
-            self.log("NBD_CMD_DISC");
-            self.closing = true;
-            // The replies still owed go out; a client that never takes them is not waited
-            // for forever.
-            if let Some(timer) = &self.timer {
-                timer.arm_after(LINGER);
+        match session::classify(&self.export, &req) {
+            Action::Disconnect => {
+                self.log("NBD_CMD_DISC");
+                self.closing = true;
+                // The replies still owed go out; a client that never takes them is not
+                // waited for forever.
+                if let Some(timer) = &self.timer {
+                    timer.arm_after(LINGER);
+                }
+                REQUEST_LEN
             }
-            return REQUEST_LEN;
-        }
-        let payload = if req.kind == CMD_WRITE {
-            u64::from(req.length)
-        } else {
-            0
-        };
-        if let Err(errno) = self.check(&req) {
-            // A refused write's payload is read and dropped first, whatever its length (even
-            // over MAX_PAYLOAD: it streams through the read buffer), then the error goes out.
-            let mut reply = Vec::new();
-            self.framing.status_reply(&mut reply, req.cookie, errno);
-            self.discard_then(payload, reply, false);
-            return REQUEST_LEN;
-        }
-        if req.kind == CMD_READ && req.length == 0 {
-            // Nothing to read, and a structured reply may not carry an empty data chunk.
-            self.framing.status_reply(&mut self.out, req.cookie, 0);
-            self.shard.requests.set(self.shard.requests.get() + 1);
-            return REQUEST_LEN;
-        }
-        if req.kind != CMD_WRITE {
-            self.submit(req, None);
-            return REQUEST_LEN;
-        }
-        let total = REQUEST_LEN + payload as usize;
-        if head.len() >= total {
-            // The whole payload came with the header (small writes): one copy, into the
-            // buffer the pool's pwrite takes.
-            let data = head[REQUEST_LEN..total].to_vec();
-            self.submit(req, Some(data));
-            return total;
-        }
-        // The rest of the payload is read straight into the request's buffer. Reserving its
-        // capacity touches no page; memory is used only as the bytes arrive.
-        let mut data = Vec::with_capacity(payload as usize);
-        data.extend_from_slice(&head[REQUEST_LEN..]);
-        self.payload = Some((req, data));
-        head.len()
-    }
-
-    /// Validates a request against the export; `Err` carries the NBD error to reply with.
-    fn check(&self, req: &Request) -> Result<(), u32> {
-        let export = &self.export;
-        // NO_HOLE means something only to WRITE_ZEROES; the protocol asks for EINVAL elsewhere.
-        let flags = match req.kind {
-            CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-            _ => CMD_FLAG_FUA,
-        };
-        if req.flags & !flags != 0 {
-            return Err(EINVAL);
-        }
-        let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
-        if writes && export.read_only {
-            return Err(EPERM);
-        }
-        let in_range = req
-            .offset
-            .checked_add(u64::from(req.length))
-            .is_some_and(|end| end <= export.size);
-        match req.kind {
-            CMD_READ | CMD_WRITE if req.length > MAX_PAYLOAD => Err(EINVAL),
-            CMD_READ | CMD_TRIM if !in_range => Err(EINVAL),
-            CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err(ENOSPC),
-            CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH => Ok(()),
-            _ => Err(EINVAL),
+            Action::Refuse { errno, discard } => {
+                let reply = session::status(self.hs.framing, req.cookie, errno);
+                self.discard_then(discard, reply, false);
+                REQUEST_LEN
+            }
+            Action::Empty => {
+                self.send(session::status(self.hs.framing, req.cookie, 0));
+                self.shard.requests.set(self.shard.requests.get() + 1);
+                REQUEST_LEN
+            }
+            Action::Run if req.kind != CMD_WRITE => {
+                self.submit(req, None);
+                REQUEST_LEN
+            }
+            Action::Run => {
+                let total = REQUEST_LEN + req.length as usize;
+                if head.len() >= total {
+                    // The whole payload came with the header (small writes): one copy, into
+                    // the buffer the pool's pwrite takes.
+                    let data = head[REQUEST_LEN..total].to_vec();
+                    self.submit(req, Some(data));
+                    return total;
+                }
+                // The rest of the payload is read straight into the request's buffer.
+                // Reserving its capacity touches no page; memory is used only as the bytes
+                // arrive.
+                let mut data = Vec::with_capacity(req.length as usize);
+                data.extend_from_slice(&head[REQUEST_LEN..]);
+                self.payload = Some((req, data));
+                head.len()
+            }
         }
     }
 
@@ -764,34 +680,26 @@ impl Conn {
         if self.sock.is_none() {
             return;
         }
-        let id = self.id;
-        if self.closing {
-            eprintln!("nbd-server: connection {id}: last replies not taken in time, closing");
-        } else if self.phase != Phase::Transmission {
-            eprintln!("nbd-server: connection {id}: handshake not finished in time, closing");
-        } else if let Some(limit) = self.idle_timeout {
-            let idle = self.last_active.elapsed();
-            if self.in_flight > 0 || idle < limit {
-                // Requests on the pool are the server's own slowness, not the client's.
-                let left = if self.in_flight > 0 {
-                    limit
-                } else {
-                    limit - idle
-                };
-                if let Some(timer) = &self.timer {
-                    timer.arm_after(left);
-                }
-                return;
+        let timing = Timing {
+            closing: self.closing,
+            transmission: self.phase == Phase::Transmission,
+            idle_timeout: self.idle_timeout,
+            in_flight: self.in_flight,
+            last_active: self.last_active,
+        };
+        match session::expired(self.id, timing) {
+            Expired::Close(line) => {
+                eprintln!("{line}");
+                self.abort();
+                self.update(ctx);
             }
-            eprintln!(
-                "nbd-server: connection {id}: idle for {} s (--idle-timeout), closing",
-                limit.as_secs_f64()
-            );
-        } else {
-            return;
+            Expired::Rearm(after) => {
+                if let Some(timer) = &self.timer {
+                    timer.arm_after(after);
+                }
+            }
+            Expired::Nothing => {}
         }
-        self.abort();
-        self.update(ctx);
     }
 
     /// Notes that a byte moved on the socket, for the idle timeout.
@@ -803,77 +711,34 @@ impl Conn {
 
     /// Runs a valid request on the thread pool; its completion sends the reply.
     fn submit(&mut self, req: Request, data: Option<Vec<u8>>) {
-        let export = self.export.clone();
         let conn = self
             .weak
             .upgrade()
             .expect("a connection being served is alive");
-        let len = req.length as usize;
         self.in_flight += 1;
-        self.pending_bytes += if matches!(req.kind, CMD_READ | CMD_WRITE) {
-            len
-        } else {
-            0
-        };
-        let fua = req.flags & CMD_FLAG_FUA != 0;
-        if req.kind == CMD_READ {
-            let prefix = self.framing.read_prefix();
-            self.pool.submit_with(
-                move || {
-                    let mut buf = vec![0u8; prefix + len];
-                    export.read_into(&mut buf, prefix, req.offset).map(|()| buf)
-                },
-                move |r| {
-                    let r = r.unwrap_or_else(|_| Err(pool_failed()));
-                    Conn::completed(&conn, req, r);
-                },
-            );
-            return;
-        }
-        let work = move || match req.kind {
-            CMD_WRITE => export.write(&data.unwrap_or_default(), req.offset, fua),
-            CMD_FLUSH => export.flush(),
-            CMD_TRIM => export.trim(req.offset, req.length, fua),
-            CMD_WRITE_ZEROES => {
-                let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
-                export.write_zeroes(req.offset, req.length, no_hole, fua)
-            }
-            _ => unreachable!("check() admits only these commands"),
-        };
-        self.pool.submit_with(work, move |r| {
-            let r = r.unwrap_or_else(|_| Err(pool_failed()));
-            Conn::completed(&conn, req, r.map(|()| Vec::new()));
-        });
+        self.pending_bytes += session::payload_bytes(&req);
+        let work = session::work(
+            self.export.clone(),
+            req,
+            data,
+            self.hs.framing.read_prefix(),
+        );
+        self.pool
+            .submit_with(work, move |r| Conn::completed(&conn, req, r));
     }
 
     /// A request's completion, on the context's thread: queue its reply and send.
-    fn completed(conn: &Rc<RefCell<Conn>>, req: Request, result: io::Result<Vec<u8>>) {
+    fn completed(
+        conn: &Rc<RefCell<Conn>>,
+        req: Request,
+        result: Result<io::Result<Vec<u8>>, aio::threadpool::Error>,
+    ) {
         let mut c = conn.borrow_mut();
         c.in_flight -= 1;
-        if matches!(req.kind, CMD_READ | CMD_WRITE) {
-            c.pending_bytes -= req.length as usize;
-        }
+        c.pending_bytes -= session::payload_bytes(&req);
         if c.sock.is_some() {
-            match result {
-                Ok(mut buf) if req.kind == CMD_READ => {
-                    let framing = c.framing;
-                    framing.write_read_prefix(&mut buf, req.cookie, req.offset, req.length);
-                    c.send(buf);
-                }
-                Ok(_) => {
-                    let c = &mut *c;
-                    c.framing.status_reply(&mut c.out, req.cookie, 0);
-                    c.flush();
-                }
-                Err(e) => {
-                    // A failure of the image file is the server's problem, not the client's:
-                    // always worth a line.
-                    eprintln!("nbd-server: connection {}: {req:?} failed: {e}", c.id);
-                    let c = &mut *c;
-                    c.framing.status_reply(&mut c.out, req.cookie, errno_of(&e));
-                    c.flush();
-                }
-            }
+            let reply = session::reply(c.hs.framing, c.id, &req, result);
+            c.send(reply);
             // Room may have opened up for requests that are already buffered.
             if c.in_end > c.in_start {
                 c.process();
@@ -1024,9 +889,4 @@ impl Conn {
             eprintln!("nbd-server: connection {}: {what}", self.id);
         }
     }
-}
-
-/// The error for a request the pool could not run (cancelled or panicked): an I/O error.
-fn pool_failed() -> io::Error {
-    io::Error::other("the thread pool did not run the request")
 }

@@ -9,7 +9,9 @@
 //! This file owns the process: the command line, the contexts and their threads, the
 //! listeners (bound here or passed by systemd), the count of clients, the pid file, and
 //! shutdown on SIGINT/SIGTERM or when the last client leaves. The protocol is in `protocol.rs`, a client's
-//! life in `connection.rs`, the image file in `export.rs`.
+//! life in `connection.rs` (the callback engine, and each context's table of connections) or
+//! `conn_task.rs` (the task engine), what both engines decide alike in `session.rs`, the image
+//! file in `export.rs`.
 //!
 //! * **Threads.** `--contexts N` runs N contexts: this thread's, which also owns the
 //!   listeners and the signals, and N-1 I/O threads, each polling its own context. Accepted
@@ -29,16 +31,23 @@
 //!   has read, lets the requests in flight complete and their replies go out, and closes its
 //!   connections, or closes them anyway after [`GRACE`]. The process exits 0. A second signal
 //!   exits at once, with status 1.
-//! * **Limits.** See `connection.rs`: at most 32 MiB per request; per connection, 128 requests
-//!   and 64 MiB in flight and 16 MiB of unsent replies before its socket stops being read; 10 s
-//!   for the handshake; `--idle-timeout` after it.
+//! * **Engines.** `--engine callbacks` (the default) serves a connection from a level-triggered
+//!   fd handler with a state machine, and takes completions as callbacks; `--engine tasks`
+//!   runs each connection as a task that reads requests and spawns a task per request, which
+//!   awaits the pool and writes its reply under a send lock (QEMU's coroutines). Both behave
+//!   the same on the wire.
+//! * **Limits.** See `session.rs` and `connection.rs`: at most 32 MiB per request; per
+//!   connection, 128 requests and 64 MiB in flight and 16 MiB of unsent replies before its
+//!   socket stops being read; 10 s for the handshake; `--idle-timeout` after it.
 //! * **Socket activation.** When `LISTEN_PID` is this process and `LISTEN_FDS` is N, fds 3 to
 //!   N+2 are listening sockets (TCP or Unix) to serve instead of `--tcp`/`--unix`, as systemd
 //!   passes them.
 
+mod conn_task;
 mod connection;
 mod export;
 mod protocol;
+mod session;
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
@@ -57,7 +66,7 @@ use std::time::Duration;
 
 use aio::{AioContext, ClockType, ContextHandle, FdHandler, PollParams, PollPolicy, Scale};
 
-use connection::{Settings, Shard, Socket};
+use connection::{Engine, Settings, Shard, Socket};
 use export::Export;
 
 /// How long shutdown waits for connections to finish their requests before closing them.
@@ -95,6 +104,9 @@ usage: nbd-server [OPTIONS] IMAGE
   --poll-grow G         a growing window is multiplied by G, 0 to 255 (default 0: 2)
   --poll-shrink S       a shrinking window is divided by S, 0 to 255 (default 0: halved, or
                         reset to 0 with qemu10)
+  --engine E            how connections are served: callbacks (the default: an fd handler
+                        and a state machine per connection) or tasks (a task per connection
+                        and per request, as QEMU's nbd/server.c coroutines)
   --verbose             log each connection on stderr
   -h, --help            print this and exit
   -V, --version         print the version and exit
@@ -119,6 +131,8 @@ struct Config {
     /// The adaptive-polling parameters of every context.
     poll: PollParams,
     verbose: bool,
+    /// How connections are served.
+    engine: Engine,
 }
 
 /// What the command line asks for.
@@ -165,6 +179,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         pid_file: None,
         poll: PollParams::disabled(),
         verbose: false,
+        engine: Engine::default(),
     };
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) = (0, None, 0, 0);
@@ -249,6 +264,14 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                 }
             }
             "--verbose" => cfg.verbose = true,
+            "--engine" => {
+                let e = value("callbacks or tasks")?;
+                cfg.engine = match e.as_str() {
+                    "callbacks" => Engine::Callbacks,
+                    "tasks" => Engine::Tasks,
+                    _ => return Err(format!("--engine takes callbacks or tasks, not {e:?}")),
+                };
+            }
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             a if a.starts_with('-') => return Err(format!("unknown option {a}")),
@@ -384,6 +407,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         settings: Settings {
             verbose: cfg.verbose,
             idle_timeout: cfg.idle_timeout,
+            engine: cfg.engine,
         },
         clients: clients.clone(),
         shared: cfg.shared,
@@ -430,7 +454,8 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         }
     }
     println!(
-        "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{})",
+        "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{}, \
+         engine {})",
         addresses.join(", "),
         ctx.backend(),
         cfg.contexts,
@@ -438,7 +463,11 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         polling.join(" / "),
         cfg.name,
         acceptor.export.size,
-        if cfg.read_only { ", read-only" } else { "" }
+        if cfg.read_only { ", read-only" } else { "" },
+        match cfg.engine {
+            Engine::Callbacks => "callbacks",
+            Engine::Tasks => "tasks",
+        }
     );
     io::stdout().flush()?;
 

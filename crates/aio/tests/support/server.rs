@@ -156,6 +156,30 @@ pub struct Config {
     activated: bool,
     /// Environment variables set (`Some`) or removed (`None`) for the server.
     env: Vec<(String, Option<String>)>,
+    /// `--engine`: the [`engine`] of the thread that made the configuration (empty: no
+    /// `--engine`, the server's default).
+    engine: &'static str,
+}
+
+thread_local! {
+    static ENGINE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("callbacks") };
+}
+
+/// The connection engine (`--engine`) of the servers this thread configures from now on:
+/// `callbacks` unless [`with_engine`] says otherwise.
+pub fn engine() -> &'static str {
+    ENGINE.with(|e| e.get())
+}
+
+/// Runs `case` with servers on `engine`, naming the engine if it fails.
+pub fn with_engine(engine: &'static str, case: fn()) {
+    let before = ENGINE.with(|e| e.replace(engine));
+    let outcome = std::panic::catch_unwind(case);
+    ENGINE.with(|e| e.set(before));
+    if let Err(panic) = outcome {
+        eprintln!("(the case above failed with --engine {engine})");
+        std::panic::resume_unwind(panic);
+    }
 }
 
 impl Config {
@@ -173,6 +197,7 @@ impl Config {
             extra: Vec::new(),
             activated: false,
             env: Vec::new(),
+            engine: engine(),
         }
     }
 
@@ -233,6 +258,12 @@ impl Config {
         self
     }
 
+    /// Starts the server without `--engine`, on its default engine.
+    pub fn default_engine(mut self) -> Config {
+        self.engine = "";
+        self
+    }
+
     pub fn verbose(mut self) -> Config {
         self.verbose = true;
         self
@@ -256,6 +287,9 @@ impl Config {
         }
         if self.verbose {
             args.push("--verbose".to_owned());
+        }
+        if !self.engine.is_empty() {
+            args.extend(["--engine".to_owned(), self.engine.to_owned()]);
         }
         args.extend(self.extra.iter().cloned());
         args.push(self.image.display().to_string());
@@ -407,6 +441,10 @@ impl Server {
             } else if let Some(path) = line.strip_prefix("nbd-server: listening on unix ") {
                 server.unix = Some(PathBuf::from(path.trim()));
             } else if line.starts_with("nbd-server: ready") {
+                if !config.engine.is_empty() {
+                    let engine = format!(", engine {})", config.engine);
+                    assert!(line.ends_with(&engine), "not {engine}: {line}");
+                }
                 break;
             }
         }
