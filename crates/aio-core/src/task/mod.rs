@@ -274,18 +274,20 @@ impl Drop for RunningGuard {
     }
 }
 
-/// Puts `future` in `ctx`'s table with a BH that polls it; returns the key. The BH is installed
-/// in the header but not scheduled.
-fn install(ctx: &AioContext, header: Arc<Header>, future: TaskFuture) -> TaskKey {
+/// Puts `future` in `ctx`'s table with a BH that polls it, installs that BH in the header and
+/// schedules it: the task is polled on the context's next BH pass. (Scheduling the BH here,
+/// rather than through the header's waker, saves the header's lock; nobody else can have
+/// scheduled it, since no waker of this task has been polled yet.)
+fn install_and_schedule(ctx: &AioContext, header: Arc<Header>, future: TaskFuture) {
     let task = Rc::new(LocalTask {
         waker: Waker::from(header.clone()),
         header: header.clone(),
         future: RefCell::new(Some(future)),
     });
-    let (key, bh) = ctx.inner.tasks.insert(task, ctx);
+    let (_, bh) = ctx.inner.tasks.insert(task, ctx);
+    bh.schedule();
     let old = lock(&header.sched).bh.replace(bh);
     drop(old);
-    key
 }
 
 /// Polls the task in slot `index` once, from the slot's BH.
@@ -371,8 +373,7 @@ fn arrive(header: Arc<Header>, future: Pin<Box<dyn Future<Output = ()> + Send>>)
     let Some(ctx) = AioContext::current() else {
         return;
     };
-    install(&ctx, header.clone(), TaskFuture::Send(future));
-    header.wake_by_ref();
+    install_and_schedule(&ctx, header, TaskFuture::Send(future));
 }
 
 /// Why a task produced no value.
@@ -661,8 +662,7 @@ impl AioContext {
     }
 
     fn start(&self, header: Arc<Header>, future: TaskFuture) {
-        install(self, header.clone(), future);
-        header.wake_by_ref();
+        install_and_schedule(self, header, future);
     }
 
     /// How many tasks this context holds (spawned and not finished, aborted or moved away).
