@@ -33,12 +33,11 @@ use crate::context::{AioContext, ContextHandle};
 use crate::sync::global::{self, AtomicU64, AtomicUsize};
 use crate::sync::{AtomicBool, AtomicU32, Mutex, Ordering, StdArc as Arc, lock};
 use std::any::Any;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
-use std::rc::Rc;
 use std::task::{Context, Poll, Wake, Waker};
 
 /// Header flag: the task must be dropped instead of polled ([`JoinHandle::abort`]).
@@ -125,13 +124,13 @@ impl TaskFuture {
     }
 }
 
-/// A task as its context's table holds it.
+/// A task as its context's table holds it, in its slot (no allocation of its own).
 struct LocalTask {
     header: Arc<Header>,
-    /// The task's waker, made once.
+    /// The task's waker, made once; a no-op waker stands in while `run` has it out.
     waker: Waker,
-    /// The future; `None` once the task is finished or gone.
-    future: RefCell<Option<TaskFuture>>,
+    /// The future; `None` while `run` has it out to poll it.
+    future: Option<TaskFuture>,
 }
 
 /// Where a task sits in its context's table; a freed slot's generation changes, so a stale
@@ -145,14 +144,16 @@ struct TaskKey {
 #[derive(Default)]
 struct Slot {
     generation: u32,
-    task: Option<Rc<LocalTask>>,
+    task: Option<LocalTask>,
     /// The slot's BH, made for its first task and reused by every later one: it polls
     /// whichever task holds the slot when it runs. Saves a BH (two allocations and a delete
     /// pass) per task.
     bh: Option<Arc<BottomHalf>>,
 }
 
-/// The context's tasks (home thread only): a table with generations and a free list.
+/// The context's tasks (home thread only): a table with generations and a free list. No
+/// borrow of the table is held while a future is polled or dropped: a future may spawn,
+/// abort or wake tasks of the same context.
 #[derive(Default)]
 pub(crate) struct Tasks {
     slots: RefCell<Vec<Slot>>,
@@ -160,8 +161,8 @@ pub(crate) struct Tasks {
 }
 
 impl Tasks {
-    /// Puts `task` in a free slot; returns its key and the slot's BH (made on first use).
-    fn insert(&self, task: Rc<LocalTask>, ctx: &AioContext) -> (TaskKey, Arc<BottomHalf>) {
+    /// Puts `task` in a free slot; returns the slot's BH (made on first use).
+    fn insert(&self, task: LocalTask, ctx: &AioContext) -> Arc<BottomHalf> {
         let mut slots = self.slots.borrow_mut();
         let index = match self.free.borrow_mut().pop() {
             Some(i) => i,
@@ -182,26 +183,61 @@ impl Tasks {
                 }),
             ))
         });
-        let key = TaskKey {
-            index,
-            generation: slot.generation,
-        };
-        (key, bh.clone())
+        bh.clone()
     }
 
-    /// The task in slot `index` now, with its key.
-    fn current(&self, index: u32) -> Option<(TaskKey, Rc<LocalTask>)> {
+    /// Takes the future and the waker of the task in slot `index` out, to poll them; `None`
+    /// if the slot is free. The task stays in its slot (its header, and `Some(_)` there marks
+    /// it as taken) until [`Tasks::put_back`] or [`Tasks::remove`].
+    fn take_out(&self, index: u32) -> Option<Taken> {
+        let mut slots = self.slots.borrow_mut();
+        let slot = slots.get_mut(index as usize)?;
+        let generation = slot.generation;
+        let task = slot.task.as_mut()?;
+        let Some(future) = task.future.take() else {
+            // Being polled further up the stack. Only the task's BH polls it, and a BH is
+            // never re-entered, so this cannot happen; should it, the wake-up is kept.
+            task.header.wake_by_ref();
+            return None;
+        };
+        Some(Taken {
+            key: TaskKey { index, generation },
+            waker: std::mem::replace(&mut task.waker, Waker::noop().clone()),
+            future,
+            abort: task.header.has(ABORT),
+        })
+    }
+
+    /// Returns a task's future and waker after a poll that left it pending, and says whether
+    /// the poll asked to move it ([`reschedule`]).
+    fn put_back(&self, t: Taken) -> bool {
+        let mut slots = self.slots.borrow_mut();
+        let slot = &mut slots[t.key.index as usize];
+        debug_assert_eq!(
+            slot.generation, t.key.generation,
+            "a running task's slot is kept"
+        );
+        let Some(task) = slot.task.as_mut() else {
+            // Cannot happen (see `finish`); the future is dropped outside the borrow.
+            drop(slots);
+            drop_future(Some(t.future));
+            return false;
+        };
+        task.waker = t.waker;
+        task.future = Some(t.future);
+        // Relaxed: MOVING is set and cleared on this thread only.
+        task.header.flags.load(Ordering::Relaxed) & MOVING != 0
+    }
+
+    /// The header of the task in slot `index`, if the slot holds one.
+    fn header(&self, index: u32) -> Option<Arc<Header>> {
         let slots = self.slots.borrow();
-        let slot = slots.get(index as usize)?;
-        let task = slot.task.clone()?;
-        let key = TaskKey {
-            index,
-            generation: slot.generation,
-        };
-        Some((key, task))
+        Some(slots.get(index as usize)?.task.as_ref()?.header.clone())
     }
 
-    fn remove(&self, key: TaskKey) -> Option<Rc<LocalTask>> {
+    /// Frees the slot of `key`; returns the task (its header, for the caller to release its
+    /// BH).
+    fn remove(&self, key: TaskKey) -> Option<LocalTask> {
         let mut slots = self.slots.borrow_mut();
         let slot = slots.get_mut(key.index as usize)?;
         if slot.generation != key.generation {
@@ -222,7 +258,7 @@ impl Tasks {
     /// touch the table (abort or wake another task), so no borrow is held while one runs.
     pub(crate) fn drop_all(&self) {
         loop {
-            let taken: Vec<Rc<LocalTask>> = {
+            let taken: Vec<LocalTask> = {
                 let mut slots = self.slots.borrow_mut();
                 slots.iter_mut().filter_map(|s| s.task.take()).collect()
             };
@@ -231,8 +267,7 @@ impl Tasks {
             }
             for task in taken {
                 drop(task.header.take_bh());
-                let future = task.future.borrow_mut().take();
-                drop_future(future);
+                drop_future(task.future);
             }
         }
         self.slots.borrow_mut().clear();
@@ -240,37 +275,40 @@ impl Tasks {
     }
 }
 
+/// A task's future and waker, out of its slot while `run` polls it.
+struct Taken {
+    key: TaskKey,
+    waker: Waker,
+    future: TaskFuture,
+    /// [`JoinHandle::abort`] was called before this poll.
+    abort: bool,
+}
+
 thread_local! {
-    /// The task this thread is polling (innermost), for [`reschedule`]. `block_on` hides it
-    /// from the future it polls, which is not that task.
-    static RUNNING: RefCell<Option<Rc<LocalTask>>> = const { RefCell::new(None) };
+    /// The slot of the task this thread is polling (innermost), on the current context, for
+    /// [`reschedule`]. `block_on` and nested iterations hide it from what they poll, which is
+    /// not that task.
+    static RUNNING: Cell<Option<u32>> = const { Cell::new(None) };
 }
 
 /// Makes a task (or no task) the running one, restoring the previous one on drop.
-pub(crate) struct RunningGuard(Option<Rc<LocalTask>>);
+pub(crate) struct RunningGuard(Option<u32>);
 
 /// Hides the running task, if there is one, until the guard is dropped: for a loop iteration
 /// nested in a task's poll (see `CurrentGuard`).
 pub(crate) fn hide_running() -> Option<RunningGuard> {
-    RUNNING.with(|r| {
-        if r.borrow().is_some() {
-            Some(RunningGuard(r.replace(None)))
-        } else {
-            None
-        }
-    })
+    RUNNING.with(|r| r.take().map(|index| RunningGuard(Some(index))))
 }
 
 impl RunningGuard {
-    fn enter(task: Option<Rc<LocalTask>>) -> RunningGuard {
+    fn enter(task: Option<u32>) -> RunningGuard {
         RunningGuard(RUNNING.with(|r| r.replace(task)))
     }
 }
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        let previous = self.0.take();
-        RUNNING.with(|r| *r.borrow_mut() = previous);
+        RUNNING.with(|r| r.set(self.0));
     }
 }
 
@@ -279,12 +317,12 @@ impl Drop for RunningGuard {
 /// rather than through the header's waker, saves the header's lock; nobody else can have
 /// scheduled it, since no waker of this task has been polled yet.)
 fn install_and_schedule(ctx: &AioContext, header: Arc<Header>, future: TaskFuture) {
-    let task = Rc::new(LocalTask {
+    let task = LocalTask {
         waker: Waker::from(header.clone()),
         header: header.clone(),
-        future: RefCell::new(Some(future)),
-    });
-    let (_, bh) = ctx.inner.tasks.insert(task, ctx);
+        future: Some(future),
+    };
+    let bh = ctx.inner.tasks.insert(task, ctx);
     bh.schedule();
     let old = lock(&header.sched).bh.replace(bh);
     drop(old);
@@ -292,56 +330,48 @@ fn install_and_schedule(ctx: &AioContext, header: Arc<Header>, future: TaskFutur
 
 /// Polls the task in slot `index` once, from the slot's BH.
 fn run(ctx: &AioContext, index: u32) {
-    let Some((key, task)) = ctx.inner.tasks.current(index) else {
+    let tasks = &ctx.inner.tasks;
+    let Some(mut taken) = tasks.take_out(index) else {
         return;
     };
-    let Ok(mut slot) = task.future.try_borrow_mut() else {
-        // Being polled further up the stack. Only the task's BH polls it, and a BH is never
-        // re-entered, so this cannot happen; should it, the wake-up is kept, not lost.
-        task.header.wake_by_ref();
-        return;
-    };
-    let Some(future) = slot.as_mut() else {
-        return;
-    };
-    if task.header.has(ABORT) {
-        let future = slot.take();
-        drop(slot);
-        finish(ctx, key, &task);
-        drop_future(future);
+    let key = taken.key;
+    if taken.abort {
+        finish(ctx, key);
+        drop_future(Some(taken.future));
         return;
     }
     let poll = {
-        let _running = RunningGuard::enter(Some(task.clone()));
-        future.poll(&mut Context::from_waker(&task.waker))
+        let _running = RunningGuard::enter(Some(index));
+        taken.future.poll(&mut Context::from_waker(&taken.waker))
     };
     match poll {
         Poll::Ready(()) => {
-            let future = slot.take();
-            drop(slot);
-            finish(ctx, key, &task);
-            drop_future(future);
+            finish(ctx, key);
+            drop_future(Some(taken.future));
         }
         Poll::Pending => {
-            // Relaxed: MOVING is set and cleared on this thread only.
-            let target = if task.header.flags.load(Ordering::Relaxed) & MOVING != 0 {
-                task.header.flags.fetch_and(!MOVING, Ordering::Relaxed);
-                lock(&task.header.sched).move_to.take()
-            } else {
-                None
+            if !tasks.put_back(taken) {
+                return;
+            }
+            // The poll asked to move the task (rare: the header is looked up again).
+            let Some(header) = tasks.header(index) else {
+                return;
             };
-            if let Some(target) = target {
-                let future = slot.take();
-                drop(slot);
-                finish(ctx, key, &task);
-                match future {
-                    Some(TaskFuture::Send(f)) => {
-                        let header = task.header.clone();
-                        target.schedule_oneshot(move || arrive(header, f));
-                    }
-                    // `reschedule` refuses to set a target for a local task.
-                    other => drop_future(other),
+            // Relaxed: MOVING is set and cleared on this thread only.
+            header.flags.fetch_and(!MOVING, Ordering::Relaxed);
+            let Some(target) = lock(&header.sched).move_to.take() else {
+                return;
+            };
+            let Some(task) = tasks.remove(key) else {
+                return;
+            };
+            header.release_bh();
+            match task.future {
+                Some(TaskFuture::Send(f)) => {
+                    target.schedule_oneshot(move || arrive(header, f));
                 }
+                // `reschedule` refuses to set a target for a local task.
+                other => drop_future(other),
             }
         }
     }
@@ -359,9 +389,11 @@ fn drop_future(future: Option<TaskFuture>) {
 }
 
 /// Takes the task out of its context: its slot and its BH.
-fn finish(ctx: &AioContext, key: TaskKey, task: &LocalTask) {
-    drop(ctx.inner.tasks.remove(key));
-    task.header.release_bh();
+fn finish(ctx: &AioContext, key: TaskKey) {
+    // The slot of a task being run is freed only here, by its own run.
+    if let Some(task) = ctx.inner.tasks.remove(key) {
+        task.header.release_bh();
+    }
 }
 
 /// A `Send` task arriving on the context this runs on (a [`ContextHandle::spawn`] or a
@@ -632,8 +664,7 @@ impl AioContext {
     ///
     /// ```
     /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
-    /// use std::rc::Rc;
-    /// let shared = Rc::new(41); // not Send
+    ///     /// let shared = Rc::new(41); // not Send
     /// let s = shared.clone();
     /// let task = ctx.spawn_local(async move { *s + 1 });
     /// assert_eq!(ctx.block_on(task).unwrap(), 42);
@@ -956,7 +987,10 @@ impl Future for Reschedule {
             self.requested = None;
             return Poll::Ready(Ok(()));
         };
-        let Some(header) = RUNNING.with(|r| r.borrow().as_ref().map(|t| t.header.clone())) else {
+        let running = RUNNING
+            .with(Cell::get)
+            .and_then(|index| AioContext::current().and_then(|ctx| ctx.inner.tasks.header(index)));
+        let Some(header) = running else {
             return Poll::Ready(Err(RescheduleError::NotInTask));
         };
         if !header.has(SENDABLE) {
