@@ -10,7 +10,7 @@ mod imp {
     pub(crate) use std::sync::atomic::{
         AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence,
     };
-    pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
+    pub(crate) use std::sync::{Arc, Condvar, Mutex, MutexGuard};
     pub(crate) use std::thread_local;
 
     /// An `UnsafeCell` with loom's closure-based accessor, so that call sites read the same
@@ -48,7 +48,7 @@ mod imp {
     pub(crate) use loom::sync::atomic::{
         AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence,
     };
-    pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
+    pub(crate) use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
     pub(crate) use loom::thread_local;
 }
 
@@ -70,6 +70,14 @@ pub(crate) mod global {
 pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Waits on `condvar`, ignoring poisoning for the reason given at [`lock`]. May return
+/// spuriously, as `Condvar::wait` may: callers re-check their condition.
+pub(crate) fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    condvar
+        .wait(guard)
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
