@@ -37,19 +37,33 @@ const HEAD_MASK: u64 = 0xFFFF_FFFF;
 /// One ticket in the high half of the ticket word (QEMU `tail`, the next ticket to give out).
 const ONE_TICKET: u64 = 1 << 32;
 
+#[inline]
 fn head(word: u64) -> u32 {
     word as u32
 }
 
+#[inline]
 fn tail(word: u64) -> u32 {
     (word >> 32) as u32
 }
 
 /// `word` with the head moved to the next ticket. Wraps within the low half: a plain add would
 /// carry into the tail after 2³² acquisitions.
+#[inline]
 fn next_head(word: u64) -> u64 {
     (word & !HEAD_MASK) | u64::from(head(word).wrapping_add(1))
 }
+
+/// How many times a waiter polls its ticket before sleeping, after each kick (a few
+/// microseconds; a hand-off between two running threads then needs no wake-up). One under loom,
+/// where each poll is a branch of the model, and few under Miri, where each is slow.
+const SPINS: u32 = if cfg!(aio_loom) {
+    1
+} else if cfg!(miri) {
+    4
+} else {
+    100
+};
 
 /// The contention callback's type.
 type Contention = Box<dyn Fn() + Send + Sync>;
@@ -61,6 +75,8 @@ struct Waiters {
     /// waiter runs the contention callback again only when this moved: a spurious wake-up is
     /// not a new contention.
     handoffs: u64,
+    /// Waiters inside `Condvar::wait`, which only a notification gets out.
+    sleepers: u32,
     /// Tickets whose thread left the queue (its contention callback panicked). The thread that
     /// moves the head onto one of them skips it at once ([RFifoLock-2]).
     abandoned: Vec<u32>,
@@ -226,6 +242,7 @@ impl<T: ?Sized> RFifoLock<T> {
     /// If this thread already holds `u32::MAX` nested guards (the lock stays held by those), or
     /// if the contention callback panics (the lock stays usable; see
     /// [`with_contention`](RFifoLock::with_contention)).
+    #[inline]
     pub fn lock(&self) -> RFifoLockGuard<'_, T> {
         let me = thread_id();
         if let Some(guard) = self.lock_nested(me) {
@@ -260,6 +277,7 @@ impl<T: ?Sized> RFifoLock<T> {
     /// # Panics
     ///
     /// If this thread already holds `u32::MAX` nested guards.
+    #[inline]
     pub fn try_lock(&self) -> Option<RFifoLockGuard<'_, T>> {
         let me = thread_id();
         if let Some(guard) = self.lock_nested(me) {
@@ -292,6 +310,7 @@ impl<T: ?Sized> RFifoLock<T> {
     /// drop(guard);
     /// assert!(!lock.is_locked());
     /// ```
+    #[inline]
     pub fn is_locked(&self) -> bool {
         // Relaxed: a snapshot that orders nothing.
         let word = self.ticket.load(Ordering::Relaxed);
@@ -300,6 +319,7 @@ impl<T: ?Sized> RFifoLock<T> {
 
     /// Whether this thread holds the lock (so [`lock`](Self::lock) would nest and not wait).
     /// Exact, unlike [`is_locked`](Self::is_locked): only this thread can change the answer.
+    #[inline]
     pub fn is_owned_by_current_thread(&self) -> bool {
         // Relaxed: see `lock_nested`.
         self.owner.load(Ordering::Relaxed) == thread_id()
@@ -317,6 +337,7 @@ impl<T: ?Sized> RFifoLock<T> {
     }
 
     /// A nested guard when `me` already owns the lock.
+    #[inline]
     fn lock_nested(&self, me: u64) -> Option<RFifoLockGuard<'_, T>> {
         // Relaxed: only the owner stores its own id here (in `take_ownership`) and it clears
         // it before releasing, so a thread reads its own id exactly when it owns the lock:
@@ -335,6 +356,7 @@ impl<T: ?Sized> RFifoLock<T> {
     }
 
     /// Records the calling thread, which has just been served its ticket, as the owner.
+    #[inline]
     fn take_ownership(&self, me: u64) -> RFifoLockGuard<'_, T> {
         // Relaxed: owner-only data, published to the next owner by the release of our unlock.
         self.owner.store(me, Ordering::Relaxed);
@@ -342,6 +364,7 @@ impl<T: ?Sized> RFifoLock<T> {
         self.guard()
     }
 
+    #[inline]
     fn guard(&self) -> RFifoLockGuard<'_, T> {
         RFifoLockGuard {
             lock: self,
@@ -350,6 +373,7 @@ impl<T: ?Sized> RFifoLock<T> {
     }
 
     /// The guard's drop: one nesting level; the outermost releases.
+    #[inline]
     fn unlock(&self) {
         // Relaxed: owner-only data; the guard proves we are the owner.
         let depth = self.nesting.load(Ordering::Relaxed);
@@ -366,6 +390,7 @@ impl<T: ?Sized> RFifoLock<T> {
 
     /// Serves the next ticket (QEMU `head++`), waking the waiters if there are any. Called by
     /// the owner, or on its behalf ([RFifoLock-2]).
+    #[inline]
     fn advance_head(&self) {
         let word = self.bump_head();
         if head(word) != tail(word) {
@@ -374,6 +399,7 @@ impl<T: ?Sized> RFifoLock<T> {
     }
 
     /// `head += 1`, returning the new word.
+    #[inline]
     fn bump_head(&self) -> u64 {
         // Relaxed load: the compare-and-swap checks it; only arrivals (tail) race with us.
         let mut word = self.ticket.load(Ordering::Relaxed);
@@ -394,6 +420,8 @@ impl<T: ?Sized> RFifoLock<T> {
     /// Tickets are outstanding behind the one just released: skip the abandoned ones at the
     /// head, then wake everyone to re-check. Under the waiters' mutex, so that a waiter that
     /// checked the head and is about to sleep is not missed: it checked under the mutex.
+    #[cold]
+    #[inline(never)]
     fn hand_off(&self) {
         let mut waiters = lock(&self.waiters);
         loop {
@@ -410,8 +438,13 @@ impl<T: ?Sized> RFifoLock<T> {
             self.bump_head();
         }
         waiters.handoffs = waiters.handoffs.wrapping_add(1);
+        // A waiter not counted in `sleepers` checks the head and the count under the mutex
+        // before it sleeps, so it sees this hand-off without a wake-up.
+        let sleepers = waiters.sleepers;
         drop(waiters);
-        self.wake.notify_all();
+        if sleepers > 0 {
+            self.wake.notify_all();
+        }
     }
 
     /// Whether `ticket` is being served. Acquire, as the fast path in `lock`.
@@ -421,6 +454,8 @@ impl<T: ?Sized> RFifoLock<T> {
 
     /// The slow path of `lock`: sleep until `ticket` is served, calling the contention
     /// callback when the wait starts and after each hand-off that did not serve us.
+    #[cold]
+    #[inline(never)]
     fn wait_for(&self, ticket: u32) {
         let leave = LeaveOnUnwind { lock: self, ticket };
         let mut waiters = lock(&self.waiters);
@@ -431,20 +466,36 @@ impl<T: ?Sized> RFifoLock<T> {
                 break;
             }
             if kicked_at != Some(waiters.handoffs) {
+                // A new wait, or a hand-off that was not for us: kick, then spin a little
+                // before sleeping, outside the mutex.
                 kicked_at = Some(waiters.handoffs);
+                drop(waiters);
                 if let Some(contention) = &self.contention {
-                    drop(waiters);
                     contention();
-                    waiters = lock(&self.waiters);
-                    // Re-check before sleeping: a hand-off may have happened meanwhile (then
-                    // the count moved, and the callback runs again if we are still waiting).
-                    continue;
                 }
+                self.spin(ticket);
+                waiters = lock(&self.waiters);
+                // Re-check before sleeping: a hand-off may have happened meanwhile (then the
+                // count moved, and the callback runs again if we are still waiting).
+                continue;
             }
+            waiters.sleepers += 1;
             waiters = wait(&self.wake, waiters);
+            waiters.sleepers -= 1;
         }
         drop(waiters);
         std::mem::forget(leave);
+    }
+
+    /// Polls for `ticket` for a short while ([`SPINS`] rounds): a hand-off to a thread that
+    /// has not gone to sleep yet costs no system call on either side.
+    fn spin(&self, ticket: u32) {
+        for _ in 0..SPINS {
+            if self.served(ticket) {
+                return;
+            }
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -506,12 +557,14 @@ pub struct RFifoLockGuard<'a, T: ?Sized> {
 impl<T: ?Sized> Deref for RFifoLockGuard<'_, T> {
     type Target = T;
 
+    #[inline]
     fn deref(&self) -> &T {
         &self.lock.data
     }
 }
 
 impl<T: ?Sized> Drop for RFifoLockGuard<'_, T> {
+    #[inline]
     fn drop(&mut self) {
         self.lock.unlock();
     }

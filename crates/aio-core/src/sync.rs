@@ -91,6 +91,7 @@ pub(crate) type SettingU64 = std::sync::atomic::AtomicU64;
 /// thread). Used to recognise a context's home thread without a system call: after the first
 /// call on a thread, one thread-local load. Async-signal-safe: a thread-local `Cell` with a
 /// `const` initializer and no destructor, and one atomic add.
+#[inline]
 pub(crate) fn thread_id() -> u64 {
     // Not modelled by loom (an id allocator, not a protocol): std's atomic even under loom,
     // so that ids stay unique across the model's iterations.
