@@ -18,9 +18,12 @@
 //!
 //! How: a ticket lock in one `AtomicU64` (the next ticket in the high half, the ticket being
 //! served in the low half), so an uncontended lock is one `fetch_add` and an unlock one
-//! compare-and-swap, with no system call. Waiters sleep on a condition variable behind a
-//! `sync::Mutex`, which an unlock takes only when a ticket is outstanding behind its own. The
-//! callback runs without any internal lock held (QEMU held its mutex around it).
+//! compare-and-swap, with no system call. A waiter runs the callback, polls its ticket a
+//! little, then sleeps on a condition variable behind a `sync::Mutex`; an unlock takes that
+//! mutex only when a ticket is outstanding behind its own, and signals only when a waiter
+//! sleeps. The callback runs without any internal lock held (QEMU held its mutex around it,
+//! which forbade it to touch the lock). The invariants the code relies on are
+//! [RFifoLock-1] to [RFifoLock-3] in ARCHITECTURE.md ("RFifoLock").
 //!
 //! Not yet used by the context: an `aio_context_acquire`/`release` on [`AioContext`] is a later
 //! step (QEMU ≥ 9.0 has no context lock at all; spec §10).
@@ -98,8 +101,8 @@ struct Waiters {
 ///
 /// Costs: an uncontended lock or unlock is one atomic read-modify-write and a thread-local
 /// read; a nested lock or unlock is a thread-local read and plain loads and stores. A release
-/// with waiters takes an internal mutex and wakes every waiter, which each re-check their
-/// ticket (QEMU's broadcast), so it is made for a few threads, as QEMU's was.
+/// with waiters takes an internal mutex and wakes every sleeping waiter, which each re-check
+/// their ticket (QEMU's broadcast), so it is made for a few threads, as QEMU's was.
 ///
 /// # Example
 ///
@@ -170,8 +173,8 @@ impl<T> RFifoLock<T> {
     /// An unlocked lock owning `value`, whose waiters call `contention` (QEMU
     /// `rfifolock_init(r, cb, opaque)`).
     ///
-    /// A thread that has to wait calls `contention` on its own stack before it first sleeps,
-    /// and again each time a hand-off wakes it while it is still not at the head of the queue
+    /// A thread that has to wait calls `contention` on its own stack as soon as it finds the
+    /// lock taken, and again after each hand-off to another thread while it is still waiting
     /// (the new owner may need the same nudge as the old one). A spurious wake-up does not call
     /// it. Uncontended, nested and [`try_lock`](Self::try_lock) acquisitions never call it.
     /// No internal lock is held during the call.
@@ -438,8 +441,8 @@ impl<T: ?Sized> RFifoLock<T> {
             self.bump_head();
         }
         waiters.handoffs = waiters.handoffs.wrapping_add(1);
-        // A waiter not counted in `sleepers` checks the head and the count under the mutex
-        // before it sleeps, so it sees this hand-off without a wake-up.
+        // [RFifoLock-3]: a waiter not counted in `sleepers` checks the head and the count
+        // under the mutex before it sleeps, so it sees this hand-off without a wake-up.
         let sleepers = waiters.sleepers;
         drop(waiters);
         if sleepers > 0 {
@@ -479,6 +482,7 @@ impl<T: ?Sized> RFifoLock<T> {
                 // count moved, and the callback runs again if we are still waiting).
                 continue;
             }
+            // [RFifoLock-3]: counted in the same critical section as the check above.
             waiters.sleepers += 1;
             waiters = wait(&self.wake, waiters);
             waiters.sleepers -= 1;
