@@ -151,6 +151,13 @@ const MIRI: &[MiriRun] = &[
         targets: &["--test", "co_sync"],
         threaded: true,
     },
+    // The recursive FIFO lock: hand-offs, FIFO order, panics while holding and in the
+    // contention callback, under several interleavings.
+    MiriRun {
+        package: "aio-core",
+        targets: &["--test", "rfifolock"],
+        threaded: true,
+    },
     // The conformance suite: bottom halves, fd handlers, nested polls, the context's
     // lifetime, timers through the loop; several cases schedule from other threads.
     MiriRun {

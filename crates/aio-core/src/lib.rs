@@ -64,6 +64,7 @@ pub mod fake;
 mod fdmon;
 mod handler;
 mod polling;
+mod rfifolock;
 mod sync;
 mod sys;
 pub mod task;
@@ -81,6 +82,7 @@ pub use event_notifier::EventNotifier;
 pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 pub use handler::{FdHandler, HandlerBuilder};
 pub use polling::{DEFAULT_WEIGHT, MAX_POLL_NS, MAX_WEIGHT, PollParams, PollPolicy};
+pub use rfifolock::{RFifoLock, RFifoLockGuard};
 pub use sys::set_timer_slack;
 pub use task::{JoinError, JoinHandle};
 pub use timers::{

@@ -10,7 +10,7 @@ mod imp {
     pub(crate) use std::sync::atomic::{
         AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence,
     };
-    pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
+    pub(crate) use std::sync::{Arc, Condvar, Mutex, MutexGuard};
     pub(crate) use std::thread_local;
 
     /// An `UnsafeCell` with loom's closure-based accessor, so that call sites read the same
@@ -48,7 +48,7 @@ mod imp {
     pub(crate) use loom::sync::atomic::{
         AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering, fence,
     };
-    pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
+    pub(crate) use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
     pub(crate) use loom::thread_local;
 }
 
@@ -73,6 +73,14 @@ pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Waits on `condvar`, ignoring poisoning for the reason given at [`lock`]. May return
+/// spuriously, as `Condvar::wait` may: callers re-check their condition.
+pub(crate) fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    condvar
+        .wait(guard)
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// std's `AtomicU64` even under loom: for a setting that no cross-thread protocol depends on
 /// (the polling parameters, whose stale value used once is harmless), so that reading it once
 /// per iteration adds nothing for the models to explore.
@@ -83,6 +91,7 @@ pub(crate) type SettingU64 = std::sync::atomic::AtomicU64;
 /// thread). Used to recognise a context's home thread without a system call: after the first
 /// call on a thread, one thread-local load. Async-signal-safe: a thread-local `Cell` with a
 /// `const` initializer and no destructor, and one atomic add.
+#[inline]
 pub(crate) fn thread_id() -> u64 {
     // Not modelled by loom (an id allocator, not a protocol): std's atomic even under loom,
     // so that ids stay unique across the model's iterations.

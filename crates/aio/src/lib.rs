@@ -76,6 +76,8 @@ pub use aio_core::{
 pub use aio_core::{DEFAULT_WEIGHT, MAX_BATCH_LIMIT, MAX_POLL_NS, MAX_WEIGHT};
 /// Futures as QEMU's coroutines: tasks on a context and what they await.
 pub use aio_core::{JoinError, JoinHandle, task};
+/// QEMU's recursive FIFO lock (the first `aio_context_acquire`), as a standalone type.
+pub use aio_core::{RFifoLock, RFifoLockGuard};
 #[cfg(feature = "poll")]
 pub use fdmon_poll::PollMonitor;
 /// The context's worker thread pool (QEMU `aio_get_thread_pool`): [`ThreadPool::of`].
