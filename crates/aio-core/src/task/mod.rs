@@ -664,7 +664,8 @@ impl AioContext {
     ///
     /// ```
     /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
-    ///     /// let shared = Rc::new(41); // not Send
+    /// use std::rc::Rc;
+    /// let shared = Rc::new(41); // not Send
     /// let s = shared.clone();
     /// let task = ctx.spawn_local(async move { *s + 1 });
     /// assert_eq!(ctx.block_on(task).unwrap(), 42);
