@@ -187,8 +187,9 @@ impl Tasks {
     }
 
     /// Takes the future and the waker of the task in slot `index` out, to poll them; `None`
-    /// if the slot is free. The task stays in its slot (its header, and `Some(_)` there marks
-    /// it as taken) until [`Tasks::put_back`] or [`Tasks::remove`].
+    /// if the slot is free. The task stays in its slot with its header (its future `None`
+    /// meanwhile, which marks it as being polled) until [`Tasks::put_back`] or
+    /// [`Tasks::remove`].
     fn take_out(&self, index: u32) -> Option<Taken> {
         let mut slots = self.slots.borrow_mut();
         let slot = slots.get_mut(index as usize)?;
