@@ -526,11 +526,15 @@ fn memcheck(_root: &Path) -> Result<()> {
                 "cargo built no executable for `-p {package} --test {test}`"
             ))
         })?;
+        // `--fair-sched=yes`: valgrind runs one thread at a time, and with its default lock a
+        // thread that spins (a test's waker thread, a loop polling without blocking) can keep
+        // the others from running for minutes (the tasks suite once took 961 s instead of 12).
         Cmd::new("valgrind")
             .args([
                 "--error-exitcode=9",
                 "--leak-check=full",
                 "--errors-for-leak-kinds=definite",
+                "--fair-sched=yes",
             ])
             .args(["-q", exe.as_str(), "--test-threads=1"])
             .run()?;
