@@ -36,7 +36,7 @@ use aio_benches::fd::{
     AioBackend, CHURN_BATCHES, ChurnOp, IDLE_COUNTS, Impl, MAX_IDLE, Workload, eventfds,
     io_uring_unavailable, raise_nofile,
 };
-use aio_benches::{machine, today};
+use aio_benches::{machine, today, verdict};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
 
@@ -359,10 +359,6 @@ fn ratio(a: Option<&Row>, b: Option<&Row>) -> Option<f64> {
 
 fn fmt_ratio(x: Option<f64>) -> String {
     x.map_or_else(|| "–".into(), |x| format!("{x:.2}×"))
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "**missed**" }
 }
 
 /// The floor each aio backend is held to.

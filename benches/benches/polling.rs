@@ -25,7 +25,7 @@ use aio::{PollParams, PollPolicy};
 use aio_benches::b3::{self, Mechanism, PingPong};
 use aio_benches::b8::{Aio, Job, Tokio, latency};
 use aio_benches::b9::{self, Idle, IdleReport};
-use aio_benches::{machine, percentile, today};
+use aio_benches::{machine, percentile, today, verdict};
 
 /// How much to measure.
 #[derive(Debug, Clone, Copy)]
@@ -115,10 +115,6 @@ fn mechanism_label(m: Mechanism) -> String {
         Mechanism::AioNotifier(p) => format!("aio EventNotifier, {}", label(p)),
         Mechanism::AioBh(p) => format!("aio BH, {}", label(p)),
     }
-}
-
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "**missed**" }
 }
 
 fn opt(v: Option<f64>, decimals: usize) -> String {

@@ -27,7 +27,7 @@ use std::time::Duration;
 use aio_benches::b7::{AsyncIoArm, FIRE_BATCH, OursArm, OursFire, PENDING, TokioArm, TokioFire};
 use aio_benches::{
     AioBhBatch, AioBusyLoop, AioOneshot, BusyReport, REMOTE_BATCH, TokioBusyLoop, TokioSpawnBatch,
-    machine, pin_current_thread, today, tokio_runtime, tokio_yield,
+    machine, pin_current_thread, today, tokio_runtime, tokio_yield, verdict,
 };
 
 /// How much to measure.
@@ -658,10 +658,6 @@ fn fmt_syscalls(x: f64) -> String {
     } else {
         format!("{x:.6}")
     }
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "met" } else { "**missed**" }
 }
 
 /// The DESIGN.md §8 targets that the rows measured, each with its verdict.

@@ -33,7 +33,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use aio_benches::{machine, percentile, today};
+use aio_benches::{Sizes, percentile, summary, verdict};
 use aio_core::RFifoLock;
 use parking_lot::ReentrantMutex;
 
@@ -78,43 +78,33 @@ const PARK_TIME: Duration = Duration::from_micros(200);
 /// The uncontended target: RFifoLock's time at most this multiple of ReentrantMutex's.
 const TARGET: f64 = 1.2;
 
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "**missed**" }
-}
-
-/// Median, mean and minimum.
-fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-    (percentile(&v, 0.5), mean, v[0])
+/// Times `pairs` lock/unlock pairs of a fresh `$lock` (a constructor taking the value), inside
+/// a guard held for the whole run when `nested`; the same code for both contenders, which share
+/// no trait.
+macro_rules! time_pairs {
+    ($lock:path, $pairs:expr, $nested:expr) => {{
+        let pairs: u64 = $pairs;
+        let lock = $lock(Cell::new(0u64));
+        let _outer = $nested.then(|| lock.lock());
+        let start = Instant::now();
+        for _ in 0..pairs {
+            let g = black_box(&lock).lock();
+            g.set(g.get() + 1);
+        }
+        let ns = start.elapsed().as_nanos() as f64 / pairs as f64;
+        black_box(lock.lock().get());
+        ns
+    }};
 }
 
 /// The contenders, as ns per lock/unlock pair over `pairs` pairs (`nested`: inside a guard
 /// held for the whole run).
 fn rfifo_pairs(pairs: u64, nested: bool) -> f64 {
-    let lock = RFifoLock::new(Cell::new(0u64));
-    let _outer = nested.then(|| lock.lock());
-    let start = Instant::now();
-    for _ in 0..pairs {
-        let g = black_box(&lock).lock();
-        g.set(g.get() + 1);
-    }
-    let ns = start.elapsed().as_nanos() as f64 / pairs as f64;
-    black_box(lock.lock().get());
-    ns
+    time_pairs!(RFifoLock::new, pairs, nested)
 }
 
 fn parking_lot_pairs(pairs: u64, nested: bool) -> f64 {
-    let lock = ReentrantMutex::new(Cell::new(0u64));
-    let _outer = nested.then(|| lock.lock());
-    let start = Instant::now();
-    for _ in 0..pairs {
-        let g = black_box(&lock).lock();
-        g.set(g.get() + 1);
-    }
-    let ns = start.elapsed().as_nanos() as f64 / pairs as f64;
-    black_box(lock.lock().get());
-    ns
+    time_pairs!(ReentrantMutex::new, pairs, nested)
 }
 
 fn uncontended(out: &mut String, plan: Plan) {
@@ -370,55 +360,20 @@ fn latency(out: &mut String, plan: Plan) {
     }
 }
 
-/// A part of the report.
-type Part = fn(&mut String, Plan);
-
 fn main() {
-    let args = aio_benches::BenchArgs::parse();
-    if args.list {
-        return;
-    }
-    let quick = std::env::args().any(|a| a == "--quick");
-    let plan = match (args.bench, quick) {
-        (false, _) => SMOKE,
-        (true, true) => QUICK,
-        (true, false) => FULL,
-    };
-    let mut out = String::new();
-    writeln!(
-        out,
-        "# B10: RFifoLock vs parking_lot::ReentrantMutex ({})\n",
-        today()
-    )
-    .unwrap();
-    writeln!(out, "Machine: {}", machine()).unwrap();
-    if !args.bench {
-        writeln!(
-            out,
-            "(smoke run: no --bench flag, tiny sizes; the figures mean nothing)"
-        )
-        .unwrap();
-    } else if quick {
-        writeln!(out, "(--quick: reduced sizes)").unwrap();
-    }
-    let parts: [(&str, Part); 3] = [
-        ("B10_uncontended", uncontended),
-        ("B10_handoff", handoff),
-        ("B10_latency", latency),
-    ];
-    for (key, part) in parts {
-        if args.wants("rfifolock", key) {
-            part(&mut out, plan);
-        }
-    }
-    print!("{out}");
-    if !args.bench {
-        return;
-    }
-    if let Some(dir) = std::env::var_os("AIO_BENCH_REPORT_DIR") {
-        let path = std::path::Path::new(&dir).join("rfifolock.md");
-        std::fs::create_dir_all(&dir).ok();
-        std::fs::write(&path, &out).expect("write rfifolock.md");
-        println!("written to {}", path.display());
-    }
+    aio_benches::run_parts(
+        "rfifolock",
+        "B10: RFifoLock vs parking_lot::ReentrantMutex",
+        "rfifolock.md",
+        |sizes| match sizes {
+            Sizes::Smoke => SMOKE,
+            Sizes::Quick => QUICK,
+            Sizes::Full => FULL,
+        },
+        &[
+            ("B10_uncontended", uncontended),
+            ("B10_handoff", handoff),
+            ("B10_latency", latency),
+        ],
+    );
 }

@@ -36,7 +36,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use aio_benches::b12::{self, Host, LockKind, RoundTrips, Spawn, Spawner};
-use aio_benches::{machine, new_context, percentile, today, tokio_runtime};
+use aio_benches::{Sizes, new_context, percentile, summary, tokio_runtime, verdict};
 
 /// How much to measure.
 #[derive(Debug, Clone, Copy)]
@@ -114,17 +114,6 @@ const SMOKE: Plan = Plan {
 
 /// Tasks spawned before the first is awaited, in the batch rows (tokio's `spawn_many_local`).
 const BATCH: usize = 1000;
-
-fn verdict(met: bool) -> &'static str {
-    if met { "met" } else { "**missed**" }
-}
-
-/// Median, mean and minimum of per-round ns/op.
-fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
-    (percentile(&v, 0.5), mean, v[0])
-}
 
 fn spawn_label(s: Spawner) -> &'static str {
     match s {
@@ -458,52 +447,22 @@ fn comutex(out: &mut String, plan: Plan) {
     }
 }
 
-/// One part of the program: appends its section to the report.
-type Part = fn(&mut String, Plan);
-
 fn main() {
-    let args = aio_benches::BenchArgs::parse();
-    if args.list {
-        return;
-    }
-    let quick = std::env::args().any(|a| a == "--quick");
-    let plan = match (args.bench, quick) {
-        (false, _) => SMOKE,
-        (true, true) => QUICK,
-        (true, false) => FULL,
-    };
-    let mut out = String::new();
-    writeln!(out, "# B12: tasks, aio vs tokio ({})\n", today()).unwrap();
-    writeln!(out, "Machine: {}", machine()).unwrap();
-    if !args.bench {
-        writeln!(
-            out,
-            "(smoke run: no --bench flag, tiny sizes; the figures mean nothing)"
-        )
-        .unwrap();
-    } else if quick {
-        writeln!(out, "(--quick: reduced sizes)").unwrap();
-    }
-    let parts: [(&str, Part); 5] = [
-        ("B12_spawn", spawn),
-        ("B12_yield", yields),
-        ("B12_remote_wake", remote_wake),
-        ("B12_ping_pong", ping_pong),
-        ("B12_comutex", comutex),
-    ];
-    for (key, part) in parts {
-        if args.wants("tasks", key) {
-            part(&mut out, plan);
-        }
-    }
-    print!("{out}");
-    if !args.bench {
-        return;
-    }
-    if let Some(dir) = std::env::var_os("AIO_BENCH_REPORT_DIR") {
-        let path = std::path::Path::new(&dir).join("tasks.md");
-        std::fs::create_dir_all(&dir).ok();
-        std::fs::write(&path, &out).expect("write tasks.md");
-        println!("written to {}", path.display());
-    }
+    aio_benches::run_parts(
+        "tasks",
+        "B12: tasks, aio vs tokio",
+        "tasks.md",
+        |sizes| match sizes {
+            Sizes::Smoke => SMOKE,
+            Sizes::Quick => QUICK,
+            Sizes::Full => FULL,
+        },
+        &[
+            ("B12_spawn", spawn),
+            ("B12_yield", yields),
+            ("B12_remote_wake", remote_wake),
+            ("B12_ping_pong", ping_pong),
+            ("B12_comutex", comutex),
+        ],
+    );
 }

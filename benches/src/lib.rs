@@ -1053,3 +1053,84 @@ impl BenchArgs {
         }
     }
 }
+
+/// The sizes a plain-timing bench program runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sizes {
+    /// No `--bench` (`cargo test --benches`): tiny sizes, to prove the program runs.
+    Smoke,
+    /// `--bench --quick`: reduced sizes.
+    Quick,
+    /// `--bench`: the sizes BENCHMARKS.md records.
+    Full,
+}
+
+/// One part of a [`run_parts`] program, with its filter key: appends its section to the
+/// report, measuring with the plan `P`.
+pub type Part<P> = (&'static str, fn(&mut String, P));
+
+/// A plain-timing bench program made of parts, each of which appends its section to the report
+/// (`tasks`, `rfifolock`): parses the command line, prints a header (`title`, the date, the
+/// machine and the sizes), runs the parts whose key the filter wants with the plan `plans`
+/// picks for the sizes, prints the report and, in bench mode with `AIO_BENCH_REPORT_DIR` set,
+/// also writes it to `file` in that directory. `target` is the bench target's name (a filter
+/// equal to it runs every part).
+pub fn run_parts<P: Copy>(
+    target: &str,
+    title: &str,
+    file: &str,
+    plans: impl Fn(Sizes) -> P,
+    parts: &[Part<P>],
+) {
+    use std::fmt::Write as _;
+    let args = BenchArgs::parse();
+    if args.list {
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let sizes = match (args.bench, quick) {
+        (false, _) => Sizes::Smoke,
+        (true, true) => Sizes::Quick,
+        (true, false) => Sizes::Full,
+    };
+    let plan = plans(sizes);
+    let mut out = String::new();
+    writeln!(out, "# {title} ({})\n", today()).unwrap();
+    writeln!(out, "Machine: {}", machine()).unwrap();
+    match sizes {
+        Sizes::Smoke => writeln!(
+            out,
+            "(smoke run: no --bench flag, tiny sizes; the figures mean nothing)"
+        )
+        .unwrap(),
+        Sizes::Quick => writeln!(out, "(--quick: reduced sizes)").unwrap(),
+        Sizes::Full => {}
+    }
+    for (key, part) in parts {
+        if args.wants(target, key) {
+            part(&mut out, plan);
+        }
+    }
+    print!("{out}");
+    if sizes == Sizes::Smoke {
+        return;
+    }
+    if let Some(dir) = std::env::var_os("AIO_BENCH_REPORT_DIR") {
+        let path = std::path::Path::new(&dir).join(file);
+        std::fs::create_dir_all(&dir).ok();
+        std::fs::write(&path, &out).unwrap_or_else(|e| panic!("write {file}: {e}"));
+        println!("written to {}", path.display());
+    }
+}
+
+/// How a report marks a target: "met", or "**missed**" in bold.
+pub fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "**missed**" }
+}
+
+/// Median, mean and minimum of per-round figures (empty: panics).
+pub fn summary(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    (percentile(&v, 0.5), mean, v[0])
+}
