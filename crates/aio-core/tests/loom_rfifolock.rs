@@ -22,8 +22,8 @@ type Log = RFifoLock<UnsafeCell<Vec<usize>>>;
 fn lock_and_push(lock: &Log, id: usize) {
     let outer = lock.lock();
     let inner = lock.lock();
-    // SAFETY: this thread holds the lock, and guards exist on one thread at a time
-    // ([RFifoLock-1]); loom checks exactly that the previous holder's accesses happen before.
+    // Loom checks exactly that the previous holder's accesses happen before this one.
+    // SAFETY: this thread holds the lock; guards exist on one thread at a time ([RFifoLock-1]).
     inner.with_mut(|v| unsafe { (*v).push(id) });
     drop(inner);
     assert!(

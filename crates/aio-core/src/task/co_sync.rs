@@ -475,16 +475,14 @@ impl<T: ?Sized> Deref for CoMutexGuard<'_, T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        // SAFETY: this guard holds the lock ([CoMutex-1]): no other guard exists, and the
-        // reference cannot outlive the guard.
+        // SAFETY: this guard holds the lock, so no other guard exists ([CoMutex-1]).
         self.mutex.data.with(|p| unsafe { &*p })
     }
 }
 
 impl<T: ?Sized> DerefMut for CoMutexGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as in `deref`, and `&mut self` makes this the only reference through the
-        // guard ([CoMutex-1]).
+        // SAFETY: as in `deref`; `&mut self` is the only reference via the guard ([CoMutex-1]).
         self.mutex.data.with_mut(|p| unsafe { &mut *p })
     }
 }
@@ -1201,8 +1199,8 @@ impl<T: ?Sized> Deref for CoRwLockReadGuard<'_, T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        // SAFETY: this guard is counted in `owners` > 0, so no writer guard exists while it
-        // lives ([CoRwLock-1]); only shared references are made through read guards.
+        // Only shared references are made through read guards.
+        // SAFETY: this guard counts in `owners` > 0, so no writer guard exists ([CoRwLock-1]).
         self.lock.data.with(|p| unsafe { &*p })
     }
 }
@@ -1272,16 +1270,14 @@ impl<T: ?Sized> Deref for CoRwLockWriteGuard<'_, T> {
     type Target = T;
 
     fn deref(&self) -> &T {
-        // SAFETY: this guard set `owners` to -1, so no other guard exists while it lives
-        // ([CoRwLock-1]).
+        // SAFETY: this guard set `owners` to -1, so no other guard exists ([CoRwLock-1]).
         self.lock.data.with(|p| unsafe { &*p })
     }
 }
 
 impl<T: ?Sized> DerefMut for CoRwLockWriteGuard<'_, T> {
     fn deref_mut(&mut self) -> &mut T {
-        // SAFETY: as in `deref`; `&mut self` makes this the only reference through the guard
-        // ([CoRwLock-1]).
+        // SAFETY: as in `deref`; `&mut self` is the only reference via the guard ([CoRwLock-1]).
         self.lock.data.with_mut(|p| unsafe { &mut *p })
     }
 }
