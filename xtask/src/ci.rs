@@ -130,11 +130,18 @@ const MIRI: &[MiriRun] = &[
         targets: &["--test", "bh_memory"],
         threaded: true,
     },
-    // Tasks: the executor's ownership of futures, headers and BHs, across threads, and the
-    // seeded task programs.
+    // Tasks: the executor's task cells (one allocation, raw wakers: [TASK-1]..[TASK-5]),
+    // across threads, the review suite's panics and aborts, and the seeded task programs.
     MiriRun {
         package: "aio-core",
-        targets: &["--test", "tasks", "--test", "task_model"],
+        targets: &[
+            "--test",
+            "tasks",
+            "--test",
+            "tasks_review",
+            "--test",
+            "task_model",
+        ],
         threaded: true,
     },
     // The unit tests, the context-local values, and the signal tests (ignored: Miri has no

@@ -2084,6 +2084,13 @@ impl ContextHandle {
         self.shared.notify();
     }
 
+    /// Wakes the loop after something it will look at changed, as a BH schedule does: no
+    /// system call from the home thread outside its blocking window (see
+    /// `Shared::notify_scheduled`).
+    pub(crate) fn notify_scheduled(&self) {
+        self.shared.notify_scheduled();
+    }
+
     /// Runs `f` once on the context's thread, on its next iteration, waking it if needed
     /// (QEMU `aio_bh_schedule_oneshot`).
     pub fn schedule_oneshot(&self, f: impl FnOnce() + Send + 'static) {

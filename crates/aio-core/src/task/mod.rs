@@ -28,109 +28,34 @@ pub use co_sync::{
 pub use fd::AsyncFd;
 pub use time::{Elapsed, Sleep, now_ns, sleep, sleep_on, sleep_until, timeout, timeout_on};
 
+mod cell;
+
 use crate::bh::{self, BottomHalf};
 use crate::context::{AioContext, ContextHandle};
 use crate::sync::global::{self, AtomicU64, AtomicUsize};
-use crate::sync::{AtomicBool, AtomicU32, Mutex, Ordering, StdArc as Arc, lock};
+use crate::sync::{AtomicBool, Ordering, StdArc as Arc, lock};
+use cell::{ABORT, HeaderRef, JoinRef, MOVING, Owned, SENDABLE, SendOwned};
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Wake, Waker};
 
-/// Header flag: the task must be dropped instead of polled ([`JoinHandle::abort`]).
-const ABORT: u32 = 1;
-/// Header flag: the future is `Send` and may move to another context ([`reschedule`]).
-const SENDABLE: u32 = 2;
-/// Header flag: [`reschedule`] stored a target in `Sched::move_to` during the current poll
-/// (set by the task's own poll, cleared by `run` or by a withdrawn `Reschedule`; it saves a
-/// lock per poll).
-const MOVING: u32 = 4;
-
-/// What wakers and join handles share with a task: its flags and the BH that polls it on the
-/// context where it lives (none while it moves between contexts, or once it is gone).
-pub(crate) struct Header {
-    flags: AtomicU32,
-    sched: Mutex<Sched>,
+/// A task's owner token as its slot holds it: whether the future may move to another context
+/// is a property of its type, kept here.
+enum Owner {
+    Local(Owned),
+    Send(SendOwned),
 }
 
-#[derive(Default)]
-struct Sched {
-    /// The BH that polls the task on its current context (its slot's, see `Slot::bh`).
-    bh: Option<Arc<BottomHalf>>,
-    /// Set by [`reschedule`] while the task is being polled: where it goes when the poll
-    /// returns `Pending`.
-    move_to: Option<ContextHandle>,
-}
-
-impl Header {
-    fn new(sendable: bool) -> Arc<Header> {
-        Arc::new(Header {
-            flags: AtomicU32::new(if sendable { SENDABLE } else { 0 }),
-            sched: Mutex::new(Sched::default()),
-        })
-    }
-
-    fn has(&self, flag: u32) -> bool {
-        // Acquire pairs with the Release in `abort`: whoever sees ABORT sees what the aborting
-        // thread did before.
-        self.flags.load(Ordering::Acquire) & flag != 0
-    }
-
-    /// Takes the task's BH out (the task is finishing, moving or being dropped): later
-    /// wake-ups do nothing until a new BH is installed.
-    fn take_bh(&self) -> Option<Arc<BottomHalf>> {
-        lock(&self.sched).bh.take()
-    }
-
-    /// Releases the task's BH: it belongs to the slot, which a later task reuses, so a run
-    /// still scheduled for this task is cancelled (on the home thread, where `cancel` is
-    /// reliable). A stale run would only poll the next task spuriously, which futures allow.
-    fn release_bh(&self) {
-        if let Some(bh) = self.take_bh() {
-            bh.cancel();
-        }
-    }
-}
-
-impl Wake for Header {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        // QEMU aio_co_wake: back onto the context where the task lives. The BH coalesces
-        // wake-ups and never polls the task inline, whichever thread this is.
-        if let Some(bh) = &lock(&self.sched).bh {
-            bh.schedule();
-        }
-    }
-}
-
-/// A task's future, boxed; only `Send` ones can move to another context.
-enum TaskFuture {
-    Local(Pin<Box<dyn Future<Output = ()>>>),
-    Send(Pin<Box<dyn Future<Output = ()> + Send>>),
-}
-
-impl TaskFuture {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+impl Owner {
+    fn owned(&self) -> &Owned {
         match self {
-            TaskFuture::Local(f) => f.as_mut().poll(cx),
-            TaskFuture::Send(f) => f.as_mut().poll(cx),
+            Owner::Local(o) => o,
+            Owner::Send(s) => s.owned(),
         }
     }
-}
-
-/// A task as its context's table holds it, in its slot (no allocation of its own).
-struct LocalTask {
-    header: Arc<Header>,
-    /// The task's waker, made once; a no-op waker stands in while `run` has it out.
-    waker: Waker,
-    /// The future; `None` while `run` has it out to poll it.
-    future: Option<TaskFuture>,
 }
 
 /// Where a task sits in its context's table; a freed slot's generation changes, so a stale
@@ -144,7 +69,9 @@ struct TaskKey {
 #[derive(Default)]
 struct Slot {
     generation: u32,
-    task: Option<LocalTask>,
+    task: Option<Owner>,
+    /// `run` is polling the task ([TASK-1]): the slot is freed by no one but that `run`.
+    running: bool,
     /// The slot's BH, made for its first task and reused by every later one: it polls
     /// whichever task holds the slot when it runs. Saves a BH (two allocations and a delete
     /// pass) per task.
@@ -161,8 +88,11 @@ pub(crate) struct Tasks {
 }
 
 impl Tasks {
-    /// Puts `task` in a free slot; returns the slot's BH (made on first use).
-    fn insert(&self, task: LocalTask, ctx: &AioContext) -> Arc<BottomHalf> {
+    /// Puts the task that `make` builds (given its slot's BH) in a free slot and schedules
+    /// that BH (made on the slot's first use; it polls whichever task holds the slot): the
+    /// task is first polled on the context's next BH pass. `make` runs under the table's
+    /// borrow: it must only build the task.
+    fn insert_and_schedule(&self, ctx: &AioContext, make: impl FnOnce(Arc<BottomHalf>) -> Owner) {
         let mut slots = self.slots.borrow_mut();
         let index = match self.free.borrow_mut().pop() {
             Some(i) => i,
@@ -172,79 +102,78 @@ impl Tasks {
             }
         };
         let slot = &mut slots[index as usize];
-        slot.task = Some(task);
-        let bh = slot.bh.get_or_insert_with(|| {
-            Arc::new(BottomHalf::new(
-                ctx.inner.shared.clone(),
-                bh::plain_callback(move || {
-                    if let Some(ctx) = AioContext::current() {
-                        run(&ctx, index);
-                    }
-                }),
-            ))
-        });
-        bh.clone()
+        debug_assert!(slot.task.is_none() && !slot.running);
+        let bh = slot
+            .bh
+            .get_or_insert_with(|| {
+                Arc::new(BottomHalf::new(
+                    ctx.inner.shared.clone(),
+                    bh::plain_callback(move || {
+                        if let Some(ctx) = AioContext::current() {
+                            run(&ctx, index);
+                        }
+                    }),
+                ))
+            })
+            .clone();
+        slot.task = Some(make(bh));
+        // Scheduling runs nothing (and, on the home thread, needs no system call), so it may
+        // happen under the borrow.
+        if let Some(bh) = &slot.bh {
+            bh.schedule();
+        }
     }
 
-    /// Takes the future and the waker of the task in slot `index` out, to poll them; `None`
-    /// if the slot is free. The task stays in its slot with its header (its future `None`
-    /// meanwhile, which marks it as being polled) until [`Tasks::put_back`] or
-    /// [`Tasks::remove`].
-    fn take_out(&self, index: u32) -> Option<Taken> {
+    /// Marks the task in slot `index` as being polled and returns its key and address; `None`
+    /// if the slot is free.
+    fn start_run(&self, index: u32) -> Option<(TaskKey, *const dyn cell::Task)> {
         let mut slots = self.slots.borrow_mut();
         let slot = slots.get_mut(index as usize)?;
-        let generation = slot.generation;
-        let task = slot.task.as_mut()?;
-        let Some(future) = task.future.take() else {
+        let task = slot.task.as_ref()?;
+        if slot.running {
             // Being polled further up the stack. Only the task's BH polls it, and a BH is
             // never re-entered, so this cannot happen; should it, the wake-up is kept.
-            task.header.wake_by_ref();
+            task.owned().task().header().wake();
             return None;
-        };
-        Some(Taken {
-            key: TaskKey { index, generation },
-            waker: std::mem::replace(&mut task.waker, Waker::noop().clone()),
-            future,
-            abort: task.header.has(ABORT),
-        })
+        }
+        slot.running = true;
+        Some((
+            TaskKey {
+                index,
+                generation: slot.generation,
+            },
+            task.owned().as_ptr(),
+        ))
     }
 
-    /// Returns a task's future and waker after a poll that left it pending, and says whether
-    /// the poll asked to move it ([`reschedule`]).
-    fn put_back(&self, t: Taken) -> bool {
-        let mut slots = self.slots.borrow_mut();
-        let slot = &mut slots[t.key.index as usize];
-        debug_assert_eq!(
-            slot.generation, t.key.generation,
-            "a running task's slot is kept"
-        );
-        let Some(task) = slot.task.as_mut() else {
-            // Cannot happen (see `finish`); the future is dropped outside the borrow.
-            drop(slots);
-            drop_future(Some(t.future));
-            return false;
-        };
-        task.waker = t.waker;
-        task.future = Some(t.future);
-        // Relaxed: MOVING is set and cleared on this thread only.
-        task.header.flags.load(Ordering::Relaxed) & MOVING != 0
+    /// Ends a poll that left the task pending.
+    fn end_run(&self, index: u32) {
+        self.slots.borrow_mut()[index as usize].running = false;
     }
 
-    /// The header of the task in slot `index`, if the slot holds one.
-    fn header(&self, index: u32) -> Option<Arc<Header>> {
+    /// A counted handle on the header of the task in slot `index`, if the slot holds one.
+    fn header(&self, index: u32) -> Option<HeaderRef> {
         let slots = self.slots.borrow();
-        Some(slots.get(index as usize)?.task.as_ref()?.header.clone())
+        Some(
+            slots
+                .get(index as usize)?
+                .task
+                .as_ref()?
+                .owned()
+                .header_ref(),
+        )
     }
 
-    /// Frees the slot of `key`; returns the task (its header, for the caller to release its
-    /// BH).
-    fn remove(&self, key: TaskKey) -> Option<LocalTask> {
+    /// Frees the slot of `key` and returns its task, for the caller to drop or move outside
+    /// the borrow.
+    fn remove(&self, key: TaskKey) -> Option<Owner> {
         let mut slots = self.slots.borrow_mut();
         let slot = slots.get_mut(key.index as usize)?;
         if slot.generation != key.generation {
             return None;
         }
         let task = slot.task.take()?;
+        slot.running = false;
         slot.generation = slot.generation.wrapping_add(1);
         self.free.borrow_mut().push(key.index);
         Some(task)
@@ -259,30 +188,23 @@ impl Tasks {
     /// touch the table (abort or wake another task), so no borrow is held while one runs.
     pub(crate) fn drop_all(&self) {
         loop {
-            let taken: Vec<LocalTask> = {
+            let taken: Vec<Owner> = {
                 let mut slots = self.slots.borrow_mut();
+                debug_assert!(slots.iter().all(|s| !s.running));
                 slots.iter_mut().filter_map(|s| s.task.take()).collect()
             };
             if taken.is_empty() {
                 break;
             }
             for task in taken {
-                drop(task.header.take_bh());
-                drop_future(task.future);
+                drop(task.owned().task().header().take_bh());
+                // Dropping the owner drops the future (panics caught and logged).
+                drop(task);
             }
         }
         self.slots.borrow_mut().clear();
         self.free.borrow_mut().clear();
     }
-}
-
-/// A task's future and waker, out of its slot while `run` polls it.
-struct Taken {
-    key: TaskKey,
-    waker: Waker,
-    future: TaskFuture,
-    /// [`JoinHandle::abort`] was called before this poll.
-    abort: bool,
 }
 
 thread_local! {
@@ -313,100 +235,81 @@ impl Drop for RunningGuard {
     }
 }
 
-/// Puts `future` in `ctx`'s table with a BH that polls it, installs that BH in the header and
-/// schedules it: the task is polled on the context's next BH pass. (Scheduling the BH here,
-/// rather than through the header's waker, saves the header's lock; nobody else can have
-/// scheduled it, since no waker of this task has been polled yet.)
-fn install_and_schedule(ctx: &AioContext, header: Arc<Header>, future: TaskFuture) {
-    let task = LocalTask {
-        waker: Waker::from(header.clone()),
-        header: header.clone(),
-        future: Some(future),
-    };
-    let bh = ctx.inner.tasks.insert(task, ctx);
-    bh.schedule();
-    let old = lock(&header.sched).bh.replace(bh);
+/// Puts a task that arrives from elsewhere (a [`ContextHandle::spawn`] or a [`reschedule`])
+/// in `ctx`'s table with its slot's BH, installs that BH in its header and schedules it.
+fn install_and_schedule(ctx: &AioContext, task: SendOwned) {
+    let mut old = None;
+    ctx.inner.tasks.insert_and_schedule(ctx, |bh| {
+        old = lock(&task.owned().task().header().sched).bh.replace(bh);
+        Owner::Send(task)
+    });
     drop(old);
 }
 
 /// Polls the task in slot `index` once, from the slot's BH.
 fn run(ctx: &AioContext, index: u32) {
     let tasks = &ctx.inner.tasks;
-    let Some(mut taken) = tasks.take_out(index) else {
+    let Some((key, task)) = tasks.start_run(index) else {
         return;
     };
-    let key = taken.key;
-    if taken.abort {
+    let this = task.cast::<()>();
+    // SAFETY: [TASK-1]: the slot is marked running, so nobody but this function frees it, and
+    // the owner token it holds keeps the task alive until then.
+    let task = unsafe { &*task };
+    let header = task.header();
+    if header.has(ABORT) {
         finish(ctx, key);
-        drop_future(Some(taken.future));
         return;
     }
     let poll = {
         let _running = RunningGuard::enter(Some(index));
-        taken.future.poll(&mut Context::from_waker(&taken.waker))
+        // SAFETY: [TASK-1]: the slot holds the task's owner token, this is its home thread,
+        // and the running mark keeps any other poll or drop of the task out until it returns.
+        unsafe { task.poll(this) }
     };
-    match poll {
-        Poll::Ready(()) => {
-            finish(ctx, key);
-            drop_future(Some(taken.future));
-        }
-        Poll::Pending => {
-            if !tasks.put_back(taken) {
-                return;
-            }
-            // The poll asked to move the task (rare: the header is looked up again).
-            let Some(header) = tasks.header(index) else {
-                return;
-            };
-            // Relaxed: MOVING is set and cleared on this thread only.
-            header.flags.fetch_and(!MOVING, Ordering::Relaxed);
-            let Some(target) = lock(&header.sched).move_to.take() else {
-                return;
-            };
-            let Some(task) = tasks.remove(key) else {
-                return;
-            };
-            header.release_bh();
-            match task.future {
-                Some(TaskFuture::Send(f)) => {
-                    target.schedule_oneshot(move || arrive(header, f));
-                }
-                // `reschedule` refuses to set a target for a local task.
-                other => drop_future(other),
-            }
-        }
+    if poll.is_ready() {
+        finish(ctx, key);
+        return;
+    }
+    // Relaxed: MOVING is set and cleared on this thread only.
+    if header.flags.load(Ordering::Relaxed) & MOVING == 0 {
+        tasks.end_run(index);
+        return;
+    }
+    // The poll asked to move the task (rare).
+    header.flags.fetch_and(!MOVING, Ordering::Relaxed);
+    let target = lock(&header.sched).move_to.take();
+    let Some(target) = target else {
+        tasks.end_run(index);
+        return;
+    };
+    drop(header.take_bh());
+    match tasks.remove(key) {
+        Some(Owner::Send(task)) => target.schedule_oneshot(move || arrive(task)),
+        // `reschedule` refuses to set a target for a local task.
+        other => drop(other),
     }
 }
 
-/// Drops a task's future, catching a panic in its `Drop` (logged): the loop, and the rest of a
-/// context's drop, go on.
-fn drop_future(future: Option<TaskFuture>) {
-    if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(future))) {
-        tracing::error!(
-            "a task's future panicked while being dropped: {}",
-            panic_message(panic.as_ref())
-        );
-    }
-}
-
-/// Takes the task out of its context: its slot and its BH.
+/// Takes the task out of its context (its slot) and drops it: the future, if still there,
+/// then the owner's count.
 fn finish(ctx: &AioContext, key: TaskKey) {
-    // The slot of a task being run is freed only here, by its own run.
-    if let Some(task) = ctx.inner.tasks.remove(key) {
-        task.header.release_bh();
-    }
+    // The slot of a task being run is freed only here, by its own run, and the owner dropped
+    // outside the table's borrow.
+    let task = ctx.inner.tasks.remove(key);
+    drop(task);
 }
 
 /// A `Send` task arriving on the context this runs on (a [`ContextHandle::spawn`] or a
 /// [`reschedule`]): install it and schedule its BH. It is polled by that BH, never from here:
 /// only a poll from the task's own BH is protected against re-entry (a nested loop inside it
 /// parks the BH instead of running it, so a wake-up from inside the poll is kept).
-fn arrive(header: Arc<Header>, future: Pin<Box<dyn Future<Output = ()> + Send>>) {
+fn arrive(task: SendOwned) {
     // A one-shot BH runs inside its context's poll, which makes the context current.
     let Some(ctx) = AioContext::current() else {
         return;
     };
-    install_and_schedule(&ctx, header, TaskFuture::Send(future));
+    install_and_schedule(&ctx, task);
 }
 
 /// Why a task produced no value.
@@ -467,112 +370,6 @@ impl fmt::Debug for JoinError {
 
 impl std::error::Error for JoinError {}
 
-/// What a task and its [`JoinHandle`] share.
-enum JoinState<T> {
-    Running {
-        waker: Option<Waker>,
-        detached: bool,
-    },
-    Done(Result<T, JoinError>),
-    Taken,
-}
-
-struct JoinCell<T> {
-    state: Mutex<JoinState<T>>,
-}
-
-impl<T> JoinCell<T> {
-    fn complete(&self, result: Result<T, JoinError>) {
-        let mut state = lock(&self.state);
-        let JoinState::Running { waker, detached } = &mut *state else {
-            return;
-        };
-        if *detached {
-            if let Err(JoinError { panic: Some(p) }) = &result {
-                tracing::error!("a detached task panicked: {}", panic_message(p.as_ref()));
-            }
-            *state = JoinState::Taken;
-            return;
-        }
-        let waker = waker.take();
-        *state = JoinState::Done(result);
-        drop(state);
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-}
-
-/// Completes the join cell with "cancelled" if the task's future is dropped before it did.
-struct CancelOnDrop<T>(Arc<JoinCell<T>>);
-
-impl<T> Drop for CancelOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.complete(Err(JoinError { panic: None }));
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A user future as a task body: polls it, catching a panic, drops it, and only then hands
-    /// the result to the join handle, so that whoever joins sees everything the future owned
-    /// already released. Dropped unfinished (aborted, or with its context, polled or not), it
-    /// drops the future first, then the guard, which reports "cancelled": fields drop in
-    /// declaration order.
-    struct TaskBody<F: Future> {
-        #[pin]
-        future: Option<F>,
-        guard: CancelOnDrop<F::Output>,
-    }
-}
-
-impl<F: Future> Future for TaskBody<F> {
-    type Output = ();
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let mut this = self.project();
-        let Some(future) = this.future.as_mut().as_pin_mut() else {
-            return Poll::Ready(());
-        };
-        let result = match catch_unwind(AssertUnwindSafe(|| future.poll(cx))) {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(v)) => Ok(v),
-            Err(panic) => Err(JoinError { panic: Some(panic) }),
-        };
-        // A panic in the future's `Drop` is the task's panic too. (If the drop unwinds, the
-        // assignment still stores `None`: the old value counts as dropped.)
-        let dropped = catch_unwind(AssertUnwindSafe(|| this.future.set(None)));
-        let result = match (result, dropped) {
-            (result, Ok(())) => result,
-            (Ok(_), Err(panic)) => Err(JoinError { panic: Some(panic) }),
-            (Err(first), Err(_)) => Err(first),
-        };
-        this.guard.0.complete(result);
-        Poll::Ready(())
-    }
-}
-
-fn new_task<F: Future>(
-    future: F,
-    sendable: bool,
-) -> (Arc<Header>, impl Future<Output = ()>, JoinHandle<F::Output>) {
-    let header = Header::new(sendable);
-    let cell = Arc::new(JoinCell {
-        state: Mutex::new(JoinState::Running {
-            waker: None,
-            detached: false,
-        }),
-    });
-    let join = JoinHandle {
-        header: header.clone(),
-        cell: cell.clone(),
-    };
-    let body = TaskBody {
-        future: Some(future),
-        guard: CancelOnDrop(cell),
-    };
-    (header, body, join)
-}
-
 /// An owned permission to wait for a task, and to abort it (tokio's `JoinHandle`, QEMU has no
 /// equivalent: a coroutine's caller waits on its own flag).
 ///
@@ -581,8 +378,7 @@ fn new_task<F: Future>(
 /// panic is logged. It is `Send` when the output is. Like any future, it must not be polled
 /// again after it returned its result (that panics).
 pub struct JoinHandle<T> {
-    header: Arc<Header>,
-    cell: Arc<JoinCell<T>>,
+    task: JoinRef<T>,
 }
 
 impl<T> JoinHandle<T> {
@@ -593,13 +389,13 @@ impl<T> JoinHandle<T> {
     /// any thread, and from inside the task itself.
     pub fn abort(&self) {
         // Release pairs with the Acquire in `Header::has`.
-        self.header.flags.fetch_or(ABORT, Ordering::Release);
-        self.header.wake_by_ref();
+        self.task.header().flags.fetch_or(ABORT, Ordering::Release);
+        self.task.header().wake();
     }
 
     /// Whether the task has finished (returned, panicked or been cancelled).
     pub fn is_finished(&self) -> bool {
-        !matches!(*lock(&self.cell.state), JoinState::Running { .. })
+        self.task.join().is_complete()
     }
 
     /// Lets the task run on without anyone waiting for it (the same as dropping the handle).
@@ -608,20 +404,7 @@ impl<T> JoinHandle<T> {
 
 impl<T> Drop for JoinHandle<T> {
     fn drop(&mut self) {
-        let mut state = lock(&self.cell.state);
-        match &mut *state {
-            JoinState::Running { detached, waker } => {
-                *detached = true;
-                *waker = None;
-            }
-            JoinState::Done(_) => {
-                // Drop the output outside the lock.
-                let done = std::mem::replace(&mut *state, JoinState::Taken);
-                drop(state);
-                drop(done);
-            }
-            JoinState::Taken => {}
-        }
+        self.task.join().drop_handle();
     }
 }
 
@@ -629,21 +412,7 @@ impl<T> Future for JoinHandle<T> {
     type Output = Result<T, JoinError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = lock(&self.cell.state);
-        match &mut *state {
-            JoinState::Running { waker, .. } => {
-                match waker {
-                    Some(w) if w.will_wake(cx.waker()) => {}
-                    _ => *waker = Some(cx.waker().clone()),
-                }
-                Poll::Pending
-            }
-            JoinState::Done(_) => match std::mem::replace(&mut *state, JoinState::Taken) {
-                JoinState::Done(result) => Poll::Ready(result),
-                _ => unreachable!(),
-            },
-            JoinState::Taken => panic!("JoinHandle polled after it returned its result"),
-        }
+        self.task.join().poll(cx)
     }
 }
 
@@ -677,9 +446,15 @@ impl AioContext {
         F: Future + 'static,
         F::Output: 'static,
     {
-        let (header, body, join) = new_task(future, false);
-        self.start(header, TaskFuture::Local(Box::pin(body)));
-        join
+        let mut join = None;
+        self.inner.tasks.insert_and_schedule(self, |bh| {
+            let (task, j) = cell::new_local(future, Some(bh));
+            join = Some(j);
+            Owner::Local(task)
+        });
+        JoinHandle {
+            task: join.expect("made by insert"),
+        }
     }
 
     /// Runs a `Send` future as a task on this context; unlike a [`spawn_local`](Self::spawn_local)
@@ -689,13 +464,15 @@ impl AioContext {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let (header, body, join) = new_task(future, true);
-        self.start(header, TaskFuture::Send(Box::pin(body)));
-        join
-    }
-
-    fn start(&self, header: Arc<Header>, future: TaskFuture) {
-        install_and_schedule(self, header, future);
+        let mut join = None;
+        self.inner.tasks.insert_and_schedule(self, |bh| {
+            let (task, j) = cell::new_send(future, Some(bh));
+            join = Some(j);
+            Owner::Send(task)
+        });
+        JoinHandle {
+            task: join.expect("made by insert"),
+        }
     }
 
     /// How many tasks this context holds (spawned and not finished, aborted or moved away).
@@ -769,10 +546,9 @@ impl ContextHandle {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let (header, body, join) = new_task(future, true);
-        let body: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(body);
-        self.schedule_oneshot(move || arrive(header, body));
-        join
+        let (task, join) = cell::new_send(future, None);
+        self.schedule_oneshot(move || arrive(task));
+        JoinHandle { task: join }
     }
 }
 
@@ -790,7 +566,9 @@ impl Wake for BlockOnSignal {
     fn wake_by_ref(self: &Arc<Self>) {
         // Release pairs with the Acquire in `block_on`: the waiter sees what the waker did.
         if !self.woken.swap(true, Ordering::Release) {
-            self.ctx.notify();
+            // Like a BH schedule: no notify from the home thread outside its blocking window
+            // (a callback of this very loop; `block_on` checks the flag when it returns).
+            self.ctx.notify_scheduled();
         }
     }
 }
@@ -957,7 +735,7 @@ pub struct Reschedule {
     /// `None` once the move was requested.
     target: Option<ContextHandle>,
     /// The task whose move this future requested, until it completes.
-    requested: Option<Arc<Header>>,
+    requested: Option<HeaderRef>,
 }
 
 impl fmt::Debug for Reschedule {
@@ -970,9 +748,10 @@ impl fmt::Debug for Reschedule {
 
 impl Drop for Reschedule {
     fn drop(&mut self) {
-        if let Some(header) = self.requested.take() {
+        if let Some(task) = self.requested.take() {
             // Withdraw a move the task has not made yet (after the move, `move_to` is empty
             // already and this changes nothing).
+            let header = task.header();
             lock(&header.sched).move_to = None;
             header.flags.fetch_and(!MOVING, Ordering::Relaxed);
         }
@@ -992,9 +771,10 @@ impl Future for Reschedule {
         let running = RUNNING
             .with(Cell::get)
             .and_then(|index| AioContext::current().and_then(|ctx| ctx.inner.tasks.header(index)));
-        let Some(header) = running else {
+        let Some(task) = running else {
             return Poll::Ready(Err(RescheduleError::NotInTask));
         };
+        let header = task.header();
         if !header.has(SENDABLE) {
             return Poll::Ready(Err(RescheduleError::NotSend));
         }
@@ -1014,7 +794,7 @@ impl Future for Reschedule {
         }
         lock(&header.sched).move_to = Some(target);
         header.flags.fetch_or(MOVING, Ordering::Relaxed);
-        self.requested = Some(header);
+        self.requested = Some(task);
         // Wake our own waker: the task's BH is cancelled by the move and the arrival polls
         // the task anyway, but a combinator with per-branch wakers polls this branch again
         // only if its waker was woken.

@@ -1,0 +1,473 @@
+//! One task, one allocation: the task cell (its header, its join state and its future in one
+//! `Arc`), the waker made from it, and the tokens that own its future. This is the only file
+//! of the executor with `unsafe`; the rules it keeps are [TASK-1]..[TASK-4] in ARCHITECTURE.md
+//! ("Tasks"), and each `SAFETY` comment here cites the one it relies on.
+//!
+//! Why `unsafe`: a task's future may be `!Send` (`spawn_local`) while its wakers must be
+//! `Send + Sync`, and its join handle `Send` when the output is. Safe Rust can only express
+//! that with the future in an allocation of its own, the header (what wakers touch) in a second
+//! and the join state in a third; one allocation instead of three, and no reference count
+//! touched per poll, is what the spawn benchmark (B12) asks for.
+
+use super::{JoinError, panic_message};
+use crate::bh::BottomHalf;
+use crate::context::ContextHandle;
+use crate::sync::{AtomicU32, Mutex, Ordering, StdArc as Arc, UnsafeCell, lock};
+use std::future::Future;
+use std::mem::ManuallyDrop;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::Pin;
+use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
+
+/// Header flag: the task must be dropped instead of polled ([`JoinHandle::abort`]).
+///
+/// [`JoinHandle::abort`]: super::JoinHandle::abort
+pub(super) const ABORT: u32 = 1;
+/// Header flag: the future is `Send` and may move to another context (`reschedule`).
+pub(super) const SENDABLE: u32 = 2;
+/// Header flag: `reschedule` stored a target in `Sched::move_to` during the current poll
+/// (set by the task's own poll, cleared by `run` or by a withdrawn `Reschedule`; it saves a
+/// lock per poll).
+pub(super) const MOVING: u32 = 4;
+
+/// What wakers and join handles touch of a task: its flags and the BH that polls it on the
+/// context where it lives. `Send + Sync` on its own.
+pub(super) struct Header {
+    pub(super) flags: AtomicU32,
+    pub(super) sched: Mutex<Sched>,
+}
+
+#[derive(Default)]
+pub(super) struct Sched {
+    /// The BH that polls the task on its current context (its slot's); none while the task
+    /// moves between contexts or once its context dropped it. A finished task keeps its
+    /// slot's BH: a late wake-up then polls the slot's next task spuriously, which futures
+    /// allow, and costs nothing on the common path.
+    pub(super) bh: Option<Arc<BottomHalf>>,
+    /// Set by `reschedule` while the task is being polled: where it goes when the poll
+    /// returns `Pending`.
+    pub(super) move_to: Option<ContextHandle>,
+}
+
+impl Header {
+    pub(super) fn has(&self, flag: u32) -> bool {
+        // Acquire pairs with the Release in `abort`: whoever sees ABORT sees what the aborting
+        // thread did before.
+        self.flags.load(Ordering::Acquire) & flag != 0
+    }
+
+    /// Takes the task's BH out (the task moves, or its context drops it): later wake-ups do
+    /// nothing until a new BH is installed.
+    pub(super) fn take_bh(&self) -> Option<Arc<BottomHalf>> {
+        lock(&self.sched).bh.take()
+    }
+
+    /// QEMU `aio_co_wake`: back onto the context where the task lives. The BH coalesces
+    /// wake-ups and never polls the task inline, whichever thread this is.
+    pub(super) fn wake(&self) {
+        if let Some(bh) = &lock(&self.sched).bh {
+            bh.schedule();
+        }
+    }
+}
+
+/// Join state bit: the task has finished and its result is in `Join::output` (set once, by
+/// the task's thread).
+const COMPLETE: u32 = 1;
+/// Join state bit: the join handle exists (cleared once, when it is dropped).
+const JOIN_INTEREST: u32 = 2;
+/// Join state bit: `Join::waker` holds the waker of the task awaiting the handle.
+const JOIN_WAKER: u32 = 4;
+
+/// What a task and its [`JoinHandle`](super::JoinHandle) share: a state word and two cells
+/// whose access the word arbitrates ([TASK-5]). The task's thread is the *producer* (it writes
+/// the result once); the handle is the *consumer*.
+pub(super) struct Join<T> {
+    state: AtomicU32,
+    /// [TASK-5]: written by the producer before it sets COMPLETE; after that, taken by the
+    /// consumer, or by the producer if its COMPLETE transition found JOIN_INTEREST clear.
+    output: UnsafeCell<Option<Result<T, JoinError>>>,
+    /// [TASK-5]: written by the consumer only while JOIN_WAKER and COMPLETE are both clear;
+    /// read by the producer only if its COMPLETE transition found JOIN_WAKER set; otherwise
+    /// left to the cell's drop.
+    waker: UnsafeCell<Option<Waker>>,
+}
+
+impl<T> Join<T> {
+    fn new() -> Self {
+        Join {
+            state: AtomicU32::new(JOIN_INTEREST),
+            output: UnsafeCell::new(None),
+            waker: UnsafeCell::new(None),
+        }
+    }
+
+    /// Producer: hands the task's result to its join handle, or drops it (on this thread)
+    /// if the handle is gone. Called at most once per task.
+    fn complete(&self, result: Result<T, JoinError>) {
+        // SAFETY: [TASK-5]: COMPLETE is clear (only this call sets it, once), so the consumer
+        // does not look at the output yet.
+        self.output.with_mut(|p| unsafe { *p = Some(result) });
+        // AcqRel: Release publishes the output to the consumer's Acquire; Acquire orders our
+        // read of the waker after the consumer's write of it.
+        let old = self.state.fetch_or(COMPLETE, Ordering::AcqRel);
+        debug_assert_eq!(old & COMPLETE, 0, "a task completes once");
+        if old & JOIN_INTEREST == 0 {
+            // Detached: the result is ours again.
+            // SAFETY: [TASK-5]: the handle is gone, and it looked at the output only if it
+            // had seen COMPLETE, which it had not.
+            let result = self.output.with_mut(|p| unsafe { (*p).take() });
+            if let Some(Err(JoinError { panic: Some(p) })) = &result {
+                tracing::error!("a detached task panicked: {}", panic_message(p.as_ref()));
+            }
+            drop(result);
+            return;
+        }
+        if old & JOIN_WAKER != 0 {
+            self.waker.with(|w| {
+                // SAFETY: [TASK-5]: JOIN_WAKER was set when COMPLETE went up, so the consumer
+                // writes the waker no more: reading it is shared with at most its own reads.
+                if let Some(w) = unsafe { &*w } {
+                    w.wake_by_ref();
+                }
+            });
+        }
+    }
+
+    /// Consumer: the result, or `Pending` with `cx`'s waker registered.
+    pub(super) fn poll(&self, cx: &Context<'_>) -> Poll<Result<T, JoinError>> {
+        // Acquire pairs with the producer's AcqRel: seeing COMPLETE, we see the output.
+        let state = self.state.load(Ordering::Acquire);
+        if state & COMPLETE != 0 {
+            return Poll::Ready(self.take_output());
+        }
+        if state & JOIN_WAKER != 0 {
+            let same = self.waker.with(|w| {
+                // SAFETY: [TASK-5]: while JOIN_WAKER is set the producer only reads the waker,
+                // and so do we.
+                let waker = unsafe { &*w };
+                waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+            });
+            if same {
+                return Poll::Pending;
+            }
+            // Take the waker back before replacing it.
+            let old = self.state.fetch_and(!JOIN_WAKER, Ordering::AcqRel);
+            if old & COMPLETE != 0 {
+                return Poll::Ready(self.take_output());
+            }
+        }
+        let waker = cx.waker().clone();
+        // SAFETY: [TASK-5]: JOIN_WAKER and COMPLETE were both clear when we last looked, and
+        // only we set JOIN_WAKER: a producer completing meanwhile saw it clear and leaves the
+        // waker alone.
+        self.waker.with_mut(|w| unsafe { *w = Some(waker) });
+        // AcqRel: Release publishes the waker to the producer's Acquire; Acquire, if the task
+        // completed meanwhile, shows us the output.
+        let old = self.state.fetch_or(JOIN_WAKER, Ordering::AcqRel);
+        if old & COMPLETE != 0 {
+            // It completed before the waker was up, so nobody wakes us: the result is here.
+            return Poll::Ready(self.take_output());
+        }
+        Poll::Pending
+    }
+
+    /// Consumer: the result, after COMPLETE was seen.
+    fn take_output(&self) -> Result<T, JoinError> {
+        // SAFETY: [TASK-5]: COMPLETE was seen with Acquire, so the producer is done with the
+        // output and JOIN_INTEREST (ours) keeps it from taking it back.
+        match self.output.with_mut(|p| unsafe { (*p).take() }) {
+            Some(result) => result,
+            None => panic!("JoinHandle polled after it returned its result"),
+        }
+    }
+
+    /// Consumer: the handle is dropped. Drops the result if it is there (on this thread), and
+    /// the registered waker if the producer will not read it.
+    pub(super) fn drop_handle(&self) {
+        let old = self
+            .state
+            .fetch_and(!(JOIN_INTEREST | JOIN_WAKER), Ordering::AcqRel);
+        if old & COMPLETE != 0 {
+            // SAFETY: [TASK-5]: completed while we were interested: the output is ours. (The
+            // waker, which the producer may be reading, is left to the cell's drop.)
+            let result = self.output.with_mut(|p| unsafe { (*p).take() });
+            drop(result);
+        } else {
+            // SAFETY: [TASK-5]: not completed, and JOIN_WAKER is now clear, so the producer
+            // will never read the waker.
+            let waker = self.waker.with_mut(|w| unsafe { (*w).take() });
+            drop(waker);
+        }
+    }
+
+    /// Whether the task has finished.
+    pub(super) fn is_complete(&self) -> bool {
+        self.state.load(Ordering::Acquire) & COMPLETE != 0
+    }
+}
+
+/// The task: header, join state and future in one allocation, which only ever lives in an
+/// `Arc` ([`Cell::new`] returns one), so a pointer to it is an `Arc`'s pointer ([TASK-2]).
+struct Cell<F: Future> {
+    header: Header,
+    join: Join<F::Output>,
+    /// [TASK-1]: touched only through the task's owner token, by the thread that holds it.
+    /// [TASK-3]: pinned: never moved, dropped in place (set to `None`).
+    future: std::cell::UnsafeCell<Option<F>>,
+}
+
+/// What the context's table sees of a task, whatever its future.
+pub(super) trait Task {
+    fn header(&self) -> &Header;
+
+    /// Polls the future once, in place. On `Ready` (or a panic) the future has been dropped
+    /// and the result handed to the join handle; a later call returns `Ready` at once.
+    ///
+    /// # Safety
+    ///
+    /// [TASK-1]: the caller holds the task's owner token (in its context's table slot), on
+    /// that token's thread, and no other call of `poll` or `cancel` on this task is running.
+    /// [TASK-2]: `this` is this task's address as the owner's `Arc` gives it
+    /// ([`Owned::as_ptr`]), whose provenance covers the reference counts that the wakers made
+    /// from it touch.
+    unsafe fn poll(&self, this: *const ()) -> Poll<()>;
+
+    /// Drops the future, if it is still there, and reports "cancelled" to the join handle.
+    /// A panic in the future's `Drop` is caught and logged.
+    ///
+    /// # Safety
+    ///
+    /// As [`Task::poll`].
+    unsafe fn cancel(&self);
+}
+
+/// What a [`JoinHandle`](super::JoinHandle) sees of its task.
+pub(super) trait JoinPart<T> {
+    fn header(&self) -> &Header;
+    fn join(&self) -> &Join<T>;
+}
+
+impl<F: Future + 'static> Cell<F> {
+    /// The waker of a task: the cell's `Arc`, counted; waking schedules the task's BH.
+    const VTABLE: RawWakerVTable = RawWakerVTable::new(
+        Self::clone_waker,
+        Self::wake_waker,
+        Self::wake_by_ref_waker,
+        Self::drop_waker,
+    );
+
+    fn new(future: F, flags: u32, bh: Option<Arc<BottomHalf>>) -> Arc<Self> {
+        Arc::new(Cell {
+            header: Header {
+                flags: AtomicU32::new(flags),
+                sched: Mutex::new(Sched { bh, move_to: None }),
+            },
+            join: Join::new(),
+            future: std::cell::UnsafeCell::new(Some(future)),
+        })
+    }
+
+    unsafe fn clone_waker(ptr: *const ()) -> RawWaker {
+        // SAFETY: [TASK-2]: `ptr` is the pointer of a live `Arc<Cell<F>>` (this waker's count,
+        // or the owner's while it polls), so one more count is taken on a live allocation.
+        unsafe { Arc::increment_strong_count(ptr.cast::<Self>()) };
+        RawWaker::new(ptr, &Self::VTABLE)
+    }
+
+    unsafe fn wake_waker(ptr: *const ()) {
+        // SAFETY: [TASK-2], as in `clone_waker`; this waker's count is given up after.
+        unsafe {
+            Self::wake_by_ref_waker(ptr);
+            Self::drop_waker(ptr);
+        }
+    }
+
+    unsafe fn wake_by_ref_waker(ptr: *const ()) {
+        // SAFETY: [TASK-2]: the waker's count keeps the cell alive; only the header (which is
+        // `Sync`) is touched, from whatever thread this is ([TASK-4]).
+        let cell = unsafe { &*ptr.cast::<Self>() };
+        cell.header.wake();
+    }
+
+    unsafe fn drop_waker(ptr: *const ()) {
+        // SAFETY: [TASK-2]: gives up the count this waker held. If it was the last one, the
+        // cell is freed on this thread: [TASK-4] says its future and output are gone by then.
+        unsafe { Arc::decrement_strong_count(ptr.cast::<Self>()) };
+    }
+}
+
+impl<F: Future + 'static> Task for Cell<F> {
+    fn header(&self) -> &Header {
+        &self.header
+    }
+
+    unsafe fn poll(&self, this: *const ()) -> Poll<()> {
+        // SAFETY: [TASK-1]: the caller holds the owner token and no other access to the future
+        // runs, so this is the only reference to it.
+        let slot = unsafe { &mut *self.future.get() };
+        let Some(future) = slot.as_mut() else {
+            return Poll::Ready(());
+        };
+        // SAFETY: [TASK-3]: the future is never moved out of the cell, which never moves
+        // (it is an `Arc`'s allocation); it is dropped in place below or by `cancel`.
+        let future = unsafe { Pin::new_unchecked(future) };
+        // A waker by reference, borrowing the owner's count: nothing counted unless the future
+        // clones it.
+        debug_assert_eq!(this, std::ptr::from_ref(self).cast::<()>());
+        let raw = RawWaker::new(this, &Self::VTABLE);
+        // SAFETY: [TASK-2]: `this` is the `Arc<Cell<F>>`'s pointer, kept alive by the owner
+        // token for the whole poll; `ManuallyDrop` keeps this borrowed waker from giving up a
+        // count.
+        let waker = ManuallyDrop::new(unsafe { Waker::from_raw(raw) });
+        let result = match catch_unwind(AssertUnwindSafe(|| {
+            future.poll(&mut Context::from_waker(&waker))
+        })) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(v)) => Ok(v),
+            Err(panic) => Err(JoinError { panic: Some(panic) }),
+        };
+        // The future is dropped before the result is published, so whoever joins sees what
+        // it owned released. A panic in its `Drop` is the task's panic too. (If the drop
+        // unwinds, the assignment still stores `None`: the old value counts as dropped.)
+        let dropped = catch_unwind(AssertUnwindSafe(|| *slot = None));
+        let result = match (result, dropped) {
+            (result, Ok(())) => result,
+            (Ok(_), Err(panic)) => Err(JoinError { panic: Some(panic) }),
+            (Err(first), Err(_)) => Err(first),
+        };
+        self.join.complete(result);
+        Poll::Ready(())
+    }
+
+    unsafe fn cancel(&self) {
+        // SAFETY: [TASK-1], as in `poll`.
+        let slot = unsafe { &mut *self.future.get() };
+        if slot.is_none() {
+            return;
+        }
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(|| *slot = None)) {
+            tracing::error!(
+                "a task's future panicked while being dropped: {}",
+                panic_message(panic.as_ref())
+            );
+        }
+        self.join.complete(Err(JoinError { panic: None }));
+    }
+}
+
+impl<F: Future + 'static> JoinPart<F::Output> for Cell<F> {
+    fn header(&self) -> &Header {
+        &self.header
+    }
+
+    fn join(&self) -> &Join<F::Output> {
+        &self.join
+    }
+}
+
+/// The token that owns a task's future ([TASK-1]): held by the task's table slot, or by a
+/// one-shot BH carrying the task to another context ([`SendOwned`]). Exactly one exists per
+/// task. Dropping it drops the future first, on the dropping thread, and only then gives up
+/// its count ([TASK-4]).
+pub(super) struct Owned(Arc<dyn Task>);
+
+impl Owned {
+    pub(super) fn task(&self) -> &dyn Task {
+        &*self.0
+    }
+
+    /// A counted handle on the task's header, for a `reschedule` request.
+    pub(super) fn header_ref(&self) -> HeaderRef {
+        HeaderRef(self.0.clone())
+    }
+
+    /// The task's address, for a poll that must not hold the table's borrow (see `run`): the
+    /// `Arc`'s own pointer, whose provenance covers the reference counts ([TASK-2]).
+    pub(super) fn as_ptr(&self) -> *const dyn Task {
+        Arc::as_ptr(&self.0)
+    }
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        // SAFETY: [TASK-1]: this is the owner token, on its thread (`Owned` is not `Send`; a
+        // `SendOwned` may be dropped anywhere, but its future is `Send`), and nothing polls
+        // the task while its token is being dropped (a running slot is never freed, see
+        // [TASK-1]'s transitions).
+        unsafe { self.0.cancel() };
+    }
+}
+
+/// The owner token of a task whose future and output are `Send`, so that it can move to
+/// another context's thread (`ContextHandle::spawn`, `reschedule`).
+pub(super) struct SendOwned(Owned);
+
+// SAFETY: [TASK-1]: made only by `new_send`, whose bounds make the future and its output
+// `Send`: everything the token gives access to may move to another thread.
+unsafe impl Send for SendOwned {}
+
+impl SendOwned {
+    pub(super) fn owned(&self) -> &Owned {
+        &self.0
+    }
+}
+
+/// A counted handle that touches only a task's header (`Send + Sync`), for a `reschedule`
+/// request kept in a `Send` future.
+pub(super) struct HeaderRef(Arc<dyn Task>);
+
+// SAFETY: [TASK-4]: a `HeaderRef` only reads the header, which is `Sync`, and dropping the last
+// count anywhere is allowed because the future and the output are gone by then.
+unsafe impl Send for HeaderRef {}
+// SAFETY: as for `Send`.
+unsafe impl Sync for HeaderRef {}
+
+impl HeaderRef {
+    pub(super) fn header(&self) -> &Header {
+        self.0.header()
+    }
+}
+
+/// The join side of a task: its handle's view.
+pub(super) struct JoinRef<T>(Arc<dyn JoinPart<T>>);
+
+// SAFETY: [TASK-4]: the join side touches the header (`Sync`) and the join state, a lock around
+// the output, which may cross threads when the output is `Send`; the last count dropped here
+// frees a cell whose future is gone.
+unsafe impl<T: Send> Send for JoinRef<T> {}
+// SAFETY: as for `Send`.
+unsafe impl<T: Send> Sync for JoinRef<T> {}
+
+impl<T> JoinRef<T> {
+    pub(super) fn header(&self) -> &Header {
+        self.0.header()
+    }
+
+    pub(super) fn join(&self) -> &Join<T> {
+        self.0.join()
+    }
+}
+
+/// Makes a task for a future that stays on its context: its owner token (for the table) and
+/// its join side. `bh`: the BH of the slot it will go to, if known.
+pub(super) fn new_local<F>(future: F, bh: Option<Arc<BottomHalf>>) -> (Owned, JoinRef<F::Output>)
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let cell = Cell::new(future, 0, bh);
+    let join: Arc<dyn JoinPart<F::Output>> = cell.clone();
+    (Owned(cell), JoinRef(join))
+}
+
+/// Makes a task for a `Send` future, which may move between contexts.
+pub(super) fn new_send<F>(future: F, bh: Option<Arc<BottomHalf>>) -> (SendOwned, JoinRef<F::Output>)
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let cell = Cell::new(future, SENDABLE, bh);
+    let join: Arc<dyn JoinPart<F::Output>> = cell.clone();
+    (SendOwned(Owned(cell)), JoinRef(join))
+}
