@@ -214,8 +214,10 @@ impl Tour {
         nbd::write_random_file(&self.host, IMAGE_SIZE, 0x6465_6d6f)?;
 
         step(3, "starting nbd-server on a Unix socket (default backend)");
+        // --persistent: the tour connects one tool after another; without it the server
+        // would exit when the first one leaves, as qemu-nbd does without -t.
         let cmd = Cmd::new(&exe.display().to_string())
-            .args(["--unix", &self.socket.display().to_string()])
+            .args(["--unix", &self.socket.display().to_string(), "--persistent"])
             .arg(self.image.display().to_string());
         let server = Server::start("nbd-server", &cmd, &Readiness::ReadyLine, self.deadline)?;
         let watchdog = Watchdog::arm(self.deadline, server.killer());

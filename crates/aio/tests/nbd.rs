@@ -557,6 +557,8 @@ fn unknown_option_is_err_unsup_and_the_session_continues() {
     let mut conn = f.srv.raw_in_options().unwrap();
     for (option, data) in [
         (0u32, vec![]),
+        // NBD_OPT_STARTTLS: TLS is not implemented, so it is just another unknown option.
+        (5, vec![]),
         (99, b"some data".to_vec()),
         (u32::MAX, vec![7; 100]),
         // Exactly the limit is not too big.
@@ -2052,13 +2054,6 @@ fn idle_server_stops_on_sigterm_and_bad_command_lines_exit_2() {
         vec![
             "--tcp".into(),
             "127.0.0.1:0".into(),
-            "--once".into(),
-            "--persistent".into(),
-            image.clone(),
-        ],
-        vec![
-            "--tcp".into(),
-            "127.0.0.1:0".into(),
             "--shared".into(),
             "0".into(),
             image.clone(),
@@ -2103,7 +2098,7 @@ fn help_and_version_print_on_stdout_and_exit_0() {
         assert!(text.starts_with("usage: nbd-server"), "{arg}: {text}");
         for option in [
             "--shared",
-            "--once",
+            "--persistent",
             "--idle-timeout",
             "--pid-file",
             "--poll-max-ns",
@@ -2201,38 +2196,105 @@ fn shared_limits_the_clients_served_at_once() {
     b.disconnect().unwrap();
 }
 
-#[test]
-fn once_exits_when_the_last_client_leaves_and_persistent_does_not() {
-    let mut f = fixture("once", MIB, |c| c.args_extra(&["--once"]));
-    let a = f.srv.client();
-    let mut b = f.srv.client();
-    a.disconnect().unwrap();
-    // One client is still connected: the server goes on.
-    thread::sleep(NO_REPLY_WAIT);
-    assert_eq!(b.read(0, 512).unwrap(), vec![0; 512]);
-    assert!(!f.srv.has_exited());
-    b.disconnect().unwrap();
-    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+/// Waits for the server to exit after its last client left, and checks it said why.
+fn assert_exits_after_the_last_client(f: &mut Fixture, after: &str) {
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0), "{after}");
     assert!(
-        f.srv
-            .stdout()
-            .iter()
-            .any(|l| l.starts_with("nbd-server: stopped (the last client disconnected")),
-        "{:?}",
+        f.srv.stdout().iter().any(|l| l
+            .starts_with("nbd-server: stopped (the last client disconnected, no --persistent)")),
+        "{after}: {:?}",
         f.srv.stdout()
     );
-    assert!(!f.srv.unix_path().exists(), "the socket file is left");
+    assert!(
+        !f.srv.unix_path().exists(),
+        "{after}: the socket file is left"
+    );
+}
 
-    // The default and --persistent: clients come and go, the server stays.
-    for extra in [&[][..], &["--persistent"][..]] {
-        let mut f = fixture("persistent", MIB, |c| c.args_extra(extra));
-        for _ in 0..3 {
-            f.srv.client().disconnect().unwrap();
-        }
-        thread::sleep(NO_REPLY_WAIT);
-        assert!(!f.srv.has_exited(), "{extra:?}");
-        f.assert_serves();
+#[test]
+fn without_persistent_the_server_exits_when_the_last_negotiated_client_leaves() {
+    // qemu-nbd's rule (its -t is our --persistent): the server exits when a client that
+    // completed its handshake leaves and none is left.
+    let mut f = fixture("exit-last", MIB, |c| c.exit_after_last_client());
+    // Clients that never reach the transmission phase do not count: one that goes before
+    // the greeting's end, one refused during the options, one that lists and aborts.
+    drop(f.srv.raw().unwrap());
+    let mut refused = f.srv.raw_in_options().unwrap();
+    let mut bad = encode_option(opt::LIST, &[]);
+    bad[0] ^= 0x20;
+    refused.send(&bad).unwrap();
+    assert_closed(&mut refused, "an option with a bad magic");
+    let mut lister = f.srv.raw_in_options().unwrap();
+    let replies = {
+        lister.send(&encode_option(opt::LIST, &[])).unwrap();
+        replies_until_final(&mut lister)
+    };
+    assert_eq!(replies.last().unwrap().kind, rep::ACK);
+    assert_eq!(lister.option(opt::ABORT, &[]).unwrap().kind, rep::ACK);
+    assert_closed(&mut lister, "NBD_OPT_ABORT");
+    thread::sleep(NO_REPLY_WAIT);
+    assert!(
+        !f.srv.has_exited(),
+        "a client that never negotiated ended the server"
+    );
+
+    // Two negotiated clients: the server goes on while one of them is connected.
+    let a = f.srv.client();
+    let mut b = f.srv.structured_client();
+    a.disconnect().unwrap();
+    thread::sleep(NO_REPLY_WAIT);
+    assert!(
+        !f.srv.has_exited(),
+        "the server exited with a client connected"
+    );
+    b.write(0, &[9; 4096]).unwrap();
+    b.disconnect().unwrap();
+    assert_exits_after_the_last_client(&mut f, "the last of two clients");
+    assert_eq!(f.disk(0, 4096), vec![9; 4096]);
+
+    // A client that drops its connection without NBD_CMD_DISC counts the same.
+    let mut f = fixture("exit-last-abrupt", MIB, |c| c.exit_after_last_client());
+    let mut c = f.srv.client();
+    assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
+    drop(c);
+    assert_exits_after_the_last_client(&mut f, "a client that vanished");
+
+    // --persistent: clients come and go, the server stays.
+    let mut f = fixture("persistent", MIB, |c| c.args_extra(&["-t"]));
+    for _ in 0..3 {
+        f.srv.client().disconnect().unwrap();
     }
+    thread::sleep(NO_REPLY_WAIT);
+    assert!(!f.srv.has_exited(), "--persistent (-t) exited");
+    f.assert_serves();
+}
+
+/// Real clients against the default: `nbdinfo --list` (which only lists) leaves the server
+/// running, one `qemu-io` session ends it, as with qemu-nbd.
+#[test]
+fn real_clients_and_the_exit_after_the_last_client() {
+    if !have("qemu-io") {
+        return;
+    }
+    let mut f = fixture("exit-last-real", MIB, |c| {
+        c.exit_after_last_client().name("disk")
+    });
+    let url = format!("nbd+unix:///disk?socket={}", f.srv.unix_path().display());
+    if have("nbdinfo") {
+        let out = Command::new("nbdinfo")
+            .args(["--list", &url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "nbdinfo --list: {text}");
+        assert!(text.contains("export=\"disk\""), "{text}");
+        thread::sleep(NO_REPLY_WAIT);
+        assert!(!f.srv.has_exited(), "nbdinfo --list ended the server");
+    }
+    let (ok, text) = qemu_io(&url, &[], &["write -P 0x3c 0 64k"]);
+    assert!(ok, "{text}");
+    assert_exits_after_the_last_client(&mut f, "a qemu-io session");
+    assert_eq!(f.disk(0, 65536), vec![0x3c; 65536]);
 }
 
 #[test]
@@ -2921,7 +2983,8 @@ under_the_task_engine! {
     tcp_port_0_is_reported_in_the_ready_line,
     tcp_without_a_port_listens_on_10809,
     shared_limits_the_clients_served_at_once,
-    once_exits_when_the_last_client_leaves_and_persistent_does_not,
+    without_persistent_the_server_exits_when_the_last_negotiated_client_leaves,
+    real_clients_and_the_exit_after_the_last_client,
     pid_file_holds_the_pid_until_exit,
     systemd_socket_activation_serves_the_passed_socket,
     idle_timeout_closes_silent_clients_only,

@@ -23,8 +23,9 @@
 //!   what polling did.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
 //!   request has completed. `--shared N` closes a connection accepted while N are held, at
-//!   once, before the greeting. `--once` shuts the server down, as a signal does, when the
-//!   count falls back to 0; the default (`--persistent`) serves until a signal.
+//!   once, before the greeting. As qemu-nbd without `-t`, the server shuts down, as a signal
+//!   does, when a client that completed its handshake leaves and the count falls to 0
+//!   ([`ClientSlot::negotiated`]); `--persistent` (`-t`) serves until a signal instead.
 //! * **Shutdown.** SIGINT and SIGTERM are blocked in every thread and read from a signalfd that
 //!   is an fd handler of this thread's context, so a signal is an ordinary event of the loop.
 //!   The listeners close at once; each context then stops reading requests, serves those it
@@ -88,8 +89,9 @@ usage: nbd-server [OPTIONS] IMAGE
   --contexts N          number of I/O contexts, one thread each (default 1)
   --shared N            serve at most N clients at once; more are closed at once (default:
                         no limit)
-  --once                exit when the last client disconnects (after the first one came)
-  --persistent          serve until SIGINT/SIGTERM, however clients come and go (the default)
+  -t, --persistent      serve until SIGINT/SIGTERM, however clients come and go; without
+                        it the server exits, as qemu-nbd does, when the last client leaves
+                        (a client that completed its handshake, leaving none connected)
   --idle-timeout SECS   close a client that sends and takes nothing for SECS seconds after
                         its handshake (default: never)
   --pid-file PATH       write the process id to PATH once listening; removed at exit
@@ -124,8 +126,8 @@ struct Config {
     contexts: usize,
     /// At most this many clients at once.
     shared: Option<usize>,
-    /// Exit when the last client leaves.
-    once: bool,
+    /// Serve until a signal; without it, exit when the last negotiated client leaves.
+    persistent: bool,
     idle_timeout: Option<Duration>,
     pid_file: Option<PathBuf>,
     /// The adaptive-polling parameters of every context.
@@ -174,7 +176,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         read_only: false,
         contexts: 1,
         shared: None,
-        once: false,
+        persistent: false,
         idle_timeout: None,
         pid_file: None,
         poll: PollParams::disabled(),
@@ -184,7 +186,6 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) = (0, None, 0, 0);
     let mut poll_qemu10 = false;
-    let mut persistent = false;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?;
         let mut value = |what: &str| {
@@ -211,8 +212,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                     _ => return Err(format!("--shared takes a number from 1, not {n:?}")),
                 };
             }
-            "--once" => cfg.once = true,
-            "--persistent" => persistent = true,
+            "-t" | "--persistent" => cfg.persistent = true,
             "--idle-timeout" => {
                 let n = value("a number of seconds")?;
                 cfg.idle_timeout = match n.parse::<u64>() {
@@ -280,9 +280,6 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         }
     }
     cfg.image = image.ok_or("no image file given")?;
-    if cfg.once && persistent {
-        return Err("--once and --persistent contradict each other".into());
-    }
     let policy = match (poll_qemu10, poll_weight) {
         (true, Some(_)) => {
             return Err("--poll-weight is for the weighted policy, not qemu10".into());
@@ -394,7 +391,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         count: AtomicUsize::new(0),
         last_left: AtomicBool::new(false),
         main: ctx.handle(),
-        once: cfg.once,
+        persistent: cfg.persistent,
     });
     let mut targets = vec![None];
     targets.extend(iothreads.iter().map(|t| Some(t.handle.clone())));
@@ -483,7 +480,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             && clients.count.load(Ordering::Relaxed) == 0
             && stopping.get().is_none()
         {
-            let why = "the last client disconnected (--once)";
+            let why = "the last client disconnected, no --persistent";
             println!("nbd-server: {why}, shutting down");
             stopping.set(Some(why));
             acceptor.shut_down(&ctx);
@@ -585,26 +582,38 @@ impl Drop for PidFile {
     }
 }
 
-/// The clients connected now, over all contexts: what `--shared` and `--once` look at.
+/// The clients connected now, over all contexts: what `--shared` and the exit after the last
+/// client look at.
 struct Clients {
     count: AtomicUsize,
-    /// Set (with `--once`) when the count has fallen to 0; read by the main loop.
+    /// Set (without `--persistent`) when a negotiated client's leaving brought the count to 0;
+    /// read by the main loop.
     last_left: AtomicBool,
     /// The main context, woken when the count falls to 0.
     main: ContextHandle,
-    once: bool,
+    persistent: bool,
 }
 
 /// One client's place in [`Clients`]: taken when its connection is accepted, given back when
 /// the connection is dropped (closed, and its last request completed), on whichever context
-/// served it.
-pub struct ClientSlot(Arc<Clients>);
+/// served it. `negotiated` says whether the client reached the transmission phase: only such
+/// a client's leaving can end the server (qemu-nbd's rule), so that a port scan, a refused
+/// handshake or an export listing (`NBD_OPT_LIST` then `NBD_OPT_ABORT`, as `nbdinfo --list`
+/// does) does not stop it.
+pub struct ClientSlot {
+    clients: Arc<Clients>,
+    negotiated: Cell<bool>,
+}
 
 impl std::fmt::Debug for ClientSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Relaxed: a snapshot for a log line.
-        let clients = self.0.count.load(Ordering::Relaxed);
-        write!(f, "ClientSlot({clients} clients)")
+        let clients = self.clients.count.load(Ordering::Relaxed);
+        write!(
+            f,
+            "ClientSlot({clients} clients, negotiated: {})",
+            self.negotiated.get()
+        )
     }
 }
 
@@ -612,17 +621,26 @@ impl ClientSlot {
     fn take(clients: &Arc<Clients>) -> ClientSlot {
         // Relaxed: a plain count, with nothing published through it.
         clients.count.fetch_add(1, Ordering::Relaxed);
-        ClientSlot(clients.clone())
+        ClientSlot {
+            clients: clients.clone(),
+            negotiated: Cell::new(false),
+        }
+    }
+
+    /// The client has completed its handshake (entered the transmission phase).
+    pub fn negotiated(&self) {
+        self.negotiated.set(true);
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         // Relaxed: as in `take`; the main loop re-reads the count on its own thread.
-        if self.0.count.fetch_sub(1, Ordering::Relaxed) == 1 && self.0.once {
-            let clients = self.0.clone();
+        let last = self.clients.count.fetch_sub(1, Ordering::Relaxed) == 1;
+        if last && self.negotiated.get() && !self.clients.persistent {
+            let clients = self.clients.clone();
             // Relaxed: the main loop reads the flag after running this, on its own thread.
-            self.0
+            self.clients
                 .main
                 .schedule_oneshot(move || clients.last_left.store(true, Ordering::Relaxed));
         }
