@@ -19,7 +19,7 @@ mod support;
 
 use std::io;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -2337,6 +2337,77 @@ fn systemd_socket_activation_serves_the_passed_socket() {
     assert!(f.srv.unix_path().exists());
 }
 
+/// systemd's usual pairing: started on the first connection, the server exits after its last
+/// client (without `--persistent`), and systemd would start it again on the next one.
+#[test]
+fn a_socket_activated_server_exits_after_its_last_client() {
+    if !have_socket_activate() {
+        return;
+    }
+    let mut f = fixture("activation-exit", MIB, |c| {
+        c.socket_activated().exit_after_last_client()
+    });
+    // The connection that woke systemd-socket-activate never negotiated: the server stays.
+    thread::sleep(NO_REPLY_WAIT);
+    assert!(!f.srv.has_exited(), "the activating probe ended the server");
+    let mut c = f.srv.client();
+    c.write(0, &[4; 4096]).unwrap();
+    c.disconnect().unwrap();
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    assert_eq!(f.disk(0, 4096), vec![4; 4096]);
+}
+
+/// `LISTEN_*` read as `sd_listen_fds` reads them: another process's variables, and
+/// `LISTEN_FDS` 0 or unset, mean no activation; a bad count or an fd that is no listening
+/// socket is an error (exit 1, a message naming it), never a server on the wrong fd.
+#[test]
+fn socket_activation_variables_are_checked() {
+    let f = fixture("activation-other", MIB, |c| {
+        c.env("LISTEN_PID", Some("1")).env("LISTEN_FDS", Some("1"))
+    });
+    f.assert_serves();
+
+    let bin = support::server::server_binary().display().to_string();
+    let image = f.image.display().to_string();
+    let sock = f.dir.join("own.sock").display().to_string();
+    // `exec` keeps the shell's pid, so LISTEN_PID=$$ names the server.
+    let run = |fds: Option<&str>, extra: &[&str]| {
+        let script = format!(
+            "export LISTEN_PID=$$ {}; exec \"$0\" \"$@\" 3</dev/null",
+            fds.map(|n| format!("LISTEN_FDS={n}")).unwrap_or_default()
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &script, &bin]).args(extra);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    for (fds, want) in [
+        ("1", "socket activation: fd 3: not a socket"),
+        ("two", "LISTEN_FDS=\"two\" is not a number"),
+        ("2000", "LISTEN_FDS=\"2000\" is not a number"),
+    ] {
+        let out = run(Some(fds), &[&image]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "LISTEN_FDS={fds}: {err}");
+        assert!(err.contains(want), "LISTEN_FDS={fds}: {err}");
+    }
+    // 0 or unset: not activated, so --unix is needed and served.
+    for fds in [Some("0"), None] {
+        let out = run(fds, &[&image]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "LISTEN_FDS={fds:?}");
+        let mut child = run(fds, &["--unix", &sock, &image]).spawn().unwrap();
+        let served = eventually(IO_TIMEOUT, || {
+            Conn::connect_unix(std::path::Path::new(&sock)).is_ok()
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(served, "LISTEN_FDS={fds:?}: --unix not served");
+        let _ = std::fs::remove_file(&sock);
+    }
+}
+
 #[test]
 fn idle_timeout_closes_silent_clients_only() {
     let f = fixture("idle", MIB, |c| c.args_extra(&["--idle-timeout", "1"]));
@@ -2987,6 +3058,8 @@ under_the_task_engine! {
     real_clients_and_the_exit_after_the_last_client,
     pid_file_holds_the_pid_until_exit,
     systemd_socket_activation_serves_the_passed_socket,
+    a_socket_activated_server_exits_after_its_last_client,
+    socket_activation_variables_are_checked,
     idle_timeout_closes_silent_clients_only,
     weighted_polling_options_are_applied_and_serve,
     polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option,

@@ -647,8 +647,11 @@ impl Drop for ClientSlot {
     }
 }
 
-/// The listening sockets systemd passes (`sd_listen_fds`): `None` unless `LISTEN_PID` names
-/// this process. Each must be a listening TCP or Unix stream socket (systemd's `Accept=no`).
+/// The listening sockets systemd passes, read as `sd_listen_fds` reads them: `None` unless
+/// `LISTEN_PID` names this process and `LISTEN_FDS` is set and not 0; a `LISTEN_FDS` that is
+/// not a number (or over 1024) is an error. Each fd must be a listening TCP or Unix stream
+/// socket (systemd's `Accept=no`). The variables are left set: the server starts no process
+/// that could inherit them.
 fn activated_listeners() -> io::Result<Option<Vec<Listener>>> {
     let Ok(pid) = std::env::var("LISTEN_PID") else {
         return Ok(None);
@@ -657,13 +660,16 @@ fn activated_listeners() -> io::Result<Option<Vec<Listener>>> {
         // Meant for another process (a parent that did not clear it).
         return Ok(None);
     }
-    let fds = std::env::var("LISTEN_FDS").unwrap_or_default();
+    let Ok(fds) = std::env::var("LISTEN_FDS") else {
+        return Ok(None);
+    };
     let n: RawFd = match fds.trim().parse() {
+        Ok(0) => return Ok(None),
         Ok(n @ 1..=1024) => n,
         _ => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("LISTEN_FDS={fds:?} names no socket"),
+                format!("LISTEN_FDS={fds:?} is not a number of sockets from 0 to 1024"),
             ));
         }
     };
