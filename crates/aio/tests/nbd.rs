@@ -2143,6 +2143,20 @@ fn tcp_port_0_is_reported_in_the_ready_line() {
     );
     let mut c = f.srv.client();
     assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
+    drop(c);
+
+    // `:0`, as an operator types it: every IPv4 address, a port the kernel picks, reported.
+    let f = fixture("tcp-any", MIB, |c| c.tcp_at(":0"));
+    let addr = f.srv.tcp.expect("a tcp listening line");
+    assert!(addr.ip().is_unspecified() && addr.port() != 0, "{addr}");
+    let ready = ready_line(&f.srv);
+    assert!(
+        ready.starts_with(&format!("nbd-server: ready on tcp 0.0.0.0:{} (", addr.port())),
+        "{ready}"
+    );
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()));
+    let mut conn = Conn::connect_tcp(local).unwrap();
+    conn.read_greeting().unwrap();
 }
 
 #[test]
