@@ -2151,7 +2151,10 @@ fn tcp_port_0_is_reported_in_the_ready_line() {
     assert!(addr.ip().is_unspecified() && addr.port() != 0, "{addr}");
     let ready = ready_line(&f.srv);
     assert!(
-        ready.starts_with(&format!("nbd-server: ready on tcp 0.0.0.0:{} (", addr.port())),
+        ready.starts_with(&format!(
+            "nbd-server: ready on tcp 0.0.0.0:{} (",
+            addr.port()
+        )),
         "{ready}"
     );
     let local = std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()));
@@ -2184,30 +2187,49 @@ fn tcp_without_a_port_listens_on_10809() {
 
 #[test]
 fn shared_limits_the_clients_served_at_once() {
+    // As qemu-nbd -e: at the limit the server stops accepting; a client over it waits in
+    // the listen queue, not greeted, until one of those served leaves.
     let f = fixture("shared", MIB, |c| c.args_extra(&["--shared", "2"]));
-    let mut a = f.srv.client();
+    let a = f.srv.client();
     let mut b = f.srv.client();
-    // A third is closed at once, before the greeting.
     let mut third = f.srv.raw().unwrap();
-    assert_closed(&mut third, "a connection over --shared 2");
-    assert_eq!(a.read(0, 512).unwrap(), vec![0; 512]);
-    a.disconnect().unwrap();
-    // Once the server has let the first one go, a new client is served.
-    let mut c = None;
+    let early = third.recv_up_to(1, NO_REPLY_WAIT).unwrap();
     assert!(
-        eventually(CLOSE_TIMEOUT, || {
-            c = f.srv.handshake(Handshake::new("")).ok();
-            c.is_some()
-        }),
-        "no client served after one of two left"
+        early.is_empty(),
+        "a third client was greeted under --shared 2"
     );
-    let mut c = c.unwrap();
+    a.disconnect().unwrap();
+    third.read_greeting().unwrap();
+    third.send_client_flags(3).unwrap();
+    let mut c = Handshake::new("").run_after_greeting(third).unwrap();
     assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
     assert_eq!(b.read(512, 512).unwrap(), vec![0; 512]);
     let mut fourth = f.srv.raw().unwrap();
-    assert_closed(&mut fourth, "a connection over --shared 2, again");
-    c.disconnect().unwrap();
+    let early = fourth.recv_up_to(1, NO_REPLY_WAIT).unwrap();
+    assert!(
+        early.is_empty(),
+        "a fourth client was greeted under --shared 2"
+    );
+    // Leaving abruptly gives the slot back too.
+    drop(c);
+    fourth.read_greeting().unwrap();
+    fourth.send_client_flags(3).unwrap();
+    let mut d = Handshake::new("").run_after_greeting(fourth).unwrap();
+    d.flush().unwrap();
+    d.disconnect().unwrap();
     b.disconnect().unwrap();
+
+    // One client at a time, reconnecting as soon as it has left: never refused, even when
+    // its slot is given back just after the next connection arrives.
+    let f = fixture("shared-1", MIB, |c| c.args_extra(&["--shared", "1"]));
+    for k in 0..20u8 {
+        let mut c = f.srv.client();
+        c.write(4096 * u64::from(k), &[k; 4096]).unwrap();
+        c.disconnect().unwrap();
+    }
+    for k in 0..20u8 {
+        assert_eq!(f.disk(4096 * usize::from(k), 4096), vec![k; 4096]);
+    }
 }
 
 /// Waits for the server to exit after its last client left, and checks it said why.

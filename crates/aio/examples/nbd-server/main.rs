@@ -22,8 +22,8 @@
 //!   off by default, as in QEMU. The ready line says what each context got, the stopped line
 //!   what polling did.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
-//!   request has completed. `--shared N` closes a connection accepted while N are held, at
-//!   once, before the greeting. As qemu-nbd without `-t`, the server shuts down, as a signal
+//!   request has completed. While N are held, `--shared N` stops accepting (as qemu-nbd -e):
+//!   more clients wait in the listen queue until a slot is given back. As qemu-nbd without `-t`, the server shuts down, as a signal
 //!   does, when a client that completed its handshake leaves and the count falls to 0
 //!   ([`ClientSlot::negotiated`]); `--persistent` (`-t`) serves until a signal instead.
 //! * **Shutdown.** SIGINT and SIGTERM are blocked in every thread and read from a signalfd that
@@ -87,8 +87,8 @@ usage: nbd-server [OPTIONS] IMAGE
   --name NAME           export name (default: the empty name)
   --read-only           refuse writes
   --contexts N          number of I/O contexts, one thread each (default 1)
-  --shared N            serve at most N clients at once; more are closed at once (default:
-                        no limit)
+  --shared N            serve at most N clients at once; more wait to be accepted until
+                        one leaves, as with qemu-nbd -e (default: no limit)
   -t, --persistent      serve until SIGINT/SIGTERM, however clients come and go; without
                         it the server exits, as qemu-nbd does, when the last client leaves
                         (a client that completed its handshake, leaving none connected)
@@ -387,11 +387,14 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     }
     let pid_file = PidFile(cfg.pid_file.clone());
 
+    let resume = Arc::new(AtomicBool::new(false));
     let clients = Arc::new(Clients {
         count: AtomicUsize::new(0),
         last_left: AtomicBool::new(false),
         main: ctx.handle(),
         persistent: cfg.persistent,
+        shared: cfg.shared,
+        resume: resume.clone(),
     });
     let mut targets = vec![None];
     targets.extend(iothreads.iter().map(|t| Some(t.handle.clone())));
@@ -407,9 +410,8 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             engine: cfg.engine,
         },
         clients: clients.clone(),
-        shared: cfg.shared,
         unix_path: cfg.unix.clone(),
-        resume: Arc::new(AtomicBool::new(false)),
+        resume,
         backoff: RefCell::new(None),
     });
     acceptor.watch(&ctx)?;
@@ -592,6 +594,11 @@ struct Clients {
     /// The main context, woken when the count falls to 0.
     main: ContextHandle,
     persistent: bool,
+    /// `--shared`: at most this many clients at once.
+    shared: Option<usize>,
+    /// Set when the listeners are to be watched again ([`Acceptor::resume`]): by a slot given
+    /// back while the count was at the `--shared` limit.
+    resume: Arc<AtomicBool>,
 }
 
 /// One client's place in [`Clients`]: taken when its connection is accepted, given back when
@@ -636,7 +643,16 @@ impl ClientSlot {
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         // Relaxed: as in `take`; the main loop re-reads the count on its own thread.
-        let last = self.clients.count.fetch_sub(1, Ordering::Relaxed) == 1;
+        let before = self.clients.count.fetch_sub(1, Ordering::Relaxed);
+        if self.clients.shared == Some(before) {
+            // The acceptor stopped watching at the limit: room for one more now.
+            let resume = self.clients.resume.clone();
+            // Relaxed: as `last_left` below.
+            self.clients
+                .main
+                .schedule_oneshot(move || resume.store(true, Ordering::Relaxed));
+        }
+        let last = before == 1;
         if last && self.negotiated.get() && !self.clients.persistent {
             let clients = self.clients.clone();
             // Relaxed: the main loop reads the flag after running this, on its own thread.
@@ -813,12 +829,10 @@ struct Acceptor {
     export: Arc<Export>,
     settings: Settings,
     clients: Arc<Clients>,
-    /// `--shared`: at most this many clients at once.
-    shared: Option<usize>,
     /// The socket file to remove at exit (`--unix`; not a socket systemd made).
     unix_path: Option<PathBuf>,
-    /// Set by the backoff timer (whose callback must be `Send`); the main loop then watches
-    /// the listeners again.
+    /// Set by the backoff timer (whose callback must be `Send`) and by a client slot given
+    /// back at the `--shared` limit; the main loop then watches the listeners again.
     resume: Arc<AtomicBool>,
     backoff: RefCell<Option<aio::Timer>>,
 }
@@ -843,6 +857,18 @@ impl Acceptor {
     /// Accepts every pending connection on listener `i` and deals them out.
     fn accept(self: &Rc<Self>, ctx: &AioContext, i: usize) {
         loop {
+            // Relaxed: this thread is the only one that adds clients, so the count cannot
+            // grow under us; a slot given back meanwhile sets `resume`, which re-watches.
+            let connected = self.clients.count.load(Ordering::Relaxed);
+            if self.clients.shared.is_some_and(|limit| connected >= limit) {
+                // As qemu-nbd -e: stop accepting; clients wait in the listen queue until a
+                // slot is given back (then `resume` is set and the main loop watches again).
+                if self.settings.verbose {
+                    eprintln!("nbd-server: {connected} clients (--shared): not accepting");
+                }
+                self.handlers.borrow_mut().clear();
+                return;
+            }
             let accepted = match self.listeners.borrow().get(i) {
                 Some(l) => l.accept(),
                 None => return,
@@ -864,17 +890,6 @@ impl Acceptor {
                     return;
                 }
             };
-            // Relaxed: this thread is the only one that adds clients, so the count cannot
-            // grow under us; a slot given back meanwhile only makes the check stricter.
-            let connected = self.clients.count.load(Ordering::Relaxed);
-            if self.shared.is_some_and(|limit| connected >= limit) {
-                // Closed before the greeting: the client sees the end of the stream at once,
-                // rather than waiting in the listen queue for a slot.
-                if self.settings.verbose {
-                    eprintln!("nbd-server: refusing a connection: {connected} clients (--shared)");
-                }
-                continue;
-            }
             if let Err(e) = prepare(&sock) {
                 // This one socket is unusable; the listener is fine.
                 eprintln!("nbd-server: dropping an accepted connection: {e}");
