@@ -19,9 +19,10 @@
 //! The first line is printed before anything that can take time (probing the tools, the
 //! build), so the demo says something at once; `--quiet` (`-q`) hides cargo's build output
 //! (`cargo build --quiet`), the server's own lines and the per-step details, leaving that first
-//! line, the step headers, the commands run (echoed on stderr) and the summary. (`cargo --quiet xtask demo` is cargo's own quiet: it
-//! hides cargo's progress while it builds xtask itself, which only happens after a change under
-//! `xtask/`, before this program runs; the alias is not `--quiet` for that reason.)
+//! line, the step headers, the commands run (echoed on stderr) and the summary. (`cargo --quiet
+//! xtask demo` is cargo's own quiet: it hides cargo's progress while it builds xtask itself,
+//! which only happens after a change under `xtask/`, before this program runs; the alias is not
+//! `--quiet` for that reason.)
 //!
 //! A watchdog bounds everything after the build to 60 s: it kills the server and every tool still
 //! running, so a hang becomes an error (the built-in client then sees its connection close). The
@@ -67,8 +68,9 @@ const QEMU_TOOLS: [&str; 2] = ["qemu-io", "qemu-img"];
 const BUILTIN_CLIENT: &str = "crates/aio/tests/support/nbd_client.rs";
 
 /// The first line of every run, printed before anything that can take time.
-pub const FIRST_LINE: &str = "demo: a tour of the NBD server example (crates/aio/examples/nbd-server); \
-     step 1 builds it in release mode, which takes a while on a cold cache";
+const FIRST_LINE: &str = "demo: a tour of the NBD server example \
+     (crates/aio/examples/nbd-server); step 1 builds it in release mode, which takes a while on \
+     a cold cache";
 
 /// `--quiet`: per-step details (and cargo's build output) are not printed.
 static QUIET: AtomicBool = AtomicBool::new(false);

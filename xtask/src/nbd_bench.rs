@@ -209,7 +209,8 @@ impl Servers {
                     .arg(self.image.display().to_string())
             }
             // `-t` keeps it serving after the client leaves, as `--persistent` does ours, so
-            // both are stopped the same way (SIGTERM); `--pid-file` is how we learn that it listens.
+            // both are stopped the same way (SIGTERM); `--pid-file` is how we learn that it
+            // listens.
             Which::QemuNbd => Cmd::new("qemu-nbd")
                 .args(["-f", "raw", "--cache=writeback", "--aio=threads", "-t"])
                 .args(["-k", &self.socket.display().to_string()])

@@ -37,7 +37,11 @@ fn the_demo_prints_its_first_line_before_the_build_and_within_a_second() {
     std::fs::write(
         &cargo,
         format!(
-            "#!/bin/sh\necho \"$@\" > '{}'\nsleep {}\necho 'fake cargo: no build here' >&2\nexit 101\n",
+            "#!/bin/sh\n\
+             echo \"$@\" > '{}'\n\
+             sleep {}\n\
+             echo 'fake cargo: no build here' >&2\n\
+             exit 101\n",
             log.display(),
             BUILD_TIME.as_secs()
         ),

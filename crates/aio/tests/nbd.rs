@@ -5,7 +5,7 @@
 //! checked against an in-memory model and against the image file on disk; pipelining; bad input
 //! (each followed by a check that the server still serves a new client); isolation from stuck
 //! clients; fd and memory leaks over 1 000 connections; several I/O contexts; shutdown on
-//! SIGTERM/SIGINT with requests in flight; the operator options (`--help`, `--shared`, `--once`,
+//! SIGTERM/SIGINT with requests in flight; the operator options (`--help`, `--shared`, `--persistent`,
 //! `--pid-file`, socket activation, `--idle-timeout`, the polling options); and interoperability with QEMU's own NBD
 //! client (`qemu-io`, `qemu-img`) and libnbd (its Python bindings), skipped with a printed reason when they
 //! are not installed.

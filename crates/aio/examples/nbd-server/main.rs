@@ -23,9 +23,10 @@
 //!   what polling did.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
 //!   request has completed. While N are held, `--shared N` stops accepting (as qemu-nbd -e):
-//!   more clients wait in the listen queue until a slot is given back. As qemu-nbd without `-t`, the server shuts down, as a signal
-//!   does, when a client that completed its handshake leaves and the count falls to 0
-//!   ([`ClientSlot::negotiated`]); `--persistent` (`-t`) serves until a signal instead.
+//!   more clients wait in the listen queue until a slot is given back. As qemu-nbd without
+//!   `-t`, the server shuts down, as a signal does, when a client that completed its handshake
+//!   leaves and the count falls to 0 ([`ClientSlot::negotiated`]); `--persistent` (`-t`)
+//!   serves until a signal instead.
 //! * **Shutdown.** SIGINT and SIGTERM are blocked in every thread and read from a signalfd that
 //!   is an fd handler of this thread's context, so a signal is an ordinary event of the loop.
 //!   The listeners close at once; each context then stops reading requests, serves those it
@@ -43,6 +44,8 @@
 //! * **Socket activation.** When `LISTEN_PID` is this process and `LISTEN_FDS` is N, fds 3 to
 //!   N+2 are listening sockets (TCP or Unix) to serve instead of `--tcp`/`--unix`, as systemd
 //!   passes them.
+//! * **Not here: TLS.** `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`, like any unknown option,
+//!   so a client that requires TLS stops cleanly; serve over a Unix socket or a trusted network.
 
 mod conn_task;
 mod connection;
