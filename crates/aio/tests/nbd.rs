@@ -2164,6 +2164,9 @@ fn tcp_port_0_is_reported_in_the_ready_line() {
 
 #[test]
 fn tcp_without_a_port_listens_on_10809() {
+    // The two engines' runs of this case would race for the one port: one at a time.
+    static PORT_10809: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = PORT_10809.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("tcp-default-port");
     let image = dir.image("disk.img", MIB as u64);
     // Whether the port is free here decides which way the default is checked.
