@@ -7,8 +7,9 @@
 //!    additive, so the union is a valid build), then once per backend feature set of `aio`.
 //! 3. `test`: the whole workspace with all features, under cargo-nextest when installed (plus
 //!    `cargo test --doc`, since nextest does not run doctests), else plain `cargo test`.
-//!    qemu-utils (qemu-img, qemu-io, qemu-nbd) and python3-libnbd (libnbd's Python bindings and
-//!    nbdsh), which the NBD server's tests use, are installed with apt-get first when missing.
+//!    qemu-utils (qemu-img, qemu-io, qemu-nbd), python3-libnbd (libnbd's Python bindings and
+//!    nbdsh) and libnbd-bin (nbdinfo), which the NBD server's tests use, are installed with
+//!    apt-get first when missing.
 //! 4. `test-matrix`: `aio` alone with each feature set in [`FEATURE_SETS`], then `aio-tests`.
 //! 5. `loom`: every `crates/<crate>/tests/loom_*.rs` model under `--cfg aio_loom`, release mode,
 //!    `LOOM_MAX_PREEMPTIONS=2`, in its own target directory.
@@ -438,6 +439,10 @@ fn test(_root: &Path) -> Result<()> {
         .any(|python| Cmd::new(python).args(["-c", "import nbd"]).probe());
     if !has_libnbd && let Err(e) = crate::cmd::ensure_apt_package("python3-libnbd", &["nbdsh"]) {
         eprintln!("warning: {e}; the libnbd NBD test will be skipped");
+    }
+    // nbdinfo --list: a client that never negotiates (the exit-after-the-last-client test).
+    if let Err(e) = crate::cmd::ensure_apt_package("libnbd-bin", &["nbdinfo"]) {
+        eprintln!("warning: {e}; the nbdinfo part of the NBD tests will be skipped");
     }
     if Cmd::cargo().args(["nextest", "--version"]).probe() {
         eprintln!("test runner: cargo-nextest");

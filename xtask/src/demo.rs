@@ -16,6 +16,14 @@
 //! same checks; `AIO_DEMO_CLIENT=qemu` insists on qemu's tools. The demo prints which client it
 //! uses and why.
 //!
+//! The first line is printed before anything that can take time (probing the tools, the
+//! build), so the demo says something at once; `--quiet` (`-q`) hides cargo's build output
+//! (`cargo build --quiet`), the server's own lines and the per-step details, leaving that first
+//! line, the step headers, the commands run (echoed on stderr) and the summary. (`cargo --quiet
+//! xtask demo` is cargo's own quiet: it hides cargo's progress while it builds xtask itself,
+//! which only happens after a change under `xtask/`, before this program runs; the alias is not
+//! `--quiet` for that reason.)
+//!
 //! A watchdog bounds everything after the build to 60 s: it kills the server and every tool still
 //! running, so a hang becomes an error (the built-in client then sees its connection close). The
 //! older `aio` example `demo` (a tour of the event loop itself) is still there:
@@ -27,6 +35,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -58,9 +67,21 @@ const QEMU_TOOLS: [&str; 2] = ["qemu-io", "qemu-img"];
 /// Where the built-in client lives, for messages.
 const BUILTIN_CLIENT: &str = "crates/aio/tests/support/nbd_client.rs";
 
-pub fn run() -> Result<ExitCode> {
+/// The first line of every run, printed before anything that can take time.
+const FIRST_LINE: &str = "demo: a tour of the NBD server example \
+     (crates/aio/examples/nbd-server); step 1 builds it in release mode, which takes a while on \
+     a cold cache";
+
+/// `--quiet`: per-step details (and cargo's build output) are not printed.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Runs the tour; `quiet` is `--quiet`.
+pub fn run(quiet: bool) -> Result<ExitCode> {
+    println!("{FIRST_LINE}");
+    // Relaxed: set once here, before anything reads it, on this thread.
+    QUIET.store(quiet, Ordering::Relaxed);
     // Chosen before the build so that a bad AIO_DEMO_CLIENT fails at once, and so that the
-    // first thing the demo says is which client will drive the server.
+    // next thing the demo says is which client will drive the server.
     let driver = Driver::choose(
         std::env::var(CLIENT_VAR).ok().as_deref(),
         crate::cmd::missing_tools,
@@ -68,9 +89,14 @@ pub fn run() -> Result<ExitCode> {
     println!("demo: {}", driver.describe());
     step(
         1,
-        "building the NBD server (cargo build --release -p aio --example nbd-server)",
+        &format!(
+            "building the NBD server (cargo build --release -p aio --example nbd-server{})",
+            if quiet { " --quiet" } else { "" }
+        ),
     );
-    let exe = nbd::build_server()?;
+    let built = Instant::now();
+    let exe = nbd::build_server_quietly(quiet)?;
+    detail(format_args!("built in {}", secs(built.elapsed())));
 
     let started = Instant::now();
     let deadline = Deadline::after(WATCHDOG);
@@ -95,6 +121,14 @@ pub fn run() -> Result<ExitCode> {
     }
     drop(scratch);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one indented line under a step, unless `--quiet`.
+fn detail(line: impl std::fmt::Display) {
+    // Relaxed: see `run`.
+    if !QUIET.load(Ordering::Relaxed) {
+        println!("      {line}");
+    }
 }
 
 /// Prints a step line in the `[k/n] ...` style of the other demos.
@@ -214,13 +248,15 @@ impl Tour {
         nbd::write_random_file(&self.host, IMAGE_SIZE, 0x6465_6d6f)?;
 
         step(3, "starting nbd-server on a Unix socket (default backend)");
+        // --persistent: the tour connects one tool after another; without it the server
+        // would exit when the first one leaves, as qemu-nbd does without -t.
         let cmd = Cmd::new(&exe.display().to_string())
-            .args(["--unix", &self.socket.display().to_string()])
+            .args(["--unix", &self.socket.display().to_string(), "--persistent"])
             .arg(self.image.display().to_string());
         let server = Server::start("nbd-server", &cmd, &Readiness::ReadyLine, self.deadline)?;
         let watchdog = Watchdog::arm(self.deadline, server.killer());
         for line in server.stdout() {
-            println!("      {line}");
+            detail(line);
         }
         let ready = server.ready_line().unwrap_or_default().to_owned();
         self.notes.push(format!("server started: {ready}"));
@@ -246,7 +282,7 @@ impl Tour {
             .skip_while(|line| **line != ready)
             .skip(1)
         {
-            println!("      {line}");
+            detail(line);
         }
         if !stopped.status.success() || !nbd::printed_stopped(&stopped.stdout) {
             return Err(Error::new(format!(
@@ -278,7 +314,7 @@ impl Tour {
                 wrong.1
             )));
         }
-        println!("      pattern verified; reading with a wrong pattern is reported as a mismatch");
+        detail("pattern verified; reading with a wrong pattern is reported as a mismatch");
         self.notes.push(
             "wrote 16 MiB of 0xa5 and read it back verified; a wrong pattern was caught".into(),
         );
@@ -303,7 +339,9 @@ impl Tour {
         } else {
             "kept its data (NBD allows ignoring a discard)"
         };
-        println!("      zeros read back; the discarded range {discarded}");
+        detail(format_args!(
+            "zeros read back; the discarded range {discarded}"
+        ));
         self.check_image_after_zeroes()?;
         self.notes.push(format!(
             "discard + write zeroes: zeros read back over NBD and found on disk; the discarded \
@@ -330,7 +368,7 @@ impl Tour {
                 self.image.display()
             )));
         }
-        println!("      the image file on disk holds the same bytes");
+        detail("the image file on disk holds the same bytes");
         Ok(())
     }
 
@@ -360,9 +398,7 @@ impl Tour {
                 .args([host.as_str(), url.as_str()]),
         )?;
         self.check_copies()?;
-        println!(
-            "      qemu-img compare: identical; the copy and the image file match byte for byte"
-        );
+        detail("qemu-img compare: identical; the copy and the image file match byte for byte");
         self.notes.push(format!(
             "qemu-img convert: {} MiB of random data in and back out, identical (qemu-img \
              compare, the copy and the image file on disk)",
@@ -407,7 +443,7 @@ impl Tour {
             ))
         })?;
         let iops = f64::from(BENCH_REQUESTS) / elapsed;
-        println!("      {elapsed:.3} s, {iops:.0} IOPS");
+        detail(format_args!("{elapsed:.3} s, {iops:.0} IOPS"));
         self.notes.push(format!(
             "qemu-img bench: {BENCH_REQUESTS} x 4 KiB reads at depth {BENCH_DEPTH} in \
              {elapsed:.3} s = {iops:.0} IOPS (cargo xtask bench nbd compares with qemu-nbd)"

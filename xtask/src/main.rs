@@ -7,7 +7,7 @@
 //! |---------------------------|----------------|-------------------------------------------------------|
 //! | `cargo xtask ci [--quick]`| `ci.rs`        | everything CI checks; `.ci/run` calls it              |
 //! | `cargo xtask ci --only s` | `ci.rs`        | only the named steps (comma-separated), to iterate    |
-//! | `cargo xtask demo`        | `demo.rs`      | a tour of the NBD server example, driven by qemu-io   |
+//! | `cargo xtask demo [-q]`   | `demo.rs`      | a tour of the NBD server example, driven by qemu-io   |
 //! |                           |                | (or the built-in client, `demo/builtin.rs`)           |
 //! | `cargo xtask bench [f]`   | `bench.rs`     | runs the benchmarks and points at the generated report|
 //! | `cargo xtask bench nbd`   | `nbd_bench.rs` | the NBD server example against qemu-nbd               |
@@ -49,9 +49,10 @@ Commands:
                   run every CI check: fmt, clippy, test, test-matrix, loom, memcheck,
                   miri, asan, doc, tidy (--quick skips test-matrix, loom, memcheck, miri
                   and asan, for local iteration; --only runs the comma-separated steps)
-  demo            a tour of the NBD server example (release build): qemu-io and qemu-img
+  demo [--quiet]  a tour of the NBD server example (release build): qemu-io and qemu-img
                   write, read, verify, discard, convert and benchmark through it (the
-                  built-in NBD client does when they are absent or AIO_DEMO_CLIENT=builtin)
+                  built-in NBD client does when they are absent or AIO_DEMO_CLIENT=builtin);
+                  --quiet (-q) prints only the steps, the commands and the summary
   bench [filter]  run the benchmarks (optionally only those matching <filter>) and
                   write a report under target/bench-report/
   bench nbd       the NBD server example against qemu-nbd under qemu-img bench
@@ -76,7 +77,8 @@ fn main() -> ExitCode {
         ["ci", "--only", steps] if !steps.is_empty() => ci::run(ci::Mode::Only(
             steps.split(',').map(|s| s.trim().to_owned()).collect(),
         )),
-        ["demo"] => demo::run(),
+        ["demo"] => demo::run(false),
+        ["demo", "--quiet" | "-q"] => demo::run(true),
         ["bench"] => bench::run(None),
         // The NBD comparison drives two external servers, not the criterion harness.
         ["bench", "nbd"] => nbd_bench::run(),

@@ -36,15 +36,22 @@ const MAX_SOCKET_PATH: usize = 100;
 /// The path comes from cargo's own artifact messages rather than a guess at `target/release`, so
 /// `CARGO_TARGET_DIR` and build configuration are honoured.
 pub fn build_server() -> Result<PathBuf> {
-    let messages = Cmd::cargo()
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "aio",
-            "--example",
-            SERVER_EXAMPLE,
-        ])
+    build_server_quietly(false)
+}
+
+/// [`build_server`], with `--quiet` given to cargo when `quiet` (no progress, warnings or
+/// `Compiling` lines; errors still show).
+pub fn build_server_quietly(quiet: bool) -> Result<PathBuf> {
+    let cmd = Cmd::cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "aio",
+        "--example",
+        SERVER_EXAMPLE,
+    ]);
+    let cmd = if quiet { cmd.arg("--quiet") } else { cmd };
+    let messages = cmd
         // Diagnostics still reach the terminal, rendered; only artifact records go to stdout.
         .args(["--message-format", "json-render-diagnostics"])
         .stdout()?;

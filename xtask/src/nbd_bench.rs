@@ -202,13 +202,15 @@ impl Servers {
                     Backend::Default => cmd,
                     Backend::Epoll => cmd.env("AIO_BACKEND", "epoll"),
                 };
-                cmd.args(["--unix", &self.socket.display().to_string()])
+                // --persistent, as -t for qemu-nbd below: one server serves every client.
+                cmd.args(["--unix", &self.socket.display().to_string(), "--persistent"])
                     .args(["--engine", engine.arg()])
                     .args(poll_args(polling))
                     .arg(self.image.display().to_string())
             }
-            // `-t` keeps it serving after the client leaves, as ours does, so both are stopped
-            // the same way (SIGTERM); `--pid-file` is how we learn that it listens.
+            // `-t` keeps it serving after the client leaves, as `--persistent` does ours, so
+            // both are stopped the same way (SIGTERM); `--pid-file` is how we learn that it
+            // listens.
             Which::QemuNbd => Cmd::new("qemu-nbd")
                 .args(["-f", "raw", "--cache=writeback", "--aio=threads", "-t"])
                 .args(["-k", &self.socket.display().to_string()])

@@ -5,7 +5,7 @@
 //! checked against an in-memory model and against the image file on disk; pipelining; bad input
 //! (each followed by a check that the server still serves a new client); isolation from stuck
 //! clients; fd and memory leaks over 1 000 connections; several I/O contexts; shutdown on
-//! SIGTERM/SIGINT with requests in flight; the operator options (`--help`, `--shared`, `--once`,
+//! SIGTERM/SIGINT with requests in flight; the operator options (`--help`, `--shared`, `--persistent`,
 //! `--pid-file`, socket activation, `--idle-timeout`, the polling options); and interoperability with QEMU's own NBD
 //! client (`qemu-io`, `qemu-img`) and libnbd (its Python bindings), skipped with a printed reason when they
 //! are not installed.
@@ -19,7 +19,7 @@ mod support;
 
 use std::io;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -557,6 +557,8 @@ fn unknown_option_is_err_unsup_and_the_session_continues() {
     let mut conn = f.srv.raw_in_options().unwrap();
     for (option, data) in [
         (0u32, vec![]),
+        // NBD_OPT_STARTTLS: TLS is not implemented, so it is just another unknown option.
+        (5, vec![]),
         (99, b"some data".to_vec()),
         (u32::MAX, vec![7; 100]),
         // Exactly the limit is not too big.
@@ -2052,13 +2054,6 @@ fn idle_server_stops_on_sigterm_and_bad_command_lines_exit_2() {
         vec![
             "--tcp".into(),
             "127.0.0.1:0".into(),
-            "--once".into(),
-            "--persistent".into(),
-            image.clone(),
-        ],
-        vec![
-            "--tcp".into(),
-            "127.0.0.1:0".into(),
             "--shared".into(),
             "0".into(),
             image.clone(),
@@ -2103,7 +2098,7 @@ fn help_and_version_print_on_stdout_and_exit_0() {
         assert!(text.starts_with("usage: nbd-server"), "{arg}: {text}");
         for option in [
             "--shared",
-            "--once",
+            "--persistent",
             "--idle-timeout",
             "--pid-file",
             "--poll-max-ns",
@@ -2148,10 +2143,30 @@ fn tcp_port_0_is_reported_in_the_ready_line() {
     );
     let mut c = f.srv.client();
     assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
+    drop(c);
+
+    // `:0`, as an operator types it: every IPv4 address, a port the kernel picks, reported.
+    let f = fixture("tcp-any", MIB, |c| c.tcp_at(":0"));
+    let addr = f.srv.tcp.expect("a tcp listening line");
+    assert!(addr.ip().is_unspecified() && addr.port() != 0, "{addr}");
+    let ready = ready_line(&f.srv);
+    assert!(
+        ready.starts_with(&format!(
+            "nbd-server: ready on tcp 0.0.0.0:{} (",
+            addr.port()
+        )),
+        "{ready}"
+    );
+    let local = std::net::SocketAddr::from(([127, 0, 0, 1], addr.port()));
+    let mut conn = Conn::connect_tcp(local).unwrap();
+    conn.read_greeting().unwrap();
 }
 
 #[test]
 fn tcp_without_a_port_listens_on_10809() {
+    // The two engines' runs of this case would race for the one port: one at a time.
+    static PORT_10809: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = PORT_10809.lock().unwrap_or_else(|e| e.into_inner());
     let dir = TempDir::new("tcp-default-port");
     let image = dir.image("disk.img", MIB as u64);
     // Whether the port is free here decides which way the default is checked.
@@ -2175,64 +2190,150 @@ fn tcp_without_a_port_listens_on_10809() {
 
 #[test]
 fn shared_limits_the_clients_served_at_once() {
+    // As qemu-nbd -e: at the limit the server stops accepting; a client over it waits in
+    // the listen queue, not greeted, until one of those served leaves.
     let f = fixture("shared", MIB, |c| c.args_extra(&["--shared", "2"]));
-    let mut a = f.srv.client();
+    let a = f.srv.client();
     let mut b = f.srv.client();
-    // A third is closed at once, before the greeting.
     let mut third = f.srv.raw().unwrap();
-    assert_closed(&mut third, "a connection over --shared 2");
-    assert_eq!(a.read(0, 512).unwrap(), vec![0; 512]);
-    a.disconnect().unwrap();
-    // Once the server has let the first one go, a new client is served.
-    let mut c = None;
+    let early = third.recv_up_to(1, NO_REPLY_WAIT).unwrap();
     assert!(
-        eventually(CLOSE_TIMEOUT, || {
-            c = f.srv.handshake(Handshake::new("")).ok();
-            c.is_some()
-        }),
-        "no client served after one of two left"
+        early.is_empty(),
+        "a third client was greeted under --shared 2"
     );
-    let mut c = c.unwrap();
+    a.disconnect().unwrap();
+    third.read_greeting().unwrap();
+    third.send_client_flags(3).unwrap();
+    let mut c = Handshake::new("").run_after_greeting(third).unwrap();
     assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
     assert_eq!(b.read(512, 512).unwrap(), vec![0; 512]);
     let mut fourth = f.srv.raw().unwrap();
-    assert_closed(&mut fourth, "a connection over --shared 2, again");
-    c.disconnect().unwrap();
+    let early = fourth.recv_up_to(1, NO_REPLY_WAIT).unwrap();
+    assert!(
+        early.is_empty(),
+        "a fourth client was greeted under --shared 2"
+    );
+    // Leaving abruptly gives the slot back too.
+    drop(c);
+    fourth.read_greeting().unwrap();
+    fourth.send_client_flags(3).unwrap();
+    let mut d = Handshake::new("").run_after_greeting(fourth).unwrap();
+    d.flush().unwrap();
+    d.disconnect().unwrap();
     b.disconnect().unwrap();
+
+    // One client at a time, reconnecting as soon as it has left: never refused, even when
+    // its slot is given back just after the next connection arrives.
+    let f = fixture("shared-1", MIB, |c| c.args_extra(&["--shared", "1"]));
+    for k in 0..20u8 {
+        let mut c = f.srv.client();
+        c.write(4096 * u64::from(k), &[k; 4096]).unwrap();
+        c.disconnect().unwrap();
+    }
+    for k in 0..20u8 {
+        assert_eq!(f.disk(4096 * usize::from(k), 4096), vec![k; 4096]);
+    }
+}
+
+/// Waits for the server to exit after its last client left, and checks it said why.
+fn assert_exits_after_the_last_client(f: &mut Fixture, after: &str) {
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0), "{after}");
+    assert!(
+        f.srv.stdout().iter().any(|l| l
+            .starts_with("nbd-server: stopped (the last client disconnected, no --persistent)")),
+        "{after}: {:?}",
+        f.srv.stdout()
+    );
+    assert!(
+        !f.srv.unix_path().exists(),
+        "{after}: the socket file is left"
+    );
 }
 
 #[test]
-fn once_exits_when_the_last_client_leaves_and_persistent_does_not() {
-    let mut f = fixture("once", MIB, |c| c.args_extra(&["--once"]));
-    let a = f.srv.client();
-    let mut b = f.srv.client();
-    a.disconnect().unwrap();
-    // One client is still connected: the server goes on.
+fn without_persistent_the_server_exits_when_the_last_negotiated_client_leaves() {
+    // qemu-nbd's rule (its -t is our --persistent): the server exits when a client that
+    // completed its handshake leaves and none is left.
+    let mut f = fixture("exit-last", MIB, |c| c.exit_after_last_client());
+    // Clients that never reach the transmission phase do not count: one that goes before
+    // the greeting's end, one refused during the options, one that lists and aborts.
+    drop(f.srv.raw().unwrap());
+    let mut refused = f.srv.raw_in_options().unwrap();
+    let mut bad = encode_option(opt::LIST, &[]);
+    bad[0] ^= 0x20;
+    refused.send(&bad).unwrap();
+    assert_closed(&mut refused, "an option with a bad magic");
+    let mut lister = f.srv.raw_in_options().unwrap();
+    let replies = {
+        lister.send(&encode_option(opt::LIST, &[])).unwrap();
+        replies_until_final(&mut lister)
+    };
+    assert_eq!(replies.last().unwrap().kind, rep::ACK);
+    assert_eq!(lister.option(opt::ABORT, &[]).unwrap().kind, rep::ACK);
+    assert_closed(&mut lister, "NBD_OPT_ABORT");
     thread::sleep(NO_REPLY_WAIT);
-    assert_eq!(b.read(0, 512).unwrap(), vec![0; 512]);
-    assert!(!f.srv.has_exited());
-    b.disconnect().unwrap();
-    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
     assert!(
-        f.srv
-            .stdout()
-            .iter()
-            .any(|l| l.starts_with("nbd-server: stopped (the last client disconnected")),
-        "{:?}",
-        f.srv.stdout()
+        !f.srv.has_exited(),
+        "a client that never negotiated ended the server"
     );
-    assert!(!f.srv.unix_path().exists(), "the socket file is left");
 
-    // The default and --persistent: clients come and go, the server stays.
-    for extra in [&[][..], &["--persistent"][..]] {
-        let mut f = fixture("persistent", MIB, |c| c.args_extra(extra));
-        for _ in 0..3 {
-            f.srv.client().disconnect().unwrap();
-        }
-        thread::sleep(NO_REPLY_WAIT);
-        assert!(!f.srv.has_exited(), "{extra:?}");
-        f.assert_serves();
+    // Two negotiated clients: the server goes on while one of them is connected.
+    let a = f.srv.client();
+    let mut b = f.srv.structured_client();
+    a.disconnect().unwrap();
+    thread::sleep(NO_REPLY_WAIT);
+    assert!(
+        !f.srv.has_exited(),
+        "the server exited with a client connected"
+    );
+    b.write(0, &[9; 4096]).unwrap();
+    b.disconnect().unwrap();
+    assert_exits_after_the_last_client(&mut f, "the last of two clients");
+    assert_eq!(f.disk(0, 4096), vec![9; 4096]);
+
+    // A client that drops its connection without NBD_CMD_DISC counts the same.
+    let mut f = fixture("exit-last-abrupt", MIB, |c| c.exit_after_last_client());
+    let mut c = f.srv.client();
+    assert_eq!(c.read(0, 512).unwrap(), vec![0; 512]);
+    drop(c);
+    assert_exits_after_the_last_client(&mut f, "a client that vanished");
+
+    // --persistent: clients come and go, the server stays.
+    let mut f = fixture("persistent", MIB, |c| c.args_extra(&["-t"]));
+    for _ in 0..3 {
+        f.srv.client().disconnect().unwrap();
     }
+    thread::sleep(NO_REPLY_WAIT);
+    assert!(!f.srv.has_exited(), "--persistent (-t) exited");
+    f.assert_serves();
+}
+
+/// Real clients against the default: `nbdinfo --list` (which only lists) leaves the server
+/// running, one `qemu-io` session ends it, as with qemu-nbd.
+#[test]
+fn real_clients_and_the_exit_after_the_last_client() {
+    if !have("qemu-io") {
+        return;
+    }
+    let mut f = fixture("exit-last-real", MIB, |c| {
+        c.exit_after_last_client().name("disk")
+    });
+    let url = format!("nbd+unix:///disk?socket={}", f.srv.unix_path().display());
+    if have("nbdinfo") {
+        let out = Command::new("nbdinfo")
+            .args(["--list", &url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "nbdinfo --list: {text}");
+        assert!(text.contains("export=\"disk\""), "{text}");
+        thread::sleep(NO_REPLY_WAIT);
+        assert!(!f.srv.has_exited(), "nbdinfo --list ended the server");
+    }
+    let (ok, text) = qemu_io(&url, &[], &["write -P 0x3c 0 64k"]);
+    assert!(ok, "{text}");
+    assert_exits_after_the_last_client(&mut f, "a qemu-io session");
+    assert_eq!(f.disk(0, 65536), vec![0x3c; 65536]);
 }
 
 #[test]
@@ -2273,6 +2374,77 @@ fn systemd_socket_activation_serves_the_passed_socket() {
     assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
     // The socket is systemd's: the server leaves its file alone.
     assert!(f.srv.unix_path().exists());
+}
+
+/// systemd's usual pairing: started on the first connection, the server exits after its last
+/// client (without `--persistent`), and systemd would start it again on the next one.
+#[test]
+fn a_socket_activated_server_exits_after_its_last_client() {
+    if !have_socket_activate() {
+        return;
+    }
+    let mut f = fixture("activation-exit", MIB, |c| {
+        c.socket_activated().exit_after_last_client()
+    });
+    // The connection that woke systemd-socket-activate never negotiated: the server stays.
+    thread::sleep(NO_REPLY_WAIT);
+    assert!(!f.srv.has_exited(), "the activating probe ended the server");
+    let mut c = f.srv.client();
+    c.write(0, &[4; 4096]).unwrap();
+    c.disconnect().unwrap();
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    assert_eq!(f.disk(0, 4096), vec![4; 4096]);
+}
+
+/// `LISTEN_*` read as `sd_listen_fds` reads them: another process's variables, and
+/// `LISTEN_FDS` 0 or unset, mean no activation; a bad count or an fd that is no listening
+/// socket is an error (exit 1, a message naming it), never a server on the wrong fd.
+#[test]
+fn socket_activation_variables_are_checked() {
+    let f = fixture("activation-other", MIB, |c| {
+        c.env("LISTEN_PID", Some("1")).env("LISTEN_FDS", Some("1"))
+    });
+    f.assert_serves();
+
+    let bin = support::server::server_binary().display().to_string();
+    let image = f.image.display().to_string();
+    let sock = f.dir.join("own.sock").display().to_string();
+    // `exec` keeps the shell's pid, so LISTEN_PID=$$ names the server.
+    let run = |fds: Option<&str>, extra: &[&str]| {
+        let script = format!(
+            "export LISTEN_PID=$$ {}; exec \"$0\" \"$@\" 3</dev/null",
+            fds.map(|n| format!("LISTEN_FDS={n}")).unwrap_or_default()
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &script, &bin]).args(extra);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    for (fds, want) in [
+        ("1", "socket activation: fd 3: not a socket"),
+        ("two", "LISTEN_FDS=\"two\" is not a number"),
+        ("2000", "LISTEN_FDS=\"2000\" is not a number"),
+    ] {
+        let out = run(Some(fds), &[&image]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "LISTEN_FDS={fds}: {err}");
+        assert!(err.contains(want), "LISTEN_FDS={fds}: {err}");
+    }
+    // 0 or unset: not activated, so --unix is needed and served.
+    for fds in [Some("0"), None] {
+        let out = run(fds, &[&image]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "LISTEN_FDS={fds:?}");
+        let mut child = run(fds, &["--unix", &sock, &image]).spawn().unwrap();
+        let served = eventually(IO_TIMEOUT, || {
+            Conn::connect_unix(std::path::Path::new(&sock)).is_ok()
+        });
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(served, "LISTEN_FDS={fds:?}: --unix not served");
+        let _ = std::fs::remove_file(&sock);
+    }
 }
 
 #[test]
@@ -2921,9 +3093,12 @@ under_the_task_engine! {
     tcp_port_0_is_reported_in_the_ready_line,
     tcp_without_a_port_listens_on_10809,
     shared_limits_the_clients_served_at_once,
-    once_exits_when_the_last_client_leaves_and_persistent_does_not,
+    without_persistent_the_server_exits_when_the_last_negotiated_client_leaves,
+    real_clients_and_the_exit_after_the_last_client,
     pid_file_holds_the_pid_until_exit,
     systemd_socket_activation_serves_the_passed_socket,
+    a_socket_activated_server_exits_after_its_last_client,
+    socket_activation_variables_are_checked,
     idle_timeout_closes_silent_clients_only,
     weighted_polling_options_are_applied_and_serve,
     polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option,

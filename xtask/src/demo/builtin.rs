@@ -20,7 +20,9 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
-use super::{BENCH_DEPTH, BENCH_REQUESTS, IMAGE_SIZE, MIB, Tour, all_bytes, step, watchdog_error};
+use super::{
+    BENCH_DEPTH, BENCH_REQUESTS, IMAGE_SIZE, MIB, Tour, all_bytes, detail, step, watchdog_error,
+};
 use crate::cmd::{Context, Error, Result};
 use crate::nbd_client::{Client, Handshake, tx_flag};
 
@@ -54,7 +56,7 @@ fn patterns(tour: &mut Tour) -> Result<()> {
         "built-in client: writing 16 MiB of 0xa5 and reading it back verified",
     );
     let mut client = connect(tour)?;
-    println!("      {}", describe(&client));
+    detail(describe(&client));
     let len = 16 * MIB;
     let chunk = chunk_len(&client)?;
     let data = vec![0xa5u8; chunk as usize];
@@ -83,7 +85,7 @@ fn patterns(tour: &mut Tour) -> Result<()> {
         ));
     }
     disconnect(client)?;
-    println!("      pattern verified; checking against a wrong pattern is reported as a mismatch");
+    detail("pattern verified; checking against a wrong pattern is reported as a mismatch");
     tour.notes.push(
         "built-in client: wrote 16 MiB of 0xa5 and read it back verified; a wrong pattern was \
          caught"
@@ -138,7 +140,9 @@ fn trim_and_zeroes(tour: &mut Tour) -> Result<()> {
         "kept its data (NBD allows ignoring a trim)"
     };
     disconnect(client)?;
-    println!("      zeros read back; the trimmed range {discarded}");
+    detail(format_args!(
+        "zeros read back; the trimmed range {discarded}"
+    ));
     tour.check_image_after_zeroes()?;
     tour.notes.push(format!(
         "built-in client: trim + write zeroes: zeros read back over NBD and found on disk; the \
@@ -219,10 +223,10 @@ fn copy(tour: &mut Tour, host: &[u8]) -> Result<()> {
 
     let rate = |took: std::time::Duration| (IMAGE_SIZE / MIB) as f64 / took.as_secs_f64();
     let (rate_in, rate_out) = (rate(written), rate(read));
-    println!(
-        "      in at {rate_in:.0} MiB/s, out at {rate_out:.0} MiB/s; identical on the way out, and \
-         the copy and the image file match byte for byte"
-    );
+    detail(format_args!(
+        "in at {rate_in:.0} MiB/s, out at {rate_out:.0} MiB/s; identical on the way out, and the \
+         copy and the image file match byte for byte"
+    ));
     tour.notes.push(format!(
         "built-in client: {} MiB of random data in ({rate_in:.0} MiB/s) and back out \
          ({rate_out:.0} MiB/s), identical (compared on the way out, the copy and the image file \
@@ -265,7 +269,9 @@ fn bench(tour: &mut Tour, host: &[u8]) -> Result<()> {
         )?;
         let elapsed = started.elapsed().as_secs_f64();
         let iops = f64::from(BENCH_REQUESTS) / elapsed;
-        println!("      depth {depth:>2}: {elapsed:.3} s, {iops:.0} IOPS");
+        detail(format_args!(
+            "depth {depth:>2}: {elapsed:.3} s, {iops:.0} IOPS"
+        ));
         runs.push(format!("{iops:.0} IOPS at depth {depth} ({elapsed:.3} s)"));
     }
     disconnect(client)?;

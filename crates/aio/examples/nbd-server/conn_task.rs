@@ -87,7 +87,7 @@ pub fn start(
         send_lock: CoMutex::new(()),
         last_active: Cell::new(Instant::now()),
         watchdog: RefCell::new(None),
-        _slot: slot,
+        slot,
     });
     conn.log("accepted");
     shard.insert(id, conn.clone());
@@ -148,8 +148,9 @@ pub struct Conn {
     last_active: Cell<Instant>,
     /// The task that sleeps until the connection's deadline.
     watchdog: RefCell<Option<JoinHandle<()>>>,
-    /// This client's place in the process's count of clients (`--shared`, `--once`).
-    _slot: ClientSlot,
+    /// This client's place in the process's count of clients (`--shared`, the exit after
+    /// the last client).
+    slot: ClientSlot,
 }
 
 impl Served for Conn {
@@ -194,6 +195,7 @@ impl Conn {
             return Ok(());
         }
         self.transmission.set(true);
+        self.slot.negotiated();
         match self.idle_timeout {
             Some(limit) => self.arm(limit),
             None => self.disarm(),

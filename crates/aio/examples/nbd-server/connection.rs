@@ -223,7 +223,7 @@ impl Shard {
             last_active: Instant::now(),
             weak: Weak::new(),
             verbose: settings.verbose,
-            _slot: slot,
+            slot,
         }));
         let mut c = conn.borrow_mut();
         c.weak = Rc::downgrade(&conn);
@@ -350,8 +350,9 @@ pub struct Conn {
     last_active: Instant,
     weak: Weak<RefCell<Conn>>,
     verbose: bool,
-    /// This client's place in the process's count of clients (`--shared`, `--once`).
-    _slot: ClientSlot,
+    /// This client's place in the process's count of clients (`--shared`, the exit after
+    /// the last client).
+    slot: ClientSlot,
 }
 
 impl Conn {
@@ -584,6 +585,7 @@ impl Conn {
 
     fn enter_transmission(&mut self) {
         self.phase = Phase::Transmission;
+        self.slot.negotiated();
         if let Some(timer) = &self.timer {
             match self.idle_timeout {
                 Some(limit) => timer.arm_after(limit),

@@ -22,9 +22,11 @@
 //!   off by default, as in QEMU. The ready line says what each context got, the stopped line
 //!   what polling did.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
-//!   request has completed. `--shared N` closes a connection accepted while N are held, at
-//!   once, before the greeting. `--once` shuts the server down, as a signal does, when the
-//!   count falls back to 0; the default (`--persistent`) serves until a signal.
+//!   request has completed. While N are held, `--shared N` stops accepting (as qemu-nbd -e):
+//!   more clients wait in the listen queue until a slot is given back. As qemu-nbd without
+//!   `-t`, the server shuts down, as a signal does, when a client that completed its handshake
+//!   leaves and the count falls to 0 ([`ClientSlot::negotiated`]); `--persistent` (`-t`)
+//!   serves until a signal instead.
 //! * **Shutdown.** SIGINT and SIGTERM are blocked in every thread and read from a signalfd that
 //!   is an fd handler of this thread's context, so a signal is an ordinary event of the loop.
 //!   The listeners close at once; each context then stops reading requests, serves those it
@@ -42,6 +44,8 @@
 //! * **Socket activation.** When `LISTEN_PID` is this process and `LISTEN_FDS` is N, fds 3 to
 //!   N+2 are listening sockets (TCP or Unix) to serve instead of `--tcp`/`--unix`, as systemd
 //!   passes them.
+//! * **Not here: TLS.** `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`, like any unknown option,
+//!   so a client that requires TLS stops cleanly; serve over a Unix socket or a trusted network.
 
 mod conn_task;
 mod connection;
@@ -86,10 +90,11 @@ usage: nbd-server [OPTIONS] IMAGE
   --name NAME           export name (default: the empty name)
   --read-only           refuse writes
   --contexts N          number of I/O contexts, one thread each (default 1)
-  --shared N            serve at most N clients at once; more are closed at once (default:
-                        no limit)
-  --once                exit when the last client disconnects (after the first one came)
-  --persistent          serve until SIGINT/SIGTERM, however clients come and go (the default)
+  --shared N            serve at most N clients at once; more wait to be accepted until
+                        one leaves, as with qemu-nbd -e (default: no limit)
+  -t, --persistent      serve until SIGINT/SIGTERM, however clients come and go; without
+                        it the server exits, as qemu-nbd does, when the last client leaves
+                        (a client that completed its handshake, leaving none connected)
   --idle-timeout SECS   close a client that sends and takes nothing for SECS seconds after
                         its handshake (default: never)
   --pid-file PATH       write the process id to PATH once listening; removed at exit
@@ -124,8 +129,8 @@ struct Config {
     contexts: usize,
     /// At most this many clients at once.
     shared: Option<usize>,
-    /// Exit when the last client leaves.
-    once: bool,
+    /// Serve until a signal; without it, exit when the last negotiated client leaves.
+    persistent: bool,
     idle_timeout: Option<Duration>,
     pid_file: Option<PathBuf>,
     /// The adaptive-polling parameters of every context.
@@ -174,7 +179,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         read_only: false,
         contexts: 1,
         shared: None,
-        once: false,
+        persistent: false,
         idle_timeout: None,
         pid_file: None,
         poll: PollParams::disabled(),
@@ -184,7 +189,6 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) = (0, None, 0, 0);
     let mut poll_qemu10 = false;
-    let mut persistent = false;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?;
         let mut value = |what: &str| {
@@ -211,8 +215,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                     _ => return Err(format!("--shared takes a number from 1, not {n:?}")),
                 };
             }
-            "--once" => cfg.once = true,
-            "--persistent" => persistent = true,
+            "-t" | "--persistent" => cfg.persistent = true,
             "--idle-timeout" => {
                 let n = value("a number of seconds")?;
                 cfg.idle_timeout = match n.parse::<u64>() {
@@ -280,9 +283,6 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         }
     }
     cfg.image = image.ok_or("no image file given")?;
-    if cfg.once && persistent {
-        return Err("--once and --persistent contradict each other".into());
-    }
     let policy = match (poll_qemu10, poll_weight) {
         (true, Some(_)) => {
             return Err("--poll-weight is for the weighted policy, not qemu10".into());
@@ -390,11 +390,14 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     }
     let pid_file = PidFile(cfg.pid_file.clone());
 
+    let resume = Arc::new(AtomicBool::new(false));
     let clients = Arc::new(Clients {
         count: AtomicUsize::new(0),
         last_left: AtomicBool::new(false),
         main: ctx.handle(),
-        once: cfg.once,
+        persistent: cfg.persistent,
+        shared: cfg.shared,
+        resume: resume.clone(),
     });
     let mut targets = vec![None];
     targets.extend(iothreads.iter().map(|t| Some(t.handle.clone())));
@@ -410,9 +413,8 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             engine: cfg.engine,
         },
         clients: clients.clone(),
-        shared: cfg.shared,
         unix_path: cfg.unix.clone(),
-        resume: Arc::new(AtomicBool::new(false)),
+        resume,
         backoff: RefCell::new(None),
     });
     acceptor.watch(&ctx)?;
@@ -483,7 +485,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             && clients.count.load(Ordering::Relaxed) == 0
             && stopping.get().is_none()
         {
-            let why = "the last client disconnected (--once)";
+            let why = "the last client disconnected, no --persistent";
             println!("nbd-server: {why}, shutting down");
             stopping.set(Some(why));
             acceptor.shut_down(&ctx);
@@ -585,26 +587,43 @@ impl Drop for PidFile {
     }
 }
 
-/// The clients connected now, over all contexts: what `--shared` and `--once` look at.
+/// The clients connected now, over all contexts: what `--shared` and the exit after the last
+/// client look at.
 struct Clients {
     count: AtomicUsize,
-    /// Set (with `--once`) when the count has fallen to 0; read by the main loop.
+    /// Set (without `--persistent`) when a negotiated client's leaving brought the count to 0;
+    /// read by the main loop.
     last_left: AtomicBool,
     /// The main context, woken when the count falls to 0.
     main: ContextHandle,
-    once: bool,
+    persistent: bool,
+    /// `--shared`: at most this many clients at once.
+    shared: Option<usize>,
+    /// Set when the listeners are to be watched again ([`Acceptor::resume`]): by a slot given
+    /// back while the count was at the `--shared` limit.
+    resume: Arc<AtomicBool>,
 }
 
 /// One client's place in [`Clients`]: taken when its connection is accepted, given back when
 /// the connection is dropped (closed, and its last request completed), on whichever context
-/// served it.
-pub struct ClientSlot(Arc<Clients>);
+/// served it. `negotiated` says whether the client reached the transmission phase: only such
+/// a client's leaving can end the server (qemu-nbd's rule), so that a port scan, a refused
+/// handshake or an export listing (`NBD_OPT_LIST` then `NBD_OPT_ABORT`, as `nbdinfo --list`
+/// does) does not stop it.
+pub struct ClientSlot {
+    clients: Arc<Clients>,
+    negotiated: Cell<bool>,
+}
 
 impl std::fmt::Debug for ClientSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Relaxed: a snapshot for a log line.
-        let clients = self.0.count.load(Ordering::Relaxed);
-        write!(f, "ClientSlot({clients} clients)")
+        let clients = self.clients.count.load(Ordering::Relaxed);
+        write!(
+            f,
+            "ClientSlot({clients} clients, negotiated: {})",
+            self.negotiated.get()
+        )
     }
 }
 
@@ -612,25 +631,46 @@ impl ClientSlot {
     fn take(clients: &Arc<Clients>) -> ClientSlot {
         // Relaxed: a plain count, with nothing published through it.
         clients.count.fetch_add(1, Ordering::Relaxed);
-        ClientSlot(clients.clone())
+        ClientSlot {
+            clients: clients.clone(),
+            negotiated: Cell::new(false),
+        }
+    }
+
+    /// The client has completed its handshake (entered the transmission phase).
+    pub fn negotiated(&self) {
+        self.negotiated.set(true);
     }
 }
 
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         // Relaxed: as in `take`; the main loop re-reads the count on its own thread.
-        if self.0.count.fetch_sub(1, Ordering::Relaxed) == 1 && self.0.once {
-            let clients = self.0.clone();
+        let before = self.clients.count.fetch_sub(1, Ordering::Relaxed);
+        if self.clients.shared == Some(before) {
+            // The acceptor stopped watching at the limit: room for one more now.
+            let resume = self.clients.resume.clone();
+            // Relaxed: as `last_left` below.
+            self.clients
+                .main
+                .schedule_oneshot(move || resume.store(true, Ordering::Relaxed));
+        }
+        let last = before == 1;
+        if last && self.negotiated.get() && !self.clients.persistent {
+            let clients = self.clients.clone();
             // Relaxed: the main loop reads the flag after running this, on its own thread.
-            self.0
+            self.clients
                 .main
                 .schedule_oneshot(move || clients.last_left.store(true, Ordering::Relaxed));
         }
     }
 }
 
-/// The listening sockets systemd passes (`sd_listen_fds`): `None` unless `LISTEN_PID` names
-/// this process. Each must be a listening TCP or Unix stream socket (systemd's `Accept=no`).
+/// The listening sockets systemd passes, read as `sd_listen_fds` reads them: `None` unless
+/// `LISTEN_PID` names this process and `LISTEN_FDS` is set and not 0; a `LISTEN_FDS` that is
+/// not a number (or over 1024) is an error. Each fd must be a listening TCP or Unix stream
+/// socket (systemd's `Accept=no`). The variables are left set: the server starts no process
+/// that could inherit them.
 fn activated_listeners() -> io::Result<Option<Vec<Listener>>> {
     let Ok(pid) = std::env::var("LISTEN_PID") else {
         return Ok(None);
@@ -639,13 +679,16 @@ fn activated_listeners() -> io::Result<Option<Vec<Listener>>> {
         // Meant for another process (a parent that did not clear it).
         return Ok(None);
     }
-    let fds = std::env::var("LISTEN_FDS").unwrap_or_default();
+    let Ok(fds) = std::env::var("LISTEN_FDS") else {
+        return Ok(None);
+    };
     let n: RawFd = match fds.trim().parse() {
+        Ok(0) => return Ok(None),
         Ok(n @ 1..=1024) => n,
         _ => {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("LISTEN_FDS={fds:?} names no socket"),
+                format!("LISTEN_FDS={fds:?} is not a number of sockets from 0 to 1024"),
             ));
         }
     };
@@ -789,12 +832,10 @@ struct Acceptor {
     export: Arc<Export>,
     settings: Settings,
     clients: Arc<Clients>,
-    /// `--shared`: at most this many clients at once.
-    shared: Option<usize>,
     /// The socket file to remove at exit (`--unix`; not a socket systemd made).
     unix_path: Option<PathBuf>,
-    /// Set by the backoff timer (whose callback must be `Send`); the main loop then watches
-    /// the listeners again.
+    /// Set by the backoff timer (whose callback must be `Send`) and by a client slot given
+    /// back at the `--shared` limit; the main loop then watches the listeners again.
     resume: Arc<AtomicBool>,
     backoff: RefCell<Option<aio::Timer>>,
 }
@@ -819,6 +860,18 @@ impl Acceptor {
     /// Accepts every pending connection on listener `i` and deals them out.
     fn accept(self: &Rc<Self>, ctx: &AioContext, i: usize) {
         loop {
+            // Relaxed: this thread is the only one that adds clients, so the count cannot
+            // grow under us; a slot given back meanwhile sets `resume`, which re-watches.
+            let connected = self.clients.count.load(Ordering::Relaxed);
+            if self.clients.shared.is_some_and(|limit| connected >= limit) {
+                // As qemu-nbd -e: stop accepting; clients wait in the listen queue until a
+                // slot is given back (then `resume` is set and the main loop watches again).
+                if self.settings.verbose {
+                    eprintln!("nbd-server: {connected} clients (--shared): not accepting");
+                }
+                self.handlers.borrow_mut().clear();
+                return;
+            }
             let accepted = match self.listeners.borrow().get(i) {
                 Some(l) => l.accept(),
                 None => return,
@@ -840,17 +893,6 @@ impl Acceptor {
                     return;
                 }
             };
-            // Relaxed: this thread is the only one that adds clients, so the count cannot
-            // grow under us; a slot given back meanwhile only makes the check stricter.
-            let connected = self.clients.count.load(Ordering::Relaxed);
-            if self.shared.is_some_and(|limit| connected >= limit) {
-                // Closed before the greeting: the client sees the end of the stream at once,
-                // rather than waiting in the listen queue for a slot.
-                if self.settings.verbose {
-                    eprintln!("nbd-server: refusing a connection: {connected} clients (--shared)");
-                }
-                continue;
-            }
             if let Err(e) = prepare(&sock) {
                 // This one socket is unusable; the listener is fine.
                 eprintln!("nbd-server: dropping an accepted connection: {e}");

@@ -156,6 +156,9 @@ pub struct Config {
     activated: bool,
     /// Environment variables set (`Some`) or removed (`None`) for the server.
     env: Vec<(String, Option<String>)>,
+    /// `--persistent`: on unless a test asks for the server's default, exiting after the last
+    /// client (most tests connect one client after another).
+    persistent: bool,
     /// `--engine`: the [`engine`] of the thread that made the configuration (empty: no
     /// `--engine`, the server's default).
     engine: &'static str,
@@ -197,6 +200,7 @@ impl Config {
             extra: Vec::new(),
             activated: false,
             env: Vec::new(),
+            persistent: true,
             engine: engine(),
         }
     }
@@ -258,6 +262,13 @@ impl Config {
         self
     }
 
+    /// Starts the server without `--persistent`: it exits when the last client that completed
+    /// its handshake leaves.
+    pub fn exit_after_last_client(mut self) -> Config {
+        self.persistent = false;
+        self
+    }
+
     /// Starts the server without `--engine`, on its default engine.
     pub fn default_engine(mut self) -> Config {
         self.engine = "";
@@ -287,6 +298,9 @@ impl Config {
         }
         if self.verbose {
             args.push("--verbose".to_owned());
+        }
+        if self.persistent {
+            args.push("--persistent".to_owned());
         }
         if !self.engine.is_empty() {
             args.extend(["--engine".to_owned(), self.engine.to_owned()]);
