@@ -1,22 +1,26 @@
-//! One task, one allocation: the task cell (its header, its join state and its future in one
-//! `Arc`), the waker made from it, and the tokens that own its future. This is the only file
-//! of the executor with `unsafe`; the rules it keeps are [TASK-1]..[TASK-4] in ARCHITECTURE.md
-//! ("Tasks"), and each `SAFETY` comment here cites the one it relies on.
+//! One task, one allocation: the task cell (its header, its join state, its reference count
+//! and its future in one `Box`), the waker made from it, and the counted handles on it (the
+//! owner tokens, the join side, header references). This is the only file of the executor
+//! with `unsafe`; the rules it keeps are [TASK-1]..[TASK-5] in ARCHITECTURE.md ("Tasks"), and
+//! each `SAFETY` comment here cites the one it relies on.
 //!
 //! Why `unsafe`: a task's future may be `!Send` (`spawn_local`) while its wakers must be
 //! `Send + Sync`, and its join handle `Send` when the output is. Safe Rust can only express
 //! that with the future in an allocation of its own, the header (what wakers touch) in a second
-//! and the join state in a third; one allocation instead of three, and no reference count
-//! touched per poll, is what the spawn benchmark (B12) asks for.
+//! and the join state in a third; one allocation instead of three, no reference count touched
+//! per poll, and the count in the join state's word (so that a spawn counts its join handle
+//! for free and dropping a joined handle is one atomic operation) is what the spawn benchmark
+//! (B12) asks for.
 
 use super::{JoinError, panic_message};
 use crate::bh::BottomHalf;
 use crate::context::ContextHandle;
-use crate::sync::{AtomicU32, Mutex, Ordering, StdArc as Arc, UnsafeCell, lock};
+use crate::sync::{AtomicU32, AtomicU64, Mutex, Ordering, StdArc as Arc, UnsafeCell, fence, lock};
 use std::future::Future;
 use std::mem::ManuallyDrop;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
+use std::ptr::NonNull;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
 /// Header flag: the task must be dropped instead of polled ([`JoinHandle::abort`]).
@@ -73,17 +77,23 @@ impl Header {
 
 /// Join state bit: the task has finished and its result is in `Join::output` (set once, by
 /// the task's thread).
-const COMPLETE: u32 = 1;
+const COMPLETE: u64 = 1;
 /// Join state bit: the join handle exists (cleared once, when it is dropped).
-const JOIN_INTEREST: u32 = 2;
+const JOIN_INTEREST: u64 = 2;
 /// Join state bit: `Join::waker` holds the waker of the task awaiting the handle.
-const JOIN_WAKER: u32 = 4;
+const JOIN_WAKER: u64 = 4;
+/// One reference to the cell, in the state word above the three bits ([TASK-2]).
+const REF_ONE: u64 = 8;
+/// A count no program reaches (2^56 references); past it, abort, as `Arc` does, rather than
+/// wrap around to a use-after-free.
+const MAX_REFS: u64 = 1 << 59;
 
-/// What a task and its [`JoinHandle`](super::JoinHandle) share: a state word and two cells
-/// whose access the word arbitrates ([TASK-5]). The task's thread is the *producer* (it writes
-/// the result once); the handle is the *consumer*.
+/// What a task and its [`JoinHandle`](super::JoinHandle) share: a state word (three bits, and
+/// the cell's reference count above them) and two cells whose access the bits arbitrate
+/// ([TASK-5]). The task's thread is the *producer* (it writes the result once); the handle is
+/// the *consumer*.
 pub(super) struct Join<T> {
-    state: AtomicU32,
+    state: AtomicU64,
     /// [TASK-5]: written by the producer before it sets COMPLETE; after that, taken by the
     /// consumer, or by the producer if its COMPLETE transition found JOIN_INTEREST clear.
     output: UnsafeCell<Option<Result<T, JoinError>>>,
@@ -96,7 +106,8 @@ pub(super) struct Join<T> {
 impl<T> Join<T> {
     fn new() -> Self {
         Join {
-            state: AtomicU32::new(JOIN_INTEREST),
+            // Two references: the owner token's and the join handle's.
+            state: AtomicU64::new(JOIN_INTEREST | (2 * REF_ONE)),
             output: UnsafeCell::new(None),
             waker: UnsafeCell::new(None),
         }
@@ -182,9 +193,21 @@ impl<T> Join<T> {
         }
     }
 
-    /// Consumer: the handle is dropped. Drops the result if it is there (on this thread), and
-    /// the registered waker if the producer will not read it.
-    pub(super) fn drop_handle(&self) {
+    /// Consumer: the handle is dropped; `took_output`: it returned the result (so it saw
+    /// COMPLETE). Drops the result if it is still there (on this thread), and the registered
+    /// waker if the producer will not read it, then gives up the handle's reference. Returns
+    /// whether that was the last one: the caller then frees the cell.
+    #[must_use]
+    fn drop_handle(&self, took_output: bool) -> bool {
+        if took_output {
+            // Nothing left to take (the output is gone, the waker is the cell's drop's): one
+            // RMW clears the interest and gives up the reference. AcqRel: as in `release`.
+            let old = self
+                .state
+                .fetch_sub(JOIN_INTEREST + REF_ONE, Ordering::AcqRel);
+            debug_assert!(old & JOIN_INTEREST != 0 && old & COMPLETE != 0);
+            return old & !(REF_ONE - 1) == REF_ONE;
+        }
         let old = self
             .state
             .fetch_and(!(JOIN_INTEREST | JOIN_WAKER), Ordering::AcqRel);
@@ -199,6 +222,31 @@ impl<T> Join<T> {
             let waker = self.waker.with_mut(|w| unsafe { (*w).take() });
             drop(waker);
         }
+        self.release()
+    }
+
+    /// Takes one more reference to the cell ([TASK-2]).
+    fn acquire(&self) {
+        // Relaxed, as `Arc::clone`: a new reference is made from an existing one, which keeps
+        // the cell alive meanwhile.
+        let old = self.state.fetch_add(REF_ONE, Ordering::Relaxed);
+        if old >= MAX_REFS {
+            std::process::abort();
+        }
+    }
+
+    /// Gives up one reference; returns whether it was the last, in which case the caller frees
+    /// the cell ([TASK-2]).
+    #[must_use]
+    fn release(&self) -> bool {
+        // Release, then Acquire on the last one, as `Arc::drop`: every use of the cell through
+        // another reference happens before the free.
+        let old = self.state.fetch_sub(REF_ONE, Ordering::Release);
+        if old & !(REF_ONE - 1) != REF_ONE {
+            return false;
+        }
+        fence(Ordering::Acquire);
+        true
     }
 
     /// Whether the task has finished.
@@ -207,8 +255,8 @@ impl<T> Join<T> {
     }
 }
 
-/// The task: header, join state and future in one allocation, which only ever lives in an
-/// `Arc` ([`Cell::new`] returns one), so a pointer to it is an `Arc`'s pointer ([TASK-2]).
+/// The task: header, join state (with the reference count) and future in one `Box`
+/// allocation, reached only through counted raw pointers ([TASK-2]).
 struct Cell<F: Future> {
     header: Header,
     join: Join<F::Output>,
@@ -228,9 +276,9 @@ pub(super) trait Task {
     ///
     /// [TASK-1]: the caller holds the task's owner token (in its context's table slot), on
     /// that token's thread, and no other call of `poll` or `cancel` on this task is running.
-    /// [TASK-2]: `this` is this task's address as the owner's `Arc` gives it
-    /// ([`Owned::as_ptr`]), whose provenance covers the reference counts that the wakers made
-    /// from it touch.
+    /// [TASK-2]: `this` is this task's address as the owner token holds it
+    /// ([`Owned::as_ptr`]): the `Box`'s own pointer, which the wakers made from it free with
+    /// `Box::from_raw` when they drop the last reference.
     unsafe fn poll(&self, this: *const ()) -> Poll<()>;
 
     /// Drops the future, if it is still there, and reports "cancelled" to the join handle.
@@ -240,6 +288,14 @@ pub(super) trait Task {
     ///
     /// As [`Task::poll`].
     unsafe fn cancel(&self);
+
+    /// Takes one more reference ([TASK-2]).
+    fn acquire(&self);
+
+    /// Gives up a reference the caller owns; `true` if it was the last: the caller must then
+    /// free the cell ([TASK-2]).
+    #[must_use]
+    fn release(&self) -> bool;
 }
 
 /// What a [`JoinHandle`](super::JoinHandle) sees of its task.
@@ -257,21 +313,23 @@ impl<F: Future + 'static> Cell<F> {
         Self::drop_waker,
     );
 
-    fn new(future: F, flags: u32, bh: Option<Arc<BottomHalf>>) -> Arc<Self> {
-        Arc::new(Cell {
+    /// A new cell, as a raw pointer that owns its two first references (see `Join::new`).
+    fn new(future: F, flags: u32, bh: Option<Arc<BottomHalf>>) -> NonNull<Self> {
+        NonNull::from(Box::leak(Box::new(Cell {
             header: Header {
                 flags: AtomicU32::new(flags),
                 sched: Mutex::new(Sched { bh, move_to: None }),
             },
             join: Join::new(),
             future: std::cell::UnsafeCell::new(Some(future)),
-        })
+        })))
     }
 
     unsafe fn clone_waker(ptr: *const ()) -> RawWaker {
-        // SAFETY: [TASK-2]: `ptr` is the pointer of a live `Arc<Cell<F>>` (this waker's count,
-        // or the owner's while it polls), so one more count is taken on a live allocation.
-        unsafe { Arc::increment_strong_count(ptr.cast::<Self>()) };
+        // SAFETY: [TASK-2]: `ptr` is the cell's pointer, kept alive by this waker's reference
+        // (or the owner's, while it polls).
+        let cell = unsafe { &*ptr.cast::<Self>() };
+        cell.join.acquire();
         RawWaker::new(ptr, &Self::VTABLE)
     }
 
@@ -284,16 +342,20 @@ impl<F: Future + 'static> Cell<F> {
     }
 
     unsafe fn wake_by_ref_waker(ptr: *const ()) {
-        // SAFETY: [TASK-2]: the waker's count keeps the cell alive; only the header (which is
-        // `Sync`) is touched, from whatever thread this is ([TASK-4]).
+        // SAFETY: [TASK-2]: the waker's reference keeps the cell alive; only the header (which
+        // is `Sync`) is touched, from whatever thread this is ([TASK-4]).
         let cell = unsafe { &*ptr.cast::<Self>() };
         cell.header.wake();
     }
 
     unsafe fn drop_waker(ptr: *const ()) {
-        // SAFETY: [TASK-2]: gives up the count this waker held. If it was the last one, the
-        // cell is freed on this thread: [TASK-4] says its future and output are gone by then.
-        unsafe { Arc::decrement_strong_count(ptr.cast::<Self>()) };
+        // SAFETY: [TASK-2]: the waker's reference keeps the cell alive until it is given up.
+        let last = unsafe { &*ptr.cast::<Self>() }.join.release();
+        if last {
+            // SAFETY: [TASK-2]: that was the last reference, and `ptr` is the `Box`'s pointer;
+            // the cell is freed on this thread: [TASK-4] says its future and output are gone.
+            drop(unsafe { Box::from_raw(ptr.cast::<Self>().cast_mut()) });
+        }
     }
 }
 
@@ -316,9 +378,9 @@ impl<F: Future + 'static> Task for Cell<F> {
         // clones it.
         debug_assert_eq!(this, std::ptr::from_ref(self).cast::<()>());
         let raw = RawWaker::new(this, &Self::VTABLE);
-        // SAFETY: [TASK-2]: `this` is the `Arc<Cell<F>>`'s pointer, kept alive by the owner
-        // token for the whole poll; `ManuallyDrop` keeps this borrowed waker from giving up a
-        // count.
+        // SAFETY: [TASK-2]: `this` is the cell's `Box` pointer, kept alive by the owner token's
+        // reference for the whole poll; `ManuallyDrop` keeps this borrowed waker from giving up
+        // a reference.
         let waker = ManuallyDrop::new(unsafe { Waker::from_raw(raw) });
         let result = match catch_unwind(AssertUnwindSafe(|| {
             future.poll(&mut Context::from_waker(&waker))
@@ -354,6 +416,14 @@ impl<F: Future + 'static> Task for Cell<F> {
         }
         self.join.complete(Err(JoinError { panic: None }));
     }
+
+    fn acquire(&self) {
+        self.join.acquire();
+    }
+
+    fn release(&self) -> bool {
+        self.join.release()
+    }
 }
 
 impl<F: Future + 'static> JoinPart<F::Output> for Cell<F> {
@@ -366,26 +436,39 @@ impl<F: Future + 'static> JoinPart<F::Output> for Cell<F> {
     }
 }
 
-/// The token that owns a task's future ([TASK-1]): held by the task's table slot, or by a
-/// one-shot BH carrying the task to another context ([`SendOwned`]). Exactly one exists per
-/// task. Dropping it drops the future first, on the dropping thread, and only then gives up
-/// its count ([TASK-4]).
-pub(super) struct Owned(Arc<dyn Task>);
+/// Frees a cell whose last reference the caller just gave up.
+///
+/// # Safety
+///
+/// [TASK-2]: `ptr` is a cell's `Box` pointer (as made by `new_local`/`new_send` and coerced),
+/// and the reference the caller gave up was the last one.
+unsafe fn free<T: ?Sized>(ptr: NonNull<T>) {
+    // SAFETY: as the function's contract says.
+    drop(unsafe { Box::from_raw(ptr.as_ptr()) });
+}
+
+/// The token that owns a task's future ([TASK-1]), and one reference to its cell: held by the
+/// task's table slot, or by a one-shot BH carrying the task to another context
+/// ([`SendOwned`]). Exactly one exists per task. Dropping it drops the future first, on the
+/// dropping thread, and only then gives up its reference ([TASK-4]).
+pub(super) struct Owned(NonNull<dyn Task>);
 
 impl Owned {
     pub(super) fn task(&self) -> &dyn Task {
-        &*self.0
+        // SAFETY: [TASK-2]: the token's reference keeps the cell alive.
+        unsafe { self.0.as_ref() }
     }
 
     /// A counted handle on the task's header, for a `reschedule` request.
     pub(super) fn header_ref(&self) -> HeaderRef {
-        HeaderRef(self.0.clone())
+        self.task().acquire();
+        HeaderRef(self.0)
     }
 
     /// The task's address, for a poll that must not hold the table's borrow (see `run`): the
-    /// `Arc`'s own pointer, whose provenance covers the reference counts ([TASK-2]).
+    /// cell's `Box` pointer ([TASK-2]).
     pub(super) fn as_ptr(&self) -> *const dyn Task {
-        Arc::as_ptr(&self.0)
+        self.0.as_ptr()
     }
 }
 
@@ -395,7 +478,12 @@ impl Drop for Owned {
         // `SendOwned` may be dropped anywhere, but its future is `Send`), and nothing polls
         // the task while its token is being dropped (a running slot is never freed, see
         // [TASK-1]'s transitions).
-        unsafe { self.0.cancel() };
+        unsafe { self.task().cancel() };
+        if self.task().release() {
+            // SAFETY: [TASK-2]: the token's reference was the last, and its pointer is the
+            // cell's `Box` pointer.
+            unsafe { free(self.0) };
+        }
     }
 }
 
@@ -415,37 +503,77 @@ impl SendOwned {
 
 /// A counted handle that touches only a task's header (`Send + Sync`), for a `reschedule`
 /// request kept in a `Send` future.
-pub(super) struct HeaderRef(Arc<dyn Task>);
+pub(super) struct HeaderRef(NonNull<dyn Task>);
 
 // SAFETY: [TASK-4]: a `HeaderRef` only reads the header, which is `Sync`, and dropping the last
-// count anywhere is allowed because the future and the output are gone by then.
+// reference anywhere is allowed because the future and the output are gone by then.
 unsafe impl Send for HeaderRef {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for HeaderRef {}
 
 impl HeaderRef {
     pub(super) fn header(&self) -> &Header {
-        self.0.header()
+        // SAFETY: [TASK-2]: this handle's reference keeps the cell alive.
+        unsafe { self.0.as_ref() }.header()
     }
 }
 
-/// The join side of a task: its handle's view.
-pub(super) struct JoinRef<T>(Arc<dyn JoinPart<T>>);
+impl Drop for HeaderRef {
+    fn drop(&mut self) {
+        // SAFETY: [TASK-2]: this handle's reference keeps the cell alive until given up.
+        if unsafe { self.0.as_ref() }.release() {
+            // SAFETY: [TASK-2]: that was the last reference, and the pointer is the cell's.
+            unsafe { free(self.0) };
+        }
+    }
+}
 
-// SAFETY: [TASK-4]: the join side touches the header (`Sync`) and the join state, a lock around
-// the output, which may cross threads when the output is `Send`; the last count dropped here
-// frees a cell whose future is gone.
+/// The join side of a task: its handle's view, and one reference to the cell.
+pub(super) struct JoinRef<T> {
+    cell: NonNull<dyn JoinPart<T>>,
+    /// The handle returned the result ([`JoinRef::poll`] gave `Ready`).
+    took_output: bool,
+}
+
+// SAFETY: [TASK-4]: the join side touches the header (`Sync`) and the join state, whose cells
+// hold the output (which may cross threads when it is `Send`) and a waker (`Send`); the last
+// reference dropped here frees a cell whose future is gone.
 unsafe impl<T: Send> Send for JoinRef<T> {}
-// SAFETY: as for `Send`.
+// SAFETY: as for `Send`; through `&JoinRef` only the header and the state word are read.
 unsafe impl<T: Send> Sync for JoinRef<T> {}
 
 impl<T> JoinRef<T> {
-    pub(super) fn header(&self) -> &Header {
-        self.0.header()
+    fn part(&self) -> &dyn JoinPart<T> {
+        // SAFETY: [TASK-2]: the handle's reference keeps the cell alive.
+        unsafe { self.cell.as_ref() }
     }
 
-    pub(super) fn join(&self) -> &Join<T> {
-        self.0.join()
+    pub(super) fn header(&self) -> &Header {
+        self.part().header()
+    }
+
+    /// Whether the task has finished.
+    pub(super) fn is_complete(&self) -> bool {
+        self.part().join().is_complete()
+    }
+
+    /// The task's result, or `Pending` with `cx`'s waker registered.
+    pub(super) fn poll(&mut self, cx: &Context<'_>) -> Poll<Result<T, JoinError>> {
+        let poll = self.part().join().poll(cx);
+        if poll.is_ready() {
+            self.took_output = true;
+        }
+        poll
+    }
+}
+
+impl<T> Drop for JoinRef<T> {
+    fn drop(&mut self) {
+        if self.part().join().drop_handle(self.took_output) {
+            // SAFETY: [TASK-2]: the handle's reference was the last, and the pointer is the
+            // cell's `Box` pointer.
+            unsafe { free(self.cell) };
+        }
     }
 }
 
@@ -457,8 +585,16 @@ where
     F::Output: 'static,
 {
     let cell = Cell::new(future, 0, bh);
-    let join: Arc<dyn JoinPart<F::Output>> = cell.clone();
-    (Owned(cell), JoinRef(join))
+    // The cell starts with two references: one for each of these.
+    let join: NonNull<dyn JoinPart<F::Output>> = cell;
+    let owned: NonNull<dyn Task> = cell;
+    (
+        Owned(owned),
+        JoinRef {
+            cell: join,
+            took_output: false,
+        },
+    )
 }
 
 /// Makes a task for a `Send` future, which may move between contexts.
@@ -468,6 +604,14 @@ where
     F::Output: Send + 'static,
 {
     let cell = Cell::new(future, SENDABLE, bh);
-    let join: Arc<dyn JoinPart<F::Output>> = cell.clone();
-    (SendOwned(Owned(cell)), JoinRef(join))
+    // The cell starts with two references: one for each of these.
+    let join: NonNull<dyn JoinPart<F::Output>> = cell;
+    let owned: NonNull<dyn Task> = cell;
+    (
+        SendOwned(Owned(owned)),
+        JoinRef {
+            cell: join,
+            took_output: false,
+        },
+    )
 }

@@ -395,24 +395,18 @@ impl<T> JoinHandle<T> {
 
     /// Whether the task has finished (returned, panicked or been cancelled).
     pub fn is_finished(&self) -> bool {
-        self.task.join().is_complete()
+        self.task.is_complete()
     }
 
     /// Lets the task run on without anyone waiting for it (the same as dropping the handle).
     pub fn detach(self) {}
 }
 
-impl<T> Drop for JoinHandle<T> {
-    fn drop(&mut self) {
-        self.task.join().drop_handle();
-    }
-}
-
 impl<T> Future for JoinHandle<T> {
     type Output = Result<T, JoinError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.task.join().poll(cx)
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.task.poll(cx)
     }
 }
 
