@@ -292,6 +292,44 @@ fn a_panicking_holder_passes_the_lock_on() {
     assert_eq!(lock.try_lock().unwrap().load(Ordering::Relaxed), 7);
 }
 
+/// A thread that exits while holding the lock keeps it held for good. Only a leaked guard can
+/// outlive its thread (unwinding drops guards, as above), and nothing can release it after:
+/// no other thread can take the lock, not even one started later (owner ids are never reused,
+/// so a new thread cannot pass for the dead owner and "nest"), and `lock` waits for ever,
+/// which this test shows with a bounded wait.
+#[test]
+#[cfg_attr(miri, ignore = "leaves a thread blocked in lock for good")]
+fn a_thread_that_exits_holding_a_leaked_guard_keeps_the_lock_held() {
+    let lock = Arc::new(RFifoLock::new(0u32));
+    let l = lock.clone();
+    thread::spawn(move || std::mem::forget(l.lock()))
+        .join()
+        .unwrap();
+    assert!(lock.is_locked());
+    assert!(!lock.is_owned_by_current_thread());
+    assert!(lock.try_lock().is_none());
+    for _ in 0..8 {
+        let l = lock.clone();
+        let refused =
+            thread::spawn(move || l.try_lock().is_none() && !l.is_owned_by_current_thread());
+        assert!(
+            refused.join().unwrap(),
+            "a later thread passed for the dead owner"
+        );
+    }
+    let (tx, rx) = mpsc::channel();
+    let l = lock.clone();
+    // This thread stays blocked until the process exits.
+    thread::spawn(move || {
+        let _guard = l.lock();
+        tx.send(()).ok();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "lock returned although the dead owner never released"
+    );
+}
+
 /// A contention callback that panics takes its thread out of the queue, and the panic leaves
 /// `lock`: both when the thread's ticket is still behind others (it is skipped at the next
 /// hand-off, so the thread queued after it gets the lock) and when the ticket was served
