@@ -141,6 +141,8 @@ const MIRI: &[MiriRun] = &[
             "--test",
             "tasks_review",
             "--test",
+            "tasks_soundness",
+            "--test",
             "task_model",
         ],
         threaded: true,

@@ -152,3 +152,33 @@ fn the_last_registered_waker_is_woken() {
         assert_eq!(drops.load(Ordering::SeqCst), 1);
     });
 }
+
+/// The handle registers a waker and is dropped (on another thread) while the task
+/// completes: whichever side ends up owning the waker (the handle, if it cleared its
+/// registration first; the producer, if it had leased the waker to wake it) drops it exactly
+/// once, and nothing keeps it after the task and the handle are gone (a waker left in the cell
+/// for good leaks a task that it holds).
+#[test]
+fn a_registered_waker_is_dropped_once_whoever_owns_it() {
+    loom::model(|| {
+        let ctx = context();
+        let (mut handle, drops) = spawn_payload(&ctx);
+        let (flag, waker) = flag();
+        assert!(poll_once(&mut handle, &waker).is_pending());
+        drop(waker);
+        let dropper = thread::spawn(move || drop(handle));
+        ctx.poll_nonblocking();
+        dropper.join().unwrap();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "the output dropped exactly once"
+        );
+        assert_eq!(ctx.task_count(), 0);
+        assert_eq!(
+            std::sync::Arc::strong_count(&flag),
+            1,
+            "the registered waker was not dropped"
+        );
+    });
+}

@@ -49,8 +49,11 @@ pub(super) struct Sched {
     /// allow, and costs nothing on the common path.
     pub(super) bh: Option<Arc<BottomHalf>>,
     /// Set by `reschedule` while the task is being polled: where it goes when the poll
-    /// returns `Pending`.
-    pub(super) move_to: Option<ContextHandle>,
+    /// returns `Pending`, and the id of that request (so that a `Reschedule` dropped later
+    /// withdraws only its own request).
+    pub(super) move_to: Option<(u64, ContextHandle)>,
+    /// The id of the next move request.
+    pub(super) next_move: u64,
 }
 
 impl Header {
@@ -103,6 +106,14 @@ pub(super) struct Join<T> {
     waker: UnsafeCell<Option<Waker>>,
 }
 
+/// Runs `f` (user code: a `Drop` or a waker), catching and logging a panic: the executor's
+/// own bookkeeping around it must happen whatever the user code does.
+fn catch_and_log(what: &str, f: impl FnOnce()) {
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(f)) {
+        tracing::error!("{what} panicked: {}", panic_message(panic.as_ref()));
+    }
+}
+
 impl<T> Join<T> {
     fn new() -> Self {
         Join {
@@ -114,7 +125,9 @@ impl<T> Join<T> {
     }
 
     /// Producer: hands the task's result to its join handle, or drops it (on this thread)
-    /// if the handle is gone. Called at most once per task.
+    /// if the handle is gone, and wakes the handle's waker. Called at most once per task. A
+    /// panic in the output's `Drop` or in the waker is caught and logged: the completion
+    /// happens whatever user code does.
     fn complete(&self, result: Result<T, JoinError>) {
         // SAFETY: [TASK-5]: COMPLETE is clear (only this call sets it, once), so the consumer
         // does not look at the output yet.
@@ -124,33 +137,47 @@ impl<T> Join<T> {
         let old = self.state.fetch_or(COMPLETE, Ordering::AcqRel);
         debug_assert_eq!(old & COMPLETE, 0, "a task completes once");
         if old & JOIN_INTEREST == 0 {
-            // Detached: the result is ours again.
+            // Detached: the result is ours again (and the handle took its waker with it).
             // SAFETY: [TASK-5]: the handle is gone, and it looked at the output only if it
             // had seen COMPLETE, which it had not.
             let result = self.output.with_mut(|p| unsafe { (*p).take() });
             if let Some(Err(JoinError { panic: Some(p) })) = &result {
                 tracing::error!("a detached task panicked: {}", panic_message(p.as_ref()));
             }
-            drop(result);
+            catch_and_log("the output of a detached task", || drop(result));
             return;
         }
-        if old & JOIN_WAKER != 0 {
+        if old & JOIN_WAKER == 0 {
+            return;
+        }
+        catch_and_log("a join handle's waker", || {
             self.waker.with(|w| {
-                // SAFETY: [TASK-5]: JOIN_WAKER was set when COMPLETE went up, so the consumer
-                // writes the waker no more: reading it is shared with at most its own reads.
+                // SAFETY: [TASK-5]: JOIN_WAKER was set when COMPLETE went up: the waker is
+                // leased to us until we clear the bit, and the consumer only reads it meanwhile.
                 if let Some(w) = unsafe { &*w } {
                     w.wake_by_ref();
                 }
             });
+        });
+        // End the lease. AcqRel: Release orders our read before the consumer's drop of the
+        // waker; Acquire, if the handle is gone, orders its last accesses before ours.
+        let old = self.state.fetch_and(!JOIN_WAKER, Ordering::AcqRel);
+        if old & JOIN_INTEREST == 0 {
+            // The handle went while we held the lease, so the waker is ours to drop (a waker
+            // that holds this very task would otherwise keep the cell alive for good).
+            // SAFETY: [TASK-5]: the handle is gone and the lease was ours.
+            let waker = self.waker.with_mut(|w| unsafe { (*w).take() });
+            catch_and_log("a join handle's waker", || drop(waker));
         }
     }
 
-    /// Consumer: the result, or `Pending` with `cx`'s waker registered.
-    pub(super) fn poll(&self, cx: &Context<'_>) -> Poll<Result<T, JoinError>> {
+    /// Consumer: the result, or `Pending` with `cx`'s waker registered. With the result, also
+    /// whether the consumer dropped its waker (it had it back from the producer).
+    pub(super) fn poll(&self, cx: &Context<'_>) -> Poll<(Result<T, JoinError>, bool)> {
         // Acquire pairs with the producer's AcqRel: seeing COMPLETE, we see the output.
-        let state = self.state.load(Ordering::Acquire);
+        let mut state = self.state.load(Ordering::Acquire);
         if state & COMPLETE != 0 {
-            return Poll::Ready(self.take_output());
+            return Poll::Ready(self.finish_poll(state));
         }
         if state & JOIN_WAKER != 0 {
             let same = self.waker.with(|w| {
@@ -162,25 +189,55 @@ impl<T> Join<T> {
             if same {
                 return Poll::Pending;
             }
-            // Take the waker back before replacing it.
-            let old = self.state.fetch_and(!JOIN_WAKER, Ordering::AcqRel);
-            if old & COMPLETE != 0 {
-                return Poll::Ready(self.take_output());
+            // Take the waker back before replacing it, unless the task completed meanwhile:
+            // then the waker is leased to the producer, and JOIN_WAKER is its to clear.
+            loop {
+                if state & COMPLETE != 0 {
+                    return Poll::Ready(self.finish_poll(state));
+                }
+                // AcqRel: Acquire, if COMPLETE is set, shows us the output.
+                match self.state.compare_exchange_weak(
+                    state,
+                    state & !JOIN_WAKER,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => state = now,
+                }
             }
         }
         let waker = cx.waker().clone();
         // SAFETY: [TASK-5]: JOIN_WAKER and COMPLETE were both clear when we last looked, and
         // only we set JOIN_WAKER: a producer completing meanwhile saw it clear and leaves the
         // waker alone.
-        self.waker.with_mut(|w| unsafe { *w = Some(waker) });
+        let old_waker = self.waker.with_mut(|w| unsafe { (*w).replace(waker) });
+        drop(old_waker);
         // AcqRel: Release publishes the waker to the producer's Acquire; Acquire, if the task
         // completed meanwhile, shows us the output.
         let old = self.state.fetch_or(JOIN_WAKER, Ordering::AcqRel);
         if old & COMPLETE != 0 {
-            // It completed before the waker was up, so nobody wakes us: the result is here.
-            return Poll::Ready(self.take_output());
+            // It completed before the waker was up, so nobody wakes us and the producer never
+            // leased the waker: clear the bit we just set, and the result is here.
+            let now = self.state.fetch_and(!JOIN_WAKER, Ordering::AcqRel);
+            return Poll::Ready(self.finish_poll(now & !JOIN_WAKER));
         }
         Poll::Pending
+    }
+
+    /// Consumer, having seen COMPLETE in `state`: takes the result, and drops the waker if the
+    /// producer no longer leases it (JOIN_WAKER clear after COMPLETE stays clear). Returns
+    /// whether it did.
+    fn finish_poll(&self, state: u64) -> (Result<T, JoinError>, bool) {
+        let result = self.take_output();
+        if state & JOIN_WAKER != 0 {
+            return (result, false);
+        }
+        // SAFETY: [TASK-5]: COMPLETE with JOIN_WAKER clear: the producer is done with the
+        // waker (it never had the lease, or it ended it), and it is ours.
+        let waker = self.waker.with_mut(|w| unsafe { (*w).take() });
+        drop(waker);
+        (result, true)
     }
 
     /// Consumer: the result, after COMPLETE was seen.
@@ -193,35 +250,53 @@ impl<T> Join<T> {
         }
     }
 
-    /// Consumer: the handle is dropped; `took_output`: it returned the result (so it saw
-    /// COMPLETE). Drops the result if it is still there (on this thread), and the registered
-    /// waker if the producer will not read it, then gives up the handle's reference. Returns
-    /// whether that was the last one: the caller then frees the cell.
+    /// Consumer: the handle is dropped; `done`: it returned the result and dropped its waker
+    /// ([`Join::poll`] said so). Drops the result if it is still there (on this thread), and
+    /// the waker if it is the consumer's, then gives up the handle's reference. Returns whether
+    /// that was the last one: the caller then frees the cell.
     #[must_use]
-    fn drop_handle(&self, took_output: bool) -> bool {
-        if took_output {
-            // Nothing left to take (the output is gone, the waker is the cell's drop's): one
-            // RMW clears the interest and gives up the reference. AcqRel: as in `release`.
+    fn drop_handle(&self, done: bool) -> bool {
+        if done {
+            // Nothing left to take (the output and the waker are gone, and JOIN_WAKER stays
+            // clear): one RMW clears the interest and gives up the reference. AcqRel: as in
+            // `release`.
             let old = self
                 .state
                 .fetch_sub(JOIN_INTEREST + REF_ONE, Ordering::AcqRel);
             debug_assert!(old & JOIN_INTEREST != 0 && old & COMPLETE != 0);
             return old & !(REF_ONE - 1) == REF_ONE;
         }
-        let old = self
-            .state
-            .fetch_and(!(JOIN_INTEREST | JOIN_WAKER), Ordering::AcqRel);
-        if old & COMPLETE != 0 {
-            // SAFETY: [TASK-5]: completed while we were interested: the output is ours. (The
-            // waker, which the producer may be reading, is left to the cell's drop.)
+        // Clear the interest, and JOIN_WAKER too unless the task completed (after COMPLETE it
+        // marks the producer's lease, which only the producer ends).
+        let mut state = self.state.load(Ordering::Relaxed);
+        loop {
+            let new = if state & COMPLETE != 0 {
+                state & !JOIN_INTEREST
+            } else {
+                state & !(JOIN_INTEREST | JOIN_WAKER)
+            };
+            // AcqRel: Acquire, if COMPLETE is set, shows us the output; Release orders our
+            // accesses before the producer's, which may now drop the output or the waker.
+            match self
+                .state
+                .compare_exchange_weak(state, new, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(now) => state = now,
+            }
+        }
+        if state & COMPLETE != 0 {
+            // SAFETY: [TASK-5]: completed while we were interested: the output is ours.
             let result = self.output.with_mut(|p| unsafe { (*p).take() });
             drop(result);
-        } else {
-            // SAFETY: [TASK-5]: not completed, and JOIN_WAKER is now clear, so the producer
-            // will never read the waker.
+        }
+        if state & COMPLETE == 0 || state & JOIN_WAKER == 0 {
+            // SAFETY: [TASK-5]: not completed (we cleared JOIN_WAKER, so the producer will
+            // never lease the waker), or completed with the lease over: the waker is ours.
             let waker = self.waker.with_mut(|w| unsafe { (*w).take() });
             drop(waker);
         }
+        // Otherwise the producer holds the lease, and drops the waker when it ends it.
         self.release()
     }
 
@@ -318,7 +393,11 @@ impl<F: Future + 'static> Cell<F> {
         NonNull::from(Box::leak(Box::new(Cell {
             header: Header {
                 flags: AtomicU32::new(flags),
-                sched: Mutex::new(Sched { bh, move_to: None }),
+                sched: Mutex::new(Sched {
+                    bh,
+                    move_to: None,
+                    next_move: 0,
+                }),
             },
             join: Join::new(),
             future: std::cell::UnsafeCell::new(Some(future)),
@@ -395,8 +474,18 @@ impl<F: Future + 'static> Task for Cell<F> {
         let dropped = catch_unwind(AssertUnwindSafe(|| *slot = None));
         let result = match (result, dropped) {
             (result, Ok(())) => result,
-            (Ok(_), Err(panic)) => Err(JoinError { panic: Some(panic) }),
-            (Err(first), Err(_)) => Err(first),
+            (Ok(output), Err(panic)) => {
+                // The output is not returned: drop it here, where a panic in its `Drop` must
+                // not skip the completion.
+                catch_and_log("the output of a task whose future's drop panicked", || {
+                    drop(output);
+                });
+                Err(JoinError { panic: Some(panic) })
+            }
+            (Err(first), Err(second)) => {
+                catch_and_log("the payload of a second panic", || drop(second));
+                Err(first)
+            }
         };
         self.join.complete(result);
         Poll::Ready(())
@@ -531,8 +620,8 @@ impl Drop for HeaderRef {
 /// The join side of a task: its handle's view, and one reference to the cell.
 pub(super) struct JoinRef<T> {
     cell: NonNull<dyn JoinPart<T>>,
-    /// The handle returned the result ([`JoinRef::poll`] gave `Ready`).
-    took_output: bool,
+    /// The handle returned the result and dropped its waker ([`Join::poll`]).
+    done: bool,
 }
 
 // SAFETY: [TASK-4]: the join side touches the header (`Sync`) and the join state, whose cells
@@ -559,17 +648,15 @@ impl<T> JoinRef<T> {
 
     /// The task's result, or `Pending` with `cx`'s waker registered.
     pub(super) fn poll(&mut self, cx: &Context<'_>) -> Poll<Result<T, JoinError>> {
-        let poll = self.part().join().poll(cx);
-        if poll.is_ready() {
-            self.took_output = true;
-        }
-        poll
+        let (result, done) = std::task::ready!(self.part().join().poll(cx));
+        self.done = done;
+        Poll::Ready(result)
     }
 }
 
 impl<T> Drop for JoinRef<T> {
     fn drop(&mut self) {
-        if self.part().join().drop_handle(self.took_output) {
+        if self.part().join().drop_handle(self.done) {
             // SAFETY: [TASK-2]: the handle's reference was the last, and the pointer is the
             // cell's `Box` pointer.
             unsafe { free(self.cell) };
@@ -592,7 +679,7 @@ where
         Owned(owned),
         JoinRef {
             cell: join,
-            took_output: false,
+            done: false,
         },
     )
 }
@@ -611,7 +698,7 @@ where
         SendOwned(Owned(owned)),
         JoinRef {
             cell: join,
-            took_output: false,
+            done: false,
         },
     )
 }

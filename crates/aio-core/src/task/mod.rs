@@ -39,6 +39,7 @@ use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -164,19 +165,26 @@ impl Tasks {
         )
     }
 
-    /// Frees the slot of `key` and returns its task, for the caller to drop or move outside
-    /// the borrow.
-    fn remove(&self, key: TaskKey) -> Option<Owner> {
+    /// Empties the slot of `key` (its generation changes, so stale keys find nothing) and
+    /// returns its task, for the caller to drop or move outside the borrow. The slot stays
+    /// marked running and out of the free list until [`Tasks::free_slot`]: a task spawned
+    /// while the old one's future is dropped (its `Drop` may spawn and run a nested loop) must
+    /// not get this slot, whose BH is the one running.
+    fn take(&self, key: TaskKey) -> Option<Owner> {
         let mut slots = self.slots.borrow_mut();
         let slot = slots.get_mut(key.index as usize)?;
         if slot.generation != key.generation {
             return None;
         }
         let task = slot.task.take()?;
-        slot.running = false;
         slot.generation = slot.generation.wrapping_add(1);
-        self.free.borrow_mut().push(key.index);
         Some(task)
+    }
+
+    /// Puts a slot emptied by [`Tasks::take`] back in the free list.
+    fn free_slot(&self, index: u32) {
+        self.slots.borrow_mut()[index as usize].running = false;
+        self.free.borrow_mut().push(index);
     }
 
     /// How many tasks the context holds.
@@ -198,8 +206,15 @@ impl Tasks {
             }
             for task in taken {
                 drop(task.owned().task().header().take_bh());
-                // Dropping the owner drops the future (panics caught and logged).
-                drop(task);
+                // Dropping the owner drops the future; user code there is caught and logged,
+                // and this catches whatever else might unwind (a waker's `Drop` freed with the
+                // cell), so that the context's drop goes on.
+                if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(task))) {
+                    tracing::error!(
+                        "dropping a task with its context panicked: {}",
+                        panic_message(panic.as_ref())
+                    );
+                }
             }
         }
         self.slots.borrow_mut().clear();
@@ -279,15 +294,29 @@ fn run(ctx: &AioContext, index: u32) {
     // The poll asked to move the task (rare).
     header.flags.fetch_and(!MOVING, Ordering::Relaxed);
     let target = lock(&header.sched).move_to.take();
-    let Some(target) = target else {
+    let Some((_, target)) = target else {
         tasks.end_run(index);
         return;
     };
     drop(header.take_bh());
-    match tasks.remove(key) {
-        Some(Owner::Send(task)) => target.schedule_oneshot(move || arrive(task)),
+    let Some(task) = tasks.take(key) else {
+        return;
+    };
+    let _free = FreeSlot(tasks, index);
+    match task {
+        // If the target is gone, the one-shot, and the future with it, is dropped right here.
+        Owner::Send(task) => target.schedule_oneshot(move || arrive(task)),
         // `reschedule` refuses to set a target for a local task.
-        other => drop(other),
+        Owner::Local(task) => drop(task),
+    }
+}
+
+/// Puts a slot back in the free list when dropped (after the task taken out of it is gone).
+struct FreeSlot<'a>(&'a Tasks, u32);
+
+impl Drop for FreeSlot<'_> {
+    fn drop(&mut self) {
+        self.0.free_slot(self.1);
     }
 }
 
@@ -295,9 +324,12 @@ fn run(ctx: &AioContext, index: u32) {
 /// then the owner's count.
 fn finish(ctx: &AioContext, key: TaskKey) {
     // The slot of a task being run is freed only here, by its own run, and the owner dropped
-    // outside the table's borrow.
-    let task = ctx.inner.tasks.remove(key);
-    drop(task);
+    // outside the table's borrow, before the slot goes back to the free list.
+    let tasks = &ctx.inner.tasks;
+    if let Some(task) = tasks.take(key) {
+        let _free = FreeSlot(tasks, key.index);
+        drop(task);
+    }
 }
 
 /// A `Send` task arriving on the context this runs on (a [`ContextHandle::spawn`] or a
@@ -728,8 +760,8 @@ pub fn reschedule(target: &ContextHandle) -> Reschedule {
 pub struct Reschedule {
     /// `None` once the move was requested.
     target: Option<ContextHandle>,
-    /// The task whose move this future requested, until it completes.
-    requested: Option<HeaderRef>,
+    /// The task whose move this future requested, and the request's id, until it completes.
+    requested: Option<(HeaderRef, u64)>,
 }
 
 impl fmt::Debug for Reschedule {
@@ -742,12 +774,15 @@ impl fmt::Debug for Reschedule {
 
 impl Drop for Reschedule {
     fn drop(&mut self) {
-        if let Some(task) = self.requested.take() {
-            // Withdraw a move the task has not made yet (after the move, `move_to` is empty
-            // already and this changes nothing).
+        if let Some((task, id)) = self.requested.take() {
+            // Withdraw this future's move if the task has not made it yet (after the move,
+            // `move_to` is empty or holds a later request, which is not ours to withdraw).
             let header = task.header();
-            lock(&header.sched).move_to = None;
-            header.flags.fetch_and(!MOVING, Ordering::Relaxed);
+            let mut sched = lock(&header.sched);
+            if sched.move_to.as_ref().is_some_and(|(m, _)| *m == id) {
+                sched.move_to = None;
+                header.flags.fetch_and(!MOVING, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -786,9 +821,15 @@ impl Future for Reschedule {
         if AioContext::current().is_some_and(|ctx| target.is_handle_of(&ctx)) {
             return Poll::Ready(Ok(()));
         }
-        lock(&header.sched).move_to = Some(target);
+        let id = {
+            let mut sched = lock(&header.sched);
+            let id = sched.next_move;
+            sched.next_move += 1;
+            sched.move_to = Some((id, target));
+            id
+        };
         header.flags.fetch_or(MOVING, Ordering::Relaxed);
-        self.requested = Some(task);
+        self.requested = Some((task, id));
         // Wake our own waker: the task's BH is cancelled by the move and the arrival polls
         // the task anyway, but a combinator with per-branch wakers polls this branch again
         // only if its waker was woken.
