@@ -190,6 +190,26 @@ fn a_join_waker_that_panics_does_not_leave_the_slot_running() {
     assert!(!drop_panicked, "dropping the context panicked");
 }
 
+/// The same panic from the context's drop (`drop_all` cancels the task, whose completion wakes
+/// the join waker): it unwinds out of `Inner::drop` before the context is marked dead, so its
+/// handles keep reporting it alive and a task spawned on it afterwards is neither run nor
+/// cancelled (its handle never resolves).
+#[test]
+fn a_join_waker_that_panics_during_the_context_drop_still_kills_the_context() {
+    let ctx = ctx();
+    let remote = ctx.handle();
+    let mut handle = ctx.spawn_local(std::future::pending::<()>());
+    assert!(pending(&mut handle, &Waker::from(Arc::new(PanickingWake))));
+    let _ = drop_panics(ctx);
+    let late = remote.spawn(async {});
+    let (alive, late_finished) = (remote.is_alive(), late.is_finished());
+    assert!(
+        !alive && late_finished,
+        "the dropped context's handle says alive: {alive}; a task spawned on it is cancelled: \
+         {late_finished}"
+    );
+}
+
 #[test]
 fn a_wake_up_of_a_task_whose_completion_panicked_does_not_keep_the_loop_busy() {
     let ctx = ctx();
