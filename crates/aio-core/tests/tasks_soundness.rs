@@ -190,6 +190,37 @@ fn a_join_waker_that_panics_does_not_leave_the_slot_running() {
     assert!(!drop_panicked, "dropping the context panicked");
 }
 
+/// `Cell::poll` drops the output of a task whose future's `Drop` panicked (the task's result is
+/// then that panic) outside any `catch_unwind`, before `complete`: if the output's `Drop`
+/// panics too, the unwind skips the completion, so besides the stuck slot the join handle is
+/// never completed nor woken (a lost wake-up: whoever awaits it hangs).
+#[test]
+fn a_task_whose_future_and_output_drops_both_panic_still_completes_its_handle() {
+    let ctx = ctx();
+    let bomb = PanicOnDrop;
+    let mut handle = ctx.spawn_local(poll_fn(move |_| {
+        let _ = &bomb;
+        Poll::Ready(PanicOnDrop)
+    }));
+    let (joiner, waker, _) = counting_waker(None);
+    assert!(pending(&mut handle, &waker));
+    for _ in 0..3 {
+        let _ = catch_unwind(AssertUnwindSafe(|| ctx.poll_nonblocking()));
+    }
+    let (finished, woken, count) = (
+        handle.is_finished(),
+        joiner.wakes.load(SeqCst),
+        ctx.task_count(),
+    );
+    drop(handle);
+    let _ = drop_panics(ctx);
+    assert!(
+        finished && woken == 1,
+        "the handle never completes: finished {finished}, woken {woken} times"
+    );
+    assert_eq!(count, 0, "the finished task still holds its slot");
+}
+
 /// The same panic from the context's drop (`drop_all` cancels the task, whose completion wakes
 /// the join waker): it unwinds out of `Inner::drop` before the context is marked dead, so its
 /// handles keep reporting it alive and a task spawned on it afterwards is neither run nor
