@@ -5,7 +5,8 @@
 //!   escapes a task's completion (a detached output or panic payload whose `Drop` panics, a
 //!   join waker that panics) leaves the task's slot marked running; a join waker kept until the
 //!   cell's last count goes leaks a task whose join waker holds the task itself; the `Drop` of
-//!   an earlier `Reschedule` withdraws a later one's move;
+//!   an earlier `Reschedule` withdraws a later one's move; a task spawned from the `Drop` of an
+//!   aborted task reuses its slot, whose BH is running, so a nested loop there cannot run it;
 //! * regression tests of paths the `SAFETY` comments rely on that the other task suites do not
 //!   take: the last count of a `spawn_local` cell dropped by its handle on another thread after
 //!   completion, a join waker that polls and drops the handle from inside the completion, a
@@ -262,6 +263,74 @@ fn a_wake_up_of_a_task_whose_completion_panicked_does_not_keep_the_loop_busy() {
         "an idle context ran a callback in every pass: the stuck slot's BH re-schedules itself"
     );
     assert!(!drop_panicked, "dropping the context panicked");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Finding 4: a task spawned from the drop of an aborted task cannot run in a nested loop there.
+//
+// `finish` frees the slot (`Tasks::remove` pushes it on the free list) and only then drops the
+// owner, so an aborted task's future is dropped inside its slot's BH callback with its slot
+// already free. A task spawned from that `Drop` pops the same slot (the free list is LIFO)
+// and gets the same BH, which is running: a nested loop parks it, so the new task is not
+// polled until the callback returns, and a `block_on` of it in the `Drop` (QEMU-style
+// `AIO_WAIT_WHILE` cleanup) never returns. A task that finishes is dropped before its slot is
+// freed, so the same `Drop` works there; the control case below shows it.
+// ---------------------------------------------------------------------------------------------
+
+/// A future that never completes and, when dropped, spawns a task and runs the loop (a bounded
+/// `block_on`) until it finishes; records whether it did.
+struct CleanupOnDrop {
+    finished_in_drop: Rc<std::cell::Cell<Option<bool>>>,
+    ready: bool,
+}
+
+impl Future for CleanupOnDrop {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<()> {
+        if self.ready {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for CleanupOnDrop {
+    fn drop(&mut self) {
+        let ctx = AioContext::current().expect("dropped inside an iteration");
+        let cleanup = ctx.spawn_local(async {});
+        let finished = poll_until(&ctx, 20, || cleanup.is_finished());
+        self.finished_in_drop.set(Some(finished));
+    }
+}
+
+fn cleanup_runs_in_drop(abort: bool) -> Option<bool> {
+    let ctx = ctx();
+    let finished_in_drop = Rc::new(std::cell::Cell::new(None));
+    let task = ctx.spawn_local(CleanupOnDrop {
+        finished_in_drop: finished_in_drop.clone(),
+        ready: !abort,
+    });
+    if abort {
+        ctx.poll_nonblocking();
+        task.abort();
+    }
+    assert!(poll_until(&ctx, 20, || finished_in_drop.get().is_some()));
+    finished_in_drop.get()
+}
+
+#[test]
+fn control_a_task_spawned_from_the_drop_of_a_finished_task_runs_in_a_nested_loop() {
+    assert_eq!(cleanup_runs_in_drop(false), Some(true));
+}
+
+#[test]
+fn a_task_spawned_from_the_drop_of_an_aborted_task_runs_in_a_nested_loop() {
+    assert_eq!(
+        cleanup_runs_in_drop(true),
+        Some(true),
+        "the cleanup task took the aborted task's slot, whose BH is running, so it was parked"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
