@@ -1,7 +1,8 @@
 //! Soundness review of the task cell (`task/cell.rs`, rules [TASK-1]..[TASK-5] in
 //! ARCHITECTURE.md), written against the public API only. Two kinds of tests live here:
 //!
-//! * reproductions of defects found in the review (each says what it shows): a panic that
+//! * reproductions of defects found in the review, fixed since, so regression tests now (each
+//!   says what it shows): a panic that
 //!   escapes a task's completion (a detached output or panic payload whose `Drop` panics, a
 //!   join waker that panics) leaves the task's slot marked running; a join waker kept until the
 //!   cell's last count goes leaks a task whose join waker holds the task itself; the `Drop` of
