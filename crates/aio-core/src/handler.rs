@@ -769,7 +769,9 @@ impl RemoteParts {
         b.write = self.write.map(|f| f as IoCallback);
         b.poll.poll.set(self.poll.map(|f| f as PollCallback));
         b.poll.ready.set(self.poll_ready.map(|f| f as IoCallback));
-        b.poll.begin.set(self.poll_begin.map(|f| f as PollModeCallback));
+        b.poll
+            .begin
+            .set(self.poll_begin.map(|f| f as PollModeCallback));
         b.poll.end.set(self.poll_end.map(|f| f as PollModeCallback));
         b.external = self.external;
         b
