@@ -967,6 +967,14 @@ impl RemoteFdHandler {
         !self.gate.is_closed() && self.handle.is_alive()
     }
 
+    /// Loom only: turns this handler's gate off (removal then relies on the queued
+    /// unregistration alone), for the model that must catch it.
+    #[cfg(aio_loom)]
+    #[doc(hidden)]
+    pub fn loom_break_gate(&self) {
+        self.gate.break_for_loom();
+    }
+
     /// Unregisters the handler; the same as dropping it, but returns whether one of its
     /// callbacks was running on the home thread at the moment of removal (it may still be
     /// running; it finishes, and no invocation starts after this call). See the type's docs.

@@ -210,13 +210,37 @@ const RUNNING: u32 = 2;
 #[derive(Debug)]
 pub(crate) struct Gate {
     word: AtomicU32,
+    /// Loom only: the gate is ignored (the naive design: removal only by the queued
+    /// unregistration), for the model that must catch it. Not itself modelled.
+    #[cfg(aio_loom)]
+    broken: crate::sync::global::AtomicBool,
 }
 
 impl Gate {
     pub(crate) fn new() -> Self {
         Gate {
             word: AtomicU32::new(0),
+            #[cfg(aio_loom)]
+            broken: crate::sync::global::AtomicBool::new(false),
         }
+    }
+
+    /// Loom only: makes this gate admit every invocation and never report a removal.
+    #[cfg(aio_loom)]
+    pub(crate) fn break_for_loom(&self) {
+        self.broken
+            .store(true, crate::sync::global::Ordering::Relaxed);
+    }
+
+    #[cfg(aio_loom)]
+    fn is_broken(&self) -> bool {
+        self.broken.load(crate::sync::global::Ordering::Relaxed)
+    }
+
+    #[cfg(not(aio_loom))]
+    #[inline(always)]
+    fn is_broken(&self) -> bool {
+        false
     }
 
     /// Starts a callback invocation (home thread): `None` if the handler was removed.
@@ -225,7 +249,7 @@ impl Gate {
         // removal also sees what the remover wrote before removing (nothing depends on that
         // today; it keeps "removed" meaning what the remover thinks it means).
         let old = self.word.fetch_add(RUNNING, Ordering::Acquire);
-        if old & CLOSED != 0 {
+        if old & CLOSED != 0 && !self.is_broken() {
             self.word.fetch_sub(RUNNING, Ordering::Relaxed);
             return None;
         }
@@ -245,7 +269,7 @@ impl Gate {
     /// Whether the handler was removed.
     pub(crate) fn is_closed(&self) -> bool {
         // Acquire: as in `enter`.
-        self.word.load(Ordering::Acquire) & CLOSED != 0
+        self.word.load(Ordering::Acquire) & CLOSED != 0 && !self.is_broken()
     }
 }
 

@@ -59,9 +59,10 @@ pub(crate) use imp::*;
 pub(crate) use std::sync::Arc as StdArc;
 
 /// std's lock and atomics even under loom, for process-wide statics (loom's have no `const`
-/// constructor) that no model explores: the registry of `wait_kick`.
+/// constructor) that no model explores: the registry of `wait_kick`, and a loom model's switch
+/// to a deliberately broken gate (`remote::Gate`).
 pub(crate) mod global {
-    pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::{Mutex, MutexGuard, PoisonError};
 }
 
