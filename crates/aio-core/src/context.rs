@@ -1811,6 +1811,20 @@ impl AioContext {
     ) -> io::Result<HandlerKey> {
         let inner = &*self.inner;
         sys::check_fd_open(parts.fd)?;
+        if old.is_none() {
+            // A handler of this fd removed from another thread counts as removed already, even
+            // if the home thread has not applied that removal yet: a registration that follows
+            // it by another route (a BH, this thread) must not find it in the way.
+            let stale = {
+                let registry = inner.registry.borrow();
+                registry
+                    .key_of_fd(parts.fd)
+                    .filter(|&k| registry.get(k).is_some_and(|n| n.remotely_removed()))
+            };
+            if let Some(stale) = stale {
+                inner.remove_node(stale);
+            }
+        }
         // `next_key` only reserves the index; nothing runs between here and `link_node`.
         let key = inner.registry.borrow_mut().next_key();
         let node = Rc::new(parts.build(key, interest));

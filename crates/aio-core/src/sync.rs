@@ -62,7 +62,9 @@ pub(crate) use std::sync::Arc as StdArc;
 /// constructor) that no model explores: the registry of `wait_kick`, and a loom model's switch
 /// to a deliberately broken gate (`remote::Gate`).
 pub(crate) mod global {
-    pub(crate) use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    #[cfg(aio_loom)]
+    pub(crate) use std::sync::atomic::AtomicBool;
+    pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::{Mutex, MutexGuard, PoisonError};
 }
 

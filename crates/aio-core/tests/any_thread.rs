@@ -5,7 +5,7 @@
 //! dropped with remote operations pending does (qemu-aio-tests §8, spec §7 and §10.1).
 
 use aio_core::{AioContext, ClockType, ContextGone, ContextHandle, EventNotifier, Scale};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -82,26 +82,24 @@ impl Drop for Token {
 fn a_handler_registered_from_another_thread_runs_on_the_home_thread() {
     let ctx = ctx();
     let home = me();
-    let (mut a, b) = UnixStream::pair().unwrap();
-    b.set_nonblocking(true).unwrap();
+    let n = Arc::new(EventNotifier::new().unwrap());
     let ran_on = Arc::new(Mutex::new(Vec::new()));
     let drops = Drops::default();
-    let (log, token, reader) = (ran_on.clone(), drops.token(), b.try_clone().unwrap());
-    let theirs = b.try_clone().unwrap();
+    let (log, token, theirs) = (ran_on.clone(), drops.token(), n.clone());
     let handler = on_other_thread(&ctx, move |handle| {
+        let reader = theirs.clone();
         handle
-            .fd_handler(&theirs)
+            .fd_handler(&*theirs)
             .on_read(move |_ctx| {
                 let _keep = &token;
-                let mut buf = [0u8; 16];
-                let _ = io::Read::read(&mut &reader, &mut buf);
+                reader.test_and_clear();
                 log.lock().unwrap().push(me());
             })
             .register()
             .unwrap()
     });
     assert!(handler.is_registered());
-    a.write_all(b"x").unwrap();
+    n.set().unwrap();
     poll_until(&ctx, "the read callback", || {
         !ran_on.lock().unwrap().is_empty()
     });
@@ -115,7 +113,7 @@ fn a_handler_registered_from_another_thread_runs_on_the_home_thread() {
     thread::spawn(move || drop(handler)).join().unwrap();
     poll_until(&ctx, "the closure's drop", || drops.count() == 1);
     assert_eq!(drops.last_thread(), Some(home));
-    a.write_all(b"y").unwrap();
+    n.set().unwrap();
     for _ in 0..10 {
         assert!(!ctx.poll_nonblocking(), "a removed handler never runs");
     }
@@ -661,4 +659,36 @@ fn many_threads_register_and_remove_concurrently() {
     });
     assert_eq!(drops.last_thread(), Some(home));
     assert_eq!(wrong_thread.load(Ordering::SeqCst), 0);
+}
+
+/// What crosses threads, by type: the remote handle and builder are `Send` (the handle `Sync`
+/// too), so callbacks given to them must be `Send` (a compile-time property).
+#[test]
+fn the_remote_types_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<aio_core::RemoteFdHandler>();
+    send_sync::<ContextHandle>();
+    send_sync::<aio_core::Timer>();
+    send::<aio_core::RemoteHandlerBuilder>();
+}
+
+/// A handler removed from another thread is out of the way at once for a new registration of
+/// the same fd, by any route, even before the loop applied the removal.
+#[test]
+fn an_fd_removed_remotely_can_be_registered_again_at_once() {
+    let ctx = ctx();
+    let n = Arc::new(EventNotifier::new().unwrap());
+    let h = ctx
+        .handle()
+        .fd_handler(&*n)
+        .on_read(|_| ())
+        .register()
+        .unwrap();
+    // Removed on another thread: queued, not applied (this thread does not poll).
+    thread::spawn(move || drop(h)).join().unwrap();
+    let again = ctx.fd_handler(&*n).on_read(|_| ()).register().unwrap();
+    assert!(again.is_registered());
+    ctx.poll_nonblocking(); // the queued removal finds a stale key and does nothing
+    assert!(again.is_registered());
 }
