@@ -1557,6 +1557,10 @@ impl AioContext {
         let start = (!params.is_disabled()).then(|| inner.clock_ns());
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
+        // What other threads asked for before this iteration, so that its wait already watches
+        // a handler registered or an external fd re-enabled meanwhile (the queue is run again
+        // after the wait, for what arrived during it).
+        inner.apply_remote(self);
 
         if BLOCKING {
             shared.set_window(true);
