@@ -141,7 +141,7 @@ const MIRI: &[MiriRun] = &[
     // context dropped with operations queued.
     MiriRun {
         package: "aio-core",
-        targets: &["--test", "any_thread"],
+        targets: &["--test", "any_thread", "--test", "any_thread_model"],
         threaded: true,
     },
     // The unit tests, the context-local values, and the signal tests (ignored: Miri has no
