@@ -27,7 +27,7 @@ use crate::polling::Window;
 use crate::remote::Gate;
 use crate::sync::Arc;
 use crate::{AioContext, ContextHandle, EventNotifier};
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -113,8 +113,9 @@ pub(crate) struct HandlerNode {
     pub(crate) epoch: Cell<u64>,
     /// Shared with the [`RemoteFdHandler`] of a handler registered through a
     /// [`ContextHandle`]: checked (entered) before each callback starts, so that a removal
-    /// from another thread takes effect at once ([Gate-1]). `None` for home-thread handlers.
-    gate: Option<Arc<Gate>>,
+    /// from another thread takes effect at once ([Gate-1]). Unset for home-thread handlers
+    /// until [`FdHandler::into_remote`] sets it.
+    gate: OnceCell<Arc<Gate>>,
 }
 
 impl HandlerNode {
@@ -133,7 +134,7 @@ impl HandlerNode {
     /// ([`RemoteFdHandler::remove`]) but is still in the table: the home thread then removes it
     /// instead of dispatching it.
     pub(crate) fn remotely_removed(&self) -> bool {
-        self.gate.as_ref().is_some_and(|g| g.is_closed())
+        self.gate.get().is_some_and(|g| g.is_closed())
     }
 
     /// Takes the callback out of `slot`, runs `run` on it and puts it back (see
@@ -144,7 +145,7 @@ impl HandlerNode {
         slot: &Cell<Option<Box<F>>>,
         run: impl FnOnce(&mut Box<F>) -> R,
     ) -> Option<R> {
-        let _entered = match &self.gate {
+        let _entered = match self.gate.get() {
             Some(gate) => Some(gate.enter()?),
             None => None,
         };
@@ -635,7 +636,7 @@ impl NodeParts {
             deleted: Cell::new(false),
             in_monitor: Cell::new(false),
             epoch: Cell::new(0),
-            gate: self.gate,
+            gate: self.gate.map_or_else(OnceCell::new, OnceCell::from),
         }
     }
 }
@@ -671,6 +672,37 @@ impl FdHandler {
 
     /// Unregisters the handler now; the same as dropping it.
     pub fn remove(self) {}
+
+    /// Turns this handle into a [`RemoteFdHandler`], which any thread may keep, drop or
+    /// [`remove`](RemoteFdHandler::remove) with the meaning documented there, and which
+    /// [`RemoteHandlerBuilder::replace`] accepts. The callbacks stay where they are, on the
+    /// home thread, so they need not be `Send`.
+    ///
+    /// # Errors
+    ///
+    /// [`ContextGone`](crate::ContextGone) if the context's loop is gone, `NotFound` if the
+    /// handler is no longer registered.
+    pub fn into_remote(mut self) -> io::Result<RemoteFdHandler> {
+        // Disarm our drop: the remote handle takes over the unregistration.
+        let ctx = std::mem::take(&mut self.ctx);
+        let inner = ctx.upgrade().ok_or(crate::ContextGone)?;
+        let gate = {
+            let registry = inner.registry.borrow();
+            let node = registry.get(self.key).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "the handler was already removed")
+            })?;
+            node.gate.get_or_init(|| Arc::new(Gate::new())).clone()
+        };
+        Ok(RemoteFdHandler {
+            handle: ContextHandle {
+                shared: inner.shared.clone(),
+            },
+            gate,
+            key: self.key,
+            fd: self.fd,
+            removed: false,
+        })
+    }
 }
 
 impl Drop for FdHandler {

@@ -692,3 +692,45 @@ fn an_fd_removed_remotely_can_be_registered_again_at_once() {
     ctx.poll_nonblocking(); // the queued removal finds a stale key and does nothing
     assert!(again.is_registered());
 }
+
+/// A handler registered on the home thread, with callbacks that are not `Send`, turned into a
+/// remote handle: another thread drops it, which unregisters it; the closure is freed on the
+/// home thread.
+#[test]
+fn a_home_handler_turned_remote_is_unregistered_by_a_drop_on_another_thread() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    let ctx = ctx();
+    let n = Arc::new(EventNotifier::new().unwrap());
+    n.set().unwrap();
+    let calls = Rc::new(Cell::new(0)); // not Send: the callback stays on the home thread
+    let drops = Drops::default();
+    let (c, token) = (calls.clone(), drops.token());
+    let h = ctx
+        .fd_handler(&*n)
+        .on_read(move |_| {
+            let _keep = &token;
+            c.set(c.get() + 1);
+        })
+        .register()
+        .unwrap();
+    assert!(ctx.poll_nonblocking());
+    let remote = h.into_remote().unwrap();
+    assert!(
+        ctx.poll_nonblocking(),
+        "still registered after the conversion"
+    );
+    let was_running = thread::spawn(move || remote.remove()).join().unwrap();
+    assert!(!was_running);
+    let before = calls.get();
+    assert!(!ctx.poll_nonblocking(), "removed: never runs again");
+    assert_eq!(calls.get(), before);
+    assert_eq!(drops.count(), 1);
+    assert_eq!(drops.last_thread(), Some(me()));
+
+    // Converting a handler whose context is gone is ContextGone.
+    let ctx2 = self::ctx();
+    let h = ctx2.fd_handler(&*n).on_read(|_| ()).register().unwrap();
+    drop(ctx2);
+    assert!(ContextGone::is(&h.into_remote().unwrap_err()));
+}
