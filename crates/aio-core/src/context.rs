@@ -1884,7 +1884,10 @@ impl AioContext {
                 None
             }
         };
-        let watch = !(node.external && inner.external_disabled());
+        // The monitor follows `external_unwatched` (what `sync_external` last applied), not the
+        // count itself, which other threads change: otherwise a disable and an enable between
+        // two iterations would leave a node registered in between out of the monitor for good.
+        let watch = !(node.external && inner.external_unwatched.get());
         let change = match (old, old_watched) {
             (Some(old), Some(true)) if watch => Some(Change::Modify {
                 old,

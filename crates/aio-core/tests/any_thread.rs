@@ -734,3 +734,32 @@ fn a_home_handler_turned_remote_is_unregistered_by_a_drop_on_another_thread() {
     drop(ctx2);
     assert!(ContextGone::is(&h.into_remote().unwrap_err()));
 }
+
+/// An external handler registered while another thread has external handlers disabled, and
+/// enabled again before the loop ran an iteration, is watched and dispatched once enabled.
+#[test]
+fn an_external_handler_registered_between_a_remote_disable_and_enable_is_watched() {
+    let ctx = ctx();
+    let handle = ctx.handle();
+    let n = Arc::new(EventNotifier::new().unwrap());
+    n.set().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let h = handle.clone();
+    thread::spawn(move || h.disable_external()).join().unwrap();
+    let _handler = ctx
+        .fd_handler(&*n)
+        .external(true)
+        .on_read(move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+        })
+        .register()
+        .unwrap();
+    let h = handle.clone();
+    thread::spawn(move || h.enable_external().unwrap())
+        .join()
+        .unwrap();
+    ctx.poll_nonblocking();
+    ctx.poll_nonblocking();
+    assert!(calls.load(Ordering::SeqCst) >= 1, "enabled: it runs");
+}
