@@ -49,7 +49,7 @@ use crate::handler::{
     RemoteHandlerBuilder, raw_fd_of,
 };
 use crate::polling::{self, IDLE_INTERVAL_NS, PollParams, PollPolicy, SharedParams, Window};
-use crate::remote::{self, ContextGone, RemoteOps, Reply};
+use crate::remote::{self, ContextGone, NoAnswer, RemoteOps, Reply};
 use crate::sync::{
     self, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering, fence, global, signal_fence,
     thread_id, thread_local, timer_notify,
@@ -141,14 +141,16 @@ impl Shared {
     ///
     /// # Errors
     ///
-    /// [`ContextGone`] if the loop is gone, or goes before running `f` (which is then dropped
-    /// without running, on the thread that drops the loop).
+    /// [`NoAnswer::Gone`] if the loop is gone, or goes before running `f` (which is then
+    /// dropped without running, on the thread that drops the loop); [`NoAnswer::Panicked`] if
+    /// the loop's thread dropped `f` while panicking (a panic in `f` itself, or an unwinding
+    /// that dropped the loop).
     pub(crate) fn run_on_home<R: Send + 'static>(
         &self,
         f: impl FnOnce(&AioContext) -> R + Send + 'static,
-    ) -> Result<R, ContextGone> {
+    ) -> Result<R, NoAnswer> {
         if thread_id() == self.home {
-            let ctx = remote::home_context(self.id).ok_or(ContextGone)?;
+            let ctx = remote::home_context(self.id).ok_or(NoAnswer::Gone)?;
             return Ok(f(&ctx));
         }
         let (reply, sender) = Reply::new();
@@ -632,8 +634,19 @@ impl Inner {
             return;
         }
         // Run with no lock held: an operation may queue another (a dropped callback owning a
-        // `RemoteFdHandler`), which then runs at the next iteration.
-        for op in self.shared.remote.take() {
+        // `RemoteFdHandler`), which then runs at the next iteration. If one panics (a refused
+        // callback's drop), the panic propagates out of `poll` and the rest go back in front of
+        // the queue for the next iteration, rather than being dropped unanswered.
+        struct Rest<'a>(&'a RemoteOps, VecDeque<remote::HomeOp>);
+        impl Drop for Rest<'_> {
+            fn drop(&mut self) {
+                if !self.1.is_empty() {
+                    self.0.requeue_front(std::mem::take(&mut self.1));
+                }
+            }
+        }
+        let mut rest = Rest(&self.shared.remote, self.shared.remote.take().into());
+        while let Some(op) = rest.1.pop_front() {
             op(ctx);
         }
     }

@@ -19,6 +19,7 @@ use crate::AioContext;
 use crate::context::Inner;
 use crate::sync::{AtomicBool, AtomicU32, Condvar, Mutex, Ordering, lock, thread_local, wait};
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::rc::{Rc, Weak};
@@ -116,6 +117,21 @@ impl RemoteOps {
         std::mem::take(&mut st.ops)
     }
 
+    /// Puts back, in front, operations taken but not run (one before them panicked), so that
+    /// they run at the next iteration; dropped (answering their callers) if the loop is gone.
+    pub(crate) fn requeue_front(&self, rest: VecDeque<HomeOp>) {
+        let mut st = lock(&self.state);
+        if st.closed {
+            drop(st);
+            drop(rest);
+            return;
+        }
+        let later = std::mem::take(&mut st.ops);
+        st.ops.extend(rest);
+        st.ops.extend(later);
+        self.pending.store(true, Ordering::Relaxed);
+    }
+
     /// The loop is going away: refuse further pushes and return what is queued, for the caller
     /// to drop (which wakes their waiters with [`ContextGone`]) with no lock held.
     pub(crate) fn close(&self) -> Vec<HomeOp> {
@@ -135,9 +151,48 @@ pub(crate) struct Reply<R> {
 enum ReplyState<R> {
     Waiting,
     Done(R),
-    /// The operation was dropped without running: the context is gone (or the operation
-    /// unwound before it could answer).
+    /// The operation was dropped without running: the context is gone.
     Dropped,
+    /// The operation was dropped while the loop's thread was panicking: it panicked (a
+    /// refused callback's drop, say), or the loop was dropped by the unwinding.
+    Panicked,
+}
+
+/// The error of a queued operation that the loop's thread dropped while panicking (see
+/// [`Reply::wait`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Panicked;
+
+impl fmt::Display for Panicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the loop's thread panicked before this operation could answer")
+    }
+}
+
+impl std::error::Error for Panicked {}
+
+/// Why a queued operation did not answer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NoAnswer {
+    /// The loop is gone: [`ContextGone`].
+    Gone,
+    /// The loop's thread panicked while running or dropping it.
+    Panicked,
+}
+
+impl From<NoAnswer> for io::Error {
+    fn from(e: NoAnswer) -> io::Error {
+        match e {
+            NoAnswer::Gone => ContextGone.into(),
+            NoAnswer::Panicked => io::Error::other(Panicked),
+        }
+    }
+}
+
+impl From<ContextGone> for NoAnswer {
+    fn from(_: ContextGone) -> NoAnswer {
+        NoAnswer::Gone
+    }
 }
 
 impl<R> Reply<R> {
@@ -152,13 +207,14 @@ impl<R> Reply<R> {
     }
 
     /// Sleeps until the operation answered or was dropped.
-    pub(crate) fn wait(&self) -> Result<R, ContextGone> {
+    pub(crate) fn wait(&self) -> Result<R, NoAnswer> {
         let mut st = lock(&self.state);
         loop {
             match std::mem::replace(&mut *st, ReplyState::Waiting) {
                 ReplyState::Waiting => st = wait(&self.cond, st),
                 ReplyState::Done(r) => return Ok(r),
-                ReplyState::Dropped => return Err(ContextGone),
+                ReplyState::Dropped => return Err(NoAnswer::Gone),
+                ReplyState::Panicked => return Err(NoAnswer::Panicked),
             }
         }
     }
@@ -184,7 +240,12 @@ impl<R> ReplySender<R> {
 impl<R> Drop for ReplySender<R> {
     fn drop(&mut self) {
         if let Some(reply) = self.0.take() {
-            reply.complete(ReplyState::Dropped);
+            let state = if std::thread::panicking() {
+                ReplyState::Panicked
+            } else {
+                ReplyState::Dropped
+            };
+            reply.complete(state);
         }
     }
 }

@@ -763,3 +763,53 @@ fn an_external_handler_registered_between_a_remote_disable_and_enable_is_watched
     ctx.poll_nonblocking();
     assert!(calls.load(Ordering::SeqCst) >= 1, "enabled: it runs");
 }
+
+/// A remote registration whose refused callbacks panic when the loop drops them: the panic
+/// propagates out of the loop's `poll`, the caller gets an error (not a hang, not
+/// `ContextGone`), and the loop goes on serving other threads.
+#[test]
+#[cfg_attr(
+    miri,
+    ignore = "unwinding across the test's threads is slow under Miri"
+)]
+fn a_remote_operation_that_panics_on_the_loop_answers_with_an_error() {
+    struct PanicOnDrop;
+    impl Drop for PanicOnDrop {
+        fn drop(&mut self) {
+            panic!("refused callback's drop");
+        }
+    }
+    let ctx = ctx();
+    let n = Arc::new(EventNotifier::new().unwrap());
+    let _taken = ctx.fd_handler(&*n).on_read(|_| ()).register().unwrap();
+    let (handle, n2) = (ctx.handle(), n.clone());
+    let registering = thread::spawn(move || {
+        let bomb = PanicOnDrop;
+        handle
+            .fd_handler(&*n2)
+            .on_read(move |_| {
+                let _keep = &bomb;
+            })
+            .register()
+            .map(drop)
+    });
+    let start = Instant::now();
+    let panicked = loop {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.poll_nonblocking()));
+        if r.is_err() {
+            break true;
+        }
+        assert!(start.elapsed() < HANG, "the operation never ran");
+        thread::yield_now();
+    };
+    assert!(panicked);
+    let err = registering.join().unwrap().unwrap_err();
+    assert!(!ContextGone::is(&err), "{err}");
+    assert_eq!(err.kind(), io::ErrorKind::Other);
+    // The loop still serves remote operations.
+    let n3 = Arc::new(EventNotifier::new().unwrap());
+    let h = on_other_thread(&ctx, move |handle| {
+        handle.fd_handler(&*n3).on_read(|_| ()).register().unwrap()
+    });
+    assert!(h.is_registered());
+}
