@@ -626,9 +626,10 @@ impl Inner {
     }
 
     /// Applies what other threads asked for since the last time: queued handler operations,
-    /// and the external-disable count. Home thread, after `accept` and before dispatching, in
-    /// every iteration and outer-loop dispatch.
-    fn apply_remote(&self, ctx: &AioContext) {
+    /// and the external-disable count. Home thread: before the wait and after `accept` (before
+    /// dispatching) in every iteration, in an outer loop's `dispatch`, and while the home
+    /// thread itself waits for another loop (`remote::serve_own`).
+    pub(crate) fn apply_remote(&self, ctx: &AioContext) {
         self.sync_external();
         if !self.shared.remote.is_pending() {
             return;

@@ -871,9 +871,10 @@ impl RemoteHandlerBuilder {
     /// that it can return the backend's answer. On the home thread it registers at once.
     /// Do not call it from another thread while the home thread waits for this one (joins it,
     /// or blocks on a lock it holds) without polling: the registration would wait for a loop
-    /// that waits for it. Two loops that register on each other at the same moment from their
-    /// home threads are such a pair; a one-shot BH ([`ContextHandle::schedule_oneshot`]) that
-    /// registers on the home thread never waits.
+    /// that waits for it. A one-shot BH ([`ContextHandle::schedule_oneshot`]) that registers on
+    /// the home thread never waits. A caller that is itself the home thread of contexts runs
+    /// their queued operations while it waits (every millisecond), so two loops that register
+    /// on each other at the same moment from their home threads both get their answer.
     ///
     /// # Errors
     ///

@@ -17,7 +17,9 @@
 
 use crate::AioContext;
 use crate::context::Inner;
-use crate::sync::{AtomicBool, AtomicU32, Condvar, Mutex, Ordering, lock, thread_local, wait};
+use crate::sync::{
+    AtomicBool, AtomicU32, Condvar, Mutex, Ordering, lock, thread_local, wait, wait_timeout,
+};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
@@ -207,10 +209,24 @@ impl<R> Reply<R> {
     }
 
     /// Sleeps until the operation answered or was dropped.
+    ///
+    /// On a thread that is itself the home of contexts, it does not only sleep: every
+    /// [`SERVE_INTERVAL`] it runs those contexts' queued operations ([`serve_own`]). Otherwise
+    /// two loops registering on each other from their home threads at the same moment would
+    /// each wait for the other forever.
     pub(crate) fn wait(&self) -> Result<R, NoAnswer> {
+        let serving = is_home_of_any();
         let mut st = lock(&self.state);
         loop {
             match std::mem::replace(&mut *st, ReplyState::Waiting) {
+                ReplyState::Waiting if serving => {
+                    st = wait_timeout(&self.cond, st, SERVE_INTERVAL);
+                    if matches!(*st, ReplyState::Waiting) {
+                        drop(st);
+                        serve_own();
+                        st = lock(&self.state);
+                    }
+                }
                 ReplyState::Waiting => st = wait(&self.cond, st),
                 ReplyState::Done(r) => return Ok(r),
                 ReplyState::Dropped => return Err(NoAnswer::Gone),
@@ -353,6 +369,37 @@ thread_local! {
     /// accept one.)
     #[allow(clippy::missing_const_for_thread_local)]
     static HOMES: RefCell<Vec<(u64, Weak<Inner>)>> = RefCell::new(Vec::new());
+}
+
+/// How often a home thread waiting for another loop runs its own contexts' queued operations
+/// (see [`Reply::wait`]). Only such a waiter pays for it; it is a bound on how long a loop
+/// registering on this one, at the same time, waits for its answer.
+const SERVE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Whether this thread is the home of some live context.
+fn is_home_of_any() -> bool {
+    HOMES
+        .try_with(|homes| !homes.borrow().is_empty())
+        .unwrap_or(false)
+}
+
+/// Runs the queued operations of every context whose home is this thread (a home thread that
+/// waits for another loop; see [`Reply::wait`]). The caller is in user code that called a
+/// registration, where the home thread may register, replace or remove handlers anyway.
+fn serve_own() {
+    let own: Vec<AioContext> = HOMES
+        .try_with(|homes| {
+            homes
+                .borrow()
+                .iter()
+                .filter_map(|(_, weak)| weak.upgrade())
+                .map(|inner| AioContext { inner })
+                .collect()
+        })
+        .unwrap_or_default();
+    for ctx in &own {
+        ctx.inner.apply_remote(ctx);
+    }
 }
 
 /// Records that this thread is the home of the context `id` (at creation).

@@ -84,6 +84,24 @@ pub(crate) fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexG
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Waits on `condvar` for at most `timeout` (spuriously too, as [`wait`]). Under loom, which
+/// does not model time, a plain wait: the models have no waiter that needs the timeout.
+pub(crate) fn wait_timeout<'a, T>(
+    condvar: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: std::time::Duration,
+) -> MutexGuard<'a, T> {
+    #[cfg(not(aio_loom))]
+    return condvar
+        .wait_timeout(guard, timeout)
+        .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+    #[cfg(aio_loom)]
+    {
+        let _ = timeout;
+        wait(condvar, guard)
+    }
+}
+
 /// std's `AtomicU64` even under loom: for a setting that no cross-thread protocol depends on
 /// (the polling parameters, whose stale value used once is harmless), so that reading it once
 /// per iteration adds nothing for the models to explore.

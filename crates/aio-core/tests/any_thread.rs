@@ -813,3 +813,52 @@ fn a_remote_operation_that_panics_on_the_loop_answers_with_an_error() {
     });
     assert!(h.is_registered());
 }
+
+/// Two loops register on each other from their home threads at the same moment, each from
+/// inside one of its own callbacks: each waits for the other's answer, and a waiting home
+/// thread serves its own loop's queue meanwhile, so both registrations succeed; no deadlock.
+#[test]
+fn two_loops_registering_on_each_other_at_once_do_not_deadlock() {
+    let barrier = Arc::new(Barrier::new(2));
+    let (tx_a, rx_a) = std::sync::mpsc::channel::<ContextHandle>();
+    let (tx_b, rx_b) = std::sync::mpsc::channel::<ContextHandle>();
+    let spawn = |tx: std::sync::mpsc::Sender<ContextHandle>,
+                 rx: std::sync::mpsc::Receiver<ContextHandle>,
+                 barrier: Arc<Barrier>,
+                 finished: Arc<AtomicUsize>| {
+        thread::spawn(move || {
+            let ctx = ctx();
+            tx.send(ctx.handle()).unwrap();
+            let other = rx.recv().unwrap();
+            let n = Arc::new(EventNotifier::new().unwrap());
+            let done: Arc<Mutex<Option<io::Result<aio_core::RemoteFdHandler>>>> = Arc::default();
+            let (d, n2) = (done.clone(), n.clone());
+            // From inside a BH of this loop: its home thread blocks in `register` until the
+            // other loop answers, while the other does the same towards this one.
+            ctx.schedule_oneshot(move || {
+                barrier.wait();
+                *d.lock().unwrap() = Some(other.fd_handler(&*n2).on_read(|_| ()).register());
+            });
+            let start = Instant::now();
+            while done.lock().unwrap().is_none() {
+                ctx.poll_nonblocking();
+                assert!(start.elapsed() < HANG, "deadlocked");
+            }
+            let h = done.lock().unwrap().take().unwrap().unwrap();
+            let registered = h.is_registered();
+            // Keep this loop alive and served until the other side has its answer too.
+            finished.fetch_add(1, Ordering::SeqCst);
+            let start = Instant::now();
+            while finished.load(Ordering::SeqCst) < 2 {
+                ctx.poll_nonblocking();
+                assert!(start.elapsed() < HANG, "the other side never finished");
+            }
+            registered
+        })
+    };
+    let finished = Arc::new(AtomicUsize::new(0));
+    let a = spawn(tx_a, rx_b, barrier.clone(), finished.clone());
+    let b = spawn(tx_b, rx_a, barrier, finished);
+    assert!(a.join().unwrap());
+    assert!(b.join().unwrap());
+}
