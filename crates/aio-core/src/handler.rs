@@ -138,8 +138,8 @@ impl HandlerNode {
     }
 
     /// Takes the callback out of `slot`, runs `run` on it and puts it back (see
-    /// [`take_and_call`]),
-    /// if the handler's gate (remote handlers only) admits a new invocation ([Gate-1]).
+    /// [`take_and_call`]), if the handler's gate (remote handlers only) admits a new
+    /// invocation ([Gate-1]).
     fn call_with<F: ?Sized, R>(
         &self,
         slot: &Cell<Option<Box<F>>>,
