@@ -768,10 +768,6 @@ fn an_external_handler_registered_between_a_remote_disable_and_enable_is_watched
 /// propagates out of the loop's `poll`, the caller gets an error (not a hang, not
 /// `ContextGone`), and the loop goes on serving other threads.
 #[test]
-#[cfg_attr(
-    miri,
-    ignore = "unwinding across the test's threads is slow under Miri"
-)]
 fn a_remote_operation_that_panics_on_the_loop_answers_with_an_error() {
     struct PanicOnDrop;
     impl Drop for PanicOnDrop {
