@@ -147,6 +147,13 @@ const MIRI: &[MiriRun] = &[
         ],
         threaded: true,
     },
+    // Operations from any thread: remote registrations, removals racing dispatch, the
+    // context dropped with operations queued.
+    MiriRun {
+        package: "aio-core",
+        targets: &["--test", "any_thread", "--test", "any_thread_model"],
+        threaded: true,
+    },
     // The unit tests, the context-local values, and the signal tests (ignored: Miri has no
     // signals, nor the child processes they run in).
     MiriRun {

@@ -45,14 +45,16 @@ use crate::bh::{self, BhTimeout, BottomHalf, IDLE_BH_TIMEOUT, PendingBhs, Runnin
 use crate::event_notifier::EventNotifier;
 use crate::fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use crate::handler::{
-    HandlerBuilder, HandlerNode, NodeKind, NodeParts, PollCallbacks, Registry, raw_fd_of,
+    HandlerBuilder, HandlerNode, NodeKind, NodeParts, PollCallbacks, Registry,
+    RemoteHandlerBuilder, raw_fd_of,
 };
 use crate::polling::{self, IDLE_INTERVAL_NS, PollParams, PollPolicy, SharedParams, Window};
+use crate::remote::{self, ContextGone, NoAnswer, RemoteOps, Reply};
 use crate::sync::{
-    Arc, AtomicBool, AtomicU32, AtomicU64, Ordering, fence, signal_fence, thread_id, thread_local,
-    timer_notify,
+    self, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering, fence, global, signal_fence,
+    thread_id, thread_local, timer_notify,
 };
-use crate::{FdHandler, sys};
+use crate::{FdHandler, RemoteFdHandler, sys};
 use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -61,7 +63,7 @@ use std::io;
 use std::os::fd::{AsFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use timers::{ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup};
+use timers::{ClockType, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup};
 
 /// `notify_me` bit 0: an outer loop is between [`AioContext::prepare`] and
 /// [`AioContext::check`] (QEMU's GSource bit).
@@ -116,9 +118,63 @@ pub(crate) struct Shared {
     poll_params: SharedParams,
     /// QEMU's `aio-max-batch` (0: each request engine's own default), settable from any thread.
     max_batch: AtomicU32,
+    /// A number no other context has: names this context in its home thread's table
+    /// (`remote::home_context`).
+    id: u64,
+    /// Operations other threads queued for the home thread (handler registrations, replacements
+    /// and removals made through a [`ContextHandle`]).
+    pub(crate) remote: RemoteOps,
+    /// How many `disable_external` calls are in force, from any thread (QEMU
+    /// `external_disable_cnt`, an atomic there too). The home thread reads it before
+    /// dispatching an external handler and makes the monitor follow it (`Inner::sync_external`).
+    external_disabled: AtomicU32,
+    /// Creates timers on the context's group from any thread. Taken out when the loop is
+    /// dropped: the group's notify callback holds this `Shared`, so keeping the lists here
+    /// would be a cycle.
+    timers: Mutex<Option<GroupHandle>>,
 }
 
 impl Shared {
+    /// Runs `f` on the home thread with the context and returns its result: at once on the
+    /// home thread itself, otherwise by queueing it, waking the loop and sleeping until the
+    /// loop has run it (after its next wait, before it dispatches).
+    ///
+    /// # Errors
+    ///
+    /// [`NoAnswer::Gone`] if the loop is gone, or goes before running `f` (which is then
+    /// dropped without running, on the thread that drops the loop); [`NoAnswer::Panicked`] if
+    /// the loop's thread dropped `f` while panicking (a panic in `f` itself, or an unwinding
+    /// that dropped the loop).
+    pub(crate) fn run_on_home<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&AioContext) -> R + Send + 'static,
+    ) -> Result<R, NoAnswer> {
+        if thread_id() == self.home {
+            let ctx = remote::home_context(self.id).ok_or(NoAnswer::Gone)?;
+            return Ok(f(&ctx));
+        }
+        let (reply, sender) = Reply::new();
+        self.remote
+            .push(Box::new(move |ctx: &AioContext| sender.send(f(ctx))))?;
+        self.notify();
+        reply.wait()
+    }
+
+    /// Runs `f` on the home thread with the context, without waiting for it: at once on the
+    /// home thread, otherwise at the loop's next iteration. Dropped without running if the
+    /// loop is gone.
+    pub(crate) fn post(&self, f: impl FnOnce(&AioContext) + Send + 'static) {
+        if thread_id() == self.home {
+            if let Some(ctx) = remote::home_context(self.id) {
+                f(&ctx);
+            }
+            return;
+        }
+        if self.remote.push(Box::new(f)).is_ok() {
+            self.notify();
+        }
+    }
+
     /// Wakes the loop if it sleeps or is about to (QEMU `aio_notify`). Any thread.
     pub(crate) fn notify(&self) {
         #[cfg(aio_loom)]
@@ -308,8 +364,9 @@ pub(crate) struct Inner {
     spare_ready: RefCell<Vec<ReadyList>>,
     /// Id of the latest iteration (or outer-loop dispatch); see `HandlerNode::epoch`.
     epoch: Cell<u64>,
-    /// How many `disable_external` calls are in force.
-    external_disabled: Cell<u32>,
+    /// Whether external handlers are out of the monitor: follows
+    /// `Shared::external_disabled > 0` (see `sync_external`).
+    external_unwatched: Cell<bool>,
     /// Readiness collected by `check` for `dispatch` when an outer loop drives the context.
     outer_ready: RefCell<ReadyList>,
     /// The context's timers, one list per clock (QEMU `ctx->tlg`).
@@ -547,7 +604,81 @@ impl Inner {
     }
 
     fn external_disabled(&self) -> bool {
-        self.external_disabled.get() > 0
+        // Acquire: pairs with the Release of `disable_external` on another thread, so that a
+        // handler skipped because of a disable sees what the disabler wrote before it.
+        self.shared.external_disabled.load(Ordering::Acquire) > 0
+    }
+
+    /// Makes the monitor follow the external-disable count, which any thread may change:
+    /// takes external handlers out of it while disabled (a level-triggered fd left armed but
+    /// not dispatched would end every wait at once) and puts them back after. Home thread.
+    fn sync_external(&self) {
+        let disabled = self.external_disabled();
+        if self.external_unwatched.get() != disabled {
+            self.external_unwatched.set(disabled);
+            self.set_external_watched(!disabled);
+        }
+    }
+
+    /// Whether the monitor does not follow the external-disable count yet (for `check`).
+    fn sync_external_pending(&self) -> bool {
+        self.external_unwatched.get() != self.external_disabled()
+    }
+
+    /// Applies what other threads asked for since the last time: queued handler operations,
+    /// and the external-disable count. Home thread: before the wait and after `accept` (before
+    /// dispatching) in every iteration, in an outer loop's `dispatch`, and while the home
+    /// thread itself waits for another loop (`remote::serve_own`).
+    pub(crate) fn apply_remote(&self, ctx: &AioContext) {
+        self.sync_external();
+        if !self.shared.remote.is_pending() {
+            return;
+        }
+        // Run with no lock held: an operation may queue another (a dropped callback owning a
+        // `RemoteFdHandler`), which then runs at the next iteration. If one panics (a refused
+        // callback's drop), the panic propagates out of `poll` and the rest go back in front of
+        // the queue for the next iteration, rather than being dropped unanswered.
+        struct Rest<'a>(&'a RemoteOps, VecDeque<remote::HomeOp>);
+        impl Drop for Rest<'_> {
+            fn drop(&mut self) {
+                if !self.1.is_empty() {
+                    self.0.requeue_front(std::mem::take(&mut self.1));
+                }
+            }
+        }
+        let mut rest = Rest(&self.shared.remote, self.shared.remote.take().into());
+        while let Some(op) = rest.1.pop_front() {
+            op(ctx);
+        }
+    }
+
+    /// Removes external handlers from the monitor, or puts them back. Backends cannot filter
+    /// fds by themselves (epoll and io_uring report whatever is armed), and leaving a
+    /// level-triggered fd armed but undispatched would make every wait return at once.
+    fn set_external_watched(&self, watched: bool) {
+        let registry = self.registry.borrow();
+        let mut monitor = self.monitor.borrow_mut();
+        for node in registry
+            .nodes()
+            .filter(|n| n.external && n.in_monitor.get() != watched)
+        {
+            let change = if watched {
+                Change::Add {
+                    key: node.key,
+                    fd: node.fd,
+                    interest: node.interest,
+                }
+            } else {
+                Change::Remove {
+                    key: node.key,
+                    fd: node.fd,
+                }
+            };
+            match monitor.update(change) {
+                Ok(()) => node.in_monitor.set(watched),
+                Err(e) => tracing::warn!("aio: cannot re-arm external fd {}: {e}", node.fd),
+            }
+        }
     }
 
     /// Applies parameters set since the last iteration: every window goes back to 0 (QEMU
@@ -892,6 +1023,12 @@ impl Drop for Inner {
         // Tasks first, without polling them: their futures may own BHs, timers and handler
         // registrations of this context, whose drops are cheaper while it is still whole.
         self.tasks.drop_all();
+        // Other threads' operations: none will run. Dropping them wakes their callers with
+        // `ContextGone` and frees their callbacks here; a callback that owns a
+        // `RemoteFdHandler` of this context finds the queue closed and leaves it alone.
+        remote::unregister_home(self.shared.id);
+        drop(self.shared.remote.close());
+        drop(sync::lock(&self.shared.timers).take());
         // Runs no callback: drop the BHs still queued (one-shots and deleted ones are freed,
         // scheduled ones simply stop being pending), then every handler. From here on,
         // schedulers free what they queue (see `Shared::notify`); the fence pairs with theirs.
@@ -915,7 +1052,7 @@ impl fmt::Debug for Inner {
         f.debug_struct("Inner")
             .field("shared", &self.shared)
             .field("monitor", &self.monitor)
-            .field("external_disabled", &self.external_disabled.get())
+            .field("external_disabled", &self.external_disabled())
             .finish_non_exhaustive()
     }
 }
@@ -1051,6 +1188,10 @@ impl AioContext {
             event_writes: AtomicU64::new(0),
             poll_params: SharedParams::new(),
             max_batch: AtomicU32::new(0),
+            id: next_context_id(),
+            remote: RemoteOps::new(),
+            external_disabled: AtomicU32::new(0),
+            timers: Mutex::new(None),
         });
         // Arming a timer that becomes the earliest of its clock wakes the loop, like a BH
         // schedule (and, like it, for free on the home thread outside a blocking wait). No
@@ -1067,7 +1208,7 @@ impl AioContext {
                 slices: RefCell::new(VecDeque::new()),
                 spare_ready: RefCell::new(Vec::new()),
                 epoch: Cell::new(0),
-                external_disabled: Cell::new(0),
+                external_unwatched: Cell::new(false),
                 outer_ready: RefCell::new(ReadyList::new()),
                 timers,
                 locals: RefCell::new(Vec::new()),
@@ -1080,6 +1221,8 @@ impl AioContext {
                 tasks: crate::task::Tasks::default(),
             }),
         };
+        *sync::lock(&ctx.inner.shared.timers) = Some(ctx.inner.timers.handle());
+        remote::register_home(ctx.inner.shared.id, &ctx.inner);
         // The context's own notifier is an ordinary handler whose read callback drains the
         // eventfd; its activity never counts as progress. Its "poll" is a read of `notified`,
         // which is why a context with only BHs never needs a system call to poll.
@@ -1090,6 +1233,7 @@ impl AioContext {
             poll: PollCallbacks::default(),
             external: false,
             kind: NodeKind::Notifier,
+            gate: None,
         };
         ctx.add_node(parts, Interest::READ, None)?;
         Ok(ctx)
@@ -1427,6 +1571,10 @@ impl AioContext {
         let start = (!params.is_disabled()).then(|| inner.clock_ns());
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
+        // What other threads asked for before this iteration, so that its wait already watches
+        // a handler registered or an external fd re-enabled meanwhile (the queue is run again
+        // after the wait, for what arrived during it).
+        inner.apply_remote(self);
 
         if BLOCKING {
             shared.set_window(true);
@@ -1505,6 +1653,7 @@ impl AioContext {
             return Err(e);
         }
         shared.accept();
+        inner.apply_remote(self);
         let block_ns = start.map(|s| inner.clock_ns().saturating_sub(s));
 
         let mut progress = inner.bh_poll();
@@ -1589,6 +1738,12 @@ impl AioContext {
         if node.external && self.inner.external_disabled() {
             return false;
         }
+        if node.remotely_removed() {
+            // Removed from another thread, and the removal not applied yet: do it now rather
+            // than keep reporting a level-triggered fd nobody will serve.
+            self.inner.remove_node(node.key);
+            return false;
+        }
         if !revents.is_empty() {
             self.inner.join_poll_set(node);
         }
@@ -1657,26 +1812,7 @@ impl AioContext {
         notifier: &Arc<EventNotifier>,
         read: impl FnMut(&EventNotifier) + 'static,
     ) -> io::Result<FdHandler> {
-        // One callback behind two entry points (fd readiness and a poll hit). The node never
-        // runs a callback of its own re-entrantly, but these are two callbacks: a nested
-        // iteration inside one may dispatch the other, which then finds the callback busy and
-        // leaves the notifier set for a later iteration.
-        let read = Rc::new(RefCell::new(read));
-        let (on_fd, on_hit) = (read.clone(), read);
-        let (e_fd, e_hit, e_poll) = (notifier.clone(), notifier.clone(), notifier.clone());
-        HandlerBuilder::new(self, notifier.raw_fd())
-            .on_read(move |_| {
-                if let Ok(mut read) = on_fd.try_borrow_mut() {
-                    read(&e_fd);
-                }
-            })
-            .on_poll(move || e_poll.is_set())
-            .on_poll_ready(move |_| {
-                if let Ok(mut read) = on_hit.try_borrow_mut() {
-                    read(&e_hit);
-                }
-            })
-            .register()
+        crate::handler::event_notifier_builder(self, notifier, read).register()
     }
 
     /// Registers a node built from `parts`, replacing `old` if given. Returns the new key.
@@ -1693,6 +1829,20 @@ impl AioContext {
     ) -> io::Result<HandlerKey> {
         let inner = &*self.inner;
         sys::check_fd_open(parts.fd)?;
+        if old.is_none() {
+            // A handler of this fd removed from another thread counts as removed already, even
+            // if the home thread has not applied that removal yet: a registration that follows
+            // it by another route (a BH, this thread) must not find it in the way.
+            let stale = {
+                let registry = inner.registry.borrow();
+                registry
+                    .key_of_fd(parts.fd)
+                    .filter(|&k| registry.get(k).is_some_and(|n| n.remotely_removed()))
+            };
+            if let Some(stale) = stale {
+                inner.remove_node(stale);
+            }
+        }
         // `next_key` only reserves the index; nothing runs between here and `link_node`.
         let key = inner.registry.borrow_mut().next_key();
         let node = Rc::new(parts.build(key, interest));
@@ -1748,7 +1898,10 @@ impl AioContext {
                 None
             }
         };
-        let watch = !(node.external && inner.external_disabled());
+        // The monitor follows `external_unwatched` (what `sync_external` last applied), not the
+        // count itself, which other threads change: otherwise a disable and an enable between
+        // two iterations would leave a node registered in between out of the monitor for good.
+        let watch = !(node.external && inner.external_unwatched.get());
         let change = match (old, old_watched) {
             (Some(old), Some(true)) if watch => Some(Change::Modify {
                 old,
@@ -1779,12 +1932,8 @@ impl AioContext {
     /// `aio_disable_external`). Calls nest: each needs a matching
     /// [`enable_external`](Self::enable_external).
     pub fn disable_external(&self) {
-        let inner = &*self.inner;
-        let n = inner.external_disabled.get();
-        inner.external_disabled.set(n + 1);
-        if n == 0 {
-            self.set_external_watched(false);
-        }
+        disable_external(&self.inner.shared);
+        self.inner.sync_external();
     }
 
     /// Undoes one [`disable_external`](Self::disable_external); the last one resumes external
@@ -1794,52 +1943,14 @@ impl AioContext {
     ///
     /// [`NotDisabledError`] if external handlers are not disabled; nothing changes then.
     pub fn enable_external(&self) -> Result<(), NotDisabledError> {
-        let inner = &*self.inner;
-        let n = inner.external_disabled.get();
-        if n == 0 {
-            return Err(NotDisabledError);
-        }
-        inner.external_disabled.set(n - 1);
-        if n == 1 {
-            self.set_external_watched(true);
-            inner.shared.notify_scheduled();
-        }
+        enable_external(&self.inner.shared)?;
+        self.inner.sync_external();
         Ok(())
     }
 
     /// Whether external handlers are disabled.
     pub fn is_external_disabled(&self) -> bool {
         self.inner.external_disabled()
-    }
-
-    /// Removes external handlers from the monitor, or puts them back. Backends cannot filter
-    /// fds by themselves (epoll and io_uring report whatever is armed), and leaving a
-    /// level-triggered fd armed but undispatched would make every wait return at once.
-    fn set_external_watched(&self, watched: bool) {
-        let inner = &*self.inner;
-        let registry = inner.registry.borrow();
-        let mut monitor = inner.monitor.borrow_mut();
-        for node in registry
-            .nodes()
-            .filter(|n| n.external && n.in_monitor.get() != watched)
-        {
-            let change = if watched {
-                Change::Add {
-                    key: node.key,
-                    fd: node.fd,
-                    interest: node.interest,
-                }
-            } else {
-                Change::Remove {
-                    key: node.key,
-                    fd: node.fd,
-                }
-            };
-            match monitor.update(change) {
-                Ok(()) => node.in_monitor.set(watched),
-                Err(e) => tracing::warn!("aio: cannot re-arm external fd {}: {e}", node.fd),
-            }
-        }
     }
 
     /// First step of driving the context from an outer loop (QEMU's GSource `prepare`).
@@ -1925,6 +2036,8 @@ impl AioContext {
         }
         *inner.outer_ready.borrow_mut() = ready;
         fd_pending
+            || shared.remote.is_pending()
+            || inner.sync_external_pending()
             || !inner.polling.outer_hits.borrow().is_empty()
             || inner.compute_timeout() == Some(Duration::ZERO)
     }
@@ -1937,6 +2050,7 @@ impl AioContext {
         // An iteration of its own: a `poll` from one of its callbacks is nested, and so never
         // busy-polls, as in `poll`.
         let _depth = DepthGuard::enter(&inner.depth);
+        inner.apply_remote(self);
         let ready = std::mem::take(&mut *inner.outer_ready.borrow_mut());
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
@@ -1961,7 +2075,7 @@ impl fmt::Debug for AioContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AioContext")
             .field("backend", &self.backend())
-            .field("external_disabled", &self.inner.external_disabled.get())
+            .field("external_disabled", &self.inner.external_disabled())
             .finish_non_exhaustive()
     }
 }
@@ -2005,6 +2119,36 @@ pub struct PolledHandler {
     pub fd: RawFd,
     /// Its window (Qemu10) or estimate (Weighted).
     pub window: Duration,
+}
+
+/// One more `disable_external` (any thread; QEMU `aio_disable_external`). No wake-up: the
+/// home thread checks the count before dispatching each external handler, and takes their fds
+/// out of the monitor at its next iteration.
+fn disable_external(shared: &Shared) {
+    // Release: pairs with the dispatcher's Acquire load (`Inner::external_disabled`).
+    shared.external_disabled.fetch_add(1, Ordering::Release);
+}
+
+/// One less `disable_external` (any thread; QEMU `aio_enable_external`); the last one wakes
+/// the loop, which puts the external fds back in the monitor before it sleeps again.
+fn enable_external(shared: &Shared) -> Result<(), NotDisabledError> {
+    // Release as in `disable_external`; a CAS loop so that an unmatched enable changes nothing.
+    let old = shared
+        .external_disabled
+        .fetch_update(Ordering::Release, Ordering::Relaxed, |n| n.checked_sub(1))
+        .map_err(|_| NotDisabledError)?;
+    if old == 1 {
+        shared.notify_scheduled();
+    }
+    Ok(())
+}
+
+/// A number never given to another context (see `Shared::id`).
+fn next_context_id() -> u64 {
+    // Relaxed: uniqueness needs only the atomicity of the add. std's atomic even under loom
+    // (an id allocator, not a protocol), so that ids stay unique across a model's executions.
+    static NEXT: global::AtomicU64 = global::AtomicU64::new(1);
+    NEXT.fetch_add(1, global::Ordering::Relaxed)
 }
 
 /// Validates and stores new polling parameters, then wakes the loop so that it applies them.
@@ -2073,7 +2217,7 @@ impl std::error::Error for NotDisabledError {}
 /// run and are freed at once. See [`is_alive`](Self::is_alive).
 #[derive(Clone)]
 pub struct ContextHandle {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl ContextHandle {
@@ -2146,6 +2290,89 @@ impl ContextHandle {
     /// is gone, scheduled BHs are freed without running.
     pub fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Relaxed)
+    }
+
+    /// Starts registering a handler for `fd` from any thread, with `Send` callbacks. See
+    /// [`RemoteHandlerBuilder`]; [`AioContext::fd_handler`] is the home thread's way.
+    pub fn fd_handler(&self, fd: &impl AsFd) -> RemoteHandlerBuilder {
+        RemoteHandlerBuilder::new(self.clone(), raw_fd_of(fd))
+    }
+
+    /// As [`AioContext::set_event_notifier`], from any thread, with a `Send` callback (which
+    /// runs on the home thread). Waits for the home thread as
+    /// [`RemoteHandlerBuilder::register`] does.
+    ///
+    /// # Errors
+    ///
+    /// As [`AioContext::set_event_notifier`], plus [`ContextGone`] if the loop is gone.
+    pub fn set_event_notifier(
+        &self,
+        notifier: &Arc<EventNotifier>,
+        read: impl FnMut(&EventNotifier) + Send + 'static,
+    ) -> io::Result<RemoteFdHandler> {
+        crate::handler::register_remote_notifier(self, notifier, read)
+    }
+
+    /// Creates a timer on the context from any thread (QEMU `aio_timer_new`); see
+    /// [`AioContext::timer`]. The callback runs on the home thread. [`Timer`] is
+    /// `Send + Sync`: arm, cancel and drop it on any thread; arming it earlier than every
+    /// other timer of its clock wakes the loop.
+    ///
+    /// # Errors
+    ///
+    /// [`ContextGone`] (kind `BrokenPipe`) if the loop is gone; the callback is dropped. A
+    /// timer made just before the loop goes becomes inert with it, as every timer of the
+    /// context does.
+    pub fn timer(
+        &self,
+        clock: ClockType,
+        scale: Scale,
+        callback: impl FnMut() + Send + 'static,
+    ) -> io::Result<Timer> {
+        self.timer_with_attrs(clock, scale, TimerAttrs::empty(), callback)
+    }
+
+    /// As [`timer`](Self::timer), with attributes (QEMU `aio_timer_new_with_attrs`).
+    ///
+    /// # Errors
+    ///
+    /// As [`timer`](Self::timer).
+    pub fn timer_with_attrs(
+        &self,
+        clock: ClockType,
+        scale: Scale,
+        attrs: TimerAttrs,
+        callback: impl FnMut() + Send + 'static,
+    ) -> io::Result<Timer> {
+        // Clone the lists out so that the timer is created without holding the lock.
+        let group = sync::lock(&self.shared.timers).clone();
+        match group {
+            Some(group) => Ok(group.timer_with_attrs(clock, scale, attrs, callback)),
+            None => Err(ContextGone.into()),
+        }
+    }
+
+    /// As [`AioContext::disable_external`], from any thread. Once it returns, no external
+    /// handler's callback starts whose dispatch check comes after it (the home thread reads
+    /// the count, an atomic, right before dispatching each external handler); one already
+    /// running finishes. The fds leave the monitor at the loop's next iteration.
+    pub fn disable_external(&self) {
+        disable_external(&self.shared);
+    }
+
+    /// As [`AioContext::enable_external`], from any thread; the last one wakes the loop.
+    ///
+    /// # Errors
+    ///
+    /// [`NotDisabledError`] if external handlers are not disabled; nothing changes then.
+    pub fn enable_external(&self) -> Result<(), NotDisabledError> {
+        enable_external(&self.shared)
+    }
+
+    /// Whether external handlers are disabled.
+    pub fn is_external_disabled(&self) -> bool {
+        // Relaxed: a snapshot for the caller; other threads may change it at any time.
+        self.shared.external_disabled.load(Ordering::Relaxed) > 0
     }
 
     /// Whether `other` refers to the same context.

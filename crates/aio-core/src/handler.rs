@@ -22,10 +22,12 @@
 //! stays ready (level-triggered) and is dispatched by a later iteration once the outer callback
 //! has returned. QEMU would call it recursively; Rust's `FnMut` cannot be re-entered.
 
-use crate::AioContext;
 use crate::fdmon::{HandlerKey, Interest};
 use crate::polling::Window;
-use std::cell::Cell;
+use crate::remote::Gate;
+use crate::sync::Arc;
+use crate::{AioContext, ContextHandle, EventNotifier};
+use std::cell::{Cell, OnceCell};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
@@ -109,18 +111,45 @@ pub(crate) struct HandlerNode {
     /// since (QEMU steals the node from the parent's ready list), and a poll hit is skipped
     /// when the fd path dispatched the node in the same iteration.
     pub(crate) epoch: Cell<u64>,
+    /// Shared with the [`RemoteFdHandler`] of a handler registered through a
+    /// [`ContextHandle`]: checked (entered) before each callback starts, so that a removal
+    /// from another thread takes effect at once ([Gate-1]). Unset for home-thread handlers
+    /// until [`FdHandler::into_remote`] sets it.
+    gate: OnceCell<Arc<Gate>>,
 }
 
 impl HandlerNode {
     /// Runs the read callback if there is one and it is not already running. Returns whether it
     /// ran.
     pub(crate) fn call_read(&self, ctx: &AioContext) -> bool {
-        call(&self.read, &self.deleted, ctx)
+        self.call_with(&self.read, |f| f(ctx)).is_some()
     }
 
     /// Runs the write callback if there is one and it is not already running.
     pub(crate) fn call_write(&self, ctx: &AioContext) -> bool {
-        call(&self.write, &self.deleted, ctx)
+        self.call_with(&self.write, |f| f(ctx)).is_some()
+    }
+
+    /// Whether the handler was removed through its remote handle
+    /// ([`RemoteFdHandler::remove`]) but is still in the table: the home thread then removes it
+    /// instead of dispatching it.
+    pub(crate) fn remotely_removed(&self) -> bool {
+        self.gate.get().is_some_and(|g| g.is_closed())
+    }
+
+    /// Takes the callback out of `slot`, runs `run` on it and puts it back (see
+    /// [`take_and_call`]), if the handler's gate (remote handlers only) admits a new
+    /// invocation ([Gate-1]).
+    fn call_with<F: ?Sized, R>(
+        &self,
+        slot: &Cell<Option<Box<F>>>,
+        run: impl FnOnce(&mut Box<F>) -> R,
+    ) -> Option<R> {
+        let _entered = match self.gate.get() {
+            Some(gate) => Some(gate.enter()?),
+            None => None,
+        };
+        take_and_call(slot, &self.deleted, run)
     }
 
     /// Whether the handler can join the poll set: the context's own notifier (its poll is a
@@ -134,7 +163,7 @@ impl HandlerNode {
 
     /// Runs the poll function (`None` if there is none or it is already running).
     pub(crate) fn call_poll(&self) -> Option<bool> {
-        call_with(&self.poll.poll, &self.deleted, |f| f())
+        self.call_with(&self.poll.poll, |f| f())
     }
 
     /// Runs the poll-ready callback, with polling of this handler paused meanwhile. Returns
@@ -148,13 +177,13 @@ impl HandlerNode {
             }
         }
         let _unpause = Unpause(&self.poll_paused);
-        call_with(&self.poll.ready, &self.deleted, |f| f(ctx)).is_some()
+        self.call_with(&self.poll.ready, |f| f(ctx)).is_some()
     }
 
     /// Puts the handler in polling mode: `on_poll_begin`, unless it is in it already.
     pub(crate) fn begin_poll_mode(&self) {
         if !self.begun.replace(true) {
-            call_with(&self.poll.begin, &self.deleted, |f| f());
+            self.call_with(&self.poll.begin, |f| f());
         }
     }
 
@@ -162,18 +191,14 @@ impl HandlerNode {
     /// (so the two alternate whatever callbacks do meanwhile, removals and panics included).
     pub(crate) fn end_poll_mode(&self) {
         if self.begun.replace(false) {
-            call_with(&self.poll.end, &self.deleted, |f| f());
+            self.call_with(&self.poll.end, |f| f());
         }
     }
 }
 
-fn call(slot: &Cell<Option<IoCallback>>, deleted: &Cell<bool>, ctx: &AioContext) -> bool {
-    call_with(slot, deleted, |f| f(ctx)).is_some()
-}
-
 /// Takes the callback out of `slot`, runs `run` on it and puts it back, unless the handler was
 /// deleted meanwhile. Returns `None` if the slot was empty (no callback, or it is running).
-fn call_with<F: ?Sized, R>(
+fn take_and_call<F: ?Sized, R>(
     slot: &Cell<Option<Box<F>>>,
     deleted: &Cell<bool>,
     run: impl FnOnce(&mut Box<F>) -> R,
@@ -371,6 +396,7 @@ pub struct HandlerBuilder<'c> {
     write: Option<IoCallback>,
     poll: PollCallbacks,
     external: bool,
+    gate: Option<Arc<Gate>>,
 }
 
 impl<'c> HandlerBuilder<'c> {
@@ -382,7 +408,29 @@ impl<'c> HandlerBuilder<'c> {
             write: None,
             poll: PollCallbacks::default(),
             external: false,
+            gate: None,
         }
+    }
+
+    /// Makes the node check `gate` before each callback (a handler registered through a
+    /// [`ContextHandle`]).
+    pub(crate) fn with_gate(mut self, gate: Arc<Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// [`register`](Self::register) without the home-thread handle: the key of the new node.
+    pub(crate) fn register_key(self) -> io::Result<HandlerKey> {
+        let ctx = self.ctx;
+        let (interest, node_parts) = self.into_parts()?;
+        ctx.add_node(node_parts, interest, None)
+    }
+
+    /// [`replace`](Self::replace) of the node `old` (same fd, this context): the new key.
+    pub(crate) fn replace_key(self, old: HandlerKey) -> io::Result<HandlerKey> {
+        let ctx = self.ctx;
+        let (interest, node_parts) = self.into_parts()?;
+        ctx.add_node(node_parts, interest, Some(old))
     }
 
     /// Calls `f` when the fd is readable, hung up, or in error (QEMU `io_read`).
@@ -539,6 +587,7 @@ impl<'c> HandlerBuilder<'c> {
                 poll: self.poll,
                 external: self.external,
                 kind: NodeKind::User,
+                gate: self.gate,
             },
         ))
     }
@@ -563,6 +612,7 @@ pub(crate) struct NodeParts {
     pub(crate) poll: PollCallbacks,
     pub(crate) external: bool,
     pub(crate) kind: NodeKind,
+    pub(crate) gate: Option<Arc<Gate>>,
 }
 
 impl NodeParts {
@@ -586,6 +636,7 @@ impl NodeParts {
             deleted: Cell::new(false),
             in_monitor: Cell::new(false),
             epoch: Cell::new(0),
+            gate: self.gate.map_or_else(OnceCell::new, OnceCell::from),
         }
     }
 }
@@ -621,6 +672,37 @@ impl FdHandler {
 
     /// Unregisters the handler now; the same as dropping it.
     pub fn remove(self) {}
+
+    /// Turns this handle into a [`RemoteFdHandler`], which any thread may keep, drop or
+    /// [`remove`](RemoteFdHandler::remove) with the meaning documented there, and which
+    /// [`RemoteHandlerBuilder::replace`] accepts. The callbacks stay where they are, on the
+    /// home thread, so they need not be `Send`.
+    ///
+    /// # Errors
+    ///
+    /// [`ContextGone`](crate::ContextGone) if the context's loop is gone, `NotFound` if the
+    /// handler is no longer registered.
+    pub fn into_remote(mut self) -> io::Result<RemoteFdHandler> {
+        // Disarm our drop: the remote handle takes over the unregistration.
+        let ctx = std::mem::take(&mut self.ctx);
+        let inner = ctx.upgrade().ok_or(crate::ContextGone)?;
+        let gate = {
+            let registry = inner.registry.borrow();
+            let node = registry.get(self.key).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::NotFound, "the handler was already removed")
+            })?;
+            node.gate.get_or_init(|| Arc::new(Gate::new())).clone()
+        };
+        Ok(RemoteFdHandler {
+            handle: ContextHandle {
+                shared: inner.shared.clone(),
+            },
+            gate,
+            key: self.key,
+            fd: self.fd,
+            removed: false,
+        })
+    }
 }
 
 impl Drop for FdHandler {
@@ -643,4 +725,374 @@ impl fmt::Debug for FdHandler {
 /// The raw fd of anything that has one, for registration.
 pub(crate) fn raw_fd_of(fd: &impl AsFd) -> RawFd {
     fd.as_fd().as_raw_fd()
+}
+
+/// A read, write or poll-ready callback given from another thread.
+type SendIoCallback = Box<dyn FnMut(&AioContext) + Send>;
+
+/// Builds an fd handler from any thread; made by [`ContextHandle::fd_handler`] (QEMU: calling
+/// `aio_set_fd_handler` from a thread that is not the context's, which its lockcnt allows).
+///
+/// The same as [`HandlerBuilder`], except that the callbacks must be `Send` (they are carried
+/// to the home thread; they run there, and are dropped there, as with a home-thread handler),
+/// and that it returns a [`RemoteFdHandler`], which any thread may keep and drop.
+///
+/// # Examples
+///
+/// ```
+/// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+/// use std::io::{Read, Write};
+/// use std::os::unix::net::UnixStream;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+/// use std::sync::Arc;
+///
+/// let (mut a, b) = UnixStream::pair()?;
+/// b.set_nonblocking(true)?;
+/// let got = Arc::new(AtomicUsize::new(0));
+/// let remote = ctx.handle();
+/// let (sink, mut reader) = (got.clone(), b.try_clone()?);
+/// // Another thread registers the handler; it returns once the loop has applied it.
+/// let registering = std::thread::spawn(move || {
+///     remote
+///         .fd_handler(&b)
+///         .on_read(move |_ctx| {
+///             let mut buf = [0; 64];
+///             let n = reader.read(&mut buf).unwrap_or(0);
+///             sink.fetch_add(n, Ordering::SeqCst);
+///         })
+///         .register()
+/// });
+/// while !registering.is_finished() {
+///     ctx.poll_nonblocking(); // applies the registration
+/// }
+/// let handler = registering.join().unwrap()?;
+/// a.write_all(b"ping")?;
+/// while got.load(Ordering::SeqCst) < 4 {
+///     ctx.poll();
+/// }
+/// drop(handler); // on any thread: unregisters it
+/// # Ok::<(), std::io::Error>(())
+/// ```
+#[must_use = "a handler builder does nothing until `register` is called"]
+pub struct RemoteHandlerBuilder {
+    handle: ContextHandle,
+    fd: RawFd,
+    parts: RemoteParts,
+}
+
+/// The callbacks of a [`RemoteHandlerBuilder`], on their way to the home thread.
+#[derive(Default)]
+struct RemoteParts {
+    read: Option<SendIoCallback>,
+    write: Option<SendIoCallback>,
+    poll: Option<Box<dyn FnMut() -> bool + Send>>,
+    poll_ready: Option<SendIoCallback>,
+    poll_begin: Option<Box<dyn FnMut() + Send>>,
+    poll_end: Option<Box<dyn FnMut() + Send>>,
+    external: bool,
+}
+
+impl RemoteParts {
+    /// The home-thread builder for these callbacks (home thread).
+    fn into_builder(self, ctx: &AioContext, fd: RawFd, gate: Arc<Gate>) -> HandlerBuilder<'_> {
+        let mut b = HandlerBuilder::new(ctx, fd).with_gate(gate);
+        // `Box<dyn FnMut + Send>` coerces to the home side's `Box<dyn FnMut>`.
+        b.read = self.read.map(|f| f as IoCallback);
+        b.write = self.write.map(|f| f as IoCallback);
+        b.poll.poll.set(self.poll.map(|f| f as PollCallback));
+        b.poll.ready.set(self.poll_ready.map(|f| f as IoCallback));
+        b.poll
+            .begin
+            .set(self.poll_begin.map(|f| f as PollModeCallback));
+        b.poll.end.set(self.poll_end.map(|f| f as PollModeCallback));
+        b.external = self.external;
+        b
+    }
+}
+
+impl RemoteHandlerBuilder {
+    pub(crate) fn new(handle: ContextHandle, fd: RawFd) -> Self {
+        RemoteHandlerBuilder {
+            handle,
+            fd,
+            parts: RemoteParts::default(),
+        }
+    }
+
+    /// As [`HandlerBuilder::on_read`], with a `Send` callback.
+    pub fn on_read(mut self, f: impl FnMut(&AioContext) + Send + 'static) -> Self {
+        self.parts.read = Some(Box::new(f));
+        self
+    }
+
+    /// As [`HandlerBuilder::on_write`], with a `Send` callback.
+    pub fn on_write(mut self, f: impl FnMut(&AioContext) + Send + 'static) -> Self {
+        self.parts.write = Some(Box::new(f));
+        self
+    }
+
+    /// As [`HandlerBuilder::on_poll`], with a `Send` callback.
+    pub fn on_poll(mut self, f: impl FnMut() -> bool + Send + 'static) -> Self {
+        self.parts.poll = Some(Box::new(f));
+        self
+    }
+
+    /// As [`HandlerBuilder::on_poll_ready`], with a `Send` callback.
+    pub fn on_poll_ready(mut self, f: impl FnMut(&AioContext) + Send + 'static) -> Self {
+        self.parts.poll_ready = Some(Box::new(f));
+        self
+    }
+
+    /// As [`HandlerBuilder::on_poll_begin`], with a `Send` callback.
+    pub fn on_poll_begin(mut self, f: impl FnMut() + Send + 'static) -> Self {
+        self.parts.poll_begin = Some(Box::new(f));
+        self
+    }
+
+    /// As [`HandlerBuilder::on_poll_end`], with a `Send` callback. A handler removed through
+    /// [`RemoteFdHandler::remove`] gets no `on_poll_end`: no callback of it starts after the
+    /// removal.
+    pub fn on_poll_end(mut self, f: impl FnMut() + Send + 'static) -> Self {
+        self.parts.poll_end = Some(Box::new(f));
+        self
+    }
+
+    /// As [`HandlerBuilder::external`].
+    pub fn external(mut self, external: bool) -> Self {
+        self.parts.external = external;
+        self
+    }
+
+    /// Registers the handler on the context's home thread and returns the handle that
+    /// unregisters it when dropped, on any thread.
+    ///
+    /// From another thread this queues the registration, wakes the loop and sleeps until the
+    /// loop has applied it (at its next iteration, after its wait, before it dispatches), so
+    /// that it can return the backend's answer. On the home thread it registers at once.
+    /// Do not call it from another thread while the home thread waits for this one (joins it,
+    /// or blocks on a lock it holds) without polling: the registration would wait for a loop
+    /// that waits for it. A one-shot BH ([`ContextHandle::schedule_oneshot`]) that registers on
+    /// the home thread never waits. A caller that is itself the home thread of contexts runs
+    /// their queued operations while it waits (every millisecond), so two loops that register
+    /// on each other at the same moment from their home threads both get their answer.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`HandlerBuilder::register`], plus [`ContextGone`](crate::ContextGone) (kind `BrokenPipe`) if the
+    /// context's loop was dropped before the registration was applied. In every error case
+    /// nothing was registered and the callbacks were dropped (on the home thread if it got
+    /// them).
+    pub fn register(self) -> io::Result<RemoteFdHandler> {
+        self.check()?;
+        let RemoteHandlerBuilder { handle, fd, parts } = self;
+        let gate = Arc::new(Gate::new());
+        let g = gate.clone();
+        let key = handle
+            .shared
+            .run_on_home(move |ctx| parts.into_builder(ctx, fd, g).register_key())??;
+        Ok(RemoteFdHandler {
+            handle,
+            gate,
+            key,
+            fd,
+            removed: false,
+        })
+    }
+
+    /// Replaces the callbacks of `handler` (same context, same fd), atomically with respect to
+    /// dispatch, as [`HandlerBuilder::replace`]: once this returns `Ok`, the old callbacks never
+    /// start again. Waits for the home thread as [`register`](Self::register) does.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` if `handler` belongs to another context or fd, `NotFound` if it was
+    /// removed, [`ContextGone`](crate::ContextGone) if the loop is gone, and the errors of
+    /// [`HandlerBuilder::replace`]. On error the old handler stays in place.
+    pub fn replace(self, handler: &mut RemoteFdHandler) -> io::Result<()> {
+        self.check()?;
+        if !self.handle.same_context(&handler.handle) || handler.fd != self.fd {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "replace: the handler belongs to another context or fd",
+            ));
+        }
+        if handler.gate.is_closed() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the handler was already removed",
+            ));
+        }
+        let RemoteHandlerBuilder { handle, fd, parts } = self;
+        let (gate, old) = (handler.gate.clone(), handler.key);
+        handler.key = handle
+            .shared
+            .run_on_home(move |ctx| parts.into_builder(ctx, fd, gate).replace_key(old))??;
+        Ok(())
+    }
+
+    /// The errors found without the home thread's help: no read or write callback.
+    fn check(&self) -> io::Result<()> {
+        if self.parts.read.is_none() && self.parts.write.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a handler needs a read or a write callback",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RemoteHandlerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteHandlerBuilder")
+            .field("fd", &self.fd)
+            .field("read", &self.parts.read.is_some())
+            .field("write", &self.parts.write.is_some())
+            .field("external", &self.parts.external)
+            .finish()
+    }
+}
+
+/// An fd handler or event notifier registered through a [`ContextHandle`]: `Send + Sync`, and
+/// dropping it on any thread unregisters the handler (QEMU: `aio_set_fd_handler` with null
+/// callbacks, from any thread).
+///
+/// # What "removed" means
+///
+/// [`remove`](Self::remove) (or the drop) takes effect at once on the dispatching side, without
+/// waiting for the home thread: each callback invocation of the handler (read, write, poll,
+/// poll-ready, poll-begin, poll-end) *starts* with an atomic check-in on a word it shares with
+/// this handle, and the removal is an atomic operation on the same word. An invocation that
+/// checks in after the removal does not run; one that checked in before it may still be
+/// running when `remove` returns, and `remove` says so by returning `true`. So once `remove`
+/// has returned, no invocation starts whose start is ordered after the return (the home thread
+/// learned of it through a channel, a lock, an atomic, or a BH); one already running
+/// finishes. That is what QEMU's `QemuLockCnt` gives a remover too: a callback already
+/// dispatched runs to its end. The node itself is unregistered, and its callbacks freed, by
+/// the home thread at its next iteration (never under a walker that still holds it).
+pub struct RemoteFdHandler {
+    handle: ContextHandle,
+    gate: Arc<Gate>,
+    key: HandlerKey,
+    fd: RawFd,
+    removed: bool,
+}
+
+impl RemoteFdHandler {
+    /// The handler's current key (it changes when the handler is replaced).
+    pub fn key(&self) -> HandlerKey {
+        self.key
+    }
+
+    /// The fd the handler watches.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// The handle of the handler's context.
+    pub fn context(&self) -> &ContextHandle {
+        &self.handle
+    }
+
+    /// Whether the handler may still be dispatched: false once it was removed through this
+    /// handle, or once the context's loop is gone.
+    pub fn is_registered(&self) -> bool {
+        !self.gate.is_closed() && self.handle.is_alive()
+    }
+
+    /// Loom only: turns this handler's gate off (removal then relies on the queued
+    /// unregistration alone), for the model that must catch it.
+    #[cfg(aio_loom)]
+    #[doc(hidden)]
+    pub fn loom_break_gate(&self) {
+        self.gate.break_for_loom();
+    }
+
+    /// Unregisters the handler; the same as dropping it, but returns whether one of its
+    /// callbacks was running on the home thread at the moment of removal (it may still be
+    /// running; it finishes, and no invocation starts after this call). See the type's docs.
+    pub fn remove(mut self) -> bool {
+        self.unregister()
+    }
+
+    fn unregister(&mut self) -> bool {
+        if std::mem::replace(&mut self.removed, true) {
+            return false;
+        }
+        let running = self.gate.close();
+        let key = self.key;
+        // Not waited for: the gate already stops dispatch. If the loop is gone, so is the node.
+        self.handle
+            .shared
+            .post(move |ctx| ctx.inner.remove_node(key));
+        running
+    }
+}
+
+impl Drop for RemoteFdHandler {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+impl fmt::Debug for RemoteFdHandler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RemoteFdHandler")
+            .field("fd", &self.fd)
+            .field("key", &self.key)
+            .field("removed", &self.gate.is_closed())
+            .finish()
+    }
+}
+
+/// The builder of an event notifier's handler: `read` behind both the fd path and the poll
+/// hit, with [`EventNotifier::is_set`] as the poll function (see
+/// [`AioContext::set_event_notifier`]).
+pub(crate) fn event_notifier_builder<'c>(
+    ctx: &'c AioContext,
+    notifier: &Arc<EventNotifier>,
+    read: impl FnMut(&EventNotifier) + 'static,
+) -> HandlerBuilder<'c> {
+    // One callback behind two entry points (fd readiness and a poll hit). The node never runs
+    // a callback of its own re-entrantly, but these are two callbacks: a nested iteration
+    // inside one may dispatch the other, which then finds the callback busy and leaves the
+    // notifier set for a later iteration.
+    let read = Rc::new(std::cell::RefCell::new(read));
+    let (on_fd, on_hit) = (read.clone(), read);
+    let (e_fd, e_hit, e_poll) = (notifier.clone(), notifier.clone(), notifier.clone());
+    HandlerBuilder::new(ctx, notifier.raw_fd())
+        .on_read(move |_| {
+            if let Ok(mut read) = on_fd.try_borrow_mut() {
+                read(&e_fd);
+            }
+        })
+        .on_poll(move || e_poll.is_set())
+        .on_poll_ready(move |_| {
+            if let Ok(mut read) = on_hit.try_borrow_mut() {
+                read(&e_hit);
+            }
+        })
+}
+
+/// Registers an event notifier's handler from any thread (see
+/// [`ContextHandle::set_event_notifier`]).
+pub(crate) fn register_remote_notifier(
+    handle: &ContextHandle,
+    notifier: &Arc<EventNotifier>,
+    read: impl FnMut(&EventNotifier) + Send + 'static,
+) -> io::Result<RemoteFdHandler> {
+    let gate = Arc::new(Gate::new());
+    let (g, n) = (gate.clone(), notifier.clone());
+    let key = handle.shared.run_on_home(move |ctx| {
+        event_notifier_builder(ctx, &n, read)
+            .with_gate(g)
+            .register_key()
+    })??;
+    Ok(RemoteFdHandler {
+        handle: handle.clone(),
+        gate,
+        key,
+        fd: notifier.raw_fd(),
+        removed: false,
+    })
 }

@@ -64,6 +64,7 @@ pub mod fake;
 mod fdmon;
 mod handler;
 mod polling;
+mod remote;
 mod rfifolock;
 mod sync;
 mod sys;
@@ -80,11 +81,13 @@ pub use context::{
 };
 pub use event_notifier::EventNotifier;
 pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
-pub use handler::{FdHandler, HandlerBuilder};
+pub use handler::{FdHandler, HandlerBuilder, RemoteFdHandler, RemoteHandlerBuilder};
 pub use polling::{DEFAULT_WEIGHT, MAX_POLL_NS, MAX_WEIGHT, PollParams, PollPolicy};
+pub use remote::ContextGone;
 pub use rfifolock::{RFifoLock, RFifoLockGuard};
 pub use sys::set_timer_slack;
 pub use task::{JoinError, JoinHandle};
 pub use timers::{
-    ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef, VirtualClock,
+    ClockType, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef,
+    VirtualClock,
 };

@@ -59,8 +59,11 @@ pub(crate) use imp::*;
 pub(crate) use std::sync::Arc as StdArc;
 
 /// std's lock and atomics even under loom, for process-wide statics (loom's have no `const`
-/// constructor) that no model explores: the registry of `wait_kick`.
+/// constructor) that no model explores: the registry of `wait_kick`, and a loom model's switch
+/// to a deliberately broken gate (`remote::Gate`).
 pub(crate) mod global {
+    #[cfg(aio_loom)]
+    pub(crate) use std::sync::atomic::AtomicBool;
     pub(crate) use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::{Mutex, MutexGuard, PoisonError};
 }
@@ -79,6 +82,24 @@ pub(crate) fn wait<'a, T>(condvar: &Condvar, guard: MutexGuard<'a, T>) -> MutexG
     condvar
         .wait(guard)
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Waits on `condvar` for at most `timeout` (spuriously too, as [`wait`]). Under loom, which
+/// does not model time, a plain wait: the models have no waiter that needs the timeout.
+pub(crate) fn wait_timeout<'a, T>(
+    condvar: &Condvar,
+    guard: MutexGuard<'a, T>,
+    timeout: std::time::Duration,
+) -> MutexGuard<'a, T> {
+    #[cfg(not(aio_loom))]
+    return condvar
+        .wait_timeout(guard, timeout)
+        .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+    #[cfg(aio_loom)]
+    {
+        let _ = timeout;
+        wait(condvar, guard)
+    }
 }
 
 /// std's `AtomicU64` even under loom: for a setting that no cross-thread protocol depends on

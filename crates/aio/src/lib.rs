@@ -70,9 +70,11 @@ pub use aio_core::{
     PolledHandler, Readiness, ReadyList, RunningBh, Stats,
 };
 pub use aio_core::{
-    ClockType, GroupBuilder, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef, VirtualClock,
-    set_timer_slack,
+    ClockType, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef,
+    VirtualClock, set_timer_slack,
 };
+/// Handler operations from any thread, through a [`ContextHandle`].
+pub use aio_core::{ContextGone, RemoteFdHandler, RemoteHandlerBuilder};
 pub use aio_core::{DEFAULT_WEIGHT, MAX_BATCH_LIMIT, MAX_POLL_NS, MAX_WEIGHT};
 /// Futures as QEMU's coroutines: tasks on a context and what they await.
 pub use aio_core::{JoinError, JoinHandle, task};

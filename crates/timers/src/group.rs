@@ -178,6 +178,16 @@ impl TimerListGroup {
         Timer::new(list.clone(), key, scale, attrs)
     }
 
+    /// A `Send + Sync` handle that creates timers on this group from any thread (QEMU's
+    /// `timer_new` needs no lock on the loop). It does not keep the group alive: once the group
+    /// is dropped, the timers it creates are inert (their callbacks are dropped at once, arming
+    /// them does nothing).
+    pub fn handle(&self) -> GroupHandle {
+        GroupHandle {
+            lists: self.lists.clone(),
+        }
+    }
+
     /// Time from now until the earliest deadline among the enabled clocks' timers
     /// (`Duration::ZERO` if one is already due), or `None` if no enabled clock has a timer that
     /// can ever fire: the loop may then sleep until notified (QEMU `timerlistgroup_deadline_ns`,
@@ -282,6 +292,55 @@ impl Drop for TimerListGroup {
                 "timer list group dropped with armed timers; none will run"
             );
         }
+    }
+}
+
+/// Creates timers on a [`TimerListGroup`] from any thread; made by
+/// [`TimerListGroup::handle`]. Cloning it is cheap.
+///
+/// It holds the group's lists, not the group: after the group is dropped, [`timer`](Self::timer)
+/// still returns a [`Timer`], but an inert one, and the callback is dropped before it returns.
+/// [`is_alive`](Self::is_alive) tells, though a group may go away right after it answered.
+#[derive(Clone)]
+pub struct GroupHandle {
+    lists: [Arc<TimerList>; 4],
+}
+
+impl GroupHandle {
+    /// As [`TimerListGroup::timer`], from any thread.
+    pub fn timer(
+        &self,
+        clock: ClockType,
+        scale: Scale,
+        callback: impl FnMut() + Send + 'static,
+    ) -> Timer {
+        self.timer_with_attrs(clock, scale, TimerAttrs::empty(), callback)
+    }
+
+    /// As [`TimerListGroup::timer_with_attrs`], from any thread.
+    pub fn timer_with_attrs(
+        &self,
+        clock: ClockType,
+        scale: Scale,
+        attrs: TimerAttrs,
+        callback: impl FnMut() + Send + 'static,
+    ) -> Timer {
+        let list = &self.lists[clock.index()];
+        let key = list.insert(Box::new(callback));
+        Timer::new(list.clone(), key, scale, attrs)
+    }
+
+    /// Whether the group still exists (its timers can fire).
+    pub fn is_alive(&self) -> bool {
+        self.lists[0].is_alive()
+    }
+}
+
+impl fmt::Debug for GroupHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupHandle")
+            .field("alive", &self.is_alive())
+            .finish()
     }
 }
 

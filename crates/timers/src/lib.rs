@@ -131,7 +131,7 @@ mod sync;
 mod timer;
 
 pub use clock::{ClockType, VirtualClock, host_ns, realtime_ns};
-pub use group::{GroupBuilder, TimerListGroup};
+pub use group::{GroupBuilder, GroupHandle, TimerListGroup};
 #[cfg(aio_loom)]
 #[doc(hidden)]
 pub use list::LoomVariant;

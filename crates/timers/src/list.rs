@@ -194,9 +194,22 @@ impl TimerList {
     /// # Panics
     ///
     /// If the list already holds `u32::MAX - 1` timers (about 100 GiB of them).
+    ///
+    /// On a dead list (its group was dropped; reachable through a [`GroupHandle`]) nothing is
+    /// added: the callback is dropped, after unlocking, and the key is one that no operation
+    /// of a dead list accepts, so the timer is inert.
+    ///
+    /// [`GroupHandle`]: crate::GroupHandle
     pub(crate) fn insert(&self, callback: Callback) -> Key {
         let mut st = self.state.lock();
-        debug_assert!(!st.dead, "timers are only created through a live group");
+        if st.dead {
+            drop(st);
+            drop(callback);
+            return Key {
+                slot: 0,
+                generation: 0,
+            };
+        }
         let slot = match st.free.pop() {
             Some(slot) => {
                 st.slots[slot as usize].callback = Some(callback);
@@ -425,6 +438,11 @@ impl TimerList {
         st.deferred = Vec::new();
         self.publish_head(&st);
         (armed, callbacks)
+    }
+
+    /// Whether the list's group still exists.
+    pub(crate) fn is_alive(&self) -> bool {
+        !self.state.lock().dead
     }
 
     /// `(timers, armed timers)` in the list.

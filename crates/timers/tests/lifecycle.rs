@@ -138,3 +138,50 @@ fn timers_on_a_dropped_group_do_not_notify() {
     clock.advance(std::time::Duration::from_secs(1));
     assert_eq!(notifies.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn a_group_handle_creates_timers_from_another_thread_and_inert_ones_after_the_group() {
+    let fx = Fixture::new();
+    let handle = fx.group.handle();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let r = ran.clone();
+    // Created and armed on another thread, run by the group's owner.
+    let t = {
+        let handle = handle.clone();
+        std::thread::spawn(move || {
+            let t = handle.timer(ClockType::Virtual, Scale::NS, move || {
+                r.fetch_add(1, Ordering::SeqCst);
+            });
+            t.arm_ns(5);
+            t
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!(fx.notified(), 1, "it became the head of its list");
+    assert_eq!(fx.group.armed_count(), 1);
+    fx.advance_ns(5);
+    assert!(fx.group.run_expired());
+    assert_eq!(ran.load(Ordering::SeqCst), 1);
+    assert!(handle.is_alive());
+    drop(t);
+
+    // After the group: the callback is dropped at once and the timer does nothing.
+    let Fixture { clock, group, .. } = fx;
+    drop(group);
+    assert!(!handle.is_alive());
+    let drops = Drops::default();
+    let token = drops.token();
+    let inert = handle.timer(ClockType::Virtual, Scale::NS, move || {
+        let _keep = &token;
+    });
+    assert_eq!(
+        drops.count(),
+        1,
+        "the callback of a timer on a dead group is dropped at once"
+    );
+    inert.arm_ns(1);
+    assert!(!inert.is_pending());
+    clock.advance(std::time::Duration::from_nanos(10));
+    drop(inert);
+}
