@@ -101,8 +101,8 @@ pub(super) struct Join<T> {
     /// consumer, or by the producer if its COMPLETE transition found JOIN_INTEREST clear.
     output: UnsafeCell<Option<Result<T, JoinError>>>,
     /// [TASK-5]: written by the consumer only while JOIN_WAKER and COMPLETE are both clear;
-    /// read by the producer only if its COMPLETE transition found JOIN_WAKER set; otherwise
-    /// left to the cell's drop.
+    /// leased to the producer if its COMPLETE transition found JOIN_WAKER set (it reads it,
+    /// then clears the bit, and drops it if the handle is gone); after that, the consumer's.
     waker: UnsafeCell<Option<Waker>>,
 }
 
@@ -380,7 +380,8 @@ pub(super) trait JoinPart<T> {
 }
 
 impl<F: Future + 'static> Cell<F> {
-    /// The waker of a task: the cell's `Arc`, counted; waking schedules the task's BH.
+    /// The waker of a task: the cell's pointer and one reference; waking schedules the task's
+    /// BH.
     const VTABLE: RawWakerVTable = RawWakerVTable::new(
         Self::clone_waker,
         Self::wake_waker,
@@ -413,7 +414,7 @@ impl<F: Future + 'static> Cell<F> {
     }
 
     unsafe fn wake_waker(ptr: *const ()) {
-        // SAFETY: [TASK-2], as in `clone_waker`; this waker's count is given up after.
+        // SAFETY: [TASK-2], as in `clone_waker`; this waker's reference is given up after.
         unsafe {
             Self::wake_by_ref_waker(ptr);
             Self::drop_waker(ptr);
@@ -453,7 +454,7 @@ impl<F: Future + 'static> Task for Cell<F> {
         // SAFETY: [TASK-3]: the future is never moved out of the cell, which never moves
         // (it is an `Arc`'s allocation); it is dropped in place below or by `cancel`.
         let future = unsafe { Pin::new_unchecked(future) };
-        // A waker by reference, borrowing the owner's count: nothing counted unless the future
+        // A waker by reference, borrowing the owner's reference: nothing counted unless the future
         // clones it.
         debug_assert_eq!(this, std::ptr::from_ref(self).cast::<()>());
         let raw = RawWaker::new(this, &Self::VTABLE);
