@@ -293,7 +293,7 @@ impl Conn {
             };
             input.consume(REQUEST_LEN);
             let framing = self.hs.get().framing;
-            match session::classify(&self.export, &req) {
+            match session::classify(&self.export, &self.hs.get(), &req) {
                 Action::Disconnect => {
                     self.log("NBD_CMD_DISC");
                     self.closing.set(true);
@@ -354,7 +354,7 @@ impl Conn {
     /// its reply.
     fn run_request(self: &Rc<Self>, req: Request, data: Option<Vec<u8>>) {
         let framing = self.hs.get().framing;
-        let work = session::work(self.export.clone(), req, data, framing.read_prefix());
+        let work = session::work(self.export.clone(), req, data, framing);
         let done = self.pool.submit(work);
         self.in_flight.set(self.in_flight.get() + 1);
         self.pending_bytes

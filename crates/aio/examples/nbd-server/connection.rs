@@ -605,7 +605,7 @@ impl Conn {
             self.fail("bad request magic, closing");
             return 0;
         };
-        match session::classify(&self.export, &req) {
+        match session::classify(&self.export, &self.hs, &req) {
             Action::Disconnect => {
                 self.log("NBD_CMD_DISC");
                 self.closing = true;
@@ -719,12 +719,7 @@ impl Conn {
             .expect("a connection being served is alive");
         self.in_flight += 1;
         self.pending_bytes += session::payload_bytes(&req);
-        let work = session::work(
-            self.export.clone(),
-            req,
-            data,
-            self.hs.framing.read_prefix(),
-        );
+        let work = session::work(self.export.clone(), req, data, self.hs.framing);
         self.pool
             .submit_with(work, move |r| Conn::completed(&conn, req, r));
     }

@@ -40,6 +40,7 @@ pub const OPT_SET_META_CONTEXT: u32 = 10;
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
@@ -57,7 +58,10 @@ pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const TFLAG_SEND_CACHE: u16 = 1 << 10;
+pub const TFLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 /// Command types.
 pub const CMD_READ: u16 = 0;
@@ -65,17 +69,34 @@ pub const CMD_WRITE: u16 = 1;
 pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 
 /// Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// "Don't fragment": a READ's data in one content chunk.
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+/// One extent per context in a BLOCK_STATUS reply, no longer than the request.
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+/// A WRITE_ZEROES that must fail with `ENOTSUP` unless it is faster than writing zeros.
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
 
 /// Structured reply chunk flags and types.
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;
 pub const REPLY_TYPE_NONE: u16 = 0;
 pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+
+/// The one metadata context offered (`NBD_OPT_SET_META_CONTEXT`), its id on this server, and
+/// its two status flags.
+pub const BASE_ALLOCATION: &[u8] = b"base:allocation";
+pub const BASE_ALLOCATION_ID: u32 = 1;
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
 
 /// Error numbers on the wire. NBD fixes its own values (they happen to match Linux's).
 pub const EPERM: u32 = 1;
@@ -152,20 +173,22 @@ pub fn parse_info_request(data: &[u8]) -> Option<(&[u8], Vec<u16>)> {
     Some((name, items.chunks_exact(2).map(be16).collect()))
 }
 
-/// The export name in the data of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`
-/// (an export name, then a count of queries, each a length and a string), or `None` if the
-/// lengths inside do not add up.
-pub fn parse_meta_request(data: &[u8]) -> Option<&[u8]> {
+/// The data of `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT`: the export name and
+/// the queries (an export name, then a count of queries, each a length and a string), or
+/// `None` if the lengths inside do not add up.
+pub fn parse_meta_request(data: &[u8]) -> Option<(&[u8], Vec<&[u8]>)> {
     let name_len = usize::try_from(be32(data.get(..4)?)).ok()?;
     let name = data.get(4..4usize.checked_add(name_len)?)?;
     let mut rest = &data[4 + name_len..];
     let count = be32(rest.get(..4)?);
     rest = &rest[4..];
+    let mut queries = Vec::new();
     for _ in 0..count {
         let len = usize::try_from(be32(rest.get(..4)?)).ok()?;
-        rest = rest.get(4usize.checked_add(len)?..)?;
+        queries.push(rest.get(4..4usize.checked_add(len)?)?);
+        rest = &rest[4 + len..];
     }
-    rest.is_empty().then_some(name)
+    rest.is_empty().then_some((name, queries))
 }
 
 /// A request header in the transmission phase.
@@ -268,7 +291,8 @@ fn simple_header(buf: &mut [u8], error: u32, cookie: u64) {
     buf[8..16].copy_from_slice(&cookie.to_be_bytes());
 }
 
-fn structured_header(buf: &mut [u8], flags: u16, kind: u16, cookie: u64, len: u32) {
+/// Fills in a structured reply chunk's header: `len` is the length of the payload that follows.
+pub fn structured_header(buf: &mut [u8], flags: u16, kind: u16, cookie: u64, len: u32) {
     buf[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     buf[4..6].copy_from_slice(&flags.to_be_bytes());
     buf[6..8].copy_from_slice(&kind.to_be_bytes());

@@ -9,7 +9,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::export::Export;
+use crate::export::{Export, Run};
 use crate::protocol::*;
 
 /// Requests a connection may have on the thread pool before its socket stops being read.
@@ -29,6 +29,18 @@ pub const LINGER: Duration = Duration::from_secs(10);
 pub const READ_BUDGET: usize = 1 << 20;
 /// The read buffer's size; it grows only to hold the largest option (64 KiB of data).
 pub const READ_CHUNK: usize = 64 << 10;
+/// Structured READs at least this long (without `NBD_CMD_FLAG_DF`) look for holes and send
+/// them as `OFFSET_HOLE` chunks. Shorter ones are sent whole: for a few KiB, the `lseek` that
+/// finds a hole would cost more than the zeros it saves.
+pub const SPARSE_READ_MIN: u32 = 64 << 10;
+/// At most this many chunks in a sparse READ's reply; what is left after them is read as data.
+const MAX_READ_CHUNKS: usize = 256;
+/// At most this many extents in a BLOCK_STATUS reply (qemu's limit: 1 MiB of descriptors); the
+/// client asks again from where the reply ended.
+const MAX_EXTENTS: usize = 128 << 10;
+/// The longest metadata context query looked at; longer ones (strings are at most 4 KiB) are
+/// ignored, as unknown queries are.
+const MAX_QUERY: usize = 4096;
 
 /// Whether flow control holds back further requests (and options): `in_flight` requests on the
 /// pool with `pending_bytes` of payload, and `backlog` bytes of replies not yet sent. One
@@ -53,6 +65,9 @@ pub fn payload_bytes(req: &Request) -> usize {
 pub struct Handshake {
     pub framing: Framing,
     pub no_zeroes: bool,
+    /// `base:allocation` was selected by the last `NBD_OPT_SET_META_CONTEXT`, so
+    /// `NBD_CMD_BLOCK_STATUS` is allowed.
+    pub base_allocation: bool,
 }
 
 impl Default for Handshake {
@@ -60,7 +75,14 @@ impl Default for Handshake {
         Handshake {
             framing: Framing::Simple,
             no_zeroes: false,
+            base_allocation: false,
         }
+    }
+}
+
+impl Handshake {
+    fn structured(&self) -> bool {
+        self.framing == Framing::Structured
     }
 }
 
@@ -122,7 +144,8 @@ pub fn handle_option(
                 return Opted::Fail("NBD_OPT_EXPORT_NAME for an unknown export, closing");
             }
             out.extend_from_slice(&export.size.to_be_bytes());
-            out.extend_from_slice(&export.transmission_flags().to_be_bytes());
+            let flags = export.transmission_flags(hs.structured());
+            out.extend_from_slice(&flags.to_be_bytes());
             if !hs.no_zeroes {
                 out.extend_from_slice(&[0; 124]);
             }
@@ -149,7 +172,8 @@ pub fn handle_option(
             Some((_, items)) => {
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&export.size.to_be_bytes());
-                info.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                let flags = export.transmission_flags(hs.structured());
+                info.extend_from_slice(&flags.to_be_bytes());
                 option_reply(out, option, REP_INFO, &info);
                 if items.contains(&INFO_BLOCK_SIZE) {
                     let mut info = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
@@ -172,22 +196,49 @@ pub fn handle_option(
             hs.framing = Framing::Structured;
             option_reply(out, option, REP_ACK, &[]);
         }
-        OPT_SET_META_CONTEXT if hs.framing != Framing::Structured => {
-            let msg = b"meta contexts need structured replies";
-            option_reply(out, option, REP_ERR_INVALID, msg);
-        }
-        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => match parse_meta_request(data) {
-            None => option_reply(out, option, REP_ERR_INVALID, b"malformed request"),
-            Some(name) if name != export.name.as_bytes() => {
-                option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
-            }
-            // We offer no metadata context (no block status), so whatever was asked for,
-            // the answer is the empty list.
-            Some(_) => option_reply(out, option, REP_ACK, &[]),
-        },
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => meta_context(export, hs, option, data, out),
         _ => option_reply(out, option, REP_ERR_UNSUP, b"option not supported"),
     }
     Opted::Continue
+}
+
+/// Answers `NBD_OPT_LIST_META_CONTEXT` or `NBD_OPT_SET_META_CONTEXT`. The one context offered
+/// is `base:allocation`; a query names it exactly, or (when listing) as the `base:` wildcard,
+/// and listing with no query lists everything. Other queries, of any namespace, are ignored,
+/// as the protocol asks. A SET replaces the selection even when it fails, and needs
+/// structured replies first.
+fn meta_context(export: &Export, hs: &mut Handshake, option: u32, data: &[u8], out: &mut Vec<u8>) {
+    let list = option == OPT_LIST_META_CONTEXT;
+    if !list {
+        hs.base_allocation = false;
+        if !hs.structured() {
+            let msg = b"meta contexts need structured replies";
+            return option_reply(out, option, REP_ERR_INVALID, msg);
+        }
+    }
+    let Some((name, queries)) = parse_meta_request(data) else {
+        return option_reply(out, option, REP_ERR_INVALID, b"malformed request");
+    };
+    if name != export.name.as_bytes() {
+        return option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+    }
+    if queries.iter().any(|q| q.contains(&0)) {
+        return option_reply(out, option, REP_ERR_INVALID, b"NUL in a query");
+    }
+    let selects =
+        |q: &&[u8]| q.len() <= MAX_QUERY && (*q == BASE_ALLOCATION || (list && *q == b"base:"));
+    let found = (list && queries.is_empty()) || queries.iter().any(selects);
+    if found {
+        // Listing names contexts without selecting them: their id is 0 there.
+        let id = if list { 0 } else { BASE_ALLOCATION_ID };
+        let mut reply = id.to_be_bytes().to_vec();
+        reply.extend_from_slice(BASE_ALLOCATION);
+        option_reply(out, option, REP_META_CONTEXT, &reply);
+    }
+    if !list {
+        hs.base_allocation = found;
+    }
+    option_reply(out, option, REP_ACK, &[]);
 }
 
 /// The log line of a connection entering the transmission phase.
@@ -216,12 +267,12 @@ pub enum Action {
     Run,
 }
 
-/// What to do with request `req` on `export`.
-pub fn classify(export: &Export, req: &Request) -> Action {
+/// What to do with request `req` on `export`, on a connection whose handshake settled `hs`.
+pub fn classify(export: &Export, hs: &Handshake, req: &Request) -> Action {
     if req.kind == CMD_DISC {
         return Action::Disconnect;
     }
-    if let Err(errno) = check(export, req) {
+    if let Err(errno) = check(export, hs, req) {
         let discard = if req.kind == CMD_WRITE {
             u64::from(req.length)
         } else {
@@ -235,13 +286,19 @@ pub fn classify(export: &Export, req: &Request) -> Action {
     Action::Run
 }
 
-/// Validates a request against the export; `Err` carries the NBD error to reply with.
-fn check(export: &Export, req: &Request) -> Result<(), u32> {
-    // NO_HOLE means something only to WRITE_ZEROES; the protocol asks for EINVAL elsewhere.
-    let flags = match req.kind {
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        _ => CMD_FLAG_FUA,
-    };
+/// Validates a request against the export and the handshake; `Err` carries the NBD error to
+/// reply with.
+fn check(export: &Export, hs: &Handshake, req: &Request) -> Result<(), u32> {
+    // FUA is accepted everywhere (the protocol: "valid for all commands"); each other flag
+    // only where it means something, else EINVAL (NO_HOLE on a READ, DF without structured
+    // replies).
+    let flags = CMD_FLAG_FUA
+        | match req.kind {
+            CMD_READ if hs.structured() => CMD_FLAG_DF,
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
     if req.flags & !flags != 0 {
         return Err(EINVAL);
     }
@@ -254,37 +311,40 @@ fn check(export: &Export, req: &Request) -> Result<(), u32> {
         .checked_add(u64::from(req.length))
         .is_some_and(|end| end <= export.size);
     match req.kind {
-        CMD_READ | CMD_WRITE if req.length > MAX_PAYLOAD => Err(EINVAL),
-        CMD_READ | CMD_TRIM if !in_range => Err(EINVAL),
+        CMD_READ | CMD_WRITE | CMD_CACHE if req.length > MAX_PAYLOAD => Err(EINVAL),
+        CMD_READ | CMD_TRIM | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => Err(EINVAL),
         CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err(ENOSPC),
-        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH => Ok(()),
+        // Block status needs a selected context, and a length to describe.
+        CMD_BLOCK_STATUS if !hs.base_allocation || req.length == 0 => Err(EINVAL),
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH | CMD_CACHE
+        | CMD_BLOCK_STATUS => Ok(()),
         _ => Err(EINVAL),
     }
 }
 
-/// The blocking work of a request [`classify`] admitted, for the thread pool: a READ returns
-/// its reply buffer with `prefix` bytes left in front of the data for the reply header (see
-/// [`reply`]); the others return an empty buffer. `data` is a WRITE's payload.
+/// The blocking work of a request [`classify`] admitted, for the thread pool. A READ and a
+/// BLOCK_STATUS return their whole reply, framed for `framing` (a READ's data read straight
+/// into it); the others return an empty buffer, for [`reply`] to answer with a status. `data`
+/// is a WRITE's payload.
 pub fn work(
     export: Arc<Export>,
     req: Request,
     data: Option<Vec<u8>>,
-    prefix: usize,
+    framing: Framing,
 ) -> impl FnOnce() -> io::Result<Vec<u8>> + Send + 'static {
     move || {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let done = match req.kind {
-            CMD_READ => {
-                let mut buf = vec![0u8; prefix + req.length as usize];
-                export.read_into(&mut buf, prefix, req.offset)?;
-                return Ok(buf);
-            }
+            CMD_READ => return read_reply(&export, &req, framing),
+            CMD_BLOCK_STATUS => return block_status_reply(&export, &req),
             CMD_WRITE => export.write(&data.unwrap_or_default(), req.offset, fua),
             CMD_FLUSH => export.flush(),
             CMD_TRIM => export.trim(req.offset, req.length, fua),
+            CMD_CACHE => export.cache(req.offset, req.length),
             CMD_WRITE_ZEROES => {
                 let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
-                export.write_zeroes(req.offset, req.length, no_hole, fua)
+                let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+                export.write_zeroes(req.offset, req.length, no_hole, fast, fua)
             }
             _ => unreachable!("classify() admits only these commands"),
         };
@@ -292,10 +352,99 @@ pub fn work(
     }
 }
 
+/// A READ's complete reply. With structured replies, a read of [`SPARSE_READ_MIN`] or more
+/// without `NBD_CMD_FLAG_DF` sends its holes as `OFFSET_HOLE` chunks and its data as
+/// `OFFSET_DATA` chunks, in order, the last one marked DONE (everything is read before the
+/// reply goes out, so no error can follow it); otherwise the data goes in one piece, in a
+/// simple reply or one DONE `OFFSET_DATA` chunk.
+fn read_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Vec<u8>> {
+    let len = u64::from(req.length);
+    let sparse = framing == Framing::Structured
+        && req.flags & CMD_FLAG_DF == 0
+        && req.length >= SPARSE_READ_MIN;
+    let mut runs = if sparse {
+        export.allocation(req.offset, len, MAX_READ_CHUNKS)?
+    } else {
+        Vec::new()
+    };
+    let covered: u64 = runs.iter().map(|r| r.len).sum();
+    if covered < len {
+        runs.push(Run {
+            len: len - covered,
+            hole: false,
+        });
+    }
+    if let [only] = runs[..]
+        && !only.hole
+    {
+        let prefix = framing.read_prefix();
+        let mut buf = vec![0u8; prefix + req.length as usize];
+        export.read_into(&mut buf, prefix, req.offset)?;
+        framing.write_read_prefix(&mut buf, req.cookie, req.offset, req.length);
+        return Ok(buf);
+    }
+    // Runs lie within the request, so each length fits the chunks' 32 bits.
+    let size = |r: &Run| {
+        if r.hole {
+            STRUCTURED_HEADER_LEN + 12
+        } else {
+            STRUCTURED_READ_PREFIX + r.len as usize
+        }
+    };
+    let mut buf = vec![0u8; runs.iter().map(size).sum()];
+    let (mut at, mut pos) = (0, req.offset);
+    for (i, run) in runs.iter().enumerate() {
+        let flags = if i + 1 == runs.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        let chunk = &mut buf[at..at + size(run)];
+        chunk[STRUCTURED_HEADER_LEN..STRUCTURED_READ_PREFIX].copy_from_slice(&pos.to_be_bytes());
+        if run.hole {
+            structured_header(chunk, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
+            chunk[STRUCTURED_READ_PREFIX..].copy_from_slice(&(run.len as u32).to_be_bytes());
+        } else {
+            let kind = REPLY_TYPE_OFFSET_DATA;
+            structured_header(chunk, flags, kind, req.cookie, run.len as u32 + 8);
+            export.read_into(chunk, STRUCTURED_READ_PREFIX, pos)?;
+        }
+        at += chunk.len();
+        pos += run.len;
+    }
+    Ok(buf)
+}
+
+/// A BLOCK_STATUS's complete reply: one DONE `BLOCK_STATUS` chunk for `base:allocation`, the
+/// only context, with the runs of `[offset, offset + length)` as extents (a hole reads as
+/// zeros: `HOLE | ZERO`; data: 0). `NBD_CMD_FLAG_REQ_ONE` asks for the first extent alone.
+fn block_status_reply(export: &Export, req: &Request) -> io::Result<Vec<u8>> {
+    let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    };
+    let runs = export.allocation(req.offset, u64::from(req.length), max)?;
+    let payload = 4 + 8 * runs.len();
+    let mut buf = vec![0u8; STRUCTURED_HEADER_LEN];
+    // At most MAX_EXTENTS descriptors: the length fits.
+    let kind = REPLY_TYPE_BLOCK_STATUS;
+    structured_header(&mut buf, REPLY_FLAG_DONE, kind, req.cookie, payload as u32);
+    buf.reserve(payload);
+    buf.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    for run in runs {
+        let flags = if run.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+        // Runs lie within the request, whose length is 32 bits.
+        buf.extend_from_slice(&(run.len as u32).to_be_bytes());
+        buf.extend_from_slice(&flags.to_be_bytes());
+    }
+    Ok(buf)
+}
+
 /// The complete reply to request `req` of connection `id` once the pool has run its
-/// [`work`]: a READ's buffer with its header filled in (no copy), or a status reply. A
-/// failure (of the file, or of the pool: cancelled, panicked) is the server's problem, not
-/// the client's, so it is always logged.
+/// [`work`]: the reply the work built, or a status reply. A failure (of the file, or of the
+/// pool: cancelled, panicked) is the server's problem, not the client's, so it is logged;
+/// except the `ENOTSUP` a `NBD_CMD_FLAG_FAST_ZERO` asked for.
 pub fn reply(
     framing: Framing,
     id: u64,
@@ -305,14 +454,14 @@ pub fn reply(
     let result =
         result.unwrap_or_else(|_| Err(io::Error::other("the thread pool did not run the request")));
     match result {
-        Ok(mut buf) if req.kind == CMD_READ => {
-            framing.write_read_prefix(&mut buf, req.cookie, req.offset, req.length);
-            buf
-        }
+        Ok(buf) if !buf.is_empty() => buf,
         Ok(_) => status(framing, req.cookie, 0),
         Err(e) => {
-            eprintln!("nbd-server: connection {id}: {req:?} failed: {e}");
-            status(framing, req.cookie, errno_of(&e))
+            let errno = errno_of(&e);
+            if !(errno == ENOTSUP && req.flags & CMD_FLAG_FAST_ZERO != 0) {
+                eprintln!("nbd-server: connection {id}: {req:?} failed: {e}");
+            }
+            status(framing, req.cookie, errno)
         }
     }
 }
