@@ -77,6 +77,7 @@ pub mod rep {
     pub const ACK: u32 = 1;
     pub const SERVER: u32 = 2;
     pub const INFO: u32 = 3;
+    pub const META_CONTEXT: u32 = 4;
     pub const ERR_BIT: u32 = 1 << 31;
     pub const ERR_UNSUP: u32 = ERR_BIT + 1;
     pub const ERR_POLICY: u32 = ERR_BIT + 2;
@@ -99,6 +100,9 @@ pub mod tx_flag {
     pub const SEND_FUA: u16 = 1 << 3;
     pub const SEND_TRIM: u16 = 1 << 5;
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    pub const SEND_DF: u16 = 1 << 7;
+    pub const SEND_CACHE: u16 = 1 << 10;
+    pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
 
 /// Command types.
@@ -108,13 +112,18 @@ pub mod cmd {
     pub const DISC: u16 = 2;
     pub const FLUSH: u16 = 3;
     pub const TRIM: u16 = 4;
+    pub const CACHE: u16 = 5;
     pub const WRITE_ZEROES: u16 = 6;
+    pub const BLOCK_STATUS: u16 = 7;
 }
 
 /// Command flags.
 pub mod cmd_flag {
     pub const FUA: u16 = 1 << 0;
     pub const NO_HOLE: u16 = 1 << 1;
+    pub const DF: u16 = 1 << 2;
+    pub const REQ_ONE: u16 = 1 << 3;
+    pub const FAST_ZERO: u16 = 1 << 4;
 }
 
 /// Structured reply chunk flags and types.
@@ -123,9 +132,19 @@ pub mod chunk {
     pub const NONE: u16 = 0;
     pub const OFFSET_DATA: u16 = 1;
     pub const OFFSET_HOLE: u16 = 2;
+    pub const BLOCK_STATUS: u16 = 5;
     pub const ERROR: u16 = 32769;
     pub const ERROR_OFFSET: u16 = 32770;
 }
+
+/// The status flags of the `base:allocation` metadata context.
+pub mod state {
+    pub const HOLE: u32 = 1 << 0;
+    pub const ZERO: u32 = 1 << 1;
+}
+
+/// The one metadata context the spec defines.
+pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// NBD error values (the spec makes them equal to Linux's errno values).
 pub mod errno {
@@ -286,6 +305,65 @@ pub fn decode_server_reply(data: &[u8]) -> io::Result<String> {
         .get(4..4 + len)
         .ok_or_else(|| invalid("NBD_REP_SERVER name runs past the reply"))?;
     String::from_utf8(name.to_vec()).map_err(|_| invalid("NBD_REP_SERVER name is not UTF-8"))
+}
+
+/// The data of `NBD_OPT_LIST_META_CONTEXT`/`NBD_OPT_SET_META_CONTEXT`: name length, name,
+/// number of queries, then each query as length and string.
+pub fn encode_meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        out.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        out.extend_from_slice(q.as_bytes());
+    }
+    out
+}
+
+/// Decodes an `NBD_REP_META_CONTEXT` payload: the context id, then its name (UTF-8, the rest).
+pub fn decode_meta_context(data: &[u8]) -> io::Result<(u32, String)> {
+    if data.len() < 5 {
+        return Err(invalid(format!(
+            "NBD_REP_META_CONTEXT of {} bytes: no id and name",
+            data.len()
+        )));
+    }
+    let name = String::from_utf8(data[4..].to_vec())
+        .map_err(|_| invalid("NBD_REP_META_CONTEXT name is not UTF-8"))?;
+    Ok((be_u32(data, 0), name))
+}
+
+/// One block status descriptor: `len` bytes with status `flags` (for `base:allocation`, the
+/// [`state`] bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u32,
+    pub flags: u32,
+}
+
+/// Decodes an `NBD_REPLY_TYPE_BLOCK_STATUS` payload: the context id and at least one
+/// descriptor, each of nonzero length.
+pub fn decode_block_status(payload: &[u8]) -> io::Result<(u32, Vec<Extent>)> {
+    if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+        return Err(invalid(format!(
+            "BLOCK_STATUS chunk of {} bytes (must be 4 + 8n, n >= 1)",
+            payload.len()
+        )));
+    }
+    let extents: Vec<Extent> = payload[4..]
+        .chunks_exact(8)
+        .map(|d| Extent {
+            len: be_u32(d, 0),
+            flags: be_u32(d, 4),
+        })
+        .collect();
+    if extents.iter().any(|e| e.len == 0) {
+        return Err(invalid(format!(
+            "BLOCK_STATUS extent of length 0: {extents:?}"
+        )));
+    }
+    Ok((be_u32(payload, 0), extents))
 }
 
 /// A transmission request header, with every field free so tests can send bad ones.
@@ -709,6 +787,7 @@ pub struct Handshake {
     structured: bool,
     export_name_option: bool,
     request_block_size: bool,
+    meta_queries: Vec<String>,
 }
 
 impl Handshake {
@@ -718,7 +797,17 @@ impl Handshake {
             structured: false,
             export_name_option: false,
             request_block_size: true,
+            meta_queries: Vec::new(),
         }
+    }
+
+    /// Negotiates structured replies, then selects metadata contexts with
+    /// `NBD_OPT_SET_META_CONTEXT` and these queries (the contexts the server selects are
+    /// [`Client::contexts`]).
+    pub fn meta_contexts(mut self, queries: &[&str]) -> Handshake {
+        self.structured = true;
+        self.meta_queries = queries.iter().map(|q| q.to_string()).collect();
+        self
     }
 
     /// Negotiates structured replies (`NBD_OPT_STRUCTURED_REPLY`) before entering transmission.
@@ -775,6 +864,11 @@ impl Handshake {
                 return Err(option_error("NBD_OPT_STRUCTURED_REPLY", &reply));
             }
         }
+        let mut contexts = Vec::new();
+        if !self.meta_queries.is_empty() {
+            let queries: Vec<&str> = self.meta_queries.iter().map(String::as_str).collect();
+            contexts = set_meta_context(&mut conn, &self.name, &queries)?;
+        }
 
         let (size, flags, block_size) = if self.export_name_option {
             conn.send_option(opt::EXPORT_NAME, self.name.as_bytes())?;
@@ -802,6 +896,7 @@ impl Handshake {
             flags,
             block_size,
             structured: self.structured,
+            contexts,
             next_cookie: FIRST_COOKIE,
             pending: HashMap::new(),
         })
@@ -851,6 +946,41 @@ pub fn go_or_info(
     }
 }
 
+/// Sends `NBD_OPT_SET_META_CONTEXT` with `queries` for export `name` and reads the contexts
+/// selected up to the final `ACK`: each must be one asked for, by name, under an id of its own.
+pub fn set_meta_context(
+    conn: &mut Conn,
+    name: &str,
+    queries: &[&str],
+) -> io::Result<Vec<(u32, String)>> {
+    let option = opt::SET_META_CONTEXT;
+    conn.send_option(option, &encode_meta_request(name, queries))?;
+    let mut contexts: Vec<(u32, String)> = Vec::new();
+    loop {
+        let reply = conn.read_option_reply()?;
+        if reply.option != option {
+            return Err(invalid(format!(
+                "reply to option {option} names option {}",
+                reply.option
+            )));
+        }
+        match reply.kind {
+            rep::META_CONTEXT => {
+                let (id, context) = decode_meta_context(&reply.data)?;
+                if !queries.contains(&context.as_str()) {
+                    return Err(invalid(format!("context {context:?} was not asked for")));
+                }
+                if contexts.iter().any(|(i, c)| *i == id || *c == context) {
+                    return Err(invalid(format!("context {context:?} (id {id}) twice")));
+                }
+                contexts.push((id, context));
+            }
+            rep::ACK if reply.data.is_empty() => return Ok(contexts),
+            _ => return Err(option_error("NBD_OPT_SET_META_CONTEXT", &reply)),
+        }
+    }
+}
+
 /// Turns an unexpected option reply into an error naming it; error replies keep their type in
 /// the message so tests can print it.
 fn option_error(what: &str, reply: &OptionReply) -> io::Error {
@@ -879,14 +1009,27 @@ const COOKIE_STEP: u64 = 0x9e37_79b9_7f4a_7c15;
 #[derive(Debug)]
 struct Pending {
     kind: u16,
+    flags: u16,
     offset: u64,
     len: u32,
     /// The data of a read, filled as chunks arrive.
     data: Vec<u8>,
     /// The byte ranges (relative to `offset`) that structured read chunks have covered.
     covered: Vec<(u64, u64)>,
+    /// A structured read's content chunks, in the order they came.
+    chunks: Vec<Content>,
+    /// A block status's descriptors, per context id.
+    extents: Vec<(u32, Vec<Extent>)>,
     /// The first error reported for this request.
     error: Option<u32>,
+}
+
+/// One content chunk of a structured read: `len` bytes at `offset`, data or a hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Content {
+    pub offset: u64,
+    pub len: u64,
+    pub hole: bool,
 }
 
 /// The answer to one request.
@@ -895,6 +1038,10 @@ pub struct Reply {
     pub cookie: u64,
     /// The data of a read (empty for other commands), or the NBD error.
     pub result: io::Result<Vec<u8>>,
+    /// A structured read's content chunks, in the order they came (empty otherwise).
+    pub chunks: Vec<Content>,
+    /// A block status's descriptors, per context id, in the order they came.
+    pub extents: Vec<(u32, Vec<Extent>)>,
 }
 
 /// A connected client in the transmission phase.
@@ -905,6 +1052,8 @@ pub struct Client {
     flags: u16,
     block_size: Option<BlockSize>,
     structured: bool,
+    /// The metadata contexts selected in the handshake: (id, name).
+    contexts: Vec<(u32, String)>,
     next_cookie: u64,
     pending: HashMap<u64, Pending>,
 }
@@ -936,6 +1085,11 @@ impl Client {
         self.structured
     }
 
+    /// The metadata contexts selected in the handshake, as (id, name).
+    pub fn contexts(&self) -> &[(u32, String)] {
+        &self.contexts
+    }
+
     /// The raw connection, for tests that send something the high-level API would not.
     pub fn conn(&mut self) -> &mut Conn {
         &mut self.conn
@@ -954,10 +1108,13 @@ impl Client {
             cookie,
             Pending {
                 kind,
+                flags,
                 offset,
                 len,
                 data,
                 covered: Vec::new(),
+                chunks: Vec::new(),
+                extents: Vec::new(),
                 error: None,
             },
         );
@@ -1043,7 +1200,12 @@ impl Client {
                     } else {
                         Err(nbd_error(error))
                     };
-                    return Ok(Reply { cookie, result });
+                    return Ok(Reply {
+                        cookie,
+                        result,
+                        chunks: Vec::new(),
+                        extents: Vec::new(),
+                    });
                 }
                 RawReply::Chunk(c) => {
                     if !self.structured {
@@ -1101,12 +1263,59 @@ impl Client {
                         "chunk [{at}, +{len}) overlaps an earlier one"
                     )));
                 }
+                if len == 0 {
+                    return Err(invalid(format!("content chunk of no bytes: {c:?}")));
+                }
+                if p.flags & cmd_flag::DF != 0 && !p.chunks.is_empty() {
+                    return Err(invalid(format!(
+                        "a second content chunk for a read with DF: {c:?}"
+                    )));
+                }
                 p.covered.push((start, start + len));
+                p.chunks.push(Content {
+                    offset: at,
+                    len,
+                    hole: bytes.is_none(),
+                });
                 let dst = &mut p.data[start as usize..(start + len) as usize];
                 match bytes {
                     Some(b) => dst.copy_from_slice(b),
                     None => dst.fill(0),
                 }
+            }
+            chunk::BLOCK_STATUS => {
+                if p.kind != cmd::BLOCK_STATUS {
+                    return Err(invalid(format!(
+                        "block status chunk for command {}",
+                        p.kind
+                    )));
+                }
+                let (id, extents) = decode_block_status(&c.payload)?;
+                if !self.contexts.iter().any(|(i, _)| *i == id) {
+                    return Err(invalid(format!(
+                        "block status for context id {id}, not selected"
+                    )));
+                }
+                if p.extents.iter().any(|(i, _)| *i == id) {
+                    return Err(invalid(format!(
+                        "two block status chunks for context id {id}"
+                    )));
+                }
+                let (len, n) = (u64::from(p.len), extents.len());
+                let before_last: u64 = extents[..n - 1].iter().map(|e| u64::from(e.len)).sum();
+                if p.flags & cmd_flag::REQ_ONE != 0 {
+                    if n != 1 || u64::from(extents[0].len) > len {
+                        return Err(invalid(format!(
+                            "REQ_ONE block status of {len} bytes answered with {extents:?}"
+                        )));
+                    }
+                } else if before_last >= len {
+                    return Err(invalid(format!(
+                        "block status of {len} bytes: extents past the range before the last: \
+                         {extents:?}"
+                    )));
+                }
+                p.extents.push((id, extents));
             }
             chunk::ERROR | chunk::ERROR_OFFSET => {
                 let e = decode_error_chunk(&c.payload, c.kind == chunk::ERROR_OFFSET)?;
@@ -1125,6 +1334,8 @@ impl Client {
             return Ok(Some(Reply {
                 cookie: c.cookie,
                 result: Err(nbd_error(errno)),
+                chunks: p.chunks,
+                extents: p.extents,
             }));
         }
         if p.kind == cmd::READ {
@@ -1136,9 +1347,18 @@ impl Client {
                 )));
             }
         }
+        if p.kind == cmd::BLOCK_STATUS && p.extents.len() != self.contexts.len() {
+            return Err(invalid(format!(
+                "block status finished with {} chunks for {} contexts",
+                p.extents.len(),
+                self.contexts.len()
+            )));
+        }
         Ok(Some(Reply {
             cookie: c.cookie,
             result: Ok(p.data),
+            chunks: p.chunks,
+            extents: p.extents,
         }))
     }
 
@@ -1152,6 +1372,18 @@ impl Client {
         len: u32,
         payload: &[u8],
     ) -> io::Result<Vec<u8>> {
+        self.call_reply(kind, flags, offset, len, payload)?.result
+    }
+
+    /// As [`call`](Self::call), with the whole answer (a read's chunks, the extents).
+    pub fn call_reply(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<Reply> {
         let cookie = self.send_command(kind, flags, offset, len, payload)?;
         let reply = self.receive()?;
         if reply.cookie != cookie {
@@ -1160,7 +1392,38 @@ impl Client {
                 reply.cookie
             )));
         }
-        reply.result
+        Ok(reply)
+    }
+
+    /// A read with `flags`, returning its data and (with structured replies) the content
+    /// chunks it came in.
+    pub fn read_chunks(
+        &mut self,
+        offset: u64,
+        len: u32,
+        flags: u16,
+    ) -> io::Result<(Vec<u8>, Vec<Content>)> {
+        let reply = self.call_reply(cmd::READ, flags, offset, len, &[])?;
+        Ok((reply.result?, reply.chunks))
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS` with `flags`, for a client that selected exactly one context:
+    /// its descriptors.
+    pub fn block_status(&mut self, offset: u64, len: u32, flags: u16) -> io::Result<Vec<Extent>> {
+        if self.contexts.len() != 1 {
+            return Err(invalid(format!(
+                "{} contexts selected, not 1",
+                self.contexts.len()
+            )));
+        }
+        let reply = self.call_reply(cmd::BLOCK_STATUS, flags, offset, len, &[])?;
+        reply.result?;
+        Ok(reply
+            .extents
+            .into_iter()
+            .next()
+            .map(|(_, e)| e)
+            .unwrap_or_default())
     }
 
     pub fn read(&mut self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
