@@ -6,9 +6,11 @@
 //! (each followed by a check that the server still serves a new client); isolation from stuck
 //! clients; fd and memory leaks over 1 000 connections; several I/O contexts; shutdown on
 //! SIGTERM/SIGINT with requests in flight; the operator options (`--help`, `--shared`, `--persistent`,
-//! `--pid-file`, socket activation, `--idle-timeout`, the polling options); and interoperability with QEMU's own NBD
-//! client (`qemu-io`, `qemu-img`) and libnbd (its Python bindings), skipped with a printed reason when they
-//! are not installed.
+//! `--pid-file`, socket activation, `--idle-timeout`, the polling options); qemu-nbd 10's protocol
+//! (meta contexts and block status, hole chunks and DF, CACHE, FAST_ZERO, a loop device as the
+//! export); and interoperability with QEMU's own NBD client (`qemu-io`, `qemu-img`) and libnbd
+//! (its Python bindings, nbdinfo, nbdcopy), skipped with a printed reason when they are not
+//! installed.
 //!
 //! Every test starts its own server on its own image in its own temp dir, so the tests run in
 //! parallel. Set `NBD_TEST_SERVER=qemu-nbd` to run the suite against `qemu-nbd` instead, which

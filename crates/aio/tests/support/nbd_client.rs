@@ -1,5 +1,6 @@
 //! A small NBD client for the nbd-server tests, written from the NBD protocol specification
-//! (fixed newstyle handshake, simple and structured replies) with its own constants.
+//! (fixed newstyle handshake, simple and structured replies, metadata contexts and block
+//! status) with its own constants.
 //!
 //! It deliberately shares nothing with the server under test: an independent reading of the spec
 //! is what catches the server's mistakes. Two layers:
@@ -345,7 +346,7 @@ pub struct Extent {
 /// Decodes an `NBD_REPLY_TYPE_BLOCK_STATUS` payload: the context id and at least one
 /// descriptor, each of nonzero length.
 pub fn decode_block_status(payload: &[u8]) -> io::Result<(u32, Vec<Extent>)> {
-    if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+    if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
         return Err(invalid(format!(
             "BLOCK_STATUS chunk of {} bytes (must be 4 + 8n, n >= 1)",
             payload.len()
