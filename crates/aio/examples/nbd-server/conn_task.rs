@@ -35,6 +35,7 @@ use aio::task::{AsyncFd, CoMutex};
 use aio::{AioContext, JoinHandle, ThreadPool};
 
 use crate::ClientSlot;
+use crate::buffers::BufPool;
 use crate::connection::{Served, Settings, Shard, Socket};
 use crate::export::Export;
 use crate::protocol::*;
@@ -68,6 +69,7 @@ pub fn start(
         ctx: ctx.clone(),
         export,
         pool: ThreadPool::of(ctx),
+        bufs: BufPool::of(ctx),
         shard: shard.clone(),
         verbose: settings.verbose,
         idle_timeout: settings.idle_timeout,
@@ -115,6 +117,9 @@ pub struct Conn {
     ctx: AioContext,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
+    /// The context's buffer pool: read replies and write payloads come from it, and go back
+    /// once sent.
+    bufs: Rc<BufPool>,
     /// The context's shard, which holds this connection until it has closed.
     shard: Rc<Shard>,
     verbose: bool,
@@ -354,7 +359,8 @@ impl Conn {
     /// its reply.
     fn run_request(self: &Rc<Self>, req: Request, data: Option<Vec<u8>>) {
         let framing = self.hs.get().framing;
-        let work = session::work(self.export.clone(), req, data, framing);
+        let buf = data.unwrap_or_else(|| self.bufs.take(session::buffer_len(framing, &req)));
+        let work = session::work(self.export.clone(), req, buf, framing);
         let done = self.pool.submit(work);
         self.in_flight.set(self.in_flight.get() + 1);
         self.pending_bytes
@@ -370,6 +376,7 @@ impl Conn {
             if !me.closed.get() {
                 let reply = session::reply(framing, me.id, &req, result);
                 me.send(&reply).await;
+                me.bufs.give(reply);
             }
             me.settled();
         };
@@ -627,7 +634,7 @@ impl Input {
     /// Reads a write's `len`-byte payload: what is buffered, then the rest straight from the
     /// socket into the request's own buffer, which grows only as the bytes arrive.
     async fn payload(&mut self, conn: &Conn, len: usize) -> io::Result<(Got, Vec<u8>)> {
-        let mut data = Vec::with_capacity(len);
+        let mut data = conn.bufs.take_empty(len);
         let buffered = self.have().len().min(len);
         data.extend_from_slice(&self.have()[..buffered]);
         self.consume(buffered);

@@ -15,8 +15,10 @@ use crate::protocol::*;
 /// Requests a connection may have on the thread pool before its socket stops being read.
 pub const MAX_IN_FLIGHT: usize = 128;
 /// Bytes of read and write payload in flight plus replies not yet sent, above which the
-/// socket stops being read. One request of up to [`MAX_PAYLOAD`] is always admitted.
-pub const MAX_PENDING_BYTES: usize = 64 << 20;
+/// socket stops being read. One request of up to [`MAX_PAYLOAD`] is always admitted. As much
+/// as nbdcopy keeps in flight per connection (64 requests of 256 KiB), so it bounds memory
+/// without slowing bulk copies.
+pub const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Replies waiting to be sent, above which no further request or option is acted on.
 pub const MAX_BACKLOG: usize = 16 << 20;
 /// How long a client may take from connecting to entering the transmission phase.
@@ -322,22 +324,39 @@ fn check(export: &Export, hs: &Handshake, req: &Request) -> Result<(), u32> {
     }
 }
 
+/// The buffer a request takes to the thread pool (see [`work`]): a READ's reply buffer, of
+/// [`Framing::read_prefix`] plus the read's length, from the context's buffer pool; a WRITE's
+/// payload; nothing for the rest.
+pub fn buffer_len(framing: Framing, req: &Request) -> usize {
+    if req.kind == CMD_READ {
+        framing.read_prefix() + req.length as usize
+    } else {
+        0
+    }
+}
+
 /// The blocking work of a request [`classify`] admitted, for the thread pool. A READ and a
 /// BLOCK_STATUS return their whole reply, framed for `framing` (a READ's data read straight
-/// into it); the others return an empty buffer, for [`reply`] to answer with a status. `data`
-/// is a WRITE's payload.
+/// into `buf`, its reply buffer); a WRITE returns its status reply, written into `buf`, its
+/// payload, once that is on disk (so the buffer goes back to the pool with the reply); the
+/// others return an empty buffer, for [`reply`] to answer with a status.
 pub fn work(
     export: Arc<Export>,
     req: Request,
-    data: Option<Vec<u8>>,
+    mut buf: Vec<u8>,
     framing: Framing,
 ) -> impl FnOnce() -> io::Result<Vec<u8>> + Send + 'static {
     move || {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let done = match req.kind {
-            CMD_READ => return read_reply(&export, &req, framing),
+            CMD_READ => return read_reply(&export, &req, framing, buf),
             CMD_BLOCK_STATUS => return block_status_reply(&export, &req),
-            CMD_WRITE => export.write(&data.unwrap_or_default(), req.offset, fua),
+            CMD_WRITE => {
+                export.write(&buf, req.offset, fua)?;
+                buf.clear();
+                framing.status_reply(&mut buf, req.cookie, 0);
+                return Ok(buf);
+            }
             CMD_FLUSH => export.flush(),
             CMD_TRIM => export.trim(req.offset, req.length, fua),
             CMD_CACHE => export.cache(req.offset, req.length),
@@ -357,7 +376,12 @@ pub fn work(
 /// `OFFSET_DATA` chunks, in order, the last one marked DONE (everything is read before the
 /// reply goes out, so no error can follow it); otherwise the data goes in one piece, in a
 /// simple reply or one DONE `OFFSET_DATA` chunk.
-fn read_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Vec<u8>> {
+fn read_reply(
+    export: &Export,
+    req: &Request,
+    framing: Framing,
+    mut buf: Vec<u8>,
+) -> io::Result<Vec<u8>> {
     let len = u64::from(req.length);
     let sparse = framing == Framing::Structured
         && req.flags & CMD_FLAG_DF == 0
@@ -378,7 +402,7 @@ fn read_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Ve
         && !only.hole
     {
         let prefix = framing.read_prefix();
-        let mut buf = vec![0u8; prefix + req.length as usize];
+        fit(&mut buf, prefix + req.length as usize);
         export.read_into(&mut buf, prefix, req.offset)?;
         framing.write_read_prefix(&mut buf, req.cookie, req.offset, req.length);
         return Ok(buf);
@@ -391,7 +415,7 @@ fn read_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Ve
             STRUCTURED_READ_PREFIX + r.len as usize
         }
     };
-    let mut buf = vec![0u8; runs.iter().map(size).sum()];
+    fit(&mut buf, runs.iter().map(size).sum());
     let (mut at, mut pos) = (0, req.offset);
     for (i, run) in runs.iter().enumerate() {
         let flags = if i + 1 == runs.len() {
@@ -413,6 +437,15 @@ fn read_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Ve
         pos += run.len;
     }
     Ok(buf)
+}
+
+/// Makes `buf` exactly `len` bytes long, zeroing only what it did not hold before.
+fn fit(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() >= len {
+        buf.truncate(len);
+    } else {
+        buf.resize(len, 0);
+    }
 }
 
 /// A BLOCK_STATUS's complete reply: one DONE `BLOCK_STATUS` chunk for `base:allocation`, the
