@@ -288,16 +288,17 @@ impl Conn {
             // (An aborted connection is `closing` too.)
             self.wait_reader(|| !self.is_full() || self.closing.get())
                 .await;
-            if self.closing.get() || !self.got(input.fill(self, REQUEST_LEN).await?, input) {
+            let framing = self.hs.get().framing;
+            let hdr = framing.request_len();
+            if self.closing.get() || !self.got(input.fill(self, hdr).await?, input) {
                 return Ok(());
             }
-            let Some(req) = parse_request(input.have()) else {
+            let Some(req) = parse_request(input.have(), framing) else {
                 // Out of step or not NBD at all: nothing after this can be trusted.
                 self.fail("bad request magic, closing");
                 return Ok(());
             };
-            input.consume(REQUEST_LEN);
-            let framing = self.hs.get().framing;
+            input.consume(hdr);
             match session::classify(&self.export, &self.hs.get(), &req) {
                 Action::Disconnect => {
                     self.log("NBD_CMD_DISC");
@@ -309,15 +310,17 @@ impl Conn {
                     if !self.got(input.discard(self, discard).await?, input) {
                         return Ok(());
                     }
-                    self.reply_later(session::status(framing, req.cookie, errno));
+                    self.reply_later(session::status(framing, &req, errno));
                 }
                 Action::Empty => {
                     self.shard.requests.set(self.shard.requests.get() + 1);
-                    self.reply_later(session::status(framing, req.cookie, 0));
+                    self.reply_later(session::status(framing, &req, 0));
                 }
                 Action::Run => {
-                    let data = if req.kind == CMD_WRITE {
-                        let (got, data) = input.payload(self, req.length as usize).await?;
+                    let data = if req.payload_len > 0 {
+                        // A WRITE: its payload is at most MAX_PAYLOAD.
+                        let len = req.payload_len as usize;
+                        let (got, data) = input.payload(self, len).await?;
                         if !self.got(got, input) {
                             return Ok(());
                         }

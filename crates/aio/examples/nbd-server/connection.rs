@@ -428,7 +428,7 @@ impl Conn {
         if let (Some(sock), Some((req, data))) = (&self.sock, &mut self.payload) {
             let filled = data.len();
             // Zero only what this read may fill: the pages are touched as data arrives.
-            let room = (req.length as usize - filled).min(READ_BUDGET);
+            let room = (req.payload_len as usize - filled).min(READ_BUDGET);
             data.resize(filled + room, 0);
             let result = sock.read(&mut data[filled..]);
             data.truncate(filled + *result.as_ref().unwrap_or(&0));
@@ -444,7 +444,7 @@ impl Conn {
     /// is now whole goes to the pool, and complete messages in the read buffer are handled.
     fn received(&mut self, n: usize) {
         match &self.payload {
-            Some((req, data)) if data.len() == req.length as usize => {
+            Some((req, data)) if data.len() as u64 == req.payload_len => {
                 let (req, data) = self.payload.take().expect("matched above");
                 self.submit(req, Some(data));
             }
@@ -503,7 +503,7 @@ impl Conn {
             },
             Phase::Options => OPTION_HEADER_LEN,
             // A write's payload goes to its own buffer (`payload`), never here.
-            Phase::Transmission => REQUEST_LEN,
+            Phase::Transmission => self.hs.framing.request_len(),
         };
         total.saturating_sub(have)
     }
@@ -532,7 +532,7 @@ impl Conn {
             let done = match self.phase {
                 Phase::ClientFlags => self.client_flags(),
                 Phase::Options => self.option(),
-                Phase::Transmission if have < REQUEST_LEN => 0,
+                Phase::Transmission if have < self.hs.framing.request_len() => 0,
                 Phase::Transmission => self.request(),
             };
             if done == 0 {
@@ -623,8 +623,10 @@ impl Conn {
     /// Handles one request whose header is complete; returns the bytes consumed (0: a write
     /// whose payload is not complete yet, or a bad header that closed the connection).
     fn request(&mut self) -> usize {
+        let framing = self.hs.framing;
+        let hdr = framing.request_len();
         let head = &self.inbuf[self.in_start..self.in_end];
-        let Some(req) = parse_request(head) else {
+        let Some(req) = parse_request(head, framing) else {
             // Out of step or not NBD at all: nothing after this can be trusted.
             self.fail("bad request magic, closing");
             return 0;
@@ -638,36 +640,38 @@ impl Conn {
                 if let Some(timer) = &self.timer {
                     timer.arm_after(LINGER);
                 }
-                REQUEST_LEN
+                hdr
             }
             Action::Refuse { errno, discard } => {
-                let reply = session::status(self.hs.framing, req.cookie, errno);
+                let reply = session::status(framing, &req, errno);
                 self.discard_then(discard, reply, false);
-                REQUEST_LEN
+                hdr
             }
             Action::Empty => {
-                self.send(session::status(self.hs.framing, req.cookie, 0));
+                self.send(session::status(framing, &req, 0));
                 self.shard.requests.set(self.shard.requests.get() + 1);
-                REQUEST_LEN
+                hdr
             }
-            Action::Run if req.kind != CMD_WRITE => {
+            Action::Run if req.payload_len == 0 => {
                 self.submit(req, None);
-                REQUEST_LEN
+                hdr
             }
             Action::Run => {
-                let total = REQUEST_LEN + req.length as usize;
+                // A WRITE: its payload is at most MAX_PAYLOAD.
+                let len = req.payload_len as usize;
+                let total = hdr + len;
                 if head.len() >= total {
                     // The whole payload came with the header (small writes): one copy, into
                     // the buffer the pool's pwrite takes.
-                    let mut data = self.bufs.take_empty(req.length as usize);
-                    data.extend_from_slice(&head[REQUEST_LEN..total]);
+                    let mut data = self.bufs.take_empty(len);
+                    data.extend_from_slice(&head[hdr..total]);
                     self.submit(req, Some(data));
                     return total;
                 }
                 // The rest of the payload is read straight into the request's buffer, a
                 // reused one, or a new one whose pages are touched only as the bytes arrive.
-                let mut data = self.bufs.take_empty(req.length as usize);
-                data.extend_from_slice(&head[REQUEST_LEN..]);
+                let mut data = self.bufs.take_empty(len);
+                data.extend_from_slice(&head[hdr..]);
                 self.payload = Some((req, data));
                 head.len()
             }

@@ -105,7 +105,7 @@ impl Export {
     /// Discards a range (NBD_CMD_TRIM): punches a hole, which reads back as zeros. A file
     /// system without hole punching makes TRIM a no-op, which the protocol allows (a trim is
     /// advisory).
-    pub fn trim(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -126,7 +126,7 @@ impl Export {
     pub fn write_zeroes(
         &self,
         offset: u64,
-        len: u32,
+        len: u64,
         no_hole: bool,
         fast: bool,
         fua: bool,
@@ -160,18 +160,16 @@ impl Export {
 
     /// Asks the kernel to read a range ahead into its page cache (NBD_CMD_CACHE), without
     /// waiting for it.
-    pub fn cache(&self, offset: u64, len: u32) -> io::Result<()> {
+    pub fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             // posix_fadvise would take a length of 0 as "to the end of the file".
             return Ok(());
         }
-        let off = Self::off(offset)?;
+        let (off, len) = (Self::off(offset)?, Self::off(len)?);
         let fd = self.file.as_raw_fd();
         // SAFETY: [EXAMPLE-FD] posix_fadvise only reads its integer arguments and `fd`,
         // which `self.file` keeps open for the duration of the call.
-        let r = unsafe {
-            libc::posix_fadvise(fd, off, libc::off_t::from(len), libc::POSIX_FADV_WILLNEED)
-        };
+        let r = unsafe { libc::posix_fadvise(fd, off, len, libc::POSIX_FADV_WILLNEED) };
         if r == 0 {
             Ok(())
         } else {
@@ -253,9 +251,9 @@ impl Export {
         libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
     }
 
-    fn write_zeros_slowly(&self, mut offset: u64, len: u32) -> io::Result<()> {
-        let zeros = vec![0u8; (len as usize).min(1 << 20)];
-        let end = offset + u64::from(len);
+    fn write_zeros_slowly(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let end = offset + len;
         while offset < end {
             let n = zeros.len().min((end - offset) as usize);
             self.file.write_all_at(&zeros[..n], offset)?;
@@ -264,11 +262,11 @@ impl Export {
         Ok(())
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u32) -> io::Result<()> {
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
-        let (off, len) = (Self::off(offset)?, libc::off_t::from(len));
+        let (off, len) = (Self::off(offset)?, Self::off(len)?);
         let fd = self.file.as_raw_fd();
         // SAFETY: [EXAMPLE-FD] fallocate only reads its integer arguments and `fd`, which
         // `self.file` keeps open for the duration of the call.

@@ -53,7 +53,8 @@ pub fn is_full(in_flight: usize, pending_bytes: usize, backlog: usize) -> bool {
         || (in_flight > 0 && pending_bytes + backlog >= MAX_PENDING_BYTES)
 }
 
-/// The payload bytes a request holds while it is in flight (its data, either way).
+/// The payload bytes a request holds while it is in flight (its data, either way), once
+/// [`classify`] admitted it (so at most [`MAX_PAYLOAD`]).
 pub fn payload_bytes(req: &Request) -> usize {
     if matches!(req.kind, CMD_READ | CMD_WRITE) {
         req.length as usize
@@ -84,7 +85,7 @@ impl Default for Handshake {
 
 impl Handshake {
     fn structured(&self) -> bool {
-        self.framing == Framing::Structured
+        self.framing.chunked()
     }
 }
 
@@ -190,12 +191,20 @@ pub fn handle_option(
                 }
             }
         },
-        OPT_STRUCTURED_REPLY if !data.is_empty() => {
-            let msg = b"NBD_OPT_STRUCTURED_REPLY takes no data";
-            option_reply(out, option, REP_ERR_INVALID, msg);
+        OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS if !data.is_empty() => {
+            option_reply(out, option, REP_ERR_INVALID, b"the option takes no data");
+        }
+        // Extended headers take precedence: no going back to compact ones.
+        OPT_STRUCTURED_REPLY if hs.framing == Framing::Extended => {
+            let msg = b"extended headers are already negotiated";
+            option_reply(out, option, REP_ERR_EXT_HEADER_REQD, msg);
         }
         OPT_STRUCTURED_REPLY => {
             hs.framing = Framing::Structured;
+            option_reply(out, option, REP_ACK, &[]);
+        }
+        OPT_EXTENDED_HEADERS => {
+            hs.framing = Framing::Extended;
             option_reply(out, option, REP_ACK, &[]);
         }
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => meta_context(export, hs, option, data, out),
@@ -214,7 +223,7 @@ fn meta_context(export: &Export, hs: &mut Handshake, option: u32, data: &[u8], o
     if !list {
         hs.base_allocation = false;
         if !hs.structured() {
-            let msg = b"meta contexts need structured replies";
+            let msg = b"meta contexts need structured replies or extended headers";
             return option_reply(out, option, REP_ERR_INVALID, msg);
         }
     }
@@ -250,6 +259,7 @@ pub fn transmission_log(framing: Framing) -> String {
         match framing {
             Framing::Simple => "simple",
             Framing::Structured => "structured",
+            Framing::Extended => "extended",
         }
     )
 }
@@ -265,7 +275,8 @@ pub enum Action {
     /// A read of nothing: answered at once with success (a structured reply may not carry an
     /// empty data chunk).
     Empty,
-    /// A valid request for the pool; a WRITE's payload (`length` bytes) follows the header.
+    /// A valid request for the pool; a WRITE's payload (`payload_len` bytes, at most
+    /// [`MAX_PAYLOAD`]) follows the header.
     Run,
 }
 
@@ -275,11 +286,7 @@ pub fn classify(export: &Export, hs: &Handshake, req: &Request) -> Action {
         return Action::Disconnect;
     }
     if let Err(errno) = check(export, hs, req) {
-        let discard = if req.kind == CMD_WRITE {
-            u64::from(req.length)
-        } else {
-            0
-        };
+        let discard = req.payload_len;
         return Action::Refuse { errno, discard };
     }
     if req.kind == CMD_READ && req.length == 0 {
@@ -293,10 +300,12 @@ pub fn classify(export: &Export, hs: &Handshake, req: &Request) -> Action {
 fn check(export: &Export, hs: &Handshake, req: &Request) -> Result<(), u32> {
     // FUA is accepted everywhere (the protocol: "valid for all commands"); each other flag
     // only where it means something, else EINVAL (NO_HOLE on a READ, DF without structured
-    // replies).
+    // replies, a payload on anything but a WRITE).
+    let extended = hs.framing == Framing::Extended;
     let flags = CMD_FLAG_FUA
         | match req.kind {
             CMD_READ if hs.structured() => CMD_FLAG_DF,
+            CMD_WRITE if extended => CMD_FLAG_PAYLOAD_LEN,
             CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
             CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
             _ => 0,
@@ -310,10 +319,10 @@ fn check(export: &Export, hs: &Handshake, req: &Request) -> Result<(), u32> {
     }
     let in_range = req
         .offset
-        .checked_add(u64::from(req.length))
+        .checked_add(req.length)
         .is_some_and(|end| end <= export.size);
     match req.kind {
-        CMD_READ | CMD_WRITE | CMD_CACHE if req.length > MAX_PAYLOAD => Err(EINVAL),
+        CMD_READ | CMD_WRITE | CMD_CACHE if req.length > u64::from(MAX_PAYLOAD) => Err(EINVAL),
         CMD_READ | CMD_TRIM | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => Err(EINVAL),
         CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err(ENOSPC),
         // Block status needs a selected context, and a length to describe.
@@ -350,11 +359,11 @@ pub fn work(
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let done = match req.kind {
             CMD_READ => return read_reply(&export, &req, framing, buf),
-            CMD_BLOCK_STATUS => return block_status_reply(&export, &req),
+            CMD_BLOCK_STATUS => return block_status_reply(&export, &req, framing),
             CMD_WRITE => {
                 export.write(&buf, req.offset, fua)?;
                 buf.clear();
-                framing.status_reply(&mut buf, req.cookie, 0);
+                framing.status_reply(&mut buf, &req, 0);
                 return Ok(buf);
             }
             CMD_FLUSH => export.flush(),
@@ -382,10 +391,11 @@ fn read_reply(
     framing: Framing,
     mut buf: Vec<u8>,
 ) -> io::Result<Vec<u8>> {
-    let len = u64::from(req.length);
-    let sparse = framing == Framing::Structured
+    // Admitted reads are at most MAX_PAYLOAD long.
+    let len = req.length;
+    let sparse = framing.chunked()
         && req.flags & CMD_FLAG_DF == 0
-        && req.length >= SPARSE_READ_MIN;
+        && req.length >= u64::from(SPARSE_READ_MIN);
     let mut runs = if sparse {
         export.allocation(req.offset, len, MAX_READ_CHUNKS)?
     } else {
@@ -402,17 +412,18 @@ fn read_reply(
         && !only.hole
     {
         let prefix = framing.read_prefix();
-        fit(&mut buf, prefix + req.length as usize);
+        fit(&mut buf, prefix + len as usize);
         export.read_into(&mut buf, prefix, req.offset)?;
-        framing.write_read_prefix(&mut buf, req.cookie, req.offset, req.length);
+        framing.write_read_prefix(&mut buf, req, req.offset, len as u32);
         return Ok(buf);
     }
     // Runs lie within the request, so each length fits the chunks' 32 bits.
+    let (header, prefix) = (framing.chunk_header_len(), framing.read_prefix());
     let size = |r: &Run| {
         if r.hole {
-            STRUCTURED_HEADER_LEN + 12
+            header + 12
         } else {
-            STRUCTURED_READ_PREFIX + r.len as usize
+            prefix + r.len as usize
         }
     };
     fit(&mut buf, runs.iter().map(size).sum());
@@ -424,14 +435,14 @@ fn read_reply(
             0
         };
         let chunk = &mut buf[at..at + size(run)];
-        chunk[STRUCTURED_HEADER_LEN..STRUCTURED_READ_PREFIX].copy_from_slice(&pos.to_be_bytes());
+        chunk[header..prefix].copy_from_slice(&pos.to_be_bytes());
         if run.hole {
-            structured_header(chunk, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, 12);
-            chunk[STRUCTURED_READ_PREFIX..].copy_from_slice(&(run.len as u32).to_be_bytes());
+            framing.chunk_header(chunk, flags, REPLY_TYPE_OFFSET_HOLE, req, 12);
+            chunk[prefix..].copy_from_slice(&(run.len as u32).to_be_bytes());
         } else {
             let kind = REPLY_TYPE_OFFSET_DATA;
-            structured_header(chunk, flags, kind, req.cookie, run.len as u32 + 8);
-            export.read_into(chunk, STRUCTURED_READ_PREFIX, pos)?;
+            framing.chunk_header(chunk, flags, kind, req, run.len as u32 + 8);
+            export.read_into(chunk, prefix, pos)?;
         }
         at += chunk.len();
         pos += run.len;
@@ -448,28 +459,43 @@ fn fit(buf: &mut Vec<u8>, len: usize) {
     }
 }
 
-/// A BLOCK_STATUS's complete reply: one DONE `BLOCK_STATUS` chunk for `base:allocation`, the
-/// only context, with the runs of `[offset, offset + length)` as extents (a hole reads as
-/// zeros: `HOLE | ZERO`; data: 0). `NBD_CMD_FLAG_REQ_ONE` asks for the first extent alone.
-fn block_status_reply(export: &Export, req: &Request) -> io::Result<Vec<u8>> {
+/// A BLOCK_STATUS's complete reply: one DONE chunk for `base:allocation`, the only context,
+/// with the runs of `[offset, offset + length)` as extents (a hole reads as zeros:
+/// `HOLE | ZERO`; data: 0): a `BLOCK_STATUS` chunk of 32-bit extents, or with extended headers
+/// a `BLOCK_STATUS_EXT` chunk of 64-bit ones (so a request of more than 4 GiB gets extents
+/// that long). `NBD_CMD_FLAG_REQ_ONE` asks for the first extent alone.
+fn block_status_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Vec<u8>> {
     let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
         1
     } else {
         MAX_EXTENTS
     };
-    let runs = export.allocation(req.offset, u64::from(req.length), max)?;
-    let payload = 4 + 8 * runs.len();
-    let mut buf = vec![0u8; STRUCTURED_HEADER_LEN];
+    let runs = export.allocation(req.offset, req.length, max)?;
+    let extended = framing == Framing::Extended;
+    let (kind, head, each) = if extended {
+        (REPLY_TYPE_BLOCK_STATUS_EXT, 8, 16)
+    } else {
+        (REPLY_TYPE_BLOCK_STATUS, 4, 8)
+    };
+    let payload = head + each * runs.len();
+    let mut buf = vec![0u8; framing.chunk_header_len()];
     // At most MAX_EXTENTS descriptors: the length fits.
-    let kind = REPLY_TYPE_BLOCK_STATUS;
-    structured_header(&mut buf, REPLY_FLAG_DONE, kind, req.cookie, payload as u32);
+    framing.chunk_header(&mut buf, REPLY_FLAG_DONE, kind, req, payload as u32);
     buf.reserve(payload);
     buf.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    if extended {
+        buf.extend_from_slice(&(runs.len() as u32).to_be_bytes());
+    }
     for run in runs {
         let flags = if run.hole { STATE_HOLE | STATE_ZERO } else { 0 };
-        // Runs lie within the request, whose length is 32 bits.
-        buf.extend_from_slice(&(run.len as u32).to_be_bytes());
-        buf.extend_from_slice(&flags.to_be_bytes());
+        if extended {
+            buf.extend_from_slice(&run.len.to_be_bytes());
+            buf.extend_from_slice(&u64::from(flags).to_be_bytes());
+        } else {
+            // Compact requests are at most 32 bits long, and runs lie within them.
+            buf.extend_from_slice(&(run.len as u32).to_be_bytes());
+            buf.extend_from_slice(&flags.to_be_bytes());
+        }
     }
     Ok(buf)
 }
@@ -488,21 +514,21 @@ pub fn reply(
         result.unwrap_or_else(|_| Err(io::Error::other("the thread pool did not run the request")));
     match result {
         Ok(buf) if !buf.is_empty() => buf,
-        Ok(_) => status(framing, req.cookie, 0),
+        Ok(_) => status(framing, req, 0),
         Err(e) => {
             let errno = errno_of(&e);
             if !(errno == ENOTSUP && req.flags & CMD_FLAG_FAST_ZERO != 0) {
                 eprintln!("nbd-server: connection {id}: {req:?} failed: {e}");
             }
-            status(framing, req.cookie, errno)
+            status(framing, req, errno)
         }
     }
 }
 
 /// A complete reply without data: success when `errno` is 0, else that NBD error.
-pub fn status(framing: Framing, cookie: u64, errno: u32) -> Vec<u8> {
+pub fn status(framing: Framing, req: &Request, errno: u32) -> Vec<u8> {
     let mut out = Vec::new();
-    framing.status_reply(&mut out, cookie, errno);
+    framing.status_reply(&mut out, req, errno);
     out
 }
 
