@@ -26,10 +26,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::nbd_client::{
-    BASE_ALLOCATION, BlockSize, Client, Conn, Content, Extent, GREETING_LEN, Handshake, IO_TIMEOUT,
-    Info, OptionReply, REQUEST_LEN, RawReply, Request, chunk, cmd, cmd_flag, decode_error_chunk,
-    decode_info, decode_meta_context, decode_server_reply, encode_info_request, encode_option,
-    errno, errno_of, go_or_info, handshake, info, opt, rep, state, tx_flag,
+    BASE_ALLOCATION, BlockSize, Client, Conn, Content, ExtRequest, Extent, GREETING_LEN, Handshake,
+    IO_TIMEOUT, Info, OptionReply, REQUEST_LEN, RawReply, Request, chunk, cmd, cmd_flag,
+    decode_error_chunk, decode_info, decode_meta_context, decode_server_reply, encode_info_request,
+    encode_option, errno, errno_of, go_or_info, handshake, info, opt, rep, state, tx_flag,
 };
 use support::server::{Config, Server, TempDir, have_socket_activate};
 
@@ -622,9 +622,9 @@ fn meta_context_options_list_and_select_base_allocation() {
     assert_eq!(c.contexts().len(), 1);
     let hole = state::HOLE | state::ZERO;
     assert_eq!(
-        c.block_status(0, MIB as u32, 0).unwrap(),
+        c.block_status(0, MIB as u64, 0).unwrap(),
         vec![Extent {
-            len: MIB as u32,
+            len: MIB as u64,
             flags: hole
         }]
     );
@@ -3107,7 +3107,7 @@ fn expected_extents(
         let (a, b) = (start.max(offset), stop.min(end));
         if a < b {
             out.push(Extent {
-                len: (b - a) as u32,
+                len: (b - a) as u64,
                 flags,
             });
         }
@@ -3139,7 +3139,7 @@ fn block_status_reports_the_holes_and_the_data_of_the_image() {
         (7 * MIB, MIB),
     ] {
         assert_eq!(
-            c.block_status(offset as u64, len as u32, 0).unwrap(),
+            c.block_status(offset as u64, len as u64, 0).unwrap(),
             expected_extents(DATA_RUNS, SPARSE_SIZE, offset, len),
             "block status of [{offset}, +{len})"
         );
@@ -3147,7 +3147,7 @@ fn block_status_reports_the_holes_and_the_data_of_the_image() {
     // REQ_ONE: the first extent alone, never longer than asked for.
     for (offset, len) in [(0, SPARSE_SIZE), (512 * KIB, 256 * KIB), (MIB, 2 * MIB)] {
         let want = expected_extents(DATA_RUNS, SPARSE_SIZE, offset, len)[0];
-        let got = c.block_status(offset as u64, len as u32, cmd_flag::REQ_ONE);
+        let got = c.block_status(offset as u64, len as u64, cmd_flag::REQ_ONE);
         assert_eq!(got.unwrap(), vec![want], "REQ_ONE at [{offset}, +{len})");
     }
     // Refused: past the end, nothing to describe, a flag of another command.
@@ -3158,11 +3158,11 @@ fn block_status_reports_the_holes_and_the_data_of_the_image() {
     assert_errno(c.block_status(0, 4096, cmd_flag::DF), errno::EINVAL);
     // The map follows the data: a trim makes a hole, a write fills one.
     c.trim(4 * MIB as u64, MIB as u32).unwrap();
-    let got = c.block_status(4 * MIB as u64, MIB as u32, 0).unwrap();
+    let got = c.block_status(4 * MIB as u64, MIB as u64, 0).unwrap();
     assert_eq!(
         got,
         vec![Extent {
-            len: MIB as u32,
+            len: MIB as u64,
             flags: hole
         }]
     );
@@ -3489,11 +3489,11 @@ fn a_block_device_is_exported_and_other_files_are_refused() {
     let backed = std::fs::read(&backing).unwrap();
     assert!(backed[8 * MIB..8 * MIB + 8192].iter().all(|&b| b == 0x5a));
     // A block device has no holes to report: all data.
-    let got = c.block_status(0, SIZE as u32, 0).unwrap();
+    let got = c.block_status(0, SIZE as u64, 0).unwrap();
     assert_eq!(
         got,
         vec![Extent {
-            len: SIZE as u32,
+            len: SIZE as u64,
             flags: 0
         }]
     );
@@ -3547,7 +3547,7 @@ fn nbdinfo_reads_the_map_and_the_capabilities() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Lines of offset, length, type and its description.
-    let got: Vec<(u64, u32, u32)> = String::from_utf8_lossy(&out.stdout)
+    let got: Vec<(u64, u64, u32)> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();
@@ -3559,11 +3559,11 @@ fn nbdinfo_reads_the_map_and_the_capabilities() {
         })
         .collect();
     let mut at = 0;
-    let want: Vec<(u64, u32, u32)> = expected_extents(DATA_RUNS, SPARSE_SIZE, 0, SPARSE_SIZE)
+    let want: Vec<(u64, u64, u32)> = expected_extents(DATA_RUNS, SPARSE_SIZE, 0, SPARSE_SIZE)
         .into_iter()
         .map(|e| {
-            at += u64::from(e.len);
-            (at - u64::from(e.len), e.len, e.flags)
+            at += e.len;
+            (at - e.len, e.len, e.flags)
         })
         .collect();
     assert_eq!(got, want);
@@ -3683,6 +3683,229 @@ fn nbdcopy_and_qemu_img_skip_the_holes_of_a_sparse_image() {
     );
 }
 
+#[test]
+fn extended_headers_are_negotiated_and_frame_every_reply() {
+    let f = fixture("ext-headers", 4 * MIB, |c| c);
+    std::fs::write(&f.image, pattern(31, 4 * MIB)).unwrap();
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let r = conn.option(opt::EXTENDED_HEADERS, &[1]).unwrap();
+    assert_eq!(r.kind, rep::ERR_INVALID, "{r:?}");
+    let r = conn.option(opt::EXTENDED_HEADERS, &[]).unwrap();
+    assert_eq!((r.kind, r.data.len()), (rep::ACK, 0), "{r:?}");
+    // No going back to compact headers.
+    let r = conn.option(opt::STRUCTURED_REPLY, &[]).unwrap();
+    assert_eq!(r.kind, rep::ERR_EXT_HEADER_REQD, "{r:?}");
+    // Meta contexts need no structured replies with extended headers.
+    let contexts = support::nbd_client::set_meta_context(&mut conn, "", &[BASE_ALLOCATION]);
+    assert_eq!(contexts.unwrap().len(), 1);
+    let hs = Handshake::new("").extended_headers();
+    let mut c = hs.run_after_greeting(conn).unwrap();
+    assert_ne!(c.flags() & tx_flag::SEND_DF, 0);
+    // Every reply, success or error, is an extended chunk that repeats the request's offset
+    // (the client checks both).
+    exercise(&mut c, &f);
+    assert_errno(c.read(4 * MIB as u64, 1), errno::EINVAL);
+    let (data, chunks) = c.read_chunks(0, 64 * KIB as u32, cmd_flag::DF).unwrap();
+    assert!(data == f.disk(0, 64 * KIB));
+    assert_eq!(chunks.len(), 1);
+    let raw = c.conn();
+    let flush = ExtRequest {
+        flags: 0,
+        kind: cmd::FLUSH,
+        cookie: 0xf1,
+        offset: 12345,
+        length: 0,
+    };
+    raw.send_ext_request(&flush, &[]).unwrap();
+    let ch = raw.read_chunk().unwrap();
+    assert_eq!(
+        (ch.flags, ch.kind, ch.cookie, ch.offset, ch.payload.len()),
+        (chunk::FLAG_DONE, chunk::NONE, 0xf1, Some(12345), 0)
+    );
+    // A WRITE's length is its payload's, flagged (as the protocol asks) or not (as qemu's
+    // client sends it).
+    for (flags, cookie, byte) in [(cmd_flag::PAYLOAD_LEN, 0xa1, 0x61), (0, 0xa2, 0x62)] {
+        let write = ExtRequest {
+            flags,
+            kind: cmd::WRITE,
+            cookie,
+            offset: 8192,
+            length: 4096,
+        };
+        raw.send_ext_request(&write, &[byte; 4096]).unwrap();
+        let ch = raw.read_chunk().unwrap();
+        assert_eq!(
+            (ch.kind, ch.cookie, ch.offset),
+            (chunk::NONE, cookie, Some(8192))
+        );
+        assert_eq!(f.disk(8192, 4096), vec![byte; 4096]);
+    }
+    // A payload on a command that takes none is read and dropped, then refused.
+    let flush_with_payload = ExtRequest {
+        flags: cmd_flag::PAYLOAD_LEN,
+        length: 100,
+        cookie: 0xf2,
+        ..flush
+    };
+    raw.send_ext_request(&flush_with_payload, &[0x55; 100])
+        .unwrap();
+    let ch = raw.read_chunk().unwrap();
+    assert_eq!((ch.kind, ch.cookie), (chunk::ERROR, 0xf2));
+    assert_eq!(
+        decode_error_chunk(&ch.payload, false).unwrap().errno,
+        errno::EINVAL
+    );
+    assert_eq!(c.read(8192, 4096).unwrap(), vec![0x62; 4096]);
+    // A compact header is out of step once extended headers are on: the connection closes.
+    c.conn()
+        .send_request(&Request::new(cmd::FLUSH, 0xf3, 0, 0), &[0; 4])
+        .unwrap();
+    assert_closed(c.conn(), "a compact request after extended headers");
+    f.assert_serves();
+}
+
+#[test]
+fn extended_headers_carry_64_bit_lengths() {
+    const GIB: u64 = 1 << 30;
+    let dir = TempDir::new("ext-64");
+    let image = dir.image("big.img", 8 * GIB);
+    let runs = [(0, MIB), (6 * GIB as usize, MIB)];
+    write_runs(&image, &runs);
+    if !is_sparse(&image) {
+        return;
+    }
+    let f = fixture_on(dir, image, |c| c);
+    let size = 8 * GIB as usize;
+    let hs = Handshake::new("")
+        .meta_contexts(&[BASE_ALLOCATION])
+        .extended_headers();
+    let mut c = f.srv.handshake(hs).unwrap();
+    // One request covers the whole 8 GiB, and a hole of almost 6 GiB is one extent.
+    let got = c.block_status(0, 8 * GIB, 0).unwrap();
+    assert_eq!(got, expected_extents(&runs, size, 0, size));
+    assert!(got[1].len > u64::from(u32::MAX), "{got:?}");
+    let got = c.block_status(MIB as u64, 8 * GIB - MIB as u64, cmd_flag::REQ_ONE);
+    assert_eq!(
+        got.unwrap(),
+        expected_extents(&runs, size, MIB, size - MIB)[..1]
+    );
+    // Payload commands are still limited to the maximum payload; the rest are not.
+    assert_errno(
+        c.call_reply64(cmd::READ, 0, 0, 5 * GIB, &[])
+            .unwrap()
+            .result,
+        errno::EINVAL,
+    );
+    assert_errno(
+        c.call_reply64(cmd::CACHE, 0, 0, GIB, &[]).unwrap().result,
+        errno::EINVAL,
+    );
+    assert_errno(c.block_status(GIB, 8 * GIB, 0), errno::EINVAL);
+    // Zeroing and trimming 5 GiB at once: the data runs go, and the map says so.
+    c.call_reply64(
+        cmd::WRITE_ZEROES,
+        cmd_flag::FAST_ZERO,
+        3 * GIB,
+        5 * GIB,
+        &[],
+    )
+    .unwrap()
+    .result
+    .unwrap();
+    c.call_reply64(cmd::TRIM, 0, 0, 5 * GIB, &[])
+        .unwrap()
+        .result
+        .unwrap();
+    let hole = state::HOLE | state::ZERO;
+    let got = c.block_status(0, 8 * GIB, 0).unwrap();
+    assert_eq!(
+        got,
+        vec![Extent {
+            len: 8 * GIB,
+            flags: hole
+        }]
+    );
+    assert_eq!(c.read(6 * GIB, 4096).unwrap(), vec![0; 4096]);
+    c.disconnect().unwrap();
+    // A compact client asks in 32-bit pieces and gets 32-bit extents.
+    let mut c = block_status_client(&f);
+    let got = c.block_status(GIB, u64::from(u32::MAX), 0).unwrap();
+    assert_eq!(
+        got,
+        vec![Extent {
+            len: u64::from(u32::MAX),
+            flags: hole
+        }]
+    );
+    c.disconnect().unwrap();
+}
+
+/// qemu's client (10.0) negotiates extended headers and libnbd's (1.14) structured replies:
+/// both see the same map, and qemu-img's copy of the export is strictly the image.
+#[test]
+fn qemu_img_uses_extended_headers_and_libnbd_structured_replies() {
+    if !have("qemu-img") {
+        return;
+    }
+    let Some(f) = sparse_fixture("ext-qemu", |c| c.verbose()) else {
+        return;
+    };
+    let uri = nbd_uri(&f);
+    let image = f.image.display().to_string();
+    let run = |tool: &str, args: &[&str]| {
+        let out = Command::new(tool).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let map = |what: &str| run("qemu-img", &["map", "--output=json", "-f", "raw", what]);
+    assert_eq!(map(&uri), map(&image));
+    run(
+        "qemu-img",
+        &["compare", "-s", "-f", "raw", "-F", "raw", &image, &uri],
+    );
+    let copy = f.dir.join("copy.img").display().to_string();
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, &copy],
+    );
+    // (Not strictly: qemu-img convert writes out the first block of a raw target, hole or not.)
+    run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &image, &copy],
+    );
+    let framings = |f: &Fixture| {
+        f.srv
+            .stderr()
+            .iter()
+            .filter_map(|l| {
+                l.split_once("transmission phase, ")
+                    .map(|(_, w)| w.to_owned())
+            })
+            .collect::<Vec<_>>()
+    };
+    // Three connections: map, compare and convert.
+    assert!(
+        eventually(IO_TIMEOUT, || framings(&f).len() >= 3),
+        "{:?}",
+        f.srv.stderr()
+    );
+    assert!(
+        framings(&f).iter().all(|w| w == "extended replies"),
+        "{:?}",
+        framings(&f)
+    );
+    if have("nbdinfo") {
+        run("nbdinfo", &["--map", &uri]);
+        assert!(eventually(IO_TIMEOUT, || framings(&f).len() >= 4));
+        assert_eq!(framings(&f).last().unwrap(), "structured replies");
+    }
+}
+
 /// nbdcopy's default run (4 connections, 64 requests of 256 KiB each in flight) reads 256 MiB
 /// of data: the server's peak RSS stays within 64 MiB (nbdcopy alone keeps 64 MiB in flight),
 /// and once the copy is over it falls back to within 16 MiB of what it was idle (buffers kept
@@ -3800,12 +4023,12 @@ fn client_agrees_with_qemu_nbd() {
     let mut c = block_status_client(&f);
     for (offset, len) in [(0, SPARSE_SIZE), (MIB + 100, 1000), (7 * MIB, MIB)] {
         assert_eq!(
-            c.block_status(offset as u64, len as u32, 0).unwrap(),
+            c.block_status(offset as u64, len as u64, 0).unwrap(),
             expected_extents(DATA_RUNS, SPARSE_SIZE, offset, len),
             "qemu-nbd's block status of [{offset}, +{len})"
         );
     }
-    let one = c.block_status(0, SPARSE_SIZE as u32, cmd_flag::REQ_ONE);
+    let one = c.block_status(0, SPARSE_SIZE as u64, cmd_flag::REQ_ONE);
     assert_eq!(one.unwrap().len(), 1);
     for flags in [0, cmd_flag::DF] {
         let (data, chunks) = c.read_chunks(0, 2 * MIB as u32, flags).unwrap();
@@ -3928,6 +4151,9 @@ under_the_task_engine! {
     a_block_device_is_exported_and_other_files_are_refused,
     nbdinfo_reads_the_map_and_the_capabilities,
     nbdcopy_and_qemu_img_skip_the_holes_of_a_sparse_image,
+    extended_headers_are_negotiated_and_frame_every_reply,
+    extended_headers_carry_64_bit_lengths,
+    qemu_img_uses_extended_headers_and_libnbd_structured_replies,
     memory_follows_what_is_in_flight_during_a_bulk_copy,
     client_agrees_with_qemu_nbd,
 }

@@ -1,6 +1,6 @@
 //! A small NBD client for the nbd-server tests, written from the NBD protocol specification
 //! (fixed newstyle handshake, simple and structured replies, metadata contexts and block
-//! status) with its own constants.
+//! status, and the extended headers extension) with its own constants.
 //!
 //! It deliberately shares nothing with the server under test: an independent reading of the spec
 //! is what catches the server's mistakes. Two layers:
@@ -39,6 +39,9 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Starts a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Start every request, and every reply chunk, once extended headers are negotiated.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Sizes of the fixed-length messages, in bytes.
 pub const GREETING_LEN: usize = 18;
@@ -47,6 +50,8 @@ pub const OPTION_REPLY_HEADER_LEN: usize = 20;
 pub const REQUEST_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 20;
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+pub const EXTENDED_CHUNK_HEADER_LEN: usize = 32;
 /// The zero padding after an `NBD_OPT_EXPORT_NAME` answer unless `NO_ZEROES` was agreed.
 pub const EXPORT_NAME_PADDING: usize = 124;
 
@@ -69,6 +74,7 @@ pub mod opt {
     pub const STRUCTURED_REPLY: u32 = 8;
     pub const LIST_META_CONTEXT: u32 = 9;
     pub const SET_META_CONTEXT: u32 = 10;
+    pub const EXTENDED_HEADERS: u32 = 11;
 }
 
 /// Option reply types. Errors have bit 31 set. The whole table the tests need is here, even
@@ -85,6 +91,7 @@ pub mod rep {
     pub const ERR_INVALID: u32 = ERR_BIT + 3;
     pub const ERR_UNKNOWN: u32 = ERR_BIT + 6;
     pub const ERR_TOO_BIG: u32 = ERR_BIT + 9;
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR_BIT + 10;
 }
 
 /// Information types in `NBD_REP_INFO` replies and `NBD_OPT_INFO`/`GO` requests.
@@ -125,6 +132,7 @@ pub mod cmd_flag {
     pub const DF: u16 = 1 << 2;
     pub const REQ_ONE: u16 = 1 << 3;
     pub const FAST_ZERO: u16 = 1 << 4;
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk flags and types.
@@ -134,6 +142,7 @@ pub mod chunk {
     pub const OFFSET_DATA: u16 = 1;
     pub const OFFSET_HOLE: u16 = 2;
     pub const BLOCK_STATUS: u16 = 5;
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     pub const ERROR: u16 = 32769;
     pub const ERROR_OFFSET: u16 = 32770;
 }
@@ -339,7 +348,7 @@ pub fn decode_meta_context(data: &[u8]) -> io::Result<(u32, String)> {
 /// [`state`] bits).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
-    pub len: u32,
+    pub len: u64,
     pub flags: u32,
 }
 
@@ -355,13 +364,39 @@ pub fn decode_block_status(payload: &[u8]) -> io::Result<(u32, Vec<Extent>)> {
     let extents: Vec<Extent> = payload[4..]
         .chunks_exact(8)
         .map(|d| Extent {
-            len: be_u32(d, 0),
+            len: u64::from(be_u32(d, 0)),
             flags: be_u32(d, 4),
         })
         .collect();
     if extents.iter().any(|e| e.len == 0) {
         return Err(invalid(format!(
             "BLOCK_STATUS extent of length 0: {extents:?}"
+        )));
+    }
+    Ok((be_u32(payload, 0), extents))
+}
+
+/// Decodes an `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` payload: the context id, the descriptor count
+/// (which must match), and at least one descriptor of 64-bit length and status, each of
+/// nonzero length; `base:allocation` statuses fit in 32 bits.
+pub fn decode_block_status_ext(payload: &[u8]) -> io::Result<(u32, Vec<Extent>)> {
+    if payload.len() < 24 || !(payload.len() - 8).is_multiple_of(16) {
+        return Err(invalid(format!(
+            "BLOCK_STATUS_EXT chunk of {} bytes (must be 8 + 16n, n >= 1)",
+            payload.len()
+        )));
+    }
+    let count = be_u32(payload, 4) as usize;
+    let mut extents = Vec::new();
+    for d in payload[8..].chunks_exact(16) {
+        let (len, flags) = (be_u64(d, 0), be_u64(d, 8));
+        let flags = u32::try_from(flags)
+            .map_err(|_| invalid(format!("BLOCK_STATUS_EXT status {flags:#x} over 32 bits")))?;
+        extents.push(Extent { len, flags });
+    }
+    if count != extents.len() || extents.iter().any(|e| e.len == 0) {
+        return Err(invalid(format!(
+            "BLOCK_STATUS_EXT with count {count} and extents {extents:?}"
         )));
     }
     Ok((be_u32(payload, 0), extents))
@@ -404,6 +439,29 @@ impl Request {
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
         b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
+/// An extended request header: 64-bit length, `NBD_EXTENDED_REQUEST_MAGIC`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtRequest {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl ExtRequest {
+    pub fn encode(&self) -> [u8; EXTENDED_REQUEST_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..32].copy_from_slice(&self.length.to_be_bytes());
         b
     }
 }
@@ -522,6 +580,8 @@ pub struct Chunk {
     pub flags: u16,
     pub kind: u16,
     pub cookie: u64,
+    /// The request's offset, which an extended chunk's header repeats (`None`: structured).
+    pub offset: Option<u64>,
     pub payload: Vec<u8>,
 }
 
@@ -634,6 +694,14 @@ impl Conn {
         Ok(reply)
     }
 
+    /// Sends an extended request header followed by `payload`.
+    pub fn send_ext_request(&mut self, req: &ExtRequest, payload: &[u8]) -> io::Result<()> {
+        let mut msg = Vec::with_capacity(EXTENDED_REQUEST_LEN + payload.len());
+        msg.extend_from_slice(&req.encode());
+        msg.extend_from_slice(payload);
+        self.send(&msg)
+    }
+
     /// Sends a request header followed by `payload` (which need not match `req.length`).
     pub fn send_request(&mut self, req: &Request, payload: &[u8]) -> io::Result<()> {
         let mut msg = Vec::with_capacity(REQUEST_LEN + payload.len());
@@ -667,6 +735,24 @@ impl Conn {
                     flags,
                     kind,
                     cookie,
+                    offset: None,
+                    payload,
+                }))
+            }
+            EXTENDED_REPLY_MAGIC => {
+                let b: [u8; EXTENDED_CHUNK_HEADER_LEN - 4] = self.recv_array()?;
+                let (flags, kind, cookie) = (be_u16(&b, 0), be_u16(&b, 2), be_u64(&b, 4));
+                let (offset, len) = (be_u64(&b, 12), be_u64(&b, 20));
+                // Payloads are at most 32 MiB and a few headers (the block size constraints).
+                if len > 64 << 20 {
+                    return Err(invalid(format!("extended chunk of {len} bytes")));
+                }
+                let payload = self.recv_exact(len as usize)?;
+                Ok(RawReply::Chunk(Chunk {
+                    flags,
+                    kind,
+                    cookie,
+                    offset: Some(offset),
                     payload,
                 }))
             }
@@ -789,6 +875,7 @@ pub struct Handshake {
     export_name_option: bool,
     request_block_size: bool,
     meta_queries: Vec<String>,
+    extended: bool,
 }
 
 impl Handshake {
@@ -799,7 +886,15 @@ impl Handshake {
             export_name_option: false,
             request_block_size: true,
             meta_queries: Vec::new(),
+            extended: false,
         }
+    }
+
+    /// Negotiates extended headers (`NBD_OPT_EXTENDED_HEADERS`, instead of structured
+    /// replies): 32-byte requests with 64-bit lengths, and only extended reply chunks.
+    pub fn extended_headers(mut self) -> Handshake {
+        self.extended = true;
+        self
     }
 
     /// Negotiates structured replies, then selects metadata contexts with
@@ -859,7 +954,12 @@ impl Handshake {
     }
 
     fn finish(self, mut conn: Conn, no_zeroes: bool) -> io::Result<Client> {
-        if self.structured {
+        if self.extended {
+            let reply = conn.option(opt::EXTENDED_HEADERS, &[])?;
+            if reply.kind != rep::ACK || !reply.data.is_empty() {
+                return Err(option_error("NBD_OPT_EXTENDED_HEADERS", &reply));
+            }
+        } else if self.structured {
             let reply = conn.option(opt::STRUCTURED_REPLY, &[])?;
             if reply.kind != rep::ACK || !reply.data.is_empty() {
                 return Err(option_error("NBD_OPT_STRUCTURED_REPLY", &reply));
@@ -896,7 +996,8 @@ impl Handshake {
             size,
             flags,
             block_size,
-            structured: self.structured,
+            structured: self.structured || self.extended,
+            extended: self.extended,
             contexts,
             next_cookie: FIRST_COOKIE,
             pending: HashMap::new(),
@@ -1012,7 +1113,7 @@ struct Pending {
     kind: u16,
     flags: u16,
     offset: u64,
-    len: u32,
+    len: u64,
     /// The data of a read, filled as chunks arrive.
     data: Vec<u8>,
     /// The byte ranges (relative to `offset`) that structured read chunks have covered.
@@ -1053,6 +1154,8 @@ pub struct Client {
     flags: u16,
     block_size: Option<BlockSize>,
     structured: bool,
+    /// Extended headers: every request extended, every reply an extended chunk.
+    extended: bool,
     /// The metadata contexts selected in the handshake: (id, name).
     contexts: Vec<(u32, String)>,
     next_cookie: u64,
@@ -1097,10 +1200,13 @@ impl Client {
     }
 
     /// Takes a cookie for a request and records it as in flight.
-    fn register(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> Request {
+    /// Takes a cookie for a request, records it as in flight, and returns its header.
+    fn register(&mut self, kind: u16, flags: u16, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let cookie = self.next_cookie;
+        let header = self.header(kind, flags, cookie, offset, len)?;
         self.next_cookie = self.next_cookie.wrapping_add(COOKIE_STEP);
-        let data = if kind == cmd::READ {
+        // (Reads longer than any server serves get no buffer: their data would not fit.)
+        let data = if kind == cmd::READ && len <= 64 << 20 {
             vec![0u8; len as usize]
         } else {
             Vec::new()
@@ -1119,7 +1225,39 @@ impl Client {
                 error: None,
             },
         );
-        Request::new(kind, cookie, offset, len).with_flags(flags)
+        Ok(header)
+    }
+
+    /// A request's header: compact, or with extended headers extended (a WRITE's with
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN`).
+    fn header(
+        &self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<u8>> {
+        Ok(if self.extended {
+            let flags = if kind == cmd::WRITE {
+                flags | cmd_flag::PAYLOAD_LEN
+            } else {
+                flags
+            };
+            let req = ExtRequest {
+                flags,
+                kind,
+                cookie,
+                offset,
+                length: len,
+            };
+            req.encode().to_vec()
+        } else {
+            let len = u32::try_from(len)
+                .map_err(|_| invalid(format!("a length of {len} needs extended headers")))?;
+            let req = Request::new(kind, cookie, offset, len).with_flags(flags);
+            req.encode().to_vec()
+        })
     }
 
     /// Sends a request without waiting for its reply; returns its cookie.
@@ -1131,9 +1269,23 @@ impl Client {
         len: u32,
         payload: &[u8],
     ) -> io::Result<u64> {
-        let req = self.register(kind, flags, offset, len);
-        self.conn.send_request(&req, payload)?;
-        Ok(req.cookie)
+        self.send_command64(kind, flags, offset, u64::from(len), payload)
+    }
+
+    /// [`send_command`](Self::send_command) with a 64-bit length (extended headers).
+    pub fn send_command64(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> io::Result<u64> {
+        let cookie = self.next_cookie;
+        let mut msg = self.register(kind, flags, offset, len)?;
+        msg.extend_from_slice(payload);
+        self.conn.send(&msg)?;
+        Ok(cookie)
     }
 
     /// Sends reads of `ranges` in a single write, so that the server finds all of them in its
@@ -1142,9 +1294,8 @@ impl Client {
         let mut bytes = Vec::with_capacity(ranges.len() * REQUEST_LEN);
         let mut cookies = Vec::with_capacity(ranges.len());
         for &(offset, len) in ranges {
-            let req = self.register(cmd::READ, 0, offset, len);
-            bytes.extend_from_slice(&req.encode());
-            cookies.push(req.cookie);
+            cookies.push(self.next_cookie);
+            bytes.extend(self.register(cmd::READ, 0, offset, u64::from(len))?);
         }
         self.conn.send(&bytes)?;
         Ok(cookies)
@@ -1172,11 +1323,16 @@ impl Client {
     pub fn receive(&mut self) -> io::Result<Reply> {
         loop {
             let pending = &self.pending;
-            let structured = self.structured;
+            let (structured, extended) = (self.structured, self.extended);
             let raw = self.conn.read_reply(|cookie, error| {
                 let p = pending.get(&cookie).ok_or_else(|| {
                     invalid(format!("simple reply for unknown cookie {cookie:#x}"))
                 })?;
+                if extended {
+                    return Err(invalid(format!(
+                        "simple reply (cookie {cookie:#x}, error {error}) with extended headers"
+                    )));
+                }
                 if p.kind == cmd::READ && structured {
                     return Err(invalid(format!(
                         "simple reply to a read (cookie {cookie:#x}, error {error}) after \
@@ -1214,6 +1370,17 @@ impl Client {
                             "structured reply chunk without negotiation: {c:?}"
                         )));
                     }
+                    if c.offset.is_some() != self.extended {
+                        return Err(invalid(format!(
+                            "a {} chunk on a connection {} extended headers: {c:?}",
+                            if c.offset.is_some() {
+                                "extended"
+                            } else {
+                                "structured"
+                            },
+                            if self.extended { "with" } else { "without" },
+                        )));
+                    }
                     if let Some(reply) = self.apply_chunk(c)? {
                         return Ok(reply);
                     }
@@ -1228,6 +1395,12 @@ impl Client {
             .pending
             .get_mut(&c.cookie)
             .ok_or_else(|| invalid(format!("chunk for unknown cookie {:#x}", c.cookie)))?;
+        if c.offset.is_some_and(|o| o != p.offset) {
+            return Err(invalid(format!(
+                "extended chunk with offset {:?} for a request at {}",
+                c.offset, p.offset
+            )));
+        }
         match c.kind {
             chunk::NONE => {
                 if !c.payload.is_empty() || !c.is_done() {
@@ -1252,7 +1425,7 @@ impl Client {
                 };
                 let start = at
                     .checked_sub(p.offset)
-                    .filter(|s| s + len <= u64::from(p.len))
+                    .filter(|s| s + len <= p.len)
                     .ok_or_else(|| {
                         invalid(format!(
                             "chunk [{at}, +{len}) outside the read [{}, +{})",
@@ -1284,14 +1457,24 @@ impl Client {
                     None => dst.fill(0),
                 }
             }
-            chunk::BLOCK_STATUS => {
+            chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT => {
                 if p.kind != cmd::BLOCK_STATUS {
                     return Err(invalid(format!(
                         "block status chunk for command {}",
                         p.kind
                     )));
                 }
-                let (id, extents) = decode_block_status(&c.payload)?;
+                // Each framing has its own chunk type: 32-bit extents, or 64-bit ones.
+                let (id, extents) = match (c.kind, self.extended) {
+                    (chunk::BLOCK_STATUS, false) => decode_block_status(&c.payload)?,
+                    (chunk::BLOCK_STATUS_EXT, true) => decode_block_status_ext(&c.payload)?,
+                    _ => {
+                        return Err(invalid(format!(
+                            "block status chunk type {} with extended headers {}",
+                            c.kind, self.extended
+                        )));
+                    }
+                };
                 if !self.contexts.iter().any(|(i, _)| *i == id) {
                     return Err(invalid(format!(
                         "block status for context id {id}, not selected"
@@ -1302,10 +1485,10 @@ impl Client {
                         "two block status chunks for context id {id}"
                     )));
                 }
-                let (len, n) = (u64::from(p.len), extents.len());
-                let before_last: u64 = extents[..n - 1].iter().map(|e| u64::from(e.len)).sum();
+                let (len, n) = (p.len, extents.len());
+                let before_last: u64 = extents[..n - 1].iter().map(|e| e.len).sum();
                 if p.flags & cmd_flag::REQ_ONE != 0 {
-                    if n != 1 || u64::from(extents[0].len) > len {
+                    if n != 1 || extents[0].len > len {
                         return Err(invalid(format!(
                             "REQ_ONE block status of {len} bytes answered with {extents:?}"
                         )));
@@ -1341,7 +1524,7 @@ impl Client {
         }
         if p.kind == cmd::READ {
             let covered: u64 = p.covered.iter().map(|&(s, e)| e - s).sum();
-            if covered != u64::from(p.len) {
+            if covered != p.len {
                 return Err(invalid(format!(
                     "read [{}, +{}) finished with only {covered} bytes covered",
                     p.offset, p.len
@@ -1385,7 +1568,19 @@ impl Client {
         len: u32,
         payload: &[u8],
     ) -> io::Result<Reply> {
-        let cookie = self.send_command(kind, flags, offset, len, payload)?;
+        self.call_reply64(kind, flags, offset, u64::from(len), payload)
+    }
+
+    /// [`call_reply`](Self::call_reply) with a 64-bit length (extended headers).
+    pub fn call_reply64(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> io::Result<Reply> {
+        let cookie = self.send_command64(kind, flags, offset, len, payload)?;
         let reply = self.receive()?;
         if reply.cookie != cookie {
             return Err(invalid(format!(
@@ -1410,14 +1605,14 @@ impl Client {
 
     /// `NBD_CMD_BLOCK_STATUS` with `flags`, for a client that selected exactly one context:
     /// its descriptors.
-    pub fn block_status(&mut self, offset: u64, len: u32, flags: u16) -> io::Result<Vec<Extent>> {
+    pub fn block_status(&mut self, offset: u64, len: u64, flags: u16) -> io::Result<Vec<Extent>> {
         if self.contexts.len() != 1 {
             return Err(invalid(format!(
                 "{} contexts selected, not 1",
                 self.contexts.len()
             )));
         }
-        let reply = self.call_reply(cmd::BLOCK_STATUS, flags, offset, len, &[])?;
+        let reply = self.call_reply64(cmd::BLOCK_STATUS, flags, offset, len, &[])?;
         reply.result?;
         Ok(reply
             .extents
@@ -1459,9 +1654,8 @@ impl Client {
     /// Sends `NBD_CMD_DISC`, then checks that every outstanding request was answered and that
     /// the server closed the connection.
     pub fn disconnect(mut self) -> io::Result<()> {
-        let cookie = self.next_cookie;
-        self.conn
-            .send_request(&Request::new(cmd::DISC, cookie, 0, 0), &[])?;
+        let disc = self.header(cmd::DISC, 0, self.next_cookie, 0, 0)?;
+        self.conn.send(&disc)?;
         while !self.pending.is_empty() {
             self.receive()?.result.ok();
         }
