@@ -1,4 +1,4 @@
-//! An NBD server on aio: serves a raw image file to NBD clients (QEMU's `qemu-img`, `qemu-io`,
+//! An NBD server on aio: serves a raw image file or a block device to NBD clients (QEMU's `qemu-img`, `qemu-io`,
 //! the kernel's `nbd-client`, ...) over TCP and Unix sockets.
 //!
 //! ```text
@@ -125,8 +125,9 @@ usage: nbd-server [OPTIONS] IMAGE
   --verbose             log each connection on stderr
   -h, --help            print this and exit
   -V, --version         print the version and exit
-At least one of --tcp and --unix, unless systemd passes the listening sockets (LISTEN_FDS,
-LISTEN_PID). The backend is the aio default (AIO_BACKEND overrides it).";
+IMAGE is a raw image file or a block device. At least one of --tcp and --unix, unless
+systemd passes the listening sockets (LISTEN_FDS, LISTEN_PID). The backend is the aio default
+(AIO_BACKEND overrides it).";
 
 #[derive(Debug)]
 struct Config {
