@@ -4037,6 +4037,23 @@ fn client_agrees_with_qemu_nbd() {
         assert_eq!((flags, holes > 0), (flags, flags == 0), "{chunks:?}");
     }
     c.disconnect().unwrap();
+    // The same with extended headers, which qemu-nbd 10 speaks: 64-bit block status, and
+    // every reply an extended chunk (the client checks the framing and the offsets).
+    let hs = Handshake::new("")
+        .meta_contexts(&[BASE_ALLOCATION])
+        .extended_headers();
+    let mut c = f.srv.handshake(hs).unwrap();
+    assert_eq!(
+        c.block_status(0, SPARSE_SIZE as u64, 0).unwrap(),
+        expected_extents(DATA_RUNS, SPARSE_SIZE, 0, SPARSE_SIZE)
+    );
+    let (data, _) = c.read_chunks(0, 2 * MIB as u32, 0).unwrap();
+    assert!(data == f.disk(0, 2 * MIB));
+    c.write(3 * MIB as u64, &[0x3c; 4096]).unwrap();
+    c.flush().unwrap();
+    assert_eq!(f.disk(3 * MIB, 4096), vec![0x3c; 4096]);
+    assert_errno(c.read(SPARSE_SIZE as u64, 1), errno::EINVAL);
+    c.disconnect().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1713,6 +1713,76 @@ mod tests {
     }
 
     #[test]
+    fn extended_request_and_block_status_layouts_follow_the_spec() {
+        let req = ExtRequest {
+            flags: cmd_flag::PAYLOAD_LEN,
+            kind: cmd::WRITE,
+            cookie: 0x1122_3344_5566_7788,
+            offset: 0x0102_0304_0506_0708,
+            length: 0x1_0000_0002,
+        };
+        let mut want = Vec::new();
+        push_u32(&mut want, EXTENDED_REQUEST_MAGIC);
+        push_u16(&mut want, 1 << 5);
+        push_u16(&mut want, 1);
+        push_u64(&mut want, 0x1122_3344_5566_7788);
+        push_u64(&mut want, 0x0102_0304_0506_0708);
+        push_u64(&mut want, 0x1_0000_0002);
+        assert_eq!(req.encode().to_vec(), want);
+
+        // BLOCK_STATUS: context id, then (length, flags) pairs of 32 bits.
+        let mut p = Vec::new();
+        push_u32(&mut p, 7);
+        for (len, flags) in [(4096u32, 3u32), (512, 0)] {
+            push_u32(&mut p, len);
+            push_u32(&mut p, flags);
+        }
+        let (id, ext) = decode_block_status(&p).unwrap();
+        assert_eq!(id, 7);
+        assert_eq!(
+            ext,
+            [(4096, 3), (512, 0)].map(|(len, flags)| Extent { len, flags })
+        );
+        assert!(decode_block_status(&p[..p.len() - 1]).is_err());
+        assert!(decode_block_status(&p[..4]).is_err(), "no extent");
+
+        // BLOCK_STATUS_EXT: id, count, then (length, flags) pairs of 64 bits.
+        let ext_payload = |count: u32, pairs: &[(u64, u64)]| {
+            let mut p = Vec::new();
+            push_u32(&mut p, 9);
+            push_u32(&mut p, count);
+            for &(len, flags) in pairs {
+                push_u64(&mut p, len);
+                push_u64(&mut p, flags);
+            }
+            p
+        };
+        let (id, ext) = decode_block_status_ext(&ext_payload(1, &[(6 << 30, 3)])).unwrap();
+        assert_eq!(
+            (id, ext),
+            (
+                9,
+                vec![Extent {
+                    len: 6 << 30,
+                    flags: 3
+                }]
+            )
+        );
+        assert!(
+            decode_block_status_ext(&ext_payload(2, &[(1, 0)])).is_err(),
+            "count"
+        );
+        assert!(
+            decode_block_status_ext(&ext_payload(1, &[(0, 0)])).is_err(),
+            "empty extent"
+        );
+        assert!(
+            decode_block_status_ext(&ext_payload(1, &[(1, 1 << 32)])).is_err(),
+            "status"
+        );
+    }
+
+    #[test]
     fn request_encoding_follows_the_spec_layout() {
         let req = Request::new(
             cmd::WRITE,
