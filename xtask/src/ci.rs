@@ -8,8 +8,8 @@
 //! 3. `test`: the whole workspace with all features, under cargo-nextest when installed (plus
 //!    `cargo test --doc`, since nextest does not run doctests), else plain `cargo test`.
 //!    qemu-utils (qemu-img, qemu-io, qemu-nbd), python3-libnbd (libnbd's Python bindings and
-//!    nbdsh) and libnbd-bin (nbdinfo), which the NBD server's tests use, are installed with
-//!    apt-get first when missing.
+//!    nbdsh), libnbd-bin (nbdinfo, nbdcopy) and util-linux-extra (fincore), which the NBD
+//!    server's tests use, are installed with apt-get first when missing.
 //! 4. `test-matrix`: `aio` alone with each feature set in [`FEATURE_SETS`], then `aio-tests`.
 //! 5. `loom`: every `crates/<crate>/tests/loom_*.rs` model under `--cfg aio_loom`, release mode,
 //!    `LOOM_MAX_PREEMPTIONS=2`, in its own target directory.
@@ -449,9 +449,14 @@ fn test(_root: &Path) -> Result<()> {
     if !has_libnbd && let Err(e) = crate::cmd::ensure_apt_package("python3-libnbd", &["nbdsh"]) {
         eprintln!("warning: {e}; the libnbd NBD test will be skipped");
     }
-    // nbdinfo --list: a client that never negotiates (the exit-after-the-last-client test).
-    if let Err(e) = crate::cmd::ensure_apt_package("libnbd-bin", &["nbdinfo"]) {
-        eprintln!("warning: {e}; the nbdinfo part of the NBD tests will be skipped");
+    // nbdinfo --list: a client that never negotiates (the exit-after-the-last-client test);
+    // nbdinfo --map/--can and nbdcopy: the block status tests.
+    if let Err(e) = crate::cmd::ensure_apt_package("libnbd-bin", &["nbdinfo", "nbdcopy"]) {
+        eprintln!("warning: {e}; the nbdinfo and nbdcopy parts of the NBD tests will be skipped");
+    }
+    // fincore: whether NBD_CMD_CACHE filled the page cache.
+    if let Err(e) = crate::cmd::ensure_apt_package("util-linux-extra", &["fincore"]) {
+        eprintln!("warning: {e}; the page cache check of the NBD CACHE test will be skipped");
     }
     if Cmd::cargo().args(["nextest", "--version"]).probe() {
         eprintln!("test runner: cargo-nextest");

@@ -6,9 +6,11 @@
 //! (each followed by a check that the server still serves a new client); isolation from stuck
 //! clients; fd and memory leaks over 1 000 connections; several I/O contexts; shutdown on
 //! SIGTERM/SIGINT with requests in flight; the operator options (`--help`, `--shared`, `--persistent`,
-//! `--pid-file`, socket activation, `--idle-timeout`, the polling options); and interoperability with QEMU's own NBD
-//! client (`qemu-io`, `qemu-img`) and libnbd (its Python bindings), skipped with a printed reason when they
-//! are not installed.
+//! `--pid-file`, socket activation, `--idle-timeout`, the polling options); qemu-nbd 10's protocol
+//! (meta contexts and block status, hole chunks and DF, CACHE, FAST_ZERO, a loop device as the
+//! export); and interoperability with QEMU's own NBD client (`qemu-io`, `qemu-img`) and libnbd
+//! (its Python bindings, nbdinfo, nbdcopy), skipped with a printed reason when they are not
+//! installed.
 //!
 //! Every test starts its own server on its own image in its own temp dir, so the tests run in
 //! parallel. Set `NBD_TEST_SERVER=qemu-nbd` to run the suite against `qemu-nbd` instead, which
@@ -24,10 +26,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::nbd_client::{
-    BlockSize, Client, Conn, GREETING_LEN, Handshake, IO_TIMEOUT, Info, OptionReply, REQUEST_LEN,
-    RawReply, Request, chunk, cmd, cmd_flag, decode_error_chunk, decode_info, decode_server_reply,
-    encode_info_request, encode_option, errno, errno_of, go_or_info, handshake, info, opt, rep,
-    tx_flag,
+    BASE_ALLOCATION, BlockSize, Client, Conn, Content, ExtRequest, Extent, GREETING_LEN, Handshake,
+    IO_TIMEOUT, Info, OptionReply, REQUEST_LEN, RawReply, Request, chunk, cmd, cmd_flag,
+    decode_error_chunk, decode_info, decode_meta_context, decode_server_reply, encode_info_request,
+    encode_option, errno, errno_of, go_or_info, handshake, info, opt, rep, state, tx_flag,
 };
 use support::server::{Config, Server, TempDir, have_socket_activate};
 
@@ -506,26 +508,79 @@ fn meta_request(export: &str, queries: &[&str]) -> Vec<u8> {
     d
 }
 
+/// The `NBD_REP_META_CONTEXT` replies to a meta-context option, up to its final reply (which
+/// is returned as well).
+fn meta_replies(conn: &mut Conn, option: u32, data: &[u8]) -> (Vec<(u32, String)>, OptionReply) {
+    conn.send_option(option, data).unwrap();
+    let mut contexts = Vec::new();
+    loop {
+        let r = conn.read_option_reply().unwrap();
+        assert_eq!(r.option, option, "{r:?}");
+        if r.kind != rep::META_CONTEXT {
+            return (contexts, r);
+        }
+        contexts.push(decode_meta_context(&r.data).unwrap());
+    }
+}
+
 #[test]
-fn meta_context_options_are_validated_and_select_nothing() {
+fn meta_context_options_list_and_select_base_allocation() {
     let f = fixture("opt-meta", MIB, |c| c.name("disk"));
     let mut conn = f.srv.raw_in_options().unwrap();
-    let good = meta_request("disk", &["base:allocation"]);
+    let good = meta_request("disk", &[BASE_ALLOCATION]);
+    let listed = vec![(0, BASE_ALLOCATION.to_owned())];
     // SET needs structured replies first; LIST does not.
     let r = conn.option(opt::SET_META_CONTEXT, &good).unwrap();
     assert_eq!(r.kind, rep::ERR_INVALID, "{r:?}");
-    let r = conn.option(opt::LIST_META_CONTEXT, &good).unwrap();
-    assert_eq!((r.kind, r.data.len()), (rep::ACK, 0), "{r:?}");
+    // LIST: by name, by the `base:` wildcard, or everything when no query is given; ids are 0
+    // there. Unknown namespaces and leaves are ignored.
+    for queries in [
+        &[BASE_ALLOCATION][..],
+        &["base:"],
+        &[],
+        &["x-unknown:thing", "base:allocation"],
+    ] {
+        let (contexts, end) = meta_replies(
+            &mut conn,
+            opt::LIST_META_CONTEXT,
+            &meta_request("disk", queries),
+        );
+        assert_eq!(
+            (contexts, end.kind),
+            (listed.clone(), rep::ACK),
+            "LIST {queries:?}"
+        );
+    }
+    for queries in [
+        &["base:nothing"][..],
+        &["qemu:dirty-bitmap:x"],
+        &["nocolon"],
+    ] {
+        let (contexts, end) = meta_replies(
+            &mut conn,
+            opt::LIST_META_CONTEXT,
+            &meta_request("disk", queries),
+        );
+        assert_eq!((contexts, end.kind), (vec![], rep::ACK), "LIST {queries:?}");
+    }
     assert_eq!(
         conn.option(opt::STRUCTURED_REPLY, &[]).unwrap().kind,
         rep::ACK
     );
-    // No context is offered: a well-formed SET is acknowledged with none selected.
-    let r = conn.option(opt::SET_META_CONTEXT, &good).unwrap();
-    assert_eq!(
-        (r.option, r.kind, r.data.len()),
-        (opt::SET_META_CONTEXT, rep::ACK, 0)
-    );
+    // SET selects base:allocation under an id of the server's choosing; the wildcard and no
+    // query select nothing.
+    let (contexts, end) = meta_replies(&mut conn, opt::SET_META_CONTEXT, &good);
+    assert_eq!(end.kind, rep::ACK);
+    assert_eq!(contexts.len(), 1, "{contexts:?}");
+    assert_eq!(contexts[0].1, BASE_ALLOCATION);
+    for queries in [&["base:"][..], &[]] {
+        let (contexts, end) = meta_replies(
+            &mut conn,
+            opt::SET_META_CONTEXT,
+            &meta_request("disk", queries),
+        );
+        assert_eq!((contexts, end.kind), (vec![], rep::ACK), "SET {queries:?}");
+    }
     let r = conn
         .option(opt::SET_META_CONTEXT, &meta_request("other", &[]))
         .unwrap();
@@ -536,19 +591,44 @@ fn meta_context_options_are_validated_and_select_nothing() {
     trailing.push(0);
     let mut huge_count = meta_request("disk", &[]);
     huge_count[8..12].copy_from_slice(&u32::MAX.to_be_bytes());
-    for (what, data) in [
-        ("truncated", truncated),
-        ("trailing", trailing),
-        ("count", huge_count),
-    ] {
-        let r = conn.option(opt::SET_META_CONTEXT, &data).unwrap();
-        assert_eq!(r.kind, rep::ERR_INVALID, "{what}: {r:?}");
+    for option in [opt::LIST_META_CONTEXT, opt::SET_META_CONTEXT] {
+        for (what, data) in [
+            ("truncated", truncated.clone()),
+            ("trailing", trailing.clone()),
+            ("count", huge_count.clone()),
+            ("NUL", meta_request("disk", &["base:allocation\0"])),
+        ] {
+            let r = conn.option(option, &data).unwrap();
+            assert_eq!(r.kind, rep::ERR_INVALID, "option {option}, {what}: {r:?}");
+        }
     }
+    // A SET that fails still replaces the selection: after a good SET and a bad one, nothing
+    // is selected, so BLOCK_STATUS is refused.
+    let (contexts, _) = meta_replies(&mut conn, opt::SET_META_CONTEXT, &good);
+    assert_eq!(contexts.len(), 1);
+    let r = conn.option(opt::SET_META_CONTEXT, &truncated).unwrap();
+    assert_eq!(r.kind, rep::ERR_INVALID);
     let mut c = Handshake::new("disk")
         .structured_replies()
         .run_after_greeting(conn)
         .unwrap();
+    assert_errno(c.call(cmd::BLOCK_STATUS, 0, 0, 4096, &[]), errno::EINVAL);
     c.flush().unwrap();
+    // And a client that selects it gets block status.
+    let mut c = f
+        .srv
+        .handshake(Handshake::new("disk").meta_contexts(&[BASE_ALLOCATION]))
+        .unwrap();
+    assert_eq!(c.contexts().len(), 1);
+    let hole = state::HOLE | state::ZERO;
+    assert_eq!(
+        c.block_status(0, MIB as u64, 0).unwrap(),
+        vec![Extent {
+            len: MIB as u64,
+            flags: hole
+        }]
+    );
+    c.disconnect().unwrap();
 }
 
 #[test]
@@ -1127,7 +1207,9 @@ fn read_only_export_refuses_writes_with_eperm() {
 fn unknown_command_types_are_einval() {
     let f = fixture("cmd-unknown", MIB, |c| c);
     let mut c = f.srv.client();
-    for (i, kind) in [5u16, 7, 8, 99, u16::MAX].into_iter().enumerate() {
+    // 7 is BLOCK_STATUS, refused without a selected metadata context (and simple replies
+    // cannot carry one); 8 (RESIZE) belongs to an extension the server does not offer.
+    for (i, kind) in [7u16, 8, 9, 99, u16::MAX].into_iter().enumerate() {
         let cookie = 1000 + i as u64;
         c.conn()
             .send_request(&Request::new(kind, cookie, 0, 512), &[])
@@ -1657,7 +1739,7 @@ fn a_client_that_never_reads_its_replies_cannot_grow_server_memory() {
         .collect();
     c.send_reads_at_once(&ranges).unwrap();
     thread::sleep(Duration::from_secs(1));
-    // The bound: 64 MiB of payload in flight, 16 MiB of unsent replies, one reply being sent,
+    // The bound: 16 MiB of payload in flight or unsent, one reply being sent,
     // socket buffers. 160 MiB leaves room for the allocator and none for a second GiB.
     let what = "one client that reads nothing";
     assert_rss_growth_below(&f.srv, rss_before, 160 * 1024, what);
@@ -2956,6 +3038,931 @@ for uri in ["{}", "{}"]:
 }
 
 // ---------------------------------------------------------------------------------------------
+// qemu-nbd 10's protocol: block status, sparse reads, cache, fast zeroes, block devices.
+// ---------------------------------------------------------------------------------------------
+
+/// The size of the sparse image [`sparse_fixture`] serves.
+const SPARSE_SIZE: usize = 8 * MIB;
+/// Where that image holds data (offset, length), 4 KiB aligned; the rest is holes.
+const DATA_RUNS: &[(usize, usize)] = &[
+    (MIB, 64 * KIB),
+    (4 * MIB, MIB),
+    (8 * MIB - 4 * KIB, 4 * KIB),
+];
+
+/// Writes pseudo-random data at each of `runs` of the file at `path`, leaving the rest alone.
+fn write_runs(path: &std::path::Path, runs: &[(usize, usize)]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    for (i, &(offset, len)) in runs.iter().enumerate() {
+        f.write_all_at(&pattern(900 + i as u64, len), offset as u64)
+            .unwrap();
+    }
+    f.sync_all().unwrap();
+}
+
+/// Whether the file at `path` has holes (fewer blocks allocated than its size needs); prints
+/// why the caller skips if not.
+fn is_sparse(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap();
+    let sparse = m.blocks() * 512 < m.len();
+    if !sparse {
+        eprintln!(
+            "skipped: the file system of {} keeps no holes",
+            path.display()
+        );
+    }
+    sparse
+}
+
+/// A server (configured by `configure`) on a [`SPARSE_SIZE`] image holding data only at
+/// [`DATA_RUNS`]; `None` where the file system does not keep holes.
+fn sparse_fixture(tag: &str, configure: impl FnOnce(Config) -> Config) -> Option<Fixture> {
+    let dir = TempDir::new(tag);
+    let image = dir.image("disk.img", SPARSE_SIZE as u64);
+    write_runs(&image, DATA_RUNS);
+    is_sparse(&image).then(|| fixture_on(dir, image, configure))
+}
+
+/// What `base:allocation` must report for `[offset, offset + len)` of an image of `size` bytes
+/// with data at `runs` and holes elsewhere: data as 0, holes as `HOLE | ZERO`, one extent per
+/// run of either.
+fn expected_extents(
+    runs: &[(usize, usize)],
+    size: usize,
+    offset: usize,
+    len: usize,
+) -> Vec<Extent> {
+    let hole = state::HOLE | state::ZERO;
+    let mut bounds = vec![(0, hole)];
+    for &(at, n) in runs {
+        bounds.push((at, 0));
+        bounds.push((at + n, hole));
+    }
+    let end = offset + len;
+    let mut out: Vec<Extent> = Vec::new();
+    for (i, &(start, flags)) in bounds.iter().enumerate() {
+        let stop = bounds.get(i + 1).map_or(size, |b| b.0);
+        let (a, b) = (start.max(offset), stop.min(end));
+        if a < b {
+            out.push(Extent {
+                len: (b - a) as u64,
+                flags,
+            });
+        }
+    }
+    out
+}
+
+/// A structured client of `f`'s server that selected `base:allocation`.
+fn block_status_client(f: &Fixture) -> Client {
+    let hs = Handshake::new("").meta_contexts(&[BASE_ALLOCATION]);
+    let c = f.srv.handshake(hs).unwrap();
+    assert_eq!(c.contexts().len(), 1, "{:?}", c.contexts());
+    c
+}
+
+#[test]
+fn block_status_reports_the_holes_and_the_data_of_the_image() {
+    let Some(f) = sparse_fixture("block-status", |c| c) else {
+        return;
+    };
+    let mut c = block_status_client(&f);
+    let hole = state::HOLE | state::ZERO;
+    // The whole image, and ranges that start and end inside runs, aligned or not.
+    for (offset, len) in [
+        (0, SPARSE_SIZE),
+        (MIB + 4 * KIB, 3 * MIB),
+        (MIB + 100, 1000),
+        (4 * MIB - 1, 2),
+        (7 * MIB, MIB),
+    ] {
+        assert_eq!(
+            c.block_status(offset as u64, len as u64, 0).unwrap(),
+            expected_extents(DATA_RUNS, SPARSE_SIZE, offset, len),
+            "block status of [{offset}, +{len})"
+        );
+    }
+    // REQ_ONE: the first extent alone, never longer than asked for.
+    for (offset, len) in [(0, SPARSE_SIZE), (512 * KIB, 256 * KIB), (MIB, 2 * MIB)] {
+        let want = expected_extents(DATA_RUNS, SPARSE_SIZE, offset, len)[0];
+        let got = c.block_status(offset as u64, len as u64, cmd_flag::REQ_ONE);
+        assert_eq!(got.unwrap(), vec![want], "REQ_ONE at [{offset}, +{len})");
+    }
+    // Refused: past the end, nothing to describe, a flag of another command.
+    let end = SPARSE_SIZE as u64;
+    assert_errno(c.block_status(end - 4096, 8192, 0), errno::EINVAL);
+    assert_errno(c.block_status(end, 1, 0), errno::EINVAL);
+    assert_errno(c.block_status(0, 0, 0), errno::EINVAL);
+    assert_errno(c.block_status(0, 4096, cmd_flag::DF), errno::EINVAL);
+    // The map follows the data: a trim makes a hole, a write fills one.
+    c.trim(4 * MIB as u64, MIB as u32).unwrap();
+    let got = c.block_status(4 * MIB as u64, MIB as u64, 0).unwrap();
+    assert_eq!(
+        got,
+        vec![Extent {
+            len: MIB as u64,
+            flags: hole
+        }]
+    );
+    c.write(2 * MIB as u64, &[7; 8192]).unwrap();
+    let got = c.block_status(2 * MIB as u64 - 4096, 16384, 0).unwrap();
+    let want = [(4096, hole), (8192, 0), (4096, hole)].map(|(len, flags)| Extent { len, flags });
+    assert_eq!(got, want);
+    c.disconnect().unwrap();
+    // Without a selected context, BLOCK_STATUS is EINVAL, with structured replies or without.
+    for mut c in [f.srv.structured_client(), f.srv.client()] {
+        assert_errno(c.call(cmd::BLOCK_STATUS, 0, 0, 4096, &[]), errno::EINVAL);
+        assert_eq!(c.read(MIB as u64, 4096).unwrap(), f.disk(MIB, 4096));
+        c.disconnect().unwrap();
+    }
+}
+
+#[test]
+fn structured_reads_send_holes_as_hole_chunks_except_with_df() {
+    let Some(f) = sparse_fixture("sparse-read", |c| c) else {
+        return;
+    };
+    let mut c = f.srv.structured_client();
+    assert_ne!(c.flags() & tx_flag::SEND_DF, 0);
+    let content = |offset: usize, len: usize, hole: bool| Content {
+        offset: offset as u64,
+        len: len as u64,
+        hole,
+    };
+    // Holes and data in order, the data the image's.
+    let (data, chunks) = c.read_chunks(0, 2 * MIB as u32, 0).unwrap();
+    assert!(data == f.disk(0, 2 * MIB), "the data of [0, 2 MiB)");
+    let want = vec![
+        content(0, MIB, true),
+        content(MIB, 64 * KIB, false),
+        content(MIB + 64 * KIB, MIB - 64 * KIB, true),
+    ];
+    assert_eq!(chunks, want);
+    // A read from the middle of a data run into a hole, and one inside a hole.
+    let (data, chunks) = c
+        .read_chunks(5 * MIB as u64 - 4096, 128 * KIB as u32, 0)
+        .unwrap();
+    assert!(data == f.disk(5 * MIB - 4096, 128 * KIB));
+    let want = vec![
+        content(5 * MIB - 4096, 4096, false),
+        content(5 * MIB, 124 * KIB, true),
+    ];
+    assert_eq!(chunks, want);
+    let (data, chunks) = c.read_chunks(2 * MIB as u64, 64 * KIB as u32, 0).unwrap();
+    assert!(data.iter().all(|&b| b == 0));
+    assert_eq!(chunks, vec![content(2 * MIB, 64 * KIB, true)]);
+    // DF: one data chunk, the holes' zeros in it.
+    let (data, chunks) = c.read_chunks(0, 2 * MIB as u32, cmd_flag::DF).unwrap();
+    assert!(data == f.disk(0, 2 * MIB));
+    assert_eq!(chunks, vec![content(0, 2 * MIB, false)]);
+    // Reads shorter than 64 KiB are not worth looking for holes in: sent whole.
+    let (data, chunks) = c.read_chunks(0, 4096, 0).unwrap();
+    assert!(data.iter().all(|&b| b == 0));
+    assert_eq!(chunks, vec![content(0, 4096, false)]);
+    c.disconnect().unwrap();
+    // With simple replies there is no DF to offer, and the flag is refused.
+    let mut c = f.srv.client();
+    assert_eq!(c.flags() & tx_flag::SEND_DF, 0);
+    assert_errno(c.call(cmd::READ, cmd_flag::DF, 0, 4096, &[]), errno::EINVAL);
+    assert_eq!(c.read(0, 2 * MIB as u32).unwrap(), f.disk(0, 2 * MIB));
+    c.disconnect().unwrap();
+}
+
+/// Bytes of `path` resident in the page cache, from util-linux's `fincore`.
+fn resident_bytes(path: &std::path::Path) -> Option<u64> {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+#[test]
+fn cache_reads_ahead_and_is_checked_like_a_read() {
+    const SIZE: usize = 4 * MIB;
+    let f = fixture("cache", SIZE, |c| c.read_only());
+    write_runs(&f.image, &[(0, SIZE)]);
+    let mut c = f.srv.client();
+    assert_ne!(c.flags() & tx_flag::SEND_CACHE, 0);
+    // Refused as a READ would be: past the end, over the maximum payload, with NO_HOLE.
+    assert_errno(
+        c.call(cmd::CACHE, 0, SIZE as u64 - 512, 1024, &[]),
+        errno::EINVAL,
+    );
+    let over = MAX_PAYLOAD as u32 + 1;
+    assert_errno(c.call(cmd::CACHE, 0, 0, over, &[]), errno::EINVAL);
+    assert_errno(
+        c.call(cmd::CACHE, cmd_flag::NO_HOLE, 0, 4096, &[]),
+        errno::EINVAL,
+    );
+    c.call(cmd::CACHE, 0, 0, 0, &[]).unwrap();
+    // It reads ahead: the image leaves the page cache (`dd iflag=nocache count=0` drops a
+    // clean file's pages), then CACHE brings it back.
+    let dropped = Command::new("dd")
+        .arg(format!("if={}", f.image.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .status()
+        .is_ok_and(|s| s.success());
+    match resident_bytes(&f.image) {
+        Some(before) if dropped && before < MIB as u64 => {
+            c.call(cmd::CACHE, 0, 0, SIZE as u32, &[]).unwrap();
+            let cached = eventually(IO_TIMEOUT, || {
+                resident_bytes(&f.image).is_some_and(|n| n >= SIZE as u64)
+            });
+            assert!(
+                cached,
+                "CACHE left {:?} bytes resident",
+                resident_bytes(&f.image)
+            );
+        }
+        other => eprintln!("skipped the page cache check: dd {dropped}, fincore {other:?}"),
+    }
+    assert!(c.read(0, SIZE as u32).unwrap() == f.disk(0, SIZE));
+    c.disconnect().unwrap();
+}
+
+/// Removes a file on drop (an image outside the test's temp dir).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Sends WRITE_ZEROES of `len` bytes at `offset` with `flags` to `c`, which serves `image`
+/// (holding data there): `Ok` with the range now reading as zeros, or an `ENOTSUP` that left
+/// the data alone (what `FAST_ZERO` asks for when zeroing would not be fast).
+fn zero_or_enotsup(
+    c: &mut Client,
+    image: &std::path::Path,
+    offset: usize,
+    len: usize,
+    flags: u16,
+) -> bool {
+    let before = std::fs::read(image).unwrap()[offset..offset + len].to_vec();
+    assert!(before.iter().any(|&b| b != 0), "nothing to zero");
+    let r = c.call(cmd::WRITE_ZEROES, flags, offset as u64, len as u32, &[]);
+    let after = c.read(offset as u64, len as u32).unwrap();
+    match r {
+        Ok(_) => {
+            assert!(
+                after.iter().all(|&b| b == 0),
+                "flags {flags:#x}: not zeroed"
+            );
+            true
+        }
+        Err(e) => {
+            assert_eq!(errno_of(&e), Some(errno::ENOTSUP), "flags {flags:#x}: {e}");
+            assert!(
+                flags & cmd_flag::FAST_ZERO != 0,
+                "ENOTSUP without FAST_ZERO"
+            );
+            assert!(
+                after == before,
+                "flags {flags:#x}: a refused fast zero changed the data"
+            );
+            false
+        }
+    }
+}
+
+#[test]
+fn fast_zero_fails_fast_where_zeroing_would_be_writing() {
+    let f = fixture("fast-zero", 2 * MIB, |c| c);
+    write_runs(&f.image, &[(0, 2 * MIB)]);
+    let mut c = f.srv.client();
+    assert_ne!(c.flags() & tx_flag::SEND_FAST_ZERO, 0);
+    assert_errno(
+        c.call(cmd::WRITE, cmd_flag::FAST_ZERO, 0, 1, &[1]),
+        errno::EINVAL,
+    );
+    assert_errno(
+        c.call(cmd::TRIM, cmd_flag::FAST_ZERO, 0, 4096, &[]),
+        errno::EINVAL,
+    );
+    // The temp dir's file system (ext4, xfs, btrfs, tmpfs) punches holes: fast.
+    assert!(zero_or_enotsup(
+        &mut c,
+        &f.image,
+        0,
+        256 * KIB,
+        cmd_flag::FAST_ZERO
+    ));
+    // Without a hole, fast only where the file system zeroes a range (ZERO_RANGE).
+    let flags = cmd_flag::FAST_ZERO | cmd_flag::NO_HOLE;
+    let fast = zero_or_enotsup(&mut c, &f.image, 256 * KIB, 256 * KIB, flags);
+    eprintln!(
+        "FAST_ZERO | NO_HOLE in the temp dir: {}",
+        if fast { "done" } else { "ENOTSUP" }
+    );
+    c.disconnect().unwrap();
+
+    // tmpfs punches holes but has no ZERO_RANGE: there, FAST_ZERO | NO_HOLE fails fast and
+    // leaves the data, and NO_HOLE alone writes the zeros out.
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipped the tmpfs half: no /dev/shm");
+        return;
+    }
+    let image = shm.join(format!(
+        "aio-nbd-{}-{}.img",
+        std::process::id(),
+        support::server::engine()
+    ));
+    let _remove = RemoveOnDrop(image.clone());
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(2 * MIB as u64)
+        .unwrap();
+    write_runs(&image, &[(0, 2 * MIB)]);
+    let f = fixture_on(TempDir::new("fast-zero-shm"), image.clone(), |c| c);
+    let mut c = f.srv.client();
+    assert!(zero_or_enotsup(
+        &mut c,
+        &image,
+        0,
+        256 * KIB,
+        cmd_flag::FAST_ZERO
+    ));
+    assert!(!zero_or_enotsup(
+        &mut c,
+        &image,
+        256 * KIB,
+        256 * KIB,
+        flags
+    ));
+    assert!(zero_or_enotsup(
+        &mut c,
+        &image,
+        256 * KIB,
+        256 * KIB,
+        cmd_flag::NO_HOLE
+    ));
+    c.disconnect().unwrap();
+    // The expected ENOTSUP is not logged as a failure of the server.
+    assert!(
+        !f.srv.stderr().iter().any(|l| l.contains("failed")),
+        "{:?}",
+        f.srv.stderr()
+    );
+}
+
+/// A loop device attached to a file, detached on drop.
+struct LoopDevice(PathBuf);
+
+impl LoopDevice {
+    /// Attaches `backing` to a free loop device; `None` (with the reason printed) where that
+    /// is not possible (not root, no loop support, no losetup).
+    fn attach(backing: &std::path::Path) -> Option<LoopDevice> {
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(backing)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {
+                let dev = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+                Some(LoopDevice(PathBuf::from(dev)))
+            }
+            Ok(o) => {
+                let why = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+                eprintln!("skipped: losetup cannot attach a loop device: {why}");
+                None
+            }
+            Err(e) => {
+                eprintln!("skipped: no losetup: {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .arg("--detach")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_block_device_is_exported_and_other_files_are_refused() {
+    // What is neither a regular file nor a block device is refused at startup.
+    let dir = TempDir::new("blockdev");
+    // (A directory opens only for reading.)
+    let dir_s = dir.join("").display().to_string();
+    for (path, extra) in [("/dev/null", None), (dir_s.as_str(), Some("--read-only"))] {
+        let out = Command::new(support::server::server_binary())
+            .args(["--unix"])
+            .arg(dir.join("refused.sock"))
+            .args(extra)
+            .arg(path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{path}: {err}");
+        assert!(
+            err.contains("neither a regular file nor a block device"),
+            "{path}: {err}"
+        );
+    }
+
+    const SIZE: usize = 16 * MIB;
+    let backing = dir.image("backing.img", SIZE as u64);
+    write_runs(&backing, &[(0, SIZE)]);
+    let Some(dev) = LoopDevice::attach(&backing) else {
+        return;
+    };
+    let f = fixture_on(dir, dev.0.clone(), |c| c);
+    let mut c = block_status_client(&f);
+    assert_eq!(c.size(), SIZE as u64);
+    let want = std::fs::read(&backing).unwrap();
+    assert!(c.read(0, 4 * MIB as u32).unwrap() == want[..4 * MIB]);
+    assert!(c.read(12 * MIB as u64, 4 * MIB as u32).unwrap() == want[12 * MIB..]);
+    // Writes reach the file behind the device.
+    c.write(8 * MIB as u64, &[0x5a; 8192]).unwrap();
+    c.flush().unwrap();
+    let backed = std::fs::read(&backing).unwrap();
+    assert!(backed[8 * MIB..8 * MIB + 8192].iter().all(|&b| b == 0x5a));
+    // A block device has no holes to report: all data.
+    let got = c.block_status(0, SIZE as u64, 0).unwrap();
+    assert_eq!(
+        got,
+        vec![Extent {
+            len: SIZE as u64,
+            flags: 0
+        }]
+    );
+    // Zeroing: done, or refused fast with the data left alone.
+    let fast = zero_or_enotsup(&mut c, &f.image, MIB, 256 * KIB, cmd_flag::FAST_ZERO);
+    eprintln!(
+        "FAST_ZERO on {}: {}",
+        dev.0.display(),
+        if fast { "done" } else { "ENOTSUP" }
+    );
+    let flags = cmd_flag::FAST_ZERO | cmd_flag::NO_HOLE;
+    assert!(!zero_or_enotsup(
+        &mut c,
+        &f.image,
+        2 * MIB,
+        256 * KIB,
+        flags
+    ));
+    assert!(zero_or_enotsup(
+        &mut c,
+        &f.image,
+        3 * MIB,
+        256 * KIB,
+        cmd_flag::NO_HOLE
+    ));
+    assert!(zero_or_enotsup(&mut c, &f.image, 4 * MIB, 256 * KIB, 0));
+    c.disconnect().unwrap();
+}
+
+/// `nbd+unix:///?socket=...` for `f`'s server (export name "").
+fn nbd_uri(f: &Fixture) -> String {
+    format!("nbd+unix:///?socket={}", f.srv.unix_path().display())
+}
+
+#[test]
+fn nbdinfo_reads_the_map_and_the_capabilities() {
+    if !have("nbdinfo") {
+        return;
+    }
+    let Some(f) = sparse_fixture("nbdinfo", |c| c) else {
+        return;
+    };
+    let uri = nbd_uri(&f);
+    let out = Command::new("nbdinfo")
+        .args(["--map", &uri])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Lines of offset, length, type and its description.
+    let got: Vec<(u64, u64, u32)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (
+                w[0].parse().unwrap(),
+                w[1].parse().unwrap(),
+                w[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    let mut at = 0;
+    let want: Vec<(u64, u64, u32)> = expected_extents(DATA_RUNS, SPARSE_SIZE, 0, SPARSE_SIZE)
+        .into_iter()
+        .map(|e| {
+            at += e.len;
+            (at - e.len, e.len, e.flags)
+        })
+        .collect();
+    assert_eq!(got, want);
+    let can = |uri: &str, what: &str| {
+        let out = Command::new("nbdinfo")
+            .args(["--can", what, uri])
+            .output()
+            .unwrap();
+        match out.status.code() {
+            Some(0) => true,
+            Some(2) => false,
+            _ => panic!(
+                "nbdinfo --can {what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    };
+    for what in [
+        "cache",
+        "df",
+        "fast-zero",
+        "flush",
+        "fua",
+        "multi-conn",
+        "structured-reply",
+        "trim",
+        "zero",
+        "write",
+    ] {
+        assert!(can(&uri, what), "nbdinfo --can {what}");
+    }
+    let ro = fixture("nbdinfo-ro", MIB, |c| c.read_only());
+    assert!(!can(&nbd_uri(&ro), "write"));
+    assert!(can(&nbd_uri(&ro), "cache"));
+}
+
+/// The image of the sparse copy tests: 4 GiB with 8 MiB of data in 1 MiB pieces, 512 MiB
+/// apart, and the last 4 KiB.
+fn big_sparse_image(dir: &TempDir) -> Option<PathBuf> {
+    const GIB: usize = 1 << 30;
+    let image = dir.image("big.img", 4 * GIB as u64);
+    let mut runs: Vec<(usize, usize)> = (0..7).map(|i| (i * 512 * MIB + 3 * MIB, MIB)).collect();
+    runs.push((4 * GIB - MIB, MIB));
+    write_runs(&image, &runs);
+    is_sparse(&image).then_some(image)
+}
+
+/// The number of requests a stopped line counts.
+fn requests_served(stopped: &str) -> u64 {
+    let words: Vec<&str> = stopped.split_whitespace().collect();
+    let at = words
+        .iter()
+        .position(|w| w.starts_with("requests"))
+        .expect(stopped);
+    words[at - 1].parse().expect(stopped)
+}
+
+#[test]
+fn nbdcopy_and_qemu_img_skip_the_holes_of_a_sparse_image() {
+    if !have("nbdcopy") {
+        return;
+    }
+    let dir = TempDir::new("sparse-copy");
+    let Some(image) = big_sparse_image(&dir) else {
+        return;
+    };
+    let mut f = fixture_on(dir, image, |c| c);
+    let uri = nbd_uri(&f);
+    let copy = |to: &str| {
+        let started = Instant::now();
+        let out = Command::new("nbdcopy").args([&uri, to]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "nbdcopy to {to}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        started.elapsed()
+    };
+    let took = copy("null:");
+    eprintln!("nbdcopy of 4 GiB holding 8 MiB to null: took {took:?}");
+    let copied = f.dir.join("copy.img");
+    let took = copy(copied.to_str().unwrap());
+    eprintln!("nbdcopy of 4 GiB holding 8 MiB to a file: took {took:?}");
+    // The copy is the image, holes included.
+    assert!(is_sparse(&copied), "nbdcopy wrote the holes out");
+    let image_s = f.image.display().to_string();
+    let copied_s = copied.display().to_string();
+    let qemu_img = |args: &[&str]| {
+        let out = Command::new("qemu-img").args(args).output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "qemu-img {args:?}: {text}");
+        text
+    };
+    if have("qemu-img") {
+        qemu_img(&[
+            "compare", "-s", "-f", "raw", "-F", "raw", &image_s, &copied_s,
+        ]);
+        // The export's allocation is the file's, as qemu-img sees both, and strictly the same
+        // contents.
+        qemu_img(&["compare", "-s", "-f", "raw", "-F", "raw", &image_s, &uri]);
+        let local = qemu_img(&["map", "--output=json", "-f", "raw", &image_s]);
+        let remote = qemu_img(&["map", "--output=json", "-f", "raw", &uri]);
+        assert_eq!(remote, local);
+    } else {
+        assert!(std::fs::read(&copied).unwrap() == std::fs::read(&f.image).unwrap());
+    }
+    // Holes were never read: a whole read would have taken 16 384 requests of 256 KiB each,
+    // twice.
+    let requests = requests_served(&stop_and_get_stopped_line(&mut f.srv));
+    assert!(
+        requests < 2_000,
+        "{requests} requests for two sparse copies"
+    );
+}
+
+#[test]
+fn extended_headers_are_negotiated_and_frame_every_reply() {
+    let f = fixture("ext-headers", 4 * MIB, |c| c);
+    std::fs::write(&f.image, pattern(31, 4 * MIB)).unwrap();
+    let mut conn = f.srv.raw_in_options().unwrap();
+    let r = conn.option(opt::EXTENDED_HEADERS, &[1]).unwrap();
+    assert_eq!(r.kind, rep::ERR_INVALID, "{r:?}");
+    let r = conn.option(opt::EXTENDED_HEADERS, &[]).unwrap();
+    assert_eq!((r.kind, r.data.len()), (rep::ACK, 0), "{r:?}");
+    // No going back to compact headers.
+    let r = conn.option(opt::STRUCTURED_REPLY, &[]).unwrap();
+    assert_eq!(r.kind, rep::ERR_EXT_HEADER_REQD, "{r:?}");
+    // Meta contexts need no structured replies with extended headers.
+    let contexts = support::nbd_client::set_meta_context(&mut conn, "", &[BASE_ALLOCATION]);
+    assert_eq!(contexts.unwrap().len(), 1);
+    let hs = Handshake::new("").extended_headers();
+    let mut c = hs.run_after_greeting(conn).unwrap();
+    assert_ne!(c.flags() & tx_flag::SEND_DF, 0);
+    // Every reply, success or error, is an extended chunk that repeats the request's offset
+    // (the client checks both).
+    exercise(&mut c, &f);
+    assert_errno(c.read(4 * MIB as u64, 1), errno::EINVAL);
+    let (data, chunks) = c.read_chunks(0, 64 * KIB as u32, cmd_flag::DF).unwrap();
+    assert!(data == f.disk(0, 64 * KIB));
+    assert_eq!(chunks.len(), 1);
+    let raw = c.conn();
+    let flush = ExtRequest {
+        flags: 0,
+        kind: cmd::FLUSH,
+        cookie: 0xf1,
+        offset: 12345,
+        length: 0,
+    };
+    raw.send_ext_request(&flush, &[]).unwrap();
+    let ch = raw.read_chunk().unwrap();
+    assert_eq!(
+        (ch.flags, ch.kind, ch.cookie, ch.offset, ch.payload.len()),
+        (chunk::FLAG_DONE, chunk::NONE, 0xf1, Some(12345), 0)
+    );
+    // A WRITE's length is its payload's, flagged (as the protocol asks) or not (as qemu's
+    // client sends it).
+    for (flags, cookie, byte) in [(cmd_flag::PAYLOAD_LEN, 0xa1, 0x61), (0, 0xa2, 0x62)] {
+        let write = ExtRequest {
+            flags,
+            kind: cmd::WRITE,
+            cookie,
+            offset: 8192,
+            length: 4096,
+        };
+        raw.send_ext_request(&write, &[byte; 4096]).unwrap();
+        let ch = raw.read_chunk().unwrap();
+        assert_eq!(
+            (ch.kind, ch.cookie, ch.offset),
+            (chunk::NONE, cookie, Some(8192))
+        );
+        assert_eq!(f.disk(8192, 4096), vec![byte; 4096]);
+    }
+    // A payload on a command that takes none is read and dropped, then refused.
+    let flush_with_payload = ExtRequest {
+        flags: cmd_flag::PAYLOAD_LEN,
+        length: 100,
+        cookie: 0xf2,
+        ..flush
+    };
+    raw.send_ext_request(&flush_with_payload, &[0x55; 100])
+        .unwrap();
+    let ch = raw.read_chunk().unwrap();
+    assert_eq!((ch.kind, ch.cookie), (chunk::ERROR, 0xf2));
+    assert_eq!(
+        decode_error_chunk(&ch.payload, false).unwrap().errno,
+        errno::EINVAL
+    );
+    assert_eq!(c.read(8192, 4096).unwrap(), vec![0x62; 4096]);
+    // A compact header is out of step once extended headers are on: the connection closes.
+    c.conn()
+        .send_request(&Request::new(cmd::FLUSH, 0xf3, 0, 0), &[0; 4])
+        .unwrap();
+    assert_closed(c.conn(), "a compact request after extended headers");
+    f.assert_serves();
+}
+
+#[test]
+fn extended_headers_carry_64_bit_lengths() {
+    const GIB: u64 = 1 << 30;
+    let dir = TempDir::new("ext-64");
+    let image = dir.image("big.img", 8 * GIB);
+    let runs = [(0, MIB), (6 * GIB as usize, MIB)];
+    write_runs(&image, &runs);
+    if !is_sparse(&image) {
+        return;
+    }
+    let f = fixture_on(dir, image, |c| c);
+    let size = 8 * GIB as usize;
+    let hs = Handshake::new("")
+        .meta_contexts(&[BASE_ALLOCATION])
+        .extended_headers();
+    let mut c = f.srv.handshake(hs).unwrap();
+    // One request covers the whole 8 GiB, and a hole of almost 6 GiB is one extent.
+    let got = c.block_status(0, 8 * GIB, 0).unwrap();
+    assert_eq!(got, expected_extents(&runs, size, 0, size));
+    assert!(got[1].len > u64::from(u32::MAX), "{got:?}");
+    let got = c.block_status(MIB as u64, 8 * GIB - MIB as u64, cmd_flag::REQ_ONE);
+    assert_eq!(
+        got.unwrap(),
+        expected_extents(&runs, size, MIB, size - MIB)[..1]
+    );
+    // Payload commands are still limited to the maximum payload; the rest are not.
+    assert_errno(
+        c.call_reply64(cmd::READ, 0, 0, 5 * GIB, &[])
+            .unwrap()
+            .result,
+        errno::EINVAL,
+    );
+    assert_errno(
+        c.call_reply64(cmd::CACHE, 0, 0, GIB, &[]).unwrap().result,
+        errno::EINVAL,
+    );
+    assert_errno(c.block_status(GIB, 8 * GIB, 0), errno::EINVAL);
+    // Zeroing and trimming 5 GiB at once: the data runs go, and the map says so.
+    c.call_reply64(
+        cmd::WRITE_ZEROES,
+        cmd_flag::FAST_ZERO,
+        3 * GIB,
+        5 * GIB,
+        &[],
+    )
+    .unwrap()
+    .result
+    .unwrap();
+    c.call_reply64(cmd::TRIM, 0, 0, 5 * GIB, &[])
+        .unwrap()
+        .result
+        .unwrap();
+    let hole = state::HOLE | state::ZERO;
+    let got = c.block_status(0, 8 * GIB, 0).unwrap();
+    assert_eq!(
+        got,
+        vec![Extent {
+            len: 8 * GIB,
+            flags: hole
+        }]
+    );
+    assert_eq!(c.read(6 * GIB, 4096).unwrap(), vec![0; 4096]);
+    c.disconnect().unwrap();
+    // A compact client asks in 32-bit pieces and gets 32-bit extents.
+    let mut c = block_status_client(&f);
+    let got = c.block_status(GIB, u64::from(u32::MAX), 0).unwrap();
+    assert_eq!(
+        got,
+        vec![Extent {
+            len: u64::from(u32::MAX),
+            flags: hole
+        }]
+    );
+    c.disconnect().unwrap();
+}
+
+/// qemu's client (10.0) negotiates extended headers and libnbd's (1.14) structured replies:
+/// both see the same map, and qemu-img's copy of the export is strictly the image.
+#[test]
+fn qemu_img_uses_extended_headers_and_libnbd_structured_replies() {
+    if !have("qemu-img") {
+        return;
+    }
+    let Some(f) = sparse_fixture("ext-qemu", |c| c.verbose()) else {
+        return;
+    };
+    let uri = nbd_uri(&f);
+    let image = f.image.display().to_string();
+    let run = |tool: &str, args: &[&str]| {
+        let out = Command::new(tool).args(args).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let map = |what: &str| run("qemu-img", &["map", "--output=json", "-f", "raw", what]);
+    assert_eq!(map(&uri), map(&image));
+    run(
+        "qemu-img",
+        &["compare", "-s", "-f", "raw", "-F", "raw", &image, &uri],
+    );
+    let copy = f.dir.join("copy.img").display().to_string();
+    run(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, &copy],
+    );
+    // (Not strictly: qemu-img convert writes out the first block of a raw target, hole or not.)
+    run(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &image, &copy],
+    );
+    let framings = |f: &Fixture| {
+        f.srv
+            .stderr()
+            .iter()
+            .filter_map(|l| {
+                l.split_once("transmission phase, ")
+                    .map(|(_, w)| w.to_owned())
+            })
+            .collect::<Vec<_>>()
+    };
+    // Three connections: map, compare and convert.
+    assert!(
+        eventually(IO_TIMEOUT, || framings(&f).len() >= 3),
+        "{:?}",
+        f.srv.stderr()
+    );
+    assert!(
+        framings(&f).iter().all(|w| w == "extended replies"),
+        "{:?}",
+        framings(&f)
+    );
+    if have("nbdinfo") {
+        run("nbdinfo", &["--map", &uri]);
+        assert!(eventually(IO_TIMEOUT, || framings(&f).len() >= 4));
+        assert_eq!(framings(&f).last().unwrap(), "structured replies");
+    }
+}
+
+/// nbdcopy's default run (4 connections, 64 requests of 256 KiB each in flight) reads 256 MiB
+/// of data: the server's peak RSS stays within 64 MiB (nbdcopy alone keeps 64 MiB in flight),
+/// and once the copy is over it falls back to within 16 MiB of what it was idle (buffers kept
+/// for reuse, freed ones given back to the kernel).
+#[test]
+fn memory_follows_what_is_in_flight_during_a_bulk_copy() {
+    if !have("nbdcopy") {
+        return;
+    }
+    const SIZE: usize = 256 * MIB;
+    let dir = TempDir::new("bulk-rss");
+    let image = dir.image("disk.img", SIZE as u64);
+    {
+        use std::io::Write;
+        let chunk = pattern(0xb01c, MIB);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        for _ in 0..SIZE / MIB {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let f = fixture_on(dir, image, |c| c);
+    let idle = f.srv.rss_kib();
+    for round in 0..2 {
+        let out = Command::new("nbdcopy")
+            .args([&nbd_uri(&f), "null:"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nbdcopy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let peak = f.srv.peak_rss_kib();
+        eprintln!("bulk copy {round}: idle {idle} KiB, peak {peak} KiB");
+        assert!(
+            peak <= 64 * 1024,
+            "peak RSS {peak} KiB during nbdcopy (idle: {idle} KiB)"
+        );
+        let settled = eventually(Duration::from_secs(2), || {
+            f.srv.rss_kib() <= idle + 16 * 1024
+        });
+        let after = f.srv.rss_kib();
+        eprintln!("bulk copy {round}: after {after} KiB");
+        assert!(settled, "RSS {after} KiB after nbdcopy, {idle} KiB before");
+    }
+    // At most the pool's limit of threads ran the reads (plus the context's and the signals'
+    // threads, and libraries' own).
+    let threads = std::fs::read_dir(format!("/proc/{}/task", f.srv.pid()))
+        .unwrap()
+        .count();
+    assert!(threads <= 16 + 4, "{threads} threads");
+}
+
+// ---------------------------------------------------------------------------------------------
 // The client against a reference server.
 // ---------------------------------------------------------------------------------------------
 
@@ -3000,6 +4007,52 @@ fn client_agrees_with_qemu_nbd() {
     }
     seen.sort_unstable();
     assert_eq!(seen, (0..64).collect::<Vec<_>>());
+    c.disconnect().unwrap();
+
+    // Block status and sparse reads: the client's checks and the tests' expectations hold
+    // against qemu-nbd's answers too.
+    let dir = TempDir::new("qemu-nbd-sparse");
+    let image = dir.image("disk.img", SPARSE_SIZE as u64);
+    write_runs(&image, DATA_RUNS);
+    if !is_sparse(&image) {
+        return;
+    }
+    let config = Config::new(&image).name("");
+    let srv = Server::start_qemu_nbd(&config).expect("qemu-nbd ran a moment ago");
+    let f = Fixture { srv, image, dir };
+    let mut c = block_status_client(&f);
+    for (offset, len) in [(0, SPARSE_SIZE), (MIB + 100, 1000), (7 * MIB, MIB)] {
+        assert_eq!(
+            c.block_status(offset as u64, len as u64, 0).unwrap(),
+            expected_extents(DATA_RUNS, SPARSE_SIZE, offset, len),
+            "qemu-nbd's block status of [{offset}, +{len})"
+        );
+    }
+    let one = c.block_status(0, SPARSE_SIZE as u64, cmd_flag::REQ_ONE);
+    assert_eq!(one.unwrap().len(), 1);
+    for flags in [0, cmd_flag::DF] {
+        let (data, chunks) = c.read_chunks(0, 2 * MIB as u32, flags).unwrap();
+        assert!(data == f.disk(0, 2 * MIB));
+        let holes = chunks.iter().filter(|ch| ch.hole).count();
+        assert_eq!((flags, holes > 0), (flags, flags == 0), "{chunks:?}");
+    }
+    c.disconnect().unwrap();
+    // The same with extended headers, which qemu-nbd 10 speaks: 64-bit block status, and
+    // every reply an extended chunk (the client checks the framing and the offsets).
+    let hs = Handshake::new("")
+        .meta_contexts(&[BASE_ALLOCATION])
+        .extended_headers();
+    let mut c = f.srv.handshake(hs).unwrap();
+    assert_eq!(
+        c.block_status(0, SPARSE_SIZE as u64, 0).unwrap(),
+        expected_extents(DATA_RUNS, SPARSE_SIZE, 0, SPARSE_SIZE)
+    );
+    let (data, _) = c.read_chunks(0, 2 * MIB as u32, 0).unwrap();
+    assert!(data == f.disk(0, 2 * MIB));
+    c.write(3 * MIB as u64, &[0x3c; 4096]).unwrap();
+    c.flush().unwrap();
+    assert_eq!(f.disk(3 * MIB, 4096), vec![0x3c; 4096]);
+    assert_errno(c.read(SPARSE_SIZE as u64, 1), errno::EINVAL);
     c.disconnect().unwrap();
 }
 
@@ -3047,7 +4100,7 @@ under_the_task_engine! {
     go_reports_block_sizes,
     unknown_export_name_is_err_unknown_and_the_session_continues,
     malformed_info_and_go_data_is_err_invalid,
-    meta_context_options_are_validated_and_select_nothing,
+    meta_context_options_list_and_select_base_allocation,
     unknown_option_is_err_unsup_and_the_session_continues,
     oversized_option_is_err_too_big_and_the_session_continues,
     abort_with_oversized_data_is_acked_then_closed,
@@ -3108,6 +4161,17 @@ under_the_task_engine! {
     qemu_io_cannot_write_a_read_only_export,
     qemu_img_converts_into_and_out_of_the_export,
     libnbd_gets_the_refusal_of_a_large_write_after_its_upload,
+    block_status_reports_the_holes_and_the_data_of_the_image,
+    structured_reads_send_holes_as_hole_chunks_except_with_df,
+    cache_reads_ahead_and_is_checked_like_a_read,
+    fast_zero_fails_fast_where_zeroing_would_be_writing,
+    a_block_device_is_exported_and_other_files_are_refused,
+    nbdinfo_reads_the_map_and_the_capabilities,
+    nbdcopy_and_qemu_img_skip_the_holes_of_a_sparse_image,
+    extended_headers_are_negotiated_and_frame_every_reply,
+    extended_headers_carry_64_bit_lengths,
+    qemu_img_uses_extended_headers_and_libnbd_structured_replies,
+    memory_follows_what_is_in_flight_during_a_bulk_copy,
     client_agrees_with_qemu_nbd,
 }
 

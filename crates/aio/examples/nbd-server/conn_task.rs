@@ -35,6 +35,7 @@ use aio::task::{AsyncFd, CoMutex};
 use aio::{AioContext, JoinHandle, ThreadPool};
 
 use crate::ClientSlot;
+use crate::buffers::BufPool;
 use crate::connection::{Served, Settings, Shard, Socket};
 use crate::export::Export;
 use crate::protocol::*;
@@ -68,6 +69,7 @@ pub fn start(
         ctx: ctx.clone(),
         export,
         pool: ThreadPool::of(ctx),
+        bufs: BufPool::of(ctx),
         shard: shard.clone(),
         verbose: settings.verbose,
         idle_timeout: settings.idle_timeout,
@@ -115,6 +117,9 @@ pub struct Conn {
     ctx: AioContext,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
+    /// The context's buffer pool: read replies and write payloads come from it, and go back
+    /// once sent.
+    bufs: Rc<BufPool>,
     /// The context's shard, which holds this connection until it has closed.
     shard: Rc<Shard>,
     verbose: bool,
@@ -283,17 +288,18 @@ impl Conn {
             // (An aborted connection is `closing` too.)
             self.wait_reader(|| !self.is_full() || self.closing.get())
                 .await;
-            if self.closing.get() || !self.got(input.fill(self, REQUEST_LEN).await?, input) {
+            let framing = self.hs.get().framing;
+            let hdr = framing.request_len();
+            if self.closing.get() || !self.got(input.fill(self, hdr).await?, input) {
                 return Ok(());
             }
-            let Some(req) = parse_request(input.have()) else {
+            let Some(req) = parse_request(input.have(), framing) else {
                 // Out of step or not NBD at all: nothing after this can be trusted.
                 self.fail("bad request magic, closing");
                 return Ok(());
             };
-            input.consume(REQUEST_LEN);
-            let framing = self.hs.get().framing;
-            match session::classify(&self.export, &req) {
+            input.consume(hdr);
+            match session::classify(&self.export, &self.hs.get(), &req) {
                 Action::Disconnect => {
                     self.log("NBD_CMD_DISC");
                     self.closing.set(true);
@@ -304,15 +310,17 @@ impl Conn {
                     if !self.got(input.discard(self, discard).await?, input) {
                         return Ok(());
                     }
-                    self.reply_later(session::status(framing, req.cookie, errno));
+                    self.reply_later(session::status(framing, &req, errno));
                 }
                 Action::Empty => {
                     self.shard.requests.set(self.shard.requests.get() + 1);
-                    self.reply_later(session::status(framing, req.cookie, 0));
+                    self.reply_later(session::status(framing, &req, 0));
                 }
                 Action::Run => {
-                    let data = if req.kind == CMD_WRITE {
-                        let (got, data) = input.payload(self, req.length as usize).await?;
+                    let data = if req.payload_len > 0 {
+                        // A WRITE: its payload is at most MAX_PAYLOAD.
+                        let len = req.payload_len as usize;
+                        let (got, data) = input.payload(self, len).await?;
                         if !self.got(got, input) {
                             return Ok(());
                         }
@@ -354,7 +362,8 @@ impl Conn {
     /// its reply.
     fn run_request(self: &Rc<Self>, req: Request, data: Option<Vec<u8>>) {
         let framing = self.hs.get().framing;
-        let work = session::work(self.export.clone(), req, data, framing.read_prefix());
+        let buf = data.unwrap_or_else(|| self.bufs.take(session::buffer_len(framing, &req)));
+        let work = session::work(self.export.clone(), req, buf, framing);
         let done = self.pool.submit(work);
         self.in_flight.set(self.in_flight.get() + 1);
         self.pending_bytes
@@ -370,6 +379,7 @@ impl Conn {
             if !me.closed.get() {
                 let reply = session::reply(framing, me.id, &req, result);
                 me.send(&reply).await;
+                me.bufs.give(reply);
             }
             me.settled();
         };
@@ -627,7 +637,7 @@ impl Input {
     /// Reads a write's `len`-byte payload: what is buffered, then the rest straight from the
     /// socket into the request's own buffer, which grows only as the bytes arrive.
     async fn payload(&mut self, conn: &Conn, len: usize) -> io::Result<(Got, Vec<u8>)> {
-        let mut data = Vec::with_capacity(len);
+        let mut data = conn.bufs.take_empty(len);
         let buffered = self.have().len().min(len);
         data.extend_from_slice(&self.have()[..buffered]);
         self.consume(buffered);

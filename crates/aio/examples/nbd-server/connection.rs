@@ -14,10 +14,13 @@
 //!   `MAX_BACKLOG` of replies waiting to be sent (the limits are in `session.rs`, which both
 //!   engines share); a client that does not read its replies soon stops being read, in the
 //!   handshake too.
-//! * A write's payload goes straight into the request's own buffer as it arrives, so memory
-//!   grows only with the bytes a client actually sends, and is not copied again.
+//! * A write's payload goes straight into the request's own buffer (from the context's buffer
+//!   pool, `buffers.rs`) as it arrives, so memory grows only with the bytes a client actually
+//!   sends, and is not copied again.
 //! * A reply is written as soon as it is complete; whatever the socket does not take waits in
-//!   the connection's output buffer, and only then is the handler watching for writability.
+//!   the connection's queue of reply buffers (written with `writev`, never copied into one
+//!   another; each goes back to the pool once sent), and only then is the handler watching
+//!   for writability.
 //! * A client gets `HANDSHAKE_LIMIT` to finish the handshake; with `--idle-timeout`, a
 //!   client in the transmission phase that moves no byte in either direction for that long,
 //!   with no request of its own on the pool, is closed.
@@ -31,8 +34,8 @@
 //!   closes, or after `LINGER` if the client does not take them.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
@@ -44,6 +47,7 @@ use std::time::{Duration, Instant};
 use aio::{AioContext, ClockType, FdHandler, Scale, ThreadPool, Timer};
 
 use crate::ClientSlot;
+use crate::buffers::BufPool;
 use crate::conn_task;
 use crate::export::Export;
 use crate::protocol::*;
@@ -51,6 +55,9 @@ use crate::session::{
     self, Action, Expired, HANDSHAKE_LIMIT, Handshake, LINGER, Opted, READ_BUDGET, READ_CHUNK,
     Timing,
 };
+
+/// At most this many queued replies go to the socket in one `writev`.
+const MAX_SLICES: usize = 64;
 
 /// Connection ids, unique in the process (for logs).
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -74,6 +81,13 @@ impl Socket {
         match self {
             Socket::Tcp(s) => (&*s).write(buf),
             Socket::Unix(s) => (&*s).write(buf),
+        }
+    }
+
+    pub(crate) fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(s) => (&*s).write_vectored(bufs),
+            Socket::Unix(s) => (&*s).write_vectored(bufs),
         }
     }
 
@@ -201,6 +215,7 @@ impl Shard {
             sock: Some(sock),
             export,
             pool: ThreadPool::of(ctx),
+            bufs: BufPool::of(ctx),
             shard: shard.clone(),
             handler: None,
             watching: (false, false),
@@ -211,8 +226,9 @@ impl Shard {
             discard: 0,
             after_discard: None,
             payload: None,
-            out: Vec::new(),
+            out: VecDeque::new(),
             out_pos: 0,
+            out_bytes: 0,
             in_flight: 0,
             pending_bytes: 0,
             hs: Handshake::default(),
@@ -227,7 +243,7 @@ impl Shard {
         }));
         let mut c = conn.borrow_mut();
         c.weak = Rc::downgrade(&conn);
-        c.out.extend_from_slice(&greeting());
+        c.queue(greeting().to_vec());
         // Send closures only: the timer finds the connection again through its context.
         // One timer for the connection's whole life: the handshake limit, then the idle
         // timeout, or the linger after a protocol violation (see `on_timer`).
@@ -310,6 +326,9 @@ pub struct Conn {
     sock: Option<Socket>,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
+    /// The context's buffer pool: read replies and write payloads come from it, and go back
+    /// once sent.
+    bufs: Rc<BufPool>,
     /// The context's shard, which holds this connection (a cycle, broken when the
     /// connection leaves the shard).
     shard: Rc<Shard>,
@@ -329,9 +348,12 @@ pub struct Conn {
     /// A write whose payload is arriving: the request and the bytes received so far, in a
     /// buffer with room for all of them, handed to the pool when complete.
     payload: Option<(Request, Vec<u8>)>,
-    /// Replies not yet taken by the socket: `out[out_pos..]`.
-    out: Vec<u8>,
+    /// Replies not yet taken by the socket, each in its own buffer (a read's goes back to the
+    /// pool once sent); the socket has taken `out_pos` bytes of the first.
+    out: VecDeque<Vec<u8>>,
     out_pos: usize,
+    /// The bytes in `out` not yet taken.
+    out_bytes: usize,
     in_flight: usize,
     /// Payload bytes of the requests in flight.
     pending_bytes: usize,
@@ -406,7 +428,7 @@ impl Conn {
         if let (Some(sock), Some((req, data))) = (&self.sock, &mut self.payload) {
             let filled = data.len();
             // Zero only what this read may fill: the pages are touched as data arrives.
-            let room = (req.length as usize - filled).min(READ_BUDGET);
+            let room = (req.payload_len as usize - filled).min(READ_BUDGET);
             data.resize(filled + room, 0);
             let result = sock.read(&mut data[filled..]);
             data.truncate(filled + *result.as_ref().unwrap_or(&0));
@@ -422,7 +444,7 @@ impl Conn {
     /// is now whole goes to the pool, and complete messages in the read buffer are handled.
     fn received(&mut self, n: usize) {
         match &self.payload {
-            Some((req, data)) if data.len() == req.length as usize => {
+            Some((req, data)) if data.len() as u64 == req.payload_len => {
                 let (req, data) = self.payload.take().expect("matched above");
                 self.submit(req, Some(data));
             }
@@ -448,8 +470,7 @@ impl Conn {
     /// Whether flow control holds back further requests (and options). One request is always
     /// admitted when nothing is in flight and nothing waits to be sent.
     fn is_full(&self) -> bool {
-        let backlog = self.out.len() - self.out_pos;
-        session::is_full(self.in_flight, self.pending_bytes, backlog)
+        session::is_full(self.in_flight, self.pending_bytes, self.out_bytes)
     }
 
     /// Makes sure at least some room follows `in_end`, and enough for the message being
@@ -482,7 +503,7 @@ impl Conn {
             },
             Phase::Options => OPTION_HEADER_LEN,
             // A write's payload goes to its own buffer (`payload`), never here.
-            Phase::Transmission => REQUEST_LEN,
+            Phase::Transmission => self.hs.framing.request_len(),
         };
         total.saturating_sub(have)
     }
@@ -499,7 +520,7 @@ impl Conn {
                 }
                 // The refused message's last byte is in: now its reply may go.
                 if let Some((reply, close)) = self.after_discard.take() {
-                    self.out.extend_from_slice(&reply);
+                    self.queue(reply);
                     self.closing |= close;
                     continue;
                 }
@@ -511,7 +532,7 @@ impl Conn {
             let done = match self.phase {
                 Phase::ClientFlags => self.client_flags(),
                 Phase::Options => self.option(),
-                Phase::Transmission if have < REQUEST_LEN => 0,
+                Phase::Transmission if have < self.hs.framing.request_len() => 0,
                 Phase::Transmission => self.request(),
             };
             if done == 0 {
@@ -575,7 +596,10 @@ impl Conn {
     }
 
     fn handle_option(&mut self, option: u32, data: &[u8]) {
-        match session::handle_option(&self.export, &mut self.hs, option, data, &mut self.out) {
+        let mut out = Vec::new();
+        let opted = session::handle_option(&self.export, &mut self.hs, option, data, &mut out);
+        self.queue(out);
+        match opted {
             Opted::Continue => {}
             Opted::Transmission => self.enter_transmission(),
             Opted::Abort => self.closing = true,
@@ -599,13 +623,15 @@ impl Conn {
     /// Handles one request whose header is complete; returns the bytes consumed (0: a write
     /// whose payload is not complete yet, or a bad header that closed the connection).
     fn request(&mut self) -> usize {
+        let framing = self.hs.framing;
+        let hdr = framing.request_len();
         let head = &self.inbuf[self.in_start..self.in_end];
-        let Some(req) = parse_request(head) else {
+        let Some(req) = parse_request(head, framing) else {
             // Out of step or not NBD at all: nothing after this can be trusted.
             self.fail("bad request magic, closing");
             return 0;
         };
-        match session::classify(&self.export, &req) {
+        match session::classify(&self.export, &self.hs, &req) {
             Action::Disconnect => {
                 self.log("NBD_CMD_DISC");
                 self.closing = true;
@@ -614,36 +640,38 @@ impl Conn {
                 if let Some(timer) = &self.timer {
                     timer.arm_after(LINGER);
                 }
-                REQUEST_LEN
+                hdr
             }
             Action::Refuse { errno, discard } => {
-                let reply = session::status(self.hs.framing, req.cookie, errno);
+                let reply = session::status(framing, &req, errno);
                 self.discard_then(discard, reply, false);
-                REQUEST_LEN
+                hdr
             }
             Action::Empty => {
-                self.send(session::status(self.hs.framing, req.cookie, 0));
+                self.send(session::status(framing, &req, 0));
                 self.shard.requests.set(self.shard.requests.get() + 1);
-                REQUEST_LEN
+                hdr
             }
-            Action::Run if req.kind != CMD_WRITE => {
+            Action::Run if req.payload_len == 0 => {
                 self.submit(req, None);
-                REQUEST_LEN
+                hdr
             }
             Action::Run => {
-                let total = REQUEST_LEN + req.length as usize;
+                // A WRITE: its payload is at most MAX_PAYLOAD.
+                let len = req.payload_len as usize;
+                let total = hdr + len;
                 if head.len() >= total {
                     // The whole payload came with the header (small writes): one copy, into
                     // the buffer the pool's pwrite takes.
-                    let data = head[REQUEST_LEN..total].to_vec();
+                    let mut data = self.bufs.take_empty(len);
+                    data.extend_from_slice(&head[hdr..total]);
                     self.submit(req, Some(data));
                     return total;
                 }
-                // The rest of the payload is read straight into the request's buffer.
-                // Reserving its capacity touches no page; memory is used only as the bytes
-                // arrive.
-                let mut data = Vec::with_capacity(req.length as usize);
-                data.extend_from_slice(&head[REQUEST_LEN..]);
+                // The rest of the payload is read straight into the request's buffer, a
+                // reused one, or a new one whose pages are touched only as the bytes arrive.
+                let mut data = self.bufs.take_empty(len);
+                data.extend_from_slice(&head[hdr..]);
                 self.payload = Some((req, data));
                 head.len()
             }
@@ -654,7 +682,7 @@ impl Conn {
     /// at once if `n` is 0.
     fn discard_then(&mut self, n: u64, reply: Vec<u8>, close: bool) {
         if n == 0 {
-            self.out.extend_from_slice(&reply);
+            self.queue(reply);
             self.closing |= close;
         } else {
             self.discard = n;
@@ -719,12 +747,9 @@ impl Conn {
             .expect("a connection being served is alive");
         self.in_flight += 1;
         self.pending_bytes += session::payload_bytes(&req);
-        let work = session::work(
-            self.export.clone(),
-            req,
-            data,
-            self.hs.framing.read_prefix(),
-        );
+        let framing = self.hs.framing;
+        let buf = data.unwrap_or_else(|| self.bufs.take(session::buffer_len(framing, &req)));
+        let work = session::work(self.export.clone(), req, buf, framing);
         self.pool
             .submit_with(work, move |r| Conn::completed(&conn, req, r));
     }
@@ -753,25 +778,44 @@ impl Conn {
         }
     }
 
-    /// Sends one complete reply: straight from `reply` when nothing is queued before it (the
-    /// common case, no copy), else behind what is queued.
+    /// Sends one complete reply, behind those queued before it.
     fn send(&mut self, reply: Vec<u8>) {
-        if self.out_pos == self.out.len() {
-            self.out = reply;
-            self.out_pos = 0;
-        } else {
-            self.out.extend_from_slice(&reply);
-        }
+        self.queue(reply);
         self.flush();
     }
 
-    /// Writes as much of the output buffer as the socket takes.
+    /// Queues bytes to send after those already queued.
+    fn queue(&mut self, bytes: Vec<u8>) {
+        if !bytes.is_empty() {
+            self.out_bytes += bytes.len();
+            self.out.push_back(bytes);
+        }
+    }
+
+    /// Writes as much of the queued replies as the socket takes, several buffers per system
+    /// call; each buffer fully sent goes back to the pool.
     fn flush(&mut self) {
-        while self.out_pos < self.out.len() {
+        while self.out_bytes > 0 {
             let Some(sock) = &self.sock else { return };
-            match sock.write(&self.out[self.out_pos..]) {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            for (i, buf) in self.out.iter().take(MAX_SLICES).enumerate() {
+                let from = if i == 0 { self.out_pos } else { 0 };
+                slices[i] = IoSlice::new(&buf[from..]);
+                count += 1;
+            }
+            match sock.write_vectored(&slices[..count]) {
                 Ok(n) => {
+                    self.out_bytes -= n;
                     self.out_pos += n;
+                    while let Some(front) = self.out.front() {
+                        if self.out_pos < front.len() {
+                            break;
+                        }
+                        self.out_pos -= front.len();
+                        let sent = self.out.pop_front().expect("looked at above");
+                        self.bufs.give(sent);
+                    }
                     self.touch();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -783,13 +827,6 @@ impl Conn {
                     return;
                 }
             }
-        }
-        self.out_pos = 0;
-        if self.out.capacity() > 1 << 20 {
-            // A big read reply went out; do not keep its buffer for the connection's life.
-            self.out = Vec::new();
-        } else {
-            self.out.clear();
         }
     }
 
@@ -805,8 +842,9 @@ impl Conn {
             sock.shutdown();
             self.log("closed");
         }
-        self.out = Vec::new();
+        self.out = VecDeque::new();
         self.out_pos = 0;
+        self.out_bytes = 0;
         self.payload = None;
         self.inbuf = Vec::new();
         self.in_start = 0;
@@ -822,7 +860,7 @@ impl Conn {
             self.process();
             self.flush();
         }
-        let pending_out = self.out_pos < self.out.len();
+        let pending_out = self.out_bytes > 0;
         let finished = self.closing || (self.read_done && self.in_flight == 0);
         if finished && self.sock.is_some() && self.in_flight == 0 && !pending_out {
             self.abort();

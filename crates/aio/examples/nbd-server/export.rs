@@ -1,13 +1,14 @@
-//! The exported image: a raw file, its size and name, and the blocking operations on it
-//! (pread, pwrite, fdatasync, fallocate) that connections run on the context's thread pool.
+//! The exported image: a raw file or a block device, its size and name, and the blocking
+//! operations on it (pread, pwrite, fdatasync, fallocate, posix_fadvise, and the allocation map
+//! from `SEEK_DATA`/`SEEK_HOLE`) that connections run on the context's thread pool.
 //!
 //! Each operation is an ordinary blocking function taking `&Export`; the connection moves an
 //! `Arc<Export>` into the pool's work closure. Nothing here touches a socket.
 
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
 
 use crate::protocol::*;
@@ -18,29 +19,52 @@ pub struct Export {
     pub name: String,
     pub size: u64,
     pub read_only: bool,
+    /// A block device, not a regular file: its size came from seeking to its end, it has no
+    /// holes to report, and zeroing it with `FALLOC_FL_ZERO_RANGE` may be the kernel writing
+    /// zeros (so not fast).
+    pub block_device: bool,
+}
+
+/// A run of the allocation map: `len` bytes from where the previous run ended, either a hole
+/// (unallocated, reads as zeros) or data (allocated, or not known to be a hole).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    pub len: u64,
+    pub hole: bool,
 }
 
 impl Export {
-    /// Opens `path` (read-write unless `read_only`) and takes its size.
+    /// Opens `path` (read-write unless `read_only`) and takes its size: a regular file's
+    /// length, or a block device's size (where its end is). Anything else is refused.
     pub fn open(path: &Path, name: String, read_only: bool) -> io::Result<Export> {
-        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
-        let meta = file.metadata()?;
-        if !meta.is_file() {
+        let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let kind = file.metadata()?.file_type();
+        let (size, block_device) = if kind.is_file() {
+            (file.metadata()?.len(), false)
+        } else if kind.is_block_device() {
+            // Every other access is positional (pread, pwrite), so moving the offset is harmless.
+            (file.seek(SeekFrom::End(0))?, true)
+        } else {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("{} is not a regular file", path.display()),
+                format!(
+                    "{} is neither a regular file nor a block device",
+                    path.display()
+                ),
             ));
-        }
+        };
         Ok(Export {
             file,
             name,
-            size: meta.len(),
+            size,
             read_only,
+            block_device,
         })
     }
 
-    /// The transmission flags sent to clients.
-    pub fn transmission_flags(&self) -> u16 {
+    /// The transmission flags sent to a client; `structured` says whether it negotiated
+    /// structured replies, without which `NBD_CMD_FLAG_DF` means nothing.
+    pub fn transmission_flags(&self, structured: bool) -> u16 {
         // Every connection writes to the same file and a flush syncs all of them, so clients
         // may open several connections (CAN_MULTI_CONN).
         let mut flags = TFLAG_HAS_FLAGS
@@ -48,7 +72,12 @@ impl Export {
             | TFLAG_SEND_FUA
             | TFLAG_SEND_TRIM
             | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_SEND_FAST_ZERO
+            | TFLAG_SEND_CACHE
             | TFLAG_CAN_MULTI_CONN;
+        if structured {
+            flags |= TFLAG_SEND_DF;
+        }
         if self.read_only {
             flags |= TFLAG_READ_ONLY;
         }
@@ -76,7 +105,7 @@ impl Export {
     /// Discards a range (NBD_CMD_TRIM): punches a hole, which reads back as zeros. A file
     /// system without hole punching makes TRIM a no-op, which the protocol allows (a trim is
     /// advisory).
-    pub fn trim(&self, offset: u64, len: u32, fua: bool) -> io::Result<()> {
+    pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -89,27 +118,142 @@ impl Export {
     }
 
     /// Writes zeros to a range (NBD_CMD_WRITE_ZEROES). Without `no_hole` the range may become
-    /// a hole; with it, the blocks stay allocated. Either way, when the file system cannot do
-    /// it with fallocate, zeros are written.
-    pub fn write_zeroes(&self, offset: u64, len: u32, no_hole: bool, fua: bool) -> io::Result<()> {
-        let mode = if no_hole {
-            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
-        } else {
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
-        };
-        match self.fallocate(mode, offset, len) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
-                self.write_zeros_slowly(offset, len)?
+    /// a hole; with it, the blocks stay allocated. When the file system cannot do it with
+    /// fallocate, zeros are written, unless `fast` (`NBD_CMD_FLAG_FAST_ZERO`) asks for an
+    /// `EOPNOTSUPP` failure instead, with the range untouched. On a block device, only
+    /// `PUNCH_HOLE` counts as fast: the kernel serves it only where the device zeroes by
+    /// itself, while `ZERO_RANGE` may fall back to writing zero pages.
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+        fua: bool,
+    ) -> io::Result<()> {
+        let mut modes = Vec::with_capacity(2);
+        if !no_hole {
+            modes.push(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE);
+        }
+        if !(fast && self.block_device) {
+            modes.push(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE);
+        }
+        let mut done = false;
+        for mode in modes {
+            match self.fallocate(mode, offset, len) {
+                Ok(()) => {
+                    done = true;
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+        }
+        if !done {
+            if fast {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            self.write_zeros_slowly(offset, len)?;
         }
         if fua { self.flush() } else { Ok(()) }
     }
 
-    fn write_zeros_slowly(&self, mut offset: u64, len: u32) -> io::Result<()> {
-        let zeros = vec![0u8; (len as usize).min(1 << 20)];
-        let end = offset + u64::from(len);
+    /// Asks the kernel to read a range ahead into its page cache (NBD_CMD_CACHE), without
+    /// waiting for it.
+    pub fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            // posix_fadvise would take a length of 0 as "to the end of the file".
+            return Ok(());
+        }
+        let (off, len) = (Self::off(offset)?, Self::off(len)?);
+        let fd = self.file.as_raw_fd();
+        // SAFETY: [EXAMPLE-FD] posix_fadvise only reads its integer arguments and `fd`,
+        // which `self.file` keeps open for the duration of the call.
+        let r = unsafe { libc::posix_fadvise(fd, off, len, libc::POSIX_FADV_WILLNEED) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::from_raw_os_error(r))
+        }
+    }
+
+    /// The allocation of `[offset, offset + len)` as consecutive runs of data and holes, found
+    /// with `SEEK_HOLE` and `SEEK_DATA`: at most `max` runs (at least 1), which then cover
+    /// less than the range. Where the file cannot tell (a block device, a file system without
+    /// hole support), the answer is data, which is always a correct one.
+    pub fn allocation(&self, offset: u64, len: u64, max: usize) -> io::Result<Vec<Run>> {
+        let end = offset.saturating_add(len).min(self.size);
+        let mut runs: Vec<Run> = Vec::new();
+        let push = |runs: &mut Vec<Run>, len: u64, hole: bool| match runs.last_mut() {
+            Some(last) if last.hole == hole => last.len += len,
+            _ => runs.push(Run { len, hole }),
+        };
+        let mut pos = offset;
+        let mut stalled = false;
+        while pos < end && runs.len() < max.max(1) {
+            if self.block_device {
+                push(&mut runs, end - pos, false);
+                break;
+            }
+            let next_hole = match self.seek_to(pos, libc::SEEK_HOLE) {
+                Ok(h) => h,
+                // Past the end of the file (it shrank under us): what is left reads as zeros.
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => pos,
+                // No hole support: all data.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => end,
+                Err(e) => return Err(e),
+            };
+            if next_hole > pos {
+                let n = next_hole.min(end) - pos;
+                push(&mut runs, n, false);
+                pos += n;
+                stalled = false;
+                continue;
+            }
+            let next_data = match self.seek_to(pos, libc::SEEK_DATA) {
+                Ok(d) => d,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) => end,
+                Err(e) => return Err(e),
+            };
+            if next_data > pos {
+                let n = next_data.min(end) - pos;
+                push(&mut runs, n, true);
+                pos += n;
+                stalled = false;
+            } else if stalled {
+                // A hole at `pos` that has data at `pos` too, twice: a writer keeps filling
+                // and punching it. Data is a safe answer; never loop on it.
+                push(&mut runs, end - pos, false);
+                break;
+            } else {
+                stalled = true;
+            }
+        }
+        Ok(runs)
+    }
+
+    /// `lseek` to `pos` with `whence` (`SEEK_HOLE`, `SEEK_DATA`): where it lands.
+    fn seek_to(&self, pos: u64, whence: libc::c_int) -> io::Result<u64> {
+        let off = Self::off(pos)?;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: [EXAMPLE-FD] lseek only reads its integer arguments and `fd`, which
+        // `self.file` keeps open; the file offset it moves is used by nothing else (every
+        // read and write is positional).
+        let r = unsafe { libc::lseek(fd, off, whence) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as u64)
+        }
+    }
+
+    fn off(pos: u64) -> io::Result<libc::off_t> {
+        libc::off_t::try_from(pos).map_err(|_| io::Error::from_raw_os_error(libc::EOVERFLOW))
+    }
+
+    fn write_zeros_slowly(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let end = offset + len;
         while offset < end {
             let n = zeros.len().min((end - offset) as usize);
             self.file.write_all_at(&zeros[..n], offset)?;
@@ -118,14 +262,15 @@ impl Export {
         Ok(())
     }
 
-    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u32) -> io::Result<()> {
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());
         }
-        let (off, len) = (offset as libc::off_t, libc::off_t::from(len));
-        // The fd is owned by `self.file`, open for the duration of the call.
-        // SAFETY: fallocate only reads its integer arguments and that fd.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
+        let (off, len) = (Self::off(offset)?, Self::off(len)?);
+        let fd = self.file.as_raw_fd();
+        // SAFETY: [EXAMPLE-FD] fallocate only reads its integer arguments and `fd`, which
+        // `self.file` keeps open for the duration of the call.
+        let r = unsafe { libc::fallocate(fd, mode, off, len) };
         if r == 0 {
             Ok(())
         } else {

@@ -1,4 +1,4 @@
-//! An NBD server on aio: serves a raw image file to NBD clients (QEMU's `qemu-img`, `qemu-io`,
+//! An NBD server on aio: serves a raw image file or a block device to NBD clients (QEMU's `qemu-img`, `qemu-io`,
 //! the kernel's `nbd-client`, ...) over TCP and Unix sockets.
 //!
 //! ```text
@@ -11,7 +11,7 @@
 //! shutdown on SIGINT/SIGTERM or when the last client leaves. The protocol is in `protocol.rs`, a client's
 //! life in `connection.rs` (the callback engine, and each context's table of connections) or
 //! `conn_task.rs` (the task engine), what both engines decide alike in `session.rs`, the image
-//! file in `export.rs`.
+//! (a file or a block device) in `export.rs`, the request buffers in `buffers.rs`.
 //!
 //! * **Threads.** `--contexts N` runs N contexts: this thread's, which also owns the
 //!   listeners and the signals, and N-1 I/O threads, each polling its own context. Accepted
@@ -39,14 +39,17 @@
 //!   awaits the pool and writes its reply under a send lock (QEMU's coroutines). Both behave
 //!   the same on the wire.
 //! * **Limits.** See `session.rs` and `connection.rs`: at most 32 MiB per request; per
-//!   connection, 128 requests and 64 MiB in flight and 16 MiB of unsent replies before its
-//!   socket stops being read; 10 s for the handshake; `--idle-timeout` after it.
+//!   connection, 128 requests or 16 MiB of payload in flight and replies unsent before its
+//!   socket stops being read; 10 s for the handshake; `--idle-timeout` after it. Each
+//!   context's pool runs at most [`POOL_MAX_THREADS`] threads, and its request buffers come
+//!   from a pool of its own (`buffers.rs`), so memory follows what is in flight.
 //! * **Socket activation.** When `LISTEN_PID` is this process and `LISTEN_FDS` is N, fds 3 to
 //!   N+2 are listening sockets (TCP or Unix) to serve instead of `--tcp`/`--unix`, as systemd
 //!   passes them.
 //! * **Not here: TLS.** `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`, like any unknown option,
 //!   so a client that requires TLS stops cleanly; serve over a Unix socket or a trusted network.
 
+mod buffers;
 mod conn_task;
 mod connection;
 mod export;
@@ -68,11 +71,18 @@ use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use aio::{AioContext, ClockType, ContextHandle, FdHandler, PollParams, PollPolicy, Scale};
+use aio::{
+    AioContext, ClockType, ContextHandle, FdHandler, PollParams, PollPolicy, Scale, ThreadPool,
+};
 
 use connection::{Engine, Settings, Shard, Socket};
 use export::Export;
 
+/// The most threads each context's pool runs the file I/O on (the pool's default is QEMU's
+/// 64): as many as nbdkit serves with, enough to keep a disk's queue busy; on the page cache
+/// (2 vCPUs) 2 to 64 copied a GiB in the same time, within noise, and more threads only meant
+/// more stacks and malloc arenas.
+const POOL_MAX_THREADS: usize = 16;
 /// How long shutdown waits for connections to finish their requests before closing them.
 const GRACE: Duration = Duration::from_secs(5);
 /// How long accepting pauses when the process is out of fds (or memory), instead of spinning
@@ -115,8 +125,9 @@ usage: nbd-server [OPTIONS] IMAGE
   --verbose             log each connection on stderr
   -h, --help            print this and exit
   -V, --version         print the version and exit
-At least one of --tcp and --unix, unless systemd passes the listening sockets (LISTEN_FDS,
-LISTEN_PID). The backend is the aio default (AIO_BACKEND overrides it).";
+IMAGE is a raw image file or a block device. At least one of --tcp and --unix, unless
+systemd passes the listening sockets (LISTEN_FDS, LISTEN_PID). The backend is the aio default
+(AIO_BACKEND overrides it).";
 
 #[derive(Debug)]
 struct Config {
@@ -347,6 +358,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     // First, before any thread exists, so that every thread (I/O threads, pool workers)
     // inherits the blocked mask and the signals reach only the signalfd.
     let signals = Signals::new()?;
+    buffers::release_freed_memory();
     let export = Export::open(&cfg.image, cfg.name.clone(), cfg.read_only)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
     let export = Arc::new(export);
@@ -519,7 +531,11 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
 /// A context with the server's polling parameters (the `AIO_POLL_MAX_NS` override applies), on
 /// the default backend (`AIO_BACKEND` applies).
 fn new_context(poll: PollParams) -> io::Result<AioContext> {
-    aio::Builder::new().poll_params(poll).build()
+    let ctx = aio::Builder::new().poll_params(poll).build()?;
+    ThreadPool::of(&ctx)
+        .set_limits(0, POOL_MAX_THREADS)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(ctx)
 }
 
 /// `n` as a number from 0 to `max`, or `None`.

@@ -9,14 +9,16 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::export::Export;
+use crate::export::{Export, Run};
 use crate::protocol::*;
 
 /// Requests a connection may have on the thread pool before its socket stops being read.
 pub const MAX_IN_FLIGHT: usize = 128;
 /// Bytes of read and write payload in flight plus replies not yet sent, above which the
-/// socket stops being read. One request of up to [`MAX_PAYLOAD`] is always admitted.
-pub const MAX_PENDING_BYTES: usize = 64 << 20;
+/// socket stops being read. One request of up to [`MAX_PAYLOAD`] is always admitted. As much
+/// as nbdcopy keeps in flight per connection (64 requests of 256 KiB), so it bounds memory
+/// without slowing bulk copies.
+pub const MAX_PENDING_BYTES: usize = 16 << 20;
 /// Replies waiting to be sent, above which no further request or option is acted on.
 pub const MAX_BACKLOG: usize = 16 << 20;
 /// How long a client may take from connecting to entering the transmission phase.
@@ -29,6 +31,18 @@ pub const LINGER: Duration = Duration::from_secs(10);
 pub const READ_BUDGET: usize = 1 << 20;
 /// The read buffer's size; it grows only to hold the largest option (64 KiB of data).
 pub const READ_CHUNK: usize = 64 << 10;
+/// Structured READs at least this long (without `NBD_CMD_FLAG_DF`) look for holes and send
+/// them as `OFFSET_HOLE` chunks. Shorter ones are sent whole: for a few KiB, the `lseek` that
+/// finds a hole would cost more than the zeros it saves.
+pub const SPARSE_READ_MIN: u32 = 64 << 10;
+/// At most this many chunks in a sparse READ's reply; what is left after them is read as data.
+const MAX_READ_CHUNKS: usize = 256;
+/// At most this many extents in a BLOCK_STATUS reply (qemu's limit: 1 MiB of descriptors); the
+/// client asks again from where the reply ended.
+const MAX_EXTENTS: usize = 128 << 10;
+/// The longest metadata context query looked at; longer ones (strings are at most 4 KiB) are
+/// ignored, as unknown queries are.
+const MAX_QUERY: usize = 4096;
 
 /// Whether flow control holds back further requests (and options): `in_flight` requests on the
 /// pool with `pending_bytes` of payload, and `backlog` bytes of replies not yet sent. One
@@ -39,7 +53,8 @@ pub fn is_full(in_flight: usize, pending_bytes: usize, backlog: usize) -> bool {
         || (in_flight > 0 && pending_bytes + backlog >= MAX_PENDING_BYTES)
 }
 
-/// The payload bytes a request holds while it is in flight (its data, either way).
+/// The payload bytes a request holds while it is in flight (its data, either way), once
+/// [`classify`] admitted it (so at most [`MAX_PAYLOAD`]).
 pub fn payload_bytes(req: &Request) -> usize {
     if matches!(req.kind, CMD_READ | CMD_WRITE) {
         req.length as usize
@@ -53,6 +68,9 @@ pub fn payload_bytes(req: &Request) -> usize {
 pub struct Handshake {
     pub framing: Framing,
     pub no_zeroes: bool,
+    /// `base:allocation` was selected by the last `NBD_OPT_SET_META_CONTEXT`, so
+    /// `NBD_CMD_BLOCK_STATUS` is allowed.
+    pub base_allocation: bool,
 }
 
 impl Default for Handshake {
@@ -60,7 +78,14 @@ impl Default for Handshake {
         Handshake {
             framing: Framing::Simple,
             no_zeroes: false,
+            base_allocation: false,
         }
+    }
+}
+
+impl Handshake {
+    fn structured(&self) -> bool {
+        self.framing.chunked()
     }
 }
 
@@ -122,7 +147,8 @@ pub fn handle_option(
                 return Opted::Fail("NBD_OPT_EXPORT_NAME for an unknown export, closing");
             }
             out.extend_from_slice(&export.size.to_be_bytes());
-            out.extend_from_slice(&export.transmission_flags().to_be_bytes());
+            let flags = export.transmission_flags(hs.structured());
+            out.extend_from_slice(&flags.to_be_bytes());
             if !hs.no_zeroes {
                 out.extend_from_slice(&[0; 124]);
             }
@@ -149,7 +175,8 @@ pub fn handle_option(
             Some((_, items)) => {
                 let mut info = INFO_EXPORT.to_be_bytes().to_vec();
                 info.extend_from_slice(&export.size.to_be_bytes());
-                info.extend_from_slice(&export.transmission_flags().to_be_bytes());
+                let flags = export.transmission_flags(hs.structured());
+                info.extend_from_slice(&flags.to_be_bytes());
                 option_reply(out, option, REP_INFO, &info);
                 if items.contains(&INFO_BLOCK_SIZE) {
                     let mut info = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
@@ -164,30 +191,65 @@ pub fn handle_option(
                 }
             }
         },
-        OPT_STRUCTURED_REPLY if !data.is_empty() => {
-            let msg = b"NBD_OPT_STRUCTURED_REPLY takes no data";
-            option_reply(out, option, REP_ERR_INVALID, msg);
+        OPT_STRUCTURED_REPLY | OPT_EXTENDED_HEADERS if !data.is_empty() => {
+            option_reply(out, option, REP_ERR_INVALID, b"the option takes no data");
+        }
+        // Extended headers take precedence: no going back to compact ones.
+        OPT_STRUCTURED_REPLY if hs.framing == Framing::Extended => {
+            let msg = b"extended headers are already negotiated";
+            option_reply(out, option, REP_ERR_EXT_HEADER_REQD, msg);
         }
         OPT_STRUCTURED_REPLY => {
             hs.framing = Framing::Structured;
             option_reply(out, option, REP_ACK, &[]);
         }
-        OPT_SET_META_CONTEXT if hs.framing != Framing::Structured => {
-            let msg = b"meta contexts need structured replies";
-            option_reply(out, option, REP_ERR_INVALID, msg);
+        OPT_EXTENDED_HEADERS => {
+            hs.framing = Framing::Extended;
+            option_reply(out, option, REP_ACK, &[]);
         }
-        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => match parse_meta_request(data) {
-            None => option_reply(out, option, REP_ERR_INVALID, b"malformed request"),
-            Some(name) if name != export.name.as_bytes() => {
-                option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
-            }
-            // We offer no metadata context (no block status), so whatever was asked for,
-            // the answer is the empty list.
-            Some(_) => option_reply(out, option, REP_ACK, &[]),
-        },
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => meta_context(export, hs, option, data, out),
         _ => option_reply(out, option, REP_ERR_UNSUP, b"option not supported"),
     }
     Opted::Continue
+}
+
+/// Answers `NBD_OPT_LIST_META_CONTEXT` or `NBD_OPT_SET_META_CONTEXT`. The one context offered
+/// is `base:allocation`; a query names it exactly, or (when listing) as the `base:` wildcard,
+/// and listing with no query lists everything. Other queries, of any namespace, are ignored,
+/// as the protocol asks. A SET replaces the selection even when it fails, and needs
+/// structured replies first.
+fn meta_context(export: &Export, hs: &mut Handshake, option: u32, data: &[u8], out: &mut Vec<u8>) {
+    let list = option == OPT_LIST_META_CONTEXT;
+    if !list {
+        hs.base_allocation = false;
+        if !hs.structured() {
+            let msg = b"meta contexts need structured replies or extended headers";
+            return option_reply(out, option, REP_ERR_INVALID, msg);
+        }
+    }
+    let Some((name, queries)) = parse_meta_request(data) else {
+        return option_reply(out, option, REP_ERR_INVALID, b"malformed request");
+    };
+    if name != export.name.as_bytes() {
+        return option_reply(out, option, REP_ERR_UNKNOWN, b"no such export");
+    }
+    if queries.iter().any(|q| q.contains(&0)) {
+        return option_reply(out, option, REP_ERR_INVALID, b"NUL in a query");
+    }
+    let selects =
+        |q: &&[u8]| q.len() <= MAX_QUERY && (*q == BASE_ALLOCATION || (list && *q == b"base:"));
+    let found = (list && queries.is_empty()) || queries.iter().any(selects);
+    if found {
+        // Listing names contexts without selecting them: their id is 0 there.
+        let id = if list { 0 } else { BASE_ALLOCATION_ID };
+        let mut reply = id.to_be_bytes().to_vec();
+        reply.extend_from_slice(BASE_ALLOCATION);
+        option_reply(out, option, REP_META_CONTEXT, &reply);
+    }
+    if !list {
+        hs.base_allocation = found;
+    }
+    option_reply(out, option, REP_ACK, &[]);
 }
 
 /// The log line of a connection entering the transmission phase.
@@ -197,6 +259,7 @@ pub fn transmission_log(framing: Framing) -> String {
         match framing {
             Framing::Simple => "simple",
             Framing::Structured => "structured",
+            Framing::Extended => "extended",
         }
     )
 }
@@ -212,21 +275,18 @@ pub enum Action {
     /// A read of nothing: answered at once with success (a structured reply may not carry an
     /// empty data chunk).
     Empty,
-    /// A valid request for the pool; a WRITE's payload (`length` bytes) follows the header.
+    /// A valid request for the pool; a WRITE's payload (`payload_len` bytes, at most
+    /// [`MAX_PAYLOAD`]) follows the header.
     Run,
 }
 
-/// What to do with request `req` on `export`.
-pub fn classify(export: &Export, req: &Request) -> Action {
+/// What to do with request `req` on `export`, on a connection whose handshake settled `hs`.
+pub fn classify(export: &Export, hs: &Handshake, req: &Request) -> Action {
     if req.kind == CMD_DISC {
         return Action::Disconnect;
     }
-    if let Err(errno) = check(export, req) {
-        let discard = if req.kind == CMD_WRITE {
-            u64::from(req.length)
-        } else {
-            0
-        };
+    if let Err(errno) = check(export, hs, req) {
+        let discard = req.payload_len;
         return Action::Refuse { errno, discard };
     }
     if req.kind == CMD_READ && req.length == 0 {
@@ -235,13 +295,21 @@ pub fn classify(export: &Export, req: &Request) -> Action {
     Action::Run
 }
 
-/// Validates a request against the export; `Err` carries the NBD error to reply with.
-fn check(export: &Export, req: &Request) -> Result<(), u32> {
-    // NO_HOLE means something only to WRITE_ZEROES; the protocol asks for EINVAL elsewhere.
-    let flags = match req.kind {
-        CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        _ => CMD_FLAG_FUA,
-    };
+/// Validates a request against the export and the handshake; `Err` carries the NBD error to
+/// reply with.
+fn check(export: &Export, hs: &Handshake, req: &Request) -> Result<(), u32> {
+    // FUA is accepted everywhere (the protocol: "valid for all commands"); each other flag
+    // only where it means something, else EINVAL (NO_HOLE on a READ, DF without structured
+    // replies, a payload on anything but a WRITE).
+    let extended = hs.framing == Framing::Extended;
+    let flags = CMD_FLAG_FUA
+        | match req.kind {
+            CMD_READ if hs.structured() => CMD_FLAG_DF,
+            CMD_WRITE if extended => CMD_FLAG_PAYLOAD_LEN,
+            CMD_WRITE_ZEROES => CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            CMD_BLOCK_STATUS => CMD_FLAG_REQ_ONE,
+            _ => 0,
+        };
     if req.flags & !flags != 0 {
         return Err(EINVAL);
     }
@@ -251,40 +319,60 @@ fn check(export: &Export, req: &Request) -> Result<(), u32> {
     }
     let in_range = req
         .offset
-        .checked_add(u64::from(req.length))
+        .checked_add(req.length)
         .is_some_and(|end| end <= export.size);
     match req.kind {
-        CMD_READ | CMD_WRITE if req.length > MAX_PAYLOAD => Err(EINVAL),
-        CMD_READ | CMD_TRIM if !in_range => Err(EINVAL),
+        CMD_READ | CMD_WRITE | CMD_CACHE if req.length > u64::from(MAX_PAYLOAD) => Err(EINVAL),
+        CMD_READ | CMD_TRIM | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => Err(EINVAL),
         CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err(ENOSPC),
-        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH => Ok(()),
+        // Block status needs a selected context, and a length to describe.
+        CMD_BLOCK_STATUS if !hs.base_allocation || req.length == 0 => Err(EINVAL),
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH | CMD_CACHE
+        | CMD_BLOCK_STATUS => Ok(()),
         _ => Err(EINVAL),
     }
 }
 
-/// The blocking work of a request [`classify`] admitted, for the thread pool: a READ returns
-/// its reply buffer with `prefix` bytes left in front of the data for the reply header (see
-/// [`reply`]); the others return an empty buffer. `data` is a WRITE's payload.
+/// The buffer a request takes to the thread pool (see [`work`]): a READ's reply buffer, of
+/// [`Framing::read_prefix`] plus the read's length, from the context's buffer pool; a WRITE's
+/// payload; nothing for the rest.
+pub fn buffer_len(framing: Framing, req: &Request) -> usize {
+    if req.kind == CMD_READ {
+        framing.read_prefix() + req.length as usize
+    } else {
+        0
+    }
+}
+
+/// The blocking work of a request [`classify`] admitted, for the thread pool. A READ and a
+/// BLOCK_STATUS return their whole reply, framed for `framing` (a READ's data read straight
+/// into `buf`, its reply buffer); a WRITE returns its status reply, written into `buf`, its
+/// payload, once that is on disk (so the buffer goes back to the pool with the reply); the
+/// others return an empty buffer, for [`reply`] to answer with a status.
 pub fn work(
     export: Arc<Export>,
     req: Request,
-    data: Option<Vec<u8>>,
-    prefix: usize,
+    mut buf: Vec<u8>,
+    framing: Framing,
 ) -> impl FnOnce() -> io::Result<Vec<u8>> + Send + 'static {
     move || {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let done = match req.kind {
-            CMD_READ => {
-                let mut buf = vec![0u8; prefix + req.length as usize];
-                export.read_into(&mut buf, prefix, req.offset)?;
+            CMD_READ => return read_reply(&export, &req, framing, buf),
+            CMD_BLOCK_STATUS => return block_status_reply(&export, &req, framing),
+            CMD_WRITE => {
+                export.write(&buf, req.offset, fua)?;
+                buf.clear();
+                framing.status_reply(&mut buf, &req, 0);
                 return Ok(buf);
             }
-            CMD_WRITE => export.write(&data.unwrap_or_default(), req.offset, fua),
             CMD_FLUSH => export.flush(),
             CMD_TRIM => export.trim(req.offset, req.length, fua),
+            CMD_CACHE => export.cache(req.offset, req.length),
             CMD_WRITE_ZEROES => {
                 let no_hole = req.flags & CMD_FLAG_NO_HOLE != 0;
-                export.write_zeroes(req.offset, req.length, no_hole, fua)
+                let fast = req.flags & CMD_FLAG_FAST_ZERO != 0;
+                export.write_zeroes(req.offset, req.length, no_hole, fast, fua)
             }
             _ => unreachable!("classify() admits only these commands"),
         };
@@ -292,10 +380,130 @@ pub fn work(
     }
 }
 
+/// A READ's complete reply. With structured replies, a read of [`SPARSE_READ_MIN`] or more
+/// without `NBD_CMD_FLAG_DF` sends its holes as `OFFSET_HOLE` chunks and its data as
+/// `OFFSET_DATA` chunks, in order, the last one marked DONE (everything is read before the
+/// reply goes out, so no error can follow it); otherwise the data goes in one piece, in a
+/// simple reply or one DONE `OFFSET_DATA` chunk.
+fn read_reply(
+    export: &Export,
+    req: &Request,
+    framing: Framing,
+    mut buf: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    // Admitted reads are at most MAX_PAYLOAD long.
+    let len = req.length;
+    let sparse = framing.chunked()
+        && req.flags & CMD_FLAG_DF == 0
+        && req.length >= u64::from(SPARSE_READ_MIN);
+    let mut runs = if sparse {
+        export.allocation(req.offset, len, MAX_READ_CHUNKS)?
+    } else {
+        Vec::new()
+    };
+    let covered: u64 = runs.iter().map(|r| r.len).sum();
+    if covered < len {
+        runs.push(Run {
+            len: len - covered,
+            hole: false,
+        });
+    }
+    if let [only] = runs[..]
+        && !only.hole
+    {
+        let prefix = framing.read_prefix();
+        fit(&mut buf, prefix + len as usize);
+        export.read_into(&mut buf, prefix, req.offset)?;
+        framing.write_read_prefix(&mut buf, req, req.offset, len as u32);
+        return Ok(buf);
+    }
+    // Runs lie within the request, so each length fits the chunks' 32 bits.
+    let (header, prefix) = (framing.chunk_header_len(), framing.read_prefix());
+    let size = |r: &Run| {
+        if r.hole {
+            header + 12
+        } else {
+            prefix + r.len as usize
+        }
+    };
+    fit(&mut buf, runs.iter().map(size).sum());
+    let (mut at, mut pos) = (0, req.offset);
+    for (i, run) in runs.iter().enumerate() {
+        let flags = if i + 1 == runs.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        let chunk = &mut buf[at..at + size(run)];
+        chunk[header..prefix].copy_from_slice(&pos.to_be_bytes());
+        if run.hole {
+            framing.chunk_header(chunk, flags, REPLY_TYPE_OFFSET_HOLE, req, 12);
+            chunk[prefix..].copy_from_slice(&(run.len as u32).to_be_bytes());
+        } else {
+            let kind = REPLY_TYPE_OFFSET_DATA;
+            framing.chunk_header(chunk, flags, kind, req, run.len as u32 + 8);
+            export.read_into(chunk, prefix, pos)?;
+        }
+        at += chunk.len();
+        pos += run.len;
+    }
+    Ok(buf)
+}
+
+/// Makes `buf` exactly `len` bytes long, zeroing only what it did not hold before.
+fn fit(buf: &mut Vec<u8>, len: usize) {
+    if buf.len() >= len {
+        buf.truncate(len);
+    } else {
+        buf.resize(len, 0);
+    }
+}
+
+/// A BLOCK_STATUS's complete reply: one DONE chunk for `base:allocation`, the only context,
+/// with the runs of `[offset, offset + length)` as extents (a hole reads as zeros:
+/// `HOLE | ZERO`; data: 0): a `BLOCK_STATUS` chunk of 32-bit extents, or with extended headers
+/// a `BLOCK_STATUS_EXT` chunk of 64-bit ones (so a request of more than 4 GiB gets extents
+/// that long). `NBD_CMD_FLAG_REQ_ONE` asks for the first extent alone.
+fn block_status_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Vec<u8>> {
+    let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+        1
+    } else {
+        MAX_EXTENTS
+    };
+    let runs = export.allocation(req.offset, req.length, max)?;
+    let extended = framing == Framing::Extended;
+    let (kind, head, each) = if extended {
+        (REPLY_TYPE_BLOCK_STATUS_EXT, 8, 16)
+    } else {
+        (REPLY_TYPE_BLOCK_STATUS, 4, 8)
+    };
+    let payload = head + each * runs.len();
+    let mut buf = vec![0u8; framing.chunk_header_len()];
+    // At most MAX_EXTENTS descriptors: the length fits.
+    framing.chunk_header(&mut buf, REPLY_FLAG_DONE, kind, req, payload as u32);
+    buf.reserve(payload);
+    buf.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    if extended {
+        buf.extend_from_slice(&(runs.len() as u32).to_be_bytes());
+    }
+    for run in runs {
+        let flags = if run.hole { STATE_HOLE | STATE_ZERO } else { 0 };
+        if extended {
+            buf.extend_from_slice(&run.len.to_be_bytes());
+            buf.extend_from_slice(&u64::from(flags).to_be_bytes());
+        } else {
+            // Compact requests are at most 32 bits long, and runs lie within them.
+            buf.extend_from_slice(&(run.len as u32).to_be_bytes());
+            buf.extend_from_slice(&flags.to_be_bytes());
+        }
+    }
+    Ok(buf)
+}
+
 /// The complete reply to request `req` of connection `id` once the pool has run its
-/// [`work`]: a READ's buffer with its header filled in (no copy), or a status reply. A
-/// failure (of the file, or of the pool: cancelled, panicked) is the server's problem, not
-/// the client's, so it is always logged.
+/// [`work`]: the reply the work built, or a status reply. A failure (of the file, or of the
+/// pool: cancelled, panicked) is the server's problem, not the client's, so it is logged;
+/// except the `ENOTSUP` a `NBD_CMD_FLAG_FAST_ZERO` asked for.
 pub fn reply(
     framing: Framing,
     id: u64,
@@ -305,22 +513,22 @@ pub fn reply(
     let result =
         result.unwrap_or_else(|_| Err(io::Error::other("the thread pool did not run the request")));
     match result {
-        Ok(mut buf) if req.kind == CMD_READ => {
-            framing.write_read_prefix(&mut buf, req.cookie, req.offset, req.length);
-            buf
-        }
-        Ok(_) => status(framing, req.cookie, 0),
+        Ok(buf) if !buf.is_empty() => buf,
+        Ok(_) => status(framing, req, 0),
         Err(e) => {
-            eprintln!("nbd-server: connection {id}: {req:?} failed: {e}");
-            status(framing, req.cookie, errno_of(&e))
+            let errno = errno_of(&e);
+            if !(errno == ENOTSUP && req.flags & CMD_FLAG_FAST_ZERO != 0) {
+                eprintln!("nbd-server: connection {id}: {req:?} failed: {e}");
+            }
+            status(framing, req, errno)
         }
     }
 }
 
 /// A complete reply without data: success when `errno` is 0, else that NBD error.
-pub fn status(framing: Framing, cookie: u64, errno: u32) -> Vec<u8> {
+pub fn status(framing: Framing, req: &Request, errno: u32) -> Vec<u8> {
     let mut out = Vec::new();
-    framing.status_reply(&mut out, cookie, errno);
+    framing.status_reply(&mut out, req, errno);
     out
 }
 

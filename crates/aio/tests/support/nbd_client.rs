@@ -1,5 +1,6 @@
 //! A small NBD client for the nbd-server tests, written from the NBD protocol specification
-//! (fixed newstyle handshake, simple and structured replies) with its own constants.
+//! (fixed newstyle handshake, simple and structured replies, metadata contexts and block
+//! status, and the extended headers extension) with its own constants.
 //!
 //! It deliberately shares nothing with the server under test: an independent reading of the spec
 //! is what catches the server's mistakes. Two layers:
@@ -38,6 +39,9 @@ pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 /// Starts a structured reply chunk.
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
+/// Start every request, and every reply chunk, once extended headers are negotiated.
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e4_1c71;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a_278c;
 
 /// Sizes of the fixed-length messages, in bytes.
 pub const GREETING_LEN: usize = 18;
@@ -46,6 +50,8 @@ pub const OPTION_REPLY_HEADER_LEN: usize = 20;
 pub const REQUEST_LEN: usize = 28;
 pub const SIMPLE_REPLY_LEN: usize = 16;
 pub const CHUNK_HEADER_LEN: usize = 20;
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+pub const EXTENDED_CHUNK_HEADER_LEN: usize = 32;
 /// The zero padding after an `NBD_OPT_EXPORT_NAME` answer unless `NO_ZEROES` was agreed.
 pub const EXPORT_NAME_PADDING: usize = 124;
 
@@ -68,6 +74,7 @@ pub mod opt {
     pub const STRUCTURED_REPLY: u32 = 8;
     pub const LIST_META_CONTEXT: u32 = 9;
     pub const SET_META_CONTEXT: u32 = 10;
+    pub const EXTENDED_HEADERS: u32 = 11;
 }
 
 /// Option reply types. Errors have bit 31 set. The whole table the tests need is here, even
@@ -77,12 +84,14 @@ pub mod rep {
     pub const ACK: u32 = 1;
     pub const SERVER: u32 = 2;
     pub const INFO: u32 = 3;
+    pub const META_CONTEXT: u32 = 4;
     pub const ERR_BIT: u32 = 1 << 31;
     pub const ERR_UNSUP: u32 = ERR_BIT + 1;
     pub const ERR_POLICY: u32 = ERR_BIT + 2;
     pub const ERR_INVALID: u32 = ERR_BIT + 3;
     pub const ERR_UNKNOWN: u32 = ERR_BIT + 6;
     pub const ERR_TOO_BIG: u32 = ERR_BIT + 9;
+    pub const ERR_EXT_HEADER_REQD: u32 = ERR_BIT + 10;
 }
 
 /// Information types in `NBD_REP_INFO` replies and `NBD_OPT_INFO`/`GO` requests.
@@ -99,6 +108,9 @@ pub mod tx_flag {
     pub const SEND_FUA: u16 = 1 << 3;
     pub const SEND_TRIM: u16 = 1 << 5;
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
+    pub const SEND_DF: u16 = 1 << 7;
+    pub const SEND_CACHE: u16 = 1 << 10;
+    pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
 
 /// Command types.
@@ -108,13 +120,19 @@ pub mod cmd {
     pub const DISC: u16 = 2;
     pub const FLUSH: u16 = 3;
     pub const TRIM: u16 = 4;
+    pub const CACHE: u16 = 5;
     pub const WRITE_ZEROES: u16 = 6;
+    pub const BLOCK_STATUS: u16 = 7;
 }
 
 /// Command flags.
 pub mod cmd_flag {
     pub const FUA: u16 = 1 << 0;
     pub const NO_HOLE: u16 = 1 << 1;
+    pub const DF: u16 = 1 << 2;
+    pub const REQ_ONE: u16 = 1 << 3;
+    pub const FAST_ZERO: u16 = 1 << 4;
+    pub const PAYLOAD_LEN: u16 = 1 << 5;
 }
 
 /// Structured reply chunk flags and types.
@@ -123,9 +141,20 @@ pub mod chunk {
     pub const NONE: u16 = 0;
     pub const OFFSET_DATA: u16 = 1;
     pub const OFFSET_HOLE: u16 = 2;
+    pub const BLOCK_STATUS: u16 = 5;
+    pub const BLOCK_STATUS_EXT: u16 = 6;
     pub const ERROR: u16 = 32769;
     pub const ERROR_OFFSET: u16 = 32770;
 }
+
+/// The status flags of the `base:allocation` metadata context.
+pub mod state {
+    pub const HOLE: u32 = 1 << 0;
+    pub const ZERO: u32 = 1 << 1;
+}
+
+/// The one metadata context the spec defines.
+pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// NBD error values (the spec makes them equal to Linux's errno values).
 pub mod errno {
@@ -288,6 +317,91 @@ pub fn decode_server_reply(data: &[u8]) -> io::Result<String> {
     String::from_utf8(name.to_vec()).map_err(|_| invalid("NBD_REP_SERVER name is not UTF-8"))
 }
 
+/// The data of `NBD_OPT_LIST_META_CONTEXT`/`NBD_OPT_SET_META_CONTEXT`: name length, name,
+/// number of queries, then each query as length and string.
+pub fn encode_meta_request(name: &str, queries: &[&str]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for q in queries {
+        out.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        out.extend_from_slice(q.as_bytes());
+    }
+    out
+}
+
+/// Decodes an `NBD_REP_META_CONTEXT` payload: the context id, then its name (UTF-8, the rest).
+pub fn decode_meta_context(data: &[u8]) -> io::Result<(u32, String)> {
+    if data.len() < 5 {
+        return Err(invalid(format!(
+            "NBD_REP_META_CONTEXT of {} bytes: no id and name",
+            data.len()
+        )));
+    }
+    let name = String::from_utf8(data[4..].to_vec())
+        .map_err(|_| invalid("NBD_REP_META_CONTEXT name is not UTF-8"))?;
+    Ok((be_u32(data, 0), name))
+}
+
+/// One block status descriptor: `len` bytes with status `flags` (for `base:allocation`, the
+/// [`state`] bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub flags: u32,
+}
+
+/// Decodes an `NBD_REPLY_TYPE_BLOCK_STATUS` payload: the context id and at least one
+/// descriptor, each of nonzero length.
+pub fn decode_block_status(payload: &[u8]) -> io::Result<(u32, Vec<Extent>)> {
+    if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
+        return Err(invalid(format!(
+            "BLOCK_STATUS chunk of {} bytes (must be 4 + 8n, n >= 1)",
+            payload.len()
+        )));
+    }
+    let extents: Vec<Extent> = payload[4..]
+        .chunks_exact(8)
+        .map(|d| Extent {
+            len: u64::from(be_u32(d, 0)),
+            flags: be_u32(d, 4),
+        })
+        .collect();
+    if extents.iter().any(|e| e.len == 0) {
+        return Err(invalid(format!(
+            "BLOCK_STATUS extent of length 0: {extents:?}"
+        )));
+    }
+    Ok((be_u32(payload, 0), extents))
+}
+
+/// Decodes an `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` payload: the context id, the descriptor count
+/// (which must match), and at least one descriptor of 64-bit length and status, each of
+/// nonzero length; `base:allocation` statuses fit in 32 bits.
+pub fn decode_block_status_ext(payload: &[u8]) -> io::Result<(u32, Vec<Extent>)> {
+    if payload.len() < 24 || !(payload.len() - 8).is_multiple_of(16) {
+        return Err(invalid(format!(
+            "BLOCK_STATUS_EXT chunk of {} bytes (must be 8 + 16n, n >= 1)",
+            payload.len()
+        )));
+    }
+    let count = be_u32(payload, 4) as usize;
+    let mut extents = Vec::new();
+    for d in payload[8..].chunks_exact(16) {
+        let (len, flags) = (be_u64(d, 0), be_u64(d, 8));
+        let flags = u32::try_from(flags)
+            .map_err(|_| invalid(format!("BLOCK_STATUS_EXT status {flags:#x} over 32 bits")))?;
+        extents.push(Extent { len, flags });
+    }
+    if count != extents.len() || extents.iter().any(|e| e.len == 0) {
+        return Err(invalid(format!(
+            "BLOCK_STATUS_EXT with count {count} and extents {extents:?}"
+        )));
+    }
+    Ok((be_u32(payload, 0), extents))
+}
+
 /// A transmission request header, with every field free so tests can send bad ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Request {
@@ -325,6 +439,29 @@ impl Request {
         b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
         b[16..24].copy_from_slice(&self.offset.to_be_bytes());
         b[24..28].copy_from_slice(&self.length.to_be_bytes());
+        b
+    }
+}
+
+/// An extended request header: 64-bit length, `NBD_EXTENDED_REQUEST_MAGIC`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtRequest {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl ExtRequest {
+    pub fn encode(&self) -> [u8; EXTENDED_REQUEST_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..32].copy_from_slice(&self.length.to_be_bytes());
         b
     }
 }
@@ -443,6 +580,8 @@ pub struct Chunk {
     pub flags: u16,
     pub kind: u16,
     pub cookie: u64,
+    /// The request's offset, which an extended chunk's header repeats (`None`: structured).
+    pub offset: Option<u64>,
     pub payload: Vec<u8>,
 }
 
@@ -555,6 +694,14 @@ impl Conn {
         Ok(reply)
     }
 
+    /// Sends an extended request header followed by `payload`.
+    pub fn send_ext_request(&mut self, req: &ExtRequest, payload: &[u8]) -> io::Result<()> {
+        let mut msg = Vec::with_capacity(EXTENDED_REQUEST_LEN + payload.len());
+        msg.extend_from_slice(&req.encode());
+        msg.extend_from_slice(payload);
+        self.send(&msg)
+    }
+
     /// Sends a request header followed by `payload` (which need not match `req.length`).
     pub fn send_request(&mut self, req: &Request, payload: &[u8]) -> io::Result<()> {
         let mut msg = Vec::with_capacity(REQUEST_LEN + payload.len());
@@ -588,6 +735,24 @@ impl Conn {
                     flags,
                     kind,
                     cookie,
+                    offset: None,
+                    payload,
+                }))
+            }
+            EXTENDED_REPLY_MAGIC => {
+                let b: [u8; EXTENDED_CHUNK_HEADER_LEN - 4] = self.recv_array()?;
+                let (flags, kind, cookie) = (be_u16(&b, 0), be_u16(&b, 2), be_u64(&b, 4));
+                let (offset, len) = (be_u64(&b, 12), be_u64(&b, 20));
+                // Payloads are at most 32 MiB and a few headers (the block size constraints).
+                if len > 64 << 20 {
+                    return Err(invalid(format!("extended chunk of {len} bytes")));
+                }
+                let payload = self.recv_exact(len as usize)?;
+                Ok(RawReply::Chunk(Chunk {
+                    flags,
+                    kind,
+                    cookie,
+                    offset: Some(offset),
                     payload,
                 }))
             }
@@ -709,6 +874,8 @@ pub struct Handshake {
     structured: bool,
     export_name_option: bool,
     request_block_size: bool,
+    meta_queries: Vec<String>,
+    extended: bool,
 }
 
 impl Handshake {
@@ -718,7 +885,25 @@ impl Handshake {
             structured: false,
             export_name_option: false,
             request_block_size: true,
+            meta_queries: Vec::new(),
+            extended: false,
         }
+    }
+
+    /// Negotiates extended headers (`NBD_OPT_EXTENDED_HEADERS`, instead of structured
+    /// replies): 32-byte requests with 64-bit lengths, and only extended reply chunks.
+    pub fn extended_headers(mut self) -> Handshake {
+        self.extended = true;
+        self
+    }
+
+    /// Negotiates structured replies, then selects metadata contexts with
+    /// `NBD_OPT_SET_META_CONTEXT` and these queries (the contexts the server selects are
+    /// [`Client::contexts`]).
+    pub fn meta_contexts(mut self, queries: &[&str]) -> Handshake {
+        self.structured = true;
+        self.meta_queries = queries.iter().map(|q| q.to_string()).collect();
+        self
     }
 
     /// Negotiates structured replies (`NBD_OPT_STRUCTURED_REPLY`) before entering transmission.
@@ -769,11 +954,21 @@ impl Handshake {
     }
 
     fn finish(self, mut conn: Conn, no_zeroes: bool) -> io::Result<Client> {
-        if self.structured {
+        if self.extended {
+            let reply = conn.option(opt::EXTENDED_HEADERS, &[])?;
+            if reply.kind != rep::ACK || !reply.data.is_empty() {
+                return Err(option_error("NBD_OPT_EXTENDED_HEADERS", &reply));
+            }
+        } else if self.structured {
             let reply = conn.option(opt::STRUCTURED_REPLY, &[])?;
             if reply.kind != rep::ACK || !reply.data.is_empty() {
                 return Err(option_error("NBD_OPT_STRUCTURED_REPLY", &reply));
             }
+        }
+        let mut contexts = Vec::new();
+        if !self.meta_queries.is_empty() {
+            let queries: Vec<&str> = self.meta_queries.iter().map(String::as_str).collect();
+            contexts = set_meta_context(&mut conn, &self.name, &queries)?;
         }
 
         let (size, flags, block_size) = if self.export_name_option {
@@ -801,7 +996,9 @@ impl Handshake {
             size,
             flags,
             block_size,
-            structured: self.structured,
+            structured: self.structured || self.extended,
+            extended: self.extended,
+            contexts,
             next_cookie: FIRST_COOKIE,
             pending: HashMap::new(),
         })
@@ -851,6 +1048,41 @@ pub fn go_or_info(
     }
 }
 
+/// Sends `NBD_OPT_SET_META_CONTEXT` with `queries` for export `name` and reads the contexts
+/// selected up to the final `ACK`: each must be one asked for, by name, under an id of its own.
+pub fn set_meta_context(
+    conn: &mut Conn,
+    name: &str,
+    queries: &[&str],
+) -> io::Result<Vec<(u32, String)>> {
+    let option = opt::SET_META_CONTEXT;
+    conn.send_option(option, &encode_meta_request(name, queries))?;
+    let mut contexts: Vec<(u32, String)> = Vec::new();
+    loop {
+        let reply = conn.read_option_reply()?;
+        if reply.option != option {
+            return Err(invalid(format!(
+                "reply to option {option} names option {}",
+                reply.option
+            )));
+        }
+        match reply.kind {
+            rep::META_CONTEXT => {
+                let (id, context) = decode_meta_context(&reply.data)?;
+                if !queries.contains(&context.as_str()) {
+                    return Err(invalid(format!("context {context:?} was not asked for")));
+                }
+                if contexts.iter().any(|(i, c)| *i == id || *c == context) {
+                    return Err(invalid(format!("context {context:?} (id {id}) twice")));
+                }
+                contexts.push((id, context));
+            }
+            rep::ACK if reply.data.is_empty() => return Ok(contexts),
+            _ => return Err(option_error("NBD_OPT_SET_META_CONTEXT", &reply)),
+        }
+    }
+}
+
 /// Turns an unexpected option reply into an error naming it; error replies keep their type in
 /// the message so tests can print it.
 fn option_error(what: &str, reply: &OptionReply) -> io::Error {
@@ -879,14 +1111,27 @@ const COOKIE_STEP: u64 = 0x9e37_79b9_7f4a_7c15;
 #[derive(Debug)]
 struct Pending {
     kind: u16,
+    flags: u16,
     offset: u64,
-    len: u32,
+    len: u64,
     /// The data of a read, filled as chunks arrive.
     data: Vec<u8>,
     /// The byte ranges (relative to `offset`) that structured read chunks have covered.
     covered: Vec<(u64, u64)>,
+    /// A structured read's content chunks, in the order they came.
+    chunks: Vec<Content>,
+    /// A block status's descriptors, per context id.
+    extents: Vec<(u32, Vec<Extent>)>,
     /// The first error reported for this request.
     error: Option<u32>,
+}
+
+/// One content chunk of a structured read: `len` bytes at `offset`, data or a hole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Content {
+    pub offset: u64,
+    pub len: u64,
+    pub hole: bool,
 }
 
 /// The answer to one request.
@@ -895,6 +1140,10 @@ pub struct Reply {
     pub cookie: u64,
     /// The data of a read (empty for other commands), or the NBD error.
     pub result: io::Result<Vec<u8>>,
+    /// A structured read's content chunks, in the order they came (empty otherwise).
+    pub chunks: Vec<Content>,
+    /// A block status's descriptors, per context id, in the order they came.
+    pub extents: Vec<(u32, Vec<Extent>)>,
 }
 
 /// A connected client in the transmission phase.
@@ -905,6 +1154,10 @@ pub struct Client {
     flags: u16,
     block_size: Option<BlockSize>,
     structured: bool,
+    /// Extended headers: every request extended, every reply an extended chunk.
+    extended: bool,
+    /// The metadata contexts selected in the handshake: (id, name).
+    contexts: Vec<(u32, String)>,
     next_cookie: u64,
     pending: HashMap<u64, Pending>,
 }
@@ -936,16 +1189,24 @@ impl Client {
         self.structured
     }
 
+    /// The metadata contexts selected in the handshake, as (id, name).
+    pub fn contexts(&self) -> &[(u32, String)] {
+        &self.contexts
+    }
+
     /// The raw connection, for tests that send something the high-level API would not.
     pub fn conn(&mut self) -> &mut Conn {
         &mut self.conn
     }
 
     /// Takes a cookie for a request and records it as in flight.
-    fn register(&mut self, kind: u16, flags: u16, offset: u64, len: u32) -> Request {
+    /// Takes a cookie for a request, records it as in flight, and returns its header.
+    fn register(&mut self, kind: u16, flags: u16, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let cookie = self.next_cookie;
+        let header = self.header(kind, flags, cookie, offset, len)?;
         self.next_cookie = self.next_cookie.wrapping_add(COOKIE_STEP);
-        let data = if kind == cmd::READ {
+        // (Reads longer than any server serves get no buffer: their data would not fit.)
+        let data = if kind == cmd::READ && len <= 64 << 20 {
             vec![0u8; len as usize]
         } else {
             Vec::new()
@@ -954,14 +1215,49 @@ impl Client {
             cookie,
             Pending {
                 kind,
+                flags,
                 offset,
                 len,
                 data,
                 covered: Vec::new(),
+                chunks: Vec::new(),
+                extents: Vec::new(),
                 error: None,
             },
         );
-        Request::new(kind, cookie, offset, len).with_flags(flags)
+        Ok(header)
+    }
+
+    /// A request's header: compact, or with extended headers extended (a WRITE's with
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN`).
+    fn header(
+        &self,
+        kind: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<Vec<u8>> {
+        Ok(if self.extended {
+            let flags = if kind == cmd::WRITE {
+                flags | cmd_flag::PAYLOAD_LEN
+            } else {
+                flags
+            };
+            let req = ExtRequest {
+                flags,
+                kind,
+                cookie,
+                offset,
+                length: len,
+            };
+            req.encode().to_vec()
+        } else {
+            let len = u32::try_from(len)
+                .map_err(|_| invalid(format!("a length of {len} needs extended headers")))?;
+            let req = Request::new(kind, cookie, offset, len).with_flags(flags);
+            req.encode().to_vec()
+        })
     }
 
     /// Sends a request without waiting for its reply; returns its cookie.
@@ -973,9 +1269,23 @@ impl Client {
         len: u32,
         payload: &[u8],
     ) -> io::Result<u64> {
-        let req = self.register(kind, flags, offset, len);
-        self.conn.send_request(&req, payload)?;
-        Ok(req.cookie)
+        self.send_command64(kind, flags, offset, u64::from(len), payload)
+    }
+
+    /// [`send_command`](Self::send_command) with a 64-bit length (extended headers).
+    pub fn send_command64(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> io::Result<u64> {
+        let cookie = self.next_cookie;
+        let mut msg = self.register(kind, flags, offset, len)?;
+        msg.extend_from_slice(payload);
+        self.conn.send(&msg)?;
+        Ok(cookie)
     }
 
     /// Sends reads of `ranges` in a single write, so that the server finds all of them in its
@@ -984,9 +1294,8 @@ impl Client {
         let mut bytes = Vec::with_capacity(ranges.len() * REQUEST_LEN);
         let mut cookies = Vec::with_capacity(ranges.len());
         for &(offset, len) in ranges {
-            let req = self.register(cmd::READ, 0, offset, len);
-            bytes.extend_from_slice(&req.encode());
-            cookies.push(req.cookie);
+            cookies.push(self.next_cookie);
+            bytes.extend(self.register(cmd::READ, 0, offset, u64::from(len))?);
         }
         self.conn.send(&bytes)?;
         Ok(cookies)
@@ -1014,11 +1323,16 @@ impl Client {
     pub fn receive(&mut self) -> io::Result<Reply> {
         loop {
             let pending = &self.pending;
-            let structured = self.structured;
+            let (structured, extended) = (self.structured, self.extended);
             let raw = self.conn.read_reply(|cookie, error| {
                 let p = pending.get(&cookie).ok_or_else(|| {
                     invalid(format!("simple reply for unknown cookie {cookie:#x}"))
                 })?;
+                if extended {
+                    return Err(invalid(format!(
+                        "simple reply (cookie {cookie:#x}, error {error}) with extended headers"
+                    )));
+                }
                 if p.kind == cmd::READ && structured {
                     return Err(invalid(format!(
                         "simple reply to a read (cookie {cookie:#x}, error {error}) after \
@@ -1043,12 +1357,28 @@ impl Client {
                     } else {
                         Err(nbd_error(error))
                     };
-                    return Ok(Reply { cookie, result });
+                    return Ok(Reply {
+                        cookie,
+                        result,
+                        chunks: Vec::new(),
+                        extents: Vec::new(),
+                    });
                 }
                 RawReply::Chunk(c) => {
                     if !self.structured {
                         return Err(invalid(format!(
                             "structured reply chunk without negotiation: {c:?}"
+                        )));
+                    }
+                    if c.offset.is_some() != self.extended {
+                        return Err(invalid(format!(
+                            "a {} chunk on a connection {} extended headers: {c:?}",
+                            if c.offset.is_some() {
+                                "extended"
+                            } else {
+                                "structured"
+                            },
+                            if self.extended { "with" } else { "without" },
                         )));
                     }
                     if let Some(reply) = self.apply_chunk(c)? {
@@ -1065,6 +1395,12 @@ impl Client {
             .pending
             .get_mut(&c.cookie)
             .ok_or_else(|| invalid(format!("chunk for unknown cookie {:#x}", c.cookie)))?;
+        if c.offset.is_some_and(|o| o != p.offset) {
+            return Err(invalid(format!(
+                "extended chunk with offset {:?} for a request at {}",
+                c.offset, p.offset
+            )));
+        }
         match c.kind {
             chunk::NONE => {
                 if !c.payload.is_empty() || !c.is_done() {
@@ -1089,7 +1425,7 @@ impl Client {
                 };
                 let start = at
                     .checked_sub(p.offset)
-                    .filter(|s| s + len <= u64::from(p.len))
+                    .filter(|s| s + len <= p.len)
                     .ok_or_else(|| {
                         invalid(format!(
                             "chunk [{at}, +{len}) outside the read [{}, +{})",
@@ -1101,12 +1437,69 @@ impl Client {
                         "chunk [{at}, +{len}) overlaps an earlier one"
                     )));
                 }
+                if len == 0 {
+                    return Err(invalid(format!("content chunk of no bytes: {c:?}")));
+                }
+                if p.flags & cmd_flag::DF != 0 && !p.chunks.is_empty() {
+                    return Err(invalid(format!(
+                        "a second content chunk for a read with DF: {c:?}"
+                    )));
+                }
                 p.covered.push((start, start + len));
+                p.chunks.push(Content {
+                    offset: at,
+                    len,
+                    hole: bytes.is_none(),
+                });
                 let dst = &mut p.data[start as usize..(start + len) as usize];
                 match bytes {
                     Some(b) => dst.copy_from_slice(b),
                     None => dst.fill(0),
                 }
+            }
+            chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT => {
+                if p.kind != cmd::BLOCK_STATUS {
+                    return Err(invalid(format!(
+                        "block status chunk for command {}",
+                        p.kind
+                    )));
+                }
+                // Each framing has its own chunk type: 32-bit extents, or 64-bit ones.
+                let (id, extents) = match (c.kind, self.extended) {
+                    (chunk::BLOCK_STATUS, false) => decode_block_status(&c.payload)?,
+                    (chunk::BLOCK_STATUS_EXT, true) => decode_block_status_ext(&c.payload)?,
+                    _ => {
+                        return Err(invalid(format!(
+                            "block status chunk type {} with extended headers {}",
+                            c.kind, self.extended
+                        )));
+                    }
+                };
+                if !self.contexts.iter().any(|(i, _)| *i == id) {
+                    return Err(invalid(format!(
+                        "block status for context id {id}, not selected"
+                    )));
+                }
+                if p.extents.iter().any(|(i, _)| *i == id) {
+                    return Err(invalid(format!(
+                        "two block status chunks for context id {id}"
+                    )));
+                }
+                let (len, n) = (p.len, extents.len());
+                let before_last: u64 = extents[..n - 1].iter().map(|e| e.len).sum();
+                if p.flags & cmd_flag::REQ_ONE != 0 {
+                    if n != 1 || extents[0].len > len {
+                        return Err(invalid(format!(
+                            "REQ_ONE block status of {len} bytes answered with {extents:?}"
+                        )));
+                    }
+                } else if before_last >= len {
+                    return Err(invalid(format!(
+                        "block status of {len} bytes: extents past the range before the last: \
+                         {extents:?}"
+                    )));
+                }
+                p.extents.push((id, extents));
             }
             chunk::ERROR | chunk::ERROR_OFFSET => {
                 let e = decode_error_chunk(&c.payload, c.kind == chunk::ERROR_OFFSET)?;
@@ -1125,20 +1518,31 @@ impl Client {
             return Ok(Some(Reply {
                 cookie: c.cookie,
                 result: Err(nbd_error(errno)),
+                chunks: p.chunks,
+                extents: p.extents,
             }));
         }
         if p.kind == cmd::READ {
             let covered: u64 = p.covered.iter().map(|&(s, e)| e - s).sum();
-            if covered != u64::from(p.len) {
+            if covered != p.len {
                 return Err(invalid(format!(
                     "read [{}, +{}) finished with only {covered} bytes covered",
                     p.offset, p.len
                 )));
             }
         }
+        if p.kind == cmd::BLOCK_STATUS && p.extents.len() != self.contexts.len() {
+            return Err(invalid(format!(
+                "block status finished with {} chunks for {} contexts",
+                p.extents.len(),
+                self.contexts.len()
+            )));
+        }
         Ok(Some(Reply {
             cookie: c.cookie,
             result: Ok(p.data),
+            chunks: p.chunks,
+            extents: p.extents,
         }))
     }
 
@@ -1152,7 +1556,31 @@ impl Client {
         len: u32,
         payload: &[u8],
     ) -> io::Result<Vec<u8>> {
-        let cookie = self.send_command(kind, flags, offset, len, payload)?;
+        self.call_reply(kind, flags, offset, len, payload)?.result
+    }
+
+    /// As [`call`](Self::call), with the whole answer (a read's chunks, the extents).
+    pub fn call_reply(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> io::Result<Reply> {
+        self.call_reply64(kind, flags, offset, u64::from(len), payload)
+    }
+
+    /// [`call_reply`](Self::call_reply) with a 64-bit length (extended headers).
+    pub fn call_reply64(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> io::Result<Reply> {
+        let cookie = self.send_command64(kind, flags, offset, len, payload)?;
         let reply = self.receive()?;
         if reply.cookie != cookie {
             return Err(invalid(format!(
@@ -1160,7 +1588,38 @@ impl Client {
                 reply.cookie
             )));
         }
-        reply.result
+        Ok(reply)
+    }
+
+    /// A read with `flags`, returning its data and (with structured replies) the content
+    /// chunks it came in.
+    pub fn read_chunks(
+        &mut self,
+        offset: u64,
+        len: u32,
+        flags: u16,
+    ) -> io::Result<(Vec<u8>, Vec<Content>)> {
+        let reply = self.call_reply(cmd::READ, flags, offset, len, &[])?;
+        Ok((reply.result?, reply.chunks))
+    }
+
+    /// `NBD_CMD_BLOCK_STATUS` with `flags`, for a client that selected exactly one context:
+    /// its descriptors.
+    pub fn block_status(&mut self, offset: u64, len: u64, flags: u16) -> io::Result<Vec<Extent>> {
+        if self.contexts.len() != 1 {
+            return Err(invalid(format!(
+                "{} contexts selected, not 1",
+                self.contexts.len()
+            )));
+        }
+        let reply = self.call_reply64(cmd::BLOCK_STATUS, flags, offset, len, &[])?;
+        reply.result?;
+        Ok(reply
+            .extents
+            .into_iter()
+            .next()
+            .map(|(_, e)| e)
+            .unwrap_or_default())
     }
 
     pub fn read(&mut self, offset: u64, len: u32) -> io::Result<Vec<u8>> {
@@ -1195,9 +1654,8 @@ impl Client {
     /// Sends `NBD_CMD_DISC`, then checks that every outstanding request was answered and that
     /// the server closed the connection.
     pub fn disconnect(mut self) -> io::Result<()> {
-        let cookie = self.next_cookie;
-        self.conn
-            .send_request(&Request::new(cmd::DISC, cookie, 0, 0), &[])?;
+        let disc = self.header(cmd::DISC, 0, self.next_cookie, 0, 0)?;
+        self.conn.send(&disc)?;
         while !self.pending.is_empty() {
             self.receive()?.result.ok();
         }
@@ -1252,6 +1710,76 @@ mod tests {
     fn magics_spell_their_names() {
         assert_eq!(&NBD_MAGIC.to_be_bytes(), b"NBDMAGIC");
         assert_eq!(&IHAVEOPT.to_be_bytes(), b"IHAVEOPT");
+    }
+
+    #[test]
+    fn extended_request_and_block_status_layouts_follow_the_spec() {
+        let req = ExtRequest {
+            flags: cmd_flag::PAYLOAD_LEN,
+            kind: cmd::WRITE,
+            cookie: 0x1122_3344_5566_7788,
+            offset: 0x0102_0304_0506_0708,
+            length: 0x1_0000_0002,
+        };
+        let mut want = Vec::new();
+        push_u32(&mut want, EXTENDED_REQUEST_MAGIC);
+        push_u16(&mut want, 1 << 5);
+        push_u16(&mut want, 1);
+        push_u64(&mut want, 0x1122_3344_5566_7788);
+        push_u64(&mut want, 0x0102_0304_0506_0708);
+        push_u64(&mut want, 0x1_0000_0002);
+        assert_eq!(req.encode().to_vec(), want);
+
+        // BLOCK_STATUS: context id, then (length, flags) pairs of 32 bits.
+        let mut p = Vec::new();
+        push_u32(&mut p, 7);
+        for (len, flags) in [(4096u32, 3u32), (512, 0)] {
+            push_u32(&mut p, len);
+            push_u32(&mut p, flags);
+        }
+        let (id, ext) = decode_block_status(&p).unwrap();
+        assert_eq!(id, 7);
+        assert_eq!(
+            ext,
+            [(4096, 3), (512, 0)].map(|(len, flags)| Extent { len, flags })
+        );
+        assert!(decode_block_status(&p[..p.len() - 1]).is_err());
+        assert!(decode_block_status(&p[..4]).is_err(), "no extent");
+
+        // BLOCK_STATUS_EXT: id, count, then (length, flags) pairs of 64 bits.
+        let ext_payload = |count: u32, pairs: &[(u64, u64)]| {
+            let mut p = Vec::new();
+            push_u32(&mut p, 9);
+            push_u32(&mut p, count);
+            for &(len, flags) in pairs {
+                push_u64(&mut p, len);
+                push_u64(&mut p, flags);
+            }
+            p
+        };
+        let (id, ext) = decode_block_status_ext(&ext_payload(1, &[(6 << 30, 3)])).unwrap();
+        assert_eq!(
+            (id, ext),
+            (
+                9,
+                vec![Extent {
+                    len: 6 << 30,
+                    flags: 3
+                }]
+            )
+        );
+        assert!(
+            decode_block_status_ext(&ext_payload(2, &[(1, 0)])).is_err(),
+            "count"
+        );
+        assert!(
+            decode_block_status_ext(&ext_payload(1, &[(0, 0)])).is_err(),
+            "empty extent"
+        );
+        assert!(
+            decode_block_status_ext(&ext_payload(1, &[(1, 1 << 32)])).is_err(),
+            "status"
+        );
     }
 
     #[test]

@@ -1,0 +1,127 @@
+//! Each context's pool of request buffers, so that memory follows what is in flight rather than
+//! the allocator's history: a READ's reply and a WRITE's payload are taken from the pool on the
+//! context's thread, filled on a pool worker (or from the socket), and given back once the
+//! reply they became has been sent.
+//!
+//! Buffers come in size classes, powers of two from 4 KiB to the largest payload, each with
+//! [`HEADROOM`] more for the reply's headers, so that a buffer fits any request of its class
+//! and is reused by requests of the same size. Idle buffers are kept up to [`MAX_IDLE`] bytes
+//! per context (the rest are freed, so a burst does not leave its peak behind); a buffer whose
+//! capacity is not exactly a class (a small status reply, the handshake's output) is simply
+//! dropped.
+//!
+//! Only the context's thread touches its pool (an [`AioContext::local`]); a buffer crosses to a
+//! worker and back inside the request, never through the pool.
+//!
+//! What the pool frees must leave the process: [`release_freed_memory`] keeps glibc from
+//! parking freed request buffers in its heaps.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use aio::AioContext;
+
+use crate::protocol::MAX_PAYLOAD;
+
+/// Room past a class's power of two: a reply's headers (a structured read has 28 bytes before
+/// its data; a sparse read some more per chunk).
+pub const HEADROOM: usize = 4 << 10;
+/// The smallest class: anything smaller (status replies, small reads) is not worth pooling.
+const MIN_CLASS: usize = 4 << 10;
+/// Idle bytes a context keeps for reuse.
+pub const MAX_IDLE: usize = 8 << 20;
+
+/// Makes glibc's malloc serve every allocation of 128 KiB or more (request buffers) with its
+/// own `mmap`, and so give it back to the kernel when freed. By default glibc raises that
+/// threshold each time such a block is freed, up to 32 MiB, after which freed request buffers
+/// stay in its heaps: RSS then stays at the peak of the busiest moment (hundreds of MiB after
+/// a bulk copy) instead of falling back to what is in use.
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: [EXAMPLE-MALLOC] mallopt only reads its two integers and sets glibc's own
+        // tunable, under glibc's lock; no memory of ours is involved.
+        let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
+        if ok == 0 {
+            eprintln!("nbd-server: mallopt(M_MMAP_THRESHOLD) refused; freed memory may linger");
+        }
+    }
+}
+
+/// The classes' capacities: `MIN_CLASS << k` plus [`HEADROOM`], up to the largest payload.
+fn class_of(len: usize) -> Option<usize> {
+    let payload = len.saturating_sub(HEADROOM).max(MIN_CLASS);
+    let k = payload.next_power_of_two().trailing_zeros() - MIN_CLASS.trailing_zeros();
+    (payload <= MAX_PAYLOAD as usize).then_some(k as usize)
+}
+
+fn capacity(class: usize) -> usize {
+    (MIN_CLASS << class) + HEADROOM
+}
+
+#[derive(Default)]
+pub struct BufPool {
+    /// Idle buffers per class; each keeps its length (its bytes are initialized, whatever they
+    /// hold), so reusing it for a read of that length or less needs no zeroing.
+    idle: RefCell<Vec<Vec<Vec<u8>>>>,
+    idle_bytes: Cell<usize>,
+}
+
+impl BufPool {
+    /// The pool of `ctx`, which must be the context of this thread.
+    pub fn of(ctx: &AioContext) -> Rc<BufPool> {
+        ctx.local(|_| BufPool::default())
+    }
+
+    /// A buffer of exactly `len` initialized bytes (whatever they hold), with room to grow to
+    /// its class.
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.reuse(len);
+        if buf.len() >= len {
+            buf.truncate(len);
+        } else {
+            buf.resize(len, 0);
+        }
+        buf
+    }
+
+    /// An empty buffer with room for `len` bytes; a new one touches no memory until it is
+    /// written to (a WRITE's payload is read into it as it arrives).
+    pub fn take_empty(&self, len: usize) -> Vec<u8> {
+        let mut buf = self.reuse(len);
+        buf.clear();
+        buf
+    }
+
+    /// An idle buffer of `len`'s class, as it was given back, or a new empty one.
+    fn reuse(&self, len: usize) -> Vec<u8> {
+        let Some(class) = class_of(len) else {
+            return Vec::with_capacity(len);
+        };
+        let reused = self.idle.borrow_mut().get_mut(class).and_then(Vec::pop);
+        match reused {
+            Some(buf) => {
+                self.idle_bytes.set(self.idle_bytes.get() - buf.capacity());
+                buf
+            }
+            None => Vec::with_capacity(capacity(class)),
+        }
+    }
+
+    /// Takes `buf` back for reuse, if it is a class's and there is room.
+    pub fn give(&self, buf: Vec<u8>) {
+        let cap = buf.capacity();
+        let Some(class) = class_of(cap).filter(|&c| capacity(c) == cap) else {
+            return;
+        };
+        if self.idle_bytes.get() + cap > MAX_IDLE {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        if idle.len() <= class {
+            idle.resize_with(class + 1, Vec::new);
+        }
+        idle[class].push(buf);
+        self.idle_bytes.set(self.idle_bytes.get() + cap);
+    }
+}
