@@ -106,6 +106,89 @@ impl Source {
             Source::Manual(vc) => vc.now_ns(),
         }
     }
+
+    /// Whether timers of clock type `ty` reading this source may run: only a
+    /// [`ClockType::Virtual`] list on a disabled [`VirtualClock`] may not.
+    #[inline]
+    pub(crate) fn is_enabled_for(&self, ty: ClockType) -> bool {
+        match (self, ty) {
+            (Source::Manual(vc), ClockType::Virtual) => vc.is_enabled(),
+            _ => true,
+        }
+    }
+}
+
+/// The four clocks of one timer-list group (one event loop), readable from any thread: what
+/// [`Timer::now_ns`](crate::Timer::now_ns) and the group's deadlines read, without a timer.
+///
+/// Made by [`TimerListGroup::clocks`](crate::TimerListGroup::clocks),
+/// [`GroupHandle::clocks`](crate::GroupHandle::clocks) or
+/// [`GroupBuilder::clocks`](crate::GroupBuilder::clocks). It holds the clocks themselves, not
+/// the group: it stays readable after the group is gone. `Clone + Send + Sync`; clones read the
+/// same clocks.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use timers::{ClockType, TimerListGroup, VirtualClock};
+///
+/// let clock = VirtualClock::new();
+/// let group = TimerListGroup::builder().virtual_clock(clock.clone()).build(Arc::new(|| ()));
+/// let clocks = group.clocks();
+/// clock.advance(Duration::from_micros(3));
+/// let seen = std::thread::spawn(move || clocks.now_ns(ClockType::Virtual)).join().unwrap();
+/// assert_eq!(seen, 3_000);
+/// ```
+#[derive(Clone)]
+pub struct Clocks {
+    /// Indexed by [`ClockType::index`].
+    sources: [Source; 4],
+}
+
+impl Clocks {
+    pub(crate) fn new(sources: [Source; 4]) -> Self {
+        Clocks { sources }
+    }
+
+    /// The current reading of `clock` in nanoseconds (QEMU `qemu_clock_get_ns`), on the same
+    /// scale as [`Timer::arm_ns`](crate::Timer::arm_ns)'s deadlines for a timer on `clock`.
+    #[inline]
+    pub fn now_ns(&self, clock: ClockType) -> u64 {
+        self.sources[clock.index()].now_ns()
+    }
+
+    /// Whether timers on `clock` may run: false only for [`ClockType::Virtual`] while its
+    /// [`VirtualClock`] is disabled.
+    pub fn is_enabled(&self, clock: ClockType) -> bool {
+        self.sources[clock.index()].is_enabled_for(clock)
+    }
+
+    /// The program-driven clock behind `clock`, if it has one: always for
+    /// [`ClockType::Virtual`] and [`ClockType::VirtualRt`] (by default
+    /// [`VirtualClock::global`]), and for any clock type replaced with
+    /// [`GroupBuilder::manual_clock`](crate::GroupBuilder::manual_clock).
+    pub fn virtual_clock(&self, clock: ClockType) -> Option<&VirtualClock> {
+        match &self.sources[clock.index()] {
+            Source::Manual(vc) => Some(vc),
+            Source::Monotonic | Source::Wall => None,
+        }
+    }
+}
+
+impl fmt::Debug for Clocks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Clocks");
+        for ty in ClockType::ALL {
+            let name = match ty {
+                ClockType::Realtime => "realtime_ns",
+                ClockType::Virtual => "virtual_ns",
+                ClockType::Host => "host_ns",
+                ClockType::VirtualRt => "virtual_rt_ns",
+            };
+            d.field(name, &self.now_ns(ty));
+        }
+        d.finish()
+    }
 }
 
 /// A program-driven clock in nanoseconds: QEMU's virtual clock.
