@@ -63,7 +63,9 @@ use std::io;
 use std::os::fd::{AsFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use timers::{ClockType, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup};
+use timers::{
+    ClockType, Clocks, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup,
+};
 
 /// `notify_me` bit 0: an outer loop is between [`AioContext::prepare`] and
 /// [`AioContext::check`] (QEMU's GSource bit).
@@ -132,6 +134,9 @@ pub(crate) struct Shared {
     /// dropped: the group's notify callback holds this `Shared`, so keeping the lists here
     /// would be a cycle.
     timers: Mutex<Option<GroupHandle>>,
+    /// The clocks the context's timers read, for reading them from any thread. No cycle: the
+    /// clocks hold no timer list (a virtual clock knows its lists only weakly).
+    clocks: Clocks,
 }
 
 impl Shared {
@@ -1175,6 +1180,7 @@ impl AioContext {
     ) -> io::Result<AioContext> {
         let event = EventNotifier::new()?;
         let fd = event.raw_fd();
+        let clock_view = clocks.clocks();
         let shared = Arc::new(Shared {
             notify_me: AtomicU32::new(0),
             notified: AtomicBool::new(false),
@@ -1192,6 +1198,7 @@ impl AioContext {
             remote: RemoteOps::new(),
             external_disabled: AtomicU32::new(0),
             timers: Mutex::new(None),
+            clocks: clock_view,
         });
         // Arming a timer that becomes the earliest of its clock wakes the loop, like a BH
         // schedule (and, like it, for free on the home thread outside a blocking wait). No
@@ -1475,6 +1482,21 @@ impl AioContext {
     /// The context's timer lists (QEMU `ctx->tlg`): clocks, the earliest deadline, counts.
     pub fn timers(&self) -> &TimerListGroup {
         &self.inner.timers
+    }
+
+    /// The current reading of `clock` as this context's timers see it, in nanoseconds (QEMU
+    /// `qemu_clock_get_ns`): the scale of [`Timer::arm_ns`] deadlines on that clock. The
+    /// virtual clocks are the ones the context was built with
+    /// ([`with_clocks`](Self::with_clocks)), [`VirtualClock::global`](timers::VirtualClock::global)
+    /// by default. Other threads read them with [`ContextHandle::now_ns`].
+    pub fn now_ns(&self, clock: ClockType) -> u64 {
+        self.inner.shared.clocks.now_ns(clock)
+    }
+
+    /// The context's clocks, `Send + Sync`, to read from any thread (see
+    /// [`ContextHandle::clocks`]).
+    pub fn clocks(&self) -> Clocks {
+        self.inner.shared.clocks.clone()
     }
 
     /// The name of the backend that watches fds (`"poll"`, `"epoll"`, `"io_uring"`).
@@ -2350,6 +2372,45 @@ impl ContextHandle {
             Some(group) => Ok(group.timer_with_attrs(clock, scale, attrs, callback)),
             None => Err(ContextGone.into()),
         }
+    }
+
+    /// The current reading of `clock` as the context's timers see it, in nanoseconds, from any
+    /// thread (QEMU `qemu_clock_get_ns`): what [`Timer::now_ns`] gives for a timer of the
+    /// context on `clock`, so an absolute deadline for [`Timer::arm_ns`] can be computed
+    /// without a timer. The virtual clocks are the context's own (the [`VirtualClock`] given to
+    /// its builder, or [`VirtualClock::global`]). Works after the loop is gone.
+    ///
+    /// [`VirtualClock`]: timers::VirtualClock
+    /// [`VirtualClock::global`]: timers::VirtualClock::global
+    ///
+    /// ```
+    /// use aio_core::{AioContext, ClockType, Scale};
+    ///
+    /// let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// let handle = ctx.handle();
+    /// let (timer, deadline) = std::thread::spawn(move || {
+    ///     // Due 1 ms from now on the context's realtime clock, computed on this thread.
+    ///     let deadline = handle.now_ns(ClockType::Realtime) + 1_000_000;
+    ///     let timer = handle.timer(ClockType::Realtime, Scale::NS, || ()).unwrap();
+    ///     timer.arm_ns(deadline);
+    ///     (timer, deadline)
+    /// })
+    /// .join()
+    /// .unwrap();
+    /// while timer.is_pending() {
+    ///     ctx.poll(); // sleeps until the deadline
+    /// }
+    /// assert!(ctx.now_ns(ClockType::Realtime) >= deadline);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn now_ns(&self, clock: ClockType) -> u64 {
+        self.shared.clocks.now_ns(clock)
+    }
+
+    /// The context's clocks, a `Clone + Send + Sync` value that reads them without a handle
+    /// (see [`Clocks`]).
+    pub fn clocks(&self) -> Clocks {
+        self.shared.clocks.clone()
     }
 
     /// As [`AioContext::disable_external`], from any thread. Once it returns, no external

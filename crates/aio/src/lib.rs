@@ -70,9 +70,11 @@ pub use aio_core::{
     HandlerBuilder, HandlerKey, Interest, NotDisabledError, OuterFd, PollParams, PollPolicy,
     PolledHandler, Readiness, ReadyList, RunningBh, Stats,
 };
+/// Timers and their clocks; [`Clocks`], [`realtime_ns`] and [`host_ns`] read the clocks from
+/// any thread (also [`ContextHandle::now_ns`]).
 pub use aio_core::{
-    ClockType, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef,
-    VirtualClock, set_timer_slack,
+    ClockType, Clocks, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup,
+    TimerRef, VirtualClock, host_ns, realtime_ns, set_timer_slack,
 };
 /// Handler operations from any thread, through a [`ContextHandle`].
 pub use aio_core::{ContextGone, RemoteFdHandler, RemoteHandlerBuilder};
