@@ -491,7 +491,6 @@ fn clocks_read_from_other_threads_are_the_contexts_own() {
     })
     .join()
     .unwrap();
-    vb.enable();
     vb.advance_ns(49);
     b.poll_nonblocking();
     assert!(!fired.load(Ordering::SeqCst));

@@ -14,7 +14,9 @@
 //!   process-wide [`VirtualClock::global`]).
 //!
 //! A virtual clock also carries QEMU's *enabled* flag, which only [`ClockType::Virtual`] lists
-//! obey: while it is off their timers neither contribute a deadline nor run. QEMU's
+//! obey: while it is off their timers neither contribute a deadline nor run. It starts on, as
+//! QEMU's clocks do (`qemu_clock_init`); QEMU turns it off while the VM is paused
+//! (`pause_all_vcpus`), which [`VirtualClock::new_disabled`] and [`VirtualClock::disable`] model. QEMU's
 //! `VIRTUAL_RT` is never disabled and equals `VIRTUAL` outside icount, so a `VirtualRt` list
 //! reads the same time but ignores the flag.
 
@@ -29,8 +31,9 @@ use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, OnceLock, Ordering, Weak, p
 pub enum ClockType {
     /// Host monotonic time; runs whatever the program does (QEMU `QEMU_CLOCK_REALTIME`).
     Realtime,
-    /// Program-controlled time that can be stopped, started, advanced, and disabled; starts
-    /// disabled, as QEMU's guest clock does until the VM runs (QEMU `QEMU_CLOCK_VIRTUAL`).
+    /// Program-controlled time that can be stopped, started, advanced, and disabled (QEMU
+    /// `QEMU_CLOCK_VIRTUAL`). A [`VirtualClock`] starts enabled and stopped: its timers fire as
+    /// soon as [`VirtualClock::advance`] reaches them.
     Virtual,
     /// Host wall-clock time, following system time changes (QEMU `QEMU_CLOCK_HOST`).
     Host,
@@ -197,8 +200,14 @@ impl fmt::Debug for Clocks {
 /// from where it stood) and *advanced* by any amount, so that tests run timers deterministically
 /// without sleeping. Separately, it is *enabled* or *disabled*: while disabled, the
 /// [`ClockType::Virtual`] lists that read it report no deadline and run no timers (QEMU
-/// `qemu_clock_enable`). A new clock reads 0, is stopped and is disabled, as QEMU's guest clock
-/// before the VM starts.
+/// `qemu_clock_enable`).
+///
+/// A new clock reads 0, is stopped and is **enabled**: a timer armed on it fires once
+/// [`advance`](Self::advance) (or [`start`](Self::start)) brings the clock to its deadline, with
+/// nothing else to switch on. That is QEMU's initial state too (its clocks are created enabled,
+/// and the guest's time does not move until the VM runs). A program that models a VM which is
+/// not running yet (QEMU disables the virtual clock while the vCPUs are paused) creates it with
+/// [`new_disabled`](Self::new_disabled) and calls [`enable`](Self::enable) when the VM starts.
 ///
 /// Clones share one clock. Every timer-list group that reads it is told about changes that
 /// can make its timers due: [`enable`](Self::enable) calls the notify callback of every group
@@ -224,7 +233,6 @@ impl fmt::Debug for Clocks {
 /// });
 /// timer.arm(10); // at 10 ms of virtual time
 ///
-/// clock.enable();
 /// clock.advance(Duration::from_millis(9));
 /// assert!(!group.run_expired());
 /// clock.advance(Duration::from_millis(1));
@@ -258,15 +266,42 @@ struct Registration {
 }
 
 impl VirtualClock {
-    /// A new clock: reads 0, stopped, disabled.
+    /// A new clock: reads 0, stopped, enabled (its timers run once the clock reaches them).
     pub fn new() -> Self {
+        Self::with_enabled(true)
+    }
+
+    /// A new clock that reads 0, stopped and **disabled**: its [`ClockType::Virtual`] timers
+    /// neither run nor contribute a deadline until [`enable`](Self::enable), as the guest clock
+    /// of a VM that is not running (QEMU `qemu_clock_enable(QEMU_CLOCK_VIRTUAL, false)`).
+    /// [`ClockType::VirtualRt`] timers on it still run.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use timers::{ClockType, Scale, TimerListGroup, VirtualClock};
+    ///
+    /// let clock = VirtualClock::new_disabled();
+    /// let group = TimerListGroup::builder().virtual_clock(clock.clone()).build(Arc::new(|| ()));
+    /// let timer = group.timer(ClockType::Virtual, Scale::NS, || ());
+    /// timer.arm(5);
+    /// clock.advance(Duration::from_nanos(5));
+    /// assert!(!group.run_expired(), "the VM is paused");
+    /// clock.enable();
+    /// assert!(group.run_expired());
+    /// ```
+    pub fn new_disabled() -> Self {
+        Self::with_enabled(false)
+    }
+
+    fn with_enabled(enabled: bool) -> Self {
         VirtualClock {
             inner: Arc::new(VirtualInner {
                 time: Mutex::new(VirtualTime {
                     base_ns: 0,
                     running_since: None,
                 }),
-                enabled: AtomicBool::new(false),
+                enabled: AtomicBool::new(enabled),
                 lists: Mutex::new(Vec::new()),
                 next_registration: AtomicU64::new(0),
             }),
@@ -275,8 +310,9 @@ impl VirtualClock {
 
     /// The process-wide default clock behind [`ClockType::Virtual`] and [`ClockType::VirtualRt`]
     /// of groups built without [`GroupBuilder::virtual_clock`](crate::GroupBuilder::virtual_clock).
-    /// Created on first use (stopped and disabled, like [`VirtualClock::new`]); every call
-    /// returns a handle to the same clock.
+    /// Created on first use (at 0, stopped and enabled, like [`VirtualClock::new`]): its time
+    /// moves only when the program advances or starts it. Every call returns a handle to the
+    /// same clock.
     pub fn global() -> VirtualClock {
         global_clock()
     }
@@ -422,11 +458,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn virtual_clock_starts_stopped_disabled_at_zero() {
+    fn virtual_clock_starts_stopped_enabled_at_zero() {
         let c = VirtualClock::new();
         assert_eq!(c.now_ns(), 0);
         assert!(!c.is_running());
-        assert!(!c.is_enabled());
+        assert!(c.is_enabled());
+        assert!(VirtualClock::default().is_enabled());
+        let d = VirtualClock::new_disabled();
+        assert_eq!(d.now_ns(), 0);
+        assert!(!d.is_running());
+        assert!(!d.is_enabled());
     }
 
     #[test]

@@ -41,7 +41,6 @@ use crate::timer::{Scale, Timer, TimerAttrs};
 /// use timers::{ClockType, Scale, TimerListGroup, VirtualClock};
 ///
 /// let clock = VirtualClock::new();
-/// clock.enable();
 /// let wakeups = Arc::new(AtomicU32::new(0));
 /// let w = wakeups.clone();
 /// let group = TimerListGroup::builder()

@@ -10,7 +10,7 @@
 //!
 //! Four clocks, as in QEMU ([`ClockType`]): `Realtime` (monotonic), `Virtual` (a
 //! [`VirtualClock`] the program stops, starts and advances; the basis of deterministic tests;
-//! starts disabled), `Host` (wall clock) and `VirtualRt` (virtual time, never disabled). Every
+//! starts enabled and stopped, [`VirtualClock::new_disabled`] for a paused VM), `Host` (wall clock) and `VirtualRt` (virtual time, never disabled). Every
 //! time in this crate is a `u64` count of **nanoseconds** on the timer's clock, with no rounding
 //! anywhere: a deadline armed for 1 µs from now is reported as 1 µs away. A timer's [`Scale`]
 //! (ns, µs, ms, s or custom) only sets the unit of [`Timer::arm`] and friends.

@@ -38,10 +38,10 @@ fn disabled_clock_has_no_deadline_and_runs_nothing() {
 
 #[test]
 fn enabling_notifies_every_group_on_the_clock_once() {
-    let clock = VirtualClock::new();
+    let clock = VirtualClock::new_disabled();
     let (g1, n1) = group_on(&clock);
     let (g2, n2) = group_on(&clock);
-    let (other, n3) = group_on(&VirtualClock::new());
+    let (other, n3) = group_on(&VirtualClock::new_disabled());
     clock.enable();
     assert_eq!(n1.load(Ordering::SeqCst), 1);
     assert_eq!(n2.load(Ordering::SeqCst), 1);
@@ -111,7 +111,6 @@ fn disabling_from_a_callback_stops_the_run() {
 #[test]
 fn disable_waits_for_a_run_on_another_thread() {
     let clock = VirtualClock::new();
-    clock.enable();
     let (group, _) = group_on(&clock);
     let group = Arc::new(group);
     let (started_tx, started_rx) = mpsc::channel();
@@ -146,7 +145,7 @@ fn disable_waits_for_a_run_on_another_thread() {
 
 #[test]
 fn manual_clock_can_stand_in_for_realtime() {
-    let clock = VirtualClock::new(); // disabled: Realtime does not care
+    let clock = VirtualClock::new_disabled(); // Realtime does not care
     let group = TimerListGroup::builder()
         .manual_clock(ClockType::Realtime, clock.clone())
         .build(Arc::new(|| ()));
@@ -218,7 +217,6 @@ fn clocks_read_from_another_thread_match_the_group_and_outlive_it() {
         .join()
         .unwrap();
     t.arm_ns(deadline);
-    clock.enable();
     clock.advance_ns(9);
     assert!(!group.run_expired());
     clock.advance_ns(1);

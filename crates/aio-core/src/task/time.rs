@@ -430,7 +430,6 @@ impl AioContext {
     /// # use aio_core::{AioContext, ClockType, GroupBuilder, VirtualClock};
     /// use std::time::Duration;
     /// let clock = VirtualClock::new();
-    /// clock.enable();
     /// let monitor = Box::new(fdmon_poll::PollMonitor::new()?);
     /// let ctx = AioContext::with_clocks(monitor, GroupBuilder::new().virtual_clock(clock.clone()))?;
     /// let s = ctx.sleep_on(ClockType::Virtual, Duration::from_secs(3600));
