@@ -1814,6 +1814,68 @@ impl AioContext {
         HandlerBuilder::new(self, raw_fd_of(fd))
     }
 
+    /// [`fd_handler`](Self::fd_handler) for a raw fd number, for code that holds fds as plain
+    /// integers (a port from C, an fd received over FFI) and cannot lend an [`AsFd`].
+    ///
+    /// The handler works exactly as one registered through `fd_handler`. A number that is not
+    /// an open fd (a negative one included) is refused by
+    /// [`register`](HandlerBuilder::register) with `EBADF`, as there.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open, naming the same open file, from `register` until the handler is
+    /// removed: its [`FdHandler`] dropped or [`remove`](FdHandler::remove)d (or the
+    /// [`RemoteFdHandler`] that [`FdHandler::into_remote`] made from it), or the context
+    /// dropped. This is the I/O-safety contract of [`BorrowedFd::borrow_raw`] stretched over
+    /// the registration (ARCHITECTURE.md, "Raw fds"): meanwhile the backend watches `fd`
+    /// (`poll`, `epoll_ctl`, an io_uring `POLL_ADD`), and were the number closed and reused,
+    /// it would watch, and the callbacks would be told about, a file that other code owns.
+    ///
+    /// [`BorrowedFd::borrow_raw`]: std::os::fd::BorrowedFd::borrow_raw
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use std::cell::Cell;
+    /// use std::rc::Rc;
+    ///
+    /// // Fds as C code holds them: a pipe made with pipe(2).
+    /// let mut fds = [0; 2];
+    /// // SAFETY: `fds` is a writable array of two ints for pipe(2) to fill.
+    /// assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    /// let [rd, wr] = fds;
+    ///
+    /// let got = Rc::new(Cell::new(0u8));
+    /// let seen = got.clone();
+    /// // SAFETY: raw-fd contract (ARCHITECTURE.md, "Raw fds"): `rd` is closed below, after
+    /// // the handler is removed.
+    /// let handler = unsafe { ctx.fd_handler_raw(rd) }
+    ///     .on_read(move |_| {
+    ///         let mut byte = 0u8;
+    ///         // SAFETY: one writable byte; `rd` is open while the handler is registered.
+    ///         let n = unsafe { libc::read(rd, (&raw mut byte).cast(), 1) };
+    ///         assert_eq!(n, 1);
+    ///         seen.set(byte);
+    ///     })
+    ///     .register()?;
+    /// // SAFETY: one readable byte; `wr` is open.
+    /// assert_eq!(unsafe { libc::write(wr, b"x".as_ptr().cast(), 1) }, 1);
+    /// while got.get() == 0 {
+    ///     ctx.poll();
+    /// }
+    /// assert_eq!(got.get(), b'x');
+    ///
+    /// handler.remove();
+    /// // SAFETY: both fds came from pipe(2) above, and nothing watches `rd` any more.
+    /// unsafe {
+    ///     libc::close(rd);
+    ///     libc::close(wr);
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub unsafe fn fd_handler_raw(&self, fd: RawFd) -> HandlerBuilder<'_> {
+        HandlerBuilder::new(self, fd)
+    }
+
     /// Registers `read` for an [`EventNotifier`] (QEMU `aio_set_event_notifier`). The callback
     /// gets the notifier and should call [`EventNotifier::test_and_clear`].
     ///
@@ -2318,6 +2380,23 @@ impl ContextHandle {
     /// [`RemoteHandlerBuilder`]; [`AioContext::fd_handler`] is the home thread's way.
     pub fn fd_handler(&self, fd: &impl AsFd) -> RemoteHandlerBuilder {
         RemoteHandlerBuilder::new(self.clone(), raw_fd_of(fd))
+    }
+
+    /// [`fd_handler`](Self::fd_handler) for a raw fd number, from any thread: as
+    /// [`AioContext::fd_handler_raw`]. A number that is not an open fd is refused with
+    /// `EBADF` by [`register`](RemoteHandlerBuilder::register).
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open, naming the same open file, from `register` until the handler is
+    /// removed: its [`RemoteFdHandler`] dropped or [`remove`](RemoteFdHandler::remove)d, or
+    /// the context dropped (ARCHITECTURE.md, "Raw fds"; see [`AioContext::fd_handler_raw`]).
+    /// A removal from another thread stops the callbacks at once, but the home thread takes
+    /// the number out of the backend at its next iteration: if it is closed and reused
+    /// before that, the backend may watch the new file until then, and reports for it go to
+    /// no callback.
+    pub unsafe fn fd_handler_raw(&self, fd: RawFd) -> RemoteHandlerBuilder {
+        RemoteHandlerBuilder::new(self.clone(), fd)
     }
 
     /// As [`AioContext::set_event_notifier`], from any thread, with a `Send` callback (which
