@@ -39,10 +39,8 @@ impl RawPipe {
 
     fn write_byte(&self, byte: u8) {
         // SAFETY: one readable byte; `wr` is open until `self` drops.
-        assert_eq!(
-            unsafe { libc::write(self.wr, (&raw const byte).cast(), 1) },
-            1
-        );
+        let n = unsafe { libc::write(self.wr, (&raw const byte).cast(), 1) };
+        assert_eq!(n, 1);
     }
 }
 
