@@ -193,8 +193,7 @@ pub struct OursFire {
 impl OursFire {
     /// A group with `n` pending timers.
     pub fn new(n: usize) -> Self {
-        let clock = VirtualClock::new();
-        clock.enable();
+        let clock = VirtualClock::new(); // enabled, stopped
         let group = TimerListGroup::builder()
             .virtual_clock(clock.clone())
             .build(Arc::new(|| ()));

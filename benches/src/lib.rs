@@ -180,19 +180,31 @@ pub fn loop_syscalls(ctx: &AioContext) -> u64 {
 
 /// A context for the B1/B2/B4 workloads: on the poll backend, which is what `Backend::Auto` gave
 /// when this crate compiled in only aio's `poll` feature, so that those figures stay comparable
-/// now that the fd benches compile in every backend. `AIO_BACKEND` still overrides it.
+/// now that the fd benches compile in every backend. `AIO_BACKEND`, when set, still picks the
+/// backend instead (see [`default_backend`]).
 ///
 /// # Panics
 ///
 /// If the context cannot be created (out of fds, or a backend forced by `AIO_BACKEND` refused).
 pub fn new_context() -> AioContext {
     aio::Builder::new()
-        .backend(aio::Backend::Poll)
+        .backend(default_backend())
         .build()
         .expect("aio-benches: cannot create an AioContext")
 }
 
-/// As [`new_context`] (the poll backend, `AIO_BACKEND` honoured), with exactly the adaptive
+/// The backend of [`new_context`]: poll, unless `AIO_BACKEND` is set, in which case
+/// `Backend::Auto`, which the builder lets the variable steer (an explicit backend would win
+/// over it).
+pub fn default_backend() -> aio::Backend {
+    if std::env::var_os(aio::BACKEND_ENV).is_some() {
+        aio::Backend::Auto
+    } else {
+        aio::Backend::Poll
+    }
+}
+
+/// As [`new_context`] (the poll backend unless `AIO_BACKEND` is set), with exactly the adaptive
 /// polling parameters `params`: the builder's `poll_params`, and, if `AIO_POLL_MAX_NS` replaced
 /// the maximum, `params` set again, so that a row says what it measured.
 ///
@@ -201,7 +213,7 @@ pub fn new_context() -> AioContext {
 /// As [`new_context`], or if `params` is refused ([`PollParams::validate`]).
 pub fn new_polling_context(params: PollParams) -> AioContext {
     let ctx = aio::Builder::new()
-        .backend(aio::Backend::Poll)
+        .backend(default_backend())
         .poll_params(params)
         .build()
         .expect("aio-benches: cannot create an AioContext");

@@ -170,17 +170,32 @@ fn with_env(test: &str, value: &str, body: fn()) {
 }
 
 #[test]
-fn env_overrides_the_builder() {
-    with_env("env_overrides_the_builder", "epoll", || {
-        assert_eq!(
-            Builder::new()
-                .backend(Backend::Poll)
-                .build()
-                .unwrap()
-                .backend(),
-            "epoll"
-        );
+fn env_steers_only_auto() {
+    with_env("env_steers_only_auto", "epoll", || {
+        // The default, and an explicit `Auto`, follow the variable...
+        assert_eq!(Builder::new().requested_backend(), Backend::Epoll);
+        assert_eq!(Builder::new().build().unwrap().backend(), "epoll");
+        let auto = Builder::new().backend(Backend::Auto);
+        assert_eq!(auto.requested_backend(), Backend::Epoll);
+        assert_eq!(auto.build().unwrap().backend(), "epoll");
         // ...unless the builder says to ignore it.
+        let ignored = Builder::new().ignore_env();
+        assert_eq!(ignored.requested_backend(), Backend::Auto);
+        assert_ne!(
+            ignored.build().unwrap().backend(),
+            "epoll",
+            "Auto on a fresh context is io_uring or poll, never epoll from the start"
+        );
+    });
+}
+
+#[test]
+fn an_explicit_backend_wins_over_the_env() {
+    with_env("an_explicit_backend_wins_over_the_env", "epoll", || {
+        let b = Builder::new().backend(Backend::Poll);
+        assert_eq!(b.requested_backend(), Backend::Poll);
+        assert_eq!(b.build().unwrap().backend(), "poll");
+        // With or without ignore_env.
         let ctx = Builder::new()
             .backend(Backend::Poll)
             .ignore_env()
@@ -191,11 +206,22 @@ fn env_overrides_the_builder() {
 }
 
 #[test]
-fn an_unknown_env_value_is_ignored() {
-    with_env("an_unknown_env_value_is_ignored", "kqueue", || {
+fn an_explicit_epoll_wins_over_env_poll() {
+    with_env("an_explicit_epoll_wins_over_env_poll", "poll", || {
         let b = Builder::new().backend(Backend::Epoll);
         assert_eq!(b.requested_backend(), Backend::Epoll);
         assert_eq!(b.build().unwrap().backend(), "epoll");
+    });
+}
+
+#[test]
+fn an_unknown_env_value_is_ignored() {
+    with_env("an_unknown_env_value_is_ignored", "kqueue", || {
+        // Auto stays Auto: the same choice as with the variable unset.
+        let b = Builder::new();
+        assert_eq!(b.requested_backend(), Backend::Auto);
+        let expected = Builder::new().ignore_env().build().unwrap().backend();
+        assert_eq!(b.build().unwrap().backend(), expected);
     });
 }
 

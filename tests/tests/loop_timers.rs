@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::time::Duration;
 
-/// A context on the default backend whose Virtual clock is `clock` (enabled).
+/// A context on the default backend whose Virtual clock is `clock`.
 fn virtual_context(clock: &VirtualClock) -> AioContext {
-    clock.enable();
     Builder::new()
         .ignore_env()
         .clocks(GroupBuilder::new().virtual_clock(clock.clone()))
@@ -44,6 +43,44 @@ fn a_virtual_timer_fires_exactly_at_its_deadline() {
     assert_eq!(n.load(SeqCst), 1);
     assert!(!ctx.poll_nonblocking());
     assert!(!timer.is_pending());
+}
+
+#[test]
+fn a_new_virtual_clock_needs_no_enable() {
+    // What a new user writes: a fresh clock, a timer, an advance. No `enable()` anywhere.
+    let clock = VirtualClock::new();
+    assert!(clock.is_enabled());
+    let ctx = Builder::new()
+        .clocks(GroupBuilder::new().virtual_clock(clock.clone()))
+        .build()
+        .unwrap();
+    let (n, cb) = counter();
+    let timer = ctx.timer(ClockType::Virtual, Scale::US, cb);
+    timer.arm(5);
+    assert_eq!(ctx.timers().deadline(), Some(Duration::from_micros(5)));
+    clock.advance(Duration::from_micros(5));
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(n.load(SeqCst), 1);
+}
+
+#[test]
+fn a_clock_created_disabled_holds_its_timers_until_enabled() {
+    let clock = VirtualClock::new_disabled();
+    let ctx = virtual_context(&clock);
+    assert!(!ctx.timers().is_enabled(ClockType::Virtual));
+    let (n, cb) = counter();
+    let (rt_n, rt_cb) = counter();
+    let timer = ctx.timer(ClockType::Virtual, Scale::NS, cb);
+    let rt = ctx.timer(ClockType::VirtualRt, Scale::NS, rt_cb);
+    timer.arm_ns(10);
+    rt.arm_ns(10);
+    clock.advance(Duration::from_nanos(10));
+    assert!(ctx.poll_nonblocking(), "VirtualRt ignores the flag");
+    assert_eq!((n.load(SeqCst), rt_n.load(SeqCst)), (0, 1));
+    assert_eq!(ctx.timers().deadline(), None);
+    clock.enable();
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(n.load(SeqCst), 1);
 }
 
 #[test]

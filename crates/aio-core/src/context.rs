@@ -63,7 +63,9 @@ use std::io;
 use std::os::fd::{AsFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use timers::{ClockType, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup};
+use timers::{
+    ClockType, Clocks, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup,
+};
 
 /// `notify_me` bit 0: an outer loop is between [`AioContext::prepare`] and
 /// [`AioContext::check`] (QEMU's GSource bit).
@@ -132,6 +134,9 @@ pub(crate) struct Shared {
     /// dropped: the group's notify callback holds this `Shared`, so keeping the lists here
     /// would be a cycle.
     timers: Mutex<Option<GroupHandle>>,
+    /// The clocks the context's timers read, for reading them from any thread. No cycle: the
+    /// clocks hold no timer list (a virtual clock knows its lists only weakly).
+    clocks: Clocks,
 }
 
 impl Shared {
@@ -1175,6 +1180,7 @@ impl AioContext {
     ) -> io::Result<AioContext> {
         let event = EventNotifier::new()?;
         let fd = event.raw_fd();
+        let clock_view = clocks.clocks();
         let shared = Arc::new(Shared {
             notify_me: AtomicU32::new(0),
             notified: AtomicBool::new(false),
@@ -1192,6 +1198,7 @@ impl AioContext {
             remote: RemoteOps::new(),
             external_disabled: AtomicU32::new(0),
             timers: Mutex::new(None),
+            clocks: clock_view,
         });
         // Arming a timer that becomes the earliest of its clock wakes the loop, like a BH
         // schedule (and, like it, for free on the home thread outside a blocking wait). No
@@ -1475,6 +1482,21 @@ impl AioContext {
     /// The context's timer lists (QEMU `ctx->tlg`): clocks, the earliest deadline, counts.
     pub fn timers(&self) -> &TimerListGroup {
         &self.inner.timers
+    }
+
+    /// The current reading of `clock` as this context's timers see it, in nanoseconds (QEMU
+    /// `qemu_clock_get_ns`): the scale of [`Timer::arm_ns`] deadlines on that clock. The
+    /// virtual clocks are the ones the context was built with
+    /// ([`with_clocks`](Self::with_clocks)), [`VirtualClock::global`](timers::VirtualClock::global)
+    /// by default. Other threads read them with [`ContextHandle::now_ns`].
+    pub fn now_ns(&self, clock: ClockType) -> u64 {
+        self.inner.shared.clocks.now_ns(clock)
+    }
+
+    /// The context's clocks, `Send + Sync`, to read from any thread (see
+    /// [`ContextHandle::clocks`]).
+    pub fn clocks(&self) -> Clocks {
+        self.inner.shared.clocks.clone()
     }
 
     /// The name of the backend that watches fds (`"poll"`, `"epoll"`, `"io_uring"`).
@@ -1790,6 +1812,68 @@ impl AioContext {
     /// and dropped by epoll; either way the handler should remove itself).
     pub fn fd_handler(&self, fd: &impl AsFd) -> HandlerBuilder<'_> {
         HandlerBuilder::new(self, raw_fd_of(fd))
+    }
+
+    /// [`fd_handler`](Self::fd_handler) for a raw fd number, for code that holds fds as plain
+    /// integers (a port from C, an fd received over FFI) and cannot lend an [`AsFd`].
+    ///
+    /// The handler works exactly as one registered through `fd_handler`. A number that is not
+    /// an open fd (a negative one included) is refused by
+    /// [`register`](HandlerBuilder::register) with `EBADF`, as there.
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open, naming the same open file, from `register` until the handler is
+    /// removed: its [`FdHandler`] dropped or [`remove`](FdHandler::remove)d (or the
+    /// [`RemoteFdHandler`] that [`FdHandler::into_remote`] made from it), or the context
+    /// dropped. This is the I/O-safety contract of [`BorrowedFd::borrow_raw`] stretched over
+    /// the registration (ARCHITECTURE.md, "Raw fds"): meanwhile the backend watches `fd`
+    /// (`poll`, `epoll_ctl`, an io_uring `POLL_ADD`), and were the number closed and reused,
+    /// it would watch, and the callbacks would be told about, a file that other code owns.
+    ///
+    /// [`BorrowedFd::borrow_raw`]: std::os::fd::BorrowedFd::borrow_raw
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use std::cell::Cell;
+    /// use std::rc::Rc;
+    ///
+    /// // Fds as C code holds them: a pipe made with pipe(2).
+    /// let mut fds = [0; 2];
+    /// // SAFETY: `fds` is a writable array of two ints for pipe(2) to fill.
+    /// assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    /// let [rd, wr] = fds;
+    ///
+    /// let got = Rc::new(Cell::new(0u8));
+    /// let seen = got.clone();
+    /// // SAFETY: raw-fd contract (ARCHITECTURE.md, "Raw fds"): `rd` is closed below, after
+    /// // the handler is removed.
+    /// let handler = unsafe { ctx.fd_handler_raw(rd) }
+    ///     .on_read(move |_| {
+    ///         let mut byte = 0u8;
+    ///         // SAFETY: one writable byte; `rd` is open while the handler is registered.
+    ///         let n = unsafe { libc::read(rd, (&raw mut byte).cast(), 1) };
+    ///         assert_eq!(n, 1);
+    ///         seen.set(byte);
+    ///     })
+    ///     .register()?;
+    /// // SAFETY: one readable byte; `wr` is open.
+    /// assert_eq!(unsafe { libc::write(wr, b"x".as_ptr().cast(), 1) }, 1);
+    /// while got.get() == 0 {
+    ///     ctx.poll();
+    /// }
+    /// assert_eq!(got.get(), b'x');
+    ///
+    /// handler.remove();
+    /// // SAFETY: both fds came from pipe(2) above, and nothing watches `rd` any more.
+    /// unsafe {
+    ///     libc::close(rd);
+    ///     libc::close(wr);
+    /// }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub unsafe fn fd_handler_raw(&self, fd: RawFd) -> HandlerBuilder<'_> {
+        HandlerBuilder::new(self, fd)
     }
 
     /// Registers `read` for an [`EventNotifier`] (QEMU `aio_set_event_notifier`). The callback
@@ -2298,6 +2382,23 @@ impl ContextHandle {
         RemoteHandlerBuilder::new(self.clone(), raw_fd_of(fd))
     }
 
+    /// [`fd_handler`](Self::fd_handler) for a raw fd number, from any thread: as
+    /// [`AioContext::fd_handler_raw`]. A number that is not an open fd is refused with
+    /// `EBADF` by [`register`](RemoteHandlerBuilder::register).
+    ///
+    /// # Safety
+    ///
+    /// `fd` must stay open, naming the same open file, from `register` until the handler is
+    /// removed: its [`RemoteFdHandler`] dropped or [`remove`](RemoteFdHandler::remove)d, or
+    /// the context dropped (ARCHITECTURE.md, "Raw fds"; see [`AioContext::fd_handler_raw`]).
+    /// A removal from another thread stops the callbacks at once, but the home thread takes
+    /// the number out of the backend at its next iteration: if it is closed and reused
+    /// before that, the backend may watch the new file until then, and reports for it go to
+    /// no callback.
+    pub unsafe fn fd_handler_raw(&self, fd: RawFd) -> RemoteHandlerBuilder {
+        RemoteHandlerBuilder::new(self.clone(), fd)
+    }
+
     /// As [`AioContext::set_event_notifier`], from any thread, with a `Send` callback (which
     /// runs on the home thread). Waits for the home thread as
     /// [`RemoteHandlerBuilder::register`] does.
@@ -2350,6 +2451,45 @@ impl ContextHandle {
             Some(group) => Ok(group.timer_with_attrs(clock, scale, attrs, callback)),
             None => Err(ContextGone.into()),
         }
+    }
+
+    /// The current reading of `clock` as the context's timers see it, in nanoseconds, from any
+    /// thread (QEMU `qemu_clock_get_ns`): what [`Timer::now_ns`] gives for a timer of the
+    /// context on `clock`, so an absolute deadline for [`Timer::arm_ns`] can be computed
+    /// without a timer. The virtual clocks are the context's own (the [`VirtualClock`] given to
+    /// its builder, or [`VirtualClock::global`]). Works after the loop is gone.
+    ///
+    /// [`VirtualClock`]: timers::VirtualClock
+    /// [`VirtualClock::global`]: timers::VirtualClock::global
+    ///
+    /// ```
+    /// use aio_core::{AioContext, ClockType, Scale};
+    ///
+    /// let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// let handle = ctx.handle();
+    /// let (timer, deadline) = std::thread::spawn(move || {
+    ///     // Due 1 ms from now on the context's realtime clock, computed on this thread.
+    ///     let deadline = handle.now_ns(ClockType::Realtime) + 1_000_000;
+    ///     let timer = handle.timer(ClockType::Realtime, Scale::NS, || ()).unwrap();
+    ///     timer.arm_ns(deadline);
+    ///     (timer, deadline)
+    /// })
+    /// .join()
+    /// .unwrap();
+    /// while timer.is_pending() {
+    ///     ctx.poll(); // sleeps until the deadline
+    /// }
+    /// assert!(ctx.now_ns(ClockType::Realtime) >= deadline);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn now_ns(&self, clock: ClockType) -> u64 {
+        self.shared.clocks.now_ns(clock)
+    }
+
+    /// The context's clocks, a `Clone + Send + Sync` value that reads them without a handle
+    /// (see [`Clocks`]).
+    pub fn clocks(&self) -> Clocks {
+        self.shared.clocks.clone()
     }
 
     /// As [`AioContext::disable_external`], from any thread. Once it returns, no external

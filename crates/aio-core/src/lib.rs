@@ -88,6 +88,6 @@ pub use rfifolock::{RFifoLock, RFifoLockGuard};
 pub use sys::set_timer_slack;
 pub use task::{JoinError, JoinHandle};
 pub use timers::{
-    ClockType, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef,
-    VirtualClock,
+    ClockType, Clocks, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup,
+    TimerRef, VirtualClock, host_ns, realtime_ns,
 };

@@ -1,10 +1,13 @@
 //! Every context operation from any thread (seed 004, the lockcnt-era rule "AioContext functions
 //! can always be called safely"): fd handlers and event notifiers registered, replaced and
 //! removed through a `ContextHandle` with `Send` callbacks, timers created, armed and cancelled
-//! from other threads, external handlers disabled and enabled remotely, and what a context
+//! from other threads, the context's clocks read from other threads, external handlers disabled and enabled remotely, and what a context
 //! dropped with remote operations pending does (qemu-aio-tests §8, spec §7 and §10.1).
 
-use aio_core::{AioContext, ClockType, ContextGone, ContextHandle, EventNotifier, Scale};
+use aio_core::{
+    AioContext, ClockType, ContextGone, ContextHandle, EventNotifier, GroupBuilder, Scale,
+    VirtualClock,
+};
 use std::io;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -440,6 +443,69 @@ fn timers_created_armed_and_cancelled_from_other_threads() {
     // Dropped on another thread: freed there (timers are Send), never fires.
     thread::spawn(move || drop(t)).join().unwrap();
     assert_eq!(ctx.timers().timer_count(), 1, "only the guard is left");
+}
+
+#[test]
+fn clocks_read_from_other_threads_are_the_contexts_own() {
+    // Two contexts on two virtual clocks: each handle reads its own context's clock.
+    let monitor = || -> Box<dyn aio_core::FdMonitor> {
+        #[cfg(miri)]
+        return Box::new(miri_monitor::MiriMonitor::new().unwrap());
+        #[cfg(not(miri))]
+        Box::new(fdmon_poll::PollMonitor::new().unwrap())
+    };
+    let (va, vb) = (VirtualClock::new(), VirtualClock::new());
+    let a =
+        AioContext::with_clocks(monitor(), GroupBuilder::new().virtual_clock(va.clone())).unwrap();
+    let b =
+        AioContext::with_clocks(monitor(), GroupBuilder::new().virtual_clock(vb.clone())).unwrap();
+    va.advance_ns(100);
+    vb.advance_ns(200);
+    let (ha, hb) = (a.handle(), b.handle());
+    let read = thread::spawn(move || {
+        (
+            ha.now_ns(ClockType::Virtual),
+            hb.now_ns(ClockType::Virtual),
+            hb.clocks().now_ns(ClockType::VirtualRt),
+            ha.now_ns(ClockType::Realtime),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!((read.0, read.1, read.2), (100, 200, 200));
+    assert!(read.3 <= a.now_ns(ClockType::Realtime));
+    assert_eq!(a.now_ns(ClockType::Virtual), 100);
+
+    // The reading is the timers' scale: a deadline computed remotely fires when it is reached.
+    let fired = Arc::new(AtomicBool::new(false));
+    let f = fired.clone();
+    let hb = b.handle();
+    let timer = thread::spawn(move || {
+        let t = hb
+            .timer(ClockType::Virtual, Scale::NS, move || {
+                f.store(true, Ordering::SeqCst)
+            })
+            .unwrap();
+        t.arm_ns(hb.now_ns(ClockType::Virtual) + 50);
+        t
+    })
+    .join()
+    .unwrap();
+    vb.advance_ns(49);
+    b.poll_nonblocking();
+    assert!(!fired.load(Ordering::SeqCst));
+    vb.advance_ns(1);
+    poll_until(&b, "the remotely computed deadline", || {
+        fired.load(Ordering::SeqCst)
+    });
+    drop(timer);
+
+    // Still readable once the loop is gone.
+    let hb = b.handle();
+    drop(b);
+    assert!(!hb.is_alive());
+    vb.advance_ns(1);
+    assert_eq!(hb.now_ns(ClockType::Virtual), 251);
 }
 
 #[test]

@@ -32,7 +32,6 @@ fn ctx() -> AioContext {
 /// A context whose virtual clock (enabled, stopped at 0) is `clock`.
 fn virtual_ctx() -> (AioContext, VirtualClock) {
     let clock = VirtualClock::new();
-    clock.enable();
     let ctx = AioContext::with_clocks(monitor(), GroupBuilder::new().virtual_clock(clock.clone()))
         .unwrap();
     (ctx, clock)

@@ -8,8 +8,8 @@
 //!   ring and a round trip through it (`UringMonitor::new_checked`: some seccomp profiles
 //!   allow `io_uring_setup` but refuse `io_uring_enter`, which would make every wait fail),
 //!   otherwise poll with the epoll upgrade, otherwise plain poll. Every fallback is logged
-//!   with its reason. The `AIO_BACKEND` environment variable (`poll`, `epoll`, `io_uring`,
-//!   `auto`) overrides the builder's choice.
+//!   with its reason. The `AIO_BACKEND` environment variable (`poll`, `poll+epoll`, `epoll`,
+//!   `io_uring`, `auto`) replaces `Auto` when the builder was left on it.
 //! * **Upgrade** from poll to epoll once [`EPOLL_UPGRADE_THRESHOLD`] fds are registered (QEMU's
 //!   `EPOLL_ENABLE_THRESHOLD`), when the context was built with the upgrade allowed. Never back
 //!   down by count, as QEMU.

@@ -57,8 +57,9 @@
 //! [`Backend::Auto`] (the default) uses io_uring where the kernel accepts a ring; otherwise it
 //! starts on poll and moves to epoll once [`EPOLL_UPGRADE_THRESHOLD`] fds are registered, and
 //! falls back from epoll to poll, keeping every handler, if epoll refuses an fd; see
-//! [`AutoMonitor`]. Each fallback is logged with `tracing`, with its reason. The `AIO_BACKEND` environment
-//! variable overrides the choice, and [`AioContext::backend`] says which backend is active.
+//! [`AutoMonitor`]. Each fallback is logged with `tracing`, with its reason. The `AIO_BACKEND`
+//! environment variable ([`BACKEND_ENV`]) steers `Auto` only: a backend the code names with
+//! [`Builder::backend`] is the one it gets. [`AioContext::backend`] says which backend is active.
 //! `--no-default-features --features poll` builds on any Unix.
 
 #![deny(missing_docs)]
@@ -69,9 +70,11 @@ pub use aio_core::{
     HandlerBuilder, HandlerKey, Interest, NotDisabledError, OuterFd, PollParams, PollPolicy,
     PolledHandler, Readiness, ReadyList, RunningBh, Stats,
 };
+/// Timers and their clocks; [`Clocks`], [`realtime_ns`] and [`host_ns`] read the clocks from
+/// any thread (also [`ContextHandle::now_ns`]).
 pub use aio_core::{
-    ClockType, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup, TimerRef,
-    VirtualClock, set_timer_slack,
+    ClockType, Clocks, GroupBuilder, GroupHandle, Scale, Timer, TimerAttrs, TimerListGroup,
+    TimerRef, VirtualClock, host_ns, realtime_ns, set_timer_slack,
 };
 /// Handler operations from any thread, through a [`ContextHandle`].
 pub use aio_core::{ContextGone, RemoteFdHandler, RemoteHandlerBuilder};
@@ -95,8 +98,10 @@ pub use fdmon_epoll::EpollMonitor;
 #[cfg(all(feature = "io-uring", target_os = "linux"))]
 pub use fdmon_uring::UringMonitor;
 
-/// The environment variable that overrides the backend a [`Builder`] asks for: `poll`,
-/// `poll+epoll`, `epoll`, `io_uring` or `auto`. An unknown value is logged and ignored.
+/// The environment variable that picks the backend of a [`Builder`] left on [`Backend::Auto`]
+/// (the default): `poll`, `poll+epoll`, `epoll`, `io_uring` or `auto`. An explicit
+/// [`Builder::backend`] other than `Auto` wins over it, and [`Builder::ignore_env`] turns it
+/// off. An unknown value is logged and ignored.
 pub const BACKEND_ENV: &str = "AIO_BACKEND";
 
 /// The environment variable that overrides the adaptive-polling maximum a [`Builder`] sets, in
@@ -123,21 +128,36 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// A builder with the default settings ([`Backend::Auto`], `AIO_BACKEND` honoured).
+    /// A builder with the default settings ([`Backend::Auto`], steered by `AIO_BACKEND`;
+    /// `AIO_POLL_MAX_NS` honoured).
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Picks the backend. The `AIO_BACKEND` environment variable, when set, still overrides it
-    /// (so that a deployment or a test run can force a backend without a rebuild); see
-    /// [`ignore_env`](Self::ignore_env).
+    /// Picks the backend. An explicit choice is final: `AIO_BACKEND` steers only
+    /// [`Backend::Auto`], the default, so code that needs one backend (a test of that backend,
+    /// a program that relies on epoll's scaling) gets it whatever the environment says, while a
+    /// deployment or a test run can still steer every context left on `Auto` without a
+    /// rebuild. Asking for `Backend::Auto` explicitly is the same as not calling this.
+    ///
+    /// ```
+    /// # #[cfg(feature = "poll")] {
+    /// // Poll, even under AIO_BACKEND=epoll.
+    /// let builder = aio::Builder::new().backend(aio::Backend::Poll);
+    /// assert_eq!(builder.requested_backend(), aio::Backend::Poll);
+    /// assert_eq!(builder.build()?.backend(), "poll");
+    /// # }
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn backend(mut self, backend: Backend) -> Self {
         self.backend = backend;
         self
     }
 
-    /// Ignores `AIO_BACKEND`: the backend is exactly the one given to
-    /// [`backend`](Self::backend).
+    /// Ignores the environment: `AIO_BACKEND` (so [`Backend::Auto`] picks by what is compiled
+    /// in and what the kernel accepts) and `AIO_POLL_MAX_NS` (so the polling parameters are
+    /// exactly those given to [`poll_params`](Self::poll_params)). An explicit
+    /// [`backend`](Self::backend) needs no `ignore_env`: the variable never overrides it.
     pub fn ignore_env(mut self) -> Self {
         self.ignore_env = true;
         self
@@ -210,20 +230,29 @@ impl Builder {
         }
     }
 
-    /// The backend this builder will ask for, after the environment override.
+    /// The backend this builder will ask for: the one given to [`backend`](Self::backend)
+    /// unless that is [`Backend::Auto`], in which case `AIO_BACKEND` (when set, valid and not
+    /// ignored with [`ignore_env`](Self::ignore_env)) decides.
     pub fn requested_backend(&self) -> Backend {
+        let Ok(value) = std::env::var(BACKEND_ENV) else {
+            return self.backend;
+        };
         if self.ignore_env {
             return self.backend;
         }
-        match std::env::var(BACKEND_ENV) {
-            Ok(value) => Backend::from_name(&value).unwrap_or_else(|| {
-                tracing::warn!(
-                    "aio: ignoring {BACKEND_ENV}={value:?}: expected poll, epoll, io_uring or auto"
-                );
+        if self.backend != Backend::Auto {
+            tracing::debug!(
+                "aio: {BACKEND_ENV}={value:?} not applied: the builder asked for {:?}",
                 self.backend
-            }),
-            Err(_) => self.backend,
+            );
+            return self.backend;
         }
+        Backend::from_name(&value).unwrap_or_else(|| {
+            tracing::warn!(
+                "aio: ignoring {BACKEND_ENV}={value:?}: expected poll, poll+epoll, epoll, io_uring or auto"
+            );
+            self.backend
+        })
     }
 
     /// Creates the context.

@@ -11,9 +11,11 @@
 //! * **Threads.** Between a minimum and a maximum (0 and 64 by default), changeable at run time
 //!   with [`set_limits`](ThreadPool::set_limits). Threads are created on demand, from the
 //!   context's thread and one at a time, never on the submitter's path; idle threads above the
-//!   minimum exit after 10 s. A worker that runs out of requests watches the queue for 50 µs
-//!   before it sleeps, yielding the CPU to any thread that wants it, so that requests sent one
-//!   after the other pay no thread wake-up.
+//!   minimum exit after 10 s. A fresh pool therefore runs nothing until its context polls;
+//!   [`prestart`](ThreadPool::prestart) creates workers at once, from the calling thread, for
+//!   code that submits and then blocks. A worker that runs out of requests watches the queue
+//!   for 50 µs before it sleeps, yielding the CPU to any thread that wants it, so that requests
+//!   sent one after the other pay no thread wake-up.
 //! * **Completions.** Never before the context polls; exactly once per request; one at a time
 //!   on the context's thread. A batch of completions costs one bottom-half schedule and at
 //!   most one wake of a sleeping loop. A callback may poll the context (a nested loop) and wait
@@ -76,6 +78,7 @@
 //! | `bdrv_aio_cancel_async(acb)` | [`Request::cancel`], [`Ticket::cancel`] |
 //! | `bdrv_aio_cancel(acb)` (synchronous) | [`Request::cancel_sync`], [`Ticket::cancel_sync`] |
 //! | `aio_context_set_thread_pool_params` / `thread_pool_update_params` | [`ThreadPool::set_limits`] |
+//! | (none: QEMU creates every thread from the loop) | [`ThreadPool::prestart`] |
 //! | `-ECANCELED` | [`Error::Cancelled`] |
 //! | `THREAD_POOL_MAX_THREADS_DEFAULT` | [`DEFAULT_MAX_THREADS`] |
 //!

@@ -39,6 +39,7 @@ use crate::worker::{self, Parker};
 use aio_core::{AioContext, BottomHalf};
 use std::collections::VecDeque;
 use std::fmt;
+use std::io;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -354,6 +355,49 @@ impl PoolShared {
         Ok(())
     }
 
+    /// Creates threads now, on the calling thread, until at least `n` exist, after raising
+    /// the minimum to `n`; also creates at once the threads that requests asked for and that
+    /// still wait for the context's spawn BH. Returns how many it created.
+    fn prestart(self: &Arc<Self>, n: usize) -> io::Result<usize> {
+        let mut created = 0;
+        loop {
+            {
+                let mut st = self.state.lock();
+                if st.closed {
+                    return Err(io::Error::new(io::ErrorKind::BrokenPipe, Error::ShutDown));
+                }
+                if n > st.max {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        LimitsError {
+                            min: n,
+                            max: st.max,
+                        },
+                    ));
+                }
+                st.min = st.min.max(n);
+                // The backlog first (threads counted in `cur` that only the spawn BH or the
+                // creation chain would create), then new ones up to `n`.
+                if !st.take_spawn() {
+                    if st.cur >= n {
+                        return Ok(created);
+                    }
+                    st.cur += 1;
+                    st.pending_threads += 1;
+                }
+            }
+            if let Err(e) = worker::start(self) {
+                let mut st = self.state.lock();
+                st.pending_threads -= 1;
+                st.cur -= 1;
+                drop(st);
+                tracing::warn!("threadpool: cannot create a worker thread: {e}");
+                return Err(e);
+            }
+            created += 1;
+        }
+    }
+
     fn limits(&self) -> (usize, usize) {
         let st = self.state.lock();
         (st.min, st.max)
@@ -607,6 +651,39 @@ impl ThreadPool {
     /// Dropping the `Request` detaches it: the work still runs, and its result is dropped
     /// (QEMU `thread_pool_submit`, a submission without completion).
     ///
+    /// # Nothing runs until the context polls
+    ///
+    /// A fresh pool has no thread, and threads are created by the context's loop: `work`
+    /// submitted to it does not start until the context has polled once (QEMU creates its
+    /// threads from a bottom half too). Code that submits and then blocks the context's thread
+    /// (on a channel the work sends to, a lock it releases) waits forever. Call
+    /// [`prestart`](Self::prestart) first: with idle workers, a submission wakes one directly
+    /// and the work runs whether or not the loop turns. The *completion* (this `Request`
+    /// becoming ready, a [`submit_with`](Self::submit_with) callback) is always delivered by
+    /// the loop.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use std::sync::mpsc;
+    /// use std::time::Duration;
+    ///
+    /// let pool = threadpool::ThreadPool::of(&ctx);
+    /// let (tx, rx) = mpsc::channel();
+    /// let t = tx.clone();
+    /// let _req = pool.submit(move || t.send("ran").unwrap());
+    /// // No worker yet, and the loop is not turning: the work has not started.
+    /// assert!(rx.recv_timeout(Duration::from_millis(20)).is_err());
+    /// ctx.poll_nonblocking(); // the loop creates the worker
+    /// assert_eq!(rx.recv(), Ok("ran"));
+    ///
+    /// // With a worker started up front, blocking right after a submit is fine.
+    /// let pool = threadpool::ThreadPool::new(&ctx);
+    /// pool.prestart(1)?;
+    /// let _req = pool.submit(move || tx.send("ran at once").unwrap());
+    /// assert_eq!(rx.recv(), Ok("ran at once"));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
     /// ```
     /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
     /// let req = threadpool::ThreadPool::of(&ctx).submit(|| std::fs::metadata("/").is_ok());
@@ -703,6 +780,36 @@ impl ThreadPool {
     /// ```
     pub fn set_limits(&self, min: usize, max: usize) -> Result<(), LimitsError> {
         self.shared.set_limits(min, max)
+    }
+
+    /// Starts `n` worker threads now, on the calling thread, instead of from the context's
+    /// loop, and keeps them: the minimum becomes at least `n` (see
+    /// [`set_limits`](Self::set_limits)), so they do not time out when idle. Threads that
+    /// requests already asked for and that wait for the loop are created now too. Returns how
+    /// many threads it created (0 if `n` already existed).
+    ///
+    /// Afterwards work submitted from any thread starts at once on an idle worker, without
+    /// the loop (see [`submit`](Self::submit)); its completion is still delivered by the loop.
+    /// QEMU has no equivalent: its pool creates every thread from the loop.
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` (with a [`LimitsError`]) if `n` is above the maximum; `BrokenPipe` (with
+    /// [`Error::ShutDown`]) if the pool has shut down; the OS's error if a thread cannot be
+    /// created (the threads created before it stay, and the minimum stays raised).
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// let pool = threadpool::ThreadPool::of(&ctx);
+    /// assert_eq!(pool.prestart(2)?, 2);
+    /// assert_eq!(pool.stats().threads, 2);
+    /// assert_eq!(pool.limits(), (2, 64));
+    /// assert_eq!(pool.prestart(1)?, 0, "already there");
+    /// assert!(pool.prestart(65).is_err());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn prestart(&self, n: usize) -> io::Result<usize> {
+        self.shared.prestart(n)
     }
 
     /// The current `(min, max)` thread limits.
@@ -871,6 +978,15 @@ impl PoolHandle {
     /// As [`ThreadPool::set_limits`].
     pub fn set_limits(&self, min: usize, max: usize) -> Result<(), LimitsError> {
         self.shared.set_limits(min, max)
+    }
+
+    /// As [`ThreadPool::prestart`], from any thread.
+    ///
+    /// # Errors
+    ///
+    /// As [`ThreadPool::prestart`].
+    pub fn prestart(&self, n: usize) -> io::Result<usize> {
+        self.shared.prestart(n)
     }
 
     /// As [`ThreadPool::limits`].

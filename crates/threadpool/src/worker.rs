@@ -36,17 +36,24 @@ impl Parker {
     }
 }
 
-/// Creates one worker thread. The caller has counted it in `cur` and `pending_threads`.
-pub(crate) fn spawn(shared: &Arc<PoolShared>) {
+/// Creates one worker thread, or returns the OS's refusal. The caller has counted it in `cur`
+/// and `pending_threads`, and on error takes it out again.
+pub(crate) fn start(shared: &Arc<PoolShared>) -> std::io::Result<()> {
     let s = shared.clone();
     let spawned = thread::Builder::new()
         .name(format!("aio-pool-{}", shared.id))
         .spawn(move || run(s));
-    match spawned {
-        // Dropping the JoinHandle detaches the thread.
-        Ok(_) => {
-            shared.created.fetch_add(1, Ordering::Relaxed);
-        }
+    // Dropping the JoinHandle detaches the thread.
+    spawned.map(|_| {
+        shared.created.fetch_add(1, Ordering::Relaxed);
+    })
+}
+
+/// Creates one worker thread of the creation chain. The caller has counted it in `cur` and
+/// `pending_threads`.
+pub(crate) fn spawn(shared: &Arc<PoolShared>) {
+    match start(shared) {
+        Ok(()) => {}
         Err(e) => {
             // Give up on this thread and on the chain it would have continued; the next
             // request that finds no worker asks again. Requests already queued wait until then

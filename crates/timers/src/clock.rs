@@ -14,7 +14,9 @@
 //!   process-wide [`VirtualClock::global`]).
 //!
 //! A virtual clock also carries QEMU's *enabled* flag, which only [`ClockType::Virtual`] lists
-//! obey: while it is off their timers neither contribute a deadline nor run. QEMU's
+//! obey: while it is off their timers neither contribute a deadline nor run. It starts on, as
+//! QEMU's clocks do (`qemu_clock_init`); QEMU turns it off while the VM is paused
+//! (`pause_all_vcpus`), which [`VirtualClock::new_disabled`] and [`VirtualClock::disable`] model. QEMU's
 //! `VIRTUAL_RT` is never disabled and equals `VIRTUAL` outside icount, so a `VirtualRt` list
 //! reads the same time but ignores the flag.
 
@@ -29,8 +31,9 @@ use crate::sync::{Arc, AtomicBool, AtomicU64, Mutex, OnceLock, Ordering, Weak, p
 pub enum ClockType {
     /// Host monotonic time; runs whatever the program does (QEMU `QEMU_CLOCK_REALTIME`).
     Realtime,
-    /// Program-controlled time that can be stopped, started, advanced, and disabled; starts
-    /// disabled, as QEMU's guest clock does until the VM runs (QEMU `QEMU_CLOCK_VIRTUAL`).
+    /// Program-controlled time that can be stopped, started, advanced, and disabled (QEMU
+    /// `QEMU_CLOCK_VIRTUAL`). A [`VirtualClock`] starts enabled and stopped: its timers fire as
+    /// soon as [`VirtualClock::advance`] reaches them.
     Virtual,
     /// Host wall-clock time, following system time changes (QEMU `QEMU_CLOCK_HOST`).
     Host,
@@ -106,6 +109,89 @@ impl Source {
             Source::Manual(vc) => vc.now_ns(),
         }
     }
+
+    /// Whether timers of clock type `ty` reading this source may run: only a
+    /// [`ClockType::Virtual`] list on a disabled [`VirtualClock`] may not.
+    #[inline]
+    pub(crate) fn is_enabled_for(&self, ty: ClockType) -> bool {
+        match (self, ty) {
+            (Source::Manual(vc), ClockType::Virtual) => vc.is_enabled(),
+            _ => true,
+        }
+    }
+}
+
+/// The four clocks of one timer-list group (one event loop), readable from any thread: what
+/// [`Timer::now_ns`](crate::Timer::now_ns) and the group's deadlines read, without a timer.
+///
+/// Made by [`TimerListGroup::clocks`](crate::TimerListGroup::clocks),
+/// [`GroupHandle::clocks`](crate::GroupHandle::clocks) or
+/// [`GroupBuilder::clocks`](crate::GroupBuilder::clocks). It holds the clocks themselves, not
+/// the group: it stays readable after the group is gone. `Clone + Send + Sync`; clones read the
+/// same clocks.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use timers::{ClockType, TimerListGroup, VirtualClock};
+///
+/// let clock = VirtualClock::new();
+/// let group = TimerListGroup::builder().virtual_clock(clock.clone()).build(Arc::new(|| ()));
+/// let clocks = group.clocks();
+/// clock.advance(Duration::from_micros(3));
+/// let seen = std::thread::spawn(move || clocks.now_ns(ClockType::Virtual)).join().unwrap();
+/// assert_eq!(seen, 3_000);
+/// ```
+#[derive(Clone)]
+pub struct Clocks {
+    /// Indexed by [`ClockType::index`].
+    sources: [Source; 4],
+}
+
+impl Clocks {
+    pub(crate) fn new(sources: [Source; 4]) -> Self {
+        Clocks { sources }
+    }
+
+    /// The current reading of `clock` in nanoseconds (QEMU `qemu_clock_get_ns`), on the same
+    /// scale as [`Timer::arm_ns`](crate::Timer::arm_ns)'s deadlines for a timer on `clock`.
+    #[inline]
+    pub fn now_ns(&self, clock: ClockType) -> u64 {
+        self.sources[clock.index()].now_ns()
+    }
+
+    /// Whether timers on `clock` may run: false only for [`ClockType::Virtual`] while its
+    /// [`VirtualClock`] is disabled.
+    pub fn is_enabled(&self, clock: ClockType) -> bool {
+        self.sources[clock.index()].is_enabled_for(clock)
+    }
+
+    /// The program-driven clock behind `clock`, if it has one: always for
+    /// [`ClockType::Virtual`] and [`ClockType::VirtualRt`] (by default
+    /// [`VirtualClock::global`]), and for any clock type replaced with
+    /// [`GroupBuilder::manual_clock`](crate::GroupBuilder::manual_clock).
+    pub fn virtual_clock(&self, clock: ClockType) -> Option<&VirtualClock> {
+        match &self.sources[clock.index()] {
+            Source::Manual(vc) => Some(vc),
+            Source::Monotonic | Source::Wall => None,
+        }
+    }
+}
+
+impl fmt::Debug for Clocks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Clocks");
+        for ty in ClockType::ALL {
+            let name = match ty {
+                ClockType::Realtime => "realtime_ns",
+                ClockType::Virtual => "virtual_ns",
+                ClockType::Host => "host_ns",
+                ClockType::VirtualRt => "virtual_rt_ns",
+            };
+            d.field(name, &self.now_ns(ty));
+        }
+        d.finish()
+    }
 }
 
 /// A program-driven clock in nanoseconds: QEMU's virtual clock.
@@ -114,8 +200,14 @@ impl Source {
 /// from where it stood) and *advanced* by any amount, so that tests run timers deterministically
 /// without sleeping. Separately, it is *enabled* or *disabled*: while disabled, the
 /// [`ClockType::Virtual`] lists that read it report no deadline and run no timers (QEMU
-/// `qemu_clock_enable`). A new clock reads 0, is stopped and is disabled, as QEMU's guest clock
-/// before the VM starts.
+/// `qemu_clock_enable`).
+///
+/// A new clock reads 0, is stopped and is **enabled**: a timer armed on it fires once
+/// [`advance`](Self::advance) (or [`start`](Self::start)) brings the clock to its deadline, with
+/// nothing else to switch on. That is QEMU's initial state too (its clocks are created enabled,
+/// and the guest's time does not move until the VM runs). A program that models a VM which is
+/// not running yet (QEMU disables the virtual clock while the vCPUs are paused) creates it with
+/// [`new_disabled`](Self::new_disabled) and calls [`enable`](Self::enable) when the VM starts.
 ///
 /// Clones share one clock. Every timer-list group that reads it is told about changes that
 /// can make its timers due: [`enable`](Self::enable) calls the notify callback of every group
@@ -141,7 +233,6 @@ impl Source {
 /// });
 /// timer.arm(10); // at 10 ms of virtual time
 ///
-/// clock.enable();
 /// clock.advance(Duration::from_millis(9));
 /// assert!(!group.run_expired());
 /// clock.advance(Duration::from_millis(1));
@@ -175,15 +266,42 @@ struct Registration {
 }
 
 impl VirtualClock {
-    /// A new clock: reads 0, stopped, disabled.
+    /// A new clock: reads 0, stopped, enabled (its timers run once the clock reaches them).
     pub fn new() -> Self {
+        Self::with_enabled(true)
+    }
+
+    /// A new clock that reads 0, stopped and **disabled**: its [`ClockType::Virtual`] timers
+    /// neither run nor contribute a deadline until [`enable`](Self::enable), as the guest clock
+    /// of a VM that is not running (QEMU `qemu_clock_enable(QEMU_CLOCK_VIRTUAL, false)`).
+    /// [`ClockType::VirtualRt`] timers on it still run.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use timers::{ClockType, Scale, TimerListGroup, VirtualClock};
+    ///
+    /// let clock = VirtualClock::new_disabled();
+    /// let group = TimerListGroup::builder().virtual_clock(clock.clone()).build(Arc::new(|| ()));
+    /// let timer = group.timer(ClockType::Virtual, Scale::NS, || ());
+    /// timer.arm(5);
+    /// clock.advance(Duration::from_nanos(5));
+    /// assert!(!group.run_expired(), "the VM is paused");
+    /// clock.enable();
+    /// assert!(group.run_expired());
+    /// ```
+    pub fn new_disabled() -> Self {
+        Self::with_enabled(false)
+    }
+
+    fn with_enabled(enabled: bool) -> Self {
         VirtualClock {
             inner: Arc::new(VirtualInner {
                 time: Mutex::new(VirtualTime {
                     base_ns: 0,
                     running_since: None,
                 }),
-                enabled: AtomicBool::new(false),
+                enabled: AtomicBool::new(enabled),
                 lists: Mutex::new(Vec::new()),
                 next_registration: AtomicU64::new(0),
             }),
@@ -192,8 +310,9 @@ impl VirtualClock {
 
     /// The process-wide default clock behind [`ClockType::Virtual`] and [`ClockType::VirtualRt`]
     /// of groups built without [`GroupBuilder::virtual_clock`](crate::GroupBuilder::virtual_clock).
-    /// Created on first use (stopped and disabled, like [`VirtualClock::new`]); every call
-    /// returns a handle to the same clock.
+    /// Created on first use (at 0, stopped and enabled, like [`VirtualClock::new`]): its time
+    /// moves only when the program advances or starts it. Every call returns a handle to the
+    /// same clock.
     pub fn global() -> VirtualClock {
         global_clock()
     }
@@ -339,11 +458,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn virtual_clock_starts_stopped_disabled_at_zero() {
+    fn virtual_clock_starts_stopped_enabled_at_zero() {
         let c = VirtualClock::new();
         assert_eq!(c.now_ns(), 0);
         assert!(!c.is_running());
-        assert!(!c.is_enabled());
+        assert!(c.is_enabled());
+        assert!(VirtualClock::default().is_enabled());
+        let d = VirtualClock::new_disabled();
+        assert_eq!(d.now_ns(), 0);
+        assert!(!d.is_running());
+        assert!(!d.is_enabled());
     }
 
     #[test]

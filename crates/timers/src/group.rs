@@ -8,7 +8,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::clock::{ClockType, Source, VirtualClock};
+use crate::clock::{ClockType, Clocks, Source, VirtualClock};
 use crate::list::{Notify, TimerList};
 use crate::sync::{Arc, AtomicU32, Ordering};
 use crate::timer::{Scale, Timer, TimerAttrs};
@@ -41,7 +41,6 @@ use crate::timer::{Scale, Timer, TimerAttrs};
 /// use timers::{ClockType, Scale, TimerListGroup, VirtualClock};
 ///
 /// let clock = VirtualClock::new();
-/// clock.enable();
 /// let wakeups = Arc::new(AtomicU32::new(0));
 /// let w = wakeups.clone();
 /// let group = TimerListGroup::builder()
@@ -107,22 +106,31 @@ impl GroupBuilder {
         self
     }
 
+    /// The clocks that groups built by this builder read, to read them before (or without)
+    /// building a group: the same clocks [`TimerListGroup::clocks`] gives.
+    pub fn clocks(&self) -> Clocks {
+        Clocks::new(ClockType::ALL.map(|ty| self.source(ty)))
+    }
+
+    /// Where the lists of clock type `ty` read their time.
+    fn source(&self, ty: ClockType) -> Source {
+        match &self.manual[ty.index()] {
+            Some(clock) => Source::Manual(clock.clone()),
+            None => match ty {
+                ClockType::Realtime => Source::Monotonic,
+                ClockType::Host => Source::Wall,
+                ClockType::Virtual | ClockType::VirtualRt => Source::Manual(VirtualClock::global()),
+            },
+        }
+    }
+
     /// Builds the group. `notify` wakes the loop that owns it; see [`TimerListGroup`]. It may be
     /// called from any thread, must not block, and must not call back into the group.
     pub fn build(self, notify: Notify) -> TimerListGroup {
         let mut registrations = Vec::new();
         let armed = Arc::new(AtomicU32::new(0));
         let lists = ClockType::ALL.map(|ty| {
-            let source = match &self.manual[ty.index()] {
-                Some(clock) => Source::Manual(clock.clone()),
-                None => match ty {
-                    ClockType::Realtime => Source::Monotonic,
-                    ClockType::Host => Source::Wall,
-                    ClockType::Virtual | ClockType::VirtualRt => {
-                        Source::Manual(VirtualClock::global())
-                    }
-                },
-            };
+            let source = self.source(ty);
             let list = TimerList::new(ty, source, notify.clone(), armed.clone());
             #[cfg(aio_loom)]
             let list = list.with_loom_variant(self.variant);
@@ -263,6 +271,11 @@ impl TimerListGroup {
         self.lists[clock.index()].is_enabled()
     }
 
+    /// The group's clocks, to read from any thread (see [`Clocks`]).
+    pub fn clocks(&self) -> Clocks {
+        clocks_of(&self.lists)
+    }
+
     /// How many timers of this group exist (armed or not).
     pub fn timer_count(&self) -> usize {
         self.lists.iter().map(|l| l.counts().0).sum()
@@ -334,6 +347,22 @@ impl GroupHandle {
     pub fn is_alive(&self) -> bool {
         self.lists[0].is_alive()
     }
+
+    /// As [`TimerListGroup::now_ns`], from any thread; the clocks stay readable after the group
+    /// is gone.
+    pub fn now_ns(&self, clock: ClockType) -> u64 {
+        self.lists[clock.index()].now_ns()
+    }
+
+    /// As [`TimerListGroup::clocks`], from any thread.
+    pub fn clocks(&self) -> Clocks {
+        clocks_of(&self.lists)
+    }
+}
+
+/// The clocks that `lists` read.
+fn clocks_of(lists: &[Arc<TimerList>; 4]) -> Clocks {
+    Clocks::new(lists.each_ref().map(|list| list.source().clone()))
 }
 
 impl fmt::Debug for GroupHandle {

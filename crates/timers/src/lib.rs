@@ -10,7 +10,7 @@
 //!
 //! Four clocks, as in QEMU ([`ClockType`]): `Realtime` (monotonic), `Virtual` (a
 //! [`VirtualClock`] the program stops, starts and advances; the basis of deterministic tests;
-//! starts disabled), `Host` (wall clock) and `VirtualRt` (virtual time, never disabled). Every
+//! starts enabled and stopped, [`VirtualClock::new_disabled`] for a paused VM), `Host` (wall clock) and `VirtualRt` (virtual time, never disabled). Every
 //! time in this crate is a `u64` count of **nanoseconds** on the timer's clock, with no rounding
 //! anywhere: a deadline armed for 1 µs from now is reported as 1 µs away. A timer's [`Scale`]
 //! (ns, µs, ms, s or custom) only sets the unit of [`Timer::arm`] and friends.
@@ -74,7 +74,7 @@
 //! | QEMU | here |
 //! |---|---|
 //! | `QEMUClockType`, `QEMU_CLOCK_*` | [`ClockType`] |
-//! | `qemu_clock_get_ns(type)` | [`TimerListGroup::now_ns`], [`Timer::now_ns`], [`VirtualClock::now_ns`] |
+//! | `qemu_clock_get_ns(type)` | [`TimerListGroup::now_ns`], [`Clocks::now_ns`] (any thread), [`Timer::now_ns`], [`VirtualClock::now_ns`] |
 //! | `qemu_clock_enable(QEMU_CLOCK_VIRTUAL, on)` | [`VirtualClock::enable`] / [`VirtualClock::disable`] |
 //! | `SCALE_NS`, `SCALE_US`, `SCALE_MS` | [`Scale::NS`], [`Scale::US`], [`Scale::MS`] (and [`Scale::S`]) |
 //! | `QEMU_TIMER_ATTR_EXTERNAL` | [`TimerAttrs::EXTERNAL`] |
@@ -130,7 +130,7 @@ mod list;
 mod sync;
 mod timer;
 
-pub use clock::{ClockType, VirtualClock, host_ns, realtime_ns};
+pub use clock::{ClockType, Clocks, VirtualClock, host_ns, realtime_ns};
 pub use group::{GroupBuilder, GroupHandle, TimerListGroup};
 #[cfg(aio_loom)]
 #[doc(hidden)]

@@ -173,10 +173,7 @@ impl TimerList {
     /// [`VirtualClock`](crate::VirtualClock) may not.
     #[inline]
     pub(crate) fn is_enabled(&self) -> bool {
-        match (&self.source, self.clock) {
-            (Source::Manual(vc), ClockType::Virtual) => vc.is_enabled(),
-            _ => true,
-        }
+        self.source.is_enabled_for(self.clock)
     }
 
     /// Whether some timer is queued that can ever come due (lock-free, may be stale).

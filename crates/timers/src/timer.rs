@@ -252,7 +252,6 @@ macro_rules! timer_ops {
 /// use timers::{ClockType, Scale, TimerListGroup, TimerRef, VirtualClock};
 ///
 /// let clock = VirtualClock::new();
-/// clock.enable();
 /// let group = TimerListGroup::builder().virtual_clock(clock.clone()).build(Arc::new(|| ()));
 ///
 /// let ticks = Arc::new(AtomicU32::new(0));

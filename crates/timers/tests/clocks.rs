@@ -1,6 +1,7 @@
 //! Clock behaviour seen through a group: a disabled virtual clock gives no deadline and runs
 //! nothing, enabling and advancing notify, VirtualRt ignores the enabled flag, disabling from a
-//! callback stops the run, disabling waits for a run on another thread, and the real clocks.
+//! callback stops the run, disabling waits for a run on another thread, the real clocks, and
+//! the clocks read from other threads (`Clocks`, `GroupHandle::now_ns`).
 
 mod util;
 
@@ -37,10 +38,10 @@ fn disabled_clock_has_no_deadline_and_runs_nothing() {
 
 #[test]
 fn enabling_notifies_every_group_on_the_clock_once() {
-    let clock = VirtualClock::new();
+    let clock = VirtualClock::new_disabled();
     let (g1, n1) = group_on(&clock);
     let (g2, n2) = group_on(&clock);
-    let (other, n3) = group_on(&VirtualClock::new());
+    let (other, n3) = group_on(&VirtualClock::new_disabled());
     clock.enable();
     assert_eq!(n1.load(Ordering::SeqCst), 1);
     assert_eq!(n2.load(Ordering::SeqCst), 1);
@@ -110,7 +111,6 @@ fn disabling_from_a_callback_stops_the_run() {
 #[test]
 fn disable_waits_for_a_run_on_another_thread() {
     let clock = VirtualClock::new();
-    clock.enable();
     let (group, _) = group_on(&clock);
     let group = Arc::new(group);
     let (started_tx, started_rx) = mpsc::channel();
@@ -145,7 +145,7 @@ fn disable_waits_for_a_run_on_another_thread() {
 
 #[test]
 fn manual_clock_can_stand_in_for_realtime() {
-    let clock = VirtualClock::new(); // disabled: Realtime does not care
+    let clock = VirtualClock::new_disabled(); // Realtime does not care
     let group = TimerListGroup::builder()
         .manual_clock(ClockType::Realtime, clock.clone())
         .build(Arc::new(|| ()));
@@ -181,4 +181,76 @@ fn default_clocks_read_real_time() {
     assert!(group.run_expired());
     assert_eq!(log.take(), [1]);
     assert!(later.is_pending());
+}
+
+#[test]
+fn clocks_read_from_another_thread_match_the_group_and_outlive_it() {
+    let clock = VirtualClock::new();
+    let group = TimerListGroup::builder()
+        .virtual_clock(clock.clone())
+        .build(Arc::new(|| ()));
+    let (clocks, handle) = (group.clocks(), group.handle());
+    clock.advance_ns(1_234);
+    let (virt, virt_rt, real, host, enabled) = std::thread::spawn(move || {
+        assert_eq!(handle.now_ns(ClockType::Virtual), 1_234);
+        (
+            clocks.now_ns(ClockType::Virtual),
+            clocks.now_ns(ClockType::VirtualRt),
+            clocks.now_ns(ClockType::Realtime),
+            clocks.now_ns(ClockType::Host),
+            clocks.is_enabled(ClockType::Virtual),
+        )
+    })
+    .join()
+    .unwrap();
+    assert_eq!((virt, virt_rt), (1_234, 1_234));
+    assert!(real <= group.now_ns(ClockType::Realtime));
+    assert!(host.abs_diff(group.now_ns(ClockType::Host)) < 60_000_000_000);
+    assert_eq!(enabled, group.is_enabled(ClockType::Virtual));
+
+    // A deadline computed from another thread's reading is on the timer's own scale.
+    let log = Log::default();
+    let l = log.clone();
+    let t = group.timer(ClockType::Virtual, Scale::NS, move || l.push(7));
+    let clocks = group.clocks();
+    let deadline = std::thread::spawn(move || clocks.now_ns(ClockType::Virtual) + 10)
+        .join()
+        .unwrap();
+    t.arm_ns(deadline);
+    clock.advance_ns(9);
+    assert!(!group.run_expired());
+    clock.advance_ns(1);
+    assert!(group.run_expired());
+    assert_eq!(log.take(), [7]);
+
+    // Which clock is program-driven, and the readings after the group is gone.
+    let (clocks, handle) = (group.clocks(), group.handle());
+    assert!(clocks.virtual_clock(ClockType::Realtime).is_none());
+    let vc = clocks.virtual_clock(ClockType::VirtualRt).unwrap();
+    assert_eq!(vc.now_ns(), clock.now_ns());
+    drop((t, group));
+    clock.advance_ns(5);
+    assert!(!handle.is_alive());
+    assert_eq!(handle.now_ns(ClockType::Virtual), 1_234 + 10 + 5);
+    assert_eq!(clocks.now_ns(ClockType::Virtual), 1_234 + 10 + 5);
+}
+
+#[test]
+fn a_builder_tells_its_clocks_before_the_group_exists() {
+    let clock = VirtualClock::new();
+    clock.advance_ns(42);
+    let builder = TimerListGroup::builder().manual_clock(ClockType::Host, clock.clone());
+    let clocks = builder.clocks();
+    assert_eq!(clocks.now_ns(ClockType::Host), 42);
+    assert_eq!(
+        clocks.now_ns(ClockType::Virtual),
+        VirtualClock::global().now_ns()
+    );
+    let group = builder.build(Arc::new(|| ()));
+    clock.advance_ns(1);
+    assert_eq!(
+        clocks.now_ns(ClockType::Host),
+        group.now_ns(ClockType::Host)
+    );
+    assert!(format!("{clocks:?}").contains("host_ns: 43"));
 }

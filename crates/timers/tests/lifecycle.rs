@@ -130,7 +130,6 @@ fn timer_ref_works_while_the_timer_lives() {
 #[test]
 fn timers_on_a_dropped_group_do_not_notify() {
     let clock = timers::VirtualClock::new();
-    clock.enable();
     let (group, notifies) = util::group_on(&clock);
     let t = group.timer(ClockType::Virtual, Scale::NS, || ());
     drop(group);

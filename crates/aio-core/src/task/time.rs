@@ -310,7 +310,8 @@ pub fn sleep_until(clock: ClockType, deadline_ns: u64) -> Sleep {
 
 /// The reading of `clock`, in nanoseconds, of the context this thread is running (QEMU
 /// `qemu_clock_get_ns`), or `None` outside any context; outside, use
-/// `ctx.timers().now_ns(clock)`.
+/// [`AioContext::now_ns`], or [`ContextHandle::now_ns`](crate::ContextHandle::now_ns) from
+/// another thread.
 ///
 /// ```
 /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
@@ -429,7 +430,6 @@ impl AioContext {
     /// # use aio_core::{AioContext, ClockType, GroupBuilder, VirtualClock};
     /// use std::time::Duration;
     /// let clock = VirtualClock::new();
-    /// clock.enable();
     /// let monitor = Box::new(fdmon_poll::PollMonitor::new()?);
     /// let ctx = AioContext::with_clocks(monitor, GroupBuilder::new().virtual_clock(clock.clone()))?;
     /// let s = ctx.sleep_on(ClockType::Virtual, Duration::from_secs(3600));

@@ -18,22 +18,22 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    /// An enabled clock at 0 ns. Enabled before the group exists, so the notify count starts
-    /// at 0.
+    /// An enabled clock at 0 ns (a new clock's state), so the notify count starts at 0.
     pub fn new() -> Self {
         Fixture::with_clock(true)
     }
 
-    /// A disabled clock at 0 ns (the state QEMU's virtual clock starts in).
+    /// A disabled clock at 0 ns (QEMU's virtual clock while the VM is paused).
     pub fn disabled() -> Self {
         Fixture::with_clock(false)
     }
 
     fn with_clock(enabled: bool) -> Self {
-        let clock = VirtualClock::new();
-        if enabled {
-            clock.enable();
-        }
+        let clock = if enabled {
+            VirtualClock::new()
+        } else {
+            VirtualClock::new_disabled()
+        };
         let (group, notifies) = group_on(&clock);
         Fixture {
             clock,
