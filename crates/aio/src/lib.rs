@@ -91,6 +91,12 @@ pub use threadpool::{self, PoolHandle, ThreadPool};
 use std::io;
 
 mod auto;
+#[cfg(all(any(feature = "tokio", feature = "calloop"), target_os = "linux"))]
+mod embed;
+#[cfg(all(feature = "calloop", target_os = "linux"))]
+pub mod calloop;
+#[cfg(all(feature = "tokio", target_os = "linux"))]
+pub mod tokio;
 
 pub use auto::{AutoMonitor, Backend, EPOLL_UPGRADE_THRESHOLD};
 #[cfg(all(feature = "epoll", target_os = "linux"))]
