@@ -9,6 +9,7 @@
 //! from the fds just reported (all open at that moment, see [OUTER-FD] in ARCHITECTURE.md) and
 //! closes the old one, so nothing is ever unregistered by number.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -23,16 +24,14 @@ pub(crate) struct OuterSet {
     /// Epoll A: constant for the set's life; holds `inner` and `timer`.
     outer: OwnedFd,
     /// Epoll B: the context's outer fds; rebuilt whenever they change.
-    inner: OwnedFd,
+    inner: RefCell<OwnedFd>,
     /// A timerfd for the context's next deadline, when the outer loop needs one.
     #[cfg_attr(not(feature = "calloop"), allow(dead_code))]
     timer: Option<OwnedFd>,
     /// The outer fds in `inner`, sorted by fd, one entry per fd.
-    fds: Vec<OuterFd>,
+    fds: RefCell<Vec<OuterFd>>,
     /// Scratch for the next `outer_fds`.
-    scratch: Vec<OuterFd>,
-    /// How many times `inner` was rebuilt (tests).
-    rebuilds: u64,
+    scratch: RefCell<Vec<OuterFd>>,
 }
 
 const INNER: u64 = 1;
@@ -67,19 +66,20 @@ impl OuterSet {
         };
         Ok(Self {
             outer,
-            inner,
+            inner: RefCell::new(inner),
             timer,
-            fds: Vec::new(),
-            scratch: Vec::new(),
-            rebuilds: 0,
+            fds: RefCell::default(),
+            scratch: RefCell::default(),
         })
     }
 
     /// Reads the context's outer fds and, if they changed since the last call, puts them in a
     /// fresh inner epoll. Call it after [`AioContext::prepare`], every iteration (the io_uring
-    /// backend wants `outer_fds` called before the outer loop sleeps).
-    pub(crate) fn sync(&mut self, ctx: &AioContext) -> io::Result<()> {
-        let mut next = std::mem::take(&mut self.scratch);
+    /// backend wants `outer_fds` called before the outer loop sleeps). Through `&self`: the
+    /// outer loops hand out only shared references to the registered object, whose fd (epoll
+    /// A) this never changes.
+    pub(crate) fn sync(&self, ctx: &AioContext) -> io::Result<()> {
+        let mut next = self.scratch.take();
         next.clear();
         ctx.outer_fds(&mut next);
         next.sort_by_key(|f| f.fd);
@@ -91,8 +91,8 @@ impl OuterSet {
                 false
             }
         });
-        if next == self.fds {
-            self.scratch = next;
+        if next == *self.fds.borrow() {
+            *self.scratch.borrow_mut() = next;
             return Ok(());
         }
         let inner = epoll::create(epoll::CreateFlags::CLOEXEC)?;
@@ -108,12 +108,7 @@ impl OuterSet {
             // thread, with no callback run since, so it is open; it is borrowed only for this
             // `epoll_ctl`.
             let fd = unsafe { BorrowedFd::borrow_raw(f.fd) };
-            epoll::add(
-                &inner,
-                fd,
-                epoll::EventData::new_u64(f.fd as u64),
-                flags,
-            )?;
+            epoll::add(&inner, fd, epoll::EventData::new_u64(f.fd as u64), flags)?;
         }
         epoll::add(
             &self.outer,
@@ -123,11 +118,10 @@ impl OuterSet {
         )?;
         // The old inner epoll is ours and open: removing it by its own fd is exact. Dropping
         // it closes it, and with it every registration of a number that may be stale.
-        let old = std::mem::replace(&mut self.inner, inner);
+        let old = self.inner.replace(inner);
         epoll::delete(&self.outer, &old)?;
         drop(old);
-        self.scratch = std::mem::replace(&mut self.fds, next);
-        self.rebuilds += 1;
+        *self.scratch.borrow_mut() = self.fds.replace(next);
         Ok(())
     }
 
@@ -135,7 +129,7 @@ impl OuterSet {
     /// A zero timeout disarms it too: the caller does not sleep then.
     #[cfg_attr(not(feature = "calloop"), allow(dead_code))]
     pub(crate) fn arm(&self, timeout: Option<Duration>) -> io::Result<()> {
-        use rustix::time::{Itimerspec, Timespec, TimerfdTimerFlags, timerfd_settime};
+        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
         let Some(timer) = &self.timer else {
             return Ok(());
         };
@@ -168,12 +162,6 @@ impl OuterSet {
             // EAGAIN when it has not expired: nothing to drain.
             let _ = rustix::io::read(timer, &mut buf);
         }
-    }
-
-    /// How many times the inner epoll was rebuilt for a changed outer fd set.
-    #[cfg_attr(not(feature = "calloop"), allow(dead_code))]
-    pub(crate) fn rebuilds(&self) -> u64 {
-        self.rebuilds
     }
 }
 

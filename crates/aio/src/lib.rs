@@ -91,10 +91,10 @@ pub use threadpool::{self, PoolHandle, ThreadPool};
 use std::io;
 
 mod auto;
-#[cfg(all(any(feature = "tokio", feature = "calloop"), target_os = "linux"))]
-mod embed;
 #[cfg(all(feature = "calloop", target_os = "linux"))]
 pub mod calloop;
+#[cfg(all(any(feature = "tokio", feature = "calloop"), target_os = "linux"))]
+mod embed;
 #[cfg(all(feature = "tokio", target_os = "linux"))]
 pub mod tokio;
 

@@ -97,14 +97,14 @@ pub fn drive(ctx: AioContext) -> impl Future<Output = io::Result<Infallible>> {
         // SAFETY: [OUTER-FD]: `as_raw_fd` of an `OuterSet` is its epoll A, which it owns,
         // never replaces and closes only when dropped, so the fd stays open and the same for
         // the `AsyncFd`'s whole life.
-        let mut fd = unsafe { AsyncFd::register_with_interest(set, TokioInterest::READABLE)? };
+        let fd = unsafe { AsyncFd::register_with_interest(set, TokioInterest::READABLE)? };
         // After an iteration that found work, look again without sleeping: tokio reports
         // edges, and a handler may have left its fd ready.
         let mut again = false;
         loop {
             let timeout = ctx.prepare();
             // Epoll A, the fd tokio watches, stays; only what is behind it changes.
-            fd.get_mut().sync(&ctx)?;
+            fd.get_ref().sync(&ctx)?;
             let sleep = !again && timeout != Some(Duration::ZERO);
             if sleep {
                 let ready = fd.readable();

@@ -445,12 +445,11 @@ fn aio_callbacks_use_a_tokio_runtime_on_another_thread() {
     });
     bh.schedule();
     let task = ctx.spawn_local(async move {
-        let (mut a, mut b) = aio::tokio::spawn_on(&handle, async {
-            tokio::net::UnixStream::pair()
-        })
-        .await
-        .unwrap()
-        .unwrap();
+        let (mut a, mut b) =
+            aio::tokio::spawn_on(&handle, async { tokio::net::UnixStream::pair() })
+                .await
+                .unwrap()
+                .unwrap();
         aio::tokio::spawn_on(&handle, async move {
             a.write_all(b"ok").await.unwrap();
             let mut buf = [0u8; 2];
