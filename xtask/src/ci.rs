@@ -46,15 +46,16 @@ use crate::tidy;
 /// Feature sets of the `aio` facade that are built, linted and tested on their own, as
 /// `-p aio --no-default-features --features <set>`.
 ///
-/// One entry per backend combination worth proving in isolation. Today only the poll backend
-/// exists; as the other backends land, add `"epoll"` and `"io-uring"` here (and combinations such
-/// as `"poll,epoll"` if `AutoMonitor`'s fallback between them needs its own run).
+/// One entry per backend combination worth proving in isolation, and the outer-loop adapters
+/// (`tokio`, `calloop`) over the poll backend alone; the `--all-features` steps build and test
+/// them with every backend.
 pub const FEATURE_SETS: &[&str] = &[
     "poll",
     "epoll",
     "io-uring",
     "poll,epoll",
     "poll,epoll,io-uring",
+    "poll,tokio,calloop",
 ];
 
 /// Values of `AIO_BACKEND` under which the conformance suite runs on the facade's default
