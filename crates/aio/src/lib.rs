@@ -61,6 +61,16 @@
 //! environment variable ([`BACKEND_ENV`]) steers `Auto` only: a backend the code names with
 //! [`Builder::backend`] is the one it gets. [`AioContext::backend`] says which backend is active.
 //! `--no-default-features --features poll` builds on any Unix.
+//!
+//! Two more features embed a context in an event loop the program already runs (Linux only):
+//!
+//! | feature | module | outer loop |
+//! |---|---|---|
+//! | `tokio` | `aio::tokio` (`drive`, `spawn_on`) | a tokio current_thread runtime or `LocalSet` |
+//! | `calloop` | `aio::calloop` (`AioSource`) | a `calloop::EventLoop` |
+//!
+//! Each module's documentation has a runnable example, and `crates/aio/examples/embed_tokio.rs`
+//! and `embed_calloop.rs` are complete programs.
 
 #![deny(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
