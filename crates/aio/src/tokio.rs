@@ -15,7 +15,7 @@
 //!
 //! * **Fds.** The outer fds (the epoll fd or ring fd, or each watched fd on the poll backend)
 //!   sit in a private epoll, registered once with tokio as an
-//!   [`AsyncFd`](::tokio::io::unix::AsyncFd); when the set changes (a handler added on the
+//!   [`AsyncFd`]; when the set changes (a handler added on the
 //!   poll backend, a move from poll to epoll) the private epoll is rebuilt, so tokio never
 //!   unregisters a number that a callback may have closed. Linux only (epoll).
 //! * **Level-triggered handlers.** tokio's readiness is edge-triggered; the driver clears it
@@ -91,42 +91,40 @@ use crate::embed::OuterSet;
 ///
 /// The future resolves only on an error: creating or updating the private epoll, or
 /// registering it with tokio (for example outside a runtime with I/O enabled).
-pub fn drive(ctx: AioContext) -> impl Future<Output = io::Result<Infallible>> {
-    async move {
-        let set = OuterSet::new(false)?;
-        // SAFETY: [OUTER-FD]: `as_raw_fd` of an `OuterSet` is its epoll A, which it owns,
-        // never replaces and closes only when dropped, so the fd stays open and the same for
-        // the `AsyncFd`'s whole life.
-        let fd = unsafe { AsyncFd::register_with_interest(set, TokioInterest::READABLE)? };
-        // After an iteration that found work, look again without sleeping: tokio reports
-        // edges, and a handler may have left its fd ready.
-        let mut again = false;
-        loop {
-            let timeout = ctx.prepare();
-            // Epoll A, the fd tokio watches, stays; only what is behind it changes.
-            fd.get_ref().sync(&ctx)?;
-            let sleep = !again && timeout != Some(Duration::ZERO);
-            if sleep {
-                let ready = fd.readable();
-                let guard = match timeout {
-                    None => Some(ready.await?),
-                    Some(t) => match ::tokio::time::timeout(t, ready).await {
-                        Ok(guard) => Some(guard?),
-                        Err(_elapsed) => None,
-                    },
-                };
-                // Cleared before `check`, whose look is level-triggered: readiness that
-                // arrives from here on is a new edge, which tokio keeps for the next wait.
-                if let Some(mut guard) = guard {
-                    guard.clear_ready();
-                }
-            } else {
-                ::tokio::task::yield_now().await;
+pub async fn drive(ctx: AioContext) -> io::Result<Infallible> {
+    let set = OuterSet::new(false)?;
+    // SAFETY: [OUTER-FD]: `as_raw_fd` of an `OuterSet` is its epoll A, which it owns,
+    // never replaces and closes only when dropped, so the fd stays open and the same for
+    // the `AsyncFd`'s whole life.
+    let fd = unsafe { AsyncFd::register_with_interest(set, TokioInterest::READABLE)? };
+    // After an iteration that found work, look again without sleeping: tokio reports
+    // edges, and a handler may have left its fd ready.
+    let mut again = false;
+    loop {
+        let timeout = ctx.prepare();
+        // Epoll A, the fd tokio watches, stays; only what is behind it changes.
+        fd.get_ref().sync(&ctx)?;
+        let sleep = !again && timeout != Some(Duration::ZERO);
+        if sleep {
+            let ready = fd.readable();
+            let guard = match timeout {
+                None => Some(ready.await?),
+                Some(t) => match ::tokio::time::timeout(t, ready).await {
+                    Ok(guard) => Some(guard?),
+                    Err(_elapsed) => None,
+                },
+            };
+            // Cleared before `check`, whose look is level-triggered: readiness that
+            // arrives from here on is a new edge, which tokio keeps for the next wait.
+            if let Some(mut guard) = guard {
+                guard.clear_ready();
             }
-            again = ctx.check();
-            if again {
-                ctx.dispatch();
-            }
+        } else {
+            ::tokio::task::yield_now().await;
+        }
+        again = ctx.check();
+        if again {
+            ctx.dispatch();
         }
     }
 }
