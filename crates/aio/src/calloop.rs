@@ -23,8 +23,9 @@
 //!   [`AioContext::block_on`]), as a QEMU callback may call `aio_poll` on a context attached
 //!   to the main loop.
 //! * **Detaching.** Removing the source (`LoopHandle::remove`) or dropping the loop unregisters
-//!   the fd; no callback runs from the source afterwards. The source owns a clone of the
-//!   context; [`AioSource::context`] gives it.
+//!   the fd; no callback runs from the source afterwards, and an outer-loop window left open
+//!   by `before_sleep` is closed with a `check` whose findings are left to the next loop. The
+//!   source owns a clone of the context; [`AioSource::context`] gives it.
 //!
 //! ```
 //! use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,6 +100,23 @@ impl AioSource {
     pub fn context(&self) -> &AioContext {
         &self.ctx
     }
+
+    /// Ends an outer-loop window that `before_sleep` opened and no `process_events` closed (the
+    /// source removed or dropped in between): a `check` whose findings are dropped, not
+    /// dispatched, so that bit 0 of `notify_me` does not stay set and make every later notify
+    /// write the eventfd for nobody. No callback runs; what `check` saw is found again by
+    /// whichever loop drives the context next.
+    fn close_window(&mut self) {
+        if std::mem::take(&mut self.prepared) {
+            self.ctx.check();
+        }
+    }
+}
+
+impl Drop for AioSource {
+    fn drop(&mut self) {
+        self.close_window();
+    }
 }
 
 impl EventSource for AioSource {
@@ -143,6 +161,7 @@ impl EventSource for AioSource {
 
     fn unregister(&mut self, poll: &mut Poll) -> calloop::Result<()> {
         self.token = None;
+        self.close_window();
         self.fd.unregister(poll)
     }
 

@@ -36,7 +36,8 @@
 //!   thread, which cannot run until the callback returns.
 //! * **Detaching.** Dropping the future (or aborting its task) detaches the context: no
 //!   callback runs from it afterwards, and the context can be driven by aio's own loop or
-//!   another driver. The future owns a clone of the context, so the context lives as long as
+//!   another driver. A detach while the driver sleeps closes the outer loop's window with a
+//!   `check` whose findings are left to the next loop, so notifies stop writing the eventfd. The future owns a clone of the context, so the context lives as long as
 //!   either the future or another clone does.
 //!
 //! # Calling tokio from aio callbacks
@@ -92,6 +93,10 @@ use crate::embed::OuterSet;
 /// The future resolves only on an error: creating or updating the private epoll, or
 /// registering it with tokio (for example outside a runtime with I/O enabled).
 pub async fn drive(ctx: AioContext) -> io::Result<Infallible> {
+    let mut attached = Attached {
+        ctx,
+        prepared: false,
+    };
     let set = OuterSet::new(false)?;
     // SAFETY: [OUTER-FD]: `as_raw_fd` of an `OuterSet` is its epoll A, which it owns,
     // never replaces and closes only when dropped, so the fd stays open and the same for
@@ -101,7 +106,9 @@ pub async fn drive(ctx: AioContext) -> io::Result<Infallible> {
     // edges, and a handler may have left its fd ready.
     let mut again = false;
     loop {
+        let ctx = &attached.ctx;
         let timeout = ctx.prepare();
+        attached.prepared = true;
         // Epoll A, the fd tokio watches, stays; only what is behind it changes.
         fd.get_ref().sync(&ctx)?;
         let sleep = !again && timeout != Some(Duration::ZERO);
@@ -122,9 +129,29 @@ pub async fn drive(ctx: AioContext) -> io::Result<Infallible> {
         } else {
             ::tokio::task::yield_now().await;
         }
+        attached.prepared = false;
         again = ctx.check();
         if again {
             ctx.dispatch();
+        }
+    }
+}
+
+/// The driver's context, and whether a `prepare` awaits its `check`. Dropped with the driver:
+/// a detach between the two ends the outer loop's window with a `check` (whose findings are
+/// dropped, not dispatched), so that bit 0 of `notify_me` does not stay set and make every later
+/// notify write the eventfd for nobody.
+struct Attached {
+    ctx: AioContext,
+    prepared: bool,
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        if self.prepared {
+            // No callback runs here: `check` only looks. What it found (ready fds, a due timer,
+            // scheduled BHs) is found again by whichever loop drives the context next.
+            self.ctx.check();
         }
     }
 }

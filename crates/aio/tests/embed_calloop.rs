@@ -291,8 +291,20 @@ fn remove_and_drop_in_every_order_leak_nothing() {
             match round {
                 // Remove the source, then the context runs its own loop.
                 0 => {
+                    // Sleep once so that a window is open, then remove the source.
+                    el.dispatch(Some(Duration::from_millis(1)), &mut seen)
+                        .unwrap();
                     el.handle().remove(token);
-                    ctx.schedule_oneshot(move || r.store(true, Ordering::SeqCst));
+                    // The removal closed the outer loop's window: with nobody waiting, a
+                    // remote schedule does not write the eventfd.
+                    let writes = ctx.stats().event_writes;
+                    let remote = ctx.handle();
+                    std::thread::spawn(move || {
+                        remote.schedule_oneshot(move || r.store(true, Ordering::SeqCst))
+                    })
+                    .join()
+                    .unwrap();
+                    assert_eq!(ctx.stats().event_writes, writes, "{backend:?}");
                     el.dispatch(Some(Duration::from_millis(20)), &mut seen)
                         .unwrap();
                     assert!(!ran.load(Ordering::SeqCst), "ran after remove");

@@ -363,8 +363,16 @@ fn detach_and_drop_in_every_order_leak_nothing() {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                         driver.abort();
                         let _ = driver.await;
-                        let r = ran.clone();
-                        ctx.schedule_oneshot(move || r.store(true, Ordering::SeqCst));
+                        // The detach closed the outer loop's window: with nobody waiting, a
+                        // remote schedule does not write the eventfd.
+                        let writes = ctx.stats().event_writes;
+                        let (r, remote) = (ran.clone(), ctx.handle());
+                        std::thread::spawn(move || {
+                            remote.schedule_oneshot(move || r.store(true, Ordering::SeqCst))
+                        })
+                        .join()
+                        .unwrap();
+                        assert_eq!(ctx.stats().event_writes, writes, "{backend:?}");
                         tokio::time::sleep(Duration::from_millis(20)).await;
                         assert!(!ran.load(Ordering::SeqCst), "ran after detach");
                     });
