@@ -475,3 +475,56 @@ fn aio_callbacks_use_a_tokio_runtime_on_another_thread() {
     stop_tx.send(()).unwrap();
     tokio_thread.join().unwrap();
 }
+
+/// A poll context that moves to epoll (at `EPOLL_UPGRADE_THRESHOLD` fds) while driven: the outer
+/// fds change from every watched fd to the epoll fd, and the driver follows.
+#[test]
+fn the_driver_follows_a_move_from_poll_to_epoll() {
+    let _s = serial();
+    let Ok(ctx) = aio::Builder::new().backend(Backend::PollThenEpoll).build() else {
+        println!("skipping: no poll+epoll");
+        return;
+    };
+    let rt = runtime();
+    let local = LocalSet::new();
+    local.block_on(&rt, async {
+        let driver = tokio::task::spawn_local(aio::tokio::drive(ctx.clone()));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(ctx.backend(), "poll");
+        let hits = Rc::new(Cell::new(0usize));
+        let mut keep = Vec::new();
+        let mut writers = Vec::new();
+        for _ in 0..aio::EPOLL_UPGRADE_THRESHOLD + 2 {
+            let (c, d) = StdUnixStream::pair().unwrap();
+            d.set_nonblocking(true).unwrap();
+            let (h, mut sock) = (hits.clone(), d.try_clone().unwrap());
+            let handler = ctx
+                .fd_handler(&d)
+                .on_read(move |_| {
+                    let mut buf = [0u8; 8];
+                    if let Ok(n) = sock.read(&mut buf) {
+                        h.set(h.get() + n);
+                    }
+                })
+                .register()
+                .unwrap();
+            keep.push((handler, d));
+            writers.push(c);
+        }
+        assert_eq!(ctx.backend(), "epoll", "the context moved to epoll");
+        let n = writers.len();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            for mut w in writers {
+                w.write_all(b"x").unwrap();
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while hits.get() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        t.join().unwrap();
+        assert_eq!(hits.get(), n);
+        driver.abort();
+    });
+}
