@@ -110,7 +110,7 @@ pub async fn drive(ctx: AioContext) -> io::Result<Infallible> {
         let timeout = ctx.prepare();
         attached.prepared = true;
         // Epoll A, the fd tokio watches, stays; only what is behind it changes.
-        fd.get_ref().sync(&ctx)?;
+        fd.get_ref().sync(ctx)?;
         let sleep = !again && timeout != Some(Duration::ZERO);
         if sleep {
             let ready = fd.readable();
