@@ -107,7 +107,9 @@ impl AioSource {
     /// write the eventfd for nobody. No callback runs; what `check` saw is found again by
     /// whichever loop drives the context next.
     fn close_window(&mut self) {
-        if std::mem::take(&mut self.prepared) {
+        // Not while unwinding from a callback's panic: the context is left as the panic left
+        // it, and a second panic here would abort.
+        if std::mem::take(&mut self.prepared) && !std::thread::panicking() {
             self.ctx.check();
         }
     }

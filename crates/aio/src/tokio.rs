@@ -148,7 +148,9 @@ struct Attached {
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        if self.prepared {
+        // Not while unwinding from a callback's panic: the context is left as the panic left
+        // it, and a second panic here would abort.
+        if self.prepared && !std::thread::panicking() {
             // No callback runs here: `check` only looks. What it found (ready fds, a due timer,
             // scheduled BHs) is found again by whichever loop drives the context next.
             self.ctx.check();
