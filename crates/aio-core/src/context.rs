@@ -390,7 +390,7 @@ pub(crate) struct Inner {
     /// The context's tasks (see `task.rs`).
     pub(crate) tasks: crate::task::Tasks,
     /// Isolation scopes (see `scope.rs`).
-    pub(crate) scopes: Scopes,
+    pub(crate) scopes: Rc<Scopes>,
     /// BHs unlinked by a pass while their scope was held, oldest first.
     held_bhs: RefCell<bh::Held>,
 }
@@ -1271,7 +1271,7 @@ impl AioContext {
                 polling: Polling::default(),
                 depth: Cell::new(0),
                 tasks: crate::task::Tasks::default(),
-                scopes: Scopes::default(),
+                scopes: Rc::default(),
                 held_bhs: RefCell::new(bh::Held::default()),
             }),
         };
@@ -2320,6 +2320,12 @@ impl ContextHandle {
     /// As [`AioContext::bh_with_self`], from any thread.
     pub fn bh_with_self(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
         BottomHalf::new(self.shared.clone(), Box::new(f), scope::ROOT)
+    }
+
+    /// As [`AioContext::bh_any_scope`], from any thread: a BH that runs in every isolation
+    /// scope, for a dispatcher that filters its own work.
+    pub fn bh_any_scope(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
+        BottomHalf::new(self.shared.clone(), Box::new(f), scope::ANY)
     }
 
     /// As [`AioContext::set_poll_params`], from any thread.

@@ -60,8 +60,9 @@ pub(crate) struct Scopes {
     remote: Cell<u32>,
     /// Slots of tasks whose BH ran while their scope was held (see `task::run`).
     pub(crate) held_tasks: RefCell<Vec<u32>>,
-    /// Called after each scope ends (the thread pool re-delivers completions it held).
-    exit_hooks: RefCell<Vec<Rc<dyn Fn()>>>,
+    /// Called after each scope ends (the thread pool re-delivers completions it held); one
+    /// that returns false is dropped.
+    exit_hooks: RefCell<Vec<Rc<dyn Fn() -> bool>>>,
 }
 
 impl Scopes {
@@ -101,6 +102,28 @@ impl fmt::Debug for Scopes {
             .field("current", &self.current.get())
             .field("last", &self.last.get())
             .finish()
+    }
+}
+
+/// The scope state of one context, home thread only (see [`AioContext::scope_view`]).
+#[derive(Clone)]
+pub struct ScopeView(Rc<Scopes>);
+
+impl ScopeView {
+    /// The scope that work created now belongs to (as [`AioContext::scope_id`]).
+    pub fn current(&self) -> ScopeId {
+        ScopeId(self.0.creation())
+    }
+
+    /// Whether work of `scope` may run now (as [`AioContext::scope_allows`]).
+    pub fn allows(&self, scope: ScopeId) -> bool {
+        self.0.allows(scope.0)
+    }
+}
+
+impl fmt::Debug for ScopeView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
     }
 }
 
@@ -157,9 +180,15 @@ impl Drop for Leave<'_> {
         for index in held {
             inner.tasks.wake_slot(index);
         }
-        let hooks: Vec<Rc<dyn Fn()>> = inner.scopes.exit_hooks.borrow().clone();
+        let hooks: Vec<Rc<dyn Fn() -> bool>> = inner.scopes.exit_hooks.borrow().clone();
         for hook in hooks {
-            hook();
+            if !hook() {
+                inner
+                    .scopes
+                    .exit_hooks
+                    .borrow_mut()
+                    .retain(|h| !Rc::ptr_eq(h, &hook));
+            }
         }
     }
 }
@@ -259,12 +288,16 @@ impl AioContext {
 
     /// Calls `hook` on the home thread each time an isolation scope of this context ends,
     /// after the enclosing scope became innermost again: for a dispatcher that held work to
-    /// schedule itself again. Hooks live as long as the context.
-    pub fn on_scope_exit(&self, hook: impl Fn() + 'static) {
-        self.inner
-            .scopes
-            .exit_hooks
-            .borrow_mut()
-            .push(Rc::new(hook));
+    /// schedule itself again. The hook is dropped the first time it returns false (or with
+    /// the context).
+    pub fn on_scope_exit(&self, hook: impl Fn() -> bool + 'static) {
+        self.inner.scopes.exit_hooks.borrow_mut().push(Rc::new(hook));
+    }
+
+    /// A view of this context's scope state that does not keep the context alive: for
+    /// context-local values (a thread pool) that tag their own work with the scope it was
+    /// created in.
+    pub fn scope_view(&self) -> ScopeView {
+        ScopeView(self.inner.scopes.clone())
     }
 }
