@@ -162,6 +162,7 @@ impl Drop for Leave<'_> {
     fn drop(&mut self) {
         let inner = &*self.ctx.inner;
         inner.scopes.current.set(self.parent);
+        inner.timers.set_scope(self.parent);
         inner.sync_watched();
         // Held tasks the parent allows get their BH scheduled again (a spurious poll of a
         // slot's later task is harmless); held BHs need nothing: the next BH pass takes them
@@ -253,6 +254,7 @@ impl AioContext {
         inner.scopes.last.set(id);
         let parent = inner.scopes.current.replace(id);
         let leave = Leave { ctx: self, parent };
+        inner.timers.set_scope(id);
         inner.sync_watched();
         let result = f(&Scope { ctx: self, id });
         // The seed's `async_context_pop`: flush the scope's BHs before leaving it.
@@ -291,7 +293,11 @@ impl AioContext {
     /// schedule itself again. The hook is dropped the first time it returns false (or with
     /// the context).
     pub fn on_scope_exit(&self, hook: impl Fn() -> bool + 'static) {
-        self.inner.scopes.exit_hooks.borrow_mut().push(Rc::new(hook));
+        self.inner
+            .scopes
+            .exit_hooks
+            .borrow_mut()
+            .push(Rc::new(hook));
     }
 
     /// A view of this context's scope state that does not keep the context alive: for

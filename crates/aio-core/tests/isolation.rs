@@ -53,12 +53,13 @@ fn metadata_read_runs_alone_then_the_rest_in_order() {
     let unrelated_b = ctx.bh(move || push(&l, "unrelated-b"));
     let (mut tx, rx) = UnixStream::pair().unwrap();
     let l = log.clone();
-    let rx2 = rx.try_clone().unwrap();
+    let rx = Rc::new(rx);
+    let rx2 = rx.clone();
     let _fd = ctx
-        .fd_handler(&rx)
+        .fd_handler(&*rx)
         .on_read(move |_| {
             let mut buf = [0u8; 16];
-            let n = (&rx2).read(&mut buf).unwrap();
+            let n = (&*rx2).read(&mut buf).unwrap();
             push(&l, format!("unrelated-fd {n}"));
         })
         .register()
@@ -199,13 +200,14 @@ fn held_readable_fd_does_not_spin() {
         .unwrap();
     let outer_runs = Rc::new(Cell::new(0));
     let o = outer_runs.clone();
-    let rx2 = rx.try_clone().unwrap();
+    let rx = Rc::new(rx);
+    let rx2 = rx.clone();
     let _outer = ctx
-        .fd_handler(&rx)
+        .fd_handler(&*rx)
         .on_read(move |_| {
             o.set(o.get() + 1);
             let mut buf = [0u8; 64];
-            let _ = (&rx2).read(&mut buf);
+            let _ = (&*rx2).read(&mut buf);
         })
         .register()
         .unwrap();
@@ -290,13 +292,14 @@ fn work_of_an_ended_scope_belongs_to_the_parent() {
                 UnixStream::pair().unwrap(),
             )
         });
-        let rx2 = rx.try_clone().unwrap();
+        let rx = Rc::new(rx);
+        let rx2 = rx.clone();
         let _fd = ctx
             .isolated(|_| {
                 // Created in a second child, which ends at once: the parent's too.
-                ctx.fd_handler(&rx).on_read(move |_| {
+                ctx.fd_handler(&*rx).on_read(move |_| {
                     let mut b = [0u8; 8];
-                    let _ = (&rx2).read(&mut b);
+                    let _ = (&*rx2).read(&mut b);
                     push(&l2, "child-fd");
                 })
             })
@@ -332,12 +335,13 @@ fn panic_in_the_scope_leaves_the_context_usable() {
     tx.write_all(b"x").unwrap();
     let fd_runs = Rc::new(Cell::new(0));
     let f = fd_runs.clone();
-    let rx2 = rx.try_clone().unwrap();
+    let rx = Rc::new(rx);
+    let rx2 = rx.clone();
     let _fd = ctx
-        .fd_handler(&rx)
+        .fd_handler(&*rx)
         .on_read(move |_| {
             let mut b = [0u8; 8];
-            let _ = (&rx2).read(&mut b);
+            let _ = (&*rx2).read(&mut b);
             f.set(f.get() + 1);
         })
         .register()
@@ -552,4 +556,42 @@ fn randomized_model() {
         );
         ran.borrow_mut().clear();
     }
+}
+
+/// A timer of an outer scope that comes due during the scope is held: it neither runs nor ends
+/// the scope's waits early (a scope blocked ~50 ms on its own timer makes a handful of waits);
+/// it fires once the scope ends.
+#[test]
+#[cfg_attr(miri, ignore = "counts waits over 50 ms of real time")]
+fn outer_timers_are_held_without_early_wakes() {
+    use aio_core::{ClockType, Scale};
+    let ctx = ctx();
+    let outer_ran = Arc::new(AtomicUsize::new(0));
+    let o = outer_ran.clone();
+    let outer = ctx.timer(ClockType::Realtime, Scale::MS, move || {
+        o.fetch_add(1, Ordering::SeqCst);
+    });
+    let now = ctx.timers().now_ns(ClockType::Realtime);
+    outer.arm_ns(now + 5_000_000);
+    let waits_before = ctx.stats().waits;
+    ctx.isolated(|_| {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        let own = ctx.timer(ClockType::Realtime, Scale::MS, move || {
+            d.store(true, Ordering::SeqCst)
+        });
+        own.arm_ns(now + 50_000_000);
+        let mut polls = 0;
+        while !done.load(Ordering::SeqCst) {
+            ctx.poll();
+            polls += 1;
+        }
+        assert!(polls <= 3, "{polls} polls");
+        assert_eq!(outer_ran.load(Ordering::SeqCst), 0);
+        assert!(outer.is_pending());
+    });
+    let waits = ctx.stats().waits - waits_before;
+    assert!(waits <= 3, "{waits} waits: the held timer woke the loop");
+    assert!(ctx.poll_nonblocking());
+    assert_eq!(outer_ran.load(Ordering::SeqCst), 1);
 }

@@ -50,9 +50,7 @@ fn metadata_read_in_a_scope_holds_unrelated_completions() {
         let r = read.clone();
         p.submit_with(
             move || {
-                eventually("the unrelated requests finish", || {
-                    u.load(Ordering::SeqCst)
-                });
+                eventually("the unrelated requests finish", || u.load(Ordering::SeqCst));
                 // Let the second one reach the completion queue.
                 std::thread::sleep(Duration::from_millis(20));
                 42
