@@ -2,7 +2,7 @@
 //! a scope run only the scope's own BHs, fd handlers and tasks; outer work is held without
 //! spinning, keeps its order, and runs after the scope ends and flushed its own BHs.
 
-use aio_core::{AioContext, ScopeId};
+use aio_core::{AioContext, EventNotifier, ScopeId};
 use std::cell::{Cell, RefCell};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -51,18 +51,13 @@ fn metadata_read_runs_alone_then_the_rest_in_order() {
     let unrelated_a = ctx.bh(move || push(&l, "unrelated-a"));
     let l = log.clone();
     let unrelated_b = ctx.bh(move || push(&l, "unrelated-b"));
-    let (mut tx, rx) = UnixStream::pair().unwrap();
+    let tx = Arc::new(EventNotifier::new().unwrap());
     let l = log.clone();
-    let rx = Rc::new(rx);
-    let rx2 = rx.clone();
     let _fd = ctx
-        .fd_handler(&*rx)
-        .on_read(move |_| {
-            let mut buf = [0u8; 16];
-            let n = (&*rx2).read(&mut buf).unwrap();
-            push(&l, format!("unrelated-fd {n}"));
+        .set_event_notifier(&tx, move |n| {
+            n.test_and_clear();
+            push(&l, "unrelated-fd 1");
         })
-        .register()
         .unwrap();
     let woken = Arc::new(AtomicBool::new(false));
     let waker_slot = Arc::new(Mutex::new(None::<std::task::Waker>));
@@ -90,7 +85,7 @@ fn metadata_read_runs_alone_then_the_rest_in_order() {
             assert_ne!(scope.id(), ScopeId::ROOT);
             // Unrelated completions arrive while the read is in flight.
             ua2.schedule();
-            tx.write_all(b"x").unwrap();
+            tx.set().unwrap();
             woken.store(true, Ordering::SeqCst);
             waker_slot.lock().unwrap().take().unwrap().wake();
             ub2.schedule();
@@ -286,27 +281,23 @@ fn work_of_an_ended_scope_belongs_to_the_parent() {
     let log = log();
     ctx.isolated(|_| {
         let (l, l2) = (log.clone(), log.clone());
-        let (bh, (mut tx, rx)) = ctx.isolated(|_| {
+        let (bh, tx) = ctx.isolated(|_| {
             (
                 ctx.bh(move || push(&l, "child-bh")),
-                UnixStream::pair().unwrap(),
+                Arc::new(EventNotifier::new().unwrap()),
             )
         });
-        let rx = Rc::new(rx);
-        let rx2 = rx.clone();
         let _fd = ctx
             .isolated(|_| {
-                // Created in a second child, which ends at once: the parent's too.
-                ctx.fd_handler(&*rx).on_read(move |_| {
-                    let mut b = [0u8; 8];
-                    let _ = (&*rx2).read(&mut b);
+                // Registered in a second child, which ends at once: the parent's too.
+                ctx.set_event_notifier(&tx, move |n| {
+                    n.test_and_clear();
                     push(&l2, "child-fd");
                 })
             })
-            .register()
             .unwrap();
         bh.schedule();
-        tx.write_all(b"1").unwrap();
+        tx.set().unwrap();
         // A sibling scope holds them.
         ctx.isolated(|_| {
             for _ in 0..3 {
@@ -331,20 +322,15 @@ fn panic_in_the_scope_leaves_the_context_usable() {
     let outer = ctx.bh(move || {
         r.fetch_add(1, Ordering::SeqCst);
     });
-    let (mut tx, rx) = UnixStream::pair().unwrap();
-    tx.write_all(b"x").unwrap();
+    let tx = Arc::new(EventNotifier::new().unwrap());
+    tx.set().unwrap();
     let fd_runs = Rc::new(Cell::new(0));
     let f = fd_runs.clone();
-    let rx = Rc::new(rx);
-    let rx2 = rx.clone();
     let _fd = ctx
-        .fd_handler(&*rx)
-        .on_read(move |_| {
-            let mut b = [0u8; 8];
-            let _ = (&*rx2).read(&mut b);
+        .set_event_notifier(&tx, move |n| {
+            n.test_and_clear();
             f.set(f.get() + 1);
         })
-        .register()
         .unwrap();
     let inner_ran = Arc::new(AtomicUsize::new(0));
     let result = catch_unwind(AssertUnwindSafe(|| {
