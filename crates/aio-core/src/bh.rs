@@ -909,7 +909,8 @@ impl Drop for Held {
     /// As [`Slice`]'s drop: the context is going away, nothing runs.
     fn drop(&mut self) {
         while let Some((node, _)) = self.nodes.pop_front() {
-            // Held nodes are pending, alive and ours (the invariant above, as a slice's).
+            // [BH-10]: held nodes are pending, alive and ours (the invariant above, as a
+            // slice's), and no callback runs any more (the context is going away).
             // SAFETY: so `take`'s contract holds, with `running` false.
             let taken = unsafe { node.get().flags.take(node, false) };
             drop(taken);
