@@ -155,11 +155,14 @@ pub(crate) struct Home {
     callbacks: RefCell<Callbacks>,
 }
 
+/// A completion callback of a request submitted on the context's thread.
+type HomeCallback = Box<dyn FnOnce()>;
+
 /// A slab of callbacks, each with the isolation scope it was submitted in: slots are reused
 /// through a free list, so a request costs no search.
 #[derive(Default)]
 struct Callbacks {
-    slots: Vec<Option<(Box<dyn FnOnce()>, ScopeId)>>,
+    slots: Vec<Option<(HomeCallback, ScopeId)>>,
     free: Vec<usize>,
 }
 
@@ -184,6 +187,9 @@ impl Home {
     /// The oldest held completion that may be delivered now.
     fn take_held(&self) -> Option<HeldCompletion> {
         let mut held = self.held.borrow_mut();
+        if held.is_empty() {
+            return None;
+        }
         let i = held.iter().position(|h| self.scopes.allows(h.scope()))?;
         held.remove(i)
     }
@@ -247,20 +253,22 @@ impl ThreadPool {
     /// including those that finish while it runs.
     fn drain(&self, index: usize, this: &RunningBh<'_>) {
         let _resume = ResumeOnPanic { pool: self };
-        // First what an isolation scope that ended held, in order.
-        while let Some(held) = self.home.take_held() {
-            match held {
-                HeldCompletion::Home(slot, _) => {
-                    if let Some(callback) = self.home.take_callback(slot) {
-                        self.run_callback(index, this, callback);
+        loop {
+            // First what an isolation scope that ended held, in order (also when the scope
+            // ended inside a callback of this pass).
+            if let Some(held) = self.home.take_held() {
+                match held {
+                    HeldCompletion::Home(slot, _) => {
+                        if let Some(callback) = self.home.take_callback(slot) {
+                            self.run_callback(index, this, callback);
+                        }
+                    }
+                    HeldCompletion::Remote(job) => {
+                        self.run_callback(index, this, || job.call_remote());
                     }
                 }
-                HeldCompletion::Remote(job) => {
-                    self.run_callback(index, this, || job.call_remote());
-                }
+                continue;
             }
-        }
-        loop {
             let next = self.home.pending.borrow_mut().pop_front();
             let job = match next {
                 Some(job) => job,

@@ -13,23 +13,60 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use threadpool::ThreadPool;
 
-/// The seed's motivating case, with the pool.
+/// The seed's motivating case, with the pool: a request's completion callback reads metadata
+/// synchronously, through the pool, in a scope; the completions of two unrelated requests
+/// arrive meanwhile and are delivered, in order, only after the scope ends.
 #[test]
 fn metadata_read_in_a_scope_holds_unrelated_completions() {
     let ctx = ctx();
     let pool = ThreadPool::of(&ctx);
-    pool.set_limits(2, 4).unwrap();
+    pool.set_limits(3, 4).unwrap();
     let log: Rc<RefCell<Vec<String>>> = Rc::default();
-    // Two unrelated requests, submitted at the root scope, finish while the read is waited
-    // for (the read's work waits for them).
+    let in_callback = Arc::new(AtomicBool::new(false));
     let unrelated_done = Arc::new(AtomicBool::new(false));
+    // The request, whose callback does the read.
+    let (l, p, c) = (log.clone(), pool.clone(), ctx.clone());
+    let (inside, u) = (in_callback.clone(), unrelated_done.clone());
+    let _request = pool.submit_with(
+        || (),
+        move |_| {
+            l.borrow_mut().push("request".into());
+            inside.store(true, Ordering::SeqCst);
+            c.isolated(|_| {
+                let read = Rc::new(Cell::new(None));
+                let r = read.clone();
+                p.submit_with(
+                    move || {
+                        eventually("the unrelated requests finish", || u.load(Ordering::SeqCst));
+                        // Let the second one reach the completion queue.
+                        std::thread::sleep(Duration::from_millis(20));
+                        42
+                    },
+                    move |v| r.set(Some(v.unwrap())),
+                );
+                poll_until(&c, || read.get().is_some());
+                l.borrow_mut().push(format!("read {}", read.get().unwrap()));
+                // More polls in the scope still hold them.
+                for _ in 0..3 {
+                    c.poll_nonblocking();
+                }
+                l.borrow_mut().push("scope-end".into());
+            });
+        },
+    );
+    // Two unrelated requests, submitted at the root scope, that finish while the callback
+    // waits for its read.
     let mut tickets = Vec::new();
     for name in ["unrelated-1", "unrelated-2"] {
         let l = log.clone();
-        let u = unrelated_done.clone();
+        let (inside, u) = (in_callback.clone(), unrelated_done.clone());
         tickets.push(pool.submit_with(
             move || {
+                eventually("the request's callback runs", || {
+                    inside.load(Ordering::SeqCst)
+                });
                 if name == "unrelated-2" {
+                    std::thread::sleep(Duration::from_millis(5));
                     u.store(true, Ordering::SeqCst);
                 }
             },
@@ -39,37 +76,16 @@ fn metadata_read_in_a_scope_holds_unrelated_completions() {
             },
         ));
     }
-    let l = log.clone();
-    let p = pool.clone();
-    let c = ctx.clone();
-    let u = unrelated_done.clone();
-    let _request = ctx.isolated(|scope| {
-        assert!(c.scope_allows(scope.id()));
-        // The synchronous metadata read, through the pool.
-        let read = Rc::new(Cell::new(None));
-        let r = read.clone();
-        p.submit_with(
-            move || {
-                eventually("the unrelated requests finish", || u.load(Ordering::SeqCst));
-                // Let the second one reach the completion queue.
-                std::thread::sleep(Duration::from_millis(20));
-                42
-            },
-            move |v| r.set(Some(v.unwrap())),
-        );
-        poll_until(&c, || read.get().is_some());
-        l.borrow_mut().push(format!("read {}", read.get().unwrap()));
-        // More polls in the scope still hold them.
-        for _ in 0..3 {
-            c.poll_nonblocking();
-        }
-        l.borrow_mut().push("scope-end".into());
-    });
-    assert_eq!(*log.borrow(), ["read 42", "scope-end"]);
-    poll_until(&ctx, || log.borrow().len() == 4);
+    poll_until(&ctx, || log.borrow().len() == 5);
     assert_eq!(
         *log.borrow(),
-        ["read 42", "scope-end", "unrelated-1", "unrelated-2"]
+        [
+            "request",
+            "read 42",
+            "scope-end",
+            "unrelated-1",
+            "unrelated-2"
+        ]
     );
     drop(tickets);
 }
