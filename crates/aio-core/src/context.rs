@@ -152,6 +152,8 @@ impl Shared {
     ) -> Result<R, NoAnswer> {
         if thread_id() == self.home {
             let ctx = remote::home_context(self.id).ok_or(NoAnswer::Gone)?;
+            // What a handle creates belongs to the root scope, wherever it is used.
+            let _root = ctx.inner.scopes.enter_remote();
             return Ok(f(&ctx));
         }
         let (reply, sender) = Reply::new();
@@ -167,6 +169,7 @@ impl Shared {
     pub(crate) fn post(&self, f: impl FnOnce(&AioContext) + Send + 'static) {
         if thread_id() == self.home {
             if let Some(ctx) = remote::home_context(self.id) {
+                let _root = ctx.inner.scopes.enter_remote();
                 f(&ctx);
             }
             return;

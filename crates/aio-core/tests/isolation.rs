@@ -440,26 +440,40 @@ fn tasks_of_outer_scopes_are_held() {
     assert_eq!(take(&log), ["outer-task"]);
 }
 
-/// Work another thread creates belongs to the root scope.
+/// Work created through a `ContextHandle` belongs to the root scope: from another thread, and
+/// from the home thread itself (where the handle applies operations in place).
 #[test]
-fn remote_work_belongs_to_the_root_scope() {
+fn handle_work_belongs_to_the_root_scope() {
     let ctx = ctx();
     let handle = ctx.handle();
     let ran = Arc::new(AtomicBool::new(false));
-    let r = ran.clone();
-    ctx.isolated(|_| {
-        std::thread::spawn(move || {
-            handle.schedule_oneshot(move || r.store(true, Ordering::SeqCst))
-        })
-        .join()
-        .unwrap();
+    let fd_ran = Arc::new(AtomicUsize::new(0));
+    let notifier = Arc::new(EventNotifier::new().unwrap());
+    let _remote_fd = ctx.isolated(|_| {
+        let (h, r) = (handle.clone(), ran.clone());
+        std::thread::spawn(move || h.schedule_oneshot(move || r.store(true, Ordering::SeqCst)))
+            .join()
+            .unwrap();
+        // Registered through the handle on the home thread, inside the scope.
+        let f = fd_ran.clone();
+        let reg = handle
+            .fd_handler(&*notifier)
+            .on_read(move |_| {
+                f.fetch_add(1, Ordering::SeqCst);
+            })
+            .register()
+            .unwrap();
+        notifier.set().unwrap();
         for _ in 0..3 {
             ctx.poll_nonblocking();
         }
         assert!(!ran.load(Ordering::SeqCst));
+        assert_eq!(fd_ran.load(Ordering::SeqCst), 0);
+        reg
     });
     ctx.poll_nonblocking();
     assert!(ran.load(Ordering::SeqCst));
+    assert!(fd_ran.load(Ordering::SeqCst) >= 1);
 }
 
 /// A seeded random model: BHs created at random scope depths, scheduled at random depths;
