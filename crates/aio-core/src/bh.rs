@@ -877,27 +877,46 @@ impl fmt::Debug for Slice {
 /// As for [`Slice`]: every node on it is pending (its `PENDING` flag is still set, so a
 /// schedule joins this "link" and a delete hands its reference to it), alive, and owned by the
 /// home thread. Holding a node is holding a link: [`dispatch`] takes it when it leaves.
+///
+/// `allows` is monotonic (a scope `s` allowed means every scope above `s` is), so the highest
+/// scope held (`max`, an upper bound refreshed by a scan that finds nothing) answers "is any
+/// node allowed?" without a scan while a scope holds many nodes.
 #[derive(Default)]
 pub(crate) struct Held {
     nodes: std::collections::VecDeque<(NodePtr, u64)>,
+    max: u64,
 }
 
 impl Held {
     /// Keeps a node just popped from a slice (so pending, alive and ours).
     pub(crate) fn push(&mut self, node: NodePtr, scope: u64) {
+        self.max = if self.nodes.is_empty() {
+            scope
+        } else {
+            self.max.max(scope)
+        };
         self.nodes.push_back((node, scope));
     }
 
-    /// Whether a node that `allows` lets run is held.
+    /// Whether a node that `allows` lets run may be held (exact unless a `take_first` has
+    /// removed the highest one since the last refresh: then it may say true wrongly, once).
     pub(crate) fn any(&self, allows: impl Fn(u64) -> bool) -> bool {
-        self.nodes.iter().any(|&(_, scope)| allows(scope))
+        !self.nodes.is_empty() && allows(self.max)
     }
 
     /// Unlinks the oldest node that `allows` lets run, for [`dispatch`]; the others keep their
     /// order.
     pub(crate) fn take_first(&mut self, allows: impl Fn(u64) -> bool) -> Option<NodePtr> {
-        let i = self.nodes.iter().position(|&(_, scope)| allows(scope))?;
-        self.nodes.remove(i).map(|(node, _)| node)
+        if !self.any(&allows) {
+            return None;
+        }
+        match self.nodes.iter().position(|&(_, scope)| allows(scope)) {
+            Some(i) => self.nodes.remove(i).map(|(node, _)| node),
+            None => {
+                self.max = self.nodes.iter().map(|&(_, s)| s).max().unwrap_or(0);
+                None
+            }
+        }
     }
 
     pub(crate) fn len(&self) -> usize {

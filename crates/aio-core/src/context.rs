@@ -496,18 +496,6 @@ impl Inner {
             return false;
         }
         let mut progress = false;
-        if held {
-            // What a scope that ended held, in its order, before newer BHs. One at a time, so
-            // that a nested pass (or the next one, after a panic) finds the rest still held.
-            loop {
-                let node = self
-                    .held_bhs
-                    .borrow_mut()
-                    .take_first(|s| self.scopes.allows(s));
-                let Some(node) = node else { break };
-                progress |= bh::dispatch(node, &self.shared);
-            }
-        }
         {
             let mut slices = self.slices.borrow_mut();
             for slice in [remote, local] {
@@ -517,6 +505,17 @@ impl Inner {
             }
         }
         loop {
+            // What a scope that ended held comes first, in its order, also when the scope
+            // ended inside a callback of this pass. One at a time, so that a nested pass (or
+            // the next one, after a panic) finds the rest still held.
+            let held = self
+                .held_bhs
+                .borrow_mut()
+                .take_first(|s| self.scopes.allows(s));
+            if let Some(node) = held {
+                progress |= bh::dispatch(node, &self.shared);
+                continue;
+            }
             // Hold the queue's borrow only while unlinking one node: its callback may poll
             // again, and the nested pass must see (and drain) what is left of ours.
             let node = {
@@ -544,8 +543,7 @@ impl Inner {
 
     /// Whether a held BH may run now.
     fn held_bhs_ready(&self) -> bool {
-        let held = self.held_bhs.borrow();
-        held.len() != 0 && held.any(|s| self.scopes.allows(s))
+        self.held_bhs.borrow().any(|s| self.scopes.allows(s))
     }
 
     /// Marks `node` deleted, forgets its key and tells the monitor.
