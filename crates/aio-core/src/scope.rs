@@ -212,6 +212,11 @@ impl AioContext {
     /// belongs to the root scope. A BH that reschedules itself forever keeps the flush going
     /// forever, as in QEMU.
     ///
+    /// What the scope waits for must be created inside it: waiting in the scope for outer
+    /// work (a BH, an fd handler or an `AsyncFd` registered before the scope, an outer task's
+    /// `JoinHandle`, another thread's one-shot) waits until the scope ends, that is, forever,
+    /// as the seed's nested wait would have.
+    ///
     /// Use it where a callback must wait synchronously for its own I/O without other requests'
     /// callbacks changing state under it; code written as tasks with [`CoMutex`]
     /// (`aio_core::task::CoMutex`) usually needs no scope.

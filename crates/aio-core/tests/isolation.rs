@@ -625,3 +625,92 @@ fn outer_timers_are_held_without_early_wakes() {
     assert!(ctx.poll_nonblocking());
     assert_eq!(outer_ran.load(Ordering::SeqCst), 1);
 }
+
+/// A seeded random model of fd handlers (event notifiers) created and signalled at random
+/// scope depths: each non-blocking poll runs exactly the signalled handlers that the innermost
+/// scope allows (the monitor follows scope entries and exits), and at the root every signalled
+/// handler runs.
+#[test]
+fn randomized_fd_model() {
+    let mut seed: u64 = 0x0fd5_eed0_2009_0003;
+    let mut rnd = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let rounds = if cfg!(miri) { 2 } else { 30 };
+    for _round in 0..rounds {
+        let ctx = ctx();
+        struct Fd {
+            notifier: Arc<EventNotifier>,
+            scope: ScopeId,
+            _handler: aio_core::FdHandler,
+        }
+        let fds: RefCell<Vec<Fd>> = RefCell::new(Vec::new());
+        let ran: Rc<RefCell<Vec<usize>>> = Rc::default();
+        // Signalled, not yet run.
+        let signalled: RefCell<Vec<usize>> = RefCell::new(Vec::new());
+        fn step(
+            ctx: &AioContext,
+            depth: u32,
+            rnd: &mut dyn FnMut(u64) -> u64,
+            fds: &RefCell<Vec<Fd>>,
+            ran: &Rc<RefCell<Vec<usize>>>,
+            signalled: &RefCell<Vec<usize>>,
+        ) {
+            for _ in 0..rnd(6) + 1 {
+                match rnd(4) {
+                    0 if fds.borrow().len() < 12 => {
+                        let i = fds.borrow().len();
+                        let notifier = Arc::new(EventNotifier::new().unwrap());
+                        let r = ran.clone();
+                        let handler = ctx
+                            .set_event_notifier(&notifier, move |n| {
+                                n.test_and_clear();
+                                r.borrow_mut().push(i);
+                            })
+                            .unwrap();
+                        fds.borrow_mut().push(Fd {
+                            notifier,
+                            scope: ctx.scope_id(),
+                            _handler: handler,
+                        });
+                    }
+                    1 if !fds.borrow().is_empty() => {
+                        let i = rnd(fds.borrow().len() as u64) as usize;
+                        fds.borrow()[i].notifier.set().unwrap();
+                        if !signalled.borrow().contains(&i) {
+                            signalled.borrow_mut().push(i);
+                        }
+                    }
+                    2 => {
+                        ctx.poll_nonblocking();
+                        let mut expected: Vec<usize> = signalled
+                            .borrow()
+                            .iter()
+                            .copied()
+                            .filter(|&i| ctx.scope_allows(fds.borrow()[i].scope))
+                            .collect();
+                        let mut got = std::mem::take(&mut *ran.borrow_mut());
+                        expected.sort_unstable();
+                        got.sort_unstable();
+                        assert_eq!(got, expected);
+                        signalled.borrow_mut().retain(|i| !got.contains(i));
+                    }
+                    _ if depth < 4 => {
+                        ctx.isolated(|_| step(ctx, depth + 1, rnd, fds, ran, signalled));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        step(&ctx, 0, &mut rnd, &fds, &ran, &signalled);
+        ctx.poll_nonblocking();
+        let mut got = std::mem::take(&mut *ran.borrow_mut());
+        let mut expected = signalled.borrow().clone();
+        got.sort_unstable();
+        expected.sort_unstable();
+        assert_eq!(got, expected, "at the root every signalled handler runs");
+    }
+}
