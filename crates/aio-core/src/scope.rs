@@ -218,8 +218,9 @@ impl AioContext {
     /// as the seed's nested wait would have.
     ///
     /// Use it where a callback must wait synchronously for its own I/O without other requests'
-    /// callbacks changing state under it; code written as tasks with [`CoMutex`]
-    /// (`aio_core::task::CoMutex`) usually needs no scope.
+    /// callbacks changing state under it; code written as tasks with
+    /// [`CoMutex`](crate::task::CoMutex) usually needs no scope (QEMU replaced the stack with
+    /// coroutines and `CoMutex`).
     ///
     /// # Example
     ///
