@@ -291,8 +291,12 @@ fn run(ctx: &AioContext, index: u32) {
     let tasks = &ctx.inner.tasks;
     let scopes = &ctx.inner.scopes;
     if tasks.held_scope(index).is_some_and(|s| !scopes.allows(s)) {
-        // An outer scope's task: remember the wake-up; the scope's end schedules the BH again.
-        scopes.held_tasks.borrow_mut().push(index);
+        // An outer scope's task: remember the wake-up (once per slot); the scope's end
+        // schedules the BH again.
+        let mut held = scopes.held_tasks.borrow_mut();
+        if !held.contains(&index) {
+            held.push(index);
+        }
         return;
     }
     let Some((key, task)) = tasks.start_run(index) else {
