@@ -125,10 +125,11 @@ struct MiriRun {
 /// `ppoll` nor level-triggered epoll. Tests that cannot run under Miri say why with
 /// `#[cfg_attr(miri, ignore = "...")]`.
 const MIRI: &[MiriRun] = &[
-    // Every path of BH node ownership, including deletes from other threads.
+    // Every path of BH node ownership, including deletes from other threads, and BHs held by
+    // isolation scopes.
     MiriRun {
         package: "aio-core",
-        targets: &["--test", "bh_memory"],
+        targets: &["--test", "bh_memory", "--test", "isolation"],
         threaded: true,
     },
     // Tasks: the executor's task cells (one allocation, raw wakers: [TASK-1]..[TASK-5]),

@@ -50,6 +50,7 @@ use crate::handler::{
 };
 use crate::polling::{self, IDLE_INTERVAL_NS, PollParams, PollPolicy, SharedParams, Window};
 use crate::remote::{self, ContextGone, NoAnswer, RemoteOps, Reply};
+use crate::scope::{self, Scopes};
 use crate::sync::{
     self, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering, fence, global, signal_fence,
     thread_id, thread_local, timer_notify,
@@ -156,6 +157,8 @@ impl Shared {
     ) -> Result<R, NoAnswer> {
         if thread_id() == self.home {
             let ctx = remote::home_context(self.id).ok_or(NoAnswer::Gone)?;
+            // What a handle creates belongs to the root scope, wherever it is used.
+            let _root = ctx.inner.scopes.enter_remote();
             return Ok(f(&ctx));
         }
         let (reply, sender) = Reply::new();
@@ -171,6 +174,7 @@ impl Shared {
     pub(crate) fn post(&self, f: impl FnOnce(&AioContext) + Send + 'static) {
         if thread_id() == self.home {
             if let Some(ctx) = remote::home_context(self.id) {
+                let _root = ctx.inner.scopes.enter_remote();
                 f(&ctx);
             }
             return;
@@ -393,6 +397,10 @@ pub(crate) struct Inner {
     depth: Cell<u32>,
     /// The context's tasks (see `task.rs`).
     pub(crate) tasks: crate::task::Tasks,
+    /// Isolation scopes (see `scope.rs`).
+    pub(crate) scopes: Rc<Scopes>,
+    /// BHs unlinked by a pass while their scope was held, oldest first.
+    held_bhs: RefCell<bh::Held>,
 }
 
 /// The home thread's adaptive-polling state (spec §4.3).
@@ -453,6 +461,11 @@ impl Inner {
 
     /// The timeout the BHs allow (QEMU `aio_compute_timeout`, without timers yet).
     fn compute_timeout(&self) -> Option<Duration> {
+        // Held BHs count only once their scope may run (after it ended): until then they do
+        // not shorten the wait.
+        if self.held_bhs_ready() {
+            return Some(Duration::ZERO);
+        }
         let mut t = self.shared.bhs.timeout();
         if t != BhTimeout::Now {
             for slice in self.slices.borrow().iter() {
@@ -481,11 +494,13 @@ impl Inner {
     }
 
     /// Runs the pending BHs (QEMU `aio_bh_poll`), draining outer slices first.
-    fn bh_poll(&self) -> bool {
+    pub(crate) fn bh_poll(&self) -> bool {
         let (remote, local) = self.shared.bhs.take();
-        if remote.is_empty() && local.is_empty() && self.slices.borrow().is_empty() {
+        let held = self.held_bhs_ready();
+        if remote.is_empty() && local.is_empty() && self.slices.borrow().is_empty() && !held {
             return false;
         }
+        let mut progress = false;
         {
             let mut slices = self.slices.borrow_mut();
             for slice in [remote, local] {
@@ -494,8 +509,18 @@ impl Inner {
                 }
             }
         }
-        let mut progress = false;
         loop {
+            // What a scope that ended held comes first, in its order, also when the scope
+            // ended inside a callback of this pass. One at a time, so that a nested pass (or
+            // the next one, after a panic) finds the rest still held.
+            let held = self
+                .held_bhs
+                .borrow_mut()
+                .take_first(|s| self.scopes.allows(s));
+            if let Some(node) = held {
+                progress |= bh::dispatch(node, &self.shared);
+                continue;
+            }
             // Hold the queue's borrow only while unlinking one node: its callback may poll
             // again, and the nested pass must see (and drain) what is left of ours.
             let node = {
@@ -510,10 +535,20 @@ impl Inner {
                     }
                 }
             };
-            let Some(node) = node else { break };
-            progress |= bh::dispatch(node, &self.shared);
+            let Some((node, scope)) = node else { break };
+            if self.scopes.allows(scope) {
+                progress |= bh::dispatch(node, &self.shared);
+            } else {
+                // An outer scope's BH: keep it pending, in order, until its scope may run.
+                self.held_bhs.borrow_mut().push(node, scope);
+            }
         }
         progress
+    }
+
+    /// Whether a held BH may run now.
+    fn held_bhs_ready(&self) -> bool {
+        self.held_bhs.borrow().any(|s| self.scopes.allows(s))
     }
 
     /// Marks `node` deleted, forgets its key and tells the monitor.
@@ -621,8 +656,20 @@ impl Inner {
         let disabled = self.external_disabled();
         if self.external_unwatched.get() != disabled {
             self.external_unwatched.set(disabled);
-            self.set_external_watched(!disabled);
+            self.sync_watched();
         }
+    }
+
+    /// Whether the monitor should watch `node` now: not if it is external while external
+    /// handlers are out of the monitor, nor if it belongs to a scope held by the innermost
+    /// isolation scope.
+    fn should_watch(&self, node: &HandlerNode) -> bool {
+        !(node.external && self.external_unwatched.get()) && self.scopes.allows(node.scope)
+    }
+
+    /// Whether `node` may be dispatched now (external and scope rules).
+    fn may_dispatch(&self, node: &HandlerNode) -> bool {
+        !(node.external && self.external_disabled()) && self.scopes.allows(node.scope)
     }
 
     /// Whether the monitor does not follow the external-disable count yet (for `check`).
@@ -652,20 +699,25 @@ impl Inner {
             }
         }
         let mut rest = Rest(&self.shared.remote, self.shared.remote.take().into());
+        // What other threads create belongs to the root scope.
+        let _root = self.scopes.enter_remote();
         while let Some(op) = rest.1.pop_front() {
             op(ctx);
         }
     }
 
-    /// Removes external handlers from the monitor, or puts them back. Backends cannot filter
-    /// fds by themselves (epoll and io_uring report whatever is armed), and leaving a
-    /// level-triggered fd armed but undispatched would make every wait return at once.
-    fn set_external_watched(&self, watched: bool) {
+    /// Takes out of the monitor the handlers that must not be dispatched now (external ones
+    /// while disabled, those of scopes held by the innermost isolation scope), or puts them
+    /// back. Backends cannot filter fds by themselves (epoll and io_uring report whatever is
+    /// armed), and leaving a level-triggered fd armed but undispatched would make every wait
+    /// return at once.
+    pub(crate) fn sync_watched(&self) {
         let registry = self.registry.borrow();
         let mut monitor = self.monitor.borrow_mut();
-        for node in registry
+        for (node, watched) in registry
             .nodes()
-            .filter(|n| n.external && n.in_monitor.get() != watched)
+            .map(|n| (n, self.should_watch(n)))
+            .filter(|(n, watched)| n.in_monitor.get() != *watched)
         {
             let change = if watched {
                 Change::Add {
@@ -681,7 +733,7 @@ impl Inner {
             };
             match monitor.update(change) {
                 Ok(()) => node.in_monitor.set(watched),
-                Err(e) => tracing::warn!("aio: cannot re-arm external fd {}: {e}", node.fd),
+                Err(e) => tracing::warn!("aio: cannot re-arm fd {}: {e}", node.fd),
             }
         }
     }
@@ -733,7 +785,7 @@ impl Inner {
         match node.kind {
             // Relaxed: a hint; `accept` (an acquire RMW) synchronizes before BHs run.
             NodeKind::Notifier => Some(self.shared.notified.load(Ordering::Relaxed)),
-            NodeKind::User if node.external && self.external_disabled() => None,
+            NodeKind::User if !self.may_dispatch(node) => None,
             NodeKind::User => node.call_poll(),
         }
     }
@@ -1040,6 +1092,7 @@ impl Drop for Inner {
         self.shared.alive.store(false, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         self.slices.get_mut().clear();
+        drop(std::mem::take(self.held_bhs.get_mut()));
         drop(self.shared.bhs.close_local());
         drop(self.shared.bhs.take_remote());
         self.registry.get_mut().clear();
@@ -1079,7 +1132,7 @@ pub(crate) struct CurrentGuard {
 }
 
 impl CurrentGuard {
-    fn enter(inner: *const Inner) -> CurrentGuard {
+    pub(crate) fn enter(inner: *const Inner) -> CurrentGuard {
         CurrentGuard {
             previous: CURRENT.with(|c| c.replace(inner)),
             _task: crate::task::hide_running(),
@@ -1226,6 +1279,8 @@ impl AioContext {
                 polling: Polling::default(),
                 depth: Cell::new(0),
                 tasks: crate::task::Tasks::default(),
+                scopes: Rc::default(),
+                held_bhs: RefCell::new(bh::Held::default()),
             }),
         };
         *sync::lock(&ctx.inner.shared.timers) = Some(ctx.inner.timers.handle());
@@ -1732,7 +1787,7 @@ impl AioContext {
                 continue;
             }
             node.epoch.set(epoch);
-            if node.kind == NodeKind::User && !(node.external && inner.external_disabled()) {
+            if node.kind == NodeKind::User && inner.may_dispatch(node) {
                 progress |= node.call_poll_ready(self);
             }
             inner.note_dispatched(node, block_ns);
@@ -1757,7 +1812,7 @@ impl AioContext {
             }
             return false;
         }
-        if node.external && self.inner.external_disabled() {
+        if !self.inner.may_dispatch(node) {
             return false;
         }
         if node.remotely_removed() {
@@ -1790,19 +1845,31 @@ impl AioContext {
 
     /// Creates a bottom half running `f` (QEMU `aio_bh_new`). See [`BottomHalf`].
     pub fn bh(&self, f: impl FnMut() + Send + 'static) -> BottomHalf {
-        BottomHalf::new(self.inner.shared.clone(), bh::plain_callback(f))
+        BottomHalf::new(
+            self.inner.shared.clone(),
+            bh::plain_callback(f),
+            self.inner.scopes.creation(),
+        )
     }
 
     /// Creates a bottom half whose callback gets a [`RunningBh`], through which it can schedule
     /// or cancel itself (QEMU callbacks do that through the `QEMUBH *` they keep). Capturing
     /// the BH's own handle instead would be a reference cycle.
     pub fn bh_with_self(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
-        BottomHalf::new(self.inner.shared.clone(), Box::new(f))
+        BottomHalf::new(
+            self.inner.shared.clone(),
+            Box::new(f),
+            self.inner.scopes.creation(),
+        )
     }
 
     /// Runs `f` once on the next iteration (QEMU `aio_bh_schedule_oneshot`).
     pub fn schedule_oneshot(&self, f: impl FnOnce() + Send + 'static) {
-        bh::schedule_oneshot(&self.inner.shared, bh::oneshot_callback(f));
+        bh::schedule_oneshot(
+            &self.inner.shared,
+            bh::oneshot_callback(f),
+            self.inner.scopes.creation(),
+        );
     }
 
     /// Starts registering a handler for `fd`. See [`HandlerBuilder`].
@@ -1929,7 +1996,12 @@ impl AioContext {
         }
         // `next_key` only reserves the index; nothing runs between here and `link_node`.
         let key = inner.registry.borrow_mut().next_key();
-        let node = Rc::new(parts.build(key, interest));
+        let scope = if parts.kind == NodeKind::Notifier {
+            scope::ANY
+        } else {
+            inner.scopes.creation()
+        };
+        let node = Rc::new(parts.build(key, interest, scope));
         let linked = self.link_node(&node, old);
         // On success the registry holds the node too; on error this was the only reference and
         // the refused callbacks are dropped now, with no borrow held.
@@ -1985,7 +2057,7 @@ impl AioContext {
         // The monitor follows `external_unwatched` (what `sync_external` last applied), not the
         // count itself, which other threads change: otherwise a disable and an enable between
         // two iterations would leave a node registered in between out of the monitor for good.
-        let watch = !(node.external && inner.external_unwatched.get());
+        let watch = inner.should_watch(node);
         let change = match (old, old_watched) {
             (Some(old), Some(true)) if watch => Some(Change::Modify {
                 old,
@@ -2322,17 +2394,23 @@ impl ContextHandle {
     /// Runs `f` once on the context's thread, on its next iteration, waking it if needed
     /// (QEMU `aio_bh_schedule_oneshot`).
     pub fn schedule_oneshot(&self, f: impl FnOnce() + Send + 'static) {
-        bh::schedule_oneshot(&self.shared, bh::oneshot_callback(f));
+        bh::schedule_oneshot(&self.shared, bh::oneshot_callback(f), scope::ROOT);
     }
 
     /// Creates a bottom half on the context from any thread (QEMU `aio_bh_new`).
     pub fn bh(&self, f: impl FnMut() + Send + 'static) -> BottomHalf {
-        BottomHalf::new(self.shared.clone(), bh::plain_callback(f))
+        BottomHalf::new(self.shared.clone(), bh::plain_callback(f), scope::ROOT)
     }
 
     /// As [`AioContext::bh_with_self`], from any thread.
     pub fn bh_with_self(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
-        BottomHalf::new(self.shared.clone(), Box::new(f))
+        BottomHalf::new(self.shared.clone(), Box::new(f), scope::ROOT)
+    }
+
+    /// As [`AioContext::bh_any_scope`], from any thread: a BH that runs in every isolation
+    /// scope, for a dispatcher that filters its own work.
+    pub fn bh_any_scope(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
+        BottomHalf::new(self.shared.clone(), Box::new(f), scope::ANY)
     }
 
     /// As [`AioContext::set_poll_params`], from any thread.

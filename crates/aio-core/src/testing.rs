@@ -3304,6 +3304,56 @@ pub fn poll_outer_loop_leaves_polling_mode(make: MakeContext) {
     assert!(!wd.fired(), "a blocking poll hung");
 }
 
+/// Isolation scopes (seed 003, `AioContext::isolated`): a readable fd of an outer scope is
+/// taken out of the backend while a scope waits for its own notifier, so the scope's blocking
+/// waits sleep (a handful of them, not a spin); the outer handler runs once the scope ends.
+pub fn isolation_scope_holds_a_readable_outer_fd(make: MakeContext) {
+    let ctx = make().unwrap();
+    let outer = Arc::new(EventNotifier::new().unwrap());
+    outer.set().unwrap();
+    let outer_runs = Rc::new(Cell::new(0));
+    let o = outer_runs.clone();
+    // Never cleared while the test runs: level-triggered, it stays readable.
+    let outer_handler = ctx
+        .set_event_notifier(&outer, move |_| o.set(o.get() + 1))
+        .unwrap();
+    let waits_before = ctx.stats().waits;
+    ctx.isolated(|_| {
+        let own = Arc::new(EventNotifier::new().unwrap());
+        let done = Rc::new(Cell::new(false));
+        let d = done.clone();
+        let _own = ctx
+            .set_event_notifier(&own, move |n| {
+                n.test_and_clear();
+                d.set(true);
+            })
+            .unwrap();
+        let setter = own.clone();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            setter.set().unwrap();
+        });
+        while !done.get() {
+            ctx.poll();
+        }
+        t.join().unwrap();
+    });
+    let waits = ctx.stats().waits - waits_before;
+    assert!(waits < 10, "{waits} waits: the held fd made the loop spin");
+    assert_eq!(
+        outer_runs.get(),
+        0,
+        "the outer handler ran inside the scope"
+    );
+    ctx.poll_nonblocking();
+    assert!(
+        outer_runs.get() >= 1,
+        "the outer fd is watched again after the scope"
+    );
+    drop(outer_handler);
+    outer.test_and_clear();
+}
+
 /// Generates one `#[test]` per conformance case, each calling the case with `$make`.
 ///
 /// Attributes written after `$make` are put on every generated test. A backend that the
@@ -3723,6 +3773,11 @@ macro_rules! conformance_tests {
         $(#[$meta])*
         fn poll_nested_poll_ends_polling_mode_for_the_running_handler() {
             $crate::testing::poll_nested_poll_ends_polling_mode_for_the_running_handler($make)
+        }
+        #[test]
+        $(#[$meta])*
+        fn isolation_scope_holds_a_readable_outer_fd() {
+            $crate::testing::isolation_scope_holds_a_readable_outer_fd($make)
         }
     };
 }

@@ -182,7 +182,7 @@ impl TimerListGroup {
         callback: impl FnMut() + Send + 'static,
     ) -> Timer {
         let list = &self.lists[clock.index()];
-        let key = list.insert(Box::new(callback));
+        let key = list.insert(Box::new(callback), None);
         Timer::new(list.clone(), key, scale, attrs)
     }
 
@@ -257,6 +257,18 @@ impl TimerListGroup {
             progress |= list.run_expired();
         }
         progress
+    }
+
+    /// Makes `scope` the innermost isolation scope of the loop that runs this group (for
+    /// `aio_core::AioContext::isolated`; 0 is the root). A timer belongs to the scope that was
+    /// innermost when this group created it (timers made through a [`GroupHandle`] belong to
+    /// scope 0); while `scope` is innermost, armed timers of lower scopes are held: out of the
+    /// deadline and never run, keeping their deadlines, until a later call lowers `scope`
+    /// again. Call it on the thread that runs the group.
+    pub fn set_scope(&self, scope: u64) {
+        for list in &self.lists {
+            list.set_scope(scope);
+        }
     }
 
     /// The current reading of `clock` as this group sees it, in nanoseconds (QEMU
@@ -339,7 +351,8 @@ impl GroupHandle {
         callback: impl FnMut() + Send + 'static,
     ) -> Timer {
         let list = &self.lists[clock.index()];
-        let key = list.insert(Box::new(callback));
+        // Other threads' timers belong to the root isolation scope.
+        let key = list.insert(Box::new(callback), Some(0));
         Timer::new(list.clone(), key, scale, attrs)
     }
 
