@@ -3,10 +3,10 @@
 //! FIFO hand-off, `try_lock` and cancellation; `CoQueue` wait/next/restart_all; `CoRwLock`
 //! sharing, exclusion, writer preference, upgrade and downgrade.
 
+use aio_core::ContextHandle;
 use aio_core::task::{
     CoMutex, CoMutexGuard, CoQueue, CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard, yield_now,
 };
-use aio_core::{AioContext, ContextHandle};
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -17,16 +17,9 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 use std::time::{Duration, Instant};
 
-#[cfg(miri)]
-#[path = "support/miri_monitor.rs"]
-mod miri_monitor;
-
-fn ctx() -> AioContext {
-    #[cfg(miri)]
-    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
-    #[cfg(not(miri))]
-    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
-}
+#[path = "support/ctx.rs"]
+mod support;
+use support::ctx;
 
 /// A context running on its own thread until [`Threads::stop`].
 struct Threads {

@@ -13,16 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-#[cfg(miri)]
-#[path = "support/miri_monitor.rs"]
-mod miri_monitor;
-
-fn ctx() -> AioContext {
-    #[cfg(miri)]
-    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
-    #[cfg(not(miri))]
-    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
-}
+#[path = "support/ctx.rs"]
+mod support;
+use support::ctx;
 
 type Log = Arc<Mutex<Vec<String>>>;
 

@@ -19,16 +19,9 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-#[cfg(miri)]
-#[path = "support/miri_monitor.rs"]
-mod miri_monitor;
-
-fn ctx() -> AioContext {
-    #[cfg(miri)]
-    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
-    #[cfg(not(miri))]
-    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
-}
+#[path = "support/ctx.rs"]
+mod support;
+use support::ctx;
 
 /// `big` normally, `tiny` under Miri.
 const fn size(big: usize, tiny: usize) -> usize {
