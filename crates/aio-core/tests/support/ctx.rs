@@ -8,7 +8,11 @@
 #[path = "miri_monitor.rs"]
 mod miri_monitor;
 
-use aio_core::{AioContext, FdMonitor};
+use aio_core::{AioContext, ContextHandle, FdMonitor};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::mpsc;
+use std::thread::{self, ThreadId};
 
 /// The monitor for a test context.
 pub fn monitor() -> Box<dyn FdMonitor> {
@@ -21,4 +25,47 @@ pub fn monitor() -> Box<dyn FdMonitor> {
 /// A context on [`monitor`].
 pub fn ctx() -> AioContext {
     AioContext::new(monitor()).unwrap()
+}
+
+/// A context polled on its own thread until stopped; dropping the `Worker` stops it, and the
+/// context (with whatever tasks it still holds) is dropped on that thread.
+pub struct Worker {
+    pub handle: ContextHandle,
+    pub id: ThreadId,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+pub fn worker() -> Worker {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    let (tx, rx) = mpsc::channel();
+    let thread = thread::spawn(move || {
+        let ctx = ctx();
+        tx.send((ctx.handle(), thread::current().id())).unwrap();
+        while !s.load(SeqCst) {
+            ctx.poll();
+        }
+    });
+    let (handle, id) = rx.recv().unwrap();
+    Worker {
+        handle,
+        id,
+        stop,
+        thread: Some(thread),
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.stop.store(true, SeqCst);
+        self.handle.notify();
+        if let Some(t) = self.thread.take() {
+            // Do not double-panic if the test already failed.
+            let r = t.join();
+            if !thread::panicking() {
+                r.unwrap();
+            }
+        }
+    }
 }
