@@ -181,9 +181,7 @@ impl TimerListGroup {
         attrs: TimerAttrs,
         callback: impl FnMut() + Send + 'static,
     ) -> Timer {
-        let list = &self.lists[clock.index()];
-        let key = list.insert(Box::new(callback), None);
-        Timer::new(list.clone(), key, scale, attrs)
+        new_timer(&self.lists, clock, scale, attrs, None, Box::new(callback))
     }
 
     /// A `Send + Sync` handle that creates timers on this group from any thread (QEMU's
@@ -350,10 +348,15 @@ impl GroupHandle {
         attrs: TimerAttrs,
         callback: impl FnMut() + Send + 'static,
     ) -> Timer {
-        let list = &self.lists[clock.index()];
         // Other threads' timers belong to the root isolation scope.
-        let key = list.insert(Box::new(callback), Some(0));
-        Timer::new(list.clone(), key, scale, attrs)
+        new_timer(
+            &self.lists,
+            clock,
+            scale,
+            attrs,
+            Some(0),
+            Box::new(callback),
+        )
     }
 
     /// Whether the group still exists (its timers can fire).
@@ -394,4 +397,19 @@ impl fmt::Debug for TimerListGroup {
             .field("deadline", &self.deadline())
             .finish()
     }
+}
+
+/// Creates a disarmed timer on `lists[clock]`, in isolation scope `scope` (`None`: the list's
+/// current one): what [`TimerListGroup`] and [`GroupHandle`] both do.
+fn new_timer(
+    lists: &[Arc<TimerList>; 4],
+    clock: ClockType,
+    scale: Scale,
+    attrs: TimerAttrs,
+    scope: Option<u64>,
+    callback: crate::list::Callback,
+) -> Timer {
+    let list = &lists[clock.index()];
+    let key = list.insert(callback, scope);
+    Timer::new(list.clone(), key, scale, attrs)
 }
