@@ -748,9 +748,9 @@ impl Slice {
 }
 
 /// Handles a node just popped from a slice on the home thread: clears its pending state, then
-/// runs it, parks it, frees it, or both, as [`AtomicFlags::take`] says. Returns whether a
-/// callback ran that counts as progress (a non-idle, non-deleted BH).
-pub(crate) fn dispatch(node: NodePtr, shared: &Shared) -> bool {
+/// runs it, parks it, frees it, or both, as [`AtomicFlags::take`] says. Returns `None` if no
+/// callback ran, else whether it counts as progress (a non-idle BH).
+pub(crate) fn dispatch(node: NodePtr, shared: &Shared) -> Option<bool> {
     // [BH-5]: popped nodes are alive (slice invariant) and stay alive until a `LinkRef` we own
     // is dropped, which is the last thing done with the node in each arm below.
     // SAFETY: so the node is alive for this access, made on the home thread.
@@ -773,14 +773,14 @@ pub(crate) fn dispatch(node: NodePtr, shared: &Shared) -> bool {
             } else {
                 drop(link_ref); // [BH-5]: frees the node and its callback.
             }
-            false
+            None
         }
-        Taken::Cancelled | Taken::Parked => false,
+        Taken::Cancelled | Taken::Parked => None,
         Taken::Run { idle, oneshot } => {
             invoke(node, shared);
             // [BH-4]: a one-shot's only reference; freeing it is the last use of the node.
             drop(oneshot);
-            !idle
+            Some(!idle)
         }
     }
 }

@@ -386,6 +386,13 @@ pub(crate) struct Inner {
     locals: RefCell<Vec<Rc<dyn Any>>>,
     /// Home-thread counters for [`Stats`].
     waits: Cell<u64>,
+    /// Loop iterations (outer-loop dispatches included), BH, fd-handler and timer callbacks
+    /// run, and task polls, for [`Stats`].
+    iterations: Cell<u64>,
+    bh_calls: Cell<u64>,
+    handler_calls: Cell<u64>,
+    timer_calls: Cell<u64>,
+    pub(crate) task_polls: Cell<u64>,
     wait_errors: Cell<u64>,
     event_drains: Cell<u64>,
     /// How many backend waits in a row have failed (0 after a successful one): sets the
@@ -494,12 +501,32 @@ impl Inner {
     }
 
     /// Runs the pending BHs (QEMU `aio_bh_poll`), draining outer slices first.
+    /// Runs one BH popped from a slice or the held queue, counting it for [`Stats`].
+    fn dispatch_bh(&self, node: bh::NodePtr) -> bool {
+        match bh::dispatch(node, &self.shared) {
+            Some(progress) => {
+                self.bh_calls.set(self.bh_calls.get() + 1);
+                progress
+            }
+            None => false,
+        }
+    }
+
+    /// Runs the timers that are due, counting them for [`Stats`].
+    fn run_timers(&self) -> bool {
+        let _span = tracing::trace_span!("aio_timers").entered();
+        let ran = self.timers.run_expired_count();
+        self.timer_calls.set(self.timer_calls.get() + ran);
+        ran > 0
+    }
+
     pub(crate) fn bh_poll(&self) -> bool {
         let (remote, local) = self.shared.bhs.take();
         let held = self.held_bhs_ready();
         if remote.is_empty() && local.is_empty() && self.slices.borrow().is_empty() && !held {
             return false;
         }
+        let _span = tracing::trace_span!("aio_bh_pass").entered();
         let mut progress = false;
         {
             let mut slices = self.slices.borrow_mut();
@@ -518,7 +545,7 @@ impl Inner {
                 .borrow_mut()
                 .take_first(|s| self.scopes.allows(s));
             if let Some(node) = held {
-                progress |= bh::dispatch(node, &self.shared);
+                progress |= self.dispatch_bh(node);
                 continue;
             }
             // Hold the queue's borrow only while unlinking one node: its callback may poll
@@ -537,7 +564,7 @@ impl Inner {
             };
             let Some((node, scope)) = node else { break };
             if self.scopes.allows(scope) {
-                progress |= bh::dispatch(node, &self.shared);
+                progress |= self.dispatch_bh(node);
             } else {
                 // An outer scope's BH: keep it pending, in order, until its scope may run.
                 self.held_bhs.borrow_mut().push(node, scope);
@@ -1273,6 +1300,11 @@ impl AioContext {
                 timers,
                 locals: RefCell::new(Vec::new()),
                 waits: Cell::new(0),
+                iterations: Cell::new(0),
+                bh_calls: Cell::new(0),
+                handler_calls: Cell::new(0),
+                timer_calls: Cell::new(0),
+                task_polls: Cell::new(0),
                 wait_errors: Cell::new(0),
                 event_drains: Cell::new(0),
                 failed_waits: Cell::new(0),
@@ -1347,6 +1379,11 @@ impl AioContext {
             poll_time: Duration::from_nanos(inner.polling.time_ns.get()),
             poll_hits: inner.polling.hits.get(),
             poll_misses: inner.polling.misses.get(),
+            iterations: inner.iterations.get(),
+            bh_calls: inner.bh_calls.get(),
+            handler_calls: inner.handler_calls.get(),
+            timer_calls: inner.timer_calls.get(),
+            task_polls: inner.task_polls.get(),
             poll_set: inner
                 .polling
                 .set
@@ -1648,6 +1685,8 @@ impl AioContext {
         let start = (!params.is_disabled()).then(|| inner.clock_ns());
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
+        inner.iterations.set(inner.iterations.get() + 1);
+        let _span = tracing::trace_span!("aio_poll", blocking = BLOCKING, nested).entered();
         // What other threads asked for before this iteration, so that its wait already watches
         // a handler registered or an external fd re-enabled meanwhile (the queue is run again
         // after the wait, for what arrived during it).
@@ -1670,6 +1709,7 @@ impl AioContext {
         let mut hits = None;
         let mut polled = 0;
         if !nested && timeout != Some(Duration::ZERO) && !params.is_disabled() {
+            let _span = tracing::trace_span!("aio_busy_poll").entered();
             let hits = hits.insert(inner.take_hits());
             polled = inner.try_poll_mode(&params, &mut timeout, hits);
         }
@@ -1699,6 +1739,12 @@ impl AioContext {
         }
         let mut failed = None;
         let waited = if will_wait {
+            let _span = tracing::trace_span!(
+                "aio_wait",
+                timeout_ns =
+                    timeout.map_or(-1, |t| i64::try_from(t.as_nanos()).unwrap_or(i64::MAX))
+            )
+            .entered();
             let mut ready = inner.next_ready_list();
             match inner.wait(&mut ready, timeout) {
                 Ok(()) => Some(ready),
@@ -1734,19 +1780,22 @@ impl AioContext {
         let block_ns = start.map(|s| inner.clock_ns().saturating_sub(s));
 
         let mut progress = inner.bh_poll();
-        if let Some(ready) = waited {
-            progress |= self.dispatch_ready(&ready, epoch, block_ns);
-            inner.recycle_ready_list(ready);
-        }
-        if let Some(hits) = hits {
-            progress |= self.dispatch_poll_hits(&hits, epoch, block_ns);
-            inner.recycle_hits(hits);
+        if waited.is_some() || hits.is_some() {
+            let _span = tracing::trace_span!("aio_dispatch").entered();
+            if let Some(ready) = waited {
+                progress |= self.dispatch_ready(&ready, epoch, block_ns);
+                inner.recycle_ready_list(ready);
+            }
+            if let Some(hits) = hits {
+                progress |= self.dispatch_poll_hits(&hits, epoch, block_ns);
+                inner.recycle_hits(hits);
+            }
         }
         if block_ns.is_some() {
             inner.adjust_weighted(block_ns);
         }
         // Timers last, as QEMU's `aio_poll` runs them after the handlers.
-        progress |= inner.timers.run_expired();
+        progress |= inner.run_timers();
         Ok(progress)
     }
 
@@ -1787,8 +1836,10 @@ impl AioContext {
                 continue;
             }
             node.epoch.set(epoch);
-            if node.kind == NodeKind::User && inner.may_dispatch(node) {
-                progress |= node.call_poll_ready(self);
+            if node.kind == NodeKind::User && inner.may_dispatch(node) && node.call_poll_ready(self)
+            {
+                inner.handler_calls.set(inner.handler_calls.get() + 1);
+                progress = true;
             }
             inner.note_dispatched(node, block_ns);
         }
@@ -1824,17 +1875,23 @@ impl AioContext {
         if !revents.is_empty() {
             self.inner.join_poll_set(node);
         }
-        let mut progress = false;
+        let mut calls = 0;
         if !node.deleted.get()
             && revents.intersects(Readiness::READABLE | Readiness::HANGUP | Readiness::ERROR)
+            && node.call_read(self)
         {
-            progress |= node.call_read(self);
+            calls += 1;
         }
         // Re-check: the read callback may have removed this handler.
-        if !node.deleted.get() && revents.intersects(Readiness::WRITABLE | Readiness::ERROR) {
-            progress |= node.call_write(self);
+        if !node.deleted.get()
+            && revents.intersects(Readiness::WRITABLE | Readiness::ERROR)
+            && node.call_write(self)
+        {
+            calls += 1;
         }
-        progress
+        let inner = &*self.inner;
+        inner.handler_calls.set(inner.handler_calls.get() + calls);
+        calls > 0
     }
 
     /// Wakes the loop if it is sleeping, or makes its next sleep return at once (QEMU
@@ -2210,6 +2267,8 @@ impl AioContext {
         let ready = std::mem::take(&mut *inner.outer_ready.borrow_mut());
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
+        inner.iterations.set(inner.iterations.get() + 1);
+        let _span = tracing::trace_span!("aio_outer_dispatch").entered();
         let mut progress = inner.bh_poll();
         progress |= self.dispatch_ready(&ready, epoch, None);
         let hits = std::mem::take(&mut *inner.polling.outer_hits.borrow_mut());
@@ -2222,7 +2281,7 @@ impl AioContext {
                 slot.clear();
             }
         }
-        progress |= inner.timers.run_expired();
+        progress |= inner.run_timers();
         progress
     }
 }
@@ -2236,8 +2295,17 @@ impl fmt::Debug for AioContext {
     }
 }
 
-/// System calls made by a context's loop machinery, from [`AioContext::stats`] and
-/// [`ContextHandle::event_writes`]. User callbacks' own system calls are not counted.
+/// Counters of a context's loop machinery, from [`AioContext::stats`]: the system calls it
+/// made (user callbacks' own are not counted; [`ContextHandle::event_writes`] reads one from
+/// any thread), adaptive polling's figures, and the iterations and callbacks it ran. The
+/// benchmarks compute their per-operation figures from these, so a program can reproduce them.
+///
+/// For time spent per phase, subscribe to `tracing` at trace level: each iteration is a span
+/// `aio_poll` (fields `blocking`, `nested`; `aio_outer_dispatch` when an outer loop drives the
+/// context), with child spans `aio_busy_poll`, `aio_wait` (field `timeout_ns`, -1 for none),
+/// `aio_bh_pass`, `aio_dispatch` (fd handlers) and `aio_timers`; a subscriber that times spans
+/// (e.g. `tracing-subscriber`'s `FmtSpan::CLOSE`) gives their durations. With no subscriber
+/// at trace level, each span costs a cached check.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Stats {
@@ -2259,6 +2327,17 @@ pub struct Stats {
     /// the backend (`need_wait`: io_uring completions); the iteration then waited in the
     /// backend.
     pub poll_misses: u64,
+    /// Loop iterations: `poll`s of every kind (nested ones included) and outer-loop
+    /// `dispatch`es.
+    pub iterations: u64,
+    /// BH callbacks run (idle and one-shot BHs, and the BHs that run tasks, included).
+    pub bh_calls: u64,
+    /// fd handler callbacks run: read, write and poll-ready (from readiness or from polling).
+    pub handler_calls: u64,
+    /// Timer callbacks run.
+    pub timer_calls: u64,
+    /// Polls of tasks (each resumption of a task: QEMU's coroutine entries).
+    pub task_polls: u64,
     /// The poll set: each member's handler and its current window (under
     /// [`PollPolicy::Weighted`], its weighted block-time estimate; the context's window is
     /// [`AioContext::poll_window`]). The context's own notifier is listed with fd -1.

@@ -246,15 +246,17 @@ impl TimerListGroup {
     /// put back in order: the panicking timer stays usable, disarmed unless it re-armed itself.
     #[inline]
     pub fn run_expired(&self) -> bool {
+        self.run_expired_count() > 0
+    }
+
+    /// [`run_expired`](Self::run_expired), returning how many timer callbacks ran.
+    #[inline]
+    pub fn run_expired_count(&self) -> u64 {
         // Acquire pairs with the lists' Release updates of the mask (`publish_head`).
         if self.armed.load(Ordering::Acquire) == 0 {
-            return false;
+            return 0;
         }
-        let mut progress = false;
-        for list in &self.lists {
-            progress |= list.run_expired();
-        }
-        progress
+        self.lists.iter().map(|list| list.run_expired()).sum()
     }
 
     /// Makes `scope` the innermost isolation scope of the loop that runs this group (for

@@ -359,26 +359,26 @@ impl TimerList {
     }
 
     /// Runs every timer due at the clock reading taken once on entry, earliest first, with no
-    /// lock held during a callback. Returns whether a callback ran.
-    pub(crate) fn run_expired(&self) -> bool {
+    /// lock held during a callback. Returns how many callbacks ran.
+    pub(crate) fn run_expired(&self) -> u64 {
         if !self.is_enabled() {
-            return false;
+            return 0;
         }
         // Cheap exits without the lock: nothing queued (no clock read either), or nothing due.
         let head = self.head_ns.load(Ordering::Acquire);
         if head == NEVER {
-            return false;
+            return 0;
         }
         let now = self.now_ns();
         if head > now {
-            return false;
+            return 0;
         }
 
         let mut st = self.state.lock();
         // Checked again under the lock: `disable` clears the flag before it takes this lock to
         // look for runs in progress, so either it sees this run and waits, or this sees the flag.
         if st.dead || !self.is_enabled() {
-            return false;
+            return 0;
         }
         st.runs += 1;
         st.runner = thread_token();
@@ -386,7 +386,7 @@ impl TimerList {
             list: self,
             st: Some(st),
         };
-        let mut progress = false;
+        let mut ran = 0;
         loop {
             let Some(st) = run.st.as_mut() else {
                 unreachable!("the run holds the lock between callbacks");
@@ -422,7 +422,7 @@ impl TimerList {
             if let Some(f) = call.callback.as_mut() {
                 f();
             }
-            progress = true;
+            ran += 1;
             let mut st = self.state.lock();
             if let Some(orphan) = call.callback.take().and_then(|f| st.restore(key, f)) {
                 // The timer was freed during its own callback: drop the callback unlocked.
@@ -438,7 +438,7 @@ impl TimerList {
             }
         }
         drop(run);
-        progress
+        ran
     }
 
     /// Waits until no run of this list is in progress on another thread.

@@ -311,6 +311,7 @@ fn run(ctx: &AioContext, index: u32) {
         finish(ctx, key);
         return;
     }
+    ctx.inner.task_polls.set(ctx.inner.task_polls.get() + 1);
     let poll = {
         let _running = RunningGuard::enter(Some(index));
         // SAFETY: [TASK-1]: the slot holds the task's owner token, this is its home thread,
