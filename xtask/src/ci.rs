@@ -46,9 +46,8 @@ use crate::tidy;
 /// Feature sets of the `aio` facade that are built, linted and tested on their own, as
 /// `-p aio --no-default-features --features <set>`.
 ///
-/// One entry per backend combination worth proving in isolation. Today only the poll backend
-/// exists; as the other backends land, add `"epoll"` and `"io-uring"` here (and combinations such
-/// as `"poll,epoll"` if `AutoMonitor`'s fallback between them needs its own run).
+/// One entry per backend alone, and the combinations whose policy needs its own run: poll with
+/// epoll (`AutoMonitor`'s upgrade and fall-back between them) and all three.
 pub const FEATURE_SETS: &[&str] = &[
     "poll",
     "epoll",

@@ -86,6 +86,21 @@ pub fn check(root: &Path) -> Result<()> {
         }
     }
 
+    let map = "ARCHITECTURE.md";
+    let text = std::fs::read_to_string(root.join(map)).with_context(|| format!("reading {map}"))?;
+    violations.extend(
+        code_map_paths(&text)
+            .into_iter()
+            .filter(|(_, base, path)| {
+                !root.join(base).join(path).exists() && !root.join(path).exists()
+            })
+            .map(|(line, base, path)| Violation {
+                path: map.into(),
+                line,
+                msg: format!("the code map names `{path}` (under `{base}`), which does not exist"),
+            }),
+    );
+
     for violation in &violations {
         eprintln!("{violation}");
     }
@@ -258,8 +273,62 @@ fn has_safety_comment(lines: &[&str], idx: usize) -> bool {
     false
 }
 
+/// The paths ARCHITECTURE.md's code map names: the first code span of each bullet in the
+/// "Code map" section, with the directory of the `### `dir`` heading it sits under (empty for
+/// a heading that is not a path). Returns (line, directory, path); patterns (`*`, `{`) and
+/// spans with spaces are not paths and are skipped.
+pub fn code_map_paths(text: &str) -> Vec<(usize, String, String)> {
+    let mut out = Vec::new();
+    let mut in_map = false;
+    let mut base: Option<String> = None;
+    for (i, line) in text.lines().enumerate() {
+        if let Some(title) = line.strip_prefix("## ") {
+            in_map = title.trim() == "Code map";
+            base = None;
+            continue;
+        }
+        if !in_map {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("### ") {
+            base = Some(
+                rest.strip_prefix('`')
+                    .and_then(|r| r.split('`').next())
+                    .map_or_else(String::new, |d| d.trim_end_matches('/').to_owned()),
+            );
+            continue;
+        }
+        let (Some(dir), Some(rest)) = (&base, line.strip_prefix("- `")) else {
+            continue;
+        };
+        let Some(path) = rest.split('`').next() else {
+            continue;
+        };
+        if path.contains(['*', '{', ' ']) {
+            continue;
+        }
+        out.push((i + 1, dir.clone(), path.to_owned()));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn code_map_paths_are_taken_from_the_code_map_bullets_with_their_heading() {
+        let text = "# A\n- `nope.rs`: not in the map\n## Code map\n### Workspace root\n\
+                    - `Cargo.toml`: x\n### `crates/core`\n- `src/lib.rs`: y, `src/other.rs`\n\
+                    - `tests/loom_*.rs`: a pattern\n  - `src/nested.rs`: not a top bullet\n\
+                    ## Next\n- `late.rs`: after the map\n";
+        assert_eq!(
+            super::code_map_paths(text),
+            vec![
+                (5, String::new(), "Cargo.toml".to_owned()),
+                (7, "crates/core".to_owned(), "src/lib.rs".to_owned()),
+            ]
+        );
+    }
+
     use super::*;
 
     // Assembled at run time so this file's own text stays clean for tidy.

@@ -20,8 +20,9 @@
 //! `notify` (any thread): store `notified = true`, full fence, and write the eventfd only if
 //! `notify_me` is non-zero. A blocking iteration: compute its timeout, add 2 to `notify_me`,
 //! full fence, and re-read `notified`, using a zero timeout if it is set; after the wait, lower
-//! `notify_me` with release ordering and *accept* (clear `notified`, full fence) before
-//! dispatching anything. The two full fences make a store-buffering (Dekker) pair: either the
+//! `notify_me` with release ordering and *accept* (clear `notified` with an acquire RMW, no
+//! fence: see `Shared::accept`) before dispatching anything. The two full fences (the
+//! notifier's and the sleeper's) make a store-buffering (Dekker) pair: either the
 //! notifier sees `notify_me != 0` and writes the eventfd, or the loop sees `notified` and does
 //! not block. A notify to a loop that is not about to sleep therefore costs no system call.
 //! The eventfd write is never conditioned on `notified` (QEMU's BUG2, modelled in
@@ -466,7 +467,7 @@ impl Inner {
         self.spare_ready.borrow_mut().push(list);
     }
 
-    /// The timeout the BHs allow (QEMU `aio_compute_timeout`, without timers yet).
+    /// The timeout the BHs and the timers allow (QEMU `aio_compute_timeout`).
     fn compute_timeout(&self) -> Option<Duration> {
         // Held BHs count only once their scope may run (after it ended): until then they do
         // not shorten the wait.
