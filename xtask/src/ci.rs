@@ -1,6 +1,6 @@
 //! `cargo xtask ci`: the one command CI runs; owns the list and order of checks and the summary.
 //!
-//! Steps, in order, stopping at the first failure (DESIGN.md §7, style guideline 17):
+//! Steps, in order, stopping at the first failure (docs/conventions.md 1 and 17):
 //!
 //! 1. `fmt`: `cargo fmt --all -- --check`.
 //! 2. `clippy`: `-D warnings` over all targets with all features (the facade's features are
@@ -67,12 +67,12 @@ pub const BACKENDS: &[&str] = &["poll", "poll+epoll", "epoll", "io_uring"];
 /// check that cannot fail is a defect.
 const LOOM_CRATES: &[&str] = &["aio-core", "threadpool", "timers"];
 
-/// Loom's preemption bound. DESIGN.md §7 fixes it at 2: exhaustive beyond that, the models
+/// Loom's preemption bound. docs/conventions.md 2 fixes it at 2: exhaustive beyond that, the models
 /// would not finish inside the CI budget on two cores.
 const LOOM_MAX_PREEMPTIONS: &str = "2";
 
 /// The loom models' cfg; namespaced (not bare `loom`) so dependencies that test for `cfg(loom)`
-/// are not switched into their own loom mode (style guideline 12).
+/// are not switched into their own loom mode (docs/conventions.md 12).
 const LOOM_CFG: &str = "--cfg aio_loom";
 
 /// Test binaries run under valgrind memcheck, as (package, integration test target): the
