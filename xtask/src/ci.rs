@@ -1,6 +1,6 @@
 //! `cargo xtask ci`: the one command CI runs; owns the list and order of checks and the summary.
 //!
-//! Steps, in order, stopping at the first failure (DESIGN.md §7, style guideline 17):
+//! Steps, in order, stopping at the first failure (docs/conventions.md 1 and 17):
 //!
 //! 1. `fmt`: `cargo fmt --all -- --check`.
 //! 2. `clippy`: `-D warnings` over all targets with all features (the facade's features are
@@ -46,9 +46,10 @@ use crate::tidy;
 /// Feature sets of the `aio` facade that are built, linted and tested on their own, as
 /// `-p aio --no-default-features --features <set>`.
 ///
-/// One entry per backend combination worth proving in isolation, and the outer-loop adapters
-/// (`tokio`, `calloop`) over the poll backend alone; the `--all-features` steps build and test
-/// them with every backend.
+/// One entry per backend alone, and the combinations whose policy needs its own run: poll with
+/// epoll (`AutoMonitor`'s upgrade and fall-back between them) and all three; and the outer-loop
+/// adapters (`tokio`, `calloop`) over the poll backend alone (the `--all-features` steps build
+/// and test them with every backend).
 pub const FEATURE_SETS: &[&str] = &[
     "poll",
     "epoll",
@@ -69,12 +70,12 @@ pub const BACKENDS: &[&str] = &["poll", "poll+epoll", "epoll", "io_uring"];
 /// check that cannot fail is a defect.
 const LOOM_CRATES: &[&str] = &["aio-core", "threadpool", "timers"];
 
-/// Loom's preemption bound. DESIGN.md §7 fixes it at 2: exhaustive beyond that, the models
+/// Loom's preemption bound. docs/conventions.md 2 fixes it at 2: exhaustive beyond that, the models
 /// would not finish inside the CI budget on two cores.
 const LOOM_MAX_PREEMPTIONS: &str = "2";
 
 /// The loom models' cfg; namespaced (not bare `loom`) so dependencies that test for `cfg(loom)`
-/// are not switched into their own loom mode (style guideline 12).
+/// are not switched into their own loom mode (docs/conventions.md 12).
 const LOOM_CFG: &str = "--cfg aio_loom";
 
 /// Test binaries run under valgrind memcheck, as (package, integration test target): the
@@ -126,10 +127,11 @@ struct MiriRun {
 /// `ppoll` nor level-triggered epoll. Tests that cannot run under Miri say why with
 /// `#[cfg_attr(miri, ignore = "...")]`.
 const MIRI: &[MiriRun] = &[
-    // Every path of BH node ownership, including deletes from other threads.
+    // Every path of BH node ownership, including deletes from other threads, and BHs held by
+    // isolation scopes.
     MiriRun {
         package: "aio-core",
-        targets: &["--test", "bh_memory"],
+        targets: &["--test", "bh_memory", "--test", "isolation"],
         threaded: true,
     },
     // Tasks: the executor's task cells (one allocation, raw wakers: [TASK-1]..[TASK-5]),

@@ -292,9 +292,10 @@ pub(crate) struct NodePtr(NonNull<BhNode>);
 impl NodePtr {
     /// Allocates a node. The returned pointer carries the allocation's one strong reference,
     /// which the caller places: in a handle ([BH-1]) or in a one-shot's link ([BH-4]).
-    fn alloc(callback: Callback, flags: Flags) -> NodePtr {
+    fn alloc(callback: Callback, flags: Flags, scope: u64) -> NodePtr {
         let arc = Arc::new(BhNode {
             flags: AtomicFlags::new(flags),
+            scope,
             next: AtomicPtr::new(ptr::null_mut()),
             local: UnsafeCell::new(Local::Idle(callback)),
         });
@@ -325,6 +326,8 @@ impl NodePtr {
 /// One bottom half. Shared between its handle, the list that links it, and the home thread.
 pub(crate) struct BhNode {
     flags: AtomicFlags,
+    /// The isolation scope the BH belongs to (see `scope.rs`); set at creation, never changed.
+    scope: u64,
     /// The next node on whatever list links this one. Written only by the thread that turned
     /// `PENDING` on (before it publishes the node) and read only by the home thread while the
     /// node is pending, so `Relaxed` suffices: the list head's release/acquire orders it.
@@ -732,21 +735,22 @@ impl Slice {
         walk_timeout(self.head)
     }
 
-    /// Unlinks the first node.
-    pub(crate) fn pop(&mut self) -> Option<NodePtr> {
+    /// Unlinks the first node; returns it with its isolation scope.
+    pub(crate) fn pop(&mut self) -> Option<(NodePtr, u64)> {
         let node = NodePtr::from_raw(self.head)?;
         // By the invariant the node is alive and owned by this slice; we read its `next` before
         // clearing PENDING, so no pusher can be writing it.
         // SAFETY: so the node is live and its `next` ours to read.
-        self.head = unsafe { node.get() }.next.load(Ordering::Relaxed);
-        Some(node)
+        let n = unsafe { node.get() };
+        self.head = n.next.load(Ordering::Relaxed);
+        Some((node, n.scope))
     }
 }
 
 /// Handles a node just popped from a slice on the home thread: clears its pending state, then
-/// runs it, parks it, frees it, or both, as [`AtomicFlags::take`] says. Returns whether a
-/// callback ran that counts as progress (a non-idle, non-deleted BH).
-pub(crate) fn dispatch(node: NodePtr, shared: &Shared) -> bool {
+/// runs it, parks it, frees it, or both, as [`AtomicFlags::take`] says. Returns `None` if no
+/// callback ran, else whether it counts as progress (a non-idle BH).
+pub(crate) fn dispatch(node: NodePtr, shared: &Shared) -> Option<bool> {
     // [BH-5]: popped nodes are alive (slice invariant) and stay alive until a `LinkRef` we own
     // is dropped, which is the last thing done with the node in each arm below.
     // SAFETY: so the node is alive for this access, made on the home thread.
@@ -769,14 +773,14 @@ pub(crate) fn dispatch(node: NodePtr, shared: &Shared) -> bool {
             } else {
                 drop(link_ref); // [BH-5]: frees the node and its callback.
             }
-            false
+            None
         }
-        Taken::Cancelled | Taken::Parked => false,
+        Taken::Cancelled | Taken::Parked => None,
         Taken::Run { idle, oneshot } => {
             invoke(node, shared);
             // [BH-4]: a one-shot's only reference; freeing it is the last use of the node.
             drop(oneshot);
-            !idle
+            Some(!idle)
         }
     }
 }
@@ -845,7 +849,7 @@ impl Drop for Slice {
     /// a pass abandoned by a panic does not come here: its slice stays queued in the context
     /// and the next pass finishes it).
     fn drop(&mut self) {
-        while let Some(node) = self.pop() {
+        while let Some((node, _)) = self.pop() {
             // Popped nodes are alive and ours (slice invariant); no callback runs any more (the
             // loop is gone, or this is another thread's dead-context drain).
             // SAFETY: so `take`'s contract holds, with `running` false.
@@ -861,6 +865,81 @@ impl fmt::Debug for Slice {
         f.debug_struct("Slice")
             .field("empty", &self.is_empty())
             .finish()
+    }
+}
+
+/// The BHs that BH passes unlinked but could not run because they belong to a scope outside
+/// the innermost isolation scope (see "Isolation scopes" in `ARCHITECTURE.md`), oldest first,
+/// each with its scope.
+///
+/// # Invariant
+///
+/// As for [`Slice`]: every node on it is pending (its `PENDING` flag is still set, so a
+/// schedule joins this "link" and a delete hands its reference to it), alive, and owned by the
+/// home thread. Holding a node is holding a link: [`dispatch`] takes it when it leaves.
+///
+/// `allows` is monotonic (a scope `s` allowed means every scope above `s` is), so the highest
+/// scope held (`max`, an upper bound refreshed by a scan that finds nothing) answers "is any
+/// node allowed?" without a scan while a scope holds many nodes.
+#[derive(Default)]
+pub(crate) struct Held {
+    nodes: std::collections::VecDeque<(NodePtr, u64)>,
+    max: u64,
+}
+
+impl Held {
+    /// Keeps a node just popped from a slice (so pending, alive and ours).
+    pub(crate) fn push(&mut self, node: NodePtr, scope: u64) {
+        self.max = if self.nodes.is_empty() {
+            scope
+        } else {
+            self.max.max(scope)
+        };
+        self.nodes.push_back((node, scope));
+    }
+
+    /// Whether a node that `allows` lets run may be held (exact unless a `take_first` has
+    /// removed the highest one since the last refresh: then it may say true wrongly, once).
+    pub(crate) fn any(&self, allows: impl Fn(u64) -> bool) -> bool {
+        !self.nodes.is_empty() && allows(self.max)
+    }
+
+    /// Unlinks the oldest node that `allows` lets run, for [`dispatch`]; the others keep their
+    /// order.
+    pub(crate) fn take_first(&mut self, allows: impl Fn(u64) -> bool) -> Option<NodePtr> {
+        if !self.any(&allows) {
+            return None;
+        }
+        match self.nodes.iter().position(|&(_, scope)| allows(scope)) {
+            Some(i) => self.nodes.remove(i).map(|(node, _)| node),
+            None => {
+                self.max = self.nodes.iter().map(|&(_, s)| s).max().unwrap_or(0);
+                None
+            }
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.nodes.len()
+    }
+}
+
+impl Drop for Held {
+    /// As [`Slice`]'s drop: the context is going away, nothing runs.
+    fn drop(&mut self) {
+        while let Some((node, _)) = self.nodes.pop_front() {
+            // [BH-10]: held nodes are pending, alive and ours (the invariant above, as a
+            // slice's), and no callback runs any more (the context is going away).
+            // SAFETY: so `take`'s contract holds, with `running` false.
+            let taken = unsafe { node.get().flags.take(node, false) };
+            drop(taken);
+        }
+    }
+}
+
+impl fmt::Debug for Held {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Held").field("len", &self.len()).finish()
     }
 }
 
@@ -917,9 +996,9 @@ unsafe impl Send for BottomHalf {}
 unsafe impl Sync for BottomHalf {}
 
 impl BottomHalf {
-    pub(crate) fn new(shared: Arc<Shared>, callback: Callback) -> BottomHalf {
+    pub(crate) fn new(shared: Arc<Shared>, callback: Callback, scope: u64) -> BottomHalf {
         BottomHalf {
-            node: NodePtr::alloc(callback, Flags(0)),
+            node: NodePtr::alloc(callback, Flags(0), scope),
             shared,
         }
     }
@@ -1069,10 +1148,14 @@ pub(crate) fn oneshot_callback(f: impl FnOnce() + Send + 'static) -> Callback {
 }
 
 /// Creates and schedules a one-shot BH on `shared` (QEMU `aio_bh_schedule_oneshot`).
-pub(crate) fn schedule_oneshot(shared: &Shared, callback: Callback) {
+pub(crate) fn schedule_oneshot(shared: &Shared, callback: Callback, scope: u64) {
     // [BH-4]: born pending, its only reference going to the link made here (nobody else can
     // see the node yet, so there is no flag race to settle with a `fetch_or`).
-    let node = NodePtr::alloc(callback, Flags::PENDING | Flags::SCHEDULED | Flags::ONESHOT);
+    let node = NodePtr::alloc(
+        callback,
+        Flags::PENDING | Flags::SCHEDULED | Flags::ONESHOT,
+        scope,
+    );
     shared.bhs.link(node);
     shared.notify_transferred();
 }
@@ -1083,7 +1166,7 @@ mod tests {
     use super::*;
 
     fn node(flags: Flags) -> NodePtr {
-        NodePtr::alloc(Box::new(|_| {}), flags)
+        NodePtr::alloc(Box::new(|_| {}), flags, 0)
     }
 
     fn flags(node: NodePtr) -> &'static AtomicFlags {
@@ -1241,6 +1324,7 @@ mod tests {
                 let _keep = &guard;
             }),
             Flags(0),
+            0,
         );
         let plain = ctx.bh(|| {});
         let shared = ctx.inner.shared.clone();

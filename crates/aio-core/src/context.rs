@@ -15,13 +15,14 @@
 //! that created it (its *home thread*) can poll it or register handlers: a second concurrent
 //! poller is impossible by construction.
 //!
-//! # The wake-up protocol (spec §2)
+//! # The wake-up protocol (docs/qemu-semantics.md §2)
 //!
 //! `notify` (any thread): store `notified = true`, full fence, and write the eventfd only if
 //! `notify_me` is non-zero. A blocking iteration: compute its timeout, add 2 to `notify_me`,
 //! full fence, and re-read `notified`, using a zero timeout if it is set; after the wait, lower
-//! `notify_me` with release ordering and *accept* (clear `notified`, full fence) before
-//! dispatching anything. The two full fences make a store-buffering (Dekker) pair: either the
+//! `notify_me` with release ordering and *accept* (clear `notified` with an acquire RMW, no
+//! fence: see `Shared::accept`) before dispatching anything. The two full fences (the
+//! notifier's and the sleeper's) make a store-buffering (Dekker) pair: either the
 //! notifier sees `notify_me != 0` and writes the eventfd, or the loop sees `notified` and does
 //! not block. A notify to a loop that is not about to sleep therefore costs no system call.
 //! The eventfd write is never conditioned on `notified` (QEMU's BUG2, modelled in
@@ -32,7 +33,7 @@
 //! accept can erase a notification without synchronizing with its notifier; the RMWs make the
 //! accept synchronize with every notification it consumes. See `Shared::notify`.
 //!
-//! # Adaptive polling (spec §4.3)
+//! # Adaptive polling (docs/qemu-semantics.md §4.3)
 //!
 //! Home-thread state in `Polling`: the poll set (handlers that joined when dispatched by fd
 //! readiness), whether the loop is in polling mode, the parameters in force. Other threads set
@@ -50,6 +51,7 @@ use crate::handler::{
 };
 use crate::polling::{self, IDLE_INTERVAL_NS, PollParams, PollPolicy, SharedParams, Window};
 use crate::remote::{self, ContextGone, NoAnswer, RemoteOps, Reply};
+use crate::scope::{self, Scopes};
 use crate::sync::{
     self, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering, fence, global, signal_fence,
     thread_id, thread_local, timer_notify,
@@ -156,6 +158,8 @@ impl Shared {
     ) -> Result<R, NoAnswer> {
         if thread_id() == self.home {
             let ctx = remote::home_context(self.id).ok_or(NoAnswer::Gone)?;
+            // What a handle creates belongs to the root scope, wherever it is used.
+            let _root = ctx.inner.scopes.enter_remote();
             return Ok(f(&ctx));
         }
         let (reply, sender) = Reply::new();
@@ -171,6 +175,7 @@ impl Shared {
     pub(crate) fn post(&self, f: impl FnOnce(&AioContext) + Send + 'static) {
         if thread_id() == self.home {
             if let Some(ctx) = remote::home_context(self.id) {
+                let _root = ctx.inner.scopes.enter_remote();
                 f(&ctx);
             }
             return;
@@ -382,6 +387,13 @@ pub(crate) struct Inner {
     locals: RefCell<Vec<Rc<dyn Any>>>,
     /// Home-thread counters for [`Stats`].
     waits: Cell<u64>,
+    /// Loop iterations (outer-loop dispatches included), BH, fd-handler and timer callbacks
+    /// run, and task polls, for [`Stats`].
+    iterations: Cell<u64>,
+    bh_calls: Cell<u64>,
+    handler_calls: Cell<u64>,
+    timer_calls: Cell<u64>,
+    pub(crate) task_polls: Cell<u64>,
     wait_errors: Cell<u64>,
     event_drains: Cell<u64>,
     /// How many backend waits in a row have failed (0 after a successful one): sets the
@@ -393,9 +405,13 @@ pub(crate) struct Inner {
     depth: Cell<u32>,
     /// The context's tasks (see `task.rs`).
     pub(crate) tasks: crate::task::Tasks,
+    /// Isolation scopes (see `scope.rs`).
+    pub(crate) scopes: Rc<Scopes>,
+    /// BHs unlinked by a pass while their scope was held, oldest first.
+    held_bhs: RefCell<bh::Held>,
 }
 
-/// The home thread's adaptive-polling state (spec §4.3).
+/// The home thread's adaptive-polling state (docs/qemu-semantics.md §4.3).
 #[derive(Default)]
 struct Polling {
     /// The parameters in force, and the generation of `Shared::poll_params` they came from.
@@ -451,8 +467,13 @@ impl Inner {
         self.spare_ready.borrow_mut().push(list);
     }
 
-    /// The timeout the BHs allow (QEMU `aio_compute_timeout`, without timers yet).
+    /// The timeout the BHs and the timers allow (QEMU `aio_compute_timeout`).
     fn compute_timeout(&self) -> Option<Duration> {
+        // Held BHs count only once their scope may run (after it ended): until then they do
+        // not shorten the wait.
+        if self.held_bhs_ready() {
+            return Some(Duration::ZERO);
+        }
         let mut t = self.shared.bhs.timeout();
         if t != BhTimeout::Now {
             for slice in self.slices.borrow().iter() {
@@ -481,11 +502,33 @@ impl Inner {
     }
 
     /// Runs the pending BHs (QEMU `aio_bh_poll`), draining outer slices first.
-    fn bh_poll(&self) -> bool {
+    /// Runs one BH popped from a slice or the held queue, counting it for [`Stats`].
+    fn dispatch_bh(&self, node: bh::NodePtr) -> bool {
+        match bh::dispatch(node, &self.shared) {
+            Some(progress) => {
+                self.bh_calls.set(self.bh_calls.get() + 1);
+                progress
+            }
+            None => false,
+        }
+    }
+
+    /// Runs the timers that are due, counting them for [`Stats`].
+    fn run_timers(&self) -> bool {
+        let _span = tracing::trace_span!("aio_timers").entered();
+        let ran = self.timers.run_expired_count();
+        self.timer_calls.set(self.timer_calls.get() + ran);
+        ran > 0
+    }
+
+    pub(crate) fn bh_poll(&self) -> bool {
         let (remote, local) = self.shared.bhs.take();
-        if remote.is_empty() && local.is_empty() && self.slices.borrow().is_empty() {
+        let held = self.held_bhs_ready();
+        if remote.is_empty() && local.is_empty() && self.slices.borrow().is_empty() && !held {
             return false;
         }
+        let _span = tracing::trace_span!("aio_bh_pass").entered();
+        let mut progress = false;
         {
             let mut slices = self.slices.borrow_mut();
             for slice in [remote, local] {
@@ -494,8 +537,18 @@ impl Inner {
                 }
             }
         }
-        let mut progress = false;
         loop {
+            // What a scope that ended held comes first, in its order, also when the scope
+            // ended inside a callback of this pass. One at a time, so that a nested pass (or
+            // the next one, after a panic) finds the rest still held.
+            let held = self
+                .held_bhs
+                .borrow_mut()
+                .take_first(|s| self.scopes.allows(s));
+            if let Some(node) = held {
+                progress |= self.dispatch_bh(node);
+                continue;
+            }
             // Hold the queue's borrow only while unlinking one node: its callback may poll
             // again, and the nested pass must see (and drain) what is left of ours.
             let node = {
@@ -510,10 +563,20 @@ impl Inner {
                     }
                 }
             };
-            let Some(node) = node else { break };
-            progress |= bh::dispatch(node, &self.shared);
+            let Some((node, scope)) = node else { break };
+            if self.scopes.allows(scope) {
+                progress |= self.dispatch_bh(node);
+            } else {
+                // An outer scope's BH: keep it pending, in order, until its scope may run.
+                self.held_bhs.borrow_mut().push(node, scope);
+            }
         }
         progress
+    }
+
+    /// Whether a held BH may run now.
+    fn held_bhs_ready(&self) -> bool {
+        self.held_bhs.borrow().any(|s| self.scopes.allows(s))
     }
 
     /// Marks `node` deleted, forgets its key and tells the monitor.
@@ -621,8 +684,20 @@ impl Inner {
         let disabled = self.external_disabled();
         if self.external_unwatched.get() != disabled {
             self.external_unwatched.set(disabled);
-            self.set_external_watched(!disabled);
+            self.sync_watched();
         }
+    }
+
+    /// Whether the monitor should watch `node` now: not if it is external while external
+    /// handlers are out of the monitor, nor if it belongs to a scope held by the innermost
+    /// isolation scope.
+    fn should_watch(&self, node: &HandlerNode) -> bool {
+        !(node.external && self.external_unwatched.get()) && self.scopes.allows(node.scope)
+    }
+
+    /// Whether `node` may be dispatched now (external and scope rules).
+    fn may_dispatch(&self, node: &HandlerNode) -> bool {
+        !(node.external && self.external_disabled()) && self.scopes.allows(node.scope)
     }
 
     /// Whether the monitor does not follow the external-disable count yet (for `check`).
@@ -652,20 +727,25 @@ impl Inner {
             }
         }
         let mut rest = Rest(&self.shared.remote, self.shared.remote.take().into());
+        // What other threads create belongs to the root scope.
+        let _root = self.scopes.enter_remote();
         while let Some(op) = rest.1.pop_front() {
             op(ctx);
         }
     }
 
-    /// Removes external handlers from the monitor, or puts them back. Backends cannot filter
-    /// fds by themselves (epoll and io_uring report whatever is armed), and leaving a
-    /// level-triggered fd armed but undispatched would make every wait return at once.
-    fn set_external_watched(&self, watched: bool) {
+    /// Takes out of the monitor the handlers that must not be dispatched now (external ones
+    /// while disabled, those of scopes held by the innermost isolation scope), or puts them
+    /// back. Backends cannot filter fds by themselves (epoll and io_uring report whatever is
+    /// armed), and leaving a level-triggered fd armed but undispatched would make every wait
+    /// return at once.
+    pub(crate) fn sync_watched(&self) {
         let registry = self.registry.borrow();
         let mut monitor = self.monitor.borrow_mut();
-        for node in registry
+        for (node, watched) in registry
             .nodes()
-            .filter(|n| n.external && n.in_monitor.get() != watched)
+            .map(|n| (n, self.should_watch(n)))
+            .filter(|(n, watched)| n.in_monitor.get() != *watched)
         {
             let change = if watched {
                 Change::Add {
@@ -681,7 +761,7 @@ impl Inner {
             };
             match monitor.update(change) {
                 Ok(()) => node.in_monitor.set(watched),
-                Err(e) => tracing::warn!("aio: cannot re-arm external fd {}: {e}", node.fd),
+                Err(e) => tracing::warn!("aio: cannot re-arm fd {}: {e}", node.fd),
             }
         }
     }
@@ -733,7 +813,7 @@ impl Inner {
         match node.kind {
             // Relaxed: a hint; `accept` (an acquire RMW) synchronizes before BHs run.
             NodeKind::Notifier => Some(self.shared.notified.load(Ordering::Relaxed)),
-            NodeKind::User if node.external && self.external_disabled() => None,
+            NodeKind::User if !self.may_dispatch(node) => None,
             NodeKind::User => node.call_poll(),
         }
     }
@@ -1040,6 +1120,7 @@ impl Drop for Inner {
         self.shared.alive.store(false, Ordering::Relaxed);
         fence(Ordering::SeqCst);
         self.slices.get_mut().clear();
+        drop(std::mem::take(self.held_bhs.get_mut()));
         drop(self.shared.bhs.close_local());
         drop(self.shared.bhs.take_remote());
         self.registry.get_mut().clear();
@@ -1079,7 +1160,7 @@ pub(crate) struct CurrentGuard {
 }
 
 impl CurrentGuard {
-    fn enter(inner: *const Inner) -> CurrentGuard {
+    pub(crate) fn enter(inner: *const Inner) -> CurrentGuard {
         CurrentGuard {
             previous: CURRENT.with(|c| c.replace(inner)),
             _task: crate::task::hide_running(),
@@ -1220,12 +1301,19 @@ impl AioContext {
                 timers,
                 locals: RefCell::new(Vec::new()),
                 waits: Cell::new(0),
+                iterations: Cell::new(0),
+                bh_calls: Cell::new(0),
+                handler_calls: Cell::new(0),
+                timer_calls: Cell::new(0),
+                task_polls: Cell::new(0),
                 wait_errors: Cell::new(0),
                 event_drains: Cell::new(0),
                 failed_waits: Cell::new(0),
                 polling: Polling::default(),
                 depth: Cell::new(0),
                 tasks: crate::task::Tasks::default(),
+                scopes: Rc::default(),
+                held_bhs: RefCell::new(bh::Held::default()),
             }),
         };
         *sync::lock(&ctx.inner.shared.timers) = Some(ctx.inner.timers.handle());
@@ -1292,6 +1380,11 @@ impl AioContext {
             poll_time: Duration::from_nanos(inner.polling.time_ns.get()),
             poll_hits: inner.polling.hits.get(),
             poll_misses: inner.polling.misses.get(),
+            iterations: inner.iterations.get(),
+            bh_calls: inner.bh_calls.get(),
+            handler_calls: inner.handler_calls.get(),
+            timer_calls: inner.timer_calls.get(),
+            task_polls: inner.task_polls.get(),
             poll_set: inner
                 .polling
                 .set
@@ -1593,6 +1686,8 @@ impl AioContext {
         let start = (!params.is_disabled()).then(|| inner.clock_ns());
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
+        inner.iterations.set(inner.iterations.get() + 1);
+        let _span = tracing::trace_span!("aio_poll", blocking = BLOCKING, nested).entered();
         // What other threads asked for before this iteration, so that its wait already watches
         // a handler registered or an external fd re-enabled meanwhile (the queue is run again
         // after the wait, for what arrived during it).
@@ -1615,6 +1710,7 @@ impl AioContext {
         let mut hits = None;
         let mut polled = 0;
         if !nested && timeout != Some(Duration::ZERO) && !params.is_disabled() {
+            let _span = tracing::trace_span!("aio_busy_poll").entered();
             let hits = hits.insert(inner.take_hits());
             polled = inner.try_poll_mode(&params, &mut timeout, hits);
         }
@@ -1644,6 +1740,12 @@ impl AioContext {
         }
         let mut failed = None;
         let waited = if will_wait {
+            let _span = tracing::trace_span!(
+                "aio_wait",
+                timeout_ns =
+                    timeout.map_or(-1, |t| i64::try_from(t.as_nanos()).unwrap_or(i64::MAX))
+            )
+            .entered();
             let mut ready = inner.next_ready_list();
             match inner.wait(&mut ready, timeout) {
                 Ok(()) => Some(ready),
@@ -1679,19 +1781,22 @@ impl AioContext {
         let block_ns = start.map(|s| inner.clock_ns().saturating_sub(s));
 
         let mut progress = inner.bh_poll();
-        if let Some(ready) = waited {
-            progress |= self.dispatch_ready(&ready, epoch, block_ns);
-            inner.recycle_ready_list(ready);
-        }
-        if let Some(hits) = hits {
-            progress |= self.dispatch_poll_hits(&hits, epoch, block_ns);
-            inner.recycle_hits(hits);
+        if waited.is_some() || hits.is_some() {
+            let _span = tracing::trace_span!("aio_dispatch").entered();
+            if let Some(ready) = waited {
+                progress |= self.dispatch_ready(&ready, epoch, block_ns);
+                inner.recycle_ready_list(ready);
+            }
+            if let Some(hits) = hits {
+                progress |= self.dispatch_poll_hits(&hits, epoch, block_ns);
+                inner.recycle_hits(hits);
+            }
         }
         if block_ns.is_some() {
             inner.adjust_weighted(block_ns);
         }
         // Timers last, as QEMU's `aio_poll` runs them after the handlers.
-        progress |= inner.timers.run_expired();
+        progress |= inner.run_timers();
         Ok(progress)
     }
 
@@ -1732,8 +1837,10 @@ impl AioContext {
                 continue;
             }
             node.epoch.set(epoch);
-            if node.kind == NodeKind::User && !(node.external && inner.external_disabled()) {
-                progress |= node.call_poll_ready(self);
+            if node.kind == NodeKind::User && inner.may_dispatch(node) && node.call_poll_ready(self)
+            {
+                inner.handler_calls.set(inner.handler_calls.get() + 1);
+                progress = true;
             }
             inner.note_dispatched(node, block_ns);
         }
@@ -1757,7 +1864,7 @@ impl AioContext {
             }
             return false;
         }
-        if node.external && self.inner.external_disabled() {
+        if !self.inner.may_dispatch(node) {
             return false;
         }
         if node.remotely_removed() {
@@ -1769,17 +1876,23 @@ impl AioContext {
         if !revents.is_empty() {
             self.inner.join_poll_set(node);
         }
-        let mut progress = false;
+        let mut calls = 0;
         if !node.deleted.get()
             && revents.intersects(Readiness::READABLE | Readiness::HANGUP | Readiness::ERROR)
+            && node.call_read(self)
         {
-            progress |= node.call_read(self);
+            calls += 1;
         }
         // Re-check: the read callback may have removed this handler.
-        if !node.deleted.get() && revents.intersects(Readiness::WRITABLE | Readiness::ERROR) {
-            progress |= node.call_write(self);
+        if !node.deleted.get()
+            && revents.intersects(Readiness::WRITABLE | Readiness::ERROR)
+            && node.call_write(self)
+        {
+            calls += 1;
         }
-        progress
+        let inner = &*self.inner;
+        inner.handler_calls.set(inner.handler_calls.get() + calls);
+        calls > 0
     }
 
     /// Wakes the loop if it is sleeping, or makes its next sleep return at once (QEMU
@@ -1790,19 +1903,31 @@ impl AioContext {
 
     /// Creates a bottom half running `f` (QEMU `aio_bh_new`). See [`BottomHalf`].
     pub fn bh(&self, f: impl FnMut() + Send + 'static) -> BottomHalf {
-        BottomHalf::new(self.inner.shared.clone(), bh::plain_callback(f))
+        BottomHalf::new(
+            self.inner.shared.clone(),
+            bh::plain_callback(f),
+            self.inner.scopes.creation(),
+        )
     }
 
     /// Creates a bottom half whose callback gets a [`RunningBh`], through which it can schedule
     /// or cancel itself (QEMU callbacks do that through the `QEMUBH *` they keep). Capturing
     /// the BH's own handle instead would be a reference cycle.
     pub fn bh_with_self(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
-        BottomHalf::new(self.inner.shared.clone(), Box::new(f))
+        BottomHalf::new(
+            self.inner.shared.clone(),
+            Box::new(f),
+            self.inner.scopes.creation(),
+        )
     }
 
     /// Runs `f` once on the next iteration (QEMU `aio_bh_schedule_oneshot`).
     pub fn schedule_oneshot(&self, f: impl FnOnce() + Send + 'static) {
-        bh::schedule_oneshot(&self.inner.shared, bh::oneshot_callback(f));
+        bh::schedule_oneshot(
+            &self.inner.shared,
+            bh::oneshot_callback(f),
+            self.inner.scopes.creation(),
+        );
     }
 
     /// Starts registering a handler for `fd`. See [`HandlerBuilder`].
@@ -1929,7 +2054,12 @@ impl AioContext {
         }
         // `next_key` only reserves the index; nothing runs between here and `link_node`.
         let key = inner.registry.borrow_mut().next_key();
-        let node = Rc::new(parts.build(key, interest));
+        let scope = if parts.kind == NodeKind::Notifier {
+            scope::ANY
+        } else {
+            inner.scopes.creation()
+        };
+        let node = Rc::new(parts.build(key, interest, scope));
         let linked = self.link_node(&node, old);
         // On success the registry holds the node too; on error this was the only reference and
         // the refused callbacks are dropped now, with no borrow held.
@@ -1985,7 +2115,7 @@ impl AioContext {
         // The monitor follows `external_unwatched` (what `sync_external` last applied), not the
         // count itself, which other threads change: otherwise a disable and an enable between
         // two iterations would leave a node registered in between out of the monitor for good.
-        let watch = !(node.external && inner.external_unwatched.get());
+        let watch = inner.should_watch(node);
         let change = match (old, old_watched) {
             (Some(old), Some(true)) if watch => Some(Change::Modify {
                 old,
@@ -2138,6 +2268,8 @@ impl AioContext {
         let ready = std::mem::take(&mut *inner.outer_ready.borrow_mut());
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
+        inner.iterations.set(inner.iterations.get() + 1);
+        let _span = tracing::trace_span!("aio_outer_dispatch").entered();
         let mut progress = inner.bh_poll();
         progress |= self.dispatch_ready(&ready, epoch, None);
         let hits = std::mem::take(&mut *inner.polling.outer_hits.borrow_mut());
@@ -2150,7 +2282,7 @@ impl AioContext {
                 slot.clear();
             }
         }
-        progress |= inner.timers.run_expired();
+        progress |= inner.run_timers();
         progress
     }
 }
@@ -2164,8 +2296,17 @@ impl fmt::Debug for AioContext {
     }
 }
 
-/// System calls made by a context's loop machinery, from [`AioContext::stats`] and
-/// [`ContextHandle::event_writes`]. User callbacks' own system calls are not counted.
+/// Counters of a context's loop machinery, from [`AioContext::stats`]: the system calls it
+/// made (user callbacks' own are not counted; [`ContextHandle::event_writes`] reads one from
+/// any thread), adaptive polling's figures, and the iterations and callbacks it ran. The
+/// benchmarks compute their per-operation figures from these, so a program can reproduce them.
+///
+/// For time spent per phase, subscribe to `tracing` at trace level: each iteration is a span
+/// `aio_poll` (fields `blocking`, `nested`; `aio_outer_dispatch` when an outer loop drives the
+/// context), with child spans `aio_busy_poll`, `aio_wait` (field `timeout_ns`, -1 for none),
+/// `aio_bh_pass`, `aio_dispatch` (fd handlers) and `aio_timers`; a subscriber that times spans
+/// (e.g. `tracing-subscriber`'s `FmtSpan::CLOSE`) gives their durations. With no subscriber
+/// at trace level, each span costs a cached check.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Stats {
@@ -2187,6 +2328,17 @@ pub struct Stats {
     /// the backend (`need_wait`: io_uring completions); the iteration then waited in the
     /// backend.
     pub poll_misses: u64,
+    /// Loop iterations: `poll`s of every kind (nested ones included) and outer-loop
+    /// `dispatch`es.
+    pub iterations: u64,
+    /// BH callbacks run (idle and one-shot BHs, and the BHs that run tasks, included).
+    pub bh_calls: u64,
+    /// fd handler callbacks run: read, write and poll-ready (from readiness or from polling).
+    pub handler_calls: u64,
+    /// Timer callbacks run.
+    pub timer_calls: u64,
+    /// Polls of tasks (each resumption of a task: QEMU's coroutine entries).
+    pub task_polls: u64,
     /// The poll set: each member's handler and its current window (under
     /// [`PollPolicy::Weighted`], its weighted block-time estimate; the context's window is
     /// [`AioContext::poll_window`]). The context's own notifier is listed with fd -1.
@@ -2322,17 +2474,23 @@ impl ContextHandle {
     /// Runs `f` once on the context's thread, on its next iteration, waking it if needed
     /// (QEMU `aio_bh_schedule_oneshot`).
     pub fn schedule_oneshot(&self, f: impl FnOnce() + Send + 'static) {
-        bh::schedule_oneshot(&self.shared, bh::oneshot_callback(f));
+        bh::schedule_oneshot(&self.shared, bh::oneshot_callback(f), scope::ROOT);
     }
 
     /// Creates a bottom half on the context from any thread (QEMU `aio_bh_new`).
     pub fn bh(&self, f: impl FnMut() + Send + 'static) -> BottomHalf {
-        BottomHalf::new(self.shared.clone(), bh::plain_callback(f))
+        BottomHalf::new(self.shared.clone(), bh::plain_callback(f), scope::ROOT)
     }
 
     /// As [`AioContext::bh_with_self`], from any thread.
     pub fn bh_with_self(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
-        BottomHalf::new(self.shared.clone(), Box::new(f))
+        BottomHalf::new(self.shared.clone(), Box::new(f), scope::ROOT)
+    }
+
+    /// As [`AioContext::bh_any_scope`], from any thread: a BH that runs in every isolation
+    /// scope, for a dispatcher that filters its own work.
+    pub fn bh_any_scope(&self, f: impl FnMut(&RunningBh<'_>) + Send + 'static) -> BottomHalf {
+        BottomHalf::new(self.shared.clone(), Box::new(f), scope::ANY)
     }
 
     /// As [`AioContext::set_poll_params`], from any thread.

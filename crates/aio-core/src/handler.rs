@@ -2,7 +2,7 @@
 //! [`HandlerKey`]s to them, the registration builder and the RAII [`FdHandler`] handle.
 //!
 //! C original: `AioHandler`, `aio_set_fd_handler` and `aio_remove_fd_handler` in
-//! `util/aio-posix.c`, and the deletion rules that `QemuLockCnt` enforces there (spec §6–§7).
+//! `util/aio-posix.c`, and the deletion rules that `QemuLockCnt` enforces there (docs/qemu-semantics.md §6–§7).
 //!
 //! # Deletion while dispatching
 //!
@@ -104,6 +104,9 @@ pub(crate) struct HandlerNode {
     begun: Cell<bool>,
     /// Set once, when the handler is removed or replaced.
     pub(crate) deleted: Cell<bool>,
+    /// The isolation scope it belongs to (see `scope.rs`): held, out of the monitor, while
+    /// an inner scope is active.
+    pub(crate) scope: u64,
     /// Whether the monitor currently watches this node's fd under its key.
     pub(crate) in_monitor: Cell<bool>,
     /// The id of the last iteration that dispatched this node (for an fd report or a poll
@@ -616,7 +619,7 @@ pub(crate) struct NodeParts {
 }
 
 impl NodeParts {
-    pub(crate) fn build(self, key: HandlerKey, interest: Interest) -> HandlerNode {
+    pub(crate) fn build(self, key: HandlerKey, interest: Interest, scope: u64) -> HandlerNode {
         let pollable = self.kind == NodeKind::Notifier || self.poll.usable();
         HandlerNode {
             key,
@@ -635,6 +638,7 @@ impl NodeParts {
             begun: Cell::new(false),
             deleted: Cell::new(false),
             in_monitor: Cell::new(false),
+            scope,
             epoch: Cell::new(0),
             gate: self.gate.map_or_else(OnceCell::new, OnceCell::from),
         }

@@ -66,6 +66,7 @@ mod handler;
 mod polling;
 mod remote;
 mod rfifolock;
+mod scope;
 mod sync;
 mod sys;
 pub mod task;
@@ -85,6 +86,7 @@ pub use handler::{FdHandler, HandlerBuilder, RemoteFdHandler, RemoteHandlerBuild
 pub use polling::{DEFAULT_WEIGHT, MAX_POLL_NS, MAX_WEIGHT, PollParams, PollPolicy};
 pub use remote::ContextGone;
 pub use rfifolock::{RFifoLock, RFifoLockGuard};
+pub use scope::{Scope, ScopeId, ScopeView};
 pub use sys::set_timer_slack;
 pub use task::{JoinError, JoinHandle};
 pub use timers::{

@@ -2,7 +2,7 @@
 //! can always be called safely"): fd handlers and event notifiers registered, replaced and
 //! removed through a `ContextHandle` with `Send` callbacks, timers created, armed and cancelled
 //! from other threads, the context's clocks read from other threads, external handlers disabled and enabled remotely, and what a context
-//! dropped with remote operations pending does (qemu-aio-tests §8, spec §7 and §10.1).
+//! dropped with remote operations pending does (QEMU's lockcnt-era rules; docs/qemu-semantics.md §7 and §10.1).
 
 use aio_core::{
     AioContext, ClockType, ContextGone, ContextHandle, EventNotifier, GroupBuilder, Scale,
@@ -15,16 +15,9 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-#[cfg(miri)]
-#[path = "support/miri_monitor.rs"]
-mod miri_monitor;
-
-fn ctx() -> AioContext {
-    #[cfg(miri)]
-    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
-    #[cfg(not(miri))]
-    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
-}
+#[path = "support/ctx.rs"]
+mod support;
+use support::ctx;
 
 /// How long any wait in these tests may take before it counts as a hang.
 const HANG: Duration = Duration::from_secs(20);
@@ -448,12 +441,7 @@ fn timers_created_armed_and_cancelled_from_other_threads() {
 #[test]
 fn clocks_read_from_other_threads_are_the_contexts_own() {
     // Two contexts on two virtual clocks: each handle reads its own context's clock.
-    let monitor = || -> Box<dyn aio_core::FdMonitor> {
-        #[cfg(miri)]
-        return Box::new(miri_monitor::MiriMonitor::new().unwrap());
-        #[cfg(not(miri))]
-        Box::new(fdmon_poll::PollMonitor::new().unwrap())
-    };
+    let monitor = support::monitor;
     let (va, vb) = (VirtualClock::new(), VirtualClock::new());
     let a =
         AioContext::with_clocks(monitor(), GroupBuilder::new().virtual_clock(va.clone())).unwrap();

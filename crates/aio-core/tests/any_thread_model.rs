@@ -15,16 +15,9 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-#[cfg(miri)]
-#[path = "support/miri_monitor.rs"]
-mod miri_monitor;
-
-fn ctx() -> AioContext {
-    #[cfg(miri)]
-    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
-    #[cfg(not(miri))]
-    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
-}
+#[path = "support/ctx.rs"]
+mod support;
+use support::ctx;
 
 const SLOTS: usize = 4;
 const STEPS: usize = if cfg!(miri) { 30 } else { 200 };

@@ -5,10 +5,10 @@
 //! FIFO order, `CoQueue::wait` cancelled between its wake-up and its re-lock, `CoRwLock`
 //! upgrade/downgrade with waiters, and the `Send`/`Sync` bounds of every public type.
 
+use aio_core::ContextHandle;
 use aio_core::task::{
     CoMutex, CoMutexGuard, CoQueue, CoRwLock, CoRwLockReadGuard, CoRwLockWriteGuard, yield_now,
 };
-use aio_core::{AioContext, ContextHandle};
 use std::cell::Cell;
 use std::future::Future;
 use std::marker::PhantomData;
@@ -19,16 +19,9 @@ use std::sync::{Arc, Barrier, mpsc};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread;
 
-#[cfg(miri)]
-#[path = "support/miri_monitor.rs"]
-mod miri_monitor;
-
-fn ctx() -> AioContext {
-    #[cfg(miri)]
-    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
-    #[cfg(not(miri))]
-    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
-}
+#[path = "support/ctx.rs"]
+mod support;
+use support::ctx;
 
 /// Contexts running on their own threads until [`Threads::stop`].
 struct Threads {

@@ -1,21 +1,13 @@
 //! `AioContext::local`: one value per type and context, created on first use, dropped with the
 //! context after its bottom halves, in reverse order of creation.
 
-use aio_core::AioContext;
 use std::cell::RefCell;
 use std::rc::Rc;
 
 // Under Miri, which has no ppoll, contexts run on the test-only `MiriMonitor`.
-#[cfg(miri)]
-#[path = "support/miri_monitor.rs"]
-mod miri_monitor;
-
-fn ctx() -> AioContext {
-    #[cfg(miri)]
-    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
-    #[cfg(not(miri))]
-    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
-}
+#[path = "support/ctx.rs"]
+mod support;
+use support::ctx;
 
 struct Logged(&'static str, Rc<RefCell<Vec<&'static str>>>);
 impl Drop for Logged {

@@ -19,63 +19,13 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-#[cfg(miri)]
-#[path = "support/miri_monitor.rs"]
-mod miri_monitor;
-
-fn ctx() -> AioContext {
-    #[cfg(miri)]
-    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
-    #[cfg(not(miri))]
-    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
-}
+#[path = "support/ctx.rs"]
+mod support;
+use support::{Worker, ctx, worker};
 
 /// `big` normally, `tiny` under Miri.
 const fn size(big: usize, tiny: usize) -> usize {
     if cfg!(miri) { tiny } else { big }
-}
-
-/// A context polled on its own thread until stopped; dropping the `Worker` stops it, and the
-/// context (with whatever tasks it still holds) is dropped on that thread.
-struct Worker {
-    handle: ContextHandle,
-    id: ThreadId,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-fn worker() -> Worker {
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let (tx, rx) = mpsc::channel();
-    let thread = thread::spawn(move || {
-        let ctx = ctx();
-        tx.send((ctx.handle(), thread::current().id())).unwrap();
-        while !s.load(SeqCst) {
-            ctx.poll();
-        }
-    });
-    let (handle, id) = rx.recv().unwrap();
-    Worker {
-        handle,
-        id,
-        stop,
-        thread: Some(thread),
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
-        self.handle.notify();
-        if let Some(t) = self.thread.take() {
-            // Do not double-panic if the test already failed.
-            let r = t.join();
-            if !thread::panicking() {
-                r.unwrap();
-            }
-        }
-    }
 }
 
 /// Counts drops, and records whether each happened on the expected thread.

@@ -14,8 +14,8 @@
 //!   re-registered join waker, a `Reschedule` (so a `HeaderRef`) freed on another thread, a task
 //!   that owns its own join handle.
 
+use aio_core::AioContext;
 use aio_core::task::{JoinHandle, reschedule};
-use aio_core::{AioContext, ContextHandle};
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
 use std::marker::PhantomData;
@@ -27,16 +27,9 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::{self, ThreadId};
 
-#[cfg(miri)]
-#[path = "support/miri_monitor.rs"]
-mod miri_monitor;
-
-fn ctx() -> AioContext {
-    #[cfg(miri)]
-    return AioContext::new(Box::new(miri_monitor::MiriMonitor::new().unwrap())).unwrap();
-    #[cfg(not(miri))]
-    AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap()
-}
+#[path = "support/ctx.rs"]
+mod support;
+use support::{ctx, worker};
 
 /// A `!Send` marker.
 type NotSend = PhantomData<Rc<()>>;
@@ -385,47 +378,6 @@ fn a_join_waker_holding_its_own_task_is_freed_once_task_and_handle_are_gone() {
 // `Reschedule::drop` clears `move_to` and `MOVING` whenever its `requested` is set, and
 // `requested` stays set after the move until the future is polled again.
 // ---------------------------------------------------------------------------------------------
-
-/// A context polled on its own thread until stopped.
-struct Worker {
-    handle: ContextHandle,
-    id: ThreadId,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-fn worker() -> Worker {
-    let stop = Arc::new(AtomicBool::new(false));
-    let s = stop.clone();
-    let (tx, rx) = mpsc::channel();
-    let thread = thread::spawn(move || {
-        let ctx = ctx();
-        tx.send((ctx.handle(), thread::current().id())).unwrap();
-        while !s.load(SeqCst) {
-            ctx.poll();
-        }
-    });
-    let (handle, id) = rx.recv().unwrap();
-    Worker {
-        handle,
-        id,
-        stop,
-        thread: Some(thread),
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        self.stop.store(true, SeqCst);
-        self.handle.notify();
-        if let Some(t) = self.thread.take() {
-            let r = t.join();
-            if !thread::panicking() {
-                r.unwrap();
-            }
-        }
-    }
-}
 
 #[test]
 #[cfg_attr(

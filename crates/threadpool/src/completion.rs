@@ -32,7 +32,7 @@
 use crate::pool::ThreadPool;
 use crate::request::{Completion, Job};
 use crate::sync::Arc;
-use aio_core::{AioContext, BottomHalf, ContextHandle, RunningBh};
+use aio_core::{AioContext, BottomHalf, ContextHandle, RunningBh, ScopeId, ScopeView};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
@@ -66,7 +66,8 @@ impl CompletionBhs {
         let (pool_id, index) = (self.pool_id, self.bhs.len());
         let bh = self
             .ctx
-            .bh_with_self(move |this| deliver(pool_id, index, this));
+            // Runs in every isolation scope: `drain` holds the callbacks of outer scopes.
+            .bh_any_scope(move |this| deliver(pool_id, index, this));
         self.bhs.push(Arc::new(bh));
         self.busy.push(false);
     }
@@ -123,24 +124,76 @@ fn deliver(pool_id: u64, index: usize, this: &RunningBh<'_>) {
     }
 }
 
+/// A completed request whose callback belongs to an isolation scope outside the innermost one
+/// (see `AioContext::isolated`): delivered, in order, once its scope may run again.
+enum HeldCompletion {
+    /// A home-thread callback, in its slot.
+    Home(usize, ScopeId),
+    /// Another thread's callback: the root scope's.
+    Remote(Arc<dyn Job>),
+}
+
+impl HeldCompletion {
+    fn scope(&self) -> ScopeId {
+        match self {
+            HeldCompletion::Home(_, scope) => *scope,
+            HeldCompletion::Remote(_) => ScopeId::ROOT,
+        }
+    }
+}
+
 /// The context side of the pool's completion path.
-#[derive(Default)]
 pub(crate) struct Home {
     /// Completions moved out of the shared queue and not yet delivered.
     pending: RefCell<VecDeque<Arc<dyn Job>>>,
+    /// Completions held by an isolation scope, oldest first.
+    held: RefCell<VecDeque<HeldCompletion>>,
+    /// The context's isolation scopes.
+    pub(crate) scopes: ScopeView,
     /// Completion callbacks of requests submitted on the context's thread, which need not be
     /// `Send` and so cannot travel with the request.
     callbacks: RefCell<Callbacks>,
 }
 
-/// A slab of callbacks: slots are reused through a free list, so a request costs no search.
+/// A completion callback of a request submitted on the context's thread.
+type HomeCallback = Box<dyn FnOnce()>;
+
+/// A slab of callbacks, each with the isolation scope it was submitted in: slots are reused
+/// through a free list, so a request costs no search.
 #[derive(Default)]
 struct Callbacks {
-    slots: Vec<Option<Box<dyn FnOnce()>>>,
+    slots: Vec<Option<(HomeCallback, ScopeId)>>,
     free: Vec<usize>,
 }
 
 impl Home {
+    pub(crate) fn new(scopes: ScopeView) -> Home {
+        Home {
+            pending: RefCell::default(),
+            held: RefCell::default(),
+            scopes,
+            callbacks: RefCell::default(),
+        }
+    }
+
+    /// Whether a held completion may be delivered now.
+    pub(crate) fn held_ready(&self) -> bool {
+        self.held
+            .borrow()
+            .iter()
+            .any(|h| self.scopes.allows(h.scope()))
+    }
+
+    /// The oldest held completion that may be delivered now.
+    fn take_held(&self) -> Option<HeldCompletion> {
+        let mut held = self.held.borrow_mut();
+        if held.is_empty() {
+            return None;
+        }
+        let i = held.iter().position(|h| self.scopes.allows(h.scope()))?;
+        held.remove(i)
+    }
+
     pub(crate) fn reserve_callback(&self) -> usize {
         let mut cbs = self.callbacks.borrow_mut();
         match cbs.free.pop() {
@@ -153,7 +206,8 @@ impl Home {
     }
 
     pub(crate) fn set_callback(&self, index: usize, callback: Box<dyn FnOnce()>) {
-        self.callbacks.borrow_mut().slots[index] = Some(callback);
+        let scope = self.scopes.current();
+        self.callbacks.borrow_mut().slots[index] = Some((callback, scope));
     }
 
     pub(crate) fn take_callback(&self, index: usize) -> Option<Box<dyn FnOnce()>> {
@@ -162,7 +216,13 @@ impl Home {
         if callback.is_some() {
             cbs.free.push(index);
         }
-        callback
+        callback.map(|(callback, _)| callback)
+    }
+
+    /// The scope of the callback in slot `index`, if there is one.
+    fn callback_scope(&self, index: usize) -> Option<ScopeId> {
+        let cbs = self.callbacks.borrow();
+        cbs.slots.get(index)?.as_ref().map(|(_, scope)| *scope)
     }
 
     /// All callbacks (at shutdown), to be dropped by the caller: not while borrowed.
@@ -172,11 +232,19 @@ impl Home {
         std::mem::take(&mut cbs.slots)
             .into_iter()
             .flatten()
+            .map(|(callback, _)| callback)
             .collect()
     }
 
+    /// The completions not delivered yet (at shutdown), held ones included.
     pub(crate) fn take_pending(&self) -> VecDeque<Arc<dyn Job>> {
-        std::mem::take(&mut *self.pending.borrow_mut())
+        let mut jobs = std::mem::take(&mut *self.pending.borrow_mut());
+        for held in std::mem::take(&mut *self.held.borrow_mut()) {
+            if let HeldCompletion::Remote(job) = held {
+                jobs.push_back(job);
+            }
+        }
+        jobs
     }
 }
 
@@ -186,6 +254,21 @@ impl ThreadPool {
     fn drain(&self, index: usize, this: &RunningBh<'_>) {
         let _resume = ResumeOnPanic { pool: self };
         loop {
+            // First what an isolation scope that ended held, in order (also when the scope
+            // ended inside a callback of this pass).
+            if let Some(held) = self.home.take_held() {
+                match held {
+                    HeldCompletion::Home(slot, _) => {
+                        if let Some(callback) = self.home.take_callback(slot) {
+                            self.run_callback(index, this, callback);
+                        }
+                    }
+                    HeldCompletion::Remote(job) => {
+                        self.run_callback(index, this, || job.call_remote());
+                    }
+                }
+                continue;
+            }
             let next = self.home.pending.borrow_mut().pop_front();
             let job = match next {
                 Some(job) => job,
@@ -199,13 +282,27 @@ impl ThreadPool {
                     continue;
                 }
             };
+            // A future's completion only wakes its waker: the task it wakes is held by its own
+            // scope if need be. Callbacks of outer scopes are held here.
             match job.complete() {
                 Completion::Quiet => {}
-                Completion::Home(slot) => {
-                    if let Some(callback) = self.home.take_callback(slot) {
-                        self.run_callback(index, this, callback);
+                Completion::Home(slot) => match self.home.callback_scope(slot) {
+                    Some(scope) if !self.home.scopes.allows(scope) => self
+                        .home
+                        .held
+                        .borrow_mut()
+                        .push_back(HeldCompletion::Home(slot, scope)),
+                    _ => {
+                        if let Some(callback) = self.home.take_callback(slot) {
+                            self.run_callback(index, this, callback);
+                        }
                     }
-                }
+                },
+                Completion::Remote if !self.home.scopes.allows(ScopeId::ROOT) => self
+                    .home
+                    .held
+                    .borrow_mut()
+                    .push_back(HeldCompletion::Remote(job)),
                 Completion::Remote => self.run_callback(index, this, || job.call_remote()),
             }
         }

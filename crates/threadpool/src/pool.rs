@@ -630,7 +630,8 @@ impl ThreadPool {
         // A weak reference: the BH belongs to the shared state, which must not keep itself
         // alive through it.
         let weak = Arc::downgrade(&shared);
-        let spawn_bh = ctx.bh(move || {
+        // In every isolation scope: a request submitted inside one needs its thread there.
+        let spawn_bh = ctx.bh_any_scope(move |_| {
             if let Some(shared) = weak.upgrade() {
                 shared.spawn_from_bh();
             }
@@ -638,9 +639,24 @@ impl ThreadPool {
         shared.state.lock().spawn_bh = Some(Arc::new(spawn_bh));
         let pool = Rc::new(ThreadPool {
             shared,
-            home: Home::default(),
+            home: Home::new(ctx.scope_view()),
         });
         Registry::of(ctx).register(id, &pool);
+        // When an isolation scope ends, deliver the completions it held (the seed's
+        // `async_context_pop` schedules a BH for its queued AIO completions).
+        let weak = Rc::downgrade(&pool);
+        ctx.on_scope_exit(move || {
+            let Some(pool) = weak.upgrade() else {
+                return false;
+            };
+            if pool.home.held_ready() {
+                let bh = pool.shared.state.lock().completion.target();
+                if let Some(bh) = bh {
+                    bh.schedule();
+                }
+            }
+            true
+        });
         pool
     }
 

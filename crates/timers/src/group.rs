@@ -181,9 +181,7 @@ impl TimerListGroup {
         attrs: TimerAttrs,
         callback: impl FnMut() + Send + 'static,
     ) -> Timer {
-        let list = &self.lists[clock.index()];
-        let key = list.insert(Box::new(callback));
-        Timer::new(list.clone(), key, scale, attrs)
+        new_timer(&self.lists, clock, scale, attrs, None, Box::new(callback))
     }
 
     /// A `Send + Sync` handle that creates timers on this group from any thread (QEMU's
@@ -248,15 +246,29 @@ impl TimerListGroup {
     /// put back in order: the panicking timer stays usable, disarmed unless it re-armed itself.
     #[inline]
     pub fn run_expired(&self) -> bool {
+        self.run_expired_count() > 0
+    }
+
+    /// [`run_expired`](Self::run_expired), returning how many timer callbacks ran.
+    #[inline]
+    pub fn run_expired_count(&self) -> u64 {
         // Acquire pairs with the lists' Release updates of the mask (`publish_head`).
         if self.armed.load(Ordering::Acquire) == 0 {
-            return false;
+            return 0;
         }
-        let mut progress = false;
+        self.lists.iter().map(|list| list.run_expired()).sum()
+    }
+
+    /// Makes `scope` the innermost isolation scope of the loop that runs this group (for
+    /// `aio_core::AioContext::isolated`; 0 is the root). A timer belongs to the scope that was
+    /// innermost when this group created it (timers made through a [`GroupHandle`] belong to
+    /// scope 0); while `scope` is innermost, armed timers of lower scopes are held: out of the
+    /// deadline and never run, keeping their deadlines, until a later call lowers `scope`
+    /// again. Call it on the thread that runs the group.
+    pub fn set_scope(&self, scope: u64) {
         for list in &self.lists {
-            progress |= list.run_expired();
+            list.set_scope(scope);
         }
-        progress
     }
 
     /// The current reading of `clock` as this group sees it, in nanoseconds (QEMU
@@ -338,9 +350,15 @@ impl GroupHandle {
         attrs: TimerAttrs,
         callback: impl FnMut() + Send + 'static,
     ) -> Timer {
-        let list = &self.lists[clock.index()];
-        let key = list.insert(Box::new(callback));
-        Timer::new(list.clone(), key, scale, attrs)
+        // Other threads' timers belong to the root isolation scope.
+        new_timer(
+            &self.lists,
+            clock,
+            scale,
+            attrs,
+            Some(0),
+            Box::new(callback),
+        )
     }
 
     /// Whether the group still exists (its timers can fire).
@@ -381,4 +399,19 @@ impl fmt::Debug for TimerListGroup {
             .field("deadline", &self.deadline())
             .finish()
     }
+}
+
+/// Creates a disarmed timer on `lists[clock]`, in isolation scope `scope` (`None`: the list's
+/// current one): what [`TimerListGroup`] and [`GroupHandle`] both do.
+fn new_timer(
+    lists: &[Arc<TimerList>; 4],
+    clock: ClockType,
+    scale: Scale,
+    attrs: TimerAttrs,
+    scope: Option<u64>,
+    callback: crate::list::Callback,
+) -> Timer {
+    let list = &lists[clock.index()];
+    let key = list.insert(callback, scope);
+    Timer::new(list.clone(), key, scale, attrs)
 }

@@ -105,6 +105,12 @@ struct ListState {
     /// original key, when that nested run ends, and the outer run fires them after the callback
     /// returns, which is when QEMU's re-entrant run would have fired them too.
     deferred: Vec<Entry>,
+    /// The innermost isolation scope of the loop that runs the list (see `set_scope`): timers
+    /// of lower scopes are held.
+    scope: u64,
+    /// Armed timers of scopes below `scope`, out of the heap so that they neither run nor
+    /// shorten the loop's wait; they go back when the scope ends.
+    held: Vec<Entry>,
     /// The group is gone: every operation is a no-op and the slab is empty.
     dead: bool,
     /// Runs of this list in progress (nested runs count each), and the thread doing them.
@@ -117,6 +123,8 @@ struct Slot {
     callback: Option<Callback>,
     /// Bumped when the slot is freed; see [`Key`].
     generation: u32,
+    /// The isolation scope the timer was created in.
+    scope: u64,
 }
 
 impl TimerList {
@@ -133,6 +141,8 @@ impl TimerList {
                 free: Vec::new(),
                 seq: 0,
                 deferred: Vec::new(),
+                scope: 0,
+                held: Vec::new(),
                 dead: false,
                 runs: 0,
                 runner: 0,
@@ -197,8 +207,9 @@ impl TimerList {
     /// of a dead list accepts, so the timer is inert.
     ///
     /// [`GroupHandle`]: crate::GroupHandle
-    pub(crate) fn insert(&self, callback: Callback) -> Key {
+    pub(crate) fn insert(&self, callback: Callback, scope: Option<u64>) -> Key {
         let mut st = self.state.lock();
+        let scope = scope.unwrap_or(st.scope);
         if st.dead {
             drop(st);
             drop(callback);
@@ -210,6 +221,7 @@ impl TimerList {
         let slot = match st.free.pop() {
             Some(slot) => {
                 st.slots[slot as usize].callback = Some(callback);
+                st.slots[slot as usize].scope = scope;
                 slot
             }
             None => {
@@ -220,6 +232,7 @@ impl TimerList {
                 st.slots.push(Slot {
                     callback: Some(callback),
                     generation: 0,
+                    scope,
                 });
                 let len = st.slots.len();
                 st.heap.grow_slots(len);
@@ -268,6 +281,18 @@ impl TimerList {
                 return;
             }
             st.seq += 1;
+            if st.slots[key.slot as usize].scope < st.scope {
+                // A timer of a held scope: armed, but out of the heap until its scope ends.
+                st.dequeue(key.slot);
+                let seq = st.seq;
+                st.held.push(Entry {
+                    deadline,
+                    seq,
+                    slot: key.slot,
+                });
+                self.publish_head(st);
+                return;
+            }
             let at = if st.heap.position(key.slot).is_some() {
                 st.heap.update(key.slot, deadline, st.seq)
             } else {
@@ -334,26 +359,26 @@ impl TimerList {
     }
 
     /// Runs every timer due at the clock reading taken once on entry, earliest first, with no
-    /// lock held during a callback. Returns whether a callback ran.
-    pub(crate) fn run_expired(&self) -> bool {
+    /// lock held during a callback. Returns how many callbacks ran.
+    pub(crate) fn run_expired(&self) -> u64 {
         if !self.is_enabled() {
-            return false;
+            return 0;
         }
         // Cheap exits without the lock: nothing queued (no clock read either), or nothing due.
         let head = self.head_ns.load(Ordering::Acquire);
         if head == NEVER {
-            return false;
+            return 0;
         }
         let now = self.now_ns();
         if head > now {
-            return false;
+            return 0;
         }
 
         let mut st = self.state.lock();
         // Checked again under the lock: `disable` clears the flag before it takes this lock to
         // look for runs in progress, so either it sees this run and waits, or this sees the flag.
         if st.dead || !self.is_enabled() {
-            return false;
+            return 0;
         }
         st.runs += 1;
         st.runner = thread_token();
@@ -361,7 +386,7 @@ impl TimerList {
             list: self,
             st: Some(st),
         };
-        let mut progress = false;
+        let mut ran = 0;
         loop {
             let Some(st) = run.st.as_mut() else {
                 unreachable!("the run holds the lock between callbacks");
@@ -371,6 +396,11 @@ impl TimerList {
                 _ => break,
             };
             st.heap.pop();
+            if st.slots[due.slot as usize].scope < st.scope {
+                // Put back by a nested run after the scope began: hold it.
+                st.held.push(due);
+                continue;
+            }
             let slot = &mut st.slots[due.slot as usize];
             let Some(callback) = slot.callback.take() else {
                 st.deferred.push(due);
@@ -392,7 +422,7 @@ impl TimerList {
             if let Some(f) = call.callback.as_mut() {
                 f();
             }
-            progress = true;
+            ran += 1;
             let mut st = self.state.lock();
             if let Some(orphan) = call.callback.take().and_then(|f| st.restore(key, f)) {
                 // The timer was freed during its own callback: drop the callback unlocked.
@@ -408,7 +438,7 @@ impl TimerList {
             }
         }
         drop(run);
-        progress
+        ran
     }
 
     /// Waits until no run of this list is in progress on another thread.
@@ -425,7 +455,7 @@ impl TimerList {
     pub(crate) fn kill(&self) -> (usize, Vec<Callback>) {
         let mut st = self.state.lock();
         st.dead = true;
-        let armed = st.heap.len() + st.deferred.len();
+        let armed = st.heap.len() + st.deferred.len() + st.held.len();
         let callbacks = std::mem::take(&mut st.slots)
             .into_iter()
             .filter_map(|s| s.callback)
@@ -433,6 +463,7 @@ impl TimerList {
         st.heap = Heap::default();
         st.free = Vec::new();
         st.deferred = Vec::new();
+        st.held = Vec::new();
         self.publish_head(&st);
         (armed, callbacks)
     }
@@ -447,8 +478,39 @@ impl TimerList {
         let st = self.state.lock();
         (
             st.slots.len() - st.free.len(),
-            st.heap.len() + st.deferred.len(),
+            st.heap.len() + st.deferred.len() + st.held.len(),
         )
+    }
+
+    /// Makes `scope` the innermost isolation scope (see `TimerListGroup::set_scope`): armed
+    /// timers of lower scopes leave the heap, held ones that `scope` allows go back, with
+    /// their deadlines and arming order. Never notifies: the loop's own thread calls it.
+    pub(crate) fn set_scope(&self, scope: u64) {
+        let mut st = self.state.lock();
+        if st.dead {
+            return;
+        }
+        let st = &mut *st;
+        let old = st.scope;
+        st.scope = scope;
+        if scope > old {
+            for slot in 0..st.slots.len() {
+                if st.slots[slot].scope < scope
+                    && let Some(e) = st.heap.remove(slot as u32)
+                {
+                    st.held.push(e);
+                }
+            }
+        } else if scope < old {
+            let (back, keep): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut st.held)
+                .into_iter()
+                .partition(|e| st.slots[e.slot as usize].scope >= scope);
+            st.held = keep;
+            for e in back {
+                st.heap.push(e.slot, e.deadline, e.seq);
+            }
+        }
+        self.publish_head(st);
     }
 
     /// Mirrors the head's deadline into `head_ns`. Stores only on change, so that arming behind
@@ -483,11 +545,12 @@ impl ListState {
                 .is_some_and(|s| s.generation == key.generation)
     }
 
-    /// The deadline `slot` is armed at, in the heap or deferred by a nested run.
+    /// The deadline `slot` is armed at, in the heap, deferred by a nested run, or held.
     fn deadline_of(&self, slot: u32) -> Option<u64> {
         self.heap.deadline(slot).or_else(|| {
             self.deferred
                 .iter()
+                .chain(&self.held)
                 .find(|e| e.slot == slot)
                 .map(|e| e.deadline)
         })
@@ -506,7 +569,17 @@ impl ListState {
 
     /// Disarms `slot`. Returns whether it was armed.
     fn dequeue(&mut self, slot: u32) -> bool {
-        self.heap.remove(slot).is_some() || self.undefer(slot)
+        self.heap.remove(slot).is_some() || self.undefer(slot) || self.unhold(slot)
+    }
+
+    /// Takes `slot` out of the held set, if it is there.
+    fn unhold(&mut self, slot: u32) -> bool {
+        if self.held.is_empty() {
+            return false;
+        }
+        let before = self.held.len();
+        self.held.retain(|e| e.slot != slot);
+        self.held.len() != before
     }
 
     /// Puts a callback back after its call, or hands it back if its timer was freed meanwhile.

@@ -77,6 +77,10 @@ struct Slot {
     /// whichever task holds the slot when it runs. Saves a BH (two allocations and a delete
     /// pass) per task.
     bh: Option<Arc<BottomHalf>>,
+    /// The isolation scope of the task in the slot (see `scope.rs`): the slot's BH runs in
+    /// every scope, and `run` holds the task while its scope may not run. Per task, not per
+    /// BH, since the BH is reused.
+    scope: u64,
 }
 
 /// The context's tasks (home thread only): a table with generations and a free list. No
@@ -114,10 +118,12 @@ impl Tasks {
                             run(&ctx, index);
                         }
                     }),
+                    crate::scope::ANY,
                 ))
             })
             .clone();
         slot.task = Some(make(bh));
+        slot.scope = ctx.inner.scopes.creation();
         // Scheduling runs nothing (and, on the home thread, needs no system call), so it may
         // happen under the borrow.
         if let Some(bh) = &slot.bh {
@@ -145,6 +151,25 @@ impl Tasks {
             },
             task.owned().as_ptr(),
         ))
+    }
+
+    /// The scope of the task in slot `index`, if the slot holds one.
+    pub(crate) fn held_scope(&self, index: u32) -> Option<u64> {
+        let slots = self.slots.borrow();
+        let slot = slots.get(index as usize)?;
+        slot.task.as_ref().map(|_| slot.scope)
+    }
+
+    /// Schedules the BH of slot `index` (a task held by a scope that ended).
+    pub(crate) fn wake_slot(&self, index: u32) {
+        let bh = self
+            .slots
+            .borrow()
+            .get(index as usize)
+            .and_then(|s| s.bh.clone());
+        if let Some(bh) = bh {
+            bh.schedule();
+        }
     }
 
     /// Ends a poll that left the task pending.
@@ -264,6 +289,16 @@ fn install_and_schedule(ctx: &AioContext, task: SendOwned) {
 /// Polls the task in slot `index` once, from the slot's BH.
 fn run(ctx: &AioContext, index: u32) {
     let tasks = &ctx.inner.tasks;
+    let scopes = &ctx.inner.scopes;
+    if tasks.held_scope(index).is_some_and(|s| !scopes.allows(s)) {
+        // An outer scope's task: remember the wake-up (once per slot); the scope's end
+        // schedules the BH again.
+        let mut held = scopes.held_tasks.borrow_mut();
+        if !held.contains(&index) {
+            held.push(index);
+        }
+        return;
+    }
     let Some((key, task)) = tasks.start_run(index) else {
         return;
     };
@@ -276,6 +311,7 @@ fn run(ctx: &AioContext, index: u32) {
         finish(ctx, key);
         return;
     }
+    ctx.inner.task_polls.set(ctx.inner.task_polls.get() + 1);
     let poll = {
         let _running = RunningGuard::enter(Some(index));
         // SAFETY: [TASK-1]: the slot holds the task's owner token, this is its home thread,
