@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use threadpool::ThreadPool;
+use threadpool::{Status, ThreadPool, Ticket};
 
 /// The seed's motivating case, with the pool: a request's completion callback reads metadata
 /// synchronously, through the pool, in a scope; the completions of two unrelated requests
@@ -55,18 +55,23 @@ fn metadata_read_in_a_scope_holds_unrelated_completions() {
         },
     );
     // Two unrelated requests, submitted at the root scope, that finish while the callback
-    // waits for its read.
-    let mut tickets = Vec::new();
+    // waits for its read: the first, then the second (which waits until the first is queued
+    // for delivery or taken by the completion BH, which holds its callback, so that their
+    // completions arrive in this order whatever the scheduler does).
+    let mut tickets: Vec<Ticket> = Vec::new();
     for name in ["unrelated-1", "unrelated-2"] {
         let l = log.clone();
         let (inside, u) = (in_callback.clone(), unrelated_done.clone());
+        let first = tickets.first().cloned();
         tickets.push(pool.submit_with(
             move || {
                 eventually("the request's callback runs", || {
                     inside.load(Ordering::SeqCst)
                 });
-                if name == "unrelated-2" {
-                    std::thread::sleep(Duration::from_millis(5));
+                if let Some(first) = first {
+                    eventually("the first unrelated request is queued for delivery", || {
+                        matches!(first.status(), Status::Finished | Status::Completed)
+                    });
                     u.store(true, Ordering::SeqCst);
                 }
             },
