@@ -57,8 +57,8 @@ fn explicit_backends_are_what_was_asked_for() {
     assert_eq!(context(Backend::Polling).backend(), "polling");
 }
 
-/// On Linux `Auto` never picks `polling` (epoll is cheaper per wait), even with it compiled in;
-/// only `AIO_BACKEND=polling` or an explicit request does.
+/// On Linux `Auto` does not pick `polling` (epoll is cheaper per wait) when other backends are
+/// compiled in, as here; `AIO_BACKEND=polling` or an explicit request does.
 #[test]
 fn auto_never_picks_polling_on_linux_but_the_env_does() {
     assert_ne!(context(Backend::Auto).backend(), "polling");

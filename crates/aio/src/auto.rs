@@ -8,7 +8,8 @@
 //!   ring and a round trip through it (`UringMonitor::new_checked`: some seccomp profiles
 //!   allow `io_uring_setup` but refuse `io_uring_enter`, which would make every wait fail),
 //!   otherwise (not on Linux) the `polling` crate's kqueue or event ports if compiled in,
-//!   otherwise poll with the epoll upgrade, otherwise plain poll. Every fallback is logged
+//!   otherwise poll with the epoll upgrade, otherwise plain poll, otherwise epoll, otherwise
+//!   (on Linux, with nothing else compiled in) `polling`. Every fallback is logged
 //!   with its reason. The `AIO_BACKEND` environment variable (`poll`, `poll+epoll`, `epoll`,
 //!   `io_uring`, `polling`, `auto`) replaces `Auto` when the builder was left on it.
 //! * **Upgrade** from poll to epoll once [`EPOLL_UPGRADE_THRESHOLD`] fds are registered (QEMU's
@@ -46,7 +47,8 @@ pub const EPOLL_UPGRADE_THRESHOLD: usize = 64;
 pub enum Backend {
     /// The best available: io_uring, else (outside Linux, feature `polling`) kqueue or event
     /// ports through [`Polling`](Backend::Polling), else poll that upgrades itself to epoll at
-    /// [`EPOLL_UPGRADE_THRESHOLD`] fds, else poll. Never `Polling` on Linux. Falls back, with a logged reason, when the
+    /// [`EPOLL_UPGRADE_THRESHOLD`] fds, else poll, else epoll. On Linux `Polling` only when it
+    /// is the one backend compiled in. Falls back, with a logged reason, when the
     /// kernel refuses one; io_uring counts as refused unless a no-op request makes the round
     /// trip through the new ring (so a seccomp filter that allows `io_uring_setup` but not
     /// `io_uring_enter` gets poll/epoll, not a ring whose every wait fails).
@@ -65,8 +67,8 @@ pub enum Backend {
     IoUring,
     /// The `polling` crate (feature `polling`): kqueue on macOS and the BSDs, event ports on
     /// illumos, epoll on Linux. [`Auto`](Backend::Auto) picks it where neither io_uring nor
-    /// epoll exists (not on Linux, where its waits cost more system calls than epoll's; see
-    /// `fdmon_polling`'s crate docs).
+    /// epoll exists, and on Linux only when no other backend is compiled in (its waits cost
+    /// more system calls than epoll's; see `fdmon_polling`'s crate docs).
     Polling,
 }
 
@@ -164,7 +166,7 @@ impl AutoMonitor {
                 }
                 // Without epoll (macOS, the BSDs, illumos), kqueue or event ports beat poll(2),
                 // which walks every fd on every wait. On Linux epoll is cheaper per wait than
-                // `polling`'s epoll, so `polling` is never chosen there.
+                // `polling`'s epoll, so `polling` comes last there (below).
                 if !cfg!(target_os = "linux") {
                     match Self::polling() {
                         Ok(m) => return Ok(m),
@@ -174,7 +176,11 @@ impl AutoMonitor {
                 }
                 match Self::poll(true) {
                     Ok(m) => Ok(m),
-                    Err(e) if e.kind() == io::ErrorKind::Unsupported => Self::epoll(),
+                    Err(e) if e.kind() == io::ErrorKind::Unsupported => match Self::epoll() {
+                        // On Linux, `polling` only when it is all that was compiled in.
+                        Err(e) if e.kind() == io::ErrorKind::Unsupported => Self::polling(),
+                        other => other,
+                    },
                     Err(e) => Err(e),
                 }
             }
@@ -402,6 +408,23 @@ mod tests {
                 let err = AutoMonitor::new(backend).unwrap_err();
                 assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{backend:?}");
             }
+        }
+    }
+
+    /// `Auto` picks `polling` outside Linux whenever it is compiled in, and on Linux only when
+    /// no other backend is (`--no-default-features --features polling`).
+    #[test]
+    fn auto_picks_polling_only_where_it_should() {
+        let linux = cfg!(target_os = "linux");
+        let others = cfg!(feature = "poll")
+            || (linux && (cfg!(feature = "epoll") || cfg!(feature = "io-uring")));
+        let name = AutoMonitor::new(Backend::Auto).map(|m| m.name());
+        if cfg!(feature = "polling") && (!linux || !others) {
+            assert_eq!(name.unwrap(), "polling");
+        } else if others {
+            assert_ne!(name.unwrap(), "polling");
+        } else {
+            assert_eq!(name.unwrap_err().kind(), io::ErrorKind::Unsupported);
         }
     }
 }

@@ -62,8 +62,8 @@
 //! environment variable ([`BACKEND_ENV`]) steers `Auto` only: a backend the code names with
 //! [`Builder::backend`] is the one it gets. [`AioContext::backend`] says which backend is active.
 //! Where there is no epoll (macOS, the BSDs, illumos), `Auto` prefers [`Backend::Polling`] when
-//! the `polling` feature is on; on Linux it never picks it (its waits make more system calls
-//! than epoll's), so there it is only used when asked for.
+//! the `polling` feature is on; on Linux it picks it only when no other backend is compiled in
+//! (its waits make more system calls than epoll's), so there it is used when asked for.
 //! `--no-default-features --features poll` or `--features polling` builds on any Unix.
 
 #![deny(missing_docs)]

@@ -24,9 +24,10 @@
 //! On Linux `polling` is epoll underneath, but it pays for its portability on every wait: a
 //! finite wait is `timerfd_settime` + `epoll_ctl` (re-arming the timer fd) + `epoll_wait` +
 //! `epoll_ctl` (re-arming its own notifier), four system calls where `fdmon-epoll` makes one
-//! (`epoll_pwait2`). The `aio` facade therefore never picks it by itself on Linux; it is there
-//! to be asked for (`Backend::Polling`, `AIO_BACKEND=polling`), and so that the conformance
-//! suite runs on the same code that macOS and the BSDs use.
+//! (`epoll_pwait2`). The `aio` facade's `Auto` therefore picks it on Linux only when no other
+//! backend is compiled in; it is there to be asked for (`Backend::Polling`,
+//! `AIO_BACKEND=polling`), and so that the conformance suite runs on the same code that macOS
+//! and the BSDs use.
 //!
 //! # Level-triggered, once per key
 //!
