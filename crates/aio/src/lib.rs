@@ -120,7 +120,7 @@ pub const POLL_MAX_NS_ENV: &str = "AIO_POLL_MAX_NS";
 /// ```
 /// // The best backend compiled in and accepted by the kernel, whatever AIO_BACKEND says.
 /// let ctx = aio::Builder::new().backend(aio::Backend::Auto).ignore_env().build()?;
-/// assert!(["poll", "epoll", "io_uring"].contains(&ctx.backend()));
+/// assert!(["poll", "epoll", "io_uring", "polling"].contains(&ctx.backend()));
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Debug, Default)]
