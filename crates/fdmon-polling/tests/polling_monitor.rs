@@ -12,8 +12,10 @@
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -291,6 +293,48 @@ fn closed_fd_is_dropped_silently_and_remove_still_succeeds() {
     }
 }
 
+/// Moves `socket` to the fd number `target`, which the caller has just closed (and which is
+/// not `socket`'s).
+fn move_to(socket: UnixStream, target: RawFd) -> UnixStream {
+    // dup2 takes no pointers; `socket` is open, and `target` is a number this test owns (it
+    // was closed just before, under the serial lock). `socket` is closed on return.
+    // SAFETY: justified in the comment just above.
+    let rc = unsafe { libc::dup2(socket.as_raw_fd(), target) };
+    assert_eq!(rc, target, "dup2: {}", io::Error::last_os_error());
+    // SAFETY: dup2 succeeded, so `target` is an open fd that nothing else owns.
+    unsafe { UnixStream::from_raw_fd(target) }
+}
+
+#[test]
+fn a_reused_fd_number_is_a_new_registration_that_the_stale_key_never_touches() {
+    let _serial = serial();
+    for (mode, mut monitor) in both_modes() {
+        let (_old_writer, old_reader) = pair();
+        let fd = old_reader.as_raw_fd();
+        add(&mut monitor, key(1), &old_reader, Interest::READ);
+        // The new pair first, so that neither of its fds takes the number about to be freed.
+        let (mut writer, reader) = pair();
+        drop(old_reader);
+        let reader = move_to(reader, fd);
+        add(&mut monitor, key(2), &reader, Interest::READ);
+        // Removing the stale key must leave the new file's registration alone.
+        monitor
+            .update(Change::Remove { key: key(1), fd })
+            .expect("removing a stale key");
+        writer.write_all(b"x").unwrap();
+        assert_eq!(
+            wait_for(&mut monitor, Some(Duration::from_secs(5))),
+            [(key(2), Readiness::READABLE)],
+            "{mode}"
+        );
+        assert_eq!(
+            monitor.registrations().collect::<Vec<_>>(),
+            [(key(2), fd, Interest::READ)],
+            "{mode}"
+        );
+    }
+}
+
 #[test]
 fn bad_changes_are_errors_and_leave_the_monitor_unchanged() {
     let _serial = serial();
@@ -441,6 +485,101 @@ fn infinite_wait_is_woken_by_a_write_from_another_thread() {
         assert!(start.elapsed() >= Duration::from_millis(30), "{mode}");
         thread.join().unwrap();
     }
+}
+
+static SIGNALS: AtomicUsize = AtomicUsize::new(0);
+
+extern "C" fn count_signal(_: libc::c_int) {
+    // An atomic add is async-signal-safe; nothing else happens here.
+    SIGNALS.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Installs `count_signal` for SIGUSR1 without `SA_RESTART`, so a blocked wait is interrupted
+/// with `EINTR`.
+fn install_sigusr1_handler() {
+    // `sigaction` is a plain C struct; all zeroes is a valid value (no flags, no handler) that
+    // is filled in below before use.
+    // SAFETY: justified in the comment just above.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = count_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    action.sa_flags = 0;
+    // SAFETY: `action.sa_mask` is a valid, exclusively borrowed sigset_t.
+    let rc = unsafe { libc::sigemptyset(&mut action.sa_mask) };
+    assert_eq!(rc, 0);
+    // `action` is fully initialised, its handler is an `extern "C" fn(c_int)` that only does
+    // async-signal-safe work, and a null old-action pointer is allowed.
+    // SAFETY: justified in the comment just above.
+    let rc = unsafe { libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "sigaction: {}", io::Error::last_os_error());
+}
+
+/// Sends SIGUSR1 to `thread` after each of `delays` (cumulative, in ms).
+fn signal_after<T>(thread: &thread::JoinHandle<T>, delays: &[u64]) {
+    for &delay in delays {
+        thread::sleep(Duration::from_millis(delay));
+        // The thread has not been joined, so its pthread_t still names a live (or finished
+        // but unjoined) thread, and SIGUSR1 has a handler installed.
+        // SAFETY: justified in the comment just above.
+        let rc = unsafe { libc::pthread_kill(thread.as_pthread_t(), libc::SIGUSR1) };
+        assert_eq!(rc, 0);
+    }
+}
+
+#[test]
+fn signals_neither_fail_nor_extend_a_finite_wait() {
+    let _serial = serial();
+    install_sigusr1_handler();
+    let timeout = Duration::from_millis(300);
+    for rearm in [false, true] {
+        SIGNALS.store(0, Ordering::SeqCst);
+        let waiter = thread::spawn(move || {
+            let (_writer, reader) = pair();
+            let mut monitor = PollingMonitor::with_rearm(rearm).unwrap();
+            add(&mut monitor, key(1), &reader, Interest::READ);
+            let mut ready = ReadyList::new();
+            let start = Instant::now();
+            let result = monitor.wait(&mut ready, Some(timeout));
+            (result.map_err(|e| e.kind()), start.elapsed(), ready.len())
+        });
+        signal_after(&waiter, &[50, 150]);
+        let (result, elapsed, reports) = waiter.join().unwrap();
+        eprintln!("rearm {rearm}: 300 ms wait with two signals returned after {elapsed:?}");
+        assert_eq!(result, Ok(0), "rearm {rearm}");
+        assert_eq!(reports, 0, "rearm {rearm}");
+        assert_eq!(SIGNALS.load(Ordering::SeqCst), 2, "rearm {rearm}");
+        assert!(
+            elapsed >= timeout,
+            "rearm {rearm}: early, after {elapsed:?}"
+        );
+        // Restarting with the full timeout after the second signal (at ~200 ms) would take at
+        // least 500 ms; waiting for the same deadline takes 300 ms plus scheduling noise.
+        assert!(
+            elapsed < Duration::from_millis(480),
+            "rearm {rearm}: signals extended the wait to {elapsed:?}"
+        );
+    }
+}
+
+#[test]
+fn signals_do_not_end_an_infinite_wait() {
+    let _serial = serial();
+    install_sigusr1_handler();
+    SIGNALS.store(0, Ordering::SeqCst);
+    let (mut writer, reader) = pair();
+    let start = Instant::now();
+    let waiter = thread::spawn(move || {
+        let mut monitor = PollingMonitor::new().unwrap();
+        add(&mut monitor, key(1), &reader, Interest::READ);
+        let reports = wait_for(&mut monitor, None);
+        (reports, start.elapsed())
+    });
+    signal_after(&waiter, &[50, 50]);
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(SIGNALS.load(Ordering::SeqCst), 2);
+    writer.write_all(b"x").unwrap();
+    let (reports, elapsed) = waiter.join().unwrap();
+    assert_eq!(reports, [(key(1), Readiness::READABLE)]);
+    assert!(elapsed >= Duration::from_millis(150), "{elapsed:?}");
 }
 
 #[test]
