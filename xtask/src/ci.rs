@@ -22,11 +22,12 @@
 //!    timers and the thread pool; the multi-threaded ones under several scheduler seeds.
 //! 8. `asan`: the test suites in [`ASAN`] built with AddressSanitizer (nightly,
 //!    `-Zsanitizer=address`, its own target directory); doctests are left out.
-//! 9. `cross`: `cargo check --all-targets --all-features` of the portable crates
-//!    ([`CROSS_PACKAGES`]) for each target of [`CROSS_TARGETS`] (macOS, FreeBSD), so that
-//!    nothing Linux-only leaks out of its `cfg`. A target that is not installed is added with
-//!    `rustup target add`; one that cannot be is skipped with the reason printed, and the step is
-//!    SKIPPED when none is available.
+//! 9. `cross`: `cargo clippy --all-targets --all-features -- -D warnings` (a check that also
+//!    refuses warnings) of the portable crates ([`CROSS_PACKAGES`]) for each target of
+//!    [`CROSS_TARGETS`] (macOS, FreeBSD), then `aio` with its default features and with `poll`
+//!    and `polling` alone, so that nothing Linux-only leaks out of its `cfg`. A target that is
+//!    not installed is added with `rustup target add`; one that cannot be is skipped with the
+//!    reason printed, and the step is SKIPPED when none is available.
 //! 10. `doc`: `cargo doc` with `RUSTDOCFLAGS=-D warnings`.
 //! 11. `tidy`: house-style checks, in process (see `tidy.rs`).
 //!
@@ -837,6 +838,11 @@ fn ensure_cross_targets() -> std::result::Result<(), String> {
         }
         if let Err(e) = Cmd::new("rustup").args(["target", "add", target]).run() {
             reasons.push(format!("{target}: `rustup target add` failed: {e}"));
+        } else if !target_installed(target) {
+            reasons.push(format!(
+                "{target}: rustup added it, but not to the sysroot of the rustc cargo uses \
+                 ($RUSTC or another toolchain?)"
+            ));
         }
     }
     if CROSS_TARGETS.iter().any(|t| target_installed(t)) {
@@ -849,7 +855,7 @@ fn ensure_cross_targets() -> std::result::Result<(), String> {
     }
 }
 
-/// `cargo check` of [`CROSS_PACKAGES`] for each installed target of [`CROSS_TARGETS`]; a target
+/// `cargo clippy -D warnings` of [`CROSS_PACKAGES`] for each installed target of [`CROSS_TARGETS`]; a target
 /// that is not installed is skipped with a printed reason, never counted as checked.
 fn cross(_root: &Path) -> Result<()> {
     let mut checked = 0;
@@ -861,16 +867,23 @@ fn cross(_root: &Path) -> Result<()> {
             );
             continue;
         }
-        Cmd::cargo()
-            .args([
-                "check",
-                "--target",
-                target,
-                "--all-targets",
-                "--all-features",
-            ])
-            .args(CROSS_PACKAGES.iter().flat_map(|p| ["-p", p]))
-            .run()?;
+        // clippy rather than check, for `-D warnings`: an item that a cfg leaves unused there
+        // is a warning, which check would let through.
+        let lint = |features: &[&str], packages: &[&str]| {
+            Cmd::cargo()
+                .args(["clippy", "--target", target, "--all-targets"])
+                .args(features.iter().copied())
+                .args(packages.iter().flat_map(|p| ["-p", *p]))
+                .args(["--", "-D", "warnings"])
+                .run()
+        };
+        lint(&["--all-features"], CROSS_PACKAGES)?;
+        // What a user there gets: the default features (poll; epoll and io_uring build empty),
+        // and each of the two portable backends alone.
+        lint(&[], &["aio"])?;
+        for set in ["poll", "polling"] {
+            lint(&["--no-default-features", "--features", set], &["aio"])?;
+        }
         checked += 1;
     }
     eprintln!(
@@ -984,7 +997,8 @@ mod tests {
             .filter(|s| s.prepare.is_some())
             .map(|s| s.name)
             .collect();
-        assert_eq!(prepared, ["miri", "asan"]);
+        // miri and asan install a nightly toolchain, cross the macOS and FreeBSD targets.
+        assert_eq!(prepared, ["miri", "asan", "cross"]);
     }
 
     #[test]
@@ -1006,6 +1020,7 @@ mod tests {
             Outcome::NotRun,
             Outcome::NotRun,
             Outcome::Unavailable,
+            Outcome::NotRun,
             Outcome::NotRun,
             Outcome::NotRun,
             Outcome::Skipped,
