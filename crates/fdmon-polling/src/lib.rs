@@ -422,8 +422,9 @@ impl FdMonitor for PollingMonitor {
     ///
     /// # Errors
     ///
-    /// Whatever the kernel fails with other than `EINTR` (retried by `polling`), and an error
-    /// re-arming a reported fd on event ports.
+    /// Whatever the kernel fails with other than `EINTR` (retried by `polling`). On event
+    /// ports, a reported fd that cannot be re-armed (closed while registered) is logged and
+    /// not reported again; the wait still succeeds.
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
         self.events.clear();
         self.wait_events(timeout)?;
@@ -454,13 +455,19 @@ impl FdMonitor for PollingMonitor {
                 let Some(&(fd, interest)) = self.registered.get(&key) else {
                     continue;
                 };
-                if self.owners.get(&fd) == Some(&key) {
-                    poller::modify(
-                        &self.poller,
-                        fd,
-                        interest_to_event(key, interest),
-                        self.mode,
-                    )?;
+                if self.owners.get(&fd) != Some(&key) {
+                    continue;
+                }
+                let event = interest_to_event(key, interest);
+                if let Err(err) = poller::modify(&self.poller, fd, event, self.mode) {
+                    // The report stands (the fd was ready); only later ones are lost. A closed
+                    // fd (EBADF, ENOENT) is forgotten, as every kernel here forgets it; the
+                    // wait does not fail, so the other fds' re-arms and reports go through.
+                    if matches!(err.raw_os_error(), Some(libc::EBADF | libc::ENOENT)) {
+                        tracing::debug!(fd, ?key, %err, "fd closed while registered; not re-armed");
+                    } else {
+                        tracing::warn!(fd, ?key, %err, "re-arming a reported fd failed");
+                    }
                 }
             }
         }

@@ -295,6 +295,33 @@ fn closed_fd_is_dropped_silently_and_remove_still_succeeds() {
     }
 }
 
+/// Linux only: epoll keeps watching a file whose registered number was closed while a
+/// duplicate keeps it open, so the report still comes, and in the re-armed mode the re-arm
+/// through the closed number fails (EBADF). That must not fail the wait or lose the report.
+#[test]
+#[cfg(target_os = "linux")]
+fn a_failed_re_arm_neither_fails_the_wait_nor_loses_its_report() {
+    let _serial = serial();
+    let mut monitor = PollingMonitor::with_rearm(true).unwrap();
+    let (mut writer, reader) = pair();
+    let fd = reader.as_raw_fd();
+    let duplicate = reader.try_clone().unwrap();
+    add(&mut monitor, key(1), &reader, Interest::READ);
+    writer.write_all(b"x").unwrap();
+    drop(reader);
+    assert_eq!(
+        wait_for(&mut monitor, Some(Duration::from_secs(5))),
+        [(key(1), Readiness::READABLE)],
+        "the file is still open through its duplicate"
+    );
+    // Not re-armed: the number it was registered under is closed.
+    assert_eq!(wait_for(&mut monitor, Some(Duration::from_millis(20))), []);
+    monitor
+        .update(Change::Remove { key: key(1), fd })
+        .expect("removing a closed number succeeds");
+    drop(duplicate);
+}
+
 /// Moves `socket` to the fd number `target`, which the caller has just closed (and which is
 /// not `socket`'s).
 fn move_to(socket: UnixStream, target: RawFd) -> UnixStream {
