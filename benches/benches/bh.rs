@@ -1,4 +1,4 @@
-//! B1 (DESIGN.md §8): bottom-half schedule + dispatch on the home thread, aio next to tokio
+//! B1 (docs/benchmarks.md): bottom-half schedule + dispatch on the home thread, aio next to tokio
 //! `current_thread` in the same criterion group, so the report shows them side by side.
 
 use std::time::Duration;

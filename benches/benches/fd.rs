@@ -1,4 +1,4 @@
-//! B5 and B6 (DESIGN.md §8): aio's fd backends (poll, epoll, io_uring) next to mio, polling and
+//! B5 and B6 (docs/benchmarks.md): aio's fd backends (poll, epoll, io_uring) next to mio, polling and
 //! the raw system-call floors, every implementation of a row in the same criterion group; then a
 //! report of its own, built from the very samples criterion measured.
 //!
@@ -632,7 +632,7 @@ fn markdown(rows: &[Row], setup: &Setup, args: &Args, load: &str) -> String {
          interleaved pass that follows: every row of B5 (then of B6) runs ~{} ms in turn, \
          {ROUNDS} rounds after a warm-up round, and each figure is its median ns per \
          operation. Load average (1, 5, 15 min) when the run started: {load}. {}.\n\n{}{}\
-         ## Targets (DESIGN.md §8)\n\n{}\n{}",
+         ## Targets (docs/benchmarks.md)\n\n{}\n{}",
         today(),
         machine(),
         args.sample_size,

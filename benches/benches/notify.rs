@@ -1,4 +1,4 @@
-//! B4 (DESIGN.md §8): another thread reaches a loop that is busy (it never blocks), aio next to
+//! B4 (docs/benchmarks.md): another thread reaches a loop that is busy (it never blocks), aio next to
 //! tokio `current_thread`, one criterion group per comparison. The loop thread is pinned to cpu0
 //! and this (remote) thread to cpu1.
 //!

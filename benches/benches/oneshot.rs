@@ -1,4 +1,4 @@
-//! B2 (DESIGN.md §8): one-shot bottom halves (allocate, run, free), aio next to tokio
+//! B2 (docs/benchmarks.md): one-shot bottom halves (allocate, run, free), aio next to tokio
 //! `spawn` + await of an empty task in the same criterion group.
 
 use std::time::Duration;

@@ -175,7 +175,7 @@ fn b3(plan: Plan) {
         );
     }
 
-    println!("\n| B3 target (DESIGN.md §8) | contender | ratio | verdict |");
+    println!("\n| B3 target (docs/benchmarks.md) | contender | ratio | verdict |");
     println!("|---|---|---:|---|");
     for (m, r) in contenders.iter().zip(&results) {
         match m {

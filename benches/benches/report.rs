@@ -1,4 +1,4 @@
-//! Quick side-by-side report of B1, B2 and B4 (DESIGN.md §8), without criterion: plain
+//! Quick side-by-side report of B1, B2 and B4 (docs/benchmarks.md), without criterion: plain
 //! `Instant` timing, the median of 11 runs of 10⁶ operations after a warm-up, aio and tokio
 //! interleaved run by run. Prints a Markdown table; with `AIO_BENCH_REPORT_DIR` set it also
 //! writes `report.md` and a bar chart `report.svg` there (`cargo xtask bench` sets it).
@@ -395,7 +395,7 @@ fn b4_notes(rows: &[Row]) -> String {
             "B4_notify_busy_loop",
             "aio `ContextHandle::notify` (queues no work; the loop only clears `notified`) \
              against tokio `Handle::spawn(async {})` (allocates and queues a task): not like for \
-             like, kept as the DESIGN.md §8 row. Only the calls on the remote thread are timed; \
+             like, kept as the docs/benchmarks.md row. Only the calls on the remote thread are timed; \
              tokio's tasks are drained untimed.",
         ),
         (
@@ -660,7 +660,7 @@ fn fmt_syscalls(x: f64) -> String {
     }
 }
 
-/// The DESIGN.md §8 targets that the rows measured, each with its verdict.
+/// The docs/benchmarks.md targets that the rows measured, each with its verdict.
 fn targets(rows: &[Row]) -> String {
     let mut s = String::new();
     let find = |key: &str| rows.iter().find(|r| r.key == key);
@@ -711,7 +711,7 @@ fn markdown(rows: &[Row], b7: &[B7Row], plan: Plan) -> String {
     if !rows.is_empty() {
         let _ = write!(
             s,
-            "{}\nTargets (DESIGN.md §8):\n\n{}",
+            "{}\nTargets (docs/benchmarks.md):\n\n{}",
             table(rows),
             targets(rows)
         );

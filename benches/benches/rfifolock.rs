@@ -1,4 +1,4 @@
-//! B10 (DESIGN.md §8), the lock part: `aio_core::RFifoLock` side by side with
+//! B10 (docs/benchmarks.md), the lock part: `aio_core::RFifoLock` side by side with
 //! `parking_lot::ReentrantMutex`, in one process, plain `Instant` timing (no criterion). This
 //! program owns the workloads, the plan and the tables.
 //!

@@ -1,4 +1,4 @@
-//! B12 (DESIGN.md §8): the task executor side by side with tokio, in one process, plain
+//! B12 (docs/benchmarks.md): the task executor side by side with tokio, in one process, plain
 //! `Instant` timing (no criterion). The workloads are in `aio_benches::b12`; this program owns
 //! the plan, the interleaving and the tables.
 //!

@@ -1,4 +1,4 @@
-//! B8 (DESIGN.md §8): thread pool submit → completion delivered on the submitting context, aio
+//! B8 (docs/benchmarks.md): thread pool submit → completion delivered on the submitting context, aio
 //! next to tokio `spawn_blocking` on a `current_thread` runtime, in one process.
 //!
 //! * latency: one request in flight, submit → completion callback (aio) or `JoinHandle` ready

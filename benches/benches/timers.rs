@@ -1,4 +1,4 @@
-//! B7 (DESIGN.md §8): timers with N = 0, 1 000, 100 000 and 1 000 000 already pending. The
+//! B7 (docs/benchmarks.md): timers with N = 0, 1 000, 100 000 and 1 000 000 already pending. The
 //! `timers` crate next to tokio's `sleep` (registered and dropped in a `current_thread` runtime)
 //! and async-io's `Timer`, in the same criterion groups, so the report shows them side by side.
 //! Workloads: `aio_benches::b7`.

@@ -1,4 +1,4 @@
-//! Counts the system calls per operation of every fd-bench row (B5, B6 of DESIGN.md §8) under
+//! Counts the system calls per operation of every fd-bench row (B5, B6 of docs/benchmarks.md) under
 //! `strace -f -c`, running exactly the workloads `benches/fd.rs` times (`aio_benches::fd`).
 //!
 //! `cargo run --release -p aio-benches --example fd_syscalls [FILTER]` runs each row whose name

@@ -1,4 +1,4 @@
-//! B12 (DESIGN.md §8): the task executor (`aio_core::task`) next to tokio, in one process. This
+//! B12 (docs/benchmarks.md): the task executor (`aio_core::task`) next to tokio, in one process. This
 //! file owns the workloads; `benches/tasks.rs` runs them, interleaved, and prints the tables.
 //!
 //! * **Spawn + await** of an empty task: aio `spawn_local` / `spawn` against tokio `spawn` (and

@@ -1,4 +1,4 @@
-//! B3 (DESIGN.md §8): cross-thread ping-pong between two loops on two threads, the libuv
+//! B3 (docs/benchmarks.md): cross-thread ping-pong between two loops on two threads, the libuv
 //! `async1` shape. Side A (the measuring side, on cpu0) sends a ping and waits for the reply;
 //! side B (on cpu1) answers each ping; one sample is the time from A's send to A's loop running
 //! the reply. Contenders ([`Mechanism`]):

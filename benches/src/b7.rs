@@ -1,4 +1,4 @@
-//! B7 workloads (DESIGN.md §8): timer arm, re-arm, cancel and fire with N timers already
+//! B7 workloads (docs/benchmarks.md): timer arm, re-arm, cancel and fire with N timers already
 //! pending, for the `timers` crate and its peers, tokio's timer wheel (`tokio::time::sleep`
 //! registered and dropped inside a `current_thread` runtime) and async-io's `Timer` (a global
 //! `BTreeMap` behind a mutex, driven by its own "async-io" thread).

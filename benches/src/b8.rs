@@ -1,4 +1,4 @@
-//! B8 (DESIGN.md §8) workloads: the thread pool's submit → completion in the submitting context,
+//! B8 (docs/benchmarks.md) workloads: the thread pool's submit → completion in the submitting context,
 //! aio's `ThreadPool` next to tokio's `spawn_blocking` on a `current_thread` runtime. Shared by
 //! the criterion bench and its summary (`benches/threadpool.rs`) and by the polling bench
 //! (`benches/polling.rs`), which measures the same latency with the context's adaptive polling

@@ -1,4 +1,4 @@
-//! B9 (DESIGN.md §8): the CPU an idle loop costs. Each subject ([`Idle`]) is a thread sitting in
+//! B9 (docs/benchmarks.md): the CPU an idle loop costs. Each subject ([`Idle`]) is a thread sitting in
 //! its loop: an aio context in `ctx.poll()` (blocking) with some polling parameters, or a tokio
 //! `current_thread` runtime in `block_on`. Every subject is first made active, so that an aio
 //! context has handlers in its poll set and grown windows: `activity` times, an

@@ -1,5 +1,5 @@
 //! Workloads of the fd-backend benchmarks, B5 (readiness dispatch with N idle fds) and B6
-//! (handler churn) of DESIGN.md §8: aio on each of its backends, the peers (mio, polling) and
+//! (handler churn) of docs/benchmarks.md: aio on each of its backends, the peers (mio, polling) and
 //! the raw system-call floors (epoll, poll, io_uring), all driven the same way, so that
 //! `benches/fd.rs` (criterion and its report) and `examples/fd_syscalls.rs` (strace counts) run
 //! exactly the same code.

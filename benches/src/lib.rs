@@ -1,5 +1,5 @@
 //! Workloads shared by the side-by-side benchmarks: aio and its peer (tokio `current_thread`)
-//! for B1, B2 and B4 of DESIGN.md §8 here, aio's fd backends next to mio, polling and the raw
+//! for B1, B2 and B4 of docs/benchmarks.md here, aio's fd backends next to mio, polling and the raw
 //! system-call floors for B5 and B6 in [`fd`], in [`b7`] the timers of B7 (with async-io as
 //! a second peer), in [`b8`] the thread pool of B8, and for adaptive polling (issue 11) the
 //! cross-thread ping-pong of B3 in [`b3`] and the idle loop of B9 in [`b9`]; the task executor

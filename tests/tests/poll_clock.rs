@@ -3,7 +3,7 @@
 //! whose realtime clock is a [`VirtualClock`] that only the test moves.
 //!
 //! A scripted monitor wraps the poll backend and advances the clock by a chosen "block time"
-//! in each wait, so that every iteration's block time (spec §4.3: from the start of the
+//! in each wait, so that every iteration's block time (docs/qemu-semantics.md §4.3: from the start of the
 //! iteration to the end of its wait) is exact, and the windows that follow are exact too.
 //! The busy loop itself still runs in real time (it is bounded in real time), but with poll
 //! functions that never find work it changes nothing that is checked here.
@@ -139,7 +139,7 @@ const fn us(n: u64) -> Duration {
     Duration::from_micros(n)
 }
 
-/// QEMU 10 (spec §4.3, conformance case 46): 0 → 4 µs on the first block time under the
+/// QEMU 10 (docs/qemu-semantics.md §4.3, conformance case 46): 0 → 4 µs on the first block time under the
 /// maximum, ×grow while the block time exceeds the window, unchanged while the window covers
 /// it, capped at the maximum, reset (shrink 0) or divided (shrink 2) when the block time
 /// exceeds the maximum, and back to 0 when the parameters change.

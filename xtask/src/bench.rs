@@ -2,7 +2,7 @@
 //! write under `target/bench-report/`.
 //!
 //! The bench crate owns the measurements and the reports (Markdown tables plus SVG charts, see
-//! DESIGN.md §7: `report.md` from `report.rs`, `fd-report.md` from `fd.rs`, `tasks.md` from
+//! docs/conventions.md 3: `report.md` from `report.rs`, `fd-report.md` from `fd.rs`, `tasks.md` from
 //! `tasks.rs`); xtask only chooses where they go, through `AIO_BENCH_REPORT_DIR`, and forwards
 //! the filter to the harness (criterion-style: benchmarks whose name contains it). The filter
 //! `nbd` never gets here: `main.rs` sends `cargo xtask bench nbd` to `nbd_bench.rs`, which

@@ -1,6 +1,6 @@
 //! `cargo xtask ci`: the one command CI runs; owns the list and order of checks and the summary.
 //!
-//! Steps, in order, stopping at the first failure (DESIGN.md §7, style guideline 17):
+//! Steps, in order, stopping at the first failure (docs/conventions.md 1 and 17):
 //!
 //! 1. `fmt`: `cargo fmt --all -- --check`.
 //! 2. `clippy`: `-D warnings` over all targets with all features (the facade's features are
@@ -53,8 +53,10 @@ use crate::tidy;
 /// `-p aio --no-default-features --features <set>`.
 ///
 /// One entry per backend alone, and the combinations whose policy needs its own run: poll with
-/// epoll (`AutoMonitor`'s upgrade and fall-back between them) and the three Linux ones. `polling`
-/// is alone: `Auto` never picks it on Linux, so it has no policy with the others to test here.
+/// epoll (`AutoMonitor`'s upgrade and fall-back between them) and the three Linux ones; and the
+/// outer-loop adapters (`tokio`, `calloop`) over the poll backend alone (the `--all-features`
+/// steps build and test them with every backend). `polling` is alone: `Auto` picks it on Linux
+/// only when nothing else is compiled in, so it has no policy with the others to test here.
 pub const FEATURE_SETS: &[&str] = &[
     "poll",
     "epoll",
@@ -62,6 +64,7 @@ pub const FEATURE_SETS: &[&str] = &[
     "polling",
     "poll,epoll",
     "poll,epoll,io-uring",
+    "poll,tokio,calloop",
 ];
 
 /// Values of `AIO_BACKEND` under which the conformance suite runs on the facade's default
@@ -94,12 +97,12 @@ const CROSS_PACKAGES: &[&str] = &[
 /// check that cannot fail is a defect.
 const LOOM_CRATES: &[&str] = &["aio-core", "threadpool", "timers"];
 
-/// Loom's preemption bound. DESIGN.md §7 fixes it at 2: exhaustive beyond that, the models
+/// Loom's preemption bound. docs/conventions.md 2 fixes it at 2: exhaustive beyond that, the models
 /// would not finish inside the CI budget on two cores.
 const LOOM_MAX_PREEMPTIONS: &str = "2";
 
 /// The loom models' cfg; namespaced (not bare `loom`) so dependencies that test for `cfg(loom)`
-/// are not switched into their own loom mode (style guideline 12).
+/// are not switched into their own loom mode (docs/conventions.md 12).
 const LOOM_CFG: &str = "--cfg aio_loom";
 
 /// Test binaries run under valgrind memcheck, as (package, integration test target): the

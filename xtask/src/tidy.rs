@@ -4,7 +4,7 @@
 //! Checked in every `.rs` file under `crates/`, `tests/`, `benches/` and `xtask/` (tracked or not;
 //! `target/` and hidden directories are skipped):
 //!
-//! - the first line is a `//!` comment saying what the file owns (style guideline 9);
+//! - the first line is a `//!` comment saying what the file owns (docs/conventions.md 9);
 //! - no `dbg!`, `todo!` or `unimplemented!` calls outside test files (files under a `tests/`
 //!   directory or named `*tests*.rs`); comment lines are not code and are ignored;
 //! - in `crates/`, every `unsafe {` block and `unsafe impl` has a comment containing `SAFETY` on
@@ -27,6 +27,17 @@ use crate::cmd::{Context, Error, Result, project_root};
 
 /// Top-level directories that hold the workspace's Rust sources.
 const ROOTS: &[&str] = &["crates", "tests", "benches", "xtask"];
+
+/// Documents that comments used to cite and that live outside the repository: whoever clones
+/// the project cannot follow them. (Split so that this line does not match itself.)
+const OUTSIDE_DOCS: &[&str] = &[
+    concat!("DESIGN", ".md"),
+    concat!("qemu-aio-", "spec"),
+    concat!("qemu-aio-", "tests"),
+    concat!("style ", "guideline"),
+    concat!("spec ", "§"),
+    concat!("../", "shared"),
+];
 
 /// Macros that mark unfinished or debugging code. Spelled in two halves so that this file does
 /// not trip its own check.
@@ -86,8 +97,26 @@ pub fn check(root: &Path) -> Result<()> {
         }
     }
 
+    // Every `docs/*.md` a source file cites exists.
+    for file in &files {
+        let rel = relative_path(root, file);
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for (i, line) in text.lines().enumerate() {
+            for doc in cited_docs(line) {
+                if !root.join(&doc).exists() {
+                    violations.push(Violation {
+                        path: rel.clone(),
+                        line: i + 1,
+                        msg: format!("cites `{doc}`, which does not exist"),
+                    });
+                }
+            }
+        }
+    }
+
+    // A tree without ARCHITECTURE.md (a test's) has no code map to check.
     let map = "ARCHITECTURE.md";
-    let text = std::fs::read_to_string(root.join(map)).with_context(|| format!("reading {map}"))?;
+    let text = std::fs::read_to_string(root.join(map)).unwrap_or_default();
     violations.extend(
         code_map_paths(&text)
             .into_iter()
@@ -182,6 +211,16 @@ pub fn check_file(path: &str, text: &str) -> Vec<Violation> {
         let lineno = idx + 1;
         let is_comment = line.trim_start().starts_with("//");
 
+        if let Some(name) = OUTSIDE_DOCS.iter().find(|d| line.contains(*d)) {
+            report(
+                lineno,
+                format!(
+                    "cites `{name}`, which is not in the repository (cite docs/ instead: \
+                     docs/qemu-semantics.md, docs/benchmarks.md, docs/conventions.md)"
+                ),
+            );
+        }
+
         if !test_file
             && !is_comment
             && let Some(name) = FORBIDDEN_MACROS.iter().find(|m| calls_macro(line, m))
@@ -273,6 +312,24 @@ fn has_safety_comment(lines: &[&str], idx: usize) -> bool {
     false
 }
 
+/// The `docs/<name>.md` paths a line cites.
+pub fn cited_docs(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = line;
+    while let Some(at) = rest.find("docs/") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || "-_./".contains(c)))
+            .unwrap_or(tail.len());
+        let cand = tail[..end].trim_end_matches('.');
+        if cand.ends_with(".md") {
+            out.push(cand.to_owned());
+        }
+        rest = &tail[5..];
+    }
+    out
+}
+
 /// The paths ARCHITECTURE.md's code map names: the first code span of each bullet in the
 /// "Code map" section, with the directory of the `### `dir`` heading it sits under (empty for
 /// a heading that is not a path). Returns (line, directory, path); patterns (`*`, `{`) and
@@ -314,6 +371,29 @@ pub fn code_map_paths(text: &str) -> Vec<(usize, String, String)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cited_docs_are_found_in_a_line() {
+        assert_eq!(
+            super::cited_docs(concat!(
+                "// see docs/",
+                "a.md §2 and docs/",
+                "b-c.md. Not docs/d/"
+            )),
+            vec![
+                concat!("docs/", "a.md").to_owned(),
+                concat!("docs/", "b-c.md").to_owned()
+            ]
+        );
+    }
+
+    #[test]
+    fn a_citation_of_a_document_outside_the_repository_is_reported() {
+        let text = concat!("//! Owns x (", "DESIGN", ".md §8).\nfn f() {}\n");
+        let v = super::check_file("crates/a/src/lib.rs", text);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].msg.contains("not in the repository"));
+    }
+
     #[test]
     fn code_map_paths_are_taken_from_the_code_map_bullets_with_their_heading() {
         let text = "# A\n- `nope.rs`: not in the map\n## Code map\n### Workspace root\n\

@@ -15,7 +15,7 @@
 //! that created it (its *home thread*) can poll it or register handlers: a second concurrent
 //! poller is impossible by construction.
 //!
-//! # The wake-up protocol (spec §2)
+//! # The wake-up protocol (docs/qemu-semantics.md §2)
 //!
 //! `notify` (any thread): store `notified = true`, full fence, and write the eventfd only if
 //! `notify_me` is non-zero. A blocking iteration: compute its timeout, add 2 to `notify_me`,
@@ -33,7 +33,7 @@
 //! accept can erase a notification without synchronizing with its notifier; the RMWs make the
 //! accept synchronize with every notification it consumes. See `Shared::notify`.
 //!
-//! # Adaptive polling (spec §4.3)
+//! # Adaptive polling (docs/qemu-semantics.md §4.3)
 //!
 //! Home-thread state in `Polling`: the poll set (handlers that joined when dispatched by fd
 //! readiness), whether the loop is in polling mode, the parameters in force. Other threads set
@@ -411,7 +411,7 @@ pub(crate) struct Inner {
     held_bhs: RefCell<bh::Held>,
 }
 
-/// The home thread's adaptive-polling state (spec §4.3).
+/// The home thread's adaptive-polling state (docs/qemu-semantics.md §4.3).
 #[derive(Default)]
 struct Polling {
     /// The parameters in force, and the generation of `Shared::poll_params` they came from.

@@ -7,7 +7,7 @@
 //! gets registered with a context.
 //!
 //! Beside the fd, a notifier keeps a flag that `set` raises before it writes the fd, so that a
-//! context busy-polling (adaptive polling, spec §4.3) sees a set notifier with one load, without
+//! context busy-polling (adaptive polling, docs/qemu-semantics.md §4.3) sees a set notifier with one load, without
 //! reading the fd: [`EventNotifier::is_set`] is the built-in poll function of handlers
 //! registered through `AioContext::set_event_notifier`.
 //!

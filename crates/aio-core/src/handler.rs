@@ -2,7 +2,7 @@
 //! [`HandlerKey`]s to them, the registration builder and the RAII [`FdHandler`] handle.
 //!
 //! C original: `AioHandler`, `aio_set_fd_handler` and `aio_remove_fd_handler` in
-//! `util/aio-posix.c`, and the deletion rules that `QemuLockCnt` enforces there (spec §6–§7).
+//! `util/aio-posix.c`, and the deletion rules that `QemuLockCnt` enforces there (docs/qemu-semantics.md §6–§7).
 //!
 //! # Deletion while dispatching
 //!

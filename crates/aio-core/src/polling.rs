@@ -3,7 +3,7 @@
 //! measured block time so that they can be tested without a clock.
 //!
 //! C original: `aio_context_set_poll_params`, `adjust_polling_time` (QEMU 10.0, one window per
-//! handler, spec §4.3) and `adjust_block_ns` / `grow_polling_time` / `shrink_polling_time`
+//! handler, docs/qemu-semantics.md §4.3) and `adjust_block_ns` / `grow_polling_time` / `shrink_polling_time`
 //! (the 2026 weighted refinement) in `util/aio-posix.c`. The loop that calls them (when to
 //! poll, for how long, what a hit does) is in `context.rs`.
 //!
@@ -52,7 +52,7 @@ pub const MAX_WEIGHT: u8 = 30;
 #[non_exhaustive]
 pub enum PollPolicy {
     /// QEMU 10.0: one window per handler, grown and shrunk from the block time; the context
-    /// polls for the largest (spec §4.3).
+    /// polls for the largest (docs/qemu-semantics.md §4.3).
     Qemu10,
     /// QEMU 2026 (`poll-weight`), the default: an exponentially weighted block time per
     /// handler, idle handlers decaying to 0 past `max`, and one context window steered by the

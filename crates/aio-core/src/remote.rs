@@ -4,7 +4,7 @@
 //! callback, the home thread's table for running them in place, and [`ContextGone`].
 //!
 //! C original: QEMU makes `aio_set_fd_handler` thread-safe with `ctx->list_lock` (a
-//! `QemuLockCnt`, spec §7) around the handler list. Here the handler table stays home-thread
+//! `QemuLockCnt`, docs/qemu-semantics.md §7) around the handler list. Here the handler table stays home-thread
 //! only (`Rc`/`RefCell`, see "Handler deletion" in ARCHITECTURE.md); other threads *marshal*
 //! the change to the home thread instead of locking the list:
 //!

@@ -26,7 +26,7 @@
 //! [RFifoLock-1] to [RFifoLock-3] in ARCHITECTURE.md ("RFifoLock").
 //!
 //! Not yet used by the context: an `aio_context_acquire`/`release` on [`AioContext`] is a later
-//! step (QEMU ≥ 9.0 has no context lock at all; spec §10).
+//! step (QEMU ≥ 9.0 has no context lock at all; docs/qemu-semantics.md §10).
 //!
 //! [`AioContext`]: crate::AioContext
 

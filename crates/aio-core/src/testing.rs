@@ -4,7 +4,7 @@
 //!
 //! Each backend's test file is one macro call, so the suite is defined once and run against
 //! poll, epoll and io_uring alike. The cases follow QEMU's `tests/unit/test-aio.c` and the
-//! conformance list in `qemu-aio-tests.md` §13; each asserts exact counts and return values.
+//! numbered conformance cases below; each asserts exact counts and return values.
 //!
 //! Conventions, as in QEMU's tests: "drain" means non-blocking polls until one returns false
 //! (registering handlers and scheduling BHs notify the loop, which is not progress); handler
@@ -1000,7 +1000,7 @@ pub fn external_client_depth2(make: MakeContext) {
     external_client(make, 2);
 }
 
-/// Derived (spec §6.1, QEMU asserts): `enable_external` without a matching disable fails with
+/// Derived (docs/qemu-semantics.md §6.1, QEMU asserts): `enable_external` without a matching disable fails with
 /// `NotDisabledError` and changes nothing; non-external handlers are never affected.
 pub fn external_enable_without_disable_errors(make: MakeContext) {
     let ctx = new_ctx(make);
@@ -1265,7 +1265,7 @@ pub fn handler_reregistered_in_callback_gets_no_stale_report(make: MakeContext) 
     }
 }
 
-/// Derived (spec §3.3 "each BH runs at most once per scheduling even under nesting"): a BH
+/// Derived (docs/qemu-semantics.md §3.3 "each BH runs at most once per scheduling even under nesting"): a BH
 /// reschedules itself and then polls again; the nested poll cannot re-enter the running
 /// callback, and the schedule is not lost: it runs in the next outer poll.
 pub fn bh_nested_poll_defers_running_bh(make: MakeContext) {
@@ -1815,7 +1815,7 @@ pub fn fd_register_without_callbacks_invalid_input(make: MakeContext) {
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     assert!(!ctx.poll_nonblocking());
 }
-/// DESIGN §2 / spec §10.3 (`AIO_WAIT_WHILE`): a read callback runs a nested blocking poll
+/// DESIGN §2 / docs/qemu-semantics.md §10.3 (`AIO_WAIT_WHILE`): a read callback runs a nested blocking poll
 /// until a BH scheduled by another thread has run.
 pub fn fd_nested_blocking_poll_waits_for_remote_bh(make: MakeContext) {
     let ctx = new_ctx(make);
@@ -1907,7 +1907,7 @@ pub fn outer_loop_bh_delete_self(make: MakeContext) {
     assert_eq!(data.n(), 1);
 }
 
-/// `/aio-gsource/notify` (§1.17, adapted) and spec §4.6: a notify between `prepare` and
+/// `/aio-gsource/notify` (§1.17, adapted) and docs/qemu-semantics.md §4.6: a notify between `prepare` and
 /// `check` makes one of the outer fds (the context's eventfd) readable, and is not progress.
 pub fn outer_loop_notify_wakes_outer_fds(make: MakeContext) {
     let ctx = new_ctx(make);
@@ -2180,7 +2180,7 @@ pub fn panic_in_fd_handler_keeps_context_usable(make: MakeContext) {
 // System calls
 // ---------------------------------------------------------------------------------------------
 
-/// DESIGN §8 B1 / spec §2.3 (the notifier's poll callback reads `notified`): with only BHs, a
+/// DESIGN §8 B1 / docs/qemu-semantics.md §2.3 (the notifier's poll callback reads `notified`): with only BHs, a
 /// schedule plus a poll makes no system call: no wait, no eventfd write, no drain.
 pub fn stats_bh_only_makes_no_syscalls(make: MakeContext) {
     let ctx = new_ctx(make);
@@ -2476,7 +2476,7 @@ pub fn timer_periodic_rearm_never_fires_early(make: MakeContext) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Adaptive polling (spec §4.3; QEMU's test-nested-aio-poll; conformance cases 45 and 46)
+// Adaptive polling (docs/qemu-semantics.md §4.3; QEMU's test-nested-aio-poll; conformance cases 45 and 46)
 // ---------------------------------------------------------------------------------------------
 
 /// A context polling for up to 1 s (the default policy), and its watchdog.

@@ -2,7 +2,7 @@
 //! can always be called safely"): fd handlers and event notifiers registered, replaced and
 //! removed through a `ContextHandle` with `Send` callbacks, timers created, armed and cancelled
 //! from other threads, the context's clocks read from other threads, external handlers disabled and enabled remotely, and what a context
-//! dropped with remote operations pending does (qemu-aio-tests §8, spec §7 and §10.1).
+//! dropped with remote operations pending does (QEMU's lockcnt-era rules; docs/qemu-semantics.md §7 and §10.1).
 
 use aio_core::{
     AioContext, ClockType, ContextGone, ContextHandle, EventNotifier, GroupBuilder, Scale,

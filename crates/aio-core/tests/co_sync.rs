@@ -1,5 +1,5 @@
 //! QEMU's coroutine locks as task primitives: `CoMutex` under contention from several contexts
-//! on their own threads (qemu-aio-tests §3.4 `mutex/contended`, §3.5 `mutex/handoff`), its
+//! on their own threads (QEMU's `tests/unit/test-aio-multithread.c`: `mutex/contended`, `mutex/handoff`), its
 //! FIFO hand-off, `try_lock` and cancellation; `CoQueue` wait/next/restart_all; `CoRwLock`
 //! sharing, exclusion, writer preference, upgrade and downgrade.
 
@@ -108,7 +108,7 @@ async fn waited<F: Future>(fut: F) -> (F::Output, bool) {
 
 // ---- CoMutex ----------------------------------------------------------------------------
 
-/// qemu-aio-tests §3.4: 5 contexts, each on its own thread, several tasks each, all
+/// QEMU's `/aio/multi/mutex/contended`: 5 contexts, each on its own thread, several tasks each, all
 /// incrementing one counter under the `CoMutex`; a second, atomic counter is bumped after each
 /// unlock. No update is lost, and every task finishes (no lost wake-up).
 #[test]
@@ -158,7 +158,7 @@ fn mutex_contended() {
     );
 }
 
-/// qemu-aio-tests §3.5: 2 contexts on 2 threads, one task each. Each lock taken after waiting
+/// QEMU's `/aio/multi/mutex/handoff`: 2 contexts on 2 threads, one task each. Each lock taken after waiting
 /// was handed over by the other thread's unlock (the only other task), so every hand-off is
 /// also a change of holder thread. The run goes on until 200 hand-offs happened (QEMU runs
 /// for 3 s and only prints), and the counter is exact.

@@ -1,4 +1,4 @@
-//! Loom models of handler operations from another thread (seed 004; spec §7) on the real
+//! Loom models of handler operations from another thread (seed 004; docs/qemu-semantics.md §7) on the real
 //! context: a remote removal racing the dispatch of the same handler ([Gate-1]: no invocation
 //! starts after `remove` returned, the closure is freed only by the home thread and never
 //! under the walker), a remote registration against a loop that sleeps (the queued operation

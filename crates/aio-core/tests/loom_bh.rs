@@ -1,4 +1,4 @@
-//! Loom models of the bottom-half list (spec §3): schedules from other threads against a
+//! Loom models of the bottom-half list (docs/qemu-semantics.md §3): schedules from other threads against a
 //! polling home thread and against deletion, on the real `AioContext` and BH code.
 //!
 //! What they check: a schedule is never lost (every schedule is followed by a run that sees

@@ -1,4 +1,4 @@
-//! Loom model of the handler-deletion rule (spec §6–§7) on the real registry and dispatch:
+//! Loom model of the handler-deletion rule (docs/qemu-semantics.md §6–§7) on the real registry and dispatch:
 //! handlers that remove each other from inside their callbacks while another thread makes both
 //! ready.
 //!

@@ -1,4 +1,4 @@
-//! Loom models of the wake-up protocol (spec §2): `notify` against a blocking `poll`, on the
+//! Loom models of the wake-up protocol (docs/qemu-semantics.md §2): `notify` against a blocking `poll`, on the
 //! real `AioContext` with only the kernel faked (`aio_core::fake::FakeMonitor`).
 //!
 //! The models are the Rust counterparts of QEMU's `docs/spin/aio_notify_accept.promela`: a

@@ -1,5 +1,5 @@
 //! `RFifoLock`, QEMU's recursive FIFO lock: the two cases of QEMU's `tests/test-rfifolock.c`
-//! (qemu-aio-tests §7, conformance case 47: `/nesting` and `/callback`), FIFO order against
+//! (conformance case 47: `/nesting` and `/callback`), FIFO order against
 //! the order of arrival (also against a releasing thread that locks again at once), deep
 //! recursion, `try_lock` from another thread, exactly when the contention callback runs, a
 //! thread that panics holding the lock and a contention callback that panics. Runs under Miri

@@ -1,6 +1,7 @@
 //! The task executor: spawning, join handles, panics and aborts, wake-ups from any thread,
 //! moving tasks between contexts, `block_on` and `wait_while` from inside callbacks, and what
-//! dropping a context does to its tasks (qemu-aio-tests §1.14–1.15, §3, §9).
+//! dropping a context does to its tasks (QEMU's coroutine cases of `tests/unit/test-aio.c`,
+//! `test-aio-multithread.c` and `test-coroutine.c`).
 
 use aio_core::task::{RescheduleError, reschedule, wait_kick, yield_now};
 use aio_core::{AioContext, ContextHandle};
@@ -424,7 +425,7 @@ fn a_task_spawned_on_a_dead_context_is_cancelled() {
     assert!(ctx().block_on(task).unwrap_err().is_cancelled());
 }
 
-/// qemu-aio-tests §1.15 (worker-thread-co-enter): a task woken from a thread that has no
+/// QEMU's `/aio/worker-thread-co-enter` (`tests/unit/test-aio.c`): a task woken from a thread that has no
 /// context resumes on its own context's thread.
 #[test]
 fn a_wake_from_a_worker_thread_resumes_the_task_on_its_context() {
@@ -683,7 +684,7 @@ fn a_task_spawned_through_a_handle_runs_on_the_contexts_thread() {
     t.join().unwrap();
 }
 
-/// QEMU /aio/multi/schedule (qemu-aio-tests §3.3): one task per context (5 contexts, 5
+/// QEMU's `/aio/multi/schedule` (`tests/unit/test-aio-multithread.c`): one task per context (5 contexts, 5
 /// threads) takes a random slot's parked waker with a swap and wakes it, then parks its own
 /// waker in its slot. A woken task must find its slot empty, and every park is matched by
 /// exactly one wake. One change: a task that finds the slot empty picks another instead of

@@ -65,6 +65,16 @@
 //! the `polling` feature is on; on Linux it picks it only when no other backend is compiled in
 //! (its waits make more system calls than epoll's), so there it is used when asked for.
 //! `--no-default-features --features poll` or `--features polling` builds on any Unix.
+//!
+//! Two more features embed a context in an event loop the program already runs (Linux only):
+//!
+//! | feature | module | outer loop |
+//! |---|---|---|
+//! | `tokio` | `aio::tokio` (`drive`, `spawn_on`) | a tokio current_thread runtime or `LocalSet` |
+//! | `calloop` | `aio::calloop` (`AioSource`) | a `calloop::EventLoop` |
+//!
+//! Each module's documentation has a runnable example, and `crates/aio/examples/embed_tokio.rs`
+//! and `embed_calloop.rs` are complete programs.
 
 #![deny(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
@@ -97,6 +107,12 @@ pub use threadpool::{self, PoolHandle, ThreadPool};
 use std::io;
 
 mod auto;
+#[cfg(all(feature = "calloop", target_os = "linux"))]
+pub mod calloop;
+#[cfg(all(any(feature = "tokio", feature = "calloop"), target_os = "linux"))]
+mod embed;
+#[cfg(all(feature = "tokio", target_os = "linux"))]
+pub mod tokio;
 
 pub use auto::{AutoMonitor, Backend, EPOLL_UPGRADE_THRESHOLD};
 #[cfg(all(feature = "epoll", target_os = "linux"))]

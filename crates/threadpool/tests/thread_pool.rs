@@ -1,5 +1,5 @@
-//! QEMU's tests/unit/test-thread-pool.c, rewritten against this crate (qemu-aio-tests.md §4;
-//! conformance cases 40–44): submit without and with a completion, submit from a "coroutine"
+//! QEMU's tests/unit/test-thread-pool.c, rewritten against this crate (conformance
+//! cases 40–44): submit without and with a completion, submit from a "coroutine"
 //! (a future), submit more jobs than threads, and synchronous and asynchronous cancellation of
 //! jobs that had and had not started.
 //!
