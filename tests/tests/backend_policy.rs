@@ -46,6 +46,7 @@ fn backend_names_parse() {
         Backend::from_name("poll+epoll"),
         Some(Backend::PollThenEpoll)
     );
+    assert_eq!(Backend::from_name("Polling"), Some(Backend::Polling));
     assert_eq!(Backend::from_name("kqueue"), None);
 }
 
@@ -53,6 +54,22 @@ fn backend_names_parse() {
 fn explicit_backends_are_what_was_asked_for() {
     assert_eq!(context(Backend::Poll).backend(), "poll");
     assert_eq!(context(Backend::Epoll).backend(), "epoll");
+    assert_eq!(context(Backend::Polling).backend(), "polling");
+}
+
+/// On Linux `Auto` does not pick `polling` (epoll is cheaper per wait) when other backends are
+/// compiled in, as here; `AIO_BACKEND=polling` or an explicit request does.
+#[test]
+fn auto_never_picks_polling_on_linux_but_the_env_does() {
+    assert_ne!(context(Backend::Auto).backend(), "polling");
+    with_env(
+        "auto_never_picks_polling_on_linux_but_the_env_does",
+        "polling",
+        || {
+            assert_eq!(Builder::new().requested_backend(), Backend::Polling);
+            assert_eq!(Builder::new().build().unwrap().backend(), "polling");
+        },
+    );
 }
 
 #[test]

@@ -22,8 +22,14 @@
 //!    timers and the thread pool; the multi-threaded ones under several scheduler seeds.
 //! 8. `asan`: the test suites in [`ASAN`] built with AddressSanitizer (nightly,
 //!    `-Zsanitizer=address`, its own target directory); doctests are left out.
-//! 9. `doc`: `cargo doc` with `RUSTDOCFLAGS=-D warnings`.
-//! 10. `tidy`: house-style checks, in process (see `tidy.rs`).
+//! 9. `cross`: `cargo clippy --all-targets --all-features -- -D warnings` (a check that also
+//!    refuses warnings) of the portable crates ([`CROSS_PACKAGES`]) for each target of
+//!    [`CROSS_TARGETS`] (macOS, FreeBSD), then `aio` with its default features and with `poll`
+//!    and `polling` alone, so that nothing Linux-only leaks out of its `cfg`. A target that is
+//!    not installed is added with `rustup target add`; one that cannot be is skipped with the
+//!    reason printed, and the step is SKIPPED when none is available.
+//! 10. `doc`: `cargo doc` with `RUSTDOCFLAGS=-D warnings`.
+//! 11. `tidy`: house-style checks, in process (see `tidy.rs`).
 //!
 //! `miri` and `asan` need a nightly toolchain, which they install with rustup when it is missing
 //! (`rustup toolchain install nightly --profile minimal`, then the `miri` and `rust-src`
@@ -47,13 +53,15 @@ use crate::tidy;
 /// `-p aio --no-default-features --features <set>`.
 ///
 /// One entry per backend alone, and the combinations whose policy needs its own run: poll with
-/// epoll (`AutoMonitor`'s upgrade and fall-back between them) and all three; and the outer-loop
-/// adapters (`tokio`, `calloop`) over the poll backend alone (the `--all-features` steps build
-/// and test them with every backend).
+/// epoll (`AutoMonitor`'s upgrade and fall-back between them) and the three Linux ones; and the
+/// outer-loop adapters (`tokio`, `calloop`) over the poll backend alone (the `--all-features`
+/// steps build and test them with every backend). `polling` is alone: `Auto` picks it on Linux
+/// only when nothing else is compiled in, so it has no policy with the others to test here.
 pub const FEATURE_SETS: &[&str] = &[
     "poll",
     "epoll",
     "io-uring",
+    "polling",
     "poll,epoll",
     "poll,epoll,io-uring",
     "poll,tokio,calloop",
@@ -63,7 +71,26 @@ pub const FEATURE_SETS: &[&str] = &[
 /// context (`tests/tests/conformance_auto.rs`), proving the backend choice as well as each
 /// backend. On a machine without io_uring the `io_uring` run reports its cases as ignored (the
 /// test crate's build script probes for it).
-pub const BACKENDS: &[&str] = &["poll", "poll+epoll", "epoll", "io_uring"];
+pub const BACKENDS: &[&str] = &["poll", "poll+epoll", "epoll", "io_uring", "polling"];
+
+/// The non-Linux targets the `cross` step checks: macOS on Apple silicon (kqueue, no `ppoll`, no
+/// eventfd) and FreeBSD (kqueue, `ppoll`, no eventfd). Nothing is run there, only checked.
+pub const CROSS_TARGETS: &[&str] = &["aarch64-apple-darwin", "x86_64-unknown-freebsd"];
+
+/// The packages the `cross` step checks, with all their targets (tests and examples included).
+/// Left out: `fdmon-uring` (its library builds empty outside Linux and is checked as a
+/// dependency of `aio`, but its test file is Linux-only and not cfg'd), `aio-benches` (io_uring
+/// floors, `cpu_set_t`, and criterion needs a C cross-compiler) and `xtask` (runs on the host).
+const CROSS_PACKAGES: &[&str] = &[
+    "aio-core",
+    "timers",
+    "threadpool",
+    "fdmon-poll",
+    "fdmon-epoll",
+    "fdmon-polling",
+    "aio",
+    "aio-tests",
+];
 
 /// Crates that carry loom models as `crates/<crate>/tests/loom_*.rs` (directory name = package
 /// name). Listing a crate here asserts that it has models: finding none fails the step, since a
@@ -203,6 +230,7 @@ const ASAN: &[&str] = &[
     "fdmon-poll",
     "fdmon-epoll",
     "fdmon-uring",
+    "fdmon-polling",
     "timers",
     "threadpool",
     "aio-tests",
@@ -280,6 +308,14 @@ const STEPS: &[Step] = &[
     Step::full_only("memcheck", memcheck),
     Step::needs("miri", ensure_miri, miri),
     Step::needs("asan", ensure_nightly_rustc, asan),
+    // Not `full_only`: a check of two targets is cheap, and a Linux-only call outside its cfg
+    // is the kind of slip a quick run should catch.
+    Step {
+        name: "cross",
+        full_only: false,
+        prepare: Some(ensure_cross_targets),
+        run: cross,
+    },
     Step::always("doc", doc),
     Step::always("tidy", tidy),
 ];
@@ -774,6 +810,93 @@ fn loom_models(dir: &Path) -> Result<Vec<String>> {
     Ok(models)
 }
 
+/// The directory of `target`'s standard library in the sysroot of the `rustc` that cargo uses,
+/// if that toolchain has it (`rustup target add` puts it there).
+fn target_installed(target: &str) -> bool {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned());
+    let Ok(sysroot) = Cmd::new(&rustc).args(["--print", "sysroot"]).stdout() else {
+        return false;
+    };
+    Path::new(sysroot.trim())
+        .join("lib/rustlib")
+        .join(target)
+        .join("lib")
+        .is_dir()
+}
+
+/// Installs each of [`CROSS_TARGETS`] that is missing with `rustup target add`. Succeeds when
+/// at least one target is available; a target that cannot be installed is reported by
+/// [`cross`], which skips it. `Err` (the step is SKIPPED) only when none is there.
+fn ensure_cross_targets() -> std::result::Result<(), String> {
+    let mut reasons = Vec::new();
+    for target in CROSS_TARGETS {
+        if target_installed(target) {
+            continue;
+        }
+        if !Cmd::new("rustup").arg("--version").probe() {
+            reasons.push(format!(
+                "{target}: not installed, and rustup is not on PATH"
+            ));
+            continue;
+        }
+        if let Err(e) = Cmd::new("rustup").args(["target", "add", target]).run() {
+            reasons.push(format!("{target}: `rustup target add` failed: {e}"));
+        } else if !target_installed(target) {
+            reasons.push(format!(
+                "{target}: rustup added it, but not to the sysroot of the rustc cargo uses \
+                 ($RUSTC or another toolchain?)"
+            ));
+        }
+    }
+    if CROSS_TARGETS.iter().any(|t| target_installed(t)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "no cross target could be installed ({})",
+            reasons.join("; ")
+        ))
+    }
+}
+
+/// `cargo clippy -D warnings` of [`CROSS_PACKAGES`] for each installed target of [`CROSS_TARGETS`]; a target
+/// that is not installed is skipped with a printed reason, never counted as checked.
+fn cross(_root: &Path) -> Result<()> {
+    let mut checked = 0;
+    for target in CROSS_TARGETS {
+        if !target_installed(target) {
+            eprintln!(
+                "cross: SKIPPED {target}: its standard library is not installed \
+                 (`rustup target add {target}` failed or is unavailable; see above)"
+            );
+            continue;
+        }
+        // clippy rather than check, for `-D warnings`: an item that a cfg leaves unused there
+        // is a warning, which check would let through.
+        let lint = |features: &[&str], packages: &[&str]| {
+            Cmd::cargo()
+                .args(["clippy", "--target", target, "--all-targets"])
+                .args(features.iter().copied())
+                .args(packages.iter().flat_map(|p| ["-p", *p]))
+                .args(["--", "-D", "warnings"])
+                .run()
+        };
+        lint(&["--all-features"], CROSS_PACKAGES)?;
+        // What a user there gets: the default features (poll; epoll and io_uring build empty),
+        // and each of the two portable backends alone.
+        lint(&[], &["aio"])?;
+        for set in ["poll", "polling"] {
+            lint(&["--no-default-features", "--features", set], &["aio"])?;
+        }
+        checked += 1;
+    }
+    eprintln!(
+        "cross: checked {checked} of {} targets: {}",
+        CROSS_TARGETS.len(),
+        CROSS_TARGETS.join(", ")
+    );
+    Ok(())
+}
+
 fn doc(_root: &Path) -> Result<()> {
     let mut cmd = Cmd::cargo()
         .env(
@@ -877,7 +1000,8 @@ mod tests {
             .filter(|s| s.prepare.is_some())
             .map(|s| s.name)
             .collect();
-        assert_eq!(prepared, ["miri", "asan"]);
+        // miri and asan install a nightly toolchain, cross the macOS and FreeBSD targets.
+        assert_eq!(prepared, ["miri", "asan", "cross"]);
     }
 
     #[test]
@@ -899,6 +1023,7 @@ mod tests {
             Outcome::NotRun,
             Outcome::NotRun,
             Outcome::Unavailable,
+            Outcome::NotRun,
             Outcome::NotRun,
             Outcome::NotRun,
             Outcome::Skipped,

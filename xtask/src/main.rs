@@ -47,7 +47,7 @@ Usage: cargo xtask <command> [args]
 Commands:
   ci [--quick | --only <steps>]
                   run every CI check: fmt, clippy, test, test-matrix, loom, memcheck,
-                  miri, asan, doc, tidy (--quick skips test-matrix, loom, memcheck, miri
+                  miri, asan, cross, doc, tidy (--quick skips test-matrix, loom, memcheck, miri
                   and asan, for local iteration; --only runs the comma-separated steps)
   demo [--quiet]  a tour of the NBD server example (release build): qemu-io and qemu-img
                   write, read, verify, discard, convert and benchmark through it (the

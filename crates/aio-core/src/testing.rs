@@ -1515,10 +1515,14 @@ pub fn fd_hangup_calls_read(make: MakeContext) {
 fn nonblocking_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     use std::os::fd::FromRawFd;
     let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
-    assert_eq!(rc, 0, "pipe2: {}", io::Error::last_os_error());
-    // SAFETY: pipe2 succeeded: both fds are new and owned by no one else.
+    // pipe and fcntl rather than pipe2, which macOS lacks.
+    // SAFETY: `fds` is a valid array of two ints for pipe to fill.
+    let rc = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    assert_eq!(rc, 0, "pipe: {}", io::Error::last_os_error());
+    for fd in fds {
+        crate::sys::set_nonblocking(fd).expect("O_NONBLOCK on a new pipe");
+    }
+    // SAFETY: pipe succeeded: both fds are new and owned by no one else.
     unsafe {
         (
             std::os::fd::OwnedFd::from_raw_fd(fds[0]),
@@ -1636,6 +1640,8 @@ pub fn fd_ten_thousand_idle_one_active(make: MakeContext) {
 
 /// Raises the soft RLIMIT_NOFILE to at least `want` (up to the hard limit).
 fn raise_nofile_limit(want: u64) {
+    // rlim_t is u64 on Linux and macOS, i64 on FreeBSD.
+    let want = libc::rlim_t::try_from(want).unwrap_or(libc::rlim_t::MAX);
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,

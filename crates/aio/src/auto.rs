@@ -7,9 +7,11 @@
 //! * **Choice at creation** ([`Backend`]): io_uring if compiled in and the kernel accepts a
 //!   ring and a round trip through it (`UringMonitor::new_checked`: some seccomp profiles
 //!   allow `io_uring_setup` but refuse `io_uring_enter`, which would make every wait fail),
-//!   otherwise poll with the epoll upgrade, otherwise plain poll. Every fallback is logged
+//!   otherwise (not on Linux) the `polling` crate's kqueue or event ports if compiled in,
+//!   otherwise poll with the epoll upgrade, otherwise plain poll, otherwise epoll, otherwise
+//!   (on Linux, with nothing else compiled in) `polling`. Every fallback is logged
 //!   with its reason. The `AIO_BACKEND` environment variable (`poll`, `poll+epoll`, `epoll`,
-//!   `io_uring`, `auto`) replaces `Auto` when the builder was left on it.
+//!   `io_uring`, `polling`, `auto`) replaces `Auto` when the builder was left on it.
 //! * **Upgrade** from poll to epoll once [`EPOLL_UPGRADE_THRESHOLD`] fds are registered (QEMU's
 //!   `EPOLL_ENABLE_THRESHOLD`), when the context was built with the upgrade allowed. Never back
 //!   down by count, as QEMU.
@@ -30,6 +32,8 @@ use std::time::Duration;
 use fdmon_epoll::EpollMonitor;
 #[cfg(feature = "poll")]
 use fdmon_poll::PollMonitor;
+#[cfg(feature = "polling")]
+use fdmon_polling::PollingMonitor;
 #[cfg(all(feature = "io-uring", target_os = "linux"))]
 use fdmon_uring::UringMonitor;
 
@@ -41,8 +45,10 @@ pub const EPOLL_UPGRADE_THRESHOLD: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Backend {
-    /// The best available: io_uring, else poll that upgrades itself to epoll at
-    /// [`EPOLL_UPGRADE_THRESHOLD`] fds, else poll. Falls back, with a logged reason, when the
+    /// The best available: io_uring, else (outside Linux, feature `polling`) kqueue or event
+    /// ports through [`Polling`](Backend::Polling), else poll that upgrades itself to epoll at
+    /// [`EPOLL_UPGRADE_THRESHOLD`] fds, else poll, else epoll. On Linux `Polling` only when it
+    /// is the one backend compiled in. Falls back, with a logged reason, when the
     /// kernel refuses one; io_uring counts as refused unless a no-op request makes the round
     /// trip through the new ring (so a seccomp filter that allows `io_uring_setup` but not
     /// `io_uring_enter` gets poll/epoll, not a ring whose every wait fails).
@@ -59,11 +65,16 @@ pub enum Backend {
     /// io_uring (feature `io-uring`, Linux); an error if the kernel refuses it, setting up the
     /// ring or the round trip through it.
     IoUring,
+    /// The `polling` crate (feature `polling`): kqueue on macOS and the BSDs, event ports on
+    /// illumos, epoll on Linux. [`Auto`](Backend::Auto) picks it where neither io_uring nor
+    /// epoll exists, and on Linux only when no other backend is compiled in (its waits cost
+    /// more system calls than epoll's; see `fdmon_polling`'s crate docs).
+    Polling,
 }
 
 impl Backend {
     /// Parses `AIO_BACKEND`'s values: `auto`, `poll`, `poll+epoll`, `epoll`, `io_uring` (or
-    /// `io-uring`, `uring`), case-insensitive.
+    /// `io-uring`, `uring`), `polling`, case-insensitive.
     pub fn from_name(name: &str) -> Option<Backend> {
         match name.trim().to_ascii_lowercase().as_str() {
             "auto" => Some(Backend::Auto),
@@ -71,6 +82,7 @@ impl Backend {
             "poll+epoll" | "poll-then-epoll" => Some(Backend::PollThenEpoll),
             "epoll" => Some(Backend::Epoll),
             "io_uring" | "io-uring" | "uring" | "iouring" => Some(Backend::IoUring),
+            "polling" => Some(Backend::Polling),
             _ => None,
         }
     }
@@ -85,10 +97,13 @@ enum Active {
     /// Boxed: a ring's state is far larger than the other backends'.
     #[cfg(all(feature = "io-uring", target_os = "linux"))]
     Uring(Box<UringMonitor>),
+    #[cfg(feature = "polling")]
+    Polling(PollingMonitor),
     /// With no backend compiled in, no `AutoMonitor` can be built; this uninhabited variant
     /// keeps the type (and every `match`) well-formed.
     #[cfg(not(any(
         feature = "poll",
+        feature = "polling",
         all(feature = "epoll", target_os = "linux"),
         all(feature = "io-uring", target_os = "linux")
     )))]
@@ -106,8 +121,11 @@ macro_rules! each {
             Active::Epoll($m) => $body,
             #[cfg(all(feature = "io-uring", target_os = "linux"))]
             Active::Uring($m) => $body,
+            #[cfg(feature = "polling")]
+            Active::Polling($m) => $body,
             #[cfg(not(any(
                 feature = "poll",
+                feature = "polling",
                 all(feature = "epoll", target_os = "linux"),
                 all(feature = "io-uring", target_os = "linux")
             )))]
@@ -139,15 +157,30 @@ impl AutoMonitor {
             Backend::PollThenEpoll => Self::poll(true),
             Backend::Epoll => Self::epoll(),
             Backend::IoUring => Self::uring(),
+            Backend::Polling => Self::polling(),
             Backend::Auto => {
                 match Self::uring() {
                     Ok(m) => return Ok(m),
                     Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
                     Err(e) => tracing::info!("aio: io_uring unavailable ({e}); using poll/epoll"),
                 }
+                // Without epoll (macOS, the BSDs, illumos), kqueue or event ports beat poll(2),
+                // which walks every fd on every wait. On Linux epoll is cheaper per wait than
+                // `polling`'s epoll, so `polling` comes last there (below).
+                if !cfg!(target_os = "linux") {
+                    match Self::polling() {
+                        Ok(m) => return Ok(m),
+                        Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+                        Err(e) => tracing::info!("aio: polling unavailable ({e}); using poll"),
+                    }
+                }
                 match Self::poll(true) {
                     Ok(m) => Ok(m),
-                    Err(e) if e.kind() == io::ErrorKind::Unsupported => Self::epoll(),
+                    Err(e) if e.kind() == io::ErrorKind::Unsupported => match Self::epoll() {
+                        // On Linux, `polling` only when it is all that was compiled in.
+                        Err(e) if e.kind() == io::ErrorKind::Unsupported => Self::polling(),
+                        other => other,
+                    },
                     Err(e) => Err(e),
                 }
             }
@@ -193,6 +226,19 @@ impl AutoMonitor {
     #[cfg(not(all(feature = "io-uring", target_os = "linux")))]
     fn uring() -> io::Result<AutoMonitor> {
         Err(not_compiled("io-uring"))
+    }
+
+    #[cfg(feature = "polling")]
+    fn polling() -> io::Result<AutoMonitor> {
+        Ok(AutoMonitor {
+            active: Active::Polling(PollingMonitor::new()?),
+            upgrade: false,
+        })
+    }
+
+    #[cfg(not(feature = "polling"))]
+    fn polling() -> io::Result<AutoMonitor> {
+        Err(not_compiled("polling"))
     }
 
     /// Every registration of the active backend.
@@ -263,6 +309,7 @@ impl AutoMonitor {
 #[cfg_attr(
     not(any(
         feature = "poll",
+        feature = "polling",
         all(feature = "epoll", target_os = "linux"),
         all(feature = "io-uring", target_os = "linux")
     )),
@@ -295,8 +342,11 @@ impl FdMonitor for AutoMonitor {
             },
             #[cfg(all(feature = "io-uring", target_os = "linux"))]
             Active::Uring(m) => m.update(change),
+            #[cfg(feature = "polling")]
+            Active::Polling(m) => m.update(change),
             #[cfg(not(any(
                 feature = "poll",
+                feature = "polling",
                 all(feature = "epoll", target_os = "linux"),
                 all(feature = "io-uring", target_os = "linux")
             )))]
@@ -352,11 +402,29 @@ mod tests {
             (Backend::PollThenEpoll, cfg!(feature = "poll")),
             (Backend::Epoll, cfg!(feature = "epoll") && linux),
             (Backend::IoUring, cfg!(feature = "io-uring") && linux),
+            (Backend::Polling, cfg!(feature = "polling")),
         ] {
             if !compiled {
                 let err = AutoMonitor::new(backend).unwrap_err();
                 assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{backend:?}");
             }
+        }
+    }
+
+    /// `Auto` picks `polling` outside Linux whenever it is compiled in, and on Linux only when
+    /// no other backend is (`--no-default-features --features polling`).
+    #[test]
+    fn auto_picks_polling_only_where_it_should() {
+        let linux = cfg!(target_os = "linux");
+        let others = cfg!(feature = "poll")
+            || (linux && (cfg!(feature = "epoll") || cfg!(feature = "io-uring")));
+        let name = AutoMonitor::new(Backend::Auto).map(|m| m.name());
+        if cfg!(feature = "polling") && (!linux || !others) {
+            assert_eq!(name.unwrap(), "polling");
+        } else if others {
+            assert_ne!(name.unwrap(), "polling");
+        } else {
+            assert_eq!(name.unwrap_err().kind(), io::ErrorKind::Unsupported);
         }
     }
 }

@@ -53,6 +53,7 @@
 //! | `poll` | yes | `ppoll(2)`, portable to any Unix ([`PollMonitor`]) |
 //! | `epoll` | yes | Linux epoll, level-triggered (`EpollMonitor`); ignored elsewhere |
 //! | `io-uring` | yes | Linux io_uring, `POLL_ADD` re-armed per completion (`UringMonitor`) |
+//! | `polling` | no | the `polling` crate: kqueue (macOS, BSDs), event ports (illumos), epoll (Linux) ([`PollingMonitor`]) |
 //!
 //! [`Backend::Auto`] (the default) uses io_uring where the kernel accepts a ring; otherwise it
 //! starts on poll and moves to epoll once [`EPOLL_UPGRADE_THRESHOLD`] fds are registered, and
@@ -60,7 +61,10 @@
 //! [`AutoMonitor`]. Each fallback is logged with `tracing`, with its reason. The `AIO_BACKEND`
 //! environment variable ([`BACKEND_ENV`]) steers `Auto` only: a backend the code names with
 //! [`Builder::backend`] is the one it gets. [`AioContext::backend`] says which backend is active.
-//! `--no-default-features --features poll` builds on any Unix.
+//! Where there is no epoll (macOS, the BSDs, illumos), `Auto` prefers [`Backend::Polling`] when
+//! the `polling` feature is on; on Linux it picks it only when no other backend is compiled in
+//! (its waits make more system calls than epoll's), so there it is used when asked for.
+//! `--no-default-features --features poll` or `--features polling` builds on any Unix.
 //!
 //! Two more features embed a context in an event loop the program already runs (Linux only):
 //!
@@ -95,6 +99,8 @@ pub use aio_core::{JoinError, JoinHandle, task};
 pub use aio_core::{RFifoLock, RFifoLockGuard};
 #[cfg(feature = "poll")]
 pub use fdmon_poll::PollMonitor;
+#[cfg(feature = "polling")]
+pub use fdmon_polling::PollingMonitor;
 /// The context's worker thread pool (QEMU `aio_get_thread_pool`): [`ThreadPool::of`].
 pub use threadpool::{self, PoolHandle, ThreadPool};
 
@@ -130,7 +136,7 @@ pub const POLL_MAX_NS_ENV: &str = "AIO_POLL_MAX_NS";
 /// ```
 /// // The best backend compiled in and accepted by the kernel, whatever AIO_BACKEND says.
 /// let ctx = aio::Builder::new().backend(aio::Backend::Auto).ignore_env().build()?;
-/// assert!(["poll", "epoll", "io_uring"].contains(&ctx.backend()));
+/// assert!(["poll", "epoll", "io_uring", "polling"].contains(&ctx.backend()));
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Debug, Default)]
@@ -265,7 +271,7 @@ impl Builder {
         }
         Backend::from_name(&value).unwrap_or_else(|| {
             tracing::warn!(
-                "aio: ignoring {BACKEND_ENV}={value:?}: expected poll, poll+epoll, epoll, io_uring or auto"
+                "aio: ignoring {BACKEND_ENV}={value:?}: expected poll, poll+epoll, epoll, io_uring, polling or auto"
             );
             self.backend
         })

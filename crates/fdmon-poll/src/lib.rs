@@ -27,7 +27,9 @@
 //! # Platforms
 //!
 //! `ppoll` is needed for nanosecond timeouts; it exists on Linux, Android and the BSDs, but not
-//! on macOS.
+//! on macOS, where the monitor waits with `poll(2)` and a timeout rounded up to whole
+//! milliseconds (never early, up to 1 ms late). On macOS prefer the `polling` backend
+//! (`fdmon-polling`, kqueue), which keeps nanoseconds and costs O(ready fds) per wait.
 
 #![deny(missing_docs)]
 

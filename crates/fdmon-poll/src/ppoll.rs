@@ -1,10 +1,14 @@
 //! The `ppoll(2)` system call and the translation between aio-core's flag types and poll bits.
 //!
+//! macOS has no `ppoll`; there the same function calls `poll(2)` with the timeout rounded *up*
+//! to whole milliseconds, so a wait is never shorter than asked but may be up to 1 ms longer.
+//!
 //! This is the only file of the crate that contains `unsafe`: one call into the kernel. Keeping
 //! the bit translation next to it means that everything that knows the numeric values of
 //! `POLLIN`, `POLLHUP` and friends lives in one place.
 
 use std::io;
+#[cfg(not(target_vendor = "apple"))]
 use std::ptr;
 use std::time::Duration;
 
@@ -29,6 +33,7 @@ const POLLRDHUP: libc::c_short = 0;
 /// timeout. `EINTR` is returned to the caller as an error of kind
 /// [`io::ErrorKind::Interrupted`]; retrying is the caller's job because only it knows the
 /// deadline.
+#[cfg(not(target_vendor = "apple"))]
 pub(crate) fn ppoll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
     // A slice never holds more than isize::MAX bytes, so its length always fits in nfds_t on the
     // platforms we build for; the check only turns a theoretical truncation into an error.
@@ -53,7 +58,33 @@ pub(crate) fn ppoll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::
     }
 }
 
+/// `ppoll` for macOS, which lacks it: `poll(2)` with the timeout rounded up to milliseconds
+/// (never early, at most 1 ms late; beyond `c_int::MAX` ms, about 24 days, it is infinite).
+/// Otherwise as the `ppoll` of the other platforms.
+#[cfg(target_vendor = "apple")]
+pub(crate) fn ppoll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::Result<usize> {
+    let nfds = libc::nfds_t::try_from(fds.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "too many fds for poll"))?;
+    let millis = match timeout {
+        None => -1,
+        Some(t) => {
+            let ms = t.as_nanos().div_ceil(1_000_000);
+            libc::c_int::try_from(ms).unwrap_or(-1)
+        }
+    };
+    // `fds` is an exclusively borrowed slice of exactly `nfds` initialised pollfds, which the
+    // kernel reads and whose `revents` it writes, and nothing else aliases it during the call.
+    // SAFETY: justified in the comment just above.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, millis) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(usize::try_from(rc).unwrap_or(0))
+    }
+}
+
 /// Converts a timeout to a `timespec` without losing nanoseconds and without overflowing.
+#[cfg(not(target_vendor = "apple"))]
 fn duration_to_timespec(timeout: Duration) -> libc::timespec {
     libc::timespec {
         // A Duration can hold up to u64::MAX seconds and time_t is signed (and 32 bits on some
@@ -147,6 +178,7 @@ mod tests {
         assert_eq!(poll_to_readiness(libc::POLLPRI), Readiness::READABLE);
         assert_eq!(poll_to_readiness(libc::POLLOUT), Readiness::WRITABLE);
         assert_eq!(poll_to_readiness(libc::POLLHUP), Readiness::HANGUP);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
         assert_eq!(poll_to_readiness(libc::POLLRDHUP), Readiness::HANGUP);
         assert_eq!(poll_to_readiness(libc::POLLERR), Readiness::ERROR);
         assert_eq!(poll_to_readiness(libc::POLLNVAL), Readiness::ERROR);
@@ -157,6 +189,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(not(target_vendor = "apple"))]
     fn timespec_keeps_nanoseconds_and_clamps_seconds() {
         let ts = duration_to_timespec(Duration::new(3, 123_456_789));
         assert_eq!((ts.tv_sec, ts.tv_nsec), (3, 123_456_789));

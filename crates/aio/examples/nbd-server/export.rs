@@ -13,6 +13,18 @@ use std::path::Path;
 
 use crate::protocol::*;
 
+/// The fallocate mode of a TRIM (and of a WRITE_ZEROES that may leave a hole).
+#[cfg(target_os = "linux")]
+const PUNCH_HOLE: libc::c_int = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+/// The fallocate mode of a WRITE_ZEROES that keeps the blocks allocated.
+#[cfg(target_os = "linux")]
+const ZERO_RANGE: libc::c_int = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+/// Placeholders outside Linux, where `Export::fallocate` refuses every mode with `EOPNOTSUPP`.
+#[cfg(not(target_os = "linux"))]
+const PUNCH_HOLE: libc::c_int = 1;
+#[cfg(not(target_os = "linux"))]
+const ZERO_RANGE: libc::c_int = 2;
+
 #[derive(Debug)]
 pub struct Export {
     file: File,
@@ -106,11 +118,7 @@ impl Export {
     /// system without hole punching makes TRIM a no-op, which the protocol allows (a trim is
     /// advisory).
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        match self.fallocate(
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            len,
-        ) {
+        match self.fallocate(PUNCH_HOLE, offset, len) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
             r => r?,
         }
@@ -133,10 +141,10 @@ impl Export {
     ) -> io::Result<()> {
         let mut modes = Vec::with_capacity(2);
         if !no_hole {
-            modes.push(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE);
+            modes.push(PUNCH_HOLE);
         }
         if !(fast && self.block_device) {
-            modes.push(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE);
+            modes.push(ZERO_RANGE);
         }
         let mut done = false;
         for mode in modes {
@@ -165,6 +173,17 @@ impl Export {
             // posix_fadvise would take a length of 0 as "to the end of the file".
             return Ok(());
         }
+        self.fadvise_willneed(offset, len)
+    }
+
+    /// macOS has no posix_fadvise; a read-ahead hint is advisory, so it is dropped.
+    #[cfg(target_vendor = "apple")]
+    fn fadvise_willneed(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
+
+    #[cfg(not(target_vendor = "apple"))]
+    fn fadvise_willneed(&self, offset: u64, len: u64) -> io::Result<()> {
         let (off, len) = (Self::off(offset)?, Self::off(len)?);
         let fd = self.file.as_raw_fd();
         // SAFETY: [EXAMPLE-FD] posix_fadvise only reads its integer arguments and `fd`,
@@ -262,6 +281,14 @@ impl Export {
         Ok(())
     }
 
+    #[cfg(not(target_os = "linux"))]
+    fn fallocate(&self, _mode: libc::c_int, _offset: u64, _len: u64) -> io::Result<()> {
+        // No fallocate modes outside Linux: TRIM becomes a no-op and WRITE_ZEROES writes zeros,
+        // as on a Linux file system without them.
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+
+    #[cfg(target_os = "linux")]
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         if len == 0 {
             return Ok(());

@@ -60,7 +60,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -1003,16 +1003,21 @@ impl IoThread {
     }
 }
 
-/// SIGINT and SIGTERM, blocked and read from a signalfd.
+/// SIGINT and SIGTERM, blocked in every thread and read from `fd`: a signalfd on Linux;
+/// elsewhere the read end of a socket pair that a thread blocked in `sigwait` writes each
+/// signal's number to (the portable fallback: no signal handler, and the loop sees a signal as
+/// an ordinary readable fd either way).
 struct Signals {
     fd: OwnedFd,
 }
 
 impl Signals {
-    fn new() -> io::Result<Signals> {
+    /// Blocks SIGINT and SIGTERM in this thread (and so in every thread it starts from now on)
+    /// and returns the set.
+    fn block() -> io::Result<libc::sigset_t> {
         // sigset_t is plain data that sigemptyset initializes before use.
         // SAFETY: every pointer passed points to a live local for the duration of its call.
-        let fd = unsafe {
+        unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, libc::SIGINT);
@@ -1021,8 +1026,15 @@ impl Signals {
             if r != 0 {
                 return Err(io::Error::from_raw_os_error(r));
             }
-            libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC)
-        };
+            Ok(set)
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn new() -> io::Result<Signals> {
+        let set = Self::block()?;
+        // SAFETY: `set` is a live, initialized sigset_t for the duration of the call.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -1031,20 +1043,66 @@ impl Signals {
         Ok(Signals { fd })
     }
 
+    #[cfg(not(target_os = "linux"))]
+    fn new() -> io::Result<Signals> {
+        let set = Self::block()?;
+        let (read, mut write) = std::os::unix::net::UnixStream::pair()?;
+        read.set_nonblocking(true)?;
+        thread::Builder::new()
+            .name("nbd-signals".into())
+            .spawn(move || {
+                loop {
+                    let mut signo: libc::c_int = 0;
+                    // SAFETY: `set` and `signo` are live locals for the duration of the call;
+                    // the signals in `set` are blocked in this thread, as sigwait requires.
+                    let r = unsafe { libc::sigwait(&set, &mut signo) };
+                    if r != 0 || write.write_all(&signo.to_ne_bytes()).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Signals {
+            fd: OwnedFd::from(read),
+        })
+    }
+
     /// The name of a pending signal, if one is pending.
     fn read(fd: &OwnedFd) -> Option<&'static str> {
-        // SAFETY: signalfd_siginfo is plain data; all zeros is a valid value.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: `info` is a live, writable buffer of `size` bytes; the fd is open.
-        let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut info).cast(), size) };
-        if n != size as isize {
-            return None;
-        }
-        Some(match info.ssi_signo as i32 {
+        let signo = Self::read_signo(fd)?;
+        Some(match signo {
             libc::SIGINT => "SIGINT",
             libc::SIGTERM => "SIGTERM",
             _ => "a signal",
         })
+    }
+
+    #[cfg(target_os = "linux")]
+    fn read_signo(fd: &OwnedFd) -> Option<libc::c_int> {
+        // SAFETY: signalfd_siginfo is plain data; all zeros is a valid value.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: `info` is a live, writable buffer of `size` bytes; the fd is open.
+        let n = unsafe {
+            libc::read(
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                (&raw mut info).cast(),
+                size,
+            )
+        };
+        if n != size as isize {
+            return None;
+        }
+        libc::c_int::try_from(info.ssi_signo).ok()
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn read_signo(fd: &OwnedFd) -> Option<libc::c_int> {
+        use std::io::Read;
+        let mut buf = [0u8; std::mem::size_of::<libc::c_int>()];
+        // The sigwait thread writes whole numbers of 4 bytes, far below a socket's atomic size.
+        std::fs::File::from(fd.try_clone().ok()?)
+            .read_exact(&mut buf)
+            .ok()?;
+        Some(libc::c_int::from_ne_bytes(buf))
     }
 }
