@@ -71,6 +71,11 @@ impl Scopes {
         id >= self.current.get()
     }
 
+    /// Whether an isolation scope is active (then some items may be held).
+    pub(crate) fn any_active(&self) -> bool {
+        self.current.get() != ROOT
+    }
+
     /// The scope that an item created now belongs to.
     pub(crate) fn creation(&self) -> u64 {
         if self.remote.get() > 0 {

@@ -290,7 +290,7 @@ fn install_and_schedule(ctx: &AioContext, task: SendOwned) {
 fn run(ctx: &AioContext, index: u32) {
     let tasks = &ctx.inner.tasks;
     let scopes = &ctx.inner.scopes;
-    if tasks.held_scope(index).is_some_and(|s| !scopes.allows(s)) {
+    if scopes.any_active() && tasks.held_scope(index).is_some_and(|s| !scopes.allows(s)) {
         // An outer scope's task: remember the wake-up (once per slot); the scope's end
         // schedules the BH again.
         let mut held = scopes.held_tasks.borrow_mut();
