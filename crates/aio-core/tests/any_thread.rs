@@ -912,3 +912,33 @@ fn two_loops_registering_on_each_other_at_once_do_not_deadlock() {
     assert!(a.join().unwrap());
     assert!(b.join().unwrap());
 }
+
+/// The deadlock that stays (issue 13's bad-input case, documented on
+/// `ContextHandle::fd_handler`): a loop's home thread blocks without polling (here on a
+/// channel) while another thread registers on its context. The registration waits for the
+/// loop, so it does not return while the home thread is blocked; this test bounds the hang
+/// (200 ms), then unblocks the home thread, which polls, and the registration completes.
+#[test]
+#[cfg_attr(miri, ignore = "sleeps")]
+fn a_registration_on_a_loop_whose_thread_blocks_without_polling_waits_for_it() {
+    let ctx = ctx();
+    let handle = ctx.handle();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let registrar = thread::spawn(move || {
+        let n = Arc::new(EventNotifier::new().unwrap());
+        let h = handle.fd_handler(&*n).on_read(|_| ()).register();
+        tx.send(()).unwrap();
+        h.map(|h| h.is_registered())
+    });
+    // The home thread does not poll: the registration cannot have been applied.
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "registered while its loop's thread was blocked"
+    );
+    let start = Instant::now();
+    while rx.try_recv().is_err() {
+        ctx.poll_nonblocking();
+        assert!(start.elapsed() < HANG, "the registration never completed");
+    }
+    assert!(registrar.join().unwrap().unwrap());
+}
