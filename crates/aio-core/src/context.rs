@@ -91,6 +91,14 @@ enum OnWaitError {
     Return,
 }
 
+/// Enters the span `make` builds, for a phase of an iteration, if trace level is on at all:
+/// one load of `tracing`'s global level filter instead of a span per phase, which B1 measured
+/// at 4 ns an iteration for three disabled spans.
+#[inline]
+fn phase_span(make: impl FnOnce() -> tracing::Span) -> Option<tracing::span::EnteredSpan> {
+    tracing::level_enabled!(tracing::Level::TRACE).then(|| make().entered())
+}
+
 /// The part of a context that any thread may touch.
 pub(crate) struct Shared {
     /// Non-zero while the home thread may be blocked (or is about to block) without
@@ -515,7 +523,7 @@ impl Inner {
 
     /// Runs the timers that are due, counting them for [`Stats`].
     fn run_timers(&self) -> bool {
-        let _span = tracing::trace_span!("aio_timers").entered();
+        let _span = phase_span(|| tracing::trace_span!("aio_timers"));
         let ran = self.timers.run_expired_count();
         self.timer_calls.set(self.timer_calls.get() + ran);
         ran > 0
@@ -527,7 +535,7 @@ impl Inner {
         if remote.is_empty() && local.is_empty() && self.slices.borrow().is_empty() && !held {
             return false;
         }
-        let _span = tracing::trace_span!("aio_bh_pass").entered();
+        let _span = phase_span(|| tracing::trace_span!("aio_bh_pass"));
         let mut progress = false;
         {
             let mut slices = self.slices.borrow_mut();
@@ -1687,7 +1695,7 @@ impl AioContext {
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
         inner.iterations.set(inner.iterations.get() + 1);
-        let _span = tracing::trace_span!("aio_poll", blocking = BLOCKING, nested).entered();
+        let _span = phase_span(|| tracing::trace_span!("aio_poll", blocking = BLOCKING, nested));
         // What other threads asked for before this iteration, so that its wait already watches
         // a handler registered or an external fd re-enabled meanwhile (the queue is run again
         // after the wait, for what arrived during it).
@@ -1710,7 +1718,7 @@ impl AioContext {
         let mut hits = None;
         let mut polled = 0;
         if !nested && timeout != Some(Duration::ZERO) && !params.is_disabled() {
-            let _span = tracing::trace_span!("aio_busy_poll").entered();
+            let _span = phase_span(|| tracing::trace_span!("aio_busy_poll"));
             let hits = hits.insert(inner.take_hits());
             polled = inner.try_poll_mode(&params, &mut timeout, hits);
         }
@@ -1740,12 +1748,13 @@ impl AioContext {
         }
         let mut failed = None;
         let waited = if will_wait {
-            let _span = tracing::trace_span!(
-                "aio_wait",
-                timeout_ns =
-                    timeout.map_or(-1, |t| i64::try_from(t.as_nanos()).unwrap_or(i64::MAX))
-            )
-            .entered();
+            let _span = phase_span(|| {
+                tracing::trace_span!(
+                    "aio_wait",
+                    timeout_ns =
+                        timeout.map_or(-1, |t| i64::try_from(t.as_nanos()).unwrap_or(i64::MAX))
+                )
+            });
             let mut ready = inner.next_ready_list();
             match inner.wait(&mut ready, timeout) {
                 Ok(()) => Some(ready),
@@ -1782,7 +1791,7 @@ impl AioContext {
 
         let mut progress = inner.bh_poll();
         if waited.is_some() || hits.is_some() {
-            let _span = tracing::trace_span!("aio_dispatch").entered();
+            let _span = phase_span(|| tracing::trace_span!("aio_dispatch"));
             if let Some(ready) = waited {
                 progress |= self.dispatch_ready(&ready, epoch, block_ns);
                 inner.recycle_ready_list(ready);
@@ -2269,7 +2278,7 @@ impl AioContext {
         let epoch = inner.epoch.get() + 1;
         inner.epoch.set(epoch);
         inner.iterations.set(inner.iterations.get() + 1);
-        let _span = tracing::trace_span!("aio_outer_dispatch").entered();
+        let _span = phase_span(|| tracing::trace_span!("aio_outer_dispatch"));
         let mut progress = inner.bh_poll();
         progress |= self.dispatch_ready(&ready, epoch, None);
         let hits = std::mem::take(&mut *inner.polling.outer_hits.borrow_mut());
