@@ -36,6 +36,18 @@
 //!   The absolute deadline lets a wait that must sleep again (after a signal, or after a
 //!   completion that was not a report) keep the same request and the same deadline.
 //! * `IORING_OP_NOP`: only for outer loops, to make the ring fd readable (see "Outer loops").
+//! * `IORING_OP_ASYNC_CANCEL`: cancel a caller's request (see "Requests").
+//!
+//! # Requests
+//!
+//! Besides its polls, the ring carries requests prepared by crates built on the loop (QEMU 11's
+//! `aio_add_sqe`; `blockio` submits file I/O this way): [`add_sqe`](UringMonitor::add_sqe) queues
+//! an SQE together with the memory it points at, the next wait submits it with the iteration's
+//! polls, and its completion goes on a ready list that
+//! [`pop_completion`](UringMonitor::pop_completion) takes from, handing the memory back. Waits
+//! return as soon as a request completes and do not sleep while completions wait on the ready
+//! list. Dropping the monitor cancels and reaps every request still in the kernel before its
+//! memory is freed.
 //!
 //! # Glossary
 //!
