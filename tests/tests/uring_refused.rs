@@ -231,7 +231,10 @@ fn unchecked_ring_with_enter_refused_surfaces_and_backs_off() {
 fn block_io_on_the_fallback_context() {
     use aio::blockio::Engine;
     use std::os::unix::fs::FileExt;
-    let ctx = Builder::new().ignore_env().build().expect("Auto falls back");
+    let ctx = Builder::new()
+        .ignore_env()
+        .build()
+        .expect("Auto falls back");
     assert!(!ctx.has_io_uring());
     let io = aio::BlockIo::of(&ctx);
     assert_eq!(io.engine(), Engine::Threads);
@@ -257,7 +260,10 @@ fn block_io_on_the_fallback_context() {
     while got.borrow().is_none() {
         ctx.poll();
     }
-    assert_eq!(got.borrow_mut().take().unwrap(), (Ok(8), b"fallback".to_vec()));
+    assert_eq!(
+        got.borrow_mut().take().unwrap(),
+        (Ok(8), b"fallback".to_vec())
+    );
     let mut check = [0; 11];
     file.read_exact_at(&mut check, 0).unwrap();
     assert_eq!(&check, b"\0\0\0fallback");

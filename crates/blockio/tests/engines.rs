@@ -1,8 +1,8 @@
 //! Every block I/O operation on every engine (io_uring on the context's ring, the thread pool
 //! on an io_uring, epoll and poll context) against a temporary file, checked byte for byte;
 //! short reads at end of file; cancellation before, during and after completion; a nested
-//! poll inside a completion; batching of one iteration's requests into one `io_uring_enter`;
-//! and a context dropped with many requests in flight.
+//! poll inside a completion; batching of one iteration's requests into one `io_uring_enter`.
+//! The io_uring engine's memory paths, which valgrind runs, are in `uring_memory.rs`.
 
 use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
@@ -394,49 +394,6 @@ fn one_iteration_submits_its_requests_in_one_enter() {
     while done.get() < 1064 {
         ctx.poll();
     }
-}
-
-#[test]
-fn dropping_the_context_with_requests_in_flight() {
-    let Some(ctx) = uring_ctx() else { return };
-    let io = BlockIo::of(&ctx);
-    let file = temp_file();
-    file.write_all_at(&pattern(4096, 1), 0).unwrap();
-    let (rx, _tx) = std::io::pipe().unwrap();
-    let rx = Arc::new(File::from(std::os::fd::OwnedFd::from(rx)));
-    let called = Rc::new(Cell::new(0));
-    // 500 pipe reads that can only end by cancellation, and 500 file reads.
-    for i in 0..1000 {
-        let c = called.clone();
-        let f = if i % 2 == 0 { &rx } else { &file };
-        io.read_at(&ctx, f, vec![0; 4096], 0, move |_, _| c.set(c.get() + 1));
-    }
-    // Submit them (some file reads complete meanwhile), then queue 100 more that never
-    // reach the kernel.
-    ctx.poll_nonblocking();
-    ctx.poll_nonblocking();
-    for _ in 0..100 {
-        let c = called.clone();
-        io.read_at(&ctx, &rx, vec![0; 4096], 0, move |_, _| c.set(c.get() + 1));
-    }
-    let in_flight = ctx.with_backend(|b| {
-        b.unwrap()
-            .downcast_mut::<UringMonitor>()
-            .unwrap()
-            .requests_in_flight()
-    });
-    assert!(in_flight >= 600, "{in_flight} requests in flight");
-    let ran = called.get();
-    drop(ctx);
-    // The drop reaped every request before freeing its memory: the keep-alives are gone, so
-    // the files are held by nothing else, and no callback ran during the drop.
-    assert_eq!(Arc::strong_count(&rx), 1, "pipe buffers freed, none leaked");
-    assert_eq!(
-        Arc::strong_count(&file),
-        1,
-        "file buffers freed, none leaked"
-    );
-    assert_eq!(called.get(), ran);
 }
 
 #[test]
