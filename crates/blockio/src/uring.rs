@@ -85,23 +85,19 @@ unsafe fn submit(
     keep: KeepAlive,
     done: impl FnOnce(i32, KeepAlive) + 'static,
 ) -> Op {
-    let added = ctx.with_backend(|b| {
-        let m = b.and_then(|m| m.downcast_mut::<UringMonitor>())?;
+    let added = ctx.with_backend(|b| match b.and_then(|m| m.downcast_mut::<UringMonitor>()) {
         // The caller's contract is add_sqe's (invariant "request memory").
         // SAFETY: justified in the comment just above.
-        Some(unsafe { m.add_sqe(entry, keep) })
+        Some(m) => unsafe { m.add_sqe(entry, keep) }.map_err(|(_, keep)| (libc::EAGAIN, keep)),
+        None => Err((libc::EOPNOTSUPP, keep)),
     });
     let id = match added {
-        Some(Ok(id)) => id,
-        // No ring (the backend was switched away from io_uring) or the table is full: the
-        // request fails, asynchronously as every completion, through the thread pool's
-        // completion path, with its memory given back.
-        Some(Err((_, keep))) => return fail_later(ctx, libc::EAGAIN, keep, done),
-        None => {
-            return fail_later(ctx, libc::EOPNOTSUPP, Box::new(()), move |res, _| {
-                done(res, Box::new(()))
-            });
-        }
+        Ok(id) => id,
+        // The request table is full (EAGAIN), or this context has no ring (EOPNOTSUPP: a
+        // `BlockIo` made for an io_uring context used with another one): the request fails,
+        // asynchronously as every completion, through the thread pool's completion path, with
+        // its memory given back.
+        Err((errno, keep)) => return fail_later(ctx, errno, keep, done),
     };
     callbacks(ctx).table.borrow_mut().insert(id, Box::new(done));
     Op(OpInner::Uring(id))

@@ -403,3 +403,19 @@ fn explicit_io_uring_engine_needs_an_io_uring_context() {
     assert_eq!(err.kind(), io::ErrorKind::Unsupported);
     assert!(err.to_string().contains("poll"), "{err}");
 }
+
+#[test]
+fn an_io_uring_block_io_used_on_another_context_fails_cleanly() {
+    let Some(uring) = uring_ctx() else { return };
+    let io = BlockIo::of(&uring);
+    let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap();
+    let file = temp_file();
+    let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+    let s = slot.clone();
+    io.read_at(&ctx, &file, vec![4; 8], 0, move |r, b| {
+        *s.borrow_mut() = Some((r, b))
+    });
+    let (r, buf) = wait_for(&ctx, &slot);
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EOPNOTSUPP));
+    assert_eq!(buf, vec![4; 8], "buffer given back");
+}
