@@ -17,6 +17,9 @@
 //!
 //! [`BlockIo::of`] picks io_uring when it can; [`BlockIo::with_engine`] asks for one.
 //!
+//! Each operation takes a callback; [`OpFuture`] (and the `*_async` forms) is the same request
+//! as a future, for tasks and `AioContext::block_on`.
+//!
 //! # Buffer ownership
 //!
 //! A request takes its buffer by value (`Vec<u8>`, or `Vec<Vec<u8>>` for the vectored forms) and
@@ -73,8 +76,11 @@
 
 #![deny(missing_docs)]
 
+mod future;
 #[cfg(target_os = "linux")]
 mod uring;
+
+pub use future::OpFuture;
 
 use std::fmt;
 use std::fs::File;

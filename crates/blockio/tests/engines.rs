@@ -419,3 +419,23 @@ fn an_io_uring_block_io_used_on_another_context_fails_cleanly() {
     assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EOPNOTSUPP));
     assert_eq!(buf, vec![4; 8], "buffer given back");
 }
+
+#[test]
+fn futures_over_the_callbacks() {
+    for (name, ctx, io) in setups() {
+        let file = temp_file();
+        let (r, buf) = ctx.block_on(io.write_at_async(&ctx, &file, b"future".to_vec(), 2));
+        assert_eq!(r.unwrap(), 6, "{name}");
+        assert_eq!(buf, b"future", "{name}");
+        ctx.block_on(io.fsync_async(&ctx, &file)).unwrap();
+        // From a task, which awaits the read.
+        let (c, f) = (ctx.clone(), file.clone());
+        let task = ctx.spawn_local(async move {
+            let (r, buf) = io.read_at_async(&c, &f, vec![0; 10], 0).await;
+            (r.unwrap(), buf)
+        });
+        let (n, buf) = ctx.block_on(task).unwrap();
+        assert_eq!(n, 8, "{name}");
+        assert_eq!(&buf[..8], b"\0\0future", "{name}");
+    }
+}
