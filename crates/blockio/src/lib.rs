@@ -78,6 +78,8 @@
 
 mod future;
 #[cfg(target_os = "linux")]
+mod linux_aio;
+#[cfg(target_os = "linux")]
 mod uring;
 
 pub use future::OpFuture;
@@ -99,6 +101,9 @@ pub enum Engine {
     IoUring,
     /// Blocking system calls on the context's thread pool.
     Threads,
+    /// Linux native AIO (`io_submit`), completions on an eventfd watched by the context;
+    /// `fallocate` and `nop` use the thread pool. Works on any backend.
+    LinuxAio,
 }
 
 /// The `fallocate(2)` modes, as its `mode` argument (`0`, `FALLOC_FL_KEEP_SIZE`,
@@ -124,6 +129,8 @@ pub struct Op(OpInner);
 enum OpInner {
     #[cfg(target_os = "linux")]
     Uring(fdmon_uring::RequestId),
+    #[cfg(target_os = "linux")]
+    Laio(usize, u64),
     Pool(Ticket),
 }
 
@@ -132,6 +139,8 @@ impl fmt::Debug for Op {
         match &self.0 {
             #[cfg(target_os = "linux")]
             OpInner::Uring(id) => f.debug_tuple("Op::IoUring").field(id).finish(),
+            #[cfg(target_os = "linux")]
+            OpInner::Laio(slot, _) => f.debug_tuple("Op::LinuxAio").field(slot).finish(),
             OpInner::Pool(_) => f.write_str("Op::Threads"),
         }
     }
@@ -148,6 +157,8 @@ impl Op {
         match &self.0 {
             #[cfg(target_os = "linux")]
             OpInner::Uring(id) => uring::cancel(ctx, *id),
+            #[cfg(target_os = "linux")]
+            OpInner::Laio(slot, generation) => linux_aio::cancel(ctx, *slot, *generation),
             OpInner::Pool(ticket) => {
                 let _ = ctx;
                 ticket.cancel()
@@ -186,7 +197,28 @@ impl BlockIo {
                 ),
             ));
         }
+        #[cfg(target_os = "linux")]
+        if engine == Engine::LinuxAio {
+            linux_aio::of(ctx)?;
+        }
+        #[cfg(not(target_os = "linux"))]
+        if engine == Engine::LinuxAio {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "Linux native AIO",
+            ));
+        }
         Ok(BlockIo { engine })
+    }
+
+    /// The native AIO state, for an engine that `with_engine` checked.
+    #[cfg(target_os = "linux")]
+    fn laio(&self, ctx: &AioContext) -> Option<std::rc::Rc<linux_aio::Laio>> {
+        if self.engine == Engine::LinuxAio {
+            linux_aio::of(ctx).ok()
+        } else {
+            None
+        }
     }
 
     /// The engine that carries the requests.
@@ -205,6 +237,10 @@ impl BlockIo {
         offset: u64,
         done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
     ) -> Op {
+        #[cfg(target_os = "linux")]
+        if let Some(l) = self.laio(ctx) {
+            return linux_aio::rw(ctx, &l, file.clone(), buf, offset, false, done);
+        }
         match self.engine {
             #[cfg(target_os = "linux")]
             Engine::IoUring => uring::read_at(ctx, file.clone(), buf, offset, done),
@@ -224,6 +260,10 @@ impl BlockIo {
         offset: u64,
         done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
     ) -> Op {
+        #[cfg(target_os = "linux")]
+        if let Some(l) = self.laio(ctx) {
+            return linux_aio::rw(ctx, &l, file.clone(), buf, offset, true, done);
+        }
         match self.engine {
             #[cfg(target_os = "linux")]
             Engine::IoUring => uring::write_at(ctx, file.clone(), buf, offset, done),
@@ -244,6 +284,10 @@ impl BlockIo {
         offset: u64,
         done: impl FnOnce(io::Result<usize>, Vec<Vec<u8>>) + 'static,
     ) -> Op {
+        #[cfg(target_os = "linux")]
+        if let Some(l) = self.laio(ctx) {
+            return linux_aio::rwv(ctx, &l, file.clone(), bufs, offset, false, done);
+        }
         match self.engine {
             #[cfg(target_os = "linux")]
             Engine::IoUring => uring::vectored(ctx, file.clone(), bufs, offset, false, done),
@@ -264,6 +308,10 @@ impl BlockIo {
         offset: u64,
         done: impl FnOnce(io::Result<usize>, Vec<Vec<u8>>) + 'static,
     ) -> Op {
+        #[cfg(target_os = "linux")]
+        if let Some(l) = self.laio(ctx) {
+            return linux_aio::rwv(ctx, &l, file.clone(), bufs, offset, true, done);
+        }
         match self.engine {
             #[cfg(target_os = "linux")]
             Engine::IoUring => uring::vectored(ctx, file.clone(), bufs, offset, true, done),
@@ -301,6 +349,10 @@ impl BlockIo {
         data_only: bool,
         done: impl FnOnce(io::Result<()>) + 'static,
     ) -> Op {
+        #[cfg(target_os = "linux")]
+        if let Some(l) = self.laio(ctx) {
+            return linux_aio::sync(ctx, &l, file.clone(), data_only, done);
+        }
         match self.engine {
             #[cfg(target_os = "linux")]
             Engine::IoUring => uring::fsync(ctx, file.clone(), data_only, done),
