@@ -89,7 +89,7 @@ const MEMCHECK: &[(&str, &str)] = &[
     // nested runs and a panicking callback.
     // Block I/O: buffers owned by io_uring requests, cancelled and reaped when the context is
     // dropped with requests in flight; the thread-pool engine's buffer hand-back.
-    ("blockio", "uring_memory"),
+    ("blockio", "memory"),
     ("timers", "lifecycle"),
     ("timers", "callbacks"),
 ];

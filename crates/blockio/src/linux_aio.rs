@@ -56,6 +56,10 @@ struct Iocb {
     aio_resfd: u32,
 }
 
+// The layouts above are the kernel ABI's on 64-bit little-endian targets; `of` refuses others.
+const _: () = assert!(std::mem::size_of::<Iocb>() == 64);
+const _: () = assert!(std::mem::size_of::<IoEvent>() == 32);
+
 /// The kernel's `struct io_event`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
@@ -99,6 +103,12 @@ struct LocalLaio(Result<Rc<Laio>, (io::ErrorKind, String)>);
 
 /// The context's native AIO engine, set up on first use.
 pub(crate) fn of(ctx: &AioContext) -> io::Result<Rc<Laio>> {
+    if cfg!(target_endian = "big") || cfg!(not(target_pointer_width = "64")) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "Linux native AIO: this engine knows the iocb layout of 64-bit little-endian targets only",
+        ));
+    }
     let local = ctx.local(|ctx| LocalLaio(Laio::new(ctx).map_err(|e| (e.kind(), e.to_string()))));
     match &local.0 {
         Ok(l) => Ok(l.clone()),

@@ -2,7 +2,8 @@
 //! on an io_uring, epoll and poll context, Linux native AIO on epoll and io_uring) against a temporary file, checked byte for byte;
 //! short reads at end of file; cancellation before, during and after completion; a nested
 //! poll inside a completion; batching of one iteration's requests into one `io_uring_enter`.
-//! The io_uring engine's memory paths, which valgrind runs, are in `uring_memory.rs`.
+//! The memory paths of the io_uring and native AIO engines, which valgrind runs, are in
+//! `memory.rs`.
 
 use std::cell::{Cell, RefCell};
 use std::fs::{File, OpenOptions};
@@ -447,46 +448,4 @@ fn futures_over_the_callbacks() {
         assert_eq!(n, 8, "{name}");
         assert_eq!(&buf[..8], b"\0\0future", "{name}");
     }
-}
-
-#[test]
-fn dropping_a_context_with_native_aio_requests_in_flight() {
-    let ctx = AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new().unwrap())).unwrap();
-    let io = match BlockIo::with_engine(&ctx, Engine::LinuxAio) {
-        Ok(io) => io,
-        Err(e) => return println!("skipped: {e}"),
-    };
-    let file = temp_file();
-    file.write_all_at(&pattern(4096, 1), 0).unwrap();
-    let called = Rc::new(Cell::new(0));
-    for _ in 0..1000 {
-        let c = called.clone();
-        io.read_at(&ctx, &file, vec![0; 4096], 0, move |_, _| {
-            c.set(c.get() + 1)
-        });
-    }
-    // The submission BH runs: every request goes to the kernel; nothing is reaped yet.
-    ctx.poll_nonblocking();
-    for _ in 0..100 {
-        let c = called.clone();
-        io.write_at(&ctx, &file, vec![1; 4096], 0, move |_, _| {
-            c.set(c.get() + 1)
-        });
-    }
-    let ran = called.get();
-    drop(ctx);
-    // io_destroy waited for the kernel, then every request's memory was freed.
-    assert_eq!(
-        Arc::strong_count(&file),
-        1,
-        "no keep-alive survives the context"
-    );
-    assert_eq!(called.get(), ran, "no callback runs during the drop");
-    let mut check = vec![0; 4096];
-    file.read_exact_at(&mut check, 0).unwrap();
-    assert_eq!(
-        check,
-        pattern(4096, 1),
-        "queued writes never reached the file"
-    );
 }
