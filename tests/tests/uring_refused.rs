@@ -225,3 +225,72 @@ fn unchecked_ring_with_enter_refused_surfaces_and_backs_off() {
         },
     );
 }
+
+/// Block I/O on a context whose io_uring was refused: the same operations run on the thread
+/// pool, and give the same bytes back.
+fn block_io_on_the_fallback_context() {
+    use aio::blockio::Engine;
+    use std::os::unix::fs::FileExt;
+    let ctx = Builder::new()
+        .ignore_env()
+        .build()
+        .expect("Auto falls back");
+    assert!(!ctx.has_io_uring());
+    let io = aio::BlockIo::of(&ctx);
+    assert_eq!(io.engine(), Engine::Threads);
+    let err = aio::BlockIo::with_engine(&ctx, Engine::IoUring).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{err}");
+
+    let path = std::env::temp_dir().join(format!("aio-refused-blockio-{}", std::process::id()));
+    let file = Arc::new(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap(),
+    );
+    std::fs::remove_file(&path).unwrap();
+    let got = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let g = got.clone();
+    io.write_at(&ctx, &file, b"fallback".to_vec(), 3, move |r, buf| {
+        *g.borrow_mut() = Some((r.map_err(|e| e.to_string()), buf))
+    });
+    while got.borrow().is_none() {
+        ctx.poll();
+    }
+    assert_eq!(
+        got.borrow_mut().take().unwrap(),
+        (Ok(8), b"fallback".to_vec())
+    );
+    let mut check = [0; 11];
+    file.read_exact_at(&mut check, 0).unwrap();
+    assert_eq!(&check, b"\0\0\0fallback");
+    let g = got.clone();
+    io.read_at(&ctx, &file, vec![0; 20], 3, move |r, buf| {
+        *g.borrow_mut() = Some((r.map_err(|e| e.to_string()), buf))
+    });
+    while got.borrow().is_none() {
+        ctx.poll();
+    }
+    let (r, buf) = got.borrow_mut().take().unwrap();
+    assert_eq!(r, Ok(8));
+    assert_eq!(&buf[..8], b"fallback");
+}
+
+#[test]
+fn block_io_falls_back_to_threads_when_setup_is_refused() {
+    with_io_uring_refused(
+        "block_io_falls_back_to_threads_when_setup_is_refused",
+        block_io_on_the_fallback_context,
+    );
+}
+
+#[test]
+fn block_io_falls_back_to_threads_when_enter_is_refused() {
+    with_io_uring_enter_refused(
+        "block_io_falls_back_to_threads_when_enter_is_refused",
+        block_io_on_the_fallback_context,
+    );
+}

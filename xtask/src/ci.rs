@@ -116,6 +116,9 @@ const MEMCHECK: &[(&str, &str)] = &[
     ("aio-tests", "conformance_epoll"),
     // Timer lifetimes: group drop with armed timers, callbacks that own or drop their timer,
     // nested runs and a panicking callback.
+    // Block I/O: buffers owned by io_uring requests, cancelled and reaped when the context is
+    // dropped with requests in flight; the thread-pool engine's buffer hand-back.
+    ("blockio", "memory"),
     ("timers", "lifecycle"),
     ("timers", "callbacks"),
 ];
@@ -233,6 +236,7 @@ const ASAN: &[&str] = &[
     "fdmon-polling",
     "timers",
     "threadpool",
+    "blockio",
     "aio-tests",
 ];
 

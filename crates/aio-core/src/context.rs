@@ -371,6 +371,10 @@ impl fmt::Debug for Shared {
     }
 }
 
+/// A function that runs completions of work done by a backend; see
+/// [`AioContext::add_completion_source`].
+pub type CompletionSource = Rc<dyn Fn(&AioContext) -> bool>;
+
 /// The part of a context that only its home thread touches.
 pub(crate) struct Inner {
     pub(crate) shared: Arc<Shared>,
@@ -393,6 +397,9 @@ pub(crate) struct Inner {
     /// thread pool, as fields of `AioContext`; core cannot name their types). See
     /// [`AioContext::local`].
     locals: RefCell<Vec<Rc<dyn Any>>>,
+    /// Completion sources run after the BHs of every iteration (see
+    /// [`AioContext::add_completion_source`]).
+    completion_sources: RefCell<Vec<CompletionSource>>,
     /// Home-thread counters for [`Stats`].
     waits: Cell<u64>,
     /// Loop iterations (outer-loop dispatches included), BH, fd-handler and timer callbacks
@@ -1308,6 +1315,7 @@ impl AioContext {
                 outer_ready: RefCell::new(ReadyList::new()),
                 timers,
                 locals: RefCell::new(Vec::new()),
+                completion_sources: RefCell::new(Vec::new()),
                 waits: Cell::new(0),
                 iterations: Cell::new(0),
                 bh_calls: Cell::new(0),
@@ -1605,6 +1613,35 @@ impl AioContext {
         self.inner.monitor.borrow().name()
     }
 
+    /// Whether the context runs on an io_uring backend, whose ring can carry block I/O
+    /// requests (QEMU 11's `aio_has_io_uring`). The block I/O engine uses the ring when this
+    /// is true and the thread pool otherwise.
+    pub fn has_io_uring(&self) -> bool {
+        self.backend() == "io_uring"
+    }
+
+    /// Runs `f` with the backend as its concrete type, if it offers one
+    /// ([`FdMonitor::as_any_mut`]): how a crate built on the loop uses a backend's own
+    /// capabilities (the block I/O engine adds requests to the io_uring backend's ring and
+    /// takes their completions). `f` must not call the monitor's [`FdMonitor`] methods (the
+    /// context owns the watched set and the waits), and must not touch the context: the
+    /// backend is borrowed for the duration of the call, so a call back into the loop panics.
+    pub fn with_backend<R>(&self, f: impl FnOnce(Option<&mut dyn Any>) -> R) -> R {
+        let mut monitor = self.inner.monitor.borrow_mut();
+        f(monitor.as_any_mut())
+    }
+
+    /// Adds a completion source: a function every iteration (nested ones and outer-loop
+    /// dispatches included) calls after its BHs and before its fd handlers, on the home
+    /// thread, with no borrow of the context held. It runs the callbacks of work that a
+    /// backend completed during the wait (QEMU 11 runs the `cqe_handler_ready_list` there), and
+    /// returns whether it ran any, which counts as progress. It may poll the context again;
+    /// the nested iteration calls it again, so it must take one completion at a time. Sources
+    /// live as long as the context.
+    pub fn add_completion_source(&self, source: CompletionSource) {
+        self.inner.completion_sources.borrow_mut().push(source);
+    }
+
     /// Runs one loop iteration, sleeping until there is something to do (QEMU
     /// `aio_poll(ctx, true)`). Returns whether progress was made: whether a user callback ran.
     ///
@@ -1681,6 +1718,21 @@ impl AioContext {
         } else {
             self.poll_nonblocking()
         }
+    }
+
+    /// Calls every completion source once; whether any ran a callback.
+    fn run_completion_sources(&self) -> bool {
+        let mut progress = false;
+        let mut i = 0;
+        loop {
+            // Cloned out of the list so that no borrow is held while it runs.
+            let Some(source) = self.inner.completion_sources.borrow().get(i).cloned() else {
+                break;
+            };
+            progress |= source(self);
+            i += 1;
+        }
+        progress
     }
 
     fn run_iteration<const BLOCKING: bool>(&self, on_error: OnWaitError) -> io::Result<bool> {
@@ -1790,6 +1842,7 @@ impl AioContext {
         let block_ns = start.map(|s| inner.clock_ns().saturating_sub(s));
 
         let mut progress = inner.bh_poll();
+        progress |= self.run_completion_sources();
         if waited.is_some() || hits.is_some() {
             let _span = phase_span(|| tracing::trace_span!("aio_dispatch"));
             if let Some(ready) = waited {
@@ -2280,6 +2333,7 @@ impl AioContext {
         inner.iterations.set(inner.iterations.get() + 1);
         let _span = phase_span(|| tracing::trace_span!("aio_outer_dispatch"));
         let mut progress = inner.bh_poll();
+        progress |= self.run_completion_sources();
         progress |= self.dispatch_ready(&ready, epoch, None);
         let hits = std::mem::take(&mut *inner.polling.outer_hits.borrow_mut());
         progress |= self.dispatch_poll_hits(&hits, epoch, None);

@@ -12,6 +12,7 @@
 //! (the thread that owns the [`AioContext`](crate::AioContext)), so every method takes `&mut self`
 //! or `&self` and no method needs to be thread-safe.
 
+use std::any::Any;
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
@@ -304,6 +305,14 @@ pub trait FdMonitor: fmt::Debug {
     /// A backend with one kernel object (an epoll fd, a ring fd) reports only that; the poll
     /// backend reports every watched fd.
     fn outer_fds(&self, out: &mut Vec<OuterFd>);
+
+    /// The monitor as its concrete type, for crates that use a backend's own capabilities
+    /// through [`AioContext::with_backend`](crate::AioContext::with_backend) (the block I/O
+    /// engine submits requests on the io_uring backend's ring this way), without core knowing
+    /// the backend's types. The default, `None`, offers nothing.
+    fn as_any_mut(&mut self) -> Option<&mut dyn Any> {
+        None
+    }
 }
 
 impl FdMonitor for Box<dyn FdMonitor> {
@@ -324,6 +333,9 @@ impl FdMonitor for Box<dyn FdMonitor> {
     }
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
         (**self).outer_fds(out)
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn Any> {
+        (**self).as_any_mut()
     }
 }
 

@@ -78,7 +78,8 @@ pub use bh::{BottomHalf, RunningBh};
 #[doc(hidden)]
 pub use context::LoomVariant;
 pub use context::{
-    AioContext, ContextHandle, MAX_BATCH_LIMIT, NotDisabledError, PolledHandler, Stats,
+    AioContext, CompletionSource, ContextHandle, MAX_BATCH_LIMIT, NotDisabledError, PolledHandler,
+    Stats,
 };
 pub use event_notifier::EventNotifier;
 pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};

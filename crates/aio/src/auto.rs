@@ -369,6 +369,11 @@ impl FdMonitor for AutoMonitor {
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
         each!(&self.active, m => m.outer_fds(out))
     }
+
+    /// The active backend's own type (the io_uring monitor's ring carries block I/O).
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        each!(&mut self.active, m => m.as_any_mut())
+    }
 }
 
 impl fmt::Debug for AutoMonitor {

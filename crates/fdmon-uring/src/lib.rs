@@ -36,6 +36,18 @@
 //!   The absolute deadline lets a wait that must sleep again (after a signal, or after a
 //!   completion that was not a report) keep the same request and the same deadline.
 //! * `IORING_OP_NOP`: only for outer loops, to make the ring fd readable (see "Outer loops").
+//! * `IORING_OP_ASYNC_CANCEL`: cancel a caller's request (see "Requests").
+//!
+//! # Requests
+//!
+//! Besides its polls, the ring carries requests prepared by crates built on the loop (QEMU 11's
+//! `aio_add_sqe`; `blockio` submits file I/O this way): [`add_sqe`](UringMonitor::add_sqe) queues
+//! an SQE together with the memory it points at, the next wait submits it with the iteration's
+//! polls, and its completion goes on a ready list that
+//! [`pop_completion`](UringMonitor::pop_completion) takes from, handing the memory back. Waits
+//! return as soon as a request completes and do not sleep while completions wait on the ready
+//! list. Dropping the monitor cancels and reaps every request still in the kernel before its
+//! memory is freed.
 //!
 //! # Glossary
 //!
@@ -146,9 +158,14 @@
 #![deny(missing_docs)]
 
 mod pending;
+mod requests;
 mod ring;
 mod user_data;
 
+pub use io_uring::squeue::Entry as Sqe;
+pub use requests::{Completion, KeepAlive, RequestId};
+
+use std::any::Any;
 use std::cell::Cell;
 use std::fmt;
 use std::io;
@@ -158,8 +175,9 @@ use std::time::Duration;
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList};
 
 use crate::pending::{Outcome, Polls, Submission};
+use crate::requests::{Pending, Requests};
 use crate::ring::{Ring, SqFull, deadline_after, monotonic_now};
-use crate::user_data::{REMOVE_TAG, Tag, WAKE_TAG, next_timeout_seq, timeout_tag};
+use crate::user_data::{CANCEL_TAG, REMOVE_TAG, Tag, WAKE_TAG, next_timeout_seq, timeout_tag};
 
 /// Submission queue size: QEMU's `FDMON_IO_URING_ENTRIES`. It bounds how many requests one
 /// `io_uring_enter` hands over, not how many fds can be watched: when a batch of changes
@@ -227,6 +245,9 @@ pub struct UringMonitor {
     outer_loop: Cell<bool>,
     /// The kernel's count of dropped completions when it was last checked.
     dropped_seen: u32,
+    /// Requests added with [`add_sqe`](Self::add_sqe), the memory they keep alive, and their
+    /// completions waiting to be taken.
+    requests: Requests,
 }
 
 /// A `TIMEOUT` request in flight.
@@ -282,6 +303,7 @@ impl UringMonitor {
             next_timeout: 0,
             outer_loop: Cell::new(false),
             dropped_seen: 0,
+            requests: Requests::default(),
         })
     }
 
@@ -398,6 +420,59 @@ impl UringMonitor {
         self.ring.enters()
     }
 
+    /// Adds a prepared request to the ring (QEMU 11's `aio_add_sqe`): it goes to the kernel
+    /// with the next [`wait`](FdMonitor::wait) (or [`prepare_polling`](FdMonitor::prepare_polling)),
+    /// in the same `io_uring_enter` as every other request and poll of that iteration. Its
+    /// `user_data` is replaced by the monitor's own tag. When its completion is reaped, it goes
+    /// on the monitor's ready list, to be taken with [`pop_completion`](Self::pop_completion)
+    /// together with `keep`; a wait that reaps one returns even if no fd was ready, and a wait
+    /// that starts while completions are waiting there does not sleep.
+    ///
+    /// A full submission queue is no error: requests wait in the monitor until there is room,
+    /// and a submission refused for lack of kernel resources (`EAGAIN`, `EBUSY`) is retried by
+    /// the next wait.
+    ///
+    /// # Errors
+    ///
+    /// Gives `entry` and `keep` back if 2³¹ − 3 requests are already live.
+    ///
+    /// # Safety
+    ///
+    /// Every piece of memory `entry` points at (buffers, iovec arrays, paths, timespecs) must
+    /// be owned by `keep` (heap memory that does not move when the box does) or be `'static`,
+    /// and must not be used by anything else until the completion hands `keep` back. The
+    /// monitor keeps `keep` alive until then, and when it is dropped it cancels and reaps every
+    /// request still in the kernel before it frees their memory (ARCHITECTURE.md, invariant
+    /// "request memory").
+    pub unsafe fn add_sqe(
+        &mut self,
+        entry: Sqe,
+        keep: KeepAlive,
+    ) -> Result<RequestId, (Sqe, KeepAlive)> {
+        self.requests.add(entry, keep)
+    }
+
+    /// Cancels a request added with [`add_sqe`](Self::add_sqe). Returns false if it has
+    /// completed already (its completion may still be waiting to be taken). Otherwise it
+    /// completes later, through the ready list as usual: with `-ECANCELED` if it had not
+    /// reached the kernel yet or the kernel stopped it (`IORING_OP_ASYNC_CANCEL`, sent with
+    /// the next submission), or with its own result if it was too late to stop.
+    pub fn cancel_request(&mut self, id: RequestId) -> bool {
+        self.requests.cancel(id)
+    }
+
+    /// Takes the oldest completed request off the ready list (QEMU's
+    /// `cqe_handler_ready_list`), with the memory it kept alive.
+    pub fn pop_completion(&mut self) -> Option<Completion> {
+        self.requests.pop_done()
+    }
+
+    /// How many requests added with [`add_sqe`](Self::add_sqe) have not completed yet
+    /// (queued or in the kernel).
+    pub fn requests_in_flight(&self) -> usize {
+        self.requests.live()
+    }
+
     /// How many `POLL_ADD` requests are queued or in the kernel, including stale ones whose
     /// completion has not been reaped yet. A handler whose poll completed and whose re-arm
     /// waits for the next `wait` is not counted. For tests; not part of the stable API.
@@ -422,7 +497,7 @@ impl UringMonitor {
                 return true;
             }
             let Some(sub) = self.polls.pop() else {
-                return false;
+                return self.fill_requests();
             };
             let pushed = match sub {
                 Submission::PollAdd {
@@ -438,6 +513,32 @@ impl UringMonitor {
                 self.polls.unpop(sub);
                 return true;
             }
+        }
+    }
+
+    /// Puts queued cancels and requests into the SQ, after the polls. Returns whether it
+    /// stopped because the SQ is full.
+    fn fill_requests(&mut self) -> bool {
+        loop {
+            if self.ring.sq_is_full() {
+                return true;
+            }
+            let Some(pending) = self.requests.pop() else {
+                return false;
+            };
+            let pushed = match &pending {
+                Pending::Cancel(target, _) => self.ring.push_cancel(*target, CANCEL_TAG),
+                // The entry's memory is owned by its slot in `requests` until its completion
+                // is reaped or the monitor's drop has seen every request end (invariant
+                // "request memory").
+                // SAFETY: justified in the comment just above.
+                Pending::Request(_, entry) => unsafe { self.ring.push_request(entry) },
+            };
+            if pushed == Err(SqFull) {
+                self.requests.unpop(pending);
+                return true;
+            }
+            self.requests.pushed(&pending);
         }
     }
 
@@ -461,8 +562,9 @@ impl UringMonitor {
         true
     }
 
-    /// Reaps every posted completion: pushes reports into `ready`, re-queues polls, and notes
-    /// whether this wait's timeout expired. Returns the number of reports pushed.
+    /// Reaps every posted completion: pushes reports into `ready`, re-queues polls, moves
+    /// request completions to the ready list, and notes whether this wait's timeout expired.
+    /// Returns the number of reports pushed plus the number of requests completed.
     fn reap(&mut self, ready: &mut ReadyList, expired: &mut bool) -> usize {
         self.cqes.clear();
         self.ring.drain(&mut self.cqes);
@@ -485,6 +587,20 @@ impl UringMonitor {
                 }
                 // Only there to make the ring fd readable; its job is done.
                 Tag::Wake => {}
+                Tag::Request(slot) => {
+                    if self.requests.finish(slot, res) {
+                        reported += 1;
+                    } else {
+                        tracing::warn!(slot, res, "io_uring: completion of an unknown request");
+                    }
+                }
+                Tag::Cancel => {
+                    // 0: cancelled; ENOENT: it had completed; EALREADY: it is running and
+                    // will complete by itself. Its own completion follows (or came) anyway.
+                    if res < 0 && res != -libc::ENOENT && res != -libc::EALREADY {
+                        tracing::debug!(res, "io_uring: ASYNC_CANCEL failed");
+                    }
+                }
                 Tag::Remove => {
                     // 0: cancelled; ENOENT: its poll had completed already; EALREADY: it is
                     // completing. In every case the poll's own completion follows (or came).
@@ -568,7 +684,9 @@ impl FdMonitor for UringMonitor {
             None => Deadline::Never,
         };
         self.polls.begin_wait();
-        let mut reported = 0;
+        // Completions of requests that a nested wait reaped and nobody has taken yet are work
+        // for this iteration: the wait must not sleep over them.
+        let mut reported = self.requests.done_len();
         // Whether this wait's own TIMEOUT reported that the deadline passed.
         let mut expired = false;
         // Set for the last round of an outer loop's wait: submit the wake-up NOP, reap nothing.
@@ -641,7 +759,7 @@ impl FdMonitor for UringMonitor {
             }
             break;
         }
-        Ok(reported)
+        Ok(ready.len())
     }
 
     /// QEMU's rule for io_uring: true if completions are waiting in the completion ring, SQEs
@@ -653,7 +771,10 @@ impl FdMonitor for UringMonitor {
     /// sees every fd's readiness in the completion ring as soon as the kernel posts it, so a
     /// busy-polling loop that asks this question starves no handler.
     fn need_wait(&self, _polling_disabled: bool) -> bool {
-        self.ring.has_completions() || self.ring.has_unsubmitted() || self.polls.has_work()
+        self.ring.has_completions()
+            || self.ring.has_unsubmitted()
+            || self.polls.has_work()
+            || self.requests.has_work()
     }
 
     /// Submits the re-arms and changes queued since the last wait, without waiting, so that a
@@ -681,12 +802,54 @@ impl FdMonitor for UringMonitor {
     /// on a [`wait`](FdMonitor::wait) that leaves re-arms queued makes the ring fd readable
     /// before it returns, so that the outer loop comes back to submit them (see the crate
     /// documentation, "Outer loops").
+    fn as_any_mut(&mut self) -> Option<&mut dyn Any> {
+        Some(self)
+    }
+
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
         self.outer_loop.set(true);
         out.push(OuterFd {
             fd: self.ring.as_fd().as_raw_fd(),
             interest: Interest::READ,
         });
+    }
+}
+
+impl Drop for UringMonitor {
+    /// Requests the kernel never saw are freed; every request in the kernel is cancelled and
+    /// its completion reaped before its memory is freed, so that the kernel never writes to
+    /// freed memory (invariant "request memory"). If the ring fails for another reason than a
+    /// signal, the memory of the requests still in the kernel is leaked instead, on purpose,
+    /// and an error is logged.
+    fn drop(&mut self) {
+        self.requests.cancel_all();
+        let mut cqes = Vec::new();
+        while self.requests.in_kernel() > 0 {
+            self.fill_requests();
+            let want = usize::from(!self.ring.has_completions());
+            match self.ring.submit_and_wait(want) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::error!(
+                        requests = self.requests.in_kernel(),
+                        "io_uring: cannot reap the requests in flight at drop ({e}); \
+                         leaking their buffers"
+                    );
+                    self.requests.leak_in_kernel();
+                    return;
+                }
+            }
+            cqes.clear();
+            self.ring.drain(&mut cqes);
+            for &(user_data, res) in &cqes {
+                if let Tag::Request(slot) = Tag::decode(user_data) {
+                    self.requests.finish(slot, res);
+                }
+            }
+            // Their memory is freed here, the kernel being done with it.
+            while self.requests.pop_done().is_some() {}
+        }
     }
 }
 

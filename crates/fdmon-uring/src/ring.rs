@@ -31,7 +31,7 @@ use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::time::Duration;
 
 use aio_core::{Interest, Readiness};
-use io_uring::{IoUring, Probe, opcode, types};
+use io_uring::{IoUring, Probe, opcode, squeue, types};
 
 /// A submission could not be queued because every slot of the submission queue is taken; the
 /// caller submits what is queued and tries again.
@@ -204,6 +204,32 @@ impl Ring {
         let entry = opcode::Nop::new().build().user_data(user_data);
         // SAFETY: a NOP points at no memory, so nothing has to outlive it.
         unsafe { self.ring.submission().push(&entry) }.map_err(|_| SqFull)
+    }
+
+    /// Queues an `ASYNC_CANCEL` of the request whose `user_data` is `target`, completing with
+    /// `user_data`.
+    pub(crate) fn push_cancel(&mut self, target: u64, user_data: u64) -> Result<(), SqFull> {
+        let entry = opcode::AsyncCancel::new(target)
+            .build()
+            .user_data(user_data);
+        // Like POLL_REMOVE, an ASYNC_CANCEL carries its target's user_data as a plain number
+        // that the kernel compares and never dereferences (invariant "ring entries").
+        // SAFETY: justified in the comment just above.
+        unsafe { self.ring.submission().push(&entry) }.map_err(|_| SqFull)
+    }
+
+    /// Queues a request prepared by a caller of `UringMonitor::add_sqe`.
+    ///
+    /// # Safety
+    ///
+    /// Every piece of memory `entry` points at must stay valid (and, for memory the kernel
+    /// writes, not be accessed by anything else) until the entry's completion has been reaped
+    /// or the ring is gone. `requests.rs` keeps that memory in the request's slot for exactly
+    /// that long (invariant "request memory").
+    pub(crate) unsafe fn push_request(&mut self, entry: &squeue::Entry) -> Result<(), SqFull> {
+        // SAFETY: the caller's contract is the crate's part of the push's contract; see the
+        // invariant "request memory".
+        unsafe { self.ring.submission().push(entry) }.map_err(|_| SqFull)
     }
 
     /// Submits every queued entry and, if `want` is 1, sleeps until at least one completion is

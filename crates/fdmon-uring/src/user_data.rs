@@ -19,7 +19,9 @@
 //! |---|---|
 //! | `u32::MAX` | the completion of a `POLL_REMOVE` ([`REMOVE_TAG`], `u64::MAX`) |
 //! | `u32::MAX - 1` | the completion of a wake-up `NOP` ([`WAKE_TAG`]) |
-//! | anything else | the `TIMEOUT` with that sequence number |
+//! | `u32::MAX - 2` | the completion of an `ASYNC_CANCEL` of a request ([`CANCEL_TAG`]) |
+//! | `2³¹ ..= u32::MAX - 3` | the request (an SQE added with `add_sqe`) in slot `high − 2³¹` |
+//! | below `2³¹` | the `TIMEOUT` with that sequence number |
 //!
 //! Numbering timeouts lets a wait tell its own timeout from an older one that is still in
 //! flight (see `lib.rs`, "Timeouts").
@@ -31,6 +33,20 @@ const TAG_INDEX: u64 = u32::MAX as u64;
 
 /// The high half of [`WAKE_TAG`].
 const WAKE_HIGH: u32 = u32::MAX - 1;
+
+/// The high half of [`CANCEL_TAG`].
+const CANCEL_HIGH: u32 = u32::MAX - 2;
+
+/// The first high half of a request tag; below it are timeout sequence numbers.
+const REQUEST_BASE: u32 = 1 << 31;
+
+/// How many request slots can exist at once: the high halves from [`REQUEST_BASE`] up to, not
+/// including, [`CANCEL_HIGH`].
+pub(crate) const MAX_REQUESTS: u32 = CANCEL_HIGH - REQUEST_BASE;
+
+/// The `user_data` of every `ASYNC_CANCEL`. Like a `POLL_REMOVE`'s, its completion only says
+/// whether the target was found; the target reports its own end under its own tag.
+pub(crate) const CANCEL_TAG: u64 = ((CANCEL_HIGH as u64) << 32) | TAG_INDEX;
 
 /// The `user_data` of every `POLL_REMOVE`. Its completion only says whether the targeted poll
 /// was found; the targeted poll reports its own end under its key, so this one is ignored.
@@ -51,6 +67,10 @@ pub(crate) enum Tag {
     Remove,
     /// A wake-up `NOP`.
     Wake,
+    /// An `ASYNC_CANCEL` of a request.
+    Cancel,
+    /// The request in this slot of the request table.
+    Request(u32),
 }
 
 impl Tag {
@@ -62,6 +82,8 @@ impl Tag {
         match (user_data >> 32) as u32 {
             u32::MAX => Tag::Remove,
             WAKE_HIGH => Tag::Wake,
+            CANCEL_HIGH => Tag::Cancel,
+            high if high >= REQUEST_BASE => Tag::Request(high - REQUEST_BASE),
             seq => Tag::Timeout(seq),
         }
     }
@@ -74,18 +96,24 @@ pub(crate) fn is_reserved(key: HandlerKey) -> bool {
 
 /// The `user_data` of the timeout with sequence number `seq`.
 ///
-/// `seq` must be below `u32::MAX - 1`: the two highest values spell [`WAKE_TAG`] and
-/// [`REMOVE_TAG`]. [`next_timeout_seq`] never produces them.
+/// `seq` must be below 2³¹: the upper half of the range spells request tags and the other
+/// monitor tags. [`next_timeout_seq`] never produces such a value.
 pub(crate) fn timeout_tag(seq: u32) -> u64 {
-    debug_assert!(seq < WAKE_HIGH, "the two highest values are other tags");
+    debug_assert!(seq < REQUEST_BASE, "the upper half holds other tags");
     (u64::from(seq) << 32) | TAG_INDEX
 }
 
-/// The sequence number after `seq`, wrapping before the two values that are other tags.
+/// The `user_data` of the request in slot `slot` (below [`MAX_REQUESTS`]).
+pub(crate) fn request_tag(slot: u32) -> u64 {
+    debug_assert!(slot < MAX_REQUESTS, "the slot would spell another tag");
+    (u64::from(REQUEST_BASE + slot) << 32) | TAG_INDEX
+}
+
+/// The sequence number after `seq`, wrapping before the values that are other tags.
 /// Wrapping is harmless: a timeout lives for about one wait, so two in flight at once are at
 /// most a few numbers apart.
 pub(crate) fn next_timeout_seq(seq: u32) -> u32 {
-    if seq + 1 >= WAKE_HIGH { 0 } else { seq + 1 }
+    if seq + 1 >= REQUEST_BASE { 0 } else { seq + 1 }
 }
 
 #[cfg(test)]
@@ -110,7 +138,7 @@ mod tests {
         assert!(is_reserved(HandlerKey::from_u64(REMOVE_TAG)));
         assert_eq!(Tag::decode(WAKE_TAG), Tag::Wake);
         assert!(is_reserved(HandlerKey::from_u64(WAKE_TAG)));
-        for seq in [0, 1, 12345, u32::MAX - 2] {
+        for seq in [0, 1, 12345, REQUEST_BASE - 1] {
             let tag = timeout_tag(seq);
             assert_eq!(Tag::decode(tag), Tag::Timeout(seq));
             assert!(is_reserved(HandlerKey::from_u64(tag)));
@@ -120,7 +148,17 @@ mod tests {
     #[test]
     fn timeout_sequence_skips_the_other_tags() {
         assert_eq!(next_timeout_seq(0), 1);
-        assert_eq!(next_timeout_seq(u32::MAX - 3), u32::MAX - 2);
-        assert_eq!(next_timeout_seq(u32::MAX - 2), 0);
+        assert_eq!(next_timeout_seq(REQUEST_BASE - 2), REQUEST_BASE - 1);
+        assert_eq!(next_timeout_seq(REQUEST_BASE - 1), 0);
+    }
+
+    #[test]
+    fn request_tags_decode_as_requests() {
+        assert_eq!(Tag::decode(CANCEL_TAG), Tag::Cancel);
+        for slot in [0, 1, MAX_REQUESTS - 1] {
+            let tag = request_tag(slot);
+            assert_eq!(Tag::decode(tag), Tag::Request(slot));
+            assert!(is_reserved(HandlerKey::from_u64(tag)));
+        }
     }
 }

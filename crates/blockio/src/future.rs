@@ -1,0 +1,124 @@
+//! The futures form of the operations: a thin layer over the completion callbacks, awaitable
+//! from the context's tasks or `AioContext::block_on`. It owns only the hand-over of one
+//! result from the callback to the future.
+//!
+//! Dropping an [`OpFuture`] does not cancel its request: the request keeps its buffer and runs
+//! to its end, and the result is dropped then (cancel first with [`OpFuture::cancel`] to stop
+//! it early). Nothing the kernel may write is ever freed by the drop.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use aio_core::AioContext;
+
+use crate::{BlockIo, Op};
+
+/// Where the callback leaves the result for the future.
+struct Shared<T> {
+    value: Option<T>,
+    waker: Option<Waker>,
+}
+
+/// A request as a future: resolves to what the callback form passes to its callback.
+pub struct OpFuture<T> {
+    shared: Rc<RefCell<Shared<T>>>,
+    op: Op,
+}
+
+impl<T> fmt::Debug for OpFuture<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpFuture")
+            .field("op", &self.op)
+            .field("ready", &self.shared.borrow().value.is_some())
+            .finish()
+    }
+}
+
+impl<T: 'static> OpFuture<T> {
+    /// Submits a request with `submit`, which gets the callback to pass to a callback-form
+    /// operation, and returns the future of its result.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// use blockio::{BlockIo, OpFuture};
+    /// let io = BlockIo::of(&ctx);
+    /// let fut = OpFuture::new(|done| io.nop(&ctx, done));
+    /// assert!(ctx.block_on(fut).is_ok());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn new(submit: impl FnOnce(Box<dyn FnOnce(T)>) -> Op) -> OpFuture<T> {
+        let shared = Rc::new(RefCell::new(Shared {
+            value: None,
+            waker: None,
+        }));
+        let s = shared.clone();
+        let op = submit(Box::new(move |v| {
+            let waker = {
+                let mut s = s.borrow_mut();
+                s.value = Some(v);
+                s.waker.take()
+            };
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }));
+        OpFuture { shared, op }
+    }
+
+    /// Asks for the request to be cancelled; see [`Op::cancel`]. The future still resolves,
+    /// with `ECANCELED` or the request's own result.
+    pub fn cancel(&self, ctx: &AioContext) -> bool {
+        self.op.cancel(ctx)
+    }
+}
+
+impl<T> Future for OpFuture<T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        let mut s = self.shared.borrow_mut();
+        match s.value.take() {
+            Some(v) => Poll::Ready(v),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl BlockIo {
+    /// [`read_at`](Self::read_at) as a future of `(result, buffer)`.
+    pub fn read_at_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: Vec<u8>,
+        offset: u64,
+    ) -> OpFuture<(io::Result<usize>, Vec<u8>)> {
+        OpFuture::new(|done| self.read_at(ctx, file, buf, offset, move |r, b| done((r, b))))
+    }
+
+    /// [`write_at`](Self::write_at) as a future of `(result, buffer)`.
+    pub fn write_at_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: Vec<u8>,
+        offset: u64,
+    ) -> OpFuture<(io::Result<usize>, Vec<u8>)> {
+        OpFuture::new(|done| self.write_at(ctx, file, buf, offset, move |r, b| done((r, b))))
+    }
+
+    /// [`fsync`](Self::fsync) as a future.
+    pub fn fsync_async(&self, ctx: &AioContext, file: &Arc<File>) -> OpFuture<io::Result<()>> {
+        OpFuture::new(|done| self.fsync(ctx, file, done))
+    }
+}

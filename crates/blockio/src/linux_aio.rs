@@ -1,0 +1,482 @@
+//! The Linux native AIO engine (QEMU's `block/linux-aio.c`): `io_setup`/`io_submit`/
+//! `io_getevents` through raw system calls, completion signalled on an eventfd
+//! (`IOCB_FLAG_RESFD`) that the context watches as an fd handler, and submissions batched per
+//! iteration: requests queue up and one one-shot BH submits them all in one `io_submit`
+//! (QEMU's plug / `defer_call`). `EAGAIN` leaves the rest queued until a completion frees a
+//! slot. This file owns the kernel AIO context of one `AioContext`, its request table and every
+//! `unsafe` of the engine.
+//!
+//! Native AIO has no no-op and no fallocate; those go to the thread pool, as in QEMU.
+//! Without `O_DIRECT`, the kernel runs most requests synchronously inside `io_submit`; the
+//! completion still arrives through the eventfd, so the semantics do not change.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use aio_core::{AioContext, EventNotifier, FdHandler};
+
+use crate::{Op, OpInner};
+
+/// Memory a request keeps alive until the kernel has completed it.
+type KeepAlive = Box<dyn std::any::Any>;
+/// What runs when a request completes: the event's `res` and the keep-alive.
+type Callback = Box<dyn FnOnce(i64, KeepAlive)>;
+
+/// How many requests the kernel context accepts in flight (QEMU's `MAX_EVENTS`).
+const MAX_EVENTS: usize = 1024;
+
+const IOCB_CMD_PREAD: u16 = 0;
+const IOCB_CMD_PWRITE: u16 = 1;
+const IOCB_CMD_FSYNC: u16 = 2;
+const IOCB_CMD_FDSYNC: u16 = 3;
+const IOCB_CMD_PREADV: u16 = 7;
+const IOCB_CMD_PWRITEV: u16 = 8;
+const IOCB_FLAG_RESFD: u32 = 1;
+
+/// The kernel's `struct iocb` (little-endian layout: `aio_key` before `aio_rw_flags`).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct Iocb {
+    aio_data: u64,
+    aio_key: u32,
+    aio_rw_flags: i32,
+    aio_lio_opcode: u16,
+    aio_reqprio: i16,
+    aio_fildes: u32,
+    aio_buf: u64,
+    aio_nbytes: u64,
+    aio_offset: i64,
+    aio_reserved2: u64,
+    aio_flags: u32,
+    aio_resfd: u32,
+}
+
+// The layouts above are the kernel ABI's on 64-bit little-endian targets; `of` refuses others.
+const _: () = assert!(std::mem::size_of::<Iocb>() == 64);
+const _: () = assert!(std::mem::size_of::<IoEvent>() == 32);
+
+/// The kernel's `struct io_event`.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+struct IoEvent {
+    data: u64,
+    obj: u64,
+    res: i64,
+    res2: i64,
+}
+
+/// One request: its iocb (boxed, so its address is stable), its memory, its callback.
+struct Req {
+    /// Tells this request from earlier ones in the same slot, for late cancels.
+    generation: u64,
+    iocb: Box<Iocb>,
+    keep: KeepAlive,
+    done: Callback,
+}
+
+/// The engine state of one context, a context-local value.
+pub(crate) struct Laio {
+    /// The kernel AIO context (`aio_context_t`).
+    id: u64,
+    notifier: Arc<EventNotifier>,
+    handler: RefCell<Option<FdHandler>>,
+    /// Requests by slot; `None` is a free slot.
+    slots: RefCell<Vec<Option<Req>>>,
+    free: RefCell<Vec<usize>>,
+    /// Slots waiting for `io_submit`.
+    pending: RefCell<VecDeque<usize>>,
+    /// How many requests the kernel holds.
+    in_kernel: Cell<usize>,
+    /// Whether the submission BH is scheduled.
+    flush_scheduled: Cell<bool>,
+    /// The generation of the next request.
+    next_generation: Cell<u64>,
+}
+
+/// The context-local wrapper: the engine, or why the kernel refused it.
+struct LocalLaio(Result<Rc<Laio>, (io::ErrorKind, String)>);
+
+/// The context's native AIO engine, set up on first use.
+pub(crate) fn of(ctx: &AioContext) -> io::Result<Rc<Laio>> {
+    if cfg!(target_endian = "big") || cfg!(not(target_pointer_width = "64")) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "Linux native AIO: this engine knows the iocb layout of 64-bit little-endian targets only",
+        ));
+    }
+    let local = ctx.local(|ctx| LocalLaio(Laio::new(ctx).map_err(|e| (e.kind(), e.to_string()))));
+    match &local.0 {
+        Ok(l) => Ok(l.clone()),
+        Err((kind, msg)) => Err(io::Error::new(*kind, format!("Linux native AIO: {msg}"))),
+    }
+}
+
+impl Laio {
+    fn new(ctx: &AioContext) -> io::Result<Rc<Laio>> {
+        let mut id: u64 = 0;
+        // io_setup writes one aio_context_t to the pointer, which points at `id`, alive and
+        // exclusively borrowed for the call (invariant "native AIO memory").
+        // SAFETY: justified in the comment just above.
+        let rc = unsafe { libc::syscall(libc::SYS_io_setup, MAX_EVENTS as libc::c_long, &mut id) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let notifier = Arc::new(EventNotifier::new()?);
+        let laio = Rc::new(Laio {
+            id,
+            notifier: notifier.clone(),
+            handler: RefCell::new(None),
+            slots: RefCell::new(Vec::new()),
+            free: RefCell::new(Vec::new()),
+            pending: RefCell::new(VecDeque::new()),
+            in_kernel: Cell::new(0),
+            flush_scheduled: Cell::new(false),
+            next_generation: Cell::new(0),
+        });
+        let weak = Rc::downgrade(&laio);
+        let handler = ctx.set_event_notifier(&notifier, move |e| {
+            e.test_and_clear();
+            if let Some(l) = weak.upgrade() {
+                l.reap();
+                l.flush();
+            }
+        })?;
+        *laio.handler.borrow_mut() = Some(handler);
+        Ok(laio)
+    }
+
+    /// Queues a request; the submission BH sends the iteration's batch in one `io_submit`.
+    ///
+    /// # Safety
+    ///
+    /// Every piece of memory `iocb` points at is heap memory owned by `keep`, used by nothing
+    /// else until `done` gets `keep` back (invariant "native AIO memory").
+    unsafe fn add(&self, ctx: &AioContext, mut iocb: Iocb, keep: KeepAlive, done: Callback) -> Op {
+        let slot = match self.free.borrow_mut().pop() {
+            Some(s) => s,
+            None => {
+                let mut slots = self.slots.borrow_mut();
+                slots.push(None);
+                slots.len() - 1
+            }
+        };
+        iocb.aio_data = slot as u64;
+        iocb.aio_flags |= IOCB_FLAG_RESFD;
+        iocb.aio_resfd = self.notifier.as_fd().as_raw_fd() as u32;
+        let generation = self.next_generation.get();
+        self.next_generation.set(generation + 1);
+        self.slots.borrow_mut()[slot] = Some(Req {
+            generation,
+            iocb: Box::new(iocb),
+            keep,
+            done,
+        });
+        self.pending.borrow_mut().push_back(slot);
+        if !self.flush_scheduled.replace(true) {
+            ctx.schedule_oneshot(|| {
+                if let Some(ctx) = AioContext::current()
+                    && let Ok(l) = of(&ctx)
+                {
+                    l.flush_scheduled.set(false);
+                    l.flush();
+                }
+            });
+        }
+        Op(OpInner::Laio(slot, generation))
+    }
+
+    /// Submits every pending request, in as few `io_submit` calls as the kernel allows.
+    fn flush(&self) {
+        loop {
+            let batch: Vec<*mut Iocb> = {
+                let pending = self.pending.borrow();
+                let mut slots = self.slots.borrow_mut();
+                let room = MAX_EVENTS.saturating_sub(self.in_kernel.get());
+                pending
+                    .iter()
+                    .take(room)
+                    .filter_map(|&s| slots[s].as_mut().map(|r| &mut *r.iocb as *mut Iocb))
+                    .collect()
+            };
+            if batch.is_empty() {
+                return;
+            }
+            // The pointers are the boxed iocbs of pending requests, owned by `slots` until
+            // their completion is reaped (or `Drop` has waited for the kernel); each points
+            // only into its request's keep-alive (invariant "native AIO memory").
+            // SAFETY: justified in the comment just above.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_io_submit,
+                    self.id,
+                    batch.len() as libc::c_long,
+                    batch.as_ptr(),
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::EAGAIN) {
+                    // Retried when a completion frees a slot, or by the next request.
+                    return;
+                }
+                // Fail the first request and go on with the rest, as QEMU does.
+                let slot = self.pending.borrow_mut().pop_front();
+                if let Some(slot) = slot {
+                    self.complete(slot, -i64::from(e.raw_os_error().unwrap_or(libc::EIO)));
+                }
+                continue;
+            }
+            let n = rc as usize;
+            self.pending.borrow_mut().drain(..n);
+            self.in_kernel.set(self.in_kernel.get() + n);
+            if n < batch.len() {
+                return;
+            }
+        }
+    }
+
+    /// Takes every completed event from the kernel and runs its callback, one at a time with
+    /// no borrow held.
+    fn reap(&self) {
+        let mut events = [IoEvent::default(); 64];
+        loop {
+            let timeout = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // io_getevents writes at most `events.len()` events into the array and reads the
+            // timespec, both alive for the call (invariant "native AIO memory").
+            // SAFETY: justified in the comment just above.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_io_getevents,
+                    self.id,
+                    0 as libc::c_long,
+                    events.len() as libc::c_long,
+                    events.as_mut_ptr(),
+                    &timeout,
+                )
+            };
+            if rc <= 0 {
+                return;
+            }
+            let got = &events[..rc as usize];
+            self.in_kernel.set(self.in_kernel.get() - got.len());
+            for ev in got {
+                self.complete(ev.data as usize, ev.res);
+            }
+        }
+    }
+
+    /// Frees `slot` and runs its callback with `res`.
+    fn complete(&self, slot: usize, res: i64) {
+        let req = self.slots.borrow_mut().get_mut(slot).and_then(Option::take);
+        if let Some(req) = req {
+            self.free.borrow_mut().push(slot);
+            (req.done)(res, req.keep);
+        }
+    }
+
+    /// Cancels the request in `slot` if it still waits for `io_submit` (the kernel cannot
+    /// cancel file I/O once submitted: `io_cancel` fails with `EINVAL` there).
+    fn cancel(&self, ctx: &AioContext, slot: usize, generation: u64) -> bool {
+        let live = self
+            .slots
+            .borrow()
+            .get(slot)
+            .and_then(Option::as_ref)
+            .is_some_and(|r| r.generation == generation);
+        if !live {
+            return false;
+        }
+        let pos = self.pending.borrow().iter().position(|&s| s == slot);
+        if let Some(pos) = pos {
+            self.pending.borrow_mut().remove(pos);
+            let req = self.slots.borrow_mut()[slot].take();
+            self.free.borrow_mut().push(slot);
+            if let Some(req) = req {
+                // Completed later, through the pool's completion path, like every completion:
+                // never inside `cancel`.
+                threadpool::ThreadPool::of(ctx).submit_with(
+                    || (),
+                    move |_| (req.done)(-i64::from(libc::ECANCELED), req.keep),
+                );
+            }
+        }
+        // Otherwise it is in the kernel, which cannot stop file I/O (`io_cancel` fails with
+        // EINVAL there): it completes with its own result.
+        true
+    }
+}
+
+impl Drop for Laio {
+    /// `io_destroy` waits until the kernel has completed every request of the context, so
+    /// the buffers are freed afterwards only; if it fails, the memory of the requests in the
+    /// kernel is leaked on purpose (invariant "native AIO memory").
+    fn drop(&mut self) {
+        // io_destroy takes the context id only.
+        // SAFETY: integers only (invariant "integer system calls").
+        let rc = unsafe { libc::syscall(libc::SYS_io_destroy, self.id) };
+        if rc < 0 && self.in_kernel.get() > 0 {
+            let pending: Vec<usize> = self.pending.borrow().iter().copied().collect();
+            for (i, s) in self.slots.get_mut().iter_mut().enumerate() {
+                if !pending.contains(&i)
+                    && let Some(req) = s.take()
+                {
+                    std::mem::forget(req);
+                }
+            }
+        }
+        self.handler.get_mut().take();
+    }
+}
+
+/// Cancels a native AIO request; see [`Op::cancel`].
+pub(crate) fn cancel(ctx: &AioContext, slot: usize, generation: u64) -> bool {
+    of(ctx).is_ok_and(|l| l.cancel(ctx, slot, generation))
+}
+
+fn count(res: i64) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error((-res) as i32))
+    } else {
+        Ok(res as usize)
+    }
+}
+
+struct OneBuf {
+    _file: Arc<File>,
+    buf: Vec<u8>,
+}
+
+pub(crate) fn rw(
+    ctx: &AioContext,
+    laio: &Laio,
+    file: Arc<File>,
+    buf: Vec<u8>,
+    offset: u64,
+    write: bool,
+    done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+) -> Op {
+    let fd = file.as_raw_fd() as u32;
+    let mut keep = Box::new(OneBuf { _file: file, buf });
+    let iocb = Iocb {
+        aio_lio_opcode: if write {
+            IOCB_CMD_PWRITE
+        } else {
+            IOCB_CMD_PREAD
+        },
+        aio_fildes: fd,
+        aio_buf: keep.buf.as_mut_ptr() as u64,
+        aio_nbytes: keep.buf.len() as u64,
+        aio_offset: offset as i64,
+        ..Iocb::default()
+    };
+    // The iocb points at `keep.buf`'s heap memory, owned by `keep` until `done` gets it back
+    // (invariant "native AIO memory").
+    // SAFETY: justified in the comment just above.
+    unsafe {
+        laio.add(
+            ctx,
+            iocb,
+            keep,
+            Box::new(move |res, keep| {
+                let buf = keep.downcast::<OneBuf>().map(|k| k.buf).unwrap_or_default();
+                done(count(res), buf)
+            }),
+        )
+    }
+}
+
+struct VecBufs {
+    _file: Arc<File>,
+    bufs: Vec<Vec<u8>>,
+    _iovecs: Vec<libc::iovec>,
+}
+
+pub(crate) fn rwv(
+    ctx: &AioContext,
+    laio: &Laio,
+    file: Arc<File>,
+    mut bufs: Vec<Vec<u8>>,
+    offset: u64,
+    write: bool,
+    done: impl FnOnce(io::Result<usize>, Vec<Vec<u8>>) + 'static,
+) -> Op {
+    let fd = file.as_raw_fd() as u32;
+    let iovecs: Vec<libc::iovec> = bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    let iocb = Iocb {
+        aio_lio_opcode: if write {
+            IOCB_CMD_PWRITEV
+        } else {
+            IOCB_CMD_PREADV
+        },
+        aio_fildes: fd,
+        aio_buf: iovecs.as_ptr() as u64,
+        aio_nbytes: iovecs.len() as u64,
+        aio_offset: offset as i64,
+        ..Iocb::default()
+    };
+    let keep = Box::new(VecBufs {
+        _file: file,
+        bufs,
+        _iovecs: iovecs,
+    });
+    // The iocb points at the iovec array and, through it, at the buffers' heap memory, all
+    // moved into `keep` without moving the heap memory (invariant "native AIO memory").
+    // SAFETY: justified in the comment just above.
+    unsafe {
+        laio.add(
+            ctx,
+            iocb,
+            keep,
+            Box::new(move |res, keep| {
+                let bufs = keep
+                    .downcast::<VecBufs>()
+                    .map(|k| k.bufs)
+                    .unwrap_or_default();
+                done(count(res), bufs)
+            }),
+        )
+    }
+}
+
+pub(crate) fn sync(
+    ctx: &AioContext,
+    laio: &Laio,
+    file: Arc<File>,
+    data_only: bool,
+    done: impl FnOnce(io::Result<()>) + 'static,
+) -> Op {
+    let iocb = Iocb {
+        aio_lio_opcode: if data_only {
+            IOCB_CMD_FDSYNC
+        } else {
+            IOCB_CMD_FSYNC
+        },
+        aio_fildes: file.as_raw_fd() as u32,
+        ..Iocb::default()
+    };
+    // An fsync iocb points at no memory; `keep` holds the file open (invariant "native AIO
+    // memory").
+    // SAFETY: justified in the comment just above.
+    unsafe {
+        laio.add(
+            ctx,
+            iocb,
+            Box::new(file),
+            Box::new(move |res, _| done(count(res).map(drop))),
+        )
+    }
+}

@@ -1,0 +1,311 @@
+//! The io_uring engine: typed requests turned into SQEs on the context's own ring, and the
+//! context's table of completion callbacks with the completion source that runs them.
+//!
+//! Every request's memory (buffers, iovec array, an `Arc` of the file) goes into the
+//! monitor's request table as the request's keep-alive; the callback here only gets it back
+//! with the completion (ARCHITECTURE.md, invariant "request memory"). This file holds the
+//! `unsafe` calls to [`UringMonitor::add_sqe`], each of which hands over exactly the memory
+//! the SQE points at.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+
+use aio_core::AioContext;
+use fdmon_uring::{KeepAlive, RequestId, Sqe, UringMonitor};
+use io_uring::{opcode, types};
+
+use crate::{FallocateMode, Op, OpInner};
+
+/// What runs when a request completes: its result (`res` of the CQE) and its keep-alive.
+type Callback = Box<dyn FnOnce(i32, KeepAlive)>;
+
+/// The context's callbacks for io_uring requests in flight, a context-local value.
+#[derive(Default)]
+struct Callbacks {
+    table: RefCell<HashMap<RequestId, Callback>>,
+}
+
+/// The context's callback table, created on first use together with the completion source
+/// that drains the monitor's ready list.
+fn callbacks(ctx: &AioContext) -> Rc<Callbacks> {
+    ctx.local(|ctx| {
+        let cbs = Rc::new(Callbacks::default());
+        let weak: Weak<Callbacks> = Rc::downgrade(&cbs);
+        ctx.add_completion_source(Rc::new(move |ctx: &AioContext| run_completions(ctx, &weak)));
+        LocalCallbacks(cbs)
+    })
+    .0
+    .clone()
+}
+
+/// The context-local wrapper (a distinct type, so that no other crate's `Rc<Callbacks>`
+/// could be mistaken for it).
+struct LocalCallbacks(Rc<Callbacks>);
+
+/// The completion source: takes completions off the monitor's ready list one at a time and
+/// runs their callbacks with no borrow held, so that a callback may submit requests or poll
+/// the context (a nested iteration calls this again and goes on with the next completion).
+fn run_completions(ctx: &AioContext, cbs: &Weak<Callbacks>) -> bool {
+    let Some(cbs) = cbs.upgrade() else {
+        return false;
+    };
+    let mut progress = false;
+    loop {
+        let next = ctx.with_backend(|b| {
+            b.and_then(|m| m.downcast_mut::<UringMonitor>())
+                .and_then(|m| m.pop_completion())
+        });
+        let Some(c) = next else {
+            break;
+        };
+        let cb = cbs.table.borrow_mut().remove(&c.id);
+        if let Some(cb) = cb {
+            cb(c.res, c.keep);
+            progress = true;
+        }
+    }
+    progress
+}
+
+/// Adds one request: `entry` must point only into memory owned by `keep` (see each caller).
+/// `done` gets the CQE's result and `keep` back.
+///
+/// # Safety
+///
+/// As [`UringMonitor::add_sqe`]: every piece of memory `entry` points at is heap memory owned
+/// by `keep` and used by nothing else until `done` gets `keep` back.
+unsafe fn submit(
+    ctx: &AioContext,
+    entry: Sqe,
+    keep: KeepAlive,
+    done: impl FnOnce(i32, KeepAlive) + 'static,
+) -> Op {
+    let added = ctx.with_backend(|b| match b.and_then(|m| m.downcast_mut::<UringMonitor>()) {
+        // The caller's contract is add_sqe's (invariant "request memory").
+        // SAFETY: justified in the comment just above.
+        Some(m) => unsafe { m.add_sqe(entry, keep) }.map_err(|(_, keep)| (libc::EAGAIN, keep)),
+        None => Err((libc::EOPNOTSUPP, keep)),
+    });
+    let id = match added {
+        Ok(id) => id,
+        // The request table is full (EAGAIN), or this context has no ring (EOPNOTSUPP: a
+        // `BlockIo` made for an io_uring context used with another one): the request fails,
+        // asynchronously as every completion, through the thread pool's completion path, with
+        // its memory given back.
+        Err((errno, keep)) => return fail_later(ctx, errno, keep, done),
+    };
+    callbacks(ctx).table.borrow_mut().insert(id, Box::new(done));
+    Op(OpInner::Uring(id))
+}
+
+/// Completes a request that could not be added with `-errno`, from the next iteration.
+fn fail_later(
+    ctx: &AioContext,
+    errno: i32,
+    keep: KeepAlive,
+    done: impl FnOnce(i32, KeepAlive) + 'static,
+) -> Op {
+    let keep = std::sync::Mutex::new(Some(keep));
+    let ticket = threadpool::ThreadPool::of(ctx).submit_with(
+        || (),
+        move |_| {
+            let keep = keep
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_else(|| Box::new(()));
+            done(-errno, keep)
+        },
+    );
+    Op(OpInner::Pool(ticket))
+}
+
+/// Cancels the request `id` (see [`Op::cancel`]).
+pub(crate) fn cancel(ctx: &AioContext, id: RequestId) -> bool {
+    ctx.with_backend(|b| {
+        b.and_then(|m| m.downcast_mut::<UringMonitor>())
+            .is_some_and(|m| m.cancel_request(id))
+    })
+}
+
+/// A CQE result as an `io::Result` of a byte count.
+fn count(res: i32) -> io::Result<usize> {
+    if res < 0 {
+        Err(io::Error::from_raw_os_error(-res))
+    } else {
+        Ok(res as usize)
+    }
+}
+
+/// A CQE result as an `io::Result<()>`.
+fn unit(res: i32) -> io::Result<()> {
+    count(res).map(drop)
+}
+
+/// The keep-alive of a one-buffer request.
+struct OneBuf {
+    _file: Arc<File>,
+    buf: Vec<u8>,
+}
+
+/// Takes the buffer back out of a keep-alive made by `read_at`/`write_at`.
+fn one_buf(keep: KeepAlive) -> Vec<u8> {
+    keep.downcast::<OneBuf>().map(|k| k.buf).unwrap_or_default()
+}
+
+pub(crate) fn read_at(
+    ctx: &AioContext,
+    file: Arc<File>,
+    buf: Vec<u8>,
+    offset: u64,
+    done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+) -> Op {
+    let fd = types::Fd(file.as_raw_fd());
+    let mut keep = Box::new(OneBuf { _file: file, buf });
+    let len = u32::try_from(keep.buf.len()).unwrap_or(u32::MAX);
+    let entry = opcode::Read::new(fd, keep.buf.as_mut_ptr(), len)
+        .offset(offset)
+        .build();
+    // The SQE points at `len` bytes of `keep.buf`'s heap memory, which `keep` owns and which
+    // nobody else can reach until `done` gets it back (invariant "request memory").
+    // SAFETY: justified in the comment just above.
+    unsafe {
+        submit(ctx, entry, keep, move |res, keep| {
+            done(count(res), one_buf(keep))
+        })
+    }
+}
+
+pub(crate) fn write_at(
+    ctx: &AioContext,
+    file: Arc<File>,
+    buf: Vec<u8>,
+    offset: u64,
+    done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+) -> Op {
+    let fd = types::Fd(file.as_raw_fd());
+    let keep = Box::new(OneBuf { _file: file, buf });
+    let len = u32::try_from(keep.buf.len()).unwrap_or(u32::MAX);
+    let entry = opcode::Write::new(fd, keep.buf.as_ptr(), len)
+        .offset(offset)
+        .build();
+    // The SQE points at `len` bytes of `keep.buf`'s heap memory, which `keep` owns and which
+    // nobody else can reach until `done` gets it back (invariant "request memory").
+    // SAFETY: justified in the comment just above.
+    unsafe {
+        submit(ctx, entry, keep, move |res, keep| {
+            done(count(res), one_buf(keep))
+        })
+    }
+}
+
+/// The iovec array of a vectored request, pointing into the buffers of the same keep-alive.
+struct IoVecs(Vec<libc::iovec>);
+
+// An `iovec` holds raw pointers, which are not `Send`; these point into the buffers owned by
+// the same `VecBufs`, move with it, and are only ever read by the kernel, never through this
+// type (invariant "request memory").
+// SAFETY: justified in the comment just above.
+unsafe impl Send for IoVecs {}
+
+/// The keep-alive of a vectored request.
+struct VecBufs {
+    _file: Arc<File>,
+    bufs: Vec<Vec<u8>>,
+    iovecs: IoVecs,
+}
+
+pub(crate) fn vectored(
+    ctx: &AioContext,
+    file: Arc<File>,
+    bufs: Vec<Vec<u8>>,
+    offset: u64,
+    write: bool,
+    done: impl FnOnce(io::Result<usize>, Vec<Vec<u8>>) + 'static,
+) -> Op {
+    let fd = types::Fd(file.as_raw_fd());
+    let mut keep = Box::new(VecBufs {
+        _file: file,
+        bufs,
+        iovecs: IoVecs(Vec::new()),
+    });
+    let iovecs: Vec<libc::iovec> = keep
+        .bufs
+        .iter_mut()
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    keep.iovecs = IoVecs(iovecs);
+    let n = u32::try_from(keep.iovecs.0.len()).unwrap_or(u32::MAX);
+    let ptr = keep.iovecs.0.as_ptr();
+    let entry = if write {
+        opcode::Writev::new(fd, ptr, n).offset(offset).build()
+    } else {
+        opcode::Readv::new(fd, ptr, n).offset(offset).build()
+    };
+    // The SQE points at the iovec array in `keep`, whose entries point at the heap memory of
+    // the buffers in `keep`; `keep` owns all of it and nobody else can reach it until `done`
+    // gets it back (invariant "request memory").
+    // SAFETY: justified in the comment just above.
+    unsafe {
+        submit(ctx, entry, keep, move |res, keep| {
+            let bufs = keep
+                .downcast::<VecBufs>()
+                .map(|k| k.bufs)
+                .unwrap_or_default();
+            done(count(res), bufs)
+        })
+    }
+}
+
+pub(crate) fn fsync(
+    ctx: &AioContext,
+    file: Arc<File>,
+    data_only: bool,
+    done: impl FnOnce(io::Result<()>) + 'static,
+) -> Op {
+    let mut op = opcode::Fsync::new(types::Fd(file.as_raw_fd()));
+    if data_only {
+        op = op.flags(types::FsyncFlags::DATASYNC);
+    }
+    // An FSYNC points at no memory; `keep` only holds the file open (invariant "request
+    // memory").
+    // SAFETY: justified in the comment just above.
+    unsafe {
+        submit(ctx, op.build(), Box::new(file), move |res, _| {
+            done(unit(res))
+        })
+    }
+}
+
+pub(crate) fn fallocate(
+    ctx: &AioContext,
+    file: Arc<File>,
+    mode: FallocateMode,
+    offset: u64,
+    len: u64,
+    done: impl FnOnce(io::Result<()>) + 'static,
+) -> Op {
+    let entry = opcode::Fallocate::new(types::Fd(file.as_raw_fd()), len)
+        .offset(offset)
+        .mode(mode)
+        .build();
+    // A FALLOCATE carries only integers; `keep` only holds the file open (invariant "request
+    // memory").
+    // SAFETY: justified in the comment just above.
+    unsafe { submit(ctx, entry, Box::new(file), move |res, _| done(unit(res))) }
+}
+
+pub(crate) fn nop(ctx: &AioContext, done: impl FnOnce(io::Result<()>) + 'static) -> Op {
+    let entry = opcode::Nop::new().build();
+    // A NOP points at no memory (invariant "request memory").
+    // SAFETY: justified in the comment just above.
+    unsafe { submit(ctx, entry, Box::new(()), move |res, _| done(unit(res))) }
+}

@@ -1,0 +1,451 @@
+//! Every block I/O operation on every engine (io_uring on the context's ring, the thread pool
+//! on an io_uring, epoll and poll context, Linux native AIO on epoll and io_uring) against a temporary file, checked byte for byte;
+//! short reads at end of file; cancellation before, during and after completion; a nested
+//! poll inside a completion; batching of one iteration's requests into one `io_uring_enter`.
+//! The memory paths of the io_uring and native AIO engines, which valgrind runs, are in
+//! `memory.rs`.
+
+use std::cell::{Cell, RefCell};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use aio_core::AioContext;
+use blockio::{BlockIo, Engine};
+use fdmon_uring::UringMonitor;
+
+/// A temporary file, already unlinked, open for reading and writing.
+fn temp_file() -> Arc<File> {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("blockio-test-{}-{n}", std::process::id()));
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .expect("temp file");
+    std::fs::remove_file(&path).expect("unlink temp file");
+    Arc::new(f)
+}
+
+/// An io_uring context, or `None` (with the reason printed) where io_uring does not work.
+fn uring_ctx() -> Option<AioContext> {
+    match UringMonitor::new_checked() {
+        Ok(m) => Some(AioContext::new(Box::new(m)).expect("context")),
+        Err(e) => {
+            println!("skipped the io_uring engine: {e}");
+            None
+        }
+    }
+}
+
+/// Every (context, engine) pair to test, with a name for messages.
+fn setups() -> Vec<(&'static str, AioContext, BlockIo)> {
+    let mut v = Vec::new();
+    if let Some(ctx) = uring_ctx() {
+        let io = BlockIo::of(&ctx);
+        assert_eq!(io.engine(), Engine::IoUring);
+        assert!(ctx.has_io_uring());
+        v.push(("io_uring", ctx, io));
+    }
+    if let Some(ctx) = uring_ctx() {
+        let io = BlockIo::with_engine(&ctx, Engine::Threads).unwrap();
+        v.push(("threads on io_uring", ctx, io));
+    }
+    let ctx = AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new().unwrap())).unwrap();
+    let io = BlockIo::of(&ctx);
+    assert_eq!(io.engine(), Engine::Threads);
+    assert!(!ctx.has_io_uring());
+    v.push(("threads on epoll", ctx, io));
+    let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap();
+    let io = BlockIo::of(&ctx);
+    assert_eq!(io.engine(), Engine::Threads);
+    v.push(("threads on poll", ctx, io));
+    let ctx = AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new().unwrap())).unwrap();
+    match BlockIo::with_engine(&ctx, Engine::LinuxAio) {
+        Ok(io) => v.push(("linux-aio on epoll", ctx, io)),
+        Err(e) => println!("skipped the native AIO engine: {e}"),
+    }
+    if let Some(ctx) = uring_ctx() {
+        let io = BlockIo::with_engine(&ctx, Engine::LinuxAio).unwrap();
+        v.push(("linux-aio on io_uring", ctx, io));
+    }
+    v
+}
+
+/// A slot a completion callback fills in.
+type Slot<T> = Rc<RefCell<Option<T>>>;
+
+/// Polls `ctx` until `slot` is filled, and takes it.
+fn wait_for<T>(ctx: &AioContext, slot: &Slot<T>) -> T {
+    for _ in 0..100_000 {
+        if let Some(v) = slot.borrow_mut().take() {
+            return v;
+        }
+        ctx.poll();
+    }
+    panic!("the completion never came");
+}
+
+/// A byte pattern that differs at every offset of a small range.
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn every_operation_on_every_engine() {
+    for (name, ctx, io) in setups() {
+        let file = temp_file();
+
+        // write_at, then check the file with std.
+        let data = pattern(10_000, 7);
+        let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+        let s = slot.clone();
+        io.write_at(&ctx, &file, data.clone(), 4096, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        let (r, back) = wait_for(&ctx, &slot);
+        assert_eq!(r.unwrap(), data.len(), "{name}: write count");
+        assert_eq!(back, data, "{name}: write buffer given back");
+        let mut check = vec![0; 4096 + data.len()];
+        file.read_exact_at(&mut check, 0).unwrap();
+        assert!(check[..4096].iter().all(|&b| b == 0), "{name}: hole");
+        assert_eq!(&check[4096..], &data[..], "{name}: written bytes");
+
+        // read_at of the same range.
+        let s = slot.clone();
+        io.read_at(&ctx, &file, vec![0xff; data.len()], 4096, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        let (r, got) = wait_for(&ctx, &slot);
+        assert_eq!(r.unwrap(), data.len(), "{name}: read count");
+        assert_eq!(got, data, "{name}: read bytes");
+
+        // writev of three buffers, then readv into three differently sized ones.
+        let parts = vec![pattern(100, 1), pattern(5000, 2), pattern(3, 3)];
+        let flat: Vec<u8> = parts.concat();
+        let vslot: Slot<(io::Result<usize>, Vec<Vec<u8>>)> = Rc::default();
+        let s = vslot.clone();
+        io.writev(&ctx, &file, parts.clone(), 100_000, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        let (r, back) = wait_for(&ctx, &vslot);
+        assert_eq!(r.unwrap(), flat.len(), "{name}: writev count");
+        assert_eq!(back, parts, "{name}: writev buffers given back");
+        let mut check = vec![0; flat.len()];
+        file.read_exact_at(&mut check, 100_000).unwrap();
+        assert_eq!(check, flat, "{name}: writev bytes");
+        let s = vslot.clone();
+        io.readv(
+            &ctx,
+            &file,
+            vec![vec![0; 7], vec![0; 4000], vec![0; 1096]],
+            100_000,
+            move |r, b| *s.borrow_mut() = Some((r, b)),
+        );
+        let (r, got) = wait_for(&ctx, &vslot);
+        assert_eq!(r.unwrap(), flat.len(), "{name}: readv count");
+        assert_eq!(got.concat(), flat, "{name}: readv bytes");
+
+        // fsync, fdatasync, fallocate, nop.
+        let uslot: Slot<io::Result<()>> = Rc::default();
+        let s = uslot.clone();
+        io.fsync(&ctx, &file, move |r| *s.borrow_mut() = Some(r));
+        wait_for(&ctx, &uslot).unwrap_or_else(|e| panic!("{name}: fsync: {e}"));
+        let s = uslot.clone();
+        io.fdatasync(&ctx, &file, move |r| *s.borrow_mut() = Some(r));
+        wait_for(&ctx, &uslot).unwrap_or_else(|e| panic!("{name}: fdatasync: {e}"));
+        let s = uslot.clone();
+        io.fallocate(&ctx, &file, 0, 0, 1 << 20, move |r| {
+            *s.borrow_mut() = Some(r)
+        });
+        match wait_for(&ctx, &uslot) {
+            Ok(()) => assert_eq!(file.metadata().unwrap().len(), 1 << 20, "{name}: size"),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                println!("{name}: fallocate unsupported by this file system")
+            }
+            Err(e) => panic!("{name}: fallocate: {e}"),
+        }
+        // The data written before is still there after the allocation.
+        let mut check = vec![0; data.len()];
+        file.read_exact_at(&mut check, 4096).unwrap();
+        assert_eq!(check, data, "{name}: data after fallocate");
+        let s = uslot.clone();
+        io.nop(&ctx, move |r| *s.borrow_mut() = Some(r));
+        wait_for(&ctx, &uslot).unwrap_or_else(|e| panic!("{name}: nop: {e}"));
+    }
+}
+
+#[test]
+fn short_reads_at_end_of_file() {
+    for (name, ctx, io) in setups() {
+        let file = temp_file();
+        let data = pattern(100, 9);
+        file.write_all_at(&data, 0).unwrap();
+        let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+        let s = slot.clone();
+        io.read_at(&ctx, &file, vec![0xee; 4096], 50, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        let (r, buf) = wait_for(&ctx, &slot);
+        assert_eq!(r.unwrap(), 50, "{name}: short read");
+        assert_eq!(buf.len(), 4096, "{name}: buffer length unchanged");
+        assert_eq!(&buf[..50], &data[50..], "{name}: bytes read");
+        assert!(
+            buf[50..].iter().all(|&b| b == 0xee),
+            "{name}: rest untouched"
+        );
+
+        let s = slot.clone();
+        io.read_at(&ctx, &file, vec![0; 10], 1000, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        assert_eq!(
+            wait_for(&ctx, &slot).0.unwrap(),
+            0,
+            "{name}: read past the end"
+        );
+
+        // A vectored read that ends inside its second buffer.
+        let vslot: Slot<(io::Result<usize>, Vec<Vec<u8>>)> = Rc::default();
+        let s = vslot.clone();
+        io.readv(
+            &ctx,
+            &file,
+            vec![vec![0; 60], vec![0; 60]],
+            0,
+            move |r, b| *s.borrow_mut() = Some((r, b)),
+        );
+        let (r, bufs) = wait_for(&ctx, &vslot);
+        assert_eq!(r.unwrap(), 100, "{name}: short readv");
+        assert_eq!(bufs[0][..], data[..60], "{name}: first buffer");
+        assert_eq!(bufs[1][..40], data[60..], "{name}: second buffer");
+    }
+}
+
+#[test]
+fn a_read_of_a_write_only_file_reports_the_errno() {
+    for (name, ctx, io) in setups() {
+        // A write-only file cannot be read: EBADF on every engine.
+        let path = std::env::temp_dir().join(format!("blockio-wo-{}-{name}", std::process::id()));
+        let file = Arc::new(File::create(&path).unwrap());
+        std::fs::remove_file(&path).unwrap();
+        let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+        let s = slot.clone();
+        io.read_at(&ctx, &file, vec![1, 2, 3], 0, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        let (r, buf) = wait_for(&ctx, &slot);
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EBADF), "{name}");
+        assert_eq!(buf, [1, 2, 3], "{name}: buffer given back on error");
+    }
+}
+
+#[test]
+fn cancel_before_submission() {
+    for (name, ctx, io) in setups() {
+        let file = temp_file();
+        let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+        let s = slot.clone();
+        // Neither engine starts a request before the context polls: the ring submits in the
+        // next wait, and a fresh pool has no thread yet.
+        let op = io.read_at(&ctx, &file, vec![5; 64], 0, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        assert!(
+            op.cancel(&ctx),
+            "{name}: a pending request can be cancelled"
+        );
+        let (r, buf) = wait_for(&ctx, &slot);
+        assert_eq!(
+            r.unwrap_err().raw_os_error(),
+            Some(libc::ECANCELED),
+            "{name}"
+        );
+        assert_eq!(buf, vec![5; 64], "{name}: buffer given back");
+        assert!(!op.cancel(&ctx), "{name}: a completed request cannot be");
+    }
+}
+
+#[test]
+fn cancel_after_completion_changes_nothing() {
+    for (name, ctx, io) in setups() {
+        let file = temp_file();
+        file.write_all_at(b"abc", 0).unwrap();
+        let calls = Rc::new(Cell::new(0));
+        let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+        let (s, c) = (slot.clone(), calls.clone());
+        let op = io.read_at(&ctx, &file, vec![0; 3], 0, move |r, b| {
+            c.set(c.get() + 1);
+            *s.borrow_mut() = Some((r, b))
+        });
+        let (r, buf) = wait_for(&ctx, &slot);
+        assert_eq!(r.unwrap(), 3, "{name}");
+        assert_eq!(buf, b"abc", "{name}");
+        assert!(!op.cancel(&ctx), "{name}");
+        ctx.poll_nonblocking();
+        assert_eq!(calls.get(), 1, "{name}: called exactly once");
+    }
+}
+
+#[test]
+fn cancel_during_a_read_the_kernel_is_blocked_on() {
+    // A read of an empty pipe waits in the kernel; only io_uring can stop it (a thread pool
+    // `pread` of a pipe fails with ESPIPE at once).
+    let Some(ctx) = uring_ctx() else { return };
+    let io = BlockIo::of(&ctx);
+    let (rx, mut tx) = std::io::pipe().unwrap();
+    let rx = Arc::new(File::from(std::os::fd::OwnedFd::from(rx)));
+    let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+    let s = slot.clone();
+    let op = io.read_at(&ctx, &rx, vec![9; 16], 0, move |r, b| {
+        *s.borrow_mut() = Some((r, b))
+    });
+    // Submitted, and still waiting for data.
+    for _ in 0..3 {
+        ctx.poll_nonblocking();
+    }
+    assert!(slot.borrow().is_none());
+    assert_eq!(
+        ctx.with_backend(|b| b
+            .unwrap()
+            .downcast_mut::<UringMonitor>()
+            .unwrap()
+            .requests_in_flight()),
+        1
+    );
+    assert!(op.cancel(&ctx));
+    let (r, buf) = wait_for(&ctx, &slot);
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ECANCELED));
+    assert_eq!(buf, vec![9; 16]);
+    // The pipe still works, and nothing read the byte written now.
+    use std::io::Write;
+    tx.write_all(b"z").unwrap();
+    let s = slot.clone();
+    io.read_at(&ctx, &rx, vec![0; 16], 0, move |r, b| {
+        *s.borrow_mut() = Some((r, b))
+    });
+    let (r, buf) = wait_for(&ctx, &slot);
+    assert_eq!(r.unwrap(), 1);
+    assert_eq!(buf[0], b'z');
+}
+
+#[test]
+fn a_completion_counts_as_progress_and_may_poll_again() {
+    for (name, ctx, io) in setups() {
+        let file = temp_file();
+        file.write_all_at(b"nested", 0).unwrap();
+        let inner: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+        let outer_done = Rc::new(Cell::new(false));
+        let (i, o, f) = (inner.clone(), outer_done.clone(), file.clone());
+        io.nop(&ctx, move |r| {
+            r.unwrap();
+            let ctx = AioContext::current().unwrap();
+            let i2 = i.clone();
+            io.read_at(&ctx, &f, vec![0; 6], 0, move |r, b| {
+                *i2.borrow_mut() = Some((r, b))
+            });
+            // A nested poll runs the next completion while this one is still running.
+            while i.borrow().is_none() {
+                ctx.poll();
+            }
+            o.set(true);
+        });
+        let mut progress = false;
+        while !outer_done.get() {
+            progress |= ctx.poll();
+        }
+        assert!(progress, "{name}: progress reported");
+        let (r, buf) = inner.borrow_mut().take().unwrap();
+        assert_eq!(r.unwrap(), 6, "{name}");
+        assert_eq!(buf, b"nested", "{name}");
+    }
+}
+
+#[test]
+fn one_iteration_submits_its_requests_in_one_enter() {
+    let Some(ctx) = uring_ctx() else { return };
+    let io = BlockIo::of(&ctx);
+    let enters = |ctx: &AioContext| {
+        ctx.with_backend(|b| {
+            b.unwrap()
+                .downcast_mut::<UringMonitor>()
+                .unwrap()
+                .enter_calls()
+        })
+    };
+    let done = Rc::new(Cell::new(0));
+    for _ in 0..64 {
+        let d = done.clone();
+        io.nop(&ctx, move |r| {
+            r.unwrap();
+            d.set(d.get() + 1)
+        });
+    }
+    let before = enters(&ctx);
+    assert!(ctx.poll_nonblocking(), "completions are progress");
+    assert_eq!(enters(&ctx) - before, 1, "64 requests, one io_uring_enter");
+    assert_eq!(done.get(), 64);
+
+    // More than the 128-entry submission queue holds: queued and submitted in rounds.
+    for _ in 0..1000 {
+        let d = done.clone();
+        io.nop(&ctx, move |r| {
+            r.unwrap();
+            d.set(d.get() + 1)
+        });
+    }
+    while done.get() < 1064 {
+        ctx.poll();
+    }
+}
+
+#[test]
+fn explicit_io_uring_engine_needs_an_io_uring_context() {
+    let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap();
+    let err = BlockIo::with_engine(&ctx, Engine::IoUring).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::Unsupported);
+    assert!(err.to_string().contains("poll"), "{err}");
+}
+
+#[test]
+fn an_io_uring_block_io_used_on_another_context_fails_cleanly() {
+    let Some(uring) = uring_ctx() else { return };
+    let io = BlockIo::of(&uring);
+    let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap();
+    let file = temp_file();
+    let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+    let s = slot.clone();
+    io.read_at(&ctx, &file, vec![4; 8], 0, move |r, b| {
+        *s.borrow_mut() = Some((r, b))
+    });
+    let (r, buf) = wait_for(&ctx, &slot);
+    assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EOPNOTSUPP));
+    assert_eq!(buf, vec![4; 8], "buffer given back");
+}
+
+#[test]
+fn futures_over_the_callbacks() {
+    for (name, ctx, io) in setups() {
+        let file = temp_file();
+        let (r, buf) = ctx.block_on(io.write_at_async(&ctx, &file, b"future".to_vec(), 2));
+        assert_eq!(r.unwrap(), 6, "{name}");
+        assert_eq!(buf, b"future", "{name}");
+        ctx.block_on(io.fsync_async(&ctx, &file)).unwrap();
+        // From a task, which awaits the read.
+        let (c, f) = (ctx.clone(), file.clone());
+        let task = ctx.spawn_local(async move {
+            let (r, buf) = io.read_at_async(&c, &f, vec![0; 10], 0).await;
+            (r.unwrap(), buf)
+        });
+        let (n, buf) = ctx.block_on(task).unwrap();
+        assert_eq!(n, 8, "{name}");
+        assert_eq!(&buf[..8], b"\0\0future", "{name}");
+    }
+}

@@ -1,0 +1,256 @@
+//! Requests on the monitor's ring that are not polls (QEMU 11's `aio_add_sqe`): the table of
+//! requests in flight, the memory each one keeps alive, the queues of SQEs and cancels waiting
+//! for the next submission, and the ready list of completions waiting for their owner.
+//!
+//! A request lives in a slot of the table from [`Requests::add`] until its completion is taken
+//! by [`Requests::pop_done`]. The slot owns the request's *keep-alive*: a box holding every
+//! piece of memory its SQE points at (buffers, iovec arrays, the file). The box is handed back
+//! only with the completion, that is after the kernel has posted the CQE and so will not touch
+//! the memory again (ARCHITECTURE.md, invariant "request memory"). A slot's `user_data` is a
+//! reserved tag (`user_data.rs`) naming the slot; a generation tells a live request from an
+//! earlier one in the same slot, for callers that cancel late.
+
+use std::any::Any;
+use std::collections::VecDeque;
+
+use io_uring::squeue;
+
+use crate::user_data::{MAX_REQUESTS, request_tag};
+
+/// Memory a request keeps alive until its completion: its buffers, its file, anything its SQE
+/// points at.
+pub type KeepAlive = Box<dyn Any + Send>;
+
+/// The identity of one request added with `UringMonitor::add_sqe`: its slot and the slot's
+/// generation at the time, so that an identity outliving its request never names another one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId {
+    slot: u32,
+    generation: u32,
+}
+
+/// One completed request on the ready list.
+#[derive(Debug)]
+pub struct Completion {
+    /// The request.
+    pub id: RequestId,
+    /// The CQE's result: a byte count or 0 on success, a negative errno on failure
+    /// (`-ECANCELED` for a cancelled request).
+    pub res: i32,
+    /// The memory the request kept alive, given back now that the kernel is done with it.
+    pub keep: KeepAlive,
+}
+
+/// Where a live request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Where {
+    /// In `queued`, not yet in the submission queue: the kernel has not seen it.
+    Queued,
+    /// In the submission queue or in the kernel.
+    Kernel,
+}
+
+/// One slot of the table.
+struct Slot {
+    generation: u32,
+    /// The live request, if any.
+    live: Option<(Where, KeepAlive)>,
+}
+
+/// The request table and its queues.
+#[derive(Default)]
+pub(crate) struct Requests {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// SQEs waiting for the next submission, with their slots.
+    queued: VecDeque<(u32, squeue::Entry)>,
+    /// Requests in the kernel whose cancellation waits for the next submission.
+    cancels: VecDeque<RequestId>,
+    /// Completions not yet taken by their owner (QEMU's `cqe_handler_ready_list`).
+    done: VecDeque<Completion>,
+    /// How many requests are in the submission queue or the kernel.
+    in_kernel: usize,
+}
+
+impl Requests {
+    /// Takes a slot for `entry` and queues it for the next submission.
+    pub(crate) fn add(
+        &mut self,
+        entry: squeue::Entry,
+        keep: KeepAlive,
+    ) -> Result<RequestId, (squeue::Entry, KeepAlive)> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                let Ok(slot) = u32::try_from(self.slots.len()) else {
+                    return Err((entry, keep));
+                };
+                if slot >= MAX_REQUESTS {
+                    return Err((entry, keep));
+                }
+                self.slots.push(Slot {
+                    generation: 0,
+                    live: None,
+                });
+                slot
+            }
+        };
+        let s = &mut self.slots[slot as usize];
+        s.live = Some((Where::Queued, keep));
+        let id = RequestId {
+            slot,
+            generation: s.generation,
+        };
+        self.queued
+            .push_back((slot, entry.user_data(request_tag(slot))));
+        Ok(id)
+    }
+
+    /// Asks for `id` to be cancelled. Returns false if it already completed (its completion
+    /// may still be on the ready list). A request the kernel has not seen completes at once
+    /// with `-ECANCELED`; one in the kernel gets an `ASYNC_CANCEL` with the next submission
+    /// and completes with whatever the kernel says (`-ECANCELED`, or its result if it was too
+    /// late to stop).
+    pub(crate) fn cancel(&mut self, id: RequestId) -> bool {
+        let Some(slot) = self.slots.get_mut(id.slot as usize) else {
+            return false;
+        };
+        if slot.generation != id.generation {
+            return false;
+        }
+        match slot.live {
+            None => false,
+            Some((Where::Queued, _)) => {
+                self.queued.retain(|&(s, _)| s != id.slot);
+                self.finish(id.slot, -libc::ECANCELED);
+                true
+            }
+            Some((Where::Kernel, _)) => {
+                if !self.cancels.contains(&id) {
+                    self.cancels.push_back(id);
+                }
+                true
+            }
+        }
+    }
+
+    /// Moves the request in `slot` to the ready list with result `res` and frees the slot.
+    /// Returns false if the slot holds no live request (a completion the table does not
+    /// expect, which is logged by the caller).
+    pub(crate) fn finish(&mut self, slot: u32, res: i32) -> bool {
+        let Some(s) = self.slots.get_mut(slot as usize) else {
+            return false;
+        };
+        let Some((place, keep)) = s.live.take() else {
+            return false;
+        };
+        if place == Where::Kernel {
+            self.in_kernel -= 1;
+        }
+        let id = RequestId {
+            slot,
+            generation: s.generation,
+        };
+        s.generation = s.generation.wrapping_add(1);
+        self.free.push(slot);
+        self.done.push_back(Completion { id, res, keep });
+        true
+    }
+
+    /// The next submission to put in the submission queue: cancels first (a cancel of a
+    /// request that completed meanwhile is dropped), then requests, which are then counted as
+    /// in the kernel. The caller pushes it, or hands it back with [`unpop`](Self::unpop).
+    pub(crate) fn pop(&mut self) -> Option<Pending> {
+        while let Some(id) = self.cancels.pop_front() {
+            let slot = &self.slots[id.slot as usize];
+            if slot.generation == id.generation && matches!(slot.live, Some((Where::Kernel, _))) {
+                return Some(Pending::Cancel(request_tag(id.slot), id));
+            }
+        }
+        let (slot, entry) = self.queued.pop_front()?;
+        Some(Pending::Request(slot, entry))
+    }
+
+    /// Records that `pending` went into the submission queue.
+    pub(crate) fn pushed(&mut self, pending: &Pending) {
+        if let Pending::Request(slot, _) = pending {
+            if let Some((place, _)) = &mut self.slots[*slot as usize].live {
+                *place = Where::Kernel;
+            }
+            self.in_kernel += 1;
+        }
+    }
+
+    /// Puts back a submission that did not fit in the submission queue.
+    pub(crate) fn unpop(&mut self, pending: Pending) {
+        match pending {
+            Pending::Cancel(_, id) => self.cancels.push_front(id),
+            Pending::Request(slot, entry) => self.queued.push_front((slot, entry)),
+        }
+    }
+
+    /// Takes the oldest completion off the ready list.
+    pub(crate) fn pop_done(&mut self) -> Option<Completion> {
+        self.done.pop_front()
+    }
+
+    /// How many completions wait on the ready list.
+    pub(crate) fn done_len(&self) -> usize {
+        self.done.len()
+    }
+
+    /// Whether something waits for a submission (a request or a cancel) or for its owner (a
+    /// completion).
+    pub(crate) fn has_work(&self) -> bool {
+        !self.queued.is_empty() || !self.cancels.is_empty() || !self.done.is_empty()
+    }
+
+    /// How many requests are live: queued, in the kernel, not yet completed.
+    pub(crate) fn live(&self) -> usize {
+        self.queued.len() + self.in_kernel
+    }
+
+    /// How many requests are in the submission queue or the kernel.
+    pub(crate) fn in_kernel(&self) -> usize {
+        self.in_kernel
+    }
+
+    /// For the monitor's drop: frees every request the kernel never saw, and queues a cancel
+    /// for every one it has. Completions on the ready list are dropped with their memory,
+    /// which the kernel no longer uses.
+    pub(crate) fn cancel_all(&mut self) {
+        while let Some((slot, _)) = self.queued.pop_front() {
+            self.finish(slot, -libc::ECANCELED);
+        }
+        self.done.clear();
+        self.cancels.clear();
+        for (slot, s) in self.slots.iter().enumerate() {
+            if let Some((Where::Kernel, _)) = s.live {
+                self.cancels.push_back(RequestId {
+                    slot: slot as u32,
+                    generation: s.generation,
+                });
+            }
+        }
+    }
+
+    /// For the monitor's drop when the ring can no longer be used: the memory of every request
+    /// still in the kernel is leaked, never freed, because the kernel may still write to it.
+    pub(crate) fn leak_in_kernel(&mut self) {
+        for s in &mut self.slots {
+            if let Some((Where::Kernel, keep)) = s.live.take() {
+                std::mem::forget(keep);
+            }
+        }
+        self.in_kernel = 0;
+        self.done.clear();
+    }
+}
+
+/// A submission [`Requests::pop`] hands to the monitor.
+pub(crate) enum Pending {
+    /// An `ASYNC_CANCEL` of the request with this `user_data`.
+    Cancel(u64, RequestId),
+    /// The SQE of the request in this slot, `user_data` set.
+    Request(u32, squeue::Entry),
+}
