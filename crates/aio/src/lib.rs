@@ -98,6 +98,7 @@ pub use aio_core::{JoinError, JoinHandle, task};
 /// QEMU's recursive FIFO lock (the first `aio_context_acquire`), as a standalone type.
 pub use aio_core::{RFifoLock, RFifoLockGuard};
 /// File I/O on the loop: io_uring requests on the context's own ring, or the thread pool.
+#[cfg(target_os = "linux")]
 pub use blockio::{self, BlockIo, Op as BlockOp};
 #[cfg(feature = "poll")]
 pub use fdmon_poll::PollMonitor;
