@@ -9,35 +9,18 @@ use std::cell::Cell;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aio::calloop::AioSource;
-use aio::{AioContext, Backend, ClockType, Scale};
+use aio::{Backend, ClockType, Scale};
 use calloop::EventLoop;
 use calloop::timer::{TimeoutAction, Timer};
 
-/// Serializes the tests: the fd-leak check counts the process's open fds.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn backends() -> Vec<(Backend, AioContext)> {
-    let mut out = Vec::new();
-    for b in [Backend::Poll, Backend::Epoll, Backend::IoUring] {
-        match aio::Builder::new().backend(b).build() {
-            Ok(ctx) => out.push((b, ctx)),
-            Err(e) => println!("skipping {b:?}: {e}"),
-        }
-    }
-    out
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
+#[path = "support/embed.rs"]
+mod embed;
+use embed::{backends, open_fds, serial};
 
 /// Counts of what ran, the loop's shared data.
 #[derive(Default)]

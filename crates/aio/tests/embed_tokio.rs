@@ -9,40 +9,23 @@ use std::cell::Cell;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use aio::{AioContext, Backend, ClockType, Scale};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::LocalSet;
 
-/// Serializes the tests: the fd-leak checks count the process's open fds.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn backends() -> Vec<(Backend, AioContext)> {
-    let mut out = Vec::new();
-    for b in [Backend::Poll, Backend::Epoll, Backend::IoUring] {
-        match aio::Builder::new().backend(b).build() {
-            Ok(ctx) => out.push((b, ctx)),
-            Err(e) => println!("skipping {b:?}: {e}"),
-        }
-    }
-    out
-}
+#[path = "support/embed.rs"]
+mod embed;
+use embed::{backends, open_fds, serial};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap()
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
 #[test]
