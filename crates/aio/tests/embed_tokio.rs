@@ -462,6 +462,7 @@ fn aio_callbacks_use_a_tokio_runtime_on_another_thread() {
 /// A poll context that moves to epoll (at `EPOLL_UPGRADE_THRESHOLD` fds) while driven: the outer
 /// fds change from every watched fd to the epoll fd, and the driver follows.
 #[test]
+#[cfg(feature = "epoll")] // without it, poll+epoll is plain poll and never moves
 fn the_driver_follows_a_move_from_poll_to_epoll() {
     let _s = serial();
     let Ok(ctx) = aio::Builder::new().backend(Backend::PollThenEpoll).build() else {
