@@ -2033,8 +2033,8 @@ impl AioContext {
     ///
     /// let got = Rc::new(Cell::new(0u8));
     /// let seen = got.clone();
-    /// // SAFETY: raw-fd contract (ARCHITECTURE.md, "Raw fds"): `rd` is closed below, after
-    /// // the handler is removed.
+    /// // `rd` is closed below, after the handler is removed.
+    /// // SAFETY: raw-fd contract (ARCHITECTURE.md, "Raw fds"), kept as just said.
     /// let handler = unsafe { ctx.fd_handler_raw(rd) }
     ///     .on_read(move |_| {
     ///         let mut byte = 0u8;

@@ -129,8 +129,8 @@ impl<T> Join<T> {
     /// panic in the output's `Drop` or in the waker is caught and logged: the completion
     /// happens whatever user code does.
     fn complete(&self, result: Result<T, JoinError>) {
-        // SAFETY: [TASK-5]: COMPLETE is clear (only this call sets it, once), so the consumer
-        // does not look at the output yet.
+        // COMPLETE is clear (only this call sets it, once): the consumer does not look yet.
+        // SAFETY: [TASK-5]: so this write of the output is the only access.
         self.output.with_mut(|p| unsafe { *p = Some(result) });
         // AcqRel: Release publishes the output to the consumer's Acquire; Acquire orders our
         // read of the waker after the consumer's write of it.
@@ -138,8 +138,8 @@ impl<T> Join<T> {
         debug_assert_eq!(old & COMPLETE, 0, "a task completes once");
         if old & JOIN_INTEREST == 0 {
             // Detached: the result is ours again (and the handle took its waker with it).
-            // SAFETY: [TASK-5]: the handle is gone, and it looked at the output only if it
-            // had seen COMPLETE, which it had not.
+            // The handle is gone, and it looked at the output only if it had seen COMPLETE.
+            // SAFETY: [TASK-5]: so the output is ours again.
             let result = self.output.with_mut(|p| unsafe { (*p).take() });
             if let Some(Err(JoinError { panic: Some(p) })) = &result {
                 tracing::error!("a detached task panicked: {}", panic_message(p.as_ref()));
@@ -152,8 +152,9 @@ impl<T> Join<T> {
         }
         catch_and_log("a join handle's waker", || {
             self.waker.with(|w| {
-                // SAFETY: [TASK-5]: JOIN_WAKER was set when COMPLETE went up: the waker is
-                // leased to us until we clear the bit, and the consumer only reads it meanwhile.
+                // JOIN_WAKER was set when COMPLETE went up: the waker is leased to us until
+                // we clear the bit, and the consumer only reads it meanwhile.
+                // SAFETY: [TASK-5]: so this shared read races no write.
                 if let Some(w) = unsafe { &*w } {
                     w.wake_by_ref();
                 }
@@ -181,8 +182,7 @@ impl<T> Join<T> {
         }
         if state & JOIN_WAKER != 0 {
             let same = self.waker.with(|w| {
-                // SAFETY: [TASK-5]: while JOIN_WAKER is set the producer only reads the waker,
-                // and so do we.
+                // SAFETY: [TASK-5]: while JOIN_WAKER is set, producer and consumer only read.
                 let waker = unsafe { &*w };
                 waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
             });
@@ -208,9 +208,9 @@ impl<T> Join<T> {
             }
         }
         let waker = cx.waker().clone();
-        // SAFETY: [TASK-5]: JOIN_WAKER and COMPLETE were both clear when we last looked, and
-        // only we set JOIN_WAKER: a producer completing meanwhile saw it clear and leaves the
-        // waker alone.
+        // JOIN_WAKER and COMPLETE were both clear when we last looked, and only we set
+        // JOIN_WAKER: a producer completing meanwhile saw it clear and leaves the waker alone.
+        // SAFETY: [TASK-5]: so this write is the only access to the waker.
         let old_waker = self.waker.with_mut(|w| unsafe { (*w).replace(waker) });
         drop(old_waker);
         // AcqRel: Release publishes the waker to the producer's Acquire; Acquire, if the task
@@ -233,8 +233,8 @@ impl<T> Join<T> {
         if state & JOIN_WAKER != 0 {
             return (result, false);
         }
-        // SAFETY: [TASK-5]: COMPLETE with JOIN_WAKER clear: the producer is done with the
-        // waker (it never had the lease, or it ended it), and it is ours.
+        // COMPLETE with JOIN_WAKER clear: the producer never had the lease, or ended it.
+        // SAFETY: [TASK-5]: so the waker is ours alone.
         let waker = self.waker.with_mut(|w| unsafe { (*w).take() });
         drop(waker);
         (result, true)
@@ -242,8 +242,9 @@ impl<T> Join<T> {
 
     /// Consumer: the result, after COMPLETE was seen.
     fn take_output(&self) -> Result<T, JoinError> {
-        // SAFETY: [TASK-5]: COMPLETE was seen with Acquire, so the producer is done with the
-        // output and JOIN_INTEREST (ours) keeps it from taking it back.
+        // COMPLETE was seen with Acquire: the producer is done with the output, and our
+        // JOIN_INTEREST keeps it from taking it back.
+        // SAFETY: [TASK-5]: so the output is ours alone.
         match self.output.with_mut(|p| unsafe { (*p).take() }) {
             Some(result) => result,
             None => panic!("JoinHandle polled after it returned its result"),
