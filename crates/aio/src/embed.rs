@@ -1,13 +1,14 @@
 //! The fd an outer event loop (tokio, calloop) watches for a context: [`OuterSet`], a private
 //! epoll that holds the context's outer fds (and, for loops whose timers cannot be re-armed
-//! from a hook, a timerfd), so the outer loop registers one fd that this crate owns.
+//! from a hook, a [`TimerFd`]), so the outer loop registers one fd that this crate owns.
 //!
-//! Why not register each outer fd with the outer loop directly: the poll backend's outer fds are
+//! Why not register each outer fd with tokio or calloop directly: the poll backend's outer fds are
 //! the user's fds, which a callback may close at any time. Unregistering such a number later
 //! (tokio and calloop both do it by number) could remove another source's registration if the
 //! number was reused meanwhile. Here, a change of the outer fd set builds a fresh inner epoll
 //! from the fds just reported (all open at that moment, see [OUTER-FD] in ARCHITECTURE.md) and
-//! closes the old one, so nothing is ever unregistered by number.
+//! closes the old one, so nothing is ever unregistered by number. (glib keeps no kernel
+//! registration, only numbers it polls, so the glib adapter hands it the outer fds themselves.)
 
 use std::cell::RefCell;
 use std::io;
@@ -16,6 +17,8 @@ use std::time::Duration;
 
 use aio_core::{AioContext, Interest, OuterFd};
 use rustix::event::epoll;
+
+use crate::timerfd::TimerFd;
 
 /// The one fd an outer loop watches (readable, level-triggered inside; tokio sees it
 /// edge-triggered) and what stands behind it.
@@ -27,7 +30,7 @@ pub(crate) struct OuterSet {
     inner: RefCell<OwnedFd>,
     /// A timerfd for the context's next deadline, when the outer loop needs one.
     #[cfg_attr(not(feature = "calloop"), allow(dead_code))]
-    timer: Option<OwnedFd>,
+    timer: Option<TimerFd>,
     /// The outer fds in `inner`, sorted by fd, one entry per fd.
     fds: RefCell<Vec<OuterFd>>,
     /// Scratch for the next `outer_fds`.
@@ -49,11 +52,7 @@ impl OuterSet {
             epoll::EventFlags::IN,
         )?;
         let timer = if with_timer {
-            use rustix::time::{TimerfdClockId, TimerfdFlags, timerfd_create};
-            let t = timerfd_create(
-                TimerfdClockId::Monotonic,
-                TimerfdFlags::NONBLOCK | TimerfdFlags::CLOEXEC,
-            )?;
+            let t = TimerFd::new()?;
             epoll::add(
                 &outer,
                 &t,
@@ -125,42 +124,20 @@ impl OuterSet {
         Ok(())
     }
 
-    /// Sets the timerfd to expire after `timeout` (`None`: disarmed). Nanosecond resolution.
-    /// A zero timeout disarms it too: the caller does not sleep then.
+    /// Sets the timerfd to expire after `timeout`; see [`TimerFd::arm`].
     #[cfg_attr(not(feature = "calloop"), allow(dead_code))]
     pub(crate) fn arm(&self, timeout: Option<Duration>) -> io::Result<()> {
-        use rustix::time::{Itimerspec, TimerfdTimerFlags, Timespec, timerfd_settime};
-        let Some(timer) = &self.timer else {
-            return Ok(());
-        };
-        let value = match timeout {
-            Some(t) if !t.is_zero() => Timespec {
-                tv_sec: t.as_secs().min(i64::MAX as u64) as i64,
-                tv_nsec: i64::from(t.subsec_nanos()),
-            },
-            _ => Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-        };
-        let spec = Itimerspec {
-            it_interval: Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            },
-            it_value: value,
-        };
-        timerfd_settime(timer, TimerfdTimerFlags::empty(), &spec)?;
-        Ok(())
+        match &self.timer {
+            Some(timer) => timer.arm(timeout),
+            None => Ok(()),
+        }
     }
 
     /// Reads the timerfd's expirations, if any, so it stops being readable.
     #[cfg_attr(not(feature = "calloop"), allow(dead_code))]
     pub(crate) fn drain_timer(&self) {
         if let Some(timer) = &self.timer {
-            let mut buf = [0u8; 8];
-            // EAGAIN when it has not expired: nothing to drain.
-            let _ = rustix::io::read(timer, &mut buf);
+            timer.drain();
         }
     }
 }

@@ -114,6 +114,13 @@ mod auto;
 pub mod calloop;
 #[cfg(all(any(feature = "tokio", feature = "calloop"), target_os = "linux"))]
 mod embed;
+#[cfg(all(feature = "glib", target_os = "linux"))]
+pub mod glib;
+#[cfg(all(
+    any(feature = "tokio", feature = "calloop", feature = "glib"),
+    target_os = "linux"
+))]
+mod timerfd;
 #[cfg(all(feature = "tokio", target_os = "linux"))]
 pub mod tokio;
 
