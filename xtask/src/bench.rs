@@ -3,7 +3,8 @@
 //!
 //! The bench crate owns the measurements and the reports (Markdown tables plus SVG charts, see
 //! docs/conventions.md 3: `report.md` from `report.rs`, `fd-report.md` from `fd.rs`, `tasks.md` from
-//! `tasks.rs`); xtask only chooses where they go, through `AIO_BENCH_REPORT_DIR`, and forwards
+//! `tasks.rs`); xtask only chooses where they go, through `AIO_BENCH_REPORT_DIR`, turns on the
+//! bench crate's `glib` feature when the system GLib is there (B13's glib rows), and forwards
 //! the filter to the harness (criterion-style: benchmarks whose name contains it). The filter
 //! `nbd` never gets here: `main.rs` sends `cargo xtask bench nbd` to `nbd_bench.rs`, which
 //! compares two NBD servers rather than running the harness.
@@ -23,6 +24,12 @@ pub fn run(filter: Option<&str>) -> Result<ExitCode> {
     let mut cmd = Cmd::cargo()
         .env(REPORT_DIR_ENV, report_dir.display().to_string())
         .args(["bench", "-p", "aio-benches"]);
+    // B13's glib rows link the system GLib (installed with apt-get when missing); without it
+    // they are left out and the rest runs.
+    match crate::cmd::ensure_glib() {
+        Ok(()) => cmd = cmd.args(["--features", "glib"]),
+        Err(reason) => eprintln!("bench: the glib rows of B13 are left out: {reason}"),
+    }
     if let Some(filter) = filter {
         cmd = cmd.arg("--").arg(filter);
     }
@@ -46,6 +53,11 @@ pub fn run(filter: Option<&str>) -> Result<ExitCode> {
     let tasks_report = report_dir.join("tasks.md");
     if tasks_report.is_file() {
         eprintln!("bench: tasks (B12) report at {}", tasks_report.display());
+    }
+    // And the outer-loop adapters bench (B13).
+    let embed_report = report_dir.join("embed.md");
+    if embed_report.is_file() {
+        eprintln!("bench: adapters (B13) report at {}", embed_report.display());
     }
     Ok(ExitCode::SUCCESS)
 }

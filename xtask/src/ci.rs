@@ -5,6 +5,10 @@
 //! 1. `fmt`: `cargo fmt --all -- --check`.
 //! 2. `clippy`: `-D warnings` over all targets with all features (the facade's features are
 //!    additive, so the union is a valid build), then once per backend feature set of `aio`.
+//!    The `glib` features need the system GLib: before the first build with them, the system
+//!    library is installed with apt-get (`libglib2.0-dev`) when `pkg-config` does not find it;
+//!    if that fails, every step builds all features but those, and says so (see
+//!    [`all_features`]).
 //! 3. `test`: the whole workspace with all features, under cargo-nextest when installed (plus
 //!    `cargo test --doc`, since nextest does not run doctests), else plain `cargo test`.
 //!    qemu-utils (qemu-img, qemu-io, qemu-nbd), python3-libnbd (libnbd's Python bindings and
@@ -54,9 +58,10 @@ use crate::tidy;
 ///
 /// One entry per backend alone, and the combinations whose policy needs its own run: poll with
 /// epoll (`AutoMonitor`'s upgrade and fall-back between them) and the three Linux ones; and the
-/// outer-loop adapters (`tokio`, `calloop`) over the poll backend alone (the `--all-features`
-/// steps build and test them with every backend). `polling` is alone: `Auto` picks it on Linux
-/// only when nothing else is compiled in, so it has no policy with the others to test here.
+/// outer-loop adapters (`tokio`, `calloop`, `glib`) over the poll backend alone (the
+/// `--all-features` steps build and test them with every backend). `polling` is alone: `Auto`
+/// picks it on Linux only when nothing else is compiled in, so it has no policy with the others
+/// to test here. `glib` is dropped from a set when the system GLib is unavailable.
 pub const FEATURE_SETS: &[&str] = &[
     "poll",
     "epoll",
@@ -64,8 +69,12 @@ pub const FEATURE_SETS: &[&str] = &[
     "polling",
     "poll,epoll",
     "poll,epoll,io-uring",
-    "poll,tokio,calloop",
+    "poll,tokio,calloop,glib",
 ];
+
+/// The workspace's features that link the system GLib (`aio/glib`, and `aio-benches/glib`,
+/// which turns it on for the adapter bench), by feature name.
+const GLIB_FEATURES: &[&str] = &["glib"];
 
 /// Values of `AIO_BACKEND` under which the conformance suite runs on the facade's default
 /// context (`tests/tests/conformance_auto.rs`), proving the backend choice as well as each
@@ -455,14 +464,15 @@ fn fmt(_root: &Path) -> Result<()> {
     Cmd::cargo().args(["fmt", "--all", "--", "--check"]).run()
 }
 
-fn clippy(_root: &Path) -> Result<()> {
+fn clippy(root: &Path) -> Result<()> {
     Cmd::cargo()
-        .args(["clippy", "--workspace", "--all-targets", "--all-features"])
+        .args(["clippy", "--workspace", "--all-targets"])
+        .args(all_features(root)?)
         .args(["--", "-D", "warnings"])
         .run()?;
     // The union of features can hide code that only compiles (or only stays warning-free) when a
     // backend is alone: an import used only by another backend's arm, say.
-    for set in FEATURE_SETS {
+    for set in feature_sets() {
         Cmd::cargo()
             .args([
                 "clippy",
@@ -471,13 +481,138 @@ fn clippy(_root: &Path) -> Result<()> {
                 "--all-targets",
                 "--no-default-features",
             ])
-            .args(["--features", set, "--", "-D", "warnings"])
+            .args(["--features", &set, "--", "-D", "warnings"])
             .run()?;
     }
     Ok(())
 }
 
-fn test(_root: &Path) -> Result<()> {
+/// Whether the system GLib is there for the `glib` features (installed first when missing);
+/// when it is not, says once what is left out and why.
+fn glib_available() -> bool {
+    static REPORTED: std::sync::Once = std::sync::Once::new();
+    match crate::cmd::ensure_glib() {
+        Ok(()) => true,
+        Err(reason) => {
+            REPORTED.call_once(|| {
+                eprintln!(
+                    "glib: SKIPPED: {reason}; the `glib` features (aio::glib, its tests \
+                     `embed_glib` and example, the glib rows of the adapter bench) are left out \
+                     of every build"
+                );
+            });
+            false
+        }
+    }
+}
+
+/// The arguments that turn on every feature of the workspace: `--all-features`, or, without
+/// the system GLib, `--features` with every feature but [`GLIB_FEATURES`], read from the
+/// members' manifests.
+fn all_features(root: &Path) -> Result<Vec<String>> {
+    feature_args(root, glib_available())
+}
+
+/// [`all_features`], given whether the system GLib is there.
+fn feature_args(root: &Path, glib: bool) -> Result<Vec<String>> {
+    if glib {
+        return Ok(vec!["--all-features".to_owned()]);
+    }
+    let features = workspace_features(root)?
+        .into_iter()
+        .filter(|(_, feature)| !GLIB_FEATURES.contains(&feature.as_str()))
+        .map(|(package, feature)| format!("{package}/{feature}"))
+        .collect::<Vec<_>>();
+    Ok(vec!["--features".to_owned(), features.join(",")])
+}
+
+/// [`FEATURE_SETS`], without [`GLIB_FEATURES`] when the system GLib is unavailable.
+fn feature_sets() -> Vec<String> {
+    let glib = glib_available();
+    FEATURE_SETS
+        .iter()
+        .map(|set| {
+            set.split(',')
+                .filter(|f| glib || !GLIB_FEATURES.contains(f))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .collect()
+}
+
+/// Every `(package, feature)` of the workspace members but `default`, from their manifests'
+/// `[features]` tables (the workspace's own manifests: one `name = [...]` per line).
+fn workspace_features(root: &Path) -> Result<Vec<(String, String)>> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let workspace = read(&root.join("Cargo.toml"))?;
+    let mut out = Vec::new();
+    for member in toml_array(&workspace, "members") {
+        let manifest = read(&root.join(&member).join("Cargo.toml"))?;
+        let name = toml_section(&manifest, "package")
+            .find_map(|(key, value)| (key == "name").then(|| value.trim_matches('"').to_owned()))
+            .ok_or_else(|| Error::new(format!("{member}/Cargo.toml has no package name")))?;
+        for (feature, _) in toml_section(&manifest, "features") {
+            if feature != "default" {
+                out.push((name.clone(), feature));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The `key = value` lines of a manifest's `[section]`, comments and blank lines skipped.
+fn toml_section<'a>(text: &'a str, section: &str) -> impl Iterator<Item = (String, String)> + 'a {
+    let header = format!("[{section}]");
+    text.lines()
+        .skip_while(move |line| line.trim() != header)
+        .skip(1)
+        .take_while(|line| !line.trim_start().starts_with('['))
+        .filter_map(|line| {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                return None;
+            }
+            let (key, value) = line.split_once('=')?;
+            Some((key.trim().to_owned(), value.trim().to_owned()))
+        })
+}
+
+/// The strings of a top-level `key = [ "a", "b", ... ]` array, which may span lines.
+fn toml_array(text: &str, key: &str) -> Vec<String> {
+    let Some(start) = text.lines().position(|l| {
+        l.split_once('=')
+            .is_some_and(|(k, v)| k.trim() == key && v.trim_start().starts_with('['))
+    }) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in text.lines().skip(start) {
+        let body = line
+            .split_once('=')
+            .filter(|_| out.is_empty())
+            .map_or(line, |(_, v)| v);
+        out.extend(
+            body.split(',')
+                .map(|item| {
+                    item.trim()
+                        .trim_matches(['[', ']'])
+                        .trim()
+                        .trim_matches('"')
+                })
+                .filter(|item| !item.is_empty() && !item.starts_with('#'))
+                .map(str::to_owned),
+        );
+        if line.contains(']') {
+            break;
+        }
+    }
+    out
+}
+
+fn test(root: &Path) -> Result<()> {
+    let features = all_features(root)?;
     // The NBD server's tests drive it with qemu-io and qemu-img; without them those tests skip
     // with a printed reason, so a failed install is a warning, not a failure.
     if let Err(e) = crate::nbd::ensure_qemu_utils() {
@@ -504,29 +639,26 @@ fn test(_root: &Path) -> Result<()> {
     if Cmd::cargo().args(["nextest", "--version"]).probe() {
         eprintln!("test runner: cargo-nextest");
         Cmd::cargo()
-            .args([
-                "nextest",
-                "run",
-                "--workspace",
-                "--all-features",
-                "--no-fail-fast",
-            ])
+            .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+            .args(&features)
             .run()?;
         // nextest runs only test binaries; doctests need cargo's own runner.
         Cmd::cargo()
-            .args(["test", "--workspace", "--doc", "--all-features"])
+            .args(["test", "--workspace", "--doc"])
+            .args(&features)
             .run()
     } else {
         // `cargo test` runs doctests too, so there is no separate doctest run on this path.
         eprintln!("test runner: cargo test (cargo-nextest not installed)");
         Cmd::cargo()
-            .args(["test", "--workspace", "--all-features", "--no-fail-fast"])
+            .args(["test", "--workspace", "--no-fail-fast"])
+            .args(&features)
             .run()
     }
 }
 
 fn test_matrix(_root: &Path) -> Result<()> {
-    for set in FEATURE_SETS {
+    for set in feature_sets() {
         Cmd::cargo()
             .args([
                 "test",
@@ -534,7 +666,7 @@ fn test_matrix(_root: &Path) -> Result<()> {
                 "aio",
                 "--no-default-features",
                 "--features",
-                set,
+                &set,
             ])
             .run()?;
     }
@@ -901,13 +1033,14 @@ fn cross(_root: &Path) -> Result<()> {
     Ok(())
 }
 
-fn doc(_root: &Path) -> Result<()> {
+fn doc(root: &Path) -> Result<()> {
     let mut cmd = Cmd::cargo()
         .env(
             "RUSTDOCFLAGS",
             append_flags(std::env::var("RUSTDOCFLAGS").ok(), "-D warnings"),
         )
-        .args(["doc", "--workspace", "--no-deps", "--all-features"]);
+        .args(["doc", "--workspace", "--no-deps"])
+        .args(all_features(root)?);
     // Same reason as in `loom_cargo`: the encoded form would win and drop `-D warnings`.
     if std::env::var_os("CARGO_ENCODED_RUSTDOCFLAGS").is_some() {
         cmd = cmd.env_remove("CARGO_ENCODED_RUSTDOCFLAGS");
@@ -930,6 +1063,49 @@ fn append_flags(existing: Option<String>, ours: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn workspace_features_reads_the_members_manifests() {
+        let features = workspace_features(&project_root()).unwrap();
+        let has = |p: &str, f: &str| features.iter().any(|(pp, ff)| pp == p && ff == f);
+        assert!(has("aio", "glib") && has("aio", "tokio") && has("aio", "io-uring"));
+        assert!(has("aio-core", "testing"));
+        assert!(!features.iter().any(|(_, f)| f == "default"));
+    }
+
+    #[test]
+    fn without_glib_every_other_feature_is_on() {
+        let args = feature_args(&project_root(), false).unwrap();
+        assert_eq!(args[0], "--features");
+        let features: Vec<&str> = args[1].split(',').collect();
+        for f in [
+            "aio/tokio",
+            "aio/calloop",
+            "aio/polling",
+            "aio-core/testing",
+        ] {
+            assert!(features.contains(&f), "{f} missing from {features:?}");
+        }
+        assert!(
+            !features.iter().any(|f| f.ends_with("/glib")),
+            "{features:?}"
+        );
+        assert_eq!(
+            feature_args(&project_root(), true).unwrap(),
+            ["--all-features"]
+        );
+    }
+
+    #[test]
+    fn toml_helpers_read_arrays_and_sections() {
+        let text = "[workspace]\nmembers = [\n    \"a\",\n    \"b/c\", # x\n]\n\
+                    [package]\nname = \"p\"\n[features]\n# note\ndefault = [\"x\"]\n\
+                    x = []\ny = [\"dep:z\"]\n\n[dependencies]\nq = 1\n";
+        assert_eq!(toml_array(text, "members"), ["a", "b/c"]);
+        let features: Vec<_> = toml_section(text, "features").map(|(k, _)| k).collect();
+        assert_eq!(features, ["default", "x", "y"]);
+        assert_eq!(toml_array("members = [\"one\"]\n", "members"), ["one"]);
+    }
 
     #[test]
     fn append_flags_keeps_existing_flags() {

@@ -11,6 +11,7 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// xtask's error: a human-readable message, built up with context as it travels up.
@@ -336,14 +337,20 @@ pub fn missing_tools<'a>(tools: &[&'a str]) -> Vec<&'a str> {
 /// run, so that xtask alone sets up a fresh CI machine (Debian, as root). Checks the tools again
 /// afterwards.
 pub fn ensure_apt_package(package: &str, tools: &[&str]) -> Result<()> {
-    let missing = missing_tools(tools);
-    if missing.is_empty() {
+    let missing = || missing_tools(tools).join(", ");
+    ensure_apt_package_for(package, &missing)
+}
+
+/// Installs the Debian `package` with apt-get when `missing()` names something it provides
+/// (an empty string: nothing is missing), and checks again afterwards. The general form of
+/// [`ensure_apt_package`], for what is not a tool with `--version` (a library that
+/// `pkg-config` finds, say).
+pub fn ensure_apt_package_for(package: &str, missing: &dyn Fn() -> String) -> Result<()> {
+    let before = missing();
+    if before.is_empty() {
         return Ok(());
     }
-    eprintln!(
-        "{} not found; installing {package} with apt-get",
-        missing.join(", ")
-    );
+    eprintln!("{before} not found; installing {package} with apt-get");
     let installed = Cmd::new("apt-get")
         .args(["update", "-qq"])
         .run()
@@ -352,20 +359,43 @@ pub fn ensure_apt_package(package: &str, tools: &[&str]) -> Result<()> {
                 .args(["install", "-y", "-qq", package])
                 .run()
         });
-    let still_missing = missing_tools(tools);
+    let still_missing = missing();
     match installed {
         Ok(()) if still_missing.is_empty() => Ok(()),
         Ok(()) => Err(Error::new(format!(
-            "{package} is installed but {} still does not run",
-            still_missing.join(", ")
+            "{package} is installed but {still_missing} still is not found"
         ))),
         Err(err) => Err(Error::new(format!(
-            "{} missing, and installing {package} failed ({err}); install it by hand \
-             (Debian: apt-get install {package})",
-            missing.join(", ")
+            "{before} missing, and installing {package} failed ({err}); install it by hand \
+             (Debian: apt-get install {package})"
         ))),
     }
 }
+
+/// The system GLib that the `glib` feature of `aio` links (through the `glib` crate, whose
+/// build script asks `pkg-config`), installed with apt-get (`libglib2.0-dev`, which brings
+/// `pkg-config`) when `pkg-config` does not find it. Probed and installed once per process;
+/// `Err` says why it is unavailable.
+pub fn ensure_glib() -> std::result::Result<(), String> {
+    static GLIB: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    GLIB.get_or_init(|| {
+        let missing = || {
+            let found = Cmd::new("pkg-config")
+                .args(["--exists", "--print-errors", GLIB_PKG_CONFIG])
+                .probe();
+            if found {
+                String::new()
+            } else {
+                format!("{GLIB_PKG_CONFIG} (pkg-config)")
+            }
+        };
+        ensure_apt_package_for("libglib2.0-dev", &missing).map_err(|e| e.to_string())
+    })
+    .clone()
+}
+
+/// What `pkg-config` must find for the `glib` crate (0.20 asks for 2.56 or later).
+const GLIB_PKG_CONFIG: &str = "glib-2.0 >= 2.56";
 
 /// What kind of cargo target an executable is looked up for in cargo's JSON messages.
 #[derive(Clone, Copy, Debug)]

@@ -50,8 +50,8 @@
 //!   catches it, detaches itself and keeps the payload for [`AioSource::take_panic`].
 //!
 //! ```
-//! use std::cell::Cell;
-//! use std::rc::Rc;
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicBool, Ordering};
 //! use std::time::Duration;
 //! # fn main() -> std::io::Result<()> {
 //! let main_context = glib::MainContext::new();
@@ -60,9 +60,11 @@
 //! let source = aio::glib::AioSource::attach(ctx.clone(), &main_context)?;
 //!
 //! // An aio timer and a BH from another thread end the glib loop.
-//! let fired = Rc::new(Cell::new(false));
+//! let fired = Arc::new(AtomicBool::new(false));
 //! let f = fired.clone();
-//! let timer = ctx.timer(aio::ClockType::Realtime, aio::Scale::NS, move || f.set(true));
+//! let timer = ctx.timer(aio::ClockType::Realtime, aio::Scale::NS, move || {
+//!     f.store(true, Ordering::SeqCst)
+//! });
 //! timer.arm_after(Duration::from_micros(500));
 //! let (remote, quit) = (ctx.handle(), main_loop.clone());
 //! std::thread::spawn(move || {
@@ -70,7 +72,7 @@
 //!     remote.schedule_oneshot(move || quit.quit());
 //! });
 //! main_loop.run();
-//! assert!(fired.get());
+//! assert!(fired.load(Ordering::SeqCst));
 //! source.detach();
 //! # Ok(()) }
 //! ```
