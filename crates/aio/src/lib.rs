@@ -66,15 +66,22 @@
 //! (its waits make more system calls than epoll's), so there it is used when asked for.
 //! `--no-default-features --features poll` or `--features polling` builds on any Unix.
 //!
-//! Two more features embed a context in an event loop the program already runs (Linux only):
+//! Three more features embed a context in an event loop the program already runs (Linux only):
 //!
 //! | feature | module | outer loop |
 //! |---|---|---|
+//! | `glib` | `aio::glib` (`AioSource`, a real `GSource`) | any `glib::MainContext` (GTK, GStreamer, GIO); needs the system GLib |
 //! | `tokio` | `aio::tokio` (`drive`, `spawn_on`) | a tokio current_thread runtime or `LocalSet` |
 //! | `calloop` | `aio::calloop` (`AioSource`) | a `calloop::EventLoop` |
 //!
-//! Each module's documentation has a runnable example, and `crates/aio/examples/embed_tokio.rs`
-//! and `embed_calloop.rs` are complete programs.
+//! Each drives the context through its outer-loop hooks ([`AioContext::prepare`],
+//! [`AioContext::outer_fds`], [`AioContext::check`], [`AioContext::dispatch`]: QEMU's GSource
+//! callbacks), wakes the sleeping outer loop on a cross-thread `schedule_oneshot`, adds no
+//! wake-up while the context is idle, and lets a callback poll the context directly. Run aio's
+//! own loop when the thread is yours (fewest system calls, adaptive polling, nanosecond timers);
+//! embed it when the thread already belongs to one of these loops. Each module's documentation
+//! has a runnable example, and `crates/aio/examples/embed_glib.rs`, `embed_tokio.rs` and
+//! `embed_calloop.rs` are complete programs.
 
 #![deny(missing_docs)]
 #![doc(test(attr(deny(warnings))))]

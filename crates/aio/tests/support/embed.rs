@@ -1,6 +1,6 @@
-//! What the adapter tests (`embed_tokio.rs`, `embed_calloop.rs`) share: serialization (their
-//! fd-leak checks count the process's open fds), a context on each backend the kernel accepts,
-//! and the open-fd count.
+//! What the adapter tests (`embed_tokio.rs`, `embed_calloop.rs`, `embed_glib.rs`) share:
+//! serialization (their fd-leak checks count the process's open fds), a context on each backend
+//! the kernel accepts, and the open-fd count.
 
 use aio::{AioContext, Backend};
 use std::sync::{Mutex, MutexGuard};
