@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// What the loop's callbacks saw, from either side.
+#[cfg(target_os = "linux")]
 #[derive(Debug, Default)]
 struct Seen {
     glib_timeout: AtomicBool,
@@ -28,6 +29,7 @@ struct Seen {
     remote_bh: AtomicBool,
 }
 
+#[cfg(target_os = "linux")]
 impl Seen {
     fn all(&self) -> bool {
         self.glib_timeout.load(Ordering::SeqCst)

@@ -1,6 +1,6 @@
 //! A context as a real `GSource` (feature `glib`): [`AioSource`] attaches an [`AioContext`] to
-//! any [`glib::MainContext`](::glib::MainContext), as QEMU's main loop attaches its AioContext
-//! to glib's (`aio_get_g_source`), so aio's BHs, fd handlers, timers and tasks run inside a
+//! any [`glib::MainContext`], as QEMU's main loop attaches its AioContext to glib's
+//! (`aio_get_g_source`), so aio's BHs, fd handlers, timers and tasks run inside a
 //! `glib::MainLoop` (GTK, GStreamer, a D-Bus service) next to glib's own sources.
 //!
 //! The source's callbacks are QEMU's `aio_ctx_prepare` / `check` / `dispatch` (util/async.c):
