@@ -191,8 +191,8 @@ impl AioSource {
         }
         let timer = TimerFd::new()?;
         let timer_fd = timer.as_fd().as_raw_fd();
-        // SAFETY: [GSOURCE]: `FUNCS` is a static that glib only reads, and `RAW_SIZE` is the
-        // size of `Raw`, whose first field is the `GSource`.
+        // `FUNCS` is a static that glib only reads; `RAW_SIZE` is the size of `Raw`.
+        // SAFETY: [GSOURCE]: `Raw` starts with the `GSource`, as `g_source_new` requires.
         let source = unsafe { ffi::g_source_new(std::ptr::addr_of!(FUNCS).cast_mut(), RAW_SIZE) };
         let raw = NonNull::new(source.cast::<Raw>()).expect("g_source_new returned null");
         let state = State {
@@ -208,19 +208,20 @@ impl AioSource {
             armed: Cell::new(false),
             panic: RefCell::new(None),
         };
-        // SAFETY: [GSOURCE]: `g_source_new` returned `RAW_SIZE` zeroed bytes aligned for `Raw`;
-        // `state` is written before glib or anyone else can see the source.
+        // `g_source_new` returned `RAW_SIZE` zeroed bytes aligned for `Raw`.
+        // SAFETY: [GSOURCE]: the state is written before anyone else can see the source.
         unsafe { std::ptr::addr_of_mut!((*raw.as_ptr()).state).write(state) };
         // From here `Drop` gives the reference back and `finalize` drops the state.
         let this = Self { raw, ctx };
-        // SAFETY: [GSOURCE]: our live source; the timerfd belongs to its state, so it stays
-        // open for as long as glib may poll it.
+        // The timerfd belongs to the source's state: open as long as glib may poll it.
+        // SAFETY: [GSOURCE]: our live source.
         let tag = unsafe { ffi::g_source_add_unix_fd(source, timer_fd, ffi::G_IO_IN) };
         this.state().timer_tag.set(tag);
-        // SAFETY: [GSOURCE]: our live source, and a static NUL-terminated name (glib copies it).
+        // A static NUL-terminated name, which glib copies.
+        // SAFETY: [GSOURCE]: our live source.
         unsafe { ffi::g_source_set_name(source, c"aio".as_ptr()) };
-        // SAFETY: [GSOURCE]: our live source, never attached before; the `MainContext`
-        // pointer is valid for the call (glib takes its own references).
+        // The `MainContext` pointer is valid for the call (glib takes its own references).
+        // SAFETY: [GSOURCE]: our live source, never attached before.
         unsafe { ffi::g_source_attach(source, main_context.to_glib_none().0) };
         Ok(this)
     }
@@ -281,8 +282,8 @@ impl Drop for AioSource {
         // The state's clone of the context dies here, on the home thread ([GSOURCE-THREAD]).
         let ctx = state.ctx.borrow_mut().take();
         drop(ctx);
-        // SAFETY: [GSOURCE]: gives back the reference `g_source_new` gave us; the pointer is
-        // not used afterwards.
+        // The reference `g_source_new` gave us; the pointer is not used afterwards.
+        // SAFETY: [GSOURCE]: given back once, here.
         unsafe { ffi::g_source_unref(source) };
     }
 }
@@ -308,8 +309,8 @@ impl State {
                      the context's home thread; it detached itself"
                 );
             }
-            // SAFETY: [GSOURCE-THREAD]: glib's destroy is thread-safe, and nothing but
-            // `home` and `foreign_logged` was read on this thread.
+            // Nothing but `home` and `foreign_logged` was read on this thread.
+            // SAFETY: [GSOURCE-THREAD]: glib's destroy is thread-safe.
             unsafe { ffi::g_source_destroy(source) };
             return None;
         }
@@ -423,9 +424,9 @@ impl State {
                         }
                         w.tag
                     }
-                    // SAFETY: [GSOURCE]: our live source. glib only polls the number, which
-                    // `outer_fds` just reported as watched ([OUTER-FD]); it is removed here
-                    // as soon as a later `outer_fds` no longer reports it.
+                    // glib only polls the number, which `outer_fds` just reported ([OUTER-FD]);
+                    // it is removed here as soon as a later `outer_fds` no longer reports it.
+                    // SAFETY: [GSOURCE]: our live source.
                     None => unsafe { ffi::g_source_add_unix_fd(source, n.fd, cond) },
                 };
                 fds.push(Watched {
@@ -494,8 +495,8 @@ fn ms_ceil(timeout: Option<Duration>) -> c_int {
 ///
 /// `source` is a live source created by [`AioSource::attach`] ([GSOURCE]).
 unsafe fn state<'a>(source: *mut ffi::GSource) -> &'a State {
-    // SAFETY: [GSOURCE]: per the contract, `source` points to a live `Raw` whose state was
-    // written before glib could call us.
+    // Per the contract, `source` points to a live `Raw`.
+    // SAFETY: [GSOURCE]: its state was written before glib could call us.
     unsafe { &(*source.cast::<Raw>()).state }
 }
 
@@ -532,8 +533,8 @@ unsafe extern "C" fn dispatch(
 
 unsafe extern "C" fn finalize(source: *mut ffi::GSource) {
     let raw = source.cast::<Raw>();
-    // SAFETY: [GSOURCE]: glib calls `finalize` once, when the last reference is gone, before
-    // it frees the memory; nothing else uses the state any more.
+    // glib calls `finalize` once, when the last reference is gone, before it frees the memory.
+    // SAFETY: [GSOURCE]: nothing else uses the state any more.
     let state = unsafe { &mut (*raw).state };
     if thread_mark() != state.home {
         // Only if an `AioSource` was leaked: its context must not be dropped off its home
@@ -542,6 +543,7 @@ unsafe extern "C" fn finalize(source: *mut ffi::GSource) {
             std::mem::forget(ctx);
         }
     }
-    // SAFETY: [GSOURCE]: as above; the state was written in `attach` and is dropped only here.
+    // The state was written in `attach` and is dropped only here.
+    // SAFETY: [GSOURCE]: as above.
     unsafe { std::ptr::drop_in_place(std::ptr::addr_of_mut!((*raw).state)) };
 }
