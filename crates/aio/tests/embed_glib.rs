@@ -582,7 +582,8 @@ fn glib_sources_and_aio_handlers_bhs_timers_tasks_share_one_loop() {
 }
 
 /// A one-shot BH scheduled from another thread wakes a `MainLoop` sleeping with nothing else
-/// to do (no timeout anywhere), and a single blocking iteration returns with it run.
+/// to do (no timeout anywhere), and a single blocking iteration returns with it run; so does a
+/// bare `notify`.
 #[test]
 fn remote_oneshot_wakes_a_sleeping_main_loop() {
     let _s = serial();
@@ -618,6 +619,19 @@ fn remote_oneshot_wakes_a_sleeping_main_loop() {
         t.join().unwrap();
         // The wake-up was the eventfd (the only way to reach a sleeping glib).
         assert!(ctx.stats().event_writes > 0, "{backend:?}");
+
+        // A bare notify from another thread ends a blocking iteration too (the context's
+        // notifier fd is among the source's fds, directly or behind the backend's fd).
+        while main.iteration(false) {}
+        let remote = ctx.handle();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            remote.notify();
+        });
+        let start = Instant::now();
+        iterate_blocking(&main);
+        assert!(start.elapsed() >= Duration::from_millis(20), "{backend:?}");
+        t.join().unwrap();
     }
 }
 
