@@ -38,10 +38,11 @@
 //!   [`AioContext::block_on`]) while the source is attached, and a glib callback may too, as a
 //!   QEMU callback may call `aio_poll` on a context attached to the main loop.
 //! * **Detaching.** Dropping the [`AioSource`] (or [`AioSource::detach`]) destroys the
-//!   `GSource`: glib calls none of its callbacks afterwards, and an outer-loop window that a
-//!   `prepare` left open is closed with a `check` whose findings are left to whoever drives the
-//!   context next. Dropping the `MainContext` first destroys the source too; the `AioSource`
-//!   then only gives back its reference. Nothing leaks in either order.
+//!   `GSource`: glib calls none of its callbacks afterwards (dropped from an aio callback that
+//!   the source dispatched, the dispatch under way finishes first), and an outer-loop window
+//!   that a `prepare` left open is closed with a `check` whose findings are left to whoever
+//!   drives the context next. Dropping the `MainContext` first destroys the source too; the
+//!   `AioSource` then only gives back its reference. Nothing leaks in either order.
 //! * **Threads.** The `MainContext` must be iterated on the context's home thread (where the
 //!   `AioSource`, which is not `Send`, lives): [`AioSource::attach`] refuses a `MainContext`
 //!   that another thread owns, and if another thread iterates it later, the source detaches
@@ -59,7 +60,7 @@
 //! let ctx = aio::Builder::new().build()?;
 //! let source = aio::glib::AioSource::attach(ctx.clone(), &main_context)?;
 //!
-//! // An aio timer and a BH from another thread end the glib loop.
+//! // An aio timer fires under glib; a BH from another thread ends the loop.
 //! let fired = Arc::new(AtomicBool::new(false));
 //! let f = fired.clone();
 //! let timer = ctx.timer(aio::ClockType::Realtime, aio::Scale::NS, move || {
