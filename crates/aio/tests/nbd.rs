@@ -2155,6 +2155,13 @@ fn idle_server_stops_on_sigterm_and_bad_command_lines_exit_2() {
             "coroutines".into(),
             image.clone(),
         ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--aio".into(),
+            "posix".into(),
+            image.clone(),
+        ],
         vec!["--tcp".into(), "127.0.0.1:0".into(), image.clone(), image],
     ] {
         let out = Command::new(bin).args(&args).output().unwrap();
@@ -2564,14 +2571,112 @@ fn callbacks_is_the_default_engine_and_the_ready_line_names_the_engine() {
     // (Every server a test starts is checked to name the engine it was given.)
     let f = fixture("engine-default", MIB, |c| c.default_engine());
     let ready = ready_line(&f.srv);
-    assert!(ready.ends_with(" bytes, engine callbacks)"), "{ready}");
+    assert!(
+        ready.ends_with(" bytes, aio threads, engine callbacks)"),
+        "{ready}"
+    );
     f.assert_serves();
     let f = fixture("engine-tasks", MIB, |c| {
         c.default_engine().args_extra(&["--engine", "tasks"])
     });
     let ready = ready_line(&f.srv);
-    assert!(ready.ends_with(" bytes, engine tasks)"), "{ready}");
+    assert!(
+        ready.ends_with(" bytes, aio threads, engine tasks)"),
+        "{ready}"
+    );
     f.assert_serves();
+}
+
+/// Every `--aio` mode under both engines keeps data intact: pipelined writes of many sizes and
+/// alignments (FUA among them), a flush, and reads of every range, checked against the image
+/// file and against what was written. io_uring runs the contexts on the io_uring backend even
+/// when `AIO_BACKEND` asks for another (the mode needs the ring). Modes the kernel refuses
+/// are skipped with the reason.
+#[test]
+fn every_aio_mode_keeps_data_intact_under_both_engines() {
+    for io in ["threads", "io_uring", "native"] {
+        if let Err(why) = support::server::io_mode_works(io) {
+            println!("skipped --aio {io}: {why}");
+            continue;
+        }
+        for engine in ["callbacks", "tasks"] {
+            let tag = format!("aio-{io}-{engine}");
+            let f = fixture(&tag, 8 * MIB, |c| {
+                c.default_engine()
+                    .args_extra(&["--engine", engine, "--aio", io])
+                    .env("AIO_BACKEND", Some("epoll"))
+            });
+            let ready = ready_line(&f.srv);
+            assert!(
+                ready.contains(&format!(", aio {io}, engine {engine})")),
+                "{ready}"
+            );
+            if io == "io_uring" {
+                assert!(ready.contains("(backend io_uring,"), "{ready}");
+            }
+            let mut c = f.srv.client();
+            let mut model = vec![0u8; 8 * MIB];
+            // (offset, length): aligned and not, small and up to 2 MiB, overlapping.
+            let writes = [
+                (0, 4096),
+                (4096 * 3 + 17, 1000),
+                (MIB - 5, 10),
+                (2 * MIB, 2 * MIB),
+                (3 * MIB + 4095, 300_001),
+                (8 * MIB - 512, 512),
+            ];
+            let mut cookies = Vec::new();
+            for (i, &(off, len)) in writes.iter().enumerate() {
+                let data = pattern(i as u64 + 1, len);
+                model[off..off + len].copy_from_slice(&data);
+                cookies.push(c.send_write(off as u64, &data).unwrap());
+            }
+            for _ in &cookies {
+                let r = c.receive().unwrap();
+                assert!(
+                    r.result.is_ok(),
+                    "--aio {io} --engine {engine}: {:?}",
+                    r.result
+                );
+            }
+            let data = pattern(99, 70_000);
+            c.write_fua(5 * MIB as u64 + 1, &data).unwrap();
+            model[5 * MIB + 1..5 * MIB + 1 + 70_000].copy_from_slice(&data);
+            c.flush().unwrap();
+            assert!(
+                f.disk_all() == model,
+                "--aio {io} --engine {engine}: image differs"
+            );
+            for &(off, len) in writes.iter().chain(&[(0, 8 * MIB)][..]) {
+                let got = c.read(off as u64, len as u32).unwrap();
+                assert!(
+                    got[..] == model[off..off + len],
+                    "--aio {io} --engine {engine}: read of {len} at {off}"
+                );
+            }
+            // READ, WRITE and FLUSH went to the engine: the pool never started a worker
+            // (its threads are named aio-pool-N; io_uring's own are iou-*).
+            let pool_threads = pool_thread_count(f.srv.pid());
+            if io == "threads" {
+                assert!(pool_threads > 0, "--aio threads ran no pool worker");
+            } else {
+                assert_eq!(
+                    pool_threads, 0,
+                    "--aio {io} --engine {engine} used the pool"
+                );
+            }
+            c.disconnect().unwrap();
+        }
+    }
+}
+
+/// How many of process `pid`'s threads are thread-pool workers.
+fn pool_thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("aio-pool"))
+        .count()
 }
 
 /// The environment variable that overrides `--poll-max-ns` (the facade's `POLL_MAX_NS_ENV`).
@@ -4057,14 +4162,16 @@ fn client_agrees_with_qemu_nbd() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The task engine. Every test above runs the default engine (`--engine callbacks`); this module
-// runs each case again, under its own name, with `--engine tasks`. A new test belongs in the
+// The task engine and the file I/O modes. Every test above runs the default engine
+// (`--engine callbacks`) and the default `--aio threads`; the modules below run each case again,
+// under its own name, with `--engine tasks`, `--aio io_uring` and `--aio native`. A new test belongs in the
 // list (`every_case_runs_under_both_engines` checks it), unless it serves no connection.
 // ---------------------------------------------------------------------------------------------
 
 /// Tests that start no server that serves a client: nothing an engine changes.
 const ENGINE_INDEPENDENT: &[&str] = &[
     "callbacks_is_the_default_engine_and_the_ready_line_names_the_engine",
+    "every_aio_mode_keeps_data_intact_under_both_engines",
     "bad_poll_options_exit_2_with_a_message",
     "help_and_version_print_on_stdout_and_exit_0",
 ];
@@ -4077,6 +4184,27 @@ macro_rules! under_the_task_engine {
                 #[test]
                 fn $case() {
                     super::support::server::with_engine("tasks", super::$case);
+                }
+            )*
+        }
+
+        /// Every case of this file, with `--aio io_uring` (skipped where the kernel has no
+        /// io_uring).
+        mod aio_io_uring {
+            $(
+                #[test]
+                fn $case() {
+                    super::support::server::with_io("io_uring", super::$case);
+                }
+            )*
+        }
+
+        /// Every case of this file, with `--aio native` (skipped without Linux AIO).
+        mod aio_native {
+            $(
+                #[test]
+                fn $case() {
+                    super::support::server::with_io("native", super::$case);
                 }
             )*
         }

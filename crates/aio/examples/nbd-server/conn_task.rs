@@ -32,12 +32,13 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use aio::task::{AsyncFd, CoMutex};
-use aio::{AioContext, JoinHandle, ThreadPool};
+use aio::{AioContext, BlockIo, JoinHandle, ThreadPool};
 
 use crate::ClientSlot;
 use crate::buffers::BufPool;
 use crate::connection::{Served, Settings, Shard, Socket};
 use crate::export::Export;
+use crate::file_io;
 use crate::protocol::*;
 use crate::session::{
     self, Action, Expired, HANDSHAKE_LIMIT, Handshake, LINGER, Opted, READ_BUDGET, READ_CHUNK,
@@ -69,6 +70,7 @@ pub fn start(
         ctx: ctx.clone(),
         export,
         pool: ThreadPool::of(ctx),
+        io: file_io::block_io(ctx, settings.io),
         bufs: BufPool::of(ctx),
         shard: shard.clone(),
         verbose: settings.verbose,
@@ -117,6 +119,8 @@ pub struct Conn {
     ctx: AioContext,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
+    /// How file I/O is done (`--aio`).
+    io: BlockIo,
     /// The context's buffer pool: read replies and write payloads come from it, and go back
     /// once sent.
     bufs: Rc<BufPool>,
@@ -363,8 +367,15 @@ impl Conn {
     fn run_request(self: &Rc<Self>, req: Request, data: Option<Vec<u8>>) {
         let framing = self.hs.get().framing;
         let buf = data.unwrap_or_else(|| self.bufs.take(session::buffer_len(framing, &req)));
-        let work = session::work(self.export.clone(), req, buf, framing);
-        let done = self.pool.submit(work);
+        let done = file_io::run(
+            &self.ctx,
+            self.io,
+            &self.pool,
+            &self.export,
+            req,
+            buf,
+            framing,
+        );
         self.in_flight.set(self.in_flight.get() + 1);
         self.pending_bytes
             .set(self.pending_bytes.get() + session::payload_bytes(&req));

@@ -44,12 +44,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aio::{AioContext, ClockType, FdHandler, Scale, ThreadPool, Timer};
+use aio::{AioContext, BlockIo, ClockType, FdHandler, Scale, ThreadPool, Timer};
 
 use crate::ClientSlot;
 use crate::buffers::BufPool;
 use crate::conn_task;
 use crate::export::Export;
+use crate::file_io;
 use crate::protocol::*;
 use crate::session::{
     self, Action, Expired, HANDSHAKE_LIMIT, Handshake, LINGER, Opted, READ_BUDGET, READ_CHUNK,
@@ -118,6 +119,8 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// How connections are served.
     pub engine: Engine,
+    /// How file I/O is done (`--aio`); every context was checked to support it.
+    pub io: aio::blockio::Engine,
 }
 
 /// How a connection is served (`--engine`).
@@ -215,6 +218,7 @@ impl Shard {
             sock: Some(sock),
             export,
             pool: ThreadPool::of(ctx),
+            io: file_io::block_io(ctx, settings.io),
             bufs: BufPool::of(ctx),
             shard: shard.clone(),
             handler: None,
@@ -326,6 +330,8 @@ pub struct Conn {
     sock: Option<Socket>,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
+    /// How file I/O is done (`--aio`).
+    io: BlockIo,
     /// The context's buffer pool: read replies and write payloads come from it, and go back
     /// once sent.
     bufs: Rc<BufPool>,
@@ -739,27 +745,36 @@ impl Conn {
         }
     }
 
-    /// Runs a valid request on the thread pool; its completion sends the reply.
+    /// Starts a valid request (`file_io.rs`); its completion sends the reply.
     fn submit(&mut self, req: Request, data: Option<Vec<u8>>) {
         let conn = self
             .weak
             .upgrade()
             .expect("a connection being served is alive");
+        let Some(ctx) = AioContext::current() else {
+            // Requests are read from the socket's handler, which runs inside the loop.
+            self.log("a request was read outside the context; dropping the connection");
+            return self.abort();
+        };
         self.in_flight += 1;
         self.pending_bytes += session::payload_bytes(&req);
         let framing = self.hs.framing;
         let buf = data.unwrap_or_else(|| self.bufs.take(session::buffer_len(framing, &req)));
-        let work = session::work(self.export.clone(), req, buf, framing);
-        self.pool
-            .submit_with(work, move |r| Conn::completed(&conn, req, r));
+        let done = move |r| Conn::completed(&conn, req, r);
+        file_io::start(
+            &ctx,
+            self.io,
+            &self.pool,
+            &self.export,
+            req,
+            buf,
+            framing,
+            done,
+        );
     }
 
     /// A request's completion, on the context's thread: queue its reply and send.
-    fn completed(
-        conn: &Rc<RefCell<Conn>>,
-        req: Request,
-        result: Result<io::Result<Vec<u8>>, aio::threadpool::Error>,
-    ) {
+    fn completed(conn: &Rc<RefCell<Conn>>, req: Request, result: io::Result<Vec<u8>>) {
         let mut c = conn.borrow_mut();
         c.in_flight -= 1;
         c.pending_bytes -= session::payload_bytes(&req);

@@ -10,6 +10,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::protocol::*;
 
@@ -27,7 +28,7 @@ const ZERO_RANGE: libc::c_int = 2;
 
 #[derive(Debug)]
 pub struct Export {
-    file: File,
+    file: Arc<File>,
     pub name: String,
     pub size: u64,
     pub read_only: bool,
@@ -66,7 +67,7 @@ impl Export {
             ));
         };
         Ok(Export {
-            file,
+            file: Arc::new(file),
             name,
             size,
             read_only,
@@ -94,6 +95,11 @@ impl Export {
             flags |= TFLAG_READ_ONLY;
         }
         flags
+    }
+
+    /// The open image, for block I/O requests (`file_io.rs`).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
     }
 
     /// Reads `len` bytes at `offset` into `buf[prefix..]`, a buffer the caller sized to

@@ -393,10 +393,7 @@ fn read_reply(
 ) -> io::Result<Vec<u8>> {
     // Admitted reads are at most MAX_PAYLOAD long.
     let len = req.length;
-    let sparse = framing.chunked()
-        && req.flags & CMD_FLAG_DF == 0
-        && req.length >= u64::from(SPARSE_READ_MIN);
-    let mut runs = if sparse {
+    let mut runs = if looks_for_holes(framing, req) {
         export.allocation(req.offset, len, MAX_READ_CHUNKS)?
     } else {
         Vec::new()
@@ -450,8 +447,14 @@ fn read_reply(
     Ok(buf)
 }
 
+/// Whether a READ looks for holes, to send them as hole chunks: a structured read of
+/// [`SPARSE_READ_MIN`] or more without `NBD_CMD_FLAG_DF`.
+pub fn looks_for_holes(framing: Framing, req: &Request) -> bool {
+    framing.chunked() && req.flags & CMD_FLAG_DF == 0 && req.length >= u64::from(SPARSE_READ_MIN)
+}
+
 /// Makes `buf` exactly `len` bytes long, zeroing only what it did not hold before.
-fn fit(buf: &mut Vec<u8>, len: usize) {
+pub fn fit(buf: &mut Vec<u8>, len: usize) {
     if buf.len() >= len {
         buf.truncate(len);
     } else {
@@ -504,14 +507,7 @@ fn block_status_reply(export: &Export, req: &Request, framing: Framing) -> io::R
 /// [`work`]: the reply the work built, or a status reply. A failure (of the file, or of the
 /// pool: cancelled, panicked) is the server's problem, not the client's, so it is logged;
 /// except the `ENOTSUP` a `NBD_CMD_FLAG_FAST_ZERO` asked for.
-pub fn reply(
-    framing: Framing,
-    id: u64,
-    req: &Request,
-    result: Result<io::Result<Vec<u8>>, aio::threadpool::Error>,
-) -> Vec<u8> {
-    let result =
-        result.unwrap_or_else(|_| Err(io::Error::other("the thread pool did not run the request")));
+pub fn reply(framing: Framing, id: u64, req: &Request, result: io::Result<Vec<u8>>) -> Vec<u8> {
     match result {
         Ok(buf) if !buf.is_empty() => buf,
         Ok(_) => status(framing, req, 0),
