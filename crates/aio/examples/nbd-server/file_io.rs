@@ -20,9 +20,9 @@ use std::task::{Context, Poll, Waker};
 use aio::blockio::Engine as IoEngine;
 use aio::{AioContext, BlockIo, ThreadPool};
 
-use crate::export::Export;
+use crate::export::{Export, Pass};
 use crate::protocol::*;
-use crate::session;
+use crate::session::{self, IoBuf};
 
 /// The block I/O of a context for `engine`, which `main.rs` checked when it made the context;
 /// should that check be undone, the thread pool, which always works, with a line on stderr.
@@ -35,7 +35,9 @@ pub fn block_io(ctx: &AioContext, engine: IoEngine) -> BlockIo {
 
 /// Starts request `req` (admitted by `session::classify`) with `buf`, its reply buffer or its
 /// WRITE payload; `done` gets, on the context's thread, what [`session::work`] returns: the
-/// whole reply, or an empty buffer for a status reply, or the error.
+/// whole reply, or an empty buffer for a status reply, or the error. Under `--cache none` the
+/// data moves through the `O_DIRECT` file when its buffer, offset and length are aligned
+/// (`Export::file_for`).
 #[allow(clippy::too_many_arguments)] // a request and everything it runs with
 pub fn start(
     ctx: &AioContext,
@@ -43,40 +45,47 @@ pub fn start(
     pool: &ThreadPool,
     export: &Arc<Export>,
     req: Request,
-    buf: Vec<u8>,
+    buf: IoBuf,
     framing: Framing,
-    done: impl FnOnce(io::Result<Vec<u8>>) + 'static,
+    done: impl FnOnce(io::Result<IoBuf>) + 'static,
 ) {
     if io.engine() == IoEngine::Threads {
         return on_pool(pool, export, req, buf, framing, done);
     }
-    let file = export.file().clone();
     match req.kind {
         CMD_READ if !session::looks_for_holes(framing, &req) => {
             let prefix = framing.read_prefix();
             let len = req.length as usize;
-            let mut buf = buf;
-            session::fit(&mut buf, prefix + len);
-            let whole = move |r: io::Result<()>, mut buf: Vec<u8>| {
+            let out = session::read_buffer(buf.vec, prefix, len, export.align());
+            let start = out.start;
+            let data = start + prefix;
+            let file = export.file_for(&out.vec[data..], req.offset).clone();
+            let Ok(pass) = admit(export, &file) else {
+                return on_pool(pool, export, req, out, framing, done);
+            };
+            let whole = move |r: io::Result<()>, mut vec: Vec<u8>| {
+                drop(pass);
                 done(r.map(|()| {
                     // Admitted reads are at most MAX_PAYLOAD long.
-                    framing.write_read_prefix(&mut buf, &req, req.offset, len as u32);
-                    buf
+                    let reply = &mut vec[start..];
+                    framing.write_read_prefix(reply, &req, req.offset, len as u32);
+                    IoBuf { vec, start }
                 }))
             };
-            transfer(ctx, io, file, buf, prefix, req.offset, false, whole);
+            transfer(ctx, io, file, out.vec, data, req.offset, false, whole);
         }
         CMD_WRITE => {
             let fua = req.flags & CMD_FLAG_FUA != 0;
+            let file = export.file_for(buf.bytes(), req.offset).clone();
+            let Ok(pass) = admit(export, &file) else {
+                return on_pool(pool, export, req, buf, framing, done);
+            };
             let sync_file = file.clone();
-            let written = move |r: io::Result<()>, mut buf: Vec<u8>| {
+            let written = move |r: io::Result<()>, vec: Vec<u8>| {
+                drop(pass);
                 let reply = move |r: io::Result<()>| {
-                    done(r.map(|()| {
-                        // The payload is on disk: its buffer carries the status reply.
-                        buf.clear();
-                        framing.status_reply(&mut buf, &req, 0);
-                        buf
-                    }))
+                    // The payload is on disk: its buffer carries the status reply.
+                    done(r.map(|()| session::write_done(vec, framing, &req)))
                 };
                 match (r, AioContext::current()) {
                     (Ok(()), Some(ctx)) if fua => {
@@ -88,13 +97,30 @@ pub fn start(
                     (r, _) => reply(r),
                 }
             };
-            transfer(ctx, io, file, buf, 0, req.offset, true, written);
+            transfer(ctx, io, file, buf.vec, buf.start, req.offset, true, written);
         }
         CMD_FLUSH => {
-            io.fdatasync(ctx, &file, move |r| done(r.map(|()| Vec::new())));
+            io.fdatasync(ctx, export.file(), move |r| {
+                done(r.map(|()| IoBuf::default()))
+            });
         }
         _ => on_pool(pool, export, req, buf, framing, done),
     }
+}
+
+/// Whether a transfer through `file` may go to the engine now, with its place in the
+/// export's gate (`--cache none`: see `export::Gate`), or must take the pool, where it may
+/// wait for its turn: an unaligned one (through the page cache), or a direct one while
+/// page-cache transfers run or wait. Without `--cache none` every transfer may go, with no
+/// place to hold.
+fn admit(export: &Export, file: &Arc<File>) -> Result<Option<Pass>, ()> {
+    if export.align() <= 1 {
+        return Ok(None);
+    }
+    if !export.is_direct(file) {
+        return Err(());
+    }
+    export.try_direct().map(Some).ok_or(())
 }
 
 /// The whole request as [`session::work`] on the pool.
@@ -102,9 +128,9 @@ fn on_pool(
     pool: &ThreadPool,
     export: &Arc<Export>,
     req: Request,
-    buf: Vec<u8>,
+    buf: IoBuf,
     framing: Framing,
-    done: impl FnOnce(io::Result<Vec<u8>>) + 'static,
+    done: impl FnOnce(io::Result<IoBuf>) + 'static,
 ) {
     let work = session::work(export.clone(), req, buf, framing);
     pool.submit_with(work, move |r| {
@@ -165,7 +191,7 @@ pub fn run(
     pool: &ThreadPool,
     export: &Arc<Export>,
     req: Request,
-    buf: Vec<u8>,
+    buf: IoBuf,
     framing: Framing,
 ) -> Outcome {
     let slot = Rc::new(RefCell::new(Slot::default()));
@@ -182,7 +208,7 @@ pub fn run(
 
 #[derive(Default)]
 struct Slot {
-    result: Option<io::Result<Vec<u8>>>,
+    result: Option<io::Result<IoBuf>>,
     waker: Option<Waker>,
 }
 
@@ -190,7 +216,7 @@ struct Slot {
 pub struct Outcome(Rc<RefCell<Slot>>);
 
 impl Future for Outcome {
-    type Output = io::Result<Vec<u8>>;
+    type Output = io::Result<IoBuf>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut s = self.0.borrow_mut();

@@ -86,7 +86,7 @@ use aio::{
 };
 
 use connection::{Engine, Settings, Shard, Socket};
-use export::Export;
+use export::{Cache, Export};
 
 /// The most threads each context's pool runs the file I/O on (the pool's default is QEMU's
 /// 64): as many as nbdkit serves with, enough to keep a disk's queue busy; on the page cache
@@ -135,6 +135,10 @@ usage: nbd-server [OPTIONS] IMAGE
                         backend) or native (Linux AIO, io_submit); TRIM, WRITE_ZEROES,
                         CACHE, BLOCK_STATUS and reads that look for holes use the pool in
                         every mode
+  --cache MODE          writeback (the default: through the page cache) or none
+                        (O_DIRECT for every READ and WRITE whose offset and length are
+                        multiples of 4096, into page-aligned buffers; others go through
+                        the cache), as qemu-nbd's --cache; FLUSH syncs either way
   --engine E            how connections are served: callbacks (the default: an fd handler
                         and a state machine per connection) or tasks (a task per connection
                         and per request, as QEMU's nbd/server.c coroutines)
@@ -167,6 +171,8 @@ struct Config {
     engine: Engine,
     /// How file I/O is done (`--aio`).
     io: IoEngine,
+    /// Whether the image's data goes through the page cache (`--cache`).
+    cache: Cache,
 }
 
 /// What the command line asks for.
@@ -215,6 +221,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         verbose: false,
         engine: Engine::default(),
         io: IoEngine::Threads,
+        cache: Cache::Writeback,
     };
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) = (0, None, 0, 0);
@@ -318,6 +325,14 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                     }
                 };
             }
+            "--cache" => {
+                let m = value("writeback or none")?;
+                cfg.cache = match m.as_str() {
+                    "writeback" => Cache::Writeback,
+                    "none" => Cache::None,
+                    _ => return Err(format!("--cache takes writeback or none, not {m:?}")),
+                };
+            }
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             a if a.starts_with('-') => return Err(format!("unknown option {a}")),
@@ -391,7 +406,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     // inherits the blocked mask and the signals reach only the signalfd.
     let signals = Signals::new()?;
     buffers::release_freed_memory();
-    let export = Export::open(&cfg.image, cfg.name.clone(), cfg.read_only)
+    let export = Export::open(&cfg.image, cfg.name.clone(), cfg.read_only, cfg.cache)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
     let export = Arc::new(export);
     let ctx = new_context(cfg.poll, cfg.io)?;
@@ -502,7 +517,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     }
     println!(
         "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{}, \
-         aio {}, engine {})",
+         aio {}, cache {}, engine {})",
         addresses.join(", "),
         ctx.backend(),
         cfg.contexts,
@@ -512,6 +527,10 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         acceptor.export.size,
         if cfg.read_only { ", read-only" } else { "" },
         io_name(cfg.io),
+        match cfg.cache {
+            Cache::Writeback => "writeback",
+            Cache::None => "none",
+        },
         match cfg.engine {
             Engine::Callbacks => "callbacks",
             Engine::Tasks => "tasks",

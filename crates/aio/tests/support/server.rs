@@ -165,11 +165,21 @@ pub struct Config {
     /// `--aio`: the [`io_mode`] of the thread that made the configuration (empty: no `--aio`,
     /// the server's default).
     io: &'static str,
+    /// `--cache`: the [`cache_mode`] of the thread that made the configuration (empty: the
+    /// server's default).
+    cache: &'static str,
 }
 
 thread_local! {
     static ENGINE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("callbacks") };
     static IO: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+    static CACHE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+}
+
+/// The cache mode (`--cache`) of the servers this thread configures from now on: the
+/// server's default unless [`with_io`] says otherwise.
+pub fn cache_mode() -> &'static str {
+    CACHE.with(|e| e.get())
 }
 
 /// The file I/O mode (`--aio`) of the servers this thread configures from now on: the
@@ -178,18 +188,19 @@ pub fn io_mode() -> &'static str {
     IO.with(|e| e.get())
 }
 
-/// Runs `case` with servers started with `--aio io`, naming the mode if it fails; skips it,
-/// saying why, when this kernel refuses the mode (io_uring or Linux AIO disabled).
-pub fn with_io(io: &'static str, case: fn()) {
+/// Runs `case` with servers started with `--aio io --cache cache`, naming them if it fails;
+/// skips it, saying why, when this kernel refuses the mode (io_uring or Linux AIO disabled).
+pub fn with_io(io: &'static str, cache: &'static str, case: fn()) {
     if let Err(why) = io_mode_works(io) {
         println!("skipped with --aio {io}: {why}");
         return;
     }
-    let before = IO.with(|e| e.replace(io));
+    let before = (IO.with(|e| e.replace(io)), CACHE.with(|e| e.replace(cache)));
     let outcome = std::panic::catch_unwind(case);
-    IO.with(|e| e.set(before));
+    IO.with(|e| e.set(before.0));
+    CACHE.with(|e| e.set(before.1));
     if let Err(panic) = outcome {
-        eprintln!("(the case above failed with --aio {io})");
+        eprintln!("(the case above failed with --aio {io} --cache {cache})");
         std::panic::resume_unwind(panic);
     }
 }
@@ -245,6 +256,7 @@ impl Config {
             persistent: true,
             engine: engine(),
             io: io_mode(),
+            cache: cache_mode(),
         }
     }
 
@@ -350,6 +362,9 @@ impl Config {
         }
         if !self.io.is_empty() {
             args.extend(["--aio".to_owned(), self.io.to_owned()]);
+        }
+        if !self.cache.is_empty() {
+            args.extend(["--cache".to_owned(), self.cache.to_owned()]);
         }
         args.extend(self.extra.iter().cloned());
         args.push(self.image.display().to_string());
@@ -508,6 +523,10 @@ impl Server {
                 if !config.io.is_empty() {
                     let io = format!(", aio {},", config.io);
                     assert!(line.contains(&io), "not {io}: {line}");
+                }
+                if !config.cache.is_empty() {
+                    let cache = format!(", cache {},", config.cache);
+                    assert!(line.contains(&cache), "not {cache}: {line}");
                 }
                 break;
             }
