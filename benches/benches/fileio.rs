@@ -14,6 +14,9 @@
 //! every block, so that `O_DIRECT` reads reach the disk. The page-cache part runs first, when
 //! the file is cached from being written; the direct writes then evict it.
 //!
+//! `B11_ring_features` runs the raw floor with each optional io_uring feature (SINGLE_ISSUER +
+//! DEFER_TASKRUN, a registered file, registered buffers, SQPOLL): what each can win at best.
+//!
 //! `cargo bench -p aio-benches --bench fileio [-- FILTER] [--quick]`; without `--bench` (as
 //! under `cargo test --benches`) a smoke run on an 8 MiB file.
 
@@ -22,7 +25,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aio::blockio::Engine;
-use aio_benches::b11::{self, Kind};
+use aio_benches::b11::{self, Kind, RingFeatures};
 use aio_benches::{Sizes, percentile, verdict};
 
 #[derive(Debug, Clone, Copy)]
@@ -246,6 +249,116 @@ fn direct(out: &mut String, plan: Plan) {
     part(out, plan, true);
 }
 
+/// What each optional io_uring feature wins on the raw floor (QD 1 and 32 reads, page cache and
+/// `O_DIRECT`), before any is built into the monitor.
+fn ring_features(out: &mut String, plan: Plan) {
+    let path = image();
+    if let Err(e) = b11::prepare(&path, plan.file_size) {
+        writeln!(out, "\n## B11_ring_features\n\nskipped: {e}").unwrap();
+        return;
+    }
+    let none = RingFeatures::default();
+    let variants = [
+        ("no setup flags (the monitor's ring today)", none),
+        (
+            "SINGLE_ISSUER | DEFER_TASKRUN",
+            RingFeatures {
+                defer_taskrun: true,
+                ..none
+            },
+        ),
+        (
+            "registered file",
+            RingFeatures {
+                fixed_file: true,
+                ..none
+            },
+        ),
+        (
+            "registered buffers (READ_FIXED)",
+            RingFeatures {
+                fixed_buffers: true,
+                ..none
+            },
+        ),
+        (
+            "registered file + buffers",
+            RingFeatures {
+                fixed_file: true,
+                fixed_buffers: true,
+                ..none
+            },
+        ),
+        (
+            "SQPOLL (a kernel thread polls)",
+            RingFeatures {
+                sqpoll: true,
+                ..none
+            },
+        ),
+    ];
+    writeln!(
+        out,
+        "\n## B11_ring_features: the raw floor's 4 KiB random reads with optional io_uring features, {} rounds\n",
+        plan.rounds
+    )
+    .unwrap();
+    writeln!(out, "| cache | QD | ring | median µs/op | vs no flags |").unwrap();
+    writeln!(out, "|---|---:|---|---:|---:|").unwrap();
+    for direct in [false, true] {
+        let Ok(file) = b11::open(&path, direct) else {
+            writeln!(out, "| O_DIRECT | | skipped: cannot open | | |").unwrap();
+            continue;
+        };
+        let ops = if direct {
+            plan.direct_ops
+        } else {
+            plan.cached_ops
+        };
+        for qd in [1usize, 32] {
+            let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+            let mut refused: Vec<Option<String>> = vec![None; variants.len()];
+            for round in 0..plan.rounds {
+                let offs = b11::offsets(ops, plan.file_size, 0xfea7 + round as u64 * 31);
+                for (i, (_, f)) in variants.iter().enumerate() {
+                    if refused[i].is_some() {
+                        continue;
+                    }
+                    match b11::raw_uring_with(*f, &file, Kind::Read, qd, &offs) {
+                        Ok(t) => times[i].push(t.as_nanos() as f64 / ops as f64),
+                        Err(e) => refused[i] = Some(e.to_string()),
+                    }
+                }
+            }
+            let med: Vec<Option<f64>> = times
+                .into_iter()
+                .map(|mut v| {
+                    v.sort_by(f64::total_cmp);
+                    (!v.is_empty()).then(|| percentile(&v, 0.5))
+                })
+                .collect();
+            let cache = if direct { "O_DIRECT" } else { "page cache" };
+            for (i, (name, _)) in variants.iter().enumerate() {
+                match (med[i], &refused[i]) {
+                    (Some(ns), _) => {
+                        let vs = med[0].map_or("–".to_owned(), |b| format!("{:.2}×", b / ns));
+                        writeln!(
+                            out,
+                            "| {cache} | {qd} | {name} | {:.2} | {vs} |",
+                            ns / 1000.0
+                        )
+                        .unwrap();
+                    }
+                    (None, Some(e)) => {
+                        writeln!(out, "| {cache} | {qd} | {name} | refused: {e} | |").unwrap();
+                    }
+                    (None, None) => {}
+                }
+            }
+        }
+    }
+}
+
 fn main() {
     aio_benches::run_parts(
         "fileio",
@@ -256,6 +369,10 @@ fn main() {
             Sizes::Quick => QUICK,
             Sizes::Full => FULL,
         },
-        &[("B11_cached", cached), ("B11_direct", direct)],
+        &[
+            ("B11_cached", cached),
+            ("B11_direct", direct),
+            ("B11_ring_features", ring_features),
+        ],
     );
 }
