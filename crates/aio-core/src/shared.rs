@@ -438,7 +438,7 @@ impl<'a> Acquired<'a> {
     /// As [`ContextHandle::set_event_notifier`].
     pub fn set_event_notifier(
         &self,
-        notifier: &std::sync::Arc<EventNotifier>,
+        notifier: &Arc<EventNotifier>,
         read: impl FnMut(&EventNotifier) + Send + 'static,
     ) -> io::Result<SharedFdHandler> {
         self.handle().set_event_notifier(notifier, read)
@@ -545,7 +545,7 @@ impl SharedHandle {
     /// As [`ContextHandle::set_event_notifier`].
     pub fn set_event_notifier(
         &self,
-        notifier: &std::sync::Arc<EventNotifier>,
+        notifier: &Arc<EventNotifier>,
         read: impl FnMut(&EventNotifier) + Send + 'static,
     ) -> io::Result<SharedFdHandler> {
         let inner = self.handle.set_event_notifier(notifier, read)?;
