@@ -54,8 +54,7 @@ use crate::remote::{self, ContextGone, NoAnswer, RemoteOps, Reply};
 use crate::scope::{self, Scopes};
 use crate::sync::{
     self, Arc, AtomicBool, AtomicU32, AtomicU64, HomeThread, Mutex, Ordering, fence, global,
-    signal_fence,
-    thread_id, thread_local, timer_notify,
+    signal_fence, thread_id, thread_local, timer_notify,
 };
 use crate::{FdHandler, RemoteFdHandler, sys};
 use std::any::Any;

@@ -620,6 +620,15 @@ impl SharedHandle {
         self.handle.set_poll_params(params)
     }
 
+    /// Sets QEMU's `aio-max-batch`; see [`ContextHandle::set_max_batch`].
+    ///
+    /// # Errors
+    ///
+    /// As [`ContextHandle::set_max_batch`].
+    pub fn set_max_batch(&self, max_batch: u32) -> io::Result<()> {
+        self.handle.set_max_batch(max_batch)
+    }
+
     /// Whether the context's loop still exists.
     pub fn is_alive(&self) -> bool {
         self.handle.is_alive()

@@ -97,7 +97,9 @@ fn seed_patterns_event_loop_thread_and_io_thread() {
         let fired = Arc::new(AtomicBool::new(false));
         let f = fired.clone();
         let timer = held
-            .timer(ClockType::Realtime, Scale::MS, move || f.store(true, SeqCst))
+            .timer(ClockType::Realtime, Scale::MS, move || {
+                f.store(true, SeqCst)
+            })
             .unwrap();
         timer.arm_after(Duration::from_millis(1));
         let ran = Arc::new(AtomicBool::new(false));
@@ -114,11 +116,15 @@ fn seed_patterns_event_loop_thread_and_io_thread() {
         waited
     });
     let waited = io.join().unwrap();
-    assert!(waited < PATIENCE, "the acquire was not kicked in: {waited:?}");
+    assert!(
+        waited < PATIENCE,
+        "the acquire was not kicked in: {waited:?}"
+    );
     // The loop thread goes on: it runs a BH scheduled from here.
     let (tx, rx) = mpsc::channel();
     ctx.handle().schedule_oneshot(move || tx.send(()).unwrap());
-    rx.recv_timeout(PATIENCE).expect("the loop thread runs again");
+    rx.recv_timeout(PATIENCE)
+        .expect("the loop thread runs again");
     assert!(looper.iterations.load(SeqCst) >= 1);
 }
 
@@ -197,7 +203,10 @@ fn acquire_2021_poll_does_not_drop_the_callers_lock() {
         a.store(true, SeqCst);
     });
     while !held.poll() {}
-    assert!(!acquired.load(SeqCst), "poll must not release the caller's lock");
+    assert!(
+        !acquired.load(SeqCst),
+        "poll must not release the caller's lock"
+    );
     drop(held);
     t.join().unwrap();
     assert!(acquired.load(SeqCst));
@@ -234,11 +243,19 @@ fn nested_acquire_and_poll_from_a_callback_and_current() {
     assert!(inner_ran.load(SeqCst));
     // Nested release did not release: another thread cannot get in.
     let c = ctx.clone();
-    assert!(thread::spawn(move || c.try_acquire().is_none()).join().unwrap());
+    assert!(
+        thread::spawn(move || c.try_acquire().is_none())
+            .join()
+            .unwrap()
+    );
     drop(held);
     assert!(SharedContext::current().is_none());
     let c = ctx.clone();
-    assert!(thread::spawn(move || c.try_acquire().is_some()).join().unwrap());
+    assert!(
+        thread::spawn(move || c.try_acquire().is_some())
+            .join()
+            .unwrap()
+    );
 }
 
 #[test]
