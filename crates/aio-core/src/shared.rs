@@ -93,6 +93,39 @@ thread_local! {
     static HELD: RefCell<Vec<SharedContext>> = RefCell::new(Vec::new());
 }
 
+/// An entry of this thread's `HELD` stack, removed when dropped (unwinding included).
+struct HeldEntry<'a>(&'a SharedContext);
+
+impl<'a> HeldEntry<'a> {
+    fn push(shared: &'a SharedContext) -> HeldEntry<'a> {
+        Self::push_for_good(shared);
+        HeldEntry(shared)
+    }
+
+    /// Pushes without a guard: an acquire, whose release pops.
+    fn push_for_good(shared: &SharedContext) {
+        // Quiet during thread exit: `current` is then `None`.
+        let _ = HELD.try_with(|h| h.borrow_mut().push(shared.clone()));
+    }
+
+    /// Removes the innermost entry of `shared`.
+    fn pop(shared: &SharedContext) {
+        let _ = HELD.try_with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(i) = h.iter().rposition(|c| c.same_context(shared)) {
+                // Dropped after the borrow ends: never the last clone (the caller has one).
+                drop(h.remove(i));
+            }
+        });
+    }
+}
+
+impl Drop for HeldEntry<'_> {
+    fn drop(&mut self) {
+        Self::pop(self.0);
+    }
+}
+
 /// An event loop that any thread may run, one thread at a time: QEMU's `AioContext` with
 /// `aio_context_acquire`/`aio_context_release` (docs/qemu-semantics.md §10).
 ///
@@ -223,9 +256,9 @@ impl SharedContext {
         self.core.lock.is_owned_by_current_thread()
     }
 
-    /// The shared context the calling thread holds (the most recently acquired one still
-    /// held), if any: inside a shared context's callbacks, the context running them; also
-    /// outside a poll, from `acquire` to the release. This is what [`AioContext::current`]
+    /// The shared context the calling thread holds, if any: inside a shared context's
+    /// callbacks, the context running them (the one being polled); outside a poll, the most
+    /// recently acquired one still held, from `acquire` to its release. This is what [`AioContext::current`]
     /// is for ordinary contexts (which is `None` for shared ones).
     pub fn current() -> Option<SharedContext> {
         HELD.try_with(|held| held.borrow().last().cloned())
@@ -339,7 +372,7 @@ impl<'a> Acquired<'a> {
             held.ctx().enter_home();
         }
         held.guard.depth.set(depth + 1);
-        let _ = HELD.try_with(|h| h.borrow_mut().push(shared.clone()));
+        HeldEntry::push_for_good(shared);
         held
     }
 
@@ -356,6 +389,14 @@ impl<'a> Acquired<'a> {
         &self.shared.core.handle
     }
 
+    /// Runs one poll of the context with it as the innermost held one, so that
+    /// [`SharedContext::current`] names it in its callbacks even if this thread acquired
+    /// another shared context since.
+    fn polling<R>(&self, poll: impl FnOnce(&AioContext) -> R) -> R {
+        let _current = HeldEntry::push(self.shared);
+        poll(self.ctx())
+    }
+
     /// The shared context this guard holds.
     pub fn context(&self) -> &SharedContext {
         self.shared
@@ -366,13 +407,13 @@ impl<'a> Acquired<'a> {
     /// (possibly `false`, no progress), so that the caller can release. Callable from inside
     /// the context's callbacks (a nested poll) through a nested acquire.
     pub fn poll(&self) -> bool {
-        self.ctx().poll()
+        self.polling(|ctx| ctx.poll())
     }
 
     /// Runs one iteration without sleeping (QEMU `aio_poll(ctx, false)`); see
     /// [`AioContext::poll_nonblocking`].
     pub fn poll_nonblocking(&self) -> bool {
-        self.ctx().poll_nonblocking()
+        self.polling(|ctx| ctx.poll_nonblocking())
     }
 
     /// As [`poll`](Self::poll), returning a failed backend wait; see [`AioContext::try_poll`].
@@ -381,7 +422,7 @@ impl<'a> Acquired<'a> {
     ///
     /// As [`AioContext::try_poll`].
     pub fn try_poll(&self) -> io::Result<bool> {
-        self.ctx().try_poll()
+        self.polling(|ctx| ctx.try_poll())
     }
 
     /// As [`poll_nonblocking`](Self::poll_nonblocking), returning a failed backend wait.
@@ -390,7 +431,7 @@ impl<'a> Acquired<'a> {
     ///
     /// As [`AioContext::try_poll`].
     pub fn try_poll_nonblocking(&self) -> io::Result<bool> {
-        self.ctx().try_poll_nonblocking()
+        self.polling(|ctx| ctx.try_poll_nonblocking())
     }
 
     /// The loop's counters (see [`AioContext::stats`]).
@@ -476,12 +517,7 @@ impl<'a> Acquired<'a> {
 impl Drop for Acquired<'_> {
     fn drop(&mut self) {
         // Before the guard's own drop unlocks (fields drop after this).
-        let _ = HELD.try_with(|h| {
-            let mut h = h.borrow_mut();
-            if let Some(i) = h.iter().rposition(|c| c.same_context(self.shared)) {
-                h.remove(i);
-            }
-        });
+        HeldEntry::pop(self.shared);
         let depth = self.guard.depth.get() - 1;
         self.guard.depth.set(depth);
         if depth == 0 {
@@ -737,6 +773,14 @@ impl fmt::Debug for SharedHandlerBuilder {
 /// callbacks that take `&AioContext`). `Send + Sync`; dropping it on any thread unregisters the
 /// handler. "After `remove` returns" means what it means for [`RemoteFdHandler`]: no callback
 /// invocation starts whose start is ordered after the return; one already running finishes.
+///
+/// It does not give the context's [`ContextHandle`]:
+///
+/// ```compile_fail
+/// # fn f(h: aio_core::SharedFdHandler) {
+/// let handle: &aio_core::ContextHandle = h.context(); // no such method
+/// # }
+/// ```
 pub struct SharedFdHandler {
     inner: RemoteFdHandler,
 }

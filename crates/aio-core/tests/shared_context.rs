@@ -505,3 +505,21 @@ fn random_programs_against_a_model() {
         drop(keep);
     }
 }
+
+#[test]
+fn current_is_the_polled_context_even_with_another_acquired_since() {
+    let (a, b) = (shared(), shared());
+    let held_a = a.acquire();
+    let held_b = b.acquire();
+    assert!(SharedContext::current().unwrap().same_context(&b));
+    let (tx, rx) = mpsc::channel();
+    held_a.schedule_oneshot(move || tx.send(SharedContext::current().unwrap()).unwrap());
+    while rx.try_recv().map(|c| assert!(c.same_context(&a))).is_err() {
+        held_a.poll();
+    }
+    assert!(SharedContext::current().unwrap().same_context(&b));
+    drop(held_a); // out of order: b is still held and current
+    assert!(SharedContext::current().unwrap().same_context(&b));
+    drop(held_b);
+    assert!(SharedContext::current().is_none());
+}
