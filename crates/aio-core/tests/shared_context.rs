@@ -523,3 +523,28 @@ fn current_is_the_polled_context_even_with_another_acquired_since() {
     drop(held_b);
     assert!(SharedContext::current().is_none());
 }
+
+#[test]
+fn a_guard_kept_in_a_thread_local_is_released_when_its_thread_exits() {
+    use std::cell::RefCell;
+    use std::sync::OnceLock;
+    static CTX: OnceLock<SharedContext> = OnceLock::new();
+    thread_local! {
+        static KEPT: RefCell<Option<aio_core::Acquired<'static>>> = const { RefCell::new(None) };
+    }
+    let ctx = CTX.get_or_init(shared);
+    let ran = Arc::new(AtomicBool::new(false));
+    let r = ran.clone();
+    thread::spawn(move || {
+        let held = ctx.acquire();
+        held.schedule_oneshot(move || r.store(true, SeqCst));
+        KEPT.with(|k| *k.borrow_mut() = Some(held));
+        // Exits holding: the thread-local's destructor releases, on this thread.
+    })
+    .join()
+    .unwrap();
+    let held = ctx.try_acquire().expect("released at thread exit");
+    while !ran.load(SeqCst) {
+        held.poll();
+    }
+}
