@@ -1050,6 +1050,25 @@ fn mib_cell(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+/// The longest note a table cell shows; the report's list of every run has the whole note.
+const NOTE_WIDTH: usize = 60;
+
+/// A note for a table cell: its kind (`refused`, `failed`, `skipped`) and the last clause of the
+/// message (tools put the reason last: `prog: doing X: reason`), cut to [`NOTE_WIDTH`].
+fn short_note(note: &str) -> String {
+    let (kind, message) = note.split_once(": ").unwrap_or(("", note));
+    let reason = message.rsplit(": ").next().unwrap_or(message).trim();
+    let mut cell = if kind.is_empty() {
+        reason.to_owned()
+    } else {
+        format!("{kind}: {reason}")
+    };
+    if cell.chars().count() > NOTE_WIDTH {
+        cell = cell.chars().take(NOTE_WIDTH - 1).collect::<String>() + "…";
+    }
+    cell
+}
+
 /// How much faster `ours` is than `theirs` (> 1: ours is better), for medians in `unit`.
 fn ratio(ours: f64, theirs: f64, unit: Unit) -> f64 {
     match unit {
@@ -1121,8 +1140,10 @@ impl Table {
                         value_cell(s.min, unit),
                         value_cell(s.max, unit)
                     ),
-                    (Some(s), Some(note)) => format!("{} ({note})", value_cell(s.median, unit)),
-                    (None, Some(note)) => note.clone(),
+                    (Some(s), Some(note)) => {
+                        format!("{} ({})", value_cell(s.median, unit), short_note(note))
+                    }
+                    (None, Some(note)) => short_note(note),
                     (None, None) => "—".to_owned(),
                 };
                 let p99s: Vec<f64> = o.runs.iter().filter_map(|x| x.p99_us).collect();
@@ -1315,6 +1336,13 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
     for (label, cmd) in &setup.server_cmds {
         let _ = writeln!(md, "- {label}: `{cmd}`");
     }
+    let _ = writeln!(
+        md,
+        "\nqemu-nbd and nbdkit run with one event loop, as ours (`--contexts 1`, its default); \
+         nbdkit's file plugin with its defaults (16 worker threads, `cache=default`: the page \
+         cache); qemu-nbd's `--shared={QEMU_NBD_SHARED}` lets nbdcopy open its connections and \
+         makes it advertise multi-conn, as the others do.\n"
+    );
     for (label, line) in &setup.ready_lines {
         let _ = writeln!(md, "  - {label} printed `{line}`");
     }
@@ -1601,7 +1629,9 @@ mod tests {
             outcome(&[150.0]),
             Outcome {
                 runs: Vec::new(),
-                note: Some("refused: aio=native requires cache.direct=on".to_owned()),
+                note: Some(
+                    "refused: qemu-nbd: open 'x': aio=native needs cache.direct=on".to_owned(),
+                ),
             },
             outcome(&[45.0]),
             outcome(&[50.0]),
@@ -1637,7 +1667,7 @@ mod tests {
             cells(5),
             [
                 "qemu-nbd --aio=native",
-                "refused: aio=native requires cache.direct=on",
+                "refused: aio=native needs cache.direct=on",
                 "—",
                 "—",
                 "—",
@@ -1673,6 +1703,20 @@ mod tests {
             md.contains("| nbdcopy sparse nbd → null:, s | nbdkit file | 0.500 (0.500–0.500) |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn notes_are_cut_to_their_reason_in_the_table() {
+        assert_eq!(
+            short_note(
+                "refused: qemu-nbd: Failed to blk_new_open '/x/image.raw': aio=native was \
+                 specified, but it requires cache.direct=on, which was not specified."
+            ),
+            "refused: aio=native was specified, but it requires cache.di…"
+        );
+        assert_eq!(short_note("skipped: no fio"), "skipped: no fio");
+        assert_eq!(short_note("plain"), "plain");
+        assert_eq!(short_note(&"x".repeat(100)).chars().count(), NOTE_WIDTH);
     }
 
     #[test]
