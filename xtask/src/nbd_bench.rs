@@ -1338,7 +1338,7 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
     }
     let _ = writeln!(
         md,
-        "\nqemu-nbd and nbdkit run with one event loop, as ours (`--contexts 1`, its default); \
+        "\nOurs runs one context (`--contexts 1`, its default) and qemu-nbd one event loop; \
          nbdkit's file plugin with its defaults (16 worker threads, `cache=default`: the page \
          cache); qemu-nbd's `--shared={QEMU_NBD_SHARED}` lets nbdcopy open its connections and \
          makes it advertise multi-conn, as the others do.\n"
