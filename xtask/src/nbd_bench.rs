@@ -1336,16 +1336,19 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
     for (label, cmd) in &setup.server_cmds {
         let _ = writeln!(md, "- {label}: `{cmd}`");
     }
+    if !setup.ready_lines.is_empty() {
+        let _ = writeln!(md, "\nOur server's ready lines:\n");
+    }
+    for (label, line) in &setup.ready_lines {
+        let _ = writeln!(md, "- {label}: `{line}`");
+    }
     let _ = writeln!(
         md,
         "\nOurs runs one context (`--contexts 1`, its default) and qemu-nbd one event loop; \
          nbdkit's file plugin with its defaults (16 worker threads, `cache=default`: the page \
          cache); qemu-nbd's `--shared={QEMU_NBD_SHARED}` lets nbdcopy open its connections and \
-         makes it advertise multi-conn, as the others do.\n"
+         makes it advertise multi-conn, as the others do."
     );
-    for (label, line) in &setup.ready_lines {
-        let _ = writeln!(md, "  - {label} printed `{line}`");
-    }
     let _ = writeln!(md, "\nClients, per case:\n");
     for (name, cmd) in &setup.client_cmds {
         let _ = writeln!(md, "- {name}: `{cmd}`");
@@ -1703,6 +1706,62 @@ mod tests {
             md.contains("| nbdcopy sparse nbd → null:, s | nbdkit file | 0.500 (0.500–0.500) |"),
             "{md}"
         );
+    }
+
+    #[test]
+    fn the_report_has_the_table_every_run_and_the_setup() {
+        let servers = [Which::Ours(Aio::Native, Variant::Plain), Which::Nbdkit];
+        let mut fio = outcome(&[120.0, 100.0]);
+        fio.runs[0].p99_us = Some(55.0);
+        let results = [CaseResult {
+            work: Workload::Fio {
+                write: true,
+                depth: 1,
+            },
+            outcomes: vec![
+                fio,
+                Outcome {
+                    runs: vec![run(50.0)],
+                    note: Some("failed: nbdkit: it broke: badly".to_owned()),
+                },
+            ],
+        }];
+        let table = Table::new(&servers, &results);
+        let setup = Setup {
+            knobs: Knobs {
+                rounds: 2,
+                count: 10,
+                runtime: 2,
+                quick: true,
+            },
+            ready_lines: vec![(
+                "aio --aio native".to_owned(),
+                "nbd-server: ready".to_owned(),
+            )],
+            server_cmds: vec![("nbdkit file".to_owned(), "nbdkit file x".to_owned())],
+            client_cmds: vec![("fio".to_owned(), "fio --x".to_owned())],
+            elapsed: Duration::from_secs(3),
+        };
+        let md = markdown(&setup, &servers, &results, &table);
+        assert!(md.contains("(AIO_NBD_BENCH_QUICK=1)"), "{md}");
+        // A run that failed after others succeeded keeps its figures and says why.
+        assert!(
+            md.contains("| fio randwrite 4k QD1, IOPS | nbdkit file | 50 (failed: badly) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| fio randwrite 4k QD1, IOPS | aio --aio native | 120 (p99 55 µs), 100 | 10.0, 10.0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| aio --aio native | 110 (100–120) | 55 | 10.0 MiB | 2.20 | — |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- aio --aio native: `nbd-server: ready`"),
+            "{md}"
+        );
+        assert!(!md.contains("(cache=none)"), "{md}");
     }
 
     #[test]
