@@ -11,8 +11,9 @@
 //! `AIO_NBD_BENCH_VARIANTS=1` adds our earlier variants on `--aio threads`: the task engine,
 //! adaptive polling with the weighted policy, and the epoll backend. A server that refuses to
 //! start (a mode the kernel or the program refuses) is probed once for its message, and its rows
-//! say `refused: …`. All serve with one event loop and as many clients as come (`qemu-nbd -e`),
-//! and stay up between clients (`--persistent`, `-t`, nbdkit's default) until SIGTERM.
+//! say `refused: …`. Ours runs one context and qemu-nbd one event loop, nbdkit its 16 threads;
+//! all take as many clients as come (`qemu-nbd -e`) and advertise multi-conn, and stay up between
+//! clients (`--persistent`, `-t`, nbdkit's default) until SIGTERM.
 //!
 //! **Clients** ([`Workload`]): `qemu-img bench` (4 KiB reads and writes at QD 1 and 32, a fixed
 //! number of requests, IOPS from the time it prints); fio's nbd engine (4 KiB randread and
