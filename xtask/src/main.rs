@@ -10,7 +10,9 @@
 //! | `cargo xtask demo [-q]`   | `demo.rs`      | a tour of the NBD server example, driven by qemu-io   |
 //! |                           |                | (or the built-in client, `demo/builtin.rs`)           |
 //! | `cargo xtask bench [f]`   | `bench.rs`     | runs the benchmarks and points at the generated report|
-//! | `cargo xtask bench nbd`   | `nbd_bench.rs` | the NBD server example against qemu-nbd               |
+//! | `cargo xtask bench nbd`   | `nbd_bench.rs` | the NBD race: the server example, qemu-nbd and nbdkit |
+//! |                           |                | under qemu-img bench, fio and nbdcopy (`json.rs`      |
+//! |                           |                | reads fio's reports)                                  |
 //! | `cargo xtask tidy`        | `tidy.rs`      | house-style checks alone (also the last step of `ci`) |
 //!
 //! `cmd.rs` holds the shared process runner and error type; `nbd.rs` the plumbing that `demo` and
@@ -25,6 +27,7 @@ mod bench;
 mod ci;
 mod cmd;
 mod demo;
+mod json;
 mod nbd;
 mod nbd_bench;
 // The NBD client of the server's integration tests, shared rather than copied, so that the demo's
@@ -55,9 +58,11 @@ Commands:
                   --quiet (-q) prints only the steps, the commands and the summary
   bench [filter]  run the benchmarks (optionally only those matching <filter>) and
                   write a report under target/bench-report/
-  bench nbd       the NBD server example against qemu-nbd under qemu-img bench
-                  (AIO_NBD_BENCH_COUNT, AIO_NBD_BENCH_ROUNDS); report in
-                  target/bench-report/nbd.md
+  bench nbd       the NBD race: the server example against qemu-nbd and nbdkit's
+                  file plugin under qemu-img bench, fio and nbdcopy, in each --aio
+                  mode (AIO_NBD_BENCH_QUICK=1 for one short round; AIO_NBD_BENCH_ROUNDS,
+                  _COUNT, _RUNTIME, _CLIENTS, _SERVERS, _MODES, _VARIANTS: see
+                  xtask/src/nbd_bench.rs); report in target/bench-report/nbd.md
 
 Options:
   -h, --help      print this help
