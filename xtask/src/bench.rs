@@ -5,7 +5,7 @@
 //! docs/conventions.md 3: `report.md` from `report.rs`, `fd-report.md` from `fd.rs`, `tasks.md` from
 //! `tasks.rs`); xtask only chooses where they go, through `AIO_BENCH_REPORT_DIR`, and forwards
 //! the filter to the harness (criterion-style: benchmarks whose name contains it). The filter
-//! `nbd` never gets here: `main.rs` sends `cargo xtask bench nbd` to `nbd_bench.rs`, which
+//! `nbd` never gets here: `main.rs` sends `cargo xtask bench nbd` to `nbd/bench.rs`, which
 //! compares two NBD servers rather than running the harness.
 
 use std::process::ExitCode;

@@ -1,5 +1,5 @@
 //! End-to-end tests of the `nbd-server` example: the server runs as a child process and an
-//! independent client (`support/nbd_client.rs`) drives it over Unix sockets and TCP.
+//! independent client (the `nbd-client` crate) drives it over Unix sockets and TCP.
 //!
 //! The groups: the handshake's options; data round trips with simple and structured replies,
 //! checked against an in-memory model and against the image file on disk; pipelining; bad input

@@ -47,8 +47,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use super::json;
 use crate::cmd::{Cmd, Context, Error, Result, ensure_apt_package, project_root};
-use crate::json;
 use crate::nbd::{self, Deadline, Readiness, Scratch, Server};
 
 /// Size of the dense benchmark image: 50 000 sequential 4 KiB requests (195 MiB) do not wrap

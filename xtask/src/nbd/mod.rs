@@ -4,7 +4,12 @@
 //!
 //! Both commands drive `crates/aio/examples/nbd-server` from the outside, exactly as a user
 //! would: through its command line, its stdout lines and signals. Nothing here links against the
-//! server, so what is measured and shown is the real program.
+//! server, so what is measured and shown is the real program. Its submodules: `bench` (the race),
+//! `demo` (the tour) and `json` (fio's reports).
+
+pub mod bench;
+pub mod demo;
+mod json;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
