@@ -105,7 +105,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use aio_core::registrations::Registrations;
+use aio_core::registrations::{FdTable, Registrations};
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList};
 
 use crate::epoll::{Epoll, Events, epoll_to_readiness, interest_to_epoll};
@@ -299,86 +299,6 @@ impl EpollMonitor {
         self.regs.is_empty()
     }
 
-    /// Starts watching `fd` for `interest`, reported as `key` (validated by the caller).
-    fn add(&mut self, key: HandlerKey, fd: RawFd, interest: Interest) -> io::Result<()> {
-        // The kernel is asked first and the bookkeeping follows only on success, so that a
-        // refusal (EPERM for a regular file, EEXIST, ENOMEM, EBADF) leaves the monitor as it was.
-        self.epoll
-            .add(fd, interest_to_epoll(interest), key.as_u64())?;
-        self.regs.insert(key, fd, interest);
-        Ok(())
-    }
-
-    /// Hands the entry of `old` over to `new`, watching for `interest` from now on (validated
-    /// by the caller).
-    fn modify(
-        &mut self,
-        old: HandlerKey,
-        new: HandlerKey,
-        fd: RawFd,
-        interest: Interest,
-    ) -> io::Result<()> {
-        let events = interest_to_epoll(interest);
-        if self.regs.owns(old) {
-            // The new key goes into the kernel with the new events, so that an event already
-            // queued under the old key cannot be mistaken for one of the new handler's.
-            match self.epoll.modify(fd, events, new.as_u64()) {
-                Ok(()) => {}
-                // The number is open but its file is not registered: the old file was closed
-                // (and the kernel dropped its entry), and the number reused. The handler being
-                // replaced wants this number watched, so watch the file it names now.
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
-                    tracing::debug!(
-                        fd,
-                        ?old,
-                        ?new,
-                        "fd was closed and its number reused while registered; adding it anew"
-                    );
-                    self.epoll.add(fd, events, new.as_u64())?;
-                }
-                Err(err) => return Err(err),
-            }
-        } else {
-            // `old` is stale: modifying through the number would change another handler's
-            // entry, so register the number afresh and let the kernel decide.
-            self.epoll.add(fd, events, new.as_u64())?;
-        }
-        self.regs.replace(old, new, fd, interest);
-        Ok(())
-    }
-
-    /// Stops watching the entry of `key`.
-    fn remove(&mut self, key: HandlerKey) -> io::Result<()> {
-        // The fd is taken from the bookkeeping, not from the change: it is what was registered.
-        // The context forgets the handler whatever happens here, so the bookkeeping does first;
-        // an error is still returned for the context to log.
-        let Some(fd) = self.regs.remove(key)? else {
-            return Ok(());
-        };
-        match self.epoll.delete(fd) {
-            Ok(()) => Ok(()),
-            // The fd was closed while registered: the number is not open (EBADF), names another
-            // file that is not registered (ENOENT), or names a regular file that cannot be
-            // (EPERM). In each case the kernel already dropped the entry when the file was
-            // closed, unless a duplicate keeps the file open (see the crate docs).
-            Err(err)
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::EBADF | libc::ENOENT | libc::EPERM)
-                ) =>
-            {
-                tracing::debug!(
-                    fd,
-                    ?key,
-                    %err,
-                    "fd was closed while registered; the kernel already dropped it"
-                );
-                Ok(())
-            }
-            Err(err) => Err(err),
-        }
-    }
-
     /// Waits until an event is ready or `timeout` passes, retrying `EINTR`.
     ///
     /// This is the one place where `EINTR` is retried. The remaining time is recomputed from a
@@ -474,17 +394,7 @@ impl FdMonitor for EpollMonitor {
     /// succeeds (the kernel already dropped it); a `Remove` the kernel fails otherwise is still
     /// forgotten by the monitor, as it is by the context, and the error returned for logging.
     fn update(&mut self, change: Change) -> io::Result<()> {
-        self.regs.validate(change)?;
-        match change {
-            Change::Add { key, fd, interest } => self.add(key, fd, interest),
-            Change::Modify {
-                old,
-                new,
-                fd,
-                interest,
-            } => self.modify(old, new, fd, interest),
-            Change::Remove { key, fd: _ } => self.remove(key),
-        }
+        self.regs.update(&mut self.epoll, change)
     }
 
     /// Waits for ready events and pushes one report per ready key, each key at most once (the
@@ -540,5 +450,19 @@ impl fmt::Debug for EpollMonitor {
             .field("pwait2", &self.pwait2)
             .field("registrations", &self.regs)
             .finish_non_exhaustive()
+    }
+}
+
+/// `epoll_ctl` as the table of fd numbers that [`Registrations::update`] drives: the key goes
+/// into the event's data, so that a stale event names a key the context no longer knows.
+impl FdTable for Epoll {
+    fn add(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()> {
+        Epoll::add(self, fd, interest_to_epoll(interest), key.as_u64())
+    }
+    fn modify(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()> {
+        Epoll::modify(self, fd, interest_to_epoll(interest), key.as_u64())
+    }
+    fn delete(&mut self, fd: RawFd) -> io::Result<()> {
+        Epoll::delete(self, fd)
     }
 }

@@ -36,6 +36,7 @@ const EPOLL: MonitorBackend<EpollMonitor> = MonitorBackend {
     registrations: |m| m.registrations().collect(),
     unavailable: always_available,
     batches: Some([128, 256, 300]),
+    one_key_per_number: true,
 };
 
 /// The suite on `epoll_pwait2` (skipped where the kernel lacks it).
@@ -87,34 +88,6 @@ fn socket_peer_shutting_down_writes_reports_hangup_through_rdhup() {
     assert_eq!(
         wait_now(&mut monitor, &mut ready),
         [(key(1), Readiness::READABLE | Readiness::HANGUP)]
-    );
-}
-
-#[test]
-fn the_same_fd_twice_is_eexist_and_leaves_the_monitor_unchanged() {
-    let _serial = serial();
-    let (r, w) = pipe();
-    let mut monitor = EpollMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
-    add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
-    let before = EPOLL.sorted_registrations(&monitor);
-
-    let err = monitor
-        .update(Change::Add {
-            key: key(2),
-            fd: r.as_raw_fd(),
-            interest: Interest::READ,
-        })
-        .unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
-    assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
-    assert_eq!(EPOLL.sorted_registrations(&monitor), before);
-    assert_eq!(monitor.len(), 1);
-
-    write_bytes(&w, b"x");
-    assert_eq!(
-        wait_now(&mut monitor, &mut ready),
-        [(key(1), Readiness::READABLE)]
     );
 }
 

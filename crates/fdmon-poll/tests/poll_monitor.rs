@@ -19,7 +19,6 @@ use std::sync::atomic::Ordering;
 
 use aio_core::testing::monitor::{
     CountLevel, CountingAllocator, MonitorBackend, add, always_available, pipe, serial, wait_now,
-    write_bytes,
 };
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use fdmon_poll::PollMonitor;
@@ -34,6 +33,7 @@ const POLL: MonitorBackend<PollMonitor> = MonitorBackend {
     registrations: |m| m.registrations().collect(),
     unavailable: always_available,
     batches: None,
+    one_key_per_number: false,
 };
 
 aio_core::monitor_conformance_tests!(POLL);
@@ -45,21 +45,6 @@ fn key(index: u32) -> HandlerKey {
 // ---------------------------------------------------------------------------------------------
 // poll(2) specifics
 // ---------------------------------------------------------------------------------------------
-
-#[test]
-fn two_keys_may_watch_the_same_fd() {
-    let _serial = serial();
-    let (r, w) = pipe();
-    let mut monitor = PollMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
-    add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
-    add(&mut monitor, key(2), r.as_raw_fd(), Interest::READ);
-    write_bytes(&w, b"x");
-    assert_eq!(
-        wait_now(&mut monitor, &mut ready),
-        [(key(1), Readiness::READABLE), (key(2), Readiness::READABLE)]
-    );
-}
 
 #[test]
 fn closed_registered_fd_reports_error_and_warns_once_per_key() {

@@ -72,7 +72,7 @@ use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use aio_core::registrations::Registrations;
+use aio_core::registrations::{FdTable, Registrations};
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use polling::{Events, PollMode, Poller};
 
@@ -218,83 +218,6 @@ impl PollingMonitor {
         self.regs.is_empty()
     }
 
-    /// Starts watching `fd` for `interest`, reported as `key` (validated by the caller).
-    fn add(&mut self, key: HandlerKey, fd: RawFd, interest: Interest) -> io::Result<()> {
-        // The kernel first, the bookkeeping only on success: a refusal leaves the monitor as it
-        // was.
-        poller::add(
-            &self.poller,
-            fd,
-            interest_to_event(key, interest),
-            self.mode,
-        )?;
-        self.regs.insert(key, fd, interest);
-        Ok(())
-    }
-
-    /// Hands the registration of `old` over to `new`, watching for `interest` from now on
-    /// (validated by the caller).
-    fn modify(
-        &mut self,
-        old: HandlerKey,
-        new: HandlerKey,
-        fd: RawFd,
-        interest: Interest,
-    ) -> io::Result<()> {
-        let event = interest_to_event(new, interest);
-        if self.regs.owns(old) {
-            match poller::modify(&self.poller, fd, event, self.mode) {
-                Ok(()) => {}
-                // The old file was closed (and dropped by the kernel) and the number reused:
-                // watch the file the number names now, as the new handler wants.
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
-                    tracing::debug!(
-                        fd,
-                        ?old,
-                        ?new,
-                        "fd was closed and its number reused while registered; adding it anew"
-                    );
-                    poller::add(&self.poller, fd, event, self.mode)?;
-                }
-                Err(err) => return Err(err),
-            }
-        } else {
-            // `old` is stale: register the number afresh rather than change another handler's
-            // registration through it.
-            poller::add(&self.poller, fd, event, self.mode)?;
-        }
-        self.regs.replace(old, new, fd, interest);
-        Ok(())
-    }
-
-    /// Stops watching the registration of `key`.
-    fn remove(&mut self, key: HandlerKey) -> io::Result<()> {
-        let Some(fd) = self.regs.remove(key)? else {
-            return Ok(());
-        };
-        match poller::delete(&self.poller, fd) {
-            Ok(()) => Ok(()),
-            // Closed while registered: the kernel already dropped it (epoll answers EBADF,
-            // ENOENT or EPERM for a number that now names something else; kqueue and event
-            // ports EBADF or ENOENT).
-            Err(err)
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::EBADF | libc::ENOENT | libc::EPERM)
-                ) =>
-            {
-                tracing::debug!(
-                    fd,
-                    ?key,
-                    %err,
-                    "fd was closed while registered; the kernel already dropped it"
-                );
-                Ok(())
-            }
-            Err(err) => Err(err),
-        }
-    }
-
     /// Waits until `polling` reports an event of ours or `timeout` passes.
     ///
     /// `polling` retries `EINTR` itself, with the same deadline, but may return with no events
@@ -350,17 +273,11 @@ impl FdMonitor for PollingMonitor {
     /// On error the monitor is unchanged. A `Remove` of an fd that was closed while registered
     /// succeeds.
     fn update(&mut self, change: Change) -> io::Result<()> {
-        self.regs.validate(change)?;
-        match change {
-            Change::Add { key, fd, interest } => self.add(key, fd, interest),
-            Change::Modify {
-                old,
-                new,
-                fd,
-                interest,
-            } => self.modify(old, new, fd, interest),
-            Change::Remove { key, fd: _ } => self.remove(key),
-        }
+        let mut kernel = ByNumber {
+            poller: &self.poller,
+            mode: self.mode,
+        };
+        self.regs.update(&mut kernel, change)
     }
 
     /// Waits for ready fds and pushes one report per ready key.
@@ -459,4 +376,23 @@ impl fmt::Debug for PollingMonitor {
 /// `n` as a `NonZeroUsize`; only called with the positive constants above.
 fn nonzero(n: usize) -> NonZeroUsize {
     NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}
+
+/// The poller in the monitor's mode, as the table of fd numbers that
+/// [`Registrations::update`] drives.
+struct ByNumber<'a> {
+    poller: &'a Poller,
+    mode: PollMode,
+}
+
+impl FdTable for ByNumber<'_> {
+    fn add(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()> {
+        poller::add(self.poller, fd, interest_to_event(key, interest), self.mode)
+    }
+    fn modify(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()> {
+        poller::modify(self.poller, fd, interest_to_event(key, interest), self.mode)
+    }
+    fn delete(&mut self, fd: RawFd) -> io::Result<()> {
+        poller::delete(self.poller, fd)
+    }
 }

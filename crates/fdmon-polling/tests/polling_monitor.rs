@@ -38,6 +38,7 @@ mod suite {
         registrations: |m| m.registrations().collect(),
         unavailable: always_available,
         batches: Some([128, 256, 300]),
+        one_key_per_number: true,
     };
 
     mod level {

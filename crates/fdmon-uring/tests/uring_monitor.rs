@@ -45,6 +45,7 @@ const URING: MonitorBackend<UringMonitor> = MonitorBackend {
     registrations: |m| m.registrations().collect(),
     unavailable,
     batches: None,
+    one_key_per_number: false,
 };
 
 mod suite {
@@ -108,23 +109,6 @@ fn readable_now(fd: RawFd) -> bool {
 // ---------------------------------------------------------------------------------------------
 // Readiness
 // ---------------------------------------------------------------------------------------------
-
-#[test]
-fn two_keys_may_watch_the_same_fd() {
-    let Some(_serial) = setup("two_keys_may_watch_the_same_fd") else {
-        return;
-    };
-    let (r, w) = pipe();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
-    add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
-    add(&mut monitor, key(2), r.as_raw_fd(), Interest::READ);
-    write_bytes(&w, b"x");
-    assert_eq!(
-        wait_now(&mut monitor, &mut ready),
-        [(key(1), Readiness::READABLE), (key(2), Readiness::READABLE)]
-    );
-}
 
 // ---------------------------------------------------------------------------------------------
 // Modify, remove, and stale completions

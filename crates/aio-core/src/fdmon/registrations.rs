@@ -165,6 +165,32 @@ pub fn validate(change: Change, fd_of: impl Fn(HandlerKey) -> Option<RawFd>) -> 
     Ok(())
 }
 
+/// A kernel watched set that finds its entries by fd number (epoll, kqueue, event ports): the
+/// three calls a backend built on [`Registrations::update`] provides. Each reports the kernel's
+/// error unchanged; [`Registrations::update`] decides which ones mean "already gone".
+pub trait FdTable {
+    /// Starts watching `fd` for `interest`, reported as `key` (`EPOLL_CTL_ADD`).
+    ///
+    /// # Errors
+    ///
+    /// The kernel's refusal (`EEXIST`, `EPERM`, `EBADF`, `ENOMEM`, ...).
+    fn add(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()>;
+
+    /// Changes the entry that `fd` names to report `key` for `interest` (`EPOLL_CTL_MOD`).
+    ///
+    /// # Errors
+    ///
+    /// The kernel's refusal; `ENOENT` when the number names a file that is not watched.
+    fn modify(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()>;
+
+    /// Stops watching the entry that `fd` names (`EPOLL_CTL_DEL`).
+    ///
+    /// # Errors
+    ///
+    /// The kernel's refusal; `EBADF`, `ENOENT` or `EPERM` when the file was closed.
+    fn delete(&mut self, fd: RawFd) -> io::Result<()>;
+}
+
 /// The registrations of a backend whose kernel object finds an entry by fd number (epoll,
 /// kqueue, event ports): each key's fd and interest, and for each fd number the key that
 /// *owns* it.
@@ -182,8 +208,10 @@ pub fn validate(change: Change, fd_of: impl Fn(HandlerKey) -> Option<RawFd>) -> 
 ///
 /// # Use
 ///
-/// [`validate`](Self::validate) first; then make the system call (asking [`owns`](Self::owns)
-/// whether a modify may go through the number); then record the change with
+/// A backend whose kernel object is an [`FdTable`] hands each change to
+/// [`update`](Self::update), which validates it, makes the system call and records it. The
+/// pieces are public too: [`validate`](Self::validate) first; then the system call (asking
+/// [`owns`](Self::owns) whether a modify may go through the number); then
 /// [`insert`](Self::insert) or [`replace`](Self::replace) only if the kernel accepted it. A
 /// removal is recorded first, with [`remove`](Self::remove), which says whether the kernel
 /// entry is to be deleted.
@@ -206,6 +234,82 @@ impl Registrations {
     /// As [`validate`].
     pub fn validate(&self, change: Change) -> io::Result<()> {
         validate(change, |key| self.get(key).map(|(fd, _)| fd))
+    }
+
+    /// Applies `change` to `kernel` and to this table: validation, then one system call (two
+    /// when a modify finds its number reused), then the bookkeeping, so that a refused change
+    /// leaves both as they were.
+    ///
+    /// * `Add`: `kernel.add`.
+    /// * `Modify` of a key that owns its fd: `kernel.modify` with the new key, so that an event
+    ///   already queued under the old key cannot pass for the new handler's. If the kernel
+    ///   answers `ENOENT`, the old file was closed (and dropped) and its number reused: the
+    ///   handler being replaced wants the number watched, so `kernel.add` watches the file it
+    ///   names now. Of a stale key: `kernel.add`, since modifying through the number would change
+    ///   the owner's entry.
+    /// * `Remove` of a key that owns its fd: `kernel.delete`; `EBADF`, `ENOENT` and `EPERM` mean
+    ///   the file was closed while registered and the kernel already dropped it (the number is
+    ///   not open, or names another file), and count as success. Of a stale key: nothing. The
+    ///   table forgets the key whatever the kernel says, as the context does.
+    ///
+    /// # Errors
+    ///
+    /// The refusals of [`validate`], and the kernel's other errors.
+    pub fn update(&mut self, kernel: &mut impl FdTable, change: Change) -> io::Result<()> {
+        self.validate(change)?;
+        match change {
+            Change::Add { key, fd, interest } => {
+                kernel.add(fd, key, interest)?;
+                self.insert(key, fd, interest);
+            }
+            Change::Modify {
+                old,
+                new,
+                fd,
+                interest,
+            } => {
+                if !self.owns(old) {
+                    kernel.add(fd, new, interest)?;
+                } else if let Err(err) = kernel.modify(fd, new, interest) {
+                    if err.raw_os_error() != Some(libc::ENOENT) {
+                        return Err(err);
+                    }
+                    tracing::debug!(
+                        fd,
+                        ?old,
+                        ?new,
+                        "fd was closed and its number reused while registered; adding it anew"
+                    );
+                    kernel.add(fd, new, interest)?;
+                }
+                self.replace(old, new, fd, interest);
+            }
+            Change::Remove { key, fd: _ } => {
+                // The fd is taken from the table, not from the change: it is what was
+                // registered.
+                let Some(fd) = self.remove(key)? else {
+                    return Ok(());
+                };
+                match kernel.delete(fd) {
+                    Ok(()) => {}
+                    Err(err)
+                        if matches!(
+                            err.raw_os_error(),
+                            Some(libc::EBADF | libc::ENOENT | libc::EPERM)
+                        ) =>
+                    {
+                        tracing::debug!(
+                            fd,
+                            ?key,
+                            %err,
+                            "fd was closed while registered; the kernel already dropped it"
+                        );
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The fd and interest `key` is registered with.
@@ -383,6 +487,115 @@ mod tests {
         assert_eq!(regs.remove(c).unwrap(), Some(7));
         assert!(regs.is_empty());
         assert_eq!(regs.remove(c).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    /// A kernel table that records its calls and fails the way it is told to.
+    #[derive(Default)]
+    struct FakeKernel {
+        calls: Vec<(&'static str, RawFd, Option<HandlerKey>)>,
+        fail_modify: Option<i32>,
+        fail_delete: Option<i32>,
+    }
+
+    impl FdTable for FakeKernel {
+        fn add(&mut self, fd: RawFd, key: HandlerKey, _: Interest) -> io::Result<()> {
+            self.calls.push(("add", fd, Some(key)));
+            Ok(())
+        }
+        fn modify(&mut self, fd: RawFd, key: HandlerKey, _: Interest) -> io::Result<()> {
+            self.calls.push(("modify", fd, Some(key)));
+            self.fail_modify
+                .map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
+        }
+        fn delete(&mut self, fd: RawFd) -> io::Result<()> {
+            self.calls.push(("delete", fd, None));
+            self.fail_delete
+                .map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
+        }
+    }
+
+    #[test]
+    fn update_makes_the_calls_the_owners_allow() {
+        let mut regs = Registrations::new();
+        let mut kernel = FakeKernel::default();
+        let (a, b, c) = (key(1), key(2), key(3));
+        regs.update(
+            &mut kernel,
+            Change::Add {
+                key: a,
+                fd: 5,
+                interest: R,
+            },
+        )
+        .unwrap();
+        // The number is reused for another file: `a` goes stale.
+        regs.update(
+            &mut kernel,
+            Change::Add {
+                key: b,
+                fd: 5,
+                interest: R,
+            },
+        )
+        .unwrap();
+        // Replacing the stale key adds afresh rather than modify b's entry.
+        let modify = Change::Modify {
+            old: a,
+            new: c,
+            fd: 5,
+            interest: R,
+        };
+        regs.update(&mut kernel, modify).unwrap();
+        assert_eq!(kernel.calls[2], ("add", 5, Some(c)));
+        // Removing b, no longer the owner, touches nothing; removing c deletes.
+        regs.update(&mut kernel, Change::Remove { key: b, fd: 5 })
+            .unwrap();
+        assert_eq!(kernel.calls.len(), 3);
+        kernel.fail_delete = Some(libc::EBADF);
+        regs.update(&mut kernel, Change::Remove { key: c, fd: 5 })
+            .unwrap();
+        assert_eq!(kernel.calls[3], ("delete", 5, None));
+        assert!(regs.is_empty());
+
+        // A modify that finds its number reused (ENOENT) adds; another error changes nothing.
+        regs.update(
+            &mut kernel,
+            Change::Add {
+                key: a,
+                fd: 6,
+                interest: R,
+            },
+        )
+        .unwrap();
+        kernel.fail_modify = Some(libc::ENOENT);
+        let modify = Change::Modify {
+            old: a,
+            new: b,
+            fd: 6,
+            interest: R,
+        };
+        regs.update(&mut kernel, modify).unwrap();
+        assert_eq!(
+            &kernel.calls[5..],
+            [("modify", 6, Some(b)), ("add", 6, Some(b))]
+        );
+        kernel.fail_modify = Some(libc::ENOMEM);
+        let modify = Change::Modify {
+            old: b,
+            new: c,
+            fd: 6,
+            interest: R,
+        };
+        let err = regs.update(&mut kernel, modify).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOMEM));
+        assert!(regs.owns(b) && regs.get(c).is_none());
+        // A delete error other than "already gone" is returned, but the key is forgotten.
+        kernel.fail_delete = Some(libc::ENOMEM);
+        assert!(
+            regs.update(&mut kernel, Change::Remove { key: b, fd: 6 })
+                .is_err()
+        );
+        assert!(regs.is_empty());
     }
 
     #[test]

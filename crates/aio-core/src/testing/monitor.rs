@@ -58,6 +58,10 @@ pub struct MonitorBackend<M> {
     /// reads events into a growing buffer (128, 256, 300 for epoll); `None` when every wait
     /// reports all of them.
     pub batches: Option<[usize; 3]>,
+    /// Whether the kernel watches each (file, fd number) pair once, so that a second key on
+    /// the same number is refused with `EEXIST` (epoll, and `polling` on Linux); otherwise both
+    /// keys are watched (poll, io_uring).
+    pub one_key_per_number: bool,
 }
 
 /// Nothing is unavailable: the [`MonitorBackend::unavailable`] of backends that always work.
@@ -616,6 +620,36 @@ pub fn two_keys_may_watch_duplicates_of_one_file<M: FdMonitor>(b: &MonitorBacken
     );
 }
 
+/// The same fd number under a second key: watched under both (poll, io_uring), or refused with
+/// `AlreadyExists` leaving the monitor as it was (a kernel that watches each (file, number)
+/// pair once), as [`MonitorBackend::one_key_per_number`] says.
+pub fn the_same_fd_number_under_two_keys<M: FdMonitor>(b: &MonitorBackend<M>) {
+    let (_serial, mut monitor) = start!(b, "the_same_fd_number_under_two_keys");
+    let (r, w) = pipe();
+    let fd = r.as_raw_fd();
+    let mut ready = ReadyList::new();
+    add(&mut monitor, key(1), fd, Interest::READ);
+    let before = b.sorted_registrations(&monitor);
+    let second = monitor.update(Change::Add {
+        key: key(2),
+        fd,
+        interest: Interest::READ,
+    });
+    write_bytes(&w, b"x");
+    let reports = wait_now(&mut monitor, &mut ready);
+    if b.one_key_per_number {
+        let err = second.unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST), "{}: {err}", b.name);
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(b.sorted_registrations(&monitor), before);
+        assert_eq!(reports, [(key(1), Readiness::READABLE)], "{}", b.name);
+    } else {
+        second.unwrap();
+        let both = [(key(1), Readiness::READABLE), (key(2), Readiness::READABLE)];
+        assert_eq!(reports, both, "{}", b.name);
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Timeouts, wake-ups and signals
 // ---------------------------------------------------------------------------------------------
@@ -1044,6 +1078,7 @@ pub fn steady_state_wait_allocates_nothing<M: FdMonitor>(b: &MonitorBackend<M>) 
 ///     registrations: |m| m.registrations().collect(),
 ///     unavailable: always_available,
 ///     batches: None,
+///     one_key_per_number: false,
 /// };
 /// aio_core::monitor_conformance_tests!(POLL);
 /// ```
@@ -1059,6 +1094,7 @@ macro_rules! monitor_conformance_tests {
             modify_can_change_interest_in_place,
             remove_stops_reports,
             two_keys_may_watch_duplicates_of_one_file,
+            the_same_fd_number_under_two_keys,
             timeout_is_never_early,
             empty_set_still_sleeps_for_the_timeout,
             huge_timeout_is_accepted,
