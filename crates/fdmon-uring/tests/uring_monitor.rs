@@ -13,7 +13,6 @@
 
 #![cfg(target_os = "linux")]
 
-use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
@@ -22,8 +21,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use aio_core::testing::monitor::{
-    CountLevel, CountingAllocator, MonitorBackend, add, ensure_fd_limit, eventfd, key, pipe,
-    read_bytes, serial, signal_eventfd, wait_for, wait_now, write_bytes,
+    CountLevel, CountingAllocator, MonitorBackend, add, churn_1000_fds, ensure_fd_limit, eventfd,
+    key, pipe, read_bytes, serial, signal_eventfd, wait_for, wait_now, write_bytes,
 };
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use fdmon_uring::UringMonitor;
@@ -578,125 +577,22 @@ fn ten_thousand_idle_fds_and_one_active() {
     assert_eq!(monitor.polls_in_flight(), 10_001);
 }
 
+/// The suite's churn (with waits between removals, so that they meet polls in every state:
+/// queued re-arms, idle polls in the kernel, completions not yet reaped), then io_uring's own
+/// bookkeeping: no stale poll left behind, one poll in flight per live key, none at the end.
 #[test]
-fn churn_of_1000_fds_keeps_registrations_consistent() {
-    let Some(_serial) = setup("churn_of_1000_fds_keeps_registrations_consistent") else {
+fn churn_of_1000_fds_leaves_no_stale_poll() {
+    let Some(_serial) = setup("churn_of_1000_fds_leaves_no_stale_poll") else {
         return;
     };
-    ensure_fd_limit(2048);
-    const PIPES: u32 = 500;
-    const FDS: u32 = 2 * PIPES;
-
-    let pipes: Vec<(OwnedFd, OwnedFd)> = (0..PIPES).map(|_| pipe()).collect();
-    // Slot i is the read end of pipe i/2 for even i, its write end for odd i.
-    let fd_of = |slot: u32| {
-        let (r, w) = &pipes[(slot / 2) as usize];
-        if slot.is_multiple_of(2) {
-            r.as_raw_fd()
-        } else {
-            w.as_raw_fd()
-        }
-    };
-    let interest_of = |slot: u32| {
-        if slot.is_multiple_of(2) {
-            Interest::READ
-        } else {
-            Interest::WRITE
-        }
-    };
-
     let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
-    let mut expected: HashMap<u32, (HandlerKey, RawFd, Interest)> = HashMap::new();
-    let check = |monitor: &UringMonitor, expected: &HashMap<u32, (HandlerKey, RawFd, Interest)>| {
-        let mut want: Vec<_> = expected
-            .values()
-            .map(|&(k, fd, interest)| (k.as_u64(), fd, interest))
-            .collect();
-        want.sort_by_key(|&(k, _, _)| k);
-        assert_eq!(sorted_registrations(monitor), want);
-        assert_eq!(monitor.len(), expected.len());
-    };
-    // Every registered write end is writable and every read end idle, so a wait reports
-    // exactly the registered write ends, each once, under its current key.
-    let check_reports =
-        |reports: Vec<(HandlerKey, Readiness)>,
-         expected: &HashMap<u32, (HandlerKey, RawFd, Interest)>| {
-            let reported: Vec<u64> = reports
-                .into_iter()
-                .map(|(k, readiness)| {
-                    assert_eq!(readiness, Readiness::WRITABLE);
-                    k.as_u64()
-                })
-                .collect();
-            let mut writable: Vec<u64> = expected
-                .values()
-                .filter(|&&(_, _, interest)| interest == Interest::WRITE)
-                .map(|&(k, _, _)| k.as_u64())
-                .collect();
-            writable.sort_unstable();
-            assert_eq!(reported, writable);
-            reported.len()
-        };
-
-    for slot in 0..FDS {
-        let k = HandlerKey::new(slot, 1);
-        add(&mut monitor, k, fd_of(slot), interest_of(slot));
-        expected.insert(slot, (k, fd_of(slot), interest_of(slot)));
-    }
-    check(&monitor, &expected);
-    assert_eq!(
-        check_reports(wait_now(&mut monitor, &mut ready), &expected),
-        500
-    );
-
-    // Remove 600 slots in a scrambled order (7919 is prime, so slot * 7919 mod 1000 visits
-    // every slot once), with waits in between so that removals meet polls in every state:
-    // queued re-arms, idle polls in the kernel, completions not yet reaped.
-    let order: Vec<u32> = (0..FDS).map(|i| (i * 7919) % FDS).collect();
-    for (n, &slot) in order[..600].iter().enumerate() {
-        let (k, fd, _) = expected.remove(&slot).unwrap();
-        remove(&mut monitor, k, fd);
-        if n % 50 == 0 {
-            check(&monitor, &expected);
-            check_reports(wait_now(&mut monitor, &mut ready), &expected);
-        }
-    }
-    check(&monitor, &expected);
-
-    // Re-add half of the removed slots under a new generation, and hand 100 live slots over
-    // to new keys.
-    for &slot in &order[..300] {
-        let k = HandlerKey::new(slot, 2);
-        add(&mut monitor, k, fd_of(slot), interest_of(slot));
-        expected.insert(slot, (k, fd_of(slot), interest_of(slot)));
-    }
-    for &slot in &order[600..700] {
-        let (old, fd, interest) = expected[&slot];
-        let new = HandlerKey::new(slot, 3);
-        modify(&mut monitor, old, new, fd, interest);
-        expected.insert(slot, (new, fd, interest));
-    }
-    check(&monitor, &expected);
-
-    // The kernel agrees, twice (the second time through the re-arms).
-    assert_eq!(
-        check_reports(wait_now(&mut monitor, &mut ready), &expected),
-        350
-    );
-    assert_eq!(
-        check_reports(wait_now(&mut monitor, &mut ready), &expected),
-        350
-    );
-    assert_eq!(monitor.stale_polls(), 0, "no stale poll is left behind");
-    // The 350 read ends are armed; the 350 write ends were just reported, their re-arms queued.
-    assert_eq!(monitor.polls_in_flight(), 350);
-
-    for (_, (k, fd, _)) in expected.drain() {
-        remove(&mut monitor, k, fd);
-    }
+    churn_1000_fds(&URING, &mut monitor, |monitor| {
+        assert_eq!(monitor.stale_polls(), 0, "no stale poll is left behind");
+        // The 350 read ends are armed; the 350 write ends were just reported, their re-arms
+        // queued.
+        assert_eq!(monitor.polls_in_flight(), 350);
+    });
     assert!(monitor.is_empty());
-    assert_eq!(wait_now(&mut monitor, &mut ready), []);
     assert_eq!(monitor.polls_in_flight(), 0);
     assert!(!monitor.need_wait(false));
 }
