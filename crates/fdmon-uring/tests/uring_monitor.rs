@@ -55,6 +55,13 @@ mod suite {
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
+/// What most cases start from: the serial lock, a fresh monitor and a ready list; `None` (after
+/// the skip line) where io_uring is unavailable.
+fn start(test: &str) -> Option<(MutexGuard<'static, ()>, UringMonitor, ReadyList)> {
+    let serial = setup(test)?;
+    Some((serial, UringMonitor::new().unwrap(), ReadyList::new()))
+}
+
 /// Takes the serial lock and checks that io_uring works. Returns `None`, after printing the
 /// skip line, when it does not.
 fn setup(test: &str) -> Option<MutexGuard<'static, ()>> {
@@ -115,12 +122,11 @@ fn readable_now(fd: RawFd) -> bool {
 
 #[test]
 fn modify_reports_under_the_new_key_only() {
-    let Some(_serial) = setup("modify_reports_under_the_new_key_only") else {
+    let Some((_serial, mut monitor, mut ready)) = start("modify_reports_under_the_new_key_only")
+    else {
         return;
     };
     let (r, w) = pipe();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     let old = HandlerKey::new(4, 1);
     let new = HandlerKey::new(4, 2);
     add(&mut monitor, old, r.as_raw_fd(), Interest::READ);
@@ -152,12 +158,12 @@ fn modify_reports_under_the_new_key_only() {
 
 #[test]
 fn modify_can_change_interest_under_the_same_key() {
-    let Some(_serial) = setup("modify_can_change_interest_under_the_same_key") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("modify_can_change_interest_under_the_same_key")
+    else {
         return;
     };
     let efd = eventfd();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     add(&mut monitor, key(1), efd.as_raw_fd(), Interest::READ);
     // Counter is 0: not readable, and write interest is not asked for yet.
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
@@ -187,12 +193,12 @@ fn modify_can_change_interest_under_the_same_key() {
 
 #[test]
 fn remove_stops_reports_and_cancels_the_poll() {
-    let Some(_serial) = setup("remove_stops_reports_and_cancels_the_poll") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("remove_stops_reports_and_cancels_the_poll")
+    else {
         return;
     };
     let (r, w) = pipe();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     assert_eq!(monitor.polls_in_flight(), 1);
@@ -236,12 +242,12 @@ fn add_then_remove_before_a_wait_costs_no_request() {
 
 #[test]
 fn remove_and_readd_of_the_same_fd_in_one_iteration() {
-    let Some(_serial) = setup("remove_and_readd_of_the_same_fd_in_one_iteration") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("remove_and_readd_of_the_same_fd_in_one_iteration")
+    else {
         return;
     };
     let (r, w) = pipe();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     let (old, new) = (HandlerKey::new(1, 1), HandlerKey::new(1, 2));
 
     // Old poll in flight and idle: remove and re-add under a new key, then data arrives.
@@ -277,12 +283,11 @@ fn remove_and_readd_of_the_same_fd_in_one_iteration() {
 
 #[test]
 fn replace_while_a_poll_add_is_in_flight() {
-    let Some(_serial) = setup("replace_while_a_poll_add_is_in_flight") else {
+    let Some((_serial, mut monitor, mut ready)) = start("replace_while_a_poll_add_is_in_flight")
+    else {
         return;
     };
     let (r, w) = pipe();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     let keys: Vec<HandlerKey> = (1..=4).map(|g| HandlerKey::new(9, g)).collect();
 
     add(&mut monitor, keys[0], r.as_raw_fd(), Interest::READ);
@@ -328,12 +333,12 @@ fn replace_while_a_poll_add_is_in_flight() {
 
 #[test]
 fn same_key_readded_while_its_old_poll_is_in_flight() {
-    let Some(_serial) = setup("same_key_readded_while_its_old_poll_is_in_flight") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("same_key_readded_while_its_old_poll_is_in_flight")
+    else {
         return;
     };
     let (r, w) = pipe();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     // Not something the context does (it never reuses a key), but two polls must never share
@@ -437,12 +442,12 @@ fn fd_closed_while_its_poll_is_in_flight_reports_once_more_then_error() {
 
 #[test]
 fn a_timeout_ended_early_by_a_report_leaves_nothing_behind() {
-    let Some(_serial) = setup("a_timeout_ended_early_by_a_report_leaves_nothing_behind") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("a_timeout_ended_early_by_a_report_leaves_nothing_behind")
+    else {
         return;
     };
     let efd = Arc::new(eventfd());
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     add(&mut monitor, key(1), efd.as_raw_fd(), Interest::READ);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     let writer = {
@@ -480,12 +485,12 @@ fn a_timeout_ended_early_by_a_report_leaves_nothing_behind() {
 
 #[test]
 fn a_removal_during_a_blocking_wait_does_not_end_it_early() {
-    let Some(_serial) = setup("a_removal_during_a_blocking_wait_does_not_end_it_early") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("a_removal_during_a_blocking_wait_does_not_end_it_early")
+    else {
         return;
     };
     let (r, _w) = pipe();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     remove(&mut monitor, key(1), r.as_raw_fd());
@@ -599,12 +604,12 @@ fn churn_of_1000_fds_leaves_no_stale_poll() {
 
 #[test]
 fn a_batch_of_300_adds_is_submitted_by_one_wait() {
-    let Some(_serial) = setup("a_batch_of_300_adds_is_submitted_by_one_wait") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("a_batch_of_300_adds_is_submitted_by_one_wait")
+    else {
         return;
     };
     let fds: Vec<OwnedFd> = (0..300).map(|_| eventfd()).collect();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
 
     // Idle fds (read interest on a zero counter): update makes no system call, and one wait
     // submits everything in ceil(300 / 128) = 3 io_uring_enter calls.
@@ -633,12 +638,12 @@ fn a_batch_of_300_adds_is_submitted_by_one_wait() {
 
 #[test]
 fn completions_beyond_the_queue_size_are_all_reported() {
-    let Some(_serial) = setup("completions_beyond_the_queue_size_are_all_reported") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("completions_beyond_the_queue_size_are_all_reported")
+    else {
         return;
     };
     let fds: Vec<OwnedFd> = (0..300).map(|_| eventfd()).collect();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     for (i, fd) in fds.iter().enumerate() {
         add(&mut monitor, key(i as u32), fd.as_raw_fd(), Interest::READ);
     }
@@ -667,13 +672,13 @@ fn completions_beyond_the_queue_size_are_all_reported() {
 
 #[test]
 fn steady_state_is_one_io_uring_enter_per_wait() {
-    let Some(_serial) = setup("steady_state_is_one_io_uring_enter_per_wait") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("steady_state_is_one_io_uring_enter_per_wait")
+    else {
         return;
     };
     let (r, w) = pipe();
     let efd = eventfd();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
     add(&mut monitor, key(2), efd.as_raw_fd(), Interest::READ);
     write_bytes(&w, b"x");
@@ -697,12 +702,12 @@ fn steady_state_is_one_io_uring_enter_per_wait() {
 
 #[test]
 fn need_wait_reads_the_rings_and_ignores_polling_disabled() {
-    let Some(_serial) = setup("need_wait_reads_the_rings_and_ignores_polling_disabled") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("need_wait_reads_the_rings_and_ignores_polling_disabled")
+    else {
         return;
     };
     let efd = eventfd();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     let both = |m: &UringMonitor| {
         let answer = m.need_wait(false);
         assert_eq!(
@@ -843,12 +848,12 @@ fn send_but_not_sync() {
 
 #[test]
 fn a_monitor_moved_to_another_thread_keeps_its_polls() {
-    let Some(_serial) = setup("a_monitor_moved_to_another_thread_keeps_its_polls") else {
+    let Some((_serial, mut monitor, mut ready)) =
+        start("a_monitor_moved_to_another_thread_keeps_its_polls")
+    else {
         return;
     };
     let efd = Arc::new(eventfd());
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     add(&mut monitor, key(1), efd.as_raw_fd(), Interest::READ);
     // Submitted from a thread that then exits. On Linux 6.18 the poll stays armed, but when it
     // fires its submitter is gone and it completes with ECANCELED instead of a poll mask (older
@@ -883,12 +888,11 @@ fn a_monitor_moved_to_another_thread_keeps_its_polls() {
 /// monitor's own tags. A refused change reaches the kernel with nothing.
 #[test]
 fn the_reserved_slot_index_is_refused() {
-    let Some(_serial) = setup("the_reserved_slot_index_is_refused") else {
+    let Some((_serial, mut monitor, mut ready)) = start("the_reserved_slot_index_is_refused")
+    else {
         return;
     };
     let (r, w) = pipe();
-    let mut monitor = UringMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
     add(&mut monitor, key(1), r.as_raw_fd(), Interest::READ);
     add(&mut monitor, key(2), w.as_raw_fd(), Interest::WRITE);
     let before = sorted_registrations(&monitor);
