@@ -1,9 +1,10 @@
 //! Behaviour of [`EpollMonitor`] against real kernel objects: the monitor-level conformance
 //! suite (`aio_core::testing::monitor`, shared with every backend) on both ways of waiting with
 //! a positive timeout (`epoll_pwait2`, skipped with a printed notice on a kernel that lacks it,
-//! and the `ppoll` fallback), and what is specific to epoll: the kernel's refusals (`EEXIST`,
-//! `EPERM`, `EBADF`), `EPOLLRDHUP`, what a closed or reused fd number does, and the epoll fd as
-//! the outer fd.
+//! and the `ppoll` fallback; its `by_number` cases, closed and reused fd numbers, on the
+//! fallback), and what is specific to epoll: the kernel's refusals (`EPERM`, `EBADF`),
+//! `EPOLLRDHUP`, a closed fd whose duplicate keeps the file open, and the epoll fd as the outer
+//! fd.
 //!
 //! Every test takes the suite's `serial` lock, because several close registered fds or put a
 //! new file on a known fd number, and expect the kernel to see exactly that; a test running in
@@ -15,12 +16,10 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use aio_core::testing::monitor::{
-    CountLevel, CountingAllocator, MonitorBackend, add, always_available, key, move_to, pipe,
-    serial, wait_for, wait_now, write_bytes,
+    CountingAllocator, MonitorBackend, add, always_available, key, pipe, serial, wait_now,
+    write_bytes,
 };
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use fdmon_epoll::EpollMonitor;
@@ -66,7 +65,7 @@ mod ppoll_fallback {
         ..EPOLL
     };
 
-    aio_core::monitor_conformance_tests!(FALLBACK);
+    aio_core::monitor_conformance_tests!(FALLBACK, by_number);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -146,47 +145,6 @@ fn an_fd_that_is_not_open_is_ebadf_and_leaves_the_monitor_unchanged() {
 }
 
 #[test]
-fn closed_fd_is_dropped_silently_and_remove_still_succeeds() {
-    let _serial = serial();
-    let (subscriber, debug_events) = CountLevel::new(tracing::Level::DEBUG);
-    tracing::subscriber::with_default(subscriber, || {
-        let (r, w) = pipe();
-        let fd = r.as_raw_fd();
-        let mut monitor = EpollMonitor::new().unwrap();
-        let mut ready = ReadyList::new();
-        add(&mut monitor, key(1), fd, Interest::READ);
-        // Data is waiting, so the fd would be reported if it were still watched.
-        write_bytes(&w, b"x");
-        assert_eq!(
-            wait_now(&mut monitor, &mut ready),
-            [(key(1), Readiness::READABLE)]
-        );
-
-        // Closing the only fd of the file drops the epoll entry in the kernel: no report at
-        // all, not even an error (poll would say POLLNVAL here).
-        drop(r);
-        assert_eq!(wait_now(&mut monitor, &mut ready), []);
-        assert_eq!(
-            wait_for(&mut monitor, &mut ready, Some(Duration::from_millis(5))),
-            []
-        );
-        // The monitor still lists the handler: only the context can decide to remove it.
-        assert_eq!(
-            monitor.registrations().collect::<Vec<_>>(),
-            [(key(1), fd, Interest::READ)]
-        );
-
-        // EPOLL_CTL_DEL answers EBADF for the closed number, which means "already gone": the
-        // removal succeeds, and is logged at debug level.
-        let before = debug_events.load(Ordering::Relaxed);
-        monitor.update(Change::Remove { key: key(1), fd }).unwrap();
-        assert!(monitor.is_empty());
-        assert_eq!(debug_events.load(Ordering::Relaxed), before + 1);
-        assert_eq!(wait_now(&mut monitor, &mut ready), []);
-    });
-}
-
-#[test]
 fn closed_fd_with_a_surviving_duplicate_is_reported_until_every_duplicate_is_closed() {
     let _serial = serial();
     let (r, w) = pipe();
@@ -216,116 +174,6 @@ fn closed_fd_with_a_surviving_duplicate_is_reported_until_every_duplicate_is_clo
 
     // Closing the last duplicate releases the file, and the kernel drops the entry.
     drop(dup);
-    assert_eq!(wait_now(&mut monitor, &mut ready), []);
-}
-
-#[test]
-fn a_reused_fd_number_is_a_new_entry_that_the_stale_key_never_touches() {
-    let _serial = serial();
-    let (r1, _w1) = pipe();
-    let number = r1.as_raw_fd();
-    let mut monitor = EpollMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
-    add(&mut monitor, key(1), number, Interest::READ);
-
-    // The first file is closed while registered (the kernel drops its entry) and its number
-    // is given to a second pipe's read end, which is registered under a new key.
-    drop(r1);
-    let (r2, w2) = pipe();
-    let r2 = move_to(r2, number);
-    add(&mut monitor, key(2), number, Interest::READ);
-    write_bytes(&w2, b"x");
-    assert_eq!(
-        wait_now(&mut monitor, &mut ready),
-        [(key(2), Readiness::READABLE)]
-    );
-    assert_eq!(
-        EPOLL.sorted_registrations(&monitor),
-        [
-            (key(1), number, Interest::READ),
-            (key(2), number, Interest::READ)
-        ]
-    );
-
-    // Replacing the stale key cannot take over the number: the new file is watched by key 2,
-    // and epoll watches each (file, fd) pair once. Nothing changes.
-    let err = monitor
-        .update(Change::Modify {
-            old: key(1),
-            new: key(3),
-            fd: number,
-            interest: Interest::READ,
-        })
-        .unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
-    assert_eq!(monitor.len(), 2);
-
-    // Removing the stale key makes no system call (an EPOLL_CTL_DEL on the number would delete
-    // key 2's entry): key 2 is still reported.
-    monitor
-        .update(Change::Remove {
-            key: key(1),
-            fd: number,
-        })
-        .unwrap();
-    assert_eq!(
-        wait_now(&mut monitor, &mut ready),
-        [(key(2), Readiness::READABLE)]
-    );
-    assert_eq!(
-        monitor.registrations().collect::<Vec<_>>(),
-        [(key(2), number, Interest::READ)]
-    );
-
-    monitor
-        .update(Change::Remove {
-            key: key(2),
-            fd: number,
-        })
-        .unwrap();
-    assert!(monitor.is_empty());
-    assert_eq!(wait_now(&mut monitor, &mut ready), []);
-    drop(r2);
-}
-
-#[test]
-fn replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file() {
-    let _serial = serial();
-    let (r1, _w1) = pipe();
-    let number = r1.as_raw_fd();
-    let mut monitor = EpollMonitor::new().unwrap();
-    let mut ready = ReadyList::new();
-    add(&mut monitor, key(1), number, Interest::READ);
-
-    // What a context does when a handler is replaced after its fd was closed and the number
-    // reused: a Modify on the same number. EPOLL_CTL_MOD answers ENOENT (the new file is not
-    // registered), so the monitor adds it under the new key.
-    drop(r1);
-    let (r2, w2) = pipe();
-    let _r2 = move_to(r2, number);
-    monitor
-        .update(Change::Modify {
-            old: key(1),
-            new: key(2),
-            fd: number,
-            interest: Interest::READ,
-        })
-        .unwrap();
-    write_bytes(&w2, b"x");
-    assert_eq!(
-        wait_now(&mut monitor, &mut ready),
-        [(key(2), Readiness::READABLE)]
-    );
-    assert_eq!(
-        monitor.registrations().collect::<Vec<_>>(),
-        [(key(2), number, Interest::READ)]
-    );
-    monitor
-        .update(Change::Remove {
-            key: key(2),
-            fd: number,
-        })
-        .unwrap();
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
 }
 

@@ -42,7 +42,7 @@ mod suite {
     };
 
     mod level {
-        aio_core::monitor_conformance_tests!(super::LEVEL);
+        aio_core::monitor_conformance_tests!(super::LEVEL, by_number);
     }
 
     /// One-shot registration re-armed by the monitor, as on event ports.
@@ -55,7 +55,7 @@ mod suite {
             ..LEVEL
         };
 
-        aio_core::monitor_conformance_tests!(REARM);
+        aio_core::monitor_conformance_tests!(REARM, by_number);
     }
 }
 

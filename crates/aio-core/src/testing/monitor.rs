@@ -1084,9 +1084,181 @@ pub fn steady_state_wait_allocates_nothing<M: FdMonitor>(b: &MonitorBackend<M>) 
     assert_eq!(allocations() - before, 0, "{}", b.name);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Kernels that find entries by fd number (epoll, kqueue, event ports): closed and reused numbers
+// ---------------------------------------------------------------------------------------------
+
+/// A kernel that finds entries by number drops a watched file when its last fd is closed: no
+/// report at all (poll would say `POLLNVAL`), the registration stays listed until the context
+/// removes it, and that removal succeeds ("already gone", logged at debug level).
+pub fn closed_fd_is_dropped_silently_and_remove_still_succeeds<M: FdMonitor>(
+    b: &MonitorBackend<M>,
+) {
+    let (_serial, mut monitor) =
+        start!(b, "closed_fd_is_dropped_silently_and_remove_still_succeeds");
+    let (subscriber, debug_events) = CountLevel::new(tracing::Level::DEBUG);
+    tracing::subscriber::with_default(subscriber, || {
+        let (r, w) = pipe();
+        let fd = r.as_raw_fd();
+        let mut ready = ReadyList::new();
+        add(&mut monitor, key(1), fd, Interest::READ);
+        // Data is waiting, so the fd would be reported if it were still watched.
+        write_bytes(&w, b"x");
+        assert_eq!(
+            wait_now(&mut monitor, &mut ready),
+            [(key(1), Readiness::READABLE)]
+        );
+
+        // Closing the only fd of the file drops the kernel's entry: no report at
+        // all, not even an error (poll would say POLLNVAL here).
+        drop(r);
+        assert_eq!(wait_now(&mut monitor, &mut ready), []);
+        assert_eq!(
+            wait_for(&mut monitor, &mut ready, Some(Duration::from_millis(5))),
+            []
+        );
+        // The monitor still lists the handler: only the context can decide to remove it.
+        assert_eq!(
+            b.sorted_registrations(&monitor),
+            [(key(1), fd, Interest::READ)]
+        );
+
+        // The delete answers EBADF for the closed number, which means "already gone": the
+        // removal succeeds, and is logged at debug level.
+        let before = debug_events.load(Ordering::Relaxed);
+        monitor.update(Change::Remove { key: key(1), fd }).unwrap();
+        assert_eq!((b.registrations)(&monitor), []);
+        assert_eq!(debug_events.load(Ordering::Relaxed), before + 1);
+        assert_eq!(wait_now(&mut monitor, &mut ready), []);
+    });
+}
+
+/// A number closed while registered and reused for a new file under a new key: the old key is
+/// stale, and neither replacing nor removing it touches the new file's entry.
+pub fn a_reused_fd_number_is_a_new_entry_that_the_stale_key_never_touches<M: FdMonitor>(
+    b: &MonitorBackend<M>,
+) {
+    let (_serial, mut monitor) = start!(
+        b,
+        "a_reused_fd_number_is_a_new_entry_that_the_stale_key_never_touches"
+    );
+    let (r1, _w1) = pipe();
+    let number = r1.as_raw_fd();
+    let mut ready = ReadyList::new();
+    add(&mut monitor, key(1), number, Interest::READ);
+
+    // The first file is closed while registered (the kernel drops its entry) and its number
+    // is given to a second pipe's read end, which is registered under a new key.
+    drop(r1);
+    let (r2, w2) = pipe();
+    let r2 = move_to(r2, number);
+    add(&mut monitor, key(2), number, Interest::READ);
+    write_bytes(&w2, b"x");
+    assert_eq!(
+        wait_now(&mut monitor, &mut ready),
+        [(key(2), Readiness::READABLE)]
+    );
+    assert_eq!(
+        b.sorted_registrations(&monitor),
+        [
+            (key(1), number, Interest::READ),
+            (key(2), number, Interest::READ)
+        ]
+    );
+
+    // Replacing the stale key cannot take over the number: the new file is watched by key 2,
+    // and epoll watches each (file, fd) pair once. Nothing changes.
+    let err = monitor
+        .update(Change::Modify {
+            old: key(1),
+            new: key(3),
+            fd: number,
+            interest: Interest::READ,
+        })
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+    assert_eq!((b.registrations)(&monitor).len(), 2);
+
+    // Removing the stale key makes no system call (an EPOLL_CTL_DEL on the number would delete
+    // key 2's entry): key 2 is still reported.
+    monitor
+        .update(Change::Remove {
+            key: key(1),
+            fd: number,
+        })
+        .unwrap();
+    assert_eq!(
+        wait_now(&mut monitor, &mut ready),
+        [(key(2), Readiness::READABLE)]
+    );
+    assert_eq!(
+        b.sorted_registrations(&monitor),
+        [(key(2), number, Interest::READ)]
+    );
+
+    monitor
+        .update(Change::Remove {
+            key: key(2),
+            fd: number,
+        })
+        .unwrap();
+    assert_eq!((b.registrations)(&monitor), []);
+    assert_eq!(wait_now(&mut monitor, &mut ready), []);
+    drop(r2);
+}
+
+/// A handler replaced after its fd was closed and the number reused: the modify finds no
+/// entry (`ENOENT`), so the new key watches the file the number names now.
+pub fn replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file<M: FdMonitor>(
+    b: &MonitorBackend<M>,
+) {
+    let (_serial, mut monitor) = start!(
+        b,
+        "replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file"
+    );
+    let (r1, _w1) = pipe();
+    let number = r1.as_raw_fd();
+    let mut ready = ReadyList::new();
+    add(&mut monitor, key(1), number, Interest::READ);
+
+    // What a context does when a handler is replaced after its fd was closed and the number
+    // reused: a Modify on the same number. EPOLL_CTL_MOD answers ENOENT (the new file is not
+    // registered), so the monitor adds it under the new key.
+    drop(r1);
+    let (r2, w2) = pipe();
+    let _r2 = move_to(r2, number);
+    monitor
+        .update(Change::Modify {
+            old: key(1),
+            new: key(2),
+            fd: number,
+            interest: Interest::READ,
+        })
+        .unwrap();
+    write_bytes(&w2, b"x");
+    assert_eq!(
+        wait_now(&mut monitor, &mut ready),
+        [(key(2), Readiness::READABLE)]
+    );
+    assert_eq!(
+        b.sorted_registrations(&monitor),
+        [(key(2), number, Interest::READ)]
+    );
+    monitor
+        .update(Change::Remove {
+            key: key(2),
+            fd: number,
+        })
+        .unwrap();
+    assert_eq!(wait_now(&mut monitor, &mut ready), []);
+}
+
 /// Expands to one `#[test]` per case of the monitor suite, for the backend described by
 /// `$backend` (a [`MonitorBackend`] constant). Call it once per way of waiting a backend has
-/// (in a module of its own), and install [`CountingAllocator`] once in the test binary.
+/// (in a module of its own), and install [`CountingAllocator`] once in the test binary. With
+/// `, by_number` it adds the cases of a kernel that finds its entries by fd number and drops a
+/// closed file by itself (epoll, and `polling` on it): closed and reused numbers, as
+/// [`Registrations::update`](crate::registrations::Registrations::update) handles them.
 ///
 /// ```ignore
 /// const POLL: MonitorBackend<PollMonitor> = MonitorBackend {
@@ -1123,6 +1295,14 @@ macro_rules! monitor_conformance_tests {
             churn_of_1000_fds_keeps_the_registrations_consistent,
             bad_changes_are_errors_and_leave_the_monitor_unchanged,
             steady_state_wait_allocates_nothing,
+        );
+    };
+    ($backend:expr, by_number $(,)?) => {
+        $crate::monitor_conformance_tests!($backend);
+        $crate::monitor_conformance_tests!(@cases $backend;
+            closed_fd_is_dropped_silently_and_remove_still_succeeds,
+            a_reused_fd_number_is_a_new_entry_that_the_stale_key_never_touches,
+            replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {
