@@ -83,6 +83,7 @@ pub use context::{
     Stats,
 };
 pub use event_notifier::EventNotifier;
+pub use fdmon::registrations;
 pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 pub use handler::{FdHandler, HandlerBuilder, RemoteFdHandler, RemoteHandlerBuilder};
 pub use polling::{DEFAULT_WEIGHT, MAX_POLL_NS, MAX_WEIGHT, PollParams, PollPolicy};
