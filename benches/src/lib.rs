@@ -27,6 +27,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aio::{AioContext, BottomHalf, ContextHandle, PollParams};
 
+pub mod b11;
 pub mod b12;
 pub mod b3;
 pub mod b7;

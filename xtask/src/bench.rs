@@ -6,7 +6,7 @@
 //! `tasks.rs`); xtask only chooses where they go, through `AIO_BENCH_REPORT_DIR`, turns on the
 //! bench crate's `glib` feature when the system GLib is there (B13's glib rows), and forwards
 //! the filter to the harness (criterion-style: benchmarks whose name contains it). The filter
-//! `nbd` never gets here: `main.rs` sends `cargo xtask bench nbd` to `nbd_bench.rs`, which
+//! `nbd` never gets here: `main.rs` sends `cargo xtask bench nbd` to `nbd/bench.rs`, which
 //! compares two NBD servers rather than running the harness.
 
 use std::process::ExitCode;

@@ -217,6 +217,13 @@ const MIRI: &[MiriRun] = &[
         targets: &["--test", "rfifolock"],
         threaded: true,
     },
+    // Acquire/release on a context: the loop handed between threads with the lock, its home
+    // words and home table moving with it, drops on another thread, the seeded programs.
+    MiriRun {
+        package: "aio-core",
+        targets: &["--test", "shared_context"],
+        threaded: true,
+    },
     // The conformance suite: bottom halves, fd handlers, nested polls, the context's
     // lifetime, timers through the loop; several cases schedule from other threads.
     MiriRun {

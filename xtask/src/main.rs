@@ -3,38 +3,33 @@
 //! See <https://github.com/matklad/cargo-xtask/>. The `xtask` alias in `.cargo/config.toml` runs
 //! this binary from anywhere in the workspace. Each subcommand lives in its own file:
 //!
-//! | command                   | file           | what it does                                          |
-//! |---------------------------|----------------|-------------------------------------------------------|
-//! | `cargo xtask ci [--quick]`| `ci.rs`        | everything CI checks; `.ci/run` calls it              |
-//! | `cargo xtask ci --only s` | `ci.rs`        | only the named steps (comma-separated), to iterate    |
-//! | `cargo xtask demo [-q]`   | `demo.rs`      | a tour of the NBD server example, driven by qemu-io   |
-//! |                           |                | (or the built-in client, `demo/builtin.rs`)           |
-//! | `cargo xtask bench [f]`   | `bench.rs`     | runs the benchmarks and points at the generated report|
-//! | `cargo xtask bench nbd`   | `nbd_bench.rs` | the NBD server example against qemu-nbd               |
-//! | `cargo xtask tidy`        | `tidy.rs`      | house-style checks alone (also the last step of `ci`) |
+//! | command                   | file               | what it does                                      |
+//! |---------------------------|--------------------|---------------------------------------------------|
+//! | `cargo xtask ci [--quick]`| `ci.rs`            | everything CI checks; `.ci/run` calls it          |
+//! | `cargo xtask ci --only s` | `ci.rs`            | only the named steps (comma-separated), to iterate|
+//! | `cargo xtask demo [-q]`   | `nbd/demo.rs`      | a tour of the NBD server example, driven by       |
+//! |                           |                    | qemu-io (or the built-in client,                  |
+//! |                           |                    | `nbd/demo/builtin.rs`)                            |
+//! | `cargo xtask bench [f]`   | `bench.rs`         | runs the benchmarks, points at the report         |
+//! | `cargo xtask bench nbd`   | `nbd/bench.rs`     | the NBD race: the server example, qemu-nbd and    |
+//! |                           |                    | nbdkit under qemu-img bench, fio and nbdcopy      |
+//! |                           |                    | (`nbd/json.rs` reads fio's reports)               |
+//! | `cargo xtask tidy`        | `tidy.rs`          | house-style checks alone (also the last step of   |
+//! |                           |                    | `ci`)                                             |
 //!
-//! `cmd.rs` holds the shared process runner and error type; `nbd.rs` the plumbing that `demo` and
-//! `bench nbd` share (building the server, scratch images, guarded server processes); `nbd_client`
-//! is the server tests' NBD client (`crates/aio/tests/support/nbd_client.rs`), included by path for
-//! the demo's fallback. The crate is std-only on purpose: `cargo xtask` should start in seconds on
-//! a cold cache.
+//! `cmd.rs` holds the shared process runner and error type. Everything about the NBD server
+//! example lives in the `nbd` module: `nbd/mod.rs` is the plumbing that `demo` and `bench nbd`
+//! share (building the server, scratch images, guarded server processes); the demo's fallback
+//! client is the `nbd-client` crate (`crates/nbd-client`), the same independent client the
+//! server's tests use. The crate is std-only on purpose (and so is `nbd-client`): `cargo xtask`
+//! should start in seconds on a cold cache.
 //!
 //! Exit codes: 0 on success, 1 when a step fails, 2 on a usage error.
 
 mod bench;
 mod ci;
 mod cmd;
-mod demo;
 mod nbd;
-mod nbd_bench;
-// The NBD client of the server's integration tests, shared rather than copied, so that the demo's
-// fallback drives the server with the same independent reading of the protocol as the tests.
-// The demo needs only part of it (not the raw layer's probes for malformed input, nor the
-// handshake variants), and the rest would warn as dead code in this crate only; hence the allow,
-// on this module alone.
-#[allow(dead_code)]
-#[path = "../../crates/aio/tests/support/nbd_client.rs"]
-mod nbd_client;
 mod tidy;
 
 use std::process::ExitCode;
@@ -55,9 +50,11 @@ Commands:
                   --quiet (-q) prints only the steps, the commands and the summary
   bench [filter]  run the benchmarks (optionally only those matching <filter>) and
                   write a report under target/bench-report/
-  bench nbd       the NBD server example against qemu-nbd under qemu-img bench
-                  (AIO_NBD_BENCH_COUNT, AIO_NBD_BENCH_ROUNDS); report in
-                  target/bench-report/nbd.md
+  bench nbd       the NBD race: the server example against qemu-nbd and nbdkit's
+                  file plugin under qemu-img bench, fio and nbdcopy, in each --aio
+                  mode (AIO_NBD_BENCH_QUICK=1 for one short round; AIO_NBD_BENCH_ROUNDS,
+                  _COUNT, _RUNTIME, _CLIENTS, _SERVERS, _MODES, _VARIANTS: see
+                  xtask/src/nbd/bench.rs); report in target/bench-report/nbd.md
 
 Options:
   -h, --help      print this help
@@ -77,11 +74,11 @@ fn main() -> ExitCode {
         ["ci", "--only", steps] if !steps.is_empty() => ci::run(ci::Mode::Only(
             steps.split(',').map(|s| s.trim().to_owned()).collect(),
         )),
-        ["demo"] => demo::run(false),
-        ["demo", "--quiet" | "-q"] => demo::run(true),
+        ["demo"] => nbd::demo::run(false),
+        ["demo", "--quiet" | "-q"] => nbd::demo::run(true),
         ["bench"] => bench::run(None),
         // The NBD comparison drives two external servers, not the criterion harness.
-        ["bench", "nbd"] => nbd_bench::run(),
+        ["bench", "nbd"] => nbd::bench::run(),
         ["bench", filter] if !filter.starts_with('-') => bench::run(Some(filter)),
         ["tidy"] => tidy::run(),
         _ => return usage_error(&args),

@@ -11,9 +11,9 @@
 //!   the same line or within the 3 non-blank lines above it; a longer block of comments (and
 //!   attributes) directly above also counts, so a `// SAFETY:` paragraph may run past 3 lines;
 //! - in the `src/` of `aio-core`, `timers` and `threadpool` ([`SYNC_CRATES`]), only `sync.rs`
-//!   names `std::sync` or `parking_lot` (and aio-core's `testing.rs`, which is test code): every
-//!   atomic, lock, fence and shared pointer of their cross-thread protocols goes through the
-//!   crate's `sync` module, so that the loom models check the real code;
+//!   names `std::sync` or `parking_lot` (and aio-core's `testing.rs` and `testing/`, which are
+//!   test code): every atomic, lock, fence and shared pointer of their cross-thread protocols
+//!   goes through the crate's `sync` module, so that the loom models check the real code;
 //! - no trailing whitespace.
 //!
 //! Each violation is printed as `path:line: message`, and any violation fails the check. The
@@ -264,6 +264,7 @@ fn must_use_sync_module(path: &str) -> bool {
         .any(|krate| path.starts_with(&format!("crates/{krate}/src/")))
         && !path.ends_with("/sync.rs")
         && !path.ends_with("/testing.rs")
+        && !path.contains("/src/testing/")
 }
 
 /// Test code may use the forbidden macros: files under a `tests` directory, or named `*tests*.rs`.

@@ -574,8 +574,8 @@ impl LocalList {
 pub(crate) struct PendingBhs {
     remote: BhList,
     local: LocalList,
-    /// [`thread_id`](crate::sync::thread_id) of the home thread.
-    home: u64,
+    /// The home thread (see `Shared::home`; the two always name the same thread).
+    pub(crate) home: crate::sync::HomeThread,
 }
 
 impl PendingBhs {
@@ -587,7 +587,7 @@ impl PendingBhs {
                 busy: AtomicBool::new(false),
                 open: AtomicBool::new(true),
             },
-            home,
+            home: crate::sync::HomeThread::new(home),
         }
     }
 
@@ -595,7 +595,7 @@ impl PendingBhs {
     /// linked, the node may be freed by the home thread at any time unless the caller keeps it
     /// alive otherwise: the caller must not touch it afterwards unless it does.
     fn link(&self, node: NodePtr) {
-        if crate::sync::thread_id() == self.home && self.local.open.load(Ordering::Relaxed) {
+        if self.home.is_current() && self.local.open.load(Ordering::Relaxed) {
             let linked = self.local.with_head(|head| {
                 // [BH-2]..[BH-4]: the caller keeps the node alive until it is linked, and on
                 // the home thread nothing frees it before this function returns.

@@ -53,8 +53,8 @@ use crate::polling::{self, IDLE_INTERVAL_NS, PollParams, PollPolicy, SharedParam
 use crate::remote::{self, ContextGone, NoAnswer, RemoteOps, Reply};
 use crate::scope::{self, Scopes};
 use crate::sync::{
-    self, Arc, AtomicBool, AtomicU32, AtomicU64, Mutex, Ordering, fence, global, signal_fence,
-    thread_id, thread_local, timer_notify,
+    self, Arc, AtomicBool, AtomicU32, AtomicU64, HomeThread, Mutex, Ordering, fence, global,
+    signal_fence, thread_id, thread_local, timer_notify,
 };
 use crate::{FdHandler, RemoteFdHandler, sys};
 use std::any::Any;
@@ -111,8 +111,8 @@ pub(crate) struct Shared {
     event: EventNotifier,
     /// Pending bottom halves.
     pub(crate) bhs: PendingBhs,
-    /// [`thread_id`] of the home thread.
-    home: u64,
+    /// The home thread: fixed for an ordinary context, the lock holder for a shared one.
+    pub(crate) home: HomeThread,
     /// True from the moment a blocking iteration starts computing its timeout until its wait
     /// is over (and between an outer loop's `prepare` and `check`). Written and read only by
     /// the home thread, signal handlers included; see `notify_scheduled`.
@@ -164,7 +164,7 @@ impl Shared {
         &self,
         f: impl FnOnce(&AioContext) -> R + Send + 'static,
     ) -> Result<R, NoAnswer> {
-        if thread_id() == self.home {
+        if self.home.is_current() {
             let ctx = remote::home_context(self.id).ok_or(NoAnswer::Gone)?;
             // What a handle creates belongs to the root scope, wherever it is used.
             let _root = ctx.inner.scopes.enter_remote();
@@ -181,7 +181,7 @@ impl Shared {
     /// home thread, otherwise at the loop's next iteration. Dropped without running if the
     /// loop is gone.
     pub(crate) fn post(&self, f: impl FnOnce(&AioContext) + Send + 'static) {
-        if thread_id() == self.home {
+        if self.home.is_current() {
             if let Some(ctx) = remote::home_context(self.id) {
                 let _root = ctx.inner.scopes.enter_remote();
                 f(&ctx);
@@ -281,7 +281,7 @@ impl Shared {
     /// that drain sees the push, or this load sees `false` and the caller drains. On the home
     /// thread no fence is needed: `alive` changes only there (`Inner::drop`), in program order.
     fn wake_after_link(&self) -> bool {
-        if thread_id() == self.home {
+        if self.home.is_current() {
             if !self.alive.load(Ordering::Relaxed) {
                 return false;
             }
@@ -424,6 +424,9 @@ pub(crate) struct Inner {
     pub(crate) scopes: Rc<Scopes>,
     /// BHs unlinked by a pass while their scope was held, oldest first.
     held_bhs: RefCell<bh::Held>,
+    /// Whether a [`SharedContext`](crate::SharedContext) owns this context: then
+    /// [`AioContext::current`] never hands it out ([SHARED-1]).
+    pub(crate) in_shared: Cell<bool>,
 }
 
 /// The home thread's adaptive-polling state (docs/qemu-semantics.md §4.3).
@@ -1282,7 +1285,7 @@ impl AioContext {
             notified: AtomicBool::new(false),
             event,
             bhs: PendingBhs::new(thread_id()),
-            home: thread_id(),
+            home: HomeThread::new(thread_id()),
             window: AtomicBool::new(false),
             alive: AtomicBool::new(true),
             #[cfg(aio_loom)]
@@ -1330,6 +1333,7 @@ impl AioContext {
                 tasks: crate::task::Tasks::default(),
                 scopes: Rc::default(),
                 held_bhs: RefCell::new(bh::Held::default()),
+                in_shared: Cell::new(false),
             }),
         };
         *sync::lock(&ctx.inner.shared.timers) = Some(ctx.inner.timers.handle());
@@ -1356,6 +1360,25 @@ impl AioContext {
         CurrentGuard::enter(Rc::as_ptr(&self.inner))
     }
 
+    /// Makes the calling thread this context's home thread: a `SharedContext`'s lock was just
+    /// taken (outermost acquire) or its last owner is dropping it ([SHARED-1]). Quiet during
+    /// thread exit, when the home table may be gone (handle operations then answer
+    /// `ContextGone` on this thread).
+    pub(crate) fn enter_home(&self) {
+        let me = thread_id();
+        self.inner.shared.home.set(me);
+        self.inner.shared.bhs.home.set(me);
+        remote::try_register_home(self.inner.shared.id, &self.inner);
+    }
+
+    /// Stops the calling thread being this context's home: the outermost release of a
+    /// `SharedContext`'s lock, right before the unlock ([SHARED-1]).
+    pub(crate) fn leave_home(&self) {
+        remote::unregister_home(self.inner.shared.id);
+        self.inner.shared.bhs.home.set(0);
+        self.inner.shared.home.set(0);
+    }
+
     /// A thread-safe handle for scheduling work on this context and waking it.
     pub fn handle(&self) -> ContextHandle {
         ContextHandle {
@@ -1365,6 +1388,12 @@ impl AioContext {
 
     /// The context this thread is polling right now, if any (QEMU
     /// `qemu_get_current_aio_context`). Inside a callback, this is the context running it.
+    ///
+    /// `None` while the innermost context polled on this thread belongs to a
+    /// [`SharedContext`](crate::SharedContext): a shared context is never reachable as an
+    /// `AioContext` (that would let an `Rc` of it stay on a thread that no longer holds it).
+    /// Use [`SharedContext::current`](crate::SharedContext::current) there, which names the
+    /// shared context the calling thread holds.
     pub fn current() -> Option<AioContext> {
         let ptr = CURRENT.with(|c| c.get());
         if ptr.is_null() {
@@ -1376,12 +1405,15 @@ impl AioContext {
         // unwinding included), and that frame borrows an `AioContext`, so the `Rc` has a
         // strong count of at least one and we may add one.
         // SAFETY: justified in the comment just above.
-        unsafe {
+        let ctx = unsafe {
             Rc::increment_strong_count(ptr);
-            Some(AioContext {
+            AioContext {
                 inner: Rc::from_raw(ptr),
-            })
-        }
+            }
+        };
+        // A shared context's clone is dropped here, on the thread that polls it (so holds
+        // it), and never reaches the caller ([SHARED-1]).
+        (!ctx.inner.in_shared.get()).then_some(ctx)
     }
 
     /// Counters of the system calls the loop itself makes, for benchmarks and tests that check

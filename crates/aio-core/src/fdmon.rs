@@ -12,6 +12,8 @@
 //! (the thread that owns the [`AioContext`](crate::AioContext)), so every method takes `&mut self`
 //! or `&self` and no method needs to be thread-safe.
 
+pub mod registrations;
+
 use std::any::Any;
 use std::fmt;
 use std::io;

@@ -67,6 +67,7 @@ mod polling;
 mod remote;
 mod rfifolock;
 mod scope;
+mod shared;
 mod sync;
 mod sys;
 pub mod task;
@@ -82,12 +83,14 @@ pub use context::{
     Stats,
 };
 pub use event_notifier::EventNotifier;
+pub use fdmon::registrations;
 pub use fdmon::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 pub use handler::{FdHandler, HandlerBuilder, RemoteFdHandler, RemoteHandlerBuilder};
 pub use polling::{DEFAULT_WEIGHT, MAX_POLL_NS, MAX_WEIGHT, PollParams, PollPolicy};
 pub use remote::ContextGone;
 pub use rfifolock::{RFifoLock, RFifoLockGuard};
 pub use scope::{Scope, ScopeId, ScopeView};
+pub use shared::{Acquired, SharedContext, SharedFdHandler, SharedHandle, SharedHandlerBuilder};
 pub use sys::set_timer_slack;
 pub use task::{JoinError, JoinHandle};
 pub use timers::{

@@ -407,7 +407,14 @@ pub(crate) fn register_home(id: u64, inner: &Rc<Inner>) {
     HOMES.with(|homes| homes.borrow_mut().push((id, Rc::downgrade(inner))));
 }
 
-/// Forgets the context `id` (its loop is being dropped). Quiet during thread exit, when the
+/// As [`register_home`], but quiet during thread exit, when the table may already be gone (a
+/// `SharedContext` acquired or dropped by a thread-local's destructor).
+pub(crate) fn try_register_home(id: u64, inner: &Rc<Inner>) {
+    let _ = HOMES.try_with(|homes| homes.borrow_mut().push((id, Rc::downgrade(inner))));
+}
+
+/// Forgets the context `id` (its loop is being dropped, or a `SharedContext`'s holder releases
+/// it). Quiet during thread exit, when the
 /// table may already be gone.
 pub(crate) fn unregister_home(id: u64) {
     let _ = HOMES.try_with(|homes| homes.borrow_mut().retain(|(other, _)| *other != id));

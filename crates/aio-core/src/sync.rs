@@ -107,6 +107,39 @@ pub(crate) fn wait_timeout<'a, T>(
 /// per iteration adds nothing for the models to explore.
 pub(crate) type SettingU64 = std::sync::atomic::AtomicU64;
 
+/// Which thread is a context's home thread right now: [`thread_id`] of that thread, or 0 for
+/// none. An ordinary context's home never changes; a [`SharedContext`](crate::SharedContext)'s
+/// is the thread holding its lock, stored by `acquire` before the holder uses the context and
+/// reset to 0 by the outermost release before it unlocks ([SHARED-1]).
+///
+/// The only question ever asked is "is it me?", and Relaxed answers it by coherence alone: a
+/// thread reads its own id only if it stored it (ids are never reused) and has not overwritten
+/// it since, because a thread never reads a value older than its own last store to the same
+/// location (read-write coherence). So the holder reads its id from its acquire to its release,
+/// and every other thread reads something else (a stale id of a former holder, a newer one,
+/// or 0), all meaning "not me". What the holder's accesses to the loop need ordering with is
+/// ordered by the lock's own release and acquire, not by this word. std's atomic even under
+/// loom: no model needs to explore it.
+pub(crate) struct HomeThread(std::sync::atomic::AtomicU64);
+
+impl HomeThread {
+    pub(crate) fn new(id: u64) -> Self {
+        HomeThread(std::sync::atomic::AtomicU64::new(id))
+    }
+
+    /// Whether the calling thread is the home thread (see the type's docs for why Relaxed).
+    /// Async-signal-safe, as [`thread_id`] is.
+    #[inline]
+    pub(crate) fn is_current(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) == thread_id()
+    }
+
+    /// Makes `id` the home thread (0: none). Only the lock holder of a shared context calls it.
+    pub(crate) fn set(&self, id: u64) {
+        self.0.store(id, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A number that identifies the calling thread and is never given to another thread, not even
 /// after this one exits (an address, such as a thread-local's, can be reused by a later
 /// thread). Used to recognise a context's home thread without a system call: after the first

@@ -13,6 +13,9 @@
 //! on one thread winning a race: a blocking poll that a bug would hang is guarded by a
 //! watchdog that turns the hang into a failed assertion.
 
+#[cfg(target_os = "linux")]
+pub mod monitor;
+
 use crate::{AioContext, BottomHalf, ContextHandle, EventNotifier, FdHandler, NotDisabledError};
 use crate::{Interest, OuterFd};
 use std::cell::{Cell, RefCell};

@@ -86,6 +86,9 @@
 #![deny(missing_docs)]
 #![doc(test(attr(deny(warnings))))]
 
+/// A context that threads take turns running (`aio_context_acquire`/`release`):
+/// [`Builder::build_shared`].
+pub use aio_core::{Acquired, SharedContext, SharedFdHandler, SharedHandle, SharedHandlerBuilder};
 pub use aio_core::{
     AioContext, BottomHalf, Change, ContextHandle, EventNotifier, FdHandler, FdMonitor,
     HandlerBuilder, HandlerKey, Interest, NotDisabledError, OuterFd, PollParams, PollPolicy,
@@ -316,6 +319,33 @@ impl Builder {
         }
         if self.max_batch != 0 {
             ctx.set_max_batch(self.max_batch)?;
+        }
+        Ok(ctx)
+    }
+}
+
+impl Builder {
+    /// Creates a [`SharedContext`] (acquire/release from any thread) with the same settings as
+    /// [`build`](Self::build). The timer slack, a per-thread setting, applies to the calling
+    /// thread only.
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build).
+    pub fn build_shared(self) -> io::Result<SharedContext> {
+        let poll = self.requested_poll_params();
+        poll.validate()?;
+        let monitor = AutoMonitor::new(self.requested_backend())?;
+        if let Some(slack) = self.timer_slack {
+            set_timer_slack(slack)?;
+        }
+        let ctx = SharedContext::with_clocks(Box::new(monitor), self.clocks.unwrap_or_default())?;
+        let handle = ctx.handle();
+        if !poll.is_disabled() {
+            handle.set_poll_params(poll)?;
+        }
+        if self.max_batch != 0 {
+            handle.set_max_batch(self.max_batch)?;
         }
         Ok(ctx)
     }

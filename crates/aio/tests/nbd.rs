@@ -1,5 +1,5 @@
 //! End-to-end tests of the `nbd-server` example: the server runs as a child process and an
-//! independent client (`support/nbd_client.rs`) drives it over Unix sockets and TCP.
+//! independent client (the `nbd-client` crate) drives it over Unix sockets and TCP.
 //!
 //! The groups: the handshake's options; data round trips with simple and structured replies,
 //! checked against an in-memory model and against the image file on disk; pipelining; bad input
@@ -2155,6 +2155,13 @@ fn idle_server_stops_on_sigterm_and_bad_command_lines_exit_2() {
             "coroutines".into(),
             image.clone(),
         ],
+        vec![
+            "--tcp".into(),
+            "127.0.0.1:0".into(),
+            "--aio".into(),
+            "posix".into(),
+            image.clone(),
+        ],
         vec!["--tcp".into(), "127.0.0.1:0".into(), image.clone(), image],
     ] {
         let out = Command::new(bin).args(&args).output().unwrap();
@@ -2564,14 +2571,198 @@ fn callbacks_is_the_default_engine_and_the_ready_line_names_the_engine() {
     // (Every server a test starts is checked to name the engine it was given.)
     let f = fixture("engine-default", MIB, |c| c.default_engine());
     let ready = ready_line(&f.srv);
-    assert!(ready.ends_with(" bytes, engine callbacks)"), "{ready}");
+    assert!(
+        ready.ends_with(" bytes, aio threads, cache writeback, engine callbacks)"),
+        "{ready}"
+    );
     f.assert_serves();
     let f = fixture("engine-tasks", MIB, |c| {
         c.default_engine().args_extra(&["--engine", "tasks"])
     });
     let ready = ready_line(&f.srv);
-    assert!(ready.ends_with(" bytes, engine tasks)"), "{ready}");
+    assert!(
+        ready.ends_with(" bytes, aio threads, cache writeback, engine tasks)"),
+        "{ready}"
+    );
     f.assert_serves();
+}
+
+/// Every `--aio` and `--cache` mode under both engines keeps data intact: pipelined writes of
+/// many sizes and alignments (FUA among them), a flush, and reads of every range, checked
+/// against the image file and against what was written. io_uring runs the contexts on the
+/// io_uring backend even when `AIO_BACKEND` asks for another (the mode needs the ring). Modes
+/// the kernel refuses are skipped with the reason.
+#[test]
+fn every_aio_mode_keeps_data_intact_under_both_engines() {
+    for io in ["threads", "io_uring", "native"] {
+        if let Err(why) = support::server::io_mode_works(io) {
+            println!("skipped --aio {io}: {why}");
+            continue;
+        }
+        for (engine, cache) in [
+            ("callbacks", "writeback"),
+            ("tasks", "writeback"),
+            ("callbacks", "none"),
+            ("tasks", "none"),
+        ] {
+            let tag = format!("aio-{io}-{engine}-{cache}");
+            let f = fixture(&tag, 8 * MIB, |c| {
+                c.default_engine()
+                    .args_extra(&["--engine", engine, "--aio", io, "--cache", cache])
+                    .env("AIO_BACKEND", Some("epoll"))
+            });
+            let ready = ready_line(&f.srv);
+            let want = format!(", aio {io}, cache {cache}, engine {engine})");
+            assert!(ready.contains(&want), "{ready}");
+            if cache == "none" {
+                assert!(has_direct_fd(f.srv.pid(), &f.image), "no O_DIRECT fd");
+            }
+            if io == "io_uring" {
+                assert!(ready.contains("(backend io_uring,"), "{ready}");
+            }
+            let mut c = f.srv.client();
+            let mut model = vec![0u8; 8 * MIB];
+            // (offset, length): aligned and not, small and up to 2 MiB, overlapping.
+            let writes = [
+                (0, 4096),
+                (4096 * 3 + 17, 1000),
+                (MIB - 5, 10),
+                (2 * MIB, 2 * MIB),
+                (3 * MIB + 4095, 300_001),
+                (8 * MIB - 512, 512),
+            ];
+            let mut cookies = Vec::new();
+            for (i, &(off, len)) in writes.iter().enumerate() {
+                let data = pattern(i as u64 + 1, len);
+                model[off..off + len].copy_from_slice(&data);
+                cookies.push(c.send_write(off as u64, &data).unwrap());
+            }
+            for _ in &cookies {
+                let r = c.receive().unwrap();
+                assert!(
+                    r.result.is_ok(),
+                    "--aio {io} --engine {engine}: {:?}",
+                    r.result
+                );
+            }
+            let data = pattern(99, 70_000);
+            c.write_fua(5 * MIB as u64 + 1, &data).unwrap();
+            model[5 * MIB + 1..5 * MIB + 1 + 70_000].copy_from_slice(&data);
+            c.flush().unwrap();
+            assert!(
+                f.disk_all() == model,
+                "--aio {io} --engine {engine}: image differs"
+            );
+            for &(off, len) in writes.iter().chain(&[(0, 8 * MIB)][..]) {
+                let got = c.read(off as u64, len as u32).unwrap();
+                assert!(
+                    got[..] == model[off..off + len],
+                    "--aio {io} --engine {engine}: read of {len} at {off}"
+                );
+            }
+            // READ, WRITE and FLUSH went to the engine: the pool never started a worker
+            // (its threads are named aio-pool-N; io_uring's own are iou-*). Under
+            // `--cache none` the unaligned ones take the pool.
+            let pool_threads = pool_thread_count(f.srv.pid());
+            if io == "threads" {
+                assert!(pool_threads > 0, "--aio threads ran no pool worker");
+            } else if cache == "writeback" {
+                assert_eq!(
+                    pool_threads, 0,
+                    "--aio {io} --engine {engine} used the pool"
+                );
+            }
+            c.disconnect().unwrap();
+        }
+    }
+}
+
+/// Whether process `pid` has `image` open with `O_DIRECT` (the `flags` line of its fdinfo).
+fn has_direct_fd(pid: u32, image: &std::path::Path) -> bool {
+    let image = std::fs::canonicalize(image).unwrap();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .any(|fd| {
+            let fd = fd.unwrap();
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                return false;
+            };
+            let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+            let flags = std::fs::read_to_string(info).unwrap_or_default();
+            let flags = flags
+                .lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                .unwrap_or(0);
+            target == image && flags & libc::O_DIRECT as u32 != 0
+        })
+}
+
+/// With `--cache none`, aligned WRITEs and READs bypass the page cache: after writing and
+/// reading back 4 MiB in 256 KiB requests (each mode that works here), almost none of the
+/// image is resident, where the same traffic with `--cache writeback` leaves all of it there.
+/// An unaligned write still succeeds (through the cache). `fincore` measures.
+#[test]
+fn cache_none_keeps_aligned_io_out_of_the_page_cache() {
+    const SIZE: usize = 4 * MIB;
+    for io in ["threads", "io_uring", "native"] {
+        if let Err(why) = support::server::io_mode_works(io) {
+            println!("skipped --aio {io}: {why}");
+            continue;
+        }
+        for cache in ["writeback", "none"] {
+            let f = fixture(&format!("direct-{io}-{cache}"), SIZE, |c| {
+                c.args_extra(&["--aio", io, "--cache", cache])
+            });
+            // A fresh image: drop whatever creating it left in the cache.
+            let _ = Command::new("dd")
+                .arg(format!("if={}", f.image.display()))
+                .args(["iflag=nocache", "count=0", "status=none"])
+                .status();
+            let Some(before) = resident_bytes(&f.image) else {
+                println!("skipped the page cache check: no fincore");
+                return;
+            };
+            let mut c = f.srv.client();
+            let data = pattern(7, SIZE);
+            for off in (0..SIZE).step_by(256 << 10) {
+                c.write(off as u64, &data[off..off + (256 << 10)]).unwrap();
+            }
+            c.flush().unwrap();
+            for off in (0..SIZE).step_by(256 << 10) {
+                let got = c.read(off as u64, 256 << 10).unwrap();
+                assert!(
+                    got[..] == data[off..off + (256 << 10)],
+                    "--aio {io} --cache {cache}"
+                );
+            }
+            let resident = resident_bytes(&f.image).unwrap();
+            if cache == "none" {
+                assert!(
+                    resident <= before + 64 * 1024,
+                    "--aio {io} --cache none left {resident} bytes cached (before: {before})"
+                );
+                // Unaligned: served through the cache, not refused.
+                c.write(1, b"odd").unwrap();
+                assert_eq!(c.read(0, 5).unwrap(), [data[0], b'o', b'd', b'd', data[4]]);
+            } else {
+                assert!(
+                    resident >= SIZE as u64 / 2,
+                    "--aio {io} --cache writeback: only {resident} bytes cached"
+                );
+            }
+            c.disconnect().unwrap();
+        }
+    }
+}
+
+/// How many of process `pid`'s threads are thread-pool workers.
+fn pool_thread_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("aio-pool"))
+        .count()
 }
 
 /// The environment variable that overrides `--poll-max-ns` (the facade's `POLL_MAX_NS_ENV`).
@@ -4057,14 +4248,18 @@ fn client_agrees_with_qemu_nbd() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The task engine. Every test above runs the default engine (`--engine callbacks`); this module
-// runs each case again, under its own name, with `--engine tasks`. A new test belongs in the
+// The task engine and the file I/O modes. Every test above runs the default engine
+// (`--engine callbacks`) and the default `--aio threads`; the modules below run each case again,
+// under its own name, with `--engine tasks`, `--aio io_uring`, `--aio native --cache none` and
+// `--cache none`. A new test belongs in the
 // list (`every_case_runs_under_both_engines` checks it), unless it serves no connection.
 // ---------------------------------------------------------------------------------------------
 
 /// Tests that start no server that serves a client: nothing an engine changes.
 const ENGINE_INDEPENDENT: &[&str] = &[
     "callbacks_is_the_default_engine_and_the_ready_line_names_the_engine",
+    "every_aio_mode_keeps_data_intact_under_both_engines",
+    "cache_none_keeps_aligned_io_out_of_the_page_cache",
     "bad_poll_options_exit_2_with_a_message",
     "help_and_version_print_on_stdout_and_exit_0",
 ];
@@ -4077,6 +4272,38 @@ macro_rules! under_the_task_engine {
                 #[test]
                 fn $case() {
                     super::support::server::with_engine("tasks", super::$case);
+                }
+            )*
+        }
+
+        /// Every case of this file, with `--aio io_uring` (skipped where the kernel has no
+        /// io_uring).
+        mod aio_io_uring {
+            $(
+                #[test]
+                fn $case() {
+                    super::support::server::with_io("io_uring", "writeback", super::$case);
+                }
+            )*
+        }
+
+        /// Every case of this file, with `--aio native --cache none`, qemu-nbd's pairing
+        /// (skipped without Linux AIO).
+        mod aio_native_cache_none {
+            $(
+                #[test]
+                fn $case() {
+                    super::support::server::with_io("native", "none", super::$case);
+                }
+            )*
+        }
+
+        /// Every case of this file, with `--cache none` on the thread pool.
+        mod cache_none {
+            $(
+                #[test]
+                fn $case() {
+                    super::support::server::with_io("threads", "none", super::$case);
                 }
             )*
         }

@@ -237,15 +237,34 @@ impl BlockIo {
         offset: u64,
         done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
     ) -> Op {
+        self.read_into(ctx, file, buf, 0, offset, done)
+    }
+
+    /// [`read_at`](Self::read_at) into `buf[start..]`, leaving `buf[..start]` as it was: room
+    /// for a header in front of the data (an NBD reply's), or padding that puts the data on
+    /// an alignment `O_DIRECT` needs, without a second buffer or a copy. A `start` past
+    /// `buf.len()` fails with `InvalidInput` (in `done`, like any other error).
+    pub fn read_into(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: Vec<u8>,
+        start: usize,
+        offset: u64,
+        done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+    ) -> Op {
+        if start > buf.len() {
+            return self.refuse_start(ctx, buf, start, done);
+        }
         #[cfg(target_os = "linux")]
         if let Some(l) = self.laio(ctx) {
-            return linux_aio::rw(ctx, &l, file.clone(), buf, offset, false, done);
+            return linux_aio::rw(ctx, &l, file.clone(), buf, start, offset, false, done);
         }
         match self.engine {
             #[cfg(target_os = "linux")]
-            Engine::IoUring => uring::read_at(ctx, file.clone(), buf, offset, done),
+            Engine::IoUring => uring::read_at(ctx, file.clone(), buf, start, offset, done),
             _ => pool_buf(ctx, file.clone(), buf, done, move |f, b| {
-                f.read_at(b, offset)
+                f.read_at(&mut b[start..], offset)
             }),
         }
     }
@@ -260,17 +279,51 @@ impl BlockIo {
         offset: u64,
         done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
     ) -> Op {
+        self.write_from(ctx, file, buf, 0, offset, done)
+    }
+
+    /// [`write_at`](Self::write_at) of `buf[start..]` only (see [`read_into`](Self::read_into)
+    /// for why a buffer starts with bytes that are not written). A `start` past `buf.len()`
+    /// fails with `InvalidInput`.
+    pub fn write_from(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: Vec<u8>,
+        start: usize,
+        offset: u64,
+        done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+    ) -> Op {
+        if start > buf.len() {
+            return self.refuse_start(ctx, buf, start, done);
+        }
         #[cfg(target_os = "linux")]
         if let Some(l) = self.laio(ctx) {
-            return linux_aio::rw(ctx, &l, file.clone(), buf, offset, true, done);
+            return linux_aio::rw(ctx, &l, file.clone(), buf, start, offset, true, done);
         }
         match self.engine {
             #[cfg(target_os = "linux")]
-            Engine::IoUring => uring::write_at(ctx, file.clone(), buf, offset, done),
+            Engine::IoUring => uring::write_at(ctx, file.clone(), buf, start, offset, done),
             _ => pool_buf(ctx, file.clone(), buf, done, move |f, b| {
-                f.write_at(b, offset)
+                f.write_at(&b[start..], offset)
             }),
         }
+    }
+
+    /// Fails a request whose `start` lies past its buffer, through a no-op request so that
+    /// `done` runs later, from a poll, as for every other result.
+    fn refuse_start(
+        &self,
+        ctx: &AioContext,
+        buf: Vec<u8>,
+        start: usize,
+        done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+    ) -> Op {
+        let len = buf.len();
+        self.nop(ctx, move |_| {
+            let why = format!("start {start} lies past the end of a {len}-byte buffer");
+            done(Err(io::Error::new(io::ErrorKind::InvalidInput, why)), buf)
+        })
     }
 
     /// Reads into each buffer of `bufs` in turn, from `offset` on (`preadv`). `done` gets the

@@ -354,17 +354,20 @@ struct OneBuf {
     buf: Vec<u8>,
 }
 
+#[allow(clippy::too_many_arguments)] // one request's fields, as the iocb has them
 pub(crate) fn rw(
     ctx: &AioContext,
     laio: &Laio,
     file: Arc<File>,
     buf: Vec<u8>,
+    start: usize,
     offset: u64,
     write: bool,
     done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
 ) -> Op {
     let fd = file.as_raw_fd() as u32;
     let mut keep = Box::new(OneBuf { _file: file, buf });
+    let at = &mut keep.buf[start..];
     let iocb = Iocb {
         aio_lio_opcode: if write {
             IOCB_CMD_PWRITE
@@ -372,8 +375,8 @@ pub(crate) fn rw(
             IOCB_CMD_PREAD
         },
         aio_fildes: fd,
-        aio_buf: keep.buf.as_mut_ptr() as u64,
-        aio_nbytes: keep.buf.len() as u64,
+        aio_buf: at.as_mut_ptr() as u64,
+        aio_nbytes: at.len() as u64,
         aio_offset: offset as i64,
         ..Iocb::default()
     };

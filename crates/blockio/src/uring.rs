@@ -158,17 +158,20 @@ fn one_buf(keep: KeepAlive) -> Vec<u8> {
     keep.downcast::<OneBuf>().map(|k| k.buf).unwrap_or_default()
 }
 
+/// Reads into `buf[start..]`; the caller checked `start <= buf.len()`.
 pub(crate) fn read_at(
     ctx: &AioContext,
     file: Arc<File>,
     buf: Vec<u8>,
+    start: usize,
     offset: u64,
     done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
     let mut keep = Box::new(OneBuf { _file: file, buf });
-    let len = u32::try_from(keep.buf.len()).unwrap_or(u32::MAX);
-    let entry = opcode::Read::new(fd, keep.buf.as_mut_ptr(), len)
+    let to = &mut keep.buf[start..];
+    let len = u32::try_from(to.len()).unwrap_or(u32::MAX);
+    let entry = opcode::Read::new(fd, to.as_mut_ptr(), len)
         .offset(offset)
         .build();
     // The SQE points at `len` bytes of `keep.buf`'s heap memory, which `keep` owns and which
@@ -181,17 +184,20 @@ pub(crate) fn read_at(
     }
 }
 
+/// Writes `buf[start..]`; the caller checked `start <= buf.len()`.
 pub(crate) fn write_at(
     ctx: &AioContext,
     file: Arc<File>,
     buf: Vec<u8>,
+    start: usize,
     offset: u64,
     done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
     let keep = Box::new(OneBuf { _file: file, buf });
-    let len = u32::try_from(keep.buf.len()).unwrap_or(u32::MAX);
-    let entry = opcode::Write::new(fd, keep.buf.as_ptr(), len)
+    let from = &keep.buf[start..];
+    let len = u32::try_from(from.len()).unwrap_or(u32::MAX);
+    let entry = opcode::Write::new(fd, from.as_ptr(), len)
         .offset(offset)
         .build();
     // The SQE points at `len` bytes of `keep.buf`'s heap memory, which `keep` owns and which

@@ -230,6 +230,66 @@ fn short_reads_at_end_of_file() {
 }
 
 #[test]
+fn reads_and_writes_from_an_offset_in_the_buffer_leave_its_head_alone() {
+    for (name, ctx, io) in setups() {
+        let file = temp_file();
+        let data = pattern(5000, 3);
+        // write_from: only `buf[start..]` reaches the file.
+        let mut buf = vec![0xaa; 24];
+        buf.extend_from_slice(&data);
+        let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+        let s = slot.clone();
+        io.write_from(&ctx, &file, buf, 24, 512, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        let (r, buf) = wait_for(&ctx, &slot);
+        assert_eq!(r.unwrap(), 5000, "{name}: write_from count");
+        assert_eq!(buf.len(), 5024, "{name}: buffer given back whole");
+        let mut on_disk = vec![0; 5512];
+        file.read_exact_at(&mut on_disk, 0).unwrap();
+        assert!(on_disk[..512].iter().all(|&b| b == 0), "{name}: before");
+        assert_eq!(on_disk[512..], data[..], "{name}: written bytes");
+
+        // read_into: the head keeps its bytes, the rest is the file's.
+        let s = slot.clone();
+        io.read_into(&ctx, &file, vec![0x55; 1000], 16, 600, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        let (r, buf) = wait_for(&ctx, &slot);
+        assert_eq!(r.unwrap(), 984, "{name}: read_into count");
+        assert!(
+            buf[..16].iter().all(|&b| b == 0x55),
+            "{name}: head untouched"
+        );
+        assert_eq!(buf[16..], data[88..88 + 984], "{name}: bytes read");
+
+        // A start at the very end transfers nothing; one past it is refused, in `done`.
+        let s = slot.clone();
+        io.read_into(&ctx, &file, vec![1; 8], 8, 0, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        assert_eq!(wait_for(&ctx, &slot).0.unwrap(), 0, "{name}: empty range");
+        for write in [false, true] {
+            let s = slot.clone();
+            let done = move |r, b| *s.borrow_mut() = Some((r, b));
+            if write {
+                io.write_from(&ctx, &file, vec![1; 8], 9, 0, done);
+            } else {
+                io.read_into(&ctx, &file, vec![1; 8], 9, 0, done);
+            }
+            assert!(slot.borrow().is_none(), "{name}: done ran inside the call");
+            let (r, buf) = wait_for(&ctx, &slot);
+            assert_eq!(
+                r.unwrap_err().kind(),
+                io::ErrorKind::InvalidInput,
+                "{name}: start past the end (write: {write})"
+            );
+            assert_eq!(buf, vec![1; 8], "{name}: the buffer comes back");
+        }
+    }
+}
+
+#[test]
 fn a_read_of_a_write_only_file_reports_the_errno() {
     for (name, ctx, io) in setups() {
         // A write-only file cannot be read: EBADF on every engine.

@@ -99,14 +99,13 @@
 
 mod epoll;
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use aio_core::registrations::{FdTable, Registrations};
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList};
 
 use crate::epoll::{Epoll, Events, epoll_to_readiness, interest_to_epoll};
@@ -166,19 +165,10 @@ pub struct EpollMonitor {
     /// Where waits read ready events into; grows from [`INITIAL_EVENTS`] to [`MAX_EVENTS`].
     events: Events,
     /// Every registered handler's fd and interest, for [`registrations`](Self::registrations)
-    /// and for validating changes. The kernel holds the same set, but cannot be asked for it.
-    registered: HashMap<HandlerKey, (RawFd, Interest)>,
-    /// For each fd number, the key whose kernel entry `epoll_ctl` reaches through that number:
-    /// the key most recently added or modified on it.
-    ///
-    /// # Invariant
-    ///
-    /// Every owner is in `registered`, with that fd. A registered key that does not own its fd
-    /// is stale: its file was closed and the number registered again for another file, so
-    /// its own entry is gone (or tied to a file that no number names), and any `epoll_ctl` on
-    /// the number would hit the owner's entry instead. Only the owner's changes reach the
-    /// kernel.
-    owners: HashMap<RawFd, HandlerKey>,
+    /// and for validating changes (the kernel holds the same set, but cannot be asked for it),
+    /// and which key owns each fd number: `epoll_ctl` finds entries by number, so only the
+    /// owner's changes reach the kernel (see [`Registrations`] on stale keys).
+    regs: Registrations,
     /// Whether positive timeouts use `epoll_pwait2` (else `ppoll` on the epoll fd, then a
     /// non-blocking `epoll_wait`).
     pwait2: bool,
@@ -234,8 +224,7 @@ impl EpollMonitor {
         Ok(EpollMonitor {
             epoll,
             events: Events::with_capacity(INITIAL_EVENTS),
-            registered: HashMap::new(),
-            owners: HashMap::new(),
+            regs: Registrations::new(),
             pwait2,
         })
     }
@@ -271,9 +260,7 @@ impl EpollMonitor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn registrations(&self) -> impl Iterator<Item = (HandlerKey, RawFd, Interest)> + '_ {
-        self.registered
-            .iter()
-            .map(|(&key, &(fd, interest))| (key, fd, interest))
+        self.regs.iter()
     }
 
     /// How many handlers are registered.
@@ -295,7 +282,7 @@ impl EpollMonitor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn len(&self) -> usize {
-        self.registered.len()
+        self.regs.len()
     }
 
     /// Whether no handler is registered.
@@ -309,134 +296,7 @@ impl EpollMonitor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn is_empty(&self) -> bool {
-        self.registered.is_empty()
-    }
-
-    /// Starts watching `fd` for `interest`, reported as `key`.
-    fn add(&mut self, key: HandlerKey, fd: RawFd, interest: Interest) -> io::Result<()> {
-        // The same contract checks as the poll backend, so that both answer a bad change the
-        // same way (the kernel would say EBADF for a negative fd, and accept an empty interest
-        // and then report hang-ups that nobody asked for).
-        if fd < 0 {
-            return Err(invalid_input(format!("cannot watch negative fd {fd}")));
-        }
-        if interest.is_empty() {
-            return Err(invalid_input(format!("empty interest for fd {fd}")));
-        }
-        let Entry::Vacant(slot) = self.registered.entry(key) else {
-            return Err(invalid_input(format!("{key:?} is already registered")));
-        };
-        // The kernel is asked first and the bookkeeping follows only on success, so that a
-        // refusal (EPERM for a regular file, EEXIST, ENOMEM, EBADF) leaves the monitor as it was.
-        let events = interest_to_epoll(interest);
-        self.epoll.add(fd, events, key.as_u64())?;
-        slot.insert((fd, interest));
-        if let Some(stale) = self.owners.insert(fd, key) {
-            // The add succeeded although `stale` was registered on the same number, so the
-            // number now names another file: `stale`'s file was closed while registered.
-            tracing::debug!(
-                fd,
-                ?key,
-                ?stale,
-                "fd number reused while an older handler was still registered on it; the older \
-                 one is stale and will not be touched in the kernel"
-            );
-        }
-        Ok(())
-    }
-
-    /// Hands the entry of `old` over to `new`, watching for `interest` from now on.
-    fn modify(
-        &mut self,
-        old: HandlerKey,
-        new: HandlerKey,
-        fd: RawFd,
-        interest: Interest,
-    ) -> io::Result<()> {
-        let Some(&(registered_fd, _)) = self.registered.get(&old) else {
-            return Err(not_found(old));
-        };
-        // Validate everything before changing anything, so that an error leaves the monitor
-        // exactly as it was and the context's view of it stays true.
-        if new != old && self.registered.contains_key(&new) {
-            return Err(invalid_input(format!("{new:?} is already registered")));
-        }
-        if interest.is_empty() {
-            return Err(invalid_input(format!("empty interest for fd {fd}")));
-        }
-        if fd != registered_fd {
-            return Err(invalid_input(format!(
-                "{old:?} watches fd {registered_fd}, not fd {fd}; a modify cannot change the fd"
-            )));
-        }
-        let events = interest_to_epoll(interest);
-        if self.owners.get(&fd) == Some(&old) {
-            // The new key goes into the kernel with the new events, so that an event already
-            // queued under the old key cannot be mistaken for one of the new handler's.
-            match self.epoll.modify(fd, events, new.as_u64()) {
-                Ok(()) => {}
-                // The number is open but its file is not registered: the old file was closed
-                // (and the kernel dropped its entry), and the number reused. The handler being
-                // replaced wants this number watched, so watch the file it names now.
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
-                    tracing::debug!(
-                        fd,
-                        ?old,
-                        ?new,
-                        "fd was closed and its number reused while registered; adding it anew"
-                    );
-                    self.epoll.add(fd, events, new.as_u64())?;
-                }
-                Err(err) => return Err(err),
-            }
-        } else {
-            // `old` is stale (see `owners`): modifying through the number would change another
-            // handler's entry, so register the number afresh and let the kernel decide.
-            self.epoll.add(fd, events, new.as_u64())?;
-        }
-        self.registered.remove(&old);
-        self.registered.insert(new, (fd, interest));
-        self.owners.insert(fd, new);
-        Ok(())
-    }
-
-    /// Stops watching the entry of `key`.
-    fn remove(&mut self, key: HandlerKey) -> io::Result<()> {
-        // The fd is taken from the bookkeeping, not from the change: it is what was registered.
-        let (fd, _) = self.registered.remove(&key).ok_or_else(|| not_found(key))?;
-        if self.owners.get(&fd) != Some(&key) {
-            tracing::debug!(
-                fd,
-                ?key,
-                "removing a stale handler whose fd number was reused; nothing to delete"
-            );
-            return Ok(());
-        }
-        self.owners.remove(&fd);
-        // The context forgets the handler whatever happens here, so the bookkeeping already has
-        // too; an error is still returned for the context to log.
-        match self.epoll.delete(fd) {
-            Ok(()) => Ok(()),
-            // The fd was closed while registered: the number is not open (EBADF), names another
-            // file that is not registered (ENOENT), or names a regular file that cannot be
-            // (EPERM). In each case the kernel already dropped the entry when the file was
-            // closed, unless a duplicate keeps the file open (see the crate docs).
-            Err(err)
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::EBADF | libc::ENOENT | libc::EPERM)
-                ) =>
-            {
-                tracing::debug!(
-                    fd,
-                    ?key,
-                    %err,
-                    "fd was closed while registered; the kernel already dropped it"
-                );
-                Ok(())
-            }
-            Err(err) => Err(err),
-        }
+        self.regs.is_empty()
     }
 
     /// Waits until an event is ready or `timeout` passes, retrying `EINTR`.
@@ -534,16 +394,7 @@ impl FdMonitor for EpollMonitor {
     /// succeeds (the kernel already dropped it); a `Remove` the kernel fails otherwise is still
     /// forgotten by the monitor, as it is by the context, and the error returned for logging.
     fn update(&mut self, change: Change) -> io::Result<()> {
-        match change {
-            Change::Add { key, fd, interest } => self.add(key, fd, interest),
-            Change::Modify {
-                old,
-                new,
-                fd,
-                interest,
-            } => self.modify(old, new, fd, interest),
-            Change::Remove { key, fd: _ } => self.remove(key),
-        }
+        self.regs.update(&mut self.epoll, change)
     }
 
     /// Waits for ready events and pushes one report per ready key, each key at most once (the
@@ -597,29 +448,21 @@ impl fmt::Debug for EpollMonitor {
         f.debug_struct("EpollMonitor")
             .field("epoll_fd", &self.epoll.as_fd().as_raw_fd())
             .field("pwait2", &self.pwait2)
-            .field("registrations", &DebugRegistrations(self))
+            .field("registrations", &self.regs)
             .finish_non_exhaustive()
     }
 }
 
-/// Formats [`EpollMonitor::registrations`] as a list without collecting it.
-struct DebugRegistrations<'a>(&'a EpollMonitor);
-
-impl fmt::Debug for DebugRegistrations<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.registrations()).finish()
+/// `epoll_ctl` as the table of fd numbers that [`Registrations::update`] drives: the key goes
+/// into the event's data, so that a stale event names a key the context no longer knows.
+impl FdTable for Epoll {
+    fn add(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()> {
+        Epoll::add(self, fd, interest_to_epoll(interest), key.as_u64())
     }
-}
-
-/// An [`io::ErrorKind::InvalidInput`] error for a change that breaks the caller's contract.
-fn invalid_input(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, message)
-}
-
-/// An [`io::ErrorKind::NotFound`] error for a change that names a key nobody registered.
-fn not_found(key: HandlerKey) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{key:?} is not registered"),
-    )
+    fn modify(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()> {
+        Epoll::modify(self, fd, interest_to_epoll(interest), key.as_u64())
+    }
+    fn delete(&mut self, fd: RawFd) -> io::Result<()> {
+        Epoll::delete(self, fd)
+    }
 }

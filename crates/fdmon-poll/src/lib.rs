@@ -35,13 +35,13 @@
 
 mod ppoll;
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
+use aio_core::registrations::{KeyMap, not_found, validate};
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList};
 
 use crate::ppoll::{interest_to_poll, poll_to_interest, poll_to_readiness};
@@ -89,7 +89,7 @@ pub struct PollMonitor {
     /// vector of pairs, because the kernel needs the `pollfd`s contiguous.
     keys: Vec<HandlerKey>,
     /// Where each key's entry is, so that `update` finds it in O(1) instead of scanning.
-    index: HashMap<HandlerKey, usize>,
+    index: KeyMap<usize>,
     /// Keys whose fd the kernel reported as not open, so that the warning is logged once per
     /// key rather than on every iteration of a loop that keeps reporting it.
     warned_closed: HashSet<HandlerKey>,
@@ -118,7 +118,7 @@ impl PollMonitor {
         Ok(PollMonitor {
             pollfds: Vec::with_capacity(INITIAL_CAPACITY),
             keys: Vec::with_capacity(INITIAL_CAPACITY),
-            index: HashMap::with_capacity(INITIAL_CAPACITY),
+            index: KeyMap::with_capacity_and_hasher(INITIAL_CAPACITY, Default::default()),
             warned_closed: HashSet::new(),
         })
     }
@@ -179,58 +179,23 @@ impl PollMonitor {
         self.pollfds.is_empty()
     }
 
-    /// Starts watching `fd` for `interest`, reported as `key`.
-    fn add(&mut self, key: HandlerKey, fd: RawFd, interest: Interest) -> io::Result<()> {
-        // Both checks guard against a contract violation by the caller. poll(2) silently
-        // ignores negative fds, and an entry with no events would still be reported on hang-up;
-        // either would be a handler that never runs, or runs when nobody asked, so refuse it.
-        if fd < 0 {
-            return Err(invalid_input(format!("cannot watch negative fd {fd}")));
-        }
-        if interest.is_empty() {
-            return Err(invalid_input(format!("empty interest for fd {fd}")));
-        }
-        match self.index.entry(key) {
-            Entry::Occupied(_) => Err(invalid_input(format!("{key:?} is already registered"))),
-            Entry::Vacant(slot) => {
-                slot.insert(self.pollfds.len());
-                self.pollfds.push(libc::pollfd {
-                    fd,
-                    events: interest_to_poll(interest),
-                    revents: 0,
-                });
-                self.keys.push(key);
-                Ok(())
-            }
-        }
+    /// Starts watching `fd` for `interest`, reported as `key` (validated by the caller).
+    fn add(&mut self, key: HandlerKey, fd: RawFd, interest: Interest) {
+        self.index.insert(key, self.pollfds.len());
+        self.pollfds.push(libc::pollfd {
+            fd,
+            events: interest_to_poll(interest),
+            revents: 0,
+        });
+        self.keys.push(key);
     }
 
-    /// Hands the entry of `old` over to `new`, watching for `interest` from now on.
-    fn modify(
-        &mut self,
-        old: HandlerKey,
-        new: HandlerKey,
-        fd: RawFd,
-        interest: Interest,
-    ) -> io::Result<()> {
-        let Some(&i) = self.index.get(&old) else {
-            return Err(not_found(old));
+    /// Hands the entry of `old` over to `new`, watching for `interest` from now on (validated
+    /// by the caller, so that an error leaves the monitor as it was).
+    fn modify(&mut self, old: HandlerKey, new: HandlerKey, interest: Interest) {
+        let Some(i) = self.index.remove(&old) else {
+            return;
         };
-        // Validate everything before changing anything, so that an error leaves the monitor
-        // exactly as it was and the context's view of it stays true.
-        if new != old && self.index.contains_key(&new) {
-            return Err(invalid_input(format!("{new:?} is already registered")));
-        }
-        if interest.is_empty() {
-            return Err(invalid_input(format!("empty interest for fd {fd}")));
-        }
-        let registered_fd = self.pollfds[i].fd;
-        if fd != registered_fd {
-            return Err(invalid_input(format!(
-                "{old:?} watches fd {registered_fd}, not fd {fd}; a modify cannot change the fd"
-            )));
-        }
-        self.index.remove(&old);
         self.index.insert(new, i);
         self.keys[i] = new;
         let pfd = &mut self.pollfds[i];
@@ -239,7 +204,6 @@ impl PollMonitor {
         // The new key has not been warned about; if the fd is still closed, say so again under
         // the name the context now knows it by.
         self.warned_closed.remove(&old);
-        Ok(())
     }
 
     /// Stops watching the entry of `key`.
@@ -305,16 +269,17 @@ impl FdMonitor for PollMonitor {
     /// On error the monitor is unchanged. Two keys may watch the same fd; keeping one handler
     /// per fd is the context's job.
     fn update(&mut self, change: Change) -> io::Result<()> {
+        validate(change, |key| {
+            self.index.get(&key).map(|&i| self.pollfds[i].fd)
+        })?;
         match change {
             Change::Add { key, fd, interest } => self.add(key, fd, interest),
             Change::Modify {
-                old,
-                new,
-                fd,
-                interest,
-            } => self.modify(old, new, fd, interest),
-            Change::Remove { key, fd: _ } => self.remove(key),
+                old, new, interest, ..
+            } => self.modify(old, new, interest),
+            Change::Remove { key, fd: _ } => return self.remove(key),
         }
+        Ok(())
     }
 
     /// Waits with `ppoll` on every registered fd and reports each one with nonzero `revents`.
@@ -379,17 +344,4 @@ impl fmt::Debug for DebugRegistrations<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_list().entries(self.0.registrations()).finish()
     }
-}
-
-/// An [`io::ErrorKind::InvalidInput`] error for a change that breaks the caller's contract.
-fn invalid_input(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, message)
-}
-
-/// An [`io::ErrorKind::NotFound`] error for a change that names a key nobody registered.
-fn not_found(key: HandlerKey) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{key:?} is not registered"),
-    )
 }

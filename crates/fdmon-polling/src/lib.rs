@@ -66,14 +66,13 @@ compile_error!(
 
 mod poller;
 
-use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::fmt;
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use aio_core::registrations::{FdTable, Registrations};
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use polling::{Events, PollMode, Poller};
 
@@ -125,17 +124,9 @@ pub struct PollingMonitor {
     events: Events,
     /// One wait's reports before merging (kqueue reports the two directions of an fd apart).
     scratch: Vec<(HandlerKey, Readiness)>,
-    /// Every registered handler's fd and interest.
-    registered: HashMap<HandlerKey, (RawFd, Interest)>,
-    /// For each fd number, the key whose kernel registration the number reaches: the key most
-    /// recently added or modified on it.
-    ///
-    /// # Invariant
-    ///
-    /// Every owner is in `registered`, with that fd. A registered key that does not own its fd
-    /// is stale (its file was closed and the number registered again), and only the owner's
-    /// changes reach the kernel.
-    owners: HashMap<RawFd, HandlerKey>,
+    /// Every registered handler's fd and interest, and which key owns each fd number: only the
+    /// owner's changes reach the kernel (see [`Registrations`] on stale keys).
+    regs: Registrations,
 }
 
 impl PollingMonitor {
@@ -182,8 +173,7 @@ impl PollingMonitor {
             mode,
             events: Events::with_capacity(nonzero(INITIAL_EVENTS)),
             scratch: Vec::new(),
-            registered: HashMap::new(),
-            owners: HashMap::new(),
+            regs: Registrations::new(),
         })
     }
 
@@ -215,136 +205,17 @@ impl PollingMonitor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn registrations(&self) -> impl Iterator<Item = (HandlerKey, RawFd, Interest)> + '_ {
-        self.registered
-            .iter()
-            .map(|(&key, &(fd, interest))| (key, fd, interest))
+        self.regs.iter()
     }
 
     /// How many handlers are registered.
     pub fn len(&self) -> usize {
-        self.registered.len()
+        self.regs.len()
     }
 
     /// Whether no handler is registered.
     pub fn is_empty(&self) -> bool {
-        self.registered.is_empty()
-    }
-
-    /// Starts watching `fd` for `interest`, reported as `key`.
-    fn add(&mut self, key: HandlerKey, fd: RawFd, interest: Interest) -> io::Result<()> {
-        if fd < 0 {
-            return Err(invalid_input(format!("cannot watch negative fd {fd}")));
-        }
-        if interest.is_empty() {
-            return Err(invalid_input(format!("empty interest for fd {fd}")));
-        }
-        let Entry::Vacant(slot) = self.registered.entry(key) else {
-            return Err(invalid_input(format!("{key:?} is already registered")));
-        };
-        // The kernel first, the bookkeeping only on success: a refusal leaves the monitor as it
-        // was.
-        poller::add(
-            &self.poller,
-            fd,
-            interest_to_event(key, interest),
-            self.mode,
-        )?;
-        slot.insert((fd, interest));
-        if let Some(stale) = self.owners.insert(fd, key) {
-            tracing::debug!(
-                fd,
-                ?key,
-                ?stale,
-                "fd number reused while an older handler was still registered on it; the older \
-                 one is stale and will not be touched in the kernel"
-            );
-        }
-        Ok(())
-    }
-
-    /// Hands the registration of `old` over to `new`, watching for `interest` from now on.
-    fn modify(
-        &mut self,
-        old: HandlerKey,
-        new: HandlerKey,
-        fd: RawFd,
-        interest: Interest,
-    ) -> io::Result<()> {
-        let Some(&(registered_fd, _)) = self.registered.get(&old) else {
-            return Err(not_found(old));
-        };
-        if new != old && self.registered.contains_key(&new) {
-            return Err(invalid_input(format!("{new:?} is already registered")));
-        }
-        if interest.is_empty() {
-            return Err(invalid_input(format!("empty interest for fd {fd}")));
-        }
-        if fd != registered_fd {
-            return Err(invalid_input(format!(
-                "{old:?} watches fd {registered_fd}, not fd {fd}; a modify cannot change the fd"
-            )));
-        }
-        let event = interest_to_event(new, interest);
-        if self.owners.get(&fd) == Some(&old) {
-            match poller::modify(&self.poller, fd, event, self.mode) {
-                Ok(()) => {}
-                // The old file was closed (and dropped by the kernel) and the number reused:
-                // watch the file the number names now, as the new handler wants.
-                Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
-                    tracing::debug!(
-                        fd,
-                        ?old,
-                        ?new,
-                        "fd was closed and its number reused while registered; adding it anew"
-                    );
-                    poller::add(&self.poller, fd, event, self.mode)?;
-                }
-                Err(err) => return Err(err),
-            }
-        } else {
-            // `old` is stale: register the number afresh rather than change another handler's
-            // registration through it.
-            poller::add(&self.poller, fd, event, self.mode)?;
-        }
-        self.registered.remove(&old);
-        self.registered.insert(new, (fd, interest));
-        self.owners.insert(fd, new);
-        Ok(())
-    }
-
-    /// Stops watching the registration of `key`.
-    fn remove(&mut self, key: HandlerKey) -> io::Result<()> {
-        let (fd, _) = self.registered.remove(&key).ok_or_else(|| not_found(key))?;
-        if self.owners.get(&fd) != Some(&key) {
-            tracing::debug!(
-                fd,
-                ?key,
-                "removing a stale handler whose fd number was reused; nothing to delete"
-            );
-            return Ok(());
-        }
-        self.owners.remove(&fd);
-        match poller::delete(&self.poller, fd) {
-            Ok(()) => Ok(()),
-            // Closed while registered: the kernel already dropped it (epoll answers EBADF,
-            // ENOENT or EPERM for a number that now names something else; kqueue and event
-            // ports EBADF or ENOENT).
-            Err(err)
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::EBADF | libc::ENOENT | libc::EPERM)
-                ) =>
-            {
-                tracing::debug!(
-                    fd,
-                    ?key,
-                    %err,
-                    "fd was closed while registered; the kernel already dropped it"
-                );
-                Ok(())
-            }
-            Err(err) => Err(err),
-        }
+        self.regs.is_empty()
     }
 
     /// Waits until `polling` reports an event of ours or `timeout` passes.
@@ -402,16 +273,11 @@ impl FdMonitor for PollingMonitor {
     /// On error the monitor is unchanged. A `Remove` of an fd that was closed while registered
     /// succeeds.
     fn update(&mut self, change: Change) -> io::Result<()> {
-        match change {
-            Change::Add { key, fd, interest } => self.add(key, fd, interest),
-            Change::Modify {
-                old,
-                new,
-                fd,
-                interest,
-            } => self.modify(old, new, fd, interest),
-            Change::Remove { key, fd: _ } => self.remove(key),
-        }
+        let mut kernel = ByNumber {
+            poller: &self.poller,
+            mode: self.mode,
+        };
+        self.regs.update(&mut kernel, change)
     }
 
     /// Waits for ready fds and pushes one report per ready key.
@@ -452,12 +318,10 @@ impl FdMonitor for PollingMonitor {
         if self.mode == PollMode::Oneshot {
             for &(key, _) in &self.scratch {
                 // Only a key that still owns its fd has a registration to re-arm.
-                let Some(&(fd, interest)) = self.registered.get(&key) else {
+                let Some((fd, interest)) = self.regs.get(key).filter(|_| self.regs.owns(key))
+                else {
                     continue;
                 };
-                if self.owners.get(&fd) != Some(&key) {
-                    continue;
-                }
                 let event = interest_to_event(key, interest);
                 if let Err(err) = poller::modify(&self.poller, fd, event, self.mode) {
                     // The report stands (the fd was ready); only later ones are lost. A closed
@@ -504,17 +368,8 @@ impl fmt::Debug for PollingMonitor {
         f.debug_struct("PollingMonitor")
             .field("fd", &self.poller.as_fd().as_raw_fd())
             .field("rearms", &self.rearms())
-            .field("registrations", &DebugRegistrations(self))
+            .field("registrations", &self.regs)
             .finish_non_exhaustive()
-    }
-}
-
-/// Formats [`PollingMonitor::registrations`] as a list without collecting it.
-struct DebugRegistrations<'a>(&'a PollingMonitor);
-
-impl fmt::Debug for DebugRegistrations<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.registrations()).finish()
     }
 }
 
@@ -523,15 +378,21 @@ fn nonzero(n: usize) -> NonZeroUsize {
     NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
 }
 
-/// An [`io::ErrorKind::InvalidInput`] error for a change that breaks the caller's contract.
-fn invalid_input(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, message)
+/// The poller in the monitor's mode, as the table of fd numbers that
+/// [`Registrations::update`] drives.
+struct ByNumber<'a> {
+    poller: &'a Poller,
+    mode: PollMode,
 }
 
-/// An [`io::ErrorKind::NotFound`] error for a change that names a key nobody registered.
-fn not_found(key: HandlerKey) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{key:?} is not registered"),
-    )
+impl FdTable for ByNumber<'_> {
+    fn add(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()> {
+        poller::add(self.poller, fd, interest_to_event(key, interest), self.mode)
+    }
+    fn modify(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()> {
+        poller::modify(self.poller, fd, interest_to_event(key, interest), self.mode)
+    }
+    fn delete(&mut self, fd: RawFd) -> io::Result<()> {
+        poller::delete(self.poller, fd)
+    }
 }

@@ -39,7 +39,8 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::RawFd;
 
-use aio_core::{HandlerKey, Interest, Readiness};
+use aio_core::registrations::{invalid_input, not_found, validate};
+use aio_core::{Change, HandlerKey, Interest, Readiness};
 
 use crate::ring::{interest_to_poll, poll_to_readiness};
 use crate::user_data::is_reserved;
@@ -129,10 +130,8 @@ pub(crate) struct Polls {
 impl Polls {
     /// Registers `key` for `fd` and `interest` and queues its `POLL_ADD`. No system call.
     pub(crate) fn add(&mut self, key: HandlerKey, fd: RawFd, interest: Interest) -> io::Result<()> {
-        check_new(key, fd, interest)?;
-        if self.is_live(key) {
-            return Err(invalid_input(format!("{key:?} is already registered")));
-        }
+        validate(Change::Add { key, fd, interest }, |k| self.fd_of(k))?;
+        check_key(key)?;
         self.insert(key, fd, interest);
         Ok(())
     }
@@ -147,19 +146,14 @@ impl Polls {
         fd: RawFd,
         interest: Interest,
     ) -> io::Result<()> {
-        let Some(reg) = self.reg(old) else {
-            return Err(not_found(old));
+        let change = Change::Modify {
+            old,
+            new,
+            fd,
+            interest,
         };
-        if new != old && self.is_live(new) {
-            return Err(invalid_input(format!("{new:?} is already registered")));
-        }
-        check_new(new, fd, interest)?;
-        if fd != reg.fd {
-            return Err(invalid_input(format!(
-                "{old:?} watches fd {}, not fd {fd}; a modify cannot change the fd",
-                reg.fd
-            )));
-        }
+        validate(change, |k| self.fd_of(k))?;
+        check_key(new)?;
         self.remove(old)?;
         self.insert(new, fd, interest);
         Ok(())
@@ -393,8 +387,9 @@ impl Polls {
         self.slots.get(&key.as_u64()).and_then(|s| s.reg)
     }
 
-    fn is_live(&self, key: HandlerKey) -> bool {
-        self.reg(key).is_some()
+    /// The fd of the live registration of `key`, for [`validate`].
+    fn fd_of(&self, key: HandlerKey) -> Option<RawFd> {
+        self.reg(key).map(|reg| reg.fd)
     }
 }
 
@@ -406,36 +401,15 @@ fn queue_arm<Q: Extend<Op>>(slot: &mut Slot, raw: u64, queue: &mut Q) {
     }
 }
 
-/// The checks every new registration must pass, whatever the change that creates it.
-fn check_new(key: HandlerKey, fd: RawFd, interest: Interest) -> io::Result<()> {
-    // A negative fd would fail in the kernel with EBADF and be reported as an error; an empty
-    // interest would be a poll that only ever reports hang-up. Both break the caller's
-    // contract, so refuse them up front, as the poll backend does.
-    if fd < 0 {
-        return Err(invalid_input(format!("cannot watch negative fd {fd}")));
-    }
-    if interest.is_empty() {
-        return Err(invalid_input(format!("empty interest for fd {fd}")));
-    }
+/// The check io_uring adds to the shared ones ([`validate`]): the key's slot index must not be
+/// the one reserved for the monitor's own tags.
+fn check_key(key: HandlerKey) -> io::Result<()> {
     if is_reserved(key) {
         return Err(invalid_input(format!(
             "{key:?} has slot index u32::MAX, which io_uring reserves for its own tags"
         )));
     }
     Ok(())
-}
-
-/// An [`io::ErrorKind::InvalidInput`] error for a change that breaks the caller's contract.
-fn invalid_input(message: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, message)
-}
-
-/// An [`io::ErrorKind::NotFound`] error for a change that names a key nobody registered.
-fn not_found(key: HandlerKey) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{key:?} is not registered"),
-    )
 }
 
 #[cfg(test)]

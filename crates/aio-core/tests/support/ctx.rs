@@ -22,6 +22,14 @@ pub fn monitor() -> Box<dyn FdMonitor> {
     Box::new(fdmon_poll::PollMonitor::new().unwrap())
 }
 
+/// The monitor for a test `SharedContext` (the same backends, which are `Send`).
+pub fn send_monitor() -> Box<dyn FdMonitor + Send> {
+    #[cfg(miri)]
+    return Box::new(miri_monitor::MiriMonitor::new().unwrap());
+    #[cfg(not(miri))]
+    Box::new(fdmon_poll::PollMonitor::new().unwrap())
+}
+
 /// A context on [`monitor`].
 pub fn ctx() -> AioContext {
     AioContext::new(monitor()).unwrap()

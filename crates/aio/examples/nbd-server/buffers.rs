@@ -22,10 +22,12 @@ use std::rc::Rc;
 use aio::AioContext;
 
 use crate::protocol::MAX_PAYLOAD;
+use crate::session::IoBuf;
 
 /// Room past a class's power of two: a reply's headers (a structured read has 28 bytes before
-/// its data; a sparse read some more per chunk).
-pub const HEADROOM: usize = 4 << 10;
+/// its data; a sparse read some more per chunk), and with `--cache none` the padding in front
+/// that puts the data on the alignment `O_DIRECT` needs ([`pad_for`]).
+pub const HEADROOM: usize = 8 << 10;
 /// The smallest class: anything smaller (status replies, small reads) is not worth pooling.
 const MIN_CLASS: usize = 4 << 10;
 /// Idle bytes a context keeps for reuse.
@@ -46,6 +48,16 @@ pub fn release_freed_memory() {
             eprintln!("nbd-server: mallopt(M_MMAP_THRESHOLD) refused; freed memory may linger");
         }
     }
+}
+
+/// How many bytes go in front of `buf[head..]` so that it starts on a multiple of `align` (a
+/// power of two; 1 or 0: none). Stable as long as `buf` is not reallocated: reserve first.
+pub fn pad_for(buf: &[u8], head: usize, align: usize) -> usize {
+    if align <= 1 {
+        return 0;
+    }
+    let at = buf.as_ptr() as usize + head;
+    (align - at % align) % align
 }
 
 /// The classes' capacities: `MIN_CLASS << k` plus [`HEADROOM`], up to the largest payload.
@@ -91,6 +103,21 @@ impl BufPool {
         let mut buf = self.reuse(len);
         buf.clear();
         buf
+    }
+
+    /// A buffer for a `len`-byte WRITE payload, holding only its padding: the payload appended
+    /// to it starts on a multiple of `align` (1: no padding). Returns the buffer and the
+    /// padding's length.
+    pub fn take_payload(&self, len: usize, align: usize) -> IoBuf {
+        let mut buf = self.take_empty(len);
+        if align <= 1 {
+            return IoBuf::from(buf);
+        }
+        // Within a class's capacity (HEADROOM covers the padding): no reallocation.
+        buf.reserve(len + align);
+        let start = pad_for(&buf, 0, align);
+        buf.resize(start, 0);
+        IoBuf { vec: buf, start }
     }
 
     /// An idle buffer of `len`'s class, as it was given back, or a new empty one.

@@ -32,16 +32,17 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use aio::task::{AsyncFd, CoMutex};
-use aio::{AioContext, JoinHandle, ThreadPool};
+use aio::{AioContext, BlockIo, JoinHandle, ThreadPool};
 
 use crate::ClientSlot;
 use crate::buffers::BufPool;
 use crate::connection::{Served, Settings, Shard, Socket};
 use crate::export::Export;
+use crate::file_io;
 use crate::protocol::*;
 use crate::session::{
-    self, Action, Expired, HANDSHAKE_LIMIT, Handshake, LINGER, Opted, READ_BUDGET, READ_CHUNK,
-    Timing,
+    self, Action, Expired, HANDSHAKE_LIMIT, Handshake, IoBuf, LINGER, Opted, READ_BUDGET,
+    READ_CHUNK, Timing,
 };
 
 /// Starts serving `sock` as connection `id` of `shard`, on `ctx` (the context of this thread).
@@ -69,6 +70,7 @@ pub fn start(
         ctx: ctx.clone(),
         export,
         pool: ThreadPool::of(ctx),
+        io: file_io::block_io(ctx, settings.io),
         bufs: BufPool::of(ctx),
         shard: shard.clone(),
         verbose: settings.verbose,
@@ -117,6 +119,8 @@ pub struct Conn {
     ctx: AioContext,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
+    /// How file I/O is done (`--aio`).
+    io: BlockIo,
     /// The context's buffer pool: read replies and write payloads come from it, and go back
     /// once sent.
     bufs: Rc<BufPool>,
@@ -360,11 +364,19 @@ impl Conn {
 
     /// Submits an admitted request to the pool and spawns the task that awaits it and sends
     /// its reply.
-    fn run_request(self: &Rc<Self>, req: Request, data: Option<Vec<u8>>) {
+    fn run_request(self: &Rc<Self>, req: Request, data: Option<IoBuf>) {
         let framing = self.hs.get().framing;
-        let buf = data.unwrap_or_else(|| self.bufs.take(session::buffer_len(framing, &req)));
-        let work = session::work(self.export.clone(), req, buf, framing);
-        let done = self.pool.submit(work);
+        let buf =
+            data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
+        let done = file_io::run(
+            &self.ctx,
+            self.io,
+            &self.pool,
+            &self.export,
+            req,
+            buf,
+            framing,
+        );
         self.in_flight.set(self.in_flight.get() + 1);
         self.pending_bytes
             .set(self.pending_bytes.get() + session::payload_bytes(&req));
@@ -378,8 +390,8 @@ impl Conn {
             me.shard.requests.set(me.shard.requests.get() + 1);
             if !me.closed.get() {
                 let reply = session::reply(framing, me.id, &req, result);
-                me.send(&reply).await;
-                me.bufs.give(reply);
+                me.send(reply.bytes()).await;
+                me.bufs.give(reply.vec);
             }
             me.settled();
         };
@@ -636,17 +648,18 @@ impl Input {
 
     /// Reads a write's `len`-byte payload: what is buffered, then the rest straight from the
     /// socket into the request's own buffer, which grows only as the bytes arrive.
-    async fn payload(&mut self, conn: &Conn, len: usize) -> io::Result<(Got, Vec<u8>)> {
-        let mut data = conn.bufs.take_empty(len);
+    async fn payload(&mut self, conn: &Conn, len: usize) -> io::Result<(Got, IoBuf)> {
+        let mut data = conn.bufs.take_payload(len, conn.export.align());
         let buffered = self.have().len().min(len);
-        data.extend_from_slice(&self.have()[..buffered]);
+        data.vec.extend_from_slice(&self.have()[..buffered]);
         self.consume(buffered);
         let mut got = Got::All;
-        while data.len() < len {
-            let filled = data.len();
-            data.resize(filled + (len - filled).min(READ_BUDGET), 0);
-            let n = conn.read(&mut data[filled..]).await?;
-            data.truncate(filled + n.unwrap_or(0));
+        while data.bytes().len() < len {
+            let filled = data.vec.len();
+            let room = (len - data.bytes().len()).min(READ_BUDGET);
+            data.vec.resize(filled + room, 0);
+            let n = conn.read(&mut data.vec[filled..]).await?;
+            data.vec.truncate(filled + n.unwrap_or(0));
             match n {
                 None => got = Got::Stopped,
                 Some(0) => got = Got::Eof,

@@ -44,16 +44,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aio::{AioContext, ClockType, FdHandler, Scale, ThreadPool, Timer};
+use aio::{AioContext, BlockIo, ClockType, FdHandler, Scale, ThreadPool, Timer};
 
 use crate::ClientSlot;
 use crate::buffers::BufPool;
 use crate::conn_task;
 use crate::export::Export;
+use crate::file_io;
 use crate::protocol::*;
 use crate::session::{
-    self, Action, Expired, HANDSHAKE_LIMIT, Handshake, LINGER, Opted, READ_BUDGET, READ_CHUNK,
-    Timing,
+    self, Action, Expired, HANDSHAKE_LIMIT, Handshake, IoBuf, LINGER, Opted, READ_BUDGET,
+    READ_CHUNK, Timing,
 };
 
 /// At most this many queued replies go to the socket in one `writev`.
@@ -118,6 +119,8 @@ pub struct Settings {
     pub idle_timeout: Option<Duration>,
     /// How connections are served.
     pub engine: Engine,
+    /// How file I/O is done (`--aio`); every context was checked to support it.
+    pub io: aio::blockio::Engine,
 }
 
 /// How a connection is served (`--engine`).
@@ -215,6 +218,7 @@ impl Shard {
             sock: Some(sock),
             export,
             pool: ThreadPool::of(ctx),
+            io: file_io::block_io(ctx, settings.io),
             bufs: BufPool::of(ctx),
             shard: shard.clone(),
             handler: None,
@@ -326,6 +330,8 @@ pub struct Conn {
     sock: Option<Socket>,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
+    /// How file I/O is done (`--aio`).
+    io: BlockIo,
     /// The context's buffer pool: read replies and write payloads come from it, and go back
     /// once sent.
     bufs: Rc<BufPool>,
@@ -347,10 +353,10 @@ pub struct Conn {
     after_discard: Option<(Vec<u8>, bool)>,
     /// A write whose payload is arriving: the request and the bytes received so far, in a
     /// buffer with room for all of them, handed to the pool when complete.
-    payload: Option<(Request, Vec<u8>)>,
+    payload: Option<(Request, IoBuf)>,
     /// Replies not yet taken by the socket, each in its own buffer (a read's goes back to the
-    /// pool once sent); the socket has taken `out_pos` bytes of the first.
-    out: VecDeque<Vec<u8>>,
+    /// pool once sent) from its `start`; the socket has taken `out_pos` bytes of the first.
+    out: VecDeque<IoBuf>,
     out_pos: usize,
     /// The bytes in `out` not yet taken.
     out_bytes: usize,
@@ -426,12 +432,12 @@ impl Conn {
     /// once the socket is closed).
     fn read_some(&mut self) -> Option<(io::Result<usize>, usize)> {
         if let (Some(sock), Some((req, data))) = (&self.sock, &mut self.payload) {
-            let filled = data.len();
+            let filled = data.vec.len();
             // Zero only what this read may fill: the pages are touched as data arrives.
-            let room = (req.payload_len as usize - filled).min(READ_BUDGET);
-            data.resize(filled + room, 0);
-            let result = sock.read(&mut data[filled..]);
-            data.truncate(filled + *result.as_ref().unwrap_or(&0));
+            let room = (req.payload_len as usize - data.bytes().len()).min(READ_BUDGET);
+            data.vec.resize(filled + room, 0);
+            let result = sock.read(&mut data.vec[filled..]);
+            data.vec.truncate(filled + *result.as_ref().unwrap_or(&0));
             return Some((result, room));
         }
         self.make_room();
@@ -444,7 +450,7 @@ impl Conn {
     /// is now whole goes to the pool, and complete messages in the read buffer are handled.
     fn received(&mut self, n: usize) {
         match &self.payload {
-            Some((req, data)) if data.len() as u64 == req.payload_len => {
+            Some((req, data)) if data.bytes().len() as u64 == req.payload_len => {
                 let (req, data) = self.payload.take().expect("matched above");
                 self.submit(req, Some(data));
             }
@@ -663,15 +669,15 @@ impl Conn {
                 if head.len() >= total {
                     // The whole payload came with the header (small writes): one copy, into
                     // the buffer the pool's pwrite takes.
-                    let mut data = self.bufs.take_empty(len);
-                    data.extend_from_slice(&head[hdr..total]);
+                    let mut data = self.bufs.take_payload(len, self.export.align());
+                    data.vec.extend_from_slice(&head[hdr..total]);
                     self.submit(req, Some(data));
                     return total;
                 }
                 // The rest of the payload is read straight into the request's buffer, a
                 // reused one, or a new one whose pages are touched only as the bytes arrive.
-                let mut data = self.bufs.take_empty(len);
-                data.extend_from_slice(&head[hdr..]);
+                let mut data = self.bufs.take_payload(len, self.export.align());
+                data.vec.extend_from_slice(&head[hdr..]);
                 self.payload = Some((req, data));
                 head.len()
             }
@@ -739,33 +745,44 @@ impl Conn {
         }
     }
 
-    /// Runs a valid request on the thread pool; its completion sends the reply.
-    fn submit(&mut self, req: Request, data: Option<Vec<u8>>) {
+    /// Starts a valid request (`file_io.rs`); its completion sends the reply.
+    fn submit(&mut self, req: Request, data: Option<IoBuf>) {
         let conn = self
             .weak
             .upgrade()
             .expect("a connection being served is alive");
+        let Some(ctx) = AioContext::current() else {
+            // Requests are read from the socket's handler, which runs inside the loop.
+            self.log("a request was read outside the context; dropping the connection");
+            return self.abort();
+        };
         self.in_flight += 1;
         self.pending_bytes += session::payload_bytes(&req);
         let framing = self.hs.framing;
-        let buf = data.unwrap_or_else(|| self.bufs.take(session::buffer_len(framing, &req)));
-        let work = session::work(self.export.clone(), req, buf, framing);
-        self.pool
-            .submit_with(work, move |r| Conn::completed(&conn, req, r));
+        let buf =
+            data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
+        let done = move |r| Conn::completed(&conn, req, r);
+        file_io::start(
+            &ctx,
+            self.io,
+            &self.pool,
+            &self.export,
+            req,
+            buf,
+            framing,
+            done,
+        );
     }
 
     /// A request's completion, on the context's thread: queue its reply and send.
-    fn completed(
-        conn: &Rc<RefCell<Conn>>,
-        req: Request,
-        result: Result<io::Result<Vec<u8>>, aio::threadpool::Error>,
-    ) {
+    fn completed(conn: &Rc<RefCell<Conn>>, req: Request, result: io::Result<IoBuf>) {
         let mut c = conn.borrow_mut();
         c.in_flight -= 1;
         c.pending_bytes -= session::payload_bytes(&req);
         if c.sock.is_some() {
             let reply = session::reply(c.hs.framing, c.id, &req, result);
-            c.send(reply);
+            c.queue_from(reply);
+            c.flush();
             // Room may have opened up for requests that are already buffered.
             if c.in_end > c.in_start {
                 c.process();
@@ -786,9 +803,14 @@ impl Conn {
 
     /// Queues bytes to send after those already queued.
     fn queue(&mut self, bytes: Vec<u8>) {
-        if !bytes.is_empty() {
-            self.out_bytes += bytes.len();
-            self.out.push_back(bytes);
+        self.queue_from(IoBuf::from(bytes));
+    }
+
+    /// Queues `buf.bytes()` to send after those already queued.
+    fn queue_from(&mut self, buf: IoBuf) {
+        if !buf.bytes().is_empty() {
+            self.out_bytes += buf.bytes().len();
+            self.out.push_back(buf);
         }
     }
 
@@ -801,7 +823,7 @@ impl Conn {
             let mut count = 0;
             for (i, buf) in self.out.iter().take(MAX_SLICES).enumerate() {
                 let from = if i == 0 { self.out_pos } else { 0 };
-                slices[i] = IoSlice::new(&buf[from..]);
+                slices[i] = IoSlice::new(&buf.bytes()[from..]);
                 count += 1;
             }
             match sock.write_vectored(&slices[..count]) {
@@ -809,12 +831,12 @@ impl Conn {
                     self.out_bytes -= n;
                     self.out_pos += n;
                     while let Some(front) = self.out.front() {
-                        if self.out_pos < front.len() {
+                        if self.out_pos < front.bytes().len() {
                             break;
                         }
-                        self.out_pos -= front.len();
+                        self.out_pos -= front.bytes().len();
                         let sent = self.out.pop_front().expect("looked at above");
-                        self.bufs.give(sent);
+                        self.bufs.give(sent.vec);
                     }
                     self.touch();
                 }

@@ -8,8 +8,9 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crate::protocol::*;
 
@@ -27,7 +28,13 @@ const ZERO_RANGE: libc::c_int = 2;
 
 #[derive(Debug)]
 pub struct Export {
-    file: File,
+    /// The image, through the page cache.
+    file: Arc<File>,
+    /// With `--cache none`: the image opened again with `O_DIRECT`, which every READ and
+    /// WRITE whose memory, offset and length are multiples of [`DIRECT_ALIGN`] goes through.
+    direct: Option<Arc<File>>,
+    /// With `direct`: keeps its transfers and those through the page cache apart in time.
+    gate: Arc<Gate>,
     pub name: String,
     pub size: u64,
     pub read_only: bool,
@@ -35,6 +42,105 @@ pub struct Export {
     /// holes to report, and zeroing it with `FALLOC_FL_ZERO_RANGE` may be the kernel writing
     /// zeros (so not fast).
     pub block_device: bool,
+}
+
+/// Keeps the image's `O_DIRECT` transfers and its page-cache ones (unaligned READs and
+/// WRITEs, zeros written by hand, read-ahead) from running at the same time under
+/// `--cache none`. Linux keeps the two coherent only between them: a direct write
+/// invalidates the cached pages of its range, and if a cached transfer holds one of them at
+/// that moment, the kernel gives up, marks the file with EIO, and the next sync fails (seen
+/// here when a pipelined unaligned write overlapped an aligned one). Transfers of one kind
+/// run together; a page-cache transfer that waits stops new direct ones from starting, so
+/// the rare unaligned request is not starved. Only blocking work waits ([`Gate::enter`], on
+/// the pool); the context's thread only tries ([`Gate::try_direct`]), so a direct request
+/// held by the ring until its completion runs on that thread never waits for anything.
+#[derive(Debug, Default)]
+pub struct Gate {
+    state: Mutex<GateState>,
+    turn: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    direct: usize,
+    cached: usize,
+    cached_waiting: usize,
+}
+
+/// A running transfer's place in the [`Gate`]; leaving it may let the other kind start.
+pub struct Pass {
+    gate: Arc<Gate>,
+    direct: bool,
+}
+
+impl Gate {
+    fn lock(&self) -> MutexGuard<'_, GateState> {
+        // The state is three counters changed in single steps: still right after a panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enter(self: &Arc<Gate>, direct: bool) -> Pass {
+        let mut s = self.lock();
+        if direct {
+            while s.cached > 0 || s.cached_waiting > 0 {
+                s = self.turn.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.direct += 1;
+        } else {
+            s.cached_waiting += 1;
+            while s.direct > 0 {
+                s = self.turn.wait(s).unwrap_or_else(|p| p.into_inner());
+            }
+            s.cached_waiting -= 1;
+            s.cached += 1;
+        }
+        Pass {
+            gate: self.clone(),
+            direct,
+        }
+    }
+
+    fn try_direct(self: &Arc<Gate>) -> Option<Pass> {
+        let mut s = self.lock();
+        if s.cached > 0 || s.cached_waiting > 0 {
+            return None;
+        }
+        s.direct += 1;
+        Some(Pass {
+            gate: self.clone(),
+            direct: true,
+        })
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let mut s = self.gate.lock();
+        let left = if self.direct {
+            s.direct -= 1;
+            s.direct
+        } else {
+            s.cached -= 1;
+            s.cached
+        };
+        if left == 0 {
+            self.gate.turn.notify_all();
+        }
+    }
+}
+
+/// The memory, offset and length alignment of `O_DIRECT` transfers under `--cache none`: a
+/// page, which covers every logical block size Linux supports (512 bytes to 4 KiB).
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Whether the image's data goes through the page cache (`--cache`, as qemu-nbd's).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Cache {
+    /// Through the page cache; FLUSH makes it durable.
+    #[default]
+    Writeback,
+    /// `O_DIRECT` for aligned READs and WRITEs; FLUSH still syncs (the disk's own cache).
+    None,
 }
 
 /// A run of the allocation map: `len` bytes from where the previous run ended, either a hole
@@ -48,8 +154,27 @@ pub struct Run {
 impl Export {
     /// Opens `path` (read-write unless `read_only`) and takes its size: a regular file's
     /// length, or a block device's size (where its end is). Anything else is refused.
-    pub fn open(path: &Path, name: String, read_only: bool) -> io::Result<Export> {
+    pub fn open(path: &Path, name: String, read_only: bool, cache: Cache) -> io::Result<Export> {
         let mut file = OpenOptions::new().read(true).write(!read_only).open(path)?;
+        let direct = match cache {
+            Cache::Writeback => None,
+            Cache::None => {
+                let direct = OpenOptions::new()
+                    .read(true)
+                    .write(!read_only)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(path)
+                    .map_err(|e| {
+                        let why = if e.raw_os_error() == Some(libc::EINVAL) {
+                            "its file system does not do O_DIRECT".to_owned()
+                        } else {
+                            e.to_string()
+                        };
+                        io::Error::new(e.kind(), format!("--cache none: {why}"))
+                    })?;
+                Some(Arc::new(direct))
+            }
+        };
         let kind = file.metadata()?.file_type();
         let (size, block_device) = if kind.is_file() {
             (file.metadata()?.len(), false)
@@ -66,7 +191,9 @@ impl Export {
             ));
         };
         Ok(Export {
-            file,
+            file: Arc::new(file),
+            direct,
+            gate: Arc::default(),
             name,
             size,
             read_only,
@@ -96,16 +223,75 @@ impl Export {
         flags
     }
 
+    /// The open image through the page cache: a sync through it covers the `O_DIRECT` one's
+    /// writes too (one file).
+    pub fn file(&self) -> &Arc<File> {
+        &self.file
+    }
+
+    /// The alignment that request buffers should have: [`DIRECT_ALIGN`] with `--cache none`,
+    /// else 1 (none).
+    pub fn align(&self) -> usize {
+        if self.direct.is_some() {
+            DIRECT_ALIGN
+        } else {
+            1
+        }
+    }
+
+    /// The open image to move `data` at `offset` through: the `O_DIRECT` one when there is
+    /// one and the transfer meets its alignment, else the page cache's (an unaligned request
+    /// under `--cache none` is served, through the cache, rather than refused).
+    pub fn file_for(&self, data: &[u8], offset: u64) -> &Arc<File> {
+        self.file_at(data.as_ptr() as usize, data.len(), offset)
+    }
+
+    /// [`file_for`](Self::file_for) the `len` bytes at address `addr`.
+    fn file_at(&self, addr: usize, len: usize, offset: u64) -> &Arc<File> {
+        let aligned = |n: u64| n.is_multiple_of(DIRECT_ALIGN as u64);
+        match &self.direct {
+            Some(direct) if aligned(addr as u64) && aligned(offset) && aligned(len as u64) => {
+                direct
+            }
+            _ => &self.file,
+        }
+    }
+
+    /// Whether `file` (from [`file_for`](Self::file_for)) is the `O_DIRECT` one.
+    pub fn is_direct(&self, file: &Arc<File>) -> bool {
+        self.direct.as_ref().is_some_and(|d| Arc::ptr_eq(d, file))
+    }
+
+    /// Lets a transfer through `file` start, waiting while transfers of the other kind run
+    /// (see [`Gate`]); without `--cache none`, at once. For blocking work (the pool).
+    pub fn enter(&self, file: &Arc<File>) -> Option<Pass> {
+        self.direct.as_ref()?;
+        Some(self.gate.enter(self.is_direct(file)))
+    }
+
+    /// Lets an `O_DIRECT` transfer start now if no page-cache transfer runs or waits; `None`
+    /// if one does (the caller then takes the blocking way, on the pool). For the context's
+    /// thread, which never waits.
+    pub fn try_direct(&self) -> Option<Pass> {
+        self.gate.try_direct()
+    }
+
     /// Reads `len` bytes at `offset` into `buf[prefix..]`, a buffer the caller sized to
     /// `prefix + len` so that the reply header can be filled in front of the data and the
     /// whole reply sent with one write.
     pub fn read_into(&self, buf: &mut [u8], prefix: usize, offset: u64) -> io::Result<()> {
-        self.file.read_exact_at(&mut buf[prefix..], offset)
+        let data = &mut buf[prefix..];
+        let file = self.file_at(data.as_ptr() as usize, data.len(), offset);
+        let _pass = self.enter(file);
+        file.read_exact_at(data, offset)
     }
 
     /// Writes `data` at `offset`, then syncs if `fua` (force unit access) asks for it.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        self.file.write_all_at(data, offset)?;
+        let file = self.file_for(data, offset);
+        let pass = self.enter(file);
+        file.write_all_at(data, offset)?;
+        drop(pass);
         if fua { self.flush() } else { Ok(()) }
     }
 
@@ -173,6 +359,7 @@ impl Export {
             // posix_fadvise would take a length of 0 as "to the end of the file".
             return Ok(());
         }
+        let _pass = self.enter(&self.file);
         self.fadvise_willneed(offset, len)
     }
 
@@ -272,6 +459,7 @@ impl Export {
 
     fn write_zeros_slowly(&self, mut offset: u64, len: u64) -> io::Result<()> {
         let zeros = vec![0u8; len.min(1 << 20) as usize];
+        let _pass = self.enter(&self.file);
         let end = offset + len;
         while offset < end {
             let n = zeros.len().min((end - offset) as usize);

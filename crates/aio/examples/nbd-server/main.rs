@@ -11,12 +11,19 @@
 //! shutdown on SIGINT/SIGTERM or when the last client leaves. The protocol is in `protocol.rs`, a client's
 //! life in `connection.rs` (the callback engine, and each context's table of connections) or
 //! `conn_task.rs` (the task engine), what both engines decide alike in `session.rs`, the image
-//! (a file or a block device) in `export.rs`, the request buffers in `buffers.rs`.
+//! (a file or a block device) in `export.rs`, where file I/O runs in `file_io.rs`, the request
+//! buffers in `buffers.rs`.
 //!
 //! * **Threads.** `--contexts N` runs N contexts: this thread's, which also owns the
 //!   listeners and the signals, and N-1 I/O threads, each polling its own context. Accepted
 //!   connections are dealt round-robin over all N; a connection lives on one context for its
-//!   whole life. Each context has its own thread pool, which runs the file I/O.
+//!   whole life. Each context has its own thread pool.
+//! * **File I/O** (`--aio`, as qemu-nbd's). `threads`: each request is blocking work on its
+//!   context's pool. `io_uring`: the contexts run on the io_uring backend and READ, WRITE and
+//!   FLUSH are requests on each context's own ring; `native`: they are Linux AIO requests
+//!   (`io_submit`) whose completions an eventfd handler reaps. Either way their completions
+//!   run on the context's thread, no worker involved; the other commands stay on the pool
+//!   (`file_io.rs`). A mode the kernel refuses is an error at start.
 //! * **Polling.** `--poll-max-ns` and its companions set the adaptive-polling parameters of
 //!   every context (QEMU's IOThread `poll-max-ns`, `poll-grow`, `poll-shrink`, `poll-weight`);
 //!   off by default, as in QEMU. The ready line says what each context got, the stopped line
@@ -53,6 +60,7 @@ mod buffers;
 mod conn_task;
 mod connection;
 mod export;
+mod file_io;
 mod protocol;
 mod session;
 
@@ -71,12 +79,14 @@ use std::sync::{Arc, mpsc};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use aio::blockio::Engine as IoEngine;
 use aio::{
-    AioContext, ClockType, ContextHandle, FdHandler, PollParams, PollPolicy, Scale, ThreadPool,
+    AioContext, BlockIo, ClockType, ContextHandle, FdHandler, PollParams, PollPolicy, Scale,
+    ThreadPool,
 };
 
 use connection::{Engine, Settings, Shard, Socket};
-use export::Export;
+use export::{Cache, Export};
 
 /// The most threads each context's pool runs the file I/O on (the pool's default is QEMU's
 /// 64): as many as nbdkit serves with, enough to keep a disk's queue busy; on the page cache
@@ -119,6 +129,16 @@ usage: nbd-server [OPTIONS] IMAGE
   --poll-grow G         a growing window is multiplied by G, 0 to 255 (default 0: 2)
   --poll-shrink S       a shrinking window is divided by S, 0 to 255 (default 0: halved, or
                         reset to 0 with qemu10)
+  --aio MODE            how file I/O is done, as qemu-nbd's --aio: threads (the default:
+                        blocking calls on each context's thread pool), io_uring (requests
+                        on each context's own ring; the contexts run on the io_uring
+                        backend) or native (Linux AIO, io_submit); TRIM, WRITE_ZEROES,
+                        CACHE, BLOCK_STATUS and reads that look for holes use the pool in
+                        every mode
+  --cache MODE          writeback (the default: through the page cache) or none
+                        (O_DIRECT for every READ and WRITE whose offset and length are
+                        multiples of 4096, into page-aligned buffers; others go through
+                        the cache), as qemu-nbd's --cache; FLUSH syncs either way
   --engine E            how connections are served: callbacks (the default: an fd handler
                         and a state machine per connection) or tasks (a task per connection
                         and per request, as QEMU's nbd/server.c coroutines)
@@ -149,6 +169,10 @@ struct Config {
     verbose: bool,
     /// How connections are served.
     engine: Engine,
+    /// How file I/O is done (`--aio`).
+    io: IoEngine,
+    /// Whether the image's data goes through the page cache (`--cache`).
+    cache: Cache,
 }
 
 /// What the command line asks for.
@@ -196,6 +220,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         poll: PollParams::disabled(),
         verbose: false,
         engine: Engine::default(),
+        io: IoEngine::Threads,
+        cache: Cache::Writeback,
     };
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) = (0, None, 0, 0);
@@ -286,6 +312,27 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                     _ => return Err(format!("--engine takes callbacks or tasks, not {e:?}")),
                 };
             }
+            "--aio" => {
+                let m = value("threads, io_uring or native")?;
+                cfg.io = match m.as_str() {
+                    "threads" => IoEngine::Threads,
+                    "io_uring" => IoEngine::IoUring,
+                    "native" => IoEngine::LinuxAio,
+                    _ => {
+                        return Err(format!(
+                            "--aio takes threads, io_uring or native, not {m:?}"
+                        ));
+                    }
+                };
+            }
+            "--cache" => {
+                let m = value("writeback or none")?;
+                cfg.cache = match m.as_str() {
+                    "writeback" => Cache::Writeback,
+                    "none" => Cache::None,
+                    _ => return Err(format!("--cache takes writeback or none, not {m:?}")),
+                };
+            }
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
             a if a.starts_with('-') => return Err(format!("unknown option {a}")),
@@ -359,12 +406,12 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     // inherits the blocked mask and the signals reach only the signalfd.
     let signals = Signals::new()?;
     buffers::release_freed_memory();
-    let export = Export::open(&cfg.image, cfg.name.clone(), cfg.read_only)
+    let export = Export::open(&cfg.image, cfg.name.clone(), cfg.read_only, cfg.cache)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
     let export = Arc::new(export);
-    let ctx = new_context(cfg.poll)?;
+    let ctx = new_context(cfg.poll, cfg.io)?;
     let iothreads = (1..cfg.contexts)
-        .map(|i| IoThread::spawn(i, cfg.poll))
+        .map(|i| IoThread::spawn(i, cfg.poll, cfg.io))
         .collect::<io::Result<Vec<_>>>()?;
 
     let mut listeners = Vec::new();
@@ -423,6 +470,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             verbose: cfg.verbose,
             idle_timeout: cfg.idle_timeout,
             engine: cfg.engine,
+            io: cfg.io,
         },
         clients: clients.clone(),
         unix_path: cfg.unix.clone(),
@@ -469,7 +517,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     }
     println!(
         "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{}, \
-         engine {})",
+         aio {}, cache {}, engine {})",
         addresses.join(", "),
         ctx.backend(),
         cfg.contexts,
@@ -478,6 +526,11 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         cfg.name,
         acceptor.export.size,
         if cfg.read_only { ", read-only" } else { "" },
+        io_name(cfg.io),
+        match cfg.cache {
+            Cache::Writeback => "writeback",
+            Cache::None => "none",
+        },
         match cfg.engine {
             Engine::Callbacks => "callbacks",
             Engine::Tasks => "tasks",
@@ -529,13 +582,31 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
 }
 
 /// A context with the server's polling parameters (the `AIO_POLL_MAX_NS` override applies), on
-/// the default backend (`AIO_BACKEND` applies).
-fn new_context(poll: PollParams) -> io::Result<AioContext> {
-    let ctx = aio::Builder::new().poll_params(poll).build()?;
+/// the default backend (`AIO_BACKEND` applies), or on io_uring for `--aio io_uring`, whose
+/// requests go on the context's own ring; checked to carry file I/O with `io`.
+fn new_context(poll: PollParams, io: IoEngine) -> io::Result<AioContext> {
+    let mut builder = aio::Builder::new().poll_params(poll);
+    if io == IoEngine::IoUring {
+        builder = builder.backend(aio::Backend::IoUring);
+    }
+    let ctx = builder
+        .build()
+        .map_err(|e| io::Error::new(e.kind(), format!("--aio {}: {e}", io_name(io))))?;
+    BlockIo::with_engine(&ctx, io)
+        .map_err(|e| io::Error::new(e.kind(), format!("--aio {}: {e}", io_name(io))))?;
     ThreadPool::of(&ctx)
         .set_limits(0, POOL_MAX_THREADS)
         .map_err(|e| io::Error::other(e.to_string()))?;
     Ok(ctx)
+}
+
+/// `--aio`'s word for an engine.
+fn io_name(io: IoEngine) -> &'static str {
+    match io {
+        IoEngine::Threads => "threads",
+        IoEngine::IoUring => "io_uring",
+        IoEngine::LinuxAio => "native",
+    }
 }
 
 /// `n` as a number from 0 to `max`, or `None`.
@@ -970,13 +1041,13 @@ struct IoThread {
 }
 
 impl IoThread {
-    fn spawn(index: usize, poll: PollParams) -> io::Result<IoThread> {
+    fn spawn(index: usize, poll: PollParams, io: IoEngine) -> io::Result<IoThread> {
         let (tx, rx) = mpsc::channel();
         let join = thread::Builder::new()
             .name(format!("nbd-io{index}"))
             .spawn(move || {
                 // AioContext is !Send: the thread that polls a context creates it.
-                let ctx = match new_context(poll) {
+                let ctx = match new_context(poll, io) {
                     Ok(ctx) => ctx,
                     Err(e) => {
                         let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));

@@ -344,6 +344,42 @@ pub fn buffer_len(framing: Framing, req: &Request) -> usize {
     }
 }
 
+/// A request's or a reply's bytes: `vec[start..]`. The bytes before `start` are padding that
+/// put a READ's data or a WRITE's payload on the alignment `O_DIRECT` needs (`--cache none`);
+/// nothing reads or sends them.
+#[derive(Debug, Default)]
+pub struct IoBuf {
+    pub vec: Vec<u8>,
+    pub start: usize,
+}
+
+impl IoBuf {
+    /// The bytes that count.
+    pub fn bytes(&self) -> &[u8] {
+        &self.vec[self.start..]
+    }
+}
+
+impl From<Vec<u8>> for IoBuf {
+    fn from(vec: Vec<u8>) -> IoBuf {
+        IoBuf { vec, start: 0 }
+    }
+}
+
+/// `buf` made ready for a READ's reply with `len` bytes of data after a `prefix`-byte header:
+/// with `align` above 1, padding first, so that the data starts on a multiple of it (the
+/// buffer's capacity is reserved first, so the data stays where the padding put it).
+pub fn read_buffer(mut buf: Vec<u8>, prefix: usize, len: usize, align: usize) -> IoBuf {
+    let mut start = 0;
+    if align > 1 {
+        buf.clear();
+        buf.reserve(align + prefix + len);
+        start = crate::buffers::pad_for(&buf, prefix, align);
+    }
+    fit(&mut buf, start + prefix + len);
+    IoBuf { vec: buf, start }
+}
+
 /// The blocking work of a request [`classify`] admitted, for the thread pool. A READ and a
 /// BLOCK_STATUS return their whole reply, framed for `framing` (a READ's data read straight
 /// into `buf`, its reply buffer); a WRITE returns its status reply, written into `buf`, its
@@ -352,19 +388,17 @@ pub fn buffer_len(framing: Framing, req: &Request) -> usize {
 pub fn work(
     export: Arc<Export>,
     req: Request,
-    mut buf: Vec<u8>,
+    buf: IoBuf,
     framing: Framing,
-) -> impl FnOnce() -> io::Result<Vec<u8>> + Send + 'static {
+) -> impl FnOnce() -> io::Result<IoBuf> + Send + 'static {
     move || {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let done = match req.kind {
-            CMD_READ => return read_reply(&export, &req, framing, buf),
-            CMD_BLOCK_STATUS => return block_status_reply(&export, &req, framing),
+            CMD_READ => return read_reply(&export, &req, framing, buf.vec),
+            CMD_BLOCK_STATUS => return block_status_reply(&export, &req, framing).map(IoBuf::from),
             CMD_WRITE => {
-                export.write(&buf, req.offset, fua)?;
-                buf.clear();
-                framing.status_reply(&mut buf, &req, 0);
-                return Ok(buf);
+                export.write(buf.bytes(), req.offset, fua)?;
+                return Ok(write_done(buf.vec, framing, &req));
             }
             CMD_FLUSH => export.flush(),
             CMD_TRIM => export.trim(req.offset, req.length, fua),
@@ -376,8 +410,16 @@ pub fn work(
             }
             _ => unreachable!("classify() admits only these commands"),
         };
-        done.map(|()| Vec::new())
+        done.map(|()| IoBuf::default())
     }
+}
+
+/// A WRITE's status reply, once its payload is on disk, in the payload's buffer (which goes
+/// back to the pool with the reply).
+pub fn write_done(mut buf: Vec<u8>, framing: Framing, req: &Request) -> IoBuf {
+    buf.clear();
+    framing.status_reply(&mut buf, req, 0);
+    IoBuf::from(buf)
 }
 
 /// A READ's complete reply. With structured replies, a read of [`SPARSE_READ_MIN`] or more
@@ -390,13 +432,10 @@ fn read_reply(
     req: &Request,
     framing: Framing,
     mut buf: Vec<u8>,
-) -> io::Result<Vec<u8>> {
+) -> io::Result<IoBuf> {
     // Admitted reads are at most MAX_PAYLOAD long.
     let len = req.length;
-    let sparse = framing.chunked()
-        && req.flags & CMD_FLAG_DF == 0
-        && req.length >= u64::from(SPARSE_READ_MIN);
-    let mut runs = if sparse {
+    let mut runs = if looks_for_holes(framing, req) {
         export.allocation(req.offset, len, MAX_READ_CHUNKS)?
     } else {
         Vec::new()
@@ -412,10 +451,11 @@ fn read_reply(
         && !only.hole
     {
         let prefix = framing.read_prefix();
-        fit(&mut buf, prefix + len as usize);
-        export.read_into(&mut buf, prefix, req.offset)?;
-        framing.write_read_prefix(&mut buf, req, req.offset, len as u32);
-        return Ok(buf);
+        let mut out = read_buffer(buf, prefix, len as usize, export.align());
+        let reply = &mut out.vec[out.start..];
+        export.read_into(reply, prefix, req.offset)?;
+        framing.write_read_prefix(reply, req, req.offset, len as u32);
+        return Ok(out);
     }
     // Runs lie within the request, so each length fits the chunks' 32 bits.
     let (header, prefix) = (framing.chunk_header_len(), framing.read_prefix());
@@ -447,11 +487,17 @@ fn read_reply(
         at += chunk.len();
         pos += run.len;
     }
-    Ok(buf)
+    Ok(IoBuf::from(buf))
+}
+
+/// Whether a READ looks for holes, to send them as hole chunks: a structured read of
+/// [`SPARSE_READ_MIN`] or more without `NBD_CMD_FLAG_DF`.
+pub fn looks_for_holes(framing: Framing, req: &Request) -> bool {
+    framing.chunked() && req.flags & CMD_FLAG_DF == 0 && req.length >= u64::from(SPARSE_READ_MIN)
 }
 
 /// Makes `buf` exactly `len` bytes long, zeroing only what it did not hold before.
-fn fit(buf: &mut Vec<u8>, len: usize) {
+pub fn fit(buf: &mut Vec<u8>, len: usize) {
     if buf.len() >= len {
         buf.truncate(len);
     } else {
@@ -504,23 +550,17 @@ fn block_status_reply(export: &Export, req: &Request, framing: Framing) -> io::R
 /// [`work`]: the reply the work built, or a status reply. A failure (of the file, or of the
 /// pool: cancelled, panicked) is the server's problem, not the client's, so it is logged;
 /// except the `ENOTSUP` a `NBD_CMD_FLAG_FAST_ZERO` asked for.
-pub fn reply(
-    framing: Framing,
-    id: u64,
-    req: &Request,
-    result: Result<io::Result<Vec<u8>>, aio::threadpool::Error>,
-) -> Vec<u8> {
-    let result =
-        result.unwrap_or_else(|_| Err(io::Error::other("the thread pool did not run the request")));
+pub fn reply(framing: Framing, id: u64, req: &Request, result: io::Result<IoBuf>) -> IoBuf {
+    let status = |errno| IoBuf::from(status(framing, req, errno));
     match result {
-        Ok(buf) if !buf.is_empty() => buf,
-        Ok(_) => status(framing, req, 0),
+        Ok(buf) if !buf.bytes().is_empty() => buf,
+        Ok(_) => status(0),
         Err(e) => {
             let errno = errno_of(&e);
             if !(errno == ENOTSUP && req.flags & CMD_FLAG_FAST_ZERO != 0) {
                 eprintln!("nbd-server: connection {id}: {req:?} failed: {e}");
             }
-            status(framing, req, errno)
+            status(errno)
         }
     }
 }

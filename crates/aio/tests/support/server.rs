@@ -162,10 +162,63 @@ pub struct Config {
     /// `--engine`: the [`engine`] of the thread that made the configuration (empty: no
     /// `--engine`, the server's default).
     engine: &'static str,
+    /// `--aio`: the [`io_mode`] of the thread that made the configuration (empty: no `--aio`,
+    /// the server's default).
+    io: &'static str,
+    /// `--cache`: the [`cache_mode`] of the thread that made the configuration (empty: the
+    /// server's default).
+    cache: &'static str,
 }
 
 thread_local! {
     static ENGINE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("callbacks") };
+    static IO: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+    static CACHE: std::cell::Cell<&'static str> = const { std::cell::Cell::new("") };
+}
+
+/// The cache mode (`--cache`) of the servers this thread configures from now on: the
+/// server's default unless [`with_io`] says otherwise.
+pub fn cache_mode() -> &'static str {
+    CACHE.with(|e| e.get())
+}
+
+/// The file I/O mode (`--aio`) of the servers this thread configures from now on: the
+/// server's default unless [`with_io`] says otherwise.
+pub fn io_mode() -> &'static str {
+    IO.with(|e| e.get())
+}
+
+/// Runs `case` with servers started with `--aio io --cache cache`, naming them if it fails;
+/// skips it, saying why, when this kernel refuses the mode (io_uring or Linux AIO disabled).
+pub fn with_io(io: &'static str, cache: &'static str, case: fn()) {
+    if let Err(why) = io_mode_works(io) {
+        println!("skipped with --aio {io}: {why}");
+        return;
+    }
+    let before = (IO.with(|e| e.replace(io)), CACHE.with(|e| e.replace(cache)));
+    let outcome = std::panic::catch_unwind(case);
+    IO.with(|e| e.set(before.0));
+    CACHE.with(|e| e.set(before.1));
+    if let Err(panic) = outcome {
+        eprintln!("(the case above failed with --aio {io} --cache {cache})");
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Whether this kernel serves `--aio io`: the same checks the server makes at start.
+pub fn io_mode_works(io: &str) -> Result<(), String> {
+    let (backend, engine) = match io {
+        "io_uring" => (aio::Backend::IoUring, aio::blockio::Engine::IoUring),
+        "native" => (aio::Backend::Auto, aio::blockio::Engine::LinuxAio),
+        _ => (aio::Backend::Auto, aio::blockio::Engine::Threads),
+    };
+    let ctx = aio::Builder::new()
+        .backend(backend)
+        .build()
+        .map_err(|e| e.to_string())?;
+    aio::BlockIo::with_engine(&ctx, engine)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The connection engine (`--engine`) of the servers this thread configures from now on:
@@ -202,6 +255,8 @@ impl Config {
             env: Vec::new(),
             persistent: true,
             engine: engine(),
+            io: io_mode(),
+            cache: cache_mode(),
         }
     }
 
@@ -304,6 +359,12 @@ impl Config {
         }
         if !self.engine.is_empty() {
             args.extend(["--engine".to_owned(), self.engine.to_owned()]);
+        }
+        if !self.io.is_empty() {
+            args.extend(["--aio".to_owned(), self.io.to_owned()]);
+        }
+        if !self.cache.is_empty() {
+            args.extend(["--cache".to_owned(), self.cache.to_owned()]);
         }
         args.extend(self.extra.iter().cloned());
         args.push(self.image.display().to_string());
@@ -458,6 +519,14 @@ impl Server {
                 if !config.engine.is_empty() {
                     let engine = format!(", engine {})", config.engine);
                     assert!(line.ends_with(&engine), "not {engine}: {line}");
+                }
+                if !config.io.is_empty() {
+                    let io = format!(", aio {},", config.io);
+                    assert!(line.contains(&io), "not {io}: {line}");
+                }
+                if !config.cache.is_empty() {
+                    let cache = format!(", cache {},", config.cache);
+                    assert!(line.contains(&cache), "not {cache}: {line}");
                 }
                 break;
             }

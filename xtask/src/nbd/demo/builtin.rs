@@ -1,5 +1,5 @@
 //! Steps 4 to 7 of `cargo xtask demo` done by the built-in NBD client
-//! (`crates/aio/tests/support/nbd_client.rs`) instead of qemu-io and qemu-img: the same writes,
+//! (`crates/nbd-client`) instead of qemu-io and qemu-img: the same writes,
 //! reads, trims, zeroes, copy and benchmark, with the same checks, in process over the same Unix
 //! socket.
 //!
@@ -24,7 +24,7 @@ use super::{
     BENCH_DEPTH, BENCH_REQUESTS, IMAGE_SIZE, MIB, Tour, all_bytes, detail, step, watchdog_error,
 };
 use crate::cmd::{Context, Error, Result};
-use crate::nbd_client::{Client, Handshake, tx_flag};
+use nbd_client::{Client, Handshake, tx_flag};
 
 /// The largest request of a bulk transfer: big enough that per-request costs vanish, small enough
 /// to stay well under any server's maximum payload.

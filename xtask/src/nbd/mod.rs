@@ -4,7 +4,12 @@
 //!
 //! Both commands drive `crates/aio/examples/nbd-server` from the outside, exactly as a user
 //! would: through its command line, its stdout lines and signals. Nothing here links against the
-//! server, so what is measured and shown is the real program.
+//! server, so what is measured and shown is the real program. Its submodules: `bench` (the race),
+//! `demo` (the tour) and `json` (fio's reports).
+
+pub mod bench;
+pub mod demo;
+mod json;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -285,6 +290,11 @@ impl Server {
             .find(|line| line.starts_with(READY_PREFIX))
     }
 
+    /// The server's process id (its `/proc/PID`), valid until it is stopped or dropped.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// The lines printed on stdout so far.
     pub fn stdout(&self) -> &[String] {
         &self.stdout
@@ -421,6 +431,21 @@ impl Killer {
     }
 }
 
+/// The peak resident set size of process `pid` so far, in KiB (`VmHWM` in `/proc/PID/status`);
+/// `None` if the process is gone or the kernel does not say.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_hwm(&status)
+}
+
+/// The `VmHWM:  1234 kB` line of a `/proc/PID/status` text, in KiB.
+pub fn parse_vm_hwm(status: &str) -> Option<u64> {
+    status.lines().find_map(|line| {
+        let rest = line.strip_prefix("VmHWM:")?.trim();
+        rest.strip_suffix("kB")?.trim().parse().ok()
+    })
+}
+
 /// Whether stdout holds our server's `stopped` line.
 pub fn printed_stopped(stdout: &[String]) -> bool {
     stdout.iter().any(|line| line.starts_with(STOPPED_PREFIX))
@@ -464,6 +489,17 @@ mod tests {
             None
         );
         assert_eq!(parse_bench_elapsed("nothing\n"), None);
+    }
+
+    #[test]
+    fn reads_the_peak_rss_from_proc_status() {
+        let status =
+            "Name:\tqemu-nbd\nVmPeak:\t  812340 kB\nVmHWM:\t    8140 kB\nVmRSS:\t 8000 kB\n";
+        assert_eq!(parse_vm_hwm(status), Some(8140));
+        assert_eq!(parse_vm_hwm("Name:\tx\nVmRSS:\t1 kB\n"), None);
+        assert_eq!(parse_vm_hwm("VmHWM:\tlots kB\n"), None);
+        // This process has a peak RSS, and it is not zero.
+        assert!(peak_rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
     }
 
     #[test]

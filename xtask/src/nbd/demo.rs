@@ -12,7 +12,7 @@
 //!
 //! The demo never installs anything. When qemu-io or qemu-img is not on `PATH`, or when
 //! `AIO_DEMO_CLIENT=builtin` asks for it, steps 4 to 7 are done instead by the client the
-//! server's tests use (`crates/aio/tests/support/nbd_client.rs`, see `demo/builtin.rs`), with the
+//! server's tests use (`crates/nbd-client`, see `demo/builtin.rs`), with the
 //! same checks; `AIO_DEMO_CLIENT=qemu` insists on qemu's tools. The demo prints which client it
 //! uses and why.
 //!
@@ -65,7 +65,7 @@ const CLIENT_VAR: &str = "AIO_DEMO_CLIENT";
 const QEMU_TOOLS: [&str; 2] = ["qemu-io", "qemu-img"];
 
 /// Where the built-in client lives, for messages.
-const BUILTIN_CLIENT: &str = "crates/aio/tests/support/nbd_client.rs";
+const BUILTIN_CLIENT: &str = "crates/nbd-client";
 
 /// The first line of every run, printed before anything that can take time.
 const FIRST_LINE: &str = "demo: a tour of the NBD server example \

@@ -1,0 +1,616 @@
+//! The part of the backend contract that every [`FdMonitor`](crate::FdMonitor) shares: the
+//! rules a [`Change`] must follow ([`validate`]), the errors that refuse one, and the
+//! registration table ([`Registrations`]) of the backends whose kernel object is found by fd
+//! number (epoll, `polling`), with its record of which key owns each number.
+//!
+//! A backend crate keeps only what is specific to its system calls: the poll backend its
+//! `pollfd` array (it validates against its own index), io_uring its in-flight polls (it
+//! validates against its own slots), epoll and `polling` their kernel object plus this table.
+//! Every backend therefore refuses the same bad changes with the same [`io::ErrorKind`]:
+//!
+//! | change | refused with |
+//! |---|---|
+//! | `Add` of a negative fd, or with an empty interest | `InvalidInput` |
+//! | `Add` of a key that is already registered | `InvalidInput` |
+//! | `Modify` or `Remove` of a key that is not registered | `NotFound` |
+//! | `Modify` to a key that is already registered (other than the old key) | `InvalidInput` |
+//! | `Modify` with an empty interest, or an fd other than the registered one | `InvalidInput` |
+//!
+//! Validation comes first and changes nothing, so a refused change leaves a monitor as it was.
+//!
+//! The maps here ([`KeyMap`], [`FdMap`]) hash with [`IntHasher`], a one-multiply hash for the
+//! small integer keys that fds and handler keys are: the tables are sized by the number of
+//! registrations, not by the highest fd number, and a lookup costs no SipHash round.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::fdmon::{Change, HandlerKey, Interest};
+
+/// A hasher for integer keys (fd numbers, [`HandlerKey`]s): one rotate, xor and multiply per
+/// word written (the `FxHash` step), which spreads consecutive integers over the whole `u64`.
+///
+/// It is not collision-resistant against chosen keys; fd numbers and handler keys are chosen by
+/// the kernel and the context, not by a peer.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IntHasher(u64);
+
+/// The odd multiplier of `FxHash` (rustc's hasher): the fractional part of the golden ratio.
+const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl IntHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(SEED);
+    }
+}
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.add(u64::from(byte));
+        }
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+    fn write_i32(&mut self, n: i32) {
+        // The bit pattern, zero-extended: a negative fd is never stored, but must still hash.
+        self.add(u64::from(n as u32));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+}
+
+/// A map keyed by fd number, sized by its entries (not by the highest fd), hashed with
+/// [`IntHasher`].
+pub type FdMap<V> = HashMap<RawFd, V, BuildHasherDefault<IntHasher>>;
+
+/// A map keyed by [`HandlerKey`], hashed with [`IntHasher`].
+pub type KeyMap<V> = HashMap<HandlerKey, V, BuildHasherDefault<IntHasher>>;
+
+/// An [`io::ErrorKind::InvalidInput`] error for a change that breaks the caller's contract.
+pub fn invalid_input(message: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, message)
+}
+
+/// An [`io::ErrorKind::NotFound`] error for a change that names a key nobody registered.
+pub fn not_found(key: HandlerKey) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{key:?} is not registered"),
+    )
+}
+
+/// Checks `change` against the contract, given `fd_of`, which tells the fd a key is registered
+/// with (`None`: not registered). Changes nothing; see the [module docs](self) for the rules.
+///
+/// Backend-specific refusals (a key value the kernel interface reserves) come on top of these,
+/// checked by the backend.
+///
+/// # Errors
+///
+/// The refusals of the table in the module docs, with their [`io::ErrorKind`]s.
+///
+/// # Examples
+///
+/// ```
+/// use std::io::ErrorKind;
+/// use aio_core::registrations::validate;
+/// use aio_core::{Change, HandlerKey, Interest};
+///
+/// let (a, b) = (HandlerKey::new(0, 0), HandlerKey::new(1, 0));
+/// let fd_of = |key| (key == a).then_some(5);
+/// let add = Change::Add { key: b, fd: 6, interest: Interest::READ };
+/// assert!(validate(add, fd_of).is_ok());
+/// let again = Change::Add { key: a, fd: 6, interest: Interest::READ };
+/// assert_eq!(validate(again, fd_of).unwrap_err().kind(), ErrorKind::InvalidInput);
+/// let gone = Change::Remove { key: b, fd: 6 };
+/// assert_eq!(validate(gone, fd_of).unwrap_err().kind(), ErrorKind::NotFound);
+/// ```
+pub fn validate(change: Change, fd_of: impl Fn(HandlerKey) -> Option<RawFd>) -> io::Result<()> {
+    match change {
+        Change::Add { key, fd, interest } => {
+            // poll(2) silently ignores a negative fd, epoll and io_uring answer EBADF; an empty
+            // interest would still be told about hang-ups. Either is a handler that never runs,
+            // or runs when nobody asked, so every backend refuses both up front.
+            if fd < 0 {
+                return Err(invalid_input(format!("cannot watch negative fd {fd}")));
+            }
+            if interest.is_empty() {
+                return Err(invalid_input(format!("empty interest for fd {fd}")));
+            }
+            if fd_of(key).is_some() {
+                return Err(invalid_input(format!("{key:?} is already registered")));
+            }
+        }
+        Change::Modify {
+            old,
+            new,
+            fd,
+            interest,
+        } => {
+            let Some(registered_fd) = fd_of(old) else {
+                return Err(not_found(old));
+            };
+            if new != old && fd_of(new).is_some() {
+                return Err(invalid_input(format!("{new:?} is already registered")));
+            }
+            if interest.is_empty() {
+                return Err(invalid_input(format!("empty interest for fd {fd}")));
+            }
+            if fd != registered_fd {
+                return Err(invalid_input(format!(
+                    "{old:?} watches fd {registered_fd}, not fd {fd}; a modify cannot change the fd"
+                )));
+            }
+        }
+        // The fd of a removal is not checked: it may already be closed, or reused, and the key
+        // alone names the registration.
+        Change::Remove { key, fd: _ } => {
+            if fd_of(key).is_none() {
+                return Err(not_found(key));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A kernel watched set that finds its entries by fd number (epoll, kqueue, event ports): the
+/// three calls a backend built on [`Registrations::update`] provides. Each reports the kernel's
+/// error unchanged; [`Registrations::update`] decides which ones mean "already gone".
+pub trait FdTable {
+    /// Starts watching `fd` for `interest`, reported as `key` (`EPOLL_CTL_ADD`).
+    ///
+    /// # Errors
+    ///
+    /// The kernel's refusal (`EEXIST`, `EPERM`, `EBADF`, `ENOMEM`, ...).
+    fn add(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()>;
+
+    /// Changes the entry that `fd` names to report `key` for `interest` (`EPOLL_CTL_MOD`).
+    ///
+    /// # Errors
+    ///
+    /// The kernel's refusal; `ENOENT` when the number names a file that is not watched.
+    fn modify(&mut self, fd: RawFd, key: HandlerKey, interest: Interest) -> io::Result<()>;
+
+    /// Stops watching the entry that `fd` names (`EPOLL_CTL_DEL`).
+    ///
+    /// # Errors
+    ///
+    /// The kernel's refusal; `EBADF`, `ENOENT` or `EPERM` when the file was closed.
+    fn delete(&mut self, fd: RawFd) -> io::Result<()>;
+}
+
+/// The registrations of a backend whose kernel object finds an entry by fd number (epoll,
+/// kqueue, event ports): each key's fd and interest, and for each fd number the key that
+/// *owns* it.
+///
+/// # Owners, and stale keys
+///
+/// Such a kernel watches *(file, fd number)* pairs and drops an entry by itself when its file
+/// is closed. If the number is then reused for another file and registered under a new key
+/// while the old key is still registered, the old key's entry is gone (or tied to a file no
+/// number names), and any change made through the number would reach the new key's entry. So
+/// each fd number has one owner, the key most recently added or modified on it, and only the
+/// owner's changes may reach the kernel; a registered key that does not own its fd is *stale*.
+///
+/// Invariant: every owner is registered, with that fd.
+///
+/// # Use
+///
+/// A backend whose kernel object is an [`FdTable`] hands each change to
+/// [`update`](Self::update), which validates it, makes the system call and records it. The
+/// pieces are public too: [`validate`](Self::validate) first; then the system call (asking
+/// [`owns`](Self::owns) whether a modify may go through the number); then
+/// [`insert`](Self::insert) or [`replace`](Self::replace) only if the kernel accepted it. A
+/// removal is recorded first, with [`remove`](Self::remove), which says whether the kernel
+/// entry is to be deleted.
+#[derive(Default)]
+pub struct Registrations {
+    by_key: KeyMap<(RawFd, Interest)>,
+    owners: FdMap<HandlerKey>,
+}
+
+impl Registrations {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks `change` against the contract and this table (see [`validate`]).
+    ///
+    /// # Errors
+    ///
+    /// As [`validate`].
+    pub fn validate(&self, change: Change) -> io::Result<()> {
+        validate(change, |key| self.get(key).map(|(fd, _)| fd))
+    }
+
+    /// Applies `change` to `kernel` and to this table: validation, then one system call (two
+    /// when a modify finds its number reused), then the bookkeeping, so that a refused change
+    /// leaves both as they were.
+    ///
+    /// * `Add`: `kernel.add`.
+    /// * `Modify` of a key that owns its fd: `kernel.modify` with the new key, so that an event
+    ///   already queued under the old key cannot pass for the new handler's. If the kernel
+    ///   answers `ENOENT`, the old file was closed (and dropped) and its number reused: the
+    ///   handler being replaced wants the number watched, so `kernel.add` watches the file it
+    ///   names now. Of a stale key: `kernel.add`, since modifying through the number would change
+    ///   the owner's entry.
+    /// * `Remove` of a key that owns its fd: `kernel.delete`; `EBADF`, `ENOENT` and `EPERM` mean
+    ///   the file was closed while registered and the kernel already dropped it (the number is
+    ///   not open, or names another file), and count as success. Of a stale key: nothing. The
+    ///   table forgets the key whatever the kernel says, as the context does.
+    ///
+    /// # Errors
+    ///
+    /// The refusals of [`validate`], and the kernel's other errors.
+    pub fn update(&mut self, kernel: &mut impl FdTable, change: Change) -> io::Result<()> {
+        self.validate(change)?;
+        match change {
+            Change::Add { key, fd, interest } => {
+                kernel.add(fd, key, interest)?;
+                self.insert(key, fd, interest);
+            }
+            Change::Modify {
+                old,
+                new,
+                fd,
+                interest,
+            } => {
+                if !self.owns(old) {
+                    kernel.add(fd, new, interest)?;
+                } else if let Err(err) = kernel.modify(fd, new, interest) {
+                    if err.raw_os_error() != Some(libc::ENOENT) {
+                        return Err(err);
+                    }
+                    tracing::debug!(
+                        fd,
+                        ?old,
+                        ?new,
+                        "fd was closed and its number reused while registered; adding it anew"
+                    );
+                    kernel.add(fd, new, interest)?;
+                }
+                self.replace(old, new, fd, interest);
+            }
+            Change::Remove { key, fd: _ } => {
+                // The fd is taken from the table, not from the change: it is what was
+                // registered.
+                let Some(fd) = self.remove(key)? else {
+                    return Ok(());
+                };
+                match kernel.delete(fd) {
+                    Ok(()) => {}
+                    Err(err)
+                        if matches!(
+                            err.raw_os_error(),
+                            Some(libc::EBADF | libc::ENOENT | libc::EPERM)
+                        ) =>
+                    {
+                        tracing::debug!(
+                            fd,
+                            ?key,
+                            %err,
+                            "fd was closed while registered; the kernel already dropped it"
+                        );
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The fd and interest `key` is registered with.
+    pub fn get(&self, key: HandlerKey) -> Option<(RawFd, Interest)> {
+        self.by_key.get(&key).copied()
+    }
+
+    /// Whether `key` is registered and owns its fd number (is not stale), so that a change made
+    /// through the number reaches its own kernel entry.
+    pub fn owns(&self, key: HandlerKey) -> bool {
+        self.get(key)
+            .is_some_and(|(fd, _)| self.owners.get(&fd) == Some(&key))
+    }
+
+    /// Records an `Add` the kernel accepted. The key becomes its fd's owner; an older key that
+    /// owned the number becomes stale (logged at debug level).
+    pub fn insert(&mut self, key: HandlerKey, fd: RawFd, interest: Interest) {
+        self.by_key.insert(key, (fd, interest));
+        if let Some(stale) = self.owners.insert(fd, key) {
+            // The kernel accepted the add although `stale` was registered on the same number,
+            // so the number now names another file: `stale`'s file was closed while registered.
+            tracing::debug!(
+                fd,
+                ?key,
+                ?stale,
+                "fd number reused while an older handler was still registered on it; the older \
+                 one is stale and will not be touched in the kernel"
+            );
+        }
+    }
+
+    /// Records a `Modify` the kernel accepted: `old` is forgotten, `new` owns the fd.
+    pub fn replace(&mut self, old: HandlerKey, new: HandlerKey, fd: RawFd, interest: Interest) {
+        self.by_key.remove(&old);
+        self.by_key.insert(new, (fd, interest));
+        self.owners.insert(fd, new);
+    }
+
+    /// Forgets `key`. Returns its fd if the key owned it, so that its kernel entry is to be
+    /// deleted, or `None` if the key was stale (logged at debug level): its entry is gone and
+    /// the number belongs to another key.
+    ///
+    /// # Errors
+    ///
+    /// `NotFound` if `key` is not registered.
+    pub fn remove(&mut self, key: HandlerKey) -> io::Result<Option<RawFd>> {
+        let (fd, _) = self.by_key.remove(&key).ok_or_else(|| not_found(key))?;
+        if self.owners.get(&fd) != Some(&key) {
+            tracing::debug!(
+                fd,
+                ?key,
+                "removing a stale handler whose fd number was reused; nothing to delete"
+            );
+            return Ok(None);
+        }
+        self.owners.remove(&fd);
+        Ok(Some(fd))
+    }
+
+    /// Every registration: key, fd and interest, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (HandlerKey, RawFd, Interest)> + '_ {
+        self.by_key
+            .iter()
+            .map(|(&key, &(fd, interest))| (key, fd, interest))
+    }
+
+    /// How many keys are registered (stale ones included).
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// Whether no key is registered.
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+}
+
+impl fmt::Debug for Registrations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const R: Interest = Interest::READ;
+
+    fn key(i: u32) -> HandlerKey {
+        HandlerKey::new(i, 0)
+    }
+
+    fn kind(r: io::Result<()>) -> io::ErrorKind {
+        r.unwrap_err().kind()
+    }
+
+    #[test]
+    fn validation_follows_the_table() {
+        let mut regs = Registrations::new();
+        let (a, b) = (key(1), key(2));
+        assert!(
+            regs.validate(Change::Add {
+                key: a,
+                fd: 3,
+                interest: R
+            })
+            .is_ok()
+        );
+        regs.insert(a, 3, R);
+        let bad = |regs: &Registrations, c| kind(regs.validate(c));
+        use io::ErrorKind::{InvalidInput, NotFound};
+        assert_eq!(
+            bad(
+                &regs,
+                Change::Add {
+                    key: b,
+                    fd: -1,
+                    interest: R
+                }
+            ),
+            InvalidInput
+        );
+        let empty = Interest::empty();
+        assert_eq!(
+            bad(
+                &regs,
+                Change::Add {
+                    key: b,
+                    fd: 4,
+                    interest: empty
+                }
+            ),
+            InvalidInput
+        );
+        assert_eq!(
+            bad(
+                &regs,
+                Change::Add {
+                    key: a,
+                    fd: 4,
+                    interest: R
+                }
+            ),
+            InvalidInput
+        );
+        let modify = |old, new, fd, interest| Change::Modify {
+            old,
+            new,
+            fd,
+            interest,
+        };
+        assert_eq!(bad(&regs, modify(b, a, 3, R)), NotFound);
+        assert_eq!(bad(&regs, modify(a, a, 3, empty)), InvalidInput);
+        assert_eq!(bad(&regs, modify(a, b, 4, R)), InvalidInput);
+        assert_eq!(bad(&regs, Change::Remove { key: b, fd: 3 }), NotFound);
+        assert!(regs.validate(modify(a, a, 3, Interest::WRITE)).is_ok());
+        assert!(regs.validate(modify(a, b, 3, R)).is_ok());
+        regs.insert(b, 4, R);
+        assert_eq!(bad(&regs, modify(a, b, 3, R)), InvalidInput);
+    }
+
+    #[test]
+    fn a_reused_number_makes_the_older_key_stale() {
+        let mut regs = Registrations::new();
+        let (a, b, c) = (key(1), key(2), key(3));
+        regs.insert(a, 7, R);
+        assert!(regs.owns(a));
+        regs.insert(b, 7, R);
+        assert!(!regs.owns(a) && regs.owns(b));
+        assert_eq!(regs.remove(a).unwrap(), None, "stale: nothing to delete");
+        regs.replace(b, c, 7, Interest::WRITE);
+        assert!(regs.owns(c));
+        assert_eq!(regs.get(b), None);
+        assert_eq!(regs.remove(c).unwrap(), Some(7));
+        assert!(regs.is_empty());
+        assert_eq!(regs.remove(c).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    /// A kernel table that records its calls and fails the way it is told to.
+    #[derive(Default)]
+    struct FakeKernel {
+        calls: Vec<(&'static str, RawFd, Option<HandlerKey>)>,
+        fail_modify: Option<i32>,
+        fail_delete: Option<i32>,
+    }
+
+    impl FdTable for FakeKernel {
+        fn add(&mut self, fd: RawFd, key: HandlerKey, _: Interest) -> io::Result<()> {
+            self.calls.push(("add", fd, Some(key)));
+            Ok(())
+        }
+        fn modify(&mut self, fd: RawFd, key: HandlerKey, _: Interest) -> io::Result<()> {
+            self.calls.push(("modify", fd, Some(key)));
+            self.fail_modify
+                .map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
+        }
+        fn delete(&mut self, fd: RawFd) -> io::Result<()> {
+            self.calls.push(("delete", fd, None));
+            self.fail_delete
+                .map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
+        }
+    }
+
+    #[test]
+    fn update_makes_the_calls_the_owners_allow() {
+        let mut regs = Registrations::new();
+        let mut kernel = FakeKernel::default();
+        let (a, b, c) = (key(1), key(2), key(3));
+        regs.update(
+            &mut kernel,
+            Change::Add {
+                key: a,
+                fd: 5,
+                interest: R,
+            },
+        )
+        .unwrap();
+        // The number is reused for another file: `a` goes stale.
+        regs.update(
+            &mut kernel,
+            Change::Add {
+                key: b,
+                fd: 5,
+                interest: R,
+            },
+        )
+        .unwrap();
+        // Replacing the stale key adds afresh rather than modify b's entry.
+        let modify = Change::Modify {
+            old: a,
+            new: c,
+            fd: 5,
+            interest: R,
+        };
+        regs.update(&mut kernel, modify).unwrap();
+        assert_eq!(kernel.calls[2], ("add", 5, Some(c)));
+        // Removing b, no longer the owner, touches nothing; removing c deletes.
+        regs.update(&mut kernel, Change::Remove { key: b, fd: 5 })
+            .unwrap();
+        assert_eq!(kernel.calls.len(), 3);
+        kernel.fail_delete = Some(libc::EBADF);
+        regs.update(&mut kernel, Change::Remove { key: c, fd: 5 })
+            .unwrap();
+        assert_eq!(kernel.calls[3], ("delete", 5, None));
+        assert!(regs.is_empty());
+
+        // A modify that finds its number reused (ENOENT) adds; another error changes nothing.
+        regs.update(
+            &mut kernel,
+            Change::Add {
+                key: a,
+                fd: 6,
+                interest: R,
+            },
+        )
+        .unwrap();
+        kernel.fail_modify = Some(libc::ENOENT);
+        let modify = Change::Modify {
+            old: a,
+            new: b,
+            fd: 6,
+            interest: R,
+        };
+        regs.update(&mut kernel, modify).unwrap();
+        assert_eq!(
+            &kernel.calls[5..],
+            [("modify", 6, Some(b)), ("add", 6, Some(b))]
+        );
+        kernel.fail_modify = Some(libc::ENOMEM);
+        let modify = Change::Modify {
+            old: b,
+            new: c,
+            fd: 6,
+            interest: R,
+        };
+        let err = regs.update(&mut kernel, modify).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOMEM));
+        assert!(regs.owns(b) && regs.get(c).is_none());
+        // A delete error other than "already gone" is returned, but the key is forgotten.
+        kernel.fail_delete = Some(libc::ENOMEM);
+        assert!(
+            regs.update(&mut kernel, Change::Remove { key: b, fd: 6 })
+                .is_err()
+        );
+        assert!(regs.is_empty());
+    }
+
+    #[test]
+    fn the_hasher_spreads_consecutive_fds() {
+        let hashes: std::collections::HashSet<u64> = (0..1000i32)
+            .map(|fd| {
+                let mut h = IntHasher::default();
+                h.write_i32(fd);
+                h.finish() >> 57
+            })
+            .collect();
+        assert_eq!(
+            hashes.len(),
+            128,
+            "the top 7 bits (hashbrown's tag) all occur"
+        );
+    }
+}

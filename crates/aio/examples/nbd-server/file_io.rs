@@ -1,0 +1,231 @@
+//! Where an admitted request's file I/O runs (`--aio`): the whole request as blocking work on
+//! the context's thread pool (`threads`, qemu-nbd's default), or its READ, WRITE and FLUSH as
+//! block I/O requests on the context itself ([`BlockIo`]: `io_uring` on the context's own
+//! ring, `native` with Linux AIO), whose completions run on the context's thread. Both engines
+//! of `connection.rs` and `conn_task.rs` start requests here and build the same replies.
+//!
+//! As in qemu-nbd, only the data path changes with `--aio`: TRIM and WRITE_ZEROES (fallocate),
+//! CACHE (readahead), BLOCK_STATUS and the READs that look for holes (`lseek`) stay on the
+//! pool in every mode.
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use aio::blockio::Engine as IoEngine;
+use aio::{AioContext, BlockIo, ThreadPool};
+
+use crate::export::{Export, Pass};
+use crate::protocol::*;
+use crate::session::{self, IoBuf};
+
+/// The block I/O of a context for `engine`, which `main.rs` checked when it made the context;
+/// should that check be undone, the thread pool, which always works, with a line on stderr.
+pub fn block_io(ctx: &AioContext, engine: IoEngine) -> BlockIo {
+    BlockIo::with_engine(ctx, engine).unwrap_or_else(|e| {
+        eprintln!("nbd-server: {e}; using the thread pool");
+        BlockIo::with_engine(ctx, IoEngine::Threads).expect("the thread pool always works")
+    })
+}
+
+/// Starts request `req` (admitted by `session::classify`) with `buf`, its reply buffer or its
+/// WRITE payload; `done` gets, on the context's thread, what [`session::work`] returns: the
+/// whole reply, or an empty buffer for a status reply, or the error. Under `--cache none` the
+/// data moves through the `O_DIRECT` file when its buffer, offset and length are aligned
+/// (`Export::file_for`).
+#[allow(clippy::too_many_arguments)] // a request and everything it runs with
+pub fn start(
+    ctx: &AioContext,
+    io: BlockIo,
+    pool: &ThreadPool,
+    export: &Arc<Export>,
+    req: Request,
+    buf: IoBuf,
+    framing: Framing,
+    done: impl FnOnce(io::Result<IoBuf>) + 'static,
+) {
+    if io.engine() == IoEngine::Threads {
+        return on_pool(pool, export, req, buf, framing, done);
+    }
+    match req.kind {
+        CMD_READ if !session::looks_for_holes(framing, &req) => {
+            let prefix = framing.read_prefix();
+            let len = req.length as usize;
+            let out = session::read_buffer(buf.vec, prefix, len, export.align());
+            let start = out.start;
+            let data = start + prefix;
+            let file = export.file_for(&out.vec[data..], req.offset).clone();
+            let Ok(pass) = admit(export, &file) else {
+                return on_pool(pool, export, req, out, framing, done);
+            };
+            let whole = move |r: io::Result<()>, mut vec: Vec<u8>| {
+                drop(pass);
+                done(r.map(|()| {
+                    // Admitted reads are at most MAX_PAYLOAD long.
+                    let reply = &mut vec[start..];
+                    framing.write_read_prefix(reply, &req, req.offset, len as u32);
+                    IoBuf { vec, start }
+                }))
+            };
+            transfer(ctx, io, file, out.vec, data, req.offset, false, whole);
+        }
+        CMD_WRITE => {
+            let fua = req.flags & CMD_FLAG_FUA != 0;
+            let file = export.file_for(buf.bytes(), req.offset).clone();
+            let Ok(pass) = admit(export, &file) else {
+                return on_pool(pool, export, req, buf, framing, done);
+            };
+            let sync_file = file.clone();
+            let written = move |r: io::Result<()>, vec: Vec<u8>| {
+                drop(pass);
+                let reply = move |r: io::Result<()>| {
+                    // The payload is on disk: its buffer carries the status reply.
+                    done(r.map(|()| session::write_done(vec, framing, &req)))
+                };
+                match (r, AioContext::current()) {
+                    (Ok(()), Some(ctx)) if fua => {
+                        io.fdatasync(&ctx, &sync_file, reply);
+                    }
+                    (Ok(()), None) if fua => reply(Err(io::Error::other(
+                        "a completion ran outside its context",
+                    ))),
+                    (r, _) => reply(r),
+                }
+            };
+            transfer(ctx, io, file, buf.vec, buf.start, req.offset, true, written);
+        }
+        CMD_FLUSH => {
+            io.fdatasync(ctx, export.file(), move |r| {
+                done(r.map(|()| IoBuf::default()))
+            });
+        }
+        _ => on_pool(pool, export, req, buf, framing, done),
+    }
+}
+
+/// Whether a transfer through `file` may go to the engine now, with its place in the
+/// export's gate (`--cache none`: see `export::Gate`), or must take the pool, where it may
+/// wait for its turn: an unaligned one (through the page cache), or a direct one while
+/// page-cache transfers run or wait. Without `--cache none` every transfer may go, with no
+/// place to hold.
+fn admit(export: &Export, file: &Arc<File>) -> Result<Option<Pass>, ()> {
+    if export.align() <= 1 {
+        return Ok(None);
+    }
+    if !export.is_direct(file) {
+        return Err(());
+    }
+    export.try_direct().map(Some).ok_or(())
+}
+
+/// The whole request as [`session::work`] on the pool.
+fn on_pool(
+    pool: &ThreadPool,
+    export: &Arc<Export>,
+    req: Request,
+    buf: IoBuf,
+    framing: Framing,
+    done: impl FnOnce(io::Result<IoBuf>) + 'static,
+) {
+    let work = session::work(export.clone(), req, buf, framing);
+    pool.submit_with(work, move |r| {
+        done(r.unwrap_or_else(|_| Err(io::Error::other("the thread pool did not run the request"))))
+    });
+}
+
+/// Reads (or writes) all of `buf[at..]` at `offset`, one request after another while the
+/// kernel transfers less than asked; `done` gets the buffer back. A read that meets the end
+/// of the file first fails with `UnexpectedEof` (requests lie within the export, so only a
+/// file shrunk under the server does that).
+#[allow(clippy::too_many_arguments)] // one transfer's state, carried from request to request
+fn transfer(
+    ctx: &AioContext,
+    io: BlockIo,
+    file: Arc<File>,
+    buf: Vec<u8>,
+    at: usize,
+    offset: u64,
+    write: bool,
+    done: impl FnOnce(io::Result<()>, Vec<u8>) + 'static,
+) {
+    let f = file.clone();
+    let next = move |r: io::Result<usize>, buf: Vec<u8>| match r {
+        Ok(n) if at + n >= buf.len() => done(Ok(()), buf),
+        Ok(0) => {
+            let what = if write {
+                "wrote nothing"
+            } else {
+                "end of file"
+            };
+            done(Err(io::Error::new(io::ErrorKind::UnexpectedEof, what)), buf)
+        }
+        Ok(n) => match AioContext::current() {
+            Some(ctx) => transfer(&ctx, io, f, buf, at + n, offset + n as u64, write, done),
+            None => done(
+                Err(io::Error::other("a completion ran outside its context")),
+                buf,
+            ),
+        },
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => match AioContext::current() {
+            Some(ctx) => transfer(&ctx, io, f, buf, at, offset, write, done),
+            None => done(Err(e), buf),
+        },
+        Err(e) => done(Err(e), buf),
+    };
+    if write {
+        io.write_from(ctx, &file, buf, at, offset, next);
+    } else {
+        io.read_into(ctx, &file, buf, at, offset, next);
+    }
+}
+
+/// A request started with [`start`], as a future (for the task engine).
+pub fn run(
+    ctx: &AioContext,
+    io: BlockIo,
+    pool: &ThreadPool,
+    export: &Arc<Export>,
+    req: Request,
+    buf: IoBuf,
+    framing: Framing,
+) -> Outcome {
+    let slot = Rc::new(RefCell::new(Slot::default()));
+    let s = slot.clone();
+    start(ctx, io, pool, export, req, buf, framing, move |r| {
+        let mut s = s.borrow_mut();
+        s.result = Some(r);
+        if let Some(w) = s.waker.take() {
+            w.wake();
+        }
+    });
+    Outcome(slot)
+}
+
+#[derive(Default)]
+struct Slot {
+    result: Option<io::Result<IoBuf>>,
+    waker: Option<Waker>,
+}
+
+/// The future [`run`] returns: the request's result, once its completion ran.
+pub struct Outcome(Rc<RefCell<Slot>>);
+
+impl Future for Outcome {
+    type Output = io::Result<IoBuf>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut s = self.0.borrow_mut();
+        match s.result.take() {
+            Some(r) => Poll::Ready(r),
+            None => {
+                s.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
