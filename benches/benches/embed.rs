@@ -376,6 +376,12 @@ fn remote_wake(out: &mut String, plan: Plan) {
     let mut base = None;
     for (name, make, native) in loops {
         let remote = make();
+        // Warm-up: the loop thread's start and first iterations are not a wake-up's cost.
+        let h = remote.aio.clone();
+        trips(&move |job: Job| h.schedule_oneshot(job), 50);
+        if let Some(send) = &remote.native {
+            trips(&**send, 50);
+        }
         let (mut aio, mut nat) = (Vec::new(), Vec::new());
         for _ in 0..plan.rounds {
             let h = remote.aio.clone();
