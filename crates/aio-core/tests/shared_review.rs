@@ -276,7 +276,6 @@ fn shared_polled_inside_a_plain_callback() {
 /// Attempt: `SharedContext::current` after guards of two contexts are released out of order
 /// (its doc: "outside a poll, the most recently acquired one still held").
 #[test]
-#[ignore = "defect: HELD pops the innermost entry of the context, not the released guard's"]
 fn current_after_an_out_of_order_release_names_the_most_recent_still_held() {
     let (s1, s2) = (shared(), shared());
     let x = s1.acquire();
@@ -299,7 +298,6 @@ fn current_after_an_out_of_order_release_names_the_most_recent_still_held() {
 /// still name the context running it (its doc: "inside a shared context's callbacks, the
 /// context running them").
 #[test]
-#[ignore = "defect: a release pops the poll's own HELD entry, so current() names another"]
 fn current_inside_a_callback_survives_the_release_of_an_older_guard() {
     static S1: OnceLock<SharedContext> = OnceLock::new();
     static S2: OnceLock<SharedContext> = OnceLock::new();
