@@ -9,7 +9,7 @@
 mod support;
 
 use aio_core::{Acquired, AioContext, ClockType, EventNotifier, Scale, SharedContext};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
@@ -735,4 +735,75 @@ fn debug_from_a_non_holder_while_another_thread_polls() {
     drop(looper);
     let held = s.acquire();
     assert!(format!("{held:?}").contains("depth: 1"));
+}
+
+/// Attempt: the holder runs its release during thread exit, after the thread's home table
+/// (`HOMES`) and `HELD` stack were destroyed (a per-thread session kept in a thread-local
+/// first used before the acquire, so destroyed after them), and removes a handler first: the
+/// holder's in-place removal then finds no home-table entry and is dropped. The removal must
+/// still take effect: the handler must never run, and its node must leave the loop, or its
+/// fd, which stays readable, keeps every later blocking poll from sleeping. Holds: the closed
+/// gate stops it, and the next poll removes a node whose gate is closed.
+#[test]
+fn a_holder_removing_a_handler_during_thread_exit() {
+    struct Session {
+        handler: Option<aio_core::SharedFdHandler>,
+        guard: Option<Acquired<'static>>,
+    }
+    impl Drop for Session {
+        fn drop(&mut self) {
+            drop(self.handler.take()); // still holding
+            drop(self.guard.take());
+        }
+    }
+    thread_local! {
+        static SESSION: RefCell<Option<Session>> = const { RefCell::new(None) };
+    }
+    static S: OnceLock<SharedContext> = OnceLock::new();
+    let s = S.get_or_init(shared);
+    let n = Arc::new(EventNotifier::new().unwrap());
+    let reads = Arc::new(AtomicUsize::new(0));
+    let (n2, r2) = (n.clone(), reads.clone());
+    thread::spawn(move || {
+        // First use: its destructor runs after those of the tables the acquire creates.
+        SESSION.with(|_| ());
+        let guard = s.acquire();
+        let handler = guard
+            .fd_handler(&*n2)
+            .on_read(move || {
+                r2.fetch_add(1, SeqCst);
+            })
+            .register()
+            .unwrap();
+        SESSION.with(|x| {
+            *x.borrow_mut() = Some(Session {
+                handler: Some(handler),
+                guard: Some(guard),
+            })
+        });
+    })
+    .join()
+    .unwrap();
+    let held = s.try_acquire().expect("released at thread exit");
+    n.set().unwrap(); // readable for good: nobody clears it
+    let fired = Arc::new(AtomicBool::new(false));
+    let f = fired.clone();
+    let timer = held
+        .timer(ClockType::Realtime, Scale::MS, move || {
+            f.store(true, SeqCst)
+        })
+        .unwrap();
+    timer.arm_after(Duration::from_millis(if cfg!(miri) { 500 } else { 100 }));
+    let polls = Cell::new(0);
+    poll_until(&held, || {
+        polls.set(polls.get() + 1);
+        fired.load(SeqCst)
+    });
+    let polls = polls.get();
+    assert_eq!(reads.load(SeqCst), 0, "a removed handler ran");
+    assert!(
+        polls < 20,
+        "{polls} blocking polls in the timer's 100 ms: the removed handler's readable fd is \
+         still watched"
+    );
 }
