@@ -487,6 +487,7 @@ fn a_forgotten_guard_and_the_last_clone_dropped_at_thread_exit() {
 fn the_last_clone_stashed_in_a_thread_local_from_a_callback() {
     thread_local! {
         static STASH: RefCell<Vec<SharedContext>> = const { RefCell::new(Vec::new()) };
+        static TIMER: RefCell<Option<aio_core::Timer>> = const { RefCell::new(None) };
     }
     let drops = Arc::new(AtomicUsize::new(0));
     let d = drops.clone();
@@ -508,7 +509,8 @@ fn the_last_clone_stashed_in_a_thread_local_from_a_callback() {
                 dn.store(true, SeqCst);
             });
             poll_until(&held, || done.load(SeqCst));
-            std::mem::forget(timer); // its callback stays with the loop's timer list
+            // Armed, with its callback in the loop's timer list, until thread exit.
+            TIMER.with(|t| *t.borrow_mut() = Some(timer));
         }
         drop(s); // the stash has the last clone
     })
