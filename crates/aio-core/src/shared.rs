@@ -79,7 +79,7 @@ impl Drop for Core {
         if slot.depth.get() == 0 {
             // Exclusive now: this thread becomes the home for the drop, so that what the
             // callbacks' drops do (schedule a BH, drop a handler) takes the home thread's paths.
-            ctx.enter_home();
+            ctx.enter_home(None);
         }
         drop(ctx);
     }
@@ -395,7 +395,7 @@ impl<'a> Acquired<'a> {
             _not_send: PhantomData,
         };
         if depth == 0 {
-            held.ctx().enter_home();
+            held.ctx().enter_home(Some(shared.clone()));
         }
         held.guard.depth.set(depth + 1);
         held.held = HeldEntry::push_for_good(shared);

@@ -820,7 +820,6 @@ fn a_holder_removing_a_handler_during_thread_exit() {
 /// race; natively the holder's own check below fails: it no longer holds the context while its
 /// handle operation is still running on the loop).
 #[test]
-#[ignore = "defect: an in-place handle operation holds the loop without holding the lock"]
 fn a_release_from_a_drop_inside_an_in_place_handle_operation() {
     static S: OnceLock<SharedContext> = OnceLock::new();
     thread_local! {
