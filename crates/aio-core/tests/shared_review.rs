@@ -813,12 +813,14 @@ fn a_holder_removing_a_handler_during_thread_exit() {
 /// Attempt: release the lock from inside the holder's own in-place handle operation. The
 /// holder keeps its only guard in a thread-local and removes a handler through the handle
 /// (applied in place: the holder is the home thread); the removal frees the handler's callback,
-/// whose captured value's `Drop` takes the guard out of the thread-local and drops it. The lock
-/// is then released, and a waiting thread takes the loop, while this thread is still inside
-/// `Shared::post` with an `AioContext` clone of the loop and a scope guard, which it then drops:
-/// two threads touch the loop's `Rc` count and `Scopes` without ordering (Miri reports the data
-/// race; natively the holder's own check below fails: it no longer holds the context while its
-/// handle operation is still running on the loop).
+/// whose captured value's `Drop` takes the guard out of the thread-local and drops it.
+///
+/// Was a defect (UB from safe code): the lock was released there, and a waiting thread took
+/// the loop, while this thread was still inside `Shared::post` with an `AioContext` clone of
+/// the loop and a scope guard, which it then dropped: Miri reported a data race on the loop's
+/// `Rc` count between that drop and the next holder's in-place registration. Fixed: the
+/// in-place operation runs under a nested acquisition, so the thread-local guard's drop only
+/// lowers the depth, and the release happens when the operation is over.
 #[test]
 fn a_release_from_a_drop_inside_an_in_place_handle_operation() {
     static S: OnceLock<SharedContext> = OnceLock::new();
@@ -878,4 +880,40 @@ fn a_release_from_a_drop_inside_an_in_place_handle_operation() {
         "the lock was released while this thread was still running a handle operation on the \
          loop"
     );
+}
+
+/// Attempt: replace a shared handler with a builder of another shared context, and from a
+/// non-holder while another thread polls. Holds: the first is refused (`InvalidInput`), the
+/// second is applied by the poller and the old callback never runs again.
+#[test]
+fn replace_across_contexts_and_from_a_non_holder() {
+    let (s1, s2) = (shared(), shared());
+    let n = Arc::new(EventNotifier::new().unwrap());
+    let mut h = {
+        let held = s1.acquire();
+        held.fd_handler(&*n).on_read(|| {}).register().unwrap()
+    };
+    let err = s2
+        .handle()
+        .fd_handler(&*n)
+        .on_read(|| {})
+        .replace(&mut h)
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    let looper = Looper::start(&s1);
+    let (tx, rx) = mpsc::channel();
+    let n2 = n.clone();
+    s1.handle()
+        .fd_handler(&*n)
+        .on_read(move || {
+            if n2.test_and_clear() {
+                let _ = tx.send(());
+            }
+        })
+        .replace(&mut h)
+        .unwrap();
+    n.set().unwrap();
+    rx.recv_timeout(PATIENCE).unwrap();
+    drop(h);
+    drop(looper);
 }
