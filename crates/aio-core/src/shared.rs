@@ -64,9 +64,11 @@ struct Core {
 
 impl Drop for Core {
     fn drop(&mut self) {
-        // A guard that was leaked (`mem::forget`) on another thread keeps the lock for good, and
-        // that thread's home table still has a `Weak` of the loop: dropping the loop here
-        // would touch its counts from two threads. Leak the loop instead ([SHARED-1]).
+        // A guard that was leaked (`mem::forget`) on another thread keeps the lock for good.
+        // That thread's `HELD` and `HOMES` entries keep clones, so this can only be reached
+        // once they are gone (it exited, or is exiting and may still drop its home table's
+        // `Weak` of the loop): dropping the loop here could touch its counts from two threads.
+        // Leak the loop instead ([SHARED-1]).
         let held_elsewhere = self.lock.is_locked() && !self.lock.is_owned_by_current_thread();
         let slot = self.lock.get_mut();
         let Some(ctx) = slot.ctx.take() else {
