@@ -224,6 +224,14 @@ const MIRI: &[MiriRun] = &[
         targets: &["--test", "shared_context"],
         threaded: true,
     },
+    // The adversarial review of the shared context: nesting with plain contexts, out-of-order
+    // releases, panics, leaked guards, thread exit, releases from drops inside in-place
+    // operations (a data race before the fix), handles after the loop.
+    MiriRun {
+        package: "aio-core",
+        targets: &["--test", "shared_review"],
+        threaded: true,
+    },
     // The conformance suite: bottom halves, fd handlers, nested polls, the context's
     // lifetime, timers through the loop; several cases schedule from other threads.
     MiriRun {

@@ -131,7 +131,7 @@ pub(crate) struct Shared {
     /// QEMU's `aio-max-batch` (0: each request engine's own default), settable from any thread.
     max_batch: AtomicU32,
     /// A number no other context has: names this context in its home thread's table
-    /// (`remote::home_context`).
+    /// (`remote::with_home_context`).
     id: u64,
     /// Operations other threads queued for the home thread (handler registrations, replacements
     /// and removals made through a [`ContextHandle`]).
@@ -165,10 +165,12 @@ impl Shared {
         f: impl FnOnce(&AioContext) -> R + Send + 'static,
     ) -> Result<R, NoAnswer> {
         if self.home.is_current() {
-            let ctx = remote::home_context(self.id).ok_or(NoAnswer::Gone)?;
-            // What a handle creates belongs to the root scope, wherever it is used.
-            let _root = ctx.inner.scopes.enter_remote();
-            return Ok(f(&ctx));
+            return remote::with_home_context(self.id, |ctx| {
+                // What a handle creates belongs to the root scope, wherever it is used.
+                let _root = ctx.inner.scopes.enter_remote();
+                f(ctx)
+            })
+            .ok_or(NoAnswer::Gone);
         }
         let (reply, sender) = Reply::new();
         self.remote
@@ -182,10 +184,10 @@ impl Shared {
     /// loop is gone.
     pub(crate) fn post(&self, f: impl FnOnce(&AioContext) + Send + 'static) {
         if self.home.is_current() {
-            if let Some(ctx) = remote::home_context(self.id) {
+            remote::with_home_context(self.id, |ctx| {
                 let _root = ctx.inner.scopes.enter_remote();
-                f(&ctx);
-            }
+                f(ctx);
+            });
             return;
         }
         if self.remote.push(Box::new(f)).is_ok() {
@@ -1363,12 +1365,14 @@ impl AioContext {
     /// Makes the calling thread this context's home thread: a `SharedContext`'s lock was just
     /// taken (outermost acquire) or its last owner is dropping it ([SHARED-1]). Quiet during
     /// thread exit, when the home table may be gone (handle operations then answer
-    /// `ContextGone` on this thread).
-    pub(crate) fn enter_home(&self) {
+    /// `ContextGone` on this thread). `shared` is the holder's `SharedContext` (`None` for the
+    /// last owner's drop): the home table keeps it, so that operations applied in place hold
+    /// the lock while they run (`remote::with_home_context`).
+    pub(crate) fn enter_home(&self, shared: Option<crate::SharedContext>) {
         let me = thread_id();
         self.inner.shared.home.set(me);
         self.inner.shared.bhs.home.set(me);
-        remote::try_register_home(self.inner.shared.id, &self.inner);
+        remote::try_register_home(self.inner.shared.id, &self.inner, shared);
     }
 
     /// Stops the calling thread being this context's home: the outermost release of a

@@ -11,15 +11,15 @@
 //! * a registration or replacement is a closure pushed on [`RemoteOps`], followed by a
 //!   notify; the home thread runs the queue after it accepts the notification, before it
 //!   dispatches, and the caller sleeps on a [`Reply`] until then. On the home thread itself the
-//!   closure runs at once ([`home_context`]), so there is nothing to wait for there;
+//!   closure runs at once ([`with_home_context`]), so there is nothing to wait for there;
 //! * a removal closes the handler's [`Gate`] first, which takes effect at once on the
 //!   dispatching side, and then queues the unregistration without waiting for it.
 
-use crate::AioContext;
 use crate::context::Inner;
 use crate::sync::{
     AtomicBool, AtomicU32, Condvar, Mutex, Ordering, lock, thread_local, wait, wait_timeout,
 };
+use crate::{Acquired, AioContext, SharedContext};
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fmt;
@@ -365,11 +365,17 @@ thread_local! {
     /// The contexts whose home thread this is, by [`Shared`](crate::context::Shared) id: lets a
     /// [`ContextHandle`](crate::ContextHandle) used on its home thread run an operation in
     /// place, where waiting for the loop would wait for itself. Entries are removed when the
-    /// context's loop is dropped. (Not a `const` initializer: loom's `thread_local!` does not
-    /// accept one.)
+    /// context's loop is dropped, or, for a [`SharedContext`], by the holder's release; a
+    /// shared context's entry also keeps the `SharedContext`, which an in-place operation
+    /// acquires (nested) for as long as it runs ([SHARED-1]). (Not a `const` initializer:
+    /// loom's `thread_local!` does not accept one.)
     #[allow(clippy::missing_const_for_thread_local)]
-    static HOMES: RefCell<Vec<(u64, Weak<Inner>)>> = RefCell::new(Vec::new());
+    static HOMES: RefCell<Vec<Home>> = RefCell::new(Vec::new());
 }
+
+/// An entry of `HOMES`: the context's id, its loop, and the shared context that owns it, if
+/// any.
+type Home = (u64, Weak<Inner>, Option<SharedContext>);
 
 /// How often a home thread waiting for another loop runs its own contexts' queued operations
 /// (see [`Reply::wait`]). Only such a waiter pays for it; it is a bound on how long a loop
@@ -387,16 +393,22 @@ fn is_home_of_any() -> bool {
 /// waits for another loop; see [`Reply::wait`]). The caller is in user code that called a
 /// registration, where the home thread may register, replace or remove handlers anyway.
 fn serve_own() {
-    let own: Vec<AioContext> = HOMES
+    let homes: Vec<(AioContext, Option<SharedContext>)> = HOMES
         .try_with(|homes| {
             homes
                 .borrow()
                 .iter()
-                .filter_map(|(_, weak)| weak.upgrade())
-                .map(|inner| AioContext { inner })
+                .filter_map(|(_, weak, shared)| Some((weak.upgrade()?, shared.clone())))
+                .map(|(inner, shared)| (AioContext { inner }, shared))
                 .collect()
         })
         .unwrap_or_default();
+    // The shared ones stay held by this thread until every operation has run, whatever
+    // those operations' drops release ([SHARED-1]); their clones are dropped first (declared
+    // last), in unwinding too.
+    let shared: Vec<SharedContext> = homes.iter().filter_map(|(_, s)| s.clone()).collect();
+    let _pins: Vec<Acquired<'_>> = shared.iter().map(SharedContext::acquire).collect();
+    let own: Vec<AioContext> = homes.into_iter().map(|(ctx, _)| ctx).collect();
     for ctx in &own {
         ctx.inner.apply_remote(ctx);
     }
@@ -404,33 +416,42 @@ fn serve_own() {
 
 /// Records that this thread is the home of the context `id` (at creation).
 pub(crate) fn register_home(id: u64, inner: &Rc<Inner>) {
-    HOMES.with(|homes| homes.borrow_mut().push((id, Rc::downgrade(inner))));
+    HOMES.with(|homes| homes.borrow_mut().push((id, Rc::downgrade(inner), None)));
 }
 
 /// As [`register_home`], but quiet during thread exit, when the table may already be gone (a
-/// `SharedContext` acquired or dropped by a thread-local's destructor).
-pub(crate) fn try_register_home(id: u64, inner: &Rc<Inner>) {
-    let _ = HOMES.try_with(|homes| homes.borrow_mut().push((id, Rc::downgrade(inner))));
+/// `SharedContext` acquired or dropped by a thread-local's destructor); `shared` is the shared
+/// context that owns the loop, when its holder (not its last owner's drop) registers.
+pub(crate) fn try_register_home(id: u64, inner: &Rc<Inner>, shared: Option<SharedContext>) {
+    let _ = HOMES.try_with(|homes| homes.borrow_mut().push((id, Rc::downgrade(inner), shared)));
 }
 
 /// Forgets the context `id` (its loop is being dropped, or a `SharedContext`'s holder releases
-/// it). Quiet during thread exit, when the
-/// table may already be gone.
+/// it). Quiet during thread exit, when the table may already be gone. (A shared context's
+/// entry is removed by a release, whose guard borrows another clone: never the last one.)
 pub(crate) fn unregister_home(id: u64) {
-    let _ = HOMES.try_with(|homes| homes.borrow_mut().retain(|(other, _)| *other != id));
+    let _ = HOMES.try_with(|homes| homes.borrow_mut().retain(|(other, ..)| *other != id));
 }
 
-/// The context `id` if this is its home thread and its loop still exists.
-pub(crate) fn home_context(id: u64) -> Option<AioContext> {
-    let inner = HOMES
+/// Runs `f` with the context `id` if this is its home thread and its loop still exists (an
+/// operation applied in place); `None` otherwise. For a shared context, `f` runs under a
+/// nested acquisition, released only after `f`'s clone of the loop is dropped: a drop inside
+/// `f` that releases the caller's own guard (kept in a thread-local, say) then cannot hand the
+/// loop to another thread while this thread still uses it ([SHARED-1]).
+pub(crate) fn with_home_context<R>(id: u64, f: impl FnOnce(&AioContext) -> R) -> Option<R> {
+    let (inner, shared) = HOMES
         .try_with(|homes| {
             homes
                 .borrow()
                 .iter()
-                .find(|(other, _)| *other == id)
-                .and_then(|(_, weak)| weak.upgrade())
+                .find(|(other, ..)| *other == id)
+                .and_then(|(_, weak, shared)| Some((weak.upgrade()?, shared.clone())))
         })
         .ok()
         .flatten()?;
-    Some(AioContext { inner })
+    // Dropped in reverse order: the loop's clone, then the nested guard, then the clone of
+    // the shared context it borrows.
+    let _pin = shared.as_ref().map(SharedContext::acquire);
+    let ctx = AioContext { inner };
+    Some(f(&ctx))
 }

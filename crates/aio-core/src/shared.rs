@@ -64,9 +64,11 @@ struct Core {
 
 impl Drop for Core {
     fn drop(&mut self) {
-        // A guard that was leaked (`mem::forget`) on another thread keeps the lock for good, and
-        // that thread's home table still has a `Weak` of the loop: dropping the loop here
-        // would touch its counts from two threads. Leak the loop instead ([SHARED-1]).
+        // A guard that was leaked (`mem::forget`) on another thread keeps the lock for good.
+        // That thread's `HELD` and `HOMES` entries keep clones, so this can only be reached
+        // once they are gone (it exited, or is exiting and may still drop its home table's
+        // `Weak` of the loop): dropping the loop here could touch its counts from two threads.
+        // Leak the loop instead ([SHARED-1]).
         let held_elsewhere = self.lock.is_locked() && !self.lock.is_owned_by_current_thread();
         let slot = self.lock.get_mut();
         let Some(ctx) = slot.ctx.take() else {
@@ -79,48 +81,71 @@ impl Drop for Core {
         if slot.depth.get() == 0 {
             // Exclusive now: this thread becomes the home for the drop, so that what the
             // callbacks' drops do (schedule a BH, drop a handler) takes the home thread's paths.
-            ctx.enter_home();
+            ctx.enter_home(None);
         }
         drop(ctx);
     }
 }
 
 thread_local! {
-    /// The shared contexts this thread holds, innermost last: pushed by every acquire, popped
-    /// by every release (see [`SharedContext::current`]). (Not a `const` initializer: loom's
-    /// `thread_local!` does not accept one.)
+    /// The shared contexts this thread holds, innermost last: an entry per acquire (removed by
+    /// that guard's release) and per poll (removed when the poll returns); see
+    /// [`SharedContext::current`]. (Not a `const` initializer: loom's `thread_local!` does not
+    /// accept one.)
     #[allow(clippy::missing_const_for_thread_local)]
-    static HELD: RefCell<Vec<SharedContext>> = RefCell::new(Vec::new());
+    static HELD: RefCell<Held> = RefCell::new(Held {
+        next: 0,
+        entries: Vec::new(),
+    });
+}
+
+/// This thread's stack of held shared contexts. Each entry carries a token naming the guard
+/// or poll that pushed it, so that a release removes its own entry even when guards are
+/// released out of order (removing "the innermost entry of that context" would remove a
+/// later guard's, or a running poll's, and `current` would then name the wrong context).
+struct Held {
+    /// The last token given (tokens start at 1; 0 means "not pushed").
+    next: u64,
+    entries: Vec<(u64, SharedContext)>,
 }
 
 /// An entry of this thread's `HELD` stack, removed when dropped (unwinding included).
-struct HeldEntry<'a>(&'a SharedContext);
+struct HeldEntry(u64);
 
-impl<'a> HeldEntry<'a> {
-    fn push(shared: &'a SharedContext) -> HeldEntry<'a> {
-        Self::push_for_good(shared);
-        HeldEntry(shared)
+impl HeldEntry {
+    fn push(shared: &SharedContext) -> HeldEntry {
+        HeldEntry(Self::push_for_good(shared))
     }
 
-    /// Pushes without a guard: an acquire, whose release pops.
-    fn push_for_good(shared: &SharedContext) {
-        // Quiet during thread exit: `current` is then `None`.
-        let _ = HELD.try_with(|h| h.borrow_mut().push(shared.clone()));
+    /// Pushes without a guard (an acquire, whose release pops): returns the entry's token, 0
+    /// if nothing was pushed (during thread exit: `current` is then `None`).
+    fn push_for_good(shared: &SharedContext) -> u64 {
+        HELD.try_with(|h| {
+            let mut h = h.borrow_mut();
+            h.next += 1;
+            let token = h.next;
+            h.entries.push((token, shared.clone()));
+            token
+        })
+        .unwrap_or(0)
     }
 
-    /// Removes the innermost entry of `shared`.
-    fn pop(shared: &SharedContext) {
+    /// Removes the entry `token` pushed.
+    fn pop(token: u64) {
+        if token == 0 {
+            return;
+        }
         let _ = HELD.try_with(|h| {
             let mut h = h.borrow_mut();
-            if let Some(i) = h.iter().rposition(|c| c.same_context(shared)) {
-                // Dropped after the borrow ends: never the last clone (the caller has one).
-                drop(h.remove(i));
+            if let Some(i) = h.entries.iter().rposition(|(t, _)| *t == token) {
+                // Dropped under the borrow: never the last clone (the pusher borrows one).
+                drop(h.entries.remove(i));
             }
         });
     }
 }
 
-impl Drop for HeldEntry<'_> {
+impl Drop for HeldEntry {
     fn drop(&mut self) {
         Self::pop(self.0);
     }
@@ -261,7 +286,7 @@ impl SharedContext {
     /// recently acquired one still held, from `acquire` to its release. This is what [`AioContext::current`]
     /// is for ordinary contexts (which is `None` for shared ones).
     pub fn current() -> Option<SharedContext> {
-        HELD.try_with(|held| held.borrow().last().cloned())
+        HELD.try_with(|held| held.borrow().entries.last().map(|(_, c)| c.clone()))
             .ok()
             .flatten()
     }
@@ -356,6 +381,8 @@ impl fmt::Debug for SharedContext {
 pub struct Acquired<'a> {
     guard: RFifoLockGuard<'a, Slot>,
     shared: &'a SharedContext,
+    /// The token of this guard's entry in the thread's `HELD` stack (0: none).
+    held: u64,
     /// `!Send` and `!Sync`: the lock's owner and the context's home are this thread.
     _not_send: PhantomData<*const ()>,
 }
@@ -363,16 +390,17 @@ pub struct Acquired<'a> {
 impl<'a> Acquired<'a> {
     fn enter(shared: &'a SharedContext, guard: RFifoLockGuard<'a, Slot>) -> Acquired<'a> {
         let depth = guard.depth.get();
-        let held = Acquired {
+        let mut held = Acquired {
             guard,
             shared,
+            held: 0,
             _not_send: PhantomData,
         };
         if depth == 0 {
-            held.ctx().enter_home();
+            held.ctx().enter_home(Some(shared.clone()));
         }
         held.guard.depth.set(depth + 1);
-        HeldEntry::push_for_good(shared);
+        held.held = HeldEntry::push_for_good(shared);
         held
     }
 
@@ -517,7 +545,7 @@ impl<'a> Acquired<'a> {
 impl Drop for Acquired<'_> {
     fn drop(&mut self) {
         // Before the guard's own drop unlocks (fields drop after this).
-        HeldEntry::pop(self.shared);
+        HeldEntry::pop(self.held);
         let depth = self.guard.depth.get() - 1;
         self.guard.depth.set(depth);
         if depth == 0 {
