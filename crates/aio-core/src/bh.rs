@@ -48,7 +48,7 @@
 //!   ([`Local::Running`]) and the frame that runs the callback frees the node when it returns.
 //!   While a callback runs, nothing else frees its node.
 //! * Once the loop is gone, a thread that transferred a reference to a link (a delete or a
-//!   one-shot) frees whatever is linked (see `Shared::notify_scheduled`). A plain schedule never
+//!   one-shot) frees whatever is linked (see `Shared::wake_for_work`). A plain schedule never
 //!   frees anything, which keeps it async-signal-safe.
 //!
 //! Pointers to nodes keep the provenance of the whole `Arc` allocation ([`NodePtr`], made by
@@ -817,7 +817,7 @@ fn invoke(node: NodePtr, shared: &Shared) {
                     // deleted or linked again meanwhile.
                     if let Some(link) = node.flags.unpark() {
                         self.shared.bhs.apply(self.node, link);
-                        self.shared.notify_scheduled();
+                        self.shared.wake_for_work();
                     }
                 }
             }
@@ -1012,7 +1012,7 @@ impl BottomHalf {
         // [BH-2]: the handle's reference keeps the node alive, so the link needs none.
         let link = self.flags().set_pending(add);
         self.shared.bhs.apply(self.node, link);
-        self.shared.notify_scheduled();
+        self.shared.wake_for_work();
     }
 
     /// Schedules the callback to run on the next loop iteration (QEMU `qemu_bh_schedule`).
@@ -1115,7 +1115,7 @@ impl RunningBh<'_> {
         // SAFETY: [BH-7]: alive while its callback runs.
         if let Some(link) = unsafe { self.node.get() }.flags.reschedule(add) {
             self.shared.bhs.apply(self.node, link);
-            self.shared.notify_scheduled();
+            self.shared.wake_for_work();
         }
     }
 
@@ -1334,7 +1334,7 @@ mod tests {
         let link = flags(deleted).set_pending(Flags::DELETED);
         shared.bhs.apply(deleted, link);
         plain.schedule(); // what a signal handler may do: frees nothing
-        shared.notify_scheduled();
+        shared.wake_for_work();
         assert_eq!(
             drops.load(Ordering::SeqCst),
             0,

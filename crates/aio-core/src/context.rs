@@ -115,7 +115,7 @@ pub(crate) struct Shared {
     pub(crate) home: HomeThread,
     /// True from the moment a blocking iteration starts computing its timeout until its wait
     /// is over (and between an outer loop's `prepare` and `check`). Written and read only by
-    /// the home thread, signal handlers included; see `notify_scheduled`.
+    /// the home thread, signal handlers included; see `wake_for_work`.
     window: AtomicBool,
     /// False once the loop side ([`Inner`]) is gone: nothing will ever run BHs again, so
     /// whoever schedules one frees it at once. Paired with the fence in `notify` (see there).
@@ -198,7 +198,9 @@ impl Shared {
     /// Wakes the loop if it sleeps or is about to (QEMU `aio_notify`). Any thread.
     pub(crate) fn notify(&self) {
         #[cfg(aio_loom)]
-        if self.variant == LoomVariant::Bug2 && self.notified.load(Ordering::Relaxed) {
+        if self.variant == LoomVariant::ReturnEarlyIfNotified
+            && self.notified.load(Ordering::Relaxed)
+        {
             // Deliberately broken (loom only): QEMU's BUG2, "already notified, skip it".
             return;
         }
@@ -220,10 +222,11 @@ impl Shared {
         }
     }
 
-    /// Loom only: `Bug2SkipEventWrite` reads `notified` before setting it (false otherwise).
+    /// Loom only: `SkipEventWriteIfReadTrue` reads `notified` before setting it (false otherwise).
     #[cfg(aio_loom)]
     fn loom_bug2_check(&self) -> bool {
-        self.variant == LoomVariant::Bug2SkipEventWrite && self.notified.load(Ordering::Relaxed)
+        self.variant == LoomVariant::SkipEventWriteIfReadTrue
+            && self.notified.load(Ordering::Relaxed)
     }
 
     /// Loom only: whether a deliberately broken variant skips this eventfd write, given what
@@ -231,8 +234,8 @@ impl Shared {
     #[cfg(aio_loom)]
     fn loom_bug2_skip(&self, checked: bool, already: bool) -> bool {
         match self.variant {
-            LoomVariant::Bug2SkipEventWrite => checked,
-            LoomVariant::Bug2SkipAfterSwap => already,
+            LoomVariant::SkipEventWriteIfReadTrue => checked,
+            LoomVariant::SkipEventWriteIfSwapTrue => already,
             _ => false,
         }
     }
@@ -261,12 +264,12 @@ impl Shared {
     /// notifies. An explicit `notify()` keeps QEMU's semantics.
     ///
     /// Never frees anything, so a plain schedule stays async-signal-safe.
-    pub(crate) fn notify_scheduled(&self) {
+    pub(crate) fn wake_for_work(&self) {
         self.wake_after_link();
     }
 
     /// Notify after linking a BH whose link owns a reference (a delete, a one-shot): as
-    /// [`notify_scheduled`](Self::notify_scheduled), and if the loop is gone, free what is
+    /// [`wake_for_work`](Self::wake_for_work), and if the loop is gone, free what is
     /// linked. Otherwise nobody would: a deleted BH whose closure holds a `BottomHalf` of its
     /// own context would be a reference cycle through this `Shared`.
     pub(crate) fn notify_transferred(&self) {
@@ -612,7 +615,7 @@ impl Inner {
                 tracing::warn!("aio: backend failed to forget fd {}: {e}", node.fd);
             }
         }
-        self.shared.notify_scheduled();
+        self.shared.wake_for_work();
         // Out of the poll set, with `on_poll_end` if it is in polling mode: its producer's
         // kicks come back. No borrow is held; `node` keeps the last reference until the end.
         self.leave_poll_set(&node);
@@ -945,7 +948,7 @@ impl Inner {
 
     /// Busy-polls for up to the polling window, before a blocking wait (QEMU `try_poll_mode`
     /// and `run_poll_handlers`). Leaves early when a member has work or the backend has
-    /// something to reap (`need_wait`). On a hit the timeout becomes zero; otherwise the time
+    /// something to reap (`must_wait`). On a hit the timeout becomes zero; otherwise the time
     /// spent is taken off it, keeping the same deadline. Returns how many user members the last
     /// round polled.
     fn try_poll_mode(
@@ -968,7 +971,7 @@ impl Inner {
         let (polled, elapsed) = loop {
             let polled = self.poll_round(&members, hits);
             let elapsed = start.elapsed();
-            if !hits.is_empty() || elapsed >= window || self.monitor.borrow().need_wait(false) {
+            if !hits.is_empty() || elapsed >= window || self.backend_must_wait() {
                 break (polled, elapsed);
             }
         };
@@ -988,10 +991,16 @@ impl Inner {
         polled
     }
 
-    /// Whether the backend lets the loop busy-poll now: `need_wait(false)` is false, at once or
-    /// after the backend submitted what it had queued (io_uring's re-arms after a dispatch).
+    /// Whether the backend knows it has something only its wait delivers (`must_wait` is
+    /// `Some(true)`); a backend that cannot tell leaves the loop free to poll.
+    fn backend_must_wait(&self) -> bool {
+        self.monitor.borrow().must_wait() == Some(true)
+    }
+
+    /// Whether the backend lets the loop busy-poll now: it has nothing only its wait delivers,
+    /// at once or after it submitted what it had queued (io_uring's re-arms after a dispatch).
     fn ready_to_poll(&self) -> bool {
-        if !self.monitor.borrow().need_wait(false) {
+        if !self.backend_must_wait() {
             return true;
         }
         let prepared = self.monitor.borrow_mut().prepare_polling();
@@ -999,7 +1008,7 @@ impl Inner {
             tracing::debug!("aio: the backend could not prepare for polling ({e}); waiting");
             return false;
         }
-        !self.monitor.borrow().need_wait(false)
+        !self.backend_must_wait()
     }
 
     /// Takes out of the poll set the members that polling has not found ready for
@@ -1306,7 +1315,7 @@ impl AioContext {
         // cycle: the group belongs to `Inner`, not to `Shared`.
         let timers = {
             let shared = shared.clone();
-            clocks.build(timer_notify(move || shared.notify_scheduled()))
+            clocks.build(timer_notify(move || shared.wake_for_work()))
         };
         let ctx = AioContext {
             inner: Rc::new(Inner {
@@ -1473,7 +1482,7 @@ impl AioContext {
     ///   at most until its next timer or idle BH. A window that decayed to 0 means a plain
     ///   blocking wait, with no wake-up at all.
     /// * Polling stops at the first round that finds work, or when the backend says it must
-    ///   wait ([`FdMonitor::need_wait`]: io_uring has completions). Handlers without a poll
+    ///   wait ([`FdMonitor::must_wait`]: io_uring has completions). Handlers without a poll
     ///   function are never starved: after a polling phase that found nothing the loop waits
     ///   for every fd, and after one that found work it still checks every fd without blocking
     ///   unless polling covered every handler.
@@ -1748,7 +1757,7 @@ impl AioContext {
     }
 
     /// Runs one iteration, blocking or not: QEMU's `aio_poll` signature, for ports.
-    pub fn poll_with(&self, blocking: bool) -> bool {
+    pub fn aio_poll(&self, blocking: bool) -> bool {
         if blocking {
             self.poll()
         } else {
@@ -1820,7 +1829,7 @@ impl AioContext {
         // handler without a poll function, or one not in the poll set, is never starved.
         let will_wait = timeout != Some(Duration::ZERO) || {
             let polling_disabled = polled != inner.registry.borrow().users();
-            inner.monitor.borrow().need_wait(polling_disabled)
+            (inner.monitor.borrow().must_wait()).unwrap_or(polling_disabled)
         };
         // About to wait in the backend, or an iteration that did not poll (non-blocking,
         // nested): leave polling mode first, so that producers kick again, and look once more
@@ -2166,8 +2175,8 @@ impl AioContext {
         // QEMU notifies after every change so that a sleeping loop re-evaluates its fd set; a
         // registration from inside a callback makes the next blocking iteration not block once.
         // Here the change is made on the home thread itself, so that is only needed inside a
-        // blocking window (see `notify_scheduled`).
-        inner.shared.notify_scheduled();
+        // blocking window (see `wake_for_work`).
+        inner.shared.wake_for_work();
         // The replaced node leaves the poll set (the new one joins on its first fd dispatch,
         // which `on_poll_end` makes possible by turning kicks back on). Then its callbacks go
         // too (unless a dispatch still holds it), likewise with no borrow held.
@@ -2215,7 +2224,7 @@ impl AioContext {
         // two iterations would leave a node registered in between out of the monitor for good.
         let watch = inner.should_watch(node);
         let change = match (old, old_watched) {
-            (Some(old), Some(true)) if watch => Some(Change::Modify {
+            (Some(old), Some(true)) if watch => Some(Change::Replace {
                 old,
                 new: key,
                 fd,
@@ -2302,7 +2311,7 @@ impl AioContext {
         // the callbacks just dispatched are queued, not yet submitted to the kernel) would
         // leave the outer loop asleep on fds the kernel does not watch yet. Ask it, as QEMU's
         // 2025 GSource `prepare` hook does, and let `check` run that wait.
-        if inner.monitor.borrow().need_wait(false) {
+        if inner.monitor.borrow().must_wait() == Some(true) {
             return Some(Duration::ZERO);
         }
         inner.compute_timeout()
@@ -2424,7 +2433,7 @@ pub struct Stats {
     /// Polling phases that found work (a poll function returned true, or a remote notify).
     pub poll_hits: u64,
     /// Polling phases that found no work, having run their whole window or been cut short by
-    /// the backend (`need_wait`: io_uring completions); the iteration then waited in the
+    /// the backend (`must_wait`: io_uring completions); the iteration then waited in the
     /// backend.
     pub poll_misses: u64,
     /// Loop iterations: `poll`s of every kind (nested ones included) and outer-loop
@@ -2473,7 +2482,7 @@ fn enable_external(shared: &Shared) -> Result<(), NotDisabledError> {
         .fetch_update(Ordering::Release, Ordering::Relaxed, |n| n.checked_sub(1))
         .map_err(|_| NotDisabledError)?;
     if old == 1 {
-        shared.notify_scheduled();
+        shared.wake_for_work();
     }
     Ok(())
 }
@@ -2490,7 +2499,7 @@ fn next_context_id() -> u64 {
 fn set_poll_params(shared: &Shared, params: PollParams) -> io::Result<()> {
     params.validate()?;
     shared.poll_params.set(params);
-    shared.notify_scheduled();
+    shared.wake_for_work();
     Ok(())
 }
 
@@ -2507,7 +2516,7 @@ fn set_max_batch(shared: &Shared, max_batch: u32) -> io::Result<()> {
     }
     // Relaxed: a setting; the notify that follows orders it before the loop's next iteration.
     shared.max_batch.store(max_batch, Ordering::Relaxed);
-    shared.notify_scheduled();
+    shared.wake_for_work();
     Ok(())
 }
 
@@ -2520,17 +2529,17 @@ pub enum LoomVariant {
     Correct,
     /// QEMU's BUG2 against today's protocol: `notify` returns early when `notified` already
     /// reads true, skipping its RMW and the eventfd write.
-    Bug2,
+    ReturnEarlyIfNotified,
     /// QEMU's accept written literally in C11 terms: a plain store of `false` and a fence.
     PlainStoreAccept,
     /// QEMU's BUG2 as its Promela model (`docs/spin/aio_notify_accept.promela`) defines it:
     /// `notify` reads `notified` first and, if it was already true, still sets it (our `swap`)
     /// but skips the eventfd write. Loses wake-ups: the read can be stale.
-    Bug2SkipEventWrite,
+    SkipEventWriteIfReadTrue,
     /// The same optimisation decided by the `swap`'s result instead of a separate read: the
     /// eventfd write is skipped when the `swap` returned true. Harmless in this protocol (the
     /// notifier whose `true` came first does the write or is seen by the loop's re-check).
-    Bug2SkipAfterSwap,
+    SkipEventWriteIfSwapTrue,
 }
 
 /// The error of [`AioContext::enable_external`] when external handlers were not disabled.
@@ -2565,9 +2574,9 @@ impl ContextHandle {
 
     /// Wakes the loop after something it will look at changed, as a BH schedule does: no
     /// system call from the home thread outside its blocking window (see
-    /// `Shared::notify_scheduled`).
-    pub(crate) fn notify_scheduled(&self) {
-        self.shared.notify_scheduled();
+    /// `Shared::wake_for_work`).
+    pub(crate) fn wake_for_work(&self) {
+        self.shared.wake_for_work();
     }
 
     /// Runs `f` once on the context's thread, on its next iteration, waking it if needed

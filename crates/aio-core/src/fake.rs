@@ -72,7 +72,7 @@ impl FdMonitor for FakeMonitor {
     fn update(&mut self, change: Change) -> io::Result<()> {
         match change {
             Change::Add { key, fd, .. } => self.watched.push((key, fd)),
-            Change::Modify { old, new, .. } => {
+            Change::Replace { old, new, .. } => {
                 for w in &mut self.watched {
                     if w.0 == old {
                         w.0 = new;

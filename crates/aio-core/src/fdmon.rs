@@ -114,7 +114,7 @@ impl fmt::Debug for HandlerKey {
 
 /// A change to the set of watched fds, passed to [`FdMonitor::update`].
 ///
-/// Replacing a handler always produces [`Change::Modify`] with a new key, never an in-place
+/// Replacing a handler always produces [`Change::Replace`] with a new key, never an in-place
 /// change of the old key's callbacks, so that a readiness report in flight for the old key can
 /// be recognised as stale.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +130,7 @@ pub enum Change {
     },
     /// `fd` is still watched but now belongs to a new handler node: report it as `new` from
     /// now on, for `interest`.
-    Modify {
+    Replace {
         /// The key the fd was reported under until now.
         old: HandlerKey,
         /// The key to report it under from now on.
@@ -209,7 +209,7 @@ pub struct OuterFd {
 ///   state is owned by its thread and borrowed around each call.
 /// * [`update`](Self::update) is called once per change, in order, when a handler is added,
 ///   replaced or removed (including a removal from inside a callback), and when external
-///   handlers are disabled or enabled. The fd of an `Add` or `Modify` was open when the handler
+///   handlers are disabled or enabled. The fd of an `Add` or `Replace` was open when the handler
 ///   was registered.
 /// * [`wait`](Self::wait) is called at most once per loop iteration, with a cleared
 ///   [`ReadyList`], and may be called from a nested iteration (a callback that polls the
@@ -227,7 +227,7 @@ pub struct OuterFd {
 ///   per call.
 /// * `wait` retries `EINTR` itself (in exactly one place) and returns early, with what it has,
 ///   when the timeout expires. A signal must not turn an infinite wait into an error.
-/// * `need_wait` never blocks and never makes a system call that can block.
+/// * `must_wait` never blocks and never makes a system call that can block.
 /// * A monitor never calls back into the context and never panics on a closed fd: an fd that
 ///   was closed while registered is reported as [`Readiness::ERROR`] (poll(2) reports
 ///   `POLLNVAL`) or silently forgotten (epoll drops closed files), as the backend documents.
@@ -269,27 +269,28 @@ pub trait FdMonitor: fmt::Debug {
     /// keeps failing is not a busy loop.
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize>;
 
-    /// Whether the loop must call [`wait`] rather than rely on userspace polling.
+    /// What the backend knows, without a system call, about whether only [`wait`] can make
+    /// progress: `Some(true)` when it has something that only a wait delivers (completions to
+    /// reap, submissions to make), `Some(false)` when it has nothing, `None` (the default)
+    /// when it cannot tell from userspace (poll, epoll: fd readiness lives in the kernel).
     ///
-    /// The context asks it with `polling_disabled = false` before and during busy polling (it
-    /// stops polling as soon as this says true), and before a zero-timeout iteration with
-    /// `polling_disabled` true unless polling covered every registered handler in that
-    /// iteration (a handler without a poll function, or not in the poll set, depends on the
-    /// backend alone). Backends that cannot observe fd readiness from userspace (poll, epoll)
-    /// return `polling_disabled` unchanged, which is the default. A backend that can (io_uring,
-    /// whose completion ring is readable from userspace) returns true as soon as it has
-    /// something to reap or submit. When it returns false for a zero-timeout iteration, that
-    /// iteration makes no system call at all.
+    /// The context asks before and during busy polling, and stops polling on `Some(true)`
+    /// (QEMU's `need_wait`, whose poll and epoll forms answer "whether polling is disabled":
+    /// here that is the context's part, the `None` case). Before a zero-timeout iteration it
+    /// skips the backend's wait only when this is not `Some(true)` and polling covered every
+    /// registered handler (a handler without a poll function, or not in the poll set, depends
+    /// on the backend alone); such an iteration makes no system call at all. io_uring, whose
+    /// completion ring is readable from userspace, answers `Some`.
     ///
     /// [`wait`]: Self::wait
-    fn need_wait(&self, polling_disabled: bool) -> bool {
-        polling_disabled
+    fn must_wait(&self) -> Option<bool> {
+        None
     }
 
-    /// Called before busy polling when [`need_wait`](Self::need_wait)`(false)` is true: a
+    /// Called before busy polling when [`must_wait`](Self::must_wait) is `Some(true)`: a
     /// backend that wants a wait only to hand queued work to the kernel (io_uring's re-armed
     /// polls after a dispatch) submits it now, without waiting, so that the loop can poll
-    /// instead of going to sleep. The context asks `need_wait` again afterwards. It must not
+    /// instead of going to sleep. The context asks `must_wait` again afterwards. It must not
     /// block and must not report anything (completions stay for the next `wait`). The default
     /// does nothing.
     ///
@@ -327,8 +328,8 @@ impl FdMonitor for Box<dyn FdMonitor> {
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
         (**self).wait(ready, timeout)
     }
-    fn need_wait(&self, polling_disabled: bool) -> bool {
-        (**self).need_wait(polling_disabled)
+    fn must_wait(&self) -> Option<bool> {
+        (**self).must_wait()
     }
     fn prepare_polling(&mut self) -> io::Result<()> {
         (**self).prepare_polling()

@@ -13,7 +13,7 @@
 //! 2. With adaptive polling enabled ([`AioContext::set_poll_params`]), an outermost iteration
 //!    with a non-zero timeout first busy-polls: it calls the poll functions of its poll set
 //!    (and reads its own notify flag) for up to the polling window, stopping at the first work
-//!    found (the timeout becomes zero) or when the monitor's `need_wait` says so.
+//!    found (the timeout becomes zero) or when the monitor's `must_wait` says so.
 //! 3. For a blocking wait, raise `notify_me`, full fence, and re-check `notified`: a notify that
 //!    raced with step 1 turns the timeout into zero. If the wait may still sleep, leave polling
 //!    mode (`on_poll_end`, then one more poll).

@@ -565,14 +565,14 @@ pub fn bh_callback_delete_many(make: MakeContext) {
     assert!(!ctx.poll_nonblocking());
 }
 
-/// `/aio/bh/flush`: as `/aio/bh/schedule`, through `poll_with`.
+/// `/aio/bh/flush`: as `/aio/bh/schedule`, through `aio_poll`.
 pub fn bh_flush(make: MakeContext) {
     let ctx = new_ctx(make);
     let data = BhRecord::counting(&ctx, 0);
     data.schedule();
-    assert!(ctx.poll_with(true));
+    assert!(ctx.aio_poll(true));
     assert_eq!(data.n(), 1);
-    assert!(!ctx.poll_with(false));
+    assert!(!ctx.aio_poll(false));
     assert_eq!(data.n(), 1);
 }
 
@@ -2639,7 +2639,7 @@ impl Counted {
 
 /// A non-blocking poll that finds nothing: it submits what the backend queued (io_uring's
 /// re-arms) in a wait, so that the next blocking poll starts from a quiet backend. (QEMU skips
-/// test-nested-aio-poll on io_uring because its `need_wait` stops polling while re-arms are
+/// test-nested-aio-poll on io_uring because its `must_wait` stops polling while re-arms are
 /// queued; here `prepare_polling` submits them, see `poll_right_after_an_fd_dispatch`.)
 fn flush(ctx: &AioContext) {
     assert!(!ctx.poll_nonblocking(), "nothing to do");
@@ -2790,7 +2790,7 @@ pub fn poll_nested_poll_ends_polling_mode_for_the_running_handler(make: MakeCont
 }
 
 /// Polling runs in the iteration right after a dispatch by fd readiness, on every backend:
-/// io_uring, whose `need_wait` asks for a wait while the dispatched handler's re-arm is queued,
+/// io_uring, whose `must_wait` asks for a wait while the dispatched handler's re-arm is queued,
 /// submits it in `prepare_polling` and polls. Here only polling can see the work (the fd is
 /// not readable), so a backend that slept instead would hang until the watchdog.
 pub fn poll_right_after_an_fd_dispatch(make: MakeContext) {
@@ -3272,7 +3272,7 @@ pub fn poll_event_notifier_polled_through_its_flag(make: MakeContext) {
     let after = ctx.stats();
     if ctx.backend().contains("uring") {
         // On io_uring the kernel posts the fd's poll completion as `set` writes it; the ring
-        // is then the poller (`need_wait`), and busy polling yields to it without a round.
+        // is then the poller (`must_wait`), and busy polling yields to it without a round.
         assert_eq!(after.poll_hits, before.poll_hits, "io_uring: the ring wins");
     } else {
         assert_eq!(after.poll_hits, before.poll_hits + 1, "a polling hit");

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 struct Switches {
     /// Every `wait` fails with `EPERM` (as `io_uring_enter` under a seccomp filter).
     fail_waits: Cell<bool>,
-    /// Every `Add` and `Modify` fails with `EPERM` (as `epoll_ctl` for a regular file).
+    /// Every `Add` and `Replace` fails with `EPERM` (as `epoll_ctl` for a regular file).
     fail_changes: Cell<bool>,
     /// Calls of `wait`, failed ones included.
     waits: Cell<u64>,
@@ -52,8 +52,8 @@ impl FdMonitor for Flaky {
         self.inner.wait(ready, timeout)
     }
 
-    fn need_wait(&self, polling_disabled: bool) -> bool {
-        self.inner.need_wait(polling_disabled)
+    fn must_wait(&self) -> Option<bool> {
+        self.inner.must_wait()
     }
 
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
@@ -96,8 +96,8 @@ impl FdMonitor for Counting {
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
         self.flaky.wait(ready, timeout)
     }
-    fn need_wait(&self, polling_disabled: bool) -> bool {
-        self.flaky.need_wait(polling_disabled)
+    fn must_wait(&self) -> Option<bool> {
+        self.flaky.must_wait()
     }
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
         self.flaky.outer_fds(out)

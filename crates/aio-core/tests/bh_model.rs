@@ -1028,7 +1028,7 @@ fn exec(h: &Arc<Harness>, ctx: Option<&AioContext>, op: Op, me: Me<'_, '_>) -> O
             let mark = lock(&h.waits).len();
             lock(&h.marks).push(mark);
             h.note(&format!("{op:?} {{"));
-            let progress = ctx.poll_with(blocking);
+            let progress = ctx.aio_poll(blocking);
             let waits = h.waits_since_mark();
             lock(&h.marks).pop();
             h.note(&format!("}} -> {progress}"));

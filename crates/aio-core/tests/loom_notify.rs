@@ -109,7 +109,7 @@ fn remote_oneshot_wakes_a_blocking_poll() {
 #[test]
 fn bug2_variant_loses_a_wakeup() {
     expect_loom_failure("bug2_variant_loses_a_wakeup", "deadlock", || {
-        two_notifiers(LoomVariant::Bug2)
+        two_notifiers(LoomVariant::ReturnEarlyIfNotified)
     });
 }
 
@@ -135,7 +135,7 @@ fn bug2_skipped_event_write_loses_a_wakeup() {
     expect_loom_failure(
         "bug2_skipped_event_write_loses_a_wakeup",
         "deadlock",
-        || two_notifiers(LoomVariant::Bug2SkipEventWrite),
+        || two_notifiers(LoomVariant::SkipEventWriteIfReadTrue),
     );
 }
 
@@ -147,5 +147,5 @@ fn bug2_skipped_event_write_loses_a_wakeup() {
 /// unconditional because the separate-read form above is the one that is easy to write.)
 #[test]
 fn bug2_skip_decided_by_the_swap_keeps_every_wakeup() {
-    loom::model(|| two_notifiers(LoomVariant::Bug2SkipAfterSwap));
+    loom::model(|| two_notifiers(LoomVariant::SkipEventWriteIfSwapTrue));
 }

@@ -358,8 +358,8 @@ impl FdMonitor for AutoMonitor {
         each!(&mut self.active, m => m.wait(ready, timeout))
     }
 
-    fn need_wait(&self, polling_disabled: bool) -> bool {
-        each!(&self.active, m => m.need_wait(polling_disabled))
+    fn must_wait(&self) -> Option<bool> {
+        each!(&self.active, m => m.must_wait())
     }
 
     fn prepare_polling(&mut self) -> io::Result<()> {

@@ -373,18 +373,18 @@ impl FdMonitor for EpollMonitor {
         "epoll"
     }
 
-    /// Applies `change` with one `epoll_ctl` (`Add` → `EPOLL_CTL_ADD`, `Modify` →
+    /// Applies `change` with one `epoll_ctl` (`Add` → `EPOLL_CTL_ADD`, `Replace` →
     /// `EPOLL_CTL_MOD` with the new key as data, `Remove` → `EPOLL_CTL_DEL`), plus O(1)
     /// bookkeeping.
     ///
     /// # Errors
     ///
     /// * [`io::ErrorKind::InvalidInput`] for an `Add` of a key that is already registered, a
-    ///   `Modify` to a key that is already registered (other than the old key), an empty
-    ///   interest, a negative fd, or a `Modify` whose fd differs from the registered one.
-    /// * [`io::ErrorKind::NotFound`] for a `Modify` or `Remove` of a key that is not
+    ///   `Replace` to a key that is already registered (other than the old key), an empty
+    ///   interest, a negative fd, or a `Replace` whose fd differs from the registered one.
+    /// * [`io::ErrorKind::NotFound`] for a `Replace` or `Remove` of a key that is not
     ///   registered.
-    /// * The kernel's refusal of an `Add` or `Modify`, with its error code: `EPERM` for a file
+    /// * The kernel's refusal of an `Add` or `Replace`, with its error code: `EPERM` for a file
     ///   that epoll cannot watch (a regular file, a directory), `EEXIST` when the same fd is
     ///   already registered under another key (epoll watches each (file, fd) pair once; a
     ///   `dup` of the fd can be registered), `EBADF` for an fd that is not open, `ENOMEM` or

@@ -225,13 +225,12 @@ fn outer_fds_is_the_epoll_fd_which_is_readable_while_a_watched_fd_is_ready() {
 }
 
 #[test]
-fn name_need_wait_and_debug() {
+fn name_must_wait_and_debug() {
     let _serial = serial();
     let (r, _w) = pipe();
     let mut monitor = EpollMonitor::with_pwait2(false).unwrap();
     assert_eq!(monitor.name(), "epoll");
-    assert!(!monitor.need_wait(false));
-    assert!(monitor.need_wait(true));
+    assert_eq!(monitor.must_wait(), None, "cannot tell from userspace");
     add(
         &mut monitor,
         HandlerKey::new(1, 2),

@@ -261,9 +261,9 @@ impl FdMonitor for PollMonitor {
     /// # Errors
     ///
     /// * [`io::ErrorKind::InvalidInput`] for an `Add` of a key that is already registered, a
-    ///   `Modify` to a key that is already registered (other than the old key), an empty
-    ///   interest, a negative fd, or a `Modify` whose fd differs from the registered one.
-    /// * [`io::ErrorKind::NotFound`] for a `Modify` or `Remove` of a key that is not
+    ///   `Replace` to a key that is already registered (other than the old key), an empty
+    ///   interest, a negative fd, or a `Replace` whose fd differs from the registered one.
+    /// * [`io::ErrorKind::NotFound`] for a `Replace` or `Remove` of a key that is not
     ///   registered.
     ///
     /// On error the monitor is unchanged. Two keys may watch the same fd; keeping one handler
@@ -274,7 +274,7 @@ impl FdMonitor for PollMonitor {
         })?;
         match change {
             Change::Add { key, fd, interest } => self.add(key, fd, interest),
-            Change::Modify {
+            Change::Replace {
                 old, new, interest, ..
             } => self.modify(old, new, interest),
             Change::Remove { key, fd: _ } => return self.remove(key),

@@ -70,7 +70,7 @@ fn closed_registered_fd_reports_error_and_warns_once_per_key() {
 
         // A new key for the same closed fd is a new handler: reported, and warned about, anew.
         monitor
-            .update(Change::Modify {
+            .update(Change::Replace {
                 old: key(1),
                 new: key(2),
                 fd,
@@ -87,11 +87,11 @@ fn closed_registered_fd_reports_error_and_warns_once_per_key() {
         );
         assert_eq!(warnings.load(Ordering::Relaxed), 2);
 
-        // Modify and Remove forget that a key was warned about, so the set of warned keys
+        // Replace and Remove forget that a key was warned about, so the set of warned keys
         // does not grow forever. Reusing a key (which the context never does) makes that
         // visible: it is warned about again.
         monitor
-            .update(Change::Modify {
+            .update(Change::Replace {
                 old: key(2),
                 new: key(1),
                 fd,
@@ -152,12 +152,11 @@ fn outer_fds_appends_every_registration() {
 }
 
 #[test]
-fn name_need_wait_and_debug() {
+fn name_must_wait_and_debug() {
     let _serial = serial();
     let mut monitor = PollMonitor::new().unwrap();
     assert_eq!(monitor.name(), "poll");
-    assert!(!monitor.need_wait(false));
-    assert!(monitor.need_wait(true));
+    assert_eq!(monitor.must_wait(), None, "cannot tell from userspace");
     assert!(monitor.is_empty());
     add(&mut monitor, HandlerKey::new(1, 2), 7, Interest::READ);
     assert_eq!((monitor.len(), monitor.is_empty()), (1, false));

@@ -261,12 +261,12 @@ impl FdMonitor for PollingMonitor {
     /// # Errors
     ///
     /// * [`io::ErrorKind::InvalidInput`] for an `Add` of a key that is already registered, a
-    ///   `Modify` to a key that is already registered (other than the old key), an empty
-    ///   interest, a negative fd, a `Modify` whose fd differs from the registered one, or the
+    ///   `Replace` to a key that is already registered (other than the old key), an empty
+    ///   interest, a negative fd, a `Replace` whose fd differs from the registered one, or the
     ///   key `polling` reserves (`usize::MAX`).
-    /// * [`io::ErrorKind::NotFound`] for a `Modify` or `Remove` of a key that is not
+    /// * [`io::ErrorKind::NotFound`] for a `Replace` or `Remove` of a key that is not
     ///   registered.
-    /// * The kernel's refusal of an `Add` or `Modify`: on Linux `EPERM` for a regular file and
+    /// * The kernel's refusal of an `Add` or `Replace`: on Linux `EPERM` for a regular file and
     ///   `EEXIST` for an fd already registered under another key; `EBADF` for an fd that is not
     ///   open; `ENOMEM`.
     ///

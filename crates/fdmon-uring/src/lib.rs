@@ -14,7 +14,7 @@
 //!    replaced, removed) and the wait itself go to the kernel in *one* `io_uring_enter`. epoll
 //!    needs one `epoll_ctl` per change plus the `epoll_wait`.
 //! 2. **Completions are readable from userspace.** The completion queue is mapped memory, so
-//!    [`need_wait`](FdMonitor::need_wait) can tell whether an fd became ready by reading it,
+//!    [`must_wait`](FdMonitor::must_wait) can tell whether an fd became ready by reading it,
 //!    without a system call. A loop that busy-polls in userspace (adaptive polling) can
 //!    therefore watch fds too, and only enters the kernel when something is there to reap.
 //! 3. **Nanosecond timeouts.** A `TIMEOUT` request takes a `timespec`, so a wait ends at the
@@ -65,7 +65,7 @@
 //! The queues are only touched by methods that take `&mut self`: [`update`](FdMonitor::update)
 //! only records the change (no system call, no queue access), and [`wait`](FdMonitor::wait)
 //! turns recorded changes into SQEs, submits, and reaps; [`prepare_polling`](FdMonitor::prepare_polling)
-//! does the submission part early, before the context busy-polls. [`need_wait`](FdMonitor::need_wait) and
+//! does the submission part early, before the context busy-polls. [`must_wait`](FdMonitor::must_wait) and
 //! [`outer_fds`](FdMonitor::outer_fds) only read the rings. `UringMonitor` is `Send` but not `Sync`, so
 //! the compiler enforces what QEMU states as a rule ("sq/cq rings are only modified within
 //! `fdmon_io_uring_wait()`"). It needs no lock-free list either, because every change comes
@@ -98,7 +98,7 @@
 //! The monitor keeps one more invariant: **at most one `POLL_ADD` in flight per key** (see
 //! `pending.rs`). A removal turns the key's poll "stale" and queues a `POLL_REMOVE`; whatever
 //! the stale poll's completion says (cancelled, or readiness that raced with the removal), it
-//! is recognised and dropped. A replacement ([`Change::Modify`]) is a removal of the old key
+//! is recognised and dropped. A replacement ([`Change::Replace`]) is a removal of the old key
 //! plus an add under the new key, so a completion still in flight for the old key can never be
 //! reported under the new one; QEMU does the same. A `POLL_REMOVE` with the update flags
 //! (Linux 5.13) could retarget the in-flight poll to the new key and mask in one request, but
@@ -143,7 +143,7 @@
 //! bottom half that registers a handler, say) are not covered: no monitor method runs between
 //! them and the outer loop's sleep, so the new poll reaches the kernel only when the outer loop
 //! wakes for another reason. Only the context can close that gap, by asking
-//! [`need_wait`](FdMonitor::need_wait) before it lets an outer loop sleep (QEMU's GSource
+//! [`must_wait`](FdMonitor::must_wait) before it lets an outer loop sleep (QEMU's GSource
 //! `prepare` submits at that point).
 //!
 //! # Platforms
@@ -191,7 +191,7 @@ const ENTRIES: u32 = 128;
 /// See the [crate documentation](crate) for the design. In short: [`update`](FdMonitor::update)
 /// records a change in O(1) without a system call; [`wait`](FdMonitor::wait) submits every
 /// recorded change, the re-arms of the previous wait and, for a finite timeout, a `TIMEOUT`,
-/// all in one `io_uring_enter` that also waits; [`need_wait`](FdMonitor::need_wait) reads the
+/// all in one `io_uring_enter` that also waits; [`must_wait`](FdMonitor::must_wait) reads the
 /// shared rings.
 ///
 /// Readiness is level-triggered. An fd that is closed while registered is reported as
@@ -634,23 +634,23 @@ impl FdMonitor for UringMonitor {
     /// [`wait`](FdMonitor::wait). A change undone before then (an add followed by a remove)
     /// costs no request at all.
     ///
-    /// `Modify` removes the old key's poll and adds one under the new key, with the new
+    /// `Replace` removes the old key's poll and adds one under the new key, with the new
     /// interest; a completion still in flight for the old key is dropped when it arrives.
     ///
     /// # Errors
     ///
     /// * [`io::ErrorKind::InvalidInput`] for an `Add` of a key that is already registered, a
-    ///   `Modify` to a key that is already registered (other than the old key), an empty
-    ///   interest, a negative fd, a `Modify` whose fd differs from the registered one, or a
+    ///   `Replace` to a key that is already registered (other than the old key), an empty
+    ///   interest, a negative fd, a `Replace` whose fd differs from the registered one, or a
     ///   key whose slot index is `u32::MAX` (reserved for the monitor's own requests).
-    /// * [`io::ErrorKind::NotFound`] for a `Modify` or `Remove` of a key that is not
+    /// * [`io::ErrorKind::NotFound`] for a `Replace` or `Remove` of a key that is not
     ///   registered.
     ///
     /// On error the monitor is unchanged. Two keys may watch the same fd.
     fn update(&mut self, change: Change) -> io::Result<()> {
         match change {
             Change::Add { key, fd, interest } => self.polls.add(key, fd, interest),
-            Change::Modify {
+            Change::Replace {
                 old,
                 new,
                 fd,
@@ -762,19 +762,19 @@ impl FdMonitor for UringMonitor {
         Ok(ready.len())
     }
 
-    /// QEMU's rule for io_uring: true if completions are waiting in the completion ring, SQEs
-    /// are queued but not submitted, or changes and re-arms are waiting for a `wait`. All three
-    /// are read from memory, without a system call.
+    /// QEMU's rule for io_uring: `Some(true)` if completions are waiting in the completion
+    /// ring, SQEs are queued but not submitted, or changes and re-arms are waiting for a
+    /// `wait`, all three read from memory, without a system call; `Some(false)` otherwise.
     ///
-    /// `polling_disabled` is ignored. Backends that cannot see readiness from userspace must
-    /// stop a busy-polling loop whenever some handler could only be served by `wait`; this one
-    /// sees every fd's readiness in the completion ring as soon as the kernel posts it, so a
-    /// busy-polling loop that asks this question starves no handler.
-    fn need_wait(&self, _polling_disabled: bool) -> bool {
-        self.ring.has_completions()
-            || self.ring.has_unsubmitted()
-            || self.polls.has_work()
-            || self.requests.has_work()
+    /// Never `None`: this backend sees every fd's readiness in the completion ring as soon as
+    /// the kernel posts it, so a busy-polling loop that asks this question starves no handler.
+    fn must_wait(&self) -> Option<bool> {
+        Some(
+            self.ring.has_completions()
+                || self.ring.has_unsubmitted()
+                || self.polls.has_work()
+                || self.requests.has_work(),
+        )
     }
 
     /// Submits the re-arms and changes queued since the last wait, without waiting, so that a

@@ -146,7 +146,7 @@ impl Polls {
         fd: RawFd,
         interest: Interest,
     ) -> io::Result<()> {
-        let change = Change::Modify {
+        let change = Change::Replace {
             old,
             new,
             fd,

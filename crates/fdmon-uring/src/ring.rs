@@ -19,7 +19,7 @@
 //! # Threads
 //!
 //! [`Ring`] is `Send` but not `Sync`: all of its methods that touch the queues take `&mut self`,
-//! except the two read-only peeks behind `need_wait`, whose soundness relies on no other thread
+//! except the two read-only peeks behind `must_wait`, whose soundness relies on no other thread
 //! holding a queue at the same time. The `PhantomData<Cell<()>>` marker makes that a compile-time
 //! fact.
 
@@ -67,7 +67,7 @@ impl Ring {
     /// No setup flags are used, deliberately. `COOP_TASKRUN` and `DEFER_TASKRUN` would save the
     /// kernel an interrupt per completion, but they leave completions unposted until our thread
     /// next enters the kernel, so the completion queue would no longer show readiness to a
-    /// thread that polls it from userspace (`need_wait`). `SQPOLL` would burn a kernel thread
+    /// thread that polls it from userspace (`must_wait`). `SQPOLL` would burn a kernel thread
     /// per context. `SINGLE_ISSUER` would forbid moving the monitor to another thread.
     ///
     /// # Errors

@@ -1,7 +1,7 @@
 //! Behaviour of [`UringMonitor`] against real kernel objects: the monitor-level conformance
 //! suite (`aio_core::testing::monitor`, shared with every backend), and what is specific to
 //! io_uring: one `POLL_ADD` in flight per key, stale completions, batched submissions and
-//! `io_uring_enter` counts, closed fds, `need_wait` reading the rings, and the ring fd as the
+//! `io_uring_enter` counts, closed fds, `must_wait` reading the rings, and the ring fd as the
 //! outer fd.
 //!
 //! Every test starts with [`setup`] (the suite's cases with the same check), which takes the
@@ -81,7 +81,7 @@ fn remove(monitor: &mut UringMonitor, key: HandlerKey, fd: RawFd) {
 
 fn modify(monitor: &mut UringMonitor, old: HandlerKey, new: HandlerKey, fd: RawFd, i: Interest) {
     monitor
-        .update(Change::Modify {
+        .update(Change::Replace {
             old,
             new,
             fd,
@@ -117,7 +117,7 @@ fn readable_now(fd: RawFd) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 // ---------------------------------------------------------------------------------------------
-// Modify, remove, and stale completions
+// Replace, remove, and stale completions
 // ---------------------------------------------------------------------------------------------
 
 #[test]
@@ -206,18 +206,21 @@ fn remove_stops_reports_and_cancels_the_poll() {
     remove(&mut monitor, key(1), r.as_raw_fd());
     assert!(monitor.is_empty());
     assert_eq!(monitor.len(), 0);
-    assert!(monitor.need_wait(false), "a POLL_REMOVE is waiting");
+    assert!(
+        (monitor.must_wait() == Some(true)),
+        "a POLL_REMOVE is waiting"
+    );
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     assert_eq!(
         monitor.polls_in_flight(),
         0,
         "the POLL_REMOVE ended the poll"
     );
-    assert!(!monitor.need_wait(false));
+    assert!((monitor.must_wait() == Some(false)));
 
     write_bytes(&w, b"x");
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
-    assert!(!monitor.need_wait(false));
+    assert!((monitor.must_wait() == Some(false)));
 }
 
 #[test]
@@ -269,7 +272,7 @@ fn remove_and_readd_of_the_same_fd_in_one_iteration() {
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     write_bytes(&w, b"y");
     assert!(
-        monitor.need_wait(false),
+        (monitor.must_wait() == Some(true)),
         "the completion is visible from userspace"
     );
     remove(&mut monitor, new, r.as_raw_fd());
@@ -382,7 +385,7 @@ fn fd_closed_before_its_poll_is_submitted_reports_error_once() {
         assert_eq!(warnings.load(Ordering::Relaxed), 1);
         assert_eq!(monitor.polls_in_flight(), 0);
         assert_eq!(monitor.len(), 1, "still registered until removed");
-        assert!(!monitor.need_wait(false));
+        assert!((monitor.must_wait() == Some(false)));
 
         // A new key for the same closed fd is a new handler: reported, and warned about, anew.
         modify(&mut monitor, key(1), key(2), fd, Interest::READ);
@@ -468,9 +471,9 @@ fn a_timeout_ended_early_by_a_report_leaves_nothing_behind() {
     read_bytes(&efd, 8);
     // The re-arm is pending; once it is submitted nothing else is: the TIMEOUT (count 1) ended
     // together with the report instead of lingering for 10 s.
-    assert!(monitor.need_wait(false));
+    assert!((monitor.must_wait() == Some(true)));
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
-    assert!(!monitor.need_wait(false));
+    assert!((monitor.must_wait() == Some(false)));
     // A later blocking wait is not woken by a leftover timeout: it sleeps its full time in one
     // io_uring_enter.
     let enters = monitor.enter_calls();
@@ -543,7 +546,7 @@ fn ten_thousand_idle_fds_and_one_active() {
     for round in 0..10 {
         let enters = monitor.enter_calls();
         signal_eventfd(&active);
-        assert!(monitor.need_wait(false), "round {round}");
+        assert!((monitor.must_wait() == Some(true)), "round {round}");
         assert_eq!(
             wait_for(&mut monitor, &mut ready, None),
             [(active_key, Readiness::READABLE)],
@@ -599,7 +602,7 @@ fn churn_of_1000_fds_leaves_no_stale_poll() {
     });
     assert!(monitor.is_empty());
     assert_eq!(monitor.polls_in_flight(), 0);
-    assert!(!monitor.need_wait(false));
+    assert!((monitor.must_wait() == Some(false)));
 }
 
 #[test]
@@ -697,25 +700,21 @@ fn steady_state_is_one_io_uring_enter_per_wait() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// need_wait, outer loops, identity of the type
+// must_wait, outer loops, identity of the type
 // ---------------------------------------------------------------------------------------------
 
 #[test]
-fn need_wait_reads_the_rings_and_ignores_polling_disabled() {
+fn must_wait_reads_the_rings_and_always_knows() {
     let Some((_serial, mut monitor, mut ready)) =
-        start("need_wait_reads_the_rings_and_ignores_polling_disabled")
+        start("must_wait_reads_the_rings_and_always_knows")
     else {
         return;
     };
     let efd = eventfd();
     let both = |m: &UringMonitor| {
-        let answer = m.need_wait(false);
-        assert_eq!(
-            m.need_wait(true),
-            answer,
-            "polling_disabled changes nothing"
-        );
-        answer
+        let answer = m.must_wait();
+        assert!(answer.is_some(), "io_uring always knows");
+        answer == Some(true)
     };
     assert!(!both(&monitor), "nothing to submit or reap");
 
@@ -766,7 +765,7 @@ fn outer_fds_is_the_ring_fd_and_outer_loops_get_rearms_submitted() {
         [(key(1), Readiness::READABLE)]
     );
     assert!(!readable_now(ring_fd));
-    assert!(monitor.need_wait(false));
+    assert!((monitor.must_wait() == Some(true)));
 
     let existing = OuterFd {
         fd: 0,
@@ -796,13 +795,13 @@ fn outer_fds_is_the_ring_fd_and_outer_loops_get_rearms_submitted() {
     );
     assert_eq!(monitor.enter_calls() - enters, 2, "the re-arm and the NOP");
     assert!(readable_now(ring_fd));
-    assert!(monitor.need_wait(false));
+    assert!((monitor.must_wait() == Some(true)));
     read_bytes(&efd, 8); // The handler consumes the event.
     assert_eq!(wait_now(&mut monitor, &mut ready), [], "no spurious report");
     // The re-arm went out and found nothing: no NOP, the ring fd is quiet, an outer loop sleeps
     // with the poll armed...
     assert!(!readable_now(ring_fd));
-    assert!(!monitor.need_wait(false));
+    assert!((monitor.must_wait() == Some(false)));
     // ...and wakes when the fd becomes ready again.
     signal_eventfd(&efd);
     assert!(readable_now(ring_fd));
@@ -904,7 +903,7 @@ fn the_reserved_slot_index_is_refused() {
             fd,
             interest,
         },
-        Change::Modify {
+        Change::Replace {
             old: key(1),
             new: reserved,
             fd,

@@ -12,9 +12,9 @@
 //! |---|---|
 //! | `Add` of a negative fd, or with an empty interest | `InvalidInput` |
 //! | `Add` of a key that is already registered | `InvalidInput` |
-//! | `Modify` or `Remove` of a key that is not registered | `NotFound` |
-//! | `Modify` to a key that is already registered (other than the old key) | `InvalidInput` |
-//! | `Modify` with an empty interest, or an fd other than the registered one | `InvalidInput` |
+//! | `Replace` or `Remove` of a key that is not registered | `NotFound` |
+//! | `Replace` to a key that is already registered (other than the old key) | `InvalidInput` |
+//! | `Replace` with an empty interest, or an fd other than the registered one | `InvalidInput` |
 //!
 //! Validation comes first and changes nothing, so a refused change leaves a monitor as it was.
 //!
@@ -133,7 +133,7 @@ pub fn validate(change: Change, fd_of: impl Fn(HandlerKey) -> Option<RawFd>) -> 
                 return Err(invalid_input(format!("{key:?} is already registered")));
             }
         }
-        Change::Modify {
+        Change::Replace {
             old,
             new,
             fd,
@@ -241,7 +241,7 @@ impl Registrations {
     /// leaves both as they were.
     ///
     /// * `Add`: `kernel.add`.
-    /// * `Modify` of a key that owns its fd: `kernel.modify` with the new key, so that an event
+    /// * `Replace` of a key that owns its fd: `kernel.modify` with the new key, so that an event
     ///   already queued under the old key cannot pass for the new handler's. If the kernel
     ///   answers `ENOENT`, the old file was closed (and dropped) and its number reused: the
     ///   handler being replaced wants the number watched, so `kernel.add` watches the file it
@@ -262,7 +262,7 @@ impl Registrations {
                 kernel.add(fd, key, interest)?;
                 self.insert(key, fd, interest);
             }
-            Change::Modify {
+            Change::Replace {
                 old,
                 new,
                 fd,
@@ -341,7 +341,7 @@ impl Registrations {
         }
     }
 
-    /// Records a `Modify` the kernel accepted: `old` is forgotten, `new` owns the fd.
+    /// Records a `Replace` the kernel accepted: `old` is forgotten, `new` owns the fd.
     pub fn replace(&mut self, old: HandlerKey, new: HandlerKey, fd: RawFd, interest: Interest) {
         self.by_key.remove(&old);
         self.by_key.insert(new, (fd, interest));
@@ -456,7 +456,7 @@ mod tests {
             ),
             InvalidInput
         );
-        let modify = |old, new, fd, interest| Change::Modify {
+        let modify = |old, new, fd, interest| Change::Replace {
             old,
             new,
             fd,
@@ -539,7 +539,7 @@ mod tests {
         )
         .unwrap();
         // Replacing the stale key adds afresh rather than modify b's entry.
-        let modify = Change::Modify {
+        let modify = Change::Replace {
             old: a,
             new: c,
             fd: 5,
@@ -568,7 +568,7 @@ mod tests {
         )
         .unwrap();
         kernel.fail_modify = Some(libc::ENOENT);
-        let modify = Change::Modify {
+        let modify = Change::Replace {
             old: a,
             new: b,
             fd: 6,
@@ -580,7 +580,7 @@ mod tests {
             [("modify", 6, Some(b)), ("add", 6, Some(b))]
         );
         kernel.fail_modify = Some(libc::ENOMEM);
-        let modify = Change::Modify {
+        let modify = Change::Replace {
             old: b,
             new: c,
             fd: 6,

@@ -630,7 +630,7 @@ impl Wake for BlockOnSignal {
         if !self.woken.swap(true, Ordering::Release) {
             // Like a BH schedule: no notify from the home thread outside its blocking window
             // (a callback of this very loop; `block_on` checks the flag when it returns).
-            self.ctx.notify_scheduled();
+            self.ctx.wake_for_work();
         }
     }
 }

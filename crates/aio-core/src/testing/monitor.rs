@@ -520,7 +520,7 @@ pub fn closing_the_peer_reports_hangup<M: FdMonitor>(b: &MonitorBackend<M>) {
     );
 }
 
-/// A `Modify` to a new key reports the fd under the new key only, and forgets the old one.
+/// A `Replace` to a new key reports the fd under the new key only, and forgets the old one.
 pub fn modify_reports_under_the_new_key_only<M: FdMonitor>(b: &MonitorBackend<M>) {
     let (_serial, mut monitor) = start!(b, "modify_reports_under_the_new_key_only");
     let (r, w) = pipe();
@@ -536,7 +536,7 @@ pub fn modify_reports_under_the_new_key_only<M: FdMonitor>(b: &MonitorBackend<M>
     );
 
     let interest = Interest::READ;
-    let modify = Change::Modify {
+    let modify = Change::Replace {
         old,
         new,
         fd,
@@ -555,7 +555,7 @@ pub fn modify_reports_under_the_new_key_only<M: FdMonitor>(b: &MonitorBackend<M>
     assert_eq!((b.registrations)(&monitor).len(), 1);
 }
 
-/// A `Modify` under the same key changes what is watched for.
+/// A `Replace` under the same key changes what is watched for.
 pub fn modify_can_change_interest_in_place<M: FdMonitor>(b: &MonitorBackend<M>) {
     let (_serial, mut monitor) = start!(b, "modify_can_change_interest_in_place");
     let efd = eventfd();
@@ -567,7 +567,7 @@ pub fn modify_can_change_interest_in_place<M: FdMonitor>(b: &MonitorBackend<M>) 
 
     let interest = Interest::WRITE;
     let (old, new) = (key(1), key(1));
-    let modify = Change::Modify {
+    let modify = Change::Replace {
         old,
         new,
         fd,
@@ -942,7 +942,7 @@ pub fn churn_1000_fds<M: FdMonitor>(
     for &slot in &order[600..700] {
         let (old, fd, interest) = expected[&slot];
         let new = HandlerKey::new(slot, 3);
-        let modify = Change::Modify {
+        let modify = Change::Replace {
             old,
             new,
             fd,
@@ -991,7 +991,7 @@ pub fn bad_changes_are_errors_and_leave_the_monitor_unchanged<M: FdMonitor>(b: &
     use io::ErrorKind::{InvalidInput, NotFound};
     let (read, write, none) = (Interest::READ, Interest::WRITE, Interest::empty());
     let unknown = HandlerKey::new(99, 1);
-    let modify = |old, new, fd, interest| Change::Modify {
+    let modify = |old, new, fd, interest| Change::Replace {
         old,
         new,
         fd,
@@ -1169,7 +1169,7 @@ pub fn a_reused_fd_number_is_a_new_entry_that_the_stale_key_never_touches<M: FdM
     // Replacing the stale key cannot take over the number: the new file is watched by key 2,
     // and epoll watches each (file, fd) pair once. Nothing changes.
     let err = monitor
-        .update(Change::Modify {
+        .update(Change::Replace {
             old: key(1),
             new: key(3),
             fd: number,
@@ -1222,13 +1222,13 @@ pub fn replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file<M: Fd
     add(&mut monitor, key(1), number, Interest::READ);
 
     // What a context does when a handler is replaced after its fd was closed and the number
-    // reused: a Modify on the same number. EPOLL_CTL_MOD answers ENOENT (the new file is not
+    // reused: a Replace on the same number. EPOLL_CTL_MOD answers ENOENT (the new file is not
     // registered), so the monitor adds it under the new key.
     drop(r1);
     let (r2, w2) = pipe();
     let _r2 = move_to(r2, number);
     monitor
-        .update(Change::Modify {
+        .update(Change::Replace {
             old: key(1),
             new: key(2),
             fd: number,

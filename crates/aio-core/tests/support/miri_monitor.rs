@@ -95,7 +95,7 @@ impl FdMonitor for MiriMonitor {
                 self.ctl(libc::EPOLL_CTL_ADD, fd, key, interest)?;
                 self.watched.push((fd, key, interest));
             }
-            Change::Modify {
+            Change::Replace {
                 old,
                 new,
                 fd,

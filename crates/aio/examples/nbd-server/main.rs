@@ -589,9 +589,13 @@ fn new_context(poll: PollParams, io: IoEngine) -> io::Result<AioContext> {
     if io == IoEngine::IoUring {
         builder = builder.backend(aio::Backend::IoUring);
     }
-    let ctx = builder
-        .build()
-        .map_err(|e| io::Error::new(e.kind(), format!("--aio {}: {e}", io_name(io))))?;
+    let ctx = builder.build().map_err(|e| {
+        if io == IoEngine::IoUring {
+            io::Error::new(e.kind(), format!("--aio io_uring: {e}"))
+        } else {
+            e
+        }
+    })?;
     BlockIo::with_engine(&ctx, io)
         .map_err(|e| io::Error::new(e.kind(), format!("--aio {}: {e}", io_name(io))))?;
     ThreadPool::of(&ctx)
