@@ -3,7 +3,9 @@
 //! program owns the workloads, the plan and the tables.
 //!
 //! * `B10_uncontended`: one thread locks and unlocks, and locks and unlocks nested inside a
-//!   held guard. Target: RFifoLock within 1.2× of `ReentrantMutex` (median ns per pair).
+//!   held guard: the bare `RFifoLock`, and a whole `SharedContext` acquire/release (the lock,
+//!   plus making the thread the context's home and back). Target: within 1.2× of
+//!   `ReentrantMutex` (median ns per pair).
 //! * `B10_handoff`: two threads lock, update the data and unlock in a loop, as fast as they
 //!   can. A FIFO lock alternates them, so every acquisition is a hand-off to a sleeping
 //!   thread: the time per acquisition is the hand-off latency. Next to it,
@@ -107,6 +109,24 @@ fn parking_lot_pairs(pairs: u64, nested: bool) -> f64 {
     time_pairs!(ReentrantMutex::new, pairs, nested)
 }
 
+/// `SharedContext::acquire` + release (QEMU's `aio_context_acquire`/`release`): the
+/// RFifoLock plus what taking a context adds (the outermost acquire makes the thread the
+/// context's home and registers it in the thread's table; the release undoes both), on a
+/// context of the default backend.
+fn shared_context_pairs(pairs: u64, nested: bool) -> f64 {
+    let ctx = aio::Builder::new()
+        .ignore_env()
+        .build_shared()
+        .expect("a shared context");
+    let _outer = nested.then(|| ctx.acquire());
+    let start = Instant::now();
+    for _ in 0..pairs {
+        let g = black_box(&ctx).acquire();
+        black_box(&g);
+    }
+    start.elapsed().as_nanos() as f64 / pairs as f64
+}
+
 fn uncontended(out: &mut String, plan: Plan) {
     writeln!(
         out,
@@ -125,19 +145,29 @@ fn uncontended(out: &mut String, plan: Plan) {
         // Warm-up, then interleaved rounds.
         rfifo_pairs(plan.pairs / 10 + 1, nested);
         parking_lot_pairs(plan.pairs / 10 + 1, nested);
-        let (mut ours, mut peer) = (Vec::new(), Vec::new());
+        shared_context_pairs(plan.pairs / 10 + 1, nested);
+        let (mut ours, mut peer, mut shared) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..plan.rounds {
             ours.push(rfifo_pairs(plan.pairs, nested));
             peer.push(parking_lot_pairs(plan.pairs, nested));
+            shared.push(shared_context_pairs(plan.pairs, nested));
         }
         let (om, omean, omin) = summary(ours);
         let (pm, pmean, pmin) = summary(peer);
+        let (sm, smean, smin) = summary(shared);
         let row = if nested { "nested" } else { "outermost" };
         writeln!(
             out,
             "| {row} | `aio_core::RFifoLock` | {om:.2} | {omean:.2} | {omin:.2} | {:.2}× | {} |",
             om / pm,
             verdict(om <= pm * TARGET)
+        )
+        .unwrap();
+        writeln!(
+            out,
+            "| {row} | `aio::SharedContext::acquire` + release | {sm:.2} | {smean:.2} | {smin:.2} | {:.2}× | {} |",
+            sm / pm,
+            verdict(sm <= pm * TARGET)
         )
         .unwrap();
         writeln!(
