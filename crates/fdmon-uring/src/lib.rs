@@ -528,7 +528,7 @@ impl UringMonitor {
             };
             let pushed = match &pending {
                 Pending::Cancel(target, _) => self.ring.push_cancel(*target, CANCEL_TAG),
-                // SAFETY: [URING-2]: the entry's keep-alive stays in its slot of `requests` until reaped.
+                // SAFETY: [URING-2]: the keep-alive stays in its slot of `requests` until reaped.
                 Pending::Request(_, entry) => unsafe { self.ring.push_request(entry) },
             };
             if pushed == Err(SqFull) {
