@@ -3,7 +3,8 @@
 //! the back-off sleep after a failed backend wait.
 //!
 //! Backends have their own system-call files; core's only other system calls are in
-//! `event_notifier.rs`.
+//! `event_notifier.rs`. The `SAFETY` comments cite the rules [SYS-1] and [SYS-2] of
+//! ARCHITECTURE.md ("The kernel boundary").
 
 use std::io;
 use std::os::fd::RawFd;
@@ -25,9 +26,8 @@ pub(crate) fn check_fd_open(fd: RawFd) -> io::Result<()> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
-    // F_GETFD reads the descriptor flags of `fd` and touches no memory of ours; an
-    // invalid `fd` makes it fail with EBADF, which is exactly what we want to learn.
-    // SAFETY: justified in the comment just above.
+    // An invalid `fd` makes F_GETFD fail with EBADF, which is exactly what we want to learn.
+    // SAFETY: [SYS-1]: F_GETFD reads the flags of `fd`, no memory of ours.
     cvt(unsafe { libc::fcntl(fd, libc::F_GETFD) }).map(drop)
 }
 
@@ -35,12 +35,10 @@ pub(crate) fn check_fd_open(fd: RawFd) -> io::Result<()> {
 /// a read or write on the home thread must never block the loop.
 #[cfg(not(aio_loom))]
 pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
-    // F_GETFL / F_SETFL read and write the file status flags of `fd` and touch no memory of
-    // ours; an invalid `fd` makes them fail with EBADF.
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [SYS-1]: F_GETFL reads the status flags of `fd`, no memory of ours.
     let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
     if flags & libc::O_NONBLOCK == 0 {
-        // SAFETY: as above.
+        // SAFETY: [SYS-1]: F_SETFL sets the status flags of `fd`, no memory of ours.
         cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
     }
     Ok(())
@@ -73,8 +71,7 @@ pub(crate) fn wait_readable(fd: RawFd, timeout: std::time::Duration) -> io::Resu
         revents: 0,
     };
     let ms = libc::c_int::try_from(timeout.as_micros().div_ceil(1000)).unwrap_or(libc::c_int::MAX);
-    // `pfd` lives across the call.
-    // SAFETY: one valid, writable pollfd, and we pass 1 as its count.
+    // SAFETY: [SYS-2]: `pfd` is one live, exclusively borrowed pollfd, and the count is 1.
     match cvt(unsafe { libc::poll(&mut pfd, 1, ms) }) {
         Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
         _ => Ok(()),
@@ -101,7 +98,7 @@ pub fn set_timer_slack(slack: std::time::Duration) -> io::Result<()> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
         let ns = libc::c_ulong::try_from(slack.as_nanos()).unwrap_or(libc::c_ulong::MAX);
-        // SAFETY: PR_SET_TIMERSLACK takes an integer and touches no memory of ours.
+        // SAFETY: [SYS-1]: PR_SET_TIMERSLACK takes an integer and touches no memory of ours.
         let rc = unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, ns, 0, 0, 0) };
         if rc < 0 {
             Err(io::Error::last_os_error())

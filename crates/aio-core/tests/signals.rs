@@ -5,7 +5,8 @@
 //! must fall back to the shared list).
 //!
 //! Each test installs its own signal and runs alone in a child process (the test binary re-runs
-//! itself), so that signal dispositions do not leak between tests.
+//! itself), so that signal dispositions do not leak between tests. The `SAFETY` comments cite
+//! [SYS-1], [SYS-2] and [SYS-4] of ARCHITECTURE.md ("The kernel boundary").
 
 use aio_core::{AioContext, BottomHalf};
 use std::sync::OnceLock;
@@ -46,9 +47,8 @@ extern "C" fn schedule_from_handler(_: libc::c_int) {
 }
 
 fn install(signal: libc::c_int) {
-    // A zeroed sigaction is a valid "no flags, empty mask" value; we then set a handler
-    // that only touches atomics and schedules a BH, both async-signal-safe.
-    // SAFETY: justified in the comment just above.
+    // [SYS-2]: a zeroed sigaction means "no flags, empty mask", and `action` is a live local.
+    // SAFETY: [SYS-4]: the handler only touches atomics and schedules a BH.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = schedule_from_handler as *const () as usize;
@@ -58,9 +58,7 @@ fn install(signal: libc::c_int) {
 }
 
 fn signal_thread(thread: libc::pthread_t, signal: libc::c_int) {
-    // `thread` is the home thread's id, which is alive (it joins this sender before it
-    // exits).
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [SYS-1]: `thread` is the home thread, which joins this sender before it exits.
     assert_eq!(unsafe { libc::pthread_kill(thread, signal) }, 0);
 }
 
@@ -78,7 +76,7 @@ fn signal_handler_schedule_wakes_a_sleeping_poll() {
             .is_ok()
         );
         install(libc::SIGUSR1);
-        // SAFETY: pthread_self has no preconditions.
+        // SAFETY: [SYS-1]: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         let sender = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
@@ -120,7 +118,7 @@ fn signal_storm_while_the_home_thread_schedules() {
             l.fetch_add(1, Ordering::SeqCst);
         });
         install(libc::SIGUSR2);
-        // SAFETY: pthread_self has no preconditions.
+        // SAFETY: [SYS-1]: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let d = done.clone();

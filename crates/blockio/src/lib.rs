@@ -27,7 +27,7 @@
 //! the kernel or a worker may be writing to it: a use-after-free cannot be written. On io_uring
 //! the buffer (and an `Arc` of the file) is kept in the monitor's request table until the CQE
 //! has been reaped; a context dropped with requests in flight cancels them and reaps every one
-//! before freeing their buffers (ARCHITECTURE.md, invariant "request memory"). On the thread
+//! before freeing their buffers (ARCHITECTURE.md, rule [URING-2]). On the thread
 //! pool the buffer travels with the work, and comes back even when the work is cancelled
 //! before it ran.
 //!
@@ -540,9 +540,7 @@ fn fallocate_sync(file: &File, mode: FallocateMode, offset: u64, len: u64) -> io
     let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
         return Err(io::Error::from_raw_os_error(libc::EFBIG));
     };
-    // fallocate takes an fd and three integers and touches no memory of ours (invariant
-    // "integer system calls").
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [SYS-1]: fallocate takes an fd and three integers.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset, len) };
     if rc == 0 {
         Ok(())

@@ -4,7 +4,8 @@
 //! iteration: requests queue up and one one-shot BH submits them all in one `io_submit`
 //! (QEMU's plug / `defer_call`). `EAGAIN` leaves the rest queued until a completion frees a
 //! slot. This file owns the kernel AIO context of one `AioContext`, its request table and every
-//! `unsafe` of the engine.
+//! `unsafe` of the engine; the `SAFETY` comments cite [LAIO-1], [LAIO-2] and [SYS-n] of
+//! ARCHITECTURE.md ("The kernel boundary").
 //!
 //! Native AIO has no no-op and no fallocate; those go to the thread pool, as in QEMU.
 //! Without `O_DIRECT`, the kernel runs most requests synchronously inside `io_submit`; the
@@ -119,9 +120,7 @@ pub(crate) fn of(ctx: &AioContext) -> io::Result<Rc<Laio>> {
 impl Laio {
     fn new(ctx: &AioContext) -> io::Result<Rc<Laio>> {
         let mut id: u64 = 0;
-        // io_setup writes one aio_context_t to the pointer, which points at `id`, alive and
-        // exclusively borrowed for the call (invariant "native AIO memory").
-        // SAFETY: justified in the comment just above.
+        // SAFETY: [SYS-2]: io_setup writes one aio_context_t into `id`, a borrowed local.
         let rc = unsafe { libc::syscall(libc::SYS_io_setup, MAX_EVENTS as libc::c_long, &mut id) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
@@ -155,7 +154,7 @@ impl Laio {
     /// # Safety
     ///
     /// Every piece of memory `iocb` points at is heap memory owned by `keep`, used by nothing
-    /// else until `done` gets `keep` back (invariant "native AIO memory").
+    /// else until `done` gets `keep` back ([LAIO-1]).
     unsafe fn add(&self, ctx: &AioContext, mut iocb: Iocb, keep: KeepAlive, done: Callback) -> Op {
         let slot = match self.free.borrow_mut().pop() {
             Some(s) => s,
@@ -206,10 +205,8 @@ impl Laio {
             if batch.is_empty() {
                 return;
             }
-            // The pointers are the boxed iocbs of pending requests, owned by `slots` until
-            // their completion is reaped (or `Drop` has waited for the kernel); each points
-            // only into its request's keep-alive (invariant "native AIO memory").
-            // SAFETY: justified in the comment just above.
+            // `batch` (a live local array, [SYS-2]) holds the boxed iocbs of pending requests.
+            // SAFETY: [LAIO-1]: each iocb and what it points at stays in `slots` until reaped.
             let rc = unsafe {
                 libc::syscall(
                     libc::SYS_io_submit,
@@ -249,9 +246,7 @@ impl Laio {
                 tv_sec: 0,
                 tv_nsec: 0,
             };
-            // io_getevents writes at most `events.len()` events into the array and reads the
-            // timespec, both alive for the call (invariant "native AIO memory").
-            // SAFETY: justified in the comment just above.
+            // SAFETY: [SYS-2]: `events` is borrowed, `events.len()` long; `timeout` is valid.
             let rc = unsafe {
                 libc::syscall(
                     libc::SYS_io_getevents,
@@ -317,10 +312,9 @@ impl Laio {
 impl Drop for Laio {
     /// `io_destroy` waits until the kernel has completed every request of the context, so
     /// the buffers are freed afterwards only; if it fails, the memory of the requests in the
-    /// kernel is leaked on purpose (invariant "native AIO memory").
+    /// kernel is leaked on purpose ([LAIO-2]).
     fn drop(&mut self) {
-        // io_destroy takes the context id only.
-        // SAFETY: integers only (invariant "integer system calls").
+        // SAFETY: [SYS-1]: io_destroy takes the context id only.
         let rc = unsafe { libc::syscall(libc::SYS_io_destroy, self.id) };
         if rc < 0 && self.in_kernel.get() > 0 {
             let pending: Vec<usize> = self.pending.borrow().iter().copied().collect();
@@ -380,9 +374,7 @@ pub(crate) fn rw(
         aio_offset: offset as i64,
         ..Iocb::default()
     };
-    // The iocb points at `keep.buf`'s heap memory, owned by `keep` until `done` gets it back
-    // (invariant "native AIO memory").
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [LAIO-1]: the iocb points at `keep.buf`'s heap memory only.
     unsafe {
         laio.add(
             ctx,
@@ -436,9 +428,8 @@ pub(crate) fn rwv(
         bufs,
         _iovecs: iovecs,
     });
-    // The iocb points at the iovec array and, through it, at the buffers' heap memory, all
-    // moved into `keep` without moving the heap memory (invariant "native AIO memory").
-    // SAFETY: justified in the comment just above.
+    // The iovec array and the buffers moved into `keep`; their heap memory did not move.
+    // SAFETY: [LAIO-1]: the iocb points at `keep._iovecs`, which point into `keep.bufs`.
     unsafe {
         laio.add(
             ctx,
@@ -471,9 +462,7 @@ pub(crate) fn sync(
         aio_fildes: file.as_raw_fd() as u32,
         ..Iocb::default()
     };
-    // An fsync iocb points at no memory; `keep` holds the file open (invariant "native AIO
-    // memory").
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [LAIO-1]: an fsync iocb points at no memory; `keep` holds the file open.
     unsafe {
         laio.add(
             ctx,

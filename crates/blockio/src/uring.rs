@@ -3,9 +3,9 @@
 //!
 //! Every request's memory (buffers, iovec array, an `Arc` of the file) goes into the
 //! monitor's request table as the request's keep-alive; the callback here only gets it back
-//! with the completion (ARCHITECTURE.md, invariant "request memory"). This file holds the
-//! `unsafe` calls to [`UringMonitor::add_sqe`], each of which hands over exactly the memory
-//! the SQE points at.
+//! with the completion (ARCHITECTURE.md, rule [URING-2]). This file holds the `unsafe` calls
+//! to [`UringMonitor::add_sqe`], each of which hands over exactly the memory the SQE points at;
+//! their `SAFETY` comments cite [URING-2], or [URING-1] for a request that points at no memory.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -86,8 +86,7 @@ unsafe fn submit(
     done: impl FnOnce(i32, KeepAlive) + 'static,
 ) -> Op {
     let added = ctx.with_backend(|b| match b.and_then(|m| m.downcast_mut::<UringMonitor>()) {
-        // The caller's contract is add_sqe's (invariant "request memory").
-        // SAFETY: justified in the comment just above.
+        // SAFETY: [URING-2]: the caller's contract is add_sqe's.
         Some(m) => unsafe { m.add_sqe(entry, keep) }.map_err(|(_, keep)| (libc::EAGAIN, keep)),
         None => Err((libc::EOPNOTSUPP, keep)),
     });
@@ -174,9 +173,7 @@ pub(crate) fn read_at(
     let entry = opcode::Read::new(fd, to.as_mut_ptr(), len)
         .offset(offset)
         .build();
-    // The SQE points at `len` bytes of `keep.buf`'s heap memory, which `keep` owns and which
-    // nobody else can reach until `done` gets it back (invariant "request memory").
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [URING-2]: the SQE points at `len` bytes of `keep.buf`'s heap memory only.
     unsafe {
         submit(ctx, entry, keep, move |res, keep| {
             done(count(res), one_buf(keep))
@@ -200,9 +197,7 @@ pub(crate) fn write_at(
     let entry = opcode::Write::new(fd, from.as_ptr(), len)
         .offset(offset)
         .build();
-    // The SQE points at `len` bytes of `keep.buf`'s heap memory, which `keep` owns and which
-    // nobody else can reach until `done` gets it back (invariant "request memory").
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [URING-2]: the SQE points at `len` bytes of `keep.buf`'s heap memory only.
     unsafe {
         submit(ctx, entry, keep, move |res, keep| {
             done(count(res), one_buf(keep))
@@ -213,10 +208,9 @@ pub(crate) fn write_at(
 /// The iovec array of a vectored request, pointing into the buffers of the same keep-alive.
 struct IoVecs(Vec<libc::iovec>);
 
-// An `iovec` holds raw pointers, which are not `Send`; these point into the buffers owned by
-// the same `VecBufs`, move with it, and are only ever read by the kernel, never through this
-// type (invariant "request memory").
-// SAFETY: justified in the comment just above.
+// An `iovec` holds raw pointers, which are not `Send`; these are only ever read by the kernel,
+// never through this type.
+// SAFETY: [URING-2]: they point only into the buffers of the same `VecBufs` and move with it.
 unsafe impl Send for IoVecs {}
 
 /// The keep-alive of a vectored request.
@@ -256,10 +250,7 @@ pub(crate) fn vectored(
     } else {
         opcode::Readv::new(fd, ptr, n).offset(offset).build()
     };
-    // The SQE points at the iovec array in `keep`, whose entries point at the heap memory of
-    // the buffers in `keep`; `keep` owns all of it and nobody else can reach it until `done`
-    // gets it back (invariant "request memory").
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [URING-2]: the SQE points at `keep.iovecs`, which point into `keep.bufs`.
     unsafe {
         submit(ctx, entry, keep, move |res, keep| {
             let bufs = keep
@@ -281,9 +272,7 @@ pub(crate) fn fsync(
     if data_only {
         op = op.flags(types::FsyncFlags::DATASYNC);
     }
-    // An FSYNC points at no memory; `keep` only holds the file open (invariant "request
-    // memory").
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [URING-1]: an FSYNC points at no memory; `keep` only holds the file open.
     unsafe {
         submit(ctx, op.build(), Box::new(file), move |res, _| {
             done(unit(res))
@@ -303,15 +292,12 @@ pub(crate) fn fallocate(
         .offset(offset)
         .mode(mode)
         .build();
-    // A FALLOCATE carries only integers; `keep` only holds the file open (invariant "request
-    // memory").
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [URING-1]: a FALLOCATE carries only integers; `keep` only holds the file open.
     unsafe { submit(ctx, entry, Box::new(file), move |res, _| done(unit(res))) }
 }
 
 pub(crate) fn nop(ctx: &AioContext, done: impl FnOnce(io::Result<()>) + 'static) -> Op {
     let entry = opcode::Nop::new().build();
-    // A NOP points at no memory (invariant "request memory").
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [URING-1]: a NOP points at no memory.
     unsafe { submit(ctx, entry, Box::new(()), move |res, _| done(unit(res))) }
 }

@@ -6,7 +6,8 @@
 //! thin, policy-free call: which one to use for which timeout, and how to retry `EINTR`, is
 //! decided once in the crate root. Keeping [`interest_to_epoll`] and [`epoll_to_readiness`] here
 //! means that everything that knows the numeric values of `EPOLLIN` and friends lives in one
-//! place.
+//! place. The `SAFETY` comments cite the rules [SYS-1]..[SYS-3] of ARCHITECTURE.md ("The kernel
+//! boundary").
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -39,12 +40,12 @@ impl Epoll {
     /// Creates an epoll instance with `EPOLL_CLOEXEC`, so that the fd does not leak into
     /// programs the process executes.
     pub(crate) fn new() -> io::Result<Epoll> {
-        // SAFETY: epoll_create1 takes no pointers; any flags value is safe to pass.
+        // SAFETY: [SYS-1]: epoll_create1 takes no pointers; any flags value is safe to pass.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: epoll_create1 succeeded, so `fd` is an open fd that nothing else owns yet.
+        // SAFETY: [SYS-3]: epoll_create1 just returned `fd`; nothing else owns it yet.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Epoll { fd })
     }
@@ -68,9 +69,7 @@ impl Epoll {
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, data: u64) -> io::Result<()> {
         let mut event = libc::epoll_event { events, u64: data };
-        // `self.fd` is an open epoll fd (type invariant) and `event` is a valid, live
-        // epoll_event that the kernel only reads during the call; it keeps no pointer to it.
-        // SAFETY: justified in the comment just above.
+        // SAFETY: [SYS-2]: `event` is a live epoll_event, read during the call only.
         let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut event) };
         if rc < 0 {
             Err(io::Error::last_os_error())
@@ -96,10 +95,7 @@ impl Epoll {
     fn epoll_wait(&self, events: &mut Events, timeout_ms: libc::c_int) -> io::Result<usize> {
         events.filled = 0;
         let max = events.max_events();
-        // `self.fd` is an open epoll fd (type invariant). `events.buf` is an
-        // exclusively borrowed, initialised buffer of at least `max` epoll_events, and the
-        // kernel writes at most `max` entries into it; nothing else aliases it during the call.
-        // SAFETY: justified in the comment just above.
+        // SAFETY: [SYS-2]: `events.buf` is exclusively borrowed and holds `max` entries or more.
         let rc = unsafe {
             libc::epoll_wait(
                 self.fd.as_raw_fd(),
@@ -123,13 +119,10 @@ impl Epoll {
         // the kernel.
         let epfd = libc::c_long::from(self.fd.as_raw_fd());
         let max = libc::c_long::from(events.max_events());
-        // `epfd` is an open epoll fd (type invariant). `events.buf` is an exclusively
-        // borrowed, initialised buffer of at least `max` epoll_events, and the kernel writes at
-        // most `max` entries into it. `timespec` is a live `struct __kernel_timespec` (two
-        // 64-bit fields on every architecture, which is what this call takes, unlike
-        // `libc::timespec` on 32-bit targets) that the kernel only reads. A null sigmask asks
-        // the kernel not to touch the signal mask; its size argument is then ignored.
-        // SAFETY: justified in the comment just above.
+        // `timespec` is a `struct __kernel_timespec` (64-bit fields on every architecture, which
+        // is what this call takes, unlike `libc::timespec` on 32-bit targets). With a null
+        // sigmask the kernel ignores the size argument.
+        // SAFETY: [SYS-2]: `events.buf` holds `max` entries or more; `timespec` is live and valid.
         let rc = unsafe {
             libc::syscall(
                 libc::SYS_epoll_pwait2,
@@ -171,11 +164,7 @@ impl Epoll {
             revents: 0,
         };
         let timespec = duration_to_timespec(timeout);
-        // `pfd` is one live, exclusively borrowed pollfd, matching nfds = 1; the kernel
-        // writes its `revents`. `timespec` is a live, valid timespec (seconds non-negative,
-        // nanoseconds below one second) that the kernel only reads. A null sigmask asks the
-        // kernel not to touch the signal mask.
-        // SAFETY: justified in the comment just above.
+        // SAFETY: [SYS-2]: one borrowed `pfd` for nfds = 1; `timespec` is live and valid.
         let rc = unsafe { libc::ppoll(&mut pfd, 1, &timespec, ptr::null()) };
         if rc < 0 {
             Err(io::Error::last_os_error())

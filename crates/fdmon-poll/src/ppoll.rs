@@ -3,7 +3,8 @@
 //! macOS has no `ppoll`; there the same function calls `poll(2)` with the timeout rounded *up*
 //! to whole milliseconds, so a wait is never shorter than asked but may be up to 1 ms longer.
 //!
-//! This is the only file of the crate that contains `unsafe`: one call into the kernel. Keeping
+//! This is the only file of the crate that contains `unsafe`: one call into the kernel, whose
+//! `SAFETY` comment cites [SYS-2] of ARCHITECTURE.md ("The kernel boundary"). Keeping
 //! the bit translation next to it means that everything that knows the numeric values of
 //! `POLLIN`, `POLLHUP` and friends lives in one place.
 
@@ -43,12 +44,8 @@ pub(crate) fn ppoll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::
     let timespec_ptr = timespec
         .as_ref()
         .map_or(ptr::null(), |ts| ts as *const libc::timespec);
-    // `fds` is an exclusively borrowed slice of exactly `nfds` initialised pollfds, which
-    // the kernel reads and whose `revents` it writes, and nothing else aliases it during the call.
-    // `timespec_ptr` is either null (infinite wait) or points to `timespec`, a local that outlives
-    // the call and holds a valid timespec (nanoseconds below one second, seconds non-negative).
-    // A null sigmask asks the kernel not to touch the signal mask.
-    // SAFETY: justified in the comment just above.
+    // `timespec_ptr` is null (no limit) or points at `timespec`, a local that outlives the call.
+    // SAFETY: [SYS-2]: `fds` is borrowed, `nfds` long; `timespec` is valid; null sigmask.
     let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), nfds, timespec_ptr, ptr::null()) };
     if rc < 0 {
         Err(io::Error::last_os_error())
@@ -72,9 +69,7 @@ pub(crate) fn ppoll(fds: &mut [libc::pollfd], timeout: Option<Duration>) -> io::
             libc::c_int::try_from(ms).unwrap_or(-1)
         }
     };
-    // `fds` is an exclusively borrowed slice of exactly `nfds` initialised pollfds, which the
-    // kernel reads and whose `revents` it writes, and nothing else aliases it during the call.
-    // SAFETY: justified in the comment just above.
+    // SAFETY: [SYS-2]: `fds` is an exclusively borrowed slice of exactly `nfds` pollfds.
     let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, millis) };
     if rc < 0 {
         Err(io::Error::last_os_error())

@@ -133,12 +133,11 @@ fn both_modes() -> Vec<(&'static str, PollingMonitor)> {
 /// Moves `socket` to the fd number `target`, which the caller has just closed (and which is
 /// not `socket`'s).
 fn move_to(socket: UnixStream, target: RawFd) -> UnixStream {
-    // dup2 takes no pointers; `socket` is open, and `target` is a number this test owns (it
-    // was closed just before, under the serial lock). `socket` is closed on return.
-    // SAFETY: justified in the comment just above.
+    // `socket` is open, and is closed on return; dup2 takes no pointers ([SYS-1]).
+    // SAFETY: [SYS-3]: `target` is ours: we closed it just before, under the serial lock.
     let rc = unsafe { libc::dup2(socket.as_raw_fd(), target) };
     assert_eq!(rc, target, "dup2: {}", io::Error::last_os_error());
-    // SAFETY: dup2 succeeded, so `target` is an open fd that nothing else owns.
+    // SAFETY: [SYS-3]: dup2 succeeded, so `target` is an open fd that nothing else owns.
     unsafe { UnixStream::from_raw_fd(target) }
 }
 

@@ -442,8 +442,8 @@ impl UringMonitor {
     /// be owned by `keep` (heap memory that does not move when the box does) or be `'static`,
     /// and must not be used by anything else until the completion hands `keep` back. The
     /// monitor keeps `keep` alive until then, and when it is dropped it cancels and reaps every
-    /// request still in the kernel before it frees their memory (ARCHITECTURE.md, invariant
-    /// "request memory").
+    /// request still in the kernel before it frees their memory (ARCHITECTURE.md, rule
+    /// [URING-2]).
     pub unsafe fn add_sqe(
         &mut self,
         entry: Sqe,
@@ -528,10 +528,7 @@ impl UringMonitor {
             };
             let pushed = match &pending {
                 Pending::Cancel(target, _) => self.ring.push_cancel(*target, CANCEL_TAG),
-                // The entry's memory is owned by its slot in `requests` until its completion
-                // is reaped or the monitor's drop has seen every request end (invariant
-                // "request memory").
-                // SAFETY: justified in the comment just above.
+                // SAFETY: [URING-2]: the keep-alive stays in its slot of `requests` until reaped.
                 Pending::Request(_, entry) => unsafe { self.ring.push_request(entry) },
             };
             if pushed == Err(SqFull) {
@@ -818,7 +815,7 @@ impl FdMonitor for UringMonitor {
 impl Drop for UringMonitor {
     /// Requests the kernel never saw are freed; every request in the kernel is cancelled and
     /// its completion reaped before its memory is freed, so that the kernel never writes to
-    /// freed memory (invariant "request memory"). If the ring fails for another reason than a
+    /// freed memory ([URING-2]). If the ring fails for another reason than a
     /// signal, the memory of the requests still in the kernel is leaked instead, on purpose,
     /// and an error is logged.
     fn drop(&mut self) {

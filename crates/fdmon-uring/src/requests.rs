@@ -6,7 +6,7 @@
 //! by [`Requests::pop_done`]. The slot owns the request's *keep-alive*: a box holding every
 //! piece of memory its SQE points at (buffers, iovec arrays, the file). The box is handed back
 //! only with the completion, that is after the kernel has posted the CQE and so will not touch
-//! the memory again (ARCHITECTURE.md, invariant "request memory"). A slot's `user_data` is a
+//! the memory again (ARCHITECTURE.md, rule [URING-2]). A slot's `user_data` is a
 //! reserved tag (`user_data.rs`) naming the slot; a generation tells a live request from an
 //! earlier one in the same slot, for callers that cancel late.
 

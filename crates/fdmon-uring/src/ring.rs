@@ -9,19 +9,18 @@
 //! # Memory the kernel reads
 //!
 //! Pushing a submission is `unsafe` in the `io-uring` crate because an entry may point at
-//! memory the kernel reads or writes later. Of our four opcodes only `TIMEOUT` points at
-//! anything: its `timespec`, which the kernel copies while it *prepares* the entry, inside the
-//! `io_uring_enter` that submits it. The ring therefore keeps one boxed [`Timespec`] for as long
-//! as it lives; `POLL_ADD`, `POLL_REMOVE` and `NOP` carry only numbers (an fd, a poll mask, a
-//! `user_data`). No memory is involved in identifying a handler, so no completion can ever
-//! refer to freed memory, whenever it arrives.
+//! memory the kernel reads or writes later. The `SAFETY` comments here cite the rules
+//! [URING-1]..[URING-4] of ARCHITECTURE.md ("The kernel boundary"): of our own opcodes only
+//! `TIMEOUT` points at anything, the ring's one boxed [`Timespec`] ([URING-3]); `POLL_ADD`,
+//! `POLL_REMOVE`, `ASYNC_CANCEL` and `NOP` carry only numbers ([URING-1]); a caller's request
+//! brings its memory along ([URING-2]).
 //!
 //! # Threads
 //!
 //! [`Ring`] is `Send` but not `Sync`: all of its methods that touch the queues take `&mut self`,
 //! except the two read-only peeks behind `must_wait`, whose soundness relies on no other thread
-//! holding a queue at the same time. The `PhantomData<Cell<()>>` marker makes that a compile-time
-//! fact.
+//! holding a queue at the same time ([URING-4]). The `PhantomData<Cell<()>>` marker makes that a
+//! compile-time fact.
 
 use std::cell::Cell;
 use std::fmt;
@@ -45,14 +44,7 @@ pub(crate) struct Ring {
     /// memory it points at.
     ring: IoUring,
     /// The deadline of the latest `TIMEOUT` entry, read by the kernel when that entry is
-    /// submitted.
-    ///
-    /// # Invariant
-    ///
-    /// Every `TIMEOUT` entry in the submission queue points at this box. Its heap address never
-    /// changes while the ring lives, so an entry that stays queued across calls (because a
-    /// submission failed) still points at valid memory; it then carries the latest deadline
-    /// written here, which is harmless because only the latest timeout is waited for.
+    /// submitted. Every `TIMEOUT` entry in the submission queue points at this box ([URING-3]).
     timespec: Box<types::Timespec>,
     /// How many times `io_uring_enter` was called, for the tests that count system calls.
     enters: u64,
@@ -116,7 +108,7 @@ impl Ring {
     /// without a wait cannot be interrupted by a signal.
     pub(crate) fn round_trip(&mut self) -> io::Result<()> {
         let entry = opcode::Nop::new().build().user_data(0);
-        // SAFETY: a NOP points at no memory; pushing it can only fail for lack of room.
+        // SAFETY: [URING-1]: a NOP points at no memory; pushing can only fail for lack of room.
         let pushed = unsafe { self.ring.submission().push(&entry) };
         if pushed.is_err() {
             return Err(io::Error::other(
@@ -150,10 +142,7 @@ impl Ring {
         let entry = opcode::PollAdd::new(types::Fd(fd), events)
             .build()
             .user_data(user_data);
-        // A POLL_ADD entry holds an fd number, a poll mask and a user_data, and points
-        // at no memory, so nothing has to outlive it. A stale or closed fd number is not a
-        // memory hazard either: the kernel fails the request with EBADF.
-        // SAFETY: justified in the comment just above.
+        // SAFETY: [URING-1]: a POLL_ADD holds an fd number, a poll mask and a user_data.
         unsafe { self.ring.submission().push(&entry) }.map_err(|_| SqFull)
     }
 
@@ -161,10 +150,8 @@ impl Ring {
     /// `user_data`.
     pub(crate) fn push_poll_remove(&mut self, target: u64, user_data: u64) -> Result<(), SqFull> {
         let entry = opcode::PollRemove::new(target).build().user_data(user_data);
-        // A POLL_REMOVE entry carries the target's user_data as a plain number in its
-        // `addr` field; the kernel compares it with the user_data of its pending polls and
-        // never dereferences it, so no memory is involved.
-        // SAFETY: justified in the comment just above.
+        // The target's user_data travels in the entry's `addr` field, as a plain number.
+        // SAFETY: [URING-1]: a POLL_REMOVE holds its target's user_data, never dereferenced.
         unsafe { self.ring.submission().push(&entry) }.map_err(|_| SqFull)
     }
 
@@ -190,19 +177,14 @@ impl Ring {
             .flags(types::TimeoutFlags::ABS)
             .build()
             .user_data(user_data);
-        // The entry points at `*self.timespec`, which the kernel reads once, while it
-        // prepares the entry during the `io_uring_enter` that submits it. The box lives as long
-        // as the ring and its address never changes (see the `timespec` field's invariant), so
-        // the memory is valid until then, however many calls later that submission happens, and
-        // nothing refers to it afterwards.
-        // SAFETY: justified in the comment just above.
+        // SAFETY: [URING-3]: the entry points at `*self.timespec`, which outlives the ring's queue.
         unsafe { self.ring.submission().push(&entry) }.map_err(|_| SqFull)
     }
 
     /// Queues a `NOP`, completing with `user_data` as soon as it is submitted.
     pub(crate) fn push_nop(&mut self, user_data: u64) -> Result<(), SqFull> {
         let entry = opcode::Nop::new().build().user_data(user_data);
-        // SAFETY: a NOP points at no memory, so nothing has to outlive it.
+        // SAFETY: [URING-1]: a NOP points at no memory, so nothing has to outlive it.
         unsafe { self.ring.submission().push(&entry) }.map_err(|_| SqFull)
     }
 
@@ -212,9 +194,7 @@ impl Ring {
         let entry = opcode::AsyncCancel::new(target)
             .build()
             .user_data(user_data);
-        // Like POLL_REMOVE, an ASYNC_CANCEL carries its target's user_data as a plain number
-        // that the kernel compares and never dereferences (invariant "ring entries").
-        // SAFETY: justified in the comment just above.
+        // SAFETY: [URING-1]: an ASYNC_CANCEL holds its target's user_data, never dereferenced.
         unsafe { self.ring.submission().push(&entry) }.map_err(|_| SqFull)
     }
 
@@ -225,10 +205,9 @@ impl Ring {
     /// Every piece of memory `entry` points at must stay valid (and, for memory the kernel
     /// writes, not be accessed by anything else) until the entry's completion has been reaped
     /// or the ring is gone. `requests.rs` keeps that memory in the request's slot for exactly
-    /// that long (invariant "request memory").
+    /// that long ([URING-2]).
     pub(crate) unsafe fn push_request(&mut self, entry: &squeue::Entry) -> Result<(), SqFull> {
-        // SAFETY: the caller's contract is the crate's part of the push's contract; see the
-        // invariant "request memory".
+        // SAFETY: [URING-2]: the caller's contract is the crate's part of the push's contract.
         unsafe { self.ring.submission().push(entry) }.map_err(|_| SqFull)
     }
 
@@ -287,11 +266,7 @@ impl Ring {
     /// Whether completions are waiting in the completion queue. Reads the shared ring, no
     /// system call.
     pub(crate) fn has_completions(&self) -> bool {
-        // `completion_shared` requires that no other `CompletionQueue` of this ring
-        // exists. Every other one is created inside a `&mut self` method of `Ring` and dropped
-        // before it returns, so none can be alive while `&self` is borrowed here on this thread,
-        // and `Ring` is not `Sync`, so no other thread can hold one either.
-        // SAFETY: justified in the comment just above.
+        // SAFETY: [URING-4]: no other view of the completion queue exists while `&self` lives.
         let cq = unsafe { self.ring.completion_shared() };
         !cq.is_empty()
     }
@@ -299,11 +274,8 @@ impl Ring {
     /// Whether entries are queued in the submission queue but not yet submitted. Reads the
     /// shared ring, no system call.
     pub(crate) fn has_unsubmitted(&self) -> bool {
-        // `submission_shared` requires that no other `SubmissionQueue` of this ring
-        // exists; as in `has_completions`, every other one lives only inside a `&mut self`
-        // method on this thread, and `Ring` is not `Sync`. Dropping the queue stores back the
-        // tail it read, which changes nothing.
-        // SAFETY: justified in the comment just above.
+        // Dropping the view stores back the tail it read, which changes nothing.
+        // SAFETY: [URING-4]: no other view of the submission queue exists while `&self` lives.
         let sq = unsafe { self.ring.submission_shared() };
         !sq.is_empty()
     }
@@ -339,7 +311,7 @@ pub(crate) fn monotonic_now() -> Duration {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, exclusively borrowed timespec for clock_gettime to fill in.
+    // SAFETY: [SYS-2]: `ts` is a live, exclusively borrowed timespec for clock_gettime to fill.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     // CLOCK_MONOTONIC always exists on Linux and the pointer is valid, so this cannot fail.
     debug_assert_eq!(rc, 0, "clock_gettime(CLOCK_MONOTONIC)");
