@@ -134,6 +134,9 @@ enum Variant {
     Polling,
     /// `AIO_BACKEND=epoll`.
     Epoll,
+    /// `--cache none` (O_DIRECT): raced against `qemu-nbd --cache=none` with the same `--aio`
+    /// (with native AIO, always: it is qemu-nbd's only native mode).
+    CacheNone,
 }
 
 /// qemu-nbd's `--cache`.
@@ -178,6 +181,7 @@ impl Which {
                         format!("{base} --poll-max-ns {POLL_MAX_NS} --poll-weight {POLL_WEIGHT}")
                     }
                     Variant::Epoll => format!("AIO_BACKEND=epoll {base}"),
+                    Variant::CacheNone => format!("{base} --cache none"),
                 }
             }
             Which::QemuNbd(aio, Cache::Writeback) => format!("qemu-nbd --aio={}", aio.arg()),
@@ -207,6 +211,9 @@ fn server_list(sel: &Selection) -> Vec<Which> {
                 .iter()
                 .map(|&aio| Which::Ours(aio, Variant::Plain)),
         );
+        if sel.modes.contains(&Aio::Native) {
+            list.push(Which::Ours(Aio::Native, Variant::CacheNone));
+        }
         if sel.variants {
             list.extend(
                 [Variant::Tasks, Variant::Polling, Variant::Epoll]
@@ -396,6 +403,7 @@ impl Files {
                     Variant::Polling => cmd
                         .args(["--poll-max-ns", &POLL_MAX_NS.to_string()])
                         .args(["--poll-weight", &POLL_WEIGHT.to_string()]),
+                    Variant::CacheNone => cmd.args(["--cache", "none"]),
                     Variant::Plain | Variant::Epoll => cmd,
                 };
                 cmd.arg(image)
@@ -1085,7 +1093,7 @@ fn qemu_twin(
     usable: &dyn Fn(usize) -> bool,
     which: Which,
 ) -> Option<(usize, bool)> {
-    let Which::Ours(aio, _) = which else {
+    let Which::Ours(aio, variant) = which else {
         return None;
     };
     let find = |cache| {
@@ -1094,6 +1102,10 @@ fn qemu_twin(
             .position(|&w| w == Which::QemuNbd(aio, cache))
             .filter(|&i| usable(i))
     };
+    if variant == Variant::CacheNone {
+        // O_DIRECT against O_DIRECT: like for like, no footnote.
+        return find(Cache::None).map(|i| (i, false));
+    }
     find(Cache::Writeback)
         .map(|i| (i, false))
         .or_else(|| find(Cache::None).map(|i| (i, true)))
@@ -1479,6 +1491,7 @@ mod tests {
                 "aio --aio threads",
                 "aio --aio io_uring",
                 "aio --aio native",
+                "aio --aio native --cache none",
                 "qemu-nbd --aio=threads",
                 "qemu-nbd --aio=io_uring",
                 "qemu-nbd --aio=native",
@@ -1623,12 +1636,13 @@ mod tests {
     #[test]
     fn ratios_are_like_for_like_and_point_the_same_way_for_times() {
         let servers = server_list(&every(&[Client::Fio]));
-        // aio threads, io_uring, native; qemu-nbd threads, io_uring, native (refused),
-        // native cache=none; nbdkit.
+        // aio threads, io_uring, native, native cache none; qemu-nbd threads, io_uring, native
+        // (refused), native cache=none; nbdkit.
         let mut outcomes = vec![
             outcome(&[100.0, 300.0, 200.0]),
             outcome(&[300.0]),
             outcome(&[90.0]),
+            outcome(&[60.0]),
             outcome(&[400.0, 100.0]),
             outcome(&[150.0]),
             Outcome {
@@ -1667,8 +1681,10 @@ mod tests {
         // native: qemu-nbd refused the page cache, so its cache=none row stands in, marked.
         assert_eq!(cells(2)[4..], ["1.80", "2.00 (cache=none)"]);
         assert!(table.used_cache_none);
+        // Ours with --cache none against qemu-nbd's cache=none: like for like, unmarked.
+        assert_eq!(cells(3)[4..], ["1.20", "1.33"]);
         assert_eq!(
-            cells(5),
+            cells(6),
             [
                 "qemu-nbd --aio=native",
                 "refused: aio=native needs cache.direct=on",
@@ -1679,12 +1695,12 @@ mod tests {
             ]
         );
         // Peers get no ratios.
-        assert_eq!(cells(7)[4..], ["—", "—"]);
+        assert_eq!(cells(8)[4..], ["—", "—"]);
 
         // Times: lower is better, so the ratio is theirs over ours.
         let mut outcomes = vec![outcome(&[2.0]); servers.len()];
-        outcomes[7] = outcome(&[0.5]);
-        outcomes[3] = Outcome {
+        outcomes[8] = outcome(&[0.5]);
+        outcomes[4] = Outcome {
             runs: Vec::new(),
             note: Some("skipped: no qemu-nbd".to_owned()),
         };
