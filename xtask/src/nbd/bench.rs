@@ -7,7 +7,8 @@
 //! **Servers** ([`Which`]). Ours in each `--aio` mode (`threads`, its default, `io_uring`,
 //! `native`); `qemu-nbd --cache=writeback` with the same `--aio` (it refuses `native` on the
 //! page cache, and the table says so), plus `qemu-nbd --aio=native --cache=none` so that the
-//! native mode has a peer; nbdkit's file plugin with its defaults (16 threads, page cache).
+//! native mode has a peer, raced by ours with `--aio native --cache none` (O_DIRECT against
+//! O_DIRECT); nbdkit's file plugin with its defaults (16 threads, page cache).
 //! `AIO_NBD_BENCH_VARIANTS=1` adds our earlier variants on `--aio threads`: the task engine,
 //! adaptive polling with the weighted policy, and the epoll backend. A server that refuses to
 //! start (a mode the kernel or the program refuses) is probed once for its message, and its rows
