@@ -1084,7 +1084,6 @@ mod tests {
         let features = workspace_features(&project_root()).unwrap();
         let has = |p: &str, f: &str| features.iter().any(|(pp, ff)| pp == p && ff == f);
         assert!(has("aio", "glib") && has("aio", "tokio") && has("aio", "io-uring"));
-        assert!(has("aio-core", "testing"));
         assert!(!features.iter().any(|(_, f)| f == "default"));
     }
 
@@ -1093,12 +1092,7 @@ mod tests {
         let args = feature_args(&project_root(), false).unwrap();
         assert_eq!(args[0], "--features");
         let features: Vec<&str> = args[1].split(',').collect();
-        for f in [
-            "aio/tokio",
-            "aio/calloop",
-            "aio/polling",
-            "aio-core/testing",
-        ] {
+        for f in ["aio/tokio", "aio/calloop", "aio/polling"] {
             assert!(features.contains(&f), "{f} missing from {features:?}");
         }
         assert!(
