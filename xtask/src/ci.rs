@@ -92,6 +92,7 @@ pub const CROSS_TARGETS: &[&str] = &["aarch64-apple-darwin", "x86_64-unknown-fre
 /// floors, `cpu_set_t`, and criterion needs a C cross-compiler) and `xtask` (runs on the host).
 const CROSS_PACKAGES: &[&str] = &[
     "aio-core",
+    "aio-conformance",
     "timers",
     "threadpool",
     "fdmon-poll",
