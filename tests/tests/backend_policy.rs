@@ -5,7 +5,7 @@
 #![cfg(target_os = "linux")]
 
 use aio::{AioContext, Backend, Builder};
-use aio_core::testing::{Counted, Polled, PolledCounts};
+use aio_conformance::{Counted, Polled, PolledCounts};
 use std::cell::Cell;
 use std::fs::File;
 use std::io;

@@ -21,7 +21,7 @@ fn make() -> std::io::Result<aio::AioContext> {
     Ok(ctx)
 }
 
-aio_core::conformance_tests!(
+aio_conformance::conformance_tests!(
     make,
     #[cfg_attr(
         aio_forced_backend_unavailable,

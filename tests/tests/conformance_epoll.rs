@@ -1,4 +1,4 @@
-//! The conformance suite of `aio_core::testing` on the epoll backend.
+//! The conformance suite of `aio_conformance` on the epoll backend.
 
 #![cfg(target_os = "linux")]
 
@@ -6,4 +6,4 @@ fn make() -> std::io::Result<aio::AioContext> {
     aio_core::AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new()?))
 }
 
-aio_core::conformance_tests!(make);
+aio_conformance::conformance_tests!(make);

@@ -1,4 +1,4 @@
-//! The conformance suite of `aio_core::testing` on `MiriMonitor`, the test-only monitor that the
+//! The conformance suite of `aio_conformance` on `MiriMonitor`, the test-only monitor that the
 //! helpers of the core and pool tests switch to under Miri (which emulates neither `ppoll` nor
 //! level-triggered epoll; see `crates/aio-core/tests/support/miri_monitor.rs`).
 //!
@@ -14,4 +14,4 @@ fn make() -> std::io::Result<aio::AioContext> {
     aio_core::AioContext::new(Box::new(miri_monitor::MiriMonitor::new()?))
 }
 
-aio_core::conformance_tests!(make);
+aio_conformance::conformance_tests!(make);

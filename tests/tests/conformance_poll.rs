@@ -1,4 +1,4 @@
-//! The conformance suite of `aio_core::testing` on the poll backend.
+//! The conformance suite of `aio_conformance` on the poll backend.
 
 fn make() -> std::io::Result<aio::AioContext> {
     aio::Builder::new()
@@ -7,4 +7,4 @@ fn make() -> std::io::Result<aio::AioContext> {
         .build()
 }
 
-aio_core::conformance_tests!(make);
+aio_conformance::conformance_tests!(make);

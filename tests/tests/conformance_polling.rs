@@ -1,4 +1,4 @@
-//! The conformance suite of `aio_core::testing` on the `polling` backend, twice: as the facade
+//! The conformance suite of `aio_conformance` on the `polling` backend, twice: as the facade
 //! builds it (level-triggered: epoll underneath on Linux, kqueue on macOS and the BSDs), and in
 //! the mode event ports need (one-shot registrations re-armed by the monitor after each report),
 //! forced here so that illumos's code path passes the suite on Linux too.
@@ -14,7 +14,7 @@ mod level {
         Ok(ctx)
     }
 
-    aio_core::conformance_tests!(make);
+    aio_conformance::conformance_tests!(make);
 }
 
 /// One-shot registrations re-armed after each report (event ports' mode), on any platform.
@@ -25,5 +25,5 @@ mod rearm {
         aio_core::AioContext::new(Box::new(monitor))
     }
 
-    aio_core::conformance_tests!(make);
+    aio_conformance::conformance_tests!(make);
 }

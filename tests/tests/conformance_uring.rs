@@ -1,4 +1,4 @@
-//! The conformance suite of `aio_core::testing` on the io_uring backend.
+//! The conformance suite of `aio_conformance` on the io_uring backend.
 //!
 //! io_uring can be missing or refused (an old kernel, `kernel.io_uring_disabled`, a seccomp
 //! filter). The test crate's build script probes for it; where it is unavailable, every case is
@@ -13,7 +13,7 @@ fn make() -> std::io::Result<aio_core::AioContext> {
     aio_core::AioContext::new(Box::new(UringMonitor::new()?))
 }
 
-aio_core::conformance_tests!(
+aio_conformance::conformance_tests!(
     make,
     #[cfg_attr(
         aio_no_uring,

@@ -12,7 +12,7 @@ use aio::{
     AioContext, ClockType, FdMonitor, GroupBuilder, HandlerKey, OuterFd, PollMonitor, PollParams,
     PollPolicy, ReadyList, VirtualClock,
 };
-use aio_core::testing::Polled;
+use aio_conformance::Polled;
 use std::cell::Cell;
 use std::io::{self, Write};
 use std::os::unix::net::UnixStream;

@@ -92,6 +92,7 @@ pub const CROSS_TARGETS: &[&str] = &["aarch64-apple-darwin", "x86_64-unknown-fre
 /// floors, `cpu_set_t`, and criterion needs a C cross-compiler) and `xtask` (runs on the host).
 const CROSS_PACKAGES: &[&str] = &[
     "aio-core",
+    "aio-conformance",
     "timers",
     "threadpool",
     "fdmon-poll",
@@ -1084,7 +1085,6 @@ mod tests {
         let features = workspace_features(&project_root()).unwrap();
         let has = |p: &str, f: &str| features.iter().any(|(pp, ff)| pp == p && ff == f);
         assert!(has("aio", "glib") && has("aio", "tokio") && has("aio", "io-uring"));
-        assert!(has("aio-core", "testing"));
         assert!(!features.iter().any(|(_, f)| f == "default"));
     }
 
@@ -1093,12 +1093,7 @@ mod tests {
         let args = feature_args(&project_root(), false).unwrap();
         assert_eq!(args[0], "--features");
         let features: Vec<&str> = args[1].split(',').collect();
-        for f in [
-            "aio/tokio",
-            "aio/calloop",
-            "aio/polling",
-            "aio-core/testing",
-        ] {
+        for f in ["aio/tokio", "aio/calloop", "aio/polling"] {
             assert!(features.contains(&f), "{f} missing from {features:?}");
         }
         assert!(

@@ -11,8 +11,7 @@
 //!   the same line or within the 3 non-blank lines above it; a longer block of comments (and
 //!   attributes) directly above also counts, so a `// SAFETY:` paragraph may run past 3 lines;
 //! - in the `src/` of `aio-core`, `timers` and `threadpool` ([`SYNC_CRATES`]), only `sync.rs`
-//!   names `std::sync` or `parking_lot` (and aio-core's `testing.rs` and `testing/`, which are
-//!   test code): every atomic, lock, fence and shared pointer of their cross-thread protocols
+//!   names `std::sync` or `parking_lot`: every atomic, lock, fence and shared pointer of their cross-thread protocols
 //!   goes through the crate's `sync` module, so that the loom models check the real code;
 //! - no trailing whitespace.
 //!
@@ -256,15 +255,12 @@ pub fn check_file(path: &str, text: &str) -> Vec<Violation> {
     out
 }
 
-/// Library files of the [`SYNC_CRATES`] other than the `sync` facade itself and aio-core's
-/// test-only suite.
+/// Library files of the [`SYNC_CRATES`] other than the `sync` facade itself.
 fn must_use_sync_module(path: &str) -> bool {
     SYNC_CRATES
         .iter()
         .any(|krate| path.starts_with(&format!("crates/{krate}/src/")))
         && !path.ends_with("/sync.rs")
-        && !path.ends_with("/testing.rs")
-        && !path.contains("/src/testing/")
 }
 
 /// Test code may use the forbidden macros: files under a `tests` directory, or named `*tests*.rs`.
@@ -534,7 +530,7 @@ mod tests {
         assert!(check_file("crates/timers/src/sync.rs", lock).is_empty());
         assert!(check_file("crates/threadpool/tests/cancel.rs", src).is_empty());
         assert!(check_file("crates/aio-core/src/sync.rs", src).is_empty());
-        assert!(check_file("crates/aio-core/src/testing.rs", src).is_empty());
+        assert!(check_file("crates/conformance/src/support.rs", src).is_empty());
         assert!(check_file("crates/aio-core/tests/loom_bh.rs", src).is_empty());
         assert!(check_file("crates/fdmon-poll/src/lib.rs", src).is_empty());
         let comment = "//! x\n// std::sync is not used here\n";

@@ -236,8 +236,8 @@ pub struct OuterFd {
 ///
 /// Write `update` so that it costs O(1) per change and `wait` so that it allocates nothing in
 /// steady state; keep per-wait scratch space (a `pollfd` array, an `epoll_event` buffer) in
-/// the monitor. Then run the shared conformance suite (`aio_core::testing`, feature
-/// `testing`) against it.
+/// the monitor. Then run the shared conformance suites (crate `aio-conformance` in
+/// `crates/conformance`: `monitor_conformance_tests!` and `conformance_tests!`) against it.
 pub trait FdMonitor: fmt::Debug {
     /// A short name for logs and for [`AioContext::backend`](crate::AioContext::backend):
     /// `"poll"`, `"epoll"`, `"io_uring"`.

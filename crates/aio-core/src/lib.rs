@@ -71,8 +71,6 @@ mod shared;
 mod sync;
 mod sys;
 pub mod task;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use bh::{BottomHalf, RunningBh};
 #[cfg(aio_loom)]

@@ -1,5 +1,5 @@
 //! Behaviour of [`EpollMonitor`] against real kernel objects: the monitor-level conformance
-//! suite (`aio_core::testing::monitor`, shared with every backend) on both ways of waiting with
+//! suite (`aio_conformance::monitor`, shared with every backend) on both ways of waiting with
 //! a positive timeout (`epoll_pwait2`, skipped with a printed notice on a kernel that lacks it,
 //! and the `ppoll` fallback; its `by_number` cases, closed and reused fd numbers, on the
 //! fallback), and what is specific to epoll: the kernel's refusals (`EPERM`, `EBADF`),
@@ -17,7 +17,7 @@ use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use aio_core::testing::monitor::{
+use aio_conformance::monitor::{
     CountingAllocator, MonitorBackend, add, always_available, key, pipe, serial, wait_now,
     write_bytes,
 };
@@ -52,7 +52,7 @@ mod pwait2 {
         ..EPOLL
     };
 
-    aio_core::monitor_conformance_tests!(PWAIT2);
+    aio_conformance::monitor_conformance_tests!(PWAIT2);
 }
 
 /// The suite on the `ppoll` fallback for positive timeouts.
@@ -65,7 +65,7 @@ mod ppoll_fallback {
         ..EPOLL
     };
 
-    aio_core::monitor_conformance_tests!(FALLBACK, by_number);
+    aio_conformance::monitor_conformance_tests!(FALLBACK, by_number);
 }
 
 // ---------------------------------------------------------------------------------------------

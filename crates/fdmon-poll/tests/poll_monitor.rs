@@ -1,5 +1,5 @@
 //! Behaviour of [`PollMonitor`] against real kernel objects: the monitor-level conformance
-//! suite (`aio_core::testing::monitor`, shared with every backend), and what is specific to
+//! suite (`aio_conformance::monitor`, shared with every backend), and what is specific to
 //! poll(2): the same fd number may be watched twice, a closed fd is reported as an error (and
 //! warned about once per key), and an outer loop must watch every registered fd.
 //!
@@ -17,7 +17,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
-use aio_core::testing::monitor::{
+use aio_conformance::monitor::{
     CountLevel, CountingAllocator, MonitorBackend, add, always_available, pipe, serial, wait_now,
 };
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
@@ -36,10 +36,10 @@ const POLL: MonitorBackend<PollMonitor> = MonitorBackend {
     one_key_per_number: false,
 };
 
-aio_core::monitor_conformance_tests!(POLL);
+aio_conformance::monitor_conformance_tests!(POLL);
 
 fn key(index: u32) -> HandlerKey {
-    aio_core::testing::monitor::key(index)
+    aio_conformance::monitor::key(index)
 }
 
 // ---------------------------------------------------------------------------------------------

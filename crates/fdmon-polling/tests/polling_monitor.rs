@@ -1,7 +1,7 @@
 //! Behaviour of [`PollingMonitor`] against real kernel objects, in both of its modes:
 //! level-triggered registration (epoll, kqueue) and one-shot registration re-armed after each
 //! report (event ports, forced here with `with_rearm(true)`). On Linux the monitor-level
-//! conformance suite (`aio_core::testing::monitor`, shared with every backend) runs in each
+//! conformance suite (`aio_conformance::monitor`, shared with every backend) runs in each
 //! mode; the cases below are what is specific to `polling`: how each kernel answers a closed,
 //! reused or doubly registered fd, a failed re-arm, and the kernel object as the outer fd.
 //!
@@ -25,7 +25,7 @@ use fdmon_polling::PollingMonitor;
 /// The suite in both modes, on Linux.
 #[cfg(target_os = "linux")]
 mod suite {
-    use aio_core::testing::monitor::{CountingAllocator, MonitorBackend, always_available};
+    use aio_conformance::monitor::{CountingAllocator, MonitorBackend, always_available};
     use fdmon_polling::PollingMonitor;
 
     #[global_allocator]
@@ -42,7 +42,7 @@ mod suite {
     };
 
     mod level {
-        aio_core::monitor_conformance_tests!(super::LEVEL, by_number);
+        aio_conformance::monitor_conformance_tests!(super::LEVEL, by_number);
     }
 
     /// One-shot registration re-armed by the monitor, as on event ports.
@@ -55,12 +55,12 @@ mod suite {
             ..LEVEL
         };
 
-        aio_core::monitor_conformance_tests!(REARM, by_number);
+        aio_conformance::monitor_conformance_tests!(REARM, by_number);
     }
 }
 
 #[cfg(target_os = "linux")]
-use aio_core::testing::monitor::serial;
+use aio_conformance::monitor::serial;
 
 /// Runs tests one at a time (the suite's lock on Linux, where the suite runs in this binary).
 #[cfg(not(target_os = "linux"))]

@@ -1,5 +1,5 @@
 //! Behaviour of [`UringMonitor`] against real kernel objects: the monitor-level conformance
-//! suite (`aio_core::testing::monitor`, shared with every backend), and what is specific to
+//! suite (`aio_conformance::monitor`, shared with every backend), and what is specific to
 //! io_uring: one `POLL_ADD` in flight per key, stale completions, batched submissions and
 //! `io_uring_enter` counts, closed fds, `must_wait` reading the rings, and the ring fd as the
 //! outer fd.
@@ -20,7 +20,7 @@ use std::sync::{Arc, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use aio_core::testing::monitor::{
+use aio_conformance::monitor::{
     CountLevel, CountingAllocator, MonitorBackend, add, churn_1000_fds, ensure_fd_limit, eventfd,
     key, pipe, read_bytes, serial, signal_eventfd, wait_for, wait_now, write_bytes,
 };
@@ -48,7 +48,7 @@ const URING: MonitorBackend<UringMonitor> = MonitorBackend {
 };
 
 mod suite {
-    aio_core::monitor_conformance_tests!(super::URING);
+    aio_conformance::monitor_conformance_tests!(super::URING);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-//! The monitor-level conformance suite (feature `testing`): the behaviour every
+//! The monitor-level conformance suite: the behaviour every
 //! [`FdMonitor`] must show against real kernel objects (pipes, eventfds), whatever its system
 //! calls, as plain functions over a [`MonitorBackend`], and the
 //! [`monitor_conformance_tests!`](crate::monitor_conformance_tests) macro that turns them into
@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crate::{Change, FdMonitor, HandlerKey, Interest, Readiness, ReadyList};
+use aio_core::{Change, FdMonitor, HandlerKey, Interest, Readiness, ReadyList};
 
 /// A registration as a backend lists it: key, fd, interest.
 pub type Registration = (HandlerKey, RawFd, Interest);
@@ -114,10 +114,10 @@ pub fn serial() -> MutexGuard<'static, ()> {
 /// If `pipe2` fails.
 pub fn pipe() -> (OwnedFd, OwnedFd) {
     let mut fds = [-1; 2];
-    // SAFETY: `fds` is a writable array of two c_ints, which is what pipe2 fills in.
+    // SAFETY: [CONF-1] `fds` is a writable array of two c_ints, which is what pipe2 fills in.
     let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) };
     assert_eq!(rc, 0, "pipe2: {}", io::Error::last_os_error());
-    // SAFETY: pipe2 succeeded, so both numbers are open fds that nothing else owns yet.
+    // SAFETY: [CONF-3] pipe2 succeeded, so both numbers are open fds that nothing else owns yet.
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
 }
 
@@ -127,10 +127,10 @@ pub fn pipe() -> (OwnedFd, OwnedFd) {
 ///
 /// If `eventfd` fails.
 pub fn eventfd() -> OwnedFd {
-    // SAFETY: eventfd takes no pointers; any flags are safe to pass.
+    // SAFETY: [CONF-2] eventfd takes no pointers; any flags are safe to pass.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
     assert!(fd >= 0, "eventfd: {}", io::Error::last_os_error());
-    // SAFETY: eventfd succeeded, so `fd` is an open fd that nothing else owns yet.
+    // SAFETY: [CONF-3] eventfd succeeded, so `fd` is an open fd that nothing else owns yet.
     unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
@@ -145,11 +145,11 @@ pub fn move_to(fd: OwnedFd, target: RawFd) -> OwnedFd {
     if fd.as_raw_fd() == target {
         return fd;
     }
-    // SAFETY: dup3 takes no pointers; `fd` is open, and `target` is a number the caller chose
-    // and owns (it closed it just before, under the serial lock). `fd` is closed on return.
+    // SAFETY: [CONF-2] dup3 takes no pointers; `fd` is open, and `target` is a number the caller
+    // chose and owns (it closed it just before, under the serial lock). `fd` is closed on return.
     let rc = unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) };
     assert_eq!(rc, target, "dup3: {}", io::Error::last_os_error());
-    // SAFETY: dup3 succeeded, so `target` is an open fd that nothing else owns.
+    // SAFETY: [CONF-3] dup3 succeeded, so `target` is an open fd that nothing else owns.
     unsafe { OwnedFd::from_raw_fd(target) }
 }
 
@@ -159,7 +159,7 @@ pub fn move_to(fd: OwnedFd, target: RawFd) -> OwnedFd {
 ///
 /// If the write fails or is short.
 pub fn write_bytes(fd: &impl AsRawFd, bytes: &[u8]) {
-    // SAFETY: `bytes` is a live slice, readable for `bytes.len()` bytes during the call.
+    // SAFETY: [CONF-1] `bytes` is a live slice, readable for `bytes.len()` bytes during the call.
     let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
     assert_eq!(
         n,
@@ -181,7 +181,7 @@ pub fn signal_eventfd(fd: &impl AsRawFd) {
 /// If the read fails or returns another count.
 pub fn read_bytes(fd: &impl AsRawFd, expected: usize) {
     let mut buf = [0u8; 64];
-    // SAFETY: `buf` is a live, exclusively borrowed array, writable for `buf.len()` bytes.
+    // SAFETY: [CONF-1] `buf` is a live, exclusively borrowed array, writable for `buf.len()` bytes.
     let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     assert_eq!(n, expected as isize, "read: {}", io::Error::last_os_error());
 }
@@ -251,7 +251,7 @@ pub fn ensure_fd_limit(needed: u64) {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: `limit` is a valid, exclusively borrowed rlimit for getrlimit to fill in.
+    // SAFETY: [CONF-1] `limit` is a valid, exclusively borrowed rlimit for getrlimit to fill in.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     assert_eq!(rc, 0, "getrlimit: {}", io::Error::last_os_error());
     if limit.rlim_cur >= needed {
@@ -263,7 +263,8 @@ pub fn ensure_fd_limit(needed: u64) {
         limit.rlim_max
     );
     limit.rlim_cur = needed;
-    // SAFETY: `limit` is a valid rlimit read above, its soft limit raised within the hard one.
+    // SAFETY: [CONF-1] `limit` is a valid rlimit read above, its soft limit raised within the hard
+    // one.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     assert_eq!(rc, 0, "setrlimit: {}", io::Error::last_os_error());
 }
@@ -283,16 +284,16 @@ extern "C" fn count_signal(_: libc::c_int) {
 ///
 /// If `sigaction` fails.
 pub fn install_sigusr1_handler() {
-    // SAFETY: `sigaction` is a plain C struct; all zeroes is a valid value (no flags, no
+    // SAFETY: [CONF-4] `sigaction` is a plain C struct; all zeroes is a valid value (no flags, no
     // handler) that is filled in below before use.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = count_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     action.sa_flags = 0;
-    // SAFETY: `action.sa_mask` is a valid, exclusively borrowed sigset_t.
+    // SAFETY: [CONF-1] `action.sa_mask` is a valid, exclusively borrowed sigset_t.
     let rc = unsafe { libc::sigemptyset(&mut action.sa_mask) };
     assert_eq!(rc, 0);
-    // SAFETY: `action` is initialised, its handler only does async-signal-safe work, and a null
-    // old-action pointer is allowed.
+    // SAFETY: [CONF-4] `action` is initialised, its handler only does async-signal-safe work, and a
+    // null old-action pointer is allowed.
     let rc = unsafe { libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "sigaction: {}", io::Error::last_os_error());
 }
@@ -305,7 +306,7 @@ pub fn install_sigusr1_handler() {
 pub fn signal_after<T>(thread: &thread::JoinHandle<T>, delays: &[u64]) {
     for &delay in delays {
         thread::sleep(Duration::from_millis(delay));
-        // SAFETY: the thread has not been joined, so its pthread_t still names a live (or
+        // SAFETY: [CONF-2] the thread has not been joined, so its pthread_t still names a live (or
         // finished but unjoined) thread, and SIGUSR1 has a handler installed.
         let rc = unsafe { libc::pthread_kill(thread.as_pthread_t(), libc::SIGUSR1) };
         assert_eq!(rc, 0);
@@ -355,8 +356,8 @@ impl tracing::Subscriber for CountLevel {
 ///
 /// ```ignore
 /// #[global_allocator]
-/// static ALLOCATOR: aio_core::testing::monitor::CountingAllocator =
-///     aio_core::testing::monitor::CountingAllocator;
+/// static ALLOCATOR: aio_conformance::monitor::CountingAllocator =
+///     aio_conformance::monitor::CountingAllocator;
 /// ```
 #[derive(Debug)]
 pub struct CountingAllocator;
@@ -375,32 +376,32 @@ pub fn allocations() -> usize {
     ALLOCATIONS.with(Cell::get)
 }
 
-// SAFETY: every method forwards to the system allocator with the caller's arguments unchanged,
-// so it upholds GlobalAlloc's contract exactly as `System` does; counting touches only a
+// SAFETY: [CONF-4] every method forwards to the system allocator with the caller's arguments
+// unchanged, so it upholds GlobalAlloc's contract exactly as `System` does; counting touches only a
 // const-initialised thread-local Cell, which never allocates.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count_allocation();
-        // SAFETY: forwarded unchanged; the caller upholds `alloc`'s contract.
+        // SAFETY: [CONF-4] forwarded unchanged; the caller upholds `alloc`'s contract.
         unsafe { System.alloc(layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         count_allocation();
-        // SAFETY: forwarded unchanged; the caller upholds `alloc_zeroed`'s contract.
+        // SAFETY: [CONF-4] forwarded unchanged; the caller upholds `alloc_zeroed`'s contract.
         unsafe { System.alloc_zeroed(layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count_allocation();
-        // SAFETY: forwarded unchanged; `ptr` was allocated by `System` through this allocator
-        // with `layout`, as the caller guarantees.
+        // SAFETY: [CONF-4] forwarded unchanged; `ptr` was allocated by `System` through this
+        // allocator with `layout`, as the caller guarantees.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: forwarded unchanged; `ptr` was allocated by `System` through this allocator
-        // with `layout`, as the caller guarantees.
+        // SAFETY: [CONF-4] forwarded unchanged; `ptr` was allocated by `System` through this
+        // allocator with `layout`, as the caller guarantees.
         unsafe { System.dealloc(ptr, layout) }
     }
 }
@@ -978,7 +979,7 @@ pub fn churn_1000_fds<M: FdMonitor>(
 }
 
 /// Every change that breaks the contract (see
-/// [`registrations`](crate::registrations)) is refused with its error kind, and leaves the
+/// [`registrations`](aio_core::registrations)) is refused with its error kind, and leaves the
 /// monitor as it was.
 pub fn bad_changes_are_errors_and_leave_the_monitor_unchanged<M: FdMonitor>(b: &MonitorBackend<M>) {
     let (_serial, mut monitor) = start!(b, "bad_changes_are_errors");
@@ -1057,7 +1058,7 @@ pub fn steady_state_wait_allocates_nothing<M: FdMonitor>(b: &MonitorBackend<M>) 
     drop(std::hint::black_box(Box::new(1u64)));
     assert!(
         allocations() > before,
-        "this test binary must install aio_core::testing::monitor::CountingAllocator as its \
+        "this test binary must install aio_conformance::monitor::CountingAllocator as its \
          #[global_allocator]"
     );
     let (r, w) = pipe();
@@ -1258,7 +1259,7 @@ pub fn replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file<M: Fd
 /// (in a module of its own), and install [`CountingAllocator`] once in the test binary. With
 /// `, by_number` it adds the cases of a kernel that finds its entries by fd number and drops a
 /// closed file by itself (epoll, and `polling` on it): closed and reused numbers, as
-/// [`Registrations::update`](crate::registrations::Registrations::update) handles them.
+/// [`Registrations::update`](aio_core::registrations::Registrations::update) handles them.
 ///
 /// ```ignore
 /// const POLL: MonitorBackend<PollMonitor> = MonitorBackend {
@@ -1269,7 +1270,7 @@ pub fn replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file<M: Fd
 ///     batches: None,
 ///     one_key_per_number: false,
 /// };
-/// aio_core::monitor_conformance_tests!(POLL);
+/// aio_conformance::monitor_conformance_tests!(POLL);
 /// ```
 #[macro_export]
 macro_rules! monitor_conformance_tests {
@@ -1309,7 +1310,7 @@ macro_rules! monitor_conformance_tests {
         $(
             #[test]
             fn $case() {
-                $crate::testing::monitor::$case(&$backend)
+                $crate::monitor::$case(&$backend)
             }
         )*
     };
