@@ -900,16 +900,24 @@ impl Held {
 
     /// Whether a node that `allows` lets run may be held (exact unless a `take_first` has
     /// removed the highest one since the last refresh: then it may say true wrongly, once).
+    #[inline]
     pub(crate) fn any(&self, allows: impl Fn(u64) -> bool) -> bool {
         !self.nodes.is_empty() && allows(self.max)
     }
 
     /// Unlinks the oldest node that `allows` lets run, for [`dispatch`]; the others keep their
-    /// order.
+    /// order. Inline down to the emptiness check: every BH pass asks, and almost always
+    /// nothing is held (B1 measured 38 instructions an iteration for the call).
+    #[inline]
     pub(crate) fn take_first(&mut self, allows: impl Fn(u64) -> bool) -> Option<NodePtr> {
         if !self.any(&allows) {
             return None;
         }
+        self.take_first_allowed(allows)
+    }
+
+    #[inline(never)]
+    fn take_first_allowed(&mut self, allows: impl Fn(u64) -> bool) -> Option<NodePtr> {
         match self.nodes.iter().position(|&(_, scope)| allows(scope)) {
             Some(i) => self.nodes.remove(i).map(|(node, _)| node),
             None => {
