@@ -106,7 +106,6 @@ impl Inner {
         }
     }
 
-    /// Runs the pending BHs (QEMU `aio_bh_poll`), draining outer slices first.
     /// Runs one BH popped from a slice or the held queue, counting it for [`Stats`].
     fn dispatch_bh(&self, node: bh::NodePtr) -> bool {
         match bh::dispatch(node, &self.shared) {
@@ -126,6 +125,7 @@ impl Inner {
         ran > 0
     }
 
+    /// Runs the pending BHs (QEMU `aio_bh_poll`), draining outer slices first.
     pub(crate) fn bh_poll(&self) -> bool {
         let (remote, local) = self.shared.bhs.take();
         let held = self.held_bhs_ready();

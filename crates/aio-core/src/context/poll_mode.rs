@@ -1,6 +1,6 @@
 //! Adaptive polling, home-thread side: the [`Polling`] state, the poll set (who joins and
 //! leaves it), polling mode (`on_poll_begin`/`on_poll_end`), the busy-polling phase of an
-//! iteration and the window updates after it. The window arithmetic lives in `polling.rs`.
+//! iteration and the window updates after it.
 //!
 //! # Adaptive polling (docs/qemu-semantics.md §4.3)
 //!
