@@ -872,8 +872,9 @@ fn miri(_root: &Path) -> Result<()> {
 ///
 /// ThreadSanitizer is not a step. It needs std rebuilt with it (`-Zbuild-std`, several minutes
 /// on two cores) to avoid false reports from std's own synchronisation, and it does not model
-/// standalone fences: the context's notify handshake (`context.rs`) is a pair of SeqCst fences,
-/// so TSan's verdict on exactly the cross-thread protocol that matters would not be meaningful.
+/// standalone fences: the context's notify handshake (`aio-core/src/context/wake.rs`) is a pair
+/// of SeqCst fences, so TSan's verdict on exactly the cross-thread protocol that matters would
+/// not be meaningful.
 /// The loom models check that protocol instead; Miri's data-race detector checks the rest.
 fn asan(_root: &Path) -> Result<()> {
     let version = Cmd::new("rustc")

@@ -5,7 +5,7 @@
 //! C original: `aio_context_set_poll_params`, `adjust_polling_time` (QEMU 10.0, one window per
 //! handler, docs/qemu-semantics.md §4.3) and `adjust_block_ns` / `grow_polling_time` / `shrink_polling_time`
 //! (the 2026 weighted refinement) in `util/aio-posix.c`. The loop that calls them (when to
-//! poll, for how long, what a hit does) is in `context.rs`.
+//! poll, for how long, what a hit does) is in `context/poll_mode.rs`.
 //!
 //! # The two policies
 //!
