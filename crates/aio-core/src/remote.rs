@@ -103,6 +103,7 @@ impl RemoteOps {
     }
 
     /// Whether something is queued (home thread; a hint, exact once a notify was accepted).
+    #[inline]
     pub(crate) fn is_pending(&self) -> bool {
         // Acquire: pairs with nothing in particular (the mutex orders the queue itself); it
         // keeps the cheap check from being satisfied by a value older than the accept's view.

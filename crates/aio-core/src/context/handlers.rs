@@ -81,7 +81,18 @@ impl Inner {
     /// and the external-disable count. Home thread: before the wait and after `accept` (before
     /// dispatching) in every iteration, in an outer loop's `dispatch`, and while the home
     /// thread itself waits for another loop (`remote::serve_own`).
+    ///
+    /// Inline down to its two checks (nothing changed, nothing queued), the case of almost
+    /// every iteration: B1 measured 54 instructions an iteration for the two calls.
+    #[inline]
     pub(crate) fn apply_remote(&self, ctx: &AioContext) {
+        if self.sync_external_pending() || self.shared.remote.is_pending() {
+            self.apply_remote_now(ctx);
+        }
+    }
+
+    #[inline(never)]
+    fn apply_remote_now(&self, ctx: &AioContext) {
         self.sync_external();
         if !self.shared.remote.is_pending() {
             return;

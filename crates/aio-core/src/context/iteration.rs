@@ -15,6 +15,7 @@ use crate::sync::Ordering;
 use crate::sys;
 use std::cell::Cell;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -38,10 +39,32 @@ enum OnWaitError {
 /// one load of `tracing`'s global level filter instead of a span per phase, which B1 measured
 /// at 4 ns an iteration for three disabled spans.
 #[inline]
-pub(super) fn phase_span(
-    make: impl FnOnce() -> tracing::Span,
-) -> Option<tracing::span::EnteredSpan> {
-    tracing::level_enabled!(tracing::Level::TRACE).then(|| make().entered())
+pub(super) fn phase_span(make: impl FnOnce() -> tracing::Span) -> PhaseSpan {
+    PhaseSpan(ManuallyDrop::new(
+        tracing::level_enabled!(tracing::Level::TRACE).then(|| make().entered()),
+    ))
+}
+
+/// A phase's span, if tracing was on when the phase began. Its drop is one test when there is
+/// none: an `Option<EnteredSpan>`'s own drop glue is an out-of-line call, paid by every phase
+/// of every iteration (B1 measured 30 instructions an iteration for it under callgrind).
+pub(super) struct PhaseSpan(ManuallyDrop<Option<tracing::span::EnteredSpan>>);
+
+impl Drop for PhaseSpan {
+    #[inline]
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            exit_span(&mut self.0);
+        }
+    }
+}
+
+/// Exits and drops a phase's span, leaving `None` (which `ManuallyDrop` never drops, and which
+/// holds nothing).
+#[cold]
+#[inline(never)]
+fn exit_span(span: &mut Option<tracing::span::EnteredSpan>) {
+    drop(span.take());
 }
 
 /// Decrements the iteration depth when an iteration ends, unwinding included.
@@ -335,7 +358,17 @@ impl AioContext {
     }
 
     /// Calls every completion source once; whether any ran a callback.
+    #[inline]
     pub(super) fn run_completion_sources(&self) -> bool {
+        // Most contexts have none (blockio adds one): one test, no loop.
+        if self.inner.completion_sources.borrow().is_empty() {
+            return false;
+        }
+        self.run_completion_sources_now()
+    }
+
+    #[inline(never)]
+    fn run_completion_sources_now(&self) -> bool {
         let mut progress = false;
         let mut i = 0;
         loop {
