@@ -139,6 +139,10 @@ fn part(out: &mut String, plan: Plan, direct: bool) {
     } else {
         plan.cached_ops
     };
+    if !direct && let Err(e) = b11::warm(&file, plan.file_size) {
+        writeln!(out, "\n## {name}\n\nskipped: cannot read the file: {e}").unwrap();
+        return;
+    }
     writeln!(
         out,
         "\n## {name}: 4 KiB random I/O on a {} MiB file, {}, {ops} operations per run, {} rounds\n",
@@ -261,7 +265,7 @@ fn ring_features(out: &mut String, plan: Plan) {
     let variants = [
         ("no setup flags (the monitor's ring today)", none),
         (
-            "SINGLE_ISSUER | DEFER_TASKRUN",
+            "SINGLE_ISSUER + DEFER_TASKRUN",
             RingFeatures {
                 defer_taskrun: true,
                 ..none
@@ -315,6 +319,14 @@ fn ring_features(out: &mut String, plan: Plan) {
         } else {
             plan.cached_ops
         };
+        if !direct && let Err(e) = b11::warm(&file, plan.file_size) {
+            writeln!(
+                out,
+                "| page cache | | skipped: cannot read the file: {e} | | |"
+            )
+            .unwrap();
+            continue;
+        }
         for qd in [1usize, 32] {
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
             let mut refused: Vec<Option<String>> = vec![None; variants.len()];

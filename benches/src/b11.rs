@@ -157,8 +157,9 @@ fn issue(ctx: &AioContext, run: &Rc<AioRun>, (buf, start): (Vec<u8>, usize)) {
     };
 }
 
-/// `tokio::fs::File` on a `current_thread` runtime: `qd` local tasks, each with its own handle
-/// to the file, seeking and then reading or writing 4 KiB (two blocking-pool hops per
+/// `tokio::fs::File` on a `current_thread` runtime: `qd` local tasks, each with its own open of
+/// the file (its own offset: a `try_clone` would share one, and the seeks would race), seeking
+/// and then reading or writing 4 KiB (two blocking-pool hops per
 /// operation, as `tokio::fs` works). Page cache only: `tokio::fs` reads through a buffer of its
 /// own, not aligned for `O_DIRECT`.
 pub fn tokio_fs(file: &File, kind: Kind, qd: usize, offsets: &[u64]) -> io::Result<Duration> {
@@ -171,7 +172,7 @@ pub fn tokio_fs(file: &File, kind: Kind, qd: usize, offsets: &[u64]) -> io::Resu
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..qd {
-            let mut f = tokio::fs::File::from_std(file.try_clone()?);
+            let mut f = tokio::fs::File::from_std(reopen(file)?);
             let (next, offsets) = (next.clone(), offsets.clone());
             tasks.push(tokio::task::spawn_local(async move {
                 let mut buf = vec![0x5a; BLOCK];
@@ -193,6 +194,30 @@ pub fn tokio_fs(file: &File, kind: Kind, qd: usize, offsets: &[u64]) -> io::Resu
         }
         Ok(started.elapsed())
     })
+}
+
+/// `file` opened again (through `/proc/self/fd`): a new open file description, with an offset
+/// of its own, unlike a `try_clone`.
+fn reopen(file: &File) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
+/// Reads the whole file once, so that the page-cache rows start from a cached file whatever ran
+/// before (the `O_DIRECT` writes evict what they overwrite).
+pub fn warm(file: &File, size: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = file.read_at(&mut buf, at)?;
+        if n == 0 {
+            break;
+        }
+        at += n as u64;
+    }
+    Ok(())
 }
 
 /// tokio `spawn_blocking` around one `pread`/`pwrite` per operation, `qd` local tasks on a
@@ -401,6 +426,10 @@ pub fn raw_uring_with(
             done += 1;
             if next < offsets.len() {
                 let e = entry(slot as usize, offsets[next]);
+                if ring.submission().is_full() {
+                    // With SQPOLL the kernel thread may not have taken the last batch yet.
+                    ring.submit()?;
+                }
                 // SAFETY: [BENCH-RAW-URING] as above: `slot`'s CQE was just reaped, so its
                 // buffer is free for this SQE, and it outlives the loop.
                 unsafe { ring.submission().push(&e) }
