@@ -106,43 +106,38 @@ fn run(
     }
 }
 
+fn cache_name(direct: bool) -> &'static str {
+    if direct { "O_DIRECT" } else { "page cache" }
+}
+
 fn image() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("b11.img")
 }
 
+/// The benchmark file, written if need be, opened for `direct` or not (and then read whole, so
+/// that the page-cache rows start from a cached file), and the operations per run.
+fn bench_file(plan: Plan, direct: bool) -> Result<(std::fs::File, usize), String> {
+    let path = image();
+    b11::prepare(&path, plan.file_size)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let file = b11::open(&path, direct)
+        .map_err(|e| format!("cannot open {} (O_DIRECT: {direct}): {e}", path.display()))?;
+    if direct {
+        return Ok((file, plan.direct_ops));
+    }
+    b11::warm(&file, plan.file_size).map_err(|e| format!("cannot read the file: {e}"))?;
+    Ok((file, plan.cached_ops))
+}
+
 fn part(out: &mut String, plan: Plan, direct: bool) {
     let name = if direct { "B11_direct" } else { "B11_cached" };
-    let path = image();
-    if let Err(e) = b11::prepare(&path, plan.file_size) {
-        writeln!(
-            out,
-            "\n## {name}\n\nskipped: cannot write {}: {e}",
-            path.display()
-        )
-        .unwrap();
-        return;
-    }
-    let file = match b11::open(&path, direct) {
+    let (file, ops) = match bench_file(plan, direct) {
         Ok(f) => f,
         Err(e) => {
-            writeln!(
-                out,
-                "\n## {name}\n\nskipped: cannot open {} (O_DIRECT: {direct}): {e}",
-                path.display()
-            )
-            .unwrap();
+            writeln!(out, "\n## {name}\n\nskipped: {e}").unwrap();
             return;
         }
     };
-    let ops = if direct {
-        plan.direct_ops
-    } else {
-        plan.cached_ops
-    };
-    if !direct && let Err(e) = b11::warm(&file, plan.file_size) {
-        writeln!(out, "\n## {name}\n\nskipped: cannot read the file: {e}").unwrap();
-        return;
-    }
     writeln!(
         out,
         "\n## {name}: 4 KiB random I/O on a {} MiB file, {}, {ops} operations per run, {} rounds\n",
@@ -256,11 +251,6 @@ fn direct(out: &mut String, plan: Plan) {
 /// What each optional io_uring feature wins on the raw floor (QD 1 and 32 reads, page cache and
 /// `O_DIRECT`), before any is built into the monitor.
 fn ring_features(out: &mut String, plan: Plan) {
-    let path = image();
-    if let Err(e) = b11::prepare(&path, plan.file_size) {
-        writeln!(out, "\n## B11_ring_features\n\nskipped: {e}").unwrap();
-        return;
-    }
     let none = RingFeatures::default();
     let variants = [
         ("no setup flags (the monitor's ring today)", none),
@@ -310,23 +300,13 @@ fn ring_features(out: &mut String, plan: Plan) {
     writeln!(out, "| cache | QD | ring | median µs/op | vs no flags |").unwrap();
     writeln!(out, "|---|---:|---|---:|---:|").unwrap();
     for direct in [false, true] {
-        let Ok(file) = b11::open(&path, direct) else {
-            writeln!(out, "| O_DIRECT | | skipped: cannot open | | |").unwrap();
-            continue;
+        let (file, ops) = match bench_file(plan, direct) {
+            Ok(f) => f,
+            Err(e) => {
+                writeln!(out, "| {} | | skipped: {e} | | |", cache_name(direct)).unwrap();
+                continue;
+            }
         };
-        let ops = if direct {
-            plan.direct_ops
-        } else {
-            plan.cached_ops
-        };
-        if !direct && let Err(e) = b11::warm(&file, plan.file_size) {
-            writeln!(
-                out,
-                "| page cache | | skipped: cannot read the file: {e} | | |"
-            )
-            .unwrap();
-            continue;
-        }
         for qd in [1usize, 32] {
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
             let mut refused: Vec<Option<String>> = vec![None; variants.len()];
@@ -349,7 +329,7 @@ fn ring_features(out: &mut String, plan: Plan) {
                     (!v.is_empty()).then(|| percentile(&v, 0.5))
                 })
                 .collect();
-            let cache = if direct { "O_DIRECT" } else { "page cache" };
+            let cache = cache_name(direct);
             for (i, (name, _)) in variants.iter().enumerate() {
                 match (med[i], &refused[i]) {
                     (Some(ns), _) => {

@@ -253,20 +253,7 @@ impl BlockIo {
         offset: u64,
         done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
     ) -> Op {
-        if start > buf.len() {
-            return self.refuse_start(ctx, buf, start, done);
-        }
-        #[cfg(target_os = "linux")]
-        if let Some(l) = self.laio(ctx) {
-            return linux_aio::rw(ctx, &l, file.clone(), buf, start, offset, false, done);
-        }
-        match self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::IoUring => uring::read_at(ctx, file.clone(), buf, start, offset, done),
-            _ => pool_buf(ctx, file.clone(), buf, done, move |f, b| {
-                f.read_at(&mut b[start..], offset)
-            }),
-        }
+        self.one_buf(ctx, file, buf, start, offset, false, done)
     }
 
     /// Writes up to `buf.len()` bytes of `buf` to `file` at `offset` (one `pwrite`). `done`
@@ -294,17 +281,37 @@ impl BlockIo {
         offset: u64,
         done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
     ) -> Op {
+        self.one_buf(ctx, file, buf, start, offset, true, done)
+    }
+
+    /// [`read_into`](Self::read_into) or [`write_from`](Self::write_from), on the engine.
+    #[allow(clippy::too_many_arguments)] // one request's fields
+    fn one_buf(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: Vec<u8>,
+        start: usize,
+        offset: u64,
+        write: bool,
+        done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+    ) -> Op {
         if start > buf.len() {
             return self.refuse_start(ctx, buf, start, done);
         }
         #[cfg(target_os = "linux")]
         if let Some(l) = self.laio(ctx) {
-            return linux_aio::rw(ctx, &l, file.clone(), buf, start, offset, true, done);
+            return linux_aio::rw(ctx, &l, file.clone(), buf, start, offset, write, done);
         }
-        match self.engine {
+        match (self.engine, write) {
             #[cfg(target_os = "linux")]
-            Engine::IoUring => uring::write_at(ctx, file.clone(), buf, start, offset, done),
-            _ => pool_buf(ctx, file.clone(), buf, done, move |f, b| {
+            (Engine::IoUring, false) => uring::read_at(ctx, file.clone(), buf, start, offset, done),
+            #[cfg(target_os = "linux")]
+            (Engine::IoUring, true) => uring::write_at(ctx, file.clone(), buf, start, offset, done),
+            (_, false) => pool_buf(ctx, file.clone(), buf, done, move |f, b| {
+                f.read_at(&mut b[start..], offset)
+            }),
+            (_, true) => pool_buf(ctx, file.clone(), buf, done, move |f, b| {
                 f.write_at(&b[start..], offset)
             }),
         }
