@@ -2,7 +2,7 @@
 //! 32, through the page cache (`B11_cached`) and with `O_DIRECT` (`B11_direct`): aio's three
 //! block I/O engines against `tokio::fs`, tokio `spawn_blocking` + `pread`/`pwrite`,
 //! tokio-uring and the raw `io-uring` crate floor, all in one process. The workloads are in
-//! `aio_benches::b11`; this program owns the plan, the interleaving and the tables.
+//! `aio_benches::file_io`; this program owns the plan, the interleaving and the tables.
 //!
 //! Each row runs `rounds` rounds; a round runs every contender once over the same offsets (a
 //! new sequence per round), in the same order, so that they all see the same machine weather;
@@ -25,7 +25,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use aio::blockio::Engine;
-use aio_benches::b11::{self, Kind, RingFeatures};
+use aio_benches::file_io::{self, Kind, RingFeatures};
 use aio_benches::{Sizes, percentile, verdict};
 
 #[derive(Debug, Clone, Copy)]
@@ -96,13 +96,13 @@ fn run(
     offs: &[u64],
 ) -> std::io::Result<Duration> {
     match w {
-        Who::AioUring => b11::aio(Engine::IoUring, file, kind, qd, offs),
-        Who::AioThreads => b11::aio(Engine::Threads, file, kind, qd, offs),
-        Who::AioNative => b11::aio(Engine::LinuxAio, file, kind, qd, offs),
-        Who::TokioFs => b11::tokio_fs(file, kind, qd, offs),
-        Who::TokioBlocking => b11::tokio_blocking(file, kind, qd, offs),
-        Who::TokioUring => b11::tokio_uring(file, kind, qd, offs),
-        Who::Raw => b11::raw_uring(file, kind, qd, offs),
+        Who::AioUring => file_io::aio(Engine::IoUring, file, kind, qd, offs),
+        Who::AioThreads => file_io::aio(Engine::Threads, file, kind, qd, offs),
+        Who::AioNative => file_io::aio(Engine::LinuxAio, file, kind, qd, offs),
+        Who::TokioFs => file_io::tokio_fs(file, kind, qd, offs),
+        Who::TokioBlocking => file_io::tokio_blocking(file, kind, qd, offs),
+        Who::TokioUring => file_io::tokio_uring(file, kind, qd, offs),
+        Who::Raw => file_io::raw_uring(file, kind, qd, offs),
     }
 }
 
@@ -118,14 +118,14 @@ fn image() -> PathBuf {
 /// that the page-cache rows start from a cached file), and the operations per run.
 fn bench_file(plan: Plan, direct: bool) -> Result<(std::fs::File, usize), String> {
     let path = image();
-    b11::prepare(&path, plan.file_size)
+    file_io::prepare(&path, plan.file_size)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    let file = b11::open(&path, direct)
+    let file = file_io::open(&path, direct)
         .map_err(|e| format!("cannot open {} (O_DIRECT: {direct}): {e}", path.display()))?;
     if direct {
         return Ok((file, plan.direct_ops));
     }
-    b11::warm(&file, plan.file_size).map_err(|e| format!("cannot read the file: {e}"))?;
+    file_io::warm(&file, plan.file_size).map_err(|e| format!("cannot read the file: {e}"))?;
     Ok((file, plan.cached_ops))
 }
 
@@ -163,7 +163,7 @@ fn part(out: &mut String, plan: Plan, direct: bool) {
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); who.len()];
             let mut alive = vec![true; who.len()];
             for round in 0..plan.rounds {
-                let offs = b11::offsets(ops, plan.file_size, 0x5eed + round as u64 * 7919);
+                let offs = file_io::offsets(ops, plan.file_size, 0x5eed + round as u64 * 7919);
                 for (i, &w) in who.iter().enumerate() {
                     if !alive[i] {
                         continue;
@@ -311,12 +311,12 @@ fn ring_features(out: &mut String, plan: Plan) {
             let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
             let mut refused: Vec<Option<String>> = vec![None; variants.len()];
             for round in 0..plan.rounds {
-                let offs = b11::offsets(ops, plan.file_size, 0xfea7 + round as u64 * 31);
+                let offs = file_io::offsets(ops, plan.file_size, 0xfea7 + round as u64 * 31);
                 for (i, (_, f)) in variants.iter().enumerate() {
                     if refused[i].is_some() {
                         continue;
                     }
-                    match b11::raw_uring_with(*f, &file, Kind::Read, qd, &offs) {
+                    match file_io::raw_uring_with(*f, &file, Kind::Read, qd, &offs) {
                         Ok(t) => times[i].push(t.as_nanos() as f64 / ops as f64),
                         Err(e) => refused[i] = Some(e.to_string()),
                     }

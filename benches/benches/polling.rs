@@ -1,17 +1,17 @@
 //! Adaptive polling (issue 11) side by side, in one process, plain `Instant` timing (no
 //! criterion):
 //!
-//! * **B3** (`aio_benches::b3`): cross-thread ping-pong between two loops pinned to cpu0 and
+//! * **B3** (`aio_benches::ping_pong`): cross-thread ping-pong between two loops pinned to cpu0 and
 //!   cpu1, p50/p99/p99.9 round trip: aio through event notifiers and through BHs, polling off
 //!   and on (`Qemu10` and `Weighted { weight: 2 }`, max 32 768 ns and 100 µs), tokio (two
 //!   `current_thread` runtimes, mpsc), and the raw eventfd floor. Contenders are interleaved:
 //!   each of 20 rounds runs each once (200 warm-up and 1 000 recorded round trips), in the same
 //!   order, so that every contender sees the same machine weather.
-//! * **B8 with polling** (`aio_benches::b8`): the latency of a 10 µs pool job, one in flight,
+//! * **B8 with polling** (`aio_benches::pool_jobs`): the latency of a 10 µs pool job, one in flight,
 //!   with the context's polling off and on, next to tokio `spawn_blocking`. One context whose
 //!   parameters change between rows (`set_poll_params`, which resets the windows), rounds
 //!   interleaved with tokio.
-//! * **B9** (`aio_benches::b9`): the CPU time per second and the wake-ups per second of idle
+//! * **B9** (`aio_benches::idle`): the CPU time per second and the wake-ups per second of idle
 //!   loops that were active before: aio with polling off, and on (max 32 768 ns, both policies),
 //!   and tokio's `current_thread` runtime.
 //!
@@ -22,9 +22,9 @@
 use std::time::Duration;
 
 use aio::{PollParams, PollPolicy};
-use aio_benches::b3::{self, Mechanism, PingPong};
-use aio_benches::b8::{Aio, Job, Tokio, latency};
-use aio_benches::b9::{self, Idle, IdleReport};
+use aio_benches::idle::{self, Idle, IdleReport};
+use aio_benches::ping_pong::{self, Mechanism, PingPong};
+use aio_benches::pool_jobs::{Aio, Job, Tokio, latency};
 use aio_benches::{machine, percentile, today, verdict};
 
 /// How much to measure.
@@ -128,7 +128,7 @@ fn b3(plan: Plan) {
     let mut results: Vec<PingPong> = vec![PingPong::default(); contenders.len()];
     for _ in 0..plan.b3_rounds {
         for (m, r) in contenders.iter().zip(&mut results) {
-            r.extend(b3::run(*m, plan.b3_warm_up, plan.b3_measured));
+            r.extend(ping_pong::run(*m, plan.b3_warm_up, plan.b3_measured));
         }
     }
     for r in &mut results {
@@ -140,8 +140,8 @@ fn b3(plan: Plan) {
 
     println!(
         "\n## B3: cross-thread ping-pong, round trip (sides pinned to cpu{} and cpu{})\n",
-        b3::SIDE_A_CPU,
-        b3::SIDE_B_CPU
+        ping_pong::SIDE_A_CPU,
+        ping_pong::SIDE_B_CPU
     );
     println!(
         "{} rounds × ({} warm-up + {} recorded) round trips per contender, interleaved; counters \
@@ -264,7 +264,7 @@ fn b9(plan: Plan) {
         Idle::Aio(PollParams::new(QEMU_MAX).policy(WEIGHTED)),
         Idle::Tokio,
     ];
-    let reports = b9::run(&subjects, plan.b9_activity, plan.b9_settle, plan.b9_measure);
+    let reports = idle::run(&subjects, plan.b9_activity, plan.b9_settle, plan.b9_measure);
     println!("\n## B9: idle loops after activity\n");
     println!(
         "All subjects idle together: after {} event-notifier sets and {} remote BH schedules \

@@ -13,7 +13,7 @@
 //! N = 0, 1 000, 100 000 and 1 000 000 pending timers, the median of 5 runs of 10⁵ operations,
 //! against tokio's `sleep` (twice: time driver only, and `enable_all` inside a task, the shape
 //! of the reference anchor) and async-io's `Timer`. It runs last, because its tokio fire
-//! benchmark pauses a tokio clock (see `aio_benches::b7`).
+//! benchmark pauses a tokio clock (see `aio_benches::timer_load`).
 //!
 //! It is a `harness = false` bench target, so `cargo bench -p aio-benches [-- FILTER]` runs it
 //! after the criterion benches; a FILTER runs the rows whose key contains it (the keys are the
@@ -24,7 +24,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
-use aio_benches::b7::{AsyncIoArm, FIRE_BATCH, OursArm, OursFire, PENDING, TokioArm, TokioFire};
+use aio_benches::timer_load::{
+    AsyncIoArm, FIRE_BATCH, OursArm, OursFire, PENDING, TokioArm, TokioFire,
+};
 use aio_benches::{
     AioBhBatch, AioBusyLoop, AioOneshot, BusyReport, REMOTE_BATCH, TokioBusyLoop, TokioSpawnBatch,
     machine, pin_current_thread, today, tokio_runtime, tokio_yield, verdict,

@@ -1,5 +1,5 @@
 //! B12 (docs/benchmarks.md): the task executor side by side with tokio, in one process, plain
-//! `Instant` timing (no criterion). The workloads are in `aio_benches::b12`; this program owns
+//! `Instant` timing (no criterion). The workloads are in `aio_benches::task_load`; this program owns
 //! the plan, the interleaving and the tables.
 //!
 //! * `B12_spawn`: spawn + await of an empty task inside one `block_on`, one at a time and in
@@ -35,7 +35,7 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use aio_benches::b12::{self, Host, LockKind, RoundTrips, Spawn, Spawner};
+use aio_benches::task_load::{self, Host, LockKind, RoundTrips, Spawn, Spawner};
 use aio_benches::{Sizes, new_context, percentile, summary, tokio_runtime, verdict};
 
 /// How much to measure.
@@ -210,15 +210,15 @@ fn spawn(out: &mut String, plan: Plan) {
 fn yields(out: &mut String, plan: Plan) {
     let ctx = new_context();
     let rt = tokio_runtime();
-    b12::aio_yield(&ctx, plan.yield_ops / 10 + 1);
-    b12::tokio_yield_in_task(&rt, plan.yield_ops / 10 + 1);
+    task_load::aio_yield(&ctx, plan.yield_ops / 10 + 1);
+    task_load::tokio_yield_in_task(&rt, plan.yield_ops / 10 + 1);
     let (mut ours, mut peer) = (Vec::new(), Vec::new());
     let mut syscalls = 0;
     for _ in 0..plan.rounds {
-        let (ns, s) = b12::aio_yield(&ctx, plan.yield_ops);
+        let (ns, s) = task_load::aio_yield(&ctx, plan.yield_ops);
         ours.push(ns);
         syscalls += s;
-        peer.push(b12::tokio_yield_in_task(&rt, plan.yield_ops));
+        peer.push(task_load::tokio_yield_in_task(&rt, plan.yield_ops));
     }
     let (om, omean, omin) = summary(ours);
     let (pm, pmean, pmin) = summary(peer);
@@ -326,8 +326,8 @@ fn remote_wake(out: &mut String, plan: Plan) {
          value back in an atomic. The loop thread (cpu{}) also runs a task that yields for ever, \
          so it never sleeps. {} rounds × ({} warm-up + {} recorded) round trips per contender, \
          fresh threads each round, interleaved.\n",
-        b12::OTHER_CPU,
-        b12::LOOP_CPU,
+        task_load::OTHER_CPU,
+        task_load::LOOP_CPU,
         plan.rt_rounds,
         plan.wake_warm_up,
         plan.wake_measured
@@ -335,7 +335,7 @@ fn remote_wake(out: &mut String, plan: Plan) {
     .unwrap();
     let hosts = [Host::Aio, Host::TokioCurrentThread, Host::TokioMultiThread];
     let results = round_trips(out, "wake", &hosts, plan.rt_rounds, |h| {
-        b12::remote_wake(h, plan.wake_warm_up, plan.wake_measured)
+        task_load::remote_wake(h, plan.wake_warm_up, plan.wake_measured)
     });
     let aio = percentile(&results[0].1.samples, 0.5) as f64;
     for (h, r) in &results[1..] {
@@ -358,8 +358,8 @@ fn ping_pong(out: &mut String, plan: Plan) {
          may run both tasks on one worker), the loops sleep when idle; a round trip is two \
          cross-thread wake-ups. {} rounds × ({} warm-up + {} recorded) round trips per \
          contender, fresh threads each round, interleaved. No §8 target.\n",
-        b12::LOOP_CPU,
-        b12::OTHER_CPU,
+        task_load::LOOP_CPU,
+        task_load::OTHER_CPU,
         plan.rt_rounds,
         plan.pp_warm_up,
         plan.pp_measured
@@ -372,7 +372,7 @@ fn ping_pong(out: &mut String, plan: Plan) {
         Host::AioOneContext,
     ];
     let results = round_trips(out, "ping-pong", &hosts, plan.rt_rounds, |h| {
-        b12::ping_pong(h, plan.pp_warm_up, plan.pp_measured)
+        task_load::ping_pong(h, plan.pp_warm_up, plan.pp_measured)
     });
     let p50 = |i: usize| percentile(&results[i].1.samples, 0.5) as f64;
     writeln!(
@@ -411,7 +411,7 @@ fn comutex(out: &mut String, plan: Plan) {
         let mut per_s: Vec<Vec<f64>> = vec![Vec::new(); kinds.len()];
         for _ in 0..plan.mutex_rounds {
             for (k, v) in kinds.iter().zip(&mut per_s) {
-                v.push(b12::mutex_run(*k, threads, run).per_second());
+                v.push(task_load::mutex_run(*k, threads, run).per_second());
             }
         }
         let stats: Vec<(f64, f64, f64)> = per_s

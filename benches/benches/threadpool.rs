@@ -18,7 +18,7 @@
 //! (and joining) one thread costs here. Nothing is pinned: workers inherit their creator's
 //! affinity (aio creates them from the context's thread, as QEMU does).
 //!
-//! The workloads live in `aio_benches::b8`, shared with the polling bench (`benches/polling.rs`).
+//! The workloads live in `aio_benches::pool_jobs`, shared with the polling bench (`benches/polling.rs`).
 //!
 //! Without `--bench` (as under `cargo test --benches`), everything runs once, briefly.
 
@@ -26,8 +26,8 @@ use std::thread;
 use std::time::Duration;
 
 use aio::PollParams;
-use aio_benches::b8::{Aio, BATCH, Job, Tokio, latency, time};
 use aio_benches::percentile;
+use aio_benches::pool_jobs::{Aio, BATCH, Job, Tokio, latency, time};
 use criterion::{BenchmarkId, Criterion, Throughput};
 
 fn criterion_benches(c: &mut Criterion, aio: &Aio, tokio: &Tokio) {

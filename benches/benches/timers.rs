@@ -1,11 +1,13 @@
 //! B7 (docs/benchmarks.md): timers with N = 0, 1 000, 100 000 and 1 000 000 already pending. The
 //! `timers` crate next to tokio's `sleep` (registered and dropped in a `current_thread` runtime)
 //! and async-io's `Timer`, in the same criterion groups, so the report shows them side by side.
-//! Workloads: `aio_benches::b7`.
+//! Workloads: `aio_benches::timer_load`.
 
 use std::time::Duration;
 
-use aio_benches::b7::{AsyncIoArm, FIRE_BATCH, OursArm, OursFire, PENDING, TokioArm, TokioFire};
+use aio_benches::timer_load::{
+    AsyncIoArm, FIRE_BATCH, OursArm, OursFire, PENDING, TokioArm, TokioFire,
+};
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput, measurement::WallTime};
 
 /// Short runs: the whole B7 must stay within about two minutes, and setting up a million

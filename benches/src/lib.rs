@@ -27,13 +27,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aio::{AioContext, BottomHalf, ContextHandle, PollParams};
 
-pub mod b11;
-pub mod b12;
-pub mod b3;
-pub mod b7;
-pub mod b8;
-pub mod b9;
 pub mod fd;
+pub mod file_io;
+pub mod idle;
+pub mod ping_pong;
+pub mod pool_jobs;
+pub mod task_load;
+pub mod timer_load;
 
 thread_local! {
     static RAN: Cell<u64> = const { Cell::new(0) };
