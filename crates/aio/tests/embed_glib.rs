@@ -7,8 +7,7 @@
 #![cfg(all(feature = "glib", target_os = "linux"))]
 
 use std::cell::{Cell, RefCell};
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
@@ -22,7 +21,10 @@ use glib::{ControlFlow, MainContext, MainLoop, Priority};
 
 #[path = "support/embed.rs"]
 mod embed;
-use embed::{backends, open_fds, serial};
+use embed::{
+    Flag, detached_then_own_loop, each_backend, every_order_leaks_nothing, flag_timer, poll_until,
+    schedule_from_thread, serial, wait_nested_for_oneshot_and_timer, watched_pair,
+};
 
 /// A fresh `MainContext` with `ctx` attached, drained of whatever attaching left pending.
 fn attach(ctx: &AioContext) -> (MainContext, AioSource) {
@@ -30,6 +32,48 @@ fn attach(ctx: &AioContext) -> (MainContext, AioSource) {
     let source = AioSource::attach(ctx.clone(), &main).unwrap();
     while main.iteration(false) {}
     (main, source)
+}
+
+/// Runs `test` once per backend, with the context attached to a fresh `MainContext`.
+fn each_attached(mut test: impl FnMut(Backend, &AioContext, &MainContext, &AioSource)) {
+    each_backend(|backend, ctx| {
+        let (main, src) = attach(&ctx);
+        test(backend, &ctx, &main, &src);
+    });
+}
+
+/// Non-blocking iterations until one dispatches nothing.
+fn drain(main: &MainContext) {
+    while main.iteration(false) {}
+}
+
+/// A glib timeout source on `main` that calls `f` once after `delay`.
+fn once_after(
+    main: &MainContext,
+    delay: Duration,
+    priority: Priority,
+    f: impl FnOnce() + Send + 'static,
+) {
+    let mut f = Some(f);
+    glib::timeout_source_new(delay, None, priority, move || {
+        if let Some(f) = f.take() {
+            f();
+        }
+        ControlFlow::Break
+    })
+    .attach(Some(main));
+}
+
+/// A glib idle source on `main` that calls `f` once.
+fn once_idle(main: &MainContext, priority: Priority, f: impl FnOnce() + Send + 'static) {
+    let mut f = Some(f);
+    glib::idle_source_new(None, priority, move || {
+        if let Some(f) = f.take() {
+            f();
+        }
+        ControlFlow::Break
+    })
+    .attach(Some(main));
 }
 
 /// Wakes `main` after 5 s unless dropped first, so that a blocking iteration that would hang
@@ -78,6 +122,26 @@ fn iterate_blocking(main: &MainContext) -> bool {
     let r = main.iteration(true);
     assert!(!wd.fired(), "a blocking iteration hung");
     r
+}
+
+/// Blocking iterations (each under a watchdog) until `done`; returns how many it took.
+fn iterate_until(main: &MainContext, done: impl Fn() -> bool) -> u32 {
+    let mut iterations = 0;
+    while !done() {
+        iterate_blocking(main);
+        iterations += 1;
+    }
+    iterations
+}
+
+/// As [`iterate_until`], failing once `max` iterations were not enough.
+fn iterate_until_at_most(main: &MainContext, backend: Backend, max: u32, done: impl Fn() -> bool) {
+    let mut iterations = 0;
+    while !done() {
+        iterate_blocking(main);
+        iterations += 1;
+        assert!(iterations < max, "{backend:?}: {iterations} iterations");
+    }
 }
 
 /// QEMU's BH record `{bh, n, max}`: the callback counts, reschedules itself while `n < max`,
@@ -177,8 +241,22 @@ impl Notifier {
         self.handler = Some(h);
     }
 
+    /// A new record, registered on `ctx`, with `main` drained afterwards.
+    fn registered(ctx: &AioContext, main: &MainContext, active: u32, auto_set: bool) -> Notifier {
+        let mut me = Notifier::new(active, auto_set);
+        me.register(ctx);
+        drain(main);
+        me
+    }
+
     fn unregister(&mut self) {
         drop(self.handler.take());
+    }
+
+    /// Unregisters, then drains `main`.
+    fn unregister_and_drain(&mut self, main: &MainContext) {
+        self.unregister();
+        drain(main);
     }
 
     fn set(&self) {
@@ -201,97 +279,87 @@ impl Notifier {
 /// `/aio-gsource/flush`: a notify is no work; after draining, an iteration dispatches nothing.
 #[test]
 fn gsource_flush() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
+    each_attached(|backend, ctx, main, _src| {
         assert!(!main.iteration(false), "{backend:?}");
         ctx.notify();
-        while main.iteration(false) {}
+        drain(main);
         assert!(!main.iteration(false), "{backend:?}");
-    }
+    });
 }
 
 /// `/aio-gsource/bh/schedule` (case 30): a scheduled BH runs in one blocking iteration, then
 /// the next non-blocking one dispatches nothing.
 #[test]
 fn gsource_bh_schedule() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let data = BhRecord::counting(&ctx, 0);
+    a_scheduled_bh_runs_in_one_blocking_iteration();
+}
+
+/// The body of `bh/schedule` and `bh/flush`.
+fn a_scheduled_bh_runs_in_one_blocking_iteration() {
+    each_attached(|backend, ctx, main, _src| {
+        let data = BhRecord::counting(ctx, 0);
         data.with(BottomHalf::schedule);
         assert_eq!(data.n(), 0);
-        assert!(iterate_blocking(&main), "{backend:?}");
+        assert!(iterate_blocking(main), "{backend:?}");
         assert_eq!(data.n(), 1);
         assert!(!main.iteration(false), "{backend:?}");
         assert_eq!(data.n(), 1);
-    }
+    });
 }
 
 /// `/aio-gsource/bh/schedule10`: a self-rescheduling BH runs once per iteration, and a
 /// blocking iteration does not sleep while it is pending.
 #[test]
 fn gsource_bh_schedule10() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let data = BhRecord::counting(&ctx, 10);
+    each_attached(|backend, ctx, main, _src| {
+        let data = BhRecord::counting(ctx, 10);
         data.with(BottomHalf::schedule);
         assert_eq!(data.n(), 0);
         assert!(main.iteration(false), "{backend:?}");
         assert_eq!(data.n(), 1);
-        assert!(iterate_blocking(&main), "{backend:?}");
+        assert!(iterate_blocking(main), "{backend:?}");
         assert_eq!(data.n(), 2);
-        while main.iteration(false) {}
+        drain(main);
         assert_eq!(data.n(), 10, "{backend:?}");
         assert!(!main.iteration(false), "{backend:?}");
         assert_eq!(data.n(), 10);
-    }
+    });
 }
 
 /// `/aio-gsource/bh/cancel`: a cancelled BH never runs.
 #[test]
 fn gsource_bh_cancel() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let data = BhRecord::counting(&ctx, 0);
-        data.with(BottomHalf::schedule);
-        assert_eq!(data.n(), 0);
-        data.with(BottomHalf::cancel);
-        assert_eq!(data.n(), 0);
-        while main.iteration(false) {}
-        assert_eq!(data.n(), 0, "{backend:?}");
-    }
+    a_scheduled_bh_never_runs_after(|data| data.with(BottomHalf::cancel));
 }
 
 /// `/aio-gsource/bh/delete`: a BH deleted while scheduled never runs.
 #[test]
 fn gsource_bh_delete() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let data = BhRecord::counting(&ctx, 0);
+    a_scheduled_bh_never_runs_after(BhRecord::delete);
+}
+
+/// The body of `bh/cancel` and `bh/delete`: a BH scheduled, then `undo`ne, never runs.
+fn a_scheduled_bh_never_runs_after(undo: impl Fn(&BhRecord)) {
+    each_attached(|backend, ctx, main, _src| {
+        let data = BhRecord::counting(ctx, 0);
         data.with(BottomHalf::schedule);
         assert_eq!(data.n(), 0);
-        data.delete();
+        undo(&data);
         assert_eq!(data.n(), 0);
-        while main.iteration(false) {}
+        drain(main);
         assert_eq!(data.n(), 0, "{backend:?}");
-    }
+    });
 }
 
 /// `/aio-gsource/bh/callback-delete/one` (case 31): after a BH deletes itself, at most one
 /// more iteration dispatches (QEMU 2025), then none.
 #[test]
 fn gsource_bh_callback_delete_one() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let data = BhRecord::deleting(&ctx, 1);
+    each_attached(|backend, ctx, main, _src| {
+        let data = BhRecord::deleting(ctx, 1);
         data.with(BottomHalf::schedule);
         assert_eq!(data.n(), 0);
-        iterate_blocking(&main);
+        iterate_blocking(main);
         assert_eq!(data.n(), 1, "{backend:?}");
         assert!(data.is_deleted());
         let mut extra = 0;
@@ -300,18 +368,16 @@ fn gsource_bh_callback_delete_one() {
             assert!(extra <= 1, "{backend:?}: more than one extra dispatch");
         }
         assert_eq!(data.n(), 1);
-    }
+    });
 }
 
 /// `/aio-gsource/bh/callback-delete/many`: four self-deleting BHs (max 1, 3, 2, 4) all run in
 /// the first iteration, then each reaches its max and deletes itself.
 #[test]
 fn gsource_bh_callback_delete_many() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
+    each_attached(|backend, ctx, main, _src| {
         let maxes = [1, 3, 2, 4];
-        let data: Vec<BhRecord> = maxes.iter().map(|&m| BhRecord::deleting(&ctx, m)).collect();
+        let data: Vec<BhRecord> = maxes.iter().map(|&m| BhRecord::deleting(ctx, m)).collect();
         for d in &data {
             d.with(BottomHalf::schedule);
         }
@@ -319,121 +385,88 @@ fn gsource_bh_callback_delete_many() {
         assert!(main.iteration(false), "{backend:?}");
         assert!(data.iter().all(|d| d.n() == 1), "{backend:?}");
         assert!(data[0].is_deleted());
-        while main.iteration(false) {}
+        drain(main);
         for (d, m) in data.iter().zip(maxes) {
             assert_eq!(d.n(), m, "{backend:?}");
             assert!(d.is_deleted());
         }
-    }
+    });
 }
 
 /// `/aio-gsource/bh/flush`: as `bh/schedule`.
 #[test]
 fn gsource_bh_flush() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let data = BhRecord::counting(&ctx, 0);
-        data.with(BottomHalf::schedule);
-        assert_eq!(data.n(), 0);
-        assert!(iterate_blocking(&main), "{backend:?}");
-        assert_eq!(data.n(), 1);
-        assert!(!main.iteration(false), "{backend:?}");
-        assert_eq!(data.n(), 1);
-    }
+    a_scheduled_bh_runs_in_one_blocking_iteration();
 }
 
 /// `/aio-gsource/event/add-remove`: registering and unregistering a notifier calls nothing.
 #[test]
 fn gsource_event_add_remove() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let mut data = Notifier::new(0, false);
-        data.register(&ctx);
-        while main.iteration(false) {}
+    each_attached(|backend, ctx, main, _src| {
+        let mut data = Notifier::registered(ctx, main, 0, false);
         assert_eq!(data.n(), 0, "{backend:?}");
-        data.unregister();
-        while main.iteration(false) {}
+        data.unregister_and_drain(main);
         assert_eq!(data.n(), 0, "{backend:?}");
-    }
+    });
 }
 
 /// `/aio-gsource/event/wait`: a set notifier dispatches in the next iteration, once.
 #[test]
 fn gsource_event_wait() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let mut data = Notifier::new(1, false);
-        data.register(&ctx);
-        while main.iteration(false) {}
+    each_attached(|backend, ctx, main, _src| {
+        let mut data = Notifier::registered(ctx, main, 1, false);
         assert_eq!((data.n(), data.active()), (0, 1), "{backend:?}");
         data.set();
         assert!(main.iteration(false), "{backend:?}");
         assert_eq!((data.n(), data.active()), (1, 0), "{backend:?}");
-        while main.iteration(false) {}
+        drain(main);
         assert_eq!((data.n(), data.active()), (1, 0), "{backend:?}");
-        data.unregister();
-        while main.iteration(false) {}
+        data.unregister_and_drain(main);
         assert_eq!(data.n(), 1, "{backend:?}");
-    }
+    });
 }
 
 /// `/aio-gsource/event/wait/no-flush-cb`: with two notifiers registered, only the one set
 /// dispatches, once per set, and the iteration after it dispatches nothing.
 #[test]
 fn gsource_event_wait_no_flush_cb() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let mut data = Notifier::new(0, false);
-        data.register(&ctx);
-        while main.iteration(false) {}
+    each_attached(|backend, ctx, main, _src| {
+        let mut data = Notifier::registered(ctx, main, 0, false);
         assert_eq!(data.n(), 0);
 
         // Whether this runs the handler is not asserted; it must not block.
         data.set();
-        iterate_blocking(&main);
+        iterate_blocking(main);
         data.n.set(0);
 
         let mut dummy = Notifier::new(1, false);
-        dummy.register(&ctx);
+        dummy.register(ctx);
 
-        data.set();
-        assert!(main.iteration(false), "{backend:?}");
-        assert_eq!(data.n(), 1, "{backend:?}");
-        assert!(!main.iteration(false), "{backend:?}");
-        assert_eq!(data.n(), 1);
-
-        data.set();
-        assert!(main.iteration(false), "{backend:?}");
-        assert_eq!(data.n(), 2, "{backend:?}");
-        assert!(!main.iteration(false), "{backend:?}");
-        assert_eq!(data.n(), 2);
+        for n in 1..=2 {
+            data.set();
+            assert!(main.iteration(false), "{backend:?}");
+            assert_eq!(data.n(), n, "{backend:?}");
+            assert!(!main.iteration(false), "{backend:?}");
+            assert_eq!(data.n(), n);
+        }
 
         dummy.set();
-        while main.iteration(false) {}
+        drain(main);
         assert_eq!(data.n(), 2, "{backend:?}");
         assert_eq!((dummy.n(), dummy.active()), (1, 0), "{backend:?}");
 
         dummy.unregister();
-        data.unregister();
-        while main.iteration(false) {}
+        data.unregister_and_drain(main);
         assert_eq!(data.n(), 2, "{backend:?}");
-    }
+    });
 }
 
 /// `/aio-gsource/event/flush`: a handler that sets its notifier again (10 times) runs once per
 /// iteration, exactly 10 times.
 #[test]
 fn gsource_event_flush() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let mut data = Notifier::new(10, true);
-        data.register(&ctx);
-        while main.iteration(false) {}
+    each_attached(|backend, ctx, main, _src| {
+        let mut data = Notifier::registered(ctx, main, 10, true);
         assert_eq!((data.n(), data.active()), (0, 10), "{backend:?}");
 
         data.set();
@@ -441,14 +474,13 @@ fn gsource_event_flush() {
         assert_eq!((data.n(), data.active()), (1, 9), "{backend:?}");
         assert!(main.iteration(false), "{backend:?}");
 
-        while main.iteration(false) {}
+        drain(main);
         assert_eq!((data.n(), data.active()), (10, 0), "{backend:?}");
         assert!(!main.iteration(false), "{backend:?}");
 
-        data.unregister();
-        while main.iteration(false) {}
+        data.unregister_and_drain(main);
         assert_eq!(data.n(), 10);
-    }
+    });
 }
 
 /// `/aio-gsource/timer/schedule`, with 750 ms scaled to 150 ms as in the conformance suite: a
@@ -456,14 +488,12 @@ fn gsource_event_flush() {
 /// next blocking iteration, and the re-armed one never early.
 #[test]
 fn gsource_timer_schedule() {
-    let _s = serial();
     const PERIOD: Duration = Duration::from_millis(150);
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
+    each_attached(|backend, ctx, main, _src| {
         // QEMU's dummy notifier (a leftover of when aio_poll needed an fd to sleep on).
         let dummy = Arc::new(EventNotifier::new().unwrap());
         let _dummy = ctx.set_event_notifier(&dummy, |_| {}).unwrap();
-        while main.iteration(false) {}
+        drain(main);
 
         let n = Arc::new(AtomicU32::new(0));
         let me: Arc<OnceLock<TimerRef>> = Arc::default();
@@ -485,7 +515,7 @@ fn gsource_timer_schedule() {
             "{backend:?}: timers run only inside an iteration"
         );
 
-        assert!(iterate_blocking(&main), "{backend:?}");
+        assert!(iterate_blocking(main), "{backend:?}");
         assert_eq!(n.load(Ordering::SeqCst), 1, "{backend:?}");
         expiry += PERIOD.as_nanos() as u64;
 
@@ -502,7 +532,7 @@ fn gsource_timer_schedule() {
             timer.now_ns() > expiry,
             "{backend:?}: the second firing was early"
         );
-    }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -513,72 +543,36 @@ fn gsource_timer_schedule() {
 /// `MainContext`.
 #[test]
 fn glib_sources_and_aio_handlers_bhs_timers_tasks_share_one_loop() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let glib_timeout = Arc::new(AtomicBool::new(false));
-        let glib_idle = Arc::new(AtomicBool::new(false));
-        let t = glib_timeout.clone();
-        glib::timeout_source_new(
+    each_attached(|backend, ctx, main, _src| {
+        let (glib_timeout, glib_idle) = (Flag::new(), Flag::new());
+        once_after(
+            main,
             Duration::from_millis(3),
-            None,
             Priority::DEFAULT,
-            move || {
-                t.store(true, Ordering::SeqCst);
-                ControlFlow::Break
-            },
-        )
-        .attach(Some(&main));
-        let i = glib_idle.clone();
-        glib::idle_source_new(None, Priority::DEFAULT_IDLE, move || {
-            i.store(true, Ordering::SeqCst);
-            ControlFlow::Break
-        })
-        .attach(Some(&main));
+            glib_timeout.setter(),
+        );
+        once_idle(main, Priority::DEFAULT_IDLE, glib_idle.setter());
 
-        let (mut c, d) = UnixStream::pair().unwrap();
-        d.set_nonblocking(true).unwrap();
         let got = Rc::new(Cell::new(0usize));
-        let (g, mut sock) = (got.clone(), d.try_clone().unwrap());
-        let _h = ctx
-            .fd_handler(&d)
-            .on_read(move |_| {
-                let mut buf = [0u8; 64];
-                if let Ok(n) = sock.read(&mut buf) {
-                    g.set(g.get() + n);
-                }
-            })
-            .register()
-            .unwrap();
-        let fired = Arc::new(AtomicBool::new(false));
-        let f = fired.clone();
-        let timer = ctx.timer(ClockType::Realtime, Scale::NS, move || {
-            f.store(true, Ordering::SeqCst)
-        });
+        let (mut c, _watched) = watched_pair(ctx, 64, &got, || {});
+        let (fired, timer) = flag_timer(ctx);
         let armed = Instant::now();
         timer.arm_after(Duration::from_millis(5));
         let task = ctx.spawn_local(async { 5 });
         c.write_all(b"hello").unwrap();
 
-        let mut iterations = 0;
-        while !(got.get() == 5
-            && fired.load(Ordering::SeqCst)
-            && glib_timeout.load(Ordering::SeqCst)
-            && glib_idle.load(Ordering::SeqCst)
-            && task.is_finished())
-        {
-            iterate_blocking(&main);
-            iterations += 1;
-            assert!(iterations < 100, "{backend:?}");
-        }
-        assert!(
-            got.get() == 5 && fired.load(Ordering::SeqCst),
-            "{backend:?}"
-        );
-        assert!(glib_timeout.load(Ordering::SeqCst) && glib_idle.load(Ordering::SeqCst));
+        iterate_until_at_most(main, backend, 100, || {
+            got.get() == 5
+                && fired.get()
+                && glib_timeout.get()
+                && glib_idle.get()
+                && task.is_finished()
+        });
+        assert!(got.get() == 5 && fired.get(), "{backend:?}");
+        assert!(glib_timeout.get() && glib_idle.get());
         assert!(armed.elapsed() >= Duration::from_millis(5), "{backend:?}");
         assert_eq!(ctx.block_on(task).unwrap(), 5);
-    }
+    });
 }
 
 /// A one-shot BH scheduled from another thread wakes a `MainLoop` sleeping with nothing else
@@ -586,17 +580,12 @@ fn glib_sources_and_aio_handlers_bhs_timers_tasks_share_one_loop() {
 /// bare `notify`.
 #[test]
 fn remote_oneshot_wakes_a_sleeping_main_loop() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let main_loop = MainLoop::new(Some(&main), false);
-        let (remote, ml) = (ctx.handle(), main_loop.clone());
+    each_attached(|backend, ctx, main, _src| {
+        let main_loop = MainLoop::new(Some(main), false);
+        let ml = main_loop.clone();
         let start = Instant::now();
-        let t = thread::spawn(move || {
-            thread::sleep(Duration::from_millis(50));
-            remote.schedule_oneshot(move || ml.quit());
-        });
-        let wd = Watchdog::new(&main);
+        let t = schedule_from_thread(ctx, Duration::from_millis(50), move || ml.quit());
+        let wd = Watchdog::new(main);
         main_loop.run();
         assert!(
             !wd.fired(),
@@ -607,32 +596,26 @@ fn remote_oneshot_wakes_a_sleeping_main_loop() {
         assert!(start.elapsed() >= Duration::from_millis(50), "{backend:?}");
 
         // The same with one blocking iteration.
-        let ran = Arc::new(AtomicBool::new(false));
-        let (r, remote) = (ran.clone(), ctx.handle());
-        let t = thread::spawn(move || {
-            thread::sleep(Duration::from_millis(20));
-            remote.schedule_oneshot(move || r.store(true, Ordering::SeqCst));
-        });
-        while !ran.load(Ordering::SeqCst) {
-            iterate_blocking(&main);
-        }
+        let ran = Flag::new();
+        let t = schedule_from_thread(ctx, Duration::from_millis(20), ran.setter());
+        iterate_until(main, || ran.get());
         t.join().unwrap();
         // The wake-up was the eventfd (the only way to reach a sleeping glib).
         assert!(ctx.stats().event_writes > 0, "{backend:?}");
 
         // A bare notify from another thread ends a blocking iteration too (the context's
         // notifier fd is among the source's fds, directly or behind the backend's fd).
-        while main.iteration(false) {}
+        drain(main);
         let remote = ctx.handle();
         let t = thread::spawn(move || {
             thread::sleep(Duration::from_millis(20));
             remote.notify();
         });
         let start = Instant::now();
-        iterate_blocking(&main);
+        iterate_blocking(main);
         assert!(start.elapsed() >= Duration::from_millis(20), "{backend:?}");
         t.join().unwrap();
-    }
+    });
 }
 
 /// A 300 µs aio timer under glib fires after its deadline and well before glib's millisecond
@@ -641,32 +624,18 @@ fn remote_oneshot_wakes_a_sleeping_main_loop() {
 /// with the deadline rounded up to glib's millisecond, none ever is.
 #[test]
 fn a_sub_millisecond_timer_fires_on_time() {
-    let _s = serial();
     const DELAY: Duration = Duration::from_micros(300);
     const ON_TIME: Duration = Duration::from_micros(950);
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
+    each_attached(|backend, ctx, main, _src| {
         let mut best = Duration::MAX;
         for _ in 0..20 {
             if best < ON_TIME {
                 break;
             }
-            let fired = Arc::new(AtomicBool::new(false));
-            let f = fired.clone();
-            let timer = ctx.timer(ClockType::Realtime, Scale::NS, move || {
-                f.store(true, Ordering::SeqCst)
-            });
+            let (fired, timer) = flag_timer(ctx);
             let start = Instant::now();
             timer.arm_after(DELAY);
-            let mut iterations = 0;
-            while !fired.load(Ordering::SeqCst) {
-                iterate_blocking(&main);
-                iterations += 1;
-                assert!(
-                    iterations < 10,
-                    "{backend:?}: {iterations} wake-ups for one timer"
-                );
-            }
+            iterate_until_at_most(main, backend, 10, || fired.get());
             let took = start.elapsed();
             assert!(took >= DELAY, "{backend:?}: fired early, after {took:?}");
             best = best.min(took);
@@ -675,38 +644,27 @@ fn a_sub_millisecond_timer_fires_on_time() {
             best < ON_TIME,
             "{backend:?}: best of 20 was {best:?}: rounded up to glib's millisecond?"
         );
-    }
+    });
 }
 
 /// With nothing scheduled, no fd ready and a timer armed far ahead, a `MainContext` with the
 /// source attached sleeps: over 200 ms (ended by a glib timeout), one iteration, no dispatch.
 #[test]
 fn an_idle_context_adds_no_wake_ups() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, src) = attach(&ctx);
+    each_attached(|backend, ctx, main, src| {
         let far = ctx.timer(ClockType::Realtime, Scale::NS, || {});
         far.arm_after(Duration::from_secs(60));
-        while main.iteration(false) {}
-        let ended = Arc::new(AtomicBool::new(false));
-        let e = ended.clone();
-        glib::timeout_source_new(
+        drain(main);
+        let ended = Flag::new();
+        once_after(
+            main,
             Duration::from_millis(200),
-            None,
             Priority::DEFAULT,
-            move || {
-                e.store(true, Ordering::SeqCst);
-                ControlFlow::Break
-            },
-        )
-        .attach(Some(&main));
+            ended.setter(),
+        );
         let before = ctx.stats();
         let start = Instant::now();
-        let mut iterations = 0;
-        while !ended.load(Ordering::SeqCst) {
-            iterate_blocking(&main);
-            iterations += 1;
-        }
+        let iterations = iterate_until(main, || ended.get());
         assert!(start.elapsed() >= Duration::from_millis(200));
         assert_eq!(
             iterations, 1,
@@ -720,39 +678,20 @@ fn an_idle_context_adds_no_wake_ups() {
         // glib's `check` after its one wake-up looks at the backend once, without blocking.
         assert!(after.waits - before.waits <= 1, "{backend:?}");
         assert!(src.is_attached());
-    }
+    });
 }
 
 /// A handler that reads one byte per call is called again while data remains, as under aio's
 /// own loop (glib polls level-triggered).
 #[test]
 fn a_handler_that_leaves_data_unread_is_called_again() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, _src) = attach(&ctx);
-        let (mut c, d) = UnixStream::pair().unwrap();
-        d.set_nonblocking(true).unwrap();
+    each_attached(|backend, ctx, main, _src| {
         let got = Rc::new(Cell::new(0usize));
-        let (g, mut sock) = (got.clone(), d.try_clone().unwrap());
-        let _h = ctx
-            .fd_handler(&d)
-            .on_read(move |_| {
-                let mut buf = [0u8; 1];
-                if let Ok(1) = sock.read(&mut buf) {
-                    g.set(g.get() + 1);
-                }
-            })
-            .register()
-            .unwrap();
+        let (mut c, _watched) = watched_pair(ctx, 1, &got, || {});
         c.write_all(&[1u8; 10]).unwrap();
-        let mut iterations = 0;
-        while got.get() < 10 {
-            iterate_blocking(&main);
-            iterations += 1;
-            assert!(iterations < 100, "{backend:?}");
-        }
+        iterate_until_at_most(main, backend, 100, || got.get() >= 10);
         assert_eq!(got.get(), 10, "{backend:?}");
-    }
+    });
 }
 
 /// While attached, a glib callback and an aio callback dispatched through glib may each poll
@@ -760,69 +699,42 @@ fn a_handler_that_leaves_data_unread_is_called_again() {
 /// afterwards.
 #[test]
 fn callbacks_may_poll_the_attached_context_directly() {
-    let _s = serial();
-    for (backend, ctx) in backends() {
-        let (main, src) = attach(&ctx);
+    each_attached(|backend, ctx, main, src| {
         // A glib idle callback waits, nested, for an aio BH and an aio timer.
         let inner = Arc::new(AtomicU32::new(0));
         let glib_done = Rc::new(Cell::new(false));
         let (i, c2, gd) = (inner.clone(), ctx.clone(), glib_done.clone());
         let nested = ThreadGuard::new(move || {
-            let i2 = i.clone();
-            c2.schedule_oneshot(move || {
-                i2.fetch_add(1, Ordering::SeqCst);
-            });
-            let fired = Arc::new(AtomicBool::new(false));
-            let f = fired.clone();
-            let t = c2.timer(ClockType::Realtime, Scale::NS, move || {
-                f.store(true, Ordering::SeqCst)
-            });
-            t.arm_after(Duration::from_millis(2));
-            c2.wait_while(|| i.load(Ordering::SeqCst) == 0 || !fired.load(Ordering::SeqCst));
+            wait_nested_for_oneshot_and_timer(&c2, &i);
             gd.set(true);
-            ControlFlow::Break
         });
-        glib::idle_source_new(None, Priority::DEFAULT, move || (nested.get_ref())())
-            .attach(Some(&main));
-        while !glib_done.get() {
-            iterate_blocking(&main);
-        }
+        once_idle(main, Priority::DEFAULT, move || (nested.get_ref())());
+        iterate_until(main, || glib_done.get());
         assert_eq!(inner.load(Ordering::SeqCst), 1, "{backend:?}");
 
         // An aio BH, dispatched by glib, waits nested for a BH from another thread.
-        let remote_ran = Arc::new(AtomicBool::new(false));
-        let aio_done = Arc::new(AtomicBool::new(false));
-        let (r, done, remote) = (remote_ran.clone(), aio_done.clone(), ctx.handle());
+        let (remote_ran, aio_done) = (Flag::new(), Flag::new());
+        let (r, done) = (remote_ran.clone(), aio_done.setter());
         ctx.schedule_oneshot(move || {
             let ctx = AioContext::current().unwrap();
-            let r2 = r.clone();
-            let remote = remote.clone();
-            let t = thread::spawn(move || {
-                thread::sleep(Duration::from_millis(10));
-                remote.schedule_oneshot(move || r2.store(true, Ordering::SeqCst));
-            });
-            ctx.wait_while(|| !r.load(Ordering::SeqCst));
+            let t = schedule_from_thread(&ctx, Duration::from_millis(10), r.setter());
+            ctx.wait_while(|| !r.get());
             t.join().unwrap();
-            done.store(true, Ordering::SeqCst);
+            done();
         });
-        while !aio_done.load(Ordering::SeqCst) {
-            iterate_blocking(&main);
-        }
-        assert!(remote_ran.load(Ordering::SeqCst));
+        iterate_until(main, || aio_done.get());
+        assert!(remote_ran.get());
 
         // Still attached and working.
         assert!(src.is_attached());
-        let again = Arc::new(AtomicBool::new(false));
-        let (a, remote) = (again.clone(), ctx.handle());
-        thread::spawn(move || remote.schedule_oneshot(move || a.store(true, Ordering::SeqCst)))
+        let again = Flag::new();
+        schedule_from_thread(ctx, Duration::ZERO, again.setter())
             .join()
             .unwrap();
-        while !again.load(Ordering::SeqCst) {
-            iterate_blocking(&main);
-        }
-        while main.iteration(false) {}
+        iterate_until(main, || again.get());
+        drain(main);
         assert!(!main.iteration(false), "{backend:?}");
-    }
+    });
 }
 
 /// Detaching and dropping in every order: the `AioSource` dropped while its `prepare` is not
@@ -840,122 +752,82 @@ fn detach_and_drop_in_every_order_leak_nothing() {
         main.iteration(false);
         drop(src);
     }
-    let base = open_fds();
-    for round in 0..4 {
-        for backend in [Backend::Poll, Backend::Epoll, Backend::IoUring] {
-            let Ok(ctx) = aio::Builder::new().backend(backend).build() else {
-                continue;
-            };
-            let main = MainContext::new();
-            let src = Rc::new(RefCell::new(Some(
-                AioSource::attach(ctx.clone(), &main).unwrap(),
-            )));
-            while main.iteration(false) {}
-            let ran = Arc::new(AtomicBool::new(false));
-            let r = ran.clone();
-            match round {
-                // A higher-priority glib timeout becomes ready while the source is prepared:
-                // glib skips the source's check and dispatches the timeout, which detaches it.
-                0 => {
-                    let s = src.clone();
-                    let dropped = Rc::new(Cell::new(false));
-                    let d = dropped.clone();
-                    let detach = ThreadGuard::new(move || {
-                        s.borrow_mut().take();
-                        d.set(true);
-                    });
-                    glib::timeout_source_new(
-                        Duration::from_millis(5),
-                        None,
-                        Priority::HIGH,
-                        move || {
-                            (detach.get_ref())();
-                            ControlFlow::Break
-                        },
-                    )
-                    .attach(Some(&main));
-                    while !dropped.get() {
-                        iterate_blocking(&main);
-                    }
-                    // The window is closed: with nobody waiting, a remote schedule does not
-                    // write the eventfd.
-                    let writes = ctx.stats().event_writes;
-                    let remote = ctx.handle();
-                    thread::spawn(move || {
-                        remote.schedule_oneshot(move || r.store(true, Ordering::SeqCst))
-                    })
-                    .join()
-                    .unwrap();
-                    assert_eq!(ctx.stats().event_writes, writes, "{backend:?}");
-                    while main.iteration(false) {}
-                    assert!(!ran.load(Ordering::SeqCst), "ran through glib after detach");
-                    while !ran.load(Ordering::SeqCst) {
-                        ctx.poll();
-                    }
-                    drop(main);
-                    drop(ctx);
-                }
-                // The source dropped from one of its own aio callbacks.
-                1 => {
-                    let s = src.clone();
-                    let late = Arc::new(AtomicBool::new(false));
-                    let l = late.clone();
-                    let c2 = ctx.clone();
-                    let task = ctx.spawn_local(async move {
-                        s.borrow_mut().take();
-                        c2.schedule_oneshot(move || l.store(true, Ordering::SeqCst));
-                        r.store(true, Ordering::SeqCst);
-                    });
-                    while !ran.load(Ordering::SeqCst) {
-                        iterate_blocking(&main);
-                    }
-                    assert!(src.borrow().is_none());
-                    while main.iteration(false) {}
-                    assert!(
-                        !late.load(Ordering::SeqCst),
-                        "ran through glib after detach"
-                    );
-                    while !late.load(Ordering::SeqCst) {
-                        ctx.poll();
-                    }
-                    assert!(task.is_finished());
-                    drop(ctx);
-                    drop(main);
-                }
-                // The MainContext dropped first: glib destroys the source; the context then
-                // runs its own loop, and the `AioSource` only gives back its reference.
-                2 => {
-                    drop(main);
-                    assert!(!src.borrow().as_ref().unwrap().is_attached());
-                    ctx.handle()
-                        .schedule_oneshot(move || r.store(true, Ordering::SeqCst));
-                    while !ran.load(Ordering::SeqCst) {
-                        ctx.poll();
-                    }
-                    src.borrow_mut().take();
-                    drop(ctx);
-                }
-                // Every other clone of the context dropped first: the source keeps it, and a
-                // remote BH still runs through glib; then the source and the MainContext go.
-                _ => {
-                    let remote = ctx.handle();
-                    drop(ctx);
-                    remote.schedule_oneshot(move || r.store(true, Ordering::SeqCst));
-                    while !ran.load(Ordering::SeqCst) {
-                        iterate_blocking(&main);
-                    }
-                    src.borrow_mut().take();
-                    let late = Arc::new(AtomicBool::new(false));
-                    let l = late.clone();
-                    remote.schedule_oneshot(move || l.store(true, Ordering::SeqCst));
-                    while main.iteration(false) {}
-                    assert!(!late.load(Ordering::SeqCst));
-                    drop(main);
-                }
+    every_order_leaks_nothing(4, |round, backend, ctx| {
+        let main = MainContext::new();
+        let src = Rc::new(RefCell::new(Some(
+            AioSource::attach(ctx.clone(), &main).unwrap(),
+        )));
+        drain(&main);
+        let ran = Flag::new();
+        match round {
+            // A higher-priority glib timeout becomes ready while the source is prepared:
+            // glib skips the source's check and dispatches the timeout, which detaches it.
+            0 => {
+                let s = src.clone();
+                let dropped = Rc::new(Cell::new(false));
+                let d = dropped.clone();
+                let detach = ThreadGuard::new(move || {
+                    s.borrow_mut().take();
+                    d.set(true);
+                });
+                once_after(&main, Duration::from_millis(5), Priority::HIGH, move || {
+                    (detach.get_ref())()
+                });
+                iterate_until(&main, || dropped.get());
+                // The window is closed: with nobody waiting, a remote schedule does not
+                // write the eventfd.
+                detached_then_own_loop(&ctx, backend, "ran through glib after detach", || {
+                    drain(&main)
+                });
+                drop(main);
+                drop(ctx);
+            }
+            // The source dropped from one of its own aio callbacks.
+            1 => {
+                let s = src.clone();
+                let late = Flag::new();
+                let (l, r) = (late.setter(), ran.setter());
+                let c2 = ctx.clone();
+                let task = ctx.spawn_local(async move {
+                    s.borrow_mut().take();
+                    c2.schedule_oneshot(l);
+                    r();
+                });
+                iterate_until(&main, || ran.get());
+                assert!(src.borrow().is_none());
+                drain(&main);
+                assert!(!late.get(), "ran through glib after detach");
+                poll_until(&ctx, || late.get());
+                assert!(task.is_finished());
+                drop(ctx);
+                drop(main);
+            }
+            // The MainContext dropped first: glib destroys the source; the context then
+            // runs its own loop, and the `AioSource` only gives back its reference.
+            2 => {
+                drop(main);
+                assert!(!src.borrow().as_ref().unwrap().is_attached());
+                ctx.handle().schedule_oneshot(ran.setter());
+                poll_until(&ctx, || ran.get());
+                src.borrow_mut().take();
+                drop(ctx);
+            }
+            // Every other clone of the context dropped first: the source keeps it, and a
+            // remote BH still runs through glib; then the source and the MainContext go.
+            _ => {
+                let remote = ctx.handle();
+                drop(ctx);
+                remote.schedule_oneshot(ran.setter());
+                iterate_until(&main, || ran.get());
+                src.borrow_mut().take();
+                let late = Flag::new();
+                remote.schedule_oneshot(late.setter());
+                drain(&main);
+                assert!(!late.get());
+                drop(main);
             }
         }
-    }
-    assert_eq!(open_fds(), base, "fds leaked");
+    });
 }
 
 /// The `MainContext` must run on the context's thread: attaching to one that another thread
@@ -997,9 +869,7 @@ fn a_foreign_thread_is_refused_and_never_runs_callbacks() {
         ran_on.lock().unwrap().is_none(),
         "ran on the foreign thread"
     );
-    while ran_on.lock().unwrap().is_none() {
-        ctx.poll();
-    }
+    poll_until(&ctx, || ran_on.lock().unwrap().is_some());
     assert_eq!(*ran_on.lock().unwrap(), Some(thread::current().id()));
 }
 
@@ -1016,10 +886,7 @@ fn a_panic_in_a_callback_detaches_the_source() {
     let payload = src.take_panic().expect("the payload");
     assert_eq!(payload.downcast_ref::<&str>(), Some(&"boom"));
     assert!(src.take_panic().is_none());
-    let ran = Arc::new(AtomicBool::new(false));
-    let r = ran.clone();
-    ctx.schedule_oneshot(move || r.store(true, Ordering::SeqCst));
-    while !ran.load(Ordering::SeqCst) {
-        ctx.poll();
-    }
+    let ran = Flag::new();
+    ctx.schedule_oneshot(ran.setter());
+    poll_until(&ctx, || ran.get());
 }
