@@ -164,6 +164,7 @@ macro_rules! external_client_tests {
 macro_rules! removal_tests {
     ($make:expr $(, #[$meta:meta])* $(,)?) => {
         $crate::__cases!([$(#[$meta])*] $make; removal:
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             handler_removes_itself,
             handlers_remove_each_other,
             handler_nested_poll_steals_ready_handler,
@@ -179,18 +180,29 @@ macro_rules! removal_tests {
 macro_rules! fd_handler_tests {
     ($make:expr $(, #[$meta:meta])* $(,)?) => {
         $crate::__cases!([$(#[$meta])*] $make; fd_handlers:
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_read_and_write_callbacks,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_level_triggered_unread_data,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_handler_with_poll_callbacks_is_dispatched,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_write_readiness,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_hangup_calls_read,
             fd_error_readiness_reaches_the_write_callback,
             fd_removed_and_readded_in_one_iteration,
+            #[cfg_attr(miri, ignore = "needs getrlimit, which Miri does not emulate")]
             fd_ten_thousand_idle_one_active,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_replace_handler,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_replace_wrong_fd_rejected,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_register_twice_already_exists,
+            #[cfg_attr(miri, ignore = "needs getrlimit, which Miri does not emulate")]
             fd_register_closed_fd_ebadf,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_register_without_callbacks_invalid_input,
             fd_nested_blocking_poll_waits_for_remote_bh,
         );
@@ -202,10 +214,15 @@ macro_rules! fd_handler_tests {
 macro_rules! outer_loop_tests {
     ($make:expr $(, #[$meta:meta])* $(,)?) => {
         $crate::__cases!([$(#[$meta])*] $make; outer_loop:
+            #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
             outer_loop_bh_schedule,
+            #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
             outer_loop_bh_delete_self,
+            #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
             outer_loop_notify_wakes_outer_fds,
+            #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
             outer_loop_watches_handlers_registered_in_dispatch,
+            #[cfg_attr(miri, ignore = "the outer loop waits with poll(2), which Miri does not emulate")]
             outer_loop_notify_is_consumed,
         );
     };
@@ -277,8 +294,11 @@ macro_rules! polling_tests {
             poll_nested_poll_ends_polling_mode_for_the_running_handler,
             poll_right_after_an_fd_dispatch,
             poll_members_that_leave_get_on_poll_end,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             poll_outer_dispatch_callback_polls_nested,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             poll_windows_are_per_handler,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             poll_fd_only_handler_next_to_polled_one_runs,
             poll_callback_removes_its_own_handler,
             poll_params_from_another_thread_take_effect,
@@ -290,12 +310,13 @@ macro_rules! polling_tests {
     };
 }
 
-/// Expands `[attrs] make; module: case, ...` into one `#[test]` per case.
+/// Expands `[attrs] make; module: case, ...` into one `#[test]` per case; a case may carry
+/// attributes of its own (the Miri exclusions: what Miri does not emulate).
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __cases {
-    ($attrs:tt $make:expr; $module:ident: $($case:ident),* $(,)?) => {
-        $($crate::__case!($attrs $make; $module::$case);)*
+    ($attrs:tt $make:expr; $module:ident: $($(#[$cmeta:meta])* $case:ident),* $(,)?) => {
+        $($crate::__case!($attrs [$(#[$cmeta])*] $make; $module::$case);)*
     };
 }
 
@@ -303,9 +324,10 @@ macro_rules! __cases {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __case {
-    ([$(#[$meta:meta])*] $make:expr; $module:ident::$case:ident) => {
+    ([$(#[$meta:meta])*] [$(#[$cmeta:meta])*] $make:expr; $module:ident::$case:ident) => {
         #[test]
         $(#[$meta])*
+        $(#[$cmeta])*
         fn $case() {
             $crate::$module::$case($make)
         }
