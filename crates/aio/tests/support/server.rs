@@ -206,6 +206,16 @@ pub fn with_io(io: &'static str, cache: &'static str, case: fn()) {
 }
 
 /// Whether this kernel serves `--aio io`: the same checks the server makes at start.
+#[cfg(not(target_os = "linux"))]
+pub fn io_mode_works(io: &str) -> Result<(), String> {
+    match io {
+        "" | "threads" => Ok(()),
+        _ => Err(format!("--aio {io} is Linux-only")),
+    }
+}
+
+/// Whether this kernel serves `--aio io`: the same checks the server makes at start.
+#[cfg(target_os = "linux")]
 pub fn io_mode_works(io: &str) -> Result<(), String> {
     let (backend, engine) = match io {
         "io_uring" => (aio::Backend::IoUring, aio::blockio::Engine::IoUring),
