@@ -1,9 +1,9 @@
 //! Workloads shared by the side-by-side benchmarks: aio and its peer (tokio `current_thread`)
 //! for B1, B2 and B4 of docs/benchmarks.md here, aio's fd backends next to mio, polling and the raw
-//! system-call floors for B5 and B6 in [`fd`], in [`b7`] the timers of B7 (with async-io as
-//! a second peer), in [`b8`] the thread pool of B8, and for adaptive polling (issue 11) the
-//! cross-thread ping-pong of B3 in [`b3`] and the idle loop of B9 in [`b9`]; the task executor
-//! of B12 (spawn, yield, remote wake, cross-context ping-pong) in [`b12`].
+//! system-call floors for B5 and B6 in [`fd`], in [`timer_load`] the timers of B7 (with async-io as
+//! a second peer), in [`pool_jobs`] the thread pool of B8, and for adaptive polling (issue 11) the
+//! cross-thread ping-pong of B3 in [`ping_pong`] and the idle loop of B9 in [`idle`]; the task executor
+//! of B12 (spawn, yield, remote wake, cross-context ping-pong) in [`task_load`].
 //!
 //! Each workload takes an iteration count and returns the time of exactly that many iterations,
 //! so the criterion benches (`iter_custom`) and the quick report (`benches/report.rs`, median of
