@@ -2680,7 +2680,14 @@ fn every_aio_mode_keeps_data_intact_under_both_engines() {
     }
 }
 
+/// Whether process `pid` has `image` open with `O_DIRECT`: Linux only (`--cache none` is).
+#[cfg(not(target_os = "linux"))]
+fn has_direct_fd(_pid: u32, _image: &std::path::Path) -> bool {
+    false
+}
+
 /// Whether process `pid` has `image` open with `O_DIRECT` (the `flags` line of its fdinfo).
+#[cfg(target_os = "linux")]
 fn has_direct_fd(pid: u32, image: &std::path::Path) -> bool {
     let image = std::fs::canonicalize(image).unwrap();
     std::fs::read_dir(format!("/proc/{pid}/fd"))
