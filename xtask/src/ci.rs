@@ -1028,7 +1028,15 @@ fn cross(_root: &Path) -> Result<()> {
         // is a warning, which check would let through.
         let lint = |features: &[&str], packages: &[&str]| {
             Cmd::cargo()
-                .args(["clippy", "--target", target, "--lib", "--bins", "--tests", "--benches"])
+                .args([
+                    "clippy",
+                    "--target",
+                    target,
+                    "--lib",
+                    "--bins",
+                    "--tests",
+                    "--benches",
+                ])
                 .args(features.iter().copied())
                 .args(packages.iter().flat_map(|p| ["-p", *p]))
                 .args(["--", "-D", "warnings"])
