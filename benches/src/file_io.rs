@@ -357,9 +357,10 @@ pub fn raw_uring_with(
                 iov_len: BLOCK,
             })
             .collect();
-        // SAFETY: [BENCH-RAW-URING] the registered windows are the slots' buffers, which are
+        // [BENCH-RAW-URING] the registered windows are the slots' buffers, which are
         // neither moved nor freed before `ring` is dropped (explicitly, before `bufs`, at the
         // end of this function), which unregisters them.
+        // SAFETY: [BENCH-RAW-URING] the registered buffers outlive the ring.
         unsafe { ring.submitter().register_buffers(&iovecs) }?;
     }
     let raw_fd = types::Fd(file.as_raw_fd());
@@ -401,10 +402,11 @@ pub fn raw_uring_with(
         let mut sq = ring.submission();
         while next < qd.min(offsets.len()) {
             let e = entry(next, offsets[next]);
-            // SAFETY: [BENCH-RAW-URING] the SQE points at `BLOCK` bytes of `bufs[slot]`, which
+            // [BENCH-RAW-URING] the SQE points at `BLOCK` bytes of `bufs[slot]`, which
             // lives until this function returns, after every submitted SQE has completed (the
             // loop below reaps as many CQEs as it submitted), and whose slot is not reused
             // before its CQE is reaped.
+            // SAFETY: [BENCH-RAW-URING] the slot's buffer outlives its SQE's completion.
             unsafe { sq.push(&e) }.map_err(|_| io::Error::other("submission queue full"))?;
             next += 1;
         }
@@ -430,8 +432,9 @@ pub fn raw_uring_with(
                     // With SQPOLL the kernel thread may not have taken the last batch yet.
                     ring.submit()?;
                 }
-                // SAFETY: [BENCH-RAW-URING] as above: `slot`'s CQE was just reaped, so its
+                // [BENCH-RAW-URING] as above: `slot`'s CQE was just reaped, so its
                 // buffer is free for this SQE, and it outlives the loop.
+                // SAFETY: [BENCH-RAW-URING] the slot's CQE was reaped; its buffer is free and outlives the loop.
                 unsafe { ring.submission().push(&e) }
                     .map_err(|_| io::Error::other("submission queue full"))?;
                 next += 1;

@@ -292,8 +292,9 @@ impl<T> Join<T> {
             drop(result);
         }
         if state & COMPLETE == 0 || state & JOIN_WAKER == 0 {
-            // SAFETY: [TASK-5]: not completed (we cleared JOIN_WAKER, so the producer will
+            // [TASK-5]: not completed (we cleared JOIN_WAKER, so the producer will
             // never lease the waker), or completed with the lease over: the waker is ours.
+            // SAFETY: [TASK-5] no lease is out, so the waker is ours to take.
             let waker = self.waker.with_mut(|w| unsafe { (*w).take() });
             drop(waker);
         }
@@ -407,8 +408,9 @@ impl<F: Future + 'static> Cell<F> {
     }
 
     unsafe fn clone_waker(ptr: *const ()) -> RawWaker {
-        // SAFETY: [TASK-2]: `ptr` is the cell's pointer, kept alive by this waker's reference
+        // [TASK-2]: `ptr` is the cell's pointer, kept alive by this waker's reference
         // (or the owner's, while it polls).
+        // SAFETY: [TASK-2] this waker's reference keeps the cell alive.
         let cell = unsafe { &*ptr.cast::<Self>() };
         cell.join.acquire();
         RawWaker::new(ptr, &Self::VTABLE)
@@ -423,8 +425,9 @@ impl<F: Future + 'static> Cell<F> {
     }
 
     unsafe fn wake_by_ref_waker(ptr: *const ()) {
-        // SAFETY: [TASK-2]: the waker's reference keeps the cell alive; only the header (which
+        // [TASK-2]: the waker's reference keeps the cell alive; only the header (which
         // is `Sync`) is touched, from whatever thread this is ([TASK-4]).
+        // SAFETY: [TASK-2] the waker's reference keeps the cell alive; the header is `Sync`.
         let cell = unsafe { &*ptr.cast::<Self>() };
         cell.header.wake();
     }
@@ -433,8 +436,9 @@ impl<F: Future + 'static> Cell<F> {
         // SAFETY: [TASK-2]: the waker's reference keeps the cell alive until it is given up.
         let last = unsafe { &*ptr.cast::<Self>() }.join.release();
         if last {
-            // SAFETY: [TASK-2]: that was the last reference, and `ptr` is the `Box`'s pointer;
+            // [TASK-2]: that was the last reference, and `ptr` is the `Box`'s pointer;
             // the cell is freed on this thread: [TASK-4] says its future and output are gone.
+            // SAFETY: [TASK-2] that was the last reference, and `ptr` is the `Box`'s pointer.
             drop(unsafe { Box::from_raw(ptr.cast::<Self>().cast_mut()) });
         }
     }
@@ -446,22 +450,25 @@ impl<F: Future + 'static> Task for Cell<F> {
     }
 
     unsafe fn poll(&self, this: *const ()) -> Poll<()> {
-        // SAFETY: [TASK-1]: the caller holds the owner token and no other access to the future
+        // [TASK-1]: the caller holds the owner token and no other access to the future
         // runs, so this is the only reference to it.
+        // SAFETY: [TASK-1] the owner token's holder alone touches the future.
         let slot = unsafe { &mut *self.future.get() };
         let Some(future) = slot.as_mut() else {
             return Poll::Ready(());
         };
-        // SAFETY: [TASK-3]: the future is never moved out of the cell, which never moves
+        // [TASK-3]: the future is never moved out of the cell, which never moves
         // (it is an `Arc`'s allocation); it is dropped in place below or by `cancel`.
+        // SAFETY: [TASK-3] the future never moves out of the cell, which never moves.
         let future = unsafe { Pin::new_unchecked(future) };
         // A waker by reference, borrowing the owner's reference: nothing counted unless the future
         // clones it.
         debug_assert_eq!(this, std::ptr::from_ref(self).cast::<()>());
         let raw = RawWaker::new(this, &Self::VTABLE);
-        // SAFETY: [TASK-2]: `this` is the cell's `Box` pointer, kept alive by the owner token's
+        // [TASK-2]: `this` is the cell's `Box` pointer, kept alive by the owner token's
         // reference for the whole poll; `ManuallyDrop` keeps this borrowed waker from giving up
         // a reference.
+        // SAFETY: [TASK-2] the owner token keeps the cell alive.
         let waker = ManuallyDrop::new(unsafe { Waker::from_raw(raw) });
         let result = match catch_unwind(AssertUnwindSafe(|| {
             future.poll(&mut Context::from_waker(&waker))
@@ -565,14 +572,16 @@ impl Owned {
 
 impl Drop for Owned {
     fn drop(&mut self) {
-        // SAFETY: [TASK-1]: this is the owner token, on its thread (`Owned` is not `Send`; a
+        // [TASK-1]: this is the owner token, on its thread (`Owned` is not `Send`; a
         // `SendOwned` may be dropped anywhere, but its future is `Send`), and nothing polls
         // the task while its token is being dropped (a running slot is never freed, see
         // [TASK-1]'s transitions).
+        // SAFETY: [TASK-1] the owner token, on its own thread, may cancel.
         unsafe { self.task().cancel() };
         if self.task().release() {
-            // SAFETY: [TASK-2]: the token's reference was the last, and its pointer is the
+            // [TASK-2]: the token's reference was the last, and its pointer is the
             // cell's `Box` pointer.
+            // SAFETY: [TASK-2] the token's reference was the last; its pointer is the `Box`'s.
             unsafe { free(self.0) };
         }
     }
@@ -582,8 +591,9 @@ impl Drop for Owned {
 /// another context's thread (`ContextHandle::spawn`, `reschedule`).
 pub(super) struct SendOwned(Owned);
 
-// SAFETY: [TASK-1]: made only by `new_send`, whose bounds make the future and its output
+// [TASK-1]: made only by `new_send`, whose bounds make the future and its output
 // `Send`: everything the token gives access to may move to another thread.
+// SAFETY: [TASK-1] `new_send` made the future and its output `Send`.
 unsafe impl Send for SendOwned {}
 
 impl SendOwned {
@@ -596,8 +606,9 @@ impl SendOwned {
 /// request kept in a `Send` future.
 pub(super) struct HeaderRef(NonNull<dyn Task>);
 
-// SAFETY: [TASK-4]: a `HeaderRef` only reads the header, which is `Sync`, and dropping the last
+// [TASK-4]: a `HeaderRef` only reads the header, which is `Sync`, and dropping the last
 // reference anywhere is allowed because the future and the output are gone by then.
+// SAFETY: [TASK-4] only the `Sync` header is read; the future and output are gone.
 unsafe impl Send for HeaderRef {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for HeaderRef {}
