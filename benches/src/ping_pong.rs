@@ -249,8 +249,8 @@ fn blocking_eventfd() -> OwnedFd {
 
 fn eventfd_write(fd: &OwnedFd) {
     let one: u64 = 1;
-    // SAFETY: `fd` is an open eventfd; the pointer and length describe `one`, 8 readable bytes
-    // that outlive the call.
+    // `fd` is an open eventfd.
+    // SAFETY: the pointer and length describe `one`, 8 readable bytes that outlive the call.
     let n = unsafe { libc::write(fd.as_raw_fd(), (&raw const one).cast(), 8) };
     assert_eq!(
         n,
@@ -263,8 +263,8 @@ fn eventfd_write(fd: &OwnedFd) {
 fn eventfd_read(fd: &OwnedFd) {
     let mut value: u64 = 0;
     loop {
-        // SAFETY: `fd` is an open eventfd; the pointer and length describe `value`, 8 writable
-        // bytes that outlive the call.
+        // `fd` is an open eventfd.
+        // SAFETY: the pointer and length describe `value`, 8 writable bytes outliving the call.
         let n = unsafe { libc::read(fd.as_raw_fd(), (&raw mut value).cast(), 8) };
         if n == 8 {
             return;

@@ -54,8 +54,9 @@ fn read_byte(fd: RawFd) -> u8 {
 
 impl Drop for RawPipe {
     fn drop(&mut self) {
-        // SAFETY: both fds came from pipe(2) in `new`, are owned by this value alone and are
-        // closed once; every test removes its handlers before dropping the pipe.
+        // Both fds came from pipe(2) in `new`; every test removes its handlers before
+        // dropping the pipe.
+        // SAFETY: [SYS-1] fds owned by this value alone, closed once, no handler left on them.
         unsafe {
             libc::close(self.rd);
             libc::close(self.wr);
@@ -103,8 +104,8 @@ fn a_raw_fd_handler_is_dispatched_and_removed_like_any_other() {
 fn numbers_that_are_not_open_fds_are_refused_with_ebadf() {
     let ctx = ctx();
     for fd in [-1, RawFd::MAX] {
-        // SAFETY: nothing is registered: `register` refuses the number (asserted below), so no
-        // fd is watched and the contract has nothing to cover.
+        // `register` refuses the number (asserted below), so no fd is watched.
+        // SAFETY: raw-fd contract: nothing is registered, so it has nothing to cover.
         let err = unsafe { ctx.fd_handler_raw(fd) }
             .on_read(|_| panic!("never registered"))
             .register()
@@ -152,8 +153,9 @@ fn a_raw_fd_handler_registered_from_another_thread_runs_on_the_loop() {
     let home = thread::current().id();
     let registrar = thread::spawn(move || {
         let rd = p.rd;
-        // SAFETY: raw-fd contract: the pipe is kept open (an `Arc` held by the test) until
-        // the handler is removed and the loop has iterated since.
+        // The test holds an `Arc` of the pipe until the handler is removed and the loop has
+        // iterated since.
+        // SAFETY: raw-fd contract: the fd stays open for as long as the handler may use it.
         unsafe { handle.fd_handler_raw(rd) }
             .on_read(move |_| {
                 assert_eq!(thread::current().id(), home, "callbacks run on the loop");

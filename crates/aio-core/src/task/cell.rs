@@ -637,9 +637,10 @@ pub(super) struct JoinRef<T> {
     done: bool,
 }
 
-// SAFETY: [TASK-4]: the join side touches the header (`Sync`) and the join state, whose cells
-// hold the output (which may cross threads when it is `Send`) and a waker (`Send`); the last
-// reference dropped here frees a cell whose future is gone.
+// The join side touches the header (`Sync`) and the join state, whose cells hold the output
+// (which may cross threads when it is `Send`) and a waker (`Send`); the last reference dropped
+// here frees a cell whose future is gone.
+// SAFETY: [TASK-4]: everything the join side reaches may cross threads when `T: Send`.
 unsafe impl<T: Send> Send for JoinRef<T> {}
 // SAFETY: as for `Send`; through `&JoinRef` only the header and the state word are read.
 unsafe impl<T: Send> Sync for JoinRef<T> {}
@@ -670,8 +671,8 @@ impl<T> JoinRef<T> {
 impl<T> Drop for JoinRef<T> {
     fn drop(&mut self) {
         if self.part().join().drop_handle(self.done) {
-            // SAFETY: [TASK-2]: the handle's reference was the last, and the pointer is the
-            // cell's `Box` pointer.
+            // The handle's reference was the last one.
+            // SAFETY: [TASK-2]: last reference gone; the pointer is the cell's `Box` pointer.
             unsafe { free(self.cell) };
         }
     }

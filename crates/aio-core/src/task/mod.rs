@@ -303,8 +303,9 @@ fn run(ctx: &AioContext, index: u32) {
         return;
     };
     let this = task.cast::<()>();
-    // SAFETY: [TASK-1]: the slot is marked running, so nobody but this function frees it, and
-    // the owner token it holds keeps the task alive until then.
+    // The slot is marked running, so nobody but this function frees it, and the owner token
+    // it holds keeps the task alive until then.
+    // SAFETY: [TASK-1]: a running slot's task is alive and freed only by this function.
     let task = unsafe { &*task };
     let header = task.header();
     if header.has(ABORT) {
@@ -314,8 +315,9 @@ fn run(ctx: &AioContext, index: u32) {
     ctx.inner.task_polls.set(ctx.inner.task_polls.get() + 1);
     let poll = {
         let _running = RunningGuard::enter(Some(index));
-        // SAFETY: [TASK-1]: the slot holds the task's owner token, this is its home thread,
-        // and the running mark keeps any other poll or drop of the task out until it returns.
+        // The slot holds the task's owner token, this is its home thread, and the running
+        // mark keeps any other poll or drop of the task out until it returns.
+        // SAFETY: [TASK-1]: owner token held, home thread, no other poll or drop meanwhile.
         unsafe { task.poll(this) }
     };
     if poll.is_ready() {
