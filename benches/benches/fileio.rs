@@ -14,6 +14,10 @@
 //! every block, so that `O_DIRECT` reads reach the disk. The page-cache part runs first, when
 //! the file is cached from being written; the direct writes then evict it.
 //!
+//! `B11_fixed` runs only aio's io_uring engine with plain `Vec` buffers against the same engine
+//! with a registered `FixedBufPool` (`read_fixed`/`write_fixed`), interleaved, more rounds: what
+//! registered buffers win in the real code path. Both are also rows of the two tables above.
+//!
 //! `B11_ring_features` runs the raw floor with each optional io_uring feature (SINGLE_ISSUER +
 //! DEFER_TASKRUN, a registered file, registered buffers, SQPOLL): what each can win at best.
 //!
@@ -58,6 +62,7 @@ const FULL: Plan = Plan {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Who {
     AioUring,
+    AioUringFixed,
     AioThreads,
     AioNative,
     TokioFs,
@@ -66,8 +71,9 @@ enum Who {
     Raw,
 }
 
-const EVERYONE: [Who; 7] = [
+const EVERYONE: [Who; 8] = [
     Who::AioUring,
+    Who::AioUringFixed,
     Who::AioThreads,
     Who::AioNative,
     Who::TokioFs,
@@ -79,6 +85,7 @@ const EVERYONE: [Who; 7] = [
 fn label(w: Who) -> &'static str {
     match w {
         Who::AioUring => "aio io_uring (context's ring)",
+        Who::AioUringFixed => "aio io_uring, registered buffers (`FixedBufPool`)",
         Who::AioThreads => "aio threads (pool, epoll context)",
         Who::AioNative => "aio native (Linux AIO, epoll context)",
         Who::TokioFs => "`tokio::fs::File` seek + read/write",
@@ -97,6 +104,7 @@ fn run(
 ) -> std::io::Result<Duration> {
     match w {
         Who::AioUring => file_io::aio(Engine::IoUring, file, kind, qd, offs),
+        Who::AioUringFixed => file_io::aio_fixed(file, kind, qd, offs),
         Who::AioThreads => file_io::aio(Engine::Threads, file, kind, qd, offs),
         Who::AioNative => file_io::aio(Engine::LinuxAio, file, kind, qd, offs),
         Who::TokioFs => file_io::tokio_fs(file, kind, qd, offs),
@@ -207,6 +215,14 @@ fn part(out: &mut String, plan: Plan, direct: bool) {
                 )
                 .unwrap();
             }
+            if let (Some(plain), Some(fixed)) = (at(Who::AioUring), at(Who::AioUringFixed)) {
+                verdicts.push(format!(
+                    "Registered buffers vs plain on the io_uring engine, {kind:?} QD {qd}: {:.2}× ({:.2} against {:.2} µs/op)",
+                    plain / fixed,
+                    fixed / 1000.0,
+                    plain / 1000.0
+                ));
+            }
             if let Some(ours) = at(Who::AioUring) {
                 let peer = if direct {
                     "tokio spawn_blocking"
@@ -237,6 +253,80 @@ fn part(out: &mut String, plan: Plan, direct: bool) {
     }
     for s in skipped {
         writeln!(out, "\nskipped: {s}").unwrap();
+    }
+}
+
+/// aio's io_uring engine, plain buffers against a registered `FixedBufPool`, interleaved
+/// (which goes first alternates by round), `2 × rounds + 1` rounds: reads and writes, QD 1 and
+/// 32, page cache and `O_DIRECT`.
+fn fixed_buffers(out: &mut String, plan: Plan) {
+    let rounds = 2 * plan.rounds + 1;
+    writeln!(
+        out,
+        "\n## B11_fixed: aio's io_uring engine, plain `Vec` buffers vs registered buffers, 4 KiB random I/O, {rounds} rounds\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| cache | op | QD | plain µs/op | fixed µs/op | fixed vs plain | fixed wins in rounds |"
+    )
+    .unwrap();
+    writeln!(out, "|---|---|---:|---:|---:|---:|---:|").unwrap();
+    for direct in [false, true] {
+        let (file, ops) = match bench_file(plan, direct) {
+            Ok(f) => f,
+            Err(e) => {
+                writeln!(out, "| {} | skipped: {e} | | | | | |", cache_name(direct)).unwrap();
+                continue;
+            }
+        };
+        for kind in [Kind::Read, Kind::Write] {
+            for qd in [1usize, 32] {
+                let (mut plain, mut fixed, mut wins) = (Vec::new(), Vec::new(), 0);
+                let mut failed = None;
+                for round in 0..rounds {
+                    let offs =
+                        file_io::offsets(ops, plan.file_size, 0xf1ed + round as u64 * 104_729);
+                    let order = if round % 2 == 0 {
+                        [Who::AioUring, Who::AioUringFixed]
+                    } else {
+                        [Who::AioUringFixed, Who::AioUring]
+                    };
+                    let mut pair = [0.0; 2];
+                    for w in order {
+                        match run(w, &file, kind, qd, &offs) {
+                            Ok(t) => {
+                                let ns = t.as_nanos() as f64 / ops as f64;
+                                pair[usize::from(w == Who::AioUringFixed)] = ns;
+                            }
+                            Err(e) => failed = Some(format!("{}: {e}", label(w))),
+                        }
+                    }
+                    if failed.is_some() {
+                        break;
+                    }
+                    wins += usize::from(pair[1] < pair[0]);
+                    plain.push(pair[0]);
+                    fixed.push(pair[1]);
+                }
+                let cache = cache_name(direct);
+                if let Some(e) = failed {
+                    writeln!(out, "| {cache} | {kind:?} | {qd} | refused: {e} | | | |").unwrap();
+                    continue;
+                }
+                plain.sort_by(f64::total_cmp);
+                fixed.sort_by(f64::total_cmp);
+                let (p, f) = (percentile(&plain, 0.5), percentile(&fixed, 0.5));
+                writeln!(
+                    out,
+                    "| {cache} | {kind:?} | {qd} | {:.2} | {:.2} | {:.2}× | {wins}/{rounds} |",
+                    p / 1000.0,
+                    f / 1000.0,
+                    p / f
+                )
+                .unwrap();
+            }
+        }
     }
 }
 
@@ -364,6 +454,7 @@ fn main() {
         &[
             ("B11_cached", cached),
             ("B11_direct", direct),
+            ("B11_fixed", fixed_buffers),
             ("B11_ring_features", ring_features),
         ],
     );

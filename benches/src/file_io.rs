@@ -1,6 +1,7 @@
 //! B11 (docs/benchmarks.md) workloads: 4 KiB random reads or writes of one file at a fixed queue
 //! depth, through the page cache or with `O_DIRECT`, by aio's three block I/O engines (`blockio`:
-//! io_uring on the context's ring, the thread pool, Linux native AIO), by tokio (`tokio::fs`, and
+//! io_uring on the context's ring, with plain buffers or with a registered `FixedBufPool`, the
+//! thread pool, Linux native AIO), by tokio (`tokio::fs`, and
 //! `spawn_blocking` around `pread`/`pwrite`, which is what `tokio::fs` does inside but without
 //! its seek and its copy), by tokio-uring (an io_uring-native runtime), and by the raw
 //! `io-uring` crate (the floor: one ring, no runtime). Every contender runs the same offsets, in
@@ -19,7 +20,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use aio::blockio::Engine;
+use aio::blockio::{Engine, FixedBuf, FixedBufPool};
 use aio::{AioContext, Backend, BlockIo};
 
 /// The transfer size of every operation, and the alignment of offsets and buffers.
@@ -154,6 +155,66 @@ fn issue(ctx: &AioContext, run: &Rc<AioRun>, (buf, start): (Vec<u8>, usize)) {
     match run.kind {
         Kind::Read => run.io.read_into(ctx, &run.file, buf, start, off, done),
         Kind::Write => run.io.write_from(ctx, &run.file, buf, start, off, done),
+    };
+}
+
+/// aio's io_uring engine with a [`FixedBufPool`] of `qd` page-aligned 4 KiB buffers registered
+/// with the context's ring: `READ_FIXED`/`WRITE_FIXED` requests (`read_fixed`/`write_fixed`),
+/// otherwise as [`aio()`]. Fails if the ring refuses the registration, rather than measuring the
+/// plain path under this name.
+pub fn aio_fixed(file: &File, kind: Kind, qd: usize, offsets: &[u64]) -> io::Result<Duration> {
+    let ctx = aio::Builder::new()
+        .backend(Backend::IoUring)
+        .ignore_env()
+        .build()?;
+    let pool = FixedBufPool::unregistered(qd, BLOCK)?;
+    pool.register(&ctx)?;
+    let run = Rc::new(AioRun {
+        io: BlockIo::with_engine(&ctx, Engine::IoUring)?,
+        file: Arc::new(file.try_clone()?),
+        kind,
+        offsets: offsets.into(),
+        next: Cell::new(0),
+        done: Cell::new(0),
+        failed: RefCell::new(None),
+    });
+    let started = Instant::now();
+    for _ in 0..qd {
+        let mut buf = pool.get().expect("qd buffers");
+        buf.fill(0x5a);
+        issue_fixed(&ctx, &run, buf);
+    }
+    while run.done.get() < offsets.len() && run.failed.borrow().is_none() {
+        ctx.poll();
+    }
+    let elapsed = started.elapsed();
+    match run.failed.borrow_mut().take() {
+        Some(e) => Err(e),
+        None => Ok(elapsed),
+    }
+}
+
+/// [`issue`] with a fixed buffer.
+fn issue_fixed(ctx: &AioContext, run: &Rc<AioRun>, buf: FixedBuf) {
+    let i = run.next.get();
+    let Some(&off) = run.offsets.get(i) else {
+        return;
+    };
+    run.next.set(i + 1);
+    let r = run.clone();
+    let done = move |res: io::Result<usize>, buf: FixedBuf| {
+        match res {
+            Ok(BLOCK) => r.done.set(r.done.get() + 1),
+            Ok(n) => *r.failed.borrow_mut() = Some(io::Error::other(format!("short: {n}"))),
+            Err(e) => *r.failed.borrow_mut() = Some(e),
+        }
+        if let Some(ctx) = AioContext::current() {
+            issue_fixed(&ctx, &r, buf);
+        }
+    };
+    match run.kind {
+        Kind::Read => run.io.read_fixed(ctx, &run.file, buf, 0, off, done),
+        Kind::Write => run.io.write_fixed(ctx, &run.file, buf, 0, off, done),
     };
 }
 

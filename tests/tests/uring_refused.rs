@@ -3,7 +3,9 @@
 //! request is a clear error, and `UringMonitor::probe` says why. Each case runs in a child
 //! process that installs a seccomp filter making `io_uring_setup`, or only `io_uring_enter`
 //! (a profile that allows creating a ring but not using it), fail with `EPERM` (a filter
-//! cannot be removed, so it must not touch the other tests).
+//! cannot be removed, so it must not touch the other tests). A filter installed after the ring
+//! is up, refusing `io_uring_register`, makes a `FixedBufPool`'s registration fail: the fixed
+//! operations then run as plain requests on the same ring.
 #![cfg(all(
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
@@ -293,4 +295,70 @@ fn block_io_falls_back_to_threads_when_enter_is_refused() {
         "block_io_falls_back_to_threads_when_enter_is_refused",
         block_io_on_the_fallback_context,
     );
+}
+
+/// A ring that works, whose `IORING_REGISTER_BUFFERS` (every `io_uring_register`) is then
+/// refused: the pool stays unregistered, `register` says why, and `read_fixed`/`write_fixed`
+/// still run on the ring, as plain reads and writes, byte for byte.
+#[test]
+fn fixed_buffers_fall_back_when_registration_is_refused() {
+    let test = "fixed_buffers_fall_back_when_registration_is_refused";
+    aio_tests::in_child(test, &[("AIO_BACKEND", None)], || {
+        use aio::blockio::{Engine, FixedBuf, FixedBufPool};
+        use std::os::unix::fs::FileExt;
+        if let Err(e) = aio::UringMonitor::probe() {
+            println!("skipped: io_uring is unavailable here even without a filter: {e}");
+            return;
+        }
+        let ctx = Builder::new()
+            .backend(Backend::IoUring)
+            .ignore_env()
+            .build()
+            .expect("an io_uring context");
+        refuse_syscall(libc::SYS_io_uring_register);
+        let pool = FixedBufPool::new(&ctx, 2, 4096).expect("the pool itself");
+        assert!(!pool.is_registered(&ctx));
+        let err = pool.register(&ctx).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied, "{err}");
+        let io = aio::BlockIo::of(&ctx);
+        assert_eq!(io.engine(), Engine::IoUring);
+
+        let path = std::env::temp_dir().join(format!("aio-refused-fixed-{}", std::process::id()));
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .unwrap(),
+        );
+        std::fs::remove_file(&path).unwrap();
+        type Got = std::rc::Rc<std::cell::RefCell<Option<(Result<usize, String>, FixedBuf)>>>;
+        let got: Got = Default::default();
+        let mut buf = pool.get().unwrap();
+        buf.set_len(8).unwrap();
+        buf.copy_from_slice(b"fixedbuf");
+        let g = got.clone();
+        io.write_fixed(&ctx, &file, buf, 0, 5, move |r, b| {
+            *g.borrow_mut() = Some((r.map_err(|e| e.to_string()), b))
+        });
+        while got.borrow().is_none() {
+            ctx.poll();
+        }
+        assert_eq!(got.borrow_mut().take().unwrap().0, Ok(8));
+        let mut check = [0; 13];
+        file.read_exact_at(&mut check, 0).unwrap();
+        assert_eq!(&check, b"\0\0\0\0\0fixedbuf");
+        let g = got.clone();
+        io.read_fixed(&ctx, &file, pool.get().unwrap(), 100, 5, move |r, b| {
+            *g.borrow_mut() = Some((r.map_err(|e| e.to_string()), b))
+        });
+        while got.borrow().is_none() {
+            ctx.poll();
+        }
+        let (r, b) = got.borrow_mut().take().unwrap();
+        assert_eq!(r, Ok(8));
+        assert_eq!(&b[100..108], b"fixedbuf");
+    });
 }

@@ -130,6 +130,8 @@ const MEMCHECK: &[(&str, &str)] = &[
     // Block I/O: buffers owned by io_uring requests, cancelled and reaped when the context is
     // dropped with requests in flight; the thread-pool engine's buffer hand-back.
     ("blockio", "memory"),
+    // Native AIO's completion ring read from user space while the loop polls ([LAIO-3]).
+    ("blockio", "linux_aio_poll"),
     ("timers", "lifecycle"),
     ("timers", "callbacks"),
 ];
@@ -232,6 +234,13 @@ const MIRI: &[MiriRun] = &[
     MiriRun {
         package: "aio-core",
         targets: &["--test", "shared_review"],
+        threaded: true,
+    },
+    // Registered buffers' leases ([URING-5]): disjoint buffers written on several threads,
+    // the pool handle dropped while leases live (no ring: the kernel side is in memcheck).
+    MiriRun {
+        package: "blockio",
+        targets: &["--lib"],
         threaded: true,
     },
     // The conformance suite: bottom halves, fd handlers, nested polls, the context's

@@ -31,6 +31,11 @@
 //! pool the buffer travels with the work, and comes back even when the work is cancelled
 //! before it ran.
 //!
+//! [`FixedBufPool`] hands out [`FixedBuf`] leases of page-aligned buffers registered with the
+//! context's ring; [`BlockIo::read_fixed`] and [`BlockIo::write_fixed`] take one by value the
+//! same way, as `READ_FIXED`/`WRITE_FIXED` where the pool is registered and the plain
+//! operations elsewhere (rule [URING-5] for the pool's memory).
+//!
 //! # Results
 //!
 //! One read or write request is one `pread`/`pwrite` (or its io_uring equivalent): it may
@@ -76,17 +81,20 @@
 
 #![deny(missing_docs)]
 
+mod fixed;
 mod future;
 #[cfg(target_os = "linux")]
 mod linux_aio;
 #[cfg(target_os = "linux")]
 mod uring;
 
+pub use fixed::{FIXED_BUF_ALIGN, FixedBuf, FixedBufPool};
 pub use future::OpFuture;
 
 use std::fmt;
 use std::fs::File;
 use std::io;
+use std::ops::DerefMut;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
@@ -284,17 +292,71 @@ impl BlockIo {
         self.one_buf(ctx, file, buf, start, offset, true, done)
     }
 
-    /// [`read_into`](Self::read_into) or [`write_from`](Self::write_from), on the engine.
-    #[allow(clippy::too_many_arguments)] // one request's fields
-    fn one_buf(
+    /// [`read_into`](Self::read_into) with a buffer leased from a [`FixedBufPool`]: reads up to
+    /// `buf.len() - start` bytes of `file` at `offset` into `buf[start..]`. On the io_uring
+    /// engine of the context the pool is registered with, one `READ_FIXED` (the kernel does not
+    /// pin the pages again); everywhere else the plain read, with the same result. `done`
+    /// gets the byte count and the buffer, its length unchanged. Pool buffers are
+    /// page-aligned, so they serve `O_DIRECT` files as they are.
+    pub fn read_fixed(
         &self,
         ctx: &AioContext,
         file: &Arc<File>,
-        buf: Vec<u8>,
+        buf: FixedBuf,
+        start: usize,
+        offset: u64,
+        done: impl FnOnce(io::Result<usize>, FixedBuf) + 'static,
+    ) -> Op {
+        self.fixed(ctx, file, buf, start, offset, false, done)
+    }
+
+    /// [`write_from`](Self::write_from) with a buffer leased from a [`FixedBufPool`]: one
+    /// `WRITE_FIXED` of `buf[start..]` where the pool is registered (see
+    /// [`read_fixed`](Self::read_fixed)), the plain write elsewhere.
+    pub fn write_fixed(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: FixedBuf,
+        start: usize,
+        offset: u64,
+        done: impl FnOnce(io::Result<usize>, FixedBuf) + 'static,
+    ) -> Op {
+        self.fixed(ctx, file, buf, start, offset, true, done)
+    }
+
+    /// [`read_fixed`](Self::read_fixed) or [`write_fixed`](Self::write_fixed): the fixed
+    /// opcodes on io_uring (when the pool is this ring's table), [`one_buf`](Self::one_buf)
+    /// otherwise.
+    #[allow(clippy::too_many_arguments)] // one request's fields
+    fn fixed(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: FixedBuf,
         start: usize,
         offset: u64,
         write: bool,
-        done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+        done: impl FnOnce(io::Result<usize>, FixedBuf) + 'static,
+    ) -> Op {
+        #[cfg(target_os = "linux")]
+        if self.engine == Engine::IoUring && start <= buf.len() {
+            return uring::rw_fixed(ctx, file.clone(), buf, start, offset, write, done);
+        }
+        self.one_buf(ctx, file, buf, start, offset, write, done)
+    }
+
+    /// [`read_into`](Self::read_into) or [`write_from`](Self::write_from), on the engine.
+    #[allow(clippy::too_many_arguments)] // one request's fields
+    fn one_buf<B: IoBuf>(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: B,
+        start: usize,
+        offset: u64,
+        write: bool,
+        done: impl FnOnce(io::Result<usize>, B) + 'static,
     ) -> Op {
         if start > buf.len() {
             return self.refuse_start(ctx, buf, start, done);
@@ -319,12 +381,12 @@ impl BlockIo {
 
     /// Fails a request whose `start` lies past its buffer, through a no-op request so that
     /// `done` runs later, from a poll, as for every other result.
-    fn refuse_start(
+    fn refuse_start<B: IoBuf>(
         &self,
         ctx: &AioContext,
-        buf: Vec<u8>,
+        buf: B,
         start: usize,
-        done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+        done: impl FnOnce(io::Result<usize>, B) + 'static,
     ) -> Op {
         let len = buf.len();
         self.nop(ctx, move |_| {
@@ -459,6 +521,15 @@ impl BlockIo {
         }
     }
 }
+
+/// The bytes of a request's buffer: heap memory that stays where it is when the value moves (a
+/// `Vec`'s allocation, a fixed buffer's place in its pool), so a request can own the value
+/// while the kernel or a worker uses the bytes.
+pub(crate) trait IoBuf: DerefMut<Target = [u8]> + Default + Send + 'static {}
+
+impl IoBuf for Vec<u8> {}
+
+impl IoBuf for FixedBuf {}
 
 /// Submits blocking work that borrows a buffer `B` to the thread pool; `done` gets the result
 /// and the buffer back, even when the work was cancelled before it ran (the buffer then never

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use aio_core::{AioContext, EventNotifier, FdHandler};
 
-use crate::{Op, OpInner};
+use crate::{IoBuf, Op, OpInner};
 
 /// Memory a request keeps alive until the kernel has completed it.
 type KeepAlive = Box<dyn std::any::Any>;
@@ -38,6 +38,13 @@ const IOCB_CMD_FDSYNC: u16 = 3;
 const IOCB_CMD_PREADV: u16 = 7;
 const IOCB_CMD_PWRITEV: u16 = 8;
 const IOCB_FLAG_RESFD: u32 = 1;
+
+/// The `magic` of the completion ring the kernel maps at an AIO context's id (`fs/aio.c`).
+const AIO_RING_MAGIC: u32 = 0xa10a_10a1;
+/// Where the ring header's `u32` fields sit: `id, nr, head, tail, magic, ...`.
+const RING_HEAD: usize = 2;
+const RING_TAIL: usize = 3;
+const RING_MAGIC: usize = 4;
 
 /// The kernel's `struct iocb` (little-endian layout: `aio_key` before `aio_rw_flags`).
 #[repr(C)]
@@ -102,6 +109,32 @@ pub(crate) struct Laio {
 /// The context-local wrapper: the engine, or why the kernel refused it.
 struct LocalLaio(Result<Rc<Laio>, (io::ErrorKind, String)>);
 
+/// Whether the kernel mapped its completion ring at `id` with the header this engine knows
+/// (a kernel always has since Linux 2.6; [LAIO-3]).
+fn ring_is_readable(id: u64) -> bool {
+    if id == 0 || !id.is_multiple_of(4096) {
+        return false;
+    }
+    let header = id as *const u32;
+    // io_setup returned `id`, the address of the ring's mapping; only the header is read.
+    // SAFETY: [LAIO-3]: a non-null, page-aligned ring address from io_setup, before any request.
+    let magic = unsafe { load(header, RING_MAGIC) };
+    magic == AIO_RING_MAGIC
+}
+
+/// An atomic load of the ring header's `u32` field `index`, which the kernel writes
+/// concurrently (Acquire: the events before `tail` are visible once `tail` is).
+///
+/// # Safety
+///
+/// `header` is the address of a live AIO completion ring ([LAIO-3]) and `index` < 8.
+unsafe fn load(header: *const u32, index: usize) -> u32 {
+    // The field is a 4-byte aligned u32 of a live mapping that only the kernel writes.
+    // SAFETY: [LAIO-3]: the caller's contract; the field is only ever read, atomically.
+    let field = unsafe { std::sync::atomic::AtomicU32::from_ptr(header.add(index).cast_mut()) };
+    field.load(std::sync::atomic::Ordering::Acquire)
+}
+
 /// The context's native AIO engine, set up on first use.
 pub(crate) fn of(ctx: &AioContext) -> io::Result<Rc<Laio>> {
     if cfg!(target_endian = "big") || cfg!(not(target_pointer_width = "64")) {
@@ -126,6 +159,10 @@ impl Laio {
             return Err(io::Error::last_os_error());
         }
         let notifier = Arc::new(EventNotifier::new()?);
+        let ring = ring_is_readable(id);
+        if !ring {
+            tracing::debug!("Linux native AIO: no completion ring to peek at; no polling");
+        }
         let laio = Rc::new(Laio {
             id,
             notifier: notifier.clone(),
@@ -137,14 +174,34 @@ impl Laio {
             flush_scheduled: Cell::new(false),
             next_generation: Cell::new(0),
         });
-        let weak = Rc::downgrade(&laio);
-        let handler = ctx.set_event_notifier(&notifier, move |e| {
+        // The eventfd counts completions; the ring shows them without a system call, so the
+        // handler can take part in adaptive polling (QEMU's `qemu_laio_poll_cb`): a completion
+        // that lands while the loop polls is run at once instead of after the poll window.
+        let (on_fd, on_poll, on_ready) = (
+            Rc::downgrade(&laio),
+            Rc::downgrade(&laio),
+            Rc::downgrade(&laio),
+        );
+        let e = notifier.clone();
+        let mut builder = ctx.fd_handler(&*notifier).on_read(move |_| {
             e.test_and_clear();
-            if let Some(l) = weak.upgrade() {
+            if let Some(l) = on_fd.upgrade() {
                 l.reap();
                 l.flush();
             }
-        })?;
+        });
+        if ring {
+            builder = builder
+                .on_poll(move || on_poll.upgrade().is_some_and(|l| l.has_events()))
+                .on_poll_ready(move |_| {
+                    // The eventfd stays set; its next dispatch finds nothing left to reap.
+                    if let Some(l) = on_ready.upgrade() {
+                        l.reap();
+                        l.flush();
+                    }
+                });
+        }
+        let handler = builder.register()?;
         *laio.handler.borrow_mut() = Some(handler);
         Ok(laio)
     }
@@ -187,6 +244,16 @@ impl Laio {
             });
         }
         Op(OpInner::Laio(slot, generation))
+    }
+
+    /// Whether the kernel has put completions on the ring that nobody reaped yet (QEMU's
+    /// `io_getevents_peek`): two loads, no system call.
+    /// Called only when `ring_is_readable` said yes at setup.
+    fn has_events(&self) -> bool {
+        let header = self.id as *const u32;
+        // SAFETY: [LAIO-3]: the ring was checked at setup; the header is mapped until `io_destroy` in drop.
+        let (head, tail) = unsafe { (load(header, RING_HEAD), load(header, RING_TAIL)) };
+        head != tail
     }
 
     /// Submits every pending request, in as few `io_submit` calls as the kernel allows.
@@ -343,21 +410,21 @@ fn count(res: i64) -> io::Result<usize> {
     }
 }
 
-struct OneBuf {
+struct OneBuf<B> {
     _file: Arc<File>,
-    buf: Vec<u8>,
+    buf: B,
 }
 
 #[allow(clippy::too_many_arguments)] // one request's fields, as the iocb has them
-pub(crate) fn rw(
+pub(crate) fn rw<B: IoBuf>(
     ctx: &AioContext,
     laio: &Laio,
     file: Arc<File>,
-    buf: Vec<u8>,
+    buf: B,
     start: usize,
     offset: u64,
     write: bool,
-    done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+    done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = file.as_raw_fd() as u32;
     let mut keep = Box::new(OneBuf { _file: file, buf });
@@ -381,7 +448,10 @@ pub(crate) fn rw(
             iocb,
             keep,
             Box::new(move |res, keep| {
-                let buf = keep.downcast::<OneBuf>().map(|k| k.buf).unwrap_or_default();
+                let buf = keep
+                    .downcast::<OneBuf<B>>()
+                    .map(|k| k.buf)
+                    .unwrap_or_default();
                 done(count(res), buf)
             }),
         )

@@ -5,7 +5,9 @@
 //! monitor's request table as the request's keep-alive; the callback here only gets it back
 //! with the completion (ARCHITECTURE.md, rule [URING-2]). This file holds the `unsafe` calls
 //! to [`UringMonitor::add_sqe`], each of which hands over exactly the memory the SQE points at;
-//! their `SAFETY` comments cite [URING-2], or [URING-1] for a request that points at no memory.
+//! their `SAFETY` comments cite [URING-2], or [URING-1] for a request that points at no memory,
+//! and [URING-5] for the registration of a [`FixedBufPool`](crate::FixedBufPool)'s memory and
+//! the `READ_FIXED`/`WRITE_FIXED` requests that name one of its buffers.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -19,7 +21,8 @@ use aio_core::AioContext;
 use fdmon_uring::{KeepAlive, RequestId, Sqe, UringMonitor};
 use io_uring::{opcode, types};
 
-use crate::{FallocateMode, Op, OpInner};
+use crate::fixed::{FixedBuf, Memory};
+use crate::{FallocateMode, IoBuf, Op, OpInner};
 
 /// What runs when a request completes: its result (`res` of the CQE) and its keep-alive.
 type Callback = Box<dyn FnOnce(i32, KeepAlive)>;
@@ -85,9 +88,33 @@ unsafe fn submit(
     keep: KeepAlive,
     done: impl FnOnce(i32, KeepAlive) + 'static,
 ) -> Op {
+    // SAFETY: [URING-2]: the caller's contract; with no fixed alternative there is no [URING-5] part.
+    unsafe { submit_or_fixed(ctx, entry, None, keep, done) }
+}
+
+/// As [`submit`], but submits `fixed.1` instead of `entry` when the ring's registered buffer
+/// table is `fixed.0`.
+///
+/// # Safety
+///
+/// As [`submit`] for both entries; and `fixed.1` names (by index) a buffer of the table at
+/// `fixed.0` whose lease `keep` owns, pointing only into that buffer ([URING-5]).
+unsafe fn submit_or_fixed(
+    ctx: &AioContext,
+    entry: Sqe,
+    fixed: Option<(*const Memory, Sqe)>,
+    keep: KeepAlive,
+    done: impl FnOnce(i32, KeepAlive) + 'static,
+) -> Op {
     let added = ctx.with_backend(|b| match b.and_then(|m| m.downcast_mut::<UringMonitor>()) {
-        // SAFETY: [URING-2]: the caller's contract is add_sqe's.
-        Some(m) => unsafe { m.add_sqe(entry, keep) }.map_err(|(_, keep)| (libc::EAGAIN, keep)),
+        Some(m) => {
+            let entry = match fixed {
+                Some((table, fixed)) if is_table(m, table) => fixed,
+                _ => entry,
+            };
+            // SAFETY: [URING-2], [URING-5]: the caller's contract is add_sqe's; a fixed entry only on its own table's ring.
+            unsafe { m.add_sqe(entry, keep) }.map_err(|(_, keep)| (libc::EAGAIN, keep))
+        }
         None => Err((libc::EOPNOTSUPP, keep)),
     });
     let id = match added {
@@ -146,25 +173,61 @@ fn unit(res: i32) -> io::Result<()> {
     count(res).map(drop)
 }
 
-/// The keep-alive of a one-buffer request.
-struct OneBuf {
+/// Whether `table` (the address of a pool's memory, which the caller keeps alive, so that no
+/// other allocation can have it meanwhile) is the buffer table registered with `m`'s ring.
+fn is_table(m: &UringMonitor, table: *const Memory) -> bool {
+    m.registered_buffers()
+        .is_some_and(|r| std::ptr::addr_eq(Arc::as_ptr(r), table))
+}
+
+/// Registers `mem`, a fixed buffer pool's memory, with `ctx`'s ring; the ring keeps a clone of
+/// the `Arc` until it is closed.
+pub(crate) fn register_buffers(ctx: &AioContext, mem: &Arc<Memory>) -> io::Result<()> {
+    let iovecs: Vec<libc::iovec> = (0..mem.count())
+        .map(|i| libc::iovec {
+            iov_base: mem.buf_ptr(i).cast(),
+            iov_len: mem.size(),
+        })
+        .collect();
+    ctx.with_backend(|b| match b.and_then(|m| m.downcast_mut::<UringMonitor>()) {
+        // SAFETY: [URING-5]: each iovec is one buffer of `mem`, which the ring keeps until closed; leases are exclusive.
+        Some(m) => unsafe { m.register_buffers(&iovecs, mem.clone()) },
+        None => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "registered buffers need a context on the io_uring backend",
+        )),
+    })
+}
+
+/// Whether `mem` is the buffer table registered with `ctx`'s ring.
+pub(crate) fn buffers_registered(ctx: &AioContext, mem: &Arc<Memory>) -> bool {
+    ctx.with_backend(|b| {
+        b.and_then(|m| m.downcast_mut::<UringMonitor>())
+            .is_some_and(|m| is_table(m, Arc::as_ptr(mem)))
+    })
+}
+
+/// The keep-alive of a one-buffer request: a `Vec<u8>` or a [`FixedBuf`].
+struct OneBuf<B> {
     _file: Arc<File>,
-    buf: Vec<u8>,
+    buf: B,
 }
 
 /// Takes the buffer back out of a keep-alive made by `read_at`/`write_at`.
-fn one_buf(keep: KeepAlive) -> Vec<u8> {
-    keep.downcast::<OneBuf>().map(|k| k.buf).unwrap_or_default()
+fn one_buf<B: Default + 'static>(keep: KeepAlive) -> B {
+    keep.downcast::<OneBuf<B>>()
+        .map(|k| k.buf)
+        .unwrap_or_default()
 }
 
 /// Reads into `buf[start..]`; the caller checked `start <= buf.len()`.
-pub(crate) fn read_at(
+pub(crate) fn read_at<B: IoBuf>(
     ctx: &AioContext,
     file: Arc<File>,
-    buf: Vec<u8>,
+    buf: B,
     start: usize,
     offset: u64,
-    done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+    done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
     let mut keep = Box::new(OneBuf { _file: file, buf });
@@ -182,13 +245,13 @@ pub(crate) fn read_at(
 }
 
 /// Writes `buf[start..]`; the caller checked `start <= buf.len()`.
-pub(crate) fn write_at(
+pub(crate) fn write_at<B: IoBuf>(
     ctx: &AioContext,
     file: Arc<File>,
-    buf: Vec<u8>,
+    buf: B,
     start: usize,
     offset: u64,
-    done: impl FnOnce(io::Result<usize>, Vec<u8>) + 'static,
+    done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
     let keep = Box::new(OneBuf { _file: file, buf });
@@ -200,6 +263,56 @@ pub(crate) fn write_at(
     // SAFETY: [URING-2]: the SQE points at `len` bytes of `keep.buf`'s heap memory only.
     unsafe {
         submit(ctx, entry, keep, move |res, keep| {
+            done(count(res), one_buf(keep))
+        })
+    }
+}
+
+/// Reads into or writes `buf[start..]` with `READ_FIXED`/`WRITE_FIXED` when `buf`'s pool is the
+/// table registered with `ctx`'s ring, with `READ`/`WRITE` otherwise; the caller checked
+/// `start <= buf.len()`.
+pub(crate) fn rw_fixed(
+    ctx: &AioContext,
+    file: Arc<File>,
+    buf: FixedBuf,
+    start: usize,
+    offset: u64,
+    write: bool,
+    done: impl FnOnce(io::Result<usize>, FixedBuf) + 'static,
+) -> Op {
+    // The memory's address only: `keep` below holds the lease, and so the memory, until the
+    // comparison in `submit_or_fixed` is done.
+    let Some((table, index)) = buf.table().map(|(t, i)| (Arc::as_ptr(t), i)) else {
+        // A default buffer: no pool, no bytes, the plain path.
+        return if write {
+            write_at(ctx, file, buf, start, offset, done)
+        } else {
+            read_at(ctx, file, buf, start, offset, done)
+        };
+    };
+    let fd = types::Fd(file.as_raw_fd());
+    let mut keep = Box::new(OneBuf { _file: file, buf });
+    let at = &mut keep.buf[start..];
+    let len = u32::try_from(at.len()).unwrap_or(u32::MAX);
+    let ptr = at.as_mut_ptr();
+    let (plain, fixed) = if write {
+        (
+            opcode::Write::new(fd, ptr, len).offset(offset).build(),
+            opcode::WriteFixed::new(fd, ptr, len, index)
+                .offset(offset)
+                .build(),
+        )
+    } else {
+        (
+            opcode::Read::new(fd, ptr, len).offset(offset).build(),
+            opcode::ReadFixed::new(fd, ptr, len, index)
+                .offset(offset)
+                .build(),
+        )
+    };
+    // SAFETY: [URING-2], [URING-5]: both point at `len` bytes of buffer `index` of `table`, leased by `keep.buf`.
+    unsafe {
+        submit_or_fixed(ctx, plain, Some((table, fixed)), keep, move |res, keep| {
             done(count(res), one_buf(keep))
         })
     }

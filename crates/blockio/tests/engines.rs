@@ -5,8 +5,12 @@
 //! The memory paths of the io_uring and native AIO engines, which valgrind runs, are in
 //! `memory.rs`.
 
+mod support;
+
+use support::{pattern, temp_file, uring_ctx};
+
 use std::cell::{Cell, RefCell};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
@@ -15,33 +19,6 @@ use std::sync::Arc;
 use aio_core::AioContext;
 use blockio::{BlockIo, Engine};
 use fdmon_uring::UringMonitor;
-
-/// A temporary file, already unlinked, open for reading and writing.
-fn temp_file() -> Arc<File> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("blockio-test-{}-{n}", std::process::id()));
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .expect("temp file");
-    std::fs::remove_file(&path).expect("unlink temp file");
-    Arc::new(f)
-}
-
-/// An io_uring context, or `None` (with the reason printed) where io_uring does not work.
-fn uring_ctx() -> Option<AioContext> {
-    match UringMonitor::new_checked() {
-        Ok(m) => Some(AioContext::new(Box::new(m)).expect("context")),
-        Err(e) => {
-            println!("skipped the io_uring engine: {e}");
-            None
-        }
-    }
-}
 
 /// Every (context, engine) pair to test, with a name for messages.
 fn setups() -> Vec<(&'static str, AioContext, BlockIo)> {
@@ -89,13 +66,6 @@ fn wait_for<T>(ctx: &AioContext, slot: &Slot<T>) -> T {
         ctx.poll();
     }
     panic!("the completion never came");
-}
-
-/// A byte pattern that differs at every offset of a small range.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
 }
 
 #[test]

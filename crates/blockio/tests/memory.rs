@@ -1,11 +1,17 @@
 //! Buffer ownership of the io_uring and native AIO engines, for valgrind (xtask's memcheck
 //! list): contexts dropped with 1 100 requests in flight (queued, or in the kernel), and a
-//! byte-for-byte round trip of the buffer-carrying operations on the ring. No thread pool is involved:
+//! byte-for-byte round trip of the buffer-carrying operations on the ring; the same two with
+//! registered (fixed) buffers, whose pool memory the ring keeps while registered. No thread
+//! pool is involved:
 //! valgrind runs one thread at a time and cannot switch threads while one sleeps in
 //! `io_uring_enter`, so a loop waiting there for a worker would never wake.
 
+mod support;
+
+use support::{pattern, temp_file, uring_ctx};
+
 use std::cell::{Cell, RefCell};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
@@ -14,40 +20,6 @@ use std::sync::Arc;
 use aio_core::AioContext;
 use blockio::{BlockIo, Engine};
 use fdmon_uring::UringMonitor;
-
-/// A temporary file, already unlinked, open for reading and writing.
-fn temp_file() -> Arc<File> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!("blockio-mem-{}-{n}", std::process::id()));
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .expect("temp file");
-    std::fs::remove_file(&path).expect("unlink temp file");
-    Arc::new(f)
-}
-
-/// An io_uring context, or `None` (with the reason printed) where io_uring does not work.
-fn uring_ctx() -> Option<AioContext> {
-    match UringMonitor::new_checked() {
-        Ok(m) => Some(AioContext::new(Box::new(m)).expect("context")),
-        Err(e) => {
-            println!("skipped: io_uring is unavailable here: {e}");
-            None
-        }
-    }
-}
-
-/// A byte pattern that differs at every offset of a small range.
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 #[test]
 fn buffers_round_trip_through_the_ring() {
@@ -181,4 +153,95 @@ fn dropping_a_context_with_native_aio_requests_in_flight() {
         pattern(4096, 1),
         "queued writes never reached the file"
     );
+}
+
+#[test]
+fn fixed_buffers_round_trip_through_the_ring() {
+    let Some(ctx) = uring_ctx() else { return };
+    let io = BlockIo::of(&ctx);
+    let pool = blockio::FixedBufPool::new(&ctx, 4, 4096).expect("pool");
+    if !pool.is_registered(&ctx) {
+        println!("the ring refused the buffers: the plain path is checked instead");
+    }
+    let file = temp_file();
+    let data = pattern(4096, 11);
+    type Got = Rc<RefCell<Option<(io::Result<usize>, blockio::FixedBuf)>>>;
+    let got: Got = Rc::default();
+    let mut buf = pool.get().unwrap();
+    buf.copy_from_slice(&data);
+    let g = got.clone();
+    io.write_fixed(&ctx, &file, buf, 0, 100, move |r, b| {
+        *g.borrow_mut() = Some((r, b))
+    });
+    while got.borrow().is_none() {
+        ctx.poll();
+    }
+    let (r, back) = got.borrow_mut().take().unwrap();
+    assert_eq!(r.unwrap(), 4096);
+    assert_eq!(&back[..], &data[..]);
+    drop(back);
+    let g = got.clone();
+    let _held = pool.get().unwrap();
+    let mut buf = pool.get().unwrap();
+    buf.fill(0);
+    io.read_fixed(&ctx, &file, buf, 96, 100, move |r, b| {
+        *g.borrow_mut() = Some((r, b))
+    });
+    while got.borrow().is_none() {
+        ctx.poll();
+    }
+    let (r, buf) = got.borrow_mut().take().unwrap();
+    assert_eq!(r.unwrap(), 4000);
+    assert_eq!(buf[96..], data[..4000]);
+}
+
+#[test]
+fn dropping_the_context_with_fixed_requests_in_flight() {
+    let Some(ctx) = uring_ctx() else { return };
+    let io = BlockIo::of(&ctx);
+    let pool = blockio::FixedBufPool::new(&ctx, 256, 4096).expect("pool");
+    let file = temp_file();
+    file.write_all_at(&pattern(4096, 1), 0).unwrap();
+    let (rx, _tx) = std::io::pipe().unwrap();
+    let rx = Arc::new(File::from(std::os::fd::OwnedFd::from(rx)));
+    let called = Rc::new(Cell::new(0));
+    // 100 pipe reads into fixed buffers that can only end by cancellation, 100 file reads.
+    for i in 0..200 {
+        let c = called.clone();
+        let f = if i % 2 == 0 { &rx } else { &file };
+        let buf = pool.get().unwrap();
+        io.read_fixed(&ctx, f, buf, 0, 0, move |_, _| c.set(c.get() + 1));
+    }
+    ctx.poll_nonblocking();
+    ctx.poll_nonblocking();
+    // 50 more that never reach the kernel.
+    for _ in 0..50 {
+        let c = called.clone();
+        let buf = pool.get().unwrap();
+        io.read_fixed(&ctx, &rx, buf, 0, 0, move |_, _| c.set(c.get() + 1));
+    }
+    let in_flight = ctx.with_backend(|b| {
+        b.unwrap()
+            .downcast_mut::<UringMonitor>()
+            .unwrap()
+            .requests_in_flight()
+    });
+    assert!(in_flight >= 150, "{in_flight} requests in flight");
+    assert!(pool.available() <= 256 - in_flight);
+    let ran = called.get();
+    // The pool handle goes first: the leases in the requests and the ring's registration
+    // keep the memory.
+    let check = pool.clone();
+    drop(pool);
+    drop(ctx);
+    // Every request was reaped before its lease went back; none leaked, no callback ran.
+    assert_eq!(check.available(), 256, "every lease back in the pool");
+    assert_eq!(Arc::strong_count(&rx), 1, "pipe requests freed");
+    assert_eq!(Arc::strong_count(&file), 1, "file requests freed");
+    assert_eq!(called.get(), ran);
+    // The memory is still usable through the remaining handle (the ring, closed, let go of
+    // its clone).
+    let mut b = check.get().unwrap();
+    b.fill(7);
+    assert!(b.iter().all(|&x| x == 7));
 }

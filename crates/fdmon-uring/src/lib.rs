@@ -49,6 +49,12 @@
 //! list. Dropping the monitor cancels and reaps every request still in the kernel before its
 //! memory is freed.
 //!
+//! A ring may also carry one registered buffer table
+//! ([`register_buffers`](UringMonitor::register_buffers), `IORING_REGISTER_BUFFERS`) that
+//! `READ_FIXED`/`WRITE_FIXED` requests name by index; the monitor keeps the table's memory
+//! until the ring is closed (ARCHITECTURE.md, rule [URING-5]). `blockio`'s `FixedBufPool`
+//! is its user.
+//!
 //! # Glossary
 //!
 //! * **SQ / SQE**: the submission queue (ring) and one entry in it, a request.
@@ -170,6 +176,7 @@ use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList};
@@ -450,6 +457,44 @@ impl UringMonitor {
         keep: KeepAlive,
     ) -> Result<RequestId, (Sqe, KeepAlive)> {
         self.requests.add(entry, keep)
+    }
+
+    /// Registers a fixed-buffer table with the ring (`IORING_REGISTER_BUFFERS`): buffer `i` is
+    /// `iovecs[i]`, and `IORING_OP_READ_FIXED`/`WRITE_FIXED` requests added with
+    /// [`add_sqe`](Self::add_sqe) may then name it by index, which spares the kernel pinning
+    /// and unpinning the pages on every request. The monitor keeps `keep`, the owner of the
+    /// memory, until the ring is closed (after every request has been reaped), so the memory
+    /// outlives the registration whatever the caller drops. A ring has at most one table; it
+    /// is never unregistered.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::AlreadyExists`] if a table is registered already,
+    /// [`io::ErrorKind::Unsupported`] on a kernel older than 5.13 or without the fixed
+    /// opcodes, or the kernel's refusal (`ENOMEM` past `RLIMIT_MEMLOCK`, `EPERM` under a
+    /// seccomp filter, `EINVAL` for more than 16 384 buffers or one over 1 GiB). The caller
+    /// then uses plain `READ`/`WRITE` requests.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec describes memory owned by `keep` (heap memory that stays allocated at the
+    /// same address while any clone of `keep` lives); and every fixed request added later
+    /// that names buffer `i` owns, through its keep-alive, the exclusive use of buffer `i`
+    /// until its completion (ARCHITECTURE.md, rule [URING-5]).
+    pub unsafe fn register_buffers(
+        &mut self,
+        iovecs: &[libc::iovec],
+        keep: Arc<dyn Any + Send + Sync>,
+    ) -> io::Result<()> {
+        // SAFETY: [URING-5]: the caller's contract is the ring's.
+        unsafe { self.ring.register_buffers(iovecs, keep) }
+    }
+
+    /// The owner of the ring's registered buffer table (the `keep` given to
+    /// [`register_buffers`](Self::register_buffers)), if one is registered: a caller compares
+    /// it with its own (`Arc::as_ptr`) to know whether its buffers are this ring's.
+    pub fn registered_buffers(&self) -> Option<&Arc<dyn Any + Send + Sync>> {
+        self.ring.registered_buffers()
     }
 
     /// Cancels a request added with [`add_sqe`](Self::add_sqe). Returns false if it has

@@ -13,7 +13,8 @@
 //! [URING-1]..[URING-4] of ARCHITECTURE.md ("The kernel boundary"): of our own opcodes only
 //! `TIMEOUT` points at anything, the ring's one boxed [`Timespec`] ([URING-3]); `POLL_ADD`,
 //! `POLL_REMOVE`, `ASYNC_CANCEL` and `NOP` carry only numbers ([URING-1]); a caller's request
-//! brings its memory along ([URING-2]).
+//! brings its memory along ([URING-2]); a registered buffer table is kept alive by the ring
+//! itself ([URING-5]).
 //!
 //! # Threads
 //!
@@ -22,11 +23,13 @@
 //! holding a queue at the same time ([URING-4]). The `PhantomData<Cell<()>>` marker makes that a
 //! compile-time fact.
 
+use std::any::Any;
 use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aio_core::{Interest, Readiness};
@@ -46,6 +49,10 @@ pub(crate) struct Ring {
     /// The deadline of the latest `TIMEOUT` entry, read by the kernel when that entry is
     /// submitted. Every `TIMEOUT` entry in the submission queue points at this box ([URING-3]).
     timespec: Box<types::Timespec>,
+    /// The owner of the memory registered as the ring's fixed-buffer table, if any. Declared
+    /// after `ring`, so that it is dropped only once the ring is closed and the kernel has
+    /// unpinned the pages ([URING-5]); never replaced while the ring lives.
+    buffers: Option<Arc<dyn Any + Send + Sync>>,
     /// How many times `io_uring_enter` was called, for the tests that count system calls.
     enters: u64,
     /// Not `Sync`: see the module documentation.
@@ -96,6 +103,7 @@ impl Ring {
         Ok(Ring {
             ring,
             timespec: Box::new(types::Timespec::new()),
+            buffers: None,
             enters: 0,
             _not_sync: PhantomData,
         })
@@ -209,6 +217,63 @@ impl Ring {
     pub(crate) unsafe fn push_request(&mut self, entry: &squeue::Entry) -> Result<(), SqFull> {
         // SAFETY: [URING-2]: the caller's contract is the crate's part of the push's contract.
         unsafe { self.ring.submission().push(entry) }.map_err(|_| SqFull)
+    }
+
+    /// Registers `iovecs` as the ring's fixed-buffer table (`IORING_REGISTER_BUFFERS`) and keeps
+    /// `keep`, their owner, until the ring is closed. A ring has at most one table, never
+    /// unregistered.
+    ///
+    /// # Errors
+    ///
+    /// [`io::ErrorKind::AlreadyExists`] if a table is registered already;
+    /// [`io::ErrorKind::Unsupported`] on a kernel older than 5.13 (`IORING_FEAT_RSRC_TAGS`:
+    /// before it, registering waits for every request in flight, and a poll may never end) or
+    /// without `READ_FIXED`/`WRITE_FIXED`; the kernel's refusal otherwise (`ENOMEM` past
+    /// `RLIMIT_MEMLOCK`, `EINVAL`, `EFAULT`, `EPERM` under seccomp), with the call named.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec describes memory owned by `keep`, which stays allocated at the same address
+    /// while any clone of `keep` lives ([URING-5]).
+    pub(crate) unsafe fn register_buffers(
+        &mut self,
+        iovecs: &[libc::iovec],
+        keep: Arc<dyn Any + Send + Sync>,
+    ) -> io::Result<()> {
+        if self.buffers.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "this io_uring has a registered buffer table already",
+            ));
+        }
+        if !self.ring.params().is_feature_resource_tagging() {
+            return Err(unsupported(
+                "registering buffers on a ring with requests in flight needs Linux 5.13 \
+                 (IORING_FEAT_RSRC_TAGS)",
+            ));
+        }
+        let mut probe = Probe::new();
+        self.ring
+            .submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| context(e, "IORING_REGISTER_PROBE"))?;
+        if !probe.is_supported(opcode::ReadFixed::CODE)
+            || !probe.is_supported(opcode::WriteFixed::CODE)
+        {
+            return Err(unsupported(
+                "the kernel's io_uring lacks IORING_OP_READ_FIXED or IORING_OP_WRITE_FIXED",
+            ));
+        }
+        // SAFETY: [URING-5]: the iovecs point into `keep`'s memory, kept below until the ring closes.
+        unsafe { self.ring.submitter().register_buffers(iovecs) }
+            .map_err(|e| context(e, "IORING_REGISTER_BUFFERS"))?;
+        self.buffers = Some(keep);
+        Ok(())
+    }
+
+    /// The owner of the registered buffer table, if one is registered.
+    pub(crate) fn registered_buffers(&self) -> Option<&Arc<dyn Any + Send + Sync>> {
+        self.buffers.as_ref()
     }
 
     /// Submits every queued entry and, if `want` is 1, sleeps until at least one completion is
