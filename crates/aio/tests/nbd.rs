@@ -2856,17 +2856,18 @@ fn polling_counts(stopped: &str) -> Option<(u64, u64)> {
 #[test]
 fn weighted_polling_options_are_applied_and_serve() {
     let mut f = fixture("poll-weighted", MIB, |c| {
-        c.args_extra(&[
-            "--poll-max-ns",
-            "32768",
-            "--poll-weight",
-            "3",
-            "--poll-grow",
-            "4",
-            "--poll-shrink",
-            "8",
-        ])
-        .env(POLL_ENV, None)
+        c.contexts(1)
+            .args_extra(&[
+                "--poll-max-ns",
+                "32768",
+                "--poll-weight",
+                "3",
+                "--poll-grow",
+                "4",
+                "--poll-shrink",
+                "8",
+            ])
+            .env(POLL_ENV, None)
     });
     let ready = ready_line(&f.srv);
     assert!(
@@ -2882,7 +2883,7 @@ fn weighted_polling_options_are_applied_and_serve() {
 
 #[test]
 fn polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option() {
-    let mut f = fixture("poll-default", MIB, |c| c.env(POLL_ENV, None));
+    let mut f = fixture("poll-default", MIB, |c| c.contexts(1).env(POLL_ENV, None));
     let ready = ready_line(&f.srv);
     assert!(
         ready.contains(", 1 context, polling off, export "),
@@ -2906,7 +2907,8 @@ fn polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option() {
     f.assert_serves();
     stop_and_get_stopped_line(&mut f.srv);
     let f = fixture("poll-env-on", MIB, |c| {
-        c.args_extra(&["--poll-weight", "1"])
+        c.contexts(1)
+            .args_extra(&["--poll-weight", "1"])
             .env(POLL_ENV, Some("5000"))
     });
     let ready = ready_line(&f.srv);
@@ -2917,7 +2919,8 @@ fn polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option() {
     f.assert_serves();
     drop(f);
     let f = fixture("poll-qemu10", MIB, |c| {
-        c.args_extra(&["--poll-max-ns", "32768", "--poll-policy", "qemu10"])
+        c.contexts(1)
+            .args_extra(&["--poll-max-ns", "32768", "--poll-policy", "qemu10"])
             .env(POLL_ENV, None)
     });
     let ready = ready_line(&f.srv);
@@ -3867,6 +3870,133 @@ fn requests_served(stopped: &str) -> u64 {
     words[at - 1].parse().expect(stopped)
 }
 
+/// 64 small WRITEs (4 KiB, some with FUA) sent without waiting, so that the server finds many
+/// in its socket at once (with `--aio threads`, the context's write lane runs them as batches
+/// on one worker), then 64 more of 64 KiB and one of 65 KiB (past the lane's limit): every
+/// reply arrives, and the image holds every write.
+#[test]
+fn pipelined_small_writes_all_land() {
+    let f = fixture("pipelined-writes", 8 * MIB, |c| c);
+    let mut c = f.srv.client();
+    let mut expect = vec![0u8; 8 * MIB];
+    let mut cookies = Vec::new();
+    for i in 0..64usize {
+        let at = i * 3 * 4096;
+        let data = pattern(100 + i as u64, 4096);
+        expect[at..at + 4096].copy_from_slice(&data);
+        let flags = if i % 8 == 7 { cmd_flag::FUA } else { 0 };
+        cookies.push(
+            c.send_command(cmd::WRITE, flags, at as u64, 4096, &data)
+                .unwrap(),
+        );
+    }
+    for i in 0..64usize {
+        let at = MIB + i * 64 * KIB;
+        let data = pattern(300 + i as u64, 64 * KIB);
+        expect[at..at + 64 * KIB].copy_from_slice(&data);
+        cookies.push(c.send_write(at as u64, &data).unwrap());
+    }
+    let at = 6 * MIB;
+    let data = pattern(999, 65 * KIB);
+    expect[at..at + 65 * KIB].copy_from_slice(&data);
+    cookies.push(c.send_write(at as u64, &data).unwrap());
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..cookies.len() {
+        let r = c.receive().unwrap();
+        assert!(
+            cookies.contains(&r.cookie),
+            "unknown cookie {:#x}",
+            r.cookie
+        );
+        r.result.unwrap();
+        assert!(
+            answered.insert(r.cookie),
+            "cookie {:#x} answered twice",
+            r.cookie
+        );
+    }
+    c.disconnect().unwrap();
+    assert!(f.disk_all() == expect, "the image differs from the writes");
+}
+
+/// The count of READs served at once from the page cache that a stopped line reports.
+fn reads_served_at_once(stopped: &str) -> u64 {
+    let (_, rest) = stopped.split_once(" requests (").expect(stopped);
+    let (n, _) = rest.split_once(" served at once").expect(stopped);
+    n.parse().expect(stopped)
+}
+
+/// Writes `path` back and drops its pages from the page cache (`POSIX_FADV_DONTNEED`), so that
+/// reads must wait for the disk. Linux only, as the server.
+fn drop_from_page_cache(path: &std::path::Path) {
+    let image = std::fs::File::open(path).unwrap();
+    image.sync_all().unwrap();
+    #[cfg(target_os = "linux")]
+    rustix::fs::fadvise(&image, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+}
+
+/// Sends `ranges` as READs all at once and checks every reply against `data`.
+fn pipelined_reads_match(c: &mut nbd_client::Client, ranges: &[(u64, u32)], data: &[u8]) {
+    let cookies = c.send_reads_at_once(ranges).unwrap();
+    for _ in ranges {
+        let r = c.receive().unwrap();
+        let i = cookies.iter().position(|&k| k == r.cookie).unwrap();
+        let (at, len) = (ranges[i].0 as usize, ranges[i].1 as usize);
+        assert!(r.result.unwrap() == data[at..at + len], "read {i} at {at}");
+    }
+}
+
+/// `--aio threads` (the default) with the page cache serves a READ of at most 64 KiB whose data
+/// the page cache holds at once, on the context's thread (`preadv2` with `RWF_NOWAIT`), when
+/// it is not alone (other requests in flight or behind it); others go to the pool: a lone
+/// READ, an evicted block, a bigger read. All read back what is on disk; the stopped line
+/// counts the first kind (none in the other modes).
+#[test]
+fn cached_small_reads_are_served_at_once_and_the_others_by_the_pool() {
+    let data = pattern(7, 4 * MIB);
+    let ranges = |first: usize, step: usize, n: usize| -> Vec<(u64, u32)> {
+        (0..n).map(|k| ((first + k * step) as u64, 4096)).collect()
+    };
+
+    // Lone reads, one at a time: the pool, cached or not.
+    let mut f = fixture("nowait-alone", 4 * MIB, |c| c.contexts(1));
+    std::fs::write(&f.image, &data).unwrap();
+    let mut c = f.srv.client();
+    for (at, len) in ranges(0, 4096, 8) {
+        let at = at as usize;
+        assert_eq!(c.read(at as u64, len).unwrap(), data[at..at + 4096]);
+    }
+    c.disconnect().unwrap();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert_eq!(reads_served_at_once(&stopped), 0, "{stopped}");
+
+    let mut f = fixture("nowait", 4 * MIB, |c| c.contexts(1));
+    std::fs::write(&f.image, &data).unwrap();
+    let mut c = f.srv.client();
+    // 16 reads at once, just written: in the page cache.
+    pipelined_reads_match(&mut c, &ranges(0, 4096, 16), &data);
+    // Written back, then dropped from the page cache: the reads must wait for the disk. Half
+    // a MiB apart, beyond each other's readahead.
+    drop_from_page_cache(&f.image);
+    pipelined_reads_match(&mut c, &ranges(MIB, 512 * KIB, 6), &data);
+    // Over 64 KiB, with another behind it: the pool.
+    pipelined_reads_match(&mut c, &[(0, 128 * KIB as u32), (8192, 4096)], &data);
+    c.disconnect().unwrap();
+    let ready = ready_line(&f.srv);
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    let at_once = reads_served_at_once(&stopped);
+    if ready.contains("aio threads, cache writeback") {
+        // The first of a batch may find nothing behind it yet (if it came in a read of its
+        // own); the rest were cached and not alone.
+        assert!(at_once >= 8, "{stopped}");
+        // DONTNEED may leave a page behind, but not every one; the big read never counts.
+        assert!(at_once < 16 + 6 + 1, "{stopped}");
+    } else {
+        // The other engines take every READ (`--cache none`: O_DIRECT, or the pool).
+        assert_eq!(at_once, 0, "{ready}\n{stopped}");
+    }
+}
+
 #[test]
 fn nbdcopy_and_qemu_img_skip_the_holes_of_a_sparse_image() {
     if !have("nbdcopy") {
@@ -4200,12 +4330,22 @@ fn memory_follows_what_is_in_flight_during_a_bulk_copy() {
         eprintln!("bulk copy {round}: after {after} KiB");
         assert!(settled, "RSS {after} KiB after nbdcopy, {idle} KiB before");
     }
-    // At most the pool's limit of threads ran the reads (plus the context's and the signals'
-    // threads, and libraries' own).
+    // At most the pools' limit of threads, over all contexts, ran the reads (plus a thread per
+    // context, and libraries' own).
+    let ready = ready_line(&f.srv);
+    let contexts: usize = ready
+        .split(" context")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no context count in {ready:?}"));
     let threads = std::fs::read_dir(format!("/proc/{}/task", f.srv.pid()))
         .unwrap()
         .count();
-    assert!(threads <= 16 + 4, "{threads} threads");
+    assert!(
+        threads <= 16 + contexts + 3,
+        "{threads} threads, {contexts} contexts"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -4456,6 +4596,8 @@ under_the_task_engine! {
     qemu_img_uses_extended_headers_and_libnbd_structured_replies,
     memory_follows_what_is_in_flight_during_a_bulk_copy,
     client_agrees_with_qemu_nbd,
+    cached_small_reads_are_served_at_once_and_the_others_by_the_pool,
+    pipelined_small_writes_all_land,
 }
 
 #[test]

@@ -1358,7 +1358,8 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
     }
     let _ = writeln!(
         md,
-        "\nOurs runs one context (`--contexts 1`, its default) and qemu-nbd one event loop; \
+        "\nOurs runs its default of one context per CPU (at most 8; the ready lines say how \
+         many) and qemu-nbd one event loop; \
          nbdkit's file plugin with its defaults (16 worker threads, `cache=default`: the page \
          cache); qemu-nbd's `--shared={QEMU_NBD_SHARED}` lets nbdcopy open its connections and \
          makes it advertise multi-conn, as the others do."

@@ -6,7 +6,8 @@
 //! Buffers come in size classes, powers of two from 4 KiB to the largest payload, each with
 //! [`HEADROOM`] more for the reply's headers, so that a buffer fits any request of its class
 //! and is reused by requests of the same size. Idle buffers are kept up to [`MAX_IDLE`] bytes
-//! per context (the rest are freed, so a burst does not leave its peak behind); a buffer whose
+//! in all, over every context's pool (the rest are freed, so a burst does not leave its peak
+//! behind, however many contexts there are); a buffer whose
 //! capacity is not exactly a class (a small status reply, the handshake's output) is simply
 //! dropped.
 //!
@@ -17,10 +18,13 @@
 //! parking freed request buffers in its heaps.
 
 use std::cell::{Cell, RefCell};
+use std::io;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use aio::AioContext;
 
+use crate::connection::Socket;
 use crate::protocol::MAX_PAYLOAD;
 use crate::session::IoBuf;
 
@@ -30,8 +34,12 @@ use crate::session::IoBuf;
 pub const HEADROOM: usize = 8 << 10;
 /// The smallest class: anything smaller (status replies, small reads) is not worth pooling.
 const MIN_CLASS: usize = 4 << 10;
-/// Idle bytes a context keeps for reuse.
+/// Idle bytes the pools of all contexts keep for reuse, together.
 pub const MAX_IDLE: usize = 8 << 20;
+
+/// Idle bytes in every context's pool: a budget, not a synchronization (Relaxed; a pool
+/// checks its reservation's result, so the sum never passes [`MAX_IDLE`]).
+static IDLE_TOTAL: AtomicUsize = AtomicUsize::new(0);
 
 /// Makes glibc's malloc serve every allocation of 128 KiB or more (request buffers) with its
 /// own `mmap`, and so give it back to the kernel when freed. By default glibc raises that
@@ -41,8 +49,8 @@ pub const MAX_IDLE: usize = 8 << 20;
 pub fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: [EXAMPLE-MALLOC] mallopt only reads its two integers and sets glibc's own
-        // tunable, under glibc's lock; no memory of ours is involved.
+        // mallopt sets glibc's own tunable, under glibc's lock.
+        // SAFETY: [EXAMPLE-MALLOC] two integers in, no memory of ours involved.
         let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
         if ok == 0 {
             eprintln!("nbd-server: mallopt(M_MMAP_THRESHOLD) refused; freed memory may linger");
@@ -71,12 +79,78 @@ fn capacity(class: usize) -> usize {
     (MIN_CLASS << class) + HEADROOM
 }
 
+/// A WRITE payload being received into its request's buffer. The buffer's length is how far
+/// its bytes are initialized (by this request or an earlier one), `filled` how far they are
+/// this payload's; only bytes never initialized are zeroed before the socket writes them.
+pub struct Payload {
+    buf: IoBuf,
+    filled: usize,
+}
+
+impl Payload {
+    /// How many payload bytes have arrived.
+    pub fn received(&self) -> usize {
+        self.filled - self.buf.start
+    }
+
+    /// Appends `bytes` (received with the request's header).
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        self.room(bytes.len()).copy_from_slice(bytes);
+        self.advance(bytes.len());
+    }
+
+    /// The `n` bytes after those that have arrived, for the socket to write into.
+    pub fn room(&mut self, n: usize) -> &mut [u8] {
+        let end = self.filled + n;
+        if self.buf.vec.len() < end {
+            self.buf.vec.resize(end, 0);
+        }
+        &mut self.buf.vec[self.filled..end]
+    }
+
+    /// Receives up to `n` more bytes from `sock`: into bytes an earlier request initialized
+    /// if the buffer has them, else onto its end without zeroing (`Socket::read_append`).
+    pub fn receive(&mut self, n: usize, sock: &Socket) -> io::Result<usize> {
+        let end = self.filled + n;
+        let vec = &mut self.buf.vec;
+        let got = if vec.len() >= end {
+            sock.read(&mut vec[self.filled..end])?
+        } else {
+            // What lies past `filled` holds nothing of this payload: forget it, and receive
+            // into the capacity behind.
+            vec.truncate(self.filled);
+            sock.read_append(vec, n)?
+        };
+        self.filled += got;
+        Ok(got)
+    }
+
+    /// Counts `n` more bytes as arrived (the socket wrote them into [`room`](Self::room)).
+    pub fn advance(&mut self, n: usize) {
+        self.filled += n;
+    }
+
+    /// The buffer, holding exactly the padding and the bytes that arrived.
+    pub fn into_buf(mut self) -> IoBuf {
+        self.buf.vec.truncate(self.filled);
+        self.buf
+    }
+}
+
 #[derive(Default)]
 pub struct BufPool {
     /// Idle buffers per class; each keeps its length (its bytes are initialized, whatever they
     /// hold), so reusing it for a read of that length or less needs no zeroing.
     idle: RefCell<Vec<Vec<Vec<u8>>>>,
+    /// This pool's share of [`IDLE_TOTAL`].
     idle_bytes: Cell<usize>,
+}
+
+impl Drop for BufPool {
+    /// Gives the pool's idle buffers' share of the budget back with them (a context that ends).
+    fn drop(&mut self) {
+        IDLE_TOTAL.fetch_sub(self.idle_bytes.get(), Ordering::Relaxed);
+    }
 }
 
 impl BufPool {
@@ -97,27 +171,22 @@ impl BufPool {
         buf
     }
 
-    /// An empty buffer with room for `len` bytes; a new one touches no memory until it is
-    /// written to (a WRITE's payload is read into it as it arrives).
-    pub fn take_empty(&self, len: usize) -> Vec<u8> {
+    /// A buffer for a `len`-byte WRITE payload, to be received into it: the payload will
+    /// start on a multiple of `align` (1: anywhere). A reused buffer keeps the bytes an earlier
+    /// request initialized, so receiving into it zeroes nothing; a new one touches no memory
+    /// until bytes arrive.
+    pub fn take_payload(&self, len: usize, align: usize) -> Payload {
         let mut buf = self.reuse(len);
-        buf.clear();
-        buf
-    }
-
-    /// A buffer for a `len`-byte WRITE payload, holding only its padding: the payload appended
-    /// to it starts on a multiple of `align` (1: no padding). Returns the buffer and the
-    /// padding's length.
-    pub fn take_payload(&self, len: usize, align: usize) -> IoBuf {
-        let mut buf = self.take_empty(len);
-        if align <= 1 {
-            return IoBuf::from(buf);
-        }
         // Within a class's capacity (HEADROOM covers the padding): no reallocation.
-        buf.reserve(len + align);
+        buf.reserve((len + align).saturating_sub(buf.len()));
         let start = pad_for(&buf, 0, align);
-        buf.resize(start, 0);
-        IoBuf { vec: buf, start }
+        if buf.len() < start {
+            buf.resize(start, 0);
+        }
+        Payload {
+            buf: IoBuf { vec: buf, start },
+            filled: start,
+        }
     }
 
     /// An idle buffer of `len`'s class, as it was given back, or a new empty one.
@@ -129,6 +198,7 @@ impl BufPool {
         match reused {
             Some(buf) => {
                 self.idle_bytes.set(self.idle_bytes.get() - buf.capacity());
+                IDLE_TOTAL.fetch_sub(buf.capacity(), Ordering::Relaxed);
                 buf
             }
             None => Vec::with_capacity(capacity(class)),
@@ -141,7 +211,10 @@ impl BufPool {
         let Some(class) = class_of(cap).filter(|&c| capacity(c) == cap) else {
             return;
         };
-        if self.idle_bytes.get() + cap > MAX_IDLE {
+        let reserved = IDLE_TOTAL.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |total| {
+            (total + cap <= MAX_IDLE).then_some(total + cap)
+        });
+        if reserved.is_err() {
             return;
         }
         let mut idle = self.idle.borrow_mut();

@@ -376,7 +376,12 @@ impl Conn {
             req,
             buf,
             framing,
+            file_io::worth_serving_at_once(self.io, self.in_flight.get(), false),
         );
+        if done.is_ready() {
+            let cached = &self.shard.cached_reads;
+            cached.set(cached.get() + 1);
+        }
         self.in_flight.set(self.in_flight.get() + 1);
         self.pending_bytes
             .set(self.pending_bytes.get() + session::payload_bytes(&req));
@@ -651,15 +656,13 @@ impl Input {
     async fn payload(&mut self, conn: &Conn, len: usize) -> io::Result<(Got, IoBuf)> {
         let mut data = conn.bufs.take_payload(len, conn.export.align());
         let buffered = self.have().len().min(len);
-        data.vec.extend_from_slice(&self.have()[..buffered]);
+        data.extend_from_slice(&self.have()[..buffered]);
         self.consume(buffered);
         let mut got = Got::All;
-        while data.bytes().len() < len {
-            let filled = data.vec.len();
-            let room = (len - data.bytes().len()).min(READ_BUDGET);
-            data.vec.resize(filled + room, 0);
-            let n = conn.read(&mut data.vec[filled..]).await?;
-            data.vec.truncate(filled + n.unwrap_or(0));
+        while data.received() < len {
+            let room = (len - data.received()).min(READ_BUDGET);
+            let n = conn.read(data.room(room)).await?;
+            data.advance(n.unwrap_or(0));
             match n {
                 None => got = Got::Stopped,
                 Some(0) => got = Got::Eof,
@@ -668,7 +671,7 @@ impl Input {
             break;
         }
         self.in_payload = got == Got::Eof;
-        Ok((got, data))
+        Ok((got, data.into_buf()))
     }
 
     /// Reads and drops the next `n` bytes (a refused message's data).

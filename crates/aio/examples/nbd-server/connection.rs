@@ -37,7 +37,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -47,7 +47,7 @@ use std::time::{Duration, Instant};
 use aio::{AioContext, BlockIo, ClockType, FdHandler, Scale, ThreadPool, Timer};
 
 use crate::ClientSlot;
-use crate::buffers::BufPool;
+use crate::buffers::{BufPool, Payload};
 use crate::conn_task;
 use crate::export::Export;
 use crate::file_io;
@@ -76,6 +76,29 @@ impl Socket {
             Socket::Tcp(s) => (&*s).read(buf),
             Socket::Unix(s) => (&*s).read(buf),
         }
+    }
+
+    /// Receives up to `n` bytes onto the end of `buf`, into its spare capacity, which is not
+    /// zeroed first (a WRITE payload's new buffer: the socket is the first to write it).
+    pub(crate) fn read_append(&self, buf: &mut Vec<u8>, n: usize) -> io::Result<usize> {
+        buf.reserve(n);
+        let spare = &mut buf.spare_capacity_mut()[..n];
+        // `spare` is memory of `buf`'s allocation, borrowed mutably for the call.
+        // SAFETY: [EXAMPLE-RECV] recv writes at most `spare.len()` bytes, into `spare` only.
+        let got = unsafe {
+            libc::recv(
+                self.as_fd().as_raw_fd(),
+                spare.as_mut_ptr().cast(),
+                spare.len(),
+                0,
+            )
+        };
+        let got = usize::try_from(got).map_err(|_| io::Error::last_os_error())?;
+        let len = buf.len() + got.min(n);
+        // recv wrote `got` (at most `n`) bytes after the old length, within the reserved room.
+        // SAFETY: [EXAMPLE-RECV] the bytes up to `len` are initialized and within capacity.
+        unsafe { buf.set_len(len) };
+        Ok(got)
     }
 
     pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
@@ -178,6 +201,8 @@ pub struct Shard {
     grace: RefCell<Option<Timer>>,
     pub accepted: Cell<u64>,
     pub requests: Cell<u64>,
+    /// Of those, READs served at once from the page cache (`file_io::read_cached_now`).
+    pub cached_reads: Cell<u64>,
 }
 
 impl Shard {
@@ -353,7 +378,7 @@ pub struct Conn {
     after_discard: Option<(Vec<u8>, bool)>,
     /// A write whose payload is arriving: the request and the bytes received so far, in a
     /// buffer with room for all of them, handed to the pool when complete.
-    payload: Option<(Request, IoBuf)>,
+    payload: Option<(Request, Payload)>,
     /// Replies not yet taken by the socket, each in its own buffer (a read's goes back to the
     /// pool once sent) from its `start`; the socket has taken `out_pos` bytes of the first.
     out: VecDeque<IoBuf>,
@@ -432,13 +457,9 @@ impl Conn {
     /// once the socket is closed).
     fn read_some(&mut self) -> Option<(io::Result<usize>, usize)> {
         if let (Some(sock), Some((req, data))) = (&self.sock, &mut self.payload) {
-            let filled = data.vec.len();
-            // Zero only what this read may fill: the pages are touched as data arrives.
-            let room = (req.payload_len as usize - data.bytes().len()).min(READ_BUDGET);
-            data.vec.resize(filled + room, 0);
-            let result = sock.read(&mut data.vec[filled..]);
-            data.vec.truncate(filled + *result.as_ref().unwrap_or(&0));
-            return Some((result, room));
+            // Zero only what no earlier request initialized: pages are touched as data arrives.
+            let room = (req.payload_len as usize - data.received()).min(READ_BUDGET);
+            return Some((data.receive(room, sock), room));
         }
         self.make_room();
         let sock = self.sock.as_ref()?;
@@ -450,9 +471,9 @@ impl Conn {
     /// is now whole goes to the pool, and complete messages in the read buffer are handled.
     fn received(&mut self, n: usize) {
         match &self.payload {
-            Some((req, data)) if data.bytes().len() as u64 == req.payload_len => {
+            Some((req, data)) if data.received() as u64 == req.payload_len => {
                 let (req, data) = self.payload.take().expect("matched above");
-                self.submit(req, Some(data));
+                self.submit(req, Some(data.into_buf()));
             }
             Some(_) => return,
             None => self.in_end += n,
@@ -670,14 +691,14 @@ impl Conn {
                     // The whole payload came with the header (small writes): one copy, into
                     // the buffer the pool's pwrite takes.
                     let mut data = self.bufs.take_payload(len, self.export.align());
-                    data.vec.extend_from_slice(&head[hdr..total]);
-                    self.submit(req, Some(data));
+                    data.extend_from_slice(&head[hdr..total]);
+                    self.submit(req, Some(data.into_buf()));
                     return total;
                 }
                 // The rest of the payload is read straight into the request's buffer, a
                 // reused one, or a new one whose pages are touched only as the bytes arrive.
                 let mut data = self.bufs.take_payload(len, self.export.align());
-                data.vec.extend_from_slice(&head[hdr..]);
+                data.extend_from_slice(&head[hdr..]);
                 self.payload = Some((req, data));
                 head.len()
             }
@@ -756,11 +777,28 @@ impl Conn {
             self.log("a request was read outside the context; dropping the connection");
             return self.abort();
         };
+        let framing = self.hs.framing;
+        let mut buf =
+            data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
+        // This request's header is still in the read buffer: anything past it is behind it.
+        let queued_behind = self.in_end - self.in_start > framing.request_len();
+        if file_io::worth_serving_at_once(self.io, self.in_flight, queued_behind) {
+            match file_io::read_cached_now(&self.export, &req, framing, buf) {
+                Ok(reply) => {
+                    // Served from the page cache: the reply is queued now, and goes out with
+                    // the others of this dispatch in one send.
+                    let reply = session::reply(framing, self.id, &req, Ok(reply));
+                    self.queue_from(reply);
+                    self.shard.requests.set(self.shard.requests.get() + 1);
+                    let cached = &self.shard.cached_reads;
+                    cached.set(cached.get() + 1);
+                    return;
+                }
+                Err(back) => buf = back,
+            }
+        }
         self.in_flight += 1;
         self.pending_bytes += session::payload_bytes(&req);
-        let framing = self.hs.framing;
-        let buf =
-            data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
         let done = move |r| Conn::completed(&conn, req, r);
         file_io::start(
             &ctx,

@@ -14,7 +14,7 @@
 //! (a file or a block device) in `export.rs`, where file I/O runs in `file_io.rs`, the request
 //! buffers in `buffers.rs`.
 //!
-//! * **Threads.** `--contexts N` runs N contexts: this thread's, which also owns the
+//! * **Threads.** `--contexts N` (default: one per CPU, at most 8) runs N contexts: this thread's, which also owns the
 //!   listeners and the signals, and N-1 I/O threads, each polling its own context. Accepted
 //!   connections are dealt round-robin over all N; a connection lives on one context for its
 //!   whole life. Each context has its own thread pool.
@@ -47,9 +47,10 @@
 //!   the same on the wire.
 //! * **Limits.** See `session.rs` and `connection.rs`: at most 32 MiB per request; per
 //!   connection, 128 requests or 16 MiB of payload in flight and replies unsent before its
-//!   socket stops being read; 10 s for the handshake; `--idle-timeout` after it. Each
-//!   context's pool runs at most [`POOL_MAX_THREADS`] threads, and its request buffers come
-//!   from a pool of its own (`buffers.rs`), so memory follows what is in flight.
+//!   socket stops being read; 10 s for the handshake; `--idle-timeout` after it. The
+//!   contexts' pools run at most [`POOL_MAX_THREADS`] threads together (at least 2 each), and
+//!   request buffers come from each context's pool (`buffers.rs`), whose idle buffers are
+//!   capped over all contexts, so memory follows what is in flight.
 //! * **Socket activation.** When `LISTEN_PID` is this process and `LISTEN_FDS` is N, fds 3 to
 //!   N+2 are listening sockets (TCP or Unix) to serve instead of `--tcp`/`--unix`, as systemd
 //!   passes them.
@@ -88,8 +89,8 @@ use aio::{
 use connection::{Engine, Settings, Shard, Socket};
 use export::{Cache, Export};
 
-/// The most threads each context's pool runs the file I/O on (the pool's default is QEMU's
-/// 64): as many as nbdkit serves with, enough to keep a disk's queue busy; on the page cache
+/// The most threads the contexts' pools run the file I/O on, together (the pool's default is
+/// QEMU's 64, per context): as many as nbdkit serves with, enough to keep a disk's queue busy; on the page cache
 /// (2 vCPUs) 2 to 64 copied a GiB in the same time, within noise, and more threads only meant
 /// more stacks and malloc arenas.
 const POOL_MAX_THREADS: usize = 16;
@@ -98,6 +99,18 @@ const GRACE: Duration = Duration::from_secs(5);
 /// How long accepting pauses when the process is out of fds (or memory), instead of spinning
 /// on a listener that stays readable.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The most contexts the server makes unless `--contexts` asks for more.
+const MAX_DEFAULT_CONTEXTS: usize = 8;
+
+/// `--contexts`' default: one per CPU this process may run on, at most
+/// [`MAX_DEFAULT_CONTEXTS`]. Connections are dealt round-robin, so a multi-conn client (nbdcopy
+/// opens 4) has its connections served by as many threads as there are CPUs: on 2 vCPUs,
+/// `nbdcopy -C 4 -R 64` out of the server ran about 3× faster with 2 contexts than with 1
+/// (BENCHMARKS.md, "NBD: --contexts").
+fn default_contexts() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_DEFAULT_CONTEXTS))
+}
 
 /// The NBD port (IANA), for `--tcp HOST`.
 const NBD_PORT: u16 = 10809;
@@ -109,7 +122,8 @@ usage: nbd-server [OPTIONS] IMAGE
   --unix PATH           listen on a Unix socket (the socket file is removed at exit)
   --name NAME           export name (default: the empty name)
   --read-only           refuse writes
-  --contexts N          number of I/O contexts, one thread each (default 1)
+  --contexts N          number of I/O contexts, one thread each (default: one per CPU,
+                        at most 8); a client's connections are dealt over them
   --shared N            serve at most N clients at once; more wait to be accepted until
                         one leaves, as with qemu-nbd -e (default: no limit)
   -t, --persistent      serve until SIGINT/SIGTERM, however clients come and go; without
@@ -212,7 +226,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         unix: None,
         name: String::new(),
         read_only: false,
-        contexts: 1,
+        contexts: default_contexts(),
         shared: None,
         persistent: false,
         idle_timeout: None,
@@ -409,9 +423,10 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     let export = Export::open(&cfg.image, cfg.name.clone(), cfg.read_only, cfg.cache)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
     let export = Arc::new(export);
-    let ctx = new_context(cfg.poll, cfg.io)?;
+    let pool_max = pool_threads_per_context(cfg.contexts);
+    let ctx = new_context(cfg.poll, cfg.io, pool_max)?;
     let iothreads = (1..cfg.contexts)
-        .map(|i| IoThread::spawn(i, cfg.poll, cfg.io))
+        .map(|i| IoThread::spawn(i, cfg.poll, cfg.io, pool_max))
         .collect::<io::Result<Vec<_>>>()?;
 
     let mut listeners = Vec::new();
@@ -573,18 +588,26 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         )
     };
     println!(
-        "nbd-server: stopped ({}): {} connections, {} requests{polled}",
+        "nbd-server: stopped ({}): {} connections, {} requests ({} served at once from the page \
+         cache){polled}",
         stopping.get().unwrap_or("?"),
         total.accepted,
         total.requests,
+        total.cached_reads,
     );
     io::stdout().flush()
+}
+
+/// How many threads each of `contexts` contexts' pools may run: [`POOL_MAX_THREADS`] over all
+/// of them, at least 2 each.
+fn pool_threads_per_context(contexts: usize) -> usize {
+    (POOL_MAX_THREADS / contexts.max(1)).max(2)
 }
 
 /// A context with the server's polling parameters (the `AIO_POLL_MAX_NS` override applies), on
 /// the default backend (`AIO_BACKEND` applies), or on io_uring for `--aio io_uring`, whose
 /// requests go on the context's own ring; checked to carry file I/O with `io`.
-fn new_context(poll: PollParams, io: IoEngine) -> io::Result<AioContext> {
+fn new_context(poll: PollParams, io: IoEngine, pool_max: usize) -> io::Result<AioContext> {
     let mut builder = aio::Builder::new().poll_params(poll);
     if io == IoEngine::IoUring {
         builder = builder.backend(aio::Backend::IoUring);
@@ -599,7 +622,7 @@ fn new_context(poll: PollParams, io: IoEngine) -> io::Result<AioContext> {
     BlockIo::with_engine(&ctx, io)
         .map_err(|e| io::Error::new(e.kind(), format!("--aio {}: {e}", io_name(io))))?;
     ThreadPool::of(&ctx)
-        .set_limits(0, POOL_MAX_THREADS)
+        .set_limits(0, pool_max)
         .map_err(|e| io::Error::other(e.to_string()))?;
     Ok(ctx)
 }
@@ -641,6 +664,8 @@ fn describe_polling(p: PollParams) -> String {
 struct Tally {
     accepted: u64,
     requests: u64,
+    /// READs served at once from the page cache (`file_io::read_cached_now`).
+    cached_reads: u64,
     poll_hits: u64,
     poll_misses: u64,
     poll_time: Duration,
@@ -652,6 +677,7 @@ impl Tally {
         Tally {
             accepted: shard.accepted.get(),
             requests: shard.requests.get(),
+            cached_reads: shard.cached_reads.get(),
             poll_hits: stats.poll_hits,
             poll_misses: stats.poll_misses,
             poll_time: stats.poll_time,
@@ -661,6 +687,7 @@ impl Tally {
     fn add(&mut self, other: &Tally) {
         self.accepted += other.accepted;
         self.requests += other.requests;
+        self.cached_reads += other.cached_reads;
         self.poll_hits += other.poll_hits;
         self.poll_misses += other.poll_misses;
         self.poll_time += other.poll_time;
@@ -1045,13 +1072,18 @@ struct IoThread {
 }
 
 impl IoThread {
-    fn spawn(index: usize, poll: PollParams, io: IoEngine) -> io::Result<IoThread> {
+    fn spawn(
+        index: usize,
+        poll: PollParams,
+        io: IoEngine,
+        pool_max: usize,
+    ) -> io::Result<IoThread> {
         let (tx, rx) = mpsc::channel();
         let join = thread::Builder::new()
             .name(format!("nbd-io{index}"))
             .spawn(move || {
                 // AioContext is !Send: the thread that polls a context creates it.
-                let ctx = match new_context(poll, io) {
+                let ctx = match new_context(poll, io, pool_max) {
                     Ok(ctx) => ctx,
                     Err(e) => {
                         let _ = tx.send(Err(io::Error::new(e.kind(), e.to_string())));
@@ -1128,8 +1160,8 @@ impl Signals {
             .spawn(move || {
                 loop {
                     let mut signo: libc::c_int = 0;
-                    // SAFETY: `set` and `signo` are live locals for the duration of the call;
-                    // the signals in `set` are blocked in this thread, as sigwait requires.
+                    // The signals in `set` are blocked in this thread, as sigwait requires.
+                    // SAFETY: `set` and `signo` are live locals for the duration of the call.
                     let r = unsafe { libc::sigwait(&set, &mut signo) };
                     if r != 0 || write.write_all(&signo.to_ne_bytes()).is_err() {
                         return;
