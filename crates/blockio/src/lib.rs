@@ -41,7 +41,10 @@
 //! One read or write request is one `pread`/`pwrite` (or its io_uring equivalent): it may
 //! transfer fewer bytes than asked (a read at end of file returns what is there, 0 past it);
 //! the count is in the result. The buffer comes back with its length unchanged. Errors are
-//! `io::Error`s carrying the errno; a cancelled request fails with `ECANCELED`.
+//! `io::Error`s carrying the errno; a cancelled request fails with `ECANCELED`; a transfer on
+//! an `O_DIRECT` file that the kernel refused for its alignment fails with a
+//! [`MisalignedDirectIo`] saying what was off ([`DirectAlign`] gives the file's rules and
+//! buffers that meet them).
 //!
 //! # Example
 //!
@@ -81,6 +84,7 @@
 
 #![deny(missing_docs)]
 
+mod direct;
 mod fixed;
 mod future;
 #[cfg(target_os = "linux")]
@@ -88,6 +92,7 @@ mod linux_aio;
 #[cfg(target_os = "linux")]
 mod uring;
 
+pub use direct::{AlignSource, DirectAlign, MisalignedDirectIo};
 pub use fixed::{FIXED_BUF_ALIGN, FixedBuf, FixedBufPool};
 pub use future::OpFuture;
 
@@ -371,10 +376,12 @@ impl BlockIo {
             #[cfg(target_os = "linux")]
             (Engine::IoUring, true) => uring::write_at(ctx, file.clone(), buf, start, offset, done),
             (_, false) => pool_buf(ctx, file.clone(), buf, done, move |f, b| {
-                f.read_at(&mut b[start..], offset)
+                let r = f.read_at(&mut b[start..], offset);
+                direct::explained(r, f, false, offset, || vec![direct::segment(&b[start..])])
             }),
             (_, true) => pool_buf(ctx, file.clone(), buf, done, move |f, b| {
-                f.write_at(&b[start..], offset)
+                let r = f.write_at(&b[start..], offset);
+                direct::explained(r, f, true, offset, || vec![direct::segment(&b[start..])])
             }),
         }
     }
@@ -414,7 +421,8 @@ impl BlockIo {
             #[cfg(target_os = "linux")]
             Engine::IoUring => uring::vectored(ctx, file.clone(), bufs, offset, false, done),
             _ => pool_buf(ctx, file.clone(), bufs, done, move |f, bufs| {
-                vectored_at(bufs, offset, |b, o| f.read_at(b, o))
+                let r = vectored_at(bufs, offset, |b, o| f.read_at(b, o));
+                direct::explained(r, f, false, offset, || segments(bufs))
             }),
         }
     }
@@ -438,7 +446,8 @@ impl BlockIo {
             #[cfg(target_os = "linux")]
             Engine::IoUring => uring::vectored(ctx, file.clone(), bufs, offset, true, done),
             _ => pool_buf(ctx, file.clone(), bufs, done, move |f, bufs| {
-                vectored_at(bufs, offset, |b, o| f.write_at(b, o))
+                let r = vectored_at(bufs, offset, |b, o| f.write_at(b, o));
+                direct::explained(r, f, true, offset, || segments(bufs))
             }),
         }
     }
@@ -588,6 +597,11 @@ fn pool_error(e: threadpool::Error) -> io::Error {
         threadpool::Error::Cancelled => io::Error::from_raw_os_error(libc::ECANCELED),
         other => io::Error::other(other.to_string()),
     }
+}
+
+/// The buffers of a vectored transfer as (address, length), for [`direct::explain`].
+pub(crate) fn segments(bufs: &[Vec<u8>]) -> Vec<(usize, usize)> {
+    bufs.iter().map(|b| direct::segment(b)).collect()
 }
 
 /// One positioned transfer per buffer, stopping at the first short one or error (an error

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use aio_core::{AioContext, EventNotifier, FdHandler};
 
-use crate::{IoBuf, Op, OpInner};
+use crate::{IoBuf, Op, OpInner, direct};
 
 /// Memory a request keeps alive until the kernel has completed it.
 type KeepAlive = Box<dyn std::any::Any>;
@@ -411,7 +411,7 @@ fn count(res: i64) -> io::Result<usize> {
 }
 
 struct OneBuf<B> {
-    _file: Arc<File>,
+    file: Arc<File>,
     buf: B,
 }
 
@@ -427,7 +427,7 @@ pub(crate) fn rw<B: IoBuf>(
     done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = file.as_raw_fd() as u32;
-    let mut keep = Box::new(OneBuf { _file: file, buf });
+    let mut keep = Box::new(OneBuf { file, buf });
     let at = &mut keep.buf[start..];
     let iocb = Iocb {
         aio_lio_opcode: if write {
@@ -447,19 +447,21 @@ pub(crate) fn rw<B: IoBuf>(
             ctx,
             iocb,
             keep,
-            Box::new(move |res, keep| {
-                let buf = keep
-                    .downcast::<OneBuf<B>>()
-                    .map(|k| k.buf)
-                    .unwrap_or_default();
-                done(count(res), buf)
+            Box::new(move |res, keep| match keep.downcast::<OneBuf<B>>() {
+                Ok(k) => {
+                    let r = direct::explained(count(res), &k.file, write, offset, || {
+                        vec![direct::segment(&k.buf[start..])]
+                    });
+                    done(r, k.buf)
+                }
+                Err(_) => done(count(res), B::default()),
             }),
         )
     }
 }
 
 struct VecBufs {
-    _file: Arc<File>,
+    file: Arc<File>,
     bufs: Vec<Vec<u8>>,
     _iovecs: Vec<libc::iovec>,
 }
@@ -494,7 +496,7 @@ pub(crate) fn rwv(
         ..Iocb::default()
     };
     let keep = Box::new(VecBufs {
-        _file: file,
+        file,
         bufs,
         _iovecs: iovecs,
     });
@@ -505,12 +507,14 @@ pub(crate) fn rwv(
             ctx,
             iocb,
             keep,
-            Box::new(move |res, keep| {
-                let bufs = keep
-                    .downcast::<VecBufs>()
-                    .map(|k| k.bufs)
-                    .unwrap_or_default();
-                done(count(res), bufs)
+            Box::new(move |res, keep| match keep.downcast::<VecBufs>() {
+                Ok(k) => {
+                    let r = direct::explained(count(res), &k.file, write, offset, || {
+                        crate::segments(&k.bufs)
+                    });
+                    done(r, k.bufs)
+                }
+                Err(_) => done(count(res), Vec::new()),
             }),
         )
     }

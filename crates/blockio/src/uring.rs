@@ -22,7 +22,7 @@ use fdmon_uring::{KeepAlive, RequestId, Sqe, UringMonitor};
 use io_uring::{opcode, types};
 
 use crate::fixed::{FixedBuf, Memory};
-use crate::{FallocateMode, IoBuf, Op, OpInner};
+use crate::{FallocateMode, IoBuf, Op, OpInner, direct};
 
 /// What runs when a request completes: its result (`res` of the CQE) and its keep-alive.
 type Callback = Box<dyn FnOnce(i32, KeepAlive)>;
@@ -209,15 +209,29 @@ pub(crate) fn buffers_registered(ctx: &AioContext, mem: &Arc<Memory>) -> bool {
 
 /// The keep-alive of a one-buffer request: a `Vec<u8>` or a [`FixedBuf`].
 struct OneBuf<B> {
-    _file: Arc<File>,
+    file: Arc<File>,
     buf: B,
 }
 
-/// Takes the buffer back out of a keep-alive made by `read_at`/`write_at`.
-fn one_buf<B: Default + 'static>(keep: KeepAlive) -> B {
-    keep.downcast::<OneBuf<B>>()
-        .map(|k| k.buf)
-        .unwrap_or_default()
+/// The result of a one-buffer request and its buffer, taken back out of the keep-alive made by
+/// `read_at`/`write_at`/`rw_fixed`; an `EINVAL` of a misaligned direct transfer of
+/// `buf[start..]` explained.
+fn one_buf<B: IoBuf>(
+    res: i32,
+    keep: KeepAlive,
+    start: usize,
+    offset: u64,
+    write: bool,
+) -> (io::Result<usize>, B) {
+    match keep.downcast::<OneBuf<B>>() {
+        Ok(k) => {
+            let r = direct::explained(count(res), &k.file, write, offset, || {
+                vec![direct::segment(&k.buf[start..])]
+            });
+            (r, k.buf)
+        }
+        Err(_) => (count(res), B::default()),
+    }
 }
 
 /// Reads into `buf[start..]`; the caller checked `start <= buf.len()`.
@@ -230,7 +244,7 @@ pub(crate) fn read_at<B: IoBuf>(
     done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
-    let mut keep = Box::new(OneBuf { _file: file, buf });
+    let mut keep = Box::new(OneBuf { file, buf });
     let to = &mut keep.buf[start..];
     let len = u32::try_from(to.len()).unwrap_or(u32::MAX);
     let entry = opcode::Read::new(fd, to.as_mut_ptr(), len)
@@ -239,7 +253,8 @@ pub(crate) fn read_at<B: IoBuf>(
     // SAFETY: [URING-2]: the SQE points at `len` bytes of `keep.buf`'s heap memory only.
     unsafe {
         submit(ctx, entry, keep, move |res, keep| {
-            done(count(res), one_buf(keep))
+            let (r, buf) = one_buf(res, keep, start, offset, false);
+            done(r, buf)
         })
     }
 }
@@ -254,7 +269,7 @@ pub(crate) fn write_at<B: IoBuf>(
     done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
-    let keep = Box::new(OneBuf { _file: file, buf });
+    let keep = Box::new(OneBuf { file, buf });
     let from = &keep.buf[start..];
     let len = u32::try_from(from.len()).unwrap_or(u32::MAX);
     let entry = opcode::Write::new(fd, from.as_ptr(), len)
@@ -263,7 +278,8 @@ pub(crate) fn write_at<B: IoBuf>(
     // SAFETY: [URING-2]: the SQE points at `len` bytes of `keep.buf`'s heap memory only.
     unsafe {
         submit(ctx, entry, keep, move |res, keep| {
-            done(count(res), one_buf(keep))
+            let (r, buf) = one_buf(res, keep, start, offset, true);
+            done(r, buf)
         })
     }
 }
@@ -291,7 +307,7 @@ pub(crate) fn rw_fixed(
         };
     };
     let fd = types::Fd(file.as_raw_fd());
-    let mut keep = Box::new(OneBuf { _file: file, buf });
+    let mut keep = Box::new(OneBuf { file, buf });
     let at = &mut keep.buf[start..];
     let len = u32::try_from(at.len()).unwrap_or(u32::MAX);
     let ptr = at.as_mut_ptr();
@@ -313,7 +329,8 @@ pub(crate) fn rw_fixed(
     // SAFETY: [URING-2], [URING-5]: both point at `len` bytes of buffer `index` of `table`, leased by `keep.buf`.
     unsafe {
         submit_or_fixed(ctx, plain, Some((table, fixed)), keep, move |res, keep| {
-            done(count(res), one_buf(keep))
+            let (r, buf) = one_buf(res, keep, start, offset, write);
+            done(r, buf)
         })
     }
 }
@@ -328,7 +345,7 @@ unsafe impl Send for IoVecs {}
 
 /// The keep-alive of a vectored request.
 struct VecBufs {
-    _file: Arc<File>,
+    file: Arc<File>,
     bufs: Vec<Vec<u8>>,
     iovecs: IoVecs,
 }
@@ -343,7 +360,7 @@ pub(crate) fn vectored(
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
     let mut keep = Box::new(VecBufs {
-        _file: file,
+        file,
         bufs,
         iovecs: IoVecs(Vec::new()),
     });
@@ -366,11 +383,15 @@ pub(crate) fn vectored(
     // SAFETY: [URING-2]: the SQE points at `keep.iovecs`, which point into `keep.bufs`.
     unsafe {
         submit(ctx, entry, keep, move |res, keep| {
-            let bufs = keep
-                .downcast::<VecBufs>()
-                .map(|k| k.bufs)
-                .unwrap_or_default();
-            done(count(res), bufs)
+            match keep.downcast::<VecBufs>() {
+                Ok(k) => {
+                    let r = direct::explained(count(res), &k.file, write, offset, || {
+                        crate::segments(&k.bufs)
+                    });
+                    done(r, k.bufs)
+                }
+                Err(_) => done(count(res), Vec::new()),
+            }
         })
     }
 }

@@ -7,9 +7,9 @@
 
 mod support;
 
-use support::{pattern, temp_file, uring_ctx};
+use support::{Slot, pattern, setups, temp_file, uring_ctx, wait_for};
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -19,54 +19,6 @@ use std::sync::Arc;
 use aio_core::AioContext;
 use blockio::{BlockIo, Engine};
 use fdmon_uring::UringMonitor;
-
-/// Every (context, engine) pair to test, with a name for messages.
-fn setups() -> Vec<(&'static str, AioContext, BlockIo)> {
-    let mut v = Vec::new();
-    if let Some(ctx) = uring_ctx() {
-        let io = BlockIo::of(&ctx);
-        assert_eq!(io.engine(), Engine::IoUring);
-        assert!(ctx.has_io_uring());
-        v.push(("io_uring", ctx, io));
-    }
-    if let Some(ctx) = uring_ctx() {
-        let io = BlockIo::with_engine(&ctx, Engine::Threads).unwrap();
-        v.push(("threads on io_uring", ctx, io));
-    }
-    let ctx = AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new().unwrap())).unwrap();
-    let io = BlockIo::of(&ctx);
-    assert_eq!(io.engine(), Engine::Threads);
-    assert!(!ctx.has_io_uring());
-    v.push(("threads on epoll", ctx, io));
-    let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap();
-    let io = BlockIo::of(&ctx);
-    assert_eq!(io.engine(), Engine::Threads);
-    v.push(("threads on poll", ctx, io));
-    let ctx = AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new().unwrap())).unwrap();
-    match BlockIo::with_engine(&ctx, Engine::LinuxAio) {
-        Ok(io) => v.push(("linux-aio on epoll", ctx, io)),
-        Err(e) => println!("skipped the native AIO engine: {e}"),
-    }
-    if let Some(ctx) = uring_ctx() {
-        let io = BlockIo::with_engine(&ctx, Engine::LinuxAio).unwrap();
-        v.push(("linux-aio on io_uring", ctx, io));
-    }
-    v
-}
-
-/// A slot a completion callback fills in.
-type Slot<T> = Rc<RefCell<Option<T>>>;
-
-/// Polls `ctx` until `slot` is filled, and takes it.
-fn wait_for<T>(ctx: &AioContext, slot: &Slot<T>) -> T {
-    for _ in 0..100_000 {
-        if let Some(v) = slot.borrow_mut().take() {
-            return v;
-        }
-        ctx.poll();
-    }
-    panic!("the completion never came");
-}
 
 #[test]
 fn every_operation_on_every_engine() {

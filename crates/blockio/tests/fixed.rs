@@ -6,107 +6,41 @@
 
 mod support;
 
-use support::{pattern, uring_ctx};
+use support::{Slot, pattern, temp_file_on_disk, uring_ctx, wait_for};
 
-use std::cell::RefCell;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use aio_core::AioContext;
-use blockio::{BlockIo, Engine, FixedBuf, FixedBufPool};
-
-/// A temporary file, already unlinked, open for reading and writing (with `O_DIRECT` if
-/// `direct`; `None` if the file system refuses it).
-fn temp_file(direct: bool) -> Option<Arc<File>> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // Beside the test binary rather than in /tmp, which may be a tmpfs without O_DIRECT.
-    let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    let path = dir.join(format!("blockio-fixed-{}-{n}", std::process::id()));
-    let mut o = OpenOptions::new();
-    o.read(true).write(true).create(true).truncate(true);
-    if direct {
-        o.custom_flags(libc::O_DIRECT);
-    }
-    let f = match o.open(&path) {
-        Ok(f) => f,
-        Err(e) if direct => {
-            let _ = std::fs::remove_file(&path);
-            println!("skipped O_DIRECT: {e}");
-            return None;
-        }
-        Err(e) => panic!("temp file: {e}"),
-    };
-    std::fs::remove_file(&path).expect("unlink temp file");
-    Some(Arc::new(f))
-}
+use blockio::{BlockIo, Engine, FixedBuf, FixedBufPool, MisalignedDirectIo};
 
 /// Every (name, context, engine, pool made for that context, whether the fixed opcodes are
-/// expected) to test.
+/// expected) to test: the engines of [`support::setups`] but poll's, each with a pool of its
+/// own context (registered with its ring where the context has one, used through the plain path
+/// by every engine but io_uring's).
 fn setups() -> Vec<(&'static str, AioContext, BlockIo, FixedBufPool, bool)> {
     let mut v = Vec::new();
-    if let Some(ctx) = uring_ctx() {
-        let io = BlockIo::of(&ctx);
+    for (name, ctx, io) in support::setups() {
+        if name == "threads on poll" {
+            continue;
+        }
         let pool = FixedBufPool::new(&ctx, 8, 16384).unwrap();
-        let registered = pool.is_registered(&ctx);
-        if !registered {
+        if !ctx.has_io_uring() {
+            assert!(
+                !pool.is_registered(&ctx),
+                "{name}: no ring, no registration"
+            );
+        }
+        let fixed = io.engine() == Engine::IoUring && pool.is_registered(&ctx);
+        if io.engine() == Engine::IoUring && !fixed {
             println!("the ring refused the buffers: the io_uring rows use the plain path");
         }
-        v.push(("io_uring", ctx, io, pool, registered));
-    }
-    if let Some(ctx) = uring_ctx() {
-        let io = BlockIo::with_engine(&ctx, Engine::Threads).unwrap();
-        let pool = FixedBufPool::new(&ctx, 8, 16384).unwrap();
-        v.push((
-            "threads on io_uring (pool registered)",
-            ctx,
-            io,
-            pool,
-            false,
-        ));
-    }
-    let ctx = AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new().unwrap())).unwrap();
-    let io = BlockIo::of(&ctx);
-    let pool = FixedBufPool::new(&ctx, 8, 16384).unwrap();
-    assert!(!pool.is_registered(&ctx), "epoll has no ring");
-    v.push(("threads on epoll", ctx, io, pool, false));
-    let ctx = AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new().unwrap())).unwrap();
-    match BlockIo::with_engine(&ctx, Engine::LinuxAio) {
-        Ok(io) => {
-            let pool = FixedBufPool::new(&ctx, 8, 16384).unwrap();
-            v.push(("linux-aio on epoll", ctx, io, pool, false));
-        }
-        Err(e) => println!("skipped the native AIO engine: {e}"),
-    }
-    if let Some(ctx) = uring_ctx() {
-        let io = BlockIo::with_engine(&ctx, Engine::LinuxAio).unwrap();
-        let pool = FixedBufPool::new(&ctx, 8, 16384).unwrap();
-        v.push((
-            "linux-aio on io_uring (pool registered)",
-            ctx,
-            io,
-            pool,
-            false,
-        ));
+        v.push((name, ctx, io, pool, fixed));
     }
     v
-}
-
-/// A slot a completion callback fills in.
-type Slot<T> = Rc<RefCell<Option<T>>>;
-
-/// Polls `ctx` until `slot` is filled, and takes it.
-fn wait_for<T>(ctx: &AioContext, slot: &Slot<T>) -> T {
-    for _ in 0..100_000 {
-        if let Some(v) = slot.borrow_mut().take() {
-            return v;
-        }
-        ctx.poll();
-    }
-    panic!("the completion never came");
 }
 
 /// `write_fixed` then `read_fixed` of `buf[start..]`, through `io`; returns the read buffer.
@@ -163,7 +97,7 @@ fn fixed_buffers_on_every_engine() {
         if registered {
             assert!(pool.is_registered(&ctx), "{name}");
         }
-        let file = temp_file(false).unwrap();
+        let file = temp_file_on_disk(false).unwrap();
         assert_eq!(pool.buf_size(), 16384);
         // Two buffers held, so that the requests use indices 2 and up: a READ_FIXED naming
         // another buffer than its address lies in fails with EFAULT.
@@ -200,22 +134,28 @@ fn fixed_buffers_on_every_engine() {
 #[test]
 fn fixed_buffers_with_o_direct() {
     for (name, ctx, io, pool, _) in setups() {
-        let Some(file) = temp_file(true) else { return };
+        let Some(file) = temp_file_on_disk(true) else {
+            return;
+        };
         // O_DIRECT needs aligned buffers, lengths and offsets: pool buffers are page-aligned.
         let data = pattern(8192, 9);
         let back = write_then_read(&ctx, io, &file, &pool, &data, 0, 4096, name);
         assert_eq!(back.as_ptr() as usize % blockio::FIXED_BUF_ALIGN, 0);
-        // A misaligned start is the kernel's EINVAL, never a crash.
+        // A misaligned start is the kernel's EINVAL, explained (tests/direct.rs), never a crash.
         let slot: Slot<(io::Result<usize>, FixedBuf)> = Rc::default();
         let s = slot.clone();
         io.read_fixed(&ctx, &file, pool.get().unwrap(), 1, 4096, move |r, b| {
             *s.borrow_mut() = Some((r, b))
         });
         let (r, _) = wait_for(&ctx, &slot);
+        let err = r.unwrap_err();
+        let why = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<MisalignedDirectIo>());
         assert_eq!(
-            r.unwrap_err().raw_os_error(),
-            Some(libc::EINVAL),
-            "{name}: misaligned O_DIRECT read"
+            why.and_then(|w| w.address_misaligned()),
+            Some(0),
+            "{name}: misaligned O_DIRECT read: {err}"
         );
     }
 }
@@ -233,7 +173,7 @@ fn a_buffer_of_another_contexts_pool_uses_the_plain_path() {
     assert!(!pool_a.is_registered(&b));
     assert!(!pool_b.is_registered(&a));
     let io = BlockIo::of(&b);
-    let file = temp_file(false).unwrap();
+    let file = temp_file_on_disk(false).unwrap();
     let data = pattern(4096, 42);
     file.write_all_at(&data, 0).unwrap();
     // Hold every buffer of b's table, zeroed, so that a read that went to b's table by index
@@ -281,7 +221,7 @@ fn a_refused_registration_falls_back() {
     let never = FixedBufPool::unregistered(2, 4096).unwrap();
     assert!(!never.is_registered(&ctx));
     let io = BlockIo::of(&ctx);
-    let file = temp_file(false).unwrap();
+    let file = temp_file_on_disk(false).unwrap();
     for (i, pool) in [&second, &never].into_iter().enumerate() {
         let data = pattern(4000, i as u8);
         write_then_read(&ctx, io, &file, pool, &data, 50, 777, "unregistered");
@@ -343,7 +283,7 @@ fn bad_sizes_lengths_and_starts_are_errors() {
 
     // A start past the length fails in `done`, on every engine, and the buffer comes back.
     for (name, ctx, io, pool, _) in setups() {
-        let file = temp_file(false).unwrap();
+        let file = temp_file_on_disk(false).unwrap();
         let mut buf = pool.get().unwrap();
         buf.set_len(10).unwrap();
         let slot: Slot<(io::Result<usize>, FixedBuf)> = Rc::default();

@@ -12,6 +12,8 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use aio::blockio::DirectAlign;
+
 use crate::protocol::*;
 
 /// The fallocate mode of a TRIM (and of a WRITE_ZEROES that may leave a hole).
@@ -31,8 +33,9 @@ pub struct Export {
     /// The image, through the page cache.
     file: Arc<File>,
     /// With `--cache none`: the image opened again with `O_DIRECT`, which every READ and
-    /// WRITE whose memory, offset and length are multiples of [`DIRECT_ALIGN`] goes through.
-    direct: Option<Arc<File>>,
+    /// WRITE whose memory, offset and length meet the file's direct I/O alignment (probed
+    /// with [`DirectAlign::of`], as qemu-nbd probes its `request_alignment`) goes through.
+    direct: Option<(Arc<File>, DirectAlign)>,
     /// With `direct`: keeps its transfers and those through the page cache apart in time.
     gate: Arc<Gate>,
     pub name: String,
@@ -129,10 +132,6 @@ impl Drop for Pass {
     }
 }
 
-/// The memory, offset and length alignment of `O_DIRECT` transfers under `--cache none`: a
-/// page, which covers every logical block size Linux supports (512 bytes to 4 KiB).
-pub const DIRECT_ALIGN: usize = 4096;
-
 /// Whether the image's data goes through the page cache (`--cache`, as qemu-nbd's).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Cache {
@@ -172,7 +171,9 @@ impl Export {
                         };
                         io::Error::new(e.kind(), format!("--cache none: {why}"))
                     })?;
-                Some(Arc::new(direct))
+                let align = DirectAlign::of(&direct)
+                    .map_err(|e| io::Error::new(e.kind(), format!("--cache none: {e}")))?;
+                Some((Arc::new(direct), align))
             }
         };
         let kind = file.metadata()?.file_type();
@@ -229,13 +230,13 @@ impl Export {
         &self.file
     }
 
-    /// The alignment that request buffers should have: [`DIRECT_ALIGN`] with `--cache none`,
-    /// else 1 (none).
+    /// The alignment that request buffers should have: with `--cache none`, the larger of the
+    /// file's memory and offset alignments for direct I/O (so that a buffer whose data starts
+    /// there serves any aligned request), else 1 (none).
     pub fn align(&self) -> usize {
-        if self.direct.is_some() {
-            DIRECT_ALIGN
-        } else {
-            1
+        match &self.direct {
+            Some((_, align)) => align.memory().max(align.offset()),
+            None => 1,
         }
     }
 
@@ -248,9 +249,12 @@ impl Export {
 
     /// [`file_for`](Self::file_for) the `len` bytes at address `addr`.
     fn file_at(&self, addr: usize, len: usize, offset: u64) -> &Arc<File> {
-        let aligned = |n: u64| n.is_multiple_of(DIRECT_ALIGN as u64);
         match &self.direct {
-            Some(direct) if aligned(addr as u64) && aligned(offset) && aligned(len as u64) => {
+            Some((direct, align))
+                if addr.is_multiple_of(align.memory())
+                    && len.is_multiple_of(align.offset())
+                    && offset.is_multiple_of(align.offset() as u64) =>
+            {
                 direct
             }
             _ => &self.file,
@@ -259,7 +263,9 @@ impl Export {
 
     /// Whether `file` (from [`file_for`](Self::file_for)) is the `O_DIRECT` one.
     pub fn is_direct(&self, file: &Arc<File>) -> bool {
-        self.direct.as_ref().is_some_and(|d| Arc::ptr_eq(d, file))
+        self.direct
+            .as_ref()
+            .is_some_and(|(d, _)| Arc::ptr_eq(d, file))
     }
 
     /// Lets a transfer through `file` start, waiting while transfers of the other kind run

@@ -150,9 +150,10 @@ usage: nbd-server [OPTIONS] IMAGE
                         CACHE, BLOCK_STATUS and reads that look for holes use the pool in
                         every mode
   --cache MODE          writeback (the default: through the page cache) or none
-                        (O_DIRECT for every READ and WRITE whose offset and length are
-                        multiples of 4096, into page-aligned buffers; others go through
-                        the cache), as qemu-nbd's --cache; FLUSH syncs either way
+                        (O_DIRECT for every READ and WRITE whose offset and length meet
+                        the file's direct I/O alignment, probed with statx, into buffers
+                        aligned for it; others go through the cache), as qemu-nbd's
+                        --cache; FLUSH syncs either way
   --engine E            how connections are served: callbacks (the default: an fd handler
                         and a state machine per connection) or tasks (a task per connection
                         and per request, as QEMU's nbd/server.c coroutines)
