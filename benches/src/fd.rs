@@ -482,8 +482,9 @@ impl<'a> PollingDispatch<'a> {
         // should a later add fail.
         let mut this = this;
         for (i, fd) in idle.iter().enumerate() {
-            // SAFETY: polling requires the source to be deleted before it is closed. `Drop`
-            // deletes every fd of `self.idle`, which outlive `self` (borrowed for 'a).
+            // polling requires the source to be deleted before it is closed. `Drop` deletes
+            // every fd of `self.idle`, which outlive `self` (borrowed for 'a).
+            // SAFETY: `Drop` deletes each idle fd from the poller before it is closed.
             unsafe {
                 this.poller.add_with_mode(
                     fd,
@@ -493,8 +494,9 @@ impl<'a> PollingDispatch<'a> {
             }
             this.idle = &idle[..=i];
         }
-        // SAFETY: as above; `Drop` deletes the active fd too, before the `pair` field (which
-        // owns it) is dropped.
+        // As above; `Drop` deletes the active fd too, before the `pair` field (which owns it) is
+        // dropped.
+        // SAFETY: `Drop` deletes the active fd from the poller before it is closed.
         unsafe {
             this.poller.add_with_mode(
                 &*this.pair.rx,
@@ -681,8 +683,9 @@ impl Workload for RawPollDispatch<'_> {
         for i in 1..=iters {
             self.pair.poke();
             while ran() - before < i {
-                // SAFETY: the pointer and count describe `self.pollfds`, valid for reads and
-                // writes for the duration of the call.
+                // The pointer and count describe `self.pollfds`, valid for reads and writes for the
+                // duration of the call.
+                // SAFETY: `self.pollfds` is valid for reads and writes during the call.
                 let n = unsafe { libc::poll(self.pollfds.as_mut_ptr(), nfds, -1) };
                 let mut pending = n.max(0);
                 for (j, p) in self.pollfds.iter().enumerate() {
@@ -724,9 +727,9 @@ impl<'a> RawUringDispatch<'a> {
             if ring.submission().is_full() {
                 ring.submit()?;
             }
-            // SAFETY: a POLL_ADD points at no memory of ours; the fd stays open for the
-            // ring's life (`idle` is borrowed for 'a), and closing it early would only fail
-            // the request.
+            // A POLL_ADD points at no memory of ours; the fd stays open for the ring's life (`idle`
+            // is borrowed for 'a), and closing it early would only fail the request.
+            // SAFETY: a POLL_ADD points at no memory of ours, and its fd outlives the ring.
             unsafe { ring.submission().push(&sqe) }.expect("the SQ was just checked");
         }
         ring.submit()?;
@@ -751,8 +754,9 @@ impl Workload for RawUringDispatch<'_> {
         for i in 1..=iters {
             self.pair.poke();
             let sqe = poll_add(self.pair.raw_rx(), ACTIVE as u64);
-            // SAFETY: as in `new`; the socket outlives the ring (same struct, dropped after
-            // the ring, and a poll on a closed socket only fails).
+            // As in `new`; the socket outlives the ring (same struct, dropped after the ring, and a
+            // poll on a closed socket only fails).
+            // SAFETY: a POLL_ADD points at no memory of ours, and the socket outlives the ring.
             unsafe { self.ring.submission().push(&sqe) }.expect("the SQ is empty here");
             while ran() - before < i {
                 match self.ring.submit_and_wait(1) {
@@ -1056,8 +1060,9 @@ impl PollingChurn {
             fds: eventfds(op.fds(k))?,
         };
         if op == ChurnOp::Replace {
-            // SAFETY: polling requires the source to be deleted before it is closed: `Drop`
-            // deletes it, and the fd is owned by `this.fds`, dropped after `Drop` runs.
+            // polling requires the source to be deleted before it is closed: `Drop` deletes it, and
+            // the fd is owned by `this.fds`, dropped after `Drop` runs.
+            // SAFETY: `Drop` deletes the fd from the poller before `this.fds` closes it.
             unsafe { this.add(0, 0)? };
         }
         Ok(this)

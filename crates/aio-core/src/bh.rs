@@ -355,12 +355,14 @@ enum Local {
     },
 }
 
-// SAFETY: `flags` and `next` are atomics. `local` holds a `Send` closure and, by its invariant,
-// is only touched by the home thread of the node's context (or by `Drop`, exclusively), so
+// `flags` and `next` are atomics. `local` holds a `Send` closure and, by its invariant, is
+// only touched by the home thread of the node's context (or by `Drop`, exclusively), so
 // sharing `&BhNode` between threads never lets two of them touch it.
+// SAFETY: `&BhNode` reaches only atomics, and `local` only on the home thread.
 unsafe impl Sync for BhNode {}
-// SAFETY: as for `Sync`; the `LinkRef` that `Local::Running` may hold points to this very node
-// and only the home thread touches it.
+// As for `Sync`; the `LinkRef` that `Local::Running` may hold points to this very node and
+// only the home thread touches it.
+// SAFETY: as for `Sync`: only the home thread touches `local`, its `LinkRef` included.
 unsafe impl Send for BhNode {}
 
 impl BhNode {
@@ -544,9 +546,10 @@ struct LocalList {
     open: AtomicBool,
 }
 
-// SAFETY: `head` is only ever accessed by the home thread of the context that owns the list
-// (invariant above), so sharing or sending the list between threads never lets two threads touch
-// it; the nodes it links are themselves `Send + Sync`. Everything else is atomic.
+// `head` is only ever accessed by the home thread of the context that owns the list
+// (invariant above), so sharing or sending the list between threads never lets two threads
+// touch it; the nodes it links are themselves `Send + Sync`. Everything else is atomic.
+// SAFETY: only the home thread touches `head`; the nodes are `Send + Sync`, the rest atomic.
 unsafe impl Send for LocalList {}
 // SAFETY: as for `Send`.
 unsafe impl Sync for LocalList {}
@@ -995,12 +998,14 @@ pub struct BottomHalf {
     shared: Arc<Shared>,
 }
 
-// SAFETY: the handle owns a reference to a `Send + Sync` node (the `NodePtr` is what keeps the
-// type from being `Send`/`Sync` automatically) and an `Arc<Shared>`; every operation through
-// it is an atomic transition or a lock-free list push.
+// The handle owns a reference to a `Send + Sync` node (the `NodePtr` is what keeps the type
+// from being `Send`/`Sync` automatically) and an `Arc<Shared>`; every operation through it
+// is an atomic transition or a lock-free list push.
+// SAFETY: the handle owns a `Send + Sync` node and an `Arc<Shared>`, and only acts atomically.
 unsafe impl Send for BottomHalf {}
-// SAFETY: as for `Send`: `&BottomHalf` allows only `schedule`, `schedule_idle`, `cancel` and
+// As for `Send`: `&BottomHalf` allows only `schedule`, `schedule_idle`, `cancel` and
 // `is_scheduled`, all atomic.
+// SAFETY: as for `Send`: every operation `&BottomHalf` allows is atomic.
 unsafe impl Sync for BottomHalf {}
 
 impl BottomHalf {

@@ -152,11 +152,12 @@ pub struct RFifoLock<T: ?Sized> {
     data: T,
 }
 
-// SAFETY: `&RFifoLock<T>` hands out `&T` only through a guard, and guards exist on one thread
-// at a time ([RFifoLock-1]): the owner's. Each hand-off is a release on the ticket word that
-// the next owner acquires, so the threads that use `&T` do so one after the other, ordered by
+// `&RFifoLock<T>` hands out `&T` only through a guard, and guards exist on one thread at a
+// time ([RFifoLock-1]): the owner's. Each hand-off is a release on the ticket word that the
+// next owner acquires, so the threads that use `&T` do so one after the other, ordered by
 // happens-before, which is what `T: Send` allows (as for `Mutex<T>`). Everything else in the
 // lock is `Sync` on its own.
+// SAFETY: [RFifoLock-1]: threads use `&T` one at a time, in happens-before order; `T: Send`.
 unsafe impl<T: ?Sized + Send> Sync for RFifoLock<T> {}
 
 impl<T> RFifoLock<T> {

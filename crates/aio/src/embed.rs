@@ -103,9 +103,9 @@ impl OuterSet {
             if f.interest.contains(Interest::WRITE) {
                 flags |= epoll::EventFlags::OUT;
             }
-            // SAFETY: [OUTER-FD]: `f.fd` was reported by `outer_fds` just above, on this
-            // thread, with no callback run since, so it is open; it is borrowed only for this
-            // `epoll_ctl`.
+            // `f.fd` was reported by `outer_fds` just above, on this thread, with no callback run
+            // since, so it is open; it is borrowed only for this `epoll_ctl`.
+            // SAFETY: [OUTER-FD]: `f.fd` is open, and borrowed only for this `epoll_ctl`.
             let fd = unsafe { BorrowedFd::borrow_raw(f.fd) };
             epoll::add(&inner, fd, epoll::EventData::new_u64(f.fd as u64), flags)?;
         }

@@ -98,9 +98,9 @@ pub async fn drive(ctx: AioContext) -> io::Result<Infallible> {
         prepared: false,
     };
     let set = OuterSet::new(false)?;
-    // SAFETY: [OUTER-FD]: `as_raw_fd` of an `OuterSet` is its epoll A, which it owns,
-    // never replaces and closes only when dropped, so the fd stays open and the same for
-    // the `AsyncFd`'s whole life.
+    // `as_raw_fd` of an `OuterSet` is its epoll A, which it owns, never replaces and closes
+    // only when dropped, so the fd stays open and the same for the `AsyncFd`'s whole life.
+    // SAFETY: [OUTER-FD]: the set's epoll A stays open and the same for the `AsyncFd`'s life.
     let fd = unsafe { AsyncFd::register_with_interest(set, TokioInterest::READABLE)? };
     // After an iteration that found work, look again without sleeping: tokio reports
     // edges, and a handler may have left its fd ready.

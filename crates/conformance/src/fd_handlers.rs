@@ -315,8 +315,9 @@ fn raise_nofile_limit(want: u64) {
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
     if lim.rlim_cur < want {
         lim.rlim_cur = want.min(lim.rlim_max);
-        // SAFETY: [CONF-1] setrlimit reads the valid `lim` we pass; raising the soft limit up to
-        // the hard limit is always allowed and harmless to the other tests of this process.
+        // Raising the soft limit up to the hard limit is always allowed and harmless to the other
+        // tests of this process.
+        // SAFETY: [CONF-1] setrlimit reads the valid `lim` we pass.
         assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) }, 0);
     }
 }
@@ -442,10 +443,11 @@ pub fn fd_register_twice_already_exists(make: MakeContext) {
 pub fn fd_register_closed_fd_ebadf(make: MakeContext) {
     let ctx = new_ctx(make);
     let fd = closed_fd_number();
-    // SAFETY: [CONF-3], its exception. This deliberately breaks `BorrowedFd`'s promise that the fd
-    // is open: `fd` was closed above, and the point of the case is that registration detects it
-    // (EBADF). The borrowed value is only handed to `fd_handler`, which reads its number; nothing
-    // reads, writes or closes through it, and the number is high enough not to be reused meanwhile.
+    // [CONF-3]'s exception. This deliberately breaks `BorrowedFd`'s promise that the fd is open:
+    // `fd` was closed above, and the point of the case is that registration detects it (EBADF).
+    // The borrowed value is only handed to `fd_handler`, which reads its number; nothing reads,
+    // writes or closes through it, and the number is high enough not to be reused meanwhile.
+    // SAFETY: [CONF-3], its exception: only the closed fd's number is read; nothing uses the fd.
     let bad = unsafe { BorrowedFd::borrow_raw(fd) };
     let err = ctx
         .fd_handler(&bad)

@@ -145,8 +145,9 @@ pub fn move_to(fd: OwnedFd, target: RawFd) -> OwnedFd {
     if fd.as_raw_fd() == target {
         return fd;
     }
-    // SAFETY: [CONF-2] dup3 takes no pointers; `fd` is open, and `target` is a number the caller
-    // chose and owns (it closed it just before, under the serial lock). `fd` is closed on return.
+    // `target` is a number the caller chose and owns (it closed it just before, under the serial
+    // lock). `fd` is closed on return.
+    // SAFETY: [CONF-2] dup3 takes no pointers; `fd` is open and the caller owns `target`.
     let rc = unsafe { libc::dup3(fd.as_raw_fd(), target, libc::O_CLOEXEC) };
     assert_eq!(rc, target, "dup3: {}", io::Error::last_os_error());
     // SAFETY: [CONF-3] dup3 succeeded, so `target` is an open fd that nothing else owns.
@@ -263,8 +264,8 @@ pub fn ensure_fd_limit(needed: u64) {
         limit.rlim_max
     );
     limit.rlim_cur = needed;
-    // SAFETY: [CONF-1] `limit` is a valid rlimit read above, its soft limit raised within the hard
-    // one.
+    // `limit` was read above; its soft limit was raised only within the hard one.
+    // SAFETY: [CONF-1] `limit` is a valid rlimit.
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
     assert_eq!(rc, 0, "setrlimit: {}", io::Error::last_os_error());
 }
@@ -284,16 +285,18 @@ extern "C" fn count_signal(_: libc::c_int) {
 ///
 /// If `sigaction` fails.
 pub fn install_sigusr1_handler() {
-    // SAFETY: [CONF-4] `sigaction` is a plain C struct; all zeroes is a valid value (no flags, no
-    // handler) that is filled in below before use.
+    // `sigaction` is a plain C struct; all zeroes is a valid value (no flags, no handler) that
+    // is filled in below before use.
+    // SAFETY: [CONF-4] all zeroes is a valid `sigaction` (no flags, no handler).
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = count_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
     action.sa_flags = 0;
     // SAFETY: [CONF-1] `action.sa_mask` is a valid, exclusively borrowed sigset_t.
     let rc = unsafe { libc::sigemptyset(&mut action.sa_mask) };
     assert_eq!(rc, 0);
-    // SAFETY: [CONF-4] `action` is initialised, its handler only does async-signal-safe work, and a
-    // null old-action pointer is allowed.
+    // `action`'s handler only does async-signal-safe work, and a null old-action pointer is
+    // allowed.
+    // SAFETY: [CONF-4] `action` is initialised and its handler async-signal-safe.
     let rc = unsafe { libc::sigaction(libc::SIGUSR1, &action, std::ptr::null_mut()) };
     assert_eq!(rc, 0, "sigaction: {}", io::Error::last_os_error());
 }
@@ -306,8 +309,9 @@ pub fn install_sigusr1_handler() {
 pub fn signal_after<T>(thread: &thread::JoinHandle<T>, delays: &[u64]) {
     for &delay in delays {
         thread::sleep(Duration::from_millis(delay));
-        // SAFETY: [CONF-2] the thread has not been joined, so its pthread_t still names a live (or
-        // finished but unjoined) thread, and SIGUSR1 has a handler installed.
+        // The thread has not been joined, so its pthread_t still names a live (or finished but
+        // unjoined) thread, and SIGUSR1 has a handler installed.
+        // SAFETY: [CONF-2] the thread is unjoined, so its pthread_t is valid; SIGUSR1 is handled.
         let rc = unsafe { libc::pthread_kill(thread.as_pthread_t(), libc::SIGUSR1) };
         assert_eq!(rc, 0);
     }
@@ -376,9 +380,10 @@ pub fn allocations() -> usize {
     ALLOCATIONS.with(Cell::get)
 }
 
-// SAFETY: [CONF-4] every method forwards to the system allocator with the caller's arguments
-// unchanged, so it upholds GlobalAlloc's contract exactly as `System` does; counting touches only a
+// Every method forwards to the system allocator with the caller's arguments unchanged, so it
+// upholds GlobalAlloc's contract exactly as `System` does; counting touches only a
 // const-initialised thread-local Cell, which never allocates.
+// SAFETY: [CONF-4] every method forwards unchanged to `System`, so upholds its contract.
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count_allocation();
@@ -394,14 +399,16 @@ unsafe impl GlobalAlloc for CountingAllocator {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count_allocation();
-        // SAFETY: [CONF-4] forwarded unchanged; `ptr` was allocated by `System` through this
-        // allocator with `layout`, as the caller guarantees.
+        // As the caller guarantees, `ptr` was allocated by `System` through this allocator, with
+        // `layout`.
+        // SAFETY: [CONF-4] forwarded unchanged; `ptr` was allocated by `System` with `layout`.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: [CONF-4] forwarded unchanged; `ptr` was allocated by `System` through this
-        // allocator with `layout`, as the caller guarantees.
+        // As the caller guarantees, `ptr` was allocated by `System` through this allocator, with
+        // `layout`.
+        // SAFETY: [CONF-4] forwarded unchanged; `ptr` was allocated by `System` with `layout`.
         unsafe { System.dealloc(ptr, layout) }
     }
 }

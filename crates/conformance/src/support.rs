@@ -361,8 +361,7 @@ pub(crate) fn poll_outer_fds(fds: &[OuterFd], timeout: Option<Duration>) -> usiz
         ms = 1;
     }
     loop {
-        // SAFETY: [CONF-1] `pfds` is a valid, writable array of `pfds.len()` pollfd structs that
-        // lives across the call.
+        // SAFETY: [CONF-1] `pfds` holds `pfds.len()` valid, writable pollfds, live across the call.
         let rc = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
         if rc >= 0 {
             return rc as usize;

@@ -64,10 +64,11 @@ pub(crate) fn event_to_readiness(event: &Event) -> Readiness {
 
 /// Starts watching `fd` (`polling::Poller::add_with_mode`).
 pub(crate) fn add(poller: &Poller, fd: RawFd, event: Event, mode: PollMode) -> io::Result<()> {
-    // SAFETY: `polling` requires the fd to be deleted before it is closed. That is the context's
-    // raw-fd contract ("Raw fds" in ARCHITECTURE.md): the fd stays open from registration until
-    // the handler is removed, and every removal reaches `delete` below. A breach only makes the
+    // `polling` requires the fd to be deleted before it is closed. That is the context's raw-fd
+    // contract ("Raw fds" in ARCHITECTURE.md): the fd stays open from registration until the
+    // handler is removed, and every removal reaches `delete` below. A breach only makes the
     // kernel forget the fd (epoll, kqueue, event ports all drop closed files).
+    // SAFETY: by the raw-fd contract, `fd` is deleted from the poller before it is closed.
     unsafe { poller.add_with_mode(fd, event, mode) }
 }
 
@@ -86,9 +87,10 @@ fn borrow<'a>(fd: RawFd) -> io::Result<BorrowedFd<'a>> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
-    // SAFETY: `fd` is not -1 (checked above), and it was open when its handler was registered;
-    // by the context's raw-fd contract ("Raw fds" in ARCHITECTURE.md) it stays open until the
-    // handler is removed, which is at the earliest the call this borrow is made for. The borrow
-    // does not outlive that call.
+    // `fd` is not -1 (checked above), and it was open when its handler was registered; by the
+    // context's raw-fd contract ("Raw fds" in ARCHITECTURE.md) it stays open until the handler is
+    // removed, which is at the earliest the call this borrow is made for. The borrow does not
+    // outlive that call.
+    // SAFETY: `fd` is not -1 and, by the raw-fd contract, open for the whole borrow.
     Ok(unsafe { BorrowedFd::borrow_raw(fd) })
 }

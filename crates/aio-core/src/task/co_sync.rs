@@ -150,9 +150,10 @@ pub struct CoMutex<T: ?Sized> {
     data: UnsafeCell<T>,
 }
 
-// SAFETY: the data is reached only through a guard, and a guard exists only while the lock is
-// held ([CoMutex-1] in ARCHITECTURE.md), so one thread at a time touches it: `T: Send` is
-// all that sharing the mutex needs, as for `std::sync::Mutex`.
+// The data is reached only through a guard, and a guard exists only while the lock is held
+// ([CoMutex-1] in ARCHITECTURE.md), so one thread at a time touches it: `T: Send` is all that
+// sharing the mutex needs, as for `std::sync::Mutex`.
+// SAFETY: [CoMutex-1]: one thread at a time touches the data, so `T: Send` suffices.
 unsafe impl<T: ?Sized + Send> Sync for CoMutex<T> {}
 
 impl<T> CoMutex<T> {
@@ -870,9 +871,10 @@ pub struct CoRwLock<T: ?Sized> {
     data: UnsafeCell<T>,
 }
 
-// SAFETY: the data is reached only through guards, which exist only as the state's `owners`
-// count allows ([CoRwLock-1] in ARCHITECTURE.md): readers share `&T` across threads (`T:
-// Sync`), a writer's `&mut T` may be on any thread (`T: Send`), as for `std::sync::RwLock`.
+// The data is reached only through guards, which exist only as the state's `owners` count
+// allows ([CoRwLock-1] in ARCHITECTURE.md): readers share `&T` across threads (`T: Sync`), a
+// writer's `&mut T` may be on any thread (`T: Send`), as for `std::sync::RwLock`.
+// SAFETY: [CoRwLock-1]: guards exist only as `owners` allows, so `T: Send + Sync` suffices.
 unsafe impl<T: ?Sized + Send + Sync> Sync for CoRwLock<T> {}
 
 impl<T> CoRwLock<T> {

@@ -379,8 +379,9 @@ impl Export {
     fn fadvise_willneed(&self, offset: u64, len: u64) -> io::Result<()> {
         let (off, len) = (Self::off(offset)?, Self::off(len)?);
         let fd = self.file.as_raw_fd();
-        // SAFETY: [EXAMPLE-FD] posix_fadvise only reads its integer arguments and `fd`,
-        // which `self.file` keeps open for the duration of the call.
+        // posix_fadvise only reads its integer arguments and `fd`, which `self.file` keeps open
+        // for the duration of the call.
+        // SAFETY: [EXAMPLE-FD] posix_fadvise takes integers only; `self.file` keeps `fd` open.
         let r = unsafe { libc::posix_fadvise(fd, off, len, libc::POSIX_FADV_WILLNEED) };
         if r == 0 {
             Ok(())
@@ -448,9 +449,9 @@ impl Export {
     fn seek_to(&self, pos: u64, whence: libc::c_int) -> io::Result<u64> {
         let off = Self::off(pos)?;
         let fd = self.file.as_raw_fd();
-        // SAFETY: [EXAMPLE-FD] lseek only reads its integer arguments and `fd`, which
-        // `self.file` keeps open; the file offset it moves is used by nothing else (every
-        // read and write is positional).
+        // lseek only reads its integer arguments and `fd`, which `self.file` keeps open; the file
+        // offset it moves is used by nothing else (every read and write is positional).
+        // SAFETY: [EXAMPLE-FD] lseek takes integers only, `fd` is kept open, its offset unused.
         let r = unsafe { libc::lseek(fd, off, whence) };
         if r < 0 {
             Err(io::Error::last_os_error())
@@ -489,8 +490,9 @@ impl Export {
         }
         let (off, len) = (Self::off(offset)?, Self::off(len)?);
         let fd = self.file.as_raw_fd();
-        // SAFETY: [EXAMPLE-FD] fallocate only reads its integer arguments and `fd`, which
-        // `self.file` keeps open for the duration of the call.
+        // fallocate only reads its integer arguments and `fd`, which `self.file` keeps open for
+        // the duration of the call.
+        // SAFETY: [EXAMPLE-FD] fallocate takes integers only; `self.file` keeps `fd` open.
         let r = unsafe { libc::fallocate(fd, mode, off, len) };
         if r == 0 {
             Ok(())
