@@ -24,7 +24,8 @@
 //! holds 8 MiB of data, to `null:` and to a file (seconds: what skipping holes saves). A client
 //! that is missing is installed with apt-get; one that cannot be makes its rows say `skipped: …`.
 //!
-//! **Runs.** Every run starts a fresh server process, runs one client, reads the server's peak
+//! **Runs.** Every run starts, after a `sync` (so that no run pays for the write-back of the
+//! previous one's writes), a fresh server process, runs one client, reads the server's peak
 //! RSS (`VmHWM`) and stops it with SIGTERM; within a round every server runs each case once, in
 //! turn, so that slow drifts of the machine fall on all alike. A failed run is reported in its
 //! row and makes the command exit 1 after the report is written; a ratio below 1.0 is a result,
@@ -914,6 +915,11 @@ fn run_once(
     } else {
         &files.image
     };
+    // Every run starts with nothing dirty: without this, the pages a write run left in the
+    // page cache are written back during the next server's run, which then competes with
+    // the write-back for the disk (seen: `--cache none` 4 KiB writes at QD 32 at 0.52× of
+    // qemu-nbd right after a page-cache write run, 1.0× on their own).
+    flush_dirty_pages();
     let server_cmd = files.server_command(which, image);
     let server = match Server::start(
         name,
@@ -990,6 +996,15 @@ fn run_once(
         },
         ready,
     ))
+}
+
+/// `sync(1)`: writes every dirty page back, so that a run does not pay for the previous one's
+/// writes. A failure only costs accuracy, so it is reported and ignored.
+fn flush_dirty_pages() {
+    match std::process::Command::new("sync").status() {
+        Ok(status) if status.success() => {}
+        other => eprintln!("bench nbd: sync before the run failed ({other:?}); going on"),
+    }
 }
 
 /// Why a server did not start: its own words (stderr of a second, short start), or the error.
