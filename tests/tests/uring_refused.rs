@@ -243,17 +243,7 @@ fn block_io_on_the_fallback_context() {
     let err = aio::BlockIo::with_engine(&ctx, Engine::IoUring).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{err}");
 
-    let path = std::env::temp_dir().join(format!("aio-refused-blockio-{}", std::process::id()));
-    let file = Arc::new(
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap(),
-    );
-    std::fs::remove_file(&path).unwrap();
+    let file = unlinked_temp_file("blockio");
     let got = std::rc::Rc::new(std::cell::RefCell::new(None));
     let g = got.clone();
     io.write_at(&ctx, &file, b"fallback".to_vec(), 3, move |r, buf| {
@@ -323,17 +313,7 @@ fn fixed_buffers_fall_back_when_registration_is_refused() {
         let io = aio::BlockIo::of(&ctx);
         assert_eq!(io.engine(), Engine::IoUring);
 
-        let path = std::env::temp_dir().join(format!("aio-refused-fixed-{}", std::process::id()));
-        let file = Arc::new(
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .unwrap(),
-        );
-        std::fs::remove_file(&path).unwrap();
+        let file = unlinked_temp_file("fixed");
         type Got = std::rc::Rc<std::cell::RefCell<Option<(Result<usize, String>, FixedBuf)>>>;
         let got: Got = Default::default();
         let mut buf = pool.get().unwrap();
@@ -361,4 +341,18 @@ fn fixed_buffers_fall_back_when_registration_is_refused() {
         assert_eq!(r, Ok(8));
         assert_eq!(&b[100..108], b"fixedbuf");
     });
+}
+
+/// A new file in the temporary directory, open for reading and writing and already unlinked.
+fn unlinked_temp_file(what: &str) -> Arc<std::fs::File> {
+    let path = std::env::temp_dir().join(format!("aio-refused-{what}-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    Arc::new(file)
 }
