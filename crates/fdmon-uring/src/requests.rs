@@ -29,15 +29,6 @@ pub struct RequestId {
     generation: u32,
 }
 
-impl RequestId {
-    /// The request's slot in the monitor's table: a small number, unique among the requests
-    /// in flight and reused once one completes (the identity as a whole never is), so that a
-    /// caller can keep per-request state in a `Vec` indexed by it instead of a map.
-    pub fn slot(&self) -> usize {
-        self.slot as usize
-    }
-}
-
 /// One completed request on the ready list.
 #[derive(Debug)]
 pub struct Completion {
