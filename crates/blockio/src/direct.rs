@@ -79,6 +79,16 @@ impl DirectAlign {
         }
     }
 
+    /// One size for memory, offsets and lengths, from `source`.
+    fn uniform(size: usize, source: AlignSource) -> DirectAlign {
+        DirectAlign {
+            memory: size,
+            offset: size,
+            read_offset: size,
+            source,
+        }
+    }
+
     /// The alignment every buffer address must have, in bytes (a power of two).
     pub fn memory(&self) -> usize {
         self.memory
@@ -104,7 +114,13 @@ impl DirectAlign {
     /// Whether a transfer of `buf` at `offset` meets this alignment (its address, its length
     /// and the offset), so that it may go through an `O_DIRECT` file.
     pub fn fits(&self, buf: &[u8], offset: u64) -> bool {
-        self.misfit(false, offset, &[segment(buf)]).is_none()
+        self.fits_at(buf.as_ptr() as usize, buf.len(), offset)
+    }
+
+    /// [`fits`](Self::fits) for the `len` bytes at address `addr`, with the write rules (which
+    /// hold for reads too).
+    pub fn fits_at(&self, addr: usize, len: usize, offset: u64) -> bool {
+        self.misfit(true, offset, &[(addr, len)]).is_none()
     }
 
     /// How many bytes from the start of `buf` the first address on the memory alignment lies:
@@ -372,19 +388,9 @@ mod imp {
         if mode == FileType::BlockDevice {
             let size = rustix::fs::ioctl_blksszget(file)? as usize;
             let size = size.max(1).next_power_of_two();
-            return Ok(DirectAlign {
-                memory: size,
-                offset: size,
-                read_offset: size,
-                source: AlignSource::BlockDevice,
-            });
+            return Ok(DirectAlign::uniform(size, AlignSource::BlockDevice));
         }
-        Ok(DirectAlign {
-            memory: ASSUMED,
-            offset: ASSUMED,
-            read_offset: ASSUMED,
-            source: AlignSource::Assumed,
-        })
+        Ok(DirectAlign::uniform(ASSUMED, AlignSource::Assumed))
     }
 
     /// Whether `file` was opened with `O_DIRECT` (false when its flags cannot be read).
@@ -402,12 +408,7 @@ mod imp {
 
     /// No `statx` here: a page for everything.
     pub(super) fn probe(_file: &File) -> io::Result<DirectAlign> {
-        Ok(DirectAlign {
-            memory: ASSUMED,
-            offset: ASSUMED,
-            read_offset: ASSUMED,
-            source: AlignSource::Assumed,
-        })
+        Ok(DirectAlign::uniform(ASSUMED, AlignSource::Assumed))
     }
 
     /// Only Linux's `EINVAL` is explained.

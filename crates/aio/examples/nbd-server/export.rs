@@ -250,13 +250,7 @@ impl Export {
     /// [`file_for`](Self::file_for) the `len` bytes at address `addr`.
     fn file_at(&self, addr: usize, len: usize, offset: u64) -> &Arc<File> {
         match &self.direct {
-            Some((direct, align))
-                if addr.is_multiple_of(align.memory())
-                    && len.is_multiple_of(align.offset())
-                    && offset.is_multiple_of(align.offset() as u64) =>
-            {
-                direct
-            }
+            Some((direct, align)) if align.fits_at(addr, len, offset) => direct,
             _ => &self.file,
         }
     }
