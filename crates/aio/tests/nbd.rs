@@ -3871,12 +3871,31 @@ fn requests_served(stopped: &str) -> u64 {
 }
 
 /// 64 small WRITEs (4 KiB, some with FUA) sent without waiting, so that the server finds many
-/// in its socket at once (with `--aio threads`, the context's write lane runs them as batches
-/// on one worker), then 64 more of 64 KiB and one of 65 KiB (past the lane's limit): every
-/// reply arrives, and the image holds every write.
+/// in its socket at once, then 64 more of 64 KiB and one of 65 KiB (past the limit of writes at
+/// once and of the write lane): every reply arrives, and the image holds every write. With
+/// `--aio threads` on the page cache, the writes without FUA of at most 64 KiB that came with
+/// others are written at once on the context's thread, the stopped line counts them, and the
+/// rest go through the write lane or the pool; lone writes, one at a time, never go at once.
 #[test]
 fn pipelined_small_writes_all_land() {
-    let f = fixture("pipelined-writes", 8 * MIB, |c| c);
+    // Lone writes, each waited for: the lane, never at once.
+    let mut f = fixture("lone-writes", MIB, |c| c.contexts(1));
+    let mut c = f.srv.client();
+    let mut expect = vec![0u8; MIB];
+    for i in 0..8usize {
+        let data = pattern(50 + i as u64, 4096);
+        c.write((i * 8192) as u64, &data).unwrap();
+        expect[i * 8192..i * 8192 + 4096].copy_from_slice(&data);
+    }
+    c.disconnect().unwrap();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert_eq!(served_at_once(&stopped), (0, 0), "{stopped}");
+    assert!(
+        f.disk_all() == expect,
+        "the image differs from the lone writes"
+    );
+
+    let mut f = fixture("pipelined-writes", 8 * MIB, |c| c.contexts(1));
     let mut c = f.srv.client();
     let mut expect = vec![0u8; 8 * MIB];
     let mut cookies = Vec::new();
@@ -3916,14 +3935,32 @@ fn pipelined_small_writes_all_land() {
         );
     }
     c.disconnect().unwrap();
+    let ready = ready_line(&f.srv);
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
     assert!(f.disk_all() == expect, "the image differs from the writes");
+    let (reads, writes) = served_at_once(&stopped);
+    assert_eq!(reads, 0, "{stopped}");
+    if ready.contains("aio threads, cache writeback") {
+        // 56 small writes without FUA and 64 of 64 KiB may go at once; the first of a
+        // batch may come alone, and a 64 KiB payload in more reads than its header's.
+        assert!(writes >= 16, "{stopped}");
+        assert!(writes <= 56 + 64, "{stopped}");
+    } else {
+        // The other engines take every WRITE.
+        assert_eq!(writes, 0, "{ready}\n{stopped}");
+    }
 }
 
-/// The count of READs served at once from the page cache that a stopped line reports.
-fn reads_served_at_once(stopped: &str) -> u64 {
+/// The counts of READs and of WRITEs served at once on the page cache that a stopped line
+/// reports.
+fn served_at_once(stopped: &str) -> (u64, u64) {
     let (_, rest) = stopped.split_once(" requests (").expect(stopped);
-    let (n, _) = rest.split_once(" served at once").expect(stopped);
-    n.parse().expect(stopped)
+    let (reads, rest) = rest.split_once(" reads and ").expect(stopped);
+    let (writes, _) = rest.split_once(" writes served at once").expect(stopped);
+    (
+        reads.parse().expect(stopped),
+        writes.parse().expect(stopped),
+    )
 }
 
 /// Writes `path` back and drops its pages from the page cache (`POSIX_FADV_DONTNEED`), so that
@@ -3968,7 +4005,7 @@ fn cached_small_reads_are_served_at_once_and_the_others_by_the_pool() {
     }
     c.disconnect().unwrap();
     let stopped = stop_and_get_stopped_line(&mut f.srv);
-    assert_eq!(reads_served_at_once(&stopped), 0, "{stopped}");
+    assert_eq!(served_at_once(&stopped), (0, 0), "{stopped}");
 
     let mut f = fixture("nowait", 4 * MIB, |c| c.contexts(1));
     std::fs::write(&f.image, &data).unwrap();
@@ -3984,7 +4021,7 @@ fn cached_small_reads_are_served_at_once_and_the_others_by_the_pool() {
     c.disconnect().unwrap();
     let ready = ready_line(&f.srv);
     let stopped = stop_and_get_stopped_line(&mut f.srv);
-    let at_once = reads_served_at_once(&stopped);
+    let (at_once, _) = served_at_once(&stopped);
     if ready.contains("aio threads, cache writeback") {
         // The first of a batch may find nothing behind it yet (if it came in a read of its
         // own); the rest were cached and not alone.

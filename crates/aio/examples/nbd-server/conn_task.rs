@@ -379,8 +379,7 @@ impl Conn {
             file_io::worth_serving_at_once(self.io, self.in_flight.get(), false),
         );
         if done.is_ready() {
-            let cached = &self.shard.cached_reads;
-            cached.set(cached.get() + 1);
+            self.shard.served_at_once(&req);
         }
         self.in_flight.set(self.in_flight.get() + 1);
         self.pending_bytes

@@ -203,12 +203,24 @@ pub struct Shard {
     pub requests: Cell<u64>,
     /// Of those, READs served at once from the page cache (`file_io::read_cached_now`).
     pub cached_reads: Cell<u64>,
+    /// WRITEs done at once on the context's thread (`file_io::may_write_at_once`).
+    pub writes_at_once: Cell<u64>,
 }
 
 impl Shard {
     /// This context's shard.
     pub fn of(ctx: &AioContext) -> Rc<Shard> {
         ctx.local(|_| Shard::default())
+    }
+
+    /// Counts a READ or WRITE served at once on the context's thread.
+    pub fn served_at_once(&self, req: &Request) {
+        let count = if req.kind == CMD_WRITE {
+            &self.writes_at_once
+        } else {
+            &self.cached_reads
+        };
+        count.set(count.get() + 1);
     }
 
     /// True once shutdown has begun and every connection is closed and idle: the context's
@@ -255,6 +267,7 @@ impl Shard {
             discard: 0,
             after_discard: None,
             payload: None,
+            in_batch: false,
             out: VecDeque::new(),
             out_pos: 0,
             out_bytes: 0,
@@ -379,6 +392,9 @@ pub struct Conn {
     /// A write whose payload is arriving: the request and the bytes received so far, in a
     /// buffer with room for all of them, handed to the pool when complete.
     payload: Option<(Request, Payload)>,
+    /// Whether the request being handled came with others: [`process`](Self::process) has
+    /// handled one before it in this call.
+    in_batch: bool,
     /// Replies not yet taken by the socket, each in its own buffer (a read's goes back to the
     /// pool once sent) from its `start`; the socket has taken `out_pos` bytes of the first.
     out: VecDeque<IoBuf>,
@@ -537,6 +553,7 @@ impl Conn {
 
     /// Acts on every complete message in the read buffer, as far as flow control allows.
     fn process(&mut self) {
+        self.in_batch = false;
         while self.sock.is_some() && !self.closing {
             if self.discard > 0 {
                 let n = (self.in_end - self.in_start).min(self.discard as usize);
@@ -566,6 +583,7 @@ impl Conn {
                 break;
             }
             self.in_start += done;
+            self.in_batch = self.phase == Phase::Transmission;
         }
         if self.in_start == self.in_end {
             self.in_start = 0;
@@ -688,6 +706,15 @@ impl Conn {
                 let len = req.payload_len as usize;
                 let total = hdr + len;
                 if head.len() >= total {
+                    let with_others = head.len() > total || self.in_batch;
+                    if file_io::worth_serving_at_once(self.io, self.in_flight, with_others)
+                        && file_io::may_write_at_once(&self.export, &req)
+                    {
+                        let data = &self.inbuf[self.in_start + hdr..self.in_start + total];
+                        let written = self.export.write(data, req.offset, false);
+                        self.served_at_once(&req, written.map(|()| IoBuf::default()));
+                        return total;
+                    }
                     // The whole payload came with the header (small writes): one copy, into
                     // the buffer the pool's pwrite takes.
                     let mut data = self.bufs.take_payload(len, self.export.align());
@@ -780,20 +807,12 @@ impl Conn {
         let framing = self.hs.framing;
         let mut buf =
             data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
-        // This request's header is still in the read buffer: anything past it is behind it.
-        let queued_behind = self.in_end - self.in_start > framing.request_len();
-        if file_io::worth_serving_at_once(self.io, self.in_flight, queued_behind) {
+        // This request's header is still in the read buffer: anything past it is behind it;
+        // `in_batch` says whether another came before it in the same read.
+        let with_others = self.in_end - self.in_start > framing.request_len() || self.in_batch;
+        if file_io::worth_serving_at_once(self.io, self.in_flight, with_others) {
             match file_io::read_cached_now(&self.export, &req, framing, buf) {
-                Ok(reply) => {
-                    // Served from the page cache: the reply is queued now, and goes out with
-                    // the others of this dispatch in one send.
-                    let reply = session::reply(framing, self.id, &req, Ok(reply));
-                    self.queue_from(reply);
-                    self.shard.requests.set(self.shard.requests.get() + 1);
-                    let cached = &self.shard.cached_reads;
-                    cached.set(cached.get() + 1);
-                    return;
-                }
+                Ok(reply) => return self.served_at_once(&req, Ok(reply)),
                 Err(back) => buf = back,
             }
         }
@@ -810,6 +829,15 @@ impl Conn {
             framing,
             done,
         );
+    }
+
+    /// A READ or WRITE served at once on the context's thread: its reply is queued now, and goes
+    /// out with the others of this dispatch in one send.
+    fn served_at_once(&mut self, req: &Request, result: io::Result<IoBuf>) {
+        let reply = session::reply(self.hs.framing, self.id, req, result);
+        self.queue_from(reply);
+        self.shard.requests.set(self.shard.requests.get() + 1);
+        self.shard.served_at_once(req);
     }
 
     /// A request's completion, on the context's thread: queue its reply and send.

@@ -589,12 +589,13 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         )
     };
     println!(
-        "nbd-server: stopped ({}): {} connections, {} requests ({} served at once from the page \
-         cache){polled}",
+        "nbd-server: stopped ({}): {} connections, {} requests ({} reads and {} writes served \
+         at once on the page cache){polled}",
         stopping.get().unwrap_or("?"),
         total.accepted,
         total.requests,
         total.cached_reads,
+        total.writes_at_once,
     );
     io::stdout().flush()
 }
@@ -667,6 +668,8 @@ struct Tally {
     requests: u64,
     /// READs served at once from the page cache (`file_io::read_cached_now`).
     cached_reads: u64,
+    /// WRITEs done at once on the context's thread (`file_io::may_write_at_once`).
+    writes_at_once: u64,
     poll_hits: u64,
     poll_misses: u64,
     poll_time: Duration,
@@ -679,6 +682,7 @@ impl Tally {
             accepted: shard.accepted.get(),
             requests: shard.requests.get(),
             cached_reads: shard.cached_reads.get(),
+            writes_at_once: shard.writes_at_once.get(),
             poll_hits: stats.poll_hits,
             poll_misses: stats.poll_misses,
             poll_time: stats.poll_time,
@@ -689,6 +693,7 @@ impl Tally {
         self.accepted += other.accepted;
         self.requests += other.requests;
         self.cached_reads += other.cached_reads;
+        self.writes_at_once += other.writes_at_once;
         self.poll_hits += other.poll_hits;
         self.poll_misses += other.poll_misses;
         self.poll_time += other.poll_time;
