@@ -10,7 +10,6 @@
 //! the `READ_FIXED`/`WRITE_FIXED` requests that name one of its buffers.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -27,10 +26,32 @@ use crate::{FallocateMode, IoBuf, Op, OpInner, direct};
 /// What runs when a request completes: its result (`res` of the CQE) and its keep-alive.
 type Callback = Box<dyn FnOnce(i32, KeepAlive)>;
 
-/// The context's callbacks for io_uring requests in flight, a context-local value.
+/// The context's callbacks for io_uring requests in flight, a context-local value: indexed by
+/// the request's slot in the monitor's table (dense, reused), each with the request's whole
+/// identity so that a stale completion cannot take a newer request's callback.
 #[derive(Default)]
 struct Callbacks {
-    table: RefCell<HashMap<RequestId, Callback>>,
+    table: RefCell<Vec<Option<(RequestId, Callback)>>>,
+}
+
+impl Callbacks {
+    fn insert(&self, id: RequestId, cb: Callback) {
+        let mut table = self.table.borrow_mut();
+        let slot = id.slot();
+        if table.len() <= slot {
+            table.resize_with(slot + 1, || None);
+        }
+        table[slot] = Some((id, cb));
+    }
+
+    fn remove(&self, id: RequestId) -> Option<Callback> {
+        let mut table = self.table.borrow_mut();
+        let entry = table.get_mut(id.slot())?;
+        match entry {
+            Some((held, _)) if *held == id => entry.take().map(|(_, cb)| cb),
+            _ => None,
+        }
+    }
 }
 
 /// The context's callback table, created on first use together with the completion source
@@ -66,7 +87,7 @@ fn run_completions(ctx: &AioContext, cbs: &Weak<Callbacks>) -> bool {
         let Some(c) = next else {
             break;
         };
-        let cb = cbs.table.borrow_mut().remove(&c.id);
+        let cb = cbs.remove(c.id);
         if let Some(cb) = cb {
             cb(c.res, c.keep);
             progress = true;
@@ -125,7 +146,7 @@ unsafe fn submit_or_fixed(
         // its memory given back.
         Err((errno, keep)) => return fail_later(ctx, errno, keep, done),
     };
-    callbacks(ctx).table.borrow_mut().insert(id, Box::new(done));
+    callbacks(ctx).insert(id, Box::new(done));
     Op(OpInner::Uring(id))
 }
 

@@ -29,6 +29,16 @@ pub struct RequestId {
     generation: u32,
 }
 
+impl RequestId {
+    /// The request's slot in the monitor's table: a small number, unique among the requests
+    /// in flight and the completions on the ready list, and reused only once its completion
+    /// has been taken off the ready list (the identity as a whole is never reused), so that the
+    /// request's owner can keep its state in a `Vec` indexed by it instead of a map.
+    pub fn slot(&self) -> usize {
+        self.slot as usize
+    }
+}
+
 /// One completed request on the ready list.
 #[derive(Debug)]
 pub struct Completion {
@@ -134,7 +144,8 @@ impl Requests {
         }
     }
 
-    /// Moves the request in `slot` to the ready list with result `res` and frees the slot.
+    /// Moves the request in `slot` to the ready list with result `res`; the slot is freed when
+    /// the completion is taken ([`pop_done`](Self::pop_done)).
     /// Returns false if the slot holds no live request (a completion the table does not
     /// expect, which is logged by the caller).
     pub(crate) fn finish(&mut self, slot: u32, res: i32) -> bool {
@@ -152,7 +163,9 @@ impl Requests {
             generation: s.generation,
         };
         s.generation = s.generation.wrapping_add(1);
-        self.free.push(slot);
+        // The slot stays taken until the completion leaves the ready list (`pop_done`): its
+        // owner may still hold state under it, and a request added meanwhile, by a callback
+        // run before this completion is taken, must not get the same slot.
         self.done.push_back(Completion { id, res, keep });
         true
     }
@@ -189,9 +202,11 @@ impl Requests {
         }
     }
 
-    /// Takes the oldest completion off the ready list.
+    /// Takes the oldest completion off the ready list, and frees its slot.
     pub(crate) fn pop_done(&mut self) -> Option<Completion> {
-        self.done.pop_front()
+        let c = self.done.pop_front()?;
+        self.free.push(c.id.slot);
+        Some(c)
     }
 
     /// How many completions wait on the ready list.
@@ -253,4 +268,36 @@ pub(crate) enum Pending {
     Cancel(u64, RequestId),
     /// The SQE of the request in this slot, `user_data` set.
     Request(u32, squeue::Entry),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::opcode;
+
+    fn nop() -> squeue::Entry {
+        opcode::Nop::new().build()
+    }
+
+    /// A slot whose completion waits on the ready list is not given to a new request, even
+    /// though the request itself is over; it is once the completion is taken.
+    #[test]
+    fn a_slot_is_reused_only_after_its_completion_is_taken() {
+        let mut r = Requests::default();
+        let a = r.add(nop(), Box::new(())).ok().unwrap();
+        let p = r.pop().unwrap();
+        r.pushed(&p);
+        assert!(r.finish(a.slot, 0));
+        // On the ready list: a new request gets another slot.
+        let b = r.add(nop(), Box::new(())).ok().unwrap();
+        assert_ne!(a.slot(), b.slot());
+        let c = r.pop_done().unwrap();
+        assert_eq!((c.id, c.res), (a, 0));
+        // Taken: the slot is free again, under a new generation.
+        let d = r.add(nop(), Box::new(())).ok().unwrap();
+        assert_eq!(d.slot(), a.slot());
+        assert_ne!(d, a);
+        // A late cancel of the finished request names nothing.
+        assert!(!r.cancel(a));
+    }
 }
