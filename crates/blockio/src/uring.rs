@@ -41,6 +41,9 @@ impl Callbacks {
         if table.len() <= slot {
             table.resize_with(slot + 1, || None);
         }
+        // The monitor gives a slot again only once the completion that held it has been taken
+        // (`RequestId::slot`), and `run_completions` takes its callback at that moment.
+        debug_assert!(table[slot].is_none(), "slot {slot} still holds a callback");
         table[slot] = Some((id, cb));
     }
 

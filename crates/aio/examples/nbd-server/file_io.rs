@@ -125,11 +125,11 @@ pub const NOWAIT_READ_MAX: u64 = 64 << 10;
 /// the same inside the kernel (a cached read completes at submission).
 ///
 /// The callers try it only for a READ that is not alone: other requests of its connection in
-/// flight, or read from the socket with it ([`worth_serving_at_once`]). A lone READ (queue depth 1) goes to
-/// the pool even when cached: on 2 vCPUs that measured twice as fast (31 000 against 16 000
-/// fio 4 KiB reads per second, BENCHMARKS.md "NBD: page-cache reads at once"), because the
-/// worker's trip overlaps the client's next send and keeps both CPUs from idling, while at
-/// queue depth 32 serving at once is 1.9× the pool.
+/// flight, or read from the socket with it ([`worth_serving_at_once`]). A lone READ (queue
+/// depth 1) goes to the pool even when cached: on 2 vCPUs that measured twice as fast (31 000
+/// against 16 000 fio 4 KiB reads per second, BENCHMARKS.md, "the three-way race after issue
+/// 16's changes"), because the worker's trip overlaps the client's next send and keeps both
+/// CPUs from idling, while at queue depth 32 serving at once is 1.9× the pool.
 pub fn read_cached_now(
     export: &Export,
     req: &Request,
@@ -178,7 +178,7 @@ pub fn worth_serving_at_once(io: BlockIo, in_flight: usize, with_others: bool) -
 /// WRITE that is not alone, where the trip to a worker and back costs more than the copy: fio
 /// 4 KiB random writes at queue depth 32, medians of 5 alternating runs, 119 k IOPS against
 /// 72 k through the lane (nbdkit 128 k), and 67–99 k against 19–36 k while the kernel writes
-/// back a dirty image (BENCHMARKS.md, "Writes at once"). A lone WRITE takes the lane, for the
+/// back a dirty image (BENCHMARKS.md, "small WRITEs at once"). A lone WRITE takes the lane, for the
 /// reason a lone READ takes the pool.
 pub fn may_write_at_once(export: &Export, req: &Request) -> bool {
     req.kind == CMD_WRITE
