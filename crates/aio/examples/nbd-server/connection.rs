@@ -393,7 +393,7 @@ pub struct Conn {
     /// buffer with room for all of them, handed to the pool when complete.
     payload: Option<(Request, Payload)>,
     /// Whether the request being handled came with others: [`process`](Self::process) has
-    /// handled one before it in this call.
+    /// handled one before it in this call (false outside `process`).
     in_batch: bool,
     /// Replies not yet taken by the socket, each in its own buffer (a read's goes back to the
     /// pool once sent) from its `start`; the socket has taken `out_pos` bytes of the first.
@@ -585,6 +585,7 @@ impl Conn {
             self.in_start += done;
             self.in_batch = self.phase == Phase::Transmission;
         }
+        self.in_batch = false;
         if self.in_start == self.in_end {
             self.in_start = 0;
             self.in_end = 0;
