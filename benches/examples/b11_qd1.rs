@@ -5,9 +5,9 @@
 //! takes many minutes; this takes seconds, for trying a change to the request path.
 //!
 //! `cargo run --release -p aio-benches --example b11_qd1 [ROUNDS [OPS]]` (defaults 15 rounds of
-//! 50 000 reads of B11's 1 GiB file, `target/tmp/b11.img`, made if missing). `b11_qd1 --only aio|raw OPS` runs
-//! one contender once and prints nothing, for `valgrind --tool=callgrind`, where the
-//! instructions per read are the steadier figure on a VM.
+//! 50 000 reads of B11's 1 GiB file, `target/tmp/b11.img`, made if missing).
+//! `b11_qd1 --only aio|raw OPS` runs one contender once and prints nothing, for
+//! `valgrind --tool=callgrind`, where the instructions per read are the steadier figure on a VM.
 
 use std::path::PathBuf;
 use std::time::Duration;

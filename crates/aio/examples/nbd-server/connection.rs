@@ -267,7 +267,6 @@ impl Shard {
             discard: 0,
             after_discard: None,
             payload: None,
-            in_batch: false,
             out: VecDeque::new(),
             out_pos: 0,
             out_bytes: 0,
@@ -392,9 +391,6 @@ pub struct Conn {
     /// A write whose payload is arriving: the request and the bytes received so far, in a
     /// buffer with room for all of them, handed to the pool when complete.
     payload: Option<(Request, Payload)>,
-    /// Whether the request being handled came with others: [`process`](Self::process) has
-    /// handled one before it in this call (false outside `process`).
-    in_batch: bool,
     /// Replies not yet taken by the socket, each in its own buffer (a read's goes back to the
     /// pool once sent) from its `start`; the socket has taken `out_pos` bytes of the first.
     out: VecDeque<IoBuf>,
@@ -489,7 +485,7 @@ impl Conn {
         match &self.payload {
             Some((req, data)) if data.received() as u64 == req.payload_len => {
                 let (req, data) = self.payload.take().expect("matched above");
-                self.submit(req, Some(data.into_buf()));
+                self.submit(req, Some(data.into_buf()), false);
             }
             Some(_) => return,
             None => self.in_end += n,
@@ -553,7 +549,9 @@ impl Conn {
 
     /// Acts on every complete message in the read buffer, as far as flow control allows.
     fn process(&mut self) {
-        self.in_batch = false;
+        // Whether a request was handled before the next one in this call: they came in the
+        // same reads from the socket.
+        let mut earlier = false;
         while self.sock.is_some() && !self.closing {
             if self.discard > 0 {
                 let n = (self.in_end - self.in_start).min(self.discard as usize);
@@ -577,15 +575,14 @@ impl Conn {
                 Phase::ClientFlags => self.client_flags(),
                 Phase::Options => self.option(),
                 Phase::Transmission if have < self.hs.framing.request_len() => 0,
-                Phase::Transmission => self.request(),
+                Phase::Transmission => self.request(earlier),
             };
             if done == 0 {
                 break;
             }
             self.in_start += done;
-            self.in_batch = self.phase == Phase::Transmission;
+            earlier = self.phase == Phase::Transmission;
         }
-        self.in_batch = false;
         if self.in_start == self.in_end {
             self.in_start = 0;
             self.in_end = 0;
@@ -666,9 +663,10 @@ impl Conn {
         self.log(&session::transmission_log(self.hs.framing));
     }
 
-    /// Handles one request whose header is complete; returns the bytes consumed (0: a write
-    /// whose payload is not complete yet, or a bad header that closed the connection).
-    fn request(&mut self) -> usize {
+    /// Handles one request whose header is complete, `earlier` if another came before it in
+    /// the same read; returns the bytes consumed (0: a write whose payload is not complete yet,
+    /// or a bad header that closed the connection).
+    fn request(&mut self, earlier: bool) -> usize {
         let framing = self.hs.framing;
         let hdr = framing.request_len();
         let head = &self.inbuf[self.in_start..self.in_end];
@@ -699,7 +697,8 @@ impl Conn {
                 hdr
             }
             Action::Run if req.payload_len == 0 => {
-                self.submit(req, None);
+                // Anything past the header in the read buffer is behind it.
+                self.submit(req, None, earlier || head.len() > hdr);
                 hdr
             }
             Action::Run => {
@@ -707,7 +706,7 @@ impl Conn {
                 let len = req.payload_len as usize;
                 let total = hdr + len;
                 if head.len() >= total {
-                    let with_others = head.len() > total || self.in_batch;
+                    let with_others = earlier || head.len() > total;
                     if file_io::worth_serving_at_once(self.io, self.in_flight, with_others)
                         && file_io::may_write_at_once(&self.export, &req)
                     {
@@ -720,7 +719,7 @@ impl Conn {
                     // the buffer the pool's pwrite takes.
                     let mut data = self.bufs.take_payload(len, self.export.align());
                     data.extend_from_slice(&head[hdr..total]);
-                    self.submit(req, Some(data.into_buf()));
+                    self.submit(req, Some(data.into_buf()), with_others);
                     return total;
                 }
                 // The rest of the payload is read straight into the request's buffer, a
@@ -794,8 +793,9 @@ impl Conn {
         }
     }
 
-    /// Starts a valid request (`file_io.rs`); its completion sends the reply.
-    fn submit(&mut self, req: Request, data: Option<IoBuf>) {
+    /// Starts a valid request (`file_io.rs`), `with_others` if other requests came in the same
+    /// reads from the socket; its completion sends the reply.
+    fn submit(&mut self, req: Request, data: Option<IoBuf>, with_others: bool) {
         let conn = self
             .weak
             .upgrade()
@@ -808,9 +808,6 @@ impl Conn {
         let framing = self.hs.framing;
         let mut buf =
             data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
-        // This request's header is still in the read buffer: anything past it is behind it;
-        // `in_batch` says whether another came before it in the same read.
-        let with_others = self.in_end - self.in_start > framing.request_len() || self.in_batch;
         if file_io::worth_serving_at_once(self.io, self.in_flight, with_others) {
             match file_io::read_cached_now(&self.export, &req, framing, buf) {
                 Ok(reply) => return self.served_at_once(&req, Ok(reply)),
