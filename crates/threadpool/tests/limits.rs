@@ -52,9 +52,17 @@ fn a_minimum_creates_idle_threads() {
 struct Gate {
     open: Mutex<bool>,
     cond: Condvar,
-    running: AtomicUsize,
-    peak: AtomicUsize,
+    /// How many run now, and the most that ran at once. One lock for both: with two atomics, a
+    /// reader could see the eighth request counted as running before it raised the peak (this
+    /// made `limits_change_while_busy` read a peak of 7 under Miri).
+    counts: Mutex<Counts>,
     finished: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Counts {
+    running: usize,
+    peak: usize,
 }
 
 impl Gate {
@@ -62,8 +70,7 @@ impl Gate {
         Arc::new(Gate {
             open: Mutex::new(false),
             cond: Condvar::new(),
-            running: AtomicUsize::new(0),
-            peak: AtomicUsize::new(0),
+            counts: Mutex::default(),
             finished: AtomicUsize::new(0),
         })
     }
@@ -78,14 +85,17 @@ impl Gate {
     }
 
     fn pass(&self) {
-        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-        self.peak.fetch_max(now, Ordering::SeqCst);
+        {
+            let mut c = self.counts.lock().unwrap();
+            c.running += 1;
+            c.peak = c.peak.max(c.running);
+        }
         let mut open = self.open.lock().unwrap();
         while !*open {
             open = self.cond.wait(open).unwrap();
         }
         drop(open);
-        self.running.fetch_sub(1, Ordering::SeqCst);
+        self.counts.lock().unwrap().running -= 1;
         self.finished.fetch_add(1, Ordering::SeqCst);
     }
 
@@ -95,7 +105,16 @@ impl Gate {
     }
 
     fn running(&self) -> usize {
-        self.running.load(Ordering::SeqCst)
+        self.counts.lock().unwrap().running
+    }
+
+    fn peak(&self) -> usize {
+        self.counts.lock().unwrap().peak
+    }
+
+    fn reset_peak(&self) {
+        let mut c = self.counts.lock().unwrap();
+        c.peak = c.running;
     }
 }
 
@@ -126,7 +145,7 @@ fn limits_change_while_busy() {
     pool.set_limits(0, 8).unwrap();
     eventually_polling(&ctx, "8 requests running", || gate.running() == 8);
     assert_eq!(pool.stats().threads, 8);
-    assert_eq!(gate.peak.load(Ordering::SeqCst), 8);
+    assert_eq!(gate.peak(), 8);
 
     // A lower maximum while 8 run: they finish, and no more than 3 threads remain.
     pool.set_limits(1, 3).unwrap();
@@ -140,12 +159,12 @@ fn limits_change_while_busy() {
 
     // From now on at most 3 requests run at once.
     gate.set(false);
-    gate.peak.store(0, Ordering::SeqCst);
+    gate.reset_peak();
     let tickets = gate.submit(&pool, 10);
     eventually_polling(&ctx, "3 requests running", || gate.running() == 3);
     std::thread::sleep(Duration::from_millis(50));
     ctx.poll_nonblocking();
-    assert_eq!(gate.peak.load(Ordering::SeqCst), 3);
+    assert_eq!(gate.peak(), 3);
     gate.set(true);
     all_completed(&ctx, &tickets);
     assert_eq!(pool.stats().threads, 3);
