@@ -4034,6 +4034,104 @@ fn cached_small_reads_are_served_at_once_and_the_others_by_the_pool() {
     }
 }
 
+/// The count of READs sent from the page cache with `sendfile` that a stopped line reports.
+fn sent_from_file(stopped: &str) -> u64 {
+    let (_, rest) = stopped
+        .split_once(" at once on the page cache, ")
+        .expect(stopped);
+    let (n, _) = rest
+        .split_once(" reads sent from it with sendfile")
+        .expect(stopped);
+    n.parse().expect(stopped)
+}
+
+/// `--aio threads` (the default) with the page cache answers a READ of more than 64 KiB whose
+/// pages the page cache holds at once, its data sent from the file with `sendfile` behind its
+/// header, alone or pipelined with small replies, simple or structured, over a Unix socket and
+/// TCP, up to the 32 MiB maximum; not a structured read that finds a hole (its hole chunks come
+/// from the pool), nor one the disk must supply. Every reply carries what is on disk, and the
+/// stopped line counts exactly the first kind (none in the other modes).
+#[test]
+fn large_cached_reads_are_sent_from_the_page_cache() {
+    const SIZE: usize = 48 * MIB;
+    let mut data = pattern(11, SIZE);
+    let threads_writeback = |ready: &str| ready.contains("aio threads, cache writeback");
+
+    let mut f = fixture("sendfile", SIZE, |c| c.contexts(1).tcp());
+    std::fs::write(&f.image, &data).unwrap();
+    // A hole at [40, 42) MiB, where the file system keeps holes.
+    let hole = (40 * MIB, 2 * MIB);
+    #[cfg(target_os = "linux")]
+    {
+        let image = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&f.image)
+            .unwrap();
+        let mode = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        rustix::fs::fallocate(&image, mode, hole.0 as u64, hole.1 as u64).unwrap();
+    }
+    data[hole.0..hole.0 + hole.1].fill(0);
+    let holes = is_sparse(&f.image);
+    let mut expected = 0;
+
+    // Simple replies, over the Unix socket.
+    let mut c = f.srv.client();
+    assert_eq!(c.read(0, 64 * KIB as u32).unwrap(), data[..64 * KIB]);
+    assert!(c.read(12345, 200_000).unwrap() == data[12345..12345 + 200_000]);
+    assert!(c.read(MIB as u64, MAX_PAYLOAD as u32).unwrap() == data[MIB..MIB + MAX_PAYLOAD]);
+    expected += 2;
+    // Big replies between small ones, all in flight at once: tails and plain bytes in one queue.
+    let mut ranges = Vec::new();
+    for i in 0..16u64 {
+        ranges.push((i * MIB as u64 + 4096 * i, 256 * KIB as u32));
+        ranges.push((i * 3 * MIB as u64 + 512, 4096));
+    }
+    pipelined_reads_match(&mut c, &ranges, &data);
+    expected += 16;
+    c.disconnect().unwrap();
+
+    // Structured replies, over TCP: a read that looks for holes and finds none is sent from
+    // the file, one that finds some is not.
+    let tcp = f.srv.tcp.expect("tcp address");
+    let mut c = Handshake::new("")
+        .structured_replies()
+        .connect_tcp(tcp)
+        .unwrap();
+    assert!(c.read(3 * MIB as u64 + 7, MIB as u32).unwrap() == data[3 * MIB + 7..4 * MIB + 7]);
+    expected += 1;
+    let at = hole.0 - 512 * KIB;
+    assert!(c.read(at as u64, MIB as u32).unwrap() == data[at..at + MIB]);
+    if !holes {
+        expected += 1;
+    }
+    let ranges: Vec<(u64, u32)> = (0..8)
+        .map(|i| (i * 5 * MIB as u64, 128 * KIB as u32))
+        .collect();
+    pipelined_reads_match(&mut c, &ranges, &data);
+    expected += 8;
+    c.disconnect().unwrap();
+    let ready = ready_line(&f.srv);
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    let sent = sent_from_file(&stopped);
+    if threads_writeback(&ready) {
+        assert_eq!(sent, expected, "{stopped}");
+    } else {
+        assert_eq!(sent, 0, "{ready}\n{stopped}");
+    }
+
+    // Out of the page cache: the pool reads them. 12 MiB apart, beyond each other's readahead.
+    let mut f = fixture("sendfile-cold", SIZE, |c| c.contexts(1));
+    std::fs::write(&f.image, &data).unwrap();
+    drop_from_page_cache(&f.image);
+    let mut c = f.srv.client();
+    for at in [MIB, 13 * MIB, 25 * MIB, 37 * MIB] {
+        assert!(c.read(at as u64, 256 * KIB as u32).unwrap() == data[at..at + 256 * KIB]);
+    }
+    c.disconnect().unwrap();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert_eq!(sent_from_file(&stopped), 0, "{stopped}");
+}
+
 #[test]
 fn nbdcopy_and_qemu_img_skip_the_holes_of_a_sparse_image() {
     if !have("nbdcopy") {
@@ -4634,6 +4732,7 @@ under_the_task_engine! {
     memory_follows_what_is_in_flight_during_a_bulk_copy,
     client_agrees_with_qemu_nbd,
     cached_small_reads_are_served_at_once_and_the_others_by_the_pool,
+    large_cached_reads_are_sent_from_the_page_cache,
     pipelined_small_writes_all_land,
 }
 

@@ -184,7 +184,7 @@ impl BufPool {
             buf.resize(start, 0);
         }
         Payload {
-            buf: IoBuf { vec: buf, start },
+            buf: IoBuf::at(buf, start),
             filled: start,
         }
     }

@@ -200,7 +200,7 @@ impl Conn {
     }
 
     async fn serve(self: &Rc<Self>, input: &mut Input) -> io::Result<()> {
-        if !self.send(&greeting()).await || !self.handshake(input).await? {
+        if !self.send(&IoBuf::from(greeting().to_vec())).await || !self.handshake(input).await? {
             return Ok(());
         }
         self.transmission.set(true);
@@ -267,7 +267,7 @@ impl Conn {
             self.hs.set(hs);
             // Written before the next option is read: a client that does not take its
             // replies is not read either, until the handshake limit closes it.
-            if !self.send(&out).await {
+            if !self.send(&IoBuf::from(out)).await {
                 return Ok(false);
             }
             match opted {
@@ -366,21 +366,32 @@ impl Conn {
     /// its reply.
     fn run_request(self: &Rc<Self>, req: Request, data: Option<IoBuf>) {
         let framing = self.hs.get().framing;
-        let buf =
-            data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
-        let done = file_io::run(
-            &self.ctx,
-            self.io,
-            &self.pool,
-            &self.export,
-            req,
-            buf,
-            framing,
-            file_io::worth_serving_at_once(self.io, self.in_flight.get(), false),
-        );
-        if done.is_ready() {
-            self.shard.served_at_once(&req);
-        }
+        let done = match file_io::read_by_sendfile(self.io, &self.export, &req, framing, &self.bufs)
+        {
+            Some(reply) => {
+                self.shard.sent_from_file(&req);
+                file_io::Outcome::ready(Ok(reply))
+            }
+            None => {
+                let buf = data.unwrap_or_else(|| {
+                    IoBuf::from(self.bufs.take(session::buffer_len(framing, &req)))
+                });
+                let done = file_io::run(
+                    &self.ctx,
+                    self.io,
+                    &self.pool,
+                    &self.export,
+                    req,
+                    buf,
+                    framing,
+                    file_io::worth_serving_at_once(self.io, self.in_flight.get(), false),
+                );
+                if done.is_ready() {
+                    self.shard.served_at_once(&req);
+                }
+                done
+            }
+        };
         self.in_flight.set(self.in_flight.get() + 1);
         self.pending_bytes
             .set(self.pending_bytes.get() + session::payload_bytes(&req));
@@ -394,7 +405,7 @@ impl Conn {
             me.shard.requests.set(me.shard.requests.get() + 1);
             if !me.closed.get() {
                 let reply = session::reply(framing, me.id, &req, result);
-                me.send(reply.bytes()).await;
+                me.send(&reply).await;
                 me.bufs.give(reply.vec);
             }
             me.settled();
@@ -409,7 +420,7 @@ impl Conn {
         let me = self.clone();
         self.ctx
             .spawn_local(async move {
-                me.send(&reply).await;
+                me.send(&IoBuf::from(reply)).await;
                 me.settled();
             })
             .detach();
@@ -423,19 +434,23 @@ impl Conn {
         }
     }
 
-    /// Writes `reply` whole, after the replies before it (the send lock). False if the
-    /// connection is closed or closes meanwhile (the reply is dropped).
-    async fn send(&self, reply: &[u8]) -> bool {
-        self.backlog.set(self.backlog.get() + reply.len());
-        let mut rest = reply;
+    /// Writes `reply` whole (its bytes, then its tail from the file), after the replies before
+    /// it (the send lock). False if the connection is closed or closes meanwhile (the reply is
+    /// dropped).
+    async fn send(&self, reply: &IoBuf) -> bool {
+        let len = reply.len();
+        self.backlog.set(self.backlog.get() + len);
+        let mut sent = 0;
         let _turn = self.send_lock.lock().await;
-        while !rest.is_empty() && !self.closed.get() {
+        while sent < len && !self.closed.get() {
             let stop = || self.closed.get();
-            let write = self.sock.write_with(|s| s.write(rest));
+            let write = self
+                .sock
+                .write_with(|s| s.send_reply(reply, sent, std::iter::empty()));
             match until(&self.writer, stop, write).await {
                 None => break,
                 Some(Ok(n)) => {
-                    rest = &rest[n..];
+                    sent += n;
                     self.backlog.set(self.backlog.get() - n);
                     self.touch();
                 }
@@ -446,11 +461,11 @@ impl Conn {
                 }
             }
         }
-        self.backlog.set(self.backlog.get() - rest.len());
+        self.backlog.set(self.backlog.get() - (len - sent));
         if self.reader_waits.get() {
             wake(&self.reader);
         }
-        rest.is_empty()
+        sent == len
     }
 
     /// One read from the socket into `buf`: `Some(0)` at the end of the stream, `None` once

@@ -20,7 +20,9 @@
 //! * A reply is written as soon as it is complete; whatever the socket does not take waits in
 //!   the connection's queue of reply buffers (written with `writev`, never copied into one
 //!   another; each goes back to the pool once sent), and only then is the handler watching
-//!   for writability.
+//!   for writability. A big READ's reply sent from the page cache (`file_io::read_by_sendfile`)
+//!   is its header in the queue and a range of the image behind it, which `sendfile` sends
+//!   once the header is out, before anything queued after it.
 //! * A client gets `HANDSHAKE_LIMIT` to finish the handshake; with `--idle-timeout`, a
 //!   client in the transmission phase that moves no byte in either direction for that long,
 //!   with no request of its own on the pool, is closed.
@@ -53,7 +55,7 @@ use crate::export::Export;
 use crate::file_io;
 use crate::protocol::*;
 use crate::session::{
-    self, Action, Expired, HANDSHAKE_LIMIT, Handshake, IoBuf, LINGER, Opted, READ_BUDGET,
+    self, Action, Expired, FileTail, HANDSHAKE_LIMIT, Handshake, IoBuf, LINGER, Opted, READ_BUDGET,
     READ_CHUNK, Timing,
 };
 
@@ -101,18 +103,65 @@ impl Socket {
         Ok(got)
     }
 
-    pub(crate) fn write(&self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Socket::Tcp(s) => (&*s).write(buf),
-            Socket::Unix(s) => (&*s).write(buf),
-        }
-    }
-
     pub(crate) fn write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Socket::Tcp(s) => (&*s).write_vectored(bufs),
             Socket::Unix(s) => (&*s).write_vectored(bufs),
         }
+    }
+
+    /// Sends the bytes of `tail` from its `from`-th on, from the file (`sendfile`); as many
+    /// as the socket takes. A file that ends before the tail does (it shrank under the server)
+    /// is an error: the reply's header promised the bytes.
+    #[cfg(target_os = "linux")]
+    pub(crate) fn send_file(&self, tail: &FileTail, from: usize) -> io::Result<usize> {
+        let mut offset = tail.offset + from as u64;
+        match rustix::fs::sendfile(self, &*tail.file, Some(&mut offset), tail.len - from)? {
+            0 => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the image ended inside a READ being sent",
+            )),
+            n => Ok(n),
+        }
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    pub(crate) fn send_file(&self, _tail: &FileTail, _from: usize) -> io::Result<usize> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Sends what is left of `reply` once the socket has taken its first `sent` bytes: from
+    /// its bytes (with those of the replies in `more` behind, when it has no tail), else from
+    /// its tail.
+    pub(crate) fn send_reply<'a>(
+        &self,
+        reply: &IoBuf,
+        sent: usize,
+        more: impl Iterator<Item = &'a IoBuf>,
+    ) -> io::Result<usize> {
+        let bytes = reply.bytes();
+        if sent >= bytes.len() {
+            let tail = reply
+                .tail
+                .as_ref()
+                .expect("a reply sent past its bytes has a tail");
+            return self.send_file(tail, sent - bytes.len());
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        slices[0] = IoSlice::new(&bytes[sent..]);
+        let mut count = 1;
+        if reply.tail.is_none() {
+            // The replies behind go in the same call, up to the first with a tail, whose
+            // bytes must be followed by its tail.
+            for next in more.take(MAX_SLICES - 1) {
+                slices[count] = IoSlice::new(next.bytes());
+                count += 1;
+                if next.tail.is_some() {
+                    break;
+                }
+            }
+        }
+        self.write_vectored(&slices[..count])
     }
 
     pub(crate) fn shutdown(&self) {
@@ -205,6 +254,9 @@ pub struct Shard {
     pub cached_reads: Cell<u64>,
     /// WRITEs done at once on the context's thread (`file_io::may_write_at_once`).
     pub writes_at_once: Cell<u64>,
+    /// READs answered at once with their data sent from the page cache with `sendfile`
+    /// (`file_io::read_by_sendfile`).
+    pub sendfile_reads: Cell<u64>,
 }
 
 impl Shard {
@@ -221,6 +273,12 @@ impl Shard {
             &self.cached_reads
         };
         count.set(count.get() + 1);
+    }
+
+    /// Counts a READ answered at once with its data sent from the page cache.
+    pub fn sent_from_file(&self, req: &Request) {
+        debug_assert_eq!(req.kind, CMD_READ);
+        self.sendfile_reads.set(self.sendfile_reads.get() + 1);
     }
 
     /// True once shutdown has begun and every connection is closed and idle: the context's
@@ -806,6 +864,13 @@ impl Conn {
             return self.abort();
         };
         let framing = self.hs.framing;
+        if let Some(reply) =
+            file_io::read_by_sendfile(self.io, &self.export, &req, framing, &self.bufs)
+        {
+            self.shard.requests.set(self.shard.requests.get() + 1);
+            self.shard.sent_from_file(&req);
+            return self.queue_from(reply);
+        }
         let mut buf =
             data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
         if file_io::worth_serving_at_once(self.io, self.in_flight, with_others) {
@@ -870,35 +935,31 @@ impl Conn {
         self.queue_from(IoBuf::from(bytes));
     }
 
-    /// Queues `buf.bytes()` to send after those already queued.
+    /// Queues `buf` (its bytes, then its tail) to send after those already queued.
     fn queue_from(&mut self, buf: IoBuf) {
-        if !buf.bytes().is_empty() {
-            self.out_bytes += buf.bytes().len();
+        if !buf.is_empty() {
+            self.out_bytes += buf.len();
             self.out.push_back(buf);
         }
     }
 
     /// Writes as much of the queued replies as the socket takes, several buffers per system
-    /// call; each buffer fully sent goes back to the pool.
+    /// call (a reply's tail in a call of its own, `sendfile`); each reply fully sent gives its
+    /// buffer back to the pool.
     fn flush(&mut self) {
         while self.out_bytes > 0 {
             let Some(sock) = &self.sock else { return };
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            for (i, buf) in self.out.iter().take(MAX_SLICES).enumerate() {
-                let from = if i == 0 { self.out_pos } else { 0 };
-                slices[i] = IoSlice::new(&buf.bytes()[from..]);
-                count += 1;
-            }
-            match sock.write_vectored(&slices[..count]) {
+            let mut queued = self.out.iter();
+            let front = queued.next().expect("out_bytes counts queued replies");
+            match sock.send_reply(front, self.out_pos, queued) {
                 Ok(n) => {
                     self.out_bytes -= n;
                     self.out_pos += n;
                     while let Some(front) = self.out.front() {
-                        if self.out_pos < front.bytes().len() {
+                        if self.out_pos < front.len() {
                             break;
                         }
-                        self.out_pos -= front.bytes().len();
+                        self.out_pos -= front.len();
                         let sent = self.out.pop_front().expect("looked at above");
                         self.bufs.give(sent.vec);
                     }

@@ -20,9 +20,10 @@ use std::task::{Context, Poll, Waker};
 use aio::blockio::Engine as IoEngine;
 use aio::{AioContext, BlockIo, ThreadPool};
 
-use crate::export::{Export, Pass};
+use crate::buffers::BufPool;
+use crate::export::{Export, Pass, Run};
 use crate::protocol::*;
-use crate::session::{self, IoBuf};
+use crate::session::{self, FileTail, IoBuf};
 
 /// The block I/O of a context for `engine`, which `main.rs` checked when it made the context;
 /// should that check be undone, the thread pool, which always works, with a line on stderr.
@@ -72,7 +73,7 @@ pub fn start(
                     // Admitted reads are at most MAX_PAYLOAD long.
                     let reply = &mut vec[start..];
                     framing.write_read_prefix(reply, &req, req.offset, len as u32);
-                    IoBuf { vec, start }
+                    IoBuf::at(vec, start)
                 }))
             };
             transfer(ctx, io, file, out.vec, data, req.offset, false, whole);
@@ -159,6 +160,63 @@ pub fn read_cached_now(
     }
     framing.write_read_prefix(reply, req, req.offset, len as u32);
     Ok(out)
+}
+
+/// The smallest READ that [`read_by_sendfile`] sends from the page cache: above
+/// [`NOWAIT_READ_MAX`], where copying the data costs more than the trip to a worker saves.
+pub const SENDFILE_READ_MIN: u64 = NOWAIT_READ_MAX + 1;
+
+/// `--aio threads` on the page cache: the reply to a READ of [`SENDFILE_READ_MIN`] bytes or more
+/// whose pages the page cache holds now (`cachestat`), as its header alone in a buffer from
+/// `bufs`, with the data as a [`FileTail`] that the connection sends with `sendfile` behind
+/// it, on the context's thread: no worker, and no copy of the data in user space (a Unix
+/// socket or TCP takes references to the cached pages). `None` for anything else, which
+/// takes the usual way: a smaller READ, data the disk must supply (`sendfile` would wait for it
+/// on the context's thread), a read that finds holes to send as hole chunks, `--cache none`,
+/// the other `--aio` modes, or an image that cannot be sent from ([`Export::sendfile`]).
+///
+/// Unlike [`read_cached_now`], a lone READ is served this way too: what it saves is the copy
+/// of up to 32 MiB, not a wake-up.
+///
+/// The pages are sent as they are when the socket takes them, so a WRITE to the same range
+/// that runs after this READ was answered but before the client read the reply can show in
+/// it: only requests that overlap in time can meet so, and NBD leaves their order open.
+pub fn read_by_sendfile(
+    io: BlockIo,
+    export: &Export,
+    req: &Request,
+    framing: Framing,
+    bufs: &BufPool,
+) -> Option<IoBuf> {
+    if io.engine() != IoEngine::Threads
+        || req.kind != CMD_READ
+        || req.length < SENDFILE_READ_MIN
+        || !export.sendfile
+    {
+        return None;
+    }
+    if session::looks_for_holes(framing, req) {
+        // Two runs at most: one that covers the whole request is all data.
+        let runs = export.allocation(req.offset, req.length, 2).ok()?;
+        if !matches!(runs[..], [Run { hole: false, len }] if len == req.length) {
+            return None;
+        }
+    }
+    if !export.is_cached(req.offset, req.length) {
+        return None;
+    }
+    let prefix = framing.read_prefix();
+    let mut head = bufs.take(prefix);
+    // Admitted reads are at most MAX_PAYLOAD long.
+    framing.write_read_prefix(&mut head, req, req.offset, req.length as u32);
+    Some(IoBuf {
+        tail: Some(FileTail {
+            file: export.file().clone(),
+            offset: req.offset,
+            len: req.length as usize,
+        }),
+        ..IoBuf::from(head)
+    })
 }
 
 /// Whether [`read_cached_now`] (or, with [`may_write_at_once`], a write at once) is worth
@@ -370,12 +428,7 @@ pub fn run(
     framing: Framing,
     try_at_once: bool,
 ) -> Outcome {
-    let ready = |result| {
-        Outcome(Rc::new(RefCell::new(Slot {
-            result: Some(result),
-            waker: None,
-        })))
-    };
+    let ready = Outcome::ready;
     let mut buf = buf;
     if try_at_once && may_write_at_once(export, &req) {
         let written = export.write(buf.bytes(), req.offset, false);
@@ -409,6 +462,14 @@ struct Slot {
 pub struct Outcome(Rc<RefCell<Slot>>);
 
 impl Outcome {
+    /// A request served at once: its result is there.
+    pub fn ready(result: io::Result<IoBuf>) -> Outcome {
+        Outcome(Rc::new(RefCell::new(Slot {
+            result: Some(result),
+            waker: None,
+        })))
+    }
+
     /// Whether the result is there already: right after [`run`], only for a request served at
     /// once (a completion never runs inside the call that started it).
     pub fn is_ready(&self) -> bool {

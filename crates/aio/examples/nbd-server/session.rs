@@ -5,6 +5,7 @@
 //! when it passes. Nothing here touches a socket or a context: an engine reads and writes,
 //! these functions say what the bytes mean and what goes back.
 
+use std::fs::File;
 use std::io;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -344,25 +345,55 @@ pub fn buffer_len(framing: Framing, req: &Request) -> usize {
     }
 }
 
-/// A request's or a reply's bytes: `vec[start..]`. The bytes before `start` are padding that
+/// A request's or a reply's bytes: `vec[start..]`, then, for a READ's reply sent from the page
+/// cache, its data straight from the file (`tail`). The bytes before `start` are padding that
 /// put a READ's data or a WRITE's payload on the alignment `O_DIRECT` needs (`--cache none`);
 /// nothing reads or sends them.
 #[derive(Debug, Default)]
 pub struct IoBuf {
     pub vec: Vec<u8>,
     pub start: usize,
+    pub tail: Option<FileTail>,
+}
+
+/// The rest of a reply, sent from the image with `sendfile` behind the reply's bytes
+/// (`file_io::read_by_sendfile`): `len` bytes at `offset`.
+#[derive(Debug)]
+pub struct FileTail {
+    pub file: Arc<File>,
+    pub offset: u64,
+    pub len: usize,
 }
 
 impl IoBuf {
-    /// The bytes that count.
+    /// A buffer whose bytes start at `start`.
+    pub fn at(vec: Vec<u8>, start: usize) -> IoBuf {
+        IoBuf {
+            vec,
+            start,
+            tail: None,
+        }
+    }
+
+    /// The bytes that count (without the tail).
     pub fn bytes(&self) -> &[u8] {
         &self.vec[self.start..]
+    }
+
+    /// How many bytes this is on the wire: the bytes, then the tail.
+    pub fn len(&self) -> usize {
+        self.bytes().len() + self.tail.as_ref().map_or(0, |t| t.len)
+    }
+
+    /// Whether there is nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 impl From<Vec<u8>> for IoBuf {
     fn from(vec: Vec<u8>) -> IoBuf {
-        IoBuf { vec, start: 0 }
+        IoBuf::at(vec, 0)
     }
 }
 
@@ -377,7 +408,7 @@ pub fn read_buffer(mut buf: Vec<u8>, prefix: usize, len: usize, align: usize) ->
         start = crate::buffers::pad_for(&buf, prefix, align);
     }
     fit(&mut buf, start + prefix + len);
-    IoBuf { vec: buf, start }
+    IoBuf::at(buf, start)
 }
 
 /// The blocking work of a request [`classify`] admitted, for the thread pool. A READ and a
@@ -553,7 +584,7 @@ fn block_status_reply(export: &Export, req: &Request, framing: Framing) -> io::R
 pub fn reply(framing: Framing, id: u64, req: &Request, result: io::Result<IoBuf>) -> IoBuf {
     let status = |errno| IoBuf::from(status(framing, req, errno));
     match result {
-        Ok(buf) if !buf.bytes().is_empty() => buf,
+        Ok(buf) if !buf.is_empty() => buf,
         Ok(_) => status(0),
         Err(e) => {
             let errno = errno_of(&e);
