@@ -2572,7 +2572,8 @@ fn callbacks_is_the_default_engine_and_the_ready_line_names_the_engine() {
     let f = fixture("engine-default", MIB, |c| c.default_engine());
     let ready = ready_line(&f.srv);
     assert!(
-        ready.ends_with(" bytes, aio threads, cache writeback, engine callbacks)"),
+        ready.contains(" bytes, aio threads, cache writeback, sendfile ")
+            && ready.ends_with(", engine callbacks)"),
         "{ready}"
     );
     f.assert_serves();
@@ -2581,7 +2582,8 @@ fn callbacks_is_the_default_engine_and_the_ready_line_names_the_engine() {
     });
     let ready = ready_line(&f.srv);
     assert!(
-        ready.ends_with(" bytes, aio threads, cache writeback, engine tasks)"),
+        ready.contains(" bytes, aio threads, cache writeback, sendfile ")
+            && ready.ends_with(", engine tasks)"),
         "{ready}"
     );
     f.assert_serves();
@@ -2613,8 +2615,12 @@ fn every_aio_mode_keeps_data_intact_under_both_engines() {
                     .env("AIO_BACKEND", cfg!(feature = "epoll").then_some("epoll"))
             });
             let ready = ready_line(&f.srv);
-            let want = format!(", aio {io}, cache {cache}, engine {engine})");
+            let want = format!(", aio {io}, cache {cache}, sendfile ");
             assert!(ready.contains(&want), "{ready}");
+            assert!(ready.ends_with(&format!(", engine {engine})")), "{ready}");
+            if io != "threads" || cache == "none" {
+                assert!(ready.contains(", sendfile off,"), "{ready}");
+            }
             if cache == "none" {
                 assert!(has_direct_fd(f.srv.pid(), &f.image), "no O_DIRECT fd");
             }
@@ -4046,35 +4052,48 @@ fn sent_from_file(stopped: &str) -> u64 {
 }
 
 /// `--aio threads` (the default) with the page cache answers a READ of more than 64 KiB whose
-/// pages the page cache holds at once, its data sent from the file with `sendfile` behind its
-/// header, alone or pipelined with small replies, simple or structured, over a Unix socket and
-/// TCP, up to the 32 MiB maximum; not a structured read that finds a hole (its hole chunks come
-/// from the pool), nor one the disk must supply. Every reply carries what is on disk, and the
-/// stopped line counts exactly the first kind (none in the other modes).
+/// pages the page cache holds with its data sent from the file with `sendfile` behind its
+/// header: at once on the context's thread when it does not look for holes (a simple reply, or
+/// DF), from the pool when it does and finds none; alone or pipelined with small replies,
+/// simple or structured, over a Unix socket and TCP, up to the 32 MiB maximum. Not a
+/// structured read that finds a hole (its hole chunks are built on the pool), nor one the disk
+/// must supply. Every reply carries what is on disk, and the stopped line counts exactly the
+/// first kinds: none when the ready line says `sendfile off` (the other modes, or a kernel
+/// without `cachestat`).
 #[test]
 fn large_cached_reads_are_sent_from_the_page_cache() {
+    use std::os::unix::fs::FileExt;
     const SIZE: usize = 48 * MIB;
     let mut data = pattern(11, SIZE);
-    let threads_writeback = |ready: &str| ready.contains("aio threads, cache writeback");
 
     let mut f = fixture("sendfile", SIZE, |c| c.contexts(1).tcp());
     std::fs::write(&f.image, &data).unwrap();
-    // A hole at [40, 42) MiB, where the file system keeps holes.
+    // A hole at [40, 42) MiB, where the file system keeps holes; then the range around it is
+    // read once here, so that the page cache holds all of it (holes read as zero pages) and
+    // only the hole, not a cold page, keeps the read that spans it from `sendfile`.
     let hole = (40 * MIB, 2 * MIB);
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f.image)
+        .unwrap();
     #[cfg(target_os = "linux")]
     {
-        let image = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&f.image)
-            .unwrap();
         let mode = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
         rustix::fs::fallocate(&image, mode, hole.0 as u64, hole.1 as u64).unwrap();
     }
+    // (Elsewhere, zeros written: the same bytes, no hole.)
+    #[cfg(not(target_os = "linux"))]
+    image.write_all_at(&vec![0; hole.1], hole.0 as u64).unwrap();
     data[hole.0..hole.0 + hole.1].fill(0);
     let holes = is_sparse(&f.image);
+    let spanning = hole.0 - 512 * KIB;
+    let mut warm = vec![0; MIB];
+    image.read_exact_at(&mut warm, spanning as u64).unwrap();
+    assert!(warm == data[spanning..spanning + MIB]);
     let mut expected = 0;
 
-    // Simple replies, over the Unix socket.
+    // Simple replies, over the Unix socket: at once.
     let mut c = f.srv.client();
     assert_eq!(c.read(0, 64 * KIB as u32).unwrap(), data[..64 * KIB]);
     assert!(c.read(12345, 200_000).unwrap() == data[12345..12345 + 200_000]);
@@ -4090,17 +4109,22 @@ fn large_cached_reads_are_sent_from_the_page_cache() {
     expected += 16;
     c.disconnect().unwrap();
 
-    // Structured replies, over TCP: a read that looks for holes and finds none is sent from
-    // the file, one that finds some is not.
+    // Structured replies, over TCP: with DF, at once; looking for holes, from the pool, with
+    // `sendfile` when it finds none, hole chunks when it finds some.
     let tcp = f.srv.tcp.expect("tcp address");
     let mut c = Handshake::new("")
         .structured_replies()
         .connect_tcp(tcp)
         .unwrap();
+    let at = 5 * MIB + 3;
+    let (got, chunks) = c
+        .read_chunks(at as u64, 256 * KIB as u32, cmd_flag::DF)
+        .unwrap();
+    assert!(got == data[at..at + 256 * KIB], "{chunks:?}");
+    expected += 1;
     assert!(c.read(3 * MIB as u64 + 7, MIB as u32).unwrap() == data[3 * MIB + 7..4 * MIB + 7]);
     expected += 1;
-    let at = hole.0 - 512 * KIB;
-    assert!(c.read(at as u64, MIB as u32).unwrap() == data[at..at + MIB]);
+    assert!(c.read(spanning as u64, MIB as u32).unwrap() == data[spanning..spanning + MIB]);
     if !holes {
         expected += 1;
     }
@@ -4113,9 +4137,13 @@ fn large_cached_reads_are_sent_from_the_page_cache() {
     let ready = ready_line(&f.srv);
     let stopped = stop_and_get_stopped_line(&mut f.srv);
     let sent = sent_from_file(&stopped);
-    if threads_writeback(&ready) {
+    if ready.contains(", sendfile on,") {
+        assert!(ready.contains("aio threads, cache writeback"), "{ready}");
         assert_eq!(sent, expected, "{stopped}");
     } else {
+        if ready.contains("aio threads, cache writeback") {
+            eprintln!("sendfile is off on this machine (no cachestat?): {ready}");
+        }
         assert_eq!(sent, 0, "{ready}\n{stopped}");
     }
 

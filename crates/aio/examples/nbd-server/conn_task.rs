@@ -368,10 +368,7 @@ impl Conn {
         let framing = self.hs.get().framing;
         let done = match file_io::read_by_sendfile(self.io, &self.export, &req, framing, &self.bufs)
         {
-            Some(reply) => {
-                self.shard.sent_from_file(&req);
-                file_io::Outcome::ready(Ok(reply))
-            }
+            Some(reply) => file_io::Outcome::ready(Ok(reply)),
             None => {
                 let buf = data.unwrap_or_else(|| {
                     IoBuf::from(self.bufs.take(session::buffer_len(framing, &req)))
@@ -405,6 +402,9 @@ impl Conn {
             me.shard.requests.set(me.shard.requests.get() + 1);
             if !me.closed.get() {
                 let reply = session::reply(framing, me.id, &req, result);
+                if reply.tail.is_some() {
+                    me.shard.sent_from_file();
+                }
                 me.send(&reply).await;
                 me.bufs.give(reply.vec);
             }

@@ -112,7 +112,9 @@ impl Socket {
 
     /// Sends the bytes of `tail` from its `from`-th on, from the file (`sendfile`); as many
     /// as the socket takes. A file that ends before the tail does (it shrank under the server)
-    /// is an error: the reply's header promised the bytes.
+    /// is an error, and so is a read error of the image (`EIO`): the reply's header, already
+    /// sent, promised the bytes, so the connection ends (a copied READ would get an error
+    /// reply instead; data in the page cache is not read from the disk again).
     #[cfg(target_os = "linux")]
     pub(crate) fn send_file(&self, tail: &FileTail, from: usize) -> io::Result<usize> {
         let mut offset = tail.offset + from as u64;
@@ -254,8 +256,8 @@ pub struct Shard {
     pub cached_reads: Cell<u64>,
     /// WRITEs done at once on the context's thread (`file_io::may_write_at_once`).
     pub writes_at_once: Cell<u64>,
-    /// READs answered at once with their data sent from the page cache with `sendfile`
-    /// (`file_io::read_by_sendfile`).
+    /// READ replies whose data went from the page cache with `sendfile`
+    /// (`file_io::read_by_sendfile`, `session::work`).
     pub sendfile_reads: Cell<u64>,
 }
 
@@ -275,9 +277,8 @@ impl Shard {
         count.set(count.get() + 1);
     }
 
-    /// Counts a READ answered at once with its data sent from the page cache.
-    pub fn sent_from_file(&self, req: &Request) {
-        debug_assert_eq!(req.kind, CMD_READ);
+    /// Counts a READ reply whose data goes from the page cache with `sendfile`.
+    pub fn sent_from_file(&self) {
         self.sendfile_reads.set(self.sendfile_reads.get() + 1);
     }
 
@@ -868,7 +869,6 @@ impl Conn {
             file_io::read_by_sendfile(self.io, &self.export, &req, framing, &self.bufs)
         {
             self.shard.requests.set(self.shard.requests.get() + 1);
-            self.shard.sent_from_file(&req);
             return self.queue_from(reply);
         }
         let mut buf =
@@ -937,6 +937,9 @@ impl Conn {
 
     /// Queues `buf` (its bytes, then its tail) to send after those already queued.
     fn queue_from(&mut self, buf: IoBuf) {
+        if buf.tail.is_some() {
+            self.shard.sent_from_file();
+        }
         if !buf.is_empty() {
             self.out_bytes += buf.len();
             self.out.push_back(buf);

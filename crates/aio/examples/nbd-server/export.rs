@@ -12,6 +12,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use aio::blockio::DirectAlign;
@@ -51,6 +52,27 @@ pub struct Export {
     /// residency be asked with `cachestat` (Linux 6.5): probed at open ([`probe_sendfile`]).
     /// Without both, every READ's data is copied into its reply buffer.
     pub sendfile: bool,
+    /// WRITEs, TRIMs and WRITE_ZEROES running now, on any thread ([`Writing`]).
+    writing: AtomicUsize,
+}
+
+/// Counts one change of the image as running while it lives. On ext4 a buffered write holds
+/// the file's inode lock while it copies (and while the kernel throttles it for dirty pages),
+/// fallocate too, and `lseek(SEEK_HOLE)` waits for that lock: the context's thread looks for
+/// holes itself only while no change runs ([`Export::is_being_changed`]).
+struct Writing<'a>(&'a AtomicUsize);
+
+impl<'a> Writing<'a> {
+    fn start(count: &'a AtomicUsize) -> Writing<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Writing(count)
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Keeps the image's `O_DIRECT` transfers and its page-cache ones (unaligned READs and
@@ -207,6 +229,7 @@ impl Export {
             read_only,
             block_device,
             sendfile,
+            writing: AtomicUsize::new(0),
         })
     }
 
@@ -294,6 +317,12 @@ impl Export {
         file.read_exact_at(data, offset)
     }
 
+    /// Whether a WRITE, TRIM or WRITE_ZEROES of this image is running now, on any thread (a
+    /// snapshot: one may start right after).
+    pub fn is_being_changed(&self) -> bool {
+        self.writing.load(Ordering::Relaxed) > 0
+    }
+
     /// Whether the page cache holds every page of `[offset, offset + len)` now (`cachestat`),
     /// so that sending them with `sendfile` will not wait for the disk (unless the kernel
     /// evicts one meanwhile). False when the kernel cannot tell.
@@ -309,6 +338,7 @@ impl Export {
 
     /// Writes `data` at `offset`, then syncs if `fua` (force unit access) asks for it.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        let _writing = Writing::start(&self.writing);
         let file = self.file_for(data, offset);
         let pass = self.enter(file);
         file.write_all_at(data, offset)?;
@@ -325,6 +355,7 @@ impl Export {
     /// system without hole punching makes TRIM a no-op, which the protocol allows (a trim is
     /// advisory).
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let _writing = Writing::start(&self.writing);
         match self.fallocate(PUNCH_HOLE, offset, len) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
             r => r?,
@@ -346,6 +377,7 @@ impl Export {
         fast: bool,
         fua: bool,
     ) -> io::Result<()> {
+        let _writing = Writing::start(&self.writing);
         let mut modes = Vec::with_capacity(2);
         if !no_hole {
             modes.push(PUNCH_HOLE);
@@ -517,8 +549,9 @@ impl Export {
     }
 }
 
-/// `cachestat`'s system call number: 451 in the generic table and in x86's, so on every
-/// architecture Rust builds Linux for (libc 0.2 names it for only a few of them).
+/// `cachestat`'s system call number: 451 in the generic table and in x86's (libc 0.2 names it
+/// for only a few architectures). MIPS and Alpha number it otherwise; there 451 is no system
+/// call at all, `ENOSYS`, and READs are copied as without `cachestat`.
 #[cfg(target_os = "linux")]
 const SYS_CACHESTAT: libc::c_long = 451;
 

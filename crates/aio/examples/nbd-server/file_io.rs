@@ -23,7 +23,7 @@ use aio::{AioContext, BlockIo, ThreadPool};
 use crate::buffers::BufPool;
 use crate::export::{Export, Pass, Run};
 use crate::protocol::*;
-use crate::session::{self, FileTail, IoBuf};
+use crate::session::{self, IoBuf};
 
 /// The block I/O of a context for `engine`, which `main.rs` checked when it made the context;
 /// should that check be undone, the thread pool, which always works, with a line on stderr.
@@ -54,7 +54,8 @@ pub fn start(
         if req.kind == CMD_WRITE && req.length <= LANE_WRITE_MAX && export.align() <= 1 {
             return lane_write(ctx, pool, export, req, buf, framing, done);
         }
-        return on_pool(pool, export, req, buf, framing, done);
+        // Only here may a READ's reply come back as a tail (`read_by_sendfile`).
+        return on_pool(pool, export, req, buf, framing, done, true);
     }
     match req.kind {
         CMD_READ if !session::looks_for_holes(framing, &req) => {
@@ -65,7 +66,7 @@ pub fn start(
             let data = start + prefix;
             let file = export.file_for(&out.vec[data..], req.offset).clone();
             let Ok(pass) = admit(export, &file) else {
-                return on_pool(pool, export, req, out, framing, done);
+                return on_pool(pool, export, req, out, framing, done, false);
             };
             let whole = move |r: io::Result<()>, mut vec: Vec<u8>| {
                 drop(pass);
@@ -82,7 +83,7 @@ pub fn start(
             let fua = req.flags & CMD_FLAG_FUA != 0;
             let file = export.file_for(buf.bytes(), req.offset).clone();
             let Ok(pass) = admit(export, &file) else {
-                return on_pool(pool, export, req, buf, framing, done);
+                return on_pool(pool, export, req, buf, framing, done, false);
             };
             let sync_file = file.clone();
             let written = move |r: io::Result<()>, vec: Vec<u8>| {
@@ -108,7 +109,7 @@ pub fn start(
                 done(r.map(|()| IoBuf::default()))
             });
         }
-        _ => on_pool(pool, export, req, buf, framing, done),
+        _ => on_pool(pool, export, req, buf, framing, done, false),
     }
 }
 
@@ -162,18 +163,21 @@ pub fn read_cached_now(
     Ok(out)
 }
 
-/// The smallest READ that [`read_by_sendfile`] sends from the page cache: above
-/// [`NOWAIT_READ_MAX`], where copying the data costs more than the trip to a worker saves.
-pub const SENDFILE_READ_MIN: u64 = NOWAIT_READ_MAX + 1;
-
-/// `--aio threads` on the page cache: the reply to a READ of [`SENDFILE_READ_MIN`] bytes or more
-/// whose pages the page cache holds now (`cachestat`), as its header alone in a buffer from
-/// `bufs`, with the data as a [`FileTail`] that the connection sends with `sendfile` behind
-/// it, on the context's thread: no worker, and no copy of the data in user space (a Unix
-/// socket or TCP takes references to the cached pages). `None` for anything else, which
-/// takes the usual way: a smaller READ, data the disk must supply (`sendfile` would wait for it
-/// on the context's thread), a read that finds holes to send as hole chunks, `--cache none`,
-/// the other `--aio` modes, or an image that cannot be sent from ([`Export::sendfile`]).
+/// `--aio threads` on the page cache: the reply to a READ of [`session::SENDFILE_READ_MIN`]
+/// bytes or more whose pages the page cache holds now (`cachestat`), built at once on the
+/// context's thread as its header alone, in a buffer from `bufs`, with the data as a
+/// [`FileTail`](session::FileTail) that the connection sends with `sendfile` behind it: no
+/// worker, and no copy of the data in user space (a Unix socket or TCP takes references to the
+/// cached pages). `None` for anything else, which takes the pool: a smaller READ, data the disk
+/// must supply (`sendfile` would wait for it on the context's thread), `--cache none`, the
+/// other `--aio` modes, an image that cannot be sent from ([`Export::sendfile`]), a read that
+/// looks for holes and finds some (its hole chunks are built on the pool), and a read that
+/// looks for holes while a WRITE, TRIM or WRITE_ZEROES of the image runs: finding holes
+/// (`lseek`) waits on ext4 for the file's inode lock, which those hold, throttled or not, so
+/// then the pool looks, and its reply is again a header and a tail when the read is all data
+/// and cached ([`session::work`]). Looking on the context's thread otherwise measured twice
+/// as fast as the trip to the pool (nbdcopy `-C 4 -R 64`: 4 677 against 2 295 MiB/s,
+/// BENCHMARKS.md); a change that starts just after the check can still hold it up once.
 ///
 /// Unlike [`read_cached_now`], a lone READ is served this way too: what it saves is the copy
 /// of up to 32 MiB, not a wake-up.
@@ -188,35 +192,20 @@ pub fn read_by_sendfile(
     framing: Framing,
     bufs: &BufPool,
 ) -> Option<IoBuf> {
-    if io.engine() != IoEngine::Threads
-        || req.kind != CMD_READ
-        || req.length < SENDFILE_READ_MIN
-        || !export.sendfile
-    {
+    if io.engine() != IoEngine::Threads || !session::may_send_from_cache(export, req) {
         return None;
     }
     if session::looks_for_holes(framing, req) {
+        if export.is_being_changed() {
+            return None;
+        }
         // Two runs at most: one that covers the whole request is all data.
         let runs = export.allocation(req.offset, req.length, 2).ok()?;
         if !matches!(runs[..], [Run { hole: false, len }] if len == req.length) {
             return None;
         }
     }
-    if !export.is_cached(req.offset, req.length) {
-        return None;
-    }
-    let prefix = framing.read_prefix();
-    let mut head = bufs.take(prefix);
-    // Admitted reads are at most MAX_PAYLOAD long.
-    framing.write_read_prefix(&mut head, req, req.offset, req.length as u32);
-    Some(IoBuf {
-        tail: Some(FileTail {
-            file: export.file().clone(),
-            offset: req.offset,
-            len: req.length as usize,
-        }),
-        ..IoBuf::from(head)
-    })
+    Some(session::tail_reply(export, req, framing, bufs.take(0)))
 }
 
 /// Whether [`read_cached_now`] (or, with [`may_write_at_once`], a write at once) is worth
@@ -316,7 +305,7 @@ fn run_lane(pool: &ThreadPool, lane: Rc<WriteLane>) {
     let mut work = Vec::with_capacity(batch.len());
     let mut dones = Vec::with_capacity(batch.len());
     for (export, req, buf, framing, done) in batch {
-        work.push(session::work(export, req, buf, framing));
+        work.push(session::work(export, req, buf, framing, false));
         dones.push(done);
     }
     let job = move || work.into_iter().map(|w| w()).collect::<Vec<_>>();
@@ -361,8 +350,9 @@ fn on_pool(
     buf: IoBuf,
     framing: Framing,
     done: impl FnOnce(io::Result<IoBuf>) + 'static,
+    tails: bool,
 ) {
-    let work = session::work(export.clone(), req, buf, framing);
+    let work = session::work(export.clone(), req, buf, framing, tails);
     pool.submit_with(work, move |r| {
         done(r.unwrap_or_else(|_| Err(io::Error::other("the thread pool did not run the request"))))
     });

@@ -533,7 +533,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     }
     println!(
         "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{}, \
-         aio {}, cache {}, engine {})",
+         aio {}, cache {}, sendfile {}, engine {})",
         addresses.join(", "),
         ctx.backend(),
         cfg.contexts,
@@ -546,6 +546,13 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         match cfg.cache {
             Cache::Writeback => "writeback",
             Cache::None => "none",
+        },
+        // Big READs from the page cache (`file_io::read_by_sendfile`): `--aio threads`, and an
+        // image the probe at open found can be sent from.
+        if cfg.io == aio::blockio::Engine::Threads && acceptor.export.sendfile {
+            "on"
+        } else {
+            "off"
         },
         match cfg.engine {
             Engine::Callbacks => "callbacks",
@@ -671,7 +678,7 @@ struct Tally {
     cached_reads: u64,
     /// WRITEs done at once on the context's thread (`file_io::may_write_at_once`).
     writes_at_once: u64,
-    /// READs answered with their data sent from the page cache (`file_io::read_by_sendfile`).
+    /// READ replies whose data went from the page cache with `sendfile`.
     sendfile_reads: u64,
     poll_hits: u64,
     poll_misses: u64,

@@ -413,19 +413,22 @@ pub fn read_buffer(mut buf: Vec<u8>, prefix: usize, len: usize, align: usize) ->
 
 /// The blocking work of a request [`classify`] admitted, for the thread pool. A READ and a
 /// BLOCK_STATUS return their whole reply, framed for `framing` (a READ's data read straight
-/// into `buf`, its reply buffer); a WRITE returns its status reply, written into `buf`, its
-/// payload, once that is on disk (so the buffer goes back to the pool with the reply); the
+/// into `buf`, its reply buffer; or, with `tails`, a READ of [`SENDFILE_READ_MIN`] or more
+/// that is all data and all in the page cache, its header and a [`FileTail`], for the
+/// connection to send with `sendfile`); a WRITE returns its status reply, written into `buf`,
+/// its payload, once that is on disk (so the buffer goes back to the pool with the reply); the
 /// others return an empty buffer, for [`reply`] to answer with a status.
 pub fn work(
     export: Arc<Export>,
     req: Request,
     buf: IoBuf,
     framing: Framing,
+    tails: bool,
 ) -> impl FnOnce() -> io::Result<IoBuf> + Send + 'static {
     move || {
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let done = match req.kind {
-            CMD_READ => return read_reply(&export, &req, framing, buf.vec),
+            CMD_READ => return read_reply(&export, &req, framing, buf.vec, tails),
             CMD_BLOCK_STATUS => return block_status_reply(&export, &req, framing).map(IoBuf::from),
             CMD_WRITE => {
                 export.write(buf.bytes(), req.offset, fua)?;
@@ -463,6 +466,7 @@ fn read_reply(
     req: &Request,
     framing: Framing,
     mut buf: Vec<u8>,
+    tails: bool,
 ) -> io::Result<IoBuf> {
     // Admitted reads are at most MAX_PAYLOAD long.
     let len = req.length;
@@ -481,6 +485,9 @@ fn read_reply(
     if let [only] = runs[..]
         && !only.hole
     {
+        if tails && may_send_from_cache(export, req) {
+            return Ok(tail_reply(export, req, framing, buf));
+        }
         let prefix = framing.read_prefix();
         let mut out = read_buffer(buf, prefix, len as usize, export.align());
         let reply = &mut out.vec[out.start..];
@@ -519,6 +526,38 @@ fn read_reply(
         pos += run.len;
     }
     Ok(IoBuf::from(buf))
+}
+
+/// The smallest READ whose data may be sent from the page cache with `sendfile`: above
+/// `file_io::NOWAIT_READ_MAX`, where copying the data costs more than the trip to a worker
+/// saves.
+pub const SENDFILE_READ_MIN: u64 = (64 << 10) + 1;
+
+/// Whether READ `req` may be answered with a [`FileTail`]: [`SENDFILE_READ_MIN`] bytes or
+/// more, from an export that can be sent from ([`Export::sendfile`]), whose pages the page
+/// cache holds now (so that `sendfile` will not wait for the disk, unless the kernel evicts
+/// one meanwhile).
+pub fn may_send_from_cache(export: &Export, req: &Request) -> bool {
+    req.kind == CMD_READ
+        && req.length >= SENDFILE_READ_MIN
+        && export.sendfile
+        && export.is_cached(req.offset, req.length)
+}
+
+/// The reply to READ `req` as its header alone, in `head`, and its data as a [`FileTail`]
+/// (one simple reply, or one DONE `OFFSET_DATA` chunk).
+pub fn tail_reply(export: &Export, req: &Request, framing: Framing, mut head: Vec<u8>) -> IoBuf {
+    fit(&mut head, framing.read_prefix());
+    // Admitted reads are at most MAX_PAYLOAD long.
+    framing.write_read_prefix(&mut head, req, req.offset, req.length as u32);
+    IoBuf {
+        tail: Some(FileTail {
+            file: export.file().clone(),
+            offset: req.offset,
+            len: req.length as usize,
+        }),
+        ..IoBuf::from(head)
+    }
 }
 
 /// Whether a READ looks for holes, to send them as hole chunks: a structured read of
