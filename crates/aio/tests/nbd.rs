@@ -3970,12 +3970,29 @@ fn served_at_once(stopped: &str) -> (u64, u64) {
 }
 
 /// Writes `path` back and drops its pages from the page cache (`POSIX_FADV_DONTNEED`), so that
-/// reads must wait for the disk. Linux only, as the server.
-fn drop_from_page_cache(path: &std::path::Path) {
+/// reads must wait for the disk. Linux only, as the server. False if `fincore` still counts
+/// some of the file resident after several tries: DONTNEED skips a page (on ext4 since Linux
+/// 6.16, a large folio of up to 2 MiB) that someone holds a reference to at that moment, the
+/// kernel's own DAMON included, and then a read meant to be cold may find its data cached (seen
+/// once in CI, with every "cold" 4 KiB read cached). True when it cannot be checked (no
+/// `fincore`).
+fn drop_from_page_cache(path: &std::path::Path) -> bool {
     let image = std::fs::File::open(path).unwrap();
-    image.sync_all().unwrap();
-    #[cfg(target_os = "linux")]
-    rustix::fs::fadvise(&image, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    for _ in 0..20 {
+        image.sync_all().unwrap();
+        #[cfg(target_os = "linux")]
+        rustix::fs::fadvise(&image, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        match resident_bytes(path) {
+            None | Some(0) => return true,
+            Some(_) => thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    let left = resident_bytes(path).unwrap_or(0);
+    eprintln!(
+        "{left} bytes of {} stayed in the page cache",
+        path.display()
+    );
+    false
 }
 
 /// Sends `ranges` as READs all at once and checks every reply against `data`.
@@ -4020,7 +4037,7 @@ fn cached_small_reads_are_served_at_once_and_the_others_by_the_pool() {
     pipelined_reads_match(&mut c, &ranges(0, 4096, 16), &data);
     // Written back, then dropped from the page cache: the reads must wait for the disk. Half
     // a MiB apart, beyond each other's readahead.
-    drop_from_page_cache(&f.image);
+    let dropped = drop_from_page_cache(&f.image);
     pipelined_reads_match(&mut c, &ranges(MIB, 512 * KIB, 6), &data);
     // Over 64 KiB, with another behind it: the pool.
     pipelined_reads_match(&mut c, &[(0, 128 * KIB as u32), (8192, 4096)], &data);
@@ -4032,8 +4049,12 @@ fn cached_small_reads_are_served_at_once_and_the_others_by_the_pool() {
         // The first of a batch may find nothing behind it yet (if it came in a read of its
         // own); the rest were cached and not alone.
         assert!(at_once >= 8, "{stopped}");
-        // DONTNEED may leave a page behind, but not every one; the big read never counts.
-        assert!(at_once < 16 + 6 + 1, "{stopped}");
+        // The big read never counts, nor do the reads of dropped pages.
+        if dropped {
+            assert!(at_once < 16 + 6 + 1, "{stopped}");
+        } else {
+            eprintln!("skipped the cold reads' check: the page cache kept some of the image");
+        }
     } else {
         // The other engines take every READ (`--cache none`: O_DIRECT, or the pool).
         assert_eq!(at_once, 0, "{ready}\n{stopped}");
@@ -4150,14 +4171,18 @@ fn large_cached_reads_are_sent_from_the_page_cache() {
     // Out of the page cache: the pool reads them. 12 MiB apart, beyond each other's readahead.
     let mut f = fixture("sendfile-cold", SIZE, |c| c.contexts(1));
     std::fs::write(&f.image, &data).unwrap();
-    drop_from_page_cache(&f.image);
+    let dropped = drop_from_page_cache(&f.image);
     let mut c = f.srv.client();
     for at in [MIB, 13 * MIB, 25 * MIB, 37 * MIB] {
         assert!(c.read(at as u64, 256 * KIB as u32).unwrap() == data[at..at + 256 * KIB]);
     }
     c.disconnect().unwrap();
     let stopped = stop_and_get_stopped_line(&mut f.srv);
-    assert_eq!(sent_from_file(&stopped), 0, "{stopped}");
+    if dropped {
+        assert_eq!(sent_from_file(&stopped), 0, "{stopped}");
+    } else {
+        eprintln!("skipped the cold reads' check: the page cache kept some of the image");
+    }
 }
 
 #[test]
