@@ -192,13 +192,14 @@ pub fn read_by_sendfile(
     framing: Framing,
     bufs: &BufPool,
 ) -> Option<IoBuf> {
-    if io.engine() != IoEngine::Threads || !session::may_send_from_cache(export, req) {
+    let holes = session::looks_for_holes(framing, req);
+    if io.engine() != IoEngine::Threads
+        || (holes && export.is_being_changed())
+        || !session::may_send_from_cache(export, req)
+    {
         return None;
     }
-    if session::looks_for_holes(framing, req) {
-        if export.is_being_changed() {
-            return None;
-        }
+    if holes {
         // Two runs at most: one that covers the whole request is all data.
         let runs = export.allocation(req.offset, req.length, 2).ok()?;
         if !matches!(runs[..], [Run { hole: false, len }] if len == req.length) {

@@ -529,9 +529,9 @@ fn read_reply(
 }
 
 /// The smallest READ whose data may be sent from the page cache with `sendfile`: above
-/// `file_io::NOWAIT_READ_MAX`, where copying the data costs more than the trip to a worker
-/// saves.
-pub const SENDFILE_READ_MIN: u64 = (64 << 10) + 1;
+/// [`NOWAIT_READ_MAX`](crate::file_io::NOWAIT_READ_MAX), where copying the data costs more
+/// than the trip to a worker saves.
+pub const SENDFILE_READ_MIN: u64 = crate::file_io::NOWAIT_READ_MAX + 1;
 
 /// Whether READ `req` may be answered with a [`FileTail`]: [`SENDFILE_READ_MIN`] bytes or
 /// more, from an export that can be sent from ([`Export::sendfile`]), whose pages the page
