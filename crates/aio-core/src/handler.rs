@@ -90,6 +90,9 @@ pub(crate) struct HandlerNode {
     pub(crate) poll: PollCallbacks,
     /// Whether the handler can be served by userspace polling (see [`Self::can_poll`]).
     pollable: bool,
+    /// Whether it takes part in polling through the backend, without a poll function
+    /// ([`HandlerBuilder::poll_in_backend`]).
+    pub(crate) backend_polled: bool,
     /// Its polling window or estimate (QEMU `AioPolledEvent`).
     pub(crate) window: Cell<Window>,
     /// Whether it is in the context's poll set (QEMU `node_poll` inserted).
@@ -163,6 +166,13 @@ impl HandlerNode {
     /// handler that is not polled is always waited for.
     pub(crate) fn can_poll(&self) -> bool {
         self.pollable
+    }
+
+    /// Whether the handler joins the poll set with no poll function of its own, its readiness
+    /// seen by a backend that shows it in userspace ([`HandlerBuilder::poll_in_backend`]).
+    /// Polling never counts it as polled, so a zero-timeout iteration still waits for it.
+    pub(crate) fn polls_in_backend(&self) -> bool {
+        self.backend_polled && !self.pollable
     }
 
     /// Runs the poll function (`None` if there is none or it is already running).
@@ -394,6 +404,7 @@ pub struct HandlerBuilder<'c> {
     read: Option<IoCallback>,
     write: Option<IoCallback>,
     poll: PollCallbacks,
+    poll_in_backend: bool,
     external: bool,
     gate: Option<Arc<Gate>>,
 }
@@ -406,6 +417,7 @@ impl<'c> HandlerBuilder<'c> {
             read: None,
             write: None,
             poll: PollCallbacks::default(),
+            poll_in_backend: false,
             external: false,
             gate: None,
         }
@@ -507,6 +519,39 @@ impl<'c> HandlerBuilder<'c> {
         self
     }
 
+    /// Lets the handler take part in adaptive polling with no poll function, on a backend
+    /// that shows fd readiness in userspace (io_uring, whose completion ring the polling loop
+    /// reads: [`FdMonitor::must_wait`](crate::FdMonitor::must_wait) answers `Some`). Not a
+    /// QEMU feature: QEMU polls only handlers with an `io_poll`.
+    ///
+    /// Such a handler joins the poll set when its fd is dispatched, as a handler with a poll
+    /// function does, so its activity opens and sizes the polling window; while the loop
+    /// busy-polls, its fd becoming ready ends the phase as soon as the kernel posts it, and
+    /// its read or write callback then runs as after any wait (there is no poll-ready
+    /// callback). It leaves the set after 7 s without being dispatched. A socket served
+    /// request by request (a storage protocol at queue depth 1) is the use: the loop catches
+    /// the next request in the ring instead of going to sleep and being woken for it.
+    ///
+    /// On poll and epoll, which cannot show readiness without a system call, it has no
+    /// effect: polling could only spin past the fd, so the handler never joins. A handler
+    /// that has [`on_poll`](Self::on_poll) and [`on_poll_ready`](Self::on_poll_ready) is
+    /// polled through them, and this changes nothing.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// let (sock, _peer) = std::os::unix::net::UnixStream::pair()?;
+    /// let _h = ctx
+    ///     .fd_handler(&sock)
+    ///     .on_read(|_| { /* read a request */ })
+    ///     .poll_in_backend()
+    ///     .register()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn poll_in_backend(mut self) -> Self {
+        self.poll_in_backend = true;
+        self
+    }
+
     /// Marks the handler as serving an external client (QEMU `is_external`): it is neither
     /// watched nor dispatched while [`AioContext::disable_external`] is in force.
     pub fn external(mut self, external: bool) -> Self {
@@ -584,6 +629,7 @@ impl<'c> HandlerBuilder<'c> {
                 read: self.read,
                 write: self.write,
                 poll: self.poll,
+                poll_in_backend: self.poll_in_backend,
                 external: self.external,
                 kind: NodeKind::User,
                 gate: self.gate,
@@ -598,6 +644,7 @@ impl fmt::Debug for HandlerBuilder<'_> {
             .field("fd", &self.fd)
             .field("read", &self.read.is_some())
             .field("write", &self.write.is_some())
+            .field("poll_in_backend", &self.poll_in_backend)
             .field("external", &self.external)
             .finish()
     }
@@ -609,6 +656,7 @@ pub(crate) struct NodeParts {
     pub(crate) read: Option<IoCallback>,
     pub(crate) write: Option<IoCallback>,
     pub(crate) poll: PollCallbacks,
+    pub(crate) poll_in_backend: bool,
     pub(crate) external: bool,
     pub(crate) kind: NodeKind,
     pub(crate) gate: Option<Arc<Gate>>,
@@ -627,6 +675,7 @@ impl NodeParts {
             write: Cell::new(self.write),
             poll: self.poll,
             pollable,
+            backend_polled: self.poll_in_backend,
             window: Cell::new(Window::default()),
             in_poll_set: Cell::new(false),
             idle_deadline: Cell::new(None),
@@ -789,6 +838,7 @@ struct RemoteParts {
     poll_ready: Option<SendIoCallback>,
     poll_begin: Option<Box<dyn FnMut() + Send>>,
     poll_end: Option<Box<dyn FnMut() + Send>>,
+    poll_in_backend: bool,
     external: bool,
 }
 
@@ -805,6 +855,7 @@ impl RemoteParts {
             .begin
             .set(self.poll_begin.map(|f| f as PollModeCallback));
         b.poll.end.set(self.poll_end.map(|f| f as PollModeCallback));
+        b.poll_in_backend = self.poll_in_backend;
         b.external = self.external;
         b
     }
@@ -854,6 +905,12 @@ impl RemoteHandlerBuilder {
     /// removal.
     pub fn on_poll_end(mut self, f: impl FnMut() + Send + 'static) -> Self {
         self.parts.poll_end = Some(Box::new(f));
+        self
+    }
+
+    /// As [`HandlerBuilder::poll_in_backend`].
+    pub fn poll_in_backend(mut self) -> Self {
+        self.parts.poll_in_backend = true;
         self
     }
 

@@ -2847,14 +2847,29 @@ fn stop_and_get_stopped_line(srv: &mut Server) -> String {
         .expect("a stopped line")
 }
 
-/// `(hits, misses)` from a stopped line's `; polling: H hits, M misses, T ms`.
-fn polling_counts(stopped: &str) -> Option<(u64, u64)> {
+/// `(hits, misses, ended by the ring)` from a stopped line's
+/// `; polling: H hits, M misses (R ended by the ring), T ms`.
+fn polling_counts(stopped: &str) -> Option<(u64, u64, u64)> {
     let rest = stopped.split_once("; polling: ")?.1;
     let words: Vec<&str> = rest.split_whitespace().collect();
     match words.as_slice() {
-        [hits, "hits,", misses, "misses,", _ms, "ms"] => {
-            Some((hits.parse().ok()?, misses.parse().ok()?))
-        }
+        [
+            hits,
+            "hits,",
+            misses,
+            "misses",
+            ring,
+            "ended",
+            "by",
+            "the",
+            "ring),",
+            _ms,
+            "ms",
+        ] => Some((
+            hits.parse().ok()?,
+            misses.parse().ok()?,
+            ring.strip_prefix('(')?.parse().ok()?,
+        )),
         _ => None,
     }
 }
@@ -2885,6 +2900,51 @@ fn weighted_polling_options_are_applied_and_serve() {
     f.assert_serves();
     let stopped = stop_and_get_stopped_line(&mut f.srv);
     assert!(polling_counts(&stopped).is_some(), "{stopped}");
+}
+
+/// Under `--aio io_uring` with polling on, the sockets poll in the backend
+/// (`HandlerBuilder::poll_in_backend`): requests sent one at a time end polling phases in the
+/// ring, and the stopped line counts them; in both engines.
+#[test]
+fn io_uring_polling_sees_requests_in_the_ring() {
+    if let Err(why) = support::server::io_mode_works("io_uring") {
+        println!("skipped: {why}");
+        return;
+    }
+    for engine in ["callbacks", "tasks"] {
+        // QEMU 10's rule with a 10 ms maximum: the gaps between requests, far shorter, open
+        // the window within a few requests.
+        let mut f = fixture(&format!("poll-ring-{engine}"), MIB, |c| {
+            c.contexts(1)
+                .default_engine()
+                .args_extra(&[
+                    "--aio",
+                    "io_uring",
+                    "--engine",
+                    engine,
+                    "--poll-max-ns",
+                    "10000000",
+                    "--poll-policy",
+                    "qemu10",
+                ])
+                .env(POLL_ENV, None)
+        });
+        let mut c = f.srv.client();
+        let on_disk = f.disk(0, 64 * 1024);
+        for i in 0..300u64 {
+            let off = (i % 16) * 4096;
+            let got = c.read(off, 4096).unwrap();
+            assert_eq!(
+                got,
+                on_disk[off as usize..off as usize + 4096],
+                "{engine} read {i}"
+            );
+        }
+        c.disconnect().unwrap();
+        let stopped = stop_and_get_stopped_line(&mut f.srv);
+        let (_, misses, ring) = polling_counts(&stopped).expect(&stopped);
+        assert!(ring > 0 && ring <= misses, "{engine}: {stopped}");
+    }
 }
 
 #[test]
@@ -4645,6 +4705,7 @@ const ENGINE_INDEPENDENT: &[&str] = &[
     "cache_none_keeps_aligned_io_out_of_the_page_cache",
     "cache_none_serves_overlapping_aligned_and_unaligned_writes",
     "bad_poll_options_exit_2_with_a_message",
+    "io_uring_polling_sees_requests_in_the_ring",
     "help_and_version_print_on_stdout_and_exit_0",
 ];
 

@@ -300,6 +300,8 @@ macro_rules! polling_tests {
             poll_windows_are_per_handler,
             #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             poll_fd_only_handler_next_to_polled_one_runs,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
+            poll_in_backend_joins_only_where_readiness_shows,
             poll_callback_removes_its_own_handler,
             poll_params_from_another_thread_take_effect,
             poll_remote_schedule_seen_while_polling,

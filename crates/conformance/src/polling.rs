@@ -600,6 +600,120 @@ pub fn poll_fd_only_handler_next_to_polled_one_runs(make: MakeContext) {
     assert!(!wd.fired(), "a blocking poll hung");
 }
 
+/// `poll_in_backend`: a handler with no poll function joins the poll set on a backend that
+/// shows fd readiness in userspace (io_uring), and a polling phase then ends as soon as its fd
+/// is ready (`poll_backend_ends`), its read callback running in the same `poll`; on the other
+/// backends it never joins and the loop never polls for it.
+pub fn poll_in_backend_joins_only_where_readiness_shows(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let wd = Watchdog::new(ctx.handle());
+    // QEMU 10's rule, growing 255-fold: a handful of 5 ms block times open a window of
+    // hundreds of ms, under the 1 s maximum.
+    ctx.set_poll_params(
+        aio_core::PollParams::new(Duration::from_secs(1))
+            .policy(aio_core::PollPolicy::Qemu10)
+            .grow(255),
+    )
+    .unwrap();
+    let shows_readiness = ctx.backend() == "io_uring";
+    let (a, b) = socket_pair();
+    let reads = Rc::new(Cell::new(0u32));
+    let (r, mut reader) = (reads.clone(), b.try_clone().unwrap());
+    let handler = ctx
+        .fd_handler(&b)
+        .on_read(move |_| {
+            assert!(read_all_available(&mut reader) > 0, "spurious read");
+            r.set(r.get() + 1);
+        })
+        .poll_in_backend()
+        .register()
+        .unwrap();
+    let in_set = |ctx: &AioContext| ctx.stats().poll_set.iter().any(|p| p.key == handler.key());
+    // A byte 5 ms into each blocking poll, from another thread.
+    let mut a = Some(a);
+    let mut delayed_byte = |ctx: &AioContext| {
+        let mut w = a.take().unwrap();
+        let writer = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(5));
+            w.write_all(b"x").unwrap();
+            w
+        });
+        let before = reads.get();
+        while reads.get() == before {
+            ctx.poll();
+        }
+        a = Some(writer.join().unwrap());
+    };
+    delayed_byte(&ctx);
+    assert_eq!(in_set(&ctx), shows_readiness, "{}", ctx.backend());
+    for _ in 0..4 {
+        delayed_byte(&ctx);
+    }
+    let stats = ctx.stats();
+    if shows_readiness {
+        assert!(
+            ctx.poll_window() >= Duration::from_millis(100),
+            "{:?}",
+            ctx.poll_window()
+        );
+        // The window is far longer than the 5 ms wait: the next byte ends a polling phase.
+        flush(&ctx);
+        let ends = stats.poll_backend_ends;
+        delayed_byte(&ctx);
+        let after = ctx.stats();
+        assert_eq!(
+            after.poll_backend_ends,
+            ends + 1,
+            "the byte ended the phase"
+        );
+        assert_eq!(
+            after.poll_hits, stats.poll_hits,
+            "no poll function found it"
+        );
+        assert!(after.poll_time > stats.poll_time);
+        assert!(
+            after.poll_time - stats.poll_time < Duration::from_millis(500),
+            "polled {:?}, not the whole window",
+            after.poll_time - stats.poll_time
+        );
+    } else {
+        assert_eq!(
+            (
+                stats.poll_time,
+                stats.poll_hits,
+                stats.poll_misses,
+                stats.poll_backend_ends
+            ),
+            (Duration::ZERO, 0, 0, 0),
+            "nothing to poll on {}",
+            ctx.backend()
+        );
+    }
+    assert_eq!(reads.get(), if shows_readiness { 6 } else { 5 });
+
+    // The same through a `ContextHandle` (registered at once on the home thread).
+    let (mut c, d) = socket_pair();
+    let remote_reads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let (rr, mut reader) = (remote_reads.clone(), d.try_clone().unwrap());
+    let remote = ctx
+        .handle()
+        .fd_handler(&d)
+        .on_read(move |_| {
+            assert!(read_all_available(&mut reader) > 0, "spurious read");
+            rr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        })
+        .poll_in_backend()
+        .register()
+        .unwrap();
+    c.write_all(b"x").unwrap();
+    while remote_reads.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        ctx.poll();
+    }
+    let remote_in_set = ctx.stats().poll_set.iter().any(|p| p.key == remote.key());
+    assert_eq!(remote_in_set, shows_readiness, "{}", ctx.backend());
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
 /// A poll-ready callback and a poll function that remove their own handler: neither runs
 /// again, and the handler's closures are freed.
 pub fn poll_callback_removes_its_own_handler(make: MakeContext) {

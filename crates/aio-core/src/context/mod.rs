@@ -228,6 +228,7 @@ impl AioContext {
             read: None,
             write: None,
             poll: PollCallbacks::default(),
+            poll_in_backend: false,
             external: false,
             kind: NodeKind::Notifier,
             gate: None,
@@ -276,6 +277,7 @@ impl AioContext {
             poll_time: Duration::from_nanos(inner.polling.time_ns.get()),
             poll_hits: inner.polling.hits.get(),
             poll_misses: inner.polling.misses.get(),
+            poll_backend_ends: inner.polling.backend_ends.get(),
             iterations: inner.iterations.get(),
             bh_calls: inner.bh_calls.get(),
             handler_calls: inner.handler_calls.get(),
@@ -599,6 +601,10 @@ pub struct Stats {
     /// the backend (`must_wait`: io_uring completions); the iteration then waited in the
     /// backend.
     pub poll_misses: u64,
+    /// Of [`poll_misses`](Self::poll_misses), the phases the backend cut short because it had
+    /// something to reap: an io_uring completion, among them the readiness of an fd whose
+    /// handler polls in the backend ([`HandlerBuilder::poll_in_backend`](crate::HandlerBuilder::poll_in_backend)).
+    pub poll_backend_ends: u64,
     /// Loop iterations: `poll`s of every kind (nested ones included) and outer-loop
     /// `dispatch`es.
     pub iterations: u64,

@@ -47,6 +47,8 @@ pub(super) struct Polling {
     pub(super) time_ns: Cell<u64>,
     pub(super) hits: Cell<u64>,
     pub(super) misses: Cell<u64>,
+    /// Of the misses, the phases that the backend cut short (`must_wait`).
+    pub(super) backend_ends: Cell<u64>,
 }
 
 impl Inner {
@@ -229,11 +231,14 @@ impl Inner {
         let start = Instant::now();
         // One snapshot for the whole phase: no borrow or clone per member per round.
         let members = self.members();
-        let (polled, elapsed) = loop {
+        let (polled, elapsed, by_backend) = loop {
             let polled = self.poll_round(&members, hits);
             let elapsed = start.elapsed();
-            if !hits.is_empty() || elapsed >= window || self.backend_must_wait() {
-                break (polled, elapsed);
+            if !hits.is_empty() || elapsed >= window {
+                break (polled, elapsed, false);
+            }
+            if self.backend_must_wait() {
+                break (polled, elapsed, true);
             }
         };
         self.recycle_members(members);
@@ -244,12 +249,24 @@ impl Inner {
             .set(polling.time_ns.get() + elapsed.as_nanos() as u64);
         if hits.is_empty() {
             polling.misses.set(polling.misses.get() + 1);
+            if by_backend {
+                polling.backend_ends.set(polling.backend_ends.get() + 1);
+            }
             *timeout = timeout.map(|t| t.saturating_sub(elapsed));
         } else {
             polling.hits.set(polling.hits.get() + 1);
             *timeout = Some(Duration::ZERO);
         }
         polled
+    }
+
+    /// Whether the backend shows fd readiness in userspace (`must_wait` is `Some`), so that a
+    /// member without a poll function ([`HandlerNode::polls_in_backend`]) ends a polling phase
+    /// when its fd is ready. False while the monitor is borrowed (a backend's own callback).
+    fn backend_shows_readiness(&self) -> bool {
+        self.monitor
+            .try_borrow()
+            .is_ok_and(|m| m.must_wait().is_some())
     }
 
     /// Whether the backend knows it has something only its wait delivers (`must_wait` is
@@ -317,7 +334,19 @@ impl Inner {
     /// A handler dispatched because its fd was ready joins the poll set, if it can be polled
     /// ("activity is likely to continue").
     pub(super) fn join_poll_set(&self, node: &Rc<HandlerNode>) {
-        if node.deleted.get() || node.in_poll_set.get() || !node.can_poll() {
+        if node.deleted.get() {
+            return;
+        }
+        if node.in_poll_set.get() {
+            if node.polls_in_backend() {
+                // Dispatched from readiness: the member is active, as a poll hit says for a
+                // member with a poll function; the next polling phase restarts its 7 s.
+                node.idle_deadline.set(None);
+            }
+            return;
+        }
+        let joins = node.can_poll() || (node.polls_in_backend() && self.backend_shows_readiness());
+        if !joins {
             return;
         }
         node.in_poll_set.set(true);

@@ -44,6 +44,8 @@ struct State {
     /// Directions the handler watches (empty: no handler).
     registered: Cell<Interest>,
     handler: RefCell<Option<FdHandler>>,
+    /// Whether the handler polls in the backend ([`AsyncFd::poll_in_backend`]).
+    poll_in_backend: Cell<bool>,
     read_waiters: RefCell<Waiters>,
     write_waiters: RefCell<Waiters>,
     next_id: Cell<u64>,
@@ -82,6 +84,9 @@ impl State {
             Ok(())
         } else {
             let mut builder = HandlerBuilder::new(ctx, self.fd);
+            if self.poll_in_backend.get() {
+                builder = builder.poll_in_backend();
+            }
             for dir in [Interest::READ, Interest::WRITE] {
                 if !want.contains(dir) {
                     continue;
@@ -289,6 +294,7 @@ impl<T: AsFd> AsyncFd<T> {
                 ready: Cell::new(Interest::empty()),
                 registered: Cell::new(Interest::empty()),
                 handler: RefCell::new(None),
+                poll_in_backend: Cell::new(false),
                 read_waiters: RefCell::new(Vec::new()),
                 write_waiters: RefCell::new(Vec::new()),
                 next_id: Cell::new(0),
@@ -361,6 +367,23 @@ impl<T: AsFd> AsyncFd<T> {
     /// ```
     pub fn interest(&self) -> Interest {
         self.state.registered.get()
+    }
+
+    /// Makes the fd's handler take part in adaptive polling through the backend, with no
+    /// poll function ([`HandlerBuilder::poll_in_backend`]: on io_uring only): from the next
+    /// time the handler is registered, which is the first await of readiness when this is
+    /// called right after [`with_context`](Self::with_context).
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    /// let a = aio_core::task::fd::AsyncFd::with_context(&ctx, a)?.poll_in_backend();
+    /// assert!(a.interest().is_empty(), "registered at the first await");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn poll_in_backend(self) -> Self {
+        self.state.poll_in_backend.set(true);
+        self
     }
 
     /// Waits until the loop reports the fd readable (or hung up, or in error), unless it is

@@ -55,7 +55,8 @@ pub fn start(
     slot: ClientSlot,
     shard: &Rc<Shard>,
 ) {
-    let sock = match AsyncFd::with_context(ctx, sock) {
+    // On io_uring, a polling loop sees the next request in the ring (no-op elsewhere).
+    let sock = match AsyncFd::with_context(ctx, sock).map(AsyncFd::poll_in_backend) {
         Ok(sock) => sock,
         Err(e) => {
             // The backend refused the socket: drop the client rather than never serve it.

@@ -1031,7 +1031,8 @@ impl Conn {
             return;
         }
         let sock = self.sock.as_ref().expect("checked above");
-        let mut builder = ctx.fd_handler(sock);
+        // On io_uring, a polling loop sees the next request in the ring (no-op elsewhere).
+        let mut builder = ctx.fd_handler(sock).poll_in_backend();
         if want.0 {
             let weak = self.weak.clone();
             builder = builder.on_read(move |ctx| {

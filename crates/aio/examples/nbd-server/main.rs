@@ -27,7 +27,8 @@
 //! * **Polling.** `--poll-max-ns` and its companions set the adaptive-polling parameters of
 //!   every context (QEMU's IOThread `poll-max-ns`, `poll-grow`, `poll-shrink`, `poll-weight`);
 //!   off by default, as in QEMU. The ready line says what each context got, the stopped line
-//!   what polling did.
+//!   what polling did. Client sockets poll in the backend (`poll_in_backend`): under
+//!   `--aio io_uring` a polling loop sees the next request in its completion ring.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
 //!   request has completed. While N are held, `--shared N` stops accepting (as qemu-nbd -e):
 //!   more clients wait in the listen queue until a slot is given back. As qemu-nbd without
@@ -589,9 +590,10 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         String::new()
     } else {
         format!(
-            "; polling: {} hits, {} misses, {} ms",
+            "; polling: {} hits, {} misses ({} ended by the ring), {} ms",
             total.poll_hits,
             total.poll_misses,
+            total.poll_ring_ends,
             total.poll_time.as_millis()
         )
     };
@@ -682,6 +684,9 @@ struct Tally {
     sendfile_reads: u64,
     poll_hits: u64,
     poll_misses: u64,
+    /// Of the misses, the polling phases that ended on a completion or a socket's readiness
+    /// in the ring (io_uring).
+    poll_ring_ends: u64,
     poll_time: Duration,
 }
 
@@ -696,6 +701,7 @@ impl Tally {
             sendfile_reads: shard.sendfile_reads.get(),
             poll_hits: stats.poll_hits,
             poll_misses: stats.poll_misses,
+            poll_ring_ends: stats.poll_backend_ends,
             poll_time: stats.poll_time,
         }
     }
@@ -708,6 +714,7 @@ impl Tally {
         self.sendfile_reads += other.sendfile_reads;
         self.poll_hits += other.poll_hits;
         self.poll_misses += other.poll_misses;
+        self.poll_ring_ends += other.poll_ring_ends;
         self.poll_time += other.poll_time;
     }
 }
