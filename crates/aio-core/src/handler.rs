@@ -170,7 +170,8 @@ impl HandlerNode {
 
     /// Whether the handler joins the poll set with no poll function of its own, its readiness
     /// seen by a backend that shows it in userspace ([`HandlerBuilder::poll_in_backend`]).
-    /// Polling never counts it as polled, so a zero-timeout iteration still waits for it.
+    /// Polling never calls or counts it: a zero-timeout iteration that polled skips the
+    /// backend's wait only if the backend says it has nothing (`must_wait`).
     pub(crate) fn polls_in_backend(&self) -> bool {
         self.backend_polled && !self.pollable
     }

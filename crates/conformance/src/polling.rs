@@ -511,14 +511,10 @@ pub fn poll_windows_are_per_handler(make: MakeContext) {
 
     // A slow handler: another thread makes it readable 300 ms into a blocking poll.
     let (mut a, b) = socket_pair();
-    let slow_reads = Rc::new(Cell::new(0u32));
-    let (sr, mut reader) = (slow_reads.clone(), b.try_clone().unwrap());
+    let (slow_reads, read) = counting_reader(&b);
     let _slow = ctx
         .fd_handler(&b)
-        .on_read(move |_| {
-            assert!(read_all_available(&mut reader) > 0, "spurious read");
-            sr.set(sr.get() + 1);
-        })
+        .on_read(read)
         .on_poll(|| false)
         .on_poll_ready(|_| panic!("the slow handler's poll never finds work"))
         .register()
@@ -570,16 +566,8 @@ pub fn poll_fd_only_handler_next_to_polled_one_runs(make: MakeContext) {
         "dispatched by readiness: joins the poll set"
     );
     let (mut a, b) = socket_pair();
-    let reads = Rc::new(Cell::new(0u32));
-    let (r, mut reader) = (reads.clone(), b.try_clone().unwrap());
-    let _plain = ctx
-        .fd_handler(&b)
-        .on_read(move |_| {
-            assert!(read_all_available(&mut reader) > 0, "spurious read");
-            r.set(r.get() + 1);
-        })
-        .register()
-        .unwrap();
+    let (reads, read) = counting_reader(&b);
+    let _plain = ctx.fd_handler(&b).on_read(read).register().unwrap();
     // A non-blocking poll does not poll, so it finds nothing even though the busy handler
     // always has work.
     flush(&ctx);
@@ -617,24 +605,20 @@ pub fn poll_in_backend_joins_only_where_readiness_shows(make: MakeContext) {
     .unwrap();
     let shows_readiness = ctx.backend() == "io_uring";
     let (a, b) = socket_pair();
-    let reads = Rc::new(Cell::new(0u32));
-    let (r, mut reader) = (reads.clone(), b.try_clone().unwrap());
+    let (reads, read) = counting_reader(&b);
     let handler = ctx
         .fd_handler(&b)
-        .on_read(move |_| {
-            assert!(read_all_available(&mut reader) > 0, "spurious read");
-            r.set(r.get() + 1);
-        })
+        .on_read(read)
         .poll_in_backend()
         .register()
         .unwrap();
     let in_set = |ctx: &AioContext| ctx.stats().poll_set.iter().any(|p| p.key == handler.key());
-    // A byte 5 ms into each blocking poll, from another thread.
+    // A byte `ms` into a blocking poll, from another thread.
     let mut a = Some(a);
-    let mut delayed_byte = |ctx: &AioContext| {
+    let mut delayed_byte = |ctx: &AioContext, ms: u64| {
         let mut w = a.take().unwrap();
         let writer = thread::spawn(move || {
-            thread::sleep(Duration::from_millis(5));
+            thread::sleep(Duration::from_millis(ms));
             w.write_all(b"x").unwrap();
             w
         });
@@ -644,10 +628,10 @@ pub fn poll_in_backend_joins_only_where_readiness_shows(make: MakeContext) {
         }
         a = Some(writer.join().unwrap());
     };
-    delayed_byte(&ctx);
+    delayed_byte(&ctx, 5);
     assert_eq!(in_set(&ctx), shows_readiness, "{}", ctx.backend());
     for _ in 0..4 {
-        delayed_byte(&ctx);
+        delayed_byte(&ctx, 5);
     }
     let stats = ctx.stats();
     if shows_readiness {
@@ -656,10 +640,10 @@ pub fn poll_in_backend_joins_only_where_readiness_shows(make: MakeContext) {
             "{:?}",
             ctx.poll_window()
         );
-        // The window is far longer than the 5 ms wait: the next byte ends a polling phase.
+        // The window is far longer than a 20 ms wait: the next byte ends a polling phase.
         flush(&ctx);
         let ends = stats.poll_backend_ends;
-        delayed_byte(&ctx);
+        delayed_byte(&ctx, 20);
         let after = ctx.stats();
         assert_eq!(
             after.poll_backend_ends,
@@ -675,6 +659,50 @@ pub fn poll_in_backend_joins_only_where_readiness_shows(make: MakeContext) {
             after.poll_time - stats.poll_time < Duration::from_millis(500),
             "polled {:?}, not the whole window",
             after.poll_time - stats.poll_time
+        );
+
+        // A timer 20 ms away caps the window: that phase ends by the clock, not the backend.
+        let fired = Arc::new(AtomicBool::new(false));
+        let f = fired.clone();
+        let timer = ctx.timer(
+            aio_core::ClockType::Realtime,
+            aio_core::Scale::NS,
+            move || f.store(true, SeqCst),
+        );
+        flush(&ctx);
+        let before = ctx.stats();
+        timer.arm_after(Duration::from_millis(20));
+        while !fired.load(SeqCst) {
+            ctx.poll();
+        }
+        let after = ctx.stats();
+        assert_eq!(
+            after.poll_backend_ends, before.poll_backend_ends,
+            "ended by the clock"
+        );
+        assert!(after.poll_misses > before.poll_misses);
+
+        // A BH scheduled from another thread during a phase (a notify that writes no eventfd,
+        // the notifier not being in the poll set) ends the phase at once, not after the
+        // window (about 261 ms here).
+        let window = ctx.poll_window();
+        assert!(window >= Duration::from_millis(200), "{window:?}");
+        flush(&ctx);
+        let ran = Arc::new(AtomicBool::new(false));
+        let (r, handle) = (ran.clone(), ctx.handle());
+        let scheduler = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            handle.schedule_oneshot(move || r.store(true, SeqCst));
+        });
+        let start = Instant::now();
+        while !ran.load(SeqCst) {
+            ctx.poll();
+        }
+        let took = start.elapsed();
+        scheduler.join().unwrap();
+        assert!(
+            took < window - Duration::from_millis(50),
+            "the BH ran after {took:?}, the window being {window:?}"
         );
     } else {
         assert_eq!(
@@ -693,20 +721,20 @@ pub fn poll_in_backend_joins_only_where_readiness_shows(make: MakeContext) {
 
     // The same through a `ContextHandle` (registered at once on the home thread).
     let (mut c, d) = socket_pair();
-    let remote_reads = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let remote_reads = Arc::new(AtomicU32::new(0));
     let (rr, mut reader) = (remote_reads.clone(), d.try_clone().unwrap());
     let remote = ctx
         .handle()
         .fd_handler(&d)
         .on_read(move |_| {
             assert!(read_all_available(&mut reader) > 0, "spurious read");
-            rr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            rr.fetch_add(1, SeqCst);
         })
         .poll_in_backend()
         .register()
         .unwrap();
     c.write_all(b"x").unwrap();
-    while remote_reads.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+    while remote_reads.load(SeqCst) == 0 {
         ctx.poll();
     }
     let remote_in_set = ctx.stats().poll_set.iter().any(|p| p.key == remote.key());

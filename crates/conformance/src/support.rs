@@ -306,6 +306,20 @@ pub(crate) fn read_all_available(s: &mut UnixStream) -> usize {
     }
 }
 
+/// A read callback for the socket `s` that reads all it has (failing the case on a read that
+/// finds nothing) and counts its calls in the returned cell.
+pub(crate) fn counting_reader(
+    s: &UnixStream,
+) -> (Rc<Cell<u32>>, impl FnMut(&AioContext) + 'static) {
+    let count = Rc::new(Cell::new(0u32));
+    let (c, mut reader) = (count.clone(), s.try_clone().expect("dup"));
+    let read = move |_: &AioContext| {
+        assert!(read_all_available(&mut reader) > 0, "spurious read");
+        c.set(c.get() + 1);
+    };
+    (count, read)
+}
+
 /// A number that is certainly not an open fd of this process, and stays so.
 ///
 /// It is made the way the brief of the case asks (a pipe's fd, closed), but first moved to a

@@ -602,7 +602,7 @@ pub struct Stats {
     /// backend.
     pub poll_misses: u64,
     /// Of [`poll_misses`](Self::poll_misses), the phases the backend cut short because it had
-    /// something to reap: an io_uring completion, among them the readiness of an fd whose
+    /// something to reap or submit: an io_uring completion, among them the readiness of an fd whose
     /// handler polls in the backend ([`HandlerBuilder::poll_in_backend`](crate::HandlerBuilder::poll_in_backend)).
     pub poll_backend_ends: u64,
     /// Loop iterations: `poll`s of every kind (nested ones included) and outer-loop

@@ -9,7 +9,9 @@
 //! parameters through `Shared::poll_params` (one packed word and a generation) and notify; the
 //! next iteration applies them. Busy polling happens before `notify_me` is raised, so a notify
 //! during it costs no eventfd write: the polling loop reads `notified` as the context
-//! notifier's poll function. The window arithmetic lives in `polling.rs`.
+//! notifier's poll function, and in every round whether or not the notifier is in the poll
+//! set (a notify that wrote no eventfd cannot bring it in), so a remote BH or task wake-up
+//! ends the phase at once. The window arithmetic lives in `polling.rs`.
 
 use super::{Inner, Shared};
 use crate::handler::{HandlerNode, NodeKind};
@@ -20,6 +22,19 @@ use std::io;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use timers::ClockType;
+
+/// Why a busy-polling phase ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PhaseEnd {
+    /// A member's poll found work.
+    Found,
+    /// `notified` was set (a notify during the phase, which writes no eventfd).
+    Notified,
+    /// The window ran out.
+    Window,
+    /// The backend has something only its wait delivers (`must_wait`).
+    Backend,
+}
 
 /// The home thread's adaptive-polling state (docs/qemu-semantics.md §4.3).
 #[derive(Default)]
@@ -91,9 +106,9 @@ impl Inner {
 
     /// Calls `node`'s poll function, or for the context's notifier reads `notified`. `None`
     /// when the node is not polled now (removed, paused, external and disabled, or its poll
-    /// function is already running).
+    /// function is already running) or has no poll function (it polls in the backend).
     fn poll_node(&self, node: &HandlerNode) -> Option<bool> {
-        if node.deleted.get() || node.poll_paused.get() {
+        if node.deleted.get() || node.poll_paused.get() || node.polls_in_backend() {
             return None;
         }
         match node.kind {
@@ -231,14 +246,22 @@ impl Inner {
         let start = Instant::now();
         // One snapshot for the whole phase: no borrow or clone per member per round.
         let members = self.members();
-        let (polled, elapsed, by_backend) = loop {
+        let (polled, elapsed, end) = loop {
             let polled = self.poll_round(&members, hits);
             let elapsed = start.elapsed();
-            if !hits.is_empty() || elapsed >= window {
-                break (polled, elapsed, false);
+            if !hits.is_empty() {
+                break (polled, elapsed, PhaseEnd::Found);
+            }
+            // Relaxed: a hint, as the notifier's own poll; the iteration's `begin_blocking`
+            // reads it again with the fence that orders it.
+            if self.shared.notified.load(Ordering::Relaxed) {
+                break (polled, elapsed, PhaseEnd::Notified);
+            }
+            if elapsed >= window {
+                break (polled, elapsed, PhaseEnd::Window);
             }
             if self.backend_must_wait() {
-                break (polled, elapsed, true);
+                break (polled, elapsed, PhaseEnd::Backend);
             }
         };
         self.recycle_members(members);
@@ -247,9 +270,13 @@ impl Inner {
         polling
             .time_ns
             .set(polling.time_ns.get() + elapsed.as_nanos() as u64);
-        if hits.is_empty() {
+        if end == PhaseEnd::Notified {
+            // Work for this iteration's BH pass (a remote schedule): no sleep.
+            polling.hits.set(polling.hits.get() + 1);
+            *timeout = Some(Duration::ZERO);
+        } else if hits.is_empty() {
             polling.misses.set(polling.misses.get() + 1);
-            if by_backend {
+            if end == PhaseEnd::Backend {
                 polling.backend_ends.set(polling.backend_ends.get() + 1);
             }
             *timeout = timeout.map(|t| t.saturating_sub(elapsed));
@@ -262,7 +289,7 @@ impl Inner {
 
     /// Whether the backend shows fd readiness in userspace (`must_wait` is `Some`), so that a
     /// member without a poll function ([`HandlerNode::polls_in_backend`]) ends a polling phase
-    /// when its fd is ready. False while the monitor is borrowed (a backend's own callback).
+    /// when its fd is ready. False should the monitor be borrowed (no caller does that).
     fn backend_shows_readiness(&self) -> bool {
         self.monitor
             .try_borrow()
