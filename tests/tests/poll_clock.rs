@@ -2,9 +2,10 @@
 //! cap, shrink, reset, weight, decay) and the 7 s idle rule, driven through a real context
 //! whose realtime clock is a [`VirtualClock`] that only the test moves.
 //!
-//! A scripted monitor wraps the poll backend and advances the clock by a chosen "block time"
-//! in each wait, so that every iteration's block time (docs/qemu-semantics.md §4.3: from the start of the
-//! iteration to the end of its wait) is exact, and the windows that follow are exact too.
+//! A scripted monitor wraps the poll backend (io_uring for a member that polls in the
+//! backend) and advances the clock by a chosen "block time" in each wait, so that every
+//! iteration's block time (docs/qemu-semantics.md §4.3: from the start of the iteration to the
+//! end of its wait) is exact, and the windows that follow are exact too.
 //! The busy loop itself still runs in real time (it is bounded in real time), but with poll
 //! functions that never find work it changes nothing that is checked here.
 
@@ -21,15 +22,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// The poll backend, with a clock advanced by `block` ns at each wait.
+/// A backend (poll, or io_uring for the members that poll in it), with a clock advanced by
+/// `block` ns at each wait.
 #[derive(Debug)]
-struct Scripted {
-    inner: PollMonitor,
+struct Scripted<M = PollMonitor> {
+    inner: M,
     clock: VirtualClock,
     block: Arc<AtomicU64>,
 }
 
-impl FdMonitor for Scripted {
+impl<M: FdMonitor> FdMonitor for Scripted<M> {
     fn name(&self) -> &'static str {
         "scripted-poll"
     }
@@ -39,6 +41,12 @@ impl FdMonitor for Scripted {
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
         self.clock.advance_ns(self.block.load(Ordering::Relaxed));
         self.inner.wait(ready, timeout)
+    }
+    fn must_wait(&self) -> Option<bool> {
+        self.inner.must_wait()
+    }
+    fn prepare_polling(&mut self) -> io::Result<()> {
+        self.inner.prepare_polling()
     }
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
         self.inner.outer_fds(out)
@@ -332,4 +340,93 @@ fn an_idle_member_leaves_the_poll_set_after_7_s_and_rejoins_on_its_next_dispatch
     // Its next fd dispatch brings it back, with a fresh window.
     rig.iterate(&h, 1);
     assert_eq!(rig.window_of(&h), Some(us(4)));
+}
+
+/// A member that polls in the backend (`poll_in_backend`, io_uring) is never found ready by a
+/// poll function, so its fd dispatches are what keep it in the poll set: each one restarts its
+/// 7 s, and it leaves 7 s after the first polling phase that follows its last dispatch.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_member_polling_in_the_backend_stays_while_dispatched_and_leaves_7_s_after() {
+    let inner = match fdmon_uring::UringMonitor::new() {
+        Ok(m) => m,
+        Err(e) => {
+            println!("skipped: no io_uring here ({e})");
+            return;
+        }
+    };
+    let clock = VirtualClock::new();
+    let block = Arc::new(AtomicU64::new(0));
+    let monitor = Scripted {
+        inner,
+        clock: clock.clone(),
+        block: block.clone(),
+    };
+    let clocks = GroupBuilder::new().manual_clock(ClockType::Realtime, clock);
+    let ctx = AioContext::with_clocks(Box::new(monitor), clocks).unwrap();
+    ctx.set_poll_params(PollParams::new(Duration::from_secs(60)).policy(PollPolicy::Qemu10))
+        .unwrap();
+    // Two sockets: `member` polls in the backend, `plain` is fd-only.
+    let socket = |backend: bool| {
+        let (writer, s) = UnixStream::pair().unwrap();
+        s.set_nonblocking(true).unwrap();
+        let reads = Rc::new(Cell::new(0u32));
+        let (r, mut reader) = (reads.clone(), s.try_clone().unwrap());
+        let mut b = ctx.fd_handler(&s).on_read(move |_| {
+            let mut buf = [0u8; 16];
+            assert!(std::io::Read::read(&mut reader, &mut buf).unwrap() > 0);
+            r.set(r.get() + 1);
+        });
+        if backend {
+            b = b.poll_in_backend();
+        }
+        (writer, s, b.register().unwrap(), reads)
+    };
+    let (mut member_w, _m, member, member_reads) = socket(true);
+    let (plain_w, _p, _plain, plain_reads) = socket(false);
+    let in_set = || ctx.stats().poll_set.iter().any(|p| p.key == member.key());
+    // One blocking poll that `w` ends with a byte written 20 ms in (so that a polling phase
+    // runs first, with nothing in the ring), its wait advancing the clock by `block_time`.
+    let wake = |w: &UnixStream, reads: &Rc<Cell<u32>>, block_time: Duration| {
+        let mut writer = w.try_clone().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            writer.write_all(b"x").unwrap();
+        });
+        // The clock moves in the first wait only, should the byte take more than one poll.
+        block.store(block_time.as_nanos() as u64, Ordering::Relaxed);
+        let before = reads.get();
+        ctx.poll();
+        block.store(0, Ordering::Relaxed);
+        while reads.get() == before {
+            ctx.poll();
+        }
+        t.join().unwrap();
+    };
+    let ms = Duration::from_millis;
+    member_w.write_all(b"x").unwrap();
+    block.store(1_000, Ordering::Relaxed);
+    assert!(ctx.poll());
+    assert_eq!(member_reads.get(), 1);
+    assert!(in_set(), "joined on its fd dispatch");
+    // The first phase starts its idle clock.
+    wake(&plain_w, &plain_reads, ms(6_999));
+    let phases = ctx.stats().poll_misses;
+    assert!(phases >= 1, "a polling phase ran");
+    // Dispatched again, 7 s after its idle clock started: the dispatch restarts it.
+    wake(&member_w, &member_reads, ms(1));
+    assert!(in_set(), "a dispatch keeps it");
+    wake(&plain_w, &plain_reads, ms(6_999));
+    wake(&plain_w, &plain_reads, ms(1));
+    assert!(
+        in_set(),
+        "6.999 s after the phase that restarted its clock: still in"
+    );
+    wake(&plain_w, &plain_reads, ms(1));
+    assert!(!in_set(), "7 s without a dispatch: left the poll set");
+    assert_eq!(ctx.poll_window(), Duration::ZERO, "the poll set is empty");
+    // Its next dispatch brings it back.
+    wake(&member_w, &member_reads, ms(1));
+    assert!(in_set(), "rejoined on its next dispatch");
+    drop(member_w);
 }
