@@ -93,6 +93,7 @@ pub struct PollParams {
     grow: u8,
     shrink: u8,
     policy: PollPolicy,
+    yields: bool,
 }
 
 impl PollParams {
@@ -103,6 +104,7 @@ impl PollParams {
             grow: 0,
             shrink: 0,
             policy: PollPolicy::Qemu10,
+            yields: false,
         }
     }
 
@@ -138,6 +140,16 @@ impl PollParams {
         self
     }
 
+    /// Whether the busy loop gives up the CPU (`sched_yield`) after each round that found
+    /// nothing (default: no, as QEMU, whose loop spins). A yielding loop lets the threads that
+    /// share its CPU run while it polls (its own thread pool's workers, a client on a machine
+    /// with few CPUs), at the price of a system call per round, which returns at once when
+    /// nothing else wants the CPU. The window and its adaptation are the same.
+    pub const fn yielding(mut self, yields: bool) -> Self {
+        self.yields = yields;
+        self
+    }
+
     /// The longest polling window.
     pub const fn max(&self) -> Duration {
         Duration::from_nanos(self.max_ns)
@@ -156,6 +168,11 @@ impl PollParams {
     /// The adaptation policy.
     pub const fn get_policy(&self) -> PollPolicy {
         self.policy
+    }
+
+    /// Whether the busy loop yields the CPU between rounds ([`yielding`](Self::yielding)).
+    pub const fn is_yielding(&self) -> bool {
+        self.yields
     }
 
     /// Whether polling is off (a maximum of 0).
@@ -187,7 +204,7 @@ impl PollParams {
     }
 
     /// Packs valid parameters into one word: max (40 bits), grow, shrink (8 each), the policy
-    /// tag (1) and weight (6).
+    /// tag (1), weight (6) and whether the loop yields (1).
     fn pack(&self) -> u64 {
         let (tag, weight) = match self.policy {
             PollPolicy::Qemu10 => (0u64, 0u64),
@@ -198,6 +215,7 @@ impl PollParams {
             | (u64::from(self.shrink) << 48)
             | (tag << 56)
             | (weight << 57)
+            | (u64::from(self.yields) << 63)
     }
 
     fn unpack(word: u64) -> Self {
@@ -213,6 +231,7 @@ impl PollParams {
             grow: (word >> 40) as u8,
             shrink: (word >> 48) as u8,
             policy,
+            yields: word >> 63 == 1,
         }
     }
 
@@ -239,6 +258,7 @@ impl fmt::Debug for PollParams {
             .field("grow", &self.grow)
             .field("shrink", &self.shrink)
             .field("policy", &self.policy)
+            .field("yields", &self.yields)
             .finish()
     }
 }
@@ -390,6 +410,10 @@ mod tests {
             qemu10(MAX_POLL_NS, 255, 255),
             qemu10(1_000_000, 2, 2).policy(PollPolicy::Weighted { weight: 0 }),
             qemu10(7, 3, 4).policy(PollPolicy::Weighted { weight: MAX_WEIGHT }),
+            qemu10(MAX_POLL_NS, 255, 255)
+                .policy(PollPolicy::Weighted { weight: MAX_WEIGHT })
+                .yielding(true),
+            qemu10(32_768, 0, 0).yielding(true),
         ] {
             p.validate().unwrap();
             assert_eq!(PollParams::unpack(p.pack()), p);

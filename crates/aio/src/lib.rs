@@ -259,6 +259,7 @@ impl Builder {
                 .grow(p.get_grow())
                 .shrink(p.get_shrink())
                 .policy(p.get_policy())
+                .yielding(p.is_yielding())
         });
         match parsed {
             Some(p) if p.validate().is_ok() => p,

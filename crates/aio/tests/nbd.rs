@@ -2887,13 +2887,14 @@ fn weighted_polling_options_are_applied_and_serve() {
                 "4",
                 "--poll-shrink",
                 "8",
+                "--poll-yield",
             ])
             .env(POLL_ENV, None)
     });
     let ready = ready_line(&f.srv);
     assert!(
         ready.contains(
-            ", 1 context, polling up to 32768 ns (weighted 3, grow 4, shrink 8), export \"\", "
+            ", 1 context, polling up to 32768 ns (weighted 3, grow 4, shrink 8, yielding), export \"\", "
         ),
         "{ready}"
     );
@@ -2977,12 +2978,12 @@ fn polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option() {
     stop_and_get_stopped_line(&mut f.srv);
     let f = fixture("poll-env-on", MIB, |c| {
         c.contexts(1)
-            .args_extra(&["--poll-weight", "1"])
+            .args_extra(&["--poll-weight", "1", "--poll-yield"])
             .env(POLL_ENV, Some("5000"))
     });
     let ready = ready_line(&f.srv);
     assert!(
-        ready.contains(", 1 context, polling up to 5000 ns (weighted 1), export "),
+        ready.contains(", 1 context, polling up to 5000 ns (weighted 1, yielding), export "),
         "{ready}"
     );
     f.assert_serves();

@@ -263,6 +263,9 @@ impl Inner {
             if self.backend_must_wait() {
                 break (polled, elapsed, PhaseEnd::Backend);
             }
+            if params.is_yielding() {
+                std::thread::yield_now();
+            }
         };
         self.recycle_members(members);
         self.remove_idle_members(self.clock_ns(), hits);

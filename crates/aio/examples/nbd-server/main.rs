@@ -25,7 +25,8 @@
 //!   run on the context's thread, no worker involved; the other commands stay on the pool
 //!   (`file_io.rs`). A mode the kernel refuses is an error at start.
 //! * **Polling.** `--poll-max-ns` and its companions set the adaptive-polling parameters of
-//!   every context (QEMU's IOThread `poll-max-ns`, `poll-grow`, `poll-shrink`, `poll-weight`);
+//!   every context (QEMU's IOThread `poll-max-ns`, `poll-grow`, `poll-shrink`, `poll-weight`;
+//!   `--poll-yield` makes the busy loop give up the CPU between rounds);
 //!   off by default, as in QEMU. The ready line says what each context got, the stopped line
 //!   what polling did. Client sockets poll in the backend (`poll_in_backend`): under
 //!   `--aio io_uring` a polling loop sees the next request in its completion ring.
@@ -144,6 +145,8 @@ usage: nbd-server [OPTIONS] IMAGE
   --poll-grow G         a growing window is multiplied by G, 0 to 255 (default 0: 2)
   --poll-shrink S       a shrinking window is divided by S, 0 to 255 (default 0: halved, or
                         reset to 0 with qemu10)
+  --poll-yield          give up the CPU (sched_yield) between polling rounds, so that the
+                        pool's workers and clients sharing the CPU run meanwhile
   --aio MODE            how file I/O is done, as qemu-nbd's --aio: threads (the default:
                         blocking calls on each context's thread pool), io_uring (requests
                         on each context's own ring; the contexts run on the io_uring
@@ -241,6 +244,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
     };
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) = (0, None, 0, 0);
+    let mut poll_yield = false;
     let mut poll_qemu10 = false;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?;
@@ -319,6 +323,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                     poll_shrink = factor;
                 }
             }
+            "--poll-yield" => poll_yield = true,
             "--verbose" => cfg.verbose = true,
             "--engine" => {
                 let e = value("callbacks or tasks")?;
@@ -368,7 +373,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
     cfg.poll = PollParams::new(Duration::from_nanos(poll_max_ns))
         .grow(poll_grow)
         .shrink(poll_shrink)
-        .policy(policy);
+        .policy(policy)
+        .yielding(poll_yield);
     // Every value was range-checked above; this is the library's own word on them.
     cfg.poll.validate().map_err(|e| e.to_string())?;
     Ok(Command::Serve(cfg))
@@ -667,6 +673,9 @@ fn describe_polling(p: PollParams) -> String {
         if value != 0 {
             how.push_str(&format!(", {name} {value}"));
         }
+    }
+    if p.is_yielding() {
+        how.push_str(", yielding");
     }
     format!("polling up to {} ns ({how})", p.max().as_nanos())
 }
