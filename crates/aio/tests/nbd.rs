@@ -2952,8 +2952,21 @@ fn io_uring_polling_sees_requests_in_the_ring() {
 }
 
 #[test]
-fn polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option() {
+fn polling_is_32_us_by_default_and_aio_poll_max_ns_overrides_the_option() {
     let mut f = fixture("poll-default", MIB, |c| c.contexts(1).env(POLL_ENV, None));
+    let ready = ready_line(&f.srv);
+    assert!(
+        ready.contains(", 1 context, polling up to 32768 ns (weighted 2), export "),
+        "{ready}"
+    );
+    f.assert_serves();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert!(polling_counts(&stopped).is_some(), "{stopped}");
+    let mut f = fixture("poll-zero", MIB, |c| {
+        c.contexts(1)
+            .args_extra(&["--poll-max-ns", "0"])
+            .env(POLL_ENV, None)
+    });
     let ready = ready_line(&f.srv);
     assert!(
         ready.contains(", 1 context, polling off, export "),
@@ -4830,7 +4843,7 @@ under_the_task_engine! {
     socket_activation_variables_are_checked,
     idle_timeout_closes_silent_clients_only,
     weighted_polling_options_are_applied_and_serve,
-    polling_is_off_by_default_and_aio_poll_max_ns_overrides_the_option,
+    polling_is_32_us_by_default_and_aio_poll_max_ns_overrides_the_option,
     qemu_io_over_unix,
     qemu_io_over_tcp,
     qemu_io_is_served_with_polling_on_every_context,

@@ -10,7 +10,8 @@
 //! native mode has a peer, raced by ours with `--aio native --cache none` (O_DIRECT against
 //! O_DIRECT); nbdkit's file plugin with its defaults (16 threads, page cache).
 //! `AIO_NBD_BENCH_VARIANTS=1` adds our earlier variants on `--aio threads`: the task engine,
-//! adaptive polling with the weighted policy, and the epoll backend. A server that refuses to
+//! adaptive polling off (`--poll-max-ns 0`; the default polls up to 32 µs), and the epoll
+//! backend. A server that refuses to
 //! start (a mode the kernel or the program refuses) is probed once for its message, and its rows
 //! say `refused: …`. Ours runs one context and qemu-nbd one event loop, nbdkit its 16 threads;
 //! all take as many clients as come (`qemu-nbd -e`) and advertise multi-conn, and stay up between
@@ -80,12 +81,6 @@ const COPY_REQUEST_SIZE: u32 = 256 << 10;
 /// zero-writes or holes.
 const WRITE_PATTERN: &str = "0x5a";
 
-/// `--poll-max-ns` of the polling variant: QEMU's IOThread default.
-const POLL_MAX_NS: u64 = 32_768;
-
-/// `--poll-weight` of the polling variant: QEMU's default weight (aio's `DEFAULT_WEIGHT`).
-const POLL_WEIGHT: u8 = 2;
-
 /// qemu-nbd's `-e`: enough clients for nbdcopy's connections (its default, 1, would leave the
 /// second connection waiting), and with more than one it advertises multi-conn, as the others.
 const QEMU_NBD_SHARED: u32 = 16;
@@ -128,12 +123,12 @@ impl Aio {
 /// Our server's variants beyond `--aio` (only with `AIO_NBD_BENCH_VARIANTS=1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
-    /// The defaults: callback engine, polling off, the default backend.
+    /// The defaults: callback engine, adaptive polling up to 32 µs, the default backend.
     Plain,
     /// `--engine tasks`.
     Tasks,
-    /// `--poll-max-ns` [`POLL_MAX_NS`] `--poll-weight` [`POLL_WEIGHT`].
-    Polling,
+    /// `--poll-max-ns 0`: no polling.
+    NoPolling,
     /// `AIO_BACKEND=epoll`.
     Epoll,
     /// `--cache none` (O_DIRECT): raced against `qemu-nbd --cache=none` with the same `--aio`
@@ -179,9 +174,7 @@ impl Which {
                 match variant {
                     Variant::Plain => base,
                     Variant::Tasks => format!("{base} --engine tasks"),
-                    Variant::Polling => {
-                        format!("{base} --poll-max-ns {POLL_MAX_NS} --poll-weight {POLL_WEIGHT}")
-                    }
+                    Variant::NoPolling => format!("{base} --poll-max-ns 0"),
                     Variant::Epoll => format!("AIO_BACKEND=epoll {base}"),
                     Variant::CacheNone => format!("{base} --cache none"),
                 }
@@ -218,7 +211,7 @@ fn server_list(sel: &Selection) -> Vec<Which> {
         }
         if sel.variants {
             list.extend(
-                [Variant::Tasks, Variant::Polling, Variant::Epoll]
+                [Variant::Tasks, Variant::NoPolling, Variant::Epoll]
                     .map(|v| Which::Ours(Aio::Threads, v)),
             );
         }
@@ -402,9 +395,7 @@ impl Files {
                     .args(["--aio", aio.arg()]);
                 let cmd = match variant {
                     Variant::Tasks => cmd.args(["--engine", "tasks"]),
-                    Variant::Polling => cmd
-                        .args(["--poll-max-ns", &POLL_MAX_NS.to_string()])
-                        .args(["--poll-weight", &POLL_WEIGHT.to_string()]),
+                    Variant::NoPolling => cmd.args(["--poll-max-ns", "0"]),
                     Variant::CacheNone => cmd.args(["--cache", "none"]),
                     Variant::Plain | Variant::Epoll => cmd,
                 };
@@ -1525,7 +1516,7 @@ mod tests {
             [
                 Which::Ours(Aio::IoUring, Variant::Plain),
                 Which::Ours(Aio::Threads, Variant::Tasks),
-                Which::Ours(Aio::Threads, Variant::Polling),
+                Which::Ours(Aio::Threads, Variant::NoPolling),
                 Which::Ours(Aio::Threads, Variant::Epoll),
                 Which::QemuNbd(Aio::IoUring, Cache::Writeback),
             ]

@@ -26,9 +26,10 @@
 //!   (`file_io.rs`). A mode the kernel refuses is an error at start.
 //! * **Polling.** `--poll-max-ns` and its companions set the adaptive-polling parameters of
 //!   every context (QEMU's IOThread `poll-max-ns`, `poll-grow`, `poll-shrink`, `poll-weight`;
-//!   `--poll-yield` makes the busy loop give up the CPU between rounds);
-//!   off by default, as in QEMU. The ready line says what each context got, the stopped line
-//!   what polling did. Client sockets poll in the backend (`poll_in_backend`): under
+//!   `--poll-yield` makes the busy loop give up the CPU between rounds); up to 32 µs by
+//!   default, as QEMU's IOThreads (`DEFAULT_POLL_MAX_NS`: measured faster at queue depth 1,
+//!   level elsewhere; BENCHMARKS.md), `--poll-max-ns 0` for none. The ready line says what
+//!   each context got, the stopped line what polling did. Client sockets poll in the backend (`poll_in_backend`): under
 //!   `--aio io_uring` a polling loop sees the next request in its completion ring.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
 //!   request has completed. While N are held, `--shared N` stops accepting (as qemu-nbd -e):
@@ -105,6 +106,12 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The most contexts the server makes unless `--contexts` asks for more.
 const MAX_DEFAULT_CONTEXTS: usize = 8;
 
+/// `--poll-max-ns` unless given: QEMU's IOThread default. With it, `cargo xtask bench nbd`
+/// (`AIO_NBD_BENCH_VARIANTS=1`) measured queue-depth-1 requests 1.4-1.8 times as fast as
+/// without on this repository's 2-vCPU machine, queue depth 32 and copies level
+/// (BENCHMARKS.md, "polling client sockets in the ring").
+const DEFAULT_POLL_MAX_NS: u64 = 32_768;
+
 /// `--contexts`' default: one per CPU this process may run on, at most
 /// [`MAX_DEFAULT_CONTEXTS`]. Connections are dealt round-robin, so a multi-conn client (nbdcopy
 /// opens 4) has its connections served by as many threads as there are CPUs: on 2 vCPUs,
@@ -135,8 +142,9 @@ usage: nbd-server [OPTIONS] IMAGE
                         its handshake (default: never)
   --pid-file PATH       write the process id to PATH once listening; removed at exit
   --poll-max-ns N       busy-poll for up to N ns before sleeping, adapting the window to the
-                        load, on every context (QEMU's poll-max-ns; default 0: off);
-                        at most 1099511627775; AIO_POLL_MAX_NS overrides it
+                        load, on every context (QEMU's poll-max-ns; default 32768, as
+                        QEMU's IOThreads; 0: off); at most 1099511627775;
+                        AIO_POLL_MAX_NS overrides it
   --poll-policy P       weighted (QEMU 2026, the default) or qemu10 (QEMU 10's per-handler
                         windows)
   --poll-weight W       the weighted policy's weight (QEMU's poll-weight): the newest wait
@@ -243,7 +251,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         cache: Cache::Writeback,
     };
     let mut image = None;
-    let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) = (0, None, 0, 0);
+    let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) =
+        (DEFAULT_POLL_MAX_NS, None, 0, 0);
     let mut poll_yield = false;
     let mut poll_qemu10 = false;
     while let Some(arg) = args.next() {
