@@ -662,13 +662,7 @@ pub fn poll_in_backend_joins_only_where_readiness_shows(make: MakeContext) {
         );
 
         // A timer 20 ms away caps the window: that phase ends by the clock, not the backend.
-        let fired = Arc::new(AtomicBool::new(false));
-        let f = fired.clone();
-        let timer = ctx.timer(
-            aio_core::ClockType::Realtime,
-            aio_core::Scale::NS,
-            move || f.store(true, SeqCst),
-        );
+        let (fired, timer) = flag_timer(&ctx);
         flush(&ctx);
         let before = ctx.stats();
         timer.arm_after(Duration::from_millis(20));

@@ -73,6 +73,18 @@ pub(crate) fn drops() -> Arc<AtomicUsize> {
     Arc::new(AtomicUsize::new(0))
 }
 
+/// A realtime timer (ns scale), not armed, whose callback sets the returned flag.
+pub(crate) fn flag_timer(ctx: &AioContext) -> (Arc<AtomicBool>, aio_core::Timer) {
+    let fired = Arc::new(AtomicBool::new(false));
+    let f = fired.clone();
+    let timer = ctx.timer(
+        aio_core::ClockType::Realtime,
+        aio_core::Scale::NS,
+        move || f.store(true, SeqCst),
+    );
+    (fired, timer)
+}
+
 /// Notifies a context after [`WATCHDOG_AFTER`] unless dropped first, so that a blocking poll
 /// that would hang because of a bug returns instead; the case then checks [`Watchdog::fired`].
 pub(crate) struct Watchdog {

@@ -60,13 +60,7 @@ pub fn timer_schedule(make: MakeContext) {
 pub fn timer_blocking_poll_sleeps_until_the_deadline(make: MakeContext) {
     let ctx = new_ctx(make);
     drain(&ctx);
-    let fired = Arc::new(AtomicBool::new(false));
-    let f = fired.clone();
-    let timer = ctx.timer(
-        aio_core::ClockType::Realtime,
-        aio_core::Scale::NS,
-        move || f.store(true, SeqCst),
-    );
+    let (fired, timer) = flag_timer(&ctx);
     let wd = Watchdog::new(ctx.handle());
     let t0 = Instant::now();
     timer.arm_after(TIMER_PERIOD);
@@ -87,13 +81,7 @@ pub fn timer_blocking_poll_sleeps_until_the_deadline(make: MakeContext) {
 pub fn timer_moved_earlier_from_another_thread_wakes_poll(make: MakeContext) {
     let ctx = new_ctx(make);
     drain(&ctx);
-    let fired = Arc::new(AtomicBool::new(false));
-    let f = fired.clone();
-    let timer = ctx.timer(
-        aio_core::ClockType::Realtime,
-        aio_core::Scale::NS,
-        move || f.store(true, SeqCst),
-    );
+    let (fired, timer) = flag_timer(&ctx);
     timer.arm_after(Duration::from_secs(60));
     let handle = timer.handle();
     // Before the spawn: the new deadline is at least 100 ms after this, however late the
