@@ -92,7 +92,7 @@ pub(crate) struct HandlerNode {
     pollable: bool,
     /// Whether it takes part in polling through the backend, without a poll function
     /// ([`HandlerBuilder::poll_in_backend`]).
-    pub(crate) backend_polled: bool,
+    backend_polled: bool,
     /// Its polling window or estimate (QEMU `AioPolledEvent`).
     pub(crate) window: Cell<Window>,
     /// Whether it is in the context's poll set (QEMU `node_poll` inserted).

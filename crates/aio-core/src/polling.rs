@@ -121,6 +121,12 @@ impl PollParams {
         }
     }
 
+    /// The same parameters with another maximum (an operator's override of `poll-max-ns`).
+    pub const fn with_max(mut self, max_ns: u64) -> Self {
+        self.max_ns = max_ns;
+        self
+    }
+
     /// The growth factor of a window (0, the default, means 2).
     pub const fn grow(mut self, grow: u8) -> Self {
         self.grow = grow;
@@ -417,6 +423,9 @@ mod tests {
         ] {
             p.validate().unwrap();
             assert_eq!(PollParams::unpack(p.pack()), p);
+            let q = p.with_max(5_000);
+            assert_eq!(q.max(), Duration::from_nanos(5_000));
+            assert_eq!(q.with_max(p.max().as_nanos() as u64), p);
         }
     }
 

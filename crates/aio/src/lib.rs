@@ -253,14 +253,11 @@ impl Builder {
         let Ok(value) = std::env::var(POLL_MAX_NS_ENV) else {
             return self.poll;
         };
-        let parsed = value.trim().parse::<u64>().ok().map(|ns| {
-            let p = self.poll;
-            PollParams::new(std::time::Duration::from_nanos(ns))
-                .grow(p.get_grow())
-                .shrink(p.get_shrink())
-                .policy(p.get_policy())
-                .yielding(p.is_yielding())
-        });
+        let parsed = value
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|ns| self.poll.with_max(ns));
         match parsed {
             Some(p) if p.validate().is_ok() => p,
             _ => {

@@ -29,8 +29,9 @@
 //!   `--poll-yield` makes the busy loop give up the CPU between rounds); up to 32 µs by
 //!   default, as QEMU's IOThreads (`DEFAULT_POLL_MAX_NS`: measured faster at queue depth 1,
 //!   level elsewhere; BENCHMARKS.md), `--poll-max-ns 0` for none. The ready line says what
-//!   each context got, the stopped line what polling did. Client sockets poll in the backend (`poll_in_backend`): under
-//!   `--aio io_uring` a polling loop sees the next request in its completion ring.
+//!   each context got, the stopped line what polling did. Client sockets poll in the
+//!   backend (`poll_in_backend`): under `--aio io_uring` a polling loop sees the next request
+//!   in its completion ring.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
 //!   request has completed. While N are held, `--shared N` stops accepting (as qemu-nbd -e):
 //!   more clients wait in the listen queue until a slot is given back. As qemu-nbd without
@@ -107,8 +108,9 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_DEFAULT_CONTEXTS: usize = 8;
 
 /// `--poll-max-ns` unless given: QEMU's IOThread default. With it, `cargo xtask bench nbd`
-/// (`AIO_NBD_BENCH_VARIANTS=1`) measured queue-depth-1 requests 1.4-1.8 times as fast as
-/// without on this repository's 2-vCPU machine, queue depth 32 and copies level
+/// (`AIO_NBD_BENCH_VARIANTS=1`) measured three of the four queue-depth-1 rows 1.4-1.8 times
+/// as fast as without (the fourth 1.06) on this repository's 2-vCPU machine, queue depth 32
+/// and copies level
 /// (BENCHMARKS.md, "polling client sockets in the ring").
 const DEFAULT_POLL_MAX_NS: u64 = 32_768;
 
