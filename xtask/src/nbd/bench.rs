@@ -261,6 +261,27 @@ enum Unit {
     Seconds,
 }
 
+impl Unit {
+    /// What a server's CPU time is counted per in a case of this unit: per request for IOPS,
+    /// per GiB copied for throughput, for the whole run for a timed copy.
+    fn cpu_unit(self) -> &'static str {
+        match self {
+            Unit::Iops => "µs/req",
+            Unit::MibPerSec => "ms/GiB",
+            Unit::Seconds => "ms",
+        }
+    }
+
+    /// `used` CPU time over `done` units of work (requests, GiB, runs), in [`cpu_unit`](Self::cpu_unit).
+    fn cpu_per(self, used: Duration, done: f64) -> f64 {
+        let scale = match self {
+            Unit::Iops => 1e6,
+            Unit::MibPerSec | Unit::Seconds => 1e3,
+        };
+        used.as_secs_f64() * scale / done
+    }
+}
+
 /// One measured workload: a client and what it is asked to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
@@ -618,6 +639,9 @@ struct Run {
     p99_us: Option<f64>,
     /// The server's peak RSS over the run, in KiB.
     peak_rss_kib: Option<u64>,
+    /// The CPU time the server used during the client's run (all its threads, user and
+    /// system), per unit of work: see [`Unit::cpu_unit`].
+    cpu: Option<f64>,
 }
 
 /// What became of one server in one case.
@@ -637,7 +661,7 @@ struct CaseResult {
 
 /// IOPS and p99 (µs) of the one job of a fio JSON report, from its read or write side. fio
 /// prints lines of its own before the document (`fio: connected to NBD server`).
-fn parse_fio(output: &str, write: bool) -> Result<(f64, Option<f64>)> {
+fn parse_fio(output: &str, write: bool) -> Result<FioResult> {
     let start = output
         .find('{')
         .ok_or_else(|| Error::new("no JSON document in fio's output"))?;
@@ -659,11 +683,29 @@ fn parse_fio(output: &str, write: bool) -> Result<(f64, Option<f64>)> {
         .and_then(json::Value::as_f64)
         .filter(|&iops| iops > 0.0)
         .ok_or_else(|| Error::new("fio's job did no I/O (iops missing or 0)"))?;
-    let p99 = side
+    let p99_us = side
         .at(&["clat_ns", "percentile", "99.000000"])
         .and_then(json::Value::as_f64)
         .map(|ns| ns / 1000.0);
-    Ok((iops, p99))
+    let requests = side
+        .get("total_ios")
+        .and_then(json::Value::as_f64)
+        .filter(|&n| n > 0.0);
+    Ok(FioResult {
+        iops,
+        p99_us,
+        requests,
+    })
+}
+
+/// What the race takes from a fio report.
+#[derive(Debug, PartialEq)]
+struct FioResult {
+    iops: f64,
+    /// Completion latency's 99th percentile, in microseconds.
+    p99_us: Option<f64>,
+    /// How many requests the job completed (`total_ios`).
+    requests: Option<f64>,
 }
 
 /// MiB/s for `bytes` in `elapsed` (nbdcopy prints no timing: it is timed from outside, the
@@ -924,6 +966,7 @@ fn run_once(
     let ready = server.ready_line().map(str::to_owned);
 
     let client = files.client_command(work, knobs);
+    let cpu_before = nbd::cpu_time(server.pid());
     // Generous: a slow machine (1 000 IOPS, 20 MiB/s) plus slack, before declaring a hang.
     let limit = Duration::from_secs(60 + knobs.runtime * 3)
         + Duration::from_millis(knobs.count)
@@ -943,23 +986,35 @@ fn run_once(
         ))));
     }
     let peak_rss_kib = nbd::peak_rss_kib(server.pid());
+    let cpu_used = cpu_before
+        .zip(nbd::cpu_time(server.pid()))
+        .map(|(before, after)| after.saturating_sub(before));
 
-    let (value, p99_us) = match work {
+    // The figure, and how much work the server did for it (in the unit its CPU is counted
+    // per: requests, GiB, or the run).
+    let (value, p99_us, work_done) = match work {
         Workload::QemuImg { .. } => {
             let secs = nbd::parse_bench_elapsed(&stdout).ok_or_else(|| {
                 Error::new(format!(
                     "no \"Run completed in X seconds\" in qemu-img's output:\n{stdout}{stderr}"
                 ))
             })?;
-            (knobs.count as f64 / secs, None)
+            (knobs.count as f64 / secs, None, Some(knobs.count as f64))
         }
-        Workload::Fio { write, .. } => parse_fio(&stdout, write)?,
+        Workload::Fio { write, .. } => {
+            let fio = parse_fio(&stdout, write)?;
+            (fio.iops, fio.p99_us, fio.requests)
+        }
         Workload::CopyOut { .. } | Workload::CopyIn { .. } => (
             mib_per_sec(IMAGE_SIZE, elapsed).ok_or_else(|| Error::new("nbdcopy took no time"))?,
             None,
+            Some(IMAGE_SIZE as f64 / (1u64 << 30) as f64),
         ),
-        Workload::Sparse { .. } => (elapsed.as_secs_f64(), None),
+        Workload::Sparse { .. } => (elapsed.as_secs_f64(), None, Some(1.0)),
     };
+    let cpu = cpu_used
+        .zip(work_done)
+        .map(|(used, done)| work.unit().cpu_per(used, done));
 
     let stopped = server.stop(Deadline::after(STOP_LIMIT))?;
     // All exit 0 on SIGTERM; ours must also say `stopped` (its shutdown contract).
@@ -972,18 +1027,20 @@ fn run_once(
         ))));
     }
     eprintln!(
-        "    {name}: {}{}, peak RSS {}",
+        "    {name}: {}{}, peak RSS {}, CPU {}",
         value_cell(value, work.unit()),
         p99_us
             .map(|p| format!(", p99 {p:.0} µs"))
             .unwrap_or_default(),
-        peak_rss_kib.map_or_else(|| "?".to_owned(), mib_cell)
+        peak_rss_kib.map_or_else(|| "?".to_owned(), mib_cell),
+        cpu.map_or_else(|| "?".to_owned(), |c| cpu_cell(c, work.unit()))
     );
     Ok((
         Run {
             value,
             p99_us,
             peak_rss_kib,
+            cpu,
         },
         ready,
     ))
@@ -1066,6 +1123,19 @@ fn mib_cell(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+/// A server CPU figure with its unit: one decimal below 100, none above.
+fn cpu_cell(cpu: f64, unit: Unit) -> String {
+    format!("{} {}", cpu_number(cpu), unit.cpu_unit())
+}
+
+fn cpu_number(cpu: f64) -> String {
+    if cpu < 100.0 {
+        format!("{cpu:.1}")
+    } else {
+        group(cpu)
+    }
+}
+
 /// The longest note a table cell shows; the report's list of every run has the whole note.
 const NOTE_WIDTH: usize = 60;
 
@@ -1118,12 +1188,13 @@ fn qemu_twin(
         .or_else(|| find(Cache::None).map(|i| (i, true)))
 }
 
-const HEADER: [&str; 7] = [
+const HEADER: [&str; 8] = [
     "case",
     "server",
     "median (min–max)",
     "p99 µs",
     "peak RSS",
+    "server CPU",
     "ours/nbdkit",
     "ours/qemu-nbd",
 ];
@@ -1131,7 +1202,7 @@ const HEADER: [&str; 7] = [
 /// The race's table, shared by stdout and the report.
 #[derive(Debug)]
 struct Table {
-    rows: Vec<[String; 7]>,
+    rows: Vec<[String; 8]>,
     /// Whether a ratio against qemu-nbd's `--cache=none` row was used (a footnote).
     used_cache_none: bool,
 }
@@ -1174,6 +1245,9 @@ impl Table {
                     .filter_map(|x| x.peak_rss_kib)
                     .max()
                     .map_or_else(|| "—".to_owned(), mib_cell);
+                let cpus: Vec<f64> = o.runs.iter().filter_map(|x| x.cpu).collect();
+                let cpu =
+                    summarize(&cpus).map_or_else(|| "—".to_owned(), |s| cpu_cell(s.median, unit));
                 let versus = |reference: Option<usize>| -> String {
                     match (medians[i], reference.and_then(|j| medians[j])) {
                         (Some(ours), Some(theirs)) if which.is_ours() => {
@@ -1201,6 +1275,7 @@ impl Table {
                     value,
                     p99,
                     rss,
+                    cpu,
                     vs_nbdkit,
                     vs_qemu,
                 ]);
@@ -1223,7 +1298,7 @@ impl Table {
         };
         let widths: Vec<usize> = (0..HEADER.len()).map(width).collect();
         let mut out = String::new();
-        let line = |out: &mut String, cells: [&str; 7]| {
+        let line = |out: &mut String, cells: [&str; 8]| {
             for (i, cell) in cells.iter().enumerate() {
                 let pad = " ".repeat(widths[i] - cell.chars().count());
                 // Names read best left-aligned, numbers right-aligned.
@@ -1247,7 +1322,7 @@ impl Table {
     fn markdown(&self) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "| {} |", HEADER.join(" | "));
-        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+        let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|");
         for row in &self.rows {
             let _ = writeln!(md, "| {} |", row.join(" | "));
         }
@@ -1296,7 +1371,12 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
          the same `--aio` and `--cache=writeback`); > 1 means ours is faster, for the sparse \
          cases (seconds) that it takes less time. Peak RSS is the largest `VmHWM` of the \
          server's runs, read just before it was stopped; p99 is fio's completion latency \
-         (median over runs)."
+         (median over runs). Server CPU is the user and system time of the server process, \
+         all its threads, from the client's start to its exit (`utime` + `stime` of \
+         `/proc/PID/stat`, in ticks of 1/{} s), per request, per GiB copied, or for the whole \
+         sparse copy (median over runs): what the figure cost, since a server that polls \
+         or spins trades CPU for latency.",
+        nbd::clock_ticks_per_sec()
     );
     if table.used_cache_none {
         let _ = writeln!(
@@ -1307,8 +1387,8 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
         );
     }
     let _ = writeln!(md, "\n## Every run (in run order)\n");
-    let _ = writeln!(md, "| case | server | runs | peak RSS (MiB) |");
-    let _ = writeln!(md, "|---|---|---|---|");
+    let _ = writeln!(md, "| case | server | runs | peak RSS (MiB) | server CPU |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
     for r in results {
         for (i, &which) in servers.iter().enumerate() {
             let o = &r.outcomes[i];
@@ -1331,6 +1411,11 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
                         .map_or_else(|| "?".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0))
                 })
                 .collect();
+            let cpus: Vec<String> = o
+                .runs
+                .iter()
+                .map(|x| x.cpu.map_or_else(|| "?".to_owned(), cpu_number))
+                .collect();
             let mut runs = values.join(", ");
             if let Some(note) = &o.note {
                 if !runs.is_empty() {
@@ -1340,11 +1425,13 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
             }
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} {} |",
                 r.work.name(),
                 which.label(),
                 runs,
-                rss.join(", ")
+                rss.join(", "),
+                cpus.join(", "),
+                r.work.unit().cpu_unit()
             );
         }
     }
@@ -1410,6 +1497,7 @@ mod tests {
       "write" : {
         "io_bytes" : 490213376,
         "bw" : 239361,
+        "total_ios" : 119678,
         "iops" : 59839.160839,
         "iops_min" : 58000,
         "clat_ns" : {
@@ -1429,9 +1517,10 @@ mod tests {
 
     #[test]
     fn fio_json_gives_iops_and_p99_of_the_side_that_ran() {
-        let (iops, p99) = parse_fio(FIO_WRITE, true).unwrap();
-        assert!((iops - 59839.160839).abs() < 1e-6);
-        assert_eq!(p99, Some(3063.808));
+        let fio = parse_fio(FIO_WRITE, true).unwrap();
+        assert!((fio.iops - 59839.160839).abs() < 1e-6);
+        assert_eq!(fio.p99_us, Some(3063.808));
+        assert_eq!(fio.requests, Some(119678.0));
         // The read side did nothing: that is an error, not 0 IOPS.
         let err = parse_fio(FIO_WRITE, false).unwrap_err();
         assert!(err.to_string().contains("no I/O"), "{err}");
@@ -1470,6 +1559,7 @@ mod tests {
             value,
             p99_us: None,
             peak_rss_kib: Some(10 * 1024),
+            cpu: Some(20.0),
         }
     }
 
@@ -1665,6 +1755,9 @@ mod tests {
         outcomes[0].runs[0].p99_us = Some(70.0);
         outcomes[0].runs[1].p99_us = Some(90.0);
         outcomes[0].runs[1].peak_rss_kib = Some(30 * 1024);
+        // The median of 20, 30 and 25 (and not their mean, nor the first run's).
+        outcomes[0].runs[1].cpu = Some(30.0);
+        outcomes[0].runs[2].cpu = Some(25.0);
         let fio = CaseResult {
             work: Workload::Fio {
                 write: false,
@@ -1681,16 +1774,17 @@ mod tests {
                 "200 (100–300)",
                 "80",
                 "30.0 MiB",
+                "25.0 µs/req",
                 "4.00",
                 "0.80"
             ]
         );
-        assert_eq!(cells(1)[4..], ["6.00", "2.00"]);
+        assert_eq!(cells(1)[5..], ["6.00", "2.00"]);
         // native: qemu-nbd refused the page cache, so its cache=none row stands in, marked.
-        assert_eq!(cells(2)[4..], ["1.80", "2.00 (cache=none)"]);
+        assert_eq!(cells(2)[5..], ["1.80", "2.00 (cache=none)"]);
         assert!(table.used_cache_none);
         // Ours with --cache none against qemu-nbd's cache=none: like for like, unmarked.
-        assert_eq!(cells(3)[4..], ["1.20", "1.33"]);
+        assert_eq!(cells(3)[5..], ["1.20", "1.33"]);
         assert_eq!(
             cells(6),
             [
@@ -1699,11 +1793,12 @@ mod tests {
                 "—",
                 "—",
                 "—",
+                "—",
                 "—"
             ]
         );
-        // Peers get no ratios.
-        assert_eq!(cells(8)[4..], ["—", "—"]);
+        // Peers get no ratios, but their CPU.
+        assert_eq!(cells(8)[4..], ["20.0 µs/req", "—", "—"]);
 
         // Times: lower is better, so the ratio is theirs over ours.
         let mut outcomes = vec![outcome(&[2.0]); servers.len()];
@@ -1718,10 +1813,11 @@ mod tests {
         };
         let table = Table::new(&servers, &[sparse]);
         assert_eq!(table.rows[0][2], "2.000 (2.000–2.000)");
-        assert_eq!(table.rows[0][5], "0.25");
+        assert_eq!(table.rows[0][5], "20.0 ms");
+        assert_eq!(table.rows[0][6], "0.25");
         // Its qemu-nbd twin has no figure and threads has no cache=none stand-in: no ratio.
-        assert_eq!(table.rows[0][6], "—");
-        assert_eq!(table.rows[1][6], "1.00");
+        assert_eq!(table.rows[0][7], "—");
+        assert_eq!(table.rows[1][7], "1.00");
         assert!(!table.used_cache_none);
         let text = table.text();
         assert!(text.lines().next().unwrap().starts_with("case"), "{text}");
@@ -1738,6 +1834,7 @@ mod tests {
         let servers = [Which::Ours(Aio::Native, Variant::Plain), Which::Nbdkit];
         let mut fio = outcome(&[120.0, 100.0]);
         fio.runs[0].p99_us = Some(55.0);
+        fio.runs[1].cpu = Some(150.0);
         let results = [CaseResult {
             work: Workload::Fio {
                 write: true,
@@ -1775,11 +1872,13 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| fio randwrite 4k QD1, IOPS | aio --aio native | 120 (p99 55 µs), 100 | 10.0, 10.0 |"),
+            md.contains("| fio randwrite 4k QD1, IOPS | aio --aio native | 120 (p99 55 µs), 100 | 10.0, 10.0 | 20.0, 150 µs/req |"),
             "{md}"
         );
         assert!(
-            md.contains("| aio --aio native | 110 (100–120) | 55 | 10.0 MiB | 2.20 | — |"),
+            md.contains(
+                "| aio --aio native | 110 (100–120) | 55 | 10.0 MiB | 85.0 µs/req | 2.20 | — |"
+            ),
             "{md}"
         );
         assert!(
