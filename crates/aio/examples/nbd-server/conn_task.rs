@@ -367,8 +367,7 @@ impl Conn {
     /// its reply.
     fn run_request(self: &Rc<Self>, req: Request, data: Option<IoBuf>) {
         let framing = self.hs.get().framing;
-        let done = match file_io::read_by_sendfile(self.io, &self.export, &req, framing, &self.bufs)
-        {
+        let done = match file_io::read_by_sendfile(&self.export, &req, framing, &self.bufs) {
             Some(reply) => file_io::Outcome::ready(Ok(reply)),
             None => {
                 let buf = data.unwrap_or_else(|| {

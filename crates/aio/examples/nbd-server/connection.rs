@@ -865,9 +865,7 @@ impl Conn {
             return self.abort();
         };
         let framing = self.hs.framing;
-        if let Some(reply) =
-            file_io::read_by_sendfile(self.io, &self.export, &req, framing, &self.bufs)
-        {
+        if let Some(reply) = file_io::read_by_sendfile(&self.export, &req, framing, &self.bufs) {
             self.shard.requests.set(self.shard.requests.get() + 1);
             return self.queue_from(reply);
         }

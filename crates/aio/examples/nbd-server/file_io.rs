@@ -54,7 +54,6 @@ pub fn start(
         if req.kind == CMD_WRITE && req.length <= LANE_WRITE_MAX && export.align() <= 1 {
             return lane_write(ctx, pool, export, req, buf, framing, done);
         }
-        // Only here may a READ's reply come back as a tail (`read_by_sendfile`).
         return on_pool(pool, export, req, buf, framing, done, true);
     }
     match req.kind {
@@ -109,7 +108,9 @@ pub fn start(
                 done(r.map(|()| IoBuf::default()))
             });
         }
-        _ => on_pool(pool, export, req, buf, framing, done, false),
+        // A READ that looks for holes among them: the pool looks, and sends the data from
+        // the page cache when it finds none (`read_by_sendfile`).
+        _ => on_pool(pool, export, req, buf, framing, done, true),
     }
 }
 
@@ -163,14 +164,14 @@ pub fn read_cached_now(
     Ok(out)
 }
 
-/// `--aio threads` on the page cache: the reply to a READ of [`session::SENDFILE_READ_MIN`]
+/// On the page cache, whatever `--aio`: the reply to a READ of [`session::SENDFILE_READ_MIN`]
 /// bytes or more whose pages the page cache holds now (`cachestat`), built at once on the
 /// context's thread as its header alone, in a buffer from `bufs`, with the data as a
 /// [`FileTail`](session::FileTail) that the connection sends with `sendfile` behind it: no
 /// worker, and no copy of the data in user space (a Unix socket or TCP takes references to the
 /// cached pages). `None` for anything else, which takes the pool: a smaller READ, data the disk
-/// must supply (`sendfile` would wait for it on the context's thread), `--cache none`, the
-/// other `--aio` modes, an image that cannot be sent from ([`Export::sendfile`]), a read that
+/// must supply (`sendfile` would wait for it on the context's thread), `--cache none`, an
+/// image that cannot be sent from ([`Export::sendfile`]), a read that
 /// looks for holes and finds some (its hole chunks are built on the pool), and a read that
 /// looks for holes while a WRITE, TRIM or WRITE_ZEROES of the image runs: finding holes
 /// (`lseek`) waits on ext4 for the file's inode lock, which those hold, throttled or not, so
@@ -179,6 +180,12 @@ pub fn read_cached_now(
 /// as fast as the trip to the pool (nbdcopy `-C 4 -R 64`: 4 677 against 2 295 MiB/s,
 /// BENCHMARKS.md); a change that starts just after the check can still hold it up once.
 ///
+/// The `--aio` mode picks how the file is read when the data must be read; cached data sent
+/// this way is not read by any of them. Under `--aio io_uring` and `native` it measured 2.1–2.5×
+/// the ring's or the kernel AIO's read into a buffer and copy to the socket for nbdcopy's 256 KiB
+/// reads, at a fifth of the server's CPU per GiB (BENCHMARKS.md, "big READs from the page cache
+/// in every `--aio` mode").
+///
 /// Unlike [`read_cached_now`], a lone READ is served this way too: what it saves is the copy
 /// of up to 32 MiB, not a wake-up.
 ///
@@ -186,17 +193,13 @@ pub fn read_cached_now(
 /// that runs after this READ was answered but before the client read the reply can show in
 /// it: only requests that overlap in time can meet so, and NBD leaves their order open.
 pub fn read_by_sendfile(
-    io: BlockIo,
     export: &Export,
     req: &Request,
     framing: Framing,
     bufs: &BufPool,
 ) -> Option<IoBuf> {
     let holes = session::looks_for_holes(framing, req);
-    if io.engine() != IoEngine::Threads
-        || (holes && export.is_being_changed())
-        || !session::may_send_from_cache(export, req)
-    {
+    if (holes && export.is_being_changed()) || !session::may_send_from_cache(export, req) {
         return None;
     }
     if holes {

@@ -565,9 +565,9 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             Cache::Writeback => "writeback",
             Cache::None => "none",
         },
-        // Big READs from the page cache (`file_io::read_by_sendfile`): `--aio threads`, and an
-        // image the probe at open found can be sent from.
-        if cfg.io == aio::blockio::Engine::Threads && acceptor.export.sendfile {
+        // Big READs from the page cache (`file_io::read_by_sendfile`), in every `--aio` mode:
+        // an image the probe at open found can be sent from (not `--cache none`).
+        if acceptor.export.sendfile {
             "on"
         } else {
             "off"
