@@ -381,7 +381,7 @@ impl Conn {
                     req,
                     buf,
                     framing,
-                    file_io::worth_serving_at_once(self.io, self.in_flight.get(), false),
+                    self.in_flight.get() > 0,
                 );
                 if done.is_ready() {
                     self.shard.served_at_once(&req);

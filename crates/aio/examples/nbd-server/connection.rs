@@ -766,7 +766,7 @@ impl Conn {
                 let total = hdr + len;
                 if head.len() >= total {
                     let with_others = earlier || head.len() > total;
-                    if file_io::worth_serving_at_once(self.io, self.in_flight, with_others)
+                    if file_io::worth_writing_at_once(self.io, self.in_flight, with_others)
                         && file_io::may_write_at_once(&self.export, &req)
                     {
                         let data = &self.inbuf[self.in_start + hdr..self.in_start + total];
