@@ -221,15 +221,25 @@ pub fn worth_serving_at_once(io: BlockIo, in_flight: usize, with_others: bool) -
     io.engine() == IoEngine::Threads && (in_flight > 0 || with_others)
 }
 
-/// As [`worth_serving_at_once`], for a WRITE that [`may_write_at_once`]: under `--aio threads`,
-/// and under `--aio io_uring` too, whose ring hands a buffered write to one of the kernel's
-/// io-wq workers (ext4 has no non-blocking buffered writes), the same trip to another thread
-/// and back as the pool's: fio 4 KiB random writes at queue depth 32, medians of 5 alternating
-/// runs, 143 k IOPS at once against 89 k through the ring (nbdkit 137 k; BENCHMARKS.md, "small
-/// WRITEs at once under `--aio io_uring`"). Not `--aio native`, whose `io_submit` of a buffered
-/// write already writes it then, on the context's thread.
+/// Whether a WRITE that [`may_write_at_once`] is worth writing at once, on the context's
+/// thread, for a connection that has `in_flight` requests running, `with_others` as for
+/// [`worth_serving_at_once`]:
+/// * `--aio threads`: when it is not alone, for the reasons a READ is served at once only then;
+/// * `--aio io_uring`: always. ext4 has no non-blocking buffered write, so the ring hands each
+///   to one of the kernel's io-wq workers: the trip to another thread and back, with none of
+///   the pool's spin to keep the CPUs awake. fio 4 KiB random writes, medians of 5 and 6
+///   alternating runs: at queue depth 32, 143 k IOPS at once against 89 k through the ring
+///   (nbdkit 137 k); at queue depth 1, 10.8 k against 8.4 k, and `qemu-img bench` 10.7 k
+///   against 9.2 k, with a third less server CPU per request (BENCHMARKS.md, "small WRITEs at
+///   once under `--aio io_uring`");
+/// * `--aio native`: never; its `io_submit` of a buffered write already writes it then, on the
+///   context's thread.
 pub fn worth_writing_at_once(io: BlockIo, in_flight: usize, with_others: bool) -> bool {
-    matches!(io.engine(), IoEngine::Threads | IoEngine::IoUring) && (in_flight > 0 || with_others)
+    match io.engine() {
+        IoEngine::Threads => in_flight > 0 || with_others,
+        IoEngine::IoUring => true,
+        IoEngine::LinuxAio => false,
+    }
 }
 
 /// Whether a WRITE may be done at once on the context's thread, from wherever its payload
