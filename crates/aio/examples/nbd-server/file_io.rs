@@ -119,20 +119,13 @@ pub fn start(
 /// pool's workers do in parallel with the loop.
 pub const NOWAIT_READ_MAX: u64 = 64 << 10;
 
-/// `--aio threads` on the page cache: serves a READ of at most [`NOWAIT_READ_MAX`] bytes at once,
+/// On the page cache: serves a READ of at most [`NOWAIT_READ_MAX`] bytes at once,
 /// on the context's thread, when the page cache holds all of it (`preadv2` with `RWF_NOWAIT`,
 /// which fails with `EAGAIN` rather than wait for the disk or a lock), and returns the whole
-/// reply. Anything else gives the buffer back untouched in meaning, for the pool: a read that
-/// would block, a partial one, an error (the pool meets it again and reports it), a read that
-/// looks for holes, `--cache none`, or a kernel without `RWF_NOWAIT`. The io_uring engine does
-/// the same inside the kernel (a cached read completes at submission).
-///
-/// The callers try it only for a READ that is not alone: other requests of its connection in
-/// flight, or read from the socket with it ([`worth_serving_at_once`]). A lone READ (queue
-/// depth 1) goes to the pool even when cached: on 2 vCPUs that measured twice as fast (31 000
-/// against 16 000 fio 4 KiB reads per second, BENCHMARKS.md, "the three-way race after issue
-/// 16's changes"), because the worker's trip overlaps the client's next send and keeps both
-/// CPUs from idling, while at queue depth 32 serving at once is 1.9× the pool.
+/// reply. Anything else gives the buffer back untouched in meaning, for the engine: a read that
+/// would block, a partial one, an error (the engine meets it again and reports it), a read that
+/// looks for holes, `--cache none`, or a kernel without `RWF_NOWAIT`. When to try it is
+/// [`worth_serving_at_once`]'s call.
 pub fn read_cached_now(
     export: &Export,
     req: &Request,
@@ -212,25 +205,40 @@ pub fn read_by_sendfile(
     Some(session::tail_reply(export, req, framing, bufs.take(0)))
 }
 
-/// Whether [`read_cached_now`] (or, with [`may_write_at_once`], a write at once) is worth
-/// trying for a request of a connection that has `in_flight` requests running, and `with_others`
-/// when other requests came in the same read from the socket (behind it, or handled just
-/// before it): only under `--aio threads`, and only when the request is not alone (see
-/// [`read_cached_now`]).
+/// Whether [`read_cached_now`] is worth trying for a READ of a connection that has `in_flight`
+/// requests running, and `with_others` when other requests came in the same read from the
+/// socket (behind it, or handled just before it):
+/// * `--aio threads`: only when the READ is not alone. A lone READ (queue depth 1) goes to the
+///   pool even when cached: on 2 vCPUs that measured twice as fast (31 000 against 16 000 fio
+///   4 KiB reads per second, BENCHMARKS.md, "the three-way race after issue 16's changes"),
+///   because the worker's trip overlaps the client's next send and keeps both CPUs from
+///   idling, while at queue depth 32 serving at once is 1.9× the pool;
+/// * `--aio io_uring`: always. The kernel would do the same read at submission, but the
+///   request's round trip through the ring and its completion costs more work on the context's
+///   thread than the one system call: fio 4 KiB random reads at queue depth 32, medians of 4
+///   alternating runs, 200 k IOPS at once against 148 k through the ring, with a quarter less
+///   server CPU per request; level at queue depth 1 (BENCHMARKS.md, "small requests at once
+///   under `--aio io_uring`");
+/// * `--aio native`: never; its `io_submit` of a buffered read reads it then, on the context's
+///   thread.
 pub fn worth_serving_at_once(io: BlockIo, in_flight: usize, with_others: bool) -> bool {
-    io.engine() == IoEngine::Threads && (in_flight > 0 || with_others)
+    match io.engine() {
+        IoEngine::Threads => in_flight > 0 || with_others,
+        IoEngine::IoUring => true,
+        IoEngine::LinuxAio => false,
+    }
 }
 
 /// Whether a WRITE that [`may_write_at_once`] is worth writing at once, on the context's
 /// thread, for a connection that has `in_flight` requests running, `with_others` as for
 /// [`worth_serving_at_once`]:
-/// * `--aio threads`: when it is not alone, for the reasons a READ is served at once only then;
+/// * `--aio threads`: when it is not alone, for the reasons a READ is read at once only then;
 /// * `--aio io_uring`: always. ext4 has no non-blocking buffered write, so the ring hands each
 ///   to one of the kernel's io-wq workers: the trip to another thread and back, with none of
 ///   the pool's spin to keep the CPUs awake. fio 4 KiB random writes, medians of 5 and 6
 ///   alternating runs: at queue depth 32, 143 k IOPS at once against 89 k through the ring
 ///   (nbdkit 137 k); at queue depth 1, 10.8 k against 8.4 k, and `qemu-img bench` 10.7 k
-///   against 9.2 k, with a third less server CPU per request (BENCHMARKS.md, "small WRITEs at
+///   against 9.2 k, with a third less server CPU per request (BENCHMARKS.md, "small requests at
 ///   once under `--aio io_uring`");
 /// * `--aio native`: never; its `io_submit` of a buffered write already writes it then, on the
 ///   context's thread.
