@@ -213,18 +213,18 @@ pub fn read_by_sendfile(
 ///   4 KiB reads per second, BENCHMARKS.md, "the three-way race after issue 16's changes"),
 ///   because the worker's trip overlaps the client's next send and keeps both CPUs from
 ///   idling, while at queue depth 32 serving at once is 1.9× the pool;
-/// * `--aio io_uring`: always. The kernel would do the same read at submission, but the
-///   request's round trip through the ring and its completion costs more work on the context's
-///   thread than the one system call: fio 4 KiB random reads at queue depth 32, medians of 4
-///   alternating runs, 200 k IOPS at once against 148 k through the ring, with a quarter less
-///   server CPU per request; level at queue depth 1 (BENCHMARKS.md, "small requests at once
-///   under `--aio io_uring`");
+/// * `--aio io_uring`: also only when the READ is not alone. The kernel would do the same read
+///   at submission, but the request's round trip through the ring and its completion costs
+///   more work on the context's thread than the one system call: fio 4 KiB random reads at
+///   queue depth 32, medians of 4 alternating runs, 200 k IOPS at once against 148 k through
+///   the ring, with a quarter less server CPU per request. A lone READ measured level to 3 %
+///   slower at once (`qemu-img bench` and fio at queue depth 1, 5 and 6 alternating runs), so
+///   it stays on the ring (BENCHMARKS.md, "small requests at once under `--aio io_uring`");
 /// * `--aio native`: never; its `io_submit` of a buffered read reads it then, on the context's
 ///   thread.
 pub fn worth_serving_at_once(io: BlockIo, in_flight: usize, with_others: bool) -> bool {
     match io.engine() {
-        IoEngine::Threads => in_flight > 0 || with_others,
-        IoEngine::IoUring => true,
+        IoEngine::Threads | IoEngine::IoUring => in_flight > 0 || with_others,
         IoEngine::LinuxAio => false,
     }
 }
