@@ -108,8 +108,8 @@ pub fn start(
                 done(r.map(|()| IoBuf::default()))
             });
         }
-        // A READ that looks for holes among them: the pool looks, and sends the data from
-        // the page cache when it finds none (`read_by_sendfile`).
+        // The rest, READs that look for holes among them: the pool, where such a READ that
+        // finds none may come back with its data as a tail (`read_by_sendfile`).
         _ => on_pool(pool, export, req, buf, framing, done, true),
     }
 }
@@ -162,7 +162,8 @@ pub fn read_cached_now(
 /// context's thread as its header alone, in a buffer from `bufs`, with the data as a
 /// [`FileTail`](session::FileTail) that the connection sends with `sendfile` behind it: no
 /// worker, and no copy of the data in user space (a Unix socket or TCP takes references to the
-/// cached pages). `None` for anything else, which takes the pool: a smaller READ, data the disk
+/// cached pages). `None` for anything else, which takes the `--aio` engine or the pool: a
+/// smaller READ, data the disk
 /// must supply (`sendfile` would wait for it on the context's thread), `--cache none`, an
 /// image that cannot be sent from ([`Export::sendfile`]), a read that
 /// looks for holes and finds some (its hole chunks are built on the pool), and a read that
@@ -254,12 +255,12 @@ pub fn worth_writing_at_once(io: BlockIo, in_flight: usize, with_others: bool) -
 /// is, when [`worth_writing_at_once`] says so too: on the page cache, at most
 /// [`LANE_WRITE_MAX`] bytes, and without FUA (which would wait for the disk). ext4 refuses
 /// `RWF_NOWAIT` for buffered writes (`EOPNOTSUPP`), so unlike [`read_cached_now`] the write
-/// cannot decline to block; a page-cache write mostly copies, and the callers try it only for a
-/// WRITE that is not alone, where the trip to a worker and back costs more than the copy: fio
-/// 4 KiB random writes at queue depth 32, medians of 5 alternating runs, 119 k IOPS against
-/// 72 k through the lane (nbdkit 128 k), and 67–99 k against 19–36 k while the kernel writes
-/// back a dirty image (BENCHMARKS.md, "small WRITEs at once"). A lone WRITE takes the lane, for the
-/// reason a lone READ takes the pool.
+/// cannot decline to block; a page-cache write mostly copies, which costs less than the trip to
+/// a worker and back: under `--aio threads`, fio 4 KiB random writes at queue depth 32, medians
+/// of 5 alternating runs, 119 k IOPS against 72 k through the lane (nbdkit 128 k), and 67–99 k
+/// against 19–36 k while the kernel writes back a dirty image (BENCHMARKS.md, "small WRITEs at
+/// once"); there a lone WRITE takes the lane, for the reason a lone READ takes the pool
+/// ([`worth_writing_at_once`] has each mode's rule).
 pub fn may_write_at_once(export: &Export, req: &Request) -> bool {
     req.kind == CMD_WRITE
         && req.length <= LANE_WRITE_MAX
