@@ -381,7 +381,7 @@ impl Conn {
                     req,
                     buf,
                     framing,
-                    self.in_flight.get() > 0,
+                    self.in_flight.get() == 0,
                 );
                 if done.is_ready() {
                     self.shard.served_at_once(&req);

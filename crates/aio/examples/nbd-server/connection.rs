@@ -766,7 +766,8 @@ impl Conn {
                 let total = hdr + len;
                 if head.len() >= total {
                     let with_others = earlier || head.len() > total;
-                    if file_io::worth_writing_at_once(self.io, self.in_flight, with_others)
+                    let alone = self.in_flight == 0 && !with_others;
+                    if file_io::worth_serving_at_once(self.io, req.kind, alone)
                         && file_io::may_write_at_once(&self.export, &req)
                     {
                         let data = &self.inbuf[self.in_start + hdr..self.in_start + total];
@@ -871,7 +872,8 @@ impl Conn {
         }
         let mut buf =
             data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
-        if file_io::worth_serving_at_once(self.io, self.in_flight, with_others) {
+        let alone = self.in_flight == 0 && !with_others;
+        if file_io::worth_serving_at_once(self.io, req.kind, alone) {
             match file_io::read_cached_now(&self.export, &req, framing, buf) {
                 Ok(reply) => return self.served_at_once(&req, Ok(reply)),
                 Err(back) => buf = back,

@@ -206,53 +206,40 @@ pub fn read_by_sendfile(
     Some(session::tail_reply(export, req, framing, bufs.take(0)))
 }
 
-/// Whether [`read_cached_now`] is worth trying for a READ of a connection that has `in_flight`
-/// requests running, and `with_others` when other requests came in the same read from the
-/// socket (behind it, or handled just before it):
-/// * `--aio threads`: only when the READ is not alone. A lone READ (queue depth 1) goes to the
-///   pool even when cached: on 2 vCPUs that measured twice as fast (31 000 against 16 000 fio
-///   4 KiB reads per second, BENCHMARKS.md, "the three-way race after issue 16's changes"),
-///   because the worker's trip overlaps the client's next send and keeps both CPUs from
-///   idling, while at queue depth 32 serving at once is 1.9× the pool;
-/// * `--aio io_uring`: also only when the READ is not alone. The kernel would do the same read
-///   at submission, but the request's round trip through the ring and its completion costs
-///   more work on the context's thread than the one system call: fio 4 KiB random reads at
-///   queue depth 32, medians of 4 alternating runs, 200 k IOPS at once against 148 k through
-///   the ring, with a quarter less server CPU per request. A lone READ measured level to 3 %
-///   slower at once (`qemu-img bench` and fio at queue depth 1, 5 and 6 alternating runs), so
-///   it stays on the ring (BENCHMARKS.md, "small requests at once under `--aio io_uring`");
-/// * `--aio native`: never; its `io_submit` of a buffered read reads it then, on the context's
-///   thread.
-pub fn worth_serving_at_once(io: BlockIo, in_flight: usize, with_others: bool) -> bool {
-    match io.engine() {
-        IoEngine::Threads | IoEngine::IoUring => in_flight > 0 || with_others,
-        IoEngine::LinuxAio => false,
-    }
-}
-
-/// Whether a WRITE that [`may_write_at_once`] is worth writing at once, on the context's
-/// thread, for a connection that has `in_flight` requests running, `with_others` as for
-/// [`worth_serving_at_once`]:
-/// * `--aio threads`: when it is not alone, for the reasons a READ is read at once only then;
-/// * `--aio io_uring`: always. ext4 has no non-blocking buffered write, so the ring hands each
-///   to one of the kernel's io-wq workers: the trip to another thread and back, with none of
-///   the pool's spin to keep the CPUs awake. fio 4 KiB random writes, medians of 5 and 6
+/// Whether a small request on the page cache is worth serving at once on the context's thread
+/// (a READ with [`read_cached_now`], a WRITE that [`may_write_at_once`]) rather than by the
+/// `--aio` engine; `alone` when no other request of its connection is in flight and none came
+/// in the same read from the socket (queue depth 1). Each mode's rule, measured:
+/// * `--aio threads`: only when not alone. A lone request goes to the pool even when cached:
+///   on 2 vCPUs that measured twice as fast for READs (31 000 against 16 000 fio 4 KiB reads per
+///   second, BENCHMARKS.md, "the three-way race after issue 16's changes"), because the
+///   worker's trip overlaps the client's next send and keeps both CPUs from idling, while at
+///   queue depth 32 serving at once is 1.9× the pool;
+/// * `--aio io_uring`, a READ: only when not alone. The kernel would do the same read at
+///   submission, but the request's round trip through the ring and its completion costs more
+///   work on the context's thread than the one system call: fio 4 KiB random reads at queue
+///   depth 32, medians of 4 alternating runs, 200 k IOPS at once against 148 k through the
+///   ring, with a quarter less server CPU per request. A lone READ measured level to 3 % slower
+///   at once (`qemu-img bench` and fio at queue depth 1, 5 and 6 alternating runs), so it stays
+///   on the ring (BENCHMARKS.md, "small requests at once under `--aio io_uring`");
+/// * `--aio io_uring`, a WRITE: always. ext4 has no non-blocking buffered write, so the ring
+///   hands each to one of the kernel's io-wq workers: the trip to another thread and back, with
+///   none of the pool's spin to keep the CPUs awake. fio 4 KiB random writes, medians of 5 and 6
 ///   alternating runs: at queue depth 32, 143 k IOPS at once against 89 k through the ring
 ///   (nbdkit 137 k); at queue depth 1, 10.8 k against 8.4 k, and `qemu-img bench` 10.7 k
-///   against 9.2 k, with a third less server CPU per request (BENCHMARKS.md, "small requests at
-///   once under `--aio io_uring`");
-/// * `--aio native`: never; its `io_submit` of a buffered write already writes it then, on the
+///   against 9.2 k, with a third less server CPU per request (same section);
+/// * `--aio native`: never; its `io_submit` of a buffered request already does it then, on the
 ///   context's thread.
-pub fn worth_writing_at_once(io: BlockIo, in_flight: usize, with_others: bool) -> bool {
+pub fn worth_serving_at_once(io: BlockIo, kind: u16, alone: bool) -> bool {
     match io.engine() {
-        IoEngine::Threads => in_flight > 0 || with_others,
-        IoEngine::IoUring => true,
+        IoEngine::Threads => !alone,
+        IoEngine::IoUring => kind == CMD_WRITE || !alone,
         IoEngine::LinuxAio => false,
     }
 }
 
 /// Whether a WRITE may be done at once on the context's thread, from wherever its payload
-/// is, when [`worth_writing_at_once`] says so too: on the page cache, at most
+/// is, when [`worth_serving_at_once`] says so too: on the page cache, at most
 /// [`LANE_WRITE_MAX`] bytes, and without FUA (which would wait for the disk). ext4 refuses
 /// `RWF_NOWAIT` for buffered writes (`EOPNOTSUPP`), so unlike [`read_cached_now`] the write
 /// cannot decline to block; a page-cache write mostly copies, which costs less than the trip to
@@ -260,7 +247,7 @@ pub fn worth_writing_at_once(io: BlockIo, in_flight: usize, with_others: bool) -
 /// of 5 alternating runs, 119 k IOPS against 72 k through the lane (nbdkit 128 k), and 67–99 k
 /// against 19–36 k while the kernel writes back a dirty image (BENCHMARKS.md, "small WRITEs at
 /// once"); there a lone WRITE takes the lane, for the reason a lone READ takes the pool
-/// ([`worth_writing_at_once`] has each mode's rule).
+/// ([`worth_serving_at_once`] has each mode's rule).
 pub fn may_write_at_once(export: &Export, req: &Request) -> bool {
     req.kind == CMD_WRITE
         && req.length <= LANE_WRITE_MAX
@@ -438,11 +425,10 @@ fn transfer(
     }
 }
 
-/// A request started with [`start`], as a future (for the task engine); when it is `not_alone`
-/// (other requests of its connection in flight), a READ is first tried with
-/// [`read_cached_now`] where [`worth_serving_at_once`] says so, and a WRITE that
-/// [`may_write_at_once`] is written at once from its payload buffer where
-/// [`worth_writing_at_once`] says so.
+/// A request started with [`start`], as a future (for the task engine); where
+/// [`worth_serving_at_once`] says so (`alone`: no other request of its connection in flight), a
+/// READ is first tried with [`read_cached_now`], and a WRITE that [`may_write_at_once`] is
+/// written at once from its payload buffer.
 #[allow(clippy::too_many_arguments)] // a request, everything it runs with, and one choice
 pub fn run(
     ctx: &AioContext,
@@ -452,16 +438,16 @@ pub fn run(
     req: Request,
     buf: IoBuf,
     framing: Framing,
-    not_alone: bool,
+    alone: bool,
 ) -> Outcome {
     let ready = Outcome::ready;
     let mut buf = buf;
-    let in_flight = usize::from(not_alone);
-    if worth_writing_at_once(io, in_flight, false) && may_write_at_once(export, &req) {
+    let at_once = worth_serving_at_once(io, req.kind, alone);
+    if at_once && may_write_at_once(export, &req) {
         let written = export.write(buf.bytes(), req.offset, false);
         return ready(written.map(|()| session::write_done(buf.vec, framing, &req)));
     }
-    if worth_serving_at_once(io, in_flight, false) {
+    if at_once {
         match read_cached_now(export, &req, framing, buf) {
             Ok(reply) => return ready(Ok(reply)),
             Err(back) => buf = back,
