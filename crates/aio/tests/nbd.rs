@@ -4109,9 +4109,6 @@ fn pipelined_reads_match(c: &mut nbd_client::Client, ranges: &[(u64, u32)], data
 #[test]
 fn cached_small_reads_are_served_at_once_and_the_others_by_the_pool() {
     let data = pattern(7, 4 * MIB);
-    let ranges = |first: usize, step: usize, n: usize| -> Vec<(u64, u32)> {
-        (0..n).map(|k| ((first + k * step) as u64, 4096)).collect()
-    };
 
     // Lone reads, one at a time: the pool or the ring, cached or not.
     let mut f = fixture("nowait-alone", 4 * MIB, |c| c.contexts(1));
@@ -4125,37 +4122,64 @@ fn cached_small_reads_are_served_at_once_and_the_others_by_the_pool() {
     let stopped = stop_and_get_stopped_line(&mut f.srv);
     assert_eq!(served_at_once(&stopped), (0, 0), "{stopped}");
 
-    let mut f = fixture("nowait", 4 * MIB, |c| c.contexts(1));
-    std::fs::write(&f.image, &data).unwrap();
-    let mut c = f.srv.client();
-    // 16 reads at once, just written: in the page cache.
-    pipelined_reads_match(&mut c, &ranges(0, 4096, 16), &data);
-    // Written back, then dropped from the page cache: the reads must wait for the disk. Half
-    // a MiB apart, beyond each other's readahead.
-    let dropped = drop_from_page_cache(&f.image);
-    pipelined_reads_match(&mut c, &ranges(MIB, 512 * KIB, 6), &data);
-    // Over 64 KiB, with another behind it: the pool.
-    pipelined_reads_match(&mut c, &[(0, 128 * KIB as u32), (8192, 4096)], &data);
-    c.disconnect().unwrap();
-    let ready = ready_line(&f.srv);
-    let stopped = stop_and_get_stopped_line(&mut f.srv);
-    let (at_once, _) = served_at_once(&stopped);
-    if ready.contains("aio threads, cache writeback")
-        || ready.contains("aio io_uring, cache writeback")
-    {
+    // Cached and pipelined: at once; dropped from the page cache, or bigger than 64 KiB: the
+    // engine. A READ of a dropped page usually fails its `RWF_NOWAIT` try, but not always:
+    // that try starts the page's read, and a disk fast enough (a virtual one backed by the
+    // host's cache) can finish it before the same `preadv2` looks at the page again, which then
+    // returns the data (seen once in about 60 runs here, and once in CI). So the cold reads'
+    // bound must hold in one of three runs; a server that read them at once by blocking would
+    // break it in every one.
+    let mut cold_served_at_once = 0;
+    for _ in 0..3 {
+        let (ready, stopped, dropped) = pipelined_cached_cold_and_big_reads(&data);
+        let (at_once, _) = served_at_once(&stopped);
+        if !ready.contains("aio threads, cache writeback")
+            && !ready.contains("aio io_uring, cache writeback")
+        {
+            // The other engines take every READ (`--cache none`: O_DIRECT, or the pool).
+            assert_eq!(at_once, 0, "{ready}\n{stopped}");
+            return;
+        }
         // The first of a batch may find nothing behind it yet (if it came in a read of its
         // own); the rest were cached and not alone.
         assert!(at_once >= 8, "{stopped}");
-        // The big read never counts, nor do the reads of dropped pages.
-        if dropped {
-            assert!(at_once < 16 + 6 + 1, "{stopped}");
-        } else {
+        if !dropped {
             eprintln!("skipped the cold reads' check: the page cache kept some of the image");
+            return;
         }
-    } else {
-        // The other engines take every READ (`--cache none`: O_DIRECT, or the pool).
-        assert_eq!(at_once, 0, "{ready}\n{stopped}");
+        // The big read never counts, and the reads of dropped pages normally do not.
+        if at_once < 16 + 6 + 1 {
+            return;
+        }
+        cold_served_at_once += 1;
+        eprintln!("all 6 cold reads were served at once ({stopped}); once more");
     }
+    panic!("the reads of dropped pages were served at once in all {cold_served_at_once} runs");
+}
+
+/// One server, one client: 16 pipelined READs of cached pages, 6 of pages dropped from the page
+/// cache, then one of 128 KiB with a small one behind it, each checked against `data`. Returns
+/// the server's ready and stopped lines, and whether the pages were seen dropped.
+fn pipelined_cached_cold_and_big_reads(data: &[u8]) -> (String, String, bool) {
+    let mut f = fixture("nowait", 4 * MIB, |c| c.contexts(1));
+    std::fs::write(&f.image, data).unwrap();
+    let mut c = f.srv.client();
+    // 16 reads at once, just written: in the page cache.
+    pipelined_reads_match(&mut c, &ranges(0, 4096, 16), data);
+    // Written back, then dropped from the page cache: the reads must wait for the disk. Half
+    // a MiB apart, beyond each other's readahead.
+    let dropped = drop_from_page_cache(&f.image);
+    pipelined_reads_match(&mut c, &ranges(MIB, 512 * KIB, 6), data);
+    // Over 64 KiB, with another behind it: the pool.
+    pipelined_reads_match(&mut c, &[(0, 128 * KIB as u32), (8192, 4096)], data);
+    c.disconnect().unwrap();
+    let ready = ready_line(&f.srv);
+    (ready, stop_and_get_stopped_line(&mut f.srv), dropped)
+}
+
+/// `n` READs of 4 KiB, the first at `first`, `step` bytes apart.
+fn ranges(first: usize, step: usize, n: usize) -> Vec<(u64, u32)> {
+    (0..n).map(|k| ((first + k * step) as u64, 4096)).collect()
 }
 
 /// The count of READs sent from the page cache with `sendfile` that a stopped line reports.
