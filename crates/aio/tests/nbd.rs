@@ -632,13 +632,15 @@ fn meta_context_options_list_and_select_base_allocation() {
 }
 
 #[test]
-fn unknown_option_is_err_unsup_and_the_session_continues() {
+fn unknown_option_is_err_unsup_starttls_err_policy_and_the_session_continues() {
     let f = fixture("opt-unknown", MIB, |c| c);
     let mut conn = f.srv.raw_in_options().unwrap();
+    // NBD_OPT_STARTTLS without --tls-creds: refused by policy, as qemu-nbd does (nbd_tls.rs
+    // has the server with TLS).
+    let r = conn.option(5, &[]).unwrap();
+    assert_eq!(r.kind, rep::ERR_POLICY, "{r:?}");
     for (option, data) in [
         (0u32, vec![]),
-        // NBD_OPT_STARTTLS: TLS is not implemented, so it is just another unknown option.
-        (5, vec![]),
         (99, b"some data".to_vec()),
         (u32::MAX, vec![7; 100]),
         // Exactly the limit is not too big.
@@ -4835,7 +4837,7 @@ under_the_task_engine! {
     unknown_export_name_is_err_unknown_and_the_session_continues,
     malformed_info_and_go_data_is_err_invalid,
     meta_context_options_list_and_select_base_allocation,
-    unknown_option_is_err_unsup_and_the_session_continues,
+    unknown_option_is_err_unsup_starttls_err_policy_and_the_session_continues,
     oversized_option_is_err_too_big_and_the_session_continues,
     abort_with_oversized_data_is_acked_then_closed,
     replies_owed_before_a_bad_option_magic_are_sent_then_the_connection_closes,

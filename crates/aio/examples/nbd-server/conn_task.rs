@@ -45,7 +45,9 @@ use crate::session::{
     READ_CHUNK, Timing,
 };
 
-/// Starts serving `sock` as connection `id` of `shard`, on `ctx` (the context of this thread).
+/// Starts serving `sock` as connection `id` of `shard`, on `ctx` (the context of this thread);
+/// with `after_tls`, from the options on (see `Shard::start`).
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     ctx: &AioContext,
     id: u64,
@@ -54,6 +56,7 @@ pub fn start(
     settings: Settings,
     slot: ClientSlot,
     shard: &Rc<Shard>,
+    after_tls: Option<Handshake>,
 ) {
     // On io_uring, a polling loop sees the next request in the ring (no-op elsewhere).
     let sock = match AsyncFd::with_context(ctx, sock).map(AsyncFd::poll_in_backend) {
@@ -76,7 +79,8 @@ pub fn start(
         shard: shard.clone(),
         verbose: settings.verbose,
         idle_timeout: settings.idle_timeout,
-        hs: Cell::new(Handshake::default()),
+        hs: Cell::new(after_tls.unwrap_or_default()),
+        after_tls: after_tls.is_some(),
         transmission: Cell::new(false),
         in_flight: Cell::new(0),
         pending_bytes: Cell::new(0),
@@ -130,6 +134,8 @@ pub struct Conn {
     verbose: bool,
     idle_timeout: Option<Duration>,
     hs: Cell<Handshake>,
+    /// The greeting and the client flags were done before TLS (`tls.rs`); `hs` holds them.
+    after_tls: bool,
     transmission: Cell<bool>,
     in_flight: Cell<usize>,
     /// Payload bytes of the requests in flight.
@@ -201,7 +207,8 @@ impl Conn {
     }
 
     async fn serve(self: &Rc<Self>, input: &mut Input) -> io::Result<()> {
-        if !self.send(&IoBuf::from(greeting().to_vec())).await || !self.handshake(input).await? {
+        let greeted = self.after_tls || self.send(&IoBuf::from(greeting().to_vec())).await;
+        if !greeted || !self.handshake(input).await? {
             return Ok(());
         }
         self.transmission.set(true);
@@ -217,18 +224,20 @@ impl Conn {
 
     /// The client flags and the options; true once the transmission phase begins.
     async fn handshake(&self, input: &mut Input) -> io::Result<bool> {
-        if !self.got(input.fill(self, 4).await?, input) {
-            return Ok(false);
-        }
-        let mut hs = Handshake::default();
-        match session::client_flags(be32(input.have())) {
-            Ok(no_zeroes) => hs.no_zeroes = no_zeroes,
-            Err(why) => {
-                self.fail(&why);
+        let mut hs = self.hs.get();
+        if !self.after_tls {
+            if !self.got(input.fill(self, 4).await?, input) {
                 return Ok(false);
             }
+            match session::client_flags(be32(input.have())) {
+                Ok(no_zeroes) => hs.no_zeroes = no_zeroes,
+                Err(why) => {
+                    self.fail(&why);
+                    return Ok(false);
+                }
+            }
+            input.consume(4);
         }
-        input.consume(4);
         loop {
             if !self.got(input.fill(self, OPTION_HEADER_LEN).await?, input) {
                 return Ok(false);

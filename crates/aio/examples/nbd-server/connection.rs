@@ -289,13 +289,16 @@ impl Shard {
     }
 
     /// Starts serving `sock` on `ctx`, which must be the context polling on this thread. The
-    /// connection holds `slot` until it is closed and its last request has completed.
+    /// connection holds `slot` until it is closed and its last request has completed. With
+    /// `after_tls`, the greeting and the client flags are done and TLS is on (`tls.rs` relays
+    /// `sock`): the connection begins with the options, from that handshake.
     pub fn start(
         ctx: &AioContext,
         sock: Socket,
         export: Arc<Export>,
         settings: Settings,
         slot: ClientSlot,
+        after_tls: Option<Handshake>,
     ) {
         let shard = Shard::of(ctx);
         // Relaxed: the id only has to be unique; nothing is published with it.
@@ -306,7 +309,7 @@ impl Shard {
             return;
         }
         if settings.engine == Engine::Tasks {
-            conn_task::start(ctx, id, sock, export, settings, slot, &shard);
+            conn_task::start(ctx, id, sock, export, settings, slot, &shard, after_tls);
             return;
         }
         let conn = Rc::new(RefCell::new(Conn {
@@ -319,7 +322,11 @@ impl Shard {
             shard: shard.clone(),
             handler: None,
             watching: (false, false),
-            phase: Phase::ClientFlags,
+            phase: if after_tls.is_some() {
+                Phase::Options
+            } else {
+                Phase::ClientFlags
+            },
             inbuf: vec![0; READ_CHUNK],
             in_start: 0,
             in_end: 0,
@@ -331,7 +338,7 @@ impl Shard {
             out_bytes: 0,
             in_flight: 0,
             pending_bytes: 0,
-            hs: Handshake::default(),
+            hs: after_tls.unwrap_or_default(),
             closing: false,
             read_done: false,
             timer: None,
@@ -343,7 +350,9 @@ impl Shard {
         }));
         let mut c = conn.borrow_mut();
         c.weak = Rc::downgrade(&conn);
-        c.queue(greeting().to_vec());
+        if after_tls.is_none() {
+            c.queue(greeting().to_vec());
+        }
         // Send closures only: the timer finds the connection again through its context.
         // One timer for the connection's whole life: the handshake limit, then the idle
         // timeout, or the linger after a protocol violation (see `on_timer`).

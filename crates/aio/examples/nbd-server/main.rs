@@ -58,8 +58,13 @@
 //! * **Socket activation.** When `LISTEN_PID` is this process and `LISTEN_FDS` is N, fds 3 to
 //!   N+2 are listening sockets (TCP or Unix) to serve instead of `--tcp`/`--unix`, as systemd
 //!   passes them.
-//! * **Not here: TLS.** `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_UNSUP`, like any unknown option,
-//!   so a client that requires TLS stops cleanly; serve over a Unix socket or a trusted network.
+//! * **TLS.** `--tls-creds DIR` requires TLS, as qemu-nbd's `--tls-creds`: each client is
+//!   met by a thread of its own that answers every option before `NBD_OPT_STARTTLS` with
+//!   `NBD_REP_ERR_TLS_REQD`, runs the TLS handshake (rustls, X.509: `DIR/server-cert.pem`,
+//!   `DIR/server-key.pem`; `--tls-verify-peer` also wants a client certificate issued by
+//!   `DIR/ca-cert.pem`), and then relays between the client and a Unix socket pair whose other
+//!   end a context serves like any connection (`tls.rs`). Without it, `NBD_OPT_STARTTLS` gets
+//!   `NBD_REP_ERR_POLICY`. No PSK: rustls has none.
 
 mod buffers;
 mod conn_task;
@@ -68,6 +73,7 @@ mod export;
 mod file_io;
 mod protocol;
 mod session;
+mod tls;
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
@@ -171,6 +177,12 @@ usage: nbd-server [OPTIONS] IMAGE
   --engine E            how connections are served: callbacks (the default: an fd handler
                         and a state machine per connection) or tasks (a task per connection
                         and per request, as QEMU's nbd/server.c coroutines)
+  --tls-creds DIR       require TLS, as qemu-nbd --tls-creds: every option before
+                        NBD_OPT_STARTTLS gets NBD_REP_ERR_TLS_REQD; the certificate chain
+                        and key are DIR/server-cert.pem and DIR/server-key.pem (PEM, the
+                        names qemu and nbdkit use); TLS 1.3 and 1.2, X.509 (no PSK)
+  --tls-verify-peer     with --tls-creds: require a client certificate issued by
+                        DIR/ca-cert.pem
   --verbose             log each connection on stderr
   -h, --help            print this and exit
   -V, --version         print the version and exit
@@ -202,12 +214,16 @@ struct Config {
     io: IoEngine,
     /// Whether the image's data goes through the page cache (`--cache`).
     cache: Cache,
+    /// `--tls-creds`: TLS is required, with the certificate and key in this directory.
+    tls_creds: Option<PathBuf>,
+    /// `--tls-verify-peer`: clients must show a certificate issued by the directory's CA.
+    tls_verify_peer: bool,
 }
 
 /// What the command line asks for.
 #[derive(Debug)]
 enum Command {
-    Serve(Config),
+    Serve(Box<Config>),
     Help,
     Version,
 }
@@ -251,6 +267,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         engine: Engine::default(),
         io: IoEngine::Threads,
         cache: Cache::Writeback,
+        tls_creds: None,
+        tls_verify_peer: false,
     };
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) =
@@ -336,6 +354,8 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
             }
             "--poll-yield" => poll_yield = true,
             "--verbose" => cfg.verbose = true,
+            "--tls-creds" => cfg.tls_creds = Some(value("a directory")?.into()),
+            "--tls-verify-peer" => cfg.tls_verify_peer = true,
             "--engine" => {
                 let e = value("callbacks or tasks")?;
                 cfg.engine = match e.as_str() {
@@ -373,6 +393,9 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         }
     }
     cfg.image = image.ok_or("no image file given")?;
+    if cfg.tls_verify_peer && cfg.tls_creds.is_none() {
+        return Err("--tls-verify-peer needs --tls-creds".into());
+    }
     let policy = match (poll_qemu10, poll_weight) {
         (true, Some(_)) => {
             return Err("--poll-weight is for the weighted policy, not qemu10".into());
@@ -388,7 +411,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         .yielding(poll_yield);
     // Every value was range-checked above; this is the library's own word on them.
     cfg.poll.validate().map_err(|e| e.to_string())?;
-    Ok(Command::Serve(cfg))
+    Ok(Command::Serve(Box::new(cfg)))
 }
 
 fn main() -> ExitCode {
@@ -442,6 +465,10 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     let export = Export::open(&cfg.image, cfg.name.clone(), cfg.read_only, cfg.cache)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
     let export = Arc::new(export);
+    let tls = match &cfg.tls_creds {
+        Some(dir) => Some(tls::load(dir, cfg.tls_verify_peer)?),
+        None => None,
+    };
     let pool_max = pool_threads_per_context(cfg.contexts);
     let ctx = new_context(cfg.poll, cfg.io, pool_max)?;
     let iothreads = (1..cfg.contexts)
@@ -507,6 +534,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             io: cfg.io,
         },
         clients: clients.clone(),
+        tls,
         unix_path: cfg.unix.clone(),
         resume,
         backoff: RefCell::new(None),
@@ -551,7 +579,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     }
     println!(
         "nbd-server: ready on {} (backend {}, {} context{}, {}, export {:?}, {} bytes{}, \
-         aio {}, cache {}, sendfile {}, engine {})",
+         aio {}, cache {}, sendfile {}, tls {}, engine {})",
         addresses.join(", "),
         ctx.backend(),
         cfg.contexts,
@@ -571,6 +599,11 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             "on"
         } else {
             "off"
+        },
+        match (&cfg.tls_creds, cfg.tls_verify_peer) {
+            (None, _) => "off",
+            (Some(_), false) => "required",
+            (Some(_), true) => "required with client certificates",
         },
         match cfg.engine {
             Engine::Callbacks => "callbacks",
@@ -601,6 +634,8 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     for t in iothreads {
         total.add(&t.join()?);
     }
+    // Every connection is closed: the TLS relays end their streams.
+    tls::wait_for_relays(Duration::from_secs(1));
     drop(pid_file);
     // Every context has the same parameters; with polling off the counters stay 0.
     let polled = if ctx.poll_params().is_disabled() {
@@ -1012,6 +1047,9 @@ struct Acceptor {
     export: Arc<Export>,
     settings: Settings,
     clients: Arc<Clients>,
+    /// `--tls-creds`: each client is met by a thread of its own (`tls.rs`), which hands the
+    /// connection to the context it was dealt to once TLS is on.
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// The socket file to remove at exit (`--unix`; not a socket systemd made).
     unix_path: Option<PathBuf>,
     /// Set by the backoff timer (whose callback must be `Send`) and by a client slot given
@@ -1082,11 +1120,16 @@ impl Acceptor {
             self.next.set((n + 1) % self.targets.len());
             let (export, settings) = (self.export.clone(), self.settings);
             let slot = ClientSlot::take(&self.clients);
+            if let Some(tls) = &self.tls {
+                let target = self.targets[n].clone().unwrap_or_else(|| ctx.handle());
+                meet_over_tls(sock, tls.clone(), target, export, settings, slot);
+                continue;
+            }
             match &self.targets[n] {
-                None => Shard::start(ctx, sock, export, settings, slot),
+                None => Shard::start(ctx, sock, export, settings, slot, None),
                 Some(handle) => handle.schedule_oneshot(move || {
                     if let Some(ctx) = AioContext::current() {
-                        Shard::start(&ctx, sock, export, settings, slot);
+                        Shard::start(&ctx, sock, export, settings, slot, None);
                     }
                 }),
             }
@@ -1124,6 +1167,42 @@ impl Acceptor {
         if let Some(path) = &self.unix_path {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+/// Starts the thread that meets a client of a TLS server (`tls.rs`); once TLS is on, the
+/// connection is served on `target`'s context, holding `slot`.
+fn meet_over_tls(
+    sock: Socket,
+    config: Arc<rustls::ServerConfig>,
+    target: ContextHandle,
+    export: Arc<Export>,
+    settings: Settings,
+    slot: ClientSlot,
+) {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    // Relaxed: a number for the logs.
+    let name = format!("TLS client {}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let verbose = settings.verbose;
+    let spawned = thread::Builder::new()
+        .name("nbd-tls".to_owned())
+        .spawn(move || {
+            let log_name = name.clone();
+            tls::meet(sock, config, &name, verbose, move |plain, hs| {
+                if let Err(e) = prepare(&plain) {
+                    eprintln!("nbd-server: {log_name}: dropping the connection: {e}");
+                    return;
+                }
+                target.schedule_oneshot(move || {
+                    if let Some(ctx) = AioContext::current() {
+                        Shard::start(&ctx, plain, export, settings, slot, Some(hs));
+                    }
+                });
+            });
+        });
+    if let Err(e) = spawned {
+        // The socket went with the closure: the client sees it closed.
+        eprintln!("nbd-server: cannot start a thread for a TLS client: {e}");
     }
 }
 

@@ -72,6 +72,8 @@ pub struct Handshake {
     /// `base:allocation` was selected by the last `NBD_OPT_SET_META_CONTEXT`, so
     /// `NBD_CMD_BLOCK_STATUS` is allowed.
     pub base_allocation: bool,
+    /// The connection runs over TLS (`NBD_OPT_STARTTLS` was acknowledged, `tls.rs`).
+    pub tls: bool,
 }
 
 impl Default for Handshake {
@@ -80,6 +82,7 @@ impl Default for Handshake {
             framing: Framing::Simple,
             no_zeroes: false,
             base_allocation: false,
+            tls: false,
         }
     }
 }
@@ -209,6 +212,14 @@ pub fn handle_option(
             option_reply(out, option, REP_ACK, &[]);
         }
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => meta_context(export, hs, option, data, out),
+        // Before TLS, a server with `--tls-creds` answers this option in `tls.rs`.
+        OPT_STARTTLS if hs.tls => {
+            option_reply(out, option, REP_ERR_INVALID, b"TLS is already on");
+        }
+        OPT_STARTTLS => {
+            let msg = b"TLS is not configured on this server (--tls-creds)";
+            option_reply(out, option, REP_ERR_POLICY, msg);
+        }
         _ => option_reply(out, option, REP_ERR_UNSUP, b"option not supported"),
     }
     Opted::Continue

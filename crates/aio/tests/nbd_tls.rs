@@ -1,0 +1,482 @@
+//! End-to-end tests of the `nbd-server` example's TLS (`--tls-creds`, `--tls-verify-peer`):
+//! certificates made here with rcgen; the options before `NBD_OPT_STARTTLS` over a raw socket;
+//! a TLS session of this file's own (rustls), which checks what the server answers once TLS is
+//! on and that either side's close ends the other; and real clients (libnbd's nbdinfo and
+//! nbdcopy, QEMU's qemu-io), under both connection engines, over Unix sockets and TCP, with
+//! the data checked against the image. A missing tool skips its part with a printed reason.
+
+#![cfg(target_os = "linux")]
+
+// The helpers serve `nbd.rs` too; this file uses some of them.
+#[allow(dead_code)]
+mod support;
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use support::nbd_client::{IO_TIMEOUT, opt, rep};
+use support::server::{Config, Server, TempDir, with_engine};
+
+const MIB: usize = 1 << 20;
+const OPT_STARTTLS: u32 = 5;
+const REP_ERR_TLS_REQD: u32 = rep::ERR_BIT + 5;
+const OPTS_MAGIC: u64 = 0x4948_4156_454F_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+
+/// A certificate authority, and the server's certificate (for `localhost` and 127.0.0.1) and
+/// key it signed, written into `dir` under the names `--tls-creds` reads; with `client`, a
+/// client certificate too (`client-cert.pem`, `client-key.pem`: libnbd's and qemu's names).
+fn make_pki(dir: &Path, client: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(DnType::CommonName, "aio test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let write = |name: &str, text: String| std::fs::write(dir.join(name), text).unwrap();
+    write("ca-cert.pem", ca_cert.pem());
+    let leaf = |name: &str, purpose: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (cert, key) = leaf("localhost", ExtendedKeyUsagePurpose::ServerAuth);
+    write("server-cert.pem", cert);
+    write("server-key.pem", key);
+    if client {
+        let (cert, key) = leaf("aio test client", ExtendedKeyUsagePurpose::ClientAuth);
+        write("client-cert.pem", cert);
+        write("client-key.pem", key);
+    }
+}
+
+/// A server of a 4 MiB image with TLS required, over Unix and TCP; `pki` holds its files.
+struct Tls {
+    srv: Server,
+    image: std::path::PathBuf,
+    pki: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+fn tls_server(tag: &str, client_certs: bool) -> Tls {
+    let dir = TempDir::new(tag);
+    let pki = dir.join("pki");
+    make_pki(&pki, client_certs);
+    let image = dir.image("disk.img", 4 * MIB as u64);
+    let mut args = vec!["--tls-creds", pki.to_str().unwrap()];
+    if client_certs {
+        args.push("--tls-verify-peer");
+    }
+    let srv = Config::new(&image)
+        .tcp()
+        .verbose()
+        .args_extra(&args)
+        .start();
+    Tls {
+        srv,
+        image,
+        pki,
+        _dir: dir,
+    }
+}
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: {tool} not found");
+    }
+    ok
+}
+
+fn option_header(option: u32, len: u32) -> Vec<u8> {
+    let mut b = OPTS_MAGIC.to_be_bytes().to_vec();
+    b.extend_from_slice(&option.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// Reads one option reply: its type and data.
+fn read_option_reply(s: &mut impl Read) -> io::Result<(u32, Vec<u8>)> {
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h)?;
+    assert_eq!(u64::from_be_bytes(h[..8].try_into().unwrap()), REPLY_MAGIC);
+    let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+    let mut data = vec![0; u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize];
+    s.read_exact(&mut data)?;
+    Ok((kind, data))
+}
+
+/// This file's own TLS client: the greeting, the client flags and `NBD_OPT_STARTTLS` in
+/// plain text on `sock`, then the TLS handshake (trusting `pki`'s authority for `localhost`).
+fn start_tls<S: Read + Write>(mut sock: S, pki: &Path) -> StreamOwned<ClientConnection, S> {
+    let mut greeting = [0u8; 18];
+    sock.read_exact(&mut greeting).unwrap();
+    sock.write_all(&3u32.to_be_bytes()).unwrap();
+    sock.write_all(&option_header(OPT_STARTTLS, 0)).unwrap();
+    assert_eq!(read_option_reply(&mut sock).unwrap().0, rep::ACK);
+    let mut roots = RootCertStore::empty();
+    let ca = std::fs::read(pki.join("ca-cert.pem")).unwrap();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    #[allow(deprecated)]
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = ServerName::try_from("localhost").unwrap();
+    let conn = ClientConnection::new(Arc::new(config), name).unwrap();
+    StreamOwned::new(conn, sock)
+}
+
+/// Over TLS: `NBD_OPT_GO` for the default export, then a WRITE and a READ of `data` at
+/// `offset` (simple replies); the READ's data is returned.
+fn go_write_read(s: &mut (impl Read + Write), offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut go = option_header(opt::GO, 6);
+    go.extend_from_slice(&[0; 6]);
+    s.write_all(&go).unwrap();
+    loop {
+        let (kind, _) = read_option_reply(s).unwrap();
+        if kind == rep::ACK {
+            break;
+        }
+        assert_eq!(kind, rep::INFO);
+    }
+    let request = |kind: u16, cookie: u64| {
+        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&cookie.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        r
+    };
+    let reply = |s: &mut dyn Read, cookie: u64| {
+        let mut r = [0u8; 16];
+        s.read_exact(&mut r).unwrap();
+        assert_eq!(&r[..4], &0x6744_6698u32.to_be_bytes());
+        assert_eq!(&r[4..8], &[0; 4], "the request failed");
+        assert_eq!(u64::from_be_bytes(r[8..].try_into().unwrap()), cookie);
+    };
+    let mut write = request(1, 1);
+    write.extend_from_slice(data);
+    s.write_all(&write).unwrap();
+    reply(s, 1);
+    s.write_all(&request(0, 2)).unwrap();
+    reply(s, 2);
+    let mut back = vec![0; data.len()];
+    s.read_exact(&mut back).unwrap();
+    back
+}
+
+#[test]
+fn every_option_before_starttls_gets_tls_reqd_and_export_name_closes() {
+    let t = tls_server("tls-reqd", false);
+    let ready = t.srv.stdout().join("\n");
+    assert!(ready.contains(", tls required, engine "), "{ready}");
+    let mut conn = t.srv.raw_in_options().unwrap();
+    let info = [0u8; 6];
+    for (option, data) in [
+        (opt::LIST, &[][..]),
+        (opt::GO, &info[..]),
+        (opt::INFO, &info[..]),
+        (opt::STRUCTURED_REPLY, &[][..]),
+        (99, &b"anything"[..]),
+    ] {
+        let r = conn.option(option, data).unwrap();
+        assert_eq!(r.kind, REP_ERR_TLS_REQD, "option {option}: {r:?}");
+    }
+    // STARTTLS takes no data; the session goes on.
+    let r = conn.option(OPT_STARTTLS, b"x").unwrap();
+    assert_eq!(r.kind, rep::ERR_INVALID, "{r:?}");
+    let r = conn.option(opt::ABORT, &[]).unwrap();
+    assert_eq!(r.kind, rep::ACK, "{r:?}");
+
+    // EXPORT_NAME cannot be refused: the server closes.
+    let mut conn = t.srv.raw_in_options().unwrap();
+    conn.send_option(opt::EXPORT_NAME, b"").unwrap();
+    assert_eq!(conn.expect_closed(IO_TIMEOUT).unwrap(), b"");
+
+    // Clients that do not start TLS are told why.
+    if have("qemu-io") {
+        let uri = format!("nbd+unix:///?socket={}", t.srv.unix_path().display());
+        let out = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 512", &uri])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() || err.contains("requires TLS"),
+            "{err}"
+        );
+        assert!(err.contains("requires TLS"), "{err}");
+    }
+    assert_serves(&t);
+}
+
+/// A new TLS session still gets its data: the server survived what came before.
+fn assert_serves(t: &Tls) {
+    let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
+    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut s = start_tls(sock, &t.pki);
+    assert_eq!(go_write_read(&mut s, 512, b"still here"), b"still here");
+}
+
+#[test]
+fn a_tls_session_answers_starttls_again_with_invalid_and_serves_requests() {
+    for engine in ["callbacks", "tasks"] {
+        with_engine(engine, || {
+            let t = tls_server("tls-own", false);
+            let fds = t.srv.fd_count();
+            // Over the Unix socket, then over TCP.
+            let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
+            sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut s = start_tls(sock, &t.pki);
+            s.write_all(&option_header(OPT_STARTTLS, 0)).unwrap();
+            assert_eq!(read_option_reply(&mut s).unwrap().0, rep::ERR_INVALID);
+            let data: Vec<u8> = (0..256 * 1024).map(|i| (i * 7 % 251) as u8).collect();
+            assert!(go_write_read(&mut s, 3 * MIB as u64, &data) == data);
+            let on_disk = std::fs::read(&t.image).unwrap();
+            assert!(on_disk[3 * MIB..3 * MIB + data.len()] == data[..]);
+            // The client leaves without close_notify: the relay and the connection end.
+            drop(s);
+
+            let sock = TcpStream::connect(t.srv.tcp.unwrap()).unwrap();
+            sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut s = start_tls(sock, &t.pki);
+            let small = b"over TCP".to_vec();
+            assert_eq!(go_write_read(&mut s, 4096, &small), small);
+            // A clean end: close_notify, then the socket.
+            s.conn.send_close_notify();
+            s.flush().unwrap();
+            let mut rest = Vec::new();
+            // The server answers with its own close_notify and closes.
+            assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+            drop(s);
+
+            // Both connections closed and both relays ended: the server is back to the fds
+            // it had. (The log is read from a pipe, and may lag the fds.)
+            let deadline = Instant::now() + IO_TIMEOUT;
+            let closed = || t.srv.stderr().join("\n").matches(": closed").count();
+            while (t.srv.fd_count() > fds || closed() < 2) && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            assert_eq!(t.srv.fd_count(), fds, "{:?}", t.srv.stderr());
+            let log = t.srv.stderr().join("\n");
+            assert_eq!(log.matches(": TLS on (").count(), 2, "{log}");
+            assert_eq!(closed(), 2, "{log}");
+        });
+    }
+}
+
+#[test]
+fn shutdown_closes_tls_sessions_with_close_notify() {
+    let mut t = tls_server("tls-shutdown", false);
+    let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
+    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut s = start_tls(sock, &t.pki);
+    assert_eq!(go_write_read(&mut s, 0, b"x"), b"x");
+    t.srv.signal("TERM");
+    assert_eq!(t.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    // A clean end of the TLS stream (rustls reports a cut one as an error).
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+}
+
+/// The real clients, with the server's authority in `pki` (libnbd's `tls-certificates`,
+/// qemu's `tls-creds-x509` object): upload and download through nbdcopy, checked against the
+/// image, nbdinfo's view of the session, and qemu-io's pattern write and check.
+fn real_clients(t: &Tls) {
+    let pki = t.pki.display();
+    let unix = format!(
+        "nbds+unix:///?socket={}&tls-certificates={pki}",
+        t.srv.unix_path().display()
+    );
+    let tcp = format!(
+        "nbds://localhost:{}/?tls-certificates={pki}",
+        t.srv.tcp.unwrap().port()
+    );
+    if have("nbdinfo") {
+        let out = Command::new("nbdinfo").arg(&tcp).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("with TLS"), "{text}");
+        assert!(
+            text.contains(&format!("export-size: {}", 4 * MIB)),
+            "{text}"
+        );
+        // Without TLS, the client is refused.
+        let plain = format!("nbd://localhost:{}/", t.srv.tcp.unwrap().port());
+        let out = Command::new("nbdinfo").arg(&plain).output().unwrap();
+        assert!(!out.status.success());
+    }
+    if have("nbdcopy") {
+        let dir = t.image.parent().unwrap();
+        let source = dir.join("source.img");
+        let data: Vec<u8> = (0..4 * MIB).map(|i| (i * 13 % 253) as u8).collect();
+        std::fs::write(&source, &data).unwrap();
+        for (uri, copy) in [(&unix, "down-unix.img"), (&tcp, "down-tcp.img")] {
+            let up = Command::new("nbdcopy")
+                .arg(&source)
+                .arg(uri)
+                .output()
+                .unwrap();
+            assert!(
+                up.status.success(),
+                "{}",
+                String::from_utf8_lossy(&up.stderr)
+            );
+            assert!(
+                std::fs::read(&t.image).unwrap() == data,
+                "upload over {uri}"
+            );
+            let copy = dir.join(copy);
+            let down = Command::new("nbdcopy")
+                .arg(uri)
+                .arg(&copy)
+                .output()
+                .unwrap();
+            assert!(
+                down.status.success(),
+                "{}",
+                String::from_utf8_lossy(&down.stderr)
+            );
+            assert!(std::fs::read(&copy).unwrap() == data, "download over {uri}");
+        }
+    }
+    if have("qemu-io") {
+        let creds = format!("tls-creds-x509,id=tls0,endpoint=client,dir={pki}");
+        let opts = format!(
+            "driver=nbd,server.type=inet,server.host=localhost,server.port={},tls-creds=tls0",
+            t.srv.tcp.unwrap().port()
+        );
+        let out = Command::new("qemu-io")
+            .args(["--object", &creds, "--image-opts", &opts])
+            .args(["-c", "write -P 0xa5 1M 192k", "-c", "read -P 0xa5 1M 192k"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(!text.contains("Pattern verification failed"), "{text}");
+        let on_disk = std::fs::read(&t.image).unwrap();
+        assert!(on_disk[MIB..MIB + 192 * 1024].iter().all(|&b| b == 0xa5));
+    }
+}
+
+#[test]
+fn real_clients_read_and_write_over_tls_on_both_engines() {
+    for engine in ["callbacks", "tasks"] {
+        with_engine(engine, || real_clients(&tls_server("tls-clients", false)));
+    }
+}
+
+#[test]
+fn verify_peer_takes_clients_with_a_certificate_of_the_authority_only() {
+    let t = tls_server("tls-verify", true);
+    let ready = t.srv.stdout().join("\n");
+    assert!(
+        ready.contains(", tls required with client certificates, "),
+        "{ready}"
+    );
+    if !have("nbdinfo") {
+        return;
+    }
+    let uri = |pki: &Path| {
+        format!(
+            "nbds+unix:///?socket={}&tls-certificates={}",
+            t.srv.unix_path().display(),
+            pki.display()
+        )
+    };
+    let out = Command::new("nbdinfo").arg(uri(&t.pki)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The same authority, but no client certificate: refused in the TLS handshake.
+    let bare = t.pki.parent().unwrap().join("no-client-cert");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(t.pki.join("ca-cert.pem"), bare.join("ca-cert.pem")).unwrap();
+    let out = Command::new("nbdinfo").arg(uri(&bare)).output().unwrap();
+    assert!(!out.status.success());
+    let log = t.srv.stderr().join("\n");
+    assert!(log.contains("TLS handshake: "), "{log}");
+    let out = Command::new("nbdinfo").arg(uri(&t.pki)).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_tls_settings_are_refused_at_start() {
+    let dir = TempDir::new("tls-bad");
+    let image = dir.image("disk.img", MIB as u64);
+    let server = support::server::server_binary();
+    let run = |args: &[&str]| {
+        let out = Command::new(server)
+            .args(["--unix", dir.join("s.sock").to_str().unwrap()])
+            .args(args)
+            .arg(&image)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--tls-verify-peer"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--tls-verify-peer needs --tls-creds"), "{err}");
+    let missing = dir.join("nowhere");
+    let (code, err) = run(&["--tls-creds", missing.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("server-cert.pem"), "{err}");
+    // A key that is not the certificate's.
+    let pki = dir.join("pki");
+    make_pki(&pki, true);
+    std::fs::copy(pki.join("client-key.pem"), pki.join("server-key.pem")).unwrap();
+    let (code, err) = run(&["--tls-creds", pki.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("server-key.pem"), "{err}");
+    // --tls-verify-peer without the authority's certificate.
+    make_pki(&pki, false);
+    std::fs::remove_file(pki.join("ca-cert.pem")).unwrap();
+    let (code, err) = run(&["--tls-creds", pki.to_str().unwrap(), "--tls-verify-peer"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("ca-cert.pem"), "{err}");
+}
