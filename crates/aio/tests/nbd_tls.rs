@@ -297,6 +297,51 @@ fn a_tls_session_answers_starttls_again_with_invalid_and_serves_requests() {
     }
 }
 
+/// A client that sends 12 READs of 1 MiB and `NBD_CMD_DISC` before it reads anything (and one
+/// more READ once the connection has closed) gets every reply, then the end of the TLS stream:
+/// what the connection wrote into the pair before it closed is relayed, not dropped with it.
+#[test]
+fn replies_owed_at_disc_all_reach_the_client_then_close_notify() {
+    for engine in ["callbacks", "tasks"] {
+        with_engine(engine, || {
+            let t = tls_server("tls-disc", false);
+            let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
+            sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut s = start_tls(sock, &t.pki);
+            assert_eq!(go_write_read(&mut s, 0, b"x"), b"x");
+            let mut burst = Vec::new();
+            for i in 0..12u64 {
+                let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+                r.extend_from_slice(&[0, 0, 0, 0]);
+                r.extend_from_slice(&(100 + i).to_be_bytes());
+                r.extend_from_slice(&(i * 256 * 1024).to_be_bytes());
+                r.extend_from_slice(&(MIB as u32).to_be_bytes());
+                burst.extend_from_slice(&r);
+            }
+            let mut disc = 0x2560_9513u32.to_be_bytes().to_vec();
+            disc.extend_from_slice(&[0, 0, 0, 2]);
+            disc.extend_from_slice(&[0; 20]);
+            burst.extend_from_slice(&disc);
+            s.write_all(&burst).unwrap();
+            s.flush().unwrap();
+            // The connection answers, closes, and its replies wait in the pair and the relay;
+            // a request sent after that (which the relay can no longer hand on) loses none.
+            thread::sleep(Duration::from_millis(300));
+            let _ = s.write_all(&burst[..28]).and_then(|()| s.flush());
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).unwrap();
+            assert_eq!(got.len(), 12 * (16 + MIB), "replies cut short");
+            // In completion order, which NBD leaves open.
+            let mut cookies: Vec<u64> = got
+                .chunks(16 + MIB)
+                .map(|r| u64::from_be_bytes(r[8..16].try_into().unwrap()))
+                .collect();
+            cookies.sort_unstable();
+            assert_eq!(cookies, (100..112).collect::<Vec<u64>>());
+        });
+    }
+}
+
 #[test]
 fn shutdown_closes_tls_sessions_with_close_notify() {
     let mut t = tls_server("tls-shutdown", false);
@@ -432,8 +477,13 @@ fn verify_peer_takes_clients_with_a_certificate_of_the_authority_only() {
     std::fs::copy(t.pki.join("ca-cert.pem"), bare.join("ca-cert.pem")).unwrap();
     let out = Command::new("nbdinfo").arg(uri(&bare)).output().unwrap();
     assert!(!out.status.success());
-    let log = t.srv.stderr().join("\n");
-    assert!(log.contains("TLS handshake: "), "{log}");
+    // The log is read from a pipe, and may lag the client's exit.
+    let deadline = Instant::now() + IO_TIMEOUT;
+    let logged = || t.srv.stderr().join("\n").contains("TLS handshake: ");
+    while !logged() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert!(logged(), "{:?}", t.srv.stderr());
     let out = Command::new("nbdinfo").arg(uri(&t.pki)).output().unwrap();
     assert!(
         out.status.success(),

@@ -42,6 +42,14 @@
 //! comma-separated filters: `AIO_NBD_BENCH_CLIENTS` (`qemu-img,fio,nbdcopy`),
 //! `AIO_NBD_BENCH_SERVERS` (`aio,qemu-nbd,nbdkit`), `AIO_NBD_BENCH_MODES`
 //! (`threads,io_uring,native`); `AIO_NBD_BENCH_VARIANTS=1` as above.
+//!
+//! **TLS** (`AIO_NBD_BENCH_TLS=1`): the same race with every server requiring TLS and every
+//! client using it, all with one X.509 certificate for `localhost` (P-256, signed by a
+//! throwaway authority that `openssl` makes in the scratch directory): ours with
+//! `--tls-creds`, qemu-nbd with a `tls-creds-x509` object, nbdkit with `--tls=require
+//! --tls-certificates`; fio and nbdcopy with `nbds+unix://` URIs, finding the authority where
+//! libnbd looks by default (`$HOME/.pki/libnbd`, `HOME` set to the scratch directory's).
+//! `qemu-img bench` takes no `--object`, so no credentials: its rows are skipped.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -51,7 +59,9 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use super::json;
-use crate::cmd::{Cmd, Context, Error, Result, ensure_apt_package, project_root};
+use crate::cmd::{
+    Cmd, Context, Error, Result, ensure_apt_package, ensure_apt_package_for, project_root,
+};
 use crate::nbd::{self, Deadline, Readiness, Scratch, Server};
 
 /// Size of the dense benchmark image: 50 000 sequential 4 KiB requests (195 MiB) do not wrap
@@ -398,6 +408,9 @@ struct Files {
     download: PathBuf,
     socket: PathBuf,
     pid_file: PathBuf,
+    /// With `AIO_NBD_BENCH_TLS=1`: the directory of `ca-cert.pem`, `server-cert.pem` and
+    /// `server-key.pem` ([`make_pki`]), which every server and client is given.
+    pki: Option<PathBuf>,
 }
 
 impl Files {
@@ -420,23 +433,75 @@ impl Files {
                     Variant::CacheNone => cmd.args(["--cache", "none"]),
                     Variant::Plain | Variant::Epoll => cmd,
                 };
+                let cmd = match &self.pki {
+                    Some(pki) => cmd.args(["--tls-creds", &pki.display().to_string()]),
+                    None => cmd,
+                };
                 cmd.arg(image)
             }
             // `-t` keeps it serving after a client leaves, as `--persistent` does ours;
             // `--pid-file` is how we learn that it listens.
-            Which::QemuNbd(aio, cache) => Cmd::new("qemu-nbd")
-                .args(["-f", "raw", "-t"])
-                .arg(format!("--cache={}", cache_arg(cache)))
-                .arg(format!("--aio={}", aio.arg()))
-                .arg(format!("--shared={QEMU_NBD_SHARED}"))
-                .args(["-k", &socket])
-                .arg(format!("--pid-file={}", self.pid_file.display()))
-                .arg(image),
+            Which::QemuNbd(aio, cache) => {
+                let cmd = Cmd::new("qemu-nbd")
+                    .args(["-f", "raw", "-t"])
+                    .arg(format!("--cache={}", cache_arg(cache)))
+                    .arg(format!("--aio={}", aio.arg()))
+                    .arg(format!("--shared={QEMU_NBD_SHARED}"))
+                    .args(["-k", &socket])
+                    .arg(format!("--pid-file={}", self.pid_file.display()));
+                let cmd = match &self.pki {
+                    // No client certificates, as the others.
+                    Some(pki) => cmd
+                        .arg("--object")
+                        .arg(format!(
+                            "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
+                            pki.display()
+                        ))
+                        .args(["--tls-creds", "tls0"]),
+                    None => cmd,
+                };
+                cmd.arg(image)
+            }
             // nbdkit writes its pid file once it listens, as qemu-nbd does.
-            Which::Nbdkit => Cmd::new("nbdkit")
-                .args(["--foreground", "--unix", &socket])
-                .args(["--pidfile", &self.pid_file.display().to_string()])
-                .args(["file", &image]),
+            Which::Nbdkit => {
+                let cmd = Cmd::new("nbdkit")
+                    .args(["--foreground", "--unix", &socket])
+                    .args(["--pidfile", &self.pid_file.display().to_string()]);
+                let cmd = match &self.pki {
+                    Some(pki) => cmd
+                        .arg("--tls=require")
+                        .arg(format!("--tls-certificates={}", pki.display())),
+                    None => cmd,
+                };
+                cmd.args(["file", &image])
+            }
+        }
+    }
+
+    fn copy_command(&self, connections: u32, requests: u32) -> Cmd {
+        self.libnbd_client("nbdcopy")
+            .arg(format!("--connections={connections}"))
+            .arg(format!("--requests={requests}"))
+            .arg(format!("--request-size={COPY_REQUEST_SIZE}"))
+    }
+
+    /// The clients' URI of the export: `nbds+unix://` under TLS.
+    fn url(&self) -> String {
+        let url = nbd::unix_url(&self.socket);
+        match &self.pki {
+            Some(_) => url.replacen("nbd+unix:", "nbds+unix:", 1),
+            None => url,
+        }
+    }
+
+    /// A libnbd client (fio, nbdcopy): under TLS, with `HOME` where libnbd looks for the
+    /// authority by default (`$HOME/.pki/libnbd`, which [`make_pki`] filled), since fio's nbd
+    /// engine refuses a URI's `tls-certificates` (libnbd's local-file rule).
+    fn libnbd_client(&self, program: &str) -> Cmd {
+        let cmd = Cmd::new(program);
+        match self.pki.as_deref().and_then(|pki| pki.ancestors().nth(2)) {
+            Some(home) => cmd.env("HOME", home.display().to_string()),
+            None => cmd,
         }
     }
 
@@ -449,11 +514,11 @@ impl Files {
 
     /// The client command of one run of `work`.
     fn client_command(&self, work: Workload, knobs: &Knobs) -> Cmd {
-        let url = nbd::unix_url(&self.socket);
+        let url = self.url();
         match work {
             Workload::QemuImg { write, depth } => {
                 let cmd = Cmd::new("qemu-img")
-                    .args(["bench", "-f", "raw", "-t", "writeback"])
+                    .args(["bench", "-t", "writeback"])
                     .args(["-c", &knobs.count.to_string()])
                     .args(["-d", &depth.to_string()])
                     .args(["-s", &REQUEST_SIZE.to_string()]);
@@ -462,9 +527,11 @@ impl Files {
                 } else {
                     cmd
                 };
-                cmd.arg(url)
+                // Not under TLS (`run` skips it): it takes no `--object` for the credentials.
+                cmd.args(["-f", "raw"]).arg(url)
             }
-            Workload::Fio { write, depth } => Cmd::new("fio")
+            Workload::Fio { write, depth } => self
+                .libnbd_client("fio")
                 .args(["--name=race", "--ioengine=nbd"])
                 .arg(format!("--uri={url}"))
                 .arg(format!(
@@ -479,15 +546,18 @@ impl Files {
             Workload::CopyOut {
                 connections,
                 requests,
-            } => copy_command(connections, requests).args([url.as_str(), "null:"]),
+            } => self
+                .copy_command(connections, requests)
+                .args([url.as_str(), "null:"]),
             Workload::CopyIn {
                 connections,
                 requests,
-            } => copy_command(connections, requests)
+            } => self
+                .copy_command(connections, requests)
                 .arg(self.upload.display().to_string())
                 .arg(url),
             Workload::Sparse { to_file } => {
-                let cmd = Cmd::new("nbdcopy").arg(url);
+                let cmd = self.libnbd_client("nbdcopy").arg(url);
                 if to_file {
                     cmd.arg(self.download.display().to_string())
                 } else {
@@ -498,18 +568,56 @@ impl Files {
     }
 }
 
+/// Writes into `dir` a throwaway certificate authority and a server certificate for
+/// `localhost` it signed (P-256 keys, valid 2 days), with `openssl`, under the names all three
+/// servers read: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+fn make_pki(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = |name: &str| dir.join(name).display().to_string();
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    Cmd::new("openssl")
+        .args(["req", "-x509", "-days", "2", "-subj", "/CN=aio bench CA"])
+        .args(key)
+        .args(["-keyout", &path("ca-key.pem"), "-out", &path("ca-cert.pem")])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .run()?;
+    Cmd::new("openssl")
+        .args(["req", "-subj", "/CN=localhost"])
+        .args(key)
+        .args([
+            "-keyout",
+            &path("server-key.pem"),
+            "-out",
+            &path("server.csr"),
+        ])
+        .run()?;
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\n",
+    )
+    .with_context(|| format!("writing {}", ext.display()))?;
+    Cmd::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in", &path("server.csr")])
+        .args(["-CA", &path("ca-cert.pem"), "-CAkey", &path("ca-key.pem")])
+        .args(["-CAcreateserial", "-out", &path("server-cert.pem")])
+        .args(["-extfile", &ext.display().to_string()])
+        .run()
+}
+
 fn cache_arg(cache: Cache) -> &'static str {
     match cache {
         Cache::Writeback => "writeback",
         Cache::None => "none",
     }
-}
-
-fn copy_command(connections: u32, requests: u32) -> Cmd {
-    Cmd::new("nbdcopy")
-        .arg(format!("--connections={connections}"))
-        .arg(format!("--requests={requests}"))
-        .arg(format!("--request-size={COPY_REQUEST_SIZE}"))
 }
 
 /// The numeric knobs.
@@ -521,6 +629,8 @@ struct Knobs {
     /// fio seconds per run.
     runtime: u64,
     quick: bool,
+    /// `AIO_NBD_BENCH_TLS=1`: every server requires TLS and every client uses it.
+    tls: bool,
 }
 
 /// Reads the knobs through `var` (the environment, or a table in the tests).
@@ -549,6 +659,7 @@ fn knobs(var: &dyn Fn(&str) -> Option<String>) -> Result<(Knobs, Selection)> {
             },
         )?,
         quick,
+        tls: flag(var, "AIO_NBD_BENCH_TLS")?,
     };
     let clients = list(
         var,
@@ -746,6 +857,9 @@ pub fn run() -> Result<ExitCode> {
     let mut client_skip: Vec<(Client, String)> = Vec::new();
     for &client in &selection.clients {
         let why = match client {
+            Client::QemuImg if knobs.tls => {
+                Some("skipped: qemu-img bench takes no --object, so no TLS credentials".to_owned())
+            }
             Client::QemuImg => unavailable("qemu-utils"),
             Client::Fio => unavailable("fio").or_else(|| {
                 (!fio_has_nbd()).then(|| "skipped: this fio has no nbd engine".to_owned())
@@ -771,9 +885,28 @@ pub fn run() -> Result<ExitCode> {
         })
         .collect();
 
+    if knobs.tls {
+        // `openssl version`: it has no `--version`.
+        let missing = || {
+            if Cmd::new("openssl").arg("version").probe() {
+                String::new()
+            } else {
+                "openssl".to_owned()
+            }
+        };
+        ensure_apt_package_for("openssl", &missing)?;
+    }
     let ours = nbd::build_server()?;
     let mut scratch = Scratch::create("nbd-bench")?;
     let dir = scratch.path().to_path_buf();
+    let pki = if knobs.tls {
+        // Where libnbd looks with `HOME` at `dir/home` (see `Files::libnbd_client`).
+        let pki = dir.join("home").join(".pki").join("libnbd");
+        make_pki(&pki)?;
+        Some(pki)
+    } else {
+        None
+    };
     let files = Files {
         ours,
         image: dir.join("image.raw"),
@@ -782,6 +915,7 @@ pub fn run() -> Result<ExitCode> {
         download: dir.join("sparse-copy.raw"),
         socket: scratch.socket_path("nbd.sock"),
         pid_file: dir.join("server.pid"),
+        pki,
     };
     eprintln!(
         "bench nbd: writing a {} MiB image, a {} MiB upload file and a {} GiB sparse image under {}",
@@ -1364,6 +1498,13 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
         setup.knobs.count,
         setup.knobs.runtime,
     );
+    if setup.knobs.tls {
+        let _ = writeln!(
+            md,
+            "**Under TLS** (`AIO_NBD_BENCH_TLS=1`): every server requires it and every client \
+             uses it, with one X.509 certificate (P-256) for all; the commands below say how.\n"
+        );
+    }
     md.push_str(&table.markdown());
     let _ = writeln!(
         md,
@@ -1623,6 +1764,7 @@ mod tests {
             download: PathBuf::from("/s/out.raw"),
             socket: PathBuf::from("/s/nbd.sock"),
             pid_file: PathBuf::from("/s/server.pid"),
+            pki: None,
         };
         let image = files.image.clone();
         let cmd = |w| files.server_command(w, &image).to_string();
@@ -1674,6 +1816,58 @@ mod tests {
     }
 
     #[test]
+    fn under_tls_every_server_requires_it_and_every_client_uses_it() {
+        let files = Files {
+            ours: PathBuf::from("/t/nbd-server"),
+            image: PathBuf::from("/s/image.raw"),
+            sparse: PathBuf::from("/s/sparse.raw"),
+            upload: PathBuf::from("/s/upload.raw"),
+            download: PathBuf::from("/s/out.raw"),
+            socket: PathBuf::from("/s/nbd.sock"),
+            pid_file: PathBuf::from("/s/server.pid"),
+            pki: Some(PathBuf::from("/s/home/.pki/libnbd")),
+        };
+        let image = files.image.clone();
+        let cmd = |w| files.server_command(w, &image).to_string();
+        assert!(
+            cmd(Which::Ours(Aio::Threads, Variant::Plain))
+                .ends_with("--aio threads --tls-creds /s/home/.pki/libnbd /s/image.raw")
+        );
+        assert!(
+            cmd(Which::QemuNbd(Aio::IoUring, Cache::Writeback)).ends_with(
+                "--object tls-creds-x509,id=tls0,endpoint=server,dir=/s/home/.pki/libnbd,\
+             verify-peer=off --tls-creds tls0 /s/image.raw"
+            )
+        );
+        assert!(
+            cmd(Which::Nbdkit).ends_with(
+                "--tls=require --tls-certificates=/s/home/.pki/libnbd file /s/image.raw"
+            )
+        );
+        let (knobs, _) = knobs(&|k| (k == "AIO_NBD_BENCH_TLS").then(|| "1".to_owned())).unwrap();
+        assert!(knobs.tls);
+        let client = |w| files.client_command(w, &knobs).to_string();
+        let fio = client(Workload::Fio {
+            write: true,
+            depth: 1,
+        });
+        assert!(
+            fio.starts_with("HOME=/s/home fio ")
+                && fio.contains("'--uri=nbds+unix:///?socket=/s/nbd.sock'"),
+            "{fio}"
+        );
+        let copy = client(Workload::CopyOut {
+            connections: 1,
+            requests: 16,
+        });
+        assert!(
+            copy.starts_with("HOME=/s/home nbdcopy ")
+                && copy.ends_with("'nbds+unix:///?socket=/s/nbd.sock' null:"),
+            "{copy}"
+        );
+    }
+
+    #[test]
     fn every_client_contributes_its_cases() {
         let all = workloads(&Client::ALL);
         let count = |c| all.iter().filter(|w| w.client() == c).count();
@@ -1705,7 +1899,8 @@ mod tests {
                 rounds: 3,
                 count: 50_000,
                 runtime: 10,
-                quick: false
+                quick: false,
+                tls: false,
             }
         );
         assert_eq!(sel, every(&Client::ALL));
@@ -1855,6 +2050,7 @@ mod tests {
                 count: 10,
                 runtime: 2,
                 quick: true,
+                tls: true,
             },
             ready_lines: vec![(
                 "aio --aio native".to_owned(),
@@ -1866,6 +2062,7 @@ mod tests {
         };
         let md = markdown(&setup, &servers, &results, &table);
         assert!(md.contains("(AIO_NBD_BENCH_QUICK=1)"), "{md}");
+        assert!(md.contains("**Under TLS**"), "{md}");
         // A run that failed after others succeeded keeps its figures and says why.
         assert!(
             md.contains("| fio randwrite 4k QD1, IOPS | nbdkit file | 50 (failed: badly) |"),

@@ -41,8 +41,8 @@ use crate::export::Export;
 use crate::file_io;
 use crate::protocol::*;
 use crate::session::{
-    self, Action, Expired, HANDSHAKE_LIMIT, Handshake, IoBuf, LINGER, Opted, READ_BUDGET,
-    READ_CHUNK, Timing,
+    self, Action, AfterTls, Expired, Handshake, IoBuf, LINGER, Opted, READ_BUDGET, READ_CHUNK,
+    Timing,
 };
 
 /// Starts serving `sock` as connection `id` of `shard`, on `ctx` (the context of this thread);
@@ -56,7 +56,7 @@ pub fn start(
     settings: Settings,
     slot: ClientSlot,
     shard: &Rc<Shard>,
-    after_tls: Option<Handshake>,
+    after_tls: Option<AfterTls>,
 ) {
     // On io_uring, a polling loop sees the next request in the ring (no-op elsewhere).
     let sock = match AsyncFd::with_context(ctx, sock).map(AsyncFd::poll_in_backend) {
@@ -79,7 +79,7 @@ pub fn start(
         shard: shard.clone(),
         verbose: settings.verbose,
         idle_timeout: settings.idle_timeout,
-        hs: Cell::new(after_tls.unwrap_or_default()),
+        hs: Cell::new(after_tls.map(|a| a.hs).unwrap_or_default()),
         after_tls: after_tls.is_some(),
         transmission: Cell::new(false),
         in_flight: Cell::new(0),
@@ -100,7 +100,7 @@ pub fn start(
     });
     conn.log("accepted");
     shard.insert(id, conn.clone());
-    conn.arm(HANDSHAKE_LIMIT);
+    conn.arm(AfterTls::handshake_left(after_tls));
     ctx.spawn_local(conn.run()).detach();
 }
 

@@ -55,7 +55,7 @@ use crate::export::Export;
 use crate::file_io;
 use crate::protocol::*;
 use crate::session::{
-    self, Action, Expired, FileTail, HANDSHAKE_LIMIT, Handshake, IoBuf, LINGER, Opted, READ_BUDGET,
+    self, Action, AfterTls, Expired, FileTail, Handshake, IoBuf, LINGER, Opted, READ_BUDGET,
     READ_CHUNK, Timing,
 };
 
@@ -64,6 +64,12 @@ const MAX_SLICES: usize = 64;
 
 /// Connection ids, unique in the process (for logs).
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+/// A new id for an entry of a [`Shard`] (a connection, or a TLS relay).
+pub fn new_id() -> u64 {
+    // Relaxed: the id only has to be unique; nothing is published with it.
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
 
 /// A client socket, TCP or Unix.
 #[derive(Debug)]
@@ -290,7 +296,7 @@ impl Shard {
 
     /// Starts serving `sock` on `ctx`, which must be the context polling on this thread. The
     /// connection holds `slot` until it is closed and its last request has completed. With
-    /// `after_tls`, the greeting and the client flags are done and TLS is on (`tls.rs` relays
+    /// `after_tls`, the greeting and the client flags are done, TLS is on (`tls.rs` relays
     /// `sock`): the connection begins with the options, from that handshake.
     pub fn start(
         ctx: &AioContext,
@@ -298,11 +304,10 @@ impl Shard {
         export: Arc<Export>,
         settings: Settings,
         slot: ClientSlot,
-        after_tls: Option<Handshake>,
+        after_tls: Option<AfterTls>,
     ) {
         let shard = Shard::of(ctx);
-        // Relaxed: the id only has to be unique; nothing is published with it.
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let id = new_id();
         shard.accepted.set(shard.accepted.get() + 1);
         if shard.draining.get() {
             // Accepted just before the listener closed: the client gets a closed socket.
@@ -338,7 +343,7 @@ impl Shard {
             out_bytes: 0,
             in_flight: 0,
             pending_bytes: 0,
-            hs: after_tls.unwrap_or_default(),
+            hs: after_tls.map(|a| a.hs).unwrap_or_default(),
             closing: false,
             read_done: false,
             timer: None,
@@ -361,7 +366,7 @@ impl Shard {
                 Shard::of(&ctx).timer_fired(&ctx, id);
             }
         });
-        timer.arm_after(HANDSHAKE_LIMIT);
+        timer.arm_after(AfterTls::handshake_left(after_tls));
         c.timer = Some(timer);
         if c.verbose {
             eprintln!("nbd-server: connection {id}: accepted");
@@ -371,7 +376,8 @@ impl Shard {
         c.update(ctx);
     }
 
-    fn timer_fired(&self, ctx: &AioContext, id: u64) {
+    /// The timer of entry `id` (a connection or a TLS relay) fired.
+    pub fn timer_fired(&self, ctx: &AioContext, id: u64) {
         let conn = self.conns.borrow().get(&id).cloned();
         if let Some(conn) = conn {
             conn.on_timer(ctx);

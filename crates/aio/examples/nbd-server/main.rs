@@ -62,9 +62,10 @@
 //!   met by a thread of its own that answers every option before `NBD_OPT_STARTTLS` with
 //!   `NBD_REP_ERR_TLS_REQD`, runs the TLS handshake (rustls, X.509: `DIR/server-cert.pem`,
 //!   `DIR/server-key.pem`; `--tls-verify-peer` also wants a client certificate issued by
-//!   `DIR/ca-cert.pem`), and then relays between the client and a Unix socket pair whose other
-//!   end a context serves like any connection (`tls.rs`). Without it, `NBD_OPT_STARTTLS` gets
-//!   `NBD_REP_ERR_POLICY`. No PSK: rustls has none.
+//!   `DIR/ca-cert.pem`), and hands the session to a context, which serves one end of a Unix
+//!   socket pair like any connection and relays between the other end and the client
+//!   (`tls.rs`). Without it, `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`. No PSK: rustls has
+//!   none.
 
 mod buffers;
 mod conn_task;
@@ -109,6 +110,13 @@ const GRACE: Duration = Duration::from_secs(5);
 /// How long accepting pauses when the process is out of fds (or memory), instead of spinning
 /// on a listener that stays readable.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// TLS handshakes under way at most (each on a thread of its own, `tls.rs`): a client
+/// beyond them is closed at once, so that connections that never finish their handshake (each
+/// may hold a thread for the 10 s limit) cost a bounded number of threads.
+const MAX_TLS_HANDSHAKES: usize = 64;
+/// The stack of a TLS handshake's thread: rustls and ring need a few tens of KiB.
+const TLS_THREAD_STACK: usize = 256 << 10;
 
 /// The most contexts the server makes unless `--contexts` asks for more.
 const MAX_DEFAULT_CONTEXTS: usize = 8;
@@ -634,8 +642,6 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     for t in iothreads {
         total.add(&t.join()?);
     }
-    // Every connection is closed: the TLS relays end their streams.
-    tls::wait_for_relays(Duration::from_secs(1));
     drop(pid_file);
     // Every context has the same parameters; with polling off the counters stay 0.
     let polled = if ctx.poll_params().is_disabled() {
@@ -1008,7 +1014,7 @@ impl Listener {
 const UNIX_SEND_BUFFER: usize = 4 << 20;
 
 /// Makes an accepted socket ready for its fd handler.
-fn prepare(sock: &Socket) -> io::Result<()> {
+pub(crate) fn prepare(sock: &Socket) -> io::Result<()> {
     match sock {
         Socket::Tcp(s) => {
             s.set_nonblocking(true)?;
@@ -1048,7 +1054,7 @@ struct Acceptor {
     settings: Settings,
     clients: Arc<Clients>,
     /// `--tls-creds`: each client is met by a thread of its own (`tls.rs`), which hands the
-    /// connection to the context it was dealt to once TLS is on.
+    /// session to the context it was dealt to once TLS is on.
     tls: Option<Arc<rustls::ServerConfig>>,
     /// The socket file to remove at exit (`--unix`; not a socket systemd made).
     unix_path: Option<PathBuf>,
@@ -1171,7 +1177,7 @@ impl Acceptor {
 }
 
 /// Starts the thread that meets a client of a TLS server (`tls.rs`); once TLS is on, the
-/// connection is served on `target`'s context, holding `slot`.
+/// session is served on `target`'s context, holding `slot`.
 fn meet_over_tls(
     sock: Socket,
     config: Arc<rustls::ServerConfig>,
@@ -1181,27 +1187,32 @@ fn meet_over_tls(
     slot: ClientSlot,
 ) {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
+    static MEETING: AtomicUsize = AtomicUsize::new(0);
     // Relaxed: a number for the logs.
     let name = format!("TLS client {}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let verbose = settings.verbose;
+    // Relaxed: a count only this thread raises; each thread lowers it when done.
+    if MEETING.load(Ordering::Relaxed) >= MAX_TLS_HANDSHAKES {
+        eprintln!("nbd-server: {name}: {MAX_TLS_HANDSHAKES} TLS handshakes under way, closing");
+        return;
+    }
+    MEETING.fetch_add(1, Ordering::Relaxed);
     let spawned = thread::Builder::new()
         .name("nbd-tls".to_owned())
+        .stack_size(TLS_THREAD_STACK)
         .spawn(move || {
-            let log_name = name.clone();
-            tls::meet(sock, config, &name, verbose, move |plain, hs| {
-                if let Err(e) = prepare(&plain) {
-                    eprintln!("nbd-server: {log_name}: dropping the connection: {e}");
-                    return;
-                }
+            let met = tls::meet(sock, config, name, settings.verbose);
+            MEETING.fetch_sub(1, Ordering::Relaxed);
+            if let Some(session) = met {
                 target.schedule_oneshot(move || {
                     if let Some(ctx) = AioContext::current() {
-                        Shard::start(&ctx, plain, export, settings, slot, Some(hs));
+                        session.serve(&ctx, export, settings, slot);
                     }
                 });
-            });
+            }
         });
     if let Err(e) = spawned {
         // The socket went with the closure: the client sees it closed.
+        MEETING.fetch_sub(1, Ordering::Relaxed);
         eprintln!("nbd-server: cannot start a thread for a TLS client: {e}");
     }
 }

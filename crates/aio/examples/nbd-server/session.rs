@@ -64,6 +64,25 @@ pub fn payload_bytes(req: &Request) -> usize {
     }
 }
 
+/// A connection whose handshake began before it reached its context: TLS is on (`tls.rs`),
+/// the greeting and the client flags are done, and the handshake limit started earlier.
+#[derive(Clone, Copy, Debug)]
+pub struct AfterTls {
+    /// What the handshake settled before TLS (the client's no-zeroes flag), with `tls` set.
+    pub hs: Handshake,
+    /// When [`HANDSHAKE_LIMIT`] runs out, counted from the client's connecting.
+    pub deadline: Instant,
+}
+
+impl AfterTls {
+    /// How long the connection has left to enter the transmission phase.
+    pub fn handshake_left(after_tls: Option<AfterTls>) -> Duration {
+        after_tls.map_or(HANDSHAKE_LIMIT, |a| {
+            a.deadline.saturating_duration_since(Instant::now())
+        })
+    }
+}
+
 /// What the handshake has settled so far.
 #[derive(Clone, Copy, Debug)]
 pub struct Handshake {
