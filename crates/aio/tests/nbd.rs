@@ -31,7 +31,7 @@ use support::nbd_client::{
     decode_error_chunk, decode_info, decode_meta_context, decode_server_reply, encode_info_request,
     encode_option, errno, errno_of, go_or_info, handshake, info, opt, rep, state, tx_flag,
 };
-use support::server::{Config, Server, TempDir, have_socket_activate};
+use support::server::{Config, Server, TempDir, have, have_socket_activate};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -3092,18 +3092,6 @@ fn bad_poll_options_exit_2_with_a_message() {
 // ---------------------------------------------------------------------------------------------
 // QEMU's client against our server.
 // ---------------------------------------------------------------------------------------------
-
-/// Whether `tool` can be run; prints the skip reason if not.
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipped: {tool} not found");
-    }
-    ok
-}
 
 /// Runs `qemu-io -f raw` with `commands` on `url`; returns (success, combined output).
 fn qemu_io(url: &str, extra: &[&str], commands: &[&str]) -> (bool, String) {

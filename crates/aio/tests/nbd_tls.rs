@@ -28,7 +28,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use support::nbd_client::{IO_TIMEOUT, opt, rep};
-use support::server::{Config, Server, TempDir, with_engine};
+use support::server::{Config, Server, TempDir, have, with_engine};
 
 const MIB: usize = 1 << 20;
 const OPT_STARTTLS: u32 = 5;
@@ -103,17 +103,6 @@ fn tls_server(tag: &str, client_certs: bool) -> Tls {
     }
 }
 
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipped: {tool} not found");
-    }
-    ok
-}
-
 fn option_header(option: u32, len: u32) -> Vec<u8> {
     let mut b = OPTS_MAGIC.to_be_bytes().to_vec();
     b.extend_from_slice(&option.to_be_bytes());
@@ -157,6 +146,27 @@ fn start_tls<S: Read + Write>(mut sock: S, pki: &Path) -> StreamOwned<ClientConn
     StreamOwned::new(conn, sock)
 }
 
+/// A simple request header: `kind` (0 READ, 1 WRITE, 2 DISC), no flags.
+fn request(kind: u16, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&kind.to_be_bytes());
+    r.extend_from_slice(&cookie.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+/// 12 READs of 1 MiB, cookies from `first`, then `NBD_CMD_DISC`: all in one write.
+fn reads_then_disc(first: u64) -> Vec<u8> {
+    let mut burst = Vec::new();
+    for i in 0..12u64 {
+        burst.extend_from_slice(&request(0, first + i, i * 256 * 1024, MIB as u32));
+    }
+    burst.extend_from_slice(&request(2, 0, 0, 0));
+    burst
+}
+
 /// Over TLS: `NBD_OPT_GO` for the default export, then a WRITE and a READ of `data` at
 /// `offset` (simple replies); the READ's data is returned.
 fn go_write_read(s: &mut (impl Read + Write), offset: u64, data: &[u8]) -> Vec<u8> {
@@ -170,15 +180,6 @@ fn go_write_read(s: &mut (impl Read + Write), offset: u64, data: &[u8]) -> Vec<u
         }
         assert_eq!(kind, rep::INFO);
     }
-    let request = |kind: u16, cookie: u64| {
-        let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
-        r.extend_from_slice(&0u16.to_be_bytes());
-        r.extend_from_slice(&kind.to_be_bytes());
-        r.extend_from_slice(&cookie.to_be_bytes());
-        r.extend_from_slice(&offset.to_be_bytes());
-        r.extend_from_slice(&(data.len() as u32).to_be_bytes());
-        r
-    };
     let reply = |s: &mut dyn Read, cookie: u64| {
         let mut r = [0u8; 16];
         s.read_exact(&mut r).unwrap();
@@ -186,11 +187,12 @@ fn go_write_read(s: &mut (impl Read + Write), offset: u64, data: &[u8]) -> Vec<u
         assert_eq!(&r[4..8], &[0; 4], "the request failed");
         assert_eq!(u64::from_be_bytes(r[8..].try_into().unwrap()), cookie);
     };
-    let mut write = request(1, 1);
+    let mut write = request(1, 1, offset, data.len() as u32);
     write.extend_from_slice(data);
     s.write_all(&write).unwrap();
     reply(s, 1);
-    s.write_all(&request(0, 2)).unwrap();
+    s.write_all(&request(0, 2, offset, data.len() as u32))
+        .unwrap();
     reply(s, 2);
     let mut back = vec![0; data.len()];
     s.read_exact(&mut back).unwrap();
@@ -309,19 +311,7 @@ fn replies_owed_at_disc_all_reach_the_client_then_close_notify() {
             sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
             let mut s = start_tls(sock, &t.pki);
             assert_eq!(go_write_read(&mut s, 0, b"x"), b"x");
-            let mut burst = Vec::new();
-            for i in 0..12u64 {
-                let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
-                r.extend_from_slice(&[0, 0, 0, 0]);
-                r.extend_from_slice(&(100 + i).to_be_bytes());
-                r.extend_from_slice(&(i * 256 * 1024).to_be_bytes());
-                r.extend_from_slice(&(MIB as u32).to_be_bytes());
-                burst.extend_from_slice(&r);
-            }
-            let mut disc = 0x2560_9513u32.to_be_bytes().to_vec();
-            disc.extend_from_slice(&[0, 0, 0, 2]);
-            disc.extend_from_slice(&[0; 20]);
-            burst.extend_from_slice(&disc);
+            let burst = reads_then_disc(100);
             s.write_all(&burst).unwrap();
             s.flush().unwrap();
             // The connection answers, closes, and its replies wait in the pair and the relay;
@@ -342,6 +332,29 @@ fn replies_owed_at_disc_all_reach_the_client_then_close_notify() {
     }
 }
 
+/// A client that asks for 12 MiB, sends `NBD_CMD_DISC` and never reads: the connection
+/// closes after its linger, and the relay, left with replies nobody takes, ends one linger
+/// (10 s) after that; the server is back to the fds it had.
+#[test]
+fn a_client_that_never_reads_does_not_keep_its_relay() {
+    let t = tls_server("tls-stuck", false);
+    let fds = t.srv.fd_count();
+    let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
+    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut s = start_tls(sock, &t.pki);
+    assert_eq!(go_write_read(&mut s, 0, b"x"), b"x");
+    s.write_all(&reads_then_disc(0)).unwrap();
+    s.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(35);
+    while t.srv.fd_count() > fds && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(t.srv.fd_count(), fds, "{:?}", t.srv.stderr());
+    let log = t.srv.stderr().join("\n");
+    assert!(log.contains("had not taken the rest 10 s after"), "{log}");
+    drop(s);
+}
+
 #[test]
 fn shutdown_closes_tls_sessions_with_close_notify() {
     let mut t = tls_server("tls-shutdown", false);
@@ -349,11 +362,20 @@ fn shutdown_closes_tls_sessions_with_close_notify() {
     sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut s = start_tls(sock, &t.pki);
     assert_eq!(go_write_read(&mut s, 0, b"x"), b"x");
+    let started = Instant::now();
     t.srv.signal("TERM");
-    assert_eq!(t.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
     // A clean end of the TLS stream (rustls reports a cut one as an error).
     let mut rest = Vec::new();
     assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+    // The server waits for the client to close (a lingering close, so that its last bytes
+    // are not reset away), then exits, well before the 5 s shutdown grace period.
+    drop(s);
+    assert_eq!(t.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// The real clients, with the server's authority in `pki` (libnbd's `tls-certificates`,
@@ -392,32 +414,22 @@ fn real_clients(t: &Tls) {
         let source = dir.join("source.img");
         let data: Vec<u8> = (0..4 * MIB).map(|i| (i * 13 % 253) as u8).collect();
         std::fs::write(&source, &data).unwrap();
-        for (uri, copy) in [(&unix, "down-unix.img"), (&tcp, "down-tcp.img")] {
-            let up = Command::new("nbdcopy")
-                .arg(&source)
-                .arg(uri)
-                .output()
-                .unwrap();
+        let nbdcopy = |from: &dyn AsRef<std::ffi::OsStr>, to: &dyn AsRef<std::ffi::OsStr>| {
+            let out = Command::new("nbdcopy").arg(from).arg(to).output().unwrap();
             assert!(
-                up.status.success(),
+                out.status.success(),
                 "{}",
-                String::from_utf8_lossy(&up.stderr)
+                String::from_utf8_lossy(&out.stderr)
             );
+        };
+        for (uri, copy) in [(&unix, "down-unix.img"), (&tcp, "down-tcp.img")] {
+            nbdcopy(&source, uri);
             assert!(
                 std::fs::read(&t.image).unwrap() == data,
                 "upload over {uri}"
             );
             let copy = dir.join(copy);
-            let down = Command::new("nbdcopy")
-                .arg(uri)
-                .arg(&copy)
-                .output()
-                .unwrap();
-            assert!(
-                down.status.success(),
-                "{}",
-                String::from_utf8_lossy(&down.stderr)
-            );
+            nbdcopy(uri, &copy);
             assert!(std::fs::read(&copy).unwrap() == data, "download over {uri}");
         }
     }

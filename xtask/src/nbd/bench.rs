@@ -1754,9 +1754,9 @@ mod tests {
         );
     }
 
-    #[test]
-    fn commands_configure_each_server_and_client() {
-        let files = Files {
+    /// The files of a run under `/s` (ours in `/t`), with TLS when `pki` is given.
+    fn test_files(pki: Option<&str>) -> Files {
+        Files {
             ours: PathBuf::from("/t/nbd-server"),
             image: PathBuf::from("/s/image.raw"),
             sparse: PathBuf::from("/s/sparse.raw"),
@@ -1764,8 +1764,13 @@ mod tests {
             download: PathBuf::from("/s/out.raw"),
             socket: PathBuf::from("/s/nbd.sock"),
             pid_file: PathBuf::from("/s/server.pid"),
-            pki: None,
-        };
+            pki: pki.map(PathBuf::from),
+        }
+    }
+
+    #[test]
+    fn commands_configure_each_server_and_client() {
+        let files = test_files(None);
         let image = files.image.clone();
         let cmd = |w| files.server_command(w, &image).to_string();
         assert_eq!(
@@ -1817,16 +1822,7 @@ mod tests {
 
     #[test]
     fn under_tls_every_server_requires_it_and_every_client_uses_it() {
-        let files = Files {
-            ours: PathBuf::from("/t/nbd-server"),
-            image: PathBuf::from("/s/image.raw"),
-            sparse: PathBuf::from("/s/sparse.raw"),
-            upload: PathBuf::from("/s/upload.raw"),
-            download: PathBuf::from("/s/out.raw"),
-            socket: PathBuf::from("/s/nbd.sock"),
-            pid_file: PathBuf::from("/s/server.pid"),
-            pki: Some(PathBuf::from("/s/home/.pki/libnbd")),
-        };
+        let files = test_files(Some("/s/home/.pki/libnbd"));
         let image = files.image.clone();
         let cmd = |w| files.server_command(w, &image).to_string();
         assert!(

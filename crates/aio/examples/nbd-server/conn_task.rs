@@ -46,7 +46,8 @@ use crate::session::{
 };
 
 /// Starts serving `sock` as connection `id` of `shard`, on `ctx` (the context of this thread);
-/// with `after_tls`, from the options on (see `Shard::start`).
+/// with `after_tls`, from the options on (see `Shard::start`). False if the socket cannot be
+/// watched (the client is dropped).
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     ctx: &AioContext,
@@ -57,14 +58,14 @@ pub fn start(
     slot: ClientSlot,
     shard: &Rc<Shard>,
     after_tls: Option<AfterTls>,
-) {
+) -> bool {
     // On io_uring, a polling loop sees the next request in the ring (no-op elsewhere).
     let sock = match AsyncFd::with_context(ctx, sock).map(AsyncFd::poll_in_backend) {
         Ok(sock) => sock,
         Err(e) => {
             // The backend refused the socket: drop the client rather than never serve it.
             eprintln!("nbd-server: connection {id}: cannot watch the socket: {e}");
-            return;
+            return false;
         }
     };
     let conn = Rc::new_cyclic(|me| Conn {
@@ -102,6 +103,7 @@ pub fn start(
     shard.insert(id, conn.clone());
     conn.arm(AfterTls::handshake_left(after_tls));
     ctx.spawn_local(conn.run()).detach();
+    true
 }
 
 /// How a wait for input ended.

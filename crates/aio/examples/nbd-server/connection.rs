@@ -221,6 +221,8 @@ pub trait Served {
     fn force_close(&self, ctx: &AioContext);
     /// The connection's timer fired (the callback engine's; the task engine has its own).
     fn on_timer(&self, _ctx: &AioContext) {}
+    /// The entry this one watches ([`Shard::watch_close`]) has left the shard.
+    fn watched_closed(&self, _ctx: &AioContext) {}
 }
 
 impl Served for RefCell<Conn> {
@@ -253,6 +255,8 @@ impl Served for RefCell<Conn> {
 #[derive(Default)]
 pub struct Shard {
     conns: RefCell<HashMap<u64, Rc<dyn Served>>>,
+    /// Entry → the entry told when it leaves (a TLS connection → its relay).
+    watchers: RefCell<HashMap<u64, u64>>,
     draining: Cell<bool>,
     /// Closes whatever is still open when the shutdown grace period ends.
     grace: RefCell<Option<Timer>>,
@@ -295,7 +299,9 @@ impl Shard {
     }
 
     /// Starts serving `sock` on `ctx`, which must be the context polling on this thread. The
-    /// connection holds `slot` until it is closed and its last request has completed. With
+    /// connection holds `slot` until it is closed and its last request has completed; its id,
+    /// or `None` when it was not started (shutdown has begun, or the socket cannot be watched).
+    /// With
     /// `after_tls`, the greeting and the client flags are done, TLS is on (`tls.rs` relays
     /// `sock`): the connection begins with the options, from that handshake.
     pub fn start(
@@ -305,17 +311,18 @@ impl Shard {
         settings: Settings,
         slot: ClientSlot,
         after_tls: Option<AfterTls>,
-    ) {
+    ) -> Option<u64> {
         let shard = Shard::of(ctx);
         let id = new_id();
         shard.accepted.set(shard.accepted.get() + 1);
         if shard.draining.get() {
             // Accepted just before the listener closed: the client gets a closed socket.
-            return;
+            return None;
         }
         if settings.engine == Engine::Tasks {
-            conn_task::start(ctx, id, sock, export, settings, slot, &shard, after_tls);
-            return;
+            let started =
+                conn_task::start(ctx, id, sock, export, settings, slot, &shard, after_tls);
+            return started.then_some(id);
         }
         let conn = Rc::new(RefCell::new(Conn {
             id,
@@ -374,6 +381,7 @@ impl Shard {
         shard.insert(id, conn.clone());
         c.flush();
         c.update(ctx);
+        Some(id)
     }
 
     /// The timer of entry `id` (a connection or a TLS relay) fired.
@@ -422,6 +430,16 @@ impl Shard {
         // since dropping a connection can drop its handler and timer.
         let conn = self.conns.borrow_mut().remove(&id);
         drop(conn);
+        let watcher = self.watchers.borrow_mut().remove(&id);
+        let watcher = watcher.and_then(|w| self.conns.borrow().get(&w).cloned());
+        if let (Some(watcher), Some(ctx)) = (watcher, AioContext::current()) {
+            watcher.watched_closed(&ctx);
+        }
+    }
+
+    /// Tells entry `watcher` when entry `id` leaves the shard ([`Served::watched_closed`]).
+    pub fn watch_close(&self, id: u64, watcher: u64) {
+        self.watchers.borrow_mut().insert(id, watcher);
     }
 }
 

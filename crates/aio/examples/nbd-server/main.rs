@@ -115,8 +115,6 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// beyond them is closed at once, so that connections that never finish their handshake (each
 /// may hold a thread for the 10 s limit) cost a bounded number of threads.
 const MAX_TLS_HANDSHAKES: usize = 64;
-/// The stack of a TLS handshake's thread: rustls and ring need a few tens of KiB.
-const TLS_THREAD_STACK: usize = 256 << 10;
 
 /// The most contexts the server makes unless `--contexts` asks for more.
 const MAX_DEFAULT_CONTEXTS: usize = 8;
@@ -1132,7 +1130,9 @@ impl Acceptor {
                 continue;
             }
             match &self.targets[n] {
-                None => Shard::start(ctx, sock, export, settings, slot, None),
+                None => {
+                    Shard::start(ctx, sock, export, settings, slot, None);
+                }
                 Some(handle) => handle.schedule_oneshot(move || {
                     if let Some(ctx) = AioContext::current() {
                         Shard::start(&ctx, sock, export, settings, slot, None);
@@ -1188,20 +1188,28 @@ fn meet_over_tls(
 ) {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     static MEETING: AtomicUsize = AtomicUsize::new(0);
+    /// A place among the handshakes under way, given back when dropped: when the thread's
+    /// handshake is over, or with the thread's closure if it panics or never starts.
+    struct Meeting;
+    impl Drop for Meeting {
+        fn drop(&mut self) {
+            MEETING.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
     // Relaxed: a number for the logs.
     let name = format!("TLS client {}", NEXT.fetch_add(1, Ordering::Relaxed));
-    // Relaxed: a count only this thread raises; each thread lowers it when done.
+    // Relaxed: a count only this thread raises; each place lowers it when dropped.
     if MEETING.load(Ordering::Relaxed) >= MAX_TLS_HANDSHAKES {
         eprintln!("nbd-server: {name}: {MAX_TLS_HANDSHAKES} TLS handshakes under way, closing");
         return;
     }
     MEETING.fetch_add(1, Ordering::Relaxed);
+    let meeting = Meeting;
     let spawned = thread::Builder::new()
         .name("nbd-tls".to_owned())
-        .stack_size(TLS_THREAD_STACK)
         .spawn(move || {
             let met = tls::meet(sock, config, name, settings.verbose);
-            MEETING.fetch_sub(1, Ordering::Relaxed);
+            drop(meeting);
             if let Some(session) = met {
                 target.schedule_oneshot(move || {
                     if let Some(ctx) = AioContext::current() {
@@ -1211,8 +1219,7 @@ fn meet_over_tls(
             }
         });
     if let Err(e) = spawned {
-        // The socket went with the closure: the client sees it closed.
-        MEETING.fetch_sub(1, Ordering::Relaxed);
+        // The socket and the place went with the closure: the client sees it closed.
         eprintln!("nbd-server: cannot start a thread for a TLS client: {e}");
     }
 }

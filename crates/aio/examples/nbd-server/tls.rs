@@ -18,9 +18,11 @@
 //! per client, tried first, measured on 2 vCPUs 5.7 k against 13.3 k fio 4 KiB reads per
 //! second at queue depth 1, 100 k against 124 k at 32, and 519 against 722 MiB/s for nbdcopy
 //! uploads, level on downloads: BENCHMARKS.md, "TLS".) A close of either side ends the
-//! other: the connection's close sends the TLS `close_notify` (the client is given
-//! [`LINGER`] to take what is left), the client's end shuts down the pair's writing side,
-//! which the connection reads as an end of stream.
+//! other: once the connection has closed, what it wrote is sent, then the TLS `close_notify`,
+//! and the relay reads the client to its end of stream before closing (a lingering close: no
+//! reset cuts the last bytes); from the connection's leaving, the client has [`LINGER`] for
+//! all that. The client's end shuts down the pair's writing side, which the connection reads
+//! as an end of stream.
 //!
 //! At most 64 handshakes run at once (`MAX_TLS_HANDSHAKES` in `main.rs`); a client beyond
 //! them is closed at once, so that connections that never finish their handshake hold a
@@ -243,8 +245,10 @@ impl Session {
             ..Handshake::default()
         };
         let after_tls = AfterTls { hs, deadline };
-        Shard::start(ctx, theirs, export, settings, slot, Some(after_tls));
-        Relay::start(ctx, tls, sock, ours, name, settings.verbose);
+        // Not started (shutdown has begun): the client's socket closes with `sock`.
+        if let Some(conn) = Shard::start(ctx, theirs, export, settings, slot, Some(after_tls)) {
+            Relay::start(ctx, conn, tls, sock, ours, name, settings.verbose);
+        }
     }
 }
 
@@ -309,7 +313,9 @@ fn before_tls(wire: &mut Wire<'_>) -> io::Result<Before> {
 /// context: decrypted records from `client` go to `pair`, what the connection writes into its
 /// end of the pair goes to `client` encrypted. Neither side is read while what came from it
 /// waits for the other, so it holds at most about [`RELAY_CHUNK`] each way. It lives in its
-/// context's [`Shard`] until both sides have ended (or the shutdown grace period ends it).
+/// context's [`Shard`] like a connection, until the connection's side has ended and the client
+/// has been sent the rest, its `close_notify`, and has closed (or [`LINGER`] after the
+/// connection left, or the shutdown grace period, ends it).
 struct Relay {
     id: u64,
     tls: ServerConnection,
@@ -320,15 +326,21 @@ struct Relay {
     to_pair_at: usize,
     /// What the pair gave, to encrypt (allocated once the first reply comes).
     buf: Vec<u8>,
-    /// The client ended its side (close_notify, or the end of its stream): the pair's writing
-    /// side is shut down once `to_pair` is out (`pair_shut`).
-    client_done: bool,
+    /// The client's stream ended (close_notify, the end of the stream, an error): the pair's
+    /// writing side is shut down once `to_pair` is out (`pair_shut`).
+    client_eof: bool,
     pair_shut: bool,
-    /// The connection closed its end: the relay ends once its `close_notify` is out.
+    /// The connection no longer reads: what the client sends is read and dropped (so that
+    /// closing does not reset the stream over the replies still on their way).
+    discard: bool,
+    /// The connection closed its end and everything it wrote was read: `close_notify` is
+    /// queued, and once it is out the client's writing side is shut down (`write_shut`), and
+    /// the relay waits for the client's end of stream.
     context_done: bool,
+    write_shut: bool,
     /// Ended: sockets shut down, handlers dropped, out of the shard (or on its way out).
     ended: bool,
-    /// Armed once the connection has closed: the longest the client may take to read the rest.
+    /// Armed when the connection leaves: the longest the client may take to read the rest.
     linger: Option<Timer>,
     /// The handlers, and what each watches: (readable, writable).
     client_handler: Option<FdHandler>,
@@ -340,8 +352,10 @@ struct Relay {
 }
 
 impl Relay {
+    /// Starts relaying for connection `conn` of this context's shard.
     fn start(
         ctx: &AioContext,
+        conn: u64,
         tls: ServerConnection,
         client: Socket,
         pair: UnixStream,
@@ -358,9 +372,11 @@ impl Relay {
             to_pair: Vec::new(),
             to_pair_at: 0,
             buf: Vec::new(),
-            client_done: false,
+            client_eof: false,
             pair_shut: false,
+            discard: false,
             context_done: false,
+            write_shut: false,
             ended: false,
             linger: None,
             client_handler: None,
@@ -375,26 +391,37 @@ impl Relay {
         // The relay bounds what it gives rustls itself; rustls must take all of it.
         r.tls.set_buffer_limit(None);
         shard.insert(id, relay.clone());
+        shard.watch_close(conn, id);
         // Records that came with the handshake's last flight may hold requests already.
         r.pump(ctx);
     }
 
     /// Moves what can move without waiting, then watches for what it waits for (or ends).
     fn pump(&mut self, ctx: &AioContext) {
+        if self.ended {
+            return;
+        }
         if let Err(e) = self.shift() {
             self.end(ctx, Some(e));
             return;
         }
-        if self.ended {
-            return;
+        let flushed = !self.tls.wants_write();
+        if self.context_done && flushed && !self.write_shut {
+            // Everything and close_notify are out: a lingering close, which reads the client
+            // to its end rather than reset the stream while our last bytes are in flight.
+            self.client.shutdown_write();
+            self.write_shut = true;
         }
-        if self.context_done && !self.tls.wants_write() {
+        if self.write_shut && self.client_eof {
             self.end(ctx, None);
             return;
         }
         let pair_pending = self.to_pair_at < self.to_pair.len();
-        let client = (!self.client_done && !pair_pending, self.tls.wants_write());
-        let pair = (!self.context_done && !self.tls.wants_write(), pair_pending);
+        let client = (
+            !self.client_eof && (self.discard || !pair_pending),
+            !self.write_shut && !flushed,
+        );
+        let pair = (!self.context_done && flushed, pair_pending);
         for (side, want) in [(0, client), (1, pair)] {
             if want == self.watching[side] {
                 continue;
@@ -427,26 +454,35 @@ impl Relay {
     /// The moves that need no waiting: plaintext rustls holds to the pair, records rustls
     /// holds to the client, and the pair's shutdown once the client's side has ended.
     fn shift(&mut self) -> io::Result<()> {
-        if self.to_pair_at == self.to_pair.len() && !self.client_done {
+        if self.to_pair_at == self.to_pair.len() {
             self.to_pair.clear();
             self.to_pair_at = 0;
-            self.client_done = take_plaintext(&mut self.tls, &mut self.to_pair)?;
+            if !self.client_eof && !self.write_shut {
+                self.client_eof = take_plaintext(&mut self.tls, &mut self.to_pair)?;
+            }
+            if self.discard {
+                self.to_pair.clear();
+            }
         }
         while self.to_pair_at < self.to_pair.len() {
             match (&self.pair).write(&self.to_pair[self.to_pair_at..]) {
                 Ok(n) => self.to_pair_at += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // The connection closed its end: nothing more goes that way, and the client is
-                // not read again. What the connection wrote before closing is still read from
-                // the pair and sent, up to its end of stream.
+                // The connection closed its end: nothing more goes that way. What it wrote
+                // before closing is still read from the pair and sent, up to its end of
+                // stream; what the client sends is dropped.
                 Err(_) => {
                     self.to_pair.clear();
                     self.to_pair_at = 0;
-                    self.client_done = true;
+                    self.discard = true;
                     self.pair_shut = true;
                 }
             }
+        }
+        if self.to_pair_at == self.to_pair.len() {
+            self.to_pair.clear();
+            self.to_pair_at = 0;
         }
         let mut wire = Wire {
             sock: &self.client,
@@ -460,7 +496,7 @@ impl Relay {
                 Err(e) => return Err(e),
             }
         }
-        if self.client_done && self.to_pair_at == self.to_pair.len() && !self.pair_shut {
+        if self.client_eof && self.to_pair.is_empty() && !self.pair_shut {
             // The connection reads an end of stream, and still sends the replies it owes.
             let _ = self.pair.shutdown(Shutdown::Write);
             self.pair_shut = true;
@@ -502,37 +538,25 @@ impl Relay {
         Some(builder)
     }
 
-    /// Side `side` is readable: one read from it, then whatever that lets move.
+    /// Side `side` is readable: reads from it, then moves whatever that lets move.
     fn readable(&mut self, ctx: &AioContext, side: usize) {
-        if side == 0 {
-            let mut wire = Wire {
-                sock: &self.client,
-                deadline: None,
-            };
-            // rustls takes a few KiB per read: read on, decrypting as it goes, up to a chunk
-            // (the client is read only when `to_pair` is empty).
-            while !self.client_done && self.to_pair.len() < RELAY_CHUNK {
-                match self.tls.read_tls(&mut wire) {
-                    Ok(0) => self.client_done = true,
-                    Ok(_) => {
-                        if let Err(e) = self.tls.process_new_packets() {
-                            // Last gasp: the alert that says why, then close.
-                            let _ = self.tls.write_tls(&mut wire);
-                            self.end(ctx, Some(io::Error::new(io::ErrorKind::InvalidData, e)));
-                            return;
-                        }
-                        match take_plaintext(&mut self.tls, &mut self.to_pair) {
-                            Ok(done) => self.client_done = done,
-                            Err(e) => {
-                                self.end(ctx, Some(e));
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => self.client_done = true,
-                }
+        if self.ended {
+            return;
+        }
+        if side == 0 && self.write_shut {
+            // After our close_notify: the client's last bytes, dropped, up to its end.
+            if self.buf.is_empty() {
+                self.buf = vec![0; RELAY_CHUNK];
+            }
+            match self.client.read(&mut self.buf) {
+                Ok(1..) => {}
+                Err(e) if is_transient(&e) => {}
+                Ok(0) | Err(_) => self.client_eof = true,
+            }
+        } else if side == 0 {
+            if let Err(e) = self.read_client() {
+                self.end(ctx, Some(e));
+                return;
             }
         } else {
             if self.buf.is_empty() {
@@ -553,12 +577,53 @@ impl Relay {
         self.pump(ctx);
     }
 
+    /// Reads records from the client, decrypting as it goes, up to a chunk of plaintext
+    /// (rustls takes a few KiB per read; the client is read only when `to_pair` is empty, or
+    /// when what it sends is dropped).
+    fn read_client(&mut self) -> io::Result<()> {
+        let mut wire = Wire {
+            sock: &self.client,
+            deadline: None,
+        };
+        // Bounded by what is read too: plaintext that is dropped does not fill `to_pair`.
+        let mut taken = 0;
+        while !self.client_eof && self.to_pair.len() < RELAY_CHUNK && taken < RELAY_CHUNK {
+            match self.tls.read_tls(&mut wire) {
+                Ok(0) => self.client_eof = true,
+                Ok(n) => {
+                    taken += n;
+                    if let Err(e) = self.tls.process_new_packets() {
+                        // Last gasp: the alert that says why, then close.
+                        let _ = self.tls.write_tls(&mut wire);
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                    }
+                    self.client_eof = take_plaintext(&mut self.tls, &mut self.to_pair)?;
+                    if self.discard {
+                        self.to_pair.clear();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => self.client_eof = true,
+            }
+        }
+        Ok(())
+    }
+
     /// The connection has closed its end and everything it wrote is read: the TLS stream ends
-    /// with `close_notify` once rustls has sent what it holds, which a client that takes
-    /// nothing is given [`LINGER`] to take, as a connection gives it for its replies.
+    /// with `close_notify` once rustls has sent what it holds.
     fn context_ended(&mut self, ctx: &AioContext) {
         self.tls.send_close_notify();
         self.context_done = true;
+        self.arm_linger(ctx);
+    }
+
+    /// From the connection's leaving, the client has [`LINGER`] to take the rest, as a
+    /// connection gives it for its replies; then the relay ends, whatever is left.
+    fn arm_linger(&mut self, ctx: &AioContext) {
+        if self.linger.is_some() || self.ended {
+            return;
+        }
         let id = self.id;
         // Send closures only: the timer finds the relay again through its context.
         let timer = ctx.timer(ClockType::Realtime, Scale::NS, move || {
@@ -614,12 +679,17 @@ impl Served for RefCell<Relay> {
         let mut relay = self.borrow_mut();
         if relay.verbose {
             eprintln!(
-                "nbd-server: {}: the client took nothing for {} s after its connection closed",
+                "nbd-server: {}: the client had not taken the rest {} s after its connection \
+                 closed",
                 relay.name,
                 LINGER.as_secs()
             );
         }
         relay.end(ctx, None);
+    }
+
+    fn watched_closed(&self, ctx: &AioContext) {
+        self.borrow_mut().arm_linger(ctx);
     }
 }
 
@@ -696,6 +766,17 @@ impl Write for Wire<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl Socket {
+    /// Shuts the socket's writing side (the peer reads an end of stream); an error means the
+    /// peer is gone, which the next read says.
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Socket::Tcp(s) => s.shutdown(Shutdown::Write),
+            Socket::Unix(s) => s.shutdown(Shutdown::Write),
+        };
     }
 }
 

@@ -386,6 +386,18 @@ impl Config {
     }
 }
 
+/// Whether `tool` can be run; prints the skip reason if not.
+pub fn have(tool: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        eprintln!("skipped: {tool} not found");
+    }
+    ok
+}
+
 /// Whether `systemd-socket-activate` runs here; prints the skip reason if not.
 pub fn have_socket_activate() -> bool {
     let ok = Command::new("systemd-socket-activate")
