@@ -408,12 +408,19 @@ struct Files {
     download: PathBuf,
     socket: PathBuf,
     pid_file: PathBuf,
-    /// With `AIO_NBD_BENCH_TLS=1`: the directory of `ca-cert.pem`, `server-cert.pem` and
-    /// `server-key.pem` ([`make_pki`]), which every server and client is given.
-    pki: Option<PathBuf>,
+    /// With `AIO_NBD_BENCH_TLS=1`: the `HOME` of the libnbd clients, whose `.pki/libnbd`
+    /// ([`Files::pki`]) every server and client is given.
+    tls_home: Option<PathBuf>,
 }
 
 impl Files {
+    /// Under TLS, the directory of `ca-cert.pem`, `server-cert.pem` and `server-key.pem`
+    /// ([`make_pki`]): where libnbd looks by default, `$HOME/.pki/libnbd`.
+    fn pki(&self) -> Option<PathBuf> {
+        let home = self.tls_home.as_ref()?;
+        Some(home.join(".pki").join("libnbd"))
+    }
+
     fn server_command(&self, which: Which, image: &Path) -> Cmd {
         let socket = self.socket.display().to_string();
         let image = image.display().to_string();
@@ -433,7 +440,7 @@ impl Files {
                     Variant::CacheNone => cmd.args(["--cache", "none"]),
                     Variant::Plain | Variant::Epoll => cmd,
                 };
-                let cmd = match &self.pki {
+                let cmd = match self.pki() {
                     Some(pki) => cmd.args(["--tls-creds", &pki.display().to_string()]),
                     None => cmd,
                 };
@@ -449,7 +456,7 @@ impl Files {
                     .arg(format!("--shared={QEMU_NBD_SHARED}"))
                     .args(["-k", &socket])
                     .arg(format!("--pid-file={}", self.pid_file.display()));
-                let cmd = match &self.pki {
+                let cmd = match self.pki() {
                     // No client certificates, as the others.
                     Some(pki) => cmd
                         .arg("--object")
@@ -467,7 +474,7 @@ impl Files {
                 let cmd = Cmd::new("nbdkit")
                     .args(["--foreground", "--unix", &socket])
                     .args(["--pidfile", &self.pid_file.display().to_string()]);
-                let cmd = match &self.pki {
+                let cmd = match self.pki() {
                     Some(pki) => cmd
                         .arg("--tls=require")
                         .arg(format!("--tls-certificates={}", pki.display())),
@@ -488,7 +495,7 @@ impl Files {
     /// The clients' URI of the export: `nbds+unix://` under TLS.
     fn url(&self) -> String {
         let url = nbd::unix_url(&self.socket);
-        match &self.pki {
+        match self.tls_home {
             Some(_) => url.replacen("nbd+unix:", "nbds+unix:", 1),
             None => url,
         }
@@ -499,7 +506,7 @@ impl Files {
     /// engine refuses a URI's `tls-certificates` (libnbd's local-file rule).
     fn libnbd_client(&self, program: &str) -> Cmd {
         let cmd = Cmd::new(program);
-        match self.pki.as_deref().and_then(|pki| pki.ancestors().nth(2)) {
+        match &self.tls_home {
             Some(home) => cmd.env("HOME", home.display().to_string()),
             None => cmd,
         }
@@ -518,7 +525,7 @@ impl Files {
         match work {
             Workload::QemuImg { write, depth } => {
                 let cmd = Cmd::new("qemu-img")
-                    .args(["bench", "-t", "writeback"])
+                    .args(["bench", "-f", "raw", "-t", "writeback"])
                     .args(["-c", &knobs.count.to_string()])
                     .args(["-d", &depth.to_string()])
                     .args(["-s", &REQUEST_SIZE.to_string()]);
@@ -528,7 +535,7 @@ impl Files {
                     cmd
                 };
                 // Not under TLS (`run` skips it): it takes no `--object` for the credentials.
-                cmd.args(["-f", "raw"]).arg(url)
+                cmd.arg(url)
             }
             Workload::Fio { write, depth } => self
                 .libnbd_client("fio")
@@ -899,14 +906,7 @@ pub fn run() -> Result<ExitCode> {
     let ours = nbd::build_server()?;
     let mut scratch = Scratch::create("nbd-bench")?;
     let dir = scratch.path().to_path_buf();
-    let pki = if knobs.tls {
-        // Where libnbd looks with `HOME` at `dir/home` (see `Files::libnbd_client`).
-        let pki = dir.join("home").join(".pki").join("libnbd");
-        make_pki(&pki)?;
-        Some(pki)
-    } else {
-        None
-    };
+    let tls_home = knobs.tls.then(|| dir.join("home"));
     let files = Files {
         ours,
         image: dir.join("image.raw"),
@@ -915,8 +915,11 @@ pub fn run() -> Result<ExitCode> {
         download: dir.join("sparse-copy.raw"),
         socket: scratch.socket_path("nbd.sock"),
         pid_file: dir.join("server.pid"),
-        pki,
+        tls_home,
     };
+    if let Some(pki) = files.pki() {
+        make_pki(&pki)?;
+    }
     eprintln!(
         "bench nbd: writing a {} MiB image, a {} MiB upload file and a {} GiB sparse image under {}",
         IMAGE_SIZE >> 20,
@@ -1754,8 +1757,8 @@ mod tests {
         );
     }
 
-    /// The files of a run under `/s` (ours in `/t`), with TLS when `pki` is given.
-    fn test_files(pki: Option<&str>) -> Files {
+    /// The files of a run under `/s` (ours in `/t`), with TLS when `tls_home` is given.
+    fn test_files(tls_home: Option<&str>) -> Files {
         Files {
             ours: PathBuf::from("/t/nbd-server"),
             image: PathBuf::from("/s/image.raw"),
@@ -1764,7 +1767,7 @@ mod tests {
             download: PathBuf::from("/s/out.raw"),
             socket: PathBuf::from("/s/nbd.sock"),
             pid_file: PathBuf::from("/s/server.pid"),
-            pki: pki.map(PathBuf::from),
+            tls_home: tls_home.map(PathBuf::from),
         }
     }
 
@@ -1822,7 +1825,7 @@ mod tests {
 
     #[test]
     fn under_tls_every_server_requires_it_and_every_client_uses_it() {
-        let files = test_files(Some("/s/home/.pki/libnbd"));
+        let files = test_files(Some("/s/home"));
         let image = files.image.clone();
         let cmd = |w| files.server_command(w, &image).to_string();
         assert!(

@@ -81,7 +81,6 @@ pub fn start(
         verbose: settings.verbose,
         idle_timeout: settings.idle_timeout,
         hs: Cell::new(after_tls.map(|a| a.hs).unwrap_or_default()),
-        after_tls: after_tls.is_some(),
         transmission: Cell::new(false),
         in_flight: Cell::new(0),
         pending_bytes: Cell::new(0),
@@ -135,9 +134,9 @@ pub struct Conn {
     shard: Rc<Shard>,
     verbose: bool,
     idle_timeout: Option<Duration>,
+    /// Starts with `tls` set when the greeting and the client flags were done before TLS
+    /// (`tls.rs`).
     hs: Cell<Handshake>,
-    /// The greeting and the client flags were done before TLS (`tls.rs`); `hs` holds them.
-    after_tls: bool,
     transmission: Cell<bool>,
     in_flight: Cell<usize>,
     /// Payload bytes of the requests in flight.
@@ -209,7 +208,8 @@ impl Conn {
     }
 
     async fn serve(self: &Rc<Self>, input: &mut Input) -> io::Result<()> {
-        let greeted = self.after_tls || self.send(&IoBuf::from(greeting().to_vec())).await;
+        // Over TLS the greeting and the client flags were done before (`tls.rs`).
+        let greeted = self.hs.get().tls || self.send(&IoBuf::from(greeting().to_vec())).await;
         if !greeted || !self.handshake(input).await? {
             return Ok(());
         }
@@ -227,7 +227,7 @@ impl Conn {
     /// The client flags and the options; true once the transmission phase begins.
     async fn handshake(&self, input: &mut Input) -> io::Result<bool> {
         let mut hs = self.hs.get();
-        if !self.after_tls {
+        if !hs.tls {
             if !self.got(input.fill(self, 4).await?, input) {
                 return Ok(false);
             }

@@ -173,11 +173,31 @@ impl Socket {
     }
 
     pub(crate) fn shutdown(&self) {
-        // The peer may be gone already; there is nothing to do about an error here.
+        self.shutdown_how(Shutdown::Both);
+    }
+
+    /// Shuts down one side or both (the writing side alone: the peer reads an end of stream,
+    /// a lingering close). The peer may be gone already; there is nothing to do about an error.
+    pub(crate) fn shutdown_how(&self, how: Shutdown) {
         let _ = match self {
-            Socket::Tcp(s) => s.shutdown(Shutdown::Both),
-            Socket::Unix(s) => s.shutdown(Shutdown::Both),
+            Socket::Tcp(s) => s.shutdown(how),
+            Socket::Unix(s) => s.shutdown(how),
         };
+    }
+
+    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_nonblocking(on),
+            Socket::Unix(s) => s.set_nonblocking(on),
+        }
+    }
+
+    /// The timeout of each blocking read and write (`SO_RCVTIMEO`, `SO_SNDTIMEO`).
+    pub(crate) fn set_timeouts(&self, limit: Option<Duration>) -> io::Result<()> {
+        match self {
+            Socket::Tcp(s) => s.set_read_timeout(limit).and(s.set_write_timeout(limit)),
+            Socket::Unix(s) => s.set_read_timeout(limit).and(s.set_write_timeout(limit)),
+        }
     }
 }
 

@@ -147,7 +147,7 @@ pub fn meet(
         deadline: Some(deadline),
     };
     let result = (|| -> io::Result<Option<(ServerConnection, bool)>> {
-        set_blocking(&sock, true)?;
+        sock.set_nonblocking(false)?;
         let no_zeroes = match before_tls(&mut wire)? {
             Before::Aborted => return Ok(None),
             Before::StartTls { no_zeroes } => no_zeroes,
@@ -232,7 +232,8 @@ impl Session {
             }
         };
         let theirs = Socket::Unix(theirs);
-        let prepared = set_blocking(&sock, false)
+        let prepared = sock
+            .set_nonblocking(true)
             .and_then(|()| ours.set_nonblocking(true))
             .and_then(|()| crate::prepare(&theirs));
         if let Err(e) = prepared {
@@ -409,7 +410,7 @@ impl Relay {
         if self.context_done && flushed && !self.write_shut {
             // Everything and close_notify are out: a lingering close, which reads the client
             // to its end rather than reset the stream while our last bytes are in flight.
-            self.client.shutdown_write();
+            self.client.shutdown_how(Shutdown::Write);
             self.write_shut = true;
         }
         if self.write_shut && self.client_eof {
@@ -740,14 +741,7 @@ impl Wire<'_> {
                 "the handshake took too long",
             ));
         }
-        match self.sock {
-            Socket::Tcp(s) => s
-                .set_read_timeout(Some(left))
-                .and(s.set_write_timeout(Some(left))),
-            Socket::Unix(s) => s
-                .set_read_timeout(Some(left))
-                .and(s.set_write_timeout(Some(left))),
-        }
+        self.sock.set_timeouts(Some(left))
     }
 }
 
@@ -766,23 +760,5 @@ impl Write for Wire<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-impl Socket {
-    /// Shuts the socket's writing side (the peer reads an end of stream); an error means the
-    /// peer is gone, which the next read says.
-    fn shutdown_write(&self) {
-        let _ = match self {
-            Socket::Tcp(s) => s.shutdown(Shutdown::Write),
-            Socket::Unix(s) => s.shutdown(Shutdown::Write),
-        };
-    }
-}
-
-fn set_blocking(sock: &Socket, blocking: bool) -> io::Result<()> {
-    match sock {
-        Socket::Tcp(s) => s.set_nonblocking(!blocking),
-        Socket::Unix(s) => s.set_nonblocking(!blocking),
     }
 }
