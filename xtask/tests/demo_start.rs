@@ -100,7 +100,7 @@ fn the_demo_prints_its_first_line_before_the_build_and_within_a_second() {
         assert!(
             lines.len() >= 2
                 && lines[0].starts_with("demo: client: the built-in NBD client")
-                && lines[1].starts_with("[1/8] building the NBD server"),
+                && lines[1].starts_with("[1/9] building the NBD server"),
             "quiet {quiet}: {rest}"
         );
         let args = std::fs::read_to_string(&log).unwrap();

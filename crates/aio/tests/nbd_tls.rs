@@ -244,6 +244,35 @@ fn every_option_before_starttls_gets_tls_reqd_and_export_name_closes() {
     assert_serves(&t);
 }
 
+/// Clients that hang up before TLS, right after an option (one refused for lacking TLS does),
+/// are logged as having left, whether the server's reply found them gone (`EPIPE`) or its next
+/// read did (end of file), never as a server error ("..., closing").
+#[test]
+fn clients_that_hang_up_before_tls_are_logged_as_leaving() {
+    let t = tls_server("tls-hangup", false);
+    const CLIENTS: usize = 20;
+    for _ in 0..CLIENTS {
+        let mut conn = t.srv.raw_in_options().unwrap();
+        conn.send_option(opt::LIST, b"").unwrap();
+    }
+    // The log is read from a pipe, and may lag the server.
+    let left = || {
+        t.srv
+            .stderr()
+            .iter()
+            .filter(|l| l.contains("the client left before TLS"))
+            .count()
+    };
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while left() < CLIENTS && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log = t.srv.stderr().join("\n");
+    assert_eq!(left(), CLIENTS, "{log}");
+    assert!(!log.contains(", closing"), "{log}");
+    assert_serves(&t);
+}
+
 /// A new TLS session still gets its data: the server survived what came before.
 fn assert_serves(t: &Tls) {
     let sock = UnixStream::connect(t.srv.unix_path()).unwrap();

@@ -415,7 +415,7 @@ struct Files {
 
 impl Files {
     /// Under TLS, the directory of `ca-cert.pem`, `server-cert.pem` and `server-key.pem`
-    /// ([`make_pki`]): where libnbd looks by default, `$HOME/.pki/libnbd`.
+    /// ([`nbd::make_pki`](super::make_pki)): where libnbd looks by default, `$HOME/.pki/libnbd`.
     fn pki(&self) -> Option<PathBuf> {
         let home = self.tls_home.as_ref()?;
         Some(home.join(".pki").join("libnbd"))
@@ -502,7 +502,7 @@ impl Files {
     }
 
     /// A libnbd client (fio, nbdcopy): under TLS, with `HOME` where libnbd looks for the
-    /// authority by default (`$HOME/.pki/libnbd`, which [`make_pki`] filled), since fio's nbd
+    /// authority by default (`$HOME/.pki/libnbd`, which [`make_pki`](super::make_pki) filled), since fio's nbd
     /// engine refuses a URI's `tls-certificates` (libnbd's local-file rule).
     fn libnbd_client(&self, program: &str) -> Cmd {
         let cmd = Cmd::new(program);
@@ -573,51 +573,6 @@ impl Files {
             }
         }
     }
-}
-
-/// Writes into `dir` a throwaway certificate authority and a server certificate for
-/// `localhost` it signed (P-256 keys, valid 2 days), with `openssl`, under the names all three
-/// servers read: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
-fn make_pki(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = |name: &str| dir.join(name).display().to_string();
-    let key = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-    ];
-    Cmd::new("openssl")
-        .args(["req", "-x509", "-days", "2", "-subj", "/CN=aio bench CA"])
-        .args(key)
-        .args(["-keyout", &path("ca-key.pem"), "-out", &path("ca-cert.pem")])
-        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
-        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
-        .run()?;
-    Cmd::new("openssl")
-        .args(["req", "-subj", "/CN=localhost"])
-        .args(key)
-        .args([
-            "-keyout",
-            &path("server-key.pem"),
-            "-out",
-            &path("server.csr"),
-        ])
-        .run()?;
-    let ext = dir.join("server.ext");
-    std::fs::write(
-        &ext,
-        "subjectAltName=DNS:localhost\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
-         extendedKeyUsage=serverAuth\n",
-    )
-    .with_context(|| format!("writing {}", ext.display()))?;
-    Cmd::new("openssl")
-        .args(["x509", "-req", "-days", "2", "-in", &path("server.csr")])
-        .args(["-CA", &path("ca-cert.pem"), "-CAkey", &path("ca-key.pem")])
-        .args(["-CAcreateserial", "-out", &path("server-cert.pem")])
-        .args(["-extfile", &ext.display().to_string()])
-        .run()
 }
 
 fn cache_arg(cache: Cache) -> &'static str {
@@ -918,7 +873,7 @@ pub fn run() -> Result<ExitCode> {
         tls_home,
     };
     if let Some(pki) = files.pki() {
-        make_pki(&pki)?;
+        super::make_pki(&pki)?;
     }
     eprintln!(
         "bench nbd: writing a {} MiB image, a {} MiB upload file and a {} GiB sparse image under {}",

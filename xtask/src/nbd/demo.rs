@@ -6,15 +6,18 @@
 //! default backend (`AIO_BACKEND` is left as the user has it; the server names the backend it
 //! picked). Then `qemu-io` writes a pattern and reads it back verified, discards and zeroes
 //! ranges, `qemu-img convert` copies a file of random data into the export and back out,
-//! `qemu-img bench` measures reads, and SIGTERM stops the server, which must say `stopped` and
-//! exit 0. The image file on disk is checked as well, so what the server acknowledged is known to
-//! be where it belongs.
+//! `qemu-img bench` measures reads, a second server requiring TLS (`--tls-creds`, with a
+//! throwaway certificate `openssl` makes) serves the same image to `qemu-img compare` over TLS and
+//! refuses a client without it, and SIGTERM stops the server, which must say `stopped` and exit 0.
+//! The image file on disk is checked as well, so what the server acknowledged is known to be
+//! where it belongs.
 //!
 //! The demo never installs anything. When qemu-io or qemu-img is not on `PATH`, or when
 //! `AIO_DEMO_CLIENT=builtin` asks for it, steps 4 to 7 are done instead by the client the
 //! server's tests use (`crates/nbd-client`, see `demo/builtin.rs`), with the
 //! same checks; `AIO_DEMO_CLIENT=qemu` insists on qemu's tools. The demo prints which client it
-//! uses and why.
+//! uses and why. The TLS step needs qemu's tools and `openssl`; without them it is skipped, and
+//! the summary says why.
 //!
 //! The first line is printed before anything that can take time (probing the tools, the
 //! build), so the demo says something at once; `--quiet` (`-q`) hides cargo's build output
@@ -51,7 +54,7 @@ const IMAGE_SIZE: u64 = 64 << 20;
 const MIB: u64 = 1 << 20;
 
 /// Steps printed as `[k/STEPS]`.
-const STEPS: usize = 8;
+const STEPS: usize = 9;
 
 /// Requests of the closing benchmark (`qemu-img bench`, or the built-in client's equivalent): a
 /// fraction of a second on any machine.
@@ -106,14 +109,25 @@ pub fn run(quiet: bool) -> Result<ExitCode> {
         host: scratch.path().join("host.raw"),
         copy: scratch.path().join("copy.raw"),
         socket: scratch.socket_path("nbd.sock"),
+        tls_socket: scratch.socket_path("nbd-tls.sock"),
+        pki: scratch.path().join("pki"),
         deadline,
         notes: vec![driver.describe()],
+        skipped: 0,
         driver,
     };
-    let notes = tour.run(&exe)?;
+    let (notes, skipped) = tour.run(&exe)?;
 
+    let passed = if skipped == 0 {
+        format!("all {STEPS} steps passed")
+    } else {
+        format!(
+            "{} of {STEPS} steps passed, {skipped} skipped",
+            STEPS - skipped
+        )
+    };
     println!(
-        "\ndemo: all {STEPS} steps passed in {} (after the build)",
+        "\ndemo: {passed} in {} (after the build)",
         secs(started.elapsed())
     );
     for note in notes {
@@ -225,14 +239,21 @@ struct Tour {
     /// Where the copy back out lands.
     copy: PathBuf,
     socket: PathBuf,
+    /// The TLS server's socket (step 8).
+    tls_socket: PathBuf,
+    /// The TLS step's certificate authority and server certificate.
+    pki: PathBuf,
     deadline: Deadline,
     /// One line per step for the closing summary.
     notes: Vec<String>,
+    /// How many steps were skipped (their notes say why).
+    skipped: usize,
     driver: Driver,
 }
 
 impl Tour {
-    fn run(mut self, exe: &Path) -> Result<Vec<String>> {
+    /// Steps 2 to 9; returns the summary's notes and how many steps were skipped.
+    fn run(mut self, exe: &Path) -> Result<(Vec<String>, usize)> {
         step(
             2,
             &format!(
@@ -272,8 +293,9 @@ impl Tour {
             }
             Driver::Builtin { .. } => builtin::steps(&mut self)?,
         }
+        self.tls(exe)?;
 
-        step(8, "stopping the server with SIGTERM");
+        step(9, "stopping the server with SIGTERM");
         let stopped = server.stop(self.deadline)?;
         watchdog.disarm();
         for line in stopped
@@ -292,7 +314,7 @@ impl Tour {
         }
         self.notes
             .push("SIGTERM: the server said `stopped` and exited 0".into());
-        Ok(self.notes)
+        Ok((self.notes, self.skipped))
     }
 
     fn url(&self) -> String {
@@ -447,6 +469,101 @@ impl Tour {
         self.notes.push(format!(
             "qemu-img bench: {BENCH_REQUESTS} x 4 KiB reads at depth {BENCH_DEPTH} in \
              {elapsed:.3} s = {iops:.0} IOPS (cargo xtask bench nbd compares with qemu-nbd)"
+        ));
+        Ok(())
+    }
+
+    /// Step 8: a second server on the same image, requiring TLS; `qemu-img compare` reads the
+    /// whole export over TLS and finds it equal to the file copied in at step 6, and a client
+    /// without TLS is refused with the server's reason. Skipped, with the reason in the summary,
+    /// under the built-in client (it has no TLS) or without `openssl` (the demo installs
+    /// nothing).
+    fn tls(&mut self, exe: &Path) -> Result<()> {
+        step(
+            8,
+            "TLS: a second server with --tls-creds; qemu-img compare reads the export over TLS, \
+             and a client without TLS is refused",
+        );
+        let skipped = match self.driver {
+            Driver::Builtin { .. } => Some("the built-in client has no TLS".to_owned()),
+            Driver::Qemu if !Cmd::new("openssl").arg("version").probe() => Some(
+                "openssl is not on PATH to make a certificate (the demo installs nothing; \
+                 Debian: apt-get install openssl)"
+                    .to_owned(),
+            ),
+            Driver::Qemu => None,
+        };
+        if let Some(why) = skipped {
+            detail(format_args!("skipped: {why}"));
+            self.notes.push(format!("TLS: skipped, because {why}"));
+            self.skipped += 1;
+            return Ok(());
+        }
+        nbd::make_pki(&self.pki)?;
+        detail(format_args!(
+            "a throwaway authority and a certificate for localhost in {}",
+            self.pki.display()
+        ));
+        let pki = self.pki.display().to_string();
+        let cmd = Cmd::new(&exe.display().to_string())
+            .args(["--unix", &self.tls_socket.display().to_string()])
+            .args(["--persistent", "--tls-creds", &pki])
+            .arg(self.image.display().to_string());
+        let server = Server::start(
+            "nbd-server (TLS)",
+            &cmd,
+            &Readiness::ReadyLine,
+            self.deadline,
+        )?;
+        let watchdog = Watchdog::arm(self.deadline, server.killer());
+        for line in server.stdout() {
+            detail(line);
+        }
+        // qemu's option syntax doubles a comma inside a value.
+        let opt = |path: &Path| path.display().to_string().replace(',', ",,");
+        self.tool(
+            Cmd::new("qemu-img")
+                .args(["compare", "--object"])
+                .arg(format!(
+                    "tls-creds-x509,id=tls0,endpoint=client,dir={}",
+                    opt(&self.pki)
+                ))
+                .arg("--image-opts")
+                .arg(format!(
+                    "driver=nbd,path={},tls-creds=tls0,tls-hostname=localhost",
+                    opt(&self.tls_socket)
+                ))
+                .arg(format!("driver=file,filename={}", opt(&self.host))),
+        )?;
+        detail("qemu-img compare over TLS: identical to the file copied in");
+        let plain = Cmd::new("qemu-io")
+            .args(["-f", "raw", "-c", "read 0 4k"])
+            .arg(nbd::unix_url(&self.tls_socket));
+        let output = self.output(&plain)?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if output.status.success() || !text.contains("requires TLS") {
+            return Err(Error::new(format!(
+                "a client without TLS was not refused with the server's reason ({}):\n{text}",
+                output.status
+            )));
+        }
+        detail("a client without TLS: refused (\"this server requires TLS\")");
+        let stopped = server.stop(self.deadline)?;
+        watchdog.disarm();
+        if !stopped.status.success() || !nbd::printed_stopped(&stopped.stdout) {
+            return Err(Error::new(format!(
+                "the TLS server did not stop cleanly ({}); its stdout: {:?}",
+                stopped.status, stopped.stdout
+            )));
+        }
+        self.notes.push(format!(
+            "TLS: qemu-img compare read the {} MiB export over TLS, identical; a client without \
+             TLS was refused",
+            IMAGE_SIZE / MIB
         ));
         Ok(())
     }

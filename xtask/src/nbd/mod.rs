@@ -86,6 +86,58 @@ pub fn tool_version(tool: &str) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
+/// Writes into `dir` a throwaway certificate authority and a server certificate for
+/// `localhost` it signed (P-256 keys, valid 2 days), with `openssl`, under the names all three
+/// servers read: `ca-cert.pem`, `server-cert.pem`, `server-key.pem`.
+pub fn make_pki(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = |name: &str| dir.join(name).display().to_string();
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    Cmd::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=aio throwaway CA",
+        ])
+        .args(key)
+        .args(["-keyout", &path("ca-key.pem"), "-out", &path("ca-cert.pem")])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+        .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+        .run()?;
+    Cmd::new("openssl")
+        .args(["req", "-subj", "/CN=localhost"])
+        .args(key)
+        .args([
+            "-keyout",
+            &path("server-key.pem"),
+            "-out",
+            &path("server.csr"),
+        ])
+        .run()?;
+    let ext = dir.join("server.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=DNS:localhost\nkeyUsage=critical,digitalSignature,keyEncipherment\n\
+         extendedKeyUsage=serverAuth\n",
+    )
+    .with_context(|| format!("writing {}", ext.display()))?;
+    Cmd::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-in", &path("server.csr")])
+        .args(["-CA", &path("ca-cert.pem"), "-CAkey", &path("ca-key.pem")])
+        .args(["-CAcreateserial", "-out", &path("server-cert.pem")])
+        .args(["-extfile", &ext.display().to_string()])
+        .run()
+}
+
 /// The NBD URI of the default (empty-named) export on a Unix socket, as qemu's tools spell it.
 pub fn unix_url(socket: &Path) -> String {
     format!("nbd+unix:///?socket={}", socket.display())

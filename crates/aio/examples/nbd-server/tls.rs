@@ -178,9 +178,18 @@ pub fn meet(
             sock.shutdown();
             return None;
         }
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+        // A client that hangs up (one refused for lacking TLS, say) makes the next read end
+        // or the next write fail: it left, which is no error of the server's.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::UnexpectedEof
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+            ) =>
+        {
             if verbose {
-                eprintln!("nbd-server: {name}: the client left before TLS");
+                eprintln!("nbd-server: {name}: the client left before TLS ({e})");
             }
             return None;
         }
