@@ -9,6 +9,7 @@
 //! and [URING-5] for the registration of a [`FixedBufPool`](crate::FixedBufPool)'s memory and
 //! the `READ_FIXED`/`WRITE_FIXED` requests that name one of its buffers.
 
+use std::any::Any;
 use std::cell::RefCell;
 use std::fs::File;
 use std::io;
@@ -23,8 +24,12 @@ use io_uring::{opcode, types};
 use crate::fixed::{FixedBuf, Memory};
 use crate::{FallocateMode, IoBuf, Op, OpInner, direct};
 
-/// What runs when a request completes: its result (`res` of the CQE) and its keep-alive.
-type Callback = Box<dyn FnOnce(i32, KeepAlive)>;
+/// What runs when a request completes: its result (`res` of the CQE), its keep-alive, and the
+/// table, which takes back the keep-alive's box once emptied ([`Callbacks::recycle`]).
+type Callback = Box<dyn FnOnce(i32, KeepAlive, &Callbacks)>;
+
+/// How many emptied keep-alive boxes a context keeps for reuse.
+const MAX_SPARE: usize = 16;
 
 /// The context's callbacks for io_uring requests in flight, a context-local value: indexed by
 /// the request's slot in the monitor's table (dense, reused), each with the request's whole
@@ -32,9 +37,37 @@ type Callback = Box<dyn FnOnce(i32, KeepAlive)>;
 #[derive(Default)]
 struct Callbacks {
     table: RefCell<Vec<Option<(RequestId, Callback)>>>,
+    /// Boxes of one-buffer keep-alives whose requests completed, emptied (no file, no
+    /// buffer) and kept for the next requests of the same buffer type, so that a read or a
+    /// write allocates one box (its callback), not two.
+    spare: RefCell<Vec<KeepAlive>>,
 }
 
 impl Callbacks {
+    /// `value` in a box: a spare one of the same type if there is one.
+    fn boxed<T: Any + Send>(&self, value: T) -> Box<T> {
+        let mut spare = self.spare.borrow_mut();
+        match spare.pop().map(|b| b.downcast::<T>()) {
+            Some(Ok(mut b)) => {
+                *b = value;
+                b
+            }
+            Some(Err(other)) => {
+                spare.push(other);
+                Box::new(value)
+            }
+            None => Box::new(value),
+        }
+    }
+
+    /// Keeps an emptied keep-alive box for [`boxed`](Self::boxed), up to [`MAX_SPARE`].
+    fn recycle(&self, keep: KeepAlive) {
+        let mut spare = self.spare.borrow_mut();
+        if spare.len() < MAX_SPARE {
+            spare.push(keep);
+        }
+    }
+
     fn insert(&self, id: RequestId, cb: Callback) {
         let mut table = self.table.borrow_mut();
         let slot = id.slot();
@@ -70,13 +103,16 @@ fn callbacks(ctx: &AioContext) -> Rc<Callbacks> {
     .clone()
 }
 
-/// The context-local wrapper (a distinct type, so that no other crate's `Rc<Callbacks>`
-/// could be mistaken for it).
+/// The context-local value: the table's `Rc`, which the completion source holds weakly, so
+/// that the table goes with the context's locals.
 struct LocalCallbacks(Rc<Callbacks>);
 
 /// The completion source: takes completions off the monitor's ready list one at a time and
 /// runs their callbacks with no borrow held, so that a callback may submit requests or poll
 /// the context (a nested iteration calls this again and goes on with the next completion).
+/// It stops after the completion that was the last on the list when taken: one that a nested
+/// wait inside its callback reaped is run by that nested iteration, or else by the next
+/// iteration, whose wait does not sleep while the list holds any.
 fn run_completions(ctx: &AioContext, cbs: &Weak<Callbacks>) -> bool {
     let Some(cbs) = cbs.upgrade() else {
         return false;
@@ -84,16 +120,20 @@ fn run_completions(ctx: &AioContext, cbs: &Weak<Callbacks>) -> bool {
     let mut progress = false;
     loop {
         let next = ctx.with_backend(|b| {
-            b.and_then(|m| m.downcast_mut::<UringMonitor>())
-                .and_then(|m| m.pop_completion())
+            let m = b.and_then(|m| m.downcast_mut::<UringMonitor>())?;
+            let c = m.pop_completion()?;
+            Some((c, m.completions_waiting() > 0))
         });
-        let Some(c) = next else {
+        let Some((c, more)) = next else {
             break;
         };
         let cb = cbs.remove(c.id);
         if let Some(cb) = cb {
-            cb(c.res, c.keep);
+            cb(c.res, c.keep, &cbs);
             progress = true;
+        }
+        if !more {
+            break;
         }
     }
     progress
@@ -110,10 +150,11 @@ unsafe fn submit(
     ctx: &AioContext,
     entry: Sqe,
     keep: KeepAlive,
-    done: impl FnOnce(i32, KeepAlive) + 'static,
+    done: impl FnOnce(i32, KeepAlive, &Callbacks) + 'static,
 ) -> Op {
+    let cbs = callbacks(ctx);
     // SAFETY: [URING-2]: the caller's contract; with no fixed alternative there is no [URING-5] part.
-    unsafe { submit_or_fixed(ctx, entry, None, keep, done) }
+    unsafe { submit_or_fixed(ctx, &cbs, entry, None, keep, done) }
 }
 
 /// As [`submit`], but submits `fixed.1` instead of `entry` when the ring's registered buffer
@@ -125,10 +166,11 @@ unsafe fn submit(
 /// `fixed.0` whose lease `keep` owns, pointing only into that buffer ([URING-5]).
 unsafe fn submit_or_fixed(
     ctx: &AioContext,
+    cbs: &Callbacks,
     entry: Sqe,
     fixed: Option<(*const Memory, Sqe)>,
     keep: KeepAlive,
-    done: impl FnOnce(i32, KeepAlive) + 'static,
+    done: impl FnOnce(i32, KeepAlive, &Callbacks) + 'static,
 ) -> Op {
     let added = ctx.with_backend(|b| match b.and_then(|m| m.downcast_mut::<UringMonitor>()) {
         Some(m) => {
@@ -149,7 +191,7 @@ unsafe fn submit_or_fixed(
         // its memory given back.
         Err((errno, keep)) => return fail_later(ctx, errno, keep, done),
     };
-    callbacks(ctx).insert(id, Box::new(done));
+    cbs.insert(id, Box::new(done));
     Op(OpInner::Uring(id))
 }
 
@@ -158,7 +200,7 @@ fn fail_later(
     ctx: &AioContext,
     errno: i32,
     keep: KeepAlive,
-    done: impl FnOnce(i32, KeepAlive) + 'static,
+    done: impl FnOnce(i32, KeepAlive, &Callbacks) + 'static,
 ) -> Op {
     let keep = std::sync::Mutex::new(Some(keep));
     let ticket = threadpool::ThreadPool::of(ctx).submit_with(
@@ -169,7 +211,7 @@ fn fail_later(
                 .unwrap_or_else(|p| p.into_inner())
                 .take()
                 .unwrap_or_else(|| Box::new(()));
-            done(-errno, keep)
+            done(-errno, keep, &Callbacks::default())
         },
     );
     Op(OpInner::Pool(ticket))
@@ -231,28 +273,35 @@ pub(crate) fn buffers_registered(ctx: &AioContext, mem: &Arc<Memory>) -> bool {
     })
 }
 
-/// The keep-alive of a one-buffer request: a `Vec<u8>` or a [`FixedBuf`].
+/// The keep-alive of a one-buffer request: a `Vec<u8>` or a [`FixedBuf`]. Both fields are
+/// taken out when it completes, and its box is used again ([`Callbacks::recycle`]).
 struct OneBuf<B> {
-    file: Arc<File>,
+    file: Option<Arc<File>>,
     buf: B,
 }
 
 /// The result of a one-buffer request and its buffer, taken back out of the keep-alive made by
-/// `read_at`/`write_at`/`rw_fixed`; an `EINVAL` of a misaligned direct transfer of
-/// `buf[start..]` explained.
+/// `read_at`/`write_at`/`rw_fixed`, whose emptied box goes back to `cbs`; an `EINVAL` of a
+/// misaligned direct transfer of `buf[start..]` explained.
 fn one_buf<B: IoBuf>(
     res: i32,
     keep: KeepAlive,
+    cbs: &Callbacks,
     start: usize,
     offset: u64,
     write: bool,
 ) -> (io::Result<usize>, B) {
     match keep.downcast::<OneBuf<B>>() {
-        Ok(k) => {
-            let r = direct::explained(count(res), &k.file, write, offset, || {
-                vec![direct::segment(&k.buf[start..])]
-            });
-            (r, k.buf)
+        Ok(mut k) => {
+            let (file, buf) = (k.file.take(), std::mem::take(&mut k.buf));
+            cbs.recycle(k);
+            let r = match &file {
+                Some(f) => direct::explained(count(res), f, write, offset, || {
+                    vec![direct::segment(&buf[start..])]
+                }),
+                None => count(res),
+            };
+            (r, buf)
         }
         Err(_) => (count(res), B::default()),
     }
@@ -268,7 +317,9 @@ pub(crate) fn read_at<B: IoBuf>(
     done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
-    let mut keep = Box::new(OneBuf { file, buf });
+    let cbs = callbacks(ctx);
+    let file = Some(file);
+    let mut keep = cbs.boxed(OneBuf { file, buf });
     let to = &mut keep.buf[start..];
     let len = u32::try_from(to.len()).unwrap_or(u32::MAX);
     let entry = opcode::Read::new(fd, to.as_mut_ptr(), len)
@@ -276,8 +327,8 @@ pub(crate) fn read_at<B: IoBuf>(
         .build();
     // SAFETY: [URING-2]: the SQE points at `len` bytes of `keep.buf`'s heap memory only.
     unsafe {
-        submit(ctx, entry, keep, move |res, keep| {
-            let (r, buf) = one_buf(res, keep, start, offset, false);
+        submit_or_fixed(ctx, &cbs, entry, None, keep, move |res, keep, cbs| {
+            let (r, buf) = one_buf(res, keep, cbs, start, offset, false);
             done(r, buf)
         })
     }
@@ -293,7 +344,9 @@ pub(crate) fn write_at<B: IoBuf>(
     done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
-    let keep = Box::new(OneBuf { file, buf });
+    let cbs = callbacks(ctx);
+    let file = Some(file);
+    let keep = cbs.boxed(OneBuf { file, buf });
     let from = &keep.buf[start..];
     let len = u32::try_from(from.len()).unwrap_or(u32::MAX);
     let entry = opcode::Write::new(fd, from.as_ptr(), len)
@@ -301,8 +354,8 @@ pub(crate) fn write_at<B: IoBuf>(
         .build();
     // SAFETY: [URING-2]: the SQE points at `len` bytes of `keep.buf`'s heap memory only.
     unsafe {
-        submit(ctx, entry, keep, move |res, keep| {
-            let (r, buf) = one_buf(res, keep, start, offset, true);
+        submit_or_fixed(ctx, &cbs, entry, None, keep, move |res, keep, cbs| {
+            let (r, buf) = one_buf(res, keep, cbs, start, offset, true);
             done(r, buf)
         })
     }
@@ -331,7 +384,9 @@ pub(crate) fn rw_fixed(
         };
     };
     let fd = types::Fd(file.as_raw_fd());
-    let mut keep = Box::new(OneBuf { file, buf });
+    let cbs = callbacks(ctx);
+    let file = Some(file);
+    let mut keep = cbs.boxed(OneBuf { file, buf });
     let at = &mut keep.buf[start..];
     let len = u32::try_from(at.len()).unwrap_or(u32::MAX);
     let ptr = at.as_mut_ptr();
@@ -352,10 +407,17 @@ pub(crate) fn rw_fixed(
     };
     // SAFETY: [URING-2], [URING-5]: both point at `len` bytes of buffer `index` of `table`, leased by `keep.buf`.
     unsafe {
-        submit_or_fixed(ctx, plain, Some((table, fixed)), keep, move |res, keep| {
-            let (r, buf) = one_buf(res, keep, start, offset, write);
-            done(r, buf)
-        })
+        submit_or_fixed(
+            ctx,
+            &cbs,
+            plain,
+            Some((table, fixed)),
+            keep,
+            move |res, keep, cbs| {
+                let (r, buf) = one_buf(res, keep, cbs, start, offset, write);
+                done(r, buf)
+            },
+        )
     }
 }
 
@@ -406,7 +468,7 @@ pub(crate) fn vectored(
     };
     // SAFETY: [URING-2]: the SQE points at `keep.iovecs`, which point into `keep.bufs`.
     unsafe {
-        submit(ctx, entry, keep, move |res, keep| {
+        submit(ctx, entry, keep, move |res, keep, _| {
             match keep.downcast::<VecBufs>() {
                 Ok(k) => {
                     let r = direct::explained(count(res), &k.file, write, offset, || {
@@ -432,7 +494,7 @@ pub(crate) fn fsync(
     }
     // SAFETY: [URING-1]: an FSYNC points at no memory; `keep` only holds the file open.
     unsafe {
-        submit(ctx, op.build(), Box::new(file), move |res, _| {
+        submit(ctx, op.build(), Box::new(file), move |res, _, _| {
             done(unit(res))
         })
     }
@@ -451,11 +513,11 @@ pub(crate) fn fallocate(
         .mode(mode)
         .build();
     // SAFETY: [URING-1]: a FALLOCATE carries only integers; `keep` only holds the file open.
-    unsafe { submit(ctx, entry, Box::new(file), move |res, _| done(unit(res))) }
+    unsafe { submit(ctx, entry, Box::new(file), move |res, _, _| done(unit(res))) }
 }
 
 pub(crate) fn nop(ctx: &AioContext, done: impl FnOnce(io::Result<()>) + 'static) -> Op {
     let entry = opcode::Nop::new().build();
     // SAFETY: [URING-1]: a NOP points at no memory.
-    unsafe { submit(ctx, entry, Box::new(()), move |res, _| done(unit(res))) }
+    unsafe { submit(ctx, entry, Box::new(()), move |res, _, _| done(unit(res))) }
 }

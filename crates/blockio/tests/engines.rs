@@ -229,6 +229,43 @@ fn a_read_of_a_write_only_file_reports_the_errno() {
     }
 }
 
+/// A completed read or write keeps no hold on its file: once its callback has run, the
+/// engine has let go of the file (the io_uring engine keeps the emptied box of a request's
+/// keep-alive for the next one, but not what it held), so dropping the caller's handle
+/// closes it. Ten requests on one file, then one on a second file, which takes the box the
+/// first file's requests used.
+#[test]
+fn a_completed_request_keeps_no_hold_on_its_file() {
+    for (name, ctx, io) in setups() {
+        let (first, second) = (temp_file(), temp_file());
+        let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+        for i in 0..10 {
+            let s = slot.clone();
+            let done = move |r, b| *s.borrow_mut() = Some((r, b));
+            if i % 2 == 0 {
+                io.write_at(&ctx, &first, vec![i; 512], 512 * u64::from(i), done);
+            } else {
+                io.read_at(&ctx, &first, vec![0; 512], 0, done);
+            }
+            let (r, _) = wait_for(&ctx, &slot);
+            assert_eq!(r.unwrap(), 512, "{name}: request {i}");
+            assert_eq!(
+                Arc::strong_count(&first),
+                1,
+                "{name}: request {i}'s file still held"
+            );
+        }
+        let s = slot.clone();
+        io.read_at(&ctx, &second, vec![0; 16], 0, move |r, b| {
+            *s.borrow_mut() = Some((r, b))
+        });
+        let (r, _) = wait_for(&ctx, &slot);
+        assert_eq!(r.unwrap(), 0, "{name}: an empty file");
+        assert_eq!(Arc::strong_count(&first), 1, "{name}: first file");
+        assert_eq!(Arc::strong_count(&second), 1, "{name}: second file");
+    }
+}
+
 #[test]
 fn cancel_before_submission() {
     for (name, ctx, io) in setups() {

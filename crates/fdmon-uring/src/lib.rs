@@ -182,7 +182,7 @@ use std::time::Duration;
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList};
 
 use crate::pending::{Outcome, Polls, Submission};
-use crate::requests::{Pending, Requests};
+use crate::requests::{Requests, Submit};
 use crate::ring::{Ring, SqFull, deadline_after, monotonic_now};
 use crate::user_data::{CANCEL_TAG, REMOVE_TAG, Tag, WAKE_TAG, next_timeout_seq, timeout_tag};
 
@@ -456,6 +456,8 @@ impl UringMonitor {
         entry: Sqe,
         keep: KeepAlive,
     ) -> Result<RequestId, (Sqe, KeepAlive)> {
+        // Queued, not pushed into the submission queue yet: until the next wait submits it,
+        // a cancel takes it back before the kernel sees it.
         self.requests.add(entry, keep)
     }
 
@@ -512,6 +514,11 @@ impl UringMonitor {
         self.requests.pop_done()
     }
 
+    /// How many completed requests wait on the ready list for [`pop_completion`](Self::pop_completion).
+    pub fn completions_waiting(&self) -> usize {
+        self.requests.done_len()
+    }
+
     /// How many requests added with [`add_sqe`](Self::add_sqe) have not completed yet
     /// (queued or in the kernel).
     pub fn requests_in_flight(&self) -> usize {
@@ -538,9 +545,6 @@ impl UringMonitor {
     /// again.
     fn fill(&mut self) -> bool {
         loop {
-            if self.ring.sq_is_full() {
-                return true;
-            }
             let Some(sub) = self.polls.pop() else {
                 return self.fill_requests();
             };
@@ -553,8 +557,7 @@ impl UringMonitor {
                 Submission::PollRemove { target } => self.ring.push_poll_remove(target, REMOVE_TAG),
             };
             if pushed == Err(SqFull) {
-                // Checked just above, so this does not happen; if it did, the submission is
-                // kept for the next round rather than lost.
+                // Kept for the next round rather than lost.
                 self.polls.unpop(sub);
                 return true;
             }
@@ -564,24 +567,15 @@ impl UringMonitor {
     /// Puts queued cancels and requests into the SQ, after the polls. Returns whether it
     /// stopped because the SQ is full.
     fn fill_requests(&mut self) -> bool {
-        loop {
-            if self.ring.sq_is_full() {
-                return true;
-            }
-            let Some(pending) = self.requests.pop() else {
-                return false;
-            };
-            let pushed = match &pending {
-                Pending::Cancel(target, _) => self.ring.push_cancel(*target, CANCEL_TAG),
+        let ring = &mut self.ring;
+        self.requests.submit_with(|sub| {
+            match sub {
+                Submit::Cancel(target) => ring.push_cancel(target, CANCEL_TAG),
                 // SAFETY: [URING-2]: the keep-alive stays in its slot of `requests` until reaped.
-                Pending::Request(_, entry) => unsafe { self.ring.push_request(entry) },
-            };
-            if pushed == Err(SqFull) {
-                self.requests.unpop(pending);
-                return true;
+                Submit::Request(entry) => unsafe { ring.push_request(entry) },
             }
-            self.requests.pushed(&pending);
-        }
+            .is_ok()
+        })
     }
 
     /// Makes sure a `TIMEOUT` expiring at `deadline` is in flight or queued. Returns false if

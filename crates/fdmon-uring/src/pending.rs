@@ -259,7 +259,9 @@ impl Polls {
 
     /// Starts a wait: the re-arms deferred by the previous one join the `now` queue.
     pub(crate) fn begin_wait(&mut self) {
-        self.now.extend(self.next.drain(..));
+        if !self.next.is_empty() {
+            self.now.extend(self.next.drain(..));
+        }
     }
 
     /// Applies the completion of the `POLL_ADD` with `user_data` `raw` and result `res`.

@@ -170,36 +170,33 @@ impl Requests {
         true
     }
 
-    /// The next submission to put in the submission queue: cancels first (a cancel of a
-    /// request that completed meanwhile is dropped), then requests, which are then counted as
-    /// in the kernel. The caller pushes it, or hands it back with [`unpop`](Self::unpop).
-    pub(crate) fn pop(&mut self) -> Option<Pending> {
-        while let Some(id) = self.cancels.pop_front() {
+    /// Hands every waiting submission to `push`, which puts it in the submission queue and
+    /// says whether there was room: cancels first (a cancel of a request that completed
+    /// meanwhile is dropped), then requests, which are then counted as in the kernel. Stops at
+    /// the first that does not fit, which stays first in its queue; returns whether it
+    /// stopped so.
+    pub(crate) fn submit_with(&mut self, mut push: impl FnMut(Submit<'_>) -> bool) -> bool {
+        while let Some(&id) = self.cancels.front() {
             let slot = &self.slots[id.slot as usize];
-            if slot.generation == id.generation && matches!(slot.live, Some((Where::Kernel, _))) {
-                return Some(Pending::Cancel(request_tag(id.slot), id));
+            if slot.generation == id.generation
+                && matches!(slot.live, Some((Where::Kernel, _)))
+                && !push(Submit::Cancel(request_tag(id.slot)))
+            {
+                return true;
             }
+            self.cancels.pop_front();
         }
-        let (slot, entry) = self.queued.pop_front()?;
-        Some(Pending::Request(slot, entry))
-    }
-
-    /// Records that `pending` went into the submission queue.
-    pub(crate) fn pushed(&mut self, pending: &Pending) {
-        if let Pending::Request(slot, _) = pending {
+        while let Some((slot, entry)) = self.queued.front() {
+            if !push(Submit::Request(entry)) {
+                return true;
+            }
             if let Some((place, _)) = &mut self.slots[*slot as usize].live {
                 *place = Where::Kernel;
             }
             self.in_kernel += 1;
+            self.queued.pop_front();
         }
-    }
-
-    /// Puts back a submission that did not fit in the submission queue.
-    pub(crate) fn unpop(&mut self, pending: Pending) {
-        match pending {
-            Pending::Cancel(_, id) => self.cancels.push_front(id),
-            Pending::Request(slot, entry) => self.queued.push_front((slot, entry)),
-        }
+        false
     }
 
     /// Takes the oldest completion off the ready list, and frees its slot.
@@ -262,12 +259,12 @@ impl Requests {
     }
 }
 
-/// A submission [`Requests::pop`] hands to the monitor.
-pub(crate) enum Pending {
+/// A submission [`Requests::submit_with`] hands to the monitor.
+pub(crate) enum Submit<'a> {
     /// An `ASYNC_CANCEL` of the request with this `user_data`.
-    Cancel(u64, RequestId),
-    /// The SQE of the request in this slot, `user_data` set.
-    Request(u32, squeue::Entry),
+    Cancel(u64),
+    /// The SQE of a request, `user_data` set.
+    Request(&'a squeue::Entry),
 }
 
 #[cfg(test)]
@@ -285,8 +282,8 @@ mod tests {
     fn a_slot_is_reused_only_after_its_completion_is_taken() {
         let mut r = Requests::default();
         let a = r.add(nop(), Box::new(())).ok().unwrap();
-        let p = r.pop().unwrap();
-        r.pushed(&p);
+        assert!(!r.submit_with(|_| true));
+        assert_eq!(r.in_kernel(), 1);
         assert!(r.finish(a.slot, 0));
         // On the ready list: a new request gets another slot.
         let b = r.add(nop(), Box::new(())).ok().unwrap();
@@ -299,5 +296,47 @@ mod tests {
         assert_ne!(d, a);
         // A late cancel of the finished request names nothing.
         assert!(!r.cancel(a));
+    }
+
+    /// Submissions go out in order, cancels first, and one that does not fit stays first in
+    /// its queue for the next call; only requests that went out count as in the kernel.
+    #[test]
+    fn submission_stops_at_the_first_that_does_not_fit_and_resumes_there() {
+        let mut r = Requests::default();
+        let ids: Vec<RequestId> = (0..3)
+            .map(|_| r.add(nop(), Box::new(())).ok().unwrap())
+            .collect();
+        let mut seen = Vec::new();
+        let mut room = 2;
+        let full = r.submit_with(|sub| {
+            let Submit::Request(entry) = sub else {
+                panic!("no cancel was asked for");
+            };
+            if room == 0 {
+                return false;
+            }
+            room -= 1;
+            seen.push(entry.get_user_data());
+            true
+        });
+        assert!(full);
+        assert_eq!(seen, [request_tag(0), request_tag(1)]);
+        assert_eq!((r.in_kernel(), r.live()), (2, 3));
+        // A cancel of a request in the kernel goes before the request still queued.
+        assert!(r.cancel(ids[1]));
+        let mut order = Vec::new();
+        assert!(!r.submit_with(|sub| {
+            order.push(match sub {
+                Submit::Cancel(target) => ("cancel", target),
+                Submit::Request(entry) => ("request", entry.get_user_data()),
+            });
+            true
+        }));
+        assert_eq!(
+            order,
+            [("cancel", request_tag(1)), ("request", request_tag(2))]
+        );
+        assert_eq!((r.in_kernel(), r.live()), (3, 3));
+        assert!(!r.has_work());
     }
 }
