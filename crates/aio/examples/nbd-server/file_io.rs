@@ -38,7 +38,8 @@ pub fn block_io(ctx: &AioContext, engine: IoEngine) -> BlockIo {
 /// WRITE payload; `done` gets, on the context's thread, what [`session::work`] returns: the
 /// whole reply, or an empty buffer for a status reply, or the error. Under `--cache none` the
 /// data moves through the `O_DIRECT` file when its buffer, offset and length are aligned
-/// (`Export::file_for`).
+/// (`Export::file_for`). `alone` as for [`worth_serving_at_once`], which says where a lone
+/// small request goes under `--aio io_uring`.
 #[allow(clippy::too_many_arguments)] // a request and everything it runs with
 pub fn start(
     ctx: &AioContext,
@@ -48,8 +49,22 @@ pub fn start(
     req: Request,
     buf: IoBuf,
     framing: Framing,
+    alone: bool,
     done: impl FnOnce(io::Result<IoBuf>) + 'static,
 ) {
+    // Under `--aio io_uring`, a lone small request on the page cache takes the pool's path as
+    // under `threads` ([`worth_serving_at_once`] says why).
+    if io.engine() == IoEngine::IoUring && alone && export.align() <= 1 {
+        match req.kind {
+            CMD_READ if req.length <= NOWAIT_READ_MAX => {
+                return on_pool(pool, export, req, buf, framing, done, true);
+            }
+            CMD_WRITE if req.length <= LANE_WRITE_MAX => {
+                return lane_write(ctx, pool, export, req, buf, framing, done);
+            }
+            _ => {}
+        }
+    }
     if io.engine() == IoEngine::Threads {
         if req.kind == CMD_WRITE && req.length <= LANE_WRITE_MAX && export.align() <= 1 {
             return lane_write(ctx, pool, export, req, buf, framing, done);
@@ -215,25 +230,26 @@ pub fn read_by_sendfile(
 ///   second, BENCHMARKS.md, "the three-way race after issue 16's changes"), because the
 ///   worker's trip overlaps the client's next send and keeps both CPUs from idling, while at
 ///   queue depth 32 serving at once is 1.9× the pool;
-/// * `--aio io_uring`, a READ: only when not alone. The kernel would do the same read at
-///   submission, but the request's round trip through the ring and its completion costs more
-///   work on the context's thread than the one system call: fio 4 KiB random reads at queue
-///   depth 32, medians of 4 alternating runs, 200 k IOPS at once against 148 k through the
-///   ring, with a quarter less server CPU per request. A lone READ measured level to 3 % slower
-///   at once (`qemu-img bench` and fio at queue depth 1, 5 and 6 alternating runs), so it stays
-///   on the ring (BENCHMARKS.md, "small requests at once under `--aio io_uring`");
-/// * `--aio io_uring`, a WRITE: always. ext4 has no non-blocking buffered write, so the ring
-///   hands each to one of the kernel's io-wq workers: the trip to another thread and back, with
-///   none of the pool's spin to keep the CPUs awake. fio 4 KiB random writes, medians of 5 and 6
-///   alternating runs: at queue depth 32, 143 k IOPS at once against 89 k through the ring
-///   (nbdkit 137 k); at queue depth 1, 10.8 k against 8.4 k, and `qemu-img bench` 10.7 k
-///   against 9.2 k, with a third less server CPU per request (same section);
+/// * `--aio io_uring`: only when not alone, as under `threads`, for a READ and a WRITE; and a
+///   lone one takes the pool's path too ([`start`]: a READ of at most [`NOWAIT_READ_MAX`] the
+///   pool, a WRITE of at most [`LANE_WRITE_MAX`] the write lane). Not alone, at once beats the
+///   ring: the kernel would do the same read at submission, but the request's round trip
+///   through the ring costs more work on the context's thread than the one system call (fio
+///   4 KiB random reads at queue depth 32, medians of 4 alternating runs: 200 k IOPS at once
+///   against 148 k through the ring), and ext4 has no non-blocking buffered write, so the ring
+///   hands each WRITE to one of the kernel's io-wq workers (143 k against 89 k at queue depth
+///   32; BENCHMARKS.md, "small requests at once under `--aio io_uring`"). Alone, neither the
+///   ring nor at once keeps a CPU awake between requests, and the client's next request then
+///   wakes an idle vCPU: `qemu-img bench` at queue depth 1, 50 000 requests, 3 alternating
+///   runs, 6.0–6.2 k READs per second through the ring (qemu-nbd `--aio=io_uring` 6.0–6.2 k)
+///   against 9.8–13.0 k through the pool, and 6.2–6.8 k WRITEs at once (qemu-nbd 5.3–5.8 k)
+///   against 8.6–12.7 k through the lane, for 20–60 % more server CPU per request (the
+///   worker's spin; BENCHMARKS.md, "Session of 2026-12-06");
 /// * `--aio native`: never; its `io_submit` of a buffered request already does it then, on the
 ///   context's thread.
-pub fn worth_serving_at_once(io: BlockIo, kind: u16, alone: bool) -> bool {
+pub fn worth_serving_at_once(io: BlockIo, alone: bool) -> bool {
     match io.engine() {
-        IoEngine::Threads => !alone,
-        IoEngine::IoUring => kind == CMD_WRITE || !alone,
+        IoEngine::Threads | IoEngine::IoUring => !alone,
         IoEngine::LinuxAio => false,
     }
 }
@@ -442,7 +458,7 @@ pub fn run(
 ) -> Outcome {
     let ready = Outcome::ready;
     let mut buf = buf;
-    let at_once = worth_serving_at_once(io, req.kind, alone);
+    let at_once = worth_serving_at_once(io, alone);
     if at_once && may_write_at_once(export, &req) {
         let written = export.write(buf.bytes(), req.offset, false);
         return ready(written.map(|()| session::write_done(buf.vec, framing, &req)));
@@ -455,7 +471,7 @@ pub fn run(
     }
     let slot = Rc::new(RefCell::new(Slot::default()));
     let s = slot.clone();
-    start(ctx, io, pool, export, req, buf, framing, move |r| {
+    start(ctx, io, pool, export, req, buf, framing, alone, move |r| {
         let mut s = s.borrow_mut();
         s.result = Some(r);
         if let Some(w) = s.waker.take() {
