@@ -309,6 +309,15 @@ pub trait FdMonitor: fmt::Debug {
     /// backend reports every watched fd.
     fn outer_fds(&self, out: &mut Vec<OuterFd>);
 
+    /// Whether requests the backend carries itself (io_uring's `add_sqe`) have completed and
+    /// wait, reaped by an earlier [`wait`](Self::wait), for the context's completion sources
+    /// ([`AioContext::add_completion_source`](crate::AioContext::add_completion_source)): work
+    /// that an outer loop's `check` must report even when no fd was ready. The default,
+    /// `false`, is for backends that carry no requests.
+    fn has_completions(&self) -> bool {
+        false
+    }
+
     /// The monitor as its concrete type, for crates that use a backend's own capabilities
     /// through [`AioContext::with_backend`](crate::AioContext::with_backend) (the block I/O
     /// engine submits requests on the io_uring backend's ring this way), without core knowing
@@ -336,6 +345,9 @@ impl FdMonitor for Box<dyn FdMonitor> {
     }
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
         (**self).outer_fds(out)
+    }
+    fn has_completions(&self) -> bool {
+        (**self).has_completions()
     }
     fn as_any_mut(&mut self) -> Option<&mut dyn Any> {
         (**self).as_any_mut()

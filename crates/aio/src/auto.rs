@@ -370,6 +370,10 @@ impl FdMonitor for AutoMonitor {
         each!(&self.active, m => m.outer_fds(out))
     }
 
+    fn has_completions(&self) -> bool {
+        each!(&self.active, m => m.has_completions())
+    }
+
     /// The active backend's own type (the io_uring monitor's ring carries block I/O).
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         each!(&mut self.active, m => m.as_any_mut())

@@ -112,7 +112,8 @@ struct LocalCallbacks(Rc<Callbacks>);
 /// the context (a nested iteration calls this again and goes on with the next completion).
 /// It stops after the completion that was the last on the list when taken: one that a nested
 /// wait inside its callback reaped is run by that nested iteration, or else by the next
-/// iteration, whose wait does not sleep while the list holds any.
+/// iteration, whose wait does not sleep while the list holds any (and for which an outer
+/// loop's `check` reports work, `FdMonitor::has_completions`).
 fn run_completions(ctx: &AioContext, cbs: &Weak<Callbacks>) -> bool {
     let Some(cbs) = cbs.upgrade() else {
         return false;

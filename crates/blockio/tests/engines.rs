@@ -266,6 +266,41 @@ fn a_completed_request_keeps_no_hold_on_its_file() {
     }
 }
 
+/// A context driven by an outer loop (`prepare`, `check`, `dispatch`: what the glib, tokio and
+/// calloop adapters do) runs the completions of its ring's requests: `check` reports one its
+/// wait reaped although no fd was ready, and `dispatch` runs it. Before, `check` said there was
+/// nothing to do while `prepare` kept the loop from sleeping: a busy loop that never ran it.
+#[test]
+fn an_outer_loop_runs_ring_completions() {
+    let Some(ctx) = uring_ctx() else {
+        println!("skipped: no io_uring context here");
+        return;
+    };
+    let io = BlockIo::of(&ctx);
+    let file = temp_file();
+    file.write_all_at(b"xyz", 0).unwrap();
+    let slot: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+    let s = slot.clone();
+    io.read_at(&ctx, &file, vec![0; 3], 0, move |r, b| {
+        *s.borrow_mut() = Some((r, b))
+    });
+    for _ in 0..1000 {
+        // An outer loop would sleep on `outer_fds` for at most this long.
+        if let Some(t) = ctx.prepare() {
+            std::thread::sleep(t.min(std::time::Duration::from_millis(1)));
+        }
+        if ctx.check() {
+            ctx.dispatch();
+        }
+        if let Some((r, buf)) = slot.borrow_mut().take() {
+            assert_eq!(r.unwrap(), 3);
+            assert_eq!(buf, b"xyz");
+            return;
+        }
+    }
+    panic!("an outer loop never ran the read's completion in 1 000 rounds");
+}
+
 #[test]
 fn cancel_before_submission() {
     for (name, ctx, io) in setups() {

@@ -838,6 +838,11 @@ impl FdMonitor for UringMonitor {
     /// on a [`wait`](FdMonitor::wait) that leaves re-arms queued makes the ring fd readable
     /// before it returns, so that the outer loop comes back to submit them (see the crate
     /// documentation, "Outer loops").
+    /// Whether completed requests wait on the ready list ([`pop_completion`](Self::pop_completion)).
+    fn has_completions(&self) -> bool {
+        self.requests.done_len() > 0
+    }
+
     fn as_any_mut(&mut self) -> Option<&mut dyn Any> {
         Some(self)
     }

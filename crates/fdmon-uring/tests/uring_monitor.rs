@@ -639,6 +639,46 @@ fn a_batch_of_300_adds_is_submitted_by_one_wait() {
     }
 }
 
+/// More removals than the submission queue holds, and re-adds under the removed keys while
+/// their stale polls are in flight: the `POLL_REMOVE`s and held-back `POLL_ADD`s that do not
+/// fit go back to the monitor's queue (`Polls::unpop`) and out with the next round, so no
+/// stale poll is left and every re-added key is reported once.
+#[test]
+fn removes_and_readds_beyond_the_queue_size() {
+    let Some((_serial, mut monitor, mut ready)) = start("removes_and_readds_beyond_the_queue_size")
+    else {
+        return;
+    };
+    let fd = eventfd();
+    let n = 300u32;
+    for i in 0..n {
+        add(&mut monitor, key(i), fd.as_raw_fd(), Interest::READ);
+    }
+    assert_eq!(wait_now(&mut monitor, &mut ready), []);
+    assert_eq!(monitor.polls_in_flight(), n as usize);
+    for i in 0..n {
+        remove(&mut monitor, key(i), fd.as_raw_fd());
+    }
+    for i in 0..n / 2 {
+        add(&mut monitor, key(i), fd.as_raw_fd(), Interest::READ);
+    }
+    for _ in 0..10 {
+        ready.clear();
+        monitor
+            .wait(&mut ready, Some(Duration::from_millis(5)))
+            .unwrap();
+        assert!(ready.is_empty());
+    }
+    assert_eq!(monitor.stale_polls(), 0);
+    assert_eq!(monitor.polls_in_flight(), (n / 2) as usize);
+    signal_eventfd(&fd);
+    ready.clear();
+    monitor
+        .wait(&mut ready, Some(Duration::from_millis(100)))
+        .unwrap();
+    assert_eq!(ready.len(), (n / 2) as usize);
+}
+
 #[test]
 fn completions_beyond_the_queue_size_are_all_reported() {
     let Some((_serial, mut monitor, mut ready)) =

@@ -95,6 +95,9 @@ impl AioContext {
         }
         *inner.outer_ready.borrow_mut() = ready;
         fd_pending
+            // Request completions the wait reaped (or an earlier one left): only `dispatch`
+            // runs the completion sources, and `prepare` would not let the loop sleep meanwhile.
+            || inner.monitor.borrow().has_completions()
             || shared.remote.is_pending()
             || inner.sync_external_pending()
             || !inner.polling.outer_hits.borrow().is_empty()

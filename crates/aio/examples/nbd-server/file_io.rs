@@ -1,7 +1,9 @@
 //! Where an admitted request's file I/O runs (`--aio`): the whole request as blocking work on
 //! the context's thread pool (`threads`, qemu-nbd's default), or its READ, WRITE and FLUSH as
 //! block I/O requests on the context itself ([`BlockIo`]: `io_uring` on the context's own
-//! ring, `native` with Linux AIO), whose completions run on the context's thread. Both engines
+//! ring, `native` with Linux AIO), whose completions run on the context's thread; under
+//! `io_uring`, a lone small request on the page cache takes the pool's path as under
+//! `threads` ([`worth_serving_at_once`] says why). Both engines
 //! of `connection.rs` and `conn_task.rs` start requests here and build the same replies.
 //!
 //! As in qemu-nbd, only the data path changes with `--aio`: TRIM and WRITE_ZEROES (fallocate),
@@ -298,7 +300,8 @@ type LaneEntry = (
     Box<dyn FnOnce(io::Result<IoBuf>)>,
 );
 
-/// `--aio threads` on the page cache: the small WRITEs of a context (at most
+/// `--aio threads` on the page cache (and `--aio io_uring`, for lone ones): the small WRITEs
+/// of a context (at most
 /// [`LANE_WRITE_MAX`] bytes) run on the pool one batch at a time, a batch being every write
 /// queued when the lane is free, done one after the other by one worker, whose single
 /// completion then runs their replies. A buffered write holds the file's inode lock, so
