@@ -245,31 +245,11 @@ fn remove_and_drop_in_every_order_leak_nothing() {
 #[test]
 fn a_ring_request_completes_under_calloop() {
     let _s = serial();
-    let ctx = match aio::Builder::new()
-        .backend(aio::Backend::IoUring)
-        .ignore_env()
-        .build()
-    {
-        Ok(ctx) => ctx,
-        Err(e) => {
-            println!("skipped: no io_uring context here: {e}");
-            return;
-        }
+    let Some((ctx, got)) = embed::ring_read("calloop") else {
+        return;
     };
     let (mut el, _token) = event_loop(&ctx);
     let mut seen = Seen::default();
-    let path = std::env::temp_dir().join(format!("aio-calloop-ring-{}", std::process::id()));
-    std::fs::write(&path, b"xyz").unwrap();
-    let file = Arc::new(std::fs::File::open(&path).unwrap());
-    std::fs::remove_file(&path).unwrap();
-    let io = aio::BlockIo::of(&ctx);
-    let got: Rc<std::cell::RefCell<Option<(std::io::Result<usize>, Vec<u8>)>>> = Rc::default();
-    let g = got.clone();
-    io.read_at(&ctx, &file, vec![0; 3], 0, move |r, buf| {
-        *g.borrow_mut() = Some((r, buf))
-    });
     dispatch_until(&mut el, &mut seen, |_| got.borrow().is_some());
-    let (r, buf) = got.borrow_mut().take().unwrap();
-    assert_eq!(r.unwrap(), 3);
-    assert_eq!(buf, b"xyz");
+    embed::assert_ring_read(&got);
 }

@@ -899,30 +899,10 @@ fn a_panic_in_a_callback_detaches_the_source() {
 #[test]
 fn a_ring_request_completes_in_a_few_iterations() {
     let _s = serial();
-    let ctx = match aio::Builder::new()
-        .backend(Backend::IoUring)
-        .ignore_env()
-        .build()
-    {
-        Ok(ctx) => ctx,
-        Err(e) => {
-            println!("skipped: no io_uring context here: {e}");
-            return;
-        }
+    let Some((ctx, got)) = embed::ring_read("glib") else {
+        return;
     };
     let (main, _src) = attach(&ctx);
-    let path = std::env::temp_dir().join(format!("aio-glib-ring-{}", std::process::id()));
-    std::fs::write(&path, b"xyz").unwrap();
-    let file = Arc::new(std::fs::File::open(&path).unwrap());
-    std::fs::remove_file(&path).unwrap();
-    let io = aio::BlockIo::of(&ctx);
-    let got: Rc<RefCell<Option<(std::io::Result<usize>, Vec<u8>)>>> = Rc::default();
-    let g = got.clone();
-    io.read_at(&ctx, &file, vec![0; 3], 0, move |r, buf| {
-        *g.borrow_mut() = Some((r, buf))
-    });
     iterate_until_at_most(&main, Backend::IoUring, 100, || got.borrow().is_some());
-    let (r, buf) = got.borrow_mut().take().unwrap();
-    assert_eq!(r.unwrap(), 3);
-    assert_eq!(buf, b"xyz");
+    embed::assert_ring_read(&got);
 }

@@ -389,31 +389,11 @@ fn the_driver_follows_a_move_from_poll_to_epoll() {
 #[test]
 fn a_ring_request_completes_under_the_driver() {
     let _s = serial();
-    let ctx = match aio::Builder::new()
-        .backend(Backend::IoUring)
-        .ignore_env()
-        .build()
-    {
-        Ok(ctx) => ctx,
-        Err(e) => {
-            println!("skipped: no io_uring context here: {e}");
-            return;
-        }
+    let Some((ctx, got)) = embed::ring_read("tokio") else {
+        return;
     };
-    let path = std::env::temp_dir().join(format!("aio-embed-ring-{}", std::process::id()));
-    std::fs::write(&path, b"xyz").unwrap();
-    let file = Arc::new(std::fs::File::open(&path).unwrap());
-    std::fs::remove_file(&path).unwrap();
-    let io = aio::BlockIo::of(&ctx);
-    let got: Rc<std::cell::RefCell<Option<(std::io::Result<usize>, Vec<u8>)>>> = Rc::default();
-    let g = got.clone();
-    io.read_at(&ctx, &file, vec![0; 3], 0, move |r, buf| {
-        *g.borrow_mut() = Some((r, buf))
-    });
     driven(&ctx, async {
         sleep_until(in_5s(), Duration::from_millis(1), || got.borrow().is_some()).await;
     });
-    let (r, buf) = got.borrow_mut().take().expect("the read never completed");
-    assert_eq!(r.unwrap(), 3);
-    assert_eq!(buf, b"xyz");
+    embed::assert_ring_read(&got);
 }

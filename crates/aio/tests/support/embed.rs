@@ -4,7 +4,8 @@
 //! one-shot flags, an aio timer that sets one, a socket pair with a counting read handler,
 //! scheduling from another thread, the check after a detach (no eventfd write, no run through
 //! the outer loop, a run under the context's own loop), the nested wait for a BH and a timer
-//! from inside a callback, and running the context's own loop until a condition holds.
+//! from inside a callback, running the context's own loop until a condition holds, and a read
+//! submitted on an io_uring context's own ring.
 // Each test binary uses its own part of this file.
 #![allow(dead_code)]
 
@@ -192,4 +193,41 @@ pub fn poll_until(ctx: &AioContext, done: impl Fn() -> bool) {
     while !done() {
         ctx.poll();
     }
+}
+
+/// Where a read's callback puts its result and buffer.
+pub type ReadSlot = Rc<std::cell::RefCell<Option<(std::io::Result<usize>, Vec<u8>)>>>;
+
+/// A context on the io_uring backend with a read of the 3 bytes of a file holding `xyz`
+/// submitted on its own ring (`BlockIo`), and where the read's callback puts its result;
+/// `None`, printed, where io_uring is unavailable.
+pub fn ring_read(tag: &str) -> Option<(AioContext, ReadSlot)> {
+    let ctx = match aio::Builder::new()
+        .backend(Backend::IoUring)
+        .ignore_env()
+        .build()
+    {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            println!("skipped: no io_uring context here: {e}");
+            return None;
+        }
+    };
+    let path = std::env::temp_dir().join(format!("aio-{tag}-ring-{}", std::process::id()));
+    std::fs::write(&path, b"xyz").unwrap();
+    let file = Arc::new(std::fs::File::open(&path).unwrap());
+    std::fs::remove_file(&path).unwrap();
+    let got: ReadSlot = Rc::default();
+    let g = got.clone();
+    aio::BlockIo::of(&ctx).read_at(&ctx, &file, vec![0; 3], 0, move |r, buf| {
+        *g.borrow_mut() = Some((r, buf))
+    });
+    Some((ctx, got))
+}
+
+/// Checks that the read of [`ring_read`] completed with its 3 bytes.
+pub fn assert_ring_read(got: &ReadSlot) {
+    let (r, buf) = got.borrow_mut().take().expect("the read never completed");
+    assert_eq!(r.unwrap(), 3);
+    assert_eq!(buf, b"xyz");
 }
