@@ -308,6 +308,21 @@ fn one_buf<B: IoBuf>(
     }
 }
 
+/// The table and a keep-alive box (a spare one when there is one) holding `file` and `buf`,
+/// for `read_at`/`write_at`/`rw_fixed`.
+fn one_buf_keep<B: IoBuf>(
+    ctx: &AioContext,
+    file: Arc<File>,
+    buf: B,
+) -> (Rc<Callbacks>, Box<OneBuf<B>>) {
+    let cbs = callbacks(ctx);
+    let keep = cbs.boxed(OneBuf {
+        file: Some(file),
+        buf,
+    });
+    (cbs, keep)
+}
+
 /// Reads into `buf[start..]`; the caller checked `start <= buf.len()`.
 pub(crate) fn read_at<B: IoBuf>(
     ctx: &AioContext,
@@ -318,9 +333,7 @@ pub(crate) fn read_at<B: IoBuf>(
     done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
-    let cbs = callbacks(ctx);
-    let file = Some(file);
-    let mut keep = cbs.boxed(OneBuf { file, buf });
+    let (cbs, mut keep) = one_buf_keep(ctx, file, buf);
     let to = &mut keep.buf[start..];
     let len = u32::try_from(to.len()).unwrap_or(u32::MAX);
     let entry = opcode::Read::new(fd, to.as_mut_ptr(), len)
@@ -345,9 +358,7 @@ pub(crate) fn write_at<B: IoBuf>(
     done: impl FnOnce(io::Result<usize>, B) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
-    let cbs = callbacks(ctx);
-    let file = Some(file);
-    let keep = cbs.boxed(OneBuf { file, buf });
+    let (cbs, keep) = one_buf_keep(ctx, file, buf);
     let from = &keep.buf[start..];
     let len = u32::try_from(from.len()).unwrap_or(u32::MAX);
     let entry = opcode::Write::new(fd, from.as_ptr(), len)
@@ -385,9 +396,7 @@ pub(crate) fn rw_fixed(
         };
     };
     let fd = types::Fd(file.as_raw_fd());
-    let cbs = callbacks(ctx);
-    let file = Some(file);
-    let mut keep = cbs.boxed(OneBuf { file, buf });
+    let (cbs, mut keep) = one_buf_keep(ctx, file, buf);
     let at = &mut keep.buf[start..];
     let len = u32::try_from(at.len()).unwrap_or(u32::MAX);
     let ptr = at.as_mut_ptr();

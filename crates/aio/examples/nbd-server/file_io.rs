@@ -54,20 +54,22 @@ pub fn start(
     alone: bool,
     done: impl FnOnce(io::Result<IoBuf>) + 'static,
 ) {
-    // Under `--aio io_uring`, a lone small request on the page cache takes the pool's path as
-    // under `threads` ([`worth_serving_at_once`] says why).
-    if io.engine() == IoEngine::IoUring && alone && export.align() <= 1 {
-        match req.kind {
-            CMD_READ if req.length <= NOWAIT_READ_MAX => {
-                return on_pool(pool, export, req, buf, framing, done, true);
-            }
-            CMD_WRITE if req.length <= LANE_WRITE_MAX => {
-                return lane_write(ctx, pool, export, req, buf, framing, done);
-            }
-            _ => {}
+    let pool_path = match io.engine() {
+        IoEngine::Threads => true,
+        // A lone small request on the page cache takes the pool's path as under `threads`
+        // ([`worth_serving_at_once`] says why).
+        IoEngine::IoUring => {
+            alone
+                && export.align() <= 1
+                && match req.kind {
+                    CMD_READ => req.length <= NOWAIT_READ_MAX,
+                    CMD_WRITE => req.length <= LANE_WRITE_MAX,
+                    _ => false,
+                }
         }
-    }
-    if io.engine() == IoEngine::Threads {
+        IoEngine::LinuxAio => false,
+    };
+    if pool_path {
         if req.kind == CMD_WRITE && req.length <= LANE_WRITE_MAX && export.align() <= 1 {
             return lane_write(ctx, pool, export, req, buf, framing, done);
         }
