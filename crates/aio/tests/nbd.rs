@@ -4142,6 +4142,49 @@ fn cached_small_reads_are_served_at_once_and_the_others_by_the_pool() {
     panic!("the reads of dropped pages were served at once in all {cold_served_at_once} runs");
 }
 
+/// The callback engine sends the replies of requests served at once on the context's thread
+/// four at a time (`EARLY_SEND_REPLIES`) while it serves the rest of what it read, instead of
+/// all of them after the last: 32 cached READs sent in one write are answered in at least one
+/// early send, never in more than one per four replies served at once, and every reply is
+/// right. The task engine (each reply sent by its own task) and the engines that serve
+/// nothing at once make none.
+#[test]
+fn replies_of_requests_served_at_once_go_out_four_at_a_time() {
+    let data = pattern(11, MIB);
+    let mut f = fixture("early-sends", MIB, |c| c.contexts(1));
+    std::fs::write(&f.image, &data).unwrap();
+    let mut c = f.srv.client();
+    for _ in 0..4 {
+        pipelined_reads_match(&mut c, &ranges(0, 4096, 32), &data);
+    }
+    c.disconnect().unwrap();
+    let ready = ready_line(&f.srv);
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    let (at_once, _) = served_at_once(&stopped);
+    let early = early_sends(&stopped);
+    assert!(4 * early <= at_once, "{stopped}");
+    if (ready.contains("aio threads, cache writeback")
+        || ready.contains("aio io_uring, cache writeback"))
+        && ready.contains("engine callbacks")
+    {
+        // The first of a batch may come in a read of its own and take the pool; the others
+        // are served at once, at least four of them after the same read.
+        assert!(at_once >= 4 * 24, "{ready}\n{stopped}");
+        assert!(early >= 4, "{ready}\n{stopped}");
+    } else {
+        assert_eq!(early, 0, "{ready}\n{stopped}");
+    }
+}
+
+/// The count of early sends of replies served at once that a stopped line reports.
+fn early_sends(stopped: &str) -> u64 {
+    let (_, rest) = stopped
+        .split_once(" reads sent from it with sendfile, ")
+        .expect(stopped);
+    let (n, _) = rest.split_once(" early sends").expect(stopped);
+    n.parse().expect(stopped)
+}
+
 /// One server, one client: 16 pipelined READs of cached pages, 6 of pages dropped from the page
 /// cache, then one of 128 KiB with a small one behind it, each checked against `data`. Returns
 /// the server's ready and stopped lines, and whether the pages were seen dropped.
@@ -4893,6 +4936,7 @@ under_the_task_engine! {
     memory_follows_what_is_in_flight_during_a_bulk_copy,
     client_agrees_with_qemu_nbd,
     cached_small_reads_are_served_at_once_and_the_others_by_the_pool,
+    replies_of_requests_served_at_once_go_out_four_at_a_time,
     large_cached_reads_are_sent_from_the_page_cache,
     pipelined_small_writes_all_land,
 }

@@ -17,7 +17,9 @@
 //! * A write's payload goes straight into the request's own buffer (from the context's buffer
 //!   pool, `buffers.rs`) as it arrives, so memory grows only with the bytes a client actually
 //!   sends, and is not copied again.
-//! * A reply is written as soon as it is complete; whatever the socket does not take waits in
+//! * A reply is written as soon as it is complete (replies of requests served at once on the
+//!   context's thread: after the last request of the read, or as soon as
+//!   `EARLY_SEND_REPLIES` are queued); whatever the socket does not take waits in
 //!   the connection's queue of reply buffers (written with `writev`, never copied into one
 //!   another; each goes back to the pool once sent), and only then is the handler watching
 //!   for writability. A big READ's reply sent from the page cache (`file_io::read_by_sendfile`)
@@ -55,8 +57,8 @@ use crate::export::Export;
 use crate::file_io;
 use crate::protocol::*;
 use crate::session::{
-    self, Action, AfterTls, Expired, FileTail, Handshake, IoBuf, LINGER, Opted, READ_BUDGET,
-    READ_CHUNK, Timing,
+    self, Action, AfterTls, EARLY_SEND_REPLIES, Expired, FileTail, Handshake, IoBuf, LINGER, Opted,
+    READ_BUDGET, READ_CHUNK, Timing,
 };
 
 /// At most this many queued replies go to the socket in one `writev`.
@@ -289,6 +291,9 @@ pub struct Shard {
     /// READ replies whose data went from the page cache with `sendfile`
     /// (`file_io::read_by_sendfile`, `session::work`).
     pub sendfile_reads: Cell<u64>,
+    /// Sends of the replies of requests served at once made as soon as
+    /// [`EARLY_SEND_REPLIES`] were queued, before the last request of the read.
+    pub early_sends: Cell<u64>,
 }
 
 impl Shard {
@@ -367,6 +372,7 @@ impl Shard {
             payload: None,
             out: VecDeque::new(),
             out_pos: 0,
+            unsent_at_once: 0,
             out_bytes: 0,
             in_flight: 0,
             pending_bytes: 0,
@@ -507,6 +513,8 @@ pub struct Conn {
     /// pool once sent) from its `start`; the socket has taken `out_pos` bytes of the first.
     out: VecDeque<IoBuf>,
     out_pos: usize,
+    /// Replies served at once and queued since the last send ([`EARLY_SEND_REPLIES`]).
+    unsent_at_once: usize,
     /// The bytes in `out` not yet taken.
     out_bytes: usize,
     in_flight: usize,
@@ -949,12 +957,18 @@ impl Conn {
     }
 
     /// A READ or WRITE served at once on the context's thread: its reply is queued now, and goes
-    /// out with the others of this dispatch in one send.
+    /// out with the others of this dispatch in one send, or with those queued since the last
+    /// send once they are [`EARLY_SEND_REPLIES`].
     fn served_at_once(&mut self, req: &Request, result: io::Result<IoBuf>) {
         let reply = session::reply(self.hs.framing, self.id, req, result);
         self.queue_from(reply);
         self.shard.requests.set(self.shard.requests.get() + 1);
         self.shard.served_at_once(req);
+        self.unsent_at_once += 1;
+        if self.unsent_at_once >= EARLY_SEND_REPLIES {
+            self.shard.early_sends.set(self.shard.early_sends.get() + 1);
+            self.flush();
+        }
     }
 
     /// A request's completion, on the context's thread: queue its reply and send.
@@ -1004,6 +1018,7 @@ impl Conn {
     /// call (a reply's tail in a call of its own, `sendfile`); each reply fully sent gives its
     /// buffer back to the pool.
     fn flush(&mut self) {
+        self.unsent_at_once = 0;
         while self.out_bytes > 0 {
             let Some(sock) = &self.sock else { return };
             let mut queued = self.out.iter();

@@ -657,13 +657,15 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     };
     println!(
         "nbd-server: stopped ({}): {} connections, {} requests ({} reads and {} writes served \
-         at once on the page cache, {} reads sent from it with sendfile){polled}",
+         at once on the page cache, {} reads sent from it with sendfile, {} early sends of \
+         replies served at once){polled}",
         stopping.get().unwrap_or("?"),
         total.accepted,
         total.requests,
         total.cached_reads,
         total.writes_at_once,
         total.sendfile_reads,
+        total.early_sends,
     );
     io::stdout().flush()
 }
@@ -743,6 +745,8 @@ struct Tally {
     writes_at_once: u64,
     /// READ replies whose data went from the page cache with `sendfile`.
     sendfile_reads: u64,
+    /// Sends of replies served at once made before the read's last request was handled.
+    early_sends: u64,
     poll_hits: u64,
     poll_misses: u64,
     /// Of the misses, the polling phases that ended on a completion or a socket's readiness
@@ -760,6 +764,7 @@ impl Tally {
             cached_reads: shard.cached_reads.get(),
             writes_at_once: shard.writes_at_once.get(),
             sendfile_reads: shard.sendfile_reads.get(),
+            early_sends: shard.early_sends.get(),
             poll_hits: stats.poll_hits,
             poll_misses: stats.poll_misses,
             poll_ring_ends: stats.poll_backend_ends,
@@ -773,6 +778,7 @@ impl Tally {
         self.cached_reads += other.cached_reads;
         self.writes_at_once += other.writes_at_once;
         self.sendfile_reads += other.sendfile_reads;
+        self.early_sends += other.early_sends;
         self.poll_hits += other.poll_hits;
         self.poll_misses += other.poll_misses;
         self.poll_ring_ends += other.poll_ring_ends;

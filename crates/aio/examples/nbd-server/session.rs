@@ -32,6 +32,15 @@ pub const LINGER: Duration = Duration::from_secs(10);
 pub const READ_BUDGET: usize = 1 << 20;
 /// The read buffer's size; it grows only to hold the largest option (64 KiB of data).
 pub const READ_CHUNK: usize = 64 << 10;
+/// The callback engine sends the replies of requests served at once on the context's thread
+/// as soon as this many are queued, instead of all of them after the last request of the
+/// read: the client then works on them (and sends its next requests) while the rest are
+/// served, where with one send at the end the client and the server took turns on the two
+/// CPUs. `qemu-img bench` 4 KiB at queue depth 32, 3–5 alternating runs, IOPS: writes
+/// 79–87 k → 100–106 k, reads 98–103 k → 117–125 k; fio writes 114–143 k → 155–167 k, fio
+/// reads unchanged (BENCHMARKS.md, "Session of 2026-12-06, 05:39 UTC"). 2 and 3 measured
+/// like 4, 6 and 8 worse.
+pub const EARLY_SEND_REPLIES: usize = 4;
 /// Structured READs at least this long (without `NBD_CMD_FLAG_DF`) look for holes and send
 /// them as `OFFSET_HOLE` chunks. Shorter ones are sent whole: for a few KiB, the `lseek` that
 /// finds a hole would cost more than the zeros it saves.
