@@ -44,7 +44,9 @@ struct Callbacks {
 }
 
 impl Callbacks {
-    /// `value` in a box: a spare one of the same type if there is one.
+    /// `value` in a box: the spare box recycled last if it is of the same type (only that one
+    /// is looked at, to keep this O(1); a context whose requests mix buffer types then
+    /// allocates more often), else a new one.
     fn boxed<T: Any + Send>(&self, value: T) -> Box<T> {
         let mut spare = self.spare.borrow_mut();
         match spare.pop().map(|b| b.downcast::<T>()) {
