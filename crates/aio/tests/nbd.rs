@@ -2962,6 +2962,20 @@ fn polling_is_32_us_by_default_and_aio_poll_max_ns_overrides_the_option() {
     let mut f = fixture("poll-default", MIB, |c| c.contexts(1).env(POLL_ENV, None));
     let ready = ready_line(&f.srv);
     assert!(
+        ready.contains(", 1 context, polling up to 32768 ns (weighted 2, yielding), export "),
+        "{ready}"
+    );
+    f.assert_serves();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert!(polling_counts(&stopped).is_some(), "{stopped}");
+    // QEMU's busy loop, which never gives up the CPU, on request.
+    let mut f = fixture("poll-spin", MIB, |c| {
+        c.contexts(1)
+            .args_extra(&["--no-poll-yield"])
+            .env(POLL_ENV, None)
+    });
+    let ready = ready_line(&f.srv);
+    assert!(
         ready.contains(", 1 context, polling up to 32768 ns (weighted 2), export "),
         "{ready}"
     );
@@ -3014,7 +3028,7 @@ fn polling_is_32_us_by_default_and_aio_poll_max_ns_overrides_the_option() {
     });
     let ready = ready_line(&f.srv);
     assert!(
-        ready.contains(", 1 context, polling up to 32768 ns (qemu10), export "),
+        ready.contains(", 1 context, polling up to 32768 ns (qemu10, yielding), export "),
         "{ready}"
     );
     f.assert_serves();
@@ -3188,7 +3202,9 @@ fn qemu_io_is_served_with_polling_on_every_context() {
     });
     let ready = ready_line(&f.srv);
     assert!(
-        ready.contains(", 2 contexts, polling up to 32768 ns (weighted 2), export \"disk\", "),
+        ready.contains(
+            ", 2 contexts, polling up to 32768 ns (weighted 2, yielding), export \"disk\", "
+        ),
         "{ready}"
     );
     std::fs::write(&f.image, vec![0x11; 4 * MIB]).unwrap();

@@ -27,9 +27,14 @@
 //!   under `threads` (`file_io.rs`). A mode the kernel refuses is an error at start.
 //! * **Polling.** `--poll-max-ns` and its companions set the adaptive-polling parameters of
 //!   every context (QEMU's IOThread `poll-max-ns`, `poll-grow`, `poll-shrink`, `poll-weight`;
-//!   `--poll-yield` makes the busy loop give up the CPU between rounds); up to 32 µs by
-//!   default, as QEMU's IOThreads (`DEFAULT_POLL_MAX_NS`: measured faster at queue depth 1,
-//!   level elsewhere; BENCHMARKS.md), `--poll-max-ns 0` for none. The ready line says what
+//!   up to 32 µs by default, as QEMU's IOThreads (`DEFAULT_POLL_MAX_NS`: measured faster at
+//!   queue depth 1, level elsewhere; BENCHMARKS.md), `--poll-max-ns 0` for none. Unlike
+//!   QEMU's, the busy loop gives up the CPU between rounds by default
+//!   ([`PollParams::yielding`]; `--no-poll-yield` spins as QEMU does): a server shares the
+//!   machine with its clients, and on 2 vCPUs the spinning loop took the CPU that the client
+//!   and the pool's workers needed (`qemu-img bench` 4 KiB writes at queue depth 32, 3 rounds:
+//!   84–103 k IOPS spinning, 113–124 k yielding; fio reads at queue depth 1 under `--aio
+//!   io_uring`: 32–57 k against 72–82 k; BENCHMARKS.md, "Session of 2026-12-06, 05:39 UTC"). The ready line says what
 //!   each context got, the stopped line what polling did. Client sockets poll in the
 //!   backend (`poll_in_backend`): under `--aio io_uring` a polling loop sees the next request
 //!   in its completion ring.
@@ -168,8 +173,10 @@ usage: nbd-server [OPTIONS] IMAGE
   --poll-grow G         a growing window is multiplied by G, 0 to 255 (default 0: 2)
   --poll-shrink S       a shrinking window is divided by S, 0 to 255 (default 0: halved, or
                         reset to 0 with qemu10)
-  --poll-yield          give up the CPU (sched_yield) between polling rounds, so that the
+  --no-poll-yield       spin between polling rounds, as QEMU does; by default the busy
+                        loop gives up the CPU (sched_yield) between rounds, so that the
                         pool's workers and clients sharing the CPU run meanwhile
+                        (--poll-yield, the default, is accepted)
   --aio MODE            how file I/O is done, as qemu-nbd's --aio: threads (the default:
                         blocking calls on each context's thread pool), io_uring (requests
                         on each context's own ring; the contexts run on the io_uring
@@ -281,7 +288,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) =
         (DEFAULT_POLL_MAX_NS, None, 0, 0);
-    let mut poll_yield = false;
+    let mut poll_yield = true;
     let mut poll_qemu10 = false;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?;
@@ -361,6 +368,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                 }
             }
             "--poll-yield" => poll_yield = true,
+            "--no-poll-yield" => poll_yield = false,
             "--verbose" => cfg.verbose = true,
             "--tls-creds" => cfg.tls_creds = Some(value("a directory")?.into()),
             "--tls-verify-peer" => cfg.tls_verify_peer = true,
