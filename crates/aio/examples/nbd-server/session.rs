@@ -38,8 +38,8 @@ pub const READ_CHUNK: usize = 64 << 10;
 /// served, where with one send at the end the client and the server took turns on the two
 /// CPUs. `qemu-img bench` 4 KiB at queue depth 32, 3–5 alternating runs, IOPS: writes
 /// 79–87 k → 100–106 k, reads 98–103 k → 117–125 k; fio writes 114–143 k → 155–167 k, fio
-/// reads unchanged (BENCHMARKS.md, "Session of 2026-12-06, 05:39 UTC"). 2 and 3 measured
-/// like 4, 6 and 8 worse.
+/// reads unchanged (BENCHMARKS.md, "Session of 2026-12-06, 05:39 UTC"). 3 measured like 4;
+/// 1, 2, 6 and 8 lower.
 pub const EARLY_SEND_REPLIES: usize = 4;
 /// Structured READs at least this long (without `NBD_CMD_FLAG_DF`) look for holes and send
 /// them as `OFFSET_HOLE` chunks. Shorter ones are sent whole: for a few KiB, the `lseek` that
