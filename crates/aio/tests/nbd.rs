@@ -2959,29 +2959,26 @@ fn io_uring_polling_sees_requests_in_the_ring() {
 
 #[test]
 fn polling_is_32_us_by_default_and_aio_poll_max_ns_overrides_the_option() {
-    let mut f = fixture("poll-default", MIB, |c| c.contexts(1).env(POLL_ENV, None));
-    let ready = ready_line(&f.srv);
-    assert!(
-        ready.contains(", 1 context, polling up to 32768 ns (weighted 2, yielding), export "),
-        "{ready}"
-    );
-    f.assert_serves();
-    let stopped = stop_and_get_stopped_line(&mut f.srv);
-    assert!(polling_counts(&stopped).is_some(), "{stopped}");
-    // QEMU's busy loop, which never gives up the CPU, on request.
-    let mut f = fixture("poll-spin", MIB, |c| {
-        c.contexts(1)
-            .args_extra(&["--no-poll-yield"])
-            .env(POLL_ENV, None)
-    });
-    let ready = ready_line(&f.srv);
-    assert!(
-        ready.contains(", 1 context, polling up to 32768 ns (weighted 2), export "),
-        "{ready}"
-    );
-    f.assert_serves();
-    let stopped = stop_and_get_stopped_line(&mut f.srv);
-    assert!(polling_counts(&stopped).is_some(), "{stopped}");
+    // The server's default yields between polling rounds; `--no-poll-yield` is QEMU's busy
+    // loop, which never gives up the CPU.
+    for (tag, args, how) in [
+        ("poll-default", &[][..], "weighted 2, yielding"),
+        ("poll-spin", &["--no-poll-yield"][..], "weighted 2"),
+    ] {
+        let mut f = fixture(tag, MIB, |c| {
+            c.contexts(1).args_extra(args).env(POLL_ENV, None)
+        });
+        let ready = ready_line(&f.srv);
+        assert!(
+            ready.contains(&format!(
+                ", 1 context, polling up to 32768 ns ({how}), export "
+            )),
+            "{ready}"
+        );
+        f.assert_serves();
+        let stopped = stop_and_get_stopped_line(&mut f.srv);
+        assert!(polling_counts(&stopped).is_some(), "{stopped}");
+    }
     let mut f = fixture("poll-zero", MIB, |c| {
         c.contexts(1)
             .args_extra(&["--poll-max-ns", "0"])
