@@ -4189,6 +4189,27 @@ fn replies_of_requests_served_at_once_go_out_four_at_a_time() {
     }
 }
 
+/// A client that sends 32 cached READs in one write and hangs up at once may be gone when the
+/// server's first early send goes out, in the middle of the requests it read: that connection
+/// closes there, and the server goes on serving others (a second client reads the same data)
+/// and stops cleanly.
+#[test]
+fn a_client_gone_before_its_early_sends_leaves_the_server_serving() {
+    let data = pattern(12, MIB);
+    let mut f = fixture("early-sends-gone", MIB, |c| c.contexts(1));
+    std::fs::write(&f.image, &data).unwrap();
+    for _ in 0..8 {
+        let mut c = f.srv.client();
+        c.send_reads_at_once(&ranges(0, 4096, 32)).unwrap();
+        drop(c);
+    }
+    let mut c = f.srv.client();
+    pipelined_reads_match(&mut c, &ranges(0, 4096, 32), &data);
+    c.disconnect().unwrap();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert!(stopped.contains(" 9 connections, "), "{stopped}");
+}
+
 /// The count of early sends of replies served at once that a stopped line reports.
 fn early_sends(stopped: &str) -> u64 {
     let (_, rest) = stopped
@@ -4950,6 +4971,7 @@ under_the_task_engine! {
     client_agrees_with_qemu_nbd,
     cached_small_reads_are_served_at_once_and_the_others_by_the_pool,
     replies_of_requests_served_at_once_go_out_four_at_a_time,
+    a_client_gone_before_its_early_sends_leaves_the_server_serving,
     large_cached_reads_are_sent_from_the_page_cache,
     pipelined_small_writes_all_land,
 }

@@ -697,7 +697,9 @@ impl Conn {
                 Phase::Transmission if have < self.hs.framing.request_len() => 0,
                 Phase::Transmission => self.request(earlier),
             };
-            if done == 0 {
+            // A send on the way (an early send, an empty reply) may have found the client gone
+            // and closed the connection, emptying the read buffer: nothing is left to consume.
+            if done == 0 || self.sock.is_none() {
                 break;
             }
             self.in_start += done;

@@ -34,8 +34,8 @@
 //!   machine with its clients, and on 2 vCPUs the spinning loop took the CPU that the client
 //!   and the pool's workers needed (`qemu-img bench` 4 KiB writes at queue depth 32, 3 rounds:
 //!   84–103 k IOPS spinning, 113–124 k yielding; fio reads at queue depth 1 under `--aio
-//!   io_uring`: 32–57 k against 72–82 k; BENCHMARKS.md, "Session of 2026-12-06, 05:39 UTC"). The ready line says what
-//!   each context got, the stopped line what polling did. Client sockets poll in the
+//!   io_uring`: 32–57 k against 72–82 k; BENCHMARKS.md, "Session of 2026-12-06, 05:39
+//!   UTC"). The ready line says what each context got, the stopped line what polling did. Client sockets poll in the
 //!   backend (`poll_in_backend`): under `--aio io_uring` a polling loop sees the next request
 //!   in its completion ring.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
