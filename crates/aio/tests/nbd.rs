@@ -4212,10 +4212,17 @@ fn a_client_gone_before_its_early_sends_leaves_the_server_serving() {
 
 /// The count of early sends of replies served at once that a stopped line reports.
 fn early_sends(stopped: &str) -> u64 {
-    let (_, rest) = stopped
-        .split_once(" reads sent from it with sendfile, ")
-        .expect(stopped);
-    let (n, _) = rest.split_once(" early sends").expect(stopped);
+    stopped_count(
+        stopped,
+        " reads sent from it with sendfile, ",
+        " early sends",
+    )
+}
+
+/// The number a stopped line prints between `after` and `before`.
+fn stopped_count(stopped: &str, after: &str, before: &str) -> u64 {
+    let (_, rest) = stopped.split_once(after).expect(stopped);
+    let (n, _) = rest.split_once(before).expect(stopped);
     n.parse().expect(stopped)
 }
 
@@ -4246,13 +4253,11 @@ fn ranges(first: usize, step: usize, n: usize) -> Vec<(u64, u32)> {
 
 /// The count of READs sent from the page cache with `sendfile` that a stopped line reports.
 fn sent_from_file(stopped: &str) -> u64 {
-    let (_, rest) = stopped
-        .split_once(" at once on the page cache, ")
-        .expect(stopped);
-    let (n, _) = rest
-        .split_once(" reads sent from it with sendfile")
-        .expect(stopped);
-    n.parse().expect(stopped)
+    stopped_count(
+        stopped,
+        " at once on the page cache, ",
+        " reads sent from it with sendfile",
+    )
 }
 
 /// Every `--aio` mode with the page cache (this file runs each case under `--aio threads`, the

@@ -498,9 +498,7 @@ impl Tour {
             Driver::Qemu => None,
         };
         if let Some(why) = skipped {
-            detail(format_args!("skipped: {why}"));
-            self.notes.push(format!("TLS: skipped, because {why}"));
-            self.skipped += 1;
+            self.skip_tls(&why);
             return Ok(());
         }
         nbd::make_pki(&self.pki)?;
@@ -538,18 +536,12 @@ impl Tour {
             ))
             .arg(format!("driver=file,filename={}", opt(&self.host)));
         let output = self.output(&compare)?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = both_streams(&output);
         if !output.status.success() && text.contains(NO_GNUTLS) {
             // A qemu built without GnuTLS knows the object type but cannot complete it.
             let why = "this qemu-img was built without GnuTLS (it says \"TLS credentials \
                        support requires GNUTLS\")";
-            detail(format_args!("skipped: {why}"));
-            self.notes.push(format!("TLS: skipped, because {why}"));
-            self.skipped += 1;
+            self.skip_tls(why);
             server.stop(self.deadline)?;
             watchdog.disarm();
             return Ok(());
@@ -565,11 +557,7 @@ impl Tour {
             .args(["-f", "raw", "-c", "read 0 4k"])
             .arg(nbd::unix_url(&self.tls_socket));
         let output = self.output(&plain)?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = both_streams(&output);
         if output.status.success() || !text.contains("requires TLS") {
             return Err(Error::new(format!(
                 "a client without TLS was not refused with the server's reason ({}):\n{text}",
@@ -593,6 +581,13 @@ impl Tour {
         Ok(())
     }
 
+    /// Skips the TLS step, saying why on its line and in the summary.
+    fn skip_tls(&mut self, why: &str) {
+        detail(format_args!("skipped: {why}"));
+        self.notes.push(format!("TLS: skipped, because {why}"));
+        self.skipped += 1;
+    }
+
     /// Runs qemu-io commands against the export; any failure (a non-zero exit, an I/O error, a
     /// pattern mismatch) is an error carrying qemu-io's output.
     fn qemu_io(&self, commands: &[&str]) -> Result<()> {
@@ -614,11 +609,7 @@ impl Tour {
             cmd = cmd.args(["-c", command]);
         }
         let output = self.output(&cmd.arg(self.url()))?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let text = both_streams(&output);
         let ok = output.status.success() && !text.contains("failed");
         Ok((ok, text))
     }
@@ -646,6 +637,15 @@ impl Tour {
         cmd.output_within(left)
             .map_err(|err| Error::new(format!("{err} (watchdog: {})", secs(WATCHDOG))))
     }
+}
+
+/// A command's stdout then stderr, as text (for looking for a message in either).
+fn both_streams(output: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 fn watchdog_error() -> Error {
