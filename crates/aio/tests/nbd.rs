@@ -1479,7 +1479,7 @@ fn disc_closes_after_answering_earlier_requests() {
 #[test]
 fn abrupt_disconnects_leave_the_server_serving() {
     let f = fixture("abrupt", MIB, |c| c);
-    let fds_idle = f.srv.fd_count();
+    let fds_idle = f.srv.settled_fds();
 
     type Step = fn(&Server) -> io::Result<()>;
     let cases: Vec<(&str, Step)> = vec![
@@ -1538,11 +1538,7 @@ fn abrupt_disconnects_leave_the_server_serving() {
     ];
     for (what, step) in cases {
         step(&f.srv).unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert!(
-            eventually(CLOSE_TIMEOUT, || f.srv.fd_count() == fds_idle),
-            "{what}: the server still has {} fds open, {fds_idle} when idle",
-            f.srv.fd_count()
-        );
+        f.srv.assert_fds_back_to(&fds_idle, CLOSE_TIMEOUT, what);
         f.assert_serves();
     }
     assert!(
@@ -1680,27 +1676,24 @@ fn connect_and_leave(srv: &Server, kind: usize) {
 fn a_thousand_connections_leak_no_fds_and_little_memory() {
     // Two contexts: half the connections are handed to the other thread.
     let f = fixture("leaks", MIB, |c| c.contexts(2));
-    let fds_idle = f.srv.fd_count();
+    let fds_idle = f.srv.settled_fds();
     // Warm up allocator pools and lazily created state before measuring.
     for i in 0..100 {
         connect_and_leave(&f.srv, i);
     }
-    assert!(
-        eventually(CLOSE_TIMEOUT, || f.srv.fd_count() == fds_idle),
-        "warm-up: {} fds open, {fds_idle} when idle",
-        f.srv.fd_count()
-    );
+    f.srv
+        .assert_fds_back_to(&fds_idle, CLOSE_TIMEOUT, "warm-up");
     let rss_before = f.srv.rss_kib();
     for i in 0..1000 {
         connect_and_leave(&f.srv, i);
     }
-    assert!(
-        eventually(CLOSE_TIMEOUT, || f.srv.fd_count() == fds_idle),
-        "after 1000 connections: {} fds open, {fds_idle} when idle",
-        f.srv.fd_count()
-    );
+    f.srv
+        .assert_fds_back_to(&fds_idle, CLOSE_TIMEOUT, "after 1000 connections");
     let rss_after = f.srv.rss_kib();
-    eprintln!("leaks: {fds_idle} fds when idle; RSS {rss_before} KiB -> {rss_after} KiB");
+    eprintln!(
+        "leaks: {} fds when idle; RSS {rss_before} KiB -> {rss_after} KiB",
+        fds_idle.len()
+    );
     // 1000 connections leaking a 4 KiB buffer each would add 4000 KiB.
     assert!(
         rss_after <= rss_before + 2048,

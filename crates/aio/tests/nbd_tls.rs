@@ -286,7 +286,7 @@ fn a_tls_session_answers_starttls_again_with_invalid_and_serves_requests() {
     for engine in ["callbacks", "tasks"] {
         with_engine(engine, || {
             let t = tls_server("tls-own", false);
-            let fds = t.srv.fd_count();
+            let fds = t.srv.settled_fds();
             // Over the Unix socket, then over TCP.
             let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
             sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -315,12 +315,13 @@ fn a_tls_session_answers_starttls_again_with_invalid_and_serves_requests() {
 
             // Both connections closed and both relays ended: the server is back to the fds
             // it had. (The log is read from a pipe, and may lag the fds.)
+            t.srv
+                .assert_fds_back_to(&fds, IO_TIMEOUT, "both sessions ended");
             let deadline = Instant::now() + IO_TIMEOUT;
             let closed = || t.srv.stderr().join("\n").matches(": closed").count();
-            while (t.srv.fd_count() > fds || closed() < 2) && Instant::now() < deadline {
+            while closed() < 2 && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(20));
             }
-            assert_eq!(t.srv.fd_count(), fds, "{:?}", t.srv.stderr());
             let log = t.srv.stderr().join("\n");
             assert_eq!(log.matches(": TLS on (").count(), 2, "{log}");
             assert_eq!(closed(), 2, "{log}");
@@ -367,18 +368,15 @@ fn replies_owed_at_disc_all_reach_the_client_then_close_notify() {
 #[test]
 fn a_client_that_never_reads_does_not_keep_its_relay() {
     let t = tls_server("tls-stuck", false);
-    let fds = t.srv.fd_count();
+    let fds = t.srv.settled_fds();
     let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
     sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     let mut s = start_tls(sock, &t.pki);
     assert_eq!(go_write_read(&mut s, 0, b"x"), b"x");
     s.write_all(&reads_then_disc(0)).unwrap();
     s.flush().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(35);
-    while t.srv.fd_count() > fds && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(t.srv.fd_count(), fds, "{:?}", t.srv.stderr());
+    t.srv
+        .assert_fds_back_to(&fds, Duration::from_secs(35), "the relay's linger");
     let log = t.srv.stderr().join("\n");
     assert!(log.contains("had not taken the rest 10 s after"), "{log}");
     drop(s);

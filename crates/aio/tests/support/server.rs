@@ -708,11 +708,60 @@ impl Server {
         self.stderr.snapshot()
     }
 
-    /// The number of open file descriptors of the server process.
-    pub fn fd_count(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+    /// The server's open fds, each as `number -> what it points at` (`12 -> socket:[3006221]`),
+    /// in fd order.
+    pub fn fd_list(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/fd", self.pid());
+        let mut fds: Vec<(u32, String)> = std::fs::read_dir(&dir)
             .expect("reading /proc/<pid>/fd")
-            .count()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let n = e.file_name().to_str()?.parse().ok()?;
+                // An fd closed since the listing has no link left to read.
+                let to = std::fs::read_link(e.path()).ok()?;
+                Some((n, to.display().to_string()))
+            })
+            .collect();
+        fds.sort();
+        fds.into_iter()
+            .map(|(n, to)| format!("{n} -> {to}"))
+            .collect()
+    }
+
+    /// The server's fds ([`Server::fd_list`]) once two listings 50 ms apart agree: the
+    /// baseline a test compares with after its clients have gone, without an fd that was
+    /// only passing through at the first look.
+    pub fn settled_fds(&self) -> Vec<String> {
+        let mut last = self.fd_list();
+        for _ in 0..100 {
+            thread::sleep(Duration::from_millis(50));
+            let now = self.fd_list();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+        panic!("the server's fds did not settle in 5 s: {last:?}");
+    }
+
+    /// Waits up to `timeout` for the server's fds to be `want` again (the same numbers on the
+    /// same files and sockets), panicking with both listings and `what` otherwise.
+    pub fn assert_fds_back_to(&self, want: &[String], timeout: Duration, what: &str) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.fd_list();
+            if now == want {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{what}: the server's fds are not back to {want:?} after {timeout:?}: \
+                     {now:?}; stderr: {:?}",
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// The resident set size of the server process, in KiB.
