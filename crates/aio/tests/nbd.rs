@@ -3511,6 +3511,33 @@ fn block_status_reports_the_holes_and_the_data_of_the_image() {
     }
 }
 
+/// BLOCK_STATUS of an image nobody is changing is answered on the context's thread, as QEMU's
+/// file driver answers it (`file_io::block_status_now`), with the same extents: the stopped
+/// line counts every one.
+#[test]
+fn block_status_of_an_image_at_rest_is_answered_at_once() {
+    let Some(mut f) = sparse_fixture("block-status-now", |c| c) else {
+        return;
+    };
+    let mut c = block_status_client(&f);
+    let ranges: Vec<(usize, usize)> = (0..8).map(|i| (i * MIB, MIB)).collect();
+    for &(offset, len) in &ranges {
+        assert_eq!(
+            c.block_status(offset as u64, len as u64, 0).unwrap(),
+            expected_extents(DATA_RUNS, SPARSE_SIZE, offset, len),
+            "block status of [{offset}, +{len})"
+        );
+    }
+    c.disconnect().unwrap();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    let at_once = stopped_count(
+        &stopped,
+        " replies served at once, ",
+        " block status replies built at once",
+    );
+    assert_eq!(at_once, ranges.len() as u64, "{stopped}");
+}
+
 #[test]
 fn structured_reads_send_holes_as_hole_chunks_except_with_df() {
     let Some(f) = sparse_fixture("sparse-read", |c| c) else {
@@ -4956,6 +4983,7 @@ under_the_task_engine! {
     qemu_img_converts_into_and_out_of_the_export,
     libnbd_gets_the_refusal_of_a_large_write_after_its_upload,
     block_status_reports_the_holes_and_the_data_of_the_image,
+    block_status_of_an_image_at_rest_is_answered_at_once,
     structured_reads_send_holes_as_hole_chunks_except_with_df,
     cache_reads_ahead_and_is_checked_like_a_read,
     fast_zero_fails_fast_where_zeroing_would_be_writing,

@@ -294,6 +294,9 @@ pub struct Shard {
     /// Sends of the replies of requests served at once made as soon as
     /// [`EARLY_SEND_REPLIES`] were queued, before the last request of the read.
     pub early_sends: Cell<u64>,
+    /// BLOCK_STATUS replies built at once on the context's thread
+    /// (`file_io::block_status_now`).
+    pub block_status_at_once: Cell<u64>,
 }
 
 impl Shard {
@@ -302,12 +305,12 @@ impl Shard {
         ctx.local(|_| Shard::default())
     }
 
-    /// Counts a READ or WRITE served at once on the context's thread.
+    /// Counts a request served at once on the context's thread.
     pub fn served_at_once(&self, req: &Request) {
-        let count = if req.kind == CMD_WRITE {
-            &self.writes_at_once
-        } else {
-            &self.cached_reads
+        let count = match req.kind {
+            CMD_WRITE => &self.writes_at_once,
+            CMD_BLOCK_STATUS => &self.block_status_at_once,
+            _ => &self.cached_reads,
         };
         count.set(count.get() + 1);
     }
@@ -933,6 +936,9 @@ impl Conn {
             self.shard.requests.set(self.shard.requests.get() + 1);
             return self.queue_from(reply);
         }
+        if let Some(reply) = file_io::block_status_now(&self.export, &req, framing) {
+            return self.served_at_once(&req, reply);
+        }
         let mut buf =
             data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
         let alone = self.in_flight == 0 && !with_others;
@@ -958,7 +964,8 @@ impl Conn {
         );
     }
 
-    /// A READ or WRITE served at once on the context's thread: its reply is queued now, and goes
+    /// A request served at once on the context's thread (a READ, a WRITE, a BLOCK_STATUS): its
+    /// reply is queued now, and goes
     /// out with the others of this dispatch in one send, or with those queued since the last
     /// send once they are [`EARLY_SEND_REPLIES`].
     fn served_at_once(&mut self, req: &Request, result: io::Result<IoBuf>) {

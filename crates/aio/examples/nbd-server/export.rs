@@ -1,6 +1,7 @@
 //! The exported image: a raw file or a block device, its size and name, and the blocking
 //! operations on it (pread, pwrite, fdatasync, fallocate, posix_fadvise, and the allocation map
-//! from `SEEK_DATA`/`SEEK_HOLE`) that connections run on the context's thread pool.
+//! from `SEEK_DATA`/`SEEK_HOLE`) that connections run on the context's thread pool (and the
+//! allocation map on the context's thread too, `file_io::block_status_now`).
 //!
 //! Each operation is an ordinary blocking function taking `&Export`; the connection moves an
 //! `Arc<Export>` into the pool's work closure. Nothing here touches a client's socket; whether

@@ -666,7 +666,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     println!(
         "nbd-server: stopped ({}): {} connections, {} requests ({} reads and {} writes served \
          at once on the page cache, {} reads sent from it with sendfile, {} early sends of \
-         replies served at once){polled}",
+         replies served at once, {} block status replies built at once){polled}",
         stopping.get().unwrap_or("?"),
         total.accepted,
         total.requests,
@@ -674,6 +674,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         total.writes_at_once,
         total.sendfile_reads,
         total.early_sends,
+        total.block_status_at_once,
     );
     io::stdout().flush()
 }
@@ -755,6 +756,8 @@ struct Tally {
     sendfile_reads: u64,
     /// Sends of replies served at once made before the read's last request was handled.
     early_sends: u64,
+    /// BLOCK_STATUS replies built at once on the context's thread.
+    block_status_at_once: u64,
     poll_hits: u64,
     poll_misses: u64,
     /// Of the misses, the polling phases that ended on a completion or a socket's readiness
@@ -773,6 +776,7 @@ impl Tally {
             writes_at_once: shard.writes_at_once.get(),
             sendfile_reads: shard.sendfile_reads.get(),
             early_sends: shard.early_sends.get(),
+            block_status_at_once: shard.block_status_at_once.get(),
             poll_hits: stats.poll_hits,
             poll_misses: stats.poll_misses,
             poll_ring_ends: stats.poll_backend_ends,
@@ -787,6 +791,7 @@ impl Tally {
         self.writes_at_once += other.writes_at_once;
         self.sendfile_reads += other.sendfile_reads;
         self.early_sends += other.early_sends;
+        self.block_status_at_once += other.block_status_at_once;
         self.poll_hits += other.poll_hits;
         self.poll_misses += other.poll_misses;
         self.poll_ring_ends += other.poll_ring_ends;

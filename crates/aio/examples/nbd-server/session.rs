@@ -619,7 +619,7 @@ pub fn fit(buf: &mut Vec<u8>, len: usize) {
 /// `HOLE | ZERO`; data: 0): a `BLOCK_STATUS` chunk of 32-bit extents, or with extended headers
 /// a `BLOCK_STATUS_EXT` chunk of 64-bit ones (so a request of more than 4 GiB gets extents
 /// that long). `NBD_CMD_FLAG_REQ_ONE` asks for the first extent alone.
-fn block_status_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Vec<u8>> {
+pub fn block_status_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Vec<u8>> {
     let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
         1
     } else {
