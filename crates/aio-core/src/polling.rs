@@ -150,7 +150,13 @@ impl PollParams {
     /// nothing (default: no, as QEMU, whose loop spins). A yielding loop lets the threads that
     /// share its CPU run while it polls (its own thread pool's workers, a client on a machine
     /// with few CPUs), at the price of a system call per round, which returns at once when
-    /// nothing else wants the CPU. The window and its adaptation are the same.
+    /// nothing else wants the CPU. The window and its adaptation are the same. A yield that
+    /// gives the CPU away for 200 µs or more (a scheduler slice: the machine is busy with other
+    /// work) ends the phase, and the context then waits without busy-polling for 10 ms (doubled
+    /// by each such yield in a row, up to 160 ms), since
+    /// an event that arrives while its thread waits for a CPU waits with it, where a thread
+    /// blocked in the backend is woken for it ([`Stats::poll_contended`](crate::Stats) counts
+    /// these).
     pub const fn yielding(mut self, yields: bool) -> Self {
         self.yields = yields;
         self

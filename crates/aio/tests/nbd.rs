@@ -2847,7 +2847,7 @@ fn stop_and_get_stopped_line(srv: &mut Server) -> String {
 }
 
 /// `(hits, misses, ended by the ring)` from a stopped line's
-/// `; polling: H hits, M misses (R ended by the ring), T ms`.
+/// `; polling: H hits, M misses (R ended by the ring, C by a contended yield), T ms`.
 fn polling_counts(stopped: &str) -> Option<(u64, u64, u64)> {
     let rest = stopped.split_once("; polling: ")?.1;
     let words: Vec<&str> = rest.split_whitespace().collect();
@@ -2861,7 +2861,12 @@ fn polling_counts(stopped: &str) -> Option<(u64, u64, u64)> {
             "ended",
             "by",
             "the",
-            "ring),",
+            "ring,",
+            _contended,
+            "by",
+            "a",
+            "contended",
+            "yield),",
             _ms,
             "ms",
         ] => Some((

@@ -278,6 +278,7 @@ impl AioContext {
             poll_hits: inner.polling.hits.get(),
             poll_misses: inner.polling.misses.get(),
             poll_backend_ends: inner.polling.backend_ends.get(),
+            poll_contended: inner.polling.contended.get(),
             iterations: inner.iterations.get(),
             bh_calls: inner.bh_calls.get(),
             handler_calls: inner.handler_calls.get(),
@@ -605,6 +606,12 @@ pub struct Stats {
     /// something to reap or submit: an io_uring completion, among them the readiness of an fd whose
     /// handler polls in the backend ([`HandlerBuilder::poll_in_backend`](crate::HandlerBuilder::poll_in_backend)).
     pub poll_backend_ends: u64,
+    /// Of [`poll_misses`](Self::poll_misses), the phases of a yielding busy loop
+    /// ([`PollParams::yielding`](crate::PollParams::yielding)) that ended because one yield
+    /// gave the CPU away for 200 µs or more: other threads want this CPU, and the context then
+    /// waits in the backend without busy-polling for a while (10 ms, doubled by each such
+    /// yield in a row up to 160 ms).
+    pub poll_contended: u64,
     /// Loop iterations: `poll`s of every kind (nested ones included) and outer-loop
     /// `dispatch`es.
     pub iterations: u64,

@@ -34,7 +34,26 @@ enum PhaseEnd {
     Window,
     /// The backend has something only its wait delivers (`must_wait`).
     Backend,
+    /// A yield gave the CPU away for [`CONTENDED_YIELD`] or more.
+    Contended,
 }
+
+/// A yield of a yielding busy loop ([`PollParams::yielding`]) that gives the CPU away for this
+/// long or more tells that other threads want this CPU: it is a scheduler slice, not a client's
+/// short turn. An event that arrives meanwhile waits for the slice to end, where a thread
+/// blocked in the backend would have been woken for it at once. So the phase ends, and the
+/// context stops busy-polling for a backoff: [`YIELD_BACKOFF_MIN`], doubled by each contended
+/// yield after the last backoff up to [`YIELD_BACKOFF_MAX`], and back to the least as soon as
+/// a yield returns in less (the CPU is free again).
+pub(crate) const CONTENDED_YIELD: Duration = Duration::from_micros(200);
+
+/// The first backoff after a contended yield ([`CONTENDED_YIELD`]): short, since a lone one
+/// may be a passing kernel thread.
+pub(crate) const YIELD_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// The longest backoff: while other work keeps the CPU busy, a contended yield (a slice, a few
+/// ms) every 160 ms at most.
+pub(crate) const YIELD_BACKOFF_MAX: Duration = Duration::from_millis(160);
 
 /// The home thread's adaptive-polling state (docs/qemu-semantics.md §4.3).
 #[derive(Default)]
@@ -64,6 +83,12 @@ pub(super) struct Polling {
     pub(super) misses: Cell<u64>,
     /// Of the misses, the phases that the backend cut short (`must_wait`).
     pub(super) backend_ends: Cell<u64>,
+    /// Of the misses, the phases that a contended yield ended ([`CONTENDED_YIELD`]).
+    pub(super) contended: Cell<u64>,
+    /// Until when a yielding context does not busy-poll, after a contended yield.
+    pub(super) backoff_until: Cell<Option<Instant>>,
+    /// The next backoff's length (0 meaning [`YIELD_BACKOFF_MIN`]).
+    pub(super) backoff: Cell<Duration>,
 }
 
 impl Inner {
@@ -237,7 +262,7 @@ impl Inner {
     ) -> usize {
         let window = Duration::from_nanos(self.poll_window_ns(params));
         let window = timeout.map_or(window, |t| t.min(window));
-        if window.is_zero() || !self.ready_to_poll() {
+        if window.is_zero() || self.backing_off(params) || !self.ready_to_poll() {
             return 0;
         }
         self.enter_poll_mode();
@@ -264,7 +289,17 @@ impl Inner {
                 break (polled, elapsed, PhaseEnd::Backend);
             }
             if params.is_yielding() {
+                let before = Instant::now();
                 std::thread::yield_now();
+                let after = Instant::now();
+                let backoff = &self.polling.backoff;
+                if after.duration_since(before) >= CONTENDED_YIELD {
+                    let length = backoff.get().max(YIELD_BACKOFF_MIN);
+                    self.polling.backoff_until.set(Some(after + length));
+                    backoff.set((length * 2).min(YIELD_BACKOFF_MAX));
+                    break (polled, after.duration_since(start), PhaseEnd::Contended);
+                }
+                backoff.set(Duration::ZERO);
             }
         };
         self.recycle_members(members);
@@ -282,12 +317,29 @@ impl Inner {
             if end == PhaseEnd::Backend {
                 polling.backend_ends.set(polling.backend_ends.get() + 1);
             }
+            if end == PhaseEnd::Contended {
+                polling.contended.set(polling.contended.get() + 1);
+            }
             *timeout = timeout.map(|t| t.saturating_sub(elapsed));
         } else {
             polling.hits.set(polling.hits.get() + 1);
             *timeout = Some(Duration::ZERO);
         }
         polled
+    }
+
+    /// Whether a yielding context is in the backoff that a contended yield started
+    /// ([`CONTENDED_YIELD`]); the backoff ends once its time is up, or when the loop stops
+    /// yielding.
+    fn backing_off(&self, params: &PollParams) -> bool {
+        let Some(until) = self.polling.backoff_until.get() else {
+            return false;
+        };
+        if params.is_yielding() && Instant::now() < until {
+            return true;
+        }
+        self.polling.backoff_until.set(None);
+        false
     }
 
     /// Whether the backend shows fd readiness in userspace (`must_wait` is `Some`), so that a

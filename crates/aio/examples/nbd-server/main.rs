@@ -656,10 +656,11 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         String::new()
     } else {
         format!(
-            "; polling: {} hits, {} misses ({} ended by the ring), {} ms",
+            "; polling: {} hits, {} misses ({} ended by the ring, {} by a contended yield), {} ms",
             total.poll_hits,
             total.poll_misses,
             total.poll_ring_ends,
+            total.poll_contended,
             total.poll_time.as_millis()
         )
     };
@@ -763,6 +764,9 @@ struct Tally {
     /// Of the misses, the polling phases that ended on a completion or a socket's readiness
     /// in the ring (io_uring).
     poll_ring_ends: u64,
+    /// Of the misses, the phases that a yield which gave the CPU away for long ended (the
+    /// context then waits without polling for a while: `Stats::poll_contended`).
+    poll_contended: u64,
     poll_time: Duration,
 }
 
@@ -780,6 +784,7 @@ impl Tally {
             poll_hits: stats.poll_hits,
             poll_misses: stats.poll_misses,
             poll_ring_ends: stats.poll_backend_ends,
+            poll_contended: stats.poll_contended,
             poll_time: stats.poll_time,
         }
     }
@@ -795,6 +800,7 @@ impl Tally {
         self.poll_hits += other.poll_hits;
         self.poll_misses += other.poll_misses;
         self.poll_ring_ends += other.poll_ring_ends;
+        self.poll_contended += other.poll_contended;
         self.poll_time += other.poll_time;
     }
 }
