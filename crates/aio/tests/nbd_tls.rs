@@ -82,11 +82,17 @@ struct Tls {
 }
 
 fn tls_server(tag: &str, client_certs: bool) -> Tls {
+    tls_server_with(tag, client_certs, &[])
+}
+
+/// As [`tls_server`], with `extra` arguments.
+fn tls_server_with(tag: &str, client_certs: bool, extra: &[&str]) -> Tls {
     let dir = TempDir::new(tag);
     let pki = dir.join("pki");
     make_pki(&pki, client_certs);
     let image = dir.image("disk.img", 4 * MIB as u64);
     let mut args = vec!["--tls-creds", pki.to_str().unwrap()];
+    args.extend_from_slice(extra);
     if client_certs {
         args.push("--tls-verify-peer");
     }
@@ -380,6 +386,41 @@ fn a_client_that_never_reads_does_not_keep_its_relay() {
     let log = t.srv.stderr().join("\n");
     assert!(log.contains("had not taken the rest 10 s after"), "{log}");
     drop(s);
+}
+
+/// Under `--shared 1`, a TLS client whose connection has closed while its relay still holds
+/// replies for it keeps its place: the next client waits in the listen queue (no greeting)
+/// until that relay ends, here because the first client hangs up.
+#[test]
+fn a_relay_holding_replies_keeps_its_clients_place_under_shared() {
+    let t = tls_server_with("tls-shared", false, &["--shared", "1"]);
+    let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
+    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut first = start_tls(sock, &t.pki);
+    assert_eq!(go_write_read(&mut first, 0, b"x"), b"x");
+    first.write_all(&reads_then_disc(0)).unwrap();
+    first.flush().unwrap();
+    let deadline = Instant::now() + IO_TIMEOUT;
+    while !t.srv.stderr().join("\n").contains("connection 0: closed") {
+        assert!(Instant::now() < deadline, "{:?}", t.srv.stderr());
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut second = UnixStream::connect(t.srv.unix_path()).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut magic = [0u8; 8];
+    let early = second.read(&mut magic);
+    assert!(
+        matches!(&early, Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)),
+        "the second client was served while the first one's relay held replies: {early:?}; {:?}",
+        t.srv.stderr()
+    );
+    // The first client hangs up: its relay ends, and its place goes to the second.
+    drop(first);
+    second.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    second.read_exact(&mut magic).unwrap();
+    assert_eq!(&magic, b"NBDMAGIC");
 }
 
 #[test]

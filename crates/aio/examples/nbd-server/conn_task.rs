@@ -55,7 +55,7 @@ pub fn start(
     sock: Socket,
     export: Arc<Export>,
     settings: Settings,
-    slot: ClientSlot,
+    slot: Rc<ClientSlot>,
     shard: &Rc<Shard>,
     after_tls: Option<AfterTls>,
 ) -> bool {
@@ -167,7 +167,7 @@ pub struct Conn {
     watchdog: RefCell<Option<JoinHandle<()>>>,
     /// This client's place in the process's count of clients (`--shared`, the exit after
     /// the last client).
-    slot: ClientSlot,
+    slot: Rc<ClientSlot>,
 }
 
 impl Served for Conn {

@@ -327,7 +327,8 @@ impl Shard {
     }
 
     /// Starts serving `sock` on `ctx`, which must be the context polling on this thread. The
-    /// connection holds `slot` until it is closed and its last request has completed; its id,
+    /// connection holds its share of `slot` until it is closed and its last request has
+    /// completed (a TLS connection's relay holds another, `tls.rs`); its id,
     /// or `None` when it was not started (shutdown has begun, or the socket cannot be watched).
     /// With
     /// `after_tls`, the greeting and the client flags are done, TLS is on (`tls.rs` relays
@@ -337,7 +338,7 @@ impl Shard {
         sock: Socket,
         export: Arc<Export>,
         settings: Settings,
-        slot: ClientSlot,
+        slot: Rc<ClientSlot>,
         after_tls: Option<AfterTls>,
     ) -> Option<u64> {
         let shard = Shard::of(ctx);
@@ -540,7 +541,7 @@ pub struct Conn {
     verbose: bool,
     /// This client's place in the process's count of clients (`--shared`, the exit after
     /// the last client).
-    slot: ClientSlot,
+    slot: Rc<ClientSlot>,
 }
 
 impl Conn {

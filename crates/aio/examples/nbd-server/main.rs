@@ -39,7 +39,8 @@
 //!   backend (`poll_in_backend`): under `--aio io_uring` a polling loop sees the next request
 //!   in its completion ring.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
-//!   request has completed. While N are held, `--shared N` stops accepting (as qemu-nbd -e):
+//!   request has completed, and a TLS client's until its relay has ended too (the relay may
+//!   still hold replies for it, up to its linger). While N are held, `--shared N` stops accepting (as qemu-nbd -e):
 //!   more clients wait in the listen queue until a slot is given back. As qemu-nbd without
 //!   `-t`, the server shuts down, as a signal does, when a client that completed its handshake
 //!   leaves and the count falls to 0 ([`ClientSlot::negotiated`]); `--persistent` (`-t`)
@@ -834,8 +835,8 @@ struct Clients {
 }
 
 /// One client's place in [`Clients`]: taken when its connection is accepted, given back when
-/// the connection is dropped (closed, and its last request completed), on whichever context
-/// served it. `negotiated` says whether the client reached the transmission phase: only such
+/// the connection is dropped (closed, and its last request completed) and, for a TLS client,
+/// its relay too (`tls.rs`; both hold an `Rc` of it), on whichever context served it. `negotiated` says whether the client reached the transmission phase: only such
 /// a client's leaving can end the server (qemu-nbd's rule), so that a port scan, a refused
 /// handshake or an export listing (`NBD_OPT_LIST` then `NBD_OPT_ABORT`, as `nbdinfo --list`
 /// does) does not stop it.
@@ -1158,11 +1159,11 @@ impl Acceptor {
             }
             match &self.targets[n] {
                 None => {
-                    Shard::start(ctx, sock, export, settings, slot, None);
+                    Shard::start(ctx, sock, export, settings, Rc::new(slot), None);
                 }
                 Some(handle) => handle.schedule_oneshot(move || {
                     if let Some(ctx) = AioContext::current() {
-                        Shard::start(&ctx, sock, export, settings, slot, None);
+                        Shard::start(&ctx, sock, export, settings, Rc::new(slot), None);
                     }
                 }),
             }

@@ -254,10 +254,15 @@ impl Session {
             tls: true,
             ..Handshake::default()
         };
+        // The relay holds the client's place too: it may keep replies for the client up to its
+        // linger after the connection has gone, and under `--shared` that is a client served.
+        let slot = Rc::new(slot);
         let after_tls = AfterTls { hs, deadline };
         // Not started (shutdown has begun): the client's socket closes with `sock`.
-        if let Some(conn) = Shard::start(ctx, theirs, export, settings, slot, Some(after_tls)) {
-            Relay::start(ctx, conn, tls, sock, ours, name, settings.verbose);
+        if let Some(conn) =
+            Shard::start(ctx, theirs, export, settings, slot.clone(), Some(after_tls))
+        {
+            Relay::start(ctx, conn, tls, sock, ours, slot, name, settings.verbose);
         }
     }
 }
@@ -357,18 +362,23 @@ struct Relay {
     pair_handler: Option<FdHandler>,
     watching: [(bool, bool); 2],
     weak: Weak<RefCell<Relay>>,
+    /// The client's place under `--shared`, given back when the relay is dropped as well as
+    /// the connection.
+    _slot: Rc<ClientSlot>,
     name: String,
     verbose: bool,
 }
 
 impl Relay {
     /// Starts relaying for connection `conn` of this context's shard.
+    #[allow(clippy::too_many_arguments)] // a session's parts, each moved into the relay
     fn start(
         ctx: &AioContext,
         conn: u64,
         tls: ServerConnection,
         client: Socket,
         pair: UnixStream,
+        slot: Rc<ClientSlot>,
         name: String,
         verbose: bool,
     ) {
@@ -393,6 +403,7 @@ impl Relay {
             pair_handler: None,
             watching: [(false, false); 2],
             weak: Weak::new(),
+            _slot: slot,
             name,
             verbose,
         }));
