@@ -3543,6 +3543,46 @@ fn block_status_of_an_image_at_rest_is_answered_at_once() {
     assert_eq!(at_once, ranges.len() as u64, "{stopped}");
 }
 
+/// A BLOCK_STATUS over a file of many small extents, answered on the context's thread, holds
+/// at most 256 of them (the loop's time per request stays bounded); asking again from where
+/// each reply ended gives the whole map.
+#[test]
+fn block_status_of_a_fragmented_file_comes_in_bounded_replies() {
+    const SIZE: usize = 16 * MIB;
+    let runs: Vec<(usize, usize)> = (0..600).map(|i| (i * 16 * KIB, 4 * KIB)).collect();
+    let dir = TempDir::new("block-status-fragments");
+    let image = dir.image("disk.img", SIZE as u64);
+    write_runs(&image, &runs);
+    if !is_sparse(&image) {
+        return;
+    }
+    let f = fixture_on(dir, image, |c| c);
+    let mut c = block_status_client(&f);
+    let want = expected_extents(&runs, SIZE, 0, SIZE);
+    let mut got: Vec<Extent> = Vec::new();
+    let mut at = 0u64;
+    let mut replies = 0;
+    while at < SIZE as u64 {
+        let reply = c.block_status(at, SIZE as u64 - at, 0).unwrap();
+        assert!(
+            !reply.is_empty() && reply.len() <= 256,
+            "{} extents at {at}",
+            reply.len()
+        );
+        for e in reply {
+            at += e.len;
+            match got.last_mut() {
+                Some(last) if last.flags == e.flags => last.len += e.len,
+                _ => got.push(e),
+            }
+        }
+        replies += 1;
+    }
+    assert_eq!(got, want);
+    assert!(replies >= want.len() / 256, "{replies} replies");
+    c.disconnect().unwrap();
+}
+
 #[test]
 fn structured_reads_send_holes_as_hole_chunks_except_with_df() {
     let Some(f) = sparse_fixture("sparse-read", |c| c) else {
@@ -4989,6 +5029,7 @@ under_the_task_engine! {
     libnbd_gets_the_refusal_of_a_large_write_after_its_upload,
     block_status_reports_the_holes_and_the_data_of_the_image,
     block_status_of_an_image_at_rest_is_answered_at_once,
+    block_status_of_a_fragmented_file_comes_in_bounded_replies,
     structured_reads_send_holes_as_hole_chunks_except_with_df,
     cache_reads_ahead_and_is_checked_like_a_read,
     fast_zero_fails_fast_where_zeroing_would_be_writing,

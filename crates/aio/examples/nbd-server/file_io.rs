@@ -141,7 +141,8 @@ pub fn start(
 /// holes. The trip to the pool and back is two wake-ups, each a wait for a CPU on a busy
 /// machine: nbdcopy of a 4 GiB image holding 8 MiB of data, 20 runs, medians of 3 rounds, went
 /// from 9.3–10.2 ms to 7.2–7.7 ms (qemu-nbd 11.0–11.3 ms), and with two CPU hogs running from
-/// 68–76 ms to 34–35 ms (BENCHMARKS.md, "Session of 2026-12-06, 08:27 UTC").
+/// 68–76 ms to 34–35 ms (BENCHMARKS.md, "Session of 2026-12-06, 08:27 UTC"). The reply holds
+/// at most [`EXTENTS_AT_ONCE`] extents, so that a fragmented file cannot hold the loop for long.
 pub fn block_status_now(
     export: &Export,
     req: &Request,
@@ -150,8 +151,15 @@ pub fn block_status_now(
     if req.kind != CMD_BLOCK_STATUS || export.is_being_changed() {
         return None;
     }
-    Some(session::block_status_reply(export, req, framing).map(IoBuf::from))
+    Some(session::block_status_reply(export, req, framing, EXTENTS_AT_ONCE).map(IoBuf::from))
 }
+
+/// The most extents a BLOCK_STATUS answered on the context's thread describes
+/// ([`block_status_now`]): each costs up to two `lseek`s, so a request over a file of many
+/// small extents holds the loop for a bounded time (about a millisecond on ext4) instead of up
+/// to [`session::MAX_EXTENTS`]; NBD lets a reply cover less than the request, and the client
+/// asks again from where it ended.
+pub const EXTENTS_AT_ONCE: usize = 256;
 
 /// The largest READ that [`read_cached_now`] tries on the context's thread: small reads, whose
 /// cost is mostly the trip to a worker and back; bigger ones are mostly copying, which the

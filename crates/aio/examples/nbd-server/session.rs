@@ -47,9 +47,9 @@ pub const EARLY_SEND_REPLIES: usize = 4;
 pub const SPARSE_READ_MIN: u32 = 64 << 10;
 /// At most this many chunks in a sparse READ's reply; what is left after them is read as data.
 const MAX_READ_CHUNKS: usize = 256;
-/// At most this many extents in a BLOCK_STATUS reply (qemu's limit: 1 MiB of descriptors); the
-/// client asks again from where the reply ended.
-const MAX_EXTENTS: usize = 128 << 10;
+/// At most this many extents in a BLOCK_STATUS reply built on the pool (qemu's limit: 1 MiB of
+/// descriptors); the client asks again from where the reply ended.
+pub const MAX_EXTENTS: usize = 128 << 10;
 /// The longest metadata context query looked at; longer ones (strings are at most 4 KiB) are
 /// ignored, as unknown queries are.
 const MAX_QUERY: usize = 4096;
@@ -468,7 +468,9 @@ pub fn work(
         let fua = req.flags & CMD_FLAG_FUA != 0;
         let done = match req.kind {
             CMD_READ => return read_reply(&export, &req, framing, buf.vec, tails),
-            CMD_BLOCK_STATUS => return block_status_reply(&export, &req, framing).map(IoBuf::from),
+            CMD_BLOCK_STATUS => {
+                return block_status_reply(&export, &req, framing, MAX_EXTENTS).map(IoBuf::from);
+            }
             CMD_WRITE => {
                 export.write(buf.bytes(), req.offset, fua)?;
                 return Ok(write_done(buf.vec, framing, &req));
@@ -618,12 +620,18 @@ pub fn fit(buf: &mut Vec<u8>, len: usize) {
 /// with the runs of `[offset, offset + length)` as extents (a hole reads as zeros:
 /// `HOLE | ZERO`; data: 0): a `BLOCK_STATUS` chunk of 32-bit extents, or with extended headers
 /// a `BLOCK_STATUS_EXT` chunk of 64-bit ones (so a request of more than 4 GiB gets extents
-/// that long). `NBD_CMD_FLAG_REQ_ONE` asks for the first extent alone.
-pub fn block_status_reply(export: &Export, req: &Request, framing: Framing) -> io::Result<Vec<u8>> {
+/// that long). `NBD_CMD_FLAG_REQ_ONE` asks for the first extent alone; otherwise at most
+/// `max_extents`, which then cover less than the request (the client asks again for the rest).
+pub fn block_status_reply(
+    export: &Export,
+    req: &Request,
+    framing: Framing,
+    max_extents: usize,
+) -> io::Result<Vec<u8>> {
     let max = if req.flags & CMD_FLAG_REQ_ONE != 0 {
         1
     } else {
-        MAX_EXTENTS
+        max_extents
     };
     let runs = export.allocation(req.offset, req.length, max)?;
     let extended = framing == Framing::Extended;
