@@ -153,7 +153,7 @@ impl PollParams {
     /// nothing else wants the CPU. The window and its adaptation are the same. A yield that
     /// gives the CPU away for 200 µs or more (a scheduler slice: the machine is busy with other
     /// work) ends the phase, and the context then waits without busy-polling for 10 ms (doubled
-    /// by each such yield in a row, up to 160 ms), since
+    /// by each such yield, up to 160 ms, until a yield returns sooner), since
     /// an event that arrives while its thread waits for a CPU waits with it, where a thread
     /// blocked in the backend is woken for it ([`Stats::poll_contended`](crate::Stats) counts
     /// these).

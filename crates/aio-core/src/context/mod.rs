@@ -610,7 +610,7 @@ pub struct Stats {
     /// ([`PollParams::yielding`](crate::PollParams::yielding)) that ended because one yield
     /// gave the CPU away for 200 µs or more: other threads want this CPU, and the context then
     /// waits in the backend without busy-polling for a while (10 ms, doubled by each such
-    /// yield in a row up to 160 ms).
+    /// yield up to 160 ms until a yield returns sooner).
     pub poll_contended: u64,
     /// Loop iterations: `poll`s of every kind (nested ones included) and outer-loop
     /// `dispatch`es.

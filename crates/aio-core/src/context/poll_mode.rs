@@ -43,8 +43,8 @@ enum PhaseEnd {
 /// short turn. An event that arrives meanwhile waits for the slice to end, where a thread
 /// blocked in the backend would have been woken for it at once. So the phase ends, and the
 /// context stops busy-polling for a backoff: [`YIELD_BACKOFF_MIN`], doubled by each contended
-/// yield after the last backoff up to [`YIELD_BACKOFF_MAX`], and back to the least as soon as
-/// a yield returns in less (the CPU is free again).
+/// yield up to [`YIELD_BACKOFF_MAX`], and back to the least as soon as a yield returns in less
+/// (the CPU is free again; phases that find work before their first yield change nothing).
 pub(crate) const CONTENDED_YIELD: Duration = Duration::from_micros(200);
 
 /// The first backoff after a contended yield ([`CONTENDED_YIELD`]): short, since a lone one

@@ -76,6 +76,17 @@ impl Drop for Writing<'_> {
     }
 }
 
+/// A WRITE of the image that runs outside the blocking operations here (a request on the
+/// context's ring or a Linux AIO one: `file_io::start`), counted as [`Writing`] is from
+/// [`Export::changing`] until it is dropped, when the request has completed.
+pub struct Changing(Arc<Export>);
+
+impl Drop for Changing {
+    fn drop(&mut self) {
+        self.0.writing.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Keeps the image's `O_DIRECT` transfers and its page-cache ones (unaligned READs and
 /// WRITEs, zeros written by hand, read-ahead) from running at the same time under
 /// `--cache none`. Linux keeps the two coherent only between them: a direct write
@@ -335,6 +346,13 @@ impl Export {
     #[cfg(not(target_os = "linux"))]
     pub fn is_cached(&self, _offset: u64, _len: u64) -> bool {
         false
+    }
+
+    /// Counts a WRITE of the image that runs elsewhere (a block I/O request) as a change
+    /// ([`is_being_changed`](Self::is_being_changed)) until the guard is dropped.
+    pub fn changing(self: &Arc<Self>) -> Changing {
+        self.writing.fetch_add(1, Ordering::Relaxed);
+        Changing(self.clone())
     }
 
     /// Writes `data` at `offset`, then syncs if `fua` (force unit access) asks for it.

@@ -7,8 +7,9 @@
 //! of `connection.rs` and `conn_task.rs` start requests here and build the same replies.
 //!
 //! As in qemu-nbd, only the data path changes with `--aio`: TRIM and WRITE_ZEROES (fallocate),
-//! CACHE (readahead), BLOCK_STATUS and the READs that look for holes (`lseek`) stay on the
-//! pool in every mode.
+//! CACHE (readahead) and the READs that look for holes (`lseek`) stay on the pool in every
+//! mode; BLOCK_STATUS is answered on the context's thread while no change of the image runs
+//! ([`block_status_now`]), on the pool otherwise.
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -104,9 +105,13 @@ pub fn start(
                 return on_pool(pool, export, req, buf, framing, done, false);
             };
             let sync_file = file.clone();
+            // The ring's or the kernel AIO's write holds the inode lock like a pwrite: the
+            // context's thread must not `lseek` for holes meanwhile (`block_status_now`).
+            let changing = export.changing();
             let written = move |r: io::Result<()>, vec: Vec<u8>| {
                 drop(pass);
                 let reply = move |r: io::Result<()>| {
+                    drop(changing);
                     // The payload is on disk: its buffer carries the status reply.
                     done(r.map(|()| session::write_done(vec, framing, &req)))
                 };

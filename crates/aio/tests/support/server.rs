@@ -715,10 +715,14 @@ impl Server {
         let mut fds: Vec<(u32, String)> = std::fs::read_dir(&dir)
             .expect("reading /proc/<pid>/fd")
             .filter_map(|e| {
-                let e = e.ok()?;
+                let e = e.expect("reading /proc/<pid>/fd");
                 let n = e.file_name().to_str()?.parse().ok()?;
-                // An fd closed since the listing has no link left to read.
-                let to = std::fs::read_link(e.path()).ok()?;
+                let to = match std::fs::read_link(e.path()) {
+                    Ok(to) => to,
+                    // An fd closed since the listing has no link left to read.
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => return None,
+                    Err(err) => panic!("reading {}: {err}", e.path().display()),
+                };
                 Some((n, to.display().to_string()))
             })
             .collect();
