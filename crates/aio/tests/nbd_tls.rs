@@ -368,6 +368,18 @@ fn replies_owed_at_disc_all_reach_the_client_then_close_notify() {
     }
 }
 
+/// A TLS client of `t` over its Unix socket that has written and read back one byte, then
+/// sent 12 READs of 1 MiB and `NBD_CMD_DISC` without reading their replies.
+fn client_that_will_not_read(t: &Tls) -> StreamOwned<ClientConnection, UnixStream> {
+    let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
+    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut s = start_tls(sock, &t.pki);
+    assert_eq!(go_write_read(&mut s, 0, b"x"), b"x");
+    s.write_all(&reads_then_disc(0)).unwrap();
+    s.flush().unwrap();
+    s
+}
+
 /// A client that asks for 12 MiB, sends `NBD_CMD_DISC` and never reads: the connection
 /// closes after its linger, and the relay, left with replies nobody takes, ends one linger
 /// (10 s) after that; the server is back to the fds it had.
@@ -375,12 +387,7 @@ fn replies_owed_at_disc_all_reach_the_client_then_close_notify() {
 fn a_client_that_never_reads_does_not_keep_its_relay() {
     let t = tls_server("tls-stuck", false);
     let fds = t.srv.settled_fds();
-    let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
-    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut s = start_tls(sock, &t.pki);
-    assert_eq!(go_write_read(&mut s, 0, b"x"), b"x");
-    s.write_all(&reads_then_disc(0)).unwrap();
-    s.flush().unwrap();
+    let s = client_that_will_not_read(&t);
     t.srv
         .assert_fds_back_to(&fds, Duration::from_secs(35), "the relay's linger");
     let log = t.srv.stderr().join("\n");
@@ -394,12 +401,7 @@ fn a_client_that_never_reads_does_not_keep_its_relay() {
 #[test]
 fn a_relay_holding_replies_keeps_its_clients_place_under_shared() {
     let t = tls_server_with("tls-shared", false, &["--shared", "1"]);
-    let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
-    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    let mut first = start_tls(sock, &t.pki);
-    assert_eq!(go_write_read(&mut first, 0, b"x"), b"x");
-    first.write_all(&reads_then_disc(0)).unwrap();
-    first.flush().unwrap();
+    let first = client_that_will_not_read(&t);
     let deadline = Instant::now() + IO_TIMEOUT;
     while !t.srv.stderr().join("\n").contains("connection 0: closed") {
         assert!(Instant::now() < deadline, "{:?}", t.srv.stderr());
