@@ -31,7 +31,7 @@ use support::nbd_client::{
     decode_error_chunk, decode_info, decode_meta_context, decode_server_reply, encode_info_request,
     encode_option, errno, errno_of, go_or_info, handshake, info, opt, rep, state, tx_flag,
 };
-use support::server::{Config, Server, TempDir, have, have_socket_activate};
+use support::server::{Config, Server, TempDir, eventually, have, have_socket_activate};
 
 const KIB: usize = 1 << 10;
 const MIB: usize = 1 << 20;
@@ -145,20 +145,6 @@ fn assert_closed(conn: &mut Conn, after: &str) {
             &extra[..extra.len().min(64)]
         ),
         Err(e) => panic!("after {after}: server did not close the connection: {e}"),
-    }
-}
-
-/// Polls `f` until it returns true or `timeout` passes; returns the last answer.
-fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(10));
     }
 }
 

@@ -28,7 +28,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use support::nbd_client::{IO_TIMEOUT, opt, rep};
-use support::server::{Config, Server, TempDir, have, with_engine};
+use support::server::{Config, Server, TempDir, eventually, have, with_engine};
 
 const MIB: usize = 1 << 20;
 const OPT_STARTTLS: u32 = 5;
@@ -269,10 +269,7 @@ fn clients_that_hang_up_before_tls_are_logged_as_leaving() {
             .filter(|l| l.contains("the client left before TLS"))
             .count()
     };
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while left() < CLIENTS && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(IO_TIMEOUT, || left() >= CLIENTS);
     let log = t.srv.stderr().join("\n");
     assert_eq!(left(), CLIENTS, "{log}");
     assert!(!log.contains(", closing"), "{log}");
@@ -323,11 +320,8 @@ fn a_tls_session_answers_starttls_again_with_invalid_and_serves_requests() {
             // it had. (The log is read from a pipe, and may lag the fds.)
             t.srv
                 .assert_fds_back_to(&fds, IO_TIMEOUT, "both sessions ended");
-            let deadline = Instant::now() + IO_TIMEOUT;
             let closed = || t.srv.stderr().join("\n").matches(": closed").count();
-            while closed() < 2 && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(20));
-            }
+            eventually(IO_TIMEOUT, || closed() >= 2);
             let log = t.srv.stderr().join("\n");
             assert_eq!(log.matches(": TLS on (").count(), 2, "{log}");
             assert_eq!(closed(), 2, "{log}");
@@ -402,11 +396,8 @@ fn a_client_that_never_reads_does_not_keep_its_relay() {
 fn a_relay_holding_replies_keeps_its_clients_place_under_shared() {
     let t = tls_server_with("tls-shared", false, &["--shared", "1"]);
     let first = client_that_will_not_read(&t);
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while !t.srv.stderr().join("\n").contains("connection 0: closed") {
-        assert!(Instant::now() < deadline, "{:?}", t.srv.stderr());
-        thread::sleep(Duration::from_millis(20));
-    }
+    let closed = || t.srv.stderr().join("\n").contains("connection 0: closed");
+    assert!(eventually(IO_TIMEOUT, closed), "{:?}", t.srv.stderr());
     let mut second = UnixStream::connect(t.srv.unix_path()).unwrap();
     second
         .set_read_timeout(Some(Duration::from_millis(500)))
@@ -560,12 +551,8 @@ fn verify_peer_takes_clients_with_a_certificate_of_the_authority_only() {
     let out = Command::new("nbdinfo").arg(uri(&bare)).output().unwrap();
     assert!(!out.status.success());
     // The log is read from a pipe, and may lag the client's exit.
-    let deadline = Instant::now() + IO_TIMEOUT;
     let logged = || t.srv.stderr().join("\n").contains("TLS handshake: ");
-    while !logged() && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(20));
-    }
-    assert!(logged(), "{:?}", t.srv.stderr());
+    assert!(eventually(IO_TIMEOUT, logged), "{:?}", t.srv.stderr());
     let out = Command::new("nbdinfo").arg(uri(&t.pki)).output().unwrap();
     assert!(
         out.status.success(),

@@ -289,11 +289,11 @@ impl Inner {
                 break (polled, elapsed, PhaseEnd::Backend);
             }
             if params.is_yielding() {
-                let before = Instant::now();
+                // `elapsed` was read just before: the yield starts at `start + elapsed`.
                 std::thread::yield_now();
                 let after = Instant::now();
                 let backoff = &self.polling.backoff;
-                if after.duration_since(before) >= CONTENDED_YIELD {
+                if after.duration_since(start).saturating_sub(elapsed) >= CONTENDED_YIELD {
                     let length = backoff.get().max(YIELD_BACKOFF_MIN);
                     self.polling.backoff_until.set(Some(after + length));
                     backoff.set((length * 2).min(YIELD_BACKOFF_MAX));

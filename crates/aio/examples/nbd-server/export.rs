@@ -8,6 +8,7 @@
 //! READ replies may be sent from the image's pages with `sendfile` is probed here, at open,
 //! and whether a range's pages are in the page cache asked here (`cachestat`).
 
+use std::borrow::Borrow;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -61,29 +62,22 @@ pub struct Export {
 /// the file's inode lock while it copies (and while the kernel throttles it for dirty pages),
 /// fallocate too, and `lseek(SEEK_HOLE)` waits for that lock: the context's thread looks for
 /// holes itself only while no change runs ([`Export::is_being_changed`]).
-struct Writing<'a>(&'a AtomicUsize);
+///
+/// The guard borrows the export for a blocking operation here, or owns a reference to it for
+/// a WRITE that runs elsewhere (a request on the context's ring or a Linux AIO one,
+/// `file_io::start`, from [`Export::changing`] until the request completes).
+pub struct Writing<E: Borrow<Export>>(E);
 
-impl<'a> Writing<'a> {
-    fn start(count: &'a AtomicUsize) -> Writing<'a> {
-        count.fetch_add(1, Ordering::Relaxed);
-        Writing(count)
+impl<E: Borrow<Export>> Writing<E> {
+    fn start(export: E) -> Writing<E> {
+        export.borrow().writing.fetch_add(1, Ordering::Relaxed);
+        Writing(export)
     }
 }
 
-impl Drop for Writing<'_> {
+impl<E: Borrow<Export>> Drop for Writing<E> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A WRITE of the image that runs outside the blocking operations here (a request on the
-/// context's ring or a Linux AIO one: `file_io::start`), counted as [`Writing`] is from
-/// [`Export::changing`] until it is dropped, when the request has completed.
-pub struct Changing(Arc<Export>);
-
-impl Drop for Changing {
-    fn drop(&mut self) {
-        self.0.writing.fetch_sub(1, Ordering::Relaxed);
+        self.0.borrow().writing.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -350,14 +344,13 @@ impl Export {
 
     /// Counts a WRITE of the image that runs elsewhere (a block I/O request) as a change
     /// ([`is_being_changed`](Self::is_being_changed)) until the guard is dropped.
-    pub fn changing(self: &Arc<Self>) -> Changing {
-        self.writing.fetch_add(1, Ordering::Relaxed);
-        Changing(self.clone())
+    pub fn changing(self: &Arc<Self>) -> Writing<Arc<Export>> {
+        Writing::start(self.clone())
     }
 
     /// Writes `data` at `offset`, then syncs if `fua` (force unit access) asks for it.
     pub fn write(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
-        let _writing = Writing::start(&self.writing);
+        let _writing = Writing::start(self);
         let file = self.file_for(data, offset);
         let pass = self.enter(file);
         file.write_all_at(data, offset)?;
@@ -374,7 +367,7 @@ impl Export {
     /// system without hole punching makes TRIM a no-op, which the protocol allows (a trim is
     /// advisory).
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        let _writing = Writing::start(&self.writing);
+        let _writing = Writing::start(self);
         match self.fallocate(PUNCH_HOLE, offset, len) {
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
             r => r?,
@@ -396,7 +389,7 @@ impl Export {
         fast: bool,
         fua: bool,
     ) -> io::Result<()> {
-        let _writing = Writing::start(&self.writing);
+        let _writing = Writing::start(self);
         let mut modes = Vec::with_capacity(2);
         if !no_hole {
             modes.push(PUNCH_HOLE);

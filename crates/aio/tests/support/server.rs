@@ -387,6 +387,20 @@ impl Config {
 }
 
 /// Whether `tool` can be run; prints the skip reason if not.
+/// Polls `f` until it returns true or `timeout` passes; returns the last answer.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
 pub fn have(tool: &str) -> bool {
     let ok = Command::new(tool)
         .arg("--version")
@@ -751,20 +765,13 @@ impl Server {
     /// Waits up to `timeout` for the server's fds to be `want` again (the same numbers on the
     /// same files and sockets), panicking with both listings and `what` otherwise.
     pub fn assert_fds_back_to(&self, want: &[String], timeout: Duration, what: &str) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let now = self.fd_list();
-            if now == want {
-                return;
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{what}: the server's fds are not back to {want:?} after {timeout:?}: \
-                     {now:?}; stderr: {:?}",
-                    self.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(20));
+        if !eventually(timeout, || self.fd_list() == want) {
+            panic!(
+                "{what}: the server's fds are not back to {want:?} after {timeout:?}: {:?}; \
+                 stderr: {:?}",
+                self.fd_list(),
+                self.stderr()
+            );
         }
     }
 
