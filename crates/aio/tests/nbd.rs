@@ -3529,6 +3529,88 @@ fn block_status_of_an_image_at_rest_is_answered_at_once() {
     assert_eq!(at_once, ranges.len() as u64, "{stopped}");
 }
 
+/// Under `--aio io_uring`, a WRITE on the context's ring keeps the image counted as changing
+/// until its completion runs (`Export::changing`): a BLOCK_STATUS that arrives right behind it
+/// goes to the pool, whose `lseek` may wait for the write's inode lock, rather than `lseek` on
+/// the loop. One sent after the write's reply is answered at once again, and sees the data.
+#[test]
+fn block_status_behind_a_write_on_the_ring_goes_to_the_pool() {
+    if let Err(why) = support::server::io_mode_works("io_uring") {
+        println!("skipped: {why}");
+        return;
+    }
+    for engine in ["callbacks", "tasks"] {
+        block_status_behind_a_write_on_the_ring(engine);
+    }
+}
+
+/// [`block_status_behind_a_write_on_the_ring_goes_to_the_pool`] with the connection `engine`.
+fn block_status_behind_a_write_on_the_ring(engine: &str) {
+    let Some(mut f) = sparse_fixture(&format!("block-status-ring-write-{engine}"), |c| {
+        c.default_engine()
+            .args_extra(&["--aio", "io_uring", "--engine", engine])
+    }) else {
+        return;
+    };
+    let mut c = block_status_client(&f);
+    // 128 KiB into a hole: more than the write lane takes (64 KiB), so the ring's; and with
+    // the BLOCK_STATUS behind it in one send, less than a socket's send buffer, so the server
+    // reads the request while the write has not even been submitted.
+    let (at, len) = (2 * MIB, 128 * KIB);
+    let data = vec![0xa5u8; len];
+    let hole = state::HOLE | state::ZERO;
+    let span = 2 * len as u32;
+    let cookies = c
+        .send_at_once(&[
+            (cmd::WRITE, at as u64, len as u32, &data[..]),
+            (cmd::BLOCK_STATUS, at as u64, span, &[][..]),
+        ])
+        .unwrap();
+    let written = vec![
+        Extent {
+            len: len as u64,
+            flags: 0,
+        },
+        Extent {
+            len: len as u64,
+            flags: hole,
+        },
+    ];
+    for _ in 0..2 {
+        let reply = c.receive().unwrap();
+        let extents = reply.result.map(|_| reply.extents).unwrap();
+        if reply.cookie == cookies[1] {
+            // In flight together, either state of the image is right: before the write, or
+            // after it.
+            let before = vec![Extent {
+                len: u64::from(span),
+                flags: hole,
+            }];
+            assert!(
+                extents[0].1 == written || extents[0].1 == before,
+                "{engine}: {extents:?}"
+            );
+        }
+    }
+    assert_eq!(
+        c.block_status(at as u64, u64::from(span), 0).unwrap(),
+        written,
+        "{engine}"
+    );
+    c.disconnect().unwrap();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    let at_once = stopped_count(
+        &stopped,
+        " replies served at once, ",
+        " block status replies built at once",
+    );
+    assert_eq!(
+        at_once, 1,
+        "{engine}: only the one after the write's reply: {stopped}"
+    );
+    assert_eq!(f.disk(at, len), data, "{engine}");
+}
+
 /// A BLOCK_STATUS over a file of many small extents, answered on the context's thread, holds
 /// at most 256 of them (the loop's time per request stays bounded); asking again from where
 /// each reply ended gives the whole map.
@@ -4875,11 +4957,13 @@ fn client_agrees_with_qemu_nbd() {
 // (`--engine callbacks`) and the default `--aio threads`; the modules below run each case again,
 // under its own name, with `--engine tasks`, `--aio io_uring`, `--aio native --cache none` and
 // `--cache none`. A new test belongs in the
-// list (`every_case_runs_under_both_engines` checks it), unless it serves no connection.
+// list (`every_case_runs_under_both_engines` checks it), unless it is `ENGINE_INDEPENDENT`.
 // ---------------------------------------------------------------------------------------------
 
-/// Tests that start no server that serves a client: nothing an engine changes.
+/// Tests that start no server that serves a client (nothing an engine changes), or that choose
+/// the `--aio` mode themselves and run each engine in turn.
 const ENGINE_INDEPENDENT: &[&str] = &[
+    "block_status_behind_a_write_on_the_ring_goes_to_the_pool",
     "callbacks_is_the_default_engine_and_the_ready_line_names_the_engine",
     "every_aio_mode_keeps_data_intact_under_both_engines",
     "cache_none_keeps_aligned_io_out_of_the_page_cache",

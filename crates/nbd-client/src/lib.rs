@@ -1199,7 +1199,6 @@ impl Client {
         &mut self.conn
     }
 
-    /// Takes a cookie for a request and records it as in flight.
     /// Takes a cookie for a request, records it as in flight, and returns its header.
     fn register(&mut self, kind: u16, flags: u16, offset: u64, len: u64) -> io::Result<Vec<u8>> {
         let cookie = self.next_cookie;
@@ -1291,11 +1290,23 @@ impl Client {
     /// Sends reads of `ranges` in a single write, so that the server finds all of them in its
     /// socket at once; returns their cookies.
     pub fn send_reads_at_once(&mut self, ranges: &[(u64, u32)]) -> io::Result<Vec<u64>> {
-        let mut bytes = Vec::with_capacity(ranges.len() * REQUEST_LEN);
-        let mut cookies = Vec::with_capacity(ranges.len());
-        for &(offset, len) in ranges {
+        let commands: Vec<_> = ranges
+            .iter()
+            .map(|&(offset, len)| (cmd::READ, offset, len, &[][..]))
+            .collect();
+        self.send_at_once(&commands)
+    }
+
+    /// Sends `commands`, each (kind, offset, length, payload) without flags, in a single
+    /// write, so that the server finds them together in its socket (as far as its send buffer
+    /// holds them); returns their cookies.
+    pub fn send_at_once(&mut self, commands: &[(u16, u64, u32, &[u8])]) -> io::Result<Vec<u64>> {
+        let mut bytes = Vec::with_capacity(commands.len() * REQUEST_LEN);
+        let mut cookies = Vec::with_capacity(commands.len());
+        for &(kind, offset, len, payload) in commands {
             cookies.push(self.next_cookie);
-            bytes.extend(self.register(cmd::READ, 0, offset, u64::from(len))?);
+            bytes.extend(self.register(kind, 0, offset, u64::from(len))?);
+            bytes.extend_from_slice(payload);
         }
         self.conn.send(&bytes)?;
         Ok(cookies)
