@@ -3519,6 +3519,13 @@ fn block_status_of_an_image_at_rest_is_answered_at_once() {
             "block status of [{offset}, +{len})"
         );
     }
+    let (at_once, stopped) = block_status_built_at_once(c, &mut f);
+    assert_eq!(at_once, ranges.len() as u64, "{stopped}");
+}
+
+/// Disconnects `c`, stops `f`'s server and returns how many BLOCK_STATUS replies its stopped
+/// line says were built at once, with the line.
+fn block_status_built_at_once(c: Client, f: &mut Fixture) -> (u64, String) {
     c.disconnect().unwrap();
     let stopped = stop_and_get_stopped_line(&mut f.srv);
     let at_once = stopped_count(
@@ -3526,7 +3533,7 @@ fn block_status_of_an_image_at_rest_is_answered_at_once() {
         " replies served at once, ",
         " block status replies built at once",
     );
-    assert_eq!(at_once, ranges.len() as u64, "{stopped}");
+    (at_once, stopped)
 }
 
 /// Under `--aio io_uring`, a WRITE on the context's ring keeps the image counted as changing
@@ -3597,13 +3604,7 @@ fn block_status_behind_a_write_on_the_ring(engine: &str) {
         written,
         "{engine}"
     );
-    c.disconnect().unwrap();
-    let stopped = stop_and_get_stopped_line(&mut f.srv);
-    let at_once = stopped_count(
-        &stopped,
-        " replies served at once, ",
-        " block status replies built at once",
-    );
+    let (at_once, stopped) = block_status_built_at_once(c, &mut f);
     assert_eq!(
         at_once, 1,
         "{engine}: only the one after the write's reply: {stopped}"
