@@ -19,9 +19,9 @@ use support::ctx;
 
 /// Pins the calling thread to `cpu`.
 fn pin_to(cpu: usize) -> std::io::Result<()> {
-    // `cpu_set_t` is plain data; `CPU_ZERO` initializes it before `CPU_SET` and
-    // `sched_setaffinity` read it, the latter the `size_of::<cpu_set_t>()` bytes passed.
-    // SAFETY: a local of plain data, initialized before use and read within its size.
+    // `CPU_ZERO` initializes the set before `CPU_SET` and `sched_setaffinity` read it, the
+    // latter the `size_of::<cpu_set_t>()` bytes passed.
+    // SAFETY: `cpu_set_t` is plain data (all zeroes is a valid value), read within its size.
     let r = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);

@@ -328,9 +328,8 @@ impl Shard {
 
     /// Starts serving `sock` on `ctx`, which must be the context polling on this thread. The
     /// connection holds its share of `slot` until it is closed and its last request has
-    /// completed (a TLS connection's relay holds another, `tls.rs`); its id,
-    /// or `None` when it was not started (shutdown has begun, or the socket cannot be watched).
-    /// With
+    /// completed (a TLS connection's relay holds another, `tls.rs`). Returns its id, or `None`
+    /// when it was not started (shutdown has begun, or the socket cannot be watched). With
     /// `after_tls`, the greeting and the client flags are done, TLS is on (`tls.rs` relays
     /// `sock`): the connection begins with the options, from that handshake.
     pub fn start(

@@ -40,11 +40,11 @@
 //!   in its completion ring.
 //! * **Clients.** Every connection holds a [`ClientSlot`] until it is closed and its last
 //!   request has completed, and a TLS client's until its relay has ended too (the relay may
-//!   still hold replies for it, up to its linger). While N are held, `--shared N` stops accepting (as qemu-nbd -e):
-//!   more clients wait in the listen queue until a slot is given back. As qemu-nbd without
-//!   `-t`, the server shuts down, as a signal does, when a client that completed its handshake
-//!   leaves and the count falls to 0 ([`ClientSlot::negotiated`]); `--persistent` (`-t`)
-//!   serves until a signal instead.
+//!   still hold replies for it, up to its linger). While N are held, `--shared N` stops
+//!   accepting (as qemu-nbd -e): more clients wait in the listen queue until a slot is given
+//!   back. As qemu-nbd without `-t`, the server shuts down, as a signal does, when a client
+//!   that completed its handshake leaves and the count falls to 0
+//!   ([`ClientSlot::negotiated`]); `--persistent` (`-t`) serves until a signal instead.
 //! * **Shutdown.** SIGINT and SIGTERM are blocked in every thread and read from a signalfd that
 //!   is an fd handler of this thread's context, so a signal is an ordinary event of the loop.
 //!   The listeners close at once; each context then stops reading requests, serves those it
@@ -836,10 +836,11 @@ struct Clients {
 
 /// One client's place in [`Clients`]: taken when its connection is accepted, given back when
 /// the connection is dropped (closed, and its last request completed) and, for a TLS client,
-/// its relay too (`tls.rs`; both hold an `Rc` of it), on whichever context served it. `negotiated` says whether the client reached the transmission phase: only such
-/// a client's leaving can end the server (qemu-nbd's rule), so that a port scan, a refused
-/// handshake or an export listing (`NBD_OPT_LIST` then `NBD_OPT_ABORT`, as `nbdinfo --list`
-/// does) does not stop it.
+/// its relay too (`tls.rs`; both hold an `Rc` of it), on whichever context served it.
+/// `negotiated` says whether the client reached the transmission phase: only such a client's
+/// leaving can end the server (qemu-nbd's rule), so that a port scan, a refused handshake or
+/// an export listing (`NBD_OPT_LIST` then `NBD_OPT_ABORT`, as `nbdinfo --list` does) does not
+/// stop it.
 pub struct ClientSlot {
     clients: Arc<Clients>,
     negotiated: Cell<bool>,

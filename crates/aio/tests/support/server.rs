@@ -386,7 +386,6 @@ impl Config {
     }
 }
 
-/// Whether `tool` can be run; prints the skip reason if not.
 /// Polls `f` until it returns true or `timeout` passes; returns the last answer.
 pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -401,6 +400,7 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// Whether `tool` can be run; prints the skip reason if not.
 pub fn have(tool: &str) -> bool {
     let ok = Command::new(tool)
         .arg("--version")
