@@ -4,6 +4,7 @@
 use aio_core::{ClockType, Scale};
 use std::collections::HashMap;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::span::{Attributes, Id, Record};
@@ -175,10 +176,14 @@ fn a_wait_span_records_a_sleep() {
     let dispatcher = tracing::Dispatch::new(Shared(spans.clone()));
     tracing::dispatcher::with_default(&dispatcher, || {
         let ctx = ctx();
-        let timer = ctx.timer(ClockType::Realtime, Scale::MS, || {});
+        let fired = Arc::new(AtomicBool::new(false));
+        let f = fired.clone();
+        let timer = ctx.timer(ClockType::Realtime, Scale::MS, move || f.store(true, SeqCst));
+        // The deadline is in whole milliseconds of the clock, so the timer may fire a little
+        // before 20 ms have passed on `Instant`: wait for the timer itself, since a blocking
+        // poll after it has fired has nothing left to wake it.
         timer.arm(ctx.now_ns(ClockType::Realtime) / 1_000_000 + 20);
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_millis(20) {
+        while !fired.load(SeqCst) {
             ctx.poll();
         }
     });
