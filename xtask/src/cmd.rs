@@ -394,6 +394,25 @@ pub fn ensure_glib() -> std::result::Result<(), String> {
     .clone()
 }
 
+/// The system OpenSSL that the NBD server example links for TLS with pre-shared keys (the
+/// `openssl` crate, a dev-dependency of `aio`, whose build script asks `pkg-config`), installed
+/// with apt-get (`pkg-config`, then `libssl-dev`) when `pkg-config` does not find it. Every
+/// build of `aio`'s tests and examples needs it, so a failure stops the command.
+pub fn ensure_openssl() -> Result<()> {
+    ensure_apt_package("pkg-config", &["pkg-config"])?;
+    let missing = || {
+        let found = Cmd::new("pkg-config")
+            .args(["--exists", "--print-errors", "openssl"])
+            .probe();
+        if found {
+            String::new()
+        } else {
+            "openssl (pkg-config)".to_owned()
+        }
+    };
+    ensure_apt_package_for("libssl-dev", &missing)
+}
+
 /// What `pkg-config` must find for the `glib` crate (0.20 asks for 2.56 or later).
 const GLIB_PKG_CONFIG: &str = "glib-2.0 >= 2.56";
 

@@ -64,6 +64,14 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
+    // Building `aio`'s tests and examples links the system OpenSSL (the NBD server's
+    // pre-shared keys): installed first on a fresh machine.
+    if matches!(args.as_slice(), ["ci" | "demo" | "bench", ..])
+        && let Err(err) = cmd::ensure_openssl()
+    {
+        eprintln!("error: {err}");
+        return ExitCode::FAILURE;
+    }
     let result = match args.as_slice() {
         [] | ["-h" | "--help" | "help", ..] => {
             print!("{USAGE}");

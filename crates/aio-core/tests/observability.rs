@@ -178,7 +178,9 @@ fn a_wait_span_records_a_sleep() {
         let ctx = ctx();
         let fired = Arc::new(AtomicBool::new(false));
         let f = fired.clone();
-        let timer = ctx.timer(ClockType::Realtime, Scale::MS, move || f.store(true, SeqCst));
+        let timer = ctx.timer(ClockType::Realtime, Scale::MS, move || {
+            f.store(true, SeqCst)
+        });
         // The deadline is in whole milliseconds of the clock, so the timer may fire a little
         // before 20 ms have passed on `Instant`: wait for the timer itself, since a blocking
         // poll after it has fired has nothing left to wake it.

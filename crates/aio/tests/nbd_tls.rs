@@ -1,9 +1,11 @@
-//! End-to-end tests of the `nbd-server` example's TLS (`--tls-creds`, `--tls-verify-peer`):
-//! certificates made here with rcgen; the options before `NBD_OPT_STARTTLS` over a raw socket;
-//! a TLS session of this file's own (rustls), which checks what the server answers once TLS is
-//! on and that either side's close ends the other; and real clients (libnbd's nbdinfo and
-//! nbdcopy, QEMU's qemu-io), under both connection engines, over Unix sockets and TCP, with
-//! the data checked against the image. A missing tool skips its part with a printed reason.
+//! End-to-end tests of the `nbd-server` example's TLS (`--tls-creds`, `--tls-verify-peer`,
+//! `--tls-psk`): certificates made here with rcgen, pre-shared keys with random bytes; the
+//! options before `NBD_OPT_STARTTLS` over a raw socket; TLS sessions of this file's own
+//! (rustls for X.509, OpenSSL for pre-shared keys, TLS 1.3 and 1.2), which check what the
+//! server answers once TLS is on and that either side's close ends the other; and real
+//! clients (libnbd's nbdinfo and nbdcopy, QEMU's qemu-io), under both connection engines,
+//! over Unix sockets and TCP, with the data checked against the image. A missing tool skips
+//! its part with a printed reason.
 
 #![cfg(target_os = "linux")]
 
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use openssl::ssl::{ShutdownState, SslConnector, SslMethod, SslStream, SslVersion};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
@@ -150,6 +153,41 @@ fn start_tls<S: Read + Write>(mut sock: S, pki: &Path) -> StreamOwned<ClientConn
     let name = ServerName::try_from("localhost").unwrap();
     let conn = ClientConnection::new(Arc::new(config), name).unwrap();
     StreamOwned::new(conn, sock)
+}
+
+/// This file's own client for pre-shared keys (OpenSSL): as [`start_tls`] up to
+/// `NBD_OPT_STARTTLS`, then a handshake as `user` with `key`, in TLS `version` only; `Err`
+/// when the handshake fails.
+fn start_psk<S: Read + Write + std::fmt::Debug>(
+    mut sock: S,
+    user: &str,
+    key: &[u8],
+    version: SslVersion,
+) -> Result<SslStream<S>, String> {
+    let mut greeting = [0u8; 18];
+    sock.read_exact(&mut greeting).unwrap();
+    sock.write_all(&3u32.to_be_bytes()).unwrap();
+    sock.write_all(&option_header(OPT_STARTTLS, 0)).unwrap();
+    assert_eq!(read_option_reply(&mut sock).unwrap().0, rep::ACK);
+    let mut builder = SslConnector::builder(SslMethod::tls_client()).unwrap();
+    builder.set_min_proto_version(Some(version)).unwrap();
+    builder.set_max_proto_version(Some(version)).unwrap();
+    builder.set_cipher_list("PSK").unwrap();
+    let (user, key) = (user.as_bytes().to_vec(), key.to_vec());
+    builder.set_psk_client_callback(move |_ssl, _hint, identity, psk| {
+        // The identity is a C string.
+        identity[..user.len()].copy_from_slice(&user);
+        identity[user.len()] = 0;
+        psk[..key.len()].copy_from_slice(&key);
+        Ok(key.len())
+    });
+    let connector = builder.build();
+    connector
+        .configure()
+        .unwrap()
+        .verify_hostname(false)
+        .connect("localhost", sock)
+        .map_err(|e| e.to_string())
 }
 
 /// A simple request header: `kind` (0 READ, 1 WRITE, 2 DISC), no flags.
@@ -604,4 +642,276 @@ fn bad_tls_settings_are_refused_at_start() {
     let (code, err) = run(&["--tls-creds", pki.to_str().unwrap(), "--tls-verify-peer"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("ca-cert.pem"), "{err}");
+    // Pre-shared keys: a malformed keys file (named, with its line), an empty one, and both
+    // kinds of credentials at once.
+    let keys = dir.join("keys.psk");
+    for (text, why) in [
+        ("alice:00ff\nbob", "keys.psk: line 2: not username:key"),
+        ("alice:0g", "keys.psk: line 1: the key is not hexadecimal"),
+        (":00", "keys.psk: line 1: no username"),
+        ("\n\n", "keys.psk: no key in the file"),
+    ] {
+        std::fs::write(&keys, text).unwrap();
+        let (code, err) = run(&["--tls-psk", keys.to_str().unwrap()]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains(why), "{text:?}: {err}");
+    }
+    let missing = dir.join("nowhere.psk");
+    let (code, err) = run(&["--tls-psk", missing.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("nowhere.psk"), "{err}");
+    let (code, err) = run(&["--tls-psk", keys.to_str().unwrap(), "--tls-creds", "x"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("one or the other"), "{err}");
+    // A --tls-creds directory with keys.psk and no certificate is pre-shared keys, for which
+    // client certificates mean nothing.
+    let psk_dir = dir.join("psk");
+    make_keys(&psk_dir);
+    let (code, err) = run(&[
+        "--tls-creds",
+        psk_dir.to_str().unwrap(),
+        "--tls-verify-peer",
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not pre-shared keys"), "{err}");
+}
+
+/// Random keys for users `alice` and `bob`, in `dir/keys.psk` (psktool's format).
+fn make_keys(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut text = String::new();
+    let keys: Vec<(String, Vec<u8>)> = [("alice", 32), ("bob", 16)]
+        .into_iter()
+        .map(|(user, len)| {
+            let mut key = vec![0; len];
+            openssl::rand::rand_bytes(&mut key).unwrap();
+            let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+            text.push_str(&format!("{user}:{hex}\n"));
+            (user.to_owned(), key)
+        })
+        .collect();
+    std::fs::write(dir.join("keys.psk"), text).unwrap();
+    keys
+}
+
+/// A server of a 4 MiB image requiring TLS with pre-shared keys, over Unix and TCP: the keys
+/// in `pki/keys.psk`, given as `--tls-psk FILE`, or as `--tls-creds DIR` (qemu's convention
+/// for a directory without a certificate) with `as_dir`.
+fn psk_server(tag: &str, as_dir: bool) -> (Tls, Vec<(String, Vec<u8>)>) {
+    let dir = TempDir::new(tag);
+    let pki = dir.join("pki");
+    let keys = make_keys(&pki);
+    let image = dir.image("disk.img", 4 * MIB as u64);
+    let file = pki.join("keys.psk");
+    let args = if as_dir {
+        ["--tls-creds", pki.to_str().unwrap()]
+    } else {
+        ["--tls-psk", file.to_str().unwrap()]
+    };
+    let srv = Config::new(&image)
+        .tcp()
+        .verbose()
+        .args_extra(&args)
+        .start();
+    let ready = srv.stdout().join("\n");
+    assert!(
+        ready.contains(", tls required with pre-shared keys, "),
+        "{ready}"
+    );
+    let t = Tls {
+        srv,
+        image,
+        pki,
+        _dir: dir,
+    };
+    (t, keys)
+}
+
+#[test]
+fn psk_sessions_serve_requests_over_tls_1_3_and_1_2_on_both_engines() {
+    for engine in ["callbacks", "tasks"] {
+        with_engine(engine, || {
+            let (t, keys) = psk_server("psk-own", false);
+            let (user, key) = &keys[0];
+            for (n, version) in [SslVersion::TLS1_3, SslVersion::TLS1_2]
+                .into_iter()
+                .enumerate()
+            {
+                let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
+                sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+                let mut s = start_psk(sock, user, key, version).unwrap();
+                let data: Vec<u8> = (0..256 * 1024).map(|i| (i * 11 % 241 + n) as u8).collect();
+                let offset = (n + 1) * MIB;
+                assert!(go_write_read(&mut s, offset as u64, &data) == data);
+                let on_disk = std::fs::read(&t.image).unwrap();
+                assert!(on_disk[offset..offset + data.len()] == data[..]);
+                // A clean end: close_notify both ways, then the end of the stream.
+                s.shutdown().unwrap();
+                let mut rest = Vec::new();
+                assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+                assert!(
+                    s.get_shutdown().contains(ShutdownState::RECEIVED),
+                    "the stream ended without the server's close_notify"
+                );
+            }
+            // The other user and its key, over TCP.
+            let (user, key) = &keys[1];
+            let sock = TcpStream::connect(t.srv.tcp.unwrap()).unwrap();
+            sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut s = start_psk(sock, user, key, SslVersion::TLS1_3).unwrap();
+            assert_eq!(
+                go_write_read(&mut s, 4096, b"bob over TCP"),
+                b"bob over TCP"
+            );
+            drop(s);
+            let on = || {
+                t.srv
+                    .stderr()
+                    .join("\n")
+                    .matches(", pre-shared key)")
+                    .count()
+            };
+            assert!(eventually(IO_TIMEOUT, || on() == 3), "{:?}", t.srv.stderr());
+            let log = t.srv.stderr().join("\n");
+            assert!(log.contains("TLS on (TLSv1.3, "), "{log}");
+            assert!(log.contains("TLS on (TLSv1.2, "), "{log}");
+        });
+    }
+}
+
+#[test]
+fn psk_handshakes_fail_for_an_unknown_user_or_another_key() {
+    let (t, keys) = psk_server("psk-refuse", false);
+    let connect = || {
+        let sock = UnixStream::connect(t.srv.unix_path()).unwrap();
+        sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        sock
+    };
+    let (user, key) = &keys[0];
+    for version in [SslVersion::TLS1_3, SslVersion::TLS1_2] {
+        assert!(start_psk(connect(), "mallory", key, version).is_err());
+        let mut wrong = key.clone();
+        wrong[0] ^= 1;
+        assert!(start_psk(connect(), user, &wrong, version).is_err());
+        // Bob's key under Alice's name.
+        assert!(start_psk(connect(), user, &keys[1].1, version).is_err());
+    }
+    let failed = || t.srv.stderr().join("\n").matches("TLS handshake: ").count();
+    assert!(
+        eventually(IO_TIMEOUT, || failed() == 6),
+        "{:?}",
+        t.srv.stderr()
+    );
+    let log = t.srv.stderr().join("\n");
+    assert_eq!(
+        log.matches("TLS handshake: no key for user \"mallory\"")
+            .count(),
+        2,
+        "{log}"
+    );
+    assert!(!log.contains("TLS on ("), "{log}");
+    // The server is none the worse.
+    let mut s = start_psk(connect(), user, key, SslVersion::TLS1_3).unwrap();
+    assert_eq!(go_write_read(&mut s, 0, b"still here"), b"still here");
+    // A record that does not decrypt (application data whose tag cannot match) ends the
+    // session, with a line that says why.
+    let mut forged = vec![23, 3, 3, 0, 64];
+    forged.extend_from_slice(&[0x5a; 64]);
+    s.get_mut().write_all(&forged).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.get_mut().read_to_end(&mut rest);
+    let logged = || t.srv.stderr().join("\n").contains(": TLS: ");
+    assert!(eventually(IO_TIMEOUT, logged), "{:?}", t.srv.stderr());
+}
+
+/// libnbd and qemu with pre-shared keys (libnbd's `tls-psk-file` and the URI's user, qemu's
+/// `tls-creds-psk` object, which reads `keys.psk` in its directory), against a server given
+/// the same directory as `--tls-creds`.
+#[test]
+fn real_clients_read_and_write_with_pre_shared_keys_on_both_engines() {
+    for engine in ["callbacks", "tasks"] {
+        with_engine(engine, || {
+            let (t, _) = psk_server("psk-clients", true);
+            let pki = t.pki.display();
+            let uri = |user: &str, file: &Path| {
+                format!(
+                    "nbds+unix://{user}@/?socket={}&tls-psk-file={}",
+                    t.srv.unix_path().display(),
+                    file.display()
+                )
+            };
+            let keys = t.pki.join("keys.psk");
+            if have("nbdinfo") {
+                let out = Command::new("nbdinfo")
+                    .arg(uri("alice", &keys))
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout);
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{err}");
+                assert!(text.contains("with TLS"), "{text}");
+                // A user the server does not know, with a key of its own.
+                let other = t.pki.parent().unwrap().join("other.psk");
+                std::fs::write(&other, "carol:00112233\n").unwrap();
+                let out = Command::new("nbdinfo")
+                    .arg(uri("carol", &other))
+                    .output()
+                    .unwrap();
+                assert!(!out.status.success());
+            } else {
+                println!("skipped nbdinfo: not installed");
+            }
+            if have("nbdcopy") {
+                let dir = t.image.parent().unwrap();
+                let source = dir.join("source.img");
+                let data: Vec<u8> = (0..4 * MIB).map(|i| (i * 17 % 239) as u8).collect();
+                std::fs::write(&source, &data).unwrap();
+                let copy = dir.join("copy.img");
+                for (from, to) in [
+                    (source.clone(), uri("bob", &keys)),
+                    (uri("bob", &keys).into(), copy.display().to_string()),
+                ] {
+                    let out = Command::new("nbdcopy")
+                        .arg(&from)
+                        .arg(&to)
+                        .output()
+                        .unwrap();
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+                assert!(std::fs::read(&t.image).unwrap() == data, "upload");
+                assert!(std::fs::read(&copy).unwrap() == data, "download");
+            } else {
+                println!("skipped nbdcopy: not installed");
+            }
+            if have("qemu-io") {
+                let creds =
+                    format!("tls-creds-psk,id=tls0,endpoint=client,dir={pki},username=alice");
+                let opts = format!(
+                    "driver=nbd,server.type=inet,server.host=localhost,server.port={},tls-creds=tls0",
+                    t.srv.tcp.unwrap().port()
+                );
+                let out = Command::new("qemu-io")
+                    .args(["--object", &creds, "--image-opts", &opts])
+                    .args(["-c", "write -P 0x3c 2M 320k", "-c", "read -P 0x3c 2M 320k"])
+                    .output()
+                    .unwrap();
+                let text =
+                    String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+                assert!(out.status.success(), "{text}");
+                assert!(!text.contains("Pattern verification failed"), "{text}");
+                let on_disk = std::fs::read(&t.image).unwrap();
+                assert!(
+                    on_disk[2 * MIB..2 * MIB + 320 * 1024]
+                        .iter()
+                        .all(|&b| b == 0x3c)
+                );
+            } else {
+                println!("skipped qemu-io: not installed");
+            }
+        });
+    }
 }

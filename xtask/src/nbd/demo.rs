@@ -7,8 +7,8 @@
 //! picked). Then `qemu-io` writes a pattern and reads it back verified, discards and zeroes
 //! ranges, `qemu-img convert` copies a file of random data into the export and back out,
 //! `qemu-img bench` measures reads, a second server requiring TLS (`--tls-creds`, with a
-//! throwaway certificate `openssl` makes) serves the same image to `qemu-img compare` over TLS and
-//! refuses a client without it, and SIGTERM stops the server, which must say `stopped` and exit 0.
+//! throwaway certificate `openssl` makes, then with a random pre-shared key) serves the same
+//! image to `qemu-img compare` over TLS and refuses a client without it, and SIGTERM stops the server, which must say `stopped` and exit 0.
 //! The image file on disk is checked as well, so what the server acknowledged is known to be
 //! where it belongs.
 //!
@@ -486,7 +486,7 @@ impl Tour {
         step(
             8,
             "TLS: a second server with --tls-creds; qemu-img compare reads the export over TLS, \
-             and a client without TLS is refused",
+             with a certificate, then with a pre-shared key, and a client without TLS is refused",
         );
         let skipped = match self.driver {
             Driver::Builtin { .. } => Some("the built-in client has no TLS".to_owned()),
@@ -565,19 +565,85 @@ impl Tour {
             )));
         }
         detail("a client without TLS: refused (\"this server requires TLS\")");
-        let stopped = server.stop(self.deadline)?;
+        self.stop_tls(server)?;
         watchdog.disarm();
+        self.tls_psk(exe)?;
+        self.notes.push(format!(
+            "TLS: qemu-img compare read the {} MiB export over TLS, with a certificate and with \
+             a pre-shared key, identical both times; a client without TLS was refused",
+            IMAGE_SIZE / MIB
+        ));
+        Ok(())
+    }
+
+    /// Stops a server of the TLS step, which must say `stopped` and exit 0.
+    fn stop_tls(&self, server: Server) -> Result<()> {
+        let stopped = server.stop(self.deadline)?;
         if !stopped.status.success() || !nbd::printed_stopped(&stopped.stdout) {
             return Err(Error::new(format!(
                 "the TLS server did not stop cleanly ({}); its stdout: {:?}",
                 stopped.status, stopped.stdout
             )));
         }
-        self.notes.push(format!(
-            "TLS: qemu-img compare read the {} MiB export over TLS, identical; a client without \
-             TLS was refused",
-            IMAGE_SIZE / MIB
+        Ok(())
+    }
+
+    /// The TLS step's second half: the same image served with a pre-shared key instead of a
+    /// certificate (a directory holding `keys.psk`, qemu's `tls-creds-psk` layout, given as
+    /// `--tls-creds`), and `qemu-img compare` over it as the user `demo`.
+    fn tls_psk(&mut self, exe: &Path) -> Result<()> {
+        let dir = self.pki.with_file_name("psk");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let key = self.output(&Cmd::new("openssl").args(["rand", "-hex", "32"]))?;
+        let key = String::from_utf8_lossy(&key.stdout);
+        if !key.trim().bytes().all(|b| b.is_ascii_hexdigit()) || key.trim().len() != 64 {
+            return Err(Error::new(format!("openssl rand -hex 32 printed {key:?}")));
+        }
+        let keys = dir.join("keys.psk");
+        std::fs::write(&keys, format!("demo:{}\n", key.trim()))
+            .with_context(|| format!("writing {}", keys.display()))?;
+        detail(format_args!(
+            "a random 256-bit key for the user `demo` in {}",
+            keys.display()
         ));
+        let cmd = Cmd::new(&exe.display().to_string())
+            .args(["--unix", &self.tls_socket.display().to_string()])
+            .args(["--persistent", "--tls-creds", &dir.display().to_string()])
+            .arg(self.image.display().to_string());
+        let server = Server::start(
+            "nbd-server (TLS, pre-shared key)",
+            &cmd,
+            &Readiness::ReadyLine,
+            self.deadline,
+        )?;
+        let watchdog = Watchdog::arm(self.deadline, server.killer());
+        for line in server.stdout() {
+            detail(line);
+        }
+        let opt = |path: &Path| path.display().to_string().replace(',', ",,");
+        let compare = Cmd::new("qemu-img")
+            .args(["compare", "--object"])
+            .arg(format!(
+                "tls-creds-psk,id=tls0,endpoint=client,dir={},username=demo",
+                opt(&dir)
+            ))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=nbd,path={},tls-creds=tls0",
+                opt(&self.tls_socket)
+            ))
+            .arg(format!("driver=file,filename={}", opt(&self.host)));
+        let output = self.output(&compare)?;
+        if !output.status.success() {
+            return Err(Error::new(format!(
+                "`{compare}` failed ({}):\n{}",
+                output.status,
+                both_streams(&output)
+            )));
+        }
+        detail("qemu-img compare over TLS with the pre-shared key: identical");
+        self.stop_tls(server)?;
+        watchdog.disarm();
         Ok(())
     }
 

@@ -71,8 +71,10 @@
 //!   `DIR/server-key.pem`; `--tls-verify-peer` also wants a client certificate issued by
 //!   `DIR/ca-cert.pem`), and hands the session to a context, which serves one end of a Unix
 //!   socket pair like any connection and relays between the other end and the client
-//!   (`tls.rs`). Without it, `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`. No PSK: rustls has
-//!   none.
+//!   (`tls.rs`). Pre-shared keys instead of certificates (OpenSSL, `tls_psk.rs`), as qemu's
+//!   `tls-creds-psk` and nbdkit's `--tls-psk`: `--tls-psk FILE`, or `DIR/keys.psk` in a
+//!   `--tls-creds` directory without a certificate; the file holds `username:hexkey` lines.
+//!   Without either, `NBD_OPT_STARTTLS` gets `NBD_REP_ERR_POLICY`.
 
 mod buffers;
 mod conn_task;
@@ -82,6 +84,7 @@ mod file_io;
 mod protocol;
 mod session;
 mod tls;
+mod tls_psk;
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsString;
@@ -196,7 +199,12 @@ usage: nbd-server [OPTIONS] IMAGE
   --tls-creds DIR       require TLS, as qemu-nbd --tls-creds: every option before
                         NBD_OPT_STARTTLS gets NBD_REP_ERR_TLS_REQD; the certificate chain
                         and key are DIR/server-cert.pem and DIR/server-key.pem (PEM, the
-                        names qemu and nbdkit use); TLS 1.3 and 1.2, X.509 (no PSK)
+                        names qemu and nbdkit use); TLS 1.3 and 1.2, X.509; a DIR
+                        holding keys.psk and no certificate means pre-shared keys, as
+                        qemu's tls-creds-psk
+  --tls-psk FILE        require TLS with pre-shared keys, as nbdkit --tls-psk: FILE holds
+                        username:hexkey lines (psktool's format); a client must name a
+                        user of the file and hold its key
   --tls-verify-peer     with --tls-creds: require a client certificate issued by
                         DIR/ca-cert.pem
   --verbose             log each connection on stderr
@@ -234,6 +242,8 @@ struct Config {
     tls_creds: Option<PathBuf>,
     /// `--tls-verify-peer`: clients must show a certificate issued by the directory's CA.
     tls_verify_peer: bool,
+    /// `--tls-psk`: TLS is required, with the pre-shared keys of this file.
+    tls_psk: Option<PathBuf>,
 }
 
 /// What the command line asks for.
@@ -285,6 +295,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         cache: Cache::Writeback,
         tls_creds: None,
         tls_verify_peer: false,
+        tls_psk: None,
     };
     let mut image = None;
     let (mut poll_max_ns, mut poll_weight, mut poll_grow, mut poll_shrink) =
@@ -373,6 +384,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
             "--verbose" => cfg.verbose = true,
             "--tls-creds" => cfg.tls_creds = Some(value("a directory")?.into()),
             "--tls-verify-peer" => cfg.tls_verify_peer = true,
+            "--tls-psk" => cfg.tls_psk = Some(value("a file")?.into()),
             "--engine" => {
                 let e = value("callbacks or tasks")?;
                 cfg.engine = match e.as_str() {
@@ -412,6 +424,9 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
     cfg.image = image.ok_or("no image file given")?;
     if cfg.tls_verify_peer && cfg.tls_creds.is_none() {
         return Err("--tls-verify-peer needs --tls-creds".into());
+    }
+    if cfg.tls_psk.is_some() && cfg.tls_creds.is_some() {
+        return Err("--tls-psk and --tls-creds: one or the other".into());
     }
     let policy = match (poll_qemu10, poll_weight) {
         (true, Some(_)) => {
@@ -482,9 +497,10 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     let export = Export::open(&cfg.image, cfg.name.clone(), cfg.read_only, cfg.cache)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", cfg.image.display())))?;
     let export = Arc::new(export);
-    let tls = match &cfg.tls_creds {
-        Some(dir) => Some(tls::load(dir, cfg.tls_verify_peer)?),
-        None => None,
+    let tls = match (&cfg.tls_creds, &cfg.tls_psk) {
+        (Some(dir), _) => Some(tls::load(dir, cfg.tls_verify_peer)?),
+        (None, Some(file)) => Some(tls::Creds::Psk(tls_psk::load(file)?)),
+        (None, None) => None,
     };
     let pool_max = pool_threads_per_context(cfg.contexts);
     let ctx = new_context(cfg.poll, cfg.io, pool_max)?;
@@ -617,8 +633,9 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         } else {
             "off"
         },
-        match (&cfg.tls_creds, cfg.tls_verify_peer) {
+        match (&acceptor.tls, cfg.tls_verify_peer) {
             (None, _) => "off",
+            (Some(tls::Creds::Psk(_)), _) => "required with pre-shared keys",
             (Some(_), false) => "required",
             (Some(_), true) => "required with client certificates",
         },
@@ -1082,7 +1099,7 @@ struct Acceptor {
     clients: Arc<Clients>,
     /// `--tls-creds`: each client is met by a thread of its own (`tls.rs`), which hands the
     /// session to the context it was dealt to once TLS is on.
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<tls::Creds>,
     /// The socket file to remove at exit (`--unix`; not a socket systemd made).
     unix_path: Option<PathBuf>,
     /// Set by the backoff timer (whose callback must be `Send`) and by a client slot given
@@ -1209,7 +1226,7 @@ impl Acceptor {
 /// session is served on `target`'s context, holding `slot`.
 fn meet_over_tls(
     sock: Socket,
-    config: Arc<rustls::ServerConfig>,
+    creds: tls::Creds,
     target: ContextHandle,
     export: Arc<Export>,
     settings: Settings,
@@ -1237,7 +1254,7 @@ fn meet_over_tls(
     let spawned = thread::Builder::new()
         .name("nbd-tls".to_owned())
         .spawn(move || {
-            let met = tls::meet(sock, config, name, settings.verbose);
+            let met = tls::meet(sock, creds, name, settings.verbose);
             drop(meeting);
             if let Some(session) = met {
                 target.schedule_oneshot(move || {

@@ -6,8 +6,9 @@
 //! The thread ([`meet`]; every step may block, so not on a context) sends the greeting, reads
 //! the client flags, answers every option but `NBD_OPT_STARTTLS` with `NBD_REP_ERR_TLS_REQD`
 //! (`NBD_OPT_ABORT` is acknowledged, and `NBD_OPT_EXPORT_NAME`, which has no error reply,
-//! closes), acknowledges `NBD_OPT_STARTTLS` and runs the TLS handshake (rustls: TLS 1.3 and
-//! 1.2, X.509 certificates), all within the handshake limit. The session then goes to the
+//! closes), acknowledges `NBD_OPT_STARTTLS` and runs the TLS handshake (TLS 1.3 and 1.2:
+//! rustls with X.509 certificates, or OpenSSL with pre-shared keys, `tls_psk.rs`; the [`Tls`]
+//! enum drives either the same way), all within the handshake limit. The session then goes to the
 //! context the client was dealt to ([`Session::serve`]): one end of a Unix socket pair becomes
 //! an ordinary connection there, which goes on with the options from where the thread left
 //! them, and a [`Relay`] moves bytes between the other end and the client, as two fd handlers
@@ -48,6 +49,112 @@ use crate::connection::{self, Served, Settings, Shard, Socket};
 use crate::export::Export;
 use crate::protocol::*;
 use crate::session::{self, AfterTls, HANDSHAKE_LIMIT, Handshake, LINGER};
+use crate::tls_psk::{self, PskSession};
+use openssl::ssl::SslContext;
+
+/// One client's TLS session, either kind, driven the same way by the handshake and the relay:
+/// records in and out (`read_tls`, `write_tls`), plaintext in and out (`take_plaintext`,
+/// `write_plain`).
+enum Tls {
+    X509(Box<ServerConnection>),
+    Psk(PskSession),
+}
+
+impl Tls {
+    fn new(creds: Creds) -> io::Result<Tls> {
+        Ok(match creds {
+            Creds::X509(config) => Tls::X509(Box::new(
+                ServerConnection::new(config).map_err(io::Error::other)?,
+            )),
+            Creds::Psk(context) => Tls::Psk(PskSession::new(&context)?),
+        })
+    }
+
+    /// Runs the handshake to its end over the blocking `wire`.
+    fn handshake(&mut self, wire: &mut Wire<'_>) -> io::Result<()> {
+        match self {
+            Tls::X509(tls) => {
+                while tls.is_handshaking() {
+                    tls.complete_io(wire)
+                        .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
+                }
+                // The relay bounds what it gives rustls itself; rustls must take all of it.
+                tls.set_buffer_limit(None);
+                Ok(())
+            }
+            Tls::Psk(tls) => tls.handshake(wire),
+        }
+    }
+
+    fn wants_write(&self) -> bool {
+        match self {
+            Tls::X509(tls) => tls.wants_write(),
+            Tls::Psk(tls) => tls.wants_write(),
+        }
+    }
+
+    fn write_tls(&mut self, wire: &mut Wire<'_>) -> io::Result<usize> {
+        match self {
+            Tls::X509(tls) => tls.write_tls(wire),
+            Tls::Psk(tls) => tls.write_tls(wire),
+        }
+    }
+
+    /// Reads records from the client, one read (0: its stream ended), and decrypts them; a
+    /// record that does not decrypt is an `InvalidData` error, after the alert that says why
+    /// was sent.
+    fn read_tls(&mut self, wire: &mut Wire<'_>) -> io::Result<usize> {
+        match self {
+            Tls::X509(tls) => {
+                let n = tls.read_tls(wire)?;
+                if n > 0
+                    && let Err(e) = tls.process_new_packets()
+                {
+                    let _ = tls.write_tls(wire);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+                Ok(n)
+            }
+            Tls::Psk(tls) => tls.read_tls(wire),
+        }
+    }
+
+    /// Moves the decrypted plaintext into `out`; true when the client has ended its side (its
+    /// `close_notify`, or the stream ended without it).
+    fn take_plaintext(&mut self, out: &mut Vec<u8>) -> io::Result<bool> {
+        match self {
+            Tls::X509(tls) => take_plaintext(tls, out),
+            Tls::Psk(tls) => tls.take_plaintext(out),
+        }
+    }
+
+    /// Encrypts all of `plain`, to be sent.
+    fn write_plain(&mut self, plain: &[u8]) -> io::Result<()> {
+        match self {
+            Tls::X509(tls) => tls.writer().write_all(plain),
+            Tls::Psk(tls) => tls.write_plain(plain),
+        }
+    }
+
+    fn send_close_notify(&mut self) {
+        match self {
+            Tls::X509(tls) => tls.send_close_notify(),
+            Tls::Psk(tls) => tls.send_close_notify(),
+        }
+    }
+
+    /// The protocol and cipher suite, for the logs.
+    fn describe(&self) -> String {
+        match self {
+            Tls::X509(tls) => format!(
+                "{:?}, {:?}",
+                tls.protocol_version(),
+                tls.negotiated_cipher_suite().map(|s| s.suite())
+            ),
+            Tls::Psk(tls) => tls.describe(),
+        }
+    }
+}
 
 /// The files in `--tls-creds DIR`, named as qemu's `tls-creds-x509` and nbdkit's
 /// `--tls-certificates` name them: the server's certificate chain (its own first) and its
@@ -63,10 +170,33 @@ pub const CA_CERT: &str = "ca-cert.pem";
 /// chunk (a fifth of the relay's CPU in a `perf` profile of a bulk copy).
 const RELAY_CHUNK: usize = 64 << 10;
 
-/// The server's TLS settings, from `--tls-creds DIR` (and `--tls-verify-peer`): an `Err` that
-/// names the file for a missing or unreadable certificate or key, or a key that does not
-/// match the certificate.
-pub fn load(dir: &Path, verify_peer: bool) -> io::Result<Arc<ServerConfig>> {
+/// The server's TLS settings: X.509 (rustls) or pre-shared keys (OpenSSL, `tls_psk.rs`).
+#[derive(Clone)]
+pub enum Creds {
+    X509(Arc<ServerConfig>),
+    Psk(SslContext),
+}
+
+/// The server's TLS settings, from `--tls-creds DIR` (and `--tls-verify-peer`): the X.509
+/// certificate and key, or, as in a directory of qemu's `tls-creds-psk`, pre-shared keys in
+/// `DIR/keys.psk` when there is no certificate; an `Err` that names the file for a missing or
+/// unreadable certificate, key or keys file, or a key that does not match the certificate.
+pub fn load(dir: &Path, verify_peer: bool) -> io::Result<Creds> {
+    let keys = dir.join(tls_psk::KEYS_FILE);
+    if !dir.join(SERVER_CERT).exists() && keys.exists() {
+        if verify_peer {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "--tls-verify-peer is for X.509 certificates, not pre-shared keys",
+            ));
+        }
+        return tls_psk::load(&keys).map(Creds::Psk);
+    }
+    load_x509(dir, verify_peer).map(Creds::X509)
+}
+
+/// [`load`]'s X.509 settings.
+fn load_x509(dir: &Path, verify_peer: bool) -> io::Result<Arc<ServerConfig>> {
     let bad = |file: &str, e: &dyn std::fmt::Display| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -123,7 +253,7 @@ enum Before {
 /// A client that completed the TLS handshake, ready to be served on a context
 /// ([`Session::serve`]).
 pub struct Session {
-    tls: ServerConnection,
+    tls: Tls,
     sock: Socket,
     no_zeroes: bool,
     /// The handshake limit, from the client's connecting: the connection has what is left.
@@ -135,28 +265,20 @@ pub struct Session {
 /// handshake up to TLS and the TLS handshake, within [`HANDSHAKE_LIMIT`]. `None` (logged) when
 /// the client aborts, leaves, breaks the protocol or fails the TLS handshake. `name` is for
 /// the logs.
-pub fn meet(
-    sock: Socket,
-    config: Arc<ServerConfig>,
-    name: String,
-    verbose: bool,
-) -> Option<Session> {
+pub fn meet(sock: Socket, creds: Creds, name: String, verbose: bool) -> Option<Session> {
     let deadline = Instant::now() + HANDSHAKE_LIMIT;
     let mut wire = Wire {
         sock: &sock,
         deadline: Some(deadline),
     };
-    let result = (|| -> io::Result<Option<(ServerConnection, bool)>> {
+    let result = (|| -> io::Result<Option<(Tls, bool)>> {
         sock.set_nonblocking(false)?;
         let no_zeroes = match before_tls(&mut wire)? {
             Before::Aborted => return Ok(None),
             Before::StartTls { no_zeroes } => no_zeroes,
         };
-        let mut tls = ServerConnection::new(config).map_err(io::Error::other)?;
-        while tls.is_handshaking() {
-            tls.complete_io(&mut wire)
-                .map_err(|e| io::Error::new(e.kind(), format!("TLS handshake: {e}")))?;
-        }
+        let mut tls = Tls::new(creds)?;
+        tls.handshake(&mut wire)?;
         Ok(Some((tls, no_zeroes)))
     })();
     let (tls, no_zeroes) = match result {
@@ -200,11 +322,7 @@ pub fn meet(
         }
     };
     if verbose {
-        eprintln!(
-            "nbd-server: {name}: TLS on ({:?}, {:?})",
-            tls.protocol_version(),
-            tls.negotiated_cipher_suite().map(|s| s.suite())
-        );
+        eprintln!("nbd-server: {name}: TLS on ({})", tls.describe());
     }
     Some(Session {
         tls,
@@ -333,7 +451,7 @@ fn before_tls(wire: &mut Wire<'_>) -> io::Result<Before> {
 /// connection left, or the shutdown grace period, ends it).
 struct Relay {
     id: u64,
-    tls: ServerConnection,
+    tls: Tls,
     client: Socket,
     pair: UnixStream,
     /// Decrypted bytes not yet taken by the pair, from `to_pair_at` on.
@@ -375,7 +493,7 @@ impl Relay {
     fn start(
         ctx: &AioContext,
         conn: u64,
-        tls: ServerConnection,
+        tls: Tls,
         client: Socket,
         pair: UnixStream,
         slot: Rc<ClientSlot>,
@@ -409,8 +527,6 @@ impl Relay {
         }));
         let mut r = relay.borrow_mut();
         r.weak = Rc::downgrade(&relay);
-        // The relay bounds what it gives rustls itself; rustls must take all of it.
-        r.tls.set_buffer_limit(None);
         shard.insert(id, relay.clone());
         shard.watch_close(conn, id);
         // Records that came with the handshake's last flight may hold requests already.
@@ -479,7 +595,7 @@ impl Relay {
             self.to_pair.clear();
             self.to_pair_at = 0;
             if !self.client_eof && !self.write_shut {
-                self.client_eof = take_plaintext(&mut self.tls, &mut self.to_pair)?;
+                self.client_eof = self.tls.take_plaintext(&mut self.to_pair)?;
             }
             if self.discard {
                 self.to_pair.clear();
@@ -586,7 +702,7 @@ impl Relay {
             match (&self.pair).read(&mut self.buf) {
                 Ok(0) => self.context_ended(ctx),
                 Ok(n) => {
-                    if let Err(e) = self.tls.writer().write_all(&self.buf[..n]) {
+                    if let Err(e) = self.tls.write_plain(&self.buf[..n]) {
                         self.end(ctx, Some(e));
                         return;
                     }
@@ -613,16 +729,12 @@ impl Relay {
                 Ok(0) => self.client_eof = true,
                 Ok(n) => {
                     taken += n;
-                    if let Err(e) = self.tls.process_new_packets() {
-                        // Last gasp: the alert that says why, then close.
-                        let _ = self.tls.write_tls(&mut wire);
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, e));
-                    }
-                    self.client_eof = take_plaintext(&mut self.tls, &mut self.to_pair)?;
+                    self.client_eof = self.tls.take_plaintext(&mut self.to_pair)?;
                     if self.discard {
                         self.to_pair.clear();
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => return Err(e),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(_) => self.client_eof = true,
