@@ -506,35 +506,14 @@ impl Tour {
             "a throwaway authority and a certificate for localhost in {}",
             self.pki.display()
         ));
-        let pki = self.pki.display().to_string();
-        let cmd = Cmd::new(&exe.display().to_string())
-            .args(["--unix", &self.tls_socket.display().to_string()])
-            .args(["--persistent", "--tls-creds", &pki])
-            .arg(self.image.display().to_string());
-        let server = Server::start(
-            "nbd-server (TLS)",
-            &cmd,
-            &Readiness::ReadyLine,
-            self.deadline,
-        )?;
-        let watchdog = Watchdog::arm(self.deadline, server.killer());
-        for line in server.stdout() {
-            detail(line);
-        }
-        // qemu's option syntax doubles a comma inside a value.
-        let opt = |path: &Path| path.display().to_string().replace(',', ",,");
-        let compare = Cmd::new("qemu-img")
-            .args(["compare", "--object"])
-            .arg(format!(
+        let (server, watchdog) = self.start_tls_server(exe, &self.pki, "nbd-server (TLS)")?;
+        let compare = self.compare_over_tls(
+            format!(
                 "tls-creds-x509,id=tls0,endpoint=client,dir={}",
                 opt(&self.pki)
-            ))
-            .arg("--image-opts")
-            .arg(format!(
-                "driver=nbd,path={},tls-creds=tls0,tls-hostname=localhost",
-                opt(&self.tls_socket)
-            ))
-            .arg(format!("driver=file,filename={}", opt(&self.host)));
+            ),
+            ",tls-hostname=localhost",
+        );
         let output = self.output(&compare)?;
         let text = both_streams(&output);
         if !output.status.success() && text.contains(NO_GNUTLS) {
@@ -576,6 +555,35 @@ impl Tour {
         Ok(())
     }
 
+    /// Starts a server of the TLS step on the image with `--tls-creds dir`, and prints its
+    /// ready line; the watchdog kills it at the demo's deadline.
+    fn start_tls_server(&self, exe: &Path, dir: &Path, name: &str) -> Result<(Server, Watchdog)> {
+        let cmd = Cmd::new(&exe.display().to_string())
+            .args(["--unix", &self.tls_socket.display().to_string()])
+            .args(["--persistent", "--tls-creds", &dir.display().to_string()])
+            .arg(self.image.display().to_string());
+        let server = Server::start(name, &cmd, &Readiness::ReadyLine, self.deadline)?;
+        let watchdog = Watchdog::arm(self.deadline, server.killer());
+        for line in server.stdout() {
+            detail(line);
+        }
+        Ok((server, watchdog))
+    }
+
+    /// `qemu-img compare` of the TLS server's export, through the client credentials `object`
+    /// (its id `tls0`) and with `more` NBD options, with the file copied in at step 6.
+    fn compare_over_tls(&self, object: String, more: &str) -> Cmd {
+        Cmd::new("qemu-img")
+            .args(["compare", "--object"])
+            .arg(object)
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=nbd,path={},tls-creds=tls0{more}",
+                opt(&self.tls_socket)
+            ))
+            .arg(format!("driver=file,filename={}", opt(&self.host)))
+    }
+
     /// Stops a server of the TLS step, which must say `stopped` and exit 0.
     fn stop_tls(&self, server: Server) -> Result<()> {
         let stopped = server.stop(self.deadline)?;
@@ -606,33 +614,15 @@ impl Tour {
             "a random 256-bit key for the user `demo` in {}",
             keys.display()
         ));
-        let cmd = Cmd::new(&exe.display().to_string())
-            .args(["--unix", &self.tls_socket.display().to_string()])
-            .args(["--persistent", "--tls-creds", &dir.display().to_string()])
-            .arg(self.image.display().to_string());
-        let server = Server::start(
-            "nbd-server (TLS, pre-shared key)",
-            &cmd,
-            &Readiness::ReadyLine,
-            self.deadline,
-        )?;
-        let watchdog = Watchdog::arm(self.deadline, server.killer());
-        for line in server.stdout() {
-            detail(line);
-        }
-        let opt = |path: &Path| path.display().to_string().replace(',', ",,");
-        let compare = Cmd::new("qemu-img")
-            .args(["compare", "--object"])
-            .arg(format!(
+        let (server, watchdog) =
+            self.start_tls_server(exe, &dir, "nbd-server (TLS, pre-shared key)")?;
+        let compare = self.compare_over_tls(
+            format!(
                 "tls-creds-psk,id=tls0,endpoint=client,dir={},username=demo",
                 opt(&dir)
-            ))
-            .arg("--image-opts")
-            .arg(format!(
-                "driver=nbd,path={},tls-creds=tls0",
-                opt(&self.tls_socket)
-            ))
-            .arg(format!("driver=file,filename={}", opt(&self.host)));
+            ),
+            "",
+        );
         let output = self.output(&compare)?;
         if !output.status.success() {
             return Err(Error::new(format!(
@@ -790,6 +780,11 @@ impl Watchdog {
         // Dropping the sender would do as well; sending says what is meant.
         let _ = self.disarm.send(());
     }
+}
+
+/// `path` as a value in qemu's option syntax, which doubles a comma inside a value.
+fn opt(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
 }
 
 #[cfg(test)]

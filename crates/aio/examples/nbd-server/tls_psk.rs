@@ -70,7 +70,11 @@ pub fn load(path: &Path) -> io::Result<SslContext> {
     builder
         .set_ciphersuites("TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256")
         .map_err(tls)?;
-    builder.set_options(SslOptions::NO_TICKET | SslOptions::CIPHER_SERVER_PREFERENCE);
+    // No renegotiation either (TLS 1.2): a client could make the context's thread redo the
+    // handshake at will.
+    builder.set_options(
+        SslOptions::NO_TICKET | SslOptions::CIPHER_SERVER_PREFERENCE | SslOptions::NO_RENEGOTIATION,
+    );
     builder.set_num_tickets(0).map_err(tls)?;
     // TLS 1.3 uses this callback too (OpenSSL's external PSK with a SHA-256 binder, what
     // GnuTLS clients send).
