@@ -4,13 +4,13 @@
 //!
 //! The server is built in release mode and started on a scratch image under `target/`, on its
 //! default backend (`AIO_BACKEND` is left as the user has it; the server names the backend it
-//! picked). Then `qemu-io` writes a pattern and reads it back verified, discards and zeroes
-//! ranges, `qemu-img convert` copies a file of random data into the export and back out,
-//! `qemu-img bench` measures reads, a second server requiring TLS (`--tls-creds`, with a
-//! throwaway certificate `openssl` makes, then with a random pre-shared key) serves the same
-//! image to `qemu-img compare` over TLS and refuses a client without it, and SIGTERM stops the server, which must say `stopped` and exit 0.
-//! The image file on disk is checked as well, so what the server acknowledged is known to be
-//! where it belongs.
+//! picked). Then `qemu-io` writes a pattern and reads it back verified, discards and zeroes ranges,
+//! `qemu-img convert` copies a file of random data into the export and back out, `qemu-img bench`
+//! measures reads, a second server requiring TLS (`--tls-creds`, with a throwaway certificate
+//! `openssl` makes, then with a random pre-shared key) serves the same image to `qemu-img compare`
+//! over TLS and refuses a client without it, and SIGTERM stops the server, which must say `stopped`
+//! and exit 0. The image file on disk is checked as well, so what the server acknowledged is known
+//! to be where it belongs.
 //!
 //! The demo never installs anything. When qemu-io or qemu-img is not on `PATH`, or when
 //! `AIO_DEMO_CLIENT=builtin` asks for it, steps 4 to 7 are done instead by the client the

@@ -1097,8 +1097,8 @@ struct Acceptor {
     export: Arc<Export>,
     settings: Settings,
     clients: Arc<Clients>,
-    /// `--tls-creds`: each client is met by a thread of its own (`tls.rs`), which hands the
-    /// session to the context it was dealt to once TLS is on.
+    /// `--tls-creds` or `--tls-psk`: each client is met by a thread of its own (`tls.rs`),
+    /// which hands the session to the context it was dealt to once TLS is on.
     tls: Option<tls::Creds>,
     /// The socket file to remove at exit (`--unix`; not a socket systemd made).
     unix_path: Option<PathBuf>,

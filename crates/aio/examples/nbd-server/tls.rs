@@ -1,29 +1,27 @@
-//! TLS (`--tls-creds DIR`): the server's certificate and key, the thread that meets each
-//! client of a TLS server up to the end of its TLS handshake, and the relay that then carries
-//! its connection on a context, as qemu-nbd with `--tls-creds` does (the protocol's FORCEDTLS
-//! mode).
+//! TLS (`--tls-creds DIR`, `--tls-psk FILE`): the server's credentials, the thread that meets each
+//! client of a TLS server up to the end of its TLS handshake, and the relay that then carries its
+//! connection on a context, as qemu-nbd with `--tls-creds` does (the protocol's FORCEDTLS mode).
 //!
-//! The thread ([`meet`]; every step may block, so not on a context) sends the greeting, reads
-//! the client flags, answers every option but `NBD_OPT_STARTTLS` with `NBD_REP_ERR_TLS_REQD`
-//! (`NBD_OPT_ABORT` is acknowledged, and `NBD_OPT_EXPORT_NAME`, which has no error reply,
-//! closes), acknowledges `NBD_OPT_STARTTLS` and runs the TLS handshake (TLS 1.3 and 1.2:
-//! rustls with X.509 certificates, or OpenSSL with pre-shared keys, `tls_psk.rs`; the [`Tls`]
-//! enum drives either the same way), all within the handshake limit. The session then goes to the
-//! context the client was dealt to ([`Session::serve`]): one end of a Unix socket pair becomes
-//! an ordinary connection there, which goes on with the options from where the thread left
-//! them, and a [`Relay`] moves bytes between the other end and the client, as two fd handlers
-//! of the same context: records from the client decrypted onto the pair, what the connection
-//! writes into the pair (replies, READ data sent from the page cache with `sendfile` included)
-//! encrypted to the client. So both connection engines and every `--aio` mode serve TLS
-//! clients unchanged, and a request costs no thread hop more than without TLS. (A relay thread
-//! per client, tried first, measured on 2 vCPUs 5.7 k against 13.3 k fio 4 KiB reads per
-//! second at queue depth 1, 100 k against 124 k at 32, and 519 against 722 MiB/s for nbdcopy
-//! uploads, level on downloads: BENCHMARKS.md, "TLS".) A close of either side ends the
-//! other: once the connection has closed, what it wrote is sent, then the TLS `close_notify`,
-//! and the relay reads the client to its end of stream before closing (a lingering close: no
-//! reset cuts the last bytes); from the connection's leaving, the client has [`LINGER`] for
-//! all that. The client's end shuts down the pair's writing side, which the connection reads
-//! as an end of stream.
+//! The thread ([`meet`]; every step may block, so not on a context) sends the greeting, reads the
+//! client flags, answers every option but `NBD_OPT_STARTTLS` with `NBD_REP_ERR_TLS_REQD`
+//! (`NBD_OPT_ABORT` is acknowledged, and `NBD_OPT_EXPORT_NAME`, which has no error reply, closes),
+//! acknowledges `NBD_OPT_STARTTLS` and runs the TLS handshake (TLS 1.3 and 1.2: rustls with X.509
+//! certificates, or OpenSSL with pre-shared keys, `tls_psk.rs`; the [`Tls`] enum drives either the
+//! same way), all within the handshake limit. The session then goes to the context the client was
+//! dealt to ([`Session::serve`]): one end of a Unix socket pair becomes an ordinary connection
+//! there, which goes on with the options from where the thread left them, and a [`Relay`] moves
+//! bytes between the other end and the client, as two fd handlers of the same context: records from
+//! the client decrypted onto the pair, what the connection writes into the pair (replies, READ data
+//! sent from the page cache with `sendfile` included) encrypted to the client. So both connection
+//! engines and every `--aio` mode serve TLS clients unchanged, and a request costs no thread hop
+//! more than without TLS. (A relay thread per client, tried first, measured on 2 vCPUs 5.7 k
+//! against 13.3 k fio 4 KiB reads per second at queue depth 1, 100 k against 124 k at 32, and 519
+//! against 722 MiB/s for nbdcopy uploads, level on downloads: BENCHMARKS.md, "TLS".) A close of
+//! either side ends the other: once the connection has closed, what it wrote is sent, then the TLS
+//! `close_notify`, and the relay reads the client to its end of stream before closing (a lingering
+//! close: no reset cuts the last bytes); from the connection's leaving, the client has [`LINGER`]
+//! for all that. The client's end shuts down the pair's writing side, which the connection reads as
+//! an end of stream.
 //!
 //! At most 64 handshakes run at once (`MAX_TLS_HANDSHAKES` in `main.rs`); a client beyond
 //! them is closed at once, so that connections that never finish their handshake hold a
@@ -100,9 +98,9 @@ impl Tls {
         }
     }
 
-    /// Reads records from the client, one read (0: its stream ended), and decrypts them; a
-    /// record that does not decrypt is an `InvalidData` error, after the alert that says why
-    /// was sent.
+    /// Reads records from the client, one read (0: its stream ended). rustls decrypts them
+    /// here, OpenSSL in [`take_plaintext`](Self::take_plaintext); either way a record that does
+    /// not decrypt is an `InvalidData` error (rustls's after the alert that says why is sent).
     fn read_tls(&mut self, wire: &mut Wire<'_>) -> io::Result<usize> {
         match self {
             Tls::X509(tls) => {
