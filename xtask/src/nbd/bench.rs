@@ -50,6 +50,11 @@
 //! --tls-certificates`; fio and nbdcopy with `nbds+unix://` URIs, finding the authority where
 //! libnbd looks by default (`$HOME/.pki/libnbd`, `HOME` set to the scratch directory's).
 //! `qemu-img bench` takes no `--object`, so no credentials: its rows are skipped.
+//! `AIO_NBD_BENCH_TLS=psk`: the same with pre-shared keys instead, one random 256-bit key for
+//! the user `bench` in a `keys.psk` of the scratch directory: ours with `--tls-psk`, qemu-nbd
+//! with a `tls-creds-psk` object, nbdkit with `--tls=require --tls-psk`; nbdcopy with the
+//! URI's user and `tls-psk-file`. fio's rows are skipped too: its nbd engine refuses a URI's
+//! local file, and libnbd has no default keys file to fall back on.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -408,17 +413,45 @@ struct Files {
     download: PathBuf,
     socket: PathBuf,
     pid_file: PathBuf,
-    /// With `AIO_NBD_BENCH_TLS=1`: the `HOME` of the libnbd clients, whose `.pki/libnbd`
-    /// ([`Files::pki`]) every server and client is given.
-    tls_home: Option<PathBuf>,
+    /// The credentials every server and client is given (`AIO_NBD_BENCH_TLS`).
+    tls: TlsFiles,
 }
+
+/// The race's TLS credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TlsFiles {
+    Off,
+    /// `AIO_NBD_BENCH_TLS=1`: the `HOME` of the libnbd clients, whose `.pki/libnbd` holds the
+    /// authority and the server's certificate ([`Files::pki`]).
+    X509 {
+        home: PathBuf,
+    },
+    /// `AIO_NBD_BENCH_TLS=psk`: the keys file (the user [`PSK_USER`]), in a directory of its
+    /// own, as qemu's `tls-creds-psk` wants it.
+    Psk {
+        keys: PathBuf,
+    },
+}
+
+/// The user of the pre-shared key under `AIO_NBD_BENCH_TLS=psk`.
+const PSK_USER: &str = "bench";
 
 impl Files {
     /// Under TLS, the directory of `ca-cert.pem`, `server-cert.pem` and `server-key.pem`
     /// ([`nbd::make_pki`](super::make_pki)): where libnbd looks by default, `$HOME/.pki/libnbd`.
     fn pki(&self) -> Option<PathBuf> {
-        let home = self.tls_home.as_ref()?;
-        Some(home.join(".pki").join("libnbd"))
+        match &self.tls {
+            TlsFiles::X509 { home } => Some(home.join(".pki").join("libnbd")),
+            _ => None,
+        }
+    }
+
+    /// Under `AIO_NBD_BENCH_TLS=psk`, the keys file.
+    fn psk(&self) -> Option<&Path> {
+        match &self.tls {
+            TlsFiles::Psk { keys } => Some(keys),
+            _ => None,
+        }
     }
 
     fn server_command(&self, which: Which, image: &Path) -> Cmd {
@@ -440,9 +473,10 @@ impl Files {
                     Variant::CacheNone => cmd.args(["--cache", "none"]),
                     Variant::Plain | Variant::Epoll => cmd,
                 };
-                let cmd = match self.pki() {
-                    Some(pki) => cmd.args(["--tls-creds", &pki.display().to_string()]),
-                    None => cmd,
+                let cmd = match (self.pki(), self.psk()) {
+                    (Some(pki), _) => cmd.args(["--tls-creds", &pki.display().to_string()]),
+                    (None, Some(keys)) => cmd.args(["--tls-psk", &keys.display().to_string()]),
+                    (None, None) => cmd,
                 };
                 cmd.arg(image)
             }
@@ -456,14 +490,22 @@ impl Files {
                     .arg(format!("--shared={QEMU_NBD_SHARED}"))
                     .args(["-k", &socket])
                     .arg(format!("--pid-file={}", self.pid_file.display()));
-                let cmd = match self.pki() {
+                let object = match (self.pki(), self.psk()) {
                     // No client certificates, as the others.
-                    Some(pki) => cmd
+                    (Some(pki), _) => Some(format!(
+                        "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
+                        pki.display()
+                    )),
+                    (None, Some(keys)) => Some(format!(
+                        "tls-creds-psk,id=tls0,endpoint=server,dir={}",
+                        keys.parent().unwrap_or(Path::new(".")).display()
+                    )),
+                    (None, None) => None,
+                };
+                let cmd = match object {
+                    Some(object) => cmd
                         .arg("--object")
-                        .arg(format!(
-                            "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=off",
-                            pki.display()
-                        ))
+                        .arg(object)
                         .args(["--tls-creds", "tls0"]),
                     None => cmd,
                 };
@@ -474,11 +516,14 @@ impl Files {
                 let cmd = Cmd::new("nbdkit")
                     .args(["--foreground", "--unix", &socket])
                     .args(["--pidfile", &self.pid_file.display().to_string()]);
-                let cmd = match self.pki() {
-                    Some(pki) => cmd
+                let cmd = match (self.pki(), self.psk()) {
+                    (Some(pki), _) => cmd
                         .arg("--tls=require")
                         .arg(format!("--tls-certificates={}", pki.display())),
-                    None => cmd,
+                    (None, Some(keys)) => cmd
+                        .arg("--tls=require")
+                        .arg(format!("--tls-psk={}", keys.display())),
+                    (None, None) => cmd,
                 };
                 cmd.args(["file", &image])
             }
@@ -492,12 +537,18 @@ impl Files {
             .arg(format!("--request-size={COPY_REQUEST_SIZE}"))
     }
 
-    /// The clients' URI of the export: `nbds+unix://` under TLS.
+    /// The clients' URI of the export: `nbds+unix://` under TLS, with the user and the keys
+    /// file under pre-shared keys.
     fn url(&self) -> String {
         let url = nbd::unix_url(&self.socket);
-        match self.tls_home {
-            Some(_) => url.replacen("nbd+unix:", "nbds+unix:", 1),
-            None => url,
+        match &self.tls {
+            TlsFiles::Off => url,
+            TlsFiles::X509 { .. } => url.replacen("nbd+unix:", "nbds+unix:", 1),
+            TlsFiles::Psk { keys } => format!(
+                "{}&tls-psk-file={}",
+                url.replacen("nbd+unix:///", &format!("nbds+unix://{PSK_USER}@/"), 1),
+                keys.display()
+            ),
         }
     }
 
@@ -506,9 +557,9 @@ impl Files {
     /// engine refuses a URI's `tls-certificates` (libnbd's local-file rule).
     fn libnbd_client(&self, program: &str) -> Cmd {
         let cmd = Cmd::new(program);
-        match &self.tls_home {
-            Some(home) => cmd.env("HOME", home.display().to_string()),
-            None => cmd,
+        match &self.tls {
+            TlsFiles::X509 { home } => cmd.env("HOME", home.display().to_string()),
+            _ => cmd,
         }
     }
 
@@ -591,8 +642,30 @@ struct Knobs {
     /// fio seconds per run.
     runtime: u64,
     quick: bool,
-    /// `AIO_NBD_BENCH_TLS=1`: every server requires TLS and every client uses it.
-    tls: bool,
+    /// `AIO_NBD_BENCH_TLS`: every server requires TLS and every client uses it.
+    tls: TlsMode,
+}
+
+/// `AIO_NBD_BENCH_TLS`: off (unset or `0`), X.509 (`1` or `x509`), pre-shared keys (`psk`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TlsMode {
+    Off,
+    X509,
+    Psk,
+}
+
+impl TlsMode {
+    fn from_var(var: &dyn Fn(&str) -> Option<String>) -> Result<TlsMode> {
+        const KEY: &str = "AIO_NBD_BENCH_TLS";
+        match var(KEY).as_deref().map(str::trim) {
+            None | Some("" | "0") => Ok(TlsMode::Off),
+            Some("1" | "x509") => Ok(TlsMode::X509),
+            Some("psk") => Ok(TlsMode::Psk),
+            Some(other) => Err(Error::new(format!(
+                "{KEY}={other:?}: expected 0, 1 (or x509) or psk"
+            ))),
+        }
+    }
 }
 
 /// Reads the knobs through `var` (the environment, or a table in the tests).
@@ -621,7 +694,7 @@ fn knobs(var: &dyn Fn(&str) -> Option<String>) -> Result<(Knobs, Selection)> {
             },
         )?,
         quick,
-        tls: flag(var, "AIO_NBD_BENCH_TLS")?,
+        tls: TlsMode::from_var(var)?,
     };
     let clients = list(
         var,
@@ -648,6 +721,21 @@ fn knobs(var: &dyn Fn(&str) -> Option<String>) -> Result<(Knobs, Selection)> {
 }
 
 /// `1` or `0` (unset: `false`).
+/// Writes `keys` (psktool's format) with a random 256-bit key for [`PSK_USER`], in a
+/// directory of its own.
+fn make_psk(keys: &Path) -> Result<()> {
+    let mut key = [0u8; 32];
+    File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .with_context(|| "reading /dev/urandom".to_owned())?;
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    if let Some(dir) = keys.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(keys, format!("{PSK_USER}:{hex}\n"))
+        .with_context(|| format!("writing {}", keys.display()))
+}
+
 fn flag(var: &dyn Fn(&str) -> Option<String>, key: &str) -> Result<bool> {
     match var(key).as_deref().map(str::trim) {
         None | Some("" | "0") => Ok(false),
@@ -819,9 +907,14 @@ pub fn run() -> Result<ExitCode> {
     let mut client_skip: Vec<(Client, String)> = Vec::new();
     for &client in &selection.clients {
         let why = match client {
-            Client::QemuImg if knobs.tls => {
+            Client::QemuImg if knobs.tls != TlsMode::Off => {
                 Some("skipped: qemu-img bench takes no --object, so no TLS credentials".to_owned())
             }
+            Client::Fio if knobs.tls == TlsMode::Psk => Some(
+                "skipped: fio's nbd engine refuses the URI's tls-psk-file (libnbd's local-file \
+                 rule), and libnbd has no default keys file"
+                    .to_owned(),
+            ),
             Client::QemuImg => unavailable("qemu-utils"),
             Client::Fio => unavailable("fio").or_else(|| {
                 (!fio_has_nbd()).then(|| "skipped: this fio has no nbd engine".to_owned())
@@ -847,7 +940,7 @@ pub fn run() -> Result<ExitCode> {
         })
         .collect();
 
-    if knobs.tls {
+    if knobs.tls == TlsMode::X509 {
         // `openssl version`: it has no `--version`.
         let missing = || {
             if Cmd::new("openssl").arg("version").probe() {
@@ -861,7 +954,15 @@ pub fn run() -> Result<ExitCode> {
     let ours = nbd::build_server()?;
     let mut scratch = Scratch::create("nbd-bench")?;
     let dir = scratch.path().to_path_buf();
-    let tls_home = knobs.tls.then(|| dir.join("home"));
+    let tls = match knobs.tls {
+        TlsMode::Off => TlsFiles::Off,
+        TlsMode::X509 => TlsFiles::X509 {
+            home: dir.join("home"),
+        },
+        TlsMode::Psk => TlsFiles::Psk {
+            keys: dir.join("psk").join("keys.psk"),
+        },
+    };
     let files = Files {
         ours,
         image: dir.join("image.raw"),
@@ -870,10 +971,13 @@ pub fn run() -> Result<ExitCode> {
         download: dir.join("sparse-copy.raw"),
         socket: scratch.socket_path("nbd.sock"),
         pid_file: dir.join("server.pid"),
-        tls_home,
+        tls,
     };
     if let Some(pki) = files.pki() {
         super::make_pki(&pki)?;
+    }
+    if let Some(keys) = files.psk() {
+        make_psk(keys)?;
     }
     eprintln!(
         "bench nbd: writing a {} MiB image, a {} MiB upload file and a {} GiB sparse image under {}",
@@ -1456,12 +1560,24 @@ fn markdown(setup: &Setup, servers: &[Which], results: &[CaseResult], table: &Ta
         setup.knobs.count,
         setup.knobs.runtime,
     );
-    if setup.knobs.tls {
-        let _ = writeln!(
-            md,
-            "**Under TLS** (`AIO_NBD_BENCH_TLS=1`): every server requires it and every client \
-             uses it, with one X.509 certificate (P-256) for all; the commands below say how.\n"
-        );
+    match setup.knobs.tls {
+        TlsMode::Off => {}
+        TlsMode::X509 => {
+            let _ = writeln!(
+                md,
+                "**Under TLS** (`AIO_NBD_BENCH_TLS=1`): every server requires it and every \
+                 client uses it, with one X.509 certificate (P-256) for all; the commands below \
+                 say how.\n"
+            );
+        }
+        TlsMode::Psk => {
+            let _ = writeln!(
+                md,
+                "**Under TLS with pre-shared keys** (`AIO_NBD_BENCH_TLS=psk`): every server \
+                 requires it and every client uses it, with one random 256-bit key for the user \
+                 `{PSK_USER}`; the commands below say how.\n"
+            );
+        }
     }
     md.push_str(&table.markdown());
     let _ = writeln!(
@@ -1712,8 +1828,8 @@ mod tests {
         );
     }
 
-    /// The files of a run under `/s` (ours in `/t`), with TLS when `tls_home` is given.
-    fn test_files(tls_home: Option<&str>) -> Files {
+    /// The files of a run under `/s` (ours in `/t`), with `tls`.
+    fn test_files(tls: TlsFiles) -> Files {
         Files {
             ours: PathBuf::from("/t/nbd-server"),
             image: PathBuf::from("/s/image.raw"),
@@ -1722,13 +1838,13 @@ mod tests {
             download: PathBuf::from("/s/out.raw"),
             socket: PathBuf::from("/s/nbd.sock"),
             pid_file: PathBuf::from("/s/server.pid"),
-            tls_home: tls_home.map(PathBuf::from),
+            tls,
         }
     }
 
     #[test]
     fn commands_configure_each_server_and_client() {
-        let files = test_files(None);
+        let files = test_files(TlsFiles::Off);
         let image = files.image.clone();
         let cmd = |w| files.server_command(w, &image).to_string();
         assert_eq!(
@@ -1780,7 +1896,9 @@ mod tests {
 
     #[test]
     fn under_tls_every_server_requires_it_and_every_client_uses_it() {
-        let files = test_files(Some("/s/home"));
+        let files = test_files(TlsFiles::X509 {
+            home: PathBuf::from("/s/home"),
+        });
         let image = files.image.clone();
         let cmd = |w| files.server_command(w, &image).to_string();
         assert!(
@@ -1799,7 +1917,7 @@ mod tests {
             )
         );
         let (knobs, _) = knobs(&|k| (k == "AIO_NBD_BENCH_TLS").then(|| "1".to_owned())).unwrap();
-        assert!(knobs.tls);
+        assert_eq!(knobs.tls, TlsMode::X509);
         let client = |w| files.client_command(w, &knobs).to_string();
         let fio = client(Workload::Fio {
             write: true,
@@ -1819,6 +1937,49 @@ mod tests {
                 && copy.ends_with("'nbds+unix:///?socket=/s/nbd.sock' null:"),
             "{copy}"
         );
+    }
+
+    #[test]
+    fn with_pre_shared_keys_every_server_and_nbdcopy_use_the_keys_file() {
+        let files = test_files(TlsFiles::Psk {
+            keys: PathBuf::from("/s/psk/keys.psk"),
+        });
+        let image = files.image.clone();
+        let cmd = |w| files.server_command(w, &image).to_string();
+        assert!(
+            cmd(Which::Ours(Aio::Threads, Variant::Plain))
+                .ends_with("--aio threads --tls-psk /s/psk/keys.psk /s/image.raw")
+        );
+        assert!(
+            cmd(Which::QemuNbd(Aio::Threads, Cache::Writeback)).ends_with(
+                "--object tls-creds-psk,id=tls0,endpoint=server,dir=/s/psk --tls-creds tls0 \
+                 /s/image.raw"
+            )
+        );
+        assert!(
+            cmd(Which::Nbdkit)
+                .ends_with("--tls=require --tls-psk=/s/psk/keys.psk file /s/image.raw")
+        );
+        let (knobs, _) = knobs(&|k| (k == "AIO_NBD_BENCH_TLS").then(|| "psk".to_owned())).unwrap();
+        assert_eq!(knobs.tls, TlsMode::Psk);
+        let copy = files
+            .client_command(
+                Workload::CopyOut {
+                    connections: 1,
+                    requests: 16,
+                },
+                &knobs,
+            )
+            .to_string();
+        assert!(
+            copy.starts_with("nbdcopy ")
+                && copy.ends_with(
+                    "'nbds+unix://bench@/?socket=/s/nbd.sock&tls-psk-file=/s/psk/keys.psk' null:"
+                ),
+            "{copy}"
+        );
+        let bad = super::knobs(&|k| (k == "AIO_NBD_BENCH_TLS").then(|| "yes".to_owned()));
+        assert!(bad.is_err());
     }
 
     #[test]
@@ -1854,7 +2015,7 @@ mod tests {
                 count: 50_000,
                 runtime: 10,
                 quick: false,
-                tls: false,
+                tls: TlsMode::Off,
             }
         );
         assert_eq!(sel, every(&Client::ALL));
@@ -2004,7 +2165,7 @@ mod tests {
                 count: 10,
                 runtime: 2,
                 quick: true,
-                tls: true,
+                tls: TlsMode::X509,
             },
             ready_lines: vec![(
                 "aio --aio native".to_owned(),
