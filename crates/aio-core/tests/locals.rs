@@ -1,5 +1,6 @@
 //! `AioContext::local`: one value per type and context, created on first use, dropped with the
-//! context after its bottom halves, in reverse order of creation.
+//! context after its bottom halves, in reverse order of creation; `try_local` finds it without
+//! creating it.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -63,4 +64,16 @@ fn init_may_use_other_locals_and_values_drop_with_the_context_in_reverse() {
     );
     drop(ctx);
     assert_eq!(*log.borrow(), ["second", "first"]);
+}
+
+#[test]
+fn try_local_finds_a_value_without_making_one() {
+    let (a, b) = (ctx(), ctx());
+    assert!(a.try_local::<RefCell<u32>>().is_none());
+    assert!(a.try_local::<RefCell<u32>>().is_none(), "asking made nothing");
+    let x = a.local(|_| RefCell::new(5u32));
+    let found = a.try_local::<RefCell<u32>>().expect("made by local");
+    assert!(Rc::ptr_eq(&x, &found));
+    assert!(b.try_local::<RefCell<u32>>().is_none(), "another context has none");
+    assert!(a.try_local::<RefCell<u64>>().is_none(), "another type has none");
 }

@@ -139,11 +139,14 @@ pub struct BlockIo {
 /// the request.
 pub struct Op(OpInner);
 
+/// Each engine's request identity, with the identity of the engine state ([`engine_uid`]) of
+/// the context it was submitted on: request ids repeat across contexts, so a cancel through
+/// another context must not act on that context's request.
 enum OpInner {
     #[cfg(target_os = "linux")]
-    Uring(fdmon_uring::RequestId),
+    Uring(fdmon_uring::RequestId, u64),
     #[cfg(target_os = "linux")]
-    Laio(usize, u64),
+    Laio(usize, u64, u64),
     Pool(Ticket),
 }
 
@@ -151,9 +154,9 @@ impl fmt::Debug for Op {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.0 {
             #[cfg(target_os = "linux")]
-            OpInner::Uring(id) => f.debug_tuple("Op::IoUring").field(id).finish(),
+            OpInner::Uring(id, _) => f.debug_tuple("Op::IoUring").field(id).finish(),
             #[cfg(target_os = "linux")]
-            OpInner::Laio(slot, _) => f.debug_tuple("Op::LinuxAio").field(slot).finish(),
+            OpInner::Laio(slot, _, _) => f.debug_tuple("Op::LinuxAio").field(slot).finish(),
             OpInner::Pool(_) => f.write_str("Op::Threads"),
         }
     }
@@ -166,12 +169,17 @@ impl Op {
     /// `ECANCELED`, or, when the request was already running in the kernel or on a worker
     /// and could not be stopped (a read of a regular file usually cannot), with its normal
     /// result. Either way `done` runs exactly once and gets the buffer back.
+    ///
+    /// `ctx` is the context the request was submitted on; given another one, `cancel`
+    /// returns false and touches nothing (in particular no request of that context).
     pub fn cancel(&self, ctx: &AioContext) -> bool {
         match &self.0 {
             #[cfg(target_os = "linux")]
-            OpInner::Uring(id) => uring::cancel(ctx, *id),
+            OpInner::Uring(id, engine) => uring::cancel(ctx, *id, *engine),
             #[cfg(target_os = "linux")]
-            OpInner::Laio(slot, generation) => linux_aio::cancel(ctx, *slot, *generation),
+            OpInner::Laio(slot, generation, engine) => {
+                linux_aio::cancel(ctx, *slot, *generation, *engine)
+            }
             OpInner::Pool(ticket) => {
                 let _ = ctx;
                 ticket.cancel()
@@ -543,6 +551,15 @@ impl IoBuf for FixedBuf {}
 /// Submits blocking work that borrows a buffer `B` to the thread pool; `done` gets the result
 /// and the buffer back, even when the work was cancelled before it ran (the buffer then never
 /// left the slot it waits in).
+/// A process-unique identity for a context's io_uring or native AIO engine state, which its
+/// [`Op`]s carry (see [`OpInner`]); never 0, the identity of no engine.
+#[cfg(target_os = "linux")]
+pub(crate) fn engine_uid() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    // Relaxed: only uniqueness matters; nothing is published with the value.
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 fn pool_buf<B, R>(
     ctx: &AioContext,
     file: Arc<File>,

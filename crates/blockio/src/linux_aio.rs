@@ -3,7 +3,10 @@
 //! (`IOCB_FLAG_RESFD`) that the context watches as an fd handler, and submissions batched per
 //! iteration: requests queue up and one one-shot BH submits them all in one `io_submit`
 //! (QEMU's plug / `defer_call`). `EAGAIN` leaves the rest queued until a completion frees a
-//! slot. This file owns the kernel AIO context of one `AioContext`, its request table and every
+//! slot. Completions are run by the eventfd's handler and by a completion source that every
+//! iteration calls, nested ones included, one at a time from a shared queue, so that a
+//! callback may poll the context and a panicking one loses no other completion (QEMU
+//! reschedules its completion BH around each callback; see [`Laio::new`]). This file owns the kernel AIO context of one `AioContext`, its request table and every
 //! `unsafe` of the engine; the `SAFETY` comments cite [LAIO-1], [LAIO-2] and [SYS-n] of
 //! ARCHITECTURE.md ("The kernel boundary").
 //!
@@ -91,6 +94,8 @@ struct Req {
 pub(crate) struct Laio {
     /// The kernel AIO context (`aio_context_t`).
     id: u64,
+    /// The identity its requests' [`Op`]s carry ([`crate::engine_uid`]).
+    uid: u64,
     notifier: Arc<EventNotifier>,
     handler: RefCell<Option<FdHandler>>,
     /// Requests by slot; `None` is a free slot.
@@ -100,6 +105,16 @@ pub(crate) struct Laio {
     pending: RefCell<VecDeque<usize>>,
     /// How many requests the kernel holds.
     in_kernel: Cell<usize>,
+    /// Completions taken from the kernel whose callbacks have not run yet, oldest first, as
+    /// `(slot, res)`: shared, so that a nested iteration (a callback that polls the context)
+    /// or the iteration after a panicking callback goes on with the rest.
+    reaped: RefCell<VecDeque<(usize, i64)>>,
+    /// How many runs of the eventfd handler are on the stack. While one is, a nested
+    /// iteration skips the handler (a running callback is not re-entered), so the completion
+    /// source clears the eventfd in its stead.
+    in_handler: Cell<usize>,
+    /// Whether the kernel's completion ring can be peeked at ([`Laio::has_events`]).
+    ring: bool,
     /// Whether the submission BH is scheduled.
     flush_scheduled: Cell<bool>,
     /// The generation of the next request.
@@ -165,44 +180,68 @@ impl Laio {
         }
         let laio = Rc::new(Laio {
             id,
+            uid: crate::engine_uid(),
             notifier: notifier.clone(),
             handler: RefCell::new(None),
             slots: RefCell::new(Vec::new()),
             free: RefCell::new(Vec::new()),
             pending: RefCell::new(VecDeque::new()),
             in_kernel: Cell::new(0),
+            reaped: RefCell::new(VecDeque::new()),
+            in_handler: Cell::new(0),
+            ring,
             flush_scheduled: Cell::new(false),
             next_generation: Cell::new(0),
         });
+        // Completions are run from two places: the eventfd's handler, and a completion source
+        // that every iteration calls, nested ones included (QEMU reschedules its completion BH
+        // around each callback instead; a running handler or BH here cannot be re-entered). A
+        // callback that polls the context thus has its nested iteration go on with the next
+        // completion, and when the handler is what runs it, the nested source also clears the
+        // eventfd, which the skipped handler cannot, so that a blocking nested wait sleeps
+        // until the next completion instead of finding the eventfd set again and again.
         // The eventfd counts completions; the ring shows them without a system call, so the
         // handler can take part in adaptive polling (QEMU's `qemu_laio_poll_cb`): a completion
         // that lands while the loop polls is run at once instead of after the poll window.
-        let (on_fd, on_poll, on_ready) = (
+        let (on_fd, on_poll, on_ready, on_source) = (
+            Rc::downgrade(&laio),
             Rc::downgrade(&laio),
             Rc::downgrade(&laio),
             Rc::downgrade(&laio),
         );
         let e = notifier.clone();
-        let mut builder = ctx.fd_handler(&*notifier).on_read(move |_| {
+        let mut builder = ctx.fd_handler(&*notifier).on_read(move |ctx| {
+            // Cleared before the ring is looked at: a completion after this sets it again.
             e.test_and_clear();
             if let Some(l) = on_fd.upgrade() {
-                l.reap();
+                l.in_handler.set(l.in_handler.get() + 1);
+                let _left = Leave(&l.in_handler);
+                l.deliver(ctx);
                 l.flush();
             }
         });
         if ring {
             builder = builder
                 .on_poll(move || on_poll.upgrade().is_some_and(|l| l.has_events()))
-                .on_poll_ready(move |_| {
-                    // The eventfd stays set; its next dispatch finds nothing left to reap.
+                .on_poll_ready(move |ctx| {
+                    // The eventfd stays set; its next dispatch finds nothing left to run.
                     if let Some(l) = on_ready.upgrade() {
-                        l.reap();
+                        l.deliver(ctx);
                         l.flush();
                     }
                 });
         }
         let handler = builder.register()?;
         *laio.handler.borrow_mut() = Some(handler);
+        ctx.add_completion_source(Rc::new(move |ctx: &AioContext| {
+            let Some(l) = on_source.upgrade() else {
+                return false;
+            };
+            if l.in_handler.get() > 0 {
+                l.notifier.test_and_clear();
+            }
+            l.deliver(ctx)
+        }));
         Ok(laio)
     }
 
@@ -243,7 +282,7 @@ impl Laio {
                 }
             });
         }
-        Op(OpInner::Laio(slot, generation))
+        Op(OpInner::Laio(slot, generation, self.uid))
     }
 
     /// Whether the kernel has put completions on the ring that nobody reaped yet (QEMU's
@@ -304,10 +343,35 @@ impl Laio {
         }
     }
 
-    /// Takes every completed event from the kernel and runs its callback, one at a time with
-    /// no borrow held.
-    fn reap(&self) {
+    /// Runs the callbacks of completed requests, oldest first, one at a time with no borrow
+    /// held, taking more from the kernel when those taken are done; whether it ran any. A
+    /// callback may poll the context: the nested iteration's completion source goes on with
+    /// the next completion. If a callback panics, the completions left are run by the next
+    /// iteration, which the context is told not to sleep through.
+    fn deliver(&self, ctx: &AioContext) -> bool {
+        let mut progress = false;
+        loop {
+            let next = self.reaped.borrow_mut().pop_front();
+            let Some((slot, res)) = next else {
+                if self.fetch() {
+                    continue;
+                }
+                return progress;
+            };
+            let unwinding = NotifyOnUnwind(ctx);
+            self.complete(slot, res);
+            std::mem::forget(unwinding);
+            progress = true;
+        }
+    }
+
+    /// Moves the events the kernel has completed into `reaped`; whether there were any.
+    fn fetch(&self) -> bool {
+        if self.in_kernel.get() == 0 || (self.ring && !self.has_events()) {
+            return false;
+        }
         let mut events = [IoEvent::default(); 64];
+        let mut any = false;
         loop {
             let timeout = libc::timespec {
                 tv_sec: 0,
@@ -325,12 +389,16 @@ impl Laio {
                 )
             };
             if rc <= 0 {
-                return;
+                return any;
             }
             let got = &events[..rc as usize];
             self.in_kernel.set(self.in_kernel.get() - got.len());
-            for ev in got {
-                self.complete(ev.data as usize, ev.res);
+            self.reaped
+                .borrow_mut()
+                .extend(got.iter().map(|ev| (ev.data as usize, ev.res)));
+            any = true;
+            if got.len() < events.len() {
+                return true;
             }
         }
     }
@@ -376,6 +444,26 @@ impl Laio {
     }
 }
 
+/// Counts a run of the eventfd handler off when it returns or unwinds.
+struct Leave<'a>(&'a Cell<usize>);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+/// Armed around a completion callback and forgotten after it: dropped only when the callback
+/// unwinds, it makes the context's next wait return at once, so that the completions still in
+/// `reaped` run in the next iteration rather than after some unrelated event.
+struct NotifyOnUnwind<'a>(&'a AioContext);
+
+impl Drop for NotifyOnUnwind<'_> {
+    fn drop(&mut self) {
+        self.0.notify();
+    }
+}
+
 impl Drop for Laio {
     /// `io_destroy` waits until the kernel has completed every request of the context, so
     /// the buffers are freed afterwards only; if it fails, the memory of the requests in the
@@ -397,9 +485,13 @@ impl Drop for Laio {
     }
 }
 
-/// Cancels a native AIO request; see [`Op::cancel`].
-pub(crate) fn cancel(ctx: &AioContext, slot: usize, generation: u64) -> bool {
-    of(ctx).is_ok_and(|l| l.cancel(ctx, slot, generation))
+/// Cancels a native AIO request of the engine `engine`; see [`Op::cancel`]. Nothing when
+/// `ctx` has no native AIO engine, or another one: slots repeat across contexts.
+pub(crate) fn cancel(ctx: &AioContext, slot: usize, generation: u64, engine: u64) -> bool {
+    match ctx.try_local::<LocalLaio>().as_deref() {
+        Some(LocalLaio(Ok(l))) if l.uid == engine => l.cancel(ctx, slot, generation),
+        _ => false,
+    }
 }
 
 fn count(res: i64) -> io::Result<usize> {

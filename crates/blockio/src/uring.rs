@@ -36,6 +36,8 @@ const MAX_SPARE: usize = 16;
 /// identity so that a stale completion cannot take a newer request's callback.
 #[derive(Default)]
 struct Callbacks {
+    /// The identity its requests' [`Op`]s carry ([`crate::engine_uid`]; 0 for a stand-in).
+    uid: u64,
     table: RefCell<Vec<Option<(RequestId, Callback)>>>,
     /// Boxes of one-buffer keep-alives whose requests completed, emptied (no file, no
     /// buffer) and kept for the next requests of the same buffer type, so that a read or a
@@ -96,7 +98,10 @@ impl Callbacks {
 /// that drains the monitor's ready list.
 fn callbacks(ctx: &AioContext) -> Rc<Callbacks> {
     ctx.local(|ctx| {
-        let cbs = Rc::new(Callbacks::default());
+        let cbs = Rc::new(Callbacks {
+            uid: crate::engine_uid(),
+            ..Callbacks::default()
+        });
         let weak: Weak<Callbacks> = Rc::downgrade(&cbs);
         ctx.add_completion_source(Rc::new(move |ctx: &AioContext| run_completions(ctx, &weak)));
         LocalCallbacks(cbs)
@@ -195,7 +200,7 @@ unsafe fn submit_or_fixed(
         Err((errno, keep)) => return fail_later(ctx, errno, keep, done),
     };
     cbs.insert(id, Box::new(done));
-    Op(OpInner::Uring(id))
+    Op(OpInner::Uring(id, cbs.uid))
 }
 
 /// Completes a request that could not be added with `-errno`, from the next iteration.
@@ -220,9 +225,13 @@ fn fail_later(
     Op(OpInner::Pool(ticket))
 }
 
-/// Cancels the request `id` (see [`Op::cancel`]).
-pub(crate) fn cancel(ctx: &AioContext, id: RequestId) -> bool {
-    ctx.with_backend(|b| {
+/// Cancels the request `id` of the engine `engine` (see [`Op::cancel`]): nothing when `ctx`'s
+/// callback table is another's, since request ids repeat across rings.
+pub(crate) fn cancel(ctx: &AioContext, id: RequestId, engine: u64) -> bool {
+    let ours = ctx
+        .try_local::<LocalCallbacks>()
+        .is_some_and(|l| l.0.uid == engine);
+    ours && ctx.with_backend(|b| {
         b.and_then(|m| m.downcast_mut::<UringMonitor>())
             .is_some_and(|m| m.cancel_request(id))
     })

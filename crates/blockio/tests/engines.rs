@@ -1,15 +1,16 @@
 //! Every block I/O operation on every engine (io_uring on the context's ring, the thread pool
-//! on an io_uring, epoll and poll context, Linux native AIO on epoll and io_uring) against a temporary file, checked byte for byte;
-//! short reads at end of file; cancellation before, during and after completion; a nested
-//! poll inside a completion; batching of one iteration's requests into one `io_uring_enter`.
-//! The memory paths of the io_uring and native AIO engines, which valgrind runs, are in
-//! `memory.rs`.
+//! on an io_uring, epoll and poll context, Linux native AIO on epoll and io_uring) against a
+//! temporary file, checked byte for byte; short reads at end of file; cancellation before,
+//! during and after completion, and through another context; nested polls inside
+//! completions, blocking ones two deep inside each engine's own reads; a panicking callback;
+//! batching of one iteration's requests into one `io_uring_enter`. The memory paths of the
+//! io_uring and native AIO engines, which valgrind runs, are in `memory.rs`.
 
 mod support;
 
 use support::{Slot, pattern, setups, temp_file, uring_ctx, wait_for};
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -551,5 +552,172 @@ fn futures_over_the_callbacks() {
         let (n, buf) = ctx.block_on(task).unwrap();
         assert_eq!(n, 8, "{name}");
         assert_eq!(&buf[..8], b"\0\0future", "{name}");
+    }
+}
+
+/// Polls `ctx` (blocking) until `done`, at most `limit` iterations: a nested wait that cannot
+/// reach the completion it waits for either sleeps forever or spins, and the bound turns the
+/// spin into a failure.
+fn poll_until(ctx: &AioContext, limit: usize, what: &str, done: impl Fn() -> bool) {
+    for _ in 0..limit {
+        if done() {
+            return;
+        }
+        ctx.poll();
+    }
+    assert!(done(), "{what}: not done after {limit} blocking iterations");
+}
+
+/// A completion callback of each engine's own read (not a `nop`, which native AIO leaves to
+/// the thread pool) submits another read and waits for it with blocking nested polls, two
+/// levels deep, on a cached file and, where the file system allows it, with `O_DIRECT` (whose
+/// native AIO completions arrive after `io_submit`, through the eventfd that the running
+/// handler cannot be re-entered to clear).
+#[test]
+fn blocking_nested_polls_inside_each_engines_own_completions() {
+    let mut files = vec![("cached", temp_file())];
+    if let Some(f) = support::temp_file_on_disk(true) {
+        files.push(("O_DIRECT", f));
+    }
+    for (kind, file) in files {
+        let align = blockio::DirectAlign::of(&file).unwrap();
+        let data = pattern(3 * 4096, 7);
+        file.write_all_at(&data, 0).unwrap();
+        for (name, ctx, io) in setups() {
+            let what = format!("{name}, {kind}");
+            let levels = Rc::new(RefCell::new(Vec::<Vec<u8>>::new()));
+            // Level `depth` reads block `depth` and, below level 2, nests the next level.
+            fn level(
+                ctx: &AioContext,
+                io: BlockIo,
+                file: &Arc<File>,
+                align: blockio::DirectAlign,
+                depth: u64,
+                levels: &Rc<RefCell<Vec<Vec<u8>>>>,
+                what: &str,
+            ) {
+                let (buf, start) = align.buffer(4096);
+                let (f, l, w) = (file.clone(), levels.clone(), what.to_owned());
+                io.read_into(ctx, file, buf, start, depth * 4096, move |r, b| {
+                    assert_eq!(r.unwrap(), 4096, "{w}: level {depth}");
+                    if depth < 2 {
+                        let ctx = AioContext::current().unwrap();
+                        let before = l.borrow().len();
+                        level(&ctx, io, &f, align, depth + 1, &l, &w);
+                        poll_until(&ctx, 1000, &w, || l.borrow().len() > before);
+                    }
+                    l.borrow_mut().push(b[start..start + 4096].to_vec());
+                });
+            }
+            level(&ctx, io, &file, align, 0, &levels, &what);
+            poll_until(&ctx, 1000, &what, || levels.borrow().len() == 3);
+            // Innermost first: each level finished only after the one it waited for.
+            let got = levels.borrow();
+            for (i, block) in got.iter().enumerate() {
+                let depth = 2 - i;
+                assert_eq!(
+                    block[..],
+                    data[depth * 4096..][..4096],
+                    "{what}: level {depth}"
+                );
+            }
+        }
+    }
+}
+
+/// A callback that panics loses no other completion, and the completions left when it
+/// unwound run in the next blocking iteration rather than after some unrelated event.
+#[test]
+fn a_panicking_callback_loses_no_other_completion() {
+    const N: usize = 16;
+    for (name, ctx, io) in setups() {
+        let file = temp_file();
+        file.write_all_at(&pattern(512, 3), 0).unwrap();
+        let done = Rc::new(Cell::new(0usize));
+        let first = Rc::new(Cell::new(true));
+        for _ in 0..N {
+            let (d, f) = (done.clone(), first.clone());
+            io.read_at(&ctx, &file, vec![0; 512], 0, move |r, _| {
+                assert_eq!(r.unwrap(), 512);
+                d.set(d.get() + 1);
+                if f.replace(false) {
+                    panic!("a callback panics on purpose");
+                }
+            });
+        }
+        let mut panics = 0;
+        for _ in 0..100 {
+            if done.get() == N {
+                break;
+            }
+            let poll = std::panic::AssertUnwindSafe(|| ctx.poll());
+            if std::panic::catch_unwind(poll).is_err() {
+                panics += 1;
+            }
+        }
+        assert_eq!(panics, 1, "{name}");
+        assert_eq!(
+            done.get(),
+            N,
+            "{name}: completions lost after a panicking callback"
+        );
+    }
+}
+
+/// An `Op` cancelled through another context cancels nothing there, though request ids
+/// repeat across contexts (the same slot and generation on both rings or AIO contexts).
+#[test]
+fn cancel_through_another_context_touches_nothing() {
+    let mut pairs = Vec::new();
+    if let (Some(a), Some(b)) = (uring_ctx(), uring_ctx()) {
+        pairs.push(("io_uring", a, b, Engine::IoUring));
+    }
+    let epoll = || AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new().unwrap())).unwrap();
+    let (a, b) = (epoll(), epoll());
+    if BlockIo::with_engine(&a, Engine::LinuxAio).is_ok() {
+        pairs.push(("linux-aio", a, b, Engine::LinuxAio));
+    }
+    for (name, a, b, engine) in pairs {
+        let file = temp_file();
+        file.write_all_at(b"data", 0).unwrap();
+        let (io_a, io_b) = (
+            BlockIo::with_engine(&a, engine).unwrap(),
+            BlockIo::with_engine(&b, engine).unwrap(),
+        );
+        let got_a: Slot<io::Result<usize>> = Rc::default();
+        let s = got_a.clone();
+        let op_a = io_a.read_at(&a, &file, vec![0; 4], 0, move |r, _| {
+            *s.borrow_mut() = Some(r)
+        });
+        let got_b: Slot<(io::Result<usize>, Vec<u8>)> = Rc::default();
+        let s = got_b.clone();
+        io_b.read_at(&b, &file, vec![0; 4], 0, move |r, buf| {
+            *s.borrow_mut() = Some((r, buf))
+        });
+        assert!(
+            !op_a.cancel(&b),
+            "{name}: cancelled through the wrong context"
+        );
+        let (r, buf) = wait_for(&b, &got_b);
+        assert_eq!(r.unwrap(), 4, "{name}: the other context's read");
+        assert_eq!(buf, b"data", "{name}");
+        // Its own context still cancels it (it had not been submitted yet) or sees it done.
+        let cancelled = op_a.cancel(&a);
+        let r = wait_for(&a, &got_a);
+        if cancelled {
+            assert_eq!(
+                r.unwrap_err().raw_os_error(),
+                Some(libc::ECANCELED),
+                "{name}"
+            );
+        } else {
+            assert_eq!(r.unwrap(), 4, "{name}");
+        }
+    }
+    // A context that never had the engine: nothing is cancelled and nothing set up.
+    let (a, c) = (epoll(), epoll());
+    if let Ok(io) = BlockIo::with_engine(&a, Engine::LinuxAio) {
+        let op = io.read_at(&a, &temp_file(), vec![0; 4], 0, |_, _| {});
+        assert!(!op.cancel(&c));
     }
 }

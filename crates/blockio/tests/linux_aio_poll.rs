@@ -52,23 +52,33 @@ fn completions_landing_while_the_loop_polls_are_poll_hits() {
     let Some((ctx, io)) = polling_laio_ctx(Duration::from_millis(20)) else {
         return;
     };
-    let file = temp_file();
+    // `O_DIRECT`, so that each read completes in the device after `io_submit` has returned:
+    // a page-cache read completes inside `io_submit`, and the completion source of the
+    // iteration that submitted it runs it at once, before any polling.
+    let Some(file) = support::temp_file_on_disk(true) else {
+        return;
+    };
+    let align = blockio::DirectAlign::of(&file).unwrap();
     for i in 0..16u8 {
-        file.write_all_at(&[i; 4096], u64::from(i) * 4096).unwrap();
+        let (mut block, start) = align.buffer(4096);
+        block[start..].fill(i);
+        // An aligned address and length, as O_DIRECT wants.
+        file.write_all_at(&block[start..], u64::from(i) * 4096)
+            .unwrap();
     }
     let done = Rc::new(Cell::new(0));
     let before = ctx.stats();
     for n in 0..500u32 {
         // One read at a time, from outside the loop: the iteration that runs the submission
-        // BH does not block; the kernel completes a page-cache read inside `io_submit`; the
-        // next iteration blocks, so it polls first, and polling should find the completion
-        // on the ring.
+        // BH does not block; the next one blocks, so it polls first, and polling should find
+        // the completion on the ring.
         let d = done.clone();
         let i = u64::from(n % 16);
-        io.read_at(&ctx, &file, vec![0; 4096], i * 4096, move |r, buf| {
+        let (buf, start) = align.buffer(4096);
+        io.read_into(&ctx, &file, buf, start, i * 4096, move |r, buf| {
             assert_eq!(r.expect("read"), 4096);
             assert!(
-                buf.iter().all(|&b| u64::from(b) == i),
+                buf[start..].iter().all(|&b| u64::from(b) == i),
                 "block {i} read back"
             );
             d.set(d.get() + 1);
@@ -116,8 +126,9 @@ fn a_polling_context_dropped_with_requests_in_flight_and_the_handler_in_the_poll
             *s.borrow_mut() += 1
         });
         if n == 199 {
-            // The submission BH runs without reaping (the poll phase of a non-blocking
-            // iteration does not run).
+            // The submission BH runs; the completion source of the same iteration runs what
+            // completed inside `io_submit`, and the rest stays in the kernel or on the ring
+            // (the poll phase of a non-blocking iteration does not run).
             ctx.poll_nonblocking();
         }
     }

@@ -1,7 +1,9 @@
 //! Buffer ownership of the io_uring and native AIO engines, for valgrind (xtask's memcheck
 //! list): contexts dropped with 1 100 requests in flight (queued, or in the kernel), and a
 //! byte-for-byte round trip of the buffer-carrying operations on the ring; the same two with
-//! registered (fixed) buffers, whose pool memory the ring keeps while registered. No thread
+//! registered (fixed) buffers, whose pool memory the ring keeps while registered; pipe reads
+//! blocked in the kernel at the drop (checked end to end) and native AIO `O_DIRECT` reads in
+//! the device at the drop. No thread
 //! pool is involved:
 //! valgrind runs one thread at a time and cannot switch threads while one sleeps in
 //! `io_uring_enter`, so a loop waiting there for a worker would never wake.
@@ -244,4 +246,95 @@ fn dropping_the_context_with_fixed_requests_in_flight() {
     let mut b = check.get().unwrap();
     b.fill(7);
     assert!(b.iter().all(|&x| x == 7));
+}
+
+/// [URING-2]'s drop claim end to end, which valgrind cannot see (the kernel's writes bypass
+/// it): reads of an empty pipe are blocked in the kernel when the context is dropped, so if
+/// one outlived the drop it would take bytes written afterwards, into freed memory. Every
+/// byte must still be in the pipe, and every fixed buffer back in its pool.
+#[test]
+fn after_the_drop_no_read_is_left_in_the_kernel() {
+    let Some(ctx) = uring_ctx() else { return };
+    let io = BlockIo::of(&ctx);
+    let pool = blockio::FixedBufPool::new(&ctx, 64, 4096).unwrap();
+    let (rx, mut tx) = io::pipe().unwrap();
+    let rx = Arc::new(File::from(std::os::fd::OwnedFd::from(rx)));
+    for i in 0..300 {
+        match i % 5 {
+            0 => {
+                io.read_fixed(&ctx, &rx, pool.get().unwrap(), 0, 0, |_, _| {});
+            }
+            1 => {
+                io.readv(&ctx, &rx, vec![vec![0; 8], vec![0; 8]], 0, |_, _| {});
+            }
+            _ => {
+                io.read_at(&ctx, &rx, vec![0; 16], 0, |_, _| {});
+            }
+        }
+    }
+    ctx.poll_nonblocking();
+    ctx.poll_nonblocking();
+    let in_kernel = ctx.with_backend(|b| {
+        b.unwrap()
+            .downcast_mut::<UringMonitor>()
+            .unwrap()
+            .requests_in_flight()
+    });
+    assert_eq!(in_kernel, 300, "every read waits in the kernel");
+    drop(ctx);
+    use std::io::{Read, Write};
+    tx.write_all(&[0xAA; 4096]).unwrap();
+    drop(tx);
+    let mut back = Vec::new();
+    (&*rx).read_to_end(&mut back).unwrap();
+    assert_eq!(
+        back.len(),
+        4096,
+        "a read outlived the context and took bytes"
+    );
+    assert_eq!(
+        Arc::strong_count(&rx),
+        1,
+        "no keep-alive survives the context"
+    );
+    assert_eq!(pool.available(), 64, "every lease is back");
+}
+
+/// Native AIO requests really in the kernel when the context is dropped: `O_DIRECT` reads
+/// of a file on disk, which complete in the device after `io_submit` returns (page-cache
+/// reads complete inside it), so that `io_destroy`'s wait ([LAIO-2]) is what keeps their
+/// buffers alive. No callback runs during the drop, and nothing survives it.
+#[test]
+fn dropping_a_context_with_native_aio_o_direct_reads_in_the_kernel() {
+    let Some(file) = support::temp_file_on_disk(true) else {
+        return;
+    };
+    let ctx = AioContext::new(Box::new(fdmon_epoll::EpollMonitor::new().unwrap())).unwrap();
+    let io = match BlockIo::with_engine(&ctx, Engine::LinuxAio) {
+        Ok(io) => io,
+        Err(e) => {
+            println!("skipped: {e}");
+            return;
+        }
+    };
+    let align = blockio::DirectAlign::of(&file).unwrap();
+    file.set_len(64 << 20).unwrap();
+    let called = Rc::new(Cell::new(0));
+    for i in 0..200u64 {
+        let c = called.clone();
+        let (buf, start) = align.buffer(1 << 16);
+        io.read_into(&ctx, &file, buf, start, (i % 64) << 20, move |_, _| {
+            c.set(c.get() + 1)
+        });
+    }
+    // Runs the submission BH: the reads go to the kernel.
+    ctx.poll_nonblocking();
+    let ran = called.get();
+    drop(ctx);
+    assert_eq!(called.get(), ran, "no callback runs during the drop");
+    assert_eq!(
+        Arc::strong_count(&file),
+        1,
+        "no keep-alive survives the context"
+    );
 }

@@ -50,8 +50,10 @@ pub(crate) struct Ring {
     /// submitted. Every `TIMEOUT` entry in the submission queue points at this box ([URING-3]).
     timespec: Box<types::Timespec>,
     /// The owner of the memory registered as the ring's fixed-buffer table, if any. Declared
-    /// after `ring`, so that it is dropped only once the ring is closed and the kernel has
-    /// unpinned the pages ([URING-5]); never replaced while the ring lives.
+    /// after `ring`, so that it is dropped only once the ring is closed, when no request can
+    /// name the table any more (the kernel may unpin the pages later, in its own teardown: the
+    /// pins hold the pages themselves, not our allocation's use of them) ([URING-5]); never
+    /// replaced while the ring lives.
     buffers: Option<Arc<dyn Any + Send + Sync>>,
     /// How many times `io_uring_enter` was called, for the tests that count system calls.
     enters: u64,

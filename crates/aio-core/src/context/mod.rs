@@ -427,6 +427,17 @@ impl AioContext {
         value
     }
 
+    /// The context-local value of type `T` if [`local`](Self::local) has made one, without
+    /// making it: how a crate asks whether its state exists on this context (the block I/O
+    /// engine checks that a request being cancelled is this context's).
+    pub fn try_local<T: Any>(&self) -> Option<Rc<T>> {
+        self.inner
+            .locals
+            .borrow()
+            .iter()
+            .find_map(|l| l.clone().downcast::<T>().ok())
+    }
+
     /// Creates a timer on this context (QEMU `aio_timer_new`): `callback` runs on the home
     /// thread, from [`poll`](Self::poll), once the timer's deadline on `clock` has passed.
     /// Arm it with [`Timer::arm`] (in `scale` units), [`Timer::arm_ns`] or
