@@ -70,10 +70,19 @@ fn init_may_use_other_locals_and_values_drop_with_the_context_in_reverse() {
 fn try_local_finds_a_value_without_making_one() {
     let (a, b) = (ctx(), ctx());
     assert!(a.try_local::<RefCell<u32>>().is_none());
-    assert!(a.try_local::<RefCell<u32>>().is_none(), "asking made nothing");
+    assert!(
+        a.try_local::<RefCell<u32>>().is_none(),
+        "asking made nothing"
+    );
     let x = a.local(|_| RefCell::new(5u32));
     let found = a.try_local::<RefCell<u32>>().expect("made by local");
     assert!(Rc::ptr_eq(&x, &found));
-    assert!(b.try_local::<RefCell<u32>>().is_none(), "another context has none");
-    assert!(a.try_local::<RefCell<u64>>().is_none(), "another type has none");
+    assert!(
+        b.try_local::<RefCell<u32>>().is_none(),
+        "another context has none"
+    );
+    assert!(
+        a.try_local::<RefCell<u64>>().is_none(),
+        "another type has none"
+    );
 }

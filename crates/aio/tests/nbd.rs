@@ -1179,6 +1179,10 @@ fn read_only_export_refuses_writes_with_eperm() {
             0,
             "READ_ONLY not advertised"
         );
+        // Nothing that changes the export is offered (as qemu-nbd -r and nbdkit -r), and what
+        // a client sends anyway is refused.
+        let changing = tx_flag::SEND_TRIM | tx_flag::SEND_WRITE_ZEROES | tx_flag::SEND_FAST_ZERO;
+        assert_eq!(c.flags() & changing, 0, "flags {:#x}", c.flags());
         assert_errno(c.write(0, &[1; 4096]), errno::EPERM);
         assert_errno(c.write_fua(4096, &[1; 512]), errno::EPERM);
         assert_errno(c.trim(0, 4096), errno::EPERM);
@@ -3891,8 +3895,14 @@ impl LoopDevice {
     /// Attaches `backing` to a free loop device; `None` (with the reason printed) where that
     /// is not possible (not root, no loop support, no losetup).
     fn attach(backing: &std::path::Path) -> Option<LoopDevice> {
+        Self::attach_with(backing, &[])
+    }
+
+    /// [`attach`](Self::attach) with more `losetup` arguments (`-b 4096`: the sector size).
+    fn attach_with(backing: &std::path::Path, args: &[&str]) -> Option<LoopDevice> {
         let out = Command::new("losetup")
             .args(["--find", "--show"])
+            .args(args)
             .arg(backing)
             .output();
         match out {
@@ -3994,6 +4004,70 @@ fn a_block_device_is_exported_and_other_files_are_refused() {
     ));
     assert!(zero_or_enotsup(&mut c, &f.image, 4 * MIB, 256 * KIB, 0));
     c.disconnect().unwrap();
+}
+
+/// The kernel refuses to discard or zero a partial logical block of a block device
+/// (`EINVAL`), yet the server advertises a minimum block size of 1: on a loop device with
+/// 512-byte and one with 4096-byte sectors, a TRIM and WRITE_ZEROES (plain and NO_HOLE) of
+/// ranges with partial blocks at either edge succeed, zero exactly their range and leave the
+/// bytes around it alone; FAST_ZERO of such a range is ENOTSUP (nothing changed), and of whole
+/// blocks done or ENOTSUP as on any block device.
+#[test]
+fn unaligned_zeroing_and_trimming_of_block_devices_of_either_sector_size() {
+    const SIZE: usize = 4 * MIB;
+    for sector in ["512", "4096"] {
+        let dir = TempDir::new(&format!("blockdev-unaligned-{sector}"));
+        let backing = dir.image("backing.img", SIZE as u64);
+        write_runs(&backing, &[(0, SIZE)]);
+        let Some(dev) = LoopDevice::attach_with(&backing, &["-b", sector]) else {
+            return;
+        };
+        let f = fixture_on(dir, dev.0.clone(), |c| c);
+        let mut c = f.srv.client();
+        let mut want = std::fs::read(&backing).unwrap();
+        // (offset, len): inside one sector, a head and a tail around whole blocks, a head
+        // only, a tail only, whole 4 KiB blocks at 512-aligned offsets.
+        let ranges = [
+            (100_000, 100),
+            (1_000_000, 100_000),
+            (2 * MIB - 1000, 9192),
+            (3 * MIB, 5000),
+            (3 * MIB + 512 * 3, 8192),
+        ];
+        for (i, &(offset, len)) in ranges.iter().enumerate() {
+            let flags = if i % 2 == 0 { 0 } else { cmd_flag::NO_HOLE };
+            c.call(cmd::WRITE_ZEROES, flags, offset as u64, len as u32, &[])
+                .unwrap_or_else(|e| panic!("{sector}: WRITE_ZEROES {offset}+{len}: {e}"));
+            want[offset..offset + len].fill(0);
+        }
+        let got = c.read(0, SIZE as u32).unwrap();
+        assert!(
+            got == want,
+            "{sector}: zeroed ranges, or the bytes around them"
+        );
+        // FAST_ZERO of a range with a partial block: refused, nothing changed.
+        let (offset, len) = (MIB + 4096 + 7, 3 * 4096);
+        let e = c
+            .call(
+                cmd::WRITE_ZEROES,
+                cmd_flag::FAST_ZERO,
+                offset as u64,
+                len as u32,
+                &[],
+            )
+            .unwrap_err();
+        assert_eq!(errno_of(&e), Some(errno::ENOTSUP), "{sector}: {e}");
+        assert!(
+            c.read(0, SIZE as u32).unwrap() == want,
+            "{sector}: a refused FAST_ZERO"
+        );
+        // TRIM is advisory: it succeeds, whatever it discards of a partial block (nothing).
+        for &(offset, len) in &[(500_000, 1000), (2 * MIB + 100, 3 * 4096), (0, 4096 + 1)] {
+            c.trim(offset as u64, len as u32)
+                .unwrap_or_else(|e| panic!("{sector}: TRIM {offset}+{len}: {e}"));
+        }
+        c.disconnect().unwrap();
+    }
 }
 
 /// `nbd+unix:///?socket=...` for `f`'s server (export name "").
@@ -5105,6 +5179,7 @@ under_the_task_engine! {
     cache_reads_ahead_and_is_checked_like_a_read,
     fast_zero_fails_fast_where_zeroing_would_be_writing,
     a_block_device_is_exported_and_other_files_are_refused,
+    unaligned_zeroing_and_trimming_of_block_devices_of_either_sector_size,
     nbdinfo_reads_the_map_and_the_capabilities,
     nbdcopy_and_qemu_img_skip_the_holes_of_a_sparse_image,
     extended_headers_are_negotiated_and_frame_every_reply,

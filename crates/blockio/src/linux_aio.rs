@@ -312,6 +312,9 @@ impl Laio {
                 return;
             }
             // `batch` (a live local array, [SYS-2]) holds the boxed iocbs of pending requests.
+            // The kernel also writes each iocb's `aio_key` during the call: no reference to
+            // an iocb is held across it (the pointers were made from `&mut` inside the
+            // block above, and nothing reads the boxes until the call returns).
             // SAFETY: [LAIO-1]: each iocb and what it points at stays in `slots` until reaped.
             let rc = unsafe {
                 libc::syscall(

@@ -510,6 +510,11 @@ impl UringMonitor {
 
     /// Takes the oldest completed request off the ready list (QEMU's
     /// `cqe_handler_ready_list`), with the memory it kept alive.
+    ///
+    /// The ready list has one consumer: whoever added the requests (the block I/O engine,
+    /// through its completion source). Anyone else who takes a completion here takes it from
+    /// that consumer, whose callback for it then never runs, and whose table slot a later
+    /// request reuses.
     pub fn pop_completion(&mut self) -> Option<Completion> {
         self.requests.pop_done()
     }

@@ -50,6 +50,10 @@ pub struct Export {
     /// holes to report, and zeroing it with `FALLOC_FL_ZERO_RANGE` may be the kernel writing
     /// zeros (so not fast).
     pub block_device: bool,
+    /// The granularity of fallocate on the image: a block device's logical block size
+    /// (`BLKSSZGET`, 512 or 4096), whose kernel refuses (`EINVAL`) to discard or zero a range
+    /// that is not a whole number of blocks; 1 for a regular file.
+    zero_align: u64,
     /// The page cache's pages of the image can go to a socket with `sendfile` and their
     /// residency be asked with `cachestat` (Linux 6.5): probed at open ([`probe_sendfile`]).
     /// Without both, every READ's data is copied into its reply buffer.
@@ -225,6 +229,12 @@ impl Export {
                 ),
             ));
         };
+        let zero_align = if block_device {
+            // A block device's logical block size; 4096 if it cannot be read, never too small.
+            DirectAlign::of(&file).map_or(4096, |a| a.offset().max(1) as u64)
+        } else {
+            1
+        };
         let sendfile = direct.is_none() && size > 0 && probe_sendfile(&file);
         Ok(Export {
             file: Arc::new(file),
@@ -234,6 +244,7 @@ impl Export {
             size,
             read_only,
             block_device,
+            zero_align,
             sendfile,
             writing: AtomicUsize::new(0),
         })
@@ -247,16 +258,17 @@ impl Export {
         let mut flags = TFLAG_HAS_FLAGS
             | TFLAG_SEND_FLUSH
             | TFLAG_SEND_FUA
-            | TFLAG_SEND_TRIM
-            | TFLAG_SEND_WRITE_ZEROES
-            | TFLAG_SEND_FAST_ZERO
             | TFLAG_SEND_CACHE
             | TFLAG_CAN_MULTI_CONN;
         if structured {
             flags |= TFLAG_SEND_DF;
         }
+        // A read-only export offers no command that changes it, as qemu-nbd and nbdkit: TRIM
+        // and WRITE_ZEROES would only be refused (EPERM).
         if self.read_only {
             flags |= TFLAG_READ_ONLY;
+        } else {
+            flags |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
         }
         flags
     }
@@ -365,14 +377,30 @@ impl Export {
 
     /// Discards a range (NBD_CMD_TRIM): punches a hole, which reads back as zeros. A file
     /// system without hole punching makes TRIM a no-op, which the protocol allows (a trim is
-    /// advisory).
+    /// advisory). On a block device only the whole logical blocks of the range are discarded
+    /// (the kernel refuses a partial one); the partial blocks at its edges keep their data.
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
         let _writing = Writing::start(self);
-        match self.fallocate(PUNCH_HOLE, offset, len) {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
-            r => r?,
+        let [_, middle, _] = self.split_for_fallocate(offset, len);
+        if let Some((start, len)) = middle {
+            match self.fallocate(PUNCH_HOLE, start, len) {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+                r => r?,
+            }
         }
         if fua { self.flush() } else { Ok(()) }
+    }
+
+    /// `[offset, offset + len)` as the part before the first whole block of
+    /// [`zero_align`](Self::zero_align), the whole blocks, and the part after them, each as
+    /// `(offset, len)` if not empty. A regular file is all middle.
+    fn split_for_fallocate(&self, offset: u64, len: u64) -> [Option<(u64, u64)>; 3] {
+        let a = self.zero_align;
+        let end = offset + len;
+        let start = offset.next_multiple_of(a).min(end);
+        let stop = (end - end % a).max(start);
+        let part = |from: u64, to: u64| (to > from).then_some((from, to - from));
+        [part(offset, start), part(start, stop), part(stop, end)]
     }
 
     /// Writes zeros to a range (NBD_CMD_WRITE_ZEROES). Without `no_hole` the range may become
@@ -380,7 +408,10 @@ impl Export {
     /// fallocate, zeros are written, unless `fast` (`NBD_CMD_FLAG_FAST_ZERO`) asks for an
     /// `EOPNOTSUPP` failure instead, with the range untouched. On a block device, only
     /// `PUNCH_HOLE` counts as fast: the kernel serves it only where the device zeroes by
-    /// itself, while `ZERO_RANGE` may fall back to writing zero pages.
+    /// itself, while `ZERO_RANGE` may fall back to writing zero pages; and the partial
+    /// logical blocks at the range's edges, which fallocate refuses, are written with zeros,
+    /// so that a range that has any is not fast either (qemu-nbd answers such a FAST_ZERO
+    /// with `ENOTSUP` too).
     pub fn write_zeroes(
         &self,
         offset: u64,
@@ -390,6 +421,27 @@ impl Export {
         fua: bool,
     ) -> io::Result<()> {
         let _writing = Writing::start(self);
+        let [head, middle, tail] = self.split_for_fallocate(offset, len);
+        if fast && (head.is_some() || tail.is_some()) {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
+        if let Some((start, len)) = middle {
+            self.zero_whole_blocks(start, len, no_hole, fast)?;
+        }
+        for (start, len) in [head, tail].into_iter().flatten() {
+            self.write_zeros_slowly(start, len)?;
+        }
+        if fua { self.flush() } else { Ok(()) }
+    }
+
+    /// [`write_zeroes`](Self::write_zeroes) of a range of whole blocks, without the flush.
+    fn zero_whole_blocks(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fast: bool,
+    ) -> io::Result<()> {
         let mut modes = Vec::with_capacity(2);
         if !no_hole {
             modes.push(PUNCH_HOLE);
@@ -397,24 +449,17 @@ impl Export {
         if !(fast && self.block_device) {
             modes.push(ZERO_RANGE);
         }
-        let mut done = false;
         for mode in modes {
             match self.fallocate(mode, offset, len) {
-                Ok(()) => {
-                    done = true;
-                    break;
-                }
+                Ok(()) => return Ok(()),
                 Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
                 Err(e) => return Err(e),
             }
         }
-        if !done {
-            if fast {
-                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
-            }
-            self.write_zeros_slowly(offset, len)?;
+        if fast {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
-        if fua { self.flush() } else { Ok(()) }
+        self.write_zeros_slowly(offset, len)
     }
 
     /// Asks the kernel to read a range ahead into its page cache (NBD_CMD_CACHE), without
