@@ -314,6 +314,50 @@ fn clients_that_hang_up_before_tls_are_logged_as_leaving() {
     assert_serves(&t);
 }
 
+/// More silent connections than handshakes may run at once (64) do not lock TLS clients out:
+/// each newcomer beyond the limit closes the oldest handshake under way, so a client that
+/// comes after 70 of them is served, and the stalled ones are closed (found by a new-user
+/// trial: the server used to close every newcomer while 64 silent sockets held their places
+/// for the 10 s limit).
+#[test]
+fn silent_connections_beyond_the_handshake_limit_do_not_lock_tls_clients_out() {
+    let t = tls_server("tls-flood", false);
+    let addr = t.srv.tcp.unwrap();
+    let silent: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let oldest = || {
+        t.srv
+            .stderr()
+            .iter()
+            .filter(|l| l.contains("TLS handshakes under way, closing the oldest"))
+            .count()
+    };
+    eventually(IO_TIMEOUT, || oldest() >= 6);
+    let started = Instant::now();
+    assert_serves(&t);
+    let sock = TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    let mut s = start_tls(sock, &t.pki);
+    assert_eq!(
+        go_write_read(&mut s, 0, b"not locked out"),
+        b"not locked out"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The first silent connections were closed (their read sees the end), the last not.
+    let mut first = &silent[0];
+    first.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    // The greeting (18 bytes) if it was out before the close, then the end of the stream.
+    let mut got = Vec::new();
+    let n = first.read_to_end(&mut got).expect("the oldest was closed");
+    assert!(n == 0 || n == 18, "{n} bytes");
+    let log = t.srv.stderr().join("\n");
+    assert!(log.contains("closing the oldest, TLS client 0 ("), "{log}");
+    drop(silent);
+}
+
 /// A new TLS session still gets its data: the server survived what came before.
 fn assert_serves(t: &Tls) {
     let sock = UnixStream::connect(t.srv.unix_path()).unwrap();

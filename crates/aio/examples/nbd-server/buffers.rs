@@ -58,6 +58,18 @@ pub fn release_freed_memory() {
     }
 }
 
+/// Gives the free memory of malloc's heaps (every arena's) back to the kernel
+/// (`malloc_trim`), after a burst of connections has left: their allocations are below the
+/// mmap threshold, so their memory stays in the heaps, and RSS at the burst's peak, otherwise.
+pub fn trim_heaps() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // malloc_trim walks glibc's own heaps under their locks.
+        // SAFETY: [EXAMPLE-MALLOC] an integer in, no memory of ours involved.
+        unsafe { libc::malloc_trim(0) };
+    }
+}
+
 /// How many bytes go in front of `buf[head..]` so that it starts on a multiple of `align` (a
 /// power of two; 1 or 0: none). Stable as long as `buf` is not reallocated: reserve first.
 pub fn pad_for(buf: &[u8], head: usize, align: usize) -> usize {

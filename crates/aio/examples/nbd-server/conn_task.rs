@@ -655,6 +655,20 @@ impl Input {
 
     /// Reads until `need` bytes are buffered (a request header, an option).
     async fn fill(&mut self, conn: &Conn, need: usize) -> io::Result<Got> {
+        if self.buf.is_empty() && need > 0 {
+            // The connection's first read goes to a small array, and the buffer is made only
+            // once something came: a connection that never sends costs no buffer.
+            let mut first = [0u8; 512];
+            match conn.read(&mut first).await? {
+                None => return Ok(Got::Stopped),
+                Some(0) => return Ok(Got::Eof),
+                Some(n) => {
+                    self.buf.resize(READ_CHUNK.max(need), 0);
+                    self.buf[..n].copy_from_slice(&first[..n]);
+                    (self.start, self.end) = (0, n);
+                }
+            }
+        }
         while self.end - self.start < need {
             // Unparsed bytes move to the front only when the message would not fit behind
             // them; the buffer grows only for a message bigger than it (a long option).

@@ -16,7 +16,10 @@
 //!   handshake too.
 //! * A write's payload goes straight into the request's own buffer (from the context's buffer
 //!   pool, `buffers.rs`) as it arrives, so memory grows only with the bytes a client actually
-//!   sends, and is not copied again.
+//!   sends, and is not copied again. The read buffer itself is made on the connection's first
+//!   read, so connections that never send cost none, and a context whose last connection of
+//!   a burst of [`TRIM_AFTER`] or more has left gives malloc's free memory back
+//!   ([`buffers::trim_heaps`](crate::buffers::trim_heaps)).
 //! * A reply is written as soon as it is complete (replies of requests served at once on the
 //!   context's thread: after the last request of the read, or as soon as
 //!   `EARLY_SEND_REPLIES` are queued); whatever the socket does not take waits in
@@ -178,6 +181,15 @@ impl Socket {
         self.shutdown_how(Shutdown::Both);
     }
 
+    /// Another handle on the same socket (a duplicated fd): shutting it down ends the
+    /// original's blocking reads and writes too.
+    pub(crate) fn try_clone(&self) -> io::Result<Socket> {
+        Ok(match self {
+            Socket::Tcp(s) => Socket::Tcp(s.try_clone()?),
+            Socket::Unix(s) => Socket::Unix(s.try_clone()?),
+        })
+    }
+
     /// Shuts down one side or both (the writing side alone: the peer reads an end of stream,
     /// a lingering close). The peer may be gone already; there is nothing to do about an error.
     pub(crate) fn shutdown_how(&self, how: Shutdown) {
@@ -297,7 +309,15 @@ pub struct Shard {
     /// BLOCK_STATUS replies built at once on the context's thread
     /// (`file_io::block_status_now`).
     pub block_status_at_once: Cell<u64>,
+    /// The most entries held at once since the shard was last empty: a burst of connections
+    /// leaves its small allocations (read buffers, connection state) free in malloc's heaps,
+    /// which are trimmed when the last of [`TRIM_AFTER`] or more leaves.
+    peak: Cell<usize>,
 }
+
+/// A shard that held this many entries at once trims malloc's heaps once it is empty again
+/// ([`buffers::trim_heaps`]); fewer are not worth the walk.
+const TRIM_AFTER: usize = 64;
 
 impl Shard {
     /// This context's shard.
@@ -367,7 +387,8 @@ impl Shard {
             } else {
                 Phase::ClientFlags
             },
-            inbuf: vec![0; READ_CHUNK],
+            // Made on the first read: a connection that never sends costs no buffer.
+            inbuf: Vec::new(),
             in_start: 0,
             in_end: 0,
             discard: 0,
@@ -450,7 +471,9 @@ impl Shard {
 
     /// Adds connection `id`, which the shard holds until [`remove`](Self::remove).
     pub fn insert(&self, id: u64, conn: Rc<dyn Served>) {
-        self.conns.borrow_mut().insert(id, conn);
+        let mut conns = self.conns.borrow_mut();
+        conns.insert(id, conn);
+        self.peak.set(self.peak.get().max(conns.len()));
     }
 
     /// Connection `id` has closed and has nothing in flight.
@@ -459,6 +482,9 @@ impl Shard {
         // since dropping a connection can drop its handler and timer.
         let conn = self.conns.borrow_mut().remove(&id);
         drop(conn);
+        if self.conns.borrow().is_empty() && self.peak.replace(0) >= TRIM_AFTER {
+            crate::buffers::trim_heaps();
+        }
         let watcher = self.watchers.borrow_mut().remove(&id);
         let watcher = watcher.and_then(|w| self.conns.borrow().get(&w).cloned());
         if let (Some(watcher), Some(ctx)) = (watcher, AioContext::current()) {
@@ -638,6 +664,9 @@ impl Conn {
     /// Makes sure at least some room follows `in_end`, and enough for the message being
     /// assembled, moving the unparsed bytes to the front when that helps.
     fn make_room(&mut self) {
+        if self.inbuf.is_empty() {
+            self.inbuf.resize(READ_CHUNK, 0);
+        }
         let need = self.bytes_wanted().max(READ_CHUNK / 2);
         let unparsed = self.in_end - self.in_start;
         if self.in_start > 0 && self.inbuf.len() - self.in_end < need {

@@ -87,6 +87,7 @@ mod tls;
 mod tls_psk;
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
@@ -97,9 +98,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use aio::blockio::Engine as IoEngine;
 use aio::{
@@ -121,9 +122,11 @@ const GRACE: Duration = Duration::from_secs(5);
 /// on a listener that stays readable.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-/// TLS handshakes under way at most (each on a thread of its own, `tls.rs`): a client
-/// beyond them is closed at once, so that connections that never finish their handshake (each
-/// may hold a thread for the 10 s limit) cost a bounded number of threads.
+/// TLS handshakes under way at most (each on a thread of its own, `tls.rs`), so that
+/// connections that never finish their handshake (each may hold a thread for the 10 s limit)
+/// cost a bounded number of threads. A client beyond them closes the oldest one under way
+/// rather than being refused: a real handshake takes milliseconds, so the oldest is one that
+/// stalls, and a flood of idle connections cannot lock TLS clients out.
 const MAX_TLS_HANDSHAKES: usize = 64;
 
 /// The most contexts the server makes unless `--contexts` asks for more.
@@ -308,6 +311,11 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
             args.next()
                 .ok_or_else(|| format!("{arg} needs {what}"))
                 .and_then(|v| v.into_string().map_err(|v| format!("not UTF-8: {v:?}")))
+                // `--tcp --unix S`: the value left out, not a value that looks like an option.
+                .and_then(|v| match v.starts_with("--") {
+                    true => Err(format!("{arg} needs {what}, not the option {v}")),
+                    false => Ok(v),
+                })
         };
         match arg.as_str() {
             "--tcp" => cfg.tcp = Some(tcp_address(&value("an address")?)?),
@@ -449,9 +457,11 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
 fn main() -> ExitCode {
     let usage_error = |msg: &str| {
         eprintln!("nbd-server: {msg}");
-        eprintln!("{USAGE}");
+        eprintln!("{}", USAGE.lines().next().unwrap_or_default());
+        eprintln!("Try 'nbd-server --help' for more information.");
         ExitCode::from(2)
     };
+    warn_about_environment();
     let cfg = match parse_args(std::env::args_os().skip(1)) {
         Ok(Command::Serve(cfg)) => cfg,
         Ok(Command::Help) => {
@@ -514,9 +524,11 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             .map_err(|e| with_what(e, &format!("{host} port {port}")))?;
         listeners.push(Listener::Tcp(l));
     }
+    let mut bound = BoundSocket(None);
     if let Some(path) = &cfg.unix {
         remove_stale_socket(path)?;
         let l = UnixListener::bind(path).map_err(|e| with_what(e, &path.display()))?;
+        bound.0 = Some(path.clone());
         listeners.push(Listener::Unix(l));
     }
     if let Some(passed) = activated {
@@ -529,10 +541,9 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     let mut addresses = Vec::new();
     for l in &listeners {
         l.set_nonblocking()?;
-        let addr = l.describe()?;
-        println!("nbd-server: listening on {addr}");
-        addresses.push(addr);
+        addresses.push(l.describe()?);
     }
+    // Before the listening lines: a start that fails here has announced nothing.
     if let Some(path) = &cfg.pid_file {
         let text = format!("{}\n", std::process::id());
         // Written whole under another name, then renamed: a reader never sees half a pid.
@@ -542,6 +553,9 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             .map_err(|e| with_what(e, &path.display()))?;
     }
     let pid_file = PidFile(cfg.pid_file.clone());
+    for addr in &addresses {
+        println!("nbd-server: listening on {addr}");
+    }
 
     let resume = Arc::new(AtomicBool::new(false));
     let clients = Arc::new(Clients {
@@ -647,6 +661,8 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     io::stdout().flush()?;
 
     let shard = Shard::of(&ctx);
+    // From here the acceptor removes the socket, when it stops listening.
+    bound.0 = None;
     while !(stopping.get().is_some() && shard.finished()) {
         ctx.poll();
         if acceptor.resume.swap(false, Ordering::Relaxed) && stopping.get().is_none() {
@@ -1010,8 +1026,54 @@ fn with_what(e: io::Error, what: &dyn std::fmt::Display) -> io::Error {
 /// else at that path is not ours to remove.
 fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(m) if m.file_type().is_socket() => {
+            // A socket that takes connections is another server's, live: not stale.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{}: a server is listening on this socket", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)
+        }
         _ => Ok(()),
+    }
+}
+
+/// Says on stderr when `AIO_BACKEND` or `AIO_POLL_MAX_NS` is set to something the library
+/// will ignore (it logs that through `tracing`, which this program does not print).
+fn warn_about_environment() {
+    if let Ok(v) = std::env::var(aio::BACKEND_ENV)
+        && aio::Backend::from_name(&v).is_none()
+    {
+        eprintln!(
+            "nbd-server: ignoring {}={v:?}: expected poll, poll+epoll, epoll, io_uring, polling or auto",
+            aio::BACKEND_ENV
+        );
+    }
+    if let Ok(v) = std::env::var(aio::POLL_MAX_NS_ENV)
+        && !v
+            .trim()
+            .parse::<u64>()
+            .is_ok_and(|ns| ns <= aio::MAX_POLL_NS)
+    {
+        eprintln!(
+            "nbd-server: ignoring {}={v:?}: expected nanoseconds, at most {}",
+            aio::POLL_MAX_NS_ENV,
+            aio::MAX_POLL_NS
+        );
+    }
+}
+
+/// Removes the Unix socket this process bound when dropped, on the way out of a start that
+/// failed after the bind (the listener's own removal at shutdown does it otherwise).
+struct BoundSocket(Option<PathBuf>);
+
+impl Drop for BoundSocket {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -1233,24 +1295,48 @@ fn meet_over_tls(
     slot: ClientSlot,
 ) {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    static MEETING: AtomicUsize = AtomicUsize::new(0);
+    /// The handshakes under way, oldest first: each one's number, start and a second handle
+    /// on its socket, by which a newcomer beyond [`MAX_TLS_HANDSHAKES`] ends the oldest.
+    static MEETING: Mutex<VecDeque<(usize, Instant, Socket)>> = Mutex::new(VecDeque::new());
     /// A place among the handshakes under way, given back when dropped: when the thread's
     /// handshake is over, or with the thread's closure if it panics or never starts.
-    struct Meeting;
+    struct Meeting(usize);
     impl Drop for Meeting {
         fn drop(&mut self) {
-            MEETING.fetch_sub(1, Ordering::Relaxed);
+            let mut meeting = MEETING.lock().unwrap_or_else(|p| p.into_inner());
+            meeting.retain(|(n, _, _)| *n != self.0);
         }
     }
-    // Relaxed: a number for the logs.
-    let name = format!("TLS client {}", NEXT.fetch_add(1, Ordering::Relaxed));
-    // Relaxed: a count only this thread raises; each place lowers it when dropped.
-    if MEETING.load(Ordering::Relaxed) >= MAX_TLS_HANDSHAKES {
-        eprintln!("nbd-server: {name}: {MAX_TLS_HANDSHAKES} TLS handshakes under way, closing");
-        return;
+    // Relaxed: a number for the logs and the registry, unique per client.
+    let number = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = format!("TLS client {number}");
+    let handle = match sock.try_clone() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("nbd-server: {name}: {e}, closing");
+            return;
+        }
+    };
+    let oldest = {
+        let mut meeting = MEETING.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = if meeting.len() >= MAX_TLS_HANDSHAKES {
+            meeting.pop_front()
+        } else {
+            None
+        };
+        meeting.push_back((number, Instant::now(), handle));
+        oldest
+    };
+    if let Some((old, since, sock)) = oldest {
+        // Its thread's blocking read or write returns at once; the thread then ends.
+        sock.shutdown();
+        let ms = since.elapsed().as_millis();
+        eprintln!(
+            "nbd-server: {name}: {MAX_TLS_HANDSHAKES} TLS handshakes under way, \
+             closing the oldest, TLS client {old} ({ms} ms)"
+        );
     }
-    MEETING.fetch_add(1, Ordering::Relaxed);
-    let meeting = Meeting;
+    let meeting = Meeting(number);
     let spawned = thread::Builder::new()
         .name("nbd-tls".to_owned())
         .spawn(move || {

@@ -23,9 +23,9 @@
 //! for all that. The client's end shuts down the pair's writing side, which the connection reads as
 //! an end of stream.
 //!
-//! At most 64 handshakes run at once (`MAX_TLS_HANDSHAKES` in `main.rs`); a client beyond
-//! them is closed at once, so that connections that never finish their handshake hold a
-//! bounded number of threads.
+//! At most 64 handshakes run at once (`MAX_TLS_HANDSHAKES` in `main.rs`), so that
+//! connections that never finish their handshake hold a bounded number of threads; a client
+//! beyond them closes the oldest handshake under way (a real one takes milliseconds).
 
 use std::cell::RefCell;
 use std::io::{self, BufRead, Read, Write};
