@@ -2,8 +2,8 @@
 //! the context's thread pool (`threads`, qemu-nbd's default), or its READ, WRITE and FLUSH as
 //! block I/O requests on the context itself ([`BlockIo`]: `io_uring` on the context's own
 //! ring, `native` with Linux AIO), whose completions run on the context's thread; under
-//! `io_uring`, a lone small request on the page cache takes the pool's path as under
-//! `threads` ([`worth_serving_at_once`] says why). Both engines
+//! either, a lone small request on the page cache takes the pool's path as under `threads`
+//! ([`worth_serving_at_once`] says why). Both engines
 //! of `connection.rs` and `conn_task.rs` start requests here and build the same replies.
 //!
 //! As in qemu-nbd, only the data path changes with `--aio`: TRIM and WRITE_ZEROES (fallocate),
@@ -42,7 +42,7 @@ pub fn block_io(ctx: &AioContext, engine: IoEngine) -> BlockIo {
 /// whole reply, or an empty buffer for a status reply, or the error. Under `--cache none` the
 /// data moves through the `O_DIRECT` file when its buffer, offset and length are aligned
 /// (`Export::file_for`). `alone` as for [`worth_serving_at_once`], which says where a lone
-/// small request goes under `--aio io_uring`.
+/// small request goes under `--aio io_uring` and `native`.
 #[allow(clippy::too_many_arguments)] // a request and everything it runs with
 pub fn start(
     ctx: &AioContext,
@@ -59,7 +59,7 @@ pub fn start(
         IoEngine::Threads => true,
         // A lone small request on the page cache takes the pool's path as under `threads`
         // ([`worth_serving_at_once`] says why).
-        IoEngine::IoUring => {
+        IoEngine::IoUring | IoEngine::LinuxAio => {
             alone
                 && export.align() <= 1
                 && match req.kind {
@@ -68,7 +68,6 @@ pub fn start(
                     _ => false,
                 }
         }
-        IoEngine::LinuxAio => false,
     };
     if pool_path {
         if req.kind == CMD_WRITE && req.length <= LANE_WRITE_MAX && export.align() <= 1 {
@@ -283,7 +282,10 @@ pub fn read_by_sendfile(
 ///   against 8.6–12.7 k through the lane, for 20–60 % more server CPU per request (the
 ///   worker's spin; BENCHMARKS.md, "Session of 2026-12-06");
 /// * `--aio native`: never; its `io_submit` of a buffered request already does it then, on the
-///   context's thread.
+///   context's thread. Alone, a small request on the page cache takes the pool's path, as
+///   under `io_uring` and for the same reason (`qemu-img bench` at queue depth 1, 20 000
+///   requests, 3 alternating runs: 23–65 k READs per second against 13 k through `io_submit`,
+///   27–55 k WRITEs against 12–14 k).
 pub fn worth_serving_at_once(io: BlockIo, alone: bool) -> bool {
     match io.engine() {
         IoEngine::Threads | IoEngine::IoUring => !alone,
@@ -335,7 +337,7 @@ type LaneEntry = (
     Box<dyn FnOnce(io::Result<IoBuf>)>,
 );
 
-/// `--aio threads` on the page cache (and `--aio io_uring`, for lone ones): the small WRITEs
+/// `--aio threads` on the page cache (and `--aio io_uring` and `native`, for lone ones): the small WRITEs
 /// of a context (at most
 /// [`LANE_WRITE_MAX`] bytes) run on the pool one batch at a time, a batch being every write
 /// queued when the lane is free, done one after the other by one worker, whose single

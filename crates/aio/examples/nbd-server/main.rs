@@ -23,8 +23,8 @@
 //!   FLUSH are requests on each context's own ring; `native`: they are Linux AIO requests
 //!   (`io_submit`) whose completions an eventfd handler reaps. Either way their completions
 //!   run on the context's thread, no worker involved; the other commands stay on the pool,
-//!   and under `io_uring` a lone small request on the page cache takes the pool's path as
-//!   under `threads` (`file_io.rs`). A mode the kernel refuses is an error at start.
+//!   and a lone small request on the page cache takes the pool's path as under `threads`
+//!   (`file_io.rs`). A mode the kernel refuses is an error at start.
 //! * **Polling.** `--poll-max-ns` and its companions set the adaptive-polling parameters of
 //!   every context (QEMU's IOThread `poll-max-ns`, `poll-grow`, `poll-shrink`, `poll-weight`;
 //!   up to 32 µs by default, as QEMU's IOThreads (`DEFAULT_POLL_MAX_NS`: measured faster at
@@ -189,8 +189,8 @@ usage: nbd-server [OPTIONS] IMAGE
                         on each context's own ring; the contexts run on the io_uring
                         backend) or native (Linux AIO, io_submit); TRIM, WRITE_ZEROES,
                         CACHE, BLOCK_STATUS and reads that look for holes use the pool in
-                        every mode, and under io_uring so do lone small requests on
-                        the page cache (a worker keeps a CPU awake between them)
+                        every mode, and so do lone small requests on the page cache
+                        (a worker keeps a CPU awake between them)
   --cache MODE          writeback (the default: through the page cache) or none
                         (O_DIRECT for every READ and WRITE whose offset and length meet
                         the file's direct I/O alignment, probed with statx, into buffers
