@@ -548,9 +548,6 @@ impl IoBuf for Vec<u8> {}
 
 impl IoBuf for FixedBuf {}
 
-/// Submits blocking work that borrows a buffer `B` to the thread pool; `done` gets the result
-/// and the buffer back, even when the work was cancelled before it ran (the buffer then never
-/// left the slot it waits in).
 /// A process-unique identity for a context's io_uring or native AIO engine state, which its
 /// [`Op`]s carry (see [`OpInner`]); never 0, the identity of no engine.
 #[cfg(target_os = "linux")]
@@ -560,6 +557,9 @@ pub(crate) fn engine_uid() -> u64 {
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Submits blocking work that borrows a buffer `B` to the thread pool; `done` gets the result
+/// and the buffer back, even when the work was cancelled before it ran (the buffer then never
+/// left the slot it waits in).
 fn pool_buf<B, R>(
     ctx: &AioContext,
     file: Arc<File>,

@@ -240,7 +240,20 @@ impl Laio {
             if l.in_handler.get() > 0 {
                 l.notifier.test_and_clear();
             }
-            l.deliver(ctx)
+            let ran = l.deliver(ctx);
+            if ran {
+                // Completions freed room in the kernel's queue for requests waiting on it.
+                l.flush();
+            }
+            ran
+        }));
+        // Completions fetched together are run one at a time: while some wait in `reaped`, a
+        // callback's nested wait must not sleep (the eventfd was cleared when they were
+        // fetched, and the source that runs them is called only after the wait).
+        let held = Rc::downgrade(&laio);
+        ctx.add_completion_pending(Rc::new(move || {
+            held.upgrade()
+                .is_some_and(|l| !l.reaped.borrow().is_empty())
         }));
         Ok(laio)
     }
@@ -349,8 +362,9 @@ impl Laio {
     /// Runs the callbacks of completed requests, oldest first, one at a time with no borrow
     /// held, taking more from the kernel when those taken are done; whether it ran any. A
     /// callback may poll the context: the nested iteration's completion source goes on with
-    /// the next completion. If a callback panics, the completions left are run by the next
-    /// iteration, which the context is told not to sleep through.
+    /// the next completion, and its wait does not sleep while any are left in `reaped` (the
+    /// pending check registered in [`Laio::new`]). If a callback panics, the completions left
+    /// are run by the next iteration, which the context is told not to sleep through.
     fn deliver(&self, ctx: &AioContext) -> bool {
         let mut progress = false;
         loop {
@@ -424,7 +438,8 @@ impl Laio {
             .get(slot)
             .and_then(Option::as_ref)
             .is_some_and(|r| r.generation == generation);
-        if !live {
+        // One whose completion was fetched has completed; its callback has not run yet.
+        if !live || self.reaped.borrow().iter().any(|&(s, _)| s == slot) {
             return false;
         }
         let pos = self.pending.borrow().iter().position(|&s| s == slot);

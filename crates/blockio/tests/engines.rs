@@ -582,7 +582,10 @@ fn blocking_nested_polls_inside_each_engines_own_completions() {
     for (kind, file) in files {
         let align = blockio::DirectAlign::of(&file).unwrap();
         let data = pattern(3 * 4096, 7);
-        file.write_all_at(&data, 0).unwrap();
+        // From an aligned buffer: the O_DIRECT file refuses another address (EINVAL).
+        let (mut aligned, at) = align.buffer(data.len());
+        aligned[at..].copy_from_slice(&data);
+        file.write_all_at(&aligned[at..], 0).unwrap();
         for (name, ctx, io) in setups() {
             let what = format!("{name}, {kind}");
             let levels = Rc::new(RefCell::new(Vec::<Vec<u8>>::new()));
@@ -720,4 +723,111 @@ fn cancel_through_another_context_touches_nothing() {
         let op = io.read_at(&a, &temp_file(), vec![0; 4], 0, |_, _| {});
         assert!(!op.cancel(&c));
     }
+}
+
+/// Native AIO completions fetched together are run one at a time; a callback's nested wait
+/// must not sleep over the ones still held (found by review). A completion X run by the
+/// eventfd handler submits two page-cache reads A and B, which complete inside one
+/// `io_submit` and are fetched together, with the eventfd cleared; A's callback waits for B
+/// with blocking polls. X is made to reach the handler, not the completion source: it is an
+/// `O_DIRECT` read that completes while a pipe handler dispatched before the engine's sleeps.
+/// A watchdog wakes the loop after 3 s so that a failure ends.
+#[test]
+fn a_nested_wait_does_not_sleep_over_native_aio_completions_fetched_together() {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+    let Some(direct) = support::temp_file_on_disk(true) else {
+        return;
+    };
+    let align = blockio::DirectAlign::of(&direct).unwrap();
+    let (mut block, start) = align.buffer(1 << 20);
+    block[start..].fill(9);
+    direct.write_all_at(&block[start..], 0).unwrap();
+    direct.sync_all().unwrap();
+    let cached = temp_file();
+    cached.write_all_at(&[5u8; 8192], 0).unwrap();
+
+    let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap();
+    // The pipe's handler, registered before the engine's eventfd, is dispatched before it.
+    let (mut rx, mut tx) = io::pipe().unwrap();
+    let sleep_once = Rc::new(Cell::new(false));
+    let s = sleep_once.clone();
+    let rx_fd = rx.try_clone().unwrap();
+    let _pipe = ctx
+        .fd_handler(&rx_fd)
+        .on_read(move |_| {
+            let mut b = [0u8; 16];
+            let _ = rx.read(&mut b);
+            if s.replace(false) {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+        .register()
+        .unwrap();
+    let io = match BlockIo::with_engine(&ctx, Engine::LinuxAio) {
+        Ok(io) => io,
+        Err(e) => {
+            println!("skipped: {e}");
+            return;
+        }
+    };
+    // A first read, completed inside `io_submit`: the source runs it and the eventfd stays set.
+    let first = Rc::new(Cell::new(false));
+    let f = first.clone();
+    io.read_at(&ctx, &cached, vec![0; 512], 0, move |r, _| {
+        r.unwrap();
+        f.set(true)
+    });
+    ctx.poll_nonblocking();
+    assert!(first.get());
+
+    let b_done = Rc::new(Cell::new(None::<Instant>));
+    let x_done = Rc::new(Cell::new(false));
+    let started = Instant::now();
+    let (bd, xd, c) = (b_done.clone(), x_done.clone(), cached.clone());
+    let (buf, at) = align.buffer(1 << 20);
+    io.read_into(&ctx, &direct, buf, at, 0, move |r, _| {
+        r.unwrap();
+        let ctx = AioContext::current().unwrap();
+        let a_done = Rc::new(Cell::new(false));
+        let (bd2, ad) = (bd.clone(), a_done.clone());
+        io.read_at(&ctx, &c, vec![0; 512], 0, move |r, _| {
+            r.unwrap();
+            let ctx = AioContext::current().unwrap();
+            while bd2.get().is_none() {
+                ctx.poll();
+            }
+            ad.set(true);
+        });
+        io.read_at(&ctx, &c, vec![0; 512], 4096, move |r, _| {
+            r.unwrap();
+            bd.set(Some(Instant::now()));
+        });
+        while !a_done.get() {
+            ctx.poll();
+        }
+        xd.set(true);
+    });
+    sleep_once.set(true);
+    tx.write_all(b"x").unwrap();
+    let fired = Arc::new(AtomicBool::new(false));
+    let (handle, f) = (ctx.handle(), fired.clone());
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(3));
+        f.store(true, Ordering::SeqCst);
+        handle.notify();
+    });
+    for _ in 0..1000 {
+        if x_done.get() {
+            break;
+        }
+        ctx.poll();
+    }
+    assert!(x_done.get());
+    let took = b_done.get().unwrap() - started;
+    assert!(
+        !fired.load(Ordering::SeqCst) || took < Duration::from_secs(3),
+        "B's completion waited for the watchdog ({took:?})"
+    );
 }

@@ -41,6 +41,9 @@ pub(crate) struct Inner {
     /// Completion sources run after the BHs of every iteration (see
     /// [`AioContext::add_completion_source`]).
     pub(super) completion_sources: RefCell<Vec<CompletionSource>>,
+    /// Whether a completion source holds completions it has not run yet (see
+    /// [`AioContext::add_completion_pending`]); asked before every wait.
+    pub(super) completion_pending: RefCell<Vec<Rc<dyn Fn() -> bool>>>,
     /// Home-thread counters for [`Stats`].
     pub(super) waits: Cell<u64>,
     /// Loop iterations (outer-loop dispatches included), BH, fd-handler and timer callbacks

@@ -95,11 +95,19 @@ impl Inner {
         self.spare_ready.borrow_mut().push(list);
     }
 
-    /// The timeout the BHs and the timers allow (QEMU `aio_compute_timeout`).
+    /// Whether a completion source holds completions its next call runs
+    /// ([`AioContext::add_completion_pending`]).
+    fn completions_held(&self) -> bool {
+        let pending = self.completion_pending.borrow();
+        !pending.is_empty() && pending.iter().any(|p| p())
+    }
+
+    /// The timeout the BHs, held completions and the timers allow (QEMU
+    /// `aio_compute_timeout`).
     pub(super) fn compute_timeout(&self) -> Option<Duration> {
         // Held BHs count only once their scope may run (after it ended): until then they do
         // not shorten the wait.
-        if self.held_bhs_ready() {
+        if self.held_bhs_ready() || self.completions_held() {
             return Some(Duration::ZERO);
         }
         let mut t = self.shared.bhs.timeout();

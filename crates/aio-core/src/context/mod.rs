@@ -201,6 +201,7 @@ impl AioContext {
                 timers,
                 locals: RefCell::new(Vec::new()),
                 completion_sources: RefCell::new(Vec::new()),
+                completion_pending: RefCell::new(Vec::new()),
                 waits: Cell::new(0),
                 iterations: Cell::new(0),
                 bh_calls: Cell::new(0),
@@ -534,6 +535,18 @@ impl AioContext {
     /// live as long as the context.
     pub fn add_completion_source(&self, source: CompletionSource) {
         self.inner.completion_sources.borrow_mut().push(source);
+    }
+
+    /// Adds a function the context asks before every wait (nested iterations and an outer
+    /// loop's `prepare` and `check` included): while it returns true, a completion source
+    /// holds completions that only its next call runs, so the wait does not sleep. A source
+    /// whose completions arrive through a backend (`FdMonitor::has_completions`) or an fd it
+    /// watches needs none; one that takes several completions from the kernel at once and
+    /// runs them one at a time does, since a callback that polls the context would otherwise
+    /// sleep in the nested wait over the ones still held (the native AIO engine). It must be
+    /// cheap, must not touch the context, and lives as long as the context.
+    pub fn add_completion_pending(&self, pending: Rc<dyn Fn() -> bool>) {
+        self.inner.completion_pending.borrow_mut().push(pending);
     }
 
     /// Wakes the loop if it is sleeping, or makes its next sleep return at once (QEMU
