@@ -1700,9 +1700,9 @@ fn a_thousand_connections_leak_no_fds_and_little_memory() {
 fn bursts_of_silent_connections_leave_no_memory_behind() {
     const BURST: usize = 500;
     let f = fixture("bursts", MIB, |c| c.contexts(2));
-    let fds_idle = f.srv.settled_fds();
+    let mut fds_idle = f.srv.settled_fds();
     let rss_idle = f.srv.rss_kib();
-    for round in 0..3 {
+    for round in 0..4 {
         let conns: Vec<std::os::unix::net::UnixStream> = (0..BURST)
             .map(|_| std::os::unix::net::UnixStream::connect(f.srv.unix_path()).unwrap())
             .collect();
@@ -1713,6 +1713,16 @@ fn bursts_of_silent_connections_leave_no_memory_behind() {
         // A 64 KiB read buffer each would be 32 MiB.
         assert_rss_growth_below(&f.srv, rss_idle, 8 * 1024, &format!("burst {round}"));
         drop(conns);
+        if round == 0 {
+            // The first burst may leave an epoll fd per context: the `poll+epoll` backend
+            // moves to epoll past 64 fds and stays there (as QEMU's). The fds after it are
+            // the baseline of the next bursts.
+            let contexts = 2;
+            eventually(CLOSE_TIMEOUT, || {
+                f.srv.fd_list().len() <= fds_idle.len() + contexts
+            });
+            fds_idle = f.srv.settled_fds();
+        }
         f.srv
             .assert_fds_back_to(&fds_idle, CLOSE_TIMEOUT, "after a burst");
         assert_rss_growth_below(&f.srv, rss_idle, 4 * 1024, &format!("after burst {round}"));
