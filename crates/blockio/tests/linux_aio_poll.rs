@@ -68,6 +68,7 @@ fn completions_landing_while_the_loop_polls_are_poll_hits() {
     }
     let done = Rc::new(Cell::new(0));
     let before = ctx.stats();
+    let mut inline = 0u64;
     for n in 0..500u32 {
         // One read at a time, from outside the loop: the iteration that runs the submission
         // BH does not block; the next one blocks, so it polls first, and polling should find
@@ -83,6 +84,13 @@ fn completions_landing_while_the_loop_polls_are_poll_hits() {
             );
             d.set(d.get() + 1);
         });
+        // The submission's iteration: a read that the device completed before that
+        // iteration's completion source ran is run there, with nothing left to poll for
+        // (rare natively; every read under valgrind, which slows the loop past the device).
+        ctx.poll();
+        if done.get() > n {
+            inline += 1;
+        }
         while done.get() <= n {
             ctx.poll();
         }
@@ -91,12 +99,16 @@ fn completions_landing_while_the_loop_polls_are_poll_hits() {
     let hits = after.poll_hits - before.poll_hits;
     let waits = after.waits - before.waits;
     // Once the handler has joined the poll set (after its first dispatch) and its window has
-    // grown, each completion is found by polling. Without a poll function that sees the ring
-    // there would be no hit at all: nothing else in this context polls.
+    // grown, each completion left after the submission's iteration is found by polling.
+    // Without a poll function that sees the ring there would be no hit at all: nothing else
+    // in this context polls.
+    let polled_for = 500 - inline;
     assert!(
-        hits >= 250,
-        "{hits} poll hits for 500 completions ({waits} waits in the backend)"
+        hits >= polled_for / 2,
+        "{hits} poll hits for {polled_for} completions polled for ({inline} run in the \
+         submission's iteration, {waits} waits in the backend)"
     );
+    println!("{hits} poll hits for {polled_for} completions polled for, {inline} inline");
 }
 
 #[test]
