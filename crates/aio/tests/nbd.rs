@@ -4203,17 +4203,9 @@ fn nbdinfo_reads_the_map_and_the_capabilities() {
         return;
     };
     let uri = nbd_uri(&f);
-    let out = Command::new("nbdinfo")
-        .args(["--map", &uri])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (map, _) = support::run_ok(Command::new("nbdinfo").args(["--map", &uri]));
     // Lines of offset, length, type and its description.
-    let got: Vec<(u64, u64, u32)> = String::from_utf8_lossy(&out.stdout)
+    let got: Vec<(u64, u64, u32)> = map
         .lines()
         .map(|l| {
             let w: Vec<&str> = l.split_whitespace().collect();

@@ -31,6 +31,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 use support::nbd_client::{IO_TIMEOUT, opt, rep};
+use support::run_ok;
 use support::server::{Config, Server, TempDir, eventually, have, with_engine};
 
 const MIB: usize = 1 << 20;
@@ -541,13 +542,7 @@ fn real_clients(t: &Tls) {
         t.srv.tcp.unwrap().port()
     );
     if have("nbdinfo") {
-        let out = Command::new("nbdinfo").arg(&tcp).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (text, _) = run_ok(Command::new("nbdinfo").arg(&tcp));
         assert!(text.contains("with TLS"), "{text}");
         assert!(
             text.contains(&format!("export-size: {}", 4 * MIB)),
@@ -564,12 +559,7 @@ fn real_clients(t: &Tls) {
         let data: Vec<u8> = (0..4 * MIB).map(|i| (i * 13 % 253) as u8).collect();
         std::fs::write(&source, &data).unwrap();
         let nbdcopy = |from: &dyn AsRef<std::ffi::OsStr>, to: &dyn AsRef<std::ffi::OsStr>| {
-            let out = Command::new("nbdcopy").arg(from).arg(to).output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            run_ok(Command::new("nbdcopy").arg(from).arg(to));
         };
         for (uri, copy) in [(&unix, "down-unix.img"), (&tcp, "down-tcp.img")] {
             nbdcopy(&source, uri);
@@ -588,13 +578,12 @@ fn real_clients(t: &Tls) {
             "driver=nbd,server.type=inet,server.host=localhost,server.port={},tls-creds=tls0",
             t.srv.tcp.unwrap().port()
         );
-        let out = Command::new("qemu-io")
-            .args(["--object", &creds, "--image-opts", &opts])
-            .args(["-c", "write -P 0xa5 1M 192k", "-c", "read -P 0xa5 1M 192k"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{text}");
+        let (out, err) = run_ok(
+            Command::new("qemu-io")
+                .args(["--object", &creds, "--image-opts", &opts])
+                .args(["-c", "write -P 0xa5 1M 192k", "-c", "read -P 0xa5 1M 192k"]),
+        );
+        let text = out + &err;
         assert!(!text.contains("Pattern verification failed"), "{text}");
         let on_disk = std::fs::read(&t.image).unwrap();
         assert!(on_disk[MIB..MIB + 192 * 1024].iter().all(|&b| b == 0xa5));
@@ -886,13 +875,7 @@ fn real_clients_read_and_write_with_pre_shared_keys_on_both_engines() {
             };
             let keys = t.pki.join("keys.psk");
             if have("nbdinfo") {
-                let out = Command::new("nbdinfo")
-                    .arg(uri("alice", &keys))
-                    .output()
-                    .unwrap();
-                let text = String::from_utf8_lossy(&out.stdout);
-                let err = String::from_utf8_lossy(&out.stderr);
-                assert!(out.status.success(), "{err}");
+                let (text, _) = run_ok(Command::new("nbdinfo").arg(uri("alice", &keys)));
                 assert!(text.contains("with TLS"), "{text}");
                 // A user the server does not know, with a key of its own.
                 let other = t.pki.parent().unwrap().join("other.psk");
@@ -915,16 +898,7 @@ fn real_clients_read_and_write_with_pre_shared_keys_on_both_engines() {
                     (source.clone(), uri("bob", &keys)),
                     (uri("bob", &keys).into(), copy.display().to_string()),
                 ] {
-                    let out = Command::new("nbdcopy")
-                        .arg(&from)
-                        .arg(&to)
-                        .output()
-                        .unwrap();
-                    assert!(
-                        out.status.success(),
-                        "{}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
+                    run_ok(Command::new("nbdcopy").arg(&from).arg(&to));
                 }
                 assert!(std::fs::read(&t.image).unwrap() == data, "upload");
                 assert!(std::fs::read(&copy).unwrap() == data, "download");
@@ -938,14 +912,12 @@ fn real_clients_read_and_write_with_pre_shared_keys_on_both_engines() {
                     "driver=nbd,server.type=inet,server.host=localhost,server.port={},tls-creds=tls0",
                     t.srv.tcp.unwrap().port()
                 );
-                let out = Command::new("qemu-io")
-                    .args(["--object", &creds, "--image-opts", &opts])
-                    .args(["-c", "write -P 0x3c 2M 320k", "-c", "read -P 0x3c 2M 320k"])
-                    .output()
-                    .unwrap();
-                let text =
-                    String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-                assert!(out.status.success(), "{text}");
+                let (out, err) = run_ok(
+                    Command::new("qemu-io")
+                        .args(["--object", &creds, "--image-opts", &opts])
+                        .args(["-c", "write -P 0x3c 2M 320k", "-c", "read -P 0x3c 2M 320k"]),
+                );
+                let text = out + &err;
                 assert!(!text.contains("Pattern verification failed"), "{text}");
                 let on_disk = std::fs::read(&t.image).unwrap();
                 assert!(

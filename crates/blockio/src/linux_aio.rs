@@ -3,10 +3,11 @@
 //! (`IOCB_FLAG_RESFD`) that the context watches as an fd handler, and submissions batched per
 //! iteration: requests queue up and one one-shot BH submits them all in one `io_submit`
 //! (QEMU's plug / `defer_call`). `EAGAIN` leaves the rest queued until a completion frees a
-//! slot. Completions are run by the eventfd's handler and by a completion source that every
-//! iteration calls, nested ones included, one at a time from a shared queue, so that a
+//! slot. Completions are taken from the kernel into a queue and run from there, one at a time,
+//! by a completion source that every iteration calls, nested ones included, so that a
 //! callback may poll the context and a panicking one loses no other completion (QEMU
-//! reschedules its completion BH around each callback; see [`Laio::new`]). This file owns the kernel AIO context of one `AioContext`, its request table and every
+//! reschedules its completion BH around each callback; see [`Laio::new`]). This file owns
+//! the kernel AIO context of one `AioContext`, its request table and every
 //! `unsafe` of the engine; the `SAFETY` comments cite [LAIO-1], [LAIO-2] and [SYS-n] of
 //! ARCHITECTURE.md ("The kernel boundary").
 //!
@@ -105,14 +106,11 @@ pub(crate) struct Laio {
     pending: RefCell<VecDeque<usize>>,
     /// How many requests the kernel holds.
     in_kernel: Cell<usize>,
-    /// Completions taken from the kernel whose callbacks have not run yet, oldest first, as
-    /// `(slot, res)`: shared, so that a nested iteration (a callback that polls the context)
-    /// or the iteration after a panicking callback goes on with the rest.
+    /// Completions whose callbacks have not run yet, oldest first, as `(slot, res)`: taken
+    /// from the kernel, or failed by `io_submit`. Only the completion source runs them, so
+    /// that a nested iteration (a callback that polls the context) or the iteration after a
+    /// panicking callback goes on with the rest.
     reaped: RefCell<VecDeque<(usize, i64)>>,
-    /// How many runs of the eventfd handler are on the stack. While one is, a nested
-    /// iteration skips the handler (a running callback is not re-entered), so the completion
-    /// source clears the eventfd in its stead.
-    in_handler: Cell<usize>,
     /// Whether the kernel's completion ring can be peeked at ([`Laio::has_events`]).
     ring: bool,
     /// Whether the submission BH is scheduled.
@@ -188,69 +186,59 @@ impl Laio {
             pending: RefCell::new(VecDeque::new()),
             in_kernel: Cell::new(0),
             reaped: RefCell::new(VecDeque::new()),
-            in_handler: Cell::new(0),
             ring,
             flush_scheduled: Cell::new(false),
             next_generation: Cell::new(0),
         });
-        // Completions are run from two places: the eventfd's handler, and a completion source
-        // that every iteration calls, nested ones included (QEMU reschedules its completion BH
-        // around each callback instead; a running handler or BH here cannot be re-entered). A
-        // callback that polls the context thus has its nested iteration go on with the next
-        // completion, and when the handler is what runs it, the nested source also clears the
-        // eventfd, which the skipped handler cannot, so that a blocking nested wait sleeps
-        // until the next completion instead of finding the eventfd set again and again.
-        // The eventfd counts completions; the ring shows them without a system call, so the
-        // handler can take part in adaptive polling (QEMU's `qemu_laio_poll_cb`): a completion
-        // that lands while the loop polls is run at once instead of after the poll window.
-        let (on_fd, on_poll, on_ready, on_source) = (
+        // Callbacks run from one place only: a completion source, which every iteration calls
+        // after its BHs, nested ones included, and which takes one completion at a time (QEMU
+        // reschedules its completion BH around each callback instead; a BH or handler here
+        // cannot be re-entered). The eventfd's handler never runs a callback, so a nested
+        // iteration can always dispatch it: it clears the eventfd, then takes what landed
+        // since the source looked (a completion after the clear sets the eventfd again). While
+        // completions wait in `reaped`, the pending check keeps every wait from sleeping, for
+        // their eventfd signal is spent. The ring shows completions without a system call, so
+        // the handler can take part in adaptive polling (QEMU's `qemu_laio_poll_cb`): a
+        // completion that lands while the loop polls is run by that iteration's source.
+        let (on_fd, on_poll, on_ready, on_source, held) = (
+            Rc::downgrade(&laio),
             Rc::downgrade(&laio),
             Rc::downgrade(&laio),
             Rc::downgrade(&laio),
             Rc::downgrade(&laio),
         );
         let e = notifier.clone();
-        let mut builder = ctx.fd_handler(&*notifier).on_read(move |ctx| {
-            // Cleared before the ring is looked at: a completion after this sets it again.
+        let mut builder = ctx.fd_handler(&*notifier).on_read(move |_| {
             e.test_and_clear();
             if let Some(l) = on_fd.upgrade() {
-                l.in_handler.set(l.in_handler.get() + 1);
-                let _left = Leave(&l.in_handler);
-                l.deliver(ctx);
+                l.fetch();
                 l.flush();
             }
         });
         if ring {
             builder = builder
                 .on_poll(move || on_poll.upgrade().is_some_and(|l| l.has_events()))
-                .on_poll_ready(move |ctx| {
-                    // The eventfd stays set; its next dispatch finds nothing left to run.
+                .on_poll_ready(move |_| {
+                    // The eventfd stays set; its next dispatch clears it.
                     if let Some(l) = on_ready.upgrade() {
-                        l.deliver(ctx);
+                        l.fetch();
                         l.flush();
                     }
                 });
         }
         let handler = builder.register()?;
         *laio.handler.borrow_mut() = Some(handler);
-        ctx.add_completion_source(Rc::new(move |ctx: &AioContext| {
+        ctx.add_completion_source(Rc::new(move |_: &AioContext| {
             let Some(l) = on_source.upgrade() else {
                 return false;
             };
-            if l.in_handler.get() > 0 {
-                l.notifier.test_and_clear();
-            }
-            let ran = l.deliver(ctx);
+            let ran = l.deliver();
             if ran {
                 // Completions freed room in the kernel's queue for requests waiting on it.
                 l.flush();
             }
             ran
         }));
-        // Completions fetched together are run one at a time: while some wait in `reaped`, a
-        // callback's nested wait must not sleep (the eventfd was cleared when they were
-        // fetched, and the source that runs them is called only after the wait).
-        let held = Rc::downgrade(&laio);
         ctx.add_completion_pending(Rc::new(move || {
             held.upgrade()
                 .is_some_and(|l| !l.reaped.borrow().is_empty())
@@ -343,10 +331,12 @@ impl Laio {
                     // Retried when a completion frees a slot, or by the next request.
                     return;
                 }
-                // Fail the first request and go on with the rest, as QEMU does.
+                // Fail the first request and go on with the rest, as QEMU does; its callback
+                // runs from the completion source, as every other.
                 let slot = self.pending.borrow_mut().pop_front();
                 if let Some(slot) = slot {
-                    self.complete(slot, -i64::from(e.raw_os_error().unwrap_or(libc::EIO)));
+                    let res = -i64::from(e.raw_os_error().unwrap_or(libc::EIO));
+                    self.reaped.borrow_mut().push_back((slot, res));
                 }
                 continue;
             }
@@ -363,9 +353,9 @@ impl Laio {
     /// held, taking more from the kernel when those taken are done; whether it ran any. A
     /// callback may poll the context: the nested iteration's completion source goes on with
     /// the next completion, and its wait does not sleep while any are left in `reaped` (the
-    /// pending check registered in [`Laio::new`]). If a callback panics, the completions left
-    /// are run by the next iteration, which the context is told not to sleep through.
-    fn deliver(&self, ctx: &AioContext) -> bool {
+    /// pending check registered in [`Laio::new`]); nor does the next iteration's after a
+    /// callback that panicked.
+    fn deliver(&self) -> bool {
         let mut progress = false;
         loop {
             let next = self.reaped.borrow_mut().pop_front();
@@ -375,9 +365,7 @@ impl Laio {
                 }
                 return progress;
             };
-            let unwinding = NotifyOnUnwind(ctx);
             self.complete(slot, res);
-            std::mem::forget(unwinding);
             progress = true;
         }
     }
@@ -431,7 +419,7 @@ impl Laio {
 
     /// Cancels the request in `slot` if it still waits for `io_submit` (the kernel cannot
     /// cancel file I/O once submitted: `io_cancel` fails with `EINVAL` there).
-    fn cancel(&self, ctx: &AioContext, slot: usize, generation: u64) -> bool {
+    fn cancel(&self, slot: usize, generation: u64) -> bool {
         let live = self
             .slots
             .borrow()
@@ -445,40 +433,14 @@ impl Laio {
         let pos = self.pending.borrow().iter().position(|&s| s == slot);
         if let Some(pos) = pos {
             self.pending.borrow_mut().remove(pos);
-            let req = self.slots.borrow_mut()[slot].take();
-            self.free.borrow_mut().push(slot);
-            if let Some(req) = req {
-                // Completed later, through the pool's completion path, like every completion:
-                // never inside `cancel`.
-                threadpool::ThreadPool::of(ctx).submit_with(
-                    || (),
-                    move |_| (req.done)(-i64::from(libc::ECANCELED), req.keep),
-                );
-            }
+            // Completed by the completion source, like every completion: never inside `cancel`.
+            self.reaped
+                .borrow_mut()
+                .push_back((slot, -i64::from(libc::ECANCELED)));
         }
         // Otherwise it is in the kernel, which cannot stop file I/O (`io_cancel` fails with
         // EINVAL there): it completes with its own result.
         true
-    }
-}
-
-/// Counts a run of the eventfd handler off when it returns or unwinds.
-struct Leave<'a>(&'a Cell<usize>);
-
-impl Drop for Leave<'_> {
-    fn drop(&mut self) {
-        self.0.set(self.0.get() - 1);
-    }
-}
-
-/// Armed around a completion callback and forgotten after it: dropped only when the callback
-/// unwinds, it makes the context's next wait return at once, so that the completions still in
-/// `reaped` run in the next iteration rather than after some unrelated event.
-struct NotifyOnUnwind<'a>(&'a AioContext);
-
-impl Drop for NotifyOnUnwind<'_> {
-    fn drop(&mut self) {
-        self.0.notify();
     }
 }
 
@@ -507,7 +469,7 @@ impl Drop for Laio {
 /// `ctx` has no native AIO engine, or another one: slots repeat across contexts.
 pub(crate) fn cancel(ctx: &AioContext, slot: usize, generation: u64, engine: u64) -> bool {
     match ctx.try_local::<LocalLaio>().as_deref() {
-        Some(LocalLaio(Ok(l))) if l.uid == engine => l.cancel(ctx, slot, generation),
+        Some(LocalLaio(Ok(l))) if l.uid == engine => l.cancel(slot, generation),
         _ => false,
     }
 }

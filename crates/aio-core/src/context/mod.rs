@@ -414,13 +414,7 @@ impl AioContext {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn local<T: Any>(&self, init: impl FnOnce(&AioContext) -> T) -> Rc<T> {
-        let found = self
-            .inner
-            .locals
-            .borrow()
-            .iter()
-            .find_map(|l| l.clone().downcast::<T>().ok());
-        if let Some(value) = found {
+        if let Some(value) = self.try_local::<T>() {
             return value;
         }
         let value = Rc::new(init(self));

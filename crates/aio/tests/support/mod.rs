@@ -3,3 +3,19 @@
 
 pub use ::nbd_client;
 pub mod server;
+
+/// Runs a real client (`nbdinfo`, `nbdcopy`, `qemu-io`, ...) to its end, panicking with its
+/// output if it failed; returns its stdout and its stderr.
+pub fn run_ok(cmd: &mut std::process::Command) -> (String, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}: {stdout}{stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}
