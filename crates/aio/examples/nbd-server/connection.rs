@@ -862,7 +862,7 @@ impl Conn {
                 if head.len() >= total {
                     let with_others = earlier || head.len() > total;
                     let alone = self.in_flight == 0 && !with_others;
-                    if file_io::worth_serving_at_once(self.io, alone)
+                    if file_io::worth_serving_at_once(alone)
                         && file_io::may_write_at_once(&self.export, &req)
                     {
                         let data = &self.inbuf[self.in_start + hdr..self.in_start + total];
@@ -971,7 +971,7 @@ impl Conn {
         let mut buf =
             data.unwrap_or_else(|| IoBuf::from(self.bufs.take(session::buffer_len(framing, &req))));
         let alone = self.in_flight == 0 && !with_others;
-        if file_io::worth_serving_at_once(self.io, alone) {
+        if file_io::worth_serving_at_once(alone) {
             match file_io::read_cached_now(&self.export, &req, framing, buf) {
                 Ok(reply) => return self.served_at_once(&req, Ok(reply)),
                 Err(back) => buf = back,

@@ -2,7 +2,8 @@
 //! the context's thread pool (`threads`, qemu-nbd's default), or its READ, WRITE and FLUSH as
 //! block I/O requests on the context itself ([`BlockIo`]: `io_uring` on the context's own
 //! ring, `native` with Linux AIO), whose completions run on the context's thread; under
-//! either, a lone small request on the page cache takes the pool's path as under `threads`
+//! either, small requests on the page cache are served as under `threads`: at once on the
+//! context's thread when others came with them, a lone one by the pool's path
 //! ([`worth_serving_at_once`] says why). Both engines
 //! of `connection.rs` and `conn_task.rs` start requests here and build the same replies.
 //!
@@ -260,7 +261,8 @@ pub fn read_by_sendfile(
 /// Whether a small request on the page cache is worth serving at once on the context's thread
 /// (a READ with [`read_cached_now`], a WRITE that [`may_write_at_once`]) rather than by the
 /// `--aio` engine; `alone` when no other request of its connection is in flight and none came
-/// in the same read from the socket (queue depth 1). Each mode's rule, measured:
+/// in the same read from the socket (queue depth 1). Only when not alone, in every mode; each
+/// mode measured:
 /// * `--aio threads`: only when not alone. A lone request goes to the pool even when cached:
 ///   on 2 vCPUs that measured twice as fast for READs (31 000 against 16 000 fio 4 KiB reads per
 ///   second, BENCHMARKS.md, "the three-way race after issue 16's changes"), because the
@@ -281,16 +283,18 @@ pub fn read_by_sendfile(
 ///   against 9.8–13.0 k through the pool, and 6.2–6.8 k WRITEs at once (qemu-nbd 5.3–5.8 k)
 ///   against 8.6–12.7 k through the lane, for 20–60 % more server CPU per request (the
 ///   worker's spin; BENCHMARKS.md, "Session of 2026-12-06");
-/// * `--aio native`: never; its `io_submit` of a buffered request already does it then, on the
-///   context's thread. Alone, a small request on the page cache takes the pool's path, as
-///   under `io_uring` and for the same reason (`qemu-img bench` at queue depth 1, 20 000
-///   requests, 3 alternating runs: 23–65 k READs per second against 13 k through `io_submit`,
-///   27–55 k WRITEs against 12–14 k).
-pub fn worth_serving_at_once(io: BlockIo, alone: bool) -> bool {
-    match io.engine() {
-        IoEngine::Threads | IoEngine::IoUring => !alone,
-        IoEngine::LinuxAio => false,
-    }
+/// * `--aio native`: as under `threads` and `io_uring`. Linux AIO is asynchronous only for
+///   `O_DIRECT`: `io_submit` of a buffered request does its copy inline, on the context's
+///   thread, so serving it at once is the same work without the iocb, the eventfd's wake-up
+///   and `io_getevents` (fio 4 KiB random writes at queue depth 32, 3 alternating
+///   runs of 5 s: 158–162 k per second at once against 133–135 k through `io_submit`, nbdkit
+///   137–153 k; reads 251 k against 170–187 k). Alone,
+///   a small request on the page cache takes the pool's path, as under `io_uring` and for the
+///   same reason (`qemu-img bench` at queue depth 1, 20 000 requests, 3 alternating runs:
+///   23–65 k READs per second against 13 k through `io_submit`, 27–55 k WRITEs against
+///   12–14 k).
+pub fn worth_serving_at_once(alone: bool) -> bool {
+    !alone
 }
 
 /// Whether a WRITE may be done at once on the context's thread, from wherever its payload
@@ -502,7 +506,7 @@ pub fn run(
         return ready(reply);
     }
     let mut buf = buf;
-    let at_once = worth_serving_at_once(io, alone);
+    let at_once = worth_serving_at_once(alone);
     if at_once && may_write_at_once(export, &req) {
         let written = export.write(buf.bytes(), req.offset, false);
         return ready(written.map(|()| session::write_done(buf.vec, framing, &req)));
