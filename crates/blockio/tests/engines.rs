@@ -726,12 +726,14 @@ fn cancel_through_another_context_touches_nothing() {
 }
 
 /// Native AIO completions fetched together are run one at a time; a callback's nested wait
-/// must not sleep over the ones still held (found by review). A completion X run by the
-/// eventfd handler submits two page-cache reads A and B, which complete inside one
-/// `io_submit` and are fetched together, with the eventfd cleared; A's callback waits for B
-/// with blocking polls. X is made to reach the handler, not the completion source: it is an
-/// `O_DIRECT` read that completes while a pipe handler dispatched before the engine's sleeps.
-/// A watchdog wakes the loop after 3 s so that a failure ends.
+/// must not sleep over the ones still held (found by review). The callback of a read X
+/// submits two page-cache reads A and B, which complete inside one `io_submit` and are
+/// fetched together; A's callback waits for B with blocking polls. X is made to be fetched by
+/// the eventfd's handler, which clears the eventfd, rather than by the completion source: it
+/// is an `O_DIRECT` read that completes while a pipe handler dispatched before the engine's
+/// sleeps, after a first read has left the eventfd set. Without the engine's pending check
+/// this ordering makes B wait for the watchdog, which wakes the loop after 3 s so that a
+/// failure ends; the same reads without the pipe and the first read do not show it.
 #[test]
 fn a_nested_wait_does_not_sleep_over_native_aio_completions_fetched_together() {
     use std::io::{Read, Write};
@@ -772,7 +774,8 @@ fn a_nested_wait_does_not_sleep_over_native_aio_completions_fetched_together() {
             return;
         }
     };
-    // A first read, completed inside `io_submit`: the source runs it and the eventfd stays set.
+    // A first read, completed inside `io_submit`: the source fetches and runs it, and the
+    // eventfd stays set.
     let first = Rc::new(Cell::new(false));
     let f = first.clone();
     io.read_at(&ctx, &cached, vec![0; 512], 0, move |r, _| {

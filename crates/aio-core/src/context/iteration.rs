@@ -98,8 +98,7 @@ impl Inner {
     /// Whether a completion source holds completions its next call runs
     /// ([`AioContext::add_completion_pending`]).
     fn completions_held(&self) -> bool {
-        let pending = self.completion_pending.borrow();
-        !pending.is_empty() && pending.iter().any(|p| p())
+        self.completion_pending.borrow().iter().any(|p| p())
     }
 
     /// The timeout the BHs, held completions and the timers allow (QEMU
