@@ -921,11 +921,43 @@ fn structured_replies_have_the_specified_chunks() {
         );
     }
 
-    // Errors: an ERROR chunk, for reads as for the rest.
-    for req in [
-        Request::new(cmd::READ, 90, 2 * MIB as u64, 1),
-        Request::new(cmd::READ, 91, 0, MAX_PAYLOAD as u32 + 1),
-        Request::new(cmd::TRIM, 92, 2 * MIB as u64 - 1, 2),
+    // Errors: an ERROR chunk, for reads as for the rest, whose message says why (as
+    // qemu-nbd's do).
+    for (req, errno, why) in [
+        (
+            Request::new(cmd::READ, 90, 2 * MIB as u64, 1),
+            errno::EINVAL,
+            "past the end",
+        ),
+        (
+            Request::new(cmd::READ, 91, 0, MAX_PAYLOAD as u32 + 1),
+            errno::EINVAL,
+            "32 MiB",
+        ),
+        (
+            Request::new(cmd::TRIM, 92, 2 * MIB as u64 - 1, 2),
+            errno::EINVAL,
+            "past the end",
+        ),
+        (
+            Request::new(cmd::WRITE_ZEROES, 93, 2 * MIB as u64, 1),
+            errno::ENOSPC,
+            "past the end",
+        ),
+        (
+            Request {
+                flags: cmd_flag::NO_HOLE,
+                ..Request::new(cmd::FLUSH, 94, 0, 0)
+            },
+            errno::EINVAL,
+            "flag",
+        ),
+        (
+            Request::new(cmd::BLOCK_STATUS, 95, 0, 4096),
+            errno::EINVAL,
+            "metadata context",
+        ),
+        (Request::new(99, 96, 0, 0), errno::EINVAL, "unknown command"),
     ] {
         conn.send_request(&req, &[]).unwrap();
         let mut errors = Vec::new();
@@ -933,11 +965,8 @@ fn structured_replies_have_the_specified_chunks() {
             let ch = conn.read_chunk().unwrap();
             assert_eq!(ch.cookie, req.cookie);
             match ch.kind {
-                chunk::ERROR | chunk::ERROR_OFFSET => errors.push(
-                    decode_error_chunk(&ch.payload, ch.kind == chunk::ERROR_OFFSET)
-                        .unwrap()
-                        .errno,
-                ),
+                chunk::ERROR | chunk::ERROR_OFFSET => errors
+                    .push(decode_error_chunk(&ch.payload, ch.kind == chunk::ERROR_OFFSET).unwrap()),
                 chunk::NONE => {}
                 other => panic!("chunk type {other} in an error reply to {req:?}"),
             }
@@ -945,7 +974,13 @@ fn structured_replies_have_the_specified_chunks() {
                 break;
             }
         }
-        assert_eq!(errors, vec![errno::EINVAL], "{req:?}");
+        assert_eq!(errors.len(), 1, "{req:?}: {errors:?}");
+        assert_eq!(errors[0].errno, errno, "{req:?}");
+        assert!(
+            errors[0].message.contains(why),
+            "{req:?}: message {:?}, wanted one about {why:?}",
+            errors[0].message
+        );
     }
 }
 
@@ -3998,6 +4033,24 @@ fn fast_zero_fails_fast_where_zeroing_would_be_writing() {
         256 * KIB,
         cmd_flag::NO_HOLE
     ));
+    c.disconnect().unwrap();
+    // With structured replies, the refusal's error chunk names the command that failed.
+    write_runs(&image, &[(0, 2 * MIB)]);
+    let mut c = f.srv.structured_client();
+    let zero = Request {
+        flags,
+        ..Request::new(cmd::WRITE_ZEROES, 0x2e, 256 * KIB as u64, 256 * KIB as u32)
+    };
+    c.conn().send_request(&zero, &[]).unwrap();
+    let ch = c.conn().read_chunk().unwrap();
+    assert_eq!((ch.kind, ch.cookie), (chunk::ERROR, 0x2e));
+    let e = decode_error_chunk(&ch.payload, false).unwrap();
+    assert_eq!(e.errno, errno::ENOTSUP);
+    assert!(
+        e.message.starts_with("WRITE_ZEROES failed: "),
+        "message {:?}",
+        e.message
+    );
     c.disconnect().unwrap();
     // The expected ENOTSUP is not logged as a failure of the server.
     assert!(

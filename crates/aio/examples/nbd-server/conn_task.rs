@@ -322,15 +322,19 @@ impl Conn {
                     self.arm(LINGER);
                     return Ok(());
                 }
-                Action::Refuse { errno, discard } => {
+                Action::Refuse {
+                    errno,
+                    why,
+                    discard,
+                } => {
                     if !self.got(input.discard(self, discard).await?, input) {
                         return Ok(());
                     }
-                    self.reply_later(session::status(framing, &req, errno));
+                    self.reply_later(session::status(framing, &req, errno, why));
                 }
                 Action::Empty => {
                     self.shard.requests.set(self.shard.requests.get() + 1);
-                    self.reply_later(session::status(framing, &req, 0));
+                    self.reply_later(session::status(framing, &req, 0, ""));
                 }
                 Action::Run => {
                     let data = if req.payload_len > 0 {

@@ -840,13 +840,17 @@ impl Conn {
                 }
                 hdr
             }
-            Action::Refuse { errno, discard } => {
-                let reply = session::status(framing, &req, errno);
+            Action::Refuse {
+                errno,
+                why,
+                discard,
+            } => {
+                let reply = session::status(framing, &req, errno, why);
                 self.discard_then(discard, reply, false);
                 hdr
             }
             Action::Empty => {
-                self.send(session::status(framing, &req, 0));
+                self.send(session::status(framing, &req, 0, ""));
                 self.shard.requests.set(self.shard.requests.get() + 1);
                 hdr
             }

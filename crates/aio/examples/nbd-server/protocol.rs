@@ -333,8 +333,9 @@ impl Framing {
     }
 
     /// Appends the complete reply to `req` when it carries no data back: success when `error`
-    /// is 0, else the NBD error number.
-    pub fn status_reply(self, out: &mut Vec<u8>, req: &Request, error: u32) {
+    /// is 0, else the NBD error number, with `message` saying why in an error chunk (cut to
+    /// [`MAX_ERROR_MESSAGE`] bytes; a simple reply has no room for it).
+    pub fn status_reply(self, out: &mut Vec<u8>, req: &Request, error: u32, message: &str) {
         let start = out.len();
         if self == Framing::Simple {
             out.resize(start + SIMPLE_REPLY_LEN, 0);
@@ -345,11 +346,51 @@ impl Framing {
         if error == 0 {
             self.chunk_header(h, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0);
         } else {
-            // An error chunk: the error and an empty message.
-            self.chunk_header(h, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req, 6);
+            // An error chunk: the error, the message's length and the message.
+            let message = cut_at_char(message, MAX_ERROR_MESSAGE);
+            let len = message.len() as u16;
+            self.chunk_header(
+                h,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                req,
+                6 + u32::from(len),
+            );
             out.extend_from_slice(&error.to_be_bytes());
-            out.extend_from_slice(&0u16.to_be_bytes());
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(message.as_bytes());
         }
+    }
+}
+
+/// The longest error message an error chunk carries: the protocol's SHOULD for strings (it
+/// allows 4 096 bytes at most).
+pub const MAX_ERROR_MESSAGE: usize = 256;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cut_at_char(text: &str, max: usize) -> &str {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// The protocol's name of command `kind`, for messages.
+pub fn command_name(kind: u16) -> &'static str {
+    match kind {
+        CMD_READ => "READ",
+        CMD_WRITE => "WRITE",
+        CMD_DISC => "DISC",
+        CMD_FLUSH => "FLUSH",
+        CMD_TRIM => "TRIM",
+        CMD_CACHE => "CACHE",
+        CMD_WRITE_ZEROES => "WRITE_ZEROES",
+        CMD_BLOCK_STATUS => "BLOCK_STATUS",
+        _ => "an unknown command",
     }
 }
 

@@ -309,9 +309,14 @@ pub fn transmission_log(framing: Framing) -> String {
 pub enum Action {
     /// `NBD_CMD_DISC`: read nothing more; close once the replies owed are out.
     Disconnect,
-    /// Refused with this NBD error, answered once `discard` payload bytes have been read and
-    /// dropped (whatever their number: they stream through, even over [`MAX_PAYLOAD`]).
-    Refuse { errno: u32, discard: u64 },
+    /// Refused with this NBD error (and `why`, for an error chunk), answered once `discard`
+    /// payload bytes have been read and dropped (whatever their number: they stream through,
+    /// even over [`MAX_PAYLOAD`]).
+    Refuse {
+        errno: u32,
+        why: &'static str,
+        discard: u64,
+    },
     /// A read of nothing: answered at once with success (a structured reply may not carry an
     /// empty data chunk).
     Empty,
@@ -325,9 +330,13 @@ pub fn classify(export: &Export, hs: &Handshake, req: &Request) -> Action {
     if req.kind == CMD_DISC {
         return Action::Disconnect;
     }
-    if let Err(errno) = check(export, hs, req) {
+    if let Err((errno, why)) = check(export, hs, req) {
         let discard = req.payload_len;
-        return Action::Refuse { errno, discard };
+        return Action::Refuse {
+            errno,
+            why,
+            discard,
+        };
     }
     if req.kind == CMD_READ && req.length == 0 {
         return Action::Empty;
@@ -336,8 +345,8 @@ pub fn classify(export: &Export, hs: &Handshake, req: &Request) -> Action {
 }
 
 /// Validates a request against the export and the handshake; `Err` carries the NBD error to
-/// reply with.
-fn check(export: &Export, hs: &Handshake, req: &Request) -> Result<(), u32> {
+/// reply with and why (the error chunk's message).
+fn check(export: &Export, hs: &Handshake, req: &Request) -> Result<(), (u32, &'static str)> {
     // FUA is accepted everywhere (the protocol: "valid for all commands"); each other flag
     // only where it means something, else EINVAL (NO_HOLE on a READ, DF without structured
     // replies, a payload on anything but a WRITE).
@@ -351,25 +360,31 @@ fn check(export: &Export, hs: &Handshake, req: &Request) -> Result<(), u32> {
             _ => 0,
         };
     if req.flags & !flags != 0 {
-        return Err(EINVAL);
+        return Err((EINVAL, "a flag this command does not take"));
     }
     let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && export.read_only {
-        return Err(EPERM);
+        return Err((EPERM, "the export is read-only"));
     }
+    const PAST_END: &str = "the request goes past the end of the export";
     let in_range = req
         .offset
         .checked_add(req.length)
         .is_some_and(|end| end <= export.size);
     match req.kind {
-        CMD_READ | CMD_WRITE | CMD_CACHE if req.length > u64::from(MAX_PAYLOAD) => Err(EINVAL),
-        CMD_READ | CMD_TRIM | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => Err(EINVAL),
-        CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err(ENOSPC),
+        CMD_READ | CMD_WRITE | CMD_CACHE if req.length > u64::from(MAX_PAYLOAD) => {
+            Err((EINVAL, "the request is longer than the 32 MiB maximum"))
+        }
+        CMD_READ | CMD_TRIM | CMD_CACHE | CMD_BLOCK_STATUS if !in_range => Err((EINVAL, PAST_END)),
+        CMD_WRITE | CMD_WRITE_ZEROES if !in_range => Err((ENOSPC, PAST_END)),
         // Block status needs a selected context, and a length to describe.
-        CMD_BLOCK_STATUS if !hs.base_allocation || req.length == 0 => Err(EINVAL),
+        CMD_BLOCK_STATUS if !hs.base_allocation => {
+            Err((EINVAL, "no metadata context was negotiated"))
+        }
+        CMD_BLOCK_STATUS if req.length == 0 => Err((EINVAL, "a block status of no bytes")),
         CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH | CMD_CACHE
         | CMD_BLOCK_STATUS => Ok(()),
-        _ => Err(EINVAL),
+        _ => Err((EINVAL, "an unknown command")),
     }
 }
 
@@ -493,7 +508,7 @@ pub fn work(
 /// back to the pool with the reply).
 pub fn write_done(mut buf: Vec<u8>, framing: Framing, req: &Request) -> IoBuf {
     buf.clear();
-    framing.status_reply(&mut buf, req, 0);
+    framing.status_reply(&mut buf, req, 0, "");
     IoBuf::from(buf)
 }
 
@@ -668,24 +683,25 @@ pub fn block_status_reply(
 /// pool: cancelled, panicked) is the server's problem, not the client's, so it is logged;
 /// except the `ENOTSUP` a `NBD_CMD_FLAG_FAST_ZERO` asked for.
 pub fn reply(framing: Framing, id: u64, req: &Request, result: io::Result<IoBuf>) -> IoBuf {
-    let status = |errno| IoBuf::from(status(framing, req, errno));
     match result {
         Ok(buf) if !buf.is_empty() => buf,
-        Ok(_) => status(0),
+        Ok(_) => IoBuf::from(status(framing, req, 0, "")),
         Err(e) => {
             let errno = errno_of(&e);
             if !(errno == ENOTSUP && req.flags & CMD_FLAG_FAST_ZERO != 0) {
                 eprintln!("nbd-server: connection {id}: {req:?} failed: {e}");
             }
-            status(errno)
+            let why = format!("{} failed: {e}", command_name(req.kind));
+            IoBuf::from(status(framing, req, errno, &why))
         }
     }
 }
 
-/// A complete reply without data: success when `errno` is 0, else that NBD error.
-pub fn status(framing: Framing, req: &Request, errno: u32) -> Vec<u8> {
+/// A complete reply without data: success when `errno` is 0, else that NBD error, with
+/// `message` saying why when the reply is structured.
+pub fn status(framing: Framing, req: &Request, errno: u32, message: &str) -> Vec<u8> {
     let mut out = Vec::new();
-    framing.status_reply(&mut out, req, errno);
+    framing.status_reply(&mut out, req, errno, message);
     out
 }
 
