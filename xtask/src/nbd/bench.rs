@@ -26,7 +26,9 @@
 //! that is missing is installed with apt-get; one that cannot be makes its rows say `skipped: …`.
 //!
 //! **Runs.** Every run starts, after a `sync` (so that no run pays for the write-back of the
-//! previous one's writes), a fresh server process, runs one client, reads the server's peak
+//! previous one's writes) and with the image's page cache in the case's state (all of it for
+//! the read cases, none of it for the write cases: [`ImageCache`]), a fresh server process,
+//! runs one client, reads the server's peak
 //! RSS (`VmHWM`) and stops it with SIGTERM; within a round every server runs each case once, in
 //! turn, so that slow drifts of the machine fall on all alike. A failed run is reported in its
 //! row and makes the command exit 1 after the report is written; a ratio below 1.0 is a result,
@@ -333,6 +335,19 @@ impl Workload {
         matches!(self, Workload::Sparse { .. })
     }
 
+    /// The dense image's page-cache state every server's run of this case starts from.
+    fn image_cache(self) -> ImageCache {
+        match self {
+            Workload::QemuImg { write: false, .. }
+            | Workload::Fio { write: false, .. }
+            | Workload::CopyOut { .. } => ImageCache::Whole,
+            Workload::QemuImg { write: true, .. }
+            | Workload::Fio { write: true, .. }
+            | Workload::CopyIn { .. } => ImageCache::Empty,
+            Workload::Sparse { .. } => ImageCache::AsLeft,
+        }
+    }
+
     fn name(self) -> String {
         let rw = |write| if write { "write" } else { "read" };
         match self {
@@ -356,6 +371,23 @@ impl Workload {
             ),
         }
     }
+}
+
+/// The page-cache state of the dense image at the start of a run ([`Workload::image_cache`]).
+///
+/// Without it a run's figure depends on what the runs before it left in the page cache, and
+/// on Linux 6.18 that decides a 4 KiB write's cost more than the server does: a file cached in
+/// large folios (written with big writes, or read ahead) takes 8–18 k such writes per second
+/// through any server, and the same file out of the cache, where each page is written into a
+/// small folio of its own, 110–140 k (BENCHMARKS.md, 2026-12-06 22:20 UTC).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImageCache {
+    /// Read cases: all of the image in the page cache, so that no server reads the disk.
+    Whole,
+    /// Write cases: none of it, so that every server's writes cost the kernel alike.
+    Empty,
+    /// The sparse copies, which do not serve the dense image.
+    AsLeft,
 }
 
 /// Every case of the enabled clients, in run order.
@@ -1149,6 +1181,7 @@ fn run_once(
     // the write-back for the disk (seen: `--cache none` 4 KiB writes at QD 32 at 0.52× of
     // qemu-nbd right after a page-cache write run, 1.0× on their own).
     flush_dirty_pages();
+    set_image_cache(&files.image, work.image_cache());
     let server_cmd = files.server_command(which, image);
     let server = match Server::start(
         name,
@@ -1248,6 +1281,38 @@ fn flush_dirty_pages() {
     match std::process::Command::new("sync").status() {
         Ok(status) if status.success() => {}
         other => eprintln!("bench nbd: sync before the run failed ({other:?}); going on"),
+    }
+}
+
+/// Puts the (clean: [`flush_dirty_pages`] ran) image into the page-cache state `want`: read
+/// through for [`ImageCache::Whole`], dropped with `dd iflag=nocache count=0` (coreutils'
+/// `posix_fadvise(DONTNEED)` over the whole file; xtask links no libc) for
+/// [`ImageCache::Empty`]. A failure only costs accuracy, so it is reported and ignored.
+fn set_image_cache(image: &Path, want: ImageCache) {
+    let done = match want {
+        ImageCache::AsLeft => return,
+        ImageCache::Whole => File::open(image)
+            .and_then(|mut file| std::io::copy(&mut file, &mut std::io::sink()))
+            .map(drop)
+            .map_err(|err| err.to_string()),
+        ImageCache::Empty => std::process::Command::new("dd")
+            .arg(format!("if={}", image.display()))
+            .args(["iflag=nocache", "count=0", "status=none"])
+            .status()
+            .map_err(|err| err.to_string())
+            .and_then(|status| {
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(status.to_string())
+                }
+            }),
+    };
+    if let Err(why) = done {
+        eprintln!(
+            "bench nbd: putting {} in the page-cache state {want:?} failed ({why}); going on",
+            image.display()
+        );
     }
 }
 
@@ -1980,6 +2045,66 @@ mod tests {
         );
         let bad = super::knobs(&|k| (k == "AIO_NBD_BENCH_TLS").then(|| "yes".to_owned()));
         assert!(bad.is_err());
+    }
+
+    /// The resident bytes of `path` as util-linux's `fincore` counts them, or `None` without it.
+    fn resident_bytes(path: &Path) -> Option<u64> {
+        let out = std::process::Command::new("fincore")
+            .args(["--bytes", "--noheadings", "--output", "RES"])
+            .arg(path)
+            .output()
+            .ok()?;
+        String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+    }
+
+    #[test]
+    fn the_image_is_cached_whole_for_reads_and_dropped_for_writes() {
+        let scratch = Scratch::create("nbd-bench-cache").unwrap();
+        let image = scratch.path().join("image.raw");
+        let size = 8 << 20;
+        nbd::write_random_file(&image, size, 7).unwrap();
+        flush_dirty_pages();
+        if resident_bytes(&image).is_none() {
+            eprintln!("skipped: no fincore (util-linux) to count the image's cached pages");
+            return;
+        }
+        let read = Workload::Fio {
+            write: false,
+            depth: 32,
+        };
+        let write = Workload::QemuImg {
+            write: true,
+            depth: 1,
+        };
+        set_image_cache(&image, write.image_cache());
+        assert_eq!(
+            resident_bytes(&image),
+            Some(0),
+            "a write case starts uncached"
+        );
+        set_image_cache(&image, read.image_cache());
+        assert_eq!(
+            resident_bytes(&image),
+            Some(size),
+            "a read case starts cached"
+        );
+        let copy_in = Workload::CopyIn {
+            connections: 1,
+            requests: 16,
+        };
+        set_image_cache(&image, copy_in.image_cache());
+        assert_eq!(
+            resident_bytes(&image),
+            Some(0),
+            "a copy into the export too"
+        );
+        let sparse = Workload::Sparse { to_file: false };
+        set_image_cache(&image, sparse.image_cache());
+        assert_eq!(
+            resident_bytes(&image),
+            Some(0),
+            "the sparse cases leave it alone"
+        );
     }
 
     #[test]
