@@ -11,8 +11,10 @@
 //! against tokio's `spawn_blocking`), and within 1.2× of the raw floor.
 //!
 //! The file (`b11.img` in cargo's target tmp dir, 1 GiB; `--quick` 256 MiB) is written once,
-//! every block, so that `O_DIRECT` reads reach the disk. The page-cache part runs first, when
-//! the file is cached from being written; the direct writes then evict it.
+//! every block, so that `O_DIRECT` reads reach the disk. The page-cache part reads the whole
+//! file before its reads, and before every write run writes the file back and drops it from
+//! the page cache, so that each contender's writes start alike (`file_io::drop_cached` says
+//! why); the direct writes then evict it.
 //!
 //! `B11_fixed` runs only aio's io_uring engine with plain `Vec` buffers against the same engine
 //! with a registered `FixedBufPool` (`read_fixed`/`write_fixed`), interleaved, more rounds: what
@@ -137,6 +139,16 @@ fn bench_file(plan: Plan, direct: bool) -> Result<(std::fs::File, usize), String
     Ok((file, plan.cached_ops))
 }
 
+/// Before every page-cache write run: the file written back and out of the page cache
+/// ([`file_io::drop_cached`]), the same state for every contender. Reads need nothing: the
+/// file is read whole before the reads ([`bench_file`]) and reads evict nothing.
+fn settle(file: &std::fs::File, kind: Kind, direct: bool) -> std::io::Result<()> {
+    if kind == Kind::Write && !direct {
+        file_io::drop_cached(file)?;
+    }
+    Ok(())
+}
+
 fn part(out: &mut String, plan: Plan, direct: bool) {
     let name = if direct { "B11_direct" } else { "B11_cached" };
     let (file, ops) = match bench_file(plan, direct) {
@@ -174,6 +186,11 @@ fn part(out: &mut String, plan: Plan, direct: bool) {
                 let offs = file_io::offsets(ops, plan.file_size, 0x5eed + round as u64 * 7919);
                 for (i, &w) in who.iter().enumerate() {
                     if !alive[i] {
+                        continue;
+                    }
+                    if let Err(e) = settle(&file, kind, direct) {
+                        alive[i] = false;
+                        skipped.push(format!("{} ({kind:?}, QD {qd}): {e}", label(w)));
                         continue;
                     }
                     match run(w, &file, kind, qd, &offs) {
@@ -294,6 +311,10 @@ fn fixed_buffers(out: &mut String, plan: Plan) {
                     };
                     let mut pair = [0.0; 2];
                     for w in order {
+                        if let Err(e) = settle(&file, kind, direct) {
+                            failed = Some(format!("{}: {e}", label(w)));
+                            continue;
+                        }
                         match run(w, &file, kind, qd, &offs) {
                             Ok(t) => {
                                 let ns = t.as_nanos() as f64 / ops as f64;

@@ -281,6 +281,18 @@ pub fn warm(file: &File, size: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Writes `file`'s dirty pages back and drops all its pages from the page cache
+/// (`fdatasync`, then `posix_fadvise(DONTNEED)`), so that every contender's page-cache writes
+/// start from the same state: none pending write-back, and each 4 KiB write landing in a small
+/// folio of its own. A file cached in large folios (read ahead, or written with big writes)
+/// makes Linux 6.18's ext4 spend tens of µs per 4 KiB write whoever submits it, which would
+/// swamp the contenders' differences (BENCHMARKS.md, 2026-12-06 22:20 UTC).
+pub fn drop_cached(file: &File) -> io::Result<()> {
+    file.sync_data()?;
+    rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed)?;
+    Ok(())
+}
+
 /// tokio `spawn_blocking` around one `pread`/`pwrite` per operation, `qd` local tasks on a
 /// `current_thread` runtime: tokio's way to do positioned I/O without `tokio::fs`'s seek.
 pub fn tokio_blocking(file: &File, kind: Kind, qd: usize, offsets: &[u64]) -> io::Result<Duration> {
