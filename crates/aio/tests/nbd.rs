@@ -2564,6 +2564,55 @@ fn start_up_mistakes_are_explained_and_leave_nothing_behind() {
     first.signal("TERM");
     assert_eq!(first.wait_exit(IO_TIMEOUT).code(), Some(0));
 
+    // A listener whose backlog is full is live too, and the probe must not wait for room in it
+    // (a blocking connect would wait as long as the other server does not accept).
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+        let busy = dir.join("busy.sock");
+        let listener = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+        let addr = SocketAddrUnix::new(&busy).unwrap();
+        rustix::net::bind(&listener, &addr).unwrap();
+        rustix::net::listen(&listener, 0).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let fd = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None).unwrap();
+            rustix::io::ioctl_fionbio(&fd, true).unwrap();
+            match rustix::net::connect(&fd, &addr) {
+                Ok(()) => queued.push(fd),
+                Err(e) if e == rustix::io::Errno::AGAIN => break,
+                Err(e) => panic!("filling the backlog: {e}"),
+            }
+            assert!(queued.len() < 64, "the backlog of 0 took 64 connections");
+        }
+        let mut second = Command::new(bin)
+            .args(["--unix", &busy.display().to_string(), &image_s])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let began = Instant::now();
+        let status = loop {
+            if let Some(status) = second.try_wait().unwrap() {
+                break status;
+            }
+            if began.elapsed() > IO_TIMEOUT {
+                second.kill().unwrap();
+                panic!("the start hung on a live socket whose backlog is full");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+        assert_eq!(status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("a server is listening on this socket"),
+            "{err}"
+        );
+        assert!(busy.exists(), "the busy server's socket was removed");
+        drop(queued);
+    }
+
     let mut srv = Config::new(&image)
         .env("AIO_BACKEND", Some("nonsense"))
         .env("AIO_POLL_MAX_NS", Some("soon"))

@@ -1028,7 +1028,7 @@ fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             // A socket that takes connections is another server's, live: not stale.
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if takes_connections(path) {
                 return Err(io::Error::new(
                     io::ErrorKind::AddrInUse,
                     format!("{}: a server is listening on this socket", path.display()),
@@ -1038,6 +1038,23 @@ fn remove_stale_socket(path: &std::path::Path) -> io::Result<()> {
         }
         _ => Ok(()),
     }
+}
+
+/// Whether a server listens on the Unix socket at `path`: it accepts a connection, or (on
+/// Linux) has no room for one yet, its backlog full (a busy server, live all the same). The
+/// connect does not block, so a full backlog cannot hang the start either.
+fn takes_connections(path: &std::path::Path) -> bool {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketType};
+    let probe = || -> io::Result<bool> {
+        let fd = rustix::net::socket(AddressFamily::UNIX, SocketType::STREAM, None)?;
+        rustix::io::ioctl_fionbio(&fd, true)?;
+        let addr = SocketAddrUnix::new(path)?;
+        Ok(match rustix::net::connect(&fd, &addr) {
+            Ok(()) => true,
+            Err(e) => e == rustix::io::Errno::AGAIN,
+        })
+    };
+    probe().unwrap_or(false)
 }
 
 /// Says on stderr when `AIO_BACKEND` or `AIO_POLL_MAX_NS` is set to something the library
