@@ -2591,20 +2591,13 @@ fn start_up_mistakes_are_explained_and_leave_nothing_behind() {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        let began = Instant::now();
-        let status = loop {
-            if let Some(status) = second.try_wait().unwrap() {
-                break status;
-            }
-            if began.elapsed() > IO_TIMEOUT {
-                second.kill().unwrap();
-                panic!("the start hung on a live socket whose backlog is full");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut err = String::new();
-        std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
-        assert_eq!(status.code(), Some(1), "{err}");
+        if !eventually(IO_TIMEOUT, || second.try_wait().unwrap().is_some()) {
+            second.kill().unwrap();
+            panic!("the start hung on a live socket whose backlog is full");
+        }
+        let out = second.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(
             err.contains("a server is listening on this socket"),
             "{err}"

@@ -330,11 +330,11 @@ impl Conn {
                     if !self.got(input.discard(self, discard).await?, input) {
                         return Ok(());
                     }
-                    self.reply_later(session::status(framing, &req, errno, why));
+                    self.reply_later(session::status(framing, &req, Some((errno, why))));
                 }
                 Action::Empty => {
                     self.shard.requests.set(self.shard.requests.get() + 1);
-                    self.reply_later(session::status(framing, &req, 0, ""));
+                    self.reply_later(session::status(framing, &req, None));
                 }
                 Action::Run => {
                     let data = if req.payload_len > 0 {

@@ -845,12 +845,12 @@ impl Conn {
                 why,
                 discard,
             } => {
-                let reply = session::status(framing, &req, errno, why);
+                let reply = session::status(framing, &req, Some((errno, why)));
                 self.discard_then(discard, reply, false);
                 hdr
             }
             Action::Empty => {
-                self.send(session::status(framing, &req, 0, ""));
+                self.send(session::status(framing, &req, None));
                 self.shard.requests.set(self.shard.requests.get() + 1);
                 hdr
             }

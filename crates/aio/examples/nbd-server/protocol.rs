@@ -332,20 +332,19 @@ impl Framing {
         buf[at..at + 8].copy_from_slice(&offset.to_be_bytes());
     }
 
-    /// Appends the complete reply to `req` when it carries no data back: success when `error`
-    /// is 0, else the NBD error number, with `message` saying why in an error chunk (cut to
+    /// Appends the complete reply to `req` when it carries no data back: success for `None`,
+    /// else the NBD error number and a message saying why, for an error chunk (cut to
     /// [`MAX_ERROR_MESSAGE`] bytes; a simple reply has no room for it).
-    pub fn status_reply(self, out: &mut Vec<u8>, req: &Request, error: u32, message: &str) {
+    pub fn status_reply(self, out: &mut Vec<u8>, req: &Request, error: Option<(u32, &str)>) {
         let start = out.len();
         if self == Framing::Simple {
             out.resize(start + SIMPLE_REPLY_LEN, 0);
-            return simple_header(&mut out[start..], error, req.cookie);
+            let errno = error.map_or(0, |(errno, _)| errno);
+            return simple_header(&mut out[start..], errno, req.cookie);
         }
         out.resize(start + self.chunk_header_len(), 0);
         let h = &mut out[start..];
-        if error == 0 {
-            self.chunk_header(h, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0);
-        } else {
+        if let Some((error, message)) = error {
             // An error chunk: the error, the message's length and the message.
             let message = cut_at_char(message, MAX_ERROR_MESSAGE);
             let len = message.len() as u16;
@@ -359,6 +358,8 @@ impl Framing {
             out.extend_from_slice(&error.to_be_bytes());
             out.extend_from_slice(&len.to_be_bytes());
             out.extend_from_slice(message.as_bytes());
+        } else {
+            self.chunk_header(h, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req, 0);
         }
     }
 }

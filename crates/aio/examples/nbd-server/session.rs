@@ -508,7 +508,7 @@ pub fn work(
 /// back to the pool with the reply).
 pub fn write_done(mut buf: Vec<u8>, framing: Framing, req: &Request) -> IoBuf {
     buf.clear();
-    framing.status_reply(&mut buf, req, 0, "");
+    framing.status_reply(&mut buf, req, None);
     IoBuf::from(buf)
 }
 
@@ -685,23 +685,23 @@ pub fn block_status_reply(
 pub fn reply(framing: Framing, id: u64, req: &Request, result: io::Result<IoBuf>) -> IoBuf {
     match result {
         Ok(buf) if !buf.is_empty() => buf,
-        Ok(_) => IoBuf::from(status(framing, req, 0, "")),
+        Ok(_) => IoBuf::from(status(framing, req, None)),
         Err(e) => {
             let errno = errno_of(&e);
             if !(errno == ENOTSUP && req.flags & CMD_FLAG_FAST_ZERO != 0) {
                 eprintln!("nbd-server: connection {id}: {req:?} failed: {e}");
             }
             let why = format!("{} failed: {e}", command_name(req.kind));
-            IoBuf::from(status(framing, req, errno, &why))
+            IoBuf::from(status(framing, req, Some((errno, &why))))
         }
     }
 }
 
-/// A complete reply without data: success when `errno` is 0, else that NBD error, with
-/// `message` saying why when the reply is structured.
-pub fn status(framing: Framing, req: &Request, errno: u32, message: &str) -> Vec<u8> {
+/// A complete reply without data: success for `None`, else that NBD error and why
+/// ([`Framing::status_reply`]).
+pub fn status(framing: Framing, req: &Request, error: Option<(u32, &str)>) -> Vec<u8> {
     let mut out = Vec::new();
-    framing.status_reply(&mut out, req, errno, message);
+    framing.status_reply(&mut out, req, error);
     out
 }
 
