@@ -328,11 +328,36 @@ impl Export {
     /// Reads `len` bytes at `offset` into `buf[prefix..]`, a buffer the caller sized to
     /// `prefix + len` so that the reply header can be filled in front of the data and the
     /// whole reply sent with one write.
+    ///
+    /// Bytes past the end of a file that shrank under the server read as zeros
+    /// ([`zeros_past_the_end`]).
     pub fn read_into(&self, buf: &mut [u8], prefix: usize, offset: u64) -> io::Result<()> {
         let data = &mut buf[prefix..];
         let file = self.file_at(data.as_ptr() as usize, data.len(), offset);
         let _pass = self.enter(file);
-        file.read_exact_at(data, offset)
+        let mut done = 0;
+        while done < data.len() {
+            let at = offset + done as u64;
+            match file.read_at(&mut data[done..], at) {
+                Ok(0) if zeros_past_the_end(file, &mut data[done..], at)? => break,
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the image read nothing before its end",
+                    ));
+                }
+                Ok(n) => {
+                    done += n;
+                    let pos = at + n as u64;
+                    if done < data.len() && zeros_past_the_end(file, &mut data[done..], pos)? {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Whether a WRITE, TRIM or WRITE_ZEROES of this image is running now, on any thread (a
@@ -682,4 +707,22 @@ fn probe_sendfile(file: &File) -> bool {
 #[cfg(not(target_os = "linux"))]
 fn probe_sendfile(_file: &File) -> bool {
     false
+}
+
+/// After a read of `file` that stopped short at `pos`, with `rest` still to fill: whether `pos`
+/// is the end of the file, in which case `rest` is zeroed and the read is complete. Requests lie
+/// within the export's size, fixed at the handshake, so only a file that shrank under the
+/// server (truncated by someone else) ends inside one; what it no longer holds reads as zeros,
+/// whatever path the READ takes, as qemu-nbd's (its file driver pads a short read with zeros).
+/// A short read that is not at the end (none is expected from a regular file or a block
+/// device) returns false, and the caller reads on.
+pub fn zeros_past_the_end(file: &File, rest: &mut [u8], pos: u64) -> io::Result<bool> {
+    // `lseek` gives a block device's size as well as a file's; every other access is
+    // positional, so moving the offset is harmless.
+    let end = rustix::fs::seek(file, rustix::fs::SeekFrom::End(0))?;
+    if pos < end {
+        return Ok(false);
+    }
+    rest.fill(0);
+    Ok(true)
 }

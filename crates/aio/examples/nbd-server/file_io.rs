@@ -25,7 +25,7 @@ use aio::blockio::Engine as IoEngine;
 use aio::{AioContext, BlockIo, ThreadPool};
 
 use crate::buffers::BufPool;
-use crate::export::{Export, Pass, Run};
+use crate::export::{self, Export, Pass, Run};
 use crate::protocol::*;
 use crate::session::{self, IoBuf};
 
@@ -441,8 +441,9 @@ fn on_pool(
 
 /// Reads (or writes) all of `buf[at..]` at `offset`, one request after another while the
 /// kernel transfers less than asked; `done` gets the buffer back. A read that meets the end
-/// of the file first fails with `UnexpectedEof` (requests lie within the export, so only a
-/// file shrunk under the server does that).
+/// of the file first fills the rest with zeros (requests lie within the export, so only a file
+/// shrunk under the server does that: [`export::zeros_past_the_end`]); a write that writes
+/// nothing fails with `UnexpectedEof`.
 #[allow(clippy::too_many_arguments)] // one transfer's state, carried from request to request
 fn transfer(
     ctx: &AioContext,
@@ -455,28 +456,43 @@ fn transfer(
     done: impl FnOnce(io::Result<()>, Vec<u8>) + 'static,
 ) {
     let f = file.clone();
-    let next = move |r: io::Result<usize>, buf: Vec<u8>| match r {
-        Ok(n) if at + n >= buf.len() => done(Ok(()), buf),
-        Ok(0) => {
-            let what = if write {
-                "wrote nothing"
-            } else {
-                "end of file"
-            };
-            done(Err(io::Error::new(io::ErrorKind::UnexpectedEof, what)), buf)
-        }
-        Ok(n) => match AioContext::current() {
+    let next = move |r: io::Result<usize>, mut buf: Vec<u8>| {
+        let n = match r {
+            Ok(n) if at + n >= buf.len() => return done(Ok(()), buf),
+            Ok(n) if !write => {
+                match export::zeros_past_the_end(&f, &mut buf[at + n..], offset + n as u64) {
+                    Ok(true) => return done(Ok(()), buf),
+                    Ok(false) if n == 0 => {
+                        let eof = io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the image read nothing before its end",
+                        );
+                        return done(Err(eof), buf);
+                    }
+                    Ok(false) => n,
+                    Err(e) => return done(Err(e), buf),
+                }
+            }
+            Ok(0) => {
+                return done(
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "wrote nothing",
+                    )),
+                    buf,
+                );
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+            Err(e) => return done(Err(e), buf),
+        };
+        match AioContext::current() {
             Some(ctx) => transfer(&ctx, io, f, buf, at + n, offset + n as u64, write, done),
             None => done(
                 Err(io::Error::other("a completion ran outside its context")),
                 buf,
             ),
-        },
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => match AioContext::current() {
-            Some(ctx) => transfer(&ctx, io, f, buf, at, offset, write, done),
-            None => done(Err(e), buf),
-        },
-        Err(e) => done(Err(e), buf),
+        }
     };
     if write {
         io.write_from(ctx, &file, buf, at, offset, next);

@@ -50,7 +50,8 @@
 //!   The listeners close at once; each context then stops reading requests, serves those it
 //!   has read, lets the requests in flight complete and their replies go out, and closes its
 //!   connections, or closes them anyway after [`GRACE`]. The process exits 0. A second signal
-//!   exits at once, with status 1.
+//!   exits at once, with status 1, unless it came within [`SIGNAL_ECHO`] of the first (the
+//!   same request delivered twice, as `timeout` does).
 //! * **Engines.** `--engine callbacks` (the default) serves a connection from a level-triggered
 //!   fd handler with a state machine, and takes completions as callbacks; `--engine tasks`
 //!   runs each connection as a task that reads requests and spawns a task per request, which
@@ -118,6 +119,10 @@ use export::{Cache, Export};
 const POOL_MAX_THREADS: usize = 16;
 /// How long shutdown waits for connections to finish their requests before closing them.
 const GRACE: Duration = Duration::from_secs(5);
+/// A second SIGINT or SIGTERM within this time of the first is the same request delivered
+/// twice (coreutils' `timeout` signals the server, then its process group), not a second one;
+/// a person pressing Ctrl-C again is slower.
+const SIGNAL_ECHO: Duration = Duration::from_millis(250);
 /// How long accepting pauses when the process is out of fds (or memory), instead of spinning
 /// on a listener that stays readable.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -148,6 +153,10 @@ fn default_contexts() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(MAX_DEFAULT_CONTEXTS))
 }
 
+/// The longest export name, in bytes: the NBD protocol's limit on a string (qemu-nbd
+/// refuses longer ones; a client refuses to send or list one).
+const MAX_NAME: usize = 4096;
+
 /// The NBD port (IANA), for `--tcp HOST`.
 const NBD_PORT: u16 = 10809;
 
@@ -156,7 +165,7 @@ usage: nbd-server [OPTIONS] IMAGE
   --tcp ADDR            listen on TCP: HOST:PORT, HOST (port 10809) or :PORT (all IPv4
                         addresses); port 0 picks a free one; IPv6 as [::1]:PORT
   --unix PATH           listen on a Unix socket (the socket file is removed at exit)
-  --name NAME           export name (default: the empty name)
+  --name NAME           export name, at most 4096 bytes (default: the empty name)
   --read-only           refuse writes
   --contexts N          number of I/O contexts, one thread each (default: one per CPU,
                         at most 8); a client's connections are dealt over them
@@ -166,7 +175,7 @@ usage: nbd-server [OPTIONS] IMAGE
                         it the server exits, as qemu-nbd does, when the last client leaves
                         (a client that completed its handshake, leaving none connected)
   --idle-timeout SECS   close a client that sends and takes nothing for SECS seconds after
-                        its handshake (default: never)
+                        its handshake (default, and 0: never)
   --pid-file PATH       write the process id to PATH once listening; removed at exit
   --poll-max-ns N       busy-poll for up to N ns before sleeping, adapting the window to the
                         load, on every context (QEMU's poll-max-ns; default 32768, as
@@ -305,6 +314,7 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         (DEFAULT_POLL_MAX_NS, None, 0, 0);
     let mut poll_yield = true;
     let mut poll_qemu10 = false;
+    let mut once = std::collections::HashSet::new();
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?;
         let mut value = |what: &str| {
@@ -318,9 +328,23 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
                 })
         };
         match arg.as_str() {
+            // One listener of each kind and one export: a second of these is refused
+            // rather than silently replacing the first.
+            "--tcp" | "--unix" | "--name" if !once.insert(arg.clone()) => {
+                return Err(format!("{arg} is given twice (one per server)"));
+            }
             "--tcp" => cfg.tcp = Some(tcp_address(&value("an address")?)?),
             "--unix" => cfg.unix = Some(value("a path")?.into()),
-            "--name" => cfg.name = value("a name")?,
+            "--name" => {
+                cfg.name = value("a name")?;
+                if cfg.name.len() > MAX_NAME {
+                    return Err(format!(
+                        "--name: an export name is at most {MAX_NAME} bytes (the NBD protocol's \
+                         limit), not {}",
+                        cfg.name.len()
+                    ));
+                }
+            }
             "--read-only" => cfg.read_only = true,
             "--contexts" => {
                 let n = value("a number")?;
@@ -588,7 +612,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     });
     acceptor.watch(&ctx)?;
 
-    let stopping = Rc::new(Cell::new(None::<&'static str>));
+    let stopping = Rc::new(Cell::new(None::<(&'static str, Instant)>));
     let (stop, acc) = (stopping.clone(), acceptor.clone());
     let signal_fd = signals.fd.try_clone()?;
     let pid_path = cfg.pid_file.clone();
@@ -598,7 +622,12 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
             let Some(name) = Signals::read(&signal_fd) else {
                 return;
             };
-            if let Some(first) = stop.get() {
+            if let Some((first, at)) = stop.get() {
+                if at.elapsed() < SIGNAL_ECHO {
+                    // The same request twice: coreutils' `timeout` signals the server and
+                    // then its process group, and both can arrive one after the other.
+                    return;
+                }
                 // A request stuck in the kernel (a hung disk) would hold the graceful
                 // shutdown for its whole grace period; a second signal is the way out.
                 println!("nbd-server: {name} after {first}, exiting at once");
@@ -609,7 +638,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
                 std::process::exit(1);
             }
             println!("nbd-server: {name}, shutting down");
-            stop.set(Some(name));
+            stop.set(Some((name, Instant::now())));
             acc.shut_down(ctx);
         })
         .register()?;
@@ -676,7 +705,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         {
             let why = "the last client disconnected, no --persistent";
             println!("nbd-server: {why}, shutting down");
-            stopping.set(Some(why));
+            stopping.set(Some((why, Instant::now())));
             acceptor.shut_down(&ctx);
         }
     }
@@ -702,7 +731,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         "nbd-server: stopped ({}): {} connections, {} requests ({} reads and {} writes served \
          at once on the page cache, {} reads sent from it with sendfile, {} early sends of \
          replies served at once, {} block status replies built at once){polled}",
-        stopping.get().unwrap_or("?"),
+        stopping.get().map_or("?", |(why, _)| why),
         total.accepted,
         total.requests,
         total.cached_reads,
