@@ -147,7 +147,9 @@ enum OpInner {
     Uring(fdmon_uring::RequestId, u64),
     #[cfg(target_os = "linux")]
     Laio(usize, u64, u64),
-    Pool(Ticket),
+    /// A thread-pool request, with the identity of its context's pool requests
+    /// ([`pool_uid`]).
+    Pool(Ticket, u64),
 }
 
 impl fmt::Debug for Op {
@@ -157,7 +159,7 @@ impl fmt::Debug for Op {
             OpInner::Uring(id, _) => f.debug_tuple("Op::IoUring").field(id).finish(),
             #[cfg(target_os = "linux")]
             OpInner::Laio(slot, _, _) => f.debug_tuple("Op::LinuxAio").field(slot).finish(),
-            OpInner::Pool(_) => f.write_str("Op::Threads"),
+            OpInner::Pool(..) => f.write_str("Op::Threads"),
         }
     }
 }
@@ -180,9 +182,8 @@ impl Op {
             OpInner::Laio(slot, generation, engine) => {
                 linux_aio::cancel(ctx, *slot, *generation, *engine)
             }
-            OpInner::Pool(ticket) => {
-                let _ = ctx;
-                ticket.cancel()
+            OpInner::Pool(ticket, uid) => {
+                ctx.try_local::<PoolUid>().is_some_and(|p| p.0 == *uid) && ticket.cancel()
             }
         }
     }
@@ -548,13 +549,26 @@ impl IoBuf for Vec<u8> {}
 
 impl IoBuf for FixedBuf {}
 
-/// A process-unique identity for a context's io_uring or native AIO engine state, which its
-/// [`Op`]s carry (see [`OpInner`]); never 0, the identity of no engine.
-#[cfg(target_os = "linux")]
+/// A process-unique identity for a context's io_uring, native AIO or thread-pool engine state,
+/// which its [`Op`]s carry (see [`OpInner`]); never 0, the identity of no engine.
 pub(crate) fn engine_uid() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     // Relaxed: only uniqueness matters; nothing is published with the value.
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The identity that a context's thread-pool requests carry, a context-local value (the
+/// pool's tickets alone would cancel through any context).
+struct PoolUid(u64);
+
+/// `ctx`'s [`PoolUid`], made on first use.
+fn pool_uid(ctx: &AioContext) -> u64 {
+    ctx.local(|_| PoolUid(engine_uid())).0
+}
+
+/// The [`Op`] of a request submitted to `ctx`'s thread pool.
+pub(crate) fn pool_op(ctx: &AioContext, ticket: Ticket) -> Op {
+    Op(OpInner::Pool(ticket, pool_uid(ctx)))
 }
 
 /// Submits blocking work that borrows a buffer `B` to the thread pool; `done` gets the result
@@ -584,7 +598,7 @@ where
             Err(e) => done(Err(pool_error(e)), take(&slot)),
         },
     );
-    Op(OpInner::Pool(ticket))
+    pool_op(ctx, ticket)
 }
 
 /// Takes the buffer out of its slot; an empty one if a panicking work closure lost it.
@@ -604,7 +618,7 @@ fn pool_plain(
     let ticket = ThreadPool::of(ctx).submit_with(work, move |r| {
         done(r.unwrap_or_else(|e| Err(pool_error(e))))
     });
-    Op(OpInner::Pool(ticket))
+    pool_op(ctx, ticket)
 }
 
 /// The thread pool's failures as I/O errors: a cancelled request fails with `ECANCELED` on

@@ -222,7 +222,7 @@ fn fail_later(
             done(-errno, keep, &Callbacks::default())
         },
     );
-    Op(OpInner::Pool(ticket))
+    crate::pool_op(ctx, ticket)
 }
 
 /// Cancels the request `id` of the engine `engine` (see [`Op::cancel`]): nothing when `ctx`'s

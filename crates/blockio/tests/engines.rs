@@ -680,6 +680,9 @@ fn cancel_through_another_context_touches_nothing() {
     if BlockIo::with_engine(&a, Engine::LinuxAio).is_ok() {
         pairs.push(("linux-aio", a, b, Engine::LinuxAio));
     }
+    // The thread pool's requests too (which the native AIO engine's no-ops use): found by a
+    // user trying the API, where the pool's cancel went through whatever the context.
+    pairs.push(("threads", epoll(), epoll(), Engine::Threads));
     for (name, a, b, engine) in pairs {
         let file = temp_file();
         file.write_all_at(b"data", 0).unwrap();
@@ -697,9 +700,16 @@ fn cancel_through_another_context_touches_nothing() {
         io_b.read_at(&b, &file, vec![0; 4], 0, move |r, buf| {
             *s.borrow_mut() = Some((r, buf))
         });
+        let nop_a: Slot<io::Result<()>> = Rc::default();
+        let s = nop_a.clone();
+        let op_nop = io_a.nop(&a, move |r| *s.borrow_mut() = Some(r));
         assert!(
             !op_a.cancel(&b),
             "{name}: cancelled through the wrong context"
+        );
+        assert!(
+            !op_nop.cancel(&b),
+            "{name}: a no-op cancelled through the wrong context"
         );
         let (r, buf) = wait_for(&b, &got_b);
         assert_eq!(r.unwrap(), 4, "{name}: the other context's read");
@@ -715,6 +725,14 @@ fn cancel_through_another_context_touches_nothing() {
             );
         } else {
             assert_eq!(r.unwrap(), 4, "{name}");
+        }
+        let cancelled = op_nop.cancel(&a);
+        let r = wait_for(&a, &nop_a);
+        if cancelled {
+            let err = r.unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::ECANCELED), "{name}");
+        } else {
+            r.unwrap();
         }
     }
     // A context that never had the engine: nothing is cancelled and nothing set up.
