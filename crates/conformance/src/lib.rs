@@ -281,6 +281,7 @@ macro_rules! timer_tests {
             timer_moved_earlier_from_another_thread_wakes_poll,
             timer_cancelled_after_its_deadline_never_fires,
             timer_periodic_rearm_never_fires_early,
+            timer_poll_timeout_sleeps_at_most_its_limit,
         );
     };
 }

@@ -150,3 +150,63 @@ pub fn timer_periodic_rearm_never_fires_early(make: MakeContext) {
         "the second firing was early"
     );
 }
+
+/// `poll_timeout`: with nothing to do, one blocking iteration that sleeps for its limit and no
+/// less, then returns false; a timer due after the limit neither runs nor lengthens the wait;
+/// one due before it runs, and the call returns then; a bottom half scheduled from another
+/// thread ends a long wait; a zero limit does not sleep.
+pub fn timer_poll_timeout_sleeps_at_most_its_limit(make: MakeContext) {
+    let ctx = new_ctx(make);
+    drain(&ctx);
+    // (A limit that is not kept makes the first wait last until the watchdog's wake-up.)
+    let wd = Watchdog::new(ctx.handle());
+    let limit = Duration::from_millis(50);
+    let t0 = Instant::now();
+    assert!(!ctx.poll_timeout(limit), "nothing to do");
+    let slept = t0.elapsed();
+    assert!(slept >= limit, "returned after {slept:?}, before its limit");
+    assert!(slept < limit + WAKE_BOUND, "slept {slept:?}");
+
+    let (fired, timer) = flag_timer(&ctx);
+    timer.arm_after(Duration::from_secs(60));
+    let t0 = Instant::now();
+    assert!(!ctx.poll_timeout(limit));
+    assert!(
+        t0.elapsed() < limit + WAKE_BOUND,
+        "slept {:?}",
+        t0.elapsed()
+    );
+    assert!(!fired.load(SeqCst), "a timer due after the limit ran");
+
+    let t0 = Instant::now();
+    timer.arm_after(Duration::from_millis(20));
+    while !fired.load(SeqCst) {
+        ctx.poll_timeout(Duration::from_secs(60));
+        assert!(
+            !wd.fired(),
+            "the timer due before the limit never ended the wait"
+        );
+    }
+    assert!(t0.elapsed() < Duration::from_millis(20) + WAKE_BOUND);
+
+    let ran = counter();
+    let (r, handle) = (ran.clone(), ctx.handle());
+    let t0 = Instant::now();
+    let scheduler = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(20));
+        handle.schedule_oneshot(move || {
+            r.fetch_add(1, SeqCst);
+        });
+    });
+    while get(&ran) == 0 {
+        ctx.poll_timeout(Duration::from_secs(60));
+        assert!(!wd.fired(), "the remote BH never ended the wait");
+    }
+    scheduler.join().unwrap();
+    assert!(t0.elapsed() < WAKE_BOUND, "{:?}", t0.elapsed());
+
+    drain(&ctx);
+    let t0 = Instant::now();
+    assert!(!ctx.poll_timeout(Duration::ZERO));
+    assert!(t0.elapsed() < WAKE_BOUND);
+}

@@ -312,7 +312,21 @@ impl AioContext {
     /// callback stays registered, and the context can be polled again.
     pub fn poll(&self) -> bool {
         // `BackOff` never returns an error.
-        self.run_iteration::<true>(OnWaitError::BackOff)
+        self.run_iteration::<true>(OnWaitError::BackOff, None)
+            .unwrap_or(false)
+    }
+
+    /// As [`poll`](Self::poll), but sleeping for at most `max`: one iteration that returns
+    /// once a callback ran, once woken, or after `max` with nothing done (false), as calloop's
+    /// `dispatch(Some(timeout))`. For a loop that must also do something on its own schedule,
+    /// or give up waiting, without arming a timer or asking another thread for a wake-up.
+    /// A zero `max` is [`poll_nonblocking`](Self::poll_nonblocking).
+    pub fn poll_timeout(&self, max: Duration) -> bool {
+        if max.is_zero() {
+            return self.poll_nonblocking();
+        }
+        // `BackOff` never returns an error.
+        self.run_iteration::<true>(OnWaitError::BackOff, Some(max))
             .unwrap_or(false)
     }
 
@@ -326,7 +340,7 @@ impl AioContext {
     /// which does not block if one is due), and there is no back-off. The failure is counted
     /// in [`Stats::wait_errors`] and logged, as for `poll`.
     pub fn try_poll(&self) -> io::Result<bool> {
-        self.run_iteration::<true>(OnWaitError::Return)
+        self.run_iteration::<true>(OnWaitError::Return, None)
     }
 
     /// As [`poll_nonblocking`](Self::poll_nonblocking), but a failing backend wait is returned
@@ -337,7 +351,7 @@ impl AioContext {
     ///
     /// As [`try_poll`](Self::try_poll).
     pub fn try_poll_nonblocking(&self) -> io::Result<bool> {
-        self.run_iteration::<false>(OnWaitError::Return)
+        self.run_iteration::<false>(OnWaitError::Return, None)
     }
 
     /// Runs one loop iteration without sleeping (QEMU `aio_poll(ctx, false)`). Returns whether
@@ -351,7 +365,7 @@ impl AioContext {
     /// iteration never sleeps.
     pub fn poll_nonblocking(&self) -> bool {
         // `BackOff` never returns an error.
-        self.run_iteration::<false>(OnWaitError::BackOff)
+        self.run_iteration::<false>(OnWaitError::BackOff, None)
             .unwrap_or(false)
     }
 
@@ -389,7 +403,12 @@ impl AioContext {
         progress
     }
 
-    fn run_iteration<const BLOCKING: bool>(&self, on_error: OnWaitError) -> io::Result<bool> {
+    /// One iteration; a blocking one sleeps for at most `cap` when given.
+    fn run_iteration<const BLOCKING: bool>(
+        &self,
+        on_error: OnWaitError,
+        cap: Option<Duration>,
+    ) -> io::Result<bool> {
         let inner = &*self.inner;
         let _current = CurrentGuard::enter(Rc::as_ptr(&self.inner));
         let (_depth, nested) = DepthGuard::enter(&inner.depth);
@@ -411,7 +430,11 @@ impl AioContext {
             shared.set_window(true);
         }
         let mut timeout = if BLOCKING {
-            inner.compute_timeout()
+            match (inner.compute_timeout(), cap) {
+                (Some(t), Some(cap)) => Some(t.min(cap)),
+                (t, None) => t,
+                (None, cap) => cap,
+            }
         } else {
             Some(Duration::ZERO)
         };
