@@ -71,13 +71,17 @@
 //!   [`Change::Remove`] still succeeds: `EPOLL_CTL_DEL` answers `EBADF` (the number is not
 //!   open) or `ENOENT` (the number now names another file that is not registered), which both
 //!   mean "already gone" and are logged at debug level.
-//! * **Closed, but a duplicate survives** (`dup`, `fork`, a file passed over a socket): the
-//!   entry stays, tied to the old file, and is still reported under the old key while that file
-//!   is ready. `epoll_ctl` finds entries by fd number, which no longer names that file, so once
-//!   the handler is removed the entry cannot be reached any more: it lives in the kernel until
-//!   every duplicate is closed, and its reports carry a key that the context drops as stale. A
-//!   file that stays ready then makes every wait return at once. **Remove a handler before
-//!   closing its fd.**
+//! * **Closed, but a duplicate survives** (`dup`, `try_clone`, `fork`, a file passed over a
+//!   socket): the entry stays, tied to the old file, and is still reported under the old key
+//!   while that file is ready. `epoll_ctl` finds entries by fd number, which no longer names
+//!   that file, so once the handler is removed the entry cannot be reached any more: it lives
+//!   in the kernel until every duplicate is closed. A file that stays ready would then make
+//!   every wait return at once, so the first wait that meets such an *orphan* (a report under
+//!   a key the monitor no longer has) drops it and replaces the epoll instance with a new one
+//!   holding the live registrations, logged as a warning. Not while an outer loop may watch
+//!   the epoll fd (it was handed out by `outer_fds` or `as_fd`), which must not change under
+//!   it: there the orphan's reports are dropped, logged once, and its wake-ups go on until the
+//!   duplicates are closed. **Remove a handler before closing its fd.**
 //! * **The number is reused** for a new file: the new file can be added (under a new key) even
 //!   though the old key was never removed, because it is a different pair. The monitor then
 //!   treats the old key as stale: removing or replacing it never touches the new file's entry,
@@ -99,6 +103,7 @@
 
 mod epoll;
 
+use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
@@ -172,6 +177,12 @@ pub struct EpollMonitor {
     /// Whether positive timeouts use `epoll_pwait2` (else `ppoll` on the epoll fd, then a
     /// non-blocking `epoll_wait`).
     pwait2: bool,
+    /// Whether an outer loop may watch the epoll fd (it was handed out by
+    /// [`outer_fds`](FdMonitor::outer_fds) or [`as_fd`](AsFd::as_fd)): the epoll instance is
+    /// then never replaced ([`forget_orphans`](Self::forget_orphans)).
+    fd_lent: Cell<bool>,
+    /// Whether orphans that could not be dropped were logged already.
+    orphans_logged: bool,
 }
 
 /// What one attempt at waiting produced.
@@ -226,6 +237,8 @@ impl EpollMonitor {
             events: Events::with_capacity(INITIAL_EVENTS),
             regs: Registrations::new(),
             pwait2,
+            fd_lent: Cell::new(false),
+            orphans_logged: false,
         })
     }
 
@@ -297,6 +310,60 @@ impl EpollMonitor {
     /// ```
     pub fn is_empty(&self) -> bool {
         self.regs.is_empty()
+    }
+
+    /// `orphans` events of the last wait named no registered key: entries of handlers already
+    /// removed whose fd had been closed first while a duplicate of it kept the file open (see
+    /// "A registered fd that gets closed"). Nothing can delete them (`epoll_ctl` reaches an
+    /// entry only through the number, which no longer names its file), and a file that stays
+    /// ready would make every wait return at once. So the epoll instance is replaced by a new
+    /// one holding every registration that owns its fd number, which drops the orphans with
+    /// the old one; a registration whose fd no longer opens anything is left out, as the kernel
+    /// had left it out already, and so is a stale key's (its number names another file now). Not when an outer loop may be watching the epoll fd, which must not change
+    /// under it: then the orphans are only logged.
+    fn forget_orphans(&mut self, orphans: usize) {
+        if self.fd_lent.get() {
+            // Once per monitor: the outer loop comes back at once for as long as they stay.
+            if !self.orphans_logged {
+                self.orphans_logged = true;
+                tracing::warn!(
+                    orphans,
+                    "epoll: reports of fds closed before their handlers were removed, kept \
+                     open by a duplicate; the epoll fd is an outer loop's, so they stay until \
+                     the duplicates are closed"
+                );
+            }
+            return;
+        }
+        let fresh = match Epoll::new() {
+            Ok(e) => e,
+            Err(err) => {
+                tracing::warn!(%err, orphans, "epoll: cannot replace the instance to drop entries of closed fds");
+                return;
+            }
+        };
+        let mut left_out = 0;
+        let old = std::mem::replace(&mut self.epoll, fresh);
+        let owned: Vec<_> = self
+            .regs
+            .iter()
+            .filter(|&(key, _, _)| self.regs.owns(key))
+            .collect();
+        for (key, fd, interest) in owned {
+            if let Err(err) = FdTable::add(&mut self.epoll, fd, key, interest) {
+                // A closed fd (EBADF) or a file epoll refuses: the kernel had dropped it.
+                tracing::debug!(fd, ?key, %err, "epoll: not watched again");
+                left_out += 1;
+            }
+        }
+        drop(old);
+        tracing::warn!(
+            orphans,
+            left_out,
+            "epoll: fds were closed before their handlers were removed while a duplicate kept \
+             them open; replaced the epoll instance to stop their reports (remove a handler \
+             before closing its fd)"
+        );
     }
 
     /// Waits until an event is ready or `timeout` passes, retrying `EINTR`.
@@ -413,19 +480,29 @@ impl FdMonitor for EpollMonitor {
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
         self.events.clear();
         let n = self.wait_uninterrupted(timeout)?;
+        let mut orphans = 0;
         for (data, events) in self.events.iter() {
-            ready.push(HandlerKey::from_u64(data), epoll_to_readiness(events));
+            let key = HandlerKey::from_u64(data);
+            if self.regs.get(key).is_none() {
+                orphans += 1;
+                continue;
+            }
+            ready.push(key, epoll_to_readiness(events));
         }
         let capacity = self.events.capacity();
         if n == capacity && capacity < MAX_EVENTS {
             // More may be ready than one batch holds; read bigger batches from now on.
             self.events.grow_to((capacity * 2).min(MAX_EVENTS));
         }
-        Ok(n)
+        if orphans > 0 {
+            self.forget_orphans(orphans);
+        }
+        Ok(n - orphans)
     }
 
     /// Appends the epoll fd, for reading: it is readable while any watched fd is ready.
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
+        self.fd_lent.set(true);
         out.push(OuterFd {
             fd: self.epoll.as_fd().as_raw_fd(),
             interest: Interest::READ,
@@ -437,6 +514,7 @@ impl AsFd for EpollMonitor {
     /// The epoll fd. It is readable while any watched fd is ready, so an outer loop can wait for
     /// it and then call `wait` with a zero timeout.
     fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd_lent.set(true);
         self.epoll.as_fd()
     }
 }

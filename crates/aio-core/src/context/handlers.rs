@@ -153,9 +153,16 @@ impl Inner {
 impl AioContext {
     /// Starts registering a handler for `fd`. See [`HandlerBuilder`].
     ///
-    /// The context stores the fd's number, not the fd: keep the fd open while the handler is
-    /// registered (an fd closed while registered is reported as an error by the poll backend
-    /// and dropped by epoll; either way the handler should remove itself).
+    /// The context stores the fd's number, not the fd: keep the fd open, naming the same file,
+    /// until the handler is removed (in a struct, declare the [`FdHandler`] before the fd, so
+    /// that it is dropped first). An fd closed while registered is reported as an error by the
+    /// poll backend until its handler is removed, once by io_uring, and dropped by epoll; if a
+    /// duplicate (`try_clone`, `dup`) keeps its file open, epoll goes on reporting it and,
+    /// once the handler is gone, replaces its epoll instance to be rid of an entry it can no
+    /// longer delete. A new fd that reuses the number cannot be registered (`AlreadyExists`)
+    /// while the old handler lives, and under poll the old handler sees the new file's
+    /// readiness. [`fd_handler_raw`](Self::fd_handler_raw) states the same rule as its safety
+    /// contract.
     pub fn fd_handler(&self, fd: &impl AsFd) -> HandlerBuilder<'_> {
         HandlerBuilder::new(self, raw_fd_of(fd))
     }
