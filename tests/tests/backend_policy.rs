@@ -387,8 +387,8 @@ fn poll_mode_callbacks_pair_across_the_epoll_upgrade() {
     assert_eq!(reads.get(), 2, "still dispatched by its fd on epoll");
 }
 
-/// A socket closed before its handler is dropped, while a `try_clone` of it lives, on epoll
-/// (the facade's, explicit or upgraded): once the handler is gone the loop sleeps again,
+/// A socket closed before its handler is dropped, while a `try_clone` of it lives, on an
+/// explicit epoll context: once the handler is gone the loop sleeps again,
 /// instead of waking at once for as long as the clone lives because the kernel keeps an
 /// entry nothing can delete (found by a new-user trial: 58 000 iterations in 100 ms).
 #[test]

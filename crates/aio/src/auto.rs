@@ -60,11 +60,12 @@ pub enum Backend {
     /// what [`Auto`](Backend::Auto) falls back to where io_uring is unavailable, and QEMU's
     /// choice when it has no io_uring.
     PollThenEpoll,
-    /// epoll from the start (feature `epoll`, Linux). If epoll refuses an fd that poll can
-    /// watch (a regular file: `EPERM`), the context still moves every handler to poll, logs
-    /// it, and stays there, as after an upgrade: the registration succeeds rather than fail
-    /// on a backend detail ([`AioContext::backend`](aio_core::AioContext::backend) then says
-    /// `"poll"`). [`Poll`](Backend::Poll) never changes backend.
+    /// epoll from the start (feature `epoll`, Linux). With the `poll` feature built in, a
+    /// change epoll refuses for a reason of its own (a regular file's `EPERM`, `ENOMEM`, …;
+    /// not a caller's error) still moves every handler to poll, logged, for good, as after an
+    /// upgrade: the registration succeeds rather than fail on a backend detail
+    /// ([`AioContext::backend`](aio_core::AioContext::backend) then says `"poll"`). Without
+    /// it, the refusal is returned. [`Poll`](Backend::Poll) never changes backend.
     Epoll,
     /// io_uring (feature `io-uring`, Linux); an error if the kernel refuses it, setting up the
     /// ring or the round trip through it.

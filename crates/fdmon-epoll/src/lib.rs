@@ -67,7 +67,9 @@
 //! [`Readiness::ERROR`](aio_core::Readiness::ERROR) until its handler is removed:
 //!
 //! * **Closed, no other fd refers to the file** (the common case): the entry silently
-//!   disappears. The handler is never reported again, not even with an error. A later
+//!   disappears. The handler is not reported again, not even with an error (unless an
+//!   orphan, below, makes the monitor add every registration anew while the number names
+//!   another file). A later
 //!   [`Change::Remove`] still succeeds: `EPOLL_CTL_DEL` answers `EBADF` (the number is not
 //!   open) or `ENOENT` (the number now names another file that is not registered), which both
 //!   mean "already gone" and are logged at debug level.
@@ -78,10 +80,14 @@
 //!   in the kernel until every duplicate is closed. A file that stays ready would then make
 //!   every wait return at once, so the first wait that meets such an *orphan* (a report under
 //!   a key the monitor no longer has) drops it and replaces the epoll instance with a new one
-//!   holding the live registrations, logged as a warning. Not while an outer loop may watch
-//!   the epoll fd (it was handed out by `outer_fds` or `as_fd`), which must not change under
-//!   it: there the orphan's reports are dropped, logged once, and its wake-ups go on until the
-//!   duplicates are closed. **Remove a handler before closing its fd.**
+//!   holding the live registrations, logged as a warning; an outer loop asks `outer_fds`
+//!   again before it sleeps, and follows. Not after the epoll fd was lent through `as_fd` (its
+//!   number must stay), nor when the new instance refuses a live registration (`ENOSPC`,
+//!   `ENOMEM`): then the orphan's reports are dropped, logged once, and its wake-ups go on
+//!   until the duplicates are closed. Registrations are added to the new instance through
+//!   their numbers, so a handler whose fd was itself closed while registered is left out if
+//!   the number is not open, and watches the number's new file if it was reused (as poll
+//!   would). **Remove a handler before closing its fd.**
 //! * **The number is reused** for a new file: the new file can be added (under a new key) even
 //!   though the old key was never removed, because it is a different pair. The monitor then
 //!   treats the old key as stale: removing or replacing it never touches the new file's entry,
@@ -103,11 +109,11 @@
 
 mod epoll;
 
-use std::cell::Cell;
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use aio_core::registrations::{FdTable, Registrations};
@@ -177,12 +183,15 @@ pub struct EpollMonitor {
     /// Whether positive timeouts use `epoll_pwait2` (else `ppoll` on the epoll fd, then a
     /// non-blocking `epoll_wait`).
     pwait2: bool,
-    /// Whether an outer loop may watch the epoll fd (it was handed out by
-    /// [`outer_fds`](FdMonitor::outer_fds) or [`as_fd`](AsFd::as_fd)): the epoll instance is
-    /// then never replaced ([`forget_orphans`](Self::forget_orphans)).
-    fd_lent: Cell<bool>,
-    /// Whether orphans that could not be dropped were logged already.
-    orphans_logged: bool,
+    /// Whether the epoll fd was lent through [`as_fd`](AsFd::as_fd), to code that may keep
+    /// the number: the epoll instance is then never replaced
+    /// ([`forget_orphans`](Self::forget_orphans)). An outer loop that takes it from
+    /// [`outer_fds`](FdMonitor::outer_fds) asks again before every sleep, as that contract
+    /// requires, and so follows a replacement.
+    fd_lent: AtomicBool,
+    /// Set once orphans could not be dropped (the fd was lent, or a replacement failed): they
+    /// are then filtered out only, logged once, and no replacement is tried again.
+    orphans_kept: bool,
 }
 
 /// What one attempt at waiting produced.
@@ -237,8 +246,8 @@ impl EpollMonitor {
             events: Events::with_capacity(INITIAL_EVENTS),
             regs: Registrations::new(),
             pwait2,
-            fd_lent: Cell::new(false),
-            orphans_logged: false,
+            fd_lent: AtomicBool::new(false),
+            orphans_kept: false,
         })
     }
 
@@ -318,45 +327,53 @@ impl EpollMonitor {
     /// entry only through the number, which no longer names its file), and a file that stays
     /// ready would make every wait return at once. So the epoll instance is replaced by a new
     /// one holding every registration that owns its fd number, which drops the orphans with
-    /// the old one; a registration whose fd no longer opens anything is left out, as the kernel
-    /// had left it out already, and so is a stale key's (its number names another file now). Not when an outer loop may be watching the epoll fd, which must not change
-    /// under it: then the orphans are only logged.
-    fn forget_orphans(&mut self, orphans: usize) {
-        if self.fd_lent.get() {
-            // Once per monitor: the outer loop comes back at once for as long as they stay.
-            if !self.orphans_logged {
-                self.orphans_logged = true;
+    /// the old one. Each is added again through its number: a registration whose fd is no
+    /// longer open (`EBADF`), or names a file epoll refuses (`EPERM`), is left out, and one whose
+    /// number was closed and reused while registered now watches the file the number names.
+    /// Both concern only handlers whose fd was closed before they were removed. Any other
+    /// refusal (`ENOSPC` past `max_user_watches`, `ENOMEM`) keeps the old instance, as does a
+    /// lent fd ([`fd_lent`](Self::fd_lent)); the orphans are then only filtered out, logged
+    /// once. Returns whether the instance was replaced.
+    fn forget_orphans(&mut self, orphans: usize) -> bool {
+        let keep = |me: &mut Self, why: &dyn std::fmt::Display| {
+            if !me.orphans_kept {
+                me.orphans_kept = true;
                 tracing::warn!(
                     orphans,
-                    "epoll: reports of fds closed before their handlers were removed, kept \
-                     open by a duplicate; the epoll fd is an outer loop's, so they stay until \
+                    "epoll: reports of fds closed before their handlers were removed, kept open \
+                     by a duplicate, cannot be dropped ({why}); the loop wakes for them until \
                      the duplicates are closed"
                 );
             }
-            return;
+            false
+        };
+        if self.orphans_kept {
+            return false;
         }
-        let fresh = match Epoll::new() {
+        if self.fd_lent.load(Ordering::Relaxed) {
+            return keep(self, &"the epoll fd was lent through AsFd");
+        }
+        let mut fresh = match Epoll::new() {
             Ok(e) => e,
-            Err(err) => {
-                tracing::warn!(%err, orphans, "epoll: cannot replace the instance to drop entries of closed fds");
-                return;
-            }
+            Err(err) => return keep(self, &err),
         };
         let mut left_out = 0;
-        let old = std::mem::replace(&mut self.epoll, fresh);
         let owned: Vec<_> = self
             .regs
             .iter()
             .filter(|&(key, _, _)| self.regs.owns(key))
             .collect();
         for (key, fd, interest) in owned {
-            if let Err(err) = FdTable::add(&mut self.epoll, fd, key, interest) {
-                // A closed fd (EBADF) or a file epoll refuses: the kernel had dropped it.
-                tracing::debug!(fd, ?key, %err, "epoll: not watched again");
-                left_out += 1;
+            match FdTable::add(&mut fresh, fd, key, interest) {
+                Ok(()) => {}
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EBADF | libc::EPERM)) => {
+                    tracing::debug!(fd, ?key, %err, "epoll: a closed fd is not watched again");
+                    left_out += 1;
+                }
+                Err(err) => return keep(self, &err),
             }
         }
-        drop(old);
+        drop(std::mem::replace(&mut self.epoll, fresh));
         tracing::warn!(
             orphans,
             left_out,
@@ -364,22 +381,21 @@ impl EpollMonitor {
              them open; replaced the epoll instance to stop their reports (remove a handler \
              before closing its fd)"
         );
+        true
     }
 
-    /// Waits until an event is ready or `timeout` passes, retrying `EINTR`.
+    /// Waits until an event is ready or `timeout` passes, retrying `EINTR`; `deadline` is when
+    /// the whole wait ends (`None` for none, a zero timeout, or one too far off).
     ///
-    /// This is the one place where `EINTR` is retried. The remaining time is recomputed from a
-    /// deadline taken before the first call, so a signal neither extends the wait (as
+    /// This is the one place where `EINTR` is retried. The remaining time is recomputed from the
+    /// deadline, taken before the first call, so a signal neither extends the wait (as
     /// restarting with the full timeout would) nor ends it early, and an infinite wait stays
     /// infinite.
-    fn wait_uninterrupted(&mut self, timeout: Option<Duration>) -> io::Result<usize> {
-        // Only a real, finite, nonzero wait can be shortened by elapsed time, and only then is
-        // reading the clock worth it. A timeout so large that the deadline is not representable
-        // is, for every practical purpose, infinite, and is simply passed again on a retry.
-        let deadline = match timeout {
-            Some(t) if !t.is_zero() => Instant::now().checked_add(t),
-            _ => None,
-        };
+    fn wait_uninterrupted(
+        &mut self,
+        timeout: Option<Duration>,
+        deadline: Option<Instant>,
+    ) -> io::Result<usize> {
         let mut remaining = timeout;
         loop {
             match self.wait_once(remaining) {
@@ -472,37 +488,57 @@ impl FdMonitor for EpollMonitor {
     /// reported by the next call. With nothing registered this still sleeps for `timeout`,
     /// and with `None` it blocks until a watched fd becomes ready, however many signals
     /// arrive; a context always watches its own notifier, so something can always wake it.
+    /// Reports of entries no registration has (orphans: see "A registered fd that gets
+    /// closed") are dropped; a wait that only they ended replaces the epoll instance and
+    /// waits out the rest of its timeout.
     ///
     /// # Errors
     ///
     /// Whatever the kernel fails with other than `EINTR`, which is retried (`EFAULT` and
     /// `EINVAL` cannot happen with the arguments built here).
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
-        self.events.clear();
-        let n = self.wait_uninterrupted(timeout)?;
-        let mut orphans = 0;
-        for (data, events) in self.events.iter() {
-            let key = HandlerKey::from_u64(data);
-            if self.regs.get(key).is_none() {
-                orphans += 1;
-                continue;
+        // Only a real, finite, nonzero wait can be shortened by elapsed time (a signal, or
+        // orphans below), and only then is reading the clock worth it. A timeout so large that
+        // the deadline is not representable is, for every practical purpose, infinite, and is
+        // simply passed again.
+        let deadline = match timeout {
+            Some(t) if !t.is_zero() => Instant::now().checked_add(t),
+            _ => None,
+        };
+        let mut remaining = timeout;
+        loop {
+            self.events.clear();
+            let n = self.wait_uninterrupted(remaining, deadline)?;
+            let mut orphans = 0;
+            for (data, events) in self.events.iter() {
+                let key = HandlerKey::from_u64(data);
+                if self.regs.get(key).is_none() {
+                    orphans += 1;
+                    continue;
+                }
+                ready.push(key, epoll_to_readiness(events));
             }
-            ready.push(key, epoll_to_readiness(events));
+            let capacity = self.events.capacity();
+            if n == capacity && capacity < MAX_EVENTS {
+                // More may be ready than one batch holds; read bigger batches from now on.
+                self.events.grow_to((capacity * 2).min(MAX_EVENTS));
+            }
+            let reported = n - orphans;
+            if orphans == 0 || reported > 0 || !self.forget_orphans(orphans) {
+                return Ok(reported);
+            }
+            // Woken by orphans alone, now gone: wait out the rest of the timeout.
+            match (timeout, deadline) {
+                (Some(t), _) if t.is_zero() => return Ok(0),
+                (_, Some(d)) => remaining = Some(d.saturating_duration_since(Instant::now())),
+                // No limit, or one too far off to represent: wait as asked again.
+                (_, None) => {}
+            }
         }
-        let capacity = self.events.capacity();
-        if n == capacity && capacity < MAX_EVENTS {
-            // More may be ready than one batch holds; read bigger batches from now on.
-            self.events.grow_to((capacity * 2).min(MAX_EVENTS));
-        }
-        if orphans > 0 {
-            self.forget_orphans(orphans);
-        }
-        Ok(n - orphans)
     }
 
     /// Appends the epoll fd, for reading: it is readable while any watched fd is ready.
     fn outer_fds(&self, out: &mut Vec<OuterFd>) {
-        self.fd_lent.set(true);
         out.push(OuterFd {
             fd: self.epoll.as_fd().as_raw_fd(),
             interest: Interest::READ,
@@ -514,7 +550,9 @@ impl AsFd for EpollMonitor {
     /// The epoll fd. It is readable while any watched fd is ready, so an outer loop can wait for
     /// it and then call `wait` with a zero timeout.
     fn as_fd(&self) -> BorrowedFd<'_> {
-        self.fd_lent.set(true);
+        // Relaxed: a flag for this monitor's own later waits, which run on the same thread
+        // as every change to it (`&mut self`), or after a hand-over that synchronizes.
+        self.fd_lent.store(true, Ordering::Relaxed);
         self.epoll.as_fd()
     }
 }

@@ -197,29 +197,84 @@ fn closed_fd_with_a_surviving_duplicate_is_forgotten_once_its_handler_is_removed
     drop(dup);
 }
 
-/// The same orphan when an outer loop may be watching the epoll fd: its reports are dropped,
-/// but the instance is kept (its fd must not change under the outer loop) until the duplicate
-/// is closed and the kernel drops the entry.
+/// An outer loop takes the epoll fd from `outer_fds` before each sleep, and so follows the
+/// replacement: the orphan's wait hands it a new fd, which is not readable while nothing live
+/// is ready. A wait that only the orphan woke waits out its timeout on the new instance.
 #[test]
-fn an_orphan_is_only_dropped_while_an_outer_loop_may_watch_the_epoll_fd() {
+fn an_outer_loop_follows_the_instance_that_replaces_an_orphan() {
     let _serial = serial();
     let (r, w) = pipe();
     let fd = r.as_raw_fd();
     let dup = r.try_clone().unwrap();
     let mut monitor = EpollMonitor::new().unwrap();
     let mut ready = ReadyList::new();
-    monitor.outer_fds(&mut Vec::new());
+    let outer = |m: &EpollMonitor| {
+        let mut out = Vec::new();
+        m.outer_fds(&mut out);
+        out[0].fd
+    };
+    let before = outer(&monitor);
+    add(&mut monitor, key(1), fd, Interest::READ);
+    write_bytes(&w, b"x");
+    drop(r);
+    monitor.update(Change::Remove { key: key(1), fd }).unwrap();
+    let t0 = std::time::Instant::now();
+    let n = monitor
+        .wait(&mut ready, Some(std::time::Duration::from_millis(50)))
+        .unwrap();
+    assert_eq!((n, ready.len()), (0, 0));
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_millis(50),
+        "the orphan ended the wait after {:?}",
+        t0.elapsed()
+    );
+    let after = outer(&monitor);
+    assert_ne!(after, before, "the instance was not replaced");
+    let mut pfd = libc::pollfd {
+        fd: after,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is one live, exclusively borrowed pollfd, matching nfds = 1.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    assert_eq!(rc, 0, "the new epoll fd is readable");
+    drop(dup);
+}
+
+/// After the epoll fd was lent through `as_fd` (code that may keep the number), the instance
+/// is kept: the orphan's reports are dropped, and its wake-ups go on until the duplicate is
+/// closed and the kernel drops the entry.
+#[test]
+fn an_orphan_is_only_dropped_once_the_epoll_fd_was_lent() {
+    let _serial = serial();
+    let (r, w) = pipe();
+    let fd = r.as_raw_fd();
+    let dup = r.try_clone().unwrap();
+    let mut monitor = EpollMonitor::new().unwrap();
+    let mut ready = ReadyList::new();
     let epoll_fd = monitor.as_fd().as_raw_fd();
     add(&mut monitor, key(1), fd, Interest::READ);
     write_bytes(&w, b"x");
     drop(r);
     monitor.update(Change::Remove { key: key(1), fd }).unwrap();
+    let readable = |fd: RawFd| {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one live, exclusively borrowed pollfd, matching nfds = 1.
+        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
+    };
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     assert_eq!(monitor.as_fd().as_raw_fd(), epoll_fd);
-    assert_eq!(wait_now(&mut monitor, &mut ready), []);
+    assert!(
+        readable(epoll_fd),
+        "the orphan's entry is still in the kernel"
+    );
     // Closing the last duplicate releases the file, and the kernel drops the entry.
     drop(dup);
-    assert_eq!(wait_now(&mut monitor, &mut ready), []);
+    assert!(!readable(epoll_fd));
 }
 
 #[test]

@@ -159,7 +159,8 @@ impl AioContext {
     /// poll backend until its handler is removed, once by io_uring, and dropped by epoll; if a
     /// duplicate (`try_clone`, `dup`) keeps its file open, epoll goes on reporting it and,
     /// once the handler is gone, replaces its epoll instance to be rid of an entry it can no
-    /// longer delete. A new fd that reuses the number cannot be registered (`AlreadyExists`)
+    /// longer delete (the `polling` backend, epoll underneath on Linux, cannot: its loop then
+    /// wakes at once until the duplicate is closed). A new fd that reuses the number cannot be registered (`AlreadyExists`)
     /// while the old handler lives, and under poll the old handler sees the new file's
     /// readiness. [`fd_handler_raw`](Self::fd_handler_raw) states the same rule as its safety
     /// contract.
