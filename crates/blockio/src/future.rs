@@ -18,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 
 use aio_core::AioContext;
 
-use crate::{BlockIo, Op};
+use crate::{BlockIo, FallocateMode, FixedBuf, Op};
 
 /// Where the callback leaves the result for the future.
 struct Shared<T> {
@@ -117,8 +117,108 @@ impl BlockIo {
         OpFuture::new(|done| self.write_at(ctx, file, buf, offset, move |r, b| done((r, b))))
     }
 
+    /// [`read_into`](Self::read_into) as a future of `(result, buffer)`.
+    pub fn read_into_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: Vec<u8>,
+        start: usize,
+        offset: u64,
+    ) -> OpFuture<(io::Result<usize>, Vec<u8>)> {
+        OpFuture::new(|done| {
+            self.read_into(ctx, file, buf, start, offset, move |r, b| done((r, b)))
+        })
+    }
+
+    /// [`write_from`](Self::write_from) as a future of `(result, buffer)`.
+    pub fn write_from_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: Vec<u8>,
+        start: usize,
+        offset: u64,
+    ) -> OpFuture<(io::Result<usize>, Vec<u8>)> {
+        OpFuture::new(|done| {
+            self.write_from(ctx, file, buf, start, offset, move |r, b| done((r, b)))
+        })
+    }
+
+    /// [`read_fixed`](Self::read_fixed) as a future of `(result, buffer)`.
+    pub fn read_fixed_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: FixedBuf,
+        start: usize,
+        offset: u64,
+    ) -> OpFuture<(io::Result<usize>, FixedBuf)> {
+        OpFuture::new(|done| {
+            self.read_fixed(ctx, file, buf, start, offset, move |r, b| done((r, b)))
+        })
+    }
+
+    /// [`write_fixed`](Self::write_fixed) as a future of `(result, buffer)`.
+    pub fn write_fixed_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        buf: FixedBuf,
+        start: usize,
+        offset: u64,
+    ) -> OpFuture<(io::Result<usize>, FixedBuf)> {
+        OpFuture::new(|done| {
+            self.write_fixed(ctx, file, buf, start, offset, move |r, b| done((r, b)))
+        })
+    }
+
+    /// [`readv`](Self::readv) as a future of `(result, buffers)`.
+    pub fn readv_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        bufs: Vec<Vec<u8>>,
+        offset: u64,
+    ) -> OpFuture<(io::Result<usize>, Vec<Vec<u8>>)> {
+        OpFuture::new(|done| self.readv(ctx, file, bufs, offset, move |r, b| done((r, b))))
+    }
+
+    /// [`writev`](Self::writev) as a future of `(result, buffers)`.
+    pub fn writev_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        bufs: Vec<Vec<u8>>,
+        offset: u64,
+    ) -> OpFuture<(io::Result<usize>, Vec<Vec<u8>>)> {
+        OpFuture::new(|done| self.writev(ctx, file, bufs, offset, move |r, b| done((r, b))))
+    }
+
     /// [`fsync`](Self::fsync) as a future.
     pub fn fsync_async(&self, ctx: &AioContext, file: &Arc<File>) -> OpFuture<io::Result<()>> {
         OpFuture::new(|done| self.fsync(ctx, file, done))
+    }
+
+    /// [`fdatasync`](Self::fdatasync) as a future.
+    pub fn fdatasync_async(&self, ctx: &AioContext, file: &Arc<File>) -> OpFuture<io::Result<()>> {
+        OpFuture::new(|done| self.fdatasync(ctx, file, done))
+    }
+
+    /// [`fallocate`](Self::fallocate) as a future.
+    pub fn fallocate_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        mode: FallocateMode,
+        offset: u64,
+        len: u64,
+    ) -> OpFuture<io::Result<()>> {
+        OpFuture::new(|done| self.fallocate(ctx, file, mode, offset, len, done))
+    }
+
+    /// [`nop`](Self::nop) as a future: the engine's round trip.
+    pub fn nop_async(&self, ctx: &AioContext) -> OpFuture<io::Result<()>> {
+        OpFuture::new(|done| self.nop(ctx, done))
     }
 }

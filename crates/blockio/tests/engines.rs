@@ -552,6 +552,36 @@ fn futures_over_the_callbacks() {
         let (n, buf) = ctx.block_on(task).unwrap();
         assert_eq!(n, 8, "{name}");
         assert_eq!(&buf[..8], b"\0\0future", "{name}");
+        // Every other operation's future, checked against the file.
+        let (r, _) = ctx.block_on(io.write_from_async(&ctx, &file, b"..AB".to_vec(), 2, 20));
+        assert_eq!(r.unwrap(), 2, "{name}");
+        let (r, buf) = ctx.block_on(io.read_into_async(&ctx, &file, vec![b'-'; 4], 1, 19));
+        assert_eq!((r.unwrap(), &buf[..]), (3, &b"-\0AB"[..]), "{name}");
+        let (r, _) =
+            ctx.block_on(io.writev_async(&ctx, &file, vec![b"C".to_vec(), b"DE".to_vec()], 30));
+        assert_eq!(r.unwrap(), 3, "{name}");
+        let (r, bufs) = ctx.block_on(io.readv_async(&ctx, &file, vec![vec![0; 2], vec![0; 1]], 30));
+        assert_eq!(
+            (r.unwrap(), bufs),
+            (3, vec![b"CD".to_vec(), b"E".to_vec()]),
+            "{name}"
+        );
+        ctx.block_on(io.fdatasync_async(&ctx, &file)).unwrap();
+        ctx.block_on(io.fallocate_async(&ctx, &file, 0, 0, 4096))
+            .unwrap();
+        assert_eq!(
+            file.metadata().unwrap().len(),
+            4096,
+            "{name}: fallocate extends"
+        );
+        ctx.block_on(io.nop_async(&ctx)).unwrap();
+        let pool = blockio::FixedBufPool::unregistered(1, 4096).unwrap();
+        let mut fixed = pool.get().unwrap();
+        fixed[..3].copy_from_slice(b"fix");
+        let (r, fixed) = ctx.block_on(io.write_fixed_async(&ctx, &file, fixed, 0, 40));
+        assert_eq!(r.unwrap(), 4096, "{name}");
+        let (r, fixed) = ctx.block_on(io.read_fixed_async(&ctx, &file, fixed, 1, 40));
+        assert_eq!((r.unwrap(), &fixed[1..4]), (4095, &b"fix"[..]), "{name}");
     }
 }
 
