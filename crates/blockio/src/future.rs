@@ -95,6 +95,38 @@ impl<T> Future for OpFuture<T> {
 }
 
 impl BlockIo {
+    /// The future of a one-buffer transfer of `buf[start..]` (see [`BlockIo::read_into`]).
+    fn vec_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        (buf, start): (Vec<u8>, usize),
+        offset: u64,
+        write: bool,
+    ) -> OpFuture<(io::Result<usize>, Vec<u8>)> {
+        OpFuture::new(|done| {
+            self.one_buf(ctx, file, buf, start, offset, write, move |r, b| {
+                done((r, b))
+            })
+        })
+    }
+
+    /// The future of a fixed-buffer transfer (see [`BlockIo::read_fixed`]).
+    fn fixed_async(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        (buf, start): (FixedBuf, usize),
+        offset: u64,
+        write: bool,
+    ) -> OpFuture<(io::Result<usize>, FixedBuf)> {
+        OpFuture::new(|done| {
+            self.fixed(ctx, file, buf, start, offset, write, move |r, b| {
+                done((r, b))
+            })
+        })
+    }
+
     /// [`read_at`](Self::read_at) as a future of `(result, buffer)`.
     pub fn read_at_async(
         &self,
@@ -103,7 +135,7 @@ impl BlockIo {
         buf: Vec<u8>,
         offset: u64,
     ) -> OpFuture<(io::Result<usize>, Vec<u8>)> {
-        OpFuture::new(|done| self.read_at(ctx, file, buf, offset, move |r, b| done((r, b))))
+        self.vec_async(ctx, file, (buf, 0), offset, false)
     }
 
     /// [`write_at`](Self::write_at) as a future of `(result, buffer)`.
@@ -114,7 +146,7 @@ impl BlockIo {
         buf: Vec<u8>,
         offset: u64,
     ) -> OpFuture<(io::Result<usize>, Vec<u8>)> {
-        OpFuture::new(|done| self.write_at(ctx, file, buf, offset, move |r, b| done((r, b))))
+        self.vec_async(ctx, file, (buf, 0), offset, true)
     }
 
     /// [`read_into`](Self::read_into) as a future of `(result, buffer)`.
@@ -126,9 +158,7 @@ impl BlockIo {
         start: usize,
         offset: u64,
     ) -> OpFuture<(io::Result<usize>, Vec<u8>)> {
-        OpFuture::new(|done| {
-            self.read_into(ctx, file, buf, start, offset, move |r, b| done((r, b)))
-        })
+        self.vec_async(ctx, file, (buf, start), offset, false)
     }
 
     /// [`write_from`](Self::write_from) as a future of `(result, buffer)`.
@@ -140,9 +170,7 @@ impl BlockIo {
         start: usize,
         offset: u64,
     ) -> OpFuture<(io::Result<usize>, Vec<u8>)> {
-        OpFuture::new(|done| {
-            self.write_from(ctx, file, buf, start, offset, move |r, b| done((r, b)))
-        })
+        self.vec_async(ctx, file, (buf, start), offset, true)
     }
 
     /// [`read_fixed`](Self::read_fixed) as a future of `(result, buffer)`.
@@ -154,9 +182,7 @@ impl BlockIo {
         start: usize,
         offset: u64,
     ) -> OpFuture<(io::Result<usize>, FixedBuf)> {
-        OpFuture::new(|done| {
-            self.read_fixed(ctx, file, buf, start, offset, move |r, b| done((r, b)))
-        })
+        self.fixed_async(ctx, file, (buf, start), offset, false)
     }
 
     /// [`write_fixed`](Self::write_fixed) as a future of `(result, buffer)`.
@@ -168,9 +194,7 @@ impl BlockIo {
         start: usize,
         offset: u64,
     ) -> OpFuture<(io::Result<usize>, FixedBuf)> {
-        OpFuture::new(|done| {
-            self.write_fixed(ctx, file, buf, start, offset, move |r, b| done((r, b)))
-        })
+        self.fixed_async(ctx, file, (buf, start), offset, true)
     }
 
     /// [`readv`](Self::readv) as a future of `(result, buffers)`.

@@ -154,6 +154,24 @@ pub fn move_to(fd: OwnedFd, target: RawFd) -> OwnedFd {
     unsafe { OwnedFd::from_raw_fd(target) }
 }
 
+/// Whether `fd` is readable right now, by `poll(2)` with a zero timeout: what an outer loop
+/// sees of a monitor's fd.
+///
+/// # Panics
+///
+/// If `poll` fails.
+pub fn readable_now(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: [CONF-1] `pfd` is one live, exclusively borrowed pollfd, matching nfds = 1.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    assert!(rc >= 0, "poll: {}", io::Error::last_os_error());
+    rc == 1
+}
+
 /// Writes all of `bytes` to `fd` in one `write`.
 ///
 /// # Panics

@@ -12,14 +12,13 @@
 
 #![cfg(target_os = "linux")]
 
-use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use aio_conformance::monitor::{
-    CountingAllocator, MonitorBackend, add, always_available, key, pipe, serial, wait_now,
-    write_bytes,
+    CountingAllocator, MonitorBackend, add, always_available, key, pipe, readable_now, serial,
+    wait_now, write_bytes,
 };
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use fdmon_epoll::EpollMonitor;
@@ -177,17 +176,7 @@ fn closed_fd_with_a_surviving_duplicate_is_forgotten_once_its_handler_is_removed
     assert_eq!(monitor.len(), 1);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     // Gone for good, the duplicate still open: a wait sleeps its timeout.
-    let t0 = std::time::Instant::now();
-    ready.clear();
-    let n = monitor
-        .wait(&mut ready, Some(std::time::Duration::from_millis(50)))
-        .unwrap();
-    assert_eq!((n, ready.len()), (0, 0));
-    assert!(
-        t0.elapsed() >= std::time::Duration::from_millis(50),
-        "woke after {:?}",
-        t0.elapsed()
-    );
+    sleeps_50_ms(&mut monitor, &mut ready);
     // The live registration moved over.
     write_bytes(&other_w, b"y");
     assert_eq!(
@@ -197,15 +186,41 @@ fn closed_fd_with_a_surviving_duplicate_is_forgotten_once_its_handler_is_removed
     drop(dup);
 }
 
+/// Checks that a 50 ms wait of `monitor` reports nothing and is not ended early (by an orphan).
+fn sleeps_50_ms(monitor: &mut EpollMonitor, ready: &mut ReadyList) {
+    let t0 = std::time::Instant::now();
+    ready.clear();
+    let n = monitor
+        .wait(ready, Some(std::time::Duration::from_millis(50)))
+        .unwrap();
+    assert_eq!((n, ready.len()), (0, 0));
+    let slept = t0.elapsed();
+    assert!(
+        slept >= std::time::Duration::from_millis(50),
+        "woke after {slept:?}"
+    );
+}
+
+/// Leaves an orphan in `monitor`'s kernel set: a readable pipe registered under `key(1)`,
+/// its fd closed while a duplicate (returned, with the write end) keeps the file open, then
+/// its handler removed.
+fn orphan(monitor: &mut EpollMonitor) -> (OwnedFd, OwnedFd) {
+    let (r, w) = pipe();
+    let fd = r.as_raw_fd();
+    let dup = r.try_clone().unwrap();
+    add(monitor, key(1), fd, Interest::READ);
+    write_bytes(&w, b"x");
+    drop(r);
+    monitor.update(Change::Remove { key: key(1), fd }).unwrap();
+    (dup, w)
+}
+
 /// An outer loop takes the epoll fd from `outer_fds` before each sleep, and so follows the
 /// replacement: the orphan's wait hands it a new fd, which is not readable while nothing live
 /// is ready. A wait that only the orphan woke waits out its timeout on the new instance.
 #[test]
 fn an_outer_loop_follows_the_instance_that_replaces_an_orphan() {
     let _serial = serial();
-    let (r, w) = pipe();
-    let fd = r.as_raw_fd();
-    let dup = r.try_clone().unwrap();
     let mut monitor = EpollMonitor::new().unwrap();
     let mut ready = ReadyList::new();
     let outer = |m: &EpollMonitor| {
@@ -214,31 +229,12 @@ fn an_outer_loop_follows_the_instance_that_replaces_an_orphan() {
         out[0].fd
     };
     let before = outer(&monitor);
-    add(&mut monitor, key(1), fd, Interest::READ);
-    write_bytes(&w, b"x");
-    drop(r);
-    monitor.update(Change::Remove { key: key(1), fd }).unwrap();
-    let t0 = std::time::Instant::now();
-    let n = monitor
-        .wait(&mut ready, Some(std::time::Duration::from_millis(50)))
-        .unwrap();
-    assert_eq!((n, ready.len()), (0, 0));
-    assert!(
-        t0.elapsed() >= std::time::Duration::from_millis(50),
-        "the orphan ended the wait after {:?}",
-        t0.elapsed()
-    );
+    let kept = orphan(&mut monitor);
+    sleeps_50_ms(&mut monitor, &mut ready);
     let after = outer(&monitor);
     assert_ne!(after, before, "the instance was not replaced");
-    let mut pfd = libc::pollfd {
-        fd: after,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one live, exclusively borrowed pollfd, matching nfds = 1.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-    assert_eq!(rc, 0, "the new epoll fd is readable");
-    drop(dup);
+    assert!(!readable_now(after), "the new epoll fd is readable");
+    drop(kept);
 }
 
 /// After the epoll fd was lent through `as_fd` (code that may keep the number), the instance
@@ -247,34 +243,19 @@ fn an_outer_loop_follows_the_instance_that_replaces_an_orphan() {
 #[test]
 fn an_orphan_is_only_dropped_once_the_epoll_fd_was_lent() {
     let _serial = serial();
-    let (r, w) = pipe();
-    let fd = r.as_raw_fd();
-    let dup = r.try_clone().unwrap();
     let mut monitor = EpollMonitor::new().unwrap();
     let mut ready = ReadyList::new();
     let epoll_fd = monitor.as_fd().as_raw_fd();
-    add(&mut monitor, key(1), fd, Interest::READ);
-    write_bytes(&w, b"x");
-    drop(r);
-    monitor.update(Change::Remove { key: key(1), fd }).unwrap();
-    let readable = |fd: RawFd| {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one live, exclusively borrowed pollfd, matching nfds = 1.
-        unsafe { libc::poll(&mut pfd, 1, 0) == 1 }
-    };
+    let (dup, _w) = orphan(&mut monitor);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     assert_eq!(monitor.as_fd().as_raw_fd(), epoll_fd);
     assert!(
-        readable(epoll_fd),
+        readable_now(epoll_fd),
         "the orphan's entry is still in the kernel"
     );
     // Closing the last duplicate releases the file, and the kernel drops the entry.
     drop(dup);
-    assert!(!readable(epoll_fd));
+    assert!(!readable_now(epoll_fd));
 }
 
 #[test]
@@ -304,20 +285,9 @@ fn outer_fds_is_the_epoll_fd_which_is_readable_while_a_watched_fd_is_ready() {
     );
 
     // What an outer loop does: poll the epoll fd, then collect with a zero-timeout wait.
-    let readable = |fd: RawFd| {
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one live, exclusively borrowed pollfd, matching nfds = 1.
-        let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-        assert!(rc >= 0, "poll: {}", io::Error::last_os_error());
-        rc == 1
-    };
-    assert!(!readable(epoll_fd));
+    assert!(!readable_now(epoll_fd));
     write_bytes(&w, b"x");
-    assert!(readable(epoll_fd));
+    assert!(readable_now(epoll_fd));
     assert_eq!(
         wait_now(&mut monitor, &mut ready),
         [(key(1), Readiness::READABLE)]

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use aio_conformance::monitor::{
     CountLevel, CountingAllocator, MonitorBackend, add, churn_1000_fds, ensure_fd_limit, eventfd,
-    key, pipe, read_bytes, serial, signal_eventfd, wait_for, wait_now, write_bytes,
+    key, pipe, read_bytes, readable_now, serial, signal_eventfd, wait_for, wait_now, write_bytes,
 };
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use fdmon_uring::UringMonitor;
@@ -97,19 +97,6 @@ fn sorted_registrations(monitor: &UringMonitor) -> Vec<(u64, RawFd, Interest)> {
         .collect();
     regs.sort_by_key(|&(k, _, _)| k);
     regs
-}
-
-/// Whether `fd` is readable right now, by `poll(2)` with a zero timeout.
-fn readable_now(fd: RawFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is one valid, exclusively borrowed pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
-    assert!(rc >= 0, "poll: {}", io::Error::last_os_error());
-    rc == 1
 }
 
 // ---------------------------------------------------------------------------------------------
