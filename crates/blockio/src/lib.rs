@@ -147,9 +147,8 @@ enum OpInner {
     Uring(fdmon_uring::RequestId, u64),
     #[cfg(target_os = "linux")]
     Laio(usize, u64, u64),
-    /// A thread-pool request, with the identity of its context's pool requests
-    /// ([`pool_uid`]).
-    Pool(Ticket, u64),
+    /// A request of its context's thread pool (which the ticket knows).
+    Pool(Ticket),
 }
 
 impl fmt::Debug for Op {
@@ -159,7 +158,7 @@ impl fmt::Debug for Op {
             OpInner::Uring(id, _) => f.debug_tuple("Op::IoUring").field(id).finish(),
             #[cfg(target_os = "linux")]
             OpInner::Laio(slot, _, _) => f.debug_tuple("Op::LinuxAio").field(slot).finish(),
-            OpInner::Pool(..) => f.write_str("Op::Threads"),
+            OpInner::Pool(_) => f.write_str("Op::Threads"),
         }
     }
 }
@@ -182,8 +181,8 @@ impl Op {
             OpInner::Laio(slot, generation, engine) => {
                 linux_aio::cancel(ctx, *slot, *generation, *engine)
             }
-            OpInner::Pool(ticket, uid) => {
-                ctx.try_local::<PoolUid>().is_some_and(|p| p.0 == *uid) && ticket.cancel()
+            OpInner::Pool(ticket) => {
+                ThreadPool::existing(ctx).is_some_and(|p| p.owns(ticket)) && ticket.cancel()
             }
         }
     }
@@ -549,26 +548,13 @@ impl IoBuf for Vec<u8> {}
 
 impl IoBuf for FixedBuf {}
 
-/// A process-unique identity for a context's io_uring, native AIO or thread-pool engine state,
-/// which its [`Op`]s carry (see [`OpInner`]); never 0, the identity of no engine.
+/// A process-unique identity for a context's io_uring or native AIO engine state, which its
+/// [`Op`]s carry (see [`OpInner`]); never 0, the identity of no engine.
+#[cfg(target_os = "linux")]
 pub(crate) fn engine_uid() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     // Relaxed: only uniqueness matters; nothing is published with the value.
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-/// The identity that a context's thread-pool requests carry, a context-local value (the
-/// pool's tickets alone would cancel through any context).
-struct PoolUid(u64);
-
-/// `ctx`'s [`PoolUid`], made on first use.
-fn pool_uid(ctx: &AioContext) -> u64 {
-    ctx.local(|_| PoolUid(engine_uid())).0
-}
-
-/// The [`Op`] of a request submitted to `ctx`'s thread pool.
-pub(crate) fn pool_op(ctx: &AioContext, ticket: Ticket) -> Op {
-    Op(OpInner::Pool(ticket, pool_uid(ctx)))
 }
 
 /// Submits blocking work that borrows a buffer `B` to the thread pool; `done` gets the result
@@ -598,7 +584,7 @@ where
             Err(e) => done(Err(pool_error(e)), take(&slot)),
         },
     );
-    pool_op(ctx, ticket)
+    Op(OpInner::Pool(ticket))
 }
 
 /// Takes the buffer out of its slot; an empty one if a panicking work closure lost it.
@@ -618,7 +604,7 @@ fn pool_plain(
     let ticket = ThreadPool::of(ctx).submit_with(work, move |r| {
         done(r.unwrap_or_else(|e| Err(pool_error(e))))
     });
-    pool_op(ctx, ticket)
+    Op(OpInner::Pool(ticket))
 }
 
 /// The thread pool's failures as I/O errors: a cancelled request fails with `ECANCELED` on

@@ -222,7 +222,7 @@ fn fail_later(
             done(-errno, keep, &Callbacks::default())
         },
     );
-    crate::pool_op(ctx, ticket)
+    Op(OpInner::Pool(ticket))
 }
 
 /// Cancels the request `id` of the engine `engine` (see [`Op::cancel`]): nothing when `ctx`'s

@@ -587,6 +587,16 @@ impl ThreadPool {
         ctx.local(|ctx| DefaultPool(ThreadPool::new(ctx))).0.clone()
     }
 
+    /// The context's pool if [`of`](Self::of) has made it, without making it.
+    pub fn existing(ctx: &AioContext) -> Option<Rc<ThreadPool>> {
+        ctx.try_local::<DefaultPool>().map(|p| p.0.clone())
+    }
+
+    /// Whether `ticket` is a request of this pool.
+    pub fn owns(&self, ticket: &crate::Ticket) -> bool {
+        ticket.is_of(&self.shared)
+    }
+
     /// A private pool on `ctx`, with its own threads and limits, separate from the context's
     /// pool. It shuts down when the last `Rc` is dropped or when the context is, whichever
     /// comes first.

@@ -671,6 +671,11 @@ impl Ticket {
         Ticket { job, pool }
     }
 
+    /// Whether this is a request of the pool whose shared state is `pool`.
+    pub(crate) fn is_of(&self, pool: &Arc<PoolShared>) -> bool {
+        Arc::ptr_eq(&self.pool, pool)
+    }
+
     /// As [`Request::cancel`]: cancels a queued request, whose callback then runs with
     /// `Err(Error::Cancelled)`. Returns whether it was cancelled.
     pub fn cancel(&self) -> bool {

@@ -339,18 +339,17 @@ impl Export {
         while done < data.len() {
             let at = offset + done as u64;
             match file.read_at(&mut data[done..], at) {
-                Ok(0) if zeros_past_the_end(file, &mut data[done..], at)? => break,
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the image read nothing before its end",
-                    ));
-                }
                 Ok(n) => {
                     done += n;
                     let pos = at + n as u64;
                     if done < data.len() && zeros_past_the_end(file, &mut data[done..], pos)? {
                         break;
+                    }
+                    if n == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "the image read nothing before its end",
+                        ));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

@@ -314,7 +314,9 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         (DEFAULT_POLL_MAX_NS, None, 0, 0);
     let mut poll_yield = true;
     let mut poll_qemu10 = false;
-    let mut once = std::collections::HashSet::new();
+    // Whether --name came already (for --tcp and --unix, their values say; the name's
+    // default, "", does not).
+    let mut named = false;
     while let Some(arg) = args.next() {
         let arg = arg.into_string().map_err(|a| format!("not UTF-8: {a:?}"))?;
         let mut value = |what: &str| {
@@ -330,12 +332,19 @@ fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Command, Strin
         match arg.as_str() {
             // One listener of each kind and one export: a second of these is refused
             // rather than silently replacing the first.
-            "--tcp" | "--unix" | "--name" if !once.insert(arg.clone()) => {
+            "--tcp" | "--unix" | "--name"
+                if match arg.as_str() {
+                    "--tcp" => cfg.tcp.is_some(),
+                    "--unix" => cfg.unix.is_some(),
+                    _ => named,
+                } =>
+            {
                 return Err(format!("{arg} is given twice (one per server)"));
             }
             "--tcp" => cfg.tcp = Some(tcp_address(&value("an address")?)?),
             "--unix" => cfg.unix = Some(value("a path")?.into()),
             "--name" => {
+                named = true;
                 cfg.name = value("a name")?;
                 if cfg.name.len() > MAX_NAME {
                     return Err(format!(
