@@ -30,6 +30,7 @@
 use std::fmt::Write as _;
 use std::os::fd::OwnedFd;
 use std::path::Path;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use aio_benches::fd::{
@@ -98,7 +99,7 @@ fn parse_args() -> Args {
 
 /// What the rows share: the idle fds and what the machine allows.
 struct Setup {
-    idle: Vec<OwnedFd>,
+    idle: Vec<Rc<OwnedFd>>,
     /// The B5 N values this process can hold.
     counts: Vec<usize>,
     /// Why io_uring rows are skipped, if they are.

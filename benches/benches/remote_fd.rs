@@ -84,7 +84,11 @@ impl Drop for Loop {
 fn remote(handle: &ContextHandle, fd: &Arc<EventNotifier>, ops: u32) -> f64 {
     let start = Instant::now();
     for _ in 0..ops {
-        let h = handle.fd_handler(&**fd).on_read(|_| ()).register().unwrap();
+        let h = handle
+            .fd_handler(fd.clone())
+            .on_read(|_| ())
+            .register()
+            .unwrap();
         drop(h);
     }
     start.elapsed().as_nanos() as f64 / f64::from(ops)
@@ -103,7 +107,7 @@ fn oneshot(handle: &ContextHandle, fd: &Arc<EventNotifier>, ops: u32) -> f64 {
         let (tx, fd) = (tx.clone(), fd.clone());
         handle.schedule_oneshot(move || {
             let ctx = AioContext::current().unwrap();
-            let r = ctx.fd_handler(&*fd).on_read(|_| ()).register();
+            let r = ctx.fd_handler(fd).on_read(|_| ()).register();
             let r = r.map(|h| KEPT.with(|k| *k.borrow_mut() = Some(h)));
             tx.send(r).unwrap();
         });

@@ -18,6 +18,7 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::{Command, ExitCode};
+use std::rc::Rc;
 
 use aio::AioContext;
 use aio_benches::fd::AioBackend;
@@ -95,10 +96,11 @@ fn run_row(backend: &str, n: usize) -> io::Result<usize> {
         .map(|_| null.as_fd().try_clone_to_owned())
         .collect::<io::Result<_>>()?;
     // The handler watches the highest fd the process has open before the contexts exist.
-    let watched = match fds.last() {
+    // Shared: each context's handler owns an `Rc` clone of it.
+    let watched = Rc::new(match fds.last() {
         Some(fd) => fd.try_clone()?,
         None => null.as_fd().try_clone_to_owned()?,
-    };
+    });
     // One context before measuring, so that one-time allocations (the tracing callsites, the
     // epoll_pwait2 probe, the thread's current-context slot) are not counted.
     let warm = keep(backend, &watched)?;
@@ -113,9 +115,9 @@ fn run_row(backend: &str, n: usize) -> io::Result<usize> {
 }
 
 /// A context on `backend` with one read handler on `fd`, kept together.
-fn keep(backend: AioBackend, fd: &OwnedFd) -> io::Result<(AioContext, aio::FdHandler)> {
+fn keep(backend: AioBackend, fd: &Rc<OwnedFd>) -> io::Result<(AioContext, aio::FdHandler)> {
     let ctx = backend.context()?;
-    let handler = ctx.fd_handler(fd).on_read(|_| {}).register()?;
+    let handler = ctx.fd_handler(fd.clone()).on_read(|_| {}).register()?;
     Ok((ctx, handler))
 }
 

@@ -147,13 +147,14 @@ pub fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// `n` idle eventfds.
+/// `n` idle eventfds, each in an `Rc`: an aio handler owns a clone of the fd it watches (an
+/// `Rc` clone, not a `dup`), the row keeps the original.
 ///
 /// # Errors
 ///
 /// As [`eventfd`].
-pub fn eventfds(n: usize) -> io::Result<Vec<OwnedFd>> {
-    (0..n).map(|_| eventfd()).collect()
+pub fn eventfds(n: usize) -> io::Result<Vec<Rc<OwnedFd>>> {
+    (0..n).map(|_| eventfd().map(Rc::new)).collect()
 }
 
 /// B5's active fd: a non-blocking Unix socketpair. [`poke`](Self::poke) writes one byte to one
@@ -276,7 +277,7 @@ impl Impl {
     /// # Errors
     ///
     /// Setting up the backend or registering an fd failed.
-    pub fn dispatch<'a>(self, idle: &'a [OwnedFd]) -> io::Result<Box<dyn Workload + 'a>> {
+    pub fn dispatch<'a>(self, idle: &'a [Rc<OwnedFd>]) -> io::Result<Box<dyn Workload + 'a>> {
         Ok(match self {
             Impl::Aio(backend) => Box::new(AioDispatch::new(backend, idle)?),
             Impl::Mio => Box::new(MioDispatch::new(idle)?),
@@ -335,22 +336,22 @@ struct AioDispatch<'a> {
     pair: ActivePair,
     // Dropped (unregistered) before `ctx`'s last clone, though either order is fine.
     _handlers: Vec<FdHandler>,
-    _idle: &'a [OwnedFd],
+    _idle: &'a [Rc<OwnedFd>],
     ops: u64,
     waits: u64,
 }
 
 impl<'a> AioDispatch<'a> {
-    fn new(backend: AioBackend, idle: &'a [OwnedFd]) -> io::Result<Self> {
+    fn new(backend: AioBackend, idle: &'a [Rc<OwnedFd>]) -> io::Result<Self> {
         let ctx = backend.context()?;
         let mut handlers = Vec::with_capacity(idle.len() + 1);
         for fd in idle {
-            handlers.push(ctx.fd_handler(fd).on_read(never_ready).register()?);
+            handlers.push(ctx.fd_handler(fd.clone()).on_read(never_ready).register()?);
         }
         let pair = ActivePair::new()?;
         let rx = pair.rx.clone();
         handlers.push(
-            ctx.fd_handler(&*pair.rx)
+            ctx.fd_handler(pair.rx.clone())
                 .on_read(move |_| {
                     if read_some(&rx).expect("cannot read the active socket") == 1 {
                         bump();
@@ -401,11 +402,11 @@ struct MioDispatch<'a> {
     poll: mio::Poll,
     events: mio::Events,
     pair: ActivePair,
-    _idle: &'a [OwnedFd],
+    _idle: &'a [Rc<OwnedFd>],
 }
 
 impl<'a> MioDispatch<'a> {
-    fn new(idle: &'a [OwnedFd]) -> io::Result<Self> {
+    fn new(idle: &'a [Rc<OwnedFd>]) -> io::Result<Self> {
         let poll = mio::Poll::new()?;
         for (i, fd) in idle.iter().enumerate() {
             let raw = fd.as_raw_fd();
@@ -467,11 +468,11 @@ struct PollingDispatch<'a> {
     poller: polling::Poller,
     events: polling::Events,
     pair: ActivePair,
-    idle: &'a [OwnedFd],
+    idle: &'a [Rc<OwnedFd>],
 }
 
 impl<'a> PollingDispatch<'a> {
-    fn new(idle: &'a [OwnedFd]) -> io::Result<Self> {
+    fn new(idle: &'a [Rc<OwnedFd>]) -> io::Result<Self> {
         let this = PollingDispatch {
             poller: polling::Poller::new()?,
             events: polling::Events::new(),
@@ -604,11 +605,11 @@ struct RawEpollDispatch<'a> {
     epoll: RawEpoll,
     buf: Vec<libc::epoll_event>,
     pair: ActivePair,
-    _idle: &'a [OwnedFd],
+    _idle: &'a [Rc<OwnedFd>],
 }
 
 impl<'a> RawEpollDispatch<'a> {
-    fn new(idle: &'a [OwnedFd]) -> io::Result<Self> {
+    fn new(idle: &'a [Rc<OwnedFd>]) -> io::Result<Self> {
         let epoll = RawEpoll::new()?;
         for (i, fd) in idle.iter().enumerate() {
             epoll.ctl(libc::EPOLL_CTL_ADD, fd.as_raw_fd(), i as u64)?;
@@ -650,11 +651,11 @@ impl Workload for RawEpollDispatch<'_> {
 struct RawPollDispatch<'a> {
     pollfds: Vec<libc::pollfd>,
     pair: ActivePair,
-    _idle: &'a [OwnedFd],
+    _idle: &'a [Rc<OwnedFd>],
 }
 
 impl<'a> RawPollDispatch<'a> {
-    fn new(idle: &'a [OwnedFd]) -> io::Result<Self> {
+    fn new(idle: &'a [Rc<OwnedFd>]) -> io::Result<Self> {
         let pair = ActivePair::new()?;
         let pollfds = idle
             .iter()
@@ -715,11 +716,11 @@ impl Workload for RawPollDispatch<'_> {
 struct RawUringDispatch<'a> {
     ring: io_uring::IoUring,
     pair: ActivePair,
-    _idle: &'a [OwnedFd],
+    _idle: &'a [Rc<OwnedFd>],
 }
 
 impl<'a> RawUringDispatch<'a> {
-    fn new(idle: &'a [OwnedFd]) -> io::Result<Self> {
+    fn new(idle: &'a [Rc<OwnedFd>]) -> io::Result<Self> {
         // The size of aio's ring.
         let mut ring = io_uring::IoUring::new(128)?;
         for (i, fd) in idle.iter().enumerate() {
@@ -837,7 +838,7 @@ struct AioChurn {
     k: usize,
     /// The handlers alive between iterations (Replace: the one being replaced).
     handlers: Vec<FdHandler>,
-    fds: Vec<OwnedFd>,
+    fds: Vec<Rc<OwnedFd>>,
     ops: u64,
     waits: u64,
 }
@@ -849,7 +850,11 @@ impl AioChurn {
         let fds = eventfds(op.fds(k))?;
         let mut handlers = Vec::with_capacity(k);
         if op == ChurnOp::Replace {
-            handlers.push(ctx.fd_handler(&fds[0]).on_read(never_ready).register()?);
+            handlers.push(
+                ctx.fd_handler(fds[0].clone())
+                    .on_read(never_ready)
+                    .register()?,
+            );
         }
         // Submit the notifier's (and the replaced handler's) poll before timing.
         ctx.poll_nonblocking();
@@ -876,7 +881,7 @@ impl Workload for AioChurn {
                 for _ in 0..iters {
                     for _ in 0..self.k {
                         let h = ctx
-                            .fd_handler(fd)
+                            .fd_handler(fd.clone())
                             .on_read(never_ready)
                             .register()
                             .expect("register failed");
@@ -889,7 +894,7 @@ impl Workload for AioChurn {
                 let (fd, handler) = (&self.fds[0], &mut self.handlers[0]);
                 for _ in 0..iters {
                     for _ in 0..self.k {
-                        ctx.fd_handler(fd)
+                        ctx.fd_handler(fd.clone())
                             .on_read(never_ready)
                             .replace(handler)
                             .expect("replace failed");
@@ -901,7 +906,7 @@ impl Workload for AioChurn {
                 for _ in 0..iters {
                     for fd in &self.fds {
                         let h = ctx
-                            .fd_handler(fd)
+                            .fd_handler(fd.clone())
                             .on_read(never_ready)
                             .register()
                             .expect("register failed");
@@ -1046,7 +1051,7 @@ struct PollingChurn {
     op: ChurnOp,
     k: usize,
     /// Declared after `poller`, so closed after it; `Drop` deletes what is registered first.
-    fds: Vec<OwnedFd>,
+    fds: Vec<Rc<OwnedFd>>,
 }
 
 impl PollingChurn {

@@ -53,10 +53,9 @@ impl<M: FdMonitor> FdMonitor for Scripted<M> {
     }
 }
 
-/// An fd-only handler and the write end of its socket.
+/// An fd-only handler (which owns the read end of its socket) and the write end.
 struct Plain {
     writer: UnixStream,
-    _reader: UnixStream,
     _handler: aio::FdHandler,
     reads: Rc<Cell<u32>>,
 }
@@ -100,7 +99,7 @@ impl Rig {
         let (r, mut reader) = (reads.clone(), s.try_clone().unwrap());
         let handler = self
             .ctx
-            .fd_handler(&s)
+            .fd_handler(s)
             .on_read(move |_| {
                 let mut buf = [0u8; 16];
                 assert!(std::io::Read::read(&mut reader, &mut buf).unwrap() > 0);
@@ -110,7 +109,6 @@ impl Rig {
             .unwrap();
         Plain {
             writer,
-            _reader: s,
             _handler: handler,
             reads,
         }
@@ -372,7 +370,7 @@ fn a_member_polling_in_the_backend_stays_while_dispatched_and_leaves_7_s_after()
         s.set_nonblocking(true).unwrap();
         let reads = Rc::new(Cell::new(0u32));
         let (r, mut reader) = (reads.clone(), s.try_clone().unwrap());
-        let mut b = ctx.fd_handler(&s).on_read(move |_| {
+        let mut b = ctx.fd_handler(s).on_read(move |_| {
             let mut buf = [0u8; 16];
             assert!(std::io::Read::read(&mut reader, &mut buf).unwrap() > 0);
             r.set(r.get() + 1);
@@ -380,10 +378,10 @@ fn a_member_polling_in_the_backend_stays_while_dispatched_and_leaves_7_s_after()
         if backend {
             b = b.poll_in_backend();
         }
-        (writer, s, b.register().unwrap(), reads)
+        (writer, b.register().unwrap(), reads)
     };
-    let (mut member_w, _m, member, member_reads) = socket(true);
-    let (plain_w, _p, _plain, plain_reads) = socket(false);
+    let (mut member_w, member, member_reads) = socket(true);
+    let (plain_w, _plain, plain_reads) = socket(false);
     let in_set = || ctx.stats().poll_set.iter().any(|p| p.key == member.key());
     // One blocking poll that `w` ends with a byte written 20 ms in (so that a polling phase
     // runs first, with nothing in the ring), its wait advancing the clock by `block_time`.

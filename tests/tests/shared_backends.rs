@@ -36,7 +36,7 @@ fn io_round(ctx: &SharedContext) {
     let reads = Arc::new(AtomicUsize::new(0));
     let (r, n2) = (reads.clone(), n.clone());
     let handler = held
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(move || {
             if n2.test_and_clear() {
                 r.fetch_add(1, SeqCst);

@@ -49,7 +49,7 @@ fn registering_thread_exits(poll: PollParams) {
                     let held = ctx.acquire();
                     let n2 = n.clone();
                     let h = held
-                        .fd_handler(&*n)
+                        .fd_handler(n.clone())
                         .on_read(move || {
                             if n2.test_and_clear() {
                                 reads.fetch_add(1, SeqCst);
@@ -125,7 +125,7 @@ fn short_lived_threads_take_turns_with_a_loop_thread() {
                 let fired = Arc::new(AtomicBool::new(false));
                 let (f, n2) = (fired.clone(), n.clone());
                 let h = held
-                    .fd_handler(&*n)
+                    .fd_handler(n.clone())
                     .on_read(move || {
                         if n2.test_and_clear() {
                             f.store(true, SeqCst);

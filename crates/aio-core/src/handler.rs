@@ -28,6 +28,7 @@ use crate::polling::Window;
 use crate::remote::Gate;
 use crate::sync::Arc;
 use crate::{AioContext, ContextHandle, EventNotifier};
+use std::any::Any;
 use std::cell::{Cell, OnceCell};
 use std::fmt;
 use std::io;
@@ -78,7 +79,11 @@ impl PollCallbacks {
 
 /// One registered handler (QEMU `AioHandler`). Never changed after registration apart from its
 /// dispatch bookkeeping: replacing a handler creates a new node.
-pub(crate) struct HandlerNode {
+///
+/// `O` is the fd's owner, in the node's own allocation: a node is built as
+/// `Rc<HandlerNode<F>>` and used as `Rc<HandlerNode>` (`O = dyn Any`), so owning an fd costs
+/// no allocation of its own.
+pub(crate) struct HandlerNode<O: ?Sized = dyn Any> {
     pub(crate) key: HandlerKey,
     pub(crate) fd: RawFd,
     pub(crate) interest: Interest,
@@ -123,6 +128,11 @@ pub(crate) struct HandlerNode {
     /// from another thread takes effect at once ([Gate-1]). Unset for home-thread handlers
     /// until [`FdHandler::into_remote`] sets it.
     gate: OnceCell<Arc<Gate>>,
+    /// The fd's owner, given to the safe `fd_handler` (`()` for a raw fd): it keeps the
+    /// number open, naming the same file, for as long as the node exists, which outlasts its
+    /// registration in the monitor ("Raw fds" in ARCHITECTURE.md). Only ever dropped. Last,
+    /// as an unsized field must be, and so dropped after the callbacks.
+    _owner: O,
 }
 
 impl HandlerNode {
@@ -367,6 +377,9 @@ impl Registry {
 /// thread, receive the context, and are level-triggered: as long as the fd is readable (or
 /// writable), the callback is called on every iteration. They need not be `Send`.
 ///
+/// `Fd` is the type of the fd the handler will own ([`AioContext::fd_handler`]); it is `()`
+/// for [`AioContext::fd_handler_raw`], which owns nothing.
+///
 /// # Examples
 ///
 /// ```
@@ -382,12 +395,14 @@ impl Registry {
 /// let (mut a, b) = UnixStream::pair()?;
 /// b.set_nonblocking(true)?;
 /// let got = Rc::new(RefCell::new(Vec::new()));
-/// let (sink, mut reader) = (got.clone(), b.try_clone()?);
+/// // The handler takes the fd; share it to read it in the callback.
+/// let b = Rc::new(b);
+/// let (sink, reader) = (got.clone(), b.clone());
 /// let _handler = ctx
-///     .fd_handler(&b)
+///     .fd_handler(b)
 ///     .on_read(move |_ctx| {
 ///         let mut buf = [0; 64];
-///         let n = reader.read(&mut buf).unwrap();
+///         let n = (&*reader).read(&mut buf).unwrap();
 ///         sink.borrow_mut().extend_from_slice(&buf[..n]);
 ///     })
 ///     .register()?;
@@ -399,9 +414,10 @@ impl Registry {
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[must_use = "a handler builder does nothing until `register` is called"]
-pub struct HandlerBuilder<'c> {
+pub struct HandlerBuilder<'c, Fd = ()> {
     ctx: &'c AioContext,
     fd: RawFd,
+    owner: Fd,
     read: Option<IoCallback>,
     write: Option<IoCallback>,
     poll: PollCallbacks,
@@ -412,9 +428,25 @@ pub struct HandlerBuilder<'c> {
 
 impl<'c> HandlerBuilder<'c> {
     pub(crate) fn new(ctx: &'c AioContext, fd: RawFd) -> Self {
+        HandlerBuilder::with_owner(ctx, fd, ())
+    }
+}
+
+impl<'c, F: AsFd + 'static> HandlerBuilder<'c, F> {
+    /// A builder that owns `fd` and hands it to the node, which drops it when it goes.
+    pub(crate) fn owning(ctx: &'c AioContext, fd: F) -> Self {
+        let raw = fd.as_fd().as_raw_fd();
+        HandlerBuilder::with_owner(ctx, raw, fd)
+    }
+}
+
+impl<'c, Fd: Any> HandlerBuilder<'c, Fd> {
+    /// A builder for the number `fd`, whose node will own `owner`.
+    pub(crate) fn with_owner(ctx: &'c AioContext, fd: RawFd, owner: Fd) -> Self {
         HandlerBuilder {
             ctx,
             fd,
+            owner,
             read: None,
             write: None,
             poll: PollCallbacks::default(),
@@ -481,7 +513,7 @@ impl<'c> HandlerBuilder<'c> {
     /// let work = Arc::new(AtomicBool::new(false)); // set by a producer thread
     /// let (k, w1, w2) = (kick.clone(), work.clone(), work.clone());
     /// let _h = ctx
-    ///     .fd_handler(&*kick)
+    ///     .fd_handler(kick.clone())
     ///     .on_read(move |_| { k.test_and_clear(); w1.store(false, Ordering::Relaxed); })
     ///     .on_poll(move || w2.load(Ordering::Relaxed))
     ///     .on_poll_ready(move |_| work.store(false, Ordering::Relaxed))
@@ -542,7 +574,7 @@ impl<'c> HandlerBuilder<'c> {
     /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
     /// let (sock, _peer) = std::os::unix::net::UnixStream::pair()?;
     /// let _h = ctx
-    ///     .fd_handler(&sock)
+    ///     .fd_handler(sock)
     ///     .on_read(|_| { /* read a request */ })
     ///     .poll_in_backend()
     ///     .register()?;
@@ -569,7 +601,9 @@ impl<'c> HandlerBuilder<'c> {
     /// * `AlreadyExists` if the fd already has a handler in this context (use
     ///   [`replace`](Self::replace) to change it);
     /// * whatever the backend's `update` returns (for example `EPERM` from epoll for a regular
-    ///   file). In every error case nothing was registered.
+    ///   file). In every error case nothing was registered, and the fd the builder owned (from
+    ///   [`AioContext::fd_handler`]) was dropped with it: register an `Rc`/`Arc` clone to
+    ///   keep the fd through a refusal.
     pub fn register(self) -> io::Result<FdHandler> {
         let (ctx, fd) = (self.ctx, self.fd);
         let (interest, node_parts) = self.into_parts()?;
@@ -585,6 +619,10 @@ impl<'c> HandlerBuilder<'c> {
     /// to dispatch (QEMU: calling `aio_set_fd_handler` again). A new node is created and the
     /// old one is deleted, never changed in place, so a report in flight for the old one is
     /// dropped and the old callbacks never run again.
+    ///
+    /// The builder must be for the same fd: with [`AioContext::fd_handler`], another clone of
+    /// the `Rc` or `Arc` the handler was registered with. The new node owns that clone, and
+    /// the old node's owner is dropped with the old node.
     ///
     /// # Errors
     ///
@@ -609,7 +647,7 @@ impl<'c> HandlerBuilder<'c> {
         Ok(())
     }
 
-    fn into_parts(self) -> io::Result<(Interest, NodeParts)> {
+    fn into_parts(self) -> io::Result<(Interest, NodeParts<Fd>)> {
         let mut interest = Interest::empty();
         if self.read.is_some() {
             interest |= Interest::READ;
@@ -627,6 +665,7 @@ impl<'c> HandlerBuilder<'c> {
             interest,
             NodeParts {
                 fd: self.fd,
+                owner: self.owner,
                 read: self.read,
                 write: self.write,
                 poll: self.poll,
@@ -639,7 +678,7 @@ impl<'c> HandlerBuilder<'c> {
     }
 }
 
-impl fmt::Debug for HandlerBuilder<'_> {
+impl<Fd> fmt::Debug for HandlerBuilder<'_, Fd> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HandlerBuilder")
             .field("fd", &self.fd)
@@ -652,8 +691,9 @@ impl fmt::Debug for HandlerBuilder<'_> {
 }
 
 /// Everything needed to build a node except its key and interest.
-pub(crate) struct NodeParts {
+pub(crate) struct NodeParts<O = ()> {
     pub(crate) fd: RawFd,
+    pub(crate) owner: O,
     pub(crate) read: Option<IoCallback>,
     pub(crate) write: Option<IoCallback>,
     pub(crate) poll: PollCallbacks,
@@ -663,10 +703,10 @@ pub(crate) struct NodeParts {
     pub(crate) gate: Option<Arc<Gate>>,
 }
 
-impl NodeParts {
-    pub(crate) fn build(self, key: HandlerKey, interest: Interest, scope: u64) -> HandlerNode {
+impl<O: Any> NodeParts<O> {
+    pub(crate) fn build(self, key: HandlerKey, interest: Interest, scope: u64) -> Rc<HandlerNode> {
         let pollable = self.kind == NodeKind::Notifier || self.poll.usable();
-        HandlerNode {
+        Rc::new(HandlerNode {
             key,
             fd: self.fd,
             interest,
@@ -687,12 +727,14 @@ impl NodeParts {
             scope,
             epoch: Cell::new(0),
             gate: self.gate.map_or_else(OnceCell::new, OnceCell::from),
-        }
+            _owner: self.owner,
+        })
     }
 }
 
 /// A registered fd handler. Dropping it unregisters the handler (QEMU: `aio_set_fd_handler`
-/// with null callbacks); dropping it from inside one of its own callbacks is fine.
+/// with null callbacks) and then drops the fd the handler owns, if it was registered through
+/// [`AioContext::fd_handler`]; dropping it from inside one of its own callbacks is fine.
 ///
 /// It holds only a weak reference to the context, so storing it inside a callback's state makes
 /// no reference cycle, and dropping it after the context is gone does nothing.
@@ -772,11 +814,6 @@ impl fmt::Debug for FdHandler {
     }
 }
 
-/// The raw fd of anything that has one, for registration.
-pub(crate) fn raw_fd_of(fd: &impl AsFd) -> RawFd {
-    fd.as_fd().as_raw_fd()
-}
-
 /// A read, write or poll-ready callback given from another thread.
 type SendIoCallback = Box<dyn FnMut(&AioContext) + Send>;
 
@@ -800,14 +837,16 @@ type SendIoCallback = Box<dyn FnMut(&AioContext) + Send>;
 /// b.set_nonblocking(true)?;
 /// let got = Arc::new(AtomicUsize::new(0));
 /// let remote = ctx.handle();
-/// let (sink, mut reader) = (got.clone(), b.try_clone()?);
+/// // The handler takes the fd; an `Arc` shares it with the callback.
+/// let b = Arc::new(b);
+/// let (sink, reader) = (got.clone(), b.clone());
 /// // Another thread registers the handler; it returns once the loop has applied it.
 /// let registering = std::thread::spawn(move || {
 ///     remote
-///         .fd_handler(&b)
+///         .fd_handler(b)
 ///         .on_read(move |_ctx| {
 ///             let mut buf = [0; 64];
-///             let n = reader.read(&mut buf).unwrap_or(0);
+///             let n = (&*reader).read(&mut buf).unwrap_or(0);
 ///             sink.fetch_add(n, Ordering::SeqCst);
 ///         })
 ///         .register()
@@ -830,9 +869,13 @@ pub struct RemoteHandlerBuilder {
     parts: RemoteParts,
 }
 
+/// A registered fd's owner on its way to the home thread.
+type SendFdOwner = Box<dyn Any + Send>;
+
 /// The callbacks of a [`RemoteHandlerBuilder`], on their way to the home thread.
 #[derive(Default)]
 struct RemoteParts {
+    owner: Option<SendFdOwner>,
     read: Option<SendIoCallback>,
     write: Option<SendIoCallback>,
     poll: Option<Box<dyn FnMut() -> bool + Send>>,
@@ -845,8 +888,13 @@ struct RemoteParts {
 
 impl RemoteParts {
     /// The home-thread builder for these callbacks (home thread).
-    fn into_builder(self, ctx: &AioContext, fd: RawFd, gate: Arc<Gate>) -> HandlerBuilder<'_> {
-        let mut b = HandlerBuilder::new(ctx, fd).with_gate(gate);
+    fn into_builder(
+        self,
+        ctx: &AioContext,
+        fd: RawFd,
+        gate: Arc<Gate>,
+    ) -> HandlerBuilder<'_, Option<SendFdOwner>> {
+        let mut b = HandlerBuilder::with_owner(ctx, fd, self.owner).with_gate(gate);
         // `Box<dyn FnMut + Send>` coerces to the home side's `Box<dyn FnMut>`.
         b.read = self.read.map(|f| f as IoCallback);
         b.write = self.write.map(|f| f as IoCallback);
@@ -869,6 +917,13 @@ impl RemoteHandlerBuilder {
             fd,
             parts: RemoteParts::default(),
         }
+    }
+
+    /// A builder that owns `fd`; the home thread's node drops it when it goes.
+    pub(crate) fn owning<F: AsFd + Send + 'static>(handle: ContextHandle, fd: F) -> Self {
+        let mut b = Self::new(handle, fd.as_fd().as_raw_fd());
+        b.parts.owner = Some(Box::new(fd));
+        b
     }
 
     /// As [`HandlerBuilder::on_read`], with a `Send` callback.

@@ -356,7 +356,7 @@ impl fmt::Debug for SharedContext {
 /// # fn f(ctx: aio_core::SharedContext, fd: std::os::fd::OwnedFd) {
 /// let counter = std::rc::Rc::new(std::cell::Cell::new(0));
 /// let held = ctx.acquire();
-/// let _h = held.fd_handler(&fd).on_read(move || counter.set(1)).register(); // not `Send`
+/// let _h = held.fd_handler(fd).on_read(move || counter.set(1)).register(); // not `Send`
 /// # }
 /// ```
 ///
@@ -366,7 +366,7 @@ impl fmt::Debug for SharedContext {
 /// # fn f(ctx: aio_core::SharedContext, fd: std::os::fd::OwnedFd) {
 /// let held = ctx.acquire();
 /// let _h = held
-///     .fd_handler(&fd)
+///     .fd_handler(fd)
 ///     .on_read(|ctx: &aio_core::AioContext| drop(ctx.clone())) // takes no argument
 ///     .register();
 /// # }
@@ -493,8 +493,9 @@ impl<'a> Acquired<'a> {
     }
 
     /// Starts registering an fd handler, applied at once (the holder is the home thread);
-    /// see [`SharedHandlerBuilder`].
-    pub fn fd_handler(&self, fd: &impl AsFd) -> SharedHandlerBuilder {
+    /// see [`SharedHandlerBuilder`]. The handler takes `fd`, as
+    /// [`AioContext::fd_handler`](crate::AioContext::fd_handler) does.
+    pub fn fd_handler(&self, fd: impl AsFd + Send + 'static) -> SharedHandlerBuilder {
         SharedHandlerBuilder {
             inner: self.ctx_handle().fd_handler(fd),
         }
@@ -594,8 +595,9 @@ impl SharedHandle {
     }
 
     /// Starts registering an fd handler with `Send` callbacks that take no argument; see
-    /// [`SharedHandlerBuilder`].
-    pub fn fd_handler(&self, fd: &impl AsFd) -> SharedHandlerBuilder {
+    /// [`SharedHandlerBuilder`]. The handler takes `fd`, as
+    /// [`AioContext::fd_handler`](crate::AioContext::fd_handler) does.
+    pub fn fd_handler(&self, fd: impl AsFd + Send + 'static) -> SharedHandlerBuilder {
         SharedHandlerBuilder {
             inner: self.handle.fd_handler(fd),
         }

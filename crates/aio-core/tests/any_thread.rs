@@ -9,6 +9,7 @@ use aio_core::{
     VirtualClock,
 };
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -85,7 +86,7 @@ fn a_handler_registered_from_another_thread_runs_on_the_home_thread() {
     let handler = on_other_thread(&ctx, move |handle| {
         let reader = theirs.clone();
         handle
-            .fd_handler(&*theirs)
+            .fd_handler(theirs.clone())
             .on_read(move |_ctx| {
                 let _keep = &token;
                 reader.test_and_clear();
@@ -120,12 +121,17 @@ fn a_handler_registered_from_another_thread_runs_on_the_home_thread() {
 fn registration_errors_reach_the_remote_caller() {
     let ctx = ctx();
     let (_a, b) = UnixStream::pair().unwrap();
-    let _home = ctx.fd_handler(&b).on_read(|_| ()).register().unwrap();
+    // One `Arc` for both registrations, so that they name the same fd number.
     let b = Arc::new(b);
+    let _home = ctx
+        .fd_handler(b.clone())
+        .on_read(|_| ())
+        .register()
+        .unwrap();
     let b2 = b.clone();
     let (dup, none) = on_other_thread(&ctx, move |handle| {
-        let dup = handle.fd_handler(&*b2).on_read(|_| ()).register();
-        let none = handle.fd_handler(&*b2).register();
+        let dup = handle.fd_handler(b2.clone()).on_read(|_| ()).register();
+        let none = handle.fd_handler(b2).register();
         (dup.map(drop), none.map(drop))
     });
     assert_eq!(dup.unwrap_err().kind(), io::ErrorKind::AlreadyExists);
@@ -137,7 +143,14 @@ fn registration_errors_reach_the_remote_caller() {
     let closed = (0..20).find_map(|_| {
         on_other_thread(&ctx, move |handle| {
             let (c, d) = UnixStream::pair().unwrap();
-            let builder = handle.fd_handler(&c).on_read(|_| ());
+            // The safe `fd_handler` would keep `c` open: a closed number takes the raw route.
+            // SAFETY: raw-fd contract: `c` is closed before `register`, which refuses the
+            // closed number (EBADF), so nothing is watched. If another test's fd takes the
+            // number in between, this breaks the contract on purpose, briefly: the handler
+            // watches that fd, with a callback that does nothing, until it is dropped at once
+            // below; that corrupts no memory of ours (ARCHITECTURE.md "Raw fds"), and that
+            // round is tried again.
+            let builder = unsafe { handle.fd_handler_raw(c.as_raw_fd()) }.on_read(|_| ());
             drop((c, d));
             builder.register().map(drop).err()
         })
@@ -198,7 +211,7 @@ fn replace_from_another_thread_switches_callbacks_atomically() {
     let o = old_runs.clone();
     let mut h = ctx
         .handle()
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(move |_| {
             o.fetch_add(1, Ordering::SeqCst);
         })
@@ -208,7 +221,7 @@ fn replace_from_another_thread_switches_callbacks_atomically() {
     let (nr, n2, o2) = (new_runs.clone(), n.clone(), old_runs.clone());
     let (h, old_at_return) = on_other_thread(&ctx, move |handle| {
         handle
-            .fd_handler(&*n2)
+            .fd_handler(n2.clone())
             .on_read(move |_| {
                 nr.fetch_add(1, Ordering::SeqCst);
             })
@@ -231,7 +244,7 @@ fn replace_from_another_thread_switches_callbacks_atomically() {
     let mut h = h;
     let err = ctx
         .handle()
-        .fd_handler(&other)
+        .fd_handler(other)
         .on_read(|_| ())
         .replace(&mut h)
         .unwrap_err();
@@ -260,7 +273,7 @@ fn remote_remove_racing_dispatch_never_lets_a_call_start_after_it_returned() {
         let (ret, lt, c, token) = (returned.clone(), late.clone(), calls.clone(), drops.token());
         let h = ctx
             .handle()
-            .fd_handler(&*n)
+            .fd_handler(n.clone())
             .on_read(move |_| {
                 let _keep = &token;
                 if ret.load(Ordering::SeqCst) {
@@ -328,7 +341,7 @@ fn remote_remove_while_the_callback_polls_nested() {
     let d = drops.clone();
     let h = ctx
         .handle()
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(move |ctx| {
             let _keep = &token;
             c.fetch_add(1, Ordering::SeqCst);
@@ -514,7 +527,7 @@ fn external_handlers_disabled_and_enabled_from_another_thread() {
     let c = calls.clone();
     let _h = ctx
         .handle()
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .external(true)
         .on_read(move |_| {
             c.fetch_add(1, Ordering::SeqCst);
@@ -578,7 +591,7 @@ fn a_context_dropped_with_remote_operations_pending() {
     let (h, token) = (handle.clone(), drops.token());
     let (_a, b) = UnixStream::pair().unwrap();
     let registering = thread::spawn(move || {
-        h.fd_handler(&b)
+        h.fd_handler(b)
             .on_read(move |_| {
                 let _keep = &token;
             })
@@ -598,11 +611,7 @@ fn a_context_dropped_with_remote_operations_pending() {
 
     // After the loop is gone every operation answers at once.
     let (_c, d) = UnixStream::pair().unwrap();
-    let err = handle
-        .fd_handler(&d)
-        .on_read(|_| ())
-        .register()
-        .unwrap_err();
+    let err = handle.fd_handler(d).on_read(|_| ()).register().unwrap_err();
     assert!(ContextGone::is(&err));
     let n = Arc::new(EventNotifier::new().unwrap());
     assert!(ContextGone::is(
@@ -676,7 +685,7 @@ fn many_threads_register_and_remove_concurrently() {
                     let ran = Arc::new(AtomicBool::new(false));
                     let (r, token, w) = (ran.clone(), drops.token(), wrong.clone());
                     let mut h = handle
-                        .fd_handler(&*n)
+                        .fd_handler(n.clone())
                         .on_read(move |_| {
                             let _keep = &token;
                             if me() != home {
@@ -689,7 +698,7 @@ fn many_threads_register_and_remove_concurrently() {
                     if i % 3 == 0 {
                         let (r, token) = (ran.clone(), drops.token());
                         handle
-                            .fd_handler(&*n)
+                            .fd_handler(n.clone())
                             .on_read(move |_| {
                                 let _keep = &token;
                                 r.store(true, Ordering::SeqCst);
@@ -744,13 +753,17 @@ fn an_fd_removed_remotely_can_be_registered_again_at_once() {
     let n = Arc::new(EventNotifier::new().unwrap());
     let h = ctx
         .handle()
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(|_| ())
         .register()
         .unwrap();
     // Removed on another thread: queued, not applied (this thread does not poll).
     thread::spawn(move || drop(h)).join().unwrap();
-    let again = ctx.fd_handler(&*n).on_read(|_| ()).register().unwrap();
+    let again = ctx
+        .fd_handler(n.clone())
+        .on_read(|_| ())
+        .register()
+        .unwrap();
     assert!(again.is_registered());
     ctx.poll_nonblocking(); // the queued removal finds a stale key and does nothing
     assert!(again.is_registered());
@@ -770,7 +783,7 @@ fn a_home_handler_turned_remote_is_unregistered_by_a_drop_on_another_thread() {
     let drops = Drops::default();
     let (c, token) = (calls.clone(), drops.token());
     let h = ctx
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(move |_| {
             let _keep = &token;
             c.set(c.get() + 1);
@@ -793,7 +806,11 @@ fn a_home_handler_turned_remote_is_unregistered_by_a_drop_on_another_thread() {
 
     // Converting a handler whose context is gone is ContextGone.
     let ctx2 = self::ctx();
-    let h = ctx2.fd_handler(&*n).on_read(|_| ()).register().unwrap();
+    let h = ctx2
+        .fd_handler(n.clone())
+        .on_read(|_| ())
+        .register()
+        .unwrap();
     drop(ctx2);
     assert!(ContextGone::is(&h.into_remote().unwrap_err()));
 }
@@ -811,7 +828,7 @@ fn an_external_handler_registered_between_a_remote_disable_and_enable_is_watched
     let h = handle.clone();
     thread::spawn(move || h.disable_external()).join().unwrap();
     let _handler = ctx
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .external(true)
         .on_read(move |_| {
             c.fetch_add(1, Ordering::SeqCst);
@@ -840,12 +857,16 @@ fn a_remote_operation_that_panics_on_the_loop_answers_with_an_error() {
     }
     let ctx = ctx();
     let n = Arc::new(EventNotifier::new().unwrap());
-    let _taken = ctx.fd_handler(&*n).on_read(|_| ()).register().unwrap();
+    let _taken = ctx
+        .fd_handler(n.clone())
+        .on_read(|_| ())
+        .register()
+        .unwrap();
     let (handle, n2) = (ctx.handle(), n.clone());
     let registering = thread::spawn(move || {
         let bomb = PanicOnDrop;
         handle
-            .fd_handler(&*n2)
+            .fd_handler(n2.clone())
             .on_read(move |_| {
                 let _keep = &bomb;
             })
@@ -868,7 +889,11 @@ fn a_remote_operation_that_panics_on_the_loop_answers_with_an_error() {
     // The loop still serves remote operations.
     let n3 = Arc::new(EventNotifier::new().unwrap());
     let h = on_other_thread(&ctx, move |handle| {
-        handle.fd_handler(&*n3).on_read(|_| ()).register().unwrap()
+        handle
+            .fd_handler(n3.clone())
+            .on_read(|_| ())
+            .register()
+            .unwrap()
     });
     assert!(h.is_registered());
 }
@@ -896,7 +921,7 @@ fn two_loops_registering_on_each_other_at_once_do_not_deadlock() {
             // other loop answers, while the other does the same towards this one.
             ctx.schedule_oneshot(move || {
                 barrier.wait();
-                *d.lock().unwrap() = Some(other.fd_handler(&*n2).on_read(|_| ()).register());
+                *d.lock().unwrap() = Some(other.fd_handler(n2.clone()).on_read(|_| ()).register());
             });
             let start = Instant::now();
             while done.lock().unwrap().is_none() {
@@ -935,7 +960,7 @@ fn a_registration_on_a_loop_whose_thread_blocks_without_polling_waits_for_it() {
     let (tx, rx) = std::sync::mpsc::channel();
     let registrar = thread::spawn(move || {
         let n = Arc::new(EventNotifier::new().unwrap());
-        let h = handle.fd_handler(&*n).on_read(|_| ()).register();
+        let h = handle.fd_handler(n.clone()).on_read(|_| ()).register();
         tx.send(()).unwrap();
         h.map(|h| h.is_registered())
     });

@@ -121,7 +121,7 @@ impl World {
             remote,
             Box::new(move || {
                 let h = handle
-                    .fd_handler(&*n)
+                    .fd_handler(n.clone())
                     .external(external)
                     .on_read(move |_| {
                         let _keep = &token;
@@ -154,7 +154,7 @@ impl World {
             Box::new(move || {
                 let mut h = handlers.lock().unwrap()[slot].take().unwrap();
                 let r = handle
-                    .fd_handler(&*n)
+                    .fd_handler(n.clone())
                     .external(external)
                     .on_read(move |_| {
                         let _keep = &token;

@@ -145,7 +145,7 @@ fn try_poll_returns_the_wait_error_and_stats_count_it() {
     let reads = Rc::new(Cell::new(0u32));
     let r = reads.clone();
     let _h = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_read(move |_| r.set(r.get() + 1))
         .register()
         .unwrap();
@@ -192,11 +192,17 @@ fn refused_register_drops_the_closure_after_releasing_the_tables() {
     let (ctx, switches, registered) = flaky_context();
     let (_a, b) = socket_pair();
     let (_c, d) = socket_pair();
-    let owned = ctx.fd_handler(&b).on_read(|_| {}).register().unwrap();
+    // Each fd is registered twice, by number: the handlers share one `Rc` of it.
+    let (b, d) = (Rc::new(b), Rc::new(d));
+    let owned = ctx
+        .fd_handler(b.clone())
+        .on_read(|_| {})
+        .register()
+        .unwrap();
     assert_eq!(registered(), 2, "the notifier and b");
     switches.fail_changes.set(true);
     let err = ctx
-        .fd_handler(&d)
+        .fd_handler(d.clone())
         .on_read(move |_| {
             let _keep = &owned;
         })
@@ -213,11 +219,11 @@ fn refused_register_drops_the_closure_after_releasing_the_tables() {
     let hits = Rc::new(Cell::new(0u32));
     let h = hits.clone();
     let _b = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_read(move |_| h.set(h.get() + 1))
         .register()
         .unwrap();
-    let _d = ctx.fd_handler(&d).on_read(|_| {}).register().unwrap();
+    let _d = ctx.fd_handler(d).on_read(|_| {}).register().unwrap();
     (&_a).write_all(b"x").unwrap();
     assert!(ctx.poll_nonblocking());
     assert_eq!(hits.get(), 1);
@@ -231,18 +237,20 @@ fn refused_replace_keeps_the_old_handler_and_drops_the_closure_safely() {
     let (ctx, switches, registered) = flaky_context();
     let (mut a, b) = socket_pair();
     let (_c, d) = socket_pair();
+    // The replacement names the same fd: both builders take a clone of one `Rc`.
+    let b = Rc::new(b);
     let hits = Rc::new(Cell::new(0u32));
     let h = hits.clone();
     let mut handler = ctx
-        .fd_handler(&b)
+        .fd_handler(b.clone())
         .on_read(move |_| h.set(h.get() + 1))
         .register()
         .unwrap();
-    let owned = ctx.fd_handler(&d).on_read(|_| {}).register().unwrap();
+    let owned = ctx.fd_handler(d).on_read(|_| {}).register().unwrap();
     assert_eq!(registered(), 3);
     switches.fail_changes.set(true);
     let err = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_read(move |_| {
             let _keep = &owned;
             panic!("the refused replacement must never run");

@@ -192,7 +192,7 @@ fn held_readable_fd_does_not_spin() {
     let rx = Rc::new(rx);
     let rx2 = rx.clone();
     let _outer = ctx
-        .fd_handler(&*rx)
+        .fd_handler(rx.clone())
         .on_read(move |_| {
             o.set(o.get() + 1);
             let mut buf = [0u8; 64];
@@ -207,7 +207,7 @@ fn held_readable_fd_does_not_spin() {
         let done = Rc::new(Cell::new(false));
         let d = done.clone();
         let _own = ctx
-            .fd_handler(&own_rx)
+            .fd_handler(own_rx)
             .on_read(move |_| d.set(true))
             .register()
             .unwrap();
@@ -480,7 +480,7 @@ fn handle_work_belongs_to_the_root_scope() {
         // Registered through the handle on the home thread, inside the scope.
         let f = fd_ran.clone();
         let reg = handle
-            .fd_handler(&*notifier)
+            .fd_handler(notifier.clone())
             .on_read(move |_| {
                 f.fetch_add(1, Ordering::SeqCst);
             })

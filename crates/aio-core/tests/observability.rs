@@ -3,7 +3,6 @@
 
 use aio_core::{ClockType, Scale};
 use std::collections::HashMap;
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -87,11 +86,7 @@ fn stats_count_iterations_and_each_kind_of_callback() {
     bh.schedule();
     let (r, w) = std::io::pipe().unwrap();
     (&w).write_all_once();
-    let _h = ctx
-        .fd_handler(&r.as_fd())
-        .on_read(|_| {})
-        .register()
-        .unwrap();
+    let _h = ctx.fd_handler(r).on_read(|_| {}).register().unwrap();
     let timer = ctx.timer(ClockType::Realtime, Scale::NS, || {});
     timer.arm_ns(0);
     let task = ctx.spawn_local(async {
@@ -136,11 +131,7 @@ fn each_phase_of_an_iteration_is_a_span_inside_the_iteration_span() {
         bh.schedule();
         let (r, w) = std::io::pipe().unwrap();
         (&w).write_all_once();
-        let _h = ctx
-            .fd_handler(&r.as_fd())
-            .on_read(|_| {})
-            .register()
-            .unwrap();
+        let _h = ctx.fd_handler(r).on_read(|_| {}).register().unwrap();
         let timer = ctx.timer(ClockType::Realtime, Scale::NS, || {});
         timer.arm_ns(0);
         // Blocking: the BH makes the wait's timeout zero, so this returns at once.

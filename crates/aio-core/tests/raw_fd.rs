@@ -9,7 +9,7 @@
 use aio_core::AioContext;
 use std::cell::Cell;
 use std::io;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -52,10 +52,19 @@ fn read_byte(fd: RawFd) -> u8 {
     byte
 }
 
+/// The read end, for the safe `fd_handler`, which takes an owner of the fd: given an
+/// `Rc<RawPipe>` clone, the handler keeps the pipe, so both ends, open until it is removed.
+impl AsFd for RawPipe {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: `rd` is open until `self` drops, which outlives the returned borrow.
+        unsafe { BorrowedFd::borrow_raw(self.rd) }
+    }
+}
+
 impl Drop for RawPipe {
     fn drop(&mut self) {
-        // Both fds came from pipe(2) in `new`; every test removes its handlers before
-        // dropping the pipe.
+        // Both fds came from pipe(2) in `new`; every test removes its raw-fd handlers before
+        // dropping the pipe, and a safe handler holds an `Rc` of the pipe, so it is gone too.
         // SAFETY: [SYS-1] fds owned by this value alone, closed once, no handler left on them.
         unsafe {
             libc::close(self.rd);
@@ -119,11 +128,10 @@ fn numbers_that_are_not_open_fds_are_refused_with_ebadf() {
 #[test]
 fn a_raw_fd_and_its_asfd_share_one_registration() {
     let ctx = ctx();
-    let pipe = RawPipe::new();
-    // SAFETY: `pipe.rd` is open while `borrowed` lives (the pipe drops last).
-    let borrowed = unsafe { BorrowedFd::borrow_raw(pipe.rd) };
+    // The safe handler takes a clone; the test keeps the pipe for the raw registrations.
+    let pipe = Rc::new(RawPipe::new());
     let safe = ctx
-        .fd_handler(&borrowed)
+        .fd_handler(pipe.clone())
         .on_read(|_| ())
         .register()
         .unwrap();

@@ -84,7 +84,7 @@ fn seed_patterns_event_loop_thread_and_io_thread() {
         let got = Arc::new(AtomicUsize::new(0));
         let (g, n2) = (got.clone(), n.clone());
         let handler = held
-            .fd_handler(&*n)
+            .fd_handler(n.clone())
             .on_read(move || {
                 if n2.test_and_clear() {
                     g.fetch_add(1, SeqCst);
@@ -266,7 +266,7 @@ fn a_handle_used_by_a_non_holder_queues_for_the_next_holder() {
     let n2 = n.clone();
     let h = ctx
         .handle()
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(move || {
             if n2.test_and_clear() {
                 tx.send(()).unwrap();
@@ -305,7 +305,7 @@ fn dropped_on_another_thread_with_handlers_bhs_and_timers() {
         let held = ctx.acquire();
         let (f1, r1) = (DropFlag(drops.clone()), ran.clone());
         let handler = held
-            .fd_handler(&n)
+            .fd_handler(n)
             .on_read(move || {
                 let _ = &f1;
                 r1.fetch_add(1, SeqCst);
@@ -404,7 +404,8 @@ fn random_programs_against_a_model() {
                     (ctx.clone(), model.clone(), barrier.clone(), keep.clone());
                 thread::spawn(move || {
                     let mut rng = Rng(seed * 7919 + t as u64 * 104_729 + 1);
-                    let b = EventNotifier::new().unwrap();
+                    // Shared with each registration of case 2, which takes a clone.
+                    let b = Arc::new(EventNotifier::new().unwrap());
                     b.set().unwrap(); // never cleared: always readable, level-triggered
                     barrier.wait();
                     for _ in 0..steps {
@@ -437,7 +438,7 @@ fn random_programs_against_a_model() {
                                     let c = Arc::new(AtomicUsize::new(0));
                                     let c2 = c.clone();
                                     let h = held
-                                        .fd_handler(&b)
+                                        .fd_handler(b.clone())
                                         .on_read(move || {
                                             c2.fetch_add(1, SeqCst);
                                         })

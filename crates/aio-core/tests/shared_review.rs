@@ -121,7 +121,7 @@ fn current_is_none_in_every_kind_of_shared_callback() {
     held.schedule_oneshot(move || check_inside(&c3, "oneshot", &s3));
     let (c4, s4, f4) = (ctx.clone(), seen.clone(), fd_n.clone());
     let h = held
-        .fd_handler(&*fd_n)
+        .fd_handler(fd_n.clone())
         .on_read(move || {
             if f4.test_and_clear() {
                 check_inside(&c4, "fd_handler", &s4);
@@ -347,7 +347,7 @@ fn a_former_holder_takes_the_remote_paths_while_another_thread_polls() {
         bh.schedule(); // linked locally: the holder is the home thread
         let (rd, n2) = (reads.clone(), n.clone());
         let handler = held
-            .fd_handler(&*n)
+            .fd_handler(n.clone())
             .on_read(move || {
                 if n2.test_and_clear() {
                     rd.fetch_add(1, SeqCst);
@@ -377,7 +377,7 @@ fn a_former_holder_takes_the_remote_paths_while_another_thread_polls() {
     let reads2 = Arc::new(AtomicUsize::new(0));
     let (rd, n2) = (reads2.clone(), n.clone());
     let h2 = handle
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(move || {
             if n2.test_and_clear() {
                 rd.fetch_add(1, SeqCst);
@@ -409,7 +409,7 @@ fn a_panicking_callback_leaves_nothing_behind() {
         assert!(ctx.is_held_by_current_thread());
         // Still the home thread: a registration applies at once (nobody else polls).
         let n = EventNotifier::new().unwrap();
-        let h = held.fd_handler(&n).on_read(|| {}).register().unwrap();
+        let h = held.fd_handler(n).on_read(|| {}).register().unwrap();
         drop(h);
         let ran = Arc::new(AtomicBool::new(false));
         let r = ran.clone();
@@ -435,7 +435,7 @@ fn a_panicking_callback_leaves_nothing_behind() {
     let n2 = n.clone();
     let h = ctx
         .handle()
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(move || {
             if n2.test_and_clear() {
                 let _ = tx.send(());
@@ -570,7 +570,7 @@ fn out_of_order_releases_move_each_home_separately() {
     let n2 = n.clone();
     let h1 = s1
         .handle()
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(move || {
             if n2.test_and_clear() {
                 let _ = tx.send(());
@@ -582,12 +582,7 @@ fn out_of_order_releases_move_each_home_separately() {
     rx.recv_timeout(PATIENCE).unwrap();
     // s2: still held here, so in place.
     let m = EventNotifier::new().unwrap();
-    let h2 = s2
-        .handle()
-        .fd_handler(&m)
-        .on_read(|| {})
-        .register()
-        .unwrap();
+    let h2 = s2.handle().fd_handler(m).on_read(|| {}).register().unwrap();
     drop(h2);
     drop(h1);
     drop(looper);
@@ -694,7 +689,7 @@ fn handles_used_on_the_thread_that_dropped_the_loop() {
     let n = EventNotifier::new().unwrap();
     let f = DropFlag(drops.clone());
     let err = handle
-        .fd_handler(&n)
+        .fd_handler(n)
         .on_read(move || {
             let _ = &f;
         })
@@ -730,7 +725,7 @@ fn debug_from_a_non_holder_while_another_thread_polls() {
     let s = shared();
     let looper = Looper::start(&s);
     let n = EventNotifier::new().unwrap();
-    let h = s.handle().fd_handler(&n).on_read(|| {}).register().unwrap();
+    let h = s.handle().fd_handler(n).on_read(|| {}).register().unwrap();
     let text = format!("{s:?} {:?} {h:?}", s.handle());
     assert!(text.contains("SharedContext"));
     drop(h);
@@ -771,7 +766,7 @@ fn a_holder_removing_a_handler_during_thread_exit() {
         SESSION.with(|_| ());
         let guard = s.acquire();
         let handler = guard
-            .fd_handler(&*n2)
+            .fd_handler(n2.clone())
             .on_read(move || {
                 r2.fetch_add(1, SeqCst);
             })
@@ -845,7 +840,7 @@ fn a_release_from_a_drop_inside_an_in_place_handle_operation() {
         let hook = ReleaseOnDrop(hd);
         let h = s
             .handle()
-            .fd_handler(&n)
+            .fd_handler(n)
             .on_read(move || {
                 let _ = &hook;
             })
@@ -857,7 +852,7 @@ fn a_release_from_a_drop_inside_an_in_place_handle_operation() {
             tx.send(()).unwrap();
             let held = s.acquire();
             let m = EventNotifier::new().unwrap();
-            let h2 = held.fd_handler(&m).on_read(|| {}).register().unwrap();
+            let h2 = held.fd_handler(m).on_read(|| {}).register().unwrap();
             let ran = Arc::new(AtomicBool::new(false));
             let r = ran.clone();
             held.schedule_oneshot(move || {
@@ -891,11 +886,14 @@ fn replace_across_contexts_and_from_a_non_holder() {
     let n = Arc::new(EventNotifier::new().unwrap());
     let mut h = {
         let held = s1.acquire();
-        held.fd_handler(&*n).on_read(|| {}).register().unwrap()
+        held.fd_handler(n.clone())
+            .on_read(|| {})
+            .register()
+            .unwrap()
     };
     let err = s2
         .handle()
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(|| {})
         .replace(&mut h)
         .unwrap_err();
@@ -904,7 +902,7 @@ fn replace_across_contexts_and_from_a_non_holder() {
     let (tx, rx) = mpsc::channel();
     let n2 = n.clone();
     s1.handle()
-        .fd_handler(&*n)
+        .fd_handler(n.clone())
         .on_read(move || {
             if n2.test_and_clear() {
                 let _ = tx.send(());

@@ -282,7 +282,9 @@ fn a_reader_and_a_writer_on_one_fd() {
 fn dropping_the_async_fd_unregisters_its_handler() {
     let ctx = ctx();
     let (a, mut b) = UnixStream::pair().unwrap();
-    let a = AsyncFd::with_context(&ctx, a).unwrap();
+    // In an `Rc`, so that the plain handlers below can take a clone of the very fd (a
+    // `try_clone` would be another number, which no `AlreadyExists` would meet).
+    let a = AsyncFd::with_context(&ctx, Rc::new(a)).unwrap();
     let mut wait = Box::pin(a.readable());
     let noop = std::task::Waker::noop();
     assert!(
@@ -295,7 +297,7 @@ fn dropping_the_async_fd_unregisters_its_handler() {
     // A second registration of the same fd is refused while the first one lives, in both
     // directions.
     let err = ctx
-        .fd_handler(a.get_ref())
+        .fd_handler(Rc::clone(a.get_ref()))
         .on_read(|_| ())
         .register()
         .unwrap_err();
@@ -305,7 +307,10 @@ fn dropping_the_async_fd_unregisters_its_handler() {
     let again = AsyncFd::with_context(&ctx, stream).unwrap();
     let err = AsyncFd::with_context(&ctx, again.get_ref().try_clone().unwrap());
     assert!(err.is_ok(), "a duplicate is another fd number");
-    let same = ctx.fd_handler(again.get_ref()).on_read(|_| ()).register();
+    let same = ctx
+        .fd_handler(Rc::clone(again.get_ref()))
+        .on_read(|_| ())
+        .register();
     assert!(same.is_ok(), "nothing awaited yet: no handler");
     let mut wait = Box::pin(again.readable());
     let poll = wait

@@ -553,15 +553,18 @@ fn block_on_from_an_fd_handler_and_a_timer_callback() {
     let ctx = ctx();
     // Blocking: the handler reads only when the pipe is readable.
     let (r, w) = std::io::pipe().unwrap();
+    // The handler takes one `Rc` of the read end; its callback reads through another.
+    let r = Rc::new(r);
+    let reader = r.clone();
     let got = Rc::new(Cell::new(0));
     let g = got.clone();
     let _h = ctx
-        .fd_handler(&r)
+        .fd_handler(r)
         .on_read(move |ctx| {
             let task = ctx.spawn_local(async { 5 });
             g.set(ctx.block_on(task).unwrap());
             let mut buf = [0u8; 8];
-            let _ = std::io::Read::read(&mut &r, &mut buf);
+            let _ = std::io::Read::read(&mut &*reader, &mut buf);
         })
         .register()
         .unwrap();

@@ -1055,13 +1055,16 @@ fn block_on_nests_from_an_fd_handler_through_tasks() {
     let depth = size(8, 2);
     let ctx = ctx();
     let (r, w) = std::io::pipe().unwrap();
+    // The handler takes one `Rc` of the read end; its callback reads through another.
+    let r = Rc::new(r);
+    let reader = r.clone();
     let got = Rc::new(Cell::new(0));
     let g = got.clone();
     let _h = ctx
-        .fd_handler(&r)
+        .fd_handler(r)
         .on_read(move |ctx| {
             let mut buf = [0u8; 8];
-            let _ = std::io::Read::read(&mut &r, &mut buf);
+            let _ = std::io::Read::read(&mut &*reader, &mut buf);
             // The handler blocks on a task that itself blocks on deeper ones.
             g.set(ctx.block_on(ctx.spawn_local(nested(depth))).unwrap());
         })

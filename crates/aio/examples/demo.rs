@@ -125,30 +125,32 @@ fn message(i: usize) -> Vec<u8> {
 /// (b) An echo server and its client as two non-blocking fd handlers on one context.
 fn echo(ctx: &AioContext) -> Result<usize> {
     println!("[2/3] echo: {ECHOES} messages over a socketpair, fd handlers on one context");
-    let (mut server, mut client) = UnixStream::pair()?;
+    let (server, client) = UnixStream::pair()?;
     server.set_nonblocking(true)?;
     client.set_nonblocking(true)?;
+    // Each handler owns its socket; the callback reads and writes through a second `Rc`.
+    let (server, client) = (Rc::new(server), Rc::new(client));
     let failure = Rc::default();
     let verified = Rc::new(Cell::new(0));
 
     // Level-triggered: whatever this leaves unread makes it run again on the next iteration.
     let _server = ctx
-        .fd_handler(&server)
+        .fd_handler(server.clone())
         .on_read(or_park(&failure, move || {
             let mut buf = [0u8; 4096];
-            let n = read_some(&mut server, &mut buf)?;
-            server.write_all(&buf[..n])
+            let n = read_some(&server, &mut buf)?;
+            (&*server).write_all(&buf[..n])
         }))
         .register()?;
 
     // The client keeps one message in flight, so a write never meets a full socket buffer.
-    client.write_all(&message(0))?;
+    (&*client).write_all(&message(0))?;
     let (done, mut reply) = (verified.clone(), Vec::new());
     let _client = ctx
-        .fd_handler(&client)
+        .fd_handler(client.clone())
         .on_read(or_park(&failure, move || {
             let mut buf = [0u8; 4096];
-            let n = read_some(&mut client, &mut buf)?;
+            let n = read_some(&client, &mut buf)?;
             reply.extend_from_slice(&buf[..n]);
             let i = done.get();
             if reply.len() < message(i).len() {
@@ -160,7 +162,7 @@ fn echo(ctx: &AioContext) -> Result<usize> {
             reply.clear();
             done.set(i + 1);
             if i + 1 < ECHOES {
-                client.write_all(&message(i + 1))?;
+                (&*client).write_all(&message(i + 1))?;
             }
             Ok(())
         }))
@@ -184,7 +186,7 @@ fn echo(ctx: &AioContext) -> Result<usize> {
 }
 
 /// Reads what is there; `WouldBlock` (nothing after all) reads as zero bytes.
-fn read_some(sock: &mut UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+fn read_some(mut sock: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
     match sock.read(buf) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
         res => res,

@@ -11,6 +11,7 @@
 use std::error::Error;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -60,14 +61,16 @@ fn main() -> Result<(), Box<dyn Error>> {
     // aio's: an fd handler, a timer, and a BH from another thread, which also pings.
     let (mut tx, rx) = UnixStream::pair()?;
     rx.set_nonblocking(true)?;
-    let mut sock = rx.try_clone()?;
+    // The handler owns the socket; the callback reads through a second `Rc`.
+    let rx = Rc::new(rx);
+    let sock = rx.clone();
     let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let r = read.clone();
     let _handler = ctx
-        .fd_handler(&rx)
+        .fd_handler(rx)
         .on_read(move |_| {
             let mut buf = [0u8; 64];
-            if let Ok(n) = sock.read(&mut buf) {
+            if let Ok(n) = (&*sock).read(&mut buf) {
                 r.fetch_add(n, Ordering::SeqCst);
             }
         })

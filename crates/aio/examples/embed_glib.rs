@@ -13,6 +13,7 @@
 use std::error::Error;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -80,13 +81,15 @@ fn main() -> Result<(), Box<dyn Error>> {
     // aio's: an fd handler, a 700 µs timer, a task, and a BH from another thread.
     let (mut tx, rx) = UnixStream::pair()?;
     rx.set_nonblocking(true)?;
-    let mut sock = rx.try_clone()?;
+    // The handler owns the socket; the callback reads through a second `Rc`.
+    let rx = Rc::new(rx);
+    let sock = rx.clone();
     let (s, d) = (seen.clone(), done.clone());
     let _handler = ctx
-        .fd_handler(&rx)
+        .fd_handler(rx)
         .on_read(move |_| {
             let mut buf = [0u8; 64];
-            if let Ok(n) = sock.read(&mut buf) {
+            if let Ok(n) = (&*sock).read(&mut buf) {
                 s.aio_read.fetch_add(n, Ordering::SeqCst);
                 d();
             }

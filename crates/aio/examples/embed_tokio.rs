@@ -50,14 +50,16 @@ fn main() -> Result<(), Box<dyn Error>> {
         // aio's side: an fd handler, a timer, a task that uses tokio's TCP client.
         let (mut tx, rx) = UnixStream::pair()?;
         rx.set_nonblocking(true)?;
-        let mut sock = rx.try_clone()?;
+        // The handler owns the socket; the callback reads through a second `Rc`.
+        let rx = Rc::new(rx);
+        let sock = rx.clone();
         let seen = Rc::new(std::cell::RefCell::new(String::new()));
         let s = seen.clone();
         let _handler = ctx
-            .fd_handler(&rx)
+            .fd_handler(rx)
             .on_read(move |_| {
                 let mut buf = [0u8; 64];
-                if let Ok(n) = sock.read(&mut buf) {
+                if let Ok(n) = (&*sock).read(&mut buf) {
                     s.borrow_mut().push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
             })

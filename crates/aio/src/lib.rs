@@ -17,13 +17,15 @@
 //! let (mut client, server) = UnixStream::pair()?;
 //! server.set_nonblocking(true)?;
 //!
-//! // Echo whatever arrives on `server`, from the loop's thread.
+//! // Echo whatever arrives on `server`, from the loop's thread. The handler owns the fd it
+//! // watches (here one `Rc` of the socket; the callback uses another).
 //! let echoed = Rc::new(Cell::new(0));
-//! let (count, mut sock) = (echoed.clone(), server.try_clone()?);
-//! let _echo = ctx.fd_handler(&server).on_read(move |_ctx| {
+//! let server = Rc::new(server);
+//! let (count, sock) = (echoed.clone(), server.clone());
+//! let _echo = ctx.fd_handler(server).on_read(move |_ctx| {
 //!     let mut buf = [0u8; 256];
-//!     if let Ok(n) = sock.read(&mut buf) {
-//!         sock.write_all(&buf[..n]).unwrap();
+//!     if let Ok(n) = (&*sock).read(&mut buf) {
+//!         (&*sock).write_all(&buf[..n]).unwrap();
 //!         count.set(count.get() + n);
 //!     }
 //! }).register()?;

@@ -208,7 +208,7 @@ impl Laio {
             Rc::downgrade(&laio),
         );
         let e = notifier.clone();
-        let mut builder = ctx.fd_handler(&*notifier).on_read(move |_| {
+        let mut builder = ctx.fd_handler(notifier.clone()).on_read(move |_| {
             e.test_and_clear();
             if let Some(l) = on_fd.upgrade() {
                 l.fetch();

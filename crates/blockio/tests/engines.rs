@@ -800,15 +800,16 @@ fn a_nested_wait_does_not_sleep_over_native_aio_completions_fetched_together() {
 
     let ctx = AioContext::new(Box::new(fdmon_poll::PollMonitor::new().unwrap())).unwrap();
     // The pipe's handler, registered before the engine's eventfd, is dispatched before it.
-    let (mut rx, mut tx) = io::pipe().unwrap();
+    let (rx, mut tx) = io::pipe().unwrap();
     let sleep_once = Rc::new(Cell::new(false));
     let s = sleep_once.clone();
-    let rx_fd = rx.try_clone().unwrap();
+    let rx = Rc::new(rx);
+    let r = rx.clone();
     let _pipe = ctx
-        .fd_handler(&rx_fd)
+        .fd_handler(rx)
         .on_read(move |_| {
             let mut b = [0u8; 16];
-            let _ = rx.read(&mut b);
+            let _ = (&*r).read(&mut b);
             if s.replace(false) {
                 std::thread::sleep(Duration::from_millis(300));
             }

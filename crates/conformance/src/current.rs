@@ -23,7 +23,7 @@ pub fn current_context_in_callbacks(make: MakeContext) {
     let in_handler = Rc::new(Cell::new(0u32));
     let (e2, c) = (e.clone(), in_handler.clone());
     let handler = ctx
-        .fd_handler(&*e)
+        .fd_handler(e.clone())
         .on_read(move |ctx| {
             assert!(e2.test_and_clear());
             let cur = AioContext::current().expect("a handler runs with its context current");
@@ -62,7 +62,7 @@ pub fn current_context_nested(make: MakeContext) {
     let calls = Rc::new(Cell::new(0u32));
     let (e2, c, inner) = (e.clone(), calls.clone(), ctx2.clone());
     let handler = ctx1
-        .fd_handler(&*e)
+        .fd_handler(e.clone())
         .on_read(move |ctx| {
             assert!(e2.test_and_clear());
             let cur = AioContext::current().unwrap();

@@ -11,7 +11,7 @@ pub fn fd_read_and_write_callbacks(make: MakeContext) {
     let (reads, writes) = (Rc::new(Cell::new(0u32)), Rc::new(Cell::new(0u32)));
     let (g, r, w) = (got.clone(), reads.clone(), writes.clone());
     let h = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_read(move |_| {
             r.set(r.get() + 1);
             let mut buf = [0u8; 64];
@@ -36,11 +36,12 @@ pub fn fd_read_and_write_callbacks(make: MakeContext) {
 /// again on every poll.
 pub fn fd_level_triggered_unread_data(make: MakeContext) {
     let ctx = new_ctx(make);
-    let (mut a, mut b) = socket_pair();
+    let (mut a, b) = socket_pair();
+    let b = Rc::new(b);
     let calls = Rc::new(Cell::new(0u32));
     let c = calls.clone();
     let h = ctx
-        .fd_handler(&b)
+        .fd_handler(b.clone())
         .on_read(move |_| c.set(c.get() + 1))
         .register()
         .unwrap();
@@ -50,7 +51,7 @@ pub fn fd_level_triggered_unread_data(make: MakeContext) {
         assert!(ctx.poll_nonblocking());
         assert_eq!(calls.get(), i);
     }
-    assert_eq!(read_all_available(&mut b), 6);
+    assert_eq!(read_all_available(&*b), 6);
     assert!(!ctx.poll_nonblocking());
     assert_eq!(calls.get(), 3);
     drop(h);
@@ -69,7 +70,7 @@ pub fn fd_handler_with_poll_callbacks_is_dispatched(make: MakeContext) {
     let (r, p, pr) = (reads.clone(), polls.clone(), polls.clone());
     let mut reader = b.try_clone().unwrap();
     let h = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_read(move |_| {
             assert!(
                 read_all_available(&mut reader) > 0,
@@ -126,7 +127,7 @@ pub fn fd_write_readiness(make: MakeContext) {
     let writes = Rc::new(Cell::new(0u32));
     let w = writes.clone();
     let h = ctx
-        .fd_handler(&a)
+        .fd_handler(a)
         .on_write(move |_| w.set(w.get() + 1))
         .register()
         .unwrap();
@@ -151,7 +152,7 @@ pub fn fd_hangup_calls_read(make: MakeContext) {
     let results = Rc::new(RefCell::new(Vec::new()));
     let r = results.clone();
     let h = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_read(move |_| {
             let mut buf = [0u8; 16];
             r.borrow_mut()
@@ -208,7 +209,7 @@ pub fn fd_error_readiness_reaches_the_write_callback(make: MakeContext) {
     let calls = Rc::new(Cell::new(0u32));
     let c = calls.clone();
     let handler = ctx
-        .fd_handler(&write_end)
+        .fd_handler(write_end)
         .on_write(move |_| c.set(c.get() + 1))
         .register()
         .unwrap();
@@ -327,11 +328,13 @@ fn raise_nofile_limit(want: u64) {
 pub fn fd_replace_handler(make: MakeContext) {
     let ctx = new_ctx(make);
     let (mut a, b) = socket_pair();
+    // One socket for both builders: `replace` needs the same fd number.
+    let b = Rc::new(b);
     let (old_calls, new_calls) = (Rc::new(Cell::new(0u32)), Rc::new(Cell::new(0u32)));
     let old_freed = drops();
     let (o, g) = (old_calls.clone(), DropCount::new(&old_freed));
     let mut h = ctx
-        .fd_handler(&b)
+        .fd_handler(b.clone())
         .on_read(move |_| {
             g.keep();
             o.set(o.get() + 1);
@@ -345,7 +348,7 @@ pub fn fd_replace_handler(make: MakeContext) {
 
     let old_key = h.key();
     let (n, mut reader) = (new_calls.clone(), b.try_clone().unwrap());
-    ctx.fd_handler(&b)
+    ctx.fd_handler(b.clone())
         .on_read(move |_| {
             n.set(n.get() + 1);
             read_all_available(&mut reader);
@@ -373,11 +376,14 @@ pub fn fd_replace_handler(make: MakeContext) {
 /// `InvalidInput` and leaves the old handler in place.
 pub fn fd_replace_wrong_fd_rejected(make: MakeContext) {
     let ctx = new_ctx(make);
-    let (mut a, b) = socket_pair();
+    let (a, b) = socket_pair();
+    // Shared, not duplicated: the second replace below must be for `h`'s own fd number, and
+    // `a` is written to after the first one.
+    let (a, b) = (Rc::new(a), Rc::new(b));
     let calls = Rc::new(Cell::new(0u32));
     let (c, mut reader) = (calls.clone(), b.try_clone().unwrap());
     let mut h = ctx
-        .fd_handler(&b)
+        .fd_handler(b.clone())
         .on_read(move |_| {
             c.set(c.get() + 1);
             read_all_available(&mut reader);
@@ -386,17 +392,17 @@ pub fn fd_replace_wrong_fd_rejected(make: MakeContext) {
         .unwrap();
     let key = h.key();
     let err = ctx
-        .fd_handler(&a)
+        .fd_handler(a.clone())
         .on_read(|_| panic!("must never run"))
         .replace(&mut h)
         .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     assert_eq!(h.key(), key);
-    let err = ctx.fd_handler(&b).replace(&mut h).unwrap_err();
+    let err = ctx.fd_handler(b.clone()).replace(&mut h).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "no callbacks");
     assert_eq!(h.key(), key);
     drain(&ctx);
-    a.write_all(b"x").unwrap();
+    (&*a).write_all(b"x").unwrap();
     assert!(ctx.poll_nonblocking());
     assert_eq!(calls.get(), 1);
     drop(h);
@@ -407,10 +413,12 @@ pub fn fd_replace_wrong_fd_rejected(make: MakeContext) {
 pub fn fd_register_twice_already_exists(make: MakeContext) {
     let ctx = new_ctx(make);
     let (mut a, b) = socket_pair();
+    // One socket for both registrations: the second must be of the same fd number.
+    let b = Rc::new(b);
     let calls = Rc::new(Cell::new(0u32));
     let (c, mut reader) = (calls.clone(), b.try_clone().unwrap());
     let h = ctx
-        .fd_handler(&b)
+        .fd_handler(b.clone())
         .on_read(move |_| {
             c.set(c.get() + 1);
             read_all_available(&mut reader);
@@ -420,7 +428,7 @@ pub fn fd_register_twice_already_exists(make: MakeContext) {
     let second_freed = drops();
     let g = DropCount::new(&second_freed);
     let err = ctx
-        .fd_handler(&b)
+        .fd_handler(b.clone())
         .on_read(move |_| {
             g.keep();
             panic!("the rejected handler must never run");
@@ -443,14 +451,13 @@ pub fn fd_register_twice_already_exists(make: MakeContext) {
 pub fn fd_register_closed_fd_ebadf(make: MakeContext) {
     let ctx = new_ctx(make);
     let fd = closed_fd_number();
-    // [CONF-3]'s exception. This deliberately breaks `BorrowedFd`'s promise that the fd is open:
-    // `fd` was closed above, and the point of the case is that registration detects it (EBADF).
-    // The borrowed value is only handed to `fd_handler`, which reads its number; nothing reads,
-    // writes or closes through it, and the number is high enough not to be reused meanwhile.
-    // SAFETY: [CONF-3], its exception: only the closed fd's number is read; nothing uses the fd.
-    let bad = unsafe { BorrowedFd::borrow_raw(fd) };
-    let err = ctx
-        .fd_handler(&bad)
+    // A number that is not open has no owner to hand `fd_handler`: it goes through the raw
+    // entry point, which refuses it at `register` (the point of the case).
+    // SAFETY: raw-fd contract (ARCHITECTURE.md, "Raw fds"): it binds only from a successful
+    // `register` until removal, and `register` must fail here with `EBADF`, so no handler
+    // ever watches `fd`. `closed_fd_number` keeps it above the numbers the kernel hands out,
+    // so no other test's fd takes it meanwhile.
+    let err = unsafe { ctx.fd_handler_raw(fd) }
         .on_read(|_| panic!("must never run"))
         .register()
         .unwrap_err();
@@ -468,11 +475,12 @@ pub fn fd_register_closed_fd_ebadf(make: MakeContext) {
 pub fn fd_register_without_callbacks_invalid_input(make: MakeContext) {
     let ctx = new_ctx(make);
     let (_a, b) = socket_pair();
-    let err = ctx.fd_handler(&b).register().unwrap_err();
+    let b = Rc::new(b);
+    let err = ctx.fd_handler(b.clone()).register().unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     // A poll callback alone does not make a handler either.
     let err = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_poll(|| false)
         .on_poll_ready(|_| ())
         .register()
@@ -490,7 +498,7 @@ pub fn fd_nested_blocking_poll_waits_for_remote_bh(make: MakeContext) {
     let (handle, d, e2) = (ctx.handle(), done.clone(), e.clone());
     let (oc, np) = (outer_calls.clone(), nested_polls.clone());
     let h = ctx
-        .fd_handler(&*e)
+        .fd_handler(e.clone())
         .on_read(move |ctx| {
             assert!(e2.test_and_clear());
             oc.set(oc.get() + 1);

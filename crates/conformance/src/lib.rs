@@ -35,7 +35,8 @@
 //! # Rules for `unsafe`
 //!
 //! The suites call libc directly (pipes, eventfds, rlimits, `poll`, signals). Every `unsafe`
-//! block cites one of these rules in its `// SAFETY:` comment:
+//! block cites one of these rules in its `// SAFETY:` comment (a registration through
+//! `fd_handler_raw` cites that function's contract instead: ARCHITECTURE.md, "Raw fds"):
 //!
 //! - **[CONF-1]** (pointers): every pointer a libc call receives points into a live local, array
 //!   or slice that the call may use for its whole duration (exclusively borrowed where the call
@@ -44,10 +45,9 @@
 //!   `dup3`, `eventfd`, `pthread_kill` on a thread that has not been joined) touch no memory of
 //!   ours; an fd the suite closes is one it created, closed exactly once.
 //! - **[CONF-3]** (fd ownership): a raw fd becomes an `OwnedFd` only right after the call that
-//!   created it succeeded, so nothing else owns it. The one deliberate exception is
-//!   `fd_register_closed_fd_ebadf`'s `BorrowedFd` of a number the suite closed itself (kept above
-//!   the numbers the kernel hands out): it only reaches a registration that must refuse it with
-//!   `EBADF`, and nothing reads, writes or closes through it.
+//!   created it succeeded, so nothing else owns it. (A number the suite closed itself, as
+//!   `fd_register_closed_fd_ebadf` registers, is never made an `OwnedFd` or `BorrowedFd`: it
+//!   goes to `fd_handler_raw`, whose `register` must refuse it with `EBADF`.)
 //! - **[CONF-4]** (process-wide hooks): the SIGUSR1 handler does only an atomic add, which is
 //!   async-signal-safe, and is installed from a zeroed `sigaction` (a valid value of that plain C
 //!   struct); `CountingAllocator` forwards every call unchanged to `System`, so `System`'s

@@ -87,7 +87,7 @@ impl Polled {
         );
         let notifier = e.clone();
         let handler = ctx
-            .fd_handler(&*notifier)
+            .fd_handler(e.clone())
             .on_read(move |_| {
                 assert!(notifier.test_and_clear(), "spurious read callback");
                 c1.reads.set(c1.reads.get() + 1);
@@ -194,7 +194,7 @@ pub fn poll_nested_poll_does_not_poll(make: MakeContext) {
     let (n1, n2, pin) = (nested.clone(), nested.clone(), polls_in_nested.clone());
     let (d, rr) = (dummy.clone(), pn_readies.clone());
     let _pn = ctx
-        .fd_handler(&*pn)
+        .fd_handler(pn.clone())
         .on_read(move |_| {
             assert!(e.test_and_clear(), "spurious read");
             r.set(r.get() + 1);
@@ -222,7 +222,7 @@ pub fn poll_nested_poll_does_not_poll(make: MakeContext) {
         polls_in_nested.clone(),
     );
     let _dummy = ctx
-        .fd_handler(&*dummy)
+        .fd_handler(dummy.clone())
         .on_read(move |_| {
             assert!(de.test_and_clear(), "spurious read");
             dr.set(dr.get() + 1);
@@ -352,7 +352,7 @@ pub fn poll_members_that_leave_get_on_poll_end(make: MakeContext) {
     into_polling_mode(&a);
     let replacement_reads = Rc::new(Cell::new(0u32));
     let (e, rr) = (a.e.clone(), replacement_reads.clone());
-    ctx.fd_handler(&*a.e)
+    ctx.fd_handler(a.e.clone())
         .on_read(move |_| {
             assert!(e.test_and_clear(), "spurious read");
             rr.set(rr.get() + 1);
@@ -389,7 +389,7 @@ pub fn poll_members_that_leave_get_on_poll_end(make: MakeContext) {
     let (d_begins, d_ends) = (Rc::new(Cell::new(0u32)), Rc::new(Cell::new(0u32)));
     let (n, db, de, sl) = (d_e.clone(), d_begins.clone(), d_ends.clone(), slot.clone());
     let d = ctx
-        .fd_handler(&*d_e)
+        .fd_handler(d_e.clone())
         .on_read(move |_| assert!(n.test_and_clear(), "spurious read"))
         .on_poll(|| false)
         .on_poll_ready(|_| panic!("never found by polling"))
@@ -435,7 +435,7 @@ pub fn poll_outer_dispatch_callback_polls_nested(make: MakeContext) {
         b.try_clone().unwrap(),
     );
     let _plain = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_read(move |ctx| {
             read_all_available(&mut reader);
             let before = polls.get();
@@ -509,11 +509,13 @@ pub fn poll_windows_are_per_handler(make: MakeContext) {
     assert!(fast_window >= Duration::from_micros(4));
     fast.work.set(false);
 
-    // A slow handler: another thread makes it readable 300 ms into a blocking poll.
+    // A slow handler: another thread makes it readable 300 ms into a blocking poll. Its socket
+    // is shared, so that its number can be checked against the poll set below.
     let (mut a, b) = socket_pair();
+    let b = Rc::new(b);
     let (slow_reads, read) = counting_reader(&b);
     let _slow = ctx
-        .fd_handler(&b)
+        .fd_handler(b.clone())
         .on_read(read)
         .on_poll(|| false)
         .on_poll_ready(|_| panic!("the slow handler's poll never finds work"))
@@ -567,7 +569,7 @@ pub fn poll_fd_only_handler_next_to_polled_one_runs(make: MakeContext) {
     );
     let (mut a, b) = socket_pair();
     let (reads, read) = counting_reader(&b);
-    let _plain = ctx.fd_handler(&b).on_read(read).register().unwrap();
+    let _plain = ctx.fd_handler(b).on_read(read).register().unwrap();
     // A non-blocking poll does not poll, so it finds nothing even though the busy handler
     // always has work.
     flush(&ctx);
@@ -607,7 +609,7 @@ pub fn poll_in_backend_joins_only_where_readiness_shows(make: MakeContext) {
     let (a, b) = socket_pair();
     let (reads, read) = counting_reader(&b);
     let handler = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_read(read)
         .poll_in_backend()
         .register()
@@ -719,7 +721,7 @@ pub fn poll_in_backend_joins_only_where_readiness_shows(make: MakeContext) {
     let (rr, mut reader) = (remote_reads.clone(), d.try_clone().unwrap());
     let remote = ctx
         .handle()
-        .fd_handler(&d)
+        .fd_handler(d)
         .on_read(move |_| {
             assert!(read_all_available(&mut reader) > 0, "spurious read");
             rr.fetch_add(1, SeqCst);
@@ -754,7 +756,7 @@ pub fn poll_callback_removes_its_own_handler(make: MakeContext) {
         let (rd, s2) = (readies.clone(), slot.clone());
         let e2 = e.clone();
         let h = ctx
-            .fd_handler(&*e)
+            .fd_handler(e.clone())
             .on_read(move |_| {
                 guard.keep();
                 assert!(e2.test_and_clear(), "spurious read");

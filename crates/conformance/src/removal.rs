@@ -48,7 +48,7 @@ pub fn handler_removes_itself(make: MakeContext) {
     let (s, r, rg) = (slot.clone(), reads.clone(), DropCount::new(&read_freed));
     let (w, wg) = (writes.clone(), DropCount::new(&write_freed));
     let h = ctx
-        .fd_handler(&b)
+        .fd_handler(b)
         .on_read(move |_| {
             rg.keep();
             r.set(r.get() + 1);
@@ -142,7 +142,7 @@ pub fn handler_nested_poll_steals_ready_handler(make: MakeContext) {
     for i in 0..2 {
         let (e, ran, nested) = (es[i].clone(), ran.clone(), nested.clone());
         let h = ctx
-            .fd_handler(&*es[i])
+            .fd_handler(es[i].clone())
             .on_read(move |ctx| {
                 assert!(e.test_and_clear(), "handler {i} called with a stale report");
                 ran[i].set(ran[i].get() + 1);
@@ -185,7 +185,7 @@ pub fn handler_reregistered_in_callback_gets_no_stale_report(make: MakeContext) 
         let (other, r) = (slots[1 - i].clone(), ran[i].clone());
         let (rep, rep_ran) = (replacement.clone(), replacement_ran.clone());
         let h = ctx
-            .fd_handler(&*es[i])
+            .fd_handler(es[i].clone())
             .on_read(move |ctx| {
                 assert!(e.test_and_clear());
                 r.set(r.get() + 1);
@@ -196,7 +196,7 @@ pub fn handler_reregistered_in_callback_gets_no_stale_report(make: MakeContext) 
                 drop(victim);
                 let (e2, rr) = (other_e.clone(), rep_ran.clone());
                 let h = ctx
-                    .fd_handler(&*other_e)
+                    .fd_handler(other_e.clone())
                     .on_read(move |_| {
                         assert!(e2.test_and_clear(), "the new handler got a stale report");
                         rr.set(rr.get() + 1);
@@ -278,7 +278,7 @@ pub fn handler_registered_in_callback_runs_next_iteration(make: MakeContext) {
     let b_slot: Rc<RefCell<Option<FdHandler>>> = Rc::new(RefCell::new(None));
     let (ea2, eb2, br, slot) = (ea.clone(), eb.clone(), b_ran.clone(), b_slot.clone());
     let a = ctx
-        .fd_handler(&*ea)
+        .fd_handler(ea.clone())
         .on_read(move |ctx| {
             assert!(ea2.test_and_clear());
             let (e, r) = (eb2.clone(), br.clone());

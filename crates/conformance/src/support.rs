@@ -8,7 +8,7 @@ pub(crate) use aio_core::{
 };
 pub(crate) use std::cell::{Cell, RefCell};
 pub(crate) use std::io::{self, Read, Write};
-pub(crate) use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+pub(crate) use std::os::fd::{AsRawFd, RawFd};
 pub(crate) use std::os::unix::net::UnixStream;
 pub(crate) use std::panic::{AssertUnwindSafe, catch_unwind};
 pub(crate) use std::rc::Rc;
@@ -264,7 +264,7 @@ impl Notifier {
         let mut cb = self.callback();
         let e = self.e.clone();
         let h = ctx
-            .fd_handler(&*self.e)
+            .fd_handler(self.e.clone())
             .on_read(move |_| cb(&e))
             .external(true)
             .register()
@@ -304,8 +304,9 @@ pub(crate) fn socket_pair() -> (UnixStream, UnixStream) {
     (a, b)
 }
 
-/// Reads everything `s` has buffered; returns the byte count.
-pub(crate) fn read_all_available(s: &mut UnixStream) -> usize {
+/// Reads everything the non-blocking socket `s` has buffered; returns the byte count. `s` is
+/// a `&mut UnixStream`, or a `&UnixStream` (one shared with a handler through an `Rc`).
+pub(crate) fn read_all_available(mut s: impl Read) -> usize {
     let mut buf = [0u8; 4096];
     let mut total = 0;
     loop {

@@ -8,7 +8,7 @@ use super::{AioContext, NotDisabledError, Shared, set_max_batch};
 use crate::RemoteFdHandler;
 use crate::bh::{self, BottomHalf, RunningBh};
 use crate::event_notifier::EventNotifier;
-use crate::handler::{RemoteHandlerBuilder, raw_fd_of};
+use crate::handler::RemoteHandlerBuilder;
 use crate::polling::PollParams;
 use crate::remote::ContextGone;
 use crate::scope;
@@ -108,8 +108,11 @@ impl ContextHandle {
 
     /// Starts registering a handler for `fd` from any thread, with `Send` callbacks. See
     /// [`RemoteHandlerBuilder`]; [`AioContext::fd_handler`] is the home thread's way.
-    pub fn fd_handler(&self, fd: &impl AsFd) -> RemoteHandlerBuilder {
-        RemoteHandlerBuilder::new(self.clone(), raw_fd_of(fd))
+    ///
+    /// As there, the handler takes `fd` (so it must be `Send` to reach the home thread), and
+    /// drops it on the home thread once it is removed and the backend no longer watches it.
+    pub fn fd_handler(&self, fd: impl AsFd + Send + 'static) -> RemoteHandlerBuilder {
+        RemoteHandlerBuilder::owning(self.clone(), fd)
     }
 
     /// [`fd_handler`](Self::fd_handler) for a raw fd number, from any thread: as

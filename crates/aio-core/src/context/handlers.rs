@@ -9,11 +9,12 @@ use super::{AioContext, Inner, Shared};
 use crate::RemoteFdHandler;
 use crate::event_notifier::EventNotifier;
 use crate::fdmon::{Change, HandlerKey, Interest};
-use crate::handler::{HandlerBuilder, HandlerNode, NodeKind, NodeParts, raw_fd_of};
+use crate::handler::{HandlerBuilder, HandlerNode, NodeKind, NodeParts};
 use crate::remote::{self, RemoteOps};
 use crate::scope;
 use crate::sync::{Arc, Ordering};
 use crate::{FdHandler, sys};
+use std::any::Any;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io;
@@ -151,29 +152,39 @@ impl Inner {
 }
 
 impl AioContext {
-    /// Starts registering a handler for `fd`. See [`HandlerBuilder`].
+    /// Starts registering a handler for `fd`, which the handler takes. See [`HandlerBuilder`].
     ///
-    /// The context stores the fd's number, not the fd: keep the fd open, naming the same file,
-    /// until the handler is removed (in a struct, declare the [`FdHandler`] before the fd, so
-    /// that it is dropped first). An fd closed while registered is reported as an error by the
-    /// poll backend until its handler is removed, once by io_uring, and dropped by epoll; if a
-    /// duplicate (`try_clone`, `dup`) keeps its file open, epoll goes on reporting it and,
-    /// once the handler is gone, replaces its epoll instance to be rid of an entry it can no
-    /// longer delete (the `polling` backend, epoll underneath on Linux, cannot: its loop then
-    /// wakes at once until the duplicate is closed). A new fd that reuses the number cannot be registered (`AlreadyExists`)
-    /// while the old handler lives, and under poll the old handler sees the new file's
-    /// readiness. [`fd_handler_raw`](Self::fd_handler_raw) states the same rule as its safety
-    /// contract.
-    pub fn fd_handler(&self, fd: &impl AsFd) -> HandlerBuilder<'_> {
-        HandlerBuilder::new(self, raw_fd_of(fd))
+    /// The handler owns `fd` until it is removed (its [`FdHandler`] dropped or
+    /// [`remove`](FdHandler::remove)d, or the context dropped), and drops it then, after the
+    /// backend has stopped watching it. So the number the backend watches cannot be closed,
+    /// or reused for another file, while it is registered: Rust's I/O safety, kept by the
+    /// type system. To go on using the fd, in the callbacks or elsewhere, share it: pass an
+    /// `Rc<T>` or `Arc<T>` clone (both are [`AsFd`]) and keep another. A `&'static` fd or a
+    /// [`BorrowedFd<'static>`](std::os::fd::BorrowedFd) works too; a borrow of a local does
+    /// not compile. [`replace`](HandlerBuilder::replace) takes a builder for the same fd,
+    /// that is, another clone of the same `Rc` or `Arc`.
+    ///
+    /// ```compile_fail,E0597
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    /// // `a` could be closed while the handler watches its number: refused.
+    /// let _h = ctx.fd_handler(&a).on_read(|_| {}).register()?;
+    /// drop(a);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    ///
+    /// For a bare number, see [`fd_handler_raw`](Self::fd_handler_raw).
+    pub fn fd_handler<F: AsFd + 'static>(&self, fd: F) -> HandlerBuilder<'_, F> {
+        HandlerBuilder::owning(self, fd)
     }
 
     /// [`fd_handler`](Self::fd_handler) for a raw fd number, for code that holds fds as plain
     /// integers (a port from C, an fd received over FFI) and cannot lend an [`AsFd`].
     ///
-    /// The handler works exactly as one registered through `fd_handler`. A number that is not
-    /// an open fd (a negative one included) is refused by
-    /// [`register`](HandlerBuilder::register) with `EBADF`, as there.
+    /// The handler works exactly as one registered through `fd_handler`, except that it owns
+    /// nothing: the caller keeps the fd open and closes it. A number that is not an open fd (a
+    /// negative one included) is refused by [`register`](HandlerBuilder::register) with
+    /// `EBADF`.
     ///
     /// # Safety
     ///
@@ -259,14 +270,27 @@ impl AioContext {
     /// [`FdHandler`], whose drop unregisters it and so borrows the registry and the monitor
     /// again. The new node is therefore built before any borrow, and both it (when the change
     /// is refused) and the replaced node are dropped here, after every borrow is released.
-    pub(crate) fn add_node(
+    pub(crate) fn add_node<O: Any>(
         &self,
-        parts: NodeParts,
+        parts: NodeParts<O>,
         interest: Interest,
         old: Option<HandlerKey>,
     ) -> io::Result<HandlerKey> {
+        let (key, scope) = self.reserve_node(parts.fd, parts.kind, old)?;
+        // The owner goes into the node's own allocation (an unsized last field), not a box.
+        self.insert_node(parts.build(key, interest, scope), old)
+    }
+
+    /// The checks of [`add_node`](Self::add_node) that need no owner type, and the key and
+    /// isolation scope of the node about to be built.
+    fn reserve_node(
+        &self,
+        fd: RawFd,
+        kind: NodeKind,
+        old: Option<HandlerKey>,
+    ) -> io::Result<(HandlerKey, u64)> {
         let inner = &*self.inner;
-        sys::check_fd_open(parts.fd)?;
+        sys::check_fd_open(fd)?;
         if old.is_none() {
             // A handler of this fd removed from another thread counts as removed already, even
             // if the home thread has not applied that removal yet: a registration that follows
@@ -274,7 +298,7 @@ impl AioContext {
             let stale = {
                 let registry = inner.registry.borrow();
                 registry
-                    .key_of_fd(parts.fd)
+                    .key_of_fd(fd)
                     .filter(|&k| registry.get(k).is_some_and(|n| n.remotely_removed()))
             };
             if let Some(stale) = stale {
@@ -283,12 +307,22 @@ impl AioContext {
         }
         // `next_key` only reserves the index; nothing runs between here and `link_node`.
         let key = inner.registry.borrow_mut().next_key();
-        let scope = if parts.kind == NodeKind::Notifier {
+        let scope = if kind == NodeKind::Notifier {
             scope::ANY
         } else {
             inner.scopes.creation()
         };
-        let node = Rc::new(parts.build(key, interest, scope));
+        Ok((key, scope))
+    }
+
+    /// The rest of [`add_node`](Self::add_node), once the node is built.
+    fn insert_node(
+        &self,
+        node: Rc<HandlerNode>,
+        old: Option<HandlerKey>,
+    ) -> io::Result<HandlerKey> {
+        let inner = &*self.inner;
+        let key = node.key;
         let linked = self.link_node(&node, old);
         // On success the registry holds the node too; on error this was the only reference and
         // the refused callbacks are dropped now, with no borrow held.

@@ -226,6 +226,8 @@ impl AioContext {
         // which is why a context with only BHs never needs a system call to poll.
         let parts = NodeParts {
             fd,
+            // `shared.notifier` owns it and outlives the node.
+            owner: (),
             read: None,
             write: None,
             poll: PollCallbacks::default(),

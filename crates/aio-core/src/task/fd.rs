@@ -248,7 +248,10 @@ impl<T: AsFd> AsyncFd<T> {
     /// assert!(AsyncFd::new(c).is_err()); // no context runs here
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn new(fd: T) -> io::Result<Self> {
+    pub fn new(fd: T) -> io::Result<Self>
+    where
+        T: 'static,
+    {
         match AioContext::current() {
             Some(ctx) => Self::with_context(&ctx, fd),
             None => Err(io::Error::new(
@@ -261,6 +264,17 @@ impl<T: AsFd> AsyncFd<T> {
     /// Registers `fd` on `ctx`, and puts it in non-blocking mode (`O_NONBLOCK`, which the
     /// open file description shares with every duplicate of the fd). Nothing is watched until
     /// someone awaits readiness.
+    ///
+    /// `T` is `'static` (an owned fd, or an `Rc`/`Arc` of one) for the reason
+    /// [`AioContext::fd_handler`] takes its fd: were `AsyncFd<&File>` possible, forgetting it
+    /// (`mem::forget`) would leave the number watched after the borrow ends.
+    ///
+    /// ```compile_fail,E0597
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// let (a, _b) = std::os::unix::net::UnixStream::pair()?;
+    /// let _fd = aio_core::task::fd::AsyncFd::with_context(&ctx, &a)?; // a borrow: refused
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     ///
     /// # Errors
     ///
@@ -276,7 +290,10 @@ impl<T: AsFd> AsyncFd<T> {
     /// assert_eq!(a.interest(), Interest::empty());
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn with_context(ctx: &AioContext, fd: T) -> io::Result<Self> {
+    pub fn with_context(ctx: &AioContext, fd: T) -> io::Result<Self>
+    where
+        T: 'static,
+    {
         let raw = fd.as_fd().as_raw_fd();
         crate::sys::check_fd_open(raw)?;
         if ctx.inner.registry.borrow().key_of_fd(raw).is_some() {

@@ -374,7 +374,7 @@ impl Shard {
         }
         let conn = Rc::new(RefCell::new(Conn {
             id,
-            sock: Some(sock),
+            sock: Some(Rc::new(sock)),
             export,
             pool: ThreadPool::of(ctx),
             io: file_io::block_io(ctx, settings.io),
@@ -510,8 +510,9 @@ enum Phase {
 
 pub struct Conn {
     id: u64,
-    /// `None` once closed: the fd is released at once, even while requests are in flight.
-    sock: Option<Socket>,
+    /// `None` once closed: the fd is released at once, even while requests are in flight
+    /// (`abort` drops `handler`, which shares the socket, first).
+    sock: Option<Rc<Socket>>,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
     /// How file I/O is done (`--aio`).
@@ -1141,7 +1142,7 @@ impl Conn {
             self.watching = want;
             return;
         }
-        let sock = self.sock.as_ref().expect("checked above");
+        let sock = self.sock.clone().expect("checked above");
         // On io_uring, a polling loop sees the next request in the ring (no-op elsewhere).
         let mut builder = ctx.fd_handler(sock).poll_in_backend();
         if want.0 {

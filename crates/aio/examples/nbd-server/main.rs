@@ -602,7 +602,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     let mut targets = vec![None];
     targets.extend(iothreads.iter().map(|t| Some(t.handle.clone())));
     let acceptor = Rc::new(Acceptor {
-        listeners: RefCell::new(listeners),
+        listeners: RefCell::new(listeners.into_iter().map(Rc::new).collect()),
         handlers: RefCell::new(Vec::new()),
         targets,
         next: Cell::new(0),
@@ -623,10 +623,11 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
 
     let stopping = Rc::new(Cell::new(None::<(&'static str, Instant)>));
     let (stop, acc) = (stopping.clone(), acceptor.clone());
-    let signal_fd = signals.fd.try_clone()?;
+    // The handler owns the signal fd; its callback reads through a second `Rc`.
+    let signal_fd = Rc::new(signals.fd);
     let pid_path = cfg.pid_file.clone();
     let _signals = ctx
-        .fd_handler(&signals.fd)
+        .fd_handler(signal_fd.clone())
         .on_read(move |ctx| {
             let Some(name) = Signals::read(&signal_fd) else {
                 return;
@@ -1205,7 +1206,8 @@ impl AsFd for Listener {
 
 /// The listeners and where accepted connections go.
 struct Acceptor {
-    listeners: RefCell<Vec<Listener>>,
+    /// Each shared with its accept handler while it has one (`close` drops both).
+    listeners: RefCell<Vec<Rc<Listener>>>,
     handlers: RefCell<Vec<FdHandler>>,
     /// The contexts connections are dealt to: `None` is this thread's, the others are I/O
     /// threads, reached through their handles.
@@ -1232,7 +1234,7 @@ impl Acceptor {
         handlers.clear();
         for (i, l) in self.listeners.borrow().iter().enumerate() {
             let me = Rc::downgrade(self);
-            let h = ctx.fd_handler(l).on_read(move |ctx| {
+            let h = ctx.fd_handler(l.clone()).on_read(move |ctx| {
                 if let Some(me) = me.upgrade() {
                     me.accept(ctx, i);
                 }

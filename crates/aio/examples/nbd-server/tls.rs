@@ -30,6 +30,7 @@
 use std::cell::RefCell;
 use std::io::{self, BufRead, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::rc::{Rc, Weak};
@@ -450,8 +451,9 @@ fn before_tls(wire: &mut Wire<'_>) -> io::Result<Before> {
 struct Relay {
     id: u64,
     tls: Tls,
-    client: Socket,
-    pair: UnixStream,
+    /// Each socket is shared with its handler while it has one (`end` drops both).
+    client: Rc<Socket>,
+    pair: Rc<UnixStream>,
     /// Decrypted bytes not yet taken by the pair, from `to_pair_at` on.
     to_pair: Vec<u8>,
     to_pair_at: usize,
@@ -503,8 +505,8 @@ impl Relay {
         let relay = Rc::new(RefCell::new(Relay {
             id,
             tls,
-            client,
-            pair,
+            client: Rc::new(client),
+            pair: Rc::new(pair),
             to_pair: Vec::new(),
             to_pair_at: 0,
             buf: Vec::new(),
@@ -600,7 +602,7 @@ impl Relay {
             }
         }
         while self.to_pair_at < self.to_pair.len() {
-            match (&self.pair).write(&self.to_pair[self.to_pair_at..]) {
+            match (&*self.pair).write(&self.to_pair[self.to_pair_at..]) {
                 Ok(n) => self.to_pair_at += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -645,15 +647,17 @@ impl Relay {
         ctx: &'a AioContext,
         side: usize,
         want: (bool, bool),
-    ) -> Option<HandlerBuilder<'a>> {
+    ) -> Option<HandlerBuilder<'a, Rc<dyn AsFd>>> {
         if want == (false, false) {
             return None;
         }
-        let mut builder = if side == 0 {
-            ctx.fd_handler(&self.client)
+        // One builder type for both sides: the handler owns a clone of the side's socket.
+        let fd: Rc<dyn AsFd> = if side == 0 {
+            self.client.clone()
         } else {
-            ctx.fd_handler(&self.pair)
+            self.pair.clone()
         };
+        let mut builder = ctx.fd_handler(fd);
         if want.0 {
             let weak = self.weak.clone();
             builder = builder.on_read(move |ctx| {
@@ -697,7 +701,7 @@ impl Relay {
             if self.buf.is_empty() {
                 self.buf = vec![0; RELAY_CHUNK];
             }
-            match (&self.pair).read(&mut self.buf) {
+            match (&*self.pair).read(&mut self.buf) {
                 Ok(0) => self.context_ended(ctx),
                 Ok(n) => {
                     if let Err(e) = self.tls.write_plain(&self.buf[..n]) {

@@ -102,28 +102,30 @@ pub fn flag_timer(ctx: &AioContext) -> (Flag, Timer) {
 
 /// A socket pair whose read end (non-blocking) is watched by an aio read handler on `ctx`,
 /// which reads up to `chunk` bytes a call, adds what it read to `got`, and first calls `check`.
-/// Returns the write end and the handler with its read end (the handler goes first).
+/// Returns the write end and the handler, which owns the read end (dropping it closes the
+/// read end).
 pub fn watched_pair(
     ctx: &AioContext,
     chunk: usize,
     got: &Rc<Cell<usize>>,
     check: impl Fn() + 'static,
-) -> (UnixStream, (FdHandler, UnixStream)) {
+) -> (UnixStream, FdHandler) {
     let (c, d) = UnixStream::pair().unwrap();
     d.set_nonblocking(true).unwrap();
-    let (g, mut sock) = (got.clone(), d.try_clone().unwrap());
+    let d = Rc::new(d);
+    let (g, sock) = (got.clone(), d.clone());
     let h = ctx
-        .fd_handler(&d)
+        .fd_handler(d)
         .on_read(move |_| {
             check();
             let mut buf = [0u8; 64];
-            if let Ok(n) = sock.read(&mut buf[..chunk]) {
+            if let Ok(n) = (&*sock).read(&mut buf[..chunk]) {
                 g.set(g.get() + n);
             }
         })
         .register()
         .unwrap();
-    (c, (h, d))
+    (c, h)
 }
 
 /// Schedules `f` as a one-shot BH on `ctx` from another thread, after `delay`.

@@ -1,0 +1,252 @@
+//! The fd a handler owns (`AioContext::fd_handler` and `ContextHandle::fd_handler` take it):
+//! it stays open while the handler is registered, is dropped only after the backend stopped
+//! watching it, and is dropped on every way out: removal, replacement, a refused
+//! registration, a removal from another thread, the context's drop. A leaked handle leaks the
+//! fd with it until the context goes, never closes it early.
+//!
+//! Whether an fd is still open is read from its peer: the other end of a socket pair reads
+//! end-of-file once the last fd of this end is closed. A wrapping monitor checks, at each
+//! change that stops watching an fd, that the number still names the file it was added with
+//! (`/proc/self/fd`), which is the rule of ARCHITECTURE.md's "Raw fds".
+
+use aio_core::{AioContext, Change, FdMonitor, OuterFd, ReadyList};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{self, ErrorKind, Read};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What `/proc/self/fd/<fd>` points at, or `None` if the number is not open.
+fn names(fd: RawFd) -> Option<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()
+}
+
+/// The poll backend, checking that every fd it stops watching still names the file it was
+/// added with. Failures are collected, not panicked, so that a test reports them.
+#[derive(Debug)]
+struct Checking {
+    inner: fdmon_poll::PollMonitor,
+    added: HashMap<RawFd, PathBuf>,
+    log: Rc<RefCell<Vec<String>>>,
+}
+
+impl Checking {
+    fn forget(&mut self, fd: RawFd) {
+        let at_add = self.added.remove(&fd);
+        let now = names(fd);
+        if now.is_none() || now != at_add {
+            self.log.borrow_mut().push(format!(
+                "fd {fd} was closed or reused before the backend forgot it \
+                 (added as {at_add:?}, now {now:?})"
+            ));
+        }
+    }
+}
+
+impl FdMonitor for Checking {
+    fn name(&self) -> &'static str {
+        "checking"
+    }
+    fn update(&mut self, change: Change) -> io::Result<()> {
+        match change {
+            Change::Add { fd, .. } => {
+                if let Some(path) = names(fd) {
+                    self.added.insert(fd, path);
+                }
+            }
+            Change::Remove { fd, .. } => self.forget(fd),
+            _ => {}
+        }
+        self.inner.update(change)
+    }
+    fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
+        self.inner.wait(ready, timeout)
+    }
+    fn must_wait(&self) -> Option<bool> {
+        self.inner.must_wait()
+    }
+    fn outer_fds(&self, out: &mut Vec<OuterFd>) {
+        self.inner.outer_fds(out)
+    }
+}
+
+/// A context on the checking monitor, and its log of violations.
+fn checked_ctx() -> (AioContext, Rc<RefCell<Vec<String>>>) {
+    let log = Rc::new(RefCell::new(Vec::new()));
+    let monitor = Checking {
+        inner: fdmon_poll::PollMonitor::new().unwrap(),
+        added: HashMap::new(),
+        log: log.clone(),
+    };
+    (AioContext::new(Box::new(monitor)).unwrap(), log)
+}
+
+/// A connected pair, the peer non-blocking so that `is_open` can ask it.
+fn pair() -> (UnixStream, UnixStream) {
+    let (ours, peer) = UnixStream::pair().unwrap();
+    peer.set_nonblocking(true).unwrap();
+    (ours, peer)
+}
+
+/// Whether the other end of `peer` is still open: it reads end-of-file once it is closed.
+fn is_open(mut peer: &UnixStream) -> bool {
+    match peer.read(&mut [0; 16]) {
+        Ok(0) => false,
+        Ok(_) => panic!("nothing was written to the peer"),
+        Err(e) if e.kind() == ErrorKind::WouldBlock => true,
+        Err(e) => panic!("reading the peer: {e}"),
+    }
+}
+
+#[test]
+fn a_handler_keeps_its_fd_until_removed_then_drops_it_after_the_backend_forgot_it() {
+    let (ctx, log) = checked_ctx();
+    let (ours, peer) = pair();
+    let raw = ours.as_raw_fd();
+    let handler = ctx.fd_handler(ours).on_read(|_| {}).register().unwrap();
+    assert_eq!(handler.fd(), raw);
+    ctx.poll_nonblocking();
+    assert!(is_open(&peer), "the handler must keep its fd open");
+    drop(handler);
+    assert!(!is_open(&peer), "a removed handler must drop its fd");
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
+}
+
+#[test]
+fn remove_from_inside_its_own_callback_drops_the_fd_after_the_callback() {
+    let (ctx, log) = checked_ctx();
+    let (ours, peer) = pair();
+    let ours = Rc::new(ours);
+    let slot: Rc<RefCell<Option<aio_core::FdHandler>>> = Rc::default();
+    let (s, mine) = (slot.clone(), ours.clone());
+    let handler = ctx
+        .fd_handler(ours)
+        .on_write(move |_| {
+            // The callback's own clone is still usable after its handler is gone.
+            drop(s.borrow_mut().take());
+            assert!(mine.as_fd().as_raw_fd() >= 0);
+        })
+        .register()
+        .unwrap();
+    *slot.borrow_mut() = Some(handler);
+    ctx.poll_nonblocking();
+    assert!(
+        slot.borrow().is_none(),
+        "the write callback ran and removed itself"
+    );
+    assert!(
+        !is_open(&peer),
+        "the removed handler's node dropped the last clone"
+    );
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
+}
+
+#[test]
+fn a_replacement_brings_its_own_clone_and_the_old_one_is_dropped() {
+    let (ctx, log) = checked_ctx();
+    let (ours, peer) = pair();
+    let ours = Rc::new(ours);
+    let mut handler = ctx
+        .fd_handler(ours.clone())
+        .on_read(|_| {})
+        .register()
+        .unwrap();
+    ctx.fd_handler(ours.clone())
+        .on_write(|_| {})
+        .replace(&mut handler)
+        .unwrap();
+    assert_eq!(
+        Rc::strong_count(&ours),
+        2,
+        "the old node's clone is dropped"
+    );
+    drop(ours);
+    ctx.poll_nonblocking();
+    assert!(is_open(&peer), "the new node owns the fd");
+    drop(handler);
+    assert!(!is_open(&peer));
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
+}
+
+#[test]
+fn a_refused_registration_drops_the_fd_it_was_given() {
+    let (ctx, _log) = checked_ctx();
+    // No callback: refused before anything is registered.
+    let (ours, peer) = pair();
+    let err = ctx.fd_handler(ours).register().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    assert!(!is_open(&peer));
+    // A second handler for the same number: refused; the first keeps its clone.
+    let (ours, peer) = pair();
+    let ours = Rc::new(ours);
+    let first = ctx
+        .fd_handler(ours.clone())
+        .on_read(|_| {})
+        .register()
+        .unwrap();
+    let err = ctx
+        .fd_handler(ours.clone())
+        .on_read(|_| {})
+        .register()
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    assert_eq!(
+        Rc::strong_count(&ours),
+        2,
+        "the refused builder's clone is dropped"
+    );
+    drop(ours);
+    assert!(is_open(&peer));
+    drop(first);
+    assert!(!is_open(&peer));
+}
+
+#[test]
+fn a_leaked_handle_leaks_its_fd_until_the_context_goes() {
+    let (ctx, log) = checked_ctx();
+    let (ours, peer) = pair();
+    std::mem::forget(ctx.fd_handler(ours).on_read(|_| {}).register().unwrap());
+    ctx.poll_nonblocking();
+    assert!(is_open(&peer), "a leaked handle must not close the fd");
+    drop(ctx);
+    assert!(!is_open(&peer), "the context's drop drops its nodes' fds");
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
+}
+
+#[test]
+fn the_context_drop_closes_owned_fds_and_a_later_handle_drop_does_nothing() {
+    let (ctx, _log) = checked_ctx();
+    let (ours, peer) = pair();
+    let handler = ctx.fd_handler(ours).on_read(|_| {}).register().unwrap();
+    drop(ctx);
+    assert!(!is_open(&peer));
+    assert!(!handler.is_registered());
+    drop(handler);
+}
+
+#[test]
+fn a_handler_registered_and_removed_from_another_thread_drops_its_fd_on_the_loop() {
+    let (ctx, log) = checked_ctx();
+    let (ours, peer) = pair();
+    let handle = ctx.handle();
+    let registering =
+        std::thread::spawn(move || handle.fd_handler(Arc::new(ours)).on_read(|_| {}).register());
+    while !registering.is_finished() {
+        ctx.poll_nonblocking();
+    }
+    let remote = registering.join().unwrap().unwrap();
+    assert!(is_open(&peer));
+    // Removed on another thread: no callback starts after that, and the home thread takes
+    // the fd out of the backend, then drops it, at its next iteration.
+    std::thread::spawn(move || remote.remove()).join().unwrap();
+    ctx.poll_nonblocking();
+    assert!(
+        !is_open(&peer),
+        "the loop dropped the fd once it applied the removal"
+    );
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
+}
