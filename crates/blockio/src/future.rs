@@ -18,7 +18,7 @@ use std::task::{Context, Poll, Waker};
 
 use aio_core::AioContext;
 
-use crate::{BlockIo, FallocateMode, FixedBuf, Op};
+use crate::{BlockIo, FallocateMode, FixedBuf, Op, Segment};
 
 /// Where the callback leaves the result for the future.
 struct Shared<T> {
@@ -198,24 +198,24 @@ impl BlockIo {
     }
 
     /// [`readv`](Self::readv) as a future of `(result, buffers)`.
-    pub fn readv_async(
+    pub fn readv_async<S: Segment>(
         &self,
         ctx: &AioContext,
         file: &Arc<File>,
-        bufs: Vec<Vec<u8>>,
+        bufs: Vec<S>,
         offset: u64,
-    ) -> OpFuture<(io::Result<usize>, Vec<Vec<u8>>)> {
+    ) -> OpFuture<(io::Result<usize>, Vec<S>)> {
         OpFuture::new(|done| self.readv(ctx, file, bufs, offset, move |r, b| done((r, b))))
     }
 
     /// [`writev`](Self::writev) as a future of `(result, buffers)`.
-    pub fn writev_async(
+    pub fn writev_async<S: Segment>(
         &self,
         ctx: &AioContext,
         file: &Arc<File>,
-        bufs: Vec<Vec<u8>>,
+        bufs: Vec<S>,
         offset: u64,
-    ) -> OpFuture<(io::Result<usize>, Vec<Vec<u8>>)> {
+    ) -> OpFuture<(io::Result<usize>, Vec<S>)> {
         OpFuture::new(|done| self.writev(ctx, file, bufs, offset, move |r, b| done((r, b))))
     }
 

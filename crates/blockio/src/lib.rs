@@ -22,7 +22,7 @@
 //!
 //! # Buffer ownership
 //!
-//! A request takes its buffer by value (`Vec<u8>`, or `Vec<Vec<u8>>` for the vectored forms) and
+//! A request takes its buffer by value (`Vec<u8>`, or a `Vec` of [`Segment`]s for the vectored forms) and
 //! gives it back in the completion callback, so no caller can touch, free or reuse it while
 //! the kernel or a worker may be writing to it: a use-after-free cannot be written. On io_uring
 //! the buffer (and an `Arc` of the file) is kept in the monitor's request table until the CQE
@@ -89,12 +89,14 @@ mod fixed;
 mod future;
 #[cfg(target_os = "linux")]
 mod linux_aio;
+mod segment;
 #[cfg(target_os = "linux")]
 mod uring;
 
 pub use direct::{AlignSource, DirectAlign, MisalignedDirectIo};
 pub use fixed::{FIXED_BUF_ALIGN, FixedBuf, FixedBufPool};
 pub use future::OpFuture;
+pub use segment::Segment;
 
 use std::fmt;
 use std::fs::File;
@@ -413,49 +415,83 @@ impl BlockIo {
     /// Reads into each buffer of `bufs` in turn, from `offset` on (`preadv`). `done` gets the
     /// total number of bytes read and the buffers, lengths unchanged. On the thread pool this
     /// is one `pread` per buffer, stopping at the first short one.
-    pub fn readv(
+    ///
+    /// A buffer is a [`Segment`]: a `Vec<u8>`, or a `(Vec<u8>, usize)` read into from that
+    /// start on, which is how an `O_DIRECT` file gets each segment on its memory alignment
+    /// ([`DirectAlign::buffer`] makes one). A start past its buffer's end fails the request
+    /// with `InvalidInput` (in `done`), before anything is read.
+    ///
+    /// ```
+    /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
+    /// # let path = std::env::temp_dir().join(format!("blockio-readv-doc-{}", std::process::id()));
+    /// # std::fs::write(&path, b"headerpayload")?;
+    /// use std::sync::Arc;
+    /// let file = Arc::new(std::fs::File::open(&path)?);
+    /// let io = blockio::BlockIo::of(&ctx);
+    /// // Six bytes into a fresh buffer, the rest after a two-byte prefix kept as it is.
+    /// let bufs = vec![(vec![0u8; 6], 0), (b"> .......".to_vec(), 2)];
+    /// let (r, bufs) = ctx.block_on(io.readv_async(&ctx, &file, bufs, 0));
+    /// assert_eq!(r?, 13);
+    /// assert_eq!(bufs[0].0, b"header");
+    /// assert_eq!(bufs[1].0, b"> payload");
+    /// # std::fs::remove_file(&path)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn readv<S: Segment>(
         &self,
         ctx: &AioContext,
         file: &Arc<File>,
-        bufs: Vec<Vec<u8>>,
+        bufs: Vec<S>,
         offset: u64,
-        done: impl FnOnce(io::Result<usize>, Vec<Vec<u8>>) + 'static,
+        done: impl FnOnce(io::Result<usize>, Vec<S>) + 'static,
     ) -> Op {
-        #[cfg(target_os = "linux")]
-        if let Some(l) = self.laio(ctx) {
-            return linux_aio::rwv(ctx, &l, file.clone(), bufs, offset, false, done);
-        }
-        match self.engine {
-            #[cfg(target_os = "linux")]
-            Engine::IoUring => uring::vectored(ctx, file.clone(), bufs, offset, false, done),
-            _ => pool_buf(ctx, file.clone(), bufs, done, move |f, bufs| {
-                let r = vectored_at(bufs, offset, |b, o| f.read_at(b, o));
-                direct::explained(r, f, false, offset, || segments(bufs))
-            }),
-        }
+        self.rwv(ctx, file, bufs, offset, false, done)
     }
 
     /// Writes each buffer of `bufs` in turn, from `offset` on (`pwritev`). `done` gets the
     /// total number of bytes written and the buffers. On the thread pool this is one `pwrite`
-    /// per buffer, stopping at the first short one.
-    pub fn writev(
+    /// per buffer, stopping at the first short one. A buffer is a [`Segment`], as for
+    /// [`readv`](Self::readv): a `(Vec<u8>, usize)` writes the bytes from that start on.
+    pub fn writev<S: Segment>(
         &self,
         ctx: &AioContext,
         file: &Arc<File>,
-        bufs: Vec<Vec<u8>>,
+        bufs: Vec<S>,
         offset: u64,
-        done: impl FnOnce(io::Result<usize>, Vec<Vec<u8>>) + 'static,
+        done: impl FnOnce(io::Result<usize>, Vec<S>) + 'static,
     ) -> Op {
+        self.rwv(ctx, file, bufs, offset, true, done)
+    }
+
+    /// [`readv`](Self::readv) or [`writev`](Self::writev).
+    fn rwv<S: Segment>(
+        &self,
+        ctx: &AioContext,
+        file: &Arc<File>,
+        bufs: Vec<S>,
+        offset: u64,
+        write: bool,
+        done: impl FnOnce(io::Result<usize>, Vec<S>) + 'static,
+    ) -> Op {
+        if let Some(why) = segment::refused(&bufs) {
+            return self.nop(ctx, move |_| {
+                done(Err(io::Error::new(io::ErrorKind::InvalidInput, why)), bufs)
+            });
+        }
         #[cfg(target_os = "linux")]
         if let Some(l) = self.laio(ctx) {
-            return linux_aio::rwv(ctx, &l, file.clone(), bufs, offset, true, done);
+            return linux_aio::rwv(ctx, &l, file.clone(), bufs, offset, write, done);
         }
         match self.engine {
             #[cfg(target_os = "linux")]
-            Engine::IoUring => uring::vectored(ctx, file.clone(), bufs, offset, true, done),
+            Engine::IoUring => uring::vectored(ctx, file.clone(), bufs, offset, write, done),
             _ => pool_buf(ctx, file.clone(), bufs, done, move |f, bufs| {
-                let r = vectored_at(bufs, offset, |b, o| f.write_at(b, o));
-                direct::explained(r, f, true, offset, || segments(bufs))
+                let r = if write {
+                    vectored_at(bufs, offset, |b, o| f.write_at(b, o))
+                } else {
+                    vectored_at(bufs, offset, |b, o| f.read_at(b, o))
+                };
+                direct::explained(r, f, write, offset, || segment::segments(bufs))
             }),
         }
     }
@@ -616,20 +652,16 @@ fn pool_error(e: threadpool::Error) -> io::Error {
     }
 }
 
-/// The buffers of a vectored transfer as (address, length), for [`direct::explain`].
-pub(crate) fn segments(bufs: &[Vec<u8>]) -> Vec<(usize, usize)> {
-    bufs.iter().map(|b| direct::segment(b)).collect()
-}
-
-/// One positioned transfer per buffer, stopping at the first short one or error (an error
+/// One positioned transfer per segment, stopping at the first short one or error (an error
 /// after some bytes were transferred returns the count, as `preadv` does).
-fn vectored_at(
-    bufs: &mut [Vec<u8>],
+fn vectored_at<S: Segment>(
+    bufs: &mut [S],
     mut offset: u64,
-    mut op: impl FnMut(&mut Vec<u8>, u64) -> io::Result<usize>,
+    mut op: impl FnMut(&mut [u8], u64) -> io::Result<usize>,
 ) -> io::Result<usize> {
     let mut total = 0;
     for b in bufs {
+        let b = b.bytes_mut();
         let n = match op(b, offset) {
             Ok(n) => n,
             Err(e) if total == 0 => return Err(e),

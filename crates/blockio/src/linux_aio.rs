@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use aio_core::{AioContext, EventNotifier, FdHandler};
 
+use crate::segment::{self, Segment};
 use crate::{IoBuf, Op, OpInner, direct};
 
 /// Memory a request keeps alive until the kernel has completed it.
@@ -532,29 +533,23 @@ pub(crate) fn rw<B: IoBuf>(
     }
 }
 
-struct VecBufs {
+struct VecBufs<S> {
     file: Arc<File>,
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<S>,
     _iovecs: Vec<libc::iovec>,
 }
 
-pub(crate) fn rwv(
+pub(crate) fn rwv<S: Segment>(
     ctx: &AioContext,
     laio: &Laio,
     file: Arc<File>,
-    mut bufs: Vec<Vec<u8>>,
+    mut bufs: Vec<S>,
     offset: u64,
     write: bool,
-    done: impl FnOnce(io::Result<usize>, Vec<Vec<u8>>) + 'static,
+    done: impl FnOnce(io::Result<usize>, Vec<S>) + 'static,
 ) -> Op {
     let fd = file.as_raw_fd() as u32;
-    let iovecs: Vec<libc::iovec> = bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
+    let iovecs = segment::iovecs(&mut bufs);
     let iocb = Iocb {
         aio_lio_opcode: if write {
             IOCB_CMD_PWRITEV
@@ -572,17 +567,18 @@ pub(crate) fn rwv(
         bufs,
         _iovecs: iovecs,
     });
-    // The iovec array and the buffers moved into `keep`; their heap memory did not move.
+    // The iovec array and the buffers moved into `keep`; their heap memory did not move (a
+    // sealed `Segment` is a `Vec`'s).
     // SAFETY: [LAIO-1]: the iocb points at `keep._iovecs`, which point into `keep.bufs`.
     unsafe {
         laio.add(
             ctx,
             iocb,
             keep,
-            Box::new(move |res, keep| match keep.downcast::<VecBufs>() {
+            Box::new(move |res, keep| match keep.downcast::<VecBufs<S>>() {
                 Ok(k) => {
                     let r = direct::explained(count(res), &k.file, write, offset, || {
-                        crate::segments(&k.bufs)
+                        segment::segments(&k.bufs)
                     });
                     done(r, k.bufs)
                 }

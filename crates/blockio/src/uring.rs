@@ -22,6 +22,7 @@ use fdmon_uring::{KeepAlive, RequestId, Sqe, UringMonitor};
 use io_uring::{opcode, types};
 
 use crate::fixed::{FixedBuf, Memory};
+use crate::segment::{self, Segment};
 use crate::{FallocateMode, IoBuf, Op, OpInner, direct};
 
 /// What runs when a request completes: its result (`res` of the CQE), its keep-alive, and the
@@ -451,19 +452,19 @@ struct IoVecs(Vec<libc::iovec>);
 unsafe impl Send for IoVecs {}
 
 /// The keep-alive of a vectored request.
-struct VecBufs {
+struct VecBufs<S> {
     file: Arc<File>,
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<S>,
     iovecs: IoVecs,
 }
 
-pub(crate) fn vectored(
+pub(crate) fn vectored<S: Segment>(
     ctx: &AioContext,
     file: Arc<File>,
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<S>,
     offset: u64,
     write: bool,
-    done: impl FnOnce(io::Result<usize>, Vec<Vec<u8>>) + 'static,
+    done: impl FnOnce(io::Result<usize>, Vec<S>) + 'static,
 ) -> Op {
     let fd = types::Fd(file.as_raw_fd());
     let mut keep = Box::new(VecBufs {
@@ -471,15 +472,7 @@ pub(crate) fn vectored(
         bufs,
         iovecs: IoVecs(Vec::new()),
     });
-    let iovecs: Vec<libc::iovec> = keep
-        .bufs
-        .iter_mut()
-        .map(|b| libc::iovec {
-            iov_base: b.as_mut_ptr().cast(),
-            iov_len: b.len(),
-        })
-        .collect();
-    keep.iovecs = IoVecs(iovecs);
+    keep.iovecs = IoVecs(segment::iovecs(&mut keep.bufs));
     let n = u32::try_from(keep.iovecs.0.len()).unwrap_or(u32::MAX);
     let ptr = keep.iovecs.0.as_ptr();
     let entry = if write {
@@ -487,13 +480,14 @@ pub(crate) fn vectored(
     } else {
         opcode::Readv::new(fd, ptr, n).offset(offset).build()
     };
-    // SAFETY: [URING-2]: the SQE points at `keep.iovecs`, which point into `keep.bufs`.
+    // SAFETY: [URING-2]: the SQE points at `keep.iovecs`, which point into the heap memory of
+    // `keep.bufs`' `Vec`s (a sealed `Segment` is one), which does not move with them.
     unsafe {
         submit(ctx, entry, keep, move |res, keep, _| {
-            match keep.downcast::<VecBufs>() {
+            match keep.downcast::<VecBufs<S>>() {
                 Ok(k) => {
                     let r = direct::explained(count(res), &k.file, write, offset, || {
-                        crate::segments(&k.bufs)
+                        segment::segments(&k.bufs)
                     });
                     done(r, k.bufs)
                 }

@@ -2,7 +2,9 @@
 //! made with it going through byte for byte; a misaligned offset, length or buffer address
 //! refused with a `MisalignedDirectIo` that names the broken rule, for plain, vectored and
 //! fixed-buffer requests; an `EINVAL` that is not about alignment left as the kernel gave it;
-//! the same misaligned transfers on a file without `O_DIRECT` simply working.
+//! the same misaligned transfers on a file without `O_DIRECT` simply working; vectored
+//! transfers whose segments start inside their buffers (`(Vec<u8>, start)`), as `O_DIRECT`
+//! needs, going through, and a start past its buffer refused before anything moves.
 
 mod support;
 
@@ -260,6 +262,101 @@ fn a_misaligned_buffer_of_a_vectored_transfer_is_named() {
             io.writev(&ctx, &f, bufs, 0, done);
         });
         assert!(misaligned(r, &format!("{name}: writev")).is_write());
+    }
+}
+
+/// Segments given as `(buffer, start)` pairs from `DirectAlign::buffer`: a vectored read of
+/// three segments and a vectored write of two go through on an `O_DIRECT` file, byte for byte,
+/// with each buffer's bytes before its start left alone.
+#[test]
+fn vectored_transfers_of_aligned_segments_go_through_on_every_engine() {
+    for (name, ctx, io) in setups() {
+        let Some((file, align)) = direct_file() else {
+            return;
+        };
+        let granule = align.offset();
+        let at = 2 * granule as u64;
+        let lens = [granule, 2 * granule, granule];
+        let bufs: Vec<(Vec<u8>, usize)> = lens
+            .iter()
+            .map(|&len| {
+                let (mut buf, start) = align.buffer(len);
+                buf[..start].fill(0xee);
+                (buf, start)
+            })
+            .collect();
+        let f = file.clone();
+        let (r, bufs) = run(&ctx, |done| {
+            io.readv(&ctx, &f, bufs, at, done);
+        });
+        let total: usize = lens.iter().sum();
+        assert_eq!(r.unwrap(), total, "{name}: readv");
+        let want = pattern(SIZE, 3);
+        let mut pos = at as usize;
+        for (i, (buf, start)) in bufs.iter().enumerate() {
+            assert!(
+                buf[..*start].iter().all(|&b| b == 0xee),
+                "{name}: segment {i}'s prefix"
+            );
+            assert_eq!(
+                &buf[*start..],
+                &want[pos..pos + lens[i]],
+                "{name}: segment {i}"
+            );
+            pos += lens[i];
+        }
+
+        // Two segments of new bytes written at `at`, read back through std.
+        let new = pattern(3 * granule, 11);
+        let bufs: Vec<(Vec<u8>, usize)> = [&new[..granule], &new[granule..]]
+            .iter()
+            .map(|part| {
+                let (mut buf, start) = align.buffer(part.len());
+                buf[start..].copy_from_slice(part);
+                (buf, start)
+            })
+            .collect();
+        let f = file.clone();
+        let (r, _) = run(&ctx, |done| {
+            io.writev(&ctx, &f, bufs, at, done);
+        });
+        assert_eq!(r.unwrap(), 3 * granule, "{name}: writev");
+        let (mut check, s) = align.buffer(3 * granule);
+        file.read_exact_at(&mut check[s..], at).unwrap();
+        assert_eq!(&check[s..], &new[..], "{name}: the file holds the write");
+    }
+}
+
+/// A segment whose start lies past its buffer's end fails the whole vectored request with
+/// `InvalidInput` naming it, and nothing is read or written: the other segments come back
+/// as they went, and the file keeps its bytes.
+#[test]
+fn a_segment_start_past_its_buffer_is_refused_before_anything_moves() {
+    for (name, ctx, io) in setups() {
+        let file = temp_file_on_disk(false).expect("a file on disk");
+        file.write_all_at(&pattern(8192, 5), 0).unwrap();
+        for write in [false, true] {
+            let bufs = vec![(vec![7u8; 4096], 0), (vec![7u8; 16], 17)];
+            let f = file.clone();
+            let (r, bufs) = run(&ctx, |done| {
+                if write {
+                    io.writev(&ctx, &f, bufs, 0, done);
+                } else {
+                    io.readv(&ctx, &f, bufs, 0, done);
+                }
+            });
+            let err = r.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{name}: {err}");
+            assert!(err.to_string().contains("segment 1"), "{name}: {err}");
+            assert_eq!(
+                bufs,
+                vec![(vec![7u8; 4096], 0), (vec![7u8; 16], 17)],
+                "{name}"
+            );
+        }
+        let mut back = vec![0u8; 8192];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(back, pattern(8192, 5), "{name}: the file kept its bytes");
     }
 }
 
