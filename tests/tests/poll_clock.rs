@@ -35,8 +35,9 @@ impl<M: FdMonitor> FdMonitor for Scripted<M> {
     fn name(&self) -> &'static str {
         "scripted-poll"
     }
-    fn update(&mut self, change: aio::Change) -> io::Result<()> {
-        self.inner.update(change)
+    unsafe fn update(&mut self, change: aio::Change) -> io::Result<()> {
+        // SAFETY: [FD-1]: the caller's contract, passed on unchanged.
+        unsafe { self.inner.update(change) }
     }
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
         self.clock.advance_ns(self.block.load(Ordering::Relaxed));

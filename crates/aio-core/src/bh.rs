@@ -1315,7 +1315,7 @@ mod tests {
             fn name(&self) -> &'static str {
                 "none"
             }
-            fn update(&mut self, _: crate::fdmon::Change) -> std::io::Result<()> {
+            unsafe fn update(&mut self, _: crate::fdmon::Change) -> std::io::Result<()> {
                 Ok(())
             }
             fn wait(

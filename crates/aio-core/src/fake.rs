@@ -69,7 +69,7 @@ impl FdMonitor for FakeMonitor {
         "fake"
     }
 
-    fn update(&mut self, change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
         match change {
             Change::Add { key, fd, .. } => self.watched.push((key, fd)),
             Change::Replace { old, new, .. } => {

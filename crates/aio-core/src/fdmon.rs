@@ -209,8 +209,9 @@ pub struct OuterFd {
 ///   state is owned by its thread and borrowed around each call.
 /// * [`update`](Self::update) is called once per change, in order, when a handler is added,
 ///   replaced or removed (including a removal from inside a callback), and when external
-///   handlers are disabled or enabled. The fd of an `Add` or `Replace` was open when the handler
-///   was registered.
+///   handlers are disabled or enabled. The fd of an `Add` or `Replace` is open, and stays
+///   open naming the same file until its `Remove` has been applied or the monitor dropped
+///   (the safety contract of [`update`](Self::update)).
 /// * [`wait`](Self::wait) is called at most once per loop iteration, with a cleared
 ///   [`ReadyList`], and may be called from a nested iteration (a callback that polls the
 ///   context again) while the outer iteration still holds its own ready list.
@@ -251,7 +252,17 @@ pub trait FdMonitor: fmt::Debug {
     /// context returns the error to the caller that registered the handler and leaves the
     /// handler unregistered, so nothing is lost silently. `Remove` should not fail; if it does,
     /// the context logs the error and forgets the handler anyway.
-    fn update(&mut self, change: Change) -> io::Result<()>;
+    ///
+    /// # Safety
+    ///
+    /// **[FD-1]**: the fd of a [`Change::Add`] or [`Change::Replace`] must stay open, naming
+    /// the same open file, from this call until a [`Change::Remove`] of it has been applied or
+    /// the monitor is dropped (ARCHITECTURE.md, "Raw fds"), unless it is not open at all, which
+    /// the backend refuses (`EBADF`). A backend gives the kernel the number at any time
+    /// until then (`epoll_ctl`, an io_uring `POLL_ADD`, `polling`'s `add`, whose own contract
+    /// this is), and may rely on it. The context keeps it: a handler owns its fd, or was
+    /// registered through an `unsafe` raw-fd constructor that promised it.
+    unsafe fn update(&mut self, change: Change) -> io::Result<()>;
 
     /// Waits until a watched fd is ready or `timeout` passes, and pushes one report per ready
     /// fd into `ready`. Returns the number of reports pushed.
@@ -331,8 +342,9 @@ impl FdMonitor for Box<dyn FdMonitor> {
     fn name(&self) -> &'static str {
         (**self).name()
     }
-    fn update(&mut self, change: Change) -> io::Result<()> {
-        (**self).update(change)
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
+        // SAFETY: the caller's contract, passed on unchanged.
+        unsafe { (**self).update(change) }
     }
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
         (**self).wait(ready, timeout)

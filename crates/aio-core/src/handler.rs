@@ -994,7 +994,7 @@ impl RemoteHandlerBuilder {
     /// Those of [`HandlerBuilder::register`], plus [`ContextGone`](crate::ContextGone) (kind `BrokenPipe`) if the
     /// context's loop was dropped before the registration was applied. In every error case
     /// nothing was registered and the callbacks were dropped (on the home thread if it got
-    /// them).
+    /// them), and so was the fd the builder owned: register an `Arc` clone to keep it.
     pub fn register(self) -> io::Result<RemoteFdHandler> {
         self.check()?;
         let RemoteHandlerBuilder { handle, fd, parts } = self;
@@ -1082,7 +1082,10 @@ impl fmt::Debug for RemoteHandlerBuilder {
 /// learned of it through a channel, a lock, an atomic, or a BH); one already running
 /// finishes. That is what QEMU's `QemuLockCnt` gives a remover too: a callback already
 /// dispatched runs to its end. The node itself is unregistered, and its callbacks freed, by
-/// the home thread at its next iteration (never under a walker that still holds it).
+/// the home thread at its next iteration (never under a walker that still holds it); so is
+/// the fd the handler owns (given to [`ContextHandle::fd_handler`]): it is closed there, after
+/// the backend forgot it, not when `remove` returns (for a [`SharedContext`](crate::SharedContext),
+/// at the next holder's iteration). Keep an `Arc` clone to know when the last owner goes.
 pub struct RemoteFdHandler {
     handle: ContextHandle,
     gate: Arc<Gate>,

@@ -36,11 +36,12 @@ impl FdMonitor for Flaky {
         "flaky"
     }
 
-    fn update(&mut self, change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
         if self.switches.fail_changes.get() && !matches!(change, Change::Remove { .. }) {
             return Err(io::Error::from_raw_os_error(libc::EPERM));
         }
-        self.inner.update(change)
+        // SAFETY: [FD-1]: the caller's contract, passed on unchanged.
+        unsafe { self.inner.update(change) }
     }
 
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
@@ -88,8 +89,9 @@ impl FdMonitor for Counting {
     fn name(&self) -> &'static str {
         self.flaky.name()
     }
-    fn update(&mut self, change: Change) -> io::Result<()> {
-        let r = self.flaky.update(change);
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
+        // SAFETY: [FD-1]: the caller's contract, passed on unchanged.
+        let r = unsafe { self.flaky.update(change) };
         self.count.set(self.flaky.inner.len());
         r
     }

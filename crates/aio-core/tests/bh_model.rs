@@ -732,7 +732,7 @@ impl FdMonitor for RecordingMonitor {
         "recording"
     }
 
-    fn update(&mut self, _change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, _change: Change) -> io::Result<()> {
         Ok(())
     }
 

@@ -1,19 +1,22 @@
 //! The fd a handler owns (`AioContext::fd_handler` and `ContextHandle::fd_handler` take it):
 //! it stays open while the handler is registered, is dropped only after the backend stopped
-//! watching it, and is dropped on every way out: removal, replacement, a refused
-//! registration, a removal from another thread, the context's drop. A leaked handle leaks the
-//! fd with it until the context goes, never closes it early.
+//! watching it, and is dropped on every way out: removal (from inside its own callback too),
+//! replacement, a registration refused by the context or by the backend, a removal from
+//! another thread, the context's drop. A leaked handle leaks the fd with it until the context
+//! goes, never closes it early. Taking a handler out of the backend and back (external
+//! handlers disabled and enabled) keeps it.
 //!
 //! Whether an fd is still open is read from its peer: the other end of a socket pair reads
 //! end-of-file once the last fd of this end is closed. A wrapping monitor checks, at each
-//! change that stops watching an fd, that the number still names the file it was added with
-//! (`/proc/self/fd`), which is the rule of ARCHITECTURE.md's "Raw fds".
+//! change that stops watching an fd and at its own drop (for the fds still watched then),
+//! that the number still names the file it was added with (`/proc/self/fd`), which is the
+//! rule of ARCHITECTURE.md's "Raw fds".
 
 use aio_core::{AioContext, Change, FdMonitor, OuterFd, ReadyList};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io::{self, ErrorKind, Read};
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -31,18 +34,32 @@ fn names(fd: RawFd) -> Option<PathBuf> {
 struct Checking {
     inner: fdmon_poll::PollMonitor,
     added: HashMap<RawFd, PathBuf>,
-    log: Rc<RefCell<Vec<String>>>,
+    log: Log,
+    /// Set by a test: the next `Add` is refused, as a backend may refuse one.
+    refuse_add: Rc<Cell<bool>>,
 }
 
 impl Checking {
-    fn forget(&mut self, fd: RawFd) {
-        let at_add = self.added.remove(&fd);
+    fn check(&self, fd: RawFd, when: &str) {
+        let at_add = self.added.get(&fd);
         let now = names(fd);
-        if now.is_none() || now != at_add {
+        if now.is_none() || now.as_ref() != at_add {
             self.log.borrow_mut().push(format!(
-                "fd {fd} was closed or reused before the backend forgot it \
-                 (added as {at_add:?}, now {now:?})"
+                "fd {fd} was closed or reused {when} (added as {at_add:?}, now {now:?})"
             ));
+        }
+    }
+
+    fn forget(&mut self, fd: RawFd) {
+        self.check(fd, "before the backend forgot it");
+        self.added.remove(&fd);
+    }
+}
+
+impl Drop for Checking {
+    fn drop(&mut self) {
+        for &fd in self.added.keys() {
+            self.check(fd, "before the backend was dropped");
         }
     }
 }
@@ -51,8 +68,11 @@ impl FdMonitor for Checking {
     fn name(&self) -> &'static str {
         "checking"
     }
-    fn update(&mut self, change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
         match change {
+            Change::Add { .. } if self.refuse_add.replace(false) => {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
             Change::Add { fd, .. } => {
                 if let Some(path) = names(fd) {
                     self.added.insert(fd, path);
@@ -61,7 +81,8 @@ impl FdMonitor for Checking {
             Change::Remove { fd, .. } => self.forget(fd),
             _ => {}
         }
-        self.inner.update(change)
+        // SAFETY: [FD-1]: the caller's contract, passed on unchanged.
+        unsafe { self.inner.update(change) }
     }
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
         self.inner.wait(ready, timeout)
@@ -74,15 +95,25 @@ impl FdMonitor for Checking {
     }
 }
 
+/// The checking monitor's log of violations.
+type Log = Rc<RefCell<Vec<String>>>;
+
 /// A context on the checking monitor, and its log of violations.
-fn checked_ctx() -> (AioContext, Rc<RefCell<Vec<String>>>) {
-    let log = Rc::new(RefCell::new(Vec::new()));
+fn checked_ctx() -> (AioContext, Log) {
+    let (ctx, log, _) = checked_ctx_refusing();
+    (ctx, log)
+}
+
+/// The same, with the switch that makes the monitor refuse the next `Add`.
+fn checked_ctx_refusing() -> (AioContext, Log, Rc<Cell<bool>>) {
+    let (log, refuse) = (Rc::new(RefCell::new(Vec::new())), Rc::new(Cell::new(false)));
     let monitor = Checking {
         inner: fdmon_poll::PollMonitor::new().unwrap(),
         added: HashMap::new(),
         log: log.clone(),
+        refuse_add: refuse.clone(),
     };
-    (AioContext::new(Box::new(monitor)).unwrap(), log)
+    (AioContext::new(Box::new(monitor)).unwrap(), log, refuse)
 }
 
 /// A connected pair, the peer non-blocking so that `is_open` can ask it.
@@ -120,27 +151,30 @@ fn a_handler_keeps_its_fd_until_removed_then_drops_it_after_the_backend_forgot_i
 fn remove_from_inside_its_own_callback_drops_the_fd_after_the_callback() {
     let (ctx, log) = checked_ctx();
     let (ours, peer) = pair();
-    let ours = Rc::new(ours);
+    let peer = Rc::new(peer);
     let slot: Rc<RefCell<Option<aio_core::FdHandler>>> = Rc::default();
-    let (s, mine) = (slot.clone(), ours.clone());
+    let (s, p, during) = (slot.clone(), peer.clone(), Rc::new(Cell::new(None)));
+    let seen = during.clone();
+    // The handler owns the only fd of `ours`; the callback holds no clone of it.
     let handler = ctx
         .fd_handler(ours)
         .on_write(move |_| {
-            // The callback's own clone is still usable after its handler is gone.
             drop(s.borrow_mut().take());
-            assert!(mine.as_fd().as_raw_fd() >= 0);
+            // Removed, but the node lives until its callback returns: the fd too.
+            seen.set(Some(is_open(&p)));
         })
         .register()
         .unwrap();
     *slot.borrow_mut() = Some(handler);
     ctx.poll_nonblocking();
-    assert!(
-        slot.borrow().is_none(),
-        "the write callback ran and removed itself"
+    assert_eq!(
+        during.get(),
+        Some(true),
+        "the fd closed under its running callback"
     );
     assert!(
         !is_open(&peer),
-        "the removed handler's node dropped the last clone"
+        "the removed handler's node dropped the fd after it"
     );
     assert!(log.borrow().is_empty(), "{:?}", log.borrow());
 }
@@ -174,7 +208,7 @@ fn a_replacement_brings_its_own_clone_and_the_old_one_is_dropped() {
 
 #[test]
 fn a_refused_registration_drops_the_fd_it_was_given() {
-    let (ctx, _log) = checked_ctx();
+    let (ctx, log) = checked_ctx();
     // No callback: refused before anything is registered.
     let (ours, peer) = pair();
     let err = ctx.fd_handler(ours).register().unwrap_err();
@@ -203,6 +237,8 @@ fn a_refused_registration_drops_the_fd_it_was_given() {
     assert!(is_open(&peer));
     drop(first);
     assert!(!is_open(&peer));
+    drop(ctx);
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
 }
 
 #[test]
@@ -219,13 +255,14 @@ fn a_leaked_handle_leaks_its_fd_until_the_context_goes() {
 
 #[test]
 fn the_context_drop_closes_owned_fds_and_a_later_handle_drop_does_nothing() {
-    let (ctx, _log) = checked_ctx();
+    let (ctx, log) = checked_ctx();
     let (ours, peer) = pair();
     let handler = ctx.fd_handler(ours).on_read(|_| {}).register().unwrap();
     drop(ctx);
     assert!(!is_open(&peer));
     assert!(!handler.is_registered());
     drop(handler);
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
 }
 
 #[test]
@@ -248,5 +285,38 @@ fn a_handler_registered_and_removed_from_another_thread_drops_its_fd_on_the_loop
         !is_open(&peer),
         "the loop dropped the fd once it applied the removal"
     );
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
+}
+
+#[test]
+fn a_registration_the_backend_refuses_drops_its_fd_and_leaves_nothing_watched() {
+    let (ctx, log, refuse) = checked_ctx_refusing();
+    let (ours, peer) = pair();
+    refuse.set(true);
+    let err = ctx.fd_handler(ours).on_read(|_| {}).register().unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+    assert!(!is_open(&peer), "the refused builder's fd is dropped");
+    drop(ctx);
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
+}
+
+#[test]
+fn external_handlers_taken_out_of_the_backend_and_back_keep_their_fd() {
+    let (ctx, log) = checked_ctx();
+    let (ours, peer) = pair();
+    let handler = ctx
+        .fd_handler(ours)
+        .on_read(|_| {})
+        .external(true)
+        .register()
+        .unwrap();
+    ctx.disable_external();
+    ctx.poll_nonblocking();
+    assert!(is_open(&peer), "out of the backend, still owned");
+    ctx.enable_external().unwrap();
+    ctx.poll_nonblocking();
+    assert!(is_open(&peer));
+    drop(handler);
+    assert!(!is_open(&peer));
     assert!(log.borrow().is_empty(), "{:?}", log.borrow());
 }

@@ -1,6 +1,7 @@
 //! fd readiness as futures (`aio_core::task::fd::AsyncFd`) on sockets and pipes: echo between
 //! tasks, readiness that waits for data, writes into a full buffer, end of file, no busy loop
-//! without waiters, a reader and a writer on one fd, and unregistration on drop.
+//! without waiters, a reader and a writer on one fd, unregistration on drop, and an fd
+//! replaced through `get_mut`.
 
 use aio_core::task::fd::AsyncFd;
 use aio_core::{AioContext, Interest};
@@ -325,4 +326,54 @@ fn dropping_the_async_fd_unregisters_its_handler() {
     b.write_all(b"x").unwrap();
     assert!(!ctx.poll_nonblocking(), "no handler fires for the fd");
     drop(again);
+}
+
+/// `get_mut` removes the handler before it hands out the fd, so the fd may be replaced: the
+/// old one closes with nothing watching it (its peer reads end of file), and the next wait
+/// watches the new one, not the old number.
+#[test]
+#[cfg_attr(miri, ignore = "no socketpair ioctl under Miri")]
+fn an_fd_replaced_through_get_mut_is_the_one_watched_next() {
+    let ctx = ctx();
+    let (a, old_peer) = UnixStream::pair().unwrap();
+    let mut a = AsyncFd::with_context(&ctx, a).unwrap();
+    // Registered: a wait watches the first socket, and ends without data when dropped.
+    {
+        let mut wait = Box::pin(a.readable());
+        let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(wait.as_mut().poll(noop).is_pending());
+    }
+    assert_eq!(
+        a.interest(),
+        Interest::READ,
+        "the dropped wait left its handler"
+    );
+    let (new, mut new_peer) = UnixStream::pair().unwrap();
+    new.set_nonblocking(true).unwrap();
+    let old = std::mem::replace(a.get_mut(), new);
+    assert_eq!(
+        a.interest(),
+        Interest::empty(),
+        "get_mut removed the handler"
+    );
+    drop(old);
+    old_peer.set_nonblocking(true).unwrap();
+    assert_eq!(
+        (&old_peer).read(&mut [0; 4]).unwrap(),
+        0,
+        "the old fd is closed"
+    );
+    // The next wait is for the new socket: it registers before the data comes.
+    let a = Rc::new(a);
+    let reader = a.clone();
+    let task = ctx.spawn_local(async move {
+        let mut buf = [0; 8];
+        let n = reader.read(&mut buf).await?;
+        Ok::<_, io::Error>(buf[..n].to_vec())
+    });
+    settle(&ctx);
+    assert_eq!(a.interest(), Interest::READ, "the wait registered");
+    new_peer.write_all(b"new").unwrap();
+    let got = ctx.block_on(task).unwrap();
+    assert_eq!(got.unwrap(), b"new");
 }

@@ -264,7 +264,9 @@ impl AutoMonitor {
         }
         let moved = EpollMonitor::new().and_then(|mut epoll| {
             for (key, fd, interest) in poll.registrations() {
-                epoll.update(Change::Add { key, fd, interest })?;
+                // SAFETY: [FD-1]: each registration came through `update`, whose contract
+                // keeps its fd open until it is removed; moving it to epoll changes nothing.
+                unsafe { epoll.update(Change::Add { key, fd, interest }) }?;
             }
             Ok(epoll)
         });
@@ -290,9 +292,12 @@ impl AutoMonitor {
     fn fall_back_to_poll(&mut self, change: Change, why: io::Error) -> io::Result<()> {
         let mut poll = PollMonitor::new()?;
         for (key, fd, interest) in self.registrations() {
-            poll.update(Change::Add { key, fd, interest })?;
+            // SAFETY: [FD-1]: each registration came through `update`, whose contract keeps
+            // its fd open until it is removed; moving it to poll changes nothing.
+            unsafe { poll.update(Change::Add { key, fd, interest }) }?;
         }
-        poll.update(change)?;
+        // SAFETY: [FD-1]: `change` comes from this monitor's `update`, under its contract.
+        unsafe { poll.update(change) }?;
         tracing::warn!(
             "aio: epoll refused a change ({why}); moved {} fds to poll for good",
             poll.len()
@@ -325,30 +330,37 @@ impl FdMonitor for AutoMonitor {
         each!(&self.active, m => m.name())
     }
 
-    fn update(&mut self, change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
         match &mut self.active {
             #[cfg(feature = "poll")]
             Active::Poll(m) => {
-                m.update(change)?;
+                // SAFETY: [FD-1]: the caller's contract, passed on to the active backend.
+                unsafe { m.update(change) }?;
                 self.maybe_upgrade();
                 Ok(())
             }
             #[cfg(all(feature = "epoll", target_os = "linux"))]
-            Active::Epoll(m) => match m.update(change) {
-                Ok(()) => Ok(()),
-                // A change that poll would refuse too is the caller's error, not epoll's.
-                Err(e)
-                    if e.kind() == io::ErrorKind::InvalidInput
-                        || e.kind() == io::ErrorKind::NotFound =>
-                {
+            Active::Epoll(m) => {
+                // SAFETY: [FD-1]: the caller's contract, passed on to the active backend.
+                let result = unsafe { m.update(change) };
+                match result {
+                    Ok(()) => Ok(()),
+                    // A change that poll would refuse too is the caller's error, not epoll's.
                     Err(e)
+                        if e.kind() == io::ErrorKind::InvalidInput
+                            || e.kind() == io::ErrorKind::NotFound =>
+                    {
+                        Err(e)
+                    }
+                    Err(e) => self.fall_back_to_poll(change, e),
                 }
-                Err(e) => self.fall_back_to_poll(change, e),
-            },
+            }
             #[cfg(all(feature = "io-uring", target_os = "linux"))]
-            Active::Uring(m) => m.update(change),
+            // SAFETY: [FD-1]: the caller's contract, passed on to the active backend.
+            Active::Uring(m) => unsafe { m.update(change) },
             #[cfg(feature = "polling")]
-            Active::Polling(m) => m.update(change),
+            // SAFETY: [FD-1]: the caller's contract, passed on to the active backend.
+            Active::Polling(m) => unsafe { m.update(change) },
             #[cfg(not(any(
                 feature = "poll",
                 feature = "polling",

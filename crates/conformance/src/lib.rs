@@ -48,6 +48,13 @@
 //!   created it succeeded, so nothing else owns it. (A number the suite closed itself, as
 //!   `fd_register_closed_fd_ebadf` registers, is never made an `OwnedFd` or `BorrowedFd`: it
 //!   goes to `fd_handler_raw`, whose `register` must refuse it with `EBADF`.)
+//! - **[CONF-5]** (watched fds): an fd a case gives a monitor (`FdMonitor::update`, whose
+//!   contract this keeps, or `monitor::add`) is one the case created and owns; it stays open
+//!   until the case has removed it or dropped the monitor. A case that closes a watched fd on
+//!   purpose, to check what a backend does then, says so at the close; the backends take that
+//!   as an error to report or an entry to forget, and nothing else in the process can be
+//!   given that number meanwhile but a fresh fd of the same case or of another test, which a
+//!   backend would then watch until the case removes it, corrupting nothing.
 //! - **[CONF-4]** (process-wide hooks): the SIGUSR1 handler does only an atomic add, which is
 //!   async-signal-safe, and is installed from a zeroed `sigaction` (a valid value of that plain C
 //!   struct); `CountingAllocator` forwards every call unchanged to `System`, so `System`'s

@@ -210,15 +210,22 @@ pub fn key(index: u32) -> HandlerKey {
     HandlerKey::new(index, 1)
 }
 
-/// Applies `Change::Add`, which must succeed.
+/// Applies `Change::Add`, which must succeed. For the suites only: `fd` must be one the
+/// case owns and keeps open until it removes it or drops the monitor ([CONF-5]).
 ///
 /// # Panics
 ///
 /// If the monitor refuses it.
 pub fn add(monitor: &mut impl FdMonitor, key: HandlerKey, fd: RawFd, interest: Interest) {
-    monitor
-        .update(Change::Add { key, fd, interest })
-        .expect("add");
+    // SAFETY: [CONF-5]: the cases keep each fd they add open until they remove it.
+    unsafe { monitor.update(Change::Add { key, fd, interest }) }.expect("add");
+}
+
+/// `FdMonitor::update` for the suites, which keep [CONF-5] (a case that closes a watched fd
+/// on purpose says so at the close).
+pub fn update(monitor: &mut impl FdMonitor, change: Change) -> io::Result<()> {
+    // SAFETY: [CONF-5]: the cases keep each fd they add open until they remove it.
+    unsafe { monitor.update(change) }
 }
 
 /// One `wait` with the given timeout. Checks that the returned count matches the list and that
@@ -568,7 +575,7 @@ pub fn modify_reports_under_the_new_key_only<M: FdMonitor>(b: &MonitorBackend<M>
         fd,
         interest,
     };
-    monitor.update(modify).unwrap();
+    update(&mut monitor, modify).unwrap();
     for _ in 0..2 {
         assert_eq!(
             wait_now(&mut monitor, &mut ready),
@@ -576,7 +583,7 @@ pub fn modify_reports_under_the_new_key_only<M: FdMonitor>(b: &MonitorBackend<M>
         );
     }
     assert_eq!(b.sorted_registrations(&monitor), [(new, fd, interest)]);
-    let err = monitor.update(Change::Remove { key: old, fd }).unwrap_err();
+    let err = update(&mut monitor, Change::Remove { key: old, fd }).unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::NotFound);
     assert_eq!((b.registrations)(&monitor).len(), 1);
 }
@@ -599,7 +606,7 @@ pub fn modify_can_change_interest_in_place<M: FdMonitor>(b: &MonitorBackend<M>) 
         fd,
         interest,
     };
-    monitor.update(modify).unwrap();
+    update(&mut monitor, modify).unwrap();
     assert_eq!(
         wait_now(&mut monitor, &mut ready),
         [(key(1), Readiness::WRITABLE)]
@@ -619,7 +626,7 @@ pub fn remove_stops_reports<M: FdMonitor>(b: &MonitorBackend<M>) {
         [(key(1), Readiness::READABLE)]
     );
     let fd = r.as_raw_fd();
-    monitor.update(Change::Remove { key: key(1), fd }).unwrap();
+    update(&mut monitor, Change::Remove { key: key(1), fd }).unwrap();
     assert_eq!((b.registrations)(&monitor), []);
     for _ in 0..2 {
         assert_eq!(wait_now(&mut monitor, &mut ready), []);
@@ -656,11 +663,14 @@ pub fn the_same_fd_number_under_two_keys<M: FdMonitor>(b: &MonitorBackend<M>) {
     let mut ready = ReadyList::new();
     add(&mut monitor, key(1), fd, Interest::READ);
     let before = b.sorted_registrations(&monitor);
-    let second = monitor.update(Change::Add {
-        key: key(2),
-        fd,
-        interest: Interest::READ,
-    });
+    let second = update(
+        &mut monitor,
+        Change::Add {
+            key: key(2),
+            fd,
+            interest: Interest::READ,
+        },
+    );
     write_bytes(&w, b"x");
     let reports = wait_now(&mut monitor, &mut ready);
     if b.one_key_per_number {
@@ -950,7 +960,7 @@ pub fn churn_1000_fds<M: FdMonitor>(
     let order: Vec<u32> = (0..FDS).map(|i| (i * 7919) % FDS).collect();
     for (n, &slot) in order[..600].iter().enumerate() {
         let (k, fd, _) = expected.remove(&slot).unwrap();
-        monitor.update(Change::Remove { key: k, fd }).unwrap();
+        update(monitor, Change::Remove { key: k, fd }).unwrap();
         if n % 50 == 0 {
             check(monitor, &expected);
             check_reports(wait_now(monitor, &mut ready), &expected);
@@ -974,7 +984,7 @@ pub fn churn_1000_fds<M: FdMonitor>(
             fd,
             interest,
         };
-        monitor.update(modify).unwrap();
+        update(monitor, modify).unwrap();
         expected.insert(slot, (new, fd, interest));
     }
     check(monitor, &expected);
@@ -995,7 +1005,7 @@ pub fn churn_1000_fds<M: FdMonitor>(
     settled(monitor);
 
     for (_, (k, fd, _)) in expected.drain() {
-        monitor.update(Change::Remove { key: k, fd }).unwrap();
+        update(monitor, Change::Remove { key: k, fd }).unwrap();
     }
     assert_eq!((b.registrations)(monitor), []);
     assert_eq!(wait_now(monitor, &mut ready), []);
@@ -1061,7 +1071,7 @@ pub fn bad_changes_are_errors_and_leave_the_monitor_unchanged<M: FdMonitor>(b: &
         ),
     ];
     for (change, kind) in cases {
-        let err = monitor.update(change).unwrap_err();
+        let err = update(&mut monitor, change).unwrap_err();
         assert_eq!(err.kind(), kind, "{}: {change:?}", b.name);
         assert_eq!(b.sorted_registrations(&monitor), before, "{change:?}");
     }
@@ -1136,7 +1146,7 @@ pub fn closed_fd_is_dropped_silently_and_remove_still_succeeds<M: FdMonitor>(
         );
 
         // Closing the only fd of the file drops the kernel's entry: no report at
-        // all, not even an error (poll would say POLLNVAL here).
+        // all, not even an error (poll would say POLLNVAL here). Breaks [CONF-5] on purpose.
         drop(r);
         assert_eq!(wait_now(&mut monitor, &mut ready), []);
         assert_eq!(
@@ -1152,7 +1162,7 @@ pub fn closed_fd_is_dropped_silently_and_remove_still_succeeds<M: FdMonitor>(
         // The delete answers EBADF for the closed number, which means "already gone": the
         // removal succeeds, and is logged at debug level.
         let before = debug_events.load(Ordering::Relaxed);
-        monitor.update(Change::Remove { key: key(1), fd }).unwrap();
+        update(&mut monitor, Change::Remove { key: key(1), fd }).unwrap();
         assert_eq!((b.registrations)(&monitor), []);
         assert_eq!(debug_events.load(Ordering::Relaxed), before + 1);
         assert_eq!(wait_now(&mut monitor, &mut ready), []);
@@ -1174,7 +1184,8 @@ pub fn a_reused_fd_number_is_a_new_entry_that_the_stale_key_never_touches<M: FdM
     add(&mut monitor, key(1), number, Interest::READ);
 
     // The first file is closed while registered (the kernel drops its entry) and its number
-    // is given to a second pipe's read end, which is registered under a new key.
+    // is given to a second pipe's read end, which is registered under a new key. Breaks
+    // [CONF-5] on purpose.
     drop(r1);
     let (r2, w2) = pipe();
     let r2 = move_to(r2, number);
@@ -1194,25 +1205,29 @@ pub fn a_reused_fd_number_is_a_new_entry_that_the_stale_key_never_touches<M: FdM
 
     // Replacing the stale key cannot take over the number: the new file is watched by key 2,
     // and epoll watches each (file, fd) pair once. Nothing changes.
-    let err = monitor
-        .update(Change::Replace {
+    let err = update(
+        &mut monitor,
+        Change::Replace {
             old: key(1),
             new: key(3),
             fd: number,
             interest: Interest::READ,
-        })
-        .unwrap_err();
+        },
+    )
+    .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
     assert_eq!((b.registrations)(&monitor).len(), 2);
 
     // Removing the stale key makes no system call (an EPOLL_CTL_DEL on the number would delete
     // key 2's entry): key 2 is still reported.
-    monitor
-        .update(Change::Remove {
+    update(
+        &mut monitor,
+        Change::Remove {
             key: key(1),
             fd: number,
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     assert_eq!(
         wait_now(&mut monitor, &mut ready),
         [(key(2), Readiness::READABLE)]
@@ -1222,12 +1237,14 @@ pub fn a_reused_fd_number_is_a_new_entry_that_the_stale_key_never_touches<M: FdM
         [(key(2), number, Interest::READ)]
     );
 
-    monitor
-        .update(Change::Remove {
+    update(
+        &mut monitor,
+        Change::Remove {
             key: key(2),
             fd: number,
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     assert_eq!((b.registrations)(&monitor), []);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     drop(r2);
@@ -1249,18 +1266,20 @@ pub fn replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file<M: Fd
 
     // What a context does when a handler is replaced after its fd was closed and the number
     // reused: a Replace on the same number. EPOLL_CTL_MOD answers ENOENT (the new file is not
-    // registered), so the monitor adds it under the new key.
+    // registered), so the monitor adds it under the new key. Breaks [CONF-5] on purpose.
     drop(r1);
     let (r2, w2) = pipe();
     let _r2 = move_to(r2, number);
-    monitor
-        .update(Change::Replace {
+    update(
+        &mut monitor,
+        Change::Replace {
             old: key(1),
             new: key(2),
             fd: number,
             interest: Interest::READ,
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     write_bytes(&w2, b"x");
     assert_eq!(
         wait_now(&mut monitor, &mut ready),
@@ -1270,12 +1289,14 @@ pub fn replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file<M: Fd
         b.sorted_registrations(&monitor),
         [(key(2), number, Interest::READ)]
     );
-    monitor
-        .update(Change::Remove {
+    update(
+        &mut monitor,
+        Change::Remove {
             key: key(2),
             fd: number,
-        })
-        .unwrap();
+        },
+    )
+    .unwrap();
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
 }
 

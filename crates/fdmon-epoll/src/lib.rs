@@ -160,7 +160,8 @@ static PWAIT2_AVAILABLE: OnceLock<bool> = OnceLock::new();
 /// let (mut writer, reader) = UnixStream::pair()?;
 /// let mut monitor = EpollMonitor::new()?;
 /// let key = HandlerKey::new(0, 1);
-/// monitor.update(Change::Add { key, fd: reader.as_raw_fd(), interest: Interest::READ })?;
+/// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+/// unsafe { monitor.update(Change::Add { key, fd: reader.as_raw_fd(), interest: Interest::READ }) }?;
 ///
 /// let mut ready = ReadyList::new();
 /// assert_eq!(monitor.wait(&mut ready, Some(Duration::ZERO))?, 0);
@@ -277,7 +278,8 @@ impl EpollMonitor {
     /// let fd = socket.as_raw_fd();
     /// let mut monitor = EpollMonitor::new()?;
     /// let key = HandlerKey::new(3, 0);
-    /// monitor.update(Change::Add { key, fd, interest: Interest::READ })?;
+    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// unsafe { monitor.update(Change::Add { key, fd, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.registrations().collect::<Vec<_>>(), [(key, fd, Interest::READ)]);
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -299,7 +301,8 @@ impl EpollMonitor {
     /// let (socket, _peer) = UnixStream::pair()?;
     /// let mut monitor = EpollMonitor::new()?;
     /// let (key, fd) = (HandlerKey::new(0, 0), socket.as_raw_fd());
-    /// monitor.update(Change::Add { key, fd, interest: Interest::READ })?;
+    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// unsafe { monitor.update(Change::Add { key, fd, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.len(), 1);
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -476,7 +479,7 @@ impl FdMonitor for EpollMonitor {
     /// On error the monitor is unchanged. A `Remove` of an fd that was closed while registered
     /// succeeds (the kernel already dropped it); a `Remove` the kernel fails otherwise is still
     /// forgotten by the monitor, as it is by the context, and the error returned for logging.
-    fn update(&mut self, change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
         self.regs.update(&mut self.epoll, change)
     }
 

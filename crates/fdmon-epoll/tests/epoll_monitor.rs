@@ -18,7 +18,7 @@ use std::os::unix::net::UnixStream;
 
 use aio_conformance::monitor::{
     CountingAllocator, MonitorBackend, add, always_available, key, pipe, readable_now, serial,
-    wait_now, write_bytes,
+    update, wait_now, write_bytes,
 };
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use fdmon_epoll::EpollMonitor;
@@ -103,13 +103,15 @@ fn a_regular_file_is_eperm_and_leaves_the_monitor_unchanged() {
 
     // A regular file is always ready, so epoll refuses to watch it.
     for interest in [Interest::READ, Interest::WRITE] {
-        let err = monitor
-            .update(Change::Add {
+        let err = update(
+            &mut monitor,
+            Change::Add {
                 key: key(2),
                 fd: file.as_raw_fd(),
                 interest,
-            })
-            .unwrap_err();
+            },
+        )
+        .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
     }
     assert_eq!(EPOLL.sorted_registrations(&monitor), before);
@@ -132,13 +134,15 @@ fn an_fd_that_is_not_open_is_ebadf_and_leaves_the_monitor_unchanged() {
     let (r, _w) = pipe();
     let number = r.as_raw_fd();
     drop(r);
-    let err = monitor
-        .update(Change::Add {
+    let err = update(
+        &mut monitor,
+        Change::Add {
             key: key(1),
             fd: number,
             interest: Interest::READ,
-        })
-        .unwrap_err();
+        },
+    )
+    .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EBADF));
     assert!(monitor.is_empty());
 }
@@ -163,7 +167,8 @@ fn closed_fd_with_a_surviving_duplicate_is_forgotten_once_its_handler_is_removed
     write_bytes(&w, b"x");
 
     // The file stays open through `dup`, so its entry (file, fd) stays in the kernel and is
-    // still reported under the key, although `fd` itself is closed.
+    // still reported under the key, although `fd` itself is closed. Breaks [CONF-5] on
+    // purpose.
     drop(r);
     assert_eq!(
         wait_now(&mut monitor, &mut ready),
@@ -172,7 +177,7 @@ fn closed_fd_with_a_surviving_duplicate_is_forgotten_once_its_handler_is_removed
 
     // Removing it succeeds (EPOLL_CTL_DEL says EBADF for the closed number) but cannot reach
     // the entry. Its next report names no registration: dropped, and the instance replaced.
-    monitor.update(Change::Remove { key: key(1), fd }).unwrap();
+    update(&mut monitor, Change::Remove { key: key(1), fd }).unwrap();
     assert_eq!(monitor.len(), 1);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
     // Gone for good, the duplicate still open: a wait sleeps its timeout.
@@ -210,8 +215,9 @@ fn orphan(monitor: &mut EpollMonitor) -> (OwnedFd, OwnedFd) {
     let dup = r.try_clone().unwrap();
     add(monitor, key(1), fd, Interest::READ);
     write_bytes(&w, b"x");
+    // Breaks [CONF-5] on purpose: the watched number closes before its removal.
     drop(r);
-    monitor.update(Change::Remove { key: key(1), fd }).unwrap();
+    update(monitor, Change::Remove { key: key(1), fd }).unwrap();
     (dup, w)
 }
 

@@ -72,7 +72,8 @@ const INITIAL_CAPACITY: usize = 8;
 /// let (mut writer, reader) = UnixStream::pair()?;
 /// let mut monitor = PollMonitor::new()?;
 /// let key = HandlerKey::new(0, 1);
-/// monitor.update(Change::Add { key, fd: reader.as_raw_fd(), interest: Interest::READ })?;
+/// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+/// unsafe { monitor.update(Change::Add { key, fd: reader.as_raw_fd(), interest: Interest::READ }) }?;
 ///
 /// let mut ready = ReadyList::new();
 /// assert_eq!(monitor.wait(&mut ready, Some(Duration::ZERO))?, 0);
@@ -137,7 +138,8 @@ impl PollMonitor {
     ///
     /// let mut monitor = PollMonitor::new()?;
     /// let key = HandlerKey::new(3, 0);
-    /// monitor.update(Change::Add { key, fd: 0, interest: Interest::READ })?;
+    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// unsafe { monitor.update(Change::Add { key, fd: 0, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.registrations().collect::<Vec<_>>(), [(key, 0, Interest::READ)]);
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -157,7 +159,8 @@ impl PollMonitor {
     /// use fdmon_poll::PollMonitor;
     ///
     /// let mut monitor = PollMonitor::new()?;
-    /// monitor.update(Change::Add { key: HandlerKey::new(0, 0), fd: 0, interest: Interest::READ })?;
+    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// unsafe { monitor.update(Change::Add { key: HandlerKey::new(0, 0), fd: 0, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.len(), 1);
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -268,7 +271,7 @@ impl FdMonitor for PollMonitor {
     ///
     /// On error the monitor is unchanged. Two keys may watch the same fd; keeping one handler
     /// per fd is the context's job.
-    fn update(&mut self, change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
         validate(change, |key| {
             self.index.get(&key).map(|&i| self.pollfds[i].fd)
         })?;

@@ -105,7 +105,8 @@ const MAX_EVENTS: usize = 4096;
 /// let (mut writer, reader) = UnixStream::pair()?;
 /// let mut monitor = PollingMonitor::new()?;
 /// let key = HandlerKey::new(0, 1);
-/// monitor.update(Change::Add { key, fd: reader.as_raw_fd(), interest: Interest::READ })?;
+/// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+/// unsafe { monitor.update(Change::Add { key, fd: reader.as_raw_fd(), interest: Interest::READ }) }?;
 ///
 /// let mut ready = ReadyList::new();
 /// assert_eq!(monitor.wait(&mut ready, Some(Duration::ZERO))?, 0);
@@ -199,7 +200,8 @@ impl PollingMonitor {
     /// let fd = socket.as_raw_fd();
     /// let mut monitor = PollingMonitor::new()?;
     /// let key = HandlerKey::new(3, 0);
-    /// monitor.update(Change::Add { key, fd, interest: Interest::READ })?;
+    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// unsafe { monitor.update(Change::Add { key, fd, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.registrations().collect::<Vec<_>>(), [(key, fd, Interest::READ)]);
     /// assert_eq!(monitor.len(), 1);
     /// # Ok::<(), std::io::Error>(())
@@ -272,7 +274,7 @@ impl FdMonitor for PollingMonitor {
     ///
     /// On error the monitor is unchanged. A `Remove` of an fd that was closed while registered
     /// succeeds.
-    fn update(&mut self, change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
         let mut kernel = ByNumber {
             poller: &self.poller,
             mode: self.mode,

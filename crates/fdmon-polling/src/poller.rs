@@ -4,10 +4,11 @@
 //! This is the only file of the crate that contains `unsafe`. `polling` asks for an fd it can
 //! borrow (`AsFd`) or, to add one, an `unsafe` promise that the fd is deleted before it is
 //! closed. The context hands a backend bare fd numbers, so each wrapper here borrows the number
-//! for the length of one call, under the raw-fd contract of the context ("Raw fds" in
-//! ARCHITECTURE.md: the fd stays open, naming the same file, from registration until the
-//! handler is removed). Breaking that contract corrupts no memory: `polling` only passes the
-//! number on to `epoll_ctl`, `kevent` or `port_associate`, which answer `EBADF` or `ENOENT`.
+//! for the length of one call, under [FD-1], the safety contract of the `unsafe`
+//! `FdMonitor::update` through which every number arrives ("Raw fds" in ARCHITECTURE.md: the
+//! fd stays open, naming the same file, from its `Add` until its `Remove` is applied).
+//! Breaking that contract corrupts no memory: `polling` only passes the number on to
+//! `epoll_ctl`, `kevent` or `port_associate`, which answer `EBADF` or `ENOENT`.
 
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -64,11 +65,11 @@ pub(crate) fn event_to_readiness(event: &Event) -> Readiness {
 
 /// Starts watching `fd` (`polling::Poller::add_with_mode`).
 pub(crate) fn add(poller: &Poller, fd: RawFd, event: Event, mode: PollMode) -> io::Result<()> {
-    // `polling` requires the fd to be deleted before it is closed. That is the context's raw-fd
-    // contract ("Raw fds" in ARCHITECTURE.md): the fd stays open from registration until the
-    // handler is removed, and every removal reaches `delete` below. A breach only makes the
-    // kernel forget the fd (epoll, kqueue, event ports all drop closed files).
-    // SAFETY: by the raw-fd contract, `fd` is deleted from the poller before it is closed.
+    // `polling` requires the fd to be deleted before it is closed. That is [FD-1], the contract
+    // of `FdMonitor::update` through which `fd` came: it stays open from its `Add` until its
+    // `Remove`, and every `Remove` reaches `delete` below. A breach only makes the kernel
+    // forget the fd (epoll, kqueue, event ports all drop closed files).
+    // SAFETY: [FD-1]: `fd` is deleted from the poller before it is closed.
     unsafe { poller.add_with_mode(fd, event, mode) }
 }
 
@@ -87,10 +88,9 @@ fn borrow<'a>(fd: RawFd) -> io::Result<BorrowedFd<'a>> {
     if fd < 0 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
-    // `fd` is not -1 (checked above), and it was open when its handler was registered; by the
-    // context's raw-fd contract ("Raw fds" in ARCHITECTURE.md) it stays open until the handler is
-    // removed, which is at the earliest the call this borrow is made for. The borrow does not
-    // outlive that call.
-    // SAFETY: `fd` is not -1 and, by the raw-fd contract, open for the whole borrow.
+    // `fd` is not -1 (checked above), and it came through `FdMonitor::update`, whose contract
+    // [FD-1] keeps it open until its `Remove` is applied, which is at the earliest the call
+    // this borrow is made for. The borrow does not outlive that call.
+    // SAFETY: [FD-1]: `fd` is not -1 and open for the whole borrow.
     Ok(unsafe { BorrowedFd::borrow_raw(fd) })
 }

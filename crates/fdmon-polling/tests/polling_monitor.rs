@@ -9,6 +9,15 @@
 //! kernel to see exactly that, and the timing tests stay honest on a busy machine. The cases
 //! below use only `std`'s Unix sockets and portable libc calls, so that they also run on macOS
 //! and the BSDs (the suite is Linux-only: it is written on eventfds and `pipe2`).
+//!
+//! `FdMonitor::update` is `unsafe`: each fd added must stay open until it is removed (rule
+//! [FD-1] of ARCHITECTURE.md). The cases keep it, through [`add`] and [`update`], except three
+//! that close a watched fd on purpose to check what the kernel and the monitor do when a
+//! caller breaks it (marked "breaks [FD-1] on purpose"): the kernel drops its entry, or keeps
+//! it while a duplicate holds the file, and the monitor reports or forgets; no memory is
+//! involved, and the serial lock keeps the other cases of this binary from taking a number
+//! meanwhile. A number that is not open at all is refused by the kernel (`EBADF`), which the
+//! contract allows.
 
 #![cfg(unix)]
 
@@ -84,13 +93,22 @@ fn key(index: u32) -> HandlerKey {
 }
 
 fn add(monitor: &mut PollingMonitor, key: HandlerKey, fd: &impl AsRawFd, interest: Interest) {
-    monitor
-        .update(Change::Add {
+    update(
+        monitor,
+        Change::Add {
             key,
             fd: fd.as_raw_fd(),
             interest,
-        })
-        .expect("add");
+        },
+    )
+    .expect("add");
+}
+
+/// `FdMonitor::update` for these cases, which keep [FD-1] but where they say otherwise.
+fn update(monitor: &mut PollingMonitor, change: Change) -> io::Result<()> {
+    // SAFETY: [FD-1]: every case keeps each fd it adds open until it removes it, except the
+    // three marked "breaks [FD-1] on purpose" (see the module docs).
+    unsafe { monitor.update(change) }
 }
 
 /// One `wait`; checks that the returned count matches the list and that no key repeats.
@@ -172,13 +190,15 @@ fn the_same_fd_twice_is_refused_and_leaves_the_monitor_unchanged() {
     let mut monitor = PollingMonitor::new().unwrap();
     let (_writer, reader) = pair();
     add(&mut monitor, key(1), &reader, Interest::READ);
-    let err = monitor
-        .update(Change::Add {
+    let err = update(
+        &mut monitor,
+        Change::Add {
             key: key(2),
             fd: reader.as_raw_fd(),
             interest: Interest::READ,
-        })
-        .unwrap_err();
+        },
+    )
+    .unwrap_err();
     // epoll says EEXIST; kqueue simply updates its filter, so only Linux is checked strictly.
     if cfg!(target_os = "linux") {
         assert_eq!(err.raw_os_error(), Some(libc::EEXIST), "{err}");
@@ -194,13 +214,15 @@ fn an_fd_that_is_not_open_is_an_error_and_leaves_the_monitor_unchanged() {
         let (a, _b) = pair();
         a.as_raw_fd()
     };
-    let err = monitor
-        .update(Change::Add {
+    let err = update(
+        &mut monitor,
+        Change::Add {
             key: key(1),
             fd,
             interest: Interest::READ,
-        })
-        .unwrap_err();
+        },
+    )
+    .unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
     assert!(monitor.is_empty());
 }
@@ -213,14 +235,14 @@ fn closed_fd_is_dropped_silently_and_remove_still_succeeds() {
         let fd = reader.as_raw_fd();
         add(&mut monitor, key(1), &reader, Interest::READ);
         writer.write_all(b"x").unwrap();
+        // Breaks [FD-1] on purpose: the watched fd closes before its removal.
         drop(reader);
         assert_eq!(
             wait_for(&mut monitor, Some(Duration::from_millis(20))),
             [],
             "{mode}: the kernel forgot the closed file"
         );
-        monitor
-            .update(Change::Remove { key: key(1), fd })
+        update(&mut monitor, Change::Remove { key: key(1), fd })
             .expect("removing a closed fd succeeds");
         assert!(monitor.is_empty());
     }
@@ -239,6 +261,7 @@ fn a_failed_re_arm_neither_fails_the_wait_nor_loses_its_report() {
     let duplicate = reader.try_clone().unwrap();
     add(&mut monitor, key(1), &reader, Interest::READ);
     writer.write_all(b"x").unwrap();
+    // Breaks [FD-1] on purpose: the watched number closes before its removal.
     drop(reader);
     assert_eq!(
         wait_for(&mut monitor, Some(Duration::from_secs(5))),
@@ -247,8 +270,7 @@ fn a_failed_re_arm_neither_fails_the_wait_nor_loses_its_report() {
     );
     // Not re-armed: the number it was registered under is closed.
     assert_eq!(wait_for(&mut monitor, Some(Duration::from_millis(20))), []);
-    monitor
-        .update(Change::Remove { key: key(1), fd })
+    update(&mut monitor, Change::Remove { key: key(1), fd })
         .expect("removing a closed number succeeds");
     drop(duplicate);
 }
@@ -262,13 +284,13 @@ fn a_reused_fd_number_is_a_new_registration_that_the_stale_key_never_touches() {
         add(&mut monitor, key(1), &old_reader, Interest::READ);
         // The new pair first, so that neither of its fds takes the number about to be freed.
         let (mut writer, reader) = pair();
+        // Breaks [FD-1] on purpose: the watched number closes, and is reused, before its
+        // removal.
         drop(old_reader);
         let reader = move_to(reader, fd);
         add(&mut monitor, key(2), &reader, Interest::READ);
         // Removing the stale key must leave the new file's registration alone.
-        monitor
-            .update(Change::Remove { key: key(1), fd })
-            .expect("removing a stale key");
+        update(&mut monitor, Change::Remove { key: key(1), fd }).expect("removing a stale key");
         writer.write_all(b"x").unwrap();
         assert_eq!(
             wait_for(&mut monitor, Some(Duration::from_secs(5))),
@@ -312,13 +334,15 @@ fn the_key_polling_reserves_is_refused() {
     let mut monitor = PollingMonitor::new().unwrap();
     let (_writer, reader) = pair();
     let reserved = HandlerKey::from_u64(u64::MAX);
-    let err = monitor
-        .update(Change::Add {
+    let err = update(
+        &mut monitor,
+        Change::Add {
             key: reserved,
             fd: reader.as_raw_fd(),
             interest: Interest::READ,
-        })
-        .unwrap_err();
+        },
+    )
+    .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{err}");
     assert!(monitor.is_empty());
     assert_eq!(wait_now(&mut monitor), []);

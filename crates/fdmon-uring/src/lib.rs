@@ -225,7 +225,8 @@ const ENTRIES: u32 = 128;
 /// let (mut writer, reader) = UnixStream::pair()?;
 /// let mut monitor = UringMonitor::new()?;
 /// let key = HandlerKey::new(0, 1);
-/// monitor.update(Change::Add { key, fd: reader.as_raw_fd(), interest: Interest::READ })?;
+/// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+/// unsafe { monitor.update(Change::Add { key, fd: reader.as_raw_fd(), interest: Interest::READ }) }?;
 ///
 /// let mut ready = ReadyList::new();
 /// assert_eq!(monitor.wait(&mut ready, Some(Duration::ZERO))?, 0);
@@ -381,7 +382,8 @@ impl UringMonitor {
     ///
     /// # let Ok(mut monitor) = UringMonitor::new() else { return Ok(()) };
     /// let key = HandlerKey::new(3, 0);
-    /// monitor.update(Change::Add { key, fd: 0, interest: Interest::READ })?;
+    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// unsafe { monitor.update(Change::Add { key, fd: 0, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.registrations().collect::<Vec<_>>(), [(key, 0, Interest::READ)]);
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -398,7 +400,8 @@ impl UringMonitor {
     /// use fdmon_uring::UringMonitor;
     ///
     /// # let Ok(mut monitor) = UringMonitor::new() else { return Ok(()) };
-    /// monitor.update(Change::Add { key: HandlerKey::new(0, 0), fd: 0, interest: Interest::READ })?;
+    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// unsafe { monitor.update(Change::Add { key: HandlerKey::new(0, 0), fd: 0, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.len(), 1);
     /// # Ok::<(), std::io::Error>(())
     /// ```
@@ -688,7 +691,7 @@ impl FdMonitor for UringMonitor {
     ///   registered.
     ///
     /// On error the monitor is unchanged. Two keys may watch the same fd.
-    fn update(&mut self, change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
         match change {
             Change::Add { key, fd, interest } => self.polls.add(key, fd, interest),
             Change::Replace {

@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use aio_conformance::monitor::{
     CountLevel, CountingAllocator, MonitorBackend, add, churn_1000_fds, ensure_fd_limit, eventfd,
-    key, pipe, read_bytes, readable_now, serial, signal_eventfd, wait_for, wait_now, write_bytes,
+    key, pipe, read_bytes, readable_now, serial, signal_eventfd, update, wait_for, wait_now,
+    write_bytes,
 };
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use fdmon_uring::UringMonitor;
@@ -76,18 +77,20 @@ fn setup(test: &str) -> Option<MutexGuard<'static, ()>> {
 }
 
 fn remove(monitor: &mut UringMonitor, key: HandlerKey, fd: RawFd) {
-    monitor.update(Change::Remove { key, fd }).expect("remove");
+    update(monitor, Change::Remove { key, fd }).expect("remove");
 }
 
 fn modify(monitor: &mut UringMonitor, old: HandlerKey, new: HandlerKey, fd: RawFd, i: Interest) {
-    monitor
-        .update(Change::Replace {
+    update(
+        monitor,
+        Change::Replace {
             old,
             new,
             fd,
             interest: i,
-        })
-        .expect("modify");
+        },
+    )
+    .expect("modify");
 }
 
 fn sorted_registrations(monitor: &UringMonitor) -> Vec<(u64, RawFd, Interest)> {
@@ -132,12 +135,14 @@ fn modify_reports_under_the_new_key_only() {
         [(new, r.as_raw_fd(), Interest::READ)]
     );
     // The old key is gone from the table too, not just from the reports.
-    let err = monitor
-        .update(Change::Remove {
+    let err = update(
+        &mut monitor,
+        Change::Remove {
             key: old,
             fd: r.as_raw_fd(),
-        })
-        .unwrap_err();
+        },
+    )
+    .unwrap_err();
     assert_eq!(err.kind(), io::ErrorKind::NotFound);
     assert_eq!(monitor.len(), 1);
     assert_eq!(monitor.stale_polls(), 0, "the old key's poll has ended");
@@ -362,7 +367,9 @@ fn fd_closed_before_its_poll_is_submitted_reports_error_once() {
         let mut monitor = UringMonitor::new().unwrap();
         let mut ready = ReadyList::new();
         add(&mut monitor, key(1), fd, Interest::READ);
-        drop(r); // Closes the fd before the first wait submits its POLL_ADD.
+        // Breaks [CONF-5] on purpose: closes the fd before the first wait submits its
+        // POLL_ADD.
+        drop(r);
 
         assert_eq!(
             wait_now(&mut monitor, &mut ready),
@@ -407,6 +414,7 @@ fn fd_closed_while_its_poll_is_in_flight_reports_once_more_then_error() {
     let mut ready = ReadyList::new();
     add(&mut monitor, key(1), fd, Interest::READ);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
+    // Breaks [CONF-5] on purpose: the fd closes while its poll is in flight.
     drop(r);
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
 
@@ -938,7 +946,7 @@ fn the_reserved_slot_index_is_refused() {
         },
     ];
     for change in cases {
-        let err = monitor.update(change).unwrap_err();
+        let err = update(&mut monitor, change).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{change:?}");
     }
     assert_eq!(sorted_registrations(&monitor), before);

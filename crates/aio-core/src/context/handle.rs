@@ -123,7 +123,8 @@ impl ContextHandle {
     ///
     /// `fd` must stay open, naming the same open file, from `register` until the handler is
     /// removed: its [`RemoteFdHandler`] dropped or [`remove`](RemoteFdHandler::remove)d, or
-    /// the context dropped (ARCHITECTURE.md, "Raw fds"; see [`AioContext::fd_handler_raw`]).
+    /// the context dropped (ARCHITECTURE.md, "Raw fds"; see [`AioContext::fd_handler_raw`]),
+    /// kept open by the caller itself, not by another handler that owns it.
     /// A removal from another thread stops the callbacks at once, but the home thread takes
     /// the number out of the backend at its next iteration: if it is closed and reused
     /// before that, the backend may watch the new file until then, and reports for it go to

@@ -30,7 +30,9 @@ impl Inner {
         };
         if node.in_monitor.replace(false) {
             let change = Change::Remove { key, fd: node.fd };
-            let result = self.monitor.borrow_mut().update(change);
+            // SAFETY: [FD-1]: a `Remove` asks the backend to forget the number while it is
+            // still open: `node`, with its fd's owner, is dropped only below.
+            let result = unsafe { self.monitor.borrow_mut().update(change) };
             if let Err(e) = result {
                 tracing::warn!("aio: backend failed to forget fd {}: {e}", node.fd);
             }
@@ -143,7 +145,10 @@ impl Inner {
                     fd: node.fd,
                 }
             };
-            match monitor.update(change) {
+            // SAFETY: [FD-1]: `node` is live in the registry, so its fd is open, owned by the
+            // node or promised by a raw registration, until `remove_node` has taken it out
+            // of the monitor.
+            match unsafe { monitor.update(change) } {
                 Ok(()) => node.in_monitor.set(watched),
                 Err(e) => tracing::warn!("aio: cannot re-arm fd {}: {e}", node.fd),
             }
@@ -179,7 +184,7 @@ impl AioContext {
     }
 
     /// [`fd_handler`](Self::fd_handler) for a raw fd number, for code that holds fds as plain
-    /// integers (a port from C, an fd received over FFI) and cannot lend an [`AsFd`].
+    /// integers (a port from C, an fd received over FFI) and cannot hand over an [`AsFd`].
     ///
     /// The handler works exactly as one registered through `fd_handler`, except that it owns
     /// nothing: the caller keeps the fd open and closes it. A number that is not an open fd (a
@@ -195,6 +200,9 @@ impl AioContext {
     /// the registration (ARCHITECTURE.md, "Raw fds"): meanwhile the backend watches `fd`
     /// (`poll`, `epoll_ctl`, an io_uring `POLL_ADD`), and were the number closed and reused,
     /// it would watch, and the callbacks would be told about, a file that other code owns.
+    /// The caller must keep `fd` open itself: a number that another handler owns (registered
+    /// with [`fd_handler`](Self::fd_handler)) does not count, since that handler's removal,
+    /// or a [`replace`](HandlerBuilder::replace) of it by this builder, closes it.
     ///
     /// [`BorrowedFd::borrow_raw`]: std::os::fd::BorrowedFd::borrow_raw
     ///
@@ -290,7 +298,6 @@ impl AioContext {
         old: Option<HandlerKey>,
     ) -> io::Result<(HandlerKey, u64)> {
         let inner = &*self.inner;
-        sys::check_fd_open(fd)?;
         if old.is_none() {
             // A handler of this fd removed from another thread counts as removed already, even
             // if the home thread has not applied that removal yet: a registration that follows
@@ -305,6 +312,8 @@ impl AioContext {
                 inner.remove_node(stale);
             }
         }
+        // After the stale node went: its owner may have been the one keeping `fd` open.
+        sys::check_fd_open(fd)?;
         // `next_key` only reserves the index; nothing runs between here and `link_node`.
         let key = inner.registry.borrow_mut().next_key();
         let scope = if kind == NodeKind::Notifier {
@@ -391,7 +400,10 @@ impl AioContext {
             _ => None,
         };
         if let Some(change) = change {
-            inner.monitor.borrow_mut().update(change)?;
+            // SAFETY: [FD-1]: `node` owns its fd (or carries a raw registration's promise),
+            // was checked open by `reserve_node`, and from here lives in the registry until
+            // `remove_node` takes it out of the monitor; the old node (same number) likewise.
+            unsafe { inner.monitor.borrow_mut().update(change) }?;
         }
         // Insert before removing the old node: `insert` claims the index `next_key` reserved,
         // and `remove` frees the old one (and leaves `by_fd`, now the new key's, alone).

@@ -75,7 +75,12 @@ pub(crate) struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Tasks first, without polling them: their futures may own BHs, timers and handler
+        // The monitor first, while every registered fd is still open: what follows closes
+        // fds (the registry's owners, an `AsyncFd` inside a task), and the monitor's drop may
+        // still hand the kernel registered numbers (io_uring submits what it has queued while
+        // it reaps its requests). Nothing below uses it: no `AioContext` can exist any more.
+        drop(std::mem::replace(self.monitor.get_mut(), Box::new(Dropped)));
+        // Tasks next, without polling them: their futures may own BHs, timers and handler
         // registrations of this context, whose drops are cheaper while it is still whole.
         self.tasks.drop_all();
         // Other threads' operations: none will run. Dropping them wakes their callers with
@@ -101,6 +106,30 @@ impl Drop for Inner {
             drop(local);
         }
     }
+}
+
+/// What stands in for the monitor while the rest of a context is dropped: watches nothing.
+#[derive(Debug)]
+struct Dropped;
+
+impl FdMonitor for Dropped {
+    fn name(&self) -> &'static str {
+        "dropped"
+    }
+
+    unsafe fn update(&mut self, _change: crate::fdmon::Change) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn wait(
+        &mut self,
+        _ready: &mut ReadyList,
+        _timeout: Option<std::time::Duration>,
+    ) -> std::io::Result<usize> {
+        Ok(0)
+    }
+
+    fn outer_fds(&self, _out: &mut Vec<crate::fdmon::OuterFd>) {}
 }
 
 impl fmt::Debug for Inner {

@@ -37,7 +37,9 @@ type Waiters = Vec<(u64, Waker)>;
 
 /// What an [`AsyncFd`] shares with its handler's callbacks (home thread only).
 struct State {
-    fd: RawFd,
+    /// The number the handler watches: `T`'s, read again before each wait registers
+    /// ([`AsyncFd::get_mut`] may replace the fd, and removes the handler first).
+    fd: Cell<RawFd>,
     ctx: Weak<Inner>,
     /// Directions the loop reported and no operation has found blocked since.
     ready: Cell<Interest>,
@@ -83,7 +85,7 @@ impl State {
             drop(handler.take());
             Ok(())
         } else {
-            let mut builder = HandlerBuilder::new(ctx, self.fd);
+            let mut builder = HandlerBuilder::new(ctx, self.fd.get());
             if self.poll_in_backend.get() {
                 builder = builder.poll_in_backend();
             }
@@ -123,7 +125,7 @@ impl State {
             // Nobody waits: stop watching this direction, so the fd cannot keep the loop busy.
             let want = self.registered.get() - dir;
             if let Err(e) = self.set_interest(ctx, want) {
-                tracing::warn!(fd = self.fd, "AsyncFd: dropping the handler: {e}");
+                tracing::warn!(fd = self.fd.get(), "AsyncFd: dropping the handler: {e}");
                 self.unregister();
             }
         }
@@ -306,7 +308,7 @@ impl<T: AsFd> AsyncFd<T> {
         Ok(AsyncFd {
             inner: Some(fd),
             state: Rc::new(State {
-                fd: raw,
+                fd: Cell::new(raw),
                 ctx: Rc::downgrade(&ctx.inner),
                 ready: Cell::new(Interest::empty()),
                 registered: Cell::new(Interest::empty()),
@@ -334,8 +336,11 @@ impl<T: AsFd> AsyncFd<T> {
             .expect("AsyncFd holds its fd until into_inner")
     }
 
-    /// The fd, mutably. Replacing it with another fd is not supported (the handler watches the
-    /// old fd number).
+    /// The fd, mutably. The handler is removed first, and the readiness marks cleared, so the
+    /// fd may even be replaced (the old one closed): the next wait registers whatever fd `T`
+    /// then holds (make it non-blocking: only the first one was made so by
+    /// [`with_context`](Self::with_context)). No wait can be pending meanwhile, as one
+    /// borrows the `AsyncFd`.
     ///
     /// ```
     /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
@@ -345,6 +350,9 @@ impl<T: AsFd> AsyncFd<T> {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn get_mut(&mut self) -> &mut T {
+        // Before `T` can be changed or closed: nothing may watch its number then.
+        self.state.unregister();
+        self.state.ready.set(Interest::empty());
         self.inner
             .as_mut()
             .expect("AsyncFd holds its fd until into_inner")
@@ -634,7 +642,7 @@ impl<T: AsFd> AsFd for AsyncFd<T> {
 impl<T: AsFd> fmt::Debug for AsyncFd<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AsyncFd")
-            .field("fd", &self.state.fd)
+            .field("fd", &self.state.fd.get())
             .field("ready", &self.state.ready.get())
             .field("interest", &self.state.registered.get())
             .finish()
@@ -657,6 +665,9 @@ impl<'a, T: AsFd> Future for WaitReady<'a, T> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let (fd, dir) = (this.fd, this.dir);
+        // `T`'s number now: changed only through `get_mut`, which removed the handler, so a
+        // registration below is for the fd `T` holds.
+        fd.state.fd.set(fd.get_ref().as_fd().as_raw_fd());
         fd.state
             .poll_ready(dir, &mut this.id, cx)
             .map(|r| r.map(|()| ReadyGuard { fd, dir }))
@@ -672,7 +683,7 @@ impl<T: AsFd> Drop for WaitReady<'_, T> {
 impl<T: AsFd> fmt::Debug for WaitReady<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WaitReady")
-            .field("fd", &self.fd.state.fd)
+            .field("fd", &self.fd.state.fd.get())
             .field("dir", &self.dir)
             .finish()
     }
@@ -741,7 +752,7 @@ impl<T: AsFd> ReadyGuard<'_, T> {
 impl<T: AsFd> fmt::Debug for ReadyGuard<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ReadyGuard")
-            .field("fd", &self.fd.state.fd)
+            .field("fd", &self.fd.state.fd.get())
             .field("dir", &self.dir)
             .finish()
     }

@@ -89,7 +89,7 @@ impl FdMonitor for MiriMonitor {
         "miri"
     }
 
-    fn update(&mut self, change: Change) -> io::Result<()> {
+    unsafe fn update(&mut self, change: Change) -> io::Result<()> {
         match change {
             Change::Add { key, fd, interest } => {
                 self.ctl(libc::EPOLL_CTL_ADD, fd, key, interest)?;
