@@ -255,10 +255,11 @@ pub trait FdMonitor: fmt::Debug {
     ///
     /// # Safety
     ///
-    /// **[FD-1]**: the fd of a [`Change::Add`] or [`Change::Replace`] must stay open, naming
-    /// the same open file, from this call until a [`Change::Remove`] of it has been applied or
-    /// the monitor is dropped (ARCHITECTURE.md, "Raw fds"), unless it is not open at all, which
-    /// the backend refuses (`EBADF`). A backend gives the kernel the number at any time
+    /// **[FD-1]**: the fd of a [`Change::Add`] or [`Change::Replace`] must be open, and stay
+    /// open naming the same open file, from this call until a [`Change::Remove`] of it has been
+    /// applied or the monitor is dropped (ARCHITECTURE.md, "Raw fds"). Not every backend checks
+    /// (poll and io_uring make no system call in `update`): one that is not open is kept, and
+    /// its number used later. A backend gives the kernel the number at any time
     /// until then (`epoll_ctl`, an io_uring `POLL_ADD`, `polling`'s `add`, whose own contract
     /// this is), and may rely on it. The context keeps it: a handler owns its fd, or was
     /// registered through an `unsafe` raw-fd constructor that promised it.

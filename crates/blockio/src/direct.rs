@@ -125,8 +125,9 @@ impl DirectAlign {
 
     /// How many bytes from the start of `buf` the first address on the memory alignment lies:
     /// the `start` to give [`BlockIo::read_into`](crate::BlockIo::read_into) or
-    /// [`write_from`](crate::BlockIo::write_from) so that the transfer's memory is aligned
-    /// (the buffer must then hold `start` + the transfer's length).
+    /// [`write_from`](crate::BlockIo::write_from), or to pair with the buffer as a vectored
+    /// request's [`Segment`](crate::Segment), so that the transfer's memory is aligned (the
+    /// buffer must then hold `start` + the transfer's length).
     pub fn padding(&self, buf: &[u8]) -> usize {
         let at = buf.as_ptr() as usize;
         (self.memory - at % self.memory) % self.memory
@@ -134,8 +135,9 @@ impl DirectAlign {
 
     /// A zeroed buffer and a `start` such that `buf[start..]` is `len` rounded up to the
     /// offset granularity, on the memory alignment: ready for a direct transfer with
-    /// `read_into`/`write_from` at an aligned offset. The allocation is `memory - 1` bytes
-    /// larger than the transfer, and does not move while the `Vec` is not grown.
+    /// `read_into`/`write_from` at an aligned offset, or, as a `(buf, start)` pair, for one
+    /// segment of `readv`/`writev`. The allocation is `memory - 1` bytes larger than the
+    /// transfer, and does not move while the `Vec` is not grown.
     pub fn buffer(&self, len: usize) -> (Vec<u8>, usize) {
         let len = len.div_ceil(self.offset) * self.offset;
         let mut buf = vec![0; len + self.memory - 1];
@@ -151,6 +153,10 @@ impl DirectAlign {
             return Some(Misfit::Offset);
         }
         for (i, &(addr, len)) in segments.iter().enumerate() {
+            // The kernel ignores an empty segment, whatever its address.
+            if len == 0 {
+                continue;
+            }
             if !addr.is_multiple_of(self.memory) {
                 return Some(Misfit::Address(i));
             }

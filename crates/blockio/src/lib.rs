@@ -22,9 +22,10 @@
 //!
 //! # Buffer ownership
 //!
-//! A request takes its buffer by value (`Vec<u8>`, or a `Vec` of [`Segment`]s for the vectored forms) and
-//! gives it back in the completion callback, so no caller can touch, free or reuse it while
-//! the kernel or a worker may be writing to it: a use-after-free cannot be written. On io_uring
+//! A request takes its buffer by value (`Vec<u8>`, or a `Vec` of [`Segment`]s for the
+//! vectored forms) and gives it back in the completion callback, so no caller can touch, free
+//! or reuse it while the kernel or a worker may be writing to it: a use-after-free cannot be
+//! written. On io_uring
 //! the buffer (and an `Arc` of the file) is kept in the monitor's request table until the CQE
 //! has been reaped; a context dropped with requests in flight cancels them and reaps every one
 //! before freeing their buffers (ARCHITECTURE.md, rule [URING-2]). On the thread

@@ -23,19 +23,31 @@ pub trait Segment: sealed::Sealed + Send + 'static {
 
     /// The same bytes, writable.
     fn bytes_mut(&mut self) -> &mut [u8];
-
-    /// Why the segment cannot be transferred, if it cannot.
-    #[doc(hidden)]
-    fn refused(&self) -> Option<String> {
-        None
-    }
 }
 
 mod sealed {
-    /// Only the two kinds of segment whose bytes live in a `Vec`'s heap memory.
-    pub trait Sealed {}
+    /// Only the two kinds of segment whose bytes live in a `Vec`'s heap memory. Private, so
+    /// its method is not part of the public API.
+    pub trait Sealed {
+        /// Why the segment cannot be transferred, if it cannot.
+        fn refused(&self) -> Option<String> {
+            None
+        }
+    }
+
     impl Sealed for Vec<u8> {}
-    impl Sealed for (Vec<u8>, usize) {}
+
+    impl Sealed for (Vec<u8>, usize) {
+        fn refused(&self) -> Option<String> {
+            let (buf, start) = self;
+            (*start > buf.len()).then(|| {
+                format!(
+                    "start {start} lies past the end of a {}-byte buffer",
+                    buf.len()
+                )
+            })
+        }
+    }
 }
 
 impl Segment for Vec<u8> {
@@ -58,23 +70,13 @@ impl Segment for (Vec<u8>, usize) {
         let (buf, start) = self;
         buf.get_mut(*start..).unwrap_or_default()
     }
-
-    fn refused(&self) -> Option<String> {
-        let (buf, start) = self;
-        (*start > buf.len()).then(|| {
-            format!(
-                "start {start} lies past the end of a {}-byte buffer",
-                buf.len()
-            )
-        })
-    }
 }
 
 /// The first segment of `bufs` that cannot be transferred, and why.
 pub(crate) fn refused<S: Segment>(bufs: &[S]) -> Option<String> {
     bufs.iter()
         .enumerate()
-        .find_map(|(i, b)| b.refused().map(|why| format!("segment {i}: {why}")))
+        .find_map(|(i, b)| sealed::Sealed::refused(b).map(|why| format!("segment {i}: {why}")))
 }
 
 /// The (address, length) of each segment's bytes, for an explanation of a misaligned

@@ -115,6 +115,15 @@ fn callbacks(ctx: &AioContext) -> Rc<Callbacks> {
 /// that the table goes with the context's locals.
 struct LocalCallbacks(Rc<Callbacks>);
 
+/// Runs `f` with the context's io_uring monitor, if it runs on one. Every use in this file
+/// calls only the monitor's request methods (`add_sqe`, `pop_completion`, `cancel_request`,
+/// `register_buffers` and queries), never its `FdMonitor` methods, and never replaces it.
+fn with_ring<R>(ctx: &AioContext, f: impl FnOnce(Option<&mut UringMonitor>) -> R) -> R {
+    // SAFETY: [FD-1]: `f` neither drives the monitor's watched set nor replaces the monitor
+    // (above); it only adds, cancels and reaps requests of its own.
+    unsafe { ctx.with_backend(|b| f(b.and_then(|m| m.downcast_mut::<UringMonitor>()))) }
+}
+
 /// The completion source: takes completions off the monitor's ready list one at a time and
 /// runs their callbacks with no borrow held, so that a callback may submit requests or poll
 /// the context (a nested iteration calls this again and goes on with the next completion).
@@ -128,8 +137,8 @@ fn run_completions(ctx: &AioContext, cbs: &Weak<Callbacks>) -> bool {
     };
     let mut progress = false;
     loop {
-        let next = ctx.with_backend(|b| {
-            let m = b.and_then(|m| m.downcast_mut::<UringMonitor>())?;
+        let next = with_ring(ctx, |m| {
+            let m = m?;
             let c = m.pop_completion()?;
             Some((c, m.completions_waiting() > 0))
         });
@@ -181,7 +190,7 @@ unsafe fn submit_or_fixed(
     keep: KeepAlive,
     done: impl FnOnce(i32, KeepAlive, &Callbacks) + 'static,
 ) -> Op {
-    let added = ctx.with_backend(|b| match b.and_then(|m| m.downcast_mut::<UringMonitor>()) {
+    let added = with_ring(ctx, |m| match m {
         Some(m) => {
             let entry = match fixed {
                 Some((table, fixed)) if is_table(m, table) => fixed,
@@ -232,10 +241,7 @@ pub(crate) fn cancel(ctx: &AioContext, id: RequestId, engine: u64) -> bool {
     let ours = ctx
         .try_local::<LocalCallbacks>()
         .is_some_and(|l| l.0.uid == engine);
-    ours && ctx.with_backend(|b| {
-        b.and_then(|m| m.downcast_mut::<UringMonitor>())
-            .is_some_and(|m| m.cancel_request(id))
-    })
+    ours && with_ring(ctx, |m| m.is_some_and(|m| m.cancel_request(id)))
 }
 
 /// A CQE result as an `io::Result` of a byte count.
@@ -268,7 +274,7 @@ pub(crate) fn register_buffers(ctx: &AioContext, mem: &Arc<Memory>) -> io::Resul
             iov_len: mem.size(),
         })
         .collect();
-    ctx.with_backend(|b| match b.and_then(|m| m.downcast_mut::<UringMonitor>()) {
+    with_ring(ctx, |m| match m {
         // SAFETY: [URING-5]: each iovec is one buffer of `mem`, which the ring keeps until closed; leases are exclusive.
         Some(m) => unsafe { m.register_buffers(&iovecs, mem.clone()) },
         None => Err(io::Error::new(
@@ -280,10 +286,7 @@ pub(crate) fn register_buffers(ctx: &AioContext, mem: &Arc<Memory>) -> io::Resul
 
 /// Whether `mem` is the buffer table registered with `ctx`'s ring.
 pub(crate) fn buffers_registered(ctx: &AioContext, mem: &Arc<Memory>) -> bool {
-    ctx.with_backend(|b| {
-        b.and_then(|m| m.downcast_mut::<UringMonitor>())
-            .is_some_and(|m| is_table(m, Arc::as_ptr(mem)))
-    })
+    with_ring(ctx, |m| m.is_some_and(|m| is_table(m, Arc::as_ptr(mem))))
 }
 
 /// The keep-alive of a one-buffer request: a `Vec<u8>` or a [`FixedBuf`]. Both fields are

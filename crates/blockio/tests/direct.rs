@@ -327,6 +327,30 @@ fn vectored_transfers_of_aligned_segments_go_through_on_every_engine() {
     }
 }
 
+/// An empty segment is ignored by the kernel whatever its address, so the explanation of a
+/// misaligned vectored transfer names the segment that is off, not an empty one before it.
+#[test]
+fn an_empty_segment_is_never_blamed_for_a_misalignment() {
+    for (name, ctx, io) in setups() {
+        let Some((file, align)) = direct_file_with_memory_alignment(name) else {
+            return;
+        };
+        // Empty, at an odd address (one byte into its buffer).
+        let empty = (vec![0u8; 1], 1);
+        // Non-empty and misaligned by one byte.
+        let (buf, start) = align.buffer(4096 + align.memory());
+        let odd = (buf, start + 1);
+        let odd_len = odd.0.len() - odd.1;
+        let f = file.clone();
+        let (r, _) = run(&ctx, |done| {
+            io.readv(&ctx, &f, vec![empty, (odd.0, odd.1)], 0, done);
+        });
+        let e = misaligned(r, &format!("{name}: readv"));
+        assert_eq!(e.address_misaligned(), Some(1), "{name}: {e:?}");
+        assert_eq!(e.segments()[1].1, odd_len, "{name}");
+    }
+}
+
 /// A segment whose start lies past its buffer's end fails the whole vectored request with
 /// `InvalidInput` naming it, and nothing is read or written: the other segments come back
 /// as they went, and the file keeps its bytes.

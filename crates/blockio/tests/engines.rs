@@ -8,7 +8,7 @@
 
 mod support;
 
-use support::{Slot, pattern, setups, temp_file, uring_ctx, wait_for};
+use support::{Slot, pattern, ring, setups, temp_file, uring_ctx, wait_for};
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use aio_core::AioContext;
 use blockio::{BlockIo, Engine};
-use fdmon_uring::UringMonitor;
 
 #[test]
 fn every_operation_on_every_engine() {
@@ -367,14 +366,7 @@ fn cancel_during_a_read_the_kernel_is_blocked_on() {
         ctx.poll_nonblocking();
     }
     assert!(slot.borrow().is_none());
-    assert_eq!(
-        ctx.with_backend(|b| b
-            .unwrap()
-            .downcast_mut::<UringMonitor>()
-            .unwrap()
-            .requests_in_flight()),
-        1
-    );
+    assert_eq!(ring(&ctx, |m| m.requests_in_flight()), 1);
     assert!(op.cancel(&ctx));
     let (r, buf) = wait_for(&ctx, &slot);
     assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ECANCELED));
@@ -477,14 +469,7 @@ fn completions_whose_callbacks_submit_again_all_run() {
 fn one_iteration_submits_its_requests_in_one_enter() {
     let Some(ctx) = uring_ctx() else { return };
     let io = BlockIo::of(&ctx);
-    let enters = |ctx: &AioContext| {
-        ctx.with_backend(|b| {
-            b.unwrap()
-                .downcast_mut::<UringMonitor>()
-                .unwrap()
-                .enter_calls()
-        })
-    };
+    let enters = |ctx: &AioContext| ring(ctx, |m| m.enter_calls());
     let done = Rc::new(Cell::new(0));
     for _ in 0..64 {
         let d = done.clone();

@@ -10,7 +10,7 @@
 
 mod support;
 
-use support::{pattern, temp_file, uring_ctx};
+use support::{pattern, ring, temp_file, uring_ctx};
 
 use std::cell::{Cell, RefCell};
 use std::fs::File;
@@ -21,7 +21,6 @@ use std::sync::Arc;
 
 use aio_core::AioContext;
 use blockio::{BlockIo, Engine};
-use fdmon_uring::UringMonitor;
 
 #[test]
 fn buffers_round_trip_through_the_ring() {
@@ -95,12 +94,7 @@ fn dropping_the_context_with_requests_in_flight() {
         let c = called.clone();
         io.read_at(&ctx, &rx, vec![0; 4096], 0, move |_, _| c.set(c.get() + 1));
     }
-    let in_flight = ctx.with_backend(|b| {
-        b.unwrap()
-            .downcast_mut::<UringMonitor>()
-            .unwrap()
-            .requests_in_flight()
-    });
+    let in_flight = ring(&ctx, |m| m.requests_in_flight());
     assert!(in_flight >= 600, "{in_flight} requests in flight");
     let ran = called.get();
     drop(ctx);
@@ -222,12 +216,7 @@ fn dropping_the_context_with_fixed_requests_in_flight() {
         let buf = pool.get().unwrap();
         io.read_fixed(&ctx, &rx, buf, 0, 0, move |_, _| c.set(c.get() + 1));
     }
-    let in_flight = ctx.with_backend(|b| {
-        b.unwrap()
-            .downcast_mut::<UringMonitor>()
-            .unwrap()
-            .requests_in_flight()
-    });
+    let in_flight = ring(&ctx, |m| m.requests_in_flight());
     assert!(in_flight >= 150, "{in_flight} requests in flight");
     assert!(pool.available() <= 256 - in_flight);
     let ran = called.get();
@@ -274,12 +263,7 @@ fn after_the_drop_no_read_is_left_in_the_kernel() {
     }
     ctx.poll_nonblocking();
     ctx.poll_nonblocking();
-    let in_kernel = ctx.with_backend(|b| {
-        b.unwrap()
-            .downcast_mut::<UringMonitor>()
-            .unwrap()
-            .requests_in_flight()
-    });
+    let in_kernel = ring(&ctx, |m| m.requests_in_flight());
     assert_eq!(in_kernel, 300, "every read waits in the kernel");
     drop(ctx);
     use std::io::{Read, Write};

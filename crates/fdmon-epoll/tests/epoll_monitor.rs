@@ -130,6 +130,7 @@ fn a_regular_file_is_eperm_and_leaves_the_monitor_unchanged() {
 fn an_fd_that_is_not_open_is_ebadf_and_leaves_the_monitor_unchanged() {
     let _serial = serial();
     // The monitor is created first, so that its epoll fd cannot take the closed number.
+    // Breaks [CONF-5] (and [FD-1], which asks for an open fd) on purpose: epoll refuses it.
     let mut monitor = EpollMonitor::new().unwrap();
     let (r, _w) = pipe();
     let number = r.as_raw_fd();

@@ -138,7 +138,7 @@ impl PollMonitor {
     ///
     /// let mut monitor = PollMonitor::new()?;
     /// let key = HandlerKey::new(3, 0);
-    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// // SAFETY: [FD-1]: fd 0 (stdin) stays open for the life of the process.
     /// unsafe { monitor.update(Change::Add { key, fd: 0, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.registrations().collect::<Vec<_>>(), [(key, 0, Interest::READ)]);
     /// # Ok::<(), std::io::Error>(())
@@ -159,7 +159,7 @@ impl PollMonitor {
     /// use fdmon_poll::PollMonitor;
     ///
     /// let mut monitor = PollMonitor::new()?;
-    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// // SAFETY: [FD-1]: fd 0 (stdin) stays open for the life of the process.
     /// unsafe { monitor.update(Change::Add { key: HandlerKey::new(0, 0), fd: 0, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.len(), 1);
     /// # Ok::<(), std::io::Error>(())

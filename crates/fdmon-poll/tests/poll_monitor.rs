@@ -110,7 +110,8 @@ fn closed_registered_fd_reports_error_and_warns_once_per_key() {
         );
         assert_eq!(warnings.load(Ordering::Relaxed), 3);
 
-        // Removing a handler whose fd is closed must succeed.
+        // Removing a handler whose fd is closed must succeed. Adding the closed number again
+        // breaks [CONF-5] on purpose, as the first close did.
         update(&mut monitor, Change::Remove { key: key(1), fd }).unwrap();
         assert_eq!(wait_now(&mut monitor, &mut ready), []);
         add(&mut monitor, key(1), fd, Interest::READ);

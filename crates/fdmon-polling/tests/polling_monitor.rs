@@ -11,13 +11,13 @@
 //! and the BSDs (the suite is Linux-only: it is written on eventfds and `pipe2`).
 //!
 //! `FdMonitor::update` is `unsafe`: each fd added must stay open until it is removed (rule
-//! [FD-1] of ARCHITECTURE.md). The cases keep it, through [`add`] and [`update`], except three
-//! that close a watched fd on purpose to check what the kernel and the monitor do when a
-//! caller breaks it (marked "breaks [FD-1] on purpose"): the kernel drops its entry, or keeps
-//! it while a duplicate holds the file, and the monitor reports or forgets; no memory is
+//! [FD-1] of ARCHITECTURE.md). The cases keep it, through [`add`] and [`update`], except four
+//! that break it on purpose to check what the kernel and the monitor do when a caller does
+//! (marked "breaks [FD-1] on purpose"): three close a watched fd, and the kernel drops its
+//! entry, or keeps it while a duplicate holds the file, and the monitor reports or forgets;
+//! one adds a number that is not open, which the kernel refuses (`EBADF`). No memory is
 //! involved, and the serial lock keeps the other cases of this binary from taking a number
-//! meanwhile. A number that is not open at all is refused by the kernel (`EBADF`), which the
-//! contract allows.
+//! meanwhile.
 
 #![cfg(unix)]
 
@@ -107,7 +107,7 @@ fn add(monitor: &mut PollingMonitor, key: HandlerKey, fd: &impl AsRawFd, interes
 /// `FdMonitor::update` for these cases, which keep [FD-1] but where they say otherwise.
 fn update(monitor: &mut PollingMonitor, change: Change) -> io::Result<()> {
     // SAFETY: [FD-1]: every case keeps each fd it adds open until it removes it, except the
-    // three marked "breaks [FD-1] on purpose" (see the module docs).
+    // four marked "breaks [FD-1] on purpose" (see the module docs).
     unsafe { monitor.update(change) }
 }
 
@@ -210,6 +210,7 @@ fn the_same_fd_twice_is_refused_and_leaves_the_monitor_unchanged() {
 fn an_fd_that_is_not_open_is_an_error_and_leaves_the_monitor_unchanged() {
     let _serial = serial();
     let mut monitor = PollingMonitor::new().unwrap();
+    // Breaks [FD-1] on purpose: a number that is not open.
     let fd = {
         let (a, _b) = pair();
         a.as_raw_fd()

@@ -382,7 +382,7 @@ impl UringMonitor {
     ///
     /// # let Ok(mut monitor) = UringMonitor::new() else { return Ok(()) };
     /// let key = HandlerKey::new(3, 0);
-    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// // SAFETY: [FD-1]: fd 0 (stdin) stays open for the life of the process.
     /// unsafe { monitor.update(Change::Add { key, fd: 0, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.registrations().collect::<Vec<_>>(), [(key, 0, Interest::READ)]);
     /// # Ok::<(), std::io::Error>(())
@@ -400,7 +400,7 @@ impl UringMonitor {
     /// use fdmon_uring::UringMonitor;
     ///
     /// # let Ok(mut monitor) = UringMonitor::new() else { return Ok(()) };
-    /// // SAFETY: [FD-1]: the fd stays open until the monitor is dropped.
+    /// // SAFETY: [FD-1]: fd 0 (stdin) stays open for the life of the process.
     /// unsafe { monitor.update(Change::Add { key: HandlerKey::new(0, 0), fd: 0, interest: Interest::READ }) }?;
     /// assert_eq!(monitor.len(), 1);
     /// # Ok::<(), std::io::Error>(())

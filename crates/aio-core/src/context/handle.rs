@@ -121,14 +121,16 @@ impl ContextHandle {
     ///
     /// # Safety
     ///
-    /// `fd` must stay open, naming the same open file, from `register` until the handler is
-    /// removed: its [`RemoteFdHandler`] dropped or [`remove`](RemoteFdHandler::remove)d, or
-    /// the context dropped (ARCHITECTURE.md, "Raw fds"; see [`AioContext::fd_handler_raw`]),
-    /// kept open by the caller itself, not by another handler that owns it.
-    /// A removal from another thread stops the callbacks at once, but the home thread takes
-    /// the number out of the backend at its next iteration: if it is closed and reused
-    /// before that, the backend may watch the new file until then, and reports for it go to
-    /// no callback.
+    /// `fd` must stay open, naming the same open file, from `register` until the home thread
+    /// has applied the handler's removal (ARCHITECTURE.md, [FD-1] in "Raw fds"; see
+    /// [`AioContext::fd_handler_raw`]), kept open by the caller itself, not by another handler
+    /// that owns it. A removal from another thread ([`RemoteFdHandler`] dropped or
+    /// [`remove`](RemoteFdHandler::remove)d) stops the callbacks at once, but the home thread
+    /// takes the number out of the backend only at its next iteration (or when the context is
+    /// dropped), and until then the backend, and an outer loop watching the backend's fds, may
+    /// still use it: close the fd only after the home thread has iterated since. A caller that
+    /// cannot tell should give the fd to [`fd_handler`](Self::fd_handler) instead, which
+    /// closes it at exactly that point.
     pub unsafe fn fd_handler_raw(&self, fd: RawFd) -> RemoteHandlerBuilder {
         RemoteHandlerBuilder::new(self.clone(), fd)
     }

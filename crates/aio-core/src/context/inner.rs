@@ -75,10 +75,11 @@ pub(crate) struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // The monitor first, while every registered fd is still open: what follows closes
-        // fds (the registry's owners, an `AsyncFd` inside a task), and the monitor's drop may
-        // still hand the kernel registered numbers (io_uring submits what it has queued while
-        // it reaps its requests). Nothing below uses it: no `AioContext` can exist any more.
+        // The monitor first, while every registered fd is still open ([FD-1]): what follows
+        // closes fds (the registry's owners, an `AsyncFd` inside a task), and a backend must
+        // see them go first (`polling` requires a delete before the close, which dropping its
+        // poller amounts to; io_uring's drop submits what it still has queued while it reaps
+        // its requests). Nothing below uses it: no `AioContext` can exist any more.
         drop(std::mem::replace(self.monitor.get_mut(), Box::new(Dropped)));
         // Tasks next, without polling them: their futures may own BHs, timers and handler
         // registrations of this context, whose drops are cheaper while it is still whole.

@@ -514,10 +514,16 @@ impl AioContext {
     /// Runs `f` with the backend as its concrete type, if it offers one
     /// ([`FdMonitor::as_any_mut`]): how a crate built on the loop uses a backend's own
     /// capabilities (the block I/O engine adds requests to the io_uring backend's ring and
-    /// takes their completions). `f` must not call the monitor's [`FdMonitor`] methods (the
-    /// context owns the watched set and the waits), and must not touch the context: the
-    /// backend is borrowed for the duration of the call, so a call back into the loop panics.
-    pub fn with_backend<R>(&self, f: impl FnOnce(Option<&mut dyn Any>) -> R) -> R {
+    /// takes their completions). `f` must not touch the context: the backend is borrowed for
+    /// the duration of the call, so a call back into the loop panics.
+    ///
+    /// # Safety
+    ///
+    /// `f` must not call the monitor's [`FdMonitor`] methods (the context owns the watched set
+    /// and the waits), nor replace, swap or move out the monitor it is lent: the context's
+    /// registrations would then sit in a monitor that never gets their `Remove`, and [FD-1]
+    /// (ARCHITECTURE.md, "Raw fds") would no longer hold for it.
+    pub unsafe fn with_backend<R>(&self, f: impl FnOnce(Option<&mut dyn Any>) -> R) -> R {
         let mut monitor = self.inner.monitor.borrow_mut();
         f(monitor.as_any_mut())
     }

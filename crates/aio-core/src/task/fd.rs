@@ -340,7 +340,9 @@ impl<T: AsFd> AsyncFd<T> {
     /// fd may even be replaced (the old one closed): the next wait registers whatever fd `T`
     /// then holds (make it non-blocking: only the first one was made so by
     /// [`with_context`](Self::with_context)). No wait can be pending meanwhile, as one
-    /// borrows the `AsyncFd`.
+    /// borrows the `AsyncFd`. So each call costs a removal of the handler, if there is one,
+    /// and a registration at the next wait; for shared access, [`get_ref`](Self::get_ref)
+    /// costs nothing (`std`'s sockets and files do their I/O through `&T`).
     ///
     /// ```
     /// # let ctx = aio_core::AioContext::new(Box::new(fdmon_poll::PollMonitor::new()?))?;
@@ -665,9 +667,11 @@ impl<'a, T: AsFd> Future for WaitReady<'a, T> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let (fd, dir) = (this.fd, this.dir);
-        // `T`'s number now: changed only through `get_mut`, which removed the handler, so a
-        // registration below is for the fd `T` holds.
-        fd.state.fd.set(fd.get_ref().as_fd().as_raw_fd());
+        // With no handler (as `get_mut` leaves it), the next registration is for the fd `T`
+        // holds now; while one is registered, its number stays the one it watches.
+        if fd.state.handler.borrow().is_none() {
+            fd.state.fd.set(fd.get_ref().as_fd().as_raw_fd());
+        }
         fd.state
             .poll_ready(dir, &mut this.id, cx)
             .map(|r| r.map(|()| ReadyGuard { fd, dir }))

@@ -123,3 +123,18 @@ pub fn wait_for<T>(ctx: &AioContext, slot: &Slot<T>) -> T {
     }
     panic!("the completion never came");
 }
+
+/// Runs `f` on `ctx`'s io_uring monitor (the context must run on one), for reading its
+/// counters.
+#[allow(dead_code)] // not every test binary reads them
+pub fn ring<R>(ctx: &AioContext, f: impl FnOnce(&mut UringMonitor) -> R) -> R {
+    // SAFETY: [FD-1]: the callers only read counters; the monitor is neither driven nor
+    // replaced.
+    unsafe {
+        ctx.with_backend(|b| {
+            f(b.expect("a backend")
+                .downcast_mut::<UringMonitor>()
+                .expect("the io_uring backend"))
+        })
+    }
+}
