@@ -1308,26 +1308,7 @@ mod tests {
                 self.0.fetch_add(1, Ordering::SeqCst);
             }
         }
-        /// A monitor that watches nothing: this test never waits.
-        #[derive(Debug)]
-        struct NoFds;
-        impl crate::FdMonitor for NoFds {
-            fn name(&self) -> &'static str {
-                "none"
-            }
-            unsafe fn update(&mut self, _: crate::fdmon::Change) -> std::io::Result<()> {
-                Ok(())
-            }
-            fn wait(
-                &mut self,
-                _: &mut crate::fdmon::ReadyList,
-                _: Option<Duration>,
-            ) -> std::io::Result<usize> {
-                Ok(0)
-            }
-            fn outer_fds(&self, _: &mut Vec<crate::fdmon::OuterFd>) {}
-        }
-        let ctx = crate::AioContext::new(Box::new(NoFds)).unwrap();
+        let ctx = crate::AioContext::new(Box::new(crate::fdmon::NoFds)).unwrap();
         let drops = Arc::new(AtomicU32::new(0));
         let guard = Drops(drops.clone());
         // A node whose handle was just dropped, as a raw allocation: its one reference is the

@@ -339,6 +339,27 @@ pub trait FdMonitor: fmt::Debug {
     }
 }
 
+/// A monitor that watches nothing and never sleeps: what stands in for a context's monitor
+/// while the rest of the context is dropped, and a backend for tests that never wait.
+#[derive(Debug)]
+pub(crate) struct NoFds;
+
+impl FdMonitor for NoFds {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+
+    unsafe fn update(&mut self, _change: Change) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn wait(&mut self, _ready: &mut ReadyList, _timeout: Option<Duration>) -> io::Result<usize> {
+        Ok(0)
+    }
+
+    fn outer_fds(&self, _out: &mut Vec<OuterFd>) {}
+}
+
 impl FdMonitor for Box<dyn FdMonitor> {
     fn name(&self) -> &'static str {
         (**self).name()

@@ -4,7 +4,7 @@
 
 use super::{CompletionSource, Polling, Shared};
 use crate::bh::{self, Slice};
-use crate::fdmon::{FdMonitor, ReadyList};
+use crate::fdmon::{FdMonitor, NoFds, ReadyList};
 use crate::handler::Registry;
 use crate::remote;
 use crate::scope::Scopes;
@@ -80,7 +80,7 @@ impl Drop for Inner {
         // see them go first (`polling` requires a delete before the close, which dropping its
         // poller amounts to; io_uring's drop submits what it still has queued while it reaps
         // its requests). Nothing below uses it: no `AioContext` can exist any more.
-        drop(std::mem::replace(self.monitor.get_mut(), Box::new(Dropped)));
+        drop(std::mem::replace(self.monitor.get_mut(), Box::new(NoFds)));
         // Tasks next, without polling them: their futures may own BHs, timers and handler
         // registrations of this context, whose drops are cheaper while it is still whole.
         self.tasks.drop_all();
@@ -107,30 +107,6 @@ impl Drop for Inner {
             drop(local);
         }
     }
-}
-
-/// What stands in for the monitor while the rest of a context is dropped: watches nothing.
-#[derive(Debug)]
-struct Dropped;
-
-impl FdMonitor for Dropped {
-    fn name(&self) -> &'static str {
-        "dropped"
-    }
-
-    unsafe fn update(&mut self, _change: crate::fdmon::Change) -> std::io::Result<()> {
-        Ok(())
-    }
-
-    fn wait(
-        &mut self,
-        _ready: &mut ReadyList,
-        _timeout: Option<std::time::Duration>,
-    ) -> std::io::Result<usize> {
-        Ok(0)
-    }
-
-    fn outer_fds(&self, _out: &mut Vec<crate::fdmon::OuterFd>) {}
 }
 
 impl fmt::Debug for Inner {
