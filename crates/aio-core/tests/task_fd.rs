@@ -1,7 +1,7 @@
 //! fd readiness as futures (`aio_core::task::fd::AsyncFd`) on sockets and pipes: echo between
 //! tasks, readiness that waits for data, writes into a full buffer, end of file, no busy loop
 //! without waiters, a reader and a writer on one fd, unregistration on drop, and an fd
-//! replaced through `get_mut`.
+//! replaced through `get_mut`, which also forgets the readiness reported before.
 
 use aio_core::task::fd::AsyncFd;
 use aio_core::{AioContext, Interest};
@@ -376,4 +376,26 @@ fn an_fd_replaced_through_get_mut_is_the_one_watched_next() {
     new_peer.write_all(b"new").unwrap();
     let got = ctx.block_on(task).unwrap();
     assert_eq!(got.unwrap(), b"new");
+}
+
+/// `get_mut` forgets the readiness the loop reported for the old fd: a wait right after it is
+/// for the loop again, even when the old fd was marked readable and nothing consumed it.
+#[test]
+#[cfg_attr(miri, ignore = "no socketpair ioctl under Miri")]
+fn get_mut_forgets_the_readiness_reported_before() {
+    let ctx = ctx();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let mut a = AsyncFd::with_context(&ctx, a).unwrap();
+    b.write_all(b"x").unwrap();
+    ctx.block_on(async { a.readable().await.map(drop) })
+        .unwrap();
+    let noop = &mut std::task::Context::from_waker(std::task::Waker::noop());
+    // Marked readable: a wait completes without the loop.
+    assert!(Box::pin(a.readable()).as_mut().poll(noop).is_ready());
+    a.get_mut();
+    // Forgotten: the wait registers and needs the loop to report the fd again.
+    let mut wait = Box::pin(a.readable());
+    assert!(wait.as_mut().poll(noop).is_pending());
+    assert_eq!(a.interest(), Interest::READ);
+    drop(wait);
 }
