@@ -401,11 +401,12 @@ fn a_closed_socket_kept_open_by_a_clone_does_not_keep_epoll_awake() {
     let keep = srv.try_clone().unwrap();
     // `srv` is closed below while its handler is registered, which `fd_handler` (the handler
     // owning the fd) cannot express: the raw entry point is the only way to set this up.
-    // SAFETY: this breaks the raw-fd contract (ARCHITECTURE.md, "Raw fds") on purpose, to check
-    // what epoll does when a caller breaks it; breaking it corrupts no memory of ours. After
-    // `drop(srv)` the backend uses the number only for the removal's `EPOLL_CTL_DEL`: if another
-    // test thread's new fd took the number meanwhile, that answers `ENOENT` instead of `EBADF`,
-    // which the backend takes alike, and it changes nothing for that fd or its file.
+    // This breaks the raw-fd contract on purpose, to check what epoll does when a caller
+    // breaks it; breaking it corrupts no memory of ours. After `drop(srv)` the backend uses the
+    // number only for the removal's `EPOLL_CTL_DEL`: if another test thread's new fd took the
+    // number meanwhile, that answers `ENOENT` instead of `EBADF`, which the backend takes
+    // alike, and it changes nothing for that fd or its file.
+    // SAFETY: raw-fd contract ([FD-1] in ARCHITECTURE.md), broken on purpose as just said.
     let h = unsafe { ctx.fd_handler_raw(srv.as_raw_fd()) }
         .on_read(|_| ())
         .register()

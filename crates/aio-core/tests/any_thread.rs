@@ -140,9 +140,9 @@ fn registration_errors_reach_the_remote_caller() {
     let closed = on_other_thread(&ctx, move |handle| {
         // Above the kernel's largest fd number (`fs.nr_open` is at most 2^30), never open.
         const NEVER_OPEN: i32 = i32::MAX;
-        // SAFETY: raw-fd contract (ARCHITECTURE.md, "Raw fds"): it binds from a successful
-        // `register`, and `register` refuses a number that is not open (EBADF), so nothing
-        // ever watches it.
+        // The raw-fd contract binds from a successful `register`, and `register` refuses a
+        // number that is not open (EBADF), so nothing ever watches it.
+        // SAFETY: raw-fd contract ([FD-1] in ARCHITECTURE.md), never in force here.
         let builder = unsafe { handle.fd_handler_raw(NEVER_OPEN) }.on_read(|_| ());
         builder.register().map(drop).err()
     });

@@ -264,8 +264,9 @@ impl AutoMonitor {
         }
         let moved = EpollMonitor::new().and_then(|mut epoll| {
             for (key, fd, interest) in poll.registrations() {
-                // SAFETY: [FD-1]: each registration came through `update`, whose contract
-                // keeps its fd open until it is removed; moving it to epoll changes nothing.
+                // Each registration came through `update`, whose contract keeps its fd open
+                // until it is removed; moving it to epoll changes nothing.
+                // SAFETY: [FD-1], kept by the caller of the `update` that added it.
                 unsafe { epoll.update(Change::Add { key, fd, interest }) }?;
             }
             Ok(epoll)
@@ -292,8 +293,9 @@ impl AutoMonitor {
     fn fall_back_to_poll(&mut self, change: Change, why: io::Error) -> io::Result<()> {
         let mut poll = PollMonitor::new()?;
         for (key, fd, interest) in self.registrations() {
-            // SAFETY: [FD-1]: each registration came through `update`, whose contract keeps
-            // its fd open until it is removed; moving it to poll changes nothing.
+            // Each registration came through `update`, whose contract keeps its fd open
+            // until it is removed; moving it to poll changes nothing.
+            // SAFETY: [FD-1], kept by the caller of the `update` that added it.
             unsafe { poll.update(Change::Add { key, fd, interest }) }?;
         }
         // SAFETY: [FD-1]: `change` comes from this monitor's `update`, under its contract.

@@ -375,7 +375,8 @@ impl BlockIo {
         done: impl FnOnce(io::Result<usize>, B) + 'static,
     ) -> Op {
         if start > buf.len() {
-            return self.refuse_start(ctx, buf, start, done);
+            let why = start_past_end(start, buf.len());
+            return self.refuse(ctx, buf, why, done);
         }
         #[cfg(target_os = "linux")]
         if let Some(l) = self.laio(ctx) {
@@ -397,18 +398,16 @@ impl BlockIo {
         }
     }
 
-    /// Fails a request whose `start` lies past its buffer, through a no-op request so that
-    /// `done` runs later, from a poll, as for every other result.
-    fn refuse_start<B: IoBuf>(
+    /// Fails a request that cannot start (`why`, an `InvalidInput`), through a no-op request
+    /// so that `done` runs later, from a poll, as for every other result, with the buffer.
+    fn refuse<B: 'static>(
         &self,
         ctx: &AioContext,
         buf: B,
-        start: usize,
+        why: String,
         done: impl FnOnce(io::Result<usize>, B) + 'static,
     ) -> Op {
-        let len = buf.len();
         self.nop(ctx, move |_| {
-            let why = format!("start {start} lies past the end of a {len}-byte buffer");
             done(Err(io::Error::new(io::ErrorKind::InvalidInput, why)), buf)
         })
     }
@@ -475,9 +474,7 @@ impl BlockIo {
         done: impl FnOnce(io::Result<usize>, Vec<S>) + 'static,
     ) -> Op {
         if let Some(why) = segment::refused(&bufs) {
-            return self.nop(ctx, move |_| {
-                done(Err(io::Error::new(io::ErrorKind::InvalidInput, why)), bufs)
-            });
+            return self.refuse(ctx, bufs, why, done);
         }
         #[cfg(target_os = "linux")]
         if let Some(l) = self.laio(ctx) {
@@ -651,6 +648,11 @@ fn pool_error(e: threadpool::Error) -> io::Error {
         threadpool::Error::Cancelled => io::Error::from_raw_os_error(libc::ECANCELED),
         other => io::Error::other(other.to_string()),
     }
+}
+
+/// Why a transfer from `start` on cannot be made in a buffer of `len` bytes.
+fn start_past_end(start: usize, len: usize) -> String {
+    format!("start {start} lies past the end of a {len}-byte buffer")
 }
 
 /// One positioned transfer per segment, stopping at the first short one or error (an error

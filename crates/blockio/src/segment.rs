@@ -40,12 +40,7 @@ mod sealed {
     impl Sealed for (Vec<u8>, usize) {
         fn refused(&self) -> Option<String> {
             let (buf, start) = self;
-            (*start > buf.len()).then(|| {
-                format!(
-                    "start {start} lies past the end of a {}-byte buffer",
-                    buf.len()
-                )
-            })
+            (*start > buf.len()).then(|| crate::start_past_end(*start, buf.len()))
         }
     }
 }

@@ -119,8 +119,9 @@ struct LocalCallbacks(Rc<Callbacks>);
 /// calls only the monitor's request methods (`add_sqe`, `pop_completion`, `cancel_request`,
 /// `register_buffers` and queries), never its `FdMonitor` methods, and never replaces it.
 fn with_ring<R>(ctx: &AioContext, f: impl FnOnce(Option<&mut UringMonitor>) -> R) -> R {
-    // SAFETY: [FD-1]: `f` neither drives the monitor's watched set nor replaces the monitor
-    // (above); it only adds, cancels and reaps requests of its own.
+    // `f` neither drives the monitor's watched set nor replaces the monitor (above); it
+    // only adds, cancels and reaps requests of its own.
+    // SAFETY: `with_backend`'s contract ([FD-1]), kept as just said.
     unsafe { ctx.with_backend(|b| f(b.and_then(|m| m.downcast_mut::<UringMonitor>()))) }
 }
 
@@ -483,8 +484,9 @@ pub(crate) fn vectored<S: Segment>(
     } else {
         opcode::Readv::new(fd, ptr, n).offset(offset).build()
     };
-    // SAFETY: [URING-2]: the SQE points at `keep.iovecs`, which point into the heap memory of
-    // `keep.bufs`' `Vec`s (a sealed `Segment` is one), which does not move with them.
+    // The SQE points at `keep.iovecs`, which point into the heap memory of `keep.bufs`'
+    // `Vec`s (a sealed `Segment` is one), which does not move with them.
+    // SAFETY: [URING-2], kept as just said.
     unsafe {
         submit(ctx, entry, keep, move |res, keep, _| {
             match keep.downcast::<VecBufs<S>>() {

@@ -453,10 +453,11 @@ pub fn fd_register_closed_fd_ebadf(make: MakeContext) {
     let fd = closed_fd_number();
     // A number that is not open has no owner to hand `fd_handler`: it goes through the raw
     // entry point, which refuses it at `register` (the point of the case).
-    // SAFETY: raw-fd contract (ARCHITECTURE.md, "Raw fds"): it binds only from a successful
-    // `register` until removal, and `register` must fail here with `EBADF`, so no handler
-    // ever watches `fd`. `closed_fd_number` keeps it above the numbers the kernel hands out,
-    // so no other test's fd takes it meanwhile.
+    // The raw-fd contract binds only from a successful `register` until removal, and
+    // `register` must fail here with `EBADF`, so no handler ever watches `fd`.
+    // `closed_fd_number` keeps it above the numbers the kernel hands out, so no other test's
+    // fd takes it meanwhile.
+    // SAFETY: raw-fd contract ([FD-1] in ARCHITECTURE.md), never in force here.
     let err = unsafe { ctx.fd_handler_raw(fd) }
         .on_read(|_| panic!("must never run"))
         .register()

@@ -106,8 +106,9 @@ fn add(monitor: &mut PollingMonitor, key: HandlerKey, fd: &impl AsRawFd, interes
 
 /// `FdMonitor::update` for these cases, which keep [FD-1] but where they say otherwise.
 fn update(monitor: &mut PollingMonitor, change: Change) -> io::Result<()> {
-    // SAFETY: [FD-1]: every case keeps each fd it adds open until it removes it, except the
-    // four marked "breaks [FD-1] on purpose" (see the module docs).
+    // Every case keeps each fd it adds open until it removes it, except the four marked
+    // "breaks [FD-1] on purpose" (see the module docs).
+    // SAFETY: [FD-1], kept as just said.
     unsafe { monitor.update(change) }
 }
 

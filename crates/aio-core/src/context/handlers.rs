@@ -30,8 +30,9 @@ impl Inner {
         };
         if node.in_monitor.replace(false) {
             let change = Change::Remove { key, fd: node.fd };
-            // SAFETY: [FD-1]: a `Remove` asks the backend to forget the number while it is
-            // still open: `node`, with its fd's owner, is dropped only below.
+            // A `Remove` asks the backend to forget the number while it is still open:
+            // `node`, with its fd's owner, is dropped only below.
+            // SAFETY: [FD-1], kept as just said.
             let result = unsafe { self.monitor.borrow_mut().update(change) };
             if let Err(e) = result {
                 tracing::warn!("aio: backend failed to forget fd {}: {e}", node.fd);
@@ -145,9 +146,10 @@ impl Inner {
                     fd: node.fd,
                 }
             };
-            // SAFETY: [FD-1]: `node` is live in the registry, so its fd is open, owned by the
-            // node or promised by a raw registration, until `remove_node` has taken it out
-            // of the monitor.
+            // `node` is live in the registry, so its fd is open, owned by the node or
+            // promised by a raw registration, until `remove_node` has taken it out of the
+            // monitor.
+            // SAFETY: [FD-1], kept as just said.
             match unsafe { monitor.update(change) } {
                 Ok(()) => node.in_monitor.set(watched),
                 Err(e) => tracing::warn!("aio: cannot re-arm fd {}: {e}", node.fd),
@@ -400,9 +402,10 @@ impl AioContext {
             _ => None,
         };
         if let Some(change) = change {
-            // SAFETY: [FD-1]: `node` owns its fd (or carries a raw registration's promise),
-            // was checked open by `reserve_node`, and from here lives in the registry until
-            // `remove_node` takes it out of the monitor; the old node (same number) likewise.
+            // `node` owns its fd (or carries a raw registration's promise), was checked open
+            // by `reserve_node`, and from here lives in the registry until `remove_node` takes
+            // it out of the monitor; the old node (same number) likewise.
+            // SAFETY: [FD-1], kept as just said.
             unsafe { inner.monitor.borrow_mut().update(change) }?;
         }
         // Insert before removing the old node: `insert` claims the index `next_key` reserved,

@@ -128,8 +128,8 @@ pub fn wait_for<T>(ctx: &AioContext, slot: &Slot<T>) -> T {
 /// counters.
 #[allow(dead_code)] // not every test binary reads them
 pub fn ring<R>(ctx: &AioContext, f: impl FnOnce(&mut UringMonitor) -> R) -> R {
-    // SAFETY: [FD-1]: the callers only read counters; the monitor is neither driven nor
-    // replaced.
+    // The callers only read counters; the monitor is neither driven nor replaced.
+    // SAFETY: `with_backend`'s contract ([FD-1]), kept as just said.
     unsafe {
         ctx.with_backend(|b| {
             f(b.expect("a backend")
