@@ -56,6 +56,11 @@ fn handler_polls(ctx: &AioContext) -> bool {
         .any(|m| m.fd != -1 && !m.window.is_zero())
 }
 
+/// Whether this process runs under valgrind, whose preload library is mapped into it.
+fn under_valgrind() -> bool {
+    std::fs::read_to_string("/proc/self/maps").is_ok_and(|maps| maps.contains("vgpreload"))
+}
+
 #[test]
 fn completions_landing_while_the_loop_polls_are_poll_hits() {
     let Some((ctx, io)) = polling_laio_ctx(Duration::from_millis(20)) else {
@@ -124,6 +129,13 @@ fn completions_landing_while_the_loop_polls_are_poll_hits() {
     // submission's iteration; a few dozen reads say little about polling either way.
     if polled_for < 50 {
         println!("too few reads were polled for to judge: {summary}");
+        return;
+    }
+    // Valgrind (xtask's memcheck step runs this file for the ring's memory accesses) also
+    // stretches the polling phase's own clock reads unevenly: one CI run there found 32 hits
+    // for 71 reads polled for. The ratio is judged natively, in the test step.
+    if under_valgrind() {
+        println!("under valgrind, the hit ratio is not judged: {summary}");
         return;
     }
     assert!(hits >= polled_for / 2, "{summary}");
