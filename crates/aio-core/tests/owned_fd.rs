@@ -4,7 +4,9 @@
 //! replacement, a registration refused by the context or by the backend, a removal from
 //! another thread, the context's drop. A leaked handle leaks the fd with it until the context
 //! goes, never closes it early. Taking a handler out of the backend and back (external
-//! handlers disabled and enabled) keeps it.
+//! handlers disabled and enabled) keeps it. A registration that applies a pending remote
+//! removal of the same number checks the number only after that removal, and an `AsyncFd`
+//! owned by a task outlives the backend when the context is dropped.
 //!
 //! Whether an fd is still open is read from its peer: the other end of a socket pair reads
 //! end-of-file once the last fd of this end is closed. A wrapping monitor checks, at each
@@ -323,5 +325,75 @@ fn external_handlers_taken_out_of_the_backend_and_back_keep_their_fd() {
     assert!(is_open(&peer));
     drop(handler);
     assert!(!is_open(&peer));
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
+}
+
+#[test]
+fn a_registration_after_a_remote_removal_not_yet_applied_checks_the_fd_after_that_removal() {
+    let (ctx, log) = checked_ctx();
+    // The socket moved to a high number, which no other test's open reuses while this one
+    // runs (the kernel hands out the lowest free number).
+    let (low, peer) = pair();
+    const HIGH: RawFd = 900;
+    // SAFETY: `low` is open; `dup2` only duplicates it onto a number nothing here uses.
+    assert_eq!(unsafe { libc::dup2(low.as_raw_fd(), HIGH) }, HIGH);
+    drop(low);
+    // SAFETY: `dup2` just opened `HIGH`, and nothing else owns it.
+    let ours = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(HIGH) };
+    let handle = ctx.handle();
+    let registering =
+        std::thread::spawn(move || handle.fd_handler(ours).on_read(|_| {}).register());
+    while !registering.is_finished() {
+        ctx.poll_nonblocking();
+    }
+    let remote = registering.join().unwrap().unwrap();
+    // Removed on another thread; the home thread has not applied it yet.
+    std::thread::spawn(move || remote.remove()).join().unwrap();
+    assert!(
+        is_open(&peer),
+        "the removal is not applied before the next iteration"
+    );
+    // A registration of the same number on the home thread applies that removal first,
+    // which drops the only owner: the number is checked after that, and found closed.
+    // SAFETY: breaks [FD-1] on purpose: the number is closed by the removal this
+    // registration applies, and the registration must refuse it rather than watch it.
+    let err = unsafe { ctx.fd_handler_raw(HIGH) }
+        .on_read(|_| {})
+        .register()
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBADF), "{err}");
+    assert!(!is_open(&peer), "the stale node's fd was dropped");
+    ctx.poll_nonblocking();
+    drop(ctx);
+    assert!(log.borrow().is_empty(), "{:?}", log.borrow());
+}
+
+#[test]
+fn an_async_fd_dropped_with_its_task_at_the_context_drop_outlives_the_backend() {
+    use aio_core::task::fd::AsyncFd;
+    let (ctx, log) = checked_ctx();
+    let (ours, peer) = pair();
+    let watching = Rc::new(Cell::new(false));
+    let seen = watching.clone();
+    // A task that waits forever for a read that never comes, its fd watched by the backend.
+    let task = ctx.spawn_local(async move {
+        let fd = AsyncFd::new(ours)?;
+        seen.set(true);
+        fd.readable().await.map(drop)
+    });
+    while !watching.get() {
+        ctx.poll_nonblocking();
+    }
+    ctx.poll_nonblocking();
+    assert!(is_open(&peer));
+    // The context drops its monitor before its tasks: the checking monitor finds the fd
+    // still open at its own drop, and the task's `AsyncFd` then closes it without touching
+    // the monitor that is gone.
+    drop(ctx);
+    assert!(
+        !is_open(&peer),
+        "the task's AsyncFd was dropped with the context"
+    );
+    drop(task);
     assert!(log.borrow().is_empty(), "{:?}", log.borrow());
 }
