@@ -354,9 +354,9 @@ fn a_registration_after_a_remote_removal_not_yet_applied_checks_the_fd_after_tha
         "the removal is not applied before the next iteration"
     );
     // A registration of the same number on the home thread applies that removal first,
-    // which drops the only owner: the number is checked after that, and found closed.
-    // SAFETY: breaks [FD-1] on purpose: the number is closed by the removal this
-    // registration applies, and the registration must refuse it rather than watch it.
+    // which drops the only owner: the number is checked after that, and found closed. The
+    // registration must refuse it rather than watch it.
+    // SAFETY: breaks [FD-1] on purpose: the removal this registration applies closes it.
     let err = unsafe { ctx.fd_handler_raw(HIGH) }
         .on_read(|_| {})
         .register()
