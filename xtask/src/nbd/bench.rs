@@ -1400,7 +1400,7 @@ fn group(value: f64) -> String {
 fn value_cell(value: f64, unit: Unit) -> String {
     match unit {
         Unit::Iops | Unit::MibPerSec => group(value),
-        Unit::Seconds => format!("{value:.3}"),
+        Unit::Seconds => format!("{value:.4}"),
     }
 }
 
@@ -2272,7 +2272,7 @@ mod tests {
             outcomes,
         };
         let table = Table::new(&servers, &[sparse]);
-        assert_eq!(table.rows[0][2], "2.000 (2.000–2.000)");
+        assert_eq!(table.rows[0][2], "2.0000 (2.0000–2.0000)");
         assert_eq!(table.rows[0][5], "20.0 ms");
         assert_eq!(table.rows[0][6], "0.25");
         // Its qemu-nbd twin has no figure and threads has no cache=none stand-in: no ratio.
@@ -2284,7 +2284,7 @@ mod tests {
         assert_eq!(text.lines().count(), 1 + servers.len());
         let md = table.markdown();
         assert!(
-            md.contains("| nbdcopy sparse nbd → null:, s | nbdkit file | 0.500 (0.500–0.500) |"),
+            md.contains("| nbdcopy sparse nbd → null:, s | nbdkit file | 0.5000 (0.5000–0.5000) |"),
             "{md}"
         );
     }
