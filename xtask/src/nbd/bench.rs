@@ -32,7 +32,8 @@
 //! the read cases, none of it for the write cases: [`ImageCache`]), a fresh server process,
 //! runs one client (the sparse copies: [`SPARSE_COPIES`] in a row), reads the server's peak
 //! RSS (`VmHWM`) and stops it with SIGTERM; within a round every server runs each case once, in
-//! turn, so that slow drifts of the machine fall on all alike. A failed run is reported in its
+//! turn, so that slow drifts of the machine fall on all alike, and each round starts with the
+//! next server ([`round_order`]), so that none always runs first after the case before. A failed run is reported in its
 //! row and makes the command exit 1 after the report is written; a ratio below 1.0 is a result,
 //! not a failure.
 //!
@@ -1049,7 +1050,12 @@ pub fn run() -> Result<ExitCode> {
             .find(|(c, _)| *c == work.client())
             .map(|(_, why)| why.clone());
         for round in 1..=knobs.rounds {
-            for (i, &which) in servers.iter().enumerate() {
+            // Each round starts with the next server, so that no server always runs first
+            // (and pays for a state the case before left: the first bulk copy into an image
+            // just written with 4 KiB random writes costs the kernel several times more,
+            // whoever serves it; BENCHMARKS.md, 2026-12-07).
+            for i in round_order(servers.len(), round) {
+                let which = servers[i];
                 let outcome = &mut result.outcomes[i];
                 if let Some(why) = skip.clone().or_else(|| refused[i].clone()) {
                     outcome.note = Some(why);
@@ -1306,6 +1312,12 @@ fn run_once(
         },
         ready,
     ))
+}
+
+/// The order in which the servers (by index) run in round `round` (from 1): every one once,
+/// starting with server `(round - 1) % n`.
+fn round_order(n: usize, round: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |k| (k + round.saturating_sub(1)) % n)
 }
 
 /// `sync(1)`: writes every dirty page back, so that a run does not pay for the previous one's
@@ -2189,6 +2201,14 @@ mod tests {
             let bad: &'static [(&str, &str)] = bad;
             assert!(knobs(&env(bad)).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn each_round_runs_every_server_once_starting_with_the_next() {
+        let rounds: Vec<Vec<usize>> = (1..=4).map(|r| round_order(3, r).collect()).collect();
+        assert_eq!(rounds, [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]);
+        assert_eq!(round_order(1, 5).collect::<Vec<_>>(), [0]);
+        assert_eq!(round_order(0, 2).count(), 0);
     }
 
     #[test]
