@@ -334,12 +334,13 @@ fn a_registration_after_a_remote_removal_not_yet_applied_checks_the_fd_after_tha
     // The socket moved to a high number, which no other test's open reuses while this one
     // runs (the kernel hands out the lowest free number).
     let (low, peer) = pair();
-    const HIGH: RawFd = 900;
-    // SAFETY: `low` is open; `dup2` only duplicates it onto a number nothing here uses.
-    assert_eq!(unsafe { libc::dup2(low.as_raw_fd(), HIGH) }, HIGH);
+    const FLOOR: RawFd = 512;
+    // SAFETY: `low` is open; F_DUPFD_CLOEXEC duplicates it onto a free number >= FLOOR.
+    let high = unsafe { libc::fcntl(low.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FLOOR) };
+    assert!(high >= FLOOR, "F_DUPFD: {}", io::Error::last_os_error());
     drop(low);
-    // SAFETY: `dup2` just opened `HIGH`, and nothing else owns it.
-    let ours = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(HIGH) };
+    // SAFETY: `fcntl` just opened `high`, and nothing else owns it.
+    let ours = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(high) };
     let handle = ctx.handle();
     let registering =
         std::thread::spawn(move || handle.fd_handler(ours).on_read(|_| {}).register());
@@ -357,7 +358,7 @@ fn a_registration_after_a_remote_removal_not_yet_applied_checks_the_fd_after_tha
     // which drops the only owner: the number is checked after that, and found closed. The
     // registration must refuse it rather than watch it.
     // SAFETY: breaks [FD-1] on purpose: the removal this registration applies closes it.
-    let err = unsafe { ctx.fd_handler_raw(HIGH) }
+    let err = unsafe { ctx.fd_handler_raw(high) }
         .on_read(|_| {})
         .register()
         .unwrap_err();

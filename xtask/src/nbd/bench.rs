@@ -24,8 +24,8 @@
 //! 1 and 4 connections and 16 and 64 requests of 256 KiB (MiB/s), and a 4 GiB sparse image that
 //! holds 8 MiB of data, to `null:` and to a file (seconds per copy: what skipping holes saves;
 //! the median of [`SPARSE_COPIES`] copies from one server, since one copy is a few
-//! milliseconds and nbdcopy's own start is half of them). A client
-//! that is missing is installed with apt-get; one that cannot be makes its rows say `skipped: …`.
+//! milliseconds and nbdcopy's own start is half of them). A client that is missing is installed
+//! with apt-get; one that cannot be makes its rows say `skipped: …`.
 //!
 //! **Runs.** Every run starts, after a `sync` (so that no run pays for the write-back of the
 //! previous one's writes) and with the image's page cache in the case's state (all of it for
@@ -33,9 +33,9 @@
 //! runs one client (the sparse copies: [`SPARSE_COPIES`] in a row), reads the server's peak
 //! RSS (`VmHWM`) and stops it with SIGTERM; within a round every server runs each case once, in
 //! turn, so that slow drifts of the machine fall on all alike, and each round starts with the
-//! next server ([`round_order`]), so that none always runs first after the case before. A failed run is reported in its
-//! row and makes the command exit 1 after the report is written; a ratio below 1.0 is a result,
-//! not a failure.
+//! next server ([`round_order`]), so that none always runs first after the case before. A
+//! failed run is reported in its row and makes the command exit 1 after the report is written;
+//! a ratio below 1.0 is a result, not a failure.
 //!
 //! **Ratios** are of medians, like for like: each of our rows over nbdkit's row and over the
 //! `qemu-nbd --cache=writeback` row with the same `--aio` (for `native`, over qemu-nbd's
@@ -1183,10 +1183,7 @@ fn run_once(
     let name = which.name();
     // A socket or pid file left by a killed server would confuse the next start.
     for stale in [&files.socket, &files.pid_file, &files.download] {
-        if stale.exists() {
-            std::fs::remove_file(stale)
-                .with_context(|| format!("removing stale {}", stale.display()))?;
-        }
+        remove_stale(stale)?;
     }
     let image = if work.sparse() {
         &files.sparse
@@ -1221,34 +1218,28 @@ fn run_once(
     // copies again would make. One copy takes a few milliseconds, half of them nbdcopy's own
     // start, so one run per server would measure mostly that start's spread.
     let mut times = Vec::with_capacity(work.copies());
-    let mut output = None;
-    for _ in 0..work.copies() {
-        if files.download.exists() {
-            std::fs::remove_file(&files.download)
-                .with_context(|| format!("removing {}", files.download.display()))?;
-        }
+    let output = loop {
         let began = Instant::now();
-        let out = client.output_within(limit)?;
+        let output = client.output_within(limit)?;
         times.push(began.elapsed());
-        if !out.status.success() {
-            let (stdout, stderr) = (
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-            );
-            return Err(RunError::Failed(Error::new(format!(
-                "{} against {name} failed ({}): {}{}",
-                work.client().name(),
-                out.status,
-                stdout.trim(),
-                stderr.trim()
-            ))));
+        if !output.status.success() || times.len() == work.copies() {
+            break output;
         }
-        output = Some(out);
-    }
-    let output = output.expect("every case runs its client at least once");
+        // The next copy writes its file afresh, as the first did.
+        remove_stale(&files.download)?;
+    };
     let elapsed = times[0];
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        return Err(RunError::Failed(Error::new(format!(
+            "{} against {name} failed ({}): {}{}",
+            work.client().name(),
+            output.status,
+            stdout.trim(),
+            stderr.trim()
+        ))));
+    }
     let peak_rss_kib = nbd::peak_rss_kib(server.pid());
     let cpu_used = cpu_before
         .zip(nbd::cpu_time(server.pid()))
@@ -1312,6 +1303,14 @@ fn run_once(
         },
         ready,
     ))
+}
+
+/// Removes `path` if it exists.
+fn remove_stale(path: &Path) -> Result<()> {
+    if path.exists() {
+        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The order in which the servers (by index) run in round `round` (from 1): every one once,
