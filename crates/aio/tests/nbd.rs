@@ -3925,17 +3925,18 @@ fn block_status_behind_a_write_on_the_ring(engine: &str) {
         return;
     };
     let mut c = block_status_client(&f);
-    // 128 KiB into a hole: more than the write lane takes (64 KiB), so the ring's; and with
-    // the BLOCK_STATUS behind it in one send, less than a socket's send buffer, so the server
-    // reads the request while the write has not even been submitted.
+    // 128 KiB into a hole, with FUA: more than the write lane takes (64 KiB), and not
+    // streamed by a worker (`write_stream::may_stream` leaves FUA to the engine), so the
+    // ring's; and with the BLOCK_STATUS behind it in one send, less than a socket's send
+    // buffer, so the server reads the request while the write has not even been submitted.
     let (at, len) = (2 * MIB, 128 * KIB);
     let data = vec![0xa5u8; len];
     let hole = state::HOLE | state::ZERO;
     let span = 2 * len as u32;
     let cookies = c
-        .send_at_once(&[
-            (cmd::WRITE, at as u64, len as u32, &data[..]),
-            (cmd::BLOCK_STATUS, at as u64, span, &[][..]),
+        .send_flagged_at_once(&[
+            (cmd::WRITE, cmd_flag::FUA, at as u64, len as u32, &data[..]),
+            (cmd::BLOCK_STATUS, 0, at as u64, span, &[][..]),
         ])
         .unwrap();
     let written = vec![
@@ -4620,6 +4621,193 @@ fn pipelined_small_writes_all_land() {
     } else {
         // --cache none takes every WRITE (O_DIRECT, or the pool).
         assert_eq!(writes, 0, "{ready}\n{stopped}");
+    }
+}
+
+/// Whether a server with this ready line streams big page-cache WRITEs on a worker
+/// (`write_stream.rs`): the callback engine, without `--cache none`.
+fn streams_big_writes(ready: &str) -> bool {
+    ready.contains("engine callbacks") && ready.contains(", cache writeback")
+}
+
+/// The count of WRITEs streamed by a worker that a stopped line reports.
+fn streamed_writes(stopped: &str) -> u64 {
+    stopped_count(
+        stopped,
+        " block status replies built at once, ",
+        " writes streamed by a worker",
+    )
+}
+
+/// 24 WRITEs of 256 KiB sent without waiting, a small READ of the first one's data right
+/// behind them, then a FLUSH: each gets its reply, the image holds every write, and the READ
+/// (which a streaming worker hands back to the context's thread) sees its write. Under the
+/// callback engine on the page cache, the first WRITE (nothing in flight, nothing to send) is
+/// streamed by a worker, and the stopped line counts at most the 24.
+#[test]
+fn big_writes_are_streamed_by_a_worker_and_land() {
+    const WRITES: usize = 24;
+    const LEN: usize = 256 * KIB;
+    let mut f = fixture("stream-writes", 8 * MIB, |c| c.contexts(1));
+    let ready = ready_line(&f.srv);
+    let mut c = f.srv.client();
+    let mut expect = vec![0u8; 8 * MIB];
+    let mut writes = Vec::new();
+    for i in 0..WRITES {
+        let at = i * (LEN + 4096);
+        let data = pattern(1_000 + i as u64, LEN);
+        expect[at..at + LEN].copy_from_slice(&data);
+        writes.push(c.send_write(at as u64, &data).unwrap());
+    }
+    let read = c.send_read(4096, 4096).unwrap();
+    let flush = c.send_flush().unwrap();
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..WRITES + 2 {
+        let r = c.receive().unwrap();
+        if r.cookie == read {
+            assert!(
+                r.result.unwrap() == expect[4096..8192],
+                "the READ behind the writes"
+            );
+        } else {
+            assert!(
+                r.cookie == flush || writes.contains(&r.cookie),
+                "{:#x}",
+                r.cookie
+            );
+            r.result.unwrap();
+        }
+        assert!(
+            answered.insert(r.cookie),
+            "cookie {:#x} answered twice",
+            r.cookie
+        );
+    }
+    assert!(c.read(0, 8 * MIB as u32).unwrap() == expect, "read back");
+    c.disconnect().unwrap();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert!(f.disk_all() == expect, "the image differs from the writes");
+    let streamed = streamed_writes(&stopped);
+    if streams_big_writes(&ready) {
+        assert!(
+            (1..=WRITES as u64).contains(&streamed),
+            "{ready}\n{stopped}"
+        );
+    } else {
+        assert_eq!(streamed, 0, "{ready}\n{stopped}");
+    }
+    assert_eq!(requests_served(&stopped), WRITES as u64 + 3, "{stopped}");
+}
+
+/// A streamed WRITE whose payload stops arriving for longer than a worker waits (10 ms) is
+/// finished by the context's thread, and the next WRITE, sent once that one is answered, is
+/// streamed again; a client that leaves in the middle of a streamed payload leaves the server
+/// serving, with the part it sent unwritten.
+#[test]
+fn a_streamed_write_whose_payload_stalls_is_finished_on_the_loop() {
+    const LEN: usize = 256 * KIB;
+    let mut f = fixture("stream-stall", 4 * MIB, |c| c.contexts(1));
+    let ready = ready_line(&f.srv);
+    let mut c = f.srv.client();
+    let first = pattern(2_001, LEN);
+    let req = Request::new(cmd::WRITE, 11, 0, LEN as u32);
+    c.conn().send(&req.encode()).unwrap();
+    c.conn().send(&first[..100 * KIB]).unwrap();
+    thread::sleep(Duration::from_millis(60));
+    c.conn().send(&first[100 * KIB..]).unwrap();
+    let (error, cookie, _) = c.conn().read_simple_reply(0).unwrap();
+    assert_eq!((error, cookie), (0, 11));
+    let second = pattern(2_002, LEN);
+    c.write(MIB as u64, &second).unwrap();
+    assert!(c.read(0, LEN as u32).unwrap() == first, "the stalled write");
+    assert!(
+        c.read(MIB as u64, LEN as u32).unwrap() == second,
+        "the next write"
+    );
+    c.disconnect().unwrap();
+
+    // Gone halfway through a payload.
+    let mut gone = f.srv.client();
+    let req = Request::new(cmd::WRITE, 12, 2 * MIB as u64, LEN as u32);
+    gone.conn().send(&req.encode()).unwrap();
+    gone.conn().send(&vec![0x5a; 100 * KIB]).unwrap();
+    drop(gone);
+    f.assert_serves();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    let disk = f.disk_all();
+    assert!(disk[..LEN] == first[..] && disk[MIB..MIB + LEN] == second[..]);
+    assert!(
+        disk[2 * MIB..2 * MIB + LEN].iter().all(|&b| b == 0),
+        "half a payload written"
+    );
+    let streamed = streamed_writes(&stopped);
+    if streams_big_writes(&ready) {
+        // The second WRITE; the stalled one was handed back, the last never completed.
+        assert_eq!(streamed, 1, "{ready}\n{stopped}");
+    } else {
+        assert_eq!(streamed, 0, "{ready}\n{stopped}");
+    }
+}
+
+/// SIGTERM while a client streams big WRITEs without pause, reading its replies as they come:
+/// every request the server counts is answered, and the connection closes as soon as that is
+/// done, well within the 5-second grace period, not at its end.
+#[test]
+fn sigterm_stops_a_write_stream_and_answers_what_it_read() {
+    const LEN: usize = 256 * KIB;
+    let mut f = fixture("stream-sigterm", 4 * MIB, |c| c.contexts(1));
+    let ready = ready_line(&f.srv);
+    let mut c = f.srv.client();
+    let mut replies = c.conn().try_clone().unwrap();
+    let reader = thread::spawn(move || {
+        let mut ok = 0u64;
+        // Until the server closes the connection.
+        while let Ok((error, _, _)) = replies.read_simple_reply(0) {
+            assert_eq!(error, 0);
+            ok += 1;
+        }
+        ok
+    });
+    let writer = thread::spawn(move || {
+        // 64 WRITEs in one send, so that the server finds the next header waiting after each
+        // payload and a worker's stream does not end by itself.
+        let data = pattern(3_000, LEN);
+        let mut batch = Vec::new();
+        for i in 0..64u64 {
+            let req = Request::new(cmd::WRITE, i, (i % 8) * LEN as u64, LEN as u32);
+            batch.extend_from_slice(&req.encode());
+            batch.extend_from_slice(&data);
+        }
+        let mut sent = 0u64;
+        // Until the server stops reading and closes: the send then fails.
+        while c.conn().send(&batch).is_ok() {
+            sent += 64;
+        }
+        sent
+    });
+    thread::sleep(Duration::from_millis(300));
+    let signalled = Instant::now();
+    f.srv.signal("TERM");
+    assert_eq!(f.srv.wait_exit(IO_TIMEOUT).code(), Some(0));
+    let took = signalled.elapsed();
+    let sent = writer.join().unwrap();
+    let answered = reader.join().unwrap();
+    let stopped = f
+        .srv
+        .stdout()
+        .into_iter()
+        .find(|l| l.starts_with("nbd-server: stopped"))
+        .expect("a stopped line");
+    let stderr = f.srv.stderr().join("\n");
+    assert!(
+        !stderr.contains("closed at the end of the shutdown grace period"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(3), "exit {took:?} after SIGTERM");
+    assert!(sent > 0 && answered > 0, "{stopped}");
+    assert_eq!(answered, requests_served(&stopped), "{stopped}");
+    if streams_big_writes(&ready) {
+        assert!(streamed_writes(&stopped) >= 1, "{ready}\n{stopped}");
     }
 }
 
@@ -5579,6 +5767,9 @@ under_the_task_engine! {
     a_client_gone_before_its_early_sends_leaves_the_server_serving,
     large_cached_reads_are_sent_from_the_page_cache,
     pipelined_small_writes_all_land,
+    big_writes_are_streamed_by_a_worker_and_land,
+    a_streamed_write_whose_payload_stalls_is_finished_on_the_loop,
+    sigterm_stops_a_write_stream_and_answers_what_it_read,
 }
 
 #[test]

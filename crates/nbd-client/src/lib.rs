@@ -635,6 +635,15 @@ impl Conn {
         self.stream.raw_fd()
     }
 
+    /// Another `Conn` on the same socket (a duplicated fd), so that one thread can read the
+    /// replies while another sends requests.
+    pub fn try_clone(&self) -> io::Result<Conn> {
+        Conn::new(match &self.stream {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         self.stream.set_nonblocking(on)
     }
@@ -1301,11 +1310,24 @@ impl Client {
     /// write, so that the server finds them together in its socket (as far as its send buffer
     /// holds them); returns their cookies.
     pub fn send_at_once(&mut self, commands: &[(u16, u64, u32, &[u8])]) -> io::Result<Vec<u64>> {
+        let flagged: Vec<_> = commands
+            .iter()
+            .map(|&(kind, offset, len, payload)| (kind, 0, offset, len, payload))
+            .collect();
+        self.send_flagged_at_once(&flagged)
+    }
+
+    /// [`send_at_once`](Self::send_at_once) with each command's flags: (kind, flags, offset,
+    /// length, payload).
+    pub fn send_flagged_at_once(
+        &mut self,
+        commands: &[(u16, u16, u64, u32, &[u8])],
+    ) -> io::Result<Vec<u64>> {
         let mut bytes = Vec::with_capacity(commands.len() * REQUEST_LEN);
         let mut cookies = Vec::with_capacity(commands.len());
-        for &(kind, offset, len, payload) in commands {
+        for &(kind, flags, offset, len, payload) in commands {
             cookies.push(self.next_cookie);
-            bytes.extend(self.register(kind, 0, offset, u64::from(len))?);
+            bytes.extend(self.register(kind, flags, offset, u64::from(len))?);
             bytes.extend_from_slice(payload);
         }
         self.conn.send(&bytes)?;

@@ -142,6 +142,15 @@ impl Payload {
         self.filled += n;
     }
 
+    /// An empty payload in `vec`, whose bytes stay initialized for the next one to be received
+    /// into (a streaming worker's buffer, reused from one WRITE to the next).
+    pub fn reuse(vec: Vec<u8>) -> Payload {
+        Payload {
+            buf: IoBuf::at(vec, 0),
+            filled: 0,
+        }
+    }
+
     /// The buffer, holding exactly the padding and the bytes that arrived.
     pub fn into_buf(mut self) -> IoBuf {
         self.buf.vec.truncate(self.filled);

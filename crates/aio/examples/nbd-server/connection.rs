@@ -16,7 +16,10 @@
 //!   handshake too.
 //! * A write's payload goes straight into the request's own buffer (from the context's buffer
 //!   pool, `buffers.rs`) as it arrives, so memory grows only with the bytes a client actually
-//!   sends, and is not copied again. The read buffer itself is made on the connection's first
+//!   sends, and is not copied again. A big page-cache WRITE that arrives with nothing in
+//!   flight and nothing queued lends the socket to a pool worker that streams it and the big
+//!   WRITEs right behind it (`write_stream.rs`); meanwhile the connection neither reads nor
+//!   sends, and admits nothing, so the stream counts as one request in flight. The read buffer itself is made on the connection's first
 //!   read, so connections that never send cost none, and a context whose last connection of
 //!   a burst of [`TRIM_AFTER`] or more has left gives malloc's free memory back
 //!   ([`buffers::trim_heaps`](crate::buffers::trim_heaps)).
@@ -63,6 +66,7 @@ use crate::session::{
     self, Action, AfterTls, EARLY_SEND_REPLIES, Expired, FileTail, Handshake, IoBuf, LINGER, Opted,
     READ_BUDGET, READ_CHUNK, Timing,
 };
+use crate::write_stream::{self, Streamed, Streamer};
 
 /// At most this many queued replies go to the socket in one `writev`.
 const MAX_SLICES: usize = 64;
@@ -264,6 +268,9 @@ impl Served for RefCell<Conn> {
         let mut c = self.borrow_mut();
         // Requests already read are still served; the socket is not read again.
         c.read_done = true;
+        if let Some(streamer) = &c.streamer {
+            streamer.stop();
+        }
         c.update(ctx);
     }
 
@@ -309,6 +316,8 @@ pub struct Shard {
     /// BLOCK_STATUS replies built at once on the context's thread
     /// (`file_io::block_status_now`).
     pub block_status_at_once: Cell<u64>,
+    /// WRITEs written and answered by a worker that streamed them (`write_stream.rs`).
+    pub streamed_writes: Cell<u64>,
     /// The most entries held at once since the shard was last empty: a burst of connections
     /// leaves its small allocations (read buffers, connection state) free in malloc's heaps,
     /// which are trimmed when the last of [`TRIM_AFTER`] or more leaves.
@@ -374,7 +383,7 @@ impl Shard {
         }
         let conn = Rc::new(RefCell::new(Conn {
             id,
-            sock: Some(Rc::new(sock)),
+            sock: Some(Arc::new(sock)),
             export,
             pool: ThreadPool::of(ctx),
             io: file_io::block_io(ctx, settings.io),
@@ -394,6 +403,8 @@ impl Shard {
             discard: 0,
             after_discard: None,
             payload: None,
+            streamer: None,
+            streaming: false,
             out: VecDeque::new(),
             out_pos: 0,
             unsent_at_once: 0,
@@ -512,7 +523,7 @@ pub struct Conn {
     id: u64,
     /// `None` once closed: the fd is released at once, even while requests are in flight
     /// (`abort` drops `handler`, which shares the socket, first).
-    sock: Option<Rc<Socket>>,
+    sock: Option<Arc<Socket>>,
     export: Arc<Export>,
     pool: Rc<ThreadPool>,
     /// How file I/O is done (`--aio`).
@@ -539,6 +550,10 @@ pub struct Conn {
     /// A write whose payload is arriving: the request and the bytes received so far, in a
     /// buffer with room for all of them, handed to the pool when complete.
     payload: Option<(Request, Payload)>,
+    /// What a worker streaming big WRITEs borrows (`write_stream.rs`), made for the first.
+    streamer: Option<Streamer>,
+    /// A worker has the socket: it streams big WRITEs, and nothing here reads or sends.
+    streaming: bool,
     /// Replies not yet taken by the socket, each in its own buffer (a read's goes back to the
     /// pool once sent) from its `start`; the socket has taken `out_pos` bytes of the first.
     out: VecDeque<IoBuf>,
@@ -653,7 +668,11 @@ impl Conn {
 
     /// Whether the socket should be read now.
     fn wants_read(&self) -> bool {
-        self.sock.is_some() && !self.closing && !self.read_done && !self.is_full()
+        !self.streaming
+            && self.sock.is_some()
+            && !self.closing
+            && !self.read_done
+            && !self.is_full()
     }
 
     /// Whether flow control holds back further requests (and options). One request is always
@@ -720,7 +739,7 @@ impl Conn {
                     continue;
                 }
             }
-            if self.payload.is_some() || self.is_full() {
+            if self.payload.is_some() || self.streaming || self.is_full() {
                 break;
             }
             let have = self.in_end - self.in_start;
@@ -886,10 +905,105 @@ impl Conn {
                 // reused one, or a new one whose pages are touched only as the bytes arrive.
                 let mut data = self.bufs.take_payload(len, self.export.align());
                 data.extend_from_slice(&head[hdr..]);
-                self.payload = Some((req, data));
-                head.len()
+                let consumed = head.len();
+                // Not after the end of the stream or a drain: the worker would read on.
+                if write_stream::may_stream(&self.export, &req)
+                    && self.in_flight == 0
+                    && self.out_bytes == 0
+                    && !self.read_done
+                {
+                    self.stream(req, data);
+                } else {
+                    self.payload = Some((req, data));
+                }
+                consumed
             }
         }
+    }
+
+    /// Lends the socket to a pool worker that receives the rest of WRITE `req`'s payload
+    /// (which has its first bytes in `data`), writes it, answers it, and goes on with the
+    /// next big WRITEs (`write_stream.rs`); the connection reads and sends nothing until
+    /// [`stream_ended`](Self::stream_ended). Only with nothing in flight and nothing queued.
+    fn stream(&mut self, req: Request, data: Payload) {
+        let (Some(sock), Some(conn)) = (&self.sock, self.weak.upgrade()) else {
+            // Not while serving: receive it here as any other payload.
+            self.payload = Some((req, data));
+            return;
+        };
+        let streamer = self
+            .streamer
+            .get_or_insert_with(|| Streamer::new(sock.clone()));
+        let work = streamer.work(self.export.clone(), self.hs, self.id, req, data);
+        self.streaming = true;
+        self.in_flight += 1;
+        self.pending_bytes += session::payload_bytes(&req);
+        self.pool
+            .submit_with(work, move |r: Result<Streamed, threadpool::Error>| {
+                Conn::stream_ended(&conn, req, r)
+            });
+    }
+
+    /// A stream that began with WRITE `first` has ended, on the context's thread: what the
+    /// worker did not finish (a reply's unsent end, a payload still arriving, the next
+    /// request's first bytes) is taken up here.
+    fn stream_ended(
+        conn: &Rc<RefCell<Conn>>,
+        first: Request,
+        r: Result<Streamed, threadpool::Error>,
+    ) {
+        let mut c = conn.borrow_mut();
+        c.streaming = false;
+        c.in_flight -= 1;
+        c.pending_bytes -= session::payload_bytes(&first);
+        c.touch();
+        match r {
+            Ok(done) => {
+                c.shard.requests.set(c.shard.requests.get() + done.served);
+                c.shard
+                    .streamed_writes
+                    .set(c.shard.streamed_writes.get() + done.served);
+                if let Some(buf) = done.spare {
+                    c.bufs.give(buf);
+                }
+                if c.sock.is_some() {
+                    c.take_up(done.unsent, done.partial, &done.leftover);
+                }
+            }
+            Err(e) => {
+                // The pool shut down under the request: nothing of the stream can be trusted.
+                eprintln!(
+                    "nbd-server: connection {}: a WRITE stream failed: {e}",
+                    c.id
+                );
+                c.abort();
+            }
+        }
+        if let Some(ctx) = AioContext::current() {
+            c.update(&ctx);
+        }
+    }
+
+    /// Takes up where a stream stopped: queues the end of a reply the socket did not take,
+    /// goes on receiving a payload that stopped arriving, and parses the bytes read after the
+    /// last streamed request as if the socket had just given them.
+    fn take_up(&mut self, unsent: Vec<u8>, partial: Option<(Request, Payload)>, leftover: &[u8]) {
+        if !unsent.is_empty() {
+            self.queue(unsent);
+        }
+        if let Some(partial) = partial {
+            self.payload = Some(partial);
+        }
+        if !leftover.is_empty() {
+            self.make_room();
+            if self.inbuf.len() - self.in_end < leftover.len() {
+                self.inbuf.resize(self.in_end + leftover.len(), 0);
+            }
+            self.inbuf[self.in_end..self.in_end + leftover.len()].copy_from_slice(leftover);
+            self.in_end += leftover.len();
+        }
+        self.process();
+        self.flush();
     }
 
     /// Drops the next `n` bytes from the client, then queues `reply` (and closes if `close`);
@@ -1096,6 +1210,10 @@ impl Conn {
     /// (their results are dropped), then the connection leaves its shard.
     fn abort(&mut self) {
         self.closing = true;
+        // A worker streaming holds its own handle on the socket, shut down just below.
+        if let Some(streamer) = self.streamer.take() {
+            streamer.stop();
+        }
         self.handler = None;
         self.watching = (false, false);
         self.timer = None;

@@ -10,7 +10,9 @@
 //! As in qemu-nbd, only the data path changes with `--aio`: TRIM and WRITE_ZEROES (fallocate),
 //! CACHE (readahead) and the READs that look for holes (`lseek`) stay on the pool in every
 //! mode; BLOCK_STATUS is answered on the context's thread while no change of the image runs
-//! ([`block_status_now`]), on the pool otherwise.
+//! ([`block_status_now`]), on the pool otherwise. A big page-cache WRITE that finds its
+//! connection idle (callback engine) does not come here: a pool worker streams it
+//! (`write_stream.rs`).
 
 use std::cell::RefCell;
 use std::fs::File;

@@ -86,6 +86,7 @@ mod protocol;
 mod session;
 mod tls;
 mod tls_psk;
+mod write_stream;
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -199,7 +200,10 @@ usage: nbd-server [OPTIONS] IMAGE
                         backend) or native (Linux AIO, io_submit); TRIM, WRITE_ZEROES,
                         CACHE, BLOCK_STATUS and reads that look for holes use the pool in
                         every mode, and so do lone small requests on the page cache
-                        (a worker keeps a CPU awake between them)
+                        (a worker keeps a CPU awake between them) and, under the
+                        callbacks engine, WRITEs of more than 64 KiB on the page cache
+                        to a connection with nothing else in flight (a worker receives,
+                        writes and answers them, and the ones right behind them)
   --cache MODE          writeback (the default: through the page cache) or none
                         (O_DIRECT for every READ and WRITE whose offset and length meet
                         the file's direct I/O alignment, probed with statx, into buffers
@@ -740,7 +744,8 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
     println!(
         "nbd-server: stopped ({}): {} connections, {} requests ({} reads and {} writes served \
          at once on the page cache, {} reads sent from it with sendfile, {} early sends of \
-         replies served at once, {} block status replies built at once){polled}",
+         replies served at once, {} block status replies built at once, {} writes streamed by \
+         a worker){polled}",
         stopping.get().map_or("?", |(why, _)| why),
         total.accepted,
         total.requests,
@@ -749,6 +754,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         total.sendfile_reads,
         total.early_sends,
         total.block_status_at_once,
+        total.streamed_writes,
     );
     io::stdout().flush()
 }
@@ -832,6 +838,8 @@ struct Tally {
     early_sends: u64,
     /// BLOCK_STATUS replies built at once on the context's thread.
     block_status_at_once: u64,
+    /// WRITEs streamed by a worker (`write_stream.rs`).
+    streamed_writes: u64,
     poll_hits: u64,
     poll_misses: u64,
     /// Of the misses, the polling phases that ended on a completion or a socket's readiness
@@ -854,6 +862,7 @@ impl Tally {
             sendfile_reads: shard.sendfile_reads.get(),
             early_sends: shard.early_sends.get(),
             block_status_at_once: shard.block_status_at_once.get(),
+            streamed_writes: shard.streamed_writes.get(),
             poll_hits: stats.poll_hits,
             poll_misses: stats.poll_misses,
             poll_ring_ends: stats.poll_backend_ends,
@@ -870,6 +879,7 @@ impl Tally {
         self.sendfile_reads += other.sendfile_reads;
         self.early_sends += other.early_sends;
         self.block_status_at_once += other.block_status_at_once;
+        self.streamed_writes += other.streamed_writes;
         self.poll_hits += other.poll_hits;
         self.poll_misses += other.poll_misses;
         self.poll_ring_ends += other.poll_ring_ends;
