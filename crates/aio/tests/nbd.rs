@@ -4592,20 +4592,8 @@ fn pipelined_small_writes_all_land() {
     let data = pattern(999, 65 * KIB);
     expect[at..at + 65 * KIB].copy_from_slice(&data);
     cookies.push(c.send_write(at as u64, &data).unwrap());
-    let mut answered = std::collections::HashSet::new();
-    for _ in 0..cookies.len() {
-        let r = c.receive().unwrap();
-        assert!(
-            cookies.contains(&r.cookie),
-            "unknown cookie {:#x}",
-            r.cookie
-        );
-        r.result.unwrap();
-        assert!(
-            answered.insert(r.cookie),
-            "cookie {:#x} answered twice",
-            r.cookie
-        );
+    for (_, result) in answers(&mut c, &cookies) {
+        result.unwrap();
     }
     c.disconnect().unwrap();
     let ready = ready_line(&f.srv);
@@ -4622,6 +4610,28 @@ fn pipelined_small_writes_all_land() {
         // --cache none takes every WRITE (O_DIRECT, or the pool).
         assert_eq!(writes, 0, "{ready}\n{stopped}");
     }
+}
+
+/// Receives one reply for each of `cookies` (in flight on `c`), in the order they come, and
+/// checks that none is unknown or answered twice.
+fn answers(c: &mut Client, cookies: &[u64]) -> Vec<(u64, io::Result<Vec<u8>>)> {
+    let mut answered = std::collections::HashSet::new();
+    (0..cookies.len())
+        .map(|_| {
+            let r = c.receive().unwrap();
+            assert!(
+                cookies.contains(&r.cookie),
+                "unknown cookie {:#x}",
+                r.cookie
+            );
+            assert!(
+                answered.insert(r.cookie),
+                "cookie {:#x} answered twice",
+                r.cookie
+            );
+            (r.cookie, r.result)
+        })
+        .collect()
 }
 
 /// Whether a server with this ready line streams big page-cache WRITEs on a worker
@@ -4660,28 +4670,13 @@ fn big_writes_are_streamed_by_a_worker_and_land() {
         writes.push(c.send_write(at as u64, &data).unwrap());
     }
     let read = c.send_read(4096, 4096).unwrap();
-    let flush = c.send_flush().unwrap();
-    let mut answered = std::collections::HashSet::new();
-    for _ in 0..WRITES + 2 {
-        let r = c.receive().unwrap();
-        if r.cookie == read {
-            assert!(
-                r.result.unwrap() == expect[4096..8192],
-                "the READ behind the writes"
-            );
-        } else {
-            assert!(
-                r.cookie == flush || writes.contains(&r.cookie),
-                "{:#x}",
-                r.cookie
-            );
-            r.result.unwrap();
+    writes.push(read);
+    writes.push(c.send_flush().unwrap());
+    for (cookie, result) in answers(&mut c, &writes) {
+        let data = result.unwrap();
+        if cookie == read {
+            assert!(data == expect[4096..8192], "the READ behind the writes");
         }
-        assert!(
-            answered.insert(r.cookie),
-            "cookie {:#x} answered twice",
-            r.cookie
-        );
     }
     assert!(c.read(0, 8 * MIB as u32).unwrap() == expect, "read back");
     c.disconnect().unwrap();
