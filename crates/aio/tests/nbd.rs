@@ -4640,12 +4640,15 @@ fn streams_big_writes(ready: &str) -> bool {
     ready.contains("engine callbacks") && ready.contains(", cache writeback")
 }
 
-/// The count of WRITEs streamed by a worker that a stopped line reports.
-fn streamed_writes(stopped: &str) -> u64 {
-    stopped_count(
-        stopped,
-        " block status replies built at once, ",
-        " writes streamed by a worker",
+/// The counts of WRITEs streamed by a worker and of streams that a stopped line reports.
+fn streamed_writes(stopped: &str) -> (u64, u64) {
+    (
+        stopped_count(
+            stopped,
+            " block status replies built at once, ",
+            " writes streamed by a worker",
+        ),
+        stopped_count(stopped, " writes streamed by a worker in ", " streams"),
     )
 }
 
@@ -4682,22 +4685,24 @@ fn big_writes_are_streamed_by_a_worker_and_land() {
     c.disconnect().unwrap();
     let stopped = stop_and_get_stopped_line(&mut f.srv);
     assert!(f.disk_all() == expect, "the image differs from the writes");
-    let streamed = streamed_writes(&stopped);
+    let (streamed, streams) = streamed_writes(&stopped);
     if streams_big_writes(&ready) {
         assert!(
             (1..=WRITES as u64).contains(&streamed),
             "{ready}\n{stopped}"
         );
+        assert!((1..=streamed).contains(&streams), "{ready}\n{stopped}");
     } else {
-        assert_eq!(streamed, 0, "{ready}\n{stopped}");
+        assert_eq!((streamed, streams), (0, 0), "{ready}\n{stopped}");
     }
     assert_eq!(requests_served(&stopped), WRITES as u64 + 3, "{stopped}");
 }
 
-/// A streamed WRITE whose payload stops arriving for longer than a worker waits (10 ms) is
-/// finished by the context's thread, and the next WRITE, sent once that one is answered, is
-/// streamed again; a client that leaves in the middle of a streamed payload leaves the server
-/// serving, with the part it sent unwritten.
+/// A streamed WRITE whose payload stops arriving for longer than a worker waits (10 ms in all)
+/// is handed back and finished by the context's thread, and the next WRITE, sent once that one
+/// is answered, is streamed again; a client that leaves in the middle of a streamed payload
+/// leaves the server serving, with the part it sent unwritten. Three streams, one WRITE
+/// written by a worker.
 #[test]
 fn a_streamed_write_whose_payload_stalls_is_finished_on_the_loop() {
     const LEN: usize = 256 * KIB;
@@ -4708,7 +4713,7 @@ fn a_streamed_write_whose_payload_stalls_is_finished_on_the_loop() {
     let req = Request::new(cmd::WRITE, 11, 0, LEN as u32);
     c.conn().send(&req.encode()).unwrap();
     c.conn().send(&first[..100 * KIB]).unwrap();
-    thread::sleep(Duration::from_millis(60));
+    thread::sleep(Duration::from_millis(200));
     c.conn().send(&first[100 * KIB..]).unwrap();
     let (error, cookie, _) = c.conn().read_simple_reply(0).unwrap();
     assert_eq!((error, cookie), (0, 11));
@@ -4735,18 +4740,47 @@ fn a_streamed_write_whose_payload_stalls_is_finished_on_the_loop() {
         disk[2 * MIB..2 * MIB + LEN].iter().all(|&b| b == 0),
         "half a payload written"
     );
-    let streamed = streamed_writes(&stopped);
-    if streams_big_writes(&ready) {
-        // The second WRITE; the stalled one was handed back, the last never completed.
-        assert_eq!(streamed, 1, "{ready}\n{stopped}");
+    let expected = if streams_big_writes(&ready) {
+        // The second WRITE was written by a worker; the stalled one was handed back, the last
+        // never completed.
+        (1, 3)
     } else {
-        assert_eq!(streamed, 0, "{ready}\n{stopped}");
+        (0, 0)
+    };
+    assert_eq!(streamed_writes(&stopped), expected, "{ready}\n{stopped}");
+}
+
+/// A client that sends each big WRITE a fraction of a millisecond after the last one's reply
+/// keeps a streaming worker waiting for headers; those waits count against the stream's 10 ms
+/// in all, so 60 such WRITEs (at least 18 ms of waiting) take more than one stream, and the
+/// pool gets the worker back in between.
+#[test]
+fn a_slow_client_keeps_a_streaming_worker_waiting_10_ms_at_most() {
+    const WRITES: usize = 60;
+    const LEN: usize = 128 * KIB;
+    let mut f = fixture("stream-slow", 2 * MIB, |c| c.contexts(1));
+    let ready = ready_line(&f.srv);
+    let mut c = f.srv.client();
+    let data = pattern(4_000, LEN);
+    for i in 0..WRITES {
+        c.write(((i % 8) * LEN) as u64, &data).unwrap();
+        thread::sleep(Duration::from_micros(300));
+    }
+    c.disconnect().unwrap();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    let (streamed, streams) = streamed_writes(&stopped);
+    if streams_big_writes(&ready) {
+        assert!(streamed >= 1 && streams >= 2, "{ready}\n{stopped}");
+    } else {
+        assert_eq!((streamed, streams), (0, 0), "{ready}\n{stopped}");
     }
 }
 
 /// SIGTERM while a client streams big WRITEs without pause, reading its replies as they come:
 /// every request the server counts is answered, and the connection closes as soon as that is
-/// done, well within the 5-second grace period, not at its end.
+/// done, well within the 5-second grace period, not at its end. (A stream also ends by itself
+/// after 64 MiB, so this checks the outcome of a drain during streams, not that the drain's
+/// stop flag is what ended the last one.)
 #[test]
 fn sigterm_stops_a_write_stream_and_answers_what_it_read() {
     const LEN: usize = 256 * KIB;
@@ -4802,7 +4836,7 @@ fn sigterm_stops_a_write_stream_and_answers_what_it_read() {
     assert!(sent > 0 && answered > 0, "{stopped}");
     assert_eq!(answered, requests_served(&stopped), "{stopped}");
     if streams_big_writes(&ready) {
-        assert!(streamed_writes(&stopped) >= 1, "{ready}\n{stopped}");
+        assert!(streamed_writes(&stopped).0 >= 1, "{ready}\n{stopped}");
     }
 }
 
@@ -5765,6 +5799,7 @@ under_the_task_engine! {
     big_writes_are_streamed_by_a_worker_and_land,
     a_streamed_write_whose_payload_stalls_is_finished_on_the_loop,
     sigterm_stops_a_write_stream_and_answers_what_it_read,
+    a_slow_client_keeps_a_streaming_worker_waiting_10_ms_at_most,
 }
 
 #[test]

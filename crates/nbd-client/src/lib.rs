@@ -636,7 +636,8 @@ impl Conn {
     }
 
     /// Another `Conn` on the same socket (a duplicated fd), so that one thread can read the
-    /// replies while another sends requests.
+    /// replies while another sends requests. The socket's read and write timeouts are set
+    /// again, to [`IO_TIMEOUT`], for both (they belong to the socket, not to the fd).
     pub fn try_clone(&self) -> io::Result<Conn> {
         Conn::new(match &self.stream {
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),

@@ -19,8 +19,9 @@
 //!   sends, and is not copied again. A big page-cache WRITE that arrives with nothing in
 //!   flight and nothing queued lends the socket to a pool worker that streams it and the big
 //!   WRITEs right behind it (`write_stream.rs`); meanwhile the connection neither reads nor
-//!   sends, and admits nothing, so the stream counts as one request in flight. The read buffer itself is made on the connection's first
-//!   read, so connections that never send cost none, and a context whose last connection of
+//!   sends, and admits nothing, so the stream counts as one request in flight. The read
+//!   buffer itself is made on the connection's first read, so connections that never send
+//!   cost none, and a context whose last connection of
 //!   a burst of [`TRIM_AFTER`] or more has left gives malloc's free memory back
 //!   ([`buffers::trim_heaps`](crate::buffers::trim_heaps)).
 //! * A reply is written as soon as it is complete (replies of requests served at once on the
@@ -318,6 +319,8 @@ pub struct Shard {
     pub block_status_at_once: Cell<u64>,
     /// WRITEs written and answered by a worker that streamed them (`write_stream.rs`).
     pub streamed_writes: Cell<u64>,
+    /// The streams that did (each lent the socket to a worker once).
+    pub streams: Cell<u64>,
     /// The most entries held at once since the shard was last empty: a burst of connections
     /// leaves its small allocations (read buffers, connection state) free in malloc's heaps,
     /// which are trimmed when the last of [`TRIM_AFTER`] or more leaves.
@@ -963,6 +966,7 @@ impl Conn {
                 c.shard
                     .streamed_writes
                     .set(c.shard.streamed_writes.get() + done.served);
+                c.shard.streams.set(c.shard.streams.get() + 1);
                 if let Some(buf) = done.spare {
                     c.bufs.give(buf);
                 }
@@ -971,7 +975,8 @@ impl Conn {
                 }
             }
             Err(e) => {
-                // The pool shut down under the request: nothing of the stream can be trusted.
+                // The worker panicked (a closed pool never runs the callback): what it did
+                // to the socket is unknown.
                 eprintln!(
                     "nbd-server: connection {}: a WRITE stream failed: {e}",
                     c.id

@@ -201,9 +201,10 @@ usage: nbd-server [OPTIONS] IMAGE
                         CACHE, BLOCK_STATUS and reads that look for holes use the pool in
                         every mode, and so do lone small requests on the page cache
                         (a worker keeps a CPU awake between them) and, under the
-                        callbacks engine, WRITEs of more than 64 KiB on the page cache
-                        to a connection with nothing else in flight (a worker receives,
-                        writes and answers them, and the ones right behind them)
+                        callbacks engine, WRITEs of more than 64 KiB without FUA on the
+                        page cache to a connection with nothing in flight and nothing to
+                        send (a worker receives, writes and answers them, and the ones
+                        right behind them)
   --cache MODE          writeback (the default: through the page cache) or none
                         (O_DIRECT for every READ and WRITE whose offset and length meet
                         the file's direct I/O alignment, probed with statx, into buffers
@@ -745,7 +746,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         "nbd-server: stopped ({}): {} connections, {} requests ({} reads and {} writes served \
          at once on the page cache, {} reads sent from it with sendfile, {} early sends of \
          replies served at once, {} block status replies built at once, {} writes streamed by \
-         a worker){polled}",
+         a worker in {} streams){polled}",
         stopping.get().map_or("?", |(why, _)| why),
         total.accepted,
         total.requests,
@@ -755,6 +756,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         total.early_sends,
         total.block_status_at_once,
         total.streamed_writes,
+        total.streams,
     );
     io::stdout().flush()
 }
@@ -838,8 +840,9 @@ struct Tally {
     early_sends: u64,
     /// BLOCK_STATUS replies built at once on the context's thread.
     block_status_at_once: u64,
-    /// WRITEs streamed by a worker (`write_stream.rs`).
+    /// WRITEs streamed by a worker (`write_stream.rs`), and the streams.
     streamed_writes: u64,
+    streams: u64,
     poll_hits: u64,
     poll_misses: u64,
     /// Of the misses, the polling phases that ended on a completion or a socket's readiness
@@ -863,6 +866,7 @@ impl Tally {
             early_sends: shard.early_sends.get(),
             block_status_at_once: shard.block_status_at_once.get(),
             streamed_writes: shard.streamed_writes.get(),
+            streams: shard.streams.get(),
             poll_hits: stats.poll_hits,
             poll_misses: stats.poll_misses,
             poll_ring_ends: stats.poll_backend_ends,
@@ -880,6 +884,7 @@ impl Tally {
         self.early_sends += other.early_sends;
         self.block_status_at_once += other.block_status_at_once;
         self.streamed_writes += other.streamed_writes;
+        self.streams += other.streams;
         self.poll_hits += other.poll_hits;
         self.poll_misses += other.poll_misses;
         self.poll_ring_ends += other.poll_ring_ends;

@@ -10,10 +10,10 @@
 //! hand-offs, the context's thread receiving the payload in pieces (a wake-up each) and a
 //! worker writing it from another CPU's cache, with the worker's completion woken back on
 //! the context's thread to send a 16-byte reply. nbdkit's threads each receive a request and
-//! write it themselves. `nbdcopy -C 4 -R 64` of a cached 1 GiB file into the image, 4
-//! alternating rounds (BENCHMARKS.md, "Session of 2026-12-07, 11:43 UTC"): 0.42–0.46 s at
-//! 440–520 ms of server CPU before, 0.30–0.31 s at 270–280 ms streamed, nbdkit 0.29–0.44 s
-//! at 280–390 ms.
+//! write it themselves. `nbdcopy -C 4 -R 64` of a cached 1 GiB file into a freshly written
+//! image, 4 alternating rounds (BENCHMARKS.md, "Session of 2026-12-07, 11:43 UTC"): 0.48–0.51 s
+//! at 490–540 ms of server CPU before, 0.35–0.38 s at 320–350 ms streamed, nbdkit 0.37–0.38 s
+//! at 330–380 ms.
 //!
 //! While a worker streams, the connection is its worker's: the context's thread neither reads
 //! the socket (its handler stops watching for input) nor sends on it, which holds because a
@@ -22,19 +22,23 @@
 //! * when the next request is not a WRITE that may be streamed ([`may_stream`]), or its header
 //!   has not arrived within [`HEADER_WAIT`]: its bytes go back for the context's thread to
 //!   parse;
-//! * when a payload stops arriving for more than [`PAYLOAD_WAIT`] in all, or the client
-//!   closes, or the socket fails: the payload received so far goes back, and the context's
-//!   thread receives the rest (or meets the end or the error) as for any WRITE, so that a slow
-//!   client never holds a worker for longer than that;
+//! * when the worker has waited [`WAIT_BUDGET`] in all, for payloads and headers, or the
+//!   client closes, or the socket fails: a payload received in part goes back, and the
+//!   context's thread receives the rest (or meets the end or the error) as for any WRITE, so
+//!   that a slow client keeps a worker waiting for at most that long per stream, and the next
+//!   stream is a new job behind those queued on the pool meanwhile;
 //! * when the socket does not take a whole reply (a client that does not read its replies):
 //!   the rest goes back to be queued, and the connection's flow control takes over;
 //! * after [`STREAM_MAX_BYTES`], at the next request's boundary, so that the pool's other
 //!   jobs get their turn;
 //! * when the connection is drained (shutdown) or closed: the worker reads no further header
-//!   ([`Streamer::stop`]; a close also shuts the socket down under it).
+//!   ([`Streamer::stop`], checked before a header is read and again after waiting for one; a
+//!   close also shuts the socket down under it).
 //!
-//! A request the worker reads counts as read by the connection: it is written and answered
-//! even if a shutdown begins meanwhile, as one the context's thread had read.
+//! A request the worker reads counts as read by the connection, as one the context's thread
+//! had read: a whole one is written and answered even if a shutdown begins meanwhile, and one
+//! whose payload goes back unfinished during a shutdown gets what such a payload gets from the
+//! context's thread (which reads no more of it, and closes).
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
@@ -56,14 +60,16 @@ use crate::session::{self, Action, Handshake, IoBuf};
 /// short enough that a connection going quiet frees its worker at once in human terms. The
 /// wait happens off the context's thread: a request that arrives during it is parsed by the
 /// worker, and one that is not a big WRITE goes back to the context's thread at once.
-/// Without it, `nbdcopy -C 4 -R 64` handed back after about two requests per stream (6 567
-/// streams for 12 288 requests, 0.33–0.44 s per GiB); with it, after about 500 (23 streams,
-/// 0.30–0.31 s).
+/// Measured on the first version, before streams ended at [`STREAM_MAX_BYTES`]: without the
+/// wait, `nbdcopy -C 4 -R 64` handed back after about two requests per stream (6 567 streams
+/// for 12 288 requests, 0.29–0.53 s per GiB); with it, after about 500 (23 streams, 0.30–0.31
+/// s). The cap now ends a stream of 256 KiB requests after 256 of them.
 pub const HEADER_WAIT: Duration = Duration::from_millis(1);
 
-/// How long, in all, a worker waits for payload bytes during one stream before it hands the
-/// payload back to the context's thread, which receives the rest without holding a worker.
-pub const PAYLOAD_WAIT: Duration = Duration::from_millis(10);
+/// How long, in all, a worker waits during one stream, for payload bytes and for headers,
+/// before it hands the connection back (with a payload received in part, which the context's
+/// thread receives the rest of without holding a worker).
+pub const WAIT_BUDGET: Duration = Duration::from_millis(10);
 
 /// The most payload bytes one stream writes before it hands the connection back (at the next
 /// request boundary), so that a client that never makes it wait does not keep a worker for
@@ -150,10 +156,10 @@ fn stream(
         leftover: Vec::new(),
         spare: None,
     };
-    let mut payload_wait = PAYLOAD_WAIT;
+    let mut budget = WAIT_BUDGET;
     let mut written_bytes = 0;
     loop {
-        if !receive_payload(sock, &req, &mut data, &mut payload_wait) {
+        if !receive_payload(sock, &req, &mut data, &mut budget) {
             out.partial = Some((req, data));
             return out;
         }
@@ -172,7 +178,7 @@ fn stream(
         let head = if stopped.load(Ordering::Relaxed) || written_bytes >= STREAM_MAX_BYTES {
             Vec::new()
         } else {
-            receive_header(sock, framing.request_len())
+            receive_header(sock, framing.request_len(), &mut budget, stopped)
         };
         let next = (head.len() == framing.request_len())
             .then(|| parse_request(&head, framing))
@@ -220,10 +226,16 @@ fn receive_payload(
     true
 }
 
-/// Receives up to `len` bytes of a request header, waiting up to [`HEADER_WAIT`] once for
-/// the first of them; returns what arrived (the end of the stream and errors end it too: the
-/// context's thread meets them again).
-fn receive_header(sock: &Socket, len: usize) -> Vec<u8> {
+/// Receives up to `len` bytes of a request header, waiting once for the first of them, up to
+/// [`HEADER_WAIT`] or what is left of `budget` (which the wait uses up), and reading nothing
+/// if the stream was stopped meanwhile; returns what arrived (the end of the stream and errors
+/// end it too: the context's thread meets them again).
+fn receive_header(
+    sock: &Socket,
+    len: usize,
+    budget: &mut Duration,
+    stopped: &AtomicBool,
+) -> Vec<u8> {
     let mut head = vec![0u8; len];
     let mut got = 0;
     let mut waited = false;
@@ -234,7 +246,10 @@ fn receive_header(sock: &Socket, len: usize) -> Vec<u8> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited && got == 0 => {
                 waited = true;
-                if !wait_readable(sock, HEADER_WAIT) {
+                let start = Instant::now();
+                let ready = wait_readable(sock, HEADER_WAIT.min(*budget));
+                *budget = budget.saturating_sub(start.elapsed());
+                if !ready || stopped.load(Ordering::Relaxed) {
                     break;
                 }
             }
