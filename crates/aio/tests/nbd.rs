@@ -4751,9 +4751,9 @@ fn a_streamed_write_whose_payload_stalls_is_finished_on_the_loop() {
 }
 
 /// A client that sends each big WRITE a fraction of a millisecond after the last one's reply
-/// keeps a streaming worker waiting for headers; those waits count against the stream's 10 ms
-/// in all, so 60 such WRITEs (at least 18 ms of waiting) take more than one stream, and the
-/// pool gets the worker back in between.
+/// keeps a streaming worker waiting for headers; the stream waits 10 ms for headers in all,
+/// then no longer, so 60 such WRITEs (at least 18 ms of waiting) take more than one stream,
+/// and the pool gets the worker back in between.
 #[test]
 fn a_slow_client_keeps_a_streaming_worker_waiting_10_ms_at_most() {
     const WRITES: usize = 60;
