@@ -4652,9 +4652,10 @@ fn streamed_writes(stopped: &str) -> (u64, u64) {
     )
 }
 
-/// 24 WRITEs of 256 KiB sent without waiting, a small READ of the first one's data right
-/// behind them, then a FLUSH: each gets its reply, the image holds every write, and the READ
-/// (which a streaming worker hands back to the context's thread) sees its write. Under the
+/// 24 WRITEs of 256 KiB sent without waiting, a small READ right behind them (of the gap
+/// after the first: requests in flight together have no order), then a FLUSH: each gets its
+/// reply, the image holds every write, and the READ (which a streaming worker hands back to
+/// the context's thread, or the context's thread reads itself) finds the gap's zeros. Under the
 /// callback engine on the page cache, the first WRITE (nothing in flight, nothing to send) is
 /// streamed by a worker, and the stopped line counts at most the 24.
 #[test]
@@ -4672,13 +4673,13 @@ fn big_writes_are_streamed_by_a_worker_and_land() {
         expect[at..at + LEN].copy_from_slice(&data);
         writes.push(c.send_write(at as u64, &data).unwrap());
     }
-    let read = c.send_read(4096, 4096).unwrap();
+    let read = c.send_read(LEN as u64, 4096).unwrap();
     writes.push(read);
     writes.push(c.send_flush().unwrap());
     for (cookie, result) in answers(&mut c, &writes) {
         let data = result.unwrap();
         if cookie == read {
-            assert!(data == expect[4096..8192], "the READ behind the writes");
+            assert!(data == [0; 4096], "the READ behind the writes");
         }
     }
     assert!(c.read(0, 8 * MIB as u32).unwrap() == expect, "read back");
@@ -4696,6 +4697,82 @@ fn big_writes_are_streamed_by_a_worker_and_land() {
         assert_eq!((streamed, streams), (0, 0), "{ready}\n{stopped}");
     }
     assert_eq!(requests_served(&stopped), WRITES as u64 + 3, "{stopped}");
+}
+
+/// Requests of other kinds right behind streamed WRITEs, all in one send: a WRITE past the end
+/// (refused, its payload dropped), a WRITE with FUA (not streamed), a READ (of a range none
+/// of them writes: requests in flight together have no order), then NBD_CMD_DISC; with simple replies, structured replies and extended
+/// headers. Each gets its answer, the image holds what was written and nothing else (the
+/// refused WRITE did not grow it), and the connection closes.
+#[test]
+fn requests_right_behind_streamed_writes_are_served_in_every_framing() {
+    const SIZE: usize = 2 * MIB;
+    const LEN: usize = 256 * KIB;
+    for (framing, hs) in [
+        ("simple", Handshake::new("")),
+        ("structured", Handshake::new("").structured_replies()),
+        ("extended", Handshake::new("").extended_headers()),
+    ] {
+        let mut f = fixture(&format!("stream-behind-{framing}"), SIZE, |c| c.contexts(1));
+        let ready = ready_line(&f.srv);
+        let mut c = f.srv.handshake(hs).unwrap();
+        let (a, b, fua) = (
+            pattern(5_001, LEN),
+            pattern(5_002, LEN),
+            pattern(5_003, LEN / 2),
+        );
+        let refused = vec![0x77u8; LEN / 2];
+        let cookies = c
+            .send_flagged_at_once(&[
+                (cmd::WRITE, 0, 0, LEN as u32, &a[..]),
+                (cmd::WRITE, 0, LEN as u64, LEN as u32, &b[..]),
+                (cmd::WRITE, 0, SIZE as u64, (LEN / 2) as u32, &refused[..]),
+                (
+                    cmd::WRITE,
+                    cmd_flag::FUA,
+                    MIB as u64,
+                    (LEN / 2) as u32,
+                    &fua[..],
+                ),
+                (cmd::READ, 0, (SIZE - 4096) as u64, 4096, &[][..]),
+            ])
+            .unwrap();
+        for (cookie, result) in answers(&mut c, &cookies) {
+            let what = format!(
+                "{framing}: request {}",
+                cookies.iter().position(|&k| k == cookie).unwrap()
+            );
+            if cookie == cookies[2] {
+                assert_errno(result, errno::ENOSPC);
+            } else if cookie == cookies[4] {
+                assert!(result.unwrap() == [0; 4096], "{what}");
+            } else {
+                result.unwrap_or_else(|e| panic!("{what}: {e}"));
+            }
+        }
+        c.disconnect().unwrap();
+        let stopped = stop_and_get_stopped_line(&mut f.srv);
+        let disk = f.disk_all();
+        assert_eq!(disk.len(), SIZE, "{framing}");
+        assert!(
+            disk[..LEN] == a[..] && disk[LEN..2 * LEN] == b[..],
+            "{framing}"
+        );
+        assert!(disk[MIB..MIB + LEN / 2] == fua[..], "{framing}");
+        assert!(
+            disk[2 * LEN..MIB]
+                .iter()
+                .chain(&disk[MIB + LEN / 2..])
+                .all(|&b| b == 0),
+            "{framing}: bytes written where no WRITE was answered"
+        );
+        let (streamed, _) = streamed_writes(&stopped);
+        if streams_big_writes(&ready) {
+            assert!((1..=2).contains(&streamed), "{framing}: {ready}\n{stopped}");
+        } else {
+            assert_eq!(streamed, 0, "{framing}: {ready}\n{stopped}");
+        }
+    }
 }
 
 /// A streamed WRITE whose payload stops arriving for longer than a worker waits (10 ms in all)
@@ -5800,6 +5877,7 @@ under_the_task_engine! {
     a_streamed_write_whose_payload_stalls_is_finished_on_the_loop,
     sigterm_stops_a_write_stream_and_answers_what_it_read,
     a_slow_client_keeps_a_streaming_worker_waiting_10_ms_at_most,
+    requests_right_behind_streamed_writes_are_served_in_every_framing,
 }
 
 #[test]
