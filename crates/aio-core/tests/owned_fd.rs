@@ -334,13 +334,9 @@ fn a_registration_after_a_remote_removal_not_yet_applied_checks_the_fd_after_tha
     // The socket moved to a high number, which no other test's open reuses while this one
     // runs (the kernel hands out the lowest free number).
     let (low, peer) = pair();
-    const FLOOR: RawFd = 512;
-    // SAFETY: `low` is open; F_DUPFD_CLOEXEC duplicates it onto a free number >= FLOOR.
-    let high = unsafe { libc::fcntl(low.as_raw_fd(), libc::F_DUPFD_CLOEXEC, FLOOR) };
-    assert!(high >= FLOOR, "F_DUPFD: {}", io::Error::last_os_error());
+    let ours = UnixStream::from(rustix::io::fcntl_dupfd_cloexec(&low, 512).expect("F_DUPFD"));
     drop(low);
-    // SAFETY: `fcntl` just opened `high`, and nothing else owns it.
-    let ours = unsafe { <UnixStream as std::os::fd::FromRawFd>::from_raw_fd(high) };
+    let high = ours.as_raw_fd();
     let handle = ctx.handle();
     let registering =
         std::thread::spawn(move || handle.fd_handler(ours).on_read(|_| {}).register());
