@@ -1000,11 +1000,9 @@ impl Conn {
             self.payload = Some(partial);
         }
         if !leftover.is_empty() {
+            // Room for at least READ_CHUNK / 2 bytes; a leftover is at most a header.
             self.make_room();
-            if self.inbuf.len() - self.in_end < leftover.len() {
-                self.inbuf.resize(self.in_end + leftover.len(), 0);
-            }
-            self.inbuf[self.in_end..self.in_end + leftover.len()].copy_from_slice(leftover);
+            self.inbuf[self.in_end..][..leftover.len()].copy_from_slice(leftover);
             self.in_end += leftover.len();
         }
         self.process();

@@ -184,20 +184,22 @@ fn stream(
             out.spare = Some(vec);
             return out;
         }
-        let head = if stopped.load(Ordering::Relaxed) || written_bytes >= STREAM_MAX_BYTES {
-            Vec::new()
+        let mut head = [0u8; EXTENDED_REQUEST_LEN];
+        let head = &mut head[..framing.request_len()];
+        let got = if stopped.load(Ordering::Relaxed) || written_bytes >= STREAM_MAX_BYTES {
+            0
         } else {
-            receive_header(sock, framing.request_len(), &mut header_budget, stopped)
+            receive_header(sock, head, &mut header_budget, stopped)
         };
-        let next = (head.len() == framing.request_len())
-            .then(|| parse_request(&head, framing))
+        let next = (got == head.len())
+            .then(|| parse_request(head, framing))
             .flatten()
             .filter(|next| {
                 matches!(session::classify(export, &hs, next), Action::Run)
                     && may_stream(export, next)
             });
         let Some(next) = next else {
-            out.leftover = head;
+            out.leftover = head[..got].to_vec();
             out.spare = Some(vec);
             return out;
         };
@@ -222,10 +224,7 @@ fn receive_payload(
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let start = Instant::now();
-                let ready = wait_readable(sock, *budget);
-                *budget = budget.saturating_sub(start.elapsed());
-                if !ready || budget.is_zero() {
+                if !wait_readable(sock, *budget, budget) || budget.is_zero() {
                     return false;
                 }
             }
@@ -235,38 +234,33 @@ fn receive_payload(
     true
 }
 
-/// Receives up to `len` bytes of a request header, waiting once for the first of them, up to
-/// [`HEADER_WAIT`] or what is left of `budget` (which the wait uses up; none once it is
-/// spent), and reading nothing if the stream was stopped meanwhile; returns what arrived (the end of the stream and errors
-/// end it too: the context's thread meets them again).
+/// Receives a request header into `head`, waiting once for its first bytes, up to
+/// [`HEADER_WAIT`] or what is left of `budget` (none once it is spent), and reading nothing if
+/// the stream was stopped meanwhile; returns how many bytes arrived (the end of the stream and
+/// errors end it too: the context's thread meets them again).
 fn receive_header(
     sock: &Socket,
-    len: usize,
+    head: &mut [u8],
     budget: &mut Duration,
     stopped: &AtomicBool,
-) -> Vec<u8> {
-    let mut head = vec![0u8; len];
+) -> usize {
     let mut got = 0;
     let mut waited = false;
-    while got < len {
+    while got < head.len() {
         match sock.read(&mut head[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && !waited && got == 0 => {
                 waited = true;
-                let start = Instant::now();
-                let ready = wait_readable(sock, HEADER_WAIT.min(*budget));
-                *budget = budget.saturating_sub(start.elapsed());
-                if !ready || stopped.load(Ordering::Relaxed) {
+                if !wait_readable(sock, HEADER_WAIT, budget) || stopped.load(Ordering::Relaxed) {
                     break;
                 }
             }
             Err(_) => break,
         }
     }
-    head.truncate(got);
-    head
+    got
 }
 
 /// Sends `bytes` as far as the socket takes them without blocking; returns the rest, empty
@@ -284,13 +278,15 @@ fn send_all<'a>(sock: &Socket, bytes: &'a [u8]) -> &'a [u8] {
     &bytes[sent..]
 }
 
-/// Waits up to `limit` for `sock` to have input (or an error or hang-up, which the next read
-/// reports); false on time-out.
-fn wait_readable(sock: &Socket, limit: Duration) -> bool {
+/// Waits up to `limit`, and no longer than what is left of `budget`, for `sock` to have input
+/// (or an error or hang-up, which the next read reports), taking the time waited from
+/// `budget`; false on time-out.
+fn wait_readable(sock: &Socket, limit: Duration, budget: &mut Duration) -> bool {
     let mut fds = [PollFd::new(sock, PollFlags::IN)];
-    let timeout = Timespec::try_from(limit).unwrap_or(Timespec {
-        tv_sec: 0,
-        tv_nsec: 1_000_000,
-    });
-    matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0)
+    // At most WAIT_BUDGET, which a Timespec always holds.
+    let timeout = Timespec::try_from(limit.min(*budget)).unwrap_or_default();
+    let start = Instant::now();
+    let ready = matches!(rustix::event::poll(&mut fds, Some(&timeout)), Ok(n) if n > 0);
+    *budget = budget.saturating_sub(start.elapsed());
+    ready
 }
