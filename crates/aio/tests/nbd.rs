@@ -4917,6 +4917,140 @@ fn sigterm_stops_a_write_stream_and_answers_what_it_read() {
     }
 }
 
+/// What [`unread_replies`] saw: how many WRITEs the client got in before the server stopped
+/// reading, how much the server's RSS grew meanwhile, and its ready and stopped lines.
+struct Unread {
+    writes: u64,
+    rss_growth_kib: u64,
+    ready: String,
+    stopped: String,
+}
+
+/// A client that sends WRITEs of `len` bytes without pause and reads none of its replies until
+/// the server stops taking requests (no progress for half a second). The server asks for a
+/// 4 KiB send buffer (`AIO_NBD_UNIX_SNDBUF`), which a few replies fill, so that its flow
+/// control is what stops it (with its usual 4 MiB, Linux 6.18 took more than 250 000 unread
+/// WRITE replies). Then the client reads: every WRITE it sent must get exactly one reply,
+/// whole and successful (a torn or lost reply breaks the framing or leaves a cookie
+/// unanswered), and the image must hold the data.
+fn unread_replies(name: &str, len: usize) -> Unread {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const BATCH: u64 = 16;
+    let mut f = fixture(name, MIB, |c| {
+        c.contexts(1).env("AIO_NBD_UNIX_SNDBUF", Some("4096"))
+    });
+    let ready = ready_line(&f.srv);
+    let mut c = f.srv.client();
+    let rss_before = f.srv.rss_kib();
+    let mut writer_conn = c.conn().try_clone().unwrap();
+    let data = pattern(5_000, len);
+    let slots = (MIB / len) as u64;
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (sent, stop, data) = (sent.clone(), stop.clone(), data.clone());
+        thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let first = sent.load(Ordering::SeqCst);
+                let mut batch = Vec::new();
+                for cookie in first..first + BATCH {
+                    let at = (cookie % slots) * len as u64;
+                    let req = Request::new(cmd::WRITE, cookie, at, len as u32);
+                    batch.extend_from_slice(&req.encode());
+                    batch.extend_from_slice(&data);
+                }
+                writer_conn.send(&batch).unwrap();
+                sent.store(first + BATCH, Ordering::SeqCst);
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (0, Instant::now());
+    loop {
+        thread::sleep(Duration::from_millis(50));
+        let now = sent.load(Ordering::SeqCst);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if now > 0 && last.1.elapsed() > Duration::from_millis(500) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server kept reading: {now} WRITEs sent, RSS {} KiB",
+            f.srv.rss_kib()
+        );
+    }
+    let rss_growth_kib = f.srv.rss_kib().saturating_sub(rss_before);
+    // The writer is blocked in the send of one more batch, which reading the replies lets it
+    // finish; then it sees the flag and stops.
+    stop.store(true, Ordering::SeqCst);
+    let writes = last.0 + BATCH;
+    let mut answered = std::collections::HashSet::new();
+    while (answered.len() as u64) < writes {
+        let (error, cookie, _) = c.conn().read_simple_reply(0).unwrap();
+        assert_eq!(error, 0, "WRITE {cookie}");
+        assert!(cookie < writes, "cookie {cookie} of {writes} WRITEs");
+        assert!(answered.insert(cookie), "cookie {cookie} answered twice");
+    }
+    writer.join().unwrap();
+    assert_eq!(sent.load(Ordering::SeqCst), writes);
+    assert!(c.read(0, len as u32).unwrap() == data, "read back");
+    c.disconnect().unwrap();
+    let stopped = stop_and_get_stopped_line(&mut f.srv);
+    assert_eq!(requests_served(&stopped), writes + 1, "{stopped}");
+    Unread {
+        writes,
+        rss_growth_kib,
+        ready,
+        stopped,
+    }
+}
+
+/// Big WRITEs whose replies the client does not read: the worker streaming them meets a
+/// socket that does not take a reply and hands its unsent end back, which the context's
+/// thread queues (the stopped line counts a stream ended by the full socket), and flow control
+/// then stops reading within a few hundred WRITEs, each queued 16-byte reply counted by the
+/// payload buffer it holds: before that was counted, the server read on until a million
+/// replies were queued, 64 MiB of RSS per 1 000 WRITEs of 68 KiB.
+#[test]
+fn a_client_that_reads_no_replies_stops_big_writes_and_gets_every_reply() {
+    let u = unread_replies("unread-big", 68 * KIB);
+    let (ready, stopped) = (&u.ready, &u.stopped);
+    assert!(u.writes <= 1_000, "{} WRITEs read\n{stopped}", u.writes);
+    assert!(
+        u.rss_growth_kib < 64 << 10,
+        "RSS grew by {} KiB",
+        u.rss_growth_kib
+    );
+    let full = stopped_count(stopped, " streams, ", " of them ended by a full socket");
+    if streams_big_writes(ready) {
+        assert!(full >= 1, "{ready}\n{stopped}");
+    } else {
+        assert_eq!(full, 0, "{ready}\n{stopped}");
+    }
+}
+
+/// 4 KiB WRITEs whose replies the client does not read (most served at once, each reply in a
+/// small buffer of its own): flow control, counting each queued reply's bookkeeping as well as
+/// its 16 bytes, stops reading within about 60 000 (16 MiB over 272 bytes) instead of a
+/// million; about 16 500 and 10 MiB of RSS here.
+#[test]
+fn a_client_that_reads_no_replies_stops_small_writes_and_gets_every_reply() {
+    let u = unread_replies("unread-small", 4 * KIB);
+    assert!(
+        u.writes <= 100_000,
+        "{} WRITEs read\n{}",
+        u.writes,
+        u.stopped
+    );
+    assert!(
+        u.rss_growth_kib < 64 << 10,
+        "RSS grew by {} KiB",
+        u.rss_growth_kib
+    );
+}
+
 /// `--aio native` on the page cache (a mode qemu-nbd refuses) serves small requests as
 /// `--aio threads` does: pipelined small WRITEs and cached small READs at once, lone ones
 /// through the write lane and the pool, the rest with `io_submit` (which would only do a
@@ -5876,6 +6010,8 @@ under_the_task_engine! {
     big_writes_are_streamed_by_a_worker_and_land,
     a_streamed_write_whose_payload_stalls_is_finished_on_the_loop,
     sigterm_stops_a_write_stream_and_answers_what_it_read,
+    a_client_that_reads_no_replies_stops_big_writes_and_gets_every_reply,
+    a_client_that_reads_no_replies_stops_small_writes_and_gets_every_reply,
     a_slow_client_keeps_a_streaming_worker_waiting_10_ms_at_most,
     requests_right_behind_streamed_writes_are_served_in_every_framing,
 }

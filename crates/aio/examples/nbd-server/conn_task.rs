@@ -85,6 +85,7 @@ pub fn start(
         in_flight: Cell::new(0),
         pending_bytes: Cell::new(0),
         backlog: Cell::new(0),
+        held: Cell::new(0),
         owed: Cell::new(0),
         read_done: Cell::new(false),
         closing: Cell::new(false),
@@ -143,6 +144,8 @@ pub struct Conn {
     pending_bytes: Cell<usize>,
     /// Bytes of replies waiting for the send lock or being written.
     backlog: Cell<usize>,
+    /// The memory those replies hold (`session::held_bytes`), for flow control.
+    held: Cell<usize>,
     /// Request tasks not finished (their reply sent or dropped): the connection closes at 0.
     owed: Cell<usize>,
     /// The socket is not read again (end of stream, shutdown), but complete requests already
@@ -374,7 +377,7 @@ impl Conn {
         session::is_full(
             self.in_flight.get(),
             self.pending_bytes.get(),
-            self.backlog.get(),
+            self.backlog.get().max(self.held.get()),
         )
     }
 
@@ -454,7 +457,9 @@ impl Conn {
     /// dropped).
     async fn send(&self, reply: &IoBuf) -> bool {
         let len = reply.len();
+        let held = session::held_bytes(reply);
         self.backlog.set(self.backlog.get() + len);
+        self.held.set(self.held.get() + held);
         let mut sent = 0;
         let _turn = self.send_lock.lock().await;
         while sent < len && !self.closed.get() {
@@ -477,6 +482,7 @@ impl Conn {
             }
         }
         self.backlog.set(self.backlog.get() - (len - sent));
+        self.held.set(self.held.get() - held);
         if self.reader_waits.get() {
             wake(&self.reader);
         }

@@ -321,6 +321,9 @@ pub struct Shard {
     pub streamed_writes: Cell<u64>,
     /// The streams that did (each lent the socket to a worker once).
     pub streams: Cell<u64>,
+    /// Of those, the streams that ended because the socket did not take a whole reply (a
+    /// client not reading its replies): the rest was queued on the context's thread.
+    pub streams_full: Cell<u64>,
     /// The most entries held at once since the shard was last empty: a burst of connections
     /// leaves its small allocations (read buffers, connection state) free in malloc's heaps,
     /// which are trimmed when the last of [`TRIM_AFTER`] or more leaves.
@@ -412,6 +415,7 @@ impl Shard {
             out_pos: 0,
             unsent_at_once: 0,
             out_bytes: 0,
+            out_held: 0,
             in_flight: 0,
             pending_bytes: 0,
             hs: after_tls.map(|a| a.hs).unwrap_or_default(),
@@ -565,6 +569,8 @@ pub struct Conn {
     unsent_at_once: usize,
     /// The bytes in `out` not yet taken.
     out_bytes: usize,
+    /// The memory the replies in `out` hold (`session::held_bytes`), for flow control.
+    out_held: usize,
     in_flight: usize,
     /// Payload bytes of the requests in flight.
     pending_bytes: usize,
@@ -681,7 +687,8 @@ impl Conn {
     /// Whether flow control holds back further requests (and options). One request is always
     /// admitted when nothing is in flight and nothing waits to be sent.
     fn is_full(&self) -> bool {
-        session::is_full(self.in_flight, self.pending_bytes, self.out_bytes)
+        let backlog = self.out_bytes.max(self.out_held);
+        session::is_full(self.in_flight, self.pending_bytes, backlog)
     }
 
     /// Makes sure at least some room follows `in_end`, and enough for the message being
@@ -967,6 +974,9 @@ impl Conn {
                     .streamed_writes
                     .set(c.shard.streamed_writes.get() + done.served);
                 c.shard.streams.set(c.shard.streams.get() + 1);
+                if !done.unsent.is_empty() {
+                    c.shard.streams_full.set(c.shard.streams_full.get() + 1);
+                }
                 if let Some(buf) = done.spare {
                     c.bufs.give(buf);
                 }
@@ -1170,6 +1180,7 @@ impl Conn {
         }
         if !buf.is_empty() {
             self.out_bytes += buf.len();
+            self.out_held += session::held_bytes(&buf);
             self.out.push_back(buf);
         }
     }
@@ -1193,6 +1204,7 @@ impl Conn {
                         }
                         self.out_pos -= front.len();
                         let sent = self.out.pop_front().expect("looked at above");
+                        self.out_held -= session::held_bytes(&sent);
                         self.bufs.give(sent.vec);
                     }
                     self.touch();
@@ -1228,6 +1240,7 @@ impl Conn {
         self.out = VecDeque::new();
         self.out_pos = 0;
         self.out_bytes = 0;
+        self.out_held = 0;
         self.payload = None;
         self.inbuf = Vec::new();
         self.in_start = 0;

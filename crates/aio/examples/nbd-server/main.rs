@@ -746,7 +746,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         "nbd-server: stopped ({}): {} connections, {} requests ({} reads and {} writes served \
          at once on the page cache, {} reads sent from it with sendfile, {} early sends of \
          replies served at once, {} block status replies built at once, {} writes streamed by \
-         a worker in {} streams){polled}",
+         a worker in {} streams, {} of them ended by a full socket){polled}",
         stopping.get().map_or("?", |(why, _)| why),
         total.accepted,
         total.requests,
@@ -757,6 +757,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         total.block_status_at_once,
         total.streamed_writes,
         total.streams,
+        total.streams_full,
     );
     io::stdout().flush()
 }
@@ -840,9 +841,11 @@ struct Tally {
     early_sends: u64,
     /// BLOCK_STATUS replies built at once on the context's thread.
     block_status_at_once: u64,
-    /// WRITEs streamed by a worker (`write_stream.rs`), and the streams.
+    /// WRITEs streamed by a worker (`write_stream.rs`), the streams, and those of them that
+    /// ended at a socket that did not take a reply.
     streamed_writes: u64,
     streams: u64,
+    streams_full: u64,
     poll_hits: u64,
     poll_misses: u64,
     /// Of the misses, the polling phases that ended on a completion or a socket's readiness
@@ -867,6 +870,7 @@ impl Tally {
             block_status_at_once: shard.block_status_at_once.get(),
             streamed_writes: shard.streamed_writes.get(),
             streams: shard.streams.get(),
+            streams_full: shard.streams_full.get(),
             poll_hits: stats.poll_hits,
             poll_misses: stats.poll_misses,
             poll_ring_ends: stats.poll_backend_ends,
@@ -885,6 +889,7 @@ impl Tally {
         self.block_status_at_once += other.block_status_at_once;
         self.streamed_writes += other.streamed_writes;
         self.streams += other.streams;
+        self.streams_full += other.streams_full;
         self.poll_hits += other.poll_hits;
         self.poll_misses += other.poll_misses;
         self.poll_ring_ends += other.poll_ring_ends;
@@ -1187,8 +1192,29 @@ impl Listener {
 /// nbdcopy from one connection ran at 3.2–3.6 GiB/s against 1.7–1.9 (with the replies' data sent
 /// from the page cache; copying it, the bigger buffer changed nothing: BENCHMARKS.md, "big
 /// READs from the page cache"). TCP keeps the kernel's autotuning, which setting a size would
-/// turn off.
+/// turn off. `AIO_NBD_UNIX_SNDBUF=BYTES` in the environment asks for another size instead (the
+/// tests use a small one to fill a socket with replies quickly).
 const UNIX_SEND_BUFFER: usize = 4 << 20;
+
+/// [`UNIX_SEND_BUFFER`], or the size `AIO_NBD_UNIX_SNDBUF` asks for; read once.
+fn unix_send_buffer() -> usize {
+    static SIZE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SIZE.get_or_init(|| {
+        let Some(v) = std::env::var_os("AIO_NBD_UNIX_SNDBUF") else {
+            return UNIX_SEND_BUFFER;
+        };
+        match v.to_str().and_then(|v| v.parse().ok()) {
+            Some(size) => size,
+            None => {
+                eprintln!(
+                    "nbd-server: AIO_NBD_UNIX_SNDBUF={v:?} is not a size in bytes: asking for \
+                     {UNIX_SEND_BUFFER}"
+                );
+                UNIX_SEND_BUFFER
+            }
+        }
+    })
+}
 
 /// Makes an accepted socket ready for its fd handler.
 pub(crate) fn prepare(sock: &Socket) -> io::Result<()> {
@@ -1202,7 +1228,8 @@ pub(crate) fn prepare(sock: &Socket) -> io::Result<()> {
         Socket::Unix(s) => {
             // Only a hint: a kernel that refuses it serves with the default buffer.
             #[cfg(target_os = "linux")]
-            if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(s, UNIX_SEND_BUFFER) {
+            if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(s, unix_send_buffer())
+            {
                 eprintln!("nbd-server: cannot raise a client socket's send buffer: {e}");
             }
             s.set_nonblocking(true)
