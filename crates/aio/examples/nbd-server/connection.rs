@@ -322,7 +322,8 @@ pub struct Shard {
     /// The streams that did (each lent the socket to a worker once).
     pub streams: Cell<u64>,
     /// Of those, the streams that ended because the socket did not take a whole reply (a
-    /// client not reading its replies): the rest was queued on the context's thread.
+    /// client not reading its replies, or a socket that failed): the rest is queued on the
+    /// context's thread if the connection is still open.
     pub streams_full: Cell<u64>,
     /// The most entries held at once since the shard was last empty: a burst of connections
     /// leaves its small allocations (read buffers, connection state) free in malloc's heaps,

@@ -746,7 +746,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         "nbd-server: stopped ({}): {} connections, {} requests ({} reads and {} writes served \
          at once on the page cache, {} reads sent from it with sendfile, {} early sends of \
          replies served at once, {} block status replies built at once, {} writes streamed by \
-         a worker in {} streams, {} of them ended by a full socket){polled}",
+         a worker in {} streams, {} of them ended with a reply unsent){polled}",
         stopping.get().map_or("?", |(why, _)| why),
         total.accepted,
         total.requests,
@@ -842,7 +842,7 @@ struct Tally {
     /// BLOCK_STATUS replies built at once on the context's thread.
     block_status_at_once: u64,
     /// WRITEs streamed by a worker (`write_stream.rs`), the streams, and those of them that
-    /// ended at a socket that did not take a reply.
+    /// ended with a reply the socket did not take (full, or failed).
     streamed_writes: u64,
     streams: u64,
     streams_full: u64,
@@ -1230,7 +1230,7 @@ pub(crate) fn prepare(sock: &Socket) -> io::Result<()> {
             #[cfg(target_os = "linux")]
             if let Err(e) = rustix::net::sockopt::set_socket_send_buffer_size(s, unix_send_buffer())
             {
-                eprintln!("nbd-server: cannot raise a client socket's send buffer: {e}");
+                eprintln!("nbd-server: cannot set a client socket's send buffer: {e}");
             }
             s.set_nonblocking(true)
         }
