@@ -3978,6 +3978,41 @@ fn block_status_behind_a_write_on_the_ring(engine: &str) {
     assert_eq!(f.disk(at, len), data, "{engine}");
 }
 
+/// The minor page faults process `pid` has taken so far (`/proc/PID/stat`, field 10).
+fn minor_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name, which is in parentheses and may hold spaces: state, ppid, pgrp,
+    // session, tty_nr, tpgid, flags, minflt.
+    let (_, rest) = stat.rsplit_once(')').unwrap();
+    rest.split_whitespace().nth(7).unwrap().parse().unwrap()
+}
+
+/// Structured READs of 32 MiB of a hole are answered as zeros, and the server touches almost
+/// none of the 32 MiB buffer it takes for each: under a thousand page faults per read. The
+/// buffer is allocated zeroed, fresh pages that the hole's reply never writes; zeroing it by
+/// writing faulted in all 8 192 of its pages, 16 ms of CPU for a 28-byte reply.
+#[test]
+fn a_structured_read_of_a_hole_touches_no_buffer_memory() {
+    const LEN: usize = 32 * MIB;
+    const READS: u64 = 8;
+    let f = fixture("hole-read", 2 * LEN, |c| c.contexts(1));
+    let mut c = f.srv.structured_client();
+    let before = minor_faults(f.srv.pid());
+    for i in 0..READS {
+        let data = c.read((i % 2) * LEN as u64, LEN as u32).unwrap();
+        assert!(
+            data.len() == LEN && data.iter().all(|&b| b == 0),
+            "read {i}"
+        );
+    }
+    let faults = minor_faults(f.srv.pid()) - before;
+    assert!(
+        faults < READS * 1_000,
+        "{faults} page faults for {READS} reads"
+    );
+    c.disconnect().unwrap();
+}
+
 /// A BLOCK_STATUS over a file of many small extents, answered on the context's thread, holds
 /// at most 256 of them (the loop's time per request stays bounded); asking again from where
 /// each reply ended gives the whole map.
@@ -6004,6 +6039,7 @@ under_the_task_engine! {
     block_status_reports_the_holes_and_the_data_of_the_image,
     block_status_of_an_image_at_rest_is_answered_at_once,
     block_status_of_a_fragmented_file_comes_in_bounded_replies,
+    a_structured_read_of_a_hole_touches_no_buffer_memory,
     structured_reads_send_holes_as_hole_chunks_except_with_df,
     cache_reads_ahead_and_is_checked_like_a_read,
     fast_zero_fails_fast_where_zeroing_would_be_writing,

@@ -181,9 +181,19 @@ impl BufPool {
     }
 
     /// A buffer of exactly `len` initialized bytes (whatever they hold), with room to grow to
-    /// its class.
+    /// its class. A new one is allocated zeroed (`calloc`), which for a big buffer is fresh
+    /// pages that nothing touches until they are written: a READ's reply that turns out to be
+    /// a hole, or shorter than asked, then costs no page faults for the rest. Zeroing a new
+    /// buffer by writing cost a 32 MiB READ of a hole 16 ms of CPU for a 28-byte reply.
     pub fn take(&self, len: usize) -> Vec<u8> {
-        let mut buf = self.reuse(len);
+        let Some(class) = class_of(len) else {
+            return vec![0; len];
+        };
+        let Some(mut buf) = self.pop_idle(class) else {
+            let mut buf = vec![0; capacity(class)];
+            buf.truncate(len);
+            return buf;
+        };
         if buf.len() >= len {
             buf.truncate(len);
         } else {
@@ -215,15 +225,16 @@ impl BufPool {
         let Some(class) = class_of(len) else {
             return Vec::with_capacity(len);
         };
-        let reused = self.idle.borrow_mut().get_mut(class).and_then(Vec::pop);
-        match reused {
-            Some(buf) => {
-                self.idle_bytes.set(self.idle_bytes.get() - buf.capacity());
-                IDLE_TOTAL.fetch_sub(buf.capacity(), Ordering::Relaxed);
-                buf
-            }
-            None => Vec::with_capacity(capacity(class)),
-        }
+        self.pop_idle(class)
+            .unwrap_or_else(|| Vec::with_capacity(capacity(class)))
+    }
+
+    /// An idle buffer of `class`, as it was given back.
+    fn pop_idle(&self, class: usize) -> Option<Vec<u8>> {
+        let buf = self.idle.borrow_mut().get_mut(class).and_then(Vec::pop)?;
+        self.idle_bytes.set(self.idle_bytes.get() - buf.capacity());
+        IDLE_TOTAL.fetch_sub(buf.capacity(), Ordering::Relaxed);
+        Some(buf)
     }
 
     /// Takes `buf` back for reuse, if it is a class's and there is room.

@@ -78,15 +78,31 @@ pub fn held_bytes(reply: &IoBuf) -> usize {
     reply.vec.capacity() + QUEUED_REPLY_COST
 }
 
-/// The payload bytes a request holds while it is in flight (its data, either way), once
-/// [`classify`] admitted it (so at most [`MAX_PAYLOAD`]).
+/// The bytes a request holds while it is in flight on the pool: its data, either way, for a
+/// READ or a WRITE, once [`classify`] admitted it (so at most [`MAX_PAYLOAD`]); for a
+/// BLOCK_STATUS the most its runs and reply can take (at most [`MAX_EXTENTS`] extents).
 pub fn payload_bytes(req: &Request) -> usize {
-    if matches!(req.kind, CMD_READ | CMD_WRITE) {
-        req.length as usize
-    } else {
-        0
+    match req.kind {
+        CMD_READ | CMD_WRITE => req.length as usize,
+        CMD_BLOCK_STATUS => {
+            let extents = (req.length / BLOCK_STATUS_GRAIN + 2).min(MAX_EXTENTS as u64);
+            extents as usize * BLOCK_STATUS_EXTENT_COST
+        }
+        _ => 0,
     }
 }
+
+/// The finest an extent of a BLOCK_STATUS reply can be (a file system block is at least this),
+/// for [`payload_bytes`]' worst case.
+const BLOCK_STATUS_GRAIN: u64 = 512;
+/// What one extent of a BLOCK_STATUS built on the pool may hold while in flight, rounded up:
+/// its run (16 bytes, in a vector that may have grown to twice what it holds) and its
+/// descriptor in the reply (8 bytes, 16 with extended headers). Counted since a client that
+/// kept writes running (so that BLOCK_STATUS goes to the pool) and read no replies had 128
+/// requests of up to [`MAX_EXTENTS`] extents each in flight on one connection, past flow
+/// control: 164 MB of RSS with structured replies, 296 MB with extended headers, 557 MB from
+/// four connections (BENCHMARKS.md, "memory under a client that reads no replies").
+const BLOCK_STATUS_EXTENT_COST: usize = 48;
 
 /// A connection whose handshake began before it reached its context: TLS is on (`tls.rs`),
 /// the greeting and the client flags are done, and the handshake limit started earlier.
