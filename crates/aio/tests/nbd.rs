@@ -5100,6 +5100,79 @@ fn a_client_that_reads_no_replies_stops_small_writes_and_gets_every_reply() {
     unread_replies("unread-small", 4 * KIB, 100_000);
 }
 
+/// Out of fds: the server's fd limit is lowered (`prlimit`) so that two more connections can
+/// be accepted; two more clients then wait in the listen queue while `accept` fails with
+/// `EMFILE`. The server logs that once, not at every retry (it tries every 100 ms), serves the
+/// first two meanwhile, and once they leave accepts the queued ones (which then get their
+/// greeting) and logs how many tries failed; at most one more failure is logged after that.
+#[test]
+fn out_of_fds_the_server_logs_once_and_serves_the_queued_clients_later() {
+    if !have("prlimit") {
+        println!("skipped: prlimit is not installed");
+        return;
+    }
+    let f = fixture("emfile", MIB, |c| c.contexts(1));
+    let pid = f.srv.pid();
+    let used: Vec<u32> = f
+        .srv
+        .fd_list()
+        .iter()
+        .map(|l| l.split_once(" -> ").unwrap().0.parse().unwrap())
+        .collect();
+    // The lowest limit under which two fd numbers are free: two accepts, then EMFILE.
+    let limit = (1..)
+        .find(|&l| l - used.iter().filter(|&&n| n < l).count() as u32 == 2)
+        .unwrap();
+    let status = Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={limit}:{limit}"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "prlimit: {status}");
+    let mut served: Vec<Client> = (0..2).map(|_| f.srv.client()).collect();
+    let mut queued: Vec<Conn> = (0..2).map(|_| f.srv.raw().unwrap()).collect();
+    let accept_lines = |srv: &Server| {
+        srv.stderr()
+            .into_iter()
+            .filter(|l| l.contains("accept"))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(IO_TIMEOUT, || !accept_lines(&f.srv).is_empty()),
+        "no accept failure logged"
+    );
+    // Ten retries' worth.
+    thread::sleep(Duration::from_secs(1));
+    let lines = accept_lines(&f.srv);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].contains("trying again every 100 ms"), "{lines:?}");
+    for c in &mut served {
+        assert!(c.read(0, 4096).unwrap() == [0; 4096]);
+    }
+    for c in served {
+        c.disconnect().unwrap();
+    }
+    for conn in &mut queued {
+        conn.read_greeting().unwrap();
+    }
+    assert!(
+        eventually(IO_TIMEOUT, || accept_lines(&f.srv).len() >= 2),
+        "{:?}",
+        accept_lines(&f.srv)
+    );
+    let tries: u64 = accept_lines(&f.srv)[1]
+        .strip_prefix("nbd-server: accept works again, after ")
+        .and_then(|rest| rest.strip_suffix(" failed tries"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{:?}", accept_lines(&f.srv)));
+    assert!(tries >= 5, "{:?}", accept_lines(&f.srv));
+    // Its last fd taken, the server's next accept fails again (Linux takes the fd number
+    // before it looks for a connection): logged once more, then quiet.
+    thread::sleep(Duration::from_secs(1));
+    let lines = accept_lines(&f.srv);
+    assert!(lines.len() <= 3, "{lines:?}");
+}
+
 /// `--aio native` on the page cache (a mode qemu-nbd refuses) serves small requests as
 /// `--aio threads` does: pipelined small WRITEs and cached small READs at once, lone ones
 /// through the write lane and the pool, the rest with `io_submit` (which would only do a
@@ -5904,6 +5977,7 @@ const ENGINE_INDEPENDENT: &[&str] = &[
     "cache_none_serves_overlapping_aligned_and_unaligned_writes",
     "bad_poll_options_exit_2_with_a_message",
     "io_uring_polling_sees_requests_in_the_ring",
+    "out_of_fds_the_server_logs_once_and_serves_the_queued_clients_later",
     "help_and_version_print_on_stdout_and_exit_0",
 ];
 

@@ -623,6 +623,7 @@ fn run(cfg: &Config, activated: Option<Vec<Listener>>) -> io::Result<()> {
         unix_path: cfg.unix.clone(),
         resume,
         backoff: RefCell::new(None),
+        failed_accepts: Cell::new(0),
     });
     acceptor.watch(&ctx)?;
 
@@ -1267,6 +1268,9 @@ struct Acceptor {
     /// back at the `--shared` limit; the main loop then watches the listeners again.
     resume: Arc<AtomicBool>,
     backoff: RefCell<Option<aio::Timer>>,
+    /// Backoffs since accepting last worked: an accept that keeps failing (out of fds) is
+    /// logged when it starts and when it ends, not ten times a second.
+    failed_accepts: Cell<u64>,
 }
 
 impl Acceptor {
@@ -1314,14 +1318,22 @@ impl Acceptor {
                 Err(e) => {
                     // EMFILE, ENFILE, ENOMEM...: the connection stays queued in the kernel.
                     // Stop watching the listeners for a while rather than spin on them.
-                    eprintln!(
-                        "nbd-server: accept: {e}; pausing for {} ms",
-                        ACCEPT_BACKOFF.as_millis()
-                    );
+                    let failed = self.failed_accepts.get();
+                    if failed == 0 {
+                        eprintln!(
+                            "nbd-server: accept: {e}; trying again every {} ms",
+                            ACCEPT_BACKOFF.as_millis()
+                        );
+                    }
+                    self.failed_accepts.set(failed + 1);
                     self.pause(ctx);
                     return;
                 }
             };
+            let failed = self.failed_accepts.replace(0);
+            if failed > 0 {
+                eprintln!("nbd-server: accept works again, after {failed} failed tries");
+            }
             if let Err(e) = prepare(&sock) {
                 // This one socket is unusable; the listener is fine.
                 eprintln!("nbd-server: dropping an accepted connection: {e}");
