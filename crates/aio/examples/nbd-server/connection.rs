@@ -1251,11 +1251,20 @@ impl Conn {
     /// Brings the fd handler in line with what the connection wants (read, write, neither),
     /// and closes a connection that is closing and has nothing left to do.
     fn update(&mut self, ctx: &AioContext) {
-        if self.read_done && self.in_flight == 0 && self.in_end > self.in_start {
-            // Flow control may have held back requests that were read before the end: with
-            // nothing in flight, nothing holds them any more.
+        // Flow control may have held back requests that were read before the end: with nothing
+        // in flight, only unsent replies hold them. Send, admit, and go on while a send emptied
+        // the queue, so that the test below never finds "nothing in flight, nothing to send"
+        // with an admissible request still buffered (which closed the connection without
+        // serving it, when the last bytes of a big reply went out just after an admission was
+        // refused for them).
+        while self.read_done && self.in_flight == 0 && self.in_end > self.in_start {
+            let buffered = self.in_end - self.in_start;
+            self.flush();
             self.process();
             self.flush();
+            if self.in_flight > 0 || self.out_bytes > 0 || self.in_end - self.in_start == buffered {
+                break;
+            }
         }
         let pending_out = self.out_bytes > 0;
         let finished = self.closing || (self.read_done && self.in_flight == 0);
