@@ -669,11 +669,19 @@ impl Conn {
     }
 
     fn on_writable(&mut self, ctx: &AioContext) {
-        self.flush();
-        // Sending may have brought the backlog under the limit: buffered requests can go on.
-        self.process();
-        self.flush();
+        self.send_and_admit();
         self.update(ctx);
+    }
+
+    /// Sends what the socket takes; then, if messages wait in the read buffer, acts on those
+    /// that flow control admits now (sending brings the backlog down, a completion the
+    /// requests in flight) and sends what that made ready.
+    fn send_and_admit(&mut self) {
+        self.flush();
+        if self.in_end > self.in_start {
+            self.process();
+            self.flush();
+        }
     }
 
     /// Whether the socket should be read now.
@@ -1150,12 +1158,7 @@ impl Conn {
         if c.sock.is_some() {
             let reply = session::reply(c.hs.framing, c.id, &req, result);
             c.queue_from(reply);
-            c.flush();
-            // Room may have opened up for requests that are already buffered.
-            if c.in_end > c.in_start {
-                c.process();
-                c.flush();
-            }
+            c.send_and_admit();
         }
         c.shard.requests.set(c.shard.requests.get() + 1);
         if let Some(ctx) = AioContext::current() {
@@ -1251,18 +1254,18 @@ impl Conn {
     /// Brings the fd handler in line with what the connection wants (read, write, neither),
     /// and closes a connection that is closing and has nothing left to do.
     fn update(&mut self, ctx: &AioContext) {
-        // Flow control may have held back requests that were read before the end: with nothing
-        // in flight, only unsent replies hold them. Send, admit, and go on while a send emptied
-        // the queue, so that the test below never finds "nothing in flight, nothing to send"
-        // with an admissible request still buffered (which closed the connection without
-        // serving it, when the last bytes of a big reply went out just after an admission was
-        // refused for them).
-        while self.read_done && self.in_flight == 0 && self.in_end > self.in_start {
+        // A send that empties the queue may be the last event for a while: a client that has
+        // sent every request it means to waits for their replies, and sends nothing that would
+        // wake the connection. With nothing in flight either, nothing else would act on the
+        // requests flow control held back (a queued reply counts its whole buffer until it is
+        // sent whole, so the admission just before the send that finished a 16 MiB reply was
+        // refused): act on them here, and go on while the replies that makes go out at once.
+        // Without this, the last requests of a pipeline of big READs sometimes got no reply
+        // (the connection stalled, or closed at the end of a drain).
+        while self.in_flight == 0 && self.out_bytes == 0 && self.in_end > self.in_start {
             let buffered = self.in_end - self.in_start;
-            self.flush();
-            self.process();
-            self.flush();
-            if self.in_flight > 0 || self.out_bytes > 0 || self.in_end - self.in_start == buffered {
+            self.send_and_admit();
+            if self.in_end - self.in_start == buffered {
                 break;
             }
         }
