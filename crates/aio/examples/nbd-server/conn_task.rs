@@ -377,7 +377,8 @@ impl Conn {
         session::is_full(
             self.in_flight.get(),
             self.pending_bytes.get(),
-            self.backlog.get().max(self.held.get()),
+            self.backlog.get(),
+            self.held.get(),
         )
     }
 

@@ -696,8 +696,12 @@ impl Conn {
     /// Whether flow control holds back further requests (and options). One request is always
     /// admitted when nothing is in flight and nothing waits to be sent.
     fn is_full(&self) -> bool {
-        let backlog = self.out_bytes.max(self.out_held);
-        session::is_full(self.in_flight, self.pending_bytes, backlog)
+        session::is_full(
+            self.in_flight,
+            self.pending_bytes,
+            self.out_bytes,
+            self.out_held,
+        )
     }
 
     /// Makes sure at least some room follows `in_end`, and enough for the message being

@@ -59,10 +59,11 @@ pub const MAX_EXTENTS: usize = 128 << 10;
 const MAX_QUERY: usize = 4096;
 
 /// Whether flow control holds back further requests (and options): `in_flight` requests on the
-/// pool with `pending_bytes` of payload, and `backlog` bytes of replies not yet sent (on the
-/// wire, or held in memory if that is more: see [`held_bytes`]). One request is always
-/// admitted when nothing is in flight and nothing waits to be sent.
-pub fn is_full(in_flight: usize, pending_bytes: usize, backlog: usize) -> bool {
+/// pool with `pending_bytes` of payload, and replies not yet sent, `unsent` bytes on the wire
+/// that hold `held` bytes of memory ([`held_bytes`]); the backlog is the larger of the two. One
+/// request is always admitted when nothing is in flight and nothing waits to be sent.
+pub fn is_full(in_flight: usize, pending_bytes: usize, unsent: usize, held: usize) -> bool {
+    let backlog = unsent.max(held);
     in_flight >= MAX_IN_FLIGHT
         || backlog >= MAX_BACKLOG
         || (in_flight > 0 && pending_bytes + backlog >= MAX_PENDING_BYTES)
