@@ -3984,6 +3984,79 @@ fn block_status_behind_a_write_on_the_ring(engine: &str) {
     assert_eq!(f.disk(at, len), data, "{engine}");
 }
 
+/// BLOCK_STATUS requests that go to the pool count the extents they may hold in flow control
+/// (`session::payload_bytes`: 48 bytes for each 512 bytes they ask about, up to
+/// `MAX_EXTENTS`), so that a client cannot have 128 of them building replies of up to 131 072
+/// extents at once (a client that read no replies made one connection hold 164 MB that way,
+/// 557 MB with four). Under `--aio io_uring` a WRITE on the ring keeps the image changing until
+/// it completes, so BLOCK_STATUS requests sent with it in one write go to the pool while it
+/// runs: over 64 MiB, each may hold 6 MiB, and flow control admits three of its 16 MiB at a
+/// time; the image holds 8 192 runs of data, so that each takes a while on the pool, and only
+/// a few rounds of three go there before the WRITE is done (the rest are answered at once).
+/// Here exactly three go there, under either engine; counted as holding nothing, the 127 that
+/// fit in flight beside the WRITE went in one go.
+#[test]
+fn block_status_on_the_pool_counts_the_extents_it_may_hold() {
+    if let Err(why) = support::server::io_mode_works("io_uring") {
+        println!("skipped: {why}");
+        return;
+    }
+    for engine in ["callbacks", "tasks"] {
+        block_status_on_the_pool_counted(engine);
+    }
+}
+
+/// [`block_status_on_the_pool_counts_the_extents_it_may_hold`] with the connection `engine`.
+fn block_status_on_the_pool_counted(engine: &str) {
+    const SIZE: usize = 64 * MIB;
+    const REQUESTS: usize = 200;
+    const WRITE: usize = 128 * KIB;
+    let runs: Vec<(usize, usize)> = (WRITE / (8 * KIB)..SIZE / (8 * KIB))
+        .map(|i| (i * 8 * KIB, 4 * KIB))
+        .collect();
+    let dir = TempDir::new(&format!("block-status-pool-{engine}"));
+    let image = dir.image("disk.img", SIZE as u64);
+    write_runs(&image, &runs);
+    if !is_sparse(&image) {
+        return;
+    }
+    let mut f = fixture_on(dir, image, |c| {
+        c.default_engine()
+            .args_extra(&["--aio", "io_uring", "--engine", engine])
+    });
+    let mut c = block_status_client(&f);
+    // With FUA, so the ring's (as in `block_status_behind_a_write_on_the_ring`).
+    let data = vec![0x5au8; WRITE];
+    let mut commands = vec![(cmd::WRITE, cmd_flag::FUA, 0, data.len() as u32, &data[..])];
+    commands.extend((0..REQUESTS).map(|_| (cmd::BLOCK_STATUS, 0, 0, SIZE as u32, &[][..])));
+    let cookies = c.send_flagged_at_once(&commands).unwrap();
+    let mut answered = std::collections::HashSet::new();
+    for _ in 0..commands.len() {
+        let r = c.receive().unwrap();
+        assert!(
+            answered.insert(r.cookie),
+            "{engine}: cookie {} twice",
+            r.cookie
+        );
+        r.result.unwrap();
+        if r.cookie != cookies[0] {
+            let covered: u64 = r.extents[0].1.iter().map(|e| e.len).sum();
+            assert!(
+                covered > 0 && covered <= SIZE as u64,
+                "{engine}: {covered} bytes described"
+            );
+        }
+    }
+    assert_eq!(f.disk(0, data.len()), data, "{engine}");
+    let (at_once, stopped) = block_status_built_at_once(c, &mut f);
+    let on_the_pool = REQUESTS as u64 - at_once;
+    println!("{engine}: {on_the_pool} of {REQUESTS} BLOCK_STATUS went to the pool");
+    assert!(
+        (1..=64).contains(&on_the_pool),
+        "{engine}: {on_the_pool} of {REQUESTS} went to the pool: {stopped}"
+    );
+}
+
 /// The minor page faults process `pid` has taken so far (`/proc/PID/stat`, field 10).
 fn minor_faults(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -5981,6 +6054,7 @@ fn client_agrees_with_qemu_nbd() {
 /// the `--aio` mode themselves and run each engine in turn.
 const ENGINE_INDEPENDENT: &[&str] = &[
     "block_status_behind_a_write_on_the_ring_goes_to_the_pool",
+    "block_status_on_the_pool_counts_the_extents_it_may_hold",
     "callbacks_is_the_default_engine_and_the_ready_line_names_the_engine",
     "every_aio_mode_keeps_data_intact_under_both_engines",
     "native_aio_on_the_page_cache_serves_small_requests_as_threads_does",
