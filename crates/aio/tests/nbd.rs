@@ -1085,31 +1085,41 @@ fn reads_worth_more_than_flow_control_admits_are_all_answered() {
     // a connection hold: the next buffered READ is admitted only once a reply is out. The
     // client sends every READ at once and then only reads, so no input will wake the server:
     // whatever finishes a reply must also admit what it held back.
-    const READS: u64 = 8;
-    const LEN: u32 = 16 << 20;
-    let f = fixture("big-pipeline", (READS * u64::from(LEN)) as usize, |c| c);
-    std::fs::write(&f.image, pattern(22, (READS * u64::from(LEN)) as usize)).unwrap();
+    let (f, ranges) = big_reads_fixture("big-pipeline");
     let mut c = f.srv.client();
-    let ranges: Vec<(u64, u32)> = (0..READS).map(|i| (i * u64::from(LEN), LEN)).collect();
     pipelined_reads_match(&mut c, &ranges, &f.disk_all());
     c.disconnect().unwrap();
+}
+
+/// A server on an image of eight times the largest READ, of a pattern, and the eight READs
+/// that cover it: more than flow control lets a connection hold at once (one 16 MiB reply).
+fn big_reads_fixture(tag: &str) -> (Fixture, Vec<(u64, u32)>) {
+    const READS: u64 = 8;
+    const LEN: u32 = 16 << 20;
+    let size = (READS * u64::from(LEN)) as usize;
+    let f = fixture(tag, size, |c| c);
+    std::fs::write(&f.image, pattern(22, size)).unwrap();
+    let ranges = (0..READS).map(|i| (i * u64::from(LEN), LEN)).collect();
+    (f, ranges)
 }
 
 #[test]
 fn half_closed_client_still_gets_its_replies() {
     // More payload than a server holds in flight, so some requests are still waiting when the
     // end of the client's stream comes.
-    const READS: u64 = 8;
-    const LEN: u32 = 16 << 20;
-    let f = fixture("half-close", (READS * u64::from(LEN)) as usize, |c| c);
+    let (f, ranges) = big_reads_fixture("half-close");
     let mut c = f.srv.client();
-    let ranges: Vec<(u64, u32)> = (0..READS).map(|i| (i * u64::from(LEN), LEN)).collect();
     let cookies = c.send_reads_at_once(&ranges).unwrap();
     c.conn().shutdown_write().unwrap();
+    let disk = f.disk_all();
     let mut answered = Vec::new();
-    for _ in 0..READS {
+    for _ in &ranges {
         let r = c.receive().unwrap();
-        assert_eq!(r.result.unwrap().len(), LEN as usize);
+        let (at, len) = ranges[cookies.iter().position(|&k| k == r.cookie).unwrap()];
+        assert!(
+            r.result.unwrap() == disk[at as usize..][..len as usize],
+            "read at {at}"
+        );
         answered.push(r.cookie);
     }
     answered.sort_unstable();
@@ -2085,12 +2095,9 @@ fn sigterm_answers_every_request_the_server_has_read() {
     // empty the server holds every one of them, admitted or buffered. Each must then get a
     // reply, the data or NBD_ESHUTDOWN (which the spec names for exactly this), before the
     // connection closes; none may vanish.
-    const READS: u64 = 8;
-    const LEN: u32 = 16 << 20;
-    let mut f = fixture("shutdown-read", (READS * u64::from(LEN)) as usize, |c| c);
-    std::fs::write(&f.image, pattern(800, (READS * u64::from(LEN)) as usize)).unwrap();
+    let (mut f, ranges) = big_reads_fixture("shutdown-read");
+    let reads = ranges.len();
     let mut c = f.srv.client();
-    let ranges: Vec<(u64, u32)> = (0..READS).map(|i| (i * u64::from(LEN), LEN)).collect();
     let cookies = c.send_reads_at_once(&ranges).unwrap();
     assert!(
         eventually(IO_TIMEOUT, || unread_by_peer(c.conn()) == 0),
@@ -2109,7 +2116,7 @@ fn sigterm_answers_every_request_the_server_has_read() {
     while c.in_flight() > 0 {
         let r = c.receive().unwrap_or_else(|e| {
             panic!(
-                "after SIGTERM: {} of {READS} reads the server had read got no reply ({e}); \
+                "after SIGTERM: {} of {reads} reads the server had read got no reply ({e}); \
                  outcomes so far: {outcomes:?}",
                 c.in_flight()
             )
@@ -2117,8 +2124,8 @@ fn sigterm_answers_every_request_the_server_has_read() {
         let i = cookies.iter().position(|&k| k == r.cookie).unwrap();
         match r.result {
             Ok(data) => {
-                let at = ranges[i].0 as usize;
-                assert!(data == disk[at..at + LEN as usize], "read {i}");
+                let (at, len) = ranges[i];
+                assert!(data == disk[at as usize..][..len as usize], "read {i}");
                 outcomes.push("data");
             }
             Err(e) => {
@@ -3913,12 +3920,17 @@ fn block_status_built_at_once(c: Client, f: &mut Fixture) -> (u64, String) {
 /// the loop. One sent after the write's reply is answered at once again, and sees the data.
 #[test]
 fn block_status_behind_a_write_on_the_ring_goes_to_the_pool() {
+    on_the_ring_under_each_engine(block_status_behind_a_write_on_the_ring);
+}
+
+/// Runs `case` with each connection engine, where `--aio io_uring` works (else says why not).
+fn on_the_ring_under_each_engine(case: impl Fn(&str)) {
     if let Err(why) = support::server::io_mode_works("io_uring") {
         println!("skipped: {why}");
         return;
     }
     for engine in ["callbacks", "tasks"] {
-        block_status_behind_a_write_on_the_ring(engine);
+        case(engine);
     }
 }
 
@@ -3997,13 +4009,7 @@ fn block_status_behind_a_write_on_the_ring(engine: &str) {
 /// fit in flight beside the WRITE went in one go.
 #[test]
 fn block_status_on_the_pool_counts_the_extents_it_may_hold() {
-    if let Err(why) = support::server::io_mode_works("io_uring") {
-        println!("skipped: {why}");
-        return;
-    }
-    for engine in ["callbacks", "tasks"] {
-        block_status_on_the_pool_counted(engine);
-    }
+    on_the_ring_under_each_engine(block_status_on_the_pool_counted);
 }
 
 /// [`block_status_on_the_pool_counts_the_extents_it_may_hold`] with the connection `engine`.
