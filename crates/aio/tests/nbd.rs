@@ -1111,21 +1111,7 @@ fn half_closed_client_still_gets_its_replies() {
     let mut c = f.srv.client();
     let cookies = c.send_reads_at_once(&ranges).unwrap();
     c.conn().shutdown_write().unwrap();
-    let disk = f.disk_all();
-    let mut answered = Vec::new();
-    for _ in &ranges {
-        let r = c.receive().unwrap();
-        let (at, len) = ranges[cookies.iter().position(|&k| k == r.cookie).unwrap()];
-        assert!(
-            r.result.unwrap() == disk[at as usize..][..len as usize],
-            "read at {at}"
-        );
-        answered.push(r.cookie);
-    }
-    answered.sort_unstable();
-    let mut want = cookies;
-    want.sort_unstable();
-    assert_eq!(answered, want);
+    reads_answered(&mut c, &ranges, &cookies, &f.disk_all());
     assert_closed(c.conn(), "the end of the client's stream");
 }
 
@@ -5312,10 +5298,15 @@ fn drop_from_page_cache(path: &std::path::Path) -> bool {
     false
 }
 
-/// Sends `ranges` as READs all at once and checks that each gets exactly one reply, in any
-/// order, matching `data`.
+/// Sends `ranges` as READs all at once and checks their replies ([`reads_answered`]).
 fn pipelined_reads_match(c: &mut nbd_client::Client, ranges: &[(u64, u32)], data: &[u8]) {
     let cookies = c.send_reads_at_once(ranges).unwrap();
+    reads_answered(c, ranges, &cookies, data);
+}
+
+/// Receives the replies to READs of `ranges` sent with `cookies`, and checks that each gets
+/// exactly one, in any order, matching `data`.
+fn reads_answered(c: &mut nbd_client::Client, ranges: &[(u64, u32)], cookies: &[u64], data: &[u8]) {
     let mut answered = std::collections::HashSet::new();
     for n in 0..ranges.len() {
         let r = c
