@@ -25,7 +25,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -1300,11 +1300,140 @@ pub fn replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file<M: Fd
     assert_eq!(wait_now(&mut monitor, &mut ready), []);
 }
 
+/// A closed fd whose file a duplicate keeps open is still reported under its key (on epoll,
+/// which watches the file), and once its handler is removed its entry, if the kernel keeps it,
+/// cannot be deleted: `epoll_ctl` reaches entries only through the number. The monitor drops
+/// the reports of such an orphan, and a wait sleeps its timeout again, instead of waking at once
+/// for as long as the duplicate lives (found by a new-user trial: 100 % CPU after the handler was
+/// dropped). The live registration is still watched afterwards.
+pub fn a_closed_fd_kept_open_by_a_duplicate_stops_waking_the_monitor_once_removed<M: FdMonitor>(
+    b: &MonitorBackend<M>,
+) {
+    let (_serial, mut monitor) = start!(b, "a_closed_fd_kept_open_by_a_duplicate_stops_waking");
+    let (r, w) = pipe();
+    let (other_r, other_w) = pipe();
+    let fd = r.as_raw_fd();
+    let dup = r.try_clone().unwrap();
+    let mut ready = ReadyList::new();
+    add(&mut monitor, key(1), fd, Interest::READ);
+    add(&mut monitor, key(2), other_r.as_raw_fd(), Interest::READ);
+    write_bytes(&w, b"x");
+
+    // The file stays open through `dup`, so its entry (file, fd) stays in the kernel and is
+    // still reported under the key, although `fd` itself is closed. Breaks [CONF-5] on
+    // purpose.
+    drop(r);
+    assert_eq!(
+        wait_now(&mut monitor, &mut ready),
+        [(key(1), Readiness::READABLE)],
+        "{}",
+        b.name
+    );
+
+    // Removing it succeeds ("already gone" for the closed number) but cannot reach the entry.
+    // Its next report names no registration: dropped.
+    update(&mut monitor, Change::Remove { key: key(1), fd }).unwrap();
+    assert_eq!((b.registrations)(&monitor).len(), 1);
+    assert_eq!(wait_now(&mut monitor, &mut ready), [], "{}", b.name);
+    // Gone for good, the duplicate still open: a wait sleeps its timeout.
+    sleeps_50_ms(&mut monitor, &mut ready);
+    // The live registration is still watched.
+    write_bytes(&other_w, b"y");
+    assert_eq!(
+        wait_now(&mut monitor, &mut ready),
+        [(key(2), Readiness::READABLE)],
+        "{}",
+        b.name
+    );
+    drop(dup);
+}
+
+/// Checks that a 50 ms wait of `monitor` reports nothing and is not ended early (by an orphan:
+/// see [`a_closed_fd_kept_open_by_a_duplicate_stops_waking_the_monitor_once_removed`]).
+///
+/// # Panics
+///
+/// If the wait reports something or returns early.
+pub fn sleeps_50_ms(monitor: &mut impl FdMonitor, ready: &mut ReadyList) {
+    let t0 = Instant::now();
+    assert_eq!(
+        wait_for(monitor, ready, Some(Duration::from_millis(50))),
+        []
+    );
+    let slept = t0.elapsed();
+    assert!(slept >= Duration::from_millis(50), "woke after {slept:?}");
+}
+
+/// Leaves an orphan in `monitor`'s kernel set: a readable pipe registered under `key(1)`, its
+/// fd closed while a duplicate (returned, with the write end) keeps the file open, then its
+/// handler removed. Breaks [CONF-5] on purpose, as the orphan cases say.
+pub fn orphan(monitor: &mut impl FdMonitor) -> (OwnedFd, OwnedFd) {
+    let (r, w) = pipe();
+    let fd = r.as_raw_fd();
+    let dup = r.try_clone().unwrap();
+    add(monitor, key(1), fd, Interest::READ);
+    write_bytes(&w, b"x");
+    drop(r);
+    update(monitor, Change::Remove { key: key(1), fd }).unwrap();
+    (dup, w)
+}
+
+/// For a level-triggered monitor on epoll: an outer loop takes the monitor's fd from
+/// `outer_fds` before each sleep, and so follows the kernel object that replaces one holding
+/// an orphan. After the orphan's wait that fd is a new one, not readable while nothing live is
+/// ready, and a wait that only the orphan woke waits out its timeout.
+pub fn an_outer_loop_follows_the_instance_that_replaces_an_orphan<M: FdMonitor>(
+    b: &MonitorBackend<M>,
+) {
+    let (_serial, mut monitor) = start!(b, "an_outer_loop_follows_the_instance");
+    let mut ready = ReadyList::new();
+    let outer = |m: &M| {
+        let mut out = Vec::new();
+        m.outer_fds(&mut out);
+        out[0].fd
+    };
+    let before = outer(&monitor);
+    let kept = orphan(&mut monitor);
+    assert!(readable_now(before), "{}: no orphan was left", b.name);
+    sleeps_50_ms(&mut monitor, &mut ready);
+    let after = outer(&monitor);
+    assert_ne!(after, before, "{}: the instance was not replaced", b.name);
+    assert!(!readable_now(after), "{}: the new fd is readable", b.name);
+    drop(kept);
+}
+
+/// For a level-triggered monitor on epoll: after its fd was lent through `as_fd` (to code that
+/// may keep the number), the kernel object is kept. The orphan's reports are dropped, logged
+/// once (not on every wait), and its wake-ups go on until the duplicate is closed and the
+/// kernel drops the entry.
+pub fn an_orphan_is_only_dropped_once_the_fd_was_lent<M: FdMonitor + AsFd>(b: &MonitorBackend<M>) {
+    let (_serial, mut monitor) = start!(b, "an_orphan_is_only_dropped_once_the_fd_was_lent");
+    let (subscriber, warnings) = CountLevel::new(tracing::Level::WARN);
+    tracing::subscriber::with_default(subscriber, || {
+        let mut ready = ReadyList::new();
+        let lent = monitor.as_fd().as_raw_fd();
+        let (dup, _w) = orphan(&mut monitor);
+        for _ in 0..3 {
+            assert_eq!(wait_now(&mut monitor, &mut ready), [], "{}", b.name);
+        }
+        assert_eq!(warnings.load(Ordering::Relaxed), 1, "{}", b.name);
+        assert_eq!(monitor.as_fd().as_raw_fd(), lent, "{}", b.name);
+        assert!(
+            readable_now(lent),
+            "{}: the orphan's entry is still in the kernel",
+            b.name
+        );
+        // Closing the last duplicate releases the file, and the kernel drops the entry.
+        drop(dup);
+        assert!(!readable_now(lent), "{}", b.name);
+    });
+}
+
 /// Expands to one `#[test]` per case of the monitor suite, for the backend described by
 /// `$backend` (a [`MonitorBackend`] constant). Call it once per way of waiting a backend has
 /// (in a module of its own), and install [`CountingAllocator`] once in the test binary. With
 /// `, by_number` it adds the cases of a kernel that finds its entries by fd number and drops a
-/// closed file by itself (epoll, and `polling` on it): closed and reused numbers, as
+/// closed file by itself (epoll, and `polling` on it): closed and reused numbers, and orphans, as
 /// [`Registrations::update`](aio_core::registrations::Registrations::update) handles them.
 ///
 /// ```ignore
@@ -1350,6 +1479,7 @@ macro_rules! monitor_conformance_tests {
             closed_fd_is_dropped_silently_and_remove_still_succeeds,
             a_reused_fd_number_is_a_new_entry_that_the_stale_key_never_touches,
             replacing_a_handler_whose_fd_number_was_reused_watches_the_new_file,
+            a_closed_fd_kept_open_by_a_duplicate_stops_waking_the_monitor_once_removed,
         );
     };
     (@cases $backend:expr; $($case:ident),* $(,)?) => {

@@ -360,22 +360,10 @@ impl EpollMonitor {
             Ok(e) => e,
             Err(err) => return keep(self, &err),
         };
-        let mut left_out = 0;
-        let owned: Vec<_> = self
-            .regs
-            .iter()
-            .filter(|&(key, _, _)| self.regs.owns(key))
-            .collect();
-        for (key, fd, interest) in owned {
-            match FdTable::add(&mut fresh, fd, key, interest) {
-                Ok(()) => {}
-                Err(err) if matches!(err.raw_os_error(), Some(libc::EBADF | libc::EPERM)) => {
-                    tracing::debug!(fd, ?key, %err, "epoll: a closed fd is not watched again");
-                    left_out += 1;
-                }
-                Err(err) => return keep(self, &err),
-            }
-        }
+        let left_out = match self.regs.add_owned_to(&mut fresh) {
+            Ok(n) => n,
+            Err(err) => return keep(self, &err),
+        };
         drop(std::mem::replace(&mut self.epoll, fresh));
         tracing::warn!(
             orphans,

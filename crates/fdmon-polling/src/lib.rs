@@ -50,6 +50,21 @@
 //! is still registered is tracked as in `fdmon-epoll`: the old key becomes stale and its removal
 //! never touches the new file's registration. **Remove a handler before closing its fd.**
 //!
+//! On Linux, epoll keeps the entry of a closed number while a duplicate (`dup`, `try_clone`,
+//! `fork`) holds its file open, and once the handler is removed nothing can reach the entry:
+//! `epoll_ctl` finds entries by number. A file that stays ready would then end every wait at
+//! once. The monitor handles such an *orphan* (a report under a key it no longer has) as
+//! `fdmon-epoll` does: its reports are dropped, and the first wait that only orphans ended
+//! replaces the `Poller` with a new one holding the live registrations (logged as a warning),
+//! then waits out the rest of its timeout. An outer loop asks
+//! [`outer_fds`](FdMonitor::outer_fds) again before it sleeps, and follows. The old `Poller` is
+//! kept, the orphans only filtered out and logged once, when its fd was lent through `as_fd`
+//! (the number must stay) or when the new one refuses a live registration (`ENOSPC`,
+//! `ENOMEM`); the loop then wakes for them until the duplicates are closed. One-shot
+//! registrations (event ports, [`PollingMonitor::with_rearm`]) report an orphan once at most,
+//! since only the monitor re-arms them, so there it is only dropped. kqueue and event ports
+//! drop a closed number's entries themselves, duplicates or not.
+//!
 //! # Keys
 //!
 //! `polling` identifies a source by a `usize` key, and this crate stores the [`HandlerKey`]'s
@@ -70,6 +85,7 @@ use std::fmt;
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use aio_core::registrations::{FdTable, Registrations};
@@ -128,6 +144,14 @@ pub struct PollingMonitor {
     /// Every registered handler's fd and interest, and which key owns each fd number: only the
     /// owner's changes reach the kernel (see [`Registrations`] on stale keys).
     regs: Registrations,
+    /// Whether the poller's fd was lent through [`as_fd`](AsFd::as_fd), to code that may keep
+    /// the number: the poller is then never replaced ([`forget_orphans`](Self::forget_orphans)).
+    /// An outer loop that takes it from [`outer_fds`](FdMonitor::outer_fds) asks again before
+    /// every sleep, as that contract requires, and so follows a replacement.
+    fd_lent: AtomicBool,
+    /// Set once orphans could not be dropped (the fd was lent, or a replacement failed): they
+    /// are then filtered out only, logged once, and no replacement is tried again.
+    orphans_kept: bool,
 }
 
 impl PollingMonitor {
@@ -175,6 +199,8 @@ impl PollingMonitor {
             events: Events::with_capacity(nonzero(INITIAL_EVENTS)),
             scratch: Vec::new(),
             regs: Registrations::new(),
+            fd_lent: AtomicBool::new(false),
+            orphans_kept: false,
         })
     }
 
@@ -218,6 +244,91 @@ impl PollingMonitor {
     /// Whether no handler is registered.
     pub fn is_empty(&self) -> bool {
         self.regs.is_empty()
+    }
+
+    /// `orphans` events of the last wait named no registered key: entries of handlers already
+    /// removed whose fd had been closed first while a duplicate kept the file open (see "A
+    /// registered fd that gets closed"). Nothing can delete them, and a file that stays ready
+    /// would end every wait at once, so the poller is replaced by a new one holding every
+    /// registration that owns its fd number ([`Registrations::add_owned_to`]), which drops the
+    /// orphans with the old one. Any refusal other than a closed number keeps the old poller,
+    /// as does a lent fd ([`fd_lent`](Self::fd_lent)); the orphans are then only filtered out,
+    /// logged once. Returns whether the poller was replaced.
+    fn forget_orphans(&mut self, orphans: usize) -> bool {
+        let keep = |me: &mut Self, why: &dyn fmt::Display| {
+            me.orphans_kept = true;
+            tracing::warn!(
+                orphans,
+                "polling: reports of fds closed before their handlers were removed, kept open by \
+                 a duplicate, cannot be dropped ({why}); the loop wakes for them until the \
+                 duplicates are closed"
+            );
+            false
+        };
+        if self.orphans_kept {
+            return false;
+        }
+        if self.fd_lent.load(Ordering::Relaxed) {
+            return keep(self, &"the poller's fd was lent through AsFd");
+        }
+        let fresh = match Poller::new() {
+            Ok(p) => p,
+            Err(err) => return keep(self, &err),
+        };
+        let mut table = ByNumber {
+            poller: &fresh,
+            mode: self.mode,
+        };
+        let left_out = match self.regs.add_owned_to(&mut table) {
+            Ok(n) => n,
+            Err(err) => return keep(self, &err),
+        };
+        drop(std::mem::replace(&mut self.poller, fresh));
+        tracing::warn!(
+            orphans,
+            left_out,
+            "polling: fds were closed before their handlers were removed while a duplicate kept \
+             them open; replaced the poller to stop their reports (remove a handler before \
+             closing its fd)"
+        );
+        true
+    }
+
+    /// Reads the events of the last wait into `scratch`, one entry per registered key that is
+    /// ready, and returns how many events named no registered key (orphans, dropped). Grows the
+    /// event buffer when the wait filled it.
+    fn collect(&mut self) -> usize {
+        self.scratch.clear();
+        let (mut raw, mut orphans) = (0, 0);
+        for event in self.events.iter() {
+            raw += 1;
+            let key = key_from_polling(event.key);
+            if self.regs.get(key).is_none() {
+                orphans += 1;
+                continue;
+            }
+            let readiness = event_to_readiness(&event);
+            if !readiness.is_empty() {
+                self.scratch.push((key, readiness));
+            }
+        }
+        if self.scratch.len() > 1 {
+            // kqueue reports the read and the write filter of one fd as two events.
+            self.scratch.sort_unstable_by_key(|&(key, _)| key.as_u64());
+            self.scratch.dedup_by(|later, earlier| {
+                let same = later.0 == earlier.0;
+                if same {
+                    earlier.1 |= later.1;
+                }
+                same
+            });
+        }
+        let capacity = self.events.capacity().get();
+        if raw == capacity && capacity < MAX_EVENTS {
+            // More may be ready than one batch holds; read bigger batches from now on.
+            self.events = Events::with_capacity(nonzero((capacity * 2).min(MAX_EVENTS)));
+        }
+        orphans
     }
 
     /// Waits until `polling` reports an event of ours or `timeout` passes.
@@ -286,7 +397,9 @@ impl FdMonitor for PollingMonitor {
     ///
     /// At most as many events as the buffer holds are read per call (128 at first, doubling
     /// each time a wait fills it, up to 4096); the rest stay ready in the kernel for the next
-    /// call. With nothing registered this still sleeps for `timeout`.
+    /// call. With nothing registered this still sleeps for `timeout`. Reports of entries no
+    /// registration has (orphans: see "A registered fd that gets closed") are dropped; a wait
+    /// that only they ended replaces the poller and waits out the rest of its timeout.
     ///
     /// # Errors
     ///
@@ -294,28 +407,30 @@ impl FdMonitor for PollingMonitor {
     /// ports, a reported fd that cannot be re-armed (closed while registered) is logged and
     /// not reported again; the wait still succeeds.
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
-        self.events.clear();
-        self.wait_events(timeout)?;
-        self.scratch.clear();
-        let mut raw = 0;
-        for event in self.events.iter() {
-            raw += 1;
-            let key = key_from_polling(event.key);
-            let readiness = event_to_readiness(&event);
-            if !readiness.is_empty() {
-                self.scratch.push((key, readiness));
+        let deadline = match timeout {
+            Some(t) if !t.is_zero() => Instant::now().checked_add(t),
+            _ => None,
+        };
+        let mut remaining = timeout;
+        loop {
+            self.events.clear();
+            self.wait_events(remaining)?;
+            let orphans = self.collect();
+            // One-shot entries are re-armed by this monitor only, so an orphan's comes once.
+            if orphans == 0
+                || !self.scratch.is_empty()
+                || self.mode == PollMode::Oneshot
+                || !self.forget_orphans(orphans)
+            {
+                break;
             }
-        }
-        if self.scratch.len() > 1 {
-            // kqueue reports the read and the write filter of one fd as two events.
-            self.scratch.sort_unstable_by_key(|&(key, _)| key.as_u64());
-            self.scratch.dedup_by(|later, earlier| {
-                let same = later.0 == earlier.0;
-                if same {
-                    earlier.1 |= later.1;
-                }
-                same
-            });
+            // Woken by orphans alone, now gone: wait out the rest of the timeout.
+            match (timeout, deadline) {
+                (Some(t), _) if t.is_zero() => break,
+                (_, Some(d)) => remaining = Some(d.saturating_duration_since(Instant::now())),
+                // No limit, or one too far off to represent: wait as asked again.
+                (_, None) => {}
+            }
         }
         if self.mode == PollMode::Oneshot {
             for &(key, _) in &self.scratch {
@@ -340,11 +455,6 @@ impl FdMonitor for PollingMonitor {
         for &(key, readiness) in &self.scratch {
             ready.push(key, readiness);
         }
-        let capacity = self.events.capacity().get();
-        if raw == capacity && capacity < MAX_EVENTS {
-            // More may be ready than one batch holds; read bigger batches from now on.
-            self.events = Events::with_capacity(nonzero((capacity * 2).min(MAX_EVENTS)));
-        }
         Ok(self.scratch.len())
     }
 
@@ -359,8 +469,12 @@ impl FdMonitor for PollingMonitor {
 }
 
 impl AsFd for PollingMonitor {
-    /// The kernel object's fd (epoll fd, kqueue, event port).
+    /// The kernel object's fd (epoll fd, kqueue, event port). Once lent, the poller is never
+    /// replaced, so orphans are then only filtered out (see "A registered fd that gets closed").
     fn as_fd(&self) -> BorrowedFd<'_> {
+        // Relaxed: a flag for this monitor's own later waits, which run on the same thread as
+        // every change to it (`&mut self`), or after a hand-over that synchronizes.
+        self.fd_lent.store(true, Ordering::Relaxed);
         self.poller.as_fd()
     }
 }

@@ -52,6 +52,24 @@ mod suite {
 
     mod level {
         aio_conformance::monitor_conformance_tests!(super::LEVEL, by_number);
+
+        /// The orphan cases that need a level-triggered monitor on epoll (the first one runs
+        /// with the `by_number` cases): the outer loop follows the replaced poller, and a lent
+        /// fd keeps it.
+        mod orphans {
+            use super::super::LEVEL;
+            use aio_conformance::monitor;
+
+            #[test]
+            fn an_outer_loop_follows_the_instance_that_replaces_an_orphan() {
+                monitor::an_outer_loop_follows_the_instance_that_replaces_an_orphan(&LEVEL);
+            }
+
+            #[test]
+            fn an_orphan_is_only_dropped_once_the_fd_was_lent() {
+                monitor::an_orphan_is_only_dropped_once_the_fd_was_lent(&LEVEL);
+            }
+        }
     }
 
     /// One-shot registration re-armed by the monitor, as on event ports.

@@ -369,6 +369,35 @@ impl Registrations {
         Ok(Some(fd))
     }
 
+    /// Adds every registration that owns its fd number to `fresh`, a new, empty kernel object
+    /// that is to replace the one this table has driven so far (how epoll-based backends drop
+    /// *orphans*: entries of removed handlers that the kernel keeps because a duplicate holds
+    /// the file open, and that no number can reach any more). Stale keys are left out: their
+    /// files are gone. Each entry is added through its number, so a registration whose fd was
+    /// closed while registered is left out if the number is not open (`EBADF`) or names a file
+    /// the kernel refuses (`EPERM`), and watches the number's new file if it was reused.
+    ///
+    /// Returns how many were left out that way (logged at debug level).
+    ///
+    /// # Errors
+    ///
+    /// Any other refusal (`ENOSPC`, `ENOMEM`): `fresh` is then incomplete and must not replace
+    /// the kernel object in use.
+    pub fn add_owned_to(&self, fresh: &mut impl FdTable) -> io::Result<usize> {
+        let mut left_out = 0;
+        for (key, fd, interest) in self.iter().filter(|&(key, _, _)| self.owns(key)) {
+            match fresh.add(fd, key, interest) {
+                Ok(()) => {}
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EBADF | libc::EPERM)) => {
+                    tracing::debug!(fd, ?key, %err, "a closed fd is not watched again");
+                    left_out += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(left_out)
+    }
+
     /// Every registration: key, fd and interest, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = (HandlerKey, RawFd, Interest)> + '_ {
         self.by_key
@@ -495,12 +524,17 @@ mod tests {
         calls: Vec<(&'static str, RawFd, Option<HandlerKey>)>,
         fail_modify: Option<i32>,
         fail_delete: Option<i32>,
+        /// Errors that adds of these numbers fail with.
+        fail_add: Vec<(RawFd, i32)>,
     }
 
     impl FdTable for FakeKernel {
         fn add(&mut self, fd: RawFd, key: HandlerKey, _: Interest) -> io::Result<()> {
             self.calls.push(("add", fd, Some(key)));
-            Ok(())
+            match self.fail_add.iter().find(|&&(n, _)| n == fd) {
+                Some(&(_, e)) => Err(io::Error::from_raw_os_error(e)),
+                None => Ok(()),
+            }
         }
         fn modify(&mut self, fd: RawFd, key: HandlerKey, _: Interest) -> io::Result<()> {
             self.calls.push(("modify", fd, Some(key)));
@@ -512,6 +546,37 @@ mod tests {
             self.fail_delete
                 .map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
         }
+    }
+
+    #[test]
+    fn a_fresh_table_gets_the_owners_and_leaves_out_closed_numbers() {
+        let mut regs = Registrations::new();
+        let (a, b, c, d) = (key(1), key(2), key(3), key(4));
+        regs.insert(a, 3, R);
+        regs.insert(b, 4, R);
+        regs.insert(c, 4, Interest::WRITE); // `b` goes stale
+        regs.insert(d, 5, R);
+        let mut fresh = FakeKernel {
+            fail_add: vec![(5, libc::EBADF)],
+            ..FakeKernel::default()
+        };
+        assert_eq!(regs.add_owned_to(&mut fresh).unwrap(), 1, "fd 5 is closed");
+        fresh.calls.sort_by_key(|&(_, fd, _)| fd);
+        assert_eq!(
+            fresh.calls,
+            [
+                ("add", 3, Some(a)),
+                ("add", 4, Some(c)),
+                ("add", 5, Some(d))
+            ]
+        );
+        let mut full = FakeKernel {
+            fail_add: vec![(4, libc::ENOSPC)],
+            ..FakeKernel::default()
+        };
+        let err = regs.add_owned_to(&mut full).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(regs.len(), 4, "the table itself is unchanged");
     }
 
     #[test]
