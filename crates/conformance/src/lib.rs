@@ -315,6 +315,8 @@ macro_rules! polling_tests {
             poll_remote_schedule_seen_while_polling,
             poll_event_notifier_polled_through_its_flag,
             poll_outer_loop_leaves_polling_mode,
+            poll_outer_loop_frees_a_hit_removed_before_dispatch,
+            poll_outer_loop_frees_a_hit_removed_while_leaving_polling_mode,
             isolation_scope_holds_a_readable_outer_fd,
         );
     };

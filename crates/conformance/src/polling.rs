@@ -975,6 +975,91 @@ pub fn poll_outer_loop_leaves_polling_mode(make: MakeContext) {
     assert!(!wd.fired(), "a blocking poll hung");
 }
 
+/// A handler that `prepare` found work for (leaving polling mode), removed before the outer
+/// loop's `dispatch`: it is freed at once, with its callbacks and the fd it owns, not kept
+/// until a `dispatch` that may never come (the outer loop may stop driving the context), and
+/// `dispatch` does not run it.
+pub fn poll_outer_loop_frees_a_hit_removed_before_dispatch(make: MakeContext) {
+    let (ctx, wd) = polling_ctx(make);
+    let h = Polled::register(&ctx, true);
+    assert!(ctx.poll_nonblocking());
+    flush(&ctx);
+    h.work.set(true);
+    assert!(ctx.poll(), "found by polling");
+    assert_eq!(
+        ctx.prepare(),
+        Some(Duration::ZERO),
+        "the last poll found work"
+    );
+    let Polled { e, handler, counts } = h;
+    let held = Rc::strong_count(&counts.readies);
+    drop(handler);
+    assert!(
+        Rc::strong_count(&counts.readies) < held,
+        "the removed handler's callbacks are still alive"
+    );
+    assert_eq!(
+        Arc::strong_count(&e),
+        1,
+        "the removed handler's fd is still held"
+    );
+    ctx.check();
+    ctx.dispatch();
+    assert_eq!(
+        counts.readies.get(),
+        1,
+        "the removed handler was dispatched"
+    );
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
+/// As [`poll_outer_loop_frees_a_hit_removed_before_dispatch`], with the removal made by another
+/// member's `on_poll_end` while `prepare` leaves polling mode, after the removed handler's poll
+/// found work: it is not kept for `dispatch` either.
+pub fn poll_outer_loop_frees_a_hit_removed_while_leaving_polling_mode(make: MakeContext) {
+    let (ctx, wd) = polling_ctx(make);
+    let a = Polled::register(&ctx, true);
+    assert!(ctx.poll_nonblocking(), "a joins the poll set first");
+    let Polled { e, handler, counts } = a;
+    let victim = Rc::new(RefCell::new(Some(handler)));
+    let b = Arc::new(EventNotifier::new().expect("event notifier"));
+    b.set().unwrap();
+    let (notifier, v) = (b.clone(), victim.clone());
+    let _b = ctx
+        .fd_handler(b.clone())
+        .on_read(move |_| assert!(notifier.test_and_clear(), "spurious read callback"))
+        .on_poll(|| false)
+        .on_poll_ready(|_| panic!("b never has work"))
+        .on_poll_end(move || drop(v.borrow_mut().take()))
+        .register()
+        .expect("register");
+    assert!(ctx.poll(), "b joins the poll set");
+    flush(&ctx);
+    counts.work.set(true);
+    assert!(ctx.poll(), "a found by polling");
+    assert!(victim.borrow().is_some(), "on_poll_end ran too early");
+    let held = Rc::strong_count(&counts.readies);
+    ctx.prepare();
+    assert!(victim.borrow().is_none(), "b's on_poll_end did not run");
+    assert!(
+        Rc::strong_count(&counts.readies) < held,
+        "the removed handler's callbacks are still alive"
+    );
+    assert_eq!(
+        Arc::strong_count(&e),
+        1,
+        "the removed handler's fd is still held"
+    );
+    ctx.check();
+    ctx.dispatch();
+    assert_eq!(
+        counts.readies.get(),
+        1,
+        "the removed handler was dispatched"
+    );
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
 /// Isolation scopes (seed 003, `AioContext::isolated`): a readable fd of an outer scope is
 /// taken out of the backend while a scope waits for its own notifier, so the scope's blocking
 /// waits sleep (a handful of them, not a spin); the outer handler runs once the scope ends.

@@ -40,6 +40,10 @@ impl AioContext {
             let _depth = DepthGuard::enter(&inner.depth);
             let mut hits = std::mem::take(&mut *inner.polling.outer_hits.borrow_mut());
             let found = inner.leave_poll_mode(&mut hits);
+            // A handler removed by those callbacks is not kept for `dispatch` (`remove_node`
+            // could not see this list, taken out). No borrow is held: this may drop the last
+            // reference to a removed node.
+            hits.retain(|n| !n.deleted.get());
             *inner.polling.outer_hits.borrow_mut() = hits;
             if found {
                 return Some(Duration::ZERO);
