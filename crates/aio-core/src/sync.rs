@@ -107,6 +107,11 @@ pub(crate) fn wait_timeout<'a, T>(
 /// per iteration adds nothing for the models to explore.
 pub(crate) type SettingU64 = std::sync::atomic::AtomicU64;
 
+/// std's `AtomicBool` even under loom, for a flag that no cross-thread protocol depends on (a
+/// backend's "my fd was lent", set and read on the thread that drives the backend; atomic only
+/// so that the backend stays `Sync`).
+pub(crate) type SettingBool = std::sync::atomic::AtomicBool;
+
 /// Which thread is a context's home thread right now: [`thread_id`] of that thread, or 0 for
 /// none. An ordinary context's home never changes; a [`SharedContext`](crate::SharedContext)'s
 /// is the thread holding its lock, stored by `acquire` before the holder uses the context and

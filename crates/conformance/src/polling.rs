@@ -943,16 +943,23 @@ pub fn poll_event_notifier_polled_through_its_flag(make: MakeContext) {
     assert!(!wd.fired(), "a blocking poll hung");
 }
 
-/// An outer loop driving a context that an earlier `poll` left in polling mode: `prepare`
-/// leaves it (`on_poll_end`, then one more poll) before the outer loop may sleep, and what
-/// that poll finds is dispatched by `dispatch` through the poll-ready callback.
-pub fn poll_outer_loop_leaves_polling_mode(make: MakeContext) {
+/// A polling context, and a [`Polled`] handler that joined its poll set, then had work found by
+/// polling, which leaves the context in polling mode.
+fn left_in_polling_mode_with_work(make: MakeContext) -> (AioContext, Watchdog, Polled) {
     let (ctx, wd) = polling_ctx(make);
     let h = Polled::register(&ctx, true);
     assert!(ctx.poll_nonblocking());
     flush(&ctx);
     h.work.set(true);
     assert!(ctx.poll(), "found by polling");
+    (ctx, wd, h)
+}
+
+/// An outer loop driving a context that an earlier `poll` left in polling mode: `prepare`
+/// leaves it (`on_poll_end`, then one more poll) before the outer loop may sleep, and what
+/// that poll finds is dispatched by `dispatch` through the poll-ready callback.
+pub fn poll_outer_loop_leaves_polling_mode(make: MakeContext) {
+    let (ctx, wd, h) = left_in_polling_mode_with_work(make);
     assert_eq!((h.readies.get(), h.begins.get(), h.ends.get()), (1, 1, 0));
     assert_eq!(
         ctx.prepare(),
@@ -980,12 +987,7 @@ pub fn poll_outer_loop_leaves_polling_mode(make: MakeContext) {
 /// until a `dispatch` that may never come (the outer loop may stop driving the context), and
 /// `dispatch` does not run it.
 pub fn poll_outer_loop_frees_a_hit_removed_before_dispatch(make: MakeContext) {
-    let (ctx, wd) = polling_ctx(make);
-    let h = Polled::register(&ctx, true);
-    assert!(ctx.poll_nonblocking());
-    flush(&ctx);
-    h.work.set(true);
-    assert!(ctx.poll(), "found by polling");
+    let (ctx, wd, h) = left_in_polling_mode_with_work(make);
     assert_eq!(
         ctx.prepare(),
         Some(Duration::ZERO),
@@ -994,22 +996,7 @@ pub fn poll_outer_loop_frees_a_hit_removed_before_dispatch(make: MakeContext) {
     let Polled { e, handler, counts } = h;
     let held = Rc::strong_count(&counts.readies);
     drop(handler);
-    assert!(
-        Rc::strong_count(&counts.readies) < held,
-        "the removed handler's callbacks are still alive"
-    );
-    assert_eq!(
-        Arc::strong_count(&e),
-        1,
-        "the removed handler's fd is still held"
-    );
-    ctx.check();
-    ctx.dispatch();
-    assert_eq!(
-        counts.readies.get(),
-        1,
-        "the removed handler was dispatched"
-    );
+    freed_and_never_dispatched(&ctx, &e, &counts, held);
     assert!(!wd.fired(), "a blocking poll hung");
 }
 
@@ -1041,12 +1028,25 @@ pub fn poll_outer_loop_frees_a_hit_removed_while_leaving_polling_mode(make: Make
     let held = Rc::strong_count(&counts.readies);
     ctx.prepare();
     assert!(victim.borrow().is_none(), "b's on_poll_end did not run");
+    freed_and_never_dispatched(&ctx, &e, &counts, held);
+    assert!(!wd.fired(), "a blocking poll hung");
+}
+
+/// Checks that the handler of `e` and `counts`, removed while an outer loop's `prepare` had
+/// found it ready, is gone (its callbacks held `held` references to the counts, its node a
+/// reference to `e`), and that the outer loop's `check` and `dispatch` do not run it.
+fn freed_and_never_dispatched(
+    ctx: &AioContext,
+    e: &Arc<EventNotifier>,
+    counts: &PolledCounts,
+    held: usize,
+) {
     assert!(
         Rc::strong_count(&counts.readies) < held,
         "the removed handler's callbacks are still alive"
     );
     assert_eq!(
-        Arc::strong_count(&e),
+        Arc::strong_count(e),
         1,
         "the removed handler's fd is still held"
     );
@@ -1057,7 +1057,6 @@ pub fn poll_outer_loop_frees_a_hit_removed_while_leaving_polling_mode(make: Make
         1,
         "the removed handler was dispatched"
     );
-    assert!(!wd.fired(), "a blocking poll hung");
 }
 
 /// Isolation scopes (seed 003, `AioContext::isolated`): a readable fd of an outer scope is

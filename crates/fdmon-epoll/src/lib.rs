@@ -113,10 +113,9 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use aio_core::registrations::{FdTable, Registrations};
+use aio_core::registrations::{FdTable, Orphans, Registrations, WaitDeadline};
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, ReadyList};
 
 use crate::epoll::{Epoll, Events, epoll_to_readiness, interest_to_epoll};
@@ -184,15 +183,10 @@ pub struct EpollMonitor {
     /// Whether positive timeouts use `epoll_pwait2` (else `ppoll` on the epoll fd, then a
     /// non-blocking `epoll_wait`).
     pwait2: bool,
-    /// Whether the epoll fd was lent through [`as_fd`](AsFd::as_fd), to code that may keep
-    /// the number: the epoll instance is then never replaced
-    /// ([`forget_orphans`](Self::forget_orphans)). An outer loop that takes it from
-    /// [`outer_fds`](FdMonitor::outer_fds) asks again before every sleep, as that contract
-    /// requires, and so follows a replacement.
-    fd_lent: AtomicBool,
-    /// Set once orphans could not be dropped (the fd was lent, or a replacement failed): they
-    /// are then filtered out only, logged once, and no replacement is tried again.
-    orphans_kept: bool,
+    /// What to do about orphans: whether the epoll fd was lent through
+    /// [`as_fd`](AsFd::as_fd), and whether a replacement failed
+    /// ([`forget_orphans`](Self::forget_orphans)).
+    orphans: Orphans,
 }
 
 /// What one attempt at waiting produced.
@@ -247,8 +241,7 @@ impl EpollMonitor {
             events: Events::with_capacity(INITIAL_EVENTS),
             regs: Registrations::new(),
             pwait2,
-            fd_lent: AtomicBool::new(false),
-            orphans_kept: false,
+            orphans: Orphans::default(),
         })
     }
 
@@ -335,44 +328,18 @@ impl EpollMonitor {
     /// number was closed and reused while registered now watches the file the number names.
     /// Both concern only handlers whose fd was closed before they were removed. Any other
     /// refusal (`ENOSPC` past `max_user_watches`, `ENOMEM`) keeps the old instance, as does a
-    /// lent fd ([`fd_lent`](Self::fd_lent)); the orphans are then only filtered out, logged
+    /// lent fd ([`Orphans`]); the orphans are then only filtered out, logged
     /// once. Returns whether the instance was replaced.
     fn forget_orphans(&mut self, orphans: usize) -> bool {
-        let keep = |me: &mut Self, why: &dyn std::fmt::Display| {
-            if !me.orphans_kept {
-                me.orphans_kept = true;
-                tracing::warn!(
-                    orphans,
-                    "epoll: reports of fds closed before their handlers were removed, kept open \
-                     by a duplicate, cannot be dropped ({why}); the loop wakes for them until \
-                     the duplicates are closed"
-                );
-            }
-            false
-        };
-        if self.orphans_kept {
-            return false;
-        }
-        if self.fd_lent.load(Ordering::Relaxed) {
-            return keep(self, &"the epoll fd was lent through AsFd");
-        }
-        let mut fresh = match Epoll::new() {
-            Ok(e) => e,
-            Err(err) => return keep(self, &err),
-        };
-        let left_out = match self.regs.add_owned_to(&mut fresh) {
-            Ok(n) => n,
-            Err(err) => return keep(self, &err),
-        };
-        drop(std::mem::replace(&mut self.epoll, fresh));
-        tracing::warn!(
-            orphans,
-            left_out,
-            "epoll: fds were closed before their handlers were removed while a duplicate kept \
-             them open; replaced the epoll instance to stop their reports (remove a handler \
-             before closing its fd)"
-        );
-        true
+        let regs = &self.regs;
+        let fresh = self.orphans.replacement("epoll", orphans, || {
+            let mut fresh = Epoll::new()?;
+            let left_out = regs.add_owned_to(&mut fresh)?;
+            Ok((fresh, left_out))
+        });
+        fresh
+            .map(|fresh| drop(std::mem::replace(&mut self.epoll, fresh)))
+            .is_some()
     }
 
     /// Waits until an event is ready or `timeout` passes, retrying `EINTR`; `deadline` is when
@@ -489,17 +456,12 @@ impl FdMonitor for EpollMonitor {
     /// `EINVAL` cannot happen with the arguments built here).
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
         // Only a real, finite, nonzero wait can be shortened by elapsed time (a signal, or
-        // orphans below), and only then is reading the clock worth it. A timeout so large that
-        // the deadline is not representable is, for every practical purpose, infinite, and is
-        // simply passed again.
-        let deadline = match timeout {
-            Some(t) if !t.is_zero() => Instant::now().checked_add(t),
-            _ => None,
-        };
+        // orphans below), and only then is the clock read.
+        let deadline = WaitDeadline::new(timeout);
         let mut remaining = timeout;
         loop {
             self.events.clear();
-            let n = self.wait_uninterrupted(remaining, deadline)?;
+            let n = self.wait_uninterrupted(remaining, deadline.at())?;
             let mut orphans = 0;
             for (data, events) in self.events.iter() {
                 let key = HandlerKey::from_u64(data);
@@ -519,11 +481,9 @@ impl FdMonitor for EpollMonitor {
                 return Ok(reported);
             }
             // Woken by orphans alone, now gone: wait out the rest of the timeout.
-            match (timeout, deadline) {
-                (Some(t), _) if t.is_zero() => return Ok(0),
-                (_, Some(d)) => remaining = Some(d.saturating_duration_since(Instant::now())),
-                // No limit, or one too far off to represent: wait as asked again.
-                (_, None) => {}
+            match deadline.again() {
+                None => return Ok(0),
+                Some(rest) => remaining = rest,
             }
         }
     }
@@ -541,9 +501,7 @@ impl AsFd for EpollMonitor {
     /// The epoll fd. It is readable while any watched fd is ready, so an outer loop can wait for
     /// it and then call `wait` with a zero timeout.
     fn as_fd(&self) -> BorrowedFd<'_> {
-        // Relaxed: a flag for this monitor's own later waits, which run on the same thread
-        // as every change to it (`&mut self`), or after a hand-over that synchronizes.
-        self.fd_lent.store(true, Ordering::Relaxed);
+        self.orphans.lend();
         self.epoll.as_fd()
     }
 }

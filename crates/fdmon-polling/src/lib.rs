@@ -85,10 +85,9 @@ use std::fmt;
 use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use aio_core::registrations::{FdTable, Registrations};
+use aio_core::registrations::{FdTable, Orphans, Registrations, WaitDeadline};
 use aio_core::{Change, FdMonitor, HandlerKey, Interest, OuterFd, Readiness, ReadyList};
 use polling::{Events, PollMode, Poller};
 
@@ -144,14 +143,10 @@ pub struct PollingMonitor {
     /// Every registered handler's fd and interest, and which key owns each fd number: only the
     /// owner's changes reach the kernel (see [`Registrations`] on stale keys).
     regs: Registrations,
-    /// Whether the poller's fd was lent through [`as_fd`](AsFd::as_fd), to code that may keep
-    /// the number: the poller is then never replaced ([`forget_orphans`](Self::forget_orphans)).
-    /// An outer loop that takes it from [`outer_fds`](FdMonitor::outer_fds) asks again before
-    /// every sleep, as that contract requires, and so follows a replacement.
-    fd_lent: AtomicBool,
-    /// Set once orphans could not be dropped (the fd was lent, or a replacement failed): they
-    /// are then filtered out only, logged once, and no replacement is tried again.
-    orphans_kept: bool,
+    /// What to do about orphans: whether the poller's fd was lent through
+    /// [`as_fd`](AsFd::as_fd), and whether a replacement failed
+    /// ([`forget_orphans`](Self::forget_orphans)).
+    orphans: Orphans,
 }
 
 impl PollingMonitor {
@@ -199,8 +194,7 @@ impl PollingMonitor {
             events: Events::with_capacity(nonzero(INITIAL_EVENTS)),
             scratch: Vec::new(),
             regs: Registrations::new(),
-            fd_lent: AtomicBool::new(false),
-            orphans_kept: false,
+            orphans: Orphans::default(),
         })
     }
 
@@ -252,46 +246,21 @@ impl PollingMonitor {
     /// would end every wait at once, so the poller is replaced by a new one holding every
     /// registration that owns its fd number ([`Registrations::add_owned_to`]), which drops the
     /// orphans with the old one. Any refusal other than a closed number keeps the old poller,
-    /// as does a lent fd ([`fd_lent`](Self::fd_lent)); the orphans are then only filtered out,
+    /// as does a lent fd ([`Orphans`]); the orphans are then only filtered out,
     /// logged once. Returns whether the poller was replaced.
     fn forget_orphans(&mut self, orphans: usize) -> bool {
-        let keep = |me: &mut Self, why: &dyn fmt::Display| {
-            me.orphans_kept = true;
-            tracing::warn!(
-                orphans,
-                "polling: reports of fds closed before their handlers were removed, kept open by \
-                 a duplicate, cannot be dropped ({why}); the loop wakes for them until the \
-                 duplicates are closed"
-            );
-            false
-        };
-        if self.orphans_kept {
-            return false;
-        }
-        if self.fd_lent.load(Ordering::Relaxed) {
-            return keep(self, &"the poller's fd was lent through AsFd");
-        }
-        let fresh = match Poller::new() {
-            Ok(p) => p,
-            Err(err) => return keep(self, &err),
-        };
-        let mut table = ByNumber {
-            poller: &fresh,
-            mode: self.mode,
-        };
-        let left_out = match self.regs.add_owned_to(&mut table) {
-            Ok(n) => n,
-            Err(err) => return keep(self, &err),
-        };
-        drop(std::mem::replace(&mut self.poller, fresh));
-        tracing::warn!(
-            orphans,
-            left_out,
-            "polling: fds were closed before their handlers were removed while a duplicate kept \
-             them open; replaced the poller to stop their reports (remove a handler before \
-             closing its fd)"
-        );
-        true
+        let (regs, mode) = (&self.regs, self.mode);
+        let fresh = self.orphans.replacement("polling", orphans, || {
+            let fresh = Poller::new()?;
+            let left_out = regs.add_owned_to(&mut ByNumber {
+                poller: &fresh,
+                mode,
+            })?;
+            Ok((fresh, left_out))
+        });
+        fresh
+            .map(|fresh| drop(std::mem::replace(&mut self.poller, fresh)))
+            .is_some()
     }
 
     /// Reads the events of the last wait into `scratch`, one entry per registered key that is
@@ -407,10 +376,7 @@ impl FdMonitor for PollingMonitor {
     /// ports, a reported fd that cannot be re-armed (closed while registered) is logged and
     /// not reported again; the wait still succeeds.
     fn wait(&mut self, ready: &mut ReadyList, timeout: Option<Duration>) -> io::Result<usize> {
-        let deadline = match timeout {
-            Some(t) if !t.is_zero() => Instant::now().checked_add(t),
-            _ => None,
-        };
+        let deadline = WaitDeadline::new(timeout);
         let mut remaining = timeout;
         loop {
             self.events.clear();
@@ -425,11 +391,9 @@ impl FdMonitor for PollingMonitor {
                 break;
             }
             // Woken by orphans alone, now gone: wait out the rest of the timeout.
-            match (timeout, deadline) {
-                (Some(t), _) if t.is_zero() => break,
-                (_, Some(d)) => remaining = Some(d.saturating_duration_since(Instant::now())),
-                // No limit, or one too far off to represent: wait as asked again.
-                (_, None) => {}
+            match deadline.again() {
+                None => break,
+                Some(rest) => remaining = rest,
             }
         }
         if self.mode == PollMode::Oneshot {
@@ -472,9 +436,7 @@ impl AsFd for PollingMonitor {
     /// The kernel object's fd (epoll fd, kqueue, event port). Once lent, the poller is never
     /// replaced, so orphans are then only filtered out (see "A registered fd that gets closed").
     fn as_fd(&self) -> BorrowedFd<'_> {
-        // Relaxed: a flag for this monitor's own later waits, which run on the same thread as
-        // every change to it (`&mut self`), or after a hand-over that synchronizes.
-        self.fd_lent.store(true, Ordering::Relaxed);
+        self.orphans.lend();
         self.poller.as_fd()
     }
 }

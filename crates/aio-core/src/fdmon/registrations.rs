@@ -1,7 +1,8 @@
 //! The part of the backend contract that every [`FdMonitor`](crate::FdMonitor) shares: the
 //! rules a [`Change`] must follow ([`validate`]), the errors that refuse one, and the
 //! registration table ([`Registrations`]) of the backends whose kernel object is found by fd
-//! number (epoll, `polling`), with its record of which key owns each number.
+//! number (epoll, `polling`), with its record of which key owns each number, and what those
+//! backends do about *orphans* ([`Orphans`]).
 //!
 //! A backend crate keeps only what is specific to its system calls: the poll backend its
 //! `pollfd` array (it validates against its own index), io_uring its in-flight polls (it
@@ -27,8 +28,10 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use crate::fdmon::{Change, HandlerKey, Interest};
+use crate::sync::{Ordering, SettingBool};
 
 /// A hasher for integer keys (fd numbers, [`HandlerKey`]s): one rotate, xor and multiply per
 /// word written (the `FxHash` step), which spreads consecutive integers over the whole `u64`.
@@ -422,6 +425,117 @@ impl fmt::Debug for Registrations {
     }
 }
 
+/// What a backend on an epoll instance (fdmon-epoll, and fdmon-polling on Linux) does about
+/// *orphans*: reports under keys it no longer has, from entries of removed handlers whose fd
+/// was closed first while a duplicate (`dup`, `try_clone`, `fork`) kept the file open. epoll
+/// finds entries by number, which no longer names that file, so nothing can delete them, and a
+/// file that stays ready would end every wait at once. The backend drops their reports, and the
+/// first wait that only orphans ended asks [`replacement`](Self::replacement) for a new kernel
+/// object holding the live registrations ([`Registrations::add_owned_to`]), which drops the
+/// orphans with the old one.
+///
+/// The old object is kept, and the orphans only filtered out, logged once, when its fd was lent
+/// ([`lend`](Self::lend): code that may keep the number, whereas an outer loop asks
+/// `outer_fds` again before every sleep and so follows a replacement), or when a replacement
+/// failed (`ENOSPC` past `max_user_watches`, `ENOMEM`).
+#[derive(Debug, Default)]
+pub struct Orphans {
+    /// Whether the kernel object's fd was lent through `AsFd`.
+    lent: SettingBool,
+    /// Set once orphans could not be dropped: no replacement is tried again.
+    kept: bool,
+}
+
+impl Orphans {
+    /// Records that the kernel object's fd was lent through `AsFd`: it is never replaced.
+    pub fn lend(&self) {
+        // Relaxed: a flag for this backend's own later waits, which run on the same thread
+        // as every change to it (`&mut self`), or after a hand-over that synchronizes.
+        self.lent.store(true, Ordering::Relaxed);
+    }
+
+    /// `orphans` events of the last wait of `backend` named no registered key. Returns the
+    /// kernel object to replace the current one with, made by `fresh` (which returns it with
+    /// the number of registrations it left out, from [`Registrations::add_owned_to`]), and logs
+    /// the replacement; or `None` when the current one is to be kept (lent, failed before, or
+    /// `fresh` fails now), logged once.
+    pub fn replacement<T>(
+        &mut self,
+        backend: &str,
+        orphans: usize,
+        fresh: impl FnOnce() -> io::Result<(T, usize)>,
+    ) -> Option<T> {
+        if self.kept {
+            return None;
+        }
+        let made = if self.lent.load(Ordering::Relaxed) {
+            Err(io::Error::other("its fd was lent through AsFd"))
+        } else {
+            fresh()
+        };
+        match made {
+            Ok((object, left_out)) => {
+                tracing::warn!(
+                    orphans,
+                    left_out,
+                    "{backend}: fds were closed before their handlers were removed while a \
+                     duplicate kept them open; replaced the kernel object to stop their reports \
+                     (remove a handler before closing its fd)"
+                );
+                Some(object)
+            }
+            Err(why) => {
+                self.kept = true;
+                tracing::warn!(
+                    orphans,
+                    "{backend}: reports of fds closed before their handlers were removed, kept \
+                     open by a duplicate, cannot be dropped ({why}); the loop wakes for them \
+                     until the duplicates are closed"
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The deadline of one [`FdMonitor::wait`](crate::FdMonitor::wait) that may have to wait again
+/// after the kernel returned with nothing to report (orphans only, a signal): how long the
+/// next try may sleep, so that the whole wait ends at the deadline taken at its start, neither
+/// earlier nor later, and an infinite one stays infinite.
+#[derive(Clone, Copy, Debug)]
+pub struct WaitDeadline {
+    timeout: Option<Duration>,
+    at: Option<Instant>,
+}
+
+impl WaitDeadline {
+    /// The deadline of a wait for `timeout` starting now. Only a finite, nonzero timeout reads
+    /// the clock; one so large that the deadline cannot be represented counts as infinite.
+    pub fn new(timeout: Option<Duration>) -> WaitDeadline {
+        let at = match timeout {
+            Some(t) if !t.is_zero() => Instant::now().checked_add(t),
+            _ => None,
+        };
+        WaitDeadline { timeout, at }
+    }
+
+    /// When the wait ends, if it is finite and nonzero.
+    pub fn at(&self) -> Option<Instant> {
+        self.at
+    }
+
+    /// What to wait for next: `None` when a try is all the wait may do (a zero timeout), else
+    /// the time left until the deadline (zero once it has passed), or the timeout as asked
+    /// when there is no deadline (infinite, or too far off to represent).
+    pub fn again(&self) -> Option<Option<Duration>> {
+        match (self.timeout, self.at) {
+            (Some(t), _) if t.is_zero() => None,
+            (_, Some(at)) => Some(Some(at.saturating_duration_since(Instant::now()))),
+            (timeout, None) => Some(timeout),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -546,6 +660,24 @@ mod tests {
             self.fail_delete
                 .map_or(Ok(()), |e| Err(io::Error::from_raw_os_error(e)))
         }
+    }
+
+    #[test]
+    fn a_wait_deadline_says_what_is_left() {
+        assert_eq!(WaitDeadline::new(Some(Duration::ZERO)).again(), None);
+        assert_eq!(WaitDeadline::new(None).again(), Some(None));
+        let huge = Some(Duration::MAX);
+        assert_eq!(
+            WaitDeadline::new(huge).again(),
+            Some(huge),
+            "as good as infinite"
+        );
+        let d = WaitDeadline::new(Some(Duration::from_secs(60)));
+        let left = d.again().flatten().unwrap();
+        assert!(left <= Duration::from_secs(60) && left > Duration::from_secs(50));
+        let past = WaitDeadline::new(Some(Duration::from_nanos(1)));
+        std::thread::sleep(Duration::from_millis(1));
+        assert_eq!(past.again(), Some(Some(Duration::ZERO)));
     }
 
     #[test]
