@@ -736,6 +736,14 @@ impl<O: Any> NodeParts<O> {
 /// with null callbacks) and then drops the fd the handler owns, if it was registered through
 /// [`AioContext::fd_handler`]; dropping it from inside one of its own callbacks is fine.
 ///
+/// On the poll, epoll and `polling` backends the file is closed then (if that fd was its
+/// last). On io_uring the kernel's poll request for the handler holds a reference to the file
+/// until its cancellation (`POLL_REMOVE`) is submitted, which the context's next iteration
+/// does, batched with the iteration's other changes: until then a socket's peer does not see
+/// it closed. A context that is not polled again keeps the file open until it is dropped, so
+/// call [`poll_nonblocking`](AioContext::poll_nonblocking) once after dropping handlers if
+/// that matters.
+///
 /// It holds only a weak reference to the context, so storing it inside a callback's state makes
 /// no reference cycle, and dropping it after the context is gone does nothing.
 pub struct FdHandler {

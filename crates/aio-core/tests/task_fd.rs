@@ -1,7 +1,8 @@
 //! fd readiness as futures (`aio_core::task::fd::AsyncFd`) on sockets and pipes: echo between
-//! tasks, readiness that waits for data, writes into a full buffer, end of file, no busy loop
-//! without waiters, a reader and a writer on one fd, unregistration on drop, and an fd
-//! replaced through `get_mut`, which also forgets the readiness reported before.
+//! tasks, readiness that waits for data, writes into a full buffer, end of file, an empty
+//! buffer, no busy loop without waiters, a reader and a writer on one fd, unregistration on
+//! drop, and an fd replaced through `get_mut`, which also forgets the readiness reported
+//! before.
 
 use aio_core::task::fd::AsyncFd;
 use aio_core::{AioContext, Interest};
@@ -152,6 +153,27 @@ fn a_write_into_a_full_buffer_waits_until_the_peer_reads() {
     settle(&ctx);
     ctx.block_on(writer).unwrap().unwrap();
     assert_eq!(&got[filled..], &expected[..]);
+}
+
+/// An empty buffer reads nothing at once, with no data queued (a non-blocking socket answers
+/// `EAGAIN` there, which must not turn into a wait) and with data queued, which stays for the
+/// next read. Found by a new-user trial: codec code ported from tokio hung on a full buffer.
+#[test]
+#[cfg_attr(miri, ignore = "no socketpair ioctl under Miri")]
+fn an_empty_buffer_reads_zero_at_once() {
+    let ctx = ctx();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let a = AsyncFd::with_context(&ctx, a).unwrap();
+    // Bounded, so that a regression fails instead of hanging.
+    let read = |buf: &mut [u8]| {
+        ctx.block_on(ctx.timeout(std::time::Duration::from_secs(5), a.read(buf)))
+            .expect("the read waited")
+    };
+    assert_eq!(read(&mut []).unwrap(), 0, "nothing queued");
+    b.write_all(b"data").unwrap();
+    assert_eq!(read(&mut []).unwrap(), 0, "data queued");
+    let mut buf = [0; 8];
+    assert_eq!(read(&mut buf).unwrap(), 4, "the data stayed");
 }
 
 #[test]

@@ -172,6 +172,29 @@ pub fn fd_hangup_calls_read(make: MakeContext) {
     assert_eq!(results.borrow().len(), 1);
 }
 
+/// Dropping a handler drops the socket it owns, and the peer sees it closed: at once on poll,
+/// epoll and `polling`; on io_uring, whose poll request holds a reference to the file until
+/// its cancellation is submitted, once the next iteration has run (documented on `FdHandler`).
+pub fn fd_dropping_a_handler_closes_its_socket(make: MakeContext) {
+    let ctx = new_ctx(make);
+    let (mut peer, ours) = socket_pair();
+    peer.set_nonblocking(true).unwrap();
+    let h = ctx.fd_handler(ours).on_read(|_| ()).register().unwrap();
+    // The handler's poll is in the kernel now (io_uring submits it in the wait).
+    drain(&ctx);
+    drop(h);
+    if ctx.backend().contains("uring") {
+        assert!(!ctx.poll_nonblocking(), "the removal is no progress");
+    }
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        peer.read(&mut buf).map_err(|e| e.kind()),
+        Ok(0),
+        "{}: the peer does not see the socket closed",
+        ctx.backend()
+    );
+}
+
 /// A pipe as two non-blocking `OwnedFd`s (read end, write end).
 fn nonblocking_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     use std::os::fd::FromRawFd;

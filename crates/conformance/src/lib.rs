@@ -197,6 +197,8 @@ macro_rules! fd_handler_tests {
             fd_write_readiness,
             #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
             fd_hangup_calls_read,
+            #[cfg_attr(miri, ignore = "uses UnixStream, whose ioctl and send/recv Miri does not emulate")]
+            fd_dropping_a_handler_closes_its_socket,
             fd_error_readiness_reaches_the_write_callback,
             fd_removed_and_readded_in_one_iteration,
             #[cfg_attr(miri, ignore = "needs getrlimit, which Miri does not emulate")]

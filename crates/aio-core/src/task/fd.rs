@@ -533,7 +533,9 @@ impl<T: AsFd> AsyncFd<T>
 where
     for<'a> &'a T: Read,
 {
-    /// Reads into `buf`, waiting for data: `Ok(0)` at end of file (or for an empty `buf`).
+    /// Reads into `buf`, waiting for data: `Ok(0)` at end of file, and at once for an empty
+    /// `buf` (as tokio's `AsyncRead` does), without a system call: a non-blocking socket
+    /// answers an empty read with `EAGAIN` while no data is queued, which would wait.
     ///
     /// # Errors
     ///
@@ -548,6 +550,9 @@ where
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
         self.io_with(Interest::READ, |mut fd| fd.read(buf)).await
     }
 
