@@ -37,8 +37,16 @@
 //! * **Detaching.** Dropping the future (or aborting its task) detaches the context: no
 //!   callback runs from it afterwards, and the context can be driven by aio's own loop or
 //!   another driver. A detach while the driver sleeps closes the outer loop's window with a
-//!   `check` whose findings are left to the next loop, so notifies stop writing the eventfd. The future owns a clone of the context, so the context lives as long as
-//!   either the future or another clone does.
+//!   `check` whose findings are left to the next loop, so notifies stop writing the eventfd.
+//!   The future owns a clone of the context, so the context lives as long as either the future
+//!   or another clone does.
+//! * **Panics.** A panic in an aio callback unwinds out of the driver future into the tokio
+//!   task that polls it, which ends (tokio catches the panic): the context is no longer
+//!   driven, and none of its callbacks runs, until something drives it again. Nothing else
+//!   says so: await the driver task's `JoinHandle` (a `JoinError` whose
+//!   [`into_panic`](::tokio::task::JoinError::into_panic) gives the payload) to notice.
+//!   (The glib source catches the panic itself; under calloop it unwinds out of `dispatch`
+//!   to its caller.)
 //!
 //! # Calling tokio from aio callbacks
 //!

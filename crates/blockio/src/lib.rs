@@ -133,6 +133,12 @@ pub type FallocateMode = i32;
 /// context's home thread, from [`AioContext::poll`] (never from inside the call that
 /// submitted it), unless the context is dropped first, in which case `done` is dropped
 /// uncalled and the buffer freed only once the kernel is done with it.
+///
+/// A `BlockIo` checks its engine against the context it was made for
+/// ([`with_engine`](Self::with_engine) refuses an io_uring engine for a context without a
+/// ring, with a message that says so). Given another context, one that has no ring, an
+/// io_uring `BlockIo`'s operations fail in `done` with `EOPNOTSUPP` ("Operation not
+/// supported"): make one per context, with [`of`](Self::of) or `with_engine`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockIo {
     engine: Engine,
