@@ -91,6 +91,17 @@ fn tls_server(tag: &str, client_certs: bool) -> Tls {
 
 /// As [`tls_server`], with `extra` arguments.
 fn tls_server_with(tag: &str, client_certs: bool, extra: &[&str]) -> Tls {
+    tls_server_configured(tag, client_certs, extra, Config::verbose)
+}
+
+/// As [`tls_server_with`], its configuration finished by `finish` (which `tls_server_with`
+/// makes `--verbose`).
+fn tls_server_configured(
+    tag: &str,
+    client_certs: bool,
+    extra: &[&str],
+    finish: impl FnOnce(Config) -> Config,
+) -> Tls {
     let dir = TempDir::new(tag);
     let pki = dir.join("pki");
     make_pki(&pki, client_certs);
@@ -100,11 +111,7 @@ fn tls_server_with(tag: &str, client_certs: bool, extra: &[&str]) -> Tls {
     if client_certs {
         args.push("--tls-verify-peer");
     }
-    let srv = Config::new(&image)
-        .tcp()
-        .verbose()
-        .args_extra(&args)
-        .start();
+    let srv = finish(Config::new(&image).tcp()).args_extra(&args).start();
     Tls {
         srv,
         image,
@@ -319,10 +326,12 @@ fn clients_that_hang_up_before_tls_are_logged_as_leaving() {
 /// each newcomer beyond the limit closes the oldest handshake under way, so a client that
 /// comes after 70 of them is served, and the stalled ones are closed (found by a new-user
 /// trial: the server used to close every newcomer while 64 silent sockets held their places
-/// for the 10 s limit).
+/// for the 10 s limit). The log says so once, not once per newcomer (a hostile-client trial
+/// counted 236 lines for 300 connections): at most a line per 10 s.
 #[test]
 fn silent_connections_beyond_the_handshake_limit_do_not_lock_tls_clients_out() {
-    let t = tls_server("tls-flood", false);
+    // Without `--verbose`, which prints every line.
+    let t = tls_server_configured("tls-flood", false, &[], |c| c);
     let addr = t.srv.tcp.unwrap();
     let silent: Vec<TcpStream> = (0..70).map(|_| TcpStream::connect(addr).unwrap()).collect();
     let oldest = || {
@@ -332,7 +341,7 @@ fn silent_connections_beyond_the_handshake_limit_do_not_lock_tls_clients_out() {
             .filter(|l| l.contains("TLS handshakes under way, closing the oldest"))
             .count()
     };
-    eventually(IO_TIMEOUT, || oldest() >= 6);
+    eventually(IO_TIMEOUT, || oldest() >= 1);
     let started = Instant::now();
     assert_serves(&t);
     let sock = TcpStream::connect(addr).unwrap();
@@ -347,15 +356,17 @@ fn silent_connections_beyond_the_handshake_limit_do_not_lock_tls_clients_out() {
         "{:?}",
         started.elapsed()
     );
-    // The first silent connections were closed (their read sees the end), the last not.
-    let mut first = &silent[0];
-    first.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-    // The greeting (18 bytes) if it was out before the close, then the end of the stream.
-    let mut got = Vec::new();
-    let n = first.read_to_end(&mut got).expect("the oldest was closed");
-    assert!(n == 0 || n == 18, "{n} bytes");
+    // The first silent connections were closed (their read sees the end).
+    for mut first in &silent[..6] {
+        first.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        // The greeting (18 bytes) if it was out before the close, then the end of the stream.
+        let mut got = Vec::new();
+        let n = first.read_to_end(&mut got).expect("the oldest was closed");
+        assert!(n == 0 || n == 18, "{n} bytes");
+    }
     let log = t.srv.stderr().join("\n");
     assert!(log.contains("closing the oldest, TLS client 0 ("), "{log}");
+    assert_eq!(oldest(), 1, "{log}");
     drop(silent);
 }
 

@@ -135,6 +135,55 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// stalls, and a flood of idle connections cannot lock TLS clients out.
 const MAX_TLS_HANDSHAKES: usize = 64;
 
+/// How often at most a [`Throttled`] line is printed.
+const THROTTLE_PERIOD: Duration = Duration::from_secs(10);
+
+/// A log line about something clients can cause as often as they connect (a TLS handshake
+/// that fails or stalls, the cap of handshakes under way), so that the log grows with time
+/// rather than with an attacker's connection rate: printed the first time, then at most once
+/// per [`THROTTLE_PERIOD`], saying how many like it were left out since. (The lines of plain
+/// connections are printed only with `--verbose`; so are these, unthrottled, with it.)
+#[derive(Debug)]
+pub(crate) struct Throttled {
+    /// When a line was last printed, and how many were left out since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Throttled {
+    pub(crate) const fn new() -> Throttled {
+        Throttled {
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Prints `line()` if none was printed within the period (always with `verbose`);
+    /// otherwise counts it.
+    pub(crate) fn log(&self, verbose: bool, line: impl FnOnce() -> String) {
+        let left_out = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if !verbose && state.0.is_some_and(|at| now - at < THROTTLE_PERIOD) {
+                state.1 += 1;
+                return;
+            }
+            state.0 = Some(now);
+            std::mem::take(&mut state.1)
+        };
+        if left_out > 0 {
+            eprintln!(
+                "{} ({left_out} more like it in the last {} s)",
+                line(),
+                THROTTLE_PERIOD.as_secs()
+            );
+        } else {
+            eprintln!("{}", line());
+        }
+    }
+}
+
+/// Lines about TLS clients whose handshake failed or stalled, in `tls.rs` and here.
+pub(crate) static TLS_CLIENT_ERRORS: Throttled = Throttled::new();
+
 /// The most contexts the server makes unless `--contexts` asks for more.
 const MAX_DEFAULT_CONTEXTS: usize = 8;
 
@@ -1424,7 +1473,9 @@ fn meet_over_tls(
     let handle = match sock.try_clone() {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("nbd-server: {name}: {e}, closing");
+            TLS_CLIENT_ERRORS.log(settings.verbose, || {
+                format!("nbd-server: {name}: {e}, closing")
+            });
             return;
         }
     };
@@ -1442,10 +1493,13 @@ fn meet_over_tls(
         // Its thread's blocking read or write returns at once; the thread then ends.
         sock.shutdown();
         let ms = since.elapsed().as_millis();
-        eprintln!(
-            "nbd-server: {name}: {MAX_TLS_HANDSHAKES} TLS handshakes under way, \
-             closing the oldest, TLS client {old} ({ms} ms)"
-        );
+        static AT_CAP: Throttled = Throttled::new();
+        AT_CAP.log(settings.verbose, || {
+            format!(
+                "nbd-server: {name}: {MAX_TLS_HANDSHAKES} TLS handshakes under way, \
+                 closing the oldest, TLS client {old} ({ms} ms)"
+            )
+        });
     }
     let meeting = Meeting(number);
     let spawned = thread::Builder::new()
@@ -1463,7 +1517,9 @@ fn meet_over_tls(
         });
     if let Err(e) = spawned {
         // The socket and the place went with the closure: the client sees it closed.
-        eprintln!("nbd-server: cannot start a thread for a TLS client: {e}");
+        TLS_CLIENT_ERRORS.log(settings.verbose, || {
+            format!("nbd-server: cannot start a thread for a TLS client: {e}")
+        });
     }
 }
 

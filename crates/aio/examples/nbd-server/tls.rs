@@ -43,12 +43,12 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig, ServerConnection};
 
-use crate::ClientSlot;
 use crate::connection::{self, Served, Settings, Shard, Socket};
 use crate::export::Export;
 use crate::protocol::*;
 use crate::session::{self, AfterTls, HANDSHAKE_LIMIT, Handshake, LINGER};
 use crate::tls_psk::{self, PskSession};
+use crate::{ClientSlot, TLS_CLIENT_ERRORS};
 use openssl::ssl::SslContext;
 
 /// One client's TLS session, either kind, driven the same way by the handshake and the relay:
@@ -295,7 +295,9 @@ pub fn meet(sock: Socket, creds: Creds, name: String, verbose: bool) -> Option<S
             ) =>
         {
             let limit = HANDSHAKE_LIMIT.as_secs();
-            eprintln!("nbd-server: {name}: no TLS session after {limit} s ({e}), closing");
+            TLS_CLIENT_ERRORS.log(verbose, || {
+                format!("nbd-server: {name}: no TLS session after {limit} s ({e}), closing")
+            });
             sock.shutdown();
             return None;
         }
@@ -315,7 +317,7 @@ pub fn meet(sock: Socket, creds: Creds, name: String, verbose: bool) -> Option<S
             return None;
         }
         Err(e) => {
-            eprintln!("nbd-server: {name}: {e}, closing");
+            TLS_CLIENT_ERRORS.log(verbose, || format!("nbd-server: {name}: {e}, closing"));
             sock.shutdown();
             return None;
         }
@@ -353,7 +355,9 @@ impl Session {
         let (ours, theirs) = match UnixStream::pair() {
             Ok(pair) => pair,
             Err(e) => {
-                eprintln!("nbd-server: {name}: socket pair: {e}, closing");
+                TLS_CLIENT_ERRORS.log(settings.verbose, || {
+                    format!("nbd-server: {name}: socket pair: {e}, closing")
+                });
                 return;
             }
         };
@@ -363,7 +367,9 @@ impl Session {
             .and_then(|()| ours.set_nonblocking(true))
             .and_then(|()| crate::prepare(&theirs));
         if let Err(e) = prepared {
-            eprintln!("nbd-server: {name}: {e}, closing");
+            TLS_CLIENT_ERRORS.log(settings.verbose, || {
+                format!("nbd-server: {name}: {e}, closing")
+            });
             return;
         }
         let hs = Handshake {
@@ -779,7 +785,10 @@ impl Relay {
         match error {
             // A record that does not decrypt or parse: worth a line whatever the verbosity.
             Some(e) if e.kind() == io::ErrorKind::InvalidData => {
-                eprintln!("nbd-server: {}: TLS: {e}, closing", self.name);
+                let name = &self.name;
+                TLS_CLIENT_ERRORS.log(self.verbose, || {
+                    format!("nbd-server: {name}: TLS: {e}, closing")
+                });
             }
             // The client vanished (reset, broken pipe).
             Some(e) if self.verbose => eprintln!("nbd-server: {}: TLS relay: {e}", self.name),
