@@ -170,7 +170,19 @@ impl Laio {
         // SAFETY: [SYS-2]: io_setup writes one aio_context_t into `id`, a borrowed local.
         let rc = unsafe { libc::syscall(libc::SYS_io_setup, MAX_EVENTS as libc::c_long, &mut id) };
         if rc < 0 {
-            return Err(io::Error::last_os_error());
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EAGAIN) {
+                // The system-wide limit of AIO events: each context asks for MAX_EVENTS, which
+                // the kernel counts at least twice (one ring per CPU).
+                return Err(io::Error::new(
+                    err.kind(),
+                    format!(
+                        "io_setup of {MAX_EVENTS} events: {err}: the system's limit of AIO \
+                         events in use (/proc/sys/fs/aio-max-nr, against aio-nr) is reached"
+                    ),
+                ));
+            }
+            return Err(err);
         }
         let notifier = Arc::new(EventNotifier::new()?);
         let ring = ring_is_readable(id);
