@@ -1345,7 +1345,14 @@ pub fn a_closed_fd_kept_open_by_a_duplicate_stops_waking_the_monitor_once_remove
         "{}",
         b.name
     );
+    read_bytes(&other_r, 1);
     drop(dup);
+    // A handler removed while its entry was armed, never reported (a one-shot entry that is
+    // spent by its report above is no orphan): its first report comes after the removal, and
+    // the wait it ends still sleeps its timeout.
+    let kept = orphan(&mut monitor);
+    sleeps_50_ms(&mut monitor, &mut ready);
+    drop(kept);
 }
 
 /// Checks that a 50 ms wait of `monitor` reports nothing and is not ended early (by an orphan:

@@ -382,12 +382,13 @@ impl FdMonitor for PollingMonitor {
             self.events.clear();
             self.wait_events(remaining)?;
             let orphans = self.collect();
-            // One-shot entries are re-armed by this monitor only, so an orphan's comes once.
-            if orphans == 0
-                || !self.scratch.is_empty()
-                || self.mode == PollMode::Oneshot
-                || !self.forget_orphans(orphans)
-            {
+            if orphans == 0 || !self.scratch.is_empty() {
+                break;
+            }
+            // One-shot entries are re-armed by this monitor only, so an orphan's report comes
+            // once and its entry is spent: nothing to replace. A level-triggered orphan would
+            // come again; if the poller cannot be replaced, its wake-ups go on (logged).
+            if self.mode == PollMode::Level && !self.forget_orphans(orphans) {
                 break;
             }
             // Woken by orphans alone, now gone: wait out the rest of the timeout.

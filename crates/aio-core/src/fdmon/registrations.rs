@@ -377,8 +377,9 @@ impl Registrations {
     /// *orphans*: entries of removed handlers that the kernel keeps because a duplicate holds
     /// the file open, and that no number can reach any more). Stale keys are left out: their
     /// files are gone. Each entry is added through its number, so a registration whose fd was
-    /// closed while registered is left out if the number is not open (`EBADF`) or names a file
-    /// the kernel refuses (`EPERM`), and watches the number's new file if it was reused.
+    /// closed while registered is left out if the number is not open (`EBADF`), names a file
+    /// the kernel refuses (`EPERM`) or the new object itself or one of its own fds (`EINVAL`,
+    /// `EEXIST`), and watches the number's new file if it was reused.
     ///
     /// Returns how many were left out that way (logged at debug level).
     ///
@@ -391,7 +392,15 @@ impl Registrations {
         for (key, fd, interest) in self.iter().filter(|&(key, _, _)| self.owns(key)) {
             match fresh.add(fd, key, interest) {
                 Ok(()) => {}
-                Err(err) if matches!(err.raw_os_error(), Some(libc::EBADF | libc::EPERM)) => {
+                // The number no longer names the registered file. EEXIST and EINVAL: the new
+                // kernel object's own fds took it (epoll refuses itself with EINVAL, and
+                // `polling`'s notifier and timer fds are already in its set).
+                Err(err)
+                    if matches!(
+                        err.raw_os_error(),
+                        Some(libc::EBADF | libc::EPERM | libc::EEXIST | libc::EINVAL)
+                    ) =>
+                {
                     tracing::debug!(fd, ?key, %err, "a closed fd is not watched again");
                     left_out += 1;
                 }
@@ -436,17 +445,24 @@ impl fmt::Debug for Registrations {
 ///
 /// The old object is kept, and the orphans only filtered out, logged once, when its fd was lent
 /// ([`lend`](Self::lend): code that may keep the number, whereas an outer loop asks
-/// `outer_fds` again before every sleep and so follows a replacement), or when a replacement
-/// failed (`ENOSPC` past `max_user_watches`, `ENOMEM`).
+/// `outer_fds` again before every sleep and so follows a replacement). When a replacement
+/// fails (`EMFILE`, `ENOSPC` past `max_user_watches`, `ENOMEM`), the old object is kept too,
+/// logged once, and another replacement is tried no sooner than [`RETRY`](Self::RETRY) later.
 #[derive(Debug, Default)]
 pub struct Orphans {
     /// Whether the kernel object's fd was lent through `AsFd`.
     lent: SettingBool,
-    /// Set once orphans could not be dropped: no replacement is tried again.
+    /// Set once the orphans were found with the fd lent: no replacement is tried again.
     kept: bool,
+    /// When the last replacement failed, while no replacement has succeeded since.
+    failed_at: Option<Instant>,
 }
 
 impl Orphans {
+    /// How long after a failed replacement another is tried: until then the orphans' reports
+    /// are only filtered out.
+    pub const RETRY: Duration = Duration::from_secs(1);
+
     /// Records that the kernel object's fd was lent through `AsFd`: it is never replaced.
     pub fn lend(&self) {
         // Relaxed: a flag for this backend's own later waits, which run on the same thread
@@ -465,16 +481,18 @@ impl Orphans {
         orphans: usize,
         fresh: impl FnOnce() -> io::Result<(T, usize)>,
     ) -> Option<T> {
-        if self.kept {
+        if self.kept || self.failed_at.is_some_and(|at| at.elapsed() < Self::RETRY) {
             return None;
         }
         let made = if self.lent.load(Ordering::Relaxed) {
+            self.kept = true;
             Err(io::Error::other("its fd was lent through AsFd"))
         } else {
             fresh()
         };
         match made {
             Ok((object, left_out)) => {
+                self.failed_at = None;
                 tracing::warn!(
                     orphans,
                     left_out,
@@ -485,13 +503,14 @@ impl Orphans {
                 Some(object)
             }
             Err(why) => {
-                self.kept = true;
-                tracing::warn!(
-                    orphans,
-                    "{backend}: reports of fds closed before their handlers were removed, kept \
-                     open by a duplicate, cannot be dropped ({why}); the loop wakes for them \
-                     until the duplicates are closed"
-                );
+                if self.failed_at.replace(Instant::now()).is_none() {
+                    tracing::warn!(
+                        orphans,
+                        "{backend}: reports of fds closed before their handlers were removed, \
+                         kept open by a duplicate, cannot be dropped ({why}); the loop wakes for \
+                         them until the duplicates are closed or a new kernel object can be made"
+                    );
+                }
                 None
             }
         }
@@ -663,6 +682,31 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_replacement_is_retried_later_and_a_lent_fd_never_replaced() {
+        let mut orphans = Orphans::default();
+        let tries = std::cell::Cell::new(0);
+        let failing = || {
+            tries.set(tries.get() + 1);
+            Err::<((), usize), _>(io::Error::from_raw_os_error(libc::EMFILE))
+        };
+        assert!(orphans.replacement("test", 1, failing).is_none());
+        assert!(orphans.replacement("test", 1, failing).is_none());
+        assert_eq!(tries.get(), 1, "retried within Orphans::RETRY");
+        // Once the period is over, it is tried again, and a success clears the failure.
+        orphans.failed_at = Some(Instant::now() - Orphans::RETRY);
+        assert_eq!(orphans.replacement("test", 1, || Ok((7, 0))), Some(7));
+        assert_eq!(orphans.replacement("test", 1, || Ok((8, 0))), Some(8));
+        orphans.lend();
+        assert!(orphans.replacement("test", 1, failing).is_none());
+        orphans.failed_at = None;
+        assert!(
+            orphans.replacement("test", 1, || Ok((9, 0))).is_none(),
+            "lent: never"
+        );
+        assert_eq!(tries.get(), 1);
+    }
+
+    #[test]
     fn a_wait_deadline_says_what_is_left() {
         assert_eq!(WaitDeadline::new(Some(Duration::ZERO)).again(), None);
         assert_eq!(WaitDeadline::new(None).again(), Some(None));
@@ -689,10 +733,11 @@ mod tests {
         regs.insert(c, 4, Interest::WRITE); // `b` goes stale
         regs.insert(d, 5, R);
         let mut fresh = FakeKernel {
-            fail_add: vec![(5, libc::EBADF)],
+            // 5 is closed; 3 now names one of the new object's own fds.
+            fail_add: vec![(5, libc::EBADF), (3, libc::EEXIST)],
             ..FakeKernel::default()
         };
-        assert_eq!(regs.add_owned_to(&mut fresh).unwrap(), 1, "fd 5 is closed");
+        assert_eq!(regs.add_owned_to(&mut fresh).unwrap(), 2, "fds 3 and 5");
         fresh.calls.sort_by_key(|&(_, fd, _)| fd);
         assert_eq!(
             fresh.calls,
