@@ -42,13 +42,6 @@ impl Inner {
         // Out of the poll set, with `on_poll_end` if it is in polling mode: its producer's
         // kicks come back. No borrow is held; `node` keeps the last reference until the end.
         self.leave_poll_set(&node);
-        // Nor kept for an outer loop's `dispatch`, which may never come: the handler, its
-        // callbacks and its fd go now. (A hit list taken out for a callback run is filtered
-        // when it is put back; see `prepare`.) Drops a clone only.
-        self.polling
-            .outer_hits
-            .borrow_mut()
-            .retain(|n| !Rc::ptr_eq(n, &node));
         // Last, with no borrow held: its callbacks may own other handlers, whose drop comes
         // back here (QEMU frees the node outside the list lock for the same reason).
         drop(node);

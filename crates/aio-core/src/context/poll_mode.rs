@@ -234,7 +234,8 @@ impl Inner {
     }
 
     /// Takes `node` out of the poll set (removed, replaced): with `on_poll_end` if it is in
-    /// polling mode. Call with no borrow held.
+    /// polling mode; and out of the hits an outer loop's `prepare` keeps for its `dispatch`.
+    /// Call with no borrow held.
     pub(super) fn leave_poll_set(&self, node: &Rc<HandlerNode>) {
         if node.in_poll_set.replace(false) {
             // Drops a clone only: the caller keeps a reference.
@@ -247,6 +248,13 @@ impl Inner {
             }
         }
         node.end_poll_mode();
+        // Nor kept for an outer loop's `dispatch`, which may never come: the handler, its
+        // callbacks and its fd go with the caller's reference. (A hit list taken out for a
+        // callback run is filtered when it is put back; see `prepare`.) Drops a clone only.
+        self.polling
+            .outer_hits
+            .borrow_mut()
+            .retain(|n| !Rc::ptr_eq(n, node));
     }
 
     /// Busy-polls for up to the polling window, before a blocking wait (QEMU `try_poll_mode`
