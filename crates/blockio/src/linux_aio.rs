@@ -173,7 +173,7 @@ impl Laio {
             let err = io::Error::last_os_error();
             if err.raw_os_error() == Some(libc::EAGAIN) {
                 // The system-wide limit of AIO events: each context asks for MAX_EVENTS, which
-                // the kernel counts at least twice (one ring per CPU).
+                // the kernel raises to at least 4 per possible CPU and then doubles.
                 return Err(io::Error::new(
                     err.kind(),
                     format!(

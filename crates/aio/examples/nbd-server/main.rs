@@ -141,7 +141,7 @@ const THROTTLE_PERIOD: Duration = Duration::from_secs(10);
 /// A log line about something clients can cause as often as they connect (a TLS handshake
 /// that fails or stalls, the cap of handshakes under way), so that the log grows with time
 /// rather than with an attacker's connection rate: printed the first time, then at most once
-/// per [`THROTTLE_PERIOD`], saying how many like it were left out since. (The lines of plain
+/// per [`THROTTLE_PERIOD`], saying how many like it were left out since the last one printed. (The lines of plain
 /// connections are printed only with `--verbose`; so are these, unthrottled, with it.)
 #[derive(Debug)]
 pub(crate) struct Throttled {
@@ -171,9 +171,8 @@ impl Throttled {
         };
         if left_out > 0 {
             eprintln!(
-                "{} ({left_out} more like it in the last {} s)",
-                line(),
-                THROTTLE_PERIOD.as_secs()
+                "{} ({left_out} more like it since the last one printed)",
+                line()
             );
         } else {
             eprintln!("{}", line());
@@ -183,6 +182,9 @@ impl Throttled {
 
 /// Lines about TLS clients whose handshake failed or stalled, in `tls.rs` and here.
 pub(crate) static TLS_CLIENT_ERRORS: Throttled = Throttled::new();
+/// Lines about what the server itself lacked for a TLS client (fds, a thread), which
+/// clients' own failures must not hide.
+pub(crate) static TLS_SERVER_ERRORS: Throttled = Throttled::new();
 
 /// The most contexts the server makes unless `--contexts` asks for more.
 const MAX_DEFAULT_CONTEXTS: usize = 8;
@@ -1473,7 +1475,7 @@ fn meet_over_tls(
     let handle = match sock.try_clone() {
         Ok(h) => h,
         Err(e) => {
-            TLS_CLIENT_ERRORS.log(settings.verbose, || {
+            TLS_SERVER_ERRORS.log(settings.verbose, || {
                 format!("nbd-server: {name}: {e}, closing")
             });
             return;
@@ -1517,7 +1519,7 @@ fn meet_over_tls(
         });
     if let Err(e) = spawned {
         // The socket and the place went with the closure: the client sees it closed.
-        TLS_CLIENT_ERRORS.log(settings.verbose, || {
+        TLS_SERVER_ERRORS.log(settings.verbose, || {
             format!("nbd-server: cannot start a thread for a TLS client: {e}")
         });
     }

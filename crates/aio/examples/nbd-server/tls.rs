@@ -48,7 +48,7 @@ use crate::export::Export;
 use crate::protocol::*;
 use crate::session::{self, AfterTls, HANDSHAKE_LIMIT, Handshake, LINGER};
 use crate::tls_psk::{self, PskSession};
-use crate::{ClientSlot, TLS_CLIENT_ERRORS};
+use crate::{ClientSlot, TLS_CLIENT_ERRORS, TLS_SERVER_ERRORS};
 use openssl::ssl::SslContext;
 
 /// One client's TLS session, either kind, driven the same way by the handshake and the relay:
@@ -355,7 +355,7 @@ impl Session {
         let (ours, theirs) = match UnixStream::pair() {
             Ok(pair) => pair,
             Err(e) => {
-                TLS_CLIENT_ERRORS.log(settings.verbose, || {
+                TLS_SERVER_ERRORS.log(settings.verbose, || {
                     format!("nbd-server: {name}: socket pair: {e}, closing")
                 });
                 return;
@@ -367,7 +367,7 @@ impl Session {
             .and_then(|()| ours.set_nonblocking(true))
             .and_then(|()| crate::prepare(&theirs));
         if let Err(e) = prepared {
-            TLS_CLIENT_ERRORS.log(settings.verbose, || {
+            TLS_SERVER_ERRORS.log(settings.verbose, || {
                 format!("nbd-server: {name}: {e}, closing")
             });
             return;
