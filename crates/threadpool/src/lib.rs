@@ -15,7 +15,9 @@
 //!   [`prestart`](ThreadPool::prestart) creates workers at once, from the calling thread, for
 //!   code that submits and then blocks. A worker that runs out of requests watches the queue
 //!   for 50 µs before it sleeps, yielding the CPU to any thread that wants it, so that requests
-//!   sent one after the other pay no thread wake-up.
+//!   sent one after the other pay no thread wake-up; the watch grows, up to 1 ms, while
+//!   requests come back soon after a worker fell asleep
+//!   ([`set_idle_spin`](ThreadPool::set_idle_spin)).
 //! * **Completions.** Never before the context polls; exactly once per request; one at a time
 //!   on the context's thread. A batch of completions costs one bottom-half schedule and at
 //!   most one wake of a sleeping loop. A callback may poll the context (a nested loop) and wait
@@ -100,7 +102,8 @@ mod worker;
 
 pub use error::{Error, LimitsError};
 pub use pool::{
-    DEFAULT_IDLE_SPIN, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS, PoolHandle, PoolStats, ThreadPool,
+    DEFAULT_IDLE_SPIN, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_THREADS, MAX_IDLE_SPIN, PoolHandle,
+    PoolStats, ThreadPool,
 };
 #[cfg(aio_loom)]
 #[doc(hidden)]

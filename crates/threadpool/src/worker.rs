@@ -8,7 +8,7 @@
 //! `Arc`), never the context's loop, and exits when it sees the pool closed or too many
 //! threads; an idle one above the minimum exits after the idle timeout.
 
-use crate::pool::PoolShared;
+use crate::pool::{MAX_IDLE_SPIN, PoolShared};
 use crate::sync::Arc;
 use crate::sync::{AtomicBool, Condvar, Ordering};
 use std::thread;
@@ -80,6 +80,22 @@ fn spin_for_work(shared: &PoolShared, spin: Duration) {
     }
 }
 
+/// The pool's watch after a worker that watched the queue for `now` (the setting being
+/// `setting`) slept for `asleep`, and was `woken` for a request (else its wait ended on its
+/// own): doubled, up to [`MAX_IDLE_SPIN`], when the request came within four watches' time,
+/// which a longer watch would have caught without the wake-up; halved, down to the setting,
+/// after a sleep longer than the cap, which no watch would have bridged; else unchanged.
+fn adapted_spin(now: Duration, setting: Duration, asleep: Duration, woken: bool) -> Duration {
+    let cap = MAX_IDLE_SPIN.max(setting);
+    if woken && asleep < now * 4 {
+        (now * 2).min(cap)
+    } else if asleep > cap {
+        (now / 2).max(setting)
+    } else {
+        now
+    }
+}
+
 /// The body of a worker thread.
 fn run(shared: Arc<PoolShared>) {
     let me = Arc::new(Parker::default());
@@ -128,7 +144,7 @@ fn run(shared: Arc<PoolShared>) {
             // We just ran out of requests: watch the queue for a moment before sleeping (see
             // the pool's module docs). Counted as on our way: a submitter meanwhile neither
             // wakes nor creates a thread.
-            let spin = st.idle_spin;
+            let spin = st.spin_now.max(st.idle_spin);
             st.spinning = true;
             st.searching += 1;
             drop(st);
@@ -140,11 +156,18 @@ fn run(shared: Arc<PoolShared>) {
                 continue;
             }
         }
+        // Whether this sleep comes after a watch, which it then tells about (`adapt_spin`).
+        let watched = ran && !st.idle_spin.is_zero();
         ran = false;
         me.woken.store(false, Ordering::Relaxed);
         st.idle.push(me.clone());
         let timeout = st.idle_timeout;
+        let slept = watched.then(Instant::now);
         let timed_out = me.cond.wait_for(&mut st, timeout).timed_out();
+        if let Some(slept) = slept {
+            let woken = me.woken.load(Ordering::Relaxed);
+            st.spin_now = adapted_spin(st.spin_now, st.idle_spin, slept.elapsed(), woken);
+        }
         if me.woken.load(Ordering::Relaxed) {
             // Taken off the idle list by whoever woke us; we are no longer on our way.
             st.searching -= 1;
@@ -167,4 +190,28 @@ fn run(shared: Arc<PoolShared>) {
     drop(st);
     kick.perform();
     tracing::debug!("threadpool: worker exited ({left} threads left)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watch_grows_while_requests_come_back_soon_and_shrinks_after_long_sleeps() {
+        let us = Duration::from_micros;
+        let base = us(50);
+        // Wanted again within four watches: doubled, up to the cap.
+        assert_eq!(adapted_spin(base, base, us(120), true), us(100));
+        assert_eq!(adapted_spin(us(800), base, us(900), true), MAX_IDLE_SPIN);
+        // Wanted again later, but within the cap: unchanged.
+        assert_eq!(adapted_spin(us(100), base, us(700), true), us(100));
+        // A sleep longer than the cap, woken or timed out: halved, down to the setting.
+        assert_eq!(adapted_spin(us(400), base, us(5_000), true), us(200));
+        assert_eq!(adapted_spin(us(60), base, us(5_000), false), base);
+        // Timed out within the cap (a short idle timeout): unchanged.
+        assert_eq!(adapted_spin(us(100), base, us(300), false), us(100));
+        // A setting above the cap is the cap.
+        let long = Duration::from_millis(5);
+        assert_eq!(adapted_spin(long, long, us(10), true), long);
+    }
 }
