@@ -82,9 +82,9 @@
 //!   a key the monitor no longer has) drops it and replaces the epoll instance with a new one
 //!   holding the live registrations, logged as a warning; an outer loop asks `outer_fds`
 //!   again before it sleeps, and follows. Not after the epoll fd was lent through `as_fd` (its
-//!   number must stay), nor when the new instance refuses a live registration (`ENOSPC`,
-//!   `ENOMEM`): then the orphan's reports are dropped, logged once, and its wake-ups go on
-//!   until the duplicates are closed. Registrations are added to the new instance through
+//!   number must stay): then the orphan's reports are dropped, logged once, and its wake-ups go
+//!   on until the duplicates are closed; a replacement that fails (`EMFILE`, `ENOSPC`,
+//!   `ENOMEM`) is tried again a second later (`aio_core::registrations::Orphans`). Registrations are added to the new instance through
 //!   their numbers, so a handler whose fd was itself closed while registered is left out if
 //!   the number is not open, and watches the number's new file if it was reused (as poll
 //!   would). **Remove a handler before closing its fd.**
@@ -326,10 +326,9 @@ impl EpollMonitor {
     /// the old one. Each is added again through its number: a registration whose fd is no
     /// longer open (`EBADF`), or names a file epoll refuses (`EPERM`), is left out, and one whose
     /// number was closed and reused while registered now watches the file the number names.
-    /// Both concern only handlers whose fd was closed before they were removed. Any other
-    /// refusal (`ENOSPC` past `max_user_watches`, `ENOMEM`) keeps the old instance, as does a
-    /// lent fd ([`Orphans`]); the orphans are then only filtered out, logged
-    /// once. Returns whether the instance was replaced.
+    /// Both concern only handlers whose fd was closed before they were removed. When to keep
+    /// the old instance instead (a lent fd, a failed replacement) is [`Orphans`]' call. Returns
+    /// whether the instance was replaced.
     fn forget_orphans(&mut self, orphans: usize) -> bool {
         let regs = &self.regs;
         let fresh = self.orphans.replacement("epoll", orphans, || {

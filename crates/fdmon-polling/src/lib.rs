@@ -57,12 +57,11 @@
 //! `fdmon-epoll` does: its reports are dropped, and the first wait that only orphans ended
 //! replaces the `Poller` with a new one holding the live registrations (logged as a warning),
 //! then waits out the rest of its timeout. An outer loop asks
-//! [`outer_fds`](FdMonitor::outer_fds) again before it sleeps, and follows. The old `Poller` is
-//! kept, the orphans only filtered out and logged once, when its fd was lent through `as_fd`
-//! (the number must stay) or when the new one refuses a live registration (`ENOSPC`,
-//! `ENOMEM`); the loop then wakes for them until the duplicates are closed. One-shot
+//! [`outer_fds`](FdMonitor::outer_fds) again before it sleeps, and follows. When the old
+//! `Poller` is kept instead (its fd lent through `as_fd`; a failed replacement, tried again a
+//! second later) is `aio_core::registrations::Orphans`' call, as for `fdmon-epoll`. One-shot
 //! registrations (event ports, [`PollingMonitor::with_rearm`]) report an orphan once at most,
-//! since only the monitor re-arms them, so there it is only dropped. kqueue and event ports
+//! since only the monitor re-arms them, so there it is only dropped, and the wait goes on. kqueue and event ports
 //! drop a closed number's entries themselves, duplicates or not.
 //!
 //! # Keys
@@ -245,9 +244,8 @@ impl PollingMonitor {
     /// registered fd that gets closed"). Nothing can delete them, and a file that stays ready
     /// would end every wait at once, so the poller is replaced by a new one holding every
     /// registration that owns its fd number ([`Registrations::add_owned_to`]), which drops the
-    /// orphans with the old one. Any refusal other than a closed number keeps the old poller,
-    /// as does a lent fd ([`Orphans`]); the orphans are then only filtered out,
-    /// logged once. Returns whether the poller was replaced.
+    /// orphans with the old one. When to keep the old poller instead (a lent fd, a failed
+    /// replacement) is [`Orphans`]' call. Returns whether the poller was replaced.
     fn forget_orphans(&mut self, orphans: usize) -> bool {
         let (regs, mode) = (&self.regs, self.mode);
         let fresh = self.orphans.replacement("polling", orphans, || {

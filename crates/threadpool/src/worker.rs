@@ -144,7 +144,8 @@ fn run(shared: Arc<PoolShared>) {
             // We just ran out of requests: watch the queue for a moment before sleeping (see
             // the pool's module docs). Counted as on our way: a submitter meanwhile neither
             // wakes nor creates a thread.
-            let spin = st.spin_now.max(st.idle_spin);
+            // Never below the setting: `set_idle_spin` and `adapted_spin` keep it so.
+            let spin = st.spin_now;
             st.spinning = true;
             st.searching += 1;
             drop(st);
